@@ -111,7 +111,9 @@ pub const BYPASS_ID_BITS: u32 = 64;
 /// Build the IPv4-mapped form of an IPv4 address.
 #[must_use]
 pub const fn mapped_v4(ip4: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip4[0], ip4[1], ip4[2], ip4[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip4[0], ip4[1], ip4[2], ip4[3],
+    ]
 }
 
 /// Whether a 16-byte address is IPv4-mapped.
@@ -168,7 +170,10 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<CgroupConfig>(), 16 + 16 + 4 + 4 + 2 * 4 + 4 + 4);
+        assert_eq!(
+            core::mem::size_of::<CgroupConfig>(),
+            16 + 16 + 4 + 4 + 2 * 4 + 4 + 4
+        );
         assert_eq!(core::mem::size_of::<OrigDst>(), 24);
         assert_eq!(core::mem::size_of::<SockKey>(), 48);
     }

@@ -166,13 +166,25 @@ fn udp_target(cfg: &CgroupConfig, dst: &[u8; 16], port: u16, v4: bool) -> Option
     if cfg.flags & FLAG_BLOCK_UDP == 0 {
         return Some((*dst, port));
     }
-    let resolver = if v4 { mapped_v4(cfg.dns_ip4) } else { cfg.dns_ip6 };
-    let unset = if v4 { u32::from_ne_bytes(cfg.dns_ip4) == 0 } else { is_zero16(&cfg.dns_ip6) };
+    let resolver = if v4 {
+        mapped_v4(cfg.dns_ip4)
+    } else {
+        cfg.dns_ip6
+    };
+    let unset = if v4 {
+        u32::from_ne_bytes(cfg.dns_ip4) == 0
+    } else {
+        is_zero16(&cfg.dns_ip6)
+    };
     if unset || port != cfg.dns_port || !eq16(dst, &resolver) {
         return None;
     }
     if cfg.flags & FLAG_DNS_REDIRECT != 0 && cfg.dns_redirect_port != 0 {
-        let proxy = if v4 { mapped_v4(cfg.proxy_ip4) } else { cfg.proxy_ip6 };
+        let proxy = if v4 {
+            mapped_v4(cfg.proxy_ip4)
+        } else {
+            cfg.proxy_ip6
+        };
         return Some((proxy, cfg.dns_redirect_port));
     }
     Some((*dst, port))
@@ -207,11 +219,14 @@ fn connect(ctx: &SockAddrContext, dst: [u8; 16], v4: bool, on_v6_socket: bool) -
         }
         _ => return DENY,
     }
-    if cfg.flags & FLAG_INTERCEPT_TCP == 0 || has_bypass_mark(sa, cfg) || bypassed(cgid, &dst)
-    {
+    if cfg.flags & FLAG_INTERCEPT_TCP == 0 || has_bypass_mark(sa, cfg) || bypassed(cgid, &dst) {
         return ALLOW;
     }
-    let proxy = if v4 { mapped_v4(cfg.proxy_ip4) } else { cfg.proxy_ip6 };
+    let proxy = if v4 {
+        mapped_v4(cfg.proxy_ip4)
+    } else {
+        cfg.proxy_ip6
+    };
     if is_zero16(&proxy) && !v4 {
         // No IPv6 listener configured: an IPv6 connect cannot be intercepted, so it fails.
         return DENY;
@@ -304,9 +319,17 @@ fn recvmsg(ctx: &SockAddrContext, src: [u8; 16], v4: bool, on_v6_socket: bool) -
     let sa = ctx.sock_addr;
     if let Some((_, cfg)) = config() {
         if cfg.flags & FLAG_DNS_REDIRECT != 0 && cfg.dns_redirect_port != 0 {
-            let proxy = if v4 { mapped_v4(cfg.proxy_ip4) } else { cfg.proxy_ip6 };
+            let proxy = if v4 {
+                mapped_v4(cfg.proxy_ip4)
+            } else {
+                cfg.proxy_ip6
+            };
             if read_port(sa) == cfg.dns_redirect_port && eq16(&src, &proxy) {
-                let resolver = if v4 { mapped_v4(cfg.dns_ip4) } else { cfg.dns_ip6 };
+                let resolver = if v4 {
+                    mapped_v4(cfg.dns_ip4)
+                } else {
+                    cfg.dns_ip6
+                };
                 rewrite(sa, &resolver, cfg.dns_port, v4, on_v6_socket);
             }
         }
@@ -361,6 +384,9 @@ pub fn paddock_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// Every context field is read up front with its own volatile load: if LLVM merges the two
+/// family branches into one load through a computed context pointer, the verifier refuses it
+/// ("dereference of modified ctx ptr").
 #[inline(always)]
 fn rekey(ctx: &SockOpsContext) {
     // SAFETY: the context pointer is valid for the duration of the program.
@@ -369,14 +395,33 @@ fn rekey(ctx: &SockOpsContext) {
     let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
         return;
     };
-    let family = ctx.family();
-    let (local, remote) = if family == u32::from(AF_INET) {
+    let ops = ctx.ops;
+    // SAFETY: context field reads, checked by the verifier.
+    let (family, l4, r4, l6, r6, lport, rport) = unsafe {
         (
-            mapped_v4(ctx.local_ip4().to_ne_bytes()),
-            mapped_v4(ctx.remote_ip4().to_ne_bytes()),
+            core::ptr::read_volatile(&raw const (*ops).family),
+            core::ptr::read_volatile(&raw const (*ops).local_ip4),
+            core::ptr::read_volatile(&raw const (*ops).remote_ip4),
+            [
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ops).local_ip6[3]),
+            ],
+            [
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[0]),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[1]),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[2]),
+                core::ptr::read_volatile(&raw const (*ops).remote_ip6[3]),
+            ],
+            core::ptr::read_volatile(&raw const (*ops).local_port),
+            core::ptr::read_volatile(&raw const (*ops).remote_port),
         )
+    };
+    let (local, remote) = if family == u32::from(AF_INET) {
+        (mapped_v4(l4.to_ne_bytes()), mapped_v4(r4.to_ne_bytes()))
     } else if family == u32::from(AF_INET6) {
-        (words_to_bytes(ctx.local_ip6()), words_to_bytes(ctx.remote_ip6()))
+        (words_to_bytes(l6), words_to_bytes(r6))
     } else {
         return;
     };
@@ -386,8 +431,8 @@ fn rekey(ctx: &SockOpsContext) {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         local,
         remote,
-        local_port: ctx.local_port() as u16,
-        remote_port: u16::from_be((ctx.remote_port() >> 16) as u16),
+        local_port: lport as u16,
+        remote_port: u16::from_be((rport >> 16) as u16),
         pad: 0,
     };
     let _ = ORIG_BY_TUPLE.insert(&key, &orig, 0);
@@ -414,35 +459,39 @@ fn answer_original_dst(ctx: &SockoptContext) {
     if sk.is_null() {
         return;
     }
-    // The accepted socket's source is the proxy, its destination the agent.
+    // The accepted socket's source is the proxy, its destination the agent. Fields are read
+    // up front, one volatile load each (see `rekey`).
     // SAFETY: socket field reads, checked by the verifier.
-    let (family, proxy_addr, agent_addr, proxy_port, agent_port) = unsafe {
-        let family = (*sk).family;
-        let (p, a) = if family == u32::from(AF_INET) {
-            (
-                mapped_v4((*sk).src_ip4.to_ne_bytes()),
-                mapped_v4((*sk).dst_ip4.to_ne_bytes()),
-            )
-        } else if family == u32::from(AF_INET6) {
-            (
-                words_to_bytes([
-                    (*sk).src_ip6[0],
-                    (*sk).src_ip6[1],
-                    (*sk).src_ip6[2],
-                    (*sk).src_ip6[3],
-                ]),
-                words_to_bytes([
-                    (*sk).dst_ip6[0],
-                    (*sk).dst_ip6[1],
-                    (*sk).dst_ip6[2],
-                    (*sk).dst_ip6[3],
-                ]),
-            )
-        } else {
-            return;
-        };
-        (family, p, a, (*sk).src_port as u16, u16::from_be((*sk).dst_port))
+    let (family, s4, d4, s6, d6, sport, dport) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*sk).family),
+            core::ptr::read_volatile(&raw const (*sk).src_ip4),
+            core::ptr::read_volatile(&raw const (*sk).dst_ip4),
+            [
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sk).src_ip6[3]),
+            ],
+            [
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
+                core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
+            ],
+            core::ptr::read_volatile(&raw const (*sk).src_port),
+            core::ptr::read_volatile(&raw const (*sk).dst_port),
+        )
     };
+    let (proxy_addr, agent_addr) = if family == u32::from(AF_INET) {
+        (mapped_v4(s4.to_ne_bytes()), mapped_v4(d4.to_ne_bytes()))
+    } else if family == u32::from(AF_INET6) {
+        (words_to_bytes(s6), words_to_bytes(d6))
+    } else {
+        return;
+    };
+    let proxy_port = sport as u16;
+    let agent_port = u16::from_be(dport);
     let key = SockKey {
         // SAFETY: the context pointer is valid for the duration of the program.
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
@@ -523,12 +572,14 @@ fn answer_original_dst(ctx: &SockoptContext) {
 #[cgroup_sock(sock_create)]
 pub fn paddock_sock_create(ctx: SockContext) -> i32 {
     // SAFETY: socket field reads, checked by the verifier.
-    let (family, ty, proto) = unsafe { ((*ctx.sock).family, (*ctx.sock).type_, (*ctx.sock).protocol) };
+    let (family, ty, proto) =
+        unsafe { ((*ctx.sock).family, (*ctx.sock).type_, (*ctx.sock).protocol) };
     if family == AF_UNIX || family == AF_NETLINK {
         return ALLOW;
     }
     if family == u32::from(AF_INET) || family == u32::from(AF_INET6) {
-        if (ty == SOCK_STREAM && proto == IPPROTO_TCP) || (ty == SOCK_DGRAM && proto == IPPROTO_UDP) {
+        if (ty == SOCK_STREAM && proto == IPPROTO_TCP) || (ty == SOCK_DGRAM && proto == IPPROTO_UDP)
+        {
             return ALLOW;
         }
     }

@@ -1,1 +1,19 @@
-//! Test harness.
+//! Harness for Paddock's root-only integration tests: uniquely named network namespaces,
+//! veth links, cgroups and bpffs pin directories that clean up after themselves (also when a
+//! test panics), helpers to run a process inside a cgroup and a namespace, and the privilege
+//! gate that never skips silently under `CI=true`.
+
+pub mod cgroup;
+pub mod names;
+pub mod netns;
+pub mod pins;
+pub mod privilege;
+pub mod process;
+pub mod servers;
+pub mod topology;
+
+pub use cgroup::CgroupGuard;
+pub use netns::Netns;
+pub use pins::PinDir;
+pub use privilege::require_root;
+pub use topology::Topology;

@@ -1,0 +1,172 @@
+//! `paddock-proxy`: the egress proxy and its eBPF loader.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+use paddock_proxy::{
+    cgroup::Cgroup,
+    ebpf::{self, AgentConfig, Interception, Interceptor, LoadOptions},
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "paddock-proxy", version, about = "Paddock egress proxy")]
+struct Cli {
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage eBPF interception of cgroups.
+    #[command(subcommand)]
+    Ebpf(EbpfCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum EbpfCommand {
+    /// Redirect a cgroup's egress to a proxy listener (pinned: survives this process).
+    Attach(AttachArgs),
+    /// Stop intercepting a cgroup.
+    Detach {
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long, default_value = ebpf::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// List intercepted cgroups.
+    Status {
+        #[arg(long, default_value = ebpf::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+    /// Remove every pinned program and map of an instance.
+    Teardown {
+        #[arg(long, default_value = ebpf::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct AttachArgs {
+    /// The agent's cgroup v2 directory.
+    #[arg(long)]
+    cgroup: PathBuf,
+    /// Pin directory of this Paddock instance.
+    #[arg(long, default_value = ebpf::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Proxy listener port.
+    #[arg(long)]
+    proxy_port: u16,
+    /// Proxy listener address for IPv4 destinations.
+    #[arg(long, default_value = "127.0.0.1")]
+    proxy_v4: std::net::Ipv4Addr,
+    /// Proxy listener address for IPv6 destinations (omit to refuse IPv6).
+    #[arg(long)]
+    proxy_v6: Option<std::net::Ipv6Addr>,
+    /// DNS resolver the agent may use (repeat for one IPv4 and one IPv6).
+    #[arg(long)]
+    dns: Vec<SocketAddr>,
+    /// Send allowed DNS to this port on the proxy address.
+    #[arg(long)]
+    dns_redirect_port: Option<u16>,
+    /// Destinations never redirected.
+    #[arg(long)]
+    bypass: Vec<IpNet>,
+    /// SO_MARK of the proxy's own sockets, never redirected.
+    #[arg(long)]
+    bypass_mark: Option<u32>,
+    /// Allow all UDP (opens QUIC and other exits: not recommended).
+    #[arg(long)]
+    allow_udp: bool,
+    /// Also answer SO_ORIGINAL_DST for sockets of this cgroup (the proxy's). Lasts while this
+    /// process runs; `paddock-proxy serve` attaches its own.
+    #[arg(long)]
+    proxy_cgroup: Option<PathBuf>,
+    /// Emit eBPF debug logs for this cgroup's decisions.
+    #[arg(long)]
+    debug_log: bool,
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_json);
+    match cli.command {
+        Command::Ebpf(cmd) => ebpf_command(cmd),
+    }
+}
+
+fn ebpf_command(cmd: EbpfCommand) -> Result<()> {
+    match cmd {
+        EbpfCommand::Attach(a) => {
+            let cfg = AgentConfig {
+                proxy_v4: a.proxy_v4,
+                proxy_v6: a.proxy_v6,
+                proxy_port: a.proxy_port,
+                dns: a.dns,
+                dns_redirect_port: a.dns_redirect_port,
+                bypass: a.bypass,
+                bypass_mark: a.bypass_mark,
+                block_udp: !a.allow_udp,
+                debug_log: a.debug_log,
+            };
+            cfg.validate().context("invalid interception settings")?;
+            let cgroup = Cgroup::open(&a.cgroup)?;
+            let mut ic = Interceptor::load(&LoadOptions {
+                pin_dir: a.pin_dir,
+                ..LoadOptions::default()
+            })?;
+            ic.attach_agent(&cgroup, &cfg)?;
+            println!(
+                "intercepting {} (cgroup id {})",
+                cgroup.path().display(),
+                cgroup.id()
+            );
+            if let Some(p) = a.proxy_cgroup {
+                ic.attach_proxy(&Cgroup::open(p)?)?;
+            }
+            Ok(())
+        }
+        EbpfCommand::Detach { cgroup, pin_dir } => {
+            let cgroup = Cgroup::open(&cgroup)?;
+            let mut ic = Interceptor::load(&LoadOptions {
+                pin_dir,
+                ..LoadOptions::default()
+            })?;
+            ic.detach_agent(&cgroup)?;
+            println!("no longer intercepting {}", cgroup.path().display());
+            Ok(())
+        }
+        EbpfCommand::Status { pin_dir } => {
+            let ids = ebpf::attached_agents(&pin_dir);
+            if ids.is_empty() {
+                println!("no intercepted cgroups under {}", pin_dir.display());
+            }
+            for id in ids {
+                println!("agent cgroup id {id}");
+            }
+            Ok(())
+        }
+        EbpfCommand::Teardown { pin_dir } => {
+            ebpf::teardown(&pin_dir)?;
+            println!("removed {}", pin_dir.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Loading Paddock's eBPF programs, attaching them to cgroups and configuring them.
+//!
+//! Layout under a pin directory (default `/sys/fs/bpf/paddock/default`):
+//!
+//! ```text
+//! maps/CONFIG, maps/BYPASS, maps/ORIG_BY_COOKIE, maps/ORIG_BY_TUPLE   shared by every cgroup
+//! links/agent-<cgroup id>/<program>                                    one set per agent cgroup
+//! ```
+//!
+//! Maps and agent links are pinned, so interception survives a proxy restart and a restarted
+//! loader finds the same maps; [`Interceptor::detach_agent`] and [`teardown`] remove them. The
+//! `getsockopt` link serves the proxy's own accepted sockets and lives as long as the process
+//! that attached it (aya 0.14 cannot turn that link into a pinnable fd link); a restarted proxy
+//! attaches it again.
+
+pub mod config;
+pub mod errors;
+pub mod mounts;
+mod object;
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key},
+    programs::{CgroupAttachMode, Program, links::FdLink},
+};
+use paddock_common::{BypassKeyData, CgroupConfig};
+
+pub use self::{
+    config::{AgentConfig, ConfigError},
+    errors::EbpfError,
+};
+use crate::cgroup::Cgroup;
+
+/// Map holding per-cgroup [`CgroupConfig`].
+pub const MAP_CONFIG: &str = "CONFIG";
+/// LPM trie of bypassed destinations.
+pub const MAP_BYPASS: &str = "BYPASS";
+/// Original destinations by socket cookie.
+pub const MAP_ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+/// Original destinations by (netns cookie, 4-tuple).
+pub const MAP_ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
+
+/// Default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/paddock/default";
+
+/// Programs attached to every agent cgroup.
+const AGENT_PROGRAMS: &[&str] = &[
+    "paddock_sock_create",
+    "paddock_connect4",
+    "paddock_connect6",
+    "paddock_sendmsg4",
+    "paddock_sendmsg6",
+    "paddock_recvmsg4",
+    "paddock_recvmsg6",
+    "paddock_getpeername4",
+    "paddock_getpeername6",
+    "paddock_sockops",
+];
+/// Program attached to the proxy's cgroup.
+const PROXY_PROGRAM: &str = "paddock_getsockopt";
+
+/// Where a map is pinned under a pin directory.
+#[must_use]
+pub fn map_pin_path(pin_dir: &Path, map: &str) -> PathBuf {
+    pin_dir.join("maps").join(map)
+}
+
+fn agent_link_dir(pin_dir: &Path, cgroup_id: u64) -> PathBuf {
+    pin_dir.join("links").join(format!("agent-{cgroup_id}"))
+}
+
+/// Load-time options.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Pin directory on bpffs (one per Paddock instance).
+    pub pin_dir: PathBuf,
+    /// Bound of each original-destination LRU map.
+    pub orig_entries: u32,
+    /// Forward eBPF debug records (cgroups with `debug_log`) to tracing.
+    pub forward_logs: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            orig_entries: paddock_common::DEFAULT_ORIG_ENTRIES,
+            forward_logs: false,
+        }
+    }
+}
+
+/// The kernel boundary for interception, so orchestration (the `run` command, the node agent)
+/// can be tested without a kernel.
+pub trait Interception: Send + std::fmt::Debug {
+    /// Redirect `cgroup`'s egress per `cfg` (idempotent: re-attaching rewrites the config).
+    fn attach_agent(&mut self, cgroup: &Cgroup, cfg: &AgentConfig) -> Result<(), EbpfError>;
+    /// Stop intercepting `cgroup` and forget its config.
+    fn detach_agent(&mut self, cgroup: &Cgroup) -> Result<(), EbpfError>;
+    /// Answer `SO_ORIGINAL_DST` for sockets accepted by processes in `cgroup`.
+    fn attach_proxy(&mut self, cgroup: &Cgroup) -> Result<(), EbpfError>;
+}
+
+/// The loaded program set.
+pub struct Interceptor {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    _logs: Option<object::LogForwarder>,
+}
+
+impl std::fmt::Debug for Interceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interceptor")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Interceptor {
+    /// Load (or re-open the pinned maps of) a Paddock instance.
+    pub fn load(opts: &LoadOptions) -> Result<Self, EbpfError> {
+        let bytes = object::bytes()?;
+        mounts::ensure_bpffs()?;
+        let maps_dir = opts.pin_dir.join("maps");
+        std::fs::create_dir_all(&maps_dir).map_err(|source| EbpfError::Io {
+            path: maps_dir.clone(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(MAP_ORIG_BY_COOKIE, opts.orig_entries)
+            .map_max_entries(MAP_ORIG_BY_TUPLE, opts.orig_entries)
+            .load(bytes)
+            .map_err(EbpfError::load)?;
+        for name in AGENT_PROGRAMS.iter().chain(std::iter::once(&PROXY_PROGRAM)) {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(EbpfError::MissingProgram(name))?;
+            let res = match prog {
+                Program::CgroupSockAddr(p) => p.load(),
+                Program::CgroupSock(p) => p.load(),
+                Program::CgroupSockopt(p) => p.load(),
+                Program::SockOps(p) => p.load(),
+                _ => return Err(EbpfError::MissingProgram(name)),
+            };
+            res.map_err(|e| EbpfError::program(name, e))?;
+        }
+        // After every program is loaded: taking the log map earlier breaks later loads.
+        let logs = if opts.forward_logs {
+            Some(object::LogForwarder::start(&mut ebpf)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            ebpf,
+            pin_dir: opts.pin_dir.clone(),
+            _logs: logs,
+        })
+    }
+
+    /// The pin directory of this instance.
+    #[must_use]
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    fn config_map(&mut self) -> Result<BpfHashMap<&mut MapData, u64, CgroupConfig>, EbpfError> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_CONFIG)
+            .ok_or(EbpfError::MissingMap(MAP_CONFIG))?;
+        BpfHashMap::try_from(map).map_err(|e| EbpfError::map(MAP_CONFIG, &e))
+    }
+
+    fn bypass_map(&mut self) -> Result<LpmTrie<&mut MapData, BypassKeyData, u8>, EbpfError> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_BYPASS)
+            .ok_or(EbpfError::MissingMap(MAP_BYPASS))?;
+        LpmTrie::try_from(map).map_err(|e| EbpfError::map(MAP_BYPASS, &e))
+    }
+
+    fn write_config(&mut self, cgroup: &Cgroup, cfg: &AgentConfig) -> Result<(), EbpfError> {
+        let value = cfg.encode()?;
+        let id = cgroup.id();
+        clear_bypass(&mut self.bypass_map()?, id)?;
+        let mut bypass = self.bypass_map()?;
+        for (bits, data) in config::bypass_keys(id, &cfg.bypass) {
+            bypass
+                .insert(&Key::new(bits, data), 1, 0)
+                .map_err(|e| EbpfError::map(MAP_BYPASS, &e))?;
+        }
+        self.config_map()?
+            .insert(id, value, 0)
+            .map_err(|e| EbpfError::map(MAP_CONFIG, &e))
+    }
+
+    fn attach_one(&mut self, name: &'static str, cgroup: &File) -> Result<FdLink, EbpfError> {
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::MissingProgram(name))?;
+        let mode = CgroupAttachMode::Single;
+        let link: FdLink = match prog {
+            Program::CgroupSockAddr(p) => {
+                let id = p
+                    .attach(cgroup, mode)
+                    .map_err(|e| EbpfError::attach(name, e))?;
+                let l = p.take_link(id).map_err(|e| EbpfError::attach(name, e))?;
+                FdLink::try_from(l).map_err(|e| EbpfError::attach_link(name, &e))?
+            }
+            Program::CgroupSock(p) => {
+                let id = p
+                    .attach(cgroup, mode)
+                    .map_err(|e| EbpfError::attach(name, e))?;
+                let l = p.take_link(id).map_err(|e| EbpfError::attach(name, e))?;
+                FdLink::try_from(l).map_err(|e| EbpfError::attach_link(name, &e))?
+            }
+            Program::SockOps(p) => {
+                let id = p
+                    .attach(cgroup, mode)
+                    .map_err(|e| EbpfError::attach(name, e))?;
+                let l = p.take_link(id).map_err(|e| EbpfError::attach(name, e))?;
+                FdLink::try_from(l).map_err(|e| EbpfError::attach_link(name, &e))?
+            }
+            _ => return Err(EbpfError::MissingProgram(name)),
+        };
+        Ok(link)
+    }
+}
+
+fn clear_bypass(
+    trie: &mut LpmTrie<&mut MapData, BypassKeyData, u8>,
+    cgroup_id: u64,
+) -> Result<(), EbpfError> {
+    let prefix = cgroup_id.to_be_bytes();
+    let stale: Vec<Key<BypassKeyData>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.data()[..8] == prefix)
+        .collect();
+    for k in stale {
+        trie.remove(&k)
+            .map_err(|e| EbpfError::map(MAP_BYPASS, &e))?;
+    }
+    Ok(())
+}
+
+fn open_cgroup(cgroup: &Cgroup) -> Result<File, EbpfError> {
+    File::open(cgroup.path()).map_err(|source| EbpfError::Io {
+        path: cgroup.path().to_path_buf(),
+        source,
+    })
+}
+
+impl Interception for Interceptor {
+    fn attach_agent(&mut self, cgroup: &Cgroup, cfg: &AgentConfig) -> Result<(), EbpfError> {
+        // Config first: an attached cgroup without config refuses every connect.
+        self.write_config(cgroup, cfg)?;
+        let dir = agent_link_dir(&self.pin_dir, cgroup.id());
+        std::fs::create_dir_all(&dir).map_err(|source| EbpfError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let fd = open_cgroup(cgroup)?;
+        for name in AGENT_PROGRAMS {
+            let pin = dir.join(name);
+            if pin.exists() {
+                continue;
+            }
+            let link = self.attach_one(name, &fd)?;
+            link.pin(&pin).map_err(|e| EbpfError::Pin {
+                path: pin.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        tracing::info!(cgroup = %cgroup.path().display(), cgroup_id = cgroup.id(), "agent cgroup intercepted");
+        Ok(())
+    }
+
+    fn detach_agent(&mut self, cgroup: &Cgroup) -> Result<(), EbpfError> {
+        detach_agent_pins(&self.pin_dir, cgroup.id())?;
+        clear_bypass(&mut self.bypass_map()?, cgroup.id())?;
+        match self.config_map()?.remove(&cgroup.id()) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(EbpfError::map(MAP_CONFIG, &e)),
+        }
+    }
+
+    fn attach_proxy(&mut self, cgroup: &Cgroup) -> Result<(), EbpfError> {
+        let fd = open_cgroup(cgroup)?;
+        let prog = self
+            .ebpf
+            .program_mut(PROXY_PROGRAM)
+            .ok_or(EbpfError::MissingProgram(PROXY_PROGRAM))?;
+        let Program::CgroupSockopt(p) = prog else {
+            return Err(EbpfError::MissingProgram(PROXY_PROGRAM));
+        };
+        // The link stays owned by the program, i.e. by this Interceptor.
+        p.attach(&fd, CgroupAttachMode::Single)
+            .map_err(|e| EbpfError::attach(PROXY_PROGRAM, e))?;
+        tracing::info!(cgroup = %cgroup.path().display(), "proxy cgroup answers SO_ORIGINAL_DST");
+        Ok(())
+    }
+}
+
+/// Remove the pinned links of one agent cgroup (works without loading anything). The links
+/// detach once no process holds them any more.
+pub fn detach_agent_pins(pin_dir: &Path, cgroup_id: u64) -> Result<(), EbpfError> {
+    let dir = agent_link_dir(pin_dir, cgroup_id);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(EbpfError::Io { path: dir, source }),
+    }
+}
+
+/// Remove a whole instance: every pinned link and map under `pin_dir`.
+pub fn teardown(pin_dir: &Path) -> Result<(), EbpfError> {
+    match std::fs::remove_dir_all(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(EbpfError::Io {
+            path: pin_dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Agent cgroup ids with pinned links under `pin_dir`.
+pub fn attached_agents(pin_dir: &Path) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("agent-")?.parse().ok())
+        .collect()
+}

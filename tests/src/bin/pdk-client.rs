@@ -1,0 +1,259 @@
+//! Test client run inside agent cgroups and namespaces. Prints one JSON object on stdout.
+//!
+//! ```text
+//! pdk-client tcp TARGET [--bind ADDR] [--mark N] [--dualstack]
+//! pdk-client tcp-many COUNT           (10.77.x.y targets, distinct ports)
+//! pdk-client udp TARGET [--reply]
+//! pdk-client sockets
+//! pdk-client bench-connect TARGET COUNT
+//! ```
+//! Every network wait is bounded (5 s).
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(-1)
+}
+
+fn err_json(e: &std::io::Error) -> Value {
+    json!({"ok": false, "error": e.to_string(), "errno": errno(e)})
+}
+
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+fn parse<T: std::str::FromStr>(s: &str, what: &str) -> T {
+    s.parse().unwrap_or_else(|_| {
+        eprintln!("pdk-client: bad {what}: {s}");
+        std::process::exit(2)
+    })
+}
+
+/// Connect (optionally bound, marked, or through a dual-stack IPv6 socket) and read one line.
+fn tcp(target: SocketAddr, bind: Option<SocketAddr>, mark: Option<u32>, dualstack: bool) -> Value {
+    let (domain, addr) = if dualstack {
+        let v6 = match target {
+            SocketAddr::V4(v4) => {
+                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+            }
+            v6 @ SocketAddr::V6(_) => v6,
+        };
+        (Domain::IPV6, v6)
+    } else {
+        (Domain::for_address(target), target)
+    };
+    let result = (|| -> std::io::Result<Value> {
+        let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+        if dualstack {
+            s.set_only_v6(false)?;
+        }
+        if let Some(m) = mark {
+            s.set_mark(m)?;
+        }
+        if let Some(b) = bind {
+            s.set_reuse_address(true)?;
+            s.bind(&b.into())?;
+        }
+        s.connect_timeout(&SockAddr::from(addr), WAIT)?;
+        let peer = s.peer_addr()?.as_socket().map(|a| a.to_string());
+        let stream: TcpStream = s.into();
+        stream.set_read_timeout(Some(WAIT))?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        Ok(json!({"ok": true, "peer": peer, "line": line.trim_end()}))
+    })();
+    result.unwrap_or_else(|e| err_json(&e))
+}
+
+/// `count` concurrent connections to distinct 10.77.x.y:port destinations; each checks that
+/// the stand-in proxy recovered exactly its own destination, by both methods.
+fn tcp_many(count: u32) -> Value {
+    let targets: Vec<SocketAddr> = (0..count)
+        .map(|i| {
+            let ip = Ipv4Addr::new(
+                10,
+                77,
+                u8::try_from(1 + i / 250).unwrap_or(255),
+                u8::try_from(1 + i % 250).unwrap_or(255),
+            );
+            SocketAddr::from((ip, u16::try_from(1000 + i).unwrap_or(u16::MAX)))
+        })
+        .collect();
+    // Connect everything first so all connections are open at once.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(targets.len()));
+    let handles: Vec<_> = targets
+        .into_iter()
+        .map(|t| {
+            let barrier = std::sync::Arc::clone(&barrier);
+            std::thread::spawn(move || -> Result<(), String> {
+                let s = TcpStream::connect_timeout(&t, WAIT);
+                barrier.wait();
+                let s = s.map_err(|e| format!("{t}: connect: {e}"))?;
+                s.set_read_timeout(Some(WAIT)).map_err(|e| e.to_string())?;
+                let mut line = String::new();
+                BufReader::new(&s)
+                    .read_line(&mut line)
+                    .map_err(|e| format!("{t}: read: {e}"))?;
+                let want = format!("sockopt={t} map={t}");
+                if line.trim_end() == want {
+                    Ok(())
+                } else {
+                    Err(format!("{t}: got {}", line.trim_end()))
+                }
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut failures = Vec::new();
+    for h in handles {
+        match h.join() {
+            Ok(Ok(())) => ok += 1,
+            Ok(Err(e)) => failures.push(e),
+            Err(_) => failures.push("thread panicked".into()),
+        }
+    }
+    failures.truncate(5);
+    json!({"total": count, "ok": ok, "failures": failures})
+}
+
+fn udp(target: SocketAddr, want_reply: bool) -> Value {
+    let bind: SocketAddr = if target.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let result = (|| -> std::io::Result<Value> {
+        let s = UdpSocket::bind(bind)?;
+        s.send_to(b"ping", target)?;
+        if !want_reply {
+            return Ok(json!({"ok": true}));
+        }
+        s.set_read_timeout(Some(WAIT))?;
+        let mut buf = [0u8; 64];
+        let (n, from) = s.recv_from(&mut buf)?;
+        Ok(
+            json!({"ok": true, "from": from.to_string(), "reply": String::from_utf8_lossy(&buf[..n])}),
+        )
+    })();
+    result.unwrap_or_else(|e| err_json(&e))
+}
+
+/// Try to create every kind of socket that would bypass the connect/sendmsg hooks.
+fn sockets() -> Value {
+    let kinds: [(&str, Domain, Type, Option<Protocol>); 7] = [
+        ("raw_icmp4", Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)),
+        ("raw_icmp6", Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)),
+        ("ping4", Domain::IPV4, Type::DGRAM, Some(Protocol::ICMPV4)),
+        ("packet", Domain::PACKET, Type::RAW, None),
+        (
+            "sctp",
+            Domain::IPV4,
+            Type::STREAM,
+            Some(Protocol::from(132)),
+        ),
+        ("tcp", Domain::IPV4, Type::STREAM, Some(Protocol::TCP)),
+        ("udp6", Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)),
+    ];
+    let mut out = serde_json::Map::new();
+    for (name, d, t, p) in kinds {
+        let v = match Socket::new(d, t, p) {
+            Ok(_) => json!({"ok": true}),
+            Err(e) => err_json(&e),
+        };
+        out.insert(name.into(), v);
+    }
+    Value::Object(out)
+}
+
+/// Sequential connect + 1-byte read, latency per connection.
+fn bench_connect(target: SocketAddr, count: u32) -> Value {
+    let mut lat = Vec::with_capacity(count as usize);
+    let mut errors = 0u32;
+    let started = Instant::now();
+    for _ in 0..count {
+        let t0 = Instant::now();
+        match TcpStream::connect_timeout(&target, WAIT) {
+            Ok(mut s) => {
+                let _ = s.set_read_timeout(Some(WAIT));
+                let mut b = [0u8; 1];
+                if s.read_exact(&mut b).is_ok() {
+                    lat.push(t0.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    let total = started.elapsed();
+    lat.sort();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "index into a short vector"
+        )]
+        let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
+        lat[i].as_secs_f64() * 1e6
+    };
+    #[expect(clippy::cast_precision_loss, reason = "rates are approximate")]
+    let rate = lat.len() as f64 / total.as_secs_f64();
+    json!({"count": lat.len(), "errors": errors, "p50_us": pct(0.5), "p99_us": pct(0.99), "per_sec": rate})
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        eprintln!("usage: pdk-client tcp|tcp-many|udp|sockets|bench-connect ...");
+        std::process::exit(2);
+    };
+    let arg = |i: usize| -> &str {
+        args.get(i).map_or_else(
+            || {
+                eprintln!("pdk-client {cmd}: missing argument {i}");
+                std::process::exit(2)
+            },
+            String::as_str,
+        )
+    };
+    let out = match cmd.as_str() {
+        "tcp" => tcp(
+            parse(arg(1), "target"),
+            flag_value(&args, "--bind").map(|b| parse(b, "bind")),
+            flag_value(&args, "--mark").map(|m| parse(m, "mark")),
+            args.iter().any(|a| a == "--dualstack"),
+        ),
+        "tcp-many" => {
+            use nix::sys::resource::{Resource, getrlimit, setrlimit};
+            if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+            }
+            tcp_many(parse(arg(1), "count"))
+        }
+        "udp" => udp(parse(arg(1), "target"), args.iter().any(|a| a == "--reply")),
+        "sockets" => sockets(),
+        "bench-connect" => bench_connect(parse(arg(1), "target"), parse(arg(2), "count")),
+        other => {
+            eprintln!("pdk-client: unknown command {other}");
+            std::process::exit(2)
+        }
+    };
+    println!("{out}");
+}

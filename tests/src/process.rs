@@ -1,0 +1,122 @@
+//! Running a process inside a cgroup and a network namespace.
+#![expect(
+    unsafe_code,
+    reason = "Command::pre_exec is unsafe; the hook only makes raw syscalls"
+)]
+
+use std::{
+    fs::{File, OpenOptions},
+    io::Write,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use crate::{CgroupGuard, Netns};
+
+/// Where to put a child process.
+#[derive(Debug, Default)]
+pub struct Placement<'a> {
+    pub netns: Option<&'a Netns>,
+    pub cgroup: Option<&'a CgroupGuard>,
+    /// Drop to this uid/gid (with no supplementary groups) after entering the above.
+    pub user: Option<u32>,
+}
+
+/// Prepare `cmd` to start in the given namespace and cgroup. The files are opened here, in the
+/// parent; the child only calls `setns(2)` and `write(2)`, which are async-signal-safe.
+pub fn place(cmd: &mut Command, at: &Placement<'_>) {
+    let ns: Option<File> = at
+        .netns
+        .map(|n| File::open(n.path().path()).expect("open netns"));
+    let procs: Option<File> = at.cgroup.map(|c| {
+        OpenOptions::new()
+            .write(true)
+            .open(c.procs_path())
+            .expect("open cgroup.procs")
+    });
+    let user = at.user;
+    // SAFETY: the closure runs between fork and exec. It only issues setns(2), write(2) and the
+    // set*id(2) calls on descriptors and values prepared before the fork; it allocates nothing
+    // and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(f) = &procs {
+                // "0" moves the writing process itself.
+                let rc = libc::write(f.as_raw_fd(), b"0".as_ptr().cast(), 1);
+                if rc != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(f) = &ns {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // Last: entering the namespace and the cgroup needs the privileges dropped here.
+            if let Some(id) = user {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(id) != 0
+                    || libc::setuid(id) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Path of a binary built next to the running test (target/<profile>/NAME).
+#[must_use]
+pub fn target_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/test-xxxx -> target/<profile>/NAME
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run the tests with `cargo xtask test` (it builds every binary)",
+        p.display()
+    );
+    p
+}
+
+/// Run the test client with `args` at `at`, returning its parsed JSON output.
+pub fn client(args: &[&str], at: &Placement<'_>) -> serde_json::Value {
+    let out = run(Command::new(client_path()).args(args), at);
+    assert!(
+        out.status.success(),
+        "pdk-client {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "pdk-client {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The test client's path (a binary of this package: cargo builds it for the tests).
+#[must_use]
+pub fn client_path() -> PathBuf {
+    target_bin("pdk-client")
+}
+
+/// Run a command to completion at a placement.
+pub fn run(cmd: &mut Command, at: &Placement<'_>) -> Output {
+    place(cmd, at);
+    cmd.output().expect("spawn")
+}
+
+/// Write to a file, panicking with the path on failure (tests only).
+pub fn write_file(path: &std::path::Path, data: &str) {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    f.write_all(data.as_bytes())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
