@@ -48,38 +48,44 @@ pub fn place(cmd: &mut Command, at: &Placement<'_>) {
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            if let Some(f) = &ns {
-                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if let Some(f) = &ns
+                && libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
             }
             // Last: entering the namespace and the cgroup needs the privileges dropped here.
-            if let Some(id) = user {
-                if libc::setgroups(0, std::ptr::null()) != 0
+            if let Some(id) = user
+                && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(id) != 0
-                    || libc::setuid(id) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                    || libc::setuid(id) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
 }
 
-/// Path of a binary built next to the running test (target/<profile>/NAME).
+/// Path of a binary built next to the running executable: `target/<profile>/NAME`, found
+/// from a test (`target/<profile>/deps/test-xxxx`) or from another binary.
 #[must_use]
 pub fn target_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/test-xxxx -> target/<profile>/NAME
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is not built: run the tests with `cargo xtask test` (it builds every binary)",
-        p.display()
-    );
-    p
+    let dir = exe.parent().expect("exe dir");
+    let candidates = [
+        dir.join(name),
+        dir.parent().map(|d| d.join(name)).unwrap_or_default(),
+    ];
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not built next to {}: run the tests with `cargo xtask test` (it builds \
+             every binary)",
+                exe.display()
+            )
+        })
 }
 
 /// Run the test client with `args` at `at`, returning its parsed JSON output.

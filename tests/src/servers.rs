@@ -46,10 +46,10 @@ pub struct OrigDstServer {
 }
 
 impl OrigDstServer {
-    /// Listen on 127.0.0.1 and [::1] at [`PROXY_PORT`] inside `ns`; each lookup waits `delay`.
+    /// Listen on 127.0.0.1 and `[::1]` at [`PROXY_PORT`] inside `ns`; each lookup waits `delay`.
     pub fn start(
         ns: &Netns,
-        map: Option<Arc<dyn OriginalDst>>,
+        map: Option<&Arc<dyn OriginalDst>>,
         delay: std::time::Duration,
     ) -> Self {
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -62,7 +62,7 @@ impl OrigDstServer {
             std_l.set_nonblocking(true).expect("nonblocking");
             let l = tokio::net::TcpListener::from_std(std_l).expect("tokio listener");
             let accepted = Arc::clone(&accepted);
-            let map = map.clone();
+            let map = map.cloned();
             tasks.push(tokio::spawn(async move {
                 while let Ok((mut s, _)) = l.accept().await {
                     accepted.fetch_add(1, Ordering::Relaxed);

@@ -53,7 +53,7 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("attach proxy: {e}"));
         let map: Arc<dyn OriginalDst> =
             Arc::new(MapOriginalDst::open_pinned(pins.path()).expect("open map"));
-        let server = OrigDstServer::start(&topo.agent, Some(map), Duration::ZERO);
+        let server = OrigDstServer::start(&topo.agent, Some(&map), Duration::ZERO);
         let host = UpstreamHost::start(&topo.upstream);
         Self {
             server,
@@ -285,12 +285,8 @@ async fn identical_four_tuples_in_two_namespaces_recover_their_own_destination()
         Arc::new(MapOriginalDst::open_pinned(pins.path()).expect("map"));
     // The servers wait before looking up, so both connections are recorded first: a key
     // without the netns cookie would make one overwrite the other.
-    let _sa = OrigDstServer::start(
-        &ta.agent,
-        Some(Arc::clone(&map)),
-        Duration::from_millis(500),
-    );
-    let _sb = OrigDstServer::start(&tb.agent, Some(map), Duration::from_millis(500));
+    let _sa = OrigDstServer::start(&ta.agent, Some(&map), Duration::from_millis(500));
+    let _sb = OrigDstServer::start(&tb.agent, Some(&map), Duration::from_millis(500));
     let (a_target, b_target) = ("10.77.0.1:443", "10.77.3.3:8443");
     let bind = "127.0.0.1:40000";
     let (va, vb) = tokio::task::block_in_place(|| {
@@ -377,7 +373,7 @@ async fn pinned_interception_survives_the_loader_and_detach_removes_it() {
     // The loader process has exited; its pinned programs and maps remain.
     let map: Arc<dyn OriginalDst> =
         Arc::new(MapOriginalDst::open_pinned(pins.path()).expect("pinned map"));
-    let server = OrigDstServer::start(&topo.agent, Some(map), Duration::ZERO);
+    let server = OrigDstServer::start(&topo.agent, Some(&map), Duration::ZERO);
     let at = Placement {
         netns: Some(&topo.agent),
         cgroup: Some(&cg),

@@ -1,1 +1,147 @@
-fn main() {}
+//! `cargo xtask`: set-up, eBPF build, the whole test suite, benchmarks and the demo.
+
+mod bench;
+mod setup;
+mod util;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::util::{cargo, root, run};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "Paddock developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install everything the build and tests need (idempotent; fast when all is present).
+    Setup,
+    /// Build the eBPF object (with BTF) that paddock-proxy embeds.
+    BuildEbpf,
+    /// Set-up, eBPF build, lints and the whole test suite (unprivileged and root tiers).
+    Test {
+        /// Skip clippy and rustfmt checks.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark and record it in BENCHMARKS.md.
+    Bench {
+        #[arg(value_enum)]
+        which: bench::Which,
+    },
+    /// Set up, build and show interception working end to end on this machine.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::run_setup(),
+        Command::BuildEbpf => build_ebpf(),
+        Command::Test { no_lint, args } => test(no_lint, &args),
+        Command::Bench { which } => {
+            setup::run_setup()?;
+            build_ebpf()?;
+            bench::run_bench(which)
+        }
+        Command::Demo => demo(),
+    }
+}
+
+/// `cargo +nightly build -Z build-std=core --target bpfel-unknown-none --release` with BTF.
+pub fn build_ebpf() -> Result<()> {
+    let root = root();
+    let target_dir = root.join("target");
+    let mut cmd = std::process::Command::new("cargo");
+    cmd.current_dir(root.join("paddock-ebpf"))
+        .args([
+            "+nightly",
+            "build",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+            "--release",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
+        // The outer cargo's choices must not leak into the nightly BPF build.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    run(&mut cmd).context("eBPF build failed (is `cargo xtask setup` done?)")?;
+    let obj = target_dir.join("bpfel-unknown-none/release/paddock-ebpf");
+    if !obj.exists() {
+        bail!("eBPF build produced no object at {}", obj.display());
+    }
+    eprintln!("xtask: eBPF object at {}", obj.display());
+    Ok(())
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn test(no_lint: bool, extra: &[String]) -> Result<()> {
+    setup::run_setup()?;
+    build_ebpf()?;
+    if !no_lint {
+        run(cargo().args(["fmt", "--all", "--check"])).context("rustfmt: run `cargo fmt --all`")?;
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+        .context("clippy found problems")?;
+    }
+    // Root-tier tests start the binaries (paddock-proxy, pdk-client) next to them.
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    if !is_root() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            bail!("CI=true but not root: the root tier (netns, cgroups, eBPF) cannot run");
+        }
+        eprintln!(
+            "xtask: not root: root-tier tests will print SKIPPED; run `sudo cargo xtask test`"
+        );
+    }
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace"]);
+    if !extra.is_empty() {
+        cmd.arg("--").args(extra);
+    }
+    run(&mut cmd).context("tests failed")
+}
+
+fn demo() -> Result<()> {
+    setup::run_setup()?;
+    build_ebpf()?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "paddock-proxy",
+        "-p",
+        "paddock-tests",
+        "--bins",
+    ]))?;
+    if !is_root() {
+        bail!("the demo attaches eBPF programs and creates namespaces: run it as root");
+    }
+    run(&mut std::process::Command::new(
+        root().join("target/release/pdk-demo"),
+    ))
+}

@@ -76,13 +76,13 @@ struct AttachArgs {
     /// Destinations never redirected.
     #[arg(long)]
     bypass: Vec<IpNet>,
-    /// SO_MARK of the proxy's own sockets, never redirected.
+    /// `SO_MARK` of the proxy's own sockets, never redirected.
     #[arg(long)]
     bypass_mark: Option<u32>,
     /// Allow all UDP (opens QUIC and other exits: not recommended).
     #[arg(long)]
     allow_udp: bool,
-    /// Also answer SO_ORIGINAL_DST for sockets of this cgroup (the proxy's). Lasts while this
+    /// Also answer `SO_ORIGINAL_DST` for sockets of this cgroup (the proxy's). Lasts while this
     /// process runs; `paddock-proxy serve` attaches its own.
     #[arg(long)]
     proxy_cgroup: Option<PathBuf>,

@@ -80,7 +80,7 @@ pub fn kernel_hint(text: &str) -> Option<&'static str> {
 }
 
 impl EbpfError {
-    pub(crate) fn load(e: aya::EbpfError) -> Self {
+    pub(crate) fn load(e: &aya::EbpfError) -> Self {
         let reason = e.to_string();
         Self::Load {
             hint: kernel_hint(&reason),
@@ -88,7 +88,7 @@ impl EbpfError {
         }
     }
 
-    pub(crate) fn program(program: &'static str, e: ProgramError) -> Self {
+    pub(crate) fn program(program: &'static str, e: &ProgramError) -> Self {
         // ProgramError::LoadError's Display includes the verifier output.
         let reason = e.to_string();
         Self::Program {
@@ -98,7 +98,7 @@ impl EbpfError {
         }
     }
 
-    pub(crate) fn attach(program: &'static str, e: ProgramError) -> Self {
+    pub(crate) fn attach(program: &'static str, e: &ProgramError) -> Self {
         let reason = e.to_string();
         let detail = format!("{reason} {e:?}");
         Self::Attach {

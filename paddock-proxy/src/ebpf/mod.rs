@@ -136,7 +136,7 @@ impl Interceptor {
             .map_max_entries(MAP_ORIG_BY_COOKIE, opts.orig_entries)
             .map_max_entries(MAP_ORIG_BY_TUPLE, opts.orig_entries)
             .load(bytes)
-            .map_err(EbpfError::load)?;
+            .map_err(|e| EbpfError::load(&e))?;
         for name in AGENT_PROGRAMS.iter().chain(std::iter::once(&PROXY_PROGRAM)) {
             let prog = ebpf
                 .program_mut(name)
@@ -148,7 +148,7 @@ impl Interceptor {
                 Program::SockOps(p) => p.load(),
                 _ => return Err(EbpfError::MissingProgram(name)),
             };
-            res.map_err(|e| EbpfError::program(name, e))?;
+            res.map_err(|e| EbpfError::program(name, &e))?;
         }
         // After every program is loaded: taking the log map earlier breaks later loads.
         let logs = if opts.forward_logs {
@@ -210,22 +210,22 @@ impl Interceptor {
             Program::CgroupSockAddr(p) => {
                 let id = p
                     .attach(cgroup, mode)
-                    .map_err(|e| EbpfError::attach(name, e))?;
-                let l = p.take_link(id).map_err(|e| EbpfError::attach(name, e))?;
+                    .map_err(|e| EbpfError::attach(name, &e))?;
+                let l = p.take_link(id).map_err(|e| EbpfError::attach(name, &e))?;
                 FdLink::try_from(l).map_err(|e| EbpfError::attach_link(name, &e))?
             }
             Program::CgroupSock(p) => {
                 let id = p
                     .attach(cgroup, mode)
-                    .map_err(|e| EbpfError::attach(name, e))?;
-                let l = p.take_link(id).map_err(|e| EbpfError::attach(name, e))?;
+                    .map_err(|e| EbpfError::attach(name, &e))?;
+                let l = p.take_link(id).map_err(|e| EbpfError::attach(name, &e))?;
                 FdLink::try_from(l).map_err(|e| EbpfError::attach_link(name, &e))?
             }
             Program::SockOps(p) => {
                 let id = p
                     .attach(cgroup, mode)
-                    .map_err(|e| EbpfError::attach(name, e))?;
-                let l = p.take_link(id).map_err(|e| EbpfError::attach(name, e))?;
+                    .map_err(|e| EbpfError::attach(name, &e))?;
+                let l = p.take_link(id).map_err(|e| EbpfError::attach(name, &e))?;
                 FdLink::try_from(l).map_err(|e| EbpfError::attach_link(name, &e))?
             }
             _ => return Err(EbpfError::MissingProgram(name)),
@@ -303,7 +303,7 @@ impl Interception for Interceptor {
         };
         // The link stays owned by the program, i.e. by this Interceptor.
         p.attach(&fd, CgroupAttachMode::Single)
-            .map_err(|e| EbpfError::attach(PROXY_PROGRAM, e))?;
+            .map_err(|e| EbpfError::attach(PROXY_PROGRAM, &e))?;
         tracing::info!(cgroup = %cgroup.path().display(), "proxy cgroup answers SO_ORIGINAL_DST");
         Ok(())
     }
@@ -333,6 +333,7 @@ pub fn teardown(pin_dir: &Path) -> Result<(), EbpfError> {
 }
 
 /// Agent cgroup ids with pinned links under `pin_dir`.
+#[must_use]
 pub fn attached_agents(pin_dir: &Path) -> Vec<u64> {
     let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) else {
         return Vec::new();

@@ -1,0 +1,66 @@
+//! `cargo xtask bench ...`: run a benchmark binary (release build) and record its markdown
+//! section in BENCHMARKS.md between `<!-- bench:NAME -->` markers.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{cargo, root, run};
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Which {
+    /// Connection set-up: direct vs eBPF-redirected vs iptables REDIRECT.
+    Redirect,
+}
+
+impl Which {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Redirect => "redirect",
+        }
+    }
+    fn binary(self) -> &'static str {
+        match self {
+            Self::Redirect => "pdk-bench-redirect",
+        }
+    }
+}
+
+pub fn run_bench(which: Which) -> Result<()> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "paddock-tests",
+        "-p",
+        "paddock-proxy",
+        "--bins",
+    ]))?;
+    let bin = root().join("target/release").join(which.binary());
+    let out = Command::new(&bin)
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("{} failed: {}", bin.display(), out.status);
+    }
+    let section = String::from_utf8(out.stdout).context("benchmark output is not UTF-8")?;
+    print!("{section}");
+    record(which.name(), &section)
+}
+
+/// Replace (or append) the section between the markers of `name`.
+fn record(name: &str, section: &str) -> Result<()> {
+    let path = root().join("BENCHMARKS.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let start = format!("<!-- bench:{name}:start -->");
+    let end = format!("<!-- bench:{name}:end -->");
+    let block = format!("{start}\n{}\n{end}", section.trim_end());
+    let new = match (text.find(&start), text.find(&end)) {
+        (Some(s), Some(e)) if e > s => format!("{}{block}{}", &text[..s], &text[e + end.len()..]),
+        _ => format!("{}\n{block}\n", text.trim_end()),
+    };
+    std::fs::write(&path, new).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("xtask: recorded {name} in {}", path.display());
+    Ok(())
+}
