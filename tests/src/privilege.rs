@@ -1,7 +1,7 @@
 //! The gate for root-only tests: under `CI=true` a missing capability fails the test; elsewhere
 //! the test prints a loud SKIPPED line and returns.
 
-use std::path::Path;
+use std::{io::Write, path::Path};
 
 fn missing() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
@@ -30,7 +30,11 @@ pub fn require_root(test: &str) -> bool {
                 std::env::var("CI").as_deref() != Ok("true"),
                 "{test}: root-tier test cannot run under CI=true: {why}"
             );
-            eprintln!("SKIPPED {test}: {why} (root tier; run `sudo cargo xtask test`)");
+            // Straight to the stderr handle: libtest captures eprintln!, and a skip must show.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: {why} (root tier; run `sudo cargo xtask test`)"
+            );
             false
         }
     }

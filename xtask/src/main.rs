@@ -109,7 +109,8 @@ fn test(no_lint: bool, extra: &[String]) -> Result<()> {
         .context("clippy found problems")?;
     }
     // Root-tier tests start the binaries (paddock-proxy, pdk-client) next to them.
-    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    // With --tests so dev-dependency feature unification matches `cargo test` (one build, not two).
+    run(cargo().args(["build", "--workspace", "--bins", "--tests"]))?;
     if !is_root() {
         if std::env::var("CI").as_deref() == Ok("true") {
             bail!("CI=true but not root: the root tier (netns, cgroups, eBPF) cannot run");
@@ -123,7 +124,10 @@ fn test(no_lint: bool, extra: &[String]) -> Result<()> {
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
     }
-    run(&mut cmd).context("tests failed")
+    let (passed, failed) = util::run_counting_tests(&mut cmd).context("tests failed")?;
+    // One closing line for the whole suite (cargo's last line is often an empty doc-test run).
+    println!("tests: {passed} passed, {failed} failed");
+    Ok(())
 }
 
 fn demo() -> Result<()> {

@@ -89,6 +89,9 @@ struct AttachArgs {
     /// Emit eBPF debug logs for this cgroup's decisions.
     #[arg(long)]
     debug_log: bool,
+    /// Bound of each original-destination LRU map (applies when the maps are first created).
+    #[arg(long, default_value_t = paddock_common::DEFAULT_ORIG_ENTRIES)]
+    orig_entries: u32,
 }
 
 fn init_tracing(json: bool) {
