@@ -133,6 +133,7 @@ fn ebpf_command(cmd: EbpfCommand) -> Result<()> {
             let cgroup = Cgroup::open(&a.cgroup)?;
             let mut ic = Interceptor::load(&LoadOptions {
                 pin_dir: a.pin_dir,
+                orig_entries: a.orig_entries,
                 ..LoadOptions::default()
             })?;
             ic.attach_agent(&cgroup, &cfg)?;
