@@ -18,3 +18,6 @@ pub mod store;
 pub mod wire;
 
 pub use broker::{Broker, BrokerError};
+pub mod config;
+pub mod metrics;
+pub mod server;

@@ -13,7 +13,7 @@ pub const KIND_ISSUE: &str = "issue";
 pub const KIND_SUBSTITUTE: &str = "substitute";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RateSpec {
     pub per_second: u32,
     pub burst: u32,
