@@ -67,8 +67,10 @@ impl Handle {
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Request head buffer: large enough for real clients, small enough that huge headers get 431.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Request head limit: room for large JWTs, small enough that huge headers get 431.
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+/// Connection read buffer (head plus pipelined body bytes).
+const MAX_BUF_BYTES: usize = 128 * 1024;
 
 /// Binds the listeners and starts serving.
 pub async fn spawn(options: ServerOptions) -> Result<Handle, ServerError> {
@@ -124,7 +126,8 @@ async fn api_loop(listener: TcpListener, acceptor: TlsAcceptor, state: Arc<State
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEAD_BYTES)
+                .max_header_size(MAX_HEAD_BYTES)
+                .max_buf_size(MAX_BUF_BYTES)
                 .serve_connection(TokioIo::new(tls), service);
             tokio::pin!(conn);
             tokio::select! {
