@@ -107,11 +107,21 @@ impl JsonlSink {
     /// Opens (creating, mode 0600) the log at `path`.
     pub fn open(path: &Path, max_bytes: u64, keep: u32, fsync: bool) -> Result<Self, AuditError> {
         let (file, size) = Self::open_file(path)?;
-        Ok(Self { path: path.to_owned(), max_bytes: max_bytes.max(1), keep, fsync, state: Mutex::new(Some((file, size))) })
+        Ok(Self {
+            path: path.to_owned(),
+            max_bytes: max_bytes.max(1),
+            keep,
+            fsync,
+            state: Mutex::new(Some((file, size))),
+        })
     }
 
     fn open_file(path: &Path) -> Result<(File, u64), AuditError> {
-        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
         let size = file.metadata()?.len();
         Ok((file, size))
     }
@@ -142,7 +152,10 @@ impl AuditSink for JsonlSink {
     fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
         let mut line = serde_json::to_vec(event)?;
         line.push(b'\n');
-        let mut guard = self.state.lock().map_err(|_| AuditError::Unavailable("lock poisoned".into()))?;
+        let mut guard = self
+            .state
+            .lock()
+            .map_err(|_| AuditError::Unavailable("lock poisoned".into()))?;
         // A failed write drops the handle so the next event retries from a fresh open.
         let (mut file, mut size) = match guard.take() {
             Some(state) => state,
@@ -186,13 +199,18 @@ impl AuditSink for MemorySink {
         if self.failing.load(Ordering::SeqCst) {
             return Err(AuditError::Unavailable("memory sink set to fail".into()));
         }
-        self.events.lock().map_err(|_| AuditError::Unavailable("lock poisoned".into()))?.push(event.clone());
+        self.events
+            .lock()
+            .map_err(|_| AuditError::Unavailable("lock poisoned".into()))?
+            .push(event.clone());
         Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -213,8 +231,10 @@ mod tests {
         assert!(dir.path().join("audit.jsonl.1").exists());
         assert!(dir.path().join("audit.jsonl.2").exists());
         assert!(!dir.path().join("audit.jsonl.3").exists());
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]
@@ -224,7 +244,10 @@ mod tests {
         assert!(JsonlSink::open(&path, 100, 1, false).is_err());
         let mem = MemorySink::default();
         mem.set_failing(true);
-        assert!(mem.record(&AuditEvent::new(AuditKind::RunUpdated, "c", "n", "r")).is_err());
+        assert!(
+            mem.record(&AuditEvent::new(AuditKind::RunUpdated, "c", "n", "r"))
+                .is_err()
+        );
         assert!(mem.events().is_empty());
     }
 }

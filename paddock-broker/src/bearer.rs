@@ -34,23 +34,36 @@ pub fn lease_id() -> String {
 /// Whether `token` is exactly a well-formed bearer.
 #[must_use]
 pub fn is_bearer(token: &str) -> bool {
-    let Some(rest) = token.strip_prefix(PREFIX) else { return false };
+    let Some(rest) = token.strip_prefix(PREFIX) else {
+        return false;
+    };
     if rest.len() < RANDOM_HEX + 2 {
         return false;
     }
     let (kind, random) = rest.split_at(rest.len() - RANDOM_HEX);
-    let Some(kind) = kind.strip_suffix('-') else { return false };
+    let Some(kind) = kind.strip_suffix('-') else {
+        return false;
+    };
     !kind.is_empty()
-        && kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && random.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && random
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Every well-formed bearer embedded in `text` (delimited by characters that cannot be part
 /// of one).
 pub fn find_in(text: &str) -> impl Iterator<Item = &str> {
     text.match_indices(PREFIX).filter_map(move |(start, _)| {
-        let before_ok = text[..start].chars().next_back().is_none_or(|c| !is_token_char(c));
-        let len = text[start..].find(|c: char| !is_token_char(c)).unwrap_or(text.len() - start);
+        let before_ok = text[..start]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !is_token_char(c));
+        let len = text[start..]
+            .find(|c: char| !is_token_char(c))
+            .unwrap_or(text.len() - start);
         let candidate = &text[start..start + len];
         (before_ok && is_bearer(candidate)).then_some(candidate)
     })
@@ -82,7 +95,11 @@ mod tests {
         assert_eq!(find_in(&text).collect::<Vec<_>>(), vec![t]);
         let text = format!("a={t}&b=1");
         assert_eq!(find_in(&text).count(), 1);
-        assert_eq!(find_in(&format!("{t}0")).count(), 0, "longer token is not a bearer");
+        assert_eq!(
+            find_in(&format!("{t}0")).count(),
+            0,
+            "longer token is not a bearer"
+        );
         assert_eq!(find_in(&format!("x{t}")).count(), 0);
         assert!(!is_bearer("pdk--0123"));
         assert!(!is_bearer(&t.to_uppercase()));

@@ -22,9 +22,10 @@ use crate::{
     ratelimit::{KIND_ISSUE, KIND_SUBSTITUTE, RateLimitError, RateLimits},
     store::{NewLease, PoolRequest, Store, StoreError},
     wire::{
-        DeliveryMode, ErrorCode, IssueRequest, IssueResponse, LeaseInfo, LeasesResponse, RenewRequest,
-        RenewResponse, RevokeRequest, RevokeResponse, RunInfo, RunUpsertRequest, SubstituteAuthRequest,
-        SubstituteAuthResponse, ValidateEgressRequest, ValidateEgressResponse,
+        DeliveryMode, ErrorCode, IssueRequest, IssueResponse, LeaseInfo, LeasesResponse,
+        RenewRequest, RenewResponse, RevokeRequest, RevokeResponse, RunInfo, RunUpsertRequest,
+        SubstituteAuthRequest, SubstituteAuthResponse, ValidateEgressRequest,
+        ValidateEgressResponse,
     },
 };
 
@@ -72,7 +73,9 @@ impl BrokerError {
     pub fn public_message(&self) -> String {
         match self {
             BrokerError::Internal(_) => "internal error".to_owned(),
-            BrokerError::AuditUnavailable(_) => "audit log unavailable; request not performed".to_owned(),
+            BrokerError::AuditUnavailable(_) => {
+                "audit log unavailable; request not performed".to_owned()
+            }
             BrokerError::Unavailable(_) => "credential backend unavailable".to_owned(),
             BrokerError::NotFound(m)
             | BrokerError::Forbidden(m)
@@ -87,7 +90,9 @@ impl BrokerError {
 impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::PoolExhausted(pool) => BrokerError::PoolExhausted(format!("credential pool {pool} is exhausted")),
+            StoreError::PoolExhausted(pool) => {
+                BrokerError::PoolExhausted(format!("credential pool {pool} is exhausted"))
+            }
             other => BrokerError::Internal(other.to_string()),
         }
     }
@@ -106,7 +111,9 @@ impl From<RateLimitError> for BrokerError {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Longest accepted identifier (run, credential, lease, host).
@@ -114,7 +121,9 @@ const MAX_ID: usize = 253;
 
 fn check_id(what: &str, value: &str) -> Result<(), BrokerError> {
     if value.is_empty() || value.len() > MAX_ID || value.chars().any(char::is_control) {
-        return Err(BrokerError::BadRequest(format!("{what} must be 1-{MAX_ID} printable characters")));
+        return Err(BrokerError::BadRequest(format!(
+            "{what} must be 1-{MAX_ID} printable characters"
+        )));
     }
     Ok(())
 }
@@ -129,8 +138,18 @@ pub struct Broker {
 
 impl Broker {
     #[must_use]
-    pub fn new(store: Store, policy: Arc<PolicyStore>, audit: Arc<dyn AuditSink>, limits: RateLimits) -> Self {
-        Self { store, policy, audit, limits }
+    pub fn new(
+        store: Store,
+        policy: Arc<PolicyStore>,
+        audit: Arc<dyn AuditSink>,
+        limits: RateLimits,
+    ) -> Self {
+        Self {
+            store,
+            policy,
+            audit,
+            limits,
+        }
     }
 
     #[must_use]
@@ -149,7 +168,9 @@ impl Broker {
     }
 
     fn audit(&self, event: &AuditEvent) -> Result<(), BrokerError> {
-        self.audit.record(event).map_err(|e| BrokerError::AuditUnavailable(e.to_string()))
+        self.audit
+            .record(event)
+            .map_err(|e| BrokerError::AuditUnavailable(e.to_string()))
     }
 
     /// Loads a run the caller may act on. Callers without the controller scope get the same
@@ -157,13 +178,19 @@ impl Broker {
     fn authorize_run(&self, caller: &Identity, run_id: &str) -> Result<RunInfo, BrokerError> {
         check_id("run", run_id)?;
         if caller.run.as_deref().is_some_and(|r| r != run_id) {
-            return Err(BrokerError::Forbidden(format!("this credential is bound to another run than {run_id}")));
+            return Err(BrokerError::Forbidden(format!(
+                "this credential is bound to another run than {run_id}"
+            )));
         }
         let run = self.store.run(run_id)?;
         match run {
             Some(run) if caller.may_act_in(&run.namespace) => Ok(run),
-            None if caller.has(Scope::Controller) => Err(BrokerError::NotFound(format!("run {run_id} is not registered"))),
-            _ => Err(BrokerError::Forbidden(format!("run {run_id} is not accessible to this caller"))),
+            None if caller.has(Scope::Controller) => Err(BrokerError::NotFound(format!(
+                "run {run_id} is not registered"
+            ))),
+            _ => Err(BrokerError::Forbidden(format!(
+                "run {run_id} is not accessible to this caller"
+            ))),
         }
     }
 
@@ -171,23 +198,40 @@ impl Broker {
         if run.phase.is_active() {
             Ok(())
         } else {
-            Err(BrokerError::Forbidden(format!("run {} is {}", run.run, run.phase.as_str())))
+            Err(BrokerError::Forbidden(format!(
+                "run {} is {}",
+                run.run,
+                run.phase.as_str()
+            )))
         }
     }
 
     /// Registers a run or changes its phase (controller only). A terminal phase revokes the
     /// run's leases.
-    pub fn upsert_run(&self, caller: &Identity, req: &RunUpsertRequest) -> Result<RunInfo, BrokerError> {
+    pub fn upsert_run(
+        &self,
+        caller: &Identity,
+        req: &RunUpsertRequest,
+    ) -> Result<RunInfo, BrokerError> {
         if !caller.has(Scope::Controller) {
-            return Err(BrokerError::Forbidden("registering runs needs the controller scope".into()));
+            return Err(BrokerError::Forbidden(
+                "registering runs needs the controller scope".into(),
+            ));
         }
-        for (what, v) in [("run", &req.run), ("namespace", &req.namespace), ("template", &req.template)] {
+        for (what, v) in [
+            ("run", &req.run),
+            ("namespace", &req.namespace),
+            ("template", &req.template),
+        ] {
             check_id(what, v)?;
         }
         if let Some(existing) = self.store.run(&req.run)?
             && existing.namespace != req.namespace
         {
-            return Err(BrokerError::BadRequest(format!("run {} already exists in another namespace", req.run)));
+            return Err(BrokerError::BadRequest(format!(
+                "run {} already exists in another namespace",
+                req.run
+            )));
         }
         let info = RunInfo {
             run: req.run.clone(),
@@ -195,13 +239,23 @@ impl Broker {
             template: req.template.clone(),
             phase: req.phase,
         };
-        let mut event = AuditEvent::new(AuditKind::RunUpdated, &caller.subject, &info.namespace, &info.run);
+        let mut event = AuditEvent::new(
+            AuditKind::RunUpdated,
+            &caller.subject,
+            &info.namespace,
+            &info.run,
+        );
         event.reason = Some(format!("phase {}", info.phase.as_str()));
         self.audit(&event)?;
         self.store.upsert_run(&info, now_secs())?;
         if !info.phase.is_active() {
             for lease_id in self.store.revoke_run(&info.run)? {
-                let mut e = AuditEvent::new(AuditKind::CredentialRevoked, &caller.subject, &info.namespace, &info.run);
+                let mut e = AuditEvent::new(
+                    AuditKind::CredentialRevoked,
+                    &caller.subject,
+                    &info.namespace,
+                    &info.run,
+                );
                 e.lease_id = Some(lease_id);
                 e.reason = Some("run finished".into());
                 // The revocation already happened and is safe; a failed record is logged.
@@ -213,14 +267,29 @@ impl Broker {
         Ok(info)
     }
 
-    fn deny_issue(&self, caller: &Identity, run: &RunInfo, credential: &str, reason: &str) -> Result<(), BrokerError> {
-        let mut e = AuditEvent::new(AuditKind::CredentialDenied, &caller.subject, &run.namespace, &run.run);
+    fn deny_issue(
+        &self,
+        caller: &Identity,
+        run: &RunInfo,
+        credential: &str,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        let mut e = AuditEvent::new(
+            AuditKind::CredentialDenied,
+            &caller.subject,
+            &run.namespace,
+            &run.run,
+        );
         e.credential = Some(credential.to_owned());
         e.reason = Some(reason.to_owned());
         self.audit(&e)
     }
 
-    pub fn issue(&self, caller: &Identity, req: &IssueRequest) -> Result<IssueResponse, BrokerError> {
+    pub fn issue(
+        &self,
+        caller: &Identity,
+        req: &IssueRequest,
+    ) -> Result<IssueResponse, BrokerError> {
         check_id("credential", &req.credential)?;
         let run = self.authorize_run(caller, &req.run)?;
         self.limits.check(&run.namespace, &run.run, KIND_ISSUE)?;
@@ -230,12 +299,16 @@ impl Broker {
         }
         let policy = self.policy.current();
         let Some((doc, grant)) = policy.credential_for(&run, &req.credential) else {
-            let msg = format!("no BrokerPolicy grants credential {} to run {}", req.credential, run.run);
+            let msg = format!(
+                "no BrokerPolicy grants credential {} to run {}",
+                req.credential, run.run
+            );
             self.deny_issue(caller, &run, &req.credential, &msg)?;
             return Err(BrokerError::Forbidden(msg));
         };
         let provider = providers::for_grant(grant);
-        let bearer = (grant.delivery.mode == DeliveryMode::ProxyInjected).then(|| bearer::generate(provider.kind()));
+        let bearer = (grant.delivery.mode == DeliveryMode::ProxyInjected)
+            .then(|| bearer::generate(provider.kind()));
         let now = now_secs();
         let lease = NewLease {
             lease_id: bearer::lease_id(),
@@ -249,7 +322,10 @@ impl Broker {
             issued_at: now,
             expires_at: now + grant.ttl_seconds(),
         };
-        let pool = provider.pool_size().map(|size| PoolRequest { pool: &grant.name, size });
+        let pool = provider.pool_size().map(|size| PoolRequest {
+            pool: &grant.name,
+            size,
+        });
         let slot = match self.store.insert_lease(&lease, pool, now) {
             Ok(slot) => slot,
             Err(e) => {
@@ -266,7 +342,12 @@ impl Broker {
                 return Err(e.into());
             }
         };
-        let mut event = AuditEvent::new(AuditKind::CredentialIssued, &caller.subject, &run.namespace, &run.run);
+        let mut event = AuditEvent::new(
+            AuditKind::CredentialIssued,
+            &caller.subject,
+            &run.namespace,
+            &run.run,
+        );
         event.credential = Some(grant.name.clone());
         event.provider = Some(provider.kind().to_owned());
         event.lease_id = Some(lease.lease_id.clone());
@@ -280,7 +361,11 @@ impl Broker {
         let value = match (bearer, secret) {
             (Some(b), _) => b.expose().to_owned(),
             (None, Some(s)) => s.expose().to_owned(),
-            (None, None) => return Err(BrokerError::Internal("provider returned no in-container secret".into())),
+            (None, None) => {
+                return Err(BrokerError::Internal(
+                    "provider returned no in-container secret".into(),
+                ));
+            }
         };
         Ok(IssueResponse {
             lease_id: lease.lease_id,
@@ -294,7 +379,11 @@ impl Broker {
         })
     }
 
-    fn authorize_lease(&self, caller: &Identity, lease_id: &str) -> Result<(LeaseInfo, RunInfo), BrokerError> {
+    fn authorize_lease(
+        &self,
+        caller: &Identity,
+        lease_id: &str,
+    ) -> Result<(LeaseInfo, RunInfo), BrokerError> {
         check_id("lease_id", lease_id)?;
         let lease = self.store.lease(lease_id)?;
         let Some(lease) = lease.filter(|l| caller.may_act_in(&l.namespace)) else {
@@ -304,12 +393,21 @@ impl Broker {
         Ok((lease, run))
     }
 
-    pub fn renew(&self, caller: &Identity, req: &RenewRequest) -> Result<RenewResponse, BrokerError> {
+    pub fn renew(
+        &self,
+        caller: &Identity,
+        req: &RenewRequest,
+    ) -> Result<RenewResponse, BrokerError> {
         let (lease, run) = self.authorize_lease(caller, &req.lease_id)?;
         self.limits.check(&run.namespace, &run.run, KIND_ISSUE)?;
         let now = now_secs();
         let fail = |reason: String| -> Result<RenewResponse, BrokerError> {
-            let mut e = AuditEvent::new(AuditKind::RenewalFailed, &caller.subject, &run.namespace, &run.run);
+            let mut e = AuditEvent::new(
+                AuditKind::RenewalFailed,
+                &caller.subject,
+                &run.namespace,
+                &run.run,
+            );
             e.lease_id = Some(lease.lease_id.clone());
             e.credential = Some(lease.credential.clone());
             e.reason = Some(reason.clone());
@@ -327,14 +425,22 @@ impl Broker {
         }
         let policy = self.policy.current();
         let Some((_, grant)) = policy.credential_for(&run, &lease.credential) else {
-            return fail(format!("credential {} is no longer granted to run {}", lease.credential, run.run));
+            return fail(format!(
+                "credential {} is no longer granted to run {}",
+                lease.credential, run.run
+            ));
         };
         let provider = providers::for_grant(grant);
         if provider.kind() != lease.provider {
             return fail(format!("credential {} changed provider", lease.credential));
         }
         if let Err(e) = provider.renew(&lease) {
-            let mut ev = AuditEvent::new(AuditKind::RenewalFailed, &caller.subject, &run.namespace, &run.run);
+            let mut ev = AuditEvent::new(
+                AuditKind::RenewalFailed,
+                &caller.subject,
+                &run.namespace,
+                &run.run,
+            );
             ev.lease_id = Some(lease.lease_id.clone());
             ev.reason = Some(e.to_string());
             self.audit(&ev)?;
@@ -342,7 +448,12 @@ impl Broker {
         }
         let expires_at = now + grant.ttl_seconds();
         self.store.set_expiry(&lease.lease_id, expires_at)?;
-        let mut ev = AuditEvent::new(AuditKind::CredentialRenewed, &caller.subject, &run.namespace, &run.run);
+        let mut ev = AuditEvent::new(
+            AuditKind::CredentialRenewed,
+            &caller.subject,
+            &run.namespace,
+            &run.run,
+        );
         ev.lease_id = Some(lease.lease_id.clone());
         ev.credential = Some(lease.credential.clone());
         ev.expires_at = Some(expires_at);
@@ -350,40 +461,73 @@ impl Broker {
             self.store.set_expiry(&lease.lease_id, lease.expires_at)?;
             return Err(e);
         }
-        Ok(RenewResponse { lease_id: lease.lease_id, expires_at })
+        Ok(RenewResponse {
+            lease_id: lease.lease_id,
+            expires_at,
+        })
     }
 
-    pub fn revoke(&self, caller: &Identity, req: &RevokeRequest) -> Result<RevokeResponse, BrokerError> {
+    pub fn revoke(
+        &self,
+        caller: &Identity,
+        req: &RevokeRequest,
+    ) -> Result<RevokeResponse, BrokerError> {
         check_id("lease_id", &req.lease_id)?;
         let lease = self.store.lease(&req.lease_id)?;
         let Some(lease) = lease.filter(|l| caller.may_act_in(&l.namespace)) else {
-            return Err(BrokerError::NotFound(format!("lease {} not found", req.lease_id)));
+            return Err(BrokerError::NotFound(format!(
+                "lease {} not found",
+                req.lease_id
+            )));
         };
         // Revoking stays possible after the run ended: it only ever removes access.
         if caller.run.as_deref().is_some_and(|r| r != lease.run) {
-            return Err(BrokerError::Forbidden("this credential is bound to another run".into()));
+            return Err(BrokerError::Forbidden(
+                "this credential is bound to another run".into(),
+            ));
         }
-        self.limits.check(&lease.namespace, &lease.run, KIND_ISSUE)?;
+        self.limits
+            .check(&lease.namespace, &lease.run, KIND_ISSUE)?;
         if lease.revoked {
-            return Ok(RevokeResponse { lease_id: lease.lease_id, revoked: false });
+            return Ok(RevokeResponse {
+                lease_id: lease.lease_id,
+                revoked: false,
+            });
         }
-        let mut ev = AuditEvent::new(AuditKind::CredentialRevoked, &caller.subject, &lease.namespace, &lease.run);
+        let mut ev = AuditEvent::new(
+            AuditKind::CredentialRevoked,
+            &caller.subject,
+            &lease.namespace,
+            &lease.run,
+        );
         ev.lease_id = Some(lease.lease_id.clone());
         ev.credential = Some(lease.credential.clone());
         self.audit(&ev)?;
         let revoked = self.store.revoke(&lease.lease_id)?;
-        if let Some((_, grant)) = self.policy.current().credentials().find(|(_, g)| g.name == lease.credential)
+        if let Some((_, grant)) = self
+            .policy
+            .current()
+            .credentials()
+            .find(|(_, g)| g.name == lease.credential)
             && let Err(e) = providers::for_grant(grant).revoke(&lease)
         {
             tracing::warn!(lease = %lease.lease_id, error = %e, "provider-side revocation failed");
         }
-        Ok(RevokeResponse { lease_id: lease.lease_id, revoked })
+        Ok(RevokeResponse {
+            lease_id: lease.lease_id,
+            revoked,
+        })
     }
 
-    pub fn validate_egress(&self, caller: &Identity, req: &ValidateEgressRequest) -> Result<ValidateEgressResponse, BrokerError> {
+    pub fn validate_egress(
+        &self,
+        caller: &Identity,
+        req: &ValidateEgressRequest,
+    ) -> Result<ValidateEgressResponse, BrokerError> {
         check_id("host", &req.host)?;
         let run = self.authorize_run(caller, &req.run)?;
-        self.limits.check(&run.namespace, &run.run, KIND_SUBSTITUTE)?;
+        self.limits
+            .check(&run.namespace, &run.run, KIND_SUBSTITUTE)?;
         if !run.phase.is_active() {
             return Ok(ValidateEgressResponse {
                 allowed: false,
@@ -393,9 +537,16 @@ impl Broker {
                 reason: format!("run {} is {}", run.run, run.phase.as_str()),
             });
         }
-        let d = self.policy.current().egress(&run, &req.host, req.port, OffsetDateTime::now_utc());
+        let d = self
+            .policy
+            .current()
+            .egress(&run, &req.host, req.port, OffsetDateTime::now_utc());
         if d.discovery || !d.allowed {
-            let kind = if d.allowed { AuditKind::EgressDiscovery } else { AuditKind::EgressDenied };
+            let kind = if d.allowed {
+                AuditKind::EgressDiscovery
+            } else {
+                AuditKind::EgressDenied
+            };
             let mut ev = AuditEvent::new(kind, &caller.subject, &run.namespace, &run.run);
             ev.host = Some(hosts::normalize(&req.host));
             ev.port = Some(req.port);
@@ -412,8 +563,20 @@ impl Broker {
         })
     }
 
-    fn deny_substitution(&self, caller: &Identity, run: &RunInfo, req: &SubstituteAuthRequest, lease: Option<&LeaseInfo>, err: BrokerError) -> BrokerError {
-        let mut ev = AuditEvent::new(AuditKind::SubstitutionDenied, &caller.subject, &run.namespace, &run.run);
+    fn deny_substitution(
+        &self,
+        caller: &Identity,
+        run: &RunInfo,
+        req: &SubstituteAuthRequest,
+        lease: Option<&LeaseInfo>,
+        err: BrokerError,
+    ) -> BrokerError {
+        let mut ev = AuditEvent::new(
+            AuditKind::SubstitutionDenied,
+            &caller.subject,
+            &run.namespace,
+            &run.run,
+        );
         ev.host = Some(hosts::normalize(&req.host));
         ev.port = Some(req.port);
         ev.lease_id = lease.map(|l| l.lease_id.clone());
@@ -425,18 +588,33 @@ impl Broker {
         }
     }
 
-    pub fn substitute_auth(&self, caller: &Identity, req: &SubstituteAuthRequest) -> Result<SubstituteAuthResponse, BrokerError> {
+    pub fn substitute_auth(
+        &self,
+        caller: &Identity,
+        req: &SubstituteAuthRequest,
+    ) -> Result<SubstituteAuthResponse, BrokerError> {
         check_id("host", &req.host)?;
         let run = self.authorize_run(caller, &req.run)?;
-        self.limits.check(&run.namespace, &run.run, KIND_SUBSTITUTE)?;
+        self.limits
+            .check(&run.namespace, &run.run, KIND_SUBSTITUTE)?;
         if let Err(e) = Self::require_active(&run) {
             return Err(self.deny_substitution(caller, &run, req, None, e));
         }
         let policy = self.policy.current();
         let egress = policy.egress(&run, &req.host, req.port, OffsetDateTime::now_utc());
         if !egress.allowed || !egress.substitute_auth {
-            let msg = format!("credential substitution is not granted for {}:{}", hosts::normalize(&req.host), req.port);
-            return Err(self.deny_substitution(caller, &run, req, None, BrokerError::EgressDenied(msg)));
+            let msg = format!(
+                "credential substitution is not granted for {}:{}",
+                hosts::normalize(&req.host),
+                req.port
+            );
+            return Err(self.deny_substitution(
+                caller,
+                &run,
+                req,
+                None,
+                BrokerError::EgressDenied(msg),
+            ));
         }
         let (token, placements, query_names) = match find_placeholders(req) {
             Ok(found) => found,
@@ -452,10 +630,14 @@ impl Broker {
         };
         let checks = || -> Result<(), BrokerError> {
             if lease.run != run.run {
-                return Err(BrokerError::Forbidden("placeholder belongs to another run".into()));
+                return Err(BrokerError::Forbidden(
+                    "placeholder belongs to another run".into(),
+                ));
             }
             if lease.revoked || lease.expires_at <= now_secs() {
-                return Err(BrokerError::Forbidden("placeholder lease is revoked or expired".into()));
+                return Err(BrokerError::Forbidden(
+                    "placeholder lease is revoked or expired".into(),
+                ));
             }
             if !lease.hosts.iter().any(|p| hosts::matches(p, &req.host)) {
                 return Err(BrokerError::Forbidden(format!(
@@ -469,7 +651,10 @@ impl Broker {
             return Err(self.deny_substitution(caller, &run, req, Some(&lease), e));
         }
         let Some((_, grant)) = policy.credential_for(&run, &lease.credential) else {
-            let e = BrokerError::Forbidden(format!("credential {} is no longer granted", lease.credential));
+            let e = BrokerError::Forbidden(format!(
+                "credential {} is no longer granted",
+                lease.credential
+            ));
             return Err(self.deny_substitution(caller, &run, req, Some(&lease), e));
         };
         let provider = providers::for_grant(grant);
@@ -477,12 +662,17 @@ impl Broker {
             || provider.kind() != lease.provider
             || !grant.hosts.iter().any(|p| hosts::matches(p, &req.host))
         {
-            let e = BrokerError::Forbidden(format!("credential {} no longer covers this request", lease.credential));
+            let e = BrokerError::Forbidden(format!(
+                "credential {} no longer covers this request",
+                lease.credential
+            ));
             return Err(self.deny_substitution(caller, &run, req, Some(&lease), e));
         }
         let mut out = match provider.substitute(&lease, &req.headers, &query_names, &placements) {
             Ok(out) => out,
-            Err(e) => return Err(self.deny_substitution(caller, &run, req, Some(&lease), e.into())),
+            Err(e) => {
+                return Err(self.deny_substitution(caller, &run, req, Some(&lease), e.into()));
+            }
         };
         out.matched = true;
         out.lease_id = Some(lease.lease_id.clone());
@@ -492,7 +682,9 @@ impl Broker {
 
     pub fn leases(&self, caller: &Identity, run: &str) -> Result<LeasesResponse, BrokerError> {
         let run = self.authorize_run(caller, run)?;
-        Ok(LeasesResponse { leases: self.store.leases_for_run(&run.run)? })
+        Ok(LeasesResponse {
+            leases: self.store.leases_for_run(&run.run)?,
+        })
     }
 }
 
@@ -508,7 +700,10 @@ fn find_placeholders(req: &SubstituteAuthRequest) -> Result<Found, BrokerError> 
         if name == "authorization"
             && let Some((user, pass)) = decode_basic(&h.value)
         {
-            let hits: Vec<String> = bearer::find_in(&user).chain(bearer::find_in(&pass)).map(str::to_owned).collect();
+            let hits: Vec<String> = bearer::find_in(&user)
+                .chain(bearer::find_in(&pass))
+                .map(str::to_owned)
+                .collect();
             if !hits.is_empty() {
                 tokens.extend(hits);
                 placements.push(Placement::Basic { username: user });
@@ -525,7 +720,11 @@ fn find_placeholders(req: &SubstituteAuthRequest) -> Result<Found, BrokerError> 
     if let Some(query) = &req.query {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let decode = |s: &str| percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned();
+            let decode = |s: &str| {
+                percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
             let (k, v) = (decode(k), decode(v));
             let hits: Vec<&str> = bearer::find_in(&v).collect();
             if !hits.is_empty() {
@@ -538,7 +737,9 @@ fn find_placeholders(req: &SubstituteAuthRequest) -> Result<Found, BrokerError> 
         }
     }
     if tokens.len() > 1 {
-        return Err(BrokerError::BadRequest("the request carries more than one distinct placeholder".into()));
+        return Err(BrokerError::BadRequest(
+            "the request carries more than one distinct placeholder".into(),
+        ));
     }
     Ok((tokens.into_iter().next(), placements, query_names))
 }

@@ -118,8 +118,10 @@ pub enum ConfigError {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
-        serde_yaml_ng::from_str(&text).map_err(|e| ConfigError::Parse(path.to_owned(), e.to_string()))
+        let text =
+            std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
+        serde_yaml_ng::from_str(&text)
+            .map_err(|e| ConfigError::Parse(path.to_owned(), e.to_string()))
     }
 }
 
@@ -132,11 +134,19 @@ pub struct Built {
 
 /// Opens the store, loads policy and keys, and assembles server options.
 pub fn build(config: &Config) -> Result<Built, ConfigError> {
-    let tls = tls::from_files(&config.tls.cert, &config.tls.key, config.tls.client_ca.as_deref())?;
+    let tls = tls::from_files(
+        &config.tls.cert,
+        &config.tls.key,
+        config.tls.client_ca.as_deref(),
+    )?;
     let policy = Arc::new(PolicyStore::load(&config.policy)?);
     let store = Store::open(&config.database)?;
-    let audit: Arc<dyn AuditSink> =
-        Arc::new(JsonlSink::open(&config.audit.path, config.audit.max_bytes, config.audit.keep, config.audit.fsync)?);
+    let audit: Arc<dyn AuditSink> = Arc::new(JsonlSink::open(
+        &config.audit.path,
+        config.audit.max_bytes,
+        config.audit.keep,
+        config.audit.fsync,
+    )?);
     let limits = RateLimits::new(&config.rate_limits)?;
     let broker = Arc::new(Broker::new(store, policy, audit, limits));
     let mut backends: Vec<Arc<dyn Authenticator>> = Vec::new();
@@ -145,14 +155,24 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
         let scopes = sk
             .default_scopes
             .iter()
-            .map(|s| Scope::parse(s).ok_or_else(|| ConfigError::Invalid(format!("unknown scope {s:?}"))))
+            .map(|s| {
+                Scope::parse(s).ok_or_else(|| ConfigError::Invalid(format!("unknown scope {s:?}")))
+            })
             .collect::<Result<BTreeSet<_>, _>>()?;
-        let keys = Arc::new(StaticKeys::load(&sk.file, StaticKeyDefaults { namespace: sk.default_namespace.clone(), scopes })?);
+        let keys = Arc::new(StaticKeys::load(
+            &sk.file,
+            StaticKeyDefaults {
+                namespace: sk.default_namespace.clone(),
+                scopes,
+            },
+        )?);
         backends.push(keys.clone());
         static_keys = Some(keys);
     }
     if backends.is_empty() {
-        return Err(ConfigError::Invalid("no authentication backend configured".into()));
+        return Err(ConfigError::Invalid(
+            "no authentication backend configured".into(),
+        ));
     }
     let options = ServerOptions {
         listen: config.listen,
@@ -161,8 +181,12 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
         broker,
         auth: Arc::new(AuthChain::new(backends)),
         metrics: Arc::new(Metrics::new()),
-        policy_poll: (config.policy_poll_seconds > 0).then(|| Duration::from_secs(config.policy_poll_seconds)),
-        rate_limit_sweep: Duration::from_secs(60),
+        policy_poll: (config.policy_poll_seconds > 0)
+            .then(|| Duration::from_secs(config.policy_poll_seconds)),
+        rate_limit_sweep: Duration::from_mins(1),
     };
-    Ok(Built { options, static_keys })
+    Ok(Built {
+        options,
+        static_keys,
+    })
 }

@@ -2,8 +2,8 @@
 //! tells the proxy what to substitute on each intercepted request.
 //!
 //! Layers: [`wire`] (API types, shared with the proxy), [`auth`] (caller authentication),
-//! [`policy`] (BrokerPolicy documents), [`providers`] (how secrets are injected), [`store`]
-//! (SQLite state), [`ratelimit`], [`audit`], [`broker`] (the domain service, usable embedded)
+//! [`policy`] (`BrokerPolicy` documents), [`providers`] (how secrets are injected), [`store`]
+//! (`SQLite` state), [`ratelimit`], [`audit`], [`broker`] (the domain service, usable embedded)
 //! and [`server`] (HTTPS API and admin listener).
 
 pub mod audit;

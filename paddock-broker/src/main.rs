@@ -41,7 +41,7 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Work with BrokerPolicy files.
+    /// Work with `BrokerPolicy` files.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
@@ -98,12 +98,29 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
-        Command::Keys { command: KeysCommand::Add { file, id, namespace, scopes } } => keys_add(&file, &id, &namespace, &scopes),
-        Command::Keys { command: KeysCommand::Hash } => keys_hash(),
-        Command::Policy { command: PolicyCommand::Check { files } } => policy_check(&files),
-        Command::Leases { command: LeasesCommand::List { database, config, run } } => {
-            leases_list(database, config, run.as_deref())
-        }
+        Command::Keys {
+            command:
+                KeysCommand::Add {
+                    file,
+                    id,
+                    namespace,
+                    scopes,
+                },
+        } => keys_add(&file, &id, &namespace, &scopes),
+        Command::Keys {
+            command: KeysCommand::Hash,
+        } => keys_hash(),
+        Command::Policy {
+            command: PolicyCommand::Check { files },
+        } => policy_check(&files),
+        Command::Leases {
+            command:
+                LeasesCommand::List {
+                    database,
+                    config,
+                    run,
+                },
+        } => leases_list(database, config, run.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -118,13 +135,17 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
     let config = Config::load(config_path)?;
     let built = config::build(&config)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
     runtime.block_on(async move {
         let broker = built.options.broker.clone();
         let handle = server::spawn(built.options).await?;
@@ -159,7 +180,9 @@ fn keys_add(file: &Path, id: &str, namespace: &str, scopes: &[String]) -> anyhow
         .map(|s| Scope::parse(s).with_context(|| format!("unknown scope {s:?}")))
         .collect::<anyhow::Result<BTreeSet<_>>>()?;
     if let Ok(existing) = std::fs::read_to_string(file)
-        && existing.lines().any(|l| l.trim().split(':').next() == Some(id))
+        && existing
+            .lines()
+            .any(|l| l.trim().split(':').next() == Some(id))
     {
         bail!("key id {id:?} already exists in {}", file.display());
     }
@@ -175,13 +198,19 @@ fn keys_add(file: &Path, id: &str, namespace: &str, scopes: &[String]) -> anyhow
         .with_context(|| format!("open {}", file.display()))?;
     writeln!(f, "{line}").context("write keys file")?;
     println!("{key}");
-    eprintln!("added key {id} to {} (the key above is shown once)", file.display());
+    eprintln!(
+        "added key {id} to {} (the key above is shown once)",
+        file.display()
+    );
     Ok(())
 }
 
 fn keys_hash() -> anyhow::Result<()> {
     let mut input = String::new();
-    std::io::stdin().take(64 * 1024).read_to_string(&mut input).context("read stdin")?;
+    std::io::stdin()
+        .take(64 * 1024)
+        .read_to_string(&mut input)
+        .context("read stdin")?;
     let key = input.trim_end_matches(['\r', '\n']);
     if key.is_empty() {
         bail!("no key on stdin");
@@ -207,7 +236,11 @@ fn policy_check(files: &[PathBuf]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn leases_list(database: Option<PathBuf>, config: Option<PathBuf>, run: Option<&str>) -> anyhow::Result<()> {
+fn leases_list(
+    database: Option<PathBuf>,
+    config: Option<PathBuf>,
+    run: Option<&str>,
+) -> anyhow::Result<()> {
     let db = match (database, config) {
         (Some(db), _) => db,
         (None, Some(cfg)) => Config::load(&cfg)?.database,
@@ -221,9 +254,14 @@ fn leases_list(database: Option<PathBuf>, config: Option<PathBuf>, run: Option<&
         Some(r) => store.leases_for_run(r)?,
         None => store.all_leases()?,
     };
-    println!("{:<28} {:<20} {:<16} {:<20} {:<18} {:>5} {:>11} REVOKED", "LEASE", "RUN", "NAMESPACE", "CREDENTIAL", "PROVIDER", "SLOT", "EXPIRES");
+    println!(
+        "{:<28} {:<20} {:<16} {:<20} {:<18} {:>5} {:>11} REVOKED",
+        "LEASE", "RUN", "NAMESPACE", "CREDENTIAL", "PROVIDER", "SLOT", "EXPIRES"
+    );
     for l in leases {
-        let slot = l.pool_slot.map_or_else(|| "-".to_owned(), |s| s.to_string());
+        let slot = l
+            .pool_slot
+            .map_or_else(|| "-".to_owned(), |s| s.to_string());
         println!(
             "{:<28} {:<20} {:<16} {:<20} {:<18} {:>5} {:>11} {}",
             l.lease_id, l.run, l.namespace, l.credential, l.provider, slot, l.expires_at, l.revoked

@@ -47,8 +47,12 @@ const TRANSPORT_HEADERS: &[&str] = &[
 ];
 
 /// Headers an Anthropic-style API accepts when no allow-list is configured.
-const ANTHROPIC_DEFAULT_HEADERS: &[&str] =
-    &["x-api-key", "anthropic-version", "anthropic-beta", "anthropic-dangerous-direct-browser-access"];
+const ANTHROPIC_DEFAULT_HEADERS: &[&str] = &[
+    "x-api-key",
+    "anthropic-version",
+    "anthropic-beta",
+    "anthropic-dangerous-direct-browser-access",
+];
 
 pub trait Provider: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> &'static str;
@@ -59,7 +63,11 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     }
 
     /// Checks the secret is available at issue time; returns it for in-container delivery.
-    fn issue(&self, delivery: DeliveryMode, slot: Option<u32>) -> Result<Option<Secret>, ProviderError>;
+    fn issue(
+        &self,
+        delivery: DeliveryMode,
+        slot: Option<u32>,
+    ) -> Result<Option<Secret>, ProviderError>;
 
     /// Checks the lease can still be served (secret readable).
     fn renew(&self, lease: &LeaseInfo) -> Result<(), ProviderError>;
@@ -81,7 +89,11 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
 #[must_use]
 pub fn for_grant(grant: &CredentialGrant) -> Box<dyn Provider> {
     match &grant.provider {
-        ProviderSpec::UserSecret { inject, allowed_headers, allowed_query } => Box::new(UserSecret {
+        ProviderSpec::UserSecret {
+            inject,
+            allowed_headers,
+            allowed_query,
+        } => Box::new(UserSecret {
             secret: grant.secret.clone(),
             inject: inject.clone(),
             allowed_headers: allowed_headers.clone(),
@@ -90,10 +102,16 @@ pub fn for_grant(grant: &CredentialGrant) -> Box<dyn Provider> {
         ProviderSpec::AnthropicApiKey { allowed_headers } => Box::new(AnthropicApiKey {
             secret: grant.secret.clone(),
             allowed_headers: allowed_headers.clone().unwrap_or_else(|| {
-                ANTHROPIC_DEFAULT_HEADERS.iter().map(|s| (*s).to_owned()).collect()
+                ANTHROPIC_DEFAULT_HEADERS
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect()
             }),
         }),
-        ProviderSpec::PatPool { inject, secrets } => Box::new(PatPool { inject: inject.clone(), secrets: secrets.clone() }),
+        ProviderSpec::PatPool { inject, secrets } => Box::new(PatPool {
+            inject: inject.clone(),
+            secrets: secrets.clone(),
+        }),
     }
 }
 
@@ -118,14 +136,21 @@ struct PatPool {
 }
 
 fn read(source: Option<&SecretSource>) -> Result<Secret, ProviderError> {
-    source.ok_or_else(|| ProviderError::Misconfigured("no secret source".into()))?.read().map_err(Into::into)
+    source
+        .ok_or_else(|| ProviderError::Misconfigured("no secret source".into()))?
+        .read()
+        .map_err(Into::into)
 }
 
 impl Provider for UserSecret {
     fn kind(&self) -> &'static str {
         "user-secret"
     }
-    fn issue(&self, delivery: DeliveryMode, _slot: Option<u32>) -> Result<Option<Secret>, ProviderError> {
+    fn issue(
+        &self,
+        delivery: DeliveryMode,
+        _slot: Option<u32>,
+    ) -> Result<Option<Secret>, ProviderError> {
         let secret = read(self.secret.as_ref())?;
         Ok((delivery == DeliveryMode::InContainer).then_some(secret))
     }
@@ -158,7 +183,11 @@ impl Provider for AnthropicApiKey {
     fn kind(&self) -> &'static str {
         "anthropic-api-key"
     }
-    fn issue(&self, delivery: DeliveryMode, _slot: Option<u32>) -> Result<Option<Secret>, ProviderError> {
+    fn issue(
+        &self,
+        delivery: DeliveryMode,
+        _slot: Option<u32>,
+    ) -> Result<Option<Secret>, ProviderError> {
         let secret = read(self.secret.as_ref())?;
         Ok((delivery == DeliveryMode::InContainer).then_some(secret))
     }
@@ -176,10 +205,16 @@ impl Provider for AnthropicApiKey {
         found: &[Placement],
     ) -> Result<SubstituteAuthResponse, ProviderError> {
         let secret = read(self.secret.as_ref())?;
-        let injection = Injection::Header { name: "x-api-key".into(), prefix: String::new() };
+        let injection = Injection::Header {
+            name: "x-api-key".into(),
+            prefix: String::new(),
+        };
         let mut out = inject(&injection, &secret, found);
         // The real key travels only in x-api-key: any other Authorization is dropped.
-        if headers.iter().any(|h| h.name.eq_ignore_ascii_case("authorization")) {
+        if headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("authorization"))
+        {
             push_unique(&mut out.remove_headers, "authorization");
         }
         apply_header_allow_list(&mut out, headers, &self.allowed_headers);
@@ -189,11 +224,14 @@ impl Provider for AnthropicApiKey {
 
 impl PatPool {
     fn slot_secret(&self, slot: Option<u32>) -> Result<Secret, ProviderError> {
-        let slot = slot.ok_or_else(|| ProviderError::Misconfigured("pat-pool lease without a slot".into()))?;
+        let slot = slot
+            .ok_or_else(|| ProviderError::Misconfigured("pat-pool lease without a slot".into()))?;
         let source = usize::try_from(slot)
             .ok()
             .and_then(|i| self.secrets.get(i))
-            .ok_or_else(|| ProviderError::Misconfigured(format!("pool slot {slot} no longer exists")))?;
+            .ok_or_else(|| {
+                ProviderError::Misconfigured(format!("pool slot {slot} no longer exists"))
+            })?;
         source.read().map_err(Into::into)
     }
 }
@@ -205,7 +243,11 @@ impl Provider for PatPool {
     fn pool_size(&self) -> Option<u32> {
         Some(u32::try_from(self.secrets.len()).unwrap_or(u32::MAX))
     }
-    fn issue(&self, _delivery: DeliveryMode, slot: Option<u32>) -> Result<Option<Secret>, ProviderError> {
+    fn issue(
+        &self,
+        _delivery: DeliveryMode,
+        slot: Option<u32>,
+    ) -> Result<Option<Secret>, ProviderError> {
         // Pools are proxy-injected only (policy validation); just check the slot is usable.
         self.slot_secret(slot).map(|_| None)
     }
@@ -236,18 +278,30 @@ fn push_unique(list: &mut Vec<String>, name: &str) {
 /// Puts the secret where the grant says and removes the placeholder from everywhere else,
 /// so a placeholder never reaches the upstream.
 fn inject(injection: &Injection, secret: &Secret, found: &[Placement]) -> SubstituteAuthResponse {
-    let mut out = SubstituteAuthResponse { matched: true, ..SubstituteAuthResponse::default() };
+    let mut out = SubstituteAuthResponse {
+        matched: true,
+        ..SubstituteAuthResponse::default()
+    };
     let target_header = match injection {
         Injection::Header { name, prefix } => {
-            out.set_headers.push(Header { name: name.to_ascii_lowercase(), value: format!("{prefix}{}", secret.expose()) });
+            out.set_headers.push(Header {
+                name: name.to_ascii_lowercase(),
+                value: format!("{prefix}{}", secret.expose()),
+            });
             Some(name.to_ascii_lowercase())
         }
         Injection::Basic { username } => {
-            out.basic_auth = Some(BasicAuth { username: username.clone(), password: secret.expose().to_owned() });
+            out.basic_auth = Some(BasicAuth {
+                username: username.clone(),
+                password: secret.expose().to_owned(),
+            });
             Some("authorization".to_owned())
         }
         Injection::Query { param } => {
-            out.set_query.push(QueryParam { name: param.clone(), value: secret.expose().to_owned() });
+            out.set_query.push(QueryParam {
+                name: param.clone(),
+                value: secret.expose().to_owned(),
+            });
             None
         }
     };
@@ -263,14 +317,20 @@ fn inject(injection: &Injection, secret: &Secret, found: &[Placement]) -> Substi
             Placement::Basic { .. } if target_header.as_deref() != Some("authorization") => {
                 push_unique(&mut out.remove_headers, "authorization");
             }
-            Placement::Query(name) if target_query != Some(name.as_str()) => push_unique(&mut out.remove_query, name),
+            Placement::Query(name) if target_query != Some(name.as_str()) => {
+                push_unique(&mut out.remove_query, name);
+            }
             _ => {}
         }
     }
     out
 }
 
-fn apply_header_allow_list(out: &mut SubstituteAuthResponse, headers: &[Header], allowed: &[String]) {
+fn apply_header_allow_list(
+    out: &mut SubstituteAuthResponse,
+    headers: &[Header],
+    allowed: &[String],
+) {
     let allowed: BTreeSet<String> = allowed
         .iter()
         .map(|h| h.to_ascii_lowercase())
@@ -341,7 +401,10 @@ mod tests {
     }
 
     fn hdr(name: &str, value: &str) -> Header {
-        Header { name: name.into(), value: value.into() }
+        Header {
+            name: name.into(),
+            value: value.into(),
+        }
     }
 
     #[test]
@@ -349,15 +412,31 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = UserSecret {
             secret: Some(secret_file(&dir, "s", "REAL")),
-            inject: Injection::Query { param: "key".into() },
+            inject: Injection::Query {
+                param: "key".into(),
+            },
             allowed_headers: None,
             allowed_query: Some(vec!["q".into()]),
         };
-        let found = vec![Placement::Query("key".into()), Placement::Header("x-token".into())];
+        let found = vec![
+            Placement::Query("key".into()),
+            Placement::Header("x-token".into()),
+        ];
         let out = p
-            .substitute(&lease(None), &[hdr("X-Token", "pdk")], &["key".into(), "q".into(), "debug".into()], &found)
+            .substitute(
+                &lease(None),
+                &[hdr("X-Token", "pdk")],
+                &["key".into(), "q".into(), "debug".into()],
+                &found,
+            )
             .expect("substitute");
-        assert_eq!(out.set_query, vec![QueryParam { name: "key".into(), value: "REAL".into() }]);
+        assert_eq!(
+            out.set_query,
+            vec![QueryParam {
+                name: "key".into(),
+                value: "REAL".into()
+            }]
+        );
         assert_eq!(out.remove_headers, vec!["x-token".to_owned()]);
         assert_eq!(out.remove_query, vec!["debug".to_owned()]);
     }
@@ -367,11 +446,25 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = AnthropicApiKey {
             secret: Some(secret_file(&dir, "s", "sk-ant-real")),
-            allowed_headers: ANTHROPIC_DEFAULT_HEADERS.iter().map(|s| (*s).to_owned()).collect(),
+            allowed_headers: ANTHROPIC_DEFAULT_HEADERS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
         };
-        let headers =
-            [hdr("x-api-key", "pdk-..."), hdr("anthropic-version", "1"), hdr("cookie", "a"), hdr("Content-Type", "j")];
-        let out = p.substitute(&lease(None), &headers, &[], &[Placement::Header("x-api-key".into())]).expect("ok");
+        let headers = [
+            hdr("x-api-key", "pdk-..."),
+            hdr("anthropic-version", "1"),
+            hdr("cookie", "a"),
+            hdr("Content-Type", "j"),
+        ];
+        let out = p
+            .substitute(
+                &lease(None),
+                &headers,
+                &[],
+                &[Placement::Header("x-api-key".into())],
+            )
+            .expect("ok");
         assert_eq!(out.set_headers, vec![hdr("x-api-key", "sk-ant-real")]);
         assert_eq!(out.remove_headers, vec!["cookie".to_owned()]);
     }
@@ -380,16 +473,37 @@ mod tests {
     fn pat_pool_uses_the_slot_secret_as_basic_auth() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = PatPool {
-            inject: Injection::Basic { username: "x-access-token".into() },
-            secrets: vec![secret_file(&dir, "a", "pat-a"), secret_file(&dir, "b", "pat-b")],
+            inject: Injection::Basic {
+                username: "x-access-token".into(),
+            },
+            secrets: vec![
+                secret_file(&dir, "a", "pat-a"),
+                secret_file(&dir, "b", "pat-b"),
+            ],
         };
         assert_eq!(p.pool_size(), Some(2));
         let out = p
-            .substitute(&lease(Some(1)), &[], &[], &[Placement::Basic { username: "git".into() }])
+            .substitute(
+                &lease(Some(1)),
+                &[],
+                &[],
+                &[Placement::Basic {
+                    username: "git".into(),
+                }],
+            )
             .expect("ok");
-        assert_eq!(out.basic_auth.map(|b| (b.username, b.password)), Some(("x-access-token".into(), "pat-b".into())));
-        assert!(out.remove_headers.is_empty(), "Authorization is replaced, not removed");
-        assert!(p.substitute(&lease(Some(5)), &[], &[], &[]).is_err(), "unknown slot fails closed");
+        assert_eq!(
+            out.basic_auth.map(|b| (b.username, b.password)),
+            Some(("x-access-token".into(), "pat-b".into()))
+        );
+        assert!(
+            out.remove_headers.is_empty(),
+            "Authorization is replaced, not removed"
+        );
+        assert!(
+            p.substitute(&lease(Some(5)), &[], &[], &[]).is_err(),
+            "unknown slot fails closed"
+        );
         assert!(p.substitute(&lease(None), &[], &[], &[]).is_err());
     }
 

@@ -2,11 +2,7 @@
 
 use std::{collections::BTreeMap, num::NonZeroU32};
 
-use governor::{
-    Quota, RateLimiter,
-    clock::DefaultClock,
-    state::keyed::DefaultKeyedStateStore,
-};
+use governor::{Quota, RateLimiter, clock::DefaultClock, state::keyed::DefaultKeyedStateStore};
 use serde::{Deserialize, Serialize};
 
 pub const KIND_ISSUE: &str = "issue";
@@ -30,16 +26,25 @@ pub struct RateLimitConfig {
 }
 
 fn default_issue() -> RateSpec {
-    RateSpec { per_second: 5, burst: 10 }
+    RateSpec {
+        per_second: 5,
+        burst: 10,
+    }
 }
 
 fn default_substitute() -> RateSpec {
-    RateSpec { per_second: 50, burst: 100 }
+    RateSpec {
+        per_second: 50,
+        burst: 100,
+    }
 }
 
 impl Default for RateLimitConfig {
     fn default() -> Self {
-        Self { issue: default_issue(), substitute: default_substitute() }
+        Self {
+            issue: default_issue(),
+            substitute: default_substitute(),
+        }
     }
 }
 
@@ -62,7 +67,9 @@ pub struct RateLimits {
 
 impl std::fmt::Debug for RateLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RateLimits").field("kinds", &self.kinds.keys().collect::<Vec<_>>()).finish()
+        f.debug_struct("RateLimits")
+            .field("kinds", &self.kinds.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
@@ -75,8 +82,14 @@ fn quota(kind: &'static str, spec: RateSpec) -> Result<Quota, RateLimitError> {
 impl RateLimits {
     pub fn new(config: &RateLimitConfig) -> Result<Self, RateLimitError> {
         let mut kinds = BTreeMap::new();
-        kinds.insert(KIND_ISSUE, RateLimiter::keyed(quota(KIND_ISSUE, config.issue)?));
-        kinds.insert(KIND_SUBSTITUTE, RateLimiter::keyed(quota(KIND_SUBSTITUTE, config.substitute)?));
+        kinds.insert(
+            KIND_ISSUE,
+            RateLimiter::keyed(quota(KIND_ISSUE, config.issue)?),
+        );
+        kinds.insert(
+            KIND_SUBSTITUTE,
+            RateLimiter::keyed(quota(KIND_SUBSTITUTE, config.substitute)?),
+        );
         Ok(Self { kinds })
     }
 
@@ -111,21 +124,50 @@ mod tests {
 
     #[test]
     fn burst_then_deny_per_key_and_unknown_kind() {
-        let cfg = RateLimitConfig { issue: RateSpec { per_second: 1, burst: 3 }, ..RateLimitConfig::default() };
+        let cfg = RateLimitConfig {
+            issue: RateSpec {
+                per_second: 1,
+                burst: 3,
+            },
+            ..RateLimitConfig::default()
+        };
         let rl = RateLimits::new(&cfg).expect("valid");
         for _ in 0..3 {
             rl.check("ns", "r1", KIND_ISSUE).expect("within burst");
         }
-        assert_eq!(rl.check("ns", "r1", KIND_ISSUE), Err(RateLimitError::Exceeded("issue")));
-        rl.check("ns", "r2", KIND_ISSUE).expect("other run has its own bucket");
-        rl.check("ns", "r1", KIND_SUBSTITUTE).expect("other kind has its own bucket");
-        assert!(matches!(rl.check("ns", "r1", "telepathy"), Err(RateLimitError::UnknownKind(_))));
-        assert!(RateLimits::new(&RateLimitConfig { issue: RateSpec { per_second: 0, burst: 1 }, ..cfg }).is_err());
+        assert_eq!(
+            rl.check("ns", "r1", KIND_ISSUE),
+            Err(RateLimitError::Exceeded("issue"))
+        );
+        rl.check("ns", "r2", KIND_ISSUE)
+            .expect("other run has its own bucket");
+        rl.check("ns", "r1", KIND_SUBSTITUTE)
+            .expect("other kind has its own bucket");
+        assert!(matches!(
+            rl.check("ns", "r1", "telepathy"),
+            Err(RateLimitError::UnknownKind(_))
+        ));
+        assert!(
+            RateLimits::new(&RateLimitConfig {
+                issue: RateSpec {
+                    per_second: 0,
+                    burst: 1
+                },
+                ..cfg
+            })
+            .is_err()
+        );
     }
 
     #[test]
     fn sweep_drops_idle_buckets() {
-        let cfg = RateLimitConfig { issue: RateSpec { per_second: 1000, burst: 1 }, ..RateLimitConfig::default() };
+        let cfg = RateLimitConfig {
+            issue: RateSpec {
+                per_second: 1000,
+                burst: 1,
+            },
+            ..RateLimitConfig::default()
+        };
         let rl = RateLimits::new(&cfg).expect("valid");
         rl.check("ns", "r1", KIND_ISSUE).expect("ok");
         assert_eq!(rl.buckets(), 1);

@@ -37,7 +37,10 @@ impl fmt::Debug for Secret {
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("secret file {path} unreadable: {kind}")]
-    File { path: PathBuf, kind: std::io::ErrorKind },
+    File {
+        path: PathBuf,
+        kind: std::io::ErrorKind,
+    },
     #[error("environment variable {0} unset or not UTF-8")]
     Env(String),
     #[error("secret from {0} is empty")]
@@ -58,9 +61,15 @@ impl SecretSource {
     /// control characters are refused because they would allow header injection.
     pub fn read(&self) -> Result<Secret, SecretError> {
         let raw = match self {
-            SecretSource::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| SecretError::File { path: path.clone(), kind: e.kind() })?,
-            SecretSource::Env(var) => std::env::var(var).map_err(|_| SecretError::Env(var.clone()))?,
+            SecretSource::File(path) => {
+                std::fs::read_to_string(path).map_err(|e| SecretError::File {
+                    path: path.clone(),
+                    kind: e.kind(),
+                })?
+            }
+            SecretSource::Env(var) => {
+                std::env::var(var).map_err(|_| SecretError::Env(var.clone()))?
+            }
         };
         let value = raw.trim_end_matches(['\r', '\n']).to_owned();
         if value.is_empty() {
@@ -90,6 +99,10 @@ mod tests {
         assert!(matches!(src.read(), Err(SecretError::Invalid(_))));
         assert_eq!(format!("{:?}", src.read().ok()), "None");
         assert!(!format!("{:?}", Secret::new("topsecret".into())).contains("topsecret"));
-        assert!(SecretSource::Env("PADDOCK_SURELY_UNSET_VAR_X".into()).read().is_err());
+        assert!(
+            SecretSource::Env("PADDOCK_SURELY_UNSET_VAR_X".into())
+                .read()
+                .is_err()
+        );
     }
 }

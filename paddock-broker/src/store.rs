@@ -1,4 +1,4 @@
-//! Persistent state in SQLite (WAL): runs, leases and PAT pool slots.
+//! Persistent state in `SQLite` (WAL): runs, leases and PAT pool slots.
 //!
 //! Bearers are stored only as SHA-256 hashes, so a copied database yields no usable bearer.
 //! Pool reservations live in their own table with a primary key on (pool, slot): a slot can
@@ -108,7 +108,10 @@ fn lease_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<LeaseInfo,
                 _ => return Err(corrupt("delivery")),
             },
             hosts: serde_json::from_str(&hosts).map_err(|_| corrupt("hosts"))?,
-            pool_slot: slot.map(u32::try_from).transpose().map_err(|_| corrupt("pool_slot"))?,
+            pool_slot: slot
+                .map(u32::try_from)
+                .transpose()
+                .map_err(|_| corrupt("pool_slot"))?,
             issued_at: u64::try_from(issued_at).map_err(|_| corrupt("issued_at"))?,
             expires_at: u64::try_from(expires_at).map_err(|_| corrupt("expires_at"))?,
             revoked: row.get::<_, i64>("revoked")? != 0,
@@ -140,10 +143,15 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
         f(&mut conn)
     }
@@ -163,13 +171,28 @@ impl Store {
     pub fn run(&self, run: &str) -> Result<Option<RunInfo>, StoreError> {
         self.with(|c| {
             let row = c
-                .query_row("SELECT run, namespace, template, phase FROM runs WHERE run = ?1", [run], |r| {
-                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
-                })
+                .query_row(
+                    "SELECT run, namespace, template, phase FROM runs WHERE run = ?1",
+                    [run],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                        ))
+                    },
+                )
                 .optional()?;
             row.map(|(run, namespace, template, phase)| {
-                let phase = RunPhase::parse(&phase).ok_or_else(|| StoreError::Corrupt(format!("run {run}: phase")))?;
-                Ok(RunInfo { run, namespace, template, phase })
+                let phase = RunPhase::parse(&phase)
+                    .ok_or_else(|| StoreError::Corrupt(format!("run {run}: phase")))?;
+                Ok(RunInfo {
+                    run,
+                    namespace,
+                    template,
+                    phase,
+                })
             })
             .transpose()
         })
@@ -178,7 +201,12 @@ impl Store {
     /// Inserts a lease; first revokes the live leases the run already holds for the same
     /// credential (one live lease per run and credential), and reserves a pool slot when
     /// `pool` is given. All in one transaction. Returns the reserved slot.
-    pub fn insert_lease(&self, lease: &NewLease, pool: Option<PoolRequest<'_>>, now: u64) -> Result<Option<u32>, StoreError> {
+    pub fn insert_lease(
+        &self,
+        lease: &NewLease,
+        pool: Option<PoolRequest<'_>>,
+        now: u64,
+    ) -> Result<Option<u32>, StoreError> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let previous: Vec<String> = {
@@ -247,7 +275,11 @@ impl Store {
         })
     }
 
-    fn query_leases(&self, sql: &str, p: impl rusqlite::Params) -> Result<Vec<LeaseInfo>, StoreError> {
+    fn query_leases(
+        &self,
+        sql: &str,
+        p: impl rusqlite::Params,
+    ) -> Result<Vec<LeaseInfo>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare(sql)?;
             let rows = stmt.query_map(p, lease_from_row)?;
@@ -260,15 +292,27 @@ impl Store {
     }
 
     pub fn lease(&self, lease_id: &str) -> Result<Option<LeaseInfo>, StoreError> {
-        Ok(self.query_leases("SELECT * FROM leases WHERE lease_id = ?1", [lease_id])?.into_iter().next())
+        Ok(self
+            .query_leases("SELECT * FROM leases WHERE lease_id = ?1", [lease_id])?
+            .into_iter()
+            .next())
     }
 
     pub fn lease_by_bearer_hash(&self, hash: &[u8; 32]) -> Result<Option<LeaseInfo>, StoreError> {
-        Ok(self.query_leases("SELECT * FROM leases WHERE bearer_hash = ?1", [hash.to_vec()])?.into_iter().next())
+        Ok(self
+            .query_leases(
+                "SELECT * FROM leases WHERE bearer_hash = ?1",
+                [hash.to_vec()],
+            )?
+            .into_iter()
+            .next())
     }
 
     pub fn leases_for_run(&self, run: &str) -> Result<Vec<LeaseInfo>, StoreError> {
-        self.query_leases("SELECT * FROM leases WHERE run = ?1 ORDER BY issued_at, lease_id", [run])
+        self.query_leases(
+            "SELECT * FROM leases WHERE run = ?1 ORDER BY issued_at, lease_id",
+            [run],
+        )
     }
 
     pub fn all_leases(&self) -> Result<Vec<LeaseInfo>, StoreError> {
@@ -277,7 +321,10 @@ impl Store {
 
     pub fn set_expiry(&self, lease_id: &str, expires_at: u64) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute("UPDATE leases SET expires_at = ?2 WHERE lease_id = ?1", params![lease_id, to_i64(expires_at)])?;
+            c.execute(
+                "UPDATE leases SET expires_at = ?2 WHERE lease_id = ?1",
+                params![lease_id, to_i64(expires_at)],
+            )?;
             Ok(())
         })
     }
@@ -286,7 +333,10 @@ impl Store {
     pub fn revoke(&self, lease_id: &str) -> Result<bool, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let n = tx.execute("UPDATE leases SET revoked = 1 WHERE lease_id = ?1 AND revoked = 0", [lease_id])?;
+            let n = tx.execute(
+                "UPDATE leases SET revoked = 1 WHERE lease_id = ?1 AND revoked = 0",
+                [lease_id],
+            )?;
             tx.execute("DELETE FROM pool_slots WHERE lease_id = ?1", [lease_id])?;
             tx.commit()?;
             Ok(n > 0)
@@ -298,8 +348,10 @@ impl Store {
         self.with(|c| {
             let tx = c.transaction()?;
             let ids: Vec<String> = {
-                let mut stmt = tx.prepare("SELECT lease_id FROM leases WHERE run = ?1 AND revoked = 0")?;
-                stmt.query_map([run], |r| r.get(0))?.collect::<Result<_, _>>()?
+                let mut stmt =
+                    tx.prepare("SELECT lease_id FROM leases WHERE run = ?1 AND revoked = 0")?;
+                stmt.query_map([run], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?
             };
             for id in &ids {
                 tx.execute("UPDATE leases SET revoked = 1 WHERE lease_id = ?1", [id])?;
@@ -313,12 +365,18 @@ impl Store {
     /// Current reservations of a pool: (slot, lease id).
     pub fn pool_reservations(&self, pool: &str) -> Result<Vec<(u32, String)>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare("SELECT slot, lease_id FROM pool_slots WHERE pool = ?1 ORDER BY slot")?;
-            let rows = stmt.query_map([pool], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+            let mut stmt =
+                c.prepare("SELECT slot, lease_id FROM pool_slots WHERE pool = ?1 ORDER BY slot")?;
+            let rows = stmt.query_map([pool], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })?;
             let mut out = Vec::new();
             for row in rows {
                 let (slot, id) = row?;
-                out.push((u32::try_from(slot).map_err(|_| StoreError::Corrupt("slot".into()))?, id));
+                out.push((
+                    u32::try_from(slot).map_err(|_| StoreError::Corrupt("slot".into()))?,
+                    id,
+                ));
             }
             Ok(out)
         })
@@ -363,22 +421,43 @@ mod tests {
     fn pool_slots_survive_reopen_and_are_never_shared() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
-        let pool = Some(PoolRequest { pool: "pats", size: 2 });
+        let pool = Some(PoolRequest {
+            pool: "pats",
+            size: 2,
+        });
         {
             let s = Store::open(&path).expect("open");
-            assert_eq!(s.insert_lease(&lease("l1", "r1", "pats", 1, 10_000), pool, 200).expect("l1"), Some(0));
+            assert_eq!(
+                s.insert_lease(&lease("l1", "r1", "pats", 1, 10_000), pool, 200)
+                    .expect("l1"),
+                Some(0)
+            );
         }
         let s = Store::open(&path).expect("reopen");
-        assert_eq!(s.insert_lease(&lease("l2", "r2", "pats", 2, 10_000), pool, 200).expect("l2"), Some(1));
+        assert_eq!(
+            s.insert_lease(&lease("l2", "r2", "pats", 2, 10_000), pool, 200)
+                .expect("l2"),
+            Some(1)
+        );
         assert!(matches!(
             s.insert_lease(&lease("l3", "r3", "pats", 3, 10_000), pool, 200),
             Err(StoreError::PoolExhausted(_))
         ));
-        assert!(s.lease("l3").expect("query").is_none(), "failed insert leaves nothing behind");
+        assert!(
+            s.lease("l3").expect("query").is_none(),
+            "failed insert leaves nothing behind"
+        );
         assert!(s.revoke("l1").expect("revoke"));
         assert!(!s.revoke("l1").expect("idempotent"));
-        assert_eq!(s.insert_lease(&lease("l3", "r3", "pats", 3, 10_000), pool, 200).expect("l3"), Some(0));
-        let found = s.lease_by_bearer_hash(&[2; 32]).expect("query").expect("present");
+        assert_eq!(
+            s.insert_lease(&lease("l3", "r3", "pats", 3, 10_000), pool, 200)
+                .expect("l3"),
+            Some(0)
+        );
+        let found = s
+            .lease_by_bearer_hash(&[2; 32])
+            .expect("query")
+            .expect("present");
         assert_eq!((found.lease_id.as_str(), found.pool_slot), ("l2", Some(1)));
         assert_eq!(s.pool_reservations("pats").expect("list").len(), 2);
     }
@@ -387,10 +466,19 @@ mod tests {
     fn expired_reservations_are_released_and_reissue_rotates() {
         let s = Store::open_in_memory().expect("open");
         let pool = Some(PoolRequest { pool: "p", size: 1 });
-        s.insert_lease(&lease("a", "r1", "p", 1, 150), pool, 100).expect("a");
-        assert_eq!(s.insert_lease(&lease("b", "r2", "p", 2, 900), pool, 200).expect("b"), Some(0));
+        s.insert_lease(&lease("a", "r1", "p", 1, 150), pool, 100)
+            .expect("a");
+        assert_eq!(
+            s.insert_lease(&lease("b", "r2", "p", 2, 900), pool, 200)
+                .expect("b"),
+            Some(0)
+        );
         // Same run and credential again: the previous lease is revoked, its slot reused.
-        assert_eq!(s.insert_lease(&lease("c", "r2", "p", 3, 900), pool, 200).expect("c"), Some(0));
+        assert_eq!(
+            s.insert_lease(&lease("c", "r2", "p", 3, 900), pool, 200)
+                .expect("c"),
+            Some(0)
+        );
         assert!(s.lease("b").expect("q").expect("b").revoked);
         assert!(!s.lease("c").expect("q").expect("c").revoked);
     }
@@ -400,7 +488,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
         let s = Store::open(&path).expect("open");
-        let run = RunInfo { run: "r".into(), namespace: "ns".into(), template: "t".into(), phase: RunPhase::Running };
+        let run = RunInfo {
+            run: "r".into(),
+            namespace: "ns".into(),
+            template: "t".into(),
+            phase: RunPhase::Running,
+        };
         s.upsert_run(&run, 1).expect("upsert");
         assert_eq!(s.run("r").expect("q"), Some(run));
         assert_eq!(s.run("x").expect("q"), None);

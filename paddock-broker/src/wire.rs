@@ -218,7 +218,10 @@ pub struct Header {
 
 impl fmt::Debug for Header {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Header").field("name", &self.name).field("value", &"<redacted>").finish()
+        f.debug_struct("Header")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .finish()
     }
 }
 
@@ -232,7 +235,10 @@ pub struct QueryParam {
 
 impl fmt::Debug for QueryParam {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("QueryParam").field("name", &self.name).field("value", &"<redacted>").finish()
+        f.debug_struct("QueryParam")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .finish()
     }
 }
 
@@ -352,9 +358,15 @@ impl RunPhase {
 
     #[must_use]
     pub fn parse(s: &str) -> Option<RunPhase> {
-        [RunPhase::Pending, RunPhase::Running, RunPhase::Succeeded, RunPhase::Failed, RunPhase::Cancelled]
-            .into_iter()
-            .find(|p| p.as_str() == s)
+        [
+            RunPhase::Pending,
+            RunPhase::Running,
+            RunPhase::Succeeded,
+            RunPhase::Failed,
+            RunPhase::Cancelled,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
     }
 }
 
@@ -378,7 +390,7 @@ pub struct RunInfo {
     pub phase: RunPhase,
 }
 
-/// Names of every schema the OpenAPI document must define (checked by a test).
+/// Names of every schema the `OpenAPI` document must define (checked by a test).
 pub const SCHEMA_NAMES: &[&str] = &[
     "ErrorBody",
     "ErrorCode",

@@ -84,18 +84,35 @@ mod tests {
     }
 
     fn chain(items: Vec<Fixed>) -> AuthChain {
-        AuthChain::new(items.into_iter().map(|f| Arc::new(f) as Arc<dyn Authenticator>).collect())
+        AuthChain::new(
+            items
+                .into_iter()
+                .map(|f| Arc::new(f) as Arc<dyn Authenticator>)
+                .collect(),
+        )
     }
 
     #[tokio::test]
     async fn falls_through_unauthenticated_only() {
         let c = chain(vec![Fixed(Err(0)), Fixed(Ok("b"))]);
-        assert_eq!(c.authenticate("x").await.map(|i| i.subject).ok(), Some("b".to_owned()));
+        assert_eq!(
+            c.authenticate("x").await.map(|i| i.subject).ok(),
+            Some("b".to_owned())
+        );
         let c = chain(vec![Fixed(Err(2)), Fixed(Ok("b"))]);
-        assert!(matches!(c.authenticate("x").await, Err(AuthError::Unavailable(_))));
+        assert!(matches!(
+            c.authenticate("x").await,
+            Err(AuthError::Unavailable(_))
+        ));
         let c = chain(vec![Fixed(Err(1)), Fixed(Ok("b"))]);
-        assert!(matches!(c.authenticate("x").await, Err(AuthError::Forbidden(_))));
+        assert!(matches!(
+            c.authenticate("x").await,
+            Err(AuthError::Forbidden(_))
+        ));
         let c = chain(vec![]);
-        assert!(matches!(c.authenticate("x").await, Err(AuthError::Unauthenticated(_))));
+        assert!(matches!(
+            c.authenticate("x").await,
+            Err(AuthError::Unauthenticated(_))
+        ));
     }
 }

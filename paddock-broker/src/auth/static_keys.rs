@@ -20,9 +20,16 @@ use super::{AuthError, AuthFuture, Authenticator, Identity, Scope};
 #[derive(Debug, thiserror::Error)]
 pub enum StaticKeysError {
     #[error("cannot read static keys file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: {message}")]
-    Parse { path: PathBuf, line: usize, message: String },
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -70,19 +77,34 @@ pub fn format_line(id: &str, hash_hex: &str, namespace: &str, scopes: &BTreeSet<
     format!("{id}:{hash_hex}:{namespace}:{}", scopes.join(","))
 }
 
-fn parse(text: &str, path: &Path, defaults: &StaticKeyDefaults) -> Result<Vec<KeyEntry>, StaticKeysError> {
+fn parse(
+    text: &str,
+    path: &Path,
+    defaults: &StaticKeyDefaults,
+) -> Result<Vec<KeyEntry>, StaticKeysError> {
     let mut out: Vec<KeyEntry> = Vec::new();
     for (index, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let err = |message: String| StaticKeysError::Parse { path: path.to_owned(), line: index + 1, message };
+        let err = |message: String| StaticKeysError::Parse {
+            path: path.to_owned(),
+            line: index + 1,
+            message,
+        };
         // Scopes contain ':' themselves, so the fourth field takes the rest of the line.
         let mut parts = line.splitn(4, ':');
         let id = parts.next().unwrap_or_default().trim();
-        let hash_hex = parts.next().ok_or_else(|| err("expected <key-id>:<sha256-hex>".into()))?.trim();
-        if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        let hash_hex = parts
+            .next()
+            .ok_or_else(|| err("expected <key-id>:<sha256-hex>".into()))?
+            .trim();
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
             return Err(err("key id must be non-empty [A-Za-z0-9-_.]".into()));
         }
         let mut hash = [0_u8; 32];
@@ -93,19 +115,29 @@ fn parse(text: &str, path: &Path, defaults: &StaticKeyDefaults) -> Result<Vec<Ke
             _ => defaults.namespace.clone(),
         };
         if namespace.is_empty() {
-            return Err(err("no namespace on the line and no default namespace configured".into()));
+            return Err(err(
+                "no namespace on the line and no default namespace configured".into(),
+            ));
         }
         let scopes = match parts.next().map(str::trim) {
             Some(list) if !list.is_empty() => list
                 .split(',')
-                .map(|s| Scope::parse(s.trim()).ok_or_else(|| err(format!("unknown scope {:?}", s.trim()))))
+                .map(|s| {
+                    Scope::parse(s.trim())
+                        .ok_or_else(|| err(format!("unknown scope {:?}", s.trim())))
+                })
                 .collect::<Result<BTreeSet<_>, _>>()?,
             _ => defaults.scopes.clone(),
         };
         if out.iter().any(|k| k.id == id) {
             return Err(err(format!("duplicate key id {id:?}")));
         }
-        out.push(KeyEntry { id: id.to_owned(), hash, namespace, scopes });
+        out.push(KeyEntry {
+            id: id.to_owned(),
+            hash,
+            namespace,
+            scopes,
+        });
     }
     Ok(out)
 }
@@ -114,24 +146,36 @@ impl StaticKeys {
     /// Loads the keys file; fails if it cannot be read or parsed.
     pub fn load(path: &Path, defaults: StaticKeyDefaults) -> Result<Self, StaticKeysError> {
         let keys = Self::read(path, &defaults)?;
-        Ok(Self { path: Some(path.to_owned()), defaults, keys: ArcSwap::from_pointee(keys) })
+        Ok(Self {
+            path: Some(path.to_owned()),
+            defaults,
+            keys: ArcSwap::from_pointee(keys),
+        })
     }
 
     /// Keys given as text (tests, embedded mode); `reload` is then a no-op.
     pub fn from_text(text: &str, defaults: StaticKeyDefaults) -> Result<Self, StaticKeysError> {
         let keys = parse(text, Path::new("<inline>"), &defaults)?;
-        Ok(Self { path: None, defaults, keys: ArcSwap::from_pointee(keys) })
+        Ok(Self {
+            path: None,
+            defaults,
+            keys: ArcSwap::from_pointee(keys),
+        })
     }
 
     fn read(path: &Path, defaults: &StaticKeyDefaults) -> Result<Vec<KeyEntry>, StaticKeysError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| StaticKeysError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| StaticKeysError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         parse(&text, path, defaults)
     }
 
     /// Re-reads the file. On error the previous set stays active and the error is returned.
     pub fn reload(&self) -> Result<usize, StaticKeysError> {
-        let Some(path) = &self.path else { return Ok(self.keys.load().len()) };
+        let Some(path) = &self.path else {
+            return Ok(self.keys.load().len());
+        };
         let keys = Self::read(path, &self.defaults)?;
         let n = keys.len();
         self.keys.store(Arc::new(keys));
@@ -177,7 +221,9 @@ impl Authenticator for StaticKeys {
                 backend: "static-keys",
                 run: None,
             }),
-            None => Err(AuthError::Unauthenticated("no matching static key".to_owned())),
+            None => Err(AuthError::Unauthenticated(
+                "no matching static key".to_owned(),
+            )),
         };
         Box::pin(std::future::ready(result))
     }
@@ -188,14 +234,22 @@ mod tests {
     use super::*;
 
     fn defaults() -> StaticKeyDefaults {
-        StaticKeyDefaults { namespace: "default".into(), scopes: BTreeSet::from([Scope::Issue]) }
+        StaticKeyDefaults {
+            namespace: "default".into(),
+            scopes: BTreeSet::from([Scope::Issue]),
+        }
     }
 
     #[tokio::test]
     async fn authenticates_by_hash_with_namespace_and_scopes() {
         let text = format!(
             "# comment\n{}\nk2:{}\n",
-            format_line("k1", &hash_key("secret-one"), "team-a", &BTreeSet::from([Scope::Controller, Scope::Issue])),
+            format_line(
+                "k1",
+                &hash_key("secret-one"),
+                "team-a",
+                &BTreeSet::from([Scope::Controller, Scope::Issue])
+            ),
             hash_key("secret-two")
         );
         let keys = StaticKeys::from_text(&text, defaults()).expect("parse");
@@ -204,17 +258,27 @@ mod tests {
         assert_eq!(id.namespace, "team-a");
         assert!(id.has(Scope::Controller) && id.may_act_in("elsewhere"));
         let id = keys.authenticate("secret-two").await.expect("auth");
-        assert_eq!((id.subject.as_str(), id.namespace.as_str()), ("k2", "default"));
+        assert_eq!(
+            (id.subject.as_str(), id.namespace.as_str()),
+            ("k2", "default")
+        );
         assert!(id.has(Scope::Issue) && !id.may_act_in("team-a"));
-        assert!(matches!(keys.authenticate("secret-three").await, Err(AuthError::Unauthenticated(_))));
+        assert!(matches!(
+            keys.authenticate("secret-three").await,
+            Err(AuthError::Unauthenticated(_))
+        ));
     }
 
     #[test]
     fn parse_errors_name_the_line() {
-        let err = StaticKeys::from_text("ok:{}\nbad:zz\n".replace("{}", &hash_key("a")).as_str(), defaults())
-            .expect_err("must fail");
+        let err = StaticKeys::from_text(
+            "ok:{}\nbad:zz\n".replace("{}", &hash_key("a")).as_str(),
+            defaults(),
+        )
+        .expect_err("must fail");
         assert!(err.to_string().contains(":2:"), "{err}");
-        let err = StaticKeys::from_text(&format!("a:{}:ns:broker:nope", hash_key("a")), defaults()).expect_err("scope");
+        let err = StaticKeys::from_text(&format!("a:{}:ns:broker:nope", hash_key("a")), defaults())
+            .expect_err("scope");
         assert!(err.to_string().contains("unknown scope"), "{err}");
     }
 
@@ -226,7 +290,10 @@ mod tests {
         let keys = StaticKeys::load(&path, defaults()).expect("load");
         std::fs::write(&path, "garbage-without-colon\n").expect("write");
         assert!(keys.reload().is_err());
-        assert!(keys.authenticate("one").await.is_ok(), "old set must survive a broken file");
+        assert!(
+            keys.authenticate("one").await.is_ok(),
+            "old set must survive a broken file"
+        );
         std::fs::write(&path, format!("b:{}\n", hash_key("two"))).expect("write");
         assert_eq!(keys.reload().expect("reload"), 1);
         assert!(keys.authenticate("one").await.is_err());

@@ -68,31 +68,56 @@ spec:
     )
 }
 
-pub(crate) fn fixture_with(limits: RateLimitConfig) -> Fixture {
+pub(crate) fn fixture_with(limits: &RateLimitConfig) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (name, value) in [("hdr", "ghp_real"), ("qry", "maps-real"), ("bas", "git-real"), ("p1", "pat-one"), ("p2", "pat-two"), ("ant", "sk-ant-real")] {
+    for (name, value) in [
+        ("hdr", "ghp_real"),
+        ("qry", "maps-real"),
+        ("bas", "git-real"),
+        ("p1", "pat-one"),
+        ("p2", "pat-two"),
+        ("ant", "sk-ant-real"),
+    ] {
         std::fs::write(dir.path().join(name), value).expect("secret");
     }
-    let docs = Policy::parse_text(Path::new("t.yaml"), &policy_text(dir.path()), OffsetDateTime::now_utc()).expect("policy");
+    let docs = Policy::parse_text(
+        Path::new("t.yaml"),
+        &policy_text(dir.path()),
+        OffsetDateTime::now_utc(),
+    )
+    .expect("policy");
     let policy = Arc::new(PolicyStore::fixed(Policy::from_docs(docs).expect("set")));
     let audit = Arc::new(MemorySink::default());
     let broker = Broker::new(
         Store::open_in_memory().expect("store"),
         policy,
         audit.clone(),
-        RateLimits::new(&limits).expect("limits"),
+        RateLimits::new(limits).expect("limits"),
     );
     let f = Fixture { dir, broker, audit };
-    for (run, ns) in [("r1", "team-a"), ("r2", "team-a"), ("r3", "team-a"), ("rb", "team-b")] {
+    for (run, ns) in [
+        ("r1", "team-a"),
+        ("r2", "team-a"),
+        ("r3", "team-a"),
+        ("rb", "team-b"),
+    ] {
         f.broker
-            .upsert_run(&controller(), &RunUpsertRequest { run: run.into(), namespace: ns.into(), template: "t".into(), phase: RunPhase::Running })
+            .upsert_run(
+                &controller(),
+                &RunUpsertRequest {
+                    run: run.into(),
+                    namespace: ns.into(),
+                    template: "t".into(),
+                    phase: RunPhase::Running,
+                },
+            )
             .expect("run");
     }
     f
 }
 
 pub(crate) fn fixture() -> Fixture {
-    fixture_with(RateLimitConfig::default())
+    fixture_with(&RateLimitConfig::default())
 }
 
 pub(crate) fn identity(ns: &str, scopes: &[Scope]) -> Identity {
@@ -115,10 +140,21 @@ fn team_a() -> Identity {
 }
 
 fn issue(f: &Fixture, run: &str, cred: &str) -> Result<IssueResponse, BrokerError> {
-    f.broker.issue(&team_a(), &IssueRequest { run: run.into(), credential: cred.into() })
+    f.broker.issue(
+        &team_a(),
+        &IssueRequest {
+            run: run.into(),
+            credential: cred.into(),
+        },
+    )
 }
 
-fn sub(run: &str, host: &str, headers: Vec<(&str, String)>, query: Option<String>) -> SubstituteAuthRequest {
+fn sub(
+    run: &str,
+    host: &str,
+    headers: Vec<(&str, String)>,
+    query: Option<String>,
+) -> SubstituteAuthRequest {
     SubstituteAuthRequest {
         run: run.into(),
         host: host.into(),
@@ -126,7 +162,13 @@ fn sub(run: &str, host: &str, headers: Vec<(&str, String)>, query: Option<String
         method: "GET".into(),
         path: "/x".into(),
         query,
-        headers: headers.into_iter().map(|(n, v)| Header { name: n.into(), value: v }).collect(),
+        headers: headers
+            .into_iter()
+            .map(|(n, v)| Header {
+                name: n.into(),
+                value: v,
+            })
+            .collect(),
     }
 }
 
@@ -138,72 +180,171 @@ fn header_substitution_end_to_end() {
     assert_eq!(issued.delivery, DeliveryMode::ProxyInjected);
     let out = f
         .broker
-        .substitute_auth(&team_a(), &sub("r1", "api.github.com", vec![("Authorization", format!("Bearer {}", issued.value))], None))
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r1",
+                "api.github.com",
+                vec![("Authorization", format!("Bearer {}", issued.value))],
+                None,
+            ),
+        )
         .expect("substitute");
     assert!(out.matched);
-    assert_eq!(out.set_headers, vec![Header { name: "authorization".into(), value: "token ghp_real".into() }]);
+    assert_eq!(
+        out.set_headers,
+        vec![Header {
+            name: "authorization".into(),
+            value: "token ghp_real".into()
+        }]
+    );
     assert_eq!(out.lease_id.as_deref(), Some(issued.lease_id.as_str()));
     // Another host: the bearer is bound to api.github.com.
     let e = f
         .broker
-        .substitute_auth(&team_a(), &sub("r1", "github.com", vec![("Authorization", format!("Bearer {}", issued.value))], None))
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r1",
+                "github.com",
+                vec![("Authorization", format!("Bearer {}", issued.value))],
+                None,
+            ),
+        )
         .expect_err("wrong host");
     assert_eq!(e.code(), ErrorCode::Forbidden);
     // Another run cannot use it.
     let e = f
         .broker
-        .substitute_auth(&team_a(), &sub("r2", "api.github.com", vec![("Authorization", format!("Bearer {}", issued.value))], None))
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r2",
+                "api.github.com",
+                vec![("Authorization", format!("Bearer {}", issued.value))],
+                None,
+            ),
+        )
         .expect_err("wrong run");
     assert_eq!(e.code(), ErrorCode::Forbidden);
     // Host without substituteAuth grant.
-    let e = f.broker.substitute_auth(&team_a(), &sub("r1", "pypi.org", vec![], None)).expect_err("no substitution grant");
+    let e = f
+        .broker
+        .substitute_auth(&team_a(), &sub("r1", "pypi.org", vec![], None))
+        .expect_err("no substitution grant");
     assert_eq!(e.code(), ErrorCode::EgressDenied);
     // No placeholder: nothing to do.
-    let out = f.broker.substitute_auth(&team_a(), &sub("r1", "api.github.com", vec![("accept", "x".into())], None)).expect("ok");
+    let out = f
+        .broker
+        .substitute_auth(
+            &team_a(),
+            &sub("r1", "api.github.com", vec![("accept", "x".into())], None),
+        )
+        .expect("ok");
     assert!(!out.matched && out.set_headers.is_empty());
     let audit = f.audit.events();
     assert!(audit.iter().any(|e| e.event == AuditKind::CredentialIssued));
-    assert!(audit.iter().any(|e| e.event == AuditKind::SubstitutionDenied));
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.event == AuditKind::SubstitutionDenied)
+    );
     let dump = serde_json::to_string(&audit).expect("json");
-    assert!(!dump.contains(&issued.value) && !dump.contains("ghp_real"), "no bearer or secret in audit");
+    assert!(
+        !dump.contains(&issued.value) && !dump.contains("ghp_real"),
+        "no bearer or secret in audit"
+    );
 }
 
 #[test]
+#[expect(
+    clippy::many_single_char_names,
+    reason = "short names for the three leases"
+)]
 fn query_and_basic_substitution() {
     let f = fixture();
     let q = issue(&f, "r1", "maps-query").expect("issue");
     let out = f
         .broker
-        .substitute_auth(&team_a(), &sub("r1", "maps.example.com", vec![], Some(format!("q=paris&key={}&debug=1", q.value))))
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r1",
+                "maps.example.com",
+                vec![],
+                Some(format!("q=paris&key={}&debug=1", q.value)),
+            ),
+        )
         .expect("query substitution");
     assert_eq!(out.set_query.len(), 1);
-    assert_eq!((out.set_query[0].name.as_str(), out.set_query[0].value.as_str()), ("key", "maps-real"));
-    assert_eq!(out.remove_query, vec!["debug".to_owned()], "query allow-list applied");
+    assert_eq!(
+        (
+            out.set_query[0].name.as_str(),
+            out.set_query[0].value.as_str()
+        ),
+        ("key", "maps-real")
+    );
+    assert_eq!(
+        out.remove_query,
+        vec!["debug".to_owned()],
+        "query allow-list applied"
+    );
 
     let b = issue(&f, "r1", "git-basic").expect("issue");
-    let basic = format!("Basic {}", STANDARD.encode(format!("x-access-token:{}", b.value)));
+    let basic = format!(
+        "Basic {}",
+        STANDARD.encode(format!("x-access-token:{}", b.value))
+    );
     let out = f
         .broker
-        .substitute_auth(&team_a(), &sub("r1", "github.com", vec![("Authorization", basic)], None))
+        .substitute_auth(
+            &team_a(),
+            &sub("r1", "github.com", vec![("Authorization", basic)], None),
+        )
         .expect("basic substitution");
     let ba = out.basic_auth.expect("basic auth replacement");
-    assert_eq!((ba.username.as_str(), ba.password.as_str()), ("x-access-token", "git-real"));
+    assert_eq!(
+        (ba.username.as_str(), ba.password.as_str()),
+        ("x-access-token", "git-real")
+    );
 
     let a = issue(&f, "r1", "anthropic").expect("issue");
     let out = f
         .broker
         .substitute_auth(
             &team_a(),
-            &sub("r1", "api.anthropic.com", vec![("x-api-key", a.value.clone()), ("x-stainless-os", "linux".into())], None),
+            &sub(
+                "r1",
+                "api.anthropic.com",
+                vec![
+                    ("x-api-key", a.value.clone()),
+                    ("x-stainless-os", "linux".into()),
+                ],
+                None,
+            ),
         )
         .expect("anthropic");
-    assert_eq!(out.set_headers, vec![Header { name: "x-api-key".into(), value: "sk-ant-real".into() }]);
+    assert_eq!(
+        out.set_headers,
+        vec![Header {
+            name: "x-api-key".into(),
+            value: "sk-ant-real".into()
+        }]
+    );
     assert_eq!(out.remove_headers, vec!["x-stainless-os".to_owned()]);
 
     // Two distinct placeholders in one request are refused.
     let e = f
         .broker
-        .substitute_auth(&team_a(), &sub("r1", "api.anthropic.com", vec![("x-api-key", a.value.clone()), ("x-other", q.value.clone())], None))
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r1",
+                "api.anthropic.com",
+                vec![("x-api-key", a.value.clone()), ("x-other", q.value.clone())],
+                None,
+            ),
+        )
         .expect_err("ambiguous");
     assert_eq!(e.code(), ErrorCode::BadRequest);
 }
@@ -216,16 +357,39 @@ fn pat_pool_exhaustion_and_release() {
     let e = issue(&f, "r3", "pats").expect_err("exhausted");
     assert_eq!(e.code(), ErrorCode::PoolExhausted);
     assert_eq!(e.code().http_status(), 503);
-    f.broker.revoke(&team_a(), &RevokeRequest { lease_id: a.lease_id.clone() }).expect("revoke");
+    f.broker
+        .revoke(
+            &team_a(),
+            &RevokeRequest {
+                lease_id: a.lease_id.clone(),
+            },
+        )
+        .expect("revoke");
     let c = issue(&f, "r3", "pats").expect("freed slot reused");
     let out = f
         .broker
-        .substitute_auth(&team_a(), &sub("r3", "api.gitlab.com", vec![("Authorization", format!("Bearer {}", c.value))], None))
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r3",
+                "api.gitlab.com",
+                vec![("Authorization", format!("Bearer {}", c.value))],
+                None,
+            ),
+        )
         .expect("substitute");
     assert_eq!(out.set_headers[0].value, "Bearer pat-one");
     let e = f
         .broker
-        .substitute_auth(&team_a(), &sub("r1", "api.gitlab.com", vec![("Authorization", format!("Bearer {}", a.value))], None))
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r1",
+                "api.gitlab.com",
+                vec![("Authorization", format!("Bearer {}", a.value))],
+                None,
+            ),
+        )
         .expect_err("revoked bearer");
     assert_eq!(e.code(), ErrorCode::Forbidden);
 }
@@ -234,28 +398,85 @@ fn pat_pool_exhaustion_and_release() {
 fn namespace_scoping_and_run_binding() {
     let f = fixture();
     let other = identity("team-b", &Scope::ALL[..6]);
-    let e = f.broker.issue(&other, &IssueRequest { run: "r1".into(), credential: "gh-header".into() }).expect_err("cross-ns");
+    let e = f
+        .broker
+        .issue(
+            &other,
+            &IssueRequest {
+                run: "r1".into(),
+                credential: "gh-header".into(),
+            },
+        )
+        .expect_err("cross-ns");
     assert_eq!(e.code(), ErrorCode::Forbidden);
-    let e2 = f.broker.issue(&other, &IssueRequest { run: "nope".into(), credential: "gh-header".into() }).expect_err("unknown");
-    assert_eq!((e.code(), e.public_message().replace("r1", "X")), (e2.code(), e2.public_message().replace("nope", "X")), "no existence oracle");
+    let e2 = f
+        .broker
+        .issue(
+            &other,
+            &IssueRequest {
+                run: "nope".into(),
+                credential: "gh-header".into(),
+            },
+        )
+        .expect_err("unknown");
+    assert_eq!(
+        (e.code(), e.public_message().replace("r1", "X")),
+        (e2.code(), e2.public_message().replace("nope", "X")),
+        "no existence oracle"
+    );
     let lease = issue(&f, "r1", "gh-header").expect("issue");
-    let e = f.broker.revoke(&other, &RevokeRequest { lease_id: lease.lease_id.clone() }).expect_err("cross-ns revoke");
+    let e = f
+        .broker
+        .revoke(
+            &other,
+            &RevokeRequest {
+                lease_id: lease.lease_id.clone(),
+            },
+        )
+        .expect_err("cross-ns revoke");
     assert_eq!(e.code(), ErrorCode::NotFound);
     assert!(f.broker.leases(&other, "r1").is_err());
     // The controller acts anywhere.
-    assert_eq!(f.broker.leases(&controller(), "r1").expect("list").leases.len(), 1);
+    assert_eq!(
+        f.broker
+            .leases(&controller(), "r1")
+            .expect("list")
+            .leases
+            .len(),
+        1
+    );
     // A run-bound identity acts only on its run.
     let mut bound = team_a();
     bound.run = Some("r2".into());
-    assert_eq!(f.broker.leases(&bound, "r1").expect_err("bound").code(), ErrorCode::Forbidden);
+    assert_eq!(
+        f.broker.leases(&bound, "r1").expect_err("bound").code(),
+        ErrorCode::Forbidden
+    );
     // Non-controllers cannot register runs.
     let e = f
         .broker
-        .upsert_run(&team_a(), &RunUpsertRequest { run: "x".into(), namespace: "team-a".into(), template: "t".into(), phase: RunPhase::Running })
+        .upsert_run(
+            &team_a(),
+            &RunUpsertRequest {
+                run: "x".into(),
+                namespace: "team-a".into(),
+                template: "t".into(),
+                phase: RunPhase::Running,
+            },
+        )
         .expect_err("needs controller");
     assert_eq!(e.code(), ErrorCode::Forbidden);
     // Policy grants apply only to the namespaces they name.
-    let e = f.broker.issue(&controller(), &IssueRequest { run: "rb".into(), credential: "gh-header".into() }).expect_err("not granted");
+    let e = f
+        .broker
+        .issue(
+            &controller(),
+            &IssueRequest {
+                run: "rb".into(),
+                credential: "gh-header".into(),
+            },
+        )
+        .expect_err("not granted");
     assert_eq!(e.code(), ErrorCode::Forbidden);
 }
 
@@ -264,17 +485,46 @@ fn terminal_run_revokes_and_blocks() {
     let f = fixture();
     let lease = issue(&f, "r1", "gh-header").expect("issue");
     f.broker
-        .upsert_run(&controller(), &RunUpsertRequest { run: "r1".into(), namespace: "team-a".into(), template: "t".into(), phase: RunPhase::Succeeded })
+        .upsert_run(
+            &controller(),
+            &RunUpsertRequest {
+                run: "r1".into(),
+                namespace: "team-a".into(),
+                template: "t".into(),
+                phase: RunPhase::Succeeded,
+            },
+        )
         .expect("finish");
     let leases = f.broker.leases(&team_a(), "r1").expect("list").leases;
     assert!(leases.iter().all(|l| l.revoked));
     let e = f
         .broker
-        .substitute_auth(&team_a(), &sub("r1", "api.github.com", vec![("Authorization", format!("Bearer {}", lease.value))], None))
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r1",
+                "api.github.com",
+                vec![("Authorization", format!("Bearer {}", lease.value))],
+                None,
+            ),
+        )
         .expect_err("finished run");
     assert_eq!(e.code(), ErrorCode::Forbidden);
-    assert_eq!(issue(&f, "r1", "gh-header").expect_err("finished").code(), ErrorCode::Forbidden);
-    let d = f.broker.validate_egress(&team_a(), &ValidateEgressRequest { run: "r1".into(), host: "pypi.org".into(), port: 443 }).expect("decision");
+    assert_eq!(
+        issue(&f, "r1", "gh-header").expect_err("finished").code(),
+        ErrorCode::Forbidden
+    );
+    let d = f
+        .broker
+        .validate_egress(
+            &team_a(),
+            &ValidateEgressRequest {
+                run: "r1".into(),
+                host: "pypi.org".into(),
+                port: 443,
+            },
+        )
+        .expect("decision");
     assert!(!d.allowed);
 }
 
@@ -282,15 +532,52 @@ fn terminal_run_revokes_and_blocks() {
 fn renew_and_revoke() {
     let f = fixture();
     let lease = issue(&f, "r1", "gh-header").expect("issue");
-    let renewed = f.broker.renew(&team_a(), &RenewRequest { lease_id: lease.lease_id.clone() }).expect("renew");
+    let renewed = f
+        .broker
+        .renew(
+            &team_a(),
+            &RenewRequest {
+                lease_id: lease.lease_id.clone(),
+            },
+        )
+        .expect("renew");
     assert!(renewed.expires_at >= lease.expires_at);
-    let r = f.broker.revoke(&team_a(), &RevokeRequest { lease_id: lease.lease_id.clone() }).expect("revoke");
+    let r = f
+        .broker
+        .revoke(
+            &team_a(),
+            &RevokeRequest {
+                lease_id: lease.lease_id.clone(),
+            },
+        )
+        .expect("revoke");
     assert!(r.revoked);
-    let r = f.broker.revoke(&team_a(), &RevokeRequest { lease_id: lease.lease_id.clone() }).expect("idempotent");
+    let r = f
+        .broker
+        .revoke(
+            &team_a(),
+            &RevokeRequest {
+                lease_id: lease.lease_id.clone(),
+            },
+        )
+        .expect("idempotent");
     assert!(!r.revoked);
-    let e = f.broker.renew(&team_a(), &RenewRequest { lease_id: lease.lease_id.clone() }).expect_err("revoked");
+    let e = f
+        .broker
+        .renew(
+            &team_a(),
+            &RenewRequest {
+                lease_id: lease.lease_id.clone(),
+            },
+        )
+        .expect_err("revoked");
     assert_eq!(e.code(), ErrorCode::Forbidden);
-    assert!(f.audit.events().iter().any(|e| e.event == AuditKind::RenewalFailed));
+    assert!(
+        f.audit
+            .events()
+            .iter()
+            .any(|e| e.event == AuditKind::RenewalFailed)
+    );
 }
 
 #[test]
@@ -308,8 +595,21 @@ fn audit_failure_undoes_issue() {
     f.audit.set_failing(true);
     let e = issue(&f, "r1", "pats").expect_err("audit down");
     assert_eq!(e.code(), ErrorCode::AuditUnavailable);
-    assert!(f.broker.store().leases_for_run("r1").expect("list").is_empty(), "no unaudited lease remains");
-    assert!(f.broker.store().pool_reservations("pats").expect("list").is_empty());
+    assert!(
+        f.broker
+            .store()
+            .leases_for_run("r1")
+            .expect("list")
+            .is_empty(),
+        "no unaudited lease remains"
+    );
+    assert!(
+        f.broker
+            .store()
+            .pool_reservations("pats")
+            .expect("list")
+            .is_empty()
+    );
     f.audit.set_failing(false);
     issue(&f, "r1", "pats").expect("works again");
 }
@@ -320,24 +620,64 @@ fn missing_secret_fails_closed() {
     std::fs::remove_file(f.dir.path().join("hdr")).expect("rm");
     let e = issue(&f, "r1", "gh-header").expect_err("secret gone");
     assert_eq!(e.code(), ErrorCode::Unavailable);
-    assert!(f.broker.store().leases_for_run("r1").expect("list").is_empty());
+    assert!(
+        f.broker
+            .store()
+            .leases_for_run("r1")
+            .expect("list")
+            .is_empty()
+    );
 }
 
 #[test]
 fn rate_limited_issue() {
-    let f = fixture_with(RateLimitConfig { issue: crate::ratelimit::RateSpec { per_second: 1, burst: 2 }, ..RateLimitConfig::default() });
+    let f = fixture_with(&RateLimitConfig {
+        issue: crate::ratelimit::RateSpec {
+            per_second: 1,
+            burst: 2,
+        },
+        ..RateLimitConfig::default()
+    });
     issue(&f, "r1", "gh-header").expect("1");
     issue(&f, "r1", "gh-header").expect("2");
-    assert_eq!(issue(&f, "r1", "gh-header").expect_err("3").code(), ErrorCode::RateLimited);
+    assert_eq!(
+        issue(&f, "r1", "gh-header").expect_err("3").code(),
+        ErrorCode::RateLimited
+    );
     issue(&f, "r2", "gh-header").expect("other run unaffected");
 }
 
 #[test]
 fn validate_egress_decisions() {
     let f = fixture();
-    let d = f.broker.validate_egress(&team_a(), &ValidateEgressRequest { run: "r1".into(), host: "api.github.com".into(), port: 443 }).expect("ok");
+    let d = f
+        .broker
+        .validate_egress(
+            &team_a(),
+            &ValidateEgressRequest {
+                run: "r1".into(),
+                host: "api.github.com".into(),
+                port: 443,
+            },
+        )
+        .expect("ok");
     assert!(d.allowed && d.substitute_auth);
-    let d = f.broker.validate_egress(&team_a(), &ValidateEgressRequest { run: "r1".into(), host: "evil.example".into(), port: 443 }).expect("ok");
+    let d = f
+        .broker
+        .validate_egress(
+            &team_a(),
+            &ValidateEgressRequest {
+                run: "r1".into(),
+                host: "evil.example".into(),
+                port: 443,
+            },
+        )
+        .expect("ok");
     assert!(!d.allowed && d.reason.contains("evil.example"));
-    assert!(f.audit.events().iter().any(|e| e.event == AuditKind::EgressDenied));
+    assert!(
+        f.audit
+            .events()
+            .iter()
+            .any(|e| e.event == AuditKind::EgressDenied)
+    );
 }

@@ -3,7 +3,10 @@
 /// Normalises a host for comparison: ASCII lowercase, no trailing dot, no brackets.
 #[must_use]
 pub fn normalize(host: &str) -> String {
-    host.trim_end_matches('.').trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase()
+    host.trim_end_matches('.')
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase()
 }
 
 /// Checks a pattern is acceptable; a bare `*` or a wildcard not in the leftmost label is not.
@@ -14,12 +17,17 @@ pub fn validate_pattern(pattern: &str) -> Result<(), String> {
     }
     let rest = p.strip_prefix("*.").unwrap_or(p);
     if rest.contains('*') {
-        return Err(format!("host pattern {p:?}: only a leading \"*.\" wildcard is allowed"));
+        return Err(format!(
+            "host pattern {p:?}: only a leading \"*.\" wildcard is allowed"
+        ));
     }
     if rest.is_empty() || rest.split('.').any(str::is_empty) {
         return Err(format!("host pattern {p:?} has an empty label"));
     }
-    if !rest.chars().all(|c| c.is_ascii_alphanumeric() || "-.:".contains(c)) {
+    if !rest
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-.:".contains(c))
+    {
         return Err(format!("host pattern {p:?} contains invalid characters"));
     }
     Ok(())
@@ -31,10 +39,12 @@ pub fn matches(pattern: &str, host: &str) -> bool {
     let pattern = normalize(pattern);
     let host = normalize(host);
     match pattern.strip_prefix("*.") {
-        Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(suffix) && {
-            let cut = host.len() - suffix.len();
-            host.as_bytes()[cut - 1] == b'.'
-        },
+        Some(suffix) => {
+            host.len() > suffix.len() + 1 && host.ends_with(suffix) && {
+                let cut = host.len() - suffix.len();
+                host.as_bytes()[cut - 1] == b'.'
+            }
+        }
         None => pattern == host,
     }
 }

@@ -50,7 +50,10 @@ pub fn locate(text: &str, path: &[Seg<'_>]) -> Option<usize> {
                     if *child.get_or_insert(content_indent) != content_indent {
                         continue;
                     }
-                    if content.strip_prefix(key).is_some_and(|r| r.starts_with(':')) {
+                    if content
+                        .strip_prefix(key)
+                        .is_some_and(|r| r.starts_with(':'))
+                    {
                         found = Some((i, content_indent));
                         break;
                     }
@@ -70,7 +73,9 @@ pub fn locate(text: &str, path: &[Seg<'_>]) -> Option<usize> {
                     }
                     let raw = indent_of(line);
                     let is_item = line.trim_start().starts_with("- ") || line.trim() == "-";
-                    if parent.is_some_and(|p| raw < p) || (parent.is_some_and(|p| raw == p) && !is_item) {
+                    if parent.is_some_and(|p| raw < p)
+                        || (parent.is_some_and(|p| raw == p) && !is_item)
+                    {
                         break;
                     }
                     if is_item && item_indent.is_none_or(|ind| ind == raw) {
@@ -113,10 +118,43 @@ spec:
     #[test]
     fn finds_nested_fields() {
         use Seg::{Index, Key};
-        assert_eq!(locate(DOC, &[Key("spec"), Key("credentials"), Index(1), Key("delivery")]), Some(6));
-        assert_eq!(locate(DOC, &[Key("spec"), Key("credentials"), Index(0), Key("name")]), Some(3));
-        assert_eq!(locate(DOC, &[Key("spec"), Key("credentials"), Index(1), Key("delivery"), Key("mode")]), Some(7));
-        assert_eq!(locate(DOC, &[Key("spec"), Key("egress"), Index(0), Key("ports")]), Some(10));
-        assert_eq!(locate(DOC, &[Key("spec"), Key("credentials"), Index(0), Key("delivery")]), None);
+        assert_eq!(
+            locate(
+                DOC,
+                &[Key("spec"), Key("credentials"), Index(1), Key("delivery")]
+            ),
+            Some(6)
+        );
+        assert_eq!(
+            locate(
+                DOC,
+                &[Key("spec"), Key("credentials"), Index(0), Key("name")]
+            ),
+            Some(3)
+        );
+        assert_eq!(
+            locate(
+                DOC,
+                &[
+                    Key("spec"),
+                    Key("credentials"),
+                    Index(1),
+                    Key("delivery"),
+                    Key("mode")
+                ]
+            ),
+            Some(7)
+        );
+        assert_eq!(
+            locate(DOC, &[Key("spec"), Key("egress"), Index(0), Key("ports")]),
+            Some(10)
+        );
+        assert_eq!(
+            locate(
+                DOC,
+                &[Key("spec"), Key("credentials"), Index(0), Key("delivery")]
+            ),
+            None
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! BrokerPolicy documents: which credentials and which egress each run gets.
+//! `BrokerPolicy` documents: which credentials and which egress each run gets.
 //!
 //! Loaded from one YAML file (several documents separated by `---`) or a directory of
 //! `*.yaml`/`*.yml` files. Validation errors name the file, the line and the field. A
@@ -78,9 +78,9 @@ pub struct AppliesTo {
 impl AppliesTo {
     #[must_use]
     pub fn matches(&self, run: &RunInfo) -> bool {
-        self.namespaces.iter().any(|n| *n == run.namespace)
-            && (self.templates.is_empty() || self.templates.iter().any(|t| *t == run.template))
-            && (self.runs.is_empty() || self.runs.iter().any(|r| *r == run.run))
+        self.namespaces.contains(&run.namespace)
+            && (self.templates.is_empty() || self.templates.contains(&run.template))
+            && (self.runs.is_empty() || self.runs.contains(&run.run))
     }
 }
 
@@ -116,13 +116,21 @@ pub struct Delivery {
 
 impl Default for Delivery {
     fn default() -> Self {
-        Self { mode: DeliveryMode::ProxyInjected, accepted_reason: None }
+        Self {
+            mode: DeliveryMode::ProxyInjected,
+            accepted_reason: None,
+        }
     }
 }
 
 /// Provider kind and its configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", rename_all_fields = "camelCase", deny_unknown_fields)]
+#[serde(
+    tag = "kind",
+    rename_all = "kebab-case",
+    rename_all_fields = "camelCase",
+    deny_unknown_fields
+)]
 pub enum ProviderSpec {
     /// A user-supplied secret placed into a header, a query parameter or Basic auth.
     UserSecret {
@@ -138,7 +146,10 @@ pub enum ProviderSpec {
         allowed_headers: Option<Vec<String>>,
     },
     /// A pool of personal access tokens; one slot per lease.
-    PatPool { inject: Injection, secrets: Vec<SecretSource> },
+    PatPool {
+        inject: Injection,
+        secrets: Vec<SecretSource>,
+    },
 }
 
 impl ProviderSpec {
@@ -154,7 +165,11 @@ impl ProviderSpec {
 
 /// Where a substituted secret goes on the upstream request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", rename_all_fields = "camelCase", deny_unknown_fields)]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    deny_unknown_fields
+)]
 pub enum Injection {
     Header {
         name: String,
@@ -260,7 +275,11 @@ fn path_str(path: &[Seg<'_>]) -> String {
                 }
                 out.push_str(k);
             }
-            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+            Seg::Index(i) => {
+                out.push('[');
+                out.push_str(&i.to_string());
+                out.push(']');
+            }
         }
     }
     out
@@ -303,11 +322,21 @@ fn yaml_error(file: &Path, line_offset: usize, err: &serde_yaml_ng::Error) -> Po
 }
 
 fn validate_header_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-#[expect(clippy::too_many_lines, reason = "one linear list of checks reads best")]
-fn validate(ctx: &Ctx<'_>, doc: &PolicyDocument, now: OffsetDateTime) -> Result<Option<OffsetDateTime>, PolicyError> {
+#[expect(
+    clippy::too_many_lines,
+    reason = "one linear list of checks reads best"
+)]
+fn validate(
+    ctx: &Ctx<'_>,
+    doc: &PolicyDocument,
+    now: OffsetDateTime,
+) -> Result<Option<OffsetDateTime>, PolicyError> {
     use Seg::{Index, Key};
     if doc.api_version != API_VERSION {
         return Err(ctx.err(&[Key("apiVersion")], format!("must be {API_VERSION:?}")));
@@ -319,13 +348,27 @@ fn validate(ctx: &Ctx<'_>, doc: &PolicyDocument, now: OffsetDateTime) -> Result<
         return Err(ctx.err(&[Key("metadata"), Key("name")], "must not be empty"));
     }
     let spec = &doc.spec;
-    if spec.applies_to.namespaces.is_empty() || spec.applies_to.namespaces.iter().any(|n| n.trim().is_empty()) {
-        return Err(ctx.err(&[Key("spec"), Key("appliesTo"), Key("namespaces")], "must list at least one non-empty namespace"));
+    if spec.applies_to.namespaces.is_empty()
+        || spec
+            .applies_to
+            .namespaces
+            .iter()
+            .any(|n| n.trim().is_empty())
+    {
+        return Err(ctx.err(
+            &[Key("spec"), Key("appliesTo"), Key("namespaces")],
+            "must list at least one non-empty namespace",
+        ));
     }
     let mut names = BTreeSet::new();
     for (i, c) in spec.credentials.iter().enumerate() {
         let at = |field: &'static str| [Key("spec"), Key("credentials"), Index(i), Key(field)];
-        if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
+        if c.name.is_empty()
+            || !c
+                .name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+        {
             return Err(ctx.err(&at("name"), "must be non-empty [A-Za-z0-9-_.]"));
         }
         if !names.insert(c.name.as_str()) {
@@ -337,36 +380,65 @@ fn validate(ctx: &Ctx<'_>, doc: &PolicyDocument, now: OffsetDateTime) -> Result<
         match c.delivery.mode {
             DeliveryMode::ProxyInjected => {
                 if c.hosts.is_empty() {
-                    return Err(ctx.err(&at("hosts"), "a proxy-injected credential must be bound to at least one host"));
+                    return Err(ctx.err(
+                        &at("hosts"),
+                        "a proxy-injected credential must be bound to at least one host",
+                    ));
                 }
                 if c.delivery.accepted_reason.is_some() {
-                    return Err(ctx.err(&at("delivery"), "acceptedReason only applies to in-container delivery"));
+                    return Err(ctx.err(
+                        &at("delivery"),
+                        "acceptedReason only applies to in-container delivery",
+                    ));
                 }
             }
             DeliveryMode::InContainer => {
-                if c.delivery.accepted_reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+                if c.delivery
+                    .accepted_reason
+                    .as_deref()
+                    .is_none_or(|r| r.trim().is_empty())
+                {
                     return Err(ctx.err(
                         &at("delivery"),
                         "in-container delivery exposes the real secret to the workload and needs an explicit acceptedReason",
                     ));
                 }
                 if matches!(c.provider, ProviderSpec::PatPool { .. }) {
-                    return Err(ctx.err(&at("delivery"), "pat-pool credentials are proxy-injected only"));
+                    return Err(ctx.err(
+                        &at("delivery"),
+                        "pat-pool credentials are proxy-injected only",
+                    ));
                 }
             }
         }
         if let Some(ttl) = c.ttl_seconds
             && (ttl == 0 || ttl > MAX_TTL_SECONDS)
         {
-            return Err(ctx.err(&at("ttlSeconds"), format!("must be between 1 and {MAX_TTL_SECONDS}")));
+            return Err(ctx.err(
+                &at("ttlSeconds"),
+                format!("must be between 1 and {MAX_TTL_SECONDS}"),
+            ));
         }
         let provider_at = |field: &'static str| {
-            [Key("spec"), Key("credentials"), Index(i), Key("provider"), Key(field)]
+            [
+                Key("spec"),
+                Key("credentials"),
+                Index(i),
+                Key("provider"),
+                Key(field),
+            ]
         };
         match &c.provider {
-            ProviderSpec::UserSecret { inject, allowed_headers, .. } => {
+            ProviderSpec::UserSecret {
+                inject,
+                allowed_headers,
+                ..
+            } => {
                 if c.secret.is_none() {
-                    return Err(ctx.err(&at("secret"), "user-secret needs a secret source (file or env)"));
+                    return Err(ctx.err(
+                        &at("secret"),
+                        "user-secret needs a secret source (file or env)",
+                    ));
                 }
                 validate_injection(ctx, inject, &provider_at("inject"))?;
                 if let Some(list) = allowed_headers
@@ -377,7 +449,10 @@ fn validate(ctx: &Ctx<'_>, doc: &PolicyDocument, now: OffsetDateTime) -> Result<
             }
             ProviderSpec::AnthropicApiKey { allowed_headers } => {
                 if c.secret.is_none() {
-                    return Err(ctx.err(&at("secret"), "anthropic-api-key needs a secret source (file or env)"));
+                    return Err(ctx.err(
+                        &at("secret"),
+                        "anthropic-api-key needs a secret source (file or env)",
+                    ));
                 }
                 if let Some(list) = allowed_headers
                     && list.iter().any(|h| !validate_header_name(h))
@@ -387,10 +462,16 @@ fn validate(ctx: &Ctx<'_>, doc: &PolicyDocument, now: OffsetDateTime) -> Result<
             }
             ProviderSpec::PatPool { inject, secrets } => {
                 if c.secret.is_some() {
-                    return Err(ctx.err(&at("secret"), "pat-pool takes its tokens from provider.secrets, not secret"));
+                    return Err(ctx.err(
+                        &at("secret"),
+                        "pat-pool takes its tokens from provider.secrets, not secret",
+                    ));
                 }
                 if secrets.is_empty() {
-                    return Err(ctx.err(&provider_at("secrets"), "a PAT pool needs at least one token"));
+                    return Err(ctx.err(
+                        &provider_at("secrets"),
+                        "a PAT pool needs at least one token",
+                    ));
                 }
                 validate_injection(ctx, inject, &provider_at("inject"))?;
             }
@@ -408,7 +489,9 @@ fn validate(ctx: &Ctx<'_>, doc: &PolicyDocument, now: OffsetDateTime) -> Result<
             return Err(ctx.err(&at("ports"), "must list at least one non-zero port"));
         }
     }
-    let Some(discovery) = &spec.discovery else { return Ok(None) };
+    let Some(discovery) = &spec.discovery else {
+        return Ok(None);
+    };
     let at = [Key("spec"), Key("discovery"), Key("until")];
     let until = OffsetDateTime::parse(&discovery.until, &Rfc3339)
         .map_err(|e| ctx.err(&at, format!("not an RFC 3339 timestamp: {e}")))?;
@@ -418,7 +501,11 @@ fn validate(ctx: &Ctx<'_>, doc: &PolicyDocument, now: OffsetDateTime) -> Result<
     Ok(Some(until))
 }
 
-fn validate_injection(ctx: &Ctx<'_>, inject: &Injection, at: &[Seg<'_>]) -> Result<(), PolicyError> {
+fn validate_injection(
+    ctx: &Ctx<'_>,
+    inject: &Injection,
+    at: &[Seg<'_>],
+) -> Result<(), PolicyError> {
     match inject {
         Injection::Header { name, prefix } => {
             if !validate_header_name(name) {
@@ -435,7 +522,10 @@ fn validate_injection(ctx: &Ctx<'_>, inject: &Injection, at: &[Seg<'_>]) -> Resu
         }
         Injection::Basic { username } => {
             if username.contains(':') || username.chars().any(char::is_control) {
-                return Err(ctx.err(at, "Basic username must not contain ':' or control characters"));
+                return Err(ctx.err(
+                    at,
+                    "Basic username must not contain ':' or control characters",
+                ));
             }
         }
     }
@@ -459,20 +549,35 @@ fn split_documents(text: &str) -> Vec<(usize, String)> {
     }
     out.push((start, current));
     out.into_iter()
-        .filter(|(_, doc)| doc.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')))
+        .filter(|(_, doc)| {
+            doc.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        })
         .collect()
 }
 
 impl Policy {
     /// Parses and validates the documents of one file's text.
-    pub fn parse_text(file: &Path, text: &str, now: OffsetDateTime) -> Result<Vec<LoadedPolicy>, PolicyError> {
+    pub fn parse_text(
+        file: &Path,
+        text: &str,
+        now: OffsetDateTime,
+    ) -> Result<Vec<LoadedPolicy>, PolicyError> {
         let mut out = Vec::new();
         for (offset, chunk) in split_documents(text) {
             let doc: PolicyDocument =
                 serde_yaml_ng::from_str(&chunk).map_err(|e| yaml_error(file, offset, &e))?;
-            let ctx = Ctx { file, text: &chunk, line_offset: offset };
+            let ctx = Ctx {
+                file,
+                text: &chunk,
+                line_offset: offset,
+            };
             let discovery_until = validate(&ctx, &doc, now)?;
-            out.push(LoadedPolicy { file: file.to_owned(), doc, discovery_until });
+            out.push(LoadedPolicy {
+                file: file.to_owned(),
+                doc,
+                discovery_until,
+            });
         }
         Ok(out)
     }
@@ -497,7 +602,10 @@ impl Policy {
                         file: d.file.clone(),
                         line: None,
                         field: "spec.credentials.name".into(),
-                        message: format!("credential {:?} is defined by more than one policy", c.name),
+                        message: format!(
+                            "credential {:?} is defined by more than one policy",
+                            c.name
+                        ),
                     });
                 }
             }
@@ -527,20 +635,36 @@ impl Policy {
 
     /// Every credential grant, with its policy.
     pub fn credentials(&self) -> impl Iterator<Item = (&LoadedPolicy, &CredentialGrant)> {
-        self.docs.iter().flat_map(|d| d.doc.spec.credentials.iter().map(move |c| (d, c)))
+        self.docs
+            .iter()
+            .flat_map(|d| d.doc.spec.credentials.iter().map(move |c| (d, c)))
     }
 
     /// The grant named `name`, if a policy applying to `run` grants it.
     #[must_use]
-    pub fn credential_for(&self, run: &RunInfo, name: &str) -> Option<(&LoadedPolicy, &CredentialGrant)> {
-        self.credentials().find(|(d, c)| c.name == name && d.doc.spec.applies_to.matches(run))
+    pub fn credential_for(
+        &self,
+        run: &RunInfo,
+        name: &str,
+    ) -> Option<(&LoadedPolicy, &CredentialGrant)> {
+        self.credentials()
+            .find(|(d, c)| c.name == name && d.doc.spec.applies_to.matches(run))
     }
 
     /// Decides whether `run` may reach `host:port`.
     #[must_use]
-    pub fn egress(&self, run: &RunInfo, host: &str, port: u16, now: OffsetDateTime) -> EgressDecision {
-        let applicable: Vec<&LoadedPolicy> =
-            self.docs.iter().filter(|d| d.doc.spec.applies_to.matches(run)).collect();
+    pub fn egress(
+        &self,
+        run: &RunInfo,
+        host: &str,
+        port: u16,
+        now: OffsetDateTime,
+    ) -> EgressDecision {
+        let applicable: Vec<&LoadedPolicy> = self
+            .docs
+            .iter()
+            .filter(|d| d.doc.spec.applies_to.matches(run))
+            .collect();
         let mut allowed_by: Option<&LoadedPolicy> = None;
         for d in &applicable {
             for grant in &d.doc.spec.egress {
@@ -573,7 +697,10 @@ impl Policy {
                 substitute_auth: false,
                 discovery: true,
                 policy: Some(d.name().to_owned()),
-                reason: format!("allowed by the discovery window of policy {} (audited)", d.name()),
+                reason: format!(
+                    "allowed by the discovery window of policy {} (audited)",
+                    d.name()
+                ),
             };
         }
         EgressDecision {
@@ -606,7 +733,9 @@ fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
         let p = entry.map_err(io_err)?.path();
         let is_yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
         // Skip editor and Kubernetes ConfigMap dot-files (..data symlink farms).
-        let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        let hidden = p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
         if is_yaml && !hidden && p.is_file() {
             files.push(p);
         }
@@ -682,10 +811,14 @@ impl PolicyStore {
     /// Reloads if any file changed. Returns `Ok(true)` when a new policy became active;
     /// on error the previous policy stays active.
     pub fn reload_if_changed(&self) -> Result<bool, PolicyError> {
-        let Some(path) = &self.path else { return Ok(false) };
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
         let sig = signature(path);
         {
-            let Ok(mut last) = self.last_signature.lock() else { return Ok(false) };
+            let Ok(mut last) = self.last_signature.lock() else {
+                return Ok(false);
+            };
             if *last == sig {
                 return Ok(false);
             }
@@ -696,7 +829,9 @@ impl PolicyStore {
 
     /// Reloads unconditionally.
     pub fn reload(&self) -> Result<bool, PolicyError> {
-        let Some(path) = &self.path else { return Ok(false) };
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
         let result = Policy::load(path, OffsetDateTime::now_utc());
         let mut last_error = self.last_error.lock().ok();
         match result {

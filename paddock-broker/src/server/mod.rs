@@ -41,7 +41,10 @@ pub(crate) struct State {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("invalid route table: {0}")]
     Routes(String),
 }
@@ -77,23 +80,56 @@ pub async fn spawn(options: ServerOptions) -> Result<Handle, ServerError> {
     routes::validate_routes(routes::ROUTES).map_err(ServerError::Routes)?;
     let listener = TcpListener::bind(options.listen)
         .await
-        .map_err(|source| ServerError::Bind { addr: options.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: options.listen, source })?;
+        .map_err(|source| ServerError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: options.listen,
+        source,
+    })?;
     let (shutdown, rx) = watch::channel(false);
-    let state = Arc::new(State { broker: options.broker.clone(), auth: options.auth.clone(), metrics: options.metrics.clone() });
-    let mut tasks = vec![tokio::spawn(api_loop(listener, TlsAcceptor::from(options.tls.clone()), state.clone(), rx.clone()))];
+    let state = Arc::new(State {
+        broker: options.broker.clone(),
+        auth: options.auth.clone(),
+        metrics: options.metrics.clone(),
+    });
+    let mut tasks = vec![tokio::spawn(api_loop(
+        listener,
+        TlsAcceptor::from(options.tls.clone()),
+        state.clone(),
+        rx.clone(),
+    ))];
     let mut admin_addr = None;
     if let Some(admin) = options.admin_listen {
-        let l = TcpListener::bind(admin).await.map_err(|source| ServerError::Bind { addr: admin, source })?;
-        admin_addr = Some(l.local_addr().map_err(|source| ServerError::Bind { addr: admin, source })?);
+        let l = TcpListener::bind(admin)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: admin,
+                source,
+            })?;
+        admin_addr = Some(l.local_addr().map_err(|source| ServerError::Bind {
+            addr: admin,
+            source,
+        })?);
         tasks.push(tokio::spawn(admin_loop(l, state.clone(), rx.clone())));
     }
     tasks.push(tokio::spawn(maintenance(options, rx)));
     tracing::info!(%addr, ?admin_addr, "broker listening");
-    Ok(Handle { addr, admin_addr, shutdown, tasks })
+    Ok(Handle {
+        addr,
+        admin_addr,
+        shutdown,
+        tasks,
+    })
 }
 
-async fn api_loop(listener: TcpListener, acceptor: TlsAcceptor, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+async fn api_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -166,7 +202,7 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watc
 /// Policy polling and rate-limit sweeping.
 async fn maintenance(options: ServerOptions, mut shutdown: watch::Receiver<bool>) {
     let mut sweep = tokio::time::interval(options.rate_limit_sweep);
-    let mut poll = tokio::time::interval(options.policy_poll.unwrap_or(Duration::from_secs(3600)));
+    let mut poll = tokio::time::interval(options.policy_poll.unwrap_or(Duration::from_hours(1)));
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,

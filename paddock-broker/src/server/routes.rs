@@ -44,25 +44,65 @@ pub struct Route {
 }
 
 pub const ROUTES: &[Route] = &[
-    Route { method: "POST", path: paths::ISSUE, scope: Some(Scope::Issue), op: Op::Issue },
-    Route { method: "POST", path: paths::RENEW, scope: Some(Scope::Renew), op: Op::Renew },
-    Route { method: "POST", path: paths::REVOKE, scope: Some(Scope::Revoke), op: Op::Revoke },
-    Route { method: "POST", path: paths::VALIDATE_EGRESS, scope: Some(Scope::ValidateEgress), op: Op::ValidateEgress },
-    Route { method: "POST", path: paths::SUBSTITUTE_AUTH, scope: Some(Scope::SubstituteAuth), op: Op::SubstituteAuth },
-    Route { method: "GET", path: paths::LEASES, scope: Some(Scope::LeasesRead), op: Op::Leases },
-    Route { method: "POST", path: paths::RUNS, scope: Some(Scope::Controller), op: Op::Runs },
+    Route {
+        method: "POST",
+        path: paths::ISSUE,
+        scope: Some(Scope::Issue),
+        op: Op::Issue,
+    },
+    Route {
+        method: "POST",
+        path: paths::RENEW,
+        scope: Some(Scope::Renew),
+        op: Op::Renew,
+    },
+    Route {
+        method: "POST",
+        path: paths::REVOKE,
+        scope: Some(Scope::Revoke),
+        op: Op::Revoke,
+    },
+    Route {
+        method: "POST",
+        path: paths::VALIDATE_EGRESS,
+        scope: Some(Scope::ValidateEgress),
+        op: Op::ValidateEgress,
+    },
+    Route {
+        method: "POST",
+        path: paths::SUBSTITUTE_AUTH,
+        scope: Some(Scope::SubstituteAuth),
+        op: Op::SubstituteAuth,
+    },
+    Route {
+        method: "GET",
+        path: paths::LEASES,
+        scope: Some(Scope::LeasesRead),
+        op: Op::Leases,
+    },
+    Route {
+        method: "POST",
+        path: paths::RUNS,
+        scope: Some(Scope::Controller),
+        op: Op::Runs,
+    },
 ];
 
 /// The body of every 401, byte for byte: no hint about why.
-pub const UNAUTHENTICATED_BODY: &str = r#"{"code":"Unauthenticated","message":"authentication required"}"#;
+pub const UNAUTHENTICATED_BODY: &str =
+    r#"{"code":"Unauthenticated","message":"authentication required"}"#;
 
 type Resp = Response<Full<Bytes>>;
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Resp {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
@@ -70,14 +110,24 @@ pub(crate) fn error_response(code: ErrorCode, message: impl Into<String>) -> Res
     if code == ErrorCode::Unauthenticated {
         return unauthenticated();
     }
-    let body = serde_json::to_vec(&ErrorBody { code, message: message.into() })
-        .unwrap_or_else(|_| br#"{"code":"Internal","message":"internal error"}"#.to_vec());
-    json_response(StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)
+    let body = serde_json::to_vec(&ErrorBody {
+        code,
+        message: message.into(),
+    })
+    .unwrap_or_else(|_| br#"{"code":"Internal","message":"internal error"}"#.to_vec());
+    json_response(
+        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        body,
+    )
 }
 
 fn unauthenticated() -> Resp {
-    let mut resp = json_response(StatusCode::UNAUTHORIZED, UNAUTHENTICATED_BODY.as_bytes().to_vec());
-    resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    let mut resp = json_response(
+        StatusCode::UNAUTHORIZED,
+        UNAUTHENTICATED_BODY.as_bytes().to_vec(),
+    );
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     resp
 }
 
@@ -100,13 +150,19 @@ fn bearer_of(req: &Request<Incoming>) -> Option<&str> {
 fn json_error_message(e: &serde_json::Error) -> String {
     let text = e.to_string();
     match e.classify() {
-        serde_json::error::Category::Data if text.starts_with("unknown field") || text.starts_with("missing field") => {
+        serde_json::error::Category::Data
+            if text.starts_with("unknown field") || text.starts_with("missing field") =>
+        {
             match text.find(", expected") {
                 Some(i) => format!("invalid request body: {}", &text[..i]),
                 None => format!("invalid request body: {text}"),
             }
         }
-        _ => format!("invalid request body: malformed or mistyped JSON at line {} column {}", e.line(), e.column()),
+        _ => format!(
+            "invalid request body: malformed or mistyped JSON at line {} column {}",
+            e.line(),
+            e.column()
+        ),
     }
 }
 
@@ -124,7 +180,9 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<
     let resp = dispatch(&state, route, req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     span.record("status", status);
-    state.metrics.observe_request(route_name, status, started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .observe_request(route_name, status, started.elapsed().as_secs_f64());
     span.in_scope(|| tracing::debug!(status, "request done"));
     Ok(resp)
 }
@@ -168,11 +226,22 @@ async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incomin
     };
     tracing::Span::current().record("caller", identity.subject.as_str());
     if !identity.has(scope) {
-        return error_response(ErrorCode::Forbidden, format!("caller lacks scope {}", scope.as_str()));
+        return error_response(
+            ErrorCode::Forbidden,
+            format!("caller lacks scope {}", scope.as_str()),
+        );
     }
     if route.op == Op::Leases {
         return match leases_query(req.uri().query()) {
-            Ok(run) => call(state, identity, run, |b: &Broker, id: &Identity, run: &String| b.leases(id, run)).await,
+            Ok(run) => {
+                call(
+                    state,
+                    identity,
+                    run,
+                    |b: &Broker, id: &Identity, run: &String| b.leases(id, run),
+                )
+                .await
+            }
             Err(msg) => error_response(ErrorCode::BadRequest, msg),
         };
     }
@@ -193,34 +262,74 @@ async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incomin
 
 fn leases_query(query: Option<&str>) -> Result<String, String> {
     let mut run = None;
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if k != "run" {
-            return Err(format!("unknown query parameter {:?}", percent_decode_str(k).decode_utf8_lossy()));
+            return Err(format!(
+                "unknown query parameter {:?}",
+                percent_decode_str(k).decode_utf8_lossy()
+            ));
         }
         if run.is_some() {
             return Err("run given more than once".into());
         }
-        run = Some(percent_decode_str(v).decode_utf8().map_err(|_| "run is not UTF-8".to_owned())?.into_owned());
+        run = Some(
+            percent_decode_str(v)
+                .decode_utf8()
+                .map_err(|_| "run is not UTF-8".to_owned())?
+                .into_owned(),
+        );
     }
-    run.filter(|r| !r.is_empty()).ok_or_else(|| "query parameter run is required".to_owned())
+    run.filter(|r| !r.is_empty())
+        .ok_or_else(|| "query parameter run is required".to_owned())
 }
 
 async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, Resp> {
-    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     let mime = content_type.split(';').next().unwrap_or_default().trim();
     if !mime.eq_ignore_ascii_case("application/json") {
-        return Err(error_response(ErrorCode::UnsupportedMediaType, "Content-Type must be application/json"));
+        return Err(error_response(
+            ErrorCode::UnsupportedMediaType,
+            "Content-Type must be application/json",
+        ));
     }
-    let too_large = || error_response(ErrorCode::PayloadTooLarge, format!("request body exceeds {MAX_BODY_BYTES} bytes"));
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        error_response(
+            ErrorCode::PayloadTooLarge,
+            format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+    match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(_) => Err(error_response(ErrorCode::BadRequest, "request body could not be read")),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(_) => Err(error_response(
+            ErrorCode::BadRequest,
+            "request body could not be read",
+        )),
     }
 }
 
@@ -240,7 +349,7 @@ where
     }
 }
 
-/// Runs a broker operation on the blocking pool (SQLite and fsync'd audit writes block).
+/// Runs a broker operation on the blocking pool (`SQLite` and fsync'd audit writes block).
 async fn call<Req, Out>(
     state: &Arc<State>,
     identity: Identity,
@@ -253,7 +362,9 @@ where
 {
     let broker = state.broker.clone();
     let span = tracing::Span::current();
-    let result = tokio::task::spawn_blocking(move || span.in_scope(|| op(&broker, &identity, &request))).await;
+    let result =
+        tokio::task::spawn_blocking(move || span.in_scope(|| op(&broker, &identity, &request)))
+            .await;
     match result {
         Ok(Ok(out)) => ok_json(&out),
         Ok(Err(e)) => {
@@ -282,7 +393,10 @@ pub fn validate_routes(routes: &[Route]) -> Result<(), String> {
             return Err(format!("route {} is declared twice", r.path));
         }
     }
-    if !routes.iter().any(|r| r.path == wire::paths::SUBSTITUTE_AUTH) {
+    if !routes
+        .iter()
+        .any(|r| r.path == wire::paths::SUBSTITUTE_AUTH)
+    {
         return Err("substitute-auth route missing".into());
     }
     Ok(())
@@ -310,10 +424,21 @@ mod tests {
 
     #[test]
     fn json_errors_do_not_echo_values() {
-        let e = serde_json::from_str::<wire::IssueRequest>(r#"{"run": 5, "credential": "pdk-secret"}"#).expect_err("bad");
+        let e =
+            serde_json::from_str::<wire::IssueRequest>(r#"{"run": 5, "credential": "pdk-secret"}"#)
+                .expect_err("bad");
         let msg = json_error_message(&e);
-        assert!(!msg.contains("pdk-secret") && msg.contains("line 1"), "{msg}");
-        let e = serde_json::from_str::<wire::IssueRequest>(r#"{"run":"a","credential":"b","extra":1}"#).expect_err("bad");
-        assert!(json_error_message(&e).contains("unknown field `extra`"), "{}", json_error_message(&e));
+        assert!(
+            !msg.contains("pdk-secret") && msg.contains("line 1"),
+            "{msg}"
+        );
+        let e =
+            serde_json::from_str::<wire::IssueRequest>(r#"{"run":"a","credential":"b","extra":1}"#)
+                .expect_err("bad");
+        assert!(
+            json_error_message(&e).contains("unknown field `extra`"),
+            "{}",
+            json_error_message(&e)
+        );
     }
 }

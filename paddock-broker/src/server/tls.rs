@@ -20,7 +20,10 @@ pub enum TlsError {
 }
 
 fn pem_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
-    TlsError::Pem { path: path.display().to_string(), message: e.to_string() }
+    TlsError::Pem {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -46,7 +49,8 @@ pub fn server_config(
     client_roots: Option<Vec<CertificateDer<'static>>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match client_roots {
         None => builder.with_no_client_auth(),
         Some(roots) => {
@@ -66,7 +70,11 @@ pub fn server_config(
 }
 
 /// Loads certificate, key and optional client CA from PEM files.
-pub fn from_files(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn from_files(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let roots = client_ca.map(load_certs).transpose()?;
     server_config(load_certs(cert)?, load_key(key)?, roots)
 }

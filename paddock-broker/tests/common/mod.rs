@@ -11,7 +11,10 @@ use std::{
 use paddock_broker::{
     Broker,
     audit::MemorySink,
-    auth::{AuthChain, Authenticator, Scope, StaticKeys, static_keys::{StaticKeyDefaults, format_line, hash_key}},
+    auth::{
+        AuthChain, Authenticator, Scope, StaticKeys,
+        static_keys::{StaticKeyDefaults, format_line, hash_key},
+    },
     metrics::Metrics,
     policy::PolicyStore,
     ratelimit::{RateLimitConfig, RateLimits},
@@ -27,6 +30,7 @@ pub const TEAM_A_KEY: &str = "team-a-key-0123456789";
 pub const TEAM_B_KEY: &str = "team-b-key-0123456789";
 pub const READ_ONLY_KEY: &str = "read-only-key-0123456789";
 
+#[derive(Debug)]
 pub struct Pki {
     pub ca_der: CertificateDer<'static>,
     pub server_chain: Vec<CertificateDer<'static>>,
@@ -35,10 +39,12 @@ pub struct Pki {
     pub client_key: PrivatePkcs8KeyDer<'static>,
 }
 
+#[must_use]
 pub fn pki() -> Pki {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key")).expect("ca");
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key")).expect("ca");
     let server_key = KeyPair::generate().expect("server key");
     let server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
         .expect("params")
@@ -58,6 +64,7 @@ pub fn pki() -> Pki {
     }
 }
 
+#[must_use]
 pub fn policy_yaml(dir: &Path) -> String {
     let s = |name: &str| dir.join(name).display().to_string();
     format!(
@@ -98,6 +105,7 @@ spec:
     )
 }
 
+#[derive(Debug)]
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub pki: Pki,
@@ -107,42 +115,54 @@ pub struct Env {
     pub client_cert: bool,
 }
 
+#[derive(Default, Debug)]
 pub struct EnvOptions {
     pub limits: RateLimitConfig,
     pub require_client_cert: bool,
     pub policy_poll: Option<Duration>,
 }
 
-impl Default for EnvOptions {
-    fn default() -> Self {
-        Self { limits: RateLimitConfig::default(), require_client_cert: false, policy_poll: None }
-    }
-}
-
+#[must_use]
 pub fn keys_text() -> String {
     let all: BTreeSet<Scope> = Scope::ALL.into_iter().collect();
-    let team: BTreeSet<Scope> = Scope::ALL.into_iter().filter(|s| *s != Scope::Controller).collect();
+    let team: BTreeSet<Scope> = Scope::ALL
+        .into_iter()
+        .filter(|s| *s != Scope::Controller)
+        .collect();
     [
         format_line("ctrl", &hash_key(CONTROLLER_KEY), "paddock-system", &all),
         format_line("team-a", &hash_key(TEAM_A_KEY), "team-a", &team),
         format_line("team-b", &hash_key(TEAM_B_KEY), "team-b", &team),
-        format_line("reader", &hash_key(READ_ONLY_KEY), "team-a", &BTreeSet::from([Scope::LeasesRead])),
+        format_line(
+            "reader",
+            &hash_key(READ_ONLY_KEY),
+            "team-a",
+            &BTreeSet::from([Scope::LeasesRead]),
+        ),
     ]
     .join("\n")
 }
 
 impl Env {
+    #[must_use]
     pub fn db_path(&self) -> PathBuf {
         self.dir.path().join("broker.db")
     }
 
+    #[must_use]
     pub fn policy_path(&self) -> PathBuf {
         self.dir.path().join("policy.yaml")
     }
 
     pub async fn start(opts: EnvOptions) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
-        for (name, value) in [("hdr", "ghp_real"), ("qry", "maps-real"), ("bas", "git-real"), ("p1", "pat-one"), ("p2", "pat-two")] {
+        for (name, value) in [
+            ("hdr", "ghp_real"),
+            ("qry", "maps-real"),
+            ("bas", "git-real"),
+            ("p1", "pat-one"),
+            ("p2", "pat-two"),
+        ] {
             std::fs::write(dir.path().join(name), value).expect("secret");
         }
         std::fs::write(dir.path().join("policy.yaml"), policy_yaml(dir.path())).expect("policy");
@@ -167,13 +187,19 @@ impl Env {
     pub async fn boot(&mut self, opts: &EnvOptions) {
         let policy = Arc::new(PolicyStore::load(&self.policy_path()).expect("policy"));
         let store = Store::open(&self.db_path()).expect("store");
-        self.broker = Arc::new(Broker::new(store, policy, self.audit.clone(), RateLimits::new(&opts.limits).expect("limits")));
+        self.broker = Arc::new(Broker::new(
+            store,
+            policy,
+            self.audit.clone(),
+            RateLimits::new(&opts.limits).expect("limits"),
+        ));
         let keys = StaticKeys::from_text(&keys_text(), StaticKeyDefaults::default()).expect("keys");
         let auth: Arc<dyn Authenticator> = Arc::new(AuthChain::new(vec![Arc::new(keys)]));
         let tls = tls::server_config(
             self.pki.server_chain.clone(),
             PrivateKeyDer::Pkcs8(self.pki.server_key.clone_key()),
-            opts.require_client_cert.then(|| vec![self.pki.ca_der.clone()]),
+            opts.require_client_cert
+                .then(|| vec![self.pki.ca_der.clone()]),
         )
         .expect("tls");
         let handle = server::spawn(ServerOptions {
@@ -184,7 +210,7 @@ impl Env {
             auth,
             metrics: Arc::new(Metrics::new()),
             policy_poll: opts.policy_poll,
-            rate_limit_sweep: Duration::from_secs(60),
+            rate_limit_sweep: Duration::from_mins(1),
         })
         .await
         .expect("spawn");
@@ -200,13 +226,18 @@ impl Env {
     fn connector(&self, with_client_cert: bool) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.pki.ca_der.clone()).expect("root");
-        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .expect("tls13")
-            .with_root_certificates(roots);
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots);
         let config = if with_client_cert {
             builder
-                .with_client_auth_cert(self.pki.client_chain.clone(), PrivateKeyDer::Pkcs8(self.pki.client_key.clone_key()))
+                .with_client_auth_cert(
+                    self.pki.client_chain.clone(),
+                    PrivateKeyDer::Pkcs8(self.pki.client_key.clone_key()),
+                )
                 .expect("client cert")
         } else {
             builder.with_no_client_auth()
@@ -215,11 +246,18 @@ impl Env {
     }
 
     /// Sends raw request bytes over TLS and returns (status, head, body).
-    pub async fn raw_with(&self, request: &[u8], with_client_cert: bool) -> std::io::Result<(u16, String, Vec<u8>)> {
+    pub async fn raw_with(
+        &self,
+        request: &[u8],
+        with_client_cert: bool,
+    ) -> std::io::Result<(u16, String, Vec<u8>)> {
         let addr = self.handle.as_ref().expect("running").addr;
         let io = async {
             let tcp = tokio::net::TcpStream::connect(addr).await?;
-            let mut tls = self.connector(with_client_cert).connect(ServerName::try_from("localhost").expect("name"), tcp).await?;
+            let mut tls = self
+                .connector(with_client_cert)
+                .connect(ServerName::try_from("localhost").expect("name"), tcp)
+                .await?;
             tls.write_all(request).await?;
             tls.flush().await?;
             let mut out = Vec::new();
@@ -231,53 +269,88 @@ impl Env {
             }
             Ok(out)
         };
-        let out = tokio::time::timeout(Duration::from_secs(10), io).await.map_err(|_| std::io::Error::other("timeout"))??;
+        let out = tokio::time::timeout(Duration::from_secs(10), io)
+            .await
+            .map_err(|_| std::io::Error::other("timeout"))??;
         parse_response(&out)
     }
 
     pub async fn raw(&self, request: &[u8]) -> (u16, String, Vec<u8>) {
-        self.raw_with(request, self.client_cert).await.expect("request")
+        self.raw_with(request, self.client_cert)
+            .await
+            .expect("request")
     }
 
-    pub async fn post(&self, path: &str, key: Option<&str>, body: &str) -> (u16, serde_json::Value) {
-        let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    pub async fn post(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
+        let auth = key
+            .map(|k| format!("Authorization: Bearer {k}\r\n"))
+            .unwrap_or_default();
         let req = format!(
             "POST {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         let (status, _, body) = self.raw(req.as_bytes()).await;
-        (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+        (
+            status,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     pub async fn get(&self, path: &str, key: &str) -> (u16, serde_json::Value) {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n");
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+        );
         let (status, _, body) = self.raw(req.as_bytes()).await;
-        (status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null))
+        (
+            status,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
-        let addr = self.handle.as_ref().and_then(|h| h.admin_addr).expect("admin");
+        let addr = self
+            .handle
+            .as_ref()
+            .and_then(|h| h.admin_addr)
+            .expect("admin");
         let io = async {
             let mut tcp = tokio::net::TcpStream::connect(addr).await?;
-            tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+            tcp.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
             let mut out = Vec::new();
             tcp.read_to_end(&mut out).await?;
             Ok::<_, std::io::Error>(out)
         };
-        let out = tokio::time::timeout(Duration::from_secs(10), io).await.expect("timeout").expect("admin io");
+        let out = tokio::time::timeout(Duration::from_secs(10), io)
+            .await
+            .expect("timeout")
+            .expect("admin io");
         let (status, _, body) = parse_response(&out).expect("parse");
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
     pub async fn register(&self, run: &str, namespace: &str, phase: &str) {
-        let body = format!(r#"{{"run":"{run}","namespace":"{namespace}","template":"t","phase":"{phase}"}}"#);
+        let body = format!(
+            r#"{{"run":"{run}","namespace":"{namespace}","template":"t","phase":"{phase}"}}"#
+        );
         let (status, v) = self.post("/v1/runs", Some(CONTROLLER_KEY), &body).await;
         assert_eq!(status, 200, "{v}");
     }
 }
 
 fn parse_response(out: &[u8]) -> std::io::Result<(u16, String, Vec<u8>)> {
-    let split = out.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no header end"))?;
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no header end"))?;
     let head = String::from_utf8_lossy(&out[..split]).into_owned();
     let status = head
         .split_whitespace()
