@@ -18,7 +18,7 @@ use crate::{
     auth::{Identity, RunDirectory, Scope},
     bearer,
     policy::{PolicyStore, hosts},
-    providers::{self, Placement, ProviderError, decode_basic},
+    providers::{self, Placement, ProviderContext, ProviderError, decode_basic},
     ratelimit::{KIND_ISSUE, KIND_SUBSTITUTE, RateLimitError, RateLimits},
     store::{NewLease, PoolRequest, Store, StoreError},
     wire::{
@@ -134,6 +134,7 @@ pub struct Broker {
     policy: Arc<PolicyStore>,
     audit: Arc<dyn AuditSink>,
     limits: RateLimits,
+    providers: ProviderContext,
 }
 
 impl Broker {
@@ -149,6 +150,7 @@ impl Broker {
             policy,
             audit,
             limits,
+            providers: ProviderContext::default(),
         }
     }
 
@@ -306,7 +308,7 @@ impl Broker {
             self.deny_issue(caller, &run, &req.credential, &msg)?;
             return Err(BrokerError::Forbidden(msg));
         };
-        let provider = providers::for_grant(grant);
+        let provider = providers::for_grant(grant, &self.providers);
         let bearer = (grant.delivery.mode == DeliveryMode::ProxyInjected)
             .then(|| bearer::generate(provider.kind()));
         let now = now_secs();
@@ -430,7 +432,7 @@ impl Broker {
                 lease.credential, run.run
             ));
         };
-        let provider = providers::for_grant(grant);
+        let provider = providers::for_grant(grant, &self.providers);
         if provider.kind() != lease.provider {
             return fail(format!("credential {} changed provider", lease.credential));
         }
@@ -509,7 +511,7 @@ impl Broker {
             .current()
             .credentials()
             .find(|(_, g)| g.name == lease.credential)
-            && let Err(e) = providers::for_grant(grant).revoke(&lease)
+            && let Err(e) = providers::for_grant(grant, &self.providers).revoke(&lease)
         {
             tracing::warn!(lease = %lease.lease_id, error = %e, "provider-side revocation failed");
         }
@@ -657,7 +659,7 @@ impl Broker {
             ));
             return Err(self.deny_substitution(caller, &run, req, Some(&lease), e));
         };
-        let provider = providers::for_grant(grant);
+        let provider = providers::for_grant(grant, &self.providers);
         if grant.delivery.mode != DeliveryMode::ProxyInjected
             || provider.kind() != lease.provider
             || !grant.hosts.iter().any(|p| hosts::matches(p, &req.host))

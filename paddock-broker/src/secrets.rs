@@ -57,20 +57,39 @@ impl SecretSource {
         }
     }
 
-    /// Reads the secret now. Trailing newlines (common in mounted files) are removed; other
-    /// control characters are refused because they would allow header injection.
-    pub fn read(&self) -> Result<Secret, SecretError> {
-        let raw = match self {
+    /// Reads a multi-line secret (a PEM key) now; only NUL and other non-whitespace control
+    /// characters are refused. Never put the result into a header.
+    pub fn read_multiline(&self) -> Result<Secret, SecretError> {
+        let raw = self.read_raw()?;
+        let value = raw.trim().to_owned();
+        if value.is_empty() {
+            return Err(SecretError::Empty(self.describe()));
+        }
+        if value
+            .chars()
+            .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+        {
+            return Err(SecretError::Invalid(self.describe()));
+        }
+        Ok(Secret(value))
+    }
+
+    fn read_raw(&self) -> Result<String, SecretError> {
+        match self {
             SecretSource::File(path) => {
                 std::fs::read_to_string(path).map_err(|e| SecretError::File {
                     path: path.clone(),
                     kind: e.kind(),
-                })?
+                })
             }
-            SecretSource::Env(var) => {
-                std::env::var(var).map_err(|_| SecretError::Env(var.clone()))?
-            }
-        };
+            SecretSource::Env(var) => std::env::var(var).map_err(|_| SecretError::Env(var.clone())),
+        }
+    }
+
+    /// Reads the secret now. Trailing newlines (common in mounted files) are removed; other
+    /// control characters are refused because they would allow header injection.
+    pub fn read(&self) -> Result<Secret, SecretError> {
+        let raw = self.read_raw()?;
         let value = raw.trim_end_matches(['\r', '\n']).to_owned();
         if value.is_empty() {
             return Err(SecretError::Empty(self.describe()));

@@ -681,3 +681,88 @@ fn validate_egress_decisions() {
             .any(|e| e.event == AuditKind::EgressDenied)
     );
 }
+
+#[test]
+fn github_app_basic_placeholder_end_to_end() {
+    let gh = crate::providers::github_app::fake::start(7, 42);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("app.pem");
+    std::fs::write(&key, crate::providers::github_app::fake::TEST_KEY_PEM).expect("key");
+    let text = format!(
+        "\
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata:
+  name: gh-app
+spec:
+  appliesTo:
+    namespaces: [team-a]
+  credentials:
+    - name: github
+      provider:
+        kind: github-app
+        appId: 7
+        installationId: 42
+        privateKey: {{file: {key}}}
+        apiBaseUrl: {base}
+        repositories: [octo/repo]
+      hosts: [github.com, api.github.com]
+  egress:
+    - hosts: [github.com, api.github.com]
+      ports: [443]
+      substituteAuth: true
+",
+        key = key.display(),
+        base = gh.base_url
+    );
+    let docs =
+        Policy::parse_text(Path::new("gh.yaml"), &text, OffsetDateTime::now_utc()).expect("policy");
+    let audit = Arc::new(MemorySink::default());
+    let broker = Broker::new(
+        Store::open_in_memory().expect("store"),
+        Arc::new(PolicyStore::fixed(Policy::from_docs(docs).expect("set"))),
+        audit,
+        RateLimits::new(&RateLimitConfig::default()).expect("limits"),
+    );
+    broker
+        .upsert_run(
+            &controller(),
+            &RunUpsertRequest {
+                run: "r1".into(),
+                namespace: "team-a".into(),
+                template: "t".into(),
+                phase: RunPhase::Running,
+            },
+        )
+        .expect("run");
+    let issued = broker
+        .issue(
+            &team_a(),
+            &IssueRequest {
+                run: "r1".into(),
+                credential: "github".into(),
+            },
+        )
+        .expect("issue");
+    assert!(issued.value.starts_with("pdk-github-app-"));
+    let basic = format!(
+        "Basic {}",
+        STANDARD.encode(format!("x-access-token:{}", issued.value))
+    );
+    let out = broker
+        .substitute_auth(
+            &team_a(),
+            &sub("r1", "github.com", vec![("Authorization", basic)], None),
+        )
+        .expect("substitute");
+    let ba = out.basic_auth.expect("basic");
+    assert_eq!(
+        (ba.username.as_str(), ba.password.as_str()),
+        ("x-access-token", "ghs_fake_1")
+    );
+    assert_eq!(
+        gh.fetches.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "issue warmed the cache; substitution reused it"
+    );
+}

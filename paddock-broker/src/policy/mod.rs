@@ -150,6 +150,21 @@ pub enum ProviderSpec {
         inject: Injection,
         secrets: Vec<SecretSource>,
     },
+    /// A GitHub App installation token (RS256 app JWT exchanged at the API).
+    GithubApp {
+        app_id: u64,
+        installation_id: u64,
+        private_key: SecretSource,
+        /// Defaults to `https://api.github.com`; `http` only for loopback hosts.
+        #[serde(default)]
+        api_base_url: Option<String>,
+        /// Repositories the token is scoped to (empty: all the installation can reach).
+        #[serde(default)]
+        repositories: Vec<String>,
+        /// CA bundle for GitHub Enterprise Server with a private CA.
+        #[serde(default)]
+        ca_file: Option<std::path::PathBuf>,
+    },
 }
 
 impl ProviderSpec {
@@ -159,6 +174,7 @@ impl ProviderSpec {
             ProviderSpec::UserSecret { .. } => "user-secret",
             ProviderSpec::AnthropicApiKey { .. } => "anthropic-api-key",
             ProviderSpec::PatPool { .. } => "pat-pool",
+            ProviderSpec::GithubApp { .. } => "github-app",
         }
     }
 }
@@ -403,10 +419,13 @@ fn validate(
                         "in-container delivery exposes the real secret to the workload and needs an explicit acceptedReason",
                     ));
                 }
-                if matches!(c.provider, ProviderSpec::PatPool { .. }) {
+                if matches!(
+                    c.provider,
+                    ProviderSpec::PatPool { .. } | ProviderSpec::GithubApp { .. }
+                ) {
                     return Err(ctx.err(
                         &at("delivery"),
-                        "pat-pool credentials are proxy-injected only",
+                        format!("{} credentials are proxy-injected only", c.provider.kind()),
                     ));
                 }
             }
@@ -458,6 +477,31 @@ fn validate(
                     && list.iter().any(|h| !validate_header_name(h))
                 {
                     return Err(ctx.err(&provider_at("allowedHeaders"), "invalid header name"));
+                }
+            }
+            ProviderSpec::GithubApp {
+                app_id,
+                installation_id,
+                api_base_url,
+                ..
+            } => {
+                if c.secret.is_some() {
+                    return Err(ctx.err(
+                        &at("secret"),
+                        "github-app takes its key from provider.privateKey, not secret",
+                    ));
+                }
+                if *app_id == 0 {
+                    return Err(ctx.err(&provider_at("appId"), "must be a GitHub App id"));
+                }
+                if *installation_id == 0 {
+                    return Err(
+                        ctx.err(&provider_at("installationId"), "must be an installation id")
+                    );
+                }
+                if let Some(url) = api_base_url {
+                    crate::providers::http_client::validate_base_url(url)
+                        .map_err(|m| ctx.err(&provider_at("apiBaseUrl"), m))?;
                 }
             }
             ProviderSpec::PatPool { inject, secrets } => {

@@ -3,7 +3,10 @@
 //! Providers are built from the current policy grant on every use, so a policy reload takes
 //! effect immediately and there is no provider state to drift from the policy.
 
-use std::collections::BTreeSet;
+pub mod github_app;
+pub mod http_client;
+
+use std::{collections::BTreeSet, sync::Arc};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 
@@ -19,6 +22,14 @@ pub enum ProviderError {
     Secret(#[from] SecretError),
     #[error("provider misconfigured: {0}")]
     Misconfigured(String),
+    #[error("provider back-end unavailable: {0}")]
+    Backend(String),
+}
+
+/// State shared by providers across requests (providers themselves are rebuilt per use).
+#[derive(Debug, Default, Clone)]
+pub struct ProviderContext {
+    pub github: Arc<github_app::GithubTokens>,
 }
 
 /// Where a placeholder was found on the intercepted request.
@@ -87,8 +98,28 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
 
 /// Builds the provider for a grant.
 #[must_use]
-pub fn for_grant(grant: &CredentialGrant) -> Box<dyn Provider> {
+pub fn for_grant(grant: &CredentialGrant, ctx: &ProviderContext) -> Box<dyn Provider> {
     match &grant.provider {
+        ProviderSpec::GithubApp {
+            app_id,
+            installation_id,
+            private_key,
+            api_base_url,
+            repositories,
+            ca_file,
+        } => Box::new(github_app::GithubApp {
+            config: github_app::GithubAppConfig {
+                app_id: *app_id,
+                installation_id: *installation_id,
+                private_key: private_key.clone(),
+                api_base_url: api_base_url
+                    .clone()
+                    .unwrap_or_else(|| github_app::DEFAULT_API_BASE.to_owned()),
+                repositories: repositories.clone(),
+                ca_file: ca_file.clone(),
+            },
+            tokens: ctx.github.clone(),
+        }),
         ProviderSpec::UserSecret {
             inject,
             allowed_headers,
