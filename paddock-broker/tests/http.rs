@@ -462,7 +462,7 @@ async fn bad_input_gets_clear_4xx() {
     assert_eq!(env.raw(req.as_bytes()).await.0, 415);
     let huge = format!(
         "GET /v1/leases?run=r1 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TEAM_A_KEY}\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
-        "b".repeat(100 * 1024)
+        "b".repeat(40 * 1024)
     );
     let (status, _, _) = env.raw(huge.as_bytes()).await;
     assert_eq!(status, 431);

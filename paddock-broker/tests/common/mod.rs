@@ -258,14 +258,19 @@ impl Env {
                 .connector(with_client_cert)
                 .connect(ServerName::try_from("localhost").expect("name"), tcp)
                 .await?;
-            tls.write_all(request).await?;
-            tls.flush().await?;
+            // The server may answer (e.g. 431) and close before the whole request is written;
+            // the answer is still readable, so a write error is only fatal if nothing comes back.
+            let written = async {
+                tls.write_all(request).await?;
+                tls.flush().await
+            }
+            .await;
             let mut out = Vec::new();
             match tls.read_to_end(&mut out).await {
                 Ok(_) => {}
                 // Peers may close without close_notify after a complete response.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => {}
-                Err(e) => return Err(e),
+                Err(_) if !out.is_empty() => {}
+                Err(e) => return Err(written.err().unwrap_or(e)),
             }
             Ok(out)
         };
