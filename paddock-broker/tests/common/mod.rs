@@ -364,3 +364,51 @@ fn parse_response(out: &[u8]) -> std::io::Result<(u16, String, Vec<u8>)> {
         .ok_or_else(|| std::io::Error::other("no status"))?;
     Ok((status, head, out[split + 4..].to_vec()))
 }
+
+/// One request over TLS to `addr`, trusting `ca`; returns (status, body as JSON or Null).
+pub async fn tls_json(
+    addr: std::net::SocketAddr,
+    ca: &CertificateDer<'static>,
+    request: &str,
+) -> (u16, serde_json::Value) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).expect("root");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("tls13")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let io = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await?;
+        tls.write_all(request.as_bytes()).await?;
+        let mut out = Vec::new();
+        match tls.read_to_end(&mut out).await {
+            Ok(_) => {}
+            Err(_) if !out.is_empty() => {}
+            Err(e) => return Err(e),
+        }
+        Ok::<_, std::io::Error>(out)
+    };
+    let out = tokio::time::timeout(Duration::from_secs(10), io)
+        .await
+        .expect("timeout")
+        .expect("io");
+    let (status, _, body) = parse_response(&out).expect("response");
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A JSON POST request with `Connection: close`.
+pub fn post_request(path: &str, key: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
