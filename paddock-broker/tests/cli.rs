@@ -135,6 +135,35 @@ fn policy_check_reports_file_line_and_field() {
 struct Served {
     child: Child,
     addr: SocketAddr,
+    logs: mpsc::Receiver<serde_json::Value>,
+}
+
+impl Served {
+    /// Waits (bounded) for a log line whose message contains `needle`.
+    fn wait_log(&self, needle: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .logs
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line containing {needle:?}"));
+            if line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(needle))
+            {
+                return line;
+            }
+        }
+    }
+
+    fn hangup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
 }
 
 impl Drop for Served {
@@ -157,19 +186,31 @@ fn serve(config: &Path) -> Served {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && v["fields"]["message"] == "broker listening"
-                && let Some(addr) = v["fields"]["addr"]
-                    .as_str()
-                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                && tx.send(v).is_err()
             {
-                let _ = tx.send(addr);
+                return;
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("broker did not report its address");
-    Served { child, addr }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let v = rx
+            .recv_timeout(left)
+            .expect("broker did not report its address");
+        if v["fields"]["message"] == "broker listening"
+            && let Some(addr) = v["fields"]["addr"]
+                .as_str()
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+        {
+            break addr;
+        }
+    };
+    Served {
+        child,
+        addr,
+        logs: rx,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,6 +346,27 @@ async fn killed_and_restarted_process_keeps_pool_reservations() {
     assert_ne!(
         v1["set_headers"][0]["value"], v2["set_headers"][0]["value"],
         "no PAT leased twice"
+    );
+
+    // SIGHUP reloads the keys file; a broken file keeps the previous keys.
+    let leases = "GET /v1/leases?run=r1 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer rotated-key-1\r\nConnection: close\r\n\r\n";
+    assert_eq!(tls_json(served.addr, &ca, leases).await.0, 401);
+    let rotated = format!(
+        "{}\nrot:{}:team-a:broker:leases:read\n",
+        keys_text(),
+        paddock_broker::auth::static_keys::hash_key("rotated-key-1")
+    );
+    std::fs::write(d.join("keys"), rotated).expect("keys");
+    served.hangup();
+    served.wait_log("static keys reloaded");
+    assert_eq!(tls_json(served.addr, &ca, leases).await.0, 200);
+    std::fs::write(d.join("keys"), "this is not a keys file\n").expect("keys");
+    served.hangup();
+    served.wait_log("static keys reload rejected");
+    assert_eq!(
+        tls_json(served.addr, &ca, leases).await.0,
+        200,
+        "previous keys stay active"
     );
     drop(served);
 

@@ -501,3 +501,14 @@ async fn client_certificate_required_when_configured() {
         "authenticated and reached the broker (unknown run for the controller)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_tls13_is_offered() {
+    let env = Env::start(EnvOptions::default()).await;
+    assert!(
+        !env.tls12_handshake_succeeds().await,
+        "TLS 1.2 must be refused"
+    );
+    let (status, _) = env.get("/v1/leases?run=none", CONTROLLER_KEY).await;
+    assert_eq!(status, 404, "TLS 1.3 works");
+}

@@ -245,6 +245,30 @@ impl Env {
         tokio_rustls::TlsConnector::from(Arc::new(config))
     }
 
+    /// Whether a TLS 1.2-only client completes a handshake (it must not: TLS 1.3 only).
+    pub async fn tls12_handshake_succeeds(&self) -> bool {
+        let addr = self.handle.as_ref().expect("running").addr;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.pki.ca_der.clone()).expect("root");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .expect("tls12")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(ServerName::try_from("localhost").expect("name"), tcp)
+                .await
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), attempt).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Sends raw request bytes over TLS and returns (status, head, body).
     pub async fn raw_with(
         &self,
