@@ -192,3 +192,14 @@ fn store_keeps_old_policy_when_new_one_is_broken() {
     );
     assert!(store.last_error().is_none());
 }
+
+#[test]
+fn unknown_field_inside_provider_points_at_its_line() {
+    let text = GOOD.replace(
+        "        kind: user-secret\n",
+        "        kind: user-secret\n        bogus: 1\n",
+    );
+    let e = err_of(&text);
+    assert_eq!(e.line, Some(13), "{e}");
+    assert_eq!(e.field, "spec.credentials[0].provider.bogus", "{e}");
+}
