@@ -382,6 +382,25 @@ impl Store {
         })
     }
 
+    /// Deletes leases that expired or were revoked before `cutoff` (and their reservations).
+    /// Returns how many were removed. Live leases are never touched.
+    pub fn purge_before(&self, cutoff: u64) -> Result<usize, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM pool_slots WHERE lease_id IN
+                 (SELECT lease_id FROM leases WHERE expires_at < ?1 OR (revoked = 1 AND issued_at < ?1))",
+                [to_i64(cutoff)],
+            )?;
+            let n = tx.execute(
+                "DELETE FROM leases WHERE expires_at < ?1 OR (revoked = 1 AND issued_at < ?1)",
+                [to_i64(cutoff)],
+            )?;
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
     /// Cheap liveness probe for readiness.
     pub fn ping(&self) -> Result<(), StoreError> {
         self.with(|c| {
@@ -460,6 +479,23 @@ mod tests {
             .expect("present");
         assert_eq!((found.lease_id.as_str(), found.pool_slot), ("l2", Some(1)));
         assert_eq!(s.pool_reservations("pats").expect("list").len(), 2);
+    }
+
+    #[test]
+    fn purge_removes_only_dead_leases() {
+        let s = Store::open_in_memory().expect("open");
+        let pool = Some(PoolRequest { pool: "p", size: 3 });
+        s.insert_lease(&lease("old", "r1", "p", 1, 150), pool, 100)
+            .expect("old");
+        s.insert_lease(&lease("live", "r2", "p", 2, 10_000), pool, 100)
+            .expect("live");
+        s.insert_lease(&lease("rev", "r3", "p", 3, 10_000), pool, 100)
+            .expect("rev");
+        s.revoke("rev").expect("revoke");
+        assert_eq!(s.purge_before(200).expect("purge"), 2);
+        assert!(s.lease("live").expect("q").is_some());
+        assert!(s.lease("old").expect("q").is_none() && s.lease("rev").expect("q").is_none());
+        assert_eq!(s.pool_reservations("p").expect("list").len(), 1);
     }
 
     #[test]

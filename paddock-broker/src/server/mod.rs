@@ -68,6 +68,7 @@ impl Handle {
     }
 }
 
+const LEASE_RETENTION_SECS: u64 = 7 * 24 * 3600;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request head limit: room for large JWTs, small enough that huge headers get 431.
@@ -208,6 +209,15 @@ async fn maintenance(options: ServerOptions, mut shutdown: watch::Receiver<bool>
             _ = shutdown.changed() => return,
             _ = sweep.tick() => {
                 options.broker.rate_limits().sweep();
+                // Dead leases are kept a week for `leases list` and investigations.
+                let broker = options.broker.clone();
+                let cutoff = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+                    .saturating_sub(LEASE_RETENTION_SECS);
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || broker.store().purge_before(cutoff)).await {
+                    tracing::warn!(error = %e, "purging old leases failed");
+                }
                 options.metrics.set_rate_limit_buckets(options.broker.rate_limits().buckets());
             }
             _ = poll.tick(), if options.policy_poll.is_some() => {
