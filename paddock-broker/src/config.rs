@@ -190,3 +190,41 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
         static_keys,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn readme_block(n: usize) -> String {
+        let readme = include_str!("../README.md");
+        readme
+            .split("```yaml")
+            .nth(n)
+            .and_then(|b| b.split("```").next())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[test]
+    fn readme_examples_parse() {
+        let config: Config =
+            serde_yaml_ng::from_str(&readme_block(1)).expect("README config parses");
+        assert_eq!(config.rate_limits, RateLimitConfig::default());
+        assert!(config.tls.client_ca.is_some() && config.admin_listen.is_some());
+        let docs = crate::policy::Policy::parse_text(
+            Path::new("README.md"),
+            &readme_block(2),
+            time::OffsetDateTime::now_utc(),
+        );
+        // The discovery date in the example is absolute; only a too-far window may fail.
+        if let Err(e) = docs {
+            assert_eq!(e.field, "spec.discovery.until", "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_config_fields_are_rejected() {
+        let text = readme_block(1).replace("policyPollSeconds", "policyPolSeconds");
+        assert!(serde_yaml_ng::from_str::<Config>(&text).is_err());
+    }
+}
