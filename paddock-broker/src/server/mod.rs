@@ -68,6 +68,8 @@ impl Handle {
     }
 }
 
+/// Concurrent API connections.
+const MAX_CONNECTIONS: usize = 4096;
 const LEASE_RETENTION_SECS: u64 = 7 * 24 * 3600;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -131,6 +133,7 @@ async fn api_loop(
     state: Arc<State>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -144,10 +147,17 @@ async fn api_loop(
                 continue;
             }
         };
+        // Bounded concurrency: beyond the limit new connections are closed at once.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing");
+            drop(tcp);
+            continue;
+        };
         let acceptor = acceptor.clone();
         let state = state.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {

@@ -88,6 +88,9 @@ pub const ROUTES: &[Route] = &[
     },
 ];
 
+/// A slow client may not hold a connection and a blocking-pool slot open indefinitely.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The body of every 401, byte for byte: no hint about why.
 pub const UNAUTHENTICATED_BODY: &str =
     r#"{"code":"Unauthenticated","message":"authentication required"}"#;
@@ -315,10 +318,18 @@ async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, Resp> {
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
+    let collected = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY_BYTES).collect(),
+    )
+    .await;
+    let Ok(collected) = collected else {
+        return Err(error_response(
+            ErrorCode::BadRequest,
+            "request body not received in time",
+        ));
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
