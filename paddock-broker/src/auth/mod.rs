@@ -25,16 +25,6 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub const ALL: [Scope; 7] = [
-        Scope::Issue,
-        Scope::Renew,
-        Scope::Revoke,
-        Scope::ValidateEgress,
-        Scope::SubstituteAuth,
-        Scope::LeasesRead,
-        Scope::Controller,
-    ];
-
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -50,9 +40,19 @@ impl Scope {
 
     #[must_use]
     pub fn parse(s: &str) -> Option<Scope> {
-        Scope::ALL.into_iter().find(|scope| scope.as_str() == s)
+        ALL_SCOPES.into_iter().find(|scope| scope.as_str() == s)
     }
 }
+
+const ALL_SCOPES: [Scope; 7] = [
+    Scope::Issue,
+    Scope::Renew,
+    Scope::Revoke,
+    Scope::ValidateEgress,
+    Scope::SubstituteAuth,
+    Scope::LeasesRead,
+    Scope::Controller,
+];
 
 /// Who is calling, after authentication. Never contains the bearer.
 #[derive(Clone, Debug, PartialEq, Eq)]

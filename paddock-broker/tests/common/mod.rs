@@ -25,6 +25,17 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair}
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Every scope (the auth contract exposes no list).
+pub const ALL_SCOPES: [Scope; 7] = [
+    Scope::Issue,
+    Scope::Renew,
+    Scope::Revoke,
+    Scope::ValidateEgress,
+    Scope::SubstituteAuth,
+    Scope::LeasesRead,
+    Scope::Controller,
+];
+
 pub const CONTROLLER_KEY: &str = "ctrl-key-0123456789";
 pub const TEAM_A_KEY: &str = "team-a-key-0123456789";
 pub const TEAM_B_KEY: &str = "team-b-key-0123456789";
@@ -124,8 +135,8 @@ pub struct EnvOptions {
 
 #[must_use]
 pub fn keys_text() -> String {
-    let all: BTreeSet<Scope> = Scope::ALL.into_iter().collect();
-    let team: BTreeSet<Scope> = Scope::ALL
+    let all: BTreeSet<Scope> = ALL_SCOPES.into_iter().collect();
+    let team: BTreeSet<Scope> = ALL_SCOPES
         .into_iter()
         .filter(|s| *s != Scope::Controller)
         .collect();
