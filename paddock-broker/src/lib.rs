@@ -1,1 +1,36 @@
-//! Placeholder.
+//! Paddock credential broker: holds real secrets, issues per-run placeholder bearers, and
+//! tells the proxy what to substitute on each intercepted request.
+//!
+//! Layers: [`wire`] (API types, shared with the proxy), [`auth`] (caller authentication),
+//! [`policy`] (`BrokerPolicy` documents), [`providers`] (how secrets are injected), [`store`]
+//! (`SQLite` state), [`ratelimit`], [`audit`], [`broker`] (the domain service, usable embedded)
+//! and [`server`] (HTTPS API and admin listener).
+
+#[cfg(feature = "server")]
+pub mod audit;
+#[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
+pub mod bearer;
+#[cfg(feature = "server")]
+pub mod broker;
+#[cfg(feature = "server")]
+pub mod policy;
+#[cfg(feature = "server")]
+pub mod providers;
+#[cfg(feature = "server")]
+pub mod ratelimit;
+#[cfg(feature = "server")]
+pub mod secrets;
+#[cfg(feature = "server")]
+pub mod store;
+pub mod wire;
+
+#[cfg(feature = "server")]
+pub use broker::{Broker, BrokerError};
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
+pub mod server;

@@ -1,0 +1,253 @@
+//! Audit trail. Every event is written before the caller gets an answer; when the sink fails
+//! the broker answers 503 `AuditUnavailable` instead of acting unaudited.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuditKind {
+    CredentialIssued,
+    CredentialDenied,
+    CredentialRenewed,
+    CredentialRevoked,
+    RenewalFailed,
+    SubstitutionDenied,
+    EgressDenied,
+    EgressDiscovery,
+    RunUpdated,
+}
+
+/// One audit record. Holds identifiers only: never a secret or a bearer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AuditEvent {
+    pub ts: String,
+    pub event: AuditKind,
+    pub caller: String,
+    pub namespace: String,
+    pub run: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl AuditEvent {
+    #[must_use]
+    pub fn new(event: AuditKind, caller: &str, namespace: &str, run: &str) -> Self {
+        let ts = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        Self {
+            ts,
+            event,
+            caller: caller.to_owned(),
+            namespace: namespace.to_owned(),
+            run: run.to_owned(),
+            credential: None,
+            provider: None,
+            lease_id: None,
+            policy: None,
+            host: None,
+            port: None,
+            expires_at: None,
+            reason: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit sink I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("audit record could not be encoded: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("audit sink unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub trait AuditSink: Send + Sync + std::fmt::Debug {
+    /// Durably records the event before returning.
+    fn record(&self, event: &AuditEvent) -> Result<(), AuditError>;
+}
+
+/// Size-rotated JSON-lines file: `audit.jsonl`, then `audit.jsonl.1` .. `audit.jsonl.<keep>`.
+#[derive(Debug)]
+pub struct JsonlSink {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: u32,
+    fsync: bool,
+    state: Mutex<Option<(File, u64)>>,
+}
+
+impl JsonlSink {
+    /// Opens (creating, mode 0600) the log at `path`.
+    pub fn open(path: &Path, max_bytes: u64, keep: u32, fsync: bool) -> Result<Self, AuditError> {
+        let (file, size) = Self::open_file(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            max_bytes: max_bytes.max(1),
+            keep,
+            fsync,
+            state: Mutex::new(Some((file, size))),
+        })
+    }
+
+    fn open_file(path: &Path) -> Result<(File, u64), AuditError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
+        let size = file.metadata()?.len();
+        Ok((file, size))
+    }
+
+    fn rotated(&self, n: u32) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    }
+
+    fn rotate(&self) -> Result<(), AuditError> {
+        if self.keep == 0 {
+            std::fs::remove_file(&self.path)?;
+            return Ok(());
+        }
+        for n in (1..self.keep).rev() {
+            let from = self.rotated(n);
+            if from.exists() {
+                std::fs::rename(&from, self.rotated(n + 1))?;
+            }
+        }
+        std::fs::rename(&self.path, self.rotated(1))?;
+        Ok(())
+    }
+}
+
+impl AuditSink for JsonlSink {
+    fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        let mut line = serde_json::to_vec(event)?;
+        line.push(b'\n');
+        let mut guard = self
+            .state
+            .lock()
+            .map_err(|_| AuditError::Unavailable("lock poisoned".into()))?;
+        // A failed write drops the handle so the next event retries from a fresh open.
+        let (mut file, mut size) = match guard.take() {
+            Some(state) => state,
+            None => Self::open_file(&self.path)?,
+        };
+        let len = u64::try_from(line.len()).unwrap_or(u64::MAX);
+        if size > 0 && size.saturating_add(len) > self.max_bytes {
+            drop(file);
+            self.rotate()?;
+            (file, size) = Self::open_file(&self.path)?;
+        }
+        file.write_all(&line)?;
+        if self.fsync {
+            file.sync_data()?;
+        }
+        *guard = Some((file, size + len));
+        Ok(())
+    }
+}
+
+/// In-memory sink for embedded use and tests; can be switched to failing.
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    events: Mutex<Vec<AuditEvent>>,
+    failing: AtomicBool,
+}
+
+impl MemorySink {
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    #[must_use]
+    pub fn events(&self) -> Vec<AuditEvent> {
+        self.events.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+}
+
+impl AuditSink for MemorySink {
+    fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(AuditError::Unavailable("memory sink set to fail".into()));
+        }
+        self.events
+            .lock()
+            .map_err(|_| AuditError::Unavailable("lock poisoned".into()))?
+            .push(event.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn rotates_by_size_and_keeps_n_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let sink = JsonlSink::open(&path, 300, 2, false).expect("open");
+        let event = AuditEvent::new(AuditKind::CredentialIssued, "k1", "ns", "run-1");
+        for _ in 0..12 {
+            sink.record(&event).expect("record");
+        }
+        let main = std::fs::read_to_string(&path).expect("main");
+        assert!(main.len() <= 300);
+        for line in main.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+            assert_eq!(v["event"], "credential-issued");
+        }
+        assert!(dir.path().join("audit.jsonl.1").exists());
+        assert!(dir.path().join("audit.jsonl.2").exists());
+        assert!(!dir.path().join("audit.jsonl.3").exists());
+        assert_eq!(
+            std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn failing_sink_reports_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("gone").join("audit.jsonl");
+        assert!(JsonlSink::open(&path, 100, 1, false).is_err());
+        let mem = MemorySink::default();
+        mem.set_failing(true);
+        assert!(
+            mem.record(&AuditEvent::new(AuditKind::RunUpdated, "c", "n", "r"))
+                .is_err()
+        );
+        assert!(mem.events().is_empty());
+    }
+}

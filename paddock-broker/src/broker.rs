@@ -1,0 +1,757 @@
+//! The broker domain service: issue, renew, revoke, egress decisions and substitution.
+//!
+//! No HTTP here: the server and embedded users call these methods with an authenticated
+//! [`Identity`]. Namespace scoping, run-phase, grant and egress checks all happen here so
+//! every entry point gets them.
+
+use std::{
+    collections::BTreeSet,
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use percent_encoding::percent_decode_str;
+use time::OffsetDateTime;
+
+use crate::{
+    audit::{AuditEvent, AuditKind, AuditSink},
+    auth::{Identity, RunDirectory, Scope},
+    bearer,
+    policy::{PolicyStore, hosts},
+    providers::{self, Placement, ProviderContext, ProviderError, decode_basic},
+    ratelimit::{KIND_ISSUE, KIND_SUBSTITUTE, RateLimitError, RateLimits},
+    store::{NewLease, PoolRequest, Store, StoreError},
+    wire::{
+        DeliveryMode, ErrorCode, IssueRequest, IssueResponse, LeaseInfo, LeasesResponse,
+        RenewRequest, RenewResponse, RevokeRequest, RevokeResponse, RunInfo, RunUpsertRequest,
+        SubstituteAuthRequest, SubstituteAuthResponse, ValidateEgressRequest,
+        ValidateEgressResponse,
+    },
+};
+
+/// A refusal or failure, each mapped to one wire error code.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("rate limited: {0}")]
+    RateLimited(String),
+    #[error("pool exhausted: {0}")]
+    PoolExhausted(String),
+    #[error("audit unavailable: {0}")]
+    AuditUnavailable(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("egress denied: {0}")]
+    EgressDenied(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl BrokerError {
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            BrokerError::NotFound(_) => ErrorCode::NotFound,
+            BrokerError::Forbidden(_) => ErrorCode::Forbidden,
+            BrokerError::BadRequest(_) => ErrorCode::BadRequest,
+            BrokerError::RateLimited(_) => ErrorCode::RateLimited,
+            BrokerError::PoolExhausted(_) => ErrorCode::PoolExhausted,
+            BrokerError::AuditUnavailable(_) => ErrorCode::AuditUnavailable,
+            BrokerError::Unavailable(_) => ErrorCode::Unavailable,
+            BrokerError::EgressDenied(_) => ErrorCode::EgressDenied,
+            BrokerError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// The message a caller may see. Internal and backend details stay in logs.
+    #[must_use]
+    pub fn public_message(&self) -> String {
+        match self {
+            BrokerError::Internal(_) => "internal error".to_owned(),
+            BrokerError::AuditUnavailable(_) => {
+                "audit log unavailable; request not performed".to_owned()
+            }
+            BrokerError::Unavailable(_) => "credential backend unavailable".to_owned(),
+            BrokerError::NotFound(m)
+            | BrokerError::Forbidden(m)
+            | BrokerError::BadRequest(m)
+            | BrokerError::RateLimited(m)
+            | BrokerError::PoolExhausted(m)
+            | BrokerError::EgressDenied(m) => m.clone(),
+        }
+    }
+}
+
+impl From<StoreError> for BrokerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::PoolExhausted(pool) => {
+                BrokerError::PoolExhausted(format!("credential pool {pool} is exhausted"))
+            }
+            other => BrokerError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ProviderError> for BrokerError {
+    fn from(e: ProviderError) -> Self {
+        BrokerError::Unavailable(e.to_string())
+    }
+}
+
+impl From<RateLimitError> for BrokerError {
+    fn from(e: RateLimitError) -> Self {
+        BrokerError::RateLimited(e.to_string())
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Longest accepted identifier (run, credential, lease, host).
+const MAX_ID: usize = 253;
+
+fn check_id(what: &str, value: &str) -> Result<(), BrokerError> {
+    if value.is_empty() || value.len() > MAX_ID || value.chars().any(char::is_control) {
+        return Err(BrokerError::BadRequest(format!(
+            "{what} must be 1-{MAX_ID} printable characters"
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+pub struct Broker {
+    store: Store,
+    policy: Arc<PolicyStore>,
+    audit: Arc<dyn AuditSink>,
+    limits: RateLimits,
+    providers: ProviderContext,
+}
+
+impl Broker {
+    #[must_use]
+    pub fn new(
+        store: Store,
+        policy: Arc<PolicyStore>,
+        audit: Arc<dyn AuditSink>,
+        limits: RateLimits,
+    ) -> Self {
+        Self {
+            store,
+            policy,
+            audit,
+            limits,
+            providers: ProviderContext::default(),
+        }
+    }
+
+    #[must_use]
+    pub fn policy(&self) -> &Arc<PolicyStore> {
+        &self.policy
+    }
+
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    #[must_use]
+    pub fn rate_limits(&self) -> &RateLimits {
+        &self.limits
+    }
+
+    fn audit(&self, event: &AuditEvent) -> Result<(), BrokerError> {
+        self.audit
+            .record(event)
+            .map_err(|e| BrokerError::AuditUnavailable(e.to_string()))
+    }
+
+    /// Loads a run the caller may act on. Callers without the controller scope get the same
+    /// answer for an unknown run and a run in another namespace (no existence oracle).
+    fn authorize_run(&self, caller: &Identity, run_id: &str) -> Result<RunInfo, BrokerError> {
+        check_id("run", run_id)?;
+        if caller.run.as_deref().is_some_and(|r| r != run_id) {
+            return Err(BrokerError::Forbidden(format!(
+                "this credential is bound to another run than {run_id}"
+            )));
+        }
+        let run = self.store.run(run_id)?;
+        match run {
+            Some(run) if caller.may_act_in(&run.namespace) => Ok(run),
+            None if caller.has(Scope::Controller) => Err(BrokerError::NotFound(format!(
+                "run {run_id} is not registered"
+            ))),
+            _ => Err(BrokerError::Forbidden(format!(
+                "run {run_id} is not accessible to this caller"
+            ))),
+        }
+    }
+
+    fn require_active(run: &RunInfo) -> Result<(), BrokerError> {
+        if run.phase.is_active() {
+            Ok(())
+        } else {
+            Err(BrokerError::Forbidden(format!(
+                "run {} is {}",
+                run.run,
+                run.phase.as_str()
+            )))
+        }
+    }
+
+    /// Registers a run or changes its phase (controller only). A terminal phase revokes the
+    /// run's leases.
+    pub fn upsert_run(
+        &self,
+        caller: &Identity,
+        req: &RunUpsertRequest,
+    ) -> Result<RunInfo, BrokerError> {
+        if !caller.has(Scope::Controller) {
+            return Err(BrokerError::Forbidden(
+                "registering runs needs the controller scope".into(),
+            ));
+        }
+        for (what, v) in [
+            ("run", &req.run),
+            ("namespace", &req.namespace),
+            ("template", &req.template),
+        ] {
+            check_id(what, v)?;
+        }
+        if let Some(existing) = self.store.run(&req.run)?
+            && existing.namespace != req.namespace
+        {
+            return Err(BrokerError::BadRequest(format!(
+                "run {} already exists in another namespace",
+                req.run
+            )));
+        }
+        let info = RunInfo {
+            run: req.run.clone(),
+            namespace: req.namespace.clone(),
+            template: req.template.clone(),
+            phase: req.phase,
+        };
+        let mut event = AuditEvent::new(
+            AuditKind::RunUpdated,
+            &caller.subject,
+            &info.namespace,
+            &info.run,
+        );
+        event.reason = Some(format!("phase {}", info.phase.as_str()));
+        self.audit(&event)?;
+        self.store.upsert_run(&info, now_secs())?;
+        if !info.phase.is_active() {
+            for lease_id in self.store.revoke_run(&info.run)? {
+                let mut e = AuditEvent::new(
+                    AuditKind::CredentialRevoked,
+                    &caller.subject,
+                    &info.namespace,
+                    &info.run,
+                );
+                e.lease_id = Some(lease_id);
+                e.reason = Some("run finished".into());
+                // The revocation already happened and is safe; a failed record is logged.
+                if let Err(err) = self.audit.record(&e) {
+                    tracing::error!(error = %err, "audit record of run-end revocation failed");
+                }
+            }
+        }
+        Ok(info)
+    }
+
+    fn deny_issue(
+        &self,
+        caller: &Identity,
+        run: &RunInfo,
+        credential: &str,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        let mut e = AuditEvent::new(
+            AuditKind::CredentialDenied,
+            &caller.subject,
+            &run.namespace,
+            &run.run,
+        );
+        e.credential = Some(credential.to_owned());
+        e.reason = Some(reason.to_owned());
+        self.audit(&e)
+    }
+
+    pub fn issue(
+        &self,
+        caller: &Identity,
+        req: &IssueRequest,
+    ) -> Result<IssueResponse, BrokerError> {
+        check_id("credential", &req.credential)?;
+        let run = self.authorize_run(caller, &req.run)?;
+        self.limits.check(&run.namespace, &run.run, KIND_ISSUE)?;
+        if let Err(e) = Self::require_active(&run) {
+            self.deny_issue(caller, &run, &req.credential, &e.public_message())?;
+            return Err(e);
+        }
+        let policy = self.policy.current();
+        let Some((doc, grant)) = policy.credential_for(&run, &req.credential) else {
+            let msg = format!(
+                "no BrokerPolicy grants credential {} to run {}",
+                req.credential, run.run
+            );
+            self.deny_issue(caller, &run, &req.credential, &msg)?;
+            return Err(BrokerError::Forbidden(msg));
+        };
+        let provider = providers::for_grant(grant, &self.providers);
+        let bearer = (grant.delivery.mode == DeliveryMode::ProxyInjected)
+            .then(|| bearer::generate(provider.kind()));
+        let now = now_secs();
+        let lease = NewLease {
+            lease_id: bearer::lease_id(),
+            run: run.run.clone(),
+            namespace: run.namespace.clone(),
+            credential: grant.name.clone(),
+            provider: provider.kind().to_owned(),
+            delivery: grant.delivery.mode,
+            bearer_hash: bearer.as_ref().map(|b| bearer::hash(b.expose())),
+            hosts: grant.hosts.clone(),
+            issued_at: now,
+            expires_at: now + grant.ttl_seconds(),
+        };
+        let pool = provider.pool_size().map(|size| PoolRequest {
+            pool: &grant.name,
+            size,
+        });
+        let slot = match self.store.insert_lease(&lease, pool, now) {
+            Ok(slot) => slot,
+            Err(e) => {
+                let e = BrokerError::from(e);
+                self.deny_issue(caller, &run, &req.credential, &e.to_string())?;
+                return Err(e);
+            }
+        };
+        let secret = match provider.issue(grant.delivery.mode, slot) {
+            Ok(secret) => secret,
+            Err(e) => {
+                self.store.delete_lease(&lease.lease_id)?;
+                self.deny_issue(caller, &run, &req.credential, &e.to_string())?;
+                return Err(e.into());
+            }
+        };
+        let mut event = AuditEvent::new(
+            AuditKind::CredentialIssued,
+            &caller.subject,
+            &run.namespace,
+            &run.run,
+        );
+        event.credential = Some(grant.name.clone());
+        event.provider = Some(provider.kind().to_owned());
+        event.lease_id = Some(lease.lease_id.clone());
+        event.policy = Some(doc.name().to_owned());
+        event.expires_at = Some(lease.expires_at);
+        if let Err(e) = self.audit(&event) {
+            // Unaudited credentials must not exist: undo the lease.
+            self.store.delete_lease(&lease.lease_id)?;
+            return Err(e);
+        }
+        let value = match (bearer, secret) {
+            (Some(b), _) => b.expose().to_owned(),
+            (None, Some(s)) => s.expose().to_owned(),
+            (None, None) => {
+                return Err(BrokerError::Internal(
+                    "provider returned no in-container secret".into(),
+                ));
+            }
+        };
+        Ok(IssueResponse {
+            lease_id: lease.lease_id,
+            run: run.run,
+            credential: grant.name.clone(),
+            provider: provider.kind().to_owned(),
+            delivery: grant.delivery.mode,
+            value,
+            hosts: grant.hosts.clone(),
+            expires_at: lease.expires_at,
+        })
+    }
+
+    fn authorize_lease(
+        &self,
+        caller: &Identity,
+        lease_id: &str,
+    ) -> Result<(LeaseInfo, RunInfo), BrokerError> {
+        check_id("lease_id", lease_id)?;
+        let lease = self.store.lease(lease_id)?;
+        let Some(lease) = lease.filter(|l| caller.may_act_in(&l.namespace)) else {
+            return Err(BrokerError::NotFound(format!("lease {lease_id} not found")));
+        };
+        let run = self.authorize_run(caller, &lease.run)?;
+        Ok((lease, run))
+    }
+
+    pub fn renew(
+        &self,
+        caller: &Identity,
+        req: &RenewRequest,
+    ) -> Result<RenewResponse, BrokerError> {
+        let (lease, run) = self.authorize_lease(caller, &req.lease_id)?;
+        self.limits.check(&run.namespace, &run.run, KIND_ISSUE)?;
+        let now = now_secs();
+        let fail = |reason: String| -> Result<RenewResponse, BrokerError> {
+            let mut e = AuditEvent::new(
+                AuditKind::RenewalFailed,
+                &caller.subject,
+                &run.namespace,
+                &run.run,
+            );
+            e.lease_id = Some(lease.lease_id.clone());
+            e.credential = Some(lease.credential.clone());
+            e.reason = Some(reason.clone());
+            self.audit(&e)?;
+            Err(BrokerError::Forbidden(reason))
+        };
+        if lease.revoked {
+            return fail(format!("lease {} is revoked", lease.lease_id));
+        }
+        if lease.expires_at <= now {
+            return fail(format!("lease {} has expired", lease.lease_id));
+        }
+        if !run.phase.is_active() {
+            return fail(format!("run {} is {}", run.run, run.phase.as_str()));
+        }
+        let policy = self.policy.current();
+        let Some((_, grant)) = policy.credential_for(&run, &lease.credential) else {
+            return fail(format!(
+                "credential {} is no longer granted to run {}",
+                lease.credential, run.run
+            ));
+        };
+        let provider = providers::for_grant(grant, &self.providers);
+        if provider.kind() != lease.provider {
+            return fail(format!("credential {} changed provider", lease.credential));
+        }
+        if let Err(e) = provider.renew(&lease) {
+            let mut ev = AuditEvent::new(
+                AuditKind::RenewalFailed,
+                &caller.subject,
+                &run.namespace,
+                &run.run,
+            );
+            ev.lease_id = Some(lease.lease_id.clone());
+            ev.reason = Some(e.to_string());
+            self.audit(&ev)?;
+            return Err(e.into());
+        }
+        let expires_at = now + grant.ttl_seconds();
+        self.store.set_expiry(&lease.lease_id, expires_at)?;
+        let mut ev = AuditEvent::new(
+            AuditKind::CredentialRenewed,
+            &caller.subject,
+            &run.namespace,
+            &run.run,
+        );
+        ev.lease_id = Some(lease.lease_id.clone());
+        ev.credential = Some(lease.credential.clone());
+        ev.expires_at = Some(expires_at);
+        if let Err(e) = self.audit(&ev) {
+            self.store.set_expiry(&lease.lease_id, lease.expires_at)?;
+            return Err(e);
+        }
+        Ok(RenewResponse {
+            lease_id: lease.lease_id,
+            expires_at,
+        })
+    }
+
+    pub fn revoke(
+        &self,
+        caller: &Identity,
+        req: &RevokeRequest,
+    ) -> Result<RevokeResponse, BrokerError> {
+        check_id("lease_id", &req.lease_id)?;
+        let lease = self.store.lease(&req.lease_id)?;
+        let Some(lease) = lease.filter(|l| caller.may_act_in(&l.namespace)) else {
+            return Err(BrokerError::NotFound(format!(
+                "lease {} not found",
+                req.lease_id
+            )));
+        };
+        // Revoking stays possible after the run ended: it only ever removes access.
+        if caller.run.as_deref().is_some_and(|r| r != lease.run) {
+            return Err(BrokerError::Forbidden(
+                "this credential is bound to another run".into(),
+            ));
+        }
+        self.limits
+            .check(&lease.namespace, &lease.run, KIND_ISSUE)?;
+        if lease.revoked {
+            return Ok(RevokeResponse {
+                lease_id: lease.lease_id,
+                revoked: false,
+            });
+        }
+        let mut ev = AuditEvent::new(
+            AuditKind::CredentialRevoked,
+            &caller.subject,
+            &lease.namespace,
+            &lease.run,
+        );
+        ev.lease_id = Some(lease.lease_id.clone());
+        ev.credential = Some(lease.credential.clone());
+        self.audit(&ev)?;
+        let revoked = self.store.revoke(&lease.lease_id)?;
+        if let Some((_, grant)) = self
+            .policy
+            .current()
+            .credentials()
+            .find(|(_, g)| g.name == lease.credential)
+            && let Err(e) = providers::for_grant(grant, &self.providers).revoke(&lease)
+        {
+            tracing::warn!(lease = %lease.lease_id, error = %e, "provider-side revocation failed");
+        }
+        Ok(RevokeResponse {
+            lease_id: lease.lease_id,
+            revoked,
+        })
+    }
+
+    pub fn validate_egress(
+        &self,
+        caller: &Identity,
+        req: &ValidateEgressRequest,
+    ) -> Result<ValidateEgressResponse, BrokerError> {
+        check_id("host", &req.host)?;
+        let run = self.authorize_run(caller, &req.run)?;
+        self.limits
+            .check(&run.namespace, &run.run, KIND_SUBSTITUTE)?;
+        if !run.phase.is_active() {
+            return Ok(ValidateEgressResponse {
+                allowed: false,
+                substitute_auth: false,
+                discovery: false,
+                policy: None,
+                reason: format!("run {} is {}", run.run, run.phase.as_str()),
+            });
+        }
+        let d = self
+            .policy
+            .current()
+            .egress(&run, &req.host, req.port, OffsetDateTime::now_utc());
+        if d.discovery || !d.allowed {
+            let kind = if d.allowed {
+                AuditKind::EgressDiscovery
+            } else {
+                AuditKind::EgressDenied
+            };
+            let mut ev = AuditEvent::new(kind, &caller.subject, &run.namespace, &run.run);
+            ev.host = Some(hosts::normalize(&req.host));
+            ev.port = Some(req.port);
+            ev.policy.clone_from(&d.policy);
+            ev.reason = Some(d.reason.clone());
+            self.audit(&ev)?;
+        }
+        Ok(ValidateEgressResponse {
+            allowed: d.allowed,
+            substitute_auth: d.substitute_auth,
+            discovery: d.discovery,
+            policy: d.policy,
+            reason: d.reason,
+        })
+    }
+
+    fn deny_substitution(
+        &self,
+        caller: &Identity,
+        run: &RunInfo,
+        req: &SubstituteAuthRequest,
+        lease: Option<&LeaseInfo>,
+        err: BrokerError,
+    ) -> BrokerError {
+        let mut ev = AuditEvent::new(
+            AuditKind::SubstitutionDenied,
+            &caller.subject,
+            &run.namespace,
+            &run.run,
+        );
+        ev.host = Some(hosts::normalize(&req.host));
+        ev.port = Some(req.port);
+        ev.lease_id = lease.map(|l| l.lease_id.clone());
+        ev.credential = lease.map(|l| l.credential.clone());
+        ev.reason = Some(err.public_message());
+        match self.audit(&ev) {
+            Ok(()) => err,
+            Err(audit_err) => audit_err,
+        }
+    }
+
+    pub fn substitute_auth(
+        &self,
+        caller: &Identity,
+        req: &SubstituteAuthRequest,
+    ) -> Result<SubstituteAuthResponse, BrokerError> {
+        check_id("host", &req.host)?;
+        let run = self.authorize_run(caller, &req.run)?;
+        self.limits
+            .check(&run.namespace, &run.run, KIND_SUBSTITUTE)?;
+        if let Err(e) = Self::require_active(&run) {
+            return Err(self.deny_substitution(caller, &run, req, None, e));
+        }
+        let policy = self.policy.current();
+        let egress = policy.egress(&run, &req.host, req.port, OffsetDateTime::now_utc());
+        if !egress.allowed || !egress.substitute_auth {
+            let msg = format!(
+                "credential substitution is not granted for {}:{}",
+                hosts::normalize(&req.host),
+                req.port
+            );
+            return Err(self.deny_substitution(
+                caller,
+                &run,
+                req,
+                None,
+                BrokerError::EgressDenied(msg),
+            ));
+        }
+        let (token, placements, query_names) = match find_placeholders(req) {
+            Ok(found) => found,
+            Err(e) => return Err(self.deny_substitution(caller, &run, req, None, e)),
+        };
+        let Some(token) = token else {
+            return Ok(SubstituteAuthResponse::default());
+        };
+        let lease = self.store.lease_by_bearer_hash(&bearer::hash(&token))?;
+        let Some(lease) = lease else {
+            let e = BrokerError::Forbidden("unknown placeholder credential".into());
+            return Err(self.deny_substitution(caller, &run, req, None, e));
+        };
+        let checks = || -> Result<(), BrokerError> {
+            if lease.run != run.run {
+                return Err(BrokerError::Forbidden(
+                    "placeholder belongs to another run".into(),
+                ));
+            }
+            if lease.revoked || lease.expires_at <= now_secs() {
+                return Err(BrokerError::Forbidden(
+                    "placeholder lease is revoked or expired".into(),
+                ));
+            }
+            if !lease.hosts.iter().any(|p| hosts::matches(p, &req.host)) {
+                return Err(BrokerError::Forbidden(format!(
+                    "placeholder is not valid for host {}",
+                    hosts::normalize(&req.host)
+                )));
+            }
+            Ok(())
+        };
+        if let Err(e) = checks() {
+            return Err(self.deny_substitution(caller, &run, req, Some(&lease), e));
+        }
+        let Some((_, grant)) = policy.credential_for(&run, &lease.credential) else {
+            let e = BrokerError::Forbidden(format!(
+                "credential {} is no longer granted",
+                lease.credential
+            ));
+            return Err(self.deny_substitution(caller, &run, req, Some(&lease), e));
+        };
+        let provider = providers::for_grant(grant, &self.providers);
+        if grant.delivery.mode != DeliveryMode::ProxyInjected
+            || provider.kind() != lease.provider
+            || !grant.hosts.iter().any(|p| hosts::matches(p, &req.host))
+        {
+            let e = BrokerError::Forbidden(format!(
+                "credential {} no longer covers this request",
+                lease.credential
+            ));
+            return Err(self.deny_substitution(caller, &run, req, Some(&lease), e));
+        }
+        let mut out = match provider.substitute(&lease, &req.headers, &query_names, &placements) {
+            Ok(out) => out,
+            Err(e) => {
+                return Err(self.deny_substitution(caller, &run, req, Some(&lease), e.into()));
+            }
+        };
+        out.matched = true;
+        out.lease_id = Some(lease.lease_id.clone());
+        out.credential = Some(lease.credential.clone());
+        Ok(out)
+    }
+
+    pub fn leases(&self, caller: &Identity, run: &str) -> Result<LeasesResponse, BrokerError> {
+        let run = self.authorize_run(caller, run)?;
+        Ok(LeasesResponse {
+            leases: self.store.leases_for_run(&run.run)?,
+        })
+    }
+}
+
+/// The placeholder of a request (at most one distinct bearer), where it sits, and the
+/// request's query parameter names.
+type Found = (Option<String>, Vec<Placement>, Vec<String>);
+
+fn find_placeholders(req: &SubstituteAuthRequest) -> Result<Found, BrokerError> {
+    let mut tokens: BTreeSet<String> = BTreeSet::new();
+    let mut placements = Vec::new();
+    for h in &req.headers {
+        let name = h.name.to_ascii_lowercase();
+        if name == "authorization"
+            && let Some((user, pass)) = decode_basic(&h.value)
+        {
+            let hits: Vec<String> = bearer::find_in(&user)
+                .chain(bearer::find_in(&pass))
+                .map(str::to_owned)
+                .collect();
+            if !hits.is_empty() {
+                tokens.extend(hits);
+                placements.push(Placement::Basic { username: user });
+                continue;
+            }
+        }
+        let hits: Vec<&str> = bearer::find_in(&h.value).collect();
+        if !hits.is_empty() {
+            tokens.extend(hits.into_iter().map(str::to_owned));
+            placements.push(Placement::Header(name));
+        }
+    }
+    let mut query_names = Vec::new();
+    if let Some(query) = &req.query {
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| {
+                percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            let (k, v) = (decode(k), decode(v));
+            let hits: Vec<&str> = bearer::find_in(&v).collect();
+            if !hits.is_empty() {
+                tokens.extend(hits.into_iter().map(str::to_owned));
+                placements.push(Placement::Query(k.clone()));
+            }
+            if !query_names.contains(&k) {
+                query_names.push(k);
+            }
+        }
+    }
+    if tokens.len() > 1 {
+        return Err(BrokerError::BadRequest(
+            "the request carries more than one distinct placeholder".into(),
+        ));
+    }
+    Ok((tokens.into_iter().next(), placements, query_names))
+}
+
+impl RunDirectory for Broker {
+    fn run_namespace(&self, run_id: &str) -> Option<String> {
+        // A store error answers "unknown run": the caller is refused (fail closed).
+        self.store.run(run_id).ok().flatten().map(|r| r.namespace)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,779 @@
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+
+use super::*;
+use crate::{
+    audit::MemorySink,
+    policy::Policy,
+    ratelimit::RateLimitConfig,
+    wire::{Header, RunPhase},
+};
+
+/// Every scope (the auth contract exposes no list; keep this one local).
+const ALL_SCOPES: [Scope; 7] = [
+    Scope::Issue,
+    Scope::Renew,
+    Scope::Revoke,
+    Scope::ValidateEgress,
+    Scope::SubstituteAuth,
+    Scope::LeasesRead,
+    Scope::Controller,
+];
+
+pub(crate) struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub broker: Broker,
+    pub audit: Arc<MemorySink>,
+}
+
+pub(crate) fn policy_text(dir: &Path) -> String {
+    let s = |name: &str| dir.join(name).display().to_string();
+    format!(
+        "\
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata:
+  name: team-a
+spec:
+  appliesTo:
+    namespaces: [team-a]
+  credentials:
+    - name: gh-header
+      provider: {{kind: user-secret, inject: {{header: {{name: Authorization, prefix: \"token \"}}}}}}
+      secret: {{file: {hdr}}}
+      hosts: [api.github.com]
+    - name: maps-query
+      provider: {{kind: user-secret, inject: {{query: {{param: key}}}}, allowedQuery: [q, key]}}
+      secret: {{file: {qry}}}
+      hosts: [maps.example.com]
+    - name: git-basic
+      provider: {{kind: user-secret, inject: {{basic: {{username: x-access-token}}}}}}
+      secret: {{file: {bas}}}
+      hosts: [github.com]
+    - name: pats
+      provider: {{kind: pat-pool, inject: {{header: {{name: Authorization, prefix: \"Bearer \"}}}}, secrets: [{{file: {p1}}}, {{file: {p2}}}]}}
+      hosts: [api.gitlab.com]
+    - name: anthropic
+      provider: {{kind: anthropic-api-key}}
+      secret: {{file: {ant}}}
+      hosts: [api.anthropic.com]
+    - name: npm-token
+      provider: {{kind: user-secret, inject: {{header: {{name: Authorization}}}}}}
+      secret: {{file: {hdr}}}
+      delivery: {{mode: in-container, acceptedReason: \"npm reads .npmrc itself\"}}
+  egress:
+    - hosts: [api.github.com, github.com, maps.example.com, api.gitlab.com, api.anthropic.com]
+      ports: [443]
+      substituteAuth: true
+    - hosts: [pypi.org]
+      ports: [443]
+",
+        hdr = s("hdr"),
+        qry = s("qry"),
+        bas = s("bas"),
+        p1 = s("p1"),
+        p2 = s("p2"),
+        ant = s("ant"),
+    )
+}
+
+pub(crate) fn fixture_with(limits: &RateLimitConfig) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, value) in [
+        ("hdr", "ghp_real"),
+        ("qry", "maps-real"),
+        ("bas", "git-real"),
+        ("p1", "pat-one"),
+        ("p2", "pat-two"),
+        ("ant", "sk-ant-real"),
+    ] {
+        std::fs::write(dir.path().join(name), value).expect("secret");
+    }
+    let docs = Policy::parse_text(
+        Path::new("t.yaml"),
+        &policy_text(dir.path()),
+        OffsetDateTime::now_utc(),
+    )
+    .expect("policy");
+    let policy = Arc::new(PolicyStore::fixed(Policy::from_docs(docs).expect("set")));
+    let audit = Arc::new(MemorySink::default());
+    let broker = Broker::new(
+        Store::open_in_memory().expect("store"),
+        policy,
+        audit.clone(),
+        RateLimits::new(limits).expect("limits"),
+    );
+    let f = Fixture { dir, broker, audit };
+    for (run, ns) in [
+        ("r1", "team-a"),
+        ("r2", "team-a"),
+        ("r3", "team-a"),
+        ("rb", "team-b"),
+    ] {
+        f.broker
+            .upsert_run(
+                &controller(),
+                &RunUpsertRequest {
+                    run: run.into(),
+                    namespace: ns.into(),
+                    template: "t".into(),
+                    phase: RunPhase::Running,
+                },
+            )
+            .expect("run");
+    }
+    f
+}
+
+pub(crate) fn fixture() -> Fixture {
+    fixture_with(&RateLimitConfig::default())
+}
+
+pub(crate) fn identity(ns: &str, scopes: &[Scope]) -> Identity {
+    Identity {
+        subject: format!("key-{ns}"),
+        namespace: ns.into(),
+        service_account: None,
+        scopes: scopes.iter().copied().collect::<BTreeSet<_>>(),
+        backend: "test",
+        run: None,
+    }
+}
+
+pub(crate) fn controller() -> Identity {
+    identity("paddock-system", &ALL_SCOPES)
+}
+
+fn team_a() -> Identity {
+    identity("team-a", &ALL_SCOPES[..6])
+}
+
+fn issue(f: &Fixture, run: &str, cred: &str) -> Result<IssueResponse, BrokerError> {
+    f.broker.issue(
+        &team_a(),
+        &IssueRequest {
+            run: run.into(),
+            credential: cred.into(),
+        },
+    )
+}
+
+fn sub(
+    run: &str,
+    host: &str,
+    headers: Vec<(&str, String)>,
+    query: Option<String>,
+) -> SubstituteAuthRequest {
+    SubstituteAuthRequest {
+        run: run.into(),
+        host: host.into(),
+        port: 443,
+        method: "GET".into(),
+        path: "/x".into(),
+        query,
+        headers: headers
+            .into_iter()
+            .map(|(n, v)| Header {
+                name: n.into(),
+                value: v,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn header_substitution_end_to_end() {
+    let f = fixture();
+    let issued = issue(&f, "r1", "gh-header").expect("issue");
+    assert!(issued.value.starts_with("pdk-user-secret-"));
+    assert_eq!(issued.delivery, DeliveryMode::ProxyInjected);
+    let out = f
+        .broker
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r1",
+                "api.github.com",
+                vec![("Authorization", format!("Bearer {}", issued.value))],
+                None,
+            ),
+        )
+        .expect("substitute");
+    assert!(out.matched);
+    assert_eq!(
+        out.set_headers,
+        vec![Header {
+            name: "authorization".into(),
+            value: "token ghp_real".into()
+        }]
+    );
+    assert_eq!(out.lease_id.as_deref(), Some(issued.lease_id.as_str()));
+    // Another host: the bearer is bound to api.github.com.
+    let e = f
+        .broker
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r1",
+                "github.com",
+                vec![("Authorization", format!("Bearer {}", issued.value))],
+                None,
+            ),
+        )
+        .expect_err("wrong host");
+    assert_eq!(e.code(), ErrorCode::Forbidden);
+    // Another run cannot use it.
+    let e = f
+        .broker
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r2",
+                "api.github.com",
+                vec![("Authorization", format!("Bearer {}", issued.value))],
+                None,
+            ),
+        )
+        .expect_err("wrong run");
+    assert_eq!(e.code(), ErrorCode::Forbidden);
+    // Host without substituteAuth grant.
+    let e = f
+        .broker
+        .substitute_auth(&team_a(), &sub("r1", "pypi.org", vec![], None))
+        .expect_err("no substitution grant");
+    assert_eq!(e.code(), ErrorCode::EgressDenied);
+    // No placeholder: nothing to do.
+    let out = f
+        .broker
+        .substitute_auth(
+            &team_a(),
+            &sub("r1", "api.github.com", vec![("accept", "x".into())], None),
+        )
+        .expect("ok");
+    assert!(!out.matched && out.set_headers.is_empty());
+    let audit = f.audit.events();
+    assert!(audit.iter().any(|e| e.event == AuditKind::CredentialIssued));
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.event == AuditKind::SubstitutionDenied)
+    );
+    let dump = serde_json::to_string(&audit).expect("json");
+    assert!(
+        !dump.contains(&issued.value) && !dump.contains("ghp_real"),
+        "no bearer or secret in audit"
+    );
+}
+
+#[test]
+#[expect(
+    clippy::many_single_char_names,
+    reason = "short names for the three leases"
+)]
+fn query_and_basic_substitution() {
+    let f = fixture();
+    let q = issue(&f, "r1", "maps-query").expect("issue");
+    let out = f
+        .broker
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r1",
+                "maps.example.com",
+                vec![],
+                Some(format!("q=paris&key={}&debug=1", q.value)),
+            ),
+        )
+        .expect("query substitution");
+    assert_eq!(out.set_query.len(), 1);
+    assert_eq!(
+        (
+            out.set_query[0].name.as_str(),
+            out.set_query[0].value.as_str()
+        ),
+        ("key", "maps-real")
+    );
+    assert_eq!(
+        out.remove_query,
+        vec!["debug".to_owned()],
+        "query allow-list applied"
+    );
+
+    let b = issue(&f, "r1", "git-basic").expect("issue");
+    let basic = format!(
+        "Basic {}",
+        STANDARD.encode(format!("x-access-token:{}", b.value))
+    );
+    let out = f
+        .broker
+        .substitute_auth(
+            &team_a(),
+            &sub("r1", "github.com", vec![("Authorization", basic)], None),
+        )
+        .expect("basic substitution");
+    let ba = out.basic_auth.expect("basic auth replacement");
+    assert_eq!(
+        (ba.username.as_str(), ba.password.as_str()),
+        ("x-access-token", "git-real")
+    );
+
+    let a = issue(&f, "r1", "anthropic").expect("issue");
+    let out = f
+        .broker
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r1",
+                "api.anthropic.com",
+                vec![
+                    ("x-api-key", a.value.clone()),
+                    ("x-stainless-os", "linux".into()),
+                ],
+                None,
+            ),
+        )
+        .expect("anthropic");
+    assert_eq!(
+        out.set_headers,
+        vec![Header {
+            name: "x-api-key".into(),
+            value: "sk-ant-real".into()
+        }]
+    );
+    assert_eq!(out.remove_headers, vec!["x-stainless-os".to_owned()]);
+
+    // Two distinct placeholders in one request are refused.
+    let e = f
+        .broker
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r1",
+                "api.anthropic.com",
+                vec![("x-api-key", a.value.clone()), ("x-other", q.value.clone())],
+                None,
+            ),
+        )
+        .expect_err("ambiguous");
+    assert_eq!(e.code(), ErrorCode::BadRequest);
+}
+
+#[test]
+fn pat_pool_exhaustion_and_release() {
+    let f = fixture();
+    let a = issue(&f, "r1", "pats").expect("slot 0");
+    let _b = issue(&f, "r2", "pats").expect("slot 1");
+    let e = issue(&f, "r3", "pats").expect_err("exhausted");
+    assert_eq!(e.code(), ErrorCode::PoolExhausted);
+    assert_eq!(e.code().http_status(), 503);
+    f.broker
+        .revoke(
+            &team_a(),
+            &RevokeRequest {
+                lease_id: a.lease_id.clone(),
+            },
+        )
+        .expect("revoke");
+    let c = issue(&f, "r3", "pats").expect("freed slot reused");
+    let out = f
+        .broker
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r3",
+                "api.gitlab.com",
+                vec![("Authorization", format!("Bearer {}", c.value))],
+                None,
+            ),
+        )
+        .expect("substitute");
+    assert_eq!(out.set_headers[0].value, "Bearer pat-one");
+    let e = f
+        .broker
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r1",
+                "api.gitlab.com",
+                vec![("Authorization", format!("Bearer {}", a.value))],
+                None,
+            ),
+        )
+        .expect_err("revoked bearer");
+    assert_eq!(e.code(), ErrorCode::Forbidden);
+}
+
+#[test]
+fn namespace_scoping_and_run_binding() {
+    let f = fixture();
+    let other = identity("team-b", &ALL_SCOPES[..6]);
+    let e = f
+        .broker
+        .issue(
+            &other,
+            &IssueRequest {
+                run: "r1".into(),
+                credential: "gh-header".into(),
+            },
+        )
+        .expect_err("cross-ns");
+    assert_eq!(e.code(), ErrorCode::Forbidden);
+    let e2 = f
+        .broker
+        .issue(
+            &other,
+            &IssueRequest {
+                run: "nope".into(),
+                credential: "gh-header".into(),
+            },
+        )
+        .expect_err("unknown");
+    assert_eq!(
+        (e.code(), e.public_message().replace("r1", "X")),
+        (e2.code(), e2.public_message().replace("nope", "X")),
+        "no existence oracle"
+    );
+    let lease = issue(&f, "r1", "gh-header").expect("issue");
+    let e = f
+        .broker
+        .revoke(
+            &other,
+            &RevokeRequest {
+                lease_id: lease.lease_id.clone(),
+            },
+        )
+        .expect_err("cross-ns revoke");
+    assert_eq!(e.code(), ErrorCode::NotFound);
+    assert!(f.broker.leases(&other, "r1").is_err());
+    // The controller acts anywhere.
+    assert_eq!(
+        f.broker
+            .leases(&controller(), "r1")
+            .expect("list")
+            .leases
+            .len(),
+        1
+    );
+    // A run-bound identity acts only on its run.
+    let mut bound = team_a();
+    bound.run = Some("r2".into());
+    assert_eq!(
+        f.broker.leases(&bound, "r1").expect_err("bound").code(),
+        ErrorCode::Forbidden
+    );
+    // Non-controllers cannot register runs.
+    let e = f
+        .broker
+        .upsert_run(
+            &team_a(),
+            &RunUpsertRequest {
+                run: "x".into(),
+                namespace: "team-a".into(),
+                template: "t".into(),
+                phase: RunPhase::Running,
+            },
+        )
+        .expect_err("needs controller");
+    assert_eq!(e.code(), ErrorCode::Forbidden);
+    // Policy grants apply only to the namespaces they name.
+    let e = f
+        .broker
+        .issue(
+            &controller(),
+            &IssueRequest {
+                run: "rb".into(),
+                credential: "gh-header".into(),
+            },
+        )
+        .expect_err("not granted");
+    assert_eq!(e.code(), ErrorCode::Forbidden);
+}
+
+#[test]
+fn terminal_run_revokes_and_blocks() {
+    let f = fixture();
+    let lease = issue(&f, "r1", "gh-header").expect("issue");
+    f.broker
+        .upsert_run(
+            &controller(),
+            &RunUpsertRequest {
+                run: "r1".into(),
+                namespace: "team-a".into(),
+                template: "t".into(),
+                phase: RunPhase::Succeeded,
+            },
+        )
+        .expect("finish");
+    let leases = f.broker.leases(&team_a(), "r1").expect("list").leases;
+    assert!(leases.iter().all(|l| l.revoked));
+    let e = f
+        .broker
+        .substitute_auth(
+            &team_a(),
+            &sub(
+                "r1",
+                "api.github.com",
+                vec![("Authorization", format!("Bearer {}", lease.value))],
+                None,
+            ),
+        )
+        .expect_err("finished run");
+    assert_eq!(e.code(), ErrorCode::Forbidden);
+    assert_eq!(
+        issue(&f, "r1", "gh-header").expect_err("finished").code(),
+        ErrorCode::Forbidden
+    );
+    let d = f
+        .broker
+        .validate_egress(
+            &team_a(),
+            &ValidateEgressRequest {
+                run: "r1".into(),
+                host: "pypi.org".into(),
+                port: 443,
+            },
+        )
+        .expect("decision");
+    assert!(!d.allowed);
+}
+
+#[test]
+fn renew_and_revoke() {
+    let f = fixture();
+    let lease = issue(&f, "r1", "gh-header").expect("issue");
+    let renewed = f
+        .broker
+        .renew(
+            &team_a(),
+            &RenewRequest {
+                lease_id: lease.lease_id.clone(),
+            },
+        )
+        .expect("renew");
+    assert!(renewed.expires_at >= lease.expires_at);
+    let r = f
+        .broker
+        .revoke(
+            &team_a(),
+            &RevokeRequest {
+                lease_id: lease.lease_id.clone(),
+            },
+        )
+        .expect("revoke");
+    assert!(r.revoked);
+    let r = f
+        .broker
+        .revoke(
+            &team_a(),
+            &RevokeRequest {
+                lease_id: lease.lease_id.clone(),
+            },
+        )
+        .expect("idempotent");
+    assert!(!r.revoked);
+    let e = f
+        .broker
+        .renew(
+            &team_a(),
+            &RenewRequest {
+                lease_id: lease.lease_id.clone(),
+            },
+        )
+        .expect_err("revoked");
+    assert_eq!(e.code(), ErrorCode::Forbidden);
+    assert!(
+        f.audit
+            .events()
+            .iter()
+            .any(|e| e.event == AuditKind::RenewalFailed)
+    );
+}
+
+#[test]
+fn in_container_returns_the_secret() {
+    let f = fixture();
+    let issued = issue(&f, "r1", "npm-token").expect("issue");
+    assert_eq!(issued.delivery, DeliveryMode::InContainer);
+    assert_eq!(issued.value, "ghp_real");
+    assert!(!format!("{issued:?}").contains("ghp_real"), "Debug redacts");
+}
+
+#[test]
+fn audit_failure_undoes_issue() {
+    let f = fixture();
+    f.audit.set_failing(true);
+    let e = issue(&f, "r1", "pats").expect_err("audit down");
+    assert_eq!(e.code(), ErrorCode::AuditUnavailable);
+    assert!(
+        f.broker
+            .store()
+            .leases_for_run("r1")
+            .expect("list")
+            .is_empty(),
+        "no unaudited lease remains"
+    );
+    assert!(
+        f.broker
+            .store()
+            .pool_reservations("pats")
+            .expect("list")
+            .is_empty()
+    );
+    f.audit.set_failing(false);
+    issue(&f, "r1", "pats").expect("works again");
+}
+
+#[test]
+fn missing_secret_fails_closed() {
+    let f = fixture();
+    std::fs::remove_file(f.dir.path().join("hdr")).expect("rm");
+    let e = issue(&f, "r1", "gh-header").expect_err("secret gone");
+    assert_eq!(e.code(), ErrorCode::Unavailable);
+    assert!(
+        f.broker
+            .store()
+            .leases_for_run("r1")
+            .expect("list")
+            .is_empty()
+    );
+}
+
+#[test]
+fn rate_limited_issue() {
+    let f = fixture_with(&RateLimitConfig {
+        issue: crate::ratelimit::RateSpec {
+            per_second: 1,
+            burst: 2,
+        },
+        ..RateLimitConfig::default()
+    });
+    issue(&f, "r1", "gh-header").expect("1");
+    issue(&f, "r1", "gh-header").expect("2");
+    assert_eq!(
+        issue(&f, "r1", "gh-header").expect_err("3").code(),
+        ErrorCode::RateLimited
+    );
+    issue(&f, "r2", "gh-header").expect("other run unaffected");
+}
+
+#[test]
+fn validate_egress_decisions() {
+    let f = fixture();
+    let d = f
+        .broker
+        .validate_egress(
+            &team_a(),
+            &ValidateEgressRequest {
+                run: "r1".into(),
+                host: "api.github.com".into(),
+                port: 443,
+            },
+        )
+        .expect("ok");
+    assert!(d.allowed && d.substitute_auth);
+    let d = f
+        .broker
+        .validate_egress(
+            &team_a(),
+            &ValidateEgressRequest {
+                run: "r1".into(),
+                host: "evil.example".into(),
+                port: 443,
+            },
+        )
+        .expect("ok");
+    assert!(!d.allowed && d.reason.contains("evil.example"));
+    assert!(
+        f.audit
+            .events()
+            .iter()
+            .any(|e| e.event == AuditKind::EgressDenied)
+    );
+}
+
+#[test]
+fn github_app_basic_placeholder_end_to_end() {
+    let gh = crate::providers::github_app::fake::start(7, 42);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("app.pem");
+    std::fs::write(&key, crate::providers::github_app::fake::TEST_KEY_PEM).expect("key");
+    let text = format!(
+        "\
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata:
+  name: gh-app
+spec:
+  appliesTo:
+    namespaces: [team-a]
+  credentials:
+    - name: github
+      provider:
+        kind: github-app
+        appId: 7
+        installationId: 42
+        privateKey: {{file: {key}}}
+        apiBaseUrl: {base}
+        repositories: [octo/repo]
+      hosts: [github.com, api.github.com]
+  egress:
+    - hosts: [github.com, api.github.com]
+      ports: [443]
+      substituteAuth: true
+",
+        key = key.display(),
+        base = gh.base_url
+    );
+    let docs =
+        Policy::parse_text(Path::new("gh.yaml"), &text, OffsetDateTime::now_utc()).expect("policy");
+    let audit = Arc::new(MemorySink::default());
+    let broker = Broker::new(
+        Store::open_in_memory().expect("store"),
+        Arc::new(PolicyStore::fixed(Policy::from_docs(docs).expect("set"))),
+        audit,
+        RateLimits::new(&RateLimitConfig::default()).expect("limits"),
+    );
+    broker
+        .upsert_run(
+            &controller(),
+            &RunUpsertRequest {
+                run: "r1".into(),
+                namespace: "team-a".into(),
+                template: "t".into(),
+                phase: RunPhase::Running,
+            },
+        )
+        .expect("run");
+    let issued = broker
+        .issue(
+            &team_a(),
+            &IssueRequest {
+                run: "r1".into(),
+                credential: "github".into(),
+            },
+        )
+        .expect("issue");
+    assert!(issued.value.starts_with("pdk-github-app-"));
+    let basic = format!(
+        "Basic {}",
+        STANDARD.encode(format!("x-access-token:{}", issued.value))
+    );
+    let out = broker
+        .substitute_auth(
+            &team_a(),
+            &sub("r1", "github.com", vec![("Authorization", basic)], None),
+        )
+        .expect("substitute");
+    let ba = out.basic_auth.expect("basic");
+    assert_eq!(
+        (ba.username.as_str(), ba.password.as_str()),
+        ("x-access-token", "ghs_fake_1")
+    );
+    assert_eq!(
+        gh.fetches.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "issue warmed the cache; substitution reused it"
+    );
+}

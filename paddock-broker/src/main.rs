@@ -1,0 +1,271 @@
+//! `paddock-broker` command line.
+
+use std::{
+    collections::BTreeSet,
+    io::{Read, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use paddock_broker::{
+    auth::{
+        Scope,
+        static_keys::{format_line, hash_key},
+    },
+    config::{self, Config},
+    policy::Policy,
+    server,
+    store::Store,
+};
+use rand::Rng;
+
+#[derive(Parser, Debug)]
+#[command(name = "paddock-broker", version, about = "Paddock credential broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the broker.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Manage static API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Work with `BrokerPolicy` files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Inspect leases.
+    Leases {
+        #[command(subcommand)]
+        command: LeasesCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Generate a key, append its hash to the keys file, print the key once.
+    Add {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        namespace: String,
+        /// Scope wire name, e.g. broker:issue (repeatable).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
+    /// Read a key from stdin and print its SHA-256 (for hand-written keys files).
+    Hash,
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Validate policy files or directories; exits non-zero on the first invalid one.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LeasesCommand {
+    /// List leases (never bearers or secrets).
+    List {
+        /// Database path; or give --config.
+        #[arg(long, conflicts_with = "config")]
+        database: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        run: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Keys {
+            command:
+                KeysCommand::Add {
+                    file,
+                    id,
+                    namespace,
+                    scopes,
+                },
+        } => keys_add(&file, &id, &namespace, &scopes),
+        Command::Keys {
+            command: KeysCommand::Hash,
+        } => keys_hash(),
+        Command::Policy {
+            command: PolicyCommand::Check { files },
+        } => policy_check(&files),
+        Command::Leases {
+            command:
+                LeasesCommand::List {
+                    database,
+                    config,
+                    run,
+                },
+        } => leases_list(database, config, run.as_deref()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("paddock-broker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config_path: &Path) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = Config::load(config_path)?;
+    let built = config::build(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(async move {
+        let broker = built.options.broker.clone();
+        let handle = server::spawn(built.options).await?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    if let Some(keys) = &built.static_keys {
+                        match keys.reload() {
+                            Ok(n) => tracing::info!(keys = n, "static keys reloaded"),
+                            Err(e) => tracing::error!(error = %e, "static keys reload rejected; previous keys stay active"),
+                        }
+                    }
+                    if let Err(e) = broker.policy().reload() {
+                        tracing::error!(error = %e, "policy reload rejected; previous policy stays active");
+                    }
+                }
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        tracing::info!("shutting down");
+        handle.shutdown().await;
+        Ok(())
+    })
+}
+
+fn keys_add(file: &Path, id: &str, namespace: &str, scopes: &[String]) -> anyhow::Result<()> {
+    let scopes = scopes
+        .iter()
+        .map(|s| Scope::parse(s).with_context(|| format!("unknown scope {s:?}")))
+        .collect::<anyhow::Result<BTreeSet<_>>>()?;
+    if let Ok(existing) = std::fs::read_to_string(file)
+        && existing
+            .lines()
+            .any(|l| l.trim().split(':').next() == Some(id))
+    {
+        bail!("key id {id:?} already exists in {}", file.display());
+    }
+    let mut bytes = [0_u8; 32];
+    rand::rng().fill(&mut bytes[..]);
+    let key = format!("pbk_{}", hex::encode(bytes));
+    let line = format_line(id, &hash_key(&key), namespace, &scopes);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("open {}", file.display()))?;
+    writeln!(f, "{line}").context("write keys file")?;
+    println!("{key}");
+    eprintln!(
+        "added key {id} to {} (the key above is shown once)",
+        file.display()
+    );
+    Ok(())
+}
+
+fn keys_hash() -> anyhow::Result<()> {
+    let mut input = String::new();
+    std::io::stdin()
+        .take(64 * 1024)
+        .read_to_string(&mut input)
+        .context("read stdin")?;
+    let key = input.trim_end_matches(['\r', '\n']);
+    if key.is_empty() {
+        bail!("no key on stdin");
+    }
+    println!("{}", hash_key(key));
+    Ok(())
+}
+
+fn policy_check(files: &[PathBuf]) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for file in files {
+        match Policy::load(file, time::OffsetDateTime::now_utc()) {
+            Ok(p) => println!("{}: ok ({} policies)", file.display(), p.documents().len()),
+            Err(e) => {
+                println!("{e}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} policy paths invalid", files.len());
+    }
+    Ok(())
+}
+
+fn leases_list(
+    database: Option<PathBuf>,
+    config: Option<PathBuf>,
+    run: Option<&str>,
+) -> anyhow::Result<()> {
+    let db = match (database, config) {
+        (Some(db), _) => db,
+        (None, Some(cfg)) => Config::load(&cfg)?.database,
+        (None, None) => bail!("give --database or --config"),
+    };
+    if !db.exists() {
+        bail!("database {} does not exist", db.display());
+    }
+    let store = Store::open(&db)?;
+    let leases = match run {
+        Some(r) => store.leases_for_run(r)?,
+        None => store.all_leases()?,
+    };
+    println!(
+        "{:<28} {:<20} {:<16} {:<20} {:<18} {:>5} {:>11} REVOKED",
+        "LEASE", "RUN", "NAMESPACE", "CREDENTIAL", "PROVIDER", "SLOT", "EXPIRES"
+    );
+    for l in leases {
+        let slot = l
+            .pool_slot
+            .map_or_else(|| "-".to_owned(), |s| s.to_string());
+        println!(
+            "{:<28} {:<20} {:<16} {:<20} {:<18} {:>5} {:>11} {}",
+            l.lease_id, l.run, l.namespace, l.credential, l.provider, slot, l.expires_at, l.revoked
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Prometheus metrics. Labels carry route names and status codes only: never a caller-supplied
+//! string (unbounded cardinality) and never a secret.
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+type Labels = Vec<(String, String)>;
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Labels, Counter>,
+    latency: Family<Labels, Histogram, fn() -> Histogram>,
+    auth_failures: Family<Labels, Counter>,
+    policy_reload_failures: Counter,
+    rate_limit_buckets: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_1, 2.0, 16,
+    ))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("paddock_broker");
+        let requests = Family::<Labels, Counter>::default();
+        let latency = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let auth_failures = Family::<Labels, Counter>::default();
+        let policy_reload_failures = Counter::default();
+        let rate_limit_buckets = Gauge::default();
+        registry.register(
+            "requests",
+            "API requests by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "API request latency by route",
+            latency.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Authentication failures by kind",
+            auth_failures.clone(),
+        );
+        registry.register(
+            "policy_reload_failures",
+            "Policy reloads rejected (previous policy kept)",
+            policy_reload_failures.clone(),
+        );
+        registry.register(
+            "rate_limit_buckets",
+            "Live rate-limit buckets",
+            rate_limit_buckets.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            auth_failures,
+            policy_reload_failures,
+            rate_limit_buckets,
+        }
+    }
+
+    pub fn observe_request(&self, route: &str, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&vec![
+                ("route".to_owned(), route.to_owned()),
+                ("status".to_owned(), status.to_string()),
+            ])
+            .inc();
+        self.latency
+            .get_or_create(&vec![("route".to_owned(), route.to_owned())])
+            .observe(seconds);
+    }
+
+    pub fn auth_failure(&self, kind: &str) {
+        self.auth_failures
+            .get_or_create(&vec![("kind".to_owned(), kind.to_owned())])
+            .inc();
+    }
+
+    pub fn policy_reload_failed(&self) {
+        self.policy_reload_failures.inc();
+    }
+
+    pub fn set_rate_limit_buckets(&self, n: usize) {
+        self.rate_limit_buckets
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// `OpenMetrics` text exposition.
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

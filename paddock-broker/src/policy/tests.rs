@@ -1,0 +1,205 @@
+use super::*;
+use crate::wire::RunPhase;
+
+const GOOD: &str = "\
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata:
+  name: team-a
+spec:
+  appliesTo:
+    namespaces: [team-a]
+    templates: [coder]
+  credentials:
+    - name: gh
+      provider:
+        kind: user-secret
+        inject:
+          header:
+            name: Authorization
+            prefix: \"Bearer \"
+      secret:
+        env: GH_TOKEN
+      hosts: [api.github.com]
+  egress:
+    - hosts: [\"*.github.com\", api.github.com]
+      ports: [443]
+      substituteAuth: true
+    - hosts: [pypi.org]
+      ports: [443]
+";
+
+fn run(ns: &str, template: &str) -> RunInfo {
+    RunInfo {
+        run: "r1".into(),
+        namespace: ns.into(),
+        template: template.into(),
+        phase: RunPhase::Running,
+    }
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+#[test]
+fn parses_and_decides() {
+    let docs = Policy::parse_text(Path::new("p.yaml"), GOOD, now()).expect("valid");
+    let policy = Policy::from_docs(docs).expect("valid set");
+    let r = run("team-a", "coder");
+    assert!(policy.credential_for(&r, "gh").is_some());
+    assert!(
+        policy
+            .credential_for(&run("team-b", "coder"), "gh")
+            .is_none()
+    );
+    assert!(
+        policy
+            .credential_for(&run("team-a", "other"), "gh")
+            .is_none()
+    );
+    let d = policy.egress(&r, "api.github.com", 443, now());
+    assert!(d.allowed && d.substitute_auth && !d.discovery);
+    let d = policy.egress(&r, "pypi.org", 443, now());
+    assert!(d.allowed && !d.substitute_auth);
+    let d = policy.egress(&r, "pypi.org", 80, now());
+    assert!(!d.allowed, "port must match too");
+    assert!(
+        !policy
+            .egress(&run("team-b", "coder"), "pypi.org", 443, now())
+            .allowed
+    );
+}
+
+fn err_of(text: &str) -> PolicyError {
+    Policy::parse_text(Path::new("bad.yaml"), text, now()).expect_err("must be rejected")
+}
+
+#[test]
+fn unknown_field_names_file_line_and_field() {
+    let text = GOOD.replace(
+        "      hosts: [api.github.com]\n",
+        "      hosts: [api.github.com]\n      hots: [x]\n",
+    );
+    let e = err_of(&text);
+    assert_eq!(e.file, Path::new("bad.yaml"));
+    assert_eq!(e.line, Some(20), "{e}");
+    assert!(e.field.contains("spec.credentials[0]"), "{e}");
+    assert!(e.message.contains("hots"), "{e}");
+}
+
+#[test]
+fn in_container_needs_accepted_reason() {
+    let text = GOOD.replace(
+        "      hosts: [api.github.com]\n",
+        "      hosts: [api.github.com]\n      delivery:\n        mode: in-container\n",
+    );
+    let e = err_of(&text);
+    assert_eq!(e.field, "spec.credentials[0].delivery");
+    assert_eq!(e.line, Some(20), "{e}");
+    assert!(e.message.contains("acceptedReason"));
+    let ok = text.replace(
+        "mode: in-container\n",
+        "mode: in-container\n        acceptedReason: \"tool reads the token itself\"\n",
+    );
+    assert!(Policy::parse_text(Path::new("ok.yaml"), &ok, now()).is_ok());
+}
+
+#[test]
+fn discovery_window_is_capped_at_seven_days() {
+    let fmt = |d: OffsetDateTime| d.format(&Rfc3339).expect("format");
+    let within = format!(
+        "{GOOD}  discovery:\n    until: \"{}\"\n",
+        fmt(now() + time::Duration::days(6))
+    );
+    let docs = Policy::parse_text(Path::new("p.yaml"), &within, now()).expect("6 days is fine");
+    let policy = Policy::from_docs(docs).expect("set");
+    let d = policy.egress(&run("team-a", "coder"), "example.org", 443, now());
+    assert!(d.allowed && d.discovery);
+    let beyond = format!(
+        "{GOOD}  discovery:\n    until: \"{}\"\n",
+        fmt(now() + time::Duration::days(8))
+    );
+    let e = err_of(&beyond);
+    assert_eq!(e.field, "spec.discovery.until");
+    assert_eq!(e.line, Some(27), "{e}");
+    let expired = format!(
+        "{GOOD}  discovery:\n    until: \"{}\"\n",
+        fmt(now() - time::Duration::days(1))
+    );
+    let policy =
+        Policy::from_docs(Policy::parse_text(Path::new("p"), &expired, now()).expect("ok"))
+            .expect("set");
+    assert!(
+        !policy
+            .egress(&run("team-a", "coder"), "example.org", 443, now())
+            .allowed
+    );
+}
+
+#[test]
+fn multi_document_line_numbers_and_duplicates() {
+    let second = GOOD
+        .replace("name: team-a\n", "name: team-b\n")
+        .replace("name: gh\n", "name: gh2\n");
+    let text = format!(
+        "{GOOD}---\n{}",
+        second.replace(
+            "ports: [443]\n      substituteAuth",
+            "ports: []\n      substituteAuth"
+        )
+    );
+    let e = err_of(&text);
+    assert_eq!(e.field, "spec.egress[0].ports");
+    assert_eq!(e.line, Some(26 + 22), "{e}");
+    let dup = format!(
+        "{GOOD}---\n{}",
+        GOOD.replace("name: team-a\n", "name: team-z\n")
+    );
+    let docs =
+        Policy::parse_text(Path::new("d.yaml"), &dup, now()).expect("each document is valid");
+    let e = Policy::from_docs(docs).expect_err("credential defined twice");
+    assert!(e.message.contains("\"gh\""), "{e}");
+}
+
+#[test]
+fn store_keeps_old_policy_when_new_one_is_broken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("a.yaml");
+    std::fs::write(&file, GOOD).expect("write");
+    let store = PolicyStore::load(dir.path()).expect("load dir");
+    assert_eq!(store.current().documents().len(), 1);
+    assert!(!store.reload_if_changed().expect("unchanged"));
+    // Broken edit: previous policy stays, error is reported.
+    std::fs::write(&file, GOOD.replace("kind: user-secret", "kind: nope")).expect("write");
+    let e = store.reload_if_changed().expect_err("broken");
+    assert!(e.to_string().contains("a.yaml"), "{e}");
+    assert!(store.last_error().is_some());
+    assert!(
+        store
+            .current()
+            .credential_for(&run("team-a", "coder"), "gh")
+            .is_some()
+    );
+    // Good edit: new policy replaces it.
+    std::fs::write(&file, GOOD.replace("name: gh\n", "name: gh-new\n")).expect("write");
+    assert!(store.reload().expect("good"));
+    assert!(
+        store
+            .current()
+            .credential_for(&run("team-a", "coder"), "gh-new")
+            .is_some()
+    );
+    assert!(store.last_error().is_none());
+}
+
+#[test]
+fn unknown_field_inside_provider_points_at_its_line() {
+    let text = GOOD.replace(
+        "        kind: user-secret\n",
+        "        kind: user-secret\n        bogus: 1\n",
+    );
+    let e = err_of(&text);
+    assert_eq!(e.line, Some(13), "{e}");
+    assert_eq!(e.field, "spec.credentials[0].provider.bogus", "{e}");
+}

@@ -1,0 +1,178 @@
+//! Token buckets per (namespace, run, kind). Unknown kinds are denied (fail closed).
+
+use std::{collections::BTreeMap, num::NonZeroU32};
+
+use governor::{Quota, RateLimiter, clock::DefaultClock, state::keyed::DefaultKeyedStateStore};
+use serde::{Deserialize, Serialize};
+
+pub const KIND_ISSUE: &str = "issue";
+pub const KIND_SUBSTITUTE: &str = "substitute";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateSpec {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// Rate-limit configuration: one bucket spec per kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    #[serde(default = "default_issue")]
+    pub issue: RateSpec,
+    #[serde(default = "default_substitute")]
+    pub substitute: RateSpec,
+}
+
+fn default_issue() -> RateSpec {
+    RateSpec {
+        per_second: 5,
+        burst: 10,
+    }
+}
+
+fn default_substitute() -> RateSpec {
+    RateSpec {
+        per_second: 50,
+        burst: 100,
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            issue: default_issue(),
+            substitute: default_substitute(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RateLimitError {
+    #[error("rate limit exceeded for {0}")]
+    Exceeded(&'static str),
+    #[error("no rate limit defined for kind {0:?}")]
+    UnknownKind(String),
+    #[error("invalid rate limit for {0}: per_second and burst must be positive")]
+    Invalid(&'static str),
+}
+
+type Key = (String, String);
+type Keyed = RateLimiter<Key, DefaultKeyedStateStore<Key>, DefaultClock>;
+
+pub struct RateLimits {
+    kinds: BTreeMap<&'static str, Keyed>,
+}
+
+impl std::fmt::Debug for RateLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimits")
+            .field("kinds", &self.kinds.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn quota(kind: &'static str, spec: RateSpec) -> Result<Quota, RateLimitError> {
+    let per = NonZeroU32::new(spec.per_second).ok_or(RateLimitError::Invalid(kind))?;
+    let burst = NonZeroU32::new(spec.burst).ok_or(RateLimitError::Invalid(kind))?;
+    Ok(Quota::per_second(per).allow_burst(burst))
+}
+
+impl RateLimits {
+    pub fn new(config: &RateLimitConfig) -> Result<Self, RateLimitError> {
+        let mut kinds = BTreeMap::new();
+        kinds.insert(
+            KIND_ISSUE,
+            RateLimiter::keyed(quota(KIND_ISSUE, config.issue)?),
+        );
+        kinds.insert(
+            KIND_SUBSTITUTE,
+            RateLimiter::keyed(quota(KIND_SUBSTITUTE, config.substitute)?),
+        );
+        Ok(Self { kinds })
+    }
+
+    /// Takes one token from the (namespace, run) bucket of `kind`.
+    pub fn check(&self, namespace: &str, run: &str, kind: &str) -> Result<(), RateLimitError> {
+        let Some((name, limiter)) = self.kinds.get_key_value(kind) else {
+            return Err(RateLimitError::UnknownKind(kind.to_owned()));
+        };
+        limiter
+            .check_key(&(namespace.to_owned(), run.to_owned()))
+            .map_err(|_| RateLimitError::Exceeded(name))
+    }
+
+    /// Drops buckets that are back to full (idle), bounding memory.
+    pub fn sweep(&self) {
+        for limiter in self.kinds.values() {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+
+    /// Number of live buckets (for tests and metrics).
+    #[must_use]
+    pub fn buckets(&self) -> usize {
+        self.kinds.values().map(RateLimiter::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_then_deny_per_key_and_unknown_kind() {
+        let cfg = RateLimitConfig {
+            issue: RateSpec {
+                per_second: 1,
+                burst: 3,
+            },
+            ..RateLimitConfig::default()
+        };
+        let rl = RateLimits::new(&cfg).expect("valid");
+        for _ in 0..3 {
+            rl.check("ns", "r1", KIND_ISSUE).expect("within burst");
+        }
+        assert_eq!(
+            rl.check("ns", "r1", KIND_ISSUE),
+            Err(RateLimitError::Exceeded("issue"))
+        );
+        rl.check("ns", "r2", KIND_ISSUE)
+            .expect("other run has its own bucket");
+        rl.check("ns", "r1", KIND_SUBSTITUTE)
+            .expect("other kind has its own bucket");
+        assert!(matches!(
+            rl.check("ns", "r1", "telepathy"),
+            Err(RateLimitError::UnknownKind(_))
+        ));
+        assert!(
+            RateLimits::new(&RateLimitConfig {
+                issue: RateSpec {
+                    per_second: 0,
+                    burst: 1
+                },
+                ..cfg
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn sweep_drops_idle_buckets() {
+        let cfg = RateLimitConfig {
+            issue: RateSpec {
+                per_second: 1000,
+                burst: 1,
+            },
+            ..RateLimitConfig::default()
+        };
+        let rl = RateLimits::new(&cfg).expect("valid");
+        rl.check("ns", "r1", KIND_ISSUE).expect("ok");
+        assert_eq!(rl.buckets(), 1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        rl.sweep();
+        assert_eq!(rl.buckets(), 0);
+    }
+}

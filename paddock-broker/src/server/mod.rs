@@ -1,0 +1,247 @@
+//! The HTTPS API server (hyper 1, TLS 1.3 via tokio-rustls) and the admin listener.
+//!
+//! [`spawn`] runs both in the current tokio runtime and returns a [`Handle`] with the bound
+//! addresses; tests and the end-to-end harness use it to run the broker in-process.
+
+pub mod admin;
+pub mod routes;
+pub mod tls;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_rustls::TlsAcceptor;
+
+use crate::{auth::Authenticator, broker::Broker, metrics::Metrics};
+
+/// Everything the server needs. Build it from a config file with [`crate::config`] or by hand.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub broker: Arc<Broker>,
+    pub auth: Arc<dyn Authenticator>,
+    pub metrics: Arc<Metrics>,
+    /// How often to check the policy files for changes (None: never).
+    pub policy_poll: Option<Duration>,
+    /// How often to drop idle rate-limit buckets.
+    pub rate_limit_sweep: Duration,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub broker: Arc<Broker>,
+    pub auth: Arc<dyn Authenticator>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid route table: {0}")]
+    Routes(String),
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Handle {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Stops accepting, lets in-flight requests finish (bounded), and waits for the tasks.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+/// Concurrent API connections.
+const MAX_CONNECTIONS: usize = 4096;
+const LEASE_RETENTION_SECS: u64 = 7 * 24 * 3600;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request head limit: room for large JWTs, small enough that huge headers get 431.
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+/// Connection read buffer (head plus pipelined body bytes).
+const MAX_BUF_BYTES: usize = 128 * 1024;
+
+/// Binds the listeners and starts serving.
+pub async fn spawn(options: ServerOptions) -> Result<Handle, ServerError> {
+    routes::validate_routes(routes::ROUTES).map_err(ServerError::Routes)?;
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: options.listen,
+        source,
+    })?;
+    let (shutdown, rx) = watch::channel(false);
+    let state = Arc::new(State {
+        broker: options.broker.clone(),
+        auth: options.auth.clone(),
+        metrics: options.metrics.clone(),
+    });
+    let mut tasks = vec![tokio::spawn(api_loop(
+        listener,
+        TlsAcceptor::from(options.tls.clone()),
+        state.clone(),
+        rx.clone(),
+    ))];
+    let mut admin_addr = None;
+    if let Some(admin) = options.admin_listen {
+        let l = TcpListener::bind(admin)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: admin,
+                source,
+            })?;
+        admin_addr = Some(l.local_addr().map_err(|source| ServerError::Bind {
+            addr: admin,
+            source,
+        })?);
+        tasks.push(tokio::spawn(admin_loop(l, state.clone(), rx.clone())));
+    }
+    tasks.push(tokio::spawn(maintenance(options, rx)));
+    tracing::info!(%addr, ?admin_addr, "broker listening");
+    Ok(Handle {
+        addr,
+        admin_addr,
+        shutdown,
+        tasks,
+    })
+}
+
+async fn api_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Bounded concurrency: beyond the limit new connections are closed at once.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing");
+            drop(tcp);
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = service_fn(move |req| routes::handle(state.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_header_size(MAX_HEAD_BYTES)
+                .max_buf_size(MAX_BUF_BYTES)
+                .serve_connection(TokioIo::new(tls), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended with error") },
+                _ = shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}
+
+async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let Ok((tcp, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| admin::handle(state.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+/// Policy polling and rate-limit sweeping.
+async fn maintenance(options: ServerOptions, mut shutdown: watch::Receiver<bool>) {
+    let mut sweep = tokio::time::interval(options.rate_limit_sweep);
+    let mut poll = tokio::time::interval(options.policy_poll.unwrap_or(Duration::from_hours(1)));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = sweep.tick() => {
+                options.broker.rate_limits().sweep();
+                // Dead leases are kept a week for `leases list` and investigations.
+                let broker = options.broker.clone();
+                let cutoff = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+                    .saturating_sub(LEASE_RETENTION_SECS);
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || broker.store().purge_before(cutoff)).await {
+                    tracing::warn!(error = %e, "purging old leases failed");
+                }
+                options.metrics.set_rate_limit_buckets(options.broker.rate_limits().buckets());
+            }
+            _ = poll.tick(), if options.policy_poll.is_some() => {
+                let broker = options.broker.clone();
+                match tokio::task::spawn_blocking(move || broker.policy().reload_if_changed()).await {
+                    Ok(Ok(true)) => tracing::info!("policy reloaded"),
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => {
+                        options.metrics.policy_reload_failed();
+                        tracing::error!(error = %e, "policy reload rejected; previous policy stays active");
+                    }
+                    Err(e) => tracing::error!(error = %e, "policy reload task failed"),
+                }
+            }
+        }
+    }
+}

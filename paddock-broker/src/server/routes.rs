@@ -1,0 +1,455 @@
+//! The API route table and request handling.
+//!
+//! Every route declares the scope it needs; a route without one is refused (fail closed).
+//! Authentication happens before the body is read, so unauthenticated callers cannot make
+//! the broker buffer anything.
+
+use std::{convert::Infallible, sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use percent_encoding::percent_decode_str;
+use serde::{Serialize, de::DeserializeOwned};
+use tracing::Instrument;
+
+use super::State;
+use crate::{
+    auth::{AuthError, Identity, Scope},
+    broker::{Broker, BrokerError},
+    wire::{self, ErrorBody, ErrorCode, MAX_BODY_BYTES, paths},
+};
+
+/// What a route does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Issue,
+    Renew,
+    Revoke,
+    ValidateEgress,
+    SubstituteAuth,
+    Leases,
+    Runs,
+}
+
+/// One API route.
+#[derive(Clone, Copy, Debug)]
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    /// The scope a caller needs. `None` makes the route unreachable (fail closed).
+    pub scope: Option<Scope>,
+    pub op: Op,
+}
+
+pub const ROUTES: &[Route] = &[
+    Route {
+        method: "POST",
+        path: paths::ISSUE,
+        scope: Some(Scope::Issue),
+        op: Op::Issue,
+    },
+    Route {
+        method: "POST",
+        path: paths::RENEW,
+        scope: Some(Scope::Renew),
+        op: Op::Renew,
+    },
+    Route {
+        method: "POST",
+        path: paths::REVOKE,
+        scope: Some(Scope::Revoke),
+        op: Op::Revoke,
+    },
+    Route {
+        method: "POST",
+        path: paths::VALIDATE_EGRESS,
+        scope: Some(Scope::ValidateEgress),
+        op: Op::ValidateEgress,
+    },
+    Route {
+        method: "POST",
+        path: paths::SUBSTITUTE_AUTH,
+        scope: Some(Scope::SubstituteAuth),
+        op: Op::SubstituteAuth,
+    },
+    Route {
+        method: "GET",
+        path: paths::LEASES,
+        scope: Some(Scope::LeasesRead),
+        op: Op::Leases,
+    },
+    Route {
+        method: "POST",
+        path: paths::RUNS,
+        scope: Some(Scope::Controller),
+        op: Op::Runs,
+    },
+];
+
+/// A slow client may not hold a connection and a blocking-pool slot open indefinitely.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The body of every 401, byte for byte: no hint about why.
+pub const UNAUTHENTICATED_BODY: &str =
+    r#"{"code":"Unauthenticated","message":"authentication required"}"#;
+
+type Resp = Response<Full<Bytes>>;
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Resp {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+pub(crate) fn error_response(code: ErrorCode, message: impl Into<String>) -> Resp {
+    if code == ErrorCode::Unauthenticated {
+        return unauthenticated();
+    }
+    let body = serde_json::to_vec(&ErrorBody {
+        code,
+        message: message.into(),
+    })
+    .unwrap_or_else(|_| br#"{"code":"Internal","message":"internal error"}"#.to_vec());
+    json_response(
+        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        body,
+    )
+}
+
+fn unauthenticated() -> Resp {
+    let mut resp = json_response(
+        StatusCode::UNAUTHORIZED,
+        UNAUTHENTICATED_BODY.as_bytes().to_vec(),
+    );
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+fn ok_json<T: Serialize>(value: &T) -> Resp {
+    match serde_json::to_vec(value) {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(_) => error_response(ErrorCode::Internal, "internal error"),
+    }
+}
+
+fn bearer_of(req: &Request<Incoming>) -> Option<&str> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// A JSON body error message that names fields but never echoes values (which could hold a
+/// bearer sent in the wrong place).
+fn json_error_message(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match e.classify() {
+        serde_json::error::Category::Data
+            if text.starts_with("unknown field") || text.starts_with("missing field") =>
+        {
+            match text.find(", expected") {
+                Some(i) => format!("invalid request body: {}", &text[..i]),
+                None => format!("invalid request body: {text}"),
+            }
+        }
+        _ => format!(
+            "invalid request body: malformed or mistyped JSON at line {} column {}",
+            e.line(),
+            e.column()
+        ),
+    }
+}
+
+pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    let started = Instant::now();
+    let route = ROUTES.iter().find(|r| r.path == req.uri().path()).copied();
+    let route_name = route.map_or("unknown", |r| r.path);
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        route = route_name,
+        caller = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
+    let resp = dispatch(&state, route, req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    span.record("status", status);
+    state
+        .metrics
+        .observe_request(route_name, status, started.elapsed().as_secs_f64());
+    span.in_scope(|| tracing::debug!(status, "request done"));
+    Ok(resp)
+}
+
+async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incoming>) -> Resp {
+    let Some(route) = route else {
+        return error_response(ErrorCode::NotFound, "no such route");
+    };
+    if req.method().as_str() != route.method {
+        let mut resp = error_response(ErrorCode::MethodNotAllowed, format!("use {}", route.method));
+        if let Ok(v) = HeaderValue::from_str(route.method) {
+            resp.headers_mut().insert(header::ALLOW, v);
+        }
+        return resp;
+    }
+    let Some(scope) = route.scope else {
+        tracing::error!("route without a declared scope refused");
+        return error_response(ErrorCode::Forbidden, "route is not available");
+    };
+    let Some(token) = bearer_of(&req) else {
+        state.metrics.auth_failure("missing");
+        return unauthenticated();
+    };
+    let identity = match state.auth.authenticate(token).await {
+        Ok(identity) => identity,
+        Err(AuthError::Unauthenticated(reason)) => {
+            state.metrics.auth_failure("unauthenticated");
+            tracing::info!(%reason, "authentication failed");
+            return unauthenticated();
+        }
+        Err(AuthError::Forbidden(reason)) => {
+            state.metrics.auth_failure("forbidden");
+            tracing::info!(%reason, "authentication refused");
+            return error_response(ErrorCode::Forbidden, "caller is not allowed");
+        }
+        Err(AuthError::Unavailable(reason)) => {
+            state.metrics.auth_failure("unavailable");
+            tracing::warn!(%reason, "authentication backend unavailable");
+            return error_response(ErrorCode::Unavailable, "authentication backend unavailable");
+        }
+    };
+    tracing::Span::current().record("caller", identity.subject.as_str());
+    if !identity.has(scope) {
+        return error_response(
+            ErrorCode::Forbidden,
+            format!("caller lacks scope {}", scope.as_str()),
+        );
+    }
+    if route.op == Op::Leases {
+        return match leases_query(req.uri().query()) {
+            Ok(run) => {
+                call(
+                    state,
+                    identity,
+                    run,
+                    |b: &Broker, id: &Identity, run: &String| b.leases(id, run),
+                )
+                .await
+            }
+            Err(msg) => error_response(ErrorCode::BadRequest, msg),
+        };
+    }
+    let body = match read_json_body(req).await {
+        Ok(body) => body,
+        Err(resp) => return resp,
+    };
+    match route.op {
+        Op::Issue => parse_and_call(state, identity, &body, Broker::issue).await,
+        Op::Renew => parse_and_call(state, identity, &body, Broker::renew).await,
+        Op::Revoke => parse_and_call(state, identity, &body, Broker::revoke).await,
+        Op::ValidateEgress => parse_and_call(state, identity, &body, Broker::validate_egress).await,
+        Op::SubstituteAuth => parse_and_call(state, identity, &body, Broker::substitute_auth).await,
+        Op::Runs => parse_and_call(state, identity, &body, Broker::upsert_run).await,
+        Op::Leases => error_response(ErrorCode::Internal, "internal error"),
+    }
+}
+
+fn leases_query(query: Option<&str>) -> Result<String, String> {
+    let mut run = None;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k != "run" {
+            return Err(format!(
+                "unknown query parameter {:?}",
+                percent_decode_str(k).decode_utf8_lossy()
+            ));
+        }
+        if run.is_some() {
+            return Err("run given more than once".into());
+        }
+        run = Some(
+            percent_decode_str(v)
+                .decode_utf8()
+                .map_err(|_| "run is not UTF-8".to_owned())?
+                .into_owned(),
+        );
+    }
+    run.filter(|r| !r.is_empty())
+        .ok_or_else(|| "query parameter run is required".to_owned())
+}
+
+async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, Resp> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let mime = content_type.split(';').next().unwrap_or_default().trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(error_response(
+            ErrorCode::UnsupportedMediaType,
+            "Content-Type must be application/json",
+        ));
+    }
+    let too_large = || {
+        error_response(
+            ErrorCode::PayloadTooLarge,
+            format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let collected = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY_BYTES).collect(),
+    )
+    .await;
+    let Ok(collected) = collected else {
+        return Err(error_response(
+            ErrorCode::BadRequest,
+            "request body not received in time",
+        ));
+    };
+    match collected {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(_) => Err(error_response(
+            ErrorCode::BadRequest,
+            "request body could not be read",
+        )),
+    }
+}
+
+async fn parse_and_call<Req, Out>(
+    state: &Arc<State>,
+    identity: Identity,
+    body: &[u8],
+    op: fn(&Broker, &Identity, &Req) -> Result<Out, BrokerError>,
+) -> Resp
+where
+    Req: DeserializeOwned + Send + 'static,
+    Out: Serialize + Send + 'static,
+{
+    match serde_json::from_slice::<Req>(body) {
+        Ok(request) => call(state, identity, request, op).await,
+        Err(e) => error_response(ErrorCode::BadRequest, json_error_message(&e)),
+    }
+}
+
+/// Runs a broker operation on the blocking pool (`SQLite` and fsync'd audit writes block).
+async fn call<Req, Out>(
+    state: &Arc<State>,
+    identity: Identity,
+    request: Req,
+    op: fn(&Broker, &Identity, &Req) -> Result<Out, BrokerError>,
+) -> Resp
+where
+    Req: Send + 'static,
+    Out: Serialize + Send + 'static,
+{
+    let broker = state.broker.clone();
+    let span = tracing::Span::current();
+    let result =
+        tokio::task::spawn_blocking(move || span.in_scope(|| op(&broker, &identity, &request)))
+            .await;
+    match result {
+        Ok(Ok(out)) => ok_json(&out),
+        Ok(Err(e)) => {
+            match e.code() {
+                ErrorCode::Internal | ErrorCode::AuditUnavailable | ErrorCode::Unavailable => {
+                    tracing::error!(error = %e, "request failed");
+                }
+                _ => tracing::info!(error = %e, "request refused"),
+            }
+            error_response(e.code(), e.public_message())
+        }
+        Err(join) => {
+            tracing::error!(error = %join, "broker task failed");
+            error_response(ErrorCode::Internal, "internal error")
+        }
+    }
+}
+
+/// Checks the route table: every route must declare a scope and paths must be unique.
+pub fn validate_routes(routes: &[Route]) -> Result<(), String> {
+    for (i, r) in routes.iter().enumerate() {
+        if r.scope.is_none() {
+            return Err(format!("route {} {} declares no scope", r.method, r.path));
+        }
+        if routes[..i].iter().any(|o| o.path == r.path) {
+            return Err(format!("route {} is declared twice", r.path));
+        }
+    }
+    if !routes
+        .iter()
+        .any(|r| r.path == wire::paths::SUBSTITUTE_AUTH)
+    {
+        return Err("substitute-auth route missing".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_table_is_valid_and_a_missing_scope_is_caught() {
+        validate_routes(ROUTES).expect("shipped routes are valid");
+        let mut routes = ROUTES.to_vec();
+        routes[0].scope = None;
+        assert!(validate_routes(&routes).is_err());
+    }
+
+    #[test]
+    fn leases_query_parsing() {
+        assert_eq!(leases_query(Some("run=r%201")), Ok("r 1".to_owned()));
+        assert!(leases_query(Some("run=a&run=b")).is_err());
+        assert!(leases_query(Some("run=a&x=1")).is_err());
+        assert!(leases_query(None).is_err());
+    }
+
+    #[test]
+    fn json_errors_do_not_echo_values() {
+        let e =
+            serde_json::from_str::<wire::IssueRequest>(r#"{"run": 5, "credential": "pdk-secret"}"#)
+                .expect_err("bad");
+        let msg = json_error_message(&e);
+        assert!(
+            !msg.contains("pdk-secret") && msg.contains("line 1"),
+            "{msg}"
+        );
+        let e =
+            serde_json::from_str::<wire::IssueRequest>(r#"{"run":"a","credential":"b","extra":1}"#)
+                .expect_err("bad");
+        assert!(
+            json_error_message(&e).contains("unknown field `extra`"),
+            "{}",
+            json_error_message(&e)
+        );
+    }
+}

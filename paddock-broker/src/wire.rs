@@ -1,0 +1,416 @@
+//! Wire types of the broker's HTTP/JSON API, shared with the proxy's broker client.
+//!
+//! This module depends on `serde` and `std` only, so a client can use it without pulling in
+//! the server. Requests reject unknown fields: a typo in a client must not silently drop a
+//! constraint. Secret-bearing types have a manual `Debug` that redacts the secret.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest request body the broker accepts (bytes).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Paths of the API routes.
+pub mod paths {
+    pub const ISSUE: &str = "/v1/issue";
+    pub const RENEW: &str = "/v1/renew";
+    pub const REVOKE: &str = "/v1/revoke";
+    pub const VALIDATE_EGRESS: &str = "/v1/validate-egress";
+    pub const SUBSTITUTE_AUTH: &str = "/v1/substitute-auth";
+    pub const LEASES: &str = "/v1/leases";
+    pub const RUNS: &str = "/v1/runs";
+}
+
+/// Stable error codes. The HTTP status is fixed per code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    Unauthenticated,
+    Forbidden,
+    NotFound,
+    BadRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    MethodNotAllowed,
+    RateLimited,
+    PoolExhausted,
+    AuditUnavailable,
+    Unavailable,
+    EgressDenied,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 13] = [
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::BadRequest,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::RateLimited,
+        ErrorCode::PoolExhausted,
+        ErrorCode::AuditUnavailable,
+        ErrorCode::Unavailable,
+        ErrorCode::EgressDenied,
+        ErrorCode::Internal,
+    ];
+
+    #[must_use]
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::Unauthenticated => 401,
+            ErrorCode::Forbidden | ErrorCode::EgressDenied => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::BadRequest => 400,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::UnsupportedMediaType => 415,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::PoolExhausted | ErrorCode::AuditUnavailable | ErrorCode::Unavailable => 503,
+            ErrorCode::Internal => 500,
+        }
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unauthenticated => "Unauthenticated",
+            ErrorCode::Forbidden => "Forbidden",
+            ErrorCode::NotFound => "NotFound",
+            ErrorCode::BadRequest => "BadRequest",
+            ErrorCode::PayloadTooLarge => "PayloadTooLarge",
+            ErrorCode::UnsupportedMediaType => "UnsupportedMediaType",
+            ErrorCode::MethodNotAllowed => "MethodNotAllowed",
+            ErrorCode::RateLimited => "RateLimited",
+            ErrorCode::PoolExhausted => "PoolExhausted",
+            ErrorCode::AuditUnavailable => "AuditUnavailable",
+            ErrorCode::Unavailable => "Unavailable",
+            ErrorCode::EgressDenied => "EgressDenied",
+            ErrorCode::Internal => "Internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Body of every non-2xx response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// How an issued credential reaches the workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryMode {
+    /// The workload gets a placeholder bearer; the proxy swaps in the real secret.
+    ProxyInjected,
+    /// The workload gets the real secret (policy must state an accepted reason).
+    InContainer,
+}
+
+/// `POST /v1/issue`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueRequest {
+    pub run: String,
+    pub credential: String,
+}
+
+/// Answer to `POST /v1/issue`. `value` is the placeholder bearer for proxy-injected
+/// credentials and the real secret for in-container ones; it is redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueResponse {
+    pub lease_id: String,
+    pub run: String,
+    pub credential: String,
+    pub provider: String,
+    pub delivery: DeliveryMode,
+    pub value: String,
+    pub hosts: Vec<String>,
+    /// Seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
+impl fmt::Debug for IssueResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssueResponse")
+            .field("lease_id", &self.lease_id)
+            .field("run", &self.run)
+            .field("credential", &self.credential)
+            .field("provider", &self.provider)
+            .field("delivery", &self.delivery)
+            .field("value", &"<redacted>")
+            .field("hosts", &self.hosts)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// `POST /v1/renew`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub lease_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewResponse {
+    pub lease_id: String,
+    pub expires_at: u64,
+}
+
+/// `POST /v1/revoke`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub lease_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeResponse {
+    pub lease_id: String,
+    /// False when the lease was already revoked (revocation is idempotent).
+    pub revoked: bool,
+}
+
+/// `POST /v1/validate-egress`
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateEgressRequest {
+    pub run: String,
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateEgressResponse {
+    pub allowed: bool,
+    /// Whether the proxy should intercept and call `/v1/substitute-auth` for this destination.
+    pub substitute_auth: bool,
+    /// True when the destination is allowed only by an active discovery window.
+    pub discovery: bool,
+    /// Name of the policy that decided, if any.
+    pub policy: Option<String>,
+    /// Human-readable reason, suitable for a deny message to the agent.
+    pub reason: String,
+}
+
+/// One HTTP header as seen by the proxy. Values are redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    pub name: String,
+    pub value: String,
+}
+
+impl fmt::Debug for Header {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Header")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .finish()
+    }
+}
+
+/// One query parameter (already percent-decoded). Values are redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryParam {
+    pub name: String,
+    pub value: String,
+}
+
+impl fmt::Debug for QueryParam {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueryParam")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `POST /v1/substitute-auth`: the intercepted request, as the proxy sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubstituteAuthRequest {
+    pub run: String,
+    pub host: String,
+    pub port: u16,
+    pub method: String,
+    pub path: String,
+    /// Raw query string without the leading `?` (percent-encoded, as on the wire).
+    #[serde(default)]
+    pub query: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<Header>,
+}
+
+/// Basic-auth replacement: the proxy sets `Authorization: Basic base64(username:password)`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for BasicAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BasicAuth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// What the proxy must change on the intercepted request. The proxy applies, in order:
+/// `remove_headers`, `set_headers` (replacing any header of the same name), `basic_auth`
+/// (replacing `Authorization`), `remove_query`, then `set_query` (replacing any parameter of
+/// the same name, appending otherwise). When `matched` is false no placeholder was found and
+/// the request is forwarded unchanged.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubstituteAuthResponse {
+    pub matched: bool,
+    pub lease_id: Option<String>,
+    pub credential: Option<String>,
+    #[serde(default)]
+    pub set_headers: Vec<Header>,
+    #[serde(default)]
+    pub remove_headers: Vec<String>,
+    #[serde(default)]
+    pub set_query: Vec<QueryParam>,
+    #[serde(default)]
+    pub remove_query: Vec<String>,
+    #[serde(default)]
+    pub basic_auth: Option<BasicAuth>,
+}
+
+/// Query of `GET /v1/leases?run=...`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeasesQuery {
+    pub run: String,
+}
+
+/// A lease as listed; never contains the bearer or the secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseInfo {
+    pub lease_id: String,
+    pub run: String,
+    pub namespace: String,
+    pub credential: String,
+    pub provider: String,
+    pub delivery: DeliveryMode,
+    pub hosts: Vec<String>,
+    pub pool_slot: Option<u32>,
+    pub issued_at: u64,
+    pub expires_at: u64,
+    pub revoked: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeasesResponse {
+    pub leases: Vec<LeaseInfo>,
+}
+
+/// Lifecycle phase of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RunPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl RunPhase {
+    /// Only active runs may be issued credentials or have them substituted.
+    #[must_use]
+    pub fn is_active(self) -> bool {
+        matches!(self, RunPhase::Pending | RunPhase::Running)
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunPhase::Pending => "Pending",
+            RunPhase::Running => "Running",
+            RunPhase::Succeeded => "Succeeded",
+            RunPhase::Failed => "Failed",
+            RunPhase::Cancelled => "Cancelled",
+        }
+    }
+
+    #[must_use]
+    pub fn parse(s: &str) -> Option<RunPhase> {
+        [
+            RunPhase::Pending,
+            RunPhase::Running,
+            RunPhase::Succeeded,
+            RunPhase::Failed,
+            RunPhase::Cancelled,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+    }
+}
+
+/// `POST /v1/runs` (controller scope): register a run or update its phase. Moving a run to a
+/// terminal phase revokes its leases and frees its pool slots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunUpsertRequest {
+    pub run: String,
+    pub namespace: String,
+    pub template: String,
+    pub phase: RunPhase,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunInfo {
+    pub run: String,
+    pub namespace: String,
+    pub template: String,
+    pub phase: RunPhase,
+}
+
+/// Names of every schema the `OpenAPI` document must define (checked by a test).
+pub const SCHEMA_NAMES: &[&str] = &[
+    "ErrorBody",
+    "ErrorCode",
+    "DeliveryMode",
+    "IssueRequest",
+    "IssueResponse",
+    "RenewRequest",
+    "RenewResponse",
+    "RevokeRequest",
+    "RevokeResponse",
+    "ValidateEgressRequest",
+    "ValidateEgressResponse",
+    "Header",
+    "QueryParam",
+    "SubstituteAuthRequest",
+    "SubstituteAuthResponse",
+    "BasicAuth",
+    "LeaseInfo",
+    "LeasesResponse",
+    "RunPhase",
+    "RunUpsertRequest",
+    "RunInfo",
+];

@@ -1,0 +1,396 @@
+//! The `paddock-broker` binary: key management, policy checks, and a served broker that is
+//! killed and restarted on the same database.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use common::{CONTROLLER_KEY, TEAM_A_KEY, keys_text, pki, policy_yaml, post_request, tls_json};
+use paddock_broker::auth::{Authenticator, StaticKeys, static_keys::StaticKeyDefaults};
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_paddock-broker");
+
+#[test]
+fn keys_hash_and_add() {
+    let mut child = Command::new(BIN)
+        .args(["keys", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"my-key\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        paddock_broker::auth::static_keys::hash_key("my-key")
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("keys");
+    let out = Command::new(BIN)
+        .args(["keys", "add", "--file"])
+        .arg(&file)
+        .args([
+            "--id",
+            "proxy",
+            "--namespace",
+            "team-a",
+            "--scope",
+            "broker:substitute-auth",
+            "--scope",
+            "broker:validate-egress",
+        ])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let stored = std::fs::read_to_string(&file).expect("keys file");
+    assert!(!stored.contains(&key), "only the hash is stored");
+    let keys = StaticKeys::load(&file, StaticKeyDefaults::default()).expect("parse");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt");
+    let id = rt
+        .block_on(keys.authenticate(&key))
+        .expect("new key authenticates");
+    assert_eq!(
+        (id.subject.as_str(), id.namespace.as_str()),
+        ("proxy", "team-a")
+    );
+    let again = Command::new(BIN)
+        .args(["keys", "add", "--file"])
+        .arg(&file)
+        .args([
+            "--id",
+            "proxy",
+            "--namespace",
+            "x",
+            "--scope",
+            "broker:issue",
+        ])
+        .output()
+        .expect("run");
+    assert!(!again.status.success(), "duplicate id refused");
+}
+
+#[test]
+fn policy_check_reports_file_line_and_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("good.yaml");
+    std::fs::write(&good, policy_yaml(dir.path())).expect("write");
+    let out = Command::new(BIN)
+        .args(["policy", "check"])
+        .arg(&good)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        policy_yaml(dir.path()).replace(
+            "      ports: [443]\n",
+            "      ports: [443]\n      portz: [80]\n",
+        ),
+    )
+    .expect("write");
+    let out = Command::new(BIN)
+        .args(["policy", "check"])
+        .arg(&good)
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("bad.yaml:27:")
+            && stdout.contains("spec.egress[0]")
+            && stdout.contains("portz"),
+        "{stdout}"
+    );
+}
+
+struct Served {
+    child: Child,
+    addr: SocketAddr,
+    logs: mpsc::Receiver<serde_json::Value>,
+}
+
+impl Served {
+    /// Waits (bounded) for a log line whose message contains `needle`.
+    fn wait_log(&self, needle: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .logs
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line containing {needle:?}"));
+            if line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(needle))
+            {
+                return line;
+            }
+        }
+    }
+
+    fn hangup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(config: &Path) -> Served {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn broker");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && tx.send(v).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let v = rx
+            .recv_timeout(left)
+            .expect("broker did not report its address");
+        if v["fields"]["message"] == "broker listening"
+            && let Some(addr) = v["fields"]["addr"]
+                .as_str()
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+        {
+            break addr;
+        }
+    };
+    Served {
+        child,
+        addr,
+        logs: rx,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one linear kill-and-restart scenario"
+)]
+async fn killed_and_restarted_process_keeps_pool_reservations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    for (name, value) in [
+        ("hdr", "ghp_real"),
+        ("qry", "maps-real"),
+        ("bas", "git-real"),
+        ("p1", "pat-one"),
+        ("p2", "pat-two"),
+    ] {
+        std::fs::write(d.join(name), value).expect("secret");
+    }
+    std::fs::write(d.join("policy.yaml"), policy_yaml(d)).expect("policy");
+    std::fs::write(d.join("keys"), keys_text()).expect("keys");
+    let pki = pki();
+    let pem = |der: &[u8], label: &str| {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).expect("ascii"))
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    };
+    std::fs::write(d.join("cert.pem"), pem(&pki.server_chain[0], "CERTIFICATE")).expect("cert");
+    std::fs::write(
+        d.join("key.pem"),
+        pem(pki.server_key.secret_pkcs8_der(), "PRIVATE KEY"),
+    )
+    .expect("key");
+    let ca =
+        CertificateDer::from_pem_slice(pem(&pki.ca_der, "CERTIFICATE").as_bytes()).expect("ca");
+    let config = d.join("broker.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\ntls: {{cert: {d}/cert.pem, key: {d}/key.pem}}\ndatabase: {d}/broker.db\npolicy: {d}/policy.yaml\naudit: {{path: {d}/audit.jsonl}}\nauth:\n  staticKeys: {{file: {d}/keys}}\n",
+            d = d.display()
+        ),
+    )
+    .expect("config");
+
+    let first = {
+        let served = serve(&config);
+        for run in ["r1", "r2", "r3"] {
+            let body =
+                json!({"run": run, "namespace": "team-a", "template": "t", "phase": "Running"})
+                    .to_string();
+            let (status, v) = tls_json(
+                served.addr,
+                &ca,
+                &post_request("/v1/runs", CONTROLLER_KEY, &body),
+            )
+            .await;
+            assert_eq!(status, 200, "{v}");
+        }
+        let (status, v) = tls_json(
+            served.addr,
+            &ca,
+            &post_request(
+                "/v1/issue",
+                TEAM_A_KEY,
+                r#"{"run":"r1","credential":"pats"}"#,
+            ),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        v["value"].as_str().expect("bearer").to_owned()
+        // Dropping `served` kills the process (SIGKILL): no graceful shutdown.
+    };
+
+    let served = serve(&config);
+    let (status, v) = tls_json(
+        served.addr,
+        &ca,
+        &post_request(
+            "/v1/issue",
+            TEAM_A_KEY,
+            r#"{"run":"r2","credential":"pats"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let second = v["value"].as_str().expect("bearer").to_owned();
+    let (status, v) = tls_json(
+        served.addr,
+        &ca,
+        &post_request(
+            "/v1/issue",
+            TEAM_A_KEY,
+            r#"{"run":"r3","credential":"pats"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (503, Some("PoolExhausted")),
+        "{v}"
+    );
+    let substitute = |run: &str, bearer: &str| {
+        json!({"run": run, "host": "api.gitlab.com", "port": 443, "method": "GET", "path": "/",
+               "headers": [{"name": "Authorization", "value": format!("Bearer {bearer}")}]})
+        .to_string()
+    };
+    let (s1, v1) = tls_json(
+        served.addr,
+        &ca,
+        &post_request("/v1/substitute-auth", TEAM_A_KEY, &substitute("r1", &first)),
+    )
+    .await;
+    let (s2, v2) = tls_json(
+        served.addr,
+        &ca,
+        &post_request(
+            "/v1/substitute-auth",
+            TEAM_A_KEY,
+            &substitute("r2", &second),
+        ),
+    )
+    .await;
+    assert_eq!((s1, s2), (200, 200), "{v1} {v2}");
+    assert_ne!(
+        v1["set_headers"][0]["value"], v2["set_headers"][0]["value"],
+        "no PAT leased twice"
+    );
+
+    // SIGHUP reloads the keys file; a broken file keeps the previous keys.
+    let leases = "GET /v1/leases?run=r1 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer rotated-key-1\r\nConnection: close\r\n\r\n";
+    assert_eq!(tls_json(served.addr, &ca, leases).await.0, 401);
+    let rotated = format!(
+        "{}\nrot:{}:team-a:broker:leases:read\n",
+        keys_text(),
+        paddock_broker::auth::static_keys::hash_key("rotated-key-1")
+    );
+    std::fs::write(d.join("keys"), rotated).expect("keys");
+    served.hangup();
+    served.wait_log("static keys reloaded");
+    assert_eq!(tls_json(served.addr, &ca, leases).await.0, 200);
+    std::fs::write(d.join("keys"), "this is not a keys file\n").expect("keys");
+    served.hangup();
+    served.wait_log("static keys reload rejected");
+    assert_eq!(
+        tls_json(served.addr, &ca, leases).await.0,
+        200,
+        "previous keys stay active"
+    );
+    drop(served);
+
+    let out = Command::new(BIN)
+        .args(["leases", "list", "--config"])
+        .arg(&config)
+        .output()
+        .expect("leases list");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        listing.lines().filter(|l| l.contains("pats")).count(),
+        2,
+        "{listing}"
+    );
+    assert!(!listing.contains(&first) && !listing.contains(&second));
+    let audit = std::fs::read_to_string(d.join("audit.jsonl")).expect("audit");
+    assert!(
+        audit.contains("credential-issued")
+            && !audit.contains(&first)
+            && !audit.contains("pat-one")
+    );
+}
