@@ -1,1 +1,3 @@
-//! Placeholder.
+//! Paddock credential broker.
+
+pub mod auth;
