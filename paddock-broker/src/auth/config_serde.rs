@@ -45,7 +45,9 @@ pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::E
     match Raw::deserialize(d)? {
         Raw::Secs(s) => Ok(Duration::from_secs(s)),
         Raw::Text(t) => parse(&t).ok_or_else(|| {
-            D::Error::custom(format!("invalid duration {t:?} (use e.g. 250ms, 30s, 5m, 1h)"))
+            D::Error::custom(format!(
+                "invalid duration {t:?} (use e.g. 250ms, 30s, 5m, 1h)"
+            ))
         }),
     }
 }
@@ -81,8 +83,8 @@ mod tests {
     fn units() {
         assert_eq!(parse("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse("30s"), Some(Duration::from_secs(30)));
-        assert_eq!(parse("5m"), Some(Duration::from_secs(300)));
-        assert_eq!(parse("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("5m"), Some(Duration::from_mins(5)));
+        assert_eq!(parse("1h"), Some(Duration::from_hours(1)));
         assert_eq!(parse("30"), None);
         assert_eq!(parse("s"), None);
         assert_eq!(parse("3d"), None);

@@ -1,5 +1,5 @@
 //! A small bounded JSON-over-HTTP client for the auth backends (OIDC discovery, JWKS,
-//! TokenReview). Plain `http` is accepted only for loopback hosts (local test servers and
+//! `TokenReview`). Plain `http` is accepted only for loopback hosts (local test servers and
 //! sidecars); everything else must be `https`, verified against webpki roots or one CA file.
 
 use std::{path::Path, sync::Arc, time::Duration};
@@ -16,7 +16,7 @@ use rustls_pki_types::{CertificateDer, pem::PemObject};
 use serde::{Serialize, de::DeserializeOwned};
 use url::{Host, Url};
 
-/// Largest response body the backends accept (JWKS documents and TokenReviews are small).
+/// Largest response body the backends accept (JWKS documents and `TokenReview`s are small).
 const MAX_BODY: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +77,9 @@ pub(crate) struct JsonClient {
 
 impl std::fmt::Debug for JsonClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JsonClient").field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("JsonClient")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -164,27 +166,40 @@ impl JsonClient {
         accepted: &[StatusCode],
     ) -> Result<T, FetchError> {
         let exchange = async {
-            let response = self.client.request(request).await.map_err(|e| {
-                FetchError::Transport { url: url.to_string(), reason: error_chain(&e) }
-            })?;
+            let response =
+                self.client
+                    .request(request)
+                    .await
+                    .map_err(|e| FetchError::Transport {
+                        url: url.to_string(),
+                        reason: error_chain(&e),
+                    })?;
             let status = response.status();
             if !accepted.contains(&status) {
-                return Err(FetchError::Status { url: url.to_string(), status: status.as_u16() });
+                return Err(FetchError::Status {
+                    url: url.to_string(),
+                    status: status.as_u16(),
+                });
             }
             let body = Limited::new(response.into_body(), MAX_BODY)
                 .collect()
                 .await
-                .map_err(|e| FetchError::Body { url: url.to_string(), reason: e.to_string() })?
+                .map_err(|e| FetchError::Body {
+                    url: url.to_string(),
+                    reason: e.to_string(),
+                })?
                 .to_bytes();
             serde_json::from_slice(&body).map_err(|e| FetchError::Body {
                 url: url.to_string(),
                 reason: format!("invalid JSON: {e}"),
             })
         };
-        tokio::time::timeout(self.timeout, exchange).await.map_err(|_| FetchError::Timeout {
-            url: url.to_string(),
-            timeout: self.timeout,
-        })?
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| FetchError::Timeout {
+                url: url.to_string(),
+                timeout: self.timeout,
+            })?
     }
 }
 

@@ -118,7 +118,10 @@ pub struct JwtConfig {
     #[serde(default)]
     pub claims: ClaimMapping,
     /// Clock skew tolerated on `exp` / `nbf`.
-    #[serde(default = "default_leeway", deserialize_with = "config_serde::duration")]
+    #[serde(
+        default = "default_leeway",
+        deserialize_with = "config_serde::duration"
+    )]
     pub leeway: Duration,
     /// Skips discovery when set.
     #[serde(default)]
@@ -126,14 +129,23 @@ pub struct JwtConfig {
     /// PEM bundle to trust instead of the webpki roots for the issuer and JWKS.
     #[serde(default)]
     pub ca_file: Option<std::path::PathBuf>,
-    #[serde(default = "default_http_timeout", deserialize_with = "config_serde::duration")]
+    #[serde(
+        default = "default_http_timeout",
+        deserialize_with = "config_serde::duration"
+    )]
     pub http_timeout: Duration,
     /// Minimum spacing between two JWKS fetches (unknown `kid`, failures, ageing).
-    #[serde(default = "default_min_refresh", deserialize_with = "config_serde::duration")]
+    #[serde(
+        default = "default_min_refresh",
+        deserialize_with = "config_serde::duration"
+    )]
     pub jwks_min_refresh: Duration,
     /// Keys older than this are re-fetched on the next request (the old set stays in use if
     /// the issuer is unreachable).
-    #[serde(default = "default_max_age", deserialize_with = "config_serde::duration")]
+    #[serde(
+        default = "default_max_age",
+        deserialize_with = "config_serde::duration"
+    )]
     pub jwks_max_age: Duration,
 }
 
@@ -150,7 +162,7 @@ fn default_min_refresh() -> Duration {
     Duration::from_secs(30)
 }
 fn default_max_age() -> Duration {
-    Duration::from_secs(3600)
+    Duration::from_hours(1)
 }
 
 impl JwtConfig {
@@ -206,7 +218,12 @@ struct VerifyKey {
 
 impl VerifyKey {
     fn from_jwk(jwk: &Jwk) -> Option<Self> {
-        if jwk.common.public_key_use.as_ref().is_some_and(|u| *u != PublicKeyUse::Signature) {
+        if jwk
+            .common
+            .public_key_use
+            .as_ref()
+            .is_some_and(|u| *u != PublicKeyUse::Signature)
+        {
             return None;
         }
         if let Some(ops) = &jwk.common.key_operations
@@ -216,7 +233,7 @@ impl VerifyKey {
         }
         let alg = match &jwk.common.key_algorithm {
             None => None,
-            Some(a) => Some(Algorithm::try_from(a.clone()).ok()?),
+            Some(a) => Some(Algorithm::try_from(*a).ok()?),
         };
         let kind = match &jwk.algorithm {
             AlgorithmParameters::RSA(p) => {
@@ -280,23 +297,22 @@ enum Lookup {
 
 impl KeySet {
     fn lookup(&self, header: &Header) -> Lookup {
-        match &header.kid {
-            Some(kid) => match self.by_kid.get(kid) {
-                Some(key) if key.fits(header.alg) => Lookup::Found(Arc::clone(key)),
-                Some(_) => Lookup::NoKey,
-                None => Lookup::UnknownKid,
-            },
-            None => {
-                let mut fitting = self
-                    .by_kid
-                    .values()
-                    .chain(self.without_kid.iter())
-                    .filter(|k| k.fits(header.alg));
-                match (fitting.next(), fitting.next()) {
-                    (Some(key), None) => Lookup::Found(Arc::clone(key)),
-                    _ => Lookup::NoKey,
-                }
-            }
+        let Some(kid) = &header.kid else {
+            // Without a kid the choice must be unambiguous.
+            let mut fitting = self
+                .by_kid
+                .values()
+                .chain(self.without_kid.iter())
+                .filter(|k| k.fits(header.alg));
+            return match (fitting.next(), fitting.next()) {
+                (Some(key), None) => Lookup::Found(Arc::clone(key)),
+                _ => Lookup::NoKey,
+            };
+        };
+        match self.by_kid.get(kid) {
+            Some(key) if key.fits(header.alg) => Lookup::Found(Arc::clone(key)),
+            Some(_) => Lookup::NoKey,
+            None => Lookup::UnknownKid,
         }
     }
 }
@@ -359,16 +375,23 @@ impl JwtAuthenticator {
             ("scopes", Some(&mapping.scopes)),
         ] {
             if name.is_some_and(String::is_empty) {
-                return Err(JwtConfigError::Mapping(format!("{what} claim name is empty")));
+                return Err(JwtConfigError::Mapping(format!(
+                    "{what} claim name is empty"
+                )));
             }
         }
         if config.required_claims.iter().any(|c| c.claim.is_empty()) {
-            return Err(JwtConfigError::Mapping("required claim with empty name".to_owned()));
+            return Err(JwtConfigError::Mapping(
+                "required claim with empty name".to_owned(),
+            ));
         }
         let client = JsonClient::new(config.ca_file.as_deref(), config.http_timeout)
             .map_err(|e| JwtConfigError::Client(e.to_string()))?;
-        let mut algorithms: Vec<Algorithm> =
-            config.algorithms.iter().map(|a| a.to_jsonwebtoken()).collect();
+        let mut algorithms: Vec<Algorithm> = config
+            .algorithms
+            .iter()
+            .map(|a| a.to_jsonwebtoken())
+            .collect();
         algorithms.dedup();
         Ok(Self {
             issuer_url,
@@ -376,7 +399,10 @@ impl JwtAuthenticator {
             client,
             keys: RwLock::new(None),
             generation: AtomicU64::new(0),
-            refresh: tokio::sync::Mutex::new(RefreshState { jwks_url, last_attempt: None }),
+            refresh: tokio::sync::Mutex::new(RefreshState {
+                jwks_url,
+                last_attempt: None,
+            }),
             config,
         })
     }
@@ -385,9 +411,12 @@ impl JwtAuthenticator {
     /// spacing as every other fetch.
     pub async fn refresh_keys(&self) -> Result<(), AuthError> {
         let seen = self.generation.load(Ordering::Acquire);
-        match self.refresh(seen).await? {
-            true => Ok(()),
-            false => Err(AuthError::Unavailable("jwt: JWKS fetch rate-limited".to_owned())),
+        if self.refresh(seen).await? {
+            Ok(())
+        } else {
+            Err(AuthError::Unavailable(
+                "jwt: JWKS fetch rate-limited".to_owned(),
+            ))
         }
     }
 
@@ -405,17 +434,19 @@ impl JwtAuthenticator {
         if self.generation.load(Ordering::Acquire) != seen {
             return Ok(true);
         }
-        if state.last_attempt.is_some_and(|t| t.elapsed() < self.config.jwks_min_refresh) {
+        if state
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < self.config.jwks_min_refresh)
+        {
             return Ok(false);
         }
         state.last_attempt = Some(Instant::now());
-        let jwks_url = match &state.jwks_url {
-            Some(url) => url.clone(),
-            None => {
-                let url = self.discover().await?;
-                state.jwks_url = Some(url.clone());
-                url
-            }
+        let jwks_url = if let Some(url) = &state.jwks_url {
+            url.clone()
+        } else {
+            let url = self.discover().await?;
+            state.jwks_url = Some(url.clone());
+            url
         };
         let fetched = self.fetch_jwks(&jwks_url).await;
         let set = match fetched {
@@ -462,8 +493,11 @@ impl JwtAuthenticator {
             .get_json(url)
             .await
             .map_err(|e| AuthError::Unavailable(format!("jwt: JWKS: {e}")))?;
-        let mut set =
-            KeySet { by_kid: HashMap::new(), without_kid: Vec::new(), fetched_at: Instant::now() };
+        let mut set = KeySet {
+            by_kid: HashMap::new(),
+            without_kid: Vec::new(),
+            fetched_at: Instant::now(),
+        };
         let mut skipped = 0usize;
         for value in raw.keys {
             // One odd key (an encryption key, an unknown type) must not hide the others.
@@ -515,7 +549,9 @@ impl JwtAuthenticator {
             Some(set) => match set.lookup(header) {
                 Lookup::Found(key) => return Ok(key),
                 Lookup::NoKey => {
-                    return Err(AuthError::Unauthenticated("jwt: no key fits the token".into()));
+                    return Err(AuthError::Unauthenticated(
+                        "jwt: no key fits the token".into(),
+                    ));
                 }
                 Lookup::UnknownKid => {
                     // Either a rotation we have not seen or a made-up kid; the spacing in
@@ -533,13 +569,17 @@ impl JwtAuthenticator {
         match set.lookup(header) {
             Lookup::Found(key) => Ok(key),
             Lookup::UnknownKid => Err(AuthError::Unauthenticated("jwt: unknown key id".into())),
-            Lookup::NoKey => Err(AuthError::Unauthenticated("jwt: no key fits the token".into())),
+            Lookup::NoKey => Err(AuthError::Unauthenticated(
+                "jwt: no key fits the token".into(),
+            )),
         }
     }
 
     async fn verify(&self, bearer: &str) -> Result<Identity, AuthError> {
         if bearer.is_empty() || bearer.len() > MAX_TOKEN_LEN {
-            return Err(AuthError::Unauthenticated("jwt: token empty or too long".into()));
+            return Err(AuthError::Unauthenticated(
+                "jwt: token empty or too long".into(),
+            ));
         }
         let header = jsonwebtoken::decode_header(bearer)
             .map_err(|_| AuthError::Unauthenticated("jwt: malformed token header".into()))?;
@@ -567,9 +607,9 @@ impl JwtAuthenticator {
         for required in &self.config.required_claims {
             let matches = match claim(claims, &required.claim) {
                 Some(Value::String(s)) => *s == required.value,
-                Some(Value::Array(items)) => {
-                    items.iter().any(|v| v.as_str() == Some(required.value.as_str()))
-                }
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .any(|v| v.as_str() == Some(required.value.as_str())),
                 _ => false,
             };
             if !matches {
@@ -617,7 +657,9 @@ impl Authenticator for JwtAuthenticator {
 }
 
 fn unmapped(what: &str, claim_name: &str) -> AuthError {
-    AuthError::Unauthenticated(format!("jwt: claim {claim_name:?} ({what}) missing or invalid"))
+    AuthError::Unauthenticated(format!(
+        "jwt: claim {claim_name:?} ({what}) missing or invalid"
+    ))
 }
 
 /// Fixed reasons only: jsonwebtoken's own messages may quote parts of the token.
@@ -636,10 +678,16 @@ fn describe(kind: &ErrorKind) -> &'static str {
 }
 
 fn claim<'c>(claims: &'c Map<String, Value>, name: &str) -> Option<&'c Value> {
-    if name.starts_with('/') {
-        let (first, rest) = name[1..].split_once('/').map_or((&name[1..], ""), |(a, b)| (a, b));
+    if let Some(pointer) = name.strip_prefix('/') {
+        // The first segment is looked up directly so claim names with dots or slashes
+        // (`kubernetes.io`, `https://example.com/ns`) need no escaping beyond RFC 6901's.
+        let (first, rest) = pointer.split_once('/').unwrap_or((pointer, ""));
         let top = claims.get(&first.replace("~1", "/").replace("~0", "~"))?;
-        if rest.is_empty() { Some(top) } else { top.pointer(&format!("/{rest}")) }
+        if rest.is_empty() {
+            Some(top)
+        } else {
+            top.pointer(&format!("/{rest}"))
+        }
     } else {
         claims.get(name)
     }
@@ -651,10 +699,15 @@ fn string_claim<'c>(claims: &'c Map<String, Value>, name: &str) -> Option<&'c st
 
 fn scopes_from(value: Option<&Value>) -> BTreeSet<Scope> {
     match value {
-        Some(Value::String(s)) => s.split_ascii_whitespace().filter_map(Scope::parse).collect(),
-        Some(Value::Array(items)) => {
-            items.iter().filter_map(Value::as_str).filter_map(Scope::parse).collect()
-        }
+        Some(Value::String(s)) => s
+            .split_ascii_whitespace()
+            .filter_map(Scope::parse)
+            .collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .filter_map(Scope::parse)
+            .collect(),
         _ => BTreeSet::new(),
     }
 }
@@ -671,8 +724,14 @@ mod tests {
             "plain": "p"
         }))
         .expect("claims");
-        assert_eq!(string_claim(&claims, "/kubernetes.io/namespace"), Some("team-a"));
-        assert_eq!(string_claim(&claims, "/kubernetes.io/serviceaccount/name"), Some("ci"));
+        assert_eq!(
+            string_claim(&claims, "/kubernetes.io/namespace"),
+            Some("team-a")
+        );
+        assert_eq!(
+            string_claim(&claims, "/kubernetes.io/serviceaccount/name"),
+            Some("ci")
+        );
         assert_eq!(string_claim(&claims, "/a~1b"), Some("slash"));
         assert_eq!(string_claim(&claims, "plain"), Some("p"));
         assert_eq!(string_claim(&claims, "/missing/x"), None);
@@ -681,7 +740,10 @@ mod tests {
     #[test]
     fn scopes_from_string_or_array() {
         let s = serde_json::json!("openid broker:issue  broker:renew bogus");
-        assert_eq!(scopes_from(Some(&s)), BTreeSet::from([Scope::Issue, Scope::Renew]));
+        assert_eq!(
+            scopes_from(Some(&s)),
+            BTreeSet::from([Scope::Issue, Scope::Renew])
+        );
         let a = serde_json::json!(["broker:controller", 3, "email"]);
         assert_eq!(scopes_from(Some(&a)), BTreeSet::from([Scope::Controller]));
         assert!(scopes_from(Some(&serde_json::json!(7))).is_empty());
@@ -696,7 +758,10 @@ mod tests {
                 "audiences": ["paddock-broker"],
                 "algorithms": [alg],
             });
-            assert!(serde_json::from_value::<JwtConfig>(doc).is_err(), "{alg} accepted");
+            assert!(
+                serde_json::from_value::<JwtConfig>(doc).is_err(),
+                "{alg} accepted"
+            );
         }
         let doc = serde_json::json!({
             "issuer": "https://issuer.example.com",
@@ -717,15 +782,27 @@ mod tests {
         assert!(JwtAuthenticator::new(base()).is_ok());
         let mut c = base();
         c.audiences.clear();
-        assert!(matches!(JwtAuthenticator::new(c), Err(JwtConfigError::NoAudience)));
+        assert!(matches!(
+            JwtAuthenticator::new(c),
+            Err(JwtConfigError::NoAudience)
+        ));
         let mut c = base();
         c.algorithms.clear();
-        assert!(matches!(JwtAuthenticator::new(c), Err(JwtConfigError::NoAlgorithm)));
+        assert!(matches!(
+            JwtAuthenticator::new(c),
+            Err(JwtConfigError::NoAlgorithm)
+        ));
         let mut c = base();
         c.issuer = "http://issuer.example.com".into();
-        assert!(matches!(JwtAuthenticator::new(c), Err(JwtConfigError::Issuer(_))));
+        assert!(matches!(
+            JwtAuthenticator::new(c),
+            Err(JwtConfigError::Issuer(_))
+        ));
         let mut c = base();
         c.claims.namespace = String::new();
-        assert!(matches!(JwtAuthenticator::new(c), Err(JwtConfigError::Mapping(_))));
+        assert!(matches!(
+            JwtAuthenticator::new(c),
+            Err(JwtConfigError::Mapping(_))
+        ));
     }
 }

@@ -1,6 +1,6 @@
 //! Authentication of broker callers: the shared surface every backend implements.
 //!
-//! Backends: `jwt` (OIDC discovery + JWKS), `tokenreview` (Kubernetes TokenReview),
+//! Backends: `jwt` (OIDC discovery + JWKS), `tokenreview` (Kubernetes `TokenReview`),
 //! `rsa_session` (RSA-OAEP run tokens). Every backend fails closed: an error is a denial.
 
 use std::{collections::BTreeSet, future::Future, pin::Pin};

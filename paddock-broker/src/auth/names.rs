@@ -17,7 +17,8 @@ pub(crate) fn is_run_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
         && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// A subject: 1-512 printable characters without control characters.
@@ -29,7 +30,9 @@ fn is_dns_label(s: &str, max: usize) -> bool {
     let bytes = s.as_bytes();
     !bytes.is_empty()
         && bytes.len() <= max
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
         && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
         && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
 }

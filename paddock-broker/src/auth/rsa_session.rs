@@ -20,7 +20,7 @@ use std::{
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use rsa::{
-    RsaPrivateKey, RsaPublicKey,
+    PrivateKey, PublicKey,
     pkcs1::DecodeRsaPublicKey,
     pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding},
     sha2::Sha256,
@@ -29,7 +29,9 @@ use rsa::{
 use serde::Deserialize;
 use sha2::Digest;
 
-use super::{AuthError, AuthFuture, Authenticator, Identity, RunDirectory, Scope, config_serde, names};
+use super::{
+    AuthError, AuthFuture, Authenticator, Identity, RunDirectory, Scope, config_serde, names,
+};
 
 const MIN_BITS: usize = 2048;
 const MAX_BITS: usize = 8192;
@@ -47,7 +49,10 @@ pub struct RsaSessionConfig {
     #[serde(default = "default_bits")]
     pub key_bits: usize,
     /// Scopes every run token carries.
-    #[serde(default = "default_scopes", deserialize_with = "config_serde::scope_set")]
+    #[serde(
+        default = "default_scopes",
+        deserialize_with = "config_serde::scope_set"
+    )]
     pub scopes: BTreeSet<Scope>,
 }
 
@@ -62,7 +67,11 @@ fn default_scopes() -> BTreeSet<Scope> {
 impl RsaSessionConfig {
     #[must_use]
     pub fn new(key_file: impl Into<PathBuf>) -> Self {
-        Self { key_file: key_file.into(), key_bits: default_bits(), scopes: default_scopes() }
+        Self {
+            key_file: key_file.into(),
+            key_bits: default_bits(),
+            scopes: default_scopes(),
+        }
     }
 }
 
@@ -88,7 +97,7 @@ pub enum RsaSessionError {
 
 /// The RSA session [`Authenticator`].
 pub struct RsaSessionAuthenticator {
-    key: Arc<RsaPrivateKey>,
+    key: Arc<PrivateKey>,
     public_pem: String,
     scopes: BTreeSet<Scope>,
     key_file: PathBuf,
@@ -126,7 +135,7 @@ impl RsaSessionAuthenticator {
         if !(MIN_BITS..=MAX_BITS).contains(&bits) {
             return Err(RsaSessionError::KeySize(bits));
         }
-        let public_pem = RsaPublicKey::from(&key)
+        let public_pem = PublicKey::from(&key)
             .to_public_key_pem(LineEnding::LF)
             .map_err(|e| RsaSessionError::PublicKey(e.to_string()))?;
         Ok(Self {
@@ -177,10 +186,11 @@ impl RsaSessionAuthenticator {
             return Ok(run);
         }
         let key = Arc::clone(&self.key);
-        let plaintext = tokio::task::spawn_blocking(move || key.oaep_decrypt::<Sha256>(&ciphertext))
-            .await
-            .map_err(|_| AuthError::Unavailable("rsa-session: decryption task failed".into()))?
-            .map_err(|_| unauthenticated("token does not decrypt"))?;
+        let plaintext =
+            tokio::task::spawn_blocking(move || key.oaep_decrypt::<Sha256>(&ciphertext))
+                .await
+                .map_err(|_| AuthError::Unavailable("rsa-session: decryption task failed".into()))?
+                .map_err(|_| unauthenticated("token does not decrypt"))?;
         let run = String::from_utf8(plaintext)
             .ok()
             .filter(|s| names::is_run_id(s))
@@ -211,8 +221,8 @@ pub fn encrypt_run_token(public_key_pem: &str, run_id: &str) -> Result<String, R
     if !names::is_run_id(run_id) {
         return Err(RsaSessionError::RunId);
     }
-    let key = RsaPublicKey::from_public_key_pem(public_key_pem)
-        .or_else(|_| RsaPublicKey::from_pkcs1_pem(public_key_pem))
+    let key = PublicKey::from_public_key_pem(public_key_pem)
+        .or_else(|_| PublicKey::from_pkcs1_pem(public_key_pem))
         .map_err(|e| RsaSessionError::PublicKey(e.to_string()))?;
     let ciphertext = key
         .oaep_encrypt::<Sha256>(run_id.as_bytes())
@@ -221,11 +231,14 @@ pub fn encrypt_run_token(public_key_pem: &str, run_id: &str) -> Result<String, R
 }
 
 fn key_file_error(path: &Path, reason: impl std::fmt::Display) -> RsaSessionError {
-    RsaSessionError::KeyFile { path: path.display().to_string(), reason: reason.to_string() }
+    RsaSessionError::KeyFile {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// Reads an existing key; `None` if the file does not exist.
-fn read_key(path: &Path) -> Result<Option<RsaPrivateKey>, RsaSessionError> {
+fn read_key(path: &Path) -> Result<Option<PrivateKey>, RsaSessionError> {
     let meta = match fs::metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == IoErrorKind::NotFound => return Ok(None),
@@ -236,7 +249,10 @@ fn read_key(path: &Path) -> Result<Option<RsaPrivateKey>, RsaSessionError> {
     }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(RsaSessionError::KeyPermissions { path: path.display().to_string(), mode });
+        return Err(RsaSessionError::KeyPermissions {
+            path: path.display().to_string(),
+            mode,
+        });
     }
     if meta.len() > MAX_KEY_FILE {
         return Err(key_file_error(path, "file is too large for a key"));
@@ -246,7 +262,7 @@ fn read_key(path: &Path) -> Result<Option<RsaPrivateKey>, RsaSessionError> {
         .and_then(|f| f.take(MAX_KEY_FILE).read_to_string(&mut pem))
         .map_err(|e| key_file_error(path, e))?;
     // The parse error text never contains key material, only the failing structure.
-    RsaPrivateKey::from_pkcs8_pem(&pem)
+    PrivateKey::from_pkcs8_pem(&pem)
         .map(Some)
         .map_err(|e| key_file_error(path, format!("not a PKCS#8 PEM RSA key: {e}")))
 }
@@ -254,7 +270,7 @@ fn read_key(path: &Path) -> Result<Option<RsaPrivateKey>, RsaSessionError> {
 /// Generates a key and stores it without ever exposing a partial or too-open file: written
 /// to a private temporary file, then hard-linked into place (which fails rather than replace a
 /// key another process created meanwhile; that key is then used).
-fn create_key(path: &Path, bits: usize) -> Result<RsaPrivateKey, RsaSessionError> {
+fn create_key(path: &Path, bits: usize) -> Result<PrivateKey, RsaSessionError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -264,16 +280,21 @@ fn create_key(path: &Path, bits: usize) -> Result<RsaPrivateKey, RsaSessionError
         .mode(0o700)
         .create(&dir)
         .map_err(|e| key_file_error(path, format!("cannot create directory: {e}")))?;
-    let key = RsaPrivateKey::new(&mut getrandom::SysRng, bits)
+    let key = PrivateKey::new(&mut getrandom::SysRng, bits)
         .map_err(|e| RsaSessionError::Generate(e.to_string()))?;
     let pem = key
         .to_pkcs8_pem(LineEnding::LF)
         .map_err(|e| RsaSessionError::Generate(e.to_string()))?;
-    let file_name = path.file_name().map_or_else(|| "key".into(), |n| n.to_string_lossy());
+    let file_name = path
+        .file_name()
+        .map_or_else(|| "key".into(), |n| n.to_string_lossy());
     let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
     let written = (|| {
-        let mut file =
-            fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         file.write_all(pem.as_bytes())?;
         file.sync_all()
     })();

@@ -1,4 +1,4 @@
-//! Kubernetes TokenReview authentication of service-account tokens.
+//! Kubernetes `TokenReview` authentication of service-account tokens.
 //!
 //! Each new bearer costs one `POST /apis/authentication.k8s.io/v1/tokenreviews` (audience
 //! `paddock-broker` by default); the answer is cached, keyed by the bearer's SHA-256, until the
@@ -29,7 +29,7 @@ const REVIEW_PATH: &str = "apis/authentication.k8s.io/v1/tokenreviews";
 const MAX_TOKEN_LEN: usize = 16 * 1024;
 const MAX_TOKEN_FILE: u64 = 64 * 1024;
 
-/// Configuration of the TokenReview backend. Holds paths, never a token.
+/// Configuration of the `TokenReview` backend. Holds paths, never a token.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenReviewConfig {
@@ -52,15 +52,27 @@ pub struct TokenReviewConfig {
     #[serde(default = "default_capacity")]
     pub cache_capacity: usize,
     /// Upper bound on how long a positive review is trusted.
-    #[serde(default = "default_max_ttl", deserialize_with = "config_serde::duration")]
+    #[serde(
+        default = "default_max_ttl",
+        deserialize_with = "config_serde::duration"
+    )]
     pub max_cache_ttl: Duration,
     /// How long a positive review is trusted when the token's expiry cannot be read.
-    #[serde(default = "default_fallback_ttl", deserialize_with = "config_serde::duration")]
+    #[serde(
+        default = "default_fallback_ttl",
+        deserialize_with = "config_serde::duration"
+    )]
     pub fallback_ttl: Duration,
     /// How long a rejection is remembered (absorbs retry storms; zero disables).
-    #[serde(default = "default_negative_ttl", deserialize_with = "config_serde::duration")]
+    #[serde(
+        default = "default_negative_ttl",
+        deserialize_with = "config_serde::duration"
+    )]
     pub negative_ttl: Duration,
-    #[serde(default = "default_http_timeout", deserialize_with = "config_serde::duration")]
+    #[serde(
+        default = "default_http_timeout",
+        deserialize_with = "config_serde::duration"
+    )]
     pub http_timeout: Duration,
 }
 
@@ -120,16 +132,25 @@ pub enum TokenReviewConfigError {
     Client(String),
 }
 
+struct LoadedToken {
+    modified: Option<SystemTime>,
+    len: u64,
+    token: Arc<str>,
+}
+
 /// The broker's own token, re-read whenever the file's identity (mtime, size) changes, which
 /// covers kubelet's rotation by symlink swap.
 struct TokenFile {
     path: PathBuf,
-    current: Mutex<Option<(Option<SystemTime>, u64, Arc<str>)>>,
+    current: Mutex<Option<LoadedToken>>,
 }
 
 impl std::fmt::Debug for TokenFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenFile").field("path", &self.path).field("token", &"<redacted>").finish()
+        f.debug_struct("TokenFile")
+            .field("path", &self.path)
+            .field("token", &"<redacted>")
+            .finish_non_exhaustive()
     }
 }
 
@@ -138,23 +159,33 @@ impl TokenFile {
         let path = &self.path;
         let meta = fs::metadata(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
         let stamp = (meta.modified().ok(), meta.len());
-        let mut current = self.current.lock().map_err(|_| "token file state poisoned".to_owned())?;
-        if let Some((mtime, len, token)) = current.as_ref()
-            && (*mtime, *len) == stamp
+        let mut current = self
+            .current
+            .lock()
+            .map_err(|_| "token file state poisoned".to_owned())?;
+        if let Some(loaded) = current.as_ref()
+            && (loaded.modified, loaded.len) == stamp
         {
-            return Ok(Arc::clone(token));
+            return Ok(Arc::clone(&loaded.token));
         }
         if meta.len() > MAX_TOKEN_FILE {
             return Err(format!("token file {} is too large", path.display()));
         }
-        let raw = fs::read_to_string(path)
-            .map_err(|e| format!("token file {}: {e}", path.display()))?;
+        let raw =
+            fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
         let token = raw.trim();
         if token.is_empty() || http::HeaderValue::from_str(token).is_err() {
-            return Err(format!("token file {} is empty or not a token", path.display()));
+            return Err(format!(
+                "token file {} is empty or not a token",
+                path.display()
+            ));
         }
         let token: Arc<str> = Arc::from(token);
-        *current = Some((stamp.0, stamp.1, Arc::clone(&token)));
+        *current = Some(LoadedToken {
+            modified: stamp.0,
+            len: stamp.1,
+            token: Arc::clone(&token),
+        });
         Ok(token)
     }
 }
@@ -165,7 +196,7 @@ struct Cached {
     expires: Instant,
 }
 
-/// The Kubernetes TokenReview [`Authenticator`].
+/// The Kubernetes `TokenReview` [`Authenticator`].
 pub struct TokenReviewAuthenticator {
     config: TokenReviewConfig,
     url: Url,
@@ -223,7 +254,8 @@ struct UserInfo {
 impl TokenReviewAuthenticator {
     /// Checks the config and that the broker's token file is readable now.
     pub fn new(config: TokenReviewConfig) -> Result<Self, TokenReviewConfigError> {
-        let base = parse_service_url(&config.api_server).map_err(TokenReviewConfigError::ApiServer)?;
+        let base =
+            parse_service_url(&config.api_server).map_err(TokenReviewConfigError::ApiServer)?;
         let url = join(&base, REVIEW_PATH).map_err(TokenReviewConfigError::ApiServer)?;
         if config.audiences.is_empty() || config.audiences.iter().any(String::is_empty) {
             return Err(TokenReviewConfigError::NoAudience);
@@ -239,7 +271,10 @@ impl TokenReviewAuthenticator {
                 return Err(TokenReviewConfigError::ScopeKey(key.clone()));
             }
         }
-        let token = TokenFile { path: config.token_file.clone(), current: Mutex::new(None) };
+        let token = TokenFile {
+            path: config.token_file.clone(),
+            current: Mutex::new(None),
+        };
         token.read().map_err(TokenReviewConfigError::TokenFile)?;
         let client = JsonClient::new(config.ca_file.as_deref(), config.http_timeout)
             .map_err(|e| TokenReviewConfigError::Client(e.to_string()))?;
@@ -254,7 +289,9 @@ impl TokenReviewAuthenticator {
 
     async fn verify(&self, bearer: &str) -> Result<Identity, AuthError> {
         if bearer.is_empty() || bearer.len() > MAX_TOKEN_LEN {
-            return Err(AuthError::Unauthenticated("tokenreview: token empty or too long".into()));
+            return Err(AuthError::Unauthenticated(
+                "tokenreview: token empty or too long".into(),
+            ));
         }
         let key: [u8; 32] = Sha256::digest(bearer.as_bytes()).into();
         // Two rounds at most: the second only after dropping an expired entry.
@@ -281,11 +318,16 @@ impl TokenReviewAuthenticator {
                     Ok(identity) => Ok(identity.clone()),
                     Err(err) => Err(reason(err)),
                 };
-                let _ = guard.insert(Cached { outcome: cached_outcome, expires: Instant::now() + ttl });
+                let _ = guard.insert(Cached {
+                    outcome: cached_outcome,
+                    expires: Instant::now() + ttl,
+                });
             }
             return outcome;
         }
-        Err(AuthError::Unavailable("tokenreview: cache entry kept expiring".into()))
+        Err(AuthError::Unavailable(
+            "tokenreview: cache entry kept expiring".into(),
+        ))
     }
 
     /// Until the token's `exp` if its payload shows one, else the fallback; never past the cap.
@@ -307,14 +349,24 @@ impl TokenReviewAuthenticator {
         let request = ReviewRequest {
             api_version: "authentication.k8s.io/v1",
             kind: "TokenReview",
-            spec: ReviewSpec { token: bearer, audiences: &self.config.audiences },
+            spec: ReviewSpec {
+                token: bearer,
+                audiences: &self.config.audiences,
+            },
         };
         let response: ReviewResponse = self
             .client
-            .post_json(&self.url, &request, Some(&own_token), &[StatusCode::OK, StatusCode::CREATED])
+            .post_json(
+                &self.url,
+                &request,
+                Some(&own_token),
+                &[StatusCode::OK, StatusCode::CREATED],
+            )
             .await
             .map_err(|e| match e {
-                FetchError::Status { status: 401 | 403, .. } => AuthError::Unavailable(format!(
+                FetchError::Status {
+                    status: 401 | 403, ..
+                } => AuthError::Unavailable(format!(
                     "tokenreview: the API server refused the broker's own credentials ({e}); \
                      it needs `create` on tokenreviews.authentication.k8s.io"
                 )),
@@ -322,7 +374,9 @@ impl TokenReviewAuthenticator {
             })?;
         let status = response.status;
         if !status.authenticated {
-            return Err(AuthError::Unauthenticated("tokenreview: token not authenticated".into()));
+            return Err(AuthError::Unauthenticated(
+                "tokenreview: token not authenticated".into(),
+            ));
         }
         let confirmed = status
             .audiences
@@ -425,10 +479,16 @@ mod tests {
     fn expiry_from_jwt_payload() {
         let payload = URL_SAFE_NO_PAD.encode(br#"{"exp":2000000000,"sub":"x"}"#);
         let token = format!("e30.{payload}.sig");
-        assert_eq!(token_expiry(&token), UNIX_EPOCH.checked_add(Duration::from_secs(2_000_000_000)));
+        assert_eq!(
+            token_expiry(&token),
+            UNIX_EPOCH.checked_add(Duration::from_secs(2_000_000_000))
+        );
         assert_eq!(token_expiry("opaque-token"), None);
         assert_eq!(token_expiry("a.b.c.d"), None);
-        assert_eq!(token_expiry(&format!("e30.{}.s", URL_SAFE_NO_PAD.encode(b"{}"))), None);
+        assert_eq!(
+            token_expiry(&format!("e30.{}.s", URL_SAFE_NO_PAD.encode(b"{}"))),
+            None
+        );
     }
 
     #[test]
@@ -447,7 +507,8 @@ mod tests {
         fs::write(&token, "broker-token\n").expect("write");
         let mut cfg = TokenReviewConfig::new("https://k8s.example.com");
         cfg.token_file = token;
-        cfg.scopes.insert("team-a/*".into(), BTreeSet::from([Scope::Issue]));
+        cfg.scopes
+            .insert("team-a/*".into(), BTreeSet::from([Scope::Issue]));
         assert!(TokenReviewAuthenticator::new(cfg.clone()).is_ok());
         cfg.scopes.insert("nonsense".into(), BTreeSet::new());
         assert!(matches!(
@@ -471,7 +532,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("token");
         fs::write(&path, "first\n").expect("write");
-        let tf = TokenFile { path: path.clone(), current: Mutex::new(None) };
+        let tf = TokenFile {
+            path: path.clone(),
+            current: Mutex::new(None),
+        };
         assert_eq!(&*tf.read().expect("read"), "first");
         fs::write(&path, "second-token\n").expect("write");
         assert_eq!(&*tf.read().expect("read"), "second-token");

@@ -22,7 +22,10 @@ impl RunDirectory for Runs {
 }
 
 fn runs() -> Arc<dyn RunDirectory> {
-    Arc::new(Runs(HashMap::from([("run-1".to_owned(), "team-a".to_owned())])))
+    Arc::new(Runs(HashMap::from([(
+        "run-1".to_owned(),
+        "team-a".to_owned(),
+    )])))
 }
 
 fn config(dir: &std::path::Path) -> RsaSessionConfig {
@@ -39,9 +42,17 @@ async fn round_trip_and_restart_reuse() {
     let auth = RsaSessionAuthenticator::load_or_create(&cfg, runs()).expect("create");
     eprintln!("keygen took {:?}", started.elapsed());
 
-    let mode = std::fs::metadata(&cfg.key_file).expect("key file").permissions().mode() & 0o777;
+    let mode = std::fs::metadata(&cfg.key_file)
+        .expect("key file")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
-    assert!(std::fs::read_to_string(&cfg.key_file).expect("pem").starts_with("-----BEGIN PRIVATE KEY-----"));
+    assert!(
+        std::fs::read_to_string(&cfg.key_file)
+            .expect("pem")
+            .starts_with("-----BEGIN PRIVATE KEY-----")
+    );
 
     let token = encrypt_run_token(auth.public_key_pem(), "run-1").expect("encrypt");
     let id = auth.authenticate(&token).await.expect("authenticated");
@@ -49,17 +60,30 @@ async fn round_trip_and_restart_reuse() {
     assert_eq!(id.namespace, "team-a");
     assert_eq!(id.run.as_deref(), Some("run-1"));
     assert_eq!(id.backend, "rsa-session");
-    assert_eq!(id.scopes, BTreeSet::from([Scope::ValidateEgress, Scope::SubstituteAuth]));
+    assert_eq!(
+        id.scopes,
+        BTreeSet::from([Scope::ValidateEgress, Scope::SubstituteAuth])
+    );
     // The cached path gives the same answer.
     assert_eq!(auth.authenticate(&token).await.expect("again"), id);
 
     // A "restart": a new instance from the same file uses the same key.
     let again = RsaSessionAuthenticator::load_or_create(&cfg, runs()).expect("reload");
     assert_eq!(again.public_key_pem(), auth.public_key_pem());
-    assert_eq!(again.authenticate(&token).await.expect("old token still valid").run, id.run);
+    assert_eq!(
+        again
+            .authenticate(&token)
+            .await
+            .expect("old token still valid")
+            .run,
+        id.run
+    );
 
     let debug = format!("{auth:?} {cfg:?}");
-    assert!(!debug.contains("PRIVATE KEY") && !debug.contains("PUBLIC KEY"), "{debug}");
+    assert!(
+        !debug.contains("PRIVATE KEY") && !debug.contains("PUBLIC KEY"),
+        "{debug}"
+    );
 }
 
 #[tokio::test]
@@ -76,7 +100,13 @@ async fn failures_are_typed_and_never_quote_the_bearer() {
     assert!(matches!(err, AuthError::Unauthenticated(_)), "{err:?}");
     assert_no_bearer(&err, &wrong_key);
 
-    for garbage in ["not base64 at all!", "", "QUJD", &"A".repeat(344), &"A".repeat(5000)] {
+    for garbage in [
+        "not base64 at all!",
+        "",
+        "QUJD",
+        &"A".repeat(344),
+        &"A".repeat(5000),
+    ] {
         let err = a.authenticate(garbage).await.expect_err("garbage");
         assert!(matches!(err, AuthError::Unauthenticated(_)), "{err:?}");
         if !garbage.is_empty() {
@@ -90,8 +120,14 @@ async fn failures_are_typed_and_never_quote_the_bearer() {
     assert!(matches!(err, AuthError::Forbidden(_)), "{err:?}");
     assert_no_bearer(&err, &unknown);
 
-    assert!(matches!(encrypt_run_token(a.public_key_pem(), "bad id"), Err(RsaSessionError::RunId)));
-    assert!(matches!(encrypt_run_token("junk", "run-1"), Err(RsaSessionError::PublicKey(_))));
+    assert!(matches!(
+        encrypt_run_token(a.public_key_pem(), "bad id"),
+        Err(RsaSessionError::RunId)
+    ));
+    assert!(matches!(
+        encrypt_run_token("junk", "run-1"),
+        Err(RsaSessionError::PublicKey(_))
+    ));
 }
 
 #[test]
@@ -102,11 +138,17 @@ fn key_file_permissions_and_content_are_checked() {
 
     std::fs::set_permissions(&cfg.key_file, std::fs::Permissions::from_mode(0o640)).expect("chmod");
     let err = RsaSessionAuthenticator::load_or_create(&cfg, runs()).expect_err("group readable");
-    assert!(matches!(err, RsaSessionError::KeyPermissions { mode: 0o640, .. }), "{err}");
+    assert!(
+        matches!(err, RsaSessionError::KeyPermissions { mode: 0o640, .. }),
+        "{err}"
+    );
 
     std::fs::set_permissions(&cfg.key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    std::fs::write(&cfg.key_file, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
-        .expect("corrupt");
+    std::fs::write(
+        &cfg.key_file,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("corrupt");
     let err = RsaSessionAuthenticator::load_or_create(&cfg, runs()).expect_err("corrupt key");
     assert!(matches!(err, RsaSessionError::KeyFile { .. }), "{err}");
 

@@ -33,14 +33,18 @@ impl TestServer {
     pub async fn start(
         handler: impl Fn(&Seen) -> (u16, String) + Send + Sync + 'static,
     ) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let handler: Arc<Handler> = Arc::new(handler);
         let task_hits = Arc::clone(&hits);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let hits = Arc::clone(&task_hits);
                 let handler = Arc::clone(&handler);
                 tokio::spawn(async move {
@@ -57,7 +61,12 @@ impl TestServer {
                                 .map(str::to_owned);
                             let body = req.into_body().collect().await?.to_bytes();
                             *hits.lock().expect("hits").entry(path.clone()).or_default() += 1;
-                            let seen = Seen { method, path, authorization, body };
+                            let seen = Seen {
+                                method,
+                                path,
+                                authorization,
+                                body,
+                            };
                             let (status, body) = handler(&seen);
                             let response = Response::builder()
                                 .status(status)
@@ -81,7 +90,12 @@ impl TestServer {
     }
 
     pub fn hits(&self, path: &str) -> usize {
-        self.hits.lock().expect("hits").get(path).copied().unwrap_or(0)
+        self.hits
+            .lock()
+            .expect("hits")
+            .get(path)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -96,6 +110,9 @@ pub fn assert_no_bearer(err: &AuthError, bearer: &str) {
     let shown = format!("{err} {err:?}");
     assert!(!shown.contains(bearer), "error quotes the bearer: {shown}");
     for piece in bearer.split('.').filter(|p| p.len() >= 12) {
-        assert!(!shown.contains(piece), "error quotes part of the bearer: {shown}");
+        assert!(
+            !shown.contains(piece),
+            "error quotes part of the bearer: {shown}"
+        );
     }
 }
