@@ -5,7 +5,8 @@
 //! or the cache ages out. Re-fetches are serialised and spaced at least `jwks_min_refresh`
 //! apart, so a flood of tokens with random `kid`s costs the issuer at most one request per
 //! interval. Only asymmetric algorithms can be configured: `none` and HMAC cannot be expressed,
-//! so a token "signed" with a public key as an HMAC secret never verifies.
+//! so a token "signed" with a public key as an HMAC secret never verifies. Keys named inside
+//! a token (`jku`, `jwk`, `x5u`, `x5c` headers) are never used.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -583,6 +584,12 @@ impl JwtAuthenticator {
         }
         let header = jsonwebtoken::decode_header(bearer)
             .map_err(|_| AuthError::Unauthenticated("jwt: malformed token header".into()))?;
+        // RFC 7515 4.1.11: extensions we do not implement must not be silently ignored.
+        if header.crit.as_ref().is_some_and(|c| !c.is_empty()) {
+            return Err(AuthError::Unauthenticated(
+                "jwt: unsupported critical header".into(),
+            ));
+        }
         if !self.algorithms.contains(&header.alg) {
             return Err(AuthError::Unauthenticated(format!(
                 "jwt: algorithm {:?} not allowed",

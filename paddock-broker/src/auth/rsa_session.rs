@@ -288,7 +288,10 @@ fn create_key(path: &Path, bits: usize) -> Result<PrivateKey, RsaSessionError> {
     let file_name = path
         .file_name()
         .map_or_else(|| "key".into(), |n| n.to_string_lossy());
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    // A random name: a fixed one (the pid is 1 in most containers) left behind by a crash
+    // would block every later start.
+    let nonce = getrandom::u64().map_err(|e| RsaSessionError::Generate(e.to_string()))?;
+    let tmp = dir.join(format!(".{file_name}.tmp-{nonce:016x}"));
     let written = (|| {
         let mut file = fs::OpenOptions::new()
             .write(true)

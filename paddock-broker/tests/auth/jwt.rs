@@ -258,6 +258,16 @@ async fn none_and_hmac_tokens_never_verify() {
         AuthError::Unauthenticated(_)
     ));
 
+    // A critical header extension the broker does not implement.
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("k1".to_owned());
+    header.crit = Some(vec!["exp".to_owned()]);
+    let crit = jsonwebtoken::encode(&header, &issuer.claims(), &key.encoding).expect("sign");
+    assert!(matches!(
+        rejected(&auth, &crit).await,
+        AuthError::Unauthenticated(_)
+    ));
+
     // A forged signature.
     let good = sign(&key, Some("k1"), &issuer.claims());
     let (head, _) = good.rsplit_once('.').expect("three parts");

@@ -33,6 +33,22 @@ impl TestServer {
     pub async fn start(
         handler: impl Fn(&Seen) -> (u16, String) + Send + Sync + 'static,
     ) -> TestServer {
+        Self::serve(handler, None).await
+    }
+
+    /// Same, over TLS with `tls.server`.
+    pub async fn start_tls(
+        handler: impl Fn(&Seen) -> (u16, String) + Send + Sync + 'static,
+        tls: &TestTls,
+    ) -> TestServer {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&tls.server));
+        Self::serve(handler, Some(acceptor)).await
+    }
+
+    async fn serve(
+        handler: impl Fn(&Seen) -> (u16, String) + Send + Sync + 'static,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -47,6 +63,7 @@ impl TestServer {
                 };
                 let hits = Arc::clone(&task_hits);
                 let handler = Arc::clone(&handler);
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let hits = Arc::clone(&hits);
@@ -76,9 +93,18 @@ impl TestServer {
                             Ok::<_, hyper::Error>(response)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(stream) = acceptor.accept(stream).await else {
+                                return;
+                            };
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
         });
@@ -87,6 +113,10 @@ impl TestServer {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.addr)
     }
 
     pub fn hits(&self, path: &str) -> usize {
@@ -102,6 +132,37 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1 signed by it.
+pub struct TestTls {
+    pub ca_pem: String,
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+pub fn test_tls() -> TestTls {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key"))
+        .expect("ca cert");
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &ca)
+        .expect("leaf cert");
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .expect("server config");
+    TestTls {
+        ca_pem: ca.pem(),
+        server: Arc::new(server),
     }
 }
 

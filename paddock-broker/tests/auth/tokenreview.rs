@@ -11,7 +11,7 @@ use paddock_broker::auth::{
 };
 use serde_json::{Value, json};
 
-use crate::support::{Seen, TestServer, assert_no_bearer};
+use crate::support::{Seen, TestServer, assert_no_bearer, test_tls};
 
 const REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 
@@ -92,7 +92,7 @@ struct Fixture {
     server: TestServer,
     broker_token: Arc<Mutex<String>>,
     token_file: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 async fn fixture(confirmed_audience: &'static str) -> Fixture {
@@ -105,7 +105,7 @@ async fn fixture(confirmed_audience: &'static str) -> Fixture {
         server,
         broker_token,
         token_file,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -319,4 +319,46 @@ async fn api_trouble_is_unavailable_and_never_cached() {
         auth.authenticate(&token).await.expect_err("not cached");
         assert_eq!(server.hits(REVIEWS), 2, "failures are not cached");
     }
+}
+
+#[tokio::test]
+async fn https_api_server_is_verified_against_the_configured_ca() {
+    let tls = test_tls();
+    let fx = fixture("paddock-broker").await;
+    let server = TestServer::start_tls(
+        api_server(Arc::clone(&fx.broker_token), "paddock-broker"),
+        &tls,
+    )
+    .await;
+    let ca_file = fx.dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &tls.ca_pem).expect("write ca");
+    let token = sa_token("builder", Duration::from_mins(10));
+
+    let mut config = fx.config();
+    config.api_server = server.https_url();
+    config.ca_file = Some(ca_file);
+    let auth = TokenReviewAuthenticator::new(config.clone()).expect("config");
+    let id = auth.authenticate(&token).await.expect("over https");
+    assert_eq!(id.namespace, "team-a");
+    assert_eq!(server.hits(REVIEWS), 1);
+
+    // The same server is not trusted through the public roots, nor through another CA.
+    let other_ca = fx.dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, test_tls().ca_pem).expect("write other ca");
+    for ca in [None, Some(other_ca)] {
+        let mut untrusted = config.clone();
+        untrusted.ca_file = ca;
+        let auth = TokenReviewAuthenticator::new(untrusted).expect("config");
+        let err = auth
+            .authenticate(&token)
+            .await
+            .expect_err("untrusted server");
+        assert!(matches!(err, AuthError::Unavailable(_)), "{err:?}");
+        assert_no_bearer(&err, &token);
+    }
+    assert_eq!(
+        server.hits(REVIEWS),
+        1,
+        "no request reaches an unverified server"
+    );
 }
