@@ -62,6 +62,19 @@ fn ec_key(kid: &str) -> TestKey {
     }
 }
 
+fn ed25519_key(kid: &str) -> TestKey {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519 keygen");
+    TestKey {
+        encoding: EncodingKey::from_ed_pem(key.serialize_pem().as_bytes()).expect("ed key"),
+        alg: Algorithm::EdDSA,
+        jwk: json!({
+            "kty": "OKP", "crv": "Ed25519", "kid": kid,
+            "x": URL_SAFE_NO_PAD.encode(key.public_key_raw()),
+        }),
+        public_pem: None,
+    }
+}
+
 /// A fake OIDC issuer: discovery document plus a JWKS that tests can rotate.
 struct Issuer {
     server: TestServer,
@@ -128,9 +141,15 @@ async fn rejected(auth: &JwtAuthenticator, token: &str) -> AuthError {
 
 #[tokio::test]
 async fn valid_rsa_and_ec_tokens_map_to_identities() {
-    let (rsa, ec) = (rsa_key("rsa-1"), ec_key("ec-1"));
-    let issuer = Issuer::start(&[&rsa, &ec]).await;
-    let auth = JwtAuthenticator::new(issuer.config()).expect("config");
+    let (rsa, ec, ed) = (rsa_key("rsa-1"), ec_key("ec-1"), ed25519_key("ed-1"));
+    let issuer = Issuer::start(&[&rsa, &ec, &ed]).await;
+    let mut config = issuer.config();
+    config.algorithms = vec![
+        JwtAlgorithm::RS256,
+        JwtAlgorithm::ES256,
+        JwtAlgorithm::EdDSA,
+    ];
+    let auth = JwtAuthenticator::new(config).expect("config");
 
     let id = auth
         .authenticate(&sign(&rsa, Some("rsa-1"), &issuer.claims()))
@@ -148,6 +167,11 @@ async fn valid_rsa_and_ec_tokens_map_to_identities() {
         .await
         .expect("ec");
     assert_eq!(id.namespace, "team-a");
+    let id = auth
+        .authenticate(&sign(&ed, Some("ed-1"), &issuer.claims()))
+        .await
+        .expect("eddsa");
+    assert_eq!(id.subject, "ci-bot");
     assert_eq!(issuer.server.hits("/.well-known/openid-configuration"), 1);
     assert_eq!(issuer.server.hits("/jwks"), 1, "keys are cached");
 
