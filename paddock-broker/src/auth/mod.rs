@@ -1,9 +1,18 @@
-//! Caller authentication: the contract shared by every backend.
+//! Authentication of broker callers: the shared surface every backend implements.
+//!
+//! Backends: `jwt` (OIDC discovery + JWKS), `tokenreview` (Kubernetes `TokenReview`),
+//! `rsa_session` (RSA-OAEP run tokens). Every backend fails closed: an error is a denial.
 
 use std::{collections::BTreeSet, future::Future, pin::Pin};
 
 pub mod chain;
+mod config_serde;
+mod fetch;
+pub mod jwt;
+mod names;
+pub mod rsa_session;
 pub mod static_keys;
+pub mod tokenreview;
 
 pub use chain::AuthChain;
 pub use static_keys::StaticKeys;
@@ -25,6 +34,18 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// Every scope, in declaration order.
+    const ALL: [Scope; 7] = [
+        Scope::Issue,
+        Scope::Renew,
+        Scope::Revoke,
+        Scope::ValidateEgress,
+        Scope::SubstituteAuth,
+        Scope::LeasesRead,
+        Scope::Controller,
+    ];
+
+    /// The wire name of this scope.
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
@@ -38,40 +59,37 @@ impl Scope {
         }
     }
 
+    /// Parses a wire name; anything else is `None`.
     #[must_use]
     pub fn parse(s: &str) -> Option<Scope> {
-        ALL_SCOPES.into_iter().find(|scope| scope.as_str() == s)
+        Scope::ALL.into_iter().find(|scope| scope.as_str() == s)
     }
 }
-
-const ALL_SCOPES: [Scope; 7] = [
-    Scope::Issue,
-    Scope::Renew,
-    Scope::Revoke,
-    Scope::ValidateEgress,
-    Scope::SubstituteAuth,
-    Scope::LeasesRead,
-    Scope::Controller,
-];
 
 /// Who is calling, after authentication. Never contains the bearer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
+    /// Key id, JWT sub, "system:serviceaccount:ns:sa", "run:<id>".
     pub subject: String,
+    /// The namespace the caller may act in.
     pub namespace: String,
     pub service_account: Option<String>,
     pub scopes: BTreeSet<Scope>,
+    /// "static-keys", "jwt", "tokenreview", "rsa-session".
     pub backend: &'static str,
+    /// Set when the credential itself names one run (RSA session).
     pub run: Option<String>,
 }
 
 impl Identity {
+    /// Whether the caller holds `s`.
     #[must_use]
     pub fn has(&self, s: Scope) -> bool {
         self.scopes.contains(&s)
     }
 
-    /// Own namespace, or any namespace with the controller scope.
+    /// Whether the caller may act on runs in `namespace`: its own, or any with the controller
+    /// scope.
     #[must_use]
     pub fn may_act_in(&self, namespace: &str) -> bool {
         self.has(Scope::Controller) || self.namespace == namespace
@@ -84,8 +102,10 @@ impl Identity {
 pub enum AuthError {
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
+    /// E.g. an RSA token for an unknown run -> 403.
     #[error("forbidden: {0}")]
     Forbidden(String),
+    /// -> 503, fail closed.
     #[error("authentication backend unavailable: {0}")]
     Unavailable(String),
 }
@@ -101,4 +121,37 @@ pub trait Authenticator: Send + Sync + std::fmt::Debug + 'static {
 /// Lets the RSA backend map a decrypted run id to its namespace (None = unknown run -> Forbidden).
 pub trait RunDirectory: Send + Sync + std::fmt::Debug + 'static {
     fn run_namespace(&self, run_id: &str) -> Option<String>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_wire_names_round_trip() {
+        for scope in Scope::ALL {
+            assert_eq!(Scope::parse(scope.as_str()), Some(scope));
+        }
+        assert_eq!(Scope::parse("broker:Issue"), None);
+        assert_eq!(Scope::parse("issue"), None);
+        assert_eq!(Scope::parse(""), None);
+    }
+
+    #[test]
+    fn namespace_scoping_needs_controller_for_other_namespaces() {
+        let mut id = Identity {
+            subject: "s".into(),
+            namespace: "team-a".into(),
+            service_account: None,
+            scopes: BTreeSet::from([Scope::Issue]),
+            backend: "jwt",
+            run: None,
+        };
+        assert!(id.may_act_in("team-a"));
+        assert!(!id.may_act_in("team-b"));
+        assert!(id.has(Scope::Issue));
+        assert!(!id.has(Scope::Renew));
+        id.scopes.insert(Scope::Controller);
+        assert!(id.may_act_in("team-b"));
+    }
 }

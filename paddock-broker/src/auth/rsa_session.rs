@@ -1,0 +1,319 @@
+//! RSA-OAEP (SHA-256) run session tokens.
+//!
+//! The broker owns an RSA keypair, created on first start as a PKCS#8 PEM file with mode 0600
+//! and reused afterwards (a key file readable by group or others is refused). A run encrypts its
+//! own run id with the broker's public key and presents the base64 ciphertext as its bearer.
+//! Decryption failure is `Unauthenticated`; a run the [`RunDirectory`] does not know is
+//! `Forbidden`.
+//!
+//! Anyone holding the public key can mint a token for any run id, so this backend is only as
+//! strong as run ids are unguessable; its scopes are deliberately narrow by default.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::{ErrorKind as IoErrorKind, Read, Write},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use rsa::{
+    PrivateKey, PublicKey,
+    pkcs1::DecodeRsaPublicKey,
+    pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding},
+    sha2::Sha256,
+    traits::PublicKeyParts,
+};
+use serde::Deserialize;
+use sha2::Digest;
+
+use super::{
+    AuthError, AuthFuture, Authenticator, Identity, RunDirectory, Scope, config_serde, names,
+};
+
+const MIN_BITS: usize = 2048;
+const MAX_BITS: usize = 8192;
+const MAX_KEY_FILE: u64 = 64 * 1024;
+/// Decrypted tokens remembered, so a run's repeated bearer costs no private-key operation.
+const TOKEN_CACHE: usize = 4096;
+
+/// Configuration of the RSA session backend. Holds a path, never key material.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RsaSessionConfig {
+    /// PKCS#8 PEM private key; created (0600) if missing.
+    pub key_file: PathBuf,
+    /// Modulus size for a newly generated key (an existing key is used as it is).
+    #[serde(default = "default_bits")]
+    pub key_bits: usize,
+    /// Scopes every run token carries.
+    #[serde(
+        default = "default_scopes",
+        deserialize_with = "config_serde::scope_set"
+    )]
+    pub scopes: BTreeSet<Scope>,
+}
+
+fn default_bits() -> usize {
+    3072
+}
+
+fn default_scopes() -> BTreeSet<Scope> {
+    BTreeSet::from([Scope::ValidateEgress, Scope::SubstituteAuth])
+}
+
+impl RsaSessionConfig {
+    #[must_use]
+    pub fn new(key_file: impl Into<PathBuf>) -> Self {
+        Self {
+            key_file: key_file.into(),
+            key_bits: default_bits(),
+            scopes: default_scopes(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RsaSessionError {
+    #[error("rsa-session: key file {path}: {reason}")]
+    KeyFile { path: String, reason: String },
+    #[error(
+        "rsa-session: key file {path} has mode {mode:03o}; group/other access is refused (chmod 600)"
+    )]
+    KeyPermissions { path: String, mode: u32 },
+    #[error("rsa-session: key size {0} bits is outside {MIN_BITS}..={MAX_BITS}")]
+    KeySize(usize),
+    #[error("rsa-session: key generation failed: {0}")]
+    Generate(String),
+    #[error("rsa-session: public key: {0}")]
+    PublicKey(String),
+    #[error("rsa-session: run id is not valid")]
+    RunId,
+    #[error("rsa-session: encryption failed: {0}")]
+    Encrypt(String),
+}
+
+/// The RSA session [`Authenticator`].
+pub struct RsaSessionAuthenticator {
+    key: Arc<PrivateKey>,
+    public_pem: String,
+    scopes: BTreeSet<Scope>,
+    key_file: PathBuf,
+    runs: Arc<dyn RunDirectory>,
+    decrypted: quick_cache::sync::Cache<[u8; 32], Arc<str>>,
+}
+
+impl std::fmt::Debug for RsaSessionAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RsaSessionAuthenticator")
+            .field("key_file", &self.key_file)
+            .field("key_bits", &(self.key.size() * 8))
+            .field("private_key", &"<redacted>")
+            .field("scopes", &self.scopes)
+            .field("runs", &self.runs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RsaSessionAuthenticator {
+    /// Loads the keypair from `config.key_file`, or generates and stores one. Key generation
+    /// is CPU-heavy (seconds for 3072 bits): call this at startup, off the async workers.
+    pub fn load_or_create(
+        config: &RsaSessionConfig,
+        runs: Arc<dyn RunDirectory>,
+    ) -> Result<Self, RsaSessionError> {
+        if !(MIN_BITS..=MAX_BITS).contains(&config.key_bits) {
+            return Err(RsaSessionError::KeySize(config.key_bits));
+        }
+        let key = match read_key(&config.key_file)? {
+            Some(key) => key,
+            None => create_key(&config.key_file, config.key_bits)?,
+        };
+        let bits = key.size() * 8;
+        if !(MIN_BITS..=MAX_BITS).contains(&bits) {
+            return Err(RsaSessionError::KeySize(bits));
+        }
+        let public_pem = PublicKey::from(&key)
+            .to_public_key_pem(LineEnding::LF)
+            .map_err(|e| RsaSessionError::PublicKey(e.to_string()))?;
+        Ok(Self {
+            key: Arc::new(key),
+            public_pem,
+            scopes: config.scopes.clone(),
+            key_file: config.key_file.clone(),
+            runs,
+            decrypted: quick_cache::sync::Cache::new(TOKEN_CACHE),
+        })
+    }
+
+    /// The public key (SPKI PEM) to hand to runs.
+    #[must_use]
+    pub fn public_key_pem(&self) -> &str {
+        &self.public_pem
+    }
+
+    async fn verify(&self, bearer: &str) -> Result<Identity, AuthError> {
+        let run_id = self.run_id(bearer).await?;
+        let namespace = self.runs.run_namespace(&run_id).ok_or_else(|| {
+            AuthError::Forbidden("rsa-session: token names a run the broker does not know".into())
+        })?;
+        Ok(Identity {
+            subject: format!("run:{run_id}"),
+            namespace,
+            service_account: None,
+            scopes: self.scopes.clone(),
+            backend: "rsa-session",
+            run: Some(run_id.to_string()),
+        })
+    }
+
+    async fn run_id(&self, bearer: &str) -> Result<Arc<str>, AuthError> {
+        let size = self.key.size();
+        // Cheap rejections first: garbage must not cost a private-key operation.
+        if bearer.len() > 4 * size.div_ceil(3) {
+            return Err(unauthenticated("token has the wrong length"));
+        }
+        let ciphertext = STANDARD
+            .decode(bearer)
+            .map_err(|_| unauthenticated("token is not base64"))?;
+        if ciphertext.len() != size {
+            return Err(unauthenticated("token has the wrong length"));
+        }
+        let digest: [u8; 32] = sha2::Sha256::digest(bearer.as_bytes()).into();
+        if let Some(run) = self.decrypted.get(&digest) {
+            return Ok(run);
+        }
+        let key = Arc::clone(&self.key);
+        let plaintext =
+            tokio::task::spawn_blocking(move || key.oaep_decrypt::<Sha256>(&ciphertext))
+                .await
+                .map_err(|_| AuthError::Unavailable("rsa-session: decryption task failed".into()))?
+                .map_err(|_| unauthenticated("token does not decrypt"))?;
+        let run = String::from_utf8(plaintext)
+            .ok()
+            .filter(|s| names::is_run_id(s))
+            .ok_or_else(|| unauthenticated("decrypted run id is malformed"))?;
+        let run: Arc<str> = Arc::from(run);
+        self.decrypted.insert(digest, Arc::clone(&run));
+        Ok(run)
+    }
+}
+
+impl Authenticator for RsaSessionAuthenticator {
+    fn name(&self) -> &'static str {
+        "rsa-session"
+    }
+
+    fn authenticate<'a>(&'a self, bearer: &'a str) -> AuthFuture<'a> {
+        Box::pin(self.verify(bearer))
+    }
+}
+
+fn unauthenticated(reason: &str) -> AuthError {
+    AuthError::Unauthenticated(format!("rsa-session: {reason}"))
+}
+
+/// Encrypts `run_id` for the broker whose public key (SPKI or PKCS#1 PEM) is given; the
+/// result is the run's bearer token.
+pub fn encrypt_run_token(public_key_pem: &str, run_id: &str) -> Result<String, RsaSessionError> {
+    if !names::is_run_id(run_id) {
+        return Err(RsaSessionError::RunId);
+    }
+    let key = PublicKey::from_public_key_pem(public_key_pem)
+        .or_else(|_| PublicKey::from_pkcs1_pem(public_key_pem))
+        .map_err(|e| RsaSessionError::PublicKey(e.to_string()))?;
+    let ciphertext = key
+        .oaep_encrypt::<Sha256>(run_id.as_bytes())
+        .map_err(|e| RsaSessionError::Encrypt(e.to_string()))?;
+    Ok(STANDARD.encode(ciphertext))
+}
+
+fn key_file_error(path: &Path, reason: impl std::fmt::Display) -> RsaSessionError {
+    RsaSessionError::KeyFile {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Reads an existing key; `None` if the file does not exist.
+fn read_key(path: &Path) -> Result<Option<PrivateKey>, RsaSessionError> {
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == IoErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(key_file_error(path, e)),
+    };
+    if !meta.is_file() {
+        return Err(key_file_error(path, "not a regular file"));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(RsaSessionError::KeyPermissions {
+            path: path.display().to_string(),
+            mode,
+        });
+    }
+    if meta.len() > MAX_KEY_FILE {
+        return Err(key_file_error(path, "file is too large for a key"));
+    }
+    let mut pem = String::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(MAX_KEY_FILE).read_to_string(&mut pem))
+        .map_err(|e| key_file_error(path, e))?;
+    // The parse error text never contains key material, only the failing structure.
+    PrivateKey::from_pkcs8_pem(&pem)
+        .map(Some)
+        .map_err(|e| key_file_error(path, format!("not a PKCS#8 PEM RSA key: {e}")))
+}
+
+/// Generates a key and stores it without ever exposing a partial or too-open file: written
+/// to a private temporary file, then hard-linked into place (which fails rather than replace a
+/// key another process created meanwhile; that key is then used).
+fn create_key(path: &Path, bits: usize) -> Result<PrivateKey, RsaSessionError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| key_file_error(path, format!("cannot create directory: {e}")))?;
+    let key = PrivateKey::new(&mut getrandom::SysRng, bits)
+        .map_err(|e| RsaSessionError::Generate(e.to_string()))?;
+    let pem = key
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| RsaSessionError::Generate(e.to_string()))?;
+    let file_name = path
+        .file_name()
+        .map_or_else(|| "key".into(), |n| n.to_string_lossy());
+    // A random name: a fixed one (the pid is 1 in most containers) left behind by a crash
+    // would block every later start.
+    let nonce = getrandom::u64().map_err(|e| RsaSessionError::Generate(e.to_string()))?;
+    let tmp = dir.join(format!(".{file_name}.tmp-{nonce:016x}"));
+    let written = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(pem.as_bytes())?;
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(key_file_error(path, format!("cannot write key: {e}")));
+    }
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), bits, "rsa-session: generated a new keypair");
+            Ok(key)
+        }
+        Err(e) if e.kind() == IoErrorKind::AlreadyExists => read_key(path)?
+            .ok_or_else(|| key_file_error(path, "key file vanished while being created")),
+        Err(e) => Err(key_file_error(path, format!("cannot store key: {e}"))),
+    }
+}
