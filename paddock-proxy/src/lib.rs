@@ -9,4 +9,5 @@ pub mod cgroup;
 pub mod ebpf;
 pub mod netns;
 pub mod origdst;
+pub mod run;
 mod sys;
