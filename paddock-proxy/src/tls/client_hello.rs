@@ -545,3 +545,557 @@ fn peek_fd(stream: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     use nix::sys::socket::{MsgFlags, recv};
     recv(stream.as_raw_fd(), buf, MsgFlags::MSG_PEEK).map_err(io::Error::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::tls::test_support::{fixture_path, hello_fixture};
+
+    const ALL_FIXTURES: [&str; 10] = [
+        "curl_h2.bin",
+        "curl_http11.bin",
+        "openssl.bin",
+        "openssl_tls12.bin",
+        "openssl_nosni.bin",
+        "python.bin",
+        "rustls.bin",
+        "fragmented.bin",
+        "grease.bin",
+        "ech_outer.bin",
+    ];
+
+    fn parse_fixture(name: &str) -> ClientHello {
+        let bytes = hello_fixture(name);
+        let hello = parse_client_hello(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(hello.wire_len(), bytes.len(), "{name}: wire length");
+        hello
+    }
+
+    fn alpn(names: &[&str]) -> Vec<Vec<u8>> {
+        names.iter().map(|n| n.as_bytes().to_vec()).collect()
+    }
+
+    /// Builds a single-record `ClientHello` with the given extensions.
+    fn craft(extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut body = vec![0x03, 0x03];
+        body.extend_from_slice(&[7u8; 32]);
+        body.push(0); // session id
+        body.extend_from_slice(&[0x00, 0x02, 0x13, 0x01]);
+        body.extend_from_slice(&[0x01, 0x00]);
+        let mut ext = Vec::new();
+        for (kind, data) in extensions {
+            ext.extend_from_slice(&kind.to_be_bytes());
+            ext.extend_from_slice(&u16::try_from(data.len()).expect("len").to_be_bytes());
+            ext.extend_from_slice(data);
+        }
+        body.extend_from_slice(&u16::try_from(ext.len()).expect("len").to_be_bytes());
+        body.extend_from_slice(&ext);
+        wrap_records(&handshake(&body), usize::MAX)
+    }
+
+    fn handshake(body: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(body.len()).expect("len").to_be_bytes();
+        let mut msg = vec![HANDSHAKE_CLIENT_HELLO, len[1], len[2], len[3]];
+        msg.extend_from_slice(body);
+        msg
+    }
+
+    fn wrap_records(msg: &[u8], chunk: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for part in msg.chunks(chunk.min(MAX_RECORD_PAYLOAD)) {
+            out.extend_from_slice(&[0x16, 0x03, 0x01]);
+            out.extend_from_slice(&u16::try_from(part.len()).expect("len").to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    fn sni_ext(names: &[&[u8]]) -> (u16, Vec<u8>) {
+        let mut list = Vec::new();
+        for name in names {
+            list.push(SNI_HOST_NAME);
+            list.extend_from_slice(&u16::try_from(name.len()).expect("len").to_be_bytes());
+            list.extend_from_slice(name);
+        }
+        let mut data = u16::try_from(list.len())
+            .expect("len")
+            .to_be_bytes()
+            .to_vec();
+        data.extend_from_slice(&list);
+        (EXT_SERVER_NAME, data)
+    }
+
+    fn alpn_ext(names: &[&[u8]]) -> (u16, Vec<u8>) {
+        let mut list = Vec::new();
+        for name in names {
+            list.push(u8::try_from(name.len()).expect("len"));
+            list.extend_from_slice(name);
+        }
+        let mut data = u16::try_from(list.len())
+            .expect("len")
+            .to_be_bytes()
+            .to_vec();
+        data.extend_from_slice(&list);
+        (EXT_ALPN, data)
+    }
+
+    #[test]
+    fn curl_hellos() {
+        let h2 = parse_fixture("curl_h2.bin");
+        assert_eq!(h2.server_name(), Some("api.example.com"));
+        assert_eq!(h2.require_sni(), Ok("api.example.com"));
+        assert_eq!(h2.alpn(), alpn(&["h2", "http/1.1"]).as_slice());
+        assert!(h2.offers_alpn(b"h2"));
+        assert!(h2.supported_versions().contains(&0x0304));
+        assert!(h2.supported_versions().contains(&0x0303));
+        assert_eq!(h2.legacy_version(), 0x0303);
+        assert!(h2.cipher_suites().contains(&0x1301));
+        assert!(!h2.is_ech_outer());
+        assert_eq!(h2.ech(), None);
+
+        let h1 = parse_fixture("curl_http11.bin");
+        assert_eq!(h1.server_name(), Some("files.example.org"));
+        assert_eq!(h1.alpn(), alpn(&["http/1.1"]).as_slice());
+        assert!(!h1.offers_alpn(b"h2"));
+    }
+
+    #[test]
+    fn openssl_hellos() {
+        let hello = parse_fixture("openssl.bin");
+        assert_eq!(hello.server_name(), Some("db.internal.example"));
+        assert_eq!(hello.alpn(), alpn(&["h2", "http/1.1"]).as_slice());
+        assert!(hello.supported_versions().contains(&0x0304));
+
+        let tls12 = parse_fixture("openssl_tls12.bin");
+        assert_eq!(tls12.server_name(), Some("legacy.example.com"));
+        assert!(tls12.alpn().is_empty());
+        assert!(tls12.supported_versions().is_empty());
+        assert!(!tls12.extension_types().contains(&EXT_SUPPORTED_VERSIONS));
+
+        let nosni = parse_fixture("openssl_nosni.bin");
+        assert_eq!(nosni.server_name(), None);
+        assert_eq!(nosni.require_sni(), Err(HelloError::NoSni));
+        assert!(!nosni.sni_was_ip_literal());
+    }
+
+    #[test]
+    fn python_hello() {
+        let hello = parse_fixture("python.bin");
+        assert_eq!(hello.server_name(), Some("pypi.example.net"));
+        assert_eq!(hello.alpn(), alpn(&["http/1.1"]).as_slice());
+        assert!(hello.supported_versions().contains(&0x0304));
+    }
+
+    #[test]
+    fn rustls_hello_fixture() {
+        let hello = parse_fixture("rustls.bin");
+        assert_eq!(hello.server_name(), Some("rustls.example.com"));
+        assert_eq!(hello.alpn(), alpn(&["h2", "http/1.1"]).as_slice());
+        assert!(hello.supported_versions().contains(&0x0304));
+    }
+
+    #[test]
+    fn fragmented_hello_matches_unfragmented() {
+        let bytes = hello_fixture("fragmented.bin");
+        // Several records, and the 4-byte handshake header is split across the first three.
+        assert_eq!(&bytes[..6], &[0x16, 0x03, 0x01, 0x00, 0x02, 0x01]);
+        let fragmented = parse_fixture("fragmented.bin");
+        let whole = parse_fixture("curl_h2.bin");
+        assert_eq!(fragmented.server_name(), Some("api.example.com"));
+        assert_eq!(fragmented.alpn(), whole.alpn());
+        assert_eq!(fragmented.cipher_suites(), whole.cipher_suites());
+        assert_eq!(fragmented.extension_types(), whole.extension_types());
+        assert_eq!(fragmented.supported_versions(), whole.supported_versions());
+    }
+
+    #[test]
+    fn grease_values_are_ignored() {
+        let raw = hello_fixture("grease.bin");
+        let grease = parse_fixture("grease.bin");
+        let plain = parse_fixture("openssl.bin");
+        assert!(
+            raw.windows(2).any(|w| w == [0x0a, 0x0a]),
+            "fixture has GREASE"
+        );
+        assert_eq!(grease.server_name(), plain.server_name());
+        assert_eq!(grease.alpn(), plain.alpn());
+        assert_eq!(grease.cipher_suites(), plain.cipher_suites());
+        assert_eq!(grease.supported_versions(), plain.supported_versions());
+        assert_eq!(grease.extension_types(), plain.extension_types());
+        assert!(!grease.cipher_suites().iter().any(|&s| is_grease(s)));
+        assert!(!grease.extension_types().iter().any(|&e| is_grease(e)));
+    }
+
+    #[test]
+    fn grease_predicate() {
+        for v in [0x0a0a, 0x1a1a, 0x2a2a, 0xfafa] {
+            assert!(is_grease(v), "{v:#06x}");
+        }
+        for v in [0x0a1a, 0x0a0b, 0x1301, 0x0000, 0xfe0d] {
+            assert!(!is_grease(v), "{v:#06x}");
+        }
+    }
+
+    #[test]
+    fn ech_outer_flag() {
+        let hello = parse_fixture("ech_outer.bin");
+        assert!(hello.is_ech_outer());
+        assert_eq!(hello.ech(), Some(EchKind::Outer));
+        assert_eq!(hello.server_name(), Some("public.example.net"));
+        for name in ALL_FIXTURES.iter().filter(|n| **n != "ech_outer.bin") {
+            assert!(!parse_fixture(name).is_ech_outer(), "{name}");
+        }
+        let inner = craft(&[
+            sni_ext(&[b"a.example"]),
+            (EXT_ENCRYPTED_CLIENT_HELLO, vec![1]),
+        ]);
+        assert_eq!(
+            parse_client_hello(&inner).map(|h| h.ech()),
+            Ok(Some(EchKind::Inner))
+        );
+        let bad = craft(&[
+            sni_ext(&[b"a.example"]),
+            (EXT_ENCRYPTED_CLIENT_HELLO, vec![0, 0]),
+        ]);
+        assert!(matches!(
+            parse_client_hello(&bad),
+            Err(HelloError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn trailing_bytes_are_not_part_of_the_hello() {
+        for name in ALL_FIXTURES {
+            let mut bytes = hello_fixture(name);
+            let len = bytes.len();
+            bytes.extend_from_slice(b"\x17\x03\x03\x00\x05hello");
+            let hello = parse_client_hello(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(hello.wire_len(), len, "{name}");
+        }
+    }
+
+    #[test]
+    fn every_truncation_asks_for_more_and_never_overshoots() {
+        for name in ALL_FIXTURES {
+            let bytes = hello_fixture(name);
+            for cut in 0..bytes.len() {
+                match parse_client_hello(&bytes[..cut]) {
+                    Err(HelloError::NeedMore(n)) => {
+                        assert!(n >= 1, "{name} cut {cut}");
+                        assert!(
+                            cut + n <= bytes.len(),
+                            "{name} cut {cut}: asked {n} too many"
+                        );
+                    }
+                    other => panic!("{name} cut at {cut}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// Deterministic xorshift so failures reproduce.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            usize::try_from(self.next() % u64::try_from(n).expect("n")).expect("index")
+        }
+
+        fn byte(&mut self) -> u8 {
+            self.next().to_le_bytes()[0]
+        }
+    }
+
+    #[test]
+    fn random_corruption_never_panics() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut outcomes = [0usize; 5];
+        for name in ALL_FIXTURES {
+            let original = hello_fixture(name);
+            for _ in 0..3000 {
+                let mut bytes = original.clone();
+                for _ in 0..=rng.below(4) {
+                    let i = rng.below(bytes.len());
+                    bytes[i] ^= rng.byte() | 1;
+                }
+                if rng.below(4) == 0 {
+                    let cut = rng.below(bytes.len());
+                    bytes.truncate(cut);
+                }
+                let slot = match parse_client_hello(&bytes) {
+                    Ok(h) => {
+                        assert!(h.wire_len() <= bytes.len());
+                        0
+                    }
+                    Err(HelloError::NeedMore(_)) => 1,
+                    Err(HelloError::NotTls) => 2,
+                    Err(HelloError::Malformed(_)) => 3,
+                    Err(HelloError::NoSni) => 4,
+                };
+                outcomes[slot] += 1;
+            }
+        }
+        // Corruption must actually reach the error paths, not only flip ignored bytes.
+        assert!(
+            outcomes[1] > 0 && outcomes[2] > 0 && outcomes[3] > 0,
+            "{outcomes:?}"
+        );
+        // The parser itself never reports NoSni; that is `require_sni`'s answer.
+        assert_eq!(outcomes[4], 0);
+
+        for len in 0..600 {
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.byte()).collect();
+            let _ = parse_client_hello(&bytes);
+            if len >= 5 {
+                bytes[..3].copy_from_slice(&[0x16, 0x03, 0x01]);
+                let _ = parse_client_hello(&bytes);
+            }
+        }
+    }
+
+    #[test]
+    fn non_tls_bytes_fail_at_once() {
+        assert_eq!(parse_client_hello(b"G"), Err(HelloError::NotTls));
+        assert_eq!(
+            parse_client_hello(b"GET / HTTP/1.1\r\n"),
+            Err(HelloError::NotTls)
+        );
+        assert_eq!(
+            parse_client_hello(b"SSH-2.0-OpenSSH_9.2"),
+            Err(HelloError::NotTls)
+        );
+        // SSLv2-compatible hello.
+        assert_eq!(
+            parse_client_hello(&[0x80, 0x2e, 0x01]),
+            Err(HelloError::NotTls)
+        );
+        assert_eq!(parse_client_hello(&[0x16, 0x02]), Err(HelloError::NotTls));
+        assert_eq!(
+            parse_client_hello(&[0x16, 0x03, 0x09]),
+            Err(HelloError::NotTls)
+        );
+        assert_eq!(
+            parse_client_hello(&[]),
+            Err(HelloError::NeedMore(RECORD_HEADER_LEN + 1))
+        );
+    }
+
+    #[test]
+    fn malformed_hellos_are_typed_errors() {
+        let malformed =
+            |bytes: &[u8]| matches!(parse_client_hello(bytes), Err(HelloError::Malformed(_)));
+        // A ServerHello where a ClientHello belongs, rejected from its first payload byte.
+        assert!(malformed(&[0x16, 0x03, 0x03, 0x00, 0x40, 0x02]));
+        assert!(malformed(&[0x16, 0x03, 0x01, 0x00, 0x00]));
+        assert!(malformed(&[0x16, 0x03, 0x01, 0x40, 0x01]));
+        // An alert record in the middle of a fragmented hello.
+        let mut bytes = hello_fixture("fragmented.bin");
+        bytes[7] = 0x15;
+        assert!(malformed(&bytes));
+
+        let a: &[u8] = b"a.example";
+        assert!(
+            malformed(&craft(&[sni_ext(&[a]), sni_ext(&[a])])),
+            "duplicate extension"
+        );
+        assert!(
+            malformed(&craft(&[sni_ext(&[a, b"b.example"])])),
+            "two host names"
+        );
+        assert!(
+            malformed(&craft(&[sni_ext(&[b"bad name!"])])),
+            "invalid host name"
+        );
+        assert!(malformed(&craft(&[sni_ext(&[])])), "empty name list");
+        assert!(malformed(&craft(&[alpn_ext(&[b""])])), "empty protocol");
+        assert!(malformed(&craft(&[alpn_ext(&[])])), "empty ALPN list");
+        assert!(malformed(&craft(&[(
+            EXT_SUPPORTED_VERSIONS,
+            vec![3, 3, 4, 3]
+        )])));
+        assert!(
+            malformed(&craft(&[(EXT_SERVER_NAME, vec![0, 9, 0])])),
+            "short SNI"
+        );
+
+        let mut extra = craft(&[sni_ext(&[a])]);
+        // Claim one byte more in record and handshake lengths, then add a stray byte after
+        // the extensions block.
+        extra[4] += 1;
+        extra[8] += 1;
+        extra.push(0);
+        assert!(malformed(&extra), "bytes after extensions");
+    }
+
+    #[test]
+    fn crafted_names_are_normalised() {
+        let hello = parse_client_hello(&craft(&[
+            sni_ext(&[b"API.Example.COM."]),
+            alpn_ext(&[b"\x1a\x1a", b"h2"]),
+        ]))
+        .expect("parse");
+        assert_eq!(hello.server_name(), Some("api.example.com"));
+        assert_eq!(hello.alpn(), alpn(&["h2"]).as_slice());
+
+        let ip = parse_client_hello(&craft(&[sni_ext(&[b"10.1.2.3"])])).expect("parse");
+        assert_eq!(ip.server_name(), None);
+        assert!(ip.sni_was_ip_literal());
+        assert_eq!(ip.require_sni(), Err(HelloError::NoSni));
+
+        // A hello without any extensions (legal before TLS 1.3).
+        let mut body = vec![0x03, 0x01];
+        body.extend_from_slice(&[1u8; 32]);
+        body.extend_from_slice(&[0, 0x00, 0x02, 0x00, 0x2f, 0x01, 0x00]);
+        let bare = parse_client_hello(&wrap_records(&handshake(&body), usize::MAX)).expect("bare");
+        assert_eq!(bare.server_name(), None);
+        assert_eq!(bare.legacy_version(), 0x0301);
+    }
+
+    #[test]
+    fn one_byte_records_assemble() {
+        let hello = hello_fixture("curl_h2.bin");
+        let message = &hello[RECORD_HEADER_LEN..];
+        let bytes = wrap_records(message, 1);
+        let parsed = parse_client_hello(&bytes).expect("parse");
+        assert_eq!(parsed.server_name(), Some("api.example.com"));
+        assert_eq!(parsed.wire_len(), bytes.len());
+        for cut in (0..bytes.len()).step_by(7) {
+            let Err(HelloError::NeedMore(n)) = parse_client_hello(&bytes[..cut]) else {
+                panic!("cut {cut}");
+            };
+            assert!(cut + n <= bytes.len());
+        }
+    }
+
+    async fn loopback_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.expect("connect"), accepted.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn peek_waits_for_pieces_and_consumes_nothing() {
+        let (mut client, mut server) = loopback_pair().await;
+        let bytes = hello_fixture("fragmented.bin");
+        let sent = bytes.clone();
+        let writer = tokio::spawn(async move {
+            for piece in [&sent[..3], &sent[3..40], &sent[40..300], &sent[300..]] {
+                client.write_all(piece).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            client
+        });
+        let hello = peek_client_hello(&server, 16 * 1024, Duration::from_secs(5))
+            .await
+            .expect("peek");
+        assert_eq!(hello.server_name(), Some("api.example.com"));
+        assert_eq!(hello.wire_len(), bytes.len());
+        let _client = writer.await.expect("writer");
+        let mut read_back = vec![0u8; bytes.len()];
+        server.read_exact(&mut read_back).await.expect("read");
+        assert_eq!(
+            read_back, bytes,
+            "peeking must leave the bytes in the socket"
+        );
+    }
+
+    #[tokio::test]
+    async fn peek_times_out_on_a_stalled_hello() {
+        let (mut client, server) = loopback_pair().await;
+        let bytes = hello_fixture("curl_h2.bin");
+        client.write_all(&bytes[..100]).await.expect("write");
+        let started = std::time::Instant::now();
+        let err = peek_client_hello(&server, 16 * 1024, Duration::from_millis(200))
+            .await
+            .expect_err("incomplete");
+        assert!(matches!(err, TlsError::HelloTimeout(_)), "{err}");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn peek_reports_eof_and_non_tls_and_size() {
+        let (mut client, server) = loopback_pair().await;
+        let bytes = hello_fixture("curl_h2.bin");
+        client.write_all(&bytes[..100]).await.expect("write");
+        client.shutdown().await.expect("shutdown");
+        let err = peek_client_hello(&server, 16 * 1024, Duration::from_secs(5))
+            .await
+            .expect_err("eof");
+        assert!(matches!(err, TlsError::HelloEof { received: 100 }), "{err}");
+
+        let (mut client, server) = loopback_pair().await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let err = peek_client_hello(&server, 16 * 1024, Duration::from_secs(5))
+            .await
+            .expect_err("not tls");
+        assert!(matches!(err, TlsError::Hello(HelloError::NotTls)), "{err}");
+
+        let (mut client, server) = loopback_pair().await;
+        client.write_all(&bytes).await.expect("write");
+        let err = peek_client_hello(&server, 256, Duration::from_secs(5))
+            .await
+            .expect_err("too large");
+        assert!(
+            matches!(err, TlsError::HelloTooLarge { limit: 256 }),
+            "{err}"
+        );
+
+        let (client, server) = loopback_pair().await;
+        drop(client);
+        let err = peek_client_hello(&server, 256, Duration::from_secs(5))
+            .await
+            .expect_err("closed");
+        assert!(matches!(err, TlsError::HelloEof { received: 0 }), "{err}");
+    }
+
+    /// Captures a rustls client's hello on loopback through `peek_client_hello`, checks it,
+    /// and (with `PADDOCK_WRITE_FIXTURES=1`) stores it as `rustls.bin`.
+    #[tokio::test]
+    async fn rustls_hello_captured_on_loopback() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let ca = crate::tls::test_support::test_ca();
+        let config = crate::tls::test_support::client_trusting(&ca, &[b"h2", b"http/1.1"]);
+        let client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let name = rustls_pki_types::ServerName::try_from("rustls.example.com").expect("name");
+            // The server never answers; the handshake ends when it closes.
+            let _ = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await;
+        });
+        let (server, _) = listener.accept().await.expect("accept");
+        let hello = peek_client_hello(&server, 16 * 1024, Duration::from_secs(5))
+            .await
+            .expect("peek");
+        assert_eq!(hello.server_name(), Some("rustls.example.com"));
+        assert_eq!(hello.alpn(), alpn(&["h2", "http/1.1"]).as_slice());
+        assert!(hello.supported_versions().contains(&0x0304));
+
+        let mut raw = vec![0u8; hello.wire_len()];
+        let mut reader = server;
+        reader.read_exact(&mut raw).await.expect("read");
+        assert_eq!(parse_client_hello(&raw).as_ref(), Ok(&hello));
+        if std::env::var_os("PADDOCK_WRITE_FIXTURES").is_some() {
+            std::fs::write(fixture_path("clienthello/rustls.bin"), &raw).expect("write fixture");
+        }
+        drop(reader);
+        client.await.expect("client task");
+    }
+}

@@ -22,6 +22,9 @@ mod leaf_cache;
 mod server;
 mod upstream;
 
+#[cfg(test)]
+mod test_support;
+
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
