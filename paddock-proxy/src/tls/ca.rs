@@ -466,3 +466,187 @@ pub(crate) fn der_to_pem(label: &str, der: &[u8]) -> String {
     out.push_str("-----\n");
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::test_support::fixture_path;
+
+    fn ca_fixture(name: &str) -> Vec<u8> {
+        std::fs::read(fixture_path(&format!("ca/{name}"))).expect("fixture")
+    }
+
+    #[test]
+    fn generated_ca_round_trips_through_pem() {
+        let generated = RunCa::generate("run-42", Duration::from_hours(24)).expect("generate");
+        assert!(
+            generated.ca.subject().contains("Paddock run CA run-42"),
+            "{}",
+            generated.ca.subject()
+        );
+        let lifetime = generated.ca.not_after() - generated.ca.not_before();
+        assert_eq!(
+            lifetime,
+            time::Duration::hours(25),
+            "24h plus the 1h backdate"
+        );
+        let (_, x509) =
+            x509_parser::parse_x509_certificate(generated.ca.certificate()).expect("x509");
+        assert!(x509.is_ca());
+        assert_eq!(
+            x509.public_key().algorithm.algorithm.to_id_string(),
+            "1.2.840.10045.2.1",
+            "EC key"
+        );
+
+        let reloaded = RunCa::from_pem(
+            generated.cert_pem().as_bytes(),
+            generated.key_pem().as_bytes(),
+        )
+        .expect("reload");
+        assert_eq!(reloaded.certificate(), generated.ca.certificate());
+        assert_eq!(generated.ca.certificate_pem(), generated.cert_pem());
+        let dbg = format!("{generated:?}");
+        assert!(!dbg.contains("PRIVATE KEY"), "{dbg}");
+    }
+
+    #[test]
+    fn generated_ca_files_have_strict_modes_and_are_not_clobbered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_dir = dir.path().join("ca");
+        let ca =
+            RunCa::load_or_generate(&ca_dir, "local", Duration::from_hours(24)).expect("generate");
+        let mode = |f: &str| {
+            std::fs::metadata(ca_dir.join(f))
+                .expect("metadata")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode(CA_KEY_FILE), 0o600);
+        assert_eq!(mode(CA_CERT_FILE), 0o644);
+        assert_eq!(
+            std::fs::metadata(&ca_dir)
+                .expect("dir")
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
+
+        // A second start loads the same CA instead of generating a new one.
+        let again =
+            RunCa::load_or_generate(&ca_dir, "local", Duration::from_hours(24)).expect("load");
+        assert_eq!(again.certificate(), ca.certificate());
+        let loaded = RunCa::load_dir(&ca_dir).expect("load_dir");
+        assert_eq!(loaded.certificate(), ca.certificate());
+
+        let other = RunCa::generate("other", Duration::from_hours(1)).expect("generate");
+        let err = other.write_to_dir(&ca_dir).expect_err("must not overwrite");
+        assert!(matches!(err, TlsError::WriteFile { .. }), "{err}");
+        assert_eq!(
+            RunCa::load_dir(&ca_dir).expect("load").certificate(),
+            ca.certificate()
+        );
+
+        // Half a pair is refused rather than replaced.
+        std::fs::remove_file(ca_dir.join(CA_KEY_FILE)).expect("rm");
+        let err =
+            RunCa::load_or_generate(&ca_dir, "local", Duration::from_hours(24)).expect_err("half");
+        assert!(err.to_string().contains(CA_KEY_FILE), "{err}");
+    }
+
+    #[test]
+    fn cert_manager_key_formats_load() {
+        for (cert, key) in [
+            ("ec_ca.crt", "ec_sec1.key"),
+            ("p384_ca.crt", "p384_sec1.key"),
+            ("rsa_ca.crt", "rsa_pkcs1.key"),
+        ] {
+            let ca = RunCa::from_pem(&ca_fixture(cert), &ca_fixture(key))
+                .unwrap_or_else(|e| panic!("{cert}: {e}"));
+            assert!(ca.subject().contains("Paddock test"), "{}", ca.subject());
+        }
+        let ca = RunCa::load(
+            &fixture_path("ca/ec_ca.crt"),
+            &fixture_path("ca/ec_sec1.key"),
+        )
+        .expect("load");
+        assert_eq!(ca.chain().len(), 1);
+    }
+
+    #[test]
+    fn chain_after_the_ca_is_kept() {
+        let mut bundle = ca_fixture("ec_ca.crt");
+        bundle.extend(ca_fixture("rsa_ca.crt"));
+        let ca = RunCa::from_pem(&bundle, &ca_fixture("ec_sec1.key")).expect("load");
+        assert_eq!(ca.chain().len(), 2);
+        assert!(ca.subject().contains("EC CA"));
+    }
+
+    #[test]
+    fn clear_errors_for_bad_input() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = RunCa::load_dir(dir.path()).expect_err("missing");
+        assert!(
+            matches!(
+                err,
+                TlsError::ReadFile {
+                    what: "CA certificate",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("tls.crt"), "{err}");
+
+        let key = ca_fixture("ec_sec1.key");
+        let err = RunCa::from_pem(b"not pem at all", &key).expect_err("no cert");
+        assert!(matches!(err, TlsError::InvalidPem { .. }), "{err}");
+        let err = RunCa::from_pem(
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            &key,
+        )
+        .expect_err("garbage cert");
+        assert!(matches!(err, TlsError::InvalidCa(_)), "{err}");
+        let err = RunCa::from_pem(&ca_fixture("ec_ca.crt"), b"").expect_err("no key");
+        assert!(matches!(err, TlsError::InvalidPem { .. }), "{err}");
+        let err = RunCa::from_pem(
+            &ca_fixture("ec_ca.crt"),
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .expect_err("garbage key");
+        assert!(matches!(err, TlsError::InvalidCaKey(_)), "{err}");
+        let err = RunCa::from_pem(&ca_fixture("ec_ca.crt"), &ca_fixture("rsa_pkcs1.key"))
+            .expect_err("mismatch");
+        assert!(matches!(err, TlsError::InvalidCaKey(_)), "{err}");
+        assert!(err.to_string().contains("does not belong"), "{err}");
+        let err = RunCa::from_pem(&ca_fixture("not_ca.crt"), &key).expect_err("not a CA");
+        assert!(matches!(err, TlsError::InvalidCa(_)), "{err}");
+        assert!(err.to_string().contains("CA:TRUE"), "{err}");
+    }
+
+    #[test]
+    fn expired_ca_is_refused() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let cert = params.self_signed(&key).expect("cert");
+        let err = RunCa::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+            .expect_err("expired");
+        assert!(matches!(err, TlsError::CaNotValidNow { .. }), "{err}");
+    }
+
+    #[test]
+    fn pkcs8_wrapping_matches_der_rules() {
+        assert_eq!(der_tlv(0x04, &[1, 2]), vec![0x04, 2, 1, 2]);
+        let long = vec![0u8; 300];
+        let tlv = der_tlv(0x30, &long);
+        assert_eq!(&tlv[..4], &[0x30, 0x82, 0x01, 0x2c]);
+        assert_eq!(tlv.len(), 304);
+        let tlv = der_tlv(0x30, &[0u8; 200]);
+        assert_eq!(&tlv[..3], &[0x30, 0x81, 200]);
+    }
+}

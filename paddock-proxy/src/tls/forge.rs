@@ -282,3 +282,202 @@ pub fn bench_forge(leaves: usize) -> Result<ForgeBench, TlsError> {
         elapsed: start.elapsed(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls_pki_types::{ServerName, UnixTime};
+
+    use super::*;
+    use crate::tls::test_support::{ManualClock, fixture_path, roots_with, test_ca};
+
+    fn verify(ca: &RunCa, leaf: &ForgedLeaf, name: &str) -> Result<(), rustls::Error> {
+        let verifier = WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots_with(ca)),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .expect("verifier");
+        let chain = &leaf.certified.cert;
+        let name = ServerName::try_from(name.to_owned()).expect("server name");
+        verifier
+            .verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    fn x509_validity(der: &[u8]) -> (OffsetDateTime, OffsetDateTime, Vec<u8>) {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).expect("parse leaf");
+        (
+            cert.validity().not_before.to_datetime(),
+            cert.validity().not_after.to_datetime(),
+            cert.raw_serial().to_vec(),
+        )
+    }
+
+    #[test]
+    fn forged_leaf_verifies_for_its_name_only() {
+        let foreign = RunCa::generate("foreign", Duration::from_hours(2))
+            .expect("CA")
+            .ca;
+        let forger = LeafForger::new(test_ca()).expect("forger");
+        let leaf = forger
+            .forge(&LeafName::parse("api.example.com").expect("name"))
+            .expect("forge");
+        verify(forger.ca(), &leaf, "api.example.com").expect("valid for its name");
+        let err = verify(forger.ca(), &leaf, "other.example.com").expect_err("wrong name");
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForNameContext { .. }
+                )
+            ),
+            "{err:?}"
+        );
+        // A different CA's trust store rejects it.
+        let err = verify(&foreign, &leaf, "api.example.com").expect_err("foreign CA");
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+            ),
+            "{err:?}"
+        );
+        // Chain: the leaf, then the CA.
+        assert_eq!(leaf.certified.cert.len(), 2);
+        assert_eq!(&leaf.certified.cert[1], forger.ca().certificate());
+    }
+
+    #[test]
+    fn ip_names_get_an_ip_san() {
+        let forger = LeafForger::new(test_ca()).expect("forger");
+        for (host, check) in [("10.0.0.7", "10.0.0.7"), ("[2001:db8::1]", "2001:db8::1")] {
+            let name = LeafName::parse(host).expect("name");
+            assert!(matches!(name, LeafName::Ip(_)));
+            let leaf = forger.forge(&name).expect("forge");
+            verify(forger.ca(), &leaf, check).expect("IP SAN verifies");
+            assert!(verify(forger.ca(), &leaf, "10.0.0.8").is_err());
+        }
+    }
+
+    #[test]
+    fn leaves_from_openssl_made_cas_verify() {
+        for (cert, key) in [
+            ("ec_ca.crt", "ec_sec1.key"),
+            ("p384_ca.crt", "p384_sec1.key"),
+            ("rsa_ca.crt", "rsa_pkcs1.key"),
+        ] {
+            let ca = RunCa::load(
+                &fixture_path(&format!("ca/{cert}")),
+                &fixture_path(&format!("ca/{key}")),
+            )
+            .expect("load");
+            let forger = LeafForger::new(ca).expect("forger");
+            let leaf = forger
+                .forge(&LeafName::parse("git.example.com").expect("name"))
+                .expect("forge");
+            verify(forger.ca(), &leaf, "git.example.com")
+                .unwrap_or_else(|e| panic!("{cert}: {e:?}"));
+        }
+    }
+
+    #[test]
+    fn validity_sits_inside_the_cas() {
+        let clock = ManualClock::starting_now();
+        let forger = LeafForger::with_options(test_ca(), LeafValidity::default(), clock.clone())
+            .expect("forger");
+        let (ca_from, ca_until) = (forger.ca().not_before(), forger.ca().not_after());
+        let now = OffsetDateTime::from(clock.now());
+        let leaf = forger
+            .forge(&LeafName::parse("a.example").expect("name"))
+            .expect("forge");
+        let (from, until, _) = x509_validity(&leaf.certified.cert[0]);
+        assert!(
+            from >= ca_from && until <= ca_until,
+            "{from} {until} vs {ca_from} {ca_until}"
+        );
+        assert!(
+            from <= now - time::Duration::minutes(59),
+            "backdated ~1h: {from} vs {now}"
+        );
+        assert!(
+            until >= now + time::Duration::hours(23),
+            "lives ~24h: {until} vs {now}"
+        );
+        assert_eq!(SystemTime::from(until), leaf.not_after);
+
+        // 47h into a 48h CA: the leaf ends with the CA, not 24h later.
+        clock.advance(Duration::from_hours(46));
+        let late = forger
+            .forge(&LeafName::parse("a.example").expect("name"))
+            .expect("forge");
+        let (_, until, _) = x509_validity(&late.certified.cert[0]);
+        assert_eq!(until, ca_until);
+        assert!(
+            late.not_after
+                < SystemTime::from(OffsetDateTime::from(clock.now()) + time::Duration::hours(24))
+        );
+
+        clock.advance(Duration::from_hours(3));
+        let err = forger
+            .forge(&LeafName::parse("a.example").expect("name"))
+            .expect_err("CA expired");
+        assert!(matches!(err, TlsError::CaNotValidNow { .. }), "{err}");
+    }
+
+    #[test]
+    fn serials_are_unique_and_positive() {
+        let forger = LeafForger::new(test_ca()).expect("forger");
+        let name = LeafName::parse("same.example").expect("name");
+        let serials: HashSet<Vec<u8>> = (0..50)
+            .map(|_| {
+                let leaf = forger.forge(&name).expect("forge");
+                let serial = x509_validity(&leaf.certified.cert[0]).2;
+                assert!(serial[0] & 0x80 == 0, "positive");
+                assert!(serial.len() >= 16, "{} bytes", serial.len());
+                serial
+            })
+            .collect();
+        assert_eq!(serials.len(), 50);
+    }
+
+    #[test]
+    fn leaf_names_normalise_and_reject_garbage() {
+        assert_eq!(
+            LeafName::parse("API.Example.COM.").expect("dns"),
+            LeafName::Dns("api.example.com".into())
+        );
+        assert_eq!(
+            LeafName::parse("::1").expect("ip"),
+            LeafName::Ip("::1".parse().expect("ip"))
+        );
+        assert_eq!(
+            LeafName::parse("_srv.example").expect("underscore"),
+            LeafName::Dns("_srv.example".into())
+        );
+        for bad in ["", ".", "bad name", "a..b", "exa\0mple.com", "-", "x/y"] {
+            assert!(
+                matches!(LeafName::parse(bad), Err(TlsError::InvalidLeafName(_))),
+                "{bad:?} accepted"
+            );
+        }
+        let long = format!("{}.example.com", "a".repeat(60));
+        let forger = LeafForger::new(test_ca()).expect("forger");
+        let leaf = forger
+            .forge(&LeafName::parse(&long).expect("long"))
+            .expect("forge long");
+        verify(forger.ca(), &leaf, &long).expect("SAN carries names longer than a CN");
+    }
+
+    #[test]
+    fn bench_reports_a_rate() {
+        let bench = bench_forge(20).expect("bench");
+        assert_eq!(bench.leaves, 20);
+        assert!(bench.elapsed > Duration::ZERO);
+        assert!(bench.per_second() > 0.0);
+        assert!(bench.per_leaf() > Duration::ZERO);
+    }
+}

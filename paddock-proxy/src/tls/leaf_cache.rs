@@ -280,3 +280,199 @@ impl LeafCache {
         self.forge_delay = delay;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Barrier;
+    use std::thread;
+
+    use super::*;
+    use crate::tls::test_support::{ManualClock, test_ca};
+
+    fn name(host: &str) -> LeafName {
+        LeafName::parse(host).expect("name")
+    }
+
+    #[test]
+    fn second_lookup_is_a_hit() {
+        let cache = LeafCache::new(test_ca(), LeafCacheConfig::default()).expect("cache");
+        let first = cache.get(&name("a.example")).expect("get");
+        let second = cache.get_for_host("A.EXAMPLE.").expect("get");
+        assert!(
+            Arc::ptr_eq(&first, &second),
+            "same leaf for the normalised name"
+        );
+        let other = cache.get(&name("b.example")).expect("get");
+        assert!(!Arc::ptr_eq(&first, &other));
+        let stats = cache.stats();
+        assert_eq!((stats.hits(), stats.misses(), stats.forges()), (1, 2, 2));
+        assert_eq!(cache.len(), 2);
+        assert!(matches!(
+            cache.get_for_host("not a host"),
+            Err(TlsError::InvalidLeafName(_))
+        ));
+    }
+
+    #[test]
+    fn expiring_leaves_are_reforged() {
+        let clock = ManualClock::starting_now();
+        let config = LeafCacheConfig::default(); // 24h leaves, renewed 1h before expiry
+        let ca = RunCa::generate("long", Duration::from_hours(24 * 30))
+            .expect("CA")
+            .ca;
+        let cache = LeafCache::with_clock(ca, config, clock.clone()).expect("cache");
+        let n = name("api.example.com");
+        let first = cache.get(&n).expect("get");
+
+        clock.advance(Duration::from_hours(22) + Duration::from_mins(59));
+        let still = cache.get(&n).expect("get");
+        assert!(
+            Arc::ptr_eq(&first, &still),
+            "not yet inside the renewal margin"
+        );
+        assert_eq!(cache.stats().forges(), 1);
+
+        clock.advance(Duration::from_mins(2));
+        let renewed = cache.get(&n).expect("get");
+        assert!(
+            !Arc::ptr_eq(&first, &renewed),
+            "inside the margin: re-forged"
+        );
+        assert_eq!(cache.stats().forges(), 2);
+        assert_eq!(cache.stats().renewals(), 1);
+        let again = cache.get(&n).expect("get");
+        assert!(Arc::ptr_eq(&renewed, &again), "the renewed leaf is cached");
+
+        // Long idle: the cached leaf has expired outright and must not be served.
+        clock.advance(Duration::from_hours(30));
+        let fresh = cache.get(&n).expect("get");
+        assert!(!Arc::ptr_eq(&renewed, &fresh));
+        let (_, cert) = x509_parser::parse_x509_certificate(&fresh.cert[0]).expect("parse");
+        let not_after = cert.validity().not_after.to_datetime();
+        assert!(SystemTime::from(not_after) > clock.now() + Duration::from_hours(23));
+    }
+
+    #[test]
+    fn leaves_clamped_by_the_ca_renew_at_half_life_then_fail_closed() {
+        let clock = ManualClock::starting_now();
+        // The CA ends 2h from now, so every leaf is clamped to 2h: shorter than 24h and only
+        // 1h more than the margin.
+        let ca = RunCa::generate("short", Duration::from_hours(2))
+            .expect("CA")
+            .ca;
+        let cache =
+            LeafCache::with_clock(ca, LeafCacheConfig::default(), clock.clone()).expect("cache");
+        let n = name("a.example");
+        let first = cache.get(&n).expect("get");
+        clock.advance(Duration::from_mins(50));
+        assert!(
+            Arc::ptr_eq(&first, &cache.get(&n).expect("get")),
+            "served until half-life"
+        );
+        clock.advance(Duration::from_mins(15));
+        let second = cache.get(&n).expect("get");
+        assert!(!Arc::ptr_eq(&first, &second), "re-forged after half-life");
+
+        clock.advance(Duration::from_hours(2));
+        let err = cache.get(&n).expect_err("CA expired");
+        assert!(matches!(err, TlsError::CaNotValidNow { .. }), "{err}");
+        assert_eq!(cache.stats().forge_failures(), 1);
+    }
+
+    #[test]
+    fn capacity_bounds_the_cache() {
+        let config = LeafCacheConfig {
+            capacity: 16,
+            ..LeafCacheConfig::default()
+        };
+        let cache = LeafCache::new(test_ca(), config).expect("cache");
+        for i in 0..200 {
+            cache.get(&name(&format!("h{i}.example"))).expect("get");
+        }
+        assert!(cache.len() <= 16, "{} cached", cache.len());
+        assert!(!cache.is_empty());
+        assert_eq!(cache.stats().forges(), 200);
+    }
+
+    #[test]
+    fn concurrent_first_contacts_forge_once() {
+        const N: usize = 64;
+        let mut cache = LeafCache::new(test_ca(), LeafCacheConfig::default()).expect("cache");
+        // Make the forge slow enough that every thread arrives while it is in flight.
+        cache.set_forge_delay(Duration::from_millis(100));
+        let cache = Arc::new(cache);
+        let barrier = Arc::new(Barrier::new(N));
+        let handles: Vec<_> = (0..N)
+            .map(|_| {
+                let cache = Arc::clone(&cache);
+                let barrier = Arc::clone(&barrier);
+                thread::spawn(move || {
+                    barrier.wait();
+                    cache.get(&name("burst.example.com")).expect("get")
+                })
+            })
+            .collect();
+        let keys: Vec<_> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect();
+        let stats = cache.stats();
+        assert_eq!(
+            stats.forges(),
+            1,
+            "exactly one signature for {N} first contacts"
+        );
+        assert_eq!(stats.misses(), 1);
+        assert_eq!(stats.hits(), u64::try_from(N - 1).expect("n"));
+        assert!(
+            stats.coalesced() > 0,
+            "some callers waited on the in-flight forge"
+        );
+        assert!(keys.iter().all(|k| Arc::ptr_eq(k, &keys[0])));
+    }
+
+    #[test]
+    fn different_names_forge_in_parallel_and_once_each() {
+        let cache = Arc::new(LeafCache::new(test_ca(), LeafCacheConfig::default()).expect("cache"));
+        let barrier = Arc::new(Barrier::new(32));
+        let handles: Vec<_> = (0..32)
+            .map(|i| {
+                let cache = Arc::clone(&cache);
+                let barrier = Arc::clone(&barrier);
+                thread::spawn(move || {
+                    barrier.wait();
+                    cache
+                        .get(&name(&format!("n{}.example", i % 4)))
+                        .expect("get")
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("thread");
+        }
+        assert_eq!(cache.stats().forges(), 4);
+        assert_eq!(cache.stats().hits(), 28);
+    }
+
+    #[test]
+    fn waiting_for_a_stuck_forge_times_out() {
+        let config = LeafCacheConfig {
+            wait_timeout: Duration::from_millis(50),
+            ..LeafCacheConfig::default()
+        };
+        let mut cache = LeafCache::new(test_ca(), config).expect("cache");
+        cache.set_forge_delay(Duration::from_millis(400));
+        let cache = Arc::new(cache);
+        let slow = {
+            let cache = Arc::clone(&cache);
+            thread::spawn(move || cache.get(&name("slow.example")).map(|_| ()))
+        };
+        thread::sleep(Duration::from_millis(100));
+        let err = cache.get(&name("slow.example")).expect_err("timeout");
+        assert!(matches!(err, TlsError::ForgeWaitTimeout { .. }), "{err}");
+        slow.join()
+            .expect("thread")
+            .expect("the first caller still succeeds");
+        assert_eq!(cache.stats().forges(), 1);
+    }
+}
