@@ -224,3 +224,242 @@ fn load_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     }
     Ok(certs)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use rustls::ServerConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::tls::client_hello::{ClientHello, peek_client_hello};
+    use crate::tls::forge::{LeafForger, LeafName};
+    use crate::tls::leaf_cache::{LeafCache, LeafCacheConfig};
+    use crate::tls::server::{MitmServer, agent_alpn_for};
+    use crate::tls::test_support::{client_trusting, test_ca};
+    use crate::tls::{RunCa, TlsError};
+
+    /// A stand-in upstream HTTPS server on loopback with a certificate for `upstream.test`
+    /// from its own CA; reports the hello it received.
+    struct Upstream {
+        addr: SocketAddr,
+        bundle: tempfile::NamedTempFile,
+        hellos: tokio::sync::mpsc::UnboundedReceiver<ClientHello>,
+    }
+
+    async fn upstream(alpn: &[&[u8]], connections: usize) -> Upstream {
+        let ca = RunCa::generate("upstream test CA", Duration::from_hours(2))
+            .expect("CA")
+            .ca;
+        let mut bundle = tempfile::NamedTempFile::new().expect("tempfile");
+        std::io::Write::write_all(&mut bundle, ca.certificate_pem().as_bytes())
+            .expect("write bundle");
+        let leaf = LeafForger::new(ca)
+            .expect("forger")
+            .forge(&LeafName::parse("upstream.test").expect("name"))
+            .expect("forge");
+        let mut config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(Fixed(leaf.certified)));
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, hellos) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for _ in 0..connections {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                if let Ok(hello) = peek_client_hello(&tcp, 16 * 1024, Duration::from_secs(5)).await
+                {
+                    let _ = tx.send(hello);
+                }
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let _ = tls.write_all(b"upstream").await;
+                    let _ = tls.shutdown().await;
+                }
+            }
+        });
+        Upstream {
+            addr,
+            bundle,
+            hellos,
+        }
+    }
+
+    #[derive(Debug)]
+    struct Fixed(Arc<rustls::sign::CertifiedKey>);
+
+    impl rustls::server::ResolvesServerCert for Fixed {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            Some(Arc::clone(&self.0))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn verifies_with_the_extra_bundle_and_negotiates_alpn() {
+        let mut up = upstream(&[ALPN_H2, ALPN_HTTP11], 3).await;
+        let tls = UpstreamTls::new(Some(up.bundle.path())).expect("upstream tls");
+        for (offer, expected) in [
+            (UpstreamAlpn::H2AndHttp11, Some(ALPN_H2)),
+            (UpstreamAlpn::Http11, Some(ALPN_HTTP11)),
+            (UpstreamAlpn::None, None),
+        ] {
+            let tcp = TcpStream::connect(up.addr).await.expect("connect");
+            let mut conn = connect_upstream(&tls, tcp, "upstream.test", offer)
+                .await
+                .expect("handshake");
+            assert_eq!(conn.alpn.as_deref(), expected, "{offer:?}");
+            let mut body = Vec::new();
+            conn.stream.read_to_end(&mut body).await.expect("read");
+            assert_eq!(body, b"upstream");
+            let hello = up.hellos.recv().await.expect("hello");
+            assert_eq!(
+                hello.server_name(),
+                Some("upstream.test"),
+                "SNI is the original name"
+            );
+            assert_eq!(hello.alpn(), offer.protocols().as_slice());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn never_trusts_what_it_cannot_verify() {
+        let up = upstream(&[ALPN_HTTP11], 2).await;
+        // webpki roots only: the private CA is unknown.
+        let public_only = UpstreamTls::new(None).expect("upstream tls");
+        let tcp = TcpStream::connect(up.addr).await.expect("connect");
+        let err = public_only
+            .connect(tcp, "upstream.test", UpstreamAlpn::Http11)
+            .await
+            .expect_err("unknown issuer");
+        assert_eq!(err.handshake_leg(), Some(Leg::Upstream), "{err}");
+        assert!(
+            err.to_string().contains("UnknownIssuer") || err.to_string().contains("unknown"),
+            "{err}"
+        );
+
+        // Trusted CA, wrong name.
+        let tls = UpstreamTls::new(Some(up.bundle.path())).expect("upstream tls");
+        let tcp = TcpStream::connect(up.addr).await.expect("connect");
+        let err = tls
+            .connect(tcp, "other.test", UpstreamAlpn::Http11)
+            .await
+            .expect_err("wrong name");
+        assert_eq!(err.handshake_leg(), Some(Leg::Upstream), "{err}");
+    }
+
+    #[test]
+    fn bundle_errors_are_clear() {
+        let err = UpstreamTls::new(Some(Path::new("/nonexistent/paddock/bundle.pem")))
+            .expect_err("missing");
+        assert!(
+            matches!(
+                err,
+                TlsError::ReadFile {
+                    what: "upstream CA bundle",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let empty = tempfile::NamedTempFile::new().expect("tempfile");
+        let err = UpstreamTls::new(Some(empty.path())).expect_err("empty");
+        assert!(matches!(err, TlsError::InvalidPem { .. }), "{err}");
+        assert!(err.to_string().contains("no CERTIFICATE"), "{err}");
+        let tls = UpstreamTls::new(None).expect("webpki only");
+        assert_eq!(tls.extra_roots, 0);
+        assert!(matches!(
+            parse_server_name("not a name"),
+            Err(TlsError::InvalidServerName(_))
+        ));
+        assert!(parse_server_name("[2001:db8::1]").is_ok());
+    }
+
+    #[test]
+    fn upstream_offer_is_what_the_agent_offered() {
+        let p = |l: &[&[u8]]| l.iter().map(|x| x.to_vec()).collect::<Vec<_>>();
+        assert_eq!(
+            UpstreamAlpn::from_agent_offer(&p(&[ALPN_H2, ALPN_HTTP11])),
+            UpstreamAlpn::H2AndHttp11
+        );
+        assert_eq!(
+            UpstreamAlpn::from_agent_offer(&p(&[ALPN_HTTP11, ALPN_H2])),
+            UpstreamAlpn::H2AndHttp11
+        );
+        assert_eq!(
+            UpstreamAlpn::from_agent_offer(&p(&[ALPN_HTTP11])),
+            UpstreamAlpn::Http11
+        );
+        assert_eq!(
+            UpstreamAlpn::from_agent_offer(&p(&[ALPN_H2, b"grpc-exp"])),
+            UpstreamAlpn::H2
+        );
+        assert_eq!(
+            UpstreamAlpn::from_agent_offer(&p(&[b"acme-tls/1"])),
+            UpstreamAlpn::None
+        );
+        let tls = UpstreamTls::new(None).expect("tls");
+        for alpn in UpstreamAlpn::ALL {
+            assert_eq!(tls.client_config(alpn).alpn_protocols, alpn.protocols());
+        }
+    }
+
+    /// Both legs: the agent offers h2 and http/1.1, upstream only speaks http/1.1, so the
+    /// agent is offered (and gets) http/1.1.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn agent_is_offered_what_upstream_accepted() {
+        let up = upstream(&[ALPN_HTTP11], 1).await;
+        let upstream_tls =
+            Arc::new(UpstreamTls::new(Some(up.bundle.path())).expect("upstream tls"));
+        let ca = test_ca();
+        let agent_config = client_trusting(&ca, &[ALPN_H2, ALPN_HTTP11]);
+        let mitm = Arc::new(
+            MitmServer::new(Arc::new(
+                LeafCache::new(ca, LeafCacheConfig::default()).expect("cache"),
+            ))
+            .expect("mitm"),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let proxy_addr = listener.local_addr().expect("addr");
+        let upstream_addr = up.addr;
+        let proxy = tokio::spawn(async move {
+            let (agent, _) = listener.accept().await.expect("accept");
+            let hello = peek_client_hello(&agent, 16 * 1024, Duration::from_secs(5)).await?;
+            let sni = hello.require_sni()?.to_owned();
+            let tcp = TcpStream::connect(upstream_addr).await?;
+            let mut up = upstream_tls
+                .connect(tcp, &sni, UpstreamAlpn::from_agent_offer(hello.alpn()))
+                .await?;
+            let offer = agent_alpn_for(up.alpn.as_deref(), hello.alpn());
+            let mut agent = mitm.accept(agent, &offer).await?;
+            let mut body = Vec::new();
+            up.stream.read_to_end(&mut body).await?;
+            agent.write_all(&body).await?;
+            agent.shutdown().await?;
+            Ok::<_, TlsError>(up.alpn)
+        });
+        let tcp = TcpStream::connect(proxy_addr).await.expect("connect");
+        let name = rustls_pki_types::ServerName::try_from("upstream.test").expect("name");
+        let mut tls = tokio_rustls::TlsConnector::from(agent_config)
+            .connect(name, tcp)
+            .await
+            .expect("agent handshake");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(ALPN_HTTP11));
+        let mut body = Vec::new();
+        tls.read_to_end(&mut body).await.expect("read");
+        assert_eq!(body, b"upstream");
+        let upstream_alpn = proxy.await.expect("proxy task").expect("proxy");
+        assert_eq!(upstream_alpn.as_deref(), Some(ALPN_HTTP11));
+    }
+}
