@@ -155,10 +155,9 @@ impl RunCa {
                 name: "run CA".to_owned(),
                 source,
             })?;
-        let now = OffsetDateTime::now_utc()
-            .replace_nanosecond(0)
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-        let validity = time::Duration::try_from(validity)
+        let now = OffsetDateTime::now_utc();
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        let not_after = time::Duration::try_from(validity)
             .ok()
             .and_then(|v| now.checked_add(v))
             .ok_or_else(|| TlsError::InvalidCa("validity period too long".to_owned()))?;
@@ -180,7 +179,7 @@ impl RunCa {
             KeyUsagePurpose::DigitalSignature,
         ];
         params.not_before = now - GENERATED_BACKDATE;
-        params.not_after = validity;
+        params.not_after = not_after;
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key).map_err(|source| TlsError::Forge {
             name: "run CA".to_owned(),

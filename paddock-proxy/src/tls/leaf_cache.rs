@@ -461,13 +461,21 @@ mod tests {
             ..LeafCacheConfig::default()
         };
         let mut cache = LeafCache::new(test_ca(), config).expect("cache");
-        cache.set_forge_delay(Duration::from_millis(400));
+        cache.set_forge_delay(Duration::from_millis(500));
         let cache = Arc::new(cache);
         let slow = {
             let cache = Arc::clone(&cache);
             thread::spawn(move || cache.get(&name("slow.example")).map(|_| ()))
         };
-        thread::sleep(Duration::from_millis(100));
+        // Wait until the other thread holds the placeholder (it counts the miss first).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while cache.stats().misses() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "forging thread never started"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
         let err = cache.get(&name("slow.example")).expect_err("timeout");
         assert!(matches!(err, TlsError::ForgeWaitTimeout { .. }), "{err}");
         slow.join()
