@@ -10,3 +10,4 @@ pub mod ebpf;
 pub mod netns;
 pub mod origdst;
 mod sys;
+pub mod tls;
