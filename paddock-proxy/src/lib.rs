@@ -1,3 +1,4 @@
 //! Placeholder.
 
+pub mod net;
 pub mod policy;

@@ -1,0 +1,6 @@
+//! Network defences: the proxy's own DNS resolution, the denied-CIDR set, vetting of
+//! destinations (including the transparent-mode DNS-rebinding check) and dialling.
+
+pub mod cidr;
+
+pub use cidr::{CidrConfig, CidrConfigError, CidrPolicy, DeniedCidr, Embedding, RangeKind};
