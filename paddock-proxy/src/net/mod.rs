@@ -4,3 +4,8 @@
 pub mod cidr;
 
 pub use cidr::{CidrConfig, CidrConfigError, CidrPolicy, DeniedCidr, Embedding, RangeKind};
+pub mod resolve;
+#[cfg(test)]
+pub(crate) mod test_dns;
+
+pub use resolve::{DnsResolver, ResolveError, ResolverInitError, ResolverSettings};
