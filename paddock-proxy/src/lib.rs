@@ -1,4 +1,6 @@
 //! Placeholder.
 
+pub mod audit;
+pub mod metrics;
 pub mod net;
 pub mod policy;
