@@ -2,12 +2,14 @@
 //! destinations (including the transparent-mode DNS-rebinding check) and dialling.
 
 pub mod cidr;
+pub mod dial;
 
 pub use cidr::{CidrConfig, CidrConfigError, CidrPolicy, DeniedCidr, Embedding, RangeKind};
 pub mod resolve;
-pub mod vet;
 #[cfg(test)]
 pub(crate) mod test_dns;
+pub mod vet;
 
+pub use dial::{AttemptError, DialError, DialSettings, Dialed, dial};
 pub use resolve::{DnsResolver, ResolveError, ResolverInitError, ResolverSettings};
 pub use vet::{VetError, Vetted, Vetter};

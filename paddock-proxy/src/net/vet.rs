@@ -160,7 +160,10 @@ mod tests {
     async fn transparent_original_first_then_other_answers() {
         let (dns, v) = setup(&["127.0.0.0/8", "::1/128"]).await;
         dns.addrs("svc.test", &["127.0.0.1", "127.0.0.2", "::1"], 60);
-        let got = v.vet_transparent("svc.test", ip("127.0.0.2")).await.expect("vetted");
+        let got = v
+            .vet_transparent("svc.test", ip("127.0.0.2"))
+            .await
+            .expect("vetted");
         assert_eq!(got.addrs.first(), Some(&ip("127.0.0.2")));
         let mut rest = got.addrs[1..].to_vec();
         rest.sort();
@@ -192,7 +195,10 @@ mod tests {
                 resolved: vec![ip("127.0.0.1")],
             })
         );
-        assert_eq!(e.map(|e| e.rejection()), Some(Rejection::DnsRebindingMismatch));
+        assert_eq!(
+            e.map(|e| e.rejection()),
+            Some(Rejection::DnsRebindingMismatch)
+        );
     }
 
     #[tokio::test]
@@ -212,8 +218,15 @@ mod tests {
     async fn denied_answers_are_filtered_not_dialled() {
         let (dns, v) = setup(&["127.0.0.0/8"]).await;
         // Test data only: these addresses are classified, never contacted.
-        dns.addrs("mixed.test", &["169.254.169.254", "127.0.0.1", "10.0.0.1"], 60);
-        let got = v.vet_transparent("mixed.test", ip("127.0.0.1")).await.expect("vetted");
+        dns.addrs(
+            "mixed.test",
+            &["169.254.169.254", "127.0.0.1", "10.0.0.1"],
+            60,
+        );
+        let got = v
+            .vet_transparent("mixed.test", ip("127.0.0.1"))
+            .await
+            .expect("vetted");
         assert_eq!(got.addrs, vec![ip("127.0.0.1")]);
         let whys: Vec<_> = got.filtered.iter().map(|d| d.why).collect();
         assert_eq!(whys, vec![RangeKind::CloudMetadata, RangeKind::Private]);
@@ -235,12 +248,18 @@ mod tests {
         );
         // A mapped answer names the same destination as its IPv4 address; the allowed original
         // is dialled as IPv4 and the metadata answer is dropped.
-        let got = v.vet_transparent("meta.test", ip("127.0.0.1")).await.expect("vetted");
+        let got = v
+            .vet_transparent("meta.test", ip("127.0.0.1"))
+            .await
+            .expect("vetted");
         assert_eq!(got.addrs, vec![ip("127.0.0.1")]);
         assert_eq!(got.filtered.len(), 1);
         // An allowed original that the answers do not contain is a mismatch.
         let e = v.vet_transparent("meta.test", ip("127.0.0.9")).await.err();
-        assert!(matches!(e, Some(VetError::RebindingMismatch { .. })), "{e:?}");
+        assert!(
+            matches!(e, Some(VetError::RebindingMismatch { .. })),
+            "{e:?}"
+        );
     }
 
     #[tokio::test]
@@ -248,7 +267,10 @@ mod tests {
         let (dns, v) = setup(&["127.0.0.0/8"]).await;
         dns.set("gone.test", Answer::NxDomain);
         let e = v.vet_name("gone.test").await.err();
-        assert!(matches!(e, Some(VetError::Dns(ResolveError::NxDomain { .. }))), "{e:?}");
+        assert!(
+            matches!(e, Some(VetError::Dns(ResolveError::NxDomain { .. }))),
+            "{e:?}"
+        );
         assert_eq!(e.map(|e| e.rejection()), Some(Rejection::DnsFailed));
         let e = v.vet_transparent("gone.test", ip("127.0.0.1")).await.err();
         assert_eq!(e.map(|e| e.rejection()), Some(Rejection::DnsFailed));
@@ -261,6 +283,9 @@ mod tests {
             v.vet_name("127.0.0.1").await.map(|v| v.addrs).ok(),
             Some(vec![ip("127.0.0.1")])
         );
-        assert!(matches!(v.vet_name("127.0.0.2").await, Err(VetError::DeniedCidr(_))));
+        assert!(matches!(
+            v.vet_name("127.0.0.2").await,
+            Err(VetError::DeniedCidr(_))
+        ));
     }
 }
