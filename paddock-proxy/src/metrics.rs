@@ -324,7 +324,7 @@ impl ProxyMetrics {
             .get()
     }
 
-    /// The Prometheus text exposition (OpenMetrics text format, `# EOF` terminated).
+    /// The Prometheus text exposition (`OpenMetrics` text format, `# EOF` terminated).
     #[must_use]
     pub fn encode(&self) -> String {
         let mut out = String::new();

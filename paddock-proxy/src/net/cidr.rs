@@ -409,6 +409,7 @@ mod tests {
     );
 
     #[test]
+    #[expect(clippy::too_many_lines, reason = "one table row per address form")]
     fn default_classification_table() {
         use Embedding as E;
         use RangeKind as K;

@@ -57,7 +57,7 @@ impl Default for ResolverSettings {
             lookup_timeout: Duration::from_secs(10),
             cache_capacity: 4096,
             min_ttl: Duration::from_secs(1),
-            max_ttl: Duration::from_secs(300),
+            max_ttl: Duration::from_mins(5),
             negative_ttl: Duration::from_secs(5),
             use_hosts_file: false,
         }

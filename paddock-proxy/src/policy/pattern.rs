@@ -209,6 +209,9 @@ impl fmt::Display for HostPattern {
 mod tests {
     use super::*;
 
+    type HostCheck = fn(&HostError) -> bool;
+    type PatternCheck = fn(&PatternError) -> bool;
+
     #[test]
     fn normalisation_table() {
         let ok: &[(&str, &str)] = &[
@@ -239,7 +242,7 @@ mod tests {
     fn normalisation_rejects() {
         let long_label = format!("{}.com", "a".repeat(64));
         let long_name = format!("{}com", "abcdefghi.".repeat(26));
-        let bad: &[(&str, fn(&HostError) -> bool)] = &[
+        let bad: &[(&str, HostCheck)] = &[
             ("", |e| matches!(e, HostError::Empty)),
             (".", |e| matches!(e, HostError::Empty)),
             ("a..b.com", |e| matches!(e, HostError::EmptyLabel { .. })),
@@ -323,7 +326,7 @@ mod tests {
 
     #[test]
     fn invalid_patterns() {
-        let table: &[(&str, bool, fn(&PatternError) -> bool)] = &[
+        let table: &[(&str, bool, PatternCheck)] = &[
             ("*", false, |e| matches!(e, PatternError::AnyNotAllowed)),
             ("a*b.com", true, |e| {
                 matches!(e, PatternError::MisplacedWildcard { .. })

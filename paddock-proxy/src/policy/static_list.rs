@@ -296,6 +296,7 @@ mod tests {
     }
 
     #[tokio::test]
+    #[expect(clippy::too_many_lines, reason = "one table row per case")]
     async fn decisions_table() {
         let p = policy();
         let deny = |h: &str, port: u16| Decision::Deny {
