@@ -7,6 +7,9 @@
 //! Names are always looked up as fully-qualified (no search domains) and, unless configured,
 //! without `/etc/hosts`.
 //!
+//! A caller that finds a cached answer stale (the transparent-mode rebinding check) can ask for
+//! one fresh lookup with [`DnsResolver::refresh`].
+//!
 //! Failures are cached too, so the waiters of a failed flight get the same error: NXDOMAIN and
 //! empty answers for `negative_ttl`, transient failures (timeouts, server errors) not beyond the
 //! flight itself. Callers map every [`ResolveError`] to the `dns_failed` rejection.
@@ -201,6 +204,14 @@ impl DnsResolver {
         }
     }
 
+    /// Resolves again, bypassing a cached answer the caller found stale (`seen`). Only that
+    /// exact entry is dropped, so concurrent refreshes of one name still share one query.
+    pub async fn refresh(&self, host: &str, seen: &Addrs) -> Result<Addrs, ResolveError> {
+        self.cache
+            .remove_if(host, |e| matches!(&e.result, Ok(a) if Arc::ptr_eq(a, seen)));
+        self.resolve(host).await
+    }
+
     async fn lookup(&self, host: &str) -> CacheEntry {
         let fqdn = format!("{host}.");
         let started = Instant::now();
@@ -365,6 +376,22 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(900)).await;
         r.resolve("one.test").await.expect("re-resolves");
         assert_eq!(dns.count("one.test", RecordType::A), 2);
+    }
+
+    #[tokio::test]
+    async fn refresh_replaces_only_the_stale_answer() {
+        let dns = TestDns::start(Duration::ZERO).await;
+        dns.addrs("cdn.test", &["127.0.0.1"], 300);
+        let r = DnsResolver::new(settings(&dns)).expect("resolver");
+        let old = r.resolve("cdn.test").await.expect("resolves");
+        dns.addrs("cdn.test", &["127.0.0.2"], 300);
+        let fresh = r.refresh("cdn.test", &old).await.expect("refreshes");
+        assert_eq!(fresh.to_vec(), ips(&["127.0.0.2"]));
+        assert_eq!(dns.count("cdn.test", RecordType::A), 2);
+        // Refreshing with the old answer again does not drop the newer one.
+        let again = r.refresh("cdn.test", &old).await.expect("cached");
+        assert!(Arc::ptr_eq(&again, &fresh));
+        assert_eq!(dns.count("cdn.test", RecordType::A), 2);
     }
 
     #[tokio::test]

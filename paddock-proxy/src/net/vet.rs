@@ -5,6 +5,8 @@
 //!   CIDR set, and it must be one of the addresses the proxy itself resolves for the name;
 //!   otherwise the agent (or its resolver) was pointed somewhere the name does not lead, which is
 //!   what DNS rebinding looks like, and the connection is refused (`dns_rebinding_mismatch`).
+//!   Because CDNs rotate answers and the agent's resolver may be fresher than the proxy's cache,
+//!   a mismatch against a cached answer is re-checked once against a fresh lookup first.
 //! * **CONNECT and plain-HTTP modes** ([`Vetter::vet_name`]): only a name is known; it is resolved
 //!   and the answers are vetted.
 //!
@@ -77,8 +79,12 @@ impl Vetter {
         let original = original.to_canonical();
         // Refuse a forbidden destination without spending a DNS query on it.
         self.cidr.check(original).map_err(VetError::DeniedCidr)?;
-        let answers = self.resolver.resolve(host).await?;
-        if !answers.iter().any(|a| a.to_canonical() == original) {
+        let contains = |answers: &[IpAddr]| answers.iter().any(|a| a.to_canonical() == original);
+        let mut answers = self.resolver.resolve(host).await?;
+        if !contains(&answers) {
+            answers = self.resolver.refresh(host, &answers).await?;
+        }
+        if !contains(&answers) {
             return Err(VetError::RebindingMismatch {
                 host: host.to_owned(),
                 original,
@@ -199,6 +205,30 @@ mod tests {
             e.map(|e| e.rejection()),
             Some(Rejection::DnsRebindingMismatch)
         );
+    }
+
+    #[tokio::test]
+    async fn mismatch_against_a_stale_cache_rechecks_once() {
+        let (dns, v) = setup(&["127.0.0.0/8"]).await;
+        dns.addrs("cdn.test", &["127.0.0.1"], 300);
+        v.vet_transparent("cdn.test", ip("127.0.0.1"))
+            .await
+            .expect("vetted");
+        // The name moved; the agent's resolver already knows, the proxy's cache does not.
+        dns.addrs("cdn.test", &["127.0.0.2"], 300);
+        let got = v
+            .vet_transparent("cdn.test", ip("127.0.0.2"))
+            .await
+            .expect("vetted");
+        assert_eq!(got.addrs, vec![ip("127.0.0.2")]);
+        assert_eq!(dns.count("cdn.test", RecordType::A), 2);
+        // A real mismatch costs one fresh lookup and is still refused.
+        let e = v.vet_transparent("cdn.test", ip("127.0.0.9")).await.err();
+        assert!(
+            matches!(e, Some(VetError::RebindingMismatch { .. })),
+            "{e:?}"
+        );
+        assert_eq!(dns.count("cdn.test", RecordType::A), 3);
     }
 
     #[tokio::test]
