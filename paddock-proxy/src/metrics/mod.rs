@@ -1,7 +1,7 @@
 //! The proxy's Prometheus metrics.
 //!
-//! One [`ProxyMetrics`] per process, shared behind an `Arc`; the admin listener serves
-//! [`ProxyMetrics::encode`]. Every labelled family is pre-populated with all its label values so
+//! One [`ProxyMetrics`] per process, shared behind an `Arc`; the admin listener
+//! ([`AdminServer`]) serves [`ProxyMetrics::encode`] with `/healthz` and `/readyz`. Every labelled family is pre-populated with all its label values so
 //! dashboards and alerts see zeros rather than missing series.
 //!
 //! | family | type | labels |
@@ -17,6 +17,10 @@
 //! | `paddock_proxy_bytes_total` | counter | `direction`: agent_to_upstream, upstream_to_agent |
 //! | `paddock_proxy_audit_write_failures_total` | counter | `kind`: audit event kind |
 //! | `paddock_proxy_audit_disabled` | gauge | 1 when running with `--audit none` |
+
+mod admin;
+
+pub use admin::{AdminServer, Readiness};
 
 use std::fmt::{self, Write as _};
 use std::time::Duration;
