@@ -228,6 +228,8 @@ mod tests {
             ("[::1]", "::1"),
             ("[2001:DB8::1]", "2001:db8::1"),
             ("localhost", "localhost"),
+            // Full-width letters and the ideographic full stop map to their ASCII forms.
+            ("ｅｘａｍｐｌｅ。ｃｏｍ", "example.com"),
         ];
         for (input, want) in ok {
             assert_eq!(
