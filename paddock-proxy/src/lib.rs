@@ -5,9 +5,13 @@
 
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod cgroup;
 pub mod ebpf;
+pub mod metrics;
+pub mod net;
 pub mod netns;
 pub mod origdst;
+pub mod policy;
 mod sys;
 pub mod tls;
