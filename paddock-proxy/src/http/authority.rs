@@ -121,7 +121,11 @@ mod tests {
             ("/", Some("api.example.com:8443"), Err(421)),
             ("/", Some("evil.example.com"), Err(421)),
             ("https://api.example.com/x", None, Ok(())),
-            ("https://evil.example.com/x", Some("api.example.com"), Err(421)),
+            (
+                "https://evil.example.com/x",
+                Some("api.example.com"),
+                Err(421),
+            ),
             ("/", None, Err(400)),
             ("/", Some("user@api.example.com"), Err(400)),
             ("/", Some("bad host"), Err(400)),
@@ -145,8 +149,8 @@ mod tests {
     #[test]
     fn upstream_uri_uses_connection_destination() {
         let c = ctx("api.example.com", 443, true);
-        let uri = upstream_uri(&c, &parts("https://api.example.com:443/a/b?c=d", None))
-            .expect("uri");
+        let uri =
+            upstream_uri(&c, &parts("https://api.example.com:443/a/b?c=d", None)).expect("uri");
         assert_eq!(uri, "https://api.example.com/a/b?c=d");
         let c = ctx("api.example.com", 8443, true);
         let uri = upstream_uri(&c, &parts("/", None)).expect("uri");

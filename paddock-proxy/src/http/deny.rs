@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -30,7 +31,13 @@ const DENIAL_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// from it) cannot inject header lines or flood the page.
 pub(crate) fn sanitize_reason(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .take(200)
         .collect()
 }
@@ -73,12 +80,16 @@ where
 {
     let page: Arc<(String, String)> = Arc::new((host.to_owned(), reason.to_owned()));
     let answered = Arc::new(Notify::new());
+    let any_answered = Arc::new(AtomicBool::new(false));
     let service = {
         let answered = Arc::clone(&answered);
+        let any_answered = Arc::clone(&any_answered);
         service_fn(move |_req: Request<Incoming>| {
             let page = Arc::clone(&page);
             let answered = Arc::clone(&answered);
+            let any_answered = Arc::clone(&any_answered);
             async move {
+                any_answered.store(true, Ordering::Relaxed);
                 answered.notify_one();
                 Ok::<_, Infallible>(denial_response(&page.0, &page.1))
             }
@@ -110,6 +121,12 @@ where
     };
     match tokio::time::timeout(DENIAL_LIFETIME, serve).await {
         Ok(Ok(())) => Ok(()),
+        // Once the page is out, the agent hanging up mid-shutdown (an h2 client closing on
+        // the first GOAWAY, say) is the expected end, not a failure.
+        Ok(Err(e)) if any_answered.load(Ordering::Relaxed) => {
+            tracing::debug!(error = %e, "agent closed after the denial page");
+            Ok(())
+        }
         Ok(Err(e)) => Err(HttpError::Agent(e)),
         Err(_) => Err(HttpError::AgentTimeout),
     }

@@ -60,7 +60,11 @@ pub fn strip(headers: &mut HeaderMap, keep_upgrade: Option<&HeaderValue>) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")));
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
     headers.remove(header::TE);
     if keeps_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -102,7 +106,10 @@ mod tests {
     }
 
     fn names(h: &HeaderMap) -> Vec<String> {
-        let mut v: Vec<String> = h.iter().map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("?"))).collect();
+        let mut v: Vec<String> = h
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("?")))
+            .collect();
         v.sort();
         v
     }
@@ -118,7 +125,11 @@ mod tests {
         let cases = [
             Case {
                 name: "end-to-end headers survive",
-                input: &[("accept", "*/*"), ("authorization", "Bearer x"), ("content-length", "3")],
+                input: &[
+                    ("accept", "*/*"),
+                    ("authorization", "Bearer x"),
+                    ("content-length", "3"),
+                ],
                 keep_upgrade: false,
                 expected: &["accept=*/*", "authorization=Bearer x", "content-length=3"],
             },
@@ -176,12 +187,20 @@ mod tests {
                     ("sec-websocket-key", "k"),
                 ],
                 keep_upgrade: true,
-                expected: &["connection=upgrade", "sec-websocket-key=k", "upgrade=websocket"],
+                expected: &[
+                    "connection=upgrade",
+                    "sec-websocket-key=k",
+                    "upgrade=websocket",
+                ],
             },
         ];
         for case in cases {
             let mut h = map(case.input);
-            let upgrade = if case.keep_upgrade { upgrade_request(&h) } else { None };
+            let upgrade = if case.keep_upgrade {
+                upgrade_request(&h)
+            } else {
+                None
+            };
             assert_eq!(upgrade.is_some(), case.keep_upgrade, "{}", case.name);
             strip(&mut h, upgrade.as_ref());
             let mut expected: Vec<String> = case.expected.iter().map(|s| (*s).to_owned()).collect();
@@ -192,15 +211,29 @@ mod tests {
 
     #[test]
     fn upgrade_detection_table() {
-        let cases: [(&[(&str, &str)], Option<&str>); 4] = [
-            (&[("connection", "Upgrade"), ("upgrade", "websocket")], Some("websocket")),
-            (&[("connection", "keep-alive, upgrade"), ("upgrade", "websocket")], Some("websocket")),
+        type Headers = &'static [(&'static str, &'static str)];
+        let cases: [(Headers, Option<&str>); 4] = [
+            (
+                &[("connection", "Upgrade"), ("upgrade", "websocket")],
+                Some("websocket"),
+            ),
+            (
+                &[
+                    ("connection", "keep-alive, upgrade"),
+                    ("upgrade", "websocket"),
+                ],
+                Some("websocket"),
+            ),
             (&[("upgrade", "websocket")], None),
             (&[("connection", "upgrade")], None),
         ];
         for (input, expected) in cases {
             let got = upgrade_request(&map(input));
-            assert_eq!(got.as_ref().and_then(|v| v.to_str().ok()), expected, "{input:?}");
+            assert_eq!(
+                got.as_ref().and_then(|v| v.to_str().ok()),
+                expected,
+                "{input:?}"
+            );
         }
     }
 

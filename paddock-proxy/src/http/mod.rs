@@ -40,8 +40,9 @@ pub use substitute::{
     NoopSubstituter, RequestHead, SubstituteError, Substituter, replace_basic_auth_password,
     replace_query_value,
 };
-pub use upstream::{ConnectError, UpstreamConnector, UpstreamIo, UpstreamPool, UpstreamStream,
-    UpstreamTarget};
+pub use upstream::{
+    ConnectError, UpstreamConnector, UpstreamIo, UpstreamPool, UpstreamStream, UpstreamTarget,
+};
 
 /// A boxed, sendable future; the async trait methods of this module return it so the traits
 /// stay object safe.

@@ -179,10 +179,11 @@ pub fn replace_basic_auth_password(
         return Ok(None);
     }
     let encoded = BASE64.encode(format!("{user}:{secret}"));
-    let mut replaced =
-        HeaderValue::try_from(format!("Basic {encoded}")).map_err(|_| SubstituteError::Invalid {
+    let mut replaced = HeaderValue::try_from(format!("Basic {encoded}")).map_err(|_| {
+        SubstituteError::Invalid {
             reason: "basic credentials are not a valid header".into(),
-        })?;
+        }
+    })?;
     replaced.set_sensitive(true);
     Ok(Some(replaced))
 }
@@ -354,7 +355,10 @@ pub(crate) mod tests {
             .body(())
             .expect("request");
         let parts = run(&sub, req).await.expect("substituted");
-        assert_eq!(parts.headers[AUTHORIZATION], basic("x-access-token", SECRET));
+        assert_eq!(
+            parts.headers[AUTHORIZATION],
+            basic("x-access-token", SECRET)
+        );
     }
 
     #[tokio::test]
@@ -389,7 +393,10 @@ pub(crate) mod tests {
             .expect("request");
         let parts = run(&NoopSubstituter, req).await.expect("noop");
         assert_eq!(parts.uri, "https://api.test/a?b=c");
-        assert_eq!(parts.headers[AUTHORIZATION], format!("Bearer {PLACEHOLDER}"));
+        assert_eq!(
+            parts.headers[AUTHORIZATION],
+            format!("Bearer {PLACEHOLDER}")
+        );
     }
 
     #[test]
@@ -413,7 +420,10 @@ pub(crate) mod tests {
             .expect("request")
             .into_parts();
         let shown = format!("{:?}", RequestHead::new(&mut parts));
-        assert!(!shown.contains(SECRET) && !shown.contains(PLACEHOLDER), "{shown}");
+        assert!(
+            !shown.contains(SECRET) && !shown.contains(PLACEHOLDER),
+            "{shown}"
+        );
         assert!(shown.contains("authorization"));
     }
 

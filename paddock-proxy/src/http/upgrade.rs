@@ -37,25 +37,24 @@ pub(crate) async fn forward(
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     *req.uri_mut() = origin.into();
 
-    let mut response = match tokio::time::timeout(pool.response_timeout(), sender.send_request(req))
-        .await
-    {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => {
-            return Err(HttpError::UpstreamRequest {
-                host,
-                port,
-                source: Box::new(e),
-            });
-        }
-        Err(_) => {
-            return Err(HttpError::UpstreamTimeout {
-                host,
-                port,
-                stage: "upgrade response",
-            });
-        }
-    };
+    let mut response =
+        match tokio::time::timeout(pool.response_timeout(), sender.send_request(req)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                return Err(HttpError::UpstreamRequest {
+                    host,
+                    port,
+                    source: Box::new(e),
+                });
+            }
+            Err(_) => {
+                return Err(HttpError::UpstreamTimeout {
+                    host,
+                    port,
+                    stage: "upgrade response",
+                });
+            }
+        };
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok((response, None));
     }

@@ -275,7 +275,10 @@ impl UpstreamPool {
 
     /// Sends `req` (absolute URI naming the destination) over a pooled connection and
     /// returns the response head with its body still streaming.
-    pub(crate) async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, HttpError> {
+    pub(crate) async fn send(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, HttpError> {
         let (host, port) = host_port(req.uri());
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
             Ok(Ok(response)) => Ok(response),
