@@ -22,12 +22,40 @@ const ALWAYS_HOP_NAMES: [&str; 2] = ["keep-alive", "proxy-connection"];
 
 /// Whether a head asks to upgrade the connection (HTTP/1.1 `Connection: upgrade` plus an
 /// `Upgrade` header); returns the protocol list when it does.
+///
+/// An offer that includes `h2c` is not treated as an upgrade (its `Upgrade` header is then
+/// stripped like any hop-by-hop header): the tunnel would carry HTTP/2 requests past this
+/// loop's per-request authority check and substitution. The deprecated h2c upgrade is
+/// optional for servers, so the request still gets an ordinary answer.
 #[must_use]
 pub fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
     let upgrade = headers.get(header::UPGRADE)?;
+    if protocol_names(upgrade).any(|p| p.eq_ignore_ascii_case("h2c")) {
+        return None;
+    }
     connection_tokens(headers)
         .any(|t| t.eq_ignore_ascii_case("upgrade"))
         .then(|| upgrade.clone())
+}
+
+/// Whether the protocol a 101 switched to is one the request offered (names compared
+/// case-insensitively, versions ignored).
+#[must_use]
+pub fn upgrade_accepted(offered: &HeaderValue, chosen: &HeaderValue) -> bool {
+    let Some(chosen) = protocol_names(chosen).next() else {
+        return false;
+    };
+    protocol_names(offered).any(|p| p.eq_ignore_ascii_case(chosen))
+}
+
+fn protocol_names(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|p| p.split('/').next())
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
 }
 
 /// Removes hop-by-hop headers from a head about to be forwarded.
@@ -212,7 +240,18 @@ mod tests {
     #[test]
     fn upgrade_detection_table() {
         type Headers = &'static [(&'static str, &'static str)];
-        let cases: [(Headers, Option<&str>); 4] = [
+        let cases: [(Headers, Option<&str>); 6] = [
+            (
+                &[
+                    ("connection", "Upgrade, HTTP2-Settings"),
+                    ("upgrade", "h2c"),
+                ],
+                None,
+            ),
+            (
+                &[("connection", "Upgrade"), ("upgrade", "foo/1, H2C")],
+                None,
+            ),
             (
                 &[("connection", "Upgrade"), ("upgrade", "websocket")],
                 Some("websocket"),
@@ -235,6 +274,16 @@ mod tests {
                 "{input:?}"
             );
         }
+    }
+
+    #[test]
+    fn upgrade_accepted_table() {
+        let v = HeaderValue::from_static;
+        assert!(upgrade_accepted(&v("websocket"), &v("WebSocket")));
+        assert!(upgrade_accepted(&v("foo/2, websocket"), &v("websocket")));
+        assert!(upgrade_accepted(&v("foo/1"), &v("foo/2")));
+        assert!(!upgrade_accepted(&v("websocket"), &v("h2c")));
+        assert!(!upgrade_accepted(&v("websocket"), &v("")));
     }
 
     #[test]

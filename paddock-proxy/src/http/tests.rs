@@ -736,3 +736,70 @@ async fn denial_page_over_http1_and_http2() {
         );
     }
 }
+
+#[tokio::test]
+async fn h2c_upgrade_is_forwarded_as_a_plain_request() {
+    let upstream = Upstream::ok(false).await;
+    let (io, _proxy) = proxy(false, upstream.connector(), noop(), HttpLimits::default());
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let req = Request::get("https://api.test/")
+        .header("connection", "Upgrade, HTTP2-Settings")
+        .header("upgrade", "h2c")
+        .header("http2-settings", "AAMAAABkAAQAAP__")
+        .body(empty())
+        .expect("request");
+    let response = within("response", agent.send(req)).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = upstream.seen();
+    for name in ["upgrade", "connection", "http2-settings"] {
+        assert!(
+            !seen[0].headers.contains_key(name),
+            "{name} reached upstream"
+        );
+    }
+}
+
+#[tokio::test]
+async fn switch_to_an_unoffered_protocol_is_refused() {
+    let upstream = Upstream::start(
+        false,
+        Arc::new(|_req| {
+            Box::pin(async {
+                Response::builder()
+                    .status(StatusCode::SWITCHING_PROTOCOLS)
+                    .header("upgrade", "something-else")
+                    .header("connection", "upgrade")
+                    .body(empty())
+                    .expect("response")
+            })
+        }),
+    )
+    .await;
+    let (io, _proxy) = proxy(false, upstream.connector(), noop(), HttpLimits::default());
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let req = Request::get("https://api.test/ws")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(empty())
+        .expect("request");
+    let response = within("response", agent.send(req)).await.expect("response");
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn via_is_added_only_when_configured() {
+    for via in [None, Some(HeaderValue::from_static("1.1 paddock"))] {
+        let upstream = Upstream::ok(false).await;
+        let limits = HttpLimits {
+            via: via.clone(),
+            ..HttpLimits::default()
+        };
+        let (io, _proxy) = proxy(false, upstream.connector(), noop(), limits);
+        let (mut agent, _conn) = Agent::connect(io, false).await;
+        let response = within("response", agent.send(get("https://api.test/")))
+            .await
+            .expect("response");
+        assert_eq!(response.headers().get("via"), via.as_ref());
+        assert_eq!(upstream.seen()[0].headers.get("via"), via.as_ref());
+    }
+}

@@ -6,8 +6,8 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use super::HttpError;
 use super::upstream::{UpstreamPool, host_port};
+use super::{HttpError, hop};
 
 /// Sends an upgrade request (already substituted) on a dedicated upstream connection.
 ///
@@ -20,6 +20,11 @@ pub(crate) async fn forward(
     agent: OnUpgrade,
 ) -> Result<(Response<Incoming>, Option<HeaderValue>), HttpError> {
     let (host, port) = host_port(req.uri());
+    let offered = req
+        .headers()
+        .get(header::UPGRADE)
+        .cloned()
+        .ok_or(HttpError::BadRequest("upgrade request without Upgrade"))?;
     let mut sender = pool.connect_for_upgrade(req.uri()).await?;
 
     // A raw HTTP/1 connection writes the URI as given and adds no Host.
@@ -58,11 +63,16 @@ pub(crate) async fn forward(
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Ok((response, None));
     }
-    let Some(protocol) = response.headers().get(header::UPGRADE).cloned() else {
+    let Some(protocol) = response
+        .headers()
+        .get(header::UPGRADE)
+        .filter(|chosen| hop::upgrade_accepted(&offered, chosen))
+        .cloned()
+    else {
         return Err(HttpError::UpstreamRequest {
             host,
             port,
-            source: "101 Switching Protocols without an Upgrade header".into(),
+            source: "101 Switching Protocols to a protocol that was not offered".into(),
         });
     };
     let upstream = hyper::upgrade::on(&mut response);
