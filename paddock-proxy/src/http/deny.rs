@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
 use super::body::{ProxyBody, full};
+use super::forward::drive;
 use super::{ALPN_H2, HttpError};
 
 /// Header carrying the machine-readable denial reason.
@@ -69,66 +70,71 @@ pub fn denial_response(host: &str, reason: &str) -> Response<ProxyBody> {
 /// Answers every request on `io` with the denial page, then closes: HTTP/1.1 after the
 /// first response, HTTP/2 with a GOAWAY after the first response (requests already in
 /// flight are still answered). Request bodies are never read. Bounded in time.
-pub async fn serve_denial<I>(
+pub fn serve_denial<I>(
     io: I,
     agent_alpn: Option<&[u8]>,
     host: &str,
     reason: &str,
-) -> Result<(), HttpError>
+) -> impl Future<Output = Result<(), HttpError>> + Send + 'static
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let h2 = agent_alpn == Some(ALPN_H2);
     let page: Arc<(String, String)> = Arc::new((host.to_owned(), reason.to_owned()));
-    let answered = Arc::new(Notify::new());
-    let any_answered = Arc::new(AtomicBool::new(false));
-    let service = {
-        let answered = Arc::clone(&answered);
-        let any_answered = Arc::clone(&any_answered);
-        service_fn(move |_req: Request<Incoming>| {
-            let page = Arc::clone(&page);
+    async move {
+        let answered = Arc::new(Notify::new());
+        let any_answered = Arc::new(AtomicBool::new(false));
+        let service = {
             let answered = Arc::clone(&answered);
             let any_answered = Arc::clone(&any_answered);
-            async move {
-                any_answered.store(true, Ordering::Relaxed);
-                answered.notify_one();
-                Ok::<_, Infallible>(denial_response(&page.0, &page.1))
-            }
-        })
-    };
-    let io = TokioIo::new(io);
-    let serve = async {
-        if agent_alpn == Some(ALPN_H2) {
-            let conn = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_header_list_size(u32::try_from(DENIAL_MAX_HEADER_BYTES).unwrap_or(u32::MAX))
-                .max_concurrent_streams(16)
-                .serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => return result,
-                () = answered.notified() => conn.as_mut().graceful_shutdown(),
-            }
-            conn.await
-        } else {
-            http1::Builder::new()
-                .timer(TokioTimer::new())
-                .keep_alive(false)
-                .max_buf_size(DENIAL_MAX_HEADER_BYTES)
-                .header_read_timeout(DENIAL_LIFETIME)
-                .serve_connection(io, service)
+            service_fn(move |_req: Request<Incoming>| {
+                let page = Arc::clone(&page);
+                let answered = Arc::clone(&answered);
+                let any_answered = Arc::clone(&any_answered);
+                async move {
+                    any_answered.store(true, Ordering::Relaxed);
+                    answered.notify_one();
+                    Ok::<_, Infallible>(denial_response(&page.0, &page.1))
+                }
+            })
+        };
+        let io = TokioIo::new(io);
+        let serve = async {
+            if h2 {
+                let conn = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(
+                        u32::try_from(DENIAL_MAX_HEADER_BYTES).unwrap_or(u32::MAX),
+                    )
+                    .max_concurrent_streams(16)
+                    .serve_connection(io, service);
+                drive(
+                    conn,
+                    answered.notified(),
+                    http2::Connection::graceful_shutdown,
+                )
                 .await
+            } else {
+                http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .keep_alive(false)
+                    .max_buf_size(DENIAL_MAX_HEADER_BYTES)
+                    .header_read_timeout(DENIAL_LIFETIME)
+                    .serve_connection(io, service)
+                    .await
+            }
+        };
+        match tokio::time::timeout(DENIAL_LIFETIME, serve).await {
+            Ok(Ok(())) => Ok(()),
+            // Once the page is out, the agent hanging up mid-shutdown (an h2 client closing
+            // on the first GOAWAY, say) is the expected end, not a failure.
+            Ok(Err(e)) if any_answered.load(Ordering::Relaxed) => {
+                tracing::debug!(error = %e, "agent closed after the denial page");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(HttpError::Agent(e)),
+            Err(_) => Err(HttpError::AgentTimeout),
         }
-    };
-    match tokio::time::timeout(DENIAL_LIFETIME, serve).await {
-        Ok(Ok(())) => Ok(()),
-        // Once the page is out, the agent hanging up mid-shutdown (an h2 client closing on
-        // the first GOAWAY, say) is the expected end, not a failure.
-        Ok(Err(e)) if any_answered.load(Ordering::Relaxed) => {
-            tracing::debug!(error = %e, "agent closed after the denial page");
-            Ok(())
-        }
-        Ok(Err(e)) => Err(HttpError::Agent(e)),
-        Err(_) => Err(HttpError::AgentTimeout),
     }
 }
 

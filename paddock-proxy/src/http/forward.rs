@@ -1,6 +1,7 @@
 //! Serving one agent connection: each request is checked, substituted and forwarded.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use http::{Extensions, HeaderValue, Method, Request, Response, Version, header};
@@ -23,52 +24,109 @@ use super::{
 /// `pool` must be the pool of `ctx.run`: pools are per run so connections, and what was
 /// sent on them, never cross runs. Per-request failures are answered on the connection
 /// (see [`HttpError::status`]); the returned error is about the connection itself.
-pub async fn serve_connection<I>(
+///
+/// The returned future borrows nothing, so it can be spawned directly.
+pub fn serve_connection<I>(
     io: I,
     agent_alpn: Option<&[u8]>,
     ctx: RequestContext,
     pool: UpstreamPool,
     substituter: Arc<dyn Substituter>,
     limits: HttpLimits,
-) -> Result<(), HttpError>
+) -> impl Future<Output = Result<(), HttpError>> + Send + 'static
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    if pool.run() != ctx.run {
-        return Err(HttpError::PoolRunMismatch {
-            pool_run: pool.run().to_owned(),
-            ctx_run: ctx.run,
-        });
-    }
-    let forwarder = Arc::new(Forwarder {
+    serve_connection_until(
+        io,
+        agent_alpn,
         ctx,
         pool,
         substituter,
-        via: limits.via.clone(),
-    });
-    let service = service_fn(move |req: Request<Incoming>| {
-        let forwarder = Arc::clone(&forwarder);
-        async move { Ok::<_, Infallible>(forwarder.handle(req).await) }
-    });
-    let io = TokioIo::new(io);
-    let served = if agent_alpn == Some(ALPN_H2) {
-        http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(limits.h2_header_list_size())
-            .max_concurrent_streams(limits.h2_max_concurrent_streams)
-            .serve_connection(io, service)
+        limits,
+        std::future::pending(),
+    )
+}
+
+/// [`serve_connection`] with a drain signal: once `shutdown` completes, the connection
+/// stops taking new requests (HTTP/1.1: closes after the response in flight; HTTP/2:
+/// GOAWAY), lets in-flight requests finish, then ends. Bounding the drain is the caller's
+/// job (drop the future when the grace period is over).
+pub fn serve_connection_until<I, S>(
+    io: I,
+    agent_alpn: Option<&[u8]>,
+    ctx: RequestContext,
+    pool: UpstreamPool,
+    substituter: Arc<dyn Substituter>,
+    limits: HttpLimits,
+    shutdown: S,
+) -> impl Future<Output = Result<(), HttpError>> + Send + 'static
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Future<Output = ()> + Send + 'static,
+{
+    let h2 = agent_alpn == Some(ALPN_H2);
+    async move {
+        if pool.run() != ctx.run {
+            return Err(HttpError::PoolRunMismatch {
+                pool_run: pool.run().to_owned(),
+                ctx_run: ctx.run,
+            });
+        }
+        let forwarder = Arc::new(Forwarder {
+            ctx,
+            pool,
+            substituter,
+            via: limits.via.clone(),
+        });
+        let service = service_fn(move |req: Request<Incoming>| {
+            let forwarder = Arc::clone(&forwarder);
+            async move { Ok::<_, Infallible>(forwarder.handle(req).await) }
+        });
+        let io = TokioIo::new(io);
+        let served = if h2 {
+            let conn = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(limits.h2_header_list_size())
+                .max_concurrent_streams(limits.h2_max_concurrent_streams)
+                .serve_connection(io, service);
+            drive(conn, shutdown, http2::Connection::graceful_shutdown).await
+        } else {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .max_buf_size(limits.h1_buf_size())
+                .max_headers(limits.max_headers)
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(io, service)
+                .with_upgrades();
+            drive(
+                conn,
+                shutdown,
+                http1::UpgradeableConnection::graceful_shutdown,
+            )
             .await
-    } else {
-        http1::Builder::new()
-            .timer(TokioTimer::new())
-            .max_buf_size(limits.h1_buf_size())
-            .max_headers(limits.max_headers)
-            .header_read_timeout(limits.header_read_timeout)
-            .serve_connection(io, service)
-            .with_upgrades()
-            .await
-    };
-    served.map_err(HttpError::Agent)
+        };
+        served.map_err(HttpError::Agent)
+    }
+}
+
+/// Runs `conn` to completion, switching it to graceful shutdown if `shutdown` fires first.
+pub(crate) async fn drive<C, S>(
+    conn: C,
+    shutdown: S,
+    graceful: impl FnOnce(Pin<&mut C>),
+) -> C::Output
+where
+    C: Future,
+    S: Future<Output = ()>,
+{
+    tokio::pin!(conn);
+    tokio::pin!(shutdown);
+    tokio::select! {
+        out = conn.as_mut() => return out,
+        () = &mut shutdown => graceful(conn.as_mut()),
+    }
+    conn.await
 }
 
 #[derive(Debug)]

@@ -34,7 +34,7 @@ use std::pin::Pin;
 pub use body::ProxyBody;
 pub use deny::{DENIED_HEADER, denial_response, serve_denial};
 pub use error::HttpError;
-pub use forward::serve_connection;
+pub use forward::{serve_connection, serve_connection_until};
 pub use limits::HttpLimits;
 pub use substitute::{
     NoopSubstituter, RequestHead, SubstituteError, Substituter, replace_basic_auth_password,

@@ -803,3 +803,68 @@ async fn via_is_added_only_when_configured() {
         assert_eq!(upstream.seen()[0].headers.get("via"), via.as_ref());
     }
 }
+
+#[tokio::test]
+async fn drain_finishes_in_flight_requests_then_closes() {
+    for h2 in [false, true] {
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        let release_rx = Arc::new(std::sync::Mutex::new(Some(release_rx)));
+        let (started_tx, started_rx) = oneshot::channel::<()>();
+        let started_tx = Arc::new(std::sync::Mutex::new(Some(started_tx)));
+        let upstream = Upstream::start(
+            false,
+            Arc::new(move |_req| {
+                let release_rx = release_rx.lock().expect("lock").take();
+                let started_tx = started_tx.lock().expect("lock").take();
+                Box::pin(async move {
+                    if let Some(tx) = started_tx {
+                        let _ = tx.send(());
+                    }
+                    if let Some(rx) = release_rx {
+                        let _ = rx.await;
+                    }
+                    Response::new(full("finished"))
+                })
+            }),
+        )
+        .await;
+        let limits = HttpLimits::default();
+        let pool = UpstreamPool::new("run-1", upstream.connector(), &limits);
+        let (io, proxy_side) = tokio::io::duplex(64 * 1024);
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let alpn: Option<&[u8]> = if h2 { Some(b"h2") } else { None };
+        let served = tokio::spawn(super::serve_connection_until(
+            proxy_side,
+            alpn,
+            ctx(),
+            pool,
+            noop(),
+            limits,
+            async move {
+                let _ = shutdown_rx.await;
+            },
+        ));
+        let (mut agent, _conn) = Agent::connect(io, h2).await;
+        let in_flight = tokio::spawn(async move {
+            let response = agent.send(get("https://api.test/slow")).await;
+            (agent, response)
+        });
+        within("request to reach upstream", started_rx)
+            .await
+            .expect("started");
+        shutdown_tx.send(()).expect("shutdown");
+        release_tx.send(()).expect("release");
+        let (mut agent, response) = within("in-flight request", in_flight).await.expect("task");
+        let response = response.expect("in-flight request completes during the drain");
+        assert_eq!(body_string(response).await, "finished", "h2={h2}");
+        within("connection to drain", served)
+            .await
+            .expect("task")
+            .expect("drained cleanly");
+        assert!(
+            agent.send(get("https://api.test/")).await.is_err(),
+            "h2={h2}: new request accepted after the drain"
+        );
+        assert_eq!(upstream.seen().len(), 1);
+    }
+}
