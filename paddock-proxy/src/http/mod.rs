@@ -6,7 +6,7 @@
 //! module testable with loopback TCP and in-memory pipes, without root or certificates.
 //!
 //! Per request: hop-by-hop headers are dropped ([`hop`]), the request's authority must
-//! name the connection's destination ([`authority`]), the [`Substituter`] hook may swap
+//! name the connection's destination (else 421), the [`Substituter`] hook may swap
 //! placeholders for real credentials, then the request is forwarded over a pooled
 //! upstream connection ([`UpstreamPool`]) and the response streamed back. Any failure
 //! answers the agent with one deliberate status ([`HttpError::status`]); nothing is ever
