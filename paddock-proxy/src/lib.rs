@@ -14,5 +14,6 @@ pub mod net;
 pub mod netns;
 pub mod origdst;
 pub mod policy;
+pub mod proxy;
 mod sys;
 pub mod tls;
