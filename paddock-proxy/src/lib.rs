@@ -5,9 +5,16 @@
 
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod cgroup;
 pub mod ebpf;
+pub mod http;
+pub mod metrics;
+pub mod net;
 pub mod netns;
 pub mod origdst;
+pub mod policy;
+pub mod proxy;
 pub mod run;
 mod sys;
+pub mod tls;

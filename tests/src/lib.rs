@@ -9,6 +9,7 @@ pub mod netns;
 pub mod pins;
 pub mod privilege;
 pub mod process;
+pub mod proxied;
 pub mod servers;
 pub mod topology;
 

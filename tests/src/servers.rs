@@ -18,7 +18,8 @@ use crate::Netns;
 /// Listener port used by the stand-in proxy inside each agent namespace.
 pub const PROXY_PORT: u16 = 15001;
 
-fn bind_in(ns: &Netns, addr: SocketAddr) -> TcpListener {
+/// Bind a listening TCP socket inside `ns` (the socket keeps that namespace).
+pub fn bind_in(ns: &Netns, addr: SocketAddr) -> TcpListener {
     ns.run(move || {
         let sock = socket2::Socket::new(
             socket2::Domain::for_address(addr),

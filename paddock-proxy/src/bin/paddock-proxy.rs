@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use paddock_proxy::{
     cgroup::Cgroup,
     ebpf::{self, AgentConfig, Interception, Interceptor, LoadOptions},
+    proxy::{self, ServeOptions, config::ServeConfig},
 };
 
 #[derive(Debug, Parser)]
@@ -25,6 +26,19 @@ enum Command {
     /// Manage eBPF interception of cgroups.
     #[command(subcommand)]
     Ebpf(EbpfCommand),
+    /// Run the proxy (transparent, CONNECT and plain-HTTP listeners; admin endpoint).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Configuration file (TOML; see `paddock_proxy::proxy::config`).
+    #[arg(long)]
+    config: PathBuf,
+    /// Audit sink: `stdout`, an absolute JSONL file path, or `none` to run without an audit
+    /// trail (must be explicit). Overrides `audit.target` in the file.
+    #[arg(long)]
+    audit: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,7 +126,23 @@ fn main() -> Result<()> {
     init_tracing(cli.log_json);
     match cli.command {
         Command::Ebpf(cmd) => ebpf_command(cmd),
+        Command::Serve(args) => serve_command(args),
     }
+}
+
+fn serve_command(args: ServeArgs) -> Result<()> {
+    let config = ServeConfig::from_file(&args.config)
+        .with_context(|| format!("loading {}", args.config.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime
+        .block_on(proxy::serve(ServeOptions {
+            config,
+            audit: args.audit,
+        }))
+        .context("paddock-proxy serve")
 }
 
 fn ebpf_command(cmd: EbpfCommand) -> Result<()> {

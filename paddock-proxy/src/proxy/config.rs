@@ -1,0 +1,402 @@
+//! The `paddock-proxy serve` configuration file (TOML).
+//!
+//! ```toml
+//! run_id = "run-42"
+//!
+//! [listen]
+//! transparent = ["127.0.0.1:15001", "[::1]:15001"]
+//! plain_http_ports = [80]          # original ports served as plain HTTP (by Host header)
+//! # connect = "127.0.0.1:3128"     # cooperative CONNECT listener (opt-in) ...
+//! # connect_reason = "sandbox without eBPF"   # ... with the reason it exists (required)
+//!
+//! [tls]
+//! ca_dir = "/var/run/paddock/ca"   # tls.crt + tls.key (cert-manager layout)
+//! generate_ca = false              # true: generate into ca_dir when it is empty
+//! leaf_cache_capacity = 1024
+//! # upstream_ca_bundle = "/etc/paddock/extra-roots.pem"
+//!
+//! [policy]
+//! file = "/etc/paddock/policy.toml"   # see `StaticPolicy`
+//! deny_page = true                    # 403 page for denied TLS hosts (false: reset)
+//!
+//! [network]
+//! deny_cidrs = []                  # added to the built-in denied set
+//! allow_cidrs = []                 # carved out of it (test hosts, internal APIs)
+//! nameservers = []                 # empty: the system resolv.conf
+//! bypass_mark = 0x70ad             # SO_MARK on upstream sockets (eBPF bypass)
+//!
+//! [audit]
+//! target = "/var/log/paddock/audit.jsonl"   # or "stdout", or "none" (explicit opt-out)
+//!
+//! [limits]
+//! max_connections = 4096
+//! handshake_timeout_secs = 30
+//! idle_timeout_secs = 60
+//! max_header_bytes = 65536
+//! max_headers = 100
+//! drain_timeout_secs = 30
+//!
+//! [admin]
+//! listen = "127.0.0.1:9901"
+//!
+//! # [ebpf]                          # optional: attach these agent cgroups at start
+//! # pin_dir = "/sys/fs/bpf/paddock"
+//! # agent_cgroups = ["/sys/fs/cgroup/agents/run-42"]
+//! # dns = ["10.0.0.10:53"]
+//! ```
+//!
+//! Unknown keys are errors: a misspelt limit must not silently fall back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::audit::AuditTarget;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// The run (workload) every connection of this proxy belongs to.
+    pub run_id: String,
+    pub listen: ListenConfig,
+    pub tls: TlsConfig,
+    pub policy: PolicyFileConfig,
+    #[serde(default)]
+    pub network: NetworkConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    pub admin: Option<AdminConfig>,
+    pub ebpf: Option<EbpfConfig>,
+}
+
+/// Data-plane listeners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Listeners the eBPF programs (or an iptables REDIRECT) send agent connections to.
+    #[serde(default)]
+    pub transparent: Vec<SocketAddr>,
+    /// Original destination ports carrying plain HTTP (served by `Host` header); every other
+    /// port must carry TLS.
+    #[serde(default = "default_plain_ports")]
+    pub plain_http_ports: Vec<u16>,
+    /// Cooperative HTTP/1.1 `CONNECT` listener (opt-in).
+    pub connect: Option<SocketAddr>,
+    /// Why the `CONNECT` listener is enabled; logged and audited at start. Required with it.
+    pub connect_reason: Option<String>,
+}
+
+fn default_plain_ports() -> Vec<u16> {
+    vec![80]
+}
+
+/// Interception TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Directory holding `tls.crt` and `tls.key` of the run CA.
+    pub ca_dir: PathBuf,
+    /// Generate a CA into `ca_dir` when it holds none (local use).
+    #[serde(default)]
+    pub generate_ca: bool,
+    #[serde(default = "default_leaf_capacity")]
+    pub leaf_cache_capacity: usize,
+    /// PEM bundle trusted for upstream servers in addition to the webpki roots.
+    pub upstream_ca_bundle: Option<PathBuf>,
+}
+
+fn default_leaf_capacity() -> usize {
+    crate::tls::DEFAULT_LEAF_CACHE_CAPACITY
+}
+
+/// Egress policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFileConfig {
+    /// Static allow-list file (see [`crate::policy::StaticPolicy`]).
+    pub file: PathBuf,
+    /// Answer denied TLS hosts with a 403 page (true) or a reset (false).
+    #[serde(default = "yes")]
+    pub deny_page: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Network defences and upstream dialling.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    #[serde(default)]
+    pub deny_cidrs: Vec<String>,
+    #[serde(default)]
+    pub allow_cidrs: Vec<String>,
+    /// DNS servers the proxy asks; empty means the system configuration.
+    #[serde(default)]
+    pub nameservers: Vec<SocketAddr>,
+    /// Consult `/etc/hosts` before DNS.
+    #[serde(default)]
+    pub use_hosts_file: bool,
+    /// `SO_MARK` on upstream sockets so the eBPF programs never redirect them.
+    pub bypass_mark: Option<u32>,
+    /// Connect timeout per upstream address, seconds.
+    pub dial_attempt_timeout_secs: Option<u64>,
+}
+
+/// Audit sink.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// `stdout`, `none` or an absolute path of a JSONL file. No default: see [`AuditTarget`].
+    pub target: Option<String>,
+}
+
+/// Connection limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "default_handshake")]
+    pub handshake_timeout_secs: u64,
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u64,
+    #[serde(default = "default_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "default_headers")]
+    pub max_headers: usize,
+    #[serde(default = "default_drain")]
+    pub drain_timeout_secs: u64,
+    /// Largest `ClientHello` accepted, bytes.
+    #[serde(default = "default_hello")]
+    pub max_client_hello_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            handshake_timeout_secs: default_handshake(),
+            idle_timeout_secs: default_idle(),
+            max_header_bytes: default_header_bytes(),
+            max_headers: default_headers(),
+            drain_timeout_secs: default_drain(),
+            max_client_hello_bytes: default_hello(),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_handshake() -> u64 {
+    30
+}
+fn default_idle() -> u64 {
+    60
+}
+fn default_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_headers() -> usize {
+    100
+}
+fn default_drain() -> u64 {
+    30
+}
+fn default_hello() -> usize {
+    16 * 1024
+}
+
+impl LimitsConfig {
+    #[must_use]
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+    #[must_use]
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    #[must_use]
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+}
+
+/// Admin (metrics and health) listener, separate from the data plane.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// Optional eBPF attachment done by `serve` itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EbpfConfig {
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Agent cgroup v2 directories to intercept towards the first transparent listener.
+    #[serde(default)]
+    pub agent_cgroups: Vec<PathBuf>,
+    /// Resolvers the agents may send DNS to.
+    #[serde(default)]
+    pub dns: Vec<SocketAddr>,
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from(crate::ebpf::DEFAULT_PIN_DIR)
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Syntax(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl ServeConfig {
+    /// Reads and validates a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let cfg: ServeConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |s: &str| Err(ConfigError::Invalid(s.to_owned()));
+        if self.run_id.trim().is_empty() {
+            return invalid("run_id must not be empty");
+        }
+        if self.listen.transparent.is_empty() && self.listen.connect.is_none() {
+            return invalid("no data-plane listener: set listen.transparent or listen.connect");
+        }
+        if self.listen.connect.is_some()
+            && self
+                .listen
+                .connect_reason
+                .as_deref()
+                .is_none_or(|r| r.trim().is_empty())
+        {
+            return invalid("listen.connect needs listen.connect_reason (why cooperative mode)");
+        }
+        if self.limits.max_connections == 0 {
+            return invalid("limits.max_connections must be at least 1");
+        }
+        if self.limits.handshake_timeout_secs == 0 || self.limits.idle_timeout_secs == 0 {
+            return invalid("limits: timeouts must be at least 1 second");
+        }
+        if self.tls.leaf_cache_capacity == 0 {
+            return invalid("tls.leaf_cache_capacity must be at least 1");
+        }
+        if let Some(ebpf) = &self.ebpf
+            && !ebpf.agent_cgroups.is_empty()
+            && self.listen.transparent.is_empty()
+        {
+            return invalid("ebpf.agent_cgroups needs a transparent listener");
+        }
+        if let Some(t) = &self.audit.target {
+            t.parse::<AuditTarget>()
+                .map_err(|e| ConfigError::Invalid(format!("audit.target: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The audit target: `--audit` wins over the file; neither is an error (no default sink).
+    pub fn audit_target(&self, flag: Option<&str>) -> Result<AuditTarget, ConfigError> {
+        let Some(text) = flag.or(self.audit.target.as_deref()) else {
+            return Err(ConfigError::Invalid(
+                "no audit sink: set audit.target or --audit (stdout, a file path, or `none` to \
+                 run without an audit trail)"
+                    .to_owned(),
+            ));
+        };
+        text.parse::<AuditTarget>()
+            .map_err(|e| ConfigError::Invalid(format!("audit: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+run_id = "r1"
+[listen]
+transparent = ["127.0.0.1:15001"]
+[tls]
+ca_dir = "/tmp/ca"
+[policy]
+file = "/tmp/policy.toml"
+"#;
+
+    #[test]
+    fn minimal_config_gets_issue_defaults() {
+        let cfg = ServeConfig::from_toml_str(MINIMAL).expect("parse");
+        assert_eq!(cfg.limits.handshake_timeout(), Duration::from_secs(30));
+        assert_eq!(cfg.limits.idle_timeout(), Duration::from_mins(1));
+        assert_eq!(cfg.listen.plain_http_ports, vec![80]);
+        assert_eq!(cfg.tls.leaf_cache_capacity, 1024);
+        assert!(cfg.policy.deny_page);
+    }
+
+    #[test]
+    fn no_audit_sink_is_refused_unless_explicitly_none() {
+        let cfg = ServeConfig::from_toml_str(MINIMAL).expect("parse");
+        assert!(cfg.audit_target(None).is_err());
+        assert_eq!(
+            cfg.audit_target(Some("none")).expect("none"),
+            AuditTarget::None
+        );
+        assert_eq!(
+            cfg.audit_target(Some("stdout")).expect("stdout"),
+            AuditTarget::Stdout
+        );
+        assert!(cfg.audit_target(Some("relative/path")).is_err());
+    }
+
+    #[test]
+    fn connect_listener_requires_a_reason() {
+        let text = MINIMAL.to_owned();
+        let with_connect = text.replace("[listen]\n", "[listen]\nconnect = \"127.0.0.1:3128\"\n");
+        let err = ServeConfig::from_toml_str(&with_connect).expect_err("no reason");
+        assert!(err.to_string().contains("connect_reason"), "{err}");
+        let with_reason = text.replace(
+            "[listen]\n",
+            "[listen]\nconnect = \"127.0.0.1:3128\"\nconnect_reason = \"no eBPF here\"\n",
+        );
+        ServeConfig::from_toml_str(&with_reason).expect("reason given");
+    }
+
+    #[test]
+    fn unknown_keys_and_zero_limits_are_errors() {
+        let typo = MINIMAL.replace("[policy]", "[limits]\nidle_timeout = 5\n[policy]");
+        assert!(ServeConfig::from_toml_str(&typo).is_err());
+        let zero = MINIMAL.replace("[policy]", "[limits]\nmax_connections = 0\n[policy]");
+        let err = ServeConfig::from_toml_str(&zero).expect_err("zero cap");
+        assert!(err.to_string().contains("max_connections"), "{err}");
+    }
+}

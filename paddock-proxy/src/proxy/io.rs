@@ -1,0 +1,291 @@
+//! Stream wrappers for both legs: an idle timeout that also counts bytes, and a stream that
+//! replays bytes already read from it.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+use crate::metrics::{Direction, ProxyMetrics};
+
+/// Fails reads and writes with `TimedOut` once no byte has moved either way for `timeout`.
+///
+/// Both directions share one deadline: a long upload with a silent response is not idle. The
+/// request loop above sees the error and closes the connection, which is what the idle timeout
+/// is for. Bytes are counted into the metrics as they move.
+pub struct IdleIo<T> {
+    inner: T,
+    timeout: Duration,
+    deadline: Pin<Box<Sleep>>,
+    counter: Option<(Arc<ProxyMetrics>, Direction, Direction)>,
+}
+
+impl<T> std::fmt::Debug for IdleIo<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdleIo")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> IdleIo<T> {
+    /// Wraps `inner`. With `counter = (metrics, read_dir, write_dir)`, bytes read are counted as
+    /// `read_dir` and bytes written as `write_dir`.
+    pub fn new(
+        inner: T,
+        timeout: Duration,
+        counter: Option<(Arc<ProxyMetrics>, Direction, Direction)>,
+    ) -> Self {
+        Self {
+            inner,
+            timeout,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            counter,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    fn touch(&mut self) {
+        self.deadline.as_mut().reset(Instant::now() + self.timeout);
+    }
+
+    fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        match self.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("idle for {:?}", self.timeout),
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn count(&self, read: bool, n: usize) {
+        if let Some((metrics, r, w)) = &self.counter {
+            metrics.add_bytes(if read { *r } else { *w }, n as u64);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len() - before;
+                if n > 0 {
+                    this.touch();
+                    this.count(true, n);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.check_idle(cx).map(Err),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.touch();
+                    this.count(false, n);
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.check_idle(cx).map(Err),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A stream whose first bytes were already read (a request head): they are replayed first.
+#[derive(Debug)]
+pub struct PrefixedIo<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> PrefixedIo<T> {
+    pub fn new(prefix: Bytes, inner: T) -> Self {
+        Self { prefix, inner }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for PrefixedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.has_remaining() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Reads an HTTP/1 request head (through the blank line) from `io`, at most `max` bytes.
+///
+/// Returns the head and whatever arrived after it in the same reads.
+pub async fn read_head<T: AsyncRead + Unpin>(
+    io: &mut T,
+    max: usize,
+) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before a complete request head",
+            ));
+        }
+        let scan_from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(pos) = find_blank_line(&buf[scan_from..]) {
+            let end = scan_from + pos + 4;
+            let rest = buf.split_off(end);
+            return Ok((buf, rest));
+        }
+        if buf.len() > max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("request head larger than {max} bytes"),
+            ));
+        }
+    }
+}
+
+fn find_blank_line(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(4).position(|w| w == b"\r\n\r\n")
+}
+
+/// The first value of header `name` (case-insensitive) in a raw request head.
+pub fn header_value<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
+    let text = std::str::from_utf8(head).ok()?;
+    text.split("\r\n").skip(1).find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// The request line's method and target.
+pub fn request_line(head: &[u8]) -> Option<(&str, &str)> {
+    let text = std::str::from_utf8(head).ok()?;
+    let line = text.split("\r\n").next()?;
+    let mut parts = line.split(' ');
+    let method = parts.next()?;
+    let target = parts.next()?;
+    let version = parts.next()?;
+    (version.starts_with("HTTP/1.") && parts.next().is_none()).then_some((method, target))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn head_is_split_from_the_body_and_replayed() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        a.write_all(b"GET / HTTP/1.1\r\nHost: Example.com:80\r\n\r\nbody")
+            .await
+            .expect("write");
+        let (head, rest) = read_head(&mut b, 1024).await.expect("head");
+        assert_eq!(header_value(&head, "host"), Some("Example.com:80"));
+        assert_eq!(request_line(&head), Some(("GET", "/")));
+        assert_eq!(rest, b"body");
+        let mut replay = PrefixedIo::new(Bytes::from(head.clone()), b);
+        let mut out = vec![0u8; head.len()];
+        replay.read_exact(&mut out).await.expect("replay");
+        assert_eq!(out, head);
+    }
+
+    #[tokio::test]
+    async fn oversized_or_truncated_heads_are_errors() {
+        let (mut a, mut b) = tokio::io::duplex(8192);
+        a.write_all(&[b'a'; 3000]).await.expect("write");
+        let err = read_head(&mut b, 1024).await.expect_err("too large");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let (mut a, mut b) = tokio::io::duplex(8192);
+        a.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        drop(a);
+        let err = read_head(&mut b, 1024).await.expect_err("eof");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(request_line(b"GET /\r\n\r\n"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_stream_times_out_and_activity_defers_it() {
+        let (mut a, b) = tokio::io::duplex(64);
+        let mut idle = IdleIo::new(b, Duration::from_secs(10), None);
+        let mut buf = [0u8; 8];
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        a.write_all(b"x").await.expect("write");
+        assert_eq!(idle.read(&mut buf).await.expect("read"), 1);
+        // Activity at t=6 moves the deadline to t=16.
+        let start = Instant::now();
+        let err = idle.read(&mut buf).await.expect_err("idle");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+    }
+}

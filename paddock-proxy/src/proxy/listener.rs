@@ -1,0 +1,94 @@
+//! Accept loops: admission against the connection cap, one span per connection, and the drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use super::{Pipeline, connect, reset, transparent};
+use crate::metrics::Rejection;
+
+/// Which pipeline entry a listener feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Kernel-redirected connections (original destination recovered from the socket).
+    Transparent,
+    /// Cooperative HTTP/1.1 `CONNECT`.
+    Connect,
+}
+
+impl ListenerKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ListenerKind::Transparent => "transparent",
+            ListenerKind::Connect => "connect",
+        }
+    }
+}
+
+/// Accepts on `listener` until the drain starts. Connections over the cap are reset and
+/// counted (`cap_exceeded`); accept errors (descriptor exhaustion) back off briefly.
+pub async fn run_listener(p: Arc<Pipeline>, listener: TcpListener, kind: ListenerKind) {
+    let drained = p.drained();
+    tokio::pin!(drained);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut drained => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, listener = kind.as_str(), "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&p.connections).try_acquire_owned() else {
+            p.metrics.rejected(Rejection::CapExceeded);
+            tracing::warn!(%peer, "connection cap reached; resetting");
+            reset(&stream);
+            continue;
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let span = tracing::info_span!(
+            "conn",
+            run = %p.run,
+            listener = kind.as_str(),
+            %peer,
+            dst = tracing::field::Empty,
+            sni = tracing::field::Empty,
+            decision = tracing::field::Empty,
+        );
+        let p = Arc::clone(&p);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let _active = p.metrics.track_connection();
+                match kind {
+                    ListenerKind::Transparent => transparent::serve(p, stream).await,
+                    ListenerKind::Connect => connect::serve(p, stream).await,
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Waits for admitted connections to finish after the drain started, at most `grace`.
+#[derive(Debug)]
+pub struct Drain;
+
+impl Drain {
+    /// Returns the number of connections still open when the grace period ended.
+    pub async fn wait(p: &Pipeline, grace: Duration) -> usize {
+        let all = u32::try_from(p.limits.max_connections).unwrap_or(u32::MAX);
+        match tokio::time::timeout(grace, p.connections.acquire_many(all)).await {
+            Ok(_) => 0,
+            Err(_) => p.active_connections(),
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! The proxy pipeline: listeners, per-connection decisions and the hand-off to the request
+//! loop.
+//!
+//! Every agent connection, whichever listener it arrived on, goes through the same steps:
+//!
+//! 1. **Admission**: a connection over the cap is reset (`cap_exceeded`).
+//! 2. **Destination**: transparent listeners recover the original destination
+//!    ([`OriginalDst`]); its port says whether the connection carries TLS or plain HTTP
+//!    (`plain_http_ports`). The name comes from the `ClientHello` SNI (peeked, not consumed),
+//!    the `Host` header, or the `CONNECT` authority. No SNI -> `no_sni`; bytes that are not TLS
+//!    on a TLS port -> `handshake_failed`. Both are reset.
+//! 3. **Policy** ([`EgressPolicy`]): a denied host is audited, then, for TLS, the agent's
+//!    handshake is completed with a forged leaf and every request gets the 403 page naming the
+//!    host and reason ([`crate::http::serve_denial`]), so agents stop retrying.
+//! 4. **Network vetting** ([`Vetter`]): the proxy resolves the name itself; every address goes
+//!    through the denied-CIDR set, and in transparent mode the original destination must be one
+//!    of the addresses the name resolves to (`dns_rebinding_mismatch`). Failures are reset.
+//! 5. **Audit** of the decision ([`audit_decision`]): a failed write on the deny path resets the
+//!    connection; on the allow path it is counted and logged.
+//! 6. **Upstream first**: the vetted addresses are dialled (with the bypass `SO_MARK`) and the
+//!    upstream TLS handshake offers what the agent offered; then the agent's handshake is
+//!    completed offering exactly what upstream chose, and the upstream connection is handed to
+//!    the run's pool for the agent's first request.
+//! 7. **Request loop** ([`crate::http::serve_connection_until`]) until the agent closes, a leg
+//!    is idle for the idle timeout, or the proxy drains.
+//!
+//! Steps 2 to 6 are bounded by the handshake timeout. One tracing span per connection carries
+//! the run, original destination, SNI and decision.
+
+pub mod config;
+mod connect;
+mod connector;
+pub mod io;
+mod listener;
+mod plain;
+mod serve;
+mod transparent;
+
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, watch};
+
+use crate::audit::{AuditEvent, AuditKind, AuditOutcome, AuditSink, audit_decision};
+use crate::http::{HttpLimits, Substituter, UpstreamPool};
+use crate::metrics::{DecisionLabel, ProxyMetrics, Rejection};
+use crate::net::Vetter;
+use crate::origdst::OriginalDst;
+use crate::policy::{Decision, EgressPolicy, EgressRequest, Mode};
+use crate::tls::{MitmServer, UpstreamTls};
+
+pub use connector::Connector;
+pub use listener::{Drain, ListenerKind, run_listener};
+pub use serve::{ServeError, ServeOptions, serve, serve_until};
+
+/// Bounds of the pipeline (the request loop has its own in [`HttpLimits`]).
+#[derive(Debug, Clone)]
+pub struct PipelineLimits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_client_hello_bytes: usize,
+    pub max_header_bytes: usize,
+}
+
+impl Default for PipelineLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_mins(1),
+            max_client_hello_bytes: 16 * 1024,
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// Everything a pipeline needs; see [`Pipeline::new`].
+#[derive(Debug)]
+pub struct PipelineParts {
+    pub run: String,
+    pub policy: Arc<dyn EgressPolicy>,
+    pub vetter: Vetter,
+    pub mitm: Arc<MitmServer>,
+    pub upstream_tls: Arc<UpstreamTls>,
+    pub connector: Arc<Connector>,
+    pub substituter: Arc<dyn Substituter>,
+    pub audit: Arc<dyn AuditSink>,
+    pub metrics: Arc<ProxyMetrics>,
+    pub origdst: Arc<dyn OriginalDst>,
+    pub http_limits: HttpLimits,
+    pub limits: PipelineLimits,
+    /// Original destination ports that carry plain HTTP.
+    pub plain_http_ports: Vec<u16>,
+    /// Answer denied TLS hosts with a 403 page (else reset).
+    pub deny_page: bool,
+}
+
+/// The shared state of every listener of one proxy.
+#[derive(Debug)]
+pub struct Pipeline {
+    run: String,
+    policy: Arc<dyn EgressPolicy>,
+    vetter: Vetter,
+    mitm: Arc<MitmServer>,
+    upstream_tls: Arc<UpstreamTls>,
+    connector: Arc<Connector>,
+    pool: UpstreamPool,
+    substituter: Arc<dyn Substituter>,
+    audit: Arc<dyn AuditSink>,
+    metrics: Arc<ProxyMetrics>,
+    origdst: Arc<dyn OriginalDst>,
+    http_limits: HttpLimits,
+    limits: PipelineLimits,
+    plain_http_ports: Vec<u16>,
+    deny_page: bool,
+    connections: Arc<Semaphore>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Pipeline {
+    /// Builds the pipeline; `shutdown` turning `true` starts the drain.
+    #[must_use]
+    pub fn new(parts: PipelineParts, shutdown: watch::Receiver<bool>) -> Self {
+        let connector: Arc<dyn crate::http::UpstreamConnector> = parts.connector.clone();
+        let pool = UpstreamPool::new(&parts.run, connector, &parts.http_limits);
+        let max = parts
+            .limits
+            .max_connections
+            .clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            run: parts.run,
+            policy: parts.policy,
+            vetter: parts.vetter,
+            mitm: parts.mitm,
+            upstream_tls: parts.upstream_tls,
+            connector: parts.connector,
+            pool,
+            substituter: parts.substituter,
+            audit: parts.audit,
+            metrics: parts.metrics,
+            origdst: parts.origdst,
+            http_limits: parts.http_limits,
+            limits: PipelineLimits {
+                max_connections: max,
+                ..parts.limits
+            },
+            plain_http_ports: parts.plain_http_ports,
+            deny_page: parts.deny_page,
+            connections: Arc::new(Semaphore::new(max)),
+            shutdown,
+        }
+    }
+
+    /// The run this pipeline serves.
+    #[must_use]
+    pub fn run(&self) -> &str {
+        &self.run
+    }
+
+    /// The metrics registry.
+    #[must_use]
+    pub fn metrics(&self) -> &Arc<ProxyMetrics> {
+        &self.metrics
+    }
+
+    /// The audit sink.
+    #[must_use]
+    pub fn audit_sink(&self) -> &Arc<dyn AuditSink> {
+        &self.audit
+    }
+
+    /// Connections currently admitted.
+    #[must_use]
+    pub fn active_connections(&self) -> usize {
+        self.limits.max_connections - self.connections.available_permits()
+    }
+
+    /// A future that completes when the drain starts.
+    fn drained(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutdown.clone();
+        async move {
+            // A dropped sender also means "stop".
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    }
+
+    /// Asks the policy, treating errors and a slow backend as a deny (fail closed).
+    async fn decide(&self, host: &str, port: u16, mode: Mode) -> (Option<String>, Decision) {
+        let req = match EgressRequest::new(self.run.clone(), host, port, mode) {
+            Ok(req) => req,
+            Err(e) => {
+                return (
+                    None,
+                    Decision::Deny {
+                        reason: format!("invalid host name: {e}"),
+                    },
+                );
+            }
+        };
+        let decision = match tokio::time::timeout(
+            self.limits.handshake_timeout,
+            self.policy.check(&req),
+        )
+        .await
+        {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "egress policy failed; denying");
+                Decision::Deny {
+                    reason: "egress policy unavailable".to_owned(),
+                }
+            }
+            Err(_) => Decision::Deny {
+                reason: "egress policy timed out".to_owned(),
+            },
+        };
+        (Some(req.host), decision)
+    }
+
+    /// Counts, logs and audits a refused connection. Returns the audit outcome: the caller
+    /// resets on [`AuditOutcome::DropConnection`], and may otherwise answer with a page.
+    fn refuse(&self, info: &ConnInfo<'_>, rejection: Rejection, reason: &str) -> AuditOutcome {
+        self.metrics.rejected(rejection);
+        self.metrics.connection_decided(DecisionLabel::Deny);
+        tracing::Span::current().record("decision", "deny");
+        tracing::info!(rejection = %rejection, reason, "connection denied");
+        let mut ev = AuditEvent::new(AuditKind::Deny, self.run.clone(), info.mode, info.port())
+            .with_reason(format!("{rejection}: {reason}"));
+        if let Some(dst) = info.dst {
+            ev = ev.with_dst(dst);
+        }
+        if let Some(sni) = info.sni {
+            ev = ev.with_sni(sni);
+        }
+        audit_decision(self.audit.as_ref(), &self.metrics, &ev)
+    }
+
+    /// Counts, logs and audits an allowed (or discovery) connection; never blocks it.
+    fn admit(&self, info: &ConnInfo<'_>, decision: &Decision) {
+        let (kind, label, rule) = match decision {
+            Decision::Allow { rule, .. } => (AuditKind::Allow, DecisionLabel::Allow, rule),
+            Decision::Discovery { rule } => (AuditKind::Discovery, DecisionLabel::Discovery, rule),
+            Decision::Deny { .. } => return,
+        };
+        self.metrics.connection_decided(label);
+        tracing::Span::current().record("decision", label.as_str());
+        tracing::info!(rule = %rule, "connection allowed");
+        let mut ev =
+            AuditEvent::new(kind, self.run.clone(), info.mode, info.port()).with_rule(rule.clone());
+        if let Some(dst) = info.dst {
+            ev = ev.with_dst(dst);
+        }
+        if let Some(sni) = info.sni {
+            ev = ev.with_sni(sni);
+        }
+        // The allow path proceeds whatever the sink says (the failure is counted and logged).
+        let _ = audit_decision(self.audit.as_ref(), &self.metrics, &ev);
+    }
+}
+
+/// What is known about a connection when it is decided.
+#[derive(Debug, Clone, Copy)]
+struct ConnInfo<'a> {
+    mode: Mode,
+    dst: Option<SocketAddr>,
+    /// The claimed name (SNI, Host or CONNECT authority).
+    sni: Option<&'a str>,
+    port: u16,
+}
+
+impl ConnInfo<'_> {
+    fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// Closes `stream` with a TCP reset rather than a FIN, so the agent sees a hard failure.
+fn reset(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "cannot set SO_LINGER for a reset");
+    }
+}
+
+/// The original destination of an accepted transparent connection, IPv4-mapped forms unwrapped.
+fn original_dst(origdst: &dyn OriginalDst, stream: &TcpStream) -> Option<SocketAddr> {
+    match origdst.original_dst(stream.as_fd()) {
+        Ok(dst) => Some(SocketAddr::new(dst.ip().to_canonical(), dst.port())),
+        Err(e) => {
+            tracing::warn!(error = %e, "no original destination; dropping connection");
+            None
+        }
+    }
+}

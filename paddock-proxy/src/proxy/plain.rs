@@ -1,0 +1,151 @@
+//! Plain HTTP (original port in `plain_http_ports`): the name comes from the `Host` header and
+//! is policy-checked and vetted exactly like a TLS SNI.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::io::{IdleIo, PrefixedIo, header_value, read_head};
+use super::{ConnInfo, Pipeline, reset};
+use crate::audit::AuditOutcome;
+use crate::http::{RequestContext, serve_connection_until, serve_denial};
+use crate::metrics::{Direction, Rejection};
+use crate::policy::{Decision, Mode};
+
+const BAD_REQUEST: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// The host part of a `Host` header value (`name`, `name:port`, `[v6]:port`).
+pub(super) fn host_of(value: &str) -> Option<&str> {
+    if let Some(rest) = value.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        return (after.is_empty() || after.starts_with(':')).then_some(host);
+    }
+    match value.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => Some(host),
+        Some(_) => None,
+        None => Some(value),
+    }
+    .filter(|h| !h.is_empty())
+}
+
+pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr) {
+    let deadline = Instant::now() + p.limits.handshake_timeout;
+    let mut io = IdleIo::new(
+        stream,
+        p.limits.idle_timeout,
+        Some((
+            Arc::clone(&p.metrics),
+            Direction::AgentToUpstream,
+            Direction::UpstreamToAgent,
+        )),
+    );
+    let head = tokio::time::timeout(
+        p.limits.handshake_timeout,
+        read_head(&mut io, p.limits.max_header_bytes),
+    )
+    .await;
+    let (head, rest) = match head {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "no usable plain HTTP request head");
+            let _ = io.write_all(BAD_REQUEST).await;
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("plain HTTP request head timed out");
+            return;
+        }
+    };
+    let Some(host) = header_value(&head, "host")
+        .and_then(host_of)
+        .map(str::to_owned)
+    else {
+        let _ = io.write_all(BAD_REQUEST).await;
+        return;
+    };
+    tracing::Span::current().record("sni", host.as_str());
+    let info = ConnInfo {
+        mode: Mode::PlainHttp,
+        dst: Some(dst),
+        sni: Some(&host),
+        port: dst.port(),
+    };
+    let mut replay = head;
+    replay.extend_from_slice(&rest);
+    let agent = PrefixedIo::new(Bytes::from(replay), io);
+    let (normalized, decision) = p.decide(&host, dst.port(), Mode::PlainHttp).await;
+    let normalized = match (normalized, &decision) {
+        (Some(h), Decision::Allow { .. } | Decision::Discovery { .. }) => h,
+        (_, d) => {
+            let reason = match d {
+                Decision::Deny { reason } => reason.as_str(),
+                _ => "invalid host name",
+            };
+            if p.refuse(&info, Rejection::PolicyDenied, reason) == AuditOutcome::DropConnection
+                || !p.deny_page
+            {
+                reset(agent.get_ref().get_ref());
+                return;
+            }
+            if let Err(e) = serve_denial(agent, None, &host, reason).await {
+                tracing::debug!(error = %e, "denial page connection ended with an error");
+            }
+            return;
+        }
+    };
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(remaining, p.vetter.vet_transparent(&normalized, dst.ip())).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            let _ = p.refuse(&info, e.rejection(), &e.to_string());
+            reset(agent.get_ref().get_ref());
+            return;
+        }
+        Err(_) => {
+            let _ = p.refuse(&info, Rejection::DnsFailed, "name resolution timed out");
+            reset(agent.get_ref().get_ref());
+            return;
+        }
+    }
+    p.admit(&info, &decision);
+    let ctx = RequestContext {
+        run: p.run.clone(),
+        host: normalized,
+        port: dst.port(),
+        sni: None,
+    };
+    let served = serve_connection_until(
+        agent,
+        None,
+        ctx,
+        p.pool.clone(),
+        Arc::clone(&p.substituter),
+        p.http_limits.clone(),
+        p.drained(),
+    )
+    .await;
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "plain HTTP connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_of;
+
+    #[test]
+    fn host_header_forms() {
+        assert_eq!(host_of("example.com"), Some("example.com"));
+        assert_eq!(host_of("example.com:8080"), Some("example.com"));
+        assert_eq!(host_of("[fd00::1]:80"), Some("fd00::1"));
+        assert_eq!(host_of("[fd00::1]"), Some("fd00::1"));
+        assert_eq!(host_of("[fd00::1]x"), None);
+        assert_eq!(host_of(":80"), None);
+        assert_eq!(host_of("a:b"), None);
+    }
+}

@@ -1,0 +1,315 @@
+//! `paddock-proxy serve`: builds the pipeline from a [`ServeConfig`], binds the listeners and
+//! the admin endpoint, optionally attaches agent cgroups, and drains on SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::config::{ConfigError, ServeConfig};
+use super::connector::Connector;
+use super::listener::{Drain, ListenerKind, run_listener};
+use super::{Pipeline, PipelineLimits, PipelineParts};
+use crate::audit::{AuditEvent, AuditKind, AuditOutcome, audit_decision};
+use crate::cgroup::Cgroup;
+use crate::ebpf::{AgentConfig, Interception, Interceptor, LoadOptions};
+use crate::http::{HttpLimits, NoopSubstituter};
+use crate::metrics::{AdminServer, ProxyMetrics, Readiness};
+use crate::net::{CidrConfig, CidrPolicy, DialSettings, DnsResolver, ResolverSettings, Vetter};
+use crate::origdst::SockoptOriginalDst;
+use crate::policy::{Mode, StaticPolicy};
+use crate::tls::{LeafCache, LeafCacheConfig, MitmServer, RunCa, UpstreamTls};
+
+/// Validity of a CA generated for local use.
+const GENERATED_CA_VALIDITY: Duration = Duration::from_hours(30 * 24);
+
+/// What `serve` is started with.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub config: ServeConfig,
+    /// `--audit` (wins over the file's `audit.target`).
+    pub audit: Option<String>,
+}
+
+/// Why the proxy did not start (or stopped abnormally).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("run CA: {0}")]
+    Ca(#[source] crate::tls::TlsError),
+    #[error("egress policy: {0}")]
+    Policy(#[from] crate::policy::PolicyConfigError),
+    #[error("denied CIDRs: {0}")]
+    Cidr(#[from] crate::net::CidrConfigError),
+    #[error("resolver: {0}")]
+    Resolver(#[from] crate::net::ResolverInitError),
+    #[error("audit: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("cannot record the CONNECT listener's reason in the audit trail; not starting it")]
+    ConnectReasonUnaudited,
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("eBPF: {0}")]
+    Ebpf(#[from] crate::ebpf::EbpfError),
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("eBPF agent config: {0}")]
+    AgentConfig(#[from] crate::ebpf::ConfigError),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Runs the proxy until SIGTERM or SIGINT, then drains.
+pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
+    serve_until(opts, async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        }
+    })
+    .await
+}
+
+/// Runs the proxy until `stop` completes, then drains (bounded by the drain timeout).
+#[expect(
+    clippy::too_many_lines,
+    reason = "one linear sequence of pipeline steps; splitting it hides the order"
+)]
+pub async fn serve_until(
+    opts: ServeOptions,
+    stop: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let cfg = &opts.config;
+    let metrics = Arc::new(ProxyMetrics::new());
+
+    let audit_target = cfg.audit_target(opts.audit.as_deref())?;
+    let audit = audit_target.open()?;
+    metrics.set_audit_disabled(audit.is_disabled());
+    if audit.is_disabled() {
+        tracing::warn!("running without an audit trail (--audit none)");
+    }
+
+    let ca = if cfg.tls.generate_ca {
+        RunCa::load_or_generate(&cfg.tls.ca_dir, &cfg.run_id, GENERATED_CA_VALIDITY)
+    } else {
+        RunCa::load_dir(&cfg.tls.ca_dir)
+    }
+    .map_err(ServeError::Ca)?;
+    let leaves = Arc::new(
+        LeafCache::new(
+            ca,
+            LeafCacheConfig {
+                capacity: cfg.tls.leaf_cache_capacity,
+                ..LeafCacheConfig::default()
+            },
+        )
+        .map_err(ServeError::Ca)?,
+    );
+    let mitm = Arc::new(MitmServer::new(Arc::clone(&leaves)).map_err(ServeError::Ca)?);
+    let upstream_tls =
+        Arc::new(UpstreamTls::new(cfg.tls.upstream_ca_bundle.as_deref()).map_err(ServeError::Ca)?);
+    let policy = Arc::new(StaticPolicy::from_file(&cfg.policy.file)?);
+    let cidr = Arc::new(CidrPolicy::from_config(&CidrConfig {
+        deny: cfg.network.deny_cidrs.clone(),
+        allow: cfg.network.allow_cidrs.clone(),
+    })?);
+    let resolver = Arc::new(DnsResolver::new(ResolverSettings {
+        nameservers: cfg.network.nameservers.clone(),
+        use_hosts_file: cfg.network.use_hosts_file,
+        ..ResolverSettings::default()
+    })?);
+    let vetter = Vetter::new(resolver, cidr);
+    let mut dial = DialSettings {
+        mark: cfg.network.bypass_mark,
+        ..DialSettings::default()
+    };
+    if let Some(secs) = cfg.network.dial_attempt_timeout_secs {
+        dial.attempt_timeout = Duration::from_secs(secs.max(1));
+    }
+    let limits = PipelineLimits {
+        max_connections: cfg.limits.max_connections,
+        handshake_timeout: cfg.limits.handshake_timeout(),
+        idle_timeout: cfg.limits.idle_timeout(),
+        max_client_hello_bytes: cfg.limits.max_client_hello_bytes,
+        max_header_bytes: cfg.limits.max_header_bytes,
+    };
+    let http_limits = HttpLimits {
+        max_header_bytes: cfg.limits.max_header_bytes,
+        max_headers: cfg.limits.max_headers,
+        header_read_timeout: cfg.limits.handshake_timeout(),
+        ..HttpLimits::default()
+    };
+    let connector = Arc::new(Connector::new(
+        vetter.clone(),
+        Arc::clone(&upstream_tls),
+        dial,
+        limits.idle_timeout,
+        Arc::clone(&metrics),
+    ));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let pipeline = Arc::new(Pipeline::new(
+        PipelineParts {
+            run: cfg.run_id.clone(),
+            policy,
+            vetter,
+            mitm,
+            upstream_tls,
+            connector,
+            substituter: Arc::new(NoopSubstituter),
+            audit: Arc::clone(&audit),
+            metrics: Arc::clone(&metrics),
+            origdst: Arc::new(SockoptOriginalDst),
+            http_limits,
+            limits,
+            plain_http_ports: cfg.listen.plain_http_ports.clone(),
+            deny_page: cfg.policy.deny_page,
+        },
+        stop_rx.clone(),
+    ));
+
+    // Bind everything before attaching interception, so agents never hit a closed port.
+    let mut tasks = tokio::task::JoinSet::new();
+    for addr in &cfg.listen.transparent {
+        let listener = bind(*addr).await?;
+        tracing::info!(%addr, "transparent listener");
+        tasks.spawn(run_listener(
+            Arc::clone(&pipeline),
+            listener,
+            ListenerKind::Transparent,
+        ));
+    }
+    if let Some(addr) = cfg.listen.connect {
+        let reason = cfg.listen.connect_reason.clone().unwrap_or_default();
+        let ev = AuditEvent::new(
+            AuditKind::ConnectReason,
+            cfg.run_id.clone(),
+            Mode::Connect,
+            addr.port(),
+        )
+        .with_reason(reason.clone());
+        if audit_decision(audit.as_ref(), &metrics, &ev) == AuditOutcome::DropConnection {
+            return Err(ServeError::ConnectReasonUnaudited);
+        }
+        let listener = bind(addr).await?;
+        tracing::warn!(%addr, reason = %reason, "cooperative CONNECT listener enabled");
+        tasks.spawn(run_listener(
+            Arc::clone(&pipeline),
+            listener,
+            ListenerKind::Connect,
+        ));
+    }
+    let ready = Readiness::new();
+    if let Some(admin) = &cfg.admin {
+        let listener = bind(admin.listen).await?;
+        tracing::info!(addr = %admin.listen, "admin listener");
+        let server = AdminServer::new(Arc::clone(&metrics), ready.clone());
+        let mut rx = stop_rx.clone();
+        tasks.spawn(async move {
+            server
+                .serve(listener, async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+        });
+    }
+    tasks.spawn(sync_leaf_metrics(
+        leaves,
+        Arc::clone(&metrics),
+        stop_rx.clone(),
+    ));
+
+    let _interceptor = match &cfg.ebpf {
+        Some(e) => Some(attach(cfg, e)?),
+        None => None,
+    };
+
+    ready.set_ready(true);
+    tracing::info!(run = %cfg.run_id, "proxy ready");
+    stop.await;
+    ready.set_ready(false);
+    let _ = stop_tx.send(true);
+    let left = Drain::wait(&pipeline, cfg.limits.drain_timeout()).await;
+    if left > 0 {
+        tracing::warn!(open = left, "drain timeout: closing remaining connections");
+    } else {
+        tracing::info!("drained");
+    }
+    tasks.abort_all();
+    Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Attaches the configured agent cgroups towards the first transparent listener, and this
+/// process's cgroup for `SO_ORIGINAL_DST` answers. The returned loader keeps the latter alive.
+fn attach(cfg: &ServeConfig, e: &super::config::EbpfConfig) -> Result<Interceptor, ServeError> {
+    let mut ic = Interceptor::load(&LoadOptions {
+        pin_dir: e.pin_dir.clone(),
+        ..LoadOptions::default()
+    })?;
+    let v4 = cfg.listen.transparent.iter().find(|a| a.is_ipv4());
+    let v6 = cfg.listen.transparent.iter().find(|a| a.is_ipv6());
+    if let Some(first) = v4.or(v6) {
+        let agent = AgentConfig {
+            proxy_v4: match v4 {
+                Some(std::net::SocketAddr::V4(a)) => *a.ip(),
+                _ => std::net::Ipv4Addr::LOCALHOST,
+            },
+            proxy_v6: match v6 {
+                Some(std::net::SocketAddr::V6(a)) => Some(*a.ip()),
+                _ => None,
+            },
+            proxy_port: first.port(),
+            dns: e.dns.clone(),
+            dns_redirect_port: None,
+            bypass: Vec::new(),
+            bypass_mark: cfg.network.bypass_mark,
+            block_udp: true,
+            debug_log: false,
+        };
+        agent.validate()?;
+        for path in &e.agent_cgroups {
+            let cgroup = Cgroup::open(PathBuf::from(path))?;
+            ic.attach_agent(&cgroup, &agent)?;
+            tracing::info!(cgroup = %path.display(), "intercepting agent cgroup");
+        }
+    }
+    ic.attach_proxy(&Cgroup::current()?)?;
+    Ok(ic)
+}
+
+/// Copies the leaf cache's counters into the Prometheus counters once a second.
+async fn sync_leaf_metrics(
+    leaves: Arc<LeafCache>,
+    metrics: Arc<ProxyMetrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let counters = metrics.leaf_cache();
+    let (mut hits, mut misses, mut forges) = (0u64, 0u64, 0u64);
+    loop {
+        let stats = leaves.stats();
+        let (h, m, f) = (stats.hits(), stats.misses(), stats.forges());
+        counters.hits.inc_by(h.saturating_sub(hits));
+        counters.misses.inc_by(m.saturating_sub(misses));
+        counters.forges.inc_by(f.saturating_sub(forges));
+        (hits, misses, forges) = (h, m, f);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}

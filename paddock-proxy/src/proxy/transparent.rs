@@ -1,0 +1,307 @@
+//! Transparent (kernel-redirected) TLS connections, and the TLS interception they share with
+//! cooperative `CONNECT` tunnels.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::io::IdleIo;
+use super::{ConnInfo, Pipeline, original_dst, plain, reset};
+use crate::audit::AuditOutcome;
+use crate::http::{RequestContext, UpstreamStream, serve_connection_until, serve_denial};
+use crate::metrics::{Direction, Leg, Rejection};
+use crate::net::dial;
+use crate::policy::{Decision, Mode};
+use crate::tls::{
+    ClientHello, HelloError, TlsError, UpstreamAlpn, agent_alpn_for, peek_client_hello,
+};
+
+/// Serves one connection accepted on a transparent listener.
+pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream) {
+    let Some(dst) = original_dst(p.origdst.as_ref(), &stream) else {
+        reset(&stream);
+        return;
+    };
+    tracing::Span::current().record("dst", tracing::field::display(dst));
+    if p.plain_http_ports.contains(&dst.port()) {
+        plain::serve(p, stream, dst).await;
+        return;
+    }
+    let deadline = Instant::now() + p.limits.handshake_timeout;
+    let info = ConnInfo {
+        mode: Mode::Transparent,
+        dst: Some(dst),
+        sni: None,
+        port: dst.port(),
+    };
+    let hello = match peek_client_hello(
+        &stream,
+        p.limits.max_client_hello_bytes,
+        p.limits.handshake_timeout,
+    )
+    .await
+    {
+        Ok(hello) => hello,
+        Err(e) => {
+            let (rejection, reason) = hello_rejection(&e);
+            if rejection == Rejection::HandshakeFailed {
+                p.metrics.handshake_failed(Leg::Agent);
+            }
+            let _ = p.refuse(&info, rejection, &reason);
+            reset(&stream);
+            return;
+        }
+    };
+    let Some(sni) = hello.server_name().map(str::to_owned) else {
+        let _ = p.refuse(
+            &info,
+            Rejection::NoSni,
+            "the ClientHello carries no server name",
+        );
+        reset(&stream);
+        return;
+    };
+    tracing::Span::current().record("sni", sni.as_str());
+    let info = ConnInfo {
+        sni: Some(&sni),
+        ..info
+    };
+    let (host, decision) = p.decide(&sni, dst.port(), Mode::Transparent).await;
+    let host = match (host, &decision) {
+        (Some(host), Decision::Allow { .. } | Decision::Discovery { .. }) => host,
+        (_, Decision::Deny { reason }) => {
+            deny_tls(&p, stream, &info, &sni, &hello, reason).await;
+            return;
+        }
+        (None, _) => {
+            deny_tls(&p, stream, &info, &sni, &hello, "invalid host name").await;
+            return;
+        }
+    };
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let vetted =
+        match tokio::time::timeout(remaining, p.vetter.vet_transparent(&host, dst.ip())).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                let _ = p.refuse(&info, e.rejection(), &e.to_string());
+                reset(&stream);
+                return;
+            }
+            Err(_) => {
+                let _ = p.refuse(&info, Rejection::DnsFailed, "name resolution timed out");
+                reset(&stream);
+                return;
+            }
+        };
+    for filtered in &vetted.filtered {
+        tracing::debug!(%filtered, "resolved address removed by the denied-CIDR set");
+    }
+    p.admit(&info, &decision);
+    intercept(
+        &p,
+        stream,
+        &host,
+        dst.port(),
+        &hello,
+        &vetted.addrs,
+        deadline,
+        Mode::Transparent,
+    )
+    .await;
+}
+
+/// The rejection reason for a `ClientHello` that could not be read.
+fn hello_rejection(e: &TlsError) -> (Rejection, String) {
+    match e {
+        TlsError::Hello(HelloError::NoSni) => (
+            Rejection::NoSni,
+            "the ClientHello carries no server name".to_owned(),
+        ),
+        TlsError::Hello(HelloError::NotTls) => (
+            Rejection::HandshakeFailed,
+            "not TLS on a TLS port".to_owned(),
+        ),
+        other => (Rejection::HandshakeFailed, other.to_string()),
+    }
+}
+
+/// A denied TLS host: audit, then either reset or finish the handshake with a forged leaf
+/// and answer every request with the 403 page.
+pub(super) async fn deny_tls(
+    p: &Pipeline,
+    stream: TcpStream,
+    info: &ConnInfo<'_>,
+    name: &str,
+    hello: &ClientHello,
+    reason: &str,
+) {
+    if p.refuse(info, Rejection::PolicyDenied, reason) == AuditOutcome::DropConnection
+        || !p.deny_page
+    {
+        reset(&stream);
+        return;
+    }
+    let io = IdleIo::new(stream, p.limits.idle_timeout, None);
+    let accepted =
+        tokio::time::timeout(p.limits.handshake_timeout, p.mitm.accept(io, hello.alpn())).await;
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            p.metrics.handshake_failed(Leg::Agent);
+            tracing::debug!(error = %e, "agent handshake for the denial page failed");
+            return;
+        }
+        Err(_) => {
+            p.metrics.handshake_failed(Leg::Agent);
+            return;
+        }
+    };
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    if let Err(e) = serve_denial(tls, alpn.as_deref(), name, reason).await {
+        tracing::debug!(error = %e, "denial page connection ended with an error");
+    }
+}
+
+/// Upstream first (dial the vetted addresses, TLS with the agent's ALPN offer), then the
+/// agent's handshake offering what upstream chose, then the request loop.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one linear sequence of pipeline steps"
+)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site per mode; a struct adds nothing"
+)]
+pub(super) async fn intercept(
+    p: &Pipeline,
+    stream: TcpStream,
+    host: &str,
+    port: u16,
+    hello: &ClientHello,
+    addrs: &[std::net::IpAddr],
+    deadline: Instant,
+    mode: Mode,
+) {
+    let started = std::time::Instant::now();
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let dialed =
+        match tokio::time::timeout(remaining, dial(addrs, port, p.connector.dial_settings())).await
+        {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "upstream dial failed");
+                reset(&stream);
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("upstream dial timed out");
+                reset(&stream);
+                return;
+            }
+        };
+    let upstream_addr: SocketAddr = dialed.addr;
+    tracing::debug!(%upstream_addr, "upstream connected");
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let offer = UpstreamAlpn::from_agent_offer(hello.alpn());
+    let upstream = match tokio::time::timeout(
+        remaining,
+        p.upstream_tls
+            .connect(p.connector.wrap(dialed.stream), host, offer),
+    )
+    .await
+    {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => {
+            p.metrics.handshake_failed(Leg::Upstream);
+            p.metrics.rejected(Rejection::HandshakeFailed);
+            tracing::warn!(error = %e, "upstream TLS handshake failed");
+            reset(&stream);
+            return;
+        }
+        Err(_) => {
+            p.metrics.handshake_failed(Leg::Upstream);
+            p.metrics.rejected(Rejection::HandshakeFailed);
+            tracing::warn!("upstream TLS handshake timed out");
+            reset(&stream);
+            return;
+        }
+    };
+    p.metrics.observe_upstream_latency(started.elapsed());
+    let agent_alpn = agent_alpn_for(upstream.alpn.as_deref(), hello.alpn());
+    let agent_io = IdleIo::new(
+        stream,
+        p.limits.idle_timeout,
+        Some((
+            Arc::clone(&p.metrics),
+            Direction::AgentToUpstream,
+            Direction::UpstreamToAgent,
+        )),
+    );
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let accepted = if mode == Mode::Connect && hello.server_name().is_none() {
+        // A CONNECT to an IP literal: the client sends no SNI; serve the leaf for the authority.
+        match crate::tls::LeafName::parse(host)
+            .and_then(|name| p.mitm.server_config_for_name(&name, &agent_alpn))
+        {
+            Ok(config) => tokio::time::timeout(
+                remaining,
+                tokio_rustls::TlsAcceptor::from(config).accept(agent_io),
+            )
+            .await
+            .map(|r| {
+                r.map_err(|source| TlsError::Handshake {
+                    leg: crate::tls::Leg::Agent,
+                    source,
+                })
+            }),
+            Err(e) => Ok(Err(e)),
+        }
+    } else {
+        tokio::time::timeout(remaining, p.mitm.accept(agent_io, &agent_alpn)).await
+    };
+    let agent = match accepted {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            p.metrics.handshake_failed(Leg::Agent);
+            p.metrics.rejected(Rejection::HandshakeFailed);
+            tracing::info!(error = %e, "agent TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            p.metrics.handshake_failed(Leg::Agent);
+            p.metrics.rejected(Rejection::HandshakeFailed);
+            tracing::info!("agent TLS handshake timed out");
+            return;
+        }
+    };
+    let negotiated = agent.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    p.connector.hand_over(
+        host,
+        port,
+        UpstreamStream {
+            io: Box::new(upstream.stream),
+            alpn: upstream.alpn,
+        },
+    );
+    let ctx = RequestContext {
+        run: p.run.clone(),
+        host: host.to_owned(),
+        port,
+        sni: Some(host.to_owned()),
+    };
+    let served = serve_connection_until(
+        agent,
+        negotiated.as_deref(),
+        ctx,
+        p.pool.clone(),
+        Arc::clone(&p.substituter),
+        p.http_limits.clone(),
+        p.drained(),
+    )
+    .await;
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "agent connection ended with an error");
+    }
+}

@@ -1,0 +1,425 @@
+//! Fixtures for the proxy's root-tier tests and benchmark: an nginx test host with a
+//! certificate from a test CA, a WebSocket echo backend, a tiny DNS responder for the proxy's
+//! resolver, and the proxy itself running in the agent namespace.
+//!
+//! DNS: the proxy resolves test names through [`DnsResponder`], a minimal authoritative UDP
+//! responder the test runs on 127.0.0.1 inside the agent namespace (where the proxy runs); the
+//! proxy config points `network.nameservers` at it. Agents themselves never resolve: clients
+//! dial the test host's address with the name pinned (`curl --resolve`).
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    Netns,
+    process::{Placement, place},
+    servers::bind_in,
+};
+
+/// Run `openssl` with `args`, panicking with its stderr on failure.
+fn openssl(args: &[&str], cwd: &Path) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Writes `test-ca.crt` and `server.{crt,key}` (SANs = `names`) into `dir`.
+pub fn make_upstream_certs(dir: &Path, names: &[&str]) {
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "test-ca.key",
+            "-out",
+            "test-ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=paddock upstream test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+        dir,
+    );
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=paddock test host",
+        ],
+        dir,
+    );
+    let san = names
+        .iter()
+        .map(|n| format!("DNS:{n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+    )
+    .expect("write ext.cnf");
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "test-ca.crt",
+            "-CAkey",
+            "test-ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+        dir,
+    );
+}
+
+/// nginx (Debian `nginx-light`) running in a namespace until dropped.
+#[derive(Debug)]
+pub struct Nginx {
+    child: Child,
+}
+
+impl Nginx {
+    /// Starts nginx in `ns` serving TLS (h1 + h2) on 443 with `dir/server.{crt,key}`:
+    /// `/hello.txt` (static), `/sse` (five events 300 ms apart, echo module), `PUT /upload/*`
+    /// (`WebDAV` into `dir/www/upload`), `/ws` (proxied to `ws_backend`).
+    pub fn start(ns: &Netns, dir: &Path, ws_backend: SocketAddr) -> Self {
+        let www = dir.join("www");
+        std::fs::create_dir_all(www.join("upload")).expect("www");
+        std::fs::create_dir_all(dir.join("tmp")).expect("tmp");
+        std::fs::write(www.join("hello.txt"), "hello from the test host\n").expect("hello");
+        let echo = "/usr/lib/nginx/modules/ngx_http_echo_module.so";
+        let load_echo = if Path::new(echo).exists() {
+            format!("load_module {echo};")
+        } else {
+            String::new()
+        };
+        let d = dir.display();
+        let conf = format!(
+            r#"{load_echo}
+user root;
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen 443 ssl http2;
+        listen [::]:443 ssl http2;
+        ssl_certificate {d}/server.crt;
+        ssl_certificate_key {d}/server.key;
+        root {d}/www;
+        client_max_body_size 200m;
+        location /upload/ {{ dav_methods PUT; create_full_put_path on; }}
+        location /sse {{
+            default_type text/event-stream;
+            echo "data: 1"; echo ""; echo_flush; echo_sleep 0.3;
+            echo "data: 2"; echo ""; echo_flush; echo_sleep 0.3;
+            echo "data: 3"; echo ""; echo_flush; echo_sleep 0.3;
+            echo "data: 4"; echo ""; echo_flush; echo_sleep 0.3;
+            echo "data: 5"; echo "";
+        }}
+        location /ws {{
+            proxy_pass http://{ws_backend};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+        }}
+    }}
+}}
+"#
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("nginx.conf");
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        place(
+            &mut cmd,
+            &Placement {
+                netns: Some(ns),
+                cgroup: None,
+                user: None,
+            },
+        );
+        let child = cmd
+            .spawn()
+            .expect("spawn nginx (apt-get install nginx-light)");
+        let mut nginx = Self { child };
+        // Wait until it listens (its own namespace: probe from inside it).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = nginx.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = nginx.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("nginx exited ({status}): {err}");
+            }
+            let up = ns
+                .run(|| std::net::TcpStream::connect(("10.77.0.1", 443)).is_ok())
+                .unwrap_or(false);
+            if up {
+                return nginx;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not start: {}",
+                std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A WebSocket echo server on `addr` inside `ns` (runs on the caller's tokio runtime).
+pub fn ws_echo(ns: &Netns, addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+    use futures_util::{SinkExt, StreamExt};
+    let std_l = bind_in(ns, addr);
+    std_l.set_nonblocking(true).expect("nonblocking");
+    let l = tokio::net::TcpListener::from_std(std_l).expect("tokio listener");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_text() || msg.is_binary() {
+                        if ws.send(msg).await.is_err() {
+                            return;
+                        }
+                    } else if msg.is_close() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// A minimal authoritative DNS responder: A records from a fixed zone, empty NOERROR for other
+/// types of known names, NXDOMAIN otherwise.
+#[derive(Debug)]
+pub struct DnsResponder {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for DnsResponder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl DnsResponder {
+    /// Serves `zone` on `addr` (UDP) inside `ns`.
+    pub fn start(ns: &Netns, addr: SocketAddr, zone: Vec<(String, Ipv4Addr)>) -> Self {
+        let sock = ns
+            .run(move || std::net::UdpSocket::bind(addr))
+            .expect("enter netns")
+            .unwrap_or_else(|e| panic!("bind DNS {addr}: {e}"));
+        sock.set_nonblocking(true).expect("nonblocking");
+        let sock = tokio::net::UdpSocket::from_std(sock).expect("tokio udp");
+        let zone = Arc::new(zone);
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
+                if let Some(reply) = dns_answer(&buf[..n], &zone) {
+                    let _ = sock.send_to(&reply, peer).await;
+                }
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+fn dns_answer(query: &[u8], zone: &[(String, Ipv4Addr)]) -> Option<Vec<u8>> {
+    if query.len() < 12 {
+        return None;
+    }
+    // Walk the question name.
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = usize::from(*query.get(i)?);
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(query.get(i..i + len)?).to_ascii_lowercase());
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(i)?, *query.get(i + 1)?]);
+    let question_end = i + 4;
+    query.get(..question_end)?;
+    let name = labels.join(".");
+    let known: Vec<Ipv4Addr> = zone
+        .iter()
+        .filter(|(n, _)| *n == name)
+        .map(|(_, a)| *a)
+        .collect();
+    let answers: Vec<Ipv4Addr> = if qtype == 1 {
+        known.clone()
+    } else {
+        Vec::new()
+    };
+    let rcode: u8 = if known.is_empty() { 3 } else { 0 };
+    let mut out = Vec::with_capacity(question_end + answers.len() * 16);
+    out.extend_from_slice(&query[..2]);
+    out.push(0x84 | (query[2] & 0x01)); // QR, AA, RD copied
+    out.push(0x80 | rcode); // RA
+    out.extend_from_slice(&[0, 1]);
+    out.extend_from_slice(&u16::try_from(answers.len()).ok()?.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(&query[12..question_end]);
+    for a in answers {
+        out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+        out.extend_from_slice(&a.octets());
+    }
+    Some(out)
+}
+
+/// The proxy (`paddock_proxy::proxy::serve_until`) on its own runtime, on threads inside the
+/// agent namespace (so its upstream sockets and DNS queries live there), until dropped.
+#[derive(Debug)]
+pub struct ProxyProcess {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProxyProcess {
+    /// Starts the proxy with `config` (TOML text) in `ns` and waits until `probe` accepts.
+    pub fn start(ns: &Netns, config: &str, audit: Option<&str>, probe: SocketAddr) -> Self {
+        let config = paddock_proxy::proxy::config::ServeConfig::from_toml_str(config)
+            .unwrap_or_else(|e| panic!("proxy config: {e}"));
+        let audit = audit.map(str::to_owned);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (err_tx, err_rx) = std::sync::mpsc::channel::<String>();
+        let path = ns.path().clone();
+        let thread = std::thread::spawn(move || {
+            use paddock_proxy::netns::NetnsEntry;
+            let ran = path.run_in(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("proxy runtime");
+                let r = rt.block_on(paddock_proxy::proxy::serve_until(
+                    paddock_proxy::proxy::ServeOptions { config, audit },
+                    async move {
+                        let _ = rx.await;
+                    },
+                ));
+                if let Err(e) = r {
+                    let _ = err_tx.send(e.to_string());
+                }
+            });
+            if let Err(e) = ran {
+                eprintln!("proxy thread: {e}");
+            }
+        });
+        let me = Self {
+            stop: Some(tx),
+            thread: Some(thread),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(e) = err_rx.try_recv() {
+                panic!("proxy failed to start: {e}");
+            }
+            let up = ns
+                .run(move || std::net::TcpStream::connect(probe).is_ok())
+                .unwrap_or(false);
+            if up {
+                return me;
+            }
+            assert!(Instant::now() < deadline, "proxy did not start listening");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Scratch directory for one test (removed on drop, also on panic).
+#[must_use]
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("pdk-proxy-")
+        .tempdir()
+        .expect("tempdir")
+}
+
+/// `dir/name` as a string (config files want text).
+#[must_use]
+pub fn path_str(dir: &Path, name: &str) -> String {
+    let p: PathBuf = dir.join(name);
+    p.display().to_string()
+}

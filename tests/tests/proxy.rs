@@ -1,0 +1,542 @@
+//! Root tier: the proxy end to end through the eBPF path. Real clients (curl, Python) in an
+//! intercepted cgroup trust the run CA; nginx with a test-CA certificate plays the internet in
+//! its own namespace; the proxy resolves test names through a DNS responder the test runs.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    process::{Command, Output},
+    time::Instant,
+};
+
+use paddock_proxy::{
+    cgroup::Cgroup,
+    ebpf::{AgentConfig, Interception, Interceptor, LoadOptions},
+};
+use paddock_tests::{
+    CgroupGuard, PinDir, Topology,
+    process::{Placement, run},
+    proxied::{DnsResponder, Nginx, ProxyProcess, make_upstream_certs, path_str, scratch, ws_echo},
+    require_root,
+};
+
+const PROXY_PORT: u16 = 15001;
+const ADMIN: &str = "127.0.0.1:9901";
+const DNS: &str = "127.0.0.1:5353";
+const MARK: u32 = 0x70ad;
+
+/// Policy for every test: `app.test`, `rebind.test` and `cidr.test` allowed on 443;
+/// everything else (`denied.test`) denied.
+const POLICY: &str = r#"
+[[rule]]
+name = "test-hosts"
+hosts = ["app.test", "rebind.test", "cidr.test"]
+ports = [443, 80]
+"#;
+
+struct Fixture {
+    // Drop order: proxy first (drains), then backends, loader, pins, cgroup, namespaces, files.
+    proxy: ProxyProcess,
+    _nginx: Nginx,
+    _ws: tokio::task::JoinHandle<()>,
+    _dns: DnsResponder,
+    _ic: Interceptor,
+    _pins: PinDir,
+    cgroup: CgroupGuard,
+    topo: Topology,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// `limits` is extra TOML for the `[limits]` table.
+    fn new(limits: &str) -> Self {
+        let dir = scratch();
+        let d = dir.path();
+        make_upstream_certs(d, &["app.test", "rebind.test", "cidr.test"]);
+        std::fs::write(d.join("policy.toml"), POLICY).expect("policy");
+        let topo = Topology::new();
+        let cgroup = CgroupGuard::new("px");
+        let pins = PinDir::new();
+        let mut ic = Interceptor::load(&LoadOptions {
+            pin_dir: pins.path().to_path_buf(),
+            ..LoadOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("load eBPF: {e}"));
+        let mut cfg = AgentConfig::loopback(PROXY_PORT);
+        cfg.bypass_mark = Some(MARK);
+        ic.attach_agent(cgroup.cgroup(), &cfg)
+            .unwrap_or_else(|e| panic!("attach agent: {e}"));
+        // The proxy runs in this process: answer SO_ORIGINAL_DST for its accepted sockets.
+        ic.attach_proxy(&Cgroup::current().expect("own cgroup"))
+            .unwrap_or_else(|e| panic!("attach proxy: {e}"));
+        let dns = DnsResponder::start(
+            &topo.agent,
+            DNS.parse().expect("addr"),
+            vec![
+                ("app.test".into(), Ipv4Addr::new(10, 77, 0, 1)),
+                // Resolves elsewhere than where the agent connects: a rebinding mismatch.
+                ("rebind.test".into(), Ipv4Addr::new(10, 77, 0, 3)),
+                // Outside the test host range the config carves out of RFC 1918.
+                ("cidr.test".into(), Ipv4Addr::new(10, 77, 1, 1)),
+                ("denied.test".into(), Ipv4Addr::new(10, 77, 0, 1)),
+            ],
+        );
+        let ws_addr: SocketAddr = "127.0.0.1:8090".parse().expect("addr");
+        let ws = ws_echo(&topo.upstream, ws_addr);
+        let nginx = Nginx::start(&topo.upstream, d, ws_addr);
+        let config = format!(
+            r#"
+run_id = "run-proxy-test"
+[listen]
+transparent = ["127.0.0.1:{PROXY_PORT}", "[::1]:{PROXY_PORT}"]
+[tls]
+ca_dir = "{ca}"
+generate_ca = true
+upstream_ca_bundle = "{bundle}"
+[policy]
+file = "{policy}"
+[network]
+allow_cidrs = ["10.77.0.0/24"]
+nameservers = ["{DNS}"]
+bypass_mark = {MARK}
+[audit]
+target = "{audit}"
+[limits]
+drain_timeout_secs = 1
+{limits}
+[admin]
+listen = "{ADMIN}"
+"#,
+            ca = path_str(d, "ca"),
+            bundle = path_str(d, "test-ca.crt"),
+            policy = path_str(d, "policy.toml"),
+            audit = path_str(d, "audit.jsonl"),
+        );
+        let proxy = ProxyProcess::start(
+            &topo.agent,
+            &config,
+            None,
+            SocketAddr::from(([127, 0, 0, 1], PROXY_PORT)),
+        );
+        Self {
+            proxy,
+            _nginx: nginx,
+            _ws: ws,
+            _dns: dns,
+            _ic: ic,
+            _pins: pins,
+            cgroup,
+            topo,
+            dir,
+        }
+    }
+
+    fn agent(&self) -> Placement<'_> {
+        Placement {
+            netns: Some(&self.topo.agent),
+            cgroup: Some(&self.cgroup),
+            user: None,
+        }
+    }
+
+    fn run_agent(&self, cmd: &mut Command) -> Output {
+        tokio::task::block_in_place(|| run(cmd, &self.agent()))
+    }
+
+    fn ca(&self) -> String {
+        path_str(self.dir.path(), "ca/tls.crt")
+    }
+
+    /// curl in the agent cgroup, `name` pinned to the test host (or to `addr`).
+    fn curl(&self, name: &str, addr: &str, extra: &[&str], url_path: &str) -> Output {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "20", "--cacert", &self.ca()])
+            .args(["--resolve", &format!("{name}:443:{addr}")])
+            .args(extra)
+            .arg(format!("https://{name}{url_path}"));
+        self.run_agent(&mut cmd)
+    }
+
+    fn python(&self, script: &str) -> Output {
+        let mut cmd = Command::new("python3");
+        cmd.arg("-c").arg(script).env("PDK_CA", self.ca());
+        self.run_agent(&mut cmd)
+    }
+
+    /// The admin endpoint's body for `path`, fetched from the agent namespace outside the
+    /// intercepted cgroup (the admin listener is not on the data plane).
+    fn admin(&self, path: &str) -> String {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "5"])
+            .arg(format!("http://{ADMIN}{path}"));
+        let out = tokio::task::block_in_place(|| {
+            run(
+                &mut cmd,
+                &Placement {
+                    netns: Some(&self.topo.agent),
+                    cgroup: None,
+                    user: None,
+                },
+            )
+        });
+        assert!(out.status.success(), "admin {path}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn rejections(&self, reason: &str) -> u64 {
+        metric(
+            &self.admin("/metrics"),
+            &format!("paddock_proxy_rejections_total{{reason=\"{reason}\"}}"),
+        )
+    }
+
+    fn audit_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+}
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).map(str::trim))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn assert_ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed: {}\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn get_over_http1_and_h2_through_the_ebpf_path() {
+    if !require_root("get_over_http1_and_h2_through_the_ebpf_path") {
+        return;
+    }
+    let f = Fixture::new("");
+    let o = f.curl(
+        "app.test",
+        "10.77.0.1",
+        &["--http1.1", "-w", "\n%{http_version}"],
+        "/hello.txt",
+    );
+    assert_ok(&o, "curl --http1.1");
+    assert_eq!(stdout(&o), "hello from the test host\n\n1.1");
+    let o = f.curl(
+        "app.test",
+        "10.77.0.1",
+        &["--http2", "-w", "\n%{http_version}"],
+        "/hello.txt",
+    );
+    assert_ok(&o, "curl --http2");
+    assert_eq!(
+        stdout(&o),
+        "hello from the test host\n\n2",
+        "h2 must be negotiated end to end"
+    );
+
+    // The agent saw the run CA's forged leaf, not the upstream certificate.
+    let o = f.curl(
+        "app.test",
+        "10.77.0.1",
+        &["-v", "-o", "/dev/null"],
+        "/hello.txt",
+    );
+    let verbose = String::from_utf8_lossy(&o.stderr);
+    assert!(!verbose.contains("paddock upstream test CA"), "{verbose}");
+
+    let audit = f.audit_lines();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["kind"] == "allow" && e["sni"] == "app.test" && e["rule"] == "test-hosts"),
+        "{audit:?}"
+    );
+    let metrics = f.admin("/metrics");
+    assert!(
+        metric(
+            &metrics,
+            "paddock_proxy_connections_total{decision=\"allow\"}"
+        ) >= 3,
+        "{metrics}"
+    );
+    assert_eq!(f.admin("/healthz"), "ok\n");
+    assert_eq!(f.admin("/readyz"), "ready\n");
+    drop(f.proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn python_urllib_trusting_the_run_ca() {
+    if !require_root("python_urllib_trusting_the_run_ca") {
+        return;
+    }
+    let f = Fixture::new("");
+    let o = f.python(
+        r#"
+import os, socket, ssl, urllib.request
+real = socket.getaddrinfo
+socket.getaddrinfo = lambda h, *a, **k: real("10.77.0.1" if h.endswith(".test") else h, *a, **k)
+ctx = ssl.create_default_context(cafile=os.environ["PDK_CA"])
+with urllib.request.urlopen("https://app.test/hello.txt", context=ctx, timeout=20) as r:
+    print(r.status, r.read().decode().strip())
+"#,
+    );
+    assert_ok(&o, "python urllib");
+    assert_eq!(stdout(&o).trim(), "200 hello from the test host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn denied_host_gets_a_403_naming_host_and_reason() {
+    if !require_root("denied_host_gets_a_403_naming_host_and_reason") {
+        return;
+    }
+    let f = Fixture::new("");
+    let o = f.curl("denied.test", "10.77.0.1", &["-w", "\n%{http_code}"], "/");
+    assert_ok(&o, "curl denied.test");
+    let body = stdout(&o);
+    assert!(body.ends_with("\n403"), "{body}");
+    assert!(body.contains("denied.test"), "{body}");
+    assert!(
+        body.contains("no egress rule allows denied.test:443"),
+        "{body}"
+    );
+    assert_eq!(f.rejections("policy_denied"), 1);
+    let audit = f.audit_lines();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["kind"] == "deny" && e["sni"] == "denied.test"),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_sni_rebinding_and_denied_cidr_are_dropped() {
+    if !require_root("no_sni_rebinding_and_denied_cidr_are_dropped") {
+        return;
+    }
+    let f = Fixture::new("");
+    // An IP-literal URL: curl sends no SNI.
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-k",
+        "https://10.77.0.1/hello.txt",
+    ]);
+    let o = f.run_agent(&mut cmd);
+    assert!(
+        !o.status.success(),
+        "no SNI must be dropped: {}",
+        stdout(&o)
+    );
+    assert_eq!(f.rejections("no_sni"), 1);
+
+    let o = f.curl("rebind.test", "10.77.0.1", &[], "/hello.txt");
+    assert!(
+        !o.status.success(),
+        "rebinding must be dropped: {}",
+        stdout(&o)
+    );
+    assert_eq!(f.rejections("dns_rebinding_mismatch"), 1);
+
+    let o = f.curl("cidr.test", "10.77.1.1", &[], "/hello.txt");
+    assert!(
+        !o.status.success(),
+        "denied CIDR must be dropped: {}",
+        stdout(&o)
+    );
+    assert_eq!(f.rejections("denied_cidr"), 1);
+
+    // Plain bytes on a TLS port.
+    let o = f.python(
+        r#"
+import socket
+s = socket.create_connection(("10.77.0.1", 443), timeout=10)
+s.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+try:
+    print(repr(s.recv(100)))
+except ConnectionResetError:
+    print("reset")
+"#,
+    );
+    assert_ok(&o, "python plain on 443");
+    assert_eq!(stdout(&o).trim(), "reset");
+    assert_eq!(f.rejections("handshake_failed"), 1);
+
+    let denies = f
+        .audit_lines()
+        .into_iter()
+        .filter(|e| e["kind"] == "deny")
+        .count();
+    assert_eq!(denies, 4, "every refusal is audited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sse_streams_and_websocket_echoes() {
+    if !require_root("sse_streams_and_websocket_echoes") {
+        return;
+    }
+    let f = Fixture::new("");
+    // SSE: events must arrive as nginx flushes them (300 ms apart), not all at the end.
+    let o = f.python(
+        r#"
+import os, socket, ssl, time
+ctx = ssl.create_default_context(cafile=os.environ["PDK_CA"])
+s = ctx.wrap_socket(socket.create_connection(("10.77.0.1", 443), timeout=20), server_hostname="app.test")
+s.sendall(b"GET /sse HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+start = time.monotonic(); seen = []; buf = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk: break
+    buf += chunk
+    while b"data: " in buf:
+        i = buf.index(b"data: ")
+        seen.append(round(time.monotonic() - start, 2)); buf = buf[i + 6:]
+print(len(seen), seen[-1] - seen[0])
+"#,
+    );
+    assert_ok(&o, "python SSE");
+    let text = stdout(&o);
+    let mut parts = text.split_whitespace();
+    assert_eq!(parts.next(), Some("5"), "{text}");
+    let spread: f64 = parts.next().and_then(|s| s.parse().ok()).expect("spread");
+    assert!(spread >= 0.8, "events arrived together (buffered): {text}");
+
+    // WebSocket: upgrade through the proxy and nginx to the echo backend.
+    let o = f.python(
+        r#"
+import base64, os, socket, ssl
+ctx = ssl.create_default_context(cafile=os.environ["PDK_CA"])
+ctx.set_alpn_protocols(["http/1.1"])
+s = ctx.wrap_socket(socket.create_connection(("10.77.0.1", 443), timeout=20), server_hostname="app.test")
+key = base64.b64encode(os.urandom(16)).decode()
+s.sendall(("GET /ws HTTP/1.1\r\nHost: app.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % key).encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(1)
+status = head.split(b"\r\n")[0].decode()
+msg = b"paddock ws echo"
+mask = os.urandom(4)
+s.sendall(bytes([0x81, 0x80 | len(msg)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(msg)))
+hdr = s.recv(2)
+payload = b""
+while len(payload) < (hdr[1] & 0x7f):
+    payload += s.recv(100)
+print(status, "|", payload.decode())
+"#,
+    );
+    assert_ok(&o, "python WebSocket");
+    assert_eq!(
+        stdout(&o).trim(),
+        "HTTP/1.1 101 Switching Protocols | paddock ws echo"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upload_of_100_mb_streams_through() {
+    if !require_root("upload_of_100_mb_streams_through") {
+        return;
+    }
+    let f = Fixture::new("");
+    let src = f.dir.path().join("blob.bin");
+    let out = Command::new("head")
+        .args(["-c", "104857600", "/dev/urandom"])
+        .output()
+        .expect("head");
+    std::fs::write(&src, &out.stdout).expect("write blob");
+    let started = Instant::now();
+    let o = f.curl(
+        "app.test",
+        "10.77.0.1",
+        &[
+            "--http1.1",
+            "-T",
+            &src.display().to_string(),
+            "-w",
+            "%{http_code}",
+            "-o",
+            "/dev/null",
+        ],
+        "/upload/blob.bin",
+    );
+    assert_ok(&o, "curl upload");
+    assert_eq!(stdout(&o), "201", "created by WebDAV PUT");
+    let stored = f.dir.path().join("www/upload/blob.bin");
+    assert_eq!(
+        file_digest(&stored),
+        file_digest(&src),
+        "100 MB arrive intact"
+    );
+    eprintln!("100 MB upload through the proxy: {:?}", started.elapsed());
+}
+
+fn file_digest(p: &Path) -> String {
+    let o = Command::new("sha256sum")
+        .arg(p)
+        .output()
+        .expect("sha256sum");
+    stdout(&o)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn over_cap_is_reset_and_idle_connections_close() {
+    if !require_root("over_cap_is_reset_and_idle_connections_close") {
+        return;
+    }
+    let f = Fixture::new("max_connections = 2\nidle_timeout_secs = 2\nhandshake_timeout_secs = 10");
+    let o = f.python(
+        r#"
+import os, socket, ssl, time
+ctx = ssl.create_default_context(cafile=os.environ["PDK_CA"])
+# Two held connections fill the cap (they wait in the ClientHello peek).
+held = [socket.create_connection(("10.77.0.1", 443), timeout=10) for _ in range(2)]
+time.sleep(0.3)
+try:
+    # On loopback the reset can beat connect() back to userspace.
+    third = socket.create_connection(("10.77.0.1", 443), timeout=10)
+    data = third.recv(10)
+    print("cap:", "eof" if data == b"" else repr(data))
+except ConnectionResetError:
+    print("cap: reset")
+for s in held: s.close()
+time.sleep(0.3)
+# Idle: a completed handshake with no request is closed after the idle timeout.
+s = ctx.wrap_socket(socket.create_connection(("10.77.0.1", 443), timeout=20), server_hostname="app.test")
+start = time.monotonic()
+try:
+    s.recv(10)
+except (ConnectionResetError, ssl.SSLError):
+    pass
+print("idle: %.1f" % (time.monotonic() - start))
+"#,
+    );
+    assert_ok(&o, "python cap + idle");
+    let text = stdout(&o);
+    assert!(text.contains("cap: reset"), "{text}");
+    let idle: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("idle: "))
+        .and_then(|v| v.parse().ok())
+        .expect("idle line");
+    assert!((1.5..8.0).contains(&idle), "idle close after {idle}s");
+    assert!(f.rejections("cap_exceeded") >= 1);
+}
