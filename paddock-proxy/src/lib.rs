@@ -5,8 +5,12 @@
 
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod cgroup;
 pub mod ebpf;
+pub mod metrics;
+pub mod net;
 pub mod netns;
 pub mod origdst;
+pub mod policy;
 mod sys;

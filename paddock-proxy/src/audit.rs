@@ -1,0 +1,499 @@
+//! Audit records of connection decisions.
+//!
+//! Every connection decision (allow, deny, discovery) and every cooperative-mode `CONNECT`
+//! reason is written as one [`AuditEvent`] to an [`AuditSink`]: a JSONL file ([`JsonlFileSink`],
+//! appended, one line per event written and flushed before `record` returns, created `0600`),
+//! standard output ([`StdoutSink`]), or nothing at all ([`NoAudit`]), which must be chosen
+//! explicitly (`--audit none`): there is no default sink.
+//!
+//! # The caller's rule
+//!
+//! Use [`audit_decision`] rather than calling [`AuditSink::record`] directly. When a write fails:
+//!
+//! * on the **deny** path (and for a `CONNECT` reason, which has to be on record before the
+//!   tunnel opens) the connection is dropped (reset, no 403 page): an unrecorded denial must not
+//!   look like a clean answer;
+//! * on the **allow** and **discovery** paths the failure is counted
+//!   (`paddock_proxy_audit_write_failures_total{kind}`) and logged, and the connection proceeds,
+//!   so a full disk degrades auditing rather than taking the workload down.
+//!
+//! Sinks write synchronously: a JSONL line is a few hundred bytes and one `write(2)` on an
+//! `O_APPEND` file, cheaper than handing it to another task.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
+use serde::{Serialize, Serializer};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::metrics::ProxyMetrics;
+use crate::policy::Mode;
+
+/// What an audit event records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditKind {
+    Allow,
+    Deny,
+    Discovery,
+    /// The reason a cooperative-mode client gave for its `CONNECT`, logged at tunnel start.
+    ConnectReason,
+}
+
+impl AuditKind {
+    /// Every kind, for metric pre-registration.
+    pub const ALL: &'static [AuditKind] = &[
+        AuditKind::Allow,
+        AuditKind::Deny,
+        AuditKind::Discovery,
+        AuditKind::ConnectReason,
+    ];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditKind::Allow => "allow",
+            AuditKind::Deny => "deny",
+            AuditKind::Discovery => "discovery",
+            AuditKind::ConnectReason => "connect_reason",
+        }
+    }
+
+    /// Whether a failed write of this kind drops the connection (see the module docs).
+    #[must_use]
+    pub fn fails_closed(self) -> bool {
+        matches!(self, AuditKind::Deny | AuditKind::ConnectReason)
+    }
+}
+
+impl fmt::Display for AuditKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for AuditKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
+        fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+/// One audit record. Serialised as one JSON object per line; absent fields are `null`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEvent {
+    #[serde(serialize_with = "serialize_rfc3339")]
+    pub ts: OffsetDateTime,
+    pub run: String,
+    pub kind: AuditKind,
+    /// The destination address (the original destination in transparent mode, the dialled
+    /// address otherwise), when known.
+    pub dst: Option<SocketAddr>,
+    /// The destination port (known even when no address is).
+    pub port: u16,
+    /// The destination name: SNI, `CONNECT` host or `Host` header.
+    pub sni: Option<String>,
+    /// The policy rule that allowed the connection.
+    pub rule: Option<String>,
+    /// Why it was denied, or the `CONNECT` reason.
+    pub reason: Option<String>,
+    pub mode: Mode,
+}
+
+impl AuditEvent {
+    /// A new event stamped with the current time.
+    #[must_use]
+    pub fn new(kind: AuditKind, run: impl Into<String>, mode: Mode, port: u16) -> Self {
+        Self {
+            ts: OffsetDateTime::now_utc(),
+            run: run.into(),
+            kind,
+            dst: None,
+            port,
+            sni: None,
+            rule: None,
+            reason: None,
+            mode,
+        }
+    }
+
+    #[must_use]
+    pub fn with_dst(mut self, dst: SocketAddr) -> Self {
+        self.dst = Some(dst);
+        self
+    }
+
+    #[must_use]
+    pub fn with_sni(mut self, sni: impl Into<String>) -> Self {
+        self.sni = Some(sni.into());
+        self
+    }
+
+    #[must_use]
+    pub fn with_rule(mut self, rule: impl Into<String>) -> Self {
+        self.rule = Some(rule.into());
+        self
+    }
+
+    #[must_use]
+    pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    /// The JSONL line for this event, newline included.
+    pub fn to_line(&self) -> Result<Vec<u8>, AuditError> {
+        let mut line = serde_json::to_vec(self).map_err(|e| AuditError::Encode(e.to_string()))?;
+        line.push(b'\n');
+        Ok(line)
+    }
+}
+
+fn serialize_rfc3339<S: Serializer>(ts: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+    let text = ts.format(&Rfc3339).map_err(serde::ser::Error::custom)?;
+    s.serialize_str(&text)
+}
+
+/// An audit record could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot open audit log {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot write audit record to {target}: {source}")]
+    Write { target: String, source: io::Error },
+    #[error("cannot encode audit record: {0}")]
+    Encode(String),
+    #[error("audit sink is unusable after a panic in another writer")]
+    Poisoned,
+    #[error(
+        "invalid --audit value {0:?}: use \"none\", \"stdout\", \"file:PATH\" or an absolute path"
+    )]
+    BadTarget(String),
+}
+
+/// Where audit records go.
+pub trait AuditSink: Send + Sync + fmt::Debug {
+    /// Writes one record durably enough that a crash right after loses nothing already
+    /// returned `Ok` (flushed to the kernel).
+    fn record(&self, ev: &AuditEvent) -> Result<(), AuditError>;
+
+    /// Whether this sink discards everything ([`NoAudit`]).
+    fn is_disabled(&self) -> bool {
+        false
+    }
+}
+
+/// Appends JSON lines to a file opened `0600`, `O_APPEND`, never through a symlink.
+#[derive(Debug)]
+pub struct JsonlFileSink {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl JsonlFileSink {
+    /// Opens (creating if needed) the audit log. An existing regular file readable by group or
+    /// others is tightened to `0600`.
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        let open_err = |source| AuditError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(open_err)?;
+        }
+        Ok(Self {
+            path: path.to_owned(),
+            file: Mutex::new(file),
+        })
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AuditSink for JsonlFileSink {
+    fn record(&self, ev: &AuditEvent) -> Result<(), AuditError> {
+        let line = ev.to_line()?;
+        let mut file = self.file.lock().map_err(|_| AuditError::Poisoned)?;
+        file.write_all(&line)
+            .and_then(|()| file.flush())
+            .map_err(|source| AuditError::Write {
+                target: self.path.display().to_string(),
+                source,
+            })
+    }
+}
+
+/// Writes JSON lines to standard output (for container log collection).
+#[derive(Debug, Default)]
+pub struct StdoutSink;
+
+impl AuditSink for StdoutSink {
+    fn record(&self, ev: &AuditEvent) -> Result<(), AuditError> {
+        let line = ev.to_line()?;
+        let mut out = io::stdout().lock();
+        out.write_all(&line)
+            .and_then(|()| out.flush())
+            .map_err(|source| AuditError::Write {
+                target: "stdout".to_owned(),
+                source,
+            })
+    }
+}
+
+/// Auditing explicitly switched off (`--audit none`). Has no `Default`: it must be asked for.
+#[derive(Debug)]
+pub struct NoAudit {
+    _explicit: (),
+}
+
+impl NoAudit {
+    /// The only constructor; call it only when the operator asked for no audit trail.
+    #[must_use]
+    pub fn explicitly_disabled() -> Self {
+        Self { _explicit: () }
+    }
+}
+
+impl AuditSink for NoAudit {
+    fn record(&self, _ev: &AuditEvent) -> Result<(), AuditError> {
+        Ok(())
+    }
+
+    fn is_disabled(&self) -> bool {
+        true
+    }
+}
+
+/// The parsed `--audit` option. There is no default: the proxy refuses to start without one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    None,
+    Stdout,
+    File(PathBuf),
+}
+
+impl FromStr for AuditTarget {
+    type Err = AuditError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(AuditTarget::None),
+            "stdout" | "-" => Ok(AuditTarget::Stdout),
+            _ => {
+                let path = s.strip_prefix("file:").unwrap_or(s);
+                if path.starts_with('/') && path.len() > 1 {
+                    Ok(AuditTarget::File(PathBuf::from(path)))
+                } else {
+                    Err(AuditError::BadTarget(s.to_owned()))
+                }
+            }
+        }
+    }
+}
+
+impl AuditTarget {
+    /// Opens the sink this target names.
+    pub fn open(&self) -> Result<Arc<dyn AuditSink>, AuditError> {
+        Ok(match self {
+            AuditTarget::None => Arc::new(NoAudit::explicitly_disabled()),
+            AuditTarget::Stdout => Arc::new(StdoutSink),
+            AuditTarget::File(path) => Arc::new(JsonlFileSink::open(path)?),
+        })
+    }
+}
+
+/// What the caller must do after auditing a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum AuditOutcome {
+    /// Recorded, or failed on a path that proceeds anyway (counted and logged).
+    Proceed,
+    /// The record failed on a fail-closed path: drop (reset) the connection.
+    DropConnection,
+}
+
+/// Records `ev` and applies the caller's rule from the module docs.
+pub fn audit_decision(
+    sink: &dyn AuditSink,
+    metrics: &ProxyMetrics,
+    ev: &AuditEvent,
+) -> AuditOutcome {
+    match sink.record(ev) {
+        Ok(()) => AuditOutcome::Proceed,
+        Err(e) => {
+            metrics.audit_write_failed(ev.kind);
+            if ev.kind.fails_closed() {
+                tracing::error!(error = %e, run = %ev.run, kind = %ev.kind, "audit write failed; dropping connection");
+                AuditOutcome::DropConnection
+            } else {
+                tracing::warn!(error = %e, run = %ev.run, kind = %ev.kind, "audit write failed; connection proceeds");
+                AuditOutcome::Proceed
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: AuditKind) -> AuditEvent {
+        AuditEvent::new(kind, "run-7", Mode::Transparent, 443)
+            .with_dst("127.0.0.1:443".parse().expect("addr"))
+            .with_sni("api.example.com")
+    }
+
+    #[test]
+    fn jsonl_file_appends_flushed_lines_with_0600() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let sink = JsonlFileSink::open(&path).expect("open");
+        sink.record(&event(AuditKind::Allow).with_rule("github"))
+            .expect("record");
+        // Visible to a reader before the sink is dropped: written through, not buffered.
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text.lines().count(), 1);
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        // Reopening appends.
+        drop(sink);
+        let sink = JsonlFileSink::open(&path).expect("reopen");
+        sink.record(
+            &event(AuditKind::Deny).with_reason("no egress rule allows api.example.com:443"),
+        )
+        .expect("record");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["kind"], "allow");
+        assert_eq!(lines[0]["rule"], "github");
+        assert_eq!(lines[0]["reason"], serde_json::Value::Null);
+        assert_eq!(lines[1]["kind"], "deny");
+        assert_eq!(lines[1]["run"], "run-7");
+        assert_eq!(lines[1]["dst"], "127.0.0.1:443");
+        assert_eq!(lines[1]["port"], 443);
+        assert_eq!(lines[1]["sni"], "api.example.com");
+        assert_eq!(lines[1]["mode"], "transparent");
+        assert_eq!(
+            lines[1]["reason"],
+            "no egress rule allows api.example.com:443"
+        );
+        let ts = lines[1]["ts"].as_str().expect("ts string");
+        assert!(OffsetDateTime::parse(ts, &Rfc3339).is_ok(), "ts {ts}");
+    }
+
+    #[test]
+    fn existing_loose_file_is_tightened_and_symlinks_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, b"").expect("create");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        JsonlFileSink::open(&path).expect("open");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let link = dir.path().join("link.jsonl");
+        std::os::unix::fs::symlink(&path, &link).expect("symlink");
+        assert!(matches!(
+            JsonlFileSink::open(&link),
+            Err(AuditError::Open { .. })
+        ));
+    }
+
+    #[test]
+    fn caller_rule_drops_on_deny_and_counts_on_allow() {
+        // /dev/full accepts the open and fails every write with ENOSPC.
+        let sink = JsonlFileSink::open(Path::new("/dev/full")).expect("open /dev/full");
+        let metrics = ProxyMetrics::new();
+        assert!(matches!(
+            sink.record(&event(AuditKind::Allow)),
+            Err(AuditError::Write { .. })
+        ));
+        let table = [
+            (AuditKind::Allow, AuditOutcome::Proceed),
+            (AuditKind::Discovery, AuditOutcome::Proceed),
+            (AuditKind::Deny, AuditOutcome::DropConnection),
+            (AuditKind::ConnectReason, AuditOutcome::DropConnection),
+        ];
+        for (kind, want) in table {
+            assert_eq!(
+                audit_decision(&sink, &metrics, &event(kind)),
+                want,
+                "{kind}"
+            );
+            assert_eq!(metrics.audit_write_failures(kind), 1, "{kind}");
+        }
+        // A working sink proceeds on every path and counts nothing.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ok = JsonlFileSink::open(&dir.path().join("a.jsonl")).expect("open");
+        let fresh = ProxyMetrics::new();
+        for kind in AuditKind::ALL {
+            assert_eq!(
+                audit_decision(&ok, &fresh, &event(*kind)),
+                AuditOutcome::Proceed
+            );
+            assert_eq!(fresh.audit_write_failures(*kind), 0);
+        }
+    }
+
+    #[test]
+    fn audit_target_parsing() {
+        let ok = [
+            ("none", AuditTarget::None),
+            ("stdout", AuditTarget::Stdout),
+            ("-", AuditTarget::Stdout),
+            (
+                "/var/log/paddock/audit.jsonl",
+                AuditTarget::File("/var/log/paddock/audit.jsonl".into()),
+            ),
+            (
+                "file:/tmp/a.jsonl",
+                AuditTarget::File("/tmp/a.jsonl".into()),
+            ),
+        ];
+        for (input, want) in ok {
+            assert_eq!(input.parse::<AuditTarget>().ok(), Some(want), "{input}");
+        }
+        for bad in [
+            "",
+            "None",
+            "nnone",
+            "audit.jsonl",
+            "file:",
+            "file:rel.jsonl",
+            "/",
+        ] {
+            assert!(
+                matches!(bad.parse::<AuditTarget>(), Err(AuditError::BadTarget(_))),
+                "{bad:?} accepted"
+            );
+        }
+        let none = AuditTarget::None.open().expect("none");
+        assert!(none.is_disabled());
+        assert!(none.record(&event(AuditKind::Deny)).is_ok());
+        assert!(!AuditTarget::Stdout.open().expect("stdout").is_disabled());
+    }
+}
