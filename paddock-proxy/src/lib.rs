@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod cgroup;
 pub mod ebpf;
+pub mod http;
 pub mod metrics;
 pub mod net;
 pub mod netns;

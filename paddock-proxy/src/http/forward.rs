@@ -1,0 +1,209 @@
+//! Serving one agent connection: each request is checked, substituted and forwarded.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http::{Extensions, HeaderValue, Method, Request, Response, Version, header};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::body::{self, ProxyBody};
+use super::substitute::RequestHead;
+use super::{
+    ALPN_H2, HttpError, HttpLimits, RequestContext, Substituter, UpstreamPool, authority, hop,
+    upgrade,
+};
+
+/// Serves HTTP/2 (agent ALPN `h2`) or HTTP/1.1 (anything else) on `io` until the agent
+/// closes, forwarding every request to `ctx`'s destination through `pool`.
+///
+/// `pool` must be the pool of `ctx.run`: pools are per run so connections, and what was
+/// sent on them, never cross runs. Per-request failures are answered on the connection
+/// (see [`HttpError::status`]); the returned error is about the connection itself.
+///
+/// The returned future borrows nothing, so it can be spawned directly.
+pub fn serve_connection<I>(
+    io: I,
+    agent_alpn: Option<&[u8]>,
+    ctx: RequestContext,
+    pool: UpstreamPool,
+    substituter: Arc<dyn Substituter>,
+    limits: HttpLimits,
+) -> impl Future<Output = Result<(), HttpError>> + Send + 'static
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_connection_until(
+        io,
+        agent_alpn,
+        ctx,
+        pool,
+        substituter,
+        limits,
+        std::future::pending(),
+    )
+}
+
+/// [`serve_connection`] with a drain signal: once `shutdown` completes, the connection
+/// stops taking new requests (HTTP/1.1: closes after the response in flight; HTTP/2:
+/// GOAWAY), lets in-flight requests finish, then ends. Bounding the drain is the caller's
+/// job (drop the future when the grace period is over).
+pub fn serve_connection_until<I, S>(
+    io: I,
+    agent_alpn: Option<&[u8]>,
+    ctx: RequestContext,
+    pool: UpstreamPool,
+    substituter: Arc<dyn Substituter>,
+    limits: HttpLimits,
+    shutdown: S,
+) -> impl Future<Output = Result<(), HttpError>> + Send + 'static
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Future<Output = ()> + Send + 'static,
+{
+    let h2 = agent_alpn == Some(ALPN_H2);
+    async move {
+        if pool.run() != ctx.run {
+            return Err(HttpError::PoolRunMismatch {
+                pool_run: pool.run().to_owned(),
+                ctx_run: ctx.run,
+            });
+        }
+        let forwarder = Arc::new(Forwarder {
+            ctx,
+            pool,
+            substituter,
+            via: limits.via.clone(),
+        });
+        let service = service_fn(move |req: Request<Incoming>| {
+            let forwarder = Arc::clone(&forwarder);
+            async move { Ok::<_, Infallible>(forwarder.handle(req).await) }
+        });
+        let io = TokioIo::new(io);
+        let served = if h2 {
+            let conn = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(limits.h2_header_list_size())
+                .max_concurrent_streams(limits.h2_max_concurrent_streams)
+                .serve_connection(io, service);
+            drive(conn, shutdown, http2::Connection::graceful_shutdown).await
+        } else {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .max_buf_size(limits.h1_buf_size())
+                .max_headers(limits.max_headers)
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(io, service)
+                .with_upgrades();
+            drive(
+                conn,
+                shutdown,
+                http1::UpgradeableConnection::graceful_shutdown,
+            )
+            .await
+        };
+        served.map_err(HttpError::Agent)
+    }
+}
+
+/// Runs `conn` to completion, switching it to graceful shutdown if `shutdown` fires first.
+pub(crate) async fn drive<C, S>(
+    conn: C,
+    shutdown: S,
+    graceful: impl FnOnce(Pin<&mut C>),
+) -> C::Output
+where
+    C: Future,
+    S: Future<Output = ()>,
+{
+    tokio::pin!(conn);
+    tokio::pin!(shutdown);
+    tokio::select! {
+        out = conn.as_mut() => return out,
+        () = &mut shutdown => graceful(conn.as_mut()),
+    }
+    conn.await
+}
+
+#[derive(Debug)]
+struct Forwarder {
+    ctx: RequestContext,
+    pool: UpstreamPool,
+    substituter: Arc<dyn Substituter>,
+    via: Option<HeaderValue>,
+}
+
+impl Forwarder {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let method = req.method().clone();
+        // The path only: the query may carry credentials.
+        let path = req.uri().path().to_owned();
+        match self.forward(req).await {
+            Ok(response) => {
+                tracing::debug!(
+                    run = %self.ctx.run, host = %self.ctx.host, %method, %path,
+                    status = response.status().as_u16(), "forwarded"
+                );
+                response
+            }
+            Err(e) => {
+                tracing::info!(
+                    run = %self.ctx.run, host = %self.ctx.host, %method, %path,
+                    status = e.status().as_u16(), reason = e.reason(), error = %e,
+                    "request answered by the proxy"
+                );
+                e.to_response()
+            }
+        }
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, HttpError> {
+        if req.method() == Method::CONNECT {
+            return Err(HttpError::MethodNotAllowed(Method::CONNECT));
+        }
+        let upgrade = if req.version() == Version::HTTP_11 {
+            hop::upgrade_request(req.headers())
+        } else {
+            None
+        };
+        let agent_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+
+        let (mut parts, body) = req.into_parts();
+        let requested = authority::request_authority(&parts)?;
+        authority::check(&requested, &self.ctx)?;
+        hop::strip(&mut parts.headers, upgrade.as_ref());
+        // The upstream authority comes from the URI; the pool writes Host for HTTP/1 and
+        // HTTP/2 carries :authority, so a stale Host must not ride along.
+        parts.headers.remove(header::HOST);
+        parts.uri = authority::upstream_uri(&self.ctx, &parts)?;
+        // The pool picks the upstream protocol from ALPN; a request pinned to HTTP/2 would
+        // be refused on an HTTP/1 upstream.
+        parts.version = Version::HTTP_11;
+        parts.extensions = Extensions::new();
+
+        self.substituter
+            .substitute(&mut RequestHead::new(&mut parts), &self.ctx)
+            .await?;
+        if let Some(via) = &self.via {
+            hop::append_via(&mut parts.headers, via);
+        }
+        let req = Request::from_parts(parts, body);
+
+        let (response, upgraded) = match agent_upgrade {
+            Some(agent) => upgrade::forward(&self.pool, req, agent).await?,
+            None => (self.pool.send(req).await?, None),
+        };
+        let (mut parts, body) = response.into_parts();
+        hop::strip(&mut parts.headers, upgraded.as_ref());
+        if let Some(via) = &self.via {
+            hop::append_via(&mut parts.headers, via);
+        }
+        parts.version = Version::default();
+        parts.extensions = Extensions::new();
+        Ok(Response::from_parts(parts, body::stream(body)))
+    }
+}

@@ -1,0 +1,870 @@
+//! End-to-end tests of the request loop: an agent client over an in-memory pipe, the proxy,
+//! and a local hyper upstream on loopback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::header::{AUTHORIZATION, HOST};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio::sync::{mpsc, oneshot};
+
+use super::substitute::tests::{PLACEHOLDER, PlaceholderSubstituter, SECRET};
+use super::test_support::{
+    Agent, Fail, TestBody, TestConnector, TestError, Upstream, body_string, ctx, empty, full,
+    proxy, proxy_with_pool, within,
+};
+use super::{
+    BoxFuture, DENIED_HEADER, HttpLimits, NoopSubstituter, RequestContext, RequestHead,
+    SubstituteError, Substituter, UpstreamPool, serve_denial,
+};
+
+fn noop() -> Arc<dyn Substituter> {
+    Arc::new(NoopSubstituter)
+}
+
+fn get(uri: &str) -> Request<TestBody> {
+    Request::get(uri).body(empty()).expect("request")
+}
+
+/// A body the test feeds frame by frame.
+fn channel_body() -> (mpsc::Sender<Result<Frame<Bytes>, TestError>>, TestBody) {
+    let (tx, rx) = mpsc::channel(4);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    (tx, StreamBody::new(stream).boxed_unsync())
+}
+
+#[tokio::test]
+async fn get_across_protocol_combinations() {
+    for (agent_h2, upstream_h2) in [(false, false), (true, true), (false, true), (true, false)] {
+        let upstream = Upstream::ok(upstream_h2).await;
+        let connector = upstream.connector();
+        let (io, _proxy) = proxy(agent_h2, connector.clone(), noop(), HttpLimits::default());
+        let (mut agent, _conn) = Agent::connect(io, agent_h2).await;
+        let response = within(
+            "response",
+            agent.send(get("https://api.test/v1/models?limit=2")),
+        )
+        .await
+        .expect("response");
+        let combo = format!("agent h2={agent_h2} upstream h2={upstream_h2}");
+        assert_eq!(response.status(), StatusCode::OK, "{combo}");
+        assert_eq!(body_string(response).await, "ok", "{combo}");
+
+        let seen = upstream.seen();
+        assert_eq!(seen.len(), 1, "{combo}");
+        let req = &seen[0];
+        assert_eq!(req.uri.path(), "/v1/models", "{combo}");
+        assert_eq!(req.uri.query(), Some("limit=2"), "{combo}");
+        if upstream_h2 {
+            assert_eq!(req.version, Version::HTTP_2, "{combo}");
+            assert_eq!(
+                req.uri.authority().map(http::uri::Authority::as_str),
+                Some("api.test"),
+                "{combo}"
+            );
+            assert!(
+                !req.headers.contains_key(HOST),
+                "{combo}: h2 carries :authority only"
+            );
+        } else {
+            assert_eq!(req.version, Version::HTTP_11, "{combo}");
+            assert_eq!(req.headers[HOST], "api.test", "{combo}");
+        }
+        let target = connector.targets.lock().expect("targets")[0].clone();
+        assert_eq!(
+            (target.host.as_str(), target.port, target.tls),
+            ("api.test", 443, true)
+        );
+    }
+}
+
+#[tokio::test]
+async fn pooled_connections_are_reused() {
+    // HTTP/1.1 keep-alive: sequential requests share one upstream connection.
+    let upstream = Upstream::ok(false).await;
+    let connector = upstream.connector();
+    let (io, _proxy) = proxy(false, connector.clone(), noop(), HttpLimits::default());
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    for _ in 0..3 {
+        let response = within("response", agent.send(get("https://api.test/")))
+            .await
+            .expect("response");
+        assert_eq!(body_string(response).await, "ok");
+    }
+    assert_eq!(connector.dials(), 1);
+
+    // HTTP/2: once a connection is up, concurrent requests from two agent connections
+    // multiplex on it. (Before that, hyper-util dials speculatively per waiting request.)
+    let upstream = Upstream::ok(true).await;
+    let connector = upstream.connector();
+    let limits = HttpLimits::default();
+    let pool = UpstreamPool::new("run-1", connector.clone(), &limits);
+    let (io, _proxy) = proxy_with_pool(true, ctx(), pool.clone(), noop(), limits.clone());
+    let (mut agent, _conn) = Agent::connect(io, true).await;
+    let response = within("response", agent.send(get("https://api.test/")))
+        .await
+        .expect("response");
+    assert_eq!(body_string(response).await, "ok");
+    let mut requests = Vec::new();
+    for _ in 0..2 {
+        let (io, _proxy) = proxy_with_pool(true, ctx(), pool.clone(), noop(), limits.clone());
+        let (agent, _conn) = Agent::connect(io, true).await;
+        let Agent::H2(sender) = agent else {
+            panic!("h2 agent")
+        };
+        for _ in 0..4 {
+            let mut sender = sender.clone();
+            requests.push(tokio::spawn(async move {
+                sender.send_request(get("https://api.test/")).await
+            }));
+        }
+    }
+    for r in requests {
+        let response = within("response", r)
+            .await
+            .expect("task")
+            .expect("response");
+        assert_eq!(body_string(response).await, "ok");
+    }
+    assert_eq!(upstream.seen().len(), 9);
+    assert_eq!(connector.dials(), 1, "one multiplexed h2 connection");
+}
+
+#[tokio::test]
+async fn pool_of_another_run_is_refused() {
+    let upstream = Upstream::ok(false).await;
+    let limits = HttpLimits::default();
+    let pool = UpstreamPool::new("run-2", upstream.connector(), &limits);
+    let (_io, task) = proxy_with_pool(false, ctx(), pool, noop(), limits);
+    let err = within("refusal", task)
+        .await
+        .expect("task")
+        .expect_err("mismatch");
+    assert_eq!(err.reason(), "pool_run_mismatch");
+}
+
+#[tokio::test]
+async fn placeholders_are_substituted_in_all_four_positions() {
+    for agent_h2 in [false, true] {
+        let upstream = Upstream::ok(agent_h2).await;
+        let sub = Arc::new(PlaceholderSubstituter { deny_host: None });
+        let (io, _proxy) = proxy(agent_h2, upstream.connector(), sub, HttpLimits::default());
+        let (mut agent, _conn) = Agent::connect(io, agent_h2).await;
+        let basic = |p: &str| {
+            use base64::Engine as _;
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("git:{p}"))
+            )
+        };
+        let requests = [
+            Request::get("https://api.test/a")
+                .header(AUTHORIZATION, format!("Bearer {PLACEHOLDER}"))
+                .header("x-api-key", PLACEHOLDER),
+            Request::get(format!("https://api.test/b?key={PLACEHOLDER}&x=1")),
+            Request::get("https://api.test/repo.git/info/refs")
+                .header(AUTHORIZATION, basic(PLACEHOLDER)),
+        ];
+        for req in requests {
+            let response = within("response", agent.send(req.body(empty()).expect("request")))
+                .await
+                .expect("response");
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        let seen = upstream.seen();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0].headers[AUTHORIZATION], format!("Bearer {SECRET}"));
+        assert_eq!(seen[0].headers["x-api-key"], SECRET);
+        assert_eq!(
+            seen[1].uri.query(),
+            Some("key=sk-real%2Fsecret%2Bvalue%3D1&x=1")
+        );
+        assert_eq!(seen[2].headers[AUTHORIZATION], basic(SECRET));
+        for s in &seen {
+            let all = format!("{:?} {:?}", s.uri, s.headers);
+            assert!(
+                !all.contains(PLACEHOLDER),
+                "placeholder leaked upstream: {all}"
+            );
+        }
+    }
+}
+
+/// A substituter whose broker is down.
+#[derive(Debug)]
+struct Unavailable;
+
+impl Substituter for Unavailable {
+    fn substitute<'a>(
+        &'a self,
+        _head: &'a mut RequestHead<'_>,
+        _ctx: &'a RequestContext,
+    ) -> BoxFuture<'a, Result<(), SubstituteError>> {
+        Box::pin(async {
+            Err(SubstituteError::Unavailable {
+                reason: "broker unreachable".into(),
+            })
+        })
+    }
+}
+
+#[tokio::test]
+async fn failed_substitution_is_never_forwarded() {
+    let cases: [(Arc<dyn Substituter>, StatusCode, Option<&str>); 2] = [
+        (
+            Arc::new(PlaceholderSubstituter {
+                deny_host: Some("api.test".into()),
+            }),
+            StatusCode::FORBIDDEN,
+            Some("substitution_denied"),
+        ),
+        (Arc::new(Unavailable), StatusCode::BAD_GATEWAY, None),
+    ];
+    for (sub, status, denied) in cases {
+        for agent_h2 in [false, true] {
+            let upstream = Upstream::ok(false).await;
+            let connector = upstream.connector();
+            let (io, _proxy) = proxy(
+                agent_h2,
+                connector.clone(),
+                sub.clone(),
+                HttpLimits::default(),
+            );
+            let (mut agent, _conn) = Agent::connect(io, agent_h2).await;
+            let req = Request::post("https://api.test/v1/messages")
+                .header(AUTHORIZATION, format!("Bearer {PLACEHOLDER}"))
+                .body(full("{}"))
+                .expect("request");
+            let response = within("response", agent.send(req)).await.expect("response");
+            assert_eq!(response.status(), status);
+            assert_eq!(
+                response
+                    .headers()
+                    .get(DENIED_HEADER)
+                    .map(|v| v.to_str().expect("ascii")),
+                denied
+            );
+            assert!(upstream.seen().is_empty(), "request reached upstream");
+            assert_eq!(connector.dials(), 0, "upstream was even dialled");
+        }
+    }
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_stripped_both_ways() {
+    let upstream = Upstream::start(
+        false,
+        Arc::new(|_req| {
+            Box::pin(async {
+                Response::builder()
+                    .header("connection", "x-resp-hop")
+                    .header("x-resp-hop", "1")
+                    .header("keep-alive", "timeout=5")
+                    .header("x-resp-end", "1")
+                    .body(full("ok"))
+                    .expect("response")
+            })
+        }),
+    )
+    .await;
+    let (io, _proxy) = proxy(false, upstream.connector(), noop(), HttpLimits::default());
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let req = Request::get("https://api.test/")
+        .header("connection", "x-hop, keep-alive")
+        .header("x-hop", "1")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-authorization", "Basic cHJveHk6c2VjcmV0")
+        .header("proxy-connection", "keep-alive")
+        .header("te", "trailers, gzip")
+        .header("x-end", "1")
+        .body(empty())
+        .expect("request");
+    let response = within("response", agent.send(req)).await.expect("response");
+    assert_eq!(response.headers()["x-resp-end"], "1");
+    for name in ["x-resp-hop", "keep-alive"] {
+        assert!(
+            !response.headers().contains_key(name),
+            "{name} reached the agent"
+        );
+    }
+    let seen = upstream.seen();
+    let h = &seen[0].headers;
+    assert_eq!(h["x-end"], "1");
+    assert_eq!(h["te"], "trailers");
+    for name in [
+        "x-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+    ] {
+        assert!(!h.contains_key(name), "{name} reached upstream");
+    }
+}
+
+#[tokio::test]
+async fn requests_for_other_authorities_are_refused() {
+    let upstream = Upstream::ok(false).await;
+    let connector = upstream.connector();
+    let (io, _proxy) = proxy(false, connector.clone(), noop(), HttpLimits::default());
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let req = Request::get("/")
+        .header(HOST, "evil.test")
+        .body(empty())
+        .expect("request");
+    let response = within("response", agent.send(req)).await.expect("response");
+    assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(response.headers()[DENIED_HEADER], "misdirected_request");
+
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri("evil.test:443")
+        .header(HOST, "evil.test:443")
+        .body(empty())
+        .expect("request");
+    let Agent::H1(sender) = &mut agent else {
+        panic!("h1 agent")
+    };
+    let response = within("response", sender.send_request(req))
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(upstream.seen().is_empty());
+    assert_eq!(connector.dials(), 0);
+}
+
+#[tokio::test]
+async fn upstream_failures_map_to_gateway_errors() {
+    let limits = HttpLimits {
+        upstream_connect_timeout: Duration::from_millis(200),
+        ..HttpLimits::default()
+    };
+    let cases = [
+        (Fail::Refused, StatusCode::BAD_GATEWAY),
+        (Fail::Denied, StatusCode::FORBIDDEN),
+        (Fail::Hang, StatusCode::GATEWAY_TIMEOUT),
+    ];
+    for (fail, status) in cases {
+        let (io, _proxy) = proxy(false, TestConnector::failing(fail), noop(), limits.clone());
+        let (mut agent, _conn) = Agent::connect(io, false).await;
+        let response = within("response", agent.send(get("https://api.test/")))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), status, "{fail:?}");
+        assert!(body_string(response).await.starts_with("paddock: "));
+    }
+
+    // An upstream that accepts but never answers: 504 once the response deadline passes.
+    let upstream = Upstream::start(
+        false,
+        Arc::new(|_req| {
+            Box::pin(async {
+                std::future::pending::<()>().await;
+                Response::new(empty())
+            })
+        }),
+    )
+    .await;
+    let limits = HttpLimits {
+        upstream_response_timeout: Duration::from_millis(300),
+        ..HttpLimits::default()
+    };
+    let (io, _proxy) = proxy(false, upstream.connector(), noop(), limits);
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let response = within("response", agent.send(get("https://api.test/")))
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+}
+
+#[tokio::test]
+async fn large_upload_streams_through() {
+    const CHUNK: usize = 1024 * 1024;
+    const CHUNKS: usize = 100;
+    let (first_tx, first_rx) = oneshot::channel::<()>();
+    let first_tx = Arc::new(std::sync::Mutex::new(Some(first_tx)));
+    let upstream = Upstream::start(
+        false,
+        Arc::new(move |req| {
+            let first_tx = Arc::clone(&first_tx);
+            Box::pin(async move {
+                let mut body = req.into_body();
+                let mut total = 0usize;
+                let mut sum = 0u64;
+                while let Some(frame) = body.frame().await {
+                    let Ok(frame) = frame else { break };
+                    if let Some(data) = frame.data_ref() {
+                        if total == 0 && !data.is_empty() {
+                            // The agent has sent one chunk of a hundred and is waiting for
+                            // this signal: a proxy buffering the body never gets here.
+                            if let Some(tx) = first_tx.lock().expect("lock").take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                        total += data.len();
+                        sum += data.iter().map(|b| u64::from(*b)).sum::<u64>();
+                    }
+                }
+                Response::new(full(format!("{total} {sum}")))
+            })
+        }),
+    )
+    .await;
+    let (io, _proxy) = proxy(false, upstream.connector(), noop(), HttpLimits::default());
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let (tx, body) = channel_body();
+    let sender = tokio::spawn(async move {
+        let mut expected_sum = 0u64;
+        let mut first_rx = Some(first_rx);
+        for i in 0..CHUNKS {
+            let byte = u8::try_from(i % 251).expect("fits");
+            let chunk = Bytes::from(vec![byte; CHUNK]);
+            expected_sum += u64::from(byte) * CHUNK as u64;
+            tx.send(Ok(Frame::data(chunk))).await.expect("send chunk");
+            if let Some(rx) = first_rx.take() {
+                within("upstream to see the first chunk", rx)
+                    .await
+                    .expect("first-chunk signal");
+            }
+        }
+        expected_sum
+    });
+    let req = Request::post("https://api.test/upload")
+        .body(body)
+        .expect("request");
+    let response = within("upload response", agent.send(req))
+        .await
+        .expect("response");
+    let expected_sum = within("sender", sender).await.expect("sender task");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        body_string(response).await,
+        format!("{} {expected_sum}", CHUNK * CHUNKS)
+    );
+    let seen = upstream.seen();
+    assert_eq!(seen[0].method, Method::POST);
+    assert_eq!(seen[0].headers["transfer-encoding"], "chunked");
+}
+
+#[tokio::test]
+async fn server_sent_events_stream_before_upstream_finishes() {
+    for h2 in [false, true] {
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        let release_rx = Arc::new(std::sync::Mutex::new(Some(release_rx)));
+        let upstream = Upstream::start(
+            h2,
+            Arc::new(move |_req| {
+                let release_rx = release_rx.lock().expect("lock").take();
+                Box::pin(async move {
+                    let (tx, body) = channel_body();
+                    tokio::spawn(async move {
+                        let _ = tx.send(Ok(Frame::data(Bytes::from("data: one\n\n")))).await;
+                        // Hold the stream open until the agent has seen the first event.
+                        if let Some(rx) = release_rx {
+                            let _ = rx.await;
+                        }
+                        let _ = tx.send(Ok(Frame::data(Bytes::from("data: two\n\n")))).await;
+                    });
+                    Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(body)
+                        .expect("response")
+                })
+            }),
+        )
+        .await;
+        let (io, _proxy) = proxy(h2, upstream.connector(), noop(), HttpLimits::default());
+        let (mut agent, _conn) = Agent::connect(io, h2).await;
+        let response = within("response", agent.send(get("https://api.test/events")))
+            .await
+            .expect("response");
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let mut body = response.into_body();
+        let first = within("first event", body.frame())
+            .await
+            .expect("a frame")
+            .expect("frame ok")
+            .into_data()
+            .expect("data");
+        assert_eq!(first, "data: one\n\n");
+        release_tx.send(()).expect("release");
+        let rest = within("rest", body.collect())
+            .await
+            .expect("rest")
+            .to_bytes();
+        assert_eq!(rest, "data: two\n\n");
+    }
+}
+
+#[tokio::test]
+async fn grpc_trailers_reach_the_agent() {
+    let upstream = Upstream::start(
+        true,
+        Arc::new(|_req| {
+            Box::pin(async {
+                let (tx, body) = channel_body();
+                tokio::spawn(async move {
+                    let _ = tx
+                        .send(Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))))
+                        .await;
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                    trailers.insert("grpc-message", HeaderValue::from_static("done"));
+                    let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+                });
+                Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(body)
+                    .expect("response")
+            })
+        }),
+    )
+    .await;
+    let (io, _proxy) = proxy(true, upstream.connector(), noop(), HttpLimits::default());
+    let (mut agent, _conn) = Agent::connect(io, true).await;
+    let req = Request::post("https://api.test/pkg.Service/Method")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(full(Bytes::from_static(b"\0\0\0\0\x00")))
+        .expect("request");
+    let response = within("response", agent.send(req)).await.expect("response");
+    assert_eq!(response.headers()["content-type"], "application/grpc");
+    let collected = within("body", response.into_body().collect())
+        .await
+        .expect("body");
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers reached the agent");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "done");
+    assert_eq!(collected.to_bytes(), Bytes::from_static(b"\0\0\0\0\x02hi"));
+    let seen = upstream.seen();
+    assert_eq!(seen[0].headers["te"], "trailers");
+    assert_eq!(seen[0].version, Version::HTTP_2);
+}
+
+#[tokio::test]
+async fn websocket_echo_through_the_proxy() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let upstream = Upstream::start(
+        false,
+        Arc::new(|mut req| {
+            Box::pin(async move {
+                let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+                    return Response::builder()
+                        .status(StatusCode::BAD_REQUEST)
+                        .body(empty())
+                        .expect("response");
+                };
+                let on_upgrade = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    let Ok(upgraded) = on_upgrade.await else {
+                        return;
+                    };
+                    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                        hyper_util::rt::TokioIo::new(upgraded),
+                        Role::Server,
+                        None,
+                    )
+                    .await;
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if msg.is_text() || msg.is_binary() {
+                            if ws.send(msg).await.is_err() {
+                                break;
+                            }
+                        } else if msg.is_close() {
+                            break;
+                        }
+                    }
+                });
+                Response::builder()
+                    .status(StatusCode::SWITCHING_PROTOCOLS)
+                    .header("upgrade", "websocket")
+                    .header("connection", "Upgrade")
+                    .header("sec-websocket-accept", derive_accept_key(key.as_bytes()))
+                    .body(empty())
+                    .expect("response")
+            })
+        }),
+    )
+    .await;
+    let sub = Arc::new(PlaceholderSubstituter { deny_host: None });
+    let (io, _proxy) = proxy(false, upstream.connector(), sub, HttpLimits::default());
+    let mut request = format!("ws://api.test/socket?token={PLACEHOLDER}")
+        .into_client_request()
+        .expect("ws request");
+    request.headers_mut().insert(
+        AUTHORIZATION,
+        HeaderValue::try_from(format!("Bearer {PLACEHOLDER}")).expect("header"),
+    );
+    let (mut ws, response) = within("ws handshake", tokio_tungstenite::client_async(request, io))
+        .await
+        .expect("ws handshake through the proxy");
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for text in ["hello", "again"] {
+        within("ws send", ws.send(Message::text(text)))
+            .await
+            .expect("send");
+        let echo = within("ws echo", ws.next())
+            .await
+            .expect("a message")
+            .expect("ok");
+        assert_eq!(echo.into_text().expect("text").as_str(), text);
+    }
+    within("ws close", ws.close(None)).await.expect("close");
+
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1);
+    let h = &seen[0].headers;
+    assert_eq!(h["upgrade"], "websocket");
+    assert_eq!(h["connection"], "upgrade");
+    assert_eq!(
+        h[AUTHORIZATION],
+        format!("Bearer {SECRET}"),
+        "upgrade went through the hook"
+    );
+    assert_eq!(
+        seen[0].uri.query(),
+        Some("token=sk-real%2Fsecret%2Bvalue%3D1")
+    );
+}
+
+#[tokio::test]
+async fn upgrade_refused_by_upstream_is_forwarded_as_a_response() {
+    let upstream = Upstream::start(
+        false,
+        Arc::new(|_req| {
+            Box::pin(async {
+                Response::builder()
+                    .status(StatusCode::UPGRADE_REQUIRED)
+                    .body(full("no"))
+                    .expect("response")
+            })
+        }),
+    )
+    .await;
+    let (io, _proxy) = proxy(false, upstream.connector(), noop(), HttpLimits::default());
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let req = Request::get("https://api.test/ws")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(empty())
+        .expect("request");
+    let response = within("response", agent.send(req)).await.expect("response");
+    assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
+    assert_eq!(body_string(response).await, "no");
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_and_are_not_forwarded() {
+    let limits = HttpLimits {
+        max_header_bytes: 16 * 1024,
+        ..HttpLimits::default()
+    };
+    for agent_h2 in [false, true] {
+        let upstream = Upstream::ok(false).await;
+        let connector = upstream.connector();
+        let (io, _proxy) = proxy(agent_h2, connector.clone(), noop(), limits.clone());
+        let (mut agent, _conn) = Agent::connect(io, agent_h2).await;
+        let req = Request::get("https://api.test/")
+            // Over the cap but under h2's abuse threshold (4x), which is a GOAWAY instead.
+            .header("x-big", "a".repeat(24 * 1024))
+            .body(empty())
+            .expect("request");
+        let response = within("response", agent.send(req)).await.expect("response");
+        assert_eq!(
+            response.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "agent h2={agent_h2}"
+        );
+        assert!(upstream.seen().is_empty());
+        assert_eq!(connector.dials(), 0);
+    }
+
+    // Past h2's abuse threshold (4x the cap) the whole connection is refused (GOAWAY).
+    let upstream = Upstream::ok(false).await;
+    let (io, _proxy) = proxy(true, upstream.connector(), noop(), limits);
+    let (mut agent, _conn) = Agent::connect(io, true).await;
+    let req = Request::get("https://api.test/")
+        .header("x-big", "a".repeat(80 * 1024))
+        .body(empty())
+        .expect("request");
+    assert!(within("refusal", agent.send(req)).await.is_err());
+    assert!(upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn denial_page_over_http1_and_http2() {
+    for h2 in [false, true] {
+        let (io, proxy_side) = tokio::io::duplex(64 * 1024);
+        let alpn: Option<&'static [u8]> = if h2 { Some(b"h2") } else { None };
+        let denial = tokio::spawn(async move {
+            serve_denial(proxy_side, alpn, "evil.test", "policy_denied").await
+        });
+        let (mut agent, conn) = Agent::connect(io, h2).await;
+        let req = Request::post("https://evil.test/upload")
+            .body(full("payload"))
+            .expect("request");
+        let response = within("denial", agent.send(req)).await.expect("response");
+        assert_eq!(response.status(), StatusCode::FORBIDDEN, "h2={h2}");
+        assert_eq!(response.headers()[DENIED_HEADER], "policy_denied");
+        let body = body_string(response).await;
+        assert!(
+            body.contains("evil.test") && body.contains("policy_denied"),
+            "{body}"
+        );
+        within("denial connection to close", denial)
+            .await
+            .expect("task")
+            .unwrap_or_else(|e| panic!("h2={h2}: {e:?}"));
+        within("agent connection to close", conn)
+            .await
+            .expect("agent conn");
+        assert!(
+            agent.send(get("https://evil.test/")).await.is_err(),
+            "connection still open after the denial"
+        );
+    }
+}
+
+#[tokio::test]
+async fn h2c_upgrade_is_forwarded_as_a_plain_request() {
+    let upstream = Upstream::ok(false).await;
+    let (io, _proxy) = proxy(false, upstream.connector(), noop(), HttpLimits::default());
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let req = Request::get("https://api.test/")
+        .header("connection", "Upgrade, HTTP2-Settings")
+        .header("upgrade", "h2c")
+        .header("http2-settings", "AAMAAABkAAQAAP__")
+        .body(empty())
+        .expect("request");
+    let response = within("response", agent.send(req)).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let seen = upstream.seen();
+    for name in ["upgrade", "connection", "http2-settings"] {
+        assert!(
+            !seen[0].headers.contains_key(name),
+            "{name} reached upstream"
+        );
+    }
+}
+
+#[tokio::test]
+async fn switch_to_an_unoffered_protocol_is_refused() {
+    let upstream = Upstream::start(
+        false,
+        Arc::new(|_req| {
+            Box::pin(async {
+                Response::builder()
+                    .status(StatusCode::SWITCHING_PROTOCOLS)
+                    .header("upgrade", "something-else")
+                    .header("connection", "upgrade")
+                    .body(empty())
+                    .expect("response")
+            })
+        }),
+    )
+    .await;
+    let (io, _proxy) = proxy(false, upstream.connector(), noop(), HttpLimits::default());
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let req = Request::get("https://api.test/ws")
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(empty())
+        .expect("request");
+    let response = within("response", agent.send(req)).await.expect("response");
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn via_is_added_only_when_configured() {
+    for via in [None, Some(HeaderValue::from_static("1.1 paddock"))] {
+        let upstream = Upstream::ok(false).await;
+        let limits = HttpLimits {
+            via: via.clone(),
+            ..HttpLimits::default()
+        };
+        let (io, _proxy) = proxy(false, upstream.connector(), noop(), limits);
+        let (mut agent, _conn) = Agent::connect(io, false).await;
+        let response = within("response", agent.send(get("https://api.test/")))
+            .await
+            .expect("response");
+        assert_eq!(response.headers().get("via"), via.as_ref());
+        assert_eq!(upstream.seen()[0].headers.get("via"), via.as_ref());
+    }
+}
+
+#[tokio::test]
+async fn drain_finishes_in_flight_requests_then_closes() {
+    for h2 in [false, true] {
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        let release_rx = Arc::new(std::sync::Mutex::new(Some(release_rx)));
+        let (started_tx, started_rx) = oneshot::channel::<()>();
+        let started_tx = Arc::new(std::sync::Mutex::new(Some(started_tx)));
+        let upstream = Upstream::start(
+            false,
+            Arc::new(move |_req| {
+                let release_rx = release_rx.lock().expect("lock").take();
+                let started_tx = started_tx.lock().expect("lock").take();
+                Box::pin(async move {
+                    if let Some(tx) = started_tx {
+                        let _ = tx.send(());
+                    }
+                    if let Some(rx) = release_rx {
+                        let _ = rx.await;
+                    }
+                    Response::new(full("finished"))
+                })
+            }),
+        )
+        .await;
+        let limits = HttpLimits::default();
+        let pool = UpstreamPool::new("run-1", upstream.connector(), &limits);
+        let (io, proxy_side) = tokio::io::duplex(64 * 1024);
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let alpn: Option<&[u8]> = if h2 { Some(b"h2") } else { None };
+        let served = tokio::spawn(super::serve_connection_until(
+            proxy_side,
+            alpn,
+            ctx(),
+            pool,
+            noop(),
+            limits,
+            async move {
+                let _ = shutdown_rx.await;
+            },
+        ));
+        let (mut agent, _conn) = Agent::connect(io, h2).await;
+        let in_flight = tokio::spawn(async move {
+            let response = agent.send(get("https://api.test/slow")).await;
+            (agent, response)
+        });
+        within("request to reach upstream", started_rx)
+            .await
+            .expect("started");
+        shutdown_tx.send(()).expect("shutdown");
+        release_tx.send(()).expect("release");
+        let (mut agent, response) = within("in-flight request", in_flight).await.expect("task");
+        let response = response.expect("in-flight request completes during the drain");
+        assert_eq!(body_string(response).await, "finished", "h2={h2}");
+        within("connection to drain", served)
+            .await
+            .expect("task")
+            .expect("drained cleanly");
+        assert!(
+            agent.send(get("https://api.test/")).await.is_err(),
+            "h2={h2}: new request accepted after the drain"
+        );
+        assert_eq!(upstream.seen().len(), 1);
+    }
+}

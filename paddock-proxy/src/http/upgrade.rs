@@ -1,0 +1,99 @@
+//! Forwarding HTTP/1.1 upgrades (WebSocket and others) and splicing the two tunnels.
+
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use super::upstream::{UpstreamPool, host_port};
+use super::{HttpError, hop};
+
+/// Sends an upgrade request (already substituted) on a dedicated upstream connection.
+///
+/// On 101 the agent and upstream tunnels are spliced once both sides have switched, and the
+/// protocol that was agreed is returned so its `Upgrade` header survives hop-by-hop
+/// stripping. Any other answer is forwarded as an ordinary response.
+pub(crate) async fn forward(
+    pool: &UpstreamPool,
+    mut req: Request<Incoming>,
+    agent: OnUpgrade,
+) -> Result<(Response<Incoming>, Option<HeaderValue>), HttpError> {
+    let (host, port) = host_port(req.uri());
+    let offered = req
+        .headers()
+        .get(header::UPGRADE)
+        .cloned()
+        .ok_or(HttpError::BadRequest("upgrade request without Upgrade"))?;
+    let mut sender = pool.connect_for_upgrade(req.uri()).await?;
+
+    // A raw HTTP/1 connection writes the URI as given and adds no Host.
+    let authority = req
+        .uri()
+        .authority()
+        .ok_or(HttpError::BadRequest("no upstream authority"))?;
+    let host_header = HeaderValue::try_from(authority.as_str())
+        .map_err(|_| HttpError::BadRequest("upstream authority is not a valid Host"))?;
+    req.headers_mut().insert(header::HOST, host_header);
+    let origin = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = origin.into();
+
+    let mut response =
+        match tokio::time::timeout(pool.response_timeout(), sender.send_request(req)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                return Err(HttpError::UpstreamRequest {
+                    host,
+                    port,
+                    source: Box::new(e),
+                });
+            }
+            Err(_) => {
+                return Err(HttpError::UpstreamTimeout {
+                    host,
+                    port,
+                    stage: "upgrade response",
+                });
+            }
+        };
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok((response, None));
+    }
+    let Some(protocol) = response
+        .headers()
+        .get(header::UPGRADE)
+        .filter(|chosen| hop::upgrade_accepted(&offered, chosen))
+        .cloned()
+    else {
+        return Err(HttpError::UpstreamRequest {
+            host,
+            port,
+            source: "101 Switching Protocols to a protocol that was not offered".into(),
+        });
+    };
+    let upstream = hyper::upgrade::on(&mut response);
+    tokio::spawn(splice(agent, upstream, host, port));
+    Ok((response, Some(protocol)))
+}
+
+async fn splice(agent: OnUpgrade, upstream: OnUpgrade, host: String, port: u16) {
+    let (agent, upstream) = match tokio::try_join!(agent, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(%host, port, error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut agent = TokioIo::new(agent);
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut agent, &mut upstream).await {
+        Ok((sent, received)) => {
+            tracing::debug!(%host, port, sent, received, "upgraded tunnel closed");
+        }
+        Err(e) => tracing::debug!(%host, port, error = %e, "upgraded tunnel failed"),
+    }
+}

@@ -1,0 +1,367 @@
+//! Upstream connections: the connector seam and the per-run connection pool.
+//!
+//! The pool is hyper-util's legacy `Client` with a connector that wraps
+//! [`UpstreamConnector`]. It already does what a hand-rolled pool of `SendRequest` handles
+//! would have to redo: keep-alive reuse for HTTP/1, one multiplexed connection when the
+//! connector negotiated h2 (including the race where several requests dial at once),
+//! idle eviction, and retrying a request that a reused connection closed before it was
+//! sent. Its key is scheme plus authority, and the authority is always the connection's
+//! vetted destination; one pool per run makes the key (run, host, port).
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::Scheme;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::{ALPN_H2, BoxFuture, HttpError, HttpLimits};
+
+/// A byte stream to an upstream, already through TLS when the target asked for it.
+pub trait UpstreamIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> UpstreamIo for T {}
+
+/// Where to connect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamTarget {
+    /// Destination name (lower case, no brackets for IPv6 literals).
+    pub host: String,
+    pub port: u16,
+    /// Whether to run TLS (SNI = `host`) over the connection.
+    pub tls: bool,
+    /// Whether `h2` may be offered in ALPN. False for connections that will carry an
+    /// HTTP/1.1 upgrade.
+    pub allow_h2: bool,
+}
+
+/// A connected upstream stream and the ALPN protocol it negotiated.
+pub struct UpstreamStream {
+    pub io: Box<dyn UpstreamIo>,
+    /// `Some(b"h2")` makes the pool speak HTTP/2 on it; anything else is HTTP/1.1.
+    pub alpn: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for UpstreamStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamStream")
+            .field("alpn", &self.alpn.as_deref().map(String::from_utf8_lossy))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an upstream connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Name resolution or TCP failed.
+    #[error("dial failed: {0}")]
+    Io(#[from] io::Error),
+    /// The TLS handshake failed or the certificate did not verify.
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    /// Every address the name resolved to was refused by network policy (denied CIDR,
+    /// rebinding mismatch).
+    #[error("destination refused by network policy: {0}")]
+    Denied(String),
+}
+
+impl ConnectError {
+    /// A copy for reporting: the original stays inside the client's error chain.
+    fn duplicate(&self) -> Self {
+        match self {
+            Self::Io(e) => Self::Io(io::Error::new(e.kind(), e.to_string())),
+            Self::Handshake(s) => Self::Handshake(s.clone()),
+            Self::Denied(s) => Self::Denied(s.clone()),
+        }
+    }
+}
+
+/// Dials (and handshakes) upstream destinations. The production implementation resolves
+/// through the proxy's resolver, dials only vetted addresses and runs TLS; tests use
+/// plain loopback TCP.
+pub trait UpstreamConnector: Send + Sync + fmt::Debug {
+    fn connect<'a>(
+        &'a self,
+        target: &'a UpstreamTarget,
+    ) -> BoxFuture<'a, Result<UpstreamStream, ConnectError>>;
+}
+
+/// What the pool's connector reports to hyper-util; found again in its error chain.
+#[derive(Debug, thiserror::Error)]
+enum ConnectFailure {
+    #[error("connect timed out")]
+    Timeout,
+    #[error(transparent)]
+    Connect(ConnectError),
+    #[error("request URI has no host")]
+    NoHost,
+}
+
+#[derive(Clone, Debug)]
+struct PoolConnector {
+    inner: Arc<dyn UpstreamConnector>,
+    timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for PoolConnector {
+    type Response = PooledIo;
+    type Error = ConnectFailure;
+    type Future = BoxFuture<'static, Result<PooledIo, ConnectFailure>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let target = target_of(&uri, true).ok_or(ConnectFailure::NoHost)?;
+            let stream = dial(this.inner.as_ref(), &target, this.timeout).await?;
+            let h2 = stream.alpn.as_deref() == Some(ALPN_H2);
+            Ok(PooledIo {
+                io: TokioIo::new(stream.io),
+                h2,
+            })
+        })
+    }
+}
+
+fn target_of(uri: &Uri, allow_h2: bool) -> Option<UpstreamTarget> {
+    let host = uri.host()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+        .to_ascii_lowercase();
+    let tls = uri.scheme() == Some(&Scheme::HTTPS);
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    Some(UpstreamTarget {
+        host,
+        port,
+        tls,
+        allow_h2,
+    })
+}
+
+async fn dial(
+    connector: &dyn UpstreamConnector,
+    target: &UpstreamTarget,
+    timeout: Duration,
+) -> Result<UpstreamStream, ConnectFailure> {
+    match tokio::time::timeout(timeout, connector.connect(target)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(ConnectFailure::Connect(e)),
+        Err(_) => Err(ConnectFailure::Timeout),
+    }
+}
+
+/// The pooled stream: hyper I/O plus the ALPN result the pool needs to pick h1 or h2.
+struct PooledIo {
+    io: TokioIo<Box<dyn UpstreamIo>>,
+    h2: bool,
+}
+
+impl Connection for PooledIo {
+    fn connected(&self) -> Connected {
+        let connected = Connected::new();
+        if self.h2 {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
+    }
+}
+
+impl hyper::rt::Read for PooledIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for PooledIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// Pooled upstream connections for one run.
+#[derive(Clone)]
+pub struct UpstreamPool {
+    run: Arc<str>,
+    client: Client<PoolConnector, Incoming>,
+    connector: Arc<dyn UpstreamConnector>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    h1_buf_size: usize,
+}
+
+impl fmt::Debug for UpstreamPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamPool")
+            .field("run", &self.run)
+            .field("connector", &self.connector)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamPool {
+    /// A pool for `run`'s connections. Keep one per run and share it across that run's
+    /// agent connections; connections are never shared between runs.
+    #[must_use]
+    pub fn new(run: &str, connector: Arc<dyn UpstreamConnector>, limits: &HttpLimits) -> Self {
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(limits.pool_idle_timeout)
+            .pool_max_idle_per_host(limits.pool_max_idle_per_host)
+            .http1_max_buf_size(limits.h1_buf_size())
+            .http1_max_headers(limits.max_headers)
+            .http2_max_header_list_size(limits.h2_header_list_size())
+            .build(PoolConnector {
+                inner: Arc::clone(&connector),
+                timeout: limits.upstream_connect_timeout,
+            });
+        Self {
+            run: run.into(),
+            client,
+            connector,
+            connect_timeout: limits.upstream_connect_timeout,
+            response_timeout: limits.upstream_response_timeout,
+            h1_buf_size: limits.h1_buf_size(),
+        }
+    }
+
+    /// The run this pool belongs to.
+    #[must_use]
+    pub fn run(&self) -> &str {
+        &self.run
+    }
+
+    /// Sends `req` (absolute URI naming the destination) over a pooled connection and
+    /// returns the response head with its body still streaming.
+    pub(crate) async fn send(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, HttpError> {
+        let (host, port) = host_port(req.uri());
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(map_client_error(e, host, port)),
+            Err(_) => Err(HttpError::UpstreamTimeout {
+                host,
+                port,
+                stage: "response head",
+            }),
+        }
+    }
+
+    /// A dedicated HTTP/1.1 connection for an upgrade request: it becomes a tunnel, so it
+    /// is never pooled, and h2 is not offered.
+    pub(crate) async fn connect_for_upgrade(
+        &self,
+        uri: &Uri,
+    ) -> Result<http1::SendRequest<Incoming>, HttpError> {
+        let (host, port) = host_port(uri);
+        let target = target_of(uri, false).ok_or(HttpError::BadRequest("no upstream host"))?;
+        let stream = dial(self.connector.as_ref(), &target, self.connect_timeout)
+            .await
+            .map_err(|f| connect_failure(&f, host.clone(), port))?;
+        if stream.alpn.as_deref() == Some(ALPN_H2) {
+            return Err(HttpError::UpgradeNotHttp1 { host, port });
+        }
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size(self.h1_buf_size)
+            .handshake(TokioIo::new(stream.io))
+            .await
+            .map_err(|e| HttpError::UpstreamRequest {
+                host: host.clone(),
+                port,
+                source: Box::new(e),
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    pub(crate) fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+}
+
+pub(crate) fn host_port(uri: &Uri) -> (String, u16) {
+    let tls = uri.scheme() == Some(&Scheme::HTTPS);
+    (
+        uri.host().unwrap_or_default().to_owned(),
+        uri.port_u16().unwrap_or(if tls { 443 } else { 80 }),
+    )
+}
+
+fn connect_failure(failure: &ConnectFailure, host: String, port: u16) -> HttpError {
+    match failure {
+        ConnectFailure::Timeout => HttpError::UpstreamTimeout {
+            host,
+            port,
+            stage: "connect",
+        },
+        ConnectFailure::Connect(e) => HttpError::UpstreamConnect {
+            host,
+            port,
+            source: e.duplicate(),
+        },
+        ConnectFailure::NoHost => HttpError::BadRequest("no upstream host"),
+    }
+}
+
+fn map_client_error(e: hyper_util::client::legacy::Error, host: String, port: u16) -> HttpError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = source {
+        if let Some(failure) = err.downcast_ref::<ConnectFailure>() {
+            return connect_failure(failure, host, port);
+        }
+        source = err.source();
+    }
+    HttpError::UpstreamRequest {
+        host,
+        port,
+        source: Box::new(e),
+    }
+}
