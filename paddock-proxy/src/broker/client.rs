@@ -230,7 +230,9 @@ impl BrokerClient {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| BrokerConfigError::Tls(e.to_string()))?
         .with_root_certificates(roots);
-        let mut tls = match &config.client_cert {
+        // No ALPN is offered: hyper-rustls refuses a preset list (it panics), and the broker
+        // speaks HTTP/1.1 only.
+        let tls = match &config.client_cert {
             Some(files) => {
                 let (chain, key) = files.load()?;
                 builder
@@ -239,7 +241,6 @@ impl BrokerClient {
             }
             None => builder.with_no_client_auth(),
         };
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
 
         let mut http = HttpConnector::new();
         http.enforce_http(false);

@@ -21,6 +21,9 @@ mod credentials;
 mod policy;
 mod substitute;
 
+#[cfg(test)]
+mod tests;
+
 pub use client::{
     BrokerCallError, BrokerClient, BrokerClientConfig, BrokerConfigError, DEFAULT_BEARER_MAX_AGE,
     DEFAULT_MAX_IDLE, DEFAULT_TIMEOUT,
