@@ -329,7 +329,7 @@ impl BrokerClient {
         Resp: DeserializeOwned,
     {
         let body = Bytes::from(
-            serde_json::to_vec(body).map_err(|e| BrokerCallError::Decode(e.to_string()))?,
+            serde_json::to_vec(body).map_err(|e| BrokerCallError::Decode(json_error(&e)))?,
         );
         let attempt = async {
             match self.post_once(path, body.clone()).await {
@@ -342,7 +342,7 @@ impl BrokerClient {
             .map_err(|_| BrokerCallError::Timeout(self.inner.timeout))?
             .map_err(Attempt::into_error)?;
         if status.is_success() {
-            serde_json::from_slice(&bytes).map_err(|e| BrokerCallError::Decode(e.to_string()))
+            serde_json::from_slice(&bytes).map_err(|e| BrokerCallError::Decode(json_error(&e)))
         } else {
             Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(envelope) => BrokerCallError::Rejected {
@@ -396,6 +396,23 @@ impl BrokerClient {
             })?
             .to_bytes();
         Ok((status, bytes))
+    }
+}
+
+/// Describes a JSON error without the values serde quotes in its messages (a broker answer
+/// carries secrets): field names and positions only.
+fn json_error(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    if text.starts_with("unknown field") || text.starts_with("missing field") {
+        let field = text.split(", expected").next().unwrap_or_default();
+        format!("{field} at line {} column {}", e.line(), e.column())
+    } else {
+        format!(
+            "malformed or mistyped JSON ({:?}) at line {} column {}",
+            e.classify(),
+            e.line(),
+            e.column()
+        )
     }
 }
 
@@ -481,6 +498,23 @@ mod tests {
             BrokerClient::new(&config),
             Err(BrokerConfigError::Credentials(CredentialError::Pem { .. }))
         ));
+    }
+
+    #[test]
+    fn json_errors_do_not_quote_values() {
+        let err = serde_json::from_str::<SubstituteAuthResponse>(
+            r#"{"matched":true,"basic_auth":"sk-secret-value"}"#,
+        )
+        .expect_err("mistyped");
+        let shown = json_error(&err);
+        assert!(!shown.contains("sk-secret-value"), "{shown}");
+        assert!(
+            err.to_string().contains("sk-secret-value"),
+            "serde does quote it"
+        );
+        let err = serde_json::from_str::<SubstituteAuthResponse>(r#"{"matched":true,"extra":1}"#)
+            .expect_err("unknown field");
+        assert!(json_error(&err).starts_with("unknown field `extra`"));
     }
 
     #[test]
