@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 
 pub mod audit;
+pub mod broker;
 pub mod cgroup;
 pub mod ebpf;
 pub mod http;

@@ -1,0 +1,536 @@
+//! The HTTPS client for the broker's JSON API.
+//!
+//! TLS 1.3 only (ring provider), trusting only the configured CA file; HTTP/1.1 over a small
+//! keep-alive pool (hyper-util's client); one deadline per call covering connect, handshake,
+//! request and the whole answer. Non-2xx answers are decoded from the broker's
+//! `{code, message}` envelope.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use paddock_broker::wire::{
+    self, ErrorBody, ErrorCode, IssueRequest, IssueResponse, RenewRequest, RenewResponse,
+    RevokeRequest, RevokeResponse, RunInfo, RunUpsertRequest, SubstituteAuthRequest,
+    SubstituteAuthResponse, ValidateEgressRequest, ValidateEgressResponse,
+};
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::credentials::{BearerFile, ClientCertFiles, CredentialError, load_certs};
+
+/// Default deadline of one broker call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default number of idle keep-alive connections kept to the broker.
+pub const DEFAULT_MAX_IDLE: usize = 8;
+/// Default longest time a bearer read from its file is used without reading it again.
+pub const DEFAULT_BEARER_MAX_AGE: Duration = Duration::from_secs(30);
+/// Idle pooled connections are dropped before the broker's own 10 s idle limit, so a request
+/// is rarely written onto a connection the broker is closing.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Largest broker answer read (answers are a few hundred bytes).
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+/// How to reach and authenticate to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerClientConfig {
+    /// Base URL: `https://host:port` (no path, query or user info).
+    pub url: String,
+    /// PEM file of the CA(s) that sign the broker's certificate; nothing else is trusted.
+    pub ca_file: PathBuf,
+    /// File holding the caller bearer (`Authorization: Bearer <contents>`), re-read when it
+    /// changes. The broker requires a bearer on every API route.
+    pub bearer_file: Option<PathBuf>,
+    /// TLS client certificate, for brokers that require one (`tls.clientCa`).
+    pub client_cert: Option<ClientCertFiles>,
+    /// Name to verify the broker certificate against, when it differs from the URL host
+    /// (for example a URL with an IP address).
+    pub server_name: Option<String>,
+    /// Deadline of one call: connect, handshake, request and answer.
+    pub timeout: Duration,
+    /// Idle keep-alive connections kept to the broker.
+    pub max_idle_connections: usize,
+    /// A cached bearer is re-read from its file at least this often, even when the file's
+    /// metadata looks unchanged.
+    pub bearer_max_age: Duration,
+}
+
+impl BrokerClientConfig {
+    /// A configuration with the defaults (5 s timeout, 8 idle connections, bearer re-read at
+    /// least every 30 s) and no caller credentials yet.
+    #[must_use]
+    pub fn new(url: impl Into<String>, ca_file: impl Into<PathBuf>) -> Self {
+        Self {
+            url: url.into(),
+            ca_file: ca_file.into(),
+            bearer_file: None,
+            client_cert: None,
+            server_name: None,
+            timeout: DEFAULT_TIMEOUT,
+            max_idle_connections: DEFAULT_MAX_IDLE,
+            bearer_max_age: DEFAULT_BEARER_MAX_AGE,
+        }
+    }
+}
+
+/// The client cannot be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerConfigError {
+    #[error("broker URL {url:?} is invalid: {reason}")]
+    Url { url: String, reason: String },
+    #[error("broker client needs a bearer file or a client certificate")]
+    NoCredentials,
+    #[error("broker timeout must be greater than zero")]
+    ZeroTimeout,
+    #[error("invalid broker server name {0:?}")]
+    ServerName(String),
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
+    #[error("broker TLS configuration rejected: {0}")]
+    Tls(String),
+}
+
+/// A broker call failed. Messages never contain a bearer or a secret.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerCallError {
+    /// The proxy's own broker credentials are unusable.
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
+    /// No complete answer within the deadline.
+    #[error("broker did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Connect, TLS or HTTP failure before an answer arrived.
+    #[error("broker unreachable: {0}")]
+    Transport(String),
+    /// The broker answered with an error envelope.
+    #[error("broker refused ({status} {code}): {message}")]
+    Rejected {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+    },
+    /// A non-2xx answer without a valid envelope (not the broker, or a broken one).
+    #[error("broker answered HTTP {status} without an error envelope")]
+    BadStatus { status: u16 },
+    /// A 2xx answer whose body is not the expected JSON.
+    #[error("broker answer could not be decoded: {0}")]
+    Decode(String),
+}
+
+impl BrokerCallError {
+    /// The broker's error code, when it answered with one.
+    #[must_use]
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Rejected { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether the broker refused the request itself (the caller's request is the problem),
+    /// as opposed to the broker or the proxy's access to it failing.
+    #[must_use]
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self.code(),
+            Some(
+                ErrorCode::Forbidden
+                    | ErrorCode::EgressDenied
+                    | ErrorCode::NotFound
+                    | ErrorCode::BadRequest
+                    | ErrorCode::PayloadTooLarge
+            )
+        )
+    }
+}
+
+/// A client of the broker API. Cheap to clone (shares the pool and the credential cache).
+#[derive(Clone)]
+pub struct BrokerClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    base: Uri,
+    host_header: HeaderValue,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    bearer: Option<BearerFile>,
+    timeout: Duration,
+}
+
+impl fmt::Debug for BrokerClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerClient")
+            .field("base", &self.inner.base)
+            .field("bearer", &self.inner.bearer)
+            .field("timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_base(url: &str) -> Result<(Uri, Authority), BrokerConfigError> {
+    let bad = |reason: &str| BrokerConfigError::Url {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
+    if uri.scheme() != Some(&Scheme::HTTPS) {
+        return Err(bad("scheme must be https"));
+    }
+    let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(bad("user info is not allowed (use bearer_file)"));
+    }
+    if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
+        return Err(bad("must not have a path or query"));
+    }
+    Ok((uri, authority))
+}
+
+impl BrokerClient {
+    /// Builds the client: loads the CA (and client certificate), checks the bearer file is
+    /// readable, and prepares the pool. Needs no runtime; calls do.
+    pub fn new(config: &BrokerClientConfig) -> Result<Self, BrokerConfigError> {
+        let (base, authority) = parse_base(&config.url)?;
+        if config.bearer_file.is_none() && config.client_cert.is_none() {
+            return Err(BrokerConfigError::NoCredentials);
+        }
+        if config.timeout.is_zero() {
+            return Err(BrokerConfigError::ZeroTimeout);
+        }
+        let bearer = config
+            .bearer_file
+            .clone()
+            .map(|p| BearerFile::new(p, config.bearer_max_age));
+        if let Some(b) = &bearer {
+            // Fail at start-up on a missing or broken file rather than on the first request.
+            b.header()?;
+        }
+
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in load_certs(&config.ca_file, "broker CA")? {
+            roots
+                .add(cert)
+                .map_err(|e| BrokerConfigError::Tls(format!("CA certificate: {e}")))?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| BrokerConfigError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+        // No ALPN is offered: hyper-rustls refuses a preset list (it panics), and the broker
+        // speaks HTTP/1.1 only.
+        let tls = match &config.client_cert {
+            Some(files) => {
+                let (chain, key) = files.load()?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| BrokerConfigError::Tls(format!("client certificate: {e}")))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.timeout));
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only();
+        let https = match &config.server_name {
+            Some(name) => {
+                let name = ServerName::try_from(name.clone())
+                    .map_err(|_| BrokerConfigError::ServerName(name.clone()))?;
+                https.with_server_name_resolver(FixedServerNameResolver::new(name))
+            }
+            None => https,
+        };
+        let connector = https.enable_http1().wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(config.max_idle_connections)
+            .build(connector);
+        let host_header =
+            HeaderValue::try_from(authority.as_str()).map_err(|_| BrokerConfigError::Url {
+                url: config.url.clone(),
+                reason: "host is not a valid header".into(),
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                base,
+                host_header,
+                client,
+                bearer,
+                timeout: config.timeout,
+            }),
+        })
+    }
+
+    /// The deadline of one call.
+    #[must_use]
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// `POST /v1/validate-egress`.
+    pub async fn validate_egress(
+        &self,
+        req: &ValidateEgressRequest,
+    ) -> Result<ValidateEgressResponse, BrokerCallError> {
+        self.post(wire::paths::VALIDATE_EGRESS, req).await
+    }
+
+    /// `POST /v1/substitute-auth`. The answer holds the real secret: keep it out of logs.
+    pub async fn substitute_auth(
+        &self,
+        req: &SubstituteAuthRequest,
+    ) -> Result<SubstituteAuthResponse, BrokerCallError> {
+        self.post(wire::paths::SUBSTITUTE_AUTH, req).await
+    }
+
+    /// `POST /v1/issue`.
+    pub async fn issue(&self, req: &IssueRequest) -> Result<IssueResponse, BrokerCallError> {
+        self.post(wire::paths::ISSUE, req).await
+    }
+
+    /// `POST /v1/renew`.
+    pub async fn renew(&self, req: &RenewRequest) -> Result<RenewResponse, BrokerCallError> {
+        self.post(wire::paths::RENEW, req).await
+    }
+
+    /// `POST /v1/revoke`.
+    pub async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeResponse, BrokerCallError> {
+        self.post(wire::paths::REVOKE, req).await
+    }
+
+    /// `POST /v1/runs` (controller scope).
+    pub async fn upsert_run(&self, req: &RunUpsertRequest) -> Result<RunInfo, BrokerCallError> {
+        self.post(wire::paths::RUNS, req).await
+    }
+
+    /// One JSON POST within the deadline. A request the broker never saw (its pooled
+    /// connection was closed under it) is tried once more, still within the same deadline.
+    async fn post<Req, Resp>(&self, path: &'static str, body: &Req) -> Result<Resp, BrokerCallError>
+    where
+        Req: Serialize + Sync,
+        Resp: DeserializeOwned,
+    {
+        let body = Bytes::from(
+            serde_json::to_vec(body).map_err(|e| BrokerCallError::Decode(json_error(&e)))?,
+        );
+        let attempt = async {
+            match self.post_once(path, body.clone()).await {
+                Err(Attempt::Stale(_)) => self.post_once(path, body).await,
+                other => other,
+            }
+        };
+        let (status, bytes) = tokio::time::timeout(self.inner.timeout, attempt)
+            .await
+            .map_err(|_| BrokerCallError::Timeout(self.inner.timeout))?
+            .map_err(Attempt::into_error)?;
+        if status.is_success() {
+            serde_json::from_slice(&bytes).map_err(|e| BrokerCallError::Decode(json_error(&e)))
+        } else {
+            Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(envelope) => BrokerCallError::Rejected {
+                    status: status.as_u16(),
+                    code: envelope.code,
+                    message: envelope.message,
+                },
+                Err(_) => BrokerCallError::BadStatus {
+                    status: status.as_u16(),
+                },
+            })
+        }
+    }
+
+    async fn post_once(
+        &self,
+        path: &'static str,
+        body: Bytes,
+    ) -> Result<(StatusCode, Bytes), Attempt> {
+        let mut parts = self.inner.base.clone().into_parts();
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static(path));
+        let uri = Uri::from_parts(parts)
+            .map_err(|e| Attempt::Failed(BrokerCallError::Transport(e.to_string())))?;
+        let mut builder = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(http::header::HOST, self.inner.host_header.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(ACCEPT, HeaderValue::from_static("application/json"));
+        if let Some(bearer) = &self.inner.bearer {
+            let header = bearer.header().map_err(|e| Attempt::Failed(e.into()))?;
+            builder = builder.header(AUTHORIZATION, header);
+        }
+        let request = builder
+            .body(Full::new(body))
+            .map_err(|e| Attempt::Failed(BrokerCallError::Transport(e.to_string())))?;
+        let response = self
+            .inner
+            .client
+            .request(request)
+            .await
+            .map_err(|e| classify(&e))?;
+        let status = response.status();
+        let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| {
+                Attempt::Failed(BrokerCallError::Transport(format!(
+                    "reading the answer: {e}"
+                )))
+            })?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+}
+
+/// Describes a JSON error without the values serde quotes in its messages (a broker answer
+/// carries secrets): field names and positions only.
+fn json_error(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    if text.starts_with("unknown field") || text.starts_with("missing field") {
+        let field = text.split(", expected").next().unwrap_or_default();
+        format!("{field} at line {} column {}", e.line(), e.column())
+    } else {
+        format!(
+            "malformed or mistyped JSON ({:?}) at line {} column {}",
+            e.classify(),
+            e.line(),
+            e.column()
+        )
+    }
+}
+
+/// One attempt's failure: `Stale` may be retried once.
+enum Attempt {
+    Stale(BrokerCallError),
+    Failed(BrokerCallError),
+}
+
+impl Attempt {
+    fn into_error(self) -> BrokerCallError {
+        match self {
+            Attempt::Stale(e) | Attempt::Failed(e) => e,
+        }
+    }
+}
+
+/// A transport error, described by its whole source chain (hyper-util's top level alone says
+/// little), and whether it is the "reused connection closed before an answer" case.
+fn classify(e: &hyper_util::client::legacy::Error) -> Attempt {
+    let mut text = e.to_string();
+    let mut stale = false;
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            stale |= h.is_incomplete_message() || h.is_canceled();
+        }
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    let err = BrokerCallError::Transport(text);
+    if stale && !e.is_connect() {
+        Attempt::Stale(err)
+    } else {
+        Attempt::Failed(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_url_is_validated() {
+        assert!(parse_base("https://broker:8443").is_ok());
+        assert!(parse_base("https://broker:8443/").is_ok());
+        for bad in [
+            "http://broker:8443",
+            "https://broker:8443/v1",
+            "https://broker:8443/?a=b",
+            "https://user:pw@broker:8443",
+            "broker:8443",
+            "not a url",
+        ] {
+            assert!(parse_base(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn config_needs_credentials_and_a_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = BrokerClientConfig::new("https://127.0.0.1:1", dir.path().join("ca"));
+        assert!(matches!(
+            BrokerClient::new(&config),
+            Err(BrokerConfigError::NoCredentials)
+        ));
+        config.bearer_file = Some(dir.path().join("missing-token"));
+        assert!(matches!(
+            BrokerClient::new(&config),
+            Err(BrokerConfigError::Credentials(CredentialError::Read { .. }))
+        ));
+        std::fs::write(dir.path().join("token"), "t").expect("token");
+        config.bearer_file = Some(dir.path().join("token"));
+        config.timeout = Duration::ZERO;
+        assert!(matches!(
+            BrokerClient::new(&config),
+            Err(BrokerConfigError::ZeroTimeout)
+        ));
+        config.timeout = DEFAULT_TIMEOUT;
+        std::fs::write(dir.path().join("ca"), "not pem").expect("ca");
+        assert!(matches!(
+            BrokerClient::new(&config),
+            Err(BrokerConfigError::Credentials(CredentialError::Pem { .. }))
+        ));
+    }
+
+    #[test]
+    fn json_errors_do_not_quote_values() {
+        let err = serde_json::from_str::<SubstituteAuthResponse>(
+            r#"{"matched":true,"basic_auth":"sk-secret-value"}"#,
+        )
+        .expect_err("mistyped");
+        let shown = json_error(&err);
+        assert!(!shown.contains("sk-secret-value"), "{shown}");
+        assert!(
+            err.to_string().contains("sk-secret-value"),
+            "serde does quote it"
+        );
+        let err = serde_json::from_str::<SubstituteAuthResponse>(r#"{"matched":true,"extra":1}"#)
+            .expect_err("unknown field");
+        assert!(json_error(&err).starts_with("unknown field `extra`"));
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_failures() {
+        let rejected = |code: ErrorCode| BrokerCallError::Rejected {
+            status: code.http_status(),
+            code,
+            message: String::new(),
+        };
+        assert!(rejected(ErrorCode::Forbidden).is_refusal());
+        assert!(rejected(ErrorCode::EgressDenied).is_refusal());
+        assert!(rejected(ErrorCode::BadRequest).is_refusal());
+        assert!(!rejected(ErrorCode::Unauthenticated).is_refusal());
+        assert!(!rejected(ErrorCode::RateLimited).is_refusal());
+        assert!(!rejected(ErrorCode::Unavailable).is_refusal());
+        assert!(!BrokerCallError::Timeout(DEFAULT_TIMEOUT).is_refusal());
+        assert!(!BrokerCallError::BadStatus { status: 403 }.is_refusal());
+    }
+}

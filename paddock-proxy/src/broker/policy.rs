@@ -1,0 +1,120 @@
+//! [`EgressPolicy`] backed by the broker's `POST /v1/validate-egress`.
+
+use paddock_broker::wire::{ValidateEgressRequest, ValidateEgressResponse};
+
+use super::BrokerClient;
+use crate::policy::{CheckFuture, Decision, EgressPolicy, EgressRequest, PolicyError};
+
+/// Rule name reported when the broker allowed without naming a policy.
+const UNNAMED_RULE: &str = "broker";
+
+/// Asks the broker whether a run may reach a destination.
+///
+/// Call [`EgressPolicy::check`] once per agent connection, when the destination name is known
+/// and before anything is resolved or dialled; requests on that connection are then covered by
+/// that answer, and each request's credentials are re-checked by the broker during
+/// substitution ([`super::BrokerSubstituter`]).
+///
+/// Nothing is cached: every check is a broker call, so a policy change or a run leaving its
+/// active phase applies to the very next connection. Any failure (broker unreachable, timeout,
+/// refusal such as an unknown run, undecodable answer) is a [`PolicyError`], which callers
+/// treat as a deny. The connection [`crate::policy::Mode`] is not sent: the broker's egress
+/// grants do not depend on it.
+#[derive(Debug, Clone)]
+pub struct BrokerPolicy {
+    client: BrokerClient,
+}
+
+impl BrokerPolicy {
+    #[must_use]
+    pub fn new(client: BrokerClient) -> Self {
+        Self { client }
+    }
+}
+
+impl EgressPolicy for BrokerPolicy {
+    fn check<'a>(&'a self, req: &'a EgressRequest) -> CheckFuture<'a> {
+        Box::pin(async move {
+            let answer = self
+                .client
+                .validate_egress(&ValidateEgressRequest {
+                    run: req.run.clone(),
+                    host: req.host.clone(),
+                    port: req.port,
+                })
+                .await
+                .map_err(|e| PolicyError::Unavailable(e.to_string()))?;
+            let decision = decision(answer);
+            tracing::debug!(
+                run = %req.run, host = %req.host, port = req.port,
+                allowed = decision.is_allowed(), "broker egress decision"
+            );
+            Ok(decision)
+        })
+    }
+}
+
+/// Maps the broker's answer; discovery never substitutes, whatever the flag says.
+fn decision(answer: ValidateEgressResponse) -> Decision {
+    if !answer.allowed {
+        return Decision::Deny {
+            reason: answer.reason,
+        };
+    }
+    let rule = answer.policy.unwrap_or_else(|| UNNAMED_RULE.to_owned());
+    if answer.discovery {
+        Decision::Discovery { rule }
+    } else {
+        Decision::Allow {
+            rule,
+            substitute_auth: answer.substitute_auth,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(allowed: bool, substitute_auth: bool, discovery: bool) -> ValidateEgressResponse {
+        ValidateEgressResponse {
+            allowed,
+            substitute_auth,
+            discovery,
+            policy: Some("team-a".into()),
+            reason: "because".into(),
+        }
+    }
+
+    #[test]
+    fn maps_every_answer_shape() {
+        assert_eq!(
+            decision(answer(false, true, false)),
+            Decision::Deny {
+                reason: "because".into()
+            }
+        );
+        assert_eq!(
+            decision(answer(true, true, false)),
+            Decision::Allow {
+                rule: "team-a".into(),
+                substitute_auth: true
+            }
+        );
+        assert_eq!(
+            decision(answer(true, true, true)),
+            Decision::Discovery {
+                rule: "team-a".into()
+            }
+        );
+        let mut unnamed = answer(true, false, false);
+        unnamed.policy = None;
+        assert_eq!(
+            decision(unnamed),
+            Decision::Allow {
+                rule: UNNAMED_RULE.into(),
+                substitute_auth: false
+            }
+        );
+    }
+}

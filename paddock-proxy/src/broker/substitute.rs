@@ -1,0 +1,525 @@
+//! [`Substituter`] backed by the broker's `POST /v1/substitute-auth`.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use paddock_broker::wire::{Header, QueryParam, SubstituteAuthRequest, SubstituteAuthResponse};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode, percent_decode_str};
+
+use super::{BrokerCallError, BrokerClient};
+use crate::http::{BoxFuture, RequestContext, RequestHead, SubstituteError, Substituter};
+
+/// Marks a possible placeholder. Matched ASCII case-insensitively: looser than the broker's
+/// own recognition, so the broker is asked whenever it might find something.
+const MARKER: &[u8] = b"pdk-";
+/// Random part of a well-formed placeholder (`pdk-<kind>-<48 lowercase hex>`).
+const BEARER_HEX: usize = 48;
+
+/// Query bytes kept as-is when encoding a substituted value: RFC 3986 unreserved only.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Swaps placeholders for real credentials by asking the broker, once per request.
+///
+/// # When the broker is called
+///
+/// Only when the request carries a possible placeholder: `pdk-` (any case) in a header
+/// value, in the query string (raw or percent-decoded), or inside base64
+/// `Authorization: Basic` credentials (git puts the token there). Requests without one are
+/// forwarded unchanged with no broker call. This mirrors the broker's semantics: it answers
+/// `matched: false` (forward unchanged) for a request without a placeholder, so calling it
+/// could not change what is forwarded, and for destinations without a substitute-auth grant
+/// it refuses every call, which would break plain allowed traffic. Skipping the call also
+/// keeps the run's substitution rate limit for requests that need it.
+///
+/// Use one `BrokerSubstituter` for every intercepted connection, whatever the egress
+/// decision's `substitute_auth` flag said: a placeholder sent to a host without a
+/// substitution grant is then refused by the broker (403) instead of leaving the proxy.
+///
+/// # Outcome
+///
+/// * broker substitutes: its edits are applied exactly as `wire::SubstituteAuthResponse`
+///   documents (remove headers, set headers, Basic auth, remove query parameters, set query
+///   parameters), all at once or not at all;
+/// * broker refuses (forbidden, egress denied, unknown or revoked placeholder, more than one
+///   placeholder, oversized request): [`SubstituteError::Denied`], answered 403;
+/// * broker unreachable, too slow, rate limiting, or rejecting the proxy's own credentials:
+///   [`SubstituteError::Unavailable`], answered 502;
+/// * an edit that cannot be applied, or a well-formed placeholder still present afterwards:
+///   [`SubstituteError::Invalid`], answered 502.
+///
+/// In each error case the request is not forwarded. Every call is made fresh (nothing is
+/// cached), so a revoked lease or a policy change denies the very next request.
+///
+/// Placeholders in the path or the body are not substituted (the broker does not look there)
+/// and are forwarded as they are.
+#[derive(Debug, Clone)]
+pub struct BrokerSubstituter {
+    client: BrokerClient,
+}
+
+impl BrokerSubstituter {
+    #[must_use]
+    pub fn new(client: BrokerClient) -> Self {
+        Self { client }
+    }
+}
+
+impl Substituter for BrokerSubstituter {
+    fn substitute<'a>(
+        &'a self,
+        head: &'a mut RequestHead<'_>,
+        ctx: &'a RequestContext,
+    ) -> BoxFuture<'a, Result<(), SubstituteError>> {
+        Box::pin(async move {
+            if !carries_placeholder(head) {
+                return Ok(());
+            }
+            let answer = self
+                .client
+                .substitute_auth(&wire_request(head, ctx))
+                .await
+                .map_err(|e| call_error(&e))?;
+            if answer.matched {
+                apply(head, &answer)?;
+            }
+            ensure_no_placeholder(head)?;
+            tracing::debug!(
+                run = %ctx.run, host = %ctx.host, matched = answer.matched,
+                lease = answer.lease_id.as_deref().unwrap_or(""),
+                credential = answer.credential.as_deref().unwrap_or(""),
+                "broker substitution applied"
+            );
+            Ok(())
+        })
+    }
+}
+
+fn call_error(e: &BrokerCallError) -> SubstituteError {
+    if e.is_refusal() {
+        let reason = match e {
+            BrokerCallError::Rejected { message, .. } => message.clone(),
+            other => other.to_string(),
+        };
+        SubstituteError::Denied { reason }
+    } else {
+        SubstituteError::Unavailable {
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// The request as the broker needs it: every header (names drive its allow-lists), the raw
+/// query, method and path.
+fn wire_request(head: &RequestHead<'_>, ctx: &RequestContext) -> SubstituteAuthRequest {
+    SubstituteAuthRequest {
+        run: ctx.run.clone(),
+        host: ctx.host.clone(),
+        port: ctx.port,
+        method: head.method().as_str().to_owned(),
+        path: head.path().to_owned(),
+        query: head.query().map(str::to_owned),
+        headers: head
+            .headers()
+            .iter()
+            .map(|(name, value)| Header {
+                name: name.as_str().to_owned(),
+                // Non-UTF-8 bytes cannot be placeholders; lossy keeps every ASCII run intact.
+                value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            })
+            .collect(),
+    }
+}
+
+fn contains_marker(bytes: &[u8]) -> bool {
+    bytes
+        .windows(MARKER.len())
+        .any(|w| w.eq_ignore_ascii_case(MARKER))
+}
+
+/// The decoded `user:password` of a `Basic` credential, if the value is one.
+fn basic_credentials(value: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, encoded) = text.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let encoded = encoded.trim();
+    STANDARD
+        .decode(encoded)
+        .or_else(|_| STANDARD_NO_PAD.decode(encoded))
+        .ok()
+}
+
+fn decoded_query(query: &str) -> Vec<u8> {
+    percent_decode(query.replace('+', " ").as_bytes()).collect()
+}
+
+fn carries_placeholder(head: &RequestHead<'_>) -> bool {
+    let in_headers = head.headers().values().any(|v| {
+        contains_marker(v.as_bytes())
+            || basic_credentials(v.as_bytes()).is_some_and(|c| contains_marker(&c))
+    });
+    in_headers
+        || head
+            .query()
+            .is_some_and(|q| contains_marker(q.as_bytes()) || contains_marker(&decoded_query(q)))
+}
+
+/// Whether `text` holds a well-formed placeholder, delimited as the broker delimits them.
+fn has_bearer(text: &[u8]) -> bool {
+    let token_char = |b: u8| b.is_ascii_alphanumeric() || b == b'-';
+    let mut start = 0;
+    while let Some(pos) = text[start..]
+        .windows(MARKER.len())
+        .position(|w| w == MARKER)
+    {
+        let at = start + pos;
+        let end = text[at..]
+            .iter()
+            .position(|b| !token_char(*b))
+            .map_or(text.len(), |n| at + n);
+        let delimited = at == 0 || !token_char(text[at - 1]);
+        if delimited && is_bearer(&text[at..end]) {
+            return true;
+        }
+        start = at + 1;
+    }
+    false
+}
+
+fn is_bearer(token: &[u8]) -> bool {
+    let Some(rest) = token.strip_prefix(MARKER) else {
+        return false;
+    };
+    if rest.len() < BEARER_HEX + 2 {
+        return false;
+    }
+    let (kind, random) = rest.split_at(rest.len() - BEARER_HEX);
+    let Some(kind) = kind.strip_suffix(b"-") else {
+        return false;
+    };
+    !kind.is_empty()
+        && kind
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && random
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+}
+
+/// Last line of defence: a request still carrying a well-formed placeholder after the broker
+/// answered is not forwarded (the broker and the proxy disagree on where it was).
+fn ensure_no_placeholder(head: &RequestHead<'_>) -> Result<(), SubstituteError> {
+    let in_headers = head.headers().values().any(|v| {
+        has_bearer(v.as_bytes()) || basic_credentials(v.as_bytes()).is_some_and(|c| has_bearer(&c))
+    });
+    let in_query = head
+        .query()
+        .is_some_and(|q| has_bearer(q.as_bytes()) || has_bearer(&decoded_query(q)));
+    if in_headers || in_query {
+        return Err(SubstituteError::Invalid {
+            reason: "a placeholder would have been forwarded unsubstituted".into(),
+        });
+    }
+    Ok(())
+}
+
+fn invalid(reason: impl Into<String>) -> SubstituteError {
+    SubstituteError::Invalid {
+        reason: reason.into(),
+    }
+}
+
+/// A header the broker may set or remove. Framing and routing headers are the proxy's.
+fn editable_header(name: &str) -> Result<HeaderName, SubstituteError> {
+    let parsed = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| invalid(format!("broker named an invalid header {name:?}")))?;
+    if [CONTENT_LENGTH, TRANSFER_ENCODING, HOST].contains(&parsed) {
+        return Err(invalid(format!("broker may not edit the {parsed} header")));
+    }
+    Ok(parsed)
+}
+
+/// Applies the broker's edits in the documented order. Everything is computed before the
+/// request is touched, so a failure leaves it as it was.
+fn apply(
+    head: &mut RequestHead<'_>,
+    answer: &SubstituteAuthResponse,
+) -> Result<(), SubstituteError> {
+    let mut headers: HeaderMap = head.headers().clone();
+    for name in &answer.remove_headers {
+        headers.remove(editable_header(name)?);
+    }
+    for h in &answer.set_headers {
+        let name = editable_header(&h.name)?;
+        let mut value = HeaderValue::from_str(&h.value)
+            .map_err(|_| invalid(format!("substituted value of {name} is not a valid header")))?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    if let Some(basic) = &answer.basic_auth {
+        let encoded = STANDARD.encode(format!("{}:{}", basic.username, basic.password));
+        let mut value = HeaderValue::try_from(format!("Basic {encoded}"))
+            .map_err(|_| invalid("substituted Basic credentials are not a valid header"))?;
+        value.set_sensitive(true);
+        headers.insert(AUTHORIZATION, value);
+    }
+    match rewrite_query(head.query(), &answer.remove_query, &answer.set_query) {
+        QueryEdit::Unchanged => {}
+        QueryEdit::Removed => head.set_query(None)?,
+        QueryEdit::Set(query) => head.set_query(Some(&query))?,
+    }
+    *head.headers_mut() = headers;
+    Ok(())
+}
+
+/// Decoded name of one `name=value` query piece, decoded as the broker decodes it.
+fn query_name(piece: &str) -> String {
+    let raw = piece.split_once('=').map_or(piece, |(k, _)| k);
+    percent_decode_str(&raw.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// What happens to the query string.
+#[derive(Debug, PartialEq, Eq)]
+enum QueryEdit {
+    Unchanged,
+    Removed,
+    Set(String),
+}
+
+/// The rewritten query. Untouched parameters keep their exact bytes; set values are
+/// percent-encoded.
+fn rewrite_query(query: Option<&str>, remove: &[String], set: &[QueryParam]) -> QueryEdit {
+    if remove.is_empty() && set.is_empty() {
+        return QueryEdit::Unchanged;
+    }
+    let mut pieces: Vec<(String, String)> = query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| (query_name(p), p.to_owned()))
+        .filter(|(name, _)| !remove.contains(name))
+        .collect();
+    for param in set {
+        let encoded = format!(
+            "{}={}",
+            percent_encoding::utf8_percent_encode(&param.name, QUERY_VALUE),
+            percent_encoding::utf8_percent_encode(&param.value, QUERY_VALUE)
+        );
+        match pieces.iter().position(|(name, _)| *name == param.name) {
+            Some(first) => {
+                pieces[first].1 = encoded;
+                let mut i = 0;
+                pieces.retain(|(name, _)| {
+                    let keep = i == first || *name != param.name;
+                    i += 1;
+                    keep
+                });
+            }
+            None => pieces.push((param.name.clone(), encoded)),
+        }
+    }
+    if pieces.is_empty() {
+        QueryEdit::Removed
+    } else {
+        QueryEdit::Set(
+            pieces
+                .into_iter()
+                .map(|(_, p)| p)
+                .collect::<Vec<_>>()
+                .join("&"),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+    use paddock_broker::wire::BasicAuth;
+
+    const BEARER: &str = "pdk-user-secret-0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut b = Request::get(uri);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).expect("request").into_parts().0
+    }
+
+    #[test]
+    fn bearer_recognition_matches_the_broker_format() {
+        assert!(is_bearer(BEARER.as_bytes()));
+        assert!(has_bearer(format!("Bearer {BEARER}").as_bytes()));
+        assert!(has_bearer(format!("a=1&k={BEARER}").as_bytes()));
+        assert!(!has_bearer(format!("x{BEARER}").as_bytes()));
+        assert!(!has_bearer(format!("{BEARER}0").as_bytes()));
+        assert!(!has_bearer(BEARER.to_uppercase().as_bytes()));
+        assert!(!has_bearer(b"pdk-user-secret-short"));
+    }
+
+    #[test]
+    fn detects_candidates_in_every_position() {
+        let basic = format!(
+            "Basic {}",
+            STANDARD.encode(format!("x-access-token:{BEARER}"))
+        );
+        let cases: Vec<http::request::Parts> = vec![
+            parts(
+                "https://h/p",
+                &[("authorization", &format!("Bearer {BEARER}"))],
+            ),
+            parts("https://h/p", &[("x-api-key", "PDK-whatever")]),
+            parts("https://h/p", &[("authorization", &basic)]),
+            parts(&format!("https://h/p?key={BEARER}"), &[]),
+            parts("https://h/p?key=pdk%2Dencoded", &[]),
+        ];
+        for mut p in cases {
+            let shown = format!("{:?}", p.uri.query());
+            assert!(carries_placeholder(&RequestHead::new(&mut p)), "{shown}");
+        }
+        let mut plain = parts(
+            "https://h/pdk-in-path?key=value",
+            &[
+                (
+                    "authorization",
+                    &format!("Basic {}", STANDARD.encode("u:p")),
+                ),
+                ("x-api-key", "sk-other"),
+            ],
+        );
+        assert!(!carries_placeholder(&RequestHead::new(&mut plain)));
+    }
+
+    #[test]
+    fn query_rewrite_keeps_untouched_bytes() {
+        let set = |name: &str, value: &str| QueryParam {
+            name: name.into(),
+            value: value.into(),
+        };
+        assert_eq!(rewrite_query(Some("a=1"), &[], &[]), QueryEdit::Unchanged);
+        assert_eq!(
+            rewrite_query(
+                Some("keep=a%20b&key=pdk-x&other=1&key=dup"),
+                &[],
+                &[set("key", "s/e+c=r t")]
+            ),
+            QueryEdit::Set("keep=a%20b&key=s%2Fe%2Bc%3Dr%20t&other=1".into())
+        );
+        assert_eq!(
+            rewrite_query(Some("a=1&tok%65n=x"), &["token".into()], &[]),
+            QueryEdit::Set("a=1".into())
+        );
+        assert_eq!(
+            rewrite_query(Some("token=x"), &["token".into()], &[]),
+            QueryEdit::Removed
+        );
+        assert_eq!(
+            rewrite_query(None, &[], &[set("key", "v")]),
+            QueryEdit::Set("key=v".into())
+        );
+    }
+
+    #[test]
+    fn applies_edits_in_order_and_marks_them_sensitive() {
+        let mut p = parts(
+            "https://h/p?key=pdk-x&drop=1",
+            &[
+                ("authorization", "Bearer old"),
+                ("x-api-key", "pdk-x"),
+                ("x-extra", "1"),
+            ],
+        );
+        let answer = SubstituteAuthResponse {
+            matched: true,
+            remove_headers: vec!["x-extra".into(), "x-api-key".into()],
+            set_headers: vec![Header {
+                name: "x-api-key".into(),
+                value: "real".into(),
+            }],
+            basic_auth: Some(BasicAuth {
+                username: "u".into(),
+                password: "secret".into(),
+            }),
+            remove_query: vec!["drop".into()],
+            set_query: vec![QueryParam {
+                name: "key".into(),
+                value: "qs".into(),
+            }],
+            ..SubstituteAuthResponse::default()
+        };
+        apply(&mut RequestHead::new(&mut p), &answer).expect("applied");
+        assert_eq!(p.headers["x-api-key"], "real");
+        assert!(p.headers["x-api-key"].is_sensitive());
+        assert!(!p.headers.contains_key("x-extra"));
+        assert_eq!(
+            p.headers[AUTHORIZATION],
+            format!("Basic {}", STANDARD.encode("u:secret"))
+        );
+        assert!(p.headers[AUTHORIZATION].is_sensitive());
+        assert_eq!(p.uri.query(), Some("key=qs"));
+    }
+
+    #[test]
+    fn a_bad_edit_changes_nothing() {
+        let mut p = parts("https://h/p?key=pdk-x", &[("x-api-key", "pdk-x")]);
+        for bad in [
+            SubstituteAuthResponse {
+                matched: true,
+                set_query: vec![QueryParam {
+                    name: "key".into(),
+                    value: "v".into(),
+                }],
+                set_headers: vec![Header {
+                    name: "content-length".into(),
+                    value: "0".into(),
+                }],
+                ..SubstituteAuthResponse::default()
+            },
+            SubstituteAuthResponse {
+                matched: true,
+                set_query: vec![QueryParam {
+                    name: "key".into(),
+                    value: "v".into(),
+                }],
+                set_headers: vec![Header {
+                    name: "x-api-key".into(),
+                    value: "line\nbreak".into(),
+                }],
+                ..SubstituteAuthResponse::default()
+            },
+            SubstituteAuthResponse {
+                matched: true,
+                remove_headers: vec!["bad header".into()],
+                ..SubstituteAuthResponse::default()
+            },
+        ] {
+            let err = apply(&mut RequestHead::new(&mut p), &bad).expect_err("refused");
+            assert!(matches!(err, SubstituteError::Invalid { .. }), "{err}");
+            assert_eq!(p.uri.query(), Some("key=pdk-x"));
+            assert_eq!(p.headers["x-api-key"], "pdk-x");
+        }
+    }
+
+    #[test]
+    fn leftover_placeholders_are_caught() {
+        let basic = format!("Basic {}", STANDARD.encode(format!("u:{BEARER}")));
+        for mut p in [
+            parts("https://h/p", &[("x-other", &format!("t {BEARER}"))]),
+            parts("https://h/p", &[("authorization", &basic)]),
+            parts(&format!("https://h/p?k={BEARER}"), &[]),
+        ] {
+            assert!(ensure_no_placeholder(&RequestHead::new(&mut p)).is_err());
+        }
+        let mut p = parts("https://h/p?k=pdk-short", &[("x", "pdk-short")]);
+        assert!(ensure_no_placeholder(&RequestHead::new(&mut p)).is_ok());
+    }
+}
