@@ -4,6 +4,7 @@
 //! gate that never skips silently under `CI=true`.
 
 pub mod cgroup;
+pub mod echo_api;
 pub mod names;
 pub mod netns;
 pub mod pins;
@@ -17,4 +18,4 @@ pub use cgroup::CgroupGuard;
 pub use netns::Netns;
 pub use pins::PinDir;
 pub use privilege::require_root;
-pub use topology::Topology;
+pub use topology::{HostLink, Topology};

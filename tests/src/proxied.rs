@@ -363,7 +363,7 @@ impl ProxyProcess {
                     .build()
                     .expect("proxy runtime");
                 let r = rt.block_on(paddock_proxy::proxy::serve_until(
-                    paddock_proxy::proxy::ServeOptions { config, audit },
+                    paddock_proxy::proxy::ServeOptions::new(config, audit),
                     async move {
                         let _ = rx.await;
                     },

@@ -73,3 +73,55 @@ impl Default for Topology {
         Self::new()
     }
 }
+
+/// An upstream host namespace linked to the *root* namespace (where `paddock-proxy run` and its
+/// proxy live), on a /24 of 10.79.0.0/16 unique to this process and call.
+#[derive(Debug)]
+pub struct HostLink {
+    pub upstream: Netns,
+    /// The upstream host's address.
+    pub host_ip: Ipv4Addr,
+    /// The root namespace's end of the link.
+    pub local_ip: Ipv4Addr,
+}
+
+impl HostLink {
+    #[must_use]
+    pub fn new() -> Self {
+        let upstream = Netns::new("h");
+        let n = u8::try_from((std::process::id() + crate::names::next_index() * 7) % 250)
+            .unwrap_or(0)
+            + 1;
+        let host_ip = Ipv4Addr::new(10, 79, n, 1);
+        let local_ip = Ipv4Addr::new(10, 79, n, 2);
+        let vl = crate::names::unique("hl");
+        let vu = crate::names::unique("hu");
+        ip(&[
+            "link",
+            "add",
+            &vl,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &vu,
+            "netns",
+            upstream.name(),
+        ]);
+        ip(&["addr", "add", &format!("{local_ip}/24"), "dev", &vl]);
+        ip(&["link", "set", &vl, "up"]);
+        upstream.ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &vu]);
+        upstream.ip(&["link", "set", &vu, "up"]);
+        Self {
+            upstream,
+            host_ip,
+            local_ip,
+        }
+    }
+}
+
+impl Default for HostLink {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -97,6 +97,10 @@ pub struct CredentialGrant {
     pub delivery: Delivery,
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
+    /// Environment variable that carries this credential's placeholder (or, for in-container
+    /// delivery, its value) into a command started by `paddock-proxy run`.
+    #[serde(default)]
+    pub env: Option<String>,
 }
 
 impl CredentialGrant {
@@ -402,6 +406,14 @@ fn yaml_error(
     }
 }
 
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 fn validate_header_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -454,6 +466,14 @@ fn validate(
         }
         if !names.insert(c.name.as_str()) {
             return Err(ctx.err(&at("name"), format!("duplicate credential {:?}", c.name)));
+        }
+        if let Some(env) = &c.env
+            && !is_env_name(env)
+        {
+            return Err(ctx.err(
+                &at("env"),
+                "must be an environment variable name [A-Za-z_][A-Za-z0-9_]*",
+            ));
         }
         for h in &c.hosts {
             hosts::validate_pattern(h).map_err(|m| ctx.err(&at("hosts"), m))?;

@@ -203,3 +203,23 @@ fn unknown_field_inside_provider_points_at_its_line() {
     assert_eq!(e.line, Some(13), "{e}");
     assert_eq!(e.field, "spec.credentials[0].provider.bogus", "{e}");
 }
+
+#[test]
+fn env_names_the_variable_for_run_mode_and_must_be_valid() {
+    let with = |env: &str| {
+        GOOD.replace(
+            "      hosts: [api.github.com]\n",
+            &format!("      hosts: [api.github.com]\n      env: {env}\n"),
+        )
+    };
+    let docs = Policy::parse_text(Path::new("p.yaml"), &with("GH_TOKEN_PLACEHOLDER"), now())
+        .expect("valid");
+    assert_eq!(
+        docs[0].doc.spec.credentials[0].env.as_deref(),
+        Some("GH_TOKEN_PLACEHOLDER")
+    );
+    for bad in ["1ABC", "A-B", "\"A B\""] {
+        let e = err_of(&with(bad));
+        assert_eq!(e.field, "spec.credentials[0].env", "{bad}: {e}");
+    }
+}

@@ -28,6 +28,53 @@ enum Command {
     Ebpf(EbpfCommand),
     /// Run the proxy (transparent, CONNECT and plain-HTTP listeners; admin endpoint).
     Serve(ServeArgs),
+    /// Run one command under Paddock: embedded broker, transparent proxy and eBPF interception
+    /// around it; exits with the command's exit code.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// `BrokerPolicy` YAML file or directory (credentials with `env:` become placeholders).
+    #[arg(long)]
+    policy: PathBuf,
+    /// Base directory for relative `secret: {file: ...}` paths.
+    #[arg(long)]
+    secrets: Option<PathBuf>,
+    /// Run the command as this user (default: `SUDO_USER`, else nobody; never root).
+    #[arg(long)]
+    user: Option<String>,
+    /// Run id (default: random).
+    #[arg(long)]
+    run_id: Option<String>,
+    /// The run's namespace: the policy's `appliesTo.namespaces` must name it.
+    #[arg(long, default_value = "local")]
+    namespace: String,
+    /// The run's template, for `appliesTo.templates`.
+    #[arg(long, default_value = "local")]
+    template: String,
+    /// Parent of the per-run state directories (root-only; removed after the run except the
+    /// audit logs).
+    #[arg(long, default_value = "/run/paddock")]
+    state_dir: PathBuf,
+    /// The proxy's audit log (JSONL). Default: under the run's state directory.
+    #[arg(long)]
+    audit: Option<PathBuf>,
+    /// Destination range the proxy may dial although it is private (repeatable).
+    #[arg(long)]
+    allow_cidr: Vec<String>,
+    /// Resolver the proxy uses itself (repeatable; default: /etc/resolv.conf).
+    #[arg(long)]
+    nameserver: Vec<std::net::SocketAddr>,
+    /// Let the proxy's resolver read /etc/hosts.
+    #[arg(long)]
+    hosts_file: bool,
+    /// Extra root certificates (PEM) the proxy trusts for upstream servers.
+    #[arg(long)]
+    upstream_ca: Option<PathBuf>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, Args)]
@@ -127,7 +174,47 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Ebpf(cmd) => ebpf_command(cmd),
         Command::Serve(args) => serve_command(args),
+        Command::Run(args) => {
+            let code = run_command(args)?;
+            std::process::exit(code);
+        }
     }
+}
+
+fn run_command(a: RunArgs) -> Result<i32> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let interrupt = async move {
+            tokio::select! {
+                _ = term.recv() => nix::sys::signal::Signal::SIGTERM,
+                _ = int.recv() => nix::sys::signal::Signal::SIGINT,
+            }
+        };
+        let opts = paddock_proxy::run::RunOptions {
+            policy: a.policy,
+            secrets_dir: a.secrets,
+            user: a.user,
+            run_id: a.run_id,
+            namespace: a.namespace,
+            template: a.template,
+            state_dir: a.state_dir,
+            audit: a.audit,
+            allow_cidrs: a.allow_cidr,
+            nameservers: a.nameserver,
+            use_hosts_file: a.hosts_file,
+            upstream_ca: a.upstream_ca,
+            command: a.command,
+        };
+        paddock_proxy::run::run(opts, interrupt)
+            .await
+            .context("paddock-proxy run")
+    })
 }
 
 fn serve_command(args: ServeArgs) -> Result<()> {
@@ -138,10 +225,7 @@ fn serve_command(args: ServeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime
-        .block_on(proxy::serve(ServeOptions {
-            config,
-            audit: args.audit,
-        }))
+        .block_on(proxy::serve(ServeOptions::new(config, args.audit)))
         .context("paddock-proxy serve")
 }
 

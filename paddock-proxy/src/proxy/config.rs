@@ -269,6 +269,76 @@ pub enum ConfigError {
 }
 
 impl ServeConfig {
+    /// The configuration `paddock-proxy run` starts: transparent listeners on `127.0.0.1:port`
+    /// and `[::1]:port`, a CA generated into `ca_dir`, and one agent cgroup attached with
+    /// `dns` as its allowed resolvers. `policy_file` is recorded for reference only: `run`
+    /// supplies the broker as the egress policy.
+    #[must_use]
+    pub fn local_run(
+        run_id: &str,
+        port: u16,
+        ca_dir: &Path,
+        policy_file: &Path,
+        cgroup: &Path,
+        pin_dir: &Path,
+        dns: &[SocketAddr],
+    ) -> Self {
+        Self {
+            run_id: run_id.to_owned(),
+            listen: ListenConfig {
+                transparent: vec![
+                    SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
+                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+                ],
+                plain_http_ports: default_plain_ports(),
+                connect: None,
+                connect_reason: None,
+            },
+            tls: TlsConfig {
+                ca_dir: ca_dir.to_path_buf(),
+                generate_ca: true,
+                leaf_cache_capacity: default_leaf_capacity(),
+                upstream_ca_bundle: None,
+            },
+            policy: PolicyFileConfig {
+                file: policy_file.to_path_buf(),
+                deny_page: true,
+            },
+            network: NetworkConfig::default(),
+            audit: AuditConfig::default(),
+            limits: LimitsConfig::default(),
+            admin: None,
+            ebpf: Some(EbpfConfig {
+                pin_dir: pin_dir.to_path_buf(),
+                agent_cgroups: vec![cgroup.to_path_buf()],
+                dns: dns.to_vec(),
+            }),
+        }
+    }
+
+    /// Set the network section's carve-outs, resolvers and bypass mark.
+    #[must_use]
+    pub fn with_network(
+        mut self,
+        allow_cidrs: &[String],
+        nameservers: &[SocketAddr],
+        use_hosts_file: bool,
+        bypass_mark: Option<u32>,
+    ) -> Self {
+        self.network.allow_cidrs = allow_cidrs.to_vec();
+        self.network.nameservers = nameservers.to_vec();
+        self.network.use_hosts_file = use_hosts_file;
+        self.network.bypass_mark = bypass_mark;
+        self
+    }
+
+    /// Trust these extra roots upstream.
+    #[must_use]
+    pub fn with_upstream_ca(mut self, bundle: Option<PathBuf>) -> Self {
+        self.tls.upstream_ca_bundle = bundle;
+        self
+    }
+
     /// Reads and validates a configuration file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -15,22 +15,43 @@ use super::{Pipeline, PipelineLimits, PipelineParts};
 use crate::audit::{AuditEvent, AuditKind, AuditOutcome, audit_decision};
 use crate::cgroup::Cgroup;
 use crate::ebpf::{AgentConfig, Interception, Interceptor, LoadOptions};
-use crate::http::{HttpLimits, NoopSubstituter};
+use crate::http::{HttpLimits, NoopSubstituter, Substituter};
 use crate::metrics::{AdminServer, ProxyMetrics, Readiness};
 use crate::net::{CidrConfig, CidrPolicy, DialSettings, DnsResolver, ResolverSettings, Vetter};
 use crate::origdst::SockoptOriginalDst;
-use crate::policy::{Mode, StaticPolicy};
+use crate::policy::{EgressPolicy, Mode, StaticPolicy};
 use crate::tls::{LeafCache, LeafCacheConfig, MitmServer, RunCa, UpstreamTls};
 
 /// Validity of a CA generated for local use.
 const GENERATED_CA_VALIDITY: Duration = Duration::from_hours(30 * 24);
 
 /// What `serve` is started with.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServeOptions {
     pub config: ServeConfig,
     /// `--audit` (wins over the file's `audit.target`).
     pub audit: Option<String>,
+    /// Decide egress with this instead of the config's static policy file (the broker, in
+    /// `run` mode).
+    pub policy: Option<Arc<dyn EgressPolicy>>,
+    /// Substitute placeholders with this (default: none).
+    pub substituter: Option<Arc<dyn Substituter>>,
+    /// Told once every listener is bound and interception is attached.
+    pub ready: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl ServeOptions {
+    /// Options for a config file and an optional `--audit` override.
+    #[must_use]
+    pub fn new(config: ServeConfig, audit: Option<String>) -> Self {
+        Self {
+            config,
+            audit,
+            policy: None,
+            substituter: None,
+            ready: None,
+        }
+    }
 }
 
 /// Why the proxy did not start (or stopped abnormally).
@@ -85,9 +106,12 @@ pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     reason = "one linear sequence of pipeline steps; splitting it hides the order"
 )]
 pub async fn serve_until(
-    opts: ServeOptions,
+    mut opts: ServeOptions,
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    let policy_override = opts.policy.take();
+    let substituter = opts.substituter.take();
+    let ready_tx = opts.ready.take();
     let cfg = &opts.config;
     let metrics = Arc::new(ProxyMetrics::new());
 
@@ -117,7 +141,10 @@ pub async fn serve_until(
     let mitm = Arc::new(MitmServer::new(Arc::clone(&leaves)).map_err(ServeError::Ca)?);
     let upstream_tls =
         Arc::new(UpstreamTls::new(cfg.tls.upstream_ca_bundle.as_deref()).map_err(ServeError::Ca)?);
-    let policy = Arc::new(StaticPolicy::from_file(&cfg.policy.file)?);
+    let policy: Arc<dyn EgressPolicy> = match policy_override {
+        Some(p) => p,
+        None => Arc::new(StaticPolicy::from_file(&cfg.policy.file)?),
+    };
     let cidr = Arc::new(CidrPolicy::from_config(&CidrConfig {
         deny: cfg.network.deny_cidrs.clone(),
         allow: cfg.network.allow_cidrs.clone(),
@@ -165,7 +192,7 @@ pub async fn serve_until(
             mitm,
             upstream_tls,
             connector,
-            substituter: Arc::new(NoopSubstituter),
+            substituter: substituter.unwrap_or_else(|| Arc::new(NoopSubstituter)),
             audit: Arc::clone(&audit),
             metrics: Arc::clone(&metrics),
             origdst: Arc::new(SockoptOriginalDst),
@@ -235,6 +262,9 @@ pub async fn serve_until(
 
     ready.set_ready(true);
     tracing::info!(run = %cfg.run_id, "proxy ready");
+    if let Some(tx) = ready_tx {
+        let _ = tx.send(());
+    }
     stop.await;
     ready.set_ready(false);
     let _ = stop_tx.send(true);

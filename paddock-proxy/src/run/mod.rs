@@ -9,8 +9,10 @@
 pub mod child;
 pub mod env;
 pub mod resolv;
+pub mod session;
 pub mod user;
 
 pub use child::{ChildError, ExitOutcome, SpawnSpec, spawn_in_cgroup, supervise};
 pub use env::{CaFiles, child_env};
+pub use session::{RunError, RunOptions, run};
 pub use user::{RunUser, UserError, resolve_user};

@@ -1,0 +1,215 @@
+//! Root tier, end to end: `paddock-proxy run` around real clients (curl, Python) with an
+//! embedded broker, the transparent proxy and eBPF interception, against an HTTPS API in a
+//! test-host namespace. Upstream must receive the real secrets in every placeholder position;
+//! nothing the agent can read may contain one.
+
+use std::{net::SocketAddr, path::Path, process::Command};
+
+use paddock_tests::{
+    HostLink,
+    echo_api::EchoApi,
+    process::{Placement, run, target_bin},
+    proxied::{DnsResponder, make_upstream_certs},
+    require_root,
+};
+
+const SECRETS: [(&str, &str); 4] = [
+    ("bearer.txt", "real-bearer-7f3a9c01d2"),
+    ("apikey.txt", "sk-ant-real-5b8e44aa19"),
+    ("qkey.txt", "real-query-key-c0ffee42"),
+    ("basic.txt", "real-basic-pass-99d1e7"),
+];
+
+const POLICY: &str = r#"
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: e2e}
+spec:
+  appliesTo: {namespaces: [local]}
+  credentials:
+    - name: bearer
+      provider: {kind: user-secret, inject: {header: {name: Authorization, prefix: "Bearer "}}}
+      secret: {file: bearer.txt}
+      hosts: [api.paddock.test]
+      env: API_BEARER
+    - name: apikey
+      provider: {kind: anthropic-api-key}
+      secret: {file: apikey.txt}
+      hosts: [api.paddock.test]
+      env: ANTHROPIC_API_KEY
+    - name: qkey
+      provider: {kind: user-secret, inject: {query: {param: key}}, allowedQuery: [q, key]}
+      secret: {file: qkey.txt}
+      hosts: [api.paddock.test]
+      env: MAPS_KEY
+    - name: git
+      provider: {kind: user-secret, inject: {basic: {username: git}}}
+      secret: {file: basic.txt}
+      hosts: [api.paddock.test]
+      env: GIT_PASSWORD
+  egress:
+    - {hosts: [api.paddock.test], ports: [443], substituteAuth: true}
+"#;
+
+const AGENT: &str = r#"
+exec 2>&1
+R="--resolve api.paddock.test:443:$E2E_IP --resolve other.paddock.test:443:$E2E_IP"
+echo "== env"; env
+echo "== bearer"; curl -sS --http1.1 $R https://api.paddock.test/bearer -H "Authorization: Bearer $API_BEARER"; echo
+echo "== apikey"; curl -sS --http2 $R https://api.paddock.test/apikey -H "x-api-key: $ANTHROPIC_API_KEY"; echo
+echo "== query"; python3 -c '
+import os, socket, urllib.request
+real = socket.getaddrinfo
+socket.getaddrinfo = lambda h, *a, **k: real(os.environ["E2E_IP"] if h.endswith("paddock.test") else h, *a, **k)
+print(urllib.request.urlopen("https://api.paddock.test/query?q=1&key=" + os.environ["MAPS_KEY"], timeout=10).read().decode())'
+echo "== basic"; curl -sS $R -u "git:$GIT_PASSWORD" https://api.paddock.test/basic; echo
+echo "== denied"; curl -sS $R https://other.paddock.test/x; echo
+echo "== read secrets"; cat "$E2E_SECRETS"/*.txt 2>&1; ls -R "$E2E_STATE" 2>&1
+exit 3
+"#;
+
+fn setup_secrets(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir(dir).expect("secrets dir");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    for (name, value) in SECRETS {
+        std::fs::write(dir.join(name), value).expect("write secret");
+        std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_injects_real_credentials_the_agent_never_sees() {
+    if !require_root("run_injects_real_credentials_the_agent_never_sees") {
+        return;
+    }
+    let link = HostLink::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    make_upstream_certs(d, &["api.paddock.test", "other.paddock.test"]);
+    let zone = vec![
+        ("api.paddock.test".to_owned(), link.host_ip),
+        ("other.paddock.test".to_owned(), link.host_ip),
+    ];
+    let _dns = DnsResponder::start(&link.upstream, SocketAddr::from((link.host_ip, 53)), zone);
+    let api = EchoApi::start(&link.upstream, d, SocketAddr::from((link.host_ip, 443)));
+    let secrets = d.join("secrets");
+    setup_secrets(&secrets);
+    std::fs::write(d.join("policy.yaml"), POLICY).expect("policy");
+    let state = d.join("state");
+    let audit = d.join("proxy-audit.jsonl");
+    let subnet = format!("{}/24", link.host_ip);
+    let path = |p: &Path| p.to_str().expect("utf-8").to_owned();
+
+    let mut cmd = Command::new(target_bin("paddock-proxy"));
+    cmd.args([
+        "run",
+        "--policy",
+        &path(&d.join("policy.yaml")),
+        "--secrets",
+        &path(&secrets),
+    ])
+    .args([
+        "--allow-cidr",
+        &subnet,
+        "--nameserver",
+        &format!("{}:53", link.host_ip),
+    ])
+    .args([
+        "--upstream-ca",
+        &path(&d.join("test-ca.crt")),
+        "--audit",
+        &path(&audit),
+    ])
+    .args([
+        "--state-dir",
+        &path(&state),
+        "--run-id",
+        "e2e-run",
+        "--",
+        "sh",
+        "-c",
+        AGENT,
+    ])
+    .env("E2E_IP", link.host_ip.to_string())
+    .env("E2E_SECRETS", &secrets)
+    .env("E2E_STATE", &state)
+    .env("RUST_LOG", "warn");
+    let out = tokio::task::block_in_place(|| run(&mut cmd, &Placement::default()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the command's exit code comes back\n{stdout}\n{stderr}"
+    );
+
+    // Upstream got the real secret in every position.
+    let reqs = api.requests();
+    let by_path = |p: &str| {
+        reqs.iter()
+            .find(|r| r["path"] == p)
+            .unwrap_or_else(|| panic!("no request to {p}: {reqs:?}\n{stdout}\n{stderr}"))
+            .clone()
+    };
+    assert_eq!(
+        by_path("/bearer")["authorization"],
+        format!("Bearer {}", SECRETS[0].1)
+    );
+    assert_eq!(by_path("/apikey")["x-api-key"], SECRETS[1].1);
+    assert_eq!(by_path("/query")["query"]["key"], SECRETS[2].1);
+    assert_eq!(
+        by_path("/query")["query"]["q"],
+        "1",
+        "other parameters are kept"
+    );
+    assert_eq!(by_path("/basic")["basic"], format!("git:{}", SECRETS[3].1));
+    assert!(
+        reqs.iter().all(|r| !r.to_string().contains("pdk-")),
+        "a placeholder reached upstream: {reqs:?}"
+    );
+
+    // The agent saw placeholders only: not in its environment, not in any response, and it
+    // could not read the secret files or Paddock's state.
+    assert!(stdout.contains("API_BEARER=pdk-"), "{stdout}");
+    for (name, secret) in SECRETS {
+        assert!(
+            !stdout.contains(secret),
+            "the agent saw the real {name}:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("Permission denied"),
+        "secrets must be unreadable: {stdout}"
+    );
+    let denied = stdout.split("== denied").nth(1).unwrap_or("");
+    assert!(
+        denied.contains("other.paddock.test"),
+        "403 page names the host: {stdout}"
+    );
+    assert_eq!(
+        reqs.iter()
+            .filter(|r| r["host"].as_str().unwrap_or("").starts_with("other"))
+            .count(),
+        0
+    );
+
+    // The audit trail has the allowed and the denied connection.
+    let trail = std::fs::read_to_string(&audit).expect("audit log");
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("\"allow\"") && l.contains("api.paddock.test")),
+        "{trail}"
+    );
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("\"deny\"") && l.contains("other.paddock.test")),
+        "{trail}"
+    );
+    // Secrets and keys are gone after the run; the audit logs stay.
+    assert!(!state.join("e2e-run/ca").exists() && !state.join("e2e-run/broker").exists());
+    assert!(state.join("e2e-run/broker-audit.jsonl").exists());
+}
