@@ -82,7 +82,10 @@ impl EchoApi {
             },
         );
         // Owned by the guard at once, so every path below kills and reaps it.
-        let api = Self { child: cmd.spawn().expect("start python3 API"), log };
+        let api = Self {
+            child: cmd.spawn().expect("start python3 API"),
+            log,
+        };
         // Ready when it accepts connections.
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {

@@ -145,8 +145,39 @@ async fn run_injects_real_credentials_the_agent_never_sees() {
         "the command's exit code comes back\n{stdout}\n{stderr}"
     );
 
-    // Upstream got the real secret in every position.
     let reqs = api.requests();
+    check_upstream(&reqs, &stdout, &stderr);
+    assert_eq!(
+        reqs.iter()
+            .filter(|r| r["host"].as_str().unwrap_or("").starts_with("other"))
+            .count(),
+        0,
+        "the denied host must never be reached"
+    );
+    check_agent_view(&stdout);
+
+    // The audit trail has the allowed and the denied connection.
+    let trail = std::fs::read_to_string(&audit).expect("audit log");
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("\"allow\"") && l.contains("api.paddock.test")),
+        "{trail}"
+    );
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("\"deny\"") && l.contains("other.paddock.test")),
+        "{trail}"
+    );
+    // Secrets and keys are gone after the run; the audit logs stay.
+    assert!(!state.join("e2e-run/ca").exists() && !state.join("e2e-run/broker").exists());
+    assert!(state.join("e2e-run/broker-audit.jsonl").exists());
+}
+
+/// Upstream got the real secret in every position, and never a placeholder or the denied host.
+fn check_upstream(reqs: &[serde_json::Value], stdout: &str, stderr: &str) {
+    // Upstream got the real secret in every position.
     let by_path = |p: &str| {
         reqs.iter()
             .find(|r| r["path"] == p)
@@ -169,9 +200,11 @@ async fn run_injects_real_credentials_the_agent_never_sees() {
         reqs.iter().all(|r| !r.to_string().contains("pdk-")),
         "a placeholder reached upstream: {reqs:?}"
     );
+}
 
-    // The agent saw placeholders only: not in its environment, not in any response, and it
-    // could not read the secret files or Paddock's state.
+/// The agent saw placeholders only: not in its environment, not in any response, and it could
+/// not read the secret files or Paddock's state.
+fn check_agent_view(stdout: &str) {
     assert!(stdout.contains("API_BEARER=pdk-"), "{stdout}");
     for (name, secret) in SECRETS {
         assert!(
@@ -188,28 +221,4 @@ async fn run_injects_real_credentials_the_agent_never_sees() {
         denied.contains("other.paddock.test"),
         "403 page names the host: {stdout}"
     );
-    assert_eq!(
-        reqs.iter()
-            .filter(|r| r["host"].as_str().unwrap_or("").starts_with("other"))
-            .count(),
-        0
-    );
-
-    // The audit trail has the allowed and the denied connection.
-    let trail = std::fs::read_to_string(&audit).expect("audit log");
-    assert!(
-        trail
-            .lines()
-            .any(|l| l.contains("\"allow\"") && l.contains("api.paddock.test")),
-        "{trail}"
-    );
-    assert!(
-        trail
-            .lines()
-            .any(|l| l.contains("\"deny\"") && l.contains("other.paddock.test")),
-        "{trail}"
-    );
-    // Secrets and keys are gone after the run; the audit logs stay.
-    assert!(!state.join("e2e-run/ca").exists() && !state.join("e2e-run/broker").exists());
-    assert!(state.join("e2e-run/broker-audit.jsonl").exists());
 }
