@@ -1,190 +1,113 @@
-//! `cargo xtask demo`: interception on this machine, step by step, with real curl.
+//! `cargo xtask demo`: Paddock end to end on this machine, with real curl and Python.
 //!
-//! Builds a private "internet" host (`10.77.0.1`, `fd00:77::1`) in its own network namespace,
-//! puts curl in an agent cgroup whose egress Paddock's eBPF programs redirect, and runs a small
-//! stand-in proxy that recovers each connection's original destination, allows one port,
-//! denies another with a clear 403, and forwards allowed traffic to the real host.
+//! A private HTTPS "API" (`api.paddock.test`) runs in its own network namespace and reports a
+//! fingerprint of the credential it received. `paddock-proxy run` starts the broker, the proxy
+//! and eBPF interception around a script that only ever sees placeholders; the API receives
+//! the real key; a host the policy does not list gets a 403 with the reason; the audit trail
+//! records both.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsFd,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::Path,
     process::Command,
-    sync::Arc,
 };
 
 use anyhow::{Context, Result, bail};
-use paddock_proxy::{
-    cgroup::Cgroup,
-    ebpf::{AgentConfig, Interception, Interceptor, LoadOptions},
-    netns::{NetnsEntry, NetnsPath},
-    origdst::{OriginalDst, SockoptOriginalDst},
-};
 use paddock_tests::{
-    CgroupGuard, PinDir, Topology,
-    process::{Placement, run},
+    HostLink,
+    echo_api::EchoApi,
+    process::target_bin,
+    proxied::{DnsResponder, make_upstream_certs},
 };
+use sha2::{Digest, Sha256};
 
-const PROXY_PORT: u16 = 15001;
-const ALLOWED_PORT: u16 = 80;
+const API_TOKEN: &str = "demo-real-api-token-1b7e";
+const ANTHROPIC_KEY: &str = "sk-ant-demo-real-key-42c9";
 
-fn upstream_http(topo: &Topology, port: u16, body: &'static str) -> Result<()> {
-    let l = topo
-        .upstream
-        .run(move || TcpListener::bind(("::", port)))
-        .context("netns")??;
-    std::thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            let mut req = [0u8; 2048];
-            let _ = s.read(&mut req);
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes());
-        }
-    });
-    Ok(())
-}
+const SCRIPT: &str = r#"
+R="--resolve api.paddock.test:443:$DEMO_IP --resolve blocked.paddock.test:443:$DEMO_IP"
+echo "  [agent] I am $(id -un); my environment holds:"
+echo "  [agent]   API_TOKEN=$API_TOKEN"
+echo "  [agent]   ANTHROPIC_API_KEY=$ANTHROPIC_API_KEY"
+echo "  [agent] \$ curl https://api.paddock.test/v1/me -H 'Authorization: Bearer \$API_TOKEN'"
+echo "  [agent]   -> $(curl -sS $R https://api.paddock.test/v1/me -H "Authorization: Bearer $API_TOKEN" 2>&1)"
+echo "  [agent] \$ python3 (urllib): GET https://api.paddock.test/v1/messages with x-api-key"
+python3 -c '
+import os, socket, urllib.request
+real = socket.getaddrinfo
+socket.getaddrinfo = lambda h, *a, **k: real(os.environ["DEMO_IP"] if h.endswith("paddock.test") else h, *a, **k)
+req = urllib.request.Request("https://api.paddock.test/v1/messages", headers={"x-api-key": os.environ["ANTHROPIC_API_KEY"]})
+print("  [agent]   ->", urllib.request.urlopen(req, timeout=10).read().decode())' 2>&1
+echo "  [agent] \$ curl https://blocked.paddock.test/   (not in the policy)"
+echo "  [agent]   -> $(curl -sS $R https://blocked.paddock.test/ 2>&1)"
+echo "  [agent] \$ cat the secrets directory"
+echo "  [agent]   -> $(cat "$DEMO_SECRETS"/* 2>&1 | head -1)"
+"#;
 
-fn handle(mut agent: TcpStream, ns: &NetnsPath) -> Result<()> {
-    let orig = SockoptOriginalDst
-        .original_dst(agent.as_fd())
-        .context("no original destination")?;
-    let mut first = String::new();
-    BufReader::new(&agent).read_line(&mut first)?;
-    if orig.port() != ALLOWED_PORT {
-        println!("  proxy: {orig} -> DENY (only port {ALLOWED_PORT} is allowed)");
-        let body = format!("paddock: egress to {orig} denied by policy\n");
-        write!(
-            agent,
-            "HTTP/1.1 403 Forbidden\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        return Ok(());
-    }
-    println!(
-        "  proxy: {orig} -> ALLOW, forwarding `{}`",
-        first.trim_end()
-    );
-    let mut up = ns.run_in(move || TcpStream::connect(orig))??;
-    up.write_all(first.as_bytes())?;
-    let mut a2 = agent.try_clone()?;
-    let mut u2 = up.try_clone()?;
-    let t = std::thread::spawn(move || std::io::copy(&mut a2, &mut u2));
-    std::io::copy(&mut up, &mut agent)?;
-    drop(t);
-    Ok(())
-}
-
-fn curl(at: &Placement<'_>, url: &str) -> String {
-    let out = run(
-        Command::new("curl").args(["-sS", "--max-time", "5", url]),
-        at,
-    );
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    if text.is_empty() {
-        String::from_utf8_lossy(&out.stderr).trim().to_owned()
-    } else {
-        text
-    }
+fn fingerprint(s: &str) -> String {
+    let d = Sha256::digest(s.as_bytes());
+    format!("sha256:{}", hex::encode(&d[..8]))
 }
 
 fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the demo needs root: it creates namespaces and cgroups and loads eBPF programs");
     }
-    println!("Paddock demo: eBPF egress interception\n");
-    let topo = Topology::new();
-    println!(
-        "1. Test host 10.77.0.1 / fd00:77::1 in netns {} (HTTP on :80 and :8080)",
-        topo.upstream.name()
-    );
-    upstream_http(&topo, 80, "hello from the upstream host on port 80\n")?;
-    upstream_http(
-        &topo,
-        8080,
-        "direct answer from the upstream host on port 8080\n",
-    )?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let _guard = rt.enter();
+    println!("Paddock demo: an agent command that only ever sees placeholders\n");
+    let link = HostLink::new();
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    make_upstream_certs(d, &["api.paddock.test", "blocked.paddock.test"]);
+    let zone = vec![
+        ("api.paddock.test".to_owned(), link.host_ip),
+        ("blocked.paddock.test".to_owned(), link.host_ip),
+    ];
+    let _dns = DnsResponder::start(&link.upstream, SocketAddr::from((link.host_ip, 53)), zone);
+    let api = EchoApi::start(&link.upstream, d, SocketAddr::from((link.host_ip, 443)));
+    println!("1. A test HTTPS API, api.paddock.test ({}), runs in network namespace {}.", link.host_ip, link.upstream.name());
+    println!("   It answers with fingerprints of the credentials it receives.\n");
 
-    let pins = PinDir::new();
-    let mut ic = Interceptor::load(&LoadOptions {
-        pin_dir: pins.path().to_path_buf(),
-        ..LoadOptions::default()
-    })?;
-    ic.attach_proxy(&Cgroup::current()?)?;
-    let agent = CgroupGuard::new("demo");
-    let mut cfg = AgentConfig::loopback(PROXY_PORT);
-    cfg.dns = vec!["10.77.0.1:53".parse()?];
-    ic.attach_agent(agent.cgroup(), &cfg)?;
-    println!(
-        "2. Agent cgroup {} intercepted: TCP -> proxy on 127.0.0.1/[::1]:{PROXY_PORT}, UDP only to DNS 10.77.0.1:53",
-        agent.cgroup().path().display()
-    );
-
-    let ns = Arc::new(topo.agent.path().clone());
-    for addr in [
-        SocketAddr::from(([127, 0, 0, 1], PROXY_PORT)),
-        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, PROXY_PORT)),
-    ] {
-        let l = topo
-            .agent
-            .run(move || {
-                let s = socket2::Socket::new(
-                    socket2::Domain::for_address(addr),
-                    socket2::Type::STREAM,
-                    None,
-                )?;
-                if addr.is_ipv6() {
-                    s.set_only_v6(true)?;
-                }
-                s.bind(&addr.into())?;
-                s.listen(128)?;
-                Ok::<TcpListener, std::io::Error>(s.into())
-            })
-            .context("netns")??;
-        let ns = Arc::clone(&ns);
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                let ns = Arc::clone(&ns);
-                std::thread::spawn(move || {
-                    if let Err(e) = handle(s, &ns) {
-                        println!("  proxy: connection dropped: {e:#}");
-                    }
-                });
-            }
-        });
+    let secrets = d.join("secrets");
+    std::fs::create_dir(&secrets)?;
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o700))?;
+    for (name, value) in [("api-token", API_TOKEN), ("anthropic-key", ANTHROPIC_KEY)] {
+        std::fs::write(secrets.join(name), value)?;
+        std::fs::set_permissions(secrets.join(name), std::fs::Permissions::from_mode(0o600))?;
     }
-    println!(
-        "3. Stand-in proxy listening; it recovers each connection's destination with SO_ORIGINAL_DST\n"
-    );
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-policy.yaml");
+    println!("2. Real secrets (root-only files): api-token {} and anthropic-key {}.", fingerprint(API_TOKEN), fingerprint(ANTHROPIC_KEY));
+    println!("   Policy: examples/demo-policy.yaml (api.paddock.test only).\n");
 
-    let at = Placement {
-        netns: Some(&topo.agent),
-        cgroup: Some(&agent),
-        user: None,
-    };
-    let outside = Placement {
-        netns: Some(&topo.agent),
-        cgroup: None,
-        user: None,
-    };
-    println!("$ curl http://10.77.0.1/            (inside the agent cgroup)");
-    println!("  curl saw: {}\n", curl(&at, "http://10.77.0.1/"));
-    println!("$ curl 'http://[fd00:77::1]/'       (IPv6, inside the agent cgroup)");
-    println!("  curl saw: {}\n", curl(&at, "http://[fd00:77::1]/"));
-    println!("$ curl http://10.77.0.1:8080/       (inside the agent cgroup)");
-    println!("  curl saw: {}\n", curl(&at, "http://10.77.0.1:8080/"));
-    println!(
-        "$ curl http://10.77.0.1:8080/       (same namespace, outside the agent cgroup: not intercepted)"
-    );
-    println!("  curl saw: {}\n", curl(&outside, "http://10.77.0.1:8080/"));
-    let q = run(
-        Command::new(paddock_tests::process::client_path()).args(["udp", "10.77.0.1:443"]),
-        &at,
-    );
-    println!("$ UDP to 10.77.0.1:443 (QUIC) from the agent cgroup");
-    println!("  {}\n", String::from_utf8_lossy(&q.stdout).trim());
-    println!("Done: namespaces, cgroup and pinned programs are removed on exit.");
+    let audit = d.join("audit.jsonl");
+    let p = |x: &Path| x.to_string_lossy().into_owned();
+    println!("3. $ sudo paddock-proxy run --policy examples/demo-policy.yaml --secrets DIR -- sh demo.sh\n");
+    let status = Command::new(target_bin("paddock-proxy"))
+        .args(["run", "--policy", &p(&policy), "--secrets", &p(&secrets), "--audit", &p(&audit)])
+        .args(["--allow-cidr", &format!("{}/24", link.host_ip), "--nameserver", &format!("{}:53", link.host_ip)])
+        .args(["--upstream-ca", &p(&d.join("test-ca.crt")), "--state-dir", &p(&d.join("state"))])
+        .args(["--", "sh", "-c", SCRIPT])
+        .env("DEMO_IP", link.host_ip.to_string())
+        .env("DEMO_SECRETS", &secrets)
+        .env("RUST_LOG", "warn")
+        .status()
+        .context("starting paddock-proxy run")?;
+    println!("\n   paddock-proxy run exited with the command's status: {status}\n");
+
+    println!("4. What the API received (its own log, which the agent cannot read):");
+    for r in api.requests() {
+        let auth = r["authorization"].as_str().unwrap_or("");
+        let key = r["x-api-key"].as_str().unwrap_or("");
+        let got = if !auth.is_empty() { ("Authorization", auth.trim_start_matches("Bearer ")) } else { ("x-api-key", key) };
+        let real = got.1 == API_TOKEN || got.1 == ANTHROPIC_KEY;
+        println!("   {} {}: {} {} (the real secret: {})", r["path"].as_str().unwrap_or("?"), got.0, fingerprint(got.1), if got.1.starts_with("pdk-") { "placeholder!" } else { "" }, if real { "yes" } else { "NO" });
+    }
+    println!("\n5. The proxy's audit trail:");
+    for line in std::fs::read_to_string(&audit).unwrap_or_default().lines() {
+        println!("   {line}");
+    }
+    println!("\nDone: the namespace, the cgroup, the eBPF programs and the run's keys are gone.");
     Ok(())
 }
