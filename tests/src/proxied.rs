@@ -8,7 +8,7 @@
 //! dial the test host's address with the name pinned (`curl --resolve`).
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -272,7 +272,7 @@ impl Drop for DnsResponder {
 
 impl DnsResponder {
     /// Serves `zone` on `addr` (UDP) inside `ns`.
-    pub fn start(ns: &Netns, addr: SocketAddr, zone: Vec<(String, Ipv4Addr)>) -> Self {
+    pub fn start(ns: &Netns, addr: SocketAddr, zone: Vec<(String, IpAddr)>) -> Self {
         let sock = ns
             .run(move || std::net::UdpSocket::bind(addr))
             .expect("enter netns")
@@ -292,7 +292,7 @@ impl DnsResponder {
     }
 }
 
-fn dns_answer(query: &[u8], zone: &[(String, Ipv4Addr)]) -> Option<Vec<u8>> {
+fn dns_answer(query: &[u8], zone: &[(String, IpAddr)]) -> Option<Vec<u8>> {
     if query.len() < 12 {
         return None;
     }
@@ -312,16 +312,17 @@ fn dns_answer(query: &[u8], zone: &[(String, Ipv4Addr)]) -> Option<Vec<u8>> {
     let question_end = i + 4;
     query.get(..question_end)?;
     let name = labels.join(".");
-    let known: Vec<Ipv4Addr> = zone
+    let known: Vec<IpAddr> = zone
         .iter()
         .filter(|(n, _)| *n == name)
         .map(|(_, a)| *a)
         .collect();
-    let answers: Vec<Ipv4Addr> = if qtype == 1 {
-        known.clone()
-    } else {
-        Vec::new()
-    };
+    // A = 1, AAAA = 28.
+    let answers: Vec<IpAddr> = known
+        .iter()
+        .copied()
+        .filter(|a| (qtype == 1 && a.is_ipv4()) || (qtype == 28 && a.is_ipv6()))
+        .collect();
     let rcode: u8 = if known.is_empty() { 3 } else { 0 };
     let mut out = Vec::with_capacity(question_end + answers.len() * 16);
     out.extend_from_slice(&query[..2]);
@@ -332,8 +333,16 @@ fn dns_answer(query: &[u8], zone: &[(String, Ipv4Addr)]) -> Option<Vec<u8>> {
     out.extend_from_slice(&[0, 0, 0, 0]);
     out.extend_from_slice(&query[12..question_end]);
     for a in answers {
-        out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
-        out.extend_from_slice(&a.octets());
+        match a {
+            IpAddr::V4(v4) => {
+                out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+                out.extend_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                out.extend_from_slice(&[0xc0, 0x0c, 0, 28, 0, 1, 0, 0, 0, 30, 0, 16]);
+                out.extend_from_slice(&v6.octets());
+            }
+        }
     }
     Some(out)
 }
@@ -438,12 +447,12 @@ pub const MARK: u32 = 0x70ad;
 /// The test host (nginx) address.
 pub const HOST_V4: &str = "10.77.0.1";
 
-/// Policy of the lab: `app.test`, `rebind.test` and `cidr.test` allowed on 443 and 80;
+/// Policy of the lab: `app.test`, `app6.test`, `rebind.test` and `cidr.test` allowed on 443 and 80;
 /// everything else (`denied.test`) denied.
 pub const POLICY: &str = r#"
 [[rule]]
 name = "test-hosts"
-hosts = ["app.test", "rebind.test", "cidr.test"]
+hosts = ["app.test", "app6.test", "rebind.test", "cidr.test"]
 ports = [443, 80]
 "#;
 
@@ -474,7 +483,7 @@ impl Lab {
         };
         let dir = scratch();
         let d = dir.path();
-        make_upstream_certs(d, &["app.test", "rebind.test", "cidr.test"]);
+        make_upstream_certs(d, &["app.test", "app6.test", "rebind.test", "cidr.test"]);
         std::fs::write(d.join("policy.toml"), POLICY).expect("policy");
         let topo = crate::Topology::new();
         let cgroup = crate::CgroupGuard::new("px");
@@ -495,12 +504,17 @@ impl Lab {
             &topo.agent,
             DNS.parse().expect("addr"),
             vec![
-                ("app.test".into(), Ipv4Addr::new(10, 77, 0, 1)),
+                ("app.test".into(), Ipv4Addr::new(10, 77, 0, 1).into()),
                 // Resolves elsewhere than where the agent connects: a rebinding mismatch.
-                ("rebind.test".into(), Ipv4Addr::new(10, 77, 0, 3)),
+                ("rebind.test".into(), Ipv4Addr::new(10, 77, 0, 3).into()),
                 // Outside the test host range the config carves out of RFC 1918.
-                ("cidr.test".into(), Ipv4Addr::new(10, 77, 1, 1)),
-                ("denied.test".into(), Ipv4Addr::new(10, 77, 0, 1)),
+                ("cidr.test".into(), Ipv4Addr::new(10, 77, 1, 1).into()),
+                ("denied.test".into(), Ipv4Addr::new(10, 77, 0, 1).into()),
+                // The test host over IPv6 only.
+                (
+                    "app6.test".into(),
+                    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1).into(),
+                ),
             ],
         );
         let ws_addr: SocketAddr = "127.0.0.1:8090".parse().expect("addr");
@@ -521,7 +535,7 @@ upstream_ca_bundle = "{bundle}"
 [policy]
 file = "{policy}"
 [network]
-allow_cidrs = ["10.77.0.0/24"]
+allow_cidrs = ["10.77.0.0/24", "fd00:77::/64"]
 nameservers = ["{DNS}"]
 bypass_mark = {MARK}
 [audit]

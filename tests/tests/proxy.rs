@@ -506,3 +506,26 @@ async fn cooperative_connect_is_audited_and_intercepted() {
         "{audit:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ipv6_destination_is_intercepted_and_vetted() {
+    if !require_root("ipv6_destination_is_intercepted_and_vetted") {
+        return;
+    }
+    let f = Fixture::new("");
+    let o = f.curl(
+        "app6.test",
+        "[fd00:77::1]",
+        &["--http2", "-w", "\n%{http_version}"],
+        "/hello.txt",
+    );
+    assert_ok(&o, "curl over IPv6");
+    assert_eq!(stdout(&o), "hello from the test host\n\n2");
+    let audit = f.audit_lines();
+    assert!(
+        audit.iter().any(|e| e["kind"] == "allow"
+            && e["sni"] == "app6.test"
+            && e["dst"] == "[fd00:77::1]:443"),
+        "{audit:?}"
+    );
+}
