@@ -17,7 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
-use super::{Connector, ListenerKind, Pipeline, PipelineLimits, PipelineParts, run_listener};
+use super::{
+    Connector, Drain, ListenerKind, Pipeline, PipelineLimits, PipelineParts, run_listener,
+};
 use crate::audit::{AuditError, AuditEvent, AuditSink};
 use crate::http::{HttpLimits, NoopSubstituter};
 use crate::metrics::{ProxyMetrics, Rejection};
@@ -103,7 +105,8 @@ struct Rig {
     upstream: SocketAddr,
     upstream_requests: Arc<AtomicUsize>,
     _dns: TestDns,
-    _stop: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
+    pipeline: Arc<Pipeline>,
 }
 
 async fn rig(failing_audit: bool) -> Rig {
@@ -166,7 +169,11 @@ async fn rig(failing_audit: bool) -> Rig {
     ));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
     let proxy = listener.local_addr().expect("addr");
-    tokio::spawn(run_listener(pipeline, listener, ListenerKind::Transparent));
+    tokio::spawn(run_listener(
+        Arc::clone(&pipeline),
+        listener,
+        ListenerKind::Transparent,
+    ));
     Rig {
         proxy,
         origdst,
@@ -176,7 +183,8 @@ async fn rig(failing_audit: bool) -> Rig {
         upstream,
         upstream_requests,
         _dns: dns,
-        _stop: stop,
+        stop,
+        pipeline,
     }
 }
 
@@ -294,4 +302,40 @@ async fn rebinding_mismatch_and_missing_sni_are_reset() {
     assert!(err.is_err(), "{err:?}");
     assert_eq!(rig.metrics.rejections(Rejection::NoSni), 1);
     assert_eq!(rig.upstream_requests.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_closes_idle_keep_alive_connections_and_stops_accepting() {
+    let rig = rig(false).await;
+    // A keep-alive connection with one completed request, then idle.
+    let tcp = rig.connect(rig.upstream).await;
+    let mut roots = RootCertStore::empty();
+    roots.add(rig.run_root.clone()).expect("root");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("app.test").expect("name"), tcp)
+        .await
+        .expect("handshake");
+    tls.write_all(b"GET /a HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tls.read(&mut buf).await.expect("response");
+    assert!(String::from_utf8_lossy(&buf[..n]).ends_with("hello /a"));
+    assert_eq!(rig.pipeline.active_connections(), 1);
+
+    rig.stop.send(true).expect("stop");
+    // The idle keep-alive connection is closed by the drain, well before the idle timeout.
+    let closed = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0) | Err(_))), "{closed:?}");
+    assert_eq!(Drain::wait(&rig.pipeline, Duration::from_secs(5)).await, 0);
+    // The listener is gone: new connections are refused.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(TcpStream::connect(rig.proxy).await.is_err());
 }
