@@ -154,5 +154,11 @@ fn main() -> Result<()> {
         forge.per_second(),
         forge.per_leaf().as_secs_f64() * 1000.0
     );
+    println!(
+        "\nWith {cpus} CPUs, wrk, nginx and the proxy compete for the same cores, so the keep-alive \
+         ratio measures CPU per request (the proxy decrypts and re-encrypts every byte and parses \
+         every request on both legs) more than added latency; numbers move with other load on the \
+         machine, so compare ratios from one run, not absolute rates across runs."
+    );
     Ok(())
 }
