@@ -80,7 +80,7 @@ pub struct RequiredClaim {
 
 /// Which claims make up the [`Identity`]. Names starting with `/` are JSON pointers.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ClaimMapping {
     /// Becomes `Identity::subject` (default `sub`).
     pub subject: String,
@@ -106,7 +106,7 @@ impl Default for ClaimMapping {
 
 /// Configuration of the JWT backend. Holds no secret.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JwtConfig {
     /// Exact `iss` value; discovery reads `<issuer>/.well-known/openid-configuration`.
     pub issuer: String,
@@ -191,7 +191,7 @@ impl JwtConfig {
 pub enum JwtConfigError {
     #[error("jwt: issuer: {0}")]
     Issuer(String),
-    #[error("jwt: jwks_uri: {0}")]
+    #[error("jwt: jwksUri: {0}")]
     JwksUri(String),
     #[error("jwt: at least one audience is required")]
     NoAudience,
