@@ -4,7 +4,9 @@
 //! and reused afterwards (a key file readable by group or others is refused). A run encrypts its
 //! own run id with the broker's public key and presents the base64 ciphertext as its bearer.
 //! Decryption failure is `Unauthenticated`; a run the [`RunDirectory`] does not know is
-//! `Forbidden`.
+//! `Forbidden`. A correctly sized random ciphertext costs a private-key operation, so
+//! decryptions of tokens not seen before are rate limited (globally: the backend never sees
+//! the peer); beyond the limit such tokens are `Unavailable` (503) while cached ones still work.
 //!
 //! Anyone holding the public key can mint a token for any run id, so this backend is only as
 //! strong as run ids are unguessable; its scopes are deliberately narrow by default.
