@@ -1,7 +1,7 @@
 //! `cargo xtask bench ...`: run a benchmark binary (release build) and record its markdown
 //! section in BENCHMARKS.md between `<!-- bench:NAME -->` markers.
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
 
@@ -11,32 +11,51 @@ use crate::util::{cargo, root, run};
 pub enum Which {
     /// Connection set-up: direct vs eBPF-redirected vs iptables REDIRECT.
     Redirect,
+    /// Broker substitute-auth requests/s and latency with static-key and JWT auth.
+    Broker,
 }
 
 impl Which {
     fn name(self) -> &'static str {
         match self {
             Self::Redirect => "redirect",
+            Self::Broker => "broker",
         }
     }
     fn binary(self) -> &'static str {
         match self {
             Self::Redirect => "pdk-bench-redirect",
+            Self::Broker => "pdk-bench-broker",
+        }
+    }
+    /// `cargo build --release` arguments that produce the binary.
+    fn build_args(self) -> &'static [&'static str] {
+        match self {
+            Self::Redirect => &["-p", "paddock-tests", "-p", "paddock-proxy", "--bins"],
+            Self::Broker => &[
+                "-p",
+                "paddock-broker",
+                "--features",
+                "bench",
+                "--bin",
+                "pdk-bench-broker",
+            ],
         }
     }
 }
 
+/// Where cargo puts release binaries (honours `CARGO_TARGET_DIR`).
+fn release_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), |d| root().join(PathBuf::from(d)));
+    target.join("release")
+}
+
 pub fn run_bench(which: Which) -> Result<()> {
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "paddock-tests",
-        "-p",
-        "paddock-proxy",
-        "--bins",
-    ]))?;
-    let bin = root().join("target/release").join(which.binary());
+    run(cargo()
+        .args(["build", "--release"])
+        .args(which.build_args()))?;
+    let bin = release_dir().join(which.binary());
     let out = Command::new(&bin)
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
