@@ -261,6 +261,8 @@ async fn substitute(
     bearer: &str,
     body: &Bytes,
 ) -> Result<()> {
+    // The connection becomes ready again only once its task has seen the previous response end.
+    sender.ready().await.context("connection not reusable")?;
     let resp = sender
         .send_request(post("/v1/substitute-auth", bearer, body.clone())?)
         .await
@@ -291,6 +293,7 @@ async fn send(
     bearer: &str,
     body: &Value,
 ) -> Result<(u16, Value)> {
+    sender.ready().await.context("connection not reusable")?;
     let resp = sender
         .send_request(post(path, bearer, Bytes::from(body.to_string()))?)
         .await
