@@ -363,6 +363,42 @@ async fn unknown_kid_refreshes_once_then_rotation_succeeds() {
 }
 
 #[tokio::test]
+async fn verified_tokens_are_reused_only_while_keys_and_expiry_allow() {
+    let (a, b) = (ec_key("a"), ec_key("b"));
+    let issuer = Issuer::start(&[&a]).await;
+    let mut config = issuer.config();
+    config.jwks_min_refresh = Duration::from_millis(100);
+    config.leeway = Duration::ZERO;
+    let auth = JwtAuthenticator::new(config).expect("config");
+
+    // Cached only until the token's own exp, even though the cache TTL is longer.
+    let now = get_current_timestamp();
+    let mut short = issuer.claims();
+    short["exp"] = json!(now + 2);
+    let short = sign(&a, Some("a"), &short);
+    auth.authenticate(&short).await.expect("fresh token");
+    auth.authenticate(&short).await.expect("still fresh");
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let err = rejected(&auth, &short).await;
+    assert!(matches!(err, AuthError::Unauthenticated(_)), "{err:?}");
+
+    // A re-fetched key set drops every cached identity: a token whose key was rotated out
+    // stops working at the refresh, not at the end of the cache TTL.
+    let token = sign(&a, Some("a"), &issuer.claims());
+    auth.authenticate(&token).await.expect("key a");
+    *issuer.jwks.lock().expect("jwks") = vec![b.jwk.clone()];
+    auth.authenticate(&token)
+        .await
+        .expect("cached while the key set is unchanged");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    auth.authenticate(&sign(&b, Some("b"), &issuer.claims()))
+        .await
+        .expect("unknown kid b re-fetches the keys");
+    let err = rejected(&auth, &token).await;
+    assert!(matches!(err, AuthError::Unauthenticated(_)), "{err:?}");
+}
+
+#[tokio::test]
 async fn required_claims_match_strings_and_arrays() {
     let key = ec_key("k1");
     let issuer = Issuer::start(&[&key]).await;
