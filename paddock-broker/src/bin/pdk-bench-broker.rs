@@ -61,6 +61,8 @@ const RUN: &str = "bench-run";
 struct Mode {
     label: &'static str,
     bearer: String,
+    /// Index into the brokers under test.
+    target: usize,
 }
 
 struct Round {
@@ -88,70 +90,99 @@ async fn bench(dir: &Path, cpus: usize) -> Result<String> {
     let signing = SigningKeys::generate()?;
     let issuer = serve_issuer(signing.jwks.clone()).await?;
     let pki = Pki::generate()?;
-    let server = start_broker(dir, &pki, &issuer).await?;
-    let client = Client::new(server.addr, &pki.ca)?;
-
-    let mut setup = client.connect().await?;
-    let (status, v) = send(
-        &mut setup,
-        "/v1/runs",
-        CONTROLLER_KEY,
-        &json!({"run": RUN, "namespace": "bench", "template": "t", "phase": "Running"}),
-    )
-    .await?;
-    ensure!(status == 200, "registering the run: {status} {v}");
-    let (status, v) = send(
-        &mut setup,
-        "/v1/issue",
-        CONTROLLER_KEY,
-        &json!({"run": RUN, "credential": "gh"}),
-    )
-    .await?;
-    ensure!(status == 200, "issuing the credential: {status} {v}");
-    let placeholder = v["value"]
-        .as_str()
-        .context("issue response has no value")?
-        .to_owned();
-    let body = json!({
-        "run": RUN, "host": "api.github.com", "port": 443, "method": "GET", "path": "/user",
-        "headers": [{"name": "Authorization", "value": format!("Bearer {placeholder}")}],
-    });
-
+    // Two brokers, identical but for the JWT backend's verified-token cache.
+    let cached = start_broker(&dir.join("cached"), &pki, &issuer, true).await?;
+    let uncached = start_broker(&dir.join("uncached"), &pki, &issuer, false).await?;
+    let targets = [
+        Target::prepare(cached.addr, &pki.ca).await?,
+        Target::prepare(uncached.addr, &pki.ca).await?,
+    ];
+    let rs256 = signing.token(Algorithm::RS256, &issuer.url)?;
+    let es256 = signing.token(Algorithm::ES256, &issuer.url)?;
     let modes = [
         Mode {
             label: "static key",
             bearer: PROXY_KEY.to_owned(),
+            target: 0,
         },
         Mode {
-            label: "JWT RS256 (2048-bit)",
-            bearer: signing.token(Algorithm::RS256, &issuer.url)?,
+            label: "JWT RS256, verified-token cache (default)",
+            bearer: rs256.clone(),
+            target: 0,
         },
         Mode {
-            label: "JWT ES256 (P-256)",
-            bearer: signing.token(Algorithm::ES256, &issuer.url)?,
+            label: "JWT RS256 (2048-bit), signature checked per request",
+            bearer: rs256,
+            target: 1,
+        },
+        Mode {
+            label: "JWT ES256 (P-256), signature checked per request",
+            bearer: es256,
+            target: 1,
         },
     ];
     // Every mode must answer what the proxy needs before anything is measured.
     for mode in &modes {
-        let (status, v) = send(&mut setup, "/v1/substitute-auth", &mode.bearer, &body).await?;
+        let target = &targets[mode.target];
+        let mut c = target.client.connect().await?;
+        let body: Value = serde_json::from_slice(&target.body)?;
+        let (status, v) = send(&mut c, "/v1/substitute-auth", &mode.bearer, &body).await?;
         ensure!(
             status == 200 && v["set_headers"][0]["value"] == json!("Bearer ghp_bench"),
             "{}: substitute-auth answered {status} {v}",
             mode.label
         );
     }
-    drop(setup);
 
-    let body = Bytes::from(body.to_string());
     let mut rounds: Vec<Vec<Round>> = modes.iter().map(|_| Vec::new()).collect();
     for _ in 0..ROUNDS {
         for (i, mode) in modes.iter().enumerate() {
-            rounds[i].push(run_round(&client, &mode.bearer, &body).await?);
+            let target = &targets[mode.target];
+            rounds[i].push(run_round(&target.client, &mode.bearer, &target.body).await?);
         }
     }
-    server.handle.shutdown().await;
+    cached.handle.shutdown().await;
+    uncached.handle.shutdown().await;
     issuer.task.abort();
     Ok(report(&modes, &mut rounds, cpus))
+}
+
+/// A broker with the bench run registered and a placeholder issued.
+struct Target {
+    client: Client,
+    body: Bytes,
+}
+
+impl Target {
+    async fn prepare(addr: SocketAddr, ca: &CertificateDer<'static>) -> Result<Self> {
+        let client = Client::new(addr, ca)?;
+        let mut setup = client.connect().await?;
+        let (status, v) = send(
+            &mut setup,
+            "/v1/runs",
+            CONTROLLER_KEY,
+            &json!({"run": RUN, "namespace": "bench", "template": "t", "phase": "Running"}),
+        )
+        .await?;
+        ensure!(status == 200, "registering the run: {status} {v}");
+        let (status, v) = send(
+            &mut setup,
+            "/v1/issue",
+            CONTROLLER_KEY,
+            &json!({"run": RUN, "credential": "gh"}),
+        )
+        .await?;
+        ensure!(status == 200, "issuing the credential: {status} {v}");
+        let placeholder = v["value"].as_str().context("issue response has no value")?;
+        let body = json!({
+            "run": RUN, "host": "api.github.com", "port": 443, "method": "GET", "path": "/user",
+            "headers": [{"name": "Authorization", "value": format!("Bearer {placeholder}")}],
+        });
+        Ok(Self {
+            client,
+            body: Bytes::from(body.to_string()),
+        })
+    }
 }
 
 fn report(modes: &[Mode], rounds: &mut [Vec<Round>], cpus: usize) -> String {
@@ -194,6 +225,10 @@ fn report(modes: &[Mode], rounds: &mut [Vec<Round>], cpus: usize) -> String {
         medians.push((mode.label, p50));
     }
     if let Some(((_, base), rest)) = medians.split_first() {
+        out.push_str(
+            "\nThe cached JWT row reuses one token's verified identity (at most `verifiedCacheTtl`, \
+             never past `exp`); the other JWT rows run on a second broker with the cache off.\n",
+        );
         out.push('\n');
         for (label, p50) in rest {
             let _ = writeln!(
@@ -458,7 +493,13 @@ struct RunningBroker {
     handle: server::Handle,
 }
 
-async fn start_broker(dir: &Path, pki: &Pki, issuer: &IssuerServer) -> Result<RunningBroker> {
+async fn start_broker(
+    dir: &Path,
+    pki: &Pki,
+    issuer: &IssuerServer,
+    jwt_cache: bool,
+) -> Result<RunningBroker> {
+    std::fs::create_dir_all(dir)?;
     let secret = dir.join("gh");
     std::fs::write(&secret, "ghp_bench")?;
     let policy_path = dir.join("policy.yaml");
@@ -502,10 +543,11 @@ async fn start_broker(dir: &Path, pki: &Pki, issuer: &IssuerServer) -> Result<Ru
     ]
     .join("\n");
     let static_keys = StaticKeys::from_text(&keys, StaticKeyDefaults::default())?;
-    let jwt = JwtAuthenticator::new(JwtConfig::new(
-        issuer.url.clone(),
-        vec![AUDIENCE.to_owned()],
-    ))?;
+    let mut jwt_config = JwtConfig::new(issuer.url.clone(), vec![AUDIENCE.to_owned()]);
+    if !jwt_cache {
+        jwt_config.verified_cache_ttl = Duration::ZERO;
+    }
+    let jwt = JwtAuthenticator::new(jwt_config)?;
     let auth: Arc<dyn Authenticator> =
         Arc::new(AuthChain::new(vec![Arc::new(static_keys), Arc::new(jwt)]));
     let tls = tls::server_config(
