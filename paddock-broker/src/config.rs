@@ -12,7 +12,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     audit::{AuditSink, JsonlSink},
-    auth::{AuthChain, Authenticator, Scope, StaticKeys, static_keys::StaticKeyDefaults},
+    auth::{
+        AuthChain, Authenticator, RunDirectory, Scope, StaticKeys,
+        jwt::{JwtAuthenticator, JwtConfig, JwtConfigError},
+        rsa_session::{RsaSessionAuthenticator, RsaSessionConfig, RsaSessionError},
+        static_keys::StaticKeyDefaults,
+        tokenreview::{TokenReviewAuthenticator, TokenReviewConfig, TokenReviewConfigError},
+    },
     broker::Broker,
     metrics::Metrics,
     policy::PolicyStore,
@@ -21,7 +27,7 @@ use crate::{
     store::Store,
 };
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -76,12 +82,110 @@ fn default_true() -> bool {
     true
 }
 
-/// Authentication backends, tried in the order listed in `order` (default: static keys).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Authentication backends. Each configured one is tried in `order` (default:
+/// `[staticKeys, jwt, tokenReview, rsaSession]`, skipping those not configured); the first
+/// that recognises the bearer decides.
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthConfig {
     #[serde(default)]
+    pub order: Option<Vec<AuthBackend>>,
+    #[serde(default)]
     pub static_keys: Option<StaticKeysConfig>,
+    /// One entry per trusted OIDC issuer, tried in list order.
+    #[serde(default)]
+    pub jwt: Vec<JwtConfig>,
+    #[serde(default)]
+    pub token_review: Option<TokenReviewConfig>,
+    #[serde(default)]
+    pub rsa_session: Option<RsaSessionConfig>,
+}
+
+/// A kind of authentication backend, as named in `auth.order`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthBackend {
+    StaticKeys,
+    Jwt,
+    TokenReview,
+    RsaSession,
+}
+
+impl AuthBackend {
+    const DEFAULT_ORDER: [AuthBackend; 4] = [
+        AuthBackend::StaticKeys,
+        AuthBackend::Jwt,
+        AuthBackend::TokenReview,
+        AuthBackend::RsaSession,
+    ];
+
+    /// The config key of this backend.
+    #[must_use]
+    pub fn key(self) -> &'static str {
+        match self {
+            AuthBackend::StaticKeys => "staticKeys",
+            AuthBackend::Jwt => "jwt",
+            AuthBackend::TokenReview => "tokenReview",
+            AuthBackend::RsaSession => "rsaSession",
+        }
+    }
+}
+
+impl AuthConfig {
+    fn is_configured(&self, backend: AuthBackend) -> bool {
+        match backend {
+            AuthBackend::StaticKeys => self.static_keys.is_some(),
+            AuthBackend::Jwt => !self.jwt.is_empty(),
+            AuthBackend::TokenReview => self.token_review.is_some(),
+            AuthBackend::RsaSession => self.rsa_session.is_some(),
+        }
+    }
+
+    /// The order backends are tried in. An explicit order must name every configured backend
+    /// exactly once and nothing else, so no backend is silently on or off.
+    pub fn resolved_order(&self) -> Result<Vec<AuthBackend>, ConfigError> {
+        let Some(order) = &self.order else {
+            let order: Vec<_> = AuthBackend::DEFAULT_ORDER
+                .into_iter()
+                .filter(|b| self.is_configured(*b))
+                .collect();
+            if order.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "no authentication backend configured (auth needs at least one of \
+                     staticKeys, jwt, tokenReview, rsaSession)"
+                        .into(),
+                ));
+            }
+            return Ok(order);
+        };
+        if order.is_empty() {
+            return Err(ConfigError::Invalid("auth.order is empty".into()));
+        }
+        for (i, backend) in order.iter().enumerate() {
+            if order[..i].contains(backend) {
+                return Err(ConfigError::Invalid(format!(
+                    "auth.order names {} twice",
+                    backend.key()
+                )));
+            }
+            if !self.is_configured(*backend) {
+                return Err(ConfigError::Invalid(format!(
+                    "auth.order names {0} but auth.{0} is not configured",
+                    backend.key()
+                )));
+            }
+        }
+        if let Some(missing) = AuthBackend::DEFAULT_ORDER
+            .into_iter()
+            .find(|b| self.is_configured(*b) && !order.contains(b))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "auth.{0} is configured but auth.order does not name {0}",
+                missing.key()
+            )));
+        }
+        Ok(order.clone())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +210,16 @@ pub enum ConfigError {
     Policy(#[from] crate::policy::PolicyError),
     #[error(transparent)]
     StaticKeys(#[from] crate::auth::static_keys::StaticKeysError),
+    #[error("auth.jwt[{index}] ({issuer}): {source}")]
+    Jwt {
+        index: usize,
+        issuer: String,
+        source: JwtConfigError,
+    },
+    #[error("auth.tokenReview: {0}")]
+    TokenReview(#[from] TokenReviewConfigError),
+    #[error("auth.rsaSession: {0}")]
+    RsaSession(#[from] RsaSessionError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("database: {0}")]
@@ -125,11 +239,13 @@ impl Config {
     }
 }
 
-/// The pieces built from a config; `static_keys` is kept for SIGHUP reloads.
+/// The pieces built from a config; `static_keys` is kept for SIGHUP reloads and
+/// `rsa_session` to hand its public key to runs.
 #[derive(Debug)]
 pub struct Built {
     pub options: ServerOptions,
     pub static_keys: Option<Arc<StaticKeys>>,
+    pub rsa_session: Option<Arc<RsaSessionAuthenticator>>,
 }
 
 /// Opens the store, loads policy and keys, and assembles server options.
@@ -149,37 +265,13 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
     )?);
     let limits = RateLimits::new(&config.rate_limits)?;
     let broker = Arc::new(Broker::new(store, policy, audit, limits));
-    let mut backends: Vec<Arc<dyn Authenticator>> = Vec::new();
-    let mut static_keys = None;
-    if let Some(sk) = &config.auth.static_keys {
-        let scopes = sk
-            .default_scopes
-            .iter()
-            .map(|s| {
-                Scope::parse(s).ok_or_else(|| ConfigError::Invalid(format!("unknown scope {s:?}")))
-            })
-            .collect::<Result<BTreeSet<_>, _>>()?;
-        let keys = Arc::new(StaticKeys::load(
-            &sk.file,
-            StaticKeyDefaults {
-                namespace: sk.default_namespace.clone(),
-                scopes,
-            },
-        )?);
-        backends.push(keys.clone());
-        static_keys = Some(keys);
-    }
-    if backends.is_empty() {
-        return Err(ConfigError::Invalid(
-            "no authentication backend configured".into(),
-        ));
-    }
+    let auth = build_auth(&config.auth, &broker)?;
     let options = ServerOptions {
         listen: config.listen,
         admin_listen: config.admin_listen,
         tls,
         broker,
-        auth: Arc::new(AuthChain::new(backends)),
+        auth: Arc::new(auth.chain),
         metrics: Arc::new(Metrics::new()),
         policy_poll: (config.policy_poll_seconds > 0)
             .then(|| Duration::from_secs(config.policy_poll_seconds)),
@@ -187,8 +279,89 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
     };
     Ok(Built {
         options,
-        static_keys,
+        static_keys: auth.static_keys,
+        rsa_session: auth.rsa_session,
     })
+}
+
+/// The authentication chain built from `auth`, plus handles on the backends that need one.
+#[derive(Debug)]
+pub struct BuiltAuth {
+    pub chain: AuthChain,
+    pub static_keys: Option<Arc<StaticKeys>>,
+    pub rsa_session: Option<Arc<RsaSessionAuthenticator>>,
+}
+
+/// Builds every configured backend, in the configured order. `runs` resolves RSA session
+/// tokens to namespaces (the broker itself). Generating a new RSA key blocks for seconds:
+/// call this at startup, outside async workers.
+pub fn build_auth(auth: &AuthConfig, runs: &Arc<Broker>) -> Result<BuiltAuth, ConfigError> {
+    let order = auth.resolved_order()?;
+    let mut backends: Vec<Arc<dyn Authenticator>> = Vec::new();
+    let mut static_keys = None;
+    let mut rsa_session = None;
+    for backend in order {
+        match backend {
+            AuthBackend::StaticKeys => {
+                if let Some(sk) = &auth.static_keys {
+                    let keys = Arc::new(load_static_keys(sk)?);
+                    backends.push(keys.clone());
+                    static_keys = Some(keys);
+                }
+            }
+            AuthBackend::Jwt => {
+                for (index, jwt) in auth.jwt.iter().enumerate() {
+                    let authenticator =
+                        JwtAuthenticator::new(jwt.clone()).map_err(|source| ConfigError::Jwt {
+                            index,
+                            issuer: jwt.issuer.clone(),
+                            source,
+                        })?;
+                    backends.push(Arc::new(authenticator));
+                }
+            }
+            AuthBackend::TokenReview => {
+                if let Some(tr) = &auth.token_review {
+                    backends.push(Arc::new(TokenReviewAuthenticator::new(tr.clone())?));
+                }
+            }
+            AuthBackend::RsaSession => {
+                if let Some(rsa) = &auth.rsa_session {
+                    let runs: Arc<dyn RunDirectory> = runs.clone();
+                    let authenticator =
+                        Arc::new(RsaSessionAuthenticator::load_or_create(rsa, runs)?);
+                    backends.push(authenticator.clone());
+                    rsa_session = Some(authenticator);
+                }
+            }
+        }
+    }
+    Ok(BuiltAuth {
+        chain: AuthChain::new(backends),
+        static_keys,
+        rsa_session,
+    })
+}
+
+fn load_static_keys(sk: &StaticKeysConfig) -> Result<StaticKeys, ConfigError> {
+    let scopes = sk
+        .default_scopes
+        .iter()
+        .map(|s| {
+            Scope::parse(s).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "auth.staticKeys.defaultScopes: unknown scope {s:?}"
+                ))
+            })
+        })
+        .collect::<Result<BTreeSet<_>, _>>()?;
+    Ok(StaticKeys::load(
+        &sk.file,
+        StaticKeyDefaults {
+            namespace: sk.default_namespace.clone(),
+            scopes,
+        },
+    )?)
 }
 
 #[cfg(test)]
@@ -211,6 +384,20 @@ mod tests {
             serde_yaml_ng::from_str(&readme_block(1)).expect("README config parses");
         assert_eq!(config.rate_limits, RateLimitConfig::default());
         assert!(config.tls.client_ca.is_some() && config.admin_listen.is_some());
+        assert_eq!(
+            config.auth.resolved_order().expect("order"),
+            AuthBackend::DEFAULT_ORDER.to_vec()
+        );
+        assert_eq!(config.auth.jwt.len(), 1);
+        assert_eq!(
+            config.auth.jwt[0].claims.service_account.as_deref(),
+            Some("sa")
+        );
+        let tr = config.auth.token_review.as_ref().expect("tokenReview");
+        assert_eq!(tr.max_cache_ttl, Duration::from_mins(5));
+        assert!(tr.scopes["paddock-system/proxy"].contains(&Scope::SubstituteAuth));
+        let rsa = config.auth.rsa_session.as_ref().expect("rsaSession");
+        assert_eq!((rsa.decrypts_per_second, rsa.decrypt_burst), (20, 40));
         let docs = crate::policy::Policy::parse_text(
             Path::new("README.md"),
             &readme_block(2),
@@ -220,6 +407,103 @@ mod tests {
         if let Err(e) = docs {
             assert_eq!(e.field, "spec.discovery.until", "{e}");
         }
+    }
+
+    fn auth(yaml: &str) -> AuthConfig {
+        serde_yaml_ng::from_str(yaml).expect("auth config parses")
+    }
+
+    fn order_error(yaml: &str) -> String {
+        match auth(yaml).resolved_order() {
+            Ok(order) => panic!("accepted: {order:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn auth_order_defaults_and_explicit() {
+        let both = "staticKeys: {file: k}\nrsaSession: {keyFile: r}\n";
+        assert_eq!(
+            auth(both).resolved_order().expect("default order"),
+            vec![AuthBackend::StaticKeys, AuthBackend::RsaSession]
+        );
+        let explicit = format!("{both}order: [rsaSession, staticKeys]\n");
+        assert_eq!(
+            auth(&explicit).resolved_order().expect("explicit order"),
+            vec![AuthBackend::RsaSession, AuthBackend::StaticKeys]
+        );
+    }
+
+    #[test]
+    fn auth_config_errors_are_clear() {
+        assert!(order_error("{}").contains("no authentication backend configured"));
+        assert!(order_error("jwt: []").contains("no authentication backend configured"));
+        assert_eq!(
+            order_error("staticKeys: {file: k}\norder: [staticKeys, jwt]"),
+            "config: auth.order names jwt but auth.jwt is not configured"
+        );
+        assert_eq!(
+            order_error("staticKeys: {file: k}\norder: [staticKeys, staticKeys]"),
+            "config: auth.order names staticKeys twice"
+        );
+        assert_eq!(
+            order_error("staticKeys: {file: k}\nrsaSession: {keyFile: r}\norder: [staticKeys]"),
+            "config: auth.rsaSession is configured but auth.order does not name rsaSession"
+        );
+        assert_eq!(
+            order_error("staticKeys: {file: k}\norder: []"),
+            "config: auth.order is empty"
+        );
+        for bad in [
+            "order: [ldap]",
+            "jwt: [{issuer: https://i.example, audiences: [a], algorithms: [HS256]}]",
+            "jwt: [{issuer: https://i.example, audiences: [a], jwks_uri: x}]",
+            "tokenReview: {apiServer: https://k, scopes: {a/b: [broker:everything]}}",
+            "rsaSession: {keyFile: r, decryptsPerSecond: -1}",
+        ] {
+            assert!(serde_yaml_ng::from_str::<AuthConfig>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backend_construction_errors_name_the_backend() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = Arc::new(Broker::new(
+            Store::open_in_memory().expect("store"),
+            Arc::new(PolicyStore::fixed(crate::policy::Policy::default())),
+            Arc::new(crate::audit::MemorySink::default()),
+            RateLimits::new(&RateLimitConfig::default()).expect("limits"),
+        ));
+        let err = |yaml: String| match build_auth(&auth(&yaml), &broker) {
+            Ok(built) => panic!("accepted: {built:?}"),
+            Err(e) => e.to_string(),
+        };
+        let e = err("jwt: [{issuer: http://issuer.example.com, audiences: [a]}]".into());
+        assert!(
+            e.starts_with("auth.jwt[0] (http://issuer.example.com): jwt: issuer:"),
+            "{e}"
+        );
+        let e = err(format!(
+            "tokenReview: {{apiServer: https://k.example, tokenFile: {}}}",
+            dir.path().join("missing").display()
+        ));
+        assert!(
+            e.starts_with("auth.tokenReview: tokenreview: token file"),
+            "{e}"
+        );
+        let e = err(format!(
+            "rsaSession: {{keyFile: {}, decryptBurst: 0}}",
+            dir.path().join("k.pem").display()
+        ));
+        assert!(e.contains("decryptBurst must be at least 1"), "{e}");
+        let e = err(format!(
+            "staticKeys: {{file: {}, defaultScopes: [broker:nope]}}",
+            dir.path().join("keys").display()
+        ));
+        assert!(
+            e.contains("auth.staticKeys.defaultScopes: unknown scope"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -6,13 +6,15 @@ use std::{
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::Arc,
 };
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use paddock_broker::{
     auth::{
-        Scope,
+        RunDirectory, Scope,
+        rsa_session::RsaSessionAuthenticator,
         static_keys::{format_line, hash_key},
     },
     config::{self, Config},
@@ -51,6 +53,11 @@ enum Command {
         #[command(subcommand)]
         command: LeasesCommand,
     },
+    /// The RSA-OAEP session keypair (auth.rsaSession).
+    SessionKey {
+        #[command(subcommand)]
+        command: SessionKeyCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,6 +84,16 @@ enum PolicyCommand {
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SessionKeyCommand {
+    /// Print the RSA session public key (PEM) that runs encrypt their run id with; creates
+    /// the keypair if the config's auth.rsaSession.keyFile does not exist yet.
+    Public {
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -121,6 +138,9 @@ fn main() -> ExitCode {
                     run,
                 },
         } => leases_list(database, config, run.as_deref()),
+        Command::SessionKey {
+            command: SessionKeyCommand::Public { config },
+        } => session_key_public(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -233,6 +253,29 @@ fn policy_check(files: &[PathBuf]) -> anyhow::Result<()> {
     if failed > 0 {
         bail!("{failed} of {} policy paths invalid", files.len());
     }
+    Ok(())
+}
+
+/// Knows no run: printing the public key never authenticates anything.
+#[derive(Debug)]
+struct NoRuns;
+
+impl RunDirectory for NoRuns {
+    fn run_namespace(&self, _run_id: &str) -> Option<String> {
+        None
+    }
+}
+
+fn session_key_public(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let Some(rsa) = &config.auth.rsa_session else {
+        bail!(
+            "{}: auth.rsaSession is not configured",
+            config_path.display()
+        );
+    };
+    let key = RsaSessionAuthenticator::load_or_create(rsa, Arc::new(NoRuns))?;
+    print!("{}", key.public_key_pem());
     Ok(())
 }
 

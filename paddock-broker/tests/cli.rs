@@ -6,6 +6,7 @@ mod common;
 use std::{
     io::{BufRead, BufReader, Write},
     net::SocketAddr,
+    os::unix::fs::PermissionsExt,
     path::Path,
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -13,7 +14,9 @@ use std::{
 };
 
 use common::{CONTROLLER_KEY, TEAM_A_KEY, keys_text, pki, policy_yaml, post_request, tls_json};
-use paddock_broker::auth::{Authenticator, StaticKeys, static_keys::StaticKeyDefaults};
+use paddock_broker::auth::{
+    Authenticator, StaticKeys, rsa_session::encrypt_run_token, static_keys::StaticKeyDefaults,
+};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde_json::json;
 
@@ -213,6 +216,20 @@ fn serve(config: &Path) -> Served {
     }
 }
 
+fn session_key_public(config: &Path) -> String {
+    let out = Command::new(BIN)
+        .args(["session-key", "public", "--config"])
+        .arg(config)
+        .output()
+        .expect("session-key public");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("PEM is UTF-8")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[expect(
     clippy::too_many_lines,
@@ -258,11 +275,25 @@ async fn killed_and_restarted_process_keeps_pool_reservations() {
     std::fs::write(
         &config,
         format!(
-            "listen: 127.0.0.1:0\ntls: {{cert: {d}/cert.pem, key: {d}/key.pem}}\ndatabase: {d}/broker.db\npolicy: {d}/policy.yaml\naudit: {{path: {d}/audit.jsonl}}\nauth:\n  staticKeys: {{file: {d}/keys}}\n",
+            "listen: 127.0.0.1:0\ntls: {{cert: {d}/cert.pem, key: {d}/key.pem}}\ndatabase: {d}/broker.db\npolicy: {d}/policy.yaml\naudit: {{path: {d}/audit.jsonl}}\nauth:\n  staticKeys: {{file: {d}/keys}}\n  rsaSession: {{keyFile: {d}/session.pem, keyBits: 2048, scopes: [broker:validate-egress, broker:leases:read]}}\n",
             d = d.display()
         ),
     )
     .expect("config");
+    // The run side's public key, before the broker ever ran: the keypair is created here and
+    // reused by every later process.
+    let session_public = session_key_public(&config);
+    assert!(session_public.starts_with("-----BEGIN PUBLIC KEY-----"));
+    let mode = std::fs::metadata(d.join("session.pem"))
+        .expect("session key")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let r1_token = encrypt_run_token(&session_public, "r1").expect("run token");
+    let r1_leases = format!(
+        "GET /v1/leases?run=r1 HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {r1_token}\r\nConnection: close\r\n\r\n"
+    );
+    let r2_leases = r1_leases.replace("run=r1", "run=r2");
 
     let first = {
         let served = serve(&config);
@@ -289,11 +320,19 @@ async fn killed_and_restarted_process_keeps_pool_reservations() {
         )
         .await;
         assert_eq!(status, 200, "{v}");
+        let (status, leases) = tls_json(served.addr, &ca, &r1_leases).await;
+        assert_eq!(status, 200, "RSA session token before restart: {leases}");
         v["value"].as_str().expect("bearer").to_owned()
         // Dropping `served` kills the process (SIGKILL): no graceful shutdown.
     };
 
     let served = serve(&config);
+    // The same keypair after a restart: the run's token still authenticates, bound to its run.
+    assert_eq!(session_key_public(&config), session_public);
+    let (status, v) = tls_json(served.addr, &ca, &r1_leases).await;
+    assert_eq!(status, 200, "RSA session token after restart: {v}");
+    let (status, v) = tls_json(served.addr, &ca, &r2_leases).await;
+    assert_eq!(status, 403, "run-bound token on another run: {v}");
     let (status, v) = tls_json(
         served.addr,
         &ca,
@@ -393,4 +432,24 @@ async fn killed_and_restarted_process_keeps_pool_reservations() {
             && !audit.contains(&first)
             && !audit.contains("pat-one")
     );
+}
+
+#[test]
+fn session_key_needs_the_rsa_backend_configured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("broker.yaml");
+    std::fs::write(
+        &config,
+        "listen: 127.0.0.1:0\ntls: {cert: c, key: k}\ndatabase: db\npolicy: p\naudit: {path: a}\nauth:\n  staticKeys: {file: keys}\n",
+    )
+    .expect("config");
+    let out = Command::new(BIN)
+        .args(["session-key", "public", "--config"])
+        .arg(&config)
+        .output()
+        .expect("session-key public");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("auth.rsaSession is not configured"), "{err}");
+    assert!(out.stdout.is_empty());
 }

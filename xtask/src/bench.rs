@@ -1,7 +1,7 @@
 //! `cargo xtask bench ...`: run a benchmark binary (release build) and record its markdown
 //! section in BENCHMARKS.md between `<!-- bench:NAME -->` markers.
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
 
@@ -13,6 +13,8 @@ pub enum Which {
     Redirect,
     /// HTTPS through the proxy vs direct (keep-alive and new connections), leaf forging.
     Proxy,
+    /// Broker substitute-auth requests/s and latency with static-key and JWT auth.
+    Broker,
 }
 
 impl Which {
@@ -20,29 +22,46 @@ impl Which {
         match self {
             Self::Redirect => "redirect",
             Self::Proxy => "proxy",
+            Self::Broker => "broker",
         }
     }
     fn binary(self) -> &'static str {
         match self {
             Self::Redirect => "pdk-bench-redirect",
             Self::Proxy => "pdk-bench-proxy",
+            Self::Broker => "pdk-bench-broker",
+        }
+    }
+    /// `cargo build --release` arguments that produce the binary.
+    fn build_args(self) -> &'static [&'static str] {
+        match self {
+            Self::Redirect | Self::Proxy => {
+                &["-p", "paddock-tests", "-p", "paddock-proxy", "--bins"]
+            }
+            Self::Broker => &[
+                "-p",
+                "paddock-broker",
+                "--features",
+                "bench",
+                "--bin",
+                "pdk-bench-broker",
+            ],
         }
     }
 }
 
-pub fn run_bench(which: Which) -> Result<()> {
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "paddock-tests",
-        "-p",
-        "paddock-proxy",
-        "--bins",
-    ]))?;
+/// Where cargo puts release binaries (honours `CARGO_TARGET_DIR`).
+fn release_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root().join("target"), std::path::PathBuf::from);
-    let bin = target.join("release").join(which.binary());
+        .map_or_else(|| root().join("target"), |d| root().join(PathBuf::from(d)));
+    target.join("release")
+}
+
+pub fn run_bench(which: Which) -> Result<()> {
+    run(cargo()
+        .args(["build", "--release"])
+        .args(which.build_args()))?;
+    let bin = release_dir().join(which.binary());
     let out = Command::new(&bin)
         .output()
         .with_context(|| format!("running {}", bin.display()))?;

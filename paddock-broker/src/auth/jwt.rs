@@ -6,7 +6,9 @@
 //! apart, so a flood of tokens with random `kid`s costs the issuer at most one request per
 //! interval. Only asymmetric algorithms can be configured: `none` and HMAC cannot be expressed,
 //! so a token "signed" with a public key as an HMAC secret never verifies. Keys named inside
-//! a token (`jku`, `jwk`, `x5u`, `x5c` headers) are never used.
+//! a token (`jku`, `jwk`, `x5u`, `x5c` headers) are never used. A verified token's identity is
+//! reused for `verified_cache_ttl` (keyed by the token's SHA-256, never past its `exp`, and
+//! forgotten whenever the key set is re-fetched), so steady callers cost no signature check.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -24,6 +26,7 @@ use jsonwebtoken::{
 };
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
 use url::Url;
 
 use super::{
@@ -80,7 +83,7 @@ pub struct RequiredClaim {
 
 /// Which claims make up the [`Identity`]. Names starting with `/` are JSON pointers.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ClaimMapping {
     /// Becomes `Identity::subject` (default `sub`).
     pub subject: String,
@@ -106,7 +109,7 @@ impl Default for ClaimMapping {
 
 /// Configuration of the JWT backend. Holds no secret.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JwtConfig {
     /// Exact `iss` value; discovery reads `<issuer>/.well-known/openid-configuration`.
     pub issuer: String,
@@ -148,6 +151,17 @@ pub struct JwtConfig {
         deserialize_with = "config_serde::duration"
     )]
     pub jwks_max_age: Duration,
+    /// How long a verified token's identity is reused without checking its signature again
+    /// (never past the token's `exp`, and dropped whenever the key set is re-fetched); zero
+    /// verifies every request.
+    #[serde(
+        default = "default_verified_ttl",
+        deserialize_with = "config_serde::duration"
+    )]
+    pub verified_cache_ttl: Duration,
+    /// Verified tokens remembered, at most.
+    #[serde(default = "default_verified_capacity")]
+    pub verified_cache_capacity: usize,
 }
 
 fn default_algorithms() -> Vec<JwtAlgorithm> {
@@ -164,6 +178,12 @@ fn default_min_refresh() -> Duration {
 }
 fn default_max_age() -> Duration {
     Duration::from_hours(1)
+}
+fn default_verified_ttl() -> Duration {
+    Duration::from_mins(1)
+}
+fn default_verified_capacity() -> usize {
+    10_000
 }
 
 impl JwtConfig {
@@ -182,6 +202,8 @@ impl JwtConfig {
             http_timeout: default_http_timeout(),
             jwks_min_refresh: default_min_refresh(),
             jwks_max_age: default_max_age(),
+            verified_cache_ttl: default_verified_ttl(),
+            verified_cache_capacity: default_verified_capacity(),
         }
     }
 }
@@ -191,7 +213,7 @@ impl JwtConfig {
 pub enum JwtConfigError {
     #[error("jwt: issuer: {0}")]
     Issuer(String),
-    #[error("jwt: jwks_uri: {0}")]
+    #[error("jwt: jwksUri: {0}")]
     JwksUri(String),
     #[error("jwt: at least one audience is required")]
     NoAudience,
@@ -333,6 +355,15 @@ pub struct JwtAuthenticator {
     keys: RwLock<Option<Arc<KeySet>>>,
     generation: AtomicU64,
     refresh: tokio::sync::Mutex<RefreshState>,
+    /// Identities of verified tokens, keyed by the token's SHA-256 (never the token).
+    verified: Option<quick_cache::sync::Cache<[u8; 32], Verified>>,
+}
+
+#[derive(Clone)]
+struct Verified {
+    identity: Identity,
+    until: Instant,
+    generation: u64,
 }
 
 impl std::fmt::Debug for JwtAuthenticator {
@@ -394,7 +425,10 @@ impl JwtAuthenticator {
             .map(|a| a.to_jsonwebtoken())
             .collect();
         algorithms.dedup();
+        let verified = (!config.verified_cache_ttl.is_zero() && config.verified_cache_capacity > 0)
+            .then(|| quick_cache::sync::Cache::new(config.verified_cache_capacity));
         Ok(Self {
+            verified,
             issuer_url,
             algorithms,
             client,
@@ -596,6 +630,17 @@ impl JwtAuthenticator {
                 header.alg
             )));
         }
+        let digest: [u8; 32] = Sha256::digest(bearer.as_bytes()).into();
+        // Read before the key lookup: a refresh during it makes this entry stale at once.
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(cache) = &self.verified
+            && let Some(hit) = cache.get(&digest)
+        {
+            if hit.generation == generation && hit.until > Instant::now() {
+                return Ok(hit.identity);
+            }
+            cache.remove(&digest);
+        }
         let key = self.key_for(&header).await?;
         let mut validation = Validation::new(header.alg);
         validation.algorithms = vec![header.alg];
@@ -607,7 +652,42 @@ impl JwtAuthenticator {
         validation.validate_nbf = true;
         let data = jsonwebtoken::decode::<Map<String, Value>>(bearer, &key.key, &validation)
             .map_err(|e| AuthError::Unauthenticated(describe(e.kind()).to_owned()))?;
-        self.identity(&data.claims)
+        let identity = self.identity(&data.claims)?;
+        if let Some(cache) = &self.verified {
+            self.remember(cache, digest, &data.claims, &identity, generation);
+        }
+        Ok(identity)
+    }
+
+    /// Caches a verified identity until the earlier of the cache TTL and the token's own
+    /// `exp` (without leeway); a token already at or past `exp` is not cached.
+    fn remember(
+        &self,
+        cache: &quick_cache::sync::Cache<[u8; 32], Verified>,
+        digest: [u8; 32],
+        claims: &Map<String, Value>,
+        identity: &Identity,
+        generation: u64,
+    ) {
+        let Some(exp) = claims.get("exp").and_then(Value::as_u64) else {
+            return;
+        };
+        let now = jsonwebtoken::get_current_timestamp();
+        let Some(left) = exp.checked_sub(now).filter(|s| *s > 0) else {
+            return;
+        };
+        let ttl = self
+            .config
+            .verified_cache_ttl
+            .min(Duration::from_secs(left));
+        cache.insert(
+            digest,
+            Verified {
+                identity: identity.clone(),
+                until: Instant::now() + ttl,
+                generation,
+            },
+        );
     }
 
     fn identity(&self, claims: &Map<String, Value>) -> Result<Identity, AuthError> {

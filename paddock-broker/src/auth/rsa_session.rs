@@ -4,7 +4,9 @@
 //! and reused afterwards (a key file readable by group or others is refused). A run encrypts its
 //! own run id with the broker's public key and presents the base64 ciphertext as its bearer.
 //! Decryption failure is `Unauthenticated`; a run the [`RunDirectory`] does not know is
-//! `Forbidden`.
+//! `Forbidden`. A correctly sized random ciphertext costs a private-key operation, so
+//! decryptions of tokens not seen before are rate limited (globally: the backend never sees
+//! the peer); beyond the limit such tokens are `Unavailable` (503) while cached ones still work.
 //!
 //! Anyone holding the public key can mint a token for any run id, so this backend is only as
 //! strong as run ids are unguessable; its scopes are deliberately narrow by default.
@@ -13,12 +15,14 @@ use std::{
     collections::BTreeSet,
     fs,
     io::{ErrorKind as IoErrorKind, Read, Write},
+    num::NonZeroU32,
     os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD};
+use governor::Quota;
 use rsa::{
     PrivateKey, PublicKey,
     pkcs1::DecodeRsaPublicKey,
@@ -41,7 +45,7 @@ const TOKEN_CACHE: usize = 4096;
 
 /// Configuration of the RSA session backend. Holds a path, never key material.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RsaSessionConfig {
     /// PKCS#8 PEM private key; created (0600) if missing.
     pub key_file: PathBuf,
@@ -54,10 +58,26 @@ pub struct RsaSessionConfig {
         deserialize_with = "config_serde::scope_set"
     )]
     pub scopes: BTreeSet<Scope>,
+    /// Private-key decryptions (tokens not seen before) per second, across all callers.
+    /// A correctly sized random ciphertext costs one; beyond this rate such tokens get 503
+    /// while tokens already decrypted keep working from the cache.
+    #[serde(default = "default_decrypts_per_second")]
+    pub decrypts_per_second: u32,
+    /// Decryptions allowed in a burst above the steady rate.
+    #[serde(default = "default_decrypt_burst")]
+    pub decrypt_burst: u32,
 }
 
 fn default_bits() -> usize {
     3072
+}
+
+fn default_decrypts_per_second() -> u32 {
+    20
+}
+
+fn default_decrypt_burst() -> u32 {
+    40
 }
 
 fn default_scopes() -> BTreeSet<Scope> {
@@ -71,6 +91,8 @@ impl RsaSessionConfig {
             key_file: key_file.into(),
             key_bits: default_bits(),
             scopes: default_scopes(),
+            decrypts_per_second: default_decrypts_per_second(),
+            decrypt_burst: default_decrypt_burst(),
         }
     }
 }
@@ -93,6 +115,8 @@ pub enum RsaSessionError {
     RunId,
     #[error("rsa-session: encryption failed: {0}")]
     Encrypt(String),
+    #[error("rsa-session: decryptsPerSecond and decryptBurst must be at least 1")]
+    DecryptLimit,
 }
 
 /// The RSA session [`Authenticator`].
@@ -103,6 +127,9 @@ pub struct RsaSessionAuthenticator {
     key_file: PathBuf,
     runs: Arc<dyn RunDirectory>,
     decrypted: quick_cache::sync::Cache<[u8; 32], Arc<str>>,
+    /// Bounds the CPU that bogus ciphertexts can burn (the trait sees no peer address, so
+    /// the bound is global; cached tokens bypass it).
+    decrypts: governor::DefaultDirectRateLimiter,
 }
 
 impl std::fmt::Debug for RsaSessionAuthenticator {
@@ -127,6 +154,12 @@ impl RsaSessionAuthenticator {
         if !(MIN_BITS..=MAX_BITS).contains(&config.key_bits) {
             return Err(RsaSessionError::KeySize(config.key_bits));
         }
+        let (Some(rate), Some(burst)) = (
+            NonZeroU32::new(config.decrypts_per_second),
+            NonZeroU32::new(config.decrypt_burst),
+        ) else {
+            return Err(RsaSessionError::DecryptLimit);
+        };
         let key = match read_key(&config.key_file)? {
             Some(key) => key,
             None => create_key(&config.key_file, config.key_bits)?,
@@ -145,6 +178,7 @@ impl RsaSessionAuthenticator {
             key_file: config.key_file.clone(),
             runs,
             decrypted: quick_cache::sync::Cache::new(TOKEN_CACHE),
+            decrypts: governor::RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
         })
     }
 
@@ -184,6 +218,11 @@ impl RsaSessionAuthenticator {
         let digest: [u8; 32] = sha2::Sha256::digest(bearer.as_bytes()).into();
         if let Some(run) = self.decrypted.get(&digest) {
             return Ok(run);
+        }
+        if self.decrypts.check().is_err() {
+            return Err(AuthError::Unavailable(
+                "rsa-session: decryption rate limit reached".into(),
+            ));
         }
         let key = Arc::clone(&self.key);
         let plaintext =

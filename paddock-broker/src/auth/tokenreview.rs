@@ -31,7 +31,7 @@ const MAX_TOKEN_FILE: u64 = 64 * 1024;
 
 /// Configuration of the `TokenReview` backend. Holds paths, never a token.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TokenReviewConfig {
     /// API server base URL, e.g. `https://kubernetes.default.svc`.
     pub api_server: String,
@@ -118,11 +118,11 @@ impl TokenReviewConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenReviewConfigError {
-    #[error("tokenreview: api_server: {0}")]
+    #[error("tokenreview: apiServer: {0}")]
     ApiServer(String),
     #[error("tokenreview: at least one non-empty audience is required")]
     NoAudience,
-    #[error("tokenreview: cache_capacity must be at least 1")]
+    #[error("tokenreview: cacheCapacity must be at least 1")]
     Capacity,
     #[error("tokenreview: scopes key {0:?} is not `namespace/name` or `namespace/*`")]
     ScopeKey(String),

@@ -19,17 +19,17 @@ use serde_json::{Value, json};
 
 use crate::support::{TestServer, assert_no_bearer};
 
-const AUD: &str = "paddock-broker";
+pub(crate) const AUD: &str = "paddock-broker";
 
 /// A signing key and its public JWK.
-struct TestKey {
+pub(crate) struct TestKey {
     encoding: EncodingKey,
     alg: Algorithm,
     jwk: Value,
     public_pem: Option<String>,
 }
 
-fn rsa_key(kid: &str) -> TestKey {
+pub(crate) fn rsa_key(kid: &str) -> TestKey {
     let key = PrivateKey::new(&mut getrandom::SysRng, 2048).expect("rsa keygen");
     let pem = key.to_pkcs8_pem(LineEnding::LF).expect("pkcs8");
     let public = PublicKey::from(&key);
@@ -46,7 +46,7 @@ fn rsa_key(kid: &str) -> TestKey {
     }
 }
 
-fn ec_key(kid: &str) -> TestKey {
+pub(crate) fn ec_key(kid: &str) -> TestKey {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("ec keygen");
     let raw = key.public_key_raw();
     assert_eq!(raw.len(), 65, "uncompressed P-256 point");
@@ -76,13 +76,13 @@ fn ed25519_key(kid: &str) -> TestKey {
 }
 
 /// A fake OIDC issuer: discovery document plus a JWKS that tests can rotate.
-struct Issuer {
+pub(crate) struct Issuer {
     server: TestServer,
     jwks: Arc<Mutex<Vec<Value>>>,
 }
 
 impl Issuer {
-    async fn start(keys: &[&TestKey]) -> Issuer {
+    pub(crate) async fn start(keys: &[&TestKey]) -> Issuer {
         let jwks: Arc<Mutex<Vec<Value>>> =
             Arc::new(Mutex::new(keys.iter().map(|k| k.jwk.clone()).collect()));
         let issuer_url: Arc<Mutex<String>> = Arc::default();
@@ -106,7 +106,7 @@ impl Issuer {
         Issuer { server, jwks }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         self.server.url()
     }
 
@@ -124,7 +124,7 @@ impl Issuer {
     }
 }
 
-fn sign(key: &TestKey, kid: Option<&str>, claims: &Value) -> String {
+pub(crate) fn sign(key: &TestKey, kid: Option<&str>, claims: &Value) -> String {
     let mut header = Header::new(key.alg);
     header.kid = kid.map(str::to_owned);
     jsonwebtoken::encode(&header, claims, &key.encoding).expect("sign")
@@ -360,6 +360,42 @@ async fn unknown_kid_refreshes_once_then_rotation_succeeds() {
     let err = rejected(&auth, &sign(&old, Some("old"), &issuer.claims())).await;
     assert!(matches!(err, AuthError::Unauthenticated(_)));
     assert_eq!(issuer.server.hits("/.well-known/openid-configuration"), 1);
+}
+
+#[tokio::test]
+async fn verified_tokens_are_reused_only_while_keys_and_expiry_allow() {
+    let (a, b) = (ec_key("a"), ec_key("b"));
+    let issuer = Issuer::start(&[&a]).await;
+    let mut config = issuer.config();
+    config.jwks_min_refresh = Duration::from_millis(100);
+    config.leeway = Duration::ZERO;
+    let auth = JwtAuthenticator::new(config).expect("config");
+
+    // Cached only until the token's own exp, even though the cache TTL is longer.
+    let now = get_current_timestamp();
+    let mut short = issuer.claims();
+    short["exp"] = json!(now + 2);
+    let short = sign(&a, Some("a"), &short);
+    auth.authenticate(&short).await.expect("fresh token");
+    auth.authenticate(&short).await.expect("still fresh");
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let err = rejected(&auth, &short).await;
+    assert!(matches!(err, AuthError::Unauthenticated(_)), "{err:?}");
+
+    // A re-fetched key set drops every cached identity: a token whose key was rotated out
+    // stops working at the refresh, not at the end of the cache TTL.
+    let token = sign(&a, Some("a"), &issuer.claims());
+    auth.authenticate(&token).await.expect("key a");
+    *issuer.jwks.lock().expect("jwks") = vec![b.jwk.clone()];
+    auth.authenticate(&token)
+        .await
+        .expect("cached while the key set is unchanged");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    auth.authenticate(&sign(&b, Some("b"), &issuer.claims()))
+        .await
+        .expect("unknown kid b re-fetches the keys");
+    let err = rejected(&auth, &token).await;
+    assert!(matches!(err, AuthError::Unauthenticated(_)), "{err:?}");
 }
 
 #[tokio::test]

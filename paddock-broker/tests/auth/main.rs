@@ -1,6 +1,9 @@
 //! Integration tests of the auth backends against servers started on 127.0.0.1:0.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod jwt;
+mod routes;
 mod rsa_session;
 mod support;
 mod tokenreview;

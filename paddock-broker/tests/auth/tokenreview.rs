@@ -16,7 +16,7 @@ use crate::support::{Seen, TestServer, assert_no_bearer, test_tls};
 const REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 
 /// A JWT-shaped service-account token (the fake API server does not check signatures).
-fn sa_token(name: &str, expires_in: Duration) -> String {
+pub(crate) fn sa_token(name: &str, expires_in: Duration) -> String {
     let exp = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock") + expires_in;
     let payload = json!({"sub": name, "exp": exp.as_secs()}).to_string();
     format!(
@@ -28,7 +28,7 @@ fn sa_token(name: &str, expires_in: Duration) -> String {
 
 /// Answers like kube-apiserver: 201 with the `TokenReview` echoed back plus a status. Tokens
 /// whose `sub` is `builder` or `alice` are valid; the broker must present `broker_token`.
-fn api_server(
+pub(crate) fn api_server(
     broker_token: Arc<Mutex<String>>,
     confirmed_audience: &'static str,
 ) -> impl Fn(&Seen) -> (u16, String) {

@@ -406,6 +406,19 @@ pub async fn tls_json(
     ca: &CertificateDer<'static>,
     request: &str,
 ) -> (u16, serde_json::Value) {
+    let (status, _, body) = tls_raw(addr, ca, request).await;
+    (
+        status,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// One request over TLS to `addr`, trusting `ca`; returns (status, head, body bytes).
+pub async fn tls_raw(
+    addr: std::net::SocketAddr,
+    ca: &CertificateDer<'static>,
+    request: &str,
+) -> (u16, String, Vec<u8>) {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).expect("root");
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -433,11 +446,7 @@ pub async fn tls_json(
         .await
         .expect("timeout")
         .expect("io");
-    let (status, _, body) = parse_response(&out).expect("response");
-    (
-        status,
-        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
-    )
+    parse_response(&out).expect("response")
 }
 
 /// A JSON POST request with `Connection: close`.

@@ -6,12 +6,7 @@
 //! the real key; a host the policy does not list gets a 403 with the reason; the audit trail
 //! records both.
 
-use std::{
-    net::SocketAddr,
-    os::unix::fs::PermissionsExt,
-    path::Path,
-    process::Command,
-};
+use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, process::Command};
 
 use anyhow::{Context, Result, bail};
 use paddock_tests::{
@@ -62,12 +57,16 @@ fn main() -> Result<()> {
     let d = dir.path();
     make_upstream_certs(d, &["api.paddock.test", "blocked.paddock.test"]);
     let zone = vec![
-        ("api.paddock.test".to_owned(), link.host_ip),
-        ("blocked.paddock.test".to_owned(), link.host_ip),
+        ("api.paddock.test".to_owned(), link.host_ip.into()),
+        ("blocked.paddock.test".to_owned(), link.host_ip.into()),
     ];
     let _dns = DnsResponder::start(&link.upstream, SocketAddr::from((link.host_ip, 53)), zone);
     let api = EchoApi::start(&link.upstream, d, SocketAddr::from((link.host_ip, 443)));
-    println!("1. A test HTTPS API, api.paddock.test ({}), runs in network namespace {}.", link.host_ip, link.upstream.name());
+    println!(
+        "1. A test HTTPS API, api.paddock.test ({}), runs in network namespace {}.",
+        link.host_ip,
+        link.upstream.name()
+    );
     println!("   It answers with fingerprints of the credentials it receives.\n");
 
     let secrets = d.join("secrets");
@@ -78,16 +77,40 @@ fn main() -> Result<()> {
         std::fs::set_permissions(secrets.join(name), std::fs::Permissions::from_mode(0o600))?;
     }
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-policy.yaml");
-    println!("2. Real secrets (root-only files): api-token {} and anthropic-key {}.", fingerprint(API_TOKEN), fingerprint(ANTHROPIC_KEY));
+    println!(
+        "2. Real secrets (root-only files): api-token {} and anthropic-key {}.",
+        fingerprint(API_TOKEN),
+        fingerprint(ANTHROPIC_KEY)
+    );
     println!("   Policy: examples/demo-policy.yaml (api.paddock.test only).\n");
 
     let audit = d.join("audit.jsonl");
     let p = |x: &Path| x.to_string_lossy().into_owned();
-    println!("3. $ sudo paddock-proxy run --policy examples/demo-policy.yaml --secrets DIR -- sh demo.sh\n");
+    println!(
+        "3. $ sudo paddock-proxy run --policy examples/demo-policy.yaml --secrets DIR -- sh demo.sh\n"
+    );
     let status = Command::new(target_bin("paddock-proxy"))
-        .args(["run", "--policy", &p(&policy), "--secrets", &p(&secrets), "--audit", &p(&audit)])
-        .args(["--allow-cidr", &format!("{}/24", link.host_ip), "--nameserver", &format!("{}:53", link.host_ip)])
-        .args(["--upstream-ca", &p(&d.join("test-ca.crt")), "--state-dir", &p(&d.join("state"))])
+        .args([
+            "run",
+            "--policy",
+            &p(&policy),
+            "--secrets",
+            &p(&secrets),
+            "--audit",
+            &p(&audit),
+        ])
+        .args([
+            "--allow-cidr",
+            &format!("{}/24", link.host_ip),
+            "--nameserver",
+            &format!("{}:53", link.host_ip),
+        ])
+        .args([
+            "--upstream-ca",
+            &p(&d.join("test-ca.crt")),
+            "--state-dir",
+            &p(&d.join("state")),
+        ])
         .args(["--", "sh", "-c", SCRIPT])
         .env("DEMO_IP", link.host_ip.to_string())
         .env("DEMO_SECRETS", &secrets)
@@ -100,9 +123,24 @@ fn main() -> Result<()> {
     for r in api.requests() {
         let auth = r["authorization"].as_str().unwrap_or("");
         let key = r["x-api-key"].as_str().unwrap_or("");
-        let got = if !auth.is_empty() { ("Authorization", auth.trim_start_matches("Bearer ")) } else { ("x-api-key", key) };
+        let got = if auth.is_empty() {
+            ("x-api-key", key)
+        } else {
+            ("Authorization", auth.trim_start_matches("Bearer "))
+        };
         let real = got.1 == API_TOKEN || got.1 == ANTHROPIC_KEY;
-        println!("   {} {}: {} {} (the real secret: {})", r["path"].as_str().unwrap_or("?"), got.0, fingerprint(got.1), if got.1.starts_with("pdk-") { "placeholder!" } else { "" }, if real { "yes" } else { "NO" });
+        println!(
+            "   {} {}: {} {} (the real secret: {})",
+            r["path"].as_str().unwrap_or("?"),
+            got.0,
+            fingerprint(got.1),
+            if got.1.starts_with("pdk-") {
+                "placeholder!"
+            } else {
+                ""
+            },
+            if real { "yes" } else { "NO" }
+        );
     }
     println!("\n5. The proxy's audit trail:");
     for line in std::fs::read_to_string(&audit).unwrap_or_default().lines() {
