@@ -34,8 +34,9 @@ class H(http.server.BaseHTTPRequestHandler):
         rec = {"host": self.headers.get("host"), "path": u.path, "query": q,
                "authorization": auth, "basic": basic, "x-api-key": self.headers.get("x-api-key")}
         with open(log, "a") as f: f.write(json.dumps(rec) + "\n")
+        bearer = auth[7:] if auth and auth.lower().startswith("bearer ") else auth
         body = json.dumps({"path": u.path, "credentials": {
-            "authorization": fp(auth), "x-api-key": fp(self.headers.get("x-api-key")),
+            "authorization": fp(bearer), "x-api-key": fp(self.headers.get("x-api-key")),
             "query key": fp(q.get("key"))}}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
