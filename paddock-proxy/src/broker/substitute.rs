@@ -60,12 +60,23 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
 #[derive(Debug, Clone)]
 pub struct BrokerSubstituter {
     client: BrokerClient,
+    metrics: Option<std::sync::Arc<crate::metrics::ProxyMetrics>>,
 }
 
 impl BrokerSubstituter {
     #[must_use]
     pub fn new(client: BrokerClient) -> Self {
-        Self { client }
+        Self {
+            client,
+            metrics: None,
+        }
+    }
+
+    /// Count applied substitutions in the proxy's `substitutions` metric.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::ProxyMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
@@ -86,6 +97,9 @@ impl Substituter for BrokerSubstituter {
                 .map_err(|e| call_error(&e))?;
             if answer.matched {
                 apply(head, &answer)?;
+                if let Some(m) = &self.metrics {
+                    m.substituted();
+                }
             }
             ensure_no_placeholder(head)?;
             tracing::debug!(

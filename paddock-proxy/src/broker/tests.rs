@@ -352,7 +352,9 @@ fn assert_no_placeholder(parts: &http::request::Parts, placeholder: &str) {
 #[tokio::test]
 async fn each_placeholder_position_gets_the_real_secret() {
     let fx = Fixture::start(Options::default()).await;
-    let sub = BrokerSubstituter::new(fx.proxy_client());
+    let metrics = std::sync::Arc::new(crate::metrics::ProxyMetrics::new());
+    let sub =
+        BrokerSubstituter::new(fx.proxy_client()).with_metrics(std::sync::Arc::clone(&metrics));
 
     // Authorization: Bearer <placeholder>
     let (_, gh) = fx.issue("gh").await;
@@ -366,6 +368,14 @@ async fn each_placeholder_position_gets_the_real_secret() {
     assert_eq!(p.headers[AUTHORIZATION], format!("Bearer {HEADER_SECRET}"));
     assert!(p.headers[AUTHORIZATION].is_sensitive());
     assert_eq!(p.uri.query(), Some("per_page=5"));
+    assert!(
+        metrics
+            .encode()
+            .lines()
+            .any(|l| l.starts_with("paddock_proxy_substitutions_total 1")),
+        "an applied substitution is counted: {}",
+        metrics.encode()
+    );
 
     // ?key=<placeholder>, the other parameters byte for byte.
     let (_, maps) = fx.issue("maps").await;

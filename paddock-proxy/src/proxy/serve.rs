@@ -38,6 +38,8 @@ pub struct ServeOptions {
     pub substituter: Option<Arc<dyn Substituter>>,
     /// Told once every listener is bound and interception is attached.
     pub ready: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Metrics shared with parts built outside (the broker substituter); default: new.
+    pub metrics: Option<Arc<ProxyMetrics>>,
 }
 
 impl ServeOptions {
@@ -50,6 +52,7 @@ impl ServeOptions {
             policy: None,
             substituter: None,
             ready: None,
+            metrics: None,
         }
     }
 }
@@ -113,7 +116,10 @@ pub async fn serve_until(
     let substituter = opts.substituter.take();
     let ready_tx = opts.ready.take();
     let cfg = &opts.config;
-    let metrics = Arc::new(ProxyMetrics::new());
+    let metrics = opts
+        .metrics
+        .take()
+        .unwrap_or_else(|| Arc::new(ProxyMetrics::new()));
 
     let audit_target = cfg.audit_target(opts.audit.as_deref())?;
     let audit = audit_target.open()?;

@@ -421,7 +421,11 @@ pub async fn run(
     .with_upstream_ca(opts.upstream_ca.clone());
     let mut serve = ServeOptions::new(config, Some(audit.display().to_string()));
     serve.policy = Some(Arc::new(BrokerPolicy::new(client.clone())));
-    serve.substituter = Some(Arc::new(BrokerSubstituter::new(client.clone())));
+    let metrics = Arc::new(crate::metrics::ProxyMetrics::new());
+    serve.substituter = Some(Arc::new(
+        BrokerSubstituter::new(client.clone()).with_metrics(Arc::clone(&metrics)),
+    ));
+    serve.metrics = Some(metrics);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     serve.ready = Some(ready_tx);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
