@@ -8,7 +8,7 @@
 //! dial the test host's address with the name pinned (`curl --resolve`).
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -151,6 +151,7 @@ http {{
     server {{
         listen 443 ssl http2;
         listen [::]:443 ssl http2;
+        listen 80;
         ssl_certificate {d}/server.crt;
         ssl_certificate_key {d}/server.key;
         root {d}/www;
@@ -224,6 +225,20 @@ http {{
 
 impl Drop for Nginx {
     fn drop(&mut self) {
+        // SIGTERM: the master stops its workers and exits. SIGKILL would orphan the workers.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -271,7 +286,7 @@ impl Drop for DnsResponder {
 
 impl DnsResponder {
     /// Serves `zone` on `addr` (UDP) inside `ns`.
-    pub fn start(ns: &Netns, addr: SocketAddr, zone: Vec<(String, Ipv4Addr)>) -> Self {
+    pub fn start(ns: &Netns, addr: SocketAddr, zone: Vec<(String, IpAddr)>) -> Self {
         let sock = ns
             .run(move || std::net::UdpSocket::bind(addr))
             .expect("enter netns")
@@ -291,7 +306,7 @@ impl DnsResponder {
     }
 }
 
-fn dns_answer(query: &[u8], zone: &[(String, Ipv4Addr)]) -> Option<Vec<u8>> {
+fn dns_answer(query: &[u8], zone: &[(String, IpAddr)]) -> Option<Vec<u8>> {
     if query.len() < 12 {
         return None;
     }
@@ -311,16 +326,17 @@ fn dns_answer(query: &[u8], zone: &[(String, Ipv4Addr)]) -> Option<Vec<u8>> {
     let question_end = i + 4;
     query.get(..question_end)?;
     let name = labels.join(".");
-    let known: Vec<Ipv4Addr> = zone
+    let known: Vec<IpAddr> = zone
         .iter()
         .filter(|(n, _)| *n == name)
         .map(|(_, a)| *a)
         .collect();
-    let answers: Vec<Ipv4Addr> = if qtype == 1 {
-        known.clone()
-    } else {
-        Vec::new()
-    };
+    // A = 1, AAAA = 28.
+    let answers: Vec<IpAddr> = known
+        .iter()
+        .copied()
+        .filter(|a| (qtype == 1 && a.is_ipv4()) || (qtype == 28 && a.is_ipv6()))
+        .collect();
     let rcode: u8 = if known.is_empty() { 3 } else { 0 };
     let mut out = Vec::with_capacity(question_end + answers.len() * 16);
     out.extend_from_slice(&query[..2]);
@@ -331,8 +347,16 @@ fn dns_answer(query: &[u8], zone: &[(String, Ipv4Addr)]) -> Option<Vec<u8>> {
     out.extend_from_slice(&[0, 0, 0, 0]);
     out.extend_from_slice(&query[12..question_end]);
     for a in answers {
-        out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
-        out.extend_from_slice(&a.octets());
+        match a {
+            IpAddr::V4(v4) => {
+                out.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+                out.extend_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                out.extend_from_slice(&[0xc0, 0x0c, 0, 28, 0, 1, 0, 0, 0, 30, 0, 16]);
+                out.extend_from_slice(&v6.octets());
+            }
+        }
     }
     Some(out)
 }
@@ -422,4 +446,176 @@ pub fn scratch() -> tempfile::TempDir {
 pub fn path_str(dir: &Path, name: &str) -> String {
     let p: PathBuf = dir.join(name);
     p.display().to_string()
+}
+
+/// Transparent listener port of the proxy inside the agent namespace.
+pub const PROXY_PORT: u16 = 15001;
+/// Admin listener of the proxy inside the agent namespace.
+pub const ADMIN: &str = "127.0.0.1:9901";
+/// Cooperative `CONNECT` listener of the proxy inside the agent namespace.
+pub const CONNECT: &str = "127.0.0.1:3128";
+/// The DNS responder the proxy asks, inside the agent namespace.
+pub const DNS: &str = "127.0.0.1:5353";
+/// The proxy's bypass `SO_MARK`.
+pub const MARK: u32 = 0x70ad;
+/// The test host (nginx) address.
+pub const HOST_V4: &str = "10.77.0.1";
+
+/// Policy of the lab: `app.test`, `app6.test`, `rebind.test` and `cidr.test` allowed on 443 and 80;
+/// everything else (`denied.test`) denied.
+pub const POLICY: &str = r#"
+[[rule]]
+name = "test-hosts"
+hosts = ["app.test", "app6.test", "rebind.test", "cidr.test"]
+ports = [443, 80]
+"#;
+
+/// An agent namespace + intercepted cgroup, a test host running nginx, a DNS responder and
+/// the proxy, wired through the eBPF programs. Everything is removed on drop (also on panic).
+#[derive(Debug)]
+pub struct Lab {
+    // Drop order: proxy first (drains), then backends, loader, pins, cgroup, namespaces, files.
+    pub proxy: ProxyProcess,
+    _nginx: Nginx,
+    _ws: tokio::task::JoinHandle<()>,
+    _dns: DnsResponder,
+    _ic: paddock_proxy::ebpf::Interceptor,
+    _pins: crate::PinDir,
+    pub cgroup: crate::CgroupGuard,
+    pub topo: crate::Topology,
+    pub dir: tempfile::TempDir,
+}
+
+impl Lab {
+    /// Builds the lab; `limits` is extra TOML for the proxy's `[limits]` table and `audit`
+    /// the audit target (`None`: a JSONL file `audit.jsonl` in the scratch directory).
+    /// Must be called inside a multi-threaded tokio runtime.
+    pub fn new(limits: &str, audit: Option<&str>) -> Self {
+        use paddock_proxy::{
+            cgroup::Cgroup,
+            ebpf::{AgentConfig, Interception, Interceptor, LoadOptions},
+        };
+        let dir = scratch();
+        let d = dir.path();
+        make_upstream_certs(d, &["app.test", "app6.test", "rebind.test", "cidr.test"]);
+        std::fs::write(d.join("policy.toml"), POLICY).expect("policy");
+        let topo = crate::Topology::new();
+        let cgroup = crate::CgroupGuard::new("px");
+        let pins = crate::PinDir::new();
+        let mut ic = Interceptor::load(&LoadOptions {
+            pin_dir: pins.path().to_path_buf(),
+            ..LoadOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("load eBPF: {e}"));
+        let mut cfg = AgentConfig::loopback(PROXY_PORT);
+        cfg.bypass_mark = Some(MARK);
+        ic.attach_agent(cgroup.cgroup(), &cfg)
+            .unwrap_or_else(|e| panic!("attach agent: {e}"));
+        // The proxy runs in this process: answer SO_ORIGINAL_DST for its accepted sockets.
+        ic.attach_proxy(&Cgroup::current().expect("own cgroup"))
+            .unwrap_or_else(|e| panic!("attach proxy: {e}"));
+        let dns = DnsResponder::start(
+            &topo.agent,
+            DNS.parse().expect("addr"),
+            vec![
+                ("app.test".into(), Ipv4Addr::new(10, 77, 0, 1).into()),
+                // Resolves elsewhere than where the agent connects: a rebinding mismatch.
+                ("rebind.test".into(), Ipv4Addr::new(10, 77, 0, 3).into()),
+                // Outside the test host range the config carves out of RFC 1918.
+                ("cidr.test".into(), Ipv4Addr::new(10, 77, 1, 1).into()),
+                ("denied.test".into(), Ipv4Addr::new(10, 77, 0, 1).into()),
+                // The test host over IPv6 only.
+                (
+                    "app6.test".into(),
+                    Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1).into(),
+                ),
+            ],
+        );
+        let ws_addr: SocketAddr = "127.0.0.1:8090".parse().expect("addr");
+        let ws = ws_echo(&topo.upstream, ws_addr);
+        let nginx = Nginx::start(&topo.upstream, d, ws_addr);
+        let audit = audit.map_or_else(|| path_str(d, "audit.jsonl"), str::to_owned);
+        let config = format!(
+            r#"
+run_id = "run-proxy-test"
+[listen]
+transparent = ["127.0.0.1:{PROXY_PORT}", "[::1]:{PROXY_PORT}"]
+connect = "{CONNECT}"
+connect_reason = "root-tier test of cooperative mode"
+[tls]
+ca_dir = "{ca}"
+generate_ca = true
+upstream_ca_bundle = "{bundle}"
+[policy]
+file = "{policy}"
+[network]
+allow_cidrs = ["10.77.0.0/24", "fd00:77::/64"]
+nameservers = ["{DNS}"]
+bypass_mark = {MARK}
+[audit]
+target = "{audit}"
+[limits]
+drain_timeout_secs = 1
+{limits}
+[admin]
+listen = "{ADMIN}"
+"#,
+            ca = path_str(d, "ca"),
+            bundle = path_str(d, "test-ca.crt"),
+            policy = path_str(d, "policy.toml"),
+        );
+        let proxy = ProxyProcess::start(
+            &topo.agent,
+            &config,
+            None,
+            SocketAddr::from(([127, 0, 0, 1], PROXY_PORT)),
+        );
+        Self {
+            proxy,
+            _nginx: nginx,
+            _ws: ws,
+            _dns: dns,
+            _ic: ic,
+            _pins: pins,
+            cgroup,
+            topo,
+            dir,
+        }
+    }
+
+    /// Inside the intercepted cgroup, in the agent namespace.
+    #[must_use]
+    pub fn agent(&self) -> Placement<'_> {
+        Placement {
+            netns: Some(&self.topo.agent),
+            cgroup: Some(&self.cgroup),
+            user: None,
+        }
+    }
+
+    /// In the agent namespace but outside the intercepted cgroup (not redirected).
+    #[must_use]
+    pub fn beside_agent(&self) -> Placement<'_> {
+        Placement {
+            netns: Some(&self.topo.agent),
+            cgroup: None,
+            user: None,
+        }
+    }
+
+    /// The run CA certificate agents trust.
+    #[must_use]
+    pub fn ca(&self) -> String {
+        path_str(self.dir.path(), "ca/tls.crt")
+    }
+
+    /// A copy of `/etc/hosts` naming the lab's test hosts, for clients (wrk) that resolve
+    /// names themselves; bind-mount it in a private mount namespace.
+    #[must_use]
+    pub fn hosts_file(&self) -> PathBuf {
+        let path = self.dir.path().join("hosts");
+        let base = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        std::fs::write(&path, format!("{base}\n{HOST_V4} app.test\n")).expect("hosts");
+        path
+    }
 }

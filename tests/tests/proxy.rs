@@ -3,148 +3,38 @@
 //! its own namespace; the proxy resolves test names through a DNS responder the test runs.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
     path::Path,
     process::{Command, Output},
     time::Instant,
 };
 
-use paddock_proxy::{
-    cgroup::Cgroup,
-    ebpf::{AgentConfig, Interception, Interceptor, LoadOptions},
-};
 use paddock_tests::{
-    CgroupGuard, PinDir, Topology,
-    process::{Placement, run},
-    proxied::{DnsResponder, Nginx, ProxyProcess, make_upstream_certs, path_str, scratch, ws_echo},
+    process::run,
+    proxied::{ADMIN, Lab},
     require_root,
 };
 
-const PROXY_PORT: u16 = 15001;
-const ADMIN: &str = "127.0.0.1:9901";
-const DNS: &str = "127.0.0.1:5353";
-const MARK: u32 = 0x70ad;
-
-/// Policy for every test: `app.test`, `rebind.test` and `cidr.test` allowed on 443;
-/// everything else (`denied.test`) denied.
-const POLICY: &str = r#"
-[[rule]]
-name = "test-hosts"
-hosts = ["app.test", "rebind.test", "cidr.test"]
-ports = [443, 80]
-"#;
-
 struct Fixture {
-    // Drop order: proxy first (drains), then backends, loader, pins, cgroup, namespaces, files.
-    proxy: ProxyProcess,
-    _nginx: Nginx,
-    _ws: tokio::task::JoinHandle<()>,
-    _dns: DnsResponder,
-    _ic: Interceptor,
-    _pins: PinDir,
-    cgroup: CgroupGuard,
-    topo: Topology,
-    dir: tempfile::TempDir,
+    lab: Lab,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.lab
+    }
 }
 
 impl Fixture {
-    /// `limits` is extra TOML for the `[limits]` table.
+    /// `limits` is extra TOML for the proxy's `[limits]` table.
     fn new(limits: &str) -> Self {
-        let dir = scratch();
-        let d = dir.path();
-        make_upstream_certs(d, &["app.test", "rebind.test", "cidr.test"]);
-        std::fs::write(d.join("policy.toml"), POLICY).expect("policy");
-        let topo = Topology::new();
-        let cgroup = CgroupGuard::new("px");
-        let pins = PinDir::new();
-        let mut ic = Interceptor::load(&LoadOptions {
-            pin_dir: pins.path().to_path_buf(),
-            ..LoadOptions::default()
-        })
-        .unwrap_or_else(|e| panic!("load eBPF: {e}"));
-        let mut cfg = AgentConfig::loopback(PROXY_PORT);
-        cfg.bypass_mark = Some(MARK);
-        ic.attach_agent(cgroup.cgroup(), &cfg)
-            .unwrap_or_else(|e| panic!("attach agent: {e}"));
-        // The proxy runs in this process: answer SO_ORIGINAL_DST for its accepted sockets.
-        ic.attach_proxy(&Cgroup::current().expect("own cgroup"))
-            .unwrap_or_else(|e| panic!("attach proxy: {e}"));
-        let dns = DnsResponder::start(
-            &topo.agent,
-            DNS.parse().expect("addr"),
-            vec![
-                ("app.test".into(), Ipv4Addr::new(10, 77, 0, 1)),
-                // Resolves elsewhere than where the agent connects: a rebinding mismatch.
-                ("rebind.test".into(), Ipv4Addr::new(10, 77, 0, 3)),
-                // Outside the test host range the config carves out of RFC 1918.
-                ("cidr.test".into(), Ipv4Addr::new(10, 77, 1, 1)),
-                ("denied.test".into(), Ipv4Addr::new(10, 77, 0, 1)),
-            ],
-        );
-        let ws_addr: SocketAddr = "127.0.0.1:8090".parse().expect("addr");
-        let ws = ws_echo(&topo.upstream, ws_addr);
-        let nginx = Nginx::start(&topo.upstream, d, ws_addr);
-        let config = format!(
-            r#"
-run_id = "run-proxy-test"
-[listen]
-transparent = ["127.0.0.1:{PROXY_PORT}", "[::1]:{PROXY_PORT}"]
-[tls]
-ca_dir = "{ca}"
-generate_ca = true
-upstream_ca_bundle = "{bundle}"
-[policy]
-file = "{policy}"
-[network]
-allow_cidrs = ["10.77.0.0/24"]
-nameservers = ["{DNS}"]
-bypass_mark = {MARK}
-[audit]
-target = "{audit}"
-[limits]
-drain_timeout_secs = 1
-{limits}
-[admin]
-listen = "{ADMIN}"
-"#,
-            ca = path_str(d, "ca"),
-            bundle = path_str(d, "test-ca.crt"),
-            policy = path_str(d, "policy.toml"),
-            audit = path_str(d, "audit.jsonl"),
-        );
-        let proxy = ProxyProcess::start(
-            &topo.agent,
-            &config,
-            None,
-            SocketAddr::from(([127, 0, 0, 1], PROXY_PORT)),
-        );
         Self {
-            proxy,
-            _nginx: nginx,
-            _ws: ws,
-            _dns: dns,
-            _ic: ic,
-            _pins: pins,
-            cgroup,
-            topo,
-            dir,
-        }
-    }
-
-    fn agent(&self) -> Placement<'_> {
-        Placement {
-            netns: Some(&self.topo.agent),
-            cgroup: Some(&self.cgroup),
-            user: None,
+            lab: Lab::new(limits, None),
         }
     }
 
     fn run_agent(&self, cmd: &mut Command) -> Output {
         tokio::task::block_in_place(|| run(cmd, &self.agent()))
-    }
-
-    fn ca(&self) -> String {
-        path_str(self.dir.path(), "ca/tls.crt")
     }
 
     /// curl in the agent cgroup, `name` pinned to the test host (or to `addr`).
@@ -169,16 +59,7 @@ listen = "{ADMIN}"
         let mut cmd = Command::new("curl");
         cmd.args(["-sS", "--max-time", "5"])
             .arg(format!("http://{ADMIN}{path}"));
-        let out = tokio::task::block_in_place(|| {
-            run(
-                &mut cmd,
-                &Placement {
-                    netns: Some(&self.topo.agent),
-                    cgroup: None,
-                    user: None,
-                },
-            )
-        });
+        let out = tokio::task::block_in_place(|| run(&mut cmd, &self.beside_agent()));
         assert!(out.status.success(), "admin {path}: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -274,7 +155,6 @@ async fn get_over_http1_and_h2_through_the_ebpf_path() {
     );
     assert_eq!(f.admin("/healthz"), "ok\n");
     assert_eq!(f.admin("/readyz"), "ready\n");
-    drop(f.proxy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -539,4 +419,113 @@ print("idle: %.1f" % (time.monotonic() - start))
         .expect("idle line");
     assert!((1.5..8.0).contains(&idle), "idle close after {idle}s");
     assert!(f.rejections("cap_exceeded") >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn plain_http_on_port_80_is_policy_checked_by_host() {
+    if !require_root("plain_http_on_port_80_is_policy_checked_by_host") {
+        return;
+    }
+    let f = Fixture::new("");
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+        .args(["--resolve", "app.test:80:10.77.0.1"])
+        .arg("http://app.test/hello.txt");
+    let o = f.run_agent(&mut cmd);
+    assert_ok(&o, "curl plain app.test");
+    assert_eq!(stdout(&o), "hello from the test host\n\n200");
+
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+        .args(["--resolve", "denied.test:80:10.77.0.1"])
+        .arg("http://denied.test/");
+    let o = f.run_agent(&mut cmd);
+    assert_ok(&o, "curl plain denied.test");
+    let body = stdout(&o);
+    assert!(
+        body.ends_with("\n403") && body.contains("denied.test"),
+        "{body}"
+    );
+    let audit = f.audit_lines();
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["kind"] == "allow" && e["mode"] == "plain_http" && e["sni"] == "app.test"),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cooperative_connect_is_audited_and_intercepted() {
+    if !require_root("cooperative_connect_is_audited_and_intercepted") {
+        return;
+    }
+    let f = Fixture::new("");
+    let proxy = format!("http://{}", paddock_tests::proxied::CONNECT);
+    let curl = |name: &str| {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--cacert",
+            &f.ca(),
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(["-x", &proxy])
+        .arg(format!("https://{name}/hello.txt"));
+        tokio::task::block_in_place(|| run(&mut cmd, &f.beside_agent()))
+    };
+    let o = curl("app.test");
+    assert_ok(&o, "curl via CONNECT");
+    assert_eq!(stdout(&o), "hello from the test host\n\n200");
+    let o = curl("denied.test");
+    assert!(!o.status.success(), "denied CONNECT: {}", stdout(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("403"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let audit = f.audit_lines();
+    assert!(
+        audit.iter().any(|e| e["kind"] == "connect_reason"
+            && e["reason"] == "root-tier test of cooperative mode"),
+        "{audit:?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["kind"] == "allow" && e["mode"] == "connect" && e["sni"] == "app.test"),
+        "{audit:?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|e| e["kind"] == "deny" && e["mode"] == "connect" && e["sni"] == "denied.test"),
+        "{audit:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ipv6_destination_is_intercepted_and_vetted() {
+    if !require_root("ipv6_destination_is_intercepted_and_vetted") {
+        return;
+    }
+    let f = Fixture::new("");
+    let o = f.curl(
+        "app6.test",
+        "[fd00:77::1]",
+        &["--http2", "-w", "\n%{http_version}"],
+        "/hello.txt",
+    );
+    assert_ok(&o, "curl over IPv6");
+    assert_eq!(stdout(&o), "hello from the test host\n\n2");
+    let audit = f.audit_lines();
+    assert!(
+        audit.iter().any(|e| e["kind"] == "allow"
+            && e["sni"] == "app6.test"
+            && e["dst"] == "[fd00:77::1]:443"),
+        "{audit:?}"
+    );
 }

@@ -11,17 +11,21 @@ use crate::util::{cargo, root, run};
 pub enum Which {
     /// Connection set-up: direct vs eBPF-redirected vs iptables REDIRECT.
     Redirect,
+    /// HTTPS through the proxy vs direct (keep-alive and new connections), leaf forging.
+    Proxy,
 }
 
 impl Which {
     fn name(self) -> &'static str {
         match self {
             Self::Redirect => "redirect",
+            Self::Proxy => "proxy",
         }
     }
     fn binary(self) -> &'static str {
         match self {
             Self::Redirect => "pdk-bench-redirect",
+            Self::Proxy => "pdk-bench-proxy",
         }
     }
 }
@@ -36,7 +40,9 @@ pub fn run_bench(which: Which) -> Result<()> {
         "paddock-proxy",
         "--bins",
     ]))?;
-    let bin = root().join("target/release").join(which.binary());
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), std::path::PathBuf::from);
+    let bin = target.join("release").join(which.binary());
     let out = Command::new(&bin)
         .output()
         .with_context(|| format!("running {}", bin.display()))?;

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::http::{BoxFuture, ConnectError, UpstreamConnector, UpstreamStream, UpstreamTarget};
-use crate::metrics::{Direction, Leg, ProxyMetrics};
+use crate::metrics::{Leg, ProxyMetrics};
 use crate::net::{DialSettings, Vetter, dial};
 use crate::tls::{ALPN_H2, UpstreamAlpn, UpstreamTls};
 
@@ -68,17 +68,10 @@ impl Connector {
         &self.dial
     }
 
-    /// Wraps an upstream socket in the idle timeout and byte counters.
+    /// Wraps an upstream socket in the idle timeout. Bytes are counted on the agent leg only,
+    /// so each byte is counted once.
     pub fn wrap<T>(&self, io: T) -> IdleIo<T> {
-        IdleIo::new(
-            io,
-            self.idle,
-            Some((
-                Arc::clone(&self.metrics),
-                Direction::UpstreamToAgent,
-                Direction::AgentToUpstream,
-            )),
-        )
+        IdleIo::new(io, self.idle, None)
     }
 
     /// Keeps a connection the transparent path opened (to learn upstream's ALPN) for the

@@ -20,7 +20,8 @@
 //! 6. **Upstream first**: the vetted addresses are dialled (with the bypass `SO_MARK`) and the
 //!    upstream TLS handshake offers what the agent offered; then the agent's handshake is
 //!    completed offering exactly what upstream chose, and the upstream connection is handed to
-//!    the run's pool for the agent's first request.
+//!    the run's pool for the agent's first request. Once upstream's choice for an offer is
+//!    known, later connections skip this probe and the pool's connections serve them.
 //! 7. **Request loop** ([`crate::http::serve_connection_until`]) until the agent closes, a leg
 //!    is idle for the idle timeout, or the proxy drains.
 //!
@@ -35,6 +36,9 @@ mod listener;
 mod plain;
 mod serve;
 mod transparent;
+
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -118,6 +122,7 @@ pub struct Pipeline {
     plain_http_ports: Vec<u16>,
     deny_page: bool,
     connections: Arc<Semaphore>,
+    alpn_cache: transparent::AlpnCache,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -151,6 +156,7 @@ impl Pipeline {
             plain_http_ports: parts.plain_http_ports,
             deny_page: parts.deny_page,
             connections: Arc::new(Semaphore::new(max)),
+            alpn_cache: transparent::AlpnCache::new(4096),
             shutdown,
         }
     }

@@ -166,10 +166,10 @@ pub(super) async fn deny_tls(
 
 /// Upstream first (dial the vetted addresses, TLS with the agent's ALPN offer), then the
 /// agent's handshake offering what upstream chose, then the request loop.
-#[expect(
-    clippy::too_many_lines,
-    reason = "one linear sequence of pipeline steps"
-)]
+///
+/// When upstream's answer to this exact offer is already known (see [`AlpnCache`]), the probe
+/// is skipped: the agent is offered the known protocol and the pool dials (or reuses) the
+/// upstream connection for the first request, where the certificate is verified as always.
 #[expect(
     clippy::too_many_arguments,
     reason = "one call site per mode; a struct adds nothing"
@@ -184,107 +184,33 @@ pub(super) async fn intercept(
     deadline: Instant,
     mode: Mode,
 ) {
-    let started = std::time::Instant::now();
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let dialed =
-        match tokio::time::timeout(remaining, dial(addrs, port, p.connector.dial_settings())).await
-        {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "upstream dial failed");
-                reset(&stream);
-                return;
-            }
-            Err(_) => {
-                tracing::warn!("upstream dial timed out");
-                reset(&stream);
-                return;
-            }
-        };
-    let upstream_addr: SocketAddr = dialed.addr;
-    tracing::debug!(%upstream_addr, "upstream connected");
-    let remaining = deadline.saturating_duration_since(Instant::now());
     let offer = UpstreamAlpn::from_agent_offer(hello.alpn());
-    let upstream = match tokio::time::timeout(
-        remaining,
-        p.upstream_tls
-            .connect(p.connector.wrap(dialed.stream), host, offer),
-    )
-    .await
-    {
-        Ok(Ok(u)) => u,
-        Ok(Err(e)) => {
-            p.metrics.handshake_failed(Leg::Upstream);
-            p.metrics.rejected(Rejection::HandshakeFailed);
-            tracing::warn!(error = %e, "upstream TLS handshake failed");
-            reset(&stream);
-            return;
-        }
-        Err(_) => {
-            p.metrics.handshake_failed(Leg::Upstream);
-            p.metrics.rejected(Rejection::HandshakeFailed);
-            tracing::warn!("upstream TLS handshake timed out");
-            reset(&stream);
-            return;
-        }
-    };
-    p.metrics.observe_upstream_latency(started.elapsed());
-    let agent_alpn = agent_alpn_for(upstream.alpn.as_deref(), hello.alpn());
-    let agent_io = IdleIo::new(
-        stream,
-        p.limits.idle_timeout,
-        Some((
-            Arc::clone(&p.metrics),
-            Direction::AgentToUpstream,
-            Direction::UpstreamToAgent,
-        )),
-    );
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let accepted = if mode == Mode::Connect && hello.server_name().is_none() {
-        // A CONNECT to an IP literal: the client sends no SNI; serve the leaf for the authority.
-        match crate::tls::LeafName::parse(host)
-            .and_then(|name| p.mitm.server_config_for_name(&name, &agent_alpn))
-        {
-            Ok(config) => tokio::time::timeout(
-                remaining,
-                tokio_rustls::TlsAcceptor::from(config).accept(agent_io),
-            )
-            .await
-            .map(|r| {
-                r.map_err(|source| TlsError::Handshake {
-                    leg: crate::tls::Leg::Agent,
-                    source,
-                })
-            }),
-            Err(e) => Ok(Err(e)),
-        }
+    let upstream_alpn = if let Some(known) = p.alpn_cache.get(host, port, offer) {
+        known.chosen
     } else {
-        tokio::time::timeout(remaining, p.mitm.accept(agent_io, &agent_alpn)).await
+        let Some(upstream) = probe_upstream(p, host, port, offer, addrs, deadline).await else {
+            reset(&stream);
+            return;
+        };
+        let alpn = upstream.alpn.clone();
+        p.alpn_cache.put(host, port, offer, alpn.clone());
+        // The probe connection serves the agent's first request (or expires unused).
+        p.connector.hand_over(
+            host,
+            port,
+            UpstreamStream {
+                io: Box::new(upstream.stream),
+                alpn: upstream.alpn,
+            },
+        );
+        alpn
     };
-    let agent = match accepted {
-        Ok(Ok(a)) => a,
-        Ok(Err(e)) => {
-            p.metrics.handshake_failed(Leg::Agent);
-            p.metrics.rejected(Rejection::HandshakeFailed);
-            tracing::info!(error = %e, "agent TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            p.metrics.handshake_failed(Leg::Agent);
-            p.metrics.rejected(Rejection::HandshakeFailed);
-            tracing::info!("agent TLS handshake timed out");
-            return;
-        }
+    let agent_alpn = agent_alpn_for(upstream_alpn.as_deref(), hello.alpn());
+    let Some(agent) = accept_agent(p, stream, host, &agent_alpn, hello, deadline, mode).await
+    else {
+        return;
     };
     let negotiated = agent.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-    p.connector.hand_over(
-        host,
-        port,
-        UpstreamStream {
-            io: Box::new(upstream.stream),
-            alpn: upstream.alpn,
-        },
-    );
     let ctx = RequestContext {
         run: p.run.clone(),
         host: host.to_owned(),
@@ -303,5 +229,166 @@ pub(super) async fn intercept(
     .await;
     if let Err(e) = served {
         tracing::debug!(error = %e, "agent connection ended with an error");
+    }
+}
+
+type UpstreamTlsStream = crate::tls::UpstreamConnection<IdleIo<TcpStream>>;
+
+/// Dials the vetted addresses and completes upstream TLS offering `offer`.
+async fn probe_upstream(
+    p: &Pipeline,
+    host: &str,
+    port: u16,
+    offer: UpstreamAlpn,
+    addrs: &[std::net::IpAddr],
+    deadline: Instant,
+) -> Option<UpstreamTlsStream> {
+    let started = std::time::Instant::now();
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let dialed =
+        match tokio::time::timeout(remaining, dial(addrs, port, p.connector.dial_settings())).await
+        {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "upstream dial failed");
+                return None;
+            }
+            Err(_) => {
+                tracing::warn!("upstream dial timed out");
+                return None;
+            }
+        };
+    let upstream_addr: SocketAddr = dialed.addr;
+    tracing::debug!(%upstream_addr, "upstream connected");
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let connected = tokio::time::timeout(
+        remaining,
+        p.upstream_tls
+            .connect(p.connector.wrap(dialed.stream), host, offer),
+    )
+    .await;
+    match connected {
+        Ok(Ok(u)) => {
+            p.metrics.observe_upstream_latency(started.elapsed());
+            Some(u)
+        }
+        Ok(Err(e)) => {
+            p.metrics.handshake_failed(Leg::Upstream);
+            p.metrics.rejected(Rejection::HandshakeFailed);
+            tracing::warn!(error = %e, "upstream TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            p.metrics.handshake_failed(Leg::Upstream);
+            p.metrics.rejected(Rejection::HandshakeFailed);
+            tracing::warn!("upstream TLS handshake timed out");
+            None
+        }
+    }
+}
+
+type AgentTlsStream = tokio_rustls::server::TlsStream<IdleIo<TcpStream>>;
+
+/// Completes the agent's handshake with a forged leaf, offering `agent_alpn`.
+async fn accept_agent(
+    p: &Pipeline,
+    stream: TcpStream,
+    host: &str,
+    agent_alpn: &[Vec<u8>],
+    hello: &ClientHello,
+    deadline: Instant,
+    mode: Mode,
+) -> Option<AgentTlsStream> {
+    let agent_io = IdleIo::new(
+        stream,
+        p.limits.idle_timeout,
+        Some((
+            Arc::clone(&p.metrics),
+            Direction::AgentToUpstream,
+            Direction::UpstreamToAgent,
+        )),
+    );
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let accepted = if mode == Mode::Connect && hello.server_name().is_none() {
+        // A CONNECT to an IP literal: the client sends no SNI; serve the leaf for the authority.
+        match crate::tls::LeafName::parse(host)
+            .and_then(|name| p.mitm.server_config_for_name(&name, agent_alpn))
+        {
+            Ok(config) => tokio::time::timeout(
+                remaining,
+                tokio_rustls::TlsAcceptor::from(config).accept(agent_io),
+            )
+            .await
+            .map(|r| {
+                r.map_err(|source| TlsError::Handshake {
+                    leg: crate::tls::Leg::Agent,
+                    source,
+                })
+            }),
+            Err(e) => Ok(Err(e)),
+        }
+    } else {
+        tokio::time::timeout(remaining, p.mitm.accept(agent_io, agent_alpn)).await
+    };
+    match accepted {
+        Ok(Ok(a)) => Some(a),
+        Ok(Err(e)) => {
+            p.metrics.handshake_failed(Leg::Agent);
+            p.metrics.rejected(Rejection::HandshakeFailed);
+            tracing::info!(error = %e, "agent TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            p.metrics.handshake_failed(Leg::Agent);
+            p.metrics.rejected(Rejection::HandshakeFailed);
+            tracing::info!("agent TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// What each upstream chose for each ALPN offer, remembered for a minute.
+///
+/// Keyed by the exact offer, so the agent is never offered a protocol it did not offer. An
+/// upstream that changes its mind inside the minute still works: the pool speaks whatever
+/// the real upstream connection negotiates, translating between HTTP/1.1 and HTTP/2.
+#[derive(Debug)]
+pub(super) struct AlpnCache {
+    entries: quick_cache::sync::Cache<AlpnKey, KnownAlpn>,
+}
+
+type AlpnKey = (String, u16, Vec<Vec<u8>>);
+
+/// Upstream's choice (`None`: no ALPN, i.e. HTTP/1.1) and when it was learned.
+#[derive(Debug, Clone)]
+struct KnownAlpn {
+    chosen: Option<Vec<u8>>,
+    learned: Instant,
+}
+
+const ALPN_CACHE_TTL: std::time::Duration = std::time::Duration::from_mins(1);
+
+impl AlpnCache {
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            entries: quick_cache::sync::Cache::new(capacity.max(1)),
+        }
+    }
+
+    fn get(&self, host: &str, port: u16, offer: UpstreamAlpn) -> Option<KnownAlpn> {
+        let key = (host.to_owned(), port, offer.protocols());
+        self.entries
+            .get(&key)
+            .filter(|k| k.learned.elapsed() < ALPN_CACHE_TTL)
+    }
+
+    fn put(&self, host: &str, port: u16, offer: UpstreamAlpn, chosen: Option<Vec<u8>>) {
+        self.entries.insert(
+            (host.to_owned(), port, offer.protocols()),
+            KnownAlpn {
+                chosen,
+                learned: Instant::now(),
+            },
+        );
     }
 }

@@ -1,0 +1,158 @@
+//! `cargo xtask bench proxy`: HTTPS through the Paddock proxy vs direct to the same nginx, in
+//! one run, plus the leaf forging rate. Prints a markdown section for BENCHMARKS.md on stdout.
+//!
+//! The lab is the root-tier test lab (`paddock_tests::proxied::Lab`): nginx in a test-host
+//! namespace, the proxy in the agent namespace, eBPF redirection of an agent cgroup. `wrk`
+//! runs in the agent namespace, inside the intercepted cgroup ("through") or beside it
+//! ("direct"), with the test host name in a bind-mounted hosts file. Keep-alive: 8
+//! connections reusing their TLS session for requests; new connections: `Connection: close`
+//! on every request, so each request is a new TCP connection and a full TLS handshake (on
+//! both legs through the proxy).
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use paddock_tests::{process::run, proxied::Lab};
+
+const SECONDS: &str = "8";
+const CONNECTIONS: &str = "8";
+const FORGE_LEAVES: usize = 200;
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn parse_duration_ms(text: &str) -> Option<f64> {
+    let (num, unit) = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| text.split_at(i))?;
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => return None,
+    })
+}
+
+fn parse_wrk(out: &str) -> Result<Sample> {
+    if out.contains("Non-2xx or 3xx responses") {
+        bail!("wrk saw failed responses:\n{out}");
+    }
+    let per_sec = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no Requests/sec in wrk output:\n{out}"))?;
+    let pct = |p: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(p))
+            .and_then(|v| parse_duration_ms(v.trim()))
+            .with_context(|| format!("no {p} latency in wrk output:\n{out}"))
+    };
+    Ok(Sample {
+        per_sec,
+        p50_ms: pct("50%")?,
+        p99_ms: pct("99%")?,
+    })
+}
+
+fn wrk(lab: &Lab, through: bool, new_connections: bool) -> Result<Sample> {
+    let hosts = lab.hosts_file();
+    let close = if new_connections {
+        "-H 'Connection: close'"
+    } else {
+        ""
+    };
+    let script = format!(
+        "mount --bind {} /etc/hosts && exec wrk -t1 -c{CONNECTIONS} -d{SECONDS}s --latency {close} \
+         https://app.test/hello.txt",
+        hosts.display()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let at = if through {
+        lab.agent()
+    } else {
+        lab.beside_agent()
+    };
+    let out = run(&mut cmd, &at);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "wrk failed: {}\n{text}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    parse_wrk(&text)
+}
+
+fn kernel() -> String {
+    Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn main() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("bench proxy needs root (namespaces, cgroups, eBPF)");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let _guard = rt.enter();
+    let lab = Lab::new("", Some("none"));
+
+    // Warm both paths (TLS session caches, leaf forge, DNS cache, upstream pool).
+    wrk(&lab, true, false)?;
+    let ka_direct = wrk(&lab, false, false)?;
+    let ka_proxy = wrk(&lab, true, false)?;
+    let nc_direct = wrk(&lab, false, true)?;
+    let nc_proxy = wrk(&lab, true, true)?;
+    let forge = paddock_proxy::tls::bench_forge(FORGE_LEAVES)?;
+    drop(lab);
+
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    println!("## Proxy throughput (`cargo xtask bench proxy`)\n");
+    println!(
+        "`wrk -t1 -c{CONNECTIONS} -d{SECONDS}s --latency` GETs of a 25-byte static file from nginx \
+         (TLS, test CA) in a private netns; \"through\" runs wrk in an eBPF-intercepted cgroup so \
+         every connection crosses the proxy (agent TLS with a forged leaf, policy, DNS and \
+         rebinding checks, upstream TLS), \"direct\" runs the same wrk beside it. New connections: \
+         `Connection: close` on every request. Audit off (`--audit none`); release build; kernel \
+         {}, {cpus} CPUs, wrk, nginx and the proxy sharing them.\n",
+        kernel()
+    );
+    println!("| workload | path | requests/s | p50 (ms) | p99 (ms) | rate vs direct |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (name, direct, proxy) in [
+        ("keep-alive HTTPS", ka_direct, ka_proxy),
+        ("new connection per request", nc_direct, nc_proxy),
+    ] {
+        for (path, s) in [("direct", direct), ("through proxy", proxy)] {
+            println!(
+                "| {name} | {path} | {:.0} | {:.2} | {:.2} | {:.2} |",
+                s.per_sec,
+                s.p50_ms,
+                s.p99_ms,
+                s.per_sec / direct.per_sec
+            );
+        }
+    }
+    println!(
+        "\nLeaf forging (`paddock_proxy::tls::bench_forge`, ECDSA P-256 leaf signed by the run \
+         CA, {FORGE_LEAVES} distinct names): {:.0} leaves/s ({:.2} ms per leaf). Forged leaves \
+         are cached, so this is paid once per host name.",
+        forge.per_second(),
+        forge.per_leaf().as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
