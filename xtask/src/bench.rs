@@ -13,6 +13,8 @@ pub enum Which {
     Redirect,
     /// HTTPS through the proxy vs direct (keep-alive and new connections), leaf forging.
     Proxy,
+    /// `paddock-proxy run` end to end (eBPF + MITM + broker substitution) vs direct.
+    E2e,
 }
 
 impl Which {
@@ -20,12 +22,14 @@ impl Which {
         match self {
             Self::Redirect => "redirect",
             Self::Proxy => "proxy",
+            Self::E2e => "e2e",
         }
     }
     fn binary(self) -> &'static str {
         match self {
             Self::Redirect => "pdk-bench-redirect",
             Self::Proxy => "pdk-bench-proxy",
+            Self::E2e => "pdk-bench-e2e",
         }
     }
 }
