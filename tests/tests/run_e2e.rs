@@ -89,8 +89,8 @@ async fn run_injects_real_credentials_the_agent_never_sees() {
     let d = dir.path();
     make_upstream_certs(d, &["api.paddock.test", "other.paddock.test"]);
     let zone = vec![
-        ("api.paddock.test".to_owned(), link.host_ip),
-        ("other.paddock.test".to_owned(), link.host_ip),
+        ("api.paddock.test".to_owned(), link.host_ip.into()),
+        ("other.paddock.test".to_owned(), link.host_ip.into()),
     ];
     let _dns = DnsResponder::start(&link.upstream, SocketAddr::from((link.host_ip, 53)), zone);
     let api = EchoApi::start(&link.upstream, d, SocketAddr::from((link.host_ip, 443)));
