@@ -13,6 +13,7 @@ pub mod process;
 pub mod proxied;
 pub mod servers;
 pub mod topology;
+pub mod wrk;
 
 pub use cgroup::CgroupGuard;
 pub use netns::Netns;

@@ -121,6 +121,24 @@ impl Nginx {
     /// `/hello.txt` (static), `/sse` (five events 300 ms apart, echo module), `PUT /upload/*`
     /// (`WebDAV` into `dir/www/upload`), `/ws` (proxied to `ws_backend`).
     pub fn start(ns: &Netns, dir: &Path, ws_backend: SocketAddr) -> Self {
+        Self::start_with(
+            ns,
+            dir,
+            ws_backend,
+            SocketAddr::from(([10, 77, 0, 1], 443)),
+            "",
+        )
+    }
+
+    /// As [`Nginx::start`], waiting for `probe` (an address of `ns` on 443) to accept, with
+    /// `extra` appended inside the `server` block (more locations).
+    pub fn start_with(
+        ns: &Netns,
+        dir: &Path,
+        ws_backend: SocketAddr,
+        probe: SocketAddr,
+        extra: &str,
+    ) -> Self {
         let www = dir.join("www");
         std::fs::create_dir_all(www.join("upload")).expect("www");
         std::fs::create_dir_all(dir.join("tmp")).expect("tmp");
@@ -171,6 +189,7 @@ http {{
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection "upgrade";
         }}
+        {extra}
     }}
 }}
 "#
@@ -208,7 +227,7 @@ http {{
                 panic!("nginx exited ({status}): {err}");
             }
             let up = ns
-                .run(|| std::net::TcpStream::connect(("10.77.0.1", 443)).is_ok())
+                .run(move || std::net::TcpStream::connect(probe).is_ok())
                 .unwrap_or(false);
             if up {
                 return nginx;

@@ -15,6 +15,8 @@ pub enum Which {
     Proxy,
     /// Broker substitute-auth requests/s and latency with static-key and JWT auth.
     Broker,
+    /// `paddock-proxy run` end to end (eBPF + MITM + broker substitution) vs direct.
+    E2e,
 }
 
 impl Which {
@@ -23,6 +25,7 @@ impl Which {
             Self::Redirect => "redirect",
             Self::Proxy => "proxy",
             Self::Broker => "broker",
+            Self::E2e => "e2e",
         }
     }
     fn binary(self) -> &'static str {
@@ -30,12 +33,13 @@ impl Which {
             Self::Redirect => "pdk-bench-redirect",
             Self::Proxy => "pdk-bench-proxy",
             Self::Broker => "pdk-bench-broker",
+            Self::E2e => "pdk-bench-e2e",
         }
     }
     /// `cargo build --release` arguments that produce the binary.
     fn build_args(self) -> &'static [&'static str] {
         match self {
-            Self::Redirect | Self::Proxy => {
+            Self::Redirect | Self::Proxy | Self::E2e => {
                 &["-p", "paddock-tests", "-p", "paddock-proxy", "--bins"]
             }
             Self::Broker => &[

@@ -72,6 +72,10 @@ struct RunArgs {
     /// Extra root certificates (PEM) the proxy trusts for upstream servers.
     #[arg(long)]
     upstream_ca: Option<PathBuf>,
+    /// Substitutions per second the broker allows this run (burst: twice that). Default:
+    /// the broker's (50/s, burst 100); more than that is answered 403.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    substitute_rate: Option<u32>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<std::ffi::OsString>,
@@ -209,6 +213,7 @@ fn run_command(a: RunArgs) -> Result<i32> {
             nameservers: a.nameserver,
             use_hosts_file: a.hosts_file,
             upstream_ca: a.upstream_ca,
+            substitute_rate: a.substitute_rate,
             command: a.command,
         };
         paddock_proxy::run::run(opts, interrupt)

@@ -69,6 +69,9 @@ pub struct RunOptions {
     pub use_hosts_file: bool,
     /// Extra roots the proxy trusts upstream.
     pub upstream_ca: Option<PathBuf>,
+    /// Substitutions per second the embedded broker allows the run (burst: twice that);
+    /// `None`: the broker's default.
+    pub substitute_rate: Option<u32>,
     pub command: Vec<OsString>,
 }
 
@@ -222,6 +225,7 @@ async fn start_broker(
     state: &Path,
     policy_path: &Path,
     namespace: &str,
+    substitute_rate: Option<u32>,
 ) -> Result<(paddock_broker::server::Handle, BrokerClient), RunError> {
     let broker_dir = state.join("broker");
     mkdir(&broker_dir, 0o700)?;
@@ -249,7 +253,7 @@ async fn start_broker(
     write_private(&bearer_file, caller_key.as_bytes())?;
     // YAML, as an operator would write it for `paddock-broker serve`: the same code path.
     let broker_yaml = broker_dir.join("broker.yaml");
-    let yaml = serde_json::json!({
+    let mut yaml = serde_json::json!({
         "listen": "127.0.0.1:0",
         "tls": {"cert": broker_crt, "key": broker_key},
         "database": broker_dir.join("broker.db"),
@@ -258,6 +262,11 @@ async fn start_broker(
         "audit": {"path": state.join("broker-audit.jsonl")},
         "auth": {"staticKeys": {"file": keys_file}},
     });
+    if let Some(rate) = substitute_rate {
+        yaml["rateLimits"] = serde_json::json!({
+            "substitute": {"perSecond": rate, "burst": rate.saturating_mul(2)},
+        });
+    }
     // JSON is YAML.
     write_private(&broker_yaml, yaml.to_string().as_bytes())?;
     let broker_cfg = paddock_broker::config::Config::load(&broker_yaml)
@@ -368,7 +377,8 @@ pub async fn run(
     };
 
     // 1. The broker, in-process, on loopback TLS.
-    let (broker, client) = start_broker(&state, &policy_path, &opts.namespace).await?;
+    let (broker, client) =
+        start_broker(&state, &policy_path, &opts.namespace, opts.substitute_rate).await?;
 
     // 2. The run and its placeholders.
     let run_info = RunUpsertRequest {

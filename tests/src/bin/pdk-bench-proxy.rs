@@ -11,55 +11,16 @@
 
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
-use paddock_tests::{process::run, proxied::Lab};
+use anyhow::{Result, bail};
+use paddock_tests::{
+    process::run,
+    proxied::Lab,
+    wrk::{self, Sample, cpus, kernel},
+};
 
 const SECONDS: &str = "8";
 const CONNECTIONS: &str = "8";
 const FORGE_LEAVES: usize = 200;
-
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    per_sec: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-fn parse_duration_ms(text: &str) -> Option<f64> {
-    let (num, unit) = text
-        .find(|c: char| c.is_ascii_alphabetic())
-        .map(|i| text.split_at(i))?;
-    let n: f64 = num.parse().ok()?;
-    Some(match unit {
-        "us" => n / 1000.0,
-        "ms" => n,
-        "s" => n * 1000.0,
-        "m" => n * 60_000.0,
-        _ => return None,
-    })
-}
-
-fn parse_wrk(out: &str) -> Result<Sample> {
-    if out.contains("Non-2xx or 3xx responses") {
-        bail!("wrk saw failed responses:\n{out}");
-    }
-    let per_sec = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .with_context(|| format!("no Requests/sec in wrk output:\n{out}"))?;
-    let pct = |p: &str| {
-        out.lines()
-            .find_map(|l| l.trim().strip_prefix(p))
-            .and_then(|v| parse_duration_ms(v.trim()))
-            .with_context(|| format!("no {p} latency in wrk output:\n{out}"))
-    };
-    Ok(Sample {
-        per_sec,
-        p50_ms: pct("50%")?,
-        p99_ms: pct("99%")?,
-    })
-}
 
 fn wrk(lab: &Lab, through: bool, new_connections: bool) -> Result<Sample> {
     let hosts = lab.hosts_file();
@@ -89,15 +50,7 @@ fn wrk(lab: &Lab, through: bool, new_connections: bool) -> Result<Sample> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    parse_wrk(&text)
-}
-
-fn kernel() -> String {
-    Command::new("uname")
-        .arg("-r")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
+    wrk::parse(&text)
 }
 
 fn main() -> Result<()> {
@@ -120,7 +73,7 @@ fn main() -> Result<()> {
     let forge = paddock_proxy::tls::bench_forge(FORGE_LEAVES)?;
     drop(lab);
 
-    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let cpus = cpus();
     println!("## Proxy throughput (`cargo xtask bench proxy`)\n");
     println!(
         "`wrk -t1 -c{CONNECTIONS} -d{SECONDS}s --latency` GETs of a 25-byte static file from nginx \

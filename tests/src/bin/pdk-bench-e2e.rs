@@ -1,0 +1,329 @@
+//! `cargo xtask bench e2e`: HTTPS requests through the whole of `paddock-proxy run` (eBPF
+//! redirect, TLS interception, embedded broker) vs the same requests made directly, in one
+//! run. Prints a markdown section for BENCHMARKS.md on stdout.
+//!
+//! The lab is the end-to-end test's (`tests/tests/run_e2e.rs`): a test-host namespace linked
+//! to the root namespace ([`HostLink`]) running nginx with a certificate from a test CA, and
+//! [`DnsResponder`] answering the proxy's lookups. Three modes, interleaved over rounds:
+//!
+//! * direct: `wrk` in the root namespace, outside any agent cgroup, sending the real bearer;
+//! * MITM only: `wrk` as the command of `paddock-proxy run`, no placeholder in the request
+//!   (the proxy finds none, so the broker is asked once per connection, never per request);
+//! * MITM + substitution: the same, with `Authorization: Bearer $API_BEARER` (the run's
+//!   placeholder), so the broker substitutes the real bearer on every request.
+//!
+//! nginx answers 401 to any `Authorization` other than the real bearer (absent is fine), and
+//! any non-2xx response fails the benchmark: a substitution that did not happen cannot be
+//! measured as a fast one.
+//!
+//! Why `wrk`: one load generator for every mode (C, cheap on the two shared CPUs), already
+//! used by `bench proxy`. It resolves names with getaddrinfo, so every `wrk` (and, for the
+//! through modes, the whole `paddock-proxy run`) runs in a private mount namespace with a
+//! hosts file naming the test host bind-mounted on `/etc/hosts`; the proxy itself resolves
+//! through the DNS responder (`--nameserver`), as in the end-to-end test.
+
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use paddock_tests::{
+    HostLink,
+    process::{Placement, run, target_bin},
+    proxied::{DnsResponder, Nginx, make_upstream_certs},
+    wrk::{self, Sample, cpus, kernel},
+};
+
+const HOST: &str = "api.paddock.test";
+const SECRET: &str = "real-bench-bearer-4c1d9e07aa";
+const SECONDS: u32 = 5;
+const CONNECTIONS: u32 = 8;
+const ROUNDS: usize = 3;
+/// The broker's per-run substitution limit (default 50/s, burst 100) is a policy knob, not a
+/// cost of the path: raised far above what the path can carry, so it never answers 403 here.
+const SUBSTITUTE_RATE: &str = "1000000";
+/// The body nginx returns (25 bytes, like `bench proxy`'s static file).
+const BODY: &str = "hello from the test host\n";
+
+const POLICY: &str = r#"
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: bench-e2e}
+spec:
+  appliesTo: {namespaces: [local]}
+  credentials:
+    - name: bearer
+      provider: {kind: user-secret, inject: {header: {name: Authorization, prefix: "Bearer "}}}
+      secret: {file: bearer.txt}
+      hosts: [api.paddock.test]
+      env: API_BEARER
+  egress:
+    - {hosts: [api.paddock.test], ports: [443], substituteAuth: true}
+"#;
+
+fn url() -> String {
+    format!("https://{HOST}/api")
+}
+
+/// `wrk` arguments for one measured run (`auth`: the `Authorization` value, if any).
+fn wrk_args(seconds: u32, auth: Option<&str>) -> Vec<String> {
+    let mut args = vec![
+        "-t1".to_owned(),
+        format!("-c{CONNECTIONS}"),
+        format!("-d{seconds}s"),
+        "--latency".to_owned(),
+    ];
+    if let Some(a) = auth {
+        args.extend(["-H".to_owned(), format!("Authorization: {a}")]);
+    }
+    args.push(url());
+    args
+}
+
+/// The command-side `wrk` line; with `placeholder`, the command's shell expands the run's
+/// placeholder into the header (only the command ever sees it).
+fn agent_wrk(seconds: u32, placeholder: bool) -> String {
+    let quoted = wrk_args(seconds, None)
+        .into_iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let auth = if placeholder {
+        " -H \"Authorization: Bearer $API_BEARER\""
+    } else {
+        ""
+    };
+    format!("wrk{auth} {quoted}")
+}
+
+/// Everything both paths share; removed on drop.
+struct Lab {
+    _nginx: Nginx,
+    _dns: DnsResponder,
+    link: HostLink,
+    hosts: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    fn new() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("pdk-bench-e2e-")
+            .tempdir()?;
+        let d = dir.path();
+        let link = HostLink::new();
+        make_upstream_certs(d, &[HOST]);
+        let dns = DnsResponder::start(
+            &link.upstream,
+            SocketAddr::from((link.host_ip, 53)),
+            vec![(HOST.to_owned(), link.host_ip.into())],
+        );
+        let api = format!(
+            r#"location = /api {{
+            if ($http_authorization !~ "^(|Bearer {SECRET})$") {{ return 401; }}
+            default_type text/plain;
+            return 200 "{}";
+        }}"#,
+            BODY.escape_default()
+        );
+        let nginx = Nginx::start_with(
+            &link.upstream,
+            d,
+            SocketAddr::from(([127, 0, 0, 1], 9)),
+            SocketAddr::from((link.host_ip, 443)),
+            &api,
+        );
+        let secrets = d.join("secrets");
+        std::fs::create_dir(&secrets)?;
+        std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o700))?;
+        std::fs::write(secrets.join("bearer.txt"), SECRET)?;
+        std::fs::set_permissions(
+            secrets.join("bearer.txt"),
+            std::fs::Permissions::from_mode(0o600),
+        )?;
+        std::fs::write(d.join("policy.yaml"), POLICY)?;
+        // Read by the command's unprivileged user through the bind mount.
+        let hosts = d.join("hosts");
+        let base = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        std::fs::write(&hosts, format!("{base}\n{} {HOST}\n", link.host_ip))?;
+        std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o644))?;
+        Ok(Self {
+            _nginx: nginx,
+            _dns: dns,
+            link,
+            hosts,
+            dir,
+        })
+    }
+
+    /// `unshare` running `program args` with the lab's hosts file on `/etc/hosts`.
+    fn with_hosts(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+            .arg(&self.hosts)
+            .arg(program)
+            .current_dir("/")
+            .env("RUST_LOG", "warn");
+        cmd
+    }
+
+    fn direct(&self) -> Result<Sample> {
+        let mut cmd = self.with_hosts(Path::new("wrk"));
+        cmd.args(wrk_args(SECONDS, Some(&format!("Bearer {SECRET}"))));
+        let out = run(&mut cmd, &Placement::default());
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "direct wrk failed: {}\n{text}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        wrk::parse(&text)
+    }
+
+    /// One `paddock-proxy run` whose command warms the path up, then measures MITM only and
+    /// MITM + substitution (in the order `subst_first` says, alternated across rounds).
+    fn through(&self, round: usize, subst_first: bool) -> Result<(Sample, Sample)> {
+        let d = self.dir.path();
+        let mitm = format!("echo '== mitm'; {}", agent_wrk(SECONDS, false));
+        let subst = format!("echo '== subst'; {}", agent_wrk(SECONDS, true));
+        let (first, second) = if subst_first {
+            (subst, mitm)
+        } else {
+            (mitm, subst)
+        };
+        // Warm-up: forged leaf, egress decision, upstream pool, broker connection.
+        let agent = format!(
+            "set -e; {} >/dev/null; {first}; {second}",
+            agent_wrk(1, true)
+        );
+        let audit = d.join(format!("audit-{round}.jsonl"));
+        let s = |p: &Path| p.display().to_string();
+        let mut cmd = self.with_hosts(&target_bin("paddock-proxy"));
+        cmd.args(["run", "--policy", &s(&d.join("policy.yaml"))])
+            .args(["--secrets", &s(&d.join("secrets"))])
+            .args(["--allow-cidr", &format!("{}/24", self.link.host_ip)])
+            .args(["--nameserver", &format!("{}:53", self.link.host_ip)])
+            .args(["--upstream-ca", &s(&d.join("test-ca.crt"))])
+            .args(["--audit", &s(&audit)])
+            .args(["--state-dir", &s(&d.join("state"))])
+            .args(["--run-id", &format!("bench-e2e-{round}")])
+            .args(["--substitute-rate", SUBSTITUTE_RATE])
+            .args(["--", "sh", "-c", &agent]);
+        let out = run(&mut cmd, &Placement::default());
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "paddock-proxy run failed: {}\n{text}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if text.contains(SECRET) {
+            bail!("the command saw the real bearer");
+        }
+        // The requests crossed the proxy: its audit trail has them.
+        let trail = std::fs::read_to_string(&audit)
+            .with_context(|| format!("no audit log at {}", audit.display()))?;
+        if !trail
+            .lines()
+            .any(|l| l.contains("\"allow\"") && l.contains(HOST))
+        {
+            bail!("the proxy audited no allowed request to {HOST}:\n{trail}");
+        }
+        let section = |name: &str| -> Result<Sample> {
+            let part = text
+                .split(&format!("== {name}"))
+                .nth(1)
+                .with_context(|| format!("no {name} output:\n{text}"))?;
+            wrk::parse(part.split("== ").next().unwrap_or(part)).with_context(|| {
+                format!(
+                    "{name} through paddock-proxy run; its log:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        };
+        Ok((section("mitm")?, section("subst")?))
+    }
+}
+
+fn main() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("bench e2e needs root (paddock-proxy run: eBPF, cgroups; namespaces)");
+    }
+    // The DNS responder runs on this runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let _guard = rt.enter();
+    let lab = Lab::new()?;
+
+    // Warm the direct path (nginx, page cache) too.
+    lab.direct()?;
+    let (mut direct, mut mitm, mut subst) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        direct.push(lab.direct()?);
+        let (m, s) = lab.through(round, round % 2 == 1)?;
+        mitm.push(m);
+        subst.push(s);
+        eprintln!(
+            "bench e2e: round {}/{ROUNDS}: direct {:.0}/s, mitm {:.0}/s, subst {:.0}/s",
+            round + 1,
+            direct[round].per_sec,
+            m.per_sec,
+            s.per_sec
+        );
+    }
+    drop(lab);
+    let (direct, mitm, subst) = (wrk::median(direct), wrk::median(mitm), wrk::median(subst));
+
+    println!("## End to end (`cargo xtask bench e2e`)\n");
+    println!(
+        "`wrk -t1 -c{CONNECTIONS} -d{SECONDS}s --latency` keep-alive HTTPS GETs of `https://{HOST}/api` \
+         (nginx in a test-host netns, TLS with a test CA, 25-byte body; 401 unless the \
+         `Authorization` is absent or the real bearer, and any non-2xx fails the run). \"direct\": \
+         wrk outside any agent cgroup sending the real bearer. Through: wrk as the command of \
+         `paddock-proxy run` (eBPF connect redirect, TLS interception with a forged leaf, \
+         embedded broker, audit to a JSONL file), after a 1 s warm-up; \"MITM only\" sends no \
+         placeholder (one `validate-egress` per connection, none per request), \"MITM + \
+         substitution\" sends `Bearer $API_BEARER` so the broker swaps in the real bearer on \
+         every request (`substitute-auth` over loopback TLS). The run's broker limit on \
+         substitutions (default 50/s, burst 100, per run; beyond it requests get 403) is \
+         raised with `--substitute-rate {SUBSTITUTE_RATE}`, so this measures the path, not the \
+         limit. Median of {ROUNDS} interleaved rounds; release build; kernel {}, {} CPUs shared by wrk, nginx, the proxy and the \
+         broker.\n",
+        kernel(),
+        cpus()
+    );
+    println!("| mode | requests/s | p50 (ms) | p99 (ms) | rate vs direct | p50 vs direct |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, s) in [
+        ("direct", direct),
+        ("through `run`, MITM only", mitm),
+        ("through `run`, MITM + substitution", subst),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2}x |",
+            s.per_sec,
+            s.p50_ms,
+            s.p99_ms,
+            s.per_sec / direct.per_sec,
+            s.p50_ms / direct.p50_ms
+        );
+    }
+    println!(
+        "\nPer request, substitution adds {:.2} ms at p50 over MITM only \
+         ({:.2} -> {:.2} ms); the whole path adds {:.2} ms over direct.",
+        subst.p50_ms - mitm.p50_ms,
+        mitm.p50_ms,
+        subst.p50_ms,
+        subst.p50_ms - direct.p50_ms
+    );
+    Ok(())
+}
