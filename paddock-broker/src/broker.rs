@@ -19,7 +19,7 @@ use crate::{
     bearer,
     policy::{PolicyStore, hosts},
     providers::{self, Placement, ProviderContext, ProviderError, decode_basic},
-    ratelimit::{KIND_ISSUE, KIND_SUBSTITUTE, RateLimitError, RateLimits},
+    ratelimit::{KIND_EGRESS, KIND_ISSUE, KIND_SUBSTITUTE, RateLimitError, RateLimits},
     store::{NewLease, PoolRequest, Store, StoreError},
     wire::{
         DeliveryMode, ErrorCode, IssueRequest, IssueResponse, LeaseInfo, LeasesResponse,
@@ -528,8 +528,7 @@ impl Broker {
     ) -> Result<ValidateEgressResponse, BrokerError> {
         check_id("host", &req.host)?;
         let run = self.authorize_run(caller, &req.run)?;
-        self.limits
-            .check(&run.namespace, &run.run, KIND_SUBSTITUTE)?;
+        self.limits.check(&run.namespace, &run.run, KIND_EGRESS)?;
         if !run.phase.is_active() {
             return Ok(ValidateEgressResponse {
                 allowed: false,

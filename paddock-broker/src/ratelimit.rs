@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 pub const KIND_ISSUE: &str = "issue";
 pub const KIND_SUBSTITUTE: &str = "substitute";
+/// `validate-egress`, asked once per agent connection: its own bucket, so a busy agent opening
+/// many connections does not starve its per-request substitutions (and the reverse).
+pub const KIND_EGRESS: &str = "egress";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -23,6 +26,8 @@ pub struct RateLimitConfig {
     pub issue: RateSpec,
     #[serde(default = "default_substitute")]
     pub substitute: RateSpec,
+    #[serde(default = "default_egress")]
+    pub egress: RateSpec,
 }
 
 fn default_issue() -> RateSpec {
@@ -39,11 +44,19 @@ fn default_substitute() -> RateSpec {
     }
 }
 
+fn default_egress() -> RateSpec {
+    RateSpec {
+        per_second: 200,
+        burst: 400,
+    }
+}
+
 impl Default for RateLimitConfig {
     fn default() -> Self {
         Self {
             issue: default_issue(),
             substitute: default_substitute(),
+            egress: default_egress(),
         }
     }
 }
@@ -89,6 +102,10 @@ impl RateLimits {
         kinds.insert(
             KIND_SUBSTITUTE,
             RateLimiter::keyed(quota(KIND_SUBSTITUTE, config.substitute)?),
+        );
+        kinds.insert(
+            KIND_EGRESS,
+            RateLimiter::keyed(quota(KIND_EGRESS, config.egress)?),
         );
         Ok(Self { kinds })
     }
@@ -143,6 +160,8 @@ mod tests {
             .expect("other run has its own bucket");
         rl.check("ns", "r1", KIND_SUBSTITUTE)
             .expect("other kind has its own bucket");
+        rl.check("ns", "r1", KIND_EGRESS)
+            .expect("egress checks have their own bucket");
         assert!(matches!(
             rl.check("ns", "r1", "telepathy"),
             Err(RateLimitError::UnknownKind(_))

@@ -519,6 +519,7 @@ async fn start_broker(
     let limits = RateLimits::new(&RateLimitConfig {
         issue: fast,
         substitute: fast,
+        egress: fast,
     })?;
     let broker = Arc::new(Broker::new(store, policy, audit, limits));
 
