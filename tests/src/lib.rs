@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod echo_api;
+pub mod git_server;
 pub mod names;
 pub mod netns;
 pub mod pins;
