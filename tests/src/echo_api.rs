@@ -7,14 +7,9 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
 };
 
-use crate::{
-    Netns,
-    process::{Placement, place},
-};
+use crate::{Netns, pyserver::PyServer};
 
 const SCRIPT: &str = r#"
 import hashlib, http.server, json, ssl, sys, urllib.parse, base64
@@ -55,52 +50,19 @@ s.serve_forever()
 /// The running API; killed on drop.
 #[derive(Debug)]
 pub struct EchoApi {
-    child: Child,
+    _server: PyServer,
     pub log: PathBuf,
 }
 
 impl EchoApi {
     /// Serve on `addr` inside `ns` with `dir/server.{crt,key}`; requests logged to `dir/requests.jsonl`.
     pub fn start(ns: &Netns, dir: &Path, addr: SocketAddr) -> Self {
-        let script = dir.join("echo_api.py");
-        std::fs::write(&script, SCRIPT).expect("write script");
         let log = dir.join("requests.jsonl");
-        let mut cmd = Command::new("python3");
-        cmd.arg(&script)
-            .arg(addr.ip().to_string())
-            .arg(addr.port().to_string())
-            .arg(dir.join("server.crt"))
-            .arg(dir.join("server.key"))
-            .arg(&log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        place(
-            &mut cmd,
-            &Placement {
-                netns: Some(ns),
-                cgroup: None,
-                user: None,
-            },
-        );
-        // Owned by the guard at once, so every path below kills and reaps it.
-        let api = Self {
-            child: cmd.spawn().expect("start python3 API"),
+        let server = PyServer::start(ns, dir, "echo_api.py", SCRIPT, addr, &[log.as_os_str()]);
+        Self {
+            _server: server,
             log,
-        };
-        // Ready when it accepts connections.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let up = ns
-                .run(move || {
-                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                })
-                .unwrap_or(false);
-            if up {
-                return api;
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("the test API did not start on {addr}");
     }
 
     /// Every request logged so far.
@@ -110,12 +72,5 @@ impl EchoApi {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
-    }
-}
-
-impl Drop for EchoApi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -4,16 +4,13 @@
 //! credentials it receives to a root-only file.
 
 use std::{
+    ffi::OsStr,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::Command,
 };
 
-use crate::{
-    Netns,
-    process::{Placement, place},
-};
+use crate::{Netns, pyserver::PyServer};
 
 const SCRIPT: &str = r#"
 import base64, http.server, os, ssl, subprocess, sys
@@ -64,52 +61,21 @@ s.serve_forever()
 /// The running server; killed on drop.
 #[derive(Debug)]
 pub struct GitServer {
-    child: Child,
+    _server: PyServer,
     pub log: PathBuf,
 }
 
 impl GitServer {
     /// Serve the repositories under `dir/repos` on `addr` inside `ns`, with `dir/server.{crt,key}`.
     pub fn start(ns: &Netns, dir: &Path, addr: SocketAddr, password: &str) -> Self {
-        let script = dir.join("git_server.py");
-        std::fs::write(&script, SCRIPT).expect("write script");
         let log = dir.join("git-auth.log");
-        let mut cmd = Command::new("python3");
-        cmd.arg(&script)
-            .arg(addr.ip().to_string())
-            .arg(addr.port().to_string())
-            .arg(dir.join("server.crt"))
-            .arg(dir.join("server.key"))
-            .arg(dir.join("repos"))
-            .arg(password)
-            .arg(&log)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        place(
-            &mut cmd,
-            &Placement {
-                netns: Some(ns),
-                cgroup: None,
-                user: None,
-            },
-        );
-        let server = Self {
-            child: cmd.spawn().expect("start git server"),
+        let repos = dir.join("repos");
+        let args = [repos.as_os_str(), OsStr::new(password), log.as_os_str()];
+        let server = PyServer::start(ns, dir, "git_server.py", SCRIPT, addr, &args);
+        Self {
+            _server: server,
             log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let up = ns
-                .run(move || {
-                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                })
-                .unwrap_or(false);
-            if up {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("the git server did not start on {addr}");
     }
 
     /// Create `dir/repos/NAME.git` holding one commit with `README` = `content`.
@@ -162,12 +128,5 @@ impl GitServer {
             .lines()
             .map(str::to_owned)
             .collect()
-    }
-}
-
-impl Drop for GitServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

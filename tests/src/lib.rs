@@ -12,6 +12,7 @@ pub mod pins;
 pub mod privilege;
 pub mod process;
 pub mod proxied;
+pub mod pyserver;
 pub mod servers;
 pub mod topology;
 pub mod wrk;
