@@ -166,6 +166,16 @@ struct PatPool {
     secrets: Vec<SecretSource>,
 }
 
+/// Issue for providers backed by one secret: check it is readable now (fail at issue time, not
+/// at the first request), and hand it out only for in-container delivery.
+fn issue_single(
+    source: Option<&SecretSource>,
+    delivery: DeliveryMode,
+) -> Result<Option<Secret>, ProviderError> {
+    let secret = read(source)?;
+    Ok((delivery == DeliveryMode::InContainer).then_some(secret))
+}
+
 fn read(source: Option<&SecretSource>) -> Result<Secret, ProviderError> {
     source
         .ok_or_else(|| ProviderError::Misconfigured("no secret source".into()))?
@@ -182,8 +192,7 @@ impl Provider for UserSecret {
         delivery: DeliveryMode,
         _slot: Option<u32>,
     ) -> Result<Option<Secret>, ProviderError> {
-        let secret = read(self.secret.as_ref())?;
-        Ok((delivery == DeliveryMode::InContainer).then_some(secret))
+        issue_single(self.secret.as_ref(), delivery)
     }
     fn renew(&self, _lease: &LeaseInfo) -> Result<(), ProviderError> {
         read(self.secret.as_ref()).map(drop)
@@ -219,8 +228,7 @@ impl Provider for AnthropicApiKey {
         delivery: DeliveryMode,
         _slot: Option<u32>,
     ) -> Result<Option<Secret>, ProviderError> {
-        let secret = read(self.secret.as_ref())?;
-        Ok((delivery == DeliveryMode::InContainer).then_some(secret))
+        issue_single(self.secret.as_ref(), delivery)
     }
     fn renew(&self, _lease: &LeaseInfo) -> Result<(), ProviderError> {
         read(self.secret.as_ref()).map(drop)
