@@ -16,8 +16,17 @@
 //! # upstream_ca_bundle = "/etc/paddock/extra-roots.pem"
 //!
 //! [policy]
-//! file = "/etc/paddock/policy.toml"   # see `StaticPolicy`
+//! file = "/etc/paddock/policy.toml"   # see `StaticPolicy`; or the [broker] table, not both
 //! deny_page = true                    # 403 page for denied TLS hosts (false: reset)
+//!
+//! # [broker]                        # egress policy and substitution by paddock-broker
+//! # url = "https://paddock-broker.paddock-system.svc:8443"
+//! # ca_file = "/etc/paddock/broker/ca.crt"      # the only CA trusted for the broker
+//! # bearer_file = "/var/run/secrets/paddock/token"   # re-read when it changes
+//! # client_cert = "/etc/paddock/broker/tls.crt" # and client_key: mutual TLS instead/too
+//! # client_key = "/etc/paddock/broker/tls.key"
+//! # server_name = "paddock-broker"             # when the URL host is not in the certificate
+//! # timeout_ms = 5000                          # per call; a late answer is a deny
 //!
 //! [network]
 //! deny_cidrs = []                  # added to the built-in denied set
@@ -63,7 +72,10 @@ pub struct ServeConfig {
     pub run_id: String,
     pub listen: ListenConfig,
     pub tls: TlsConfig,
+    #[serde(default)]
     pub policy: PolicyFileConfig,
+    /// Ask `paddock-broker` for egress decisions and substitutions (instead of `policy.file`).
+    pub broker: Option<BrokerConfig>,
     #[serde(default)]
     pub network: NetworkConfig,
     #[serde(default)]
@@ -118,11 +130,64 @@ fn default_leaf_capacity() -> usize {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFileConfig {
-    /// Static allow-list file (see [`crate::policy::StaticPolicy`]).
-    pub file: PathBuf,
+    /// Static allow-list file (see [`crate::policy::StaticPolicy`]); exactly one of this and
+    /// the `[broker]` table.
+    pub file: Option<PathBuf>,
     /// Answer denied TLS hosts with a 403 page (true) or a reset (false).
     #[serde(default = "yes")]
     pub deny_page: bool,
+}
+
+impl Default for PolicyFileConfig {
+    fn default() -> Self {
+        Self {
+            file: None,
+            deny_page: true,
+        }
+    }
+}
+
+/// How `serve` reaches the broker (see [`crate::broker::BrokerClientConfig`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `https://host:port`.
+    pub url: String,
+    /// PEM CA bundle that signs the broker's certificate; nothing else is trusted.
+    pub ca_file: PathBuf,
+    /// Caller bearer (a projected service-account token, a static key), re-read on change.
+    pub bearer_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) for brokers that require mutual TLS; with `client_key`.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Name the broker certificate is checked against when the URL host is not in it.
+    pub server_name: Option<String>,
+    /// Deadline of one broker call (connect, handshake, answer), milliseconds.
+    #[serde(default = "default_broker_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_broker_timeout_ms() -> u64 {
+    u64::try_from(crate::broker::DEFAULT_TIMEOUT.as_millis()).unwrap_or(5000)
+}
+
+impl BrokerConfig {
+    /// The client configuration; validation of the URL and files happens when the client is
+    /// built (at start, so a bad setting stops `serve` before it listens).
+    #[must_use]
+    pub fn client_config(&self) -> crate::broker::BrokerClientConfig {
+        let mut c = crate::broker::BrokerClientConfig::new(self.url.clone(), self.ca_file.clone());
+        c.bearer_file.clone_from(&self.bearer_file);
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+            c.client_cert = Some(crate::broker::ClientCertFiles {
+                cert_chain: cert.clone(),
+                key: key.clone(),
+            });
+        }
+        c.server_name.clone_from(&self.server_name);
+        c.timeout = Duration::from_millis(self.timeout_ms);
+        c
+    }
 }
 
 fn yes() -> bool {
@@ -301,9 +366,10 @@ impl ServeConfig {
                 upstream_ca_bundle: None,
             },
             policy: PolicyFileConfig {
-                file: policy_file.to_path_buf(),
+                file: Some(policy_file.to_path_buf()),
                 deny_page: true,
             },
+            broker: None,
             network: NetworkConfig::default(),
             audit: AuditConfig::default(),
             limits: LimitsConfig::default(),
@@ -388,6 +454,31 @@ impl ServeConfig {
         {
             return invalid("ebpf.agent_cgroups needs a transparent listener");
         }
+        match (&self.policy.file, &self.broker) {
+            (None, None) => {
+                return invalid(
+                    "no egress policy: set policy.file (static list) or the [broker] table",
+                );
+            }
+            (Some(_), Some(_)) => {
+                return invalid("policy.file and [broker] both set: choose one egress policy");
+            }
+            _ => {}
+        }
+        if let Some(b) = &self.broker {
+            if b.client_cert.is_some() != b.client_key.is_some() {
+                return invalid("broker.client_cert and broker.client_key go together");
+            }
+            if b.bearer_file.is_none() && b.client_cert.is_none() {
+                return invalid(
+                    "broker: set bearer_file or client_cert/client_key (the broker authenticates \
+                     every caller)",
+                );
+            }
+            if b.timeout_ms == 0 {
+                return invalid("broker.timeout_ms must be at least 1");
+            }
+        }
         if let Some(t) = &self.audit.target {
             t.parse::<AuditTarget>()
                 .map_err(|e| ConfigError::Invalid(format!("audit.target: {e}")))?;
@@ -468,5 +559,67 @@ file = "/tmp/policy.toml"
         let zero = MINIMAL.replace("[policy]", "[limits]\nmax_connections = 0\n[policy]");
         let err = ServeConfig::from_toml_str(&zero).expect_err("zero cap");
         assert!(err.to_string().contains("max_connections"), "{err}");
+    }
+
+    fn with_broker(extra: &str) -> String {
+        MINIMAL.replace(
+            "[policy]\nfile = \"/tmp/policy.toml\"\n",
+            &format!(
+                "[broker]\nurl = \"https://broker.test:8443\"\nca_file = \"/tmp/ca.crt\"\n{extra}"
+            ),
+        )
+    }
+
+    #[test]
+    fn broker_table_replaces_the_policy_file() {
+        let cfg = ServeConfig::from_toml_str(&with_broker("bearer_file = \"/tmp/token\"\n"))
+            .expect("broker config");
+        assert!(cfg.policy.file.is_none());
+        assert!(
+            cfg.policy.deny_page,
+            "deny page defaults on without [policy]"
+        );
+        let client = cfg.broker.as_ref().expect("broker").client_config();
+        assert_eq!(client.url, "https://broker.test:8443");
+        assert_eq!(client.timeout, crate::broker::DEFAULT_TIMEOUT);
+        assert_eq!(client.bearer_file.as_deref(), Some(Path::new("/tmp/token")));
+        assert!(client.client_cert.is_none());
+
+        let mtls = ServeConfig::from_toml_str(&with_broker(
+            "client_cert = \"/c.crt\"\nclient_key = \"/c.key\"\ntimeout_ms = 250\nserver_name = \"broker\"\n",
+        ))
+        .expect("mutual TLS only");
+        let client = mtls.broker.as_ref().expect("broker").client_config();
+        assert_eq!(client.timeout, Duration::from_millis(250));
+        assert_eq!(client.server_name.as_deref(), Some("broker"));
+        assert_eq!(
+            client.client_cert.map(|c| (c.cert_chain, c.key)),
+            Some((PathBuf::from("/c.crt"), PathBuf::from("/c.key")))
+        );
+    }
+
+    #[test]
+    fn egress_policy_must_be_exactly_one_of_file_and_broker() {
+        let neither = MINIMAL.replace("[policy]\nfile = \"/tmp/policy.toml\"\n", "");
+        let err = ServeConfig::from_toml_str(&neither).expect_err("no policy");
+        assert!(err.to_string().contains("no egress policy"), "{err}");
+        let both = format!(
+            "{MINIMAL}[broker]\nurl = \"https://b:1\"\nca_file = \"/ca\"\nbearer_file = \"/t\"\n"
+        );
+        let err = ServeConfig::from_toml_str(&both).expect_err("both");
+        assert!(err.to_string().contains("choose one"), "{err}");
+    }
+
+    #[test]
+    fn broker_table_needs_credentials_and_a_timeout() {
+        for (extra, needle) in [
+            ("", "bearer_file or client_cert"),
+            ("client_cert = \"/c.crt\"\n", "go together"),
+            ("bearer_file = \"/t\"\ntimeout_ms = 0\n", "timeout_ms"),
+            ("bearer_file = \"/t\"\ntoken = \"x\"\n", "unknown field"),
+        ] {
+            let err = ServeConfig::from_toml_str(&with_broker(extra)).expect_err(extra);
+            assert!(err.to_string().contains(needle), "{extra}: {err}");
+        }
     }
 }

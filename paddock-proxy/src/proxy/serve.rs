@@ -13,6 +13,7 @@ use super::connector::Connector;
 use super::listener::{Drain, ListenerKind, run_listener};
 use super::{Pipeline, PipelineLimits, PipelineParts};
 use crate::audit::{AuditEvent, AuditKind, AuditOutcome, audit_decision};
+use crate::broker::{BrokerClient, BrokerPolicy, BrokerSubstituter};
 use crate::cgroup::Cgroup;
 use crate::ebpf::{AgentConfig, Interception, Interceptor, LoadOptions};
 use crate::http::{HttpLimits, NoopSubstituter, Substituter};
@@ -66,6 +67,8 @@ pub enum ServeError {
     Ca(#[source] crate::tls::TlsError),
     #[error("egress policy: {0}")]
     Policy(#[from] crate::policy::PolicyConfigError),
+    #[error("broker client: {0}")]
+    Broker(#[from] crate::broker::BrokerConfigError),
     #[error("denied CIDRs: {0}")]
     Cidr(#[from] crate::net::CidrConfigError),
     #[error("resolver: {0}")]
@@ -147,10 +150,7 @@ pub async fn serve_until(
     let mitm = Arc::new(MitmServer::new(Arc::clone(&leaves)).map_err(ServeError::Ca)?);
     let upstream_tls =
         Arc::new(UpstreamTls::new(cfg.tls.upstream_ca_bundle.as_deref()).map_err(ServeError::Ca)?);
-    let policy: Arc<dyn EgressPolicy> = match policy_override {
-        Some(p) => p,
-        None => Arc::new(StaticPolicy::from_file(&cfg.policy.file)?),
-    };
+    let (policy, substituter) = egress_policy(cfg, policy_override, substituter, &metrics)?;
     let cidr = Arc::new(CidrPolicy::from_config(&CidrConfig {
         deny: cfg.network.deny_cidrs.clone(),
         allow: cfg.network.allow_cidrs.clone(),
@@ -198,7 +198,7 @@ pub async fn serve_until(
             mitm,
             upstream_tls,
             connector,
-            substituter: substituter.unwrap_or_else(|| Arc::new(NoopSubstituter)),
+            substituter,
             audit: Arc::clone(&audit),
             metrics: Arc::clone(&metrics),
             origdst: Arc::new(SockoptOriginalDst),
@@ -282,6 +282,40 @@ pub async fn serve_until(
     }
     tasks.abort_all();
     Ok(())
+}
+
+/// The egress policy and substituter: the caller's (in `run` mode), else the broker named by
+/// `[broker]` (both its answers), else the static list of `policy.file` (no substitution).
+fn egress_policy(
+    cfg: &ServeConfig,
+    policy: Option<Arc<dyn EgressPolicy>>,
+    substituter: Option<Arc<dyn Substituter>>,
+    metrics: &Arc<ProxyMetrics>,
+) -> Result<(Arc<dyn EgressPolicy>, Arc<dyn Substituter>), ServeError> {
+    let client = match (&policy, &cfg.broker) {
+        (None, Some(b)) => {
+            let client = BrokerClient::new(&b.client_config())?;
+            tracing::info!(url = %b.url, timeout_ms = b.timeout_ms, "egress policy and substitution by the broker");
+            Some(client)
+        }
+        _ => None,
+    };
+    let policy: Arc<dyn EgressPolicy> = match (policy, &client, &cfg.policy.file) {
+        (Some(p), _, _) => p,
+        (None, Some(c), _) => Arc::new(BrokerPolicy::new(c.clone())),
+        (None, None, Some(file)) => Arc::new(StaticPolicy::from_file(file)?),
+        (None, None, None) => {
+            return Err(ServeError::Config(ConfigError::Invalid(
+                "no egress policy: set policy.file or the [broker] table".to_owned(),
+            )));
+        }
+    };
+    let substituter: Arc<dyn Substituter> = match (substituter, client) {
+        (Some(s), _) => s,
+        (None, Some(c)) => Arc::new(BrokerSubstituter::new(c).with_metrics(Arc::clone(metrics))),
+        (None, None) => Arc::new(NoopSubstituter),
+    };
+    Ok((policy, substituter))
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {

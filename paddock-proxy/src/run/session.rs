@@ -258,7 +258,7 @@ async fn start_broker(
         "tls": {"cert": broker_crt, "key": broker_key},
         "database": broker_dir.join("broker.db"),
         "policy": policy_path,
-        "policyPollSeconds": 1,
+        "policyPollSeconds": 0.25,
         "audit": {"path": state.join("broker-audit.jsonl")},
         "auth": {"staticKeys": {"file": keys_file}},
     });
