@@ -36,16 +36,37 @@ pub struct Config {
     pub tls: TlsConfig,
     pub database: PathBuf,
     pub policy: PathBuf,
+    /// How often the policy files are checked for changes (mtime and length; a `stat` per
+    /// file), seconds, fractions allowed; 0 turns polling off (SIGHUP still reloads).
     #[serde(default = "default_poll")]
-    pub policy_poll_seconds: u64,
+    pub policy_poll_seconds: f64,
     pub audit: AuditConfig,
     pub auth: AuthConfig,
     #[serde(default)]
     pub rate_limits: RateLimitConfig,
 }
 
-fn default_poll() -> u64 {
-    5
+/// Half a second: a policy change applies to new connections within a second of the write,
+/// for the price of a few `stat` calls per second.
+fn default_poll() -> f64 {
+    0.5
+}
+
+/// The longest policy poll interval accepted (an hour).
+const MAX_POLL_SECONDS: f64 = 3600.0;
+
+impl Config {
+    /// The policy poll interval, `None` when polling is off.
+    pub fn policy_poll(&self) -> Result<Option<Duration>, ConfigError> {
+        let s = self.policy_poll_seconds;
+        if !s.is_finite() || !(0.0..=MAX_POLL_SECONDS).contains(&s) {
+            return Err(ConfigError::Invalid(format!(
+                "policyPollSeconds must be between 0 (off) and {MAX_POLL_SECONDS}, got {s}"
+            )));
+        }
+        // Below 10 ms is a busy loop, not a poll.
+        Ok((s > 0.0).then(|| Duration::from_secs_f64(s.max(0.01))))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,8 +294,7 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
         broker,
         auth: Arc::new(auth.chain),
         metrics: Arc::new(Metrics::new()),
-        policy_poll: (config.policy_poll_seconds > 0)
-            .then(|| Duration::from_secs(config.policy_poll_seconds)),
+        policy_poll: config.policy_poll()?,
         rate_limit_sweep: Duration::from_mins(1),
     };
     Ok(Built {
@@ -510,5 +530,36 @@ mod tests {
     fn unknown_config_fields_are_rejected() {
         let text = readme_block(1).replace("policyPollSeconds", "policyPolSeconds");
         assert!(serde_yaml_ng::from_str::<Config>(&text).is_err());
+    }
+
+    #[test]
+    fn policy_poll_accepts_fractions_and_refuses_nonsense() {
+        let cfg = |v: &str| {
+            let text = readme_block(1)
+                .replace("policyPollSeconds: 0.5", &format!("policyPollSeconds: {v}"));
+            serde_yaml_ng::from_str::<Config>(&text).expect("config parses")
+        };
+        assert_eq!(
+            cfg("0.5").policy_poll().expect("valid"),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            cfg("2").policy_poll().expect("integers still work"),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(cfg("0").policy_poll().expect("off"), None);
+        for bad in ["-1", "7200", ".nan", ".inf"] {
+            let e = cfg(bad).policy_poll().expect_err(bad).to_string();
+            assert!(e.contains("policyPollSeconds"), "{bad}: {e}");
+        }
+        let default = readme_block(1).replace("policyPollSeconds: 0.5", "");
+        let default: Config = serde_yaml_ng::from_str(&default).expect("default");
+        assert!(
+            default
+                .policy_poll()
+                .expect("valid")
+                .is_some_and(|d| d < Duration::from_secs(1)),
+            "the default poll must let a policy change apply within a second"
+        );
     }
 }
