@@ -284,6 +284,9 @@ pub async fn serve_until(
     Ok(())
 }
 
+/// What decides egress and what substitutes credentials.
+type EgressParts = (Arc<dyn EgressPolicy>, Arc<dyn Substituter>);
+
 /// The egress policy and substituter: the caller's (in `run` mode), else the broker named by
 /// `[broker]` (both its answers), else the static list of `policy.file` (no substitution).
 fn egress_policy(
@@ -291,7 +294,7 @@ fn egress_policy(
     policy: Option<Arc<dyn EgressPolicy>>,
     substituter: Option<Arc<dyn Substituter>>,
     metrics: &Arc<ProxyMetrics>,
-) -> Result<(Arc<dyn EgressPolicy>, Arc<dyn Substituter>), ServeError> {
+) -> Result<EgressParts, ServeError> {
     let client = match (&policy, &cfg.broker) {
         (None, Some(b)) => {
             let client = BrokerClient::new(&b.client_config())?;

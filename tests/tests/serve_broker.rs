@@ -1,0 +1,558 @@
+//! Root tier: the served proxy (`[broker]` table) against a separately running
+//! `paddock-broker serve`, with an agent in an intercepted cgroup. The broker is the only
+//! source of truth: a revoked lease is refused on the very next request (also on a kept-alive
+//! connection), a policy change denies new connections within a second, and a broker killed
+//! mid-run lets no further request reach upstream.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use paddock_broker::wire::{IssueRequest, RevokeRequest, RunPhase, RunUpsertRequest};
+use paddock_proxy::broker::{BrokerClient, BrokerClientConfig};
+use paddock_tests::{
+    CgroupGuard, Netns, PinDir, Topology,
+    echo_api::EchoApi,
+    process::{Placement, place, run, target_bin},
+    proxied::{DnsResponder, ProxyProcess, make_upstream_certs, path_str, scratch},
+    require_root,
+};
+
+const SECRET: &str = "real-upstream-token-4be1d9";
+const RUN: &str = "run-sb";
+const NAMESPACE: &str = "team";
+const PROXY_PORT: u16 = 15001;
+const BROKER_PORT: u16 = 18443;
+const DNS: &str = "127.0.0.1:5353";
+const API: &str = "api.paddock.test";
+const HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+
+/// The policy with the API allowed (`allow`) or with only an unrelated host allowed.
+fn policy(dir: &Path, allow: bool) -> String {
+    let host = if allow { API } else { "other.paddock.test" };
+    format!(
+        r#"
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {{name: sb}}
+spec:
+  appliesTo: {{namespaces: [{NAMESPACE}]}}
+  credentials:
+    - name: api
+      provider: {{kind: user-secret, inject: {{header: {{name: Authorization, prefix: "Bearer "}}}}}}
+      secret: {{file: {secret}}}
+      hosts: [{API}]
+  egress:
+    - {{hosts: [{host}], ports: [443], substituteAuth: true}}
+"#,
+        secret = dir.join("secret.txt").display()
+    )
+}
+
+/// `paddock-broker serve` as a child process in the agent namespace; killed on drop.
+struct BrokerProcess {
+    child: Child,
+}
+
+impl BrokerProcess {
+    fn start(ns: &Netns, config: &Path) -> Self {
+        let mut cmd = Command::new(target_bin("paddock-broker"));
+        cmd.args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null());
+        place(
+            &mut cmd,
+            &Placement {
+                netns: Some(ns),
+                ..Placement::default()
+            },
+        );
+        let mut broker = Self {
+            child: cmd.spawn().expect("spawn paddock-broker"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, BROKER_PORT));
+        loop {
+            if let Ok(Some(status)) = broker.child.try_wait() {
+                panic!("paddock-broker exited at start: {status}");
+            }
+            if ns
+                .run(move || std::net::TcpStream::connect(addr).is_ok())
+                .unwrap_or(false)
+            {
+                return broker;
+            }
+            assert!(Instant::now() < deadline, "broker did not start listening");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// SIGKILL: no drain, no goodbye, as in a crash or an OOM kill.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An agent that keeps one HTTPS connection to the API open and sends one request per line
+/// on its stdin (`<path> <bearer>`), answering `<status> <local port>` per request.
+struct KeepAliveAgent {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+const KEEPALIVE_AGENT: &str = r#"
+import http.client, os, socket, ssl, sys
+ctx = ssl.create_default_context(cafile=os.environ["PDK_CA"])
+conn = http.client.HTTPSConnection("api.paddock.test", 443, context=ctx, timeout=10)
+conn._create_connection = lambda a, *r, **k: socket.create_connection((os.environ["PDK_IP"], 443), *r, **k)
+for line in sys.stdin:
+    path, bearer = line.split()
+    try:
+        conn.request("GET", path, headers={"Authorization": "Bearer " + bearer})
+        resp = conn.getresponse()
+        resp.read()
+        print(resp.status, conn.sock.getsockname()[1] if conn.sock else 0, flush=True)
+    except Exception as e:
+        print("error", type(e).__name__, flush=True)
+        conn.close()
+"#;
+
+impl KeepAliveAgent {
+    fn start(lab: &BrokerLab) -> Self {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", KEEPALIVE_AGENT])
+            .env("PDK_CA", path_str(lab.dir.path(), "ca/tls.crt"))
+            .env("PDK_IP", HOST_V4.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        place(&mut cmd, &lab.agent());
+        let mut child = cmd.spawn().expect("spawn python3");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// One request on the kept connection: (status or "error", local port).
+    fn get(&mut self, path: &str, bearer: &str) -> (String, String) {
+        writeln!(self.stdin, "{path} {bearer}").expect("write to agent");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("agent answer");
+        let mut parts = line.split_whitespace();
+        (
+            parts.next().unwrap_or("eof").to_owned(),
+            parts.next().unwrap_or("").to_owned(),
+        )
+    }
+}
+
+impl Drop for KeepAliveAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Agent namespace + intercepted cgroup, the test API in the upstream namespace, the broker
+/// as its own process and the proxy asking it. Removed on drop, also on panic.
+struct BrokerLab {
+    // Drop order: proxy (drains), broker, backends, loader, pins, cgroup, namespaces, files.
+    proxy: Option<ProxyProcess>,
+    broker: BrokerProcess,
+    api: EchoApi,
+    _dns: DnsResponder,
+    _ic: paddock_proxy::ebpf::Interceptor,
+    _pins: PinDir,
+    cgroup: CgroupGuard,
+    topo: Topology,
+    dir: tempfile::TempDir,
+    controller_key: String,
+}
+
+impl BrokerLab {
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one linear set-up of the lab's parts; the order is the point"
+    )]
+    fn new() -> Self {
+        use paddock_proxy::{
+            cgroup::Cgroup,
+            ebpf::{AgentConfig, Interception, Interceptor, LoadOptions},
+        };
+        let dir = scratch();
+        let d = dir.path();
+        make_upstream_certs(d, &[API, "other.paddock.test"]);
+        let broker_dir = d.join("broker");
+        std::fs::create_dir(&broker_dir).expect("broker dir");
+        make_upstream_certs(&broker_dir, &["broker.paddock.test"]);
+        std::fs::write(d.join("secret.txt"), SECRET).expect("secret");
+        std::fs::write(d.join("policy.yaml"), policy(d, true)).expect("policy");
+
+        let keys = d.join("keys");
+        let add_key = |id: &str, scopes: &[&str]| {
+            let mut cmd = Command::new(target_bin("paddock-broker"));
+            cmd.args(["keys", "add", "--file"]).arg(&keys).args([
+                "--id",
+                id,
+                "--namespace",
+                NAMESPACE,
+            ]);
+            for s in scopes {
+                cmd.args(["--scope", s]);
+            }
+            let out = run(&mut cmd, &Placement::default());
+            assert!(out.status.success(), "keys add: {out:?}");
+            String::from_utf8(out.stdout)
+                .expect("key")
+                .trim()
+                .to_owned()
+        };
+        let controller_key = add_key(
+            "controller",
+            &["broker:controller", "broker:issue", "broker:revoke"],
+        );
+        let proxy_key = add_key(
+            "proxy",
+            &["broker:validate-egress", "broker:substitute-auth"],
+        );
+        std::fs::write(d.join("proxy.token"), &proxy_key).expect("proxy token");
+        // policyPollSeconds is left at its default: the default must meet "within 1 s".
+        let broker_cfg = serde_json::json!({
+            "listen": format!("127.0.0.1:{BROKER_PORT}"),
+            "tls": {"cert": broker_dir.join("server.crt"), "key": broker_dir.join("server.key")},
+            "database": d.join("broker.db"),
+            "policy": d.join("policy.yaml"),
+            "audit": {"path": d.join("broker-audit.jsonl")},
+            "auth": {"staticKeys": {"file": keys}},
+        });
+        std::fs::write(d.join("broker.yaml"), broker_cfg.to_string()).expect("broker.yaml");
+
+        let topo = Topology::new();
+        let cgroup = CgroupGuard::new("sb");
+        let pins = PinDir::new();
+        let mut ic = Interceptor::load(&LoadOptions {
+            pin_dir: pins.path().to_path_buf(),
+            ..LoadOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("load eBPF: {e}"));
+        let mut agent_cfg = AgentConfig::loopback(PROXY_PORT);
+        agent_cfg.bypass_mark = Some(paddock_tests::proxied::MARK);
+        ic.attach_agent(cgroup.cgroup(), &agent_cfg)
+            .unwrap_or_else(|e| panic!("attach agent: {e}"));
+        ic.attach_proxy(&Cgroup::current().expect("own cgroup"))
+            .unwrap_or_else(|e| panic!("attach proxy: {e}"));
+        let dns = DnsResponder::start(
+            &topo.agent,
+            DNS.parse().expect("addr"),
+            vec![
+                (API.to_owned(), HOST_V4.into()),
+                ("other.paddock.test".to_owned(), HOST_V4.into()),
+            ],
+        );
+        let api = EchoApi::start(&topo.upstream, d, SocketAddr::from((HOST_V4, 443)));
+        let broker = BrokerProcess::start(&topo.agent, &d.join("broker.yaml"));
+        let mut lab = Self {
+            proxy: None,
+            broker,
+            api,
+            _dns: dns,
+            _ic: ic,
+            _pins: pins,
+            cgroup,
+            topo,
+            dir,
+            controller_key,
+        };
+        // The controller's part: the run exists and is running.
+        lab.controller(|c| async move {
+            c.upsert_run(&RunUpsertRequest {
+                run: RUN.into(),
+                namespace: NAMESPACE.into(),
+                template: "t".into(),
+                phase: RunPhase::Running,
+            })
+            .await
+            .map(|_| ())
+        })
+        .expect("register the run");
+
+        let d = lab.dir.path();
+        let config = format!(
+            r#"
+run_id = "{RUN}"
+[listen]
+transparent = ["127.0.0.1:{PROXY_PORT}"]
+[tls]
+ca_dir = "{ca}"
+generate_ca = true
+upstream_ca_bundle = "{bundle}"
+[broker]
+url = "https://127.0.0.1:{BROKER_PORT}"
+ca_file = "{broker_ca}"
+server_name = "broker.paddock.test"
+bearer_file = "{token}"
+timeout_ms = 2000
+[network]
+allow_cidrs = ["10.77.0.0/24"]
+nameservers = ["{DNS}"]
+bypass_mark = {mark}
+[audit]
+target = "{audit}"
+[limits]
+drain_timeout_secs = 1
+"#,
+            ca = path_str(d, "ca"),
+            bundle = path_str(d, "test-ca.crt"),
+            broker_ca = path_str(d, "broker/test-ca.crt"),
+            token = path_str(d, "proxy.token"),
+            audit = path_str(d, "proxy-audit.jsonl"),
+            mark = paddock_tests::proxied::MARK,
+        );
+        lab.proxy = Some(ProxyProcess::start(
+            &lab.topo.agent,
+            &config,
+            None,
+            SocketAddr::from(([127, 0, 0, 1], PROXY_PORT)),
+        ));
+        lab
+    }
+
+    fn agent(&self) -> Placement<'_> {
+        Placement {
+            netns: Some(&self.topo.agent),
+            cgroup: Some(&self.cgroup),
+            user: None,
+        }
+    }
+
+    /// A broker call as the controller, from inside the agent namespace (where the broker
+    /// listens on loopback).
+    fn controller<T, F, Fut>(&self, call: F) -> Result<T, String>
+    where
+        T: Send + 'static,
+        F: FnOnce(BrokerClient) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, paddock_proxy::broker::BrokerCallError>>,
+    {
+        let d = self.dir.path();
+        let token = d.join("controller.token");
+        std::fs::write(&token, &self.controller_key).expect("controller token");
+        let mut cfg = BrokerClientConfig::new(
+            format!("https://127.0.0.1:{BROKER_PORT}"),
+            d.join("broker/test-ca.crt"),
+        );
+        cfg.bearer_file = Some(token);
+        cfg.server_name = Some("broker.paddock.test".into());
+        self.topo
+            .agent
+            .run(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let client = BrokerClient::new(&cfg).map_err(|e| e.to_string())?;
+                    call(client).await.map_err(|e| e.to_string())
+                })
+            })
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Issue a placeholder for the API credential: (lease id, placeholder).
+    fn issue(&self) -> (String, String) {
+        self.controller(|c| async move {
+            c.issue(&IssueRequest {
+                run: RUN.into(),
+                credential: "api".into(),
+            })
+            .await
+            .map(|r| (r.lease_id, r.value))
+        })
+        .expect("issue")
+    }
+
+    /// One request on a new connection (curl in the agent cgroup): the HTTP status, 0 when
+    /// there was no HTTP answer.
+    fn curl(&self, path: &str, bearer: &str) -> u16 {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .args(["--cacert", &path_str(self.dir.path(), "ca/tls.crt")])
+        .args(["--resolve", &format!("{API}:443:{HOST_V4}")])
+        .args(["-H", &format!("Authorization: Bearer {bearer}")])
+        .arg(format!("https://{API}{path}"));
+        let out = run(&mut cmd, &self.agent());
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+
+    /// Requests upstream received at `path`.
+    fn upstream(&self, path: &str) -> Vec<serde_json::Value> {
+        self.api
+            .requests()
+            .into_iter()
+            .filter(|r| r["path"] == path)
+            .collect()
+    }
+
+    fn proxy_audit(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy-audit.jsonl")).unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_lease_is_refused_on_the_next_request() {
+    if !require_root("revoked_lease_is_refused_on_the_next_request") {
+        return;
+    }
+    tokio::task::block_in_place(|| {
+        let lab = BrokerLab::new();
+        let (lease, placeholder) = lab.issue();
+        let mut agent = KeepAliveAgent::start(&lab);
+
+        let (status, port) = agent.get("/before", &placeholder);
+        assert_eq!(status, "200", "the lease works before revocation");
+        let seen = lab.upstream("/before");
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0]["authorization"], format!("Bearer {SECRET}"));
+
+        let revoked = lab
+            .controller(move |c| async move { c.revoke(&RevokeRequest { lease_id: lease }).await })
+            .expect("revoke");
+        assert!(revoked.revoked);
+        let at = Instant::now();
+        // The very next request, on the connection the proxy already allowed.
+        let (status, again) = agent.get("/after", &placeholder);
+        let took = at.elapsed();
+        assert_eq!(status, "403", "a revoked placeholder is refused");
+        assert_eq!(again, port, "refused on the same kept-alive connection");
+        assert!(took < Duration::from_secs(1), "refusal took {took:?}");
+        // And on a new connection.
+        assert_eq!(lab.curl("/after-new", &placeholder), 403);
+        assert!(lab.upstream("/after").is_empty() && lab.upstream("/after-new").is_empty());
+
+        // Revocation is per lease: a new one works on the same connection.
+        let (_, fresh) = lab.issue();
+        let (status, _) = agent.get("/fresh", &fresh);
+        assert_eq!(status, "200");
+        assert_eq!(
+            lab.upstream("/fresh")[0]["authorization"],
+            format!("Bearer {SECRET}")
+        );
+        assert!(
+            lab.api
+                .requests()
+                .iter()
+                .all(|r| !r.to_string().contains("pdk-")),
+            "a placeholder reached upstream"
+        );
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_change_denies_new_connections_within_a_second() {
+    if !require_root("policy_change_denies_new_connections_within_a_second") {
+        return;
+    }
+    tokio::task::block_in_place(|| {
+        let lab = BrokerLab::new();
+        let (_, placeholder) = lab.issue();
+        assert_eq!(lab.curl("/allowed", &placeholder), 200);
+
+        // Write the new policy atomically (rename), as a ConfigMap update does.
+        let d = lab.dir.path();
+        std::fs::write(d.join("policy.yaml.new"), policy(d, false)).expect("new policy");
+        std::fs::rename(d.join("policy.yaml.new"), d.join("policy.yaml")).expect("rename");
+        let changed = Instant::now();
+        let mut tries = 0;
+        let status = loop {
+            tries += 1;
+            let status = lab.curl(&format!("/probe-{tries}"), &placeholder);
+            if status != 200 || changed.elapsed() > Duration::from_secs(3) {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let took = changed.elapsed();
+        eprintln!("policy change seen by a new connection after {took:?} ({tries} tries)");
+        assert_eq!(status, 403, "the host left the policy");
+        assert!(
+            took < Duration::from_secs(1),
+            "policy change reached new connections after {took:?} ({tries} tries)"
+        );
+        let trail = lab.proxy_audit();
+        assert!(
+            trail
+                .lines()
+                .any(|l| l.contains("\"deny\"") && l.contains(API)),
+            "the denial is audited: {trail}"
+        );
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_mid_run_lets_nothing_more_upstream() {
+    if !require_root("broker_killed_mid_run_lets_nothing_more_upstream") {
+        return;
+    }
+    tokio::task::block_in_place(|| {
+        let mut lab = BrokerLab::new();
+        let (_, placeholder) = lab.issue();
+        let mut agent = KeepAliveAgent::start(&lab);
+        let (status, port) = agent.get("/before", &placeholder);
+        assert_eq!(status, "200");
+        assert_eq!(lab.curl("/before-new", &placeholder), 200);
+        let before = lab.api.requests().len();
+
+        lab.broker.kill();
+        // Kept-alive connection: the substitution cannot be made, so the request is answered
+        // 502 (a dependency of the gateway failed), never sent on as is.
+        let (status, again) = agent.get("/after", &placeholder);
+        assert_eq!(
+            status, "502",
+            "broker gone: the request must be refused, not sent as is"
+        );
+        assert_eq!(again, port);
+        // New connections: the egress check cannot be made, so nothing is allowed; neither
+        // with a placeholder nor without one.
+        assert_ne!(lab.curl("/after-new", &placeholder), 200);
+        assert_ne!(lab.curl("/after-plain", "not-a-placeholder"), 200);
+        assert_eq!(
+            lab.api.requests().len(),
+            before,
+            "no request reached upstream after the broker died: {:?}",
+            lab.api.requests()
+        );
+        let trail = lab.proxy_audit();
+        assert!(
+            trail
+                .lines()
+                .any(|l| l.contains("\"deny\"") && l.contains(API)),
+            "new connections are denied and audited: {trail}"
+        );
+    });
+}
