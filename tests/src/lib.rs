@@ -6,6 +6,7 @@
 pub mod cgroup;
 pub mod echo_api;
 pub mod git_server;
+pub mod h2_api;
 pub mod names;
 pub mod netns;
 pub mod pins;

@@ -194,6 +194,13 @@ http {{
 }}
 "#
         );
+        Self::start_config(ns, dir, &conf, probe)
+    }
+
+    /// Starts nginx in `ns` with `conf`, a complete configuration (saved as `dir/nginx.conf`;
+    /// it must keep nginx in the foreground with `daemon off;`), and waits until `probe`
+    /// accepts connections.
+    pub fn start_config(ns: &Netns, dir: &Path, conf: &str, probe: SocketAddr) -> Self {
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("nginx.conf");
         let mut cmd = Command::new("nginx");
