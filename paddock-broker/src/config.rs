@@ -36,6 +36,9 @@ pub struct Config {
     pub tls: TlsConfig,
     pub database: PathBuf,
     pub policy: PathBuf,
+    /// Base directory of relative secret files in the policy (default: the working directory).
+    #[serde(default)]
+    pub secrets_dir: Option<PathBuf>,
     /// How often the policy files are checked for changes (mtime and length; a `stat` per
     /// file), seconds, fractions allowed; 0 turns polling off (SIGHUP still reloads).
     #[serde(default = "default_poll")]
@@ -276,7 +279,10 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
         &config.tls.key,
         config.tls.client_ca.as_deref(),
     )?;
-    let policy = Arc::new(PolicyStore::load(&config.policy)?);
+    let policy = Arc::new(PolicyStore::load_with(
+        &config.policy,
+        config.secrets_dir.as_deref(),
+    )?);
     let store = Store::open(&config.database)?;
     let audit: Arc<dyn AuditSink> = Arc::new(JsonlSink::open(
         &config.audit.path,

@@ -757,6 +757,46 @@ impl Policy {
         Self::from_docs(docs)
     }
 
+    /// Loads the policy at `path` and resolves relative secret files against `secrets_dir`.
+    pub fn load_with(
+        path: &Path,
+        secrets_dir: Option<&Path>,
+        now: OffsetDateTime,
+    ) -> Result<Self, PolicyError> {
+        let policy = Self::load(path, now)?;
+        Ok(match secrets_dir {
+            Some(dir) => policy.with_secrets_dir(dir),
+            None => policy,
+        })
+    }
+
+    /// Resolves every relative secret file (`secret: {file: ...}`, PAT pool entries, GitHub
+    /// App keys) against `base`; absolute paths and environment sources are kept. Without it
+    /// relative paths are read relative to the broker's working directory.
+    #[must_use]
+    pub fn with_secrets_dir(mut self, base: &Path) -> Self {
+        let resolve = |src: &mut SecretSource| {
+            if let SecretSource::File(p) = src
+                && p.is_relative()
+            {
+                *p = base.join(&*p);
+            }
+        };
+        for doc in &mut self.docs {
+            for grant in &mut doc.doc.spec.credentials {
+                if let Some(src) = grant.secret.as_mut() {
+                    resolve(src);
+                }
+                match &mut grant.provider {
+                    ProviderSpec::PatPool { secrets, .. } => secrets.iter_mut().for_each(resolve),
+                    ProviderSpec::GithubApp { private_key, .. } => resolve(private_key),
+                    ProviderSpec::UserSecret { .. } | ProviderSpec::AnthropicApiKey { .. } => {}
+                }
+            }
+        }
+        self
+    }
+
     #[must_use]
     pub fn documents(&self) -> &[LoadedPolicy] {
         &self.docs
@@ -891,6 +931,7 @@ fn signature(path: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
 #[derive(Debug)]
 pub struct PolicyStore {
     path: Option<PathBuf>,
+    secrets_dir: Option<PathBuf>,
     current: ArcSwap<Policy>,
     last_signature: Mutex<Vec<(PathBuf, Option<SystemTime>, u64)>>,
     last_error: Mutex<Option<PolicyError>>,
@@ -900,10 +941,17 @@ impl PolicyStore {
     /// Loads the policy at `path`; fails if it is invalid (the broker does not start on a
     /// broken policy).
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        Self::load_with(path, None)
+    }
+
+    /// As [`PolicyStore::load`], resolving relative secret files against `secrets_dir` (also
+    /// on every reload).
+    pub fn load_with(path: &Path, secrets_dir: Option<&Path>) -> Result<Self, PolicyError> {
         let sig = signature(path);
-        let policy = Policy::load(path, OffsetDateTime::now_utc())?;
+        let policy = Policy::load_with(path, secrets_dir, OffsetDateTime::now_utc())?;
         Ok(Self {
             path: Some(path.to_owned()),
+            secrets_dir: secrets_dir.map(Path::to_path_buf),
             current: ArcSwap::from_pointee(policy),
             last_signature: Mutex::new(sig),
             last_error: Mutex::new(None),
@@ -915,6 +963,7 @@ impl PolicyStore {
     pub fn fixed(policy: Policy) -> Self {
         Self {
             path: None,
+            secrets_dir: None,
             current: ArcSwap::from_pointee(policy),
             last_signature: Mutex::new(Vec::new()),
             last_error: Mutex::new(None),
@@ -961,7 +1010,8 @@ impl PolicyStore {
         let Some(path) = &self.path else {
             return Ok(false);
         };
-        let result = Policy::load(path, OffsetDateTime::now_utc());
+        let result =
+            Policy::load_with(path, self.secrets_dir.as_deref(), OffsetDateTime::now_utc());
         let mut last_error = self.last_error.lock().ok();
         match result {
             Ok(policy) => {

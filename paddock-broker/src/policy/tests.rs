@@ -223,3 +223,84 @@ fn env_names_the_variable_for_run_mode_and_must_be_valid() {
         assert_eq!(e.field, "spec.credentials[0].env", "{bad}: {e}");
     }
 }
+
+#[test]
+fn relative_secret_files_resolve_against_the_secrets_dir() {
+    let text = "\
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: files}
+spec:
+  appliesTo: {namespaces: [team-a]}
+  credentials:
+    - name: rel
+      provider: {kind: user-secret, inject: {header: {name: Authorization, prefix: \"Bearer \"}}}
+      secret: {file: tokens/api}
+      hosts: [api.example.com]
+    - name: abs
+      provider: {kind: anthropic-api-key}
+      secret: {file: /etc/paddock/key}
+      hosts: [api.anthropic.com]
+    - name: env
+      provider: {kind: anthropic-api-key}
+      secret: {env: KEY}
+      hosts: [api.anthropic.com]
+    - name: pool
+      provider:
+        kind: pat-pool
+        inject: {basic: {username: x}}
+        secrets: [{file: pat1}, {file: /abs/pat2}]
+      hosts: [github.com]
+    - name: app
+      provider: {kind: github-app, appId: 1, installationId: 2, privateKey: {file: app.pem}}
+      hosts: [api.github.com]
+";
+    let docs = Policy::parse_text(Path::new("p.yaml"), text, now()).expect("valid");
+    let policy = Policy::from_docs(docs)
+        .expect("valid set")
+        .with_secrets_dir(Path::new("/srv/secrets"));
+    let r = run("team-a", "any");
+    let secret = |name: &str| {
+        policy
+            .credential_for(&r, name)
+            .expect(name)
+            .1
+            .secret
+            .clone()
+    };
+    let file = |p: &str| Some(SecretSource::File(PathBuf::from(p)));
+    assert_eq!(secret("rel"), file("/srv/secrets/tokens/api"));
+    assert_eq!(
+        secret("abs"),
+        file("/etc/paddock/key"),
+        "absolute paths stay"
+    );
+    assert_eq!(secret("env"), Some(SecretSource::Env("KEY".into())));
+    let provider = |name: &str| {
+        policy
+            .credential_for(&r, name)
+            .expect(name)
+            .1
+            .provider
+            .clone()
+    };
+    match provider("pool") {
+        ProviderSpec::PatPool { secrets, .. } => assert_eq!(
+            secrets,
+            vec![
+                SecretSource::File("/srv/secrets/pat1".into()),
+                SecretSource::File("/abs/pat2".into())
+            ]
+        ),
+        other => panic!("{other:?}"),
+    }
+    match provider("app") {
+        ProviderSpec::GithubApp { private_key, .. } => {
+            assert_eq!(
+                private_key,
+                SecretSource::File("/srv/secrets/app.pem".into())
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}

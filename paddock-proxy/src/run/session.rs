@@ -224,6 +224,7 @@ impl Drop for Cleanup {
 async fn start_broker(
     state: &Path,
     policy_path: &Path,
+    secrets_dir: &Path,
     namespace: &str,
     substitute_rate: Option<u32>,
 ) -> Result<(paddock_broker::server::Handle, BrokerClient), RunError> {
@@ -258,6 +259,7 @@ async fn start_broker(
         "tls": {"cert": broker_crt, "key": broker_key},
         "database": broker_dir.join("broker.db"),
         "policy": policy_path,
+        "secretsDir": secrets_dir,
         "policyPollSeconds": 0.25,
         "audit": {"path": state.join("broker-audit.jsonl")},
         "auth": {"staticKeys": {"file": keys_file}},
@@ -353,12 +355,23 @@ pub async fn run(
     )?;
     let cwd = std::env::current_dir().map_err(io_err(Path::new(".")))?;
     let policy_path = std::path::absolute(&opts.policy).map_err(io_err(&opts.policy))?;
-    if let Some(dir) = &opts.secrets_dir {
-        // Relative secret files resolve against it (the broker reads them lazily).
-        std::env::set_current_dir(dir).map_err(io_err(dir))?;
+    // Relative secret files resolve against --secrets, else the directory run started in.
+    let secrets_dir = match &opts.secrets_dir {
+        Some(dir) => std::path::absolute(dir).map_err(io_err(dir))?,
+        None => cwd.clone(),
+    };
+    if !secrets_dir.is_dir() {
+        return Err(RunError::Io {
+            path: secrets_dir,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+        });
     }
-    let policy = Policy::load(&policy_path, time::OffsetDateTime::now_utc())
-        .map_err(|e| RunError::Policy(e.to_string()))?;
+    let policy = Policy::load_with(
+        &policy_path,
+        Some(&secrets_dir),
+        time::OffsetDateTime::now_utc(),
+    )
+    .map_err(|e| RunError::Policy(e.to_string()))?;
 
     let run_id = opts
         .run_id
@@ -377,8 +390,14 @@ pub async fn run(
     };
 
     // 1. The broker, in-process, on loopback TLS.
-    let (broker, client) =
-        start_broker(&state, &policy_path, &opts.namespace, opts.substitute_rate).await?;
+    let (broker, client) = start_broker(
+        &state,
+        &policy_path,
+        &secrets_dir,
+        &opts.namespace,
+        opts.substitute_rate,
+    )
+    .await?;
 
     // 2. The run and its placeholders.
     let run_info = RunUpsertRequest {
