@@ -1,10 +1,22 @@
-//! Audit records of connection decisions.
+//! Audit records of connection decisions and of every HTTP request.
 //!
-//! Every connection decision (allow, deny, discovery) and every cooperative-mode `CONNECT`
-//! reason is written as one [`AuditEvent`] to an [`AuditSink`]: a JSONL file ([`JsonlFileSink`],
-//! appended, one line per event written and flushed before `record` returns, created `0600`),
-//! standard output ([`StdoutSink`]), or nothing at all ([`NoAudit`]), which must be chosen
-//! explicitly (`--audit none`): there is no default sink.
+//! Every connection decision (allow, deny, discovery), every cooperative-mode `CONNECT`
+//! reason and every HTTP request served inside an allowed connection is written as one
+//! [`AuditEvent`] to an [`AuditSink`]: a JSONL file ([`JsonlFileSink`], appended, one line per
+//! event written and flushed before `record` returns, created `0600`), standard output
+//! ([`StdoutSink`]), or nothing at all ([`NoAudit`]), which must be chosen explicitly
+//! (`--audit none`): there is no default sink.
+//!
+//! # Request records
+//!
+//! A [`AuditKind::Request`] record is written once per request, as soon as the status the
+//! agent gets is decided (the upstream's response head arrived, or the proxy answered
+//! itself), not when the body ends: streams, server-sent events and upgraded tunnels may
+//! never end. A WebSocket upgrade is recorded with status 101. It carries the method, the path (never the query
+//! string, which may hold a placeholder or a substituted secret: [`AuditEvent::with_request`]
+//! takes the URI and keeps only its path), the status, the protocol the agent spoke, the
+//! [`RequestOutcome`], a reason when the proxy refused or failed, and the name and lease id of
+//! the credential substituted, if any. Header values, the query and bodies are never recorded.
 //!
 //! # The caller's rule
 //!
@@ -13,9 +25,14 @@
 //! * on the **deny** path (and for a `CONNECT` reason, which has to be on record before the
 //!   tunnel opens) the connection is dropped (reset, no 403 page): an unrecorded denial must not
 //!   look like a clean answer;
-//! * on the **allow** and **discovery** paths the failure is counted
-//!   (`paddock_proxy_audit_write_failures_total{kind}`) and logged, and the connection proceeds,
-//!   so a full disk degrades auditing rather than taking the workload down.
+//! * for a **request the proxy answered itself** (outcome `denied` or `failed`: substitution
+//!   refused, broker unavailable, misdirected request, upstream unreachable, ...) the answer is
+//!   not sent: the HTTP/2 stream is reset (`INTERNAL_ERROR`) or the HTTP/1.1 connection is
+//!   closed without a response, for the same reason;
+//! * on the **allow** and **discovery** paths, and for a **forwarded** request (the upstream's
+//!   response is relayed), the failure is counted
+//!   (`paddock_proxy_audit_write_failures_total{kind}`) and logged, and the connection or
+//!   request proceeds, so a full disk degrades auditing rather than taking the workload down.
 //!
 //! Sinks write synchronously: a JSONL line is a few hundred bytes and one `write(2)` on an
 //! `O_APPEND` file, cheaper than handing it to another task.
@@ -29,6 +46,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
+use http::{Method, StatusCode, Uri, Version};
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 use serde::{Serialize, Serializer};
 use time::OffsetDateTime;
@@ -46,6 +64,8 @@ pub enum AuditKind {
     Discovery,
     /// The reason a cooperative-mode client gave for its `CONNECT`, logged at tunnel start.
     ConnectReason,
+    /// One HTTP request inside an allowed connection, recorded once its status is decided.
+    Request,
 }
 
 impl AuditKind {
@@ -55,6 +75,7 @@ impl AuditKind {
         AuditKind::Deny,
         AuditKind::Discovery,
         AuditKind::ConnectReason,
+        AuditKind::Request,
     ];
 
     #[must_use]
@@ -64,10 +85,12 @@ impl AuditKind {
             AuditKind::Deny => "deny",
             AuditKind::Discovery => "discovery",
             AuditKind::ConnectReason => "connect_reason",
+            AuditKind::Request => "request",
         }
     }
 
-    /// Whether a failed write of this kind drops the connection (see the module docs).
+    /// Whether a failed write of this kind always drops the connection (see the module docs).
+    /// For [`AuditKind::Request`] it depends on the outcome: see [`AuditEvent::fails_closed`].
     #[must_use]
     pub fn fails_closed(self) -> bool {
         matches!(self, AuditKind::Deny | AuditKind::ConnectReason)
@@ -83,6 +106,50 @@ impl fmt::Display for AuditKind {
 impl EncodeLabelValue for AuditKind {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
         fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+/// What became of a request ([`AuditKind::Request`] records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestOutcome {
+    /// Sent upstream; the agent got the upstream's response (or a 101 and a tunnel).
+    Forwarded,
+    /// Refused by the proxy because of what it asked for (substitution refused, another
+    /// authority, `CONNECT`, a denied upstream address): not forwarded.
+    Denied,
+    /// The proxy could not serve it (broker unavailable, a substitution that cannot be
+    /// applied, upstream unreachable, timed out or broken); answered by the proxy.
+    Failed,
+}
+
+impl RequestOutcome {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Forwarded => "forwarded",
+            RequestOutcome::Denied => "denied",
+            RequestOutcome::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for RequestOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The protocol label of a request record: `HTTP/1.1`, `HTTP/2`, ...
+#[must_use]
+pub fn protocol_label(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "unknown",
     }
 }
 
@@ -102,9 +169,25 @@ pub struct AuditEvent {
     pub sni: Option<String>,
     /// The policy rule that allowed the connection.
     pub rule: Option<String>,
-    /// Why it was denied, or the `CONNECT` reason.
+    /// Why it was denied, or the `CONNECT` reason; for a request, why the proxy refused or
+    /// failed it.
     pub reason: Option<String>,
     pub mode: Mode,
+    /// Request records: the method.
+    pub method: Option<String>,
+    /// Request records: the path, never the query string.
+    pub path: Option<String>,
+    /// Request records: the status the agent was answered with (the upstream's, or the
+    /// proxy's own).
+    pub status: Option<u16>,
+    /// Request records: what the agent spoke (`HTTP/1.1`, `HTTP/2`).
+    pub protocol: Option<&'static str>,
+    /// Request records: the name of the credential substituted into the request.
+    pub credential: Option<String>,
+    /// Request records: the broker lease the substituted credential came from.
+    pub lease_id: Option<String>,
+    /// Request records: forwarded, denied or failed.
+    pub outcome: Option<RequestOutcome>,
 }
 
 impl AuditEvent {
@@ -121,6 +204,13 @@ impl AuditEvent {
             rule: None,
             reason: None,
             mode,
+            method: None,
+            path: None,
+            status: None,
+            protocol: None,
+            credential: None,
+            lease_id: None,
+            outcome: None,
         }
     }
 
@@ -146,6 +236,47 @@ impl AuditEvent {
     pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
         self.reason = Some(reason.into());
         self
+    }
+
+    /// Sets method, path and protocol from the agent's request. Only the URI's path is kept:
+    /// the query may carry a placeholder or a substituted secret.
+    #[must_use]
+    pub fn with_request(mut self, method: &Method, uri: &Uri, version: Version) -> Self {
+        self.method = Some(method.as_str().to_owned());
+        self.path = Some(uri.path().to_owned());
+        self.protocol = Some(protocol_label(version));
+        self
+    }
+
+    #[must_use]
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = Some(status.as_u16());
+        self
+    }
+
+    #[must_use]
+    pub fn with_outcome(mut self, outcome: RequestOutcome) -> Self {
+        self.outcome = Some(outcome);
+        self
+    }
+
+    /// The substituted credential's name and lease id (names only, never values).
+    #[must_use]
+    pub fn with_credential(mut self, credential: Option<String>, lease_id: Option<String>) -> Self {
+        self.credential = credential;
+        self.lease_id = lease_id;
+        self
+    }
+
+    /// Whether a failed write of this event must stop what it records (see the module docs):
+    /// denials, `CONNECT` reasons and requests the proxy answered itself. A request record
+    /// without an outcome counts as answered by the proxy.
+    #[must_use]
+    pub fn fails_closed(&self) -> bool {
+        match self.kind {
+            AuditKind::Request => self.outcome != Some(RequestOutcome::Forwarded),
+            kind => kind.fails_closed(),
+        }
     }
 
     /// The JSONL line for this event, newline included.
@@ -327,11 +458,12 @@ impl AuditTarget {
 pub enum AuditOutcome {
     /// Recorded, or failed on a path that proceeds anyway (counted and logged).
     Proceed,
-    /// The record failed on a fail-closed path: drop (reset) the connection.
+    /// The record failed on a fail-closed path: drop (reset) the connection, or for a request
+    /// the proxy answered itself, reset its stream instead of answering.
     DropConnection,
 }
 
-/// Records `ev` and applies the caller's rule from the module docs.
+/// Records `ev` and applies the caller's rule from the module docs ([`AuditEvent::fails_closed`]).
 pub fn audit_decision(
     sink: &dyn AuditSink,
     metrics: &ProxyMetrics,
@@ -341,11 +473,11 @@ pub fn audit_decision(
         Ok(()) => AuditOutcome::Proceed,
         Err(e) => {
             metrics.audit_write_failed(ev.kind);
-            if ev.kind.fails_closed() {
-                tracing::error!(error = %e, run = %ev.run, kind = %ev.kind, "audit write failed; dropping connection");
+            if ev.fails_closed() {
+                tracing::error!(error = %e, run = %ev.run, kind = %ev.kind, "audit write failed; failing closed");
                 AuditOutcome::DropConnection
             } else {
-                tracing::warn!(error = %e, run = %ev.run, kind = %ev.kind, "audit write failed; connection proceeds");
+                tracing::warn!(error = %e, run = %ev.run, kind = %ev.kind, "audit write failed; proceeding");
                 AuditOutcome::Proceed
             }
         }
@@ -406,6 +538,51 @@ mod tests {
     }
 
     #[test]
+    fn request_record_shape_keeps_the_path_only() {
+        let uri: Uri = "https://api.example.com/v1/messages?key=pdk-user-secret-0123&x=1"
+            .parse()
+            .expect("uri");
+        let ev = event(AuditKind::Request)
+            .with_request(&Method::POST, &uri, Version::HTTP_2)
+            .with_status(StatusCode::OK)
+            .with_outcome(RequestOutcome::Forwarded)
+            .with_credential(Some("anthropic".into()), Some("lease-1".into()));
+        let line = String::from_utf8(ev.to_line().expect("line")).expect("utf-8");
+        assert!(!line.contains("pdk-") && !line.contains("key="), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(v["kind"], "request");
+        assert_eq!(v["method"], "POST");
+        assert_eq!(v["path"], "/v1/messages");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["protocol"], "HTTP/2");
+        assert_eq!(v["outcome"], "forwarded");
+        assert_eq!(v["credential"], "anthropic");
+        assert_eq!(v["lease_id"], "lease-1");
+        assert_eq!(v["reason"], serde_json::Value::Null);
+        assert_eq!(v["sni"], "api.example.com");
+
+        // Connection records keep their shape; the request fields are null.
+        let v: serde_json::Value = serde_json::from_slice(
+            &event(AuditKind::Allow)
+                .with_rule("r")
+                .to_line()
+                .expect("line"),
+        )
+        .expect("json");
+        for field in [
+            "method",
+            "path",
+            "status",
+            "protocol",
+            "credential",
+            "lease_id",
+            "outcome",
+        ] {
+            assert_eq!(v.get(field), Some(&serde_json::Value::Null), "{field}");
+        }
+    }
+
+    #[test]
     fn existing_loose_file_is_tightened_and_symlinks_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");
@@ -445,6 +622,33 @@ mod tests {
                 "{kind}"
             );
             assert_eq!(metrics.audit_write_failures(kind), 1, "{kind}");
+        }
+        // Requests: a forwarded one proceeds; one the proxy answered itself (or one without
+        // an outcome) does not.
+        let request = |outcome: Option<RequestOutcome>| {
+            let ev = event(AuditKind::Request);
+            match outcome {
+                Some(o) => ev.with_outcome(o),
+                None => ev,
+            }
+        };
+        let table = [
+            (Some(RequestOutcome::Forwarded), AuditOutcome::Proceed),
+            (Some(RequestOutcome::Denied), AuditOutcome::DropConnection),
+            (Some(RequestOutcome::Failed), AuditOutcome::DropConnection),
+            (None, AuditOutcome::DropConnection),
+        ];
+        for (i, (outcome, want)) in table.into_iter().enumerate() {
+            assert_eq!(
+                audit_decision(&sink, &metrics, &request(outcome)),
+                want,
+                "{outcome:?}"
+            );
+            assert_eq!(
+                metrics.audit_write_failures(AuditKind::Request),
+                u64::try_from(i + 1).expect("small"),
+                "{outcome:?}"
+            );
         }
         // A working sink proceeds on every path and counts nothing.
         let dir = tempfile::tempdir().expect("tempdir");
