@@ -36,8 +36,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::*;
 use crate::http::{
-    BoxFuture, ConnectError, HttpLimits, RequestContext, RequestHead, SubstituteError, Substituter,
-    UpstreamConnector, UpstreamPool, UpstreamStream, UpstreamTarget, serve_connection,
+    BoxFuture, ConnectError, HttpLimits, RequestContext, RequestHead, SubstituteError, Substituted,
+    Substituter, UpstreamConnector, UpstreamPool, UpstreamStream, UpstreamTarget, serve_connection,
 };
 use crate::policy::{Decision, EgressPolicy, EgressRequest, Mode};
 
@@ -332,7 +332,7 @@ async fn substitute(
     sub: &dyn Substituter,
     parts: &mut http::request::Parts,
     host: &str,
-) -> Result<(), SubstituteError> {
+) -> Result<Substituted, SubstituteError> {
     within(
         "substitution",
         sub.substitute(&mut RequestHead::new(parts), &ctx(host)),
@@ -357,14 +357,22 @@ async fn each_placeholder_position_gets_the_real_secret() {
         BrokerSubstituter::new(fx.proxy_client()).with_metrics(std::sync::Arc::clone(&metrics));
 
     // Authorization: Bearer <placeholder>
-    let (_, gh) = fx.issue("gh").await;
+    let (gh_lease, gh) = fx.issue("gh").await;
     let mut p = request(
         "https://api.github.com/user?per_page=5",
         &[(AUTHORIZATION.as_str(), &format!("Bearer {gh}"))],
     );
-    substitute(&sub, &mut p, "api.github.com")
+    let done = substitute(&sub, &mut p, "api.github.com")
         .await
         .expect("header substituted");
+    assert_eq!(
+        done,
+        Substituted {
+            credential: Some("gh".into()),
+            lease_id: Some(gh_lease),
+        },
+        "the broker's names for what went in, for the audit record"
+    );
     assert_eq!(p.headers[AUTHORIZATION], format!("Bearer {HEADER_SECRET}"));
     assert!(p.headers[AUTHORIZATION].is_sensitive());
     assert_eq!(p.uri.query(), Some("per_page=5"));

@@ -37,8 +37,8 @@ pub use error::HttpError;
 pub use forward::{serve_connection, serve_connection_until};
 pub use limits::HttpLimits;
 pub use substitute::{
-    NoopSubstituter, RequestHead, SubstituteError, Substituter, replace_basic_auth_password,
-    replace_query_value,
+    NoopSubstituter, RequestHead, SubstituteError, Substituted, Substituter,
+    replace_basic_auth_password, replace_query_value,
 };
 pub use upstream::{
     ConnectError, UpstreamConnector, UpstreamIo, UpstreamPool, UpstreamStream, UpstreamTarget,

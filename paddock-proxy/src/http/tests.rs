@@ -19,7 +19,7 @@ use super::test_support::{
 };
 use super::{
     BoxFuture, DENIED_HEADER, HttpLimits, NoopSubstituter, RequestContext, RequestHead,
-    SubstituteError, Substituter, UpstreamPool, serve_denial,
+    SubstituteError, Substituted, Substituter, UpstreamPool, serve_denial,
 };
 
 fn noop() -> Arc<dyn Substituter> {
@@ -205,7 +205,7 @@ impl Substituter for Unavailable {
         &'a self,
         _head: &'a mut RequestHead<'_>,
         _ctx: &'a RequestContext,
-    ) -> BoxFuture<'a, Result<(), SubstituteError>> {
+    ) -> BoxFuture<'a, Result<Substituted, SubstituteError>> {
         Box::pin(async {
             Err(SubstituteError::Unavailable {
                 reason: "broker unreachable".into(),
