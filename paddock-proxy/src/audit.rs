@@ -484,6 +484,58 @@ pub fn audit_decision(
     }
 }
 
+/// An in-memory sink for tests: keeps each record's JSON line, or fails every write.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct MemorySink {
+    lines: Mutex<Vec<String>>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+#[cfg(test)]
+impl MemorySink {
+    /// A sink whose every write fails (as a full disk would).
+    pub(crate) fn failing() -> Self {
+        let sink = Self::default();
+        sink.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        sink
+    }
+
+    /// Every line recorded so far, exactly as a file sink would have written it.
+    pub(crate) fn text(&self) -> String {
+        self.lines.lock().expect("lines lock").concat()
+    }
+
+    /// The records so far, parsed.
+    pub(crate) fn records(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .lock()
+            .expect("lines lock")
+            .iter()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+impl AuditSink for MemorySink {
+    fn record(&self, ev: &AuditEvent) -> Result<(), AuditError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(AuditError::Write {
+                target: "memory".into(),
+                source: io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
+        let line =
+            String::from_utf8(ev.to_line()?).map_err(|e| AuditError::Encode(e.to_string()))?;
+        self.lines
+            .lock()
+            .map_err(|_| AuditError::Poisoned)?
+            .push(line);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,10 @@
 //! placeholders for real credentials, then the request is forwarded over a pooled
 //! upstream connection ([`UpstreamPool`]) and the response streamed back. Any failure
 //! answers the agent with one deliberate status ([`HttpError::status`]); nothing is ever
-//! forwarded when a step before forwarding failed.
+//! forwarded when a step before forwarding failed. Every request that reaches the loop is
+//! audited once its status is decided ([`RequestAudit`]).
 
+mod audit;
 mod authority;
 mod body;
 mod deny;
@@ -31,6 +33,7 @@ mod tests;
 use std::future::Future;
 use std::pin::Pin;
 
+pub use audit::RequestAudit;
 pub use body::ProxyBody;
 pub use deny::{DENIED_HEADER, denial_response, serve_denial};
 pub use error::HttpError;
