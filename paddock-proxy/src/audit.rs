@@ -18,6 +18,11 @@
 //! [`RequestOutcome`], a reason when the proxy refused or failed, and the name and lease id of
 //! the credential substituted, if any. Header values, the query and bodies are never recorded.
 //!
+//! The agent may still put a placeholder where nothing is substituted (the path, an SNI, a
+//! `Host` that ends up in a reason): a well-formed placeholder is written as `[redacted]`
+//! wherever it appears in the path (a whole path segment, also when percent-encoded), the
+//! destination name or the reason.
+//!
 //! # The caller's rule
 //!
 //! Use [`audit_decision`] rather than calling [`AuditSink::record`] directly. When a write fails:
@@ -47,6 +52,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use http::{Method, StatusCode, Uri, Version};
+use percent_encoding::percent_decode_str;
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 use serde::{Serialize, Serializer};
 use time::OffsetDateTime;
@@ -220,9 +226,10 @@ impl AuditEvent {
         self
     }
 
+    /// The destination name; a placeholder in it is redacted.
     #[must_use]
     pub fn with_sni(mut self, sni: impl Into<String>) -> Self {
-        self.sni = Some(sni.into());
+        self.sni = Some(redact_placeholders(sni.into()));
         self
     }
 
@@ -232,18 +239,20 @@ impl AuditEvent {
         self
     }
 
+    /// The reason; a placeholder in it is redacted.
     #[must_use]
     pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
-        self.reason = Some(reason.into());
+        self.reason = Some(redact_placeholders(reason.into()));
         self
     }
 
-    /// Sets method, path and protocol from the agent's request. Only the URI's path is kept:
-    /// the query may carry a placeholder or a substituted secret.
+    /// Sets method, path and protocol from the agent's request. Only the URI's path is kept
+    /// (the query may carry a placeholder or a substituted secret), and a path segment holding
+    /// a placeholder is redacted.
     #[must_use]
     pub fn with_request(mut self, method: &Method, uri: &Uri, version: Version) -> Self {
         self.method = Some(method.as_str().to_owned());
-        self.path = Some(uri.path().to_owned());
+        self.path = Some(redacted_path(uri.path()));
         self.protocol = Some(protocol_label(version));
         self
     }
@@ -285,6 +294,94 @@ impl AuditEvent {
         line.push(b'\n');
         Ok(line)
     }
+}
+
+/// What a redacted placeholder is written as.
+const REDACTED: &str = "[redacted]";
+/// How placeholders start (`pdk-<kind>-<48 lowercase hex>`, as the broker issues them).
+const PLACEHOLDER_MARKER: &str = "pdk-";
+/// The random part of a placeholder.
+const PLACEHOLDER_HEX: usize = 48;
+/// Longest `<kind>-` looked at after the marker; provider kinds are a few words.
+const PLACEHOLDER_MAX_KIND: usize = 128;
+
+/// Whether `rest` (what follows a `pdk-` marker) starts with `<kind>-<48 lowercase hex>`.
+fn starts_with_placeholder(rest: &[u8]) -> bool {
+    // Consecutive hex digits since the last `-` that could end the kind.
+    let mut random: Option<usize> = None;
+    for (i, &b) in rest
+        .iter()
+        .enumerate()
+        .take(PLACEHOLDER_MAX_KIND + PLACEHOLDER_HEX)
+    {
+        if b == b'-' {
+            random = (i > 0).then_some(0);
+        } else if !(b.is_ascii_lowercase() || b.is_ascii_digit()) {
+            return false;
+        } else if let Some(n) = random.as_mut() {
+            if b.is_ascii_hexdigit() {
+                *n += 1;
+                if *n == PLACEHOLDER_HEX {
+                    return true;
+                }
+            } else {
+                random = None;
+            }
+        }
+    }
+    false
+}
+
+/// `text` with every run of token characters (`[A-Za-z0-9-]`) that starts with a well-formed
+/// placeholder replaced by `[redacted]`, whatever precedes it: the agent may glue a
+/// placeholder to anything, and the audit must not hold it.
+fn redact_placeholders(text: String) -> String {
+    if !text.contains(PLACEHOLDER_MARKER) {
+        return text;
+    }
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let (mut copied, mut from) = (0, 0);
+    while let Some(pos) = text[from..].find(PLACEHOLDER_MARKER) {
+        let at = from + pos;
+        let end = bytes[at..]
+            .iter()
+            .position(|b| !(b.is_ascii_alphanumeric() || *b == b'-'))
+            .map_or(bytes.len(), |n| at + n);
+        if starts_with_placeholder(&bytes[at + PLACEHOLDER_MARKER.len()..end]) {
+            // `at` and `end` sit next to ASCII bytes, so both are char boundaries.
+            out.push_str(&text[copied..at]);
+            out.push_str(REDACTED);
+            copied = end;
+            from = end;
+        } else {
+            from = at + 1;
+        }
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+/// `path` with every segment that holds a placeholder, as is or percent-encoded, replaced by
+/// `[redacted]`.
+fn redacted_path(path: &str) -> String {
+    if !path.contains(PLACEHOLDER_MARKER) && !path.contains('%') {
+        return path.to_owned();
+    }
+    let holds_placeholder = |segment: &str| {
+        let decoded = percent_decode_str(segment).decode_utf8_lossy().into_owned();
+        redact_placeholders(decoded.clone()) != decoded
+    };
+    path.split('/')
+        .map(|segment| {
+            if holds_placeholder(segment) {
+                REDACTED
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 fn serialize_rfc3339<S: Serializer>(ts: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
@@ -632,6 +729,38 @@ mod tests {
         ] {
             assert_eq!(v.get(field), Some(&serde_json::Value::Null), "{field}");
         }
+    }
+
+    #[test]
+    fn placeholders_are_redacted_wherever_the_agent_put_them() {
+        const BEARER: &str = "pdk-user-secret-0123456789abcdef0123456789abcdef0123456789abcdef";
+        let encoded = BEARER.replace('p', "%70").replace('-', "%2D");
+        for (path, want) in [
+            (format!("/bot{BEARER}/send"), "/[redacted]/send".to_owned()),
+            (format!("/a/{encoded}"), "/a/[redacted]".to_owned()),
+            (format!("/x/{BEARER}"), "/x/[redacted]".to_owned()),
+            (format!("/x/{BEARER}ff.json"), "/x/[redacted]".to_owned()),
+            // Not well-formed placeholders: kept.
+            ("/docs/pdk-guide".into(), "/docs/pdk-guide".into()),
+            ("/a%20b/".into(), "/a%20b/".into()),
+            ("/".into(), "/".into()),
+        ] {
+            let uri: Uri = format!("https://h{path}?k={BEARER}").parse().expect("uri");
+            let ev = event(AuditKind::Request).with_request(&Method::GET, &uri, Version::HTTP_11);
+            assert_eq!(ev.path.as_deref(), Some(want.as_str()), "{path}");
+        }
+        let ev = event(AuditKind::Request)
+            .with_sni(BEARER)
+            .with_reason(format!(
+                "misdirected_request: request for x{BEARER}:443 on ..."
+            ));
+        let line = String::from_utf8(ev.to_line().expect("line")).expect("utf-8");
+        assert!(!line.contains(BEARER), "{line}");
+        assert_eq!(ev.sni.as_deref(), Some("[redacted]"));
+        assert_eq!(
+            ev.reason.as_deref(),
+            Some("misdirected_request: request for x[redacted]:443 on ...")
+        );
     }
 
     #[test]
