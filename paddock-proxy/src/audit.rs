@@ -12,11 +12,16 @@
 //! A [`AuditKind::Request`] record is written once per request, as soon as the status the
 //! agent gets is decided (the upstream's response head arrived, or the proxy answered
 //! itself), not when the body ends: streams, server-sent events and upgraded tunnels may
-//! never end. A WebSocket upgrade is recorded with status 101. It carries the method, the path (never the query
-//! string, which may hold a placeholder or a substituted secret: [`AuditEvent::with_request`]
-//! takes the URI and keeps only its path), the status, the protocol the agent spoke, the
-//! [`RequestOutcome`], a reason when the proxy refused or failed, and the name and lease id of
-//! the credential substituted, if any. Header values, the query and bodies are never recorded.
+//! never end. A WebSocket upgrade is recorded with status 101. It carries the method, the
+//! path (never the query string, which may hold a placeholder or a substituted secret:
+//! [`AuditEvent::with_request`] takes the URI and keeps only its path), the status, the
+//! protocol the agent spoke, the [`RequestOutcome`], a reason when the proxy refused or
+//! failed, and the name and lease id of the credential substituted, if any. Header values,
+//! the query and bodies are never recorded.
+//!
+//! Requests that HTTP parsing rejects before they are requests (oversized or malformed
+//! heads, answered 431/400 by hyper, or an HTTP/2 connection error) reach no request loop
+//! and get no request record.
 //!
 //! The agent may still put a placeholder where nothing is substituted (the path, an SNI, a
 //! `Host` that ends up in a reason): a well-formed placeholder is written as `[redacted]`
