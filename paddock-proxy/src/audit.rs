@@ -1,10 +1,32 @@
-//! Audit records of connection decisions.
+//! Audit records of connection decisions and of every HTTP request.
 //!
-//! Every connection decision (allow, deny, discovery) and every cooperative-mode `CONNECT`
-//! reason is written as one [`AuditEvent`] to an [`AuditSink`]: a JSONL file ([`JsonlFileSink`],
-//! appended, one line per event written and flushed before `record` returns, created `0600`),
-//! standard output ([`StdoutSink`]), or nothing at all ([`NoAudit`]), which must be chosen
-//! explicitly (`--audit none`): there is no default sink.
+//! Every connection decision (allow, deny, discovery), every cooperative-mode `CONNECT`
+//! reason and every HTTP request served inside an allowed connection is written as one
+//! [`AuditEvent`] to an [`AuditSink`]: a JSONL file ([`JsonlFileSink`], appended, one line per
+//! event written and flushed before `record` returns, created `0600`), standard output
+//! ([`StdoutSink`]), or nothing at all ([`NoAudit`]), which must be chosen explicitly
+//! (`--audit none`): there is no default sink.
+//!
+//! # Request records
+//!
+//! A [`AuditKind::Request`] record is written once per request, as soon as the status the
+//! agent gets is decided (the upstream's response head arrived, or the proxy answered
+//! itself), not when the body ends: streams, server-sent events and upgraded tunnels may
+//! never end. A WebSocket upgrade is recorded with status 101. It carries the method, the
+//! path (never the query string, which may hold a placeholder or a substituted secret:
+//! [`AuditEvent::with_request`] takes the URI and keeps only its path), the status, the
+//! protocol the agent spoke, the [`RequestOutcome`], a reason when the proxy refused or
+//! failed, and the name and lease id of the credential substituted, if any. Header values,
+//! the query and bodies are never recorded.
+//!
+//! Requests that HTTP parsing rejects before they are requests (oversized or malformed
+//! heads, answered 431/400 by hyper, or an HTTP/2 connection error) reach no request loop
+//! and get no request record.
+//!
+//! The agent may still put a placeholder where nothing is substituted (the path, an SNI, a
+//! `Host` that ends up in a reason): a well-formed placeholder is written as `[redacted]`
+//! wherever it appears in the path (a whole path segment, also when percent-encoded), the
+//! destination name or the reason.
 //!
 //! # The caller's rule
 //!
@@ -13,9 +35,14 @@
 //! * on the **deny** path (and for a `CONNECT` reason, which has to be on record before the
 //!   tunnel opens) the connection is dropped (reset, no 403 page): an unrecorded denial must not
 //!   look like a clean answer;
-//! * on the **allow** and **discovery** paths the failure is counted
-//!   (`paddock_proxy_audit_write_failures_total{kind}`) and logged, and the connection proceeds,
-//!   so a full disk degrades auditing rather than taking the workload down.
+//! * for a **request the proxy answered itself** (outcome `denied` or `failed`: substitution
+//!   refused, broker unavailable, misdirected request, upstream unreachable, ...) the answer is
+//!   not sent: the HTTP/2 stream is reset (`INTERNAL_ERROR`) or the HTTP/1.1 connection is
+//!   closed without a response, for the same reason;
+//! * on the **allow** and **discovery** paths, and for a **forwarded** request (the upstream's
+//!   response is relayed), the failure is counted
+//!   (`paddock_proxy_audit_write_failures_total{kind}`) and logged, and the connection or
+//!   request proceeds, so a full disk degrades auditing rather than taking the workload down.
 //!
 //! Sinks write synchronously: a JSONL line is a few hundred bytes and one `write(2)` on an
 //! `O_APPEND` file, cheaper than handing it to another task.
@@ -29,6 +56,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
+use http::{Method, StatusCode, Uri, Version};
+use percent_encoding::percent_decode_str;
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 use serde::{Serialize, Serializer};
 use time::OffsetDateTime;
@@ -46,6 +75,8 @@ pub enum AuditKind {
     Discovery,
     /// The reason a cooperative-mode client gave for its `CONNECT`, logged at tunnel start.
     ConnectReason,
+    /// One HTTP request inside an allowed connection, recorded once its status is decided.
+    Request,
 }
 
 impl AuditKind {
@@ -55,6 +86,7 @@ impl AuditKind {
         AuditKind::Deny,
         AuditKind::Discovery,
         AuditKind::ConnectReason,
+        AuditKind::Request,
     ];
 
     #[must_use]
@@ -64,10 +96,12 @@ impl AuditKind {
             AuditKind::Deny => "deny",
             AuditKind::Discovery => "discovery",
             AuditKind::ConnectReason => "connect_reason",
+            AuditKind::Request => "request",
         }
     }
 
-    /// Whether a failed write of this kind drops the connection (see the module docs).
+    /// Whether a failed write of this kind always drops the connection (see the module docs).
+    /// For [`AuditKind::Request`] it depends on the outcome: see [`AuditEvent::fails_closed`].
     #[must_use]
     pub fn fails_closed(self) -> bool {
         matches!(self, AuditKind::Deny | AuditKind::ConnectReason)
@@ -83,6 +117,50 @@ impl fmt::Display for AuditKind {
 impl EncodeLabelValue for AuditKind {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
         fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+/// What became of a request ([`AuditKind::Request`] records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestOutcome {
+    /// Sent upstream; the agent got the upstream's response (or a 101 and a tunnel).
+    Forwarded,
+    /// Refused by the proxy because of what it asked for (substitution refused, another
+    /// authority, `CONNECT`, a denied upstream address): not forwarded.
+    Denied,
+    /// The proxy could not serve it (broker unavailable, a substitution that cannot be
+    /// applied, upstream unreachable, timed out or broken); answered by the proxy.
+    Failed,
+}
+
+impl RequestOutcome {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Forwarded => "forwarded",
+            RequestOutcome::Denied => "denied",
+            RequestOutcome::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for RequestOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The protocol label of a request record: `HTTP/1.1`, `HTTP/2`, ...
+#[must_use]
+pub fn protocol_label(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "unknown",
     }
 }
 
@@ -102,9 +180,25 @@ pub struct AuditEvent {
     pub sni: Option<String>,
     /// The policy rule that allowed the connection.
     pub rule: Option<String>,
-    /// Why it was denied, or the `CONNECT` reason.
+    /// Why it was denied, or the `CONNECT` reason; for a request, why the proxy refused or
+    /// failed it.
     pub reason: Option<String>,
     pub mode: Mode,
+    /// Request records: the method.
+    pub method: Option<String>,
+    /// Request records: the path, never the query string.
+    pub path: Option<String>,
+    /// Request records: the status the agent was answered with (the upstream's, or the
+    /// proxy's own).
+    pub status: Option<u16>,
+    /// Request records: what the agent spoke (`HTTP/1.1`, `HTTP/2`).
+    pub protocol: Option<&'static str>,
+    /// Request records: the name of the credential substituted into the request.
+    pub credential: Option<String>,
+    /// Request records: the broker lease the substituted credential came from.
+    pub lease_id: Option<String>,
+    /// Request records: forwarded, denied or failed.
+    pub outcome: Option<RequestOutcome>,
 }
 
 impl AuditEvent {
@@ -121,6 +215,13 @@ impl AuditEvent {
             rule: None,
             reason: None,
             mode,
+            method: None,
+            path: None,
+            status: None,
+            protocol: None,
+            credential: None,
+            lease_id: None,
+            outcome: None,
         }
     }
 
@@ -130,9 +231,10 @@ impl AuditEvent {
         self
     }
 
+    /// The destination name; a placeholder in it is redacted.
     #[must_use]
     pub fn with_sni(mut self, sni: impl Into<String>) -> Self {
-        self.sni = Some(sni.into());
+        self.sni = Some(redact_placeholders(sni.into()));
         self
     }
 
@@ -142,10 +244,53 @@ impl AuditEvent {
         self
     }
 
+    /// The reason; a placeholder in it is redacted.
     #[must_use]
     pub fn with_reason(mut self, reason: impl Into<String>) -> Self {
-        self.reason = Some(reason.into());
+        self.reason = Some(redact_placeholders(reason.into()));
         self
+    }
+
+    /// Sets method, path and protocol from the agent's request. Only the URI's path is kept
+    /// (the query may carry a placeholder or a substituted secret), and a path segment holding
+    /// a placeholder is redacted.
+    #[must_use]
+    pub fn with_request(mut self, method: &Method, uri: &Uri, version: Version) -> Self {
+        self.method = Some(method.as_str().to_owned());
+        self.path = Some(redacted_path(uri.path()));
+        self.protocol = Some(protocol_label(version));
+        self
+    }
+
+    #[must_use]
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = Some(status.as_u16());
+        self
+    }
+
+    #[must_use]
+    pub fn with_outcome(mut self, outcome: RequestOutcome) -> Self {
+        self.outcome = Some(outcome);
+        self
+    }
+
+    /// The substituted credential's name and lease id (names only, never values).
+    #[must_use]
+    pub fn with_credential(mut self, credential: Option<String>, lease_id: Option<String>) -> Self {
+        self.credential = credential;
+        self.lease_id = lease_id;
+        self
+    }
+
+    /// Whether a failed write of this event must stop what it records (see the module docs):
+    /// denials, `CONNECT` reasons and requests the proxy answered itself. A request record
+    /// without an outcome counts as answered by the proxy.
+    #[must_use]
+    pub fn fails_closed(&self) -> bool {
+        match self.kind {
+            AuditKind::Request => self.outcome != Some(RequestOutcome::Forwarded),
+            kind => kind.fails_closed(),
+        }
     }
 
     /// The JSONL line for this event, newline included.
@@ -154,6 +299,94 @@ impl AuditEvent {
         line.push(b'\n');
         Ok(line)
     }
+}
+
+/// What a redacted placeholder is written as.
+const REDACTED: &str = "[redacted]";
+/// How placeholders start (`pdk-<kind>-<48 lowercase hex>`, as the broker issues them).
+const PLACEHOLDER_MARKER: &str = "pdk-";
+/// The random part of a placeholder.
+const PLACEHOLDER_HEX: usize = 48;
+/// Longest `<kind>-` looked at after the marker; provider kinds are a few words.
+const PLACEHOLDER_MAX_KIND: usize = 128;
+
+/// Whether `rest` (what follows a `pdk-` marker) starts with `<kind>-<48 lowercase hex>`.
+fn starts_with_placeholder(rest: &[u8]) -> bool {
+    // Consecutive hex digits since the last `-` that could end the kind.
+    let mut random: Option<usize> = None;
+    for (i, &b) in rest
+        .iter()
+        .enumerate()
+        .take(PLACEHOLDER_MAX_KIND + PLACEHOLDER_HEX)
+    {
+        if b == b'-' {
+            random = (i > 0).then_some(0);
+        } else if !(b.is_ascii_lowercase() || b.is_ascii_digit()) {
+            return false;
+        } else if let Some(n) = random.as_mut() {
+            if b.is_ascii_hexdigit() {
+                *n += 1;
+                if *n == PLACEHOLDER_HEX {
+                    return true;
+                }
+            } else {
+                random = None;
+            }
+        }
+    }
+    false
+}
+
+/// `text` with every run of token characters (`[A-Za-z0-9-]`) that starts with a well-formed
+/// placeholder replaced by `[redacted]`, whatever precedes it: the agent may glue a
+/// placeholder to anything, and the audit must not hold it.
+fn redact_placeholders(text: String) -> String {
+    if !text.contains(PLACEHOLDER_MARKER) {
+        return text;
+    }
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let (mut copied, mut from) = (0, 0);
+    while let Some(pos) = text[from..].find(PLACEHOLDER_MARKER) {
+        let at = from + pos;
+        let end = bytes[at..]
+            .iter()
+            .position(|b| !(b.is_ascii_alphanumeric() || *b == b'-'))
+            .map_or(bytes.len(), |n| at + n);
+        if starts_with_placeholder(&bytes[at + PLACEHOLDER_MARKER.len()..end]) {
+            // `at` and `end` sit next to ASCII bytes, so both are char boundaries.
+            out.push_str(&text[copied..at]);
+            out.push_str(REDACTED);
+            copied = end;
+            from = end;
+        } else {
+            from = at + 1;
+        }
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+/// `path` with every segment that holds a placeholder, as is or percent-encoded, replaced by
+/// `[redacted]`.
+fn redacted_path(path: &str) -> String {
+    if !path.contains(PLACEHOLDER_MARKER) && !path.contains('%') {
+        return path.to_owned();
+    }
+    let holds_placeholder = |segment: &str| {
+        let decoded = percent_decode_str(segment).decode_utf8_lossy().into_owned();
+        redact_placeholders(decoded.clone()) != decoded
+    };
+    path.split('/')
+        .map(|segment| {
+            if holds_placeholder(segment) {
+                REDACTED
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 fn serialize_rfc3339<S: Serializer>(ts: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
@@ -327,11 +560,12 @@ impl AuditTarget {
 pub enum AuditOutcome {
     /// Recorded, or failed on a path that proceeds anyway (counted and logged).
     Proceed,
-    /// The record failed on a fail-closed path: drop (reset) the connection.
+    /// The record failed on a fail-closed path: drop (reset) the connection, or for a request
+    /// the proxy answered itself, reset its stream instead of answering.
     DropConnection,
 }
 
-/// Records `ev` and applies the caller's rule from the module docs.
+/// Records `ev` and applies the caller's rule from the module docs ([`AuditEvent::fails_closed`]).
 pub fn audit_decision(
     sink: &dyn AuditSink,
     metrics: &ProxyMetrics,
@@ -341,14 +575,66 @@ pub fn audit_decision(
         Ok(()) => AuditOutcome::Proceed,
         Err(e) => {
             metrics.audit_write_failed(ev.kind);
-            if ev.kind.fails_closed() {
-                tracing::error!(error = %e, run = %ev.run, kind = %ev.kind, "audit write failed; dropping connection");
+            if ev.fails_closed() {
+                tracing::error!(error = %e, run = %ev.run, kind = %ev.kind, "audit write failed; failing closed");
                 AuditOutcome::DropConnection
             } else {
-                tracing::warn!(error = %e, run = %ev.run, kind = %ev.kind, "audit write failed; connection proceeds");
+                tracing::warn!(error = %e, run = %ev.run, kind = %ev.kind, "audit write failed; proceeding");
                 AuditOutcome::Proceed
             }
         }
+    }
+}
+
+/// An in-memory sink for tests: keeps each record's JSON line, or fails every write.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct MemorySink {
+    lines: Mutex<Vec<String>>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+#[cfg(test)]
+impl MemorySink {
+    /// A sink whose every write fails (as a full disk would).
+    pub(crate) fn failing() -> Self {
+        let sink = Self::default();
+        sink.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        sink
+    }
+
+    /// Every line recorded so far, exactly as a file sink would have written it.
+    pub(crate) fn text(&self) -> String {
+        self.lines.lock().expect("lines lock").concat()
+    }
+
+    /// The records so far, parsed.
+    pub(crate) fn records(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .lock()
+            .expect("lines lock")
+            .iter()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+impl AuditSink for MemorySink {
+    fn record(&self, ev: &AuditEvent) -> Result<(), AuditError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(AuditError::Write {
+                target: "memory".into(),
+                source: io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
+        let line =
+            String::from_utf8(ev.to_line()?).map_err(|e| AuditError::Encode(e.to_string()))?;
+        self.lines
+            .lock()
+            .map_err(|_| AuditError::Poisoned)?
+            .push(line);
+        Ok(())
     }
 }
 
@@ -406,6 +692,83 @@ mod tests {
     }
 
     #[test]
+    fn request_record_shape_keeps_the_path_only() {
+        let uri: Uri = "https://api.example.com/v1/messages?key=pdk-user-secret-0123&x=1"
+            .parse()
+            .expect("uri");
+        let ev = event(AuditKind::Request)
+            .with_request(&Method::POST, &uri, Version::HTTP_2)
+            .with_status(StatusCode::OK)
+            .with_outcome(RequestOutcome::Forwarded)
+            .with_credential(Some("anthropic".into()), Some("lease-1".into()));
+        let line = String::from_utf8(ev.to_line().expect("line")).expect("utf-8");
+        assert!(!line.contains("pdk-") && !line.contains("key="), "{line}");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(v["kind"], "request");
+        assert_eq!(v["method"], "POST");
+        assert_eq!(v["path"], "/v1/messages");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["protocol"], "HTTP/2");
+        assert_eq!(v["outcome"], "forwarded");
+        assert_eq!(v["credential"], "anthropic");
+        assert_eq!(v["lease_id"], "lease-1");
+        assert_eq!(v["reason"], serde_json::Value::Null);
+        assert_eq!(v["sni"], "api.example.com");
+
+        // Connection records keep their shape; the request fields are null.
+        let v: serde_json::Value = serde_json::from_slice(
+            &event(AuditKind::Allow)
+                .with_rule("r")
+                .to_line()
+                .expect("line"),
+        )
+        .expect("json");
+        for field in [
+            "method",
+            "path",
+            "status",
+            "protocol",
+            "credential",
+            "lease_id",
+            "outcome",
+        ] {
+            assert_eq!(v.get(field), Some(&serde_json::Value::Null), "{field}");
+        }
+    }
+
+    #[test]
+    fn placeholders_are_redacted_wherever_the_agent_put_them() {
+        const BEARER: &str = "pdk-user-secret-0123456789abcdef0123456789abcdef0123456789abcdef";
+        let encoded = BEARER.replace('p', "%70").replace('-', "%2D");
+        for (path, want) in [
+            (format!("/bot{BEARER}/send"), "/[redacted]/send".to_owned()),
+            (format!("/a/{encoded}"), "/a/[redacted]".to_owned()),
+            (format!("/x/{BEARER}"), "/x/[redacted]".to_owned()),
+            (format!("/x/{BEARER}ff.json"), "/x/[redacted]".to_owned()),
+            // Not well-formed placeholders: kept.
+            ("/docs/pdk-guide".into(), "/docs/pdk-guide".into()),
+            ("/a%20b/".into(), "/a%20b/".into()),
+            ("/".into(), "/".into()),
+        ] {
+            let uri: Uri = format!("https://h{path}?k={BEARER}").parse().expect("uri");
+            let ev = event(AuditKind::Request).with_request(&Method::GET, &uri, Version::HTTP_11);
+            assert_eq!(ev.path.as_deref(), Some(want.as_str()), "{path}");
+        }
+        let ev = event(AuditKind::Request)
+            .with_sni(BEARER)
+            .with_reason(format!(
+                "misdirected_request: request for x{BEARER}:443 on ..."
+            ));
+        let line = String::from_utf8(ev.to_line().expect("line")).expect("utf-8");
+        assert!(!line.contains(BEARER), "{line}");
+        assert_eq!(ev.sni.as_deref(), Some("[redacted]"));
+        assert_eq!(
+            ev.reason.as_deref(),
+            Some("misdirected_request: request for x[redacted]:443 on ...")
+        );
+    }
+
+    #[test]
     fn existing_loose_file_is_tightened_and_symlinks_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");
@@ -445,6 +808,33 @@ mod tests {
                 "{kind}"
             );
             assert_eq!(metrics.audit_write_failures(kind), 1, "{kind}");
+        }
+        // Requests: a forwarded one proceeds; one the proxy answered itself (or one without
+        // an outcome) does not.
+        let request = |outcome: Option<RequestOutcome>| {
+            let ev = event(AuditKind::Request);
+            match outcome {
+                Some(o) => ev.with_outcome(o),
+                None => ev,
+            }
+        };
+        let table = [
+            (Some(RequestOutcome::Forwarded), AuditOutcome::Proceed),
+            (Some(RequestOutcome::Denied), AuditOutcome::DropConnection),
+            (Some(RequestOutcome::Failed), AuditOutcome::DropConnection),
+            (None, AuditOutcome::DropConnection),
+        ];
+        for (i, (outcome, want)) in table.into_iter().enumerate() {
+            assert_eq!(
+                audit_decision(&sink, &metrics, &request(outcome)),
+                want,
+                "{outcome:?}"
+            );
+            assert_eq!(
+                metrics.audit_write_failures(AuditKind::Request),
+                u64::try_from(i + 1).expect("small"),
+                "{outcome:?}"
+            );
         }
         // A working sink proceeds on every path and counts nothing.
         let dir = tempfile::tempdir().expect("tempdir");

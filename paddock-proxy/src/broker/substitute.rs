@@ -8,7 +8,9 @@ use paddock_broker::wire::{Header, QueryParam, SubstituteAuthRequest, Substitute
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode, percent_decode_str};
 
 use super::{BrokerCallError, BrokerClient};
-use crate::http::{BoxFuture, RequestContext, RequestHead, SubstituteError, Substituter};
+use crate::http::{
+    BoxFuture, RequestContext, RequestHead, SubstituteError, Substituted, Substituter,
+};
 
 /// Marks a possible placeholder. Matched ASCII case-insensitively: looser than the broker's
 /// own recognition, so the broker is asked whenever it might find something.
@@ -52,7 +54,8 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
 /// * an edit that cannot be applied, or a well-formed placeholder still present afterwards:
 ///   [`SubstituteError::Invalid`], answered 502.
 ///
-/// In each error case the request is not forwarded. Every call is made fresh (nothing is
+/// On success it reports the broker's credential name and lease id ([`Substituted`]) for the
+/// request's audit record. In each error case the request is not forwarded. Every call is made fresh (nothing is
 /// cached), so a revoked lease or a policy change denies the very next request.
 ///
 /// Placeholders in the path or the body are not substituted (the broker does not look there)
@@ -85,10 +88,10 @@ impl Substituter for BrokerSubstituter {
         &'a self,
         head: &'a mut RequestHead<'_>,
         ctx: &'a RequestContext,
-    ) -> BoxFuture<'a, Result<(), SubstituteError>> {
+    ) -> BoxFuture<'a, Result<Substituted, SubstituteError>> {
         Box::pin(async move {
             if !carries_placeholder(head) {
-                return Ok(());
+                return Ok(Substituted::none());
             }
             let answer = self
                 .client
@@ -108,7 +111,15 @@ impl Substituter for BrokerSubstituter {
                 credential = answer.credential.as_deref().unwrap_or(""),
                 "broker substitution applied"
             );
-            Ok(())
+            // The broker's names for what it put in (never the value), for the audit record.
+            Ok(if answer.matched {
+                Substituted {
+                    credential: answer.credential,
+                    lease_id: answer.lease_id,
+                }
+            } else {
+                Substituted::none()
+            })
         })
     }
 }

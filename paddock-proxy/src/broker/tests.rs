@@ -35,9 +35,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::*;
+use crate::audit::MemorySink as ProxyAuditSink;
 use crate::http::{
-    BoxFuture, ConnectError, HttpLimits, RequestContext, RequestHead, SubstituteError, Substituter,
-    UpstreamConnector, UpstreamPool, UpstreamStream, UpstreamTarget, serve_connection,
+    BoxFuture, ConnectError, HttpLimits, RequestAudit, RequestContext, RequestHead,
+    SubstituteError, Substituted, Substituter, UpstreamConnector, UpstreamPool, UpstreamStream,
+    UpstreamTarget, serve_connection,
 };
 use crate::policy::{Decision, EgressPolicy, EgressRequest, Mode};
 
@@ -332,7 +334,7 @@ async fn substitute(
     sub: &dyn Substituter,
     parts: &mut http::request::Parts,
     host: &str,
-) -> Result<(), SubstituteError> {
+) -> Result<Substituted, SubstituteError> {
     within(
         "substitution",
         sub.substitute(&mut RequestHead::new(parts), &ctx(host)),
@@ -357,14 +359,22 @@ async fn each_placeholder_position_gets_the_real_secret() {
         BrokerSubstituter::new(fx.proxy_client()).with_metrics(std::sync::Arc::clone(&metrics));
 
     // Authorization: Bearer <placeholder>
-    let (_, gh) = fx.issue("gh").await;
+    let (gh_lease, gh) = fx.issue("gh").await;
     let mut p = request(
         "https://api.github.com/user?per_page=5",
         &[(AUTHORIZATION.as_str(), &format!("Bearer {gh}"))],
     );
-    substitute(&sub, &mut p, "api.github.com")
+    let done = substitute(&sub, &mut p, "api.github.com")
         .await
         .expect("header substituted");
+    assert_eq!(
+        done,
+        Substituted {
+            credential: Some("gh".into()),
+            lease_id: Some(gh_lease),
+        },
+        "the broker's names for what went in, for the audit record"
+    );
     assert_eq!(p.headers[AUTHORIZATION], format!("Bearer {HEADER_SECRET}"));
     assert!(p.headers[AUTHORIZATION].is_sensitive());
     assert_eq!(p.uri.query(), Some("per_page=5"));
@@ -856,6 +866,7 @@ async fn agent_request(
     headers: &[(&str, &str)],
     upstream: SocketAddr,
     substituter: Arc<dyn Substituter>,
+    audit: RequestAudit,
 ) -> (StatusCode, String) {
     let ctx = ctx(host);
     let limits = HttpLimits::default();
@@ -868,6 +879,7 @@ async fn agent_request(
         ctx,
         pool,
         substituter,
+        audit,
         limits,
     ));
     let mut req = Request::get(format!("https://{host}{path_and_query}"));
@@ -916,8 +928,9 @@ async fn end_to_end_the_upstream_gets_the_secret_and_the_agent_never_does() {
     let fx = Fixture::start(Options::default()).await;
     let sub: Arc<dyn Substituter> = Arc::new(BrokerSubstituter::new(fx.proxy_client()));
     let (upstream, seen, task) = recording_upstream().await;
-    let (_, gh) = fx.issue("gh").await;
-    let (_, maps) = fx.issue("maps").await;
+    let (gh_lease, gh) = fx.issue("gh").await;
+    let (maps_lease, maps) = fx.issue("maps").await;
+    let (sink, metrics, audit) = capture_audit();
 
     for h2 in [false, true] {
         let before = seen.lock().expect("seen").len();
@@ -928,6 +941,7 @@ async fn end_to_end_the_upstream_gets_the_secret_and_the_agent_never_does() {
             &[(AUTHORIZATION.as_str(), &format!("Bearer {gh}"))],
             upstream,
             sub.clone(),
+            audit.clone(),
         )
         .await;
         assert_eq!(status, StatusCode::OK, "{answer}");
@@ -939,6 +953,7 @@ async fn end_to_end_the_upstream_gets_the_secret_and_the_agent_never_does() {
             &[],
             upstream,
             sub.clone(),
+            audit.clone(),
         )
         .await;
         assert_eq!(status, StatusCode::OK, "{answer2}");
@@ -974,6 +989,7 @@ async fn end_to_end_the_upstream_gets_the_secret_and_the_agent_never_does() {
         &[(AUTHORIZATION.as_str(), &format!("Bearer {gh}"))],
         upstream,
         sub.clone(),
+        audit.clone(),
     )
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
@@ -985,5 +1001,132 @@ async fn end_to_end_the_upstream_gets_the_secret_and_the_agent_never_does() {
     for secret in ALL_SECRETS {
         assert!(!answer.contains(secret), "{answer}");
     }
+
+    // One request record each: the broker's credential name and lease id, never a value.
+    let hidden: Vec<&str> = ALL_SECRETS
+        .iter()
+        .copied()
+        .chain([gh.as_str(), maps.as_str()])
+        .collect();
+    let mut want = Vec::new();
+    for protocol in ["HTTP/1.1", "HTTP/2"] {
+        want.push(RecordShape::forwarded("/user", "gh", &gh_lease, protocol));
+        want.push(RecordShape::forwarded(
+            "/geo",
+            "maps",
+            &maps_lease,
+            protocol,
+        ));
+    }
+    want.push(RecordShape::refused(
+        "/",
+        403,
+        "denied",
+        "substitution_denied",
+    ));
+    check_request_records(&sink, &metrics, &hidden, &want);
     task.abort();
+}
+
+/// A capturing audit for request records: the sink, the metrics counting failed writes, and
+/// the `RequestAudit` to hand to `serve_connection`.
+fn capture_audit() -> (
+    Arc<ProxyAuditSink>,
+    Arc<crate::metrics::ProxyMetrics>,
+    RequestAudit,
+) {
+    let sink = Arc::new(ProxyAuditSink::default());
+    let metrics = Arc::new(crate::metrics::ProxyMetrics::new());
+    let audit = RequestAudit::new(
+        Arc::clone(&sink) as Arc<dyn crate::audit::AuditSink>,
+        Arc::clone(&metrics),
+        Mode::Transparent,
+    );
+    (sink, metrics, audit)
+}
+
+/// What a request record says, for comparing records as a whole. `reason` is the
+/// machine-readable part, before the first `": "`.
+#[derive(Debug, PartialEq, Eq)]
+struct RecordShape {
+    path: String,
+    status: u64,
+    outcome: String,
+    reason: Option<String>,
+    credential: Option<String>,
+    lease_id: Option<String>,
+    protocol: String,
+}
+
+impl RecordShape {
+    fn forwarded(path: &str, credential: &str, lease_id: &str, protocol: &str) -> Self {
+        Self {
+            path: path.into(),
+            status: 200,
+            outcome: "forwarded".into(),
+            reason: None,
+            credential: Some(credential.into()),
+            lease_id: Some(lease_id.into()),
+            protocol: protocol.into(),
+        }
+    }
+
+    /// Answered by the proxy over HTTP/1.1; nothing substituted.
+    fn refused(path: &str, status: u64, outcome: &str, reason: &str) -> Self {
+        Self {
+            path: path.into(),
+            status,
+            outcome: outcome.into(),
+            reason: Some(reason.into()),
+            credential: None,
+            lease_id: None,
+            protocol: "HTTP/1.1".into(),
+        }
+    }
+
+    fn of(r: &serde_json::Value) -> Self {
+        let text = |field: &str| r[field].as_str().map(str::to_owned);
+        assert_eq!(r["kind"], "request", "{r}");
+        Self {
+            path: text("path").unwrap_or_default(),
+            status: r["status"].as_u64().unwrap_or_default(),
+            outcome: text("outcome").unwrap_or_default(),
+            reason: r["reason"]
+                .as_str()
+                .and_then(|t| t.split_once(": "))
+                .map(|(code, _)| code.to_owned()),
+            credential: text("credential"),
+            lease_id: text("lease_id"),
+            protocol: text("protocol").unwrap_or_default(),
+        }
+    }
+}
+
+/// Checks the request records in `sink` against `want`, that none of `hidden` (secrets,
+/// placeholders) nor any query string appears anywhere in the audit output, and that no
+/// write failed.
+fn check_request_records(
+    sink: &ProxyAuditSink,
+    metrics: &crate::metrics::ProxyMetrics,
+    hidden: &[&str],
+    want: &[RecordShape],
+) {
+    let text = sink.text();
+    for h in hidden {
+        assert!(
+            !text.contains(h),
+            "audit holds a secret or placeholder: {text}"
+        );
+    }
+    assert!(!text.contains("q=x") && !text.contains('?'), "{text}");
+    let records = sink.records();
+    assert_eq!(
+        records.iter().map(RecordShape::of).collect::<Vec<_>>(),
+        want,
+        "{text}"
+    );
+    assert_eq!(
+        metrics.audit_write_failures(crate::audit::AuditKind::Request),
+        0
+    );
 }

@@ -103,6 +103,22 @@ impl HttpError {
         )
     }
 
+    /// True when the proxy refused the request on purpose (substitution refused, a denied
+    /// upstream address, another authority, a malformed request, `CONNECT`) rather than
+    /// failing to serve it: audited as `denied` rather than `failed`.
+    #[must_use]
+    pub fn is_denial(&self) -> bool {
+        self.is_request_refused()
+            || matches!(
+                self,
+                Self::Substitution(SubstituteError::Denied { .. })
+                    | Self::UpstreamConnect {
+                        source: ConnectError::Denied(_),
+                        ..
+                    }
+            )
+    }
+
     /// True when the agent side of the connection failed.
     #[must_use]
     pub fn is_agent(&self) -> bool {
@@ -249,6 +265,12 @@ mod tests {
         let e = HttpError::Substitution(SubstituteError::Denied { reason: "x".into() });
         assert!(e.is_substitution() && !e.is_upstream_connect());
         let e = HttpError::BadRequest("no authority");
-        assert!(e.is_request_refused() && !e.is_agent());
+        assert!(e.is_request_refused() && !e.is_agent() && e.is_denial());
+        assert!(connect_err(ConnectError::Denied("cidr".into())).is_denial());
+        assert!(!connect_err(ConnectError::Handshake("x".into())).is_denial());
+        let e = HttpError::Substitution(SubstituteError::Denied { reason: "x".into() });
+        assert!(e.is_denial());
+        let e = HttpError::Substitution(SubstituteError::Unavailable { reason: "x".into() });
+        assert!(!e.is_denial());
     }
 }

@@ -1,6 +1,5 @@
 //! Serving one agent connection: each request is checked, substituted and forwarded.
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -11,12 +10,14 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::audit::{Answer, RequestLine};
 use super::body::{self, ProxyBody};
 use super::substitute::RequestHead;
 use super::{
-    ALPN_H2, HttpError, HttpLimits, RequestContext, Substituter, UpstreamPool, authority, hop,
-    upgrade,
+    ALPN_H2, HttpError, HttpLimits, RequestAudit, RequestContext, Substituted, Substituter,
+    UpstreamPool, authority, hop, upgrade,
 };
+use crate::audit::AuditOutcome;
 
 /// Serves HTTP/2 (agent ALPN `h2`) or HTTP/1.1 (anything else) on `io` until the agent
 /// closes, forwarding every request to `ctx`'s destination through `pool`.
@@ -25,6 +26,10 @@ use super::{
 /// sent on them, never cross runs. Per-request failures are answered on the connection
 /// (see [`HttpError::status`]); the returned error is about the connection itself.
 ///
+/// Every request is audited through `audit` once its status is decided. When the record of
+/// an answer the proxy gives itself (a refusal or a failure) cannot be written, that answer
+/// is not given: the HTTP/2 stream is reset, the HTTP/1.1 connection closed.
+///
 /// The returned future borrows nothing, so it can be spawned directly.
 pub fn serve_connection<I>(
     io: I,
@@ -32,6 +37,7 @@ pub fn serve_connection<I>(
     ctx: RequestContext,
     pool: UpstreamPool,
     substituter: Arc<dyn Substituter>,
+    audit: RequestAudit,
     limits: HttpLimits,
 ) -> impl Future<Output = Result<(), HttpError>> + Send + 'static
 where
@@ -43,6 +49,7 @@ where
         ctx,
         pool,
         substituter,
+        audit,
         limits,
         std::future::pending(),
     )
@@ -52,12 +59,17 @@ where
 /// stops taking new requests (HTTP/1.1: closes after the response in flight; HTTP/2:
 /// GOAWAY), lets in-flight requests finish, then ends. Bounding the drain is the caller's
 /// job (drop the future when the grace period is over).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the connection's parts, each from a different owner; a struct would only be unpacked here"
+)]
 pub fn serve_connection_until<I, S>(
     io: I,
     agent_alpn: Option<&[u8]>,
     ctx: RequestContext,
     pool: UpstreamPool,
     substituter: Arc<dyn Substituter>,
+    audit: RequestAudit,
     limits: HttpLimits,
     shutdown: S,
 ) -> impl Future<Output = Result<(), HttpError>> + Send + 'static
@@ -77,11 +89,14 @@ where
             ctx,
             pool,
             substituter,
+            audit,
             via: limits.via.clone(),
         });
+        // An `Unrecorded` error makes hyper reset the HTTP/2 stream, or close the HTTP/1.1
+        // connection, without an answer.
         let service = service_fn(move |req: Request<Incoming>| {
             let forwarder = Arc::clone(&forwarder);
-            async move { Ok::<_, Infallible>(forwarder.handle(req).await) }
+            async move { forwarder.handle(req).await }
         });
         let io = TokioIo::new(io);
         let served = if h2 {
@@ -129,26 +144,44 @@ where
     conn.await
 }
 
+/// A request the proxy answered itself could not be audited, so it is not answered.
+#[derive(Debug, thiserror::Error)]
+#[error("the proxy's answer to this request could not be audited")]
+struct Unrecorded;
+
 #[derive(Debug)]
 struct Forwarder {
     ctx: RequestContext,
     pool: UpstreamPool,
     substituter: Arc<dyn Substituter>,
+    audit: RequestAudit,
     via: Option<HeaderValue>,
 }
 
 impl Forwarder {
-    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let method = req.method().clone();
+    async fn handle(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Unrecorded> {
+        let line = RequestLine {
+            method: req.method().clone(),
+            // Kept whole for the audit record, which takes only its path.
+            uri: req.uri().clone(),
+            version: req.version(),
+        };
         // The path only: the query may carry credentials.
-        let path = req.uri().path().to_owned();
-        match self.forward(req).await {
+        let (method, path) = (&line.method, line.uri.path());
+        let mut substituted = Substituted::none();
+        let (response, audited) = match self.forward(req, &mut substituted).await {
             Ok(response) => {
                 tracing::debug!(
                     run = %self.ctx.run, host = %self.ctx.host, %method, %path,
                     status = response.status().as_u16(), "forwarded"
                 );
-                response
+                let audited = self.audit.record(
+                    &self.ctx,
+                    &line,
+                    substituted,
+                    Answer::Forwarded(response.status()),
+                );
+                (response, audited)
             }
             Err(e) => {
                 tracing::info!(
@@ -156,12 +189,25 @@ impl Forwarder {
                     status = e.status().as_u16(), reason = e.reason(), error = %e,
                     "request answered by the proxy"
                 );
-                e.to_response()
+                let audited = self
+                    .audit
+                    .record(&self.ctx, &line, substituted, Answer::Refused(&e));
+                (e.to_response(), audited)
             }
+        };
+        match audited {
+            AuditOutcome::Proceed => Ok(response),
+            AuditOutcome::DropConnection => Err(Unrecorded),
         }
     }
 
-    async fn forward(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, HttpError> {
+    /// Forwards `req`; `substituted` says which credential went in, also when a later step
+    /// fails.
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        substituted: &mut Substituted,
+    ) -> Result<Response<ProxyBody>, HttpError> {
         if req.method() == Method::CONNECT {
             return Err(HttpError::MethodNotAllowed(Method::CONNECT));
         }
@@ -185,7 +231,8 @@ impl Forwarder {
         parts.version = Version::HTTP_11;
         parts.extensions = Extensions::new();
 
-        self.substituter
+        *substituted = self
+            .substituter
             .substitute(&mut RequestHead::new(&mut parts), &self.ctx)
             .await?;
         if let Some(via) = &self.via {

@@ -10,8 +10,10 @@
 //! placeholders for real credentials, then the request is forwarded over a pooled
 //! upstream connection ([`UpstreamPool`]) and the response streamed back. Any failure
 //! answers the agent with one deliberate status ([`HttpError::status`]); nothing is ever
-//! forwarded when a step before forwarding failed.
+//! forwarded when a step before forwarding failed. Every request that reaches the loop is
+//! audited once its status is decided ([`RequestAudit`]).
 
+mod audit;
 mod authority;
 mod body;
 mod deny;
@@ -31,14 +33,15 @@ mod tests;
 use std::future::Future;
 use std::pin::Pin;
 
+pub use audit::RequestAudit;
 pub use body::ProxyBody;
 pub use deny::{DENIED_HEADER, denial_response, serve_denial};
 pub use error::HttpError;
 pub use forward::{serve_connection, serve_connection_until};
 pub use limits::HttpLimits;
 pub use substitute::{
-    NoopSubstituter, RequestHead, SubstituteError, Substituter, replace_basic_auth_password,
-    replace_query_value,
+    NoopSubstituter, RequestHead, SubstituteError, Substituted, Substituter,
+    replace_basic_auth_password, replace_query_value,
 };
 pub use upstream::{
     ConnectError, UpstreamConnector, UpstreamIo, UpstreamPool, UpstreamStream, UpstreamTarget,

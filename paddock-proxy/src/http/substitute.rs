@@ -51,15 +51,34 @@ impl SubstituteError {
     }
 }
 
+/// What a substituter put into a request, for the request's audit record: names and ids
+/// only, never a value. The default (nothing) means the request was left as it was.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Substituted {
+    /// The name of the credential substituted (the broker's credential name).
+    pub credential: Option<String>,
+    /// The lease the substituted credential was issued under.
+    pub lease_id: Option<String>,
+}
+
+impl Substituted {
+    /// Nothing was substituted.
+    #[must_use]
+    pub fn none() -> Self {
+        Self::default()
+    }
+}
+
 /// Rewrites a request head before it is forwarded.
 pub trait Substituter: Send + Sync + fmt::Debug {
     /// Called once per request (including upgrade requests) after hop-by-hop headers are
-    /// removed. May rewrite headers and the query string. An error stops the request.
+    /// removed. May rewrite headers and the query string, and says which credential it put
+    /// in (for the audit record). An error stops the request.
     fn substitute<'a>(
         &'a self,
         head: &'a mut RequestHead<'_>,
         ctx: &'a RequestContext,
-    ) -> BoxFuture<'a, Result<(), SubstituteError>>;
+    ) -> BoxFuture<'a, Result<Substituted, SubstituteError>>;
 }
 
 /// The substituter for destinations without credential injection: leaves requests as-is.
@@ -71,8 +90,8 @@ impl Substituter for NoopSubstituter {
         &'a self,
         _head: &'a mut RequestHead<'_>,
         _ctx: &'a RequestContext,
-    ) -> BoxFuture<'a, Result<(), SubstituteError>> {
-        Box::pin(async { Ok(()) })
+    ) -> BoxFuture<'a, Result<Substituted, SubstituteError>> {
+        Box::pin(async { Ok(Substituted::none()) })
     }
 }
 
@@ -253,6 +272,9 @@ pub(crate) mod tests {
 
     pub(crate) const PLACEHOLDER: &str = "pdk-placeholder-0001";
     pub(crate) const SECRET: &str = "sk-real/secret+value=1";
+    /// The credential name and lease id `PlaceholderSubstituter` reports when it swapped.
+    pub(crate) const CREDENTIAL: &str = "test-api-key";
+    pub(crate) const LEASE: &str = "lease-test-1";
 
     /// Swaps `PLACEHOLDER` for `SECRET` wherever the broker-backed substituter will have to:
     /// bearer tokens, API-key headers, query parameters and Basic-auth passwords. Fails
@@ -267,19 +289,28 @@ pub(crate) mod tests {
             &'a self,
             head: &'a mut RequestHead<'_>,
             ctx: &'a RequestContext,
-        ) -> BoxFuture<'a, Result<(), SubstituteError>> {
+        ) -> BoxFuture<'a, Result<Substituted, SubstituteError>> {
             Box::pin(async move {
                 if self.deny_host.as_deref() == Some(ctx.host.as_str()) {
                     return Err(SubstituteError::Denied {
                         reason: "no grant for host".into(),
                     });
                 }
-                swap(head)
+                Ok(if swap(head)? {
+                    Substituted {
+                        credential: Some(CREDENTIAL.into()),
+                        lease_id: Some(LEASE.into()),
+                    }
+                } else {
+                    Substituted::none()
+                })
             })
         }
     }
 
-    fn swap(head: &mut RequestHead<'_>) -> Result<(), SubstituteError> {
+    /// Whether anything was swapped.
+    fn swap(head: &mut RequestHead<'_>) -> Result<bool, SubstituteError> {
+        let mut swapped = false;
         let invalid = |_| SubstituteError::Invalid {
             reason: "bad header".into(),
         };
@@ -289,8 +320,10 @@ pub(crate) mod tests {
                 let mut v = HeaderValue::try_from(format!("Bearer {SECRET}")).map_err(invalid)?;
                 v.set_sensitive(true);
                 head.headers_mut().insert(AUTHORIZATION, v);
+                swapped = true;
             } else if let Some(v) = replace_basic_auth_password(&value, PLACEHOLDER, SECRET)? {
                 head.headers_mut().insert(AUTHORIZATION, v);
+                swapped = true;
             }
         }
         if head
@@ -300,14 +333,16 @@ pub(crate) mod tests {
         {
             let v = HeaderValue::try_from(SECRET).map_err(invalid)?;
             head.headers_mut().insert("x-api-key", v);
+            swapped = true;
         }
         if let Some(q) = head
             .query()
             .and_then(|q| replace_query_value(q, PLACEHOLDER, SECRET))
         {
             head.set_query(Some(&q))?;
+            swapped = true;
         }
-        Ok(())
+        Ok(swapped)
     }
 
     fn ctx() -> RequestContext {

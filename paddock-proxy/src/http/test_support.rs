@@ -22,9 +22,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use super::{
-    ALPN_H2, BoxFuture, ConnectError, HttpError, HttpLimits, RequestContext, Substituter,
-    UpstreamConnector, UpstreamPool, UpstreamStream, UpstreamTarget, serve_connection,
+    ALPN_H2, BoxFuture, ConnectError, HttpError, HttpLimits, RequestAudit, RequestContext,
+    Substituter, UpstreamConnector, UpstreamPool, UpstreamStream, UpstreamTarget, serve_connection,
 };
+use crate::audit::MemorySink;
+use crate::metrics::ProxyMetrics;
+use crate::policy::Mode;
 
 pub(crate) type TestError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) type TestBody = UnsyncBoxBody<Bytes, TestError>;
@@ -224,6 +227,30 @@ pub(crate) fn ctx() -> RequestContext {
     }
 }
 
+/// The destination address the test connections' request records carry.
+pub(crate) const DST: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 10)),
+    443,
+);
+
+/// Request records of a test connection go to `sink`; failed writes are counted in `metrics`.
+pub(crate) fn audit_into(sink: &Arc<MemorySink>, metrics: &Arc<ProxyMetrics>) -> RequestAudit {
+    RequestAudit::new(
+        Arc::clone(sink) as Arc<dyn crate::audit::AuditSink>,
+        Arc::clone(metrics),
+        Mode::Transparent,
+    )
+    .with_dst(Some(DST))
+}
+
+/// Request records nobody looks at.
+pub(crate) fn unobserved_audit() -> RequestAudit {
+    audit_into(
+        &Arc::new(MemorySink::default()),
+        &Arc::new(ProxyMetrics::new()),
+    )
+}
+
 /// A proxy serving one agent connection over an in-memory pipe; returns the agent's end
 /// and the task serving the proxy's end.
 pub(crate) fn proxy(
@@ -232,9 +259,20 @@ pub(crate) fn proxy(
     substituter: Arc<dyn Substituter>,
     limits: HttpLimits,
 ) -> (DuplexStream, JoinHandle<Result<(), HttpError>>) {
+    proxy_audited(agent_h2, connector, substituter, limits, unobserved_audit())
+}
+
+/// [`proxy`] with its request records going where `audit` says.
+pub(crate) fn proxy_audited(
+    agent_h2: bool,
+    connector: Arc<dyn UpstreamConnector>,
+    substituter: Arc<dyn Substituter>,
+    limits: HttpLimits,
+    audit: RequestAudit,
+) -> (DuplexStream, JoinHandle<Result<(), HttpError>>) {
     let ctx = ctx();
     let pool = UpstreamPool::new(&ctx.run, connector, &limits);
-    proxy_with_pool(agent_h2, ctx, pool, substituter, limits)
+    proxy_with_pool(agent_h2, ctx, pool, substituter, audit, limits)
 }
 
 pub(crate) fn proxy_with_pool(
@@ -242,6 +280,7 @@ pub(crate) fn proxy_with_pool(
     ctx: RequestContext,
     pool: UpstreamPool,
     substituter: Arc<dyn Substituter>,
+    audit: RequestAudit,
     limits: HttpLimits,
 ) -> (DuplexStream, JoinHandle<Result<(), HttpError>>) {
     let (agent, proxy_side) = tokio::io::duplex(256 * 1024);
@@ -256,6 +295,7 @@ pub(crate) fn proxy_with_pool(
         ctx,
         pool,
         substituter,
+        audit,
         limits,
     ));
     (agent, task)

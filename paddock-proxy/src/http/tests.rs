@@ -12,15 +12,17 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::{mpsc, oneshot};
 
-use super::substitute::tests::{PLACEHOLDER, PlaceholderSubstituter, SECRET};
+use super::substitute::tests::{CREDENTIAL, LEASE, PLACEHOLDER, PlaceholderSubstituter, SECRET};
 use super::test_support::{
-    Agent, Fail, TestBody, TestConnector, TestError, Upstream, body_string, ctx, empty, full,
-    proxy, proxy_with_pool, within,
+    Agent, DST, Fail, TestBody, TestConnector, TestError, Upstream, audit_into, body_string, ctx,
+    empty, full, proxy, proxy_audited, proxy_with_pool, unobserved_audit, within,
 };
 use super::{
-    BoxFuture, DENIED_HEADER, HttpLimits, NoopSubstituter, RequestContext, RequestHead,
-    SubstituteError, Substituter, UpstreamPool, serve_denial,
+    BoxFuture, DENIED_HEADER, HttpLimits, NoopSubstituter, RequestAudit, RequestContext,
+    RequestHead, SubstituteError, Substituted, Substituter, UpstreamPool, serve_denial,
 };
+use crate::audit::{AuditKind, MemorySink};
+use crate::metrics::ProxyMetrics;
 
 fn noop() -> Arc<dyn Substituter> {
     Arc::new(NoopSubstituter)
@@ -28,6 +30,15 @@ fn noop() -> Arc<dyn Substituter> {
 
 fn get(uri: &str) -> Request<TestBody> {
     Request::get(uri).body(empty()).expect("request")
+}
+
+/// A capturing audit for one test proxy: where its records go, the metrics counting failed
+/// writes, and the `RequestAudit` to hand to the proxy.
+fn capture(sink: MemorySink) -> (Arc<MemorySink>, Arc<ProxyMetrics>, RequestAudit) {
+    let sink = Arc::new(sink);
+    let metrics = Arc::new(ProxyMetrics::new());
+    let audit = audit_into(&sink, &metrics);
+    (sink, metrics, audit)
 }
 
 /// A body the test feeds frame by frame.
@@ -105,7 +116,14 @@ async fn pooled_connections_are_reused() {
     let connector = upstream.connector();
     let limits = HttpLimits::default();
     let pool = UpstreamPool::new("run-1", connector.clone(), &limits);
-    let (io, _proxy) = proxy_with_pool(true, ctx(), pool.clone(), noop(), limits.clone());
+    let (io, _proxy) = proxy_with_pool(
+        true,
+        ctx(),
+        pool.clone(),
+        noop(),
+        unobserved_audit(),
+        limits.clone(),
+    );
     let (mut agent, _conn) = Agent::connect(io, true).await;
     let response = within("response", agent.send(get("https://api.test/")))
         .await
@@ -113,7 +131,14 @@ async fn pooled_connections_are_reused() {
     assert_eq!(body_string(response).await, "ok");
     let mut requests = Vec::new();
     for _ in 0..2 {
-        let (io, _proxy) = proxy_with_pool(true, ctx(), pool.clone(), noop(), limits.clone());
+        let (io, _proxy) = proxy_with_pool(
+            true,
+            ctx(),
+            pool.clone(),
+            noop(),
+            unobserved_audit(),
+            limits.clone(),
+        );
         let (agent, _conn) = Agent::connect(io, true).await;
         let Agent::H2(sender) = agent else {
             panic!("h2 agent")
@@ -141,7 +166,7 @@ async fn pool_of_another_run_is_refused() {
     let upstream = Upstream::ok(false).await;
     let limits = HttpLimits::default();
     let pool = UpstreamPool::new("run-2", upstream.connector(), &limits);
-    let (_io, task) = proxy_with_pool(false, ctx(), pool, noop(), limits);
+    let (_io, task) = proxy_with_pool(false, ctx(), pool, noop(), unobserved_audit(), limits);
     let err = within("refusal", task)
         .await
         .expect("task")
@@ -205,7 +230,7 @@ impl Substituter for Unavailable {
         &'a self,
         _head: &'a mut RequestHead<'_>,
         _ctx: &'a RequestContext,
-    ) -> BoxFuture<'a, Result<(), SubstituteError>> {
+    ) -> BoxFuture<'a, Result<Substituted, SubstituteError>> {
         Box::pin(async {
             Err(SubstituteError::Unavailable {
                 reason: "broker unreachable".into(),
@@ -478,12 +503,24 @@ async fn server_sent_events_stream_before_upstream_finishes() {
             }),
         )
         .await;
-        let (io, _proxy) = proxy(h2, upstream.connector(), noop(), HttpLimits::default());
+        let (sink, _metrics, audit) = capture(MemorySink::default());
+        let (io, _proxy) = proxy_audited(
+            h2,
+            upstream.connector(),
+            noop(),
+            HttpLimits::default(),
+            audit,
+        );
         let (mut agent, _conn) = Agent::connect(io, h2).await;
         let response = within("response", agent.send(get("https://api.test/events")))
             .await
             .expect("response");
         assert_eq!(response.headers()["content-type"], "text/event-stream");
+        // On record as soon as the head is out, while the stream is still open.
+        let records = sink.records();
+        assert_eq!(records.len(), 1, "h2={h2}");
+        assert_eq!(records[0]["status"], 200);
+        assert_eq!(records[0]["path"], "/events");
         let mut body = response.into_body();
         let first = within("first event", body.frame())
             .await
@@ -549,14 +586,12 @@ async fn grpc_trailers_reach_the_agent() {
     assert_eq!(seen[0].version, Version::HTTP_2);
 }
 
-#[tokio::test]
-async fn websocket_echo_through_the_proxy() {
-    use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+/// An upstream accepting WebSocket upgrades and echoing text and binary messages.
+async fn websocket_echo_upstream() -> Upstream {
     use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
     use tokio_tungstenite::tungstenite::protocol::Role;
 
-    let upstream = Upstream::start(
+    Upstream::start(
         false,
         Arc::new(|mut req| {
             Box::pin(async move {
@@ -597,9 +632,24 @@ async fn websocket_echo_through_the_proxy() {
             })
         }),
     )
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn websocket_echo_through_the_proxy() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+    let upstream = websocket_echo_upstream().await;
     let sub = Arc::new(PlaceholderSubstituter { deny_host: None });
-    let (io, _proxy) = proxy(false, upstream.connector(), sub, HttpLimits::default());
+    let (sink, _metrics, audit) = capture(MemorySink::default());
+    let (io, _proxy) = proxy_audited(
+        false,
+        upstream.connector(),
+        sub,
+        HttpLimits::default(),
+        audit,
+    );
     let mut request = format!("ws://api.test/socket?token={PLACEHOLDER}")
         .into_client_request()
         .expect("ws request");
@@ -611,6 +661,23 @@ async fn websocket_echo_through_the_proxy() {
         .await
         .expect("ws handshake through the proxy");
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    // Recorded with 101 when the switch is answered, not when the tunnel closes.
+    let text = sink.text();
+    let r: serde_json::Value = serde_json::from_str(&text).expect("one record");
+    let shape = (&r["status"], &r["outcome"], &r["path"], &r["credential"]);
+    assert_eq!(
+        shape,
+        (
+            &101.into(),
+            &"forwarded".into(),
+            &"/socket".into(),
+            &CREDENTIAL.into()
+        )
+    );
+    assert!(
+        !text.contains(PLACEHOLDER) && !text.contains("token="),
+        "{text}"
+    );
     for text in ["hello", "again"] {
         within("ws send", ws.send(Message::text(text)))
             .await
@@ -839,6 +906,7 @@ async fn drain_finishes_in_flight_requests_then_closes() {
             ctx(),
             pool,
             noop(),
+            unobserved_audit(),
             limits,
             async move {
                 let _ = shutdown_rx.await;
@@ -866,5 +934,391 @@ async fn drain_finishes_in_flight_requests_then_closes() {
             "h2={h2}: new request accepted after the drain"
         );
         assert_eq!(upstream.seen().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn every_request_on_a_keep_alive_connection_is_audited_once() {
+    let upstream = Upstream::start(
+        false,
+        Arc::new(|req| {
+            let status = match (req.method(), req.uri().path()) {
+                (_, "/missing") => StatusCode::NOT_FOUND,
+                (&Method::POST, _) => StatusCode::CREATED,
+                _ => StatusCode::OK,
+            };
+            Box::pin(async move {
+                Response::builder()
+                    .status(status)
+                    .body(full("x"))
+                    .expect("response")
+            })
+        }),
+    )
+    .await;
+    let connector = upstream.connector();
+    let (sink, metrics, audit) = capture(MemorySink::default());
+    let (io, _proxy) = proxy_audited(
+        false,
+        connector.clone(),
+        noop(),
+        HttpLimits::default(),
+        audit,
+    );
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let requests = [
+        (
+            Method::GET,
+            "/v1/models",
+            "?limit=2&key=pdk-query-value",
+            200,
+        ),
+        (Method::POST, "/v1/messages", "?beta=true", 201),
+        (Method::DELETE, "/missing", "", 404),
+        (Method::GET, "/", "", 200),
+    ];
+    for (i, (method, path, query, status)) in requests.iter().enumerate() {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(format!("https://api.test{path}{query}"))
+            .body(empty())
+            .expect("request");
+        let response = within("response", agent.send(req)).await.expect("response");
+        assert_eq!(response.status().as_u16(), *status);
+        // On record by the time the agent has the head.
+        assert_eq!(sink.records().len(), i + 1);
+        body_string(response).await;
+    }
+    assert_eq!(connector.dials(), 1, "one keep-alive upstream connection");
+
+    let records = sink.records();
+    assert_eq!(
+        records.len(),
+        requests.len(),
+        "exactly one record per request"
+    );
+    for (r, (method, path, _, status)) in records.iter().zip(&requests) {
+        assert_eq!(r["kind"], "request", "{r}");
+        assert_eq!(r["method"], method.as_str(), "{r}");
+        assert_eq!(r["path"], *path, "{r}");
+        assert_eq!(r["status"], *status, "{r}");
+        assert_eq!(r["protocol"], "HTTP/1.1", "{r}");
+        assert_eq!(r["outcome"], "forwarded", "{r}");
+        assert_eq!(r["run"], "run-1", "{r}");
+        assert_eq!(r["sni"], "api.test", "{r}");
+        assert_eq!(r["port"], 443, "{r}");
+        assert_eq!(r["dst"], DST.to_string(), "{r}");
+        assert_eq!(r["mode"], "transparent", "{r}");
+        for absent in ["credential", "lease_id", "reason", "rule"] {
+            assert_eq!(
+                r.get(absent),
+                Some(&serde_json::Value::Null),
+                "{absent}: {r}"
+            );
+        }
+    }
+    let text = sink.text();
+    for query in [
+        '?'.to_string(),
+        "limit=".into(),
+        "pdk-query-value".into(),
+        "beta".into(),
+    ] {
+        assert!(!text.contains(&query), "query in the audit: {text}");
+    }
+    assert_eq!(metrics.audit_write_failures(AuditKind::Request), 0);
+}
+
+#[tokio::test]
+async fn h2_requests_record_protocol_http2() {
+    // The protocol is the agent's, whatever the upstream speaks.
+    for (agent_h2, upstream_h2, protocol) in [
+        (true, false, "HTTP/2"),
+        (true, true, "HTTP/2"),
+        (false, true, "HTTP/1.1"),
+    ] {
+        let upstream = Upstream::ok(upstream_h2).await;
+        let (sink, _metrics, audit) = capture(MemorySink::default());
+        let (io, _proxy) = proxy_audited(
+            agent_h2,
+            upstream.connector(),
+            noop(),
+            HttpLimits::default(),
+            audit,
+        );
+        let (mut agent, _conn) = Agent::connect(io, agent_h2).await;
+        for path in ["/one", "/two"] {
+            let response = within(
+                "response",
+                agent.send(get(&format!("https://api.test{path}"))),
+            )
+            .await
+            .expect("response");
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        let records = sink.records();
+        let combo = format!("agent h2={agent_h2} upstream h2={upstream_h2}");
+        assert_eq!(records.len(), 2, "{combo}");
+        for (r, path) in records.iter().zip(["/one", "/two"]) {
+            assert_eq!(r["protocol"], protocol, "{combo}");
+            assert_eq!(r["path"], path, "{combo}");
+            assert_eq!(r["status"], 200, "{combo}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn substituted_requests_record_the_credential_never_the_secret_or_placeholder() {
+    use base64::Engine as _;
+    let basic = |p: &str| base64::engine::general_purpose::STANDARD.encode(format!("git:{p}"));
+    for agent_h2 in [false, true] {
+        let upstream = Upstream::ok(agent_h2).await;
+        let sub = Arc::new(PlaceholderSubstituter { deny_host: None });
+        let (sink, _metrics, audit) = capture(MemorySink::default());
+        let (io, _proxy) = proxy_audited(
+            agent_h2,
+            upstream.connector(),
+            sub,
+            HttpLimits::default(),
+            audit,
+        );
+        let (mut agent, _conn) = Agent::connect(io, agent_h2).await;
+        let requests = [
+            Request::get("https://api.test/a")
+                .header(AUTHORIZATION, format!("Bearer {PLACEHOLDER}"))
+                .header("x-api-key", PLACEHOLDER),
+            Request::get(format!("https://api.test/b?key={PLACEHOLDER}&x=1")),
+            Request::get("https://api.test/repo.git/info/refs")
+                .header(AUTHORIZATION, format!("Basic {}", basic(PLACEHOLDER))),
+            Request::get("https://api.test/plain"),
+        ];
+        for req in requests {
+            let response = within("response", agent.send(req.body(empty()).expect("request")))
+                .await
+                .expect("response");
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        let records = sink.records();
+        assert_eq!(records.len(), 4);
+        for r in &records[..3] {
+            assert_eq!(r["credential"], CREDENTIAL, "{r}");
+            assert_eq!(r["lease_id"], LEASE, "{r}");
+            assert_eq!(r["outcome"], "forwarded", "{r}");
+        }
+        assert_eq!(records[3]["credential"], serde_json::Value::Null);
+        assert_eq!(records[3]["lease_id"], serde_json::Value::Null);
+        let text = sink.text();
+        for hidden in [
+            PLACEHOLDER.to_owned(),
+            SECRET.to_owned(),
+            "sk-real%2Fsecret".to_owned(),
+            basic(PLACEHOLDER),
+            basic(SECRET),
+            "key=".to_owned(),
+        ] {
+            assert!(!text.contains(&hidden), "{hidden:?} in the audit: {text}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn refused_and_failed_substitutions_are_audited_with_outcome_and_reason() {
+    let cases: [(Arc<dyn Substituter>, u16, &str, &str); 2] = [
+        (
+            Arc::new(PlaceholderSubstituter {
+                deny_host: Some("api.test".into()),
+            }),
+            403,
+            "denied",
+            "substitution_denied: ",
+        ),
+        (
+            Arc::new(Unavailable),
+            502,
+            "failed",
+            "substitution_unavailable: ",
+        ),
+    ];
+    for (sub, status, outcome, reason) in cases {
+        for agent_h2 in [false, true] {
+            let upstream = Upstream::ok(false).await;
+            let (sink, metrics, audit) = capture(MemorySink::default());
+            let (io, _proxy) = proxy_audited(
+                agent_h2,
+                upstream.connector(),
+                sub.clone(),
+                HttpLimits::default(),
+                audit,
+            );
+            let (mut agent, _conn) = Agent::connect(io, agent_h2).await;
+            let req = Request::post(format!("https://api.test/v1/messages?k={PLACEHOLDER}"))
+                .header(AUTHORIZATION, format!("Bearer {PLACEHOLDER}"))
+                .body(full("{}"))
+                .expect("request");
+            let response = within("response", agent.send(req)).await.expect("response");
+            assert_eq!(response.status().as_u16(), status);
+            let records = sink.records();
+            assert_eq!(records.len(), 1);
+            let r = &records[0];
+            assert_eq!(r["method"], "POST", "{r}");
+            assert_eq!(r["path"], "/v1/messages", "{r}");
+            assert_eq!(r["status"], status, "{r}");
+            assert_eq!(r["outcome"], outcome, "{r}");
+            assert!(
+                r["reason"].as_str().is_some_and(|t| t.starts_with(reason)),
+                "{r}"
+            );
+            assert_eq!(r["credential"], serde_json::Value::Null, "{r}");
+            assert!(!sink.text().contains(PLACEHOLDER));
+            assert!(upstream.seen().is_empty());
+            assert_eq!(metrics.audit_write_failures(AuditKind::Request), 0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn other_proxy_answers_are_audited_with_outcome_and_reason() {
+    // Another authority (denied), an upstream address the network policy refuses (denied),
+    // an unreachable upstream (failed).
+    let upstream = Upstream::ok(false).await;
+    let (sink, _metrics, audit) = capture(MemorySink::default());
+    let (io, _proxy) = proxy_audited(
+        false,
+        upstream.connector(),
+        noop(),
+        HttpLimits::default(),
+        audit,
+    );
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let req = Request::get("/")
+        .header(HOST, "evil.test")
+        .body(empty())
+        .expect("request");
+    let response = within("response", agent.send(req)).await.expect("response");
+    assert_eq!(response.status(), StatusCode::MISDIRECTED_REQUEST);
+    let r = &sink.records()[0];
+    assert_eq!(
+        (r["status"].as_u64(), r["outcome"].as_str()),
+        (Some(421), Some("denied"))
+    );
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("misdirected_request: "))
+    );
+    for (fail, status, outcome, reason) in [
+        (Fail::Denied, 403, "denied", "upstream_address_denied: "),
+        (Fail::Refused, 502, "failed", "upstream_connect_failed: "),
+    ] {
+        let (sink, _metrics, audit) = capture(MemorySink::default());
+        let (io, _proxy) = proxy_audited(
+            false,
+            TestConnector::failing(fail),
+            noop(),
+            HttpLimits::default(),
+            audit,
+        );
+        let (mut agent, _conn) = Agent::connect(io, false).await;
+        let response = within("response", agent.send(get("https://api.test/x")))
+            .await
+            .expect("response");
+        assert_eq!(response.status().as_u16(), status);
+        let r = &sink.records()[0];
+        assert_eq!(r["status"], status, "{fail:?}");
+        assert_eq!(r["outcome"], outcome, "{fail:?}");
+        assert!(
+            r["reason"].as_str().is_some_and(|t| t.starts_with(reason)),
+            "{r}"
+        );
+    }
+}
+
+/// Refuses requests by path: `/refuse` is denied, `/broker-down` finds the broker down,
+/// anything else passes unchanged.
+#[derive(Debug)]
+struct ByPath;
+
+impl Substituter for ByPath {
+    fn substitute<'a>(
+        &'a self,
+        head: &'a mut RequestHead<'_>,
+        _ctx: &'a RequestContext,
+    ) -> BoxFuture<'a, Result<Substituted, SubstituteError>> {
+        let path = head.path().to_owned();
+        Box::pin(async move {
+            match path.as_str() {
+                "/refuse" => Err(SubstituteError::Denied {
+                    reason: "no grant".into(),
+                }),
+                "/broker-down" => Err(SubstituteError::Unavailable {
+                    reason: "broker unreachable".into(),
+                }),
+                _ => Ok(Substituted::none()),
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn unrecorded_refusals_are_reset_and_unrecorded_forwards_proceed() {
+    for agent_h2 in [false, true] {
+        let upstream = Upstream::ok(false).await;
+        let connector = upstream.connector();
+        let (sink, metrics, audit) = capture(MemorySink::failing());
+        let failures = || metrics.audit_write_failures(AuditKind::Request);
+        let start = |agent_h2| {
+            proxy_audited(
+                agent_h2,
+                connector.clone(),
+                Arc::new(ByPath),
+                HttpLimits::default(),
+                audit.clone(),
+            )
+        };
+
+        // Forwarded: the upstream's answer is relayed, the failed write counted.
+        let (io, _proxy) = start(agent_h2);
+        let (mut agent, _conn) = Agent::connect(io, agent_h2).await;
+        let response = within("response", agent.send(get("https://api.test/ok")))
+            .await
+            .expect("a forwarded request proceeds without its record");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body_string(response).await, "ok");
+        assert_eq!(failures(), 1);
+
+        // Refused (403) and failed (502): no clean answer without a record.
+        for (n, path) in ["/refuse", "/broker-down"].into_iter().enumerate() {
+            let err = within(
+                "refusal",
+                agent.send(get(&format!("https://api.test{path}"))),
+            )
+            .await
+            .expect_err("an unrecorded refusal must not be answered");
+            if agent_h2 {
+                let shown = format!("{err:?}");
+                assert!(shown.contains("INTERNAL_ERROR"), "stream reset: {shown}");
+            }
+            assert_eq!(failures(), 2 + u64::try_from(n).expect("small"));
+            if !agent_h2 {
+                // HTTP/1.1: the connection is closed; the next request needs a new one.
+                let (io, _proxy) = start(false);
+                agent = Agent::connect(io, false).await.0;
+            }
+        }
+
+        // HTTP/2: only the streams were reset; the connection still serves requests.
+        let response = within("response", agent.send(get("https://api.test/ok")))
+            .await
+            .expect("connection survives the resets");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(failures(), 4);
+
+        let seen: Vec<String> = upstream
+            .seen()
+            .iter()
+            .map(|s| s.uri.path().to_owned())
+            .collect();
+        assert_eq!(seen, ["/ok", "/ok"], "agent h2={agent_h2}");
+        assert!(sink.records().is_empty());
     }
 }

@@ -163,6 +163,7 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
         &vetted.addrs,
         deadline,
         Mode::Connect,
+        None,
     )
     .await;
 }

@@ -23,7 +23,8 @@
 //!    the run's pool for the agent's first request. Once upstream's choice for an offer is
 //!    known, later connections skip this probe and the pool's connections serve them.
 //! 7. **Request loop** ([`crate::http::serve_connection_until`]) until the agent closes, a leg
-//!    is idle for the idle timeout, or the proxy drains.
+//!    is idle for the idle timeout, or the proxy drains. Each request is audited once its status
+//!    is decided ([`RequestAudit`]); a refusal that cannot be recorded is not answered.
 //!
 //! Steps 2 to 6 are bounded by the handshake timeout. One tracing span per connection carries
 //! the run, original destination, SNI and decision.
@@ -49,7 +50,10 @@ use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
 
 use crate::audit::{AuditEvent, AuditKind, AuditOutcome, AuditSink, audit_decision};
-use crate::http::{HttpLimits, Substituter, UpstreamPool};
+use crate::http::{
+    HttpError, HttpLimits, RequestAudit, RequestContext, Substituter, UpstreamPool,
+    serve_connection_until,
+};
 use crate::metrics::{DecisionLabel, ProxyMetrics, Rejection};
 use crate::net::Vetter;
 use crate::origdst::OriginalDst;
@@ -225,6 +229,34 @@ impl Pipeline {
             },
         };
         (Some(req.host), decision)
+    }
+
+    /// Runs the request loop on an admitted agent connection until it ends or the proxy
+    /// drains; each request is audited with `mode` and `dst`.
+    async fn serve_requests<I>(
+        &self,
+        agent: I,
+        agent_alpn: Option<&[u8]>,
+        ctx: RequestContext,
+        mode: Mode,
+        dst: Option<SocketAddr>,
+    ) -> Result<(), HttpError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let audit = RequestAudit::new(Arc::clone(&self.audit), Arc::clone(&self.metrics), mode)
+            .with_dst(dst);
+        serve_connection_until(
+            agent,
+            agent_alpn,
+            ctx,
+            self.pool.clone(),
+            Arc::clone(&self.substituter),
+            audit,
+            self.http_limits.clone(),
+            self.drained(),
+        )
+        .await
     }
 
     /// Counts, logs and audits a refused connection. Returns the audit outcome: the caller

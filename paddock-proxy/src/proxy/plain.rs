@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::io::{IdleIo, PrefixedIo, header_value, read_head};
 use super::{ConnInfo, Pipeline, reset};
 use crate::audit::AuditOutcome;
-use crate::http::{RequestContext, serve_connection_until, serve_denial};
+use crate::http::{RequestContext, serve_denial};
 use crate::metrics::{Direction, Rejection};
 use crate::policy::{Decision, Mode};
 
@@ -119,16 +119,9 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr) 
         port: dst.port(),
         sni: None,
     };
-    let served = serve_connection_until(
-        agent,
-        None,
-        ctx,
-        p.pool.clone(),
-        Arc::clone(&p.substituter),
-        p.http_limits.clone(),
-        p.drained(),
-    )
-    .await;
+    let served = p
+        .serve_requests(agent, None, ctx, Mode::PlainHttp, Some(dst))
+        .await;
     if let Err(e) = served {
         tracing::debug!(error = %e, "plain HTTP connection ended with an error");
     }

@@ -20,13 +20,13 @@ use tokio::sync::watch;
 use super::{
     Connector, Drain, ListenerKind, Pipeline, PipelineLimits, PipelineParts, run_listener,
 };
-use crate::audit::{AuditError, AuditEvent, AuditSink};
+use crate::audit::{AuditError, AuditEvent, AuditKind, AuditSink, RequestOutcome};
 use crate::http::{HttpLimits, NoopSubstituter};
 use crate::metrics::{ProxyMetrics, Rejection};
 use crate::net::test_dns::TestDns;
 use crate::net::{CidrPolicy, DialSettings, DnsResolver, ResolverSettings, Vetter};
 use crate::origdst::StaticOriginalDst;
-use crate::policy::StaticPolicy;
+use crate::policy::{Mode, StaticPolicy};
 use crate::tls::{LeafCache, LeafCacheConfig, MitmServer, RunCa, UpstreamTls};
 
 const POLICY: &str = r#"
@@ -242,10 +242,38 @@ async fn allowed_host_is_intercepted_and_forwarded() {
     assert!(reply.ends_with("hello /two"), "{reply}");
     assert_eq!(rig.upstream_requests.load(Ordering::Relaxed), 2);
     let events = rig.sink.events.lock().expect("lock").clone();
-    assert_eq!(events.len(), 2);
+    // Per connection: the allow decision, then one record per request.
+    let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            AuditKind::Allow,
+            AuditKind::Request,
+            AuditKind::Allow,
+            AuditKind::Request
+        ]
+    );
     assert!(events.iter().all(|e| e.sni.as_deref() == Some("app.test")
-        && e.rule.as_deref() == Some("app")
-        && e.dst == Some(rig.upstream)));
+        && e.dst == Some(rig.upstream)
+        && e.mode == Mode::Transparent));
+    for (e, path) in events
+        .iter()
+        .filter(|e| e.kind == AuditKind::Request)
+        .zip(["/one", "/two"])
+    {
+        assert_eq!(e.path.as_deref(), Some(path));
+        assert_eq!(e.method.as_deref(), Some("GET"));
+        assert_eq!(e.status, Some(200));
+        assert_eq!(e.protocol, Some("HTTP/1.1"));
+        assert_eq!(e.outcome, Some(RequestOutcome::Forwarded));
+        assert_eq!(e.rule, None);
+    }
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.kind == AuditKind::Allow)
+            .all(|e| e.rule.as_deref() == Some("app"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,6 +314,12 @@ async fn failed_audit_write_on_deny_resets_instead_of_answering() {
     assert_eq!(
         rig.metrics
             .audit_write_failures(crate::audit::AuditKind::Allow),
+        1
+    );
+    // So does the forwarded request's record.
+    assert_eq!(
+        rig.metrics
+            .audit_write_failures(crate::audit::AuditKind::Request),
         1
     );
 }

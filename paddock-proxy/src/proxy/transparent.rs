@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use super::io::IdleIo;
 use super::{ConnInfo, Pipeline, original_dst, plain, reset};
 use crate::audit::AuditOutcome;
-use crate::http::{RequestContext, UpstreamStream, serve_connection_until, serve_denial};
+use crate::http::{RequestContext, UpstreamStream, serve_denial};
 use crate::metrics::{Direction, Leg, Rejection};
 use crate::net::dial;
 use crate::policy::{Decision, Mode};
@@ -108,6 +108,7 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream) {
         &vetted.addrs,
         deadline,
         Mode::Transparent,
+        Some(dst),
     )
     .await;
 }
@@ -183,6 +184,7 @@ pub(super) async fn intercept(
     addrs: &[std::net::IpAddr],
     deadline: Instant,
     mode: Mode,
+    dst: Option<SocketAddr>,
 ) {
     let offer = UpstreamAlpn::from_agent_offer(hello.alpn());
     let upstream_alpn = if let Some(known) = p.alpn_cache.get(host, port, offer) {
@@ -217,16 +219,9 @@ pub(super) async fn intercept(
         port,
         sni: Some(host.to_owned()),
     };
-    let served = serve_connection_until(
-        agent,
-        negotiated.as_deref(),
-        ctx,
-        p.pool.clone(),
-        Arc::clone(&p.substituter),
-        p.http_limits.clone(),
-        p.drained(),
-    )
-    .await;
+    let served = p
+        .serve_requests(agent, negotiated.as_deref(), ctx, mode, dst)
+        .await;
     if let Err(e) = served {
         tracing::debug!(error = %e, "agent connection ended with an error");
     }
