@@ -170,6 +170,7 @@ async fn run_injects_real_credentials_the_agent_never_sees() {
             .any(|l| l.contains("\"deny\"") && l.contains("other.paddock.test")),
         "{trail}"
     );
+    check_request_audit(&trail);
     // Secrets and keys are gone after the run; the audit logs stay.
     assert!(!state.join("e2e-run/ca").exists() && !state.join("e2e-run/broker").exists());
     assert!(state.join("e2e-run/broker-audit.jsonl").exists());
@@ -220,5 +221,49 @@ fn check_agent_view(stdout: &str) {
     assert!(
         denied.contains("other.paddock.test"),
         "403 page names the host: {stdout}"
+    );
+}
+
+/// Every request upstream received has one request record naming the credential put in, with
+/// the path only; nothing in the trail is a secret, a placeholder or a query string.
+fn check_request_audit(trail: &str) {
+    let records: Vec<serde_json::Value> = trail
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "request")
+        .collect();
+    for (path, credential) in [
+        ("/bearer", "bearer"),
+        ("/apikey", "apikey"),
+        ("/query", "qkey"),
+        ("/basic", "git"),
+    ] {
+        let matching: Vec<_> = records.iter().filter(|r| r["path"] == path).collect();
+        assert_eq!(matching.len(), 1, "one record for {path}: {trail}");
+        let r = matching[0];
+        assert_eq!(r["outcome"], "forwarded", "{r}");
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["credential"], credential, "{r}");
+        assert_eq!(r["sni"], "api.paddock.test", "{r}");
+        assert!(r["lease_id"].is_string(), "{r}");
+    }
+    // This API speaks HTTP/1.1 only, so the proxy offers the agent no h2 (run_h2 covers h2).
+    assert!(
+        records.iter().all(|r| r["protocol"] == "HTTP/1.1"),
+        "{trail}"
+    );
+    for (name, secret) in SECRETS {
+        assert!(
+            !trail.contains(secret),
+            "the audit trail holds the real {name}"
+        );
+    }
+    assert!(
+        !trail.contains("pdk-"),
+        "the audit trail holds a placeholder"
+    );
+    assert!(
+        !trail.contains("q=1"),
+        "the audit trail holds a query string"
     );
 }

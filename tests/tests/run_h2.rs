@@ -178,6 +178,32 @@ async fn run_substitutes_over_http2_end_to_end() {
         .filter(|(_, c)| *c != Cred::Two)
         .count();
     assert_eq!(seen.len(), forwarded + 2, "{context}");
+    check_request_audit(&d.join("proxy-audit.jsonl"), forwarded + 2);
+}
+
+/// One request record per request, all HTTP/2; the refused one says why.
+fn check_request_audit(path: &Path, forwarded: usize) {
+    let trail = std::fs::read_to_string(path).expect("audit log");
+    let records: Vec<serde_json::Value> = trail
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "request")
+        .collect();
+    let count = |outcome: &str| records.iter().filter(|r| r["outcome"] == outcome).count();
+    assert_eq!(count("forwarded"), forwarded, "{trail}");
+    assert_eq!(count("denied"), 1, "{trail}");
+    assert_eq!(records.len(), forwarded + 1, "{trail}");
+    assert!(records.iter().all(|r| r["protocol"] == "HTTP/2"), "{trail}");
+    let refused = records
+        .iter()
+        .find(|r| r["outcome"] == "denied")
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    assert!(
+        refused.contains("/seq/3") && refused.contains("403"),
+        "{refused}"
+    );
+    assert!(!trail.contains("pdk-") && !trail.contains("q=3"), "{trail}");
 }
 
 /// The fields of the `== w` lines curl printed in the section that starts with

@@ -455,6 +455,17 @@ async fn revoked_lease_is_refused_on_the_next_request() {
         assert_eq!(lab.curl("/after-new", &placeholder), 403);
         assert!(lab.upstream("/after").is_empty() && lab.upstream("/after-new").is_empty());
 
+        let trail = lab.proxy_audit();
+        let refused = request_record(&trail, "/after");
+        assert_eq!(refused["outcome"], "denied", "{refused}");
+        assert_eq!(refused["status"], 403, "{refused}");
+        assert!(
+            refused["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("substitution_denied")),
+            "{refused}"
+        );
+
         // Revocation is per lease: a new one works on the same connection.
         let (_, fresh) = lab.issue();
         let (status, _) = agent.get("/fresh", &fresh);
@@ -554,5 +565,20 @@ async fn broker_killed_mid_run_lets_nothing_more_upstream() {
                 .any(|l| l.contains("\"deny\"") && l.contains(API)),
             "new connections are denied and audited: {trail}"
         );
+        let failed = request_record(&trail, "/after");
+        assert_eq!(failed["outcome"], "failed", "{failed}");
+        assert_eq!(failed["status"], 502, "{failed}");
+        assert_eq!(request_record(&trail, "/before")["outcome"], "forwarded");
     });
+}
+
+/// The one request record for `path` in the proxy's audit trail.
+fn request_record(trail: &str, path: &str) -> serde_json::Value {
+    let found: Vec<serde_json::Value> = trail
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "request" && r["path"] == path)
+        .collect();
+    assert_eq!(found.len(), 1, "one request record for {path}: {trail}");
+    found.into_iter().next().unwrap_or_default()
 }
