@@ -91,7 +91,9 @@ where
             substituter,
             audit,
             via: limits.via.clone(),
+            tunnels: upgrade::Tunnels::default(),
         });
+        let tunnels = forwarder.tunnels.clone();
         // An `Unrecorded` error makes hyper reset the HTTP/2 stream, or close the HTTP/1.1
         // connection, without an answer.
         let service = service_fn(move |req: Request<Incoming>| {
@@ -121,6 +123,9 @@ where
             )
             .await
         };
+        // After an upgrade hyper hands the socket to the tunnel and returns: the connection
+        // lasts as long as its tunnels (each bounded by the idle timeout of its sockets).
+        tunnels.wait().await;
         served.map_err(HttpError::Agent)
     }
 }
@@ -156,6 +161,10 @@ struct Forwarder {
     substituter: Arc<dyn Substituter>,
     audit: RequestAudit,
     via: Option<HeaderValue>,
+    /// Upgraded tunnels (WebSocket) of this connection. The connection's future waits for
+    /// them, so a tunnel keeps its connection slot, span and drain accounting: an agent
+    /// cannot get past the connection cap by upgrading.
+    tunnels: upgrade::Tunnels,
 }
 
 impl Forwarder {
@@ -241,7 +250,7 @@ impl Forwarder {
         let req = Request::from_parts(parts, body);
 
         let (response, upgraded) = match agent_upgrade {
-            Some(agent) => upgrade::forward(&self.pool, req, agent).await?,
+            Some(agent) => upgrade::forward(&self.pool, req, agent, &self.tunnels).await?,
             None => (self.pool.send(req).await?, None),
         };
         let (mut parts, body) = response.into_parts();

@@ -643,7 +643,7 @@ async fn websocket_echo_through_the_proxy() {
     let upstream = websocket_echo_upstream().await;
     let sub = Arc::new(PlaceholderSubstituter { deny_host: None });
     let (sink, _metrics, audit) = capture(MemorySink::default());
-    let (io, _proxy) = proxy_audited(
+    let (io, proxy) = proxy_audited(
         false,
         upstream.connector(),
         sub,
@@ -688,7 +688,19 @@ async fn websocket_echo_through_the_proxy() {
             .expect("ok");
         assert_eq!(echo.into_text().expect("text").as_str(), text);
     }
+    // The tunnel holds its connection: the connection's future (its slot under the cap,
+    // its span, the drain) lasts until the tunnel closes.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(
+        !proxy.is_finished(),
+        "an open WebSocket tunnel must keep its agent connection accounted"
+    );
     within("ws close", ws.close(None)).await.expect("close");
+    drop(ws);
+    within("connection ends with its tunnel", proxy)
+        .await
+        .expect("join")
+        .expect("connection ok");
 
     let seen = upstream.seen();
     assert_eq!(seen.len(), 1);

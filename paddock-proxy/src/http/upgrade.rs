@@ -1,13 +1,45 @@
 //! Forwarding HTTP/1.1 upgrades (WebSocket and others) and splicing the two tunnels.
 
+use std::sync::{Arc, Mutex};
+
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tracing::Instrument as _;
+
+use tokio::task::JoinSet;
 
 use super::upstream::{UpstreamPool, host_port};
 use super::{HttpError, hop};
+
+/// The upgraded tunnels of one agent connection.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tunnels(Arc<Mutex<JoinSet<()>>>);
+
+impl Tunnels {
+    fn spawn(&self, tunnel: impl Future<Output = ()> + Send + 'static) {
+        // A poisoned lock only means another tunnel's spawn panicked; the set is intact.
+        let mut set = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        set.spawn(tunnel.instrument(tracing::Span::current()));
+    }
+
+    /// Waits until every tunnel spawned so far has closed.
+    pub(crate) async fn wait(&self) {
+        let mut set = {
+            let mut guard = self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            std::mem::take(&mut *guard)
+        };
+        while set.join_next().await.is_some() {}
+    }
+}
 
 /// Sends an upgrade request (already substituted) on a dedicated upstream connection.
 ///
@@ -18,6 +50,7 @@ pub(crate) async fn forward(
     pool: &UpstreamPool,
     mut req: Request<Incoming>,
     agent: OnUpgrade,
+    tunnels: &Tunnels,
 ) -> Result<(Response<Incoming>, Option<HeaderValue>), HttpError> {
     let (host, port) = host_port(req.uri());
     let offered = req
@@ -76,7 +109,7 @@ pub(crate) async fn forward(
         });
     };
     let upstream = hyper::upgrade::on(&mut response);
-    tokio::spawn(splice(agent, upstream, host, port));
+    tunnels.spawn(splice(agent, upstream, host, port));
     Ok((response, Some(protocol)))
 }
 
