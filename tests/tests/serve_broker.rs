@@ -493,6 +493,10 @@ async fn policy_change_denies_new_connections_within_a_second() {
         let lab = BrokerLab::new();
         let (_, placeholder) = lab.issue();
         assert_eq!(lab.curl("/allowed", &placeholder), 200);
+        // A connection opened before the change, used without a placeholder.
+        let mut agent = KeepAliveAgent::start(&lab);
+        let (status, port) = agent.get("/kept-before", "own-token");
+        assert_eq!(status, "200");
 
         // Write the new policy atomically (rename), as a ConfigMap update does.
         let d = lab.dir.path();
@@ -515,6 +519,19 @@ async fn policy_change_denies_new_connections_within_a_second() {
             took < Duration::from_secs(1),
             "policy change reached new connections after {took:?} ({tries} tries)"
         );
+        // The open connection: its next requests are refused within a second too.
+        let (status, again) = loop {
+            let (status, again) = agent.get("/kept-after", "own-token");
+            if status != "200" || changed.elapsed() > Duration::from_secs(3) {
+                break (status, again);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let took = changed.elapsed();
+        eprintln!("policy change seen by an open connection after {took:?}");
+        assert_eq!(status, "403", "the host left the policy");
+        assert_eq!(again, port, "refused on the connection opened before the change");
+        assert!(took < Duration::from_secs(1), "open connection: {took:?}");
         let trail = lab.proxy_audit();
         assert!(
             trail
@@ -522,6 +539,12 @@ async fn policy_change_denies_new_connections_within_a_second() {
                 .any(|l| l.contains("\"deny\"") && l.contains(API)),
             "the denial is audited: {trail}"
         );
+        let refused: Vec<serde_json::Value> = trail
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["path"] == "/kept-after" && r["outcome"] == "denied")
+            .collect();
+        assert_eq!(refused.len(), 1, "{trail}");
     });
 }
 
@@ -552,6 +575,11 @@ async fn broker_killed_mid_run_lets_nothing_more_upstream() {
         // with a placeholder nor without one.
         assert_ne!(lab.curl("/after-new", &placeholder), 200);
         assert_ne!(lab.curl("/after-plain", "not-a-placeholder"), 200);
+        // And requests without a placeholder on the open connection, once the last egress
+        // answer is stale (0.5 s).
+        std::thread::sleep(Duration::from_millis(600));
+        let (status, _) = agent.get("/after-kept-plain", "own-token");
+        assert_eq!(status, "502", "no broker, no egress: nothing is forwarded");
         assert_eq!(
             lab.api.requests().len(),
             before,

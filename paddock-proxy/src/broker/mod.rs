@@ -19,6 +19,7 @@
 mod client;
 mod credentials;
 mod policy;
+mod recheck;
 mod substitute;
 
 #[cfg(test)]
@@ -30,4 +31,5 @@ pub use client::{
 };
 pub use credentials::{ClientCertFiles, CredentialError};
 pub use policy::BrokerPolicy;
+pub use recheck::DEFAULT_EGRESS_RECHECK;
 pub use substitute::BrokerSubstituter;

@@ -36,7 +36,10 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
 /// `matched: false` (forward unchanged) for a request without a placeholder, so calling it
 /// could not change what is forwarded, and for destinations without a substitute-auth grant
 /// it refuses every call, which would break plain allowed traffic. Skipping the call also
-/// keeps the run's substitution rate limit for requests that need it.
+/// keeps the run's substitution rate limit for requests that need it. With
+/// [`BrokerSubstituter::with_egress_recheck`] such requests instead re-check the destination
+/// with `validate-egress` when its last answer is stale, so policy changes reach open
+/// connections.
 ///
 /// Use one `BrokerSubstituter` for every intercepted connection, whatever the egress
 /// decision's `substitute_auth` flag said: a placeholder sent to a host without a
@@ -55,8 +58,9 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
 ///   [`SubstituteError::Invalid`], answered 502.
 ///
 /// On success it reports the broker's credential name and lease id ([`Substituted`]) for the
-/// request's audit record. In each error case the request is not forwarded. Every call is made fresh (nothing is
-/// cached), so a revoked lease or a policy change denies the very next request.
+/// request's audit record. In each error case the request is not forwarded. Every
+/// substitution is asked fresh (nothing is cached), so a revoked lease or a policy change
+/// denies the very next request that carries a placeholder.
 ///
 /// Placeholders in the path or the body are not substituted (the broker does not look there)
 /// and are forwarded as they are.
@@ -64,6 +68,7 @@ const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
 pub struct BrokerSubstituter {
     client: BrokerClient,
     metrics: Option<std::sync::Arc<crate::metrics::ProxyMetrics>>,
+    recheck: Option<std::sync::Arc<super::recheck::EgressRecheck>>,
 }
 
 impl BrokerSubstituter {
@@ -72,7 +77,20 @@ impl BrokerSubstituter {
         Self {
             client,
             metrics: None,
+            recheck: None,
         }
+    }
+
+    /// Also re-check egress for requests without a placeholder when the destination's last
+    /// broker answer is older than `interval` (zero: on every request), so a policy change
+    /// reaches connections that are already open (see [`super::recheck`]). Off by default:
+    /// then requests without a placeholder never reach the broker.
+    #[must_use]
+    pub fn with_egress_recheck(mut self, interval: std::time::Duration) -> Self {
+        self.recheck = Some(std::sync::Arc::new(super::recheck::EgressRecheck::new(
+            interval,
+        )));
+        self
     }
 
     /// Count applied substitutions in the proxy's `substitutions` metric.
@@ -91,6 +109,9 @@ impl Substituter for BrokerSubstituter {
     ) -> BoxFuture<'a, Result<Substituted, SubstituteError>> {
         Box::pin(async move {
             if !carries_placeholder(head) {
+                if let Some(recheck) = &self.recheck {
+                    recheck.check(&self.client, ctx).await?;
+                }
                 return Ok(Substituted::none());
             }
             let answer = self
@@ -105,6 +126,10 @@ impl Substituter for BrokerSubstituter {
                 }
             }
             ensure_no_placeholder(head)?;
+            if let Some(recheck) = &self.recheck {
+                // substitute-auth checked the egress policy before answering.
+                recheck.allowed(ctx);
+            }
             tracing::debug!(
                 run = %ctx.run, host = %ctx.host, matched = answer.matched,
                 lease = answer.lease_id.as_deref().unwrap_or(""),
@@ -124,7 +149,7 @@ impl Substituter for BrokerSubstituter {
     }
 }
 
-fn call_error(e: &BrokerCallError) -> SubstituteError {
+pub(super) fn call_error(e: &BrokerCallError) -> SubstituteError {
     if e.is_refusal() {
         let reason = match e {
             BrokerCallError::Rejected { message, .. } => message.clone(),

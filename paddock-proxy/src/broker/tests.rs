@@ -728,6 +728,60 @@ async fn egress_decisions_follow_policy_changes_within_a_second() {
 }
 
 #[tokio::test]
+async fn open_connections_recheck_egress_and_see_policy_changes() {
+    let mut fx = Fixture::start(Options {
+        policy_poll: Some(Duration::from_millis(200)),
+        ..Options::default()
+    })
+    .await;
+    let interval = Duration::from_millis(300);
+    let sub = BrokerSubstituter::new(fx.proxy_client()).with_egress_recheck(interval);
+    let plain = || request("https://plain.example.com/", &[]);
+    substitute(&sub, &mut plain(), "plain.example.com")
+        .await
+        .expect("allowed without a placeholder");
+
+    // Withdraw plain.example.com: requests without a placeholder, on connections allowed
+    // before, are refused within a second.
+    std::fs::write(
+        fx.dir.path().join("policy.yaml"),
+        policy_yaml(fx.dir.path(), false),
+    )
+    .expect("policy");
+    let changed = Instant::now();
+    loop {
+        match substitute(&sub, &mut plain(), "plain.example.com").await {
+            Err(SubstituteError::Denied { reason }) => {
+                assert!(reason.contains("no longer allowed"), "{reason}");
+                break;
+            }
+            Ok(_) => assert!(
+                changed.elapsed() < Duration::from_secs(1),
+                "policy change not seen by an open connection within 1 s"
+            ),
+            Err(e) => panic!("unexpected: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A fresh answer covers the interval (no call per request); past it, a broker that is
+    // gone fails the request closed.
+    let github = || request("https://api.github.com/", &[]);
+    substitute(&sub, &mut github(), "api.github.com")
+        .await
+        .expect("still allowed");
+    fx.stop().await;
+    substitute(&sub, &mut github(), "api.github.com")
+        .await
+        .expect("covered by the answer just given");
+    tokio::time::sleep(interval).await;
+    let err = substitute(&sub, &mut github(), "api.github.com")
+        .await
+        .expect_err("stale answer, broker gone");
+    assert!(matches!(err, SubstituteError::Unavailable { .. }), "{err}");
+}
+
+#[tokio::test]
 async fn client_certificates_are_presented() {
     let fx = Fixture::start(Options {
         require_client_cert: true,

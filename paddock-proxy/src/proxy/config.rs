@@ -27,6 +27,7 @@
 //! # client_key = "/etc/paddock/broker/tls.key"
 //! # server_name = "paddock-broker"             # when the URL host is not in the certificate
 //! # timeout_ms = 5000                          # per call; a late answer is a deny
+//! # egress_recheck_ms = 500                    # open connections re-check egress this often
 //!
 //! [network]
 //! deny_cidrs = []                  # added to the built-in denied set
@@ -165,6 +166,14 @@ pub struct BrokerConfig {
     /// Deadline of one broker call (connect, handshake, answer), milliseconds.
     #[serde(default = "default_broker_timeout_ms")]
     pub timeout_ms: u64,
+    /// Requests on open connections re-check egress when the destination's last answer is
+    /// older than this, milliseconds (0: every request), so policy changes reach them too.
+    #[serde(default = "default_egress_recheck_ms")]
+    pub egress_recheck_ms: u64,
+}
+
+fn default_egress_recheck_ms() -> u64 {
+    u64::try_from(crate::broker::DEFAULT_EGRESS_RECHECK.as_millis()).unwrap_or(500)
 }
 
 fn default_broker_timeout_ms() -> u64 {
@@ -582,6 +591,11 @@ file = "/tmp/policy.toml"
         let client = cfg.broker.as_ref().expect("broker").client_config();
         assert_eq!(client.url, "https://broker.test:8443");
         assert_eq!(client.timeout, crate::broker::DEFAULT_TIMEOUT);
+        assert_eq!(
+            cfg.broker.as_ref().map(|b| b.egress_recheck_ms),
+            Some(500),
+            "open connections see policy changes within a second by default"
+        );
         assert_eq!(client.bearer_file.as_deref(), Some(Path::new("/tmp/token")));
         assert!(client.client_cert.is_none());
 

@@ -315,7 +315,19 @@ fn egress_policy(
     };
     let substituter: Arc<dyn Substituter> = match (substituter, client) {
         (Some(s), _) => s,
-        (None, Some(c)) => Arc::new(BrokerSubstituter::new(c).with_metrics(Arc::clone(metrics))),
+        (None, Some(c)) => {
+            let recheck = cfg
+                .broker
+                .as_ref()
+                .map_or(crate::broker::DEFAULT_EGRESS_RECHECK, |b| {
+                    Duration::from_millis(b.egress_recheck_ms)
+                });
+            Arc::new(
+                BrokerSubstituter::new(c)
+                    .with_metrics(Arc::clone(metrics))
+                    .with_egress_recheck(recheck),
+            )
+        }
         (None, None) => Arc::new(NoopSubstituter),
     };
     Ok((policy, substituter))

@@ -452,7 +452,9 @@ pub async fn run(
     serve.policy = Some(Arc::new(BrokerPolicy::new(client.clone())));
     let metrics = Arc::new(crate::metrics::ProxyMetrics::new());
     serve.substituter = Some(Arc::new(
-        BrokerSubstituter::new(client.clone()).with_metrics(Arc::clone(&metrics)),
+        BrokerSubstituter::new(client.clone())
+            .with_metrics(Arc::clone(&metrics))
+            .with_egress_recheck(crate::broker::DEFAULT_EGRESS_RECHECK),
     ));
     serve.metrics = Some(metrics);
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
