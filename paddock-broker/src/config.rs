@@ -49,10 +49,10 @@ pub struct Config {
     pub rate_limits: RateLimitConfig,
 }
 
-/// Half a second: a policy change applies to new connections within a second of the write,
-/// for the price of a few `stat` calls per second.
+/// A quarter second: with the proxy's 0.25 s egress re-check, a policy change applies to
+/// every request within half a second of the write, for a few `stat` calls per second.
 fn default_poll() -> f64 {
-    0.5
+    0.25
 }
 
 /// The longest policy poll interval accepted (an hour).
@@ -541,8 +541,10 @@ mod tests {
     #[test]
     fn policy_poll_accepts_fractions_and_refuses_nonsense() {
         let cfg = |v: &str| {
-            let text = readme_block(1)
-                .replace("policyPollSeconds: 0.5", &format!("policyPollSeconds: {v}"));
+            let text = readme_block(1).replace(
+                "policyPollSeconds: 0.25",
+                &format!("policyPollSeconds: {v}"),
+            );
             serde_yaml_ng::from_str::<Config>(&text).expect("config parses")
         };
         assert_eq!(
@@ -558,7 +560,7 @@ mod tests {
             let e = cfg(bad).policy_poll().expect_err(bad).to_string();
             assert!(e.contains("policyPollSeconds"), "{bad}: {e}");
         }
-        let default = readme_block(1).replace("policyPollSeconds: 0.5", "");
+        let default = readme_block(1).replace("policyPollSeconds: 0.25", "");
         let default: Config = serde_yaml_ng::from_str(&default).expect("default");
         assert!(
             default

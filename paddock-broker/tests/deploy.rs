@@ -377,7 +377,11 @@ fn broker_yaml_parses_and_validates() {
     let d = Deployment::load();
     let c = &d.config;
     c.auth.resolved_order().expect("auth backends");
-    c.policy_poll().expect("policyPollSeconds");
+    let poll = c.policy_poll().expect("policyPollSeconds");
+    assert!(
+        poll.is_some_and(|p| p <= std::time::Duration::from_millis(500)),
+        "policy changes must reach requests within a second (poll + proxy re-check): {poll:?}"
+    );
     let admin = d.admin_listen();
     assert!(
         admin.ip().is_unspecified() && c.listen.ip().is_unspecified(),

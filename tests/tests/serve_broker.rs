@@ -530,7 +530,10 @@ async fn policy_change_denies_new_connections_within_a_second() {
         let took = changed.elapsed();
         eprintln!("policy change seen by an open connection after {took:?}");
         assert_eq!(status, "403", "the host left the policy");
-        assert_eq!(again, port, "refused on the connection opened before the change");
+        assert_eq!(
+            again, port,
+            "refused on the connection opened before the change"
+        );
         assert!(took < Duration::from_secs(1), "open connection: {took:?}");
         let trail = lab.proxy_audit();
         assert!(

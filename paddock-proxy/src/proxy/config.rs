@@ -27,7 +27,7 @@
 //! # client_key = "/etc/paddock/broker/tls.key"
 //! # server_name = "paddock-broker"             # when the URL host is not in the certificate
 //! # timeout_ms = 5000                          # per call; a late answer is a deny
-//! # egress_recheck_ms = 500                    # open connections re-check egress this often
+//! # egress_recheck_ms = 250                    # open connections re-check egress this often
 //!
 //! [network]
 //! deny_cidrs = []                  # added to the built-in denied set
@@ -173,7 +173,7 @@ pub struct BrokerConfig {
 }
 
 fn default_egress_recheck_ms() -> u64 {
-    u64::try_from(crate::broker::DEFAULT_EGRESS_RECHECK.as_millis()).unwrap_or(500)
+    u64::try_from(crate::broker::DEFAULT_EGRESS_RECHECK.as_millis()).unwrap_or(250)
 }
 
 fn default_broker_timeout_ms() -> u64 {
@@ -593,7 +593,7 @@ file = "/tmp/policy.toml"
         assert_eq!(client.timeout, crate::broker::DEFAULT_TIMEOUT);
         assert_eq!(
             cfg.broker.as_ref().map(|b| b.egress_recheck_ms),
-            Some(500),
+            Some(250),
             "open connections see policy changes within a second by default"
         );
         assert_eq!(client.bearer_file.as_deref(), Some(Path::new("/tmp/token")));
