@@ -290,8 +290,9 @@ fn main() -> Result<()> {
          `Authorization` is absent or the real bearer, and any non-2xx fails the run). \"direct\": \
          wrk outside any agent cgroup sending the real bearer. Through: wrk as the command of \
          `paddock-proxy run` (eBPF connect redirect, TLS interception with a forged leaf, \
-         embedded broker, audit to a JSONL file), after a 1 s warm-up; \"MITM only\" sends no \
-         placeholder (one `validate-egress` per connection, none per request), \"MITM + \
+         embedded broker, a JSONL audit line per connection and per request), after a 1 s \
+         warm-up; \"MITM only\" sends no placeholder (one `validate-egress` per connection and \
+         an egress re-check at most every 250 ms, no substitution), \"MITM + \
          substitution\" sends `Bearer $API_BEARER` so the broker swaps in the real bearer on \
          every request (`substitute-auth` over loopback TLS). The run's broker limit on \
          substitutions (default 50/s, burst 100, per run; beyond it requests get 403) is \
