@@ -171,18 +171,15 @@ impl Store {
     pub fn run(&self, run: &str) -> Result<Option<RunInfo>, StoreError> {
         self.with(|c| {
             let row = c
-                .query_row(
-                    "SELECT run, namespace, template, phase FROM runs WHERE run = ?1",
-                    [run],
-                    |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, String>(3)?,
-                        ))
-                    },
-                )
+                .prepare_cached("SELECT run, namespace, template, phase FROM runs WHERE run = ?1")?
+                .query_row([run], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                    ))
+                })
                 .optional()?;
             row.map(|(run, namespace, template, phase)| {
                 let phase = RunPhase::parse(&phase)
@@ -281,7 +278,9 @@ impl Store {
         p: impl rusqlite::Params,
     ) -> Result<Vec<LeaseInfo>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare(sql)?;
+            // Cached: the lookups run on every substitution; parsing the SQL each time was
+            // the broker's largest single cost per request.
+            let mut stmt = c.prepare_cached(sql)?;
             let rows = stmt.query_map(p, lease_from_row)?;
             let mut out = Vec::new();
             for row in rows {
