@@ -132,6 +132,10 @@ pub enum RequestOutcome {
     /// The proxy could not serve it (broker unavailable, a substitution that cannot be
     /// applied, upstream unreachable, timed out or broken); answered by the proxy.
     Failed,
+    /// The agent went away (stream reset, connection closed) before an answer was decided.
+    /// The request may already have reached upstream, with any credential substituted into
+    /// it: the record says which, so cancelling a request does not hide that it was made.
+    Abandoned,
 }
 
 impl RequestOutcome {
@@ -141,6 +145,7 @@ impl RequestOutcome {
             RequestOutcome::Forwarded => "forwarded",
             RequestOutcome::Denied => "denied",
             RequestOutcome::Failed => "failed",
+            RequestOutcome::Abandoned => "abandoned",
         }
     }
 }
@@ -256,7 +261,8 @@ impl AuditEvent {
     /// a placeholder is redacted.
     #[must_use]
     pub fn with_request(mut self, method: &Method, uri: &Uri, version: Version) -> Self {
-        self.method = Some(method.as_str().to_owned());
+        // Methods are arbitrary tokens the agent picks, so a placeholder can hide there too.
+        self.method = Some(redact_placeholders(method.as_str().to_owned()));
         self.path = Some(redacted_path(uri.path()));
         self.protocol = Some(protocol_label(version));
         self
@@ -288,7 +294,12 @@ impl AuditEvent {
     #[must_use]
     pub fn fails_closed(&self) -> bool {
         match self.kind {
-            AuditKind::Request => self.outcome != Some(RequestOutcome::Forwarded),
+            // Only answers the proxy gives itself can be withheld; there is nothing to
+            // withhold from a forwarded or abandoned request.
+            AuditKind::Request => !matches!(
+                self.outcome,
+                Some(RequestOutcome::Forwarded | RequestOutcome::Abandoned)
+            ),
             kind => kind.fails_closed(),
         }
     }
@@ -340,7 +351,7 @@ fn starts_with_placeholder(rest: &[u8]) -> bool {
 /// `text` with every run of token characters (`[A-Za-z0-9-]`) that starts with a well-formed
 /// placeholder replaced by `[redacted]`, whatever precedes it: the agent may glue a
 /// placeholder to anything, and the audit must not hold it.
-fn redact_placeholders(text: String) -> String {
+pub(crate) fn redact_placeholders(text: String) -> String {
     if !text.contains(PLACEHOLDER_MARKER) {
         return text;
     }
@@ -369,7 +380,7 @@ fn redact_placeholders(text: String) -> String {
 
 /// `path` with every segment that holds a placeholder, as is or percent-encoded, replaced by
 /// `[redacted]`.
-fn redacted_path(path: &str) -> String {
+pub(crate) fn redacted_path(path: &str) -> String {
     if !path.contains(PLACEHOLDER_MARKER) && !path.contains('%') {
         return path.to_owned();
     }
@@ -754,6 +765,10 @@ mod tests {
             let ev = event(AuditKind::Request).with_request(&Method::GET, &uri, Version::HTTP_11);
             assert_eq!(ev.path.as_deref(), Some(want.as_str()), "{path}");
         }
+        let method = Method::from_bytes(BEARER.as_bytes()).expect("a token is a method");
+        let uri: Uri = "https://h/".parse().expect("uri");
+        let ev = event(AuditKind::Request).with_request(&method, &uri, Version::HTTP_11);
+        assert_eq!(ev.method.as_deref(), Some("[redacted]"), "method");
         let ev = event(AuditKind::Request)
             .with_sni(BEARER)
             .with_reason(format!(
@@ -820,6 +835,7 @@ mod tests {
         };
         let table = [
             (Some(RequestOutcome::Forwarded), AuditOutcome::Proceed),
+            (Some(RequestOutcome::Abandoned), AuditOutcome::Proceed),
             (Some(RequestOutcome::Denied), AuditOutcome::DropConnection),
             (Some(RequestOutcome::Failed), AuditOutcome::DropConnection),
             (None, AuditOutcome::DropConnection),

@@ -3,15 +3,21 @@
 //! `validate-egress` is asked once per agent connection, so without more a policy change
 //! would only reach connections opened after it, and an agent could keep a kept-alive (or
 //! HTTP/2) connection to a withdrawn host for as long as it likes. Requests with a placeholder
-//! are covered by `substitute-auth`, which checks the policy itself; for the others the proxy
-//! asks `validate-egress` again when the destination's last answer is older than the interval.
-//! With the broker's 0.25 s policy poll and the 0.25 s default here, a policy change reaches
-//! every request, on old connections as on new ones, within half a second (a second with
-//! margin); a broker that stopped
-//! answering fails the next stale re-check (502).
+//! are covered by `substitute-auth`, which checks the policy itself; for the others (and for
+//! open WebSocket tunnels) the proxy asks `validate-egress` again when the destination's last
+//! answer is older than the interval. With the broker's 0.25 s policy poll and the 0.25 s
+//! default here, a policy change reaches every request, on old connections as on new ones,
+//! within half a second; a broker that stopped answering fails the next stale re-check (502).
+//!
+//! One call per destination at a time: concurrent requests for a stale destination wait for
+//! the one call in flight and share its answer. Every answer is kept for the interval,
+//! refusals and failures too, so a hostile agent cannot turn its requests into a flood of
+//! broker calls (and broker audit lines), and a silent broker costs one timeout per interval,
+//! not one per waiting request. An answer's age counts from when its call was sent, so an
+//! allow decided before a policy change never outlives the interval after it.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use paddock_broker::wire::ValidateEgressRequest;
@@ -24,84 +30,99 @@ pub const DEFAULT_EGRESS_RECHECK: Duration = Duration::from_millis(250);
 /// Destinations remembered at once; past it the memory starts over (costs one call each).
 const MAX_ENTRIES: usize = 4096;
 
-/// When each (run, host, port) was last allowed by the broker.
+type Key = (String, String, u16);
+
+/// The last answer for one destination: when its call was sent, and the verdict.
+#[derive(Debug, Default)]
+struct Slot {
+    answer: Option<(Instant, Result<(), Verdict>)>,
+}
+
+/// A refusal or a failure, kept to answer the requests of the interval.
+#[derive(Debug, Clone)]
+enum Verdict {
+    Denied(String),
+    Unavailable(String),
+}
+
+impl Verdict {
+    fn to_error(&self) -> SubstituteError {
+        match self {
+            Verdict::Denied(reason) => SubstituteError::Denied {
+                reason: reason.clone(),
+            },
+            Verdict::Unavailable(reason) => SubstituteError::Unavailable {
+                reason: reason.clone(),
+            },
+        }
+    }
+}
+
+/// The broker's last egress answer per (run, host, port).
 #[derive(Debug)]
 pub(crate) struct EgressRecheck {
     interval: Duration,
-    allowed_at: Mutex<HashMap<(String, String, u16), Instant>>,
+    slots: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<Slot>>>>,
 }
 
 impl EgressRecheck {
     pub(crate) fn new(interval: Duration) -> Self {
         Self {
             interval,
-            allowed_at: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
         }
     }
 
-    fn key(ctx: &RequestContext) -> (String, String, u16) {
-        (ctx.run.clone(), ctx.host.clone(), ctx.port)
-    }
-
-    fn is_fresh(&self, key: &(String, String, u16)) -> bool {
-        self.allowed_at
+    fn slot(&self, ctx: &RequestContext) -> Arc<tokio::sync::Mutex<Slot>> {
+        let key = (ctx.run.clone(), ctx.host.clone(), ctx.port);
+        // A poisoned map only means a panic elsewhere mid-insert; the map itself is intact.
+        let mut slots = self
+            .slots
             .lock()
-            .ok()
-            .and_then(|m| m.get(key).copied())
-            .is_some_and(|at| at.elapsed() < self.interval)
-    }
-
-    /// Records that the broker allowed `ctx`'s destination just now (also after a successful
-    /// substitution, which checked the policy too).
-    pub(crate) fn allowed(&self, ctx: &RequestContext) {
-        if let Ok(mut m) = self.allowed_at.lock() {
-            if m.len() >= MAX_ENTRIES {
-                m.clear();
-            }
-            m.insert(Self::key(ctx), Instant::now());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slots.len() >= MAX_ENTRIES && !slots.contains_key(&key) {
+            slots.clear();
         }
+        Arc::clone(slots.entry(key).or_default())
     }
 
-    fn forget(&self, key: &(String, String, u16)) {
-        if let Ok(mut m) = self.allowed_at.lock() {
-            m.remove(key);
-        }
-    }
-
-    /// `Ok` if the destination was allowed within the interval, else asks the broker again:
-    /// a refusal is [`SubstituteError::Denied`] (403), a failed call
-    /// [`SubstituteError::Unavailable`] (502).
+    /// `Ok` if the destination's answer from within the interval allowed it, else asks the
+    /// broker (one call per destination at a time): a refusal is [`SubstituteError::Denied`]
+    /// (403), a failed call [`SubstituteError::Unavailable`] (502).
     pub(crate) async fn check(
         &self,
         client: &BrokerClient,
         ctx: &RequestContext,
     ) -> Result<(), SubstituteError> {
-        let key = Self::key(ctx);
-        if self.is_fresh(&key) {
-            return Ok(());
+        let slot = self.slot(ctx);
+        let mut slot = slot.lock().await;
+        if let Some((sent, verdict)) = &slot.answer
+            && sent.elapsed() < self.interval
+        {
+            return verdict.clone().map_err(|v| v.to_error());
         }
-        let answer = client
+        let sent = Instant::now();
+        let verdict = match client
             .validate_egress(&ValidateEgressRequest {
                 run: ctx.run.clone(),
                 host: ctx.host.clone(),
                 port: ctx.port,
             })
             .await
-            .map_err(|e| {
-                self.forget(&key);
-                super::substitute::call_error(&e)
-            })?;
-        if !answer.allowed {
-            self.forget(&key);
-            let why = answer.reason;
-            return Err(SubstituteError::Denied {
-                reason: format!(
-                    "egress to {}:{} is no longer allowed: {why}",
-                    ctx.host, ctx.port
-                ),
-            });
-        }
-        self.allowed(ctx);
-        Ok(())
+        {
+            Ok(answer) if answer.allowed => Ok(()),
+            Ok(answer) => Err(Verdict::Denied(format!(
+                "egress to {}:{} is no longer allowed: {}",
+                ctx.host, ctx.port, answer.reason
+            ))),
+            Err(e) => Err(match super::substitute::call_error(&e) {
+                SubstituteError::Denied { reason } => Verdict::Denied(reason),
+                SubstituteError::Unavailable { reason } | SubstituteError::Invalid { reason } => {
+                    Verdict::Unavailable(reason)
+                }
+            }),
+        };
+        slot.answer = Some((sent, verdict.clone()));
+        verdict.map_err(|v| v.to_error())
     }
 }

@@ -126,10 +126,6 @@ impl Substituter for BrokerSubstituter {
                 }
             }
             ensure_no_placeholder(head)?;
-            if let Some(recheck) = &self.recheck {
-                // substitute-auth checked the egress policy before answering.
-                recheck.allowed(ctx);
-            }
             tracing::debug!(
                 run = %ctx.run, host = %ctx.host, matched = answer.matched,
                 lease = answer.lease_id.as_deref().unwrap_or(""),

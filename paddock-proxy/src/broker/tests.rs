@@ -194,6 +194,8 @@ struct Fixture {
     pki: Pki,
     handle: Option<Handle>,
     broker: Arc<paddock_broker::Broker>,
+    /// The broker's audit trail.
+    audit: Arc<MemorySink>,
     /// Controller client: registers runs, issues and revokes.
     admin: BrokerClient,
 }
@@ -214,10 +216,11 @@ impl Fixture {
         let policy_path = dir.path().join("policy.yaml");
         std::fs::write(&policy_path, policy_yaml(dir.path(), true)).expect("policy");
         let pki = pki(dir.path());
+        let audit = Arc::new(MemorySink::default());
         let broker = Arc::new(paddock_broker::Broker::new(
             Store::open(&dir.path().join("broker.db")).expect("store"),
             Arc::new(PolicyStore::load(&policy_path).expect("policy")),
-            Arc::new(MemorySink::default()),
+            audit.clone(),
             RateLimits::new(&RateLimitConfig::default()).expect("limits"),
         ));
         let keys = StaticKeys::from_text(&keys_text(), StaticKeyDefaults::default()).expect("keys");
@@ -257,6 +260,7 @@ impl Fixture {
             pki,
             handle: Some(handle),
             broker,
+            audit,
             admin,
         };
         within(
@@ -764,21 +768,71 @@ async fn open_connections_recheck_egress_and_see_policy_changes() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // A fresh answer covers the interval (no call per request); past it, a broker that is
+    // A fresh answer covers its interval (no call per request); past it, a broker that is
     // gone fails the request closed.
     let github = || request("https://api.github.com/", &[]);
+    let long =
+        BrokerSubstituter::new(fx.proxy_client()).with_egress_recheck(Duration::from_mins(1));
+    substitute(&long, &mut github(), "api.github.com")
+        .await
+        .expect("still allowed");
     substitute(&sub, &mut github(), "api.github.com")
         .await
         .expect("still allowed");
     fx.stop().await;
-    substitute(&sub, &mut github(), "api.github.com")
+    substitute(&long, &mut github(), "api.github.com")
         .await
-        .expect("covered by the answer just given");
+        .expect("covered by the answer given within the interval");
     tokio::time::sleep(interval).await;
     let err = substitute(&sub, &mut github(), "api.github.com")
         .await
         .expect_err("stale answer, broker gone");
     assert!(matches!(err, SubstituteError::Unavailable { .. }), "{err}");
+    assert!(
+        !err.to_string()
+            .contains("unavailable: credential broker unavailable"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn rechecks_of_a_refused_destination_cannot_flood_the_broker() {
+    let fx = Fixture::start(Options::default()).await;
+    let sub = Arc::new(
+        BrokerSubstituter::new(fx.proxy_client()).with_egress_recheck(Duration::from_secs(30)),
+    );
+    let denials = || {
+        fx.audit
+            .events()
+            .iter()
+            .filter(|e| e.host.as_deref() == Some("evil.example.net"))
+            .count()
+    };
+    // 64 concurrent requests (an h2 connection's worth of streams), then 64 more one by one.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let sub = Arc::clone(&sub);
+        tasks.spawn(async move {
+            let mut p = request("https://evil.example.net/", &[]);
+            substitute(sub.as_ref(), &mut p, "evil.example.net").await
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        let err = r.expect("join").expect_err("refused");
+        assert!(matches!(err, SubstituteError::Denied { .. }), "{err}");
+    }
+    for _ in 0..64 {
+        let mut p = request("https://evil.example.net/", &[]);
+        let err = substitute(sub.as_ref(), &mut p, "evil.example.net")
+            .await
+            .expect_err("refused");
+        assert_eq!(err.status(), StatusCode::FORBIDDEN);
+    }
+    assert_eq!(
+        denials(),
+        1,
+        "one broker call (and audit line) per destination and interval, not per request"
+    );
 }
 
 #[tokio::test]

@@ -70,6 +70,9 @@ impl RequestAudit {
             Answer::Forwarded(status) => ev
                 .with_status(status)
                 .with_outcome(RequestOutcome::Forwarded),
+            Answer::Abandoned => ev
+                .with_outcome(RequestOutcome::Abandoned)
+                .with_reason("the agent closed the request before it was answered"),
             Answer::Refused(e) => {
                 let outcome = if e.is_denial() {
                     RequestOutcome::Denied
@@ -105,4 +108,6 @@ pub(crate) enum Answer<'a> {
     Forwarded(StatusCode),
     /// By the proxy, because of this error.
     Refused(&'a HttpError),
+    /// Not at all: the agent went away first.
+    Abandoned,
 }

@@ -17,7 +17,7 @@ use super::{
     ALPN_H2, HttpError, HttpLimits, RequestAudit, RequestContext, Substituted, Substituter,
     UpstreamPool, authority, hop, upgrade,
 };
-use crate::audit::AuditOutcome;
+use crate::audit::{AuditOutcome, redact_placeholders, redacted_path};
 
 /// Serves HTTP/2 (agent ALPN `h2`) or HTTP/1.1 (anything else) on `io` until the agent
 /// closes, forwarding every request to `ctx`'s destination through `pool`.
@@ -167,6 +167,34 @@ struct Forwarder {
     tunnels: upgrade::Tunnels,
 }
 
+/// A request whose answer is not decided yet.
+struct Pending<'a> {
+    audit: &'a RequestAudit,
+    ctx: &'a RequestContext,
+    line: &'a RequestLine,
+    substituted: Substituted,
+    answered: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            tracing::info!(
+                run = %self.ctx.run, host = %self.ctx.host,
+                method = %redact_placeholders(self.line.method.to_string()),
+                path = %redacted_path(self.line.uri.path()), "request abandoned by the agent"
+            );
+            // Nothing is left to answer, so the outcome of the write changes nothing.
+            let _ = self.audit.record(
+                self.ctx,
+                self.line,
+                std::mem::take(&mut self.substituted),
+                Answer::Abandoned,
+            );
+        }
+    }
+}
+
 impl Forwarder {
     async fn handle(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Unrecorded> {
         let line = RequestLine {
@@ -175,10 +203,24 @@ impl Forwarder {
             uri: req.uri().clone(),
             version: req.version(),
         };
-        // The path only: the query may carry credentials.
-        let (method, path) = (&line.method, line.uri.path());
-        let mut substituted = Substituted::none();
-        let (response, audited) = match self.forward(req, &mut substituted).await {
+        // The path only (the query may carry credentials), placeholders in it redacted.
+        let (method, path) = (
+            redact_placeholders(line.method.to_string()),
+            redacted_path(line.uri.path()),
+        );
+        // Recorded as abandoned if hyper drops this future (the agent reset the stream or
+        // closed the connection) before an answer is decided: the request may be upstream.
+        let mut pending = Pending {
+            audit: &self.audit,
+            ctx: &self.ctx,
+            line: &line,
+            substituted: Substituted::none(),
+            answered: false,
+        };
+        let forwarded = self.forward(req, &mut pending.substituted).await;
+        pending.answered = true;
+        let substituted = std::mem::take(&mut pending.substituted);
+        let (response, audited) = match forwarded {
             Ok(response) => {
                 tracing::debug!(
                     run = %self.ctx.run, host = %self.ctx.host, %method, %path,
@@ -211,7 +253,7 @@ impl Forwarder {
     }
 
     /// Forwards `req`; `substituted` says which credential went in, also when a later step
-    /// fails.
+    /// fails or the agent goes away.
     async fn forward(
         &self,
         mut req: Request<Incoming>,

@@ -1334,3 +1334,80 @@ async fn unrecorded_refusals_are_reset_and_unrecorded_forwards_proceed() {
         assert!(sink.records().is_empty());
     }
 }
+
+#[tokio::test]
+async fn requests_the_agent_abandons_are_still_audited() {
+    for agent_h2 in [false, true] {
+        // Takes the request, then answers only much later.
+        let upstream = Upstream::start(
+            agent_h2,
+            Arc::new(|_req| {
+                Box::pin(async {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    Response::new(full("late"))
+                })
+            }),
+        )
+        .await;
+        let sub = Arc::new(PlaceholderSubstituter { deny_host: None });
+        let (sink, _metrics, audit) = capture(MemorySink::default());
+        let (io, _proxy) = proxy_audited(
+            agent_h2,
+            upstream.connector(),
+            sub,
+            HttpLimits::default(),
+            audit,
+        );
+        let (mut agent, conn) = Agent::connect(io, agent_h2).await;
+        let req = Request::post("https://api.test/transfer")
+            .header(AUTHORIZATION, format!("Bearer {PLACEHOLDER}"))
+            .body(empty())
+            .expect("request");
+        // Send, wait until upstream has it (with the real secret), then give up on it.
+        let pending = agent.send(req);
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            tokio::pin!(pending);
+            loop {
+                tokio::select! {
+                    _ = &mut pending => panic!("upstream answered early"),
+                    () = tokio::time::sleep(std::time::Duration::from_millis(10)) => {
+                        if !upstream.seen().is_empty() {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        waited.expect("upstream got the request");
+        // h2: the dropped response future resets the stream; h1: close the connection.
+        if !agent_h2 {
+            drop(agent);
+            conn.abort();
+        }
+        let records = within("abandoned record", async {
+            loop {
+                let records = sink.records();
+                if !records.is_empty() {
+                    return records;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert_eq!(records.len(), 1, "h2={agent_h2}: {records:?}");
+        let r = &records[0];
+        assert_eq!(r["outcome"], "abandoned", "{r}");
+        assert_eq!(
+            r["credential"], CREDENTIAL,
+            "the substitution is on record: {r}"
+        );
+        assert_eq!(r["path"], "/transfer");
+        assert_eq!(r["status"], serde_json::Value::Null);
+        assert_eq!(
+            upstream.seen()[0].headers[AUTHORIZATION],
+            format!("Bearer {SECRET}"),
+            "the request did reach upstream"
+        );
+    }
+}

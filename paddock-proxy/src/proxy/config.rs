@@ -487,6 +487,11 @@ impl ServeConfig {
             if b.timeout_ms == 0 {
                 return invalid("broker.timeout_ms must be at least 1");
             }
+            // Longer would quietly stop policy changes and a dead broker from reaching open
+            // connections.
+            if b.egress_recheck_ms > 60_000 {
+                return invalid("broker.egress_recheck_ms must be at most 60000 (a minute)");
+            }
         }
         if let Some(t) = &self.audit.target {
             t.parse::<AuditTarget>()
@@ -630,6 +635,10 @@ file = "/tmp/policy.toml"
             ("", "bearer_file or client_cert"),
             ("client_cert = \"/c.crt\"\n", "go together"),
             ("bearer_file = \"/t\"\ntimeout_ms = 0\n", "timeout_ms"),
+            (
+                "bearer_file = \"/t\"\negress_recheck_ms = 3600000\n",
+                "egress_recheck_ms",
+            ),
             ("bearer_file = \"/t\"\ntoken = \"x\"\n", "unknown field"),
         ] {
             let err = ServeConfig::from_toml_str(&with_broker(extra)).expect_err(extra);
