@@ -73,6 +73,10 @@ impl EgressRecheck {
         }
     }
 
+    pub(crate) fn interval(&self) -> Duration {
+        self.interval
+    }
+
     fn slot(&self, ctx: &RequestContext) -> Arc<tokio::sync::Mutex<Slot>> {
         let key = (ctx.run.clone(), ctx.host.clone(), ctx.port);
         // A poisoned map only means a panic elsewhere mid-insert; the map itself is intact.

@@ -102,6 +102,22 @@ impl BrokerSubstituter {
 }
 
 impl Substituter for BrokerSubstituter {
+    fn tunnel_check_interval(&self) -> Option<std::time::Duration> {
+        self.recheck.as_ref().map(|r| r.interval())
+    }
+
+    fn tunnel_allowed<'a>(
+        &'a self,
+        ctx: &'a RequestContext,
+    ) -> BoxFuture<'a, Result<(), SubstituteError>> {
+        Box::pin(async move {
+            match &self.recheck {
+                Some(recheck) => recheck.check(&self.client, ctx).await,
+                None => Ok(()),
+            }
+        })
+    }
+
     fn substitute<'a>(
         &'a self,
         head: &'a mut RequestHead<'_>,

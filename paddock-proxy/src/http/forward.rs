@@ -292,7 +292,13 @@ impl Forwarder {
         let req = Request::from_parts(parts, body);
 
         let (response, upgraded) = match agent_upgrade {
-            Some(agent) => upgrade::forward(&self.pool, req, agent, &self.tunnels).await?,
+            Some(agent) => {
+                let watch = upgrade::TunnelWatch {
+                    substituter: Arc::clone(&self.substituter),
+                    ctx: self.ctx.clone(),
+                };
+                upgrade::forward(&self.pool, req, agent, &self.tunnels, watch).await?
+            }
             None => (self.pool.send(req).await?, None),
         };
         let (mut parts, body) = response.into_parts();

@@ -79,6 +79,22 @@ pub trait Substituter: Send + Sync + fmt::Debug {
         head: &'a mut RequestHead<'_>,
         ctx: &'a RequestContext,
     ) -> BoxFuture<'a, Result<Substituted, SubstituteError>>;
+
+    /// How often an open upgraded tunnel (WebSocket) to a destination is re-checked with
+    /// [`Substituter::tunnel_allowed`]; `None` (the default): never.
+    fn tunnel_check_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Whether an open tunnel to `ctx`'s destination may go on; an error closes it. Tunnels
+    /// carry no more requests to substitute, so without this a policy change or a dead
+    /// broker would never reach them.
+    fn tunnel_allowed<'a>(
+        &'a self,
+        _ctx: &'a RequestContext,
+    ) -> BoxFuture<'a, Result<(), SubstituteError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The substituter for destinations without credential injection: leaves requests as-is.

@@ -1411,3 +1411,96 @@ async fn requests_the_agent_abandons_are_still_audited() {
         );
     }
 }
+
+/// Lets tunnels run until `revoked` is set, re-checking every 20 ms.
+#[derive(Debug, Default)]
+struct RevocableTunnels {
+    revoked: std::sync::atomic::AtomicBool,
+    checks: std::sync::atomic::AtomicUsize,
+}
+
+impl Substituter for RevocableTunnels {
+    fn substitute<'a>(
+        &'a self,
+        _head: &'a mut super::RequestHead<'_>,
+        _ctx: &'a RequestContext,
+    ) -> super::BoxFuture<'a, Result<super::Substituted, super::SubstituteError>> {
+        Box::pin(async { Ok(super::Substituted::none()) })
+    }
+
+    fn tunnel_check_interval(&self) -> Option<Duration> {
+        Some(Duration::from_millis(20))
+    }
+
+    fn tunnel_allowed<'a>(
+        &'a self,
+        _ctx: &'a RequestContext,
+    ) -> super::BoxFuture<'a, Result<(), super::SubstituteError>> {
+        use std::sync::atomic::Ordering;
+        self.checks.fetch_add(1, Ordering::SeqCst);
+        let revoked = self.revoked.load(Ordering::SeqCst);
+        Box::pin(async move {
+            if revoked {
+                Err(super::SubstituteError::Denied {
+                    reason: "egress withdrawn".into(),
+                })
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn open_tunnels_close_when_no_longer_allowed() {
+    use std::sync::atomic::Ordering;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+    let upstream = websocket_echo_upstream().await;
+    let sub = Arc::new(RevocableTunnels::default());
+    let (_sink, _metrics, audit) = capture(MemorySink::default());
+    let (io, proxy) = proxy_audited(
+        false,
+        upstream.connector(),
+        sub.clone(),
+        HttpLimits::default(),
+        audit,
+    );
+    let request = "ws://api.test/socket"
+        .into_client_request()
+        .expect("ws request");
+    let (mut ws, _) = within("ws handshake", tokio_tungstenite::client_async(request, io))
+        .await
+        .expect("handshake");
+    within("ws send", ws.send(Message::text("one")))
+        .await
+        .expect("send");
+    let echo = within("echo", ws.next())
+        .await
+        .expect("message")
+        .expect("ok");
+    assert_eq!(echo.into_text().expect("text").as_str(), "one");
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert!(
+        sub.checks.load(Ordering::SeqCst) >= 1,
+        "the open tunnel is re-checked"
+    );
+
+    sub.revoked.store(true, Ordering::SeqCst);
+    // The proxy drops both sides: the agent sees its stream end, and the connection ends.
+    let ended = within("tunnel closed by the proxy", async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    let () = ended;
+    within("connection ends with its tunnel", proxy)
+        .await
+        .expect("join")
+        .expect("connection ok");
+}

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 
 use super::upstream::{UpstreamPool, host_port};
 use super::{HttpError, hop};
+use super::{RequestContext, SubstituteError, Substituter};
 
 /// The upgraded tunnels of one agent connection.
 #[derive(Debug, Clone, Default)]
@@ -51,6 +52,7 @@ pub(crate) async fn forward(
     mut req: Request<Incoming>,
     agent: OnUpgrade,
     tunnels: &Tunnels,
+    watch: TunnelWatch,
 ) -> Result<(Response<Incoming>, Option<HeaderValue>), HttpError> {
     let (host, port) = host_port(req.uri());
     let offered = req
@@ -109,11 +111,23 @@ pub(crate) async fn forward(
         });
     };
     let upstream = hyper::upgrade::on(&mut response);
-    tunnels.spawn(splice(agent, upstream, host, port));
+    tunnels.spawn(splice(agent, upstream, host, port, watch));
     Ok((response, Some(protocol)))
 }
 
-async fn splice(agent: OnUpgrade, upstream: OnUpgrade, host: String, port: u16) {
+/// What keeps re-checking an open tunnel: the connection's substituter and destination.
+pub(crate) struct TunnelWatch {
+    pub substituter: Arc<dyn Substituter>,
+    pub ctx: RequestContext,
+}
+
+async fn splice(
+    agent: OnUpgrade,
+    upstream: OnUpgrade,
+    host: String,
+    port: u16,
+    watch: TunnelWatch,
+) {
     let (agent, upstream) = match tokio::try_join!(agent, upstream) {
         Ok(both) => both,
         Err(e) => {
@@ -123,10 +137,32 @@ async fn splice(agent: OnUpgrade, upstream: OnUpgrade, host: String, port: u16) 
     };
     let mut agent = TokioIo::new(agent);
     let mut upstream = TokioIo::new(upstream);
-    match tokio::io::copy_bidirectional(&mut agent, &mut upstream).await {
-        Ok((sent, received)) => {
-            tracing::debug!(%host, port, sent, received, "upgraded tunnel closed");
+    let copy = tokio::io::copy_bidirectional(&mut agent, &mut upstream);
+    tokio::select! {
+        copied = copy => match copied {
+            Ok((sent, received)) => {
+                tracing::debug!(%host, port, sent, received, "upgraded tunnel closed");
+            }
+            Err(e) => tracing::debug!(%host, port, error = %e, "upgraded tunnel failed"),
+        },
+        e = watchdog(&watch) => {
+            // Dropping both sides closes the tunnel.
+            tracing::info!(%host, port, reason = e.reason(), error = %e, "upgraded tunnel closed: no longer allowed");
         }
-        Err(e) => tracing::debug!(%host, port, error = %e, "upgraded tunnel failed"),
+    }
+}
+
+/// Completes (with the reason) once the tunnel is no longer allowed; never without a check
+/// interval.
+async fn watchdog(watch: &TunnelWatch) -> SubstituteError {
+    let Some(every) = watch.substituter.tunnel_check_interval() else {
+        return std::future::pending().await;
+    };
+    let every = every.max(std::time::Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = watch.substituter.tunnel_allowed(&watch.ctx).await {
+            return e;
+        }
     }
 }
