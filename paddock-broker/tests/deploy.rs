@@ -24,8 +24,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Where the kubelet mounts a pod's service-account token when automounting is on.
 const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-/// The label that admits an agent namespace to the broker (`60-networkpolicy.yaml`).
-const AGENTS_LABEL: &str = "paddock.dev/agents";
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -554,7 +552,7 @@ fn service_targets_the_api_port() {
 }
 
 #[test]
-fn network_policy_admits_the_api_port_from_paddock_and_agent_namespaces() {
+fn network_policy_admits_the_api_port_from_paddock_system_only() {
     let d = Deployment::load();
     let ns = d.namespace();
     let policies: Vec<&Doc> = d.all("NetworkPolicy").collect();
@@ -594,46 +592,36 @@ fn network_policy_admits_the_api_port_from_paddock_and_agent_namespaces() {
         admits(&Value::Mapping(own)),
         "the broker's own namespace {ns} is not admitted"
     );
-    let mut agents = serde_yaml_ng::Mapping::new();
-    agents.insert(AGENTS_LABEL.into(), "true".into());
-    assert!(
-        admits(&Value::Mapping(agents)),
-        "namespaces labelled {AGENTS_LABEL}: \"true\" are not admitted"
-    );
-
-    // Every namespace a policy serves or whose accounts hold scopes, where these manifests
-    // create it, is admitted.
+    // Agent namespaces (those a policy serves) hold untrusted pods: they must not reach the
+    // broker directly, whatever their labels.
     let policy = d.policy();
-    let mut namespaces: BTreeSet<String> = policy
+    let namespaces: BTreeSet<String> = policy
         .documents()
         .iter()
         .flat_map(|p| p.doc.spec.applies_to.namespaces.iter().cloned())
+        .filter(|n| n.as_str() != ns.as_str())
         .collect();
-    if let Some(tr) = &d.config.auth.token_review {
-        namespaces.extend(
-            tr.scopes
-                .keys()
-                .filter_map(|k| k.split_once('/').map(|(n, _)| n.to_owned())),
-        );
-    }
+    assert!(
+        !namespaces.is_empty(),
+        "the example policy serves a namespace"
+    );
     for name in namespaces {
-        let Some(doc) = d.find("Namespace", &name) else {
-            continue;
-        };
-        let mut labels = doc.value["metadata"]["labels"].clone();
-        if let Some(m) = labels.as_mapping_mut() {
-            m.insert("kubernetes.io/metadata.name".into(), name.clone().into());
-        } else {
-            let mut m = serde_yaml_ng::Mapping::new();
-            m.insert("kubernetes.io/metadata.name".into(), name.clone().into());
-            labels = Value::Mapping(m);
-        }
+        let mut labels = d
+            .find("Namespace", &name)
+            .and_then(|doc| doc.value["metadata"]["labels"].as_mapping().cloned())
+            .unwrap_or_default();
+        labels.insert("kubernetes.io/metadata.name".into(), name.clone().into());
         assert!(
-            admits(&labels),
-            "namespace {name} (in a policy or a scope) cannot reach the broker: label it \
-             {AGENTS_LABEL}: \"true\""
+            !admits(&Value::Mapping(labels)),
+            "agent namespace {name} can reach the broker directly"
         );
     }
+    assert!(
+        !selectors
+            .iter()
+            .any(|s| s.is_null() || s.as_mapping().is_some_and(serde_yaml_ng::Mapping::is_empty)),
+        "an empty namespaceSelector admits every namespace"
+    );
 }
 
 #[test]
