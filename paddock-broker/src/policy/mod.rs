@@ -764,37 +764,62 @@ impl Policy {
         now: OffsetDateTime,
     ) -> Result<Self, PolicyError> {
         let policy = Self::load(path, now)?;
-        Ok(match secrets_dir {
+        match secrets_dir {
             Some(dir) => policy.with_secrets_dir(dir),
-            None => policy,
-        })
+            None => Ok(policy),
+        }
     }
 
     /// Resolves every relative secret file (`secret: {file: ...}`, PAT pool entries, GitHub
     /// App keys) against `base`; absolute paths and environment sources are kept. Without it
     /// relative paths are read relative to the broker's working directory.
-    #[must_use]
-    pub fn with_secrets_dir(mut self, base: &Path) -> Self {
-        let resolve = |src: &mut SecretSource| {
+    ///
+    /// A relative path that climbs out of `base` (`..`) is refused: whoever may edit one
+    /// policy could otherwise point a credential at any file the broker can read (another
+    /// team's secret, the broker's TLS key) and have it injected towards a host of their
+    /// choosing. Absolute paths are the operator's explicit choice and are kept.
+    pub fn with_secrets_dir(mut self, base: &Path) -> Result<Self, PolicyError> {
+        let resolve = |file: &Path, src: &mut SecretSource| -> Result<(), PolicyError> {
             if let SecretSource::File(p) = src
                 && p.is_relative()
             {
+                if p.components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+                {
+                    return Err(PolicyError {
+                        file: file.to_path_buf(),
+                        line: None,
+                        field: "secret.file".into(),
+                        message: format!(
+                            "{} leaves the secrets directory ({}): use a path inside it or an \
+                             absolute one",
+                            p.display(),
+                            base.display()
+                        ),
+                    });
+                }
                 *p = base.join(&*p);
             }
+            Ok(())
         };
         for doc in &mut self.docs {
+            let file = doc.file.clone();
             for grant in &mut doc.doc.spec.credentials {
                 if let Some(src) = grant.secret.as_mut() {
-                    resolve(src);
+                    resolve(&file, src)?;
                 }
                 match &mut grant.provider {
-                    ProviderSpec::PatPool { secrets, .. } => secrets.iter_mut().for_each(resolve),
-                    ProviderSpec::GithubApp { private_key, .. } => resolve(private_key),
+                    ProviderSpec::PatPool { secrets, .. } => {
+                        for src in secrets {
+                            resolve(&file, src)?;
+                        }
+                    }
+                    ProviderSpec::GithubApp { private_key, .. } => resolve(&file, private_key)?,
                     ProviderSpec::UserSecret { .. } | ProviderSpec::AnthropicApiKey { .. } => {}
                 }
             }
         }
-        self
+        Ok(self)
     }
 
     #[must_use]

@@ -258,7 +258,8 @@ spec:
     let docs = Policy::parse_text(Path::new("p.yaml"), text, now()).expect("valid");
     let policy = Policy::from_docs(docs)
         .expect("valid set")
-        .with_secrets_dir(Path::new("/srv/secrets"));
+        .with_secrets_dir(Path::new("/srv/secrets"))
+        .expect("paths inside the secrets dir");
     let r = run("team-a", "any");
     let secret = |name: &str| {
         policy
@@ -303,4 +304,23 @@ spec:
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn secret_files_may_not_climb_out_of_the_secrets_dir() {
+    let text = GOOD.replace(
+        "secret:\n        env: GH_TOKEN",
+        "secret:\n        file: ../tls/tls.key",
+    );
+    assert!(text.contains("../tls/tls.key"), "fixture edit applied");
+    let docs = Policy::parse_text(Path::new("team-a.yaml"), &text, now()).expect("parses");
+    let err = Policy::from_docs(docs)
+        .expect("valid set")
+        .with_secrets_dir(Path::new("/etc/paddock/secrets"))
+        .expect_err("escapes the secrets dir");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("team-a.yaml") && shown.contains("leaves the secrets directory"),
+        "{shown}"
+    );
 }
