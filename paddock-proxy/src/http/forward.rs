@@ -203,11 +203,6 @@ impl Forwarder {
             uri: req.uri().clone(),
             version: req.version(),
         };
-        // The path only (the query may carry credentials), placeholders in it redacted.
-        let (method, path) = (
-            redact_placeholders(line.method.to_string()),
-            redacted_path(line.uri.path()),
-        );
         // Recorded as abandoned if hyper drops this future (the agent reset the stream or
         // closed the connection) before an answer is decided: the request may be upstream.
         let mut pending = Pending {
@@ -223,7 +218,10 @@ impl Forwarder {
         let (response, audited) = match forwarded {
             Ok(response) => {
                 tracing::debug!(
-                    run = %self.ctx.run, host = %self.ctx.host, %method, %path,
+                    run = %self.ctx.run, host = %self.ctx.host, method = %redact_placeholders(line.method.to_string()),
+                    // The path only (the query may carry credentials), placeholders redacted;
+                    // evaluated only when the event is enabled.
+                    path = %redacted_path(line.uri.path()),
                     status = response.status().as_u16(), "forwarded"
                 );
                 let audited = self.audit.record(
@@ -236,7 +234,10 @@ impl Forwarder {
             }
             Err(e) => {
                 tracing::info!(
-                    run = %self.ctx.run, host = %self.ctx.host, %method, %path,
+                    run = %self.ctx.run, host = %self.ctx.host, method = %redact_placeholders(line.method.to_string()),
+                    // The path only (the query may carry credentials), placeholders redacted;
+                    // evaluated only when the event is enabled.
+                    path = %redacted_path(line.uri.path()),
                     status = e.status().as_u16(), reason = e.reason(), error = %e,
                     "request answered by the proxy"
                 );

@@ -7,13 +7,11 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
-use tokio::task::JoinSet;
-
 use super::upstream::{UpstreamPool, host_port};
-use super::{HttpError, hop};
-use super::{RequestContext, SubstituteError, Substituter};
+use super::{HttpError, RequestContext, SubstituteError, Substituter, hop};
 
 /// The upgraded tunnels of one agent connection.
 #[derive(Debug, Clone, Default)]
