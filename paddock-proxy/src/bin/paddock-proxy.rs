@@ -172,16 +172,25 @@ fn init_tracing(json: bool) {
     }
 }
 
-fn main() -> Result<()> {
+/// `run`'s exit status when Paddock itself failed (the command's own status otherwise), as
+/// `docker run` and `env` do, so callers can tell the two apart.
+const RUN_FAILED: i32 = 125;
+
+fn main() {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
-    match cli.command {
-        Command::Ebpf(cmd) => ebpf_command(cmd),
-        Command::Serve(args) => serve_command(args),
-        Command::Run(args) => {
-            let code = run_command(args)?;
-            std::process::exit(code);
-        }
+    let (result, failed) = match cli.command {
+        Command::Ebpf(cmd) => (ebpf_command(cmd), 1),
+        Command::Serve(args) => (serve_command(args), 1),
+        Command::Run(args) => match run_command(args) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => (Err(e), RUN_FAILED),
+        },
+    };
+    if let Err(e) = result {
+        // One line with the whole cause chain, for operators; no backtrace.
+        eprintln!("paddock-proxy: {e:#}");
+        std::process::exit(failed);
     }
 }
 
