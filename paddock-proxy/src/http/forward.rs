@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::FutureExt as _;
 use http::{Extensions, HeaderValue, Method, Request, Response, Version, header};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -94,6 +95,8 @@ where
             tunnels: upgrade::Tunnels::default(),
         });
         let tunnels = forwarder.tunnels.clone();
+        // The drain signal goes to hyper and, after an upgrade, to the tunnels.
+        let shutdown = shutdown.shared();
         // An `Unrecorded` error makes hyper reset the HTTP/2 stream, or close the HTTP/1.1
         // connection, without an answer.
         let service = service_fn(move |req: Request<Incoming>| {
@@ -107,7 +110,7 @@ where
                 .max_header_list_size(limits.h2_header_list_size())
                 .max_concurrent_streams(limits.h2_max_concurrent_streams)
                 .serve_connection(io, service);
-            drive(conn, shutdown, http2::Connection::graceful_shutdown).await
+            drive(conn, shutdown.clone(), http2::Connection::graceful_shutdown).await
         } else {
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -118,14 +121,20 @@ where
                 .with_upgrades();
             drive(
                 conn,
-                shutdown,
+                shutdown.clone(),
                 http1::UpgradeableConnection::graceful_shutdown,
             )
             .await
         };
         // After an upgrade hyper hands the socket to the tunnel and returns: the connection
-        // lasts as long as its tunnels (each bounded by the idle timeout of its sockets).
-        tunnels.wait().await;
+        // lasts as long as its tunnels (each bounded by the idle timeout of its sockets), or
+        // until the drain starts: a tunnel has no request boundary to finish at, so it is
+        // closed then (dropping the wait aborts them) rather than holding the drain to its
+        // timeout.
+        tokio::select! {
+            () = tunnels.wait() => {}
+            () = shutdown => tracing::debug!("drain: closing upgraded tunnels"),
+        }
         served.map_err(HttpError::Agent)
     }
 }

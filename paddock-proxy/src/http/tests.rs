@@ -1504,3 +1504,62 @@ async fn open_tunnels_close_when_no_longer_allowed() {
         .expect("join")
         .expect("connection ok");
 }
+
+#[tokio::test]
+async fn the_drain_closes_open_tunnels() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+    let upstream = websocket_echo_upstream().await;
+    let ctx = ctx();
+    let limits = HttpLimits::default();
+    let pool = UpstreamPool::new(&ctx.run, upstream.connector(), &limits);
+    let (agent, proxy_side) = tokio::io::duplex(64 * 1024);
+    let (drain_tx, drain_rx) = oneshot::channel::<()>();
+    let conn = tokio::spawn(super::serve_connection_until(
+        proxy_side,
+        Some(b"http/1.1"),
+        ctx,
+        pool,
+        Arc::new(NoopSubstituter),
+        unobserved_audit(),
+        limits,
+        async move {
+            let _ = drain_rx.await;
+        },
+    ));
+    let request = "ws://api.test/socket"
+        .into_client_request()
+        .expect("ws request");
+    let (mut ws, _) = within(
+        "ws handshake",
+        tokio_tungstenite::client_async(request, agent),
+    )
+    .await
+    .expect("handshake");
+    within("ws send", ws.send(Message::text("one")))
+        .await
+        .expect("send");
+    let echo = within("echo", ws.next())
+        .await
+        .expect("message")
+        .expect("ok");
+    assert_eq!(echo.into_text().expect("text").as_str(), "one");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!conn.is_finished(), "the tunnel holds its connection");
+
+    drain_tx.send(()).expect("drain");
+    within("connection ends at the drain", conn)
+        .await
+        .expect("join")
+        .expect("connection ok");
+    within("agent sees the tunnel close", async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+}
