@@ -142,10 +142,37 @@ fn main() -> Result<()> {
             if real { "yes" } else { "NO" }
         );
     }
-    println!("\n5. The proxy's audit trail:");
+    println!("\n5. The proxy's audit trail (one JSON line per event, summarised here):");
     for line in std::fs::read_to_string(&audit).unwrap_or_default().lines() {
-        println!("   {line}");
+        println!("   {}", summarise(line));
     }
     println!("\nDone: the namespace, the cgroup, the eBPF programs and the run's keys are gone.");
     Ok(())
+}
+
+/// One audit line as a newcomer reads it: what happened, to which host, and why.
+fn summarise(line: &str) -> String {
+    let Ok(ev) = serde_json::from_str::<serde_json::Value>(line) else {
+        return line.to_owned();
+    };
+    let text = |k: &str| ev[k].as_str().unwrap_or("-").to_owned();
+    let host = format!("{}:{}", text("sni"), ev["port"]);
+    match ev["kind"].as_str() {
+        Some("request") => {
+            let credential = ev["credential"]
+                .as_str()
+                .map_or_else(String::new, |c| format!(", credential {c} substituted"));
+            format!(
+                "request  {host} {} {} -> {} {}{credential}",
+                text("method"),
+                text("path"),
+                ev["status"],
+                text("outcome"),
+            )
+        }
+        Some("allow") => format!("allow    {host} (connection; rule {})", text("rule")),
+        Some("deny") => format!("deny     {host} (connection): {}", text("reason")),
+        Some(kind) => format!("{kind:<8} {host} {}", text("reason")),
+        None => line.to_owned(),
+    }
 }
