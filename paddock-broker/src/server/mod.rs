@@ -54,11 +54,18 @@ pub enum ServerError {
 pub struct Handle {
     pub addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
+    local: LocalLink,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Handle {
+    /// In-process connections to this server's API (see [`LocalLink`]).
+    #[must_use]
+    pub fn local_link(&self) -> LocalLink {
+        self.local.clone()
+    }
+
     /// Stops accepting, lets in-flight requests finish (bounded), and waits for the tasks.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -97,11 +104,18 @@ pub async fn spawn(options: ServerOptions) -> Result<Handle, ServerError> {
         auth: options.auth.clone(),
         metrics: options.metrics.clone(),
     });
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let local = LocalLink {
+        state: state.clone(),
+        shutdown: rx.clone(),
+        permits: permits.clone(),
+    };
     let mut tasks = vec![tokio::spawn(api_loop(
         listener,
         TlsAcceptor::from(options.tls.clone()),
         state.clone(),
         rx.clone(),
+        permits,
     ))];
     let mut admin_addr = None;
     if let Some(admin) = options.admin_listen {
@@ -122,6 +136,7 @@ pub async fn spawn(options: ServerOptions) -> Result<Handle, ServerError> {
     Ok(Handle {
         addr,
         admin_addr,
+        local,
         shutdown,
         tasks,
     })
@@ -132,8 +147,8 @@ async fn api_loop(
     acceptor: TlsAcceptor,
     state: Arc<State>,
     mut shutdown: watch::Receiver<bool>,
+    permits: Arc<tokio::sync::Semaphore>,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -155,7 +170,7 @@ async fn api_loop(
         };
         let acceptor = acceptor.clone();
         let state = state.clone();
-        let mut shutdown = shutdown.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -169,22 +184,74 @@ async fn api_loop(
                     return;
                 }
             };
-            let service = service_fn(move |req| routes::handle(state.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_header_size(MAX_HEAD_BYTES)
-                .max_buf_size(MAX_BUF_BYTES)
-                .serve_connection(TokioIo::new(tls), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended with error") },
-                _ = shutdown.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
-            }
+            serve_api_connection(tls, state, shutdown, &peer.to_string()).await;
         });
+    }
+}
+
+/// Serves the API on one connection (TLS from the listener, or an in-process link) until
+/// it closes or the server shuts down (then gracefully, bounded).
+async fn serve_api_connection<IO>(
+    io: IO,
+    state: Arc<State>,
+    mut shutdown: watch::Receiver<bool>,
+    peer: &str,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| routes::handle(state.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_buf_size(MAX_BUF_BYTES)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended with error") },
+        _ = shutdown.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
+    }
+}
+
+/// Connections to the API from inside the broker's own process (`paddock-proxy run` embeds
+/// the broker): the same HTTP server, routes, authentication, limits and audit as the TLS
+/// listener, over an in-memory pipe instead of loopback TCP and TLS, which only cost CPU
+/// there and expose a port.
+#[derive(Debug, Clone)]
+pub struct LocalLink {
+    state: Arc<State>,
+    shutdown: watch::Receiver<bool>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// Size of each direction's in-memory buffer; answers are a few hundred bytes.
+const LOCAL_PIPE_BYTES: usize = 64 * 1024;
+
+impl LocalLink {
+    /// A new connection to the API, served on the current runtime.
+    pub fn connect(&self) -> std::io::Result<tokio::io::DuplexStream> {
+        if *self.shutdown.borrow() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "the broker is shut down",
+            ));
+        }
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "broker connection limit reached",
+            ));
+        };
+        let (client, server) = tokio::io::duplex(LOCAL_PIPE_BYTES);
+        let (state, shutdown) = (self.state.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_api_connection(server, state, shutdown, "in-process").await;
+        });
+        Ok(client)
     }
 }
 

@@ -164,9 +164,29 @@ pub struct BrokerClient {
 struct Inner {
     base: Uri,
     host_header: HeaderValue,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Transport,
     bearer: Option<BearerFile>,
     timeout: Duration,
+}
+
+/// How calls reach the broker.
+enum Transport {
+    /// HTTPS over TCP (TLS 1.3, the configured CA only).
+    Https(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+    /// The broker in this process ([`paddock_broker::server::LocalLink`]).
+    Local(Client<super::local::LocalConnector, Full<Bytes>>),
+}
+
+impl Transport {
+    async fn request(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+        match self {
+            Transport::Https(c) => c.request(request).await,
+            Transport::Local(c) => c.request(request).await,
+        }
+    }
 }
 
 impl fmt::Debug for BrokerClient {
@@ -272,9 +292,38 @@ impl BrokerClient {
             inner: Arc::new(Inner {
                 base,
                 host_header,
-                client,
+                client: Transport::Https(client),
                 bearer,
                 timeout: config.timeout,
+            }),
+        })
+    }
+
+    /// A client of a broker running in this process (`paddock-proxy run`), over `link`: the
+    /// same API, authentication (`bearer_file`), limits and audit as over HTTPS, without TCP
+    /// or TLS.
+    pub fn local(
+        link: paddock_broker::server::LocalLink,
+        bearer_file: PathBuf,
+        timeout: Duration,
+    ) -> Result<Self, BrokerConfigError> {
+        if timeout.is_zero() {
+            return Err(BrokerConfigError::ZeroTimeout);
+        }
+        let bearer = BearerFile::new(bearer_file, DEFAULT_BEARER_MAX_AGE);
+        bearer.header()?;
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(DEFAULT_MAX_IDLE)
+            .build(super::local::LocalConnector(link));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                base: Uri::from_static("http://paddock-broker.local"),
+                host_header: HeaderValue::from_static("paddock-broker.local"),
+                client: Transport::Local(client),
+                bearer: Some(bearer),
+                timeout,
             }),
         })
     }

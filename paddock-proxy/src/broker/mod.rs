@@ -18,6 +18,7 @@
 
 mod client;
 mod credentials;
+mod local;
 mod policy;
 mod recheck;
 mod substitute;

@@ -836,6 +836,68 @@ async fn rechecks_of_a_refused_destination_cannot_flood_the_broker() {
 }
 
 #[tokio::test]
+async fn the_in_process_link_is_the_same_api_without_tcp_or_tls() {
+    let mut fx = Fixture::start(Options::default()).await;
+    let link = fx.handle.as_ref().expect("running").local_link();
+    let client = BrokerClient::local(
+        link.clone(),
+        fx.dir.path().join("proxy-token"),
+        Duration::from_secs(5),
+    )
+    .expect("local client");
+
+    // Same routes and answers: egress decisions and a real substitution.
+    let policy = BrokerPolicy::new(client.clone());
+    let egress =
+        EgressRequest::new(RUN, "api.github.com", 443, Mode::Transparent).expect("request");
+    assert!(
+        within("check", policy.check(&egress))
+            .await
+            .expect("answer")
+            .is_allowed()
+    );
+    let (_, gh) = fx.issue("gh").await;
+    let sub = BrokerSubstituter::new(client.clone());
+    let mut p = request(
+        "https://api.github.com/user",
+        &[(AUTHORIZATION.as_str(), &format!("Bearer {gh}"))],
+    );
+    substitute(&sub, &mut p, "api.github.com")
+        .await
+        .expect("substituted in process");
+    assert_eq!(p.headers[AUTHORIZATION], format!("Bearer {HEADER_SECRET}"));
+
+    // Same authentication: an unknown caller key is refused.
+    std::fs::write(fx.dir.path().join("stranger"), "not-a-known-key").expect("write");
+    let stranger =
+        BrokerClient::local(link, fx.dir.path().join("stranger"), Duration::from_secs(5))
+            .expect("client");
+    let err = within(
+        "stranger",
+        stranger.validate_egress(&paddock_broker::wire::ValidateEgressRequest {
+            run: RUN.into(),
+            host: "api.github.com".into(),
+            port: 443,
+        }),
+    )
+    .await
+    .expect_err("unknown key");
+    assert_eq!(err.code(), Some(ErrorCode::Unauthenticated));
+
+    // Broker stopped: fail closed, at once.
+    fx.stop().await;
+    let started = Instant::now();
+    let err = within("check", policy.check(&egress))
+        .await
+        .expect_err("broker gone");
+    assert!(
+        matches!(err, crate::policy::PolicyError::Unavailable(_)),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
 async fn client_certificates_are_presented() {
     let fx = Fixture::start(Options {
         require_client_cert: true,

@@ -36,7 +36,7 @@ use super::{
     resolve_user, spawn_in_cgroup, supervise,
 };
 use crate::{
-    broker::{BrokerClient, BrokerClientConfig, BrokerPolicy, BrokerSubstituter},
+    broker::{BrokerClient, BrokerPolicy, BrokerSubstituter, DEFAULT_TIMEOUT},
     proxy::{ServeOptions, config::ServeConfig, serve_until},
 };
 
@@ -230,7 +230,7 @@ async fn start_broker(
 ) -> Result<(paddock_broker::server::Handle, BrokerClient), RunError> {
     let broker_dir = state.join("broker");
     mkdir(&broker_dir, 0o700)?;
-    let (broker_ca, broker_crt, broker_key) = broker_tls(&broker_dir)?;
+    let (_, broker_crt, broker_key) = broker_tls(&broker_dir)?;
     let caller_key = random_hex(32);
     let scopes: BTreeSet<Scope> = [
         Scope::Controller,
@@ -278,12 +278,11 @@ async fn start_broker(
     let broker = paddock_broker::server::spawn(built.options)
         .await
         .map_err(|e| RunError::Broker(e.to_string()))?;
-    let mut client_cfg = BrokerClientConfig::new(
-        format!("https://127.0.0.1:{}", broker.addr.port()),
-        broker_ca,
-    );
-    client_cfg.bearer_file = Some(bearer_file);
-    let client = BrokerClient::new(&client_cfg).map_err(|e| RunError::Broker(e.to_string()))?;
+    // The proxy shares the broker's process: it calls the same server, routes and
+    // authentication over an in-memory link, not loopback TCP and TLS on every substitution.
+    // (The shared start-up still binds the loopback TLS listener; nothing in the run uses it.)
+    let client = BrokerClient::local(broker.local_link(), bearer_file, DEFAULT_TIMEOUT)
+        .map_err(|e| RunError::Broker(e.to_string()))?;
 
     Ok((broker, client))
 }

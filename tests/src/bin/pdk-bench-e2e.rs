@@ -294,7 +294,8 @@ fn main() -> Result<()> {
          warm-up; \"MITM only\" sends no placeholder (one `validate-egress` per connection and \
          an egress re-check at most every 250 ms, no substitution), \"MITM + \
          substitution\" sends `Bearer $API_BEARER` so the broker swaps in the real bearer on \
-         every request (`substitute-auth` over loopback TLS). The run's broker limit on \
+         every request (`substitute-auth` to the embedded broker over its in-process link: \
+         same server, routes and authentication, no TCP or TLS). The run's broker limit on \
          substitutions (default 50/s, burst 100, per run; beyond it requests get 403) is \
          raised with `--substitute-rate {SUBSTITUTE_RATE}`, so this measures the path, not the \
          limit. Median of {ROUNDS} interleaved rounds; release build; kernel {}, {} CPUs shared by wrk, nginx, the proxy and the \
