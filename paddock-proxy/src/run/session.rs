@@ -1,7 +1,7 @@
 //! `paddock-proxy run -- COMMAND`: one agent command under Paddock on this machine.
 //!
-//! In order: check the policy; start the broker in-process over loopback TLS (the same server
-//! code as `paddock-broker serve`) with a one-time caller key; register the run and issue its
+//! In order: check the policy; start the broker in-process (the same server code as
+//! `paddock-broker serve`, called over its in-memory link) with a one-time caller key; register the run and issue its
 //! placeholders; start the transparent proxy on loopback with the broker as its egress policy
 //! and substituter; create the agent cgroup and attach the eBPF programs; run the command in
 //! it as an unprivileged user with the run CA and its placeholders; then tear everything down
@@ -220,7 +220,7 @@ impl Drop for Cleanup {
     }
 }
 
-/// Start the broker in-process on loopback TLS with a one-time caller key, and a client for it.
+/// Start the broker in-process with a one-time caller key, and an in-process client for it.
 async fn start_broker(
     state: &Path,
     policy_path: &Path,
@@ -388,7 +388,7 @@ pub async fn run(
         pin_dir: PathBuf::from("/sys/fs/bpf/paddock").join(&run_id),
     };
 
-    // 1. The broker, in-process, on loopback TLS.
+    // 1. The broker, in-process.
     let (broker, client) = start_broker(
         &state,
         &policy_path,
