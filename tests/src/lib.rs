@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod echo_api;
+pub mod files;
 pub mod git_server;
 pub mod h2_api;
 pub mod names;

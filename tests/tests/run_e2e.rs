@@ -8,6 +8,7 @@ use std::{net::SocketAddr, path::Path, process::Command};
 use paddock_tests::{
     HostLink,
     echo_api::EchoApi,
+    files::{audit_records, write_secrets},
     process::{Placement, run, target_bin},
     proxied::{DnsResponder, make_upstream_certs},
     require_root,
@@ -68,17 +69,6 @@ echo "== read secrets"; cat "$E2E_SECRETS"/*.txt 2>&1; ls -R "$E2E_STATE" 2>&1
 exit 3
 "#;
 
-fn setup_secrets(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir(dir).expect("secrets dir");
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    for (name, value) in SECRETS {
-        std::fs::write(dir.join(name), value).expect("write secret");
-        std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600))
-            .expect("chmod");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_injects_real_credentials_the_agent_never_sees() {
     if !require_root("run_injects_real_credentials_the_agent_never_sees") {
@@ -95,7 +85,7 @@ async fn run_injects_real_credentials_the_agent_never_sees() {
     let _dns = DnsResponder::start(&link.upstream, SocketAddr::from((link.host_ip, 53)), zone);
     let api = EchoApi::start(&link.upstream, d, SocketAddr::from((link.host_ip, 443)));
     let secrets = d.join("secrets");
-    setup_secrets(&secrets);
+    write_secrets(&secrets, &SECRETS);
     std::fs::write(d.join("policy.yaml"), POLICY).expect("policy");
     let state = d.join("state");
     let audit = d.join("proxy-audit.jsonl");
@@ -227,9 +217,8 @@ fn check_agent_view(stdout: &str) {
 /// Every request upstream received has one request record naming the credential put in, with
 /// the path only; nothing in the trail is a secret, a placeholder or a query string.
 fn check_request_audit(trail: &str) {
-    let records: Vec<serde_json::Value> = trail
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    let records: Vec<serde_json::Value> = audit_records(trail)
+        .into_iter()
         .filter(|r| r["kind"] == "request")
         .collect();
     for (path, credential) in [

@@ -2,10 +2,11 @@
 //! credentials base64-encoded inside `Authorization: Basic` after the server's 401 challenge;
 //! the proxy must find the placeholder there and the server must see the real password.
 
-use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, process::Command};
+use std::{net::SocketAddr, path::Path, process::Command};
 
 use paddock_tests::{
     HostLink,
+    files::write_secrets,
     git_server::GitServer,
     process::{Placement, run, target_bin},
     proxied::{DnsResponder, make_upstream_certs},
@@ -61,14 +62,7 @@ async fn git_clone_over_https_gets_the_real_basic_credential() {
         PASSWORD,
     );
     let secrets = d.join("secrets");
-    std::fs::create_dir(&secrets).expect("secrets");
-    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    std::fs::write(secrets.join("git-token"), PASSWORD).expect("secret");
-    std::fs::set_permissions(
-        secrets.join("git-token"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .expect("chmod");
+    write_secrets(&secrets, &[("git-token", PASSWORD)]);
     std::fs::write(d.join("policy.yaml"), POLICY).expect("policy");
     let path = |p: &Path| p.to_str().expect("utf-8").to_owned();
 

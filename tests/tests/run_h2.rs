@@ -6,10 +6,11 @@
 //! Upstream must receive the real secrets and intact bodies, over HTTP/2; nothing the agent
 //! can read may hold a secret.
 
-use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, process::Command};
+use std::{net::SocketAddr, path::Path, process::Command};
 
 use paddock_tests::{
     HostLink,
+    files::{audit_records, write_secrets},
     h2_api::{H2Api, Seen},
     process::{Placement, run, target_bin},
     proxied::{DnsResponder, make_upstream_certs},
@@ -115,16 +116,6 @@ const PARALLEL: [(usize, Cred); 4] = [
     (4, Cred::Bearer),
 ];
 
-fn setup_secrets(dir: &Path) {
-    std::fs::create_dir(dir).expect("secrets dir");
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-    for (name, value) in SECRETS {
-        std::fs::write(dir.join(name), value).expect("write secret");
-        std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600))
-            .expect("chmod");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_substitutes_over_http2_end_to_end() {
     if !require_root("run_substitutes_over_http2_end_to_end") {
@@ -141,7 +132,7 @@ async fn run_substitutes_over_http2_end_to_end() {
     );
     let api = H2Api::start(&link.upstream, d, SocketAddr::from((link.host_ip, 443)));
     let secrets = d.join("secrets");
-    setup_secrets(&secrets);
+    write_secrets(&secrets, &SECRETS);
     std::fs::write(d.join("policy.yaml"), POLICY).expect("policy");
     let path = |p: &Path| p.to_str().expect("utf-8").to_owned();
 
@@ -184,9 +175,8 @@ async fn run_substitutes_over_http2_end_to_end() {
 /// One request record per request, all HTTP/2; the refused one says why.
 fn check_request_audit(path: &Path, forwarded: usize) {
     let trail = std::fs::read_to_string(path).expect("audit log");
-    let records: Vec<serde_json::Value> = trail
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    let records: Vec<serde_json::Value> = audit_records(&trail)
+        .into_iter()
         .filter(|r| r["kind"] == "request")
         .collect();
     let count = |outcome: &str| records.iter().filter(|r| r["outcome"] == outcome).count();

@@ -17,6 +17,7 @@ use paddock_proxy::broker::{BrokerClient, BrokerClientConfig};
 use paddock_tests::{
     CgroupGuard, Netns, PinDir, Topology,
     echo_api::EchoApi,
+    files::audit_records,
     process::{Placement, place, run, target_bin},
     proxied::{DnsResponder, ProxyProcess, make_upstream_certs, path_str, scratch},
     require_root,
@@ -546,10 +547,7 @@ async fn policy_change_denies_new_connections_within_a_second() {
 
         // On record: every refusal, as a connection decision or a request outcome.
         let trail = lab.proxy_audit();
-        let records: Vec<serde_json::Value> = trail
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .collect();
+        let records = audit_records(&trail);
         let refusals = records
             .iter()
             .filter(|r| r["kind"] == "deny" || r["outcome"] == "denied")
@@ -620,9 +618,8 @@ async fn broker_killed_mid_run_lets_nothing_more_upstream() {
 
 /// The one request record for `path` in the proxy's audit trail.
 fn request_record(trail: &str, path: &str) -> serde_json::Value {
-    let found: Vec<serde_json::Value> = trail
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    let found: Vec<serde_json::Value> = audit_records(trail)
+        .into_iter()
         .filter(|r| r["kind"] == "request" && r["path"] == path)
         .collect();
     assert_eq!(found.len(), 1, "one request record for {path}: {trail}");

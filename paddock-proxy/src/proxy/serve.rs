@@ -295,17 +295,18 @@ fn egress_policy(
     substituter: Option<Arc<dyn Substituter>>,
     metrics: &Arc<ProxyMetrics>,
 ) -> Result<EgressParts, ServeError> {
-    let client = match (&policy, &cfg.broker) {
+    // The broker's client and how often open connections re-check egress with it.
+    let broker = match (&policy, &cfg.broker) {
         (None, Some(b)) => {
             let client = BrokerClient::new(&b.client_config())?;
             tracing::info!(url = %b.url, timeout_ms = b.timeout_ms, "egress policy and substitution by the broker");
-            Some(client)
+            Some((client, Duration::from_millis(b.egress_recheck_ms)))
         }
         _ => None,
     };
-    let policy: Arc<dyn EgressPolicy> = match (policy, &client, &cfg.policy.file) {
+    let policy: Arc<dyn EgressPolicy> = match (policy, &broker, &cfg.policy.file) {
         (Some(p), _, _) => p,
-        (None, Some(c), _) => Arc::new(BrokerPolicy::new(c.clone())),
+        (None, Some((c, _)), _) => Arc::new(BrokerPolicy::new(c.clone())),
         (None, None, Some(file)) => Arc::new(StaticPolicy::from_file(file)?),
         (None, None, None) => {
             return Err(ServeError::Config(ConfigError::Invalid(
@@ -313,21 +314,13 @@ fn egress_policy(
             )));
         }
     };
-    let substituter: Arc<dyn Substituter> = match (substituter, client) {
+    let substituter: Arc<dyn Substituter> = match (substituter, broker) {
         (Some(s), _) => s,
-        (None, Some(c)) => {
-            let recheck = cfg
-                .broker
-                .as_ref()
-                .map_or(crate::broker::DEFAULT_EGRESS_RECHECK, |b| {
-                    Duration::from_millis(b.egress_recheck_ms)
-                });
-            Arc::new(
-                BrokerSubstituter::new(c)
-                    .with_metrics(Arc::clone(metrics))
-                    .with_egress_recheck(recheck),
-            )
-        }
+        (None, Some((c, recheck))) => Arc::new(
+            BrokerSubstituter::new(c)
+                .with_metrics(Arc::clone(metrics))
+                .with_egress_recheck(recheck),
+        ),
         (None, None) => Arc::new(NoopSubstituter),
     };
     Ok((policy, substituter))
