@@ -93,7 +93,11 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// What a clean `cargo xtask test` writes under `target/` (measured: 2.2 GB peak).
+const CLEAN_TEST_BUILD_BYTES: u64 = 2_400_000_000;
+
 fn test(no_lint: bool, extra: &[String]) -> Result<()> {
+    warn_if_disk_short();
     setup::run_setup()?;
     build_ebpf()?;
     if !no_lint {
@@ -128,6 +132,28 @@ fn test(no_lint: bool, extra: &[String]) -> Result<()> {
     // One closing line for the whole suite (cargo's last line is often an empty doc-test run).
     println!("tests: {passed} passed, {failed} failed");
     Ok(())
+}
+
+/// A full disk shows up minutes later as a linker bus error; say it up front instead.
+fn warn_if_disk_short() {
+    let target = root().join("target");
+    let probe = if target.exists() { target } else { root() };
+    if let Some(free) = util::free_bytes(&probe)
+        && free < CLEAN_TEST_BUILD_BYTES
+    {
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a human-readable size, two decimals"
+        )]
+        let gb = |b: u64| b as f64 / 1e9;
+        eprintln!(
+            "xtask: warning: {:.2} GB free under {}; a clean test build writes about {:.1} GB \
+             (an existing target/ needs less)",
+            gb(free),
+            probe.display(),
+            gb(CLEAN_TEST_BUILD_BYTES)
+        );
+    }
 }
 
 fn demo() -> Result<()> {

@@ -86,8 +86,18 @@ fn count(summary: &str, label: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Free bytes on the filesystem holding `path`, from `df` (xtask stays free of libc bindings).
+pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    let out = output(Command::new("df").arg("-Pk").arg(path))?;
+    let line = out.lines().nth(1)?;
+    let kib: u64 = line.split_whitespace().nth(3)?.parse().ok()?;
+    Some(kib.saturating_mul(1024))
+}
+
 #[cfg(test)]
 mod tests {
+    use super::free_bytes;
+
     #[test]
     fn counts_are_read_from_a_cargo_summary() {
         let s = "ok. 22 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.01s";
@@ -95,5 +105,15 @@ mod tests {
         assert_eq!(super::count(s, " failed"), 1);
         assert_eq!(super::count("FAILED. 3 passed; 2 failed;", " failed"), 2);
         assert_eq!(super::count("garbage", " passed"), 0);
+    }
+
+    #[test]
+    fn free_bytes_reads_df_for_an_existing_path_and_refuses_a_missing_one() {
+        let free = free_bytes(std::path::Path::new(env!("CARGO_MANIFEST_DIR")));
+        assert!(free.is_some_and(|b| b > 0), "{free:?}");
+        assert_eq!(
+            free_bytes(std::path::Path::new("/nonexistent/paddock")),
+            None
+        );
     }
 }
