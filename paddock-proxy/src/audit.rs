@@ -432,6 +432,12 @@ pub trait AuditSink: Send + Sync + fmt::Debug {
     fn is_disabled(&self) -> bool {
         false
     }
+
+    /// Reopens the sink's file after it was rotated away (`SIGHUP` from logrotate); sinks
+    /// without a file have nothing to do.
+    fn reopen(&self) -> Result<(), AuditError> {
+        Ok(())
+    }
 }
 
 /// Appends JSON lines to a file opened `0600`, `O_APPEND`, never through a symlink.
@@ -445,6 +451,13 @@ impl JsonlFileSink {
     /// Opens (creating if needed) the audit log. An existing regular file readable by group or
     /// others is tightened to `0600`.
     pub fn open(path: &Path) -> Result<Self, AuditError> {
+        Ok(Self {
+            path: path.to_owned(),
+            file: Mutex::new(Self::open_file(path)?),
+        })
+    }
+
+    fn open_file(path: &Path) -> Result<File, AuditError> {
         let open_err = |source| AuditError::Open {
             path: path.to_owned(),
             source,
@@ -461,10 +474,7 @@ impl JsonlFileSink {
             file.set_permissions(std::fs::Permissions::from_mode(0o600))
                 .map_err(open_err)?;
         }
-        Ok(Self {
-            path: path.to_owned(),
-            file: Mutex::new(file),
-        })
+        Ok(file)
     }
 
     #[must_use]
@@ -483,6 +493,15 @@ impl AuditSink for JsonlFileSink {
                 target: self.path.display().to_string(),
                 source,
             })
+    }
+
+    /// Opens the path anew and swaps it in; records keep going to the old file until the new
+    /// one is open, and if it cannot be opened the old one stays (nothing is lost either way).
+    fn reopen(&self) -> Result<(), AuditError> {
+        let fresh = Self::open_file(&self.path)?;
+        let mut file = self.file.lock().map_err(|_| AuditError::Poisoned)?;
+        *file = fresh;
+        Ok(())
     }
 }
 
@@ -657,6 +676,45 @@ mod tests {
         AuditEvent::new(kind, "run-7", Mode::Transparent, 443)
             .with_dst("127.0.0.1:443".parse().expect("addr"))
             .with_sni("api.example.com")
+    }
+
+    #[test]
+    fn jsonl_file_reopen_follows_a_rotation_and_keeps_the_old_file_when_it_cannot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let rotated = dir.path().join("audit.jsonl.1");
+        let sink = JsonlFileSink::open(&path).expect("open");
+        sink.record(&event(AuditKind::Allow)).expect("record");
+        std::fs::rename(&path, &rotated).expect("rotate");
+        // Until told, records follow the open file (logrotate's window before its SIGHUP).
+        sink.record(&event(AuditKind::Deny)).expect("record");
+        sink.reopen().expect("reopen");
+        sink.record(&event(AuditKind::Allow).with_rule("after"))
+            .expect("record");
+        let old = std::fs::read_to_string(&rotated).expect("read rotated");
+        let new = std::fs::read_to_string(&path).expect("read new");
+        assert_eq!(old.lines().count(), 2, "{old}");
+        assert_eq!(new.lines().count(), 1, "{new}");
+        assert!(new.contains("\"after\""), "{new}");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        // A path that now names a symlink is refused; the sink keeps writing where it was.
+        let second = dir.path().join("audit.jsonl.2");
+        std::fs::rename(&path, &second).expect("rotate again");
+        std::os::unix::fs::symlink(&rotated, &path).expect("symlink");
+        let err = sink.reopen().expect_err("symlink refused");
+        assert!(matches!(err, AuditError::Open { .. }), "{err}");
+        sink.record(&event(AuditKind::Deny))
+            .expect("record after failed reopen");
+        let kept = std::fs::read_to_string(&second).expect("read");
+        assert_eq!(kept.lines().count(), 2, "{kept}");
+        let through_link = std::fs::read_to_string(&rotated).expect("read rotated");
+        assert_eq!(
+            through_link.lines().count(),
+            2,
+            "nothing written via the link"
+        );
     }
 
     #[test]

@@ -250,6 +250,18 @@ fn unit_runs_this_config_as_root_with_the_ebpf_capabilities() {
     for cap in ["CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"] {
         assert!(caps.contains(cap), "CapabilityBoundingSet lacks {cap}");
     }
+
+    // `systemctl reload` (logrotate's postrotate in deploy/README.md) is the SIGHUP that
+    // reopens the audit file (tests/serve_signals.rs); anything else would restart or kill it.
+    assert_eq!(
+        values(&unit, "ExecReload"),
+        ["/bin/kill -HUP $MAINPID"],
+        "reload must send SIGHUP"
+    );
+    assert!(
+        readme.contains("systemctl reload paddock-proxy.service"),
+        "deploy/README.md's logrotate example must reload the proxy"
+    );
 }
 
 #[test]

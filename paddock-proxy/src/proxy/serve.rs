@@ -12,7 +12,7 @@ use super::config::{ConfigError, ServeConfig};
 use super::connector::Connector;
 use super::listener::{Drain, ListenerKind, run_listener};
 use super::{Pipeline, PipelineLimits, PipelineParts};
-use crate::audit::{AuditEvent, AuditKind, AuditOutcome, audit_decision};
+use crate::audit::{AuditEvent, AuditKind, AuditOutcome, AuditSink, audit_decision};
 use crate::broker::{BrokerClient, BrokerPolicy, BrokerSubstituter};
 use crate::cgroup::Cgroup;
 use crate::ebpf::{AgentConfig, Interception, Interceptor, LoadOptions};
@@ -41,6 +41,8 @@ pub struct ServeOptions {
     pub ready: Option<tokio::sync::oneshot::Sender<()>>,
     /// Metrics shared with parts built outside (the broker substituter); default: new.
     pub metrics: Option<Arc<ProxyMetrics>>,
+    /// Each notification reopens the audit file (`serve` wires it to `SIGHUP`, for logrotate).
+    pub audit_reopen: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl ServeOptions {
@@ -54,6 +56,7 @@ impl ServeOptions {
             substituter: None,
             ready: None,
             metrics: None,
+            audit_reopen: None,
         }
     }
 }
@@ -92,18 +95,32 @@ pub enum ServeError {
     Signal(std::io::Error),
 }
 
-/// Runs the proxy until SIGTERM or SIGINT, then drains.
-pub async fn serve(opts: ServeOptions) -> Result<(), ServeError> {
+/// Runs the proxy until SIGTERM or SIGINT, then drains; SIGHUP reopens the audit file.
+pub async fn serve(mut opts: ServeOptions) -> Result<(), ServeError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
-    serve_until(opts, async move {
+    // Installed before anything is served: SIGHUP's default action would kill the proxy.
+    let mut hup = signal(SignalKind::hangup()).map_err(ServeError::Signal)?;
+    let reopen = Arc::clone(
+        opts.audit_reopen
+            .get_or_insert_with(|| Arc::new(tokio::sync::Notify::new())),
+    );
+    let forward_hup = tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reopening the audit file");
+            reopen.notify_one();
+        }
+    });
+    let served = serve_until(opts, async move {
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: draining"),
             _ = int.recv() => tracing::info!("SIGINT: draining"),
         }
     })
-    .await
+    .await;
+    forward_hup.abort();
+    served
 }
 
 /// Runs the proxy until `stop` completes, then drains (bounded by the drain timeout).
@@ -260,6 +277,9 @@ pub async fn serve_until(
         Arc::clone(&metrics),
         stop_rx.clone(),
     ));
+    if let Some(reopen) = opts.audit_reopen.take() {
+        tasks.spawn(reopen_audit_on(reopen, Arc::clone(&audit)));
+    }
 
     let _interceptor = match &cfg.ebpf {
         Some(e) => Some(attach(cfg, e)?),
@@ -282,6 +302,20 @@ pub async fn serve_until(
     }
     tasks.abort_all();
     Ok(())
+}
+
+/// Reopens the audit sink on every notification. A failed reopen keeps the open file (records
+/// still land, in the rotated file) and says so; the next notification tries again.
+async fn reopen_audit_on(reopen: Arc<tokio::sync::Notify>, audit: Arc<dyn AuditSink>) {
+    loop {
+        reopen.notified().await;
+        match audit.reopen() {
+            Ok(()) => tracing::info!("audit file reopened"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reopen the audit file; still writing the old one");
+            }
+        }
+    }
 }
 
 /// What decides egress and what substitutes credentials.
