@@ -24,7 +24,7 @@ use crate::{
     wire::{
         DeliveryMode, ErrorCode, IssueRequest, IssueResponse, LeaseInfo, LeasesResponse,
         RenewRequest, RenewResponse, RevokeRequest, RevokeResponse, RunInfo, RunUpsertRequest,
-        SubstituteAuthRequest, SubstituteAuthResponse, ValidateEgressRequest,
+        SubstituteAuthRequest, SubstituteAuthResponse, Transport, ValidateEgressRequest,
         ValidateEgressResponse,
     },
 };
@@ -48,6 +48,8 @@ pub enum BrokerError {
     Unavailable(String),
     #[error("egress denied: {0}")]
     EgressDenied(String),
+    #[error("TLS required: {0}")]
+    TlsRequired(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -64,6 +66,7 @@ impl BrokerError {
             BrokerError::AuditUnavailable(_) => ErrorCode::AuditUnavailable,
             BrokerError::Unavailable(_) => ErrorCode::Unavailable,
             BrokerError::EgressDenied(_) => ErrorCode::EgressDenied,
+            BrokerError::TlsRequired(_) => ErrorCode::TlsRequired,
             BrokerError::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -82,7 +85,8 @@ impl BrokerError {
             | BrokerError::BadRequest(m)
             | BrokerError::RateLimited(m)
             | BrokerError::PoolExhausted(m)
-            | BrokerError::EgressDenied(m) => m.clone(),
+            | BrokerError::EgressDenied(m)
+            | BrokerError::TlsRequired(m) => m.clone(),
         }
     }
 }
@@ -666,6 +670,18 @@ impl Broker {
             let e = BrokerError::Forbidden(format!(
                 "credential {} no longer covers this request",
                 lease.credential
+            ));
+            return Err(self.deny_substitution(caller, &run, req, Some(&lease), e));
+        }
+        // Checked before the provider produces anything: a TLS-only secret never exists in a
+        // cleartext request, not even in the answer to the proxy.
+        if req.transport == Transport::Cleartext && !grant.allow_cleartext {
+            let e = BrokerError::TlsRequired(format!(
+                "credential {} may only be sent over TLS; refusing to put it into a cleartext \
+                 HTTP request to {}:{} (a policy can permit it with allowCleartext: true)",
+                lease.credential,
+                hosts::normalize(&req.host),
+                req.port
             ));
             return Err(self.deny_substitution(caller, &run, req, Some(&lease), e));
         }

@@ -37,11 +37,13 @@ pub enum ErrorCode {
     AuditUnavailable,
     Unavailable,
     EgressDenied,
+    /// The credential may only travel over TLS and the request is cleartext HTTP.
+    TlsRequired,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
         ErrorCode::NotFound,
@@ -54,6 +56,7 @@ impl ErrorCode {
         ErrorCode::AuditUnavailable,
         ErrorCode::Unavailable,
         ErrorCode::EgressDenied,
+        ErrorCode::TlsRequired,
         ErrorCode::Internal,
     ];
 
@@ -61,7 +64,7 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorCode::Unauthenticated => 401,
-            ErrorCode::Forbidden | ErrorCode::EgressDenied => 403,
+            ErrorCode::Forbidden | ErrorCode::EgressDenied | ErrorCode::TlsRequired => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::BadRequest => 400,
             ErrorCode::PayloadTooLarge => 413,
@@ -88,6 +91,7 @@ impl ErrorCode {
             ErrorCode::AuditUnavailable => "AuditUnavailable",
             ErrorCode::Unavailable => "Unavailable",
             ErrorCode::EgressDenied => "EgressDenied",
+            ErrorCode::TlsRequired => "TlsRequired",
             ErrorCode::Internal => "Internal",
         }
     }
@@ -242,6 +246,18 @@ impl fmt::Debug for QueryParam {
     }
 }
 
+/// How the intercepted request travels between the proxy and the upstream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// TLS on both legs (the proxy terminated the agent's TLS and dials the upstream with TLS).
+    Tls,
+    /// Plain HTTP: whatever is substituted crosses the network readable. The default, so a
+    /// client that does not say is treated as the less safe case (fail closed).
+    #[default]
+    Cleartext,
+}
+
 /// `POST /v1/substitute-auth`: the intercepted request, as the proxy sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -249,6 +265,10 @@ pub struct SubstituteAuthRequest {
     pub run: String,
     pub host: String,
     pub port: u16,
+    /// Whether the request reaches the upstream over TLS. Credentials are TLS-only unless
+    /// their policy entry has `allowCleartext: true`.
+    #[serde(default)]
+    pub transport: Transport,
     pub method: String,
     pub path: String,
     /// Raw query string without the leading `?` (percent-encoded, as on the wire).
@@ -280,7 +300,10 @@ impl fmt::Debug for BasicAuth {
 /// (replacing `Authorization`), `remove_query`, then `set_query` (replacing any parameter of
 /// the same name, appending otherwise). When `matched` is false no placeholder was found and
 /// the request is forwarded unchanged.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// `secrets` lists the raw secret values the edits put in, so the proxy can scrub them (and
+/// their encoded forms) from the upstream's responses before the agent sees them.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubstituteAuthResponse {
     pub matched: bool,
@@ -296,6 +319,28 @@ pub struct SubstituteAuthResponse {
     pub remove_query: Vec<String>,
     #[serde(default)]
     pub basic_auth: Option<BasicAuth>,
+    /// The secret values put into the request (redacted in `Debug`).
+    #[serde(default)]
+    pub secrets: Vec<String>,
+}
+
+impl fmt::Debug for SubstituteAuthResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubstituteAuthResponse")
+            .field("matched", &self.matched)
+            .field("lease_id", &self.lease_id)
+            .field("credential", &self.credential)
+            .field("set_headers", &self.set_headers)
+            .field("remove_headers", &self.remove_headers)
+            .field("set_query", &self.set_query)
+            .field("remove_query", &self.remove_query)
+            .field("basic_auth", &self.basic_auth)
+            .field(
+                "secrets",
+                &format_args!("<{} redacted>", self.secrets.len()),
+            )
+            .finish()
+    }
 }
 
 /// Query of `GET /v1/leases?run=...`.
@@ -405,6 +450,7 @@ pub const SCHEMA_NAMES: &[&str] = &[
     "ValidateEgressResponse",
     "Header",
     "QueryParam",
+    "Transport",
     "SubstituteAuthRequest",
     "SubstituteAuthResponse",
     "BasicAuth",

@@ -361,7 +361,7 @@ async fn killed_and_restarted_process_keeps_pool_reservations() {
         "{v}"
     );
     let substitute = |run: &str, bearer: &str| {
-        json!({"run": run, "host": "api.gitlab.com", "port": 443, "method": "GET", "path": "/",
+        json!({"run": run, "host": "api.gitlab.com", "port": 443, "transport": "tls", "method": "GET", "path": "/",
                "headers": [{"name": "Authorization", "value": format!("Bearer {bearer}")}]})
         .to_string()
     };

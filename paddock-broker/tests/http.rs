@@ -45,7 +45,7 @@ async fn every_route_with_static_keys() {
 
     let (status, v) = substitute(
         &env,
-        json!({"run": "r1", "host": "api.github.com", "port": 443, "method": "GET", "path": "/user",
+        json!({"run": "r1", "host": "api.github.com", "port": 443, "transport": "tls", "method": "GET", "path": "/user",
                "headers": [{"name": "Authorization", "value": format!("Bearer {}", gh.value)}]}),
     )
     .await;
@@ -107,7 +107,7 @@ async fn every_route_with_static_keys() {
     assert_eq!((status, v["revoked"].as_bool()), (200, Some(true)), "{v}");
     let (status, v) = substitute(
         &env,
-        json!({"run": "r1", "host": "api.github.com", "port": 443, "method": "GET", "path": "/user",
+        json!({"run": "r1", "host": "api.github.com", "port": 443, "transport": "tls", "method": "GET", "path": "/user",
                "headers": [{"name": "Authorization", "value": format!("Bearer {}", gh.value)}]}),
     )
     .await;
@@ -152,7 +152,7 @@ async fn query_and_basic_auth_substitution_survive_the_wire() {
     let maps = issue(&env, "r1", "maps").await;
     let (status, v) = substitute(
         &env,
-        json!({"run": "r1", "host": "maps.example.com", "port": 443, "method": "GET", "path": "/geo",
+        json!({"run": "r1", "host": "maps.example.com", "port": 443, "transport": "tls", "method": "GET", "path": "/geo",
                "query": format!("q=paris&key={}", maps.value), "headers": []}),
     )
     .await;
@@ -171,7 +171,7 @@ async fn query_and_basic_auth_substitution_survive_the_wire() {
     let basic = format!("Basic {}", STANDARD.encode(format!("oauth2:{}", git.value)));
     let (status, v) = substitute(
         &env,
-        json!({"run": "r1", "host": "github.com", "port": 443, "method": "GET", "path": "/o/r.git/info/refs",
+        json!({"run": "r1", "host": "github.com", "port": 443, "transport": "tls", "method": "GET", "path": "/o/r.git/info/refs",
                "query": "service=git-upload-pack", "headers": [{"name": "Authorization", "value": basic}]}),
     )
     .await;
@@ -317,7 +317,7 @@ async fn restart_keeps_pool_reservations_and_bearers() {
         "{v}"
     );
     let sub = |run: &str, bearer: &str| {
-        json!({"run": run, "host": "api.gitlab.com", "port": 443, "method": "GET", "path": "/",
+        json!({"run": run, "host": "api.gitlab.com", "port": 443, "transport": "tls", "method": "GET", "path": "/",
                "headers": [{"name": "Authorization", "value": format!("Bearer {bearer}")}]})
     };
     let (s1, v1) = substitute(&env, sub("r1", &first.value)).await;

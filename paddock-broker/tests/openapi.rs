@@ -189,6 +189,7 @@ fn every_wire_type_and_field_is_documented() {
             run: s(),
             host: s(),
             port: 1,
+            transport: paddock_broker::wire::Transport::Tls,
             method: s(),
             path: s(),
             query: None,
@@ -207,6 +208,7 @@ fn every_wire_type_and_field_is_documented() {
             set_query: vec![query],
             remove_query: vec![],
             basic_auth: Some(basic),
+            secrets: vec![s()],
         },
     );
     check_fields(&doc, "LeaseInfo", &lease);

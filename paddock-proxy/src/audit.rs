@@ -28,6 +28,14 @@
 //! wherever it appears in the path (a whole path segment, also when percent-encoded), the
 //! destination name or the reason.
 //!
+//! # Scrubbed records
+//!
+//! A [`AuditKind::Scrubbed`] record says a response from a host that was sent a secret had
+//! that secret (in some encoding) replaced by the agent's placeholder: once for the headers
+//! and once when the body or the WebSocket message ends, with the number replaced in
+//! `scrubbed`, where in `reason`, and the request's method, path and credential. The data is
+//! scrubbed whether or not the record can be written, so a failed write is only counted.
+//!
 //! # The caller's rule
 //!
 //! Use [`audit_decision`] rather than calling [`AuditSink::record`] directly. When a write fails:
@@ -77,6 +85,9 @@ pub enum AuditKind {
     ConnectReason,
     /// One HTTP request inside an allowed connection, recorded once its status is decided.
     Request,
+    /// A response (headers, body or WebSocket messages) had substituted secrets replaced by
+    /// their placeholder before the agent saw it.
+    Scrubbed,
 }
 
 impl AuditKind {
@@ -87,6 +98,7 @@ impl AuditKind {
         AuditKind::Discovery,
         AuditKind::ConnectReason,
         AuditKind::Request,
+        AuditKind::Scrubbed,
     ];
 
     #[must_use]
@@ -97,6 +109,7 @@ impl AuditKind {
             AuditKind::Discovery => "discovery",
             AuditKind::ConnectReason => "connect_reason",
             AuditKind::Request => "request",
+            AuditKind::Scrubbed => "scrubbed",
         }
     }
 
@@ -204,6 +217,8 @@ pub struct AuditEvent {
     pub lease_id: Option<String>,
     /// Request records: forwarded, denied or failed.
     pub outcome: Option<RequestOutcome>,
+    /// Scrubbed records: how many secrets were replaced (where: in `reason`).
+    pub scrubbed: Option<u64>,
 }
 
 impl AuditEvent {
@@ -227,6 +242,7 @@ impl AuditEvent {
             credential: None,
             lease_id: None,
             outcome: None,
+            scrubbed: None,
         }
     }
 
@@ -285,6 +301,13 @@ impl AuditEvent {
     pub fn with_credential(mut self, credential: Option<String>, lease_id: Option<String>) -> Self {
         self.credential = credential;
         self.lease_id = lease_id;
+        self
+    }
+
+    /// How many secrets a response had replaced.
+    #[must_use]
+    pub fn with_scrubbed(mut self, count: u64) -> Self {
+        self.scrubbed = Some(count);
         self
     }
 

@@ -17,5 +17,6 @@ pub mod origdst;
 pub mod policy;
 pub mod proxy;
 pub mod run;
+pub mod scrub;
 mod sys;
 pub mod tls;

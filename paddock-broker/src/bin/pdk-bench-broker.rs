@@ -175,7 +175,7 @@ impl Target {
         ensure!(status == 200, "issuing the credential: {status} {v}");
         let placeholder = v["value"].as_str().context("issue response has no value")?;
         let body = json!({
-            "run": RUN, "host": "api.github.com", "port": 443, "method": "GET", "path": "/user",
+            "run": RUN, "host": "api.github.com", "port": 443, "transport": "tls", "method": "GET", "path": "/user",
             "headers": [{"name": "Authorization", "value": format!("Bearer {placeholder}")}],
         });
         Ok(Self {

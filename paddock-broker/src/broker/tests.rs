@@ -63,9 +63,17 @@ spec:
       provider: {{kind: user-secret, inject: {{header: {{name: Authorization}}}}}}
       secret: {{file: {hdr}}}
       delivery: {{mode: in-container, acceptedReason: \"npm reads .npmrc itself\"}}
+    - name: intranet
+      provider: {{kind: user-secret, inject: {{header: {{name: Authorization, prefix: \"Bearer \"}}}}}}
+      secret: {{file: {qry}}}
+      hosts: [intranet.example.com]
+      allowCleartext: true
   egress:
     - hosts: [api.github.com, github.com, maps.example.com, api.gitlab.com, api.anthropic.com]
-      ports: [443]
+      ports: [443, 80]
+      substituteAuth: true
+    - hosts: [intranet.example.com]
+      ports: [80]
       substituteAuth: true
     - hosts: [pypi.org]
       ports: [443]
@@ -170,6 +178,7 @@ fn sub(
         run: run.into(),
         host: host.into(),
         port: 443,
+        transport: Transport::Tls,
         method: "GET".into(),
         path: "/x".into(),
         query,
@@ -210,6 +219,12 @@ fn header_substitution_end_to_end() {
         }]
     );
     assert_eq!(out.lease_id.as_deref(), Some(issued.lease_id.as_str()));
+    assert_eq!(
+        out.secrets,
+        vec!["ghp_real".to_owned()],
+        "the secret to scrub"
+    );
+    assert!(!format!("{out:?}").contains("ghp_real"), "Debug redacts it");
     // Another host: the bearer is bound to api.github.com.
     let e = f
         .broker
@@ -265,6 +280,98 @@ fn header_substitution_end_to_end() {
         !dump.contains(&issued.value) && !dump.contains("ghp_real"),
         "no bearer or secret in audit"
     );
+}
+
+/// A placeholder in a plain-HTTP request: the secret is refused (TLS only) in every position
+/// unless the credential's grant allows cleartext; the refusal is audited.
+#[test]
+fn cleartext_substitution_needs_allow_cleartext() {
+    let f = fixture();
+    let plain = |req: SubstituteAuthRequest| SubstituteAuthRequest {
+        port: 80,
+        transport: Transport::Cleartext,
+        ..req
+    };
+    let hdr = issue(&f, "r1", "gh-header").expect("issue");
+    let qry = issue(&f, "r1", "maps-query").expect("issue");
+    let bas = issue(&f, "r1", "git-basic").expect("issue");
+    let basic = format!(
+        "Basic {}",
+        STANDARD.encode(format!("x-access-token:{}", bas.value))
+    );
+    for req in [
+        sub(
+            "r1",
+            "api.github.com",
+            vec![("Authorization", format!("Bearer {}", hdr.value))],
+            None,
+        ),
+        sub(
+            "r1",
+            "maps.example.com",
+            vec![],
+            Some(format!("key={}", qry.value)),
+        ),
+        sub("r1", "github.com", vec![("Authorization", basic)], None),
+    ] {
+        // Over TLS the same request is substituted.
+        assert!(
+            f.broker
+                .substitute_auth(
+                    &team_a(),
+                    &SubstituteAuthRequest {
+                        port: 80,
+                        ..req.clone()
+                    }
+                )
+                .expect("tls")
+                .matched
+        );
+        let e = f
+            .broker
+            .substitute_auth(&team_a(), &plain(req))
+            .expect_err("cleartext refused");
+        assert_eq!(e.code(), ErrorCode::TlsRequired, "{e}");
+        assert_eq!(e.code().http_status(), 403);
+        assert!(e.public_message().contains("only be sent over TLS"), "{e}");
+    }
+    // A client that does not say how the request travels is treated as cleartext.
+    let json = serde_json::json!({
+        "run": "r1", "host": "api.github.com", "port": 443, "method": "GET", "path": "/",
+        "headers": [{"name": "Authorization", "value": format!("Bearer {}", hdr.value)}],
+    });
+    let unsaid: SubstituteAuthRequest = serde_json::from_value(json).expect("decodes");
+    assert_eq!(unsaid.transport, Transport::Cleartext);
+    assert_eq!(
+        f.broker
+            .substitute_auth(&team_a(), &unsaid)
+            .expect_err("refused")
+            .code(),
+        ErrorCode::TlsRequired
+    );
+    // The explicit opt-in is honoured.
+    let intranet = issue(&f, "r1", "intranet").expect("issue");
+    let out = f
+        .broker
+        .substitute_auth(
+            &team_a(),
+            &plain(sub(
+                "r1",
+                "intranet.example.com",
+                vec![("Authorization", format!("Bearer {}", intranet.value))],
+                None,
+            )),
+        )
+        .expect("allowCleartext");
+    assert!(out.matched);
+    assert_eq!(out.secrets, vec!["maps-real".to_owned()]);
+    let denials = f
+        .audit
+        .events()
+        .into_iter()
+        .filter(|e| e.event == AuditKind::SubstitutionDenied)
+        .count();
+    assert_eq!(denials, 4, "every refusal is audited");
 }
 
 #[test]

@@ -101,6 +101,10 @@ pub struct CredentialGrant {
     /// delivery, its value) into a command started by `paddock-proxy run`.
     #[serde(default)]
     pub env: Option<String>,
+    /// Let the proxy put this credential into cleartext (plain HTTP) requests. Off by default:
+    /// a secret substituted into plain HTTP crosses the network readable.
+    #[serde(default)]
+    pub allow_cleartext: bool,
 }
 
 impl CredentialGrant {

@@ -319,6 +319,7 @@ fn push_unique(list: &mut Vec<String>, name: &str) {
 fn inject(injection: &Injection, secret: &Secret, found: &[Placement]) -> SubstituteAuthResponse {
     let mut out = SubstituteAuthResponse {
         matched: true,
+        secrets: vec![secret.expose().to_owned()],
         ..SubstituteAuthResponse::default()
     };
     let target_header = match injection {

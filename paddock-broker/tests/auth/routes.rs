@@ -267,7 +267,7 @@ async fn every_route(stack: &Stack, bearer: &str, run: &str) {
     );
 
     let substitute = json!({
-        "run": run, "host": "api.github.com", "port": 443, "method": "GET", "path": "/user",
+        "run": run, "host": "api.github.com", "port": 443, "transport": "tls", "method": "GET", "path": "/user",
         "headers": [{"name": "Authorization", "value": format!("Bearer {placeholder}")}],
     });
     let (status, v) = stack.post("/v1/substitute-auth", bearer, &substitute).await;
@@ -445,7 +445,7 @@ async fn bad_credentials_get_byte_identical_401s_from_every_backend() {
             common::post_request(
                 "/v1/substitute-auth",
                 bearer,
-                r#"{"run":"run-a","host":"api.github.com","port":443,"method":"GET","path":"/","headers":[]}"#,
+                r#"{"run":"run-a","host":"api.github.com","port":443,"transport":"tls","method":"GET","path":"/","headers":[]}"#,
             ),
             get_request("/v1/leases?run=run-a", bearer),
         ] {
@@ -512,7 +512,7 @@ async fn jwt_identities_act_only_in_their_namespace() {
         ),
         (
             "/v1/substitute-auth",
-            json!({"run": "run-a", "host": "api.github.com", "port": 443, "method": "GET",
+            json!({"run": "run-a", "host": "api.github.com", "port": 443, "transport": "tls", "method": "GET",
                    "path": "/", "headers": [{"name": "Authorization",
                                               "value": format!("Bearer {placeholder}")}]}),
         ),

@@ -147,6 +147,7 @@ impl BrokerCallError {
             Some(
                 ErrorCode::Forbidden
                     | ErrorCode::EgressDenied
+                    | ErrorCode::TlsRequired
                     | ErrorCode::NotFound
                     | ErrorCode::BadRequest
                     | ErrorCode::PayloadTooLarge

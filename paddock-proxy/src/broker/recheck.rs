@@ -106,26 +106,27 @@ impl EgressRecheck {
             return verdict.clone().map_err(|v| v.to_error());
         }
         let sent = Instant::now();
-        let verdict = match client
-            .validate_egress(&ValidateEgressRequest {
-                run: ctx.run.clone(),
-                host: ctx.host.clone(),
-                port: ctx.port,
-            })
-            .await
-        {
-            Ok(answer) if answer.allowed => Ok(()),
-            Ok(answer) => Err(Verdict::Denied(format!(
-                "egress to {}:{} is no longer allowed: {}",
-                ctx.host, ctx.port, answer.reason
-            ))),
-            Err(e) => Err(match super::substitute::call_error(&e) {
-                SubstituteError::Denied { reason } => Verdict::Denied(reason),
-                SubstituteError::Unavailable { reason } | SubstituteError::Invalid { reason } => {
-                    Verdict::Unavailable(reason)
-                }
-            }),
-        };
+        let verdict =
+            match client
+                .validate_egress(&ValidateEgressRequest {
+                    run: ctx.run.clone(),
+                    host: ctx.host.clone(),
+                    port: ctx.port,
+                })
+                .await
+            {
+                Ok(answer) if answer.allowed => Ok(()),
+                Ok(answer) => Err(Verdict::Denied(format!(
+                    "egress to {}:{} is no longer allowed: {}",
+                    ctx.host, ctx.port, answer.reason
+                ))),
+                Err(e) => Err(match super::substitute::call_error(&e) {
+                    SubstituteError::Denied { reason }
+                    | SubstituteError::TlsRequired { reason } => Verdict::Denied(reason),
+                    SubstituteError::Unavailable { reason }
+                    | SubstituteError::Invalid { reason } => Verdict::Unavailable(reason),
+                }),
+            };
         slot.answer = Some((sent, verdict.clone()));
         verdict.map_err(|v| v.to_error())
     }

@@ -4,7 +4,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use paddock_broker::wire::{Header, QueryParam, SubstituteAuthRequest, SubstituteAuthResponse};
+use paddock_broker::wire::{
+    Header, QueryParam, SubstituteAuthRequest, SubstituteAuthResponse, Transport,
+};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode, percent_decode_str};
 
 use super::{BrokerCallError, BrokerClient};
@@ -130,6 +132,9 @@ impl Substituter for BrokerSubstituter {
                 }
                 return Ok(Substituted::none());
             }
+            // The placeholder as the agent wrote it, to put back where a response reflects
+            // the secret (the broker accepts one distinct placeholder per request).
+            let placeholder = first_bearer(head);
             let answer = self
                 .client
                 .substitute_auth(&wire_request(head, ctx))
@@ -150,9 +155,11 @@ impl Substituter for BrokerSubstituter {
             );
             // The broker's names for what it put in (never the value), for the audit record.
             Ok(if answer.matched {
+                let secrets = secrets_put_in(&answer, placeholder.as_deref());
                 Substituted {
                     credential: answer.credential,
                     lease_id: answer.lease_id,
+                    secrets,
                 }
             } else {
                 Substituted::none()
@@ -162,6 +169,16 @@ impl Substituter for BrokerSubstituter {
 }
 
 pub(super) fn call_error(e: &BrokerCallError) -> SubstituteError {
+    if let BrokerCallError::Rejected {
+        code: paddock_broker::wire::ErrorCode::TlsRequired,
+        message,
+        ..
+    } = e
+    {
+        return SubstituteError::TlsRequired {
+            reason: message.clone(),
+        };
+    }
     if e.is_refusal() {
         let reason = match e {
             BrokerCallError::Rejected { message, .. } => message.clone(),
@@ -182,6 +199,11 @@ fn wire_request(head: &RequestHead<'_>, ctx: &RequestContext) -> SubstituteAuthR
         run: ctx.run.clone(),
         host: ctx.host.clone(),
         port: ctx.port,
+        transport: if ctx.upstream_tls() {
+            Transport::Tls
+        } else {
+            Transport::Cleartext
+        },
         method: head.method().as_str().to_owned(),
         path: head.path().to_owned(),
         query: head.query().map(str::to_owned),
@@ -234,24 +256,73 @@ fn carries_placeholder(head: &RequestHead<'_>) -> bool {
 
 /// Whether `text` holds a well-formed placeholder, delimited as the broker delimits them.
 fn has_bearer(text: &[u8]) -> bool {
+    bearers_in(text).next().is_some()
+}
+
+/// Every well-formed placeholder in `text`, delimited as the broker delimits them.
+fn bearers_in(text: &[u8]) -> impl Iterator<Item = &[u8]> {
     let token_char = |b: u8| b.is_ascii_alphanumeric() || b == b'-';
     let mut start = 0;
-    while let Some(pos) = text[start..]
-        .windows(MARKER.len())
-        .position(|w| w == MARKER)
-    {
-        let at = start + pos;
-        let end = text[at..]
-            .iter()
-            .position(|b| !token_char(*b))
-            .map_or(text.len(), |n| at + n);
-        let delimited = at == 0 || !token_char(text[at - 1]);
-        if delimited && is_bearer(&text[at..end]) {
-            return true;
+    std::iter::from_fn(move || {
+        while let Some(pos) = text[start..]
+            .windows(MARKER.len())
+            .position(|w| w == MARKER)
+        {
+            let at = start + pos;
+            let end = text[at..]
+                .iter()
+                .position(|b| !token_char(*b))
+                .map_or(text.len(), |n| at + n);
+            let delimited = at == 0 || !token_char(text[at - 1]);
+            start = at + 1;
+            if delimited && is_bearer(&text[at..end]) {
+                return Some(&text[at..end]);
+            }
         }
-        start = at + 1;
+        None
+    })
+}
+
+/// The first well-formed placeholder of a request, looking where the broker looks.
+fn first_bearer(head: &RequestHead<'_>) -> Option<String> {
+    let from = |b: &[u8]| {
+        bearers_in(b)
+            .next()
+            .map(|t| String::from_utf8_lossy(t).into_owned())
+    };
+    head.headers()
+        .values()
+        .find_map(|v| {
+            from(v.as_bytes()).or_else(|| basic_credentials(v.as_bytes()).and_then(|c| from(&c)))
+        })
+        .or_else(|| {
+            head.query()
+                .and_then(|q| from(q.as_bytes()).or_else(|| from(&decoded_query(q))))
+        })
+}
+
+/// The secrets a substitution put into the request, each with the placeholder to show the
+/// agent instead. The broker lists them; an older broker that does not is covered by taking
+/// the values it set (whole header values, Basic passwords, query values).
+fn secrets_put_in(
+    answer: &SubstituteAuthResponse,
+    placeholder: Option<&str>,
+) -> Vec<crate::scrub::SecretPair> {
+    let placeholder = placeholder.unwrap_or(crate::scrub::UNKNOWN_PLACEHOLDER);
+    let mut values: Vec<&str> = answer.secrets.iter().map(String::as_str).collect();
+    if values.is_empty() {
+        values.extend(answer.set_headers.iter().map(|h| h.value.as_str()));
+        values.extend(answer.basic_auth.iter().map(|b| b.password.as_str()));
+        values.extend(answer.set_query.iter().map(|q| q.value.as_str()));
     }
-    false
+    values
+        .into_iter()
+        .filter(|v| !v.is_empty())
+        .map(|v| crate::scrub::SecretPair {
+            secret: v.as_bytes().to_vec(),
+            placeholder: placeholder.to_owned(),
+        })
+        .collect()
 }
 
 fn is_bearer(token: &[u8]) -> bool {

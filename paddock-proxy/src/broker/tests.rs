@@ -355,6 +355,58 @@ fn assert_no_placeholder(parts: &http::request::Parts, placeholder: &str) {
     assert!(!shown.contains(placeholder), "placeholder left: {shown}");
 }
 
+/// A placeholder in a cleartext (plain-HTTP) request is refused in every position: the
+/// credentials are TLS-only unless their grant says `allowCleartext`. Nothing is edited.
+#[tokio::test]
+async fn cleartext_requests_are_refused_substitution() {
+    let fx = Fixture::start(Options::default()).await;
+    let sub = BrokerSubstituter::new(fx.proxy_client());
+    let plain = |host: &str| RequestContext {
+        sni: None,
+        ..ctx(host)
+    };
+    let (_, gh) = fx.issue("gh").await;
+    let (_, maps) = fx.issue("maps").await;
+    let (_, git) = fx.issue("git").await;
+    let cases = [
+        (
+            "api.github.com",
+            request(
+                "http://api.github.com/user",
+                &[(AUTHORIZATION.as_str(), &format!("Bearer {gh}"))],
+            ),
+        ),
+        (
+            "maps.example.com",
+            request(&format!("http://maps.example.com/geo?key={maps}"), &[]),
+        ),
+        (
+            "github.com",
+            request(
+                "http://github.com/o/r.git/info/refs",
+                &[(AUTHORIZATION.as_str(), &basic("x-access-token", &git))],
+            ),
+        ),
+    ];
+    for (host, mut parts) in cases {
+        let before = format!("{:?} {:?}", parts.uri, parts.headers);
+        let err = within(
+            "substitution",
+            sub.substitute(&mut RequestHead::new(&mut parts), &plain(host)),
+        )
+        .await
+        .expect_err("cleartext refused");
+        assert!(
+            matches!(err, SubstituteError::TlsRequired { .. }),
+            "{host}: {err:?}"
+        );
+        assert_eq!(err.status(), http::StatusCode::FORBIDDEN);
+        assert_eq!(err.reason(), "tls_required");
+        assert!(err.to_string().contains("only be sent over TLS"), "{err}");
+        assert_eq!(format!("{:?} {:?}", parts.uri, parts.headers), before);
+    }
+}
+
 #[tokio::test]
 async fn each_placeholder_position_gets_the_real_secret() {
     let fx = Fixture::start(Options::default()).await;
@@ -376,8 +428,13 @@ async fn each_placeholder_position_gets_the_real_secret() {
         Substituted {
             credential: Some("gh".into()),
             lease_id: Some(gh_lease),
+            secrets: vec![crate::scrub::SecretPair {
+                secret: HEADER_SECRET.as_bytes().to_vec(),
+                placeholder: gh.clone(),
+            }],
         },
-        "the broker's names for what went in, for the audit record"
+        "the broker's names for what went in (for the audit record) and the secret with the \
+         placeholder it replaced (for scrubbing)"
     );
     assert_eq!(p.headers[AUTHORIZATION], format!("Bearer {HEADER_SECRET}"));
     assert!(p.headers[AUTHORIZATION].is_sensitive());
@@ -614,6 +671,7 @@ async fn a_silent_broker_times_out() {
             run: RUN.into(),
             host: "api.github.com".into(),
             port: 443,
+            transport: paddock_broker::wire::Transport::Tls,
             method: "GET".into(),
             path: "/".into(),
             query: None,

@@ -14,7 +14,7 @@ use super::{HttpError, RequestContext, Substituted};
 use crate::audit::{
     AuditEvent, AuditKind, AuditOutcome, AuditSink, RequestOutcome, audit_decision,
 };
-use crate::metrics::ProxyMetrics;
+use crate::metrics::{ProxyMetrics, ScrubLocation};
 use crate::policy::Mode;
 
 /// Where a connection's request records go, plus what they say about the connection beyond
@@ -92,9 +92,47 @@ impl RequestAudit {
     }
 }
 
+impl RequestAudit {
+    /// Records that `count` secrets were replaced in the response to `request`, and counts
+    /// them. The response is scrubbed whatever becomes of the record.
+    pub(crate) fn scrubbed(
+        &self,
+        ctx: &RequestContext,
+        request: &RequestLine,
+        credential: Option<String>,
+        location: ScrubLocation,
+        count: u64,
+    ) {
+        if count == 0 {
+            return;
+        }
+        self.metrics.scrubbed(location, count);
+        tracing::warn!(
+            run = %ctx.run, host = %ctx.host, location = location.as_str(), count,
+            "secret reflected by the upstream; replaced by its placeholder"
+        );
+        if self.sink.is_disabled() {
+            return;
+        }
+        let mut ev = AuditEvent::new(AuditKind::Scrubbed, ctx.run.clone(), self.mode, ctx.port)
+            .with_sni(ctx.host.clone())
+            .with_request(&request.method, &request.uri, request.version)
+            .with_credential(credential, None)
+            .with_reason(format!(
+                "secret replaced in the response {}",
+                location.as_str()
+            ))
+            .with_scrubbed(count);
+        if let Some(dst) = self.dst {
+            ev = ev.with_dst(dst);
+        }
+        let _ = audit_decision(self.sink.as_ref(), &self.metrics, &ev);
+    }
+}
+
 /// The agent's request line, kept before the request is consumed. The audit record takes
 /// only the URI's path.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct RequestLine {
     pub method: Method,
     pub uri: Uri,

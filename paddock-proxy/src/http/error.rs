@@ -64,6 +64,19 @@ pub enum HttpError {
     /// The agent connection outlived its bound (denial pages only).
     #[error("agent connection exceeded its time bound")]
     AgentTimeout,
+    /// The upstream's answer could not be scrubbed of the secrets its host was sent (an
+    /// unreadable content encoding, a compressed gRPC stream), so it is not passed on.
+    #[error("upstream {host}:{port} answer cannot be scrubbed: {reason}")]
+    Unscrubbable {
+        host: String,
+        port: u16,
+        reason: String,
+    },
+    /// An upgrade to a protocol the proxy cannot scrub, to a host that holds secrets.
+    #[error(
+        "upgrade to {protocol} refused: the proxy can only scrub WebSocket tunnels to a host that was sent a credential"
+    )]
+    UpgradeRefused { protocol: String },
 }
 
 impl HttpError {
@@ -111,7 +124,9 @@ impl HttpError {
         self.is_request_refused()
             || matches!(
                 self,
-                Self::Substitution(SubstituteError::Denied { .. })
+                Self::Substitution(
+                    SubstituteError::Denied { .. } | SubstituteError::TlsRequired { .. }
+                ) | Self::UpgradeRefused { .. }
                     | Self::UpstreamConnect {
                         source: ConnectError::Denied(_),
                         ..
@@ -132,10 +147,12 @@ impl HttpError {
             Self::UpstreamConnect {
                 source: ConnectError::Denied(_),
                 ..
-            } => StatusCode::FORBIDDEN,
+            }
+            | Self::UpgradeRefused { .. } => StatusCode::FORBIDDEN,
             Self::UpstreamConnect { .. }
             | Self::UpstreamRequest { .. }
             | Self::UpgradeNotHttp1 { .. }
+            | Self::Unscrubbable { .. }
             | Self::PoolRunMismatch { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } | Self::AgentTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Substitution(e) => e.status(),
@@ -165,6 +182,8 @@ impl HttpError {
             Self::PoolRunMismatch { .. } => "pool_run_mismatch",
             Self::Agent(_) => "agent_protocol_error",
             Self::AgentTimeout => "agent_timeout",
+            Self::Unscrubbable { .. } => "upstream_unscrubbable",
+            Self::UpgradeRefused { .. } => "upgrade_refused",
         }
     }
 

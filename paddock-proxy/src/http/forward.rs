@@ -19,6 +19,8 @@ use super::{
     UpstreamPool, authority, hop, upgrade,
 };
 use crate::audit::{AuditOutcome, redact_placeholders, redacted_path};
+use crate::metrics::ScrubLocation;
+use crate::scrub;
 
 /// Serves HTTP/2 (agent ALPN `h2`) or HTTP/1.1 (anything else) on `io` until the agent
 /// closes, forwarding every request to `ctx`'s destination through `pool`.
@@ -221,7 +223,7 @@ impl Forwarder {
             substituted: Substituted::none(),
             answered: false,
         };
-        let forwarded = self.forward(req, &mut pending.substituted).await;
+        let forwarded = self.forward(req, &line, &mut pending.substituted).await;
         pending.answered = true;
         let substituted = std::mem::take(&mut pending.substituted);
         let (response, audited) = match forwarded {
@@ -267,6 +269,7 @@ impl Forwarder {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
+        line: &RequestLine,
         substituted: &mut Substituted,
     ) -> Result<Response<ProxyBody>, HttpError> {
         if req.method() == Method::CONNECT {
@@ -296,16 +299,38 @@ impl Forwarder {
             .substituter
             .substitute(&mut RequestHead::new(&mut parts), &self.ctx)
             .await?;
+        let scrubber = self.scrubber_after(substituted)?;
+        if scrubber.is_some() {
+            scrub::prepare_request(&mut parts.headers);
+            if let Some(offered) = &upgrade
+                && !only_websocket(offered)
+            {
+                return Err(HttpError::UpgradeRefused {
+                    protocol: String::from_utf8_lossy(offered.as_bytes()).into_owned(),
+                });
+            }
+        }
         if let Some(via) = &self.via {
             hop::append_via(&mut parts.headers, via);
         }
         let req = Request::from_parts(parts, body);
+        let report = scrubber.as_ref().map(|_| Report {
+            audit: self.audit.clone(),
+            ctx: self.ctx.clone(),
+            line: line.clone(),
+            credential: substituted.credential.clone(),
+        });
 
         let (response, upgraded) = match agent_upgrade {
             Some(agent) => {
                 let watch = upgrade::TunnelWatch {
                     substituter: Arc::clone(&self.substituter),
                     ctx: self.ctx.clone(),
+                    scrub: scrubber.clone().zip(report.clone()).map(|(sc, r)| {
+                        let tell: upgrade::OnScrub =
+                            Box::new(move |n| r.tell(ScrubLocation::WebSocket, n));
+                        (sc, tell)
+                    }),
                 };
                 upgrade::forward(&self.pool, req, agent, &self.tunnels, watch).await?
             }
@@ -318,6 +343,108 @@ impl Forwarder {
         }
         parts.version = Version::default();
         parts.extensions = Extensions::new();
-        Ok(Response::from_parts(parts, body::stream(body)))
+        let body = match scrubber.zip(report) {
+            None => body::stream(body),
+            Some((sc, report)) => {
+                self.scrub_response(&mut parts, body, sc, &line.method, report)?
+            }
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// Remembers the secrets this request was given and returns the matcher for everything
+    /// its host has been sent by this run, if anything.
+    fn scrubber_after(
+        &self,
+        substituted: &Substituted,
+    ) -> Result<Option<Arc<scrub::Scrubber>>, HttpError> {
+        let registry = self.pool.scrub_registry();
+        registry
+            .add(&self.ctx.host, &substituted.secrets)
+            .map_err(|e| HttpError::Unscrubbable {
+                host: self.ctx.host.clone(),
+                port: self.ctx.port,
+                reason: e.to_string(),
+            })?;
+        Ok(registry.for_host(&self.ctx.host))
+    }
+
+    /// Scrubs the head now and wraps the body; refuses an answer it could not read.
+    fn scrub_response(
+        &self,
+        parts: &mut http::response::Parts,
+        body: Incoming,
+        scrubber: Arc<scrub::Scrubber>,
+        method: &Method,
+        report: Report,
+    ) -> Result<ProxyBody, HttpError> {
+        let unscrubbable = |reason: String| HttpError::Unscrubbable {
+            host: self.ctx.host.clone(),
+            port: self.ctx.port,
+            reason,
+        };
+        let encoding = scrub::Encoding::from_headers(&parts.headers)
+            .map_err(|e| unscrubbable(e.to_string()))?;
+        if let Some(coding) = scrub::grpc_compressed(&parts.headers) {
+            return Err(unscrubbable(format!(
+                "gRPC messages compressed with {coding}"
+            )));
+        }
+        report.tell(
+            ScrubLocation::Headers,
+            scrub::scrub_headers(&scrubber, &mut parts.headers),
+        );
+        let bodiless = *method == Method::HEAD
+            || parts.status.is_informational()
+            || parts.status == http::StatusCode::NO_CONTENT
+            || parts.status == http::StatusCode::NOT_MODIFIED;
+        if bodiless {
+            return Ok(body::stream(body));
+        }
+        // Replacements change the length; a decoded body is passed on decoded.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        if encoding != scrub::Encoding::Identity {
+            parts.headers.remove(header::CONTENT_ENCODING);
+        }
+        let wrapped = scrub::ScrubBody::new(
+            body,
+            scrubber,
+            encoding,
+            Box::new(move |n| report.tell(ScrubLocation::Body, n)),
+        );
+        Ok(http_body_util::BodyExt::boxed_unsync(wrapped))
+    }
+}
+
+/// Whether every protocol an `Upgrade` offers is WebSocket (the only tunnel the proxy can
+/// scrub).
+fn only_websocket(offered: &HeaderValue) -> bool {
+    let mut names = offered
+        .to_str()
+        .unwrap_or_default()
+        .split(',')
+        .map(|p| p.split('/').next().unwrap_or_default().trim())
+        .peekable();
+    names.peek().is_some() && names.all(|p| p.eq_ignore_ascii_case("websocket"))
+}
+
+/// Where scrub counts of one request's response go: its audit record and the metrics.
+#[derive(Clone)]
+struct Report {
+    audit: RequestAudit,
+    ctx: RequestContext,
+    line: RequestLine,
+    credential: Option<String>,
+}
+
+impl Report {
+    fn tell(&self, location: ScrubLocation, count: u64) {
+        self.audit.scrubbed(
+            &self.ctx,
+            &self.line,
+            self.credential.clone(),
+            location,
+            count,
+        );
     }
 }

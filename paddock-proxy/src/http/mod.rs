@@ -26,6 +26,8 @@ mod upgrade;
 mod upstream;
 
 #[cfg(test)]
+mod scrub_tests;
+#[cfg(test)]
 mod test_support;
 #[cfg(test)]
 mod tests;

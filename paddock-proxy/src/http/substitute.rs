@@ -21,6 +21,9 @@ pub enum SubstituteError {
     /// The broker refused to substitute for this run and destination.
     #[error("substitution denied: {reason}")]
     Denied { reason: String },
+    /// The credential is TLS-only and the request is cleartext HTTP.
+    #[error("substitution refused over cleartext: {reason}")]
+    TlsRequired { reason: String },
     /// The broker could not be asked (unreachable, timed out, bad answer).
     #[error("credential broker unavailable: {reason}")]
     Unavailable { reason: String },
@@ -35,7 +38,7 @@ impl SubstituteError {
     #[must_use]
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Denied { .. } => StatusCode::FORBIDDEN,
+            Self::Denied { .. } | Self::TlsRequired { .. } => StatusCode::FORBIDDEN,
             Self::Unavailable { .. } | Self::Invalid { .. } => StatusCode::BAD_GATEWAY,
         }
     }
@@ -45,20 +48,24 @@ impl SubstituteError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Denied { .. } => "substitution_denied",
+            Self::TlsRequired { .. } => "tls_required",
             Self::Unavailable { .. } => "substitution_unavailable",
             Self::Invalid { .. } => "substitution_invalid",
         }
     }
 }
 
-/// What a substituter put into a request, for the request's audit record: names and ids
-/// only, never a value. The default (nothing) means the request was left as it was.
+/// What a substituter put into a request: for the request's audit record the credential's
+/// name and lease (never a value), and for response scrubbing the secrets themselves with the
+/// placeholders they replaced. The default (nothing) means the request was left as it was.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Substituted {
     /// The name of the credential substituted (the broker's credential name).
     pub credential: Option<String>,
     /// The lease the substituted credential was issued under.
     pub lease_id: Option<String>,
+    /// The secrets put in (redacted in `Debug`): the upstream's responses are scrubbed of them.
+    pub secrets: Vec<crate::scrub::SecretPair>,
 }
 
 impl Substituted {
@@ -316,6 +323,10 @@ pub(crate) mod tests {
                     Substituted {
                         credential: Some(CREDENTIAL.into()),
                         lease_id: Some(LEASE.into()),
+                        secrets: vec![crate::scrub::SecretPair {
+                            secret: SECRET.as_bytes().to_vec(),
+                            placeholder: PLACEHOLDER.into(),
+                        }],
                     }
                 } else {
                     Substituted::none()

@@ -108,15 +108,33 @@ pub(crate) async fn forward(
             source: "101 Switching Protocols to a protocol that was not offered".into(),
         });
     };
+    if watch.scrub.is_some()
+        && response
+            .headers()
+            .contains_key(header::SEC_WEBSOCKET_EXTENSIONS)
+    {
+        // None was offered; a server that negotiates one anyway sends frames the scrubber
+        // cannot read.
+        return Err(HttpError::Unscrubbable {
+            host,
+            port,
+            reason: "the server negotiated a WebSocket extension that was not offered".into(),
+        });
+    }
     let upstream = hyper::upgrade::on(&mut response);
     tunnels.spawn(splice(agent, upstream, host, port, watch));
     Ok((response, Some(protocol)))
 }
 
-/// What keeps re-checking an open tunnel: the connection's substituter and destination.
+/// Told how many secrets a scrubbed tunnel replaced, as it happens.
+pub(crate) type OnScrub = Box<dyn FnMut(u64) + Send + Sync>;
+
+/// What keeps re-checking an open tunnel (the connection's substituter and destination) and,
+/// when the host holds secrets, scrubs what the server sends.
 pub(crate) struct TunnelWatch {
     pub substituter: Arc<dyn Substituter>,
     pub ctx: RequestContext,
+    pub scrub: Option<(Arc<crate::scrub::Scrubber>, OnScrub)>,
 }
 
 async fn splice(
@@ -124,7 +142,7 @@ async fn splice(
     upstream: OnUpgrade,
     host: String,
     port: u16,
-    watch: TunnelWatch,
+    mut watch: TunnelWatch,
 ) {
     let (agent, upstream) = match tokio::try_join!(agent, upstream) {
         Ok(both) => both,
@@ -135,7 +153,17 @@ async fn splice(
     };
     let mut agent = TokioIo::new(agent);
     let mut upstream = TokioIo::new(upstream);
-    let copy = tokio::io::copy_bidirectional(&mut agent, &mut upstream);
+    let scrub = watch.scrub.take();
+    let copy = async {
+        match scrub {
+            None => tokio::io::copy_bidirectional(&mut agent, &mut upstream)
+                .await
+                .map_err(|e| e.to_string()),
+            Some((scrubber, tell)) => {
+                scrubbed_copy(&mut agent, &mut upstream, scrubber, tell).await
+            }
+        }
+    };
     tokio::select! {
         copied = copy => match copied {
             Ok((sent, received)) => {
@@ -147,6 +175,28 @@ async fn splice(
             // Dropping both sides closes the tunnel.
             tracing::info!(%host, port, reason = e.reason(), error = %e, "upgraded tunnel closed: no longer allowed");
         }
+    }
+}
+
+/// Agent to server as bytes; server to agent through the WebSocket scrubber. Ends when either
+/// direction ends (a WebSocket closes both ways together).
+async fn scrubbed_copy<A, U>(
+    agent: &mut A,
+    upstream: &mut U,
+    scrubber: Arc<crate::scrub::Scrubber>,
+    tell: OnScrub,
+) -> Result<(u64, u64), String>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut agent_rd, mut agent_wr) = tokio::io::split(agent);
+    let (upstream_rd, mut upstream_wr) = tokio::io::split(upstream);
+    let up = tokio::io::copy(&mut agent_rd, &mut upstream_wr);
+    let down = crate::scrub::websocket::relay(upstream_rd, &mut agent_wr, scrubber, tell);
+    tokio::select! {
+        sent = up => sent.map(|n| (n, 0)).map_err(|e| e.to_string()),
+        replaced = down => replaced.map(|_| (0, 0)).map_err(|e| e.to_string()),
     }
 }
 

@@ -224,6 +224,9 @@ impl hyper::rt::Write for PooledIo {
 #[derive(Clone)]
 pub struct UpstreamPool {
     run: Arc<str>,
+    /// The secrets this run has sent to each host, scrubbed from later responses. Here
+    /// because it is, like the connections, what one run sent upstream: never shared.
+    scrub: Arc<crate::scrub::ScrubRegistry>,
     client: Client<PoolConnector, Incoming>,
     connector: Arc<dyn UpstreamConnector>,
     connect_timeout: Duration,
@@ -259,6 +262,7 @@ impl UpstreamPool {
             });
         Self {
             run: run.into(),
+            scrub: Arc::default(),
             client,
             connector,
             connect_timeout: limits.upstream_connect_timeout,
@@ -271,6 +275,12 @@ impl UpstreamPool {
     #[must_use]
     pub fn run(&self) -> &str {
         &self.run
+    }
+
+    /// The secrets this run has sent to each host (see [`crate::scrub`]).
+    #[must_use]
+    pub fn scrub_registry(&self) -> &Arc<crate::scrub::ScrubRegistry> {
+        &self.scrub
     }
 
     /// Sends `req` (absolute URI naming the destination) over a pooled connection and

@@ -14,6 +14,7 @@
 //! | `paddock_proxy_leaf_forges_total` | counter | |
 //! | `paddock_proxy_upstream_latency_seconds` | histogram | |
 //! | `paddock_proxy_substitutions_total` | counter | |
+//! | `paddock_proxy_scrubbed_total` | counter | `location`: see [`ScrubLocation`] |
 //! | `paddock_proxy_bytes_total` | counter | `direction`: agent_to_upstream, upstream_to_agent |
 //! | `paddock_proxy_audit_write_failures_total` | counter | `kind`: audit event kind |
 //! | `paddock_proxy_audit_disabled` | gauge | 1 when running with `--audit none` |
@@ -103,6 +104,20 @@ label_enum!(
     }
 );
 
+label_enum!(
+    /// Where in a response a secret was found and replaced.
+    ScrubLocation {
+        Headers => "headers",
+        Body => "body",
+        WebSocket => "websocket",
+    }
+);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ScrubLabels {
+    location: ScrubLocation,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct DecisionLabels {
     decision: DecisionLabel,
@@ -147,6 +162,7 @@ pub struct ProxyMetrics {
     leaf_cache: LeafCacheMetrics,
     upstream_latency: Histogram,
     substitutions: Counter,
+    scrubbed: Family<ScrubLabels, Counter>,
     bytes: Family<DirectionLabels, Counter>,
     audit_failures: Family<AuditLabels, Counter>,
     audit_disabled: Gauge,
@@ -172,6 +188,7 @@ impl ProxyMetrics {
             // 0.5 ms .. ~16 s
             upstream_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             substitutions: Counter::default(),
+            scrubbed: Family::default(),
             bytes: Family::default(),
             audit_failures: Family::default(),
             audit_disabled: Gauge::default(),
@@ -222,6 +239,11 @@ impl ProxyMetrics {
             "Requests whose credentials were substituted",
             m.substitutions.clone(),
         );
+        registry.register(
+            "scrubbed",
+            "Secrets replaced by their placeholder in upstream responses, by location",
+            m.scrubbed.clone(),
+        );
         registry.register("bytes", "Bytes relayed, by direction", m.bytes.clone());
         registry.register(
             "audit_write_failures",
@@ -248,6 +270,9 @@ impl ProxyMetrics {
         }
         for d in Direction::ALL {
             drop(m.bytes.get_or_create(&DirectionLabels { direction: *d }));
+        }
+        for l in ScrubLocation::ALL {
+            drop(m.scrubbed.get_or_create(&ScrubLabels { location: *l }));
         }
         for k in AuditKind::ALL {
             drop(m.audit_failures.get_or_create(&AuditLabels { kind: *k }));
@@ -294,6 +319,18 @@ impl ProxyMetrics {
 
     pub fn substituted(&self) {
         self.substitutions.inc();
+    }
+
+    pub fn scrubbed(&self, location: ScrubLocation, n: u64) {
+        self.scrubbed
+            .get_or_create(&ScrubLabels { location })
+            .inc_by(n);
+    }
+
+    /// Current value of a scrub counter.
+    #[must_use]
+    pub fn scrubbed_count(&self, location: ScrubLocation) -> u64 {
+        self.scrubbed.get_or_create(&ScrubLabels { location }).get()
     }
 
     pub fn add_bytes(&self, direction: Direction, n: u64) {
