@@ -15,6 +15,7 @@ pub mod privilege;
 pub mod process;
 pub mod proxied;
 pub mod pyserver;
+pub mod reflect_api;
 pub mod servers;
 pub mod topology;
 pub mod wrk;
