@@ -111,8 +111,9 @@ fn forms_of(secret: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleartext_substitution_is_refused_and_reflected_secrets_never_reach_the_agent() {
-    if !require_root("cleartext_substitution_is_refused_and_reflected_secrets_never_reach_the_agent")
-    {
+    if !require_root(
+        "cleartext_substitution_is_refused_and_reflected_secrets_never_reach_the_agent",
+    ) {
         return;
     }
     let link = HostLink::new();
@@ -150,7 +151,12 @@ async fn cleartext_substitution_is_refused_and_reflected_secrets_never_reach_the
         "the agent script ran to the end\n{stdout}\n{stderr}"
     );
     let seen = api.requests();
+    check_cleartext(&seen, &stdout);
+    check_reflection(&seen, &stdout);
+    check_audit(&std::fs::read_to_string(&audit).expect("audit log"));
+}
 
+fn check_cleartext(seen: &[serde_json::Value], stdout: &str) {
     // 1. Cleartext. The control: a credential that allows it does reach the upstream over
     //    plain TCP, so the path the finding used exists.
     assert!(
@@ -160,7 +166,7 @@ async fn cleartext_substitution_is_refused_and_reflected_secrets_never_reach_the
         "allowCleartext credential delivered over plain HTTP: {seen:?}\n{stdout}"
     );
     for name in ["cleartext header", "cleartext query"] {
-        let s = section(&stdout, name);
+        let s = section(stdout, name);
         assert!(s.contains("403"), "{name}: {s}");
         assert!(s.contains("x-paddock-denied: tls_required"), "{name}: {s}");
         assert!(s.contains("only be sent over TLS"), "{name}: {s}");
@@ -171,7 +177,9 @@ async fn cleartext_substitution_is_refused_and_reflected_secrets_never_reach_the
             .any(|r| r["tls"] == false && r["host"].as_str().is_some_and(|h| h.starts_with("api"))),
         "nothing reached api.paddock.test over plain HTTP: {seen:?}"
     );
+}
 
+fn check_reflection(seen: &[serde_json::Value], stdout: &str) {
     // 2. Reflection. The upstream did send the secrets back (the attack)...
     let sent = |path: &str| -> String {
         seen.iter()
@@ -203,31 +211,44 @@ async fn cleartext_substitution_is_refused_and_reflected_secrets_never_reach_the
             );
         }
     }
-    let reflect = section(&stdout, "reflect");
-    assert!(reflect.contains("x-echo-authorization: Bearer pdk-"), "{reflect}");
+    let reflect = section(stdout, "reflect");
     assert!(
-        section(&stdout, "reflect query").contains("\"args\": \"key=pdk-"),
+        reflect.contains("x-echo-authorization: Bearer pdk-"),
+        "{reflect}"
+    );
+    assert!(
+        section(stdout, "reflect query").contains("\"args\": \"key=pdk-"),
         "{stdout}"
     );
     assert!(
-        section(&stdout, "reflect key").contains("x-echo-api-key: pdk-"),
+        section(stdout, "reflect key").contains("x-echo-api-key: pdk-"),
         "{stdout}"
     );
-    assert!(section(&stdout, "b64 decoded").contains("pdk-"), "{stdout}");
-    assert!(section(&stdout, "gzip").contains("Bearer pdk-"), "{stdout}");
-    assert!(section(&stdout, "stored").contains("Bearer pdk-"), "{stdout}");
-    let sse = section(&stdout, "sse");
-    assert!(sse.contains("data: start") && sse.contains("data: Bearer pdk-"), "{sse}");
-    let range = section(&stdout, "range");
-    assert!(range.contains("200 OK") && range.contains("pdk-"), "{range}");
+    assert!(section(stdout, "b64 decoded").contains("pdk-"), "{stdout}");
+    assert!(section(stdout, "gzip").contains("Bearer pdk-"), "{stdout}");
     assert!(
-        section(&stdout, "cleartext allowed").contains("pdk-"),
+        section(stdout, "stored").contains("Bearer pdk-"),
+        "{stdout}"
+    );
+    let sse = section(stdout, "sse");
+    assert!(
+        sse.contains("data: start") && sse.contains("data: Bearer pdk-"),
+        "{sse}"
+    );
+    let range = section(stdout, "range");
+    assert!(
+        range.contains("200 OK") && range.contains("pdk-"),
+        "{range}"
+    );
+    assert!(
+        section(stdout, "cleartext allowed").contains("pdk-"),
         "a cleartext answer is scrubbed too: {stdout}"
     );
+}
 
-    // The audit trail: the refusals and the scrubs, and no secret anywhere.
-    let trail = std::fs::read_to_string(&audit).expect("audit log");
-    let records = audit_records(&trail);
+/// The audit trail: the refusals and the scrubs, and no secret anywhere.
+fn check_audit(trail: &str) {
+    let records = audit_records(trail);
     let refused = records
         .iter()
         .filter(|r| {

@@ -17,6 +17,8 @@ pub enum Which {
     Broker,
     /// `paddock-proxy run` end to end (eBPF + MITM + broker substitution) vs direct.
     E2e,
+    /// Response scrubbing cost per byte (identity, many secrets, gzip) vs pass-through.
+    Scrub,
 }
 
 impl Which {
@@ -26,6 +28,7 @@ impl Which {
             Self::Proxy => "proxy",
             Self::Broker => "broker",
             Self::E2e => "e2e",
+            Self::Scrub => "scrub",
         }
     }
     fn binary(self) -> &'static str {
@@ -34,12 +37,13 @@ impl Which {
             Self::Proxy => "pdk-bench-proxy",
             Self::Broker => "pdk-bench-broker",
             Self::E2e => "pdk-bench-e2e",
+            Self::Scrub => "pdk-bench-scrub",
         }
     }
     /// `cargo build --release` arguments that produce the binary.
     fn build_args(self) -> &'static [&'static str] {
         match self {
-            Self::Redirect | Self::Proxy | Self::E2e => {
+            Self::Redirect | Self::Proxy | Self::E2e | Self::Scrub => {
                 &["-p", "paddock-tests", "-p", "paddock-proxy", "--bins"]
             }
             Self::Broker => &[

@@ -252,10 +252,21 @@ fn decode_error(e: &std::io::Error) -> BodyError {
 }
 
 /// Scrubs every value of `headers` in place; returns how many secrets it replaced. A value
-/// that is no longer a valid header after replacement is removed (it held a secret).
+/// that is no longer a valid header after replacement is removed (it held a secret), and so is
+/// a header whose name holds one (a name cannot be rewritten into a placeholder reliably).
 pub fn scrub_headers(scrubber: &Arc<Scrubber>, headers: &mut HeaderMap) -> u64 {
     let mut replaced = 0;
     let mut broken = Vec::new();
+    for name in headers.keys() {
+        if scrubber.scrub_all(name.as_str().as_bytes()).is_some() {
+            replaced += 1;
+            broken.push(name.clone());
+        }
+    }
+    for name in &broken {
+        headers.remove(name);
+    }
+    broken.clear();
     for (name, value) in headers.iter_mut() {
         if let Some(clean) = scrubber.scrub_all(value.as_bytes()) {
             replaced += 1;
@@ -397,8 +408,13 @@ mod tests {
             HeaderValue::from_str(&format!("/cb?key={SECRET}")).expect("v"),
         );
         m.insert("x-ok", HeaderValue::from_static("fine"));
-        assert_eq!(scrub_headers(&sc, &mut m), 1);
+        let named =
+            http::HeaderName::from_bytes(format!("x-{}", SECRET.to_ascii_lowercase()).as_bytes())
+                .expect("name");
+        m.insert(named.clone(), HeaderValue::from_static("1"));
+        assert_eq!(scrub_headers(&sc, &mut m), 2);
         assert_eq!(m["location"], format!("/cb?key={PH}"));
         assert_eq!(m["x-ok"], "fine");
+        assert!(!m.contains_key(&named), "a name holding the secret goes");
     }
 }

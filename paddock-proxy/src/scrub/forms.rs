@@ -33,14 +33,23 @@ impl std::fmt::Debug for Form {
     }
 }
 
-/// Every form of `secret` worth matching (raw, JSON-escaped, percent-encoded, hex, base64 and
-/// base64url at each alignment), paired with the same form of `placeholder`. Forms shorter
-/// than [`MIN_PATTERN`] and duplicates are left out.
+/// Secrets with more characters than this that need percent-encoding get only their fully
+/// encoded form, not every mix of encoded and raw characters (2^n patterns).
+const MAX_PERCENT_MIXES: u32 = 6;
+
+/// Every form of `secret` worth matching (raw, JSON- and HTML-escaped, percent-encoded with
+/// any mix of raw and encoded reserved characters, hex, base64 and base64url at each
+/// alignment), paired with the same form of `placeholder`. Matching is ASCII
+/// case-insensitive ([`super::matcher`]), which also covers lowercase percent and hex digits
+/// and an upstream that upper-cases what it echoes. Forms shorter than [`MIN_PATTERN`] and
+/// duplicates (ignoring ASCII case) are left out.
 #[must_use]
 pub fn forms(secret: &[u8], placeholder: &[u8]) -> Vec<Form> {
     let mut out: Vec<Form> = Vec::new();
     let mut push = |pattern: Vec<u8>, replacement: Vec<u8>| {
-        if pattern.len() >= MIN_PATTERN && !out.iter().any(|f| f.pattern == pattern) {
+        if pattern.len() >= MIN_PATTERN
+            && !out.iter().any(|f| f.pattern.eq_ignore_ascii_case(&pattern))
+        {
             out.push(Form {
                 pattern,
                 replacement,
@@ -49,13 +58,21 @@ pub fn forms(secret: &[u8], placeholder: &[u8]) -> Vec<Form> {
     };
     push(secret.to_vec(), placeholder.to_vec());
     push(json_escaped(secret), json_escaped(placeholder));
-    for upper in [true, false] {
+    push(html_escaped(secret), html_escaped(placeholder));
+    let reserved = secret.iter().filter(|b| !unreserved(**b)).count();
+    let mixes: u64 = match u32::try_from(reserved) {
+        Ok(n) if n <= MAX_PERCENT_MIXES => 1 << n,
+        _ => 1,
+    };
+    for mix in 0..mixes {
+        // Bit i of `mix` set: the i-th reserved character stays raw (all bits clear: all
+        // encoded, the only form when there are too many to mix).
         push(
-            percent_encoded(secret, upper),
-            percent_encoded(placeholder, upper),
+            percent_encoded(secret, mix),
+            percent_encoded(placeholder, 0),
         );
-        push(hex(secret, upper), hex(placeholder, upper));
     }
+    push(hex(secret), hex(placeholder));
     let filled = base64_filler(placeholder, secret.len());
     for url_safe in [false, true] {
         for align in 0..3 {
@@ -66,6 +83,10 @@ pub fn forms(secret: &[u8], placeholder: &[u8]) -> Vec<Form> {
         }
     }
     out
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 /// What stands in for the secret inside base64: the placeholder between `~` fillers, as many
@@ -103,28 +124,44 @@ fn json_escaped(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Every byte but RFC 3986 unreserved ones as `%XX`.
-fn percent_encoded(s: &[u8], upper: bool) -> Vec<u8> {
+/// Reserved bytes as `%XX`, except the i-th reserved byte when bit i of `keep_raw` is set.
+fn percent_encoded(s: &[u8], keep_raw: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0u32;
+    for &b in s {
+        if unreserved(b) {
+            out.push(b);
+            continue;
+        }
+        if i < 64 && keep_raw & (1 << i) != 0 {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+        i += 1;
+    }
+    out
+}
+
+/// As HTML text escapes it (OWASP's list: `& < > " ' /`).
+fn html_escaped(s: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     for &b in s {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b);
-        } else if upper {
-            out.extend_from_slice(format!("%{b:02X}").as_bytes());
-        } else {
-            out.extend_from_slice(format!("%{b:02x}").as_bytes());
+        match b {
+            b'&' => out.extend_from_slice(b"&amp;"),
+            b'<' => out.extend_from_slice(b"&lt;"),
+            b'>' => out.extend_from_slice(b"&gt;"),
+            b'"' => out.extend_from_slice(b"&quot;"),
+            b'\'' => out.extend_from_slice(b"&#x27;"),
+            b'/' => out.extend_from_slice(b"&#x2F;"),
+            c => out.push(c),
         }
     }
     out
 }
 
-fn hex(s: &[u8], upper: bool) -> Vec<u8> {
-    let h = hex::encode(s);
-    if upper {
-        h.to_ascii_uppercase().into_bytes()
-    } else {
-        h.into_bytes()
-    }
+fn hex(s: &[u8]) -> Vec<u8> {
+    hex::encode(s).into_bytes()
 }
 
 /// The base64 characters of `s` placed `align` bytes into a stream (0, 1 or 2), keeping only
@@ -161,11 +198,15 @@ mod tests {
             .collect()
     }
 
-    /// Every form is found inside the real encodings a server would write.
+    /// Every form is found inside the real encodings a server would write (matching ignores
+    /// ASCII case, as the matcher does).
     #[test]
     fn each_form_is_found_where_servers_put_it() {
         let pats = patterns();
-        let contains = |hay: &[u8]| pats.iter().any(|p| hay.windows(p.len()).any(|w| w == p));
+        let contains = |hay: &[u8]| {
+            pats.iter()
+                .any(|p| hay.windows(p.len()).any(|w| w.eq_ignore_ascii_case(p)))
+        };
         let s = std::str::from_utf8(SECRET).expect("ascii");
         let wrapped: Vec<Vec<u8>> = vec![
             SECRET.to_vec(),
@@ -174,6 +215,10 @@ mod tests {
             format!("?key={}", s.replace('/', "%2f").replace('+', "%2b")).into_bytes(),
             hex::encode(SECRET).into_bytes(),
             hex::encode_upper(SECRET).into_bytes(),
+            // Python's quote() keeps `/`; encodeURIComponent encodes it: both mixes.
+            format!("?key={}", s.replace('+', "%2B")).into_bytes(),
+            format!("<p>bad key {}</p>", s.replace('/', "&#x2F;")).into_bytes(),
+            s.to_ascii_uppercase().into_bytes(),
         ];
         for w in &wrapped {
             assert!(contains(w), "{}", String::from_utf8_lossy(w));
@@ -240,7 +285,10 @@ mod tests {
         assert_eq!(f[0].replacement, PLACEHOLDER);
         let hex_form = f
             .iter()
-            .find(|f| f.pattern == hex::encode(SECRET).as_bytes())
+            .find(|f| {
+                f.pattern
+                    .eq_ignore_ascii_case(hex::encode(SECRET).as_bytes())
+            })
             .expect("hex form");
         assert_eq!(hex_form.replacement, hex::encode(PLACEHOLDER).as_bytes());
         assert!(
