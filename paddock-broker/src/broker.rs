@@ -541,7 +541,7 @@ impl Broker {
         let d = self
             .policy
             .current()
-            .egress(&run, &req.host, req.port, OffsetDateTime::now_utc());
+            .egress_on(&run, &req.host, req.port, OffsetDateTime::now_utc());
         if d.discovery || !d.allowed {
             let kind = if d.allowed {
                 AuditKind::EgressDiscovery
@@ -550,7 +550,7 @@ impl Broker {
             };
             let mut ev = AuditEvent::new(kind, &caller.subject, &run.namespace, &run.run);
             ev.host = Some(hosts::normalize(&req.host));
-            ev.port = Some(req.port);
+            ev.port = req.port;
             ev.policy.clone_from(&d.policy);
             ev.reason = Some(d.reason.clone());
             self.audit(&ev)?;

@@ -87,6 +87,17 @@ async fn every_route_with_static_keys() {
         )
         .await;
     assert_eq!((status, v["allowed"].as_bool()), (200, Some(false)), "{v}");
+    // Without a port: could the run reach the name at all (the proxy's DNS server asks this).
+    for (host, allowed) in [("api.github.com", true), ("evil.example", false)] {
+        let (status, v) = env
+            .post(
+                "/v1/validate-egress",
+                Some(TEAM_A_KEY),
+                &json!({"run": "r1", "host": host}).to_string(),
+            )
+            .await;
+        assert_eq!((status, v["allowed"].as_bool()), (200, Some(allowed)), "{host}: {v}");
+    }
 
     let (status, v) = env.get("/v1/leases?run=r1", READ_ONLY_KEY).await;
     assert_eq!(status, 200, "{v}");
