@@ -12,9 +12,10 @@
 //! The server serves UDP on sockets it is given ([`DnsServer::serve_udp`]): in `serve` mode the
 //! `[dns] listen` addresses, with the eBPF `sendmsg4/6` programs sending an agent's datagrams
 //! for its configured resolver to that port on the proxy address and `recvmsg4/6` making the
-//! replies look as if the resolver sent them (`dns_redirect_port`); in `run` mode sockets bound
-//! inside the command's own network namespace on `127.0.0.1:53` (the command's `resolv.conf`
-//! names it, no redirect needed).
+//! replies look as if the resolver sent them (`dns_redirect_port`); for `run` mode, sockets
+//! bound inside the command's own network namespace on `127.0.0.1:53` and handed in through
+//! `ServeOptions::dns_sockets` (the command's `resolv.conf` names that address, so no redirect
+//! is needed: the agent cgroup's `dns` is `127.0.0.1:53`).
 //!
 //! # What a query gets
 //!
