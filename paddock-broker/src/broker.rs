@@ -538,10 +538,10 @@ impl Broker {
                 reason: format!("run {} is {}", run.run, run.phase.as_str()),
             });
         }
-        let d = self
-            .policy
-            .current()
-            .egress_on(&run, &req.host, req.port, OffsetDateTime::now_utc());
+        let d =
+            self.policy
+                .current()
+                .egress_on(&run, &req.host, req.port, OffsetDateTime::now_utc());
         if d.discovery || !d.allowed {
             let kind = if d.allowed {
                 AuditKind::EgressDiscovery

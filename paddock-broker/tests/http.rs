@@ -38,6 +38,10 @@ async fn substitute(env: &Env, body: serde_json::Value) -> (u16, serde_json::Val
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one walk through every route, in order"
+)]
 async fn every_route_with_static_keys() {
     let env = env().await;
     let gh = issue(&env, "r1", "gh").await;
@@ -96,7 +100,11 @@ async fn every_route_with_static_keys() {
                 &json!({"run": "r1", "host": host}).to_string(),
             )
             .await;
-        assert_eq!((status, v["allowed"].as_bool()), (200, Some(allowed)), "{host}: {v}");
+        assert_eq!(
+            (status, v["allowed"].as_bool()),
+            (200, Some(allowed)),
+            "{host}: {v}"
+        );
     }
 
     let (status, v) = env.get("/v1/leases?run=r1", READ_ONLY_KEY).await;

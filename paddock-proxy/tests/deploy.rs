@@ -214,8 +214,14 @@ fn proxy_toml_listens_where_the_agents_are_redirected() {
         !ebpf.dns.is_empty(),
         "agents need a resolver they may reach"
     );
-    let dns = cfg.dns.as_ref().expect("[dns]: without it agents can tunnel data over DNS");
-    assert!(dns.redirect_agents, "the agents' DNS must land on the proxy's server");
+    let dns = cfg
+        .dns
+        .as_ref()
+        .expect("[dns]: without it agents can tunnel data over DNS");
+    assert!(
+        dns.redirect_agents,
+        "the agents' DNS must land on the proxy's server"
+    );
     // The eBPF programs send it to the transparent listener's address at the server's port.
     let port = paddock_proxy::proxy::config::redirect_port(
         &cfg.listen.transparent,
@@ -223,7 +229,10 @@ fn proxy_toml_listens_where_the_agents_are_redirected() {
         &dns.listen,
     )
     .expect("redirect target served");
-    assert!(port.is_some_and(|p| p != 5353), "a port of its own (5353 is mDNS)");
+    assert!(
+        port.is_some_and(|p| p != 5353),
+        "a port of its own (5353 is mDNS)"
+    );
     assert!(
         !ebpf.agent_cgroups.is_empty(),
         "an agent cgroup to intercept"

@@ -1,7 +1,7 @@
 //! Root tier: DNS tunnelling, reproduced and then shown closed by the proxy's DNS server.
 //!
 //! The lab: an agent namespace with an intercepted cgroup; an "internet" namespace holding a
-//! recursive resolver that logs every name it is asked (10.77.0.1:53 and [fd00:77::1]:53,
+//! recursive resolver that logs every name it is asked (`10.77.0.1:53` and `[fd00:77::1]:53`,
 //! the agents' configured resolver, also the proxy's own upstream) and nginx for `app.test`;
 //! `paddock-proxy serve` (in process) with a static policy attaching the cgroup itself
 //! through `[ebpf]`. Agents speak DNS with `pdk-client dns`, a plain stub query on an
@@ -52,7 +52,10 @@ impl DnsLab {
         std::fs::write(dir.path().join("policy.toml"), POLICY).expect("policy");
         let topo = Topology::new();
         let zone = vec![
-            ("app.test".to_owned(), IpAddr::V4(Ipv4Addr::new(10, 77, 0, 1))),
+            (
+                "app.test".to_owned(),
+                IpAddr::V4(Ipv4Addr::new(10, 77, 0, 1)),
+            ),
             (
                 "app.test".to_owned(),
                 IpAddr::V6(Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1)),
@@ -136,7 +139,10 @@ dns = ["{RESOLVER_V4}", "{RESOLVER_V6}"]
 
     /// Every name the upstream resolvers were asked, by anyone.
     fn upstream_names(&self) -> Vec<String> {
-        self.resolvers.iter().flat_map(DnsResponder::names).collect()
+        self.resolvers
+            .iter()
+            .flat_map(DnsResponder::names)
+            .collect()
     }
 
     fn audit(&self, kind: &str) -> Vec<serde_json::Value> {
@@ -276,15 +282,24 @@ async fn a_dns_flood_is_refused_beyond_the_rate_and_the_audit_stays_bounded() {
         return;
     }
     let mut lab = DnsLab::new();
-    lab.start_proxy(&format!("{DNS_TABLE}rate_per_second = 20\nrate_burst = 20\n"));
+    lab.start_proxy(&format!(
+        "{DNS_TABLE}rate_per_second = 20\nrate_burst = 20\n"
+    ));
     let flood = tokio::task::block_in_place(|| {
-        client(&["dns-flood", RESOLVER_V4, "600", "exfil.test"], &lab.agent())
+        client(
+            &["dns-flood", RESOLVER_V4, "600", "exfil.test"],
+            &lab.agent(),
+        )
     });
     assert_eq!(flood["ok"], true, "{flood}");
     let code = |name: &str| flood["rcodes"][name].as_u64().unwrap_or(0);
     let (refused, nxdomain) = (code("REFUSED"), code("NXDOMAIN"));
     let received = flood["received"].as_u64().expect("received");
-    assert_eq!(refused + nxdomain, received, "only these two answers: {flood}");
+    assert_eq!(
+        refused + nxdomain,
+        received,
+        "only these two answers: {flood}"
+    );
     // Back to back, more datagrams arrive than the server's socket buffers: the kernel drops
     // the excess, which is fine, as long as a real flood got through to the server.
     assert!(received >= 150, "{flood}");

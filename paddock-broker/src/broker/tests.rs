@@ -713,14 +713,16 @@ fn validate_egress_without_a_port_asks_about_the_name() {
     assert!(!ask("pypi.org", Some(80)).allowed);
     let d = ask("exfil.example", None);
     assert!(!d.allowed, "{d:?}");
-    assert!(d.reason.contains("exfil.example (any port)"), "{}", d.reason);
+    assert!(
+        d.reason.contains("exfil.example (any port)"),
+        "{}",
+        d.reason
+    );
     let denied = f
         .audit
         .events()
         .into_iter()
-        .find(|e| {
-            e.event == AuditKind::EgressDenied && e.host.as_deref() == Some("exfil.example")
-        })
+        .find(|e| e.event == AuditKind::EgressDenied && e.host.as_deref() == Some("exfil.example"))
         .expect("the denied name is audited");
     assert_eq!(denied.port, None, "no port was asked about");
 }

@@ -86,7 +86,11 @@ fn a_name_is_allowed_when_any_port_of_it_is() {
     assert!(!policy.egress_on(&r, "github.com", None, now()).allowed);
     let d = policy.egress_on(&r, "exfil.example", None, now());
     assert!(!d.allowed && !d.discovery);
-    assert!(d.reason.contains("exfil.example (any port)"), "{}", d.reason);
+    assert!(
+        d.reason.contains("exfil.example (any port)"),
+        "{}",
+        d.reason
+    );
     // Another team's run reaches nothing.
     assert!(
         !policy

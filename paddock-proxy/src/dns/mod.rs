@@ -293,19 +293,19 @@ impl DnsServer {
         if self.limiter.check().is_err() {
             self.metrics.dns_query(DnsOutcome::RateLimited);
             self.note_refusal();
-            return self.reply(&header, request.as_ref(), ResponseCode::Refused);
+            return Self::reply(header, request.as_ref(), ResponseCode::Refused);
         }
         let Some(request) = request else {
             self.metrics.dns_query(DnsOutcome::FormErr);
-            return self.reply(&header, None, ResponseCode::FormErr);
+            return Self::reply(header, None, ResponseCode::FormErr);
         };
         let Some(query) = request.queries.first() else {
             self.metrics.dns_query(DnsOutcome::FormErr);
-            return self.reply(&header, None, ResponseCode::FormErr);
+            return Self::reply(header, None, ResponseCode::FormErr);
         };
         if request.metadata.op_code != OpCode::Query || query.query_class() != DNSClass::IN {
             self.metrics.dns_query(DnsOutcome::NotImp);
-            return self.reply(&header, Some(&request), ResponseCode::NotImp);
+            return Self::reply(header, Some(&request), ResponseCode::NotImp);
         }
         let qtype = query.query_type();
         match self.checked_name(query.name()) {
@@ -362,7 +362,7 @@ impl DnsServer {
     /// The name as the policy sees it, or why it is not asked about at all.
     fn checked_name(&self, name: &Name) -> Result<String, BadName> {
         let mut text = String::with_capacity(name.len());
-        for label in name.iter() {
+        for label in name {
             if !label
                 .iter()
                 .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
@@ -398,8 +398,9 @@ impl DnsServer {
             return self.policy.name_allowed(&self.run, name).await;
         }
         let now = Instant::now();
-        self.names
-            .remove_if(name, |(asked, _)| now.saturating_duration_since(*asked) >= ttl);
+        self.names.remove_if(name, |(asked, _)| {
+            now.saturating_duration_since(*asked) >= ttl
+        });
         match self.names.get_value_or_guard_async(name).await {
             Ok((_, answer)) => answer,
             Err(guard) => {
@@ -470,11 +471,15 @@ impl DnsServer {
             DnsOutcome::Denied
         };
         tracing::debug!(run = %self.run, name, reason, "dns: name refused");
-        let ev = AuditEvent::new(AuditKind::DnsDeny, self.run.clone(), AuditMode::Dns, DNS_PORT)
-            .with_sni(capped(name))
-            .with_reason(reason);
-        if audit_decision(self.audit.as_ref(), &self.metrics, &ev) == AuditOutcome::DropConnection
-        {
+        let ev = AuditEvent::new(
+            AuditKind::DnsDeny,
+            self.run.clone(),
+            AuditMode::Dns,
+            DNS_PORT,
+        )
+        .with_sni(capped(name))
+        .with_reason(reason);
+        if audit_decision(self.audit.as_ref(), &self.metrics, &ev) == AuditOutcome::DropConnection {
             self.metrics.dns_query(DnsOutcome::Dropped);
             return None;
         }
@@ -484,12 +489,7 @@ impl DnsServer {
 
     /// A reply without answers: to the parsed request when there is one, else from the raw
     /// header.
-    fn reply(
-        &self,
-        header: &wire::RawHeader,
-        request: Option<&Message>,
-        code: ResponseCode,
-    ) -> Admission {
+    fn reply(header: wire::RawHeader, request: Option<&Message>, code: ResponseCode) -> Admission {
         let bytes = match request {
             Some(request) => wire::encode(request, code, &[]),
             None => Some(header.bare_reply(code)),
@@ -504,7 +504,9 @@ impl DnsServer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         r.pending += 1;
-        if r.last_summary.is_none_or(|t| t.elapsed() >= SUMMARY_INTERVAL) {
+        if r.last_summary
+            .is_none_or(|t| t.elapsed() >= SUMMARY_INTERVAL)
+        {
             self.write_summary(&mut r);
         }
     }
@@ -516,7 +518,10 @@ impl DnsServer {
             .refusals
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if r.pending > 0 && r.last_summary.is_none_or(|t| t.elapsed() >= SUMMARY_INTERVAL) {
+        if r.pending > 0
+            && r.last_summary
+                .is_none_or(|t| t.elapsed() >= SUMMARY_INTERVAL)
+        {
             self.write_summary(&mut r);
         }
     }

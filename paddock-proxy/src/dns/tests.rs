@@ -165,7 +165,10 @@ async fn allowed_names_get_a_and_aaaa_from_the_proxys_own_resolver() {
     assert_eq!(f.upstream.count("app.test", RecordType::A), 1);
     assert_eq!(f.upstream.count("app.test", RecordType::AAAA), 1);
     assert_eq!(f.count(DnsOutcome::Answered), 2);
-    assert!(f.audit.records().is_empty(), "allowed answers are not audited");
+    assert!(
+        f.audit.records().is_empty(),
+        "allowed answers are not audited"
+    );
 }
 
 #[tokio::test]
@@ -205,7 +208,11 @@ async fn denied_names_get_nxdomain_are_audited_and_never_leave_the_proxy() {
         assert!(m.answers.is_empty());
     }
     for qtype in [RecordType::A, RecordType::AAAA, RecordType::TXT] {
-        assert_eq!(f.upstream.count(&tunnel, qtype), 0, "asked upstream for {qtype}");
+        assert_eq!(
+            f.upstream.count(&tunnel, qtype),
+            0,
+            "asked upstream for {qtype}"
+        );
     }
     let denied = f.records("dns_deny");
     assert_eq!(denied.len(), 3, "{denied:?}");
@@ -256,7 +263,10 @@ async fn names_longer_than_the_cap_are_refused_before_the_policy() {
     let denied = f.records("dns_deny");
     assert_eq!(denied[0]["sni"], long.as_str());
     let reason = denied[0]["reason"].as_str().expect("reason");
-    assert!(reason.contains("43 characters") && reason.contains("40"), "{reason}");
+    assert!(
+        reason.contains("43 characters") && reason.contains("40"),
+        "{reason}"
+    );
     // At the cap it is the policy's (and the resolver's) to answer.
     let fits = format!("{}.allowed.test", "a".repeat(27));
     assert_eq!(fits.len(), 40);
@@ -295,7 +305,10 @@ async fn names_that_are_not_host_names_are_refused_and_audited_escaped() {
     let denied = f.records("dns_deny");
     assert_eq!(denied.len(), 3, "{denied:?}");
     let shown = denied[0]["sni"].as_str().expect("name");
-    assert!(shown.is_ascii() && shown.contains("allowed.test"), "{shown}");
+    assert!(
+        shown.is_ascii() && shown.contains("allowed.test"),
+        "{shown}"
+    );
     assert!(
         denied[0]["reason"]
             .as_str()
@@ -342,7 +355,11 @@ async fn malformed_datagrams_are_dropped_or_formerr_never_a_panic() {
     many[5] = 0xff;
     for packet in [whole[..16].to_vec(), bad_len, looped, many] {
         let m = Message::from_vec(&f.raw(&packet).await.expect("answered")).expect("parses");
-        assert_eq!(m.metadata.response_code, ResponseCode::FormErr, "{packet:?}");
+        assert_eq!(
+            m.metadata.response_code,
+            ResponseCode::FormErr,
+            "{packet:?}"
+        );
     }
     // Random bytes and bit flips of a valid query: whatever comes back parses as a response.
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -358,7 +375,7 @@ async fn malformed_datagrams_are_dropped_or_formerr_never_a_panic() {
             (0..len).map(|_| next().to_le_bytes()[0]).collect()
         } else {
             let mut p = query("app.test", RecordType::A);
-            for _ in 0..1 + next() % 4 {
+            for _ in 0..=(next() % 4) {
                 let at = usize::try_from(next()).unwrap_or(0) % p.len();
                 p[at] ^= 1 << (next() % 8);
             }
@@ -410,7 +427,12 @@ async fn other_opcodes_and_classes_are_not_implemented() {
 async fn other_types_of_allowed_names_are_nodata_and_not_asked_upstream() {
     let f = fx().await;
     f.upstream.addrs("app.test", &["192.0.2.10"], 60);
-    for qtype in [RecordType::TXT, RecordType::MX, RecordType::HTTPS, RecordType::ANY] {
+    for qtype in [
+        RecordType::TXT,
+        RecordType::MX,
+        RecordType::HTTPS,
+        RecordType::ANY,
+    ] {
         let m = f.lookup("app.test", qtype).await;
         assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{qtype}");
         assert!(m.answers.is_empty(), "{qtype}");
@@ -422,14 +444,20 @@ async fn other_types_of_allowed_names_are_nodata_and_not_asked_upstream() {
 #[tokio::test]
 async fn addresses_the_proxy_would_not_dial_are_left_out() {
     let f = fx().await;
-    f.upstream
-        .addrs("mixed.test", &["10.0.0.5", "192.0.2.10", "169.254.169.254"], 60);
+    f.upstream.addrs(
+        "mixed.test",
+        &["10.0.0.5", "192.0.2.10", "169.254.169.254"],
+        60,
+    );
     f.upstream.addrs("only-private.test", &["10.0.0.5"], 60);
     let mixed = f.lookup("mixed.test", RecordType::A).await;
     assert_eq!(addrs(&mixed), vec![ip("192.0.2.10")]);
     let private = f.lookup("only-private.test", RecordType::A).await;
     assert_eq!(private.metadata.response_code, ResponseCode::NoError);
-    assert!(private.answers.is_empty(), "NODATA, not an internal address");
+    assert!(
+        private.answers.is_empty(),
+        "NODATA, not an internal address"
+    );
 }
 
 #[tokio::test]
@@ -461,12 +489,19 @@ async fn answers_fit_the_clients_udp_size_without_the_tc_bit() {
     let many: Vec<String> = (1..=70).map(|i| format!("192.0.2.{i}")).collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
     f.upstream.addrs("many.test", &many, 60);
-    let plain = f.raw(&query("many.test", RecordType::A)).await.expect("answer");
+    let plain = f
+        .raw(&query("many.test", RecordType::A))
+        .await
+        .expect("answer");
     assert!(plain.len() <= 512, "{}", plain.len());
     let m = Message::from_vec(&plain).expect("parses");
     assert!(!m.metadata.truncation);
     assert!(m.edns.is_none(), "no OPT record to a client that sent none");
-    assert!(m.answers.len() > 20 && m.answers.len() < 70, "{}", m.answers.len());
+    assert!(
+        m.answers.len() > 20 && m.answers.len() < 70,
+        "{}",
+        m.answers.len()
+    );
     let big = f
         .raw(&query_for(name("many.test"), RecordType::A, Some(4096)))
         .await
@@ -494,11 +529,19 @@ async fn a_flood_is_refused_beyond_the_rate_and_summarised_once_a_second() {
     .await;
     let mut codes = Vec::new();
     for i in 0..10 {
-        let m = f.lookup(&format!("{i:02x}.exfil.test"), RecordType::A).await;
+        let m = f
+            .lookup(&format!("{i:02x}.exfil.test"), RecordType::A)
+            .await;
         codes.push(m.metadata.response_code);
     }
-    let refused = codes.iter().filter(|c| **c == ResponseCode::Refused).count();
-    let nx = codes.iter().filter(|c| **c == ResponseCode::NXDomain).count();
+    let refused = codes
+        .iter()
+        .filter(|c| **c == ResponseCode::Refused)
+        .count();
+    let nx = codes
+        .iter()
+        .filter(|c| **c == ResponseCode::NXDomain)
+        .count();
     assert_eq!((nx, refused), (3, 7), "{codes:?}");
     assert_eq!(f.count(DnsOutcome::RateLimited), 7);
     // Refused queries are not audited one by one: the first is summarised at once, the rest
@@ -506,11 +549,17 @@ async fn a_flood_is_refused_beyond_the_rate_and_summarised_once_a_second() {
     assert_eq!(f.records("dns_deny").len(), 3);
     let summaries = f.records("dns_rate_limited");
     assert_eq!(summaries.len(), 1, "{summaries:?}");
-    assert!(summaries[0]["reason"]
-        .as_str()
-        .is_some_and(|r| r.starts_with("refused 1 DNS queries")));
+    assert!(
+        summaries[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("refused 1 DNS queries"))
+    );
     f.server.flush_refusals();
-    assert_eq!(f.records("dns_rate_limited").len(), 1, "at most one a second");
+    assert_eq!(
+        f.records("dns_rate_limited").len(),
+        1,
+        "at most one a second"
+    );
     tokio::time::sleep(Duration::from_millis(1100)).await;
     f.server.flush_refusals();
     let summaries = f.records("dns_rate_limited");
@@ -522,7 +571,11 @@ async fn a_flood_is_refused_beyond_the_rate_and_summarised_once_a_second() {
         "{summaries:?}"
     );
     f.server.flush_refusals();
-    assert_eq!(f.records("dns_rate_limited").len(), 2, "nothing left to say");
+    assert_eq!(
+        f.records("dns_rate_limited").len(),
+        2,
+        "nothing left to say"
+    );
     // The rate refills: a query a second later is answered again.
     let m = f.lookup("again.exfil.test", RecordType::A).await;
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
@@ -592,8 +645,16 @@ async fn an_unavailable_policy_fails_closed_with_servfail_and_is_asked_once_per_
         assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
         assert!(m.answers.is_empty());
     }
-    assert_eq!(policy.calls.load(Ordering::SeqCst), 1, "one call for the burst");
-    assert_eq!(f.upstream.count("app.test", RecordType::A), 0, "nothing forwarded");
+    assert_eq!(
+        policy.calls.load(Ordering::SeqCst),
+        1,
+        "one call for the burst"
+    );
+    assert_eq!(
+        f.upstream.count("app.test", RecordType::A),
+        0,
+        "nothing forwarded"
+    );
     let denied = f.records("dns_deny");
     assert_eq!(denied.len(), 8);
     assert!(
@@ -605,7 +666,11 @@ async fn an_unavailable_policy_fails_closed_with_servfail_and_is_asked_once_per_
     assert_eq!(f.count(DnsOutcome::PolicyUnavailable), 8);
     tokio::time::sleep(Duration::from_millis(450)).await;
     let _ = f.lookup("app.test", RecordType::A).await;
-    assert_eq!(policy.calls.load(Ordering::SeqCst), 2, "asked again after the interval");
+    assert_eq!(
+        policy.calls.load(Ordering::SeqCst),
+        2,
+        "asked again after the interval"
+    );
 }
 
 #[tokio::test]
@@ -640,7 +705,12 @@ async fn policy_answers_are_reused_briefly_and_then_asked_again() {
 #[tokio::test]
 async fn a_denial_that_cannot_be_audited_is_not_answered() {
     let policy = StaticPolicy::from_toml_str(POLICY).expect("policy");
-    let f = fx_with(Arc::new(policy), DnsSettings::default(), MemorySink::failing()).await;
+    let f = fx_with(
+        Arc::new(policy),
+        DnsSettings::default(),
+        MemorySink::failing(),
+    )
+    .await;
     assert!(f.raw(&query("exfil.test", RecordType::A)).await.is_none());
     assert_eq!(f.count(DnsOutcome::Dropped), 1);
     assert_eq!(f.metrics.audit_write_failures(AuditKind::DnsDeny), 1);
@@ -693,9 +763,14 @@ async fn serves_udp_sockets_until_stopped() {
     let addr: SocketAddr = socket.local_addr().expect("addr");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(f.server.clone().serve_udp(socket, stop_rx));
-    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("client");
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("client");
     let mut buf = [0u8; 1500];
-    for (text, want) in [("app.test", ResponseCode::NoError), ("exfil.test", ResponseCode::NXDomain)] {
+    for (text, want) in [
+        ("app.test", ResponseCode::NoError),
+        ("exfil.test", ResponseCode::NXDomain),
+    ] {
         client
             .send_to(&query(text, RecordType::A), addr)
             .await

@@ -38,7 +38,7 @@ impl RawHeader {
     }
 
     /// A header-only response with `code` (for datagrams that did not parse).
-    pub(crate) fn bare_reply(&self, code: ResponseCode) -> Vec<u8> {
+    pub(crate) fn bare_reply(self, code: ResponseCode) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN);
         out.extend_from_slice(&self.id.to_be_bytes());
         out.push(0x80 | self.opcode_rd);

@@ -358,17 +358,13 @@ impl ProxyMetrics {
     }
 
     pub fn dns_query(&self, outcome: DnsOutcome) {
-        self.dns_queries
-            .get_or_create(&DnsLabels { outcome })
-            .inc();
+        self.dns_queries.get_or_create(&DnsLabels { outcome }).inc();
     }
 
     /// Current value of a DNS outcome counter.
     #[must_use]
     pub fn dns_queries(&self, outcome: DnsOutcome) -> u64 {
-        self.dns_queries
-            .get_or_create(&DnsLabels { outcome })
-            .get()
+        self.dns_queries.get_or_create(&DnsLabels { outcome }).get()
     }
 
     /// Current value of a rejection counter (for tests and health reporting).

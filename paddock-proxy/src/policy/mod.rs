@@ -2,6 +2,8 @@
 //!
 //! The proxy asks an [`EgressPolicy`] once per connection, after it has learned the destination
 //! name (SNI, `CONNECT` authority or `Host` header) and before it resolves or dials anything.
+//! Its DNS server asks [`EgressPolicy::name_allowed`] (could the run reach this name on any
+//! port?) before it answers an agent's query.
 //! Implementations: [`StaticPolicy`] (an allow-list from a TOML file, this module) and, later, a
 //! broker-backed policy. Whatever the implementation, a [`PolicyError`] means the caller denies
 //! the connection: policy failures never open the gate.

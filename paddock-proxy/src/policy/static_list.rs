@@ -479,10 +479,7 @@ mod tests {
             "2001:db8::7",
         ] {
             let got = p.name_allowed("run-1", name).await;
-            assert!(
-                matches!(&got, Ok(Decision::Deny { .. })),
-                "{name}: {got:?}"
-            );
+            assert!(matches!(&got, Ok(Decision::Deny { .. })), "{name}: {got:?}");
         }
         assert!(matches!(
             p.name_allowed("run-1", "a..b").await,

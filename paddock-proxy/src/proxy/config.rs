@@ -828,8 +828,8 @@ file = "/tmp/policy.toml"
             ("listen = [\"127.0.0.1:1\", \"[::1]:2\"]\n", "same port"),
             ("resolver = \"x\"\n", "unknown field"),
         ] {
-            let err = ServeConfig::from_toml_str(&format!("{MINIMAL}[dns]\n{extra}"))
-                .expect_err(extra);
+            let err =
+                ServeConfig::from_toml_str(&format!("{MINIMAL}[dns]\n{extra}")).expect_err(extra);
             assert!(err.to_string().contains(needle), "{extra}: {err}");
         }
     }

@@ -404,13 +404,16 @@ fn egress_policy(
     Ok((policy, substituter))
 }
 
+/// The DNS server and the sockets it serves.
+type DnsServing = (Arc<DnsServer>, Vec<std::net::UdpSocket>);
+
 /// The DNS server and the sockets to serve it on: the caller's, else `[dns] listen` bound
 /// here; `None` when there are neither.
 fn dns_server(
     cfg: &ServeConfig,
     handed: Vec<std::net::UdpSocket>,
     parts: DnsParts,
-) -> Result<Option<(Arc<DnsServer>, Vec<std::net::UdpSocket>)>, ServeError> {
+) -> Result<Option<DnsServing>, ServeError> {
     let sockets = if handed.is_empty() {
         let listen = cfg.dns.as_ref().map_or(&[][..], |d| d.listen.as_slice());
         listen
@@ -689,22 +692,36 @@ drain_timeout_secs = 1
         let ns: SocketAddr = "127.0.0.1:53".parse().expect("addr");
         let ebpf = "[ebpf]\nagent_cgroups = [\"/sys/fs/cgroup/a\"]\ndns = [\"10.0.0.53:53\"]\n";
         let served: Vec<SocketAddr> = vec!["127.0.0.1:15053".parse().expect("addr")];
-        let mut cfg = config(dir.path(), ns, &format!("{ebpf}[dns]\nlisten = [\"127.0.0.1:15053\"]\n"));
+        let mut cfg = config(
+            dir.path(),
+            ns,
+            &format!("{ebpf}[dns]\nlisten = [\"127.0.0.1:15053\"]\n"),
+        );
         cfg.listen.transparent = vec!["127.0.0.1:15001".parse().expect("addr")];
         let e = cfg.ebpf.clone().expect("ebpf");
-        let agent = agent_config(&cfg, &e, &served).expect("valid").expect("agent");
+        let agent = agent_config(&cfg, &e, &served)
+            .expect("valid")
+            .expect("agent");
         assert_eq!(agent.dns_redirect_port, Some(15053));
-        assert_eq!(agent.dns, vec!["10.0.0.53:53".parse::<SocketAddr>().expect("addr")]);
+        assert_eq!(
+            agent.dns,
+            vec!["10.0.0.53:53".parse::<SocketAddr>().expect("addr")]
+        );
         // The server is not where the programs would send the DNS: refused, not half set up.
         let elsewhere: Vec<SocketAddr> = vec!["127.0.0.2:15053".parse().expect("addr")];
         assert!(agent_config(&cfg, &e, &elsewhere).is_err());
-        assert!(agent_config(&cfg, &e, &[]).is_err(), "redirect without a server");
+        assert!(
+            agent_config(&cfg, &e, &[]).is_err(),
+            "redirect without a server"
+        );
         // Not redirected: today's behaviour, DNS straight to the resolver.
         cfg.dns = Some(super::super::config::DnsConfig {
             redirect_agents: false,
             ..Default::default()
         });
-        let agent = agent_config(&cfg, &e, &served).expect("valid").expect("agent");
+        let agent = agent_config(&cfg, &e, &served)
+            .expect("valid")
+            .expect("agent");
         assert_eq!(agent.dns_redirect_port, None);
         cfg.dns = None;
         let agent = agent_config(&cfg, &e, &[]).expect("valid").expect("agent");
