@@ -542,10 +542,10 @@ impl Broker {
                 reason: format!("run {} is {}", run.run, run.phase.as_str()),
             });
         }
-        let d = self
-            .policy
-            .current()
-            .egress(&run, &req.host, req.port, OffsetDateTime::now_utc());
+        let d =
+            self.policy
+                .current()
+                .egress_on(&run, &req.host, req.port, OffsetDateTime::now_utc());
         if d.discovery || !d.allowed {
             let kind = if d.allowed {
                 AuditKind::EgressDiscovery
@@ -554,7 +554,7 @@ impl Broker {
             };
             let mut ev = AuditEvent::new(kind, &caller.subject, &run.namespace, &run.run);
             ev.host = Some(hosts::normalize(&req.host));
-            ev.port = Some(req.port);
+            ev.port = req.port;
             ev.policy.clone_from(&d.policy);
             ev.reason = Some(d.reason.clone());
             self.audit(&ev)?;

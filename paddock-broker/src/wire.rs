@@ -195,7 +195,10 @@ pub struct RevokeResponse {
 pub struct ValidateEgressRequest {
     pub run: String,
     pub host: String,
-    pub port: u16,
+    /// The destination port; absent (or `null`) asks whether the run could reach `host` on
+    /// any port, which is what the proxy's DNS server needs before it answers a name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -38,6 +38,10 @@ async fn substitute(env: &Env, body: serde_json::Value) -> (u16, serde_json::Val
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one walk through every route, in order"
+)]
 async fn every_route_with_static_keys() {
     let env = env().await;
     let gh = issue(&env, "r1", "gh").await;
@@ -87,6 +91,21 @@ async fn every_route_with_static_keys() {
         )
         .await;
     assert_eq!((status, v["allowed"].as_bool()), (200, Some(false)), "{v}");
+    // Without a port: could the run reach the name at all (the proxy's DNS server asks this).
+    for (host, allowed) in [("api.github.com", true), ("evil.example", false)] {
+        let (status, v) = env
+            .post(
+                "/v1/validate-egress",
+                Some(TEAM_A_KEY),
+                &json!({"run": "r1", "host": host}).to_string(),
+            )
+            .await;
+        assert_eq!(
+            (status, v["allowed"].as_bool()),
+            (200, Some(allowed)),
+            "{host}: {v}"
+        );
+    }
 
     let (status, v) = env.get("/v1/leases?run=r1", READ_ONLY_KEY).await;
     assert_eq!(status, 200, "{v}");

@@ -165,7 +165,7 @@ fn every_wire_type_and_field_is_documented() {
         &ValidateEgressRequest {
             run: s(),
             host: s(),
-            port: 1,
+            port: Some(1),
         },
     );
     check_fields(

@@ -1,7 +1,9 @@
 //! Audit records of connection decisions and of every HTTP request.
 //!
 //! Every connection decision (allow, deny, discovery), every cooperative-mode `CONNECT`
-//! reason and every HTTP request served inside an allowed connection is written as one
+//! reason, every HTTP request served inside an allowed connection, every DNS query the proxy's
+//! DNS server refused on policy grounds (`dns_deny`) and a once-a-second summary of the queries
+//! its rate limit refused (`dns_rate_limited`, see [`crate::dns`]) is written as one
 //! [`AuditEvent`] to an [`AuditSink`]: a JSONL file ([`JsonlFileSink`], appended, one line per
 //! event written and flushed before `record` returns, created `0600`), standard output
 //! ([`StdoutSink`]), or nothing at all ([`NoAudit`]), which must be chosen explicitly
@@ -42,7 +44,7 @@
 //!
 //! * on the **deny** path (and for a `CONNECT` reason, which has to be on record before the
 //!   tunnel opens) the connection is dropped (reset, no 403 page): an unrecorded denial must not
-//!   look like a clean answer;
+//!   look like a clean answer; a `dns_deny` that cannot be written leaves the query unanswered;
 //! * for a **request the proxy answered itself** (outcome `denied` or `failed`: substitution
 //!   refused, broker unavailable, misdirected request, upstream unreachable, ...) the answer is
 //!   not sent: the HTTP/2 stream is reset (`INTERNAL_ERROR`) or the HTTP/1.1 connection is
@@ -88,6 +90,13 @@ pub enum AuditKind {
     /// A response (headers, body or WebSocket messages) had substituted secrets replaced by
     /// their placeholder before the agent saw it.
     Scrubbed,
+    /// A DNS query the proxy's DNS server did not answer with addresses because of policy: a
+    /// name the run may not reach (NXDOMAIN), a name too long or malformed, or a policy that
+    /// could not answer (SERVFAIL). `sni` holds the queried name.
+    DnsDeny,
+    /// Summary of the DNS queries refused by the rate limit since the last summary (at most
+    /// one per second, so a flood cannot flood the audit trail); `reason` says how many.
+    DnsRateLimited,
 }
 
 impl AuditKind {
@@ -99,6 +108,8 @@ impl AuditKind {
         AuditKind::ConnectReason,
         AuditKind::Request,
         AuditKind::Scrubbed,
+        AuditKind::DnsDeny,
+        AuditKind::DnsRateLimited,
     ];
 
     #[must_use]
@@ -110,6 +121,8 @@ impl AuditKind {
             AuditKind::ConnectReason => "connect_reason",
             AuditKind::Request => "request",
             AuditKind::Scrubbed => "scrubbed",
+            AuditKind::DnsDeny => "dns_deny",
+            AuditKind::DnsRateLimited => "dns_rate_limited",
         }
     }
 
@@ -117,7 +130,10 @@ impl AuditKind {
     /// For [`AuditKind::Request`] it depends on the outcome: see [`AuditEvent::fails_closed`].
     #[must_use]
     pub fn fails_closed(self) -> bool {
-        matches!(self, AuditKind::Deny | AuditKind::ConnectReason)
+        matches!(
+            self,
+            AuditKind::Deny | AuditKind::ConnectReason | AuditKind::DnsDeny
+        )
     }
 }
 
@@ -130,6 +146,51 @@ impl fmt::Display for AuditKind {
 impl EncodeLabelValue for AuditKind {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
         fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+/// How the recorded traffic reached the proxy: a connection's [`Mode`], or a query to its DNS
+/// server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditMode {
+    Transparent,
+    Connect,
+    PlainHttp,
+    Dns,
+}
+
+impl AuditMode {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditMode::Transparent => "transparent",
+            AuditMode::Connect => "connect",
+            AuditMode::PlainHttp => "plain_http",
+            AuditMode::Dns => "dns",
+        }
+    }
+}
+
+impl From<Mode> for AuditMode {
+    fn from(mode: Mode) -> Self {
+        match mode {
+            Mode::Transparent => AuditMode::Transparent,
+            Mode::Connect => AuditMode::Connect,
+            Mode::PlainHttp => AuditMode::PlainHttp,
+        }
+    }
+}
+
+impl PartialEq<Mode> for AuditMode {
+    fn eq(&self, other: &Mode) -> bool {
+        *self == AuditMode::from(*other)
+    }
+}
+
+impl fmt::Display for AuditMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -201,7 +262,8 @@ pub struct AuditEvent {
     /// Why it was denied, or the `CONNECT` reason; for a request, why the proxy refused or
     /// failed it.
     pub reason: Option<String>,
-    pub mode: Mode,
+    /// How the traffic arrived: a connection mode, or `dns` for the proxy's DNS server.
+    pub mode: AuditMode,
     /// Request records: the method.
     pub method: Option<String>,
     /// Request records: the path, never the query string.
@@ -224,7 +286,12 @@ pub struct AuditEvent {
 impl AuditEvent {
     /// A new event stamped with the current time.
     #[must_use]
-    pub fn new(kind: AuditKind, run: impl Into<String>, mode: Mode, port: u16) -> Self {
+    pub fn new(
+        kind: AuditKind,
+        run: impl Into<String>,
+        mode: impl Into<AuditMode>,
+        port: u16,
+    ) -> Self {
         Self {
             ts: OffsetDateTime::now_utc(),
             run: run.into(),
@@ -234,7 +301,7 @@ impl AuditEvent {
             sni: None,
             rule: None,
             reason: None,
-            mode,
+            mode: mode.into(),
             method: None,
             path: None,
             status: None,

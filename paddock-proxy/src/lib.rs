@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod broker;
 pub mod cgroup;
+pub mod dns;
 pub mod ebpf;
 pub mod http;
 pub mod metrics;

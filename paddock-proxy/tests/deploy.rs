@@ -214,6 +214,25 @@ fn proxy_toml_listens_where_the_agents_are_redirected() {
         !ebpf.dns.is_empty(),
         "agents need a resolver they may reach"
     );
+    let dns = cfg
+        .dns
+        .as_ref()
+        .expect("[dns]: without it agents can tunnel data over DNS");
+    assert!(
+        dns.redirect_agents,
+        "the agents' DNS must land on the proxy's server"
+    );
+    // The eBPF programs send it to the transparent listener's address at the server's port.
+    let port = paddock_proxy::proxy::config::redirect_port(
+        &cfg.listen.transparent,
+        &ebpf.dns,
+        &dns.listen,
+    )
+    .expect("redirect target served");
+    assert!(
+        port.is_some_and(|p| p != 5353),
+        "a port of its own (5353 is mDNS)"
+    );
     assert!(
         !ebpf.agent_cgroups.is_empty(),
         "an agent cgroup to intercept"
@@ -407,6 +426,11 @@ async fn proxy_toml_starts_serve_without_ebpf() {
     }
     if let Some(admin) = cfg.admin.as_mut() {
         admin.listen = loopback;
+    }
+    if let Some(dns) = cfg.dns.as_mut() {
+        for addr in &mut dns.listen {
+            *addr = SocketAddr::new(addr.ip(), 0);
+        }
     }
     cfg.ebpf = None;
 

@@ -297,10 +297,12 @@ pub fn ws_echo(ns: &Netns, addr: SocketAddr) -> tokio::task::JoinHandle<()> {
 }
 
 /// A minimal authoritative DNS responder: A records from a fixed zone, empty NOERROR for other
-/// types of known names, NXDOMAIN otherwise.
+/// types of known names, NXDOMAIN otherwise. It logs the name of every query it receives,
+/// which is what a resolver an agent tunnels through would see.
 #[derive(Debug)]
 pub struct DnsResponder {
     pub addr: SocketAddr,
+    names: Arc<std::sync::Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -320,19 +322,34 @@ impl DnsResponder {
         sock.set_nonblocking(true).expect("nonblocking");
         let sock = tokio::net::UdpSocket::from_std(sock).expect("tokio udp");
         let zone = Arc::new(zone);
+        let names: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let log = Arc::clone(&names);
         let task = tokio::spawn(async move {
             let mut buf = [0u8; 1500];
             while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
-                if let Some(reply) = dns_answer(&buf[..n], &zone) {
+                if let Some(reply) = dns_answer(&buf[..n], &zone, &log) {
                     let _ = sock.send_to(&reply, peer).await;
                 }
             }
         });
-        Self { addr, task }
+        Self { addr, names, task }
+    }
+
+    /// Every name queried so far (lower-cased, without the trailing dot), in order.
+    #[must_use]
+    pub fn names(&self) -> Vec<String> {
+        self.names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
-fn dns_answer(query: &[u8], zone: &[(String, IpAddr)]) -> Option<Vec<u8>> {
+fn dns_answer(
+    query: &[u8],
+    zone: &[(String, IpAddr)],
+    log: &std::sync::Mutex<Vec<String>>,
+) -> Option<Vec<u8>> {
     if query.len() < 12 {
         return None;
     }
@@ -352,6 +369,9 @@ fn dns_answer(query: &[u8], zone: &[(String, IpAddr)]) -> Option<Vec<u8>> {
     let question_end = i + 4;
     query.get(..question_end)?;
     let name = labels.join(".");
+    log.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(name.clone());
     let known: Vec<IpAddr> = zone
         .iter()
         .filter(|(n, _)| *n == name)
@@ -396,12 +416,14 @@ pub struct ProxyProcess {
 }
 
 impl ProxyProcess {
-    /// Starts the proxy with `config` (TOML text) in `ns` and waits until `probe` accepts.
+    /// Starts the proxy with `config` (TOML text) in `ns` and waits until it says it is ready
+    /// (listeners bound and, with `[ebpf]`, the agent cgroups attached) and `probe` accepts.
     pub fn start(ns: &Netns, config: &str, audit: Option<&str>, probe: SocketAddr) -> Self {
         let config = paddock_proxy::proxy::config::ServeConfig::from_toml_str(config)
             .unwrap_or_else(|e| panic!("proxy config: {e}"));
         let audit = audit.map(str::to_owned);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, mut ready_rx) = tokio::sync::oneshot::channel::<()>();
         let (err_tx, err_rx) = std::sync::mpsc::channel::<String>();
         let path = ns.path().clone();
         let thread = std::thread::spawn(move || {
@@ -412,12 +434,11 @@ impl ProxyProcess {
                     .enable_all()
                     .build()
                     .expect("proxy runtime");
-                let r = rt.block_on(paddock_proxy::proxy::serve_until(
-                    paddock_proxy::proxy::ServeOptions::new(config, audit),
-                    async move {
-                        let _ = rx.await;
-                    },
-                ));
+                let mut opts = paddock_proxy::proxy::ServeOptions::new(config, audit);
+                opts.ready = Some(ready_tx);
+                let r = rt.block_on(paddock_proxy::proxy::serve_until(opts, async move {
+                    let _ = rx.await;
+                }));
                 if let Err(e) = r {
                     let _ = err_tx.send(e.to_string());
                 }
@@ -431,17 +452,20 @@ impl ProxyProcess {
             thread: Some(thread),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut ready = false;
         loop {
             if let Ok(e) = err_rx.try_recv() {
                 panic!("proxy failed to start: {e}");
             }
-            let up = ns
-                .run(move || std::net::TcpStream::connect(probe).is_ok())
-                .unwrap_or(false);
+            ready = ready || ready_rx.try_recv().is_ok();
+            let up = ready
+                && ns
+                    .run(move || std::net::TcpStream::connect(probe).is_ok())
+                    .unwrap_or(false);
             if up {
                 return me;
             }
-            assert!(Instant::now() < deadline, "proxy did not start listening");
+            assert!(Instant::now() < deadline, "proxy did not get ready");
             std::thread::sleep(Duration::from_millis(25));
         }
     }

@@ -639,7 +639,7 @@ fn terminal_run_revokes_and_blocks() {
             &ValidateEgressRequest {
                 run: "r1".into(),
                 host: "pypi.org".into(),
-                port: 443,
+                port: Some(443),
             },
         )
         .expect("decision");
@@ -775,7 +775,7 @@ fn validate_egress_decisions() {
             &ValidateEgressRequest {
                 run: "r1".into(),
                 host: "api.github.com".into(),
-                port: 443,
+                port: Some(443),
             },
         )
         .expect("ok");
@@ -787,7 +787,7 @@ fn validate_egress_decisions() {
             &ValidateEgressRequest {
                 run: "r1".into(),
                 host: "evil.example".into(),
-                port: 443,
+                port: Some(443),
             },
         )
         .expect("ok");
@@ -797,6 +797,61 @@ fn validate_egress_decisions() {
             .events()
             .iter()
             .any(|e| e.event == AuditKind::EgressDenied)
+    );
+}
+
+#[test]
+fn validate_egress_without_a_port_asks_about_the_name() {
+    let f = fixture();
+    let ask = |host: &str, port: Option<u16>| {
+        f.broker
+            .validate_egress(
+                &team_a(),
+                &ValidateEgressRequest {
+                    run: "r1".into(),
+                    host: host.into(),
+                    port,
+                },
+            )
+            .expect("decision")
+    };
+    // pypi.org is granted on 443 only: the name is reachable, port 80 is not.
+    assert!(ask("pypi.org", None).allowed);
+    assert!(!ask("pypi.org", Some(80)).allowed);
+    let d = ask("exfil.example", None);
+    assert!(!d.allowed, "{d:?}");
+    assert!(
+        d.reason.contains("exfil.example (any port)"),
+        "{}",
+        d.reason
+    );
+    let denied = f
+        .audit
+        .events()
+        .into_iter()
+        .find(|e| e.event == AuditKind::EgressDenied && e.host.as_deref() == Some("exfil.example"))
+        .expect("the denied name is audited");
+    assert_eq!(denied.port, None, "no port was asked about");
+}
+
+#[test]
+fn validate_egress_request_json_keeps_old_clients_working() {
+    let old: ValidateEgressRequest =
+        serde_json::from_str(r#"{"run":"r1","host":"pypi.org","port":443}"#).expect("old JSON");
+    assert_eq!(old.port, Some(443));
+    let any: ValidateEgressRequest =
+        serde_json::from_str(r#"{"run":"r1","host":"pypi.org"}"#).expect("no port");
+    assert_eq!(any.port, None);
+    let null: ValidateEgressRequest =
+        serde_json::from_str(r#"{"run":"r1","host":"pypi.org","port":null}"#).expect("null");
+    assert_eq!(null.port, None);
+    assert_eq!(
+        serde_json::to_string(&any).expect("encode"),
+        r#"{"run":"r1","host":"pypi.org"}"#
+    );
+    assert_eq!(
+        serde_json::to_string(&old).expect("encode"),
+        r#"{"run":"r1","host":"pypi.org","port":443}"#
     );
 }
 

@@ -218,9 +218,12 @@ pub struct EgressGrant {
 }
 
 impl EgressGrant {
+    /// Whether the grant covers `host` on `port`; `None` asks about the name on any port (a
+    /// DNS query: could the run reach this name at all?).
     #[must_use]
-    pub fn matches(&self, host: &str, port: u16) -> bool {
-        self.ports.contains(&port) && self.hosts.iter().any(|p| hosts::matches(p, host))
+    pub fn matches(&self, host: &str, port: Option<u16>) -> bool {
+        port.is_none_or(|p| self.ports.contains(&p))
+            && self.hosts.iter().any(|p| hosts::matches(p, host))
     }
 }
 
@@ -858,6 +861,21 @@ impl Policy {
         port: u16,
         now: OffsetDateTime,
     ) -> EgressDecision {
+        self.egress_on(run, host, Some(port), now)
+    }
+
+    /// Decides whether `run` may reach `host` on `port`, or with `None` on any port: the
+    /// question the proxy's DNS server asks before it answers a name. A grant for the host
+    /// on any port allows the name, and so does an active discovery window (which would allow
+    /// the connection too). `substitute_auth` is meaningless without a port.
+    #[must_use]
+    pub fn egress_on(
+        &self,
+        run: &RunInfo,
+        host: &str,
+        port: Option<u16>,
+        now: OffsetDateTime,
+    ) -> EgressDecision {
         let applicable: Vec<&LoadedPolicy> = self
             .docs
             .iter()
@@ -906,11 +924,18 @@ impl Policy {
             substitute_auth: false,
             discovery: false,
             policy: None,
-            reason: format!(
-                "egress to {}:{port} is not granted to run {} by any BrokerPolicy",
-                hosts::normalize(host),
-                run.run
-            ),
+            reason: match port {
+                Some(port) => format!(
+                    "egress to {}:{port} is not granted to run {} by any BrokerPolicy",
+                    hosts::normalize(host),
+                    run.run
+                ),
+                None => format!(
+                    "egress to {} (any port) is not granted to run {} by any BrokerPolicy",
+                    hosts::normalize(host),
+                    run.run
+                ),
+            },
         }
     }
 }

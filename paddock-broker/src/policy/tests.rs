@@ -71,6 +71,55 @@ fn parses_and_decides() {
     );
 }
 
+#[test]
+fn a_name_is_allowed_when_any_port_of_it_is() {
+    let docs = Policy::parse_text(Path::new("p.yaml"), GOOD, now()).expect("valid");
+    let policy = Policy::from_docs(docs).expect("valid set");
+    let r = run("team-a", "coder");
+    let d = policy.egress_on(&r, "pypi.org", None, now());
+    assert!(d.allowed && !d.discovery, "{d:?}");
+    assert_eq!(d.policy.as_deref(), Some("team-a"));
+    let d = policy.egress_on(&r, "PyPI.org.", None, now());
+    assert!(d.allowed, "names are normalised: {d:?}");
+    // The wildcard covers subdomains of any depth, not the apex (which has its own grant).
+    assert!(policy.egress_on(&r, "a.b.github.com", None, now()).allowed);
+    assert!(!policy.egress_on(&r, "github.com", None, now()).allowed);
+    let d = policy.egress_on(&r, "exfil.example", None, now());
+    assert!(!d.allowed && !d.discovery);
+    assert!(
+        d.reason.contains("exfil.example (any port)"),
+        "{}",
+        d.reason
+    );
+    // Another team's run reaches nothing.
+    assert!(
+        !policy
+            .egress_on(&run("team-b", "coder"), "pypi.org", None, now())
+            .allowed
+    );
+    // With a port it is the connection question, unchanged.
+    assert_eq!(
+        policy.egress_on(&r, "pypi.org", Some(80), now()),
+        policy.egress(&r, "pypi.org", 80, now())
+    );
+    assert!(!policy.egress_on(&r, "pypi.org", Some(80), now()).allowed);
+}
+
+#[test]
+fn a_discovery_window_allows_names_as_it_allows_connections() {
+    let until = (now() + time::Duration::days(1))
+        .format(&Rfc3339)
+        .expect("format");
+    let text = format!("{GOOD}  discovery:\n    until: \"{until}\"\n");
+    let docs = Policy::parse_text(Path::new("p.yaml"), &text, now()).expect("valid");
+    let policy = Policy::from_docs(docs).expect("set");
+    let d = policy.egress_on(&run("team-a", "coder"), "anything.example", None, now());
+    assert!(d.allowed && d.discovery, "{d:?}");
+    // A listed name is allowed outright, not by the window.
+    let d = policy.egress_on(&run("team-a", "coder"), "pypi.org", None, now());
+    assert!(d.allowed && !d.discovery, "{d:?}");
+}
+
 fn err_of(text: &str) -> PolicyError {
     Policy::parse_text(Path::new("bad.yaml"), text, now()).expect_err("must be rejected")
 }

@@ -40,7 +40,7 @@ impl EgressPolicy for BrokerPolicy {
                 .validate_egress(&ValidateEgressRequest {
                     run: req.run.clone(),
                     host: req.host.clone(),
-                    port: req.port,
+                    port: Some(req.port),
                 })
                 .await
                 .map_err(|e| PolicyError::Unavailable(e.to_string()))?;
@@ -48,6 +48,29 @@ impl EgressPolicy for BrokerPolicy {
             tracing::debug!(
                 run = %req.run, host = %req.host, port = req.port,
                 allowed = decision.is_allowed(), "broker egress decision"
+            );
+            Ok(decision)
+        })
+    }
+
+    /// `validate-egress` without a port: the broker allows the name when a grant lists it on
+    /// any port, or a discovery window is open. Uncached here; the DNS server keeps answers
+    /// briefly per name so a burst of queries is not a burst of broker calls.
+    fn name_allowed<'a>(&'a self, run: &'a str, host: &'a str) -> CheckFuture<'a> {
+        Box::pin(async move {
+            let answer = self
+                .client
+                .validate_egress(&ValidateEgressRequest {
+                    run: run.to_owned(),
+                    host: host.to_owned(),
+                    port: None,
+                })
+                .await
+                .map_err(|e| PolicyError::Unavailable(e.to_string()))?;
+            let decision = decision(answer);
+            tracing::debug!(
+                run = %run, host = %host, allowed = decision.is_allowed(),
+                "broker name decision"
             );
             Ok(decision)
         })

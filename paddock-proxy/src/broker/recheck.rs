@@ -111,7 +111,7 @@ impl EgressRecheck {
                 .validate_egress(&ValidateEgressRequest {
                     run: ctx.run.clone(),
                     host: ctx.host.clone(),
-                    port: ctx.port,
+                    port: Some(ctx.port),
                 })
                 .await
             {

@@ -712,7 +712,7 @@ async fn bearer_file_rotation_is_picked_up() {
         client.validate_egress(&paddock_broker::wire::ValidateEgressRequest {
             run: RUN.into(),
             host: "api.github.com".into(),
-            port: 443,
+            port: Some(443),
         }),
     )
     .await
@@ -787,6 +787,45 @@ async fn egress_decisions_follow_policy_changes_within_a_second() {
     }
     assert!(check("api.github.com").await.is_allowed());
     assert!(fx.broker.policy().last_error().is_none());
+}
+
+#[tokio::test]
+async fn names_are_allowed_when_the_broker_grants_them_on_any_port() {
+    let mut fx = Fixture::start(Options::default()).await;
+    let policy = BrokerPolicy::new(fx.proxy_client());
+    let name = |host: &'static str| {
+        let policy = policy.clone();
+        async move { within("name", policy.name_allowed(RUN, host)).await }
+    };
+    // Granted on 443 (with and without substitution): the name may be resolved.
+    assert_eq!(
+        name("plain.example.com").await.expect("answer"),
+        Decision::Allow {
+            rule: "team-a".into(),
+            substitute_auth: false
+        }
+    );
+    assert!(name("api.github.com").await.expect("answer").is_allowed());
+    let denied = name("c2f1.exfil.example").await.expect("answer");
+    assert!(
+        matches!(&denied, Decision::Deny { reason } if reason.contains("(any port)")),
+        "{denied:?}"
+    );
+    // The broker audited the refused name, with no port.
+    let ev = fx
+        .audit
+        .events()
+        .into_iter()
+        .find(|e| e.host.as_deref() == Some("c2f1.exfil.example"))
+        .expect("audited");
+    assert_eq!(ev.port, None);
+    // Another run's names are not this proxy's to ask about: a refusal, never an allow.
+    let stranger = within("name", policy.name_allowed("other-run", "api.github.com")).await;
+    assert!(!matches!(stranger, Ok(d) if d.is_allowed()));
+    // Broker gone: an error (the DNS server answers SERVFAIL), never an allow.
+    fx.stop().await;
+    let err = name("api.github.com").await.expect_err("broker gone");
+    assert!(matches!(err, crate::policy::PolicyError::Unavailable(_)));
 }
 
 #[tokio::test]
@@ -935,7 +974,7 @@ async fn the_in_process_link_is_the_same_api_without_tcp_or_tls() {
         stranger.validate_egress(&paddock_broker::wire::ValidateEgressRequest {
             run: RUN.into(),
             host: "api.github.com".into(),
-            port: 443,
+            port: Some(443),
         }),
     )
     .await
@@ -995,7 +1034,7 @@ async fn only_the_configured_ca_is_trusted() {
         client.validate_egress(&paddock_broker::wire::ValidateEgressRequest {
             run: RUN.into(),
             host: "api.github.com".into(),
-            port: 443,
+            port: Some(443),
         }),
     )
     .await
@@ -1012,7 +1051,7 @@ async fn only_the_configured_ca_is_trusted() {
             client.validate_egress(&paddock_broker::wire::ValidateEgressRequest {
                 run: RUN.into(),
                 host: "api.github.com".into(),
-                port: 443,
+                port: Some(443),
             })
         )
         .await

@@ -18,6 +18,7 @@
 //! | `paddock_proxy_bytes_total` | counter | `direction`: agent_to_upstream, upstream_to_agent |
 //! | `paddock_proxy_audit_write_failures_total` | counter | `kind`: audit event kind |
 //! | `paddock_proxy_audit_disabled` | gauge | 1 when running with `--audit none` |
+//! | `paddock_proxy_dns_queries_total` | counter | `outcome`: see [`DnsOutcome`] |
 
 mod admin;
 
@@ -36,10 +37,12 @@ use prometheus_client::registry::Registry;
 use crate::audit::AuditKind;
 
 macro_rules! label_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+    ($(#[$meta:meta])* $name:ident {
+        $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)?
+    }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name { $($variant),+ }
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
 
         impl $name {
             /// Every value, for pre-registration.
@@ -76,6 +79,33 @@ label_enum!(
         HandshakeFailed => "handshake_failed",
         NoSni => "no_sni",
         PolicyDenied => "policy_denied",
+    }
+);
+
+label_enum!(
+    /// What the proxy's DNS server did with one datagram (see [`crate::dns`]).
+    DnsOutcome {
+        /// NOERROR with addresses.
+        Answered => "answered",
+        /// NOERROR without answers: another query type, or no usable address of the type.
+        NoData => "nodata",
+        /// NXDOMAIN because the run may not reach the name (or it is too long or malformed).
+        Denied => "denied",
+        /// NXDOMAIN from upstream for an allowed name.
+        NxDomain => "nxdomain",
+        /// SERVFAIL: the allowed name could not be resolved.
+        ServFail => "servfail",
+        /// SERVFAIL: the egress policy could not answer (fail closed).
+        PolicyUnavailable => "policy_unavailable",
+        /// REFUSED by the rate limit.
+        RateLimited => "rate_limited",
+        /// FORMERR: unparsable, or not exactly one question.
+        FormErr => "formerr",
+        /// NOTIMP: not a standard query, or not class IN.
+        NotImp => "notimp",
+        /// Not answered: too short to answer, a response, too many in flight, or its denial
+        /// could not be audited.
+        Dropped => "dropped",
     }
 );
 
@@ -143,6 +173,11 @@ struct AuditLabels {
     kind: AuditKind,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DnsLabels {
+    outcome: DnsOutcome,
+}
+
 /// Counters the TLS layer's leaf cache bumps directly (clones share the same values).
 #[derive(Debug, Clone, Default)]
 pub struct LeafCacheMetrics {
@@ -166,6 +201,7 @@ pub struct ProxyMetrics {
     bytes: Family<DirectionLabels, Counter>,
     audit_failures: Family<AuditLabels, Counter>,
     audit_disabled: Gauge,
+    dns_queries: Family<DnsLabels, Counter>,
 }
 
 impl Default for ProxyMetrics {
@@ -177,6 +213,10 @@ impl Default for ProxyMetrics {
 impl ProxyMetrics {
     /// Creates and registers every family.
     #[must_use]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one registration per family, in the order of the table above"
+    )]
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("paddock_proxy");
         let m = Self {
@@ -192,6 +232,7 @@ impl ProxyMetrics {
             bytes: Family::default(),
             audit_failures: Family::default(),
             audit_disabled: Gauge::default(),
+            dns_queries: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -255,6 +296,11 @@ impl ProxyMetrics {
             "1 when the proxy runs with auditing explicitly disabled (--audit none)",
             m.audit_disabled.clone(),
         );
+        registry.register(
+            "dns_queries",
+            "Datagrams received by the proxy's DNS server, by what was done with them",
+            m.dns_queries.clone(),
+        );
         // Materialise every series at zero (the returned read guards are not needed).
         for d in DecisionLabel::ALL {
             drop(
@@ -276,6 +322,9 @@ impl ProxyMetrics {
         }
         for k in AuditKind::ALL {
             drop(m.audit_failures.get_or_create(&AuditLabels { kind: *k }));
+        }
+        for o in DnsOutcome::ALL {
+            drop(m.dns_queries.get_or_create(&DnsLabels { outcome: *o }));
         }
         Self { registry, ..m }
     }
@@ -349,6 +398,16 @@ impl ProxyMetrics {
         self.audit_disabled.set(i64::from(disabled));
     }
 
+    pub fn dns_query(&self, outcome: DnsOutcome) {
+        self.dns_queries.get_or_create(&DnsLabels { outcome }).inc();
+    }
+
+    /// Current value of a DNS outcome counter.
+    #[must_use]
+    pub fn dns_queries(&self, outcome: DnsOutcome) -> u64 {
+        self.dns_queries.get_or_create(&DnsLabels { outcome }).get()
+    }
+
     /// Current value of a rejection counter (for tests and health reporting).
     #[must_use]
     pub fn rejections(&self, reason: Rejection) -> u64 {
@@ -416,6 +475,7 @@ mod tests {
             "# TYPE paddock_proxy_bytes counter",
             "# TYPE paddock_proxy_audit_write_failures counter",
             "# TYPE paddock_proxy_audit_disabled gauge",
+            "# TYPE paddock_proxy_dns_queries counter",
         ] {
             assert!(has_line(&text, family), "missing {family:?} in\n{text}");
         }
@@ -438,7 +498,19 @@ mod tests {
             (
                 "audit_write_failures",
                 "kind",
-                &["allow", "deny", "discovery", "connect_reason"][..],
+                &[
+                    "allow",
+                    "deny",
+                    "discovery",
+                    "connect_reason",
+                    "dns_deny",
+                    "dns_rate_limited",
+                ][..],
+            ),
+            (
+                "dns_queries",
+                "outcome",
+                &["answered", "denied", "rate_limited", "policy_unavailable"][..],
             ),
         ] {
             for v in values {
@@ -468,6 +540,7 @@ mod tests {
         m.add_bytes(Direction::UpstreamToAgent, 1500);
         m.audit_write_failed(AuditKind::Allow);
         m.set_audit_disabled(true);
+        m.dns_query(DnsOutcome::Denied);
         let text = m.encode();
         for line in [
             "paddock_proxy_active_connections 1",
@@ -485,6 +558,8 @@ mod tests {
             "paddock_proxy_bytes_total{direction=\"upstream_to_agent\"} 1500",
             "paddock_proxy_audit_write_failures_total{kind=\"allow\"} 1",
             "paddock_proxy_audit_disabled 1",
+            "paddock_proxy_dns_queries_total{outcome=\"denied\"} 1",
+            "paddock_proxy_dns_queries_total{outcome=\"answered\"} 0",
         ] {
             assert!(has_line(&text, line), "missing {line:?} in\n{text}");
         }

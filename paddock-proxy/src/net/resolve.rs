@@ -188,18 +188,31 @@ impl DnsResolver {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(Arc::from([ip]));
         }
+        self.entry(host).await.result
+    }
+
+    /// Resolves a normalised host name like [`DnsResolver::resolve`] and also says how much
+    /// longer the answer stays in this cache. The proxy's DNS server hands the agent exactly
+    /// these addresses with (at most) this lifetime, so what the agent is told and what the
+    /// proxy checks its connections against are the same answer.
+    pub async fn resolve_with_ttl(&self, host: &str) -> Result<(Addrs, Duration), ResolveError> {
+        let entry = self.entry(host).await;
+        let left = entry.expires.saturating_duration_since(Instant::now());
+        entry.result.map(|addrs| (addrs, left))
+    }
+
+    async fn entry(&self, host: &str) -> CacheEntry {
         let now = Instant::now();
         // An expired entry is removed first so that exactly one caller wins the placeholder
         // below; the predicate keeps a fresh entry another caller may have just inserted.
         self.cache.remove_if(host, |e| e.expires <= now);
         match self.cache.get_value_or_guard_async(host).await {
-            Ok(entry) => entry.result,
+            Ok(entry) => entry,
             Err(guard) => {
                 let entry = self.lookup(host).await;
-                let result = entry.result.clone();
                 // Ignore a failed insert: it only means the entry was evicted concurrently.
-                let _ = guard.insert(entry);
-                result
+                let _ = guard.insert(entry.clone());
+                entry
             }
         }
     }
@@ -315,6 +328,28 @@ mod tests {
         // Cached: no second query.
         r.resolve("svc.test").await.expect("cached");
         assert_eq!(dns.count("svc.test", RecordType::A), 1);
+    }
+
+    #[tokio::test]
+    async fn resolve_with_ttl_reports_the_time_left_in_the_cache() {
+        let dns = TestDns::start(Duration::ZERO).await;
+        dns.addrs("ttl.test", &["127.0.0.1"], 60);
+        let r = DnsResolver::new(ResolverSettings {
+            max_ttl: Duration::from_secs(20),
+            ..settings(&dns)
+        })
+        .expect("resolver");
+        let (addrs, left) = r.resolve_with_ttl("ttl.test").await.expect("resolves");
+        assert_eq!(addrs.to_vec(), ips(&["127.0.0.1"]));
+        assert!(
+            left <= Duration::from_secs(20) && left > Duration::from_secs(18),
+            "clamped to max_ttl: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (again, later) = r.resolve_with_ttl("ttl.test").await.expect("cached");
+        assert!(Arc::ptr_eq(&addrs, &again), "the same cached answer");
+        assert!(later < left, "{later:?} < {left:?}");
+        assert_eq!(dns.count("ttl.test", RecordType::A), 1);
     }
 
     #[tokio::test]

@@ -2,6 +2,8 @@
 //!
 //! The proxy asks an [`EgressPolicy`] once per connection, after it has learned the destination
 //! name (SNI, `CONNECT` authority or `Host` header) and before it resolves or dials anything.
+//! Its DNS server asks [`EgressPolicy::name_allowed`] (could the run reach this name on any
+//! port?) before it answers an agent's query.
 //! Implementations: [`StaticPolicy`] (an allow-list from a TOML file, this module) and, later, a
 //! broker-backed policy. Whatever the implementation, a [`PolicyError`] means the caller denies
 //! the connection: policy failures never open the gate.
@@ -147,4 +149,19 @@ pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<Decision, PolicyEr
 /// Contract for callers: `Err(_)` is treated exactly like [`Decision::Deny`].
 pub trait EgressPolicy: Send + Sync + fmt::Debug {
     fn check<'a>(&'a self, req: &'a EgressRequest) -> CheckFuture<'a>;
+
+    /// Could `run` reach the name `host` at all: on any port, in a mode where the agent
+    /// resolves names itself? The proxy's DNS server ([`crate::dns`]) asks this before it
+    /// answers a query, and answers NXDOMAIN (without asking upstream) when the answer is a
+    /// deny. `host` is normalised as [`normalize_host`] does. [`Decision::Allow`] and
+    /// [`Decision::Discovery`] both mean "answer it"; `substitute_auth` means nothing here.
+    ///
+    /// The default denies every name: a policy that cannot answer the question must not
+    /// open DNS (fail closed).
+    fn name_allowed<'a>(&'a self, run: &'a str, host: &'a str) -> CheckFuture<'a> {
+        let _ = run;
+        Box::pin(std::future::ready(Ok(Decision::Deny {
+            reason: format!("the egress policy does not answer name queries ({host})"),
+        })))
+    }
 }

@@ -205,6 +205,40 @@ impl StaticPolicy {
     }
 }
 
+impl StaticPolicy {
+    /// The synchronous answer behind [`EgressPolicy::name_allowed`]: the first rule with a host
+    /// pattern matching `host`, whatever its ports, among the rules that apply to transparent
+    /// or plain-HTTP connections (the modes where the agent resolves the name itself; a
+    /// cooperative `CONNECT` client hands the name to the proxy and needs no DNS). IP literals
+    /// are not names and are denied.
+    pub fn decide_name(&self, host: &str) -> Result<Decision, PolicyError> {
+        let host = normalize_host(host)?;
+        if host.parse::<IpAddr>().is_ok() {
+            return Ok(Decision::Deny {
+                reason: format!("{host} is an IP address, not a name"),
+            });
+        }
+        let resolves_itself =
+            |m: &Vec<Mode>| m.contains(&Mode::Transparent) || m.contains(&Mode::PlainHttp);
+        let hit = self.rules.iter().find(|rule| {
+            rule.modes.as_ref().is_none_or(resolves_itself)
+                && rule.hosts.iter().any(|p| p.matches_parsed(&host, None))
+        });
+        Ok(match hit {
+            Some(rule) if rule.action == Action::Discovery => Decision::Discovery {
+                rule: rule.name.clone(),
+            },
+            Some(rule) => Decision::Allow {
+                rule: rule.name.clone(),
+                substitute_auth: false,
+            },
+            None => Decision::Deny {
+                reason: format!("no egress rule allows {host} on any port"),
+            },
+        })
+    }
+}
+
 fn display_host(host: &str, ip: Option<IpAddr>) -> String {
     match ip {
         Some(IpAddr::V6(_)) => format!("[{host}]"),
@@ -248,6 +282,10 @@ fn build_rule(cfg: RuleConfig, name: String, allow_any: bool) -> Result<Rule, Ru
 impl EgressPolicy for StaticPolicy {
     fn check<'a>(&'a self, req: &'a EgressRequest) -> CheckFuture<'a> {
         Box::pin(std::future::ready(self.decide(req)))
+    }
+
+    fn name_allowed<'a>(&'a self, _run: &'a str, host: &'a str) -> CheckFuture<'a> {
+        Box::pin(std::future::ready(self.decide_name(host)))
     }
 }
 
@@ -399,6 +437,72 @@ mod tests {
             assert_eq!(got, want, "{host}:{port} {mode}");
             assert_eq!(got.is_allowed(), !matches!(want, Decision::Deny { .. }));
         }
+    }
+
+    #[tokio::test]
+    async fn names_are_allowed_by_any_rule_whose_host_matches_whatever_its_ports() {
+        let p = policy();
+        let allowed = |rule: &str| Decision::Allow {
+            rule: rule.to_owned(),
+            substitute_auth: false,
+        };
+        let table: Vec<(&str, Decision)> = vec![
+            // Port 443 only, substituting: the name itself is reachable.
+            ("github.com", allowed("github")),
+            ("GitHub.COM.", allowed("github")),
+            ("raw.githubusercontent.com", allowed("github")),
+            ("build.example", allowed("internal-any-port")),
+            // Only in plain-HTTP mode, where the agent resolves the name itself.
+            ("mirror.example.org", allowed("plain-only")),
+            (
+                "x.observe.example",
+                Decision::Discovery {
+                    rule: "watch".into(),
+                },
+            ),
+        ];
+        for (name, want) in table {
+            assert_eq!(
+                p.name_allowed("run-1", name).await.ok(),
+                Some(want),
+                "{name}"
+            );
+        }
+        for name in [
+            "githubusercontent.com",
+            "api.github.com",
+            "x.build.example",
+            "observe.example",
+            "4a6f686e.exfil.test",
+            // Allowed as IP literals for connections; as names they mean nothing.
+            "192.0.2.7",
+            "2001:db8::7",
+        ] {
+            let got = p.name_allowed("run-1", name).await;
+            assert!(matches!(&got, Ok(Decision::Deny { .. })), "{name}: {got:?}");
+        }
+        assert!(matches!(
+            p.name_allowed("run-1", "a..b").await,
+            Err(PolicyError::InvalidHost(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn names_of_rules_for_cooperative_clients_only_are_not_resolved() {
+        let p = StaticPolicy::from_toml_str(
+            "[[rule]]\nname = \"c\"\nhosts = [\"proxied.example\"]\nports = [443]\nmodes = [\"connect\"]\n\
+             [[rule]]\nname = \"t\"\nhosts = [\"both.example\"]\nports = [443]\nmodes = [\"connect\", \"transparent\"]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            p.name_allowed("r", "proxied.example").await,
+            Ok(Decision::Deny { .. })
+        ));
+        assert!(
+            p.name_allowed("r", "both.example")
+                .await
+                .is_ok_and(|d| d.is_allowed())
+        );
     }
 
     #[tokio::test]

@@ -52,8 +52,24 @@
 //! # [ebpf]                          # optional: attach these agent cgroups at start
 //! # pin_dir = "/sys/fs/bpf/paddock"
 //! # agent_cgroups = ["/sys/fs/cgroup/agents/run-42"]
-//! # dns = ["10.0.0.10:53"]
+//! # dns = ["10.0.0.10:53"]          # the resolver(s) the agents' DNS is addressed to
+//!
+//! # [dns]                           # the proxy's DNS server (see `crate::dns`)
+//! # listen = ["127.0.0.1:15053", "[::1]:15053"]   # UDP; one port, on the transparent
+//! #                                 # listeners' addresses when agents are redirected
+//! # redirect_agents = true          # with [ebpf] dns: the agents' DNS lands here instead
+//! # max_name_len = 253              # longer names are refused (NXDOMAIN, audited)
+//! # rate_per_second = 50            # queries per second for the run; more are REFUSED
+//! # rate_burst = 100
+//! # max_ttl_secs = 30               # longest TTL handed to agents
+//! # policy_cache_ms = 250           # how long a name's policy answer is reused
 //! ```
+//!
+//! Without `[dns]`, agents with `[ebpf] dns` resolvers send their DNS straight to those
+//! resolvers, which carry any name (and so any data in it) onwards: a DNS tunnel. With it,
+//! their DNS to those resolvers is redirected to this server (the reply still comes from the
+//! resolver's address), which answers only names the policy could reach. Avoid port 5353: it
+//! is mDNS's.
 //!
 //! Unknown keys are errors: a misspelt limit must not silently fall back to a default.
 
@@ -85,6 +101,81 @@ pub struct ServeConfig {
     pub limits: LimitsConfig,
     pub admin: Option<AdminConfig>,
     pub ebpf: Option<EbpfConfig>,
+    /// The proxy's DNS server for the agents.
+    pub dns: Option<DnsConfig>,
+}
+
+/// The proxy's DNS server ([`crate::dns`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// UDP addresses to serve. Ignored when the caller hands in bound sockets
+    /// (`ServeOptions::dns_sockets`, as `run` does).
+    #[serde(default)]
+    pub listen: Vec<SocketAddr>,
+    /// With `[ebpf] dns` resolvers: send the agent cgroups' DNS to this server (the eBPF
+    /// programs rewrite the destination to the proxy address at the server's port and the
+    /// reply's source back to the resolver). The server must then listen on one port, on the
+    /// address of the first transparent listener of each resolver's family.
+    #[serde(default = "yes")]
+    pub redirect_agents: bool,
+    /// Longest name answered, characters (1-253).
+    #[serde(default = "default_max_name_len")]
+    pub max_name_len: usize,
+    /// Queries per second the run may send; more are answered REFUSED.
+    #[serde(default = "default_dns_rate")]
+    pub rate_per_second: u32,
+    /// Queries the run may send at once above the rate.
+    #[serde(default = "default_dns_burst")]
+    pub rate_burst: u32,
+    /// Longest TTL handed to agents, seconds.
+    #[serde(default = "default_dns_ttl")]
+    pub max_ttl_secs: u64,
+    /// How long a name's policy answer is reused, milliseconds (0: ask every time).
+    #[serde(default = "default_egress_recheck_ms")]
+    pub policy_cache_ms: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            redirect_agents: true,
+            max_name_len: default_max_name_len(),
+            rate_per_second: default_dns_rate(),
+            rate_burst: default_dns_burst(),
+            max_ttl_secs: default_dns_ttl(),
+            policy_cache_ms: default_egress_recheck_ms(),
+        }
+    }
+}
+
+fn default_max_name_len() -> usize {
+    crate::dns::DnsSettings::default().max_name_len
+}
+fn default_dns_rate() -> u32 {
+    crate::dns::DnsSettings::default().rate_per_second
+}
+fn default_dns_burst() -> u32 {
+    crate::dns::DnsSettings::default().rate_burst
+}
+fn default_dns_ttl() -> u64 {
+    crate::dns::DnsSettings::default().max_ttl.as_secs()
+}
+
+impl DnsConfig {
+    /// The server settings these values make.
+    #[must_use]
+    pub fn settings(&self) -> crate::dns::DnsSettings {
+        crate::dns::DnsSettings {
+            max_name_len: self.max_name_len,
+            rate_per_second: self.rate_per_second,
+            rate_burst: self.rate_burst,
+            max_ttl: Duration::from_secs(self.max_ttl_secs),
+            policy_cache: Duration::from_millis(self.policy_cache_ms),
+            ..crate::dns::DnsSettings::default()
+        }
+    }
 }
 
 /// Data-plane listeners.
@@ -388,6 +479,7 @@ impl ServeConfig {
                 agent_cgroups: vec![cgroup.to_path_buf()],
                 dns: dns.to_vec(),
             }),
+            dns: None,
         }
     }
 
@@ -493,9 +585,35 @@ impl ServeConfig {
                 return invalid("broker.egress_recheck_ms must be at most 60000 (a minute)");
             }
         }
+        if let Some(dns) = &self.dns {
+            self.validate_dns(dns)?;
+        }
         if let Some(t) = &self.audit.target {
             t.parse::<AuditTarget>()
                 .map_err(|e| ConfigError::Invalid(format!("audit.target: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn validate_dns(&self, dns: &DnsConfig) -> Result<(), ConfigError> {
+        dns.settings()
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if dns.policy_cache_ms > 60_000 {
+            return Err(ConfigError::Invalid(
+                "dns.policy_cache_ms must be at most 60000 (a minute)".to_owned(),
+            ));
+        }
+        if dns.listen.windows(2).any(|w| w[0].port() != w[1].port()) {
+            return Err(ConfigError::Invalid(
+                "dns.listen: every address must use the same port".to_owned(),
+            ));
+        }
+        if let Some(ebpf) = &self.ebpf
+            && dns.redirect_agents
+            && !dns.listen.is_empty()
+        {
+            redirect_port(&self.listen.transparent, &ebpf.dns, &dns.listen)?;
         }
         Ok(())
     }
@@ -512,6 +630,50 @@ impl ServeConfig {
         text.parse::<AuditTarget>()
             .map_err(|e| ConfigError::Invalid(format!("audit: {e}")))
     }
+}
+
+/// The port the agents' DNS is redirected to: `served` (the DNS server's addresses) must share
+/// one port and hold, for each resolver family in `resolvers`, the address of the first
+/// transparent listener of that family (where the eBPF programs send the datagrams). `None`
+/// when there is nothing to redirect.
+pub fn redirect_port(
+    transparent: &[SocketAddr],
+    resolvers: &[SocketAddr],
+    served: &[SocketAddr],
+) -> Result<Option<u16>, ConfigError> {
+    let Some(first) = served.first() else {
+        return Ok(None);
+    };
+    if resolvers.is_empty() {
+        return Ok(None);
+    }
+    let port = first.port();
+    if served.iter().any(|a| a.port() != port) {
+        return Err(ConfigError::Invalid(format!(
+            "dns: the DNS server's addresses {served:?} must share one port to receive the \
+             agents' redirected DNS"
+        )));
+    }
+    for resolver in resolvers {
+        let proxy = transparent
+            .iter()
+            .find(|t| t.is_ipv4() == resolver.is_ipv4())
+            .map(SocketAddr::ip);
+        let Some(proxy) = proxy else {
+            return Err(ConfigError::Invalid(format!(
+                "dns: agents' DNS to {resolver} is redirected to the transparent listener's \
+                 address of that family, and there is none"
+            )));
+        };
+        let needed = SocketAddr::new(proxy, port);
+        if !served.contains(&needed) {
+            return Err(ConfigError::Invalid(format!(
+                "dns: agents' DNS to {resolver} is redirected to {needed}; add it to dns.listen \
+                 (the DNS server serves {served:?})"
+            )));
+        }
+    }
+    Ok(Some(port))
 }
 
 #[cfg(test)]
@@ -644,5 +806,65 @@ file = "/tmp/policy.toml"
             let err = ServeConfig::from_toml_str(&with_broker(extra)).expect_err(extra);
             assert!(err.to_string().contains(needle), "{extra}: {err}");
         }
+    }
+
+    #[test]
+    fn dns_table_defaults_and_limits() {
+        let cfg = ServeConfig::from_toml_str(&format!(
+            "{MINIMAL}[dns]\nlisten = [\"127.0.0.1:15053\"]\n"
+        ))
+        .expect("dns");
+        let dns = cfg.dns.as_ref().expect("[dns]");
+        assert!(dns.redirect_agents);
+        assert_eq!(dns.settings(), crate::dns::DnsSettings::default());
+        assert_eq!(dns.policy_cache_ms, 250);
+        for (extra, needle) in [
+            ("max_name_len = 254\n", "max_name_len"),
+            ("max_name_len = 0\n", "max_name_len"),
+            ("rate_per_second = 0\n", "rate_per_second"),
+            ("rate_burst = 0\n", "rate_burst"),
+            ("max_ttl_secs = 0\n", "max_ttl"),
+            ("policy_cache_ms = 3600000\n", "policy_cache_ms"),
+            ("listen = [\"127.0.0.1:1\", \"[::1]:2\"]\n", "same port"),
+            ("resolver = \"x\"\n", "unknown field"),
+        ] {
+            let err =
+                ServeConfig::from_toml_str(&format!("{MINIMAL}[dns]\n{extra}")).expect_err(extra);
+            assert!(err.to_string().contains(needle), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn redirected_dns_must_land_on_the_servers_addresses() {
+        let ebpf = "[ebpf]\nagent_cgroups = [\"/sys/fs/cgroup/a\"]\ndns = [\"10.0.0.53:53\", \"[fd00::53]:53\"]\n";
+        let two_listeners = MINIMAL.replace(
+            "transparent = [\"127.0.0.1:15001\"]",
+            "transparent = [\"127.0.0.1:15001\", \"[::1]:15001\"]",
+        );
+        let with = |listen: &str| {
+            ServeConfig::from_toml_str(&format!("{two_listeners}{ebpf}[dns]\nlisten = {listen}\n"))
+        };
+        with("[\"127.0.0.1:15053\", \"[::1]:15053\"]").expect("both families served");
+        let err = with("[\"127.0.0.1:15053\"]").expect_err("no IPv6 server");
+        assert!(err.to_string().contains("[::1]:15053"), "{err}");
+        let err = with("[\"127.0.0.2:15053\", \"[::1]:15053\"]").expect_err("wrong address");
+        assert!(err.to_string().contains("127.0.0.1:15053"), "{err}");
+        // Not redirected: any addresses will do (something else points the agents here).
+        ServeConfig::from_toml_str(&format!(
+            "{two_listeners}{ebpf}[dns]\nlisten = [\"127.0.0.9:53\"]\nredirect_agents = false\n"
+        ))
+        .expect("no redirect");
+        // A resolver of a family without a transparent listener cannot be redirected.
+        let v4_only = ServeConfig::from_toml_str(&format!(
+            "{MINIMAL}{ebpf}[dns]\nlisten = [\"127.0.0.1:15053\"]\n"
+        ))
+        .expect_err("no IPv6 listener");
+        assert!(v4_only.to_string().contains("there is none"), "{v4_only}");
+        let t: Vec<SocketAddr> = vec!["127.0.0.1:15001".parse().expect("addr")];
+        let r: Vec<SocketAddr> = vec!["10.0.0.53:53".parse().expect("addr")];
+        let s: Vec<SocketAddr> = vec!["127.0.0.1:15053".parse().expect("addr")];
+        assert_eq!(redirect_port(&t, &r, &s).ok(), Some(Some(15053)));
+        assert_eq!(redirect_port(&t, &[], &s).ok(), Some(None));
+        assert_eq!(redirect_port(&t, &r, &[]).ok(), Some(None));
     }
 }

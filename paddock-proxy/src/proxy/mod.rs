@@ -62,7 +62,7 @@ use crate::tls::{MitmServer, UpstreamTls};
 
 pub use connector::Connector;
 pub use listener::{Drain, ListenerKind, run_listener};
-pub use serve::{ServeError, ServeOptions, serve, serve_until};
+pub use serve::{ServeError, ServeOptions, agent_config, serve, serve_until};
 
 /// Bounds of the pipeline (the request loop has its own in [`HttpLimits`]).
 #[derive(Debug, Clone)]

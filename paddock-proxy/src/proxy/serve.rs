@@ -8,13 +8,14 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::config::{ConfigError, ServeConfig};
+use super::config::{ConfigError, DnsConfig, ServeConfig};
 use super::connector::Connector;
 use super::listener::{Drain, ListenerKind, run_listener};
 use super::{Pipeline, PipelineLimits, PipelineParts};
 use crate::audit::{AuditEvent, AuditKind, AuditOutcome, AuditSink, audit_decision};
 use crate::broker::{BrokerClient, BrokerPolicy, BrokerSubstituter};
 use crate::cgroup::Cgroup;
+use crate::dns::{DnsParts, DnsServer};
 use crate::ebpf::{AgentConfig, Interception, Interceptor, LoadOptions};
 use crate::http::{HttpLimits, NoopSubstituter, Substituter};
 use crate::metrics::{AdminServer, ProxyMetrics, Readiness};
@@ -43,6 +44,11 @@ pub struct ServeOptions {
     pub metrics: Option<Arc<ProxyMetrics>>,
     /// Each notification reopens the audit file (`serve` wires it to `SIGHUP`, for logrotate).
     pub audit_reopen: Option<Arc<tokio::sync::Notify>>,
+    /// UDP sockets, already bound, to serve the DNS server on instead of binding
+    /// `[dns] listen`: `run` binds them inside the command's network namespace. The server's
+    /// settings come from `[dns]` when present, else the defaults; agents are redirected to
+    /// them only when `[dns] redirect_agents` is set (see [`crate::dns`]).
+    pub dns_sockets: Vec<std::net::UdpSocket>,
 }
 
 impl ServeOptions {
@@ -57,6 +63,7 @@ impl ServeOptions {
             ready: None,
             metrics: None,
             audit_reopen: None,
+            dns_sockets: Vec::new(),
         }
     }
 }
@@ -91,6 +98,10 @@ pub enum ServeError {
     Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("eBPF agent config: {0}")]
     AgentConfig(#[from] crate::ebpf::ConfigError),
+    #[error("{0}")]
+    Dns(#[from] crate::dns::DnsSettingsError),
+    #[error("cannot serve DNS on a socket: {0}")]
+    DnsSocket(std::io::Error),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -135,6 +146,7 @@ pub async fn serve_until(
     let policy_override = opts.policy.take();
     let substituter = opts.substituter.take();
     let ready_tx = opts.ready.take();
+    let dns_sockets = std::mem::take(&mut opts.dns_sockets);
     let cfg = &opts.config;
     let metrics = opts
         .metrics
@@ -177,6 +189,25 @@ pub async fn serve_until(
         use_hosts_file: cfg.network.use_hosts_file,
         ..ResolverSettings::default()
     })?);
+    // The DNS server answers from the same resolver and CIDR set the connections are vetted
+    // against, so the agent is told what the proxy will accept.
+    let dns = dns_server(
+        cfg,
+        dns_sockets,
+        DnsParts {
+            run: cfg.run_id.clone(),
+            settings: cfg
+                .dns
+                .as_ref()
+                .map(DnsConfig::settings)
+                .unwrap_or_default(),
+            policy: Arc::clone(&policy),
+            resolver: Arc::clone(&resolver),
+            cidr: Arc::clone(&cidr),
+            audit: Arc::clone(&audit),
+            metrics: Arc::clone(&metrics),
+        },
+    )?;
     let vetter = Vetter::new(resolver, cidr);
     let mut dial = DialSettings {
         mark: cfg.network.bypass_mark,
@@ -258,6 +289,19 @@ pub async fn serve_until(
             ListenerKind::Connect,
         ));
     }
+    let mut dns_served = Vec::new();
+    if let Some((server, sockets)) = dns {
+        for socket in sockets {
+            dns_served.push(socket.local_addr().map_err(ServeError::DnsSocket)?);
+            let server = Arc::clone(&server);
+            let stop = stop_rx.clone();
+            tasks.spawn(async move {
+                if let Err(e) = server.serve_udp(socket, stop).await {
+                    tracing::error!(error = %e, "DNS server socket failed");
+                }
+            });
+        }
+    }
     let ready = Readiness::new();
     if let Some(admin) = &cfg.admin {
         let listener = bind(admin.listen).await?;
@@ -282,7 +326,7 @@ pub async fn serve_until(
     }
 
     let _interceptor = match &cfg.ebpf {
-        Some(e) => Some(attach(cfg, e)?),
+        Some(e) => Some(attach(cfg, e, &dns_served)?),
         None => None,
     };
 
@@ -360,40 +404,116 @@ fn egress_policy(
     Ok((policy, substituter))
 }
 
+/// The DNS server and the sockets it serves.
+type DnsServing = (Arc<DnsServer>, Vec<std::net::UdpSocket>);
+
+/// The DNS server and the sockets to serve it on: the caller's, else `[dns] listen` bound
+/// here; `None` when there are neither.
+fn dns_server(
+    cfg: &ServeConfig,
+    handed: Vec<std::net::UdpSocket>,
+    parts: DnsParts,
+) -> Result<Option<DnsServing>, ServeError> {
+    let sockets = if handed.is_empty() {
+        let listen = cfg.dns.as_ref().map_or(&[][..], |d| d.listen.as_slice());
+        listen
+            .iter()
+            .map(|addr| {
+                crate::dns::bind_udp(*addr).map_err(|source| ServeError::Bind {
+                    addr: *addr,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        handed
+    };
+    if sockets.is_empty() {
+        if cfg.dns.is_some() {
+            return Err(ServeError::Config(ConfigError::Invalid(
+                "[dns] has no listen address and no sockets were handed in".to_owned(),
+            )));
+        }
+        return Ok(None);
+    }
+    Ok(Some((Arc::new(DnsServer::new(parts)?), sockets)))
+}
+
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })
 }
 
+/// The interception settings of the agent cgroups: TCP to the first transparent listener of
+/// each family, UDP only to the `[ebpf] dns` resolvers, and that DNS redirected to the DNS
+/// server (served on `dns_served`) when `[dns] redirect_agents` says so. `None` without a
+/// transparent listener.
+pub fn agent_config(
+    cfg: &ServeConfig,
+    e: &super::config::EbpfConfig,
+    dns_served: &[std::net::SocketAddr],
+) -> Result<Option<AgentConfig>, ServeError> {
+    let v4 = cfg.listen.transparent.iter().find(|a| a.is_ipv4());
+    let v6 = cfg.listen.transparent.iter().find(|a| a.is_ipv6());
+    let Some(first) = v4.or(v6) else {
+        return Ok(None);
+    };
+    let redirect = cfg.dns.as_ref().is_some_and(|d| d.redirect_agents);
+    let dns_redirect_port = if redirect {
+        let port = super::config::redirect_port(&cfg.listen.transparent, &e.dns, dns_served)?;
+        if port.is_none() && !e.dns.is_empty() {
+            return Err(ServeError::Config(ConfigError::Invalid(
+                "[dns] redirect_agents is set but the DNS server serves no socket".to_owned(),
+            )));
+        }
+        port
+    } else {
+        if !e.dns.is_empty() {
+            tracing::warn!(
+                resolvers = ?e.dns,
+                "agents send DNS straight to these resolvers, which carry any name onwards \
+                 (a DNS tunnel): add [dns] to answer only names the policy allows"
+            );
+        }
+        None
+    };
+    let agent = AgentConfig {
+        proxy_v4: match v4 {
+            Some(std::net::SocketAddr::V4(a)) => *a.ip(),
+            _ => std::net::Ipv4Addr::LOCALHOST,
+        },
+        proxy_v6: match v6 {
+            Some(std::net::SocketAddr::V6(a)) => Some(*a.ip()),
+            _ => None,
+        },
+        proxy_port: first.port(),
+        dns: e.dns.clone(),
+        dns_redirect_port,
+        bypass: Vec::new(),
+        bypass_mark: cfg.network.bypass_mark,
+        block_udp: true,
+        debug_log: false,
+    };
+    agent.validate()?;
+    Ok(Some(agent))
+}
+
 /// Attaches the configured agent cgroups towards the first transparent listener, and this
 /// process's cgroup for `SO_ORIGINAL_DST` answers. The returned loader keeps the latter alive.
-fn attach(cfg: &ServeConfig, e: &super::config::EbpfConfig) -> Result<Interceptor, ServeError> {
+fn attach(
+    cfg: &ServeConfig,
+    e: &super::config::EbpfConfig,
+    dns_served: &[std::net::SocketAddr],
+) -> Result<Interceptor, ServeError> {
+    // Checked before anything is loaded: a DNS set-up that cannot work must not leave the
+    // agents half configured.
+    let agent = agent_config(cfg, e, dns_served)?;
     let mut ic = Interceptor::load(&LoadOptions {
         pin_dir: e.pin_dir.clone(),
         ..LoadOptions::default()
     })?;
-    let v4 = cfg.listen.transparent.iter().find(|a| a.is_ipv4());
-    let v6 = cfg.listen.transparent.iter().find(|a| a.is_ipv6());
-    if let Some(first) = v4.or(v6) {
-        let agent = AgentConfig {
-            proxy_v4: match v4 {
-                Some(std::net::SocketAddr::V4(a)) => *a.ip(),
-                _ => std::net::Ipv4Addr::LOCALHOST,
-            },
-            proxy_v6: match v6 {
-                Some(std::net::SocketAddr::V6(a)) => Some(*a.ip()),
-                _ => None,
-            },
-            proxy_port: first.port(),
-            dns: e.dns.clone(),
-            dns_redirect_port: None,
-            bypass: Vec::new(),
-            bypass_mark: cfg.network.bypass_mark,
-            block_udp: true,
-            debug_log: false,
-        };
-        agent.validate()?;
+    if let Some(agent) = agent {
         for path in &e.agent_cgroups {
             let cgroup = Cgroup::open(PathBuf::from(path))?;
             ic.attach_agent(&cgroup, &agent)?;
@@ -423,5 +543,188 @@ async fn sync_leaf_metrics(
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RData, RecordType};
+
+    use super::*;
+    use crate::net::test_dns::TestDns;
+
+    fn config(dir: &std::path::Path, nameserver: SocketAddr, extra: &str) -> ServeConfig {
+        std::fs::write(
+            dir.join("policy.toml"),
+            "[[rule]]\nhosts = [\"app.test\"]\nports = [443]\n",
+        )
+        .expect("policy");
+        ServeConfig::from_toml_str(&format!(
+            r#"
+run_id = "run-serve-dns"
+[listen]
+transparent = ["127.0.0.1:0"]
+[tls]
+ca_dir = "{d}/ca"
+generate_ca = true
+[policy]
+file = "{d}/policy.toml"
+[network]
+nameservers = ["{nameserver}"]
+allow_cidrs = ["192.0.2.0/24"]
+[audit]
+target = "{d}/audit.jsonl"
+[limits]
+drain_timeout_secs = 1
+{extra}
+"#,
+            d = dir.display()
+        ))
+        .expect("config")
+    }
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(
+            Name::from_ascii(name).expect("name"),
+            RecordType::A,
+        ));
+        m.to_vec().expect("encode")
+    }
+
+    #[tokio::test]
+    async fn serve_answers_dns_on_handed_sockets_with_the_configured_settings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let upstream = TestDns::start(Duration::ZERO).await;
+        upstream.addrs("app.test", &["192.0.2.10"], 3600);
+        let cfg = config(dir.path(), upstream.addr, "[dns]\nmax_ttl_secs = 9\n");
+        let socket = crate::dns::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let dns_addr = socket.local_addr().expect("addr");
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut opts = ServeOptions::new(cfg, None);
+        opts.ready = Some(ready_tx);
+        opts.dns_sockets = vec![socket];
+        let served = tokio::spawn(serve_until(opts, async move {
+            let _ = stop_rx.await;
+        }));
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("ready in time")
+            .expect("ready");
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("client");
+        let mut buf = [0u8; 1500];
+        let mut ask = async |id: u16, name: &str| {
+            client
+                .send_to(&query(id, name), dns_addr)
+                .await
+                .expect("send");
+            let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+                .await
+                .expect("answered")
+                .expect("recv");
+            Message::from_vec(&buf[..n]).expect("parses")
+        };
+        let allowed = ask(1, "app.test").await;
+        assert_eq!(allowed.metadata.response_code, ResponseCode::NoError);
+        assert!(matches!(allowed.answers[0].data, RData::A(_)));
+        assert_eq!(allowed.answers[0].ttl, 9, "[dns] max_ttl_secs applies");
+        let denied = ask(2, "c0ffee.exfil.test").await;
+        assert_eq!(denied.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(upstream.count("c0ffee.exfil.test", RecordType::A), 0);
+        let _ = stop_tx.send(());
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("stops")
+            .expect("join")
+            .expect("served");
+        let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).expect("audit");
+        let line = audit
+            .lines()
+            .find(|l| l.contains("\"dns_deny\""))
+            .expect("dns_deny recorded");
+        let v: serde_json::Value = serde_json::from_str(line).expect("json");
+        assert_eq!(v["sni"], "c0ffee.exfil.test");
+        assert_eq!(v["run"], "run-serve-dns");
+        assert_eq!(v["mode"], "dns");
+    }
+
+    #[tokio::test]
+    async fn dns_listen_is_bound_and_a_dns_table_without_sockets_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let upstream = TestDns::start(Duration::ZERO).await;
+        let parts = |cfg: &ServeConfig| DnsParts {
+            run: cfg.run_id.clone(),
+            settings: crate::dns::DnsSettings::default(),
+            policy: Arc::new(StaticPolicy::from_toml_str("").expect("policy")),
+            resolver: Arc::new(DnsResolver::new(ResolverSettings::default()).expect("resolver")),
+            cidr: Arc::new(CidrPolicy::with_defaults()),
+            audit: Arc::new(crate::audit::NoAudit::explicitly_disabled()),
+            metrics: Arc::new(ProxyMetrics::new()),
+        };
+        let cfg = config(
+            dir.path(),
+            upstream.addr,
+            "[dns]\nlisten = [\"127.0.0.1:0\", \"[::1]:0\"]\nredirect_agents = false\n",
+        );
+        let (_, sockets) = dns_server(&cfg, Vec::new(), parts(&cfg))
+            .expect("binds")
+            .expect("a server");
+        assert_eq!(sockets.len(), 2);
+        let none = config(dir.path(), upstream.addr, "");
+        assert!(
+            dns_server(&none, Vec::new(), parts(&none))
+                .expect("fine")
+                .is_none()
+        );
+        let empty = config(dir.path(), upstream.addr, "[dns]\n");
+        assert!(dns_server(&empty, Vec::new(), parts(&empty)).is_err());
+    }
+
+    #[test]
+    fn agent_cgroups_dns_is_redirected_to_the_dns_server_when_configured() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ns: SocketAddr = "127.0.0.1:53".parse().expect("addr");
+        let ebpf = "[ebpf]\nagent_cgroups = [\"/sys/fs/cgroup/a\"]\ndns = [\"10.0.0.53:53\"]\n";
+        let served: Vec<SocketAddr> = vec!["127.0.0.1:15053".parse().expect("addr")];
+        let mut cfg = config(
+            dir.path(),
+            ns,
+            &format!("{ebpf}[dns]\nlisten = [\"127.0.0.1:15053\"]\n"),
+        );
+        cfg.listen.transparent = vec!["127.0.0.1:15001".parse().expect("addr")];
+        let e = cfg.ebpf.clone().expect("ebpf");
+        let agent = agent_config(&cfg, &e, &served)
+            .expect("valid")
+            .expect("agent");
+        assert_eq!(agent.dns_redirect_port, Some(15053));
+        assert_eq!(
+            agent.dns,
+            vec!["10.0.0.53:53".parse::<SocketAddr>().expect("addr")]
+        );
+        // The server is not where the programs would send the DNS: refused, not half set up.
+        let elsewhere: Vec<SocketAddr> = vec!["127.0.0.2:15053".parse().expect("addr")];
+        assert!(agent_config(&cfg, &e, &elsewhere).is_err());
+        assert!(
+            agent_config(&cfg, &e, &[]).is_err(),
+            "redirect without a server"
+        );
+        // Not redirected: today's behaviour, DNS straight to the resolver.
+        cfg.dns = Some(super::super::config::DnsConfig {
+            redirect_agents: false,
+            ..Default::default()
+        });
+        let agent = agent_config(&cfg, &e, &served)
+            .expect("valid")
+            .expect("agent");
+        assert_eq!(agent.dns_redirect_port, None);
+        cfg.dns = None;
+        let agent = agent_config(&cfg, &e, &[]).expect("valid").expect("agent");
+        assert_eq!(agent.dns_redirect_port, None);
     }
 }

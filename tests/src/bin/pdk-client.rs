@@ -6,6 +6,8 @@
 //! pdk-client udp TARGET [--reply]
 //! pdk-client sockets
 //! pdk-client bench-connect TARGET COUNT
+//! pdk-client dns SERVER NAME TYPE     (one query; TYPE: A, AAAA, TXT, ...)
+//! pdk-client dns-flood SERVER COUNT SUFFIX   (COUNT queries for distinct names under SUFFIX)
 //! ```
 //! Every network wait is bounded (5 s).
 
@@ -15,6 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hickory_proto::op::{Message, MessageType, OpCode, Query as DnsQuery, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
 use serde_json::{Value, json};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -151,6 +155,118 @@ fn udp(target: SocketAddr, want_reply: bool) -> Value {
     result.unwrap_or_else(|e| err_json(&e))
 }
 
+fn udp_for(server: SocketAddr) -> std::io::Result<UdpSocket> {
+    let bind: SocketAddr = if server.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    UdpSocket::bind(bind)
+}
+
+fn dns_query(id: u16, name: &str, qtype: RecordType) -> Result<Vec<u8>, String> {
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    let name = Name::from_ascii(name).map_err(|e| format!("name {name}: {e}"))?;
+    m.add_query(DnsQuery::query(name, qtype));
+    m.to_vec().map_err(|e| e.to_string())
+}
+
+/// The response code's mnemonic (`NOERROR`, `NXDOMAIN`, `REFUSED`, ...).
+fn rcode_name(code: ResponseCode) -> String {
+    match code.low() {
+        0 => "NOERROR".to_owned(),
+        1 => "FORMERR".to_owned(),
+        2 => "SERVFAIL".to_owned(),
+        3 => "NXDOMAIN".to_owned(),
+        4 => "NOTIMP".to_owned(),
+        5 => "REFUSED".to_owned(),
+        n => format!("RCODE{n}"),
+    }
+}
+
+/// One DNS query, the way a stub resolver sends it (an unconnected UDP socket).
+fn dns(server: SocketAddr, name: &str, qtype: &str) -> Value {
+    let qtype: RecordType = parse(qtype, "record type");
+    let result = (|| -> Result<Value, String> {
+        let s = udp_for(server).map_err(|e| e.to_string())?;
+        let id = u16::try_from(std::process::id() % 65_536).unwrap_or(7);
+        s.send_to(&dns_query(id, name, qtype)?, server)
+            .map_err(|e| format!("send: {e}"))?;
+        s.set_read_timeout(Some(WAIT)).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 4096];
+        let (n, from) = s.recv_from(&mut buf).map_err(|e| format!("recv: {e}"))?;
+        let m = Message::from_vec(&buf[..n]).map_err(|e| format!("answer: {e}"))?;
+        let answers: Vec<String> = m
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0.to_string()),
+                RData::AAAA(a) => Some(a.0.to_string()),
+                _ => None,
+            })
+            .collect();
+        let ttls: Vec<u32> = m.answers.iter().map(|r| r.ttl).collect();
+        Ok(json!({
+            "ok": true,
+            "from": from.to_string(),
+            "id_matches": m.metadata.id == id,
+            "rcode": rcode_name(m.metadata.response_code),
+            "answers": answers,
+            "ttls": ttls,
+            "truncated": m.metadata.truncation,
+        }))
+    })();
+    result.unwrap_or_else(|e| json!({"ok": false, "error": e}))
+}
+
+/// COUNT queries for `<i>.<pid>.SUFFIX`, sent back to back from one socket, then the answers
+/// collected until none came for a second (at most 5 s): how many of each response code came
+/// back. Datagrams the server's socket had no room for are simply never answered.
+fn dns_flood(server: SocketAddr, count: u16, suffix: &str) -> Value {
+    let result = (|| -> Result<Value, String> {
+        let s = udp_for(server).map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let pid = std::process::id();
+        for i in 0..count {
+            let q = dns_query(i, &format!("{i:04x}.{pid:x}.{suffix}"), RecordType::A)?;
+            s.send_to(&q, server).map_err(|e| format!("send: {e}"))?;
+        }
+        let sent_in = started.elapsed();
+        let mut codes = std::collections::BTreeMap::<String, u64>::new();
+        let mut received = 0u16;
+        let mut buf = [0u8; 4096];
+        while received < count {
+            let left = WAIT
+                .saturating_sub(started.elapsed())
+                .min(Duration::from_secs(1));
+            if left.is_zero() {
+                break;
+            }
+            s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+            let Ok((n, _)) = s.recv_from(&mut buf) else {
+                break;
+            };
+            received += 1;
+            let code = Message::from_vec(&buf[..n]).map_or_else(
+                |_| "unparsable".to_owned(),
+                |m| rcode_name(m.metadata.response_code),
+            );
+            *codes.entry(code).or_default() += 1;
+        }
+        Ok(json!({
+            "ok": true,
+            "sent": count,
+            "received": received,
+            "send_ms": sent_in.as_millis(),
+            "elapsed_ms": started.elapsed().as_millis(),
+            "rcodes": codes,
+            "names": format!("<i>.{pid:x}.{suffix}"),
+        }))
+    })();
+    result.unwrap_or_else(|e| json!({"ok": false, "error": e}))
+}
+
 /// Try to create every kind of socket that would bypass the connect/sendmsg hooks.
 fn sockets() -> Value {
     let kinds: [(&str, Domain, Type, Option<Protocol>); 7] = [
@@ -221,7 +337,7 @@ fn bench_connect(target: SocketAddr, count: u32) -> Value {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
-        eprintln!("usage: pdk-client tcp|tcp-many|udp|sockets|bench-connect ...");
+        eprintln!("usage: pdk-client tcp|tcp-many|udp|sockets|bench-connect|dns|dns-flood ...");
         std::process::exit(2);
     };
     let arg = |i: usize| -> &str {
@@ -250,6 +366,8 @@ fn main() {
         "udp" => udp(parse(arg(1), "target"), args.iter().any(|a| a == "--reply")),
         "sockets" => sockets(),
         "bench-connect" => bench_connect(parse(arg(1), "target"), parse(arg(2), "count")),
+        "dns" => dns(parse(arg(1), "server"), arg(2), arg(3)),
+        "dns-flood" => dns_flood(parse(arg(1), "server"), parse(arg(2), "count"), arg(3)),
         other => {
             eprintln!("pdk-client: unknown command {other}");
             std::process::exit(2)
