@@ -392,6 +392,7 @@ fn attach(cfg: &ServeConfig, e: &super::config::EbpfConfig) -> Result<Intercepto
             bypass_mark: cfg.network.bypass_mark,
             block_udp: true,
             debug_log: false,
+            inbound_ports: e.inbound_ports.clone(),
         };
         agent.validate()?;
         for path in &e.agent_cgroups {
