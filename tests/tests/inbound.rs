@@ -10,6 +10,7 @@
 use std::{
     net::{Ipv6Addr, SocketAddr},
     process::Command,
+    sync::atomic::Ordering,
     time::Duration,
 };
 
@@ -19,9 +20,9 @@ use paddock_proxy::ebpf::{
 use paddock_tests::{
     CgroupGuard, PinDir, Topology,
     inbound::{Listener, REFUSED_WITHIN, accepted_peers, datagrams, tcp_echo, udp_send},
-    process::{Placement, run, target_bin},
+    process::{Placement, client, run, target_bin},
     require_root,
-    servers::PROXY_PORT,
+    servers::{PROXY_PORT, UpstreamHost},
     topology::{AGENT_V4, AGENT_V6, UPSTREAM_V4, UPSTREAM_V6},
 };
 
@@ -522,4 +523,36 @@ fn cli_attach_publishes_inbound_ports_and_status_shows_them() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Clients that bind before `connect()` keep working: a wildcard bind with port 0 is left
+/// alone (rewriting it to loopback would make the connect fail with `EINVAL` for any
+/// non-loopback destination, such as a bypassed one), while an outside address is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_binding_the_wildcard_before_connect_still_reach_bypassed_hosts() {
+    if !require_root("clients_binding_the_wildcard_before_connect_still_reach_bypassed_hosts") {
+        return;
+    }
+    let f = Fixture::new(|c| {
+        c.bypass = vec![
+            "10.77.0.1/32".parse().expect("net"),
+            "fd00:77::1/128".parse().expect("net"),
+        ];
+    });
+    let host = UpstreamHost::start(&f.topo.upstream);
+    let at = f.agent();
+    let tcp = |args: &[&str]| tokio::task::block_in_place(|| client(args, &at));
+    for (target, bind) in [
+        ("10.77.0.1:443", "0.0.0.0:0"),
+        ("[fd00:77::1]:443", "[::]:0"),
+    ] {
+        let v = tcp(&["tcp", target, "--bind", bind]);
+        assert_eq!(v["line"], "upstream", "bound to {bind}: {v}");
+    }
+    let v = tcp(&["tcp", "10.77.0.1:443", "--bind", "10.77.0.2:0"]);
+    assert_eq!(
+        v["errno"], EPERM,
+        "an outside source address is refused: {v}"
+    );
+    assert_eq!(host.tcp_accepted.load(Ordering::Relaxed), 2);
 }

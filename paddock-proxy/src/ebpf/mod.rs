@@ -70,6 +70,8 @@ const AGENT_PROGRAMS: &[&str] = &[
     "paddock_bind6",
     "paddock_ingress",
 ];
+/// The inbound-control programs among those attached to every agent cgroup.
+pub const INBOUND_PROGRAMS: &[&str] = &["paddock_bind4", "paddock_bind6", "paddock_ingress"];
 /// Program attached to the proxy's cgroup.
 const PROXY_PROGRAM: &str = "paddock_getsockopt";
 
@@ -81,6 +83,13 @@ pub fn map_pin_path(pin_dir: &Path, map: &str) -> PathBuf {
 
 fn agent_link_dir(pin_dir: &Path, cgroup_id: u64) -> PathBuf {
     pin_dir.join("links").join(format!("agent-{cgroup_id}"))
+}
+
+/// Where the link of `program` on agent cgroup `cgroup_id` is pinned. Removing that file
+/// detaches the program from the cgroup (nothing else holds agent links).
+#[must_use]
+pub fn agent_link_pin(pin_dir: &Path, cgroup_id: u64, program: &str) -> PathBuf {
+    agent_link_dir(pin_dir, cgroup_id).join(program)
 }
 
 /// Load-time options.
@@ -286,7 +295,7 @@ impl Interception for Interceptor {
         })?;
         let fd = open_cgroup(cgroup)?;
         for name in AGENT_PROGRAMS {
-            let pin = dir.join(name);
+            let pin = agent_link_pin(&self.pin_dir, cgroup.id(), name);
             if pin.exists() {
                 continue;
             }
@@ -390,8 +399,17 @@ pub fn agent_status(pin_dir: &Path) -> Result<Vec<AgentStatus>, EbpfError> {
     }
     let path = map_pin_path(pin_dir, MAP_CONFIG);
     let data = MapData::from_pin(&path).map_err(|e| EbpfError::map(MAP_CONFIG, &e))?;
-    let map: BpfHashMap<MapData, u64, CgroupConfig> =
-        BpfHashMap::try_from(Map::HashMap(data)).map_err(|e| EbpfError::map(MAP_CONFIG, &e))?;
+    let map: BpfHashMap<MapData, u64, CgroupConfig> = BpfHashMap::try_from(Map::HashMap(data))
+        .map_err(|e| match e {
+            MapError::InvalidValueSize { .. } => EbpfError::Map {
+                map: MAP_CONFIG,
+                reason: format!(
+                    "{e}: pinned by a Paddock version with another layout (run `paddock-proxy \
+                     ebpf teardown` and attach again)"
+                ),
+            },
+            e => EbpfError::map(MAP_CONFIG, &e),
+        })?;
     ids.into_iter()
         .map(|cgroup_id| match map.get(&cgroup_id, 0) {
             Ok(c) => Ok(AgentStatus {
@@ -405,4 +423,20 @@ pub fn agent_status(pin_dir: &Path) -> Result<Vec<AgentStatus>, EbpfError> {
             Err(e) => Err(EbpfError::map(MAP_CONFIG, &e)),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_programs_are_attached_to_every_agent() {
+        for p in INBOUND_PROGRAMS {
+            assert!(AGENT_PROGRAMS.contains(p), "{p}");
+        }
+        assert_eq!(
+            agent_link_pin(Path::new("/p"), 7, "paddock_ingress"),
+            Path::new("/p/links/agent-7/paddock_ingress")
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask bench redirect`: connection set-up rate and latency to one local listener,
-//! dialled directly, through Paddock's eBPF redirect, and through an iptables REDIRECT, in one
-//! run. Prints a markdown section for BENCHMARKS.md on stdout.
+//! dialled directly, through Paddock's eBPF redirect (with and without the inbound-control
+//! programs), and through an iptables REDIRECT, in one run. Prints a markdown section for
+//! BENCHMARKS.md on stdout.
 //!
 //! Every mode uses the same listener (which asks `SO_ORIGINAL_DST` and answers one byte) and
 //! the same client (sequential connect + 1-byte read), in a private network namespace. Modes
@@ -16,11 +17,12 @@ use std::{
 use anyhow::{Context, Result, bail};
 use paddock_proxy::{
     cgroup::Cgroup,
-    ebpf::{AgentConfig, Interception, Interceptor, LoadOptions},
+    ebpf::{AgentConfig, INBOUND_PROGRAMS, Interception, Interceptor, LoadOptions, agent_link_pin},
     origdst::{OriginalDst, SockoptOriginalDst},
 };
 use paddock_tests::{
     CgroupGuard, PinDir, Topology,
+    inbound::Listener,
     process::{Placement, client},
 };
 use serde_json::Value;
@@ -81,6 +83,15 @@ fn main() -> Result<()> {
     ic.attach_proxy(&Cgroup::current()?)?;
     let agent = CgroupGuard::new("bench");
     ic.attach_agent(agent.cgroup(), &AgentConfig::loopback(PORT))?;
+    // The same interception without the inbound programs (bind4/6, cgroup_skb ingress): their
+    // pinned links are the only references, so removing the pins detaches them.
+    let no_inbound = CgroupGuard::new("bench-noin");
+    ic.attach_agent(no_inbound.cgroup(), &AgentConfig::loopback(PORT))?;
+    for name in INBOUND_PROGRAMS {
+        let pin = agent_link_pin(pins.path(), no_inbound.cgroup().id(), name);
+        std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+    }
+    check_inbound_programs(&topo, &agent, &no_inbound)?;
 
     // iptables baseline: NAT only port 8443 so the eBPF mode (port 443) is untouched by it.
     let ipt = Command::new("ip")
@@ -123,8 +134,14 @@ fn main() -> Result<()> {
         cgroup: Some(&agent),
         user: None,
     };
+    let no_inbound_at = Placement {
+        netns: Some(&topo.agent),
+        cgroup: Some(&no_inbound),
+        user: None,
+    };
     let direct_target = format!("127.0.0.1:{PORT}");
     let (mut direct, mut ebpf, mut iptables) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ebpf_no_inbound = Vec::new();
     for round in 0..ROUNDS {
         eprintln!("round {}/{ROUNDS}", round + 1);
         direct.push(sample(&client(
@@ -134,6 +151,10 @@ fn main() -> Result<()> {
         ebpf.push(sample(&client(
             &["bench-connect", "10.77.0.1:443", CONNECTIONS],
             &ebpf_at,
+        ))?);
+        ebpf_no_inbound.push(sample(&client(
+            &["bench-connect", "10.77.0.1:443", CONNECTIONS],
+            &no_inbound_at,
         ))?);
         if iptables_ok {
             iptables.push(sample(&client(
@@ -145,12 +166,39 @@ fn main() -> Result<()> {
     report(
         median(direct),
         median(ebpf),
+        median(ebpf_no_inbound),
         (!iptables.is_empty()).then(|| median(iptables)),
     );
     Ok(())
 }
 
-fn report(d: Sample, e: Sample, iptables: Option<Sample>) {
+/// The two cgroups really differ: a wildcard bind is rewritten to loopback only where the
+/// inbound programs are attached.
+fn check_inbound_programs(
+    topo: &Topology,
+    with: &CgroupGuard,
+    without: &CgroupGuard,
+) -> Result<()> {
+    for (cg, want) in [(with, "127.0.0.1:7999"), (without, "0.0.0.0:7999")] {
+        let at = Placement {
+            netns: Some(&topo.agent),
+            cgroup: Some(cg),
+            user: None,
+        };
+        let l = Listener::start(&["tcp", "0.0.0.0:7999", "--wait-ms", "0"], &at)
+            .map_err(|v| anyhow::anyhow!("listen: {v}"))?;
+        if l.local.to_string() != want {
+            bail!(
+                "inbound programs: expected a listener on {want}, got {}",
+                l.local
+            );
+        }
+        let _ = l.finish();
+    }
+    Ok(())
+}
+
+fn report(d: Sample, e: Sample, e_no_inbound: Sample, iptables: Option<Sample>) {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!("## Connection redirect (`cargo xtask bench redirect`)\n");
     println!(
@@ -173,6 +221,7 @@ fn report(d: Sample, e: Sample, iptables: Option<Sample>) {
     };
     row("direct", d);
     row("eBPF connect4 redirect (Paddock)", e);
+    row("same, without the inbound programs", e_no_inbound);
     if let Some(i) = iptables {
         row("iptables nat REDIRECT", i);
     } else {
@@ -183,6 +232,15 @@ fn report(d: Sample, e: Sample, iptables: Option<Sample>) {
          noise on this 2-vCPU VM is several us, so a small negative value means \"no measurable cost\".",
         e.p50_us - d.p50_us,
         d.p50_us,
+        e.p50_us
+    );
+    println!(
+        "\nInbound control (`bind4`/`bind6`, `cgroup_skb/ingress`, which sees every packet the \
+         agent receives, here all on loopback): {:.2}x the rate without it, p50 {:+.1} us \
+         ({:.1} -> {:.1} us).",
+        e.per_sec / e_no_inbound.per_sec,
+        e.p50_us - e_no_inbound.p50_us,
+        e_no_inbound.p50_us,
         e.p50_us
     );
 }
