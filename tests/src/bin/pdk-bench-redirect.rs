@@ -29,7 +29,7 @@ use serde_json::Value;
 
 const PORT: u16 = 15001;
 const CONNECTIONS: &str = "4000";
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 6;
 
 fn serve(listener: TcpListener) {
     std::thread::spawn(move || {
@@ -148,14 +148,20 @@ fn main() -> Result<()> {
             &["bench-connect", &direct_target, CONNECTIONS],
             &direct_at,
         ))?);
-        ebpf.push(sample(&client(
-            &["bench-connect", "10.77.0.1:443", CONNECTIONS],
-            &ebpf_at,
-        ))?);
-        ebpf_no_inbound.push(sample(&client(
-            &["bench-connect", "10.77.0.1:443", CONNECTIONS],
-            &no_inbound_at,
-        ))?);
+        // The two eBPF modes swap places every round, so neither always runs after the other.
+        let mut pair = [
+            (&mut ebpf, &ebpf_at),
+            (&mut ebpf_no_inbound, &no_inbound_at),
+        ];
+        if round % 2 == 1 {
+            pair.reverse();
+        }
+        for (samples, at) in pair {
+            samples.push(sample(&client(
+                &["bench-connect", "10.77.0.1:443", CONNECTIONS],
+                at,
+            ))?);
+        }
         if iptables_ok {
             iptables.push(sample(&client(
                 &["bench-connect", "10.77.0.1:8443", CONNECTIONS],
@@ -204,9 +210,14 @@ fn report(d: Sample, e: Sample, e_no_inbound: Sample, iptables: Option<Sample>) 
     println!(
         "Sequential connect + 1-byte reply to one listener in a private netns that asks \
          `SO_ORIGINAL_DST` on every accept; {CONNECTIONS} connections per round, median of \
-         {ROUNDS} interleaved rounds; kernel {}, {} CPUs.\n",
+         {ROUNDS} interleaved rounds (the two eBPF modes swap order every round); kernel {}, \
+         {} CPUs, load average {} when it ended.\n",
         kernel.trim(),
-        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| "unknown".into())
     );
     println!("| mode | connections/s | p50 (us) | p99 (us) | rate vs direct |");
     println!("|---|---:|---:|---:|---:|");
