@@ -83,14 +83,7 @@ fn main() -> Result<()> {
     ic.attach_proxy(&Cgroup::current()?)?;
     let agent = CgroupGuard::new("bench");
     ic.attach_agent(agent.cgroup(), &AgentConfig::loopback(PORT))?;
-    // The same interception without the inbound programs (bind4/6, cgroup_skb ingress): their
-    // pinned links are the only references, so removing the pins detaches them.
-    let no_inbound = CgroupGuard::new("bench-noin");
-    ic.attach_agent(no_inbound.cgroup(), &AgentConfig::loopback(PORT))?;
-    for name in INBOUND_PROGRAMS {
-        let pin = agent_link_pin(pins.path(), no_inbound.cgroup().id(), name);
-        std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
-    }
+    let no_inbound = attach_without_inbound(&mut ic, &pins)?;
     check_inbound_programs(&topo, &agent, &no_inbound)?;
 
     // iptables baseline: NAT only port 8443 so the eBPF mode (port 443) is untouched by it.
@@ -176,6 +169,18 @@ fn main() -> Result<()> {
         (!iptables.is_empty()).then(|| median(iptables)),
     );
     Ok(())
+}
+
+/// The same interception without the inbound programs (`bind4`/`bind6`, `cgroup_skb/ingress`): their
+/// pinned links are the only references, so removing the pins detaches them.
+fn attach_without_inbound(ic: &mut Interceptor, pins: &PinDir) -> Result<CgroupGuard> {
+    let cg = CgroupGuard::new("bench-noin");
+    ic.attach_agent(cg.cgroup(), &AgentConfig::loopback(PORT))?;
+    for name in INBOUND_PROGRAMS {
+        let pin = agent_link_pin(pins.path(), cg.cgroup().id(), name);
+        std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+    }
+    Ok(cg)
 }
 
 /// The two cgroups really differ: a wildcard bind is rewritten to loopback only where the
