@@ -12,14 +12,15 @@
 //!   proxy's DNS port with the reply's source restored.
 //! * `sock_create` (agent cgroups): only TCP and UDP inet sockets (plus unix and netlink).
 //! * `bind4`/`bind6` (agent cgroups): no listener on an outside address. Loopback binds and
-//!   binds to an allowed inbound port pass unchanged. A TCP bind to the wildcard address with
+//!   TCP binds to an allowed inbound port (any address) pass unchanged. A TCP bind to the wildcard address with
 //!   a fixed port (a server) is rewritten to the family's loopback: `0.0.0.0` to `127.0.0.1`,
 //!   `::ffff:0.0.0.0` to `::ffff:127.0.0.1`, `::` to `::1` (so a dual-stack `::` listener
 //!   then serves IPv6 loopback only: IPv4 clients of `127.0.0.1` are refused). Wildcard binds
 //!   with port 0 (a client choosing its source before `connect()`) and UDP wildcard binds pass
 //!   unchanged: a socket bound to loopback cannot reach a non-loopback resolver or bypassed
 //!   destination (`EINVAL`), and `ingress` keeps them closed to the outside anyway. Any other
-//!   address (the pod's or host's own) is refused.
+//!   address (the pod's or host's own) is refused; for UDP too, unless UDP is unblocked for
+//!   the cgroup. No config for the cgroup: every non-loopback bind is refused.
 //! * `ingress` (`cgroup_skb/ingress`, agent cgroups): binds alone cannot close inbound paths,
 //!   because `listen()` on an unbound socket and UDP `sendmsg()` autobind to the wildcard
 //!   without running a bind hook. Packets that arrive on loopback pass at once. From outside
