@@ -32,6 +32,8 @@ pub const MAX_CGROUPS: u32 = 4_096;
 pub const MAX_BYPASS: u32 = 16_384;
 /// How deep below an attached cgroup a process may sit and still find its config.
 pub const MAX_CGROUP_DEPTH: u32 = 16;
+/// How many TCP ports one agent cgroup may accept connections on from outside its namespace.
+pub const MAX_INBOUND_PORTS: usize = 8;
 
 /// `SOL_IP` / `SO_ORIGINAL_DST`, emulated by the `cgroup/getsockopt` program.
 pub const SOL_IP: i32 = 0;
@@ -65,6 +67,30 @@ pub struct CgroupConfig {
     pub bypass_mark: u32,
     /// Explicit padding; always zero.
     pub pad: u32,
+    /// TCP ports (host order) the cgroup may listen on for connections arriving from outside
+    /// its network namespace; 0 marks an unused slot. Every other listener stays loopback-only.
+    pub inbound_ports: [u16; MAX_INBOUND_PORTS],
+}
+
+impl CgroupConfig {
+    /// Whether `port` is one of the allowed inbound ports (0 never is: it marks free slots).
+    #[must_use]
+    #[inline]
+    pub fn inbound_allowed(&self, port: u16) -> bool {
+        if port == 0 {
+            return false;
+        }
+        // Unrolled by hand: a fixed-count loop the verifier accepts on any kernel.
+        let p = &self.inbound_ports;
+        p[0] == port
+            || p[1] == port
+            || p[2] == port
+            || p[3] == port
+            || p[4] == port
+            || p[5] == port
+            || p[6] == port
+            || p[7] == port
+    }
 }
 
 /// The destination a socket asked for before it was redirected.
@@ -172,10 +198,28 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(
             core::mem::size_of::<CgroupConfig>(),
-            16 + 16 + 4 + 4 + 2 * 4 + 4 + 4
+            16 + 16 + 4 + 4 + 2 * 4 + 4 + 4 + 2 * MAX_INBOUND_PORTS
+        );
+        // A multiple of the alignment: no trailing padding either.
+        assert_eq!(
+            core::mem::size_of::<CgroupConfig>() % core::mem::align_of::<CgroupConfig>(),
+            0
         );
         assert_eq!(core::mem::size_of::<OrigDst>(), 24);
         assert_eq!(core::mem::size_of::<SockKey>(), 48);
+    }
+
+    #[test]
+    fn inbound_ports_match_only_listed_nonzero_ports() {
+        let mut c = CgroupConfig::default();
+        assert!(!c.inbound_allowed(0), "free slots must not allow port 0");
+        assert!(!c.inbound_allowed(8080));
+        c.inbound_ports[0] = 8080;
+        c.inbound_ports[7] = 9090;
+        assert!(c.inbound_allowed(8080));
+        assert!(c.inbound_allowed(9090));
+        assert!(!c.inbound_allowed(0));
+        assert!(!c.inbound_allowed(8081));
     }
 
     #[test]

@@ -11,19 +11,36 @@
 //! * `sendmsg4/6`, `recvmsg4/6` (agent cgroups): UDP only to the resolver, optionally via the
 //!   proxy's DNS port with the reply's source restored.
 //! * `sock_create` (agent cgroups): only TCP and UDP inet sockets (plus unix and netlink).
+//! * `bind4`/`bind6` (agent cgroups): no listener on an outside address. Loopback binds and
+//!   TCP binds to an allowed inbound port (any address) pass unchanged. A TCP bind to the wildcard address with
+//!   a fixed port (a server) is rewritten to the family's loopback: `0.0.0.0` to `127.0.0.1`,
+//!   `::ffff:0.0.0.0` to `::ffff:127.0.0.1`, `::` to `::1` (so a dual-stack `::` listener
+//!   then serves IPv6 loopback only: IPv4 clients of `127.0.0.1` are refused). Wildcard binds
+//!   with port 0 (a client choosing its source before `connect()`) and UDP wildcard binds pass
+//!   unchanged: a socket bound to loopback cannot reach a non-loopback resolver or bypassed
+//!   destination (`EINVAL`), and `ingress` keeps them closed to the outside anyway. Any other
+//!   address (the pod's or host's own) is refused; for UDP too, unless UDP is unblocked for
+//!   the cgroup. No config for the cgroup: every non-loopback bind is refused.
+//! * `ingress` (`cgroup_skb/ingress`, agent cgroups): binds alone cannot close inbound paths,
+//!   because `listen()` on an unbound socket and UDP `sendmsg()` autobind to the wildcard
+//!   without running a bind hook. Packets that arrive on loopback pass at once. From outside
+//!   the namespace: a TCP listener gets packets only on an allowed inbound port; other TCP
+//!   sockets get theirs (their connection came from a `connect()` the hooks above let through,
+//!   or from a SYN this program let through); UDP gets only replies from the configured
+//!   resolver (or the proxy's DNS port), unless UDP is unblocked for the cgroup.
 //!
-//! Return values: 1 lets the operation proceed, 0 fails it with `EPERM`.
+//! Return values: 1 lets the operation (or packet) proceed, 0 fails it with `EPERM` (drops it).
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-        bpf_get_socket_cookie,
+        bpf_get_socket_cookie, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
-    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, cgroup_sockopt, map, sock_ops},
     maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
-    programs::{SockAddrContext, SockContext, SockOpsContext, SockoptContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::debug;
 use paddock_common::{
@@ -45,6 +62,13 @@ const SOCK_DGRAM: u32 = 2;
 const AF_UNIX: u32 = 1;
 const AF_NETLINK: u32 = 16;
 
+/// The loopback device has index 1 in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+/// `BPF_TCP_LISTEN`: the state of a listening socket in `struct bpf_sock`.
+const TCP_LISTEN: u32 = 10;
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+
 #[map]
 static CONFIG: HashMap<u64, CgroupConfig> = HashMap::pinned(MAX_CGROUPS, 0);
 
@@ -62,6 +86,16 @@ static ORIG_BY_TUPLE: LruHashMap<SockKey, OrigDst> = LruHashMap::pinned(DEFAULT_
 fn config() -> Option<(u64, &'static CgroupConfig)> {
     // SAFETY: helper without pointer arguments.
     let id = unsafe { bpf_get_current_cgroup_id() };
+    cgroup_config(id, |level| {
+        // SAFETY: helper without pointer arguments.
+        unsafe { bpf_get_current_ancestor_cgroup_id(level) }
+    })
+}
+
+/// The configuration of the cgroup `id`, or of its deepest configured ancestor (`ancestor`
+/// answers the id at a level below the root, 0 past the cgroup itself).
+#[inline(always)]
+fn cgroup_config(id: u64, ancestor: impl Fn(i32) -> u64) -> Option<(u64, &'static CgroupConfig)> {
     // SAFETY: map values are only read here; userspace replaces whole entries.
     if let Some(c) = unsafe { CONFIG.get(&id) } {
         return Some((id, c));
@@ -69,8 +103,7 @@ fn config() -> Option<(u64, &'static CgroupConfig)> {
     let mut found = None;
     let mut level = 1;
     while level < MAX_CGROUP_DEPTH as i32 {
-        // SAFETY: helper without pointer arguments.
-        let anc = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        let anc = ancestor(level);
         if anc == 0 {
             break;
         }
@@ -584,4 +617,217 @@ pub fn paddock_sock_create(ctx: SockContext) -> i32 {
         }
     }
     DENY
+}
+
+/// What a bind to a non-loopback address becomes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BindVerdict {
+    /// Leave it as asked.
+    Keep,
+    /// Bind the family's loopback address instead (same port).
+    Loopback,
+    /// Fail it with `EPERM`.
+    Refuse,
+}
+
+/// The policy shared by `bind4` and `bind6` for an address that is not loopback.
+#[inline(always)]
+fn bind_verdict(sa: *mut bpf_sock_addr, wildcard: bool) -> BindVerdict {
+    // An attached cgroup without configuration is a setup fault: refuse rather than open.
+    let Some((_, cfg)) = config() else {
+        return BindVerdict::Refuse;
+    };
+    let port = read_port(sa);
+    match protocol(sa) {
+        IPPROTO_TCP => {
+            if cfg.inbound_allowed(port) || (wildcard && port == 0) {
+                BindVerdict::Keep
+            } else if wildcard {
+                BindVerdict::Loopback
+            } else {
+                BindVerdict::Refuse
+            }
+        }
+        // UDP that is not blocked is open both ways anyway. Blocked UDP may bind the wildcard
+        // (a DNS client's socket must reach a non-loopback resolver); `ingress` drops what
+        // does not come from the resolver.
+        IPPROTO_UDP if wildcard || cfg.flags & FLAG_BLOCK_UDP == 0 => BindVerdict::Keep,
+        _ => BindVerdict::Refuse,
+    }
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn paddock_bind4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: context field read, checked by the verifier.
+    let ip = unsafe { (*sa).user_ip4 }.to_ne_bytes();
+    if ip[0] == 127 {
+        return ALLOW;
+    }
+    let wildcard = u32::from_ne_bytes(ip) == 0;
+    match bind_verdict(sa, wildcard) {
+        BindVerdict::Keep => ALLOW,
+        BindVerdict::Loopback => {
+            write_ip4(sa, u32::from_ne_bytes([127, 0, 0, 1]));
+            ALLOW
+        }
+        BindVerdict::Refuse => DENY,
+    }
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn paddock_bind6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let addr = read_ip6(sa);
+    let mapped = is_mapped_v4(&addr);
+    let mut lo6 = [0u8; 16];
+    lo6[15] = 1;
+    if eq16(&addr, &lo6) || (mapped && addr[12] == 127) {
+        return ALLOW;
+    }
+    let wildcard = is_zero16(&addr) || (mapped && mapped_tail(&addr) == 0);
+    match bind_verdict(sa, wildcard) {
+        BindVerdict::Keep => ALLOW,
+        BindVerdict::Loopback => {
+            if mapped {
+                write_ip6(sa, &mapped_v4([127, 0, 0, 1]));
+            } else {
+                write_ip6(sa, &lo6);
+            }
+            ALLOW
+        }
+        BindVerdict::Refuse => DENY,
+    }
+}
+
+/// Inbound control. The loopback test comes first and alone: it is the whole cost on the
+/// path every redirected connection takes (agent to proxy and back over `lo`).
+#[cgroup_skb(ingress)]
+pub fn paddock_ingress(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: context field read, checked by the verifier.
+    let ifindex = unsafe { core::ptr::read_volatile(&raw const (*skb).ifindex) };
+    if ifindex == LOOPBACK_IFINDEX {
+        return PASS;
+    }
+    ingress_from_outside(&ctx)
+}
+
+#[inline(always)]
+fn ingress_from_outside(ctx: &SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // The receiving socket's cgroup: the same walk as `config`, from the skb's socket.
+    // SAFETY: the context pointer is valid for the duration of the program.
+    let id = unsafe { bpf_skb_cgroup_id(skb) };
+    let Some((_, cfg)) = cgroup_config(id, |level| {
+        // SAFETY: as above.
+        unsafe { bpf_skb_ancestor_cgroup_id(skb, level) }
+    }) else {
+        return DROP;
+    };
+    // SAFETY: `sk` is the receiving socket (or null) in cgroup_skb programs; checked below and
+    // by the verifier, and narrowed to a full socket before its protocol is read.
+    let (protocol, state, local_port) = unsafe {
+        let sk = core::ptr::read_volatile(&raw const (*skb).__bindgen_anon_2.sk);
+        if sk.is_null() {
+            return DROP;
+        }
+        let full = bpf_sk_fullsock(sk);
+        if full.is_null() {
+            return DROP;
+        }
+        (
+            core::ptr::read_volatile(&raw const (*full).protocol),
+            core::ptr::read_volatile(&raw const (*full).state),
+            core::ptr::read_volatile(&raw const (*full).src_port),
+        )
+    };
+    match protocol {
+        IPPROTO_TCP => {
+            if state != TCP_LISTEN || cfg.inbound_allowed(local_port as u16) {
+                PASS
+            } else {
+                if cfg.flags & FLAG_DEBUG_LOG != 0 {
+                    debug!(
+                        ctx,
+                        "paddock: inbound connection to port {} dropped", local_port
+                    );
+                }
+                DROP
+            }
+        }
+        IPPROTO_UDP => {
+            if cfg.flags & FLAG_BLOCK_UDP == 0 || from_resolver(ctx, cfg) {
+                PASS
+            } else {
+                if cfg.flags & FLAG_DEBUG_LOG != 0 {
+                    debug!(
+                        ctx,
+                        "paddock: inbound datagram to port {} dropped", local_port
+                    );
+                }
+                DROP
+            }
+        }
+        _ => DROP,
+    }
+}
+
+/// Whether a datagram's source (read from its IP and UDP headers: an unconnected socket has
+/// no peer to compare with) is the resolver, or the proxy's DNS port when DNS is redirected.
+#[inline(always)]
+fn from_resolver(ctx: &SkBuffContext, cfg: &CgroupConfig) -> bool {
+    // The data starts at the network header in cgroup_skb programs.
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return false;
+    };
+    let (src, udp_offset, v4) = match first >> 4 {
+        4 => {
+            let Ok(proto) = ctx.load::<u8>(9) else {
+                return false;
+            };
+            let Ok(src) = ctx.load::<[u8; 4]>(12) else {
+                return false;
+            };
+            if u32::from(proto) != IPPROTO_UDP {
+                return false;
+            }
+            (mapped_v4(src), usize::from(first & 0x0f) * 4, true)
+        }
+        6 => {
+            // A reply with extension headers is not followed: it is dropped.
+            let Ok(next) = ctx.load::<u8>(6) else {
+                return false;
+            };
+            let Ok(src) = ctx.load::<[u8; 16]>(8) else {
+                return false;
+            };
+            if u32::from(next) != IPPROTO_UDP {
+                return false;
+            }
+            (src, 40, false)
+        }
+        _ => return false,
+    };
+    let Ok(sport) = ctx.load::<[u8; 2]>(udp_offset) else {
+        return false;
+    };
+    let sport = u16::from_be_bytes(sport);
+    let (resolver, proxy) = if v4 {
+        (mapped_v4(cfg.dns_ip4), mapped_v4(cfg.proxy_ip4))
+    } else {
+        (cfg.dns_ip6, cfg.proxy_ip6)
+    };
+    let resolver_set = if v4 {
+        u32::from_ne_bytes(cfg.dns_ip4) != 0
+    } else {
+        !is_zero16(&cfg.dns_ip6)
+    };
+    if resolver_set && sport == cfg.dns_port && eq16(&src, &resolver) {
+        return true;
+    }
+    cfg.flags & FLAG_DNS_REDIRECT != 0
+        && cfg.dns_redirect_port != 0
+        && sport == cfg.dns_redirect_port
+        && eq16(&src, &proxy)
 }

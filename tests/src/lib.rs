@@ -8,6 +8,7 @@ pub mod echo_api;
 pub mod files;
 pub mod git_server;
 pub mod h2_api;
+pub mod inbound;
 pub mod names;
 pub mod netns;
 pub mod pins;

@@ -21,6 +21,10 @@ pub const AGENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 2);
 pub struct Topology {
     pub agent: Netns,
     pub upstream: Netns,
+    /// The veth end inside `agent`.
+    pub agent_link: String,
+    /// The veth end inside `upstream`.
+    pub upstream_link: String,
 }
 
 impl Topology {
@@ -64,7 +68,12 @@ impl Topology {
             "nodad",
         ]);
         upstream.ip(&["link", "set", &vu, "up"]);
-        Self { agent, upstream }
+        Self {
+            agent,
+            upstream,
+            agent_link: va,
+            upstream_link: vu,
+        }
     }
 }
 

@@ -154,6 +154,10 @@ struct AttachArgs {
     /// Emit eBPF debug logs for this cgroup's decisions.
     #[arg(long)]
     debug_log: bool,
+    /// TCP port the agent may accept connections on from outside its network namespace
+    /// (repeat, at most 8). Without one, every listener of the cgroup is loopback-only.
+    #[arg(long = "inbound-port", value_name = "PORT")]
+    inbound_ports: Vec<u16>,
     /// Bound of each original-destination LRU map (applies when the maps are first created).
     #[arg(long, default_value_t = paddock_common::DEFAULT_ORIG_ENTRIES)]
     orig_entries: u32,
@@ -256,6 +260,7 @@ fn ebpf_command(cmd: EbpfCommand) -> Result<()> {
                 bypass_mark: a.bypass_mark,
                 block_udp: !a.allow_udp,
                 debug_log: a.debug_log,
+                inbound_ports: a.inbound_ports,
             };
             cfg.validate().context("invalid interception settings")?;
             let cgroup = Cgroup::open(&a.cgroup)?;
@@ -286,12 +291,21 @@ fn ebpf_command(cmd: EbpfCommand) -> Result<()> {
             Ok(())
         }
         EbpfCommand::Status { pin_dir } => {
-            let ids = ebpf::attached_agents(&pin_dir);
-            if ids.is_empty() {
+            let agents = ebpf::agent_status(&pin_dir)?;
+            if agents.is_empty() {
                 println!("no intercepted cgroups under {}", pin_dir.display());
             }
-            for id in ids {
-                println!("agent cgroup id {id}");
+            for a in agents {
+                let inbound = match (&a.config, a.inbound_ports()) {
+                    (None, _) => "no config (refuses everything)".to_owned(),
+                    (Some(_), ports) if ports.is_empty() => "none (loopback only)".to_owned(),
+                    (Some(_), ports) => ports
+                        .iter()
+                        .map(u16::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                };
+                println!("agent cgroup id {}: inbound ports {inbound}", a.cgroup_id);
             }
             Ok(())
         }

@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use ipnet::IpNet;
 use paddock_common::{
     BYPASS_ID_BITS, BypassKeyData, CgroupConfig, FLAG_BLOCK_UDP, FLAG_DEBUG_LOG, FLAG_DNS_REDIRECT,
-    FLAG_INTERCEPT_TCP, bypass_key_data, mapped_v4,
+    FLAG_INTERCEPT_TCP, MAX_INBOUND_PORTS, bypass_key_data, mapped_v4,
 };
 use serde::Deserialize;
 
@@ -39,6 +39,13 @@ pub struct AgentConfig {
     /// Emit per-decision eBPF debug logs (costly; off by default).
     #[serde(default)]
     pub debug_log: bool,
+    /// TCP ports the agent may accept connections on from outside its network namespace (at
+    /// most [`MAX_INBOUND_PORTS`], none 0). Every other listener is loopback-only: wildcard
+    /// binds become loopback binds, other outside addresses are refused, and packets from
+    /// outside for any other listener are dropped. UDP is never published (UDP egress is DNS
+    /// only, so a UDP service could not answer).
+    #[serde(default)]
+    pub inbound_ports: Vec<u16>,
 }
 
 fn default_proxy_v4() -> Ipv4Addr {
@@ -62,6 +69,31 @@ pub enum ConfigError {
     RedirectWithoutDns,
     #[error("bypass_mark must not be 0 (0 means unmarked)")]
     ZeroMark,
+    #[error("inbound_ports: port 0 cannot be published")]
+    ZeroInboundPort,
+    #[error("inbound_ports: at most {max} distinct ports (got {got})", max = MAX_INBOUND_PORTS)]
+    TooManyInboundPorts { got: usize },
+}
+
+/// Check a list of inbound ports (duplicates count once).
+pub fn validate_inbound_ports(ports: &[u16]) -> Result<(), ConfigError> {
+    if ports.contains(&0) {
+        return Err(ConfigError::ZeroInboundPort);
+    }
+    let distinct = distinct_ports(ports);
+    if distinct.len() > MAX_INBOUND_PORTS {
+        return Err(ConfigError::TooManyInboundPorts {
+            got: distinct.len(),
+        });
+    }
+    Ok(())
+}
+
+fn distinct_ports(ports: &[u16]) -> Vec<u16> {
+    let mut v = ports.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 impl AgentConfig {
@@ -78,6 +110,7 @@ impl AgentConfig {
             bypass_mark: None,
             block_udp: true,
             debug_log: false,
+            inbound_ports: Vec::new(),
         }
     }
 
@@ -100,7 +133,7 @@ impl AgentConfig {
         if self.bypass_mark == Some(0) {
             return Err(ConfigError::ZeroMark);
         }
-        Ok(())
+        validate_inbound_ports(&self.inbound_ports)
     }
 
     /// The map value for this cgroup.
@@ -125,6 +158,13 @@ impl AgentConfig {
             bypass_mark: self.bypass_mark.unwrap_or(0),
             ..CgroupConfig::default()
         };
+        for (slot, port) in out
+            .inbound_ports
+            .iter_mut()
+            .zip(distinct_ports(&self.inbound_ports))
+        {
+            *slot = port;
+        }
         for d in &self.dns {
             out.dns_port = d.port();
             match d.ip() {
@@ -162,6 +202,31 @@ mod tests {
         assert_eq!(c.proxy_port, 15001);
         assert_eq!(c.flags, FLAG_INTERCEPT_TCP | FLAG_BLOCK_UDP);
         assert_eq!(c.pad, 0);
+        assert_eq!(
+            c.inbound_ports, [0; MAX_INBOUND_PORTS],
+            "nothing published by default"
+        );
+    }
+
+    #[test]
+    fn inbound_ports_are_encoded_once_each_and_validated() {
+        let mut a = AgentConfig::loopback(15001);
+        a.inbound_ports = vec![9090, 8080, 9090];
+        let c = a.encode().expect("valid");
+        assert_eq!(c.inbound_ports, [8080, 9090, 0, 0, 0, 0, 0, 0]);
+        assert!(c.inbound_allowed(8080) && c.inbound_allowed(9090));
+        assert!(!c.inbound_allowed(0));
+
+        a.inbound_ports = (1..=8).collect();
+        assert_eq!(a.encode().expect("eight fit").inbound_ports[7], 8);
+        a.inbound_ports.push(9);
+        assert_eq!(
+            a.validate(),
+            Err(ConfigError::TooManyInboundPorts { got: 9 })
+        );
+        assert!(a.encode().is_err());
+        a.inbound_ports = vec![80, 0];
+        assert_eq!(a.validate(), Err(ConfigError::ZeroInboundPort));
     }
 
     #[test]
@@ -230,9 +295,11 @@ mod tests {
     #[test]
     fn parses_from_toml_and_rejects_unknown_fields() {
         let a: AgentConfig = toml::from_str(
-            "proxy_port = 15001\ndns = [\"10.0.0.53:53\"]\nbypass = [\"192.168.0.0/16\"]\n",
+            "proxy_port = 15001\ndns = [\"10.0.0.53:53\"]\nbypass = [\"192.168.0.0/16\"]\n\
+             inbound_ports = [8080]\n",
         )
         .expect("parse");
+        assert_eq!(a.inbound_ports, vec![8080]);
         assert_eq!(a.proxy_v4, Ipv4Addr::LOCALHOST);
         assert!(a.block_udp);
         assert_eq!(a.bypass.len(), 1);

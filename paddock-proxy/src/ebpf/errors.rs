@@ -72,6 +72,11 @@ pub fn kernel_hint(text: &str) -> Option<&'static str> {
         Some("the kernel needs BTF (CONFIG_DEBUG_INFO_BTF=y)")
     } else if t.contains("bpf_link_create") && t.contains("invalid argument") {
         Some("cgroup BPF links need Linux 5.7 or newer with CONFIG_CGROUP_BPF=y")
+    } else if t.contains("invalid access to map value") {
+        Some(
+            "the pinned maps may come from an older Paddock with another layout: run \
+             `paddock-proxy ebpf teardown --pin-dir DIR`, then attach again",
+        )
     } else if t.contains("function not implemented") {
         Some("the kernel was built without BPF syscall support (CONFIG_BPF_SYSCALL=y)")
     } else {
@@ -144,6 +149,11 @@ mod tests {
             kernel_hint("no BTF found for kernel")
                 .unwrap_or("")
                 .contains("BTF")
+        );
+        assert!(
+            kernel_hint("invalid access to map value, value_size=56 off=56 size=2")
+                .unwrap_or("")
+                .contains("teardown")
         );
         assert!(kernel_hint("all good").is_none());
     }

@@ -7,6 +7,12 @@
 //! links/agent-<cgroup id>/<program>                                    one set per agent cgroup
 //! ```
 //!
+//! Every agent cgroup gets the egress programs (connect, sendmsg, recvmsg, getpeername,
+//! sockops, `sock_create`) and the inbound ones: `bind4`/`bind6` keep listeners off outside
+//! addresses and `cgroup_skb/ingress` drops what arrives from outside the namespace for a
+//! listener or UDP socket, except on [`AgentConfig::inbound_ports`] and DNS replies (see
+//! `paddock-ebpf/src/programs.rs` for the exact semantics).
+//!
 //! Maps and agent links are pinned, so interception survives a proxy restart and a restarted
 //! loader finds the same maps; [`Interceptor::detach_agent`] and [`teardown`] remove them. The
 //! `getsockopt` link serves the proxy's own accepted sockets and lives as long as the process
@@ -25,8 +31,8 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key},
-    programs::{CgroupAttachMode, Program, links::FdLink},
+    maps::{HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSkbAttachType, Program, links::FdLink},
 };
 use paddock_common::{BypassKeyData, CgroupConfig};
 
@@ -60,7 +66,12 @@ const AGENT_PROGRAMS: &[&str] = &[
     "paddock_getpeername4",
     "paddock_getpeername6",
     "paddock_sockops",
+    "paddock_bind4",
+    "paddock_bind6",
+    "paddock_ingress",
 ];
+/// The inbound-control programs among those attached to every agent cgroup.
+pub const INBOUND_PROGRAMS: &[&str] = &["paddock_bind4", "paddock_bind6", "paddock_ingress"];
 /// Program attached to the proxy's cgroup.
 const PROXY_PROGRAM: &str = "paddock_getsockopt";
 
@@ -72,6 +83,13 @@ pub fn map_pin_path(pin_dir: &Path, map: &str) -> PathBuf {
 
 fn agent_link_dir(pin_dir: &Path, cgroup_id: u64) -> PathBuf {
     pin_dir.join("links").join(format!("agent-{cgroup_id}"))
+}
+
+/// Where the link of `program` on agent cgroup `cgroup_id` is pinned. Removing that file
+/// detaches the program from the cgroup (nothing else holds agent links).
+#[must_use]
+pub fn agent_link_pin(pin_dir: &Path, cgroup_id: u64, program: &str) -> PathBuf {
+    agent_link_dir(pin_dir, cgroup_id).join(program)
 }
 
 /// Load-time options.
@@ -146,6 +164,7 @@ impl Interceptor {
                 Program::CgroupSock(p) => p.load(),
                 Program::CgroupSockopt(p) => p.load(),
                 Program::SockOps(p) => p.load(),
+                Program::CgroupSkb(p) => p.load(),
                 _ => return Err(EbpfError::MissingProgram(name)),
             };
             res.map_err(|e| EbpfError::program(name, &e))?;
@@ -228,6 +247,13 @@ impl Interceptor {
                 let l = p.take_link(id).map_err(|e| EbpfError::attach(name, &e))?;
                 FdLink::try_from(l).map_err(|e| EbpfError::attach_link(name, &e))?
             }
+            Program::CgroupSkb(p) => {
+                let id = p
+                    .attach(cgroup, CgroupSkbAttachType::Ingress, mode)
+                    .map_err(|e| EbpfError::attach(name, &e))?;
+                let l = p.take_link(id).map_err(|e| EbpfError::attach(name, &e))?;
+                FdLink::try_from(l).map_err(|e| EbpfError::attach_link(name, &e))?
+            }
             _ => return Err(EbpfError::MissingProgram(name)),
         };
         Ok(link)
@@ -269,7 +295,7 @@ impl Interception for Interceptor {
         })?;
         let fd = open_cgroup(cgroup)?;
         for name in AGENT_PROGRAMS {
-            let pin = dir.join(name);
+            let pin = agent_link_pin(&self.pin_dir, cgroup.id(), name);
             if pin.exists() {
                 continue;
             }
@@ -342,4 +368,75 @@ pub fn attached_agents(pin_dir: &Path) -> Vec<u64> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.strip_prefix("agent-")?.parse().ok())
         .collect()
+}
+
+/// An intercepted agent cgroup as the pinned maps describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentStatus {
+    /// The cgroup id (inode number of its directory).
+    pub cgroup_id: u64,
+    /// What its programs read; `None` when the links exist without config (everything that
+    /// needs the config is then refused).
+    pub config: Option<CgroupConfig>,
+}
+
+impl AgentStatus {
+    /// The allowed inbound ports, in slot order, without free slots.
+    #[must_use]
+    pub fn inbound_ports(&self) -> Vec<u16> {
+        self.config
+            .map(|c| c.inbound_ports.into_iter().filter(|&p| p != 0).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Agent cgroups with pinned links under `pin_dir` and the config each has in the pinned
+/// `CONFIG` map (read without loading any program).
+pub fn agent_status(pin_dir: &Path) -> Result<Vec<AgentStatus>, EbpfError> {
+    let ids = attached_agents(pin_dir);
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let path = map_pin_path(pin_dir, MAP_CONFIG);
+    let data = MapData::from_pin(&path).map_err(|e| EbpfError::map(MAP_CONFIG, &e))?;
+    let map: BpfHashMap<MapData, u64, CgroupConfig> = BpfHashMap::try_from(Map::HashMap(data))
+        .map_err(|e| match e {
+            MapError::InvalidValueSize { .. } => EbpfError::Map {
+                map: MAP_CONFIG,
+                reason: format!(
+                    "{e}: pinned by a Paddock version with another layout (run `paddock-proxy \
+                     ebpf teardown` and attach again)"
+                ),
+            },
+            e => EbpfError::map(MAP_CONFIG, &e),
+        })?;
+    ids.into_iter()
+        .map(|cgroup_id| match map.get(&cgroup_id, 0) {
+            Ok(c) => Ok(AgentStatus {
+                cgroup_id,
+                config: Some(c),
+            }),
+            Err(MapError::KeyNotFound) => Ok(AgentStatus {
+                cgroup_id,
+                config: None,
+            }),
+            Err(e) => Err(EbpfError::map(MAP_CONFIG, &e)),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_programs_are_attached_to_every_agent() {
+        for p in INBOUND_PROGRAMS {
+            assert!(AGENT_PROGRAMS.contains(p), "{p}");
+        }
+        assert_eq!(
+            agent_link_pin(Path::new("/p"), 7, "paddock_ingress"),
+            Path::new("/p/links/agent-7/paddock_ingress")
+        );
+    }
 }

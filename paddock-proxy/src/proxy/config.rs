@@ -53,6 +53,9 @@
 //! # pin_dir = "/sys/fs/bpf/paddock"
 //! # agent_cgroups = ["/sys/fs/cgroup/agents/run-42"]
 //! # dns = ["10.0.0.10:53"]          # the resolver(s) the agents' DNS is addressed to
+//! # inbound_ports = [8080]         # TCP ports the agents may be reached on from outside
+//! #                                # their namespace (at most 8); default none: every
+//! #                                # listener of an agent cgroup is loopback-only
 //!
 //! # [dns]                           # the proxy's DNS server (see `crate::dns`)
 //! # listen = ["127.0.0.1:15053", "[::1]:15053"]   # UDP; one port, on the transparent
@@ -413,6 +416,10 @@ pub struct EbpfConfig {
     /// Resolvers the agents may send DNS to.
     #[serde(default)]
     pub dns: Vec<SocketAddr>,
+    /// TCP ports the agents may accept connections on from outside their network namespace
+    /// (see [`crate::ebpf::AgentConfig::inbound_ports`]); none by default.
+    #[serde(default)]
+    pub inbound_ports: Vec<u16>,
 }
 
 fn default_pin_dir() -> PathBuf {
@@ -478,6 +485,7 @@ impl ServeConfig {
                 pin_dir: pin_dir.to_path_buf(),
                 agent_cgroups: vec![cgroup.to_path_buf()],
                 dns: dns.to_vec(),
+                inbound_ports: Vec::new(),
             }),
             dns: None,
         }
@@ -496,6 +504,16 @@ impl ServeConfig {
         self.network.nameservers = nameservers.to_vec();
         self.network.use_hosts_file = use_hosts_file;
         self.network.bypass_mark = bypass_mark;
+        self
+    }
+
+    /// Let the agent cgroups accept TCP connections from outside their namespace on these
+    /// ports (`run --publish`); no-op without an `[ebpf]` section.
+    #[must_use]
+    pub fn with_inbound_ports(mut self, ports: &[u16]) -> Self {
+        if let Some(e) = &mut self.ebpf {
+            e.inbound_ports = ports.to_vec();
+        }
         self
     }
 
@@ -554,6 +572,10 @@ impl ServeConfig {
             && self.listen.transparent.is_empty()
         {
             return invalid("ebpf.agent_cgroups needs a transparent listener");
+        }
+        if let Some(ebpf) = &self.ebpf {
+            crate::ebpf::config::validate_inbound_ports(&ebpf.inbound_ports)
+                .map_err(|e| ConfigError::Invalid(format!("ebpf.{e}")))?;
         }
         match (&self.policy.file, &self.broker) {
             (None, None) => {
@@ -866,5 +888,38 @@ file = "/tmp/policy.toml"
         assert_eq!(redirect_port(&t, &r, &s).ok(), Some(Some(15053)));
         assert_eq!(redirect_port(&t, &[], &s).ok(), Some(None));
         assert_eq!(redirect_port(&t, &r, &[]).ok(), Some(None));
+    }
+
+    #[test]
+    fn ebpf_inbound_ports_are_parsed_and_validated() {
+        let with = |ports: &str| {
+            format!(
+                "{MINIMAL}[ebpf]\nagent_cgroups = [\"/sys/fs/cgroup/a\"]\ninbound_ports = {ports}\n"
+            )
+        };
+        let cfg = ServeConfig::from_toml_str(&with("[8080, 9090]")).expect("two ports");
+        assert_eq!(
+            cfg.ebpf.as_ref().map(|e| e.inbound_ports.clone()),
+            Some(vec![8080, 9090])
+        );
+        let none = ServeConfig::from_toml_str(&format!(
+            "{MINIMAL}[ebpf]\nagent_cgroups = [\"/sys/fs/cgroup/a\"]\n"
+        ))
+        .expect("default");
+        assert_eq!(none.ebpf.map(|e| e.inbound_ports), Some(Vec::new()));
+        let err = ServeConfig::from_toml_str(&with("[0]")).expect_err("port 0");
+        assert!(err.to_string().contains("ebpf.inbound_ports"), "{err}");
+        let err =
+            ServeConfig::from_toml_str(&with("[1, 2, 3, 4, 5, 6, 7, 8, 9]")).expect_err("nine");
+        assert!(err.to_string().contains("at most 8"), "{err}");
+    }
+
+    #[test]
+    fn local_run_publishes_nothing_until_asked() {
+        let p = Path::new("/x");
+        let cfg = ServeConfig::local_run("r", 15001, p, p, p, p, &[]);
+        assert_eq!(cfg.ebpf.as_ref().map(|e| e.inbound_ports.len()), Some(0));
+        let cfg = cfg.with_inbound_ports(&[3000]);
+        assert_eq!(cfg.ebpf.map(|e| e.inbound_ports), Some(vec![3000]));
     }
 }

@@ -494,6 +494,7 @@ pub fn agent_config(
         bypass_mark: cfg.network.bypass_mark,
         block_udp: true,
         debug_log: false,
+        inbound_ports: e.inbound_ports.clone(),
     };
     agent.validate()?;
     Ok(Some(agent))

@@ -8,11 +8,19 @@
 //! pdk-client bench-connect TARGET COUNT
 //! pdk-client dns SERVER NAME TYPE     (one query; TYPE: A, AAAA, TXT, ...)
 //! pdk-client dns-flood SERVER COUNT SUFFIX   (COUNT queries for distinct names under SUFFIX)
+//! pdk-client listen tcp|udp ADDR|none [--family 4|6] [--dualstack] [--send-to ADDR]
+//!                   [--count N] [--wait-ms MS]
 //! ```
-//! Every network wait is bounded (5 s).
+//! Every network wait is bounded (5 s; `listen` waits at most `--wait-ms`, default 10 s).
+//!
+//! `listen` prints two lines: first `{"ok":true,"local":ADDR,...}` once the socket is bound
+//! (`none`: not bound, so `listen()` or `--send-to` autobinds it) and listening, or
+//! `{"ok":false,"stage":...,"errno":N}`; then what arrived: TCP connections (each sends one
+//! line and gets `echo:LINE` back) until `--count` of them, UDP datagrams until one reads
+//! `end`, or the wait is over.
 
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::{BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
@@ -334,10 +342,138 @@ fn bench_connect(target: SocketAddr, count: u32) -> Value {
     json!({"count": lat.len(), "errors": errors, "p50_us": pct(0.5), "p99_us": pct(0.99), "per_sec": rate})
 }
 
+struct ListenArgs {
+    udp: bool,
+    addr: Option<SocketAddr>,
+    v6: bool,
+    dualstack: bool,
+    send_to: Option<SocketAddr>,
+    count: usize,
+    wait: Duration,
+}
+
+fn stage_err(stage: &str, e: &std::io::Error) -> Value {
+    json!({"ok": false, "stage": stage, "error": e.to_string(), "errno": errno(e)})
+}
+
+fn listen(a: &ListenArgs) -> Value {
+    let domain = match a.addr {
+        Some(addr) => Domain::for_address(addr),
+        None if a.v6 => Domain::IPV6,
+        None => Domain::IPV4,
+    };
+    let (ty, proto) = if a.udp {
+        (Type::DGRAM, Protocol::UDP)
+    } else {
+        (Type::STREAM, Protocol::TCP)
+    };
+    let s = match Socket::new(domain, ty, Some(proto)) {
+        Ok(s) => s,
+        Err(e) => return stage_err("socket", &e),
+    };
+    if a.dualstack
+        && let Err(e) = s.set_only_v6(false)
+    {
+        return stage_err("dualstack", &e);
+    }
+    if let Some(addr) = a.addr
+        && let Err(e) = s.bind(&addr.into())
+    {
+        return stage_err("bind", &e);
+    }
+    let mut send = Value::Null;
+    if a.udp {
+        if let Some(to) = a.send_to {
+            send = match s.send_to(b"query", &to.into()) {
+                Ok(_) => json!({"ok": true}),
+                Err(e) => err_json(&e),
+            };
+        }
+    } else if let Err(e) = s.listen(16) {
+        return stage_err("listen", &e);
+    }
+    let local = s
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.to_string());
+    println!("{}", json!({"ok": true, "local": local, "send": send}));
+    let deadline = Instant::now() + a.wait;
+    let remaining = || deadline.saturating_duration_since(Instant::now());
+    let mut got = Vec::new();
+    if a.udp {
+        let sock: UdpSocket = s.into();
+        let mut buf = [0u8; 512];
+        while !remaining().is_zero() {
+            if sock.set_read_timeout(Some(remaining())).is_err() {
+                break;
+            }
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                break;
+            };
+            let data = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let end = data == "end";
+            got.push(json!({"from": from.to_string(), "data": data}));
+            if end {
+                break;
+            }
+        }
+        return json!({"received": got});
+    }
+    while got.len() < a.count && !remaining().is_zero() {
+        if s.set_read_timeout(Some(remaining())).is_err() {
+            break;
+        }
+        let Ok((conn, peer)) = s.accept() else {
+            break;
+        };
+        let stream: TcpStream = conn.into();
+        let _ = stream.set_read_timeout(Some(WAIT));
+        let mut line = String::new();
+        let _ = BufReader::new(&stream).read_line(&mut line);
+        let line = line.trim_end().to_owned();
+        let _ = (&stream).write_all(format!("echo:{line}\n").as_bytes());
+        got.push(json!({"peer": peer.as_socket().map(|p| p.to_string()), "got": line}));
+    }
+    json!({"accepted": got})
+}
+
+fn listen_args(args: &[String]) -> ListenArgs {
+    let udp = match args.get(1).map(String::as_str) {
+        Some("tcp") => false,
+        Some("udp") => true,
+        other => {
+            eprintln!("pdk-client listen: tcp or udp, not {other:?}");
+            std::process::exit(2)
+        }
+    };
+    let addr = match args.get(2).map(String::as_str) {
+        Some("none") => None,
+        Some(a) => Some(parse(a, "address")),
+        None => {
+            eprintln!("pdk-client listen: missing address (or none)");
+            std::process::exit(2)
+        }
+    };
+    ListenArgs {
+        udp,
+        addr,
+        v6: flag_value(args, "--family") == Some("6"),
+        dualstack: args.iter().any(|a| a == "--dualstack"),
+        send_to: flag_value(args, "--send-to").map(|t| parse(t, "send-to")),
+        count: flag_value(args, "--count").map_or(1, |c| parse(c, "count")),
+        wait: Duration::from_millis(
+            flag_value(args, "--wait-ms").map_or(10_000, |w| parse(w, "wait-ms")),
+        ),
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
-        eprintln!("usage: pdk-client tcp|tcp-many|udp|sockets|bench-connect|dns|dns-flood ...");
+        eprintln!(
+            "usage: pdk-client tcp|tcp-many|udp|sockets|bench-connect|dns|dns-flood|listen ..."
+        );
         std::process::exit(2);
     };
     let arg = |i: usize| -> &str {
@@ -368,6 +504,7 @@ fn main() {
         "bench-connect" => bench_connect(parse(arg(1), "target"), parse(arg(2), "count")),
         "dns" => dns(parse(arg(1), "server"), arg(2), arg(3)),
         "dns-flood" => dns_flood(parse(arg(1), "server"), parse(arg(2), "count"), arg(3)),
+        "listen" => listen(&listen_args(&args)),
         other => {
             eprintln!("pdk-client: unknown command {other}");
             std::process::exit(2)
