@@ -266,9 +266,8 @@ async fn none_and_hmac_tokens_never_verify() {
         for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
             let mut header = Header::new(alg);
             header.kid = Some("k1".to_owned());
-            let token =
-                jsonwebtoken::encode(&header, &issuer.claims(), &EncodingKey::from_secret(secret))
-                    .expect("sign hmac");
+            let hmac = EncodingKey::from_secret(secret).expect("hmac key");
+            let token = jsonwebtoken::encode(&header, &issuer.claims(), &hmac).expect("sign hmac");
             let err = rejected(&auth, &token).await;
             assert!(
                 matches!(err, AuthError::Unauthenticated(_)),
