@@ -1,6 +1,5 @@
 //! Placeholder bearers: `pdk-<provider>-<48 hex>` from a CSPRNG, stored only as SHA-256.
 
-use rand::Rng;
 use sha2::{Digest, Sha256};
 
 use crate::secrets::Secret;
@@ -13,7 +12,7 @@ const RANDOM_HEX: usize = 48;
 pub fn generate(provider: &str) -> Secret {
     let mut bytes = [0_u8; RANDOM_HEX / 2];
     // ThreadRng is a ChaCha-based CSPRNG seeded and periodically reseeded from the OS.
-    rand::rng().fill(&mut bytes[..]);
+    rand::fill(&mut bytes[..]);
     Secret::new(format!("{PREFIX}{provider}-{}", hex::encode(bytes)))
 }
 
@@ -27,7 +26,7 @@ pub fn hash(bearer: &str) -> [u8; 32] {
 #[must_use]
 pub fn lease_id() -> String {
     let mut bytes = [0_u8; 12];
-    rand::rng().fill(&mut bytes[..]);
+    rand::fill(&mut bytes[..]);
     format!("lse-{}", hex::encode(bytes))
 }
 

@@ -22,7 +22,6 @@ use paddock_broker::{
     server,
     store::Store,
 };
-use rand::Rng;
 
 #[derive(Parser, Debug)]
 #[command(name = "paddock-broker", version, about = "Paddock credential broker")]
@@ -207,7 +206,7 @@ fn keys_add(file: &Path, id: &str, namespace: &str, scopes: &[String]) -> anyhow
         bail!("key id {id:?} already exists in {}", file.display());
     }
     let mut bytes = [0_u8; 32];
-    rand::rng().fill(&mut bytes[..]);
+    rand::fill(&mut bytes[..]);
     let key = format!("pbk_{}", hex::encode(bytes));
     let line = format_line(id, &hash_key(&key), namespace, &scopes);
     let mut f = std::fs::OpenOptions::new()

@@ -1,6 +1,7 @@
 //! `cargo xtask`: set-up, eBPF build, the whole test suite, benchmarks and the demo.
 
 mod bench;
+mod deny;
 mod setup;
 mod util;
 
@@ -22,9 +23,12 @@ enum Command {
     Setup,
     /// Build the eBPF object (with BTF) that paddock-proxy embeds.
     BuildEbpf,
+    /// cargo-deny: licenses, duplicate versions, sources; advisories when a database is at
+    /// hand (`PADDOCK_ADVISORY_DB=<git copy of rustsec/advisory-db>`, or GitHub reachable).
+    Deny,
     /// Set-up, eBPF build, lints and the whole test suite (unprivileged and root tiers).
     Test {
-        /// Skip clippy and rustfmt checks.
+        /// Skip the lint phase (rustfmt, cargo-deny, clippy).
         #[arg(long)]
         no_lint: bool,
         /// Extra arguments for `cargo test` (after `--`).
@@ -44,6 +48,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Setup => setup::run_setup(),
         Command::BuildEbpf => build_ebpf(),
+        Command::Deny => deny::run_deny(),
         Command::Test { no_lint, args } => test(no_lint, &args),
         Command::Bench { which } => {
             setup::run_setup()?;
@@ -102,6 +107,7 @@ fn test(no_lint: bool, extra: &[String]) -> Result<()> {
     build_ebpf()?;
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"])).context("rustfmt: run `cargo fmt --all`")?;
+        deny::run_deny()?;
         run(cargo().args([
             "clippy",
             "--workspace",

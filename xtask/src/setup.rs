@@ -23,6 +23,10 @@ pub const APT_PACKAGES: &[&str] = &[
 
 /// bpf-linker version known to work with nightly's LLVM here.
 const BPF_LINKER: &str = "0.10.4";
+/// cargo-deny for `cargo xtask deny` (`deny.toml` uses its 0.20 format; builds with rustc
+/// 1.88+). No prebuilt download (GitHub is unreachable here): `cargo install` compiles it,
+/// measured 12m53s wall / 4m44s CPU on the 2 shared cores under other builds' load.
+const CARGO_DENY: &str = "0.20.2";
 
 fn apt_missing() -> Vec<&'static str> {
     APT_PACKAGES
@@ -103,6 +107,24 @@ fn ensure_bpf_linker() -> Result<()> {
     .context("installing bpf-linker")
 }
 
+/// Any installed cargo-deny 0.20.x is kept; otherwise the pinned one is installed.
+fn ensure_cargo_deny() -> Result<()> {
+    let have = output(Command::new("cargo").args(["deny", "--version"])).unwrap_or_default();
+    let wanted = CARGO_DENY
+        .rsplit_once('.')
+        .map_or(CARGO_DENY, |(minor, _)| minor);
+    if have
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|v| v.starts_with(&format!("{wanted}.")))
+    {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing cargo-deny {CARGO_DENY} (compiles from source, minutes)");
+    run(Command::new("cargo").args(["install", "--locked", &format!("cargo-deny@{CARGO_DENY}")]))
+        .context("installing cargo-deny")
+}
+
 fn ensure_rust_components() -> Result<()> {
     let comps = output(Command::new("rustup").args(["component", "list", "--installed"]))
         .unwrap_or_default();
@@ -119,6 +141,7 @@ pub fn run_setup() -> Result<()> {
     ensure_rust_components()?;
     ensure_nightly()?;
     ensure_bpf_linker()?;
+    ensure_cargo_deny()?;
     eprintln!("xtask setup: all prerequisites present");
     Ok(())
 }

@@ -10,6 +10,13 @@
 //!
 //! Anyone holding the public key can mint a token for any run id, so this backend is only as
 //! strong as run ids are unguessable; its scopes are deliberately narrow by default.
+//!
+//! The RSA work is AWS-LC's (through `aws-lc-rs`): blinded, constant-time private-key
+//! operations and an OAEP padding check that does not branch on the padding, so callers that
+//! time many chosen ciphertexts learn nothing about the key (the `rsa` crate this replaced is
+//! RUSTSEC-2023-0071, "Marvin"). Every failed decryption is the same error and the same 401.
+//! Key files are PKCS#8 PEM as before; new keys are 2048, 3072, 4096 or 8192 bits (the sizes
+//! AWS-LC generates), existing keys of any size in 2048..=8192 load.
 
 use std::{
     collections::BTreeSet,
@@ -21,17 +28,19 @@ use std::{
     sync::Arc,
 };
 
+use aws_lc_rs::{
+    encoding::AsDer,
+    rsa::{
+        KeySize, OAEP_SHA256_MGF1SHA256, OaepPrivateDecryptingKey, OaepPublicEncryptingKey,
+        PrivateDecryptingKey, PublicEncryptingKey,
+    },
+};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use governor::Quota;
-use rsa::{
-    PrivateKey, PublicKey,
-    pkcs1::DecodeRsaPublicKey,
-    pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding},
-    sha2::Sha256,
-    traits::PublicKeyParts,
-};
+use rustls_pki_types::{PrivatePkcs8KeyDer, SubjectPublicKeyInfoDer, pem::PemObject};
 use serde::Deserialize;
 use sha2::Digest;
+use zeroize::Zeroizing;
 
 use super::{
     AuthError, AuthFuture, Authenticator, Identity, RunDirectory, Scope, config_serde, names,
@@ -49,7 +58,8 @@ const TOKEN_CACHE: usize = 4096;
 pub struct RsaSessionConfig {
     /// PKCS#8 PEM private key; created (0600) if missing.
     pub key_file: PathBuf,
-    /// Modulus size for a newly generated key (an existing key is used as it is).
+    /// Modulus size for a newly generated key: 2048, 3072 (default), 4096 or 8192. An existing
+    /// key is used as it is.
     #[serde(default = "default_bits")]
     pub key_bits: usize,
     /// Scopes every run token carries.
@@ -107,6 +117,8 @@ pub enum RsaSessionError {
     KeyPermissions { path: String, mode: u32 },
     #[error("rsa-session: key size {0} bits is outside {MIN_BITS}..={MAX_BITS}")]
     KeySize(usize),
+    #[error("rsa-session: keyBits {0} cannot be generated; use 2048, 3072, 4096 or 8192")]
+    KeyBits(usize),
     #[error("rsa-session: key generation failed: {0}")]
     Generate(String),
     #[error("rsa-session: public key: {0}")]
@@ -121,7 +133,7 @@ pub enum RsaSessionError {
 
 /// The RSA session [`Authenticator`].
 pub struct RsaSessionAuthenticator {
-    key: Arc<PrivateKey>,
+    key: Arc<OaepPrivateDecryptingKey>,
     public_pem: String,
     scopes: BTreeSet<Scope>,
     key_file: PathBuf,
@@ -136,7 +148,7 @@ impl std::fmt::Debug for RsaSessionAuthenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RsaSessionAuthenticator")
             .field("key_file", &self.key_file)
-            .field("key_bits", &(self.key.size() * 8))
+            .field("key_bits", &self.key.key_size_bits())
             .field("private_key", &"<redacted>")
             .field("scopes", &self.scopes)
             .field("runs", &self.runs)
@@ -154,6 +166,9 @@ impl RsaSessionAuthenticator {
         if !(MIN_BITS..=MAX_BITS).contains(&config.key_bits) {
             return Err(RsaSessionError::KeySize(config.key_bits));
         }
+        // Checked even when the key exists: a config that could not replace a lost key is
+        // wrong now, not on the day the key goes missing.
+        let generate = key_size(config.key_bits)?;
         let (Some(rate), Some(burst)) = (
             NonZeroU32::new(config.decrypts_per_second),
             NonZeroU32::new(config.decrypt_burst),
@@ -162,15 +177,19 @@ impl RsaSessionAuthenticator {
         };
         let key = match read_key(&config.key_file)? {
             Some(key) => key,
-            None => create_key(&config.key_file, config.key_bits)?,
+            None => create_key(&config.key_file, generate)?,
         };
-        let bits = key.size() * 8;
+        let bits = key.key_size_bits();
         if !(MIN_BITS..=MAX_BITS).contains(&bits) {
             return Err(RsaSessionError::KeySize(bits));
         }
-        let public_pem = PublicKey::from(&key)
-            .to_public_key_pem(LineEnding::LF)
-            .map_err(|e| RsaSessionError::PublicKey(e.to_string()))?;
+        let public_der = key
+            .public_key()
+            .as_der()
+            .map_err(|_| RsaSessionError::PublicKey("cannot encode the public key".into()))?;
+        let public_pem = pem_encode("PUBLIC KEY", public_der.as_ref());
+        let key = OaepPrivateDecryptingKey::new(key)
+            .map_err(|_| RsaSessionError::PublicKey("key is not usable for RSA-OAEP".into()))?;
         Ok(Self {
             key: Arc::new(key),
             public_pem,
@@ -204,7 +223,7 @@ impl RsaSessionAuthenticator {
     }
 
     async fn run_id(&self, bearer: &str) -> Result<Arc<str>, AuthError> {
-        let size = self.key.size();
+        let size = self.key.key_size_bytes();
         // Cheap rejections first: garbage must not cost a private-key operation.
         if bearer.len() > 4 * size.div_ceil(3) {
             return Err(unauthenticated("token has the wrong length"));
@@ -225,11 +244,14 @@ impl RsaSessionAuthenticator {
             ));
         }
         let key = Arc::clone(&self.key);
-        let plaintext =
-            tokio::task::spawn_blocking(move || key.oaep_decrypt::<Sha256>(&ciphertext))
-                .await
-                .map_err(|_| AuthError::Unavailable("rsa-session: decryption task failed".into()))?
-                .map_err(|_| unauthenticated("token does not decrypt"))?;
+        let plaintext = tokio::task::spawn_blocking(move || {
+            let mut out = vec![0; key.min_output_size()];
+            key.decrypt(&OAEP_SHA256_MGF1SHA256, &ciphertext, &mut out, None)
+                .map(|plain| plain.to_vec())
+        })
+        .await
+        .map_err(|_| AuthError::Unavailable("rsa-session: decryption task failed".into()))?
+        .map_err(|_| unauthenticated("token does not decrypt"))?;
         let run = String::from_utf8(plaintext)
             .ok()
             .filter(|s| names::is_run_id(s))
@@ -260,13 +282,98 @@ pub fn encrypt_run_token(public_key_pem: &str, run_id: &str) -> Result<String, R
     if !names::is_run_id(run_id) {
         return Err(RsaSessionError::RunId);
     }
-    let key = PublicKey::from_public_key_pem(public_key_pem)
-        .or_else(|_| PublicKey::from_pkcs1_pem(public_key_pem))
-        .map_err(|e| RsaSessionError::PublicKey(e.to_string()))?;
+    let spki = match SubjectPublicKeyInfoDer::from_pem_slice(public_key_pem.as_bytes()) {
+        Ok(spki) => spki.to_vec(),
+        Err(_) => pem_decode("RSA PUBLIC KEY", public_key_pem)
+            .map(|pkcs1| spki_from_pkcs1(&pkcs1))
+            .ok_or_else(|| {
+                RsaSessionError::PublicKey("not an SPKI or PKCS#1 PEM public key".into())
+            })?,
+    };
+    let key = PublicEncryptingKey::from_der(&spki)
+        .and_then(|key| OaepPublicEncryptingKey::new(key).map_err(Into::into))
+        .map_err(|e| RsaSessionError::PublicKey(format!("not a usable RSA key: {e}")))?;
+    let mut ciphertext = vec![0; key.ciphertext_size()];
     let ciphertext = key
-        .oaep_encrypt::<Sha256>(run_id.as_bytes())
-        .map_err(|e| RsaSessionError::Encrypt(e.to_string()))?;
+        .encrypt(
+            &OAEP_SHA256_MGF1SHA256,
+            run_id.as_bytes(),
+            &mut ciphertext,
+            None,
+        )
+        .map_err(|_| RsaSessionError::Encrypt("RSA-OAEP encryption failed".into()))?;
     Ok(STANDARD.encode(ciphertext))
+}
+
+/// The sizes AWS-LC generates.
+fn key_size(bits: usize) -> Result<KeySize, RsaSessionError> {
+    match bits {
+        2048 => Ok(KeySize::Rsa2048),
+        3072 => Ok(KeySize::Rsa3072),
+        4096 => Ok(KeySize::Rsa4096),
+        8192 => Ok(KeySize::Rsa8192),
+        other => Err(RsaSessionError::KeyBits(other)),
+    }
+}
+
+/// RFC 7468 text: 64-column base64 lines and LF, as the key files have always been written.
+/// Sized up front so the text is never reallocated (a private key leaves no stray copies).
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    let body = Zeroizing::new(STANDARD.encode(der));
+    let mut pem = String::with_capacity(body.len() + body.len() / 64 + 2 * label.len() + 40);
+    pem.push_str("-----BEGIN ");
+    pem.push_str(label);
+    pem.push_str("-----\n");
+    for line in body.as_bytes().chunks(64) {
+        // Base64 output is ASCII, so every chunk is valid UTF-8.
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END ");
+    pem.push_str(label);
+    pem.push_str("-----\n");
+    pem
+}
+
+/// The first `label` section of a PEM text. Only for the PKCS#1 "RSA PUBLIC KEY" label, which
+/// `rustls-pki-types` does not know; everything else goes through its parser.
+fn pem_decode(label: &str, pem: &str) -> Option<Vec<u8>> {
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let start = pem.find(&begin)? + begin.len();
+    let stop = start + pem[start..].find(&end)?;
+    let body: String = pem[start..stop].split_ascii_whitespace().collect();
+    STANDARD.decode(body).ok()
+}
+
+/// Wraps a PKCS#1 `RSAPublicKey` in the X.509 `SubjectPublicKeyInfo` AWS-LC parses:
+/// `SEQUENCE { SEQUENCE { rsaEncryption, NULL }, BIT STRING { 0 unused bits, key } }`.
+fn spki_from_pkcs1(pkcs1: &[u8]) -> Vec<u8> {
+    const RSA_ENCRYPTION: [u8; 15] = [
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+    ];
+    let mut bits = Vec::with_capacity(pkcs1.len() + 1);
+    bits.push(0);
+    bits.extend_from_slice(pkcs1);
+    let mut body = RSA_ENCRYPTION.to_vec();
+    body.extend(der_tlv(0x03, &bits));
+    der_tlv(0x30, &body)
+}
+
+fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    match u8::try_from(content.len()) {
+        Ok(short) if short < 0x80 => out.push(short),
+        _ => {
+            let len = content.len().to_be_bytes();
+            let skip = len.iter().take_while(|b| **b == 0).count();
+            let octets = u8::try_from(len.len() - skip).unwrap_or(u8::MAX);
+            out.push(0x80 | octets);
+            out.extend_from_slice(&len[skip..]);
+        }
+    }
+    out.extend_from_slice(content);
+    out
 }
 
 fn key_file_error(path: &Path, reason: impl std::fmt::Display) -> RsaSessionError {
@@ -277,7 +384,7 @@ fn key_file_error(path: &Path, reason: impl std::fmt::Display) -> RsaSessionErro
 }
 
 /// Reads an existing key; `None` if the file does not exist.
-fn read_key(path: &Path) -> Result<Option<PrivateKey>, RsaSessionError> {
+fn read_key(path: &Path) -> Result<Option<PrivateDecryptingKey>, RsaSessionError> {
     let meta = match fs::metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == IoErrorKind::NotFound => return Ok(None),
@@ -296,12 +403,19 @@ fn read_key(path: &Path) -> Result<Option<PrivateKey>, RsaSessionError> {
     if meta.len() > MAX_KEY_FILE {
         return Err(key_file_error(path, "file is too large for a key"));
     }
-    let mut pem = String::new();
+    let mut pem = Zeroizing::new(Vec::new());
     fs::File::open(path)
-        .and_then(|f| f.take(MAX_KEY_FILE).read_to_string(&mut pem))
+        .and_then(|f| f.take(MAX_KEY_FILE).read_to_end(&mut pem))
         .map_err(|e| key_file_error(path, e))?;
-    // The parse error text never contains key material, only the failing structure.
-    PrivateKey::from_pkcs8_pem(&pem)
+    // Fixed reasons only: a PEM parser's message may quote a line of the file.
+    let der = PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|_| {
+        key_file_error(
+            path,
+            "not a PKCS#8 PEM RSA key: no readable PRIVATE KEY section",
+        )
+    })?;
+    // KeyRejected names the failing property ("TooSmall", "InvalidEncoding"), never key bytes.
+    PrivateDecryptingKey::from_pkcs8(der.secret_pkcs8_der())
         .map(Some)
         .map_err(|e| key_file_error(path, format!("not a PKCS#8 PEM RSA key: {e}")))
 }
@@ -309,7 +423,7 @@ fn read_key(path: &Path) -> Result<Option<PrivateKey>, RsaSessionError> {
 /// Generates a key and stores it without ever exposing a partial or too-open file: written
 /// to a private temporary file, then hard-linked into place (which fails rather than replace a
 /// key another process created meanwhile; that key is then used).
-fn create_key(path: &Path, bits: usize) -> Result<PrivateKey, RsaSessionError> {
+fn create_key(path: &Path, size: KeySize) -> Result<PrivateDecryptingKey, RsaSessionError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -319,11 +433,13 @@ fn create_key(path: &Path, bits: usize) -> Result<PrivateKey, RsaSessionError> {
         .mode(0o700)
         .create(&dir)
         .map_err(|e| key_file_error(path, format!("cannot create directory: {e}")))?;
-    let key = PrivateKey::new(&mut getrandom::SysRng, bits)
+    let key = PrivateDecryptingKey::generate(size)
         .map_err(|e| RsaSessionError::Generate(e.to_string()))?;
-    let pem = key
-        .to_pkcs8_pem(LineEnding::LF)
+    let bits = key.key_size_bits();
+    let der = key
+        .as_der()
         .map_err(|e| RsaSessionError::Generate(e.to_string()))?;
+    let pem = Zeroizing::new(pem_encode("PRIVATE KEY", der.as_ref()));
     let file_name = path
         .file_name()
         .map_or_else(|| "key".into(), |n| n.to_string_lossy());

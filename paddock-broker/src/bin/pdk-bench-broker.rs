@@ -16,7 +16,15 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use aws_lc_rs::{
+    encoding::AsDer,
+    rsa::{KeyPair as RsaKeyPair, KeySize, PublicKeyComponents},
+    signature::KeyPair as _,
+};
+use base64::{
+    Engine,
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, body::Incoming, client::conn::http1::SendRequest};
@@ -35,10 +43,6 @@ use paddock_broker::{
     ratelimit::{RateLimitConfig, RateLimits, RateSpec},
     server::{self, ServerOptions, tls},
     store::Store,
-};
-use rsa::{
-    pkcs8::{EncodePrivateKey, LineEnding},
-    traits::PublicKeyParts,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::{Value, json};
@@ -404,6 +408,18 @@ impl Pki {
     }
 }
 
+/// PKCS#8 PEM in 64-column lines, the form `EncodingKey::from_rsa_pem` reads.
+fn pkcs8_pem(der: &[u8]) -> String {
+    let body = STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END PRIVATE KEY-----\n");
+    pem
+}
+
 struct SigningKeys {
     rsa: EncodingKey,
     ec: EncodingKey,
@@ -412,9 +428,10 @@ struct SigningKeys {
 
 impl SigningKeys {
     fn generate() -> Result<Self> {
-        let rsa_key = rsa::PrivateKey::new(&mut getrandom::SysRng, 2048).context("RSA keygen")?;
-        let rsa_pem = rsa_key.to_pkcs8_pem(LineEnding::LF).context("RSA PEM")?;
-        let public = rsa::PublicKey::from(&rsa_key);
+        let rsa_key = RsaKeyPair::generate(KeySize::Rsa2048).context("RSA keygen")?;
+        let rsa_der = rsa_key.as_der().context("RSA PKCS#8")?;
+        let rsa_pem = pkcs8_pem(rsa_der.as_ref());
+        let public = PublicKeyComponents::<Vec<u8>>::from(rsa_key.public_key());
         let ec_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let raw = ec_key.public_key_raw();
         ensure!(raw.len() == 65, "unexpected P-256 point encoding");
@@ -424,8 +441,8 @@ impl SigningKeys {
                 .context("EC signing key")?,
             jwks: json!({"keys": [
                 {"kty": "RSA", "kid": "rsa-1", "use": "sig", "alg": "RS256",
-                 "n": URL_SAFE_NO_PAD.encode(public.n_bytes()),
-                 "e": URL_SAFE_NO_PAD.encode(public.e_bytes())},
+                 "n": URL_SAFE_NO_PAD.encode(&public.n),
+                 "e": URL_SAFE_NO_PAD.encode(&public.e)},
                 {"kty": "EC", "crv": "P-256", "kid": "ec-1", "use": "sig", "alg": "ES256",
                  "x": URL_SAFE_NO_PAD.encode(&raw[1..33]),
                  "y": URL_SAFE_NO_PAD.encode(&raw[33..65])},

@@ -10,15 +10,12 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-use rsa::{
-    PrivateKey,
-    pkcs1::DecodeRsaPrivateKey,
-    pkcs1v15::SigningKey,
-    pkcs8::DecodePrivateKey,
-    sha2::Sha256,
-    signature::{SignatureEncoding, Signer},
+use aws_lc_rs::{
+    rand::SystemRandom,
+    signature::{RSA_PKCS1_SHA256, RsaKeyPair},
 };
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use rustls_pki_types::{PrivateKeyDer, pem::PemObject};
 use serde::Deserialize;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -94,21 +91,33 @@ impl GithubTokens {
 
 fn app_jwt(cfg: &GithubAppConfig) -> Result<String, ProviderError> {
     let pem = cfg.private_key.read_multiline()?;
-    let key = PrivateKey::from_pkcs1_pem(pem.expose())
-        .or_else(|_| PrivateKey::from_pkcs8_pem(pem.expose()))
-        .map_err(|_| {
-            ProviderError::Misconfigured("GitHub App private key is not an RSA PEM key".into())
-        })?;
+    let not_rsa =
+        || ProviderError::Misconfigured("GitHub App private key is not an RSA PEM key".into());
+    // GitHub hands out PKCS#1 ("RSA PRIVATE KEY"); PKCS#8 conversions work too.
+    let key =
+        match PrivateKeyDer::from_pem_slice(pem.expose().as_bytes()).map_err(|_| not_rsa())? {
+            PrivateKeyDer::Pkcs1(der) => RsaKeyPair::from_der(der.secret_pkcs1_der()),
+            PrivateKeyDer::Pkcs8(der) => RsaKeyPair::from_pkcs8(der.secret_pkcs8_der()),
+            _ => return Err(not_rsa()),
+        }
+        .map_err(|_| not_rsa())?;
     let now = now_secs();
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
     // Backdated against clock skew; GitHub caps the lifetime at 10 minutes.
     let claims = serde_json::json!({"iat": now.saturating_sub(60), "exp": now + 540, "iss": cfg.app_id.to_string()});
     let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
     let signing_input = format!("{header}.{claims}");
-    let signature = SigningKey::<Sha256>::new(key).sign(signing_input.as_bytes());
+    let mut signature = vec![0; key.public_modulus_len()];
+    key.sign(
+        &RSA_PKCS1_SHA256,
+        &SystemRandom::new(),
+        signing_input.as_bytes(),
+        &mut signature,
+    )
+    .map_err(|_| unavailable("signing the GitHub App JWT failed"))?;
     Ok(format!(
         "{signing_input}.{}",
-        URL_SAFE_NO_PAD.encode(signature.to_bytes())
+        URL_SAFE_NO_PAD.encode(signature)
     ))
 }
 
@@ -235,14 +244,11 @@ pub(crate) mod fake {
         time::{Duration, Instant},
     };
 
-    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
-    use rsa::{
-        PrivateKey, PublicKey,
-        pkcs1::DecodeRsaPrivateKey,
-        pkcs1v15::{Signature, VerifyingKey},
-        sha2::Sha256,
-        signature::Verifier,
+    use aws_lc_rs::signature::{
+        KeyPair as _, RSA_PKCS1_2048_8192_SHA256, RsaKeyPair, UnparsedPublicKey,
     };
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    use rustls_pki_types::{PrivatePkcs1KeyDer, pem::PemObject};
 
     pub const TEST_KEY_PEM: &str = include_str!("../../tests/data/github-app-test-key.pem");
 
@@ -262,7 +268,7 @@ pub(crate) mod fake {
         }
     }
 
-    fn verify_jwt(jwt: &str, public: &PublicKey, app_id: u64) -> bool {
+    fn verify_jwt(jwt: &str, public: &[u8], app_id: u64) -> bool {
         let mut parts = jwt.split('.');
         let (Some(h), Some(c), Some(s), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -272,10 +278,7 @@ pub(crate) mod fake {
         let Ok(sig) = URL_SAFE_NO_PAD.decode(s) else {
             return false;
         };
-        let Ok(sig) = Signature::try_from(sig.as_slice()) else {
-            return false;
-        };
-        if VerifyingKey::<Sha256>::new(public.clone())
+        if UnparsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, public)
             .verify(format!("{h}.{c}").as_bytes(), &sig)
             .is_err()
         {
@@ -299,9 +302,13 @@ pub(crate) mod fake {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         listener.set_nonblocking(true).expect("nonblocking");
         let base_url = format!("http://{}", listener.local_addr().expect("addr"));
-        let public = PrivateKey::from_pkcs1_pem(TEST_KEY_PEM)
+        let pkcs1 = PrivatePkcs1KeyDer::from_pem_slice(TEST_KEY_PEM.as_bytes()).expect("test key");
+        // PKCS#1 RSAPublicKey DER, what RSA_PKCS1_* verification takes.
+        let public = RsaKeyPair::from_der(pkcs1.secret_pkcs1_der())
             .expect("test key")
-            .to_public_key();
+            .public_key()
+            .as_ref()
+            .to_vec();
         let fetches = Arc::new(AtomicUsize::new(0));
         let ttl = Arc::new(AtomicU64::new(3600));
         let last_body = Arc::new(std::sync::Mutex::new(String::new()));

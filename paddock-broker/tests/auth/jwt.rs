@@ -4,20 +4,20 @@ use std::{
     time::Duration,
 };
 
+use aws_lc_rs::{
+    encoding::AsDer,
+    rsa::{KeyPair, KeySize, PublicKeyComponents},
+    signature::KeyPair as _,
+};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, get_current_timestamp};
 use paddock_broker::auth::{
     AuthError, Authenticator, Scope,
     jwt::{JwtAlgorithm, JwtAuthenticator, JwtConfig, RequiredClaim},
 };
-use rsa::{
-    PrivateKey, PublicKey,
-    pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding},
-    traits::PublicKeyParts,
-};
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, assert_no_bearer};
+use crate::support::{TestServer, assert_no_bearer, pem};
 
 pub(crate) const AUD: &str = "paddock-broker";
 
@@ -30,17 +30,21 @@ pub(crate) struct TestKey {
 }
 
 pub(crate) fn rsa_key(kid: &str) -> TestKey {
-    let key = PrivateKey::new(&mut getrandom::SysRng, 2048).expect("rsa keygen");
-    let pem = key.to_pkcs8_pem(LineEnding::LF).expect("pkcs8");
-    let public = PublicKey::from(&key);
-    let public_pem = public.to_public_key_pem(LineEnding::LF).expect("spki");
+    let key = KeyPair::generate(KeySize::Rsa2048).expect("rsa keygen");
+    let pkcs8 = pem("PRIVATE KEY", key.as_der().expect("pkcs8").as_ref());
+    let public_pem = pem(
+        "PUBLIC KEY",
+        key.public_key().as_der().expect("spki").as_ref(),
+    );
+    // Big-endian, no leading zeros: the JWK form.
+    let public = PublicKeyComponents::<Vec<u8>>::from(key.public_key());
     TestKey {
-        encoding: EncodingKey::from_rsa_pem(pem.as_bytes()).expect("encoding key"),
+        encoding: EncodingKey::from_rsa_pem(pkcs8.as_bytes()).expect("encoding key"),
         alg: Algorithm::RS256,
         jwk: json!({
             "kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
-            "n": URL_SAFE_NO_PAD.encode(public.n_bytes()),
-            "e": URL_SAFE_NO_PAD.encode(public.e_bytes()),
+            "n": URL_SAFE_NO_PAD.encode(&public.n),
+            "e": URL_SAFE_NO_PAD.encode(&public.e),
         }),
         public_pem: Some(public_pem),
     }
@@ -262,9 +266,8 @@ async fn none_and_hmac_tokens_never_verify() {
         for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
             let mut header = Header::new(alg);
             header.kid = Some("k1".to_owned());
-            let token =
-                jsonwebtoken::encode(&header, &issuer.claims(), &EncodingKey::from_secret(secret))
-                    .expect("sign hmac");
+            let hmac = EncodingKey::from_secret(secret).expect("hmac key");
+            let token = jsonwebtoken::encode(&header, &issuer.claims(), &hmac).expect("sign hmac");
             let err = rejected(&auth, &token).await;
             assert!(
                 matches!(err, AuthError::Unauthenticated(_)),

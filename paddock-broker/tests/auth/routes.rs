@@ -8,6 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aws_lc_rs::{
+    encoding::AsDer,
+    rsa::{KeySize, PrivateDecryptingKey},
+};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use jsonwebtoken::get_current_timestamp;
 use paddock_broker::{
@@ -21,7 +25,7 @@ use serde_json::{Value, json};
 use crate::{
     common::{self, ALL_SCOPES, CONTROLLER_KEY, TEAM_A_KEY},
     jwt::{AUD, Issuer, TestKey, ec_key, sign},
-    support::TestServer,
+    support::{TestServer, pem},
     tokenreview::{api_server, sa_token},
 };
 
@@ -37,19 +41,6 @@ fn team_scopes() -> Vec<Scope> {
 
 fn scope_names(scopes: &[Scope]) -> Vec<&'static str> {
     scopes.iter().map(|s| s.as_str()).collect()
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    let b64 = STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
-        .collect();
-    format!(
-        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-        lines.join("\n")
-    )
 }
 
 /// A broker built from a config file naming all four backends, plus the fake issuer and API
@@ -415,13 +406,9 @@ async fn bad_credentials_get_byte_identical_401s_from_every_backend() {
     // Correctly sized ciphertexts that do not decrypt (the key is 2048 bits: 256 bytes).
     let random_rsa = STANDARD.encode([0x5a_u8; 256]);
     let other_key_rsa = {
-        let other = rsa::PrivateKey::new(&mut getrandom::SysRng, 2048).expect("keygen");
-        let pem = rsa::pkcs8::EncodePublicKey::to_public_key_pem(
-            &rsa::PublicKey::from(&other),
-            rsa::pkcs8::LineEnding::LF,
-        )
-        .expect("pem");
-        encrypt_run_token(&pem, "run-a").expect("encrypt")
+        let other = PrivateDecryptingKey::generate(KeySize::Rsa2048).expect("keygen");
+        let spki = other.public_key().as_der().expect("spki");
+        encrypt_run_token(&pem("PUBLIC KEY", spki.as_ref()), "run-a").expect("encrypt")
     };
     let bad: Vec<(&str, String)> = vec![
         ("unknown static key", "team-a-key-wrong".to_owned()),

@@ -159,3 +159,64 @@ fn key_file_permissions_and_content_are_checked() {
         Err(RsaSessionError::KeySize(1024))
     ));
 }
+
+/// A key file and a token written by the broker before it moved to AWS-LC (the `rsa` crate,
+/// PKCS#8 PEM, OAEP with SHA-256 and MGF1-SHA-256, empty label): upgrading must neither strand
+/// a key file nor invalidate the tokens runs already hold.
+#[tokio::test]
+async fn key_files_and_tokens_from_before_aws_lc_still_work() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    std::fs::create_dir_all(cfg.key_file.parent().expect("parent")).expect("mkdir");
+    std::fs::copy(data.join("rsa-session-legacy-key.pem"), &cfg.key_file).expect("copy key");
+    std::fs::set_permissions(&cfg.key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let before = std::fs::read(&cfg.key_file).expect("key");
+    // The file is used as it is, whatever keyBits says.
+    cfg.key_bits = 4096;
+    let auth = RsaSessionAuthenticator::load_or_create(&cfg, runs()).expect("legacy key loads");
+    assert_eq!(
+        std::fs::read(&cfg.key_file).expect("key"),
+        before,
+        "key file untouched"
+    );
+    assert!(format!("{auth:?}").contains("key_bits: 2048"), "{auth:?}");
+
+    // Byte for byte the public key the old code printed (`session-key public`).
+    let public = std::fs::read_to_string(data.join("rsa-session-legacy-public.pem")).expect("pub");
+    assert_eq!(auth.public_key_pem(), public);
+
+    let old_token = std::fs::read_to_string(data.join("rsa-session-legacy-token.txt"))
+        .expect("token")
+        .trim()
+        .to_owned();
+    let id = auth.authenticate(&old_token).await.expect("old token");
+    assert_eq!(id.run.as_deref(), Some("run-1"));
+
+    // Runs may hold the key in PKCS#1 form ("RSA PUBLIC KEY", from `openssl rsa
+    // -RSAPublicKey_out`); tokens made with it decrypt the same.
+    let pkcs1 = std::fs::read_to_string(data.join("rsa-session-legacy-public-pkcs1.pem"))
+        .expect("pkcs1 pub");
+    let token = encrypt_run_token(&pkcs1, "run-1").expect("encrypt with PKCS#1 key");
+    assert_ne!(token, old_token, "OAEP is randomised");
+    let id = auth.authenticate(&token).await.expect("pkcs1 token");
+    assert_eq!(id.run.as_deref(), Some("run-1"));
+}
+
+#[test]
+fn generated_sizes_are_the_ones_aws_lc_makes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path());
+    cfg.key_bits = 2560;
+    let err = RsaSessionAuthenticator::load_or_create(&cfg, runs()).expect_err("odd size");
+    assert!(matches!(err, RsaSessionError::KeyBits(2560)), "{err}");
+    assert!(
+        !cfg.key_file.exists(),
+        "nothing written for a refused config"
+    );
+    cfg.key_bits = 9000;
+    assert!(matches!(
+        RsaSessionAuthenticator::load_or_create(&cfg, runs()),
+        Err(RsaSessionError::KeySize(9000))
+    ));
+}
