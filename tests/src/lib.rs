@@ -17,6 +17,7 @@ pub mod proxied;
 pub mod pyserver;
 pub mod servers;
 pub mod topology;
+pub mod tty;
 pub mod wrk;
 
 pub use cgroup::CgroupGuard;

@@ -43,6 +43,11 @@ pub struct ServeOptions {
     pub metrics: Option<Arc<ProxyMetrics>>,
     /// Each notification reopens the audit file (`serve` wires it to `SIGHUP`, for logrotate).
     pub audit_reopen: Option<Arc<tokio::sync::Notify>>,
+    /// Transparent listeners bound by the caller, served instead of binding
+    /// `listen.transparent` (which then only tells the eBPF programs where they are). `run`
+    /// binds them inside the command's network namespace
+    /// ([`crate::netns::OwnedNetns::bind_run_sockets`]); they must be non-blocking.
+    pub transparent_listeners: Vec<std::net::TcpListener>,
 }
 
 impl ServeOptions {
@@ -57,6 +62,7 @@ impl ServeOptions {
             ready: None,
             metrics: None,
             audit_reopen: None,
+            transparent_listeners: Vec::new(),
         }
     }
 }
@@ -133,6 +139,7 @@ pub async fn serve_until(
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let policy_override = opts.policy.take();
+    let prebound = std::mem::take(&mut opts.transparent_listeners);
     let substituter = opts.substituter.take();
     let ready_tx = opts.ready.take();
     let cfg = &opts.config;
@@ -229,9 +236,28 @@ pub async fn serve_until(
 
     // Bind everything before attaching interception, so agents never hit a closed port.
     let mut tasks = tokio::task::JoinSet::new();
-    for addr in &cfg.listen.transparent {
-        let listener = bind(*addr).await?;
-        tracing::info!(%addr, "transparent listener");
+    let transparent = if prebound.is_empty() {
+        let mut bound = Vec::new();
+        for addr in &cfg.listen.transparent {
+            bound.push(bind(*addr).await?);
+        }
+        bound
+    } else {
+        prebound
+            .into_iter()
+            .map(|l| {
+                let addr = l.local_addr().map_err(|source| ServeError::Bind {
+                    addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                    source,
+                })?;
+                TcpListener::from_std(l).map_err(|source| ServeError::Bind { addr, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    for listener in transparent {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "transparent listener");
+        }
         tasks.spawn(run_listener(
             Arc::clone(&pipeline),
             listener,
@@ -388,7 +414,7 @@ fn attach(cfg: &ServeConfig, e: &super::config::EbpfConfig) -> Result<Intercepto
             proxy_port: first.port(),
             dns: e.dns.clone(),
             dns_redirect_port: None,
-            bypass: Vec::new(),
+            bypass: e.bypass.clone(),
             bypass_mark: cfg.network.bypass_mark,
             block_udp: true,
             debug_log: false,

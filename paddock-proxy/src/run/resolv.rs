@@ -1,5 +1,6 @@
-//! The resolvers the command may use: read from `/etc/resolv.conf`, so its DNS keeps working
-//! while every other UDP exit is closed.
+//! resolv.conf handling: the host's resolvers (where the command's DNS is forwarded) and the
+//! resolv.conf the command sees inside its network namespace, which names only the run's own
+//! DNS sockets there.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -23,9 +24,44 @@ pub fn one_per_family(all: &[SocketAddr]) -> Vec<SocketAddr> {
     v4.into_iter().chain(v6).copied().collect()
 }
 
+/// The command's resolv.conf: the run's DNS sockets inside its namespace (`127.0.0.1`, and
+/// `::1` when it has IPv6), keeping the host's `search`, `domain` and `options` lines.
+pub fn sandbox_resolv_conf(host: &str, ipv6: bool) -> String {
+    let mut out = String::from("# paddock-proxy run: the run's own DNS inside the sandbox\n");
+    out.push_str("nameserver 127.0.0.1\n");
+    if ipv6 {
+        out.push_str("nameserver ::1\n");
+    }
+    for line in host.lines() {
+        let first = line.split_whitespace().next();
+        if matches!(first, Some("search" | "domain" | "options")) && !line.contains('\0') {
+            out.push_str(line.trim());
+            out.push('\n');
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sandbox_resolv_conf_names_only_loopback_and_keeps_search_and_options() {
+        let host = "nameserver 10.0.0.2\nsearch corp.example\noptions edns0 trust-ad\n# c\nnameserver ::5\n";
+        let r = sandbox_resolv_conf(host, true);
+        assert_eq!(
+            nameservers(&r),
+            vec![
+                "127.0.0.1:53".parse::<SocketAddr>().expect("addr"),
+                "[::1]:53".parse().expect("addr")
+            ]
+        );
+        assert!(r.contains("search corp.example\n") && r.contains("options edns0 trust-ad\n"));
+        assert!(!r.contains("10.0.0.2"));
+        let v4 = sandbox_resolv_conf(host, false);
+        assert_eq!(nameservers(&v4).len(), 1);
+    }
 
     #[test]
     fn parses_nameservers_and_keeps_one_per_family() {
