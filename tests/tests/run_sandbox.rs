@@ -592,8 +592,9 @@ fn terminal_injection_into_the_operators_terminal_is_closed() {
     assert!(term.pending_input().is_empty(), "nothing injected");
     assert_nothing_left(&bench, &run_id, ident(&out), true);
 
-    // Without a terminal on stdin (no pty), stdout is the operator's terminal itself: the
-    // command is in a new session without a controlling terminal, and seccomp refuses anyway.
+    // With only stdout and stderr on the operator's terminal (`run ... < /dev/null`), those
+    // get the command's pty as well: it never holds a descriptor of the operator's terminal
+    // (which it could otherwise read typeahead from, or reconfigure).
     let run_id = unique("tty");
     let term = Terminal::new(24, 80);
     let mut cmd = bench.run_cmd(&run_id, &[], &strs(&command));
@@ -603,10 +604,12 @@ fn terminal_injection_into_the_operators_terminal_is_closed() {
     let out = term.output();
     assert!(status.success(), "{out}");
     let res = probe(&out);
+    assert_ne!(res["rdev1"].as_u64(), Some(term.slave_rdev()), "{res}");
+    let null = std::fs::metadata("/dev/null").expect("/dev/null");
     assert_eq!(
-        res["rdev1"].as_u64(),
-        Some(term.slave_rdev()),
-        "stdout is the operator's terminal"
+        res["rdev0"].as_u64(),
+        Some(std::os::unix::fs::MetadataExt::rdev(&null)),
+        "stdin stays /dev/null: {res}"
     );
     assert_eq!(res["stdout"], EPERM, "{res}");
     assert!(term.pending_input().is_empty(), "nothing injected");

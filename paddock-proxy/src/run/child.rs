@@ -94,7 +94,8 @@ fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> ChildError + '_ 
 
 /// Start the launcher for `spec`. Nothing of the command runs before the launcher has joined
 /// the cgroup and confined itself; a failure there shows up as [`ChildError::Sandbox`] from
-/// [`Sandboxed::failure`].
+/// [`Sandboxed::failure`]. Call it from a thread that outlives the sandbox: the launcher's
+/// parent-death signal fires when the spawning *thread* exits.
 pub fn spawn_sandboxed(spec: &SandboxSpec, launch: &Launch<'_>) -> Result<Sandboxed, ChildError> {
     let procs_path = launch.cgroup.join("cgroup.procs");
     let procs = OpenOptions::new()
@@ -146,11 +147,19 @@ pub fn spawn_sandboxed(spec: &SandboxSpec, launch: &Launch<'_>) -> Result<Sandbo
     }
     // The launcher needs no environment; the command's comes in the spec.
     cmd.env_clear();
-    if spec.pty.is_some() {
+    // Descriptors the command gets its pty on are not handed to the sandbox at all: no
+    // process in it ever holds the operator's terminal.
+    let on_pty = spec.pty.map_or([false; 3], |p| p.stdio);
+    if on_pty[0] {
         cmd.stdin(std::process::Stdio::null());
+    }
+    if on_pty[1] {
         cmd.stdout(std::process::Stdio::null());
     } else if launch.piped_stdout {
         cmd.stdout(std::process::Stdio::piped());
+    }
+    if on_pty[2] {
+        cmd.stderr(std::process::Stdio::null());
     }
     let pass = [
         spec_file.as_raw_fd(),

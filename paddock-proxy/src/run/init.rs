@@ -111,7 +111,7 @@ pub enum SandboxError {
     #[error("sandbox: {0}")]
     Seccomp(#[from] SeccompError),
     #[error(
-        "the run user {user} (uid {uid}) cannot enter the current directory {cwd}: {source}; \
+        "the run user {user} (uid {uid}) cannot enter the current directory {cwd}: {source}{hint}; \
          start run from a directory that user can enter, or pass --user NAME to run as a user \
          who can"
     )]
@@ -120,6 +120,7 @@ pub enum SandboxError {
         uid: u32,
         cwd: String,
         source: Errno,
+        hint: &'static str,
     },
     #[error("cannot start {program}: {reason}")]
     Exec { program: String, reason: String },
@@ -597,8 +598,8 @@ fn open_pty(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd), SandboxError> {
         .ctx(|| "chown of the pty slave".into())?;
     nix::sys::stat::fchmod(&slave, Mode::from_bits_truncate(0o620))
         .ctx(|| "chmod of the pty slave".into())?;
-    if let Some(size) = spec.pty {
-        set_window_size(master.as_fd(), size.rows, size.cols)
+    if let Some(pty) = spec.pty {
+        set_window_size(master.as_fd(), pty.size.rows, pty.size.cols)
             .ctx(|| "setting the pty size".into())?;
     }
     Ok((master, slave))
@@ -685,17 +686,19 @@ fn confine(
         .thread_set_mask()
         .ctx(|| "restoring the signal mask".into())?;
     nix::unistd::setsid().ctx(|| "setsid".into())?;
-    if let Some(slave) = pty {
-        for target in 0..=2 {
-            // SAFETY: stdin/stdout/stderr are this process's own; dup2 replaces them with the
-            // pty slave atomically.
-            let rc = unsafe { libc::dup2(slave.as_raw_fd(), target) };
-            Errno::result(rc).ctx(|| "attaching the pty".into())?;
+    if let (Some(slave), Some(p)) = (pty, spec.pty) {
+        // SAFETY: TIOCSCTTY takes an int argument by value (0: do not steal).
+        let rc = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSCTTY, 0) };
+        Errno::result(rc).ctx(|| "making the pty the controlling terminal".into())?;
+        for (target, wanted) in (0..).zip(p.stdio) {
+            if wanted {
+                // SAFETY: descriptors 0-2 are this process's own; dup2 replaces one with the
+                // pty slave atomically.
+                let rc = unsafe { libc::dup2(slave.as_raw_fd(), target) };
+                Errno::result(rc).ctx(|| "attaching the pty".into())?;
+            }
         }
         drop(slave);
-        // SAFETY: TIOCSCTTY takes an int argument by value (0: do not steal).
-        let rc = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
-        Errno::result(rc).ctx(|| "making the pty the controlling terminal".into())?;
     }
     let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
     nix::unistd::setgroups(&[gid]).ctx(|| "setgroups".into())?;
@@ -716,6 +719,11 @@ fn confine(
         uid: spec.uid,
         cwd: cwd.display().to_string(),
         source,
+        hint: if PRIVATE_TMPFS.iter().any(|(m, _)| cwd.starts_with(m)) {
+            " (the command's /tmp, /var/tmp, /dev/shm and /run are private, empty mounts)"
+        } else {
+            ""
+        },
     })?;
     let path = find_program(spec)?;
     let argv = std::iter::once(&spec.program)

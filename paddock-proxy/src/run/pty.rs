@@ -1,8 +1,13 @@
-//! Interactive use: when `run`'s stdin is a terminal the command gets a pseudo-terminal of its
-//! own (allocated inside the sandbox) and `run` relays between it and the operator's terminal,
-//! which it puts in raw mode meanwhile. Keys such as Ctrl-C and Ctrl-Z then reach the command
-//! through its pty's line discipline, job control works inside, and the command never holds
-//! the operator's terminal (no `TIOCSTI` into the operator's shell).
+//! Terminals: when any of `run`'s stdin, stdout and stderr is a terminal, the command gets a
+//! pseudo-terminal of its own (allocated inside the sandbox) in their place and `run` relays
+//! between it and the operator's terminal. The command never holds a descriptor of the
+//! operator's terminal: it cannot push keystrokes into the operator's shell (`TIOCSTI`), read
+//! the operator's typeahead, or change the terminal's settings or line discipline.
+//!
+//! With stdin a terminal, `run` puts it in raw mode for the duration: keys such as Ctrl-C and
+//! Ctrl-Z then reach the command through its pty's line discipline and job control works
+//! inside. The saved mode comes back at the end, with input typed for the command and not yet
+//! read discarded (it must not spill into the operator's shell).
 #![expect(
     unsafe_code,
     reason = "TIOCGWINSZ ioctl, a blocking read(2) on stdin and registering the pty master with \
@@ -34,10 +39,14 @@ fn stdin_fd() -> BorrowedFd<'static> {
     unsafe { BorrowedFd::borrow_raw(0) }
 }
 
-/// `run` should allocate a pty: its stdin is a terminal.
+/// Which of `run`'s stdin, stdout and stderr are terminals (those get the command's pty).
 #[must_use]
-pub fn wanted() -> bool {
-    std::io::stdin().is_terminal()
+pub fn terminal_stdio() -> [bool; 3] {
+    [
+        std::io::stdin().is_terminal(),
+        std::io::stdout().is_terminal(),
+        std::io::stderr().is_terminal(),
+    ]
 }
 
 /// The size of the terminal on `fd`.
@@ -56,10 +65,12 @@ pub fn window_size(fd: BorrowedFd<'_>) -> Option<WindowSize> {
     })
 }
 
-/// The operator's terminal size (stdin, else stdout).
+/// The operator's terminal size (from stdin, stdout or stderr, whichever is one).
 #[must_use]
 pub fn operator_window_size() -> Option<WindowSize> {
-    window_size(stdin_fd()).or_else(|| window_size(std::io::stdout().as_fd()))
+    window_size(stdin_fd())
+        .or_else(|| window_size(std::io::stdout().as_fd()))
+        .or_else(|| window_size(std::io::stderr().as_fd()))
 }
 
 /// The operator's terminal in raw mode; the saved mode comes back on drop, which also runs on
@@ -83,7 +94,8 @@ impl RawMode {
 
 impl Drop for RawMode {
     fn drop(&mut self) {
-        let _ = nix::sys::termios::tcsetattr(stdin_fd(), SetArg::TCSADRAIN, &self.saved);
+        // TCSAFLUSH: also drop input typed for the command that it never read.
+        let _ = nix::sys::termios::tcsetattr(stdin_fd(), SetArg::TCSAFLUSH, &self.saved);
         RAW.store(false, Ordering::Relaxed);
     }
 }
@@ -96,11 +108,11 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Relay stdin to `master` (a thread doing blocking reads, so the operator's terminal
-    /// description is never switched to non-blocking), `master` to stdout, and the window
-    /// size on SIGWINCH.
-    pub fn start(master: OwnedFd) -> std::io::Result<Self> {
-        let input = master.try_clone()?;
+    /// Relay `master` to stdout (to stderr when only that is a terminal), stdin to `master`
+    /// when `input` (a thread doing blocking reads, so the operator's terminal description is
+    /// never switched to non-blocking), and the window size on SIGWINCH.
+    pub fn start(master: OwnedFd, input: bool, to_stderr: bool) -> std::io::Result<Self> {
+        let writer = master.try_clone()?;
         nix::fcntl::fcntl(
             &master,
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
@@ -111,10 +123,16 @@ impl Relay {
         }
         .map_err(|e| e.into_parts().1)?;
         let sized = master.get_ref().try_clone()?;
-        std::thread::Builder::new()
-            .name("paddock-pty-input".into())
-            .spawn(move || copy_input(&input))?;
-        let output = tokio::spawn(copy_output(master));
+        if input {
+            std::thread::Builder::new()
+                .name("paddock-pty-input".into())
+                .spawn(move || copy_input(&writer))?;
+        }
+        let output = if to_stderr {
+            tokio::spawn(copy_output(master, tokio::io::stderr()))
+        } else {
+            tokio::spawn(copy_output(master, tokio::io::stdout()))
+        };
         let mut winch =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
         let winch = tokio::spawn(async move {
@@ -169,9 +187,11 @@ fn copy_input(master: &OwnedFd) {
     }
 }
 
-/// pty master -> stdout, until the last holder of the slave is gone (EIO).
-async fn copy_output(master: tokio::io::unix::AsyncFd<OwnedFd>) {
-    let mut out = tokio::io::stdout();
+/// pty master -> `out`, until the last holder of the slave is gone (EIO).
+async fn copy_output(
+    master: tokio::io::unix::AsyncFd<OwnedFd>,
+    mut out: impl tokio::io::AsyncWrite + Unpin,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let Ok(mut guard) = master.readable().await else {

@@ -7,7 +7,7 @@
 //! listeners and the DNS sockets inside it; start the proxy with the broker as its egress
 //! policy and substituter; create the agent cgroup and attach the eBPF programs; open the
 //! published ports; start the command in its sandbox ([`super::init`]) as the run user with
-//! the run CA and its placeholders, relaying a pty when stdin is a terminal; then tear
+//! the run CA and its placeholders, relaying a pty when it runs on a terminal; then tear
 //! everything down and exit with the command's code. Everything only Paddock may read (CA
 //! key, broker key, database, caller key) lives in a 0700 root-only directory that is removed
 //! at the end; the audit logs are kept.
@@ -577,10 +577,17 @@ impl Run<'_> {
                     .await
                     .map_err(|_| ChildError::Pty("timed out".into()))??;
                 // No master: the launcher failed, and says why below.
-                if let Some(master) = master {
-                    let raw = super::pty::RawMode::enter()
-                        .map_err(|e| RunError::Terminal(format!("raw mode: {e}")))?;
-                    let relay = super::pty::Relay::start(master)
+                if let (Some(master), Some(pty)) = (master, spec.pty) {
+                    let [stdin, stdout, _] = pty.stdio;
+                    let raw = if stdin {
+                        Some(
+                            super::pty::RawMode::enter()
+                                .map_err(|e| RunError::Terminal(format!("raw mode: {e}")))?,
+                        )
+                    } else {
+                        None
+                    };
+                    let relay = super::pty::Relay::start(master, stdin, !stdout)
                         .map_err(|e| RunError::Terminal(format!("relay: {e}")))?;
                     terminal = Some((relay, raw));
                 }
@@ -646,11 +653,13 @@ impl Run<'_> {
             .ok()
             .flatten()
             .map(|g| g.gid.as_raw());
-        if super::pty::wanted() {
-            spec.pty = Some(
-                super::pty::operator_window_size()
+        let stdio = super::pty::terminal_stdio();
+        if stdio.contains(&true) {
+            spec.pty = Some(super::spec::PtySpec {
+                size: super::pty::operator_window_size()
                     .unwrap_or(super::spec::WindowSize { rows: 24, cols: 80 }),
-            );
+                stdio,
+            });
         }
         Ok(spec)
     }

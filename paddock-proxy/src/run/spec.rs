@@ -38,6 +38,16 @@ pub struct WindowSize {
     pub cols: u16,
 }
 
+/// The command's own pseudo-terminal, standing in for the operator's terminal on each of
+/// stdin, stdout and stderr that is one (the others pass through unchanged), so the command
+/// never holds a descriptor of the operator's terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySpec {
+    pub size: WindowSize,
+    /// Which of descriptors 0, 1 and 2 get the pty.
+    pub stdio: [bool; 3],
+}
+
 /// Everything the launcher needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxSpec {
@@ -54,7 +64,7 @@ pub struct SandboxSpec {
     /// Where the command starts; it must be able to enter it as the run user.
     pub cwd: Vec<u8>,
     /// Allocate a pseudo-terminal inside the sandbox and send its master to `run`.
-    pub pty: Option<WindowSize>,
+    pub pty: Option<PtySpec>,
     /// Group of the sandbox's pty slaves (the `tty` group), when it exists.
     pub tty_gid: Option<u32>,
     pub files: Vec<SandboxFile>,
@@ -148,6 +158,9 @@ impl SandboxSpec {
                 return bad("sandbox files must be plain names with permission bits only");
             }
         }
+        if self.pty.is_some_and(|p| !p.stdio.contains(&true)) {
+            return bad("a pty for none of stdin, stdout and stderr");
+        }
         if self.resolv_conf.as_ref().is_some_and(|r| r.contains('\0'))
             || self.user_name.contains([':', '\n', '\0'])
         {
@@ -206,9 +219,12 @@ mod tests {
     #[test]
     fn round_trips_non_utf8_bytes() {
         let mut s = spec();
-        s.pty = Some(WindowSize {
-            rows: 40,
-            cols: 120,
+        s.pty = Some(PtySpec {
+            size: WindowSize {
+                rows: 40,
+                cols: 120,
+            },
+            stdio: [false, true, true],
         });
         s.files.push(SandboxFile {
             name: "ca.crt".into(),
@@ -255,6 +271,12 @@ mod tests {
             });
         });
         refused(&|s| s.user_name = "a:0:0".into());
+        refused(&|s| {
+            s.pty = Some(PtySpec {
+                size: WindowSize { rows: 1, cols: 1 },
+                stdio: [false; 3],
+            });
+        });
         assert!(SandboxSpec::decode(b"{not json").is_err());
         assert!(spec().validate().is_ok());
     }
