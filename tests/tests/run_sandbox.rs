@@ -357,12 +357,6 @@ for pid in pids:
         res[str(pid)] = 0
     except OSError as e:
         res[str(pid)] = e.errno
-# Everything this user may signal: outside a PID namespace that includes the victim.
-try:
-    os.kill(-1, signal.SIGKILL)
-    res["all"] = 0
-except OSError as e:
-    res["all"] = e.errno
 print("PROBE " + json.dumps(res), flush=True)
 "#;
 
@@ -410,11 +404,9 @@ fn the_command_cannot_signal_run_or_any_host_process() {
     for pid in [child.id(), std::process::id(), victim.pid()] {
         assert_eq!(res[pid.to_string()], ESRCH, "{pid} is not visible: {res}");
     }
-    // kill(-1) inside reaches nothing outside (the sandbox's init is exempt, nothing else ran).
-    assert!(
-        victim.alive_untraced(),
-        "the victim survived kill(-1, SIGKILL)"
-    );
+    // (No kill(-1) in the probe: were the sandbox ever broken, it would kill every process of
+    // the user on the machine, other tests' included.)
+    assert!(victim.alive_untraced(), "the victim survived the SIGTERM");
     assert_nothing_left(&bench, &run_id, ident(&stdout), false);
 }
 
