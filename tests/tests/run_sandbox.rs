@@ -643,6 +643,14 @@ fn vsock_packet_io_uring_and_new_user_namespaces_are_refused() {
         control["io_uring"], 0,
         "io_uring works outside here: {control}"
     );
+    assert_eq!(
+        control["userns"], 0,
+        "unprivileged user namespaces work outside here: {control}"
+    );
+    assert_eq!(
+        control["packet"], EPERM,
+        "packet sockets need CAP_NET_RAW outside too: {control}"
+    );
     for fam in ["unix", "inet", "inet6", "netlink"] {
         assert_eq!(control[fam], 0, "{control}");
     }
