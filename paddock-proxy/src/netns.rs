@@ -4,9 +4,17 @@
 //! it was created in. So a listener for a pod is created on a short-lived thread that enters the
 //! pod's namespace, binds, and hands the socket back; the runtime's threads never move
 //! (the approach of istio/ztunnel's in-pod mode).
+//!
+//! [`OwnedNetns`] is a namespace this process created and owns through a descriptor (no name
+//! under `/run/netns`): `paddock-proxy run` gives the command one, with only loopback, and binds
+//! the proxy's listeners inside it ([`OwnedNetns::bind_run_sockets`]). The sockets stay in the
+//! namespace they were created in while the proxy accepts and dials from its own, so upstream
+//! traffic leaves from the host's side. The node agent can reuse the same mechanism for pods.
 
 use std::{
     fs::File,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
+    os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -31,6 +39,17 @@ pub enum NetnsError {
     Setns { path: PathBuf, source: nix::Error },
     #[error("netns worker thread panicked")]
     Panicked,
+    #[error("creating a network namespace: {0} (needs CAP_SYS_ADMIN)")]
+    Create(nix::Error),
+    #[error("bringing up loopback in the new network namespace: {0}")]
+    Loopback(std::io::Error),
+    #[error("opening the new network namespace: {0}")]
+    Handle(std::io::Error),
+    #[error("binding {addr} inside the command's network namespace: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A namespace named by a path (`/run/netns/NAME`, `/proc/PID/ns/net`).
@@ -73,6 +92,169 @@ impl NetnsEntry for NetnsPath {
         .join()
         .map_err(|_| NetnsError::Panicked)?
     }
+}
+
+/// A fresh network namespace with only loopback, up, held open by a descriptor: it lives as long
+/// as this handle, the sockets created in it, or a process inside it.
+#[derive(Debug)]
+pub struct OwnedNetns {
+    file: File,
+}
+
+impl OwnedNetns {
+    /// Create the namespace on a short-lived thread (`unshare(CLONE_NEWNET)` moves only that
+    /// thread), bring `lo` up there and keep a descriptor of it.
+    pub fn create() -> Result<Self, NetnsError> {
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(NetnsError::Create)?;
+            crate::sys::loopback_up().map_err(NetnsError::Loopback)?;
+            let file = File::open("/proc/thread-self/ns/net").map_err(NetnsError::Handle)?;
+            Ok(Self { file })
+        })
+        .join()
+        .map_err(|_| NetnsError::Panicked)?
+    }
+
+    /// The namespace's inode number (what `/proc/PID/ns/net` links name: `net:[INODE]`).
+    pub fn inode(&self) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.ino())
+    }
+
+    /// Bind what `paddock-proxy run` serves inside the command's namespace: the transparent
+    /// proxy listener on `127.0.0.1:P` and `[::1]:P` (one port the kernel picks, the same on
+    /// both) and UDP port 53 on both addresses for the run's DNS server. Without IPv6 in the
+    /// namespace only the IPv4 sockets are bound (the eBPF config then refuses IPv6 connects).
+    pub fn bind_run_sockets(&self) -> Result<RunSockets, NetnsError> {
+        self.run_in(bind_run_sockets)?
+    }
+}
+
+impl AsFd for OwnedNetns {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+impl NetnsEntry for OwnedNetns {
+    fn run_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, NetnsError> {
+        let file = self.file.try_clone().map_err(NetnsError::Handle)?;
+        std::thread::spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| {
+                NetnsError::Setns {
+                    path: PathBuf::from("(owned netns)"),
+                    source,
+                }
+            })?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| NetnsError::Panicked)?
+    }
+}
+
+/// The sockets `run` owns inside the command's network namespace.
+#[derive(Debug)]
+pub struct RunSockets {
+    /// The transparent listeners' port (the same on both addresses).
+    pub port: u16,
+    /// `127.0.0.1:port` and, with IPv6, `[::1]:port`: hand them to the proxy
+    /// (`ServeOptions::transparent_listeners`).
+    pub transparent: Vec<TcpListener>,
+    /// UDP `127.0.0.1:53` and, with IPv6, `[::1]:53`, where the command's resolv.conf points.
+    pub dns_sockets: Vec<UdpSocket>,
+}
+
+impl RunSockets {
+    /// The transparent listeners' addresses.
+    #[must_use]
+    pub fn transparent_addrs(&self) -> Vec<SocketAddr> {
+        self.transparent
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// The DNS sockets' addresses.
+    #[must_use]
+    pub fn dns_addrs(&self) -> Vec<SocketAddr> {
+        self.dns_sockets
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect()
+    }
+}
+
+fn tcp_listener(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, std::io::Error> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.bind(&addr.into())?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+fn bind_run_sockets() -> Result<RunSockets, NetnsError> {
+    let bind_err = |addr| move |source| NetnsError::Bind { addr, source };
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let listener = tcp_listener(v4).map_err(bind_err(v4))?;
+    let port = listener.local_addr().map_err(bind_err(v4))?.port();
+    let mut transparent = vec![listener];
+    let dns4 = SocketAddr::from((Ipv4Addr::LOCALHOST, 53));
+    let mut dns_sockets = vec![udp_socket(dns4).map_err(bind_err(dns4))?];
+    // A fresh namespace has nothing else bound: the same port is free on [::1], unless the
+    // kernel runs without IPv6 (EADDRNOTAVAIL / EAFNOSUPPORT), which leaves IPv4 only.
+    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    match tcp_listener(v6) {
+        Ok(l) => {
+            transparent.push(l);
+            let dns6 = SocketAddr::from((Ipv6Addr::LOCALHOST, 53));
+            dns_sockets.push(udp_socket(dns6).map_err(bind_err(dns6))?);
+        }
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+            ) =>
+        {
+            tracing::info!("no IPv6 in the command's network namespace: IPv4 only");
+        }
+        Err(e) => {
+            return Err(NetnsError::Bind {
+                addr: v6,
+                source: e,
+            });
+        }
+    }
+    Ok(RunSockets {
+        port,
+        transparent,
+        dns_sockets,
+    })
 }
 
 /// The caller's own namespace: runs `f` in place. For tests and single-namespace deployments.

@@ -1,7 +1,8 @@
-//! The few socket options no safe wrapper covers.
+//! The few socket options and interface ioctls no safe wrapper covers.
 #![expect(
     unsafe_code,
-    reason = "raw getsockopt for SO_NETNS_COOKIE, which nix does not wrap"
+    reason = "raw getsockopt for SO_NETNS_COOKIE and the SIOCGIFFLAGS/SIOCSIFFLAGS ioctls, which \
+              nix does not wrap"
 )]
 
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -27,4 +28,31 @@ pub fn netns_cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+/// Bring the loopback interface of the calling thread's network namespace up (what
+/// `ip link set lo up` does), through the `SIOCGIFFLAGS`/`SIOCSIFFLAGS` ioctls on a throwaway
+/// socket of that namespace.
+pub fn loopback_up() -> std::io::Result<()> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = libc::c_char::from_ne_bytes([*src]);
+    }
+    // SAFETY: `sock` is a live socket and `req` a properly initialised ifreq that outlives the
+    // call; SIOCGIFFLAGS writes only `ifr_flags` inside it.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS filled the `ifr_flags` member of the union.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= libc::c_short::try_from(libc::IFF_UP)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    }
+    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &raw const req) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -19,6 +19,7 @@ pub mod pyserver;
 pub mod reflect_api;
 pub mod servers;
 pub mod topology;
+pub mod tty;
 pub mod wrk;
 
 pub use cgroup::CgroupGuard;

@@ -1,7 +1,7 @@
 //! Running a process inside a cgroup and a network namespace.
 #![expect(
     unsafe_code,
-    reason = "Command::pre_exec is unsafe; the hook only makes raw syscalls"
+    reason = "Command::pre_exec is unsafe; the hooks only make raw syscalls"
 )]
 
 use std::{
@@ -60,6 +60,23 @@ pub fn place(cmd: &mut Command, at: &Placement<'_>) {
                     || libc::setuid(id) != 0)
             {
                 return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Let the child of `cmd` (only it) inherit descriptors: each `(from, to)` is duplicated to
+/// number `to` without close-on-exec, the way a careless launcher leaks a socket or a file.
+pub fn inherit_fds(cmd: &mut Command, fds: &[(std::os::fd::RawFd, std::os::fd::RawFd)]) {
+    let fds = fds.to_vec();
+    // SAFETY: between fork and exec; only dup2(2) on descriptors open in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &(from, to) in &fds {
+                if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });

@@ -29,8 +29,23 @@ enum Command {
     /// Run the proxy (transparent, CONNECT and plain-HTTP listeners; admin endpoint).
     Serve(ServeArgs),
     /// Run one command under Paddock: embedded broker, transparent proxy and eBPF interception
-    /// around it; exits with the command's exit code.
+    /// around it, the command in its own namespaces; exits with the command's exit code.
     Run(RunArgs),
+    /// Internal: the sandbox launcher `run` starts (not for direct use).
+    #[command(name = "__sandbox", hide = true)]
+    Sandbox(SandboxArgs),
+}
+
+#[derive(Debug, Args)]
+struct SandboxArgs {
+    #[arg(long)]
+    spec: i32,
+    #[arg(long)]
+    errors: i32,
+    #[arg(long)]
+    netns: i32,
+    #[arg(long)]
+    pty_socket: Option<i32>,
 }
 
 #[derive(Debug, Args)]
@@ -41,9 +56,15 @@ struct RunArgs {
     /// Base directory for relative `secret: {file: ...}` paths.
     #[arg(long)]
     secrets: Option<PathBuf>,
-    /// Run the command as this user (default: `SUDO_USER`, else nobody; never root).
+    /// Run the command as this existing user, e.g. to let it work on your files (default: a
+    /// fresh uid for this run with no account and no files on the host; never root;
+    /// `SUDO_USER` is not used).
     #[arg(long)]
     user: Option<String>,
+    /// Forward an inbound port to the command: `PORT`, `HOSTPORT:PORT` or
+    /// `ADDR:HOSTPORT:PORT` (ADDR default 127.0.0.1; IPv6 in brackets). Repeatable; default none.
+    #[arg(long, value_name = "[ADDR:]HOSTPORT:PORT")]
+    publish: Vec<paddock_proxy::run::Publish>,
     /// Run id (default: random).
     #[arg(long)]
     run_id: Option<String>,
@@ -63,7 +84,8 @@ struct RunArgs {
     /// Destination range the proxy may dial although it is private (repeatable).
     #[arg(long)]
     allow_cidr: Vec<String>,
-    /// Resolver the proxy uses itself (repeatable; default: /etc/resolv.conf).
+    /// Resolver the proxy uses, and where the command's DNS is forwarded (repeatable; default:
+    /// /etc/resolv.conf).
     #[arg(long)]
     nameserver: Vec<std::net::SocketAddr>,
     /// Let the proxy's resolver read /etc/hosts.
@@ -163,12 +185,37 @@ struct AttachArgs {
     orig_entries: u32,
 }
 
+/// stderr for log lines; while `run` holds the terminal in raw mode (an interactive command)
+/// each `\n` goes out as `\r\n`, or lines would start where the previous one ended.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut err = std::io::stderr().lock();
+        if paddock_proxy::run::pty::terminal_is_raw() {
+            for (i, line) in buf.split(|&b| b == b'\n').enumerate() {
+                if i > 0 {
+                    err.write_all(b"\r\n")?;
+                }
+                err.write_all(line)?;
+            }
+        } else {
+            err.write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| LogWriter);
     if json {
         builder.json().init();
     } else {
@@ -182,6 +229,15 @@ const RUN_FAILED: i32 = 125;
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::Sandbox(a) = &cli.command {
+        // Single-threaded and without logging: it forks and execs the command.
+        paddock_proxy::run::init::launcher_main(paddock_proxy::run::init::LauncherFds {
+            spec: a.spec,
+            errors: a.errors,
+            netns: a.netns,
+            pty_socket: a.pty_socket,
+        });
+    }
     init_tracing(cli.log_json);
     let (result, failed) = match cli.command {
         Command::Ebpf(cmd) => (ebpf_command(cmd), 1),
@@ -190,6 +246,7 @@ fn main() {
             Ok(code) => std::process::exit(code),
             Err(e) => (Err(e), RUN_FAILED),
         },
+        Command::Sandbox(_) => unreachable!("handled above"),
     };
     if let Err(e) = result {
         // One line with the whole cause chain, for operators; no backtrace.
@@ -200,6 +257,9 @@ fn main() {
 
 fn run_command(a: RunArgs) -> Result<i32> {
     use tokio::signal::unix::{SignalKind, signal};
+    // Whatever the caller left open (a socket, a file) must not reach the launcher or the
+    // command: mark it close-on-exec before anything is spawned.
+    paddock_proxy::run::init::cloexec_inherited();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -207,10 +267,15 @@ fn run_command(a: RunArgs) -> Result<i32> {
     runtime.block_on(async move {
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        // A closed terminal (SIGHUP) or SIGQUIT would otherwise kill run without its teardown.
+        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        let mut quit = signal(SignalKind::quit()).context("SIGQUIT handler")?;
         let interrupt = async move {
             tokio::select! {
                 _ = term.recv() => nix::sys::signal::Signal::SIGTERM,
                 _ = int.recv() => nix::sys::signal::Signal::SIGINT,
+                _ = hup.recv() => nix::sys::signal::Signal::SIGHUP,
+                _ = quit.recv() => nix::sys::signal::Signal::SIGQUIT,
             }
         };
         let opts = paddock_proxy::run::RunOptions {
@@ -227,6 +292,9 @@ fn run_command(a: RunArgs) -> Result<i32> {
             use_hosts_file: a.hosts_file,
             upstream_ca: a.upstream_ca,
             substitute_rate: a.substitute_rate,
+            publish: a.publish,
+            // Exactly the running image, whatever happens to the path meanwhile.
+            launcher: std::path::PathBuf::from("/proc/self/exe"),
             command: a.command,
         };
         paddock_proxy::run::run(opts, interrupt)

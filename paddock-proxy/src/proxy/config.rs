@@ -420,6 +420,10 @@ pub struct EbpfConfig {
     /// (see [`crate::ebpf::AgentConfig::inbound_ports`]); none by default.
     #[serde(default)]
     pub inbound_ports: Vec<u16>,
+    /// Destinations the agents reach directly, never redirected (`run`: the loopback of the
+    /// command's own network namespace).
+    #[serde(default)]
+    pub bypass: Vec<ipnet::IpNet>,
 }
 
 fn default_pin_dir() -> PathBuf {
@@ -441,27 +445,31 @@ pub enum ConfigError {
 }
 
 impl ServeConfig {
-    /// The configuration `paddock-proxy run` starts: transparent listeners on `127.0.0.1:port`
-    /// and `[::1]:port`, a CA generated into `ca_dir`, and one agent cgroup attached with
-    /// `dns` as its allowed resolvers. `policy_file` is recorded for reference only: `run`
-    /// supplies the broker as the egress policy.
+    /// The configuration `paddock-proxy run` starts: transparent listeners at `transparent`
+    /// (`run` binds them itself inside the command's network namespace and passes them in
+    /// `ServeOptions::transparent_listeners`; the addresses tell the eBPF programs where they
+    /// are), a CA generated into `ca_dir`, and one agent cgroup attached with `dns` as its
+    /// allowed resolvers and `bypass` as the destinations it reaches directly. `policy_file` is
+    /// recorded for reference only: `run` supplies the broker as the egress policy.
     #[must_use]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "every argument is a distinct piece of the run; a struct would only rename them"
+    )]
     pub fn local_run(
         run_id: &str,
-        port: u16,
+        transparent: &[SocketAddr],
         ca_dir: &Path,
         policy_file: &Path,
         cgroup: &Path,
         pin_dir: &Path,
         dns: &[SocketAddr],
+        bypass: &[ipnet::IpNet],
     ) -> Self {
         Self {
             run_id: run_id.to_owned(),
             listen: ListenConfig {
-                transparent: vec![
-                    SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
-                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
-                ],
+                transparent: transparent.to_vec(),
                 plain_http_ports: default_plain_ports(),
                 connect: None,
                 connect_reason: None,
@@ -486,6 +494,7 @@ impl ServeConfig {
                 agent_cgroups: vec![cgroup.to_path_buf()],
                 dns: dns.to_vec(),
                 inbound_ports: Vec::new(),
+                bypass: bypass.to_vec(),
             }),
             dns: None,
         }
@@ -917,7 +926,8 @@ file = "/tmp/policy.toml"
     #[test]
     fn local_run_publishes_nothing_until_asked() {
         let p = Path::new("/x");
-        let cfg = ServeConfig::local_run("r", 15001, p, p, p, p, &[]);
+        let listen: Vec<SocketAddr> = vec!["127.0.0.1:15001".parse().expect("addr")];
+        let cfg = ServeConfig::local_run("r", &listen, p, p, p, p, &[], &[]);
         assert_eq!(cfg.ebpf.as_ref().map(|e| e.inbound_ports.len()), Some(0));
         let cfg = cfg.with_inbound_ports(&[3000]);
         assert_eq!(cfg.ebpf.map(|e| e.inbound_ports), Some(vec![3000]));

@@ -49,6 +49,11 @@ pub struct ServeOptions {
     /// settings come from `[dns]` when present, else the defaults; agents are redirected to
     /// them only when `[dns] redirect_agents` is set (see [`crate::dns`]).
     pub dns_sockets: Vec<std::net::UdpSocket>,
+    /// Transparent listeners bound by the caller, served instead of binding
+    /// `listen.transparent` (which then only tells the eBPF programs where they are). `run`
+    /// binds them inside the command's network namespace
+    /// ([`crate::netns::OwnedNetns::bind_run_sockets`]); they must be non-blocking.
+    pub transparent_listeners: Vec<std::net::TcpListener>,
 }
 
 impl ServeOptions {
@@ -64,6 +69,7 @@ impl ServeOptions {
             metrics: None,
             audit_reopen: None,
             dns_sockets: Vec::new(),
+            transparent_listeners: Vec::new(),
         }
     }
 }
@@ -144,6 +150,7 @@ pub async fn serve_until(
     stop: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let policy_override = opts.policy.take();
+    let prebound = std::mem::take(&mut opts.transparent_listeners);
     let substituter = opts.substituter.take();
     let ready_tx = opts.ready.take();
     let dns_sockets = std::mem::take(&mut opts.dns_sockets);
@@ -260,9 +267,28 @@ pub async fn serve_until(
 
     // Bind everything before attaching interception, so agents never hit a closed port.
     let mut tasks = tokio::task::JoinSet::new();
-    for addr in &cfg.listen.transparent {
-        let listener = bind(*addr).await?;
-        tracing::info!(%addr, "transparent listener");
+    let transparent = if prebound.is_empty() {
+        let mut bound = Vec::new();
+        for addr in &cfg.listen.transparent {
+            bound.push(bind(*addr).await?);
+        }
+        bound
+    } else {
+        prebound
+            .into_iter()
+            .map(|l| {
+                let addr = l.local_addr().map_err(|source| ServeError::Bind {
+                    addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                    source,
+                })?;
+                TcpListener::from_std(l).map_err(|source| ServeError::Bind { addr, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    for listener in transparent {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "transparent listener");
+        }
         tasks.spawn(run_listener(
             Arc::clone(&pipeline),
             listener,
@@ -469,7 +495,9 @@ pub fn agent_config(
         }
         port
     } else {
-        if !e.dns.is_empty() {
+        // Resolvers that are this proxy's own DNS server (`run`: the sockets in the command's
+        // namespace) need no redirect; any other one carries whatever it is asked onwards.
+        if e.dns.iter().any(|r| !dns_served.contains(r)) {
             tracing::warn!(
                 resolvers = ?e.dns,
                 "agents send DNS straight to these resolvers, which carry any name onwards \
@@ -490,7 +518,7 @@ pub fn agent_config(
         proxy_port: first.port(),
         dns: e.dns.clone(),
         dns_redirect_port,
-        bypass: Vec::new(),
+        bypass: e.bypass.clone(),
         bypass_mark: cfg.network.bypass_mark,
         block_udp: true,
         debug_log: false,

@@ -1,14 +1,22 @@
-//! Starting the command inside the agent cgroup as the run user, and supervising it.
+//! Starting the command in its sandbox inside the agent cgroup, and supervising it.
+//!
+//! `run` starts the sandbox launcher ([`super::init`], `paddock-proxy __sandbox`) with the spec
+//! in a memfd, the command's network namespace, the write end of an error pipe and (for a
+//! terminal) a socket the pty master comes back over. The launcher joins the agent cgroup
+//! before it runs anything and is killed should `run` die first (parent-death signal); every
+//! process of the sandbox inherits both.
 #![expect(
     unsafe_code,
     reason = "Command::pre_exec is unsafe; the hook only makes raw syscalls"
 )]
 
 use std::{
-    collections::BTreeMap,
-    ffi::OsString,
-    fs::OpenOptions,
-    os::{fd::AsRawFd, unix::process::ExitStatusExt},
+    fs::{File, OpenOptions},
+    io::{Read, Write},
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::process::ExitStatusExt,
+    },
     path::{Path, PathBuf},
     process::ExitStatus,
     time::Duration,
@@ -16,20 +24,18 @@ use std::{
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
-use super::RunUser;
+use super::spec::SandboxSpec;
 
-/// What to start.
-#[derive(Debug, Clone)]
-pub struct SpawnSpec {
-    pub program: OsString,
-    pub args: Vec<OsString>,
-    /// The complete environment (nothing else is inherited).
-    pub env: BTreeMap<OsString, OsString>,
-    pub user: RunUser,
-    /// The agent cgroup directory; the child joins it before `exec`.
-    pub cgroup: PathBuf,
-    pub cwd: Option<PathBuf>,
-    /// Capture stdout (tests, the demo) instead of sharing Paddock's.
+/// How to start the launcher.
+#[derive(Debug, Clone, Copy)]
+pub struct Launch<'a> {
+    /// The `paddock-proxy` binary (`run` uses `/proc/self/exe`: exactly the running image).
+    pub launcher: &'a Path,
+    /// The agent cgroup directory; the launcher joins it before `exec`.
+    pub cgroup: &'a Path,
+    /// The command's network namespace.
+    pub netns: BorrowedFd<'a>,
+    /// Capture the command's stdout (tests, the demo) instead of sharing Paddock's.
     pub piped_stdout: bool,
 }
 
@@ -41,11 +47,18 @@ pub enum ChildError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("starting {program:?}: {source}")]
+    #[error("preparing the sandbox: {0}")]
+    Setup(String),
+    #[error("starting the sandbox launcher {program}: {source}")]
     Spawn {
-        program: OsString,
+        program: PathBuf,
         source: std::io::Error,
     },
+    /// A launcher stage failed; the text says which and why.
+    #[error("{0}")]
+    Sandbox(String),
+    #[error("receiving the command's terminal: {0}")]
+    Pty(String),
     #[error("waiting for the command: {0}")]
     Wait(std::io::Error),
 }
@@ -66,10 +79,25 @@ pub fn exit_code(status: ExitStatus) -> i32 {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
-/// Spawn the command: in the child, join the cgroup, drop to the run user, and ask for
-/// SIGKILL should Paddock die first (no command outlives its proxy).
-pub fn spawn_in_cgroup(spec: &SpawnSpec) -> Result<tokio::process::Child, ChildError> {
-    let procs_path = spec.cgroup.join("cgroup.procs");
+/// A started sandbox.
+#[derive(Debug)]
+pub struct Sandboxed {
+    /// The launcher; its exit status is the command's.
+    pub child: tokio::process::Child,
+    errors: File,
+    pty_socket: Option<OwnedFd>,
+}
+
+fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> ChildError + '_ {
+    move |e| ChildError::Setup(format!("{what}: {e}"))
+}
+
+/// Start the launcher for `spec`. Nothing of the command runs before the launcher has joined
+/// the cgroup and confined itself; a failure there shows up as [`ChildError::Sandbox`] from
+/// [`Sandboxed::failure`]. Call it from a thread that outlives the sandbox: the launcher's
+/// parent-death signal fires when the spawning *thread* exits.
+pub fn spawn_sandboxed(spec: &SandboxSpec, launch: &Launch<'_>) -> Result<Sandboxed, ChildError> {
+    let procs_path = launch.cgroup.join("cgroup.procs");
     let procs = OpenOptions::new()
         .write(true)
         .open(&procs_path)
@@ -77,45 +105,177 @@ pub fn spawn_in_cgroup(spec: &SpawnSpec) -> Result<tokio::process::Child, ChildE
             path: procs_path,
             source,
         })?;
-    let mut cmd = std::process::Command::new(&spec.program);
-    cmd.args(&spec.args).env_clear().envs(&spec.env);
-    if let Some(dir) = &spec.cwd {
-        cmd.current_dir(dir);
+    let spec_fd = nix::sys::memfd::memfd_create(
+        "paddock-sandbox-spec",
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+    )
+    .map_err(setup("memfd_create"))?;
+    let mut spec_file = File::from(spec_fd);
+    spec_file
+        .write_all(&spec.encode().map_err(setup("encoding the spec"))?)
+        .map_err(setup("writing the spec"))?;
+    let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(setup("creating a pipe"))?;
+    nix::fcntl::fcntl(
+        &err_r,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(setup("error pipe"))?;
+    let (ours, theirs) = if spec.pty.is_some() {
+        let (a, b) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(setup("socketpair"))?;
+        (Some(a), Some(b))
+    } else {
+        (None, None)
+    };
+
+    let mut cmd = std::process::Command::new(launch.launcher);
+    cmd.arg("__sandbox")
+        .arg("--spec")
+        .arg(spec_file.as_raw_fd().to_string())
+        .arg("--errors")
+        .arg(err_w.as_raw_fd().to_string())
+        .arg("--netns")
+        .arg(launch.netns.as_raw_fd().to_string());
+    if let Some(t) = &theirs {
+        cmd.arg("--pty-socket").arg(t.as_raw_fd().to_string());
     }
-    let (uid, gid) = (spec.user.uid.as_raw(), spec.user.gid.as_raw());
-    // SAFETY: runs between fork and exec; it only issues write(2), setgroups(2), setgid(2),
-    // setuid(2) and prctl(2) with values and a descriptor prepared before the fork. It
-    // allocates nothing and takes no locks.
+    // The launcher needs no environment; the command's comes in the spec.
+    cmd.env_clear();
+    // Descriptors the command gets its pty on are not handed to the sandbox at all: no
+    // process in it ever holds the operator's terminal.
+    let on_pty = spec.pty.map_or([false; 3], |p| p.stdio);
+    if on_pty[0] {
+        cmd.stdin(std::process::Stdio::null());
+    }
+    if on_pty[1] {
+        cmd.stdout(std::process::Stdio::null());
+    } else if launch.piped_stdout {
+        cmd.stdout(std::process::Stdio::piped());
+    }
+    if on_pty[2] {
+        cmd.stderr(std::process::Stdio::null());
+    }
+    let pass = [
+        spec_file.as_raw_fd(),
+        err_w.as_raw_fd(),
+        launch.netns.as_raw_fd(),
+        theirs.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+    ];
+    let procs_fd = procs.as_raw_fd();
+    // SAFETY: runs between fork and exec; it only issues write(2), fcntl(2) and prctl(2) on
+    // descriptors and values prepared before the fork. It allocates nothing and takes no
+    // locks.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
             // "0" moves the writing process itself into the cgroup.
-            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(std::io::Error::last_os_error());
             }
-            let groups = [gid];
-            if libc::setgroups(1, groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
+            // The launcher inherits exactly these, by the numbers on its command line (the
+            // child's descriptor table is its own: clearing the flag here changes nothing in
+            // `run`). Everything else stays close-on-exec.
+            for fd in pass {
+                if fd >= 0 && libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
-            // After setuid: a credential change clears the parent-death signal.
+            // No command outlives `run`: the launcher dies with it, and it takes the rest.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    if spec.piped_stdout {
-        cmd.stdout(std::process::Stdio::piped());
-    }
-    tokio::process::Command::from(cmd)
+    let child = tokio::process::Command::from(cmd)
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| ChildError::Spawn {
-            program: spec.program.clone(),
+            program: launch.launcher.to_path_buf(),
             source,
-        })
+        })?;
+    // Only the launcher holds these now: EOF on the pty socket means it is gone.
+    drop((procs, spec_file, err_w, theirs));
+    Ok(Sandboxed {
+        child,
+        errors: File::from(err_r),
+        pty_socket: ours,
+    })
+}
+
+impl Sandboxed {
+    /// The pty master the sandbox allocated, once it arrives; `None` when the launcher exited
+    /// without sending one (its failure is then in [`Self::failure`]).
+    pub async fn pty_master(&mut self) -> Result<Option<OwnedFd>, ChildError> {
+        let Some(sock) = self.pty_socket.take() else {
+            return Ok(None);
+        };
+        nix::fcntl::fcntl(
+            &sock,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| ChildError::Pty(e.to_string()))?;
+        // SAFETY: an OwnedFd keeps its descriptor open and unchanged until the AsyncFd drops it.
+        let afd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| ChildError::Pty(e.into_parts().1.to_string()))?;
+        loop {
+            let mut guard = afd
+                .readable()
+                .await
+                .map_err(|e| ChildError::Pty(e.to_string()))?;
+            match guard.try_io(|fd| recv_fd(fd.get_ref().as_fd()).map_err(std::io::Error::from)) {
+                Ok(result) => return result.map_err(|e| ChildError::Pty(e.to_string())),
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    /// What a launcher stage reported before failing, if anything (read after it exited).
+    pub fn failure(&mut self) -> Option<String> {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while buf.len() < 16 * 1024 {
+            match self.errors.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&buf).trim().to_owned();
+        (!text.is_empty()).then_some(text)
+    }
+}
+
+/// One descriptor over `SCM_RIGHTS`; `None` at end of stream.
+fn recv_fd(sock: BorrowedFd<'_>) -> nix::Result<Option<OwnedFd>> {
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = nix::sys::socket::recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut received = None;
+    for c in msg.cmsgs()? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: the kernel just installed this descriptor in our table for us.
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                if received.is_none() {
+                    received = Some(owned);
+                }
+            }
+        }
+    }
+    Ok(received)
 }
 
 /// Kill every process left in a cgroup (the command's own children included).
@@ -126,7 +286,7 @@ pub fn kill_cgroup(cgroup: &Path) {
 /// Wait for the command. When `interrupt` resolves first (Ctrl-C, SIGTERM), forward the signal
 /// to the command, give it `grace` to exit, then kill everything in its cgroup.
 pub async fn supervise(
-    mut child: tokio::process::Child,
+    child: &mut tokio::process::Child,
     cgroup: &Path,
     interrupt: impl Future<Output = Signal>,
     grace: Duration,

@@ -16,6 +16,22 @@ pub struct CaFiles {
     pub bundle: PathBuf,
 }
 
+impl CaFiles {
+    /// Where the sandbox writes them: its private `/tmp`, in a root-owned directory.
+    #[must_use]
+    pub fn in_sandbox() -> Self {
+        let dir = Path::new(super::spec::SANDBOX_DIR);
+        Self {
+            ca_cert: dir.join(CA_FILE),
+            bundle: dir.join(BUNDLE_FILE),
+        }
+    }
+}
+
+/// File names of the run CA and the bundle inside the sandbox directory.
+pub const CA_FILE: &str = "ca.crt";
+pub const BUNDLE_FILE: &str = "bundle.crt";
+
 /// Variables that tell TLS clients which CA to trust, by ecosystem.
 pub const CA_VARS: &[&str] = &[
     "SSL_CERT_FILE",      // OpenSSL (curl, Python ssl, Ruby, git with OpenSSL)
@@ -40,6 +56,17 @@ const STRIPPED: &[&str] = &[
     "ALL_PROXY",
     "all_proxy",
     "SUDO_COMMAND",
+    // Handles to the operator's session the sandbox hides (private /tmp and /run, own network
+    // namespace): passing them on only produces confusing failures.
+    "SSH_AUTH_SOCK",
+    "SSH_AGENT_PID",
+    "GPG_AGENT_INFO",
+    "DBUS_SESSION_BUS_ADDRESS",
+    "XDG_RUNTIME_DIR",
+    "DISPLAY",
+    "WAYLAND_DISPLAY",
+    "XAUTHORITY",
+    "KRB5CCNAME",
 ];
 
 /// Build the command's environment from Paddock's own (`inherited`), the CA files, the
@@ -78,17 +105,9 @@ pub const SYSTEM_BUNDLES: &[&str] = &[
     "/etc/ssl/cert.pem",
 ];
 
-/// Write `ca.crt` and `bundle.crt` (run CA + the first system bundle found) into `dir`,
-/// world-readable, and return their paths.
-pub fn write_ca_files(
-    dir: &Path,
-    ca_pem: &str,
-    system_bundles: &[&str],
-) -> std::io::Result<CaFiles> {
-    use std::os::unix::fs::PermissionsExt;
-    let ca_cert = dir.join("ca.crt");
-    let bundle = dir.join("bundle.crt");
-    std::fs::write(&ca_cert, ca_pem)?;
+/// The bundle: the run CA followed by the first system bundle found, so destinations Paddock
+/// does not intercept still verify for clients that replace their trust store with it.
+pub fn ca_bundle(ca_pem: &str, system_bundles: &[&str]) -> String {
     let mut all = ca_pem.trim_end().to_owned();
     all.push('\n');
     if let Some(sys) = system_bundles
@@ -97,17 +116,11 @@ pub fn write_ca_files(
     {
         all.push_str(&sys);
     }
-    std::fs::write(&bundle, all)?;
-    for p in [&ca_cert, &bundle] {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644))?;
-    }
-    Ok(CaFiles { ca_cert, bundle })
+    all
 }
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
 
     fn user() -> super::super::RunUser {
@@ -116,6 +129,7 @@ mod tests {
             uid: nix::unistd::Uid::from_raw(1000),
             gid: nix::unistd::Gid::from_raw(1000),
             home: "/home/agent".into(),
+            dynamic: false,
         }
     }
 
@@ -137,6 +151,7 @@ mod tests {
             ("PADDOCK_BROKER_TOKEN".into(), "secret".into()),
             ("ANTHROPIC_API_KEY".into(), "sk-real-key".into()),
             ("HOME".into(), "/root".into()),
+            ("SSH_AUTH_SOCK".into(), "/tmp/ssh-x/agent.1".into()),
         ];
         let env = child_env(inherited, &ca, &ph, &user());
         let get = |k: &str| {
@@ -158,6 +173,11 @@ mod tests {
         assert_eq!(get("NODE_TLS_REJECT_UNAUTHORIZED"), None);
         assert_eq!(get("HTTPS_PROXY"), None);
         assert_eq!(get("PADDOCK_BROKER_TOKEN"), None);
+        assert_eq!(
+            get("SSH_AUTH_SOCK"),
+            None,
+            "the agent socket is not reachable inside"
+        );
         assert_eq!(get("HOME").as_deref(), Some("/home/agent"));
         assert_eq!(get("USER").as_deref(), Some("agent"));
     }
@@ -167,25 +187,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let sys = dir.path().join("sys.pem");
         std::fs::write(&sys, "SYSTEM ROOTS\n").expect("write");
-        let files = write_ca_files(
-            dir.path(),
-            "RUN CA",
-            &["/nonexistent", sys.to_str().expect("utf-8")],
-        )
-        .expect("write ca files");
-        assert_eq!(
-            std::fs::read_to_string(&files.ca_cert).expect("read"),
-            "RUN CA"
+        let bundle = ca_bundle("RUN CA", &["/nonexistent", sys.to_str().expect("utf-8")]);
+        assert_eq!(bundle, "RUN CA\nSYSTEM ROOTS\n");
+        assert_eq!(ca_bundle("RUN CA\n\n", &["/nonexistent"]), "RUN CA\n");
+        let files = CaFiles::in_sandbox();
+        assert!(
+            files.ca_cert.starts_with("/tmp/.paddock") && files.bundle.starts_with("/tmp/.paddock")
         );
-        assert_eq!(
-            std::fs::read_to_string(&files.bundle).expect("read"),
-            "RUN CA\nSYSTEM ROOTS\n"
-        );
-        let mode = std::fs::metadata(&files.bundle)
-            .expect("meta")
-            .permissions()
-            .mode()
-            & 0o777;
-        assert_eq!(mode, 0o644);
     }
 }

@@ -1,13 +1,16 @@
 //! `paddock-proxy run -- COMMAND`: one agent command under Paddock on this machine.
 //!
-//! In order: check the policy; start the broker in-process (the same server code as
-//! `paddock-broker serve`, called over its in-memory link) with a one-time caller key; register the run and issue its
-//! placeholders; start the transparent proxy on loopback with the broker as its egress policy
-//! and substituter; create the agent cgroup and attach the eBPF programs; run the command in
-//! it as an unprivileged user with the run CA and its placeholders; then tear everything down
-//! and exit with the command's code. Everything only Paddock may read (CA key, broker key,
-//! database, caller key) lives in a 0700 root-only directory that is removed at the end; the
-//! audit logs are kept.
+//! In order: check the policy and that the seccomp filter builds here; reserve the run user;
+//! start the broker in-process (the same server code as `paddock-broker serve`, called over
+//! its in-memory link) with a one-time caller key; register the run and issue its
+//! placeholders; create the command's network namespace and bind the proxy's transparent
+//! listeners and the DNS sockets inside it; start the proxy with the broker as its egress
+//! policy and substituter; create the agent cgroup and attach the eBPF programs; open the
+//! published ports; start the command in its sandbox ([`super::init`]) as the run user with
+//! the run CA and its placeholders, relaying a pty when it runs on a terminal; then tear
+//! everything down and exit with the command's code. Everything only Paddock may read (CA
+//! key, broker key, database, caller key) lives in a 0700 root-only directory that is removed
+//! at the end; the audit logs are kept.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -32,11 +35,19 @@ use rcgen::{
 };
 
 use super::{
-    CaFiles, ChildError, SpawnSpec, UserError, child_env, env::write_ca_files, resolv,
-    resolve_user, spawn_in_cgroup, supervise,
+    CaFiles, ChildError, Launch, Publish, RunUser, SandboxSpec, UserError, child_env,
+    env::{BUNDLE_FILE, CA_FILE, ca_bundle},
+    publish::PublishError,
+    resolv, resolve_user,
+    seccomp::SeccompError,
+    spawn_sandboxed,
+    spec::SandboxFile,
+    supervise,
+    user::{HostUids, UidLock},
 };
 use crate::{
     broker::{BrokerClient, BrokerPolicy, BrokerSubstituter, DEFAULT_TIMEOUT},
+    netns::{NetnsError, OwnedNetns},
     proxy::{ServeOptions, config::ServeConfig, serve_until},
 };
 
@@ -44,6 +55,11 @@ use crate::{
 const BYPASS_MARK: u32 = 0x70ad;
 /// How long the command gets to exit after a forwarded Ctrl-C / SIGTERM.
 const GRACE: Duration = Duration::from_secs(10);
+/// Destinations the command reaches without the proxy: its own namespace's loopback (and the
+/// unspecified addresses, which connect to it). Nothing else is reachable from inside.
+const LOCAL_BYPASS: [&str; 4] = ["127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128"];
+/// How long the command's last output may take to reach the terminal after it exited.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
 /// What `run` was asked to do.
 #[derive(Debug, Clone)]
@@ -52,6 +68,7 @@ pub struct RunOptions {
     pub policy: PathBuf,
     /// Base directory for relative `secret: {file: ...}` paths (default: the current one).
     pub secrets_dir: Option<PathBuf>,
+    /// Run the command as this existing user (default: a fresh uid for this run).
     pub user: Option<String>,
     pub run_id: Option<String>,
     /// The run's namespace, which the policy's `appliesTo.namespaces` must name.
@@ -72,6 +89,10 @@ pub struct RunOptions {
     /// Substitutions per second the embedded broker allows the run (burst: twice that);
     /// `None`: the broker's default.
     pub substitute_rate: Option<u32>,
+    /// Inbound ports forwarded into the command's network namespace.
+    pub publish: Vec<Publish>,
+    /// The `paddock-proxy` binary that launches the sandbox (`/proc/self/exe` from the CLI).
+    pub launcher: PathBuf,
     pub command: Vec<OsString>,
 }
 
@@ -79,8 +100,8 @@ pub struct RunOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(
-        "paddock-proxy run needs root: it loads eBPF programs and creates a cgroup (try sudo; \
-         the command itself runs as SUDO_USER or nobody)"
+        "paddock-proxy run needs root: it loads eBPF programs and creates namespaces and a \
+         cgroup (try sudo; the command itself runs as a fresh unprivileged user, or --user)"
     )]
     NotRoot,
     #[error("no command given: paddock-proxy run --policy FILE -- COMMAND [ARGS...]")]
@@ -107,6 +128,14 @@ pub enum RunError {
     User(#[from] UserError),
     #[error(transparent)]
     Child(#[from] ChildError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    #[error("network namespace: {0}")]
+    Netns(#[from] NetnsError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("terminal: {0}")]
+    Terminal(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
@@ -174,30 +203,13 @@ pub fn check_secret_file(path: &Path) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Pick a port free on both loopback addresses.
-fn free_port() -> Result<u16, RunError> {
-    for _ in 0..20 {
-        let v4 = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .map_err(|e| RunError::Proxy(format!("no free port: {e}")))?;
-        let port = v4
-            .local_addr()
-            .map_err(|e| RunError::Proxy(e.to_string()))?
-            .port();
-        if std::net::TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    Err(RunError::Proxy(
-        "no port free on both 127.0.0.1 and [::1]".into(),
-    ))
-}
-
 /// Everything created for the run, removed on drop (also on error paths).
 struct Cleanup {
     state: PathBuf,
-    public: PathBuf,
     cgroup: Option<PathBuf>,
     pin_dir: PathBuf,
+    /// Released after everything above is gone (fields drop after `drop` ran).
+    _uid: Option<UidLock>,
 }
 
 impl Drop for Cleanup {
@@ -212,7 +224,6 @@ impl Drop for Cleanup {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let _ = std::fs::remove_dir_all(&self.public);
         // Secrets go; audit logs stay.
         for name in ["broker", "ca"] {
             let _ = std::fs::remove_dir_all(self.state.join(name));
@@ -333,11 +344,16 @@ async fn issue_placeholders(
     Ok((placeholders, secret_envs))
 }
 
+/// The run user: `--user NAME`, else a fresh uid reserved for this run.
+fn run_user(explicit: Option<&str>) -> Result<(RunUser, Option<UidLock>), RunError> {
+    if let Some(name) = explicit {
+        return Ok((resolve_user(name)?, None));
+    }
+    let (uid, lock) = super::user::pick_dynamic_uid(&HostUids::default(), rand::random())?;
+    Ok((RunUser::dynamic(uid), Some(lock)))
+}
+
 /// Run the command under Paddock; returns the exit code to exit with.
-#[expect(
-    clippy::too_many_lines,
-    reason = "one linear start-up and teardown sequence; splitting it further hides the order"
-)]
 pub async fn run(
     opts: RunOptions,
     interrupt: impl Future<Output = Signal>,
@@ -345,13 +361,11 @@ pub async fn run(
     if !nix::unistd::geteuid().is_root() {
         return Err(RunError::NotRoot);
     }
-    let Some((program, args)) = opts.command.split_first() else {
+    if opts.command.is_empty() {
         return Err(RunError::NoCommand);
-    };
-    let user = resolve_user(
-        opts.user.as_deref(),
-        std::env::var("SUDO_USER").ok().as_deref(),
-    )?;
+    }
+    // Refuse before anything exists when the command could not be confined on this machine.
+    super::seccomp::build()?;
     let cwd = std::env::current_dir().map_err(io_err(Path::new(".")))?;
     let policy_path = std::path::absolute(&opts.policy).map_err(io_err(&opts.policy))?;
     // Relative secret files resolve against --secrets, else the directory run started in.
@@ -371,21 +385,20 @@ pub async fn run(
         time::OffsetDateTime::now_utc(),
     )
     .map_err(|e| RunError::Policy(e.to_string()))?;
+    let (user, uid_lock) = run_user(opts.user.as_deref())?;
 
     let run_id = opts
         .run_id
         .clone()
         .unwrap_or_else(|| format!("run-{}", random_hex(4)));
     let state = opts.state_dir.join(&run_id);
-    let public = opts.state_dir.join(format!("{run_id}-public"));
     mkdir(&opts.state_dir, 0o755)?;
     mkdir(&state, 0o700)?;
-    mkdir(&public, 0o755)?;
     let mut cleanup = Cleanup {
         state: state.clone(),
-        public: public.clone(),
         cgroup: None,
         pin_dir: PathBuf::from("/sys/fs/bpf/paddock").join(&run_id),
+        _uid: uid_lock,
     };
 
     // 1. The broker, in-process.
@@ -397,128 +410,257 @@ pub async fn run(
         opts.substitute_rate,
     )
     .await?;
-
-    // 2. The run and its placeholders.
-    let run_info = RunUpsertRequest {
-        run: run_id.clone(),
-        namespace: opts.namespace.clone(),
-        template: opts.template.clone(),
-        phase: RunPhase::Running,
+    let run = Run {
+        opts: &opts,
+        id: &run_id,
+        state: &state,
+        policy_path: &policy_path,
+        cwd: &cwd,
+        user: &user,
     };
-    client
-        .upsert_run(&run_info)
-        .await
-        .map_err(|e| RunError::Broker(format!("registering the run: {e}")))?;
-    let (placeholders, secret_envs) = match issue_placeholders(&client, &policy, &run_info).await {
-        Ok(v) => v,
-        Err(e) => {
-            broker.shutdown().await;
-            return Err(e);
-        }
-    };
-
-    // 3. The proxy on loopback, attached to a fresh agent cgroup.
-    let cg_root =
-        crate::ebpf::mounts::cgroup2_root().map_err(|e| RunError::Cgroup(e.to_string()))?;
-    let cgroup = cg_root.join("paddock").join(&run_id);
-    std::fs::create_dir_all(&cgroup).map_err(io_err(&cgroup))?;
-    cleanup.cgroup = Some(cgroup.clone());
-    let port = free_port()?;
-    let resolvers = resolv::one_per_family(&resolv::nameservers(
-        &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-    ));
-    let audit = opts
-        .audit
-        .clone()
-        .unwrap_or_else(|| state.join("proxy-audit.jsonl"));
-    let config = ServeConfig::local_run(
-        &run_id,
-        port,
-        &state.join("ca"),
-        &policy_path,
-        &cgroup,
-        &cleanup.pin_dir,
-        &resolvers,
-    )
-    .with_network(
-        &opts.allow_cidrs,
-        &opts.nameservers,
-        opts.use_hosts_file,
-        Some(BYPASS_MARK),
-    )
-    .with_upstream_ca(opts.upstream_ca.clone());
-    let mut serve = ServeOptions::new(config, Some(audit.display().to_string()));
-    serve.policy = Some(Arc::new(BrokerPolicy::new(client.clone())));
-    let metrics = Arc::new(crate::metrics::ProxyMetrics::new());
-    serve.substituter = Some(Arc::new(
-        BrokerSubstituter::new(client.clone())
-            .with_metrics(Arc::clone(&metrics))
-            .with_egress_recheck(crate::broker::DEFAULT_EGRESS_RECHECK),
-    ));
-    serve.metrics = Some(metrics);
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    serve.ready = Some(ready_tx);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut proxy = tokio::spawn(serve_until(serve, async move {
-        let _ = stop_rx.await;
-    }));
-    tokio::select! {
-        r = ready_rx => if r.is_err() {
-            let why = match (&mut proxy).await {
-                Ok(Err(e)) => e.to_string(),
-                Ok(Ok(())) => "stopped before it was ready".into(),
-                Err(e) => e.to_string(),
-            };
-            broker.shutdown().await;
-            return Err(RunError::Proxy(why));
-        },
-        r = &mut proxy => {
-            broker.shutdown().await;
-            return Err(RunError::Proxy(match r { Ok(Err(e)) => e.to_string(), Ok(Ok(())) => "stopped early".into(), Err(e) => e.to_string() }));
-        }
-    }
-
-    // 4. The command.
-    let ca_pem = std::fs::read_to_string(state.join("ca/tls.crt"))
-        .map_err(io_err(&state.join("ca/tls.crt")))?;
-    let ca: CaFiles =
-        write_ca_files(&public, &ca_pem, super::env::SYSTEM_BUNDLES).map_err(io_err(&public))?;
-    let inherited =
-        std::env::vars_os().filter(|(k, _)| !k.to_str().is_some_and(|k| secret_envs.contains(k)));
-    let spec = SpawnSpec {
-        program: program.clone(),
-        args: args.to_vec(),
-        env: child_env(inherited, &ca, &placeholders, &user),
-        user,
-        cgroup: cgroup.clone(),
-        cwd: Some(cwd),
-        piped_stdout: false,
-    };
-    tracing::info!(run = %run_id, port, placeholders = placeholders.len(), "starting the command");
-    let outcome = match spawn_in_cgroup(&spec) {
-        Ok(child) => supervise(child, &cgroup, interrupt, GRACE).await,
-        Err(e) => Err(e),
-    };
-
-    // 5. Tear down: the run ends (its leases are revoked), then the proxy and broker stop.
-    let phase = match &outcome {
-        Ok(o) if o.code == 0 => RunPhase::Succeeded,
-        Ok(o) if o.interrupted_by.is_some() => RunPhase::Cancelled,
-        _ => RunPhase::Failed,
-    };
-    let _ = client
-        .upsert_run(&RunUpsertRequest { phase, ..run_info })
+    let result = run
+        .serve_and_run(&client, &policy, &mut cleanup, interrupt)
         .await;
-    let _ = stop_tx.send(());
-    let _ = proxy.await;
     broker.shutdown().await;
     drop(cleanup);
-    eprintln!(
-        "paddock: run {run_id} finished; audit logs: {} and {}",
-        audit.display(),
-        state.join("broker-audit.jsonl").display()
-    );
-    Ok(outcome?.code)
+    if result.is_ok() {
+        let audit = opts
+            .audit
+            .clone()
+            .unwrap_or_else(|| state.join("proxy-audit.jsonl"));
+        eprintln!(
+            "paddock: run {run_id} finished; audit logs: {} and {}",
+            audit.display(),
+            state.join("broker-audit.jsonl").display()
+        );
+    }
+    result
+}
+
+/// What one run is about, shared by its steps.
+struct Run<'a> {
+    opts: &'a RunOptions,
+    id: &'a str,
+    state: &'a Path,
+    policy_path: &'a Path,
+    cwd: &'a Path,
+    user: &'a RunUser,
+}
+
+impl Run<'_> {
+    /// Steps 2-6 with the broker running; the caller stops it and cleans up afterwards.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one linear start-up and teardown sequence; splitting it further hides the order"
+    )]
+    async fn serve_and_run(
+        &self,
+        client: &BrokerClient,
+        policy: &Policy,
+        cleanup: &mut Cleanup,
+        interrupt: impl Future<Output = Signal>,
+    ) -> Result<i32, RunError> {
+        let opts = self.opts;
+        // 2. The run and its placeholders.
+        let run_info = RunUpsertRequest {
+            run: self.id.to_owned(),
+            namespace: opts.namespace.clone(),
+            template: opts.template.clone(),
+            phase: RunPhase::Running,
+        };
+        client
+            .upsert_run(&run_info)
+            .await
+            .map_err(|e| RunError::Broker(format!("registering the run: {e}")))?;
+        let (placeholders, secret_envs) = issue_placeholders(client, policy, &run_info).await?;
+
+        // 3. The command's network namespace: only loopback, with the proxy's listeners and
+        //    the DNS sockets bound inside; the proxy accepts and dials from the host's side.
+        let netns = Arc::new(OwnedNetns::create()?);
+        let sockets = netns.bind_run_sockets()?;
+        let ipv6 = sockets.transparent.len() > 1;
+        let transparent = sockets.transparent_addrs();
+        let dns_addrs = sockets.dns_addrs();
+        let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        // The command's DNS sockets are served by the proxy's policy-aware DNS server (see
+        // `crate::dns`): only names the run's policy could reach get an answer, from the
+        // proxy's own resolver (`--nameserver`, else the host's resolv.conf).
+
+        // 4. The proxy, attached to a fresh agent cgroup.
+        let cg_root =
+            crate::ebpf::mounts::cgroup2_root().map_err(|e| RunError::Cgroup(e.to_string()))?;
+        let cgroup = cg_root.join("paddock").join(self.id);
+        std::fs::create_dir_all(&cgroup).map_err(io_err(&cgroup))?;
+        cleanup.cgroup = Some(cgroup.clone());
+        let audit = opts
+            .audit
+            .clone()
+            .unwrap_or_else(|| self.state.join("proxy-audit.jsonl"));
+        let bypass = LOCAL_BYPASS
+            .iter()
+            .map(|n| n.parse::<ipnet::IpNet>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RunError::Proxy(e.to_string()))?;
+        let config = ServeConfig::local_run(
+            self.id,
+            &transparent,
+            &self.state.join("ca"),
+            self.policy_path,
+            &cgroup,
+            &cleanup.pin_dir,
+            &dns_addrs,
+            &bypass,
+        )
+        .with_network(
+            &opts.allow_cidrs,
+            &opts.nameservers,
+            opts.use_hosts_file,
+            Some(BYPASS_MARK),
+        )
+        .with_upstream_ca(opts.upstream_ca.clone())
+        // A published port is one the command may listen on as it likes (a dual-stack `::`
+        // bind stays dual-stack); the others are kept on loopback by the bind hooks.
+        .with_inbound_ports(&opts.publish.iter().map(|p| p.port).collect::<Vec<_>>());
+        let mut serve = ServeOptions::new(config, Some(audit.display().to_string()));
+        serve.transparent_listeners = sockets.transparent;
+        serve.dns_sockets = sockets.dns_sockets;
+        serve.policy = Some(Arc::new(BrokerPolicy::new(client.clone())));
+        let metrics = Arc::new(crate::metrics::ProxyMetrics::new());
+        serve.substituter = Some(Arc::new(
+            BrokerSubstituter::new(client.clone())
+                .with_metrics(Arc::clone(&metrics))
+                .with_egress_recheck(crate::broker::DEFAULT_EGRESS_RECHECK),
+        ));
+        serve.metrics = Some(metrics);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        serve.ready = Some(ready_tx);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut proxy = tokio::spawn(serve_until(serve, async move {
+            let _ = stop_rx.await;
+        }));
+        tokio::select! {
+            r = ready_rx => if r.is_err() {
+                let why = match (&mut proxy).await {
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(())) => "stopped before it was ready".into(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(RunError::Proxy(why));
+            },
+            r = &mut proxy => {
+                return Err(RunError::Proxy(match r { Ok(Err(e)) => e.to_string(), Ok(Ok(())) => "stopped early".into(), Err(e) => e.to_string() }));
+            }
+        }
+
+        // 5. The command, in its sandbox.
+        let outcome = async {
+            let published = super::publish::publish(Arc::clone(&netns), &opts.publish).await?;
+            let spec = self.spec(&placeholders, &secret_envs, &host_resolv, ipv6)?;
+            tracing::info!(
+                run = %self.id,
+                port = transparent.first().map(std::net::SocketAddr::port),
+                placeholders = placeholders.len(),
+                user = %self.user.name,
+                "starting the command"
+            );
+            let launch = Launch {
+                launcher: &opts.launcher,
+                cgroup: &cgroup,
+                netns: std::os::fd::AsFd::as_fd(netns.as_ref()),
+                piped_stdout: false,
+            };
+            let mut sandbox = spawn_sandboxed(&spec, &launch)?;
+            let mut terminal = None;
+            if spec.pty.is_some() {
+                let master = tokio::time::timeout(Duration::from_secs(30), sandbox.pty_master())
+                    .await
+                    .map_err(|_| ChildError::Pty("timed out".into()))??;
+                // No master: the launcher failed, and says why below.
+                if let (Some(master), Some(pty)) = (master, spec.pty) {
+                    let [stdin, stdout, _] = pty.stdio;
+                    let raw = if stdin {
+                        Some(
+                            super::pty::RawMode::enter()
+                                .map_err(|e| RunError::Terminal(format!("raw mode: {e}")))?,
+                        )
+                    } else {
+                        None
+                    };
+                    let relay = super::pty::Relay::start(master, stdin, !stdout)
+                        .map_err(|e| RunError::Terminal(format!("relay: {e}")))?;
+                    terminal = Some((relay, raw));
+                }
+            }
+            let outcome = supervise(&mut sandbox.child, &cgroup, interrupt, GRACE).await;
+            if let Some((relay, raw)) = terminal {
+                relay.finish(OUTPUT_DRAIN).await;
+                drop(raw);
+            }
+            drop(published);
+            if let Some(why) = sandbox.failure() {
+                return Err(RunError::Child(ChildError::Sandbox(why)));
+            }
+            Ok::<_, RunError>(outcome?)
+        }
+        .await;
+
+        // 6. Tear down: the run ends (its leases are revoked), then the proxy stops.
+        let phase = match &outcome {
+            Ok(o) if o.code == 0 => RunPhase::Succeeded,
+            Ok(o) if o.interrupted_by.is_some() => RunPhase::Cancelled,
+            _ => RunPhase::Failed,
+        };
+        let _ = client
+            .upsert_run(&RunUpsertRequest { phase, ..run_info })
+            .await;
+        let _ = stop_tx.send(());
+        let _ = proxy.await;
+        Ok(outcome?.code)
+    }
+
+    /// What the sandbox launcher is told: the command, its environment and files.
+    fn spec(
+        &self,
+        placeholders: &BTreeMap<String, String>,
+        secret_envs: &BTreeSet<String>,
+        host_resolv: &str,
+        ipv6: bool,
+    ) -> Result<SandboxSpec, RunError> {
+        let ca_path = self.state.join("ca/tls.crt");
+        let ca_pem = std::fs::read_to_string(&ca_path).map_err(io_err(&ca_path))?;
+        let ca = CaFiles::in_sandbox();
+        let inherited = std::env::vars_os()
+            .filter(|(k, _)| !k.to_str().is_some_and(|k| secret_envs.contains(k)));
+        let env = child_env(inherited, &ca, placeholders, self.user);
+        let (program, args) = self.opts.command.split_first().ok_or(RunError::NoCommand)?;
+        let mut spec = SandboxSpec::new(program, args, env.iter(), self.user, self.cwd);
+        spec.files = vec![
+            SandboxFile {
+                name: CA_FILE.into(),
+                contents: ca_bundle(&ca_pem, &[]),
+                mode: 0o644,
+            },
+            SandboxFile {
+                name: BUNDLE_FILE.into(),
+                contents: ca_bundle(&ca_pem, super::env::SYSTEM_BUNDLES),
+                mode: 0o644,
+            },
+        ];
+        spec.resolv_conf = Some(resolv::sandbox_resolv_conf(host_resolv, ipv6));
+        spec.tty_gid = nix::unistd::Group::from_name("tty")
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw());
+        let stdio = super::pty::terminal_stdio();
+        if stdio.contains(&true) {
+            spec.pty = Some(super::spec::PtySpec {
+                size: super::pty::operator_window_size()
+                    .unwrap_or(super::spec::WindowSize { rows: 24, cols: 80 }),
+                stdio,
+            });
+        }
+        Ok(spec)
+    }
 }
 
 #[cfg(test)]
