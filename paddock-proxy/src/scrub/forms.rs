@@ -37,19 +37,20 @@ impl std::fmt::Debug for Form {
 /// encoded form, not every mix of encoded and raw characters (2^n patterns).
 const MAX_PERCENT_MIXES: u32 = 6;
 
-/// Every form of `secret` worth matching (raw, JSON- and HTML-escaped, percent-encoded with
-/// any mix of raw and encoded reserved characters, hex, base64 and base64url at each
-/// alignment), paired with the same form of `placeholder`. Matching is ASCII
-/// case-insensitive ([`super::matcher`]), which also covers lowercase percent and hex digits
-/// and an upstream that upper-cases what it echoes. Forms shorter than [`MIN_PATTERN`] and
-/// duplicates (ignoring ASCII case) are left out.
+/// Every form of `secret` worth matching (raw and in upper and lower case, JSON- and
+/// HTML-escaped, percent-encoded with any mix of raw and encoded reserved characters and
+/// either case of hex digits, hex in either case, base64 and base64url at each alignment),
+/// paired with the same form of `placeholder`. Forms shorter than [`MIN_PATTERN`] and
+/// duplicates are left out.
+///
+/// Case variants are explicit patterns rather than case-insensitive matching: that would
+/// turn off the matcher's prefilter and cost about 30 times the scan (`cargo xtask bench
+/// scrub`).
 #[must_use]
 pub fn forms(secret: &[u8], placeholder: &[u8]) -> Vec<Form> {
     let mut out: Vec<Form> = Vec::new();
     let mut push = |pattern: Vec<u8>, replacement: Vec<u8>| {
-        if pattern.len() >= MIN_PATTERN
-            && !out.iter().any(|f| f.pattern.eq_ignore_ascii_case(&pattern))
-        {
+        if pattern.len() >= MIN_PATTERN && !out.iter().any(|f| f.pattern == pattern) {
             out.push(Form {
                 pattern,
                 replacement,
@@ -57,6 +58,12 @@ pub fn forms(secret: &[u8], placeholder: &[u8]) -> Vec<Form> {
         }
     };
     push(secret.to_vec(), placeholder.to_vec());
+    // An upstream that changes the case of what it echoes.
+    push(
+        secret.to_ascii_uppercase(),
+        placeholder.to_ascii_uppercase(),
+    );
+    push(secret.to_ascii_lowercase(), placeholder.to_vec());
     push(json_escaped(secret), json_escaped(placeholder));
     push(html_escaped(secret), html_escaped(placeholder));
     let reserved = secret.iter().filter(|b| !unreserved(**b)).count();
@@ -64,15 +71,17 @@ pub fn forms(secret: &[u8], placeholder: &[u8]) -> Vec<Form> {
         Ok(n) if n <= MAX_PERCENT_MIXES => 1 << n,
         _ => 1,
     };
-    for mix in 0..mixes {
-        // Bit i of `mix` set: the i-th reserved character stays raw (all bits clear: all
-        // encoded, the only form when there are too many to mix).
-        push(
-            percent_encoded(secret, mix),
-            percent_encoded(placeholder, 0),
-        );
+    for upper in [true, false] {
+        for mix in 0..mixes {
+            // Bit i of `mix` set: the i-th reserved character stays raw (all bits clear: all
+            // encoded, the only form when there are too many to mix).
+            push(
+                percent_encoded(secret, mix, upper),
+                percent_encoded(placeholder, 0, upper),
+            );
+        }
+        push(hex(secret, upper), hex(placeholder, upper));
     }
-    push(hex(secret), hex(placeholder));
     let filled = base64_filler(placeholder, secret.len());
     for url_safe in [false, true] {
         for align in 0..3 {
@@ -125,7 +134,7 @@ fn json_escaped(s: &[u8]) -> Vec<u8> {
 }
 
 /// Reserved bytes as `%XX`, except the i-th reserved byte when bit i of `keep_raw` is set.
-fn percent_encoded(s: &[u8], keep_raw: u64) -> Vec<u8> {
+fn percent_encoded(s: &[u8], keep_raw: u64, upper: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0u32;
     for &b in s {
@@ -135,8 +144,10 @@ fn percent_encoded(s: &[u8], keep_raw: u64) -> Vec<u8> {
         }
         if i < 64 && keep_raw & (1 << i) != 0 {
             out.push(b);
-        } else {
+        } else if upper {
             out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        } else {
+            out.extend_from_slice(format!("%{b:02x}").as_bytes());
         }
         i += 1;
     }
@@ -160,8 +171,13 @@ fn html_escaped(s: &[u8]) -> Vec<u8> {
     out
 }
 
-fn hex(s: &[u8]) -> Vec<u8> {
-    hex::encode(s).into_bytes()
+fn hex(s: &[u8], upper: bool) -> Vec<u8> {
+    let h = hex::encode(s);
+    if upper {
+        h.to_ascii_uppercase().into_bytes()
+    } else {
+        h.into_bytes()
+    }
 }
 
 /// The base64 characters of `s` placed `align` bytes into a stream (0, 1 or 2), keeping only
@@ -198,15 +214,11 @@ mod tests {
             .collect()
     }
 
-    /// Every form is found inside the real encodings a server would write (matching ignores
-    /// ASCII case, as the matcher does).
+    /// Every form is found inside the real encodings a server would write.
     #[test]
     fn each_form_is_found_where_servers_put_it() {
         let pats = patterns();
-        let contains = |hay: &[u8]| {
-            pats.iter()
-                .any(|p| hay.windows(p.len()).any(|w| w.eq_ignore_ascii_case(p)))
-        };
+        let contains = |hay: &[u8]| pats.iter().any(|p| hay.windows(p.len()).any(|w| w == p));
         let s = std::str::from_utf8(SECRET).expect("ascii");
         let wrapped: Vec<Vec<u8>> = vec![
             SECRET.to_vec(),
@@ -219,6 +231,7 @@ mod tests {
             format!("?key={}", s.replace('+', "%2B")).into_bytes(),
             format!("<p>bad key {}</p>", s.replace('/', "&#x2F;")).into_bytes(),
             s.to_ascii_uppercase().into_bytes(),
+            s.to_ascii_lowercase().into_bytes(),
         ];
         for w in &wrapped {
             assert!(contains(w), "{}", String::from_utf8_lossy(w));
@@ -285,10 +298,7 @@ mod tests {
         assert_eq!(f[0].replacement, PLACEHOLDER);
         let hex_form = f
             .iter()
-            .find(|f| {
-                f.pattern
-                    .eq_ignore_ascii_case(hex::encode(SECRET).as_bytes())
-            })
+            .find(|f| f.pattern == hex::encode(SECRET).as_bytes())
             .expect("hex form");
         assert_eq!(hex_form.replacement, hex::encode(PLACEHOLDER).as_bytes());
         assert!(

@@ -75,17 +75,13 @@ impl Scrubber {
         if all.is_empty() {
             return Ok(None);
         }
-        // Case-insensitive: lowercase percent and hex digits, and an upstream that changes
-        // the case of what it echoes, are still caught.
         let ac = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
-            .ascii_case_insensitive(true)
             .build(all.iter().map(|f| &f.pattern))
             .map_err(|e| BuildError(e.to_string()))?;
         let mut first = [false; 256];
         for f in &all {
-            first[usize::from(f.pattern[0].to_ascii_lowercase())] = true;
-            first[usize::from(f.pattern[0].to_ascii_uppercase())] = true;
+            first[usize::from(f.pattern[0])] = true;
         }
         let longest = all.iter().map(|f| f.pattern.len()).max().unwrap_or(0);
         Ok(Some(Self {
@@ -94,6 +90,12 @@ impl Scrubber {
             first,
             longest,
         }))
+    }
+
+    /// How many patterns (encoded forms of all the secrets) the matcher looks for.
+    #[must_use]
+    pub fn pattern_count(&self) -> usize {
+        self.forms.len()
     }
 
     /// Scrubs a complete value (a header, a control frame). `None` when nothing matched.
@@ -116,7 +118,7 @@ impl Scrubber {
             if self
                 .forms
                 .iter()
-                .any(|f| f.pattern.len() > tail.len() && starts_with_ci(&f.pattern, tail))
+                .any(|f| f.pattern.len() > tail.len() && f.pattern.starts_with(tail))
             {
                 return s;
             }
@@ -128,13 +130,9 @@ impl Scrubber {
     fn partial_replacement(&self, tail: &[u8]) -> Option<&[u8]> {
         self.forms
             .iter()
-            .find(|f| f.pattern.len() > tail.len() && starts_with_ci(&f.pattern, tail))
+            .find(|f| f.pattern.len() > tail.len() && f.pattern.starts_with(tail))
             .map(|f| f.replacement.as_slice())
     }
-}
-
-fn starts_with_ci(pattern: &[u8], prefix: &[u8]) -> bool {
-    pattern.len() >= prefix.len() && pattern[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
 /// The scanning state of one stream (one body, one WebSocket message).
