@@ -9,6 +9,8 @@ pub mod audit;
 pub mod broker;
 pub mod cgroup;
 pub mod ebpf;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod net;

@@ -20,7 +20,7 @@ const BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// The host part of a `Host` header value (`name`, `name:port`, `[v6]:port`).
-pub(super) fn host_of(value: &str) -> Option<&str> {
+pub(crate) fn host_of(value: &str) -> Option<&str> {
     if let Some(rest) = value.strip_prefix('[') {
         let (host, after) = rest.split_once(']')?;
         return (after.is_empty() || after.starts_with(':')).then_some(host);
