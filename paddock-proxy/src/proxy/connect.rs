@@ -183,5 +183,7 @@ mod tests {
         assert_eq!(parse_authority("example.com:0"), None);
         assert_eq!(parse_authority("example.com:http"), None);
         assert_eq!(parse_authority("/path"), None);
+        // Found by the `http_head` fuzz target.
+        assert_eq!(parse_authority("[]:83"), None);
     }
 }
