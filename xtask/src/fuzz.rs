@@ -219,15 +219,17 @@ fn fuzz_one(target: &str, opts: &FuzzOptions) -> Result<Outcome> {
     }
     eprintln!("xtask fuzz: {target}: {cmd:?} (log {})", log.display());
     let started = Instant::now();
-    let out = cmd
+    // libFuzzer reports on stderr; straight into the log so long runs can be followed.
+    let log_file =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let exit = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
+        .stderr(log_file)
+        .status()
         .with_context(|| format!("starting {target} (built?)"))?;
     let seconds = started.elapsed().as_secs_f64();
-    let text = String::from_utf8_lossy(&out.stderr);
-    std::fs::write(&log, text.as_bytes())?;
+    let text = String::from_utf8_lossy(&std::fs::read(&log)?).into_owned();
     let stats = Stats::parse(&text);
     let mut outcome = Outcome {
         target: target.to_owned(),
@@ -238,10 +240,10 @@ fn fuzz_one(target: &str, opts: &FuzzOptions) -> Result<Outcome> {
         finding: stats.artifact.map(PathBuf::from),
         failed: None,
     };
-    if !out.status.success() && outcome.finding.is_none() {
+    if !exit.success() && outcome.finding.is_none() {
         let tail: Vec<&str> = text.lines().rev().take(20).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        outcome.failed = Some(format!("{}; last lines:\n{}", out.status, tail.join("\n")));
+        outcome.failed = Some(format!("{exit}; last lines:\n{}", tail.join("\n")));
     }
     if outcome.finding.is_some() {
         // libFuzzer's own report (panic message, backtrace) is in the log; show its start.
