@@ -709,7 +709,7 @@ impl Broker {
 /// request's query parameter names.
 type Found = (Option<String>, Vec<Placement>, Vec<String>);
 
-fn find_placeholders(req: &SubstituteAuthRequest) -> Result<Found, BrokerError> {
+pub(crate) fn find_placeholders(req: &SubstituteAuthRequest) -> Result<Found, BrokerError> {
     let mut tokens: BTreeSet<String> = BTreeSet::new();
     let mut placements = Vec::new();
     for h in &req.headers {

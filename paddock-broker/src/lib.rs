@@ -31,6 +31,9 @@ pub use broker::{Broker, BrokerError};
 #[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
+#[doc(hidden)]
+pub mod fuzzing;
+#[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]
 pub mod server;

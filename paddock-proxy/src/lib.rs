@@ -10,6 +10,8 @@ pub mod broker;
 pub mod cgroup;
 pub mod dns;
 pub mod ebpf;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod net;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod deny;
+mod fuzz;
 mod setup;
 mod util;
 
@@ -31,6 +32,9 @@ enum Command {
         /// Skip the lint phase (rustfmt, cargo-deny, clippy).
         #[arg(long)]
         no_lint: bool,
+        /// Skip the short fuzz runs (their nightly build takes minutes from clean).
+        #[arg(long)]
+        no_fuzz: bool,
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -42,6 +46,24 @@ enum Command {
     },
     /// Set up, build and show interception working end to end on this machine.
     Demo,
+    /// Build the `cargo fuzz` targets (fuzz/) and run each with libFuzzer; fails on a finding.
+    Fuzz {
+        /// Seconds per target (0: no time limit; then give --runs).
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Stop each target after this many executions.
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Only this target (repeatable; default: all).
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// Targets fuzzed at the same time.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Longest input libFuzzer generates (its default follows the corpus).
+        #[arg(long)]
+        max_len: Option<usize>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -49,13 +71,35 @@ fn main() -> Result<()> {
         Command::Setup => setup::run_setup(),
         Command::BuildEbpf => build_ebpf(),
         Command::Deny => deny::run_deny(),
-        Command::Test { no_lint, args } => test(no_lint, &args),
+        Command::Test {
+            no_lint,
+            no_fuzz,
+            args,
+        } => test(no_lint, no_fuzz, &args),
         Command::Bench { which } => {
             setup::run_setup()?;
             build_ebpf()?;
             bench::run_bench(which)
         }
         Command::Demo => demo(),
+        Command::Fuzz {
+            seconds,
+            runs,
+            targets,
+            jobs,
+            max_len,
+        } => {
+            if seconds == 0 && runs.is_none() {
+                bail!("--seconds 0 needs --runs (else the fuzzers never stop)");
+            }
+            fuzz::run_fuzz(&fuzz::FuzzOptions {
+                seconds,
+                runs,
+                targets,
+                jobs,
+                max_len,
+            })
+        }
     }
 }
 
@@ -98,10 +142,14 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-/// What a clean `cargo xtask test` writes under `target/` (measured: 2.2 GB peak).
-const CLEAN_TEST_BUILD_BYTES: u64 = 2_400_000_000;
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const CI_FUZZ_SECONDS: u64 = 5;
 
-fn test(no_lint: bool, extra: &[String]) -> Result<()> {
+/// What a clean `cargo xtask test` writes: 2.2 GB peak under `target/` and 0.86 GB under
+/// `fuzz/target/` (measured).
+const CLEAN_TEST_BUILD_BYTES: u64 = 3_300_000_000;
+
+fn test(no_lint: bool, no_fuzz: bool, extra: &[String]) -> Result<()> {
     warn_if_disk_short();
     setup::run_setup()?;
     build_ebpf()?;
@@ -135,6 +183,20 @@ fn test(no_lint: bool, extra: &[String]) -> Result<()> {
         cmd.arg("--").args(extra);
     }
     let (passed, failed) = util::run_counting_tests(&mut cmd).context("tests failed")?;
+    // Short fuzz runs: every target builds, and its seeds and a few seconds of mutations pass.
+    // The long runs (10M executions per target) are recorded in RELIABILITY.md.
+    if no_fuzz {
+        eprintln!("xtask: --no-fuzz: fuzz targets not run");
+    } else {
+        fuzz::run_fuzz(&fuzz::FuzzOptions {
+            seconds: CI_FUZZ_SECONDS,
+            runs: None,
+            targets: Vec::new(),
+            jobs: 1,
+            max_len: None,
+        })
+        .context("fuzzing found a problem")?;
+    }
     // One closing line for the whole suite (cargo's last line is often an empty doc-test run).
     println!("tests: {passed} passed, {failed} failed");
     Ok(())
@@ -154,7 +216,7 @@ fn warn_if_disk_short() {
         let gb = |b: u64| b as f64 / 1e9;
         eprintln!(
             "xtask: warning: {:.2} GB free under {}; a clean test build writes about {:.1} GB \
-             (an existing target/ needs less)",
+             (an existing target/ and fuzz/target/ need less)",
             gb(free),
             probe.display(),
             gb(CLEAN_TEST_BUILD_BYTES)

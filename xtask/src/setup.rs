@@ -56,7 +56,7 @@ fn ensure_apt() -> Result<()> {
     .context("apt-get install")
 }
 
-fn ensure_nightly() -> Result<()> {
+pub(crate) fn ensure_nightly() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         eprintln!("xtask setup: installing the nightly toolchain");

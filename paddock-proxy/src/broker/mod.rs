@@ -21,7 +21,7 @@ mod credentials;
 mod local;
 mod policy;
 mod recheck;
-mod substitute;
+pub(crate) mod substitute;
 
 #[cfg(test)]
 mod tests;

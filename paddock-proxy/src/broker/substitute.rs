@@ -194,7 +194,7 @@ pub(super) fn call_error(e: &BrokerCallError) -> SubstituteError {
 
 /// The request as the broker needs it: every header (names drive its allow-lists), the raw
 /// query, method and path.
-fn wire_request(head: &RequestHead<'_>, ctx: &RequestContext) -> SubstituteAuthRequest {
+pub(crate) fn wire_request(head: &RequestHead<'_>, ctx: &RequestContext) -> SubstituteAuthRequest {
     SubstituteAuthRequest {
         run: ctx.run.clone(),
         host: ctx.host.clone(),
@@ -226,7 +226,7 @@ fn contains_marker(bytes: &[u8]) -> bool {
 }
 
 /// The decoded `user:password` of a `Basic` credential, if the value is one.
-fn basic_credentials(value: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn basic_credentials(value: &[u8]) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(value).ok()?.trim();
     let (scheme, encoded) = text.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
@@ -243,7 +243,7 @@ fn decoded_query(query: &str) -> Vec<u8> {
     percent_decode(query.replace('+', " ").as_bytes()).collect()
 }
 
-fn carries_placeholder(head: &RequestHead<'_>) -> bool {
+pub(crate) fn carries_placeholder(head: &RequestHead<'_>) -> bool {
     let in_headers = head.headers().values().any(|v| {
         contains_marker(v.as_bytes())
             || basic_credentials(v.as_bytes()).is_some_and(|c| contains_marker(&c))
@@ -347,7 +347,7 @@ fn is_bearer(token: &[u8]) -> bool {
 
 /// Last line of defence: a request still carrying a well-formed placeholder after the broker
 /// answered is not forwarded (the broker and the proxy disagree on where it was).
-fn ensure_no_placeholder(head: &RequestHead<'_>) -> Result<(), SubstituteError> {
+pub(crate) fn ensure_no_placeholder(head: &RequestHead<'_>) -> Result<(), SubstituteError> {
     let in_headers = head.headers().values().any(|v| {
         has_bearer(v.as_bytes()) || basic_credentials(v.as_bytes()).is_some_and(|c| has_bearer(&c))
     });
@@ -380,7 +380,7 @@ fn editable_header(name: &str) -> Result<HeaderName, SubstituteError> {
 
 /// Applies the broker's edits in the documented order. Everything is computed before the
 /// request is touched, so a failure leaves it as it was.
-fn apply(
+pub(crate) fn apply(
     head: &mut RequestHead<'_>,
     answer: &SubstituteAuthResponse,
 ) -> Result<(), SubstituteError> {

@@ -14,7 +14,7 @@
 //! audited once its status is decided ([`RequestAudit`]).
 
 mod audit;
-mod authority;
+pub(crate) mod authority;
 mod body;
 mod deny;
 mod error;

@@ -17,7 +17,7 @@ use crate::policy::{Decision, Mode};
 use crate::tls::peek_client_hello;
 
 /// `host:port` of a `CONNECT` target (authority form only).
-pub(super) fn parse_authority(target: &str) -> Option<(&str, u16)> {
+pub(crate) fn parse_authority(target: &str) -> Option<(&str, u16)> {
     let (_, port) = target.rsplit_once(':')?;
     let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
     let host = host_of(target)?;
@@ -183,5 +183,7 @@ mod tests {
         assert_eq!(parse_authority("example.com:0"), None);
         assert_eq!(parse_authority("example.com:http"), None);
         assert_eq!(parse_authority("/path"), None);
+        // Found by the `http_head` fuzz target.
+        assert_eq!(parse_authority("[]:83"), None);
     }
 }

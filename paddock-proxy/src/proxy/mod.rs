@@ -30,11 +30,11 @@
 //! the run, original destination, SNI and decision.
 
 pub mod config;
-mod connect;
+pub(crate) mod connect;
 mod connector;
 pub mod io;
 mod listener;
-mod plain;
+pub(crate) mod plain;
 mod serve;
 mod transparent;
 

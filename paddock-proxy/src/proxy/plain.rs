@@ -20,10 +20,12 @@ const BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// The host part of a `Host` header value (`name`, `name:port`, `[v6]:port`).
-pub(super) fn host_of(value: &str) -> Option<&str> {
+pub(crate) fn host_of(value: &str) -> Option<&str> {
     if let Some(rest) = value.strip_prefix('[') {
         let (host, after) = rest.split_once(']')?;
-        return (after.is_empty() || after.starts_with(':')).then_some(host);
+        return (after.is_empty() || after.starts_with(':'))
+            .then_some(host)
+            .filter(|h| !h.is_empty());
     }
     match value.rsplit_once(':') {
         Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => Some(host),
@@ -140,5 +142,13 @@ mod tests {
         assert_eq!(host_of("[fd00::1]x"), None);
         assert_eq!(host_of(":80"), None);
         assert_eq!(host_of("a:b"), None);
+    }
+
+    /// Found by the `http_head` fuzz target (`CONNECT []:83`): empty brackets named an
+    /// empty host, which only the name check after it refused.
+    #[test]
+    fn empty_brackets_are_no_host() {
+        assert_eq!(host_of("[]"), None);
+        assert_eq!(host_of("[]:80"), None);
     }
 }

@@ -1,0 +1,21 @@
+//! The broker's YAML configuration file, parsed and checked as `paddock-broker` does before it
+//! opens anything.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use paddock_broker::config::Config;
+use paddock_broker::ratelimit::RateLimits;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(config) = serde_yaml_ng::from_str::<Config>(text) else {
+        return;
+    };
+    if let Ok(Some(poll)) = config.policy_poll() {
+        assert!(!poll.is_zero(), "a zero poll interval would spin");
+    }
+    let _ = config.auth.resolved_order();
+    let _ = RateLimits::new(&config.rate_limits);
+});
