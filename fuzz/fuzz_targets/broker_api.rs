@@ -26,7 +26,7 @@ use paddock_broker::policy::{Policy, PolicyStore};
 use paddock_broker::ratelimit::{RateLimitConfig, RateLimits, RateSpec};
 use paddock_broker::server::{self, Handle, LocalLink, ServerOptions, tls};
 use paddock_broker::store::Store;
-use paddock_broker::wire::paths;
+use paddock_wire::api::paths;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -16,11 +16,12 @@ use http::HeaderValue;
 use libfuzzer_sys::fuzz_target;
 use paddock_broker::bearer;
 use paddock_broker::fuzzing::find_placeholder;
-use paddock_broker::wire::{BasicAuth, Header, QueryParam, SubstituteAuthResponse};
+use paddock_wire::api::{BasicAuth, Header, QueryParam, SubstituteAuthResponse};
 use paddock_proxy::fuzzing::{
     apply_answer, basic_credentials, carries_placeholder, still_holds_placeholder, wire_request,
 };
-use paddock_proxy::http::{RequestContext, replace_basic_auth_password, replace_query_value};
+use paddock_proxy::http::RequestContext;
+use paddock_wire::codec;
 use percent_encoding::percent_decode_str;
 
 const NAMES: [&str; 4] = ["authorization", "x-api-key", "cookie", "private-token"];
@@ -142,7 +143,7 @@ fn apply_is_all_or_nothing(mut parts: http::request::Parts, pieces: &[&[u8]]) {
     }
 }
 
-/// The in-process substituter's codecs.
+/// The shared codecs (`paddock_wire::codec`), as both sides use them.
 fn codecs_round_trip(pieces: &[&[u8]]) {
     let text =
         |i: usize| String::from_utf8_lossy(pieces.get(i).copied().unwrap_or(b"")).into_owned();
@@ -150,15 +151,15 @@ fn codecs_round_trip(pieces: &[&[u8]]) {
     if !user.contains(':') {
         let value = format!("Basic {}", STANDARD.encode(format!("{user}:{placeholder}")));
         if let Ok(value) = HeaderValue::from_str(&value) {
-            let replaced = replace_basic_auth_password(&value, &placeholder, &secret)
-                .expect("plain base64 is a valid header")
-                .expect("the password is the placeholder");
+            let (u, p) = codec::basic::decode(value.as_bytes()).expect("Basic");
+            assert_eq!((u.as_str(), p.as_str()), (user.as_str(), placeholder.as_str()));
+            let replaced = codec::basic::encode(&user, &secret);
             let got = basic_credentials(replaced.as_bytes()).expect("Basic");
             assert_eq!(got, format!("{user}:{secret}").into_bytes());
         }
     }
     let query = text(3);
-    if let Some(new) = replace_query_value(&query, &placeholder, &secret) {
+    if let Some(new) = codec::query::replace_value(&query, &placeholder, &secret) {
         let values = |q: &str| -> Vec<String> {
             q.split('&')
                 .filter_map(|p| p.split_once('=').map(|(_, v)| decode(v)))

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use paddock_broker::policy::Policy;
-use paddock_broker::wire::{RunInfo, RunPhase};
+use paddock_wire::api::{RunInfo, RunPhase};
 use time::OffsetDateTime;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use paddock_broker::wire::{
+use paddock_wire::api::{
     ErrorBody, IssueRequest, IssueResponse, LeasesQuery, LeasesResponse, RenewRequest,
     RenewResponse, RevokeRequest, RevokeResponse, RunUpsertRequest, SubstituteAuthRequest,
     SubstituteAuthResponse, ValidateEgressRequest, ValidateEgressResponse,

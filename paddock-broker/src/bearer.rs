@@ -1,19 +1,15 @@
 //! Placeholder bearers: `pdk-<provider>-<48 hex>` from a CSPRNG, stored only as SHA-256.
 
+use paddock_wire::placeholder;
 use sha2::{Digest, Sha256};
 
 use crate::secrets::Secret;
 
-const PREFIX: &str = "pdk-";
-const RANDOM_HEX: usize = 48;
-
-/// A new bearer for `provider` (a kind such as `user-secret`).
-#[must_use]
-pub fn generate(provider: &str) -> Secret {
-    let mut bytes = [0_u8; RANDOM_HEX / 2];
-    // ThreadRng is a ChaCha-based CSPRNG seeded and periodically reseeded from the OS.
-    rand::fill(&mut bytes[..]);
-    Secret::new(format!("{PREFIX}{provider}-{}", hex::encode(bytes)))
+/// A new bearer for `provider` (a kind such as `user-secret`), in the placeholder format of
+/// [`paddock_wire::placeholder`]. Provider kinds are fixed names, so a kind the format refuses
+/// is a programming error; the random source failing is reported.
+pub fn generate(provider: &str) -> Result<Secret, placeholder::GenerateError> {
+    placeholder::generate(provider).map(Secret::new)
 }
 
 /// SHA-256 of a bearer: the only form that is stored.
@@ -33,43 +29,13 @@ pub fn lease_id() -> String {
 /// Whether `token` is exactly a well-formed bearer.
 #[must_use]
 pub fn is_bearer(token: &str) -> bool {
-    let Some(rest) = token.strip_prefix(PREFIX) else {
-        return false;
-    };
-    if rest.len() < RANDOM_HEX + 2 {
-        return false;
-    }
-    let (kind, random) = rest.split_at(rest.len() - RANDOM_HEX);
-    let Some(kind) = kind.strip_suffix('-') else {
-        return false;
-    };
-    !kind.is_empty()
-        && kind
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && random
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    placeholder::is_placeholder(token.as_bytes())
 }
 
 /// Every well-formed bearer embedded in `text` (delimited by characters that cannot be part
 /// of one).
 pub fn find_in(text: &str) -> impl Iterator<Item = &str> {
-    text.match_indices(PREFIX).filter_map(move |(start, _)| {
-        let before_ok = text[..start]
-            .chars()
-            .next_back()
-            .is_none_or(|c| !is_token_char(c));
-        let len = text[start..]
-            .find(|c: char| !is_token_char(c))
-            .unwrap_or(text.len() - start);
-        let candidate = &text[start..start + len];
-        (before_ok && is_bearer(candidate)).then_some(candidate)
-    })
-}
-
-fn is_token_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '-'
+    placeholder::find_str(text)
 }
 
 #[cfg(test)]
@@ -78,8 +44,8 @@ mod tests {
 
     #[test]
     fn generated_bearers_are_well_formed_and_unique() {
-        let a = generate("user-secret");
-        let b = generate("user-secret");
+        let a = generate("user-secret").expect("generate");
+        let b = generate("user-secret").expect("generate");
         assert!(is_bearer(a.expose()), "{}", a.expose().len());
         assert_ne!(a.expose(), b.expose());
         assert!(a.expose().starts_with("pdk-user-secret-"));
@@ -88,7 +54,7 @@ mod tests {
 
     #[test]
     fn finds_embedded_bearers_only_when_delimited() {
-        let t = generate("pat-pool");
+        let t = generate("pat-pool").expect("generate");
         let t = t.expose();
         let text = format!("Bearer {t}");
         assert_eq!(find_in(&text).collect::<Vec<_>>(), vec![t]);

@@ -10,7 +10,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use percent_encoding::percent_decode_str;
+use paddock_wire::codec;
 use time::OffsetDateTime;
 
 use crate::{
@@ -313,8 +313,14 @@ impl Broker {
             return Err(BrokerError::Forbidden(msg));
         };
         let provider = providers::for_grant(grant, &self.providers);
-        let bearer = (grant.delivery.mode == DeliveryMode::ProxyInjected)
-            .then(|| bearer::generate(provider.kind()));
+        let bearer = if grant.delivery.mode == DeliveryMode::ProxyInjected {
+            Some(
+                bearer::generate(provider.kind())
+                    .map_err(|e| BrokerError::Internal(format!("generating a placeholder: {e}")))?,
+            )
+        } else {
+            None
+        };
         let now = now_secs();
         let lease = NewLease {
             lease_id: bearer::lease_id(),
@@ -735,14 +741,8 @@ pub(crate) fn find_placeholders(req: &SubstituteAuthRequest) -> Result<Found, Br
     }
     let mut query_names = Vec::new();
     if let Some(query) = &req.query {
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let decode = |s: &str| {
-                percent_decode_str(&s.replace('+', " "))
-                    .decode_utf8_lossy()
-                    .into_owned()
-            };
-            let (k, v) = (decode(k), decode(v));
+        for (k, v) in codec::query::pairs(query) {
+            let (k, v) = (codec::query::decode(k), codec::query::decode(v));
             let hits: Vec<&str> = bearer::find_in(&v).collect();
             if !hits.is_empty() {
                 tokens.extend(hits.into_iter().map(str::to_owned));

@@ -24,7 +24,9 @@ pub mod ratelimit;
 pub mod secrets;
 #[cfg(feature = "server")]
 pub mod store;
-pub mod wire;
+/// The API's types live in `paddock-wire` (shared with the proxy); re-exported under the
+/// name the broker's modules use.
+pub use paddock_wire::api as wire;
 
 #[cfg(feature = "server")]
 pub use broker::{Broker, BrokerError};

@@ -532,7 +532,7 @@ mod tests {
         s.upsert_run(&run, 1).expect("upsert");
         assert_eq!(s.run("r").expect("q"), Some(run));
         assert_eq!(s.run("x").expect("q"), None);
-        let bearer = crate::bearer::generate("user-secret");
+        let bearer = crate::bearer::generate("user-secret").expect("generate");
         let mut l = lease("l", "r", "c", 0, 10);
         l.bearer_hash = Some(crate::bearer::hash(bearer.expose()));
         s.insert_lease(&l, None, 1).expect("insert");

@@ -73,6 +73,8 @@ use serde::{Serialize, Serializer};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use paddock_wire::placeholder;
+
 use crate::metrics::ProxyMetrics;
 use crate::policy::Mode;
 
@@ -403,75 +405,21 @@ impl AuditEvent {
 }
 
 /// What a redacted placeholder is written as.
-const REDACTED: &str = "[redacted]";
-/// How placeholders start (`pdk-<kind>-<48 lowercase hex>`, as the broker issues them).
-const PLACEHOLDER_MARKER: &str = "pdk-";
-/// The random part of a placeholder.
-const PLACEHOLDER_HEX: usize = 48;
-/// Longest `<kind>-` looked at after the marker; provider kinds are a few words.
-const PLACEHOLDER_MAX_KIND: usize = 128;
+const REDACTED: &str = placeholder::REDACTED;
 
-/// Whether `rest` (what follows a `pdk-` marker) starts with `<kind>-<48 lowercase hex>`.
-fn starts_with_placeholder(rest: &[u8]) -> bool {
-    // Consecutive hex digits since the last `-` that could end the kind.
-    let mut random: Option<usize> = None;
-    for (i, &b) in rest
-        .iter()
-        .enumerate()
-        .take(PLACEHOLDER_MAX_KIND + PLACEHOLDER_HEX)
-    {
-        if b == b'-' {
-            random = (i > 0).then_some(0);
-        } else if !(b.is_ascii_lowercase() || b.is_ascii_digit()) {
-            return false;
-        } else if let Some(n) = random.as_mut() {
-            if b.is_ascii_hexdigit() {
-                *n += 1;
-                if *n == PLACEHOLDER_HEX {
-                    return true;
-                }
-            } else {
-                random = None;
-            }
-        }
-    }
-    false
-}
-
-/// `text` with every run of token characters (`[A-Za-z0-9-]`) that starts with a well-formed
-/// placeholder replaced by `[redacted]`, whatever precedes it: the agent may glue a
-/// placeholder to anything, and the audit must not hold it.
+/// `text` with every placeholder (and whatever is glued to it) written as `[redacted]`
+/// ([`paddock_wire::placeholder::redact`]).
 pub(crate) fn redact_placeholders(text: String) -> String {
-    if !text.contains(PLACEHOLDER_MARKER) {
-        return text;
+    match placeholder::redact(&text) {
+        std::borrow::Cow::Borrowed(_) => text,
+        std::borrow::Cow::Owned(redacted) => redacted,
     }
-    let bytes = text.as_bytes();
-    let mut out = String::with_capacity(text.len());
-    let (mut copied, mut from) = (0, 0);
-    while let Some(pos) = text[from..].find(PLACEHOLDER_MARKER) {
-        let at = from + pos;
-        let end = bytes[at..]
-            .iter()
-            .position(|b| !(b.is_ascii_alphanumeric() || *b == b'-'))
-            .map_or(bytes.len(), |n| at + n);
-        if starts_with_placeholder(&bytes[at + PLACEHOLDER_MARKER.len()..end]) {
-            // `at` and `end` sit next to ASCII bytes, so both are char boundaries.
-            out.push_str(&text[copied..at]);
-            out.push_str(REDACTED);
-            copied = end;
-            from = end;
-        } else {
-            from = at + 1;
-        }
-    }
-    out.push_str(&text[copied..]);
-    out
 }
 
 /// `path` with every segment that holds a placeholder, as is or percent-encoded, replaced by
 /// `[redacted]`.
 pub(crate) fn redacted_path(path: &str) -> String {
-    if !path.contains(PLACEHOLDER_MARKER) && !path.contains('%') {
+    if !path.contains(placeholder::MARKER) && !path.contains('%') {
         return path.to_owned();
     }
     let holds_placeholder = |segment: &str| {

@@ -5,7 +5,7 @@
 //! survive refactors of the modules' internals.
 
 use http::request::Parts;
-use paddock_broker::wire::{SubstituteAuthRequest, SubstituteAuthResponse};
+use paddock_wire::api::{SubstituteAuthRequest, SubstituteAuthResponse};
 
 use crate::http::{RequestContext, RequestHead};
 

@@ -12,19 +12,25 @@ pub mod basic {
     /// anything else.
     #[must_use]
     pub fn decode(value: &[u8]) -> Option<(String, String)> {
+        let text = String::from_utf8(decode_raw(value)?).ok()?;
+        let (user, password) = text.split_once(':')?;
+        Some((user.to_owned(), password.to_owned()))
+    }
+
+    /// The decoded bytes of a Basic credential header value, whatever they hold (for a quick
+    /// look for a placeholder marker, which must not depend on a `:` or on UTF-8).
+    #[must_use]
+    pub fn decode_raw(value: &[u8]) -> Option<Vec<u8>> {
         let text = std::str::from_utf8(value).ok()?.trim();
         let (scheme, encoded) = text.split_once(' ')?;
         if !scheme.eq_ignore_ascii_case("basic") {
             return None;
         }
         let encoded = encoded.trim();
-        let raw = STANDARD
+        STANDARD
             .decode(encoded)
             .or_else(|_| STANDARD_NO_PAD.decode(encoded))
-            .ok()?;
-        let text = String::from_utf8(raw).ok()?;
-        let (user, password) = text.split_once(':')?;
-        Some((user.to_owned(), password.to_owned()))
+            .ok()
     }
 
     /// The header value for `user` and `password` (padded base64).

@@ -36,7 +36,9 @@ pub enum GenerateError {
 impl std::fmt::Display for GenerateError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::BadKind => f.write_str("placeholder kind must be lowercase letters, digits and -"),
+            Self::BadKind => {
+                f.write_str("placeholder kind must be lowercase letters, digits and -")
+            }
             Self::Random(e) => write!(f, "random source failed: {e}"),
         }
     }
@@ -205,7 +207,10 @@ mod tests {
     #[test]
     fn placeholders_are_found_only_when_whole_and_delimited() {
         let t = generate("pat-pool").expect("generate");
-        assert_eq!(find_str(&format!("Bearer {t}")).collect::<Vec<_>>(), vec![t.as_str()]);
+        assert_eq!(
+            find_str(&format!("Bearer {t}")).collect::<Vec<_>>(),
+            vec![t.as_str()]
+        );
         assert_eq!(find_str(&format!("a={t}&b={t}")).count(), 2);
         assert_eq!(find_str(&format!("{t}0")).count(), 0, "longer token");
         assert_eq!(find_str(&format!("x{t}")).count(), 0, "not delimited");

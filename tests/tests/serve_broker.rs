@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use paddock_broker::wire::{IssueRequest, RevokeRequest, RunPhase, RunUpsertRequest};
 use paddock_proxy::broker::{BrokerClient, BrokerClientConfig};
 use paddock_tests::{
     CgroupGuard, Netns, PinDir, Topology,
@@ -22,6 +21,7 @@ use paddock_tests::{
     proxied::{DnsResponder, ProxyProcess, make_upstream_certs, path_str, scratch},
     require_root,
 };
+use paddock_wire::api::{IssueRequest, RevokeRequest, RunPhase, RunUpsertRequest};
 
 const SECRET: &str = "real-upstream-token-4be1d9";
 const RUN: &str = "run-sb";

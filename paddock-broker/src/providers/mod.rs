@@ -8,8 +8,6 @@ pub mod http_client;
 
 use std::{collections::BTreeSet, sync::Arc};
 
-use base64::{Engine as _, engine::general_purpose::STANDARD};
-
 use crate::{
     policy::{CredentialGrant, Injection, ProviderSpec},
     secrets::{Secret, SecretError, SecretSource},
@@ -401,17 +399,11 @@ fn apply_query_allow_list(out: &mut SubstituteAuthResponse, names: &[String], al
     }
 }
 
-/// Decodes `Authorization: Basic` into (username, password).
+/// Decodes `Authorization: Basic` into (username, password), as the proxy does
+/// ([`paddock_wire::codec::basic`]: padded or not).
 #[must_use]
 pub fn decode_basic(value: &str) -> Option<(String, String)> {
-    let (scheme, rest) = value.trim().split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = STANDARD.decode(rest.trim()).ok()?;
-    let text = String::from_utf8(decoded).ok()?;
-    let (user, pass) = text.split_once(':')?;
-    Some((user.to_owned(), pass.to_owned()))
+    paddock_wire::codec::basic::decode(value.as_bytes())
 }
 
 #[cfg(test)]
@@ -549,8 +541,13 @@ mod tests {
 
     #[test]
     fn basic_decoding() {
-        let v = format!("Basic {}", STANDARD.encode("git:pdk-x"));
+        let v = paddock_wire::codec::basic::encode("git", "pdk-x");
         assert_eq!(decode_basic(&v), Some(("git".into(), "pdk-x".into())));
+        // Unpadded, as some clients send it: decoded the same as the proxy decodes it.
+        assert_eq!(
+            decode_basic("Basic Z2l0OnBkay14"),
+            Some(("git".into(), "pdk-x".into()))
+        );
         assert_eq!(decode_basic("Bearer abc"), None);
         assert_eq!(decode_basic("Basic !!!"), None);
     }

@@ -19,8 +19,8 @@ use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilde
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use paddock_broker::wire::{
-    self, ErrorBody, ErrorCode, IssueRequest, IssueResponse, RenewRequest, RenewResponse,
+use paddock_wire::api::{
+    self as wire, ErrorBody, ErrorCode, IssueRequest, IssueResponse, RenewRequest, RenewResponse,
     RevokeRequest, RevokeResponse, RunInfo, RunUpsertRequest, SubstituteAuthRequest,
     SubstituteAuthResponse, ValidateEgressRequest, ValidateEgressResponse,
 };

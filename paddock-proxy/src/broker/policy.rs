@@ -1,6 +1,6 @@
 //! [`EgressPolicy`] backed by the broker's `POST /v1/validate-egress`.
 
-use paddock_broker::wire::{ValidateEgressRequest, ValidateEgressResponse};
+use paddock_wire::api::{ValidateEgressRequest, ValidateEgressResponse};
 
 use super::BrokerClient;
 use crate::policy::{CheckFuture, Decision, EgressPolicy, EgressRequest, PolicyError};

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use paddock_broker::wire::ValidateEgressRequest;
+use paddock_wire::api::ValidateEgressRequest;
 
 use super::BrokerClient;
 use crate::http::{RequestContext, SubstituteError};

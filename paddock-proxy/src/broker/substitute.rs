@@ -1,31 +1,16 @@
 //! [`Substituter`] backed by the broker's `POST /v1/substitute-auth`.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use paddock_broker::wire::{
+use paddock_wire::api::{
     Header, QueryParam, SubstituteAuthRequest, SubstituteAuthResponse, Transport,
 };
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode, percent_decode_str};
+use paddock_wire::{codec, placeholder};
 
 use super::{BrokerCallError, BrokerClient};
 use crate::http::{
     BoxFuture, RequestContext, RequestHead, SubstituteError, Substituted, Substituter,
 };
-
-/// Marks a possible placeholder. Matched ASCII case-insensitively: looser than the broker's
-/// own recognition, so the broker is asked whenever it might find something.
-const MARKER: &[u8] = b"pdk-";
-/// Random part of a well-formed placeholder (`pdk-<kind>-<48 lowercase hex>`).
-const BEARER_HEX: usize = 48;
-
-/// Query bytes kept as-is when encoding a substituted value: RFC 3986 unreserved only.
-const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
 
 /// Swaps placeholders for real credentials by asking the broker, once per request.
 ///
@@ -170,7 +155,7 @@ impl Substituter for BrokerSubstituter {
 
 pub(super) fn call_error(e: &BrokerCallError) -> SubstituteError {
     if let BrokerCallError::Rejected {
-        code: paddock_broker::wire::ErrorCode::TlsRequired,
+        code: paddock_wire::api::ErrorCode::TlsRequired,
         message,
         ..
     } = e
@@ -219,76 +204,37 @@ pub(crate) fn wire_request(head: &RequestHead<'_>, ctx: &RequestContext) -> Subs
     }
 }
 
-fn contains_marker(bytes: &[u8]) -> bool {
-    bytes
-        .windows(MARKER.len())
-        .any(|w| w.eq_ignore_ascii_case(MARKER))
-}
-
-/// The decoded `user:password` of a `Basic` credential, if the value is one.
+/// The decoded bytes of a `Basic` credential, if the value is one.
 pub(crate) fn basic_credentials(value: &[u8]) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(value).ok()?.trim();
-    let (scheme, encoded) = text.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let encoded = encoded.trim();
-    STANDARD
-        .decode(encoded)
-        .or_else(|_| STANDARD_NO_PAD.decode(encoded))
-        .ok()
+    codec::basic::decode_raw(value)
 }
 
-fn decoded_query(query: &str) -> Vec<u8> {
-    percent_decode(query.replace('+', " ").as_bytes()).collect()
-}
-
+/// Whether the request might carry a placeholder: the marker in any case in a header value,
+/// inside Basic credentials, or in the query (raw or decoded). Looser than the broker, so
+/// the broker is asked whenever it might find something.
 pub(crate) fn carries_placeholder(head: &RequestHead<'_>) -> bool {
     let in_headers = head.headers().values().any(|v| {
-        contains_marker(v.as_bytes())
-            || basic_credentials(v.as_bytes()).is_some_and(|c| contains_marker(&c))
+        placeholder::may_contain(v.as_bytes())
+            || basic_credentials(v.as_bytes()).is_some_and(|c| placeholder::may_contain(&c))
     });
     in_headers
-        || head
-            .query()
-            .is_some_and(|q| contains_marker(q.as_bytes()) || contains_marker(&decoded_query(q)))
+        || head.query().is_some_and(|q| {
+            placeholder::may_contain(q.as_bytes())
+                || placeholder::may_contain(codec::query::decode_all(q).as_bytes())
+        })
 }
 
 /// Whether `text` holds a well-formed placeholder, delimited as the broker delimits them.
 fn has_bearer(text: &[u8]) -> bool {
-    bearers_in(text).next().is_some()
-}
-
-/// Every well-formed placeholder in `text`, delimited as the broker delimits them.
-fn bearers_in(text: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let token_char = |b: u8| b.is_ascii_alphanumeric() || b == b'-';
-    let mut start = 0;
-    std::iter::from_fn(move || {
-        while let Some(pos) = text[start..]
-            .windows(MARKER.len())
-            .position(|w| w == MARKER)
-        {
-            let at = start + pos;
-            let end = text[at..]
-                .iter()
-                .position(|b| !token_char(*b))
-                .map_or(text.len(), |n| at + n);
-            let delimited = at == 0 || !token_char(text[at - 1]);
-            start = at + 1;
-            if delimited && is_bearer(&text[at..end]) {
-                return Some(&text[at..end]);
-            }
-        }
-        None
-    })
+    placeholder::find(text).next().is_some()
 }
 
 /// The first well-formed placeholder of a request, looking where the broker looks.
 fn first_bearer(head: &RequestHead<'_>) -> Option<String> {
     let from = |b: &[u8]| {
-        bearers_in(b)
+        placeholder::find(b)
             .next()
-            .map(|t| String::from_utf8_lossy(t).into_owned())
+            .map(|r| String::from_utf8_lossy(&b[r]).into_owned())
     };
     head.headers()
         .values()
@@ -296,8 +242,9 @@ fn first_bearer(head: &RequestHead<'_>) -> Option<String> {
             from(v.as_bytes()).or_else(|| basic_credentials(v.as_bytes()).and_then(|c| from(&c)))
         })
         .or_else(|| {
-            head.query()
-                .and_then(|q| from(q.as_bytes()).or_else(|| from(&decoded_query(q))))
+            head.query().and_then(|q| {
+                from(q.as_bytes()).or_else(|| from(codec::query::decode_all(q).as_bytes()))
+            })
         })
 }
 
@@ -325,35 +272,15 @@ fn secrets_put_in(
         .collect()
 }
 
-fn is_bearer(token: &[u8]) -> bool {
-    let Some(rest) = token.strip_prefix(MARKER) else {
-        return false;
-    };
-    if rest.len() < BEARER_HEX + 2 {
-        return false;
-    }
-    let (kind, random) = rest.split_at(rest.len() - BEARER_HEX);
-    let Some(kind) = kind.strip_suffix(b"-") else {
-        return false;
-    };
-    !kind.is_empty()
-        && kind
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && random
-            .iter()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
-}
-
 /// Last line of defence: a request still carrying a well-formed placeholder after the broker
 /// answered is not forwarded (the broker and the proxy disagree on where it was).
 pub(crate) fn ensure_no_placeholder(head: &RequestHead<'_>) -> Result<(), SubstituteError> {
     let in_headers = head.headers().values().any(|v| {
         has_bearer(v.as_bytes()) || basic_credentials(v.as_bytes()).is_some_and(|c| has_bearer(&c))
     });
-    let in_query = head
-        .query()
-        .is_some_and(|q| has_bearer(q.as_bytes()) || has_bearer(&decoded_query(q)));
+    let in_query = head.query().is_some_and(|q| {
+        has_bearer(q.as_bytes()) || has_bearer(codec::query::decode_all(q).as_bytes())
+    });
     if in_headers || in_query {
         return Err(SubstituteError::Invalid {
             reason: "a placeholder would have been forwarded unsubstituted".into(),
@@ -396,9 +323,9 @@ pub(crate) fn apply(
         headers.insert(name, value);
     }
     if let Some(basic) = &answer.basic_auth {
-        let encoded = STANDARD.encode(format!("{}:{}", basic.username, basic.password));
-        let mut value = HeaderValue::try_from(format!("Basic {encoded}"))
-            .map_err(|_| invalid("substituted Basic credentials are not a valid header"))?;
+        let mut value =
+            HeaderValue::try_from(codec::basic::encode(&basic.username, &basic.password))
+                .map_err(|_| invalid("substituted Basic credentials are not a valid header"))?;
         value.set_sensitive(true);
         headers.insert(AUTHORIZATION, value);
     }
@@ -414,9 +341,7 @@ pub(crate) fn apply(
 /// Decoded name of one `name=value` query piece, decoded as the broker decodes it.
 fn query_name(piece: &str) -> String {
     let raw = piece.split_once('=').map_or(piece, |(k, _)| k);
-    percent_decode_str(&raw.replace('+', " "))
-        .decode_utf8_lossy()
-        .into_owned()
+    codec::query::decode(raw)
 }
 
 /// What happens to the query string.
@@ -443,8 +368,8 @@ fn rewrite_query(query: Option<&str>, remove: &[String], set: &[QueryParam]) -> 
     for param in set {
         let encoded = format!(
             "{}={}",
-            percent_encoding::utf8_percent_encode(&param.name, QUERY_VALUE),
-            percent_encoding::utf8_percent_encode(&param.value, QUERY_VALUE)
+            codec::percent::encode(&param.name),
+            codec::percent::encode(&param.value)
         );
         match pieces.iter().position(|(name, _)| *name == param.name) {
             Some(first) => {
@@ -475,8 +400,10 @@ fn rewrite_query(query: Option<&str>, remove: &[String], set: &[QueryParam]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
     use http::Request;
-    use paddock_broker::wire::BasicAuth;
+    use paddock_wire::api::BasicAuth;
 
     const BEARER: &str = "pdk-user-secret-0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -490,7 +417,7 @@ mod tests {
 
     #[test]
     fn bearer_recognition_matches_the_broker_format() {
-        assert!(is_bearer(BEARER.as_bytes()));
+        assert!(placeholder::is_placeholder(BEARER.as_bytes()));
         assert!(has_bearer(format!("Bearer {BEARER}").as_bytes()));
         assert!(has_bearer(format!("a=1&k={BEARER}").as_bytes()));
         assert!(!has_bearer(format!("x{BEARER}").as_bytes()));

@@ -27,7 +27,7 @@ use paddock_broker::policy::PolicyStore;
 use paddock_broker::ratelimit::{RateLimitConfig, RateLimits};
 use paddock_broker::server::{self, Handle, ServerOptions, tls};
 use paddock_broker::store::Store;
-use paddock_broker::wire::{
+use paddock_wire::api::{
     ErrorCode, IssueRequest, RevokeRequest, RunPhase, RunUpsertRequest, SubstituteAuthRequest,
 };
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -671,7 +671,7 @@ async fn a_silent_broker_times_out() {
             run: RUN.into(),
             host: "api.github.com".into(),
             port: 443,
-            transport: paddock_broker::wire::Transport::Tls,
+            transport: paddock_wire::api::Transport::Tls,
             method: "GET".into(),
             path: "/".into(),
             query: None,
@@ -709,7 +709,7 @@ async fn bearer_file_rotation_is_picked_up() {
 
     let err = within(
         "unknown key",
-        client.validate_egress(&paddock_broker::wire::ValidateEgressRequest {
+        client.validate_egress(&paddock_wire::api::ValidateEgressRequest {
             run: RUN.into(),
             host: "api.github.com".into(),
             port: Some(443),
@@ -971,7 +971,7 @@ async fn the_in_process_link_is_the_same_api_without_tcp_or_tls() {
             .expect("client");
     let err = within(
         "stranger",
-        stranger.validate_egress(&paddock_broker::wire::ValidateEgressRequest {
+        stranger.validate_egress(&paddock_wire::api::ValidateEgressRequest {
             run: RUN.into(),
             host: "api.github.com".into(),
             port: Some(443),
@@ -1031,7 +1031,7 @@ async fn only_the_configured_ca_is_trusted() {
     let client = BrokerClient::new(&config).expect("client");
     let err = within(
         "untrusted broker",
-        client.validate_egress(&paddock_broker::wire::ValidateEgressRequest {
+        client.validate_egress(&paddock_wire::api::ValidateEgressRequest {
             run: RUN.into(),
             host: "api.github.com".into(),
             port: Some(443),
@@ -1048,7 +1048,7 @@ async fn only_the_configured_ca_is_trusted() {
     assert!(
         within(
             "wrong name",
-            client.validate_egress(&paddock_broker::wire::ValidateEgressRequest {
+            client.validate_egress(&paddock_wire::api::ValidateEgressRequest {
                 run: RUN.into(),
                 host: "api.github.com".into(),
                 port: Some(443),

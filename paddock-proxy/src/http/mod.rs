@@ -41,10 +41,7 @@ pub use deny::{DENIED_HEADER, denial_response, serve_denial};
 pub use error::HttpError;
 pub use forward::{serve_connection, serve_connection_until};
 pub use limits::HttpLimits;
-pub use substitute::{
-    NoopSubstituter, RequestHead, SubstituteError, Substituted, Substituter,
-    replace_basic_auth_password, replace_query_value,
-};
+pub use substitute::{NoopSubstituter, RequestHead, SubstituteError, Substituted, Substituter};
 pub use upstream::{
     ConnectError, UpstreamConnector, UpstreamIo, UpstreamPool, UpstreamStream, UpstreamTarget,
 };

@@ -7,11 +7,9 @@
 
 use std::fmt;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use http::{HeaderMap, Method, StatusCode, Uri};
 
 use super::{BoxFuture, RequestContext};
 
@@ -190,106 +188,37 @@ impl fmt::Debug for RequestHead<'_> {
     }
 }
 
-/// For `Authorization: Basic base64(user:password)` whose password is `placeholder`,
-/// returns the same header with the password replaced by `secret`; `Ok(None)` when the
-/// header is not Basic or the password is something else (git over HTTPS puts tokens
-/// there).
-pub fn replace_basic_auth_password(
-    value: &HeaderValue,
-    placeholder: &str,
-    secret: &str,
-) -> Result<Option<HeaderValue>, SubstituteError> {
-    let Ok(text) = value.to_str() else {
-        return Ok(None);
-    };
-    let Some((scheme, encoded)) = text.trim().split_once(' ') else {
-        return Ok(None);
-    };
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return Ok(None);
-    }
-    let Ok(decoded) = BASE64.decode(encoded.trim()) else {
-        return Ok(None);
-    };
-    let Ok(decoded) = String::from_utf8(decoded) else {
-        return Ok(None);
-    };
-    let Some((user, password)) = decoded.split_once(':') else {
-        return Ok(None);
-    };
-    if password != placeholder {
-        return Ok(None);
-    }
-    let encoded = BASE64.encode(format!("{user}:{secret}"));
-    let mut replaced = HeaderValue::try_from(format!("Basic {encoded}")).map_err(|_| {
-        SubstituteError::Invalid {
-            reason: "basic credentials are not a valid header".into(),
-        }
-    })?;
-    replaced.set_sensitive(true);
-    Ok(Some(replaced))
-}
-
-/// Replaces every query parameter whose (decoded) value is exactly `placeholder` with
-/// `secret`, percent-encoded. `None` when no parameter carried the placeholder. Other
-/// parameters keep their exact original bytes.
-#[must_use]
-pub fn replace_query_value(query: &str, placeholder: &str, secret: &str) -> Option<String> {
-    let mut changed = false;
-    let pieces: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((name, value)) if percent_decode(value).as_deref() == Some(placeholder) => {
-                changed = true;
-                format!("{name}={}", percent_encode(secret))
-            }
-            _ => pair.to_owned(),
-        })
-        .collect();
-    changed.then(|| pieces.join("&"))
-}
-
-fn percent_decode(value: &str) -> Option<String> {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = value.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-fn percent_encode(value: &str) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            // Writing to a String cannot fail.
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use http::HeaderValue;
+    use paddock_wire::codec;
+
+    /// `Authorization: Basic` with the password `placeholder` replaced by `secret`; `None` when
+    /// the header is not Basic or holds another password.
+    fn replace_basic_auth_password(
+        value: &HeaderValue,
+        placeholder: &str,
+        secret: &str,
+    ) -> Result<Option<HeaderValue>, SubstituteError> {
+        match codec::basic::decode(value.as_bytes()) {
+            Some((user, password)) if password == placeholder => {
+                let mut v =
+                    HeaderValue::try_from(codec::basic::encode(&user, secret)).map_err(|_| {
+                        SubstituteError::Invalid {
+                            reason: "basic credentials are not a valid header".into(),
+                        }
+                    })?;
+                v.set_sensitive(true);
+                Ok(Some(v))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn replace_query_value(query: &str, placeholder: &str, secret: &str) -> Option<String> {
+        codec::query::replace_value(query, placeholder, secret)
+    }
     use http::Request;
     use http::header::AUTHORIZATION;
 
@@ -389,7 +318,7 @@ pub(crate) mod tests {
     }
 
     fn basic(user: &str, password: &str) -> String {
-        format!("Basic {}", BASE64.encode(format!("{user}:{password}")))
+        codec::basic::encode(user, password)
     }
 
     #[tokio::test]

@@ -322,7 +322,7 @@ async fn issue_placeholders(
             doc.doc
                 .spec
                 .applies_to
-                .matches(&paddock_broker::wire::RunInfo {
+                .matches(&paddock_wire::api::RunInfo {
                     run: run_info.run.clone(),
                     namespace: run_info.namespace.clone(),
                     template: run_info.template.clone(),

@@ -1,8 +1,8 @@
-//! Wire types of the broker's HTTP/JSON API, shared with the proxy's broker client.
+//! Types of the broker's HTTP/JSON API: what the broker serves and the proxy's broker client
+//! sends and decodes.
 //!
-//! This module depends on `serde` and `std` only, so a client can use it without pulling in
-//! the server. Requests reject unknown fields: a typo in a client must not silently drop a
-//! constraint. Secret-bearing types have a manual `Debug` that redacts the secret.
+//! Requests reject unknown fields: a typo in a client must not silently drop a constraint.
+//! Secret-bearing types have a manual `Debug` that redacts the secret.
 
 use std::fmt;
 
