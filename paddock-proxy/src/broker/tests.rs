@@ -738,7 +738,7 @@ impl StandInBroker {
         let heads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = heads.clone();
         let task = tokio::spawn(async move {
-            let mut held = Vec::new();
+            let mut hung = Vec::new();
             while let Ok((tcp, _)) = listener.accept().await {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     continue;
@@ -768,7 +768,7 @@ impl StandInBroker {
                         let (tcp, _) = tls.into_inner();
                         let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
                     }
-                    Dies::Silent => held.push(tls),
+                    Dies::Silent => hung.push(tls),
                 }
             }
         });
