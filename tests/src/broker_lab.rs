@@ -99,6 +99,17 @@ impl BrokerProcess {
         }
     }
 
+    /// SIGKILL without waiting for the process (callable while the lab is borrowed
+    /// elsewhere); [`BrokerProcess::kill`] or the drop reaps it.
+    pub fn crash(&self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
     /// SIGKILL: no drain, no goodbye, as in a crash or an OOM kill.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -420,6 +431,12 @@ drain_timeout_secs = 1
     /// there was no HTTP answer.
     #[must_use]
     pub fn curl(&self, path: &str, bearer: &str) -> u16 {
+        self.curl_to(API, path, bearer)
+    }
+
+    /// [`BrokerLab::curl`] to `host` (resolved to the test API's address).
+    #[must_use]
+    pub fn curl_to(&self, host: &str, path: &str, bearer: &str) -> u16 {
         let mut cmd = Command::new("curl");
         cmd.args([
             "-sS",
@@ -431,9 +448,9 @@ drain_timeout_secs = 1
             "10",
         ])
         .args(["--cacert", &path_str(self.dir.path(), "ca/tls.crt")])
-        .args(["--resolve", &format!("{API}:443:{HOST_V4}")])
+        .args(["--resolve", &format!("{host}:443:{HOST_V4}")])
         .args(["-H", &format!("Authorization: Bearer {bearer}")])
-        .arg(format!("https://{API}{path}"));
+        .arg(format!("https://{host}{path}"));
         let out = run(&mut cmd, &self.agent());
         String::from_utf8_lossy(&out.stdout)
             .trim()
