@@ -215,11 +215,13 @@ impl std::fmt::Debug for BrokerLab {
     }
 }
 
+impl Default for BrokerLab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl BrokerLab {
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one linear set-up of the lab's parts; the order is the point"
-    )]
     /// The lab with [`policy`] allowing the API.
     #[must_use]
     pub fn new() -> Self {
@@ -228,6 +230,10 @@ impl BrokerLab {
 
     /// The lab with the broker policy `make_policy` writes for the lab's directory.
     #[must_use]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one linear set-up of the lab's parts; the order is the point"
+    )]
     pub fn with_policy(make_policy: impl FnOnce(&Path) -> String) -> Self {
         use paddock_proxy::{
             cgroup::Cgroup,
