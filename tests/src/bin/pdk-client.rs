@@ -3,7 +3,7 @@
 //! ```text
 //! pdk-client tcp TARGET [--bind ADDR] [--mark N] [--dualstack]
 //! pdk-client tcp-many COUNT           (10.77.x.y targets, distinct ports)
-//! pdk-client tcp-hold COUNT [--plain] [--sources N]
+//! pdk-client tcp-hold COUNT [--offset K] [--plain] [--sources N]
 //! pdk-client udp TARGET [--reply]
 //! pdk-client sockets
 //! pdk-client bench-connect TARGET COUNT
@@ -20,7 +20,8 @@
 //! each connection (without `--plain` to its own destination, 10.100+.x.y) is `ok` (its own
 //! destination recovered, or a 200), `unrecovered` (the stand-in could not recover it),
 //! `wrong` (another destination), `reset` (reset or closed without an answer), or `other`.
-//! `--sources N` spreads the connections over source addresses 127.0.0.1..N.
+//! `--sources N` spreads the connections over source addresses 127.0.0.1..N; `--offset K`
+//! numbers them from K (several clients, one set of distinct destinations).
 //!
 //! `listen` prints two lines: first `{"ok":true,"local":ADDR,...}` once the socket is bound
 //! (`none`: not bound, so `listen()` or `--send-to` autobinds it) and listening, or
@@ -164,11 +165,11 @@ fn hold_target(i: u32) -> SocketAddr {
 
 /// Opens `count` connections, holds them, waits for the go-ahead on stdin, then classifies
 /// what each one gets (see the module docs).
-fn tcp_hold(count: u32, plain: bool, sources: u8) -> Value {
+fn tcp_hold(count: u32, offset: u32, plain: bool, sources: u8) -> Value {
     use std::collections::BTreeMap;
     let mut held = Vec::with_capacity(count as usize);
     let mut connect_errors = BTreeMap::<String, u32>::new();
-    for i in 0..count {
+    for i in offset..offset + count {
         let target = if plain {
             SocketAddr::from(([10, 77, 0, 1], 80))
         } else {
@@ -609,16 +610,14 @@ fn main() {
         }
         "tcp-hold" => {
             use nix::sys::resource::{Resource, getrlimit, setrlimit};
-            let count: u32 = parse(arg(1), "count");
-            // Root may raise its own hard limit; 2 descriptors per connection is plenty.
-            let want = u64::from(count) * 2 + 1024;
-            if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-                && soft < want
-            {
-                let _ = setrlimit(Resource::RLIMIT_NOFILE, want, want.max(hard));
+            // One descriptor per connection: the hard limit (20,000 on the project's
+            // machines, which do not grant CAP_SYS_RESOURCE) bounds one client; run several.
+            if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
             }
             tcp_hold(
-                count,
+                parse(arg(1), "count"),
+                flag_value(&args, "--offset").map_or(0, |n| parse(n, "offset")),
                 args.iter().any(|a| a == "--plain"),
                 flag_value(&args, "--sources").map_or(1, |n| parse(n, "sources")),
             )
