@@ -642,6 +642,22 @@ async fn a_stopped_broker_fails_closed_within_the_timeout() {
         "{:?}",
         started.elapsed()
     );
+    // Through the request loop: a 502, and the upstream gets nothing.
+    let (upstream, seen, up_task) = recording_upstream().await;
+    let (_sink, _metrics, audit) = capture_audit();
+    let (status, answer) = agent_request(
+        false,
+        "api.github.com",
+        "/",
+        &[(AUTHORIZATION.as_str(), &bearer)],
+        upstream,
+        Arc::new(sub),
+        audit,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{answer}");
+    assert!(seen.lock().expect("seen").is_empty(), "forwarded");
+    up_task.abort();
 }
 
 #[tokio::test]

@@ -391,6 +391,11 @@ async fn failed_audit_write_on_deny_resets_instead_of_answering() {
             .audit_write_failures(crate::audit::AuditKind::Deny),
         1
     );
+    assert_eq!(
+        rig.upstream_accepted.load(Ordering::Relaxed),
+        0,
+        "nothing dialled for the denial"
+    );
     // On the allow path the failure is counted and the request still goes through.
     let reply = rig.get(rig.upstream, "app.test", "/ok").await.expect("get");
     assert!(reply.ends_with("hello /ok"), "{reply}");
