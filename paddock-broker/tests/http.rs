@@ -405,6 +405,13 @@ async fn policy_reload_good_and_broken() {
     assert_eq!(status, 200, "old policy still active: {v}");
     let (_, ready) = env.admin_get("/readyz").await;
     assert!(ready.contains("policy reload failing"), "{ready}");
+    let (_, metrics) = env.admin_get("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "paddock_broker_policy_reload_failures_total 1"),
+        "the rejected reload is counted: {metrics}"
+    );
     // Good edit: the credential is renamed.
     std::fs::write(
         env.policy_path(),

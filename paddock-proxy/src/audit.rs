@@ -479,10 +479,76 @@ pub trait AuditSink: Send + Sync + fmt::Debug {
 }
 
 /// Appends JSON lines to a file opened `0600`, `O_APPEND`, never through a symlink.
+///
+/// A record is appended whole or not at all: a write that fails part way (the disk filled up
+/// mid-line) has its bytes cut off the end of the file again, so the trail never holds a torn
+/// record, and the first record written once there is space again is not glued onto one (which
+/// would make it unreadable while the proxy counts it as written).
 #[derive(Debug)]
 pub struct JsonlFileSink {
     path: PathBuf,
-    file: Mutex<File>,
+    file: Mutex<Appender<File>>,
+}
+
+/// What [`Appender`] needs of its file: appending, and cutting bytes off its end again.
+trait AppendTarget: Write {
+    fn cut_end(&mut self, bytes: u64) -> io::Result<()>;
+}
+
+impl AppendTarget for File {
+    fn cut_end(&mut self, bytes: u64) -> io::Result<()> {
+        // The sink is the file's only writer (under its mutex), so the last `bytes` are ours.
+        let len = self.metadata()?.len();
+        self.set_len(len.saturating_sub(bytes))
+    }
+}
+
+/// Appends whole lines to a file (see [`JsonlFileSink`]).
+#[derive(Debug)]
+struct Appender<F> {
+    file: F,
+    /// A failed write left a torn line that could not be cut off: the next record starts on a
+    /// new line.
+    torn: bool,
+}
+
+impl<F: AppendTarget> Appender<F> {
+    fn new(file: F) -> Self {
+        Self { file, torn: false }
+    }
+
+    fn append(&mut self, line: &[u8]) -> io::Result<()> {
+        if self.torn {
+            self.write_or_cut(b"\n")?;
+            self.torn = false;
+        }
+        self.write_or_cut(line)
+    }
+
+    /// Writes all of `bytes`, or on failure removes what was written of them (or, when that
+    /// fails too, remembers the file ends in a torn line).
+    fn write_or_cut(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut written = 0;
+        let failure = loop {
+            if written == bytes.len() {
+                return self.file.flush();
+            }
+            match self.file.write(&bytes[written..]) {
+                Ok(0) => break io::Error::from(io::ErrorKind::WriteZero),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break e,
+            }
+        };
+        if written > 0 {
+            let cut = u64::try_from(written).unwrap_or(u64::MAX);
+            if let Err(e) = self.file.cut_end(cut) {
+                tracing::error!(error = %e, "cannot remove a torn audit record; the next starts on a new line");
+                self.torn = true;
+            }
+        }
+        Err(failure)
+    }
 }
 
 impl JsonlFileSink {
@@ -491,7 +557,7 @@ impl JsonlFileSink {
     pub fn open(path: &Path) -> Result<Self, AuditError> {
         Ok(Self {
             path: path.to_owned(),
-            file: Mutex::new(Self::open_file(path)?),
+            file: Mutex::new(Appender::new(Self::open_file(path)?)),
         })
     }
 
@@ -525,12 +591,10 @@ impl AuditSink for JsonlFileSink {
     fn record(&self, ev: &AuditEvent) -> Result<(), AuditError> {
         let line = ev.to_line()?;
         let mut file = self.file.lock().map_err(|_| AuditError::Poisoned)?;
-        file.write_all(&line)
-            .and_then(|()| file.flush())
-            .map_err(|source| AuditError::Write {
-                target: self.path.display().to_string(),
-                source,
-            })
+        file.append(&line).map_err(|source| AuditError::Write {
+            target: self.path.display().to_string(),
+            source,
+        })
     }
 
     /// Opens the path anew and swaps it in; records keep going to the old file until the new
@@ -538,7 +602,7 @@ impl AuditSink for JsonlFileSink {
     fn reopen(&self) -> Result<(), AuditError> {
         let fresh = Self::open_file(&self.path)?;
         let mut file = self.file.lock().map_err(|_| AuditError::Poisoned)?;
-        *file = fresh;
+        *file = Appender::new(fresh);
         Ok(())
     }
 }
@@ -753,6 +817,102 @@ mod tests {
             2,
             "nothing written via the link"
         );
+    }
+
+    /// A disk of `room` bytes: writes fill it and then fail with ENOSPC part way; the end
+    /// can be cut off again (unless `stuck`).
+    #[derive(Debug, Default)]
+    struct SmallDisk {
+        bytes: Vec<u8>,
+        room: usize,
+        stuck: bool,
+    }
+
+    impl Write for SmallDisk {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.room - self.bytes.len());
+            if n == 0 {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            self.bytes.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl AppendTarget for SmallDisk {
+        fn cut_end(&mut self, bytes: u64) -> io::Result<()> {
+            if self.stuck {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            let keep = self.bytes.len() - usize::try_from(bytes).expect("small");
+            self.bytes.truncate(keep);
+            Ok(())
+        }
+    }
+
+    fn lines_of(disk: &SmallDisk) -> Vec<String> {
+        String::from_utf8(disk.bytes.clone())
+            .expect("utf-8")
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn a_record_that_does_not_fit_is_cut_off_whole_and_the_next_one_starts_clean() {
+        let line = |rule: &str| {
+            event(AuditKind::Allow)
+                .with_rule(rule)
+                .to_line()
+                .expect("line")
+        };
+        let first = line("first");
+        let mut out = Appender::new(SmallDisk {
+            room: first.len() + 40,
+            ..SmallDisk::default()
+        });
+        out.append(&first).expect("fits");
+        let err = out.append(&line("second")).expect_err("the disk is full");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(
+            String::from_utf8_lossy(&out.file.bytes),
+            String::from_utf8_lossy(&first),
+            "the torn record was cut off"
+        );
+        // Space again: the next record is whole, on its own line.
+        out.file.room = 4096;
+        out.append(&line("third")).expect("fits");
+        let lines = lines_of(&out.file);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for l in &lines {
+            serde_json::from_str::<serde_json::Value>(l).expect("a whole record");
+        }
+        assert!(lines[1].contains("\"third\""));
+
+        // When the torn part cannot be cut off, the next record still starts a line of its own.
+        let mut out = Appender::new(SmallDisk {
+            room: first.len() + 40,
+            stuck: true,
+            ..SmallDisk::default()
+        });
+        out.append(&first).expect("fits");
+        out.append(&line("second")).expect_err("the disk is full");
+        out.file.room = 4096;
+        out.file.stuck = false;
+        out.append(&line("third")).expect("fits");
+        let lines = lines_of(&out.file);
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(serde_json::from_str::<serde_json::Value>(&lines[0]).is_ok());
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&lines[1]).is_err(),
+            "the torn one"
+        );
+        let third: serde_json::Value = serde_json::from_str(&lines[2]).expect("whole");
+        assert_eq!(third["rule"], "third");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! test panics), helpers to run a process inside a cgroup and a namespace, and the privilege
 //! gate that never skips silently under `CI=true`.
 
+pub mod broker_lab;
 pub mod cgroup;
 pub mod echo_api;
 pub mod files;

@@ -419,38 +419,7 @@ impl ProxyProcess {
     /// Starts the proxy with `config` (TOML text) in `ns` and waits until it says it is ready
     /// (listeners bound and, with `[ebpf]`, the agent cgroups attached) and `probe` accepts.
     pub fn start(ns: &Netns, config: &str, audit: Option<&str>, probe: SocketAddr) -> Self {
-        let config = paddock_proxy::proxy::config::ServeConfig::from_toml_str(config)
-            .unwrap_or_else(|e| panic!("proxy config: {e}"));
-        let audit = audit.map(str::to_owned);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, mut ready_rx) = tokio::sync::oneshot::channel::<()>();
-        let (err_tx, err_rx) = std::sync::mpsc::channel::<String>();
-        let path = ns.path().clone();
-        let thread = std::thread::spawn(move || {
-            use paddock_proxy::netns::NetnsEntry;
-            let ran = path.run_in(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("proxy runtime");
-                let mut opts = paddock_proxy::proxy::ServeOptions::new(config, audit);
-                opts.ready = Some(ready_tx);
-                let r = rt.block_on(paddock_proxy::proxy::serve_until(opts, async move {
-                    let _ = rx.await;
-                }));
-                if let Err(e) = r {
-                    let _ = err_tx.send(e.to_string());
-                }
-            });
-            if let Err(e) = ran {
-                eprintln!("proxy thread: {e}");
-            }
-        });
-        let me = Self {
-            stop: Some(tx),
-            thread: Some(thread),
-        };
+        let (me, mut ready_rx, err_rx) = Self::spawn(ns, config, audit, Vec::new());
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut ready = false;
         loop {
@@ -468,6 +437,74 @@ impl ProxyProcess {
             assert!(Instant::now() < deadline, "proxy did not get ready");
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// As [`ProxyProcess::start`], serving `listeners` (non-blocking, bound by the caller in
+    /// `ns`, so connections may already wait in their backlog) as the transparent listeners;
+    /// returns once the proxy says it is ready, without probing them.
+    pub fn start_with_listeners(
+        ns: &Netns,
+        config: &str,
+        listeners: Vec<std::net::TcpListener>,
+    ) -> Self {
+        let (me, mut ready_rx, err_rx) = Self::spawn(ns, config, None, listeners);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(e) = err_rx.try_recv() {
+                panic!("proxy failed to start: {e}");
+            }
+            if ready_rx.try_recv().is_ok() {
+                return me;
+            }
+            assert!(Instant::now() < deadline, "proxy did not get ready");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn spawn(
+        ns: &Netns,
+        config: &str,
+        audit: Option<&str>,
+        listeners: Vec<std::net::TcpListener>,
+    ) -> (
+        Self,
+        tokio::sync::oneshot::Receiver<()>,
+        std::sync::mpsc::Receiver<String>,
+    ) {
+        let config = paddock_proxy::proxy::config::ServeConfig::from_toml_str(config)
+            .unwrap_or_else(|e| panic!("proxy config: {e}"));
+        let audit = audit.map(str::to_owned);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+        let (err_tx, err_rx) = std::sync::mpsc::channel::<String>();
+        let path = ns.path().clone();
+        let thread = std::thread::spawn(move || {
+            use paddock_proxy::netns::NetnsEntry;
+            let ran = path.run_in(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("proxy runtime");
+                let mut opts = paddock_proxy::proxy::ServeOptions::new(config, audit);
+                opts.ready = Some(ready_tx);
+                opts.transparent_listeners = listeners;
+                let r = rt.block_on(paddock_proxy::proxy::serve_until(opts, async move {
+                    let _ = rx.await;
+                }));
+                if let Err(e) = r {
+                    let _ = err_tx.send(e.to_string());
+                }
+            });
+            if let Err(e) = ran {
+                eprintln!("proxy thread: {e}");
+            }
+        });
+        let me = Self {
+            stop: Some(tx),
+            thread: Some(thread),
+        };
+        (me, ready_rx, err_rx)
     }
 }
 

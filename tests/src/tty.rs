@@ -65,10 +65,14 @@ impl Terminal {
         &self.slave
     }
 
-    /// `(rdev)` of the slave device, to tell it apart from other terminals.
+    /// `[dev, rdev]` of the slave device, to tell it apart from other terminals. The device
+    /// number alone is not enough: every devpts instance (a sandbox mounts its own) numbers its
+    /// terminals from `pts/0`, so two distinct terminals can share an `st_rdev`; the instance's
+    /// `st_dev` tells them apart.
     #[must_use]
-    pub fn slave_rdev(&self) -> u64 {
-        nix::sys::stat::fstat(&self.slave).expect("fstat").st_rdev
+    pub fn slave_id(&self) -> [u64; 2] {
+        let st = nix::sys::stat::fstat(&self.slave).expect("fstat");
+        [st.st_dev, st.st_rdev]
     }
 
     /// Start `cmd` as a session leader with this terminal as its controlling terminal and

@@ -524,7 +524,8 @@ try:
 except OSError as e:
     res["linux"] = e.errno
 res["rdev0"] = os.fstat(0).st_rdev
-res["rdev1"] = os.fstat(1).st_rdev
+res["id0"] = [os.fstat(0).st_dev, os.fstat(0).st_rdev]
+res["id1"] = [os.fstat(1).st_dev, os.fstat(1).st_rdev]
 print("PROBE " + json.dumps(res), flush=True)
 "#;
 
@@ -552,6 +553,11 @@ fn terminal_injection_into_the_operators_terminal_is_closed() {
         b"xx",
         "injected into the operator's input"
     );
+    assert_eq!(
+        res["id0"],
+        serde_json::json!(term.slave_id()),
+        "the probe identifies the terminal it holds: {res}"
+    );
     let linux_outside = res["linux"].as_i64().expect("errno");
     assert_ne!(
         linux_outside, EPERM,
@@ -577,8 +583,8 @@ fn terminal_injection_into_the_operators_terminal_is_closed() {
     );
     assert_eq!(res["linux"], EPERM, "{res}");
     assert_ne!(
-        res["rdev0"].as_u64(),
-        Some(term.slave_rdev()),
+        res["id0"],
+        serde_json::json!(term.slave_id()),
         "its own terminal: {res}"
     );
     assert!(term.pending_input().is_empty(), "nothing injected");
@@ -596,7 +602,7 @@ fn terminal_injection_into_the_operators_terminal_is_closed() {
     let out = term.output();
     assert!(status.success(), "{out}");
     let res = probe(&out);
-    assert_ne!(res["rdev1"].as_u64(), Some(term.slave_rdev()), "{res}");
+    assert_ne!(res["id1"], serde_json::json!(term.slave_id()), "{res}");
     let null = std::fs::metadata("/dev/null").expect("/dev/null");
     assert_eq!(
         res["rdev0"].as_u64(),

@@ -642,6 +642,22 @@ async fn a_stopped_broker_fails_closed_within_the_timeout() {
         "{:?}",
         started.elapsed()
     );
+    // Through the request loop: a 502, and the upstream gets nothing.
+    let (upstream, seen, up_task) = recording_upstream().await;
+    let (_sink, _metrics, audit) = capture_audit();
+    let (status, answer) = agent_request(
+        false,
+        "api.github.com",
+        "/",
+        &[(AUTHORIZATION.as_str(), &bearer)],
+        upstream,
+        Arc::new(sub),
+        audit,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{answer}");
+    assert!(seen.lock().expect("seen").is_empty(), "forwarded");
+    up_task.abort();
 }
 
 #[tokio::test]
@@ -695,6 +711,169 @@ async fn a_silent_broker_times_out() {
         "the client did dial"
     );
     task.abort();
+}
+
+/// How a [`StandInBroker`] fails once it has read a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dies {
+    /// Resets the connection: a crash (SIGKILL, OOM) with the request in flight.
+    Reset,
+    /// Sends half an answer, then closes: a crash while writing the answer.
+    HalfAnswer,
+    /// Never answers: a hung broker.
+    Silent,
+}
+
+/// A broker stand-in on loopback TLS (the fixture PKI): it completes the handshake and reads
+/// each request head, then fails as told. Counts the request heads it read.
+struct StandInBroker {
+    addr: SocketAddr,
+    heads: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StandInBroker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StandInBroker {
+    async fn start(pki: &Pki, dies: Dies) -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let config = tls::server_config(
+            pki.server_chain.clone(),
+            PrivateKeyDer::Pkcs8(pki.server_key.clone_key()),
+            None,
+        )
+        .expect("tls");
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let heads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = heads.clone();
+        let task = tokio::spawn(async move {
+            let mut hung = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                match dies {
+                    Dies::Reset => {
+                        let (tcp, _) = tls.into_inner();
+                        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                    }
+                    Dies::HalfAnswer => {
+                        let _ = tls
+                            .write_all(
+                                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                                  content-length: 400\r\n\r\n{\"headers\":[{\"name\":\"authorization\"",
+                            )
+                            .await;
+                        let _ = tls.flush().await;
+                        let (tcp, _) = tls.into_inner();
+                        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                    }
+                    Dies::Silent => hung.push(tls),
+                }
+            }
+        });
+        Self { addr, heads, task }
+    }
+
+    fn heads(&self) -> usize {
+        self.heads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A substitution in flight when the broker dies, half answers or hangs: the agent gets a
+/// 502, the upstream gets nothing, the request is on record as failed, and the broker was
+/// asked at most twice (the client retries once a request whose connection closed under it,
+/// never anywhere else). The egress check against the same broker fails closed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_failing_mid_request_gets_a_502_and_nothing_reaches_upstream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fx_pki = pki(dir.path());
+    std::fs::write(dir.path().join("token"), PROXY_KEY).expect("token");
+    let (upstream, seen, up_task) = recording_upstream().await;
+    let placeholder = "pdk-user-secret-0123456789abcdef0123456789abcdef0123456789abcdef";
+    let timeout = Duration::from_millis(1500);
+    for dies in [Dies::Reset, Dies::HalfAnswer, Dies::Silent] {
+        let broker = StandInBroker::start(&fx_pki, dies).await;
+        let mut config =
+            BrokerClientConfig::new(format!("https://{}", broker.addr), &fx_pki.ca_file);
+        config.bearer_file = Some(dir.path().join("token"));
+        config.timeout = timeout;
+        let client = BrokerClient::new(&config).expect("client");
+        let sub: Arc<dyn Substituter> = Arc::new(BrokerSubstituter::new(client.clone()));
+        let (sink, _metrics, audit) = capture_audit();
+        let started = Instant::now();
+        for h2 in [false, true] {
+            let (status, answer) = agent_request(
+                h2,
+                "api.github.com",
+                "/user",
+                &[(AUTHORIZATION.as_str(), &format!("Bearer {placeholder}"))],
+                upstream,
+                sub.clone(),
+                audit.clone(),
+            )
+            .await;
+            assert_eq!(
+                status,
+                StatusCode::BAD_GATEWAY,
+                "{dies:?} h2={h2}: {answer}"
+            );
+        }
+        let elapsed = started.elapsed();
+        if dies == Dies::Silent {
+            assert!(
+                elapsed >= timeout,
+                "{dies:?}: answered before the deadline: {elapsed:?}"
+            );
+        } else {
+            assert!(
+                elapsed < timeout,
+                "{dies:?}: waited for the deadline: {elapsed:?}"
+            );
+        }
+        assert!(seen.lock().expect("seen").is_empty(), "{dies:?}: forwarded");
+        assert!(
+            (2..=4).contains(&broker.heads()),
+            "{dies:?}: two requests, each asked at most twice: {}",
+            broker.heads()
+        );
+        let records = sink.records();
+        assert_eq!(records.len(), 2, "{records:?}");
+        for r in &records {
+            assert_eq!(r["outcome"], "failed", "{r}");
+            assert_eq!(r["status"], 502, "{r}");
+            assert!(
+                r["reason"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("substitution_unavailable: ")),
+                "{r}"
+            );
+        }
+        let policy = BrokerPolicy::new(client);
+        let egress =
+            EgressRequest::new(RUN, "api.github.com", 443, Mode::Transparent).expect("request");
+        assert!(
+            within("check", policy.check(&egress)).await.is_err(),
+            "{dies:?}: egress must fail closed"
+        );
+    }
+    up_task.abort();
 }
 
 #[tokio::test]

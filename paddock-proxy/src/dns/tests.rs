@@ -713,6 +713,11 @@ async fn a_denial_that_cannot_be_audited_is_not_answered() {
     .await;
     assert!(f.raw(&query("exfil.test", RecordType::A)).await.is_none());
     assert_eq!(f.count(DnsOutcome::Dropped), 1);
+    assert_eq!(
+        f.upstream.count("exfil.test", RecordType::A),
+        0,
+        "the refused name went nowhere"
+    );
     assert_eq!(f.metrics.audit_write_failures(AuditKind::DnsDeny), 1);
     // Allowed names need no record and are still answered.
     f.upstream.addrs("app.test", &["192.0.2.10"], 60);

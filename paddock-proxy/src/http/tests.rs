@@ -375,13 +375,15 @@ async fn upstream_failures_map_to_gateway_errors() {
         (Fail::Hang, StatusCode::GATEWAY_TIMEOUT),
     ];
     for (fail, status) in cases {
-        let (io, _proxy) = proxy(false, TestConnector::failing(fail), noop(), limits.clone());
+        let connector = TestConnector::failing(fail);
+        let (io, _proxy) = proxy(false, connector.clone(), noop(), limits.clone());
         let (mut agent, _conn) = Agent::connect(io, false).await;
         let response = within("response", agent.send(get("https://api.test/")))
             .await
             .expect("response");
         assert_eq!(response.status(), status, "{fail:?}");
         assert!(body_string(response).await.starts_with("paddock: "));
+        assert_eq!(connector.dials(), 1, "{fail:?}: one dial, no retry");
     }
 
     // An upstream that accepts but never answers: 504 once the response deadline passes.
@@ -399,12 +401,123 @@ async fn upstream_failures_map_to_gateway_errors() {
         upstream_response_timeout: Duration::from_millis(300),
         ..HttpLimits::default()
     };
-    let (io, _proxy) = proxy(false, upstream.connector(), noop(), limits);
+    let connector = upstream.connector();
+    let (io, _proxy) = proxy(false, connector.clone(), noop(), limits);
     let (mut agent, _conn) = Agent::connect(io, false).await;
     let response = within("response", agent.send(get("https://api.test/")))
         .await
         .expect("response");
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    // Sent once: the slow upstream is not asked again, nor is another connection opened.
+    assert_eq!(upstream.seen().len(), 1);
+    assert_eq!(connector.dials(), 1);
+}
+
+/// A raw HTTP/1.1 upstream on loopback: for each connection it reads one request head, writes
+/// `reply` (maybe nothing, maybe half an answer) and resets the connection. Counts the
+/// connections and the request heads it read.
+async fn resetting_upstream(
+    reply: &'static [u8],
+) -> (
+    Arc<TestConnector>,
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let heads = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&heads);
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let _ = tcp.write_all(reply).await;
+                let _ = tcp.flush().await;
+                // A reset, not a FIN: linger 0, then close.
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                drop(tcp);
+            });
+        }
+    });
+    let connector = Arc::new(TestConnector {
+        addr,
+        h2: false,
+        fail: None,
+        dials: AtomicUsize::new(0),
+        targets: std::sync::Mutex::new(Vec::new()),
+    });
+    (connector, heads, task)
+}
+
+#[tokio::test]
+async fn an_upstream_reset_before_the_answer_is_a_502_and_is_not_retried() {
+    use std::sync::atomic::Ordering;
+    for agent_h2 in [false, true] {
+        let (connector, heads, task) = resetting_upstream(b"").await;
+        let (sink, _metrics, audit) = capture(MemorySink::default());
+        let (io, _proxy) = proxy_audited(
+            agent_h2,
+            connector.clone(),
+            noop(),
+            HttpLimits::default(),
+            audit,
+        );
+        let (mut agent, _conn) = Agent::connect(io, agent_h2).await;
+        // Not idempotent: sending it twice would charge twice.
+        let req = Request::post("https://api.test/charge")
+            .body(full("amount=1"))
+            .expect("request");
+        let response = within("response", agent.send(req))
+            .await
+            .expect("an answer");
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY, "h2={agent_h2}");
+        assert!(body_string(response).await.starts_with("paddock: "));
+        assert_eq!(heads.load(Ordering::SeqCst), 1, "h2={agent_h2}: sent once");
+        assert_eq!(connector.dials(), 1, "h2={agent_h2}: one dial, no retry");
+        let r = &sink.records()[0];
+        assert_eq!(
+            (r["status"].as_u64(), r["outcome"].as_str()),
+            (Some(502), Some("failed")),
+            "{r}"
+        );
+        task.abort();
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_reset_mid_response_never_looks_complete() {
+    use std::sync::atomic::Ordering;
+    for agent_h2 in [false, true] {
+        let (connector, heads, task) = resetting_upstream(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\ncontent-type: text/plain\r\n\r\npartial answer",
+        )
+        .await;
+        let (io, _proxy) = proxy(agent_h2, connector.clone(), noop(), HttpLimits::default());
+        let (mut agent, _conn) = Agent::connect(io, agent_h2).await;
+        let response = within("response", agent.send(get("https://api.test/report")))
+            .await
+            .expect("the head was relayed");
+        assert_eq!(response.status(), StatusCode::OK);
+        // The agent must see the break: a truncated body that ends cleanly would look whole.
+        let body = within("body", response.into_body().collect()).await;
+        assert!(body.is_err(), "h2={agent_h2}: the body ended cleanly");
+        assert_eq!(heads.load(Ordering::SeqCst), 1, "h2={agent_h2}: sent once");
+        assert_eq!(connector.dials(), 1, "h2={agent_h2}: one dial, no retry");
+        task.abort();
+    }
 }
 
 #[tokio::test]

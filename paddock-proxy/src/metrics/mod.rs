@@ -77,6 +77,9 @@ label_enum!(
         DnsRebindingMismatch => "dns_rebinding_mismatch",
         DnsFailed => "dns_failed",
         HandshakeFailed => "handshake_failed",
+        /// A transparent connection whose original destination could not be recovered (not
+        /// redirected, or its entry evicted from the eBPF maps): reset, never guessed.
+        NoOriginalDst => "no_original_dst",
         NoSni => "no_sni",
         PolicyDenied => "policy_denied",
     }

@@ -19,6 +19,8 @@ pub enum Answer {
         ttl: u32,
     },
     NxDomain,
+    /// SERVFAIL (the resolver could not resolve the name).
+    ServFail,
     /// Never answer (to provoke timeouts).
     Silent,
 }
@@ -79,6 +81,9 @@ impl TestDns {
                         Some(Answer::Silent) => continue,
                         None | Some(Answer::NxDomain) => {
                             resp.metadata.response_code = ResponseCode::NXDomain;
+                        }
+                        Some(Answer::ServFail) => {
+                            resp.metadata.response_code = ResponseCode::ServFail;
                         }
                         Some(Answer::Addrs { addrs, ttl }) => {
                             for ip in addrs {

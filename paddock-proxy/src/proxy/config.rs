@@ -17,6 +17,8 @@
 //!
 //! [policy]
 //! file = "/etc/paddock/policy.toml"   # see `StaticPolicy`; or the [broker] table, not both
+//!                                     # (read at start: an edit takes a restart, and a broken
+//!                                     # file stops the start; the broker reloads its own)
 //! deny_page = true                    # 403 page for denied TLS hosts (false: reset)
 //!
 //! # [broker]                        # egress policy and substitution by paddock-broker

@@ -5,10 +5,12 @@
 //!
 //! 1. **Admission**: a connection over the cap is reset (`cap_exceeded`).
 //! 2. **Destination**: transparent listeners recover the original destination
-//!    ([`OriginalDst`]); its port says whether the connection carries TLS or plain HTTP
-//!    (`plain_http_ports`). The name comes from the `ClientHello` SNI (peeked, not consumed),
-//!    the `Host` header, or the `CONNECT` authority. No SNI -> `no_sni`; bytes that are not TLS
-//!    on a TLS port -> `handshake_failed`. Both are reset.
+//!    ([`OriginalDst`]); none recorded (not redirected, or evicted from the eBPF maps by newer
+//!    connections), or the proxy's own listener, is reset (`no_original_dst`), never guessed.
+//!    Its port says whether the connection carries TLS or plain HTTP (`plain_http_ports`). The
+//!    name comes from the `ClientHello` SNI (peeked, not consumed), the `Host` header, or the
+//!    `CONNECT` authority. No SNI -> `no_sni`; bytes that are not TLS on a TLS port ->
+//!    `handshake_failed`. Both are reset.
 //! 3. **Policy** ([`EgressPolicy`]): a denied host is audited, then, for TLS, the agent's
 //!    handshake is completed with a forged leaf and every request gets the 403 page naming the
 //!    host and reason ([`crate::http::serve_denial`]), so agents stop retrying.
@@ -323,13 +325,26 @@ fn reset(stream: &TcpStream) {
     }
 }
 
-/// The original destination of an accepted transparent connection, IPv4-mapped forms unwrapped.
-fn original_dst(origdst: &dyn OriginalDst, stream: &TcpStream) -> Option<SocketAddr> {
-    match origdst.original_dst(stream.as_fd()) {
-        Ok(dst) => Some(SocketAddr::new(dst.ip().to_canonical(), dst.port())),
-        Err(e) => {
-            tracing::warn!(error = %e, "no original destination; dropping connection");
-            None
-        }
+/// The original destination of an accepted transparent connection, IPv4-mapped forms
+/// unwrapped, or why there is none (the connection is then refused as `no_original_dst`).
+///
+/// Two cases have none: nothing was recorded for the connection (it was not redirected, or
+/// its entry was evicted from the eBPF maps by newer connections), and a "destination" that is
+/// this listener itself. The latter is what netfilter's own `SO_ORIGINAL_DST` answers for a
+/// connection dialled straight at the proxy in a namespace with connection tracking; taking it
+/// as a destination would make the proxy dial itself.
+fn original_dst(origdst: &dyn OriginalDst, stream: &TcpStream) -> Result<SocketAddr, String> {
+    let dst = origdst
+        .original_dst(stream.as_fd())
+        .map_err(|e| e.to_string())?;
+    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+    let local = stream
+        .local_addr()
+        .map_err(|e| format!("cannot read the listener address: {e}"))?;
+    if SocketAddr::new(local.ip().to_canonical(), local.port()) == dst {
+        return Err(format!(
+            "the recovered destination {dst} is the proxy's own listener"
+        ));
     }
+    Ok(dst)
 }

@@ -81,8 +81,12 @@ pub enum ServeError {
     Config(#[from] ConfigError),
     #[error("run CA: {0}")]
     Ca(#[source] crate::tls::TlsError),
-    #[error("egress policy: {0}")]
-    Policy(#[from] crate::policy::PolicyConfigError),
+    /// The cause is in the message, not chained as a source: `{:#}` would print it twice.
+    #[error("egress policy {}: {error}", path.display())]
+    Policy {
+        path: PathBuf,
+        error: crate::policy::PolicyConfigError,
+    },
     #[error("broker client: {0}")]
     Broker(#[from] crate::broker::BrokerConfigError),
     #[error("denied CIDRs: {0}")]
@@ -408,16 +412,22 @@ fn egress_policy(
         }
         _ => None,
     };
-    let policy: Arc<dyn EgressPolicy> = match (policy, &broker, &cfg.policy.file) {
-        (Some(p), _, _) => p,
-        (None, Some((c, _)), _) => Arc::new(BrokerPolicy::new(c.clone())),
-        (None, None, Some(file)) => Arc::new(StaticPolicy::from_file(file)?),
-        (None, None, None) => {
-            return Err(ServeError::Config(ConfigError::Invalid(
-                "no egress policy: set policy.file or the [broker] table".to_owned(),
-            )));
-        }
-    };
+    let policy: Arc<dyn EgressPolicy> =
+        match (policy, &broker, &cfg.policy.file) {
+            (Some(p), _, _) => p,
+            (None, Some((c, _)), _) => Arc::new(BrokerPolicy::new(c.clone())),
+            (None, None, Some(file)) => Arc::new(StaticPolicy::from_file(file).map_err(
+                |error| ServeError::Policy {
+                    path: file.clone(),
+                    error,
+                },
+            )?),
+            (None, None, None) => {
+                return Err(ServeError::Config(ConfigError::Invalid(
+                    "no egress policy: set policy.file or the [broker] table".to_owned(),
+                )));
+            }
+        };
     let substituter: Arc<dyn Substituter> = match (substituter, broker) {
         (Some(s), _) => s,
         (None, Some((c, recheck))) => Arc::new(

@@ -1,6 +1,11 @@
 //! The whole pipeline on loopback without root: original destinations come from a
 //! [`StaticOriginalDst`], names from the in-crate test DNS responder, and the "internet" is a
 //! rustls + hyper server on 127.0.0.1 with a certificate from a second test CA.
+//!
+//! The fault cases (RELIABILITY.md, fault matrix) are here too: upstream TLS that does not
+//! verify, DNS that fails, connections without an original destination. Each checks what the
+//! agent gets and that nothing reached an upstream (counted per TCP connection, not only per
+//! request), including a decoy on another address the name resolves to.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +28,7 @@ use super::{
 use crate::audit::{AuditError, AuditEvent, AuditKind, AuditSink, RequestOutcome};
 use crate::http::{HttpLimits, NoopSubstituter};
 use crate::metrics::{ProxyMetrics, Rejection};
+use crate::net::test_dns::Answer;
 use crate::net::test_dns::TestDns;
 use crate::net::{CidrPolicy, DialSettings, DnsResolver, ResolverSettings, Vetter};
 use crate::origdst::StaticOriginalDst;
@@ -33,6 +39,11 @@ const POLICY: &str = r#"
 [[rule]]
 name = "app"
 hosts = ["app.test", "rebind.test"]
+ports = "any"
+
+[[rule]]
+name = "faults"
+hosts = ["*.fault.test"]
 ports = "any"
 "#;
 
@@ -62,16 +73,20 @@ fn ca(label: &str) -> RunCa {
         .ca
 }
 
-/// A TLS (any SNI, leaves from `upstream_ca`) HTTP/1.1 server answering "hello <path>".
-async fn upstream(upstream_ca: RunCa) -> (SocketAddr, Arc<AtomicUsize>) {
+/// A TLS (any SNI, leaves from `upstream_ca`) HTTP/1.1 server answering "hello <path>":
+/// its address, the requests it served and the TCP connections it accepted.
+async fn upstream(upstream_ca: RunCa) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let leaves = Arc::new(LeafCache::new(upstream_ca, LeafCacheConfig::default()).expect("cache"));
     let tls = Arc::new(MitmServer::new(leaves).expect("server"));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let requests = Arc::new(AtomicUsize::new(0));
+    let accepted = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&requests);
+    let connections = Arc::clone(&accepted);
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
+            connections.fetch_add(1, Ordering::Relaxed);
             let tls = Arc::clone(&tls);
             let counter = Arc::clone(&counter);
             tokio::spawn(async move {
@@ -93,34 +108,50 @@ async fn upstream(upstream_ca: RunCa) -> (SocketAddr, Arc<AtomicUsize>) {
             });
         }
     });
-    (addr, requests)
+    (addr, requests, accepted)
 }
 
 struct Rig {
     proxy: SocketAddr,
+    /// The cooperative `CONNECT` listener of the same pipeline.
+    connect_proxy: SocketAddr,
     origdst: Arc<StaticOriginalDst>,
     run_root: rustls_pki_types::CertificateDer<'static>,
+    /// A CA the pipeline trusts for upstreams, besides the upstream's own: signs the leaves
+    /// the fault tests get wrong on purpose.
+    fault_ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
     metrics: Arc<ProxyMetrics>,
     sink: Arc<MemorySink>,
     upstream: SocketAddr,
     upstream_requests: Arc<AtomicUsize>,
-    _dns: TestDns,
+    upstream_accepted: Arc<AtomicUsize>,
+    dns: TestDns,
     stop: watch::Sender<bool>,
     pipeline: Arc<Pipeline>,
 }
 
 async fn rig(failing_audit: bool) -> Rig {
+    rig_with(failing_audit, None).await
+}
+
+/// A rig whose resolver asks `nameserver` instead of the rig's test DNS, when given.
+async fn rig_with(failing_audit: bool, nameserver: Option<SocketAddr>) -> Rig {
     let upstream_ca = ca("upstream");
     let mut roots = RootCertStore::empty();
     roots.add(upstream_ca.certificate().clone()).expect("root");
-    let (upstream, upstream_requests) = upstream(upstream_ca).await;
+    let fault_ca = rcgen_ca("fault test CA");
+    roots.add(fault_ca.der().clone()).expect("fault root");
+    let (upstream, upstream_requests, upstream_accepted) = upstream(upstream_ca).await;
     let dns = TestDns::start(Duration::ZERO).await;
     dns.addrs("app.test", &["127.0.0.1"], 60);
     dns.addrs("denied.test", &["127.0.0.1"], 60);
     dns.addrs("rebind.test", &["127.0.0.2"], 60);
     let resolver = Arc::new(
         DnsResolver::new(ResolverSettings {
-            nameservers: vec![dns.addr],
+            nameservers: vec![nameserver.unwrap_or(dns.addr)],
+            // Bounded so the silent-resolver case ends quickly.
+            attempt_timeout: Duration::from_millis(500),
+            attempts: 1,
             ..ResolverSettings::default()
         })
         .expect("resolver"),
@@ -174,15 +205,27 @@ async fn rig(failing_audit: bool) -> Rig {
         listener,
         ListenerKind::Transparent,
     ));
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind CONNECT");
+    let connect_proxy = listener.local_addr().expect("addr");
+    tokio::spawn(run_listener(
+        Arc::clone(&pipeline),
+        listener,
+        ListenerKind::Connect,
+    ));
     Rig {
         proxy,
+        connect_proxy,
         origdst,
         run_root,
+        fault_ca,
         metrics,
         sink,
         upstream,
         upstream_requests,
-        _dns: dns,
+        upstream_accepted,
+        dns,
         stop,
         pipeline,
     }
@@ -203,6 +246,11 @@ impl Rig {
     /// GET `/path` over TLS with SNI `name`, trusting the run CA; the whole response text.
     async fn get(&self, dst: SocketAddr, name: &str, path: &str) -> std::io::Result<String> {
         let tcp = self.connect(dst).await;
+        self.get_over(tcp, name, path).await
+    }
+
+    /// GET `/path` over TLS with SNI `name` on an open connection to the proxy.
+    async fn get_over(&self, tcp: TcpStream, name: &str, path: &str) -> std::io::Result<String> {
         let mut roots = RootCertStore::empty();
         roots.add(self.run_root.clone()).expect("root");
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -222,6 +270,41 @@ impl Rig {
         let mut out = String::new();
         tls.read_to_string(&mut out).await?;
         Ok(out)
+    }
+
+    /// `CONNECT name:port` on the cooperative listener: the connection and what the proxy
+    /// answered before the tunnel (empty when it reset or closed without a word).
+    async fn connect_via(&self, name: &str, port: u16) -> (TcpStream, String) {
+        let mut tcp = TcpStream::connect(self.connect_proxy)
+            .await
+            .expect("connect to the CONNECT listener");
+        tcp.write_all(
+            format!("CONNECT {name}:{port} HTTP/1.1\r\nHost: {name}:{port}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("send CONNECT");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut byte)).await {
+                Ok(Ok(1)) => head.push(byte[0]),
+                Ok(Ok(_) | Err(_)) => break,
+                Err(elapsed) => panic!("no answer to CONNECT {name}:{port}: {elapsed}"),
+            }
+        }
+        (tcp, String::from_utf8_lossy(&head).into_owned())
+    }
+
+    /// The deny records so far, as (reason, sni).
+    fn denials(&self) -> Vec<(String, Option<String>)> {
+        self.sink
+            .events
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|e| e.kind == AuditKind::Deny)
+            .map(|e| (e.reason.clone().unwrap_or_default(), e.sni.clone()))
+            .collect()
     }
 }
 
@@ -308,6 +391,11 @@ async fn failed_audit_write_on_deny_resets_instead_of_answering() {
             .audit_write_failures(crate::audit::AuditKind::Deny),
         1
     );
+    assert_eq!(
+        rig.upstream_accepted.load(Ordering::Relaxed),
+        0,
+        "nothing dialled for the denial"
+    );
     // On the allow path the failure is counted and the request still goes through.
     let reply = rig.get(rig.upstream, "app.test", "/ok").await.expect("get");
     assert!(reply.ends_with("hello /ok"), "{reply}");
@@ -372,4 +460,382 @@ async fn drain_closes_idle_keep_alive_connections_and_stops_accepting() {
     // The listener is gone: new connections are refused.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(TcpStream::connect(rig.proxy).await.is_err());
+}
+
+// ---- Faults (RELIABILITY.md, fault matrix) ----
+
+/// Bound on each fault case, so a proxy that hangs fails the test instead.
+async fn bounded<F: Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// What an agent sees when the proxy drops its connection: a reset or an early end.
+fn dropped(r: &std::io::Result<String>) -> bool {
+    matches!(r, Err(e) if matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::BrokenPipe
+    ))
+}
+
+/// A CA made with rcgen, so tests can sign leaves with any name and validity.
+fn rcgen_ca(label: &str) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, label);
+    rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().expect("CA key"))
+        .expect("CA")
+}
+
+/// A leaf for `names` signed by `ca`; `validity` overrides rcgen's (always valid) default.
+fn rcgen_leaf(
+    ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    names: &[&str],
+    validity: Option<(time::OffsetDateTime, time::OffsetDateTime)>,
+) -> Arc<rustls::sign::CertifiedKey> {
+    let key = rcgen::KeyPair::generate().expect("leaf key");
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+            .expect("leaf params");
+    if let Some((from, until)) = validity {
+        params.not_before = from;
+        params.not_after = until;
+    }
+    let cert = params.signed_by(&key, ca).expect("sign leaf");
+    let der = rustls_pki_types::PrivateKeyDer::Pkcs8(rustls_pki_types::PrivatePkcs8KeyDer::from(
+        key.serialize_der(),
+    ));
+    let signer = rustls::crypto::ring::sign::any_supported_type(&der).expect("signing key");
+    Arc::new(rustls::sign::CertifiedKey::new(
+        vec![cert.der().clone()],
+        signer,
+    ))
+}
+
+/// The certificate a [`TlsUpstream`] presents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Cert {
+    /// From the fault CA, which the proxy trusts, for the right name.
+    Good,
+    /// From a CA the proxy does not trust.
+    UnknownCa,
+    /// From the fault CA, expired yesterday.
+    Expired,
+    /// From the fault CA, for another name.
+    WrongName,
+}
+
+/// Serves whichever leaf `current` names.
+#[derive(Debug)]
+struct SwitchedLeaf {
+    leaves: std::collections::HashMap<Cert, Arc<rustls::sign::CertifiedKey>>,
+    current: Arc<std::sync::Mutex<Cert>>,
+}
+
+impl rustls::server::ResolvesServerCert for SwitchedLeaf {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let cert = *self.current.lock().expect("cert lock");
+        self.leaves.get(&cert).cloned()
+    }
+}
+
+/// An HTTPS upstream for one name on 127.0.0.1 whose certificate the test chooses (and may
+/// switch), plus a decoy on 127.0.0.2 at the same port, the name's other address. Counts TCP
+/// connections and requests; every answer closes its connection (nothing is pooled).
+struct TlsUpstream {
+    addr: SocketAddr,
+    current: Arc<std::sync::Mutex<Cert>>,
+    accepted: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    decoy: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for TlsUpstream {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl TlsUpstream {
+    async fn start(rig: &Rig, name: &str, cert: Cert) -> Self {
+        let stranger = rcgen_ca("a CA the proxy does not trust");
+        let now = time::OffsetDateTime::now_utc();
+        let day = time::Duration::days(1);
+        let leaves = std::collections::HashMap::from([
+            (Cert::Good, rcgen_leaf(&rig.fault_ca, &[name], None)),
+            (Cert::UnknownCa, rcgen_leaf(&stranger, &[name], None)),
+            (
+                Cert::Expired,
+                rcgen_leaf(&rig.fault_ca, &[name], Some((now - day * 2, now - day))),
+            ),
+            (
+                Cert::WrongName,
+                rcgen_leaf(&rig.fault_ca, &["other.fault.test"], None),
+            ),
+        ]);
+        let current = Arc::new(std::sync::Mutex::new(cert));
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SwitchedLeaf {
+            leaves,
+            current: Arc::clone(&current),
+        }));
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let decoy_listener = TcpListener::bind(("127.0.0.2", addr.port()))
+            .await
+            .expect("bind the decoy");
+        let (accepted, requests, decoy) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (conns, reqs) = (Arc::clone(&accepted), Arc::clone(&requests));
+        let serve = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                conns.fetch_add(1, Ordering::Relaxed);
+                let acceptor = acceptor.clone();
+                let reqs = Arc::clone(&reqs);
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        reqs.fetch_add(1, Ordering::Relaxed);
+                        let body = format!("hello {}", req.uri().path());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                Bytes::from(body),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        let decoys = Arc::clone(&decoy);
+        let decoy_task = tokio::spawn(async move {
+            while let Ok((_tcp, _)) = decoy_listener.accept().await {
+                decoys.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Self {
+            addr,
+            current,
+            accepted,
+            requests,
+            decoy,
+            tasks: vec![serve, decoy_task],
+        }
+    }
+
+    fn present(&self, cert: Cert) {
+        *self.current.lock().expect("cert lock") = cert;
+    }
+
+    fn count(&self) -> (usize, usize, usize) {
+        (
+            self.accepted.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+            self.decoy.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_that_does_not_verify_is_reset_and_nothing_is_sent() {
+    let rig = rig(false).await;
+    let cases = [
+        (Cert::UnknownCa, "unknown-ca.fault.test"),
+        (Cert::Expired, "expired.fault.test"),
+        (Cert::WrongName, "wrong-name.fault.test"),
+    ];
+    for (round, (cert, name)) in cases.into_iter().enumerate() {
+        let up = TlsUpstream::start(&rig, name, cert).await;
+        // Two addresses: a refused handshake on the first must not move on to the second.
+        rig.dns.addrs(name, &["127.0.0.1", "127.0.0.2"], 60);
+        let got = bounded(name, rig.get(up.addr, name, "/transparent")).await;
+        assert!(dropped(&got), "{cert:?}, transparent: {got:?}");
+        let (tcp, head) = rig.connect_via(name, up.addr.port()).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{cert:?}: {head}");
+        let got = bounded(name, rig.get_over(tcp, name, "/connect")).await;
+        assert!(dropped(&got), "{cert:?}, CONNECT: {got:?}");
+        let (accepted, requests, decoy) = up.count();
+        assert_eq!(requests, 0, "{cert:?}: a request reached the upstream");
+        assert_eq!(
+            accepted, 2,
+            "{cert:?}: one handshake per agent connection, no retry"
+        );
+        assert_eq!(decoy, 0, "{cert:?}: retried on the name's other address");
+        assert_eq!(
+            rig.metrics.rejections(Rejection::HandshakeFailed),
+            2 * (round as u64 + 1),
+            "{cert:?}"
+        );
+    }
+    assert_eq!(rig.upstream_accepted.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_host_whose_certificate_goes_bad_gets_a_502_and_nothing_is_sent() {
+    let rig = rig(false).await;
+    let name = "rotated.fault.test";
+    let up = TlsUpstream::start(&rig, name, Cert::Good).await;
+    rig.dns.addrs(name, &["127.0.0.1", "127.0.0.2"], 60);
+    let reply = bounded(name, rig.get(up.addr, name, "/first"))
+        .await
+        .expect("a verified upstream");
+    assert!(
+        reply.starts_with("HTTP/1.1 200") && reply.ends_with("hello /first"),
+        "{reply}"
+    );
+    // The proxy now knows the host's protocol, so the agent's handshake completes before the
+    // upstream is dialled: the failed dial is answered with a 502 rather than a reset.
+    up.present(Cert::Expired);
+    let reply = bounded(name, rig.get(up.addr, name, "/second"))
+        .await
+        .expect("an answer");
+    assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
+    assert!(reply.contains("paddock: "), "{reply}");
+    let (accepted, requests, decoy) = up.count();
+    assert_eq!(requests, 1, "only the first request reached the upstream");
+    assert_eq!(accepted, 2, "one dial per agent connection, no retry");
+    assert_eq!(decoy, 0, "retried on the name's other address");
+    let events = rig.sink.events.lock().expect("lock").clone();
+    let second = events
+        .iter()
+        .find(|e| e.kind == AuditKind::Request && e.path.as_deref() == Some("/second"))
+        .expect("the failed request is on record");
+    assert_eq!(second.status, Some(502));
+    assert_eq!(second.outcome, Some(RequestOutcome::Failed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_failures_refuse_the_connection_and_nothing_is_dialled() {
+    let rig = rig(false).await;
+    rig.dns.set("servfail.fault.test", Answer::ServFail);
+    rig.dns.set("silent.fault.test", Answer::Silent);
+    rig.dns.set("gone.fault.test", Answer::NxDomain);
+    let names = [
+        "servfail.fault.test",
+        "silent.fault.test",
+        "gone.fault.test",
+    ];
+    for name in names {
+        // Transparent: the agent dialled a live upstream and claims `name` in its SNI; the
+        // proxy cannot check the claim, so it does not connect.
+        let got = bounded(name, rig.get(rig.upstream, name, "/")).await;
+        assert!(dropped(&got), "{name}, transparent: {got:?}");
+        // Cooperative: refused before any tunnel, without a word.
+        let (_tcp, head) = rig.connect_via(name, rig.upstream.port()).await;
+        assert_eq!(head, "", "{name}, CONNECT: no tunnel");
+    }
+    assert_eq!(rig.metrics.rejections(Rejection::DnsFailed), 6);
+    let denials = rig.denials();
+    for name in names {
+        let for_name: Vec<_> = denials
+            .iter()
+            .filter(|(_, sni)| sni.as_deref() == Some(name))
+            .collect();
+        assert_eq!(for_name.len(), 2, "{name}: {denials:?}");
+        assert!(
+            for_name.iter().all(|(r, _)| r.starts_with("dns_failed: ")),
+            "{denials:?}"
+        );
+    }
+    assert_eq!(
+        rig.upstream_accepted.load(Ordering::Relaxed),
+        0,
+        "nothing was dialled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolver_that_is_down_refuses_every_connection_and_nothing_is_dialled() {
+    // A port nothing listens on: every query is refused by the kernel.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port");
+    let rig = rig_with(false, Some(dead)).await;
+    let got = bounded("transparent", rig.get(rig.upstream, "app.test", "/")).await;
+    assert!(dropped(&got), "{got:?}");
+    let (_tcp, head) = rig.connect_via("app.test", rig.upstream.port()).await;
+    assert_eq!(head, "", "no tunnel");
+    assert_eq!(rig.metrics.rejections(Rejection::DnsFailed), 2);
+    assert_eq!(rig.upstream_accepted.load(Ordering::Relaxed), 0);
+    assert_eq!(rig.upstream_requests.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_an_original_destination_is_reset_and_never_guessed() {
+    let rig = rig(false).await;
+    // Nothing recorded for it: what a connection whose eBPF map entry was evicted looks like.
+    // On loopback the reset can beat connect() back to userspace.
+    let got = bounded("unrecorded", async {
+        let tcp = TcpStream::connect(rig.proxy).await?;
+        rig.get_over(tcp, "app.test", "/").await
+    })
+    .await;
+    assert!(dropped(&got), "{got:?}");
+    // Recorded as the proxy's own listener: what netfilter answers for a connection dialled
+    // straight at the proxy. Taking it would make the proxy dial itself.
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    rig.origdst
+        .insert(socket.local_addr().expect("local"), rig.proxy);
+    let got = bounded("itself", async {
+        let tcp = socket.connect(rig.proxy).await?;
+        rig.get_over(tcp, "app.test", "/").await
+    })
+    .await;
+    assert!(dropped(&got), "{got:?}");
+    assert_eq!(rig.metrics.rejections(Rejection::NoOriginalDst), 2);
+    let denials = rig.denials();
+    assert_eq!(denials.len(), 2, "{denials:?}");
+    assert!(
+        denials
+            .iter()
+            .all(|(r, sni)| r.starts_with("no_original_dst: ") && sni.is_none()),
+        "{denials:?}"
+    );
+    let allowed = rig
+        .sink
+        .events
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|e| e.kind == AuditKind::Allow)
+        .count();
+    assert_eq!(
+        allowed, 0,
+        "no connection was let through (the proxy never dialled itself)"
+    );
+    assert_eq!(rig.upstream_accepted.load(Ordering::Relaxed), 0);
+    // The same proxy still serves a connection it can place.
+    let reply = bounded("placed", rig.get(rig.upstream, "app.test", "/ok"))
+        .await
+        .expect("get");
+    assert!(reply.ends_with("hello /ok"), "{reply}");
 }

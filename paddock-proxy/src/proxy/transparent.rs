@@ -20,7 +20,7 @@ use crate::tls::{
 
 /// Serves one connection accepted on a transparent listener.
 pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream) {
-    let Some(dst) = original_dst(p.origdst.as_ref(), &stream) else {
+    let Some(dst) = destination(&p, &stream) else {
         reset(&stream);
         return;
     };
@@ -111,6 +111,25 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream) {
         Some(dst),
     )
     .await;
+}
+
+/// The connection's original destination, or `None` after refusing it (the caller resets).
+/// Nothing says where the agent was going, so nothing is guessed (a default, the addresses of
+/// the SNI): the connection is refused. Its port is unknown, so the record says 0.
+fn destination(p: &Pipeline, stream: &TcpStream) -> Option<SocketAddr> {
+    match original_dst(p.origdst.as_ref(), stream) {
+        Ok(dst) => Some(dst),
+        Err(reason) => {
+            let info = ConnInfo {
+                mode: Mode::Transparent,
+                dst: None,
+                sni: None,
+                port: 0,
+            };
+            let _ = p.refuse(&info, Rejection::NoOriginalDst, &reason);
+            None
+        }
+    }
 }
 
 /// The rejection reason for a `ClientHello` that could not be read.

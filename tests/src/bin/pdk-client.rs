@@ -3,6 +3,7 @@
 //! ```text
 //! pdk-client tcp TARGET [--bind ADDR] [--mark N] [--dualstack]
 //! pdk-client tcp-many COUNT           (10.77.x.y targets, distinct ports)
+//! pdk-client tcp-hold COUNT [--offset K] [--plain] [--sources N]
 //! pdk-client udp TARGET [--reply]
 //! pdk-client sockets
 //! pdk-client bench-connect TARGET COUNT
@@ -12,6 +13,15 @@
 //!                   [--count N] [--wait-ms MS]
 //! ```
 //! Every network wait is bounded (5 s; `listen` waits at most `--wait-ms`, default 10 s).
+//!
+//! `tcp-hold` opens COUNT connections and holds them all, then prints `{"connected":N,...}`
+//! and waits for a line on stdin; then it reads one line from each (`--plain`: sends a GET
+//! for `app.test` to 10.77.0.1:80 on each and reads the status line) and prints the tally:
+//! each connection (without `--plain` to its own destination, 10.100+.x.y) is `ok` (its own
+//! destination recovered, or a 200), `unrecovered` (the stand-in could not recover it),
+//! `wrong` (another destination), `reset` (reset or closed without an answer), or `other`.
+//! `--sources N` spreads the connections over source addresses 127.0.0.1..N; `--offset K`
+//! numbers them from K (several clients, one set of distinct destinations).
 //!
 //! `listen` prints two lines: first `{"ok":true,"local":ADDR,...}` once the socket is bound
 //! (`none`: not bound, so `listen()` or `--send-to` autobinds it) and listening, or
@@ -139,6 +149,105 @@ fn tcp_many(count: u32) -> Value {
     }
     failures.truncate(5);
     json!({"total": count, "ok": ok, "failures": failures})
+}
+
+/// The distinct destination of connection `i` of `tcp-hold` (unique for i < 250,000).
+fn hold_target(i: u32) -> SocketAddr {
+    let octet = |v: u32| u8::try_from(v).unwrap_or(u8::MAX);
+    let ip = Ipv4Addr::new(
+        10,
+        octet(100 + i / 62_500),
+        octet(1 + (i / 250) % 250),
+        octet(1 + i % 250),
+    );
+    SocketAddr::from((ip, u16::try_from(1000 + i % 60_000).unwrap_or(u16::MAX)))
+}
+
+/// Opens `count` connections, holds them, waits for the go-ahead on stdin, then classifies
+/// what each one gets (see the module docs).
+fn tcp_hold(count: u32, offset: u32, plain: bool, sources: u8) -> Value {
+    use std::collections::BTreeMap;
+    let mut held = Vec::with_capacity(count as usize);
+    let mut connect_errors = BTreeMap::<String, u32>::new();
+    for i in offset..offset + count {
+        let target = if plain {
+            SocketAddr::from(([10, 77, 0, 1], 80))
+        } else {
+            hold_target(i)
+        };
+        let source = SocketAddr::from((
+            [
+                127,
+                0,
+                0,
+                1 + u8::try_from(i % u32::from(sources.max(1))).unwrap_or(0),
+            ],
+            0,
+        ));
+        let connected =
+            Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).and_then(|s| {
+                if sources > 1 {
+                    s.bind(&SockAddr::from(source))?;
+                }
+                s.connect_timeout(&SockAddr::from(target), WAIT)?;
+                Ok(TcpStream::from(s))
+            });
+        match connected {
+            Ok(s) => held.push((target, s)),
+            Err(e) => *connect_errors.entry(e.to_string()).or_default() += 1,
+        }
+    }
+    println!(
+        "{}",
+        json!({"connected": held.len(), "connect_errors": connect_errors})
+    );
+    let mut go = String::new();
+    let _ = std::io::stdin().read_line(&mut go);
+    if plain {
+        for (_, s) in &mut held {
+            // A write to a connection the proxy reset fails; the read below tells.
+            let _ = s.write_all(
+                b"GET /hello.txt HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+            );
+        }
+    }
+    let mut tally = BTreeMap::<&str, u32>::new();
+    let mut examples = Vec::new();
+    let deadline = Instant::now() + Duration::from_mins(1);
+    for (target, s) in &held {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let _ = s.set_read_timeout(Some(left.min(WAIT)));
+        let mut line = String::new();
+        let kind = match BufReader::new(s).read_line(&mut line) {
+            Ok(0) => "reset",
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset",
+            Err(_) => "other",
+            Ok(_) => {
+                let line = line.trim_end();
+                if plain {
+                    if line.starts_with("HTTP/1.1 200") {
+                        "ok"
+                    } else {
+                        "other"
+                    }
+                } else {
+                    match line.strip_prefix("sockopt=") {
+                        Some(got) if got == target.to_string() => "ok",
+                        Some(got) if got.starts_with("error") => "unrecovered",
+                        Some(_) => "wrong",
+                        None => "other",
+                    }
+                }
+            }
+        };
+        if matches!(kind, "wrong" | "other") && examples.len() < 5 {
+            examples.push(format!("{target}: {}", line.trim_end()));
+        }
+        *tally.entry(kind).or_default() += 1;
+    }
+    json!({"total": count, "connected": held.len(), "tally": tally, "examples": examples})
 }
 
 fn udp(target: SocketAddr, want_reply: bool) -> Value {
@@ -498,6 +607,20 @@ fn main() {
                 let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
             }
             tcp_many(parse(arg(1), "count"))
+        }
+        "tcp-hold" => {
+            use nix::sys::resource::{Resource, getrlimit, setrlimit};
+            // One descriptor per connection: the hard limit (20,000 on the project's
+            // machines, which do not grant CAP_SYS_RESOURCE) bounds one client; run several.
+            if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+            }
+            tcp_hold(
+                parse(arg(1), "count"),
+                flag_value(&args, "--offset").map_or(0, |n| parse(n, "offset")),
+                args.iter().any(|a| a == "--plain"),
+                flag_value(&args, "--sources").map_or(1, |n| parse(n, "sources")),
+            )
         }
         "udp" => udp(parse(arg(1), "target"), args.iter().any(|a| a == "--reply")),
         "sockets" => sockets(),
