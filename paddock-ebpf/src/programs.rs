@@ -97,7 +97,7 @@ fn config() -> Option<(u64, &'static CgroupConfig)> {
 #[inline(always)]
 fn cgroup_config(id: u64, ancestor: impl Fn(i32) -> u64) -> Option<(u64, &'static CgroupConfig)> {
     // SAFETY: map values are only read here; userspace replaces whole entries.
-    if let Some(c) = unsafe { CONFIG.get(&id) } {
+    if let Some(c) = unsafe { CONFIG.get(id) } {
         return Some((id, c));
     }
     let mut found = None;
@@ -108,7 +108,7 @@ fn cgroup_config(id: u64, ancestor: impl Fn(i32) -> u64) -> Option<(u64, &'stati
             break;
         }
         // SAFETY: as above.
-        if let Some(c) = unsafe { CONFIG.get(&anc) } {
+        if let Some(c) = unsafe { CONFIG.get(anc) } {
             found = Some((anc, c));
         }
         level += 1;
@@ -275,7 +275,7 @@ fn connect(ctx: &SockAddrContext, dst: [u8; 16], v4: bool, on_v6_socket: bool) -
         family: if v4 { AF_INET } else { AF_INET6 },
         pad: 0,
     };
-    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    if ORIG_BY_COOKIE.insert(cookie, orig, 0).is_err() {
         return DENY;
     }
     rewrite(sa, &proxy, cfg.proxy_port, v4, on_v6_socket);
@@ -350,21 +350,22 @@ pub fn paddock_sendmsg6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn recvmsg(ctx: &SockAddrContext, src: [u8; 16], v4: bool, on_v6_socket: bool) -> i32 {
     let sa = ctx.sock_addr;
-    if let Some((_, cfg)) = config() {
-        if cfg.flags & FLAG_DNS_REDIRECT != 0 && cfg.dns_redirect_port != 0 {
-            let proxy = if v4 {
-                mapped_v4(cfg.proxy_ip4)
+    if let Some((_, cfg)) = config()
+        && cfg.flags & FLAG_DNS_REDIRECT != 0
+        && cfg.dns_redirect_port != 0
+    {
+        let proxy = if v4 {
+            mapped_v4(cfg.proxy_ip4)
+        } else {
+            cfg.proxy_ip6
+        };
+        if read_port(sa) == cfg.dns_redirect_port && eq16(&src, &proxy) {
+            let resolver = if v4 {
+                mapped_v4(cfg.dns_ip4)
             } else {
-                cfg.proxy_ip6
+                cfg.dns_ip6
             };
-            if read_port(sa) == cfg.dns_redirect_port && eq16(&src, &proxy) {
-                let resolver = if v4 {
-                    mapped_v4(cfg.dns_ip4)
-                } else {
-                    cfg.dns_ip6
-                };
-                rewrite(sa, &resolver, cfg.dns_port, v4, on_v6_socket);
-            }
+            rewrite(sa, &resolver, cfg.dns_port, v4, on_v6_socket);
         }
     }
     // recvmsg programs must allow.
@@ -391,7 +392,7 @@ fn getpeername(ctx: &SockAddrContext, on_v6_socket: bool) -> i32 {
     // SAFETY: the context pointer is valid for the duration of the program.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only use of a map value.
-    if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+    if let Some(orig) = unsafe { ORIG_BY_COOKIE.get(cookie) } {
         let addr = orig.addr;
         let v4 = orig.family == AF_INET;
         rewrite(ctx.sock_addr, &addr, orig.port, v4, on_v6_socket);
@@ -425,7 +426,7 @@ fn rekey(ctx: &SockOpsContext) {
     // SAFETY: the context pointer is valid for the duration of the program.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out before any other map operation.
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(cookie) }).copied() else {
         return;
     };
     let ops = ctx.ops;
@@ -468,7 +469,7 @@ fn rekey(ctx: &SockOpsContext) {
         remote_port: u16::from_be((rport >> 16) as u16),
         pad: 0,
     };
-    let _ = ORIG_BY_TUPLE.insert(&key, &orig, 0);
+    let _ = ORIG_BY_TUPLE.insert(key, orig, 0);
 }
 
 #[cgroup_sockopt(getsockopt)]
@@ -535,7 +536,7 @@ fn answer_original_dst(ctx: &SockoptContext) {
         pad: 0,
     };
     // SAFETY: the value is copied out immediately.
-    let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(&key) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(key) }).copied() else {
         return;
     };
     // An IPv4 accept answers SOL_IP with sockaddr_in; an IPv6 accept answers SOL_IPV6.
@@ -610,11 +611,11 @@ pub fn paddock_sock_create(ctx: SockContext) -> i32 {
     if family == AF_UNIX || family == AF_NETLINK {
         return ALLOW;
     }
-    if family == u32::from(AF_INET) || family == u32::from(AF_INET6) {
-        if (ty == SOCK_STREAM && proto == IPPROTO_TCP) || (ty == SOCK_DGRAM && proto == IPPROTO_UDP)
-        {
-            return ALLOW;
-        }
+    if (family == u32::from(AF_INET) || family == u32::from(AF_INET6))
+        && ((ty == SOCK_STREAM && proto == IPPROTO_TCP)
+            || (ty == SOCK_DGRAM && proto == IPPROTO_UDP))
+    {
+        return ALLOW;
     }
     DENY
 }

@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
+use crate::setup::NIGHTLY;
 use crate::util::{output, root, run};
 
 /// The cargo-fuzz release installed when it is missing (0.13.2 built in about 75 s here).
@@ -121,7 +122,7 @@ pub fn run_fuzz(opts: &FuzzOptions) -> Result<()> {
     for o in &bad {
         match &o.finding {
             Some(input) => eprintln!(
-                "xtask fuzz: {} found {}\n  reproduce: cargo +nightly fuzz run --sanitizer none {} {}\n  \
+                "xtask fuzz: {} found {}\n  reproduce: cargo +{NIGHTLY} fuzz run --sanitizer none {} {}\n  \
                  (or run {}/{} {})",
                 o.target,
                 input.display(),
@@ -141,11 +142,11 @@ pub fn run_fuzz(opts: &FuzzOptions) -> Result<()> {
     bail!("{} fuzz target(s) found a problem", bad.len())
 }
 
-/// `cargo +nightly` in the workspace root, with the outer cargo's choices removed.
+/// `cargo +<pinned nightly>` in the workspace root, with the outer cargo's choices removed.
 fn nightly_cargo() -> Command {
     let mut c = Command::new("cargo");
     c.current_dir(root())
-        .arg("+nightly")
+        .arg(format!("+{NIGHTLY}"))
         .env_remove("RUSTC")
         .env_remove("RUSTC_WRAPPER")
         .env_remove("RUSTUP_TOOLCHAIN")

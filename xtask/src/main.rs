@@ -4,6 +4,7 @@ mod bench;
 mod deny;
 mod fuzz;
 mod setup;
+mod unprivileged;
 mod util;
 
 use anyhow::{Context, Result, bail};
@@ -39,6 +40,9 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The unprivileged tier (every crate but the root-tier `paddock-tests`) as uid 65534
+    /// without capabilities; `test` runs this too when started as root.
+    TestUnprivileged,
     /// Run a benchmark and record it in BENCHMARKS.md.
     Bench {
         #[arg(value_enum)]
@@ -81,6 +85,14 @@ fn main() -> Result<()> {
             build_ebpf()?;
             bench::run_bench(which)
         }
+        Command::TestUnprivileged => {
+            if !is_root() {
+                bail!("test-unprivileged switches to uid 65534 and so must start as root");
+            }
+            let (p, f) = unprivileged::run_as_nobody()?;
+            println!("tests (uid 65534): {p} passed, {f} failed");
+            Ok(())
+        }
         Command::Demo => demo(),
         Command::Fuzz {
             seconds,
@@ -103,14 +115,39 @@ fn main() -> Result<()> {
     }
 }
 
-/// `cargo +nightly build -Z build-std=core --target bpfel-unknown-none --release` with BTF.
+/// clippy on the eBPF crate for its own target (it is outside the host build, so the
+/// workspace clippy run never sees it).
+fn clippy_ebpf() -> Result<()> {
+    let root = root();
+    let mut cmd = std::process::Command::new("cargo");
+    cmd.current_dir(root.join("paddock-ebpf"))
+        .arg(format!("+{}", setup::NIGHTLY))
+        .args([
+            "clippy",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+            "--release",
+        ])
+        .arg("--target-dir")
+        .arg(root.join("target"))
+        .args(["--", "-D", "warnings"])
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    run(&mut cmd).context("clippy on the eBPF crate (bpfel-unknown-none) found problems")
+}
+
+/// `cargo +<pinned nightly> build -Z build-std=core --target bpfel-unknown-none --release` with BTF.
 pub fn build_ebpf() -> Result<()> {
     let root = root();
     let target_dir = root.join("target");
     let mut cmd = std::process::Command::new("cargo");
     cmd.current_dir(root.join("paddock-ebpf"))
+        .arg(format!("+{}", setup::NIGHTLY))
         .args([
-            "+nightly",
             "build",
             "-Z",
             "build-std=core",
@@ -156,6 +193,7 @@ fn test(no_lint: bool, no_fuzz: bool, extra: &[String]) -> Result<()> {
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"])).context("rustfmt: run `cargo fmt --all`")?;
         deny::run_deny()?;
+        clippy_ebpf()?;
         run(cargo().args([
             "clippy",
             "--workspace",
@@ -182,7 +220,15 @@ fn test(no_lint: bool, no_fuzz: bool, extra: &[String]) -> Result<()> {
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
     }
-    let (passed, failed) = util::run_counting_tests(&mut cmd).context("tests failed")?;
+    let (mut passed, mut failed) = util::run_counting_tests(&mut cmd).context("tests failed")?;
+    // As root, the unprivileged tier once more as uid 65534 without capabilities: a test that
+    // leans on root unnoticed fails here.
+    if is_root() {
+        let (p, f) = unprivileged::run_as_nobody().context("the non-root test tier failed")?;
+        eprintln!("xtask: non-root tier (uid 65534): {p} passed, {f} failed");
+        passed += p;
+        failed += f;
+    }
     // Short fuzz runs: every target builds, and its seeds and a few seconds of mutations pass.
     // The long runs (10M executions per target) are recorded in RELIABILITY.md.
     if no_fuzz {

@@ -21,6 +21,12 @@ pub const APT_PACKAGES: &[&str] = &[
     "ca-certificates",
 ];
 
+/// The dated nightly every nightly-only build uses (the eBPF object, clippy on it, fuzzing),
+/// so a new nightly cannot change the eBPF bytecode or break the build unannounced. It must
+/// match `paddock-ebpf/rust-toolchain.toml` (checked by a test). rustc 1.97.0-nightly
+/// (e50aa6fba 2026-05-19), LLVM 22: the LLVM bpf-linker links with.
+pub(crate) const NIGHTLY: &str = "nightly-2026-05-20";
+
 /// bpf-linker version known to work with nightly's LLVM here.
 const BPF_LINKER: &str = "0.10.4";
 /// cargo-deny for `cargo xtask deny` (`deny.toml` uses its 0.20 format; builds with rustc
@@ -58,14 +64,18 @@ fn ensure_apt() -> Result<()> {
 
 pub(crate) fn ensure_nightly() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
-    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        eprintln!("xtask setup: installing the nightly toolchain");
+    if !toolchains.lines().any(|l| l.starts_with(NIGHTLY)) {
+        eprintln!("xtask setup: installing the pinned {NIGHTLY} toolchain (~40 s)");
         run(Command::new("rustup").args([
             "toolchain",
             "install",
-            "nightly",
+            NIGHTLY,
             "--profile",
             "minimal",
+            "--component",
+            "rust-src",
+            "--component",
+            "clippy",
         ]))?;
     }
     let comps = output(Command::new("rustup").args([
@@ -73,18 +83,15 @@ pub(crate) fn ensure_nightly() -> Result<()> {
         "list",
         "--installed",
         "--toolchain",
-        "nightly",
+        NIGHTLY,
     ]))
     .unwrap_or_default();
-    if !comps.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("xtask setup: adding rust-src to nightly (needed for -Z build-std=core)");
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+    // rust-src for -Z build-std=core, clippy for linting the eBPF crate for its own target.
+    for c in ["rust-src", "clippy"] {
+        if !comps.lines().any(|l| l.starts_with(c)) {
+            eprintln!("xtask setup: adding {c} to {NIGHTLY}");
+            run(Command::new("rustup").args(["component", "add", c, "--toolchain", NIGHTLY]))?;
+        }
     }
     Ok(())
 }
@@ -97,7 +104,7 @@ fn ensure_bpf_linker() -> Result<()> {
     eprintln!("xtask setup: installing bpf-linker {BPF_LINKER} (uses nightly's LLVM, ~2 min)");
     run(Command::new("cargo")
         .args([
-            "+nightly",
+            &format!("+{NIGHTLY}"),
             "install",
             &format!("bpf-linker@{BPF_LINKER}"),
             "--locked",
@@ -144,4 +151,24 @@ pub fn run_setup() -> Result<()> {
     ensure_cargo_deny()?;
     eprintln!("xtask setup: all prerequisites present");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NIGHTLY;
+
+    #[test]
+    fn the_pinned_nightly_is_the_one_the_ebpf_crate_names() {
+        let file = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../paddock-ebpf/rust-toolchain.toml"
+        );
+        let text = std::fs::read_to_string(file).expect("paddock-ebpf/rust-toolchain.toml");
+        let doc: toml::Table = text.parse().expect("rust-toolchain.toml parses");
+        let channel = doc["toolchain"]["channel"].as_str().expect("a channel");
+        assert_eq!(
+            channel, NIGHTLY,
+            "xtask and paddock-ebpf pin different nightlies"
+        );
+    }
 }
