@@ -203,6 +203,11 @@ fn test(no_lint: bool, no_fuzz: bool, extra: &[String]) -> Result<()> {
             "warnings",
         ]))
         .context("clippy found problems")?;
+        // Broken intra-doc links and malformed doc HTML fail the build like lints do.
+        run(cargo()
+            .args(["doc", "--workspace", "--no-deps"])
+            .env("RUSTDOCFLAGS", "-D warnings"))
+        .context("cargo doc found problems")?;
     }
     // Root-tier tests start the binaries (paddock-proxy, pdk-client) next to them.
     // With --tests so dev-dependency feature unification matches `cargo test` (one build, not two).

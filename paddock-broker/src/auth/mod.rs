@@ -69,7 +69,7 @@ impl Scope {
 /// Who is calling, after authentication. Never contains the bearer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
-    /// Key id, JWT sub, "system:serviceaccount:ns:sa", "run:<id>".
+    /// Key id, JWT sub, `system:serviceaccount:<ns>:<sa>`, `run:<id>`.
     pub subject: String,
     /// The namespace the caller may act in.
     pub namespace: String,

@@ -70,7 +70,7 @@ impl BrokerSubstituter {
 
     /// Also re-check egress for requests without a placeholder when the destination's last
     /// broker answer is older than `interval` (zero: on every request), so a policy change
-    /// reaches connections that are already open (see [`super::recheck`]). Off by default:
+    /// reaches connections that are already open (see the `recheck` module). Off by default:
     /// then requests without a placeholder never reach the broker.
     #[must_use]
     pub fn with_egress_recheck(mut self, interval: std::time::Duration) -> Self {
