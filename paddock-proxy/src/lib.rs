@@ -1,7 +1,9 @@
 //! Paddock's egress proxy.
 //!
 //! This crate holds the kernel half of interception (loading and attaching the eBPF programs,
-//! recovering original destinations) and, on top of it, the proxy data plane.
+//! recovering original destinations) and, on top of it, the proxy data plane, its client of
+//! the broker, and (for now) the `serve` and `run` compositions. `README.md` in the crate lists
+//! its seams and how to test it; `ARCHITECTURE.md` at the repository root maps the data path.
 
 #![deny(unsafe_code)]
 

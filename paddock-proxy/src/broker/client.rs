@@ -1,4 +1,6 @@
-//! The HTTPS client for the broker's JSON API.
+//! The client for the broker's JSON API: over HTTPS, or over an in-memory link to a broker in
+//! the same process ([`BrokerClient::local`], see `super::local`), with the same requests,
+//! authentication and deadlines. The rest of this note is about HTTPS.
 //!
 //! TLS 1.3 only (ring provider), trusting only the configured CA file; HTTP/1.1 over a small
 //! keep-alive pool (hyper-util's client); one deadline per call covering connect, handshake,

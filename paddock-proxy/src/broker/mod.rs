@@ -2,16 +2,24 @@
 //!
 //! * [`BrokerClient`]: HTTPS (TLS 1.3, only the configured CA trusted) to the broker API over
 //!   a small keep-alive pool, authenticated by a bearer read from a file (re-read when the file
-//!   changes) and/or a TLS client certificate. Every call has a deadline (5 s by default).
+//!   changes) and/or a TLS client certificate; or, for a broker in the same process
+//!   (`paddock-proxy run`), an in-memory link to its server ([`BrokerClient::local`]). Every
+//!   call has a deadline (5 s by default).
 //! * [`BrokerPolicy`]: the [`crate::policy::EgressPolicy`] answered by
-//!   `POST /v1/validate-egress`. The caller asks once per agent connection.
+//!   `POST /v1/validate-egress`. The caller asks once per agent connection; the DNS server
+//!   asks it (without a port) per name.
 //! * [`BrokerSubstituter`]: the [`crate::http::Substituter`] answered by
-//!   `POST /v1/substitute-auth`, per request that carries a placeholder.
+//!   `POST /v1/substitute-auth`, per request that carries a placeholder; with
+//!   [`BrokerSubstituter::with_egress_recheck`], requests without one and open tunnels re-check
+//!   `validate-egress` once the destination's last answer is older than the interval
+//!   (`recheck`).
 //!
 //! Everything fails closed: a broker error or timeout denies the connection (policy) or
-//! answers the request without forwarding it (substitution). Nothing the broker says is
-//! cached, so a revoked lease or a policy change applies to the next request that presents a
-//! placeholder and to the next connection.
+//! answers the request without forwarding it (substitution). Connection decisions and
+//! substitutions are never cached, so a revoked lease or a policy change applies to the next
+//! request that presents a placeholder and to the next connection; the re-check keeps each
+//! destination's answer for its interval (250 ms by default) and the DNS server each name's
+//! for its `policy_cache` (250 ms by default), so those lag a policy change by at most that.
 //!
 //! Secrets (the proxy's bearer, substituted credentials) never appear in `Debug` output,
 //! errors or logs; substituted header values are marked sensitive.

@@ -11,9 +11,10 @@ const UNNAMED_RULE: &str = "broker";
 /// Asks the broker whether a run may reach a destination.
 ///
 /// Call [`EgressPolicy::check`] once per agent connection, when the destination name is known
-/// and before anything is resolved or dialled; requests on that connection are then covered by
-/// that answer, and each request's credentials are re-checked by the broker during
-/// substitution ([`super::BrokerSubstituter`]).
+/// and before anything is resolved or dialled. Requests on that connection are then covered by
+/// that answer: a request with a placeholder is re-checked by the broker during substitution,
+/// one without is re-checked with `validate-egress` once the answer is older than the
+/// re-check interval ([`super::BrokerSubstituter::with_egress_recheck`]).
 ///
 /// Nothing is cached: every check is a broker call, so a policy change or a run leaving its
 /// active phase applies to the very next connection. Any failure (broker unreachable, timeout,

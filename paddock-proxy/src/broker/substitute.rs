@@ -34,9 +34,9 @@ use crate::http::{
 ///
 /// # Outcome
 ///
-/// * broker substitutes: its edits are applied exactly as `wire::SubstituteAuthResponse`
-///   documents (remove headers, set headers, Basic auth, remove query parameters, set query
-///   parameters), all at once or not at all;
+/// * broker substitutes: its edits are applied exactly as
+///   [`paddock_wire::api::SubstituteAuthResponse`] documents (remove headers, set headers,
+///   Basic auth, remove query parameters, set query parameters), all at once or not at all;
 /// * broker refuses (forbidden, egress denied, unknown or revoked placeholder, more than one
 ///   placeholder, oversized request): [`SubstituteError::Denied`], answered 403;
 /// * broker unreachable, too slow, rate limiting, or rejecting the proxy's own credentials:

@@ -8,7 +8,8 @@
 //! Per request: hop-by-hop headers are dropped ([`hop`]), the request's authority must
 //! name the connection's destination (else 421), the [`Substituter`] hook may swap
 //! placeholders for real credentials, then the request is forwarded over a pooled
-//! upstream connection ([`UpstreamPool`]) and the response streamed back. Any failure
+//! upstream connection ([`UpstreamPool`]) and the response streamed back, scrubbed of every
+//! secret this run has sent to the destination ([`crate::scrub`]). Any failure
 //! answers the agent with one deliberate status ([`HttpError::status`]); nothing is ever
 //! forwarded when a step before forwarding failed. Every request that reaches the loop is
 //! audited once its status is decided ([`RequestAudit`]).

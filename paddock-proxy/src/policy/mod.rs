@@ -4,9 +4,10 @@
 //! name (SNI, `CONNECT` authority or `Host` header) and before it resolves or dials anything.
 //! Its DNS server asks [`EgressPolicy::name_allowed`] (could the run reach this name on any
 //! port?) before it answers an agent's query.
-//! Implementations: [`StaticPolicy`] (an allow-list from a TOML file, this module) and, later, a
-//! broker-backed policy. Whatever the implementation, a [`PolicyError`] means the caller denies
-//! the connection: policy failures never open the gate.
+//! Implementations: [`StaticPolicy`] (an allow-list from a TOML file, this module) and
+//! [`crate::broker::BrokerPolicy`] (the broker's `POST /v1/validate-egress`). Whatever the
+//! implementation, a [`PolicyError`] means the caller denies the connection: policy failures
+//! never open the gate.
 //!
 //! # Host names
 //!
@@ -114,8 +115,10 @@ impl EgressRequest {
 /// The policy's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Allowed by `rule`; `substitute_auth` tells the request loop to run credential
-    /// substitution on this connection.
+    /// Allowed by `rule`; `substitute_auth` says whether the rule grants credential
+    /// substitution. It is reported, not enforced here: the request loop runs its
+    /// [`crate::http::Substituter`] on every request whatever the flag says, and the broker
+    /// refuses a substitution its own grant does not cover.
     Allow { rule: String, substitute_auth: bool },
     /// Denied; `reason` is safe to show to the agent (it names no policy internals).
     Deny { reason: String },

@@ -26,6 +26,10 @@ use super::{CheckFuture, Decision, EgressPolicy, EgressRequest, Mode, PolicyErro
 /// Rules are tried in file order and the first match decides; no match is a deny. Unknown keys
 /// are errors (a misspelt key must not silently widen or narrow the policy), and every error
 /// names the rule's 0-based index.
+///
+/// `substitute_auth` only ends up in the [`Decision`]: `serve` with a static policy has no
+/// broker and substitutes nothing ([`crate::http::NoopSubstituter`]), so placeholders reach
+/// the upstream unchanged.
 #[derive(Debug, Clone)]
 pub struct StaticPolicy {
     rules: Vec<Rule>,

@@ -35,7 +35,9 @@
 //! deny_cidrs = []                  # added to the built-in denied set
 //! allow_cidrs = []                 # carved out of it (test hosts, internal APIs)
 //! nameservers = []                 # empty: the system resolv.conf
-//! bypass_mark = 0x70ad             # SO_MARK on upstream sockets (eBPF bypass)
+//! use_hosts_file = false           # consult /etc/hosts before DNS
+//! bypass_mark = 0x70ad             # SO_MARK on upstream sockets (eBPF bypass); default none
+//! # dial_attempt_timeout_secs = 5  # connect timeout per upstream address
 //!
 //! [audit]
 //! target = "/var/log/paddock/audit.jsonl"   # or "stdout", or "none" (explicit opt-out)
@@ -47,17 +49,19 @@
 //! max_header_bytes = 65536
 //! max_headers = 100
 //! drain_timeout_secs = 30
+//! max_client_hello_bytes = 16384
 //!
 //! [admin]
 //! listen = "127.0.0.1:9901"
 //!
 //! # [ebpf]                          # optional: attach these agent cgroups at start
-//! # pin_dir = "/sys/fs/bpf/paddock"
+//! # pin_dir = "/sys/fs/bpf/paddock/default"
 //! # agent_cgroups = ["/sys/fs/cgroup/agents/run-42"]
 //! # dns = ["10.0.0.10:53"]          # the resolver(s) the agents' DNS is addressed to
 //! # inbound_ports = [8080]         # TCP ports the agents may be reached on from outside
 //! #                                # their namespace (at most 8); default none: every
 //! #                                # listener of an agent cgroup is loopback-only
+//! # bypass = ["10.96.0.0/12"]      # destinations agents reach directly, never redirected
 //!
 //! # [dns]                           # the proxy's DNS server (see `crate::dns`)
 //! # listen = ["127.0.0.1:15053", "[::1]:15053"]   # UDP; one port, on the transparent

@@ -1,5 +1,7 @@
-//! `paddock-proxy serve`: builds the pipeline from a [`ServeConfig`], binds the listeners and
-//! the admin endpoint, optionally attaches agent cgroups, and drains on SIGTERM.
+//! `paddock-proxy serve`: builds the pipeline from a [`ServeConfig`], binds the listeners, the
+//! DNS server's sockets and the admin endpoint, then (only then) attaches the agent cgroups of
+//! `[ebpf]`; reopens the audit file on SIGHUP and drains on SIGTERM or SIGINT. `run` calls
+//! [`serve_until`] with its own policy, substituter and pre-bound sockets.
 
 use std::path::PathBuf;
 use std::sync::Arc;
