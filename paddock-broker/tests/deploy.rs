@@ -598,7 +598,7 @@ fn network_policy_admits_the_api_port_from_paddock_system_only() {
     let namespaces: BTreeSet<String> = policy
         .documents()
         .iter()
-        .flat_map(|p| p.doc.spec.applies_to.namespaces.iter().cloned())
+        .flat_map(|p| p.doc().spec.applies_to.namespaces.iter().cloned())
         .filter(|n| n.as_str() != ns.as_str())
         .collect();
     assert!(
