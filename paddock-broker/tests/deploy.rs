@@ -171,7 +171,7 @@ impl Deployment {
                 .expect("serve --config PATH"),
         );
         let yaml = config_map_text(&docs, &mounts, &config_path);
-        let config = serde_yaml_ng::from_str(&yaml)
+        let config = Config::parse(&config_path, &yaml)
             .unwrap_or_else(|e| panic!("broker.yaml in the ConfigMap: {e}"));
         Self {
             docs,

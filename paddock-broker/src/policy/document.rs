@@ -14,9 +14,7 @@ pub struct PolicyDocument {
     pub api_version: String,
     pub kind: String,
     pub metadata: Metadata,
-    // YAML tags are unfriendly in hand-written policy: enums are written as one-key maps
-    // (`secret: {file: /path}`).
-    #[serde(with = "serde_yaml_ng::with::singleton_map_recursive")]
+    // Enums are written as one-key maps (`secret: {file: /path}`), not YAML tags.
     pub spec: PolicySpec,
 }
 

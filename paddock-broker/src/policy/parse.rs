@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use super::{PolicyDocument, PolicyError};
+use super::{PolicyDocument, PolicyError, locate::path_at};
+use crate::yaml::{self, YamlError};
 
 /// One document of a YAML stream: its first line (0-based, in the whole file), its text and
 /// what it deserialised to.
@@ -17,8 +18,8 @@ pub(super) fn documents(file: &Path, text: &str) -> Result<Vec<Parsed>, PolicyEr
     split_documents(text)
         .into_iter()
         .map(|(line_offset, chunk)| {
-            let doc: PolicyDocument = serde_yaml_ng::from_str(&chunk)
-                .map_err(|e| yaml_error(file, &chunk, line_offset, &e))?;
+            let doc: PolicyDocument =
+                yaml::from_str(&chunk).map_err(|e| yaml_error(file, &chunk, line_offset, e))?;
             Ok(Parsed {
                 line_offset,
                 text: chunk,
@@ -28,20 +29,22 @@ pub(super) fn documents(file: &Path, text: &str) -> Result<Vec<Parsed>, PolicyEr
         .collect()
 }
 
-/// For errors raised inside buffered (internally tagged) values, serde reports the enclosing
-/// entry; when the message names an unknown field, point at that field's own line instead.
-fn refine_unknown_field(
-    text: &str,
-    line: Option<usize>,
-    field: &str,
-    message: &str,
-) -> Option<(usize, String)> {
+/// Serde reports an unknown field inside a buffered (internally tagged) value at the
+/// enclosing entry; when the message names an unknown field, find that field's own line.
+fn refine_unknown_field(text: &str, line: usize, message: &str) -> Option<usize> {
     let name = message.strip_prefix("unknown field `")?.split('`').next()?;
-    let start = line?.checked_sub(1)?;
-    let entry_indent = text
-        .lines()
-        .nth(start)
-        .map(|l| l.len() - l.trim_start().len())?;
+    let is_key = |l: &str| {
+        l.trim_start()
+            .trim_start_matches("- ")
+            .strip_prefix(name)
+            .is_some_and(|r| r.starts_with(':'))
+    };
+    let start = line.checked_sub(1)?;
+    let entry = text.lines().nth(start)?;
+    if is_key(entry) {
+        return None;
+    }
+    let entry_indent = entry.len() - entry.trim_start().len();
     for (i, l) in text.lines().enumerate().skip(start + 1) {
         let indent = l.len() - l.trim_start().len();
         let content = l.trim_start();
@@ -51,64 +54,22 @@ fn refine_unknown_field(
         if indent <= entry_indent {
             return None;
         }
-        if content
-            .strip_prefix(name)
-            .is_some_and(|r| r.starts_with(':'))
-        {
-            // Walk back up to the entry, collecting the enclosing keys.
-            let lines: Vec<&str> = text.lines().collect();
-            let mut parents = Vec::new();
-            let mut current = indent;
-            for parent in lines[start + 1..i].iter().rev() {
-                let p_indent = parent.len() - parent.trim_start().len();
-                let p_content = parent.trim_start().trim_start_matches("- ");
-                if p_indent < current && !p_content.is_empty() && !p_content.starts_with('#') {
-                    if let Some((key, _)) = p_content.split_once(':') {
-                        parents.push(key.trim());
-                    }
-                    current = p_indent;
-                }
-            }
-            parents.reverse();
-            parents.push(name);
-            let tail = parents.join(".");
-            let field = if field.is_empty() {
-                tail
-            } else {
-                format!("{field}.{tail}")
-            };
-            return Some((i + 1, field));
+        if is_key(l) {
+            return Some(i + 1);
         }
     }
     None
 }
 
-fn yaml_error(
-    file: &Path,
-    text: &str,
-    line_offset: usize,
-    err: &serde_yaml_ng::Error,
-) -> PolicyError {
-    let full = err.to_string();
-    // serde_yaml_ng renders "<path>: <message> at line L column C"; split it apart.
-    let without_mark = match full.rfind(" at line ") {
-        Some(i) => full[..i].to_owned(),
-        None => full.clone(),
-    };
-    let (field, message) = match without_mark.split_once(": ") {
-        Some((path, msg)) if !path.contains(' ') => (path.to_owned(), msg.to_owned()),
-        _ => (String::new(), without_mark),
-    };
-    let line = err.location().map(|l| l.line());
-    let (line, field) = match refine_unknown_field(text, line, &field, &message) {
-        Some((l, f)) => (Some(l), f),
-        None => (line, field),
-    };
+fn yaml_error(file: &Path, text: &str, line_offset: usize, err: YamlError) -> PolicyError {
+    let line = err
+        .line
+        .map(|l| refine_unknown_field(text, l, &err.message).unwrap_or(l));
     PolicyError {
         file: file.to_owned(),
         line: line.map(|l| l + line_offset),
-        field,
-        message,
+        field: line.map(|l| path_at(text, l)).unwrap_or_default(),
+        message: err.message,
     }
 }
 

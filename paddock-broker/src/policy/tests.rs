@@ -384,3 +384,32 @@ fn secret_files_may_not_climb_out_of_the_secrets_dir() {
         "{shown}"
     );
 }
+
+#[test]
+fn a_duplicate_key_is_refused_with_its_line() {
+    // Which of two `hosts` lists would apply is exactly what a reviewer cannot tell.
+    let text = GOOD.replace(
+        "      hosts: [api.github.com]\n",
+        "      hosts: [api.github.com]\n      hosts: [evil.example]\n",
+    );
+    let e = err_of(&text);
+    assert_eq!(e.line, Some(20), "{e}");
+    assert_eq!(e.field, "spec.credentials[0].hosts", "{e}");
+    assert!(e.message.contains("duplicate"), "{e}");
+    // Also in a map serde buffers (the internally tagged provider) and in a later document.
+    let text = GOOD.replace(
+        "        kind: user-secret\n",
+        "        kind: user-secret\n        kind: pat-pool\n",
+    );
+    let e = err_of(&text);
+    assert_eq!(e.line, Some(13), "{e}");
+    assert!(e.message.contains("duplicate"), "{e}");
+    let text = format!(
+        "{GOOD}---\n{}",
+        GOOD.replace("  name: team-a\n", "  name: team-b\n  name: again\n")
+    );
+    let e = err_of(&text);
+    assert_eq!(e.line, Some(26 + 5), "{e}");
+    assert_eq!(e.field, "metadata.name", "{e}");
+    assert!(e.message.contains("duplicate"), "{e}");
+}
