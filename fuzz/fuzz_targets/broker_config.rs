@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(config) = serde_yaml_ng::from_str::<Config>(text) else {
+    let Ok(config) = Config::parse(std::path::Path::new("fuzz.yaml"), text) else {
         return;
     };
     if let Ok(Some(poll)) = config.policy_poll() {

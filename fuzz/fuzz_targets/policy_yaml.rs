@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
         let d = policy.egress(&run, host, port, now);
         // Substitution is only ever granted on an allowed destination.
         assert!(
-            d.allowed || !d.substitute_auth,
+            d.allowed() || !d.substitute_auth(),
             "substitution without egress"
         );
     }

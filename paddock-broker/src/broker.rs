@@ -17,7 +17,7 @@ use crate::{
     audit::{AuditEvent, AuditKind, AuditSink},
     auth::{Identity, RunDirectory, Scope},
     bearer,
-    policy::{PolicyStore, hosts},
+    policy::{EgressDecision, PolicyStore, hosts},
     providers::{self, Placement, ProviderContext, ProviderError, decode_basic},
     ratelimit::{KIND_EGRESS, KIND_ISSUE, KIND_SUBSTITUTE, RateLimitError, RateLimits},
     store::{NewLease, PoolRequest, Store, StoreError},
@@ -552,25 +552,27 @@ impl Broker {
             self.policy
                 .current()
                 .egress_on(&run, &req.host, req.port, OffsetDateTime::now_utc());
-        if d.discovery || !d.allowed {
-            let kind = if d.allowed {
-                AuditKind::EgressDiscovery
-            } else {
-                AuditKind::EgressDenied
-            };
+        let audited = match d {
+            EgressDecision::Granted { .. } => None,
+            EgressDecision::Discovery { .. } => Some(AuditKind::EgressDiscovery),
+            EgressDecision::Denied { .. } => Some(AuditKind::EgressDenied),
+        };
+        let policy = d.policy().map(str::to_owned);
+        let reason = d.reason();
+        if let Some(kind) = audited {
             let mut ev = AuditEvent::new(kind, &caller.subject, &run.namespace, &run.run);
             ev.host = Some(hosts::normalize(&req.host));
             ev.port = req.port;
-            ev.policy.clone_from(&d.policy);
-            ev.reason = Some(d.reason.clone());
+            ev.policy.clone_from(&policy);
+            ev.reason = Some(reason.clone());
             self.audit(&ev)?;
         }
         Ok(ValidateEgressResponse {
-            allowed: d.allowed,
-            substitute_auth: d.substitute_auth,
-            discovery: d.discovery,
-            policy: d.policy,
-            reason: d.reason,
+            allowed: d.allowed(),
+            substitute_auth: d.substitute_auth(),
+            discovery: d.discovery(),
+            policy,
+            reason,
         })
     }
 
@@ -613,7 +615,7 @@ impl Broker {
         }
         let policy = self.policy.current();
         let egress = policy.egress(&run, &req.host, req.port, OffsetDateTime::now_utc());
-        if !egress.allowed || !egress.substitute_auth {
+        if !egress.substitute_auth() {
             let msg = format!(
                 "credential substitution is not granted for {}:{}",
                 hosts::normalize(&req.host),

@@ -258,8 +258,12 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
-        serde_yaml_ng::from_str(&text)
-            .map_err(|e| ConfigError::Parse(path.to_owned(), e.to_string()))
+        Self::parse(path, &text)
+    }
+
+    /// Parses config text; `path` only names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        crate::yaml::from_str(text).map_err(|e| ConfigError::Parse(path.to_owned(), e.to_string()))
     }
 }
 
@@ -406,8 +410,7 @@ mod tests {
 
     #[test]
     fn readme_examples_parse() {
-        let config: Config =
-            serde_yaml_ng::from_str(&readme_block(1)).expect("README config parses");
+        let config: Config = crate::yaml::from_str(&readme_block(1)).expect("README config parses");
         assert_eq!(config.rate_limits, RateLimitConfig::default());
         assert!(config.tls.client_ca.is_some() && config.admin_listen.is_some());
         assert_eq!(
@@ -436,7 +439,7 @@ mod tests {
     }
 
     fn auth(yaml: &str) -> AuthConfig {
-        serde_yaml_ng::from_str(yaml).expect("auth config parses")
+        crate::yaml::from_str(yaml).expect("auth config parses")
     }
 
     fn order_error(yaml: &str) -> String {
@@ -487,7 +490,7 @@ mod tests {
             "tokenReview: {apiServer: https://k, scopes: {a/b: [broker:everything]}}",
             "rsaSession: {keyFile: r, decryptsPerSecond: -1}",
         ] {
-            assert!(serde_yaml_ng::from_str::<AuthConfig>(bad).is_err(), "{bad}");
+            assert!(crate::yaml::from_str::<AuthConfig>(bad).is_err(), "{bad}");
         }
     }
 
@@ -535,7 +538,7 @@ mod tests {
     #[test]
     fn unknown_config_fields_are_rejected() {
         let text = readme_block(1).replace("policyPollSeconds", "policyPolSeconds");
-        assert!(serde_yaml_ng::from_str::<Config>(&text).is_err());
+        assert!(crate::yaml::from_str::<Config>(&text).is_err());
     }
 
     #[test]
@@ -545,7 +548,7 @@ mod tests {
                 "policyPollSeconds: 0.25",
                 &format!("policyPollSeconds: {v}"),
             );
-            serde_yaml_ng::from_str::<Config>(&text).expect("config parses")
+            crate::yaml::from_str::<Config>(&text).expect("config parses")
         };
         assert_eq!(
             cfg("0.5").policy_poll().expect("valid"),
@@ -561,7 +564,7 @@ mod tests {
             assert!(e.contains("policyPollSeconds"), "{bad}: {e}");
         }
         let default = readme_block(1).replace("policyPollSeconds: 0.25", "");
-        let default: Config = serde_yaml_ng::from_str(&default).expect("default");
+        let default: Config = crate::yaml::from_str(&default).expect("default");
         assert!(
             default
                 .policy_poll()
@@ -569,5 +572,39 @@ mod tests {
                 .is_some_and(|d| d < Duration::from_secs(1)),
             "the default poll must let a policy change apply within a second"
         );
+    }
+
+    /// `paddock-proxy run` writes its embedded broker's config as compact JSON (JSON is YAML).
+    #[test]
+    fn compact_json_configs_parse() {
+        let json = serde_json::json!({
+            "listen": "127.0.0.1:0",
+            "tls": {"cert": "/run/b/tls.crt", "key": "/run/b/tls.key"},
+            "database": "/run/b/broker.db",
+            "policy": "/etc/paddock/policy.yaml",
+            "secretsDir": "/etc/paddock/secrets dir",
+            "policyPollSeconds": 0.25,
+            "audit": {"path": "/run/b/audit.jsonl"},
+            "auth": {"staticKeys": {"file": "/run/b/keys"}},
+            "rateLimits": {"substitute": {"perSecond": 5, "burst": 10}},
+        })
+        .to_string();
+        let cfg = Config::parse(Path::new("broker.yaml"), &json).expect("JSON config parses");
+        assert_eq!(cfg.policy, Path::new("/etc/paddock/policy.yaml"));
+        assert_eq!(
+            cfg.secrets_dir.as_deref(),
+            Some(Path::new("/etc/paddock/secrets dir"))
+        );
+        assert_eq!(
+            cfg.policy_poll().expect("valid"),
+            Some(Duration::from_millis(250))
+        );
+        let e = Config::parse(
+            Path::new("broker.yaml"),
+            "listen: 127.0.0.1:1\nlisten: 127.0.0.1:2\n",
+        )
+        .expect_err("duplicate key")
+        .to_string();
+        assert!(e.contains("broker.yaml") && e.contains("line 2"), "{e}");
     }
 }

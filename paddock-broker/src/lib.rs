@@ -24,6 +24,8 @@ pub mod ratelimit;
 pub mod secrets;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
+pub mod yaml;
 /// The API's types live in `paddock-wire` (shared with the proxy); re-exported under the
 /// name the broker's modules use.
 pub use paddock_wire::api as wire;

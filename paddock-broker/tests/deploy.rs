@@ -171,7 +171,7 @@ impl Deployment {
                 .expect("serve --config PATH"),
         );
         let yaml = config_map_text(&docs, &mounts, &config_path);
-        let config = serde_yaml_ng::from_str(&yaml)
+        let config = Config::parse(&config_path, &yaml)
             .unwrap_or_else(|e| panic!("broker.yaml in the ConfigMap: {e}"));
         Self {
             docs,
@@ -598,7 +598,7 @@ fn network_policy_admits_the_api_port_from_paddock_system_only() {
     let namespaces: BTreeSet<String> = policy
         .documents()
         .iter()
-        .flat_map(|p| p.doc.spec.applies_to.namespaces.iter().cloned())
+        .flat_map(|p| p.doc().spec.applies_to.namespaces.iter().cloned())
         .filter(|n| n.as_str() != ns.as_str())
         .collect();
     assert!(

@@ -1,5 +1,12 @@
+use std::path::{Path, PathBuf};
+
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
 use super::*;
-use crate::wire::RunPhase;
+use crate::{
+    secrets::SecretSource,
+    wire::{RunInfo, RunPhase},
+};
 
 const GOOD: &str = "\
 apiVersion: paddock.dev/v1
@@ -59,15 +66,15 @@ fn parses_and_decides() {
             .is_none()
     );
     let d = policy.egress(&r, "api.github.com", 443, now());
-    assert!(d.allowed && d.substitute_auth && !d.discovery);
+    assert!(d.allowed() && d.substitute_auth() && !d.discovery());
     let d = policy.egress(&r, "pypi.org", 443, now());
-    assert!(d.allowed && !d.substitute_auth);
+    assert!(d.allowed() && !d.substitute_auth());
     let d = policy.egress(&r, "pypi.org", 80, now());
-    assert!(!d.allowed, "port must match too");
+    assert!(!d.allowed(), "port must match too");
     assert!(
         !policy
             .egress(&run("team-b", "coder"), "pypi.org", 443, now())
-            .allowed
+            .allowed()
     );
 }
 
@@ -77,32 +84,36 @@ fn a_name_is_allowed_when_any_port_of_it_is() {
     let policy = Policy::from_docs(docs).expect("valid set");
     let r = run("team-a", "coder");
     let d = policy.egress_on(&r, "pypi.org", None, now());
-    assert!(d.allowed && !d.discovery, "{d:?}");
-    assert_eq!(d.policy.as_deref(), Some("team-a"));
+    assert!(d.allowed() && !d.discovery(), "{d:?}");
+    assert_eq!(d.policy(), Some("team-a"));
     let d = policy.egress_on(&r, "PyPI.org.", None, now());
-    assert!(d.allowed, "names are normalised: {d:?}");
+    assert!(d.allowed(), "names are normalised: {d:?}");
     // The wildcard covers subdomains of any depth, not the apex (which has its own grant).
-    assert!(policy.egress_on(&r, "a.b.github.com", None, now()).allowed);
-    assert!(!policy.egress_on(&r, "github.com", None, now()).allowed);
-    let d = policy.egress_on(&r, "exfil.example", None, now());
-    assert!(!d.allowed && !d.discovery);
     assert!(
-        d.reason.contains("exfil.example (any port)"),
+        policy
+            .egress_on(&r, "a.b.github.com", None, now())
+            .allowed()
+    );
+    assert!(!policy.egress_on(&r, "github.com", None, now()).allowed());
+    let d = policy.egress_on(&r, "exfil.example", None, now());
+    assert!(!d.allowed() && !d.discovery());
+    assert!(
+        d.reason().contains("exfil.example (any port)"),
         "{}",
-        d.reason
+        d.reason()
     );
     // Another team's run reaches nothing.
     assert!(
         !policy
             .egress_on(&run("team-b", "coder"), "pypi.org", None, now())
-            .allowed
+            .allowed()
     );
     // With a port it is the connection question, unchanged.
     assert_eq!(
         policy.egress_on(&r, "pypi.org", Some(80), now()),
         policy.egress(&r, "pypi.org", 80, now())
     );
-    assert!(!policy.egress_on(&r, "pypi.org", Some(80), now()).allowed);
+    assert!(!policy.egress_on(&r, "pypi.org", Some(80), now()).allowed());
 }
 
 #[test]
@@ -114,10 +125,10 @@ fn a_discovery_window_allows_names_as_it_allows_connections() {
     let docs = Policy::parse_text(Path::new("p.yaml"), &text, now()).expect("valid");
     let policy = Policy::from_docs(docs).expect("set");
     let d = policy.egress_on(&run("team-a", "coder"), "anything.example", None, now());
-    assert!(d.allowed && d.discovery, "{d:?}");
+    assert!(d.allowed() && d.discovery(), "{d:?}");
     // A listed name is allowed outright, not by the window.
     let d = policy.egress_on(&run("team-a", "coder"), "pypi.org", None, now());
-    assert!(d.allowed && !d.discovery, "{d:?}");
+    assert!(d.allowed() && !d.discovery(), "{d:?}");
 }
 
 fn err_of(text: &str) -> PolicyError {
@@ -164,7 +175,7 @@ fn discovery_window_is_capped_at_seven_days() {
     let docs = Policy::parse_text(Path::new("p.yaml"), &within, now()).expect("6 days is fine");
     let policy = Policy::from_docs(docs).expect("set");
     let d = policy.egress(&run("team-a", "coder"), "example.org", 443, now());
-    assert!(d.allowed && d.discovery);
+    assert!(d.allowed() && d.discovery());
     let beyond = format!(
         "{GOOD}  discovery:\n    until: \"{}\"\n",
         fmt(now() + time::Duration::days(8))
@@ -182,7 +193,7 @@ fn discovery_window_is_capped_at_seven_days() {
     assert!(
         !policy
             .egress(&run("team-a", "coder"), "example.org", 443, now())
-            .allowed
+            .allowed()
     );
 }
 
@@ -264,7 +275,7 @@ fn env_names_the_variable_for_run_mode_and_must_be_valid() {
     let docs = Policy::parse_text(Path::new("p.yaml"), &with("GH_TOKEN_PLACEHOLDER"), now())
         .expect("valid");
     assert_eq!(
-        docs[0].doc.spec.credentials[0].env.as_deref(),
+        docs[0].doc().spec.credentials[0].env.as_deref(),
         Some("GH_TOKEN_PLACEHOLDER")
     );
     for bad in ["1ABC", "A-B", "\"A B\""] {
@@ -372,4 +383,33 @@ fn secret_files_may_not_climb_out_of_the_secrets_dir() {
         shown.contains("team-a.yaml") && shown.contains("leaves the secrets directory"),
         "{shown}"
     );
+}
+
+#[test]
+fn a_duplicate_key_is_refused_with_its_line() {
+    // Which of two `hosts` lists would apply is exactly what a reviewer cannot tell.
+    let text = GOOD.replace(
+        "      hosts: [api.github.com]\n",
+        "      hosts: [api.github.com]\n      hosts: [evil.example]\n",
+    );
+    let e = err_of(&text);
+    assert_eq!(e.line, Some(20), "{e}");
+    assert_eq!(e.field, "spec.credentials[0].hosts", "{e}");
+    assert!(e.message.contains("duplicate"), "{e}");
+    // Also in a map serde buffers (the internally tagged provider) and in a later document.
+    let text = GOOD.replace(
+        "        kind: user-secret\n",
+        "        kind: user-secret\n        kind: pat-pool\n",
+    );
+    let e = err_of(&text);
+    assert_eq!(e.line, Some(13), "{e}");
+    assert!(e.message.contains("duplicate"), "{e}");
+    let text = format!(
+        "{GOOD}---\n{}",
+        GOOD.replace("  name: team-a\n", "  name: team-b\n  name: again\n")
+    );
+    let e = err_of(&text);
+    assert_eq!(e.line, Some(26 + 5), "{e}");
+    assert_eq!(e.field, "metadata.name", "{e}");
+    assert!(e.message.contains("duplicate"), "{e}");
 }

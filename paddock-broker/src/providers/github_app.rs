@@ -356,9 +356,14 @@ pub(crate) mod fake {
                 let path_ok = head.starts_with(&format!(
                     "POST /app/installations/{installation_id}/access_tokens "
                 ));
+                // Header names are case-insensitive (hyper sends them in lower case).
                 let jwt = head
                     .lines()
-                    .find_map(|l| l.strip_prefix("Authorization: Bearer "))
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(": ")?;
+                        name.eq_ignore_ascii_case("authorization")
+                            .then(|| value.strip_prefix("Bearer "))?
+                    })
                     .unwrap_or_default();
                 let response = if path_ok && verify_jwt(jwt, &public, app_id) {
                     let n = hit_count.fetch_add(1, Ordering::SeqCst) + 1;

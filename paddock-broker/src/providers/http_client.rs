@@ -1,22 +1,31 @@
-//! A small blocking HTTP/1.1 client for provider back-ends (GitHub's token endpoint).
+//! The HTTP client of provider back-ends (GitHub's token endpoint), on hyper.
 //!
-//! Providers run on the broker's blocking pool (or an embedder's thread), so a blocking client
-//! with hard timeouts and a response size cap keeps them runtime-agnostic. `https` uses
-//! rustls (ring, webpki roots or a configured CA); plain `http` is accepted only for loopback
-//! hosts (tests, local fakes).
+//! Providers are synchronous: they run on the broker's blocking pool or on an embedder's
+//! thread, and either may belong to a tokio runtime. [`request`] therefore blocks its caller
+//! and drives the exchange on a thread of its own with a current-thread runtime (a runtime
+//! cannot be entered from a thread that already drives one). Token fetches are rare (tokens
+//! are cached for most of their hour), so a thread per fetch costs nothing that matters.
+//!
+//! Every resolved address is tried in turn, a body cut short (before its `Content-Length`, its
+//! last chunk or, over TLS, its `close_notify`) is an error rather than a short body, and one
+//! deadline bounds the whole exchange. `https` uses rustls (ring, webpki roots or a configured
+//! CA); plain `http` is accepted only for loopback hosts (tests, local fakes).
 
-use std::{
-    io::{Read, Write},
-    net::{IpAddr, TcpStream, ToSocketAddrs},
-    path::Path,
-    sync::Arc,
-    time::Duration,
+use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnectorBuilder;
+use hyper_util::{
+    client::legacy::{Client, connect::Connect, connect::HttpConnector},
+    rt::TokioExecutor,
 };
+use rustls::{ClientConfig, RootCertStore};
 
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned, pki_types::ServerName};
-
+/// Deadline of one exchange: connecting (all addresses), the request, the response.
 const TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_RESPONSE: u64 = 1024 * 1024;
+const MAX_RESPONSE: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -30,6 +39,8 @@ pub enum HttpError {
     Malformed(String, String),
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    #[error("no complete answer from {0} within {TIMEOUT:?}")]
+    Timeout(String),
 }
 
 #[derive(Debug)]
@@ -74,7 +85,7 @@ pub fn validate_base_url(raw: &str) -> Result<url::Url, String> {
     Ok(u)
 }
 
-fn tls_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, HttpError> {
+fn tls_config(ca_file: Option<&Path>) -> Result<ClientConfig, HttpError> {
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -86,16 +97,21 @@ fn tls_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, HttpError> {
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    let config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| HttpError::Tls(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    Ok(Arc::new(config))
+    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| HttpError::Tls(e.to_string()))
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
 }
 
-/// Sends one request (`Connection: close`) and reads the whole response.
+/// The TCP connector tries every resolved address in turn, each with a share of the deadline.
+fn configure<R>(tcp: &mut HttpConnector<R>) {
+    // The TLS layer above it handles `https`.
+    tcp.enforce_http(false);
+    tcp.set_connect_timeout(Some(TIMEOUT));
+    tcp.set_nodelay(true);
+}
+
+/// Sends one request and reads the whole response, blocking the calling thread.
 pub fn request(
     method: &str,
     url: &url::Url,
@@ -105,148 +121,110 @@ pub fn request(
 ) -> Result<HttpResponse, HttpError> {
     let host = url
         .host_str()
-        .ok_or_else(|| HttpError::Url("no host".into()))?
-        .to_owned();
-    let port = url
-        .port_or_known_default()
-        .ok_or_else(|| HttpError::Url("no port".into()))?;
-    let https = match url.scheme() {
-        "https" => true,
-        "http" if is_loopback(&host) => false,
+        .ok_or_else(|| HttpError::Url("no host".into()))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback(host) => {}
         other => return Err(HttpError::Url(format!("scheme {other} not allowed"))),
-    };
-    let target = format!("{host}:{port}");
-    let addr = (host.trim_start_matches('[').trim_end_matches(']'), port)
-        .to_socket_addrs()
-        .map_err(|e| HttpError::Connect(target.clone(), e.to_string()))?
-        .next()
-        .ok_or_else(|| HttpError::Connect(target.clone(), "no address".into()))?;
-    let tcp = TcpStream::connect_timeout(&addr, TIMEOUT)
-        .map_err(|e| HttpError::Connect(target.clone(), e.to_string()))?;
-    let io_err = |e: std::io::Error| HttpError::Io(target.clone(), e.to_string());
-    tcp.set_read_timeout(Some(TIMEOUT)).map_err(io_err)?;
-    tcp.set_write_timeout(Some(TIMEOUT)).map_err(io_err)?;
-    let path = match url.query() {
-        Some(q) => format!("{}?{q}", url.path()),
-        None => url.path().to_owned(),
-    };
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        head.push_str(name);
-        head.push_str(": ");
-        head.push_str(value);
-        head.push_str("\r\n");
     }
-    head.push_str("\r\n");
-    let mut raw = Vec::new();
-    if https {
-        let name = ServerName::try_from(host.clone()).map_err(|e| HttpError::Url(e.to_string()))?;
-        let conn = ClientConnection::new(tls_config(ca_file)?, name)
-            .map_err(|e| HttpError::Tls(e.to_string()))?;
-        let mut stream = StreamOwned::new(conn, tcp);
-        exchange(&mut stream, head.as_bytes(), body, &mut raw).map_err(io_err)?;
-    } else {
-        let mut stream = tcp;
-        exchange(&mut stream, head.as_bytes(), body, &mut raw).map_err(io_err)?;
-    }
-    parse(&raw).map_err(|m| HttpError::Malformed(target, m))
+    let mut tcp = HttpConnector::new();
+    configure(&mut tcp);
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config(ca_file)?)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
+    send(connector, method, url, headers, body)
 }
 
-fn exchange(
-    stream: &mut (impl Read + Write),
-    head: &[u8],
+/// Builds the request and runs the exchange over `connector` on a thread of its own.
+fn send<C>(
+    connector: C,
+    method: &str,
+    url: &url::Url,
+    headers: &[(&str, &str)],
     body: &[u8],
-    out: &mut Vec<u8>,
-) -> std::io::Result<()> {
-    stream.write_all(head)?;
-    stream.write_all(body)?;
-    stream.flush()?;
-    match stream.take(MAX_RESPONSE).read_to_end(out) {
-        Ok(_) => Ok(()),
-        // Servers often close TLS without close_notify after `Connection: close`.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-fn parse(raw: &[u8]) -> Result<HttpResponse, String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no end of headers")?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|_| "headers are not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or("no status line")?;
-    let mut chunked = false;
-    let mut length = None;
-    for line in lines {
-        let (name, value) = line.split_once(':').ok_or("malformed header")?;
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked") {
-            chunked = true;
-        } else if name.eq_ignore_ascii_case("content-length") {
-            length = Some(value.parse::<usize>().map_err(|_| "bad content-length")?);
-        }
-    }
-    let rest = &raw[split + 4..];
-    let body = if chunked {
-        dechunk(rest)?
-    } else if let Some(n) = length {
-        rest.get(..n)
-            .ok_or("body shorter than content-length")?
-            .to_vec()
-    } else {
-        rest.to_vec()
+) -> Result<HttpResponse, HttpError>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    let target = match (url.host_str(), url.port_or_known_default()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        _ => return Err(HttpError::Url("no host or port".into())),
     };
-    Ok(HttpResponse { status, body })
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|_| HttpError::Url(format!("invalid method {method:?}")))?;
+    let mut builder = Request::builder().method(method).uri(url.as_str());
+    for (name, value) in headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| HttpError::Url(format!("invalid header name {name:?}")))?;
+        // The value may be a credential: never echo it.
+        let mut value = HeaderValue::from_str(value)
+            .map_err(|_| HttpError::Url(format!("invalid value for header {name}")))?;
+        if name == header::AUTHORIZATION {
+            value.set_sensitive(true);
+        }
+        builder = builder.header(name, value);
+    }
+    let request = builder
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .map_err(|e| HttpError::Url(e.to_string()))?;
+    let client = Client::builder(TokioExecutor::new())
+        // One request per client: nothing to keep idle.
+        .pool_max_idle_per_host(0)
+        .build(connector);
+    let exchange = async {
+        let response = client.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                HttpError::Connect(target.clone(), error_chain(&e))
+            } else {
+                HttpError::Io(target.clone(), error_chain(&e))
+            }
+        })?;
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| HttpError::Malformed(target.clone(), error_chain(&*e)))?
+            .to_bytes()
+            .to_vec();
+        Ok(HttpResponse { status, body })
+    };
+    block_on(async {
+        tokio::time::timeout(TIMEOUT, exchange)
+            .await
+            .map_err(|_| HttpError::Timeout(target.clone()))?
+    })
 }
 
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("truncated chunk size")?;
-        let size_text = std::str::from_utf8(&data[..line_end]).map_err(|_| "bad chunk size")?;
-        let size =
-            usize::from_str_radix(size_text.split(';').next().unwrap_or_default().trim(), 16)
-                .map_err(|_| "bad chunk size")?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        out.extend_from_slice(data.get(..size).ok_or("truncated chunk")?);
-        data = data.get(size + 2..).ok_or("truncated chunk")?;
+/// Runs `exchange` to completion on a new thread with its own current-thread runtime.
+fn block_on<T: Send>(
+    exchange: impl Future<Output = Result<T, HttpError>> + Send,
+) -> Result<T, HttpError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| HttpError::Io("runtime".into(), e.to_string()))?;
+                runtime.block_on(exchange)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(HttpError::Io("client".into(), "thread panicked".into())))
+    })
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        out.push_str(": ");
+        out.push_str(&inner.to_string());
+        source = inner.source();
     }
+    out
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_chunked_and_sized_bodies() {
-        let r = parse(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n2\r\nef\r\n0\r\n\r\n").expect("chunked");
-        assert_eq!((r.status, r.body.as_slice()), (201, b"abcdef".as_slice()));
-        let r = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhiXX").expect("sized");
-        assert_eq!(r.body, b"hi");
-        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhi").is_err());
-        assert!(parse(b"garbage").is_err());
-    }
-
-    #[test]
-    fn base_url_rules() {
-        assert!(validate_base_url("https://api.github.com").is_ok());
-        assert!(validate_base_url("http://127.0.0.1:8080/api").is_ok());
-        assert!(validate_base_url("http://api.github.com").is_err());
-        assert!(validate_base_url("https://user:pw@api.github.com").is_err());
-    }
-}
+mod tests;

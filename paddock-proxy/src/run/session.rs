@@ -319,7 +319,7 @@ async fn issue_placeholders(
         }
         let (Some(var), true) = (
             &grant.env,
-            doc.doc
+            doc.doc()
                 .spec
                 .applies_to
                 .matches(&paddock_wire::api::RunInfo {

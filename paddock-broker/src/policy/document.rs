@@ -1,0 +1,189 @@
+//! The policy document as written: the serde schema of a `BrokerPolicy`.
+//!
+//! These types say what a document may contain, not whether its values make sense: a
+//! [`PolicyDocument`] is only ever used after [`super::LoadedPolicy`] checked it.
+
+use serde::{Deserialize, Serialize};
+
+use super::DEFAULT_TTL_SECONDS;
+use crate::{secrets::SecretSource, wire::DeliveryMode};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyDocument {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    // Enums are written as one-key maps (`secret: {file: /path}`), not YAML tags.
+    pub spec: PolicySpec,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicySpec {
+    pub applies_to: AppliesTo,
+    #[serde(default)]
+    pub credentials: Vec<CredentialGrant>,
+    #[serde(default)]
+    pub egress: Vec<EgressGrant>,
+    #[serde(default)]
+    pub discovery: Option<Discovery>,
+}
+
+/// Which runs a policy applies to. `namespaces` is required; empty `templates`/`runs` mean any.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppliesTo {
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub templates: Vec<String>,
+    #[serde(default)]
+    pub runs: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CredentialGrant {
+    pub name: String,
+    pub provider: ProviderSpec,
+    #[serde(default)]
+    pub secret: Option<SecretSource>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub delivery: Delivery,
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+    /// Environment variable that carries this credential's placeholder (or, for in-container
+    /// delivery, its value) into a command started by `paddock-proxy run`.
+    #[serde(default)]
+    pub env: Option<String>,
+    /// Let the proxy put this credential into cleartext (plain HTTP) requests. Off by default:
+    /// a secret substituted into plain HTTP crosses the network readable.
+    #[serde(default)]
+    pub allow_cleartext: bool,
+}
+
+impl CredentialGrant {
+    #[must_use]
+    pub fn ttl_seconds(&self) -> u64 {
+        self.ttl_seconds.unwrap_or(DEFAULT_TTL_SECONDS)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Delivery {
+    pub mode: DeliveryMode,
+    #[serde(default)]
+    pub accepted_reason: Option<String>,
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Self {
+            mode: DeliveryMode::ProxyInjected,
+            accepted_reason: None,
+        }
+    }
+}
+
+/// Provider kind and its configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    tag = "kind",
+    rename_all = "kebab-case",
+    rename_all_fields = "camelCase",
+    deny_unknown_fields
+)]
+pub enum ProviderSpec {
+    /// A user-supplied secret placed into a header, a query parameter or Basic auth.
+    UserSecret {
+        inject: Injection,
+        #[serde(default)]
+        allowed_headers: Option<Vec<String>>,
+        #[serde(default)]
+        allowed_query: Option<Vec<String>>,
+    },
+    /// Anthropic-style API key in `x-api-key`; other headers filtered by an allow-list.
+    AnthropicApiKey {
+        #[serde(default)]
+        allowed_headers: Option<Vec<String>>,
+    },
+    /// A pool of personal access tokens; one slot per lease.
+    PatPool {
+        inject: Injection,
+        secrets: Vec<SecretSource>,
+    },
+    /// A GitHub App installation token (RS256 app JWT exchanged at the API).
+    GithubApp {
+        app_id: u64,
+        installation_id: u64,
+        private_key: SecretSource,
+        /// Defaults to `https://api.github.com`; `http` only for loopback hosts.
+        #[serde(default)]
+        api_base_url: Option<String>,
+        /// Repositories the token is scoped to (empty: all the installation can reach).
+        #[serde(default)]
+        repositories: Vec<String>,
+        /// CA bundle for GitHub Enterprise Server with a private CA.
+        #[serde(default)]
+        ca_file: Option<std::path::PathBuf>,
+    },
+}
+
+impl ProviderSpec {
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderSpec::UserSecret { .. } => "user-secret",
+            ProviderSpec::AnthropicApiKey { .. } => "anthropic-api-key",
+            ProviderSpec::PatPool { .. } => "pat-pool",
+            ProviderSpec::GithubApp { .. } => "github-app",
+        }
+    }
+}
+
+/// Where a substituted secret goes on the upstream request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    deny_unknown_fields
+)]
+pub enum Injection {
+    Header {
+        name: String,
+        #[serde(default)]
+        prefix: String,
+    },
+    Query {
+        param: String,
+    },
+    Basic {
+        username: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressGrant {
+    pub hosts: Vec<String>,
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub substitute_auth: bool,
+}
+
+/// A time-boxed window during which unlisted egress is allowed and audited.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Discovery {
+    /// RFC 3339 end of the window; at most 7 days after the policy is loaded.
+    pub until: String,
+}
