@@ -19,7 +19,6 @@ pub mod netns;
 pub mod origdst;
 pub mod policy;
 pub mod proxy;
-pub mod run;
 pub mod scrub;
 mod sys;
 pub mod tls;
