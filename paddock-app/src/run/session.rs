@@ -603,6 +603,107 @@ impl Run<'_> {
 mod tests {
     use super::*;
 
+    fn policy(secret: &Path) -> String {
+        format!(
+            "\
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata:
+  name: local
+spec:
+  appliesTo:
+    namespaces: [local]
+  credentials:
+    - name: gh
+      env: GH_TOKEN
+      provider: {{kind: user-secret, inject: {{header: {{name: Authorization, prefix: \"Bearer \"}}}}}}
+      secret: {{file: {}}}
+      hosts: [api.github.com]
+  egress:
+    - hosts: [api.github.com]
+      ports: [443]
+      substituteAuth: true
+",
+            secret.display()
+        )
+    }
+
+    /// `run`'s broker start-up, unprivileged: the embedded broker answers registration,
+    /// placeholders and substitutions over the in-process client, with the run's rate limit,
+    /// and the run's state directory gets nothing but the broker's audit log.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_embedded_broker_writes_no_config_or_keys_and_substitutes() {
+        let secrets = tempfile::tempdir().expect("tempdir");
+        let secret = secrets.path().join("gh");
+        std::fs::write(&secret, "ghp_run_real").expect("secret");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let policy_path = secrets.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy(&secret)).expect("policy");
+        let state = tempfile::tempdir().expect("state");
+
+        let (broker, client) =
+            start_broker(state.path(), &policy_path, secrets.path(), "local", Some(1))
+                .expect("broker");
+        let run_info = RunUpsertRequest {
+            run: "run-t".into(),
+            namespace: "local".into(),
+            template: "local".into(),
+            phase: RunPhase::Running,
+        };
+        client.upsert_run(&run_info).await.expect("run registered");
+        let loaded = Policy::load_with(
+            &policy_path,
+            Some(secrets.path()),
+            time::OffsetDateTime::now_utc(),
+        )
+        .expect("policy");
+        let (placeholders, secret_envs) = issue_placeholders(&client, &loaded, &run_info)
+            .await
+            .expect("placeholders");
+        assert!(secret_envs.is_empty());
+        let placeholder = placeholders
+            .get("GH_TOKEN")
+            .expect("GH_TOKEN issued")
+            .clone();
+        assert!(placeholder.starts_with("pdk-"), "{placeholder}");
+
+        let request = paddock_broker::wire::SubstituteAuthRequest {
+            run: "run-t".into(),
+            host: "api.github.com".into(),
+            port: 443,
+            transport: paddock_broker::wire::Transport::Tls,
+            method: "GET".into(),
+            path: "/user".into(),
+            query: None,
+            headers: vec![paddock_broker::wire::Header {
+                name: "Authorization".into(),
+                value: format!("Bearer {placeholder}"),
+            }],
+        };
+        let answer = client.substitute_auth(&request).await.expect("substituted");
+        assert_eq!(answer.set_headers[0].value, "Bearer ghp_run_real");
+        // --substitute-rate 1 means a burst of 2: the third substitution in a row is refused.
+        client.substitute_auth(&request).await.expect("second");
+        let refused = client.substitute_auth(&request).await.expect_err("limited");
+        assert_eq!(
+            refused.code(),
+            Some(paddock_broker::wire::ErrorCode::RateLimited),
+            "{refused}"
+        );
+
+        let mut files: Vec<_> = std::fs::read_dir(state.path())
+            .expect("state")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        files.sort();
+        assert_eq!(
+            files,
+            vec![OsString::from("broker-audit.jsonl")],
+            "no broker config, keys, certificates, token or database on disk"
+        );
+        broker.shutdown().await;
+    }
+
     #[test]
     fn secret_files_readable_by_others_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
