@@ -5,10 +5,10 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
+use paddock_app::serve::{self, ServeOptions, config::ServeConfig};
 use paddock_proxy::{
     cgroup::Cgroup,
     ebpf::{self, AgentConfig, Interception, Interceptor, LoadOptions},
-    proxy::{self, ServeOptions, config::ServeConfig},
 };
 
 #[derive(Debug, Parser)]
@@ -105,7 +105,7 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Configuration file (TOML; see `paddock_proxy::proxy::config`).
+    /// Configuration file (TOML; see `paddock_app::serve::config`).
     #[arg(long)]
     config: PathBuf,
     /// Audit sink: `stdout`, an absolute JSONL file path, or `none` to run without an audit
@@ -311,7 +311,7 @@ fn serve_command(args: ServeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime
-        .block_on(proxy::serve(ServeOptions::new(config, args.audit)))
+        .block_on(serve::serve(ServeOptions::new(config, args.audit)))
         .context("paddock-proxy serve")
 }
 

@@ -33,6 +33,8 @@ use paddock_broker::{
     wire::{IssueRequest, RunPhase, RunUpsertRequest},
 };
 
+use crate::serve::{ServeOptions, config::ServeConfig, serve_until};
+
 use super::{
     CaFiles, ChildError, Launch, Publish, RunUser, SandboxSpec, UserError, child_env,
     env::{BUNDLE_FILE, CA_FILE, ca_bundle},
@@ -47,7 +49,6 @@ use super::{
 use paddock_proxy::{
     broker::{BrokerClient, BrokerPolicy, BrokerSubstituter, DEFAULT_TIMEOUT},
     netns::{NetnsError, OwnedNetns},
-    proxy::{ServeOptions, config::ServeConfig, serve_until},
 };
 
 /// The `SO_MARK` the proxy puts on its upstream sockets in `run` mode.
