@@ -582,7 +582,11 @@ fn terminal_injection_into_the_operators_terminal_is_closed() {
         "{res}"
     );
     assert_eq!(res["linux"], EPERM, "{res}");
-    assert_ne!(res["id0"], serde_json::json!(term.slave_id()), "its own terminal: {res}");
+    assert_ne!(
+        res["id0"],
+        serde_json::json!(term.slave_id()),
+        "its own terminal: {res}"
+    );
     assert!(term.pending_input().is_empty(), "nothing injected");
     assert_nothing_left(&bench, &run_id, ident(&out), true);
 
