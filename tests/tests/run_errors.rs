@@ -218,7 +218,7 @@ fn pool_tokens_and_app_keys_others_can_read_are_refused() {
         let dir = scratch();
         let policy = dir.path().join("policy.yaml");
         let text = format!(
-            r#"
+            r"
 apiVersion: paddock.dev/v1
 kind: BrokerPolicy
 metadata: {{name: errors}}
@@ -231,7 +231,7 @@ spec:
       env: GH_TOKEN
   egress:
     - {{hosts: [github.com], ports: [443], substituteAuth: true}}
-"#
+"
         );
         write(&policy, &text, 0o644);
         write(&dir.path().join(name), "real-token", 0o644);

@@ -683,7 +683,7 @@ mod tests {
 
     #[test]
     fn every_secret_source_of_every_provider_is_kept_from_the_command() {
-        let text = r#"
+        let text = r"
 apiVersion: paddock.dev/v1
 kind: BrokerPolicy
 metadata: {name: sources}
@@ -703,7 +703,7 @@ spec:
     - name: app
       provider: {kind: github-app, appId: 1, installationId: 2, privateKey: {env: APP_KEY}}
       hosts: [api.github.com]
-"#;
+";
         let docs = Policy::parse_text(Path::new("p.yaml"), text, time::OffsetDateTime::now_utc())
             .expect("valid");
         let policy = Policy::from_docs(docs).expect("valid set");
