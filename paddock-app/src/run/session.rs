@@ -27,7 +27,7 @@ use std::{
 use nix::sys::signal::Signal;
 use paddock_broker::{
     embed::{CallerConfig, EmbedConfig, EmbeddedBroker, PolicySource},
-    policy::Policy,
+    policy::{CredentialGrant, Policy, ProviderSpec},
     ratelimit::{RateLimitConfig, RateSpec},
     secrets::SecretSource,
     wire::{IssueRequest, RunPhase, RunUpsertRequest},
@@ -236,6 +236,19 @@ fn start_broker(
     Ok((broker, client))
 }
 
+/// Every place a grant's real secrets come from: its `secret`, a PAT pool's tokens, a GitHub
+/// App's private key. Each must stay out of the command's reach (an `env` source is removed
+/// from its environment, a file must not be readable by others).
+fn secret_sources(grant: &CredentialGrant) -> Vec<&SecretSource> {
+    let mut sources: Vec<&SecretSource> = grant.secret.iter().collect();
+    match &grant.provider {
+        ProviderSpec::PatPool { secrets, .. } => sources.extend(secrets),
+        ProviderSpec::GithubApp { private_key, .. } => sources.push(private_key),
+        ProviderSpec::UserSecret { .. } | ProviderSpec::AnthropicApiKey { .. } => {}
+    }
+    sources
+}
+
 /// Issue a placeholder for every credential the policy names an `env` for (and applies to
 /// this run); also return the environment variables that hold real secrets, which the
 /// command must not inherit.
@@ -248,12 +261,13 @@ async fn issue_placeholders(
     let mut placeholders = BTreeMap::new();
     let mut secret_envs = BTreeSet::new();
     for (doc, grant) in policy.credentials() {
-        match &grant.secret {
-            Some(SecretSource::Env(name)) => {
-                secret_envs.insert(name.clone());
+        for source in secret_sources(grant) {
+            match source {
+                SecretSource::Env(name) => {
+                    secret_envs.insert(name.clone());
+                }
+                SecretSource::File(path) => check_secret_file(path)?,
             }
-            Some(SecretSource::File(path)) => check_secret_file(path)?,
-            None => {}
         }
         let (Some(var), true) = (
             &grant.env,
@@ -703,6 +717,52 @@ spec:
             "no broker config, keys, certificates, token or database on disk"
         );
         broker.shutdown().await;
+    }
+
+    #[test]
+    fn every_secret_source_of_every_provider_is_kept_from_the_command() {
+        let text = r"
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: sources}
+spec:
+  appliesTo: {namespaces: [local]}
+  credentials:
+    - name: user
+      provider: {kind: user-secret, inject: {header: {name: Authorization}}}
+      secret: {env: USER_KEY}
+      hosts: [a.test]
+    - name: pool
+      provider:
+        kind: pat-pool
+        inject: {basic: {username: x}}
+        secrets: [{env: POOL_ONE}, {file: /srv/pool-two}]
+      hosts: [github.com]
+    - name: app
+      provider: {kind: github-app, appId: 1, installationId: 2, privateKey: {env: APP_KEY}}
+      hosts: [api.github.com]
+";
+        let docs = Policy::parse_text(Path::new("p.yaml"), text, time::OffsetDateTime::now_utc())
+            .expect("valid");
+        let policy = Policy::from_docs(docs).expect("valid set");
+        let mut seen: Vec<String> = policy
+            .credentials()
+            .flat_map(|(_, g)| secret_sources(g))
+            .map(|s| match s {
+                SecretSource::Env(v) => format!("env:{v}"),
+                SecretSource::File(p) => format!("file:{}", p.display()),
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "env:APP_KEY",
+                "env:POOL_ONE",
+                "env:USER_KEY",
+                "file:/srv/pool-two"
+            ]
+        );
     }
 
     #[test]
