@@ -546,6 +546,66 @@ mod tests {
         ));
     }
 
+    /// A connector that fails every connection, or never finishes one.
+    #[derive(Debug)]
+    struct Broken {
+        hang: bool,
+    }
+
+    impl BrokerConnector for Broken {
+        fn base(&self) -> Uri {
+            Uri::from_static("http://broken.invalid")
+        }
+
+        fn connect(&self, _uri: Uri) -> super::super::ConnectFuture {
+            if self.hang {
+                Box::pin(std::future::pending())
+            } else {
+                Box::pin(std::future::ready(Err("link refused: test".into())))
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn any_connector_fails_closed_with_its_reason_or_the_deadline() {
+        let egress = ValidateEgressRequest {
+            run: "r".into(),
+            host: "example.com".into(),
+            port: Some(443),
+        };
+        let client = |hang| {
+            BrokerClient::with_connector(
+                Arc::new(Broken { hang }),
+                BrokerBearer::Value("caller-key".into()),
+                Duration::from_millis(200),
+            )
+            .expect("client")
+        };
+        let err = client(false)
+            .validate_egress(&egress)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&err, BrokerCallError::Transport(t) if t.contains("link refused: test")),
+            "{err}"
+        );
+        assert!(!err.is_refusal());
+        let err = client(true)
+            .validate_egress(&egress)
+            .await
+            .expect_err("never connects");
+        assert!(matches!(err, BrokerCallError::Timeout(_)), "{err}");
+        assert!(!format!("{:?}", client(false)).contains("caller-key"));
+        assert!(matches!(
+            BrokerClient::with_connector(
+                Arc::new(Broken { hang: false }),
+                BrokerBearer::Value("caller-key".into()),
+                Duration::ZERO,
+            ),
+            Err(BrokerConfigError::ZeroTimeout)
+        ));
+    }
+
     #[test]
     fn json_errors_do_not_quote_values() {
         let err = serde_json::from_str::<SubstituteAuthResponse>(
