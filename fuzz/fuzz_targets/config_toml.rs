@@ -3,7 +3,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use paddock_proxy::policy::{EgressRequest, Mode, StaticPolicy};
-use paddock_proxy::proxy::config::ServeConfig;
+use paddock_app::serve::config::ServeConfig;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -3,8 +3,8 @@
 //!
 //! Layers: [`wire`] (API types, shared with the proxy), [`auth`] (caller authentication),
 //! [`policy`] (`BrokerPolicy` documents), [`providers`] (how secrets are injected), [`store`]
-//! (`SQLite` state), [`ratelimit`], [`audit`], [`broker`] (the domain service, usable embedded)
-//! and [`server`] (HTTPS API and admin listener).
+//! (`SQLite` state), [`ratelimit`], [`audit`], [`broker`] (the domain service), [`server`] (HTTPS API and admin
+//! listener) and [`embed`] (the broker built from a typed config and served in-process only).
 
 #[cfg(feature = "server")]
 pub mod audit;
@@ -34,6 +34,8 @@ pub use paddock_wire::api as wire;
 pub use broker::{Broker, BrokerError};
 #[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
+pub mod embed;
 #[cfg(feature = "server")]
 #[doc(hidden)]
 pub mod fuzzing;

@@ -21,7 +21,6 @@ pub mod netns;
 pub mod origdst;
 pub mod policy;
 pub mod proxy;
-pub mod run;
 pub mod scrub;
 mod sys;
 pub mod tls;

@@ -407,7 +407,7 @@ fn dns_answer(
     Some(out)
 }
 
-/// The proxy (`paddock_proxy::proxy::serve_until`) on its own runtime, on threads inside the
+/// The proxy (`paddock_app::serve::serve_until`) on its own runtime, on threads inside the
 /// agent namespace (so its upstream sockets and DNS queries live there), until dropped.
 #[derive(Debug)]
 pub struct ProxyProcess {
@@ -471,7 +471,7 @@ impl ProxyProcess {
         tokio::sync::oneshot::Receiver<()>,
         std::sync::mpsc::Receiver<String>,
     ) {
-        let config = paddock_proxy::proxy::config::ServeConfig::from_toml_str(config)
+        let config = paddock_app::serve::config::ServeConfig::from_toml_str(config)
             .unwrap_or_else(|e| panic!("proxy config: {e}"));
         let audit = audit.map(str::to_owned);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -486,10 +486,10 @@ impl ProxyProcess {
                     .enable_all()
                     .build()
                     .expect("proxy runtime");
-                let mut opts = paddock_proxy::proxy::ServeOptions::new(config, audit);
+                let mut opts = paddock_app::serve::ServeOptions::new(config, audit);
                 opts.ready = Some(ready_tx);
                 opts.transparent_listeners = listeners;
-                let r = rt.block_on(paddock_proxy::proxy::serve_until(opts, async move {
+                let r = rt.block_on(paddock_app::serve::serve_until(opts, async move {
                     let _ = rx.await;
                 }));
                 if let Err(e) = r {

@@ -5,10 +5,10 @@
 use std::{collections::BTreeMap, ffi::OsString, os::fd::AsFd, path::PathBuf, time::Duration};
 
 use nix::sys::signal::Signal;
-use paddock_proxy::{
-    netns::OwnedNetns,
-    run::{Launch, RunUser, SandboxSpec, Sandboxed, resolve_user, spawn_sandboxed, supervise},
+use paddock_app::run::{
+    Launch, RunUser, SandboxSpec, Sandboxed, resolve_user, spawn_sandboxed, supervise,
 };
+use paddock_proxy::netns::OwnedNetns;
 use paddock_tests::{CgroupGuard, process::target_bin, require_root};
 use tokio::io::AsyncReadExt;
 

@@ -259,3 +259,91 @@ fn check_request_audit(trail: &str) {
         "the audit trail holds a query string"
     );
 }
+
+/// Sockets of `pid` listening on TCP in its network namespace (`/proc/PID/net/tcp*`).
+fn listening_sockets(pid: u32) -> Vec<String> {
+    let owned: std::collections::BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|l| {
+            l.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_owned)
+        })
+        .collect();
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).expect("tcp table");
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // local_address st ... inode: columns 1, 3 and 9; 0A is LISTEN.
+            if cols.len() > 9 && cols[3] == "0A" && owned.contains(cols[9]) {
+                out.push(format!("{table} {}", cols[1]));
+            }
+        }
+    }
+    out
+}
+
+/// While a command runs: the embedded broker left nothing on disk but its audit log (no
+/// config, keys, certificate, caller token or database) and `paddock-proxy run` listens on no
+/// TCP port of the host (the broker is reached in-process; the proxy's listeners are inside
+/// the command's namespace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_keeps_the_broker_in_memory_and_binds_no_host_listener() {
+    use std::io::BufRead as _;
+    if !require_root("run_keeps_the_broker_in_memory_and_binds_no_host_listener") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let secrets = d.join("secrets");
+    write_secrets(&secrets, &SECRETS);
+    std::fs::write(d.join("policy.yaml"), POLICY).expect("policy");
+    let state = d.join("state");
+    let path = |p: &Path| p.to_str().expect("utf-8").to_owned();
+    let mut child = Command::new(target_bin("paddock-proxy"))
+        .args(["run", "--policy", &path(&d.join("policy.yaml"))])
+        .args(["--secrets", &path(&secrets), "--state-dir", &path(&state)])
+        .args([
+            "--run-id",
+            "mem-run",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; sleep 5",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = tokio::task::block_in_place(|| lines.next());
+    let up = matches!(&first, Some(Ok(l)) if l == "ready");
+    let (files, listening) = if up {
+        let mut files: Vec<String> = std::fs::read_dir(state.join("mem-run"))
+            .expect("state")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        (files, listening_sockets(child.id()))
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(up, "the command did not start: {first:?}\n{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        files,
+        ["broker-audit.jsonl", "ca", "proxy-audit.jsonl"],
+        "only the run CA (removed at the end) and the audit logs"
+    );
+    assert!(
+        listening.is_empty(),
+        "paddock-proxy run listens on the host: {listening:?}"
+    );
+}

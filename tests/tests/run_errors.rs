@@ -123,7 +123,14 @@ fn not_root_is_refused_with_the_reason() {
     let dir = scratch();
     // A copy nobody may execute wherever the build tree lives.
     let bin = dir.path().join("paddock-proxy");
-    std::fs::copy(target_bin("paddock-proxy"), &bin).expect("copy binary");
+    // Copied by `cp`, not in this process: a test thread forking meanwhile would inherit our
+    // write descriptor until its exec, and executing the copy would fail with ETXTBSY.
+    let copied = Command::new("cp")
+        .arg(target_bin("paddock-proxy"))
+        .arg(&bin)
+        .status()
+        .expect("cp");
+    assert!(copied.success(), "cp the binary");
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let policy = dir.path().join("policy.yaml");
     write(&policy, POLICY, 0o644);
@@ -189,6 +196,59 @@ fn secret_file_others_can_read_is_refused() {
         !a.stderr().contains("real-token"),
         "the secret is never printed"
     );
+}
+
+/// A PAT pool's tokens and a GitHub App's key are secrets as much as a `secret:` field: a file
+/// the command's user could read is refused the same way.
+#[test]
+fn pool_tokens_and_app_keys_others_can_read_are_refused() {
+    if !require_root("pool_tokens_and_app_keys_others_can_read_are_refused") {
+        return;
+    }
+    for (name, provider) in [
+        (
+            "pool.txt",
+            "{kind: pat-pool, inject: {basic: {username: x}}, secrets: [{file: pool.txt}]}",
+        ),
+        (
+            "app.pem",
+            "{kind: github-app, appId: 1, installationId: 2, privateKey: {file: app.pem}}",
+        ),
+    ] {
+        let dir = scratch();
+        let policy = dir.path().join("policy.yaml");
+        let text = format!(
+            r"
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {{name: errors}}
+spec:
+  appliesTo: {{namespaces: [local]}}
+  credentials:
+    - name: gh
+      provider: {provider}
+      hosts: [github.com]
+      env: GH_TOKEN
+  egress:
+    - {{hosts: [github.com], ports: [443], substituteAuth: true}}
+"
+        );
+        write(&policy, &text, 0o644);
+        write(&dir.path().join(name), "real-token", 0o644);
+        let a = attempt(
+            &bin(),
+            dir.path(),
+            &[
+                "--policy",
+                policy.to_str().expect("utf-8"),
+                "--secrets",
+                dir.path().to_str().expect("utf-8"),
+            ],
+            None,
+        );
+        a.refused(&[name, "readable by others", "chmod 600"]);
+        assert!(!a.stderr().contains("real-token"), "never printed");
+    }
 }
 
 #[test]

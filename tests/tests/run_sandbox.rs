@@ -200,7 +200,7 @@ fn assert_nothing_left(bench: &Bench, run_id: &str, id: Ident, dynamic: bool) {
     assert!(!lock.exists(), "uid lock left at {}", lock.display());
     if dynamic {
         assert!(
-            paddock_proxy::run::user::DYNAMIC_UIDS.contains(&id.uid),
+            paddock_app::run::user::DYNAMIC_UIDS.contains(&id.uid),
             "a per-run uid: {}",
             id.uid
         );

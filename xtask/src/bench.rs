@@ -44,7 +44,7 @@ impl Which {
     fn build_args(self) -> &'static [&'static str] {
         match self {
             Self::Redirect | Self::Proxy | Self::E2e | Self::Scrub => {
-                &["-p", "paddock-tests", "-p", "paddock-proxy", "--bins"]
+                &["-p", "paddock-tests", "-p", "paddock-app", "--bins"]
             }
             Self::Broker => &[
                 "-p",

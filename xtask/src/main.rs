@@ -282,7 +282,7 @@ fn demo() -> Result<()> {
         "build",
         "--release",
         "-p",
-        "paddock-proxy",
+        "paddock-app",
         "-p",
         "paddock-tests",
         "--bins",

@@ -2,6 +2,8 @@
 //!
 //! [`spawn`] runs both in the current tokio runtime and returns a [`Handle`] with the bound
 //! addresses; tests and the end-to-end harness use it to run the broker in-process.
+//! [`spawn_local`] runs the same API without binding anything: its only way in is the
+//! in-process [`LocalLink`] (`paddock-proxy run`, through [`crate::embed`]).
 
 pub mod admin;
 pub mod routes;
@@ -98,24 +100,14 @@ pub async fn spawn(options: ServerOptions) -> Result<Handle, ServerError> {
         addr: options.listen,
         source,
     })?;
-    let (shutdown, rx) = watch::channel(false);
-    let state = Arc::new(State {
-        broker: options.broker.clone(),
-        auth: options.auth.clone(),
-        metrics: options.metrics.clone(),
-    });
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let local = LocalLink {
-        state: state.clone(),
-        shutdown: rx.clone(),
-        permits: permits.clone(),
-    };
+    let core = Core::new(&options.broker, &options.auth, &options.metrics);
+    let (state, rx, local) = (core.state.clone(), core.rx.clone(), core.local.clone());
     let mut tasks = vec![tokio::spawn(api_loop(
         listener,
         TlsAcceptor::from(options.tls.clone()),
         state.clone(),
         rx.clone(),
-        permits,
+        core.local.permits.clone(),
     ))];
     let mut admin_addr = None;
     if let Some(admin) = options.admin_listen {
@@ -131,15 +123,110 @@ pub async fn spawn(options: ServerOptions) -> Result<Handle, ServerError> {
         })?);
         tasks.push(tokio::spawn(admin_loop(l, state.clone(), rx.clone())));
     }
-    tasks.push(tokio::spawn(maintenance(options, rx)));
+    tasks.push(tokio::spawn(maintenance(
+        Maintenance::of(&options),
+        rx.clone(),
+    )));
     tracing::info!(%addr, ?admin_addr, "broker listening");
     Ok(Handle {
         addr,
         admin_addr,
         local,
-        shutdown,
+        shutdown: core.shutdown,
         tasks,
     })
+}
+
+/// What a server serves, however connections reach it: without a listener or TLS (see
+/// [`spawn_local`]).
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    pub broker: Arc<Broker>,
+    pub auth: Arc<dyn Authenticator>,
+    pub metrics: Arc<Metrics>,
+    /// How often to check the policy files for changes (None: never).
+    pub policy_poll: Option<Duration>,
+    /// How often to drop idle rate-limit buckets and purge old leases.
+    pub rate_limit_sweep: Duration,
+}
+
+/// A running server without listeners: reached only through its [`LocalLink`].
+#[derive(Debug)]
+pub struct LocalServer {
+    local: LocalLink,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl LocalServer {
+    /// In-process connections to this server's API.
+    #[must_use]
+    pub fn local_link(&self) -> LocalLink {
+        self.local.clone()
+    }
+
+    /// Refuses new connections, lets in-flight requests finish (bounded), and waits for the
+    /// maintenance task.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+/// Starts the API, its policy polling and its maintenance, binding nothing: the same
+/// routes, authentication, limits and audit as [`spawn`], reachable only in-process.
+pub fn spawn_local(options: LocalOptions) -> Result<LocalServer, ServerError> {
+    routes::validate_routes(routes::ROUTES).map_err(ServerError::Routes)?;
+    let core = Core::new(&options.broker, &options.auth, &options.metrics);
+    let maintenance = tokio::spawn(maintenance(
+        Maintenance {
+            broker: options.broker,
+            metrics: options.metrics,
+            policy_poll: options.policy_poll,
+            rate_limit_sweep: options.rate_limit_sweep,
+        },
+        core.rx,
+    ));
+    tracing::debug!("broker serving in-process only");
+    Ok(LocalServer {
+        local: core.local,
+        shutdown: core.shutdown,
+        tasks: vec![maintenance],
+    })
+}
+
+/// The state shared by every way into one server, and its shutdown signal.
+struct Core {
+    state: Arc<State>,
+    shutdown: watch::Sender<bool>,
+    rx: watch::Receiver<bool>,
+    local: LocalLink,
+}
+
+impl Core {
+    fn new(broker: &Arc<Broker>, auth: &Arc<dyn Authenticator>, metrics: &Arc<Metrics>) -> Self {
+        let (shutdown, rx) = watch::channel(false);
+        let state = Arc::new(State {
+            broker: broker.clone(),
+            auth: auth.clone(),
+            metrics: metrics.clone(),
+        });
+        // One connection budget for the TLS listener and the in-process link together.
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let local = LocalLink {
+            state: state.clone(),
+            shutdown: rx.clone(),
+            permits,
+        };
+        Self {
+            state,
+            shutdown,
+            rx,
+            local,
+        }
+    }
 }
 
 async fn api_loop(
@@ -277,8 +364,27 @@ async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watc
     }
 }
 
+/// What the maintenance task needs of a server's options.
+struct Maintenance {
+    broker: Arc<Broker>,
+    metrics: Arc<Metrics>,
+    policy_poll: Option<Duration>,
+    rate_limit_sweep: Duration,
+}
+
+impl Maintenance {
+    fn of(options: &ServerOptions) -> Self {
+        Self {
+            broker: options.broker.clone(),
+            metrics: options.metrics.clone(),
+            policy_poll: options.policy_poll,
+            rate_limit_sweep: options.rate_limit_sweep,
+        }
+    }
+}
+
 /// Policy polling and rate-limit sweeping.
-async fn maintenance(options: ServerOptions, mut shutdown: watch::Receiver<bool>) {
+async fn maintenance(options: Maintenance, mut shutdown: watch::Receiver<bool>) {
     let mut sweep = tokio::time::interval(options.rate_limit_sweep);
     let mut poll = tokio::time::interval(options.policy_poll.unwrap_or(Duration::from_hours(1)));
     loop {

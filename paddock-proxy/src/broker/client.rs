@@ -1,11 +1,9 @@
-//! The client for the broker's JSON API: over HTTPS, or over an in-memory link to a broker in
-//! the same process ([`BrokerClient::local`], see `super::local`), with the same requests,
-//! authentication and deadlines. The rest of this note is about HTTPS.
+//! The client for the broker's JSON API, over any [`BrokerConnector`].
 //!
-//! TLS 1.3 only (ring provider), trusting only the configured CA file; HTTP/1.1 over a small
-//! keep-alive pool (hyper-util's client); one deadline per call covering connect, handshake,
-//! request and the whole answer. Non-2xx answers are decoded from the broker's
-//! `{code, message}` envelope.
+//! HTTP/1.1 over a small keep-alive pool (hyper-util's client); one deadline per call covering
+//! connect, handshake, request and the whole answer. Non-2xx answers are decoded from the
+//! broker's `{code, message}` envelope. [`BrokerClient::new`] connects over HTTPS: TLS 1.3
+//! only (ring provider), trusting only the configured CA file.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -17,7 +15,7 @@ use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt as _, Full, Limited};
-use hyper_rustls::{FixedServerNameResolver, HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::{FixedServerNameResolver, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -30,7 +28,8 @@ use rustls::pki_types::ServerName;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::credentials::{BearerFile, ClientCertFiles, CredentialError, load_certs};
+use super::connector::{BrokerConnector, DynConnector, HttpsBrokerConnector};
+use super::credentials::{Bearer, BrokerBearer, ClientCertFiles, CredentialError, load_certs};
 
 /// Default deadline of one broker call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -167,35 +166,16 @@ pub struct BrokerClient {
 struct Inner {
     base: Uri,
     host_header: HeaderValue,
-    client: Transport,
-    bearer: Option<BearerFile>,
+    client: Client<DynConnector, Full<Bytes>>,
+    connector: Arc<dyn BrokerConnector>,
+    bearer: Option<Bearer>,
     timeout: Duration,
-}
-
-/// How calls reach the broker.
-enum Transport {
-    /// HTTPS over TCP (TLS 1.3, the configured CA only).
-    Https(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
-    /// The broker in this process ([`paddock_broker::server::LocalLink`]).
-    Local(Client<super::local::LocalConnector, Full<Bytes>>),
-}
-
-impl Transport {
-    async fn request(
-        &self,
-        request: Request<Full<Bytes>>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
-        match self {
-            Transport::Https(c) => c.request(request).await,
-            Transport::Local(c) => c.request(request).await,
-        }
-    }
 }
 
 impl fmt::Debug for BrokerClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BrokerClient")
-            .field("base", &self.inner.base)
+            .field("connector", &self.inner.connector)
             .field("bearer", &self.inner.bearer)
             .field("timeout", &self.inner.timeout)
             .finish_non_exhaustive()
@@ -225,21 +205,24 @@ impl BrokerClient {
     /// Builds the client: loads the CA (and client certificate), checks the bearer file is
     /// readable, and prepares the pool. Needs no runtime; calls do.
     pub fn new(config: &BrokerClientConfig) -> Result<Self, BrokerConfigError> {
-        let (base, authority) = parse_base(&config.url)?;
+        let (base, _) = parse_base(&config.url)?;
         if config.bearer_file.is_none() && config.client_cert.is_none() {
             return Err(BrokerConfigError::NoCredentials);
         }
         if config.timeout.is_zero() {
             return Err(BrokerConfigError::ZeroTimeout);
         }
+        // Fails at start-up on a missing or broken file rather than on the first request.
         let bearer = config
             .bearer_file
             .clone()
-            .map(|p| BearerFile::new(p, config.bearer_max_age));
-        if let Some(b) = &bearer {
-            // Fail at start-up on a missing or broken file rather than on the first request.
-            b.header()?;
-        }
+            .map(|path| {
+                Bearer::new(BrokerBearer::File {
+                    path,
+                    max_age: config.bearer_max_age,
+                })
+            })
+            .transpose()?;
 
         let mut roots = rustls::RootCertStore::empty();
         for cert in load_certs(&config.ca_file, "broker CA")? {
@@ -280,52 +263,63 @@ impl BrokerClient {
             }
             None => https,
         };
-        let connector = https.enable_http1().wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(config.max_idle_connections)
-            .build(connector);
-        let host_header =
-            HeaderValue::try_from(authority.as_str()).map_err(|_| BrokerConfigError::Url {
-                url: config.url.clone(),
-                reason: "host is not a valid header".into(),
-            })?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                base,
-                host_header,
-                client: Transport::Https(client),
-                bearer,
-                timeout: config.timeout,
-            }),
-        })
+        let connector = HttpsBrokerConnector {
+            base,
+            inner: https.enable_http1().wrap_connector(http),
+        };
+        Self::build(
+            Arc::new(connector),
+            bearer,
+            config.timeout,
+            config.max_idle_connections,
+        )
     }
 
-    /// A client of a broker running in this process (`paddock-proxy run`), over `link`: the
-    /// same API, authentication (`bearer_file`), limits and audit as over HTTPS, without TCP
-    /// or TLS.
-    pub fn local(
-        link: paddock_broker::server::LocalLink,
-        bearer_file: PathBuf,
+    /// A client that reaches the broker through `connector` (for example the in-memory link
+    /// of a broker embedded in this process), presenting `bearer` on every call. The same
+    /// pool, deadline and answer handling as over HTTPS.
+    pub fn with_connector(
+        connector: Arc<dyn BrokerConnector>,
+        bearer: BrokerBearer,
         timeout: Duration,
     ) -> Result<Self, BrokerConfigError> {
         if timeout.is_zero() {
             return Err(BrokerConfigError::ZeroTimeout);
         }
-        let bearer = BearerFile::new(bearer_file, DEFAULT_BEARER_MAX_AGE);
-        bearer.header()?;
+        Self::build(
+            connector,
+            Some(Bearer::new(bearer)?),
+            timeout,
+            DEFAULT_MAX_IDLE,
+        )
+    }
+
+    fn build(
+        connector: Arc<dyn BrokerConnector>,
+        bearer: Option<Bearer>,
+        timeout: Duration,
+        max_idle: usize,
+    ) -> Result<Self, BrokerConfigError> {
+        let base = connector.base();
+        let url_error = |reason: &str| BrokerConfigError::Url {
+            url: base.to_string(),
+            reason: reason.into(),
+        };
+        let authority = base.authority().ok_or_else(|| url_error("no host"))?;
+        let host_header = HeaderValue::try_from(authority.as_str())
+            .map_err(|_| url_error("host is not a valid header"))?;
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(DEFAULT_MAX_IDLE)
-            .build(super::local::LocalConnector(link));
+            .pool_max_idle_per_host(max_idle)
+            .build(DynConnector(Arc::clone(&connector)));
         Ok(Self {
             inner: Arc::new(Inner {
-                base: Uri::from_static("http://paddock-broker.local"),
-                host_header: HeaderValue::from_static("paddock-broker.local"),
-                client: Transport::Local(client),
-                bearer: Some(bearer),
+                base,
+                host_header,
+                client,
+                connector,
+                bearer,
                 timeout,
             }),
         })
@@ -549,6 +543,66 @@ mod tests {
         assert!(matches!(
             BrokerClient::new(&config),
             Err(BrokerConfigError::Credentials(CredentialError::Pem { .. }))
+        ));
+    }
+
+    /// A connector that fails every connection, or never finishes one.
+    #[derive(Debug)]
+    struct Broken {
+        hang: bool,
+    }
+
+    impl BrokerConnector for Broken {
+        fn base(&self) -> Uri {
+            Uri::from_static("http://broken.invalid")
+        }
+
+        fn connect(&self, _uri: Uri) -> super::super::ConnectFuture {
+            if self.hang {
+                Box::pin(std::future::pending())
+            } else {
+                Box::pin(std::future::ready(Err("link refused: test".into())))
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn any_connector_fails_closed_with_its_reason_or_the_deadline() {
+        let egress = ValidateEgressRequest {
+            run: "r".into(),
+            host: "example.com".into(),
+            port: Some(443),
+        };
+        let client = |hang| {
+            BrokerClient::with_connector(
+                Arc::new(Broken { hang }),
+                BrokerBearer::Value("caller-key".into()),
+                Duration::from_millis(200),
+            )
+            .expect("client")
+        };
+        let err = client(false)
+            .validate_egress(&egress)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&err, BrokerCallError::Transport(t) if t.contains("link refused: test")),
+            "{err}"
+        );
+        assert!(!err.is_refusal());
+        let err = client(true)
+            .validate_egress(&egress)
+            .await
+            .expect_err("never connects");
+        assert!(matches!(err, BrokerCallError::Timeout(_)), "{err}");
+        assert!(!format!("{:?}", client(false)).contains("caller-key"));
+        assert!(matches!(
+            BrokerClient::with_connector(
+                Arc::new(Broken { hang: false }),
+                BrokerBearer::Value("caller-key".into()),
+                Duration::ZERO,
+            ),
+            Err(BrokerConfigError::ZeroTimeout)
         ));
     }
 

@@ -1,6 +1,6 @@
 //! How the proxy proves who it is to the broker: a bearer read from a file (re-read when the
-//! file changes, so a rotated token is picked up without a restart) and/or a TLS client
-//! certificate.
+//! file changes, so a rotated token is picked up without a restart) or held in memory (an
+//! embedded broker's one-time caller key), and/or a TLS client certificate.
 //!
 //! Bearer values never appear in errors, logs or `Debug` output.
 
@@ -30,12 +30,76 @@ pub enum CredentialError {
     TooLarge { path: String },
     #[error("broker bearer in {path} contains characters not allowed in an HTTP header")]
     NotAHeader { path: String },
+    #[error("the broker bearer given in memory is empty or not allowed in an HTTP header")]
+    BadValue,
     #[error("cannot load {what} from {path}: {reason}")]
     Pem {
         what: &'static str,
         path: String,
         reason: String,
     },
+}
+
+/// The bearer the client presents to the broker (`Authorization: Bearer <token>`).
+#[derive(Clone)]
+pub enum BrokerBearer {
+    /// Read from a file, re-read when the file changes and at least every `max_age`.
+    File { path: PathBuf, max_age: Duration },
+    /// Held in memory for the client's lifetime (an embedded broker's caller key).
+    Value(String),
+}
+
+impl fmt::Debug for BrokerBearer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File { path, max_age } => f
+                .debug_struct("File")
+                .field("path", path)
+                .field("max_age", max_age)
+                .finish(),
+            Self::Value(_) => f.write_str("Value(<redacted>)"),
+        }
+    }
+}
+
+/// A [`BrokerBearer`] ready for use.
+#[derive(Debug)]
+pub(crate) enum Bearer {
+    File(BearerFile),
+    /// `Bearer <token>`, marked sensitive (its `Debug` shows no value).
+    Fixed(HeaderValue),
+}
+
+impl Bearer {
+    /// Checks the bearer now: a missing or broken file fails at start-up, not on the first
+    /// request.
+    pub(crate) fn new(bearer: BrokerBearer) -> Result<Self, CredentialError> {
+        match bearer {
+            BrokerBearer::File { path, max_age } => {
+                let file = BearerFile::new(path, max_age);
+                file.header()?;
+                Ok(Self::File(file))
+            }
+            BrokerBearer::Value(token) => {
+                let token = token.trim();
+                if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(CredentialError::BadValue);
+                }
+                let mut header = HeaderValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| CredentialError::BadValue)?;
+                header.set_sensitive(true);
+                Ok(Self::Fixed(header))
+            }
+        }
+    }
+
+    /// The `Authorization` header value for the next call.
+    pub(crate) fn header(&self) -> Result<HeaderValue, CredentialError> {
+        match self {
+            Self::File(file) => file.header(),
+            Self::Fixed(header) => Ok(header.clone()),
+        }
+    }
 }
 
 /// What identifies a bearer file version: a rotation (rewrite or symlink swap, as Kubernetes
@@ -244,5 +308,25 @@ mod tests {
             Err(CredentialError::TooLarge { .. })
         ));
         assert!(!format!("{file:?}").contains("good-token"));
+    }
+
+    #[test]
+    fn in_memory_bearers_are_checked_and_never_shown() {
+        let bearer = BrokerBearer::Value("caller-key-secret".into());
+        assert!(!format!("{bearer:?}").contains("caller-key-secret"));
+        let ready = Bearer::new(bearer).expect("valid");
+        let h = ready.header().expect("header");
+        assert_eq!(h, "Bearer caller-key-secret");
+        assert!(h.is_sensitive());
+        assert!(!format!("{ready:?}").contains("caller-key-secret"));
+        for bad in ["", "  ", "two words", "nul\0byte"] {
+            assert!(
+                matches!(
+                    Bearer::new(BrokerBearer::Value(bad.into())),
+                    Err(CredentialError::BadValue)
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }

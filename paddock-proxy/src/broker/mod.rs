@@ -1,10 +1,10 @@
 //! The proxy's client of the credential broker (`paddock-broker`).
 //!
-//! * [`BrokerClient`]: HTTPS (TLS 1.3, only the configured CA trusted) to the broker API over
-//!   a small keep-alive pool, authenticated by a bearer read from a file (re-read when the file
-//!   changes) and/or a TLS client certificate; or, for a broker in the same process
-//!   (`paddock-proxy run`), an in-memory link to its server ([`BrokerClient::local`]). Every
-//!   call has a deadline (5 s by default).
+//! * [`BrokerClient`]: the broker API over a small keep-alive pool, through any
+//!   [`BrokerConnector`]: HTTPS (TLS 1.3, only the configured CA trusted) or a broker embedded
+//!   in the same process. Authenticated by a bearer read from a file (re-read when the file
+//!   changes) or held in memory, and/or a TLS client certificate. Every call has a deadline
+//!   (5 s by default).
 //! * [`BrokerPolicy`]: the [`crate::policy::EgressPolicy`] answered by
 //!   `POST /v1/validate-egress`. The caller asks once per agent connection; the DNS server
 //!   asks it (without a port) per name.
@@ -25,8 +25,8 @@
 //! errors or logs; substituted header values are marked sensitive.
 
 mod client;
+mod connector;
 mod credentials;
-mod local;
 mod policy;
 mod recheck;
 pub(crate) mod substitute;
@@ -38,7 +38,8 @@ pub use client::{
     BrokerCallError, BrokerClient, BrokerClientConfig, BrokerConfigError, DEFAULT_BEARER_MAX_AGE,
     DEFAULT_MAX_IDLE, DEFAULT_TIMEOUT,
 };
-pub use credentials::{ClientCertFiles, CredentialError};
+pub use connector::{BrokerConnectError, BrokerConnector, BrokerIo, BrokerStream, ConnectFuture};
+pub use credentials::{BrokerBearer, ClientCertFiles, CredentialError};
 pub use policy::BrokerPolicy;
 pub use recheck::DEFAULT_EGRESS_RECHECK;
 pub use substitute::BrokerSubstituter;

@@ -1111,16 +1111,42 @@ async fn rechecks_of_a_refused_destination_cannot_flood_the_broker() {
     );
 }
 
+/// The broker's in-memory link as a [`BrokerConnector`] (what `paddock-app` does for `run`).
+#[derive(Debug)]
+struct LinkConnector(paddock_broker::server::LocalLink);
+
+impl BrokerConnector for LinkConnector {
+    fn base(&self) -> Uri {
+        Uri::from_static("http://paddock-broker.local")
+    }
+
+    fn connect(&self, _uri: Uri) -> ConnectFuture {
+        let opened = self
+            .0
+            .connect()
+            .map(|s| Box::new(TokioIo::new(s)) as BrokerStream)
+            .map_err(Into::into);
+        Box::pin(std::future::ready(opened))
+    }
+}
+
+fn link_client(link: &paddock_broker::server::LocalLink, bearer: PathBuf) -> BrokerClient {
+    BrokerClient::with_connector(
+        Arc::new(LinkConnector(link.clone())),
+        BrokerBearer::File {
+            path: bearer,
+            max_age: DEFAULT_BEARER_MAX_AGE,
+        },
+        Duration::from_secs(5),
+    )
+    .expect("in-process client")
+}
+
 #[tokio::test]
 async fn the_in_process_link_is_the_same_api_without_tcp_or_tls() {
     let mut fx = Fixture::start(Options::default()).await;
     let link = fx.handle.as_ref().expect("running").local_link();
-    let client = BrokerClient::local(
-        link.clone(),
-        fx.dir.path().join("proxy-token"),
-        Duration::from_secs(5),
-    )
-    .expect("local client");
+    let client = link_client(&link, fx.dir.path().join("proxy-token"));
 
     // Same routes and answers: egress decisions and a real substitution.
     let policy = BrokerPolicy::new(client.clone());
@@ -1145,9 +1171,7 @@ async fn the_in_process_link_is_the_same_api_without_tcp_or_tls() {
 
     // Same authentication: an unknown caller key is refused.
     std::fs::write(fx.dir.path().join("stranger"), "not-a-known-key").expect("write");
-    let stranger =
-        BrokerClient::local(link, fx.dir.path().join("stranger"), Duration::from_secs(5))
-            .expect("client");
+    let stranger = link_client(&link, fx.dir.path().join("stranger"));
     let err = within(
         "stranger",
         stranger.validate_egress(&paddock_wire::api::ValidateEgressRequest {

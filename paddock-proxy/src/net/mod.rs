@@ -6,8 +6,9 @@ pub mod dial;
 
 pub use cidr::{CidrConfig, CidrConfigError, CidrPolicy, DeniedCidr, Embedding, RangeKind};
 pub mod resolve;
-#[cfg(test)]
-pub(crate) mod test_dns;
+#[cfg(any(test, feature = "test-support"))]
+#[doc(hidden)]
+pub mod test_dns;
 pub mod vet;
 
 pub use dial::{AttemptError, DialError, DialSettings, Dialed, dial};

@@ -31,13 +31,11 @@
 //! Steps 2 to 6 are bounded by the handshake timeout. One tracing span per connection carries
 //! the run, original destination, SNI and decision.
 
-pub mod config;
 pub(crate) mod connect;
 mod connector;
 pub mod io;
 mod listener;
 pub(crate) mod plain;
-mod serve;
 mod transparent;
 
 #[cfg(test)]
@@ -64,7 +62,6 @@ use crate::tls::{MitmServer, UpstreamTls};
 
 pub use connector::Connector;
 pub use listener::{Drain, ListenerKind, run_listener};
-pub use serve::{ServeError, ServeOptions, agent_config, serve, serve_until};
 
 /// Bounds of the pipeline (the request loop has its own in [`HttpLimits`]).
 #[derive(Debug, Clone)]

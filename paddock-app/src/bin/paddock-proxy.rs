@@ -5,10 +5,10 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
+use paddock_app::serve::{self, ServeOptions, config::ServeConfig};
 use paddock_proxy::{
     cgroup::Cgroup,
     ebpf::{self, AgentConfig, Interception, Interceptor, LoadOptions},
-    proxy::{self, ServeOptions, config::ServeConfig},
 };
 
 #[derive(Debug, Parser)]
@@ -64,7 +64,7 @@ struct RunArgs {
     /// Forward an inbound port to the command: `PORT`, `HOSTPORT:PORT` or
     /// `ADDR:HOSTPORT:PORT` (ADDR default 127.0.0.1; IPv6 in brackets). Repeatable; default none.
     #[arg(long, value_name = "[ADDR:]HOSTPORT:PORT")]
-    publish: Vec<paddock_proxy::run::Publish>,
+    publish: Vec<paddock_app::run::Publish>,
     /// Run id (default: random).
     #[arg(long)]
     run_id: Option<String>,
@@ -105,7 +105,7 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
-    /// Configuration file (TOML; see `paddock_proxy::proxy::config`).
+    /// Configuration file (TOML; see `paddock_app::serve::config`).
     #[arg(long)]
     config: PathBuf,
     /// Audit sink: `stdout`, an absolute JSONL file path, or `none` to run without an audit
@@ -192,7 +192,7 @@ struct LogWriter;
 impl std::io::Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let mut err = std::io::stderr().lock();
-        if paddock_proxy::run::pty::terminal_is_raw() {
+        if paddock_app::run::pty::terminal_is_raw() {
             for (i, line) in buf.split(|&b| b == b'\n').enumerate() {
                 if i > 0 {
                     err.write_all(b"\r\n")?;
@@ -231,7 +231,7 @@ fn main() {
     let cli = Cli::parse();
     if let Command::Sandbox(a) = &cli.command {
         // Single-threaded and without logging: it forks and execs the command.
-        paddock_proxy::run::init::launcher_main(paddock_proxy::run::init::LauncherFds {
+        paddock_app::run::init::launcher_main(paddock_app::run::init::LauncherFds {
             spec: a.spec,
             errors: a.errors,
             netns: a.netns,
@@ -259,7 +259,7 @@ fn run_command(a: RunArgs) -> Result<i32> {
     use tokio::signal::unix::{SignalKind, signal};
     // Whatever the caller left open (a socket, a file) must not reach the launcher or the
     // command: mark it close-on-exec before anything is spawned.
-    paddock_proxy::run::init::cloexec_inherited();
+    paddock_app::run::init::cloexec_inherited();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -278,7 +278,7 @@ fn run_command(a: RunArgs) -> Result<i32> {
                 _ = quit.recv() => nix::sys::signal::Signal::SIGQUIT,
             }
         };
-        let opts = paddock_proxy::run::RunOptions {
+        let opts = paddock_app::run::RunOptions {
             policy: a.policy,
             secrets_dir: a.secrets,
             user: a.user,
@@ -297,7 +297,7 @@ fn run_command(a: RunArgs) -> Result<i32> {
             launcher: std::path::PathBuf::from("/proc/self/exe"),
             command: a.command,
         };
-        paddock_proxy::run::run(opts, interrupt)
+        paddock_app::run::run(opts, interrupt)
             .await
             .context("paddock-proxy run")
     })
@@ -311,7 +311,7 @@ fn serve_command(args: ServeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime
-        .block_on(proxy::serve(ServeOptions::new(config, args.audit)))
+        .block_on(serve::serve(ServeOptions::new(config, args.audit)))
         .context("paddock-proxy serve")
 }
 

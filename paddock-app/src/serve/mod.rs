@@ -1,7 +1,10 @@
 //! `paddock-proxy serve`: builds the pipeline from a [`ServeConfig`], binds the listeners, the
 //! DNS server's sockets and the admin endpoint, then (only then) attaches the agent cgroups of
 //! `[ebpf]`; reopens the audit file on SIGHUP and drains on SIGTERM or SIGINT. `run` calls
-//! [`serve_until`] with its own policy, substituter and pre-bound sockets.
+//! [`serve_until`] with its own policy, substituter and pre-bound sockets. Composition only:
+//! every component it starts is the proxy library's.
+
+pub mod config;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,21 +13,23 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::config::{ConfigError, DnsConfig, ServeConfig};
-use super::connector::Connector;
-use super::listener::{Drain, ListenerKind, run_listener};
-use super::{Pipeline, PipelineLimits, PipelineParts};
-use crate::audit::{AuditEvent, AuditKind, AuditOutcome, AuditSink, audit_decision};
-use crate::broker::{BrokerClient, BrokerPolicy, BrokerSubstituter};
-use crate::cgroup::Cgroup;
-use crate::dns::{DnsParts, DnsServer};
-use crate::ebpf::{AgentConfig, Interception, Interceptor, LoadOptions};
-use crate::http::{HttpLimits, NoopSubstituter, Substituter};
-use crate::metrics::{AdminServer, ProxyMetrics, Readiness};
-use crate::net::{CidrConfig, CidrPolicy, DialSettings, DnsResolver, ResolverSettings, Vetter};
-use crate::origdst::SockoptOriginalDst;
-use crate::policy::{EgressPolicy, Mode, StaticPolicy};
-use crate::tls::{LeafCache, LeafCacheConfig, MitmServer, RunCa, UpstreamTls};
+use self::config::{ConfigError, DnsConfig, ServeConfig};
+use paddock_proxy::audit::{AuditEvent, AuditKind, AuditOutcome, AuditSink, audit_decision};
+use paddock_proxy::broker::{BrokerClient, BrokerPolicy, BrokerSubstituter};
+use paddock_proxy::cgroup::Cgroup;
+use paddock_proxy::dns::{DnsParts, DnsServer};
+use paddock_proxy::ebpf::{AgentConfig, Interception, Interceptor, LoadOptions};
+use paddock_proxy::http::{HttpLimits, NoopSubstituter, Substituter};
+use paddock_proxy::metrics::{AdminServer, ProxyMetrics, Readiness};
+use paddock_proxy::net::{
+    CidrConfig, CidrPolicy, DialSettings, DnsResolver, ResolverSettings, Vetter,
+};
+use paddock_proxy::origdst::SockoptOriginalDst;
+use paddock_proxy::policy::{EgressPolicy, Mode, StaticPolicy};
+use paddock_proxy::proxy::{
+    Connector, Drain, ListenerKind, Pipeline, PipelineLimits, PipelineParts, run_listener,
+};
+use paddock_proxy::tls::{LeafCache, LeafCacheConfig, MitmServer, RunCa, UpstreamTls};
 
 /// Validity of a CA generated for local use.
 const GENERATED_CA_VALIDITY: Duration = Duration::from_hours(30 * 24);
@@ -49,12 +54,12 @@ pub struct ServeOptions {
     /// UDP sockets, already bound, to serve the DNS server on instead of binding
     /// `[dns] listen`: `run` binds them inside the command's network namespace. The server's
     /// settings come from `[dns]` when present, else the defaults; agents are redirected to
-    /// them only when `[dns] redirect_agents` is set (see [`crate::dns`]).
+    /// them only when `[dns] redirect_agents` is set (see [`paddock_proxy::dns`]).
     pub dns_sockets: Vec<std::net::UdpSocket>,
     /// Transparent listeners bound by the caller, served instead of binding
     /// `listen.transparent` (which then only tells the eBPF programs where they are). `run`
     /// binds them inside the command's network namespace
-    /// ([`crate::netns::OwnedNetns::bind_run_sockets`]); they must be non-blocking.
+    /// ([`paddock_proxy::netns::OwnedNetns::bind_run_sockets`]); they must be non-blocking.
     pub transparent_listeners: Vec<std::net::TcpListener>,
 }
 
@@ -82,21 +87,21 @@ pub enum ServeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("run CA: {0}")]
-    Ca(#[source] crate::tls::TlsError),
+    Ca(#[source] paddock_proxy::tls::TlsError),
     /// The cause is in the message, not chained as a source: `{:#}` would print it twice.
     #[error("egress policy {}: {error}", path.display())]
     Policy {
         path: PathBuf,
-        error: crate::policy::PolicyConfigError,
+        error: paddock_proxy::policy::PolicyConfigError,
     },
     #[error("broker client: {0}")]
-    Broker(#[from] crate::broker::BrokerConfigError),
+    Broker(#[from] paddock_proxy::broker::BrokerConfigError),
     #[error("denied CIDRs: {0}")]
-    Cidr(#[from] crate::net::CidrConfigError),
+    Cidr(#[from] paddock_proxy::net::CidrConfigError),
     #[error("resolver: {0}")]
-    Resolver(#[from] crate::net::ResolverInitError),
+    Resolver(#[from] paddock_proxy::net::ResolverInitError),
     #[error("audit: {0}")]
-    Audit(#[from] crate::audit::AuditError),
+    Audit(#[from] paddock_proxy::audit::AuditError),
     #[error("cannot record the CONNECT listener's reason in the audit trail; not starting it")]
     ConnectReasonUnaudited,
     #[error("cannot listen on {addr}: {source}")]
@@ -105,13 +110,13 @@ pub enum ServeError {
         source: std::io::Error,
     },
     #[error("eBPF: {0}")]
-    Ebpf(#[from] crate::ebpf::EbpfError),
+    Ebpf(#[from] paddock_proxy::ebpf::EbpfError),
     #[error("cgroup: {0}")]
-    Cgroup(#[from] crate::cgroup::CgroupError),
+    Cgroup(#[from] paddock_proxy::cgroup::CgroupError),
     #[error("eBPF agent config: {0}")]
-    AgentConfig(#[from] crate::ebpf::ConfigError),
+    AgentConfig(#[from] paddock_proxy::ebpf::ConfigError),
     #[error("{0}")]
-    Dns(#[from] crate::dns::DnsSettingsError),
+    Dns(#[from] paddock_proxy::dns::DnsSettingsError),
     #[error("cannot serve DNS on a socket: {0}")]
     DnsSocket(std::io::Error),
     #[error("signal handler: {0}")]
@@ -457,7 +462,7 @@ fn dns_server(
         listen
             .iter()
             .map(|addr| {
-                crate::dns::bind_udp(*addr).map_err(|source| ServeError::Bind {
+                paddock_proxy::dns::bind_udp(*addr).map_err(|source| ServeError::Bind {
                     addr: *addr,
                     source,
                 })
@@ -489,7 +494,7 @@ async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServeError> {
 /// transparent listener.
 pub fn agent_config(
     cfg: &ServeConfig,
-    e: &super::config::EbpfConfig,
+    e: &config::EbpfConfig,
     dns_served: &[std::net::SocketAddr],
 ) -> Result<Option<AgentConfig>, ServeError> {
     let v4 = cfg.listen.transparent.iter().find(|a| a.is_ipv4());
@@ -499,7 +504,7 @@ pub fn agent_config(
     };
     let redirect = cfg.dns.as_ref().is_some_and(|d| d.redirect_agents);
     let dns_redirect_port = if redirect {
-        let port = super::config::redirect_port(&cfg.listen.transparent, &e.dns, dns_served)?;
+        let port = config::redirect_port(&cfg.listen.transparent, &e.dns, dns_served)?;
         if port.is_none() && !e.dns.is_empty() {
             return Err(ServeError::Config(ConfigError::Invalid(
                 "[dns] redirect_agents is set but the DNS server serves no socket".to_owned(),
@@ -544,7 +549,7 @@ pub fn agent_config(
 /// process's cgroup for `SO_ORIGINAL_DST` answers. The returned loader keeps the latter alive.
 fn attach(
     cfg: &ServeConfig,
-    e: &super::config::EbpfConfig,
+    e: &config::EbpfConfig,
     dns_served: &[std::net::SocketAddr],
 ) -> Result<Interceptor, ServeError> {
     // Checked before anything is loaded: a DNS set-up that cannot work must not leave the
@@ -595,7 +600,7 @@ mod tests {
     use hickory_proto::rr::{Name, RData, RecordType};
 
     use super::*;
-    use crate::net::test_dns::TestDns;
+    use paddock_proxy::net::test_dns::TestDns;
 
     fn config(dir: &std::path::Path, nameserver: SocketAddr, extra: &str) -> ServeConfig {
         std::fs::write(
@@ -642,7 +647,8 @@ drain_timeout_secs = 1
         let upstream = TestDns::start(Duration::ZERO).await;
         upstream.addrs("app.test", &["192.0.2.10"], 3600);
         let cfg = config(dir.path(), upstream.addr, "[dns]\nmax_ttl_secs = 9\n");
-        let socket = crate::dns::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let socket =
+            paddock_proxy::dns::bind_udp("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let dns_addr = socket.local_addr().expect("addr");
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -701,11 +707,11 @@ drain_timeout_secs = 1
         let upstream = TestDns::start(Duration::ZERO).await;
         let parts = |cfg: &ServeConfig| DnsParts {
             run: cfg.run_id.clone(),
-            settings: crate::dns::DnsSettings::default(),
+            settings: paddock_proxy::dns::DnsSettings::default(),
             policy: Arc::new(StaticPolicy::from_toml_str("").expect("policy")),
             resolver: Arc::new(DnsResolver::new(ResolverSettings::default()).expect("resolver")),
             cidr: Arc::new(CidrPolicy::with_defaults()),
-            audit: Arc::new(crate::audit::NoAudit::explicitly_disabled()),
+            audit: Arc::new(paddock_proxy::audit::NoAudit::explicitly_disabled()),
             metrics: Arc::new(ProxyMetrics::new()),
         };
         let cfg = config(
@@ -756,7 +762,7 @@ drain_timeout_secs = 1
             "redirect without a server"
         );
         // Not redirected: today's behaviour, DNS straight to the resolver.
-        cfg.dns = Some(super::super::config::DnsConfig {
+        cfg.dns = Some(super::config::DnsConfig {
             redirect_agents: false,
             ..Default::default()
         });

@@ -1,5 +1,5 @@
 //! The resolv.conf the command sees inside its network namespace: it names only the run's own
-//! DNS sockets there, which the proxy's policy-aware DNS server serves (`crate::dns`).
+//! DNS sockets there, which the proxy's policy-aware DNS server serves (`paddock_proxy::dns`).
 
 /// The command's resolv.conf: the run's DNS sockets inside its namespace (`127.0.0.1`, and
 /// `::1` when it has IPv6), keeping the host's `search`, `domain` and `options` lines.

@@ -1,21 +1,23 @@
 //! `paddock-proxy run -- COMMAND`: one agent command under Paddock on this machine.
 //!
 //! In order: check the policy and that the seccomp filter builds here; reserve the run user;
-//! start the broker in-process (the same server code as `paddock-broker serve`, called over
-//! its in-memory link) with a one-time caller key; register the run and issue its
+//! start the broker in-process ([`paddock_broker::embed`]: the same routes, authentication,
+//! limits and audit as `paddock-broker serve`, built from a typed config and called over its
+//! in-memory link, with a one-time caller key held in memory; no config, key or certificate
+//! file and no listener); register the run and issue its
 //! placeholders; create the command's network namespace and bind the proxy's transparent
 //! listeners and the DNS sockets inside it; start the proxy with the broker as its egress
 //! policy and substituter; create the agent cgroup and attach the eBPF programs; open the
 //! published ports; start the command in its sandbox ([`super::init`]) as the run user with
 //! the run CA and its placeholders, relaying a pty when it runs on a terminal; then tear
-//! everything down and exit with the command's code. Everything only Paddock may read (CA
-//! key, broker key, database, caller key) lives in a 0700 root-only directory that is removed
-//! at the end; the audit logs are kept.
+//! everything down and exit with the command's code. The run CA's key lives in a 0700
+//! root-only directory that is removed at the end; the broker's lease database and caller key
+//! live only in memory; the audit logs are kept.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::OsString,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
@@ -24,15 +26,14 @@ use std::{
 
 use nix::sys::signal::Signal;
 use paddock_broker::{
-    auth::{Scope, static_keys},
-    policy::Policy,
+    embed::{CallerConfig, EmbedConfig, EmbeddedBroker, PolicySource},
+    policy::{CredentialGrant, Policy, ProviderSpec},
+    ratelimit::{RateLimitConfig, RateSpec},
     secrets::SecretSource,
     wire::{IssueRequest, RunPhase, RunUpsertRequest},
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256,
-    SanType,
-};
+
+use crate::serve::{ServeOptions, config::ServeConfig, serve_until};
 
 use super::{
     CaFiles, ChildError, Launch, Publish, RunUser, SandboxSpec, UserError, child_env,
@@ -45,10 +46,9 @@ use super::{
     supervise,
     user::{HostUids, UidLock},
 };
-use crate::{
+use paddock_proxy::{
     broker::{BrokerClient, BrokerPolicy, BrokerSubstituter, DEFAULT_TIMEOUT},
     netns::{NetnsError, OwnedNetns},
-    proxy::{ServeOptions, config::ServeConfig, serve_until},
 };
 
 /// The `SO_MARK` the proxy puts on its upstream sockets in `run` mode.
@@ -60,6 +60,9 @@ const GRACE: Duration = Duration::from_secs(10);
 const LOCAL_BYPASS: [&str; 4] = ["127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128"];
 /// How long the command's last output may take to reach the terminal after it exited.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// How often the embedded broker checks the policy files for changes (as `paddock-broker
+/// serve` does by default): an edited policy applies to the running command.
+const POLICY_POLL: Duration = Duration::from_millis(250);
 
 /// What `run` was asked to do.
 #[derive(Debug, Clone)]
@@ -154,40 +157,10 @@ fn mkdir(path: &Path, mode: u32) -> Result<(), RunError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err(path))
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<(), RunError> {
-    std::fs::write(path, data).map_err(io_err(path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err(path))
-}
-
 fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::fill(buf.as_mut_slice());
     hex::encode(buf)
-}
-
-/// A CA and a `127.0.0.1`/`localhost` server certificate for the in-process broker.
-fn broker_tls(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf), RunError> {
-    let fail = |e: rcgen::Error| RunError::Broker(format!("generating its TLS certificate: {e}"));
-    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(fail)?;
-    let mut ca_params = CertificateParams::default();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "Paddock local broker CA");
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(fail)?;
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(fail)?;
-    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).map_err(fail)?;
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-    let cert = params.signed_by(&key, &issuer).map_err(fail)?;
-    let (ca_path, cert_path, key_path) =
-        (dir.join("ca.crt"), dir.join("tls.crt"), dir.join("tls.key"));
-    write_private(&ca_path, ca_cert.pem().as_bytes())?;
-    write_private(&cert_path, cert.pem().as_bytes())?;
-    write_private(&key_path, key.serialize_pem().as_bytes())?;
-    Ok((ca_path, cert_path, key_path))
 }
 
 /// Refuse secret files that group or others may read: the command runs as another user.
@@ -214,7 +187,7 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let _ = crate::ebpf::teardown(&self.pin_dir);
+        let _ = paddock_proxy::ebpf::teardown(&self.pin_dir);
         if let Some(cg) = &self.cgroup {
             super::child::kill_cgroup(cg);
             for _ in 0..50 {
@@ -225,77 +198,55 @@ impl Drop for Cleanup {
             }
         }
         // Secrets go; audit logs stay.
-        for name in ["broker", "ca"] {
-            let _ = std::fs::remove_dir_all(self.state.join(name));
-        }
+        let _ = std::fs::remove_dir_all(self.state.join("ca"));
     }
 }
 
 /// Start the broker in-process with a one-time caller key, and an in-process client for it.
-async fn start_broker(
+fn start_broker(
     state: &Path,
     policy_path: &Path,
     secrets_dir: &Path,
     namespace: &str,
     substitute_rate: Option<u32>,
-) -> Result<(paddock_broker::server::Handle, BrokerClient), RunError> {
-    let broker_dir = state.join("broker");
-    mkdir(&broker_dir, 0o700)?;
-    let (_, broker_crt, broker_key) = broker_tls(&broker_dir)?;
-    let caller_key = random_hex(32);
-    let scopes: BTreeSet<Scope> = [
-        Scope::Controller,
-        Scope::Issue,
-        Scope::Revoke,
-        Scope::ValidateEgress,
-        Scope::SubstituteAuth,
-        Scope::LeasesRead,
-    ]
-    .into_iter()
-    .collect();
-    let keys_file = broker_dir.join("keys");
-    let line = static_keys::format_line(
-        "paddock-run",
-        &static_keys::hash_key(&caller_key),
-        namespace,
-        &scopes,
+) -> Result<(EmbeddedBroker, BrokerClient), RunError> {
+    let mut config = EmbedConfig::new(
+        PolicySource::Files {
+            path: policy_path.to_path_buf(),
+            secrets_dir: Some(secrets_dir.to_path_buf()),
+            poll: Some(POLICY_POLL),
+        },
+        state.join("broker-audit.jsonl"),
+        CallerConfig::run_controller("paddock-run", namespace),
     );
-    write_private(&keys_file, format!("{line}\n").as_bytes())?;
-    let bearer_file = broker_dir.join("caller.token");
-    write_private(&bearer_file, caller_key.as_bytes())?;
-    // YAML, as an operator would write it for `paddock-broker serve`: the same code path.
-    let broker_yaml = broker_dir.join("broker.yaml");
-    let mut yaml = serde_json::json!({
-        "listen": "127.0.0.1:0",
-        "tls": {"cert": broker_crt, "key": broker_key},
-        "database": broker_dir.join("broker.db"),
-        "policy": policy_path,
-        "secretsDir": secrets_dir,
-        "policyPollSeconds": 0.25,
-        "audit": {"path": state.join("broker-audit.jsonl")},
-        "auth": {"staticKeys": {"file": keys_file}},
-    });
     if let Some(rate) = substitute_rate {
-        yaml["rateLimits"] = serde_json::json!({
-            "substitute": {"perSecond": rate, "burst": rate.saturating_mul(2)},
-        });
+        config.rate_limits = RateLimitConfig {
+            substitute: RateSpec {
+                per_second: rate,
+                burst: rate.saturating_mul(2),
+            },
+            ..RateLimitConfig::default()
+        };
     }
-    // JSON is YAML.
-    write_private(&broker_yaml, yaml.to_string().as_bytes())?;
-    let broker_cfg = paddock_broker::config::Config::load(&broker_yaml)
-        .map_err(|e| RunError::Broker(e.to_string()))?;
-    let built =
-        paddock_broker::config::build(&broker_cfg).map_err(|e| RunError::Broker(e.to_string()))?;
-    let broker = paddock_broker::server::spawn(built.options)
-        .await
-        .map_err(|e| RunError::Broker(e.to_string()))?;
+    let broker = EmbeddedBroker::start(config).map_err(|e| RunError::Broker(e.to_string()))?;
     // The proxy shares the broker's process: it calls the same server, routes and
     // authentication over an in-memory link, not loopback TCP and TLS on every substitution.
-    // (The shared start-up still binds the loopback TLS listener; nothing in the run uses it.)
-    let client = BrokerClient::local(broker.local_link(), bearer_file, DEFAULT_TIMEOUT)
+    let client = crate::broker_link::client(&broker.client(), DEFAULT_TIMEOUT)
         .map_err(|e| RunError::Broker(e.to_string()))?;
-
     Ok((broker, client))
+}
+
+/// Every place a grant's real secrets come from: its `secret`, a PAT pool's tokens, a GitHub
+/// App's private key. Each must stay out of the command's reach (an `env` source is removed
+/// from its environment, a file must not be readable by others).
+fn secret_sources(grant: &CredentialGrant) -> Vec<&SecretSource> {
+    let mut sources: Vec<&SecretSource> = grant.secret.iter().collect();
+    match &grant.provider {
+        ProviderSpec::PatPool { secrets, .. } => sources.extend(secrets),
+        ProviderSpec::GithubApp { private_key, .. } => sources.push(private_key),
+        ProviderSpec::UserSecret { .. } | ProviderSpec::AnthropicApiKey { .. } => {}
+    }
+    sources
 }
 
 /// Issue a placeholder for every credential the policy names an `env` for (and applies to
@@ -310,12 +261,13 @@ async fn issue_placeholders(
     let mut placeholders = BTreeMap::new();
     let mut secret_envs = BTreeSet::new();
     for (doc, grant) in policy.credentials() {
-        match &grant.secret {
-            Some(SecretSource::Env(name)) => {
-                secret_envs.insert(name.clone());
+        for source in secret_sources(grant) {
+            match source {
+                SecretSource::Env(name) => {
+                    secret_envs.insert(name.clone());
+                }
+                SecretSource::File(path) => check_secret_file(path)?,
             }
-            Some(SecretSource::File(path)) => check_secret_file(path)?,
-            None => {}
         }
         let (Some(var), true) = (
             &grant.env,
@@ -408,8 +360,7 @@ pub async fn run(
         &secrets_dir,
         &opts.namespace,
         opts.substitute_rate,
-    )
-    .await?;
+    )?;
     let run = Run {
         opts: &opts,
         id: &run_id,
@@ -483,12 +434,12 @@ impl Run<'_> {
         let dns_addrs = sockets.dns_addrs();
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         // The command's DNS sockets are served by the proxy's policy-aware DNS server (see
-        // `crate::dns`): only names the run's policy could reach get an answer, from the
+        // `paddock_proxy::dns`): only names the run's policy could reach get an answer, from the
         // proxy's own resolver (`--nameserver`, else the host's resolv.conf).
 
         // 4. The proxy, attached to a fresh agent cgroup.
-        let cg_root =
-            crate::ebpf::mounts::cgroup2_root().map_err(|e| RunError::Cgroup(e.to_string()))?;
+        let cg_root = paddock_proxy::ebpf::mounts::cgroup2_root()
+            .map_err(|e| RunError::Cgroup(e.to_string()))?;
         let cgroup = cg_root.join("paddock").join(self.id);
         std::fs::create_dir_all(&cgroup).map_err(io_err(&cgroup))?;
         cleanup.cgroup = Some(cgroup.clone());
@@ -525,11 +476,11 @@ impl Run<'_> {
         serve.transparent_listeners = sockets.transparent;
         serve.dns_sockets = sockets.dns_sockets;
         serve.policy = Some(Arc::new(BrokerPolicy::new(client.clone())));
-        let metrics = Arc::new(crate::metrics::ProxyMetrics::new());
+        let metrics = Arc::new(paddock_proxy::metrics::ProxyMetrics::new());
         serve.substituter = Some(Arc::new(
             BrokerSubstituter::new(client.clone())
                 .with_metrics(Arc::clone(&metrics))
-                .with_egress_recheck(crate::broker::DEFAULT_EGRESS_RECHECK),
+                .with_egress_recheck(paddock_proxy::broker::DEFAULT_EGRESS_RECHECK),
         ));
         serve.metrics = Some(metrics);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -666,6 +617,153 @@ impl Run<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy(secret: &Path) -> String {
+        format!(
+            "\
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata:
+  name: local
+spec:
+  appliesTo:
+    namespaces: [local]
+  credentials:
+    - name: gh
+      env: GH_TOKEN
+      provider: {{kind: user-secret, inject: {{header: {{name: Authorization, prefix: \"Bearer \"}}}}}}
+      secret: {{file: {}}}
+      hosts: [api.github.com]
+  egress:
+    - hosts: [api.github.com]
+      ports: [443]
+      substituteAuth: true
+",
+            secret.display()
+        )
+    }
+
+    /// `run`'s broker start-up, unprivileged: the embedded broker answers registration,
+    /// placeholders and substitutions over the in-process client, with the run's rate limit,
+    /// and the run's state directory gets nothing but the broker's audit log.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_embedded_broker_writes_no_config_or_keys_and_substitutes() {
+        let secrets = tempfile::tempdir().expect("tempdir");
+        let secret = secrets.path().join("gh");
+        std::fs::write(&secret, "ghp_run_real").expect("secret");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let policy_path = secrets.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy(&secret)).expect("policy");
+        let state = tempfile::tempdir().expect("state");
+
+        let (broker, client) =
+            start_broker(state.path(), &policy_path, secrets.path(), "local", Some(1))
+                .expect("broker");
+        let run_info = RunUpsertRequest {
+            run: "run-t".into(),
+            namespace: "local".into(),
+            template: "local".into(),
+            phase: RunPhase::Running,
+        };
+        client.upsert_run(&run_info).await.expect("run registered");
+        let loaded = Policy::load_with(
+            &policy_path,
+            Some(secrets.path()),
+            time::OffsetDateTime::now_utc(),
+        )
+        .expect("policy");
+        let (placeholders, secret_envs) = issue_placeholders(&client, &loaded, &run_info)
+            .await
+            .expect("placeholders");
+        assert!(secret_envs.is_empty());
+        let placeholder = placeholders
+            .get("GH_TOKEN")
+            .expect("GH_TOKEN issued")
+            .clone();
+        assert!(placeholder.starts_with("pdk-"), "{placeholder}");
+
+        let request = paddock_broker::wire::SubstituteAuthRequest {
+            run: "run-t".into(),
+            host: "api.github.com".into(),
+            port: 443,
+            transport: paddock_broker::wire::Transport::Tls,
+            method: "GET".into(),
+            path: "/user".into(),
+            query: None,
+            headers: vec![paddock_broker::wire::Header {
+                name: "Authorization".into(),
+                value: format!("Bearer {placeholder}"),
+            }],
+        };
+        let answer = client.substitute_auth(&request).await.expect("substituted");
+        assert_eq!(answer.set_headers[0].value, "Bearer ghp_run_real");
+        // --substitute-rate 1 means a burst of 2: the third substitution in a row is refused.
+        client.substitute_auth(&request).await.expect("second");
+        let refused = client.substitute_auth(&request).await.expect_err("limited");
+        assert_eq!(
+            refused.code(),
+            Some(paddock_broker::wire::ErrorCode::RateLimited),
+            "{refused}"
+        );
+
+        let mut files: Vec<_> = std::fs::read_dir(state.path())
+            .expect("state")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        files.sort();
+        assert_eq!(
+            files,
+            vec![OsString::from("broker-audit.jsonl")],
+            "no broker config, keys, certificates, token or database on disk"
+        );
+        broker.shutdown().await;
+    }
+
+    #[test]
+    fn every_secret_source_of_every_provider_is_kept_from_the_command() {
+        let text = r"
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: sources}
+spec:
+  appliesTo: {namespaces: [local]}
+  credentials:
+    - name: user
+      provider: {kind: user-secret, inject: {header: {name: Authorization}}}
+      secret: {env: USER_KEY}
+      hosts: [a.test]
+    - name: pool
+      provider:
+        kind: pat-pool
+        inject: {basic: {username: x}}
+        secrets: [{env: POOL_ONE}, {file: /srv/pool-two}]
+      hosts: [github.com]
+    - name: app
+      provider: {kind: github-app, appId: 1, installationId: 2, privateKey: {env: APP_KEY}}
+      hosts: [api.github.com]
+";
+        let docs = Policy::parse_text(Path::new("p.yaml"), text, time::OffsetDateTime::now_utc())
+            .expect("valid");
+        let policy = Policy::from_docs(docs).expect("valid set");
+        let mut seen: Vec<String> = policy
+            .credentials()
+            .flat_map(|(_, g)| secret_sources(g))
+            .map(|s| match s {
+                SecretSource::Env(v) => format!("env:{v}"),
+                SecretSource::File(p) => format!("file:{}", p.display()),
+            })
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "env:APP_KEY",
+                "env:POOL_ONE",
+                "env:USER_KEY",
+                "file:/srv/pool-two"
+            ]
+        );
+    }
 
     #[test]
     fn secret_files_readable_by_others_are_refused() {

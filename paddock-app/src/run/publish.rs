@@ -15,7 +15,7 @@ use std::{
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::netns::{NetnsEntry, OwnedNetns};
+use paddock_proxy::netns::{NetnsEntry, OwnedNetns};
 
 /// Concurrent published connections over all ports; more are refused (closed).
 pub const MAX_CONNECTIONS: usize = 256;

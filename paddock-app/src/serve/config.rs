@@ -63,7 +63,7 @@
 //! #                                # listener of an agent cgroup is loopback-only
 //! # bypass = ["10.96.0.0/12"]      # destinations agents reach directly, never redirected
 //!
-//! # [dns]                           # the proxy's DNS server (see `crate::dns`)
+//! # [dns]                           # the proxy's DNS server (see `paddock_proxy::dns`)
 //! # listen = ["127.0.0.1:15053", "[::1]:15053"]   # UDP; one port, on the transparent
 //! #                                 # listeners' addresses when agents are redirected
 //! # redirect_agents = true          # with [ebpf] dns: the agents' DNS lands here instead
@@ -88,7 +88,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::audit::AuditTarget;
+use paddock_proxy::audit::AuditTarget;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -114,7 +114,7 @@ pub struct ServeConfig {
     pub dns: Option<DnsConfig>,
 }
 
-/// The proxy's DNS server ([`crate::dns`]).
+/// The proxy's DNS server ([`paddock_proxy::dns`]).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
@@ -160,29 +160,29 @@ impl Default for DnsConfig {
 }
 
 fn default_max_name_len() -> usize {
-    crate::dns::DnsSettings::default().max_name_len
+    paddock_proxy::dns::DnsSettings::default().max_name_len
 }
 fn default_dns_rate() -> u32 {
-    crate::dns::DnsSettings::default().rate_per_second
+    paddock_proxy::dns::DnsSettings::default().rate_per_second
 }
 fn default_dns_burst() -> u32 {
-    crate::dns::DnsSettings::default().rate_burst
+    paddock_proxy::dns::DnsSettings::default().rate_burst
 }
 fn default_dns_ttl() -> u64 {
-    crate::dns::DnsSettings::default().max_ttl.as_secs()
+    paddock_proxy::dns::DnsSettings::default().max_ttl.as_secs()
 }
 
 impl DnsConfig {
     /// The server settings these values make.
     #[must_use]
-    pub fn settings(&self) -> crate::dns::DnsSettings {
-        crate::dns::DnsSettings {
+    pub fn settings(&self) -> paddock_proxy::dns::DnsSettings {
+        paddock_proxy::dns::DnsSettings {
             max_name_len: self.max_name_len,
             rate_per_second: self.rate_per_second,
             rate_burst: self.rate_burst,
             max_ttl: Duration::from_secs(self.max_ttl_secs),
             policy_cache: Duration::from_millis(self.policy_cache_ms),
-            ..crate::dns::DnsSettings::default()
+            ..paddock_proxy::dns::DnsSettings::default()
         }
     }
 }
@@ -224,14 +224,14 @@ pub struct TlsConfig {
 }
 
 fn default_leaf_capacity() -> usize {
-    crate::tls::DEFAULT_LEAF_CACHE_CAPACITY
+    paddock_proxy::tls::DEFAULT_LEAF_CACHE_CAPACITY
 }
 
 /// Egress policy.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFileConfig {
-    /// Static allow-list file (see [`crate::policy::StaticPolicy`]); exactly one of this and
+    /// Static allow-list file (see [`paddock_proxy::policy::StaticPolicy`]); exactly one of this and
     /// the `[broker]` table.
     pub file: Option<PathBuf>,
     /// Answer denied TLS hosts with a 403 page (true) or a reset (false).
@@ -248,7 +248,7 @@ impl Default for PolicyFileConfig {
     }
 }
 
-/// How `serve` reaches the broker (see [`crate::broker::BrokerClientConfig`]).
+/// How `serve` reaches the broker (see [`paddock_proxy::broker::BrokerClientConfig`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
@@ -273,22 +273,23 @@ pub struct BrokerConfig {
 }
 
 fn default_egress_recheck_ms() -> u64 {
-    u64::try_from(crate::broker::DEFAULT_EGRESS_RECHECK.as_millis()).unwrap_or(250)
+    u64::try_from(paddock_proxy::broker::DEFAULT_EGRESS_RECHECK.as_millis()).unwrap_or(250)
 }
 
 fn default_broker_timeout_ms() -> u64 {
-    u64::try_from(crate::broker::DEFAULT_TIMEOUT.as_millis()).unwrap_or(5000)
+    u64::try_from(paddock_proxy::broker::DEFAULT_TIMEOUT.as_millis()).unwrap_or(5000)
 }
 
 impl BrokerConfig {
     /// The client configuration; validation of the URL and files happens when the client is
     /// built (at start, so a bad setting stops `serve` before it listens).
     #[must_use]
-    pub fn client_config(&self) -> crate::broker::BrokerClientConfig {
-        let mut c = crate::broker::BrokerClientConfig::new(self.url.clone(), self.ca_file.clone());
+    pub fn client_config(&self) -> paddock_proxy::broker::BrokerClientConfig {
+        let mut c =
+            paddock_proxy::broker::BrokerClientConfig::new(self.url.clone(), self.ca_file.clone());
         c.bearer_file.clone_from(&self.bearer_file);
         if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
-            c.client_cert = Some(crate::broker::ClientCertFiles {
+            c.client_cert = Some(paddock_proxy::broker::ClientCertFiles {
                 cert_chain: cert.clone(),
                 key: key.clone(),
             });
@@ -423,7 +424,7 @@ pub struct EbpfConfig {
     #[serde(default)]
     pub dns: Vec<SocketAddr>,
     /// TCP ports the agents may accept connections on from outside their network namespace
-    /// (see [`crate::ebpf::AgentConfig::inbound_ports`]); none by default.
+    /// (see [`paddock_proxy::ebpf::AgentConfig::inbound_ports`]); none by default.
     #[serde(default)]
     pub inbound_ports: Vec<u16>,
     /// Destinations the agents reach directly, never redirected (`run`: the loopback of the
@@ -433,7 +434,7 @@ pub struct EbpfConfig {
 }
 
 fn default_pin_dir() -> PathBuf {
-    PathBuf::from(crate::ebpf::DEFAULT_PIN_DIR)
+    PathBuf::from(paddock_proxy::ebpf::DEFAULT_PIN_DIR)
 }
 
 /// A configuration that cannot be used.
@@ -589,7 +590,7 @@ impl ServeConfig {
             return invalid("ebpf.agent_cgroups needs a transparent listener");
         }
         if let Some(ebpf) = &self.ebpf {
-            crate::ebpf::config::validate_inbound_ports(&ebpf.inbound_ports)
+            paddock_proxy::ebpf::config::validate_inbound_ports(&ebpf.inbound_ports)
                 .map_err(|e| ConfigError::Invalid(format!("ebpf.{e}")))?;
         }
         match (&self.policy.file, &self.broker) {
@@ -794,7 +795,7 @@ file = "/tmp/policy.toml"
         );
         let client = cfg.broker.as_ref().expect("broker").client_config();
         assert_eq!(client.url, "https://broker.test:8443");
-        assert_eq!(client.timeout, crate::broker::DEFAULT_TIMEOUT);
+        assert_eq!(client.timeout, paddock_proxy::broker::DEFAULT_TIMEOUT);
         assert_eq!(
             cfg.broker.as_ref().map(|b| b.egress_recheck_ms),
             Some(250),
@@ -853,7 +854,7 @@ file = "/tmp/policy.toml"
         .expect("dns");
         let dns = cfg.dns.as_ref().expect("[dns]");
         assert!(dns.redirect_agents);
-        assert_eq!(dns.settings(), crate::dns::DnsSettings::default());
+        assert_eq!(dns.settings(), paddock_proxy::dns::DnsSettings::default());
         assert_eq!(dns.policy_cache_ms, 250);
         for (extra, needle) in [
             ("max_name_len = 254\n", "max_name_len"),

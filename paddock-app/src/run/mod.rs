@@ -7,8 +7,9 @@
 //! pty relayed by `run` when stdin is one), no inherited descriptors above 2, `no_new_privs`
 //! and a seccomp filter ([`seccomp`]). It runs as a fresh unprivileged uid per run unless
 //! `--user` names one ([`user`]), and gets only the run CA's certificate and its placeholder
-//! bearers, never the secrets, the CA key, the broker database or the audit log, which stay
-//! root-only. See [`init`] for the process chain.
+//! bearers, never the secrets, the CA key or the audit log, which stay root-only, nor the
+//! broker's lease database and caller key, which exist only in Paddock's memory. See [`init`]
+//! for the process chain.
 
 pub mod child;
 pub mod env;

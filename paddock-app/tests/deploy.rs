@@ -12,12 +12,9 @@ use std::{
     time::Duration,
 };
 
+use paddock_app::serve::{ServeOptions, config::ServeConfig, serve_until};
 use paddock_broker::auth::Scope;
-use paddock_proxy::{
-    audit::AuditTarget,
-    proxy::{ServeOptions, config::ServeConfig, serve_until},
-    tls::RunCa,
-};
+use paddock_proxy::{audit::AuditTarget, tls::RunCa};
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
@@ -223,12 +220,9 @@ fn proxy_toml_listens_where_the_agents_are_redirected() {
         "the agents' DNS must land on the proxy's server"
     );
     // The eBPF programs send it to the transparent listener's address at the server's port.
-    let port = paddock_proxy::proxy::config::redirect_port(
-        &cfg.listen.transparent,
-        &ebpf.dns,
-        &dns.listen,
-    )
-    .expect("redirect target served");
+    let port =
+        paddock_app::serve::config::redirect_port(&cfg.listen.transparent, &ebpf.dns, &dns.listen)
+            .expect("redirect target served");
     assert!(
         port.is_some_and(|p| p != 5353),
         "a port of its own (5353 is mDNS)"
