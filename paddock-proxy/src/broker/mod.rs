@@ -20,17 +20,18 @@ mod client;
 mod credentials;
 mod local;
 mod policy;
-mod recheck;
 pub(crate) mod substitute;
 
 #[cfg(test)]
 mod tests;
 
+/// Kept here for callers that configure the broker; the re-check itself is the policy's
+/// ([`crate::policy::EgressRecheck`]).
+pub use crate::policy::DEFAULT_EGRESS_RECHECK;
 pub use client::{
     BrokerCallError, BrokerClient, BrokerClientConfig, BrokerConfigError, DEFAULT_BEARER_MAX_AGE,
     DEFAULT_MAX_IDLE, DEFAULT_TIMEOUT,
 };
 pub use credentials::{ClientCertFiles, CredentialError};
 pub use policy::BrokerPolicy;
-pub use recheck::DEFAULT_EGRESS_RECHECK;
 pub use substitute::BrokerSubstituter;

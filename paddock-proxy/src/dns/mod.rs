@@ -345,7 +345,7 @@ impl DnsServer {
             Err(PolicyError::InvalidHost(e)) => {
                 self.deny(&request, &name, &e.to_string(), ResponseCode::NXDomain)
             }
-            Err(PolicyError::Unavailable(why)) => self.deny(
+            Err(PolicyError::Unavailable(why) | PolicyError::Refused(why)) => self.deny(
                 &request,
                 &name,
                 &format!("egress policy unavailable: {why}"),

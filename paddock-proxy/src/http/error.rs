@@ -42,6 +42,10 @@ pub enum HttpError {
     /// The substituter refused or failed: the request is not forwarded.
     #[error("credential substitution failed: {0}")]
     Substitution(#[from] SubstituteError),
+    /// The connection's destination is no longer allowed (or the policy could not say):
+    /// the egress re-check of an open connection refused the request.
+    #[error("{0}")]
+    Egress(#[from] crate::policy::RecheckError),
     /// The request names an authority other than the connection's destination.
     #[error("request for {authority} on a connection to {host}:{port}")]
     Misdirected {
@@ -127,6 +131,7 @@ impl HttpError {
                 Self::Substitution(
                     SubstituteError::Denied { .. } | SubstituteError::TlsRequired { .. }
                 ) | Self::UpgradeRefused { .. }
+                    | Self::Egress(crate::policy::RecheckError::Denied { .. })
                     | Self::UpstreamConnect {
                         source: ConnectError::Denied(_),
                         ..
@@ -156,6 +161,7 @@ impl HttpError {
             | Self::PoolRunMismatch { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } | Self::AgentTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Substitution(e) => e.status(),
+            Self::Egress(e) => e.status(),
             Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             Self::BadRequest(_) | Self::Agent(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -176,6 +182,7 @@ impl HttpError {
             Self::UpstreamRequest { .. } => "upstream_request_failed",
             Self::UpgradeNotHttp1 { .. } => "upstream_upgrade_failed",
             Self::Substitution(e) => e.reason(),
+            Self::Egress(e) => e.reason(),
             Self::Misdirected { .. } => "misdirected_request",
             Self::BadRequest(_) => "bad_request",
             Self::MethodNotAllowed(_) => "method_not_allowed",

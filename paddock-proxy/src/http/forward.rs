@@ -20,6 +20,7 @@ use super::{
 };
 use crate::audit::{AuditOutcome, redact_placeholders, redacted_path};
 use crate::metrics::ScrubLocation;
+use crate::policy::ConnectionRecheck;
 use crate::scrub;
 
 /// Serves HTTP/2 (agent ALPN `h2`) or HTTP/1.1 (anything else) on `io` until the agent
@@ -33,7 +34,16 @@ use crate::scrub;
 /// an answer the proxy gives itself (a refusal or a failure) cannot be written, that answer
 /// is not given: the HTTP/2 stream is reset, the HTTP/1.1 connection closed.
 ///
+/// With `recheck`, a request the substituter did not already check with the policy
+/// ([`Substituted::egress_checked`]) is only forwarded while the connection's destination is
+/// still allowed, and open tunnels are closed once it no longer is (see
+/// [`crate::policy::EgressRecheck`]); without, the connection's first decision stands.
+///
 /// The returned future borrows nothing, so it can be spawned directly.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the connection's parts, each from a different owner; a struct would only be unpacked here"
+)]
 pub fn serve_connection<I>(
     io: I,
     agent_alpn: Option<&[u8]>,
@@ -42,6 +52,7 @@ pub fn serve_connection<I>(
     substituter: Arc<dyn Substituter>,
     audit: RequestAudit,
     limits: HttpLimits,
+    recheck: Option<ConnectionRecheck>,
 ) -> impl Future<Output = Result<(), HttpError>> + Send + 'static
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -54,6 +65,7 @@ where
         substituter,
         audit,
         limits,
+        recheck,
         std::future::pending(),
     )
 }
@@ -74,6 +86,7 @@ pub fn serve_connection_until<I, S>(
     substituter: Arc<dyn Substituter>,
     audit: RequestAudit,
     limits: HttpLimits,
+    recheck: Option<ConnectionRecheck>,
     shutdown: S,
 ) -> impl Future<Output = Result<(), HttpError>> + Send + 'static
 where
@@ -92,6 +105,7 @@ where
             ctx,
             pool,
             substituter,
+            recheck,
             audit,
             via: limits.via.clone(),
             tunnels: upgrade::Tunnels::default(),
@@ -170,6 +184,7 @@ struct Forwarder {
     ctx: RequestContext,
     pool: UpstreamPool,
     substituter: Arc<dyn Substituter>,
+    recheck: Option<ConnectionRecheck>,
     audit: RequestAudit,
     via: Option<HeaderValue>,
     /// Upgraded tunnels (WebSocket) of this connection. The connection's future waits for
@@ -299,6 +314,11 @@ impl Forwarder {
             .substituter
             .substitute(&mut RequestHead::new(&mut parts), &self.ctx)
             .await?;
+        if !substituted.egress_checked
+            && let Some(recheck) = &self.recheck
+        {
+            recheck.check().await?;
+        }
         let scrubber = self.scrubber_after(substituted)?;
         if scrubber.is_some() {
             scrub::prepare_request(&mut parts.headers);
@@ -324,8 +344,7 @@ impl Forwarder {
         let (response, upgraded) = match agent_upgrade {
             Some(agent) => {
                 let watch = upgrade::TunnelWatch {
-                    substituter: Arc::clone(&self.substituter),
-                    ctx: self.ctx.clone(),
+                    recheck: self.recheck.clone(),
                     scrub: scrubber.clone().zip(report.clone()).map(|(sc, r)| {
                         let tell: upgrade::OnScrub =
                             Box::new(move |n| r.tell(ScrubLocation::WebSocket, n));

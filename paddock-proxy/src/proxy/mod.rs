@@ -59,7 +59,7 @@ use crate::http::{
 use crate::metrics::{DecisionLabel, ProxyMetrics, Rejection};
 use crate::net::Vetter;
 use crate::origdst::OriginalDst;
-use crate::policy::{Decision, EgressPolicy, EgressRequest, Mode};
+use crate::policy::{Decision, EgressPolicy, EgressRecheck, EgressRequest, Mode, RecheckError};
 use crate::tls::{MitmServer, UpstreamTls};
 
 pub use connector::Connector;
@@ -107,6 +107,9 @@ pub struct PipelineParts {
     pub plain_http_ports: Vec<u16>,
     /// Answer denied TLS hosts with a 403 page (else reset).
     pub deny_page: bool,
+    /// How long one policy answer covers requests and tunnels of open connections (see
+    /// [`EgressRecheck`]); `None`: the connection's first decision stands for its lifetime.
+    pub egress_recheck: Option<Duration>,
 }
 
 /// The shared state of every listener of one proxy.
@@ -120,6 +123,7 @@ pub struct Pipeline {
     connector: Arc<Connector>,
     pool: UpstreamPool,
     substituter: Arc<dyn Substituter>,
+    recheck: Option<Arc<EgressRecheck>>,
     audit: Arc<dyn AuditSink>,
     metrics: Arc<ProxyMetrics>,
     origdst: Arc<dyn OriginalDst>,
@@ -142,8 +146,12 @@ impl Pipeline {
             .limits
             .max_connections
             .clamp(1, Semaphore::MAX_PERMITS);
+        let recheck = parts
+            .egress_recheck
+            .map(|every| Arc::new(EgressRecheck::new(Arc::clone(&parts.policy), every)));
         Self {
             run: parts.run,
+            recheck,
             policy: parts.policy,
             vetter: parts.vetter,
             mitm: parts.mitm,
@@ -248,6 +256,18 @@ impl Pipeline {
     {
         let audit = RequestAudit::new(Arc::clone(&self.audit), Arc::clone(&self.metrics), mode)
             .with_dst(dst);
+        let recheck = match &self.recheck {
+            None => None,
+            // The host was normalised when the connection was decided, so this cannot fail;
+            // if it did, no request of the connection would be covered: refuse them all.
+            Some(r) => Some(r.for_connection(
+                EgressRequest::new(self.run.clone(), &ctx.host, ctx.port, mode).map_err(|e| {
+                    HttpError::Egress(RecheckError::Denied {
+                        reason: e.to_string(),
+                    })
+                })?,
+            )),
+        };
         serve_connection_until(
             agent,
             agent_alpn,
@@ -256,6 +276,7 @@ impl Pipeline {
             Arc::clone(&self.substituter),
             audit,
             self.http_limits.clone(),
+            recheck,
             self.drained(),
         )
         .await

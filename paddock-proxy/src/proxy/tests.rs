@@ -195,6 +195,7 @@ async fn rig_with(failing_audit: bool, nameserver: Option<SocketAddr>) -> Rig {
             },
             plain_http_ports: vec![80],
             deny_page: true,
+            egress_recheck: None,
         },
         stop_rx,
     ));

@@ -527,9 +527,7 @@ impl Run<'_> {
         serve.policy = Some(Arc::new(BrokerPolicy::new(client.clone())));
         let metrics = Arc::new(crate::metrics::ProxyMetrics::new());
         serve.substituter = Some(Arc::new(
-            BrokerSubstituter::new(client.clone())
-                .with_metrics(Arc::clone(&metrics))
-                .with_egress_recheck(crate::broker::DEFAULT_EGRESS_RECHECK),
+            BrokerSubstituter::new(client.clone()).with_metrics(Arc::clone(&metrics)),
         ));
         serve.metrics = Some(metrics);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
