@@ -8,12 +8,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::admission::{Admission, Vet};
 use super::io::{read_head, request_line};
 use super::plain::host_of;
 use super::{ConnInfo, Pipeline, reset, transparent};
-use crate::audit::AuditOutcome;
 use crate::metrics::{Leg, Rejection};
-use crate::policy::{Decision, Mode};
+use crate::policy::Mode;
 use crate::tls::peek_client_hello;
 
 /// `host:port` of a `CONNECT` target (authority form only).
@@ -88,18 +88,12 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
         sni: Some(&name),
         port,
     };
-    let (host, decision) = p.decide(&name, port, Mode::Connect).await;
-    let host = match (host, &decision) {
-        (Some(h), Decision::Allow { .. } | Decision::Discovery { .. }) => h,
-        (_, d) => {
-            let reason = match d {
-                Decision::Deny { reason } => reason.clone(),
-                _ => "invalid host name".to_owned(),
-            };
-            if p.refuse(&info, Rejection::PolicyDenied, &reason) == AuditOutcome::DropConnection {
-                reset(&stream);
-                return;
-            }
+    let admitted = p
+        .admission(&stream, &info, &name, Vet::Name, true, deadline)
+        .await;
+    let (host, addrs) = match admitted {
+        Admission::Admitted { host, addrs } => (host, addrs),
+        Admission::Denied { reason } => {
             answer(
                 &mut stream,
                 "403 Forbidden",
@@ -108,22 +102,8 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
             .await;
             return;
         }
+        Admission::Refused => return,
     };
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let vetted = match tokio::time::timeout(remaining, p.vetter.vet_name(&host)).await {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            let _ = p.refuse(&info, e.rejection(), &e.to_string());
-            reset(&stream);
-            return;
-        }
-        Err(_) => {
-            let _ = p.refuse(&info, Rejection::DnsFailed, "name resolution timed out");
-            reset(&stream);
-            return;
-        }
-    };
-    p.admit(&info, &decision);
     if stream
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await
@@ -160,7 +140,7 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
         &host,
         port,
         &hello,
-        &vetted.addrs,
+        &addrs,
         deadline,
         Mode::Connect,
         None,

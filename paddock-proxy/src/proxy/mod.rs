@@ -28,9 +28,12 @@
 //!    is idle for the idle timeout, or the proxy drains. Each request is audited once its status
 //!    is decided ([`RequestAudit`]); a refusal that cannot be recorded is not answered.
 //!
-//! Steps 2 to 6 are bounded by the handshake timeout. One tracing span per connection carries
+//! Steps 3 to 5 are one function for all three listeners (`admission`); the listeners differ
+//! only in how the addresses are vetted and how a denial is answered. Steps 2 to 6 are
+//! bounded by the handshake timeout. One tracing span per connection carries
 //! the run, original destination, SNI and decision.
 
+mod admission;
 pub mod config;
 pub(crate) mod connect;
 mod connector;

@@ -9,12 +9,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::admission::{Admission, Vet};
 use super::io::{IdleIo, PrefixedIo, header_value, read_head};
-use super::{ConnInfo, Pipeline, reset};
-use crate::audit::AuditOutcome;
+use super::{ConnInfo, Pipeline};
 use crate::http::{RequestContext, serve_denial};
-use crate::metrics::{Direction, Rejection};
-use crate::policy::{Decision, Mode};
+use crate::metrics::Direction;
+use crate::policy::Mode;
 
 const BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
@@ -80,41 +80,26 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr) 
     let mut replay = head;
     replay.extend_from_slice(&rest);
     let agent = PrefixedIo::new(Bytes::from(replay), io);
-    let (normalized, decision) = p.decide(&host, dst.port(), Mode::PlainHttp).await;
-    let normalized = match (normalized, &decision) {
-        (Some(h), Decision::Allow { .. } | Decision::Discovery { .. }) => h,
-        (_, d) => {
-            let reason = match d {
-                Decision::Deny { reason } => reason.as_str(),
-                _ => "invalid host name",
-            };
-            if p.refuse(&info, Rejection::PolicyDenied, reason) == AuditOutcome::DropConnection
-                || !p.deny_page
-            {
-                reset(agent.get_ref().get_ref());
-                return;
-            }
-            if let Err(e) = serve_denial(agent, None, &host, reason).await {
+    let admitted = p
+        .admission(
+            agent.get_ref().get_ref(),
+            &info,
+            &host,
+            Vet::OriginalDst(dst.ip()),
+            p.deny_page,
+            deadline,
+        )
+        .await;
+    let normalized = match admitted {
+        Admission::Admitted { host, .. } => host,
+        Admission::Denied { reason } => {
+            if let Err(e) = serve_denial(agent, None, &host, &reason).await {
                 tracing::debug!(error = %e, "denial page connection ended with an error");
             }
             return;
         }
+        Admission::Refused => return,
     };
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    match tokio::time::timeout(remaining, p.vetter.vet_transparent(&normalized, dst.ip())).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            let _ = p.refuse(&info, e.rejection(), &e.to_string());
-            reset(agent.get_ref().get_ref());
-            return;
-        }
-        Err(_) => {
-            let _ = p.refuse(&info, Rejection::DnsFailed, "name resolution timed out");
-            reset(agent.get_ref().get_ref());
-            return;
-        }
-    }
-    p.admit(&info, &decision);
     let ctx = RequestContext {
         run: p.run.clone(),
         host: normalized,

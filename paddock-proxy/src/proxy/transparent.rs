@@ -7,13 +7,13 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::admission::{Admission, Vet};
 use super::io::IdleIo;
 use super::{ConnInfo, Pipeline, original_dst, plain, reset};
-use crate::audit::AuditOutcome;
 use crate::http::{RequestContext, UpstreamStream, serve_denial};
 use crate::metrics::{Direction, Leg, Rejection};
 use crate::net::dial;
-use crate::policy::{Decision, Mode};
+use crate::policy::Mode;
 use crate::tls::{
     ClientHello, HelloError, TlsError, UpstreamAlpn, agent_alpn_for, peek_client_hello,
 };
@@ -68,44 +68,31 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream) {
         sni: Some(&sni),
         ..info
     };
-    let (host, decision) = p.decide(&sni, dst.port(), Mode::Transparent).await;
-    let host = match (host, &decision) {
-        (Some(host), Decision::Allow { .. } | Decision::Discovery { .. }) => host,
-        (_, Decision::Deny { reason }) => {
-            deny_tls(&p, stream, &info, &sni, &hello, reason).await;
+    let admitted = p
+        .admission(
+            &stream,
+            &info,
+            &sni,
+            Vet::OriginalDst(dst.ip()),
+            p.deny_page,
+            deadline,
+        )
+        .await;
+    let (host, addrs) = match admitted {
+        Admission::Admitted { host, addrs } => (host, addrs),
+        Admission::Denied { reason } => {
+            deny_page(&p, stream, &sni, &hello, &reason).await;
             return;
         }
-        (None, _) => {
-            deny_tls(&p, stream, &info, &sni, &hello, "invalid host name").await;
-            return;
-        }
+        Admission::Refused => return,
     };
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let vetted =
-        match tokio::time::timeout(remaining, p.vetter.vet_transparent(&host, dst.ip())).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                let _ = p.refuse(&info, e.rejection(), &e.to_string());
-                reset(&stream);
-                return;
-            }
-            Err(_) => {
-                let _ = p.refuse(&info, Rejection::DnsFailed, "name resolution timed out");
-                reset(&stream);
-                return;
-            }
-        };
-    for filtered in &vetted.filtered {
-        tracing::debug!(%filtered, "resolved address removed by the denied-CIDR set");
-    }
-    p.admit(&info, &decision);
     intercept(
         &p,
         stream,
         &host,
         dst.port(),
         &hello,
-        &vetted.addrs,
+        &addrs,
         deadline,
         Mode::Transparent,
         Some(dst),
@@ -147,22 +134,9 @@ fn hello_rejection(e: &TlsError) -> (Rejection, String) {
     }
 }
 
-/// A denied TLS host: audit, then either reset or finish the handshake with a forged leaf
-/// and answer every request with the 403 page.
-pub(super) async fn deny_tls(
-    p: &Pipeline,
-    stream: TcpStream,
-    info: &ConnInfo<'_>,
-    name: &str,
-    hello: &ClientHello,
-    reason: &str,
-) {
-    if p.refuse(info, Rejection::PolicyDenied, reason) == AuditOutcome::DropConnection
-        || !p.deny_page
-    {
-        reset(&stream);
-        return;
-    }
+/// A denied (and audited) TLS host: finish the handshake with a forged leaf and answer every
+/// request with the 403 page.
+async fn deny_page(p: &Pipeline, stream: TcpStream, name: &str, hello: &ClientHello, reason: &str) {
     let io = IdleIo::new(stream, p.limits.idle_timeout, None);
     let accepted =
         tokio::time::timeout(p.limits.handshake_timeout, p.mitm.accept(io, hello.alpn())).await;
