@@ -68,7 +68,6 @@ use std::sync::{Arc, Mutex};
 
 use http::{Method, StatusCode, Uri, Version};
 use percent_encoding::percent_decode_str;
-use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 use serde::{Serialize, Serializer};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -78,56 +77,10 @@ use paddock_wire::placeholder;
 use crate::metrics::ProxyMetrics;
 use crate::policy::Mode;
 
-/// What an audit event records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AuditKind {
-    Allow,
-    Deny,
-    Discovery,
-    /// The reason a cooperative-mode client gave for its `CONNECT`, logged at tunnel start.
-    ConnectReason,
-    /// One HTTP request inside an allowed connection, recorded once its status is decided.
-    Request,
-    /// A response (headers, body or WebSocket messages) had substituted secrets replaced by
-    /// their placeholder before the agent saw it.
-    Scrubbed,
-    /// A DNS query the proxy's DNS server did not answer with addresses because of policy: a
-    /// name the run may not reach (NXDOMAIN), a name too long or malformed, or a policy that
-    /// could not answer (SERVFAIL). `sni` holds the queried name.
-    DnsDeny,
-    /// Summary of the DNS queries refused by the rate limit since the last summary (at most
-    /// one per second, so a flood cannot flood the audit trail); `reason` says how many.
-    DnsRateLimited,
-}
+pub use crate::labels::{AuditKind, RequestOutcome};
 
+/// The fail-closed rule of each kind.
 impl AuditKind {
-    /// Every kind, for metric pre-registration.
-    pub const ALL: &'static [AuditKind] = &[
-        AuditKind::Allow,
-        AuditKind::Deny,
-        AuditKind::Discovery,
-        AuditKind::ConnectReason,
-        AuditKind::Request,
-        AuditKind::Scrubbed,
-        AuditKind::DnsDeny,
-        AuditKind::DnsRateLimited,
-    ];
-
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuditKind::Allow => "allow",
-            AuditKind::Deny => "deny",
-            AuditKind::Discovery => "discovery",
-            AuditKind::ConnectReason => "connect_reason",
-            AuditKind::Request => "request",
-            AuditKind::Scrubbed => "scrubbed",
-            AuditKind::DnsDeny => "dns_deny",
-            AuditKind::DnsRateLimited => "dns_rate_limited",
-        }
-    }
-
     /// Whether a failed write of this kind always drops the connection (see the module docs).
     /// For [`AuditKind::Request`] it depends on the outcome: see [`AuditEvent::fails_closed`].
     #[must_use]
@@ -136,18 +89,6 @@ impl AuditKind {
             self,
             AuditKind::Deny | AuditKind::ConnectReason | AuditKind::DnsDeny
         )
-    }
-}
-
-impl fmt::Display for AuditKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl EncodeLabelValue for AuditKind {
-    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
-        fmt::Write::write_str(encoder, self.as_str())
     }
 }
 
@@ -191,42 +132,6 @@ impl PartialEq<Mode> for AuditMode {
 }
 
 impl fmt::Display for AuditMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What became of a request ([`AuditKind::Request`] records).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RequestOutcome {
-    /// Sent upstream; the agent got the upstream's response (or a 101 and a tunnel).
-    Forwarded,
-    /// Refused by the proxy because of what it asked for (substitution refused, another
-    /// authority, `CONNECT`, a denied upstream address): not forwarded.
-    Denied,
-    /// The proxy could not serve it (broker unavailable, a substitution that cannot be
-    /// applied, upstream unreachable, timed out or broken); answered by the proxy.
-    Failed,
-    /// The agent went away (stream reset, connection closed) before an answer was decided.
-    /// The request may already have reached upstream, with any credential substituted into
-    /// it: the record says which, so cancelling a request does not hide that it was made.
-    Abandoned,
-}
-
-impl RequestOutcome {
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequestOutcome::Forwarded => "forwarded",
-            RequestOutcome::Denied => "denied",
-            RequestOutcome::Failed => "failed",
-            RequestOutcome::Abandoned => "abandoned",
-        }
-    }
-}
-
-impl fmt::Display for RequestOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }

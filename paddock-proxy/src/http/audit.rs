@@ -9,12 +9,13 @@ use std::sync::Arc;
 
 use http::{Method, StatusCode, Uri, Version};
 
-use super::deny::sanitize_reason;
+use super::error::sanitize_reason;
 use super::{HttpError, RequestContext, Substituted};
 use crate::audit::{
     AuditEvent, AuditKind, AuditOutcome, AuditSink, RequestOutcome, audit_decision,
 };
-use crate::metrics::{ProxyMetrics, ScrubLocation};
+use crate::labels::ScrubLocation;
+use crate::metrics::ProxyMetrics;
 use crate::policy::Mode;
 
 /// Where a connection's request records go, plus what they say about the connection beyond

@@ -1,11 +1,55 @@
 //! The request loop's error type and the one answer each error gets.
 
+use std::io;
+
 use http::{HeaderValue, Response, StatusCode, header};
 
 use super::body::{ProxyBody, full};
-use super::deny::{DENIED_HEADER, sanitize_reason};
 use super::substitute::SubstituteError;
-use super::upstream::ConnectError;
+
+/// Header carrying the machine-readable denial reason.
+pub const DENIED_HEADER: &str = "x-paddock-denied";
+
+/// Keeps printable ASCII and caps the length, so agent-controlled text (SNI, reasons built
+/// from it) cannot inject header lines or flood the page.
+pub(crate) fn sanitize_reason(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(200)
+        .collect()
+}
+
+/// Why an upstream connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Name resolution or TCP failed.
+    #[error("dial failed: {0}")]
+    Io(#[from] io::Error),
+    /// The TLS handshake failed or the certificate did not verify.
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    /// Every address the name resolved to was refused by network policy (denied CIDR,
+    /// rebinding mismatch).
+    #[error("destination refused by network policy: {0}")]
+    Denied(String),
+}
+
+impl ConnectError {
+    /// A copy for reporting: the original stays inside the client's error chain.
+    pub(super) fn duplicate(&self) -> Self {
+        match self {
+            Self::Io(e) => Self::Io(io::Error::new(e.kind(), e.to_string())),
+            Self::Handshake(s) => Self::Handshake(s.clone()),
+            Self::Denied(s) => Self::Denied(s.clone()),
+        }
+    }
+}
 
 /// A failure while serving an agent connection or one of its requests.
 ///

@@ -1,6 +1,5 @@
 //! Serving one agent connection: each request is checked, substituted and forwarded.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::FutureExt as _;
@@ -13,13 +12,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::audit::{Answer, RequestLine};
 use super::body::{self, ProxyBody};
+use super::graceful::drive;
 use super::substitute::RequestHead;
 use super::{
     ALPN_H2, HttpError, HttpLimits, RequestAudit, RequestContext, Substituted, Substituter,
     UpstreamPool, authority, hop, upgrade,
 };
 use crate::audit::{AuditOutcome, redact_placeholders, redacted_path};
-use crate::metrics::ScrubLocation;
+use crate::labels::ScrubLocation;
 use crate::policy::ConnectionRecheck;
 use crate::scrub;
 
@@ -153,25 +153,6 @@ where
         }
         served.map_err(HttpError::Agent)
     }
-}
-
-/// Runs `conn` to completion, switching it to graceful shutdown if `shutdown` fires first.
-pub(crate) async fn drive<C, S>(
-    conn: C,
-    shutdown: S,
-    graceful: impl FnOnce(Pin<&mut C>),
-) -> C::Output
-where
-    C: Future,
-    S: Future<Output = ()>,
-{
-    tokio::pin!(conn);
-    tokio::pin!(shutdown);
-    tokio::select! {
-        out = conn.as_mut() => return out,
-        () = &mut shutdown => graceful(conn.as_mut()),
-    }
-    conn.await
 }
 
 /// A request the proxy answered itself could not be audited, so it is not answered.

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::{ConnInfo, Pipeline, reset};
 use crate::audit::AuditOutcome;
-use crate::metrics::Rejection;
+use crate::labels::Rejection;
 use crate::policy::Decision;
 
 /// How a connection's addresses are vetted.

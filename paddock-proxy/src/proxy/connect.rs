@@ -12,7 +12,7 @@ use super::admission::{Admission, Vet};
 use super::io::{read_head, request_line};
 use super::plain::host_of;
 use super::{ConnInfo, Pipeline, reset, transparent};
-use crate::metrics::{Leg, Rejection};
+use crate::labels::{Leg, Rejection};
 use crate::policy::Mode;
 use crate::tls::peek_client_hello;
 

@@ -11,7 +11,8 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::metrics::{Direction, ProxyMetrics};
+use crate::labels::Direction;
+use crate::metrics::ProxyMetrics;
 
 /// Fails reads and writes with `TimedOut` once no byte has moved either way for `timeout`.
 ///

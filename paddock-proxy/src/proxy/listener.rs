@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use super::{Pipeline, connect, reset, transparent};
-use crate::metrics::Rejection;
+use crate::labels::Rejection;
 
 /// Which pipeline entry a listener feeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -54,12 +54,13 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
 
-use crate::audit::{AuditEvent, AuditKind, AuditOutcome, AuditSink, audit_decision};
+use crate::audit::{AuditEvent, AuditOutcome, AuditSink, audit_decision};
 use crate::http::{
     HttpError, HttpLimits, RequestAudit, RequestContext, Substituter, UpstreamPool,
     serve_connection_until,
 };
-use crate::metrics::{DecisionLabel, ProxyMetrics, Rejection};
+use crate::labels::{AuditKind, DecisionLabel, Rejection};
+use crate::metrics::ProxyMetrics;
 use crate::net::Vetter;
 use crate::origdst::OriginalDst;
 use crate::policy::{Decision, EgressPolicy, EgressRecheck, EgressRequest, Mode, RecheckError};

@@ -13,7 +13,7 @@ use super::admission::{Admission, Vet};
 use super::io::{IdleIo, PrefixedIo, header_value, read_head};
 use super::{ConnInfo, Pipeline};
 use crate::http::{RequestContext, serve_denial};
-use crate::metrics::Direction;
+use crate::labels::Direction;
 use crate::policy::Mode;
 
 const BAD_REQUEST: &[u8] =

@@ -11,7 +11,7 @@ use super::admission::{Admission, Vet};
 use super::io::IdleIo;
 use super::{ConnInfo, Pipeline, original_dst, plain, reset};
 use crate::http::{RequestContext, UpstreamStream, serve_denial};
-use crate::metrics::{Direction, Leg, Rejection};
+use crate::labels::{Direction, Leg, Rejection};
 use crate::net::dial;
 use crate::policy::Mode;
 use crate::tls::{
