@@ -57,6 +57,7 @@
 //! Sinks write synchronously: a JSONL line is a few hundred bytes and one `write(2)` on an
 //! `O_APPEND` file, cheaper than handing it to another task.
 
+mod error;
 mod event;
 mod redact;
 mod rule;
@@ -67,6 +68,7 @@ mod target;
 mod tests;
 
 pub use crate::labels::{AuditKind, RequestOutcome};
+pub use error::AuditError;
 pub use event::{AuditEvent, AuditMode, protocol_label};
 pub(crate) use redact::{redact_placeholders, redacted_path};
 pub use rule::{AuditOutcome, audit_decision};
@@ -74,5 +76,5 @@ pub use rule::{AuditOutcome, audit_decision};
 pub(crate) use sink::MemorySink;
 #[cfg(test)]
 use sink::{AppendTarget, Appender};
-pub use sink::{AuditError, AuditSink, JsonlFileSink, NoAudit, StdoutSink};
+pub use sink::{AuditSink, JsonlFileSink, NoAudit, StdoutSink};
 pub use target::AuditTarget;

@@ -8,24 +8,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::AuditEvent;
-
-/// An audit record could not be written.
-#[derive(Debug, thiserror::Error)]
-pub enum AuditError {
-    #[error("cannot open audit log {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
-    #[error("cannot write audit record to {target}: {source}")]
-    Write { target: String, source: io::Error },
-    #[error("cannot encode audit record: {0}")]
-    Encode(String),
-    #[error("audit sink is unusable after a panic in another writer")]
-    Poisoned,
-    #[error(
-        "invalid --audit value {0:?}: use \"none\", \"stdout\", \"file:PATH\" or an absolute path"
-    )]
-    BadTarget(String),
-}
+use super::{AuditError, AuditEvent};
 
 /// Where audit records go.
 pub trait AuditSink: Send + Sync + fmt::Debug {
