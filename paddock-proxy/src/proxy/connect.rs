@@ -9,7 +9,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::admission::{Admission, Vet};
-use super::io::{read_head, request_line};
+use super::head::parse_head;
+use super::io::read_head;
 use super::plain::host_of;
 use super::{ConnInfo, Pipeline, reset, transparent};
 use crate::labels::{Leg, Rejection};
@@ -54,11 +55,15 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
         }
         Err(_) => return,
     };
-    let Some((method, target)) = request_line(&head) else {
-        answer(&mut stream, "400 Bad Request", "").await;
-        return;
+    let parsed = match parse_head(&head, p.http_limits.max_headers) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            tracing::debug!(error = %e, "refused CONNECT request head");
+            answer(&mut stream, "400 Bad Request", &format!("{e}\n")).await;
+            return;
+        }
     };
-    if method != "CONNECT" {
+    if parsed.method != "CONNECT" {
         answer(
             &mut stream,
             "405 Method Not Allowed",
@@ -67,7 +72,7 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
         .await;
         return;
     }
-    let Some((name, port)) = parse_authority(target).map(|(h, p)| (h.to_owned(), p)) else {
+    let Some((name, port)) = parse_authority(parsed.target).map(|(h, p)| (h.to_owned(), p)) else {
         answer(&mut stream, "400 Bad Request", "CONNECT needs host:port\n").await;
         return;
     };

@@ -37,6 +37,7 @@ mod admission;
 pub mod config;
 pub(crate) mod connect;
 mod connector;
+pub mod head;
 pub mod io;
 mod listener;
 pub(crate) mod plain;

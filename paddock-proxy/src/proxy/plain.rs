@@ -10,7 +10,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::admission::{Admission, Vet};
-use super::io::{IdleIo, PrefixedIo, header_value, read_head};
+use super::head::{ParsedHead, parse_head};
+use super::io::{IdleIo, PrefixedIo, read_head};
 use super::{ConnInfo, Pipeline};
 use crate::http::{RequestContext, serve_denial};
 use crate::labels::Direction;
@@ -63,10 +64,17 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr) 
             return;
         }
     };
-    let Some(host) = header_value(&head, "host")
-        .and_then(host_of)
-        .map(str::to_owned)
-    else {
+    let host = match parse_head(&head, p.http_limits.max_headers) {
+        Ok(ParsedHead {
+            host: Some(value), ..
+        }) => host_of(value).map(str::to_owned),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "refused plain HTTP request head");
+            None
+        }
+    };
+    let Some(host) = host else {
         let _ = io.write_all(BAD_REQUEST).await;
         return;
     };

@@ -840,3 +840,44 @@ async fn a_connection_without_an_original_destination_is_reset_and_never_guessed
         .expect("get");
     assert!(reply.ends_with("hello /ok"), "{reply}");
 }
+
+/// A head whose `Host` is ambiguous (two of them) or not an authority is answered 400 by
+/// both head-reading listeners, before any policy decision: nothing is audited as decided,
+/// resolved or dialled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_or_malformed_host_headers_are_refused() {
+    let rig = rig(false).await;
+    let answer = |mut tcp: TcpStream, head: &'static str| async move {
+        tcp.write_all(head.as_bytes()).await.expect("send head");
+        let mut out = String::new();
+        bounded("answer", tcp.read_to_string(&mut out))
+            .await
+            .expect("read answer");
+        out
+    };
+    let plain_dst: SocketAddr = "127.0.0.1:80".parse().expect("addr");
+    for head in [
+        "GET / HTTP/1.1\r\nHost: app.test\r\nHost: denied.test\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: app.test\r\nhost: app.test\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: app.test/x\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: app.test evil.test\r\n\r\n",
+    ] {
+        let reply = answer(rig.connect(plain_dst).await, head).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{head:?}: {reply}");
+    }
+    for head in [
+        "CONNECT app.test:443 HTTP/1.1\r\nHost: app.test:443\r\nHost: denied.test:443\r\n\r\n",
+        "CONNECT app.test:443 HTTP/1.1\r\nHost: app.test:443 x\r\n\r\n",
+    ] {
+        let tcp = TcpStream::connect(rig.connect_proxy)
+            .await
+            .expect("connect to the CONNECT listener");
+        let reply = answer(tcp, head).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{head:?}: {reply}");
+    }
+    assert!(
+        rig.sink.events.lock().expect("lock").is_empty(),
+        "nothing was decided"
+    );
+    assert_eq!(rig.upstream_accepted.load(Ordering::Relaxed), 0);
+}
