@@ -70,12 +70,52 @@ pub fn protocol_label(version: Version) -> &'static str {
     }
 }
 
+/// The id of one agent connection: the `conn` field of every audit record of the connection
+/// and of its log lines (its tracing span), so both can be joined. Unique within a process
+/// (a counter) and unlikely to repeat across restarts (it starts at a random value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId(u64);
+
+impl ConnId {
+    /// A new id, never handed out before by this process.
+    #[must_use]
+    pub fn next() -> Self {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        use std::sync::OnceLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static BASE: OnceLock<u64> = OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        // The standard library's per-process random hash keys: random enough to tell two
+        // runs' ids apart, without a dependency.
+        let base = *BASE.get_or_init(|| {
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        });
+        Self(base.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)))
+    }
+}
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl Serialize for ConnId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// One audit record. Serialised as one JSON object per line; absent fields are `null`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AuditEvent {
     #[serde(serialize_with = "serialize_rfc3339")]
     pub ts: OffsetDateTime,
     pub run: String,
+    /// The agent connection the record belongs to (none for DNS records).
+    pub conn: Option<ConnId>,
     pub kind: AuditKind,
     /// The destination address (the original destination in transparent mode, the dialled
     /// address otherwise), when known.
@@ -122,6 +162,7 @@ impl AuditEvent {
         Self {
             ts: OffsetDateTime::now_utc(),
             run: run.into(),
+            conn: None,
             kind,
             dst: None,
             port,
@@ -195,6 +236,13 @@ impl AuditEvent {
     pub fn with_credential(mut self, credential: Option<String>, lease_id: Option<String>) -> Self {
         self.credential = credential;
         self.lease_id = lease_id;
+        self
+    }
+
+    /// The agent connection this record belongs to.
+    #[must_use]
+    pub fn with_conn(mut self, conn: ConnId) -> Self {
+        self.conn = Some(conn);
         self
     }
 

@@ -69,7 +69,7 @@ mod tests;
 
 pub use crate::labels::{AuditKind, RequestOutcome};
 pub use error::AuditError;
-pub use event::{AuditEvent, AuditMode, protocol_label};
+pub use event::{AuditEvent, AuditMode, ConnId, protocol_label};
 pub(crate) use redact::{redact_placeholders, redacted_path};
 pub use rule::{AuditOutcome, audit_decision};
 #[cfg(test)]

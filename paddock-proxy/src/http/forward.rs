@@ -9,6 +9,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Instrument as _;
 
 use super::audit::{Answer, RequestLine};
 use super::body::{self, ProxyBody};
@@ -115,9 +116,12 @@ where
         let shutdown = shutdown.shared();
         // An `Unrecorded` error makes hyper reset the HTTP/2 stream, or close the HTTP/1.1
         // connection, without an answer.
+        // HTTP/2 streams run in tasks hyper spawns: they carry the connection's span (and so
+        // its `conn` id) only if given it.
+        let span = tracing::Span::current();
         let service = service_fn(move |req: Request<Incoming>| {
             let forwarder = Arc::clone(&forwarder);
-            async move { forwarder.handle(req).await }
+            async move { forwarder.handle(req).await }.instrument(span.clone())
         });
         let io = TokioIo::new(io);
         let served = if h2 {

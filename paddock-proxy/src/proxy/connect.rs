@@ -13,6 +13,7 @@ use super::head::parse_head;
 use super::io::read_head;
 use super::plain::host_of;
 use super::{ConnInfo, Pipeline, reset, transparent};
+use crate::audit::ConnId;
 use crate::labels::{Leg, Rejection};
 use crate::policy::Mode;
 use crate::tls::peek_client_hello;
@@ -39,7 +40,7 @@ async fn answer(stream: &mut TcpStream, status: &str, body: &str) {
     clippy::too_many_lines,
     reason = "one linear sequence of pipeline steps; splitting it hides the order"
 )]
-pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
+pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream, conn: ConnId) {
     let deadline = Instant::now() + p.limits.handshake_timeout;
     let head = tokio::time::timeout(
         p.limits.handshake_timeout,
@@ -88,6 +89,7 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
     }
     tracing::Span::current().record("sni", name.as_str());
     let info = ConnInfo {
+        conn,
         mode: Mode::Connect,
         dst: None,
         sni: Some(&name),
@@ -139,18 +141,7 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
         reset(&stream);
         return;
     }
-    transparent::intercept(
-        &p,
-        stream,
-        &host,
-        port,
-        &hello,
-        &addrs,
-        deadline,
-        Mode::Connect,
-        None,
-    )
-    .await;
+    transparent::intercept(&p, stream, &host, port, &hello, &addrs, deadline, &info).await;
 }
 
 #[cfg(test)]

@@ -30,8 +30,9 @@
 //!
 //! Steps 3 to 5 are one function for all three listeners (`admission`); the listeners differ
 //! only in how the addresses are vetted and how a denial is answered. Steps 2 to 6 are
-//! bounded by the handshake timeout. One tracing span per connection carries
-//! the run, original destination, SNI and decision.
+//! bounded by the handshake timeout. One tracing span per connection carries the connection id
+//! (`conn`, also in every audit record of the connection), the run, original destination, SNI
+//! and decision.
 
 mod admission;
 pub mod config;
@@ -55,7 +56,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
 
-use crate::audit::{AuditEvent, AuditOutcome, AuditSink, audit_decision};
+use crate::audit::{AuditEvent, AuditOutcome, AuditSink, ConnId, audit_decision};
 use crate::http::{
     HttpError, HttpLimits, RequestAudit, RequestContext, Substituter, UpstreamPool,
     serve_connection_until,
@@ -247,20 +248,21 @@ impl Pipeline {
     }
 
     /// Runs the request loop on an admitted agent connection until it ends or the proxy
-    /// drains; each request is audited with `mode` and `dst`.
+    /// drains; each request is audited with the connection's id, mode and destination.
     async fn serve_requests<I>(
         &self,
         agent: I,
         agent_alpn: Option<&[u8]>,
         ctx: RequestContext,
-        mode: Mode,
-        dst: Option<SocketAddr>,
+        info: &ConnInfo<'_>,
     ) -> Result<(), HttpError>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let mode = info.mode;
         let audit = RequestAudit::new(Arc::clone(&self.audit), Arc::clone(&self.metrics), mode)
-            .with_dst(dst);
+            .with_dst(info.dst)
+            .with_conn(info.conn);
         let recheck = match &self.recheck {
             None => None,
             // The host was normalised when the connection was decided, so this cannot fail;
@@ -295,6 +297,7 @@ impl Pipeline {
         tracing::Span::current().record("decision", "deny");
         tracing::info!(rejection = %rejection, reason, "connection denied");
         let mut ev = AuditEvent::new(AuditKind::Deny, self.run.clone(), info.mode, info.port())
+            .with_conn(info.conn)
             .with_reason(format!("{rejection}: {reason}"));
         if let Some(dst) = info.dst {
             ev = ev.with_dst(dst);
@@ -315,8 +318,9 @@ impl Pipeline {
         self.metrics.connection_decided(label);
         tracing::Span::current().record("decision", label.as_str());
         tracing::info!(rule = %rule, "connection allowed");
-        let mut ev =
-            AuditEvent::new(kind, self.run.clone(), info.mode, info.port()).with_rule(rule.clone());
+        let mut ev = AuditEvent::new(kind, self.run.clone(), info.mode, info.port())
+            .with_conn(info.conn)
+            .with_rule(rule.clone());
         if let Some(dst) = info.dst {
             ev = ev.with_dst(dst);
         }
@@ -331,6 +335,8 @@ impl Pipeline {
 /// What is known about a connection when it is decided.
 #[derive(Debug, Clone, Copy)]
 struct ConnInfo<'a> {
+    /// Joins the connection's audit records and log lines.
+    conn: ConnId,
     mode: Mode,
     dst: Option<SocketAddr>,
     /// The claimed name (SNI, Host or CONNECT authority).

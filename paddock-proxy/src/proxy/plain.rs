@@ -13,6 +13,7 @@ use super::admission::{Admission, Vet};
 use super::head::{ParsedHead, parse_head};
 use super::io::{IdleIo, PrefixedIo, read_head};
 use super::{ConnInfo, Pipeline};
+use crate::audit::ConnId;
 use crate::http::{RequestContext, serve_denial};
 use crate::labels::Direction;
 use crate::policy::Mode;
@@ -36,7 +37,7 @@ pub(crate) fn host_of(value: &str) -> Option<&str> {
     .filter(|h| !h.is_empty())
 }
 
-pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr) {
+pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr, conn: ConnId) {
     let deadline = Instant::now() + p.limits.handshake_timeout;
     let mut io = IdleIo::new(
         stream,
@@ -80,6 +81,7 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr) 
     };
     tracing::Span::current().record("sni", host.as_str());
     let info = ConnInfo {
+        conn,
         mode: Mode::PlainHttp,
         dst: Some(dst),
         sni: Some(&host),
@@ -114,9 +116,7 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr) 
         port: dst.port(),
         sni: None,
     };
-    let served = p
-        .serve_requests(agent, None, ctx, Mode::PlainHttp, Some(dst))
-        .await;
+    let served = p.serve_requests(agent, None, ctx, &info).await;
     if let Err(e) = served {
         tracing::debug!(error = %e, "plain HTTP connection ended with an error");
     }

@@ -881,3 +881,81 @@ async fn duplicate_or_malformed_host_headers_are_refused() {
     );
     assert_eq!(rig.upstream_accepted.load(Ordering::Relaxed), 0);
 }
+
+/// Log output captured for one test (the thread's default subscriber).
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("logs").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
+    type Writer = CapturedLogs;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Every audit record of a connection carries the connection's id, two connections have two
+/// ids, and the connection's log lines carry the same id (its span's `conn` field). On one
+/// thread, so the test's subscriber sees every task of the pipeline.
+#[tokio::test(flavor = "current_thread")]
+async fn records_and_log_lines_of_a_connection_share_its_id() {
+    let logs = CapturedLogs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rig = rig(false).await;
+    for path in ["/one", "/two"] {
+        let reply = rig.get(rig.upstream, "app.test", path).await.expect("get");
+        assert!(reply.ends_with(&format!("hello {path}")), "{reply}");
+    }
+    let reply = rig
+        .get(rig.upstream, "denied.test", "/")
+        .await
+        .expect("get");
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+
+    let events = rig.sink.events.lock().expect("lock").clone();
+    let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            AuditKind::Allow,
+            AuditKind::Request,
+            AuditKind::Allow,
+            AuditKind::Request,
+            AuditKind::Deny
+        ]
+    );
+    let conns: Vec<_> = events.iter().map(|e| e.conn.expect("conn id")).collect();
+    assert_eq!(conns[0], conns[1], "one connection, one id");
+    assert_eq!(conns[2], conns[3], "one connection, one id");
+    assert_ne!(conns[0], conns[2], "two connections, two ids");
+    assert!(conns[4] != conns[0] && conns[4] != conns[2]);
+    let json = serde_json::to_value(&events[1]).expect("json");
+    assert_eq!(json["conn"], conns[1].to_string());
+    assert_eq!(conns[1].to_string().len(), 16);
+
+    let text = String::from_utf8(logs.0.lock().expect("logs").clone()).expect("utf-8");
+    let logged = |message: &str, conn| {
+        text.lines()
+            .any(|l| l.contains(message) && l.contains(&format!("conn={conn}")))
+    };
+    assert!(logged("connection allowed", conns[0]), "{text}");
+    assert!(logged("connection allowed", conns[2]), "{text}");
+    assert!(logged("forwarded", conns[1]), "{text}");
+    assert!(logged("connection denied", conns[4]), "{text}");
+}

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use super::admission::{Admission, Vet};
 use super::io::IdleIo;
 use super::{ConnInfo, Pipeline, original_dst, plain, reset};
+use crate::audit::ConnId;
 use crate::http::{RequestContext, UpstreamStream, serve_denial};
 use crate::labels::{Direction, Leg, Rejection};
 use crate::net::dial;
@@ -19,18 +20,19 @@ use crate::tls::{
 };
 
 /// Serves one connection accepted on a transparent listener.
-pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream) {
-    let Some(dst) = destination(&p, &stream) else {
+pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, conn: ConnId) {
+    let Some(dst) = destination(&p, &stream, conn) else {
         reset(&stream);
         return;
     };
     tracing::Span::current().record("dst", tracing::field::display(dst));
     if p.plain_http_ports.contains(&dst.port()) {
-        plain::serve(p, stream, dst).await;
+        plain::serve(p, stream, dst, conn).await;
         return;
     }
     let deadline = Instant::now() + p.limits.handshake_timeout;
     let info = ConnInfo {
+        conn,
         mode: Mode::Transparent,
         dst: Some(dst),
         sni: None,
@@ -94,8 +96,7 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream) {
         &hello,
         &addrs,
         deadline,
-        Mode::Transparent,
-        Some(dst),
+        &info,
     )
     .await;
 }
@@ -103,11 +104,12 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream) {
 /// The connection's original destination, or `None` after refusing it (the caller resets).
 /// Nothing says where the agent was going, so nothing is guessed (a default, the addresses of
 /// the SNI): the connection is refused. Its port is unknown, so the record says 0.
-fn destination(p: &Pipeline, stream: &TcpStream) -> Option<SocketAddr> {
+fn destination(p: &Pipeline, stream: &TcpStream, conn: ConnId) -> Option<SocketAddr> {
     match original_dst(p.origdst.as_ref(), stream) {
         Ok(dst) => Some(dst),
         Err(reason) => {
             let info = ConnInfo {
+                conn,
                 mode: Mode::Transparent,
                 dst: None,
                 sni: None,
@@ -176,9 +178,9 @@ pub(super) async fn intercept(
     hello: &ClientHello,
     addrs: &[std::net::IpAddr],
     deadline: Instant,
-    mode: Mode,
-    dst: Option<SocketAddr>,
+    info: &ConnInfo<'_>,
 ) {
+    let mode = info.mode;
     let offer = UpstreamAlpn::from_agent_offer(hello.alpn());
     let upstream_alpn = if let Some(known) = p.alpn_cache.get(host, port, offer) {
         known.chosen
@@ -213,7 +215,7 @@ pub(super) async fn intercept(
         sni: Some(host.to_owned()),
     };
     let served = p
-        .serve_requests(agent, negotiated.as_deref(), ctx, mode, dst)
+        .serve_requests(agent, negotiated.as_deref(), ctx, info)
         .await;
     if let Err(e) = served {
         tracing::debug!(error = %e, "agent connection ended with an error");
