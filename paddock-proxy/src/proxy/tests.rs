@@ -136,6 +136,17 @@ async fn rig(failing_audit: bool) -> Rig {
 
 /// A rig whose resolver asks `nameserver` instead of the rig's test DNS, when given.
 async fn rig_with(failing_audit: bool, nameserver: Option<SocketAddr>) -> Rig {
+    let policy = Arc::new(StaticPolicy::from_toml_str(POLICY).expect("policy"));
+    rig_full(failing_audit, nameserver, policy, None).await
+}
+
+/// A rig deciding with `policy`, re-checking open connections every `recheck` if given.
+async fn rig_full(
+    failing_audit: bool,
+    nameserver: Option<SocketAddr>,
+    policy: Arc<dyn crate::policy::EgressPolicy>,
+    recheck: Option<Duration>,
+) -> Rig {
     let upstream_ca = ca("upstream");
     let mut roots = RootCertStore::empty();
     roots.add(upstream_ca.certificate().clone()).expect("root");
@@ -179,7 +190,7 @@ async fn rig_with(failing_audit: bool, nameserver: Option<SocketAddr>) -> Rig {
     let pipeline = Arc::new(Pipeline::new(
         PipelineParts {
             run: "run-unit".to_owned(),
-            policy: Arc::new(StaticPolicy::from_toml_str(POLICY).expect("policy")),
+            policy,
             vetter,
             mitm: Arc::new(MitmServer::new(leaves).expect("mitm")),
             upstream_tls,
@@ -195,7 +206,7 @@ async fn rig_with(failing_audit: bool, nameserver: Option<SocketAddr>) -> Rig {
             },
             plain_http_ports: vec![80],
             deny_page: true,
-            egress_recheck: None,
+            egress_recheck: recheck,
         },
         stop_rx,
     ));
@@ -958,4 +969,78 @@ async fn records_and_log_lines_of_a_connection_share_its_id() {
     assert!(logged("connection allowed", conns[2]), "{text}");
     assert!(logged("forwarded", conns[1]), "{text}");
     assert!(logged("connection denied", conns[4]), "{text}");
+}
+
+/// The whole pipeline with a static policy file: a kept-alive agent connection allowed by the
+/// file gets its next request refused (403 `egress_denied`, nothing sent upstream) once the
+/// file no longer allows the host and is reloaded, without the agent reconnecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_policy_file_refuses_requests_on_open_connections() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, POLICY).expect("policy");
+    let file = Arc::new(crate::policy::PolicyFile::open(&path).expect("policy file"));
+    let rig = rig_full(false, None, file.clone(), Some(Duration::ZERO)).await;
+
+    let tcp = rig.connect(rig.upstream).await;
+    let mut roots = RootCertStore::empty();
+    roots.add(rig.run_root.clone()).expect("root");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("app.test").expect("name"), tcp)
+        .await
+        .expect("agent TLS");
+    let (mut agent, conn) =
+        hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tls))
+            .await
+            .expect("agent HTTP/1.1");
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        hyper::Request::get(path)
+            .header("host", "app.test")
+            .body(http_body_util::Empty::new())
+            .expect("request")
+    };
+    let first = bounded("first", agent.send_request(get("/before")))
+        .await
+        .expect("first response");
+    assert_eq!(first.status(), 200);
+    drop(first);
+
+    std::fs::write(
+        &path,
+        "[[rule]]\nhosts = [\"other.test\"]\nports = \"any\"\n",
+    )
+    .expect("withdraw");
+    file.reload().expect("reload");
+    bounded("ready", agent.ready()).await.expect("kept alive");
+    let second = bounded("second", agent.send_request(get("/after")))
+        .await
+        .expect("answered on the same connection");
+    assert_eq!(second.status(), 403);
+    assert_eq!(
+        second
+            .headers()
+            .get("x-paddock-denied")
+            .map(|v| v.as_bytes()),
+        Some(&b"egress_denied"[..])
+    );
+    assert_eq!(
+        rig.upstream_requests.load(Ordering::Relaxed),
+        1,
+        "only /before went up"
+    );
+    let events = rig.sink.events.lock().expect("lock").clone();
+    let refused = events
+        .iter()
+        .find(|e| e.path.as_deref() == Some("/after"))
+        .expect("the refusal is audited");
+    assert_eq!(refused.outcome, Some(RequestOutcome::Denied));
+    assert_eq!(refused.status, Some(403));
 }
