@@ -1028,7 +1028,7 @@ async fn a_reloaded_policy_file_refuses_requests_on_open_connections() {
         second
             .headers()
             .get("x-paddock-denied")
-            .map(|v| v.as_bytes()),
+            .map(http::HeaderValue::as_bytes),
         Some(&b"egress_denied"[..])
     );
     assert_eq!(
