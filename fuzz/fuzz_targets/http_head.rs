@@ -1,13 +1,14 @@
-//! Request heads an agent sends: the head reader, request line, `Host` header and `CONNECT`
-//! authority parsers of the plain-HTTP and cooperative listeners, and the forwarding path's
-//! authority check and upstream URI.
+//! Request heads an agent sends: the head reader, the head parser (`httparse`: request line,
+//! the one `Host` header) and `CONNECT` authority parsers of the plain-HTTP and cooperative
+//! listeners, and the forwarding path's authority check and upstream URI.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use paddock_proxy::fuzzing::{authority, connect_authority, host_of};
 use paddock_proxy::http::RequestContext;
 use paddock_proxy::policy::normalize_host;
-use paddock_proxy::proxy::io::{header_value, read_head, request_line};
+use paddock_proxy::proxy::head::parse_head;
+use paddock_proxy::proxy::io::read_head;
 
 const MAX_HEAD: usize = 8 * 1024;
 
@@ -37,7 +38,8 @@ fuzz_target!(|data: &[u8]| {
         );
     }
 
-    let line = request_line(data);
+    let parsed = parse_head(data, 32).ok();
+    let line = parsed.map(|h| (h.method, h.target));
     if let Some((method, target)) = line {
         assert!(!method.contains(' ') && !target.contains(' '));
         if let Some((host, port)) = connect_authority(target) {
@@ -46,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(target.contains(host));
         }
     }
-    let host_header = header_value(data, "host");
+    let host_header = parsed.and_then(|h| h.host);
     if let Some(value) = host_header
         && let Some(host) = host_of(value)
     {

@@ -11,6 +11,8 @@ pub mod audit;
 #[cfg(feature = "server")]
 pub mod auth;
 #[cfg(feature = "server")]
+pub mod base_url;
+#[cfg(feature = "server")]
 pub mod bearer;
 #[cfg(feature = "server")]
 pub mod broker;

@@ -26,7 +26,7 @@ pub enum CgroupError {
     #[error("no cgroup v2 entry (`0::/...`) in /proc/self/cgroup")]
     NoUnifiedEntry,
     #[error(transparent)]
-    Mount(#[from] crate::ebpf::mounts::MountError),
+    Mount(#[from] crate::mounts::MountError),
 }
 
 impl Cgroup {
@@ -51,7 +51,7 @@ impl Cgroup {
         let text =
             std::fs::read_to_string(&path).map_err(|source| CgroupError::Io { path, source })?;
         let rel = unified_path(&text).ok_or(CgroupError::NoUnifiedEntry)?;
-        let root = crate::ebpf::mounts::cgroup2_root()?;
+        let root = crate::mounts::cgroup2_root()?;
         Self::open(root.join(rel.trim_start_matches('/')))
     }
 

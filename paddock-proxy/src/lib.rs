@@ -15,7 +15,9 @@ pub mod ebpf;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod labels;
 pub mod metrics;
+pub mod mounts;
 pub mod net;
 pub mod netns;
 pub mod origdst;

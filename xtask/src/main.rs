@@ -3,6 +3,7 @@
 mod bench;
 mod deny;
 mod fuzz;
+mod modules;
 mod setup;
 mod unprivileged;
 mod util;
@@ -28,6 +29,8 @@ enum Command {
     /// cargo-deny: licenses, duplicate versions, sources; advisories when a database is at
     /// hand (`PADDOCK_ADVISORY_DB=<git copy of rustsec/advisory-db>`, or GitHub reachable).
     Deny,
+    /// Fail on a module cycle in any crate of the workspace (`crate::`/`super::` paths).
+    Modules,
     /// Set-up, eBPF build, lints and the whole test suite (unprivileged and root tiers).
     Test {
         /// Skip the lint phase (rustfmt, cargo-deny, clippy).
@@ -75,6 +78,7 @@ fn main() -> Result<()> {
         Command::Setup => setup::run_setup(),
         Command::BuildEbpf => build_ebpf(),
         Command::Deny => deny::run_deny(),
+        Command::Modules => modules::run_modules(),
         Command::Test {
             no_lint,
             no_fuzz,
@@ -190,6 +194,8 @@ fn test(no_lint: bool, no_fuzz: bool, extra: &[String]) -> Result<()> {
     warn_if_disk_short();
     setup::run_setup()?;
     build_ebpf()?;
+    // Milliseconds, no build: run even with --no-lint.
+    modules::run_modules().context("module cycles: move the shared item to a leaf module")?;
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"])).context("rustfmt: run `cargo fmt --all`")?;
         deny::run_deny()?;

@@ -478,9 +478,7 @@ impl Run<'_> {
         serve.policy = Some(Arc::new(BrokerPolicy::new(client.clone())));
         let metrics = Arc::new(paddock_proxy::metrics::ProxyMetrics::new());
         serve.substituter = Some(Arc::new(
-            BrokerSubstituter::new(client.clone())
-                .with_metrics(Arc::clone(&metrics))
-                .with_egress_recheck(paddock_proxy::broker::DEFAULT_EGRESS_RECHECK),
+            BrokerSubstituter::new(client.clone()).with_metrics(Arc::clone(&metrics)),
         ));
         serve.metrics = Some(metrics);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

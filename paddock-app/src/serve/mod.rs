@@ -25,7 +25,7 @@ use paddock_proxy::net::{
     CidrConfig, CidrPolicy, DialSettings, DnsResolver, ResolverSettings, Vetter,
 };
 use paddock_proxy::origdst::SockoptOriginalDst;
-use paddock_proxy::policy::{EgressPolicy, Mode, StaticPolicy};
+use paddock_proxy::policy::{EgressPolicy, Mode, PolicyFile};
 use paddock_proxy::proxy::{
     Connector, Drain, ListenerKind, Pipeline, PipelineLimits, PipelineParts, run_listener,
 };
@@ -197,7 +197,8 @@ pub async fn serve_until(
     let mitm = Arc::new(MitmServer::new(Arc::clone(&leaves)).map_err(ServeError::Ca)?);
     let upstream_tls =
         Arc::new(UpstreamTls::new(cfg.tls.upstream_ca_bundle.as_deref()).map_err(ServeError::Ca)?);
-    let (policy, substituter) = egress_policy(cfg, policy_override, substituter, &metrics)?;
+    let (policy, substituter, egress_recheck, policy_file) =
+        egress_policy(cfg, policy_override, substituter, &metrics)?;
     let cidr = Arc::new(CidrPolicy::from_config(&CidrConfig {
         deny: cfg.network.deny_cidrs.clone(),
         allow: cfg.network.allow_cidrs.clone(),
@@ -272,6 +273,7 @@ pub async fn serve_until(
             limits,
             plain_http_ports: cfg.listen.plain_http_ports.clone(),
             deny_page: cfg.policy.deny_page,
+            egress_recheck: Some(egress_recheck),
         },
         stop_rx.clone(),
     ));
@@ -358,6 +360,9 @@ pub async fn serve_until(
         Arc::clone(&metrics),
         stop_rx.clone(),
     ));
+    if let Some(file) = policy_file {
+        tasks.spawn(file.watch(POLICY_FILE_POLL));
+    }
     if let Some(reopen) = opts.audit_reopen.take() {
         tasks.spawn(reopen_audit_on(reopen, Arc::clone(&audit)));
     }
@@ -399,11 +404,21 @@ async fn reopen_audit_on(reopen: Arc<tokio::sync::Notify>, audit: Arc<dyn AuditS
     }
 }
 
-/// What decides egress and what substitutes credentials.
-type EgressParts = (Arc<dyn EgressPolicy>, Arc<dyn Substituter>);
+/// What decides egress, what substitutes credentials, how often open connections re-check
+/// egress, and the policy file to watch for changes (static policy only).
+type EgressParts = (
+    Arc<dyn EgressPolicy>,
+    Arc<dyn Substituter>,
+    Duration,
+    Option<Arc<PolicyFile>>,
+);
+
+/// How often the static policy file is looked at for changes.
+const POLICY_FILE_POLL: Duration = Duration::from_secs(1);
 
 /// The egress policy and substituter: the caller's (in `run` mode), else the broker named by
-/// `[broker]` (both its answers), else the static list of `policy.file` (no substitution).
+/// `[broker]` (both its answers), else the static list of `policy.file` (no substitution,
+/// reloaded when the file changes).
 fn egress_policy(
     cfg: &ServeConfig,
     policy: Option<Arc<dyn EgressPolicy>>,
@@ -419,32 +434,36 @@ fn egress_policy(
         }
         _ => None,
     };
-    let policy: Arc<dyn EgressPolicy> =
-        match (policy, &broker, &cfg.policy.file) {
-            (Some(p), _, _) => p,
-            (None, Some((c, _)), _) => Arc::new(BrokerPolicy::new(c.clone())),
-            (None, None, Some(file)) => Arc::new(StaticPolicy::from_file(file).map_err(
-                |error| ServeError::Policy {
-                    path: file.clone(),
-                    error,
-                },
-            )?),
-            (None, None, None) => {
-                return Err(ServeError::Config(ConfigError::Invalid(
-                    "no egress policy: set policy.file or the [broker] table".to_owned(),
-                )));
-            }
-        };
+    let recheck = broker.as_ref().map_or(
+        paddock_proxy::policy::DEFAULT_EGRESS_RECHECK,
+        |(_, every)| *every,
+    );
+    let mut watched = None;
+    let policy: Arc<dyn EgressPolicy> = match (policy, &broker, &cfg.policy.file) {
+        (Some(p), _, _) => p,
+        (None, Some((c, _)), _) => Arc::new(BrokerPolicy::new(c.clone())),
+        (None, None, Some(file)) => {
+            let file = Arc::new(PolicyFile::open(file).map_err(|error| ServeError::Policy {
+                path: file.clone(),
+                error,
+            })?);
+            watched = Some(Arc::clone(&file));
+            file
+        }
+        (None, None, None) => {
+            return Err(ServeError::Config(ConfigError::Invalid(
+                "no egress policy: set policy.file or the [broker] table".to_owned(),
+            )));
+        }
+    };
     let substituter: Arc<dyn Substituter> = match (substituter, broker) {
         (Some(s), _) => s,
-        (None, Some((c, recheck))) => Arc::new(
-            BrokerSubstituter::new(c)
-                .with_metrics(Arc::clone(metrics))
-                .with_egress_recheck(recheck),
-        ),
+        (None, Some((c, _))) => {
+            Arc::new(BrokerSubstituter::new(c).with_metrics(Arc::clone(metrics)))
+        }
         (None, None) => Arc::new(NoopSubstituter),
     };
-    Ok((policy, substituter))
+    Ok((policy, substituter, recheck, watched))
 }
 
 /// The DNS server and the sockets it serves.
@@ -708,7 +727,9 @@ drain_timeout_secs = 1
         let parts = |cfg: &ServeConfig| DnsParts {
             run: cfg.run_id.clone(),
             settings: paddock_proxy::dns::DnsSettings::default(),
-            policy: Arc::new(StaticPolicy::from_toml_str("").expect("policy")),
+            policy: Arc::new(
+                paddock_proxy::policy::StaticPolicy::from_toml_str("").expect("policy"),
+            ),
             resolver: Arc::new(DnsResolver::new(ResolverSettings::default()).expect("resolver")),
             cidr: Arc::new(CidrPolicy::with_defaults()),
             audit: Arc::new(paddock_proxy::audit::NoAudit::explicitly_disabled()),

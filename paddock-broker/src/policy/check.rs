@@ -426,7 +426,7 @@ fn check_provider(ctx: &Ctx<'_>, i: usize, c: &CredentialGrant) -> Result<(), Po
                 return Err(ctx.err(&provider_at("installationId"), "must be an installation id"));
             }
             if let Some(url) = api_base_url {
-                crate::providers::http_client::validate_base_url(url)
+                crate::base_url::validate_base_url(url)
                     .map_err(|m| ctx.err(&provider_at("apiBaseUrl"), m))?;
             }
         }

@@ -11,7 +11,7 @@
 //! deadline bounds the whole exchange. `https` uses rustls (ring, webpki roots or a configured
 //! CA); plain `http` is accepted only for loopback hosts (tests, local fakes).
 
-use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request, header};
@@ -49,50 +49,29 @@ pub struct HttpResponse {
     pub body: Vec<u8>,
 }
 
-fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Checks a provider base URL: `https`, or `http` to a loopback host.
-pub fn validate_base_url(raw: &str) -> Result<url::Url, String> {
-    let u = url::Url::parse(raw).map_err(|e| format!("invalid URL {raw:?}: {e}"))?;
-    let host = u
-        .host_str()
-        .ok_or_else(|| format!("URL {raw:?} has no host"))?;
-    match u.scheme() {
-        "https" => {}
-        "http" if is_loopback(host) => {}
-        _ => {
-            return Err(format!(
-                "URL {raw:?} must use https (http only for loopback hosts)"
-            ));
-        }
-    }
-    if !u.username().is_empty()
-        || u.password().is_some()
-        || u.query().is_some()
-        || u.fragment().is_some()
-    {
-        return Err(format!(
-            "URL {raw:?} must not carry credentials, a query or a fragment"
-        ));
-    }
-    Ok(u)
-}
+use crate::base_url::is_loopback;
+pub use crate::base_url::validate_base_url;
 
 fn tls_config(ca_file: Option<&Path>) -> Result<ClientConfig, HttpError> {
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
+            use rustls::pki_types::pem::PemObject as _;
+            // Read here rather than through the server's TLS helpers: providers sit below the
+            // server in the module graph.
+            let pem_err =
+                |e: &dyn std::fmt::Display| HttpError::Tls(format!("{}: {e}", path.display()));
+            let mut found = 0usize;
             for cert in
-                crate::server::tls::load_certs(path).map_err(|e| HttpError::Tls(e.to_string()))?
+                rustls::pki_types::CertificateDer::pem_file_iter(path).map_err(|e| pem_err(&e))?
             {
-                roots.add(cert).map_err(|e| HttpError::Tls(e.to_string()))?;
+                roots
+                    .add(cert.map_err(|e| pem_err(&e))?)
+                    .map_err(|e| pem_err(&e))?;
+                found += 1;
+            }
+            if found == 0 {
+                return Err(pem_err(&"no certificate found"));
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),

@@ -28,12 +28,14 @@ mod client;
 mod connector;
 mod credentials;
 mod policy;
-mod recheck;
 pub(crate) mod substitute;
 
 #[cfg(test)]
 mod tests;
 
+/// Kept here for callers that configure the broker; the re-check itself is the policy's
+/// ([`crate::policy::EgressRecheck`]).
+pub use crate::policy::DEFAULT_EGRESS_RECHECK;
 pub use client::{
     BrokerCallError, BrokerClient, BrokerClientConfig, BrokerConfigError, DEFAULT_BEARER_MAX_AGE,
     DEFAULT_MAX_IDLE, DEFAULT_TIMEOUT,
@@ -41,5 +43,4 @@ pub use client::{
 pub use connector::{BrokerConnectError, BrokerConnector, BrokerIo, BrokerStream, ConnectFuture};
 pub use credentials::{BrokerBearer, ClientCertFiles, CredentialError};
 pub use policy::BrokerPolicy;
-pub use recheck::DEFAULT_EGRESS_RECHECK;
 pub use substitute::BrokerSubstituter;

@@ -2,7 +2,7 @@
 
 use paddock_wire::api::{ValidateEgressRequest, ValidateEgressResponse};
 
-use super::BrokerClient;
+use super::{BrokerCallError, BrokerClient};
 use crate::policy::{CheckFuture, Decision, EgressPolicy, EgressRequest, PolicyError};
 
 /// Rule name reported when the broker allowed without naming a policy.
@@ -44,7 +44,7 @@ impl EgressPolicy for BrokerPolicy {
                     port: Some(req.port),
                 })
                 .await
-                .map_err(|e| PolicyError::Unavailable(e.to_string()))?;
+                .map_err(|e| policy_error(&e))?;
             let decision = decision(answer);
             tracing::debug!(
                 run = %req.run, host = %req.host, port = req.port,
@@ -67,7 +67,7 @@ impl EgressPolicy for BrokerPolicy {
                     port: None,
                 })
                 .await
-                .map_err(|e| PolicyError::Unavailable(e.to_string()))?;
+                .map_err(|e| policy_error(&e))?;
             let decision = decision(answer);
             tracing::debug!(
                 run = %run, host = %host, allowed = decision.is_allowed(),
@@ -75,6 +75,20 @@ impl EgressPolicy for BrokerPolicy {
             );
             Ok(decision)
         })
+    }
+}
+
+/// A refusal (an unknown run, a forbidden caller, ...) is [`PolicyError::Refused`]; anything
+/// else (unreachable, timed out, rate limited, an undecodable answer) is
+/// [`PolicyError::Unavailable`]. Both deny.
+fn policy_error(e: &BrokerCallError) -> PolicyError {
+    if e.is_refusal() {
+        PolicyError::Refused(match e {
+            BrokerCallError::Rejected { message, .. } => message.clone(),
+            other => other.to_string(),
+        })
+    } else {
+        PolicyError::Unavailable(e.to_string())
     }
 }
 

@@ -23,10 +23,11 @@ use crate::http::{
 /// `matched: false` (forward unchanged) for a request without a placeholder, so calling it
 /// could not change what is forwarded, and for destinations without a substitute-auth grant
 /// it refuses every call, which would break plain allowed traffic. Skipping the call also
-/// keeps the run's substitution rate limit for requests that need it. With
-/// [`BrokerSubstituter::with_egress_recheck`] such requests instead re-check the destination
-/// with `validate-egress` when its last answer is stale, so policy changes reach open
-/// connections.
+/// keeps the run's substitution rate limit for requests that need it. Whether the
+/// destination is still allowed is not this type's question: the request loop re-checks
+/// egress ([`crate::policy::EgressRecheck`]) for every request this substituter did not send
+/// to the broker ([`Substituted::egress_checked`]: `substitute-auth` checks the policy
+/// itself).
 ///
 /// Use one `BrokerSubstituter` for every intercepted connection, whatever the egress
 /// decision's `substitute_auth` flag said: a placeholder sent to a host without a
@@ -55,7 +56,6 @@ use crate::http::{
 pub struct BrokerSubstituter {
     client: BrokerClient,
     metrics: Option<std::sync::Arc<crate::metrics::ProxyMetrics>>,
-    recheck: Option<std::sync::Arc<super::recheck::EgressRecheck>>,
 }
 
 impl BrokerSubstituter {
@@ -64,20 +64,7 @@ impl BrokerSubstituter {
         Self {
             client,
             metrics: None,
-            recheck: None,
         }
-    }
-
-    /// Also re-check egress for requests without a placeholder when the destination's last
-    /// broker answer is older than `interval` (zero: on every request), so a policy change
-    /// reaches connections that are already open (see the `recheck` module). Off by default:
-    /// then requests without a placeholder never reach the broker.
-    #[must_use]
-    pub fn with_egress_recheck(mut self, interval: std::time::Duration) -> Self {
-        self.recheck = Some(std::sync::Arc::new(super::recheck::EgressRecheck::new(
-            interval,
-        )));
-        self
     }
 
     /// Count applied substitutions in the proxy's `substitutions` metric.
@@ -89,22 +76,6 @@ impl BrokerSubstituter {
 }
 
 impl Substituter for BrokerSubstituter {
-    fn tunnel_check_interval(&self) -> Option<std::time::Duration> {
-        self.recheck.as_ref().map(|r| r.interval())
-    }
-
-    fn tunnel_allowed<'a>(
-        &'a self,
-        ctx: &'a RequestContext,
-    ) -> BoxFuture<'a, Result<(), SubstituteError>> {
-        Box::pin(async move {
-            match &self.recheck {
-                Some(recheck) => recheck.check(&self.client, ctx).await,
-                None => Ok(()),
-            }
-        })
-    }
-
     fn substitute<'a>(
         &'a self,
         head: &'a mut RequestHead<'_>,
@@ -112,9 +83,6 @@ impl Substituter for BrokerSubstituter {
     ) -> BoxFuture<'a, Result<Substituted, SubstituteError>> {
         Box::pin(async move {
             if !carries_placeholder(head) {
-                if let Some(recheck) = &self.recheck {
-                    recheck.check(&self.client, ctx).await?;
-                }
                 return Ok(Substituted::none());
             }
             // The placeholder as the agent wrote it, to put back where a response reflects
@@ -145,15 +113,19 @@ impl Substituter for BrokerSubstituter {
                     credential: answer.credential,
                     lease_id: answer.lease_id,
                     secrets,
+                    egress_checked: true,
                 }
             } else {
-                Substituted::none()
+                Substituted {
+                    egress_checked: true,
+                    ..Substituted::none()
+                }
             })
         })
     }
 }
 
-pub(super) fn call_error(e: &BrokerCallError) -> SubstituteError {
+fn call_error(e: &BrokerCallError) -> SubstituteError {
     if let BrokerCallError::Rejected {
         code: paddock_wire::api::ErrorCode::TlsRequired,
         message,

@@ -41,7 +41,7 @@ use crate::http::{
     SubstituteError, Substituted, Substituter, UpstreamConnector, UpstreamPool, UpstreamStream,
     UpstreamTarget, serve_connection,
 };
-use crate::policy::{Decision, EgressPolicy, EgressRequest, Mode};
+use crate::policy::{Decision, EgressPolicy, EgressRequest, Mode, RecheckError};
 
 const CONTROLLER_KEY: &str = "controller-key-0123456789";
 const PROXY_KEY: &str = "proxy-key-0123456789";
@@ -432,6 +432,7 @@ async fn each_placeholder_position_gets_the_real_secret() {
                 secret: HEADER_SECRET.as_bytes().to_vec(),
                 placeholder: gh.clone(),
             }],
+            egress_checked: true,
         },
         "the broker's names for what went in (for the audit record) and the secret with the \
          placeholder it replaced (for scrubbing)"
@@ -1007,6 +1008,15 @@ async fn names_are_allowed_when_the_broker_grants_them_on_any_port() {
     assert!(matches!(err, crate::policy::PolicyError::Unavailable(_)));
 }
 
+/// The egress re-check the proxy runs over the broker's `validate-egress`.
+fn broker_recheck(fx: &Fixture, interval: Duration) -> crate::policy::EgressRecheck {
+    crate::policy::EgressRecheck::new(Arc::new(BrokerPolicy::new(fx.proxy_client())), interval)
+}
+
+fn egress(host: &str) -> EgressRequest {
+    EgressRequest::new(RUN, host, 443, Mode::Transparent).expect("request")
+}
+
 #[tokio::test]
 async fn open_connections_recheck_egress_and_see_policy_changes() {
     let mut fx = Fixture::start(Options {
@@ -1015,14 +1025,13 @@ async fn open_connections_recheck_egress_and_see_policy_changes() {
     })
     .await;
     let interval = Duration::from_millis(300);
-    let sub = BrokerSubstituter::new(fx.proxy_client()).with_egress_recheck(interval);
-    let plain = || request("https://plain.example.com/", &[]);
-    substitute(&sub, &mut plain(), "plain.example.com")
+    let sub = broker_recheck(&fx, interval);
+    sub.check(&egress("plain.example.com"))
         .await
-        .expect("allowed without a placeholder");
+        .expect("allowed at first");
 
-    // Withdraw plain.example.com: requests without a placeholder, on connections allowed
-    // before, are refused within a second.
+    // Withdraw plain.example.com: re-checks for connections allowed before are refused
+    // within a second.
     std::fs::write(
         fx.dir.path().join("policy.yaml"),
         policy_yaml(fx.dir.path(), false),
@@ -1030,12 +1039,12 @@ async fn open_connections_recheck_egress_and_see_policy_changes() {
     .expect("policy");
     let changed = Instant::now();
     loop {
-        match substitute(&sub, &mut plain(), "plain.example.com").await {
-            Err(SubstituteError::Denied { reason }) => {
+        match within("recheck", sub.check(&egress("plain.example.com"))).await {
+            Err(RecheckError::Denied { reason }) => {
                 assert!(reason.contains("no longer allowed"), "{reason}");
                 break;
             }
-            Ok(_) => assert!(
+            Ok(()) => assert!(
                 changed.elapsed() < Duration::from_secs(1),
                 "policy change not seen by an open connection within 1 s"
             ),
@@ -1046,27 +1055,23 @@ async fn open_connections_recheck_egress_and_see_policy_changes() {
 
     // A fresh answer covers its interval (no call per request); past it, a broker that is
     // gone fails the request closed.
-    let github = || request("https://api.github.com/", &[]);
-    let long =
-        BrokerSubstituter::new(fx.proxy_client()).with_egress_recheck(Duration::from_mins(1));
-    substitute(&long, &mut github(), "api.github.com")
-        .await
-        .expect("still allowed");
-    substitute(&sub, &mut github(), "api.github.com")
-        .await
-        .expect("still allowed");
+    let github = || egress("api.github.com");
+    let long = broker_recheck(&fx, Duration::from_mins(1));
+    long.check(&github()).await.expect("still allowed");
+    sub.check(&github()).await.expect("still allowed");
     fx.stop().await;
-    substitute(&long, &mut github(), "api.github.com")
+    long.check(&github())
         .await
         .expect("covered by the answer given within the interval");
     tokio::time::sleep(interval).await;
-    let err = substitute(&sub, &mut github(), "api.github.com")
+    let err = within("recheck", sub.check(&github()))
         .await
         .expect_err("stale answer, broker gone");
-    assert!(matches!(err, SubstituteError::Unavailable { .. }), "{err}");
+    assert!(matches!(err, RecheckError::Unavailable { .. }), "{err}");
+    assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
     assert!(
         !err.to_string()
-            .contains("unavailable: credential broker unavailable"),
+            .contains("unavailable: egress policy backend unavailable"),
         "{err}"
     );
 }
@@ -1074,9 +1079,7 @@ async fn open_connections_recheck_egress_and_see_policy_changes() {
 #[tokio::test]
 async fn rechecks_of_a_refused_destination_cannot_flood_the_broker() {
     let fx = Fixture::start(Options::default()).await;
-    let sub = Arc::new(
-        BrokerSubstituter::new(fx.proxy_client()).with_egress_recheck(Duration::from_secs(30)),
-    );
+    let sub = Arc::new(broker_recheck(&fx, Duration::from_secs(30)));
     let denials = || {
         fx.audit
             .events()
@@ -1088,18 +1091,14 @@ async fn rechecks_of_a_refused_destination_cannot_flood_the_broker() {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..64 {
         let sub = Arc::clone(&sub);
-        tasks.spawn(async move {
-            let mut p = request("https://evil.example.net/", &[]);
-            substitute(sub.as_ref(), &mut p, "evil.example.net").await
-        });
+        tasks.spawn(async move { within("recheck", sub.check(&egress("evil.example.net"))).await });
     }
     while let Some(r) = tasks.join_next().await {
         let err = r.expect("join").expect_err("refused");
-        assert!(matches!(err, SubstituteError::Denied { .. }), "{err}");
+        assert!(matches!(err, RecheckError::Denied { .. }), "{err}");
     }
     for _ in 0..64 {
-        let mut p = request("https://evil.example.net/", &[]);
-        let err = substitute(sub.as_ref(), &mut p, "evil.example.net")
+        let err = within("recheck", sub.check(&egress("evil.example.net")))
             .await
             .expect_err("refused");
         assert_eq!(err.status(), StatusCode::FORBIDDEN);
@@ -1351,6 +1350,7 @@ async fn agent_request(
         substituter,
         audit,
         limits,
+        None,
     ));
     let mut req = Request::get(format!("https://{host}{path_and_query}"));
     for (n, v) in headers {

@@ -82,8 +82,9 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RecordType};
 
-use crate::audit::{AuditEvent, AuditKind, AuditMode, AuditOutcome, AuditSink, audit_decision};
-use crate::metrics::{DnsOutcome, ProxyMetrics};
+use crate::audit::{AuditEvent, AuditMode, AuditOutcome, AuditSink, audit_decision};
+use crate::labels::{AuditKind, DnsOutcome};
+use crate::metrics::ProxyMetrics;
 use crate::net::{CidrPolicy, DnsResolver, ResolveError};
 use crate::policy::{Decision, EgressPolicy, PolicyError, normalize_host};
 
@@ -345,7 +346,7 @@ impl DnsServer {
             Err(PolicyError::InvalidHost(e)) => {
                 self.deny(&request, &name, &e.to_string(), ResponseCode::NXDomain)
             }
-            Err(PolicyError::Unavailable(why)) => self.deny(
+            Err(PolicyError::Unavailable(why) | PolicyError::Refused(why)) => self.deny(
                 &request,
                 &name,
                 &format!("egress policy unavailable: {why}"),

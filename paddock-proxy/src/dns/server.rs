@@ -8,7 +8,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use super::{Admission, DnsServer, SUMMARY_INTERVAL};
-use crate::metrics::DnsOutcome;
+use crate::labels::DnsOutcome;
 
 /// Largest datagram read; anything longer arrives cut and fails to parse (FORMERR).
 const MAX_QUERY: usize = 4096;

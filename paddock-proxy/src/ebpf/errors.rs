@@ -17,7 +17,7 @@ pub enum EbpfError {
     )]
     ObjectStale,
     #[error(transparent)]
-    Mount(#[from] super::mounts::MountError),
+    Mount(#[from] crate::mounts::MountError),
     #[error("loading the eBPF object: {reason}{}", hint_suffix(*.hint))]
     Load {
         reason: String,

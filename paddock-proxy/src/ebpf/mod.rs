@@ -21,7 +21,8 @@
 
 pub mod config;
 pub mod errors;
-pub mod mounts;
+/// Moved to [`crate::mounts`] (cgroups need it too); kept here for existing callers.
+pub use crate::mounts;
 mod object;
 
 use std::{

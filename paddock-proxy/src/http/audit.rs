@@ -9,12 +9,13 @@ use std::sync::Arc;
 
 use http::{Method, StatusCode, Uri, Version};
 
-use super::deny::sanitize_reason;
+use super::error::sanitize_reason;
 use super::{HttpError, RequestContext, Substituted};
 use crate::audit::{
-    AuditEvent, AuditKind, AuditOutcome, AuditSink, RequestOutcome, audit_decision,
+    AuditEvent, AuditKind, AuditOutcome, AuditSink, ConnId, RequestOutcome, audit_decision,
 };
-use crate::metrics::{ProxyMetrics, ScrubLocation};
+use crate::labels::ScrubLocation;
+use crate::metrics::ProxyMetrics;
 use crate::policy::Mode;
 
 /// Where a connection's request records go, plus what they say about the connection beyond
@@ -25,6 +26,7 @@ pub struct RequestAudit {
     metrics: Arc<ProxyMetrics>,
     mode: Mode,
     dst: Option<SocketAddr>,
+    conn: Option<ConnId>,
 }
 
 impl RequestAudit {
@@ -36,7 +38,15 @@ impl RequestAudit {
             metrics,
             mode,
             dst: None,
+            conn: None,
         }
+    }
+
+    /// The connection the requests arrive on: its id goes into every record.
+    #[must_use]
+    pub fn with_conn(mut self, conn: ConnId) -> Self {
+        self.conn = Some(conn);
+        self
     }
 
     /// The connection's destination address (the original destination in transparent and
@@ -65,6 +75,9 @@ impl RequestAudit {
             .with_credential(substituted.credential, substituted.lease_id);
         if let Some(dst) = self.dst {
             ev = ev.with_dst(dst);
+        }
+        if let Some(conn) = self.conn {
+            ev = ev.with_conn(conn);
         }
         ev = match answer {
             Answer::Forwarded(status) => ev
@@ -125,6 +138,9 @@ impl RequestAudit {
             .with_scrubbed(count);
         if let Some(dst) = self.dst {
             ev = ev.with_dst(dst);
+        }
+        if let Some(conn) = self.conn {
+            ev = ev.with_conn(conn);
         }
         let _ = audit_decision(self.sink.as_ref(), &self.metrics, &ev);
     }

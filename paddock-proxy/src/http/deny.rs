@@ -17,31 +17,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
 use super::body::{ProxyBody, full};
-use super::forward::drive;
+use super::error::{DENIED_HEADER, sanitize_reason};
+use super::graceful::drive;
 use super::{ALPN_H2, HttpError};
-
-/// Header carrying the machine-readable denial reason.
-pub const DENIED_HEADER: &str = "x-paddock-denied";
 
 /// Most time a denial connection may take in total: it serves one answer, not a session.
 const DENIAL_LIFETIME: Duration = Duration::from_secs(10);
 /// Header caps for denial connections: the request is never forwarded, only answered.
 const DENIAL_MAX_HEADER_BYTES: usize = 16 * 1024;
-
-/// Keeps printable ASCII and caps the length, so agent-controlled text (SNI, reasons built
-/// from it) cannot inject header lines or flood the page.
-pub(crate) fn sanitize_reason(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                '?'
-            }
-        })
-        .take(200)
-        .collect()
-}
 
 /// The 403 a denied destination gets.
 #[must_use]

@@ -1,11 +1,55 @@
 //! The request loop's error type and the one answer each error gets.
 
+use std::io;
+
 use http::{HeaderValue, Response, StatusCode, header};
 
 use super::body::{ProxyBody, full};
-use super::deny::{DENIED_HEADER, sanitize_reason};
 use super::substitute::SubstituteError;
-use super::upstream::ConnectError;
+
+/// Header carrying the machine-readable denial reason.
+pub const DENIED_HEADER: &str = "x-paddock-denied";
+
+/// Keeps printable ASCII and caps the length, so agent-controlled text (SNI, reasons built
+/// from it) cannot inject header lines or flood the page.
+pub(crate) fn sanitize_reason(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(200)
+        .collect()
+}
+
+/// Why an upstream connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Name resolution or TCP failed.
+    #[error("dial failed: {0}")]
+    Io(#[from] io::Error),
+    /// The TLS handshake failed or the certificate did not verify.
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    /// Every address the name resolved to was refused by network policy (denied CIDR,
+    /// rebinding mismatch).
+    #[error("destination refused by network policy: {0}")]
+    Denied(String),
+}
+
+impl ConnectError {
+    /// A copy for reporting: the original stays inside the client's error chain.
+    pub(super) fn duplicate(&self) -> Self {
+        match self {
+            Self::Io(e) => Self::Io(io::Error::new(e.kind(), e.to_string())),
+            Self::Handshake(s) => Self::Handshake(s.clone()),
+            Self::Denied(s) => Self::Denied(s.clone()),
+        }
+    }
+}
 
 /// A failure while serving an agent connection or one of its requests.
 ///
@@ -42,6 +86,10 @@ pub enum HttpError {
     /// The substituter refused or failed: the request is not forwarded.
     #[error("credential substitution failed: {0}")]
     Substitution(#[from] SubstituteError),
+    /// The connection's destination is no longer allowed (or the policy could not say):
+    /// the egress re-check of an open connection refused the request.
+    #[error("{0}")]
+    Egress(#[from] crate::policy::RecheckError),
     /// The request names an authority other than the connection's destination.
     #[error("request for {authority} on a connection to {host}:{port}")]
     Misdirected {
@@ -127,6 +175,7 @@ impl HttpError {
                 Self::Substitution(
                     SubstituteError::Denied { .. } | SubstituteError::TlsRequired { .. }
                 ) | Self::UpgradeRefused { .. }
+                    | Self::Egress(crate::policy::RecheckError::Denied { .. })
                     | Self::UpstreamConnect {
                         source: ConnectError::Denied(_),
                         ..
@@ -156,6 +205,7 @@ impl HttpError {
             | Self::PoolRunMismatch { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } | Self::AgentTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Substitution(e) => e.status(),
+            Self::Egress(e) => e.status(),
             Self::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             Self::BadRequest(_) | Self::Agent(_) => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -176,6 +226,7 @@ impl HttpError {
             Self::UpstreamRequest { .. } => "upstream_request_failed",
             Self::UpgradeNotHttp1 { .. } => "upstream_upgrade_failed",
             Self::Substitution(e) => e.reason(),
+            Self::Egress(e) => e.reason(),
             Self::Misdirected { .. } => "misdirected_request",
             Self::BadRequest(_) => "bad_request",
             Self::MethodNotAllowed(_) => "method_not_allowed",

@@ -1,6 +1,5 @@
 //! Serving one agent connection: each request is checked, substituted and forwarded.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::FutureExt as _;
@@ -10,16 +9,19 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Instrument as _;
 
 use super::audit::{Answer, RequestLine};
 use super::body::{self, ProxyBody};
+use super::graceful::drive;
 use super::substitute::RequestHead;
 use super::{
     ALPN_H2, HttpError, HttpLimits, RequestAudit, RequestContext, Substituted, Substituter,
     UpstreamPool, authority, hop, upgrade,
 };
 use crate::audit::{AuditOutcome, redact_placeholders, redacted_path};
-use crate::metrics::ScrubLocation;
+use crate::labels::ScrubLocation;
+use crate::policy::ConnectionRecheck;
 use crate::scrub;
 
 /// Serves HTTP/2 (agent ALPN `h2`) or HTTP/1.1 (anything else) on `io` until the agent
@@ -33,7 +35,16 @@ use crate::scrub;
 /// an answer the proxy gives itself (a refusal or a failure) cannot be written, that answer
 /// is not given: the HTTP/2 stream is reset, the HTTP/1.1 connection closed.
 ///
+/// With `recheck`, a request the substituter did not already check with the policy
+/// ([`Substituted::egress_checked`]) is only forwarded while the connection's destination is
+/// still allowed, and open tunnels are closed once it no longer is (see
+/// [`crate::policy::EgressRecheck`]); without, the connection's first decision stands.
+///
 /// The returned future borrows nothing, so it can be spawned directly.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the connection's parts, each from a different owner; a struct would only be unpacked here"
+)]
 pub fn serve_connection<I>(
     io: I,
     agent_alpn: Option<&[u8]>,
@@ -42,6 +53,7 @@ pub fn serve_connection<I>(
     substituter: Arc<dyn Substituter>,
     audit: RequestAudit,
     limits: HttpLimits,
+    recheck: Option<ConnectionRecheck>,
 ) -> impl Future<Output = Result<(), HttpError>> + Send + 'static
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -54,6 +66,7 @@ where
         substituter,
         audit,
         limits,
+        recheck,
         std::future::pending(),
     )
 }
@@ -74,6 +87,7 @@ pub fn serve_connection_until<I, S>(
     substituter: Arc<dyn Substituter>,
     audit: RequestAudit,
     limits: HttpLimits,
+    recheck: Option<ConnectionRecheck>,
     shutdown: S,
 ) -> impl Future<Output = Result<(), HttpError>> + Send + 'static
 where
@@ -92,6 +106,7 @@ where
             ctx,
             pool,
             substituter,
+            recheck,
             audit,
             via: limits.via.clone(),
             tunnels: upgrade::Tunnels::default(),
@@ -101,9 +116,12 @@ where
         let shutdown = shutdown.shared();
         // An `Unrecorded` error makes hyper reset the HTTP/2 stream, or close the HTTP/1.1
         // connection, without an answer.
+        // HTTP/2 streams run in tasks hyper spawns: they carry the connection's span (and so
+        // its `conn` id) only if given it.
+        let span = tracing::Span::current();
         let service = service_fn(move |req: Request<Incoming>| {
             let forwarder = Arc::clone(&forwarder);
-            async move { forwarder.handle(req).await }
+            async move { forwarder.handle(req).await }.instrument(span.clone())
         });
         let io = TokioIo::new(io);
         let served = if h2 {
@@ -141,25 +159,6 @@ where
     }
 }
 
-/// Runs `conn` to completion, switching it to graceful shutdown if `shutdown` fires first.
-pub(crate) async fn drive<C, S>(
-    conn: C,
-    shutdown: S,
-    graceful: impl FnOnce(Pin<&mut C>),
-) -> C::Output
-where
-    C: Future,
-    S: Future<Output = ()>,
-{
-    tokio::pin!(conn);
-    tokio::pin!(shutdown);
-    tokio::select! {
-        out = conn.as_mut() => return out,
-        () = &mut shutdown => graceful(conn.as_mut()),
-    }
-    conn.await
-}
-
 /// A request the proxy answered itself could not be audited, so it is not answered.
 #[derive(Debug, thiserror::Error)]
 #[error("the proxy's answer to this request could not be audited")]
@@ -170,6 +169,7 @@ struct Forwarder {
     ctx: RequestContext,
     pool: UpstreamPool,
     substituter: Arc<dyn Substituter>,
+    recheck: Option<ConnectionRecheck>,
     audit: RequestAudit,
     via: Option<HeaderValue>,
     /// Upgraded tunnels (WebSocket) of this connection. The connection's future waits for
@@ -299,6 +299,11 @@ impl Forwarder {
             .substituter
             .substitute(&mut RequestHead::new(&mut parts), &self.ctx)
             .await?;
+        if !substituted.egress_checked
+            && let Some(recheck) = &self.recheck
+        {
+            recheck.check().await?;
+        }
         let scrubber = self.scrubber_after(substituted)?;
         if scrubber.is_some() {
             scrub::prepare_request(&mut parts.headers);
@@ -324,8 +329,7 @@ impl Forwarder {
         let (response, upgraded) = match agent_upgrade {
             Some(agent) => {
                 let watch = upgrade::TunnelWatch {
-                    substituter: Arc::clone(&self.substituter),
-                    ctx: self.ctx.clone(),
+                    recheck: self.recheck.clone(),
                     scrub: scrubber.clone().zip(report.clone()).map(|(sc, r)| {
                         let tell: upgrade::OnScrub =
                             Box::new(move |n| r.tell(ScrubLocation::WebSocket, n));

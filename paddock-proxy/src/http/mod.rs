@@ -20,6 +20,7 @@ mod body;
 mod deny;
 mod error;
 mod forward;
+mod graceful;
 pub mod hop;
 mod limits;
 mod substitute;
@@ -38,14 +39,12 @@ use std::pin::Pin;
 
 pub use audit::RequestAudit;
 pub use body::ProxyBody;
-pub use deny::{DENIED_HEADER, denial_response, serve_denial};
-pub use error::HttpError;
+pub use deny::{denial_response, serve_denial};
+pub use error::{ConnectError, DENIED_HEADER, HttpError};
 pub use forward::{serve_connection, serve_connection_until};
 pub use limits::HttpLimits;
 pub use substitute::{NoopSubstituter, RequestHead, SubstituteError, Substituted, Substituter};
-pub use upstream::{
-    ConnectError, UpstreamConnector, UpstreamIo, UpstreamPool, UpstreamStream, UpstreamTarget,
-};
+pub use upstream::{UpstreamConnector, UpstreamIo, UpstreamPool, UpstreamStream, UpstreamTarget};
 
 /// A boxed, sendable future; the async trait methods of this module return it so the traits
 /// stay object safe.

@@ -64,6 +64,10 @@ pub struct Substituted {
     pub lease_id: Option<String>,
     /// The secrets put in (redacted in `Debug`): the upstream's responses are scrubbed of them.
     pub secrets: Vec<crate::scrub::SecretPair>,
+    /// The substitution backend checked the destination's egress policy for this very
+    /// request (the broker's `substitute-auth` does), so the request loop need not re-check
+    /// it ([`crate::policy::EgressRecheck`]).
+    pub egress_checked: bool,
 }
 
 impl Substituted {
@@ -84,22 +88,6 @@ pub trait Substituter: Send + Sync + fmt::Debug {
         head: &'a mut RequestHead<'_>,
         ctx: &'a RequestContext,
     ) -> BoxFuture<'a, Result<Substituted, SubstituteError>>;
-
-    /// How often an open upgraded tunnel (WebSocket) to a destination is re-checked with
-    /// [`Substituter::tunnel_allowed`]; `None` (the default): never.
-    fn tunnel_check_interval(&self) -> Option<std::time::Duration> {
-        None
-    }
-
-    /// Whether an open tunnel to `ctx`'s destination may go on; an error closes it. Tunnels
-    /// carry no more requests to substitute, so without this a policy change or a dead
-    /// broker would never reach them.
-    fn tunnel_allowed<'a>(
-        &'a self,
-        _ctx: &'a RequestContext,
-    ) -> BoxFuture<'a, Result<(), SubstituteError>> {
-        Box::pin(async { Ok(()) })
-    }
 }
 
 /// The substituter for destinations without credential injection: leaves requests as-is.
@@ -256,6 +244,7 @@ pub(crate) mod tests {
                             secret: SECRET.as_bytes().to_vec(),
                             placeholder: PLACEHOLDER.into(),
                         }],
+                        egress_checked: false,
                     }
                 } else {
                     Substituted::none()

@@ -283,6 +283,19 @@ pub(crate) fn proxy_with_pool(
     audit: RequestAudit,
     limits: HttpLimits,
 ) -> (DuplexStream, JoinHandle<Result<(), HttpError>>) {
+    proxy_with_recheck(agent_h2, ctx, pool, substituter, audit, limits, None)
+}
+
+/// [`proxy_with_pool`] re-checking egress with `recheck`.
+pub(crate) fn proxy_with_recheck(
+    agent_h2: bool,
+    ctx: RequestContext,
+    pool: UpstreamPool,
+    substituter: Arc<dyn Substituter>,
+    audit: RequestAudit,
+    limits: HttpLimits,
+    recheck: Option<crate::policy::ConnectionRecheck>,
+) -> (DuplexStream, JoinHandle<Result<(), HttpError>>) {
     let (agent, proxy_side) = tokio::io::duplex(256 * 1024);
     let alpn: Option<&'static [u8]> = if agent_h2 {
         Some(ALPN_H2)
@@ -297,6 +310,7 @@ pub(crate) fn proxy_with_pool(
         substituter,
         audit,
         limits,
+        recheck,
     ));
     (agent, task)
 }

@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::substitute::tests::{CREDENTIAL, LEASE, PLACEHOLDER, PlaceholderSubstituter, SECRET};
 use super::test_support::{
     Agent, DST, Fail, TestBody, TestConnector, TestError, Upstream, audit_into, body_string, ctx,
-    empty, full, proxy, proxy_audited, proxy_with_pool, unobserved_audit, within,
+    empty, full, proxy, proxy_audited, proxy_with_pool, proxy_with_recheck, unobserved_audit,
+    within,
 };
 use super::{
     BoxFuture, DENIED_HEADER, HttpLimits, NoopSubstituter, RequestAudit, RequestContext,
@@ -1033,6 +1034,7 @@ async fn drain_finishes_in_flight_requests_then_closes() {
             noop(),
             unobserved_audit(),
             limits,
+            None,
             async move {
                 let _ = shutdown_rx.await;
             },
@@ -1525,42 +1527,181 @@ async fn requests_the_agent_abandons_are_still_audited() {
     }
 }
 
-/// Lets tunnels run until `revoked` is set, re-checking every 20 ms.
+/// Allows everything until `revoked` is set, counting the questions.
 #[derive(Debug, Default)]
-struct RevocableTunnels {
+struct RevocablePolicy {
     revoked: std::sync::atomic::AtomicBool,
     checks: std::sync::atomic::AtomicUsize,
 }
 
-impl Substituter for RevocableTunnels {
-    fn substitute<'a>(
+impl crate::policy::EgressPolicy for RevocablePolicy {
+    fn check<'a>(
         &'a self,
-        _head: &'a mut super::RequestHead<'_>,
-        _ctx: &'a RequestContext,
-    ) -> super::BoxFuture<'a, Result<super::Substituted, super::SubstituteError>> {
-        Box::pin(async { Ok(super::Substituted::none()) })
-    }
-
-    fn tunnel_check_interval(&self) -> Option<Duration> {
-        Some(Duration::from_millis(20))
-    }
-
-    fn tunnel_allowed<'a>(
-        &'a self,
-        _ctx: &'a RequestContext,
-    ) -> super::BoxFuture<'a, Result<(), super::SubstituteError>> {
+        _req: &'a crate::policy::EgressRequest,
+    ) -> crate::policy::CheckFuture<'a> {
         use std::sync::atomic::Ordering;
         self.checks.fetch_add(1, Ordering::SeqCst);
         let revoked = self.revoked.load(Ordering::SeqCst);
-        Box::pin(async move {
-            if revoked {
-                Err(super::SubstituteError::Denied {
-                    reason: "egress withdrawn".into(),
-                })
-            } else {
-                Ok(())
+        Box::pin(std::future::ready(Ok(if revoked {
+            crate::policy::Decision::Deny {
+                reason: "egress withdrawn".into(),
             }
+        } else {
+            crate::policy::Decision::Allow {
+                rule: "test".into(),
+                substitute_auth: false,
+            }
+        })))
+    }
+}
+
+/// The re-check of the test connection (`ctx()`) with `policy`, every `every`.
+fn recheck_of(
+    policy: Arc<dyn crate::policy::EgressPolicy>,
+    every: Duration,
+) -> crate::policy::ConnectionRecheck {
+    let ctx = ctx();
+    Arc::new(crate::policy::EgressRecheck::new(policy, every)).for_connection(
+        crate::policy::EgressRequest::new(
+            ctx.run,
+            &ctx.host,
+            ctx.port,
+            crate::policy::Mode::Transparent,
+        )
+        .expect("request"),
+    )
+}
+
+/// A static policy file changed and reloaded while a connection is open: its next request
+/// is refused (and audited as denied) on the same kept-alive connection, without reaching
+/// upstream, and a request after the file allows the host again goes through.
+#[tokio::test]
+async fn a_reloaded_static_policy_reaches_open_connections() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("policy.toml");
+    let allow = "[[rule]]\nname = \"api\"\nhosts = [\"api.test\"]\nports = [443]\n";
+    std::fs::write(&path, allow).expect("policy");
+    let file = Arc::new(crate::policy::PolicyFile::open(&path).expect("policy file"));
+    for agent_h2 in [false, true] {
+        file.reload().expect("allowing policy");
+        let upstream = Upstream::ok(false).await;
+        let (sink, _metrics, audit) = capture(MemorySink::default());
+        let ctx = ctx();
+        let limits = HttpLimits::default();
+        let pool = UpstreamPool::new(&ctx.run, upstream.connector(), &limits);
+        let (io, _proxy) = proxy_with_recheck(
+            agent_h2,
+            ctx,
+            pool,
+            noop(),
+            audit,
+            limits,
+            // Zero: every request asks the policy (an answer covers no later request).
+            Some(recheck_of(file.clone(), Duration::ZERO)),
+        );
+        let (mut agent, _conn) = Agent::connect(io, agent_h2).await;
+        let response = within("first", agent.send(get("https://api.test/before")))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+
+        std::fs::write(&path, "[[rule]]\nhosts = [\"other.test\"]\nports = [443]\n")
+            .expect("withdraw");
+        file.reload().expect("withdrawing policy");
+        let response = within("after", agent.send(get("https://api.test/after")))
+            .await
+            .expect("response on the same connection");
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            response
+                .headers()
+                .get(DENIED_HEADER)
+                .map(HeaderValue::as_bytes),
+            Some(&b"egress_denied"[..])
+        );
+        let paths: Vec<String> = upstream
+            .seen()
+            .iter()
+            .map(|s| s.uri.path().to_owned())
+            .collect();
+        assert_eq!(paths, ["/before"], "{agent_h2}");
+        let records = sink.records();
+        let after = records
+            .iter()
+            .find(|r| r["path"] == "/after")
+            .expect("the refusal is audited");
+        assert_eq!(after["outcome"], "denied", "{after}");
+        assert_eq!(after["status"], 403, "{after}");
+        assert!(
+            after["reason"].as_str().is_some_and(
+                |r| r.starts_with("egress_denied: ") && r.contains("no longer allowed")
+            ),
+            "{after}"
+        );
+
+        std::fs::write(&path, allow).expect("restore");
+        file.reload().expect("restored policy");
+        let response = within("restored", agent.send(get("https://api.test/again")))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+}
+
+/// Says it checked egress itself, as the broker's `substitute-auth` does.
+#[derive(Debug)]
+struct CheckedBySubstitution;
+
+impl Substituter for CheckedBySubstitution {
+    fn substitute<'a>(
+        &'a self,
+        _head: &'a mut RequestHead<'_>,
+        _ctx: &'a RequestContext,
+    ) -> BoxFuture<'a, Result<Substituted, SubstituteError>> {
+        Box::pin(async {
+            Ok(Substituted {
+                egress_checked: true,
+                ..Substituted::none()
+            })
         })
+    }
+}
+
+/// A request the substitution backend already checked is not checked twice; every other one
+/// is.
+#[tokio::test]
+async fn requests_checked_by_the_substituter_are_not_rechecked() {
+    use std::sync::atomic::Ordering;
+    let policy = Arc::new(RevocablePolicy::default());
+    policy.revoked.store(true, Ordering::SeqCst);
+    for (sub, status, checks) in [
+        (
+            Arc::new(CheckedBySubstitution) as Arc<dyn Substituter>,
+            StatusCode::OK,
+            0,
+        ),
+        (noop(), StatusCode::FORBIDDEN, 1),
+    ] {
+        policy.checks.store(0, Ordering::SeqCst);
+        let upstream = Upstream::ok(false).await;
+        let ctx = ctx();
+        let limits = HttpLimits::default();
+        let pool = UpstreamPool::new(&ctx.run, upstream.connector(), &limits);
+        let (io, _proxy) = proxy_with_recheck(
+            false,
+            ctx,
+            pool,
+            sub,
+            unobserved_audit(),
+            limits,
+            Some(recheck_of(policy.clone(), Duration::ZERO)),
+        );
+        let (mut agent, _conn) = Agent::connect(io, false).await;
+        let response = within("response", agent.send(get("https://api.test/x")))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), status);
+        assert_eq!(policy.checks.load(Ordering::SeqCst), checks);
     }
 }
 
@@ -1571,14 +1712,19 @@ async fn open_tunnels_close_when_no_longer_allowed() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
     let upstream = websocket_echo_upstream().await;
-    let sub = Arc::new(RevocableTunnels::default());
+    let policy = Arc::new(RevocablePolicy::default());
     let (_sink, _metrics, audit) = capture(MemorySink::default());
-    let (io, proxy) = proxy_audited(
+    let ctx = ctx();
+    let limits = HttpLimits::default();
+    let pool = UpstreamPool::new(&ctx.run, upstream.connector(), &limits);
+    let (io, proxy) = proxy_with_recheck(
         false,
-        upstream.connector(),
-        sub.clone(),
-        HttpLimits::default(),
+        ctx,
+        pool,
+        noop(),
         audit,
+        limits,
+        Some(recheck_of(policy.clone(), Duration::from_millis(20))),
     );
     let request = "ws://api.test/socket"
         .into_client_request()
@@ -1596,11 +1742,11 @@ async fn open_tunnels_close_when_no_longer_allowed() {
     assert_eq!(echo.into_text().expect("text").as_str(), "one");
     tokio::time::sleep(Duration::from_millis(60)).await;
     assert!(
-        sub.checks.load(Ordering::SeqCst) >= 1,
-        "the open tunnel is re-checked"
+        policy.checks.load(Ordering::SeqCst) >= 2,
+        "the upgrade request and then the open tunnel are re-checked"
     );
 
-    sub.revoked.store(true, Ordering::SeqCst);
+    policy.revoked.store(true, Ordering::SeqCst);
     // The proxy drops both sides: the agent sees its stream end, and the connection ends.
     let ended = within("tunnel closed by the proxy", async {
         loop {
@@ -1637,6 +1783,7 @@ async fn the_drain_closes_open_tunnels() {
         Arc::new(NoopSubstituter),
         unobserved_audit(),
         limits,
+        None,
         async move {
             let _ = drain_rx.await;
         },

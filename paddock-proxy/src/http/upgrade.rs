@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 use super::upstream::{UpstreamPool, host_port};
-use super::{HttpError, RequestContext, SubstituteError, Substituter, hop};
+use super::{HttpError, hop};
 
 /// The upgraded tunnels of one agent connection.
 #[derive(Debug, Clone, Default)]
@@ -129,11 +129,10 @@ pub(crate) async fn forward(
 /// Told how many secrets a scrubbed tunnel replaced, as it happens.
 pub(crate) type OnScrub = Box<dyn FnMut(u64) + Send + Sync>;
 
-/// What keeps re-checking an open tunnel (the connection's substituter and destination) and,
+/// What keeps re-checking an open tunnel (the connection's egress re-check, if any) and,
 /// when the host holds secrets, scrubs what the server sends.
 pub(crate) struct TunnelWatch {
-    pub substituter: Arc<dyn Substituter>,
-    pub ctx: RequestContext,
+    pub recheck: Option<crate::policy::ConnectionRecheck>,
     pub scrub: Option<(Arc<crate::scrub::Scrubber>, OnScrub)>,
 }
 
@@ -202,14 +201,14 @@ where
 
 /// Completes (with the reason) once the tunnel is no longer allowed; never without a check
 /// interval.
-async fn watchdog(watch: &TunnelWatch) -> SubstituteError {
-    let Some(every) = watch.substituter.tunnel_check_interval() else {
+async fn watchdog(watch: &TunnelWatch) -> crate::policy::RecheckError {
+    let Some(recheck) = &watch.recheck else {
         return std::future::pending().await;
     };
-    let every = every.max(std::time::Duration::from_millis(10));
+    let every = recheck.interval().max(std::time::Duration::from_millis(10));
     loop {
         tokio::time::sleep(every).await;
-        if let Err(e) = watch.substituter.tunnel_allowed(&watch.ctx).await {
+        if let Err(e) = recheck.check().await {
             return e;
         }
     }

@@ -24,6 +24,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::error::ConnectError;
 use super::{ALPN_H2, BoxFuture, HttpError, HttpLimits};
 
 /// A byte stream to an upstream, already through TLS when the target asked for it.
@@ -55,32 +56,6 @@ impl fmt::Debug for UpstreamStream {
         f.debug_struct("UpstreamStream")
             .field("alpn", &self.alpn.as_deref().map(String::from_utf8_lossy))
             .finish_non_exhaustive()
-    }
-}
-
-/// Why an upstream connection could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// Name resolution or TCP failed.
-    #[error("dial failed: {0}")]
-    Io(#[from] io::Error),
-    /// The TLS handshake failed or the certificate did not verify.
-    #[error("handshake failed: {0}")]
-    Handshake(String),
-    /// Every address the name resolved to was refused by network policy (denied CIDR,
-    /// rebinding mismatch).
-    #[error("destination refused by network policy: {0}")]
-    Denied(String),
-}
-
-impl ConnectError {
-    /// A copy for reporting: the original stays inside the client's error chain.
-    fn duplicate(&self) -> Self {
-        match self {
-            Self::Io(e) => Self::Io(io::Error::new(e.kind(), e.to_string())),
-            Self::Handshake(s) => Self::Handshake(s.clone()),
-            Self::Denied(s) => Self::Denied(s.clone()),
-        }
     }
 }
 

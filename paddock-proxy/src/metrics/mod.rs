@@ -1,8 +1,10 @@
 //! The proxy's Prometheus metrics.
 //!
 //! One [`ProxyMetrics`] per process, shared behind an `Arc`; the admin listener
-//! ([`AdminServer`]) serves [`ProxyMetrics::encode`] with `/healthz` and `/readyz`. Every labelled family is pre-populated with all its label values so
-//! dashboards and alerts see zeros rather than missing series.
+//! ([`AdminServer`]) serves [`ProxyMetrics::encode`] with `/healthz` and `/readyz`. Every
+//! labelled family is pre-populated with all its label values so dashboards and alerts see
+//! zeros rather than missing series. The label values themselves live in [`crate::labels`]
+//! (re-exported here), which everything that reports a decision depends on.
 //!
 //! | family | type | labels |
 //! | --- | --- | --- |
@@ -24,127 +26,17 @@ mod admin;
 
 pub use admin::{AdminServer, Readiness};
 
-use std::fmt::{self, Write as _};
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::audit::AuditKind;
-
-macro_rules! label_enum {
-    ($(#[$meta:meta])* $name:ident {
-        $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)?
-    }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name { $($(#[$vmeta])* $variant),+ }
-
-        impl $name {
-            /// Every value, for pre-registration.
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-
-            /// The label value.
-            #[must_use]
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text),+ }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl EncodeLabelValue for $name {
-            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), fmt::Error> {
-                encoder.write_str(self.as_str())
-            }
-        }
-    };
-}
-
-label_enum!(
-    /// Why a connection was refused before reaching the request loop.
-    Rejection {
-        CapExceeded => "cap_exceeded",
-        DeniedCidr => "denied_cidr",
-        DnsRebindingMismatch => "dns_rebinding_mismatch",
-        DnsFailed => "dns_failed",
-        HandshakeFailed => "handshake_failed",
-        /// A transparent connection whose original destination could not be recovered (not
-        /// redirected, or its entry evicted from the eBPF maps): reset, never guessed.
-        NoOriginalDst => "no_original_dst",
-        NoSni => "no_sni",
-        PolicyDenied => "policy_denied",
-    }
-);
-
-label_enum!(
-    /// What the proxy's DNS server did with one datagram (see [`crate::dns`]).
-    DnsOutcome {
-        /// NOERROR with addresses.
-        Answered => "answered",
-        /// NOERROR without answers: another query type, or no usable address of the type.
-        NoData => "nodata",
-        /// NXDOMAIN because the run may not reach the name (or it is too long or malformed).
-        Denied => "denied",
-        /// NXDOMAIN from upstream for an allowed name.
-        NxDomain => "nxdomain",
-        /// SERVFAIL: the allowed name could not be resolved.
-        ServFail => "servfail",
-        /// SERVFAIL: the egress policy could not answer (fail closed).
-        PolicyUnavailable => "policy_unavailable",
-        /// REFUSED by the rate limit.
-        RateLimited => "rate_limited",
-        /// FORMERR: unparsable, or not exactly one question.
-        FormErr => "formerr",
-        /// NOTIMP: not a standard query, or not class IN.
-        NotImp => "notimp",
-        /// Not answered: too short to answer, a response, too many in flight, or its denial
-        /// could not be audited.
-        Dropped => "dropped",
-    }
-);
-
-label_enum!(
-    /// The policy outcome of a connection.
-    DecisionLabel {
-        Allow => "allow",
-        Deny => "deny",
-        Discovery => "discovery",
-    }
-);
-
-label_enum!(
-    /// Which TLS handshake failed.
-    Leg {
-        Agent => "agent",
-        Upstream => "upstream",
-    }
-);
-
-label_enum!(
-    /// Which way bytes flowed.
-    Direction {
-        AgentToUpstream => "agent_to_upstream",
-        UpstreamToAgent => "upstream_to_agent",
-    }
-);
-
-label_enum!(
-    /// Where in a response a secret was found and replaced.
-    ScrubLocation {
-        Headers => "headers",
-        Body => "body",
-        WebSocket => "websocket",
-    }
-);
+use crate::labels::AuditKind;
+pub use crate::labels::{DecisionLabel, Direction, DnsOutcome, Leg, Rejection, ScrubLocation};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ScrubLabels {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use super::cidr::{CidrPolicy, DeniedCidr};
 use super::resolve::{DnsResolver, ResolveError};
-use crate::metrics::Rejection;
+use crate::labels::Rejection;
 
 /// Addresses that may be dialled, in the order to try them.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,10 +4,10 @@
 //! name (SNI, `CONNECT` authority or `Host` header) and before it resolves or dials anything.
 //! Its DNS server asks [`EgressPolicy::name_allowed`] (could the run reach this name on any
 //! port?) before it answers an agent's query.
-//! Implementations: [`StaticPolicy`] (an allow-list from a TOML file, this module) and
-//! [`crate::broker::BrokerPolicy`] (the broker's `POST /v1/validate-egress`). Whatever the
-//! implementation, a [`PolicyError`] means the caller denies the connection: policy failures
-//! never open the gate.
+//! Implementations: [`StaticPolicy`] (an allow-list from a TOML file, this module; reloadable
+//! through [`PolicyFile`]) and the broker-backed `crate::broker::BrokerPolicy`. Open connections
+//! re-ask whichever policy it is through [`EgressRecheck`]. Whatever the implementation, a
+//! [`PolicyError`] means the caller denies the connection: policy failures never open the gate.
 //!
 //! # Host names
 //!
@@ -40,7 +40,9 @@
 //! Rules are tried in file order; the first rule whose host pattern, port list and mode list all
 //! match decides. No match is a deny. See [`StaticPolicy`] for the file format.
 
+mod file;
 mod pattern;
+mod recheck;
 mod static_list;
 
 use std::fmt;
@@ -49,7 +51,9 @@ use std::pin::Pin;
 
 use serde::Serialize;
 
+pub use file::PolicyFile;
 pub use pattern::{HostError, HostPattern, normalize_host};
+pub use recheck::{ConnectionRecheck, DEFAULT_EGRESS_RECHECK, EgressRecheck, RecheckError};
 pub use static_list::{PolicyConfigError, StaticPolicy};
 
 /// How the agent's connection reached the proxy; rules may be limited to some modes.
@@ -83,7 +87,7 @@ impl fmt::Display for Mode {
 }
 
 /// One question to the policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EgressRequest {
     /// The run (workload) the connection belongs to.
     pub run: String,
@@ -142,6 +146,10 @@ pub enum PolicyError {
     InvalidHost(#[from] HostError),
     #[error("egress policy backend unavailable: {0}")]
     Unavailable(String),
+    /// The backend refused to answer for this run or destination (the broker answered with
+    /// a refusal such as an unknown run): a deny, reported as one.
+    #[error("egress policy backend refused: {0}")]
+    Refused(String),
 }
 
 /// Future returned by [`EgressPolicy::check`].

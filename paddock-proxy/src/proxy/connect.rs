@@ -8,12 +8,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::io::{read_head, request_line};
+use super::admission::{Admission, Vet};
+use super::head::parse_head;
+use super::io::read_head;
 use super::plain::host_of;
 use super::{ConnInfo, Pipeline, reset, transparent};
-use crate::audit::AuditOutcome;
-use crate::metrics::{Leg, Rejection};
-use crate::policy::{Decision, Mode};
+use crate::audit::ConnId;
+use crate::labels::{Leg, Rejection};
+use crate::policy::Mode;
 use crate::tls::peek_client_hello;
 
 /// `host:port` of a `CONNECT` target (authority form only).
@@ -38,7 +40,7 @@ async fn answer(stream: &mut TcpStream, status: &str, body: &str) {
     clippy::too_many_lines,
     reason = "one linear sequence of pipeline steps; splitting it hides the order"
 )]
-pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
+pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream, conn: ConnId) {
     let deadline = Instant::now() + p.limits.handshake_timeout;
     let head = tokio::time::timeout(
         p.limits.handshake_timeout,
@@ -54,11 +56,15 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
         }
         Err(_) => return,
     };
-    let Some((method, target)) = request_line(&head) else {
-        answer(&mut stream, "400 Bad Request", "").await;
-        return;
+    let parsed = match parse_head(&head, p.http_limits.max_headers) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            tracing::debug!(error = %e, "refused CONNECT request head");
+            answer(&mut stream, "400 Bad Request", &format!("{e}\n")).await;
+            return;
+        }
     };
-    if method != "CONNECT" {
+    if parsed.method != "CONNECT" {
         answer(
             &mut stream,
             "405 Method Not Allowed",
@@ -67,7 +73,7 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
         .await;
         return;
     }
-    let Some((name, port)) = parse_authority(target).map(|(h, p)| (h.to_owned(), p)) else {
+    let Some((name, port)) = parse_authority(parsed.target).map(|(h, p)| (h.to_owned(), p)) else {
         answer(&mut stream, "400 Bad Request", "CONNECT needs host:port\n").await;
         return;
     };
@@ -83,23 +89,18 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
     }
     tracing::Span::current().record("sni", name.as_str());
     let info = ConnInfo {
+        conn,
         mode: Mode::Connect,
         dst: None,
         sni: Some(&name),
         port,
     };
-    let (host, decision) = p.decide(&name, port, Mode::Connect).await;
-    let host = match (host, &decision) {
-        (Some(h), Decision::Allow { .. } | Decision::Discovery { .. }) => h,
-        (_, d) => {
-            let reason = match d {
-                Decision::Deny { reason } => reason.clone(),
-                _ => "invalid host name".to_owned(),
-            };
-            if p.refuse(&info, Rejection::PolicyDenied, &reason) == AuditOutcome::DropConnection {
-                reset(&stream);
-                return;
-            }
+    let admitted = p
+        .admission(&stream, &info, &name, Vet::Name, true, deadline)
+        .await;
+    let (host, addrs) = match admitted {
+        Admission::Admitted { host, addrs } => (host, addrs),
+        Admission::Denied { reason } => {
             answer(
                 &mut stream,
                 "403 Forbidden",
@@ -108,22 +109,8 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
             .await;
             return;
         }
+        Admission::Refused => return,
     };
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let vetted = match tokio::time::timeout(remaining, p.vetter.vet_name(&host)).await {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            let _ = p.refuse(&info, e.rejection(), &e.to_string());
-            reset(&stream);
-            return;
-        }
-        Err(_) => {
-            let _ = p.refuse(&info, Rejection::DnsFailed, "name resolution timed out");
-            reset(&stream);
-            return;
-        }
-    };
-    p.admit(&info, &decision);
     if stream
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await
@@ -154,18 +141,7 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream) {
         reset(&stream);
         return;
     }
-    transparent::intercept(
-        &p,
-        stream,
-        &host,
-        port,
-        &hello,
-        &vetted.addrs,
-        deadline,
-        Mode::Connect,
-        None,
-    )
-    .await;
+    transparent::intercept(&p, stream, &host, port, &hello, &addrs, deadline, &info).await;
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::http::{BoxFuture, ConnectError, UpstreamConnector, UpstreamStream, UpstreamTarget};
-use crate::metrics::{Leg, ProxyMetrics};
+use crate::labels::Leg;
+use crate::metrics::ProxyMetrics;
 use crate::net::{DialSettings, Vetter, dial};
 use crate::tls::{ALPN_H2, UpstreamAlpn, UpstreamTls};
 

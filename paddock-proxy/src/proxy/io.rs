@@ -11,7 +11,8 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::metrics::{Direction, ProxyMetrics};
+use crate::labels::Direction;
+use crate::metrics::ProxyMetrics;
 
 /// Fails reads and writes with `TimedOut` once no byte has moved either way for `timeout`.
 ///
@@ -218,26 +219,6 @@ fn find_blank_line(bytes: &[u8]) -> Option<usize> {
     bytes.windows(4).position(|w| w == b"\r\n\r\n")
 }
 
-/// The first value of header `name` (case-insensitive) in a raw request head.
-pub fn header_value<'a>(head: &'a [u8], name: &str) -> Option<&'a str> {
-    let text = std::str::from_utf8(head).ok()?;
-    text.split("\r\n").skip(1).find_map(|line| {
-        let (k, v) = line.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
-/// The request line's method and target.
-pub fn request_line(head: &[u8]) -> Option<(&str, &str)> {
-    let text = std::str::from_utf8(head).ok()?;
-    let line = text.split("\r\n").next()?;
-    let mut parts = line.split(' ');
-    let method = parts.next()?;
-    let target = parts.next()?;
-    let version = parts.next()?;
-    (version.starts_with("HTTP/1.") && parts.next().is_none()).then_some((method, target))
-}
-
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -251,8 +232,9 @@ mod tests {
             .await
             .expect("write");
         let (head, rest) = read_head(&mut b, 1024).await.expect("head");
-        assert_eq!(header_value(&head, "host"), Some("Example.com:80"));
-        assert_eq!(request_line(&head), Some(("GET", "/")));
+        let parsed = super::super::head::parse_head(&head, 8).expect("parsed");
+        assert_eq!(parsed.host, Some("Example.com:80"));
+        assert_eq!((parsed.method, parsed.target), ("GET", "/"));
         assert_eq!(rest, b"body");
         let mut replay = PrefixedIo::new(Bytes::from(head.clone()), b);
         let mut out = vec![0u8; head.len()];
@@ -271,7 +253,6 @@ mod tests {
         drop(a);
         let err = read_head(&mut b, 1024).await.expect_err("eof");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-        assert_eq!(request_line(b"GET /\r\n\r\n"), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,4 +1,5 @@
-//! Accept loops: admission against the connection cap, one span per connection, and the drain.
+//! Accept loops: admission against the connection cap, one span per connection (with its
+//! [`ConnId`], also in every audit record of the connection), and the drain.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +8,8 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use super::{Pipeline, connect, reset, transparent};
-use crate::metrics::Rejection;
+use crate::audit::ConnId;
+use crate::labels::Rejection;
 
 /// Which pipeline entry a listener feeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +56,10 @@ pub async fn run_listener(p: Arc<Pipeline>, listener: TcpListener, kind: Listene
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
+        let conn = ConnId::next();
         let span = tracing::info_span!(
             "conn",
+            %conn,
             run = %p.run,
             listener = kind.as_str(),
             %peer,
@@ -69,8 +73,8 @@ pub async fn run_listener(p: Arc<Pipeline>, listener: TcpListener, kind: Listene
                 let _permit = permit;
                 let _active = p.metrics.track_connection();
                 match kind {
-                    ListenerKind::Transparent => transparent::serve(p, stream).await,
-                    ListenerKind::Connect => connect::serve(p, stream).await,
+                    ListenerKind::Transparent => transparent::serve(p, stream, conn).await,
+                    ListenerKind::Connect => connect::serve(p, stream, conn).await,
                 }
             }
             .instrument(span),

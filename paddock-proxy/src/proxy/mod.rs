@@ -28,11 +28,16 @@
 //!    is idle for the idle timeout, or the proxy drains. Each request is audited once its status
 //!    is decided ([`RequestAudit`]); a refusal that cannot be recorded is not answered.
 //!
-//! Steps 2 to 6 are bounded by the handshake timeout. One tracing span per connection carries
-//! the run, original destination, SNI and decision.
+//! Steps 3 to 5 are one function for all three listeners (`admission`); the listeners differ
+//! only in how the addresses are vetted and how a denial is answered. Steps 2 to 6 are
+//! bounded by the handshake timeout. One tracing span per connection carries the connection id
+//! (`conn`, also in every audit record of the connection), the run, original destination, SNI
+//! and decision.
 
+mod admission;
 pub(crate) mod connect;
 mod connector;
+pub mod head;
 pub mod io;
 mod listener;
 pub(crate) mod plain;
@@ -49,15 +54,16 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, watch};
 
-use crate::audit::{AuditEvent, AuditKind, AuditOutcome, AuditSink, audit_decision};
+use crate::audit::{AuditEvent, AuditOutcome, AuditSink, ConnId, audit_decision};
 use crate::http::{
     HttpError, HttpLimits, RequestAudit, RequestContext, Substituter, UpstreamPool,
     serve_connection_until,
 };
-use crate::metrics::{DecisionLabel, ProxyMetrics, Rejection};
+use crate::labels::{AuditKind, DecisionLabel, Rejection};
+use crate::metrics::ProxyMetrics;
 use crate::net::Vetter;
 use crate::origdst::OriginalDst;
-use crate::policy::{Decision, EgressPolicy, EgressRequest, Mode};
+use crate::policy::{Decision, EgressPolicy, EgressRecheck, EgressRequest, Mode, RecheckError};
 use crate::tls::{MitmServer, UpstreamTls};
 
 pub use connector::Connector;
@@ -104,6 +110,9 @@ pub struct PipelineParts {
     pub plain_http_ports: Vec<u16>,
     /// Answer denied TLS hosts with a 403 page (else reset).
     pub deny_page: bool,
+    /// How long one policy answer covers requests and tunnels of open connections (see
+    /// [`EgressRecheck`]); `None`: the connection's first decision stands for its lifetime.
+    pub egress_recheck: Option<Duration>,
 }
 
 /// The shared state of every listener of one proxy.
@@ -117,6 +126,7 @@ pub struct Pipeline {
     connector: Arc<Connector>,
     pool: UpstreamPool,
     substituter: Arc<dyn Substituter>,
+    recheck: Option<Arc<EgressRecheck>>,
     audit: Arc<dyn AuditSink>,
     metrics: Arc<ProxyMetrics>,
     origdst: Arc<dyn OriginalDst>,
@@ -139,8 +149,12 @@ impl Pipeline {
             .limits
             .max_connections
             .clamp(1, Semaphore::MAX_PERMITS);
+        let recheck = parts
+            .egress_recheck
+            .map(|every| Arc::new(EgressRecheck::new(Arc::clone(&parts.policy), every)));
         Self {
             run: parts.run,
+            recheck,
             policy: parts.policy,
             vetter: parts.vetter,
             mitm: parts.mitm,
@@ -231,20 +245,33 @@ impl Pipeline {
     }
 
     /// Runs the request loop on an admitted agent connection until it ends or the proxy
-    /// drains; each request is audited with `mode` and `dst`.
+    /// drains; each request is audited with the connection's id, mode and destination.
     async fn serve_requests<I>(
         &self,
         agent: I,
         agent_alpn: Option<&[u8]>,
         ctx: RequestContext,
-        mode: Mode,
-        dst: Option<SocketAddr>,
+        info: &ConnInfo<'_>,
     ) -> Result<(), HttpError>
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let mode = info.mode;
         let audit = RequestAudit::new(Arc::clone(&self.audit), Arc::clone(&self.metrics), mode)
-            .with_dst(dst);
+            .with_dst(info.dst)
+            .with_conn(info.conn);
+        let recheck = match &self.recheck {
+            None => None,
+            // The host was normalised when the connection was decided, so this cannot fail;
+            // if it did, no request of the connection would be covered: refuse them all.
+            Some(r) => Some(r.for_connection(
+                EgressRequest::new(self.run.clone(), &ctx.host, ctx.port, mode).map_err(|e| {
+                    HttpError::Egress(RecheckError::Denied {
+                        reason: e.to_string(),
+                    })
+                })?,
+            )),
+        };
         serve_connection_until(
             agent,
             agent_alpn,
@@ -253,6 +280,7 @@ impl Pipeline {
             Arc::clone(&self.substituter),
             audit,
             self.http_limits.clone(),
+            recheck,
             self.drained(),
         )
         .await
@@ -266,6 +294,7 @@ impl Pipeline {
         tracing::Span::current().record("decision", "deny");
         tracing::info!(rejection = %rejection, reason, "connection denied");
         let mut ev = AuditEvent::new(AuditKind::Deny, self.run.clone(), info.mode, info.port())
+            .with_conn(info.conn)
             .with_reason(format!("{rejection}: {reason}"));
         if let Some(dst) = info.dst {
             ev = ev.with_dst(dst);
@@ -286,8 +315,9 @@ impl Pipeline {
         self.metrics.connection_decided(label);
         tracing::Span::current().record("decision", label.as_str());
         tracing::info!(rule = %rule, "connection allowed");
-        let mut ev =
-            AuditEvent::new(kind, self.run.clone(), info.mode, info.port()).with_rule(rule.clone());
+        let mut ev = AuditEvent::new(kind, self.run.clone(), info.mode, info.port())
+            .with_conn(info.conn)
+            .with_rule(rule.clone());
         if let Some(dst) = info.dst {
             ev = ev.with_dst(dst);
         }
@@ -302,6 +332,8 @@ impl Pipeline {
 /// What is known about a connection when it is decided.
 #[derive(Debug, Clone, Copy)]
 struct ConnInfo<'a> {
+    /// Joins the connection's audit records and log lines.
+    conn: ConnId,
     mode: Mode,
     dst: Option<SocketAddr>,
     /// The claimed name (SNI, Host or CONNECT authority).

@@ -9,12 +9,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::io::{IdleIo, PrefixedIo, header_value, read_head};
-use super::{ConnInfo, Pipeline, reset};
-use crate::audit::AuditOutcome;
+use super::admission::{Admission, Vet};
+use super::head::{ParsedHead, parse_head};
+use super::io::{IdleIo, PrefixedIo, read_head};
+use super::{ConnInfo, Pipeline};
+use crate::audit::ConnId;
 use crate::http::{RequestContext, serve_denial};
-use crate::metrics::{Direction, Rejection};
-use crate::policy::{Decision, Mode};
+use crate::labels::Direction;
+use crate::policy::Mode;
 
 const BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
@@ -35,7 +37,7 @@ pub(crate) fn host_of(value: &str) -> Option<&str> {
     .filter(|h| !h.is_empty())
 }
 
-pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr) {
+pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr, conn: ConnId) {
     let deadline = Instant::now() + p.limits.handshake_timeout;
     let mut io = IdleIo::new(
         stream,
@@ -63,15 +65,23 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr) 
             return;
         }
     };
-    let Some(host) = header_value(&head, "host")
-        .and_then(host_of)
-        .map(str::to_owned)
-    else {
+    let host = match parse_head(&head, p.http_limits.max_headers) {
+        Ok(ParsedHead {
+            host: Some(value), ..
+        }) => host_of(value).map(str::to_owned),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "refused plain HTTP request head");
+            None
+        }
+    };
+    let Some(host) = host else {
         let _ = io.write_all(BAD_REQUEST).await;
         return;
     };
     tracing::Span::current().record("sni", host.as_str());
     let info = ConnInfo {
+        conn,
         mode: Mode::PlainHttp,
         dst: Some(dst),
         sni: Some(&host),
@@ -80,50 +90,33 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr) 
     let mut replay = head;
     replay.extend_from_slice(&rest);
     let agent = PrefixedIo::new(Bytes::from(replay), io);
-    let (normalized, decision) = p.decide(&host, dst.port(), Mode::PlainHttp).await;
-    let normalized = match (normalized, &decision) {
-        (Some(h), Decision::Allow { .. } | Decision::Discovery { .. }) => h,
-        (_, d) => {
-            let reason = match d {
-                Decision::Deny { reason } => reason.as_str(),
-                _ => "invalid host name",
-            };
-            if p.refuse(&info, Rejection::PolicyDenied, reason) == AuditOutcome::DropConnection
-                || !p.deny_page
-            {
-                reset(agent.get_ref().get_ref());
-                return;
-            }
-            if let Err(e) = serve_denial(agent, None, &host, reason).await {
+    let admitted = p
+        .admission(
+            agent.get_ref().get_ref(),
+            &info,
+            &host,
+            Vet::OriginalDst(dst.ip()),
+            p.deny_page,
+            deadline,
+        )
+        .await;
+    let normalized = match admitted {
+        Admission::Admitted { host, .. } => host,
+        Admission::Denied { reason } => {
+            if let Err(e) = serve_denial(agent, None, &host, &reason).await {
                 tracing::debug!(error = %e, "denial page connection ended with an error");
             }
             return;
         }
+        Admission::Refused => return,
     };
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    match tokio::time::timeout(remaining, p.vetter.vet_transparent(&normalized, dst.ip())).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            let _ = p.refuse(&info, e.rejection(), &e.to_string());
-            reset(agent.get_ref().get_ref());
-            return;
-        }
-        Err(_) => {
-            let _ = p.refuse(&info, Rejection::DnsFailed, "name resolution timed out");
-            reset(agent.get_ref().get_ref());
-            return;
-        }
-    }
-    p.admit(&info, &decision);
     let ctx = RequestContext {
         run: p.run.clone(),
         host: normalized,
         port: dst.port(),
         sni: None,
     };
-    let served = p
-        .serve_requests(agent, None, ctx, Mode::PlainHttp, Some(dst))
-        .await;
+    let served = p.serve_requests(agent, None, ctx, &info).await;
     if let Err(e) = served {
         tracing::debug!(error = %e, "plain HTTP connection ended with an error");
     }

@@ -136,6 +136,17 @@ async fn rig(failing_audit: bool) -> Rig {
 
 /// A rig whose resolver asks `nameserver` instead of the rig's test DNS, when given.
 async fn rig_with(failing_audit: bool, nameserver: Option<SocketAddr>) -> Rig {
+    let policy = Arc::new(StaticPolicy::from_toml_str(POLICY).expect("policy"));
+    rig_full(failing_audit, nameserver, policy, None).await
+}
+
+/// A rig deciding with `policy`, re-checking open connections every `recheck` if given.
+async fn rig_full(
+    failing_audit: bool,
+    nameserver: Option<SocketAddr>,
+    policy: Arc<dyn crate::policy::EgressPolicy>,
+    recheck: Option<Duration>,
+) -> Rig {
     let upstream_ca = ca("upstream");
     let mut roots = RootCertStore::empty();
     roots.add(upstream_ca.certificate().clone()).expect("root");
@@ -179,7 +190,7 @@ async fn rig_with(failing_audit: bool, nameserver: Option<SocketAddr>) -> Rig {
     let pipeline = Arc::new(Pipeline::new(
         PipelineParts {
             run: "run-unit".to_owned(),
-            policy: Arc::new(StaticPolicy::from_toml_str(POLICY).expect("policy")),
+            policy,
             vetter,
             mitm: Arc::new(MitmServer::new(leaves).expect("mitm")),
             upstream_tls,
@@ -195,6 +206,7 @@ async fn rig_with(failing_audit: bool, nameserver: Option<SocketAddr>) -> Rig {
             },
             plain_http_ports: vec![80],
             deny_page: true,
+            egress_recheck: recheck,
         },
         stop_rx,
     ));
@@ -838,4 +850,197 @@ async fn a_connection_without_an_original_destination_is_reset_and_never_guessed
         .await
         .expect("get");
     assert!(reply.ends_with("hello /ok"), "{reply}");
+}
+
+/// A head whose `Host` is ambiguous (two of them) or not an authority is answered 400 by
+/// both head-reading listeners, before any policy decision: nothing is audited as decided,
+/// resolved or dialled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_or_malformed_host_headers_are_refused() {
+    let rig = rig(false).await;
+    let answer = |mut tcp: TcpStream, head: &'static str| async move {
+        tcp.write_all(head.as_bytes()).await.expect("send head");
+        let mut out = String::new();
+        bounded("answer", tcp.read_to_string(&mut out))
+            .await
+            .expect("read answer");
+        out
+    };
+    let plain_dst: SocketAddr = "127.0.0.1:80".parse().expect("addr");
+    for head in [
+        "GET / HTTP/1.1\r\nHost: app.test\r\nHost: denied.test\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: app.test\r\nhost: app.test\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: app.test/x\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: app.test evil.test\r\n\r\n",
+    ] {
+        let reply = answer(rig.connect(plain_dst).await, head).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{head:?}: {reply}");
+    }
+    for head in [
+        "CONNECT app.test:443 HTTP/1.1\r\nHost: app.test:443\r\nHost: denied.test:443\r\n\r\n",
+        "CONNECT app.test:443 HTTP/1.1\r\nHost: app.test:443 x\r\n\r\n",
+    ] {
+        let tcp = TcpStream::connect(rig.connect_proxy)
+            .await
+            .expect("connect to the CONNECT listener");
+        let reply = answer(tcp, head).await;
+        assert!(reply.starts_with("HTTP/1.1 400"), "{head:?}: {reply}");
+    }
+    assert!(
+        rig.sink.events.lock().expect("lock").is_empty(),
+        "nothing was decided"
+    );
+    assert_eq!(rig.upstream_accepted.load(Ordering::Relaxed), 0);
+}
+
+/// Log output captured for one test (the thread's default subscriber).
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("logs").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
+    type Writer = CapturedLogs;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Every audit record of a connection carries the connection's id, two connections have two
+/// ids, and the connection's log lines carry the same id (its span's `conn` field). On one
+/// thread, so the test's subscriber sees every task of the pipeline.
+#[tokio::test(flavor = "current_thread")]
+async fn records_and_log_lines_of_a_connection_share_its_id() {
+    let logs = CapturedLogs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let rig = rig(false).await;
+    for path in ["/one", "/two"] {
+        let reply = rig.get(rig.upstream, "app.test", path).await.expect("get");
+        assert!(reply.ends_with(&format!("hello {path}")), "{reply}");
+    }
+    let reply = rig
+        .get(rig.upstream, "denied.test", "/")
+        .await
+        .expect("get");
+    assert!(reply.starts_with("HTTP/1.1 403"), "{reply}");
+
+    let events = rig.sink.events.lock().expect("lock").clone();
+    let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            AuditKind::Allow,
+            AuditKind::Request,
+            AuditKind::Allow,
+            AuditKind::Request,
+            AuditKind::Deny
+        ]
+    );
+    let conns: Vec<_> = events.iter().map(|e| e.conn.expect("conn id")).collect();
+    assert_eq!(conns[0], conns[1], "one connection, one id");
+    assert_eq!(conns[2], conns[3], "one connection, one id");
+    assert_ne!(conns[0], conns[2], "two connections, two ids");
+    assert!(conns[4] != conns[0] && conns[4] != conns[2]);
+    let json = serde_json::to_value(&events[1]).expect("json");
+    assert_eq!(json["conn"], conns[1].to_string());
+    assert_eq!(conns[1].to_string().len(), 16);
+
+    let text = String::from_utf8(logs.0.lock().expect("logs").clone()).expect("utf-8");
+    let logged = |message: &str, conn| {
+        text.lines()
+            .any(|l| l.contains(message) && l.contains(&format!("conn={conn}")))
+    };
+    assert!(logged("connection allowed", conns[0]), "{text}");
+    assert!(logged("connection allowed", conns[2]), "{text}");
+    assert!(logged("forwarded", conns[1]), "{text}");
+    assert!(logged("connection denied", conns[4]), "{text}");
+}
+
+/// The whole pipeline with a static policy file: a kept-alive agent connection allowed by the
+/// file gets its next request refused (403 `egress_denied`, nothing sent upstream) once the
+/// file no longer allows the host and is reloaded, without the agent reconnecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_policy_file_refuses_requests_on_open_connections() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, POLICY).expect("policy");
+    let file = Arc::new(crate::policy::PolicyFile::open(&path).expect("policy file"));
+    let rig = rig_full(false, None, file.clone(), Some(Duration::ZERO)).await;
+
+    let tcp = rig.connect(rig.upstream).await;
+    let mut roots = RootCertStore::empty();
+    roots.add(rig.run_root.clone()).expect("root");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("app.test").expect("name"), tcp)
+        .await
+        .expect("agent TLS");
+    let (mut agent, conn) =
+        hyper::client::conn::http1::handshake::<_, http_body_util::Empty<Bytes>>(TokioIo::new(tls))
+            .await
+            .expect("agent HTTP/1.1");
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        hyper::Request::get(path)
+            .header("host", "app.test")
+            .body(http_body_util::Empty::new())
+            .expect("request")
+    };
+    let first = bounded("first", agent.send_request(get("/before")))
+        .await
+        .expect("first response");
+    assert_eq!(first.status(), 200);
+    drop(first);
+
+    std::fs::write(
+        &path,
+        "[[rule]]\nhosts = [\"other.test\"]\nports = \"any\"\n",
+    )
+    .expect("withdraw");
+    file.reload().expect("reload");
+    bounded("ready", agent.ready()).await.expect("kept alive");
+    let second = bounded("second", agent.send_request(get("/after")))
+        .await
+        .expect("answered on the same connection");
+    assert_eq!(second.status(), 403);
+    assert_eq!(
+        second
+            .headers()
+            .get("x-paddock-denied")
+            .map(http::HeaderValue::as_bytes),
+        Some(&b"egress_denied"[..])
+    );
+    assert_eq!(
+        rig.upstream_requests.load(Ordering::Relaxed),
+        1,
+        "only /before went up"
+    );
+    let events = rig.sink.events.lock().expect("lock").clone();
+    let refused = events
+        .iter()
+        .find(|e| e.path.as_deref() == Some("/after"))
+        .expect("the refusal is audited");
+    assert_eq!(refused.outcome, Some(RequestOutcome::Denied));
+    assert_eq!(refused.status, Some(403));
 }

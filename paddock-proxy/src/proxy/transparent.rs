@@ -7,30 +7,32 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::admission::{Admission, Vet};
 use super::io::IdleIo;
 use super::{ConnInfo, Pipeline, original_dst, plain, reset};
-use crate::audit::AuditOutcome;
+use crate::audit::ConnId;
 use crate::http::{RequestContext, UpstreamStream, serve_denial};
-use crate::metrics::{Direction, Leg, Rejection};
+use crate::labels::{Direction, Leg, Rejection};
 use crate::net::dial;
-use crate::policy::{Decision, Mode};
+use crate::policy::Mode;
 use crate::tls::{
     ClientHello, HelloError, TlsError, UpstreamAlpn, agent_alpn_for, peek_client_hello,
 };
 
 /// Serves one connection accepted on a transparent listener.
-pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream) {
-    let Some(dst) = destination(&p, &stream) else {
+pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, conn: ConnId) {
+    let Some(dst) = destination(&p, &stream, conn) else {
         reset(&stream);
         return;
     };
     tracing::Span::current().record("dst", tracing::field::display(dst));
     if p.plain_http_ports.contains(&dst.port()) {
-        plain::serve(p, stream, dst).await;
+        plain::serve(p, stream, dst, conn).await;
         return;
     }
     let deadline = Instant::now() + p.limits.handshake_timeout;
     let info = ConnInfo {
+        conn,
         mode: Mode::Transparent,
         dst: Some(dst),
         sni: None,
@@ -68,47 +70,33 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream) {
         sni: Some(&sni),
         ..info
     };
-    let (host, decision) = p.decide(&sni, dst.port(), Mode::Transparent).await;
-    let host = match (host, &decision) {
-        (Some(host), Decision::Allow { .. } | Decision::Discovery { .. }) => host,
-        (_, Decision::Deny { reason }) => {
-            deny_tls(&p, stream, &info, &sni, &hello, reason).await;
+    let admitted = p
+        .admission(
+            &stream,
+            &info,
+            &sni,
+            Vet::OriginalDst(dst.ip()),
+            p.deny_page,
+            deadline,
+        )
+        .await;
+    let (host, addrs) = match admitted {
+        Admission::Admitted { host, addrs } => (host, addrs),
+        Admission::Denied { reason } => {
+            deny_page(&p, stream, &sni, &hello, &reason).await;
             return;
         }
-        (None, _) => {
-            deny_tls(&p, stream, &info, &sni, &hello, "invalid host name").await;
-            return;
-        }
+        Admission::Refused => return,
     };
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let vetted =
-        match tokio::time::timeout(remaining, p.vetter.vet_transparent(&host, dst.ip())).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                let _ = p.refuse(&info, e.rejection(), &e.to_string());
-                reset(&stream);
-                return;
-            }
-            Err(_) => {
-                let _ = p.refuse(&info, Rejection::DnsFailed, "name resolution timed out");
-                reset(&stream);
-                return;
-            }
-        };
-    for filtered in &vetted.filtered {
-        tracing::debug!(%filtered, "resolved address removed by the denied-CIDR set");
-    }
-    p.admit(&info, &decision);
     intercept(
         &p,
         stream,
         &host,
         dst.port(),
         &hello,
-        &vetted.addrs,
+        &addrs,
         deadline,
-        Mode::Transparent,
-        Some(dst),
+        &info,
     )
     .await;
 }
@@ -116,11 +104,12 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream) {
 /// The connection's original destination, or `None` after refusing it (the caller resets).
 /// Nothing says where the agent was going, so nothing is guessed (a default, the addresses of
 /// the SNI): the connection is refused. Its port is unknown, so the record says 0.
-fn destination(p: &Pipeline, stream: &TcpStream) -> Option<SocketAddr> {
+fn destination(p: &Pipeline, stream: &TcpStream, conn: ConnId) -> Option<SocketAddr> {
     match original_dst(p.origdst.as_ref(), stream) {
         Ok(dst) => Some(dst),
         Err(reason) => {
             let info = ConnInfo {
+                conn,
                 mode: Mode::Transparent,
                 dst: None,
                 sni: None,
@@ -147,22 +136,9 @@ fn hello_rejection(e: &TlsError) -> (Rejection, String) {
     }
 }
 
-/// A denied TLS host: audit, then either reset or finish the handshake with a forged leaf
-/// and answer every request with the 403 page.
-pub(super) async fn deny_tls(
-    p: &Pipeline,
-    stream: TcpStream,
-    info: &ConnInfo<'_>,
-    name: &str,
-    hello: &ClientHello,
-    reason: &str,
-) {
-    if p.refuse(info, Rejection::PolicyDenied, reason) == AuditOutcome::DropConnection
-        || !p.deny_page
-    {
-        reset(&stream);
-        return;
-    }
+/// A denied (and audited) TLS host: finish the handshake with a forged leaf and answer every
+/// request with the 403 page.
+async fn deny_page(p: &Pipeline, stream: TcpStream, name: &str, hello: &ClientHello, reason: &str) {
     let io = IdleIo::new(stream, p.limits.idle_timeout, None);
     let accepted =
         tokio::time::timeout(p.limits.handshake_timeout, p.mitm.accept(io, hello.alpn())).await;
@@ -202,9 +178,9 @@ pub(super) async fn intercept(
     hello: &ClientHello,
     addrs: &[std::net::IpAddr],
     deadline: Instant,
-    mode: Mode,
-    dst: Option<SocketAddr>,
+    info: &ConnInfo<'_>,
 ) {
+    let mode = info.mode;
     let offer = UpstreamAlpn::from_agent_offer(hello.alpn());
     let upstream_alpn = if let Some(known) = p.alpn_cache.get(host, port, offer) {
         known.chosen
@@ -239,7 +215,7 @@ pub(super) async fn intercept(
         sni: Some(host.to_owned()),
     };
     let served = p
-        .serve_requests(agent, negotiated.as_deref(), ctx, mode, dst)
+        .serve_requests(agent, negotiated.as_deref(), ctx, info)
         .await;
     if let Err(e) = served {
         tracing::debug!(error = %e, "agent connection ended with an error");

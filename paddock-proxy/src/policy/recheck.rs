@@ -1,0 +1,279 @@
+//! Egress re-checks for requests and tunnels on connections that are already open.
+//!
+//! The [`EgressPolicy`] is asked once per agent connection, so without more a policy change
+//! would only reach connections opened after it, and an agent could keep a kept-alive (or
+//! HTTP/2) connection, or an upgraded WebSocket tunnel, to a withdrawn host for as long as it
+//! likes. [`EgressRecheck`] asks the same policy again, whatever it is (the static file, which
+//! may be reloaded, or the broker's `validate-egress`), when the destination's last answer is
+//! older than the interval: the request loop before forwarding a request, and the tunnel
+//! watchdog of an open tunnel every interval. With the broker's 0.25 s policy poll and the
+//! 0.25 s default here, a policy change reaches every request, on old connections as on new
+//! ones, within half a second; a backend that stopped answering fails the next stale re-check
+//! (502).
+//!
+//! One check per destination at a time: concurrent requests for a stale destination wait for
+//! the one check in flight and share its answer. Every answer is kept for the interval,
+//! refusals and failures too, so a hostile agent cannot turn its requests into a flood of
+//! broker calls (and broker audit lines), and a silent broker costs one timeout per interval,
+//! not one per waiting request. An answer's age counts from when its check started, so an
+//! allow decided before a policy change never outlives the interval after it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+
+use super::{Decision, EgressPolicy, EgressRequest, PolicyError};
+
+/// Default longest time a destination's last answer covers new requests.
+pub const DEFAULT_EGRESS_RECHECK: Duration = Duration::from_millis(250);
+/// Destinations remembered at once; past it the memory starts over (costs one check each).
+const MAX_ENTRIES: usize = 4096;
+
+/// Why an open connection may no longer reach its destination. Reasons carry no credentials.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecheckError {
+    /// The policy (or the broker) now refuses the destination: 403.
+    #[error("egress denied: {reason}")]
+    Denied { reason: String },
+    /// The policy could not answer (broker unreachable, timed out): 502.
+    #[error("egress policy unavailable: {reason}")]
+    Unavailable { reason: String },
+}
+
+impl RecheckError {
+    /// Denials are the agent's problem (403: stop retrying); a policy that cannot answer is
+    /// the proxy's side failing (502).
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Denied { .. } => StatusCode::FORBIDDEN,
+            Self::Unavailable { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// A short machine-readable reason.
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Denied { .. } => "egress_denied",
+            Self::Unavailable { .. } => "egress_unavailable",
+        }
+    }
+
+    /// Whether the destination was refused (rather than the policy failing).
+    #[must_use]
+    pub fn is_denial(&self) -> bool {
+        matches!(self, Self::Denied { .. })
+    }
+}
+
+/// The last answer for one destination: when its check started, and the verdict.
+#[derive(Debug, Default)]
+struct Slot {
+    answer: Option<(Instant, Result<(), RecheckError>)>,
+}
+
+/// The policy's last answer per (run, host, port, mode), shared by every connection.
+#[derive(Debug)]
+pub struct EgressRecheck {
+    policy: Arc<dyn EgressPolicy>,
+    interval: Duration,
+    slots: Mutex<HashMap<EgressRequest, Arc<tokio::sync::Mutex<Slot>>>>,
+}
+
+impl EgressRecheck {
+    /// Re-checks with `policy` once the last answer for a destination is older than
+    /// `interval` (zero: on every request; tunnels are then checked every 10 ms).
+    #[must_use]
+    pub fn new(policy: Arc<dyn EgressPolicy>, interval: Duration) -> Self {
+        Self {
+            policy,
+            interval,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How long an answer covers requests, and how often open tunnels are re-checked.
+    #[must_use]
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// The re-check of one connection, to `req`'s destination.
+    #[must_use]
+    pub fn for_connection(self: &Arc<Self>, req: EgressRequest) -> ConnectionRecheck {
+        ConnectionRecheck {
+            recheck: Arc::clone(self),
+            req,
+        }
+    }
+
+    fn slot(&self, req: &EgressRequest) -> Arc<tokio::sync::Mutex<Slot>> {
+        // A poisoned map only means a panic elsewhere mid-insert; the map itself is intact.
+        let mut slots = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slots.len() >= MAX_ENTRIES && !slots.contains_key(req) {
+            slots.clear();
+        }
+        Arc::clone(slots.entry(req.clone()).or_default())
+    }
+
+    /// `Ok` if the destination's answer from within the interval allowed it, else asks the
+    /// policy (one check per destination at a time): a refusal is [`RecheckError::Denied`],
+    /// a failed check [`RecheckError::Unavailable`].
+    pub async fn check(&self, req: &EgressRequest) -> Result<(), RecheckError> {
+        let slot = self.slot(req);
+        let mut slot = slot.lock().await;
+        if let Some((sent, verdict)) = &slot.answer
+            && sent.elapsed() < self.interval
+        {
+            return verdict.clone();
+        }
+        let sent = Instant::now();
+        let verdict = match self.policy.check(req).await {
+            Ok(Decision::Allow { .. } | Decision::Discovery { .. }) => Ok(()),
+            Ok(Decision::Deny { reason }) => Err(RecheckError::Denied {
+                reason: format!(
+                    "egress to {}:{} is no longer allowed: {reason}",
+                    req.host, req.port
+                ),
+            }),
+            Err(PolicyError::Refused(reason)) => Err(RecheckError::Denied { reason }),
+            Err(e @ PolicyError::InvalidHost(_)) => Err(RecheckError::Denied {
+                reason: e.to_string(),
+            }),
+            Err(PolicyError::Unavailable(reason)) => Err(RecheckError::Unavailable { reason }),
+        };
+        slot.answer = Some((sent, verdict.clone()));
+        verdict
+    }
+}
+
+/// The re-check of one open connection: its destination and the shared [`EgressRecheck`].
+#[derive(Debug, Clone)]
+pub struct ConnectionRecheck {
+    recheck: Arc<EgressRecheck>,
+    req: EgressRequest,
+}
+
+impl ConnectionRecheck {
+    /// Whether the connection's destination is still allowed (see [`EgressRecheck::check`]).
+    pub async fn check(&self) -> Result<(), RecheckError> {
+        self.recheck.check(&self.req).await
+    }
+
+    /// How often an open tunnel of this connection is re-checked.
+    #[must_use]
+    pub fn interval(&self) -> Duration {
+        self.recheck.interval()
+    }
+
+    /// The destination this connection was allowed for.
+    #[must_use]
+    pub fn request(&self) -> &EgressRequest {
+        &self.req
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{CheckFuture, Mode, StaticPolicy};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Answers from a switchable static list and counts the questions.
+    #[derive(Debug)]
+    struct Counting {
+        policy: Mutex<StaticPolicy>,
+        calls: AtomicUsize,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl EgressPolicy for Counting {
+        fn check<'a>(&'a self, req: &'a EgressRequest) -> CheckFuture<'a> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let answer = if self.fail.load(Ordering::SeqCst) {
+                Err(PolicyError::Unavailable("backend gone".into()))
+            } else {
+                self.policy.lock().expect("policy").decide(req)
+            };
+            Box::pin(std::future::ready(answer))
+        }
+    }
+
+    const ALLOW: &str = "[[rule]]\nhosts = [\"api.test\"]\nports = [443]\n";
+
+    fn counting(text: &str) -> Arc<Counting> {
+        Arc::new(Counting {
+            policy: Mutex::new(StaticPolicy::from_toml_str(text).expect("policy")),
+            calls: AtomicUsize::new(0),
+            fail: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn req() -> EgressRequest {
+        EgressRequest::new("run-1", "api.test", 443, Mode::Transparent).expect("request")
+    }
+
+    #[tokio::test]
+    async fn answers_cover_their_interval_then_see_changes() {
+        let policy = counting(ALLOW);
+        let recheck = Arc::new(EgressRecheck::new(
+            policy.clone(),
+            Duration::from_millis(200),
+        ));
+        let conn = recheck.for_connection(req());
+        conn.check().await.expect("allowed");
+        conn.check().await.expect("still covered");
+        assert_eq!(policy.calls.load(Ordering::SeqCst), 1);
+
+        *policy.policy.lock().expect("policy") = StaticPolicy::from_toml_str("").expect("empty");
+        conn.check()
+            .await
+            .expect("the old answer covers its interval");
+        tokio::time::sleep(Duration::from_millis(210)).await;
+        let err = conn.check().await.expect_err("withdrawn");
+        assert_eq!(err.status(), StatusCode::FORBIDDEN);
+        assert!(err.to_string().contains("no longer allowed"), "{err}");
+        assert_eq!(policy.calls.load(Ordering::SeqCst), 2);
+        // The refusal is kept for the interval too.
+        conn.check().await.expect_err("still refused");
+        assert_eq!(policy.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failing_policy_fails_closed_and_is_asked_once_per_interval() {
+        let policy = counting(ALLOW);
+        policy.fail.store(true, Ordering::SeqCst);
+        let recheck = Arc::new(EgressRecheck::new(policy.clone(), Duration::from_secs(30)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let conn = recheck.for_connection(req());
+            tasks.spawn(async move { conn.check().await });
+        }
+        while let Some(r) = tasks.join_next().await {
+            let err = r.expect("join").expect_err("unavailable");
+            assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+            assert_eq!(err.reason(), "egress_unavailable");
+        }
+        assert_eq!(policy.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn destinations_and_modes_are_kept_apart() {
+        let policy = counting(
+            "[[rule]]\nhosts = [\"api.test\"]\nports = [443]\nmodes = [\"transparent\"]\n",
+        );
+        let recheck = Arc::new(EgressRecheck::new(policy.clone(), Duration::from_secs(30)));
+        recheck.check(&req()).await.expect("transparent allowed");
+        let connect = EgressRequest::new("run-1", "api.test", 443, Mode::Connect).expect("request");
+        recheck.check(&connect).await.expect_err("not in CONNECT");
+        let other =
+            EgressRequest::new("run-1", "api.test", 8443, Mode::Transparent).expect("request");
+        recheck.check(&other).await.expect_err("other port");
+    }
+}
