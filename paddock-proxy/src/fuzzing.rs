@@ -18,7 +18,7 @@ pub fn connect_authority(target: &str) -> Option<(&str, u16)> {
 /// The host of a plain-HTTP `Host` header value, as the plain listener reads it.
 #[must_use]
 pub fn host_of(value: &str) -> Option<&str> {
-    crate::proxy::plain::host_of(value)
+    crate::proxy::head::host_of(value)
 }
 
 /// What the forwarding path does with a request's authority: the authority the agent named

@@ -9,9 +9,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::admission::{Admission, Vet};
-use super::head::parse_head;
+use super::head::{host_of, parse_head};
 use super::io::read_head;
-use super::plain::host_of;
 use super::{ConnInfo, Pipeline, reset, transparent};
 use crate::audit::ConnId;
 use crate::labels::{Leg, Rejection};

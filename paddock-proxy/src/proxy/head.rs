@@ -6,7 +6,21 @@
 //! [`super::io::read_head`] split it at, more than one `Host` header (which one would the
 //! upstream believe?), or a `Host` value that is not a valid authority.
 
-use super::plain::host_of;
+/// The host part of a `Host` header value (`name`, `name:port`, `[v6]:port`).
+pub(crate) fn host_of(value: &str) -> Option<&str> {
+    if let Some(rest) = value.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        return (after.is_empty() || after.starts_with(':'))
+            .then_some(host)
+            .filter(|h| !h.is_empty());
+    }
+    match value.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => Some(host),
+        Some(_) => None,
+        None => Some(value),
+    }
+    .filter(|h| !h.is_empty())
+}
 
 /// The parts of a request head the listeners decide on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,5 +186,24 @@ mod tests {
             parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
             Err(HeadError::Malformed(httparse::Error::TooManyHeaders))
         ));
+    }
+
+    #[test]
+    fn host_header_forms() {
+        assert_eq!(host_of("example.com"), Some("example.com"));
+        assert_eq!(host_of("example.com:8080"), Some("example.com"));
+        assert_eq!(host_of("[fd00::1]:80"), Some("fd00::1"));
+        assert_eq!(host_of("[fd00::1]"), Some("fd00::1"));
+        assert_eq!(host_of("[fd00::1]x"), None);
+        assert_eq!(host_of(":80"), None);
+        assert_eq!(host_of("a:b"), None);
+    }
+
+    /// Found by the `http_head` fuzz target (`CONNECT []:83`): empty brackets named an
+    /// empty host, which only the name check after it refused.
+    #[test]
+    fn empty_brackets_are_no_host() {
+        assert_eq!(host_of("[]"), None);
+        assert_eq!(host_of("[]:80"), None);
     }
 }

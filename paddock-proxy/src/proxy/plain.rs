@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::admission::{Admission, Vet};
-use super::head::{ParsedHead, parse_head};
+use super::head::{ParsedHead, host_of, parse_head};
 use super::io::{IdleIo, PrefixedIo, read_head};
 use super::{ConnInfo, Pipeline};
 use crate::audit::ConnId;
@@ -20,22 +20,6 @@ use crate::policy::Mode;
 
 const BAD_REQUEST: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-
-/// The host part of a `Host` header value (`name`, `name:port`, `[v6]:port`).
-pub(crate) fn host_of(value: &str) -> Option<&str> {
-    if let Some(rest) = value.strip_prefix('[') {
-        let (host, after) = rest.split_once(']')?;
-        return (after.is_empty() || after.starts_with(':'))
-            .then_some(host)
-            .filter(|h| !h.is_empty());
-    }
-    match value.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => Some(host),
-        Some(_) => None,
-        None => Some(value),
-    }
-    .filter(|h| !h.is_empty())
-}
 
 pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr, conn: ConnId) {
     let deadline = Instant::now() + p.limits.handshake_timeout;
@@ -119,29 +103,5 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr, 
     let served = p.serve_requests(agent, None, ctx, &info).await;
     if let Err(e) = served {
         tracing::debug!(error = %e, "plain HTTP connection ended with an error");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::host_of;
-
-    #[test]
-    fn host_header_forms() {
-        assert_eq!(host_of("example.com"), Some("example.com"));
-        assert_eq!(host_of("example.com:8080"), Some("example.com"));
-        assert_eq!(host_of("[fd00::1]:80"), Some("fd00::1"));
-        assert_eq!(host_of("[fd00::1]"), Some("fd00::1"));
-        assert_eq!(host_of("[fd00::1]x"), None);
-        assert_eq!(host_of(":80"), None);
-        assert_eq!(host_of("a:b"), None);
-    }
-
-    /// Found by the `http_head` fuzz target (`CONNECT []:83`): empty brackets named an
-    /// empty host, which only the name check after it refused.
-    #[test]
-    fn empty_brackets_are_no_host() {
-        assert_eq!(host_of("[]"), None);
-        assert_eq!(host_of("[]:80"), None);
     }
 }
