@@ -9,10 +9,10 @@
 //!   `POST /v1/validate-egress`. The caller asks once per agent connection; the DNS server
 //!   asks it (without a port) per name.
 //! * [`BrokerSubstituter`]: the [`crate::http::Substituter`] answered by
-//!   `POST /v1/substitute-auth`, per request that carries a placeholder; with
-//!   [`BrokerSubstituter::with_egress_recheck`], requests without one and open tunnels re-check
-//!   `validate-egress` once the destination's last answer is older than the interval
-//!   (`recheck`).
+//!   `POST /v1/substitute-auth`, per request that carries a placeholder (the broker checks
+//!   egress on that call). Requests without one and open tunnels are re-checked by
+//!   [`crate::policy::EgressRecheck`] over the [`BrokerPolicy`] once the destination's last
+//!   answer is older than the interval.
 //!
 //! Everything fails closed: a broker error or timeout denies the connection (policy) or
 //! answers the request without forwarding it (substitution). Connection decisions and

@@ -14,7 +14,7 @@ const UNNAMED_RULE: &str = "broker";
 /// and before anything is resolved or dialled. Requests on that connection are then covered by
 /// that answer: a request with a placeholder is re-checked by the broker during substitution,
 /// one without is re-checked with `validate-egress` once the answer is older than the
-/// re-check interval ([`super::BrokerSubstituter::with_egress_recheck`]).
+/// re-check interval ([`crate::policy::EgressRecheck`]).
 ///
 /// Nothing is cached: every check is a broker call, so a policy change or a run leaving its
 /// active phase applies to the very next connection. Any failure (broker unreachable, timeout,
