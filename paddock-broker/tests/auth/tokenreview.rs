@@ -169,11 +169,13 @@ async fn authenticated_review_maps_the_service_account_and_is_cached() {
 async fn cache_entries_end_with_the_token() {
     let fx = fixture("paddock-broker").await;
     let auth = TokenReviewAuthenticator::new(fx.config()).expect("config");
-    let short = sa_token("builder", Duration::from_secs(1));
+    // `exp` has whole seconds, so a token "expiring in N s" has between N-1 and N s left: 3 s
+    // keeps the cached call inside its lifetime on a loaded machine (1 s did not).
+    let short = sa_token("builder", Duration::from_secs(3));
     auth.authenticate(&short).await.expect("first");
     auth.authenticate(&short).await.expect("cached");
     assert_eq!(fx.server.hits(REVIEWS), 1);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     auth.authenticate(&short).await.expect("reviewed again");
     assert_eq!(
         fx.server.hits(REVIEWS),
