@@ -119,6 +119,46 @@ fn main() -> Result<()> {
     }
 }
 
+/// Crates the proxy library (the data plane) must never link: the broker and what only the
+/// broker needs (its database, JWT, RSA). Composition that needs them lives in `paddock-app`.
+const NOT_IN_THE_PROXY: &[&str] = &["paddock-broker", "rusqlite", "jsonwebtoken", "rsa"];
+
+/// `cargo tree -p paddock-proxy -e normal` holds none of [`NOT_IN_THE_PROXY`].
+fn proxy_links_no_broker() -> Result<()> {
+    let out = cargo()
+        .args([
+            "tree",
+            "-p",
+            "paddock-proxy",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .output()
+        .context("cargo tree")?;
+    if !out.status.success() {
+        bail!("cargo tree -p paddock-proxy failed: {}", out.status);
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let found: Vec<&str> = NOT_IN_THE_PROXY
+        .iter()
+        .copied()
+        .filter(|krate| {
+            tree.lines()
+                .any(|l| l.split_whitespace().next() == Some(*krate))
+        })
+        .collect();
+    if !found.is_empty() {
+        bail!(
+            "the paddock-proxy library links {found:?}; it depends on paddock-wire only (move \
+             the code that needs them to paddock-app)"
+        );
+    }
+    eprintln!("xtask: paddock-proxy links none of {NOT_IN_THE_PROXY:?}");
+    Ok(())
+}
+
 /// clippy on the eBPF crate for its own target (it is outside the host build, so the
 /// workspace clippy run never sees it).
 fn clippy_ebpf() -> Result<()> {
@@ -196,6 +236,7 @@ fn test(no_lint: bool, no_fuzz: bool, extra: &[String]) -> Result<()> {
     build_ebpf()?;
     // Milliseconds, no build: run even with --no-lint.
     modules::run_modules().context("module cycles: move the shared item to a leaf module")?;
+    proxy_links_no_broker()?;
     if !no_lint {
         run(cargo().args(["fmt", "--all", "--check"])).context("rustfmt: run `cargo fmt --all`")?;
         deny::run_deny()?;

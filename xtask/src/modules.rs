@@ -72,7 +72,7 @@ pub fn run_modules() -> Result<()> {
         }
         bail!("{} module cycle problem(s); see above", found.len());
     }
-    eprintln!("xtask modules: no module cycles in {crates} crate roots (exempt crates above)");
+    eprintln!("xtask modules: no module cycles in {crates} crate roots");
     Ok(())
 }
 
