@@ -921,6 +921,15 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
 /// thread, so the test's subscriber sees every task of the pipeline.
 #[tokio::test(flavor = "current_thread")]
 async fn records_and_log_lines_of_a_connection_share_its_id() {
+    // tracing-core caches one interest per callsite for the process, and while exactly one
+    // dispatcher is registered it computes that interest from the default of whichever thread
+    // reaches the callsite first (tokio-rs/tracing#3611): a parallel test with no subscriber
+    // would cache "never" for this connection's span and its events would lose their `conn`
+    // field. A second dispatcher registered for the life of the process keeps tracing on the
+    // path that asks every live dispatcher, this test's included.
+    static SECOND_DISPATCHER: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    SECOND_DISPATCHER
+        .get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
     let logs = CapturedLogs::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(logs.clone())
