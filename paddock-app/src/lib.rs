@@ -5,11 +5,13 @@
 //! types and [`paddock_proxy::broker::BrokerConnector`]; this crate alone links
 //! `paddock-broker`. It holds the `paddock-proxy` binary, [`run`] (one command under Paddock,
 //! with the broker embedded through [`paddock_broker::embed`] and called over
-//! [`broker_link`]) and [`serve`] (a config file turned into the library's running
-//! components).
+//! [`broker_link`]), [`serve`] (a config file turned into the library's running
+//! components) and [`node`] (the node agent: every agent pod on a Kubernetes node, each its
+//! own run).
 
 #![deny(unsafe_code)]
 
 pub mod broker_link;
+pub mod node;
 pub mod run;
 pub mod serve;

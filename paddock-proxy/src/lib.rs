@@ -21,6 +21,7 @@ pub mod mounts;
 pub mod net;
 pub mod netns;
 pub mod origdst;
+pub mod pod_cgroup;
 pub mod policy;
 pub mod proxy;
 pub mod scrub;

@@ -218,6 +218,49 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, std::io::Error> {
     Ok(sock.into())
 }
 
+/// The transparent listeners of a pod (the node agent): `127.0.0.1:P` and, when the namespace
+/// has IPv6, `[::1]:P`, one port for both. `preferred` (the port the pod had before a node
+/// agent restart, which the pinned eBPF config still names) is tried first; 0, or a taken
+/// port, lets the kernel pick one free on both addresses. Run inside the pod's namespace
+/// ([`NetnsEntry::run_in`]).
+pub fn bind_pod_listeners(preferred: u16) -> Result<(u16, Vec<TcpListener>), NetnsError> {
+    if preferred != 0
+        && let Ok(bound) = bind_pair(preferred)
+    {
+        return Ok(bound);
+    }
+    // The port picked for 127.0.0.1 can be taken on [::1] in a pod's namespace (the pod binds
+    // what it likes there): try a few picks before giving up.
+    let mut last = None;
+    for _ in 0..8 {
+        match bind_pair(0) {
+            Ok(bound) => return Ok(bound),
+            Err(e @ NetnsError::Bind { .. }) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or(NetnsError::Panicked))
+}
+
+fn bind_pair(port: u16) -> Result<(u16, Vec<TcpListener>), NetnsError> {
+    let bind_err = |addr| move |source| NetnsError::Bind { addr, source };
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let listener = tcp_listener(v4).map_err(bind_err(v4))?;
+    let port = listener.local_addr().map_err(bind_err(v4))?.port();
+    let mut listeners = vec![listener];
+    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    match tcp_listener(v6) {
+        Ok(l) => listeners.push(l),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+            ) => {}
+        Err(source) => return Err(NetnsError::Bind { addr: v6, source }),
+    }
+    Ok((port, listeners))
+}
+
 fn bind_run_sockets() -> Result<RunSockets, NetnsError> {
     let bind_err = |addr| move |source| NetnsError::Bind { addr, source };
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));

@@ -31,6 +31,11 @@ enum Command {
     /// Run one command under Paddock: embedded broker, transparent proxy and eBPF interception
     /// around it, the command in its own namespaces; exits with the command's exit code.
     Run(RunArgs),
+    /// Run the node agent: intercept every agent pod on this node, each as its own run
+    /// (per-pod listeners inside the pods' network namespaces, eBPF on the pods' cgroups).
+    Node(NodeArgs),
+    /// Talk to a running node agent's pod socket (add, delete, list pods).
+    NodePods(NodePodsArgs),
     /// Internal: the sandbox launcher `run` starts (not for direct use).
     #[command(name = "__sandbox", hide = true)]
     Sandbox(SandboxArgs),
@@ -112,6 +117,51 @@ struct ServeArgs {
     /// trail (must be explicit). Overrides `audit.target` in the file.
     #[arg(long)]
     audit: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct NodeArgs {
+    /// Configuration file (TOML; see `paddock_app::node::config`).
+    #[arg(long)]
+    config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct NodePodsArgs {
+    /// The node agent's pod socket.
+    #[arg(long, default_value = "/run/paddock/node/pods.sock")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    op: NodePodsOp,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodePodsOp {
+    /// Intercept a pod (returns once its egress is intercepted).
+    Add {
+        #[arg(long)]
+        uid: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        name: String,
+        /// The pod's run (its `paddock.dev/run` label).
+        #[arg(long)]
+        run: String,
+        /// The pod's network namespace (`/var/run/netns/...` or `/proc/PID/ns/net`).
+        #[arg(long)]
+        netns: PathBuf,
+        /// A resolver the pod's DNS may go to (at most one per family).
+        #[arg(long)]
+        nameserver: Vec<std::net::IpAddr>,
+    },
+    /// Stop intercepting a pod and free what it held.
+    Delete {
+        #[arg(long)]
+        uid: String,
+    },
+    /// The pods served, as JSON.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,6 +292,8 @@ fn main() {
     let (result, failed) = match cli.command {
         Command::Ebpf(cmd) => (ebpf_command(cmd), 1),
         Command::Serve(args) => (serve_command(args), 1),
+        Command::Node(args) => (node_command(&args), 1),
+        Command::NodePods(args) => (node_pods_command(args), 1),
         Command::Run(args) => match run_command(args) {
             Ok(code) => std::process::exit(code),
             Err(e) => (Err(e), RUN_FAILED),
@@ -313,6 +365,67 @@ fn serve_command(args: ServeArgs) -> Result<()> {
     runtime
         .block_on(serve::serve(ServeOptions::new(config, args.audit)))
         .context("paddock-proxy serve")
+}
+
+fn node_command(args: &NodeArgs) -> Result<()> {
+    let config = paddock_app::node::config::NodeConfig::from_file(&args.config)
+        .with_context(|| format!("loading {}", args.config.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime
+        .block_on(paddock_app::node::node(config))
+        .context("paddock-proxy node")
+}
+
+fn node_pods_command(args: NodePodsArgs) -> Result<()> {
+    use paddock_app::node::{control, pod::PodSpec};
+    use paddock_proxy::pod_cgroup::PodUid;
+    let req = match args.op {
+        NodePodsOp::Add {
+            uid,
+            namespace,
+            name,
+            run,
+            netns,
+            nameserver,
+        } => control::Request::Add {
+            pod: PodSpec {
+                uid: PodUid::parse(&uid)?,
+                namespace,
+                name,
+                run,
+                netns,
+                nameservers: nameserver,
+            },
+        },
+        NodePodsOp::Delete { uid } => control::Request::Delete {
+            uid: PodUid::parse(&uid)?,
+        },
+        NodePodsOp::List => control::Request::List,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let response = runtime.block_on(control::call(&args.socket, &req))?;
+    if !response.ok {
+        anyhow::bail!(
+            "{}",
+            response
+                .error
+                .as_deref()
+                .unwrap_or("the node agent refused")
+        );
+    }
+    if let Some(pod) = response.pod {
+        println!("{pod}");
+    }
+    if let Some(pods) = response.pods {
+        println!("{}", serde_json::Value::Array(pods));
+    }
+    Ok(())
 }
 
 fn ebpf_command(cmd: EbpfCommand) -> Result<()> {

@@ -120,7 +120,12 @@ pub trait Interception: Send + std::fmt::Debug {
     /// Redirect `cgroup`'s egress per `cfg` (idempotent: re-attaching rewrites the config).
     fn attach_agent(&mut self, cgroup: &Cgroup, cfg: &AgentConfig) -> Result<(), EbpfError>;
     /// Stop intercepting `cgroup` and forget its config.
-    fn detach_agent(&mut self, cgroup: &Cgroup) -> Result<(), EbpfError>;
+    fn detach_agent(&mut self, cgroup: &Cgroup) -> Result<(), EbpfError> {
+        self.detach_agent_id(cgroup.id())
+    }
+    /// Stop intercepting the cgroup with this id and forget its config; works when the cgroup
+    /// is gone already (a pod deleted while the node agent was down).
+    fn detach_agent_id(&mut self, cgroup_id: u64) -> Result<(), EbpfError>;
     /// Answer `SO_ORIGINAL_DST` for sockets accepted by processes in `cgroup`.
     fn attach_proxy(&mut self, cgroup: &Cgroup) -> Result<(), EbpfError>;
 }
@@ -310,10 +315,10 @@ impl Interception for Interceptor {
         Ok(())
     }
 
-    fn detach_agent(&mut self, cgroup: &Cgroup) -> Result<(), EbpfError> {
-        detach_agent_pins(&self.pin_dir, cgroup.id())?;
-        clear_bypass(&mut self.bypass_map()?, cgroup.id())?;
-        match self.config_map()?.remove(&cgroup.id()) {
+    fn detach_agent_id(&mut self, cgroup_id: u64) -> Result<(), EbpfError> {
+        detach_agent_pins(&self.pin_dir, cgroup_id)?;
+        clear_bypass(&mut self.bypass_map()?, cgroup_id)?;
+        match self.config_map()?.remove(&cgroup_id) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(EbpfError::map(MAP_CONFIG, &e)),
         }

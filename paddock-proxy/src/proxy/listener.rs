@@ -68,13 +68,22 @@ pub async fn run_listener(p: Arc<Pipeline>, listener: TcpListener, kind: Listene
             decision = tracing::field::Empty,
         );
         let p = Arc::clone(&p);
+        let aborted = p.aborted();
         tokio::spawn(
             async move {
                 let _permit = permit;
                 let _active = p.metrics.track_connection();
-                match kind {
-                    ListenerKind::Transparent => transparent::serve(p, stream, conn).await,
-                    ListenerKind::Connect => connect::serve(p, stream, conn).await,
+                let served = async move {
+                    match kind {
+                        ListenerKind::Transparent => transparent::serve(p, stream, conn).await,
+                        ListenerKind::Connect => connect::serve(p, stream, conn).await,
+                    }
+                };
+                // Dropping the connection's future closes its sockets (both legs).
+                tokio::select! {
+                    biased;
+                    () = aborted => tracing::debug!("connection aborted"),
+                    () = served => {}
                 }
             }
             .instrument(span),

@@ -137,6 +137,8 @@ pub struct Pipeline {
     connections: Arc<Semaphore>,
     alpn_cache: transparent::AlpnCache,
     shutdown: watch::Receiver<bool>,
+    /// Turned `true` by [`Pipeline::abort_connections`]: every connection task stops at once.
+    abort: watch::Sender<bool>,
 }
 
 impl Pipeline {
@@ -175,6 +177,7 @@ impl Pipeline {
             connections: Arc::new(Semaphore::new(max)),
             alpn_cache: transparent::AlpnCache::new(4096),
             shutdown,
+            abort: watch::Sender::new(false),
         }
     }
 
@@ -200,6 +203,21 @@ impl Pipeline {
     #[must_use]
     pub fn active_connections(&self) -> usize {
         self.limits.max_connections - self.connections.available_permits()
+    }
+
+    /// Closes every connection of this pipeline now, mid-request or mid-tunnel, and the ones
+    /// admitted after this call as soon as they start (the node agent, when a pod goes: its
+    /// connections must not outlive it). Listeners are stopped by the drain, not by this.
+    pub fn abort_connections(&self) {
+        self.abort.send_replace(true);
+    }
+
+    /// A future that completes once [`Pipeline::abort_connections`] was called.
+    fn aborted(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.abort.subscribe();
+        async move {
+            let _ = rx.wait_for(|abort| *abort).await;
+        }
     }
 
     /// A future that completes when the drain starts.

@@ -1,0 +1,454 @@
+//! The node agent's pod table: each agent pod on the node is a run with its own pipeline,
+//! listeners inside its network namespace and eBPF programs on its cgroup.
+//!
+//! Adding a pod, in order: check the spec; find the pod's cgroup (kubelet layout); bind
+//! `127.0.0.1:P` and `[::1]:P` inside the pod's namespace; start a pipeline for the pod's run
+//! on those listeners; attach the programs to the pod cgroup, configured to send its
+//! connections to `P` on its own loopback and its DNS only to its resolvers; record the pod.
+//! Any failure undoes the steps before it and is the answer (the CNI ADD fails, the pod does
+//! not start). The pod's run is known from the listener that accepted a connection, so a pod
+//! cannot speak for another: no source address is ever trusted.
+//!
+//! Removing a pod: detach its programs and config, stop its listeners, close its open
+//! connections (both legs), drop its pipeline and upstream pool, forget its record.
+//!
+//! Upstream connections leave from the node agent's own network namespace (the node's, for a
+//! `DaemonSet` with `hostNetwork`), not the pod's: upstream servers and node firewalls see the
+//! node's address, and Kubernetes network policies selecting the pod do not see its proxied
+//! egress (Paddock's policy is what governs it). Dialling from the pod's namespace would need
+//! a `setns` round trip per upstream connection and a resolver per pod; see
+//! `deploy/README.md`.
+//!
+//! Attaching per pod, not once at `kubepods`: the programs refuse every connect of a cgroup
+//! without config, so an attachment higher up would have to learn an exemption for every
+//! non-agent pod, and it would put the programs on every pod's connect path. Per-pod attachment
+//! costs 13 link creations per agent pod (see `cargo xtask bench node`) and nothing for other
+//! pods.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::pod::{PodSpec, PodSpecError};
+use super::state::{PodRecord, StateDir, StateError};
+use paddock_proxy::audit::AuditSink;
+use paddock_proxy::cgroup::{Cgroup, CgroupError};
+use paddock_proxy::ebpf::{AgentConfig, ConfigError, EbpfError, Interception};
+use paddock_proxy::http::{HttpLimits, Substituter};
+use paddock_proxy::metrics::ProxyMetrics;
+use paddock_proxy::net::Vetter;
+use paddock_proxy::netns::{NetnsEntry, NetnsError, NetnsPath};
+use paddock_proxy::origdst::OriginalDst;
+use paddock_proxy::pod_cgroup::{CgroupDriver, PodCgroupError, PodUid, find_pod_cgroup};
+use paddock_proxy::policy::EgressPolicy;
+use paddock_proxy::proxy::{
+    Connector, Drain, ListenerKind, Pipeline, PipelineLimits, PipelineParts, run_listener,
+};
+use paddock_proxy::tls::{MitmServer, UpstreamTls};
+
+/// The DNS port allowed towards a pod's nameservers.
+const DNS_PORT: u16 = 53;
+/// How long a removed pod's connections get to finish before they are closed.
+const POD_DRAIN: Duration = Duration::from_millis(0);
+
+/// Binds a pod's listeners inside its network namespace: the one kernel boundary of adding a
+/// pod besides the cgroup and eBPF ones, so the table is tested without privileges.
+pub trait PodListeners: Send + Sync + std::fmt::Debug + 'static {
+    /// `127.0.0.1:P` and (with IPv6) `[::1]:P` in the namespace at `netns`, non-blocking;
+    /// `preferred` is tried first.
+    fn bind(
+        &self,
+        netns: &Path,
+        preferred: u16,
+    ) -> Result<(u16, Vec<std::net::TcpListener>), NetnsError>;
+}
+
+/// The real thing: enter the namespace on a short-lived thread and bind there.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct InPodNamespace;
+
+impl PodListeners for InPodNamespace {
+    fn bind(
+        &self,
+        netns: &Path,
+        preferred: u16,
+    ) -> Result<(u16, Vec<std::net::TcpListener>), NetnsError> {
+        NetnsPath::new(netns).run_in(move || paddock_proxy::netns::bind_pod_listeners(preferred))?
+    }
+}
+
+/// What every pod's pipeline shares (one CA, one leaf cache, one upstream TLS config, one
+/// broker client, one audit trail and one metrics registry per node).
+#[derive(Debug, Clone)]
+pub struct NodeParts {
+    pub policy: Arc<dyn EgressPolicy>,
+    pub substituter: Arc<dyn Substituter>,
+    pub vetter: Vetter,
+    pub mitm: Arc<MitmServer>,
+    pub upstream_tls: Arc<UpstreamTls>,
+    pub connector: Arc<Connector>,
+    pub audit: Arc<dyn AuditSink>,
+    pub metrics: Arc<ProxyMetrics>,
+    pub origdst: Arc<dyn OriginalDst>,
+    pub http_limits: HttpLimits,
+    /// Per pod.
+    pub limits: PipelineLimits,
+    pub plain_http_ports: Vec<u16>,
+    pub deny_page: bool,
+    pub egress_recheck: Option<Duration>,
+}
+
+/// Where pods' cgroups are.
+#[derive(Debug, Clone)]
+pub struct CgroupLayout {
+    pub root: PathBuf,
+    /// `None`: either driver's layout.
+    pub driver: Option<CgroupDriver>,
+}
+
+/// Why a pod could not be added or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("pod spec: {0}")]
+    Spec(#[from] PodSpecError),
+    #[error(transparent)]
+    Cgroup(#[from] PodCgroupError),
+    #[error("pod cgroup: {0}")]
+    CgroupOpen(#[from] CgroupError),
+    #[error("pod network namespace: {0}")]
+    Netns(#[from] NetnsError),
+    #[error("pod listeners: {0}")]
+    Listen(std::io::Error),
+    #[error("eBPF: {0}")]
+    Ebpf(#[from] EbpfError),
+    #[error("eBPF config: {0}")]
+    AgentConfig(#[from] ConfigError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(
+        "pod {0} is already served with another spec (run, namespace or netns differ): delete \
+         it first"
+    )]
+    Conflict(PodUid),
+    #[error("pod {0} is not served here")]
+    NotFound(PodUid),
+    #[error("the node agent is shutting down")]
+    ShuttingDown,
+}
+
+/// A served pod as the control socket reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    pub uid: PodUid,
+    pub namespace: String,
+    pub name: String,
+    pub run: String,
+    pub port: u16,
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    pub driver: CgroupDriver,
+    pub connections: usize,
+}
+
+struct Served {
+    spec: PodSpec,
+    cgroup: Cgroup,
+    driver: CgroupDriver,
+    port: u16,
+    pipeline: Arc<Pipeline>,
+    stop: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Served {
+    fn status(&self) -> PodStatus {
+        PodStatus {
+            uid: self.spec.uid.clone(),
+            namespace: self.spec.namespace.clone(),
+            name: self.spec.name.clone(),
+            run: self.spec.run.clone(),
+            port: self.port,
+            cgroup: self.cgroup.path().to_path_buf(),
+            cgroup_id: self.cgroup.id(),
+            driver: self.driver,
+            connections: self.pipeline.active_connections(),
+        }
+    }
+
+    /// Stops the listeners, closes every connection and waits for the tasks to end.
+    async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        self.pipeline.abort_connections();
+        let _ = Drain::wait(&self.pipeline, POD_DRAIN).await;
+        self.tasks.shutdown().await;
+    }
+}
+
+/// The pods this node agent serves.
+pub struct NodeAgent<I: Interception> {
+    parts: NodeParts,
+    interception: Mutex<I>,
+    listeners: Arc<dyn PodListeners>,
+    layout: CgroupLayout,
+    state: Option<StateDir>,
+    pods: tokio::sync::Mutex<HashMap<PodUid, Served>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl<I: Interception> std::fmt::Debug for NodeAgent<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeAgent")
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<I: Interception> NodeAgent<I> {
+    #[must_use]
+    pub fn new(
+        parts: NodeParts,
+        interception: I,
+        listeners: Arc<dyn PodListeners>,
+        layout: CgroupLayout,
+        state: Option<StateDir>,
+    ) -> Self {
+        Self {
+            parts,
+            interception: Mutex::new(interception),
+            listeners,
+            layout,
+            state,
+            pods: tokio::sync::Mutex::new(HashMap::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Serves `spec`'s pod; idempotent for the same spec (a retried CNI ADD).
+    pub async fn add(&self, spec: PodSpec) -> Result<PodStatus, PodError> {
+        self.add_with_port(spec, 0).await
+    }
+
+    async fn add_with_port(&self, spec: PodSpec, preferred: u16) -> Result<PodStatus, PodError> {
+        spec.validate()?;
+        let mut pods = self.pods.lock().await;
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(PodError::ShuttingDown);
+        }
+        if let Some(served) = pods.get(&spec.uid) {
+            if served.spec == spec {
+                return Ok(served.status());
+            }
+            return Err(PodError::Conflict(spec.uid));
+        }
+        let (path, driver) = find_pod_cgroup(&self.layout.root, &spec.uid, self.layout.driver)?;
+        let cgroup = Cgroup::open(path)?;
+        let listeners = Arc::clone(&self.listeners);
+        let netns = spec.netns.clone();
+        let (port, bound) = tokio::task::spawn_blocking(move || listeners.bind(&netns, preferred))
+            .await
+            .map_err(|_| PodError::Netns(NetnsError::Panicked))??;
+        let served = self.start(spec, cgroup, driver, port, bound)?;
+        let status = served.status();
+        let uid = served.spec.uid.clone();
+        if let Err(e) = self.intercept(&served) {
+            served.stop().await;
+            return Err(e);
+        }
+        tracing::info!(
+            pod = %uid, namespace = %status.namespace, name = %status.name, run = %status.run,
+            port, cgroup = %status.cgroup.display(), "pod intercepted"
+        );
+        pods.insert(uid, served);
+        Ok(status)
+    }
+
+    /// The pod's pipeline and accept loops on its listeners.
+    fn start(
+        &self,
+        spec: PodSpec,
+        cgroup: Cgroup,
+        driver: CgroupDriver,
+        port: u16,
+        bound: Vec<std::net::TcpListener>,
+    ) -> Result<Served, PodError> {
+        let p = &self.parts;
+        let (stop, stop_rx) = watch::channel(false);
+        let pipeline = Arc::new(Pipeline::new(
+            PipelineParts {
+                run: spec.run.clone(),
+                policy: Arc::clone(&p.policy),
+                vetter: p.vetter.clone(),
+                mitm: Arc::clone(&p.mitm),
+                upstream_tls: Arc::clone(&p.upstream_tls),
+                connector: Arc::clone(&p.connector),
+                substituter: Arc::clone(&p.substituter),
+                audit: Arc::clone(&p.audit),
+                metrics: Arc::clone(&p.metrics),
+                origdst: Arc::clone(&p.origdst),
+                http_limits: p.http_limits.clone(),
+                limits: p.limits.clone(),
+                plain_http_ports: p.plain_http_ports.clone(),
+                deny_page: p.deny_page,
+                egress_recheck: p.egress_recheck,
+            },
+            stop_rx,
+        ));
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in bound {
+            let l = TcpListener::from_std(l).map_err(PodError::Listen)?;
+            tasks.spawn(run_listener(
+                Arc::clone(&pipeline),
+                l,
+                ListenerKind::Transparent,
+            ));
+        }
+        Ok(Served {
+            spec,
+            cgroup,
+            driver,
+            port,
+            pipeline,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Attaches and configures the pod cgroup's programs, then records the pod; undoes the
+    /// attachment when the record cannot be written.
+    fn intercept(&self, served: &Served) -> Result<(), PodError> {
+        let cfg = pod_agent_config(served.port, served.tasks.len() > 1, &served.spec)?;
+        let mut ic = self
+            .interception
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        ic.attach_agent(&served.cgroup, &cfg)?;
+        if let Some(state) = &self.state
+            && let Err(e) = state.save(&PodRecord {
+                spec: served.spec.clone(),
+                port: served.port,
+                cgroup_id: served.cgroup.id(),
+            })
+        {
+            if let Err(d) = ic.detach_agent(&served.cgroup) {
+                tracing::error!(error = %d, "cannot detach a pod that could not be recorded");
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Stops serving a pod and frees everything it held.
+    pub async fn remove(&self, uid: &PodUid) -> Result<(), PodError> {
+        let served = self
+            .pods
+            .lock()
+            .await
+            .remove(uid)
+            .ok_or_else(|| PodError::NotFound(uid.clone()))?;
+        let detached = self
+            .interception
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .detach_agent(&served.cgroup);
+        let run = served.spec.run.clone();
+        served.stop().await;
+        if let Some(state) = &self.state {
+            state.remove(uid)?;
+        }
+        detached?;
+        tracing::info!(pod = %uid, run = %run, "pod released");
+        Ok(())
+    }
+
+    /// The served pods, by UID.
+    pub async fn list(&self) -> Vec<PodStatus> {
+        let mut out: Vec<_> = self
+            .pods
+            .lock()
+            .await
+            .values()
+            .map(Served::status)
+            .collect();
+        out.sort_by(|a, b| a.uid.cmp(&b.uid));
+        out
+    }
+
+    /// After a restart: serve the recorded pods that still exist (on their old port when it
+    /// is free), and detach and forget the ones whose namespace or cgroup is gone. Pinned
+    /// programs of pods without a record are left alone (they refuse connections while no
+    /// listener answers; `paddock-proxy ebpf detach` removes them).
+    pub async fn restore(&self) -> Result<RestoreReport, StateError> {
+        let Some(state) = &self.state else {
+            return Ok(RestoreReport::default());
+        };
+        let mut report = RestoreReport::default();
+        for record in state.load()? {
+            let uid = record.spec.uid.clone();
+            let gone = !record.spec.netns.exists()
+                || find_pod_cgroup(&self.layout.root, &uid, self.layout.driver).is_err();
+            if !gone {
+                match self.add_with_port(record.spec.clone(), record.port).await {
+                    Ok(_) => {
+                        report.restored.push(uid);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %uid, error = %e, "cannot serve a recorded pod again; releasing it");
+                    }
+                }
+            }
+            if let Err(e) = self
+                .interception
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .detach_agent_id(record.cgroup_id)
+            {
+                tracing::warn!(pod = %uid, error = %e, "cannot detach a stale pod's programs");
+            }
+            state.remove(&uid)?;
+            tracing::info!(pod = %uid, "stale pod record released");
+            report.released.push(uid);
+        }
+        Ok(report)
+    }
+
+    /// Stops every pod's listeners and connections, keeping their programs and records: while
+    /// no node agent runs, the pods' connections are refused, never let out (the upgrade and
+    /// crash path), and the next node agent takes the pods back with [`NodeAgent::restore`].
+    pub async fn shutdown(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let pods: Vec<Served> = self.pods.lock().await.drain().map(|(_, s)| s).collect();
+        for served in pods {
+            served.stop().await;
+        }
+    }
+}
+
+/// What [`NodeAgent::restore`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RestoreReport {
+    pub restored: Vec<PodUid>,
+    pub released: Vec<PodUid>,
+}
+
+/// The pod cgroup's interception settings: TCP to `P` on the pod's own loopback (IPv6 only
+/// when the `[::1]` listener exists), UDP only to its nameservers on port 53.
+pub fn pod_agent_config(port: u16, v6: bool, spec: &PodSpec) -> Result<AgentConfig, ConfigError> {
+    let mut cfg = AgentConfig::loopback(port);
+    cfg.proxy_v4 = Ipv4Addr::LOCALHOST;
+    cfg.proxy_v6 = v6.then_some(Ipv6Addr::LOCALHOST);
+    cfg.dns = spec
+        .nameservers
+        .iter()
+        .map(|ip: &IpAddr| SocketAddr::new(*ip, DNS_PORT))
+        .collect();
+    cfg.validate()?;
+    Ok(cfg)
+}

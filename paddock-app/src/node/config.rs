@@ -1,0 +1,321 @@
+//! The `paddock-proxy node` configuration file (TOML).
+//!
+//! ```toml
+//! node_name = "worker-1"              # default: $NODE_NAME (the downward API)
+//! state_dir = "/run/paddock/node"     # pod records (survive a restart), control socket
+//!
+//! [pods]
+//! cgroup_root = "/sys/fs/cgroup"      # kubelet's cgroup v2 root
+//! cgroup_driver = "auto"              # "systemd", "cgroupfs" or "auto" (try both)
+//! # control_socket = "/run/paddock/node/pods.sock"   # default: state_dir/pods.sock
+//! plain_http_ports = [80]             # original ports served as plain HTTP
+//!
+//! [ebpf]
+//! pin_dir = "/sys/fs/bpf/paddock/node"
+//!
+//! [tls]                               # one CA for every pod of this node
+//! ca_dir = "/var/run/paddock/ca"
+//! generate_ca = false
+//!
+//! [broker]                            # required: each pod's run is decided and
+//! url = "https://paddock-broker.paddock-system.svc:8443"   # substituted by the broker
+//! ca_file = "/etc/paddock/broker/ca.crt"
+//! bearer_file = "/var/run/secrets/paddock/token"
+//!
+//! [network]                           # as `serve` (upstream dials, resolver, denied CIDRs)
+//! [audit]                             # as `serve`: one trail, each record names its run
+//! target = "/var/log/paddock/audit.jsonl"
+//! [limits]                            # per pod (each pod is its own pipeline)
+//! max_connections = 1024
+//! [admin]
+//! listen = "127.0.0.1:9901"
+//! ```
+//!
+//! Unknown keys are errors, as in `serve`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::serve::config::{
+    AdminConfig, AuditConfig, BrokerConfig, ConfigError, LimitsConfig, NetworkConfig, TlsConfig,
+};
+use paddock_proxy::pod_cgroup::CgroupDriver;
+
+/// The whole node configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's name; default `$NODE_NAME`.
+    pub node_name: Option<String>,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub pods: PodsConfig,
+    #[serde(default)]
+    pub ebpf: NodeEbpfConfig,
+    pub tls: TlsConfig,
+    pub broker: BrokerConfig,
+    #[serde(default)]
+    pub network: NetworkConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    pub admin: Option<AdminConfig>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/run/paddock/node")
+}
+
+/// Which cgroup driver kubelet uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverSetting {
+    /// Try both layouts (exactly one directory must exist per pod).
+    #[default]
+    Auto,
+    Systemd,
+    Cgroupfs,
+}
+
+impl DriverSetting {
+    #[must_use]
+    pub fn driver(self) -> Option<CgroupDriver> {
+        match self {
+            DriverSetting::Auto => None,
+            DriverSetting::Systemd => Some(CgroupDriver::Systemd),
+            DriverSetting::Cgroupfs => Some(CgroupDriver::Cgroupfs),
+        }
+    }
+}
+
+/// Where pods are found and how they are served.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodsConfig {
+    #[serde(default = "default_cgroup_root")]
+    pub cgroup_root: PathBuf,
+    #[serde(default)]
+    pub cgroup_driver: DriverSetting,
+    /// The pod source's unix socket (the CNI plugin and `paddock-proxy node-pods`).
+    pub control_socket: Option<PathBuf>,
+    #[serde(default = "default_plain_ports")]
+    pub plain_http_ports: Vec<u16>,
+}
+
+impl Default for PodsConfig {
+    fn default() -> Self {
+        Self {
+            cgroup_root: default_cgroup_root(),
+            cgroup_driver: DriverSetting::Auto,
+            control_socket: None,
+            plain_http_ports: default_plain_ports(),
+        }
+    }
+}
+
+fn default_cgroup_root() -> PathBuf {
+    PathBuf::from("/sys/fs/cgroup")
+}
+
+fn default_plain_ports() -> Vec<u16> {
+    vec![80]
+}
+
+/// The node's eBPF pin directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEbpfConfig {
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+}
+
+impl Default for NodeEbpfConfig {
+    fn default() -> Self {
+        Self {
+            pin_dir: default_pin_dir(),
+        }
+    }
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/paddock/node")
+}
+
+impl NodeConfig {
+    /// Reads and validates a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let cfg: NodeConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |s: &str| Err(ConfigError::Invalid(s.to_owned()));
+        if !self.state_dir.is_absolute() {
+            return invalid("state_dir must be an absolute path");
+        }
+        if !self.pods.cgroup_root.is_absolute() {
+            return invalid("pods.cgroup_root must be an absolute path");
+        }
+        if self
+            .pods
+            .control_socket
+            .as_ref()
+            .is_some_and(|p| !p.is_absolute())
+        {
+            return invalid("pods.control_socket must be an absolute path");
+        }
+        if self.limits.max_connections == 0 {
+            return invalid("limits.max_connections must be at least 1");
+        }
+        if self.limits.handshake_timeout_secs == 0 || self.limits.idle_timeout_secs == 0 {
+            return invalid("limits: timeouts must be at least 1 second");
+        }
+        if self.tls.leaf_cache_capacity == 0 {
+            return invalid("tls.leaf_cache_capacity must be at least 1");
+        }
+        let b = &self.broker;
+        if b.client_cert.is_some() != b.client_key.is_some() {
+            return invalid("broker.client_cert and broker.client_key go together");
+        }
+        if b.bearer_file.is_none() && b.client_cert.is_none() {
+            return invalid(
+                "broker: set bearer_file or client_cert/client_key (the broker authenticates \
+                 every caller)",
+            );
+        }
+        if b.timeout_ms == 0 {
+            return invalid("broker.timeout_ms must be at least 1");
+        }
+        if b.egress_recheck_ms > 60_000 {
+            return invalid("broker.egress_recheck_ms must be at most 60000 (a minute)");
+        }
+        if self.network.bypass_mark.is_some() {
+            return invalid(
+                "network.bypass_mark is not used by the node agent: its dials come from its own \
+                 cgroup, which is never intercepted",
+            );
+        }
+        if let Some(t) = &self.audit.target {
+            t.parse::<paddock_proxy::audit::AuditTarget>()
+                .map_err(|e| ConfigError::Invalid(format!("audit.target: {e}")))?;
+        } else {
+            return invalid(
+                "no audit sink: set audit.target (stdout, a file path, or `none` to run without \
+                 an audit trail)",
+            );
+        }
+        Ok(())
+    }
+
+    /// The node's name: the file's, else `$NODE_NAME`.
+    pub fn node_name(&self) -> Result<String, ConfigError> {
+        self.node_name
+            .clone()
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .filter(|n| !n.trim().is_empty())
+            .ok_or_else(|| {
+                ConfigError::Invalid(
+                    "no node name: set node_name or NODE_NAME (spec.nodeName through the \
+                     downward API)"
+                        .to_owned(),
+                )
+            })
+    }
+
+    /// The control socket's path.
+    #[must_use]
+    pub fn control_socket(&self) -> PathBuf {
+        self.pods
+            .control_socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("pods.sock"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+node_name = "n1"
+[tls]
+ca_dir = "/ca"
+[broker]
+url = "https://broker:8443"
+ca_file = "/ca.crt"
+bearer_file = "/token"
+[audit]
+target = "stdout"
+"#;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = NodeConfig::from_toml_str(MINIMAL).expect("valid");
+        assert_eq!(c.state_dir, Path::new("/run/paddock/node"));
+        assert_eq!(c.pods.cgroup_root, Path::new("/sys/fs/cgroup"));
+        assert_eq!(c.pods.cgroup_driver.driver(), None);
+        assert_eq!(c.control_socket(), Path::new("/run/paddock/node/pods.sock"));
+        assert_eq!(c.ebpf.pin_dir, Path::new("/sys/fs/bpf/paddock/node"));
+        assert_eq!(c.pods.plain_http_ports, [80]);
+        assert_eq!(c.node_name().expect("name"), "n1");
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let cases = [
+            (MINIMAL.replace("[audit]\ntarget = \"stdout\"", ""), "audit"),
+            (
+                MINIMAL.replace("bearer_file = \"/token\"", ""),
+                "bearer_file",
+            ),
+            (
+                format!("{MINIMAL}\n[pods]\ncgroup_driver = \"cgroupsv1\"\n"),
+                "cgroup_driver",
+            ),
+            (
+                format!("{MINIMAL}\n[pods]\ncgroup_root = \"sys\"\n"),
+                "cgroup_root",
+            ),
+            (format!("{MINIMAL}\n[pods]\nsurprise = 1\n"), "surprise"),
+            (
+                MINIMAL.replace("node_name = \"n1\"", "state_dir = \"run\""),
+                "state_dir",
+            ),
+            (
+                format!("{MINIMAL}\n[network]\nbypass_mark = 7\n"),
+                "bypass_mark",
+            ),
+            (
+                format!("{MINIMAL}\n[limits]\nmax_connections = 0\n"),
+                "max_connections",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = NodeConfig::from_toml_str(&text).expect_err(needle);
+            assert!(err.to_string().contains(needle), "{needle}: {err}");
+        }
+        let systemd = format!("{MINIMAL}\n[pods]\ncgroup_driver = \"systemd\"\n");
+        assert_eq!(
+            NodeConfig::from_toml_str(&systemd)
+                .expect("valid")
+                .pods
+                .cgroup_driver
+                .driver(),
+            Some(CgroupDriver::Systemd)
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! `paddock-proxy node`: one process per node serving every agent pod on it, each pod as its
+//! own run (see [`agent`] for what adding and removing a pod does).
+//!
+//! Start-up, in order: read the config; open the audit trail, the node CA, the broker client
+//! and the shared data-plane parts; load the eBPF programs into the node's pin directory
+//! (maps and pod links pinned, so interception outlives this process); answer
+//! `SO_ORIGINAL_DST` for this process's cgroup; take back the pods recorded by the previous
+//! node agent ([`agent::NodeAgent::restore`]); then open the pod socket ([`control`]) and the
+//! admin endpoint and report ready. SIGTERM or SIGINT stops the listeners and connections but
+//! leaves the programs and records: pods stay intercepted (refused) until the next start.
+
+pub mod agent;
+pub mod config;
+pub mod control;
+pub mod pod;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use self::agent::{CgroupLayout, InPodNamespace, NodeAgent, NodeParts};
+use self::config::NodeConfig;
+use self::state::StateDir;
+use crate::serve::ServeError;
+use paddock_proxy::broker::{BrokerClient, BrokerPolicy, BrokerSubstituter};
+use paddock_proxy::cgroup::Cgroup;
+use paddock_proxy::ebpf::{Interception, Interceptor, LoadOptions};
+use paddock_proxy::http::HttpLimits;
+use paddock_proxy::metrics::{AdminServer, ProxyMetrics, Readiness};
+use paddock_proxy::net::{
+    CidrConfig, CidrPolicy, DialSettings, DnsResolver, ResolverSettings, Vetter,
+};
+use paddock_proxy::origdst::SockoptOriginalDst;
+use paddock_proxy::proxy::{Connector, PipelineLimits};
+use paddock_proxy::tls::{LeafCache, LeafCacheConfig, MitmServer, RunCa, UpstreamTls};
+
+/// Validity of a node CA generated for local use.
+const GENERATED_CA_VALIDITY: Duration = Duration::from_hours(30 * 24);
+
+/// Why the node agent did not start (or stopped abnormally).
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error("pod state: {0}")]
+    State(#[from] state::StateError),
+    #[error("pod socket {path}: {source}")]
+    Socket {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl From<paddock_proxy::ebpf::EbpfError> for NodeError {
+    fn from(e: paddock_proxy::ebpf::EbpfError) -> Self {
+        Self::Serve(e.into())
+    }
+}
+
+/// The shared data-plane parts of every pod, from the config.
+pub fn node_parts(cfg: &NodeConfig, metrics: &Arc<ProxyMetrics>) -> Result<NodeParts, ServeError> {
+    let audit = cfg
+        .audit
+        .target
+        .as_deref()
+        .unwrap_or("none")
+        .parse::<paddock_proxy::audit::AuditTarget>()
+        .map_err(|e| {
+            ServeError::Config(crate::serve::config::ConfigError::Invalid(format!(
+                "audit: {e}"
+            )))
+        })?
+        .open()?;
+    metrics.set_audit_disabled(audit.is_disabled());
+    let ca = if cfg.tls.generate_ca {
+        RunCa::load_or_generate(
+            &cfg.tls.ca_dir,
+            cfg.node_name.as_deref().unwrap_or("node"),
+            GENERATED_CA_VALIDITY,
+        )
+    } else {
+        RunCa::load_dir(&cfg.tls.ca_dir)
+    }
+    .map_err(ServeError::Ca)?;
+    let leaves = Arc::new(
+        LeafCache::new(
+            ca,
+            LeafCacheConfig {
+                capacity: cfg.tls.leaf_cache_capacity,
+                ..LeafCacheConfig::default()
+            },
+        )
+        .map_err(ServeError::Ca)?,
+    );
+    let mitm = Arc::new(MitmServer::new(leaves).map_err(ServeError::Ca)?);
+    let upstream_tls =
+        Arc::new(UpstreamTls::new(cfg.tls.upstream_ca_bundle.as_deref()).map_err(ServeError::Ca)?);
+    let client = BrokerClient::new(&cfg.broker.client_config())?;
+    tracing::info!(url = %cfg.broker.url, "egress policy and substitution by the broker, per pod run");
+    let cidr = Arc::new(CidrPolicy::from_config(&CidrConfig {
+        deny: cfg.network.deny_cidrs.clone(),
+        allow: cfg.network.allow_cidrs.clone(),
+    })?);
+    let resolver = Arc::new(DnsResolver::new(ResolverSettings {
+        nameservers: cfg.network.nameservers.clone(),
+        use_hosts_file: cfg.network.use_hosts_file,
+        ..ResolverSettings::default()
+    })?);
+    let vetter = Vetter::new(resolver, cidr);
+    let mut dial = DialSettings::default();
+    if let Some(secs) = cfg.network.dial_attempt_timeout_secs {
+        dial.attempt_timeout = Duration::from_secs(secs.max(1));
+    }
+    let limits = PipelineLimits {
+        max_connections: cfg.limits.max_connections,
+        handshake_timeout: cfg.limits.handshake_timeout(),
+        idle_timeout: cfg.limits.idle_timeout(),
+        max_client_hello_bytes: cfg.limits.max_client_hello_bytes,
+        max_header_bytes: cfg.limits.max_header_bytes,
+    };
+    let http_limits = HttpLimits {
+        max_header_bytes: cfg.limits.max_header_bytes,
+        max_headers: cfg.limits.max_headers,
+        header_read_timeout: cfg.limits.handshake_timeout(),
+        ..HttpLimits::default()
+    };
+    let connector = Arc::new(Connector::new(
+        vetter.clone(),
+        Arc::clone(&upstream_tls),
+        dial,
+        limits.idle_timeout,
+        Arc::clone(metrics),
+    ));
+    Ok(NodeParts {
+        policy: Arc::new(BrokerPolicy::new(client.clone())),
+        substituter: Arc::new(BrokerSubstituter::new(client).with_metrics(Arc::clone(metrics))),
+        vetter,
+        mitm,
+        upstream_tls,
+        connector,
+        audit,
+        metrics: Arc::clone(metrics),
+        origdst: Arc::new(SockoptOriginalDst),
+        http_limits,
+        limits,
+        plain_http_ports: cfg.pods.plain_http_ports.clone(),
+        deny_page: true,
+        egress_recheck: Some(Duration::from_millis(cfg.broker.egress_recheck_ms)),
+    })
+}
+
+/// Runs the node agent until SIGTERM or SIGINT.
+pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
+    let node_name = cfg.node_name().map_err(ServeError::Config)?;
+    let metrics = Arc::new(ProxyMetrics::new());
+    let parts = node_parts(&cfg, &metrics)?;
+
+    let mut ic = Interceptor::load(&LoadOptions {
+        pin_dir: cfg.ebpf.pin_dir.clone(),
+        ..LoadOptions::default()
+    })?;
+    ic.attach_proxy(&Cgroup::current().map_err(ServeError::Cgroup)?)?;
+    let state = StateDir::open(&cfg.state_dir)?;
+    let agent = Arc::new(NodeAgent::new(
+        parts,
+        ic,
+        Arc::new(InPodNamespace),
+        CgroupLayout {
+            root: cfg.pods.cgroup_root.clone(),
+            driver: cfg.pods.cgroup_driver.driver(),
+        },
+        Some(state),
+    ));
+    let report = agent.restore().await?;
+    tracing::info!(
+        restored = report.restored.len(),
+        released = report.released.len(),
+        "pods from the previous node agent"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let socket_path = cfg.control_socket();
+    let listener = control::bind(&socket_path).map_err(|source| NodeError::Socket {
+        path: socket_path.clone(),
+        source,
+    })?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(control::serve(
+        listener,
+        Arc::clone(&agent),
+        stopped(stop_rx.clone()),
+    ));
+    let ready = Readiness::new();
+    if let Some(admin) = &cfg.admin {
+        let listener = tokio::net::TcpListener::bind(admin.listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: admin.listen,
+                source,
+            })?;
+        let server = AdminServer::new(Arc::clone(&metrics), ready.clone());
+        tasks.spawn(server.serve(listener, stopped(stop_rx.clone())));
+    }
+    ready.set_ready(true);
+    tracing::info!(node = %node_name, socket = %socket_path.display(), "node agent ready");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping; pods stay intercepted"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping; pods stay intercepted"),
+    }
+    ready.set_ready(false);
+    let _ = stop_tx.send(true);
+    agent.shutdown().await;
+    tasks.abort_all();
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
