@@ -12,6 +12,7 @@ pub mod h2_api;
 pub mod inbound;
 pub mod names;
 pub mod netns;
+pub mod node_lab;
 pub mod pins;
 pub mod privilege;
 pub mod process;

@@ -1,0 +1,647 @@
+//! A simulated Kubernetes node for `paddock-proxy node`: a node namespace with a bridge (as a
+//! CNI bridge plugin leaves it), pods as network namespaces on veths to that bridge (own IPv4
+//! and IPv6 addresses, default routes through the node, which forwards), pod cgroups laid out
+//! as kubelet does (systemd and cgroupfs drivers) with a container scope below, the real broker
+//! and the node agent in the node namespace, and an upstream host reachable through the node.
+//!
+//! Because the node forwards, a pod's connection that escaped interception would reach the
+//! upstream host: a refused connection is the node agent's doing, not the topology's.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use paddock_proxy::broker::{BrokerClient, BrokerClientConfig};
+use paddock_proxy::pod_cgroup::{CgroupDriver, PodUid, QosClass, pod_cgroup_relpath};
+use paddock_wire::api::{IssueRequest, RunPhase, RunUpsertRequest};
+
+use crate::{
+    CgroupGuard, Netns, PinDir,
+    broker_lab::BrokerProcess,
+    echo_api::EchoApi,
+    netns::ip,
+    process::{Placement, place, run, target_bin},
+    proxied::{DnsResponder, make_upstream_certs, path_str, scratch},
+};
+
+pub const NAMESPACE: &str = "team";
+pub const HOST_A: &str = "a.paddock.test";
+pub const HOST_B: &str = "b.paddock.test";
+pub const SECRET_A: &str = "real-secret-for-host-a-51f0";
+pub const SECRET_B: &str = "real-secret-for-host-b-9c2e";
+/// The upstream host, behind the node.
+pub const UPSTREAM_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const NODE_UPLINK_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// The node's bridge address: the pods' gateway and resolver.
+pub const BRIDGE_V4: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
+const BROKER: &str = "127.0.0.1:18443";
+/// The node agent's resolver (in the node namespace).
+const NODE_DNS: &str = "127.0.0.1:5353";
+const NOBODY: u32 = 65534;
+
+/// One simulated pod: its namespace, kubelet cgroup and container scope.
+#[derive(Debug)]
+pub struct Pod {
+    pub index: u32,
+    pub uid: PodUid,
+    pub run: String,
+    pub driver: CgroupDriver,
+    pub netns: Netns,
+    /// The container's cgroup (below the pod cgroup), where its processes go.
+    pub container: CgroupGuard,
+    pub pod_cgroup: PathBuf,
+    pub placeholder: String,
+}
+
+/// The node.
+pub struct NodeLab {
+    // Drop order: agent, broker, servers, pods, namespaces, cgroups, pins, files.
+    pub agent: Option<Child>,
+    pub broker: BrokerProcess,
+    pub api: EchoApi,
+    _dns: DnsResponder,
+    pub pods: Vec<Pod>,
+    pub node: Netns,
+    pub upstream: Netns,
+    /// The kubelet cgroup root of this node (`.../kubepods.slice`, `.../kubepods` below it).
+    pub kubelet: CgroupGuard,
+    pub pins: PinDir,
+    pub dir: tempfile::TempDir,
+    /// World-readable: the node CA for the pods' non-root clients.
+    pub public: tempfile::TempDir,
+    controller_key: String,
+    bridge: String,
+}
+
+impl std::fmt::Debug for NodeLab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeLab")
+            .field("dir", &self.dir.path())
+            .field("pods", &self.pods.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs 0, 2, 4, ... may reach host A with credential `api-a`; runs 1, 3, ... host B with
+/// `api-b`.
+fn policy(dir: &Path, runs: u32) -> String {
+    // An empty `runs` list would apply the document to every run: name one that never exists.
+    let list = |parity: u32| {
+        let names: Vec<_> = (0..runs)
+            .filter(|i| i % 2 == parity)
+            .map(|i| format!("run-{i}"))
+            .collect();
+        if names.is_empty() {
+            "no-such-run".to_owned()
+        } else {
+            names.join(", ")
+        }
+    };
+    let doc = |name: &str, runs: String, host: &str, secret: &str| {
+        format!(
+            r#"apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {{name: {name}}}
+spec:
+  appliesTo: {{namespaces: [{NAMESPACE}], runs: [{runs}]}}
+  credentials:
+    - name: {name}
+      provider: {{kind: user-secret, inject: {{header: {{name: Authorization, prefix: "Bearer "}}}}}}
+      secret: {{file: {secret}}}
+      hosts: [{host}]
+  egress:
+    - {{hosts: [{host}], ports: [443], substituteAuth: true}}
+"#,
+            secret = dir.join(secret).display()
+        )
+    };
+    format!(
+        "{}---\n{}",
+        doc("api-a", list(0), HOST_A, "secret-a.txt"),
+        doc("api-b", list(1), HOST_B, "secret-b.txt")
+    )
+}
+
+impl NodeLab {
+    /// A node with `pods` pods, their runs registered with the broker, each with a placeholder
+    /// of its own credential; the node agent started and told about every pod (as the CNI
+    /// step would, before any process runs in the pod).
+    #[must_use]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one linear set-up of the node's parts; the order is the point"
+    )]
+    pub fn new(pods: u32) -> Self {
+        let dir = scratch();
+        let d = dir.path();
+        let public = tempfile::Builder::new()
+            .prefix("pdk-node-pub-")
+            .tempdir()
+            .expect("public dir");
+        std::fs::set_permissions(public.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        make_upstream_certs(d, &[HOST_A, HOST_B]);
+        let broker_dir = d.join("broker");
+        std::fs::create_dir(&broker_dir).expect("broker dir");
+        make_upstream_certs(&broker_dir, &["broker.paddock.test"]);
+        std::fs::write(d.join("secret-a.txt"), SECRET_A).expect("secret");
+        std::fs::write(d.join("secret-b.txt"), SECRET_B).expect("secret");
+        std::fs::write(d.join("policy.yaml"), policy(d, pods)).expect("policy");
+        let keys = d.join("keys");
+        let add_key = |id: &str, scopes: &[&str]| {
+            let mut cmd = Command::new(target_bin("paddock-broker"));
+            cmd.args(["keys", "add", "--file"]).arg(&keys).args([
+                "--id",
+                id,
+                "--namespace",
+                NAMESPACE,
+            ]);
+            for s in scopes {
+                cmd.args(["--scope", s]);
+            }
+            let out = run(&mut cmd, &Placement::default());
+            assert!(out.status.success(), "keys add: {out:?}");
+            String::from_utf8(out.stdout)
+                .expect("key")
+                .trim()
+                .to_owned()
+        };
+        let controller_key = add_key(
+            "controller",
+            &["broker:controller", "broker:issue", "broker:revoke"],
+        );
+        let agent_key = add_key(
+            "node-agent",
+            &["broker:validate-egress", "broker:substitute-auth"],
+        );
+        std::fs::write(d.join("agent.token"), &agent_key).expect("agent token");
+        let broker_cfg = serde_json::json!({
+            "listen": BROKER,
+            "tls": {"cert": broker_dir.join("server.crt"), "key": broker_dir.join("server.key")},
+            "database": d.join("broker.db"),
+            "policy": d.join("policy.yaml"),
+            "audit": {"path": d.join("broker-audit.jsonl")},
+            "auth": {"staticKeys": {"file": keys}},
+        });
+        std::fs::write(d.join("broker.yaml"), broker_cfg.to_string()).expect("broker.yaml");
+
+        // The node, its uplink to the upstream host, and its pod bridge.
+        let node = Netns::new("n");
+        let upstream = Netns::new("u");
+        let (vn, vu) = (crate::names::unique("vn"), crate::names::unique("vu"));
+        ip(&[
+            "link",
+            "add",
+            &vn,
+            "netns",
+            node.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &vu,
+            "netns",
+            upstream.name(),
+        ]);
+        node.ip(&["addr", "add", &format!("{NODE_UPLINK_V4}/24"), "dev", &vn]);
+        node.ip(&["link", "set", &vn, "up"]);
+        upstream.ip(&["addr", "add", &format!("{UPSTREAM_V4}/24"), "dev", &vu]);
+        upstream.ip(&["link", "set", &vu, "up"]);
+        upstream.ip(&[
+            "route",
+            "add",
+            "10.88.0.0/24",
+            "via",
+            &NODE_UPLINK_V4.to_string(),
+        ]);
+        let bridge = crate::names::unique("br");
+        node.ip(&["link", "add", &bridge, "type", "bridge"]);
+        node.ip(&["addr", "add", &format!("{BRIDGE_V4}/24"), "dev", &bridge]);
+        node.ip(&["addr", "add", "fd00:88::1/64", "dev", &bridge, "nodad"]);
+        node.ip(&["link", "set", &bridge, "up"]);
+        node.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
+            .expect("netns")
+            .expect("ip_forward");
+
+        let dns = DnsResponder::start(
+            &node,
+            NODE_DNS.parse().expect("addr"),
+            vec![
+                (HOST_A.to_owned(), UPSTREAM_V4.into()),
+                (HOST_B.to_owned(), UPSTREAM_V4.into()),
+            ],
+        );
+        let api = EchoApi::start(&upstream, d, SocketAddr::from((UPSTREAM_V4, 443)));
+        let broker = BrokerProcess::start(&node, &d.join("broker.yaml"));
+        let kubelet = CgroupGuard::new("node");
+        let pins = PinDir::new();
+        let mut lab = Self {
+            agent: None,
+            broker,
+            api,
+            _dns: dns,
+            pods: Vec::new(),
+            node,
+            upstream,
+            kubelet,
+            pins,
+            dir,
+            public,
+            controller_key,
+            bridge,
+        };
+        for i in 0..pods {
+            let pod = lab.make_pod(i);
+            lab.pods.push(pod);
+        }
+        lab.start_agent();
+        for i in 0..lab.pods.len() {
+            lab.add_pod(i).expect("add pod");
+        }
+        lab
+    }
+
+    /// Pod `i`: namespace on the bridge, kubelet cgroup (even: systemd, odd: cgroupfs; the
+    /// quality-of-service class rotates), its run registered and a placeholder issued.
+    fn make_pod(&self, i: u32) -> Pod {
+        let uid = PodUid::parse(&format!("6b1d0c2a-1111-4222-8333-{i:012x}")).expect("uid");
+        let driver = if i.is_multiple_of(2) {
+            CgroupDriver::Systemd
+        } else {
+            CgroupDriver::Cgroupfs
+        };
+        let qos = [
+            QosClass::Burstable,
+            QosClass::Guaranteed,
+            QosClass::BestEffort,
+        ][(i as usize / 2) % 3];
+        let rel = pod_cgroup_relpath(driver, qos, &uid);
+        let scope = match driver {
+            CgroupDriver::Systemd => format!("cri-containerd-{i:064x}.scope"),
+            CgroupDriver::Cgroupfs => format!("{i:064x}"),
+        };
+        let container = CgroupGuard::nested(&self.kubelet, &rel.join(scope));
+        let pod_cgroup = self.kubelet.cgroup().path().join(&rel);
+        let netns = Netns::new("p");
+        let (host_end, pod_end) = (crate::names::unique("h"), crate::names::unique("e"));
+        ip(&[
+            "link",
+            "add",
+            &host_end,
+            "netns",
+            self.node.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pod_end,
+            "netns",
+            netns.name(),
+        ]);
+        self.node
+            .ip(&["link", "set", &host_end, "master", &self.bridge]);
+        self.node.ip(&["link", "set", &host_end, "up"]);
+        let v4 = format!("10.88.0.{}/24", 10 + i);
+        let v6 = format!("fd00:88::{:x}/64", 10 + i);
+        netns.ip(&["addr", "add", &v4, "dev", &pod_end]);
+        netns.ip(&["addr", "add", &v6, "dev", &pod_end, "nodad"]);
+        netns.ip(&["link", "set", &pod_end, "up"]);
+        netns.ip(&["route", "add", "default", "via", &BRIDGE_V4.to_string()]);
+        let run = format!("run-{i}");
+        let credential = if i.is_multiple_of(2) {
+            "api-a"
+        } else {
+            "api-b"
+        };
+        let run2 = run.clone();
+        self.controller(move |c| async move {
+            c.upsert_run(&RunUpsertRequest {
+                run: run2,
+                namespace: NAMESPACE.into(),
+                template: "t".into(),
+                phase: RunPhase::Running,
+            })
+            .await
+            .map(|_| ())
+        })
+        .expect("register the run");
+        let run2 = run.clone();
+        let placeholder = self
+            .controller(move |c| async move {
+                c.issue(&IssueRequest {
+                    run: run2,
+                    credential: credential.into(),
+                })
+                .await
+                .map(|r| r.value)
+            })
+            .expect("issue");
+        Pod {
+            index: i,
+            uid,
+            run,
+            driver,
+            netns,
+            container,
+            pod_cgroup,
+            placeholder,
+        }
+    }
+
+    fn config(&self) -> String {
+        let d = self.dir.path();
+        format!(
+            r#"
+node_name = "node-test"
+state_dir = "{state}"
+[pods]
+cgroup_root = "{cgroup_root}"
+[ebpf]
+pin_dir = "{pins}"
+[tls]
+ca_dir = "{ca}"
+generate_ca = true
+upstream_ca_bundle = "{bundle}"
+[broker]
+url = "https://{BROKER}"
+ca_file = "{broker_ca}"
+server_name = "broker.paddock.test"
+bearer_file = "{token}"
+timeout_ms = 2000
+[network]
+allow_cidrs = ["10.77.0.0/24"]
+nameservers = ["{NODE_DNS}"]
+[audit]
+target = "{audit}"
+[limits]
+drain_timeout_secs = 1
+"#,
+            state = path_str(d, "state"),
+            cgroup_root = self.kubelet.cgroup().path().display(),
+            pins = self.pins.path().display(),
+            ca = path_str(d, "ca"),
+            bundle = path_str(d, "test-ca.crt"),
+            broker_ca = path_str(d, "broker/test-ca.crt"),
+            token = path_str(d, "agent.token"),
+            audit = path_str(d, "audit.jsonl"),
+        )
+    }
+
+    /// Starts `paddock-proxy node` in the node namespace and waits for its pod socket.
+    pub fn start_agent(&mut self) {
+        let d = self.dir.path();
+        std::fs::write(d.join("node.toml"), self.config()).expect("node.toml");
+        let mut cmd = Command::new(target_bin("paddock-proxy"));
+        cmd.args(["node", "--config"])
+            .arg(d.join("node.toml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("agent.log")).expect("log"));
+        place(
+            &mut cmd,
+            &Placement {
+                netns: Some(&self.node),
+                ..Placement::default()
+            },
+        );
+        let mut child = cmd.spawn().expect("spawn paddock-proxy node");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "node agent exited at start ({status}): {}",
+                    self.agent_log()
+                );
+            }
+            if self.pods_cli(&["list"]).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node agent not ready: {}",
+                self.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        // The node CA, for the pods' clients.
+        std::fs::copy(d.join("ca/tls.crt"), self.public.path().join("ca.crt")).expect("ca");
+        std::fs::set_permissions(
+            self.public.path().join("ca.crt"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        self.agent = Some(child);
+    }
+
+    /// SIGKILL the node agent (a crash, an OOM kill) and reap it.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILL the node agent without reaping it (callable while the lab is shared);
+    /// [`NodeLab::kill_agent`] or the drop reaps it.
+    pub fn crash_agent(&self) {
+        if let Some(child) = &self.agent
+            && let Ok(pid) = i32::try_from(child.id())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// The node agent's pid.
+    #[must_use]
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.as_ref().expect("agent running").id()
+    }
+
+    #[must_use]
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// `paddock-proxy node-pods --socket ... ARGS`: stdout, or stderr on failure.
+    pub fn pods_cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(target_bin("paddock-proxy"))
+            .arg("node-pods")
+            .arg("--socket")
+            .arg(self.dir.path().join("state/pods.sock"))
+            .args(args)
+            .output()
+            .expect("spawn node-pods");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Tells the node agent about pod `i` (what the CNI ADD does): its JSON status.
+    pub fn add_pod(&self, i: usize) -> Result<serde_json::Value, String> {
+        let p = &self.pods[i];
+        let netns = p.netns.path().path().display().to_string();
+        let out = self.pods_cli(&[
+            "add",
+            "--uid",
+            p.uid.as_str(),
+            "--namespace",
+            NAMESPACE,
+            "--name",
+            &format!("agent-{}", p.index),
+            "--run",
+            &p.run,
+            "--netns",
+            &netns,
+            "--nameserver",
+            &BRIDGE_V4.to_string(),
+        ])?;
+        serde_json::from_str(out.trim()).map_err(|e| format!("{e}: {out}"))
+    }
+
+    pub fn delete_pod(&self, i: usize) -> Result<(), String> {
+        self.pods_cli(&["delete", "--uid", self.pods[i].uid.as_str()])
+            .map(|_| ())
+    }
+
+    /// The pods the node agent serves.
+    #[must_use]
+    pub fn listed(&self) -> Vec<serde_json::Value> {
+        let out = self.pods_cli(&["list"]).expect("list");
+        serde_json::from_str::<Vec<serde_json::Value>>(out.trim()).expect("json")
+    }
+
+    /// A process of pod `i`'s container: in its namespace and container cgroup, as nobody.
+    #[must_use]
+    pub fn in_pod(&self, i: usize) -> Placement<'_> {
+        Placement {
+            netns: Some(&self.pods[i].netns),
+            cgroup: Some(&self.pods[i].container),
+            user: Some(NOBODY),
+        }
+    }
+
+    /// curl from pod `i` to `https://host/path` with `bearer`, resolving `host` to the
+    /// upstream address: the HTTP status, 0 without an HTTP answer, and curl's exit code.
+    #[must_use]
+    pub fn curl(&self, i: usize, host: &str, path: &str, bearer: &str) -> (u16, i32) {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .args(["--cacert", &path_str(self.public.path(), "ca.crt")])
+        .args(["--resolve", &format!("{host}:443:{UPSTREAM_V4}")])
+        .args(["-H", &format!("Authorization: Bearer {bearer}")])
+        .arg(format!("https://{host}{path}"));
+        let out = run(&mut cmd, &self.in_pod(i));
+        (
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0),
+            out.status.code().unwrap_or(-1),
+        )
+    }
+
+    /// Requests the upstream host received at `path`.
+    #[must_use]
+    pub fn upstream(&self, path: &str) -> Vec<serde_json::Value> {
+        self.api
+            .requests()
+            .into_iter()
+            .filter(|r| r["path"] == path)
+            .collect()
+    }
+
+    #[must_use]
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        crate::files::audit_records(
+            &std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default(),
+        )
+    }
+
+    /// Pod cgroup ids with pinned links, and entries in the pinned config map.
+    #[must_use]
+    pub fn intercepted(&self) -> Vec<paddock_proxy::ebpf::AgentStatus> {
+        paddock_proxy::ebpf::agent_status(self.pins.path()).expect("agent status")
+    }
+
+    /// The node agent's open descriptors.
+    #[must_use]
+    pub fn agent_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.agent_pid()))
+            .expect("fds")
+            .count()
+    }
+
+    /// The node agent's resident memory, KiB.
+    #[must_use]
+    pub fn agent_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.agent_pid())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// A broker call as the controller, from the node namespace.
+    pub fn controller<T, F, Fut>(&self, call: F) -> Result<T, String>
+    where
+        T: Send + 'static,
+        F: FnOnce(BrokerClient) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, paddock_proxy::broker::BrokerCallError>>,
+    {
+        let d = self.dir.path();
+        let token = d.join("controller.token");
+        std::fs::write(&token, &self.controller_key).expect("controller token");
+        let mut cfg =
+            BrokerClientConfig::new(format!("https://{BROKER}"), d.join("broker/test-ca.crt"));
+        cfg.bearer_file = Some(token);
+        cfg.server_name = Some("broker.paddock.test".into());
+        self.node
+            .run(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let client = BrokerClient::new(&cfg).map_err(|e| e.to_string())?;
+                    call(client).await.map_err(|e| e.to_string())
+                })
+            })
+            .map_err(|e| e.to_string())?
+    }
+
+    /// The pod's own address (for messages).
+    #[must_use]
+    pub fn pod_ip(i: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(
+            10,
+            88,
+            0,
+            10 + u8::try_from(i).expect("small"),
+        ))
+    }
+}
+
+impl Drop for NodeLab {
+    fn drop(&mut self) {
+        self.kill_agent();
+    }
+}
