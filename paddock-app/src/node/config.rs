@@ -29,6 +29,11 @@
 //! max_connections = 1024
 //! [admin]
 //! listen = "127.0.0.1:9901"
+//!
+//! [kubernetes]                        # the pod source the CNI step asks (see `node::pods`)
+//! # kubeconfig = "/etc/paddock/kubeconfig"   # default: the in-cluster service account
+//! run_label = "paddock.dev/run"       # pods with this label are agent pods; its value: the run
+//! cluster_dns = ["10.96.0.10"]        # kubelet's clusterDNS: ClusterFirst pods' resolver
 //! ```
 //!
 //! Unknown keys are errors, as in `serve`.
@@ -63,6 +68,24 @@ pub struct NodeConfig {
     #[serde(default)]
     pub limits: LimitsConfig,
     pub admin: Option<AdminConfig>,
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// The API server the pod directory watches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; default: the in-cluster configuration (service account).
+    pub kubeconfig: Option<PathBuf>,
+    #[serde(default = "default_run_label")]
+    pub run_label: String,
+    /// Kubelet's `clusterDNS`: where `ClusterFirst` pods' DNS may go.
+    #[serde(default)]
+    pub cluster_dns: Vec<std::net::IpAddr>,
+}
+
+fn default_run_label() -> String {
+    super::pods::DEFAULT_RUN_LABEL.to_owned()
 }
 
 fn default_state_dir() -> PathBuf {
@@ -208,6 +231,15 @@ impl NodeConfig {
                 "network.bypass_mark is not used by the node agent: its dials come from its own \
                  cgroup, which is never intercepted",
             );
+        }
+        if let Some(k) = &self.kubernetes {
+            if k.run_label.trim().is_empty() {
+                return invalid("kubernetes.run_label must not be empty");
+            }
+            let v4 = k.cluster_dns.iter().filter(|a| a.is_ipv4()).count();
+            if v4 > 1 || k.cluster_dns.len() - v4 > 1 {
+                return invalid("kubernetes.cluster_dns: at most one address per family");
+            }
         }
         if let Some(t) = &self.audit.target {
             t.parse::<paddock_proxy::audit::AuditTarget>()

@@ -11,6 +11,17 @@
 //! <- {"ok":false,"error":"..."}           on any failure (the pod is then not served)
 //! ```
 //!
+//! The CNI plugin knows only what the runtime tells it (the pod's UID, namespace, name and
+//! network namespace); the run and resolvers come from the API server ([`super::pods`]):
+//!
+//! ```text
+//! -> {"op":"cni-add","uid":"...","namespace":"team","name":"agent-0","netns":"/var/run/netns/..."}
+//! <- {"ok":true,"intercepted":true,"pod":{...}}   an agent pod, now intercepted
+//! <- {"ok":true,"intercepted":false}             not an agent pod (no run label)
+//! <- {"ok":false,"error":"...","retry":true}     unknown pod / no API view yet: ADD fails
+//! -> {"op":"cni-check","uid":"...","netns":"..."}  -> {"op":"cni-del","uid":"..."}
+//! ```
+//!
 //! Requests are bounded (64 KiB per line, 30 s per connection, 64 connections at once); the
 //! socket is created 0600 in a 0700 directory, since whoever can add a pod chooses its run.
 
@@ -23,8 +34,9 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::agent::{NodeAgent, PodStatus};
+use super::agent::{NodeAgent, PodError, PodStatus};
 use super::pod::PodSpec;
+use super::pods::{Lookup, PodDirectory};
 use paddock_proxy::ebpf::Interception;
 use paddock_proxy::pod_cgroup::PodUid;
 
@@ -37,9 +49,29 @@ const MAX_CLIENTS: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
-    Add { pod: PodSpec },
-    Delete { uid: PodUid },
+    Add {
+        pod: PodSpec,
+    },
+    Delete {
+        uid: PodUid,
+    },
     List,
+    #[serde(rename = "cni-add")]
+    CniAdd {
+        uid: PodUid,
+        namespace: String,
+        name: String,
+        netns: PathBuf,
+    },
+    #[serde(rename = "cni-check")]
+    CniCheck {
+        uid: PodUid,
+        netns: PathBuf,
+    },
+    #[serde(rename = "cni-del")]
+    CniDel {
+        uid: PodUid,
+    },
 }
 
 /// The answer to one request.
@@ -52,6 +84,12 @@ pub struct Response {
     pub pod: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<Vec<serde_json::Value>>,
+    /// CNI ADD: whether the pod is now intercepted (false: not an agent pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intercepted: Option<bool>,
+    /// The failure may pass by itself (the runtime should retry the sandbox).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry: bool,
 }
 
 impl Response {
@@ -61,6 +99,8 @@ impl Response {
             error: Some(e.to_string()),
             pod: None,
             pods: None,
+            intercepted: None,
+            retry: false,
         }
     }
 
@@ -70,6 +110,8 @@ impl Response {
             error: None,
             pod: None,
             pods: None,
+            intercepted: None,
+            retry: false,
         }
     }
 }
@@ -100,6 +142,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 pub async fn serve<I: Interception + 'static>(
     listener: UnixListener,
     agent: Arc<NodeAgent<I>>,
+    pods: Option<Arc<PodDirectory>>,
     stop: impl Future<Output = ()>,
 ) {
     let clients = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
@@ -122,9 +165,10 @@ pub async fn serve<I: Interception + 'static>(
             continue;
         };
         let agent = Arc::clone(&agent);
+        let pods = pods.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if tokio::time::timeout(CONN_TIMEOUT, client(stream, &agent))
+            if tokio::time::timeout(CONN_TIMEOUT, client(stream, &agent, pods.as_deref()))
                 .await
                 .is_err()
             {
@@ -134,7 +178,11 @@ pub async fn serve<I: Interception + 'static>(
     }
 }
 
-async fn client<I: Interception>(stream: UnixStream, agent: &NodeAgent<I>) {
+async fn client<I: Interception>(
+    stream: UnixStream,
+    agent: &NodeAgent<I>,
+    pods: Option<&PodDirectory>,
+) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
     let mut line = Vec::new();
@@ -156,7 +204,7 @@ async fn client<I: Interception>(stream: UnixStream, agent: &NodeAgent<I>) {
             return;
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => answer(agent, req).await,
+                Ok(req) => answer(agent, pods, req).await,
                 Err(e) => Response::error(format!("bad request: {e}")),
             }
         };
@@ -175,8 +223,41 @@ async fn write_response(
     write.write_all(&out).await
 }
 
-async fn answer<I: Interception>(agent: &NodeAgent<I>, req: Request) -> Response {
+/// Answers one request; `pub` so the CNI logic is tested without a socket.
+pub async fn answer<I: Interception>(
+    agent: &NodeAgent<I>,
+    pods: Option<&PodDirectory>,
+    req: Request,
+) -> Response {
     match req {
+        Request::CniAdd {
+            uid,
+            namespace,
+            name,
+            netns,
+        } => cni_add(agent, pods, uid, namespace, name, netns).await,
+        Request::CniCheck { uid, netns } => {
+            let served = agent.list().await.into_iter().find(|p| p.uid == uid);
+            match (served, pods.map(|d| d.contains(&uid))) {
+                (Some(p), _) if p.netns == netns => Response::ok(),
+                (Some(_), _) => Response::error(format!("pod {uid} is served for another netns")),
+                // Not served: fine only for a pod known not to be an agent pod.
+                (None, _) => match pods {
+                    Some(d) => match d.lookup(&uid, Duration::ZERO).await {
+                        Lookup::NotAgent(_) => Response::ok(),
+                        Lookup::Agent(_) => {
+                            Response::error(format!("agent pod {uid} is not intercepted"))
+                        }
+                        Lookup::Unknown => Response::error(format!("pod {uid} is unknown")),
+                    },
+                    None => Response::error(format!("pod {uid} is not served")),
+                },
+            }
+        }
+        Request::CniDel { uid } => match agent.remove(&uid).await {
+            Ok(()) | Err(PodError::NotFound(_)) => Response::ok(),
+            Err(e) => Response::error(e),
+        },
         Request::Add { pod } => {
             let uid = pod.uid.clone();
             match agent.add(pod).await {
@@ -231,4 +312,59 @@ pub async fn call(path: &Path, req: &Request) -> std::io::Result<Response> {
 #[must_use]
 pub fn default_path(state_dir: &Path) -> PathBuf {
     state_dir.join("pods.sock")
+}
+
+async fn cni_add<I: Interception>(
+    agent: &NodeAgent<I>,
+    pods: Option<&PodDirectory>,
+    uid: PodUid,
+    namespace: String,
+    name: String,
+    netns: PathBuf,
+) -> Response {
+    let Some(dir) = pods else {
+        return Response::error(
+            "no pod source: the node agent runs without [kubernetes], so it cannot tell which \
+             run a pod is",
+        );
+    };
+    match dir.lookup(&uid, dir.cni_wait()).await {
+        Lookup::NotAgent(m) if m.namespace == namespace && m.name == name => Response {
+            intercepted: Some(false),
+            ..Response::ok()
+        },
+        Lookup::Agent(m) if m.namespace == namespace && m.name == name => {
+            let spec = PodSpec {
+                uid: m.uid,
+                namespace: m.namespace,
+                name: m.name,
+                run: m.run.unwrap_or_default(),
+                netns,
+                nameservers: m.nameservers,
+            };
+            match agent.add(spec).await {
+                Ok(status) => Response {
+                    pod: Some(status_json(&status)),
+                    intercepted: Some(true),
+                    ..Response::ok()
+                },
+                Err(e) => {
+                    tracing::warn!(pod = %uid, error = %e, "agent pod not intercepted; CNI ADD fails");
+                    Response::error(e)
+                }
+            }
+        }
+        Lookup::Agent(m) | Lookup::NotAgent(m) => Response::error(format!(
+            "pod {uid} is {}/{} in the API server, not {namespace}/{name}",
+            m.namespace, m.name
+        )),
+        Lookup::Unknown => Response {
+            retry: true,
+            ..Response::error(format!(
+                "pod {uid} ({namespace}/{name}) is not in the node agent's view of this node (the \
+                 API server is unreachable or has not told it yet); refusing to start it \
+                 unintercepted"
+            ))
+        },
+    }
 }

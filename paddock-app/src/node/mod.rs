@@ -10,9 +10,11 @@
 //! leaves the programs and records: pods stay intercepted (refused) until the next start.
 
 pub mod agent;
+pub mod cni;
 pub mod config;
 pub mod control;
 pub mod pod;
+pub mod pods;
 pub mod state;
 
 use std::sync::Arc;
@@ -46,6 +48,8 @@ pub enum NodeError {
     Serve(#[from] ServeError),
     #[error("pod state: {0}")]
     State(#[from] state::StateError),
+    #[error("Kubernetes client: {0}")]
+    Kube(String),
     #[error("pod socket {path}: {source}")]
     Socket {
         path: std::path::PathBuf,
@@ -177,25 +181,48 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
         Some(state),
     ));
     let report = agent.restore().await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let directory = if let Some(k) = &cfg.kubernetes {
+        let client = kube_client(k).await?;
+        let dir = pods::PodDirectory::new();
+        tasks.spawn(pods::watch_pods(
+            kube::Api::all(client),
+            node_name.clone(),
+            pods::PodSettings {
+                run_label: k.run_label.clone(),
+                cluster_dns: k.cluster_dns.clone(),
+            },
+            Arc::clone(&dir),
+            Arc::clone(&agent),
+            stopped(stop_rx.clone()),
+        ));
+        Some(dir)
+    } else {
+        tracing::warn!(
+            "no [kubernetes] table: pods are added only through `node-pods add` (CNI ADD is \
+             refused)"
+        );
+        None
+    };
     tracing::info!(
         restored = report.restored.len(),
         released = report.released.len(),
         "pods from the previous node agent"
     );
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
     let socket_path = cfg.control_socket();
     let listener = control::bind(&socket_path).map_err(|source| NodeError::Socket {
         path: socket_path.clone(),
         source,
     })?;
-    let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(control::serve(
         listener,
         Arc::clone(&agent),
+        directory,
         stopped(stop_rx.clone()),
     ));
     let ready = Readiness::new();
@@ -221,4 +248,20 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
     tasks.abort_all();
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// The API client: the kubeconfig's, else the in-cluster service account's.
+async fn kube_client(k: &config::KubernetesConfig) -> Result<kube::Client, NodeError> {
+    let config = match &k.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| NodeError::Kube(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| NodeError::Kube(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::incluster()
+            .map_err(|e| NodeError::Kube(format!("in-cluster configuration: {e}")))?,
+    };
+    kube::Client::try_from(config).map_err(|e| NodeError::Kube(e.to_string()))
 }
