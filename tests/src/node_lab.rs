@@ -26,7 +26,42 @@ use crate::{
     netns::ip,
     process::{Placement, place, run, target_bin},
     proxied::{DnsResponder, make_upstream_certs, path_str, scratch},
+    pyserver::PyServer,
 };
+
+/// A stand-in for the API server's pod endpoints: `GET /api/v1/pods` answers the pod list in
+/// the file it is given (read per request), a watch stays open without events (the list is
+/// the whole truth here), anything else is 404.
+const KUBE_API: &str = r#"
+import http.server, json, sys, time, urllib.parse
+addr, port, pods = sys.argv[1], int(sys.argv[2]), sys.argv[5]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        u = urllib.parse.urlsplit(self.path)
+        q = urllib.parse.parse_qs(u.query)
+        if u.path != "/api/v1/pods" or q.get("fieldSelector") != ["spec.nodeName=node-test"]:
+            self.send_response(404); self.send_header("content-length", "0"); self.end_headers(); return
+        if q.get("watch") == ["true"]:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers(); self.wfile.flush()
+            time.sleep(20)
+            self.wfile.write(b"0\r\n\r\n"); return
+        with open(pods) as f: items = json.load(f)
+        body = json.dumps({"apiVersion": "v1", "kind": "PodList",
+                           "metadata": {"resourceVersion": "1"}, "items": items}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer((addr, int(port)), H).serve_forever()
+"#;
+const KUBE_API_ADDR: &str = "127.0.0.1:16443";
+/// The CNI network the pods get from Debian's bridge + host-local plugins.
+pub const CNI_SUBNET: &str = "10.89.0.0/24";
 
 pub const NAMESPACE: &str = "team";
 pub const HOST_A: &str = "a.paddock.test";
@@ -57,14 +92,31 @@ pub struct Pod {
     pub placeholder: String,
 }
 
+/// A pod as a container runtime has it when it calls CNI ADD: an empty network namespace,
+/// its kubelet cgroup, its run registered with the broker (agent pods) and, when `listed`,
+/// present in the API server's pod list.
+#[derive(Debug)]
+pub struct CniPod {
+    pub uid: PodUid,
+    pub name: String,
+    pub run: Option<String>,
+    pub netns: Netns,
+    pub container: CgroupGuard,
+    pub container_id: String,
+    pub placeholder: Option<String>,
+}
+
 /// The node.
 pub struct NodeLab {
     // Drop order: agent, broker, servers, pods, namespaces, cgroups, pins, files.
     pub agent: Option<Child>,
+    /// The API server's recorded answers (the CNI flow's pod source).
+    kube_api: Option<PyServer>,
     pub broker: BrokerProcess,
     pub api: EchoApi,
     _dns: DnsResponder,
     pub pods: Vec<Pod>,
+    pub cni_pods: Vec<CniPod>,
     pub node: Netns,
     pub upstream: Netns,
     /// The kubelet cgroup root of this node (`.../kubepods.slice`, `.../kubepods` below it).
@@ -131,11 +183,26 @@ impl NodeLab {
     /// of its own credential; the node agent started and told about every pod (as the CNI
     /// step would, before any process runs in the pod).
     #[must_use]
+    pub fn new(pods: u32) -> Self {
+        let mut lab = Self::base(pods);
+        for i in 0..pods {
+            let pod = lab.make_pod(i);
+            lab.pods.push(pod);
+        }
+        lab.start_agent();
+        for i in 0..lab.pods.len() {
+            lab.add_pod(i).expect("add pod");
+        }
+        lab
+    }
+
+    /// The node without pods or node agent; the policy knows runs `run-0..run-{runs}`.
+    #[must_use]
     #[expect(
         clippy::too_many_lines,
         reason = "one linear set-up of the node's parts; the order is the point"
     )]
-    pub fn new(pods: u32) -> Self {
+    fn base(pods: u32) -> Self {
         let dir = scratch();
         let d = dir.path();
         let public = tempfile::Builder::new()
@@ -239,12 +306,14 @@ impl NodeLab {
         let broker = BrokerProcess::start(&node, &d.join("broker.yaml"));
         let kubelet = CgroupGuard::new("node");
         let pins = PinDir::new();
-        let mut lab = Self {
+        Self {
             agent: None,
+            kube_api: None,
             broker,
             api,
             _dns: dns,
             pods: Vec::new(),
+            cni_pods: Vec::new(),
             node,
             upstream,
             kubelet,
@@ -253,16 +322,7 @@ impl NodeLab {
             public,
             controller_key,
             bridge,
-        };
-        for i in 0..pods {
-            let pod = lab.make_pod(i);
-            lab.pods.push(pod);
         }
-        lab.start_agent();
-        for i in 0..lab.pods.len() {
-            lab.add_pod(i).expect("add pod");
-        }
-        lab
     }
 
     /// Pod `i`: namespace on the bridge, kubelet cgroup (even: systemd, odd: cgroupfs; the
@@ -379,6 +439,7 @@ nameservers = ["{NODE_DNS}"]
 target = "{audit}"
 [limits]
 drain_timeout_secs = 1
+{kubernetes}
 "#,
             state = path_str(d, "state"),
             cgroup_root = self.kubelet.cgroup().path().display(),
@@ -388,6 +449,15 @@ drain_timeout_secs = 1
             broker_ca = path_str(d, "broker/test-ca.crt"),
             token = path_str(d, "agent.token"),
             audit = path_str(d, "audit.jsonl"),
+            kubernetes = if self.kube_api.is_some() {
+                format!(
+                    "[kubernetes]\nkubeconfig = \"{}\"\ncluster_dns = [\"{BRIDGE_V4}\"]\n\
+                     cni_wait_secs = 2\n",
+                    path_str(d, "kubeconfig")
+                )
+            } else {
+                String::new()
+            },
         )
     }
 
@@ -533,6 +603,20 @@ drain_timeout_secs = 1
     /// upstream address: the HTTP status, 0 without an HTTP answer, and curl's exit code.
     #[must_use]
     pub fn curl(&self, i: usize, host: &str, path: &str, bearer: &str) -> (u16, i32) {
+        self.curl_at(&self.in_pod(i), "ca.crt", host, path, bearer)
+    }
+
+    /// curl at `at`, trusting `ca` (a file in the public directory: `ca.crt` is the node CA,
+    /// `upstream-ca.crt` the upstream host's own CA).
+    #[must_use]
+    pub fn curl_at(
+        &self,
+        at: &Placement<'_>,
+        ca: &str,
+        host: &str,
+        path: &str,
+        bearer: &str,
+    ) -> (u16, i32) {
         let mut cmd = Command::new("curl");
         cmd.args([
             "-sS",
@@ -543,11 +627,11 @@ drain_timeout_secs = 1
             "--max-time",
             "10",
         ])
-        .args(["--cacert", &path_str(self.public.path(), "ca.crt")])
+        .args(["--cacert", &path_str(self.public.path(), ca)])
         .args(["--resolve", &format!("{host}:443:{UPSTREAM_V4}")])
         .args(["-H", &format!("Authorization: Bearer {bearer}")])
         .arg(format!("https://{host}{path}"));
-        let out = run(&mut cmd, &self.in_pod(i));
+        let out = run(&mut cmd, at);
         (
             String::from_utf8_lossy(&out.stdout)
                 .trim()
@@ -637,6 +721,249 @@ drain_timeout_secs = 1
             0,
             10 + u8::try_from(i).expect("small"),
         ))
+    }
+}
+
+impl NodeLab {
+    /// A node whose agent learns pods from the API server (recorded answers, see
+    /// [`KUBE_API`]) through the CNI plugin. `pods`: for each, its run (`None`: not an agent
+    /// pod) and whether the API server lists it. Nothing is added yet: [`NodeLab::cni_add`].
+    #[must_use]
+    pub fn cni(pods: &[(Option<u32>, bool)]) -> Self {
+        let runs = pods
+            .iter()
+            .filter_map(|(r, _)| *r)
+            .max()
+            .map_or(1, |m| m + 1);
+        let mut lab = Self::base(runs);
+        let d = lab.dir.path().to_path_buf();
+        let mut listed = Vec::new();
+        for (i, &(run, in_api)) in pods.iter().enumerate() {
+            let i = u32::try_from(i).expect("few pods");
+            let uid = PodUid::parse(&format!("7c2e1d3b-2222-4333-8444-{i:012x}")).expect("uid");
+            let rel = pod_cgroup_relpath(CgroupDriver::Systemd, QosClass::BestEffort, &uid);
+            let container_id = format!("{:064x}", 0x00c0_ffee_u64 + u64::from(i));
+            let container = CgroupGuard::nested(
+                &lab.kubelet,
+                &rel.join(format!("cri-containerd-{container_id}.scope")),
+            );
+            let run = run.map(|r| format!("run-{r}"));
+            let placeholder = run.as_ref().map(|run| lab.register(run));
+            let name = format!("cni-agent-{i}");
+            if in_api {
+                let mut labels = serde_json::json!({"app": "agent"});
+                if let Some(r) = &run {
+                    labels["paddock.dev/run"] = serde_json::json!(r);
+                }
+                listed.push(serde_json::json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": name, "namespace": NAMESPACE, "uid": uid.as_str(),
+                                 "labels": labels, "resourceVersion": "1"},
+                    "spec": {"nodeName": "node-test", "containers": [{"name": "a", "image": "a"}]},
+                    "status": {"phase": "Pending"},
+                }));
+            }
+            lab.cni_pods.push(CniPod {
+                uid,
+                name,
+                run,
+                netns: Netns::new("c"),
+                container,
+                container_id,
+                placeholder,
+            });
+        }
+        std::fs::write(
+            d.join("pods.json"),
+            serde_json::to_vec(&listed).expect("json"),
+        )
+        .expect("pods.json");
+        std::fs::write(
+            d.join("kubeconfig"),
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: \
+                 http://{KUBE_API_ADDR}\nusers:\n- name: node\n  user:\n    token: not-checked\n\
+                 contexts:\n- name: lab\n  context:\n    cluster: lab\n    user: node\n\
+                 current-context: lab\n"
+            ),
+        )
+        .expect("kubeconfig");
+        lab.kube_api = Some(PyServer::start(
+            &lab.node,
+            &d,
+            "kube_api.py",
+            KUBE_API,
+            KUBE_API_ADDR.parse().expect("addr"),
+            &[d.join("pods.json").as_os_str()],
+        ));
+        lab.upstream.ip(&[
+            "route",
+            "add",
+            CNI_SUBNET,
+            "via",
+            &NODE_UPLINK_V4.to_string(),
+        ]);
+        // The upstream host's own CA, for clients of pods that are not intercepted.
+        std::fs::copy(
+            d.join("test-ca.crt"),
+            lab.public.path().join("upstream-ca.crt"),
+        )
+        .expect("ca");
+        std::fs::set_permissions(
+            lab.public.path().join("upstream-ca.crt"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        lab.start_agent();
+        lab
+    }
+
+    /// Registers `run` with the broker and issues it a placeholder of its hosts' credential.
+    fn register(&self, run: &str) -> String {
+        let n: u32 = run.trim_start_matches("run-").parse().expect("run-N");
+        let credential = if n.is_multiple_of(2) {
+            "api-a"
+        } else {
+            "api-b"
+        };
+        let r = run.to_owned();
+        self.controller(move |c| async move {
+            c.upsert_run(&RunUpsertRequest {
+                run: r,
+                namespace: NAMESPACE.into(),
+                template: "t".into(),
+                phase: RunPhase::Running,
+            })
+            .await
+            .map(|_| ())
+        })
+        .expect("register the run");
+        let r = run.to_owned();
+        self.controller(move |c| async move {
+            c.issue(&IssueRequest {
+                run: r,
+                credential: credential.into(),
+            })
+            .await
+            .map(|r| r.value)
+        })
+        .expect("issue")
+    }
+
+    /// A process of CNI pod `k`'s container, as nobody.
+    #[must_use]
+    pub fn in_cni_pod(&self, k: usize) -> Placement<'_> {
+        Placement {
+            netns: Some(&self.cni_pods[k].netns),
+            cgroup: Some(&self.cni_pods[k].container),
+            user: Some(NOBODY),
+        }
+    }
+
+    /// Runs CNI `plugin` (`bridge` from Debian's plugins, or `paddock-cni`) for pod `k` the way
+    /// a container runtime does: in the runtime's (node's) namespace, `CNI_*` environment,
+    /// the network configuration on stdin. Exit code and stdout (JSON, or null when empty).
+    pub fn cni_exec(
+        &self,
+        plugin: &str,
+        command: &str,
+        k: usize,
+        conf: &serde_json::Value,
+    ) -> (i32, serde_json::Value) {
+        use std::io::Write as _;
+        let pod = &self.cni_pods[k];
+        let bin = if plugin == "paddock-cni" {
+            target_bin("paddock-cni")
+        } else {
+            PathBuf::from("/usr/lib/cni").join(plugin)
+        };
+        let mut cmd = Command::new(bin);
+        cmd.env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &pod.container_id)
+            .env("CNI_NETNS", pod.netns.path().path())
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={NAMESPACE};K8S_POD_NAME={};\
+                     K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
+                    pod.name, pod.container_id, pod.uid
+                ),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        place(
+            &mut cmd,
+            &Placement {
+                netns: Some(&self.node),
+                ..Placement::default()
+            },
+        );
+        let mut child = cmd.spawn().expect("spawn CNI plugin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&serde_json::to_vec(conf).expect("json"))
+            .expect("write conf");
+        let out = child.wait_with_output().expect("CNI plugin");
+        let stdout = if out.stdout.iter().all(u8::is_ascii_whitespace) {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                panic!(
+                    "{plugin} {command} printed no JSON ({e}): {}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        };
+        (out.status.code().unwrap_or(-1), stdout)
+    }
+
+    /// The bridge plugin's configuration (what `10-bridge.conflist` would hold).
+    #[must_use]
+    pub fn bridge_conf(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cniVersion": "1.0.0", "name": "podnet", "type": "bridge",
+            "bridge": format!("cb{}", &self.bridge[2..]), "isGateway": true, "ipMasq": false,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": CNI_SUBNET}]],
+                     "routes": [{"dst": "0.0.0.0/0"}],
+                     "dataDir": self.dir.path().join("ipam")},
+        })
+    }
+
+    /// paddock-cni's configuration as libcni hands it over: the conflist entry plus the
+    /// network's name and version and the previous plugin's result.
+    #[must_use]
+    pub fn paddock_conf(&self, prev: Option<&serde_json::Value>) -> serde_json::Value {
+        let mut c = serde_json::json!({
+            "cniVersion": "1.0.0", "name": "podnet", "type": "paddock-cni",
+            "socket": self.dir.path().join("state/pods.sock"), "timeoutSeconds": 15,
+        });
+        if let Some(p) = prev {
+            c["prevResult"] = p.clone();
+        }
+        c
+    }
+
+    /// The runtime's ADD of the chain (bridge, then paddock-cni): paddock-cni's exit code and
+    /// output.
+    pub fn cni_add(&self, k: usize) -> (i32, serde_json::Value) {
+        let (code, prev) = self.cni_exec("bridge", "ADD", k, &self.bridge_conf());
+        assert_eq!(code, 0, "bridge ADD: {prev}");
+        self.cni_exec("paddock-cni", "ADD", k, &self.paddock_conf(Some(&prev)))
+    }
+
+    /// The runtime's DEL of the chain, in reverse order: paddock-cni's exit code.
+    pub fn cni_del(&self, k: usize) -> i32 {
+        let (code, out) = self.cni_exec("paddock-cni", "DEL", k, &self.paddock_conf(None));
+        let (bridge, bout) = self.cni_exec("bridge", "DEL", k, &self.bridge_conf());
+        assert_eq!(bridge, 0, "bridge DEL: {bout}");
+        assert!(code == 0 || out.is_object(), "{out}");
+        code
     }
 }
 

@@ -231,8 +231,17 @@ where
             let Some((uid, _, _)) = inv.pod()? else {
                 return Ok(Value::Null);
             };
-            ask(inv, call, Request::CniDel { uid }).await?;
-            Ok(Value::Null)
+            match ask(inv, call, Request::CniDel { uid }).await {
+                // No node agent to ask: the pod's netns and cgroup are going, and the next
+                // node agent releases recorded pods whose netns is gone. Failing would only
+                // keep the pod from being deleted.
+                Err(e) if e.code == code::TRY_AGAIN_LATER && e.msg.starts_with("cannot reach") => {
+                    eprintln!("paddock-cni: DEL without a node agent: {}", e.details);
+                    Ok(Value::Null)
+                }
+                Err(e) => Err(e),
+                Ok(()) => Ok(Value::Null),
+            }
         }
         other => Err(CniError::new(
             code::INVALID_ENV,
@@ -490,5 +499,20 @@ mod tests {
                 uid: PodUid::parse(UID).expect("uid")
             })
         );
+        // DEL without a node agent succeeds (the next one releases the pod); a refusal fails.
+        execute_with(&inv, |_, _| async {
+            Err(std::io::Error::from(std::io::ErrorKind::NotFound))
+        })
+        .await
+        .expect("DEL with the node agent gone");
+        let e = execute_with(&inv, |_, _| async {
+            Ok(
+                serde_json::from_value::<Response>(json!({"ok": false, "error": "detach failed"}))
+                    .expect("response"),
+            )
+        })
+        .await
+        .expect_err("refused DEL");
+        assert_eq!(e.code, code::REFUSED);
     }
 }

@@ -34,6 +34,7 @@
 //! # kubeconfig = "/etc/paddock/kubeconfig"   # default: the in-cluster service account
 //! run_label = "paddock.dev/run"       # pods with this label are agent pods; its value: the run
 //! cluster_dns = ["10.96.0.10"]        # kubelet's clusterDNS: ClusterFirst pods' resolver
+//! cni_wait_secs = 10                  # a CNI ADD for a pod not seen yet waits this long
 //! ```
 //!
 //! Unknown keys are errors, as in `serve`.
@@ -82,6 +83,13 @@ pub struct KubernetesConfig {
     /// Kubelet's `clusterDNS`: where `ClusterFirst` pods' DNS may go.
     #[serde(default)]
     pub cluster_dns: Vec<std::net::IpAddr>,
+    /// How long a CNI ADD waits for a pod the watch has not brought yet, then fails.
+    #[serde(default = "default_cni_wait")]
+    pub cni_wait_secs: u64,
+}
+
+fn default_cni_wait() -> u64 {
+    super::pods::DEFAULT_CNI_WAIT.as_secs()
 }
 
 fn default_run_label() -> String {
@@ -233,6 +241,9 @@ impl NodeConfig {
             );
         }
         if let Some(k) = &self.kubernetes {
+            if k.cni_wait_secs > 60 {
+                return invalid("kubernetes.cni_wait_secs must be at most 60");
+            }
             if k.run_label.trim().is_empty() {
                 return invalid("kubernetes.run_label must not be empty");
             }

@@ -188,7 +188,7 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
     let mut tasks = tokio::task::JoinSet::new();
     let directory = if let Some(k) = &cfg.kubernetes {
         let client = kube_client(k).await?;
-        let dir = pods::PodDirectory::new();
+        let dir = pods::PodDirectory::with_cni_wait(Duration::from_secs(k.cni_wait_secs));
         tasks.spawn(pods::watch_pods(
             kube::Api::all(client),
             node_name.clone(),
