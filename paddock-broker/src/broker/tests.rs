@@ -147,6 +147,8 @@ pub(crate) fn identity(ns: &str, scopes: &[Scope]) -> Identity {
         scopes: scopes.iter().copied().collect::<BTreeSet<_>>(),
         backend: "test",
         run: None,
+        node: None,
+        placement: None,
     }
 }
 
