@@ -429,6 +429,8 @@ mod tests {
         let tr = config.auth.token_review.as_ref().expect("tokenReview");
         assert_eq!(tr.max_cache_ttl, Duration::from_mins(5));
         assert!(tr.scopes["paddock-system/proxy"].contains(&Scope::SubstituteAuth));
+        assert!(tr.scopes["paddock-system/paddock-node"].contains(&Scope::NodeAgent));
+        assert_eq!(tr.pod_cache_ttl, Duration::from_secs(30));
         let rsa = config.auth.rsa_session.as_ref().expect("rsaSession");
         assert_eq!((rsa.decrypts_per_second, rsa.decrypt_burst), (20, 40));
         let docs = crate::policy::Policy::parse_text(

@@ -556,6 +556,27 @@ mod tests {
     }
 
     #[test]
+    fn node_binding_needs_exactly_one_valid_node_name() {
+        let extra = |values: &[&str]| {
+            BTreeMap::from([(
+                NODE_NAME_EXTRA.to_owned(),
+                values.iter().map(|v| (*v).to_owned()).collect::<Vec<_>>(),
+            )])
+        };
+        assert_eq!(bound_node(&extra(&["node-a"])), Some("node-a".to_owned()));
+        assert_eq!(bound_node(&extra(&[])), None);
+        assert_eq!(bound_node(&extra(&["node-a", "node-a"])), None);
+        assert_eq!(bound_node(&extra(&["Node A"])), None);
+        assert_eq!(bound_node(&extra(&["../node-a"])), None);
+        assert_eq!(bound_node(&BTreeMap::new()), None);
+        let other = BTreeMap::from([(
+            "authentication.kubernetes.io/pod-name".to_owned(),
+            vec!["node-a".to_owned()],
+        )]);
+        assert_eq!(bound_node(&other), None);
+    }
+
+    #[test]
     fn expiry_from_jwt_payload() {
         let payload = URL_SAFE_NO_PAD.encode(br#"{"exp":2000000000,"sub":"x"}"#);
         let token = format!("e30.{payload}.sig");
