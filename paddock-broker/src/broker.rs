@@ -1,8 +1,10 @@
 //! The broker domain service: issue, renew, revoke, egress decisions and substitution.
 //!
 //! No HTTP here: the server and embedded users call these methods with an authenticated
-//! [`Identity`]. Namespace scoping, run-phase, grant and egress checks all happen here so
-//! every entry point gets them.
+//! [`Identity`]. Namespace scoping, node-agent node checks, run-phase, grant and egress checks
+//! all happen here so every entry point gets them. (For a node agent the server first asks the
+//! API server where the run's pod runs and puts the answer in [`Identity::placement`]; without
+//! it a node agent is refused.)
 
 use std::{
     collections::BTreeSet,
