@@ -26,6 +26,8 @@ pub enum AuditKind {
     EgressDenied,
     EgressDiscovery,
     RunUpdated,
+    /// A node agent was refused a run (its pod is elsewhere, unknown, or not placeable).
+    NodeAgentDenied,
 }
 
 /// One audit record. Holds identifiers only: never a secret or a bearer.

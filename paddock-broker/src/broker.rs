@@ -1,12 +1,14 @@
 //! The broker domain service: issue, renew, revoke, egress decisions and substitution.
 //!
 //! No HTTP here: the server and embedded users call these methods with an authenticated
-//! [`Identity`]. Namespace scoping, run-phase, grant and egress checks all happen here so
-//! every entry point gets them.
+//! [`Identity`]. Namespace scoping, node-agent node checks, run-phase, grant and egress checks
+//! all happen here so every entry point gets them. (For a node agent the server first asks the
+//! API server where the run's pod runs and puts the answer in [`Identity::placement`]; without
+//! it a node agent is refused.)
 
 use std::{
     collections::BTreeSet,
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -15,7 +17,11 @@ use time::OffsetDateTime;
 
 use crate::{
     audit::{AuditEvent, AuditKind, AuditSink},
-    auth::{Identity, RunDirectory, Scope},
+    auth::{
+        Identity, RunDirectory, Scope,
+        pods::{PlacementError, PodLocator},
+        tokenreview::NOT_NODE_BOUND,
+    },
     bearer,
     policy::{EgressDecision, PolicyStore, hosts},
     providers::{self, Placement, ProviderContext, ProviderError, decode_basic},
@@ -139,6 +145,46 @@ pub struct Broker {
     audit: Arc<dyn AuditSink>,
     limits: RateLimits,
     providers: ProviderContext,
+    /// Where node agents' runs are looked up (set with the `TokenReview` backend).
+    pods: RwLock<Option<Arc<PodLocator>>>,
+}
+
+/// Whether node agent `caller` may act for `run`: only when the API server placed the run's
+/// pod on the node the caller's token is bound to. Err holds the caller's answer and the
+/// audited reason (which may name the other node; the answer does not).
+fn node_agent_may_act(caller: &Identity, run: &RunInfo) -> Result<(), (BrokerError, String)> {
+    let forbidden = |reason: String| (BrokerError::Forbidden(reason.clone()), reason);
+    let Some(node) = caller.node.as_deref() else {
+        return Err(forbidden(format!("node agent: {NOT_NODE_BOUND}")));
+    };
+    let Some(placement) = caller
+        .placement
+        .as_deref()
+        .filter(|p| p.run == run.run && p.namespace == run.namespace)
+    else {
+        return Err(forbidden(format!(
+            "no pod placement of run {} was looked up for this node agent",
+            run.run
+        )));
+    };
+    match &placement.outcome {
+        Ok(pod) if pod.node == node => Ok(()),
+        Ok(pod) => Err((
+            BrokerError::Forbidden(format!(
+                "the pod of run {} is not on this node agent's node {node}",
+                run.run
+            )),
+            format!(
+                "pod {} (uid {}) of run {} runs on node {}, not on the caller's node {node}",
+                pod.pod, pod.uid, run.run, pod.node
+            ),
+        )),
+        Err(PlacementError::Unavailable(reason)) => Err((
+            BrokerError::Unavailable(format!("pod lookup: {reason}")),
+            format!("pod lookup unavailable: {reason}"),
+        )),
+        Err(e) => Err(forbidden(e.to_string())),
+    }
 }
 
 impl Broker {
@@ -155,7 +201,21 @@ impl Broker {
             audit,
             limits,
             providers: ProviderContext::default(),
+            pods: RwLock::new(None),
         }
+    }
+
+    /// Lets node agents act: their runs' pods are looked up with `locator`.
+    pub fn set_pod_locator(&self, locator: Arc<PodLocator>) {
+        if let Ok(mut pods) = self.pods.write() {
+            *pods = Some(locator);
+        }
+    }
+
+    /// The pod locator, if node agents can be served.
+    #[must_use]
+    pub fn pod_locator(&self) -> Option<Arc<PodLocator>> {
+        self.pods.read().ok().and_then(|p| p.clone())
     }
 
     #[must_use]
@@ -183,6 +243,9 @@ impl Broker {
     /// answer for an unknown run and a run in another namespace (no existence oracle).
     fn authorize_run(&self, caller: &Identity, run_id: &str) -> Result<RunInfo, BrokerError> {
         check_id("run", run_id)?;
+        if caller.is_node_agent() {
+            return self.authorize_node_agent(caller, run_id);
+        }
         if caller.run.as_deref().is_some_and(|r| r != run_id) {
             return Err(BrokerError::Forbidden(format!(
                 "this credential is bound to another run than {run_id}"
@@ -197,6 +260,34 @@ impl Broker {
             _ => Err(BrokerError::Forbidden(format!(
                 "run {run_id} is not accessible to this caller"
             ))),
+        }
+    }
+
+    /// A node agent acts for a registered run only where [`node_agent_may_act`] agrees; every
+    /// refusal of a registered run is audited.
+    fn authorize_node_agent(
+        &self,
+        caller: &Identity,
+        run_id: &str,
+    ) -> Result<RunInfo, BrokerError> {
+        let Some(run) = self.store.run(run_id)? else {
+            return Err(BrokerError::Forbidden(format!(
+                "run {run_id} is not accessible to this caller"
+            )));
+        };
+        match node_agent_may_act(caller, &run) {
+            Ok(()) => Ok(run),
+            Err((err, reason)) => {
+                let mut ev = AuditEvent::new(
+                    AuditKind::NodeAgentDenied,
+                    &caller.subject,
+                    &run.namespace,
+                    &run.run,
+                );
+                ev.reason = Some(reason);
+                self.audit(&ev)?;
+                Err(err)
+            }
         }
     }
 

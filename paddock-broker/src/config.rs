@@ -323,7 +323,8 @@ pub struct BuiltAuth {
 }
 
 /// Builds every configured backend, in the configured order. `runs` resolves RSA session
-/// tokens to namespaces (the broker itself). Generating a new RSA key blocks for seconds:
+/// tokens to namespaces (the broker itself) and gets the `TokenReview` backend's pod locator
+/// for node agents. Generating a new RSA key blocks for seconds:
 /// call this at startup, outside async workers.
 pub fn build_auth(auth: &AuthConfig, runs: &Arc<Broker>) -> Result<BuiltAuth, ConfigError> {
     let order = auth.resolved_order()?;
@@ -352,7 +353,10 @@ pub fn build_auth(auth: &AuthConfig, runs: &Arc<Broker>) -> Result<BuiltAuth, Co
             }
             AuthBackend::TokenReview => {
                 if let Some(tr) = &auth.token_review {
-                    backends.push(Arc::new(TokenReviewAuthenticator::new(tr.clone())?));
+                    let authenticator = TokenReviewAuthenticator::new(tr.clone())?;
+                    // Node agents' runs are placed with the same API server and credentials.
+                    runs.set_pod_locator(Arc::new(authenticator.pod_locator()));
+                    backends.push(Arc::new(authenticator));
                 }
             }
             AuthBackend::RsaSession => {
@@ -425,6 +429,8 @@ mod tests {
         let tr = config.auth.token_review.as_ref().expect("tokenReview");
         assert_eq!(tr.max_cache_ttl, Duration::from_mins(5));
         assert!(tr.scopes["paddock-system/proxy"].contains(&Scope::SubstituteAuth));
+        assert!(tr.scopes["paddock-system/paddock-node"].contains(&Scope::NodeAgent));
+        assert_eq!(tr.pod_cache_ttl, Duration::from_secs(30));
         let rsa = config.auth.rsa_session.as_ref().expect("rsaSession");
         assert_eq!((rsa.decrypts_per_second, rsa.decrypt_burst), (20, 40));
         let docs = crate::policy::Policy::parse_text(

@@ -74,6 +74,8 @@ mod tests {
                         scopes: BTreeSet::new(),
                         backend: "fixed",
                         run: None,
+                        node: None,
+                        placement: None,
                     }),
                     Err(0) => Err(AuthError::Unauthenticated("no".into())),
                     Err(1) => Err(AuthError::Forbidden("no".into())),

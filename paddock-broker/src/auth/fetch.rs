@@ -133,6 +133,25 @@ impl JsonClient {
         self.send(url, request, &[StatusCode::OK]).await
     }
 
+    /// GETs JSON with a bearer (never echoed in errors).
+    pub(crate) async fn get_json_with_bearer<T: DeserializeOwned>(
+        &self,
+        url: &Url,
+        bearer: &str,
+    ) -> Result<T, FetchError> {
+        let mut value = http::HeaderValue::from_str(&format!("Bearer {bearer}"))
+            .map_err(|_| FetchError::Request("credential is not a valid header".to_owned()))?;
+        value.set_sensitive(true);
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(url.as_str())
+            .header(header::ACCEPT, "application/json")
+            .header(header::AUTHORIZATION, value)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| FetchError::Request(e.to_string()))?;
+        self.send(url, request, &[StatusCode::OK]).await
+    }
+
     /// POSTs `body` as JSON with an optional bearer (never echoed in errors).
     pub(crate) async fn post_json<B: Serialize, T: DeserializeOwned>(
         &self,

@@ -729,6 +729,8 @@ impl JwtAuthenticator {
             scopes,
             backend: "jwt",
             run: None,
+            node: None,
+            placement: None,
         })
     }
 }

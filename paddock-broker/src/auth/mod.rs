@@ -3,13 +3,14 @@
 //! Backends: `jwt` (OIDC discovery + JWKS), `tokenreview` (Kubernetes `TokenReview`),
 //! `rsa_session` (RSA-OAEP run tokens). Every backend fails closed: an error is a denial.
 
-use std::{collections::BTreeSet, future::Future, pin::Pin};
+use std::{collections::BTreeSet, future::Future, pin::Pin, sync::Arc};
 
 pub mod chain;
 mod config_serde;
 mod fetch;
 pub mod jwt;
 mod names;
+pub mod pods;
 pub mod rsa_session;
 pub mod static_keys;
 pub mod tokenreview;
@@ -19,7 +20,8 @@ pub use static_keys::StaticKeys;
 
 /// What a caller may do. Wire names: "broker:issue", "broker:renew", "broker:revoke",
 /// "broker:validate-egress", "broker:substitute-auth", "broker:leases:read",
-/// "broker:controller" (act on runs in any namespace).
+/// "broker:controller" (act on runs in any namespace), "broker:node-agent" (act only for runs
+/// whose pod runs on the node the caller's token is bound to, see [`pods`]).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
@@ -31,11 +33,12 @@ pub enum Scope {
     SubstituteAuth,
     LeasesRead,
     Controller,
+    NodeAgent,
 }
 
 impl Scope {
     /// Every scope, in declaration order.
-    const ALL: [Scope; 7] = [
+    const ALL: [Scope; 8] = [
         Scope::Issue,
         Scope::Renew,
         Scope::Revoke,
@@ -43,6 +46,7 @@ impl Scope {
         Scope::SubstituteAuth,
         Scope::LeasesRead,
         Scope::Controller,
+        Scope::NodeAgent,
     ];
 
     /// The wire name of this scope.
@@ -56,6 +60,7 @@ impl Scope {
             Scope::SubstituteAuth => "broker:substitute-auth",
             Scope::LeasesRead => "broker:leases:read",
             Scope::Controller => "broker:controller",
+            Scope::NodeAgent => "broker:node-agent",
         }
     }
 
@@ -79,6 +84,12 @@ pub struct Identity {
     pub backend: &'static str,
     /// Set when the credential itself names one run (RSA session).
     pub run: Option<String>,
+    /// The node the caller's token is bound to, as the API server reported it in the
+    /// `TokenReview` answer (`authentication.kubernetes.io/node-name`); never the caller's word.
+    pub node: Option<String>,
+    /// For a node agent, per request: where the API server says the pod of the run named in
+    /// the request runs. Filled in by the server before the broker decides; never by a caller.
+    pub placement: Option<Arc<pods::RunPlacement>>,
 }
 
 impl Identity {
@@ -88,11 +99,19 @@ impl Identity {
         self.scopes.contains(&s)
     }
 
+    /// Whether the caller is a node agent: it acts only for runs whose pod is on its node
+    /// (checked per run by the broker), never by namespace.
+    #[must_use]
+    pub fn is_node_agent(&self) -> bool {
+        self.has(Scope::NodeAgent)
+    }
+
     /// Whether the caller may act on runs in `namespace`: its own, or any with the controller
-    /// scope.
+    /// scope. Never for a node agent, whose authority is per run and per node, not per
+    /// namespace.
     #[must_use]
     pub fn may_act_in(&self, namespace: &str) -> bool {
-        self.has(Scope::Controller) || self.namespace == namespace
+        !self.is_node_agent() && (self.has(Scope::Controller) || self.namespace == namespace)
     }
 }
 
@@ -146,6 +165,8 @@ mod tests {
             scopes: BTreeSet::from([Scope::Issue]),
             backend: "jwt",
             run: None,
+            node: None,
+            placement: None,
         };
         assert!(id.may_act_in("team-a"));
         assert!(!id.may_act_in("team-b"));
@@ -153,5 +174,9 @@ mod tests {
         assert!(!id.has(Scope::Renew));
         id.scopes.insert(Scope::Controller);
         assert!(id.may_act_in("team-b"));
+        // A node agent acts by node, never by namespace, not even its own.
+        id.scopes.insert(Scope::NodeAgent);
+        assert!(!id.may_act_in("team-a"));
+        assert!(!id.may_act_in("team-b"));
     }
 }

@@ -12,6 +12,24 @@ pub(crate) fn is_service_account(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(|label| is_dns_label(label, 63))
 }
 
+/// A Kubernetes node name (RFC 1123 subdomain, like a service account name).
+pub(crate) fn is_node_name(s: &str) -> bool {
+    is_service_account(s)
+}
+
+/// A Kubernetes label value: 1-63 of `[A-Za-z0-9._-]`, alphanumeric at both ends (the empty
+/// value is valid in Kubernetes but names no run).
+pub(crate) fn is_label_value(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
 /// A run id: 1-253 of `[A-Za-z0-9._-]`, starting with an alphanumeric.
 pub(crate) fn is_run_id(s: &str) -> bool {
     !s.is_empty()
@@ -55,6 +73,13 @@ mod tests {
         assert!(!is_run_id("-run"));
         assert!(!is_run_id("run id"));
         assert!(!is_run_id("run\n"));
+        assert!(is_label_value("Run-01HZ_x.1"));
+        assert!(!is_label_value("run-"));
+        assert!(!is_label_value("a/b"));
+        assert!(!is_label_value("a&labelSelector=x"));
+        assert!(!is_label_value(&"a".repeat(64)));
+        assert!(is_node_name("ip-10-0-0-1.ec2.internal"));
+        assert!(!is_node_name("node/../a"));
         assert!(is_subject("user@example.com"));
         assert!(!is_subject("a\u{7}b"));
     }

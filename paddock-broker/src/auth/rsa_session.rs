@@ -219,6 +219,8 @@ impl RsaSessionAuthenticator {
             scopes: self.scopes.clone(),
             backend: "rsa-session",
             run: Some(run_id.to_string()),
+            node: None,
+            placement: None,
         })
     }
 

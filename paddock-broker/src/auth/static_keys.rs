@@ -220,6 +220,8 @@ impl Authenticator for StaticKeys {
                 scopes: entry.scopes,
                 backend: "static-keys",
                 run: None,
+                node: None,
+                placement: None,
             }),
             None => Err(AuthError::Unauthenticated(
                 "no matching static key".to_owned(),

@@ -4,6 +4,11 @@
 //! `paddock-broker` by default); the answer is cached, keyed by the bearer's SHA-256, until the
 //! token's own `exp` (capped), so steady traffic costs no API round trip. Rejections are cached
 //! only briefly; an unreachable or refusing API server is `Unavailable` and never cached.
+//!
+//! Node agents: an account whose scopes include `broker:node-agent` must present a token bound
+//! to a pod, whose review names the pod's node in `user.extra["authentication.kubernetes.io/
+//! node-name"]` (Kubernetes >= 1.30). That node becomes [`Identity::node`]; such an account
+//! without it is refused. The same API server answers the pod lookups of [`super::pods`].
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,11 +28,17 @@ use super::{
     AuthError, AuthFuture, Authenticator, Identity, Scope, config_serde,
     fetch::{FetchError, JsonClient, parse_service_url},
     names,
+    pods::PodLocator,
 };
 
 const REVIEW_PATH: &str = "apis/authentication.k8s.io/v1/tokenreviews";
 const MAX_TOKEN_LEN: usize = 16 * 1024;
 const MAX_TOKEN_FILE: u64 = 64 * 1024;
+/// The `TokenReview` user extra that names the node of the pod a token is bound to.
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// Why a node agent's token is refused when its review names no node.
+pub const NOT_NODE_BOUND: &str = "token is not bound to a node; Kubernetes >= 1.30 with \
+     pod-bound projected tokens required";
 
 /// Configuration of the `TokenReview` backend. Holds paths, never a token.
 #[derive(Clone, Debug, Deserialize)]
@@ -45,7 +56,9 @@ pub struct TokenReviewConfig {
     #[serde(default = "default_audiences")]
     pub audiences: Vec<String>,
     /// Scopes per service account, keyed `namespace/name`, or `namespace/*` for every
-    /// account of a namespace. An account in neither gets no scope.
+    /// account of a namespace. An account in neither gets no scope. `broker:node-agent` marks
+    /// node agents and may be combined only with `broker:validate-egress` and
+    /// `broker:substitute-auth`.
     #[serde(default, deserialize_with = "config_serde::scope_map")]
     pub scopes: BTreeMap<String, BTreeSet<Scope>>,
     /// Cached reviews, at most.
@@ -74,6 +87,15 @@ pub struct TokenReviewConfig {
         deserialize_with = "config_serde::duration"
     )]
     pub http_timeout: Duration,
+    /// How long a node agent's pod lookup (run -> pod -> node) is reused; zero disables.
+    #[serde(
+        default = "default_pod_cache_ttl",
+        deserialize_with = "config_serde::duration"
+    )]
+    pub pod_cache_ttl: Duration,
+    /// Cached pod lookups, at most.
+    #[serde(default = "default_capacity")]
+    pub pod_cache_capacity: usize,
 }
 
 fn default_token_file() -> PathBuf {
@@ -97,6 +119,9 @@ fn default_negative_ttl() -> Duration {
 fn default_http_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_pod_cache_ttl() -> Duration {
+    Duration::from_secs(30)
+}
 
 impl TokenReviewConfig {
     #[must_use]
@@ -112,6 +137,8 @@ impl TokenReviewConfig {
             fallback_ttl: default_fallback_ttl(),
             negative_ttl: default_negative_ttl(),
             http_timeout: default_http_timeout(),
+            pod_cache_ttl: default_pod_cache_ttl(),
+            pod_cache_capacity: default_capacity(),
         }
     }
 }
@@ -122,8 +149,13 @@ pub enum TokenReviewConfigError {
     ApiServer(String),
     #[error("tokenreview: at least one non-empty audience is required")]
     NoAudience,
-    #[error("tokenreview: cacheCapacity must be at least 1")]
+    #[error("tokenreview: cacheCapacity and podCacheCapacity must be at least 1")]
     Capacity,
+    #[error(
+        "tokenreview: scopes of {0:?}: broker:node-agent may be combined only with \
+         broker:validate-egress and broker:substitute-auth"
+    )]
+    NodeAgentScopes(String),
     #[error("tokenreview: scopes key {0:?} is not `namespace/name` or `namespace/*`")]
     ScopeKey(String),
     #[error("tokenreview: {0}")]
@@ -140,7 +172,7 @@ struct LoadedToken {
 
 /// The broker's own token, re-read whenever the file's identity (mtime, size) changes, which
 /// covers kubelet's rotation by symlink swap.
-struct TokenFile {
+pub(crate) struct TokenFile {
     path: PathBuf,
     current: Mutex<Option<LoadedToken>>,
 }
@@ -155,7 +187,7 @@ impl std::fmt::Debug for TokenFile {
 }
 
 impl TokenFile {
-    fn read(&self) -> Result<Arc<str>, String> {
+    pub(crate) fn read(&self) -> Result<Arc<str>, String> {
         let path = &self.path;
         let meta = fs::metadata(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
         let stamp = (meta.modified().ok(), meta.len());
@@ -199,9 +231,10 @@ struct Cached {
 /// The Kubernetes `TokenReview` [`Authenticator`].
 pub struct TokenReviewAuthenticator {
     config: TokenReviewConfig,
+    base: Url,
     url: Url,
     client: JsonClient,
-    token: TokenFile,
+    token: Arc<TokenFile>,
     cache: quick_cache::sync::Cache<[u8; 32], Cached>,
 }
 
@@ -249,6 +282,16 @@ struct ReviewStatus {
 struct UserInfo {
     #[serde(default)]
     username: String,
+    #[serde(default)]
+    extra: BTreeMap<String, Vec<String>>,
+}
+
+/// The node a reviewed token is bound to: exactly one valid node name, else none.
+fn bound_node(extra: &BTreeMap<String, Vec<String>>) -> Option<String> {
+    match extra.get(NODE_NAME_EXTRA).map(Vec::as_slice) {
+        Some([node]) if names::is_node_name(node) => Some(node.clone()),
+        _ => None,
+    }
 }
 
 impl TokenReviewAuthenticator {
@@ -260,7 +303,7 @@ impl TokenReviewAuthenticator {
         if config.audiences.is_empty() || config.audiences.iter().any(String::is_empty) {
             return Err(TokenReviewConfigError::NoAudience);
         }
-        if config.cache_capacity == 0 {
+        if config.cache_capacity == 0 || config.pod_cache_capacity == 0 {
             return Err(TokenReviewConfigError::Capacity);
         }
         for key in config.scopes.keys() {
@@ -271,20 +314,45 @@ impl TokenReviewAuthenticator {
                 return Err(TokenReviewConfigError::ScopeKey(key.clone()));
             }
         }
-        let token = TokenFile {
+        for (key, scopes) in &config.scopes {
+            let node_agent_only = [
+                Scope::NodeAgent,
+                Scope::ValidateEgress,
+                Scope::SubstituteAuth,
+            ];
+            if scopes.contains(&Scope::NodeAgent)
+                && scopes.iter().any(|s| !node_agent_only.contains(s))
+            {
+                return Err(TokenReviewConfigError::NodeAgentScopes(key.clone()));
+            }
+        }
+        let token = Arc::new(TokenFile {
             path: config.token_file.clone(),
             current: Mutex::new(None),
-        };
+        });
         token.read().map_err(TokenReviewConfigError::TokenFile)?;
         let client = JsonClient::new(config.ca_file.as_deref(), config.http_timeout)
             .map_err(|e| TokenReviewConfigError::Client(e.to_string()))?;
         Ok(Self {
             cache: quick_cache::sync::Cache::new(config.cache_capacity),
+            base,
             url,
             client,
             token,
             config,
         })
+    }
+
+    /// A pod locator on the same API server, CA and broker token, for node agents.
+    #[must_use]
+    pub fn pod_locator(&self) -> PodLocator {
+        PodLocator::new(
+            self.base.clone(),
+            self.client.clone(),
+            Arc::clone(&self.token),
+            self.config.pod_cache_ttl,
+            self.config.pod_cache_capacity,
+        )
     }
 
     async fn verify(&self, bearer: &str) -> Result<Identity, AuthError> {
@@ -388,7 +456,10 @@ impl TokenReviewAuthenticator {
                 "tokenreview: audience not confirmed by the API server".into(),
             ));
         }
-        let username = status.user.map(|u| u.username).unwrap_or_default();
+        let (username, extra) = status
+            .user
+            .map(|u| (u.username, u.extra))
+            .unwrap_or_default();
         let (namespace, service_account) = parse_service_account(&username).ok_or_else(|| {
             AuthError::Unauthenticated("tokenreview: not a service-account token".into())
         })?;
@@ -399,6 +470,13 @@ impl TokenReviewAuthenticator {
             .or_else(|| self.config.scopes.get(&format!("{namespace}/*")))
             .cloned()
             .unwrap_or_default();
+        let node = bound_node(&extra);
+        if scopes.contains(&Scope::NodeAgent) && node.is_none() {
+            // Fail closed: a node agent without a node would have no bound on its authority.
+            return Err(AuthError::Forbidden(format!(
+                "tokenreview: node agent {username}: {NOT_NODE_BOUND}"
+            )));
+        }
         Ok(Identity {
             subject: username.clone(),
             namespace: namespace.to_owned(),
@@ -406,6 +484,8 @@ impl TokenReviewAuthenticator {
             scopes,
             backend: "tokenreview",
             run: None,
+            node,
+            placement: None,
         })
     }
 }
@@ -473,6 +553,27 @@ mod tests {
         assert_eq!(parse_service_account("system:serviceaccount:Team:x"), None);
         assert_eq!(parse_service_account("system:serviceaccount:a:b:c"), None);
         assert_eq!(parse_service_account("alice"), None);
+    }
+
+    #[test]
+    fn node_binding_needs_exactly_one_valid_node_name() {
+        let extra = |values: &[&str]| {
+            BTreeMap::from([(
+                NODE_NAME_EXTRA.to_owned(),
+                values.iter().map(|v| (*v).to_owned()).collect::<Vec<_>>(),
+            )])
+        };
+        assert_eq!(bound_node(&extra(&["node-a"])), Some("node-a".to_owned()));
+        assert_eq!(bound_node(&extra(&[])), None);
+        assert_eq!(bound_node(&extra(&["node-a", "node-a"])), None);
+        assert_eq!(bound_node(&extra(&["Node A"])), None);
+        assert_eq!(bound_node(&extra(&["../node-a"])), None);
+        assert_eq!(bound_node(&BTreeMap::new()), None);
+        let other = BTreeMap::from([(
+            "authentication.kubernetes.io/pod-name".to_owned(),
+            vec!["node-a".to_owned()],
+        )]);
+        assert_eq!(bound_node(&other), None);
     }
 
     #[test]

@@ -147,6 +147,8 @@ pub(crate) fn identity(ns: &str, scopes: &[Scope]) -> Identity {
         scopes: scopes.iter().copied().collect::<BTreeSet<_>>(),
         backend: "test",
         run: None,
+        node: None,
+        placement: None,
     }
 }
 
@@ -938,4 +940,234 @@ spec:
         1,
         "issue warmed the cache; substitution reused it"
     );
+}
+
+/// A node agent of `paddock-system` bound to `node`, carrying the API server's placement of
+/// `run` (in `namespace`) on `outcome`.
+fn node_agent(
+    node: Option<&str>,
+    placement: Option<(&str, &str, Result<&str, PlacementError>)>,
+) -> Identity {
+    let mut id = identity(
+        "paddock-system",
+        &[
+            Scope::NodeAgent,
+            Scope::ValidateEgress,
+            Scope::SubstituteAuth,
+        ],
+    );
+    id.subject = "system:serviceaccount:paddock-system:paddock-node".into();
+    id.node = node.map(str::to_owned);
+    id.placement = placement.map(|(run, namespace, outcome)| {
+        Arc::new(crate::auth::pods::RunPlacement {
+            run: run.into(),
+            namespace: namespace.into(),
+            outcome: outcome.map(|node| crate::auth::pods::PodNode {
+                pod: format!("{run}-pod"),
+                uid: format!("uid-{run}"),
+                node: node.into(),
+            }),
+        })
+    });
+    id
+}
+
+fn egress(run: &str) -> ValidateEgressRequest {
+    ValidateEgressRequest {
+        run: run.into(),
+        host: "api.github.com".into(),
+        port: Some(443),
+    }
+}
+
+fn node_denials(f: &Fixture) -> Vec<AuditEvent> {
+    f.audit
+        .events()
+        .into_iter()
+        .filter(|e| e.event == AuditKind::NodeAgentDenied)
+        .collect()
+}
+
+#[test]
+fn node_agent_acts_only_for_runs_on_its_node() {
+    let f = fixture();
+    // Pod of r1 on node-a, caller on node-a: allowed, in any namespace (r1 is in team-a, the
+    // agent in paddock-system).
+    let on_a = node_agent(Some("node-a"), Some(("r1", "team-a", Ok("node-a"))));
+    let d = f
+        .broker
+        .validate_egress(&on_a, &egress("r1"))
+        .expect("same node");
+    assert!(d.allowed, "{d:?}");
+    assert!(node_denials(&f).is_empty());
+
+    // Pod of r1 on node-b: refused, audited with the other node, answered without it.
+    let elsewhere = node_agent(Some("node-a"), Some(("r1", "team-a", Ok("node-b"))));
+    let err = f
+        .broker
+        .validate_egress(&elsewhere, &egress("r1"))
+        .expect_err("other node");
+    assert_eq!(err.code(), ErrorCode::Forbidden);
+    assert!(!err.public_message().contains("node-b"), "{err}");
+    let denials = node_denials(&f);
+    assert_eq!(denials.len(), 1);
+    assert_eq!(denials[0].run, "r1");
+    assert_eq!(denials[0].namespace, "team-a");
+    let reason = denials[0].reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("node-b") && reason.contains("node-a"),
+        "{reason}"
+    );
+
+    // The same on substitute-auth.
+    let err = f
+        .broker
+        .substitute_auth(&elsewhere, &sub("r1", "api.github.com", vec![], None))
+        .expect_err("other node");
+    assert_eq!(err.code(), ErrorCode::Forbidden);
+    let ok = f
+        .broker
+        .substitute_auth(&on_a, &sub("r1", "api.github.com", vec![], None))
+        .expect("same node");
+    assert!(!ok.matched);
+
+    // A placement looked up for another run does not carry over.
+    let err = f
+        .broker
+        .validate_egress(&on_a, &egress("r2"))
+        .expect_err("placement of r1 used for r2");
+    assert_eq!(err.code(), ErrorCode::Forbidden);
+}
+
+#[test]
+fn node_agent_without_node_or_placement_is_refused() {
+    let f = fixture();
+    for (caller, why) in [
+        (
+            node_agent(None, Some(("r1", "team-a", Ok("node-a")))),
+            "not bound to a node",
+        ),
+        (node_agent(Some("node-a"), None), "no pod placement"),
+        (
+            node_agent(Some("node-a"), Some(("r1", "team-b", Ok("node-a")))),
+            "no pod placement",
+        ),
+        (
+            node_agent(
+                Some("node-a"),
+                Some((
+                    "r1",
+                    "team-a",
+                    Err(PlacementError::NotScheduled {
+                        pod: "r1-pod".into(),
+                        run: "r1".into(),
+                    }),
+                )),
+            ),
+            "not scheduled",
+        ),
+        (
+            node_agent(
+                Some("node-a"),
+                Some((
+                    "r1",
+                    "team-a",
+                    Err(PlacementError::ManyPods {
+                        namespace: "team-a".into(),
+                        run: "r1".into(),
+                        count: 2,
+                    }),
+                )),
+            ),
+            "exactly one",
+        ),
+    ] {
+        let err = f
+            .broker
+            .validate_egress(&caller, &egress("r1"))
+            .expect_err(why);
+        assert_eq!(err.code(), ErrorCode::Forbidden, "{why}: {err}");
+        assert!(err.to_string().contains(why), "{why}: {err}");
+    }
+    assert_eq!(node_denials(&f).len(), 5);
+
+    // The API server being down is 503, never an allow.
+    let down = node_agent(
+        Some("node-a"),
+        Some((
+            "r1",
+            "team-a",
+            Err(PlacementError::Unavailable("HTTP 500".into())),
+        )),
+    );
+    let err = f
+        .broker
+        .validate_egress(&down, &egress("r1"))
+        .expect_err("down");
+    assert_eq!(err.code(), ErrorCode::Unavailable);
+
+    // An unknown run answers like for any caller, without an audit record (no namespace).
+    let err = f
+        .broker
+        .validate_egress(&node_agent(Some("node-a"), None), &egress("nope"))
+        .expect_err("unknown run");
+    assert_eq!(err.code(), ErrorCode::Forbidden);
+    assert_eq!(node_denials(&f).len(), 6);
+
+    // A denial that cannot be audited is not answered as a plain denial.
+    f.audit.set_failing(true);
+    let err = f
+        .broker
+        .validate_egress(&node_agent(Some("node-a"), None), &egress("r1"))
+        .expect_err("unaudited");
+    assert_eq!(err.code(), ErrorCode::AuditUnavailable);
+}
+
+#[test]
+fn node_agent_has_no_namespace_authority() {
+    let f = fixture();
+    let issued = issue(&f, "r1", "gh-header").expect("issue");
+    // Even with a valid placement (which only the server's validate-egress and
+    // substitute-auth paths fill in), the namespace-scoped calls refuse a node agent.
+    let mut on_a = node_agent(Some("node-a"), Some(("r1", "team-a", Ok("node-a"))));
+    on_a.namespace = "team-a".into();
+    let err = f
+        .broker
+        .revoke(
+            &on_a,
+            &RevokeRequest {
+                lease_id: issued.lease_id.clone(),
+            },
+        )
+        .expect_err("revoke");
+    assert_eq!(err.code(), ErrorCode::NotFound);
+    let err = f
+        .broker
+        .renew(
+            &on_a,
+            &RenewRequest {
+                lease_id: issued.lease_id,
+            },
+        )
+        .expect_err("renew");
+    assert_eq!(err.code(), ErrorCode::NotFound);
+    let err = f
+        .broker
+        .upsert_run(
+            &on_a,
+            &RunUpsertRequest {
+                run: "r9".into(),
+                namespace: "team-a".into(),
+                template: "t".into(),
+                phase: RunPhase::Running,
+            },
+        )
+        .expect_err("register");
+    assert_eq!(err.code(), ErrorCode::Forbidden);
+    // A caller that is not a node agent is unaffected by node fields it may carry.
+    let mut team = team_a();
+    team.node = Some("node-z".into());
+    f.broker
+        .validate_egress(&team, &egress("r1"))
+        .expect("namespace caller");
 }

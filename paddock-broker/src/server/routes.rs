@@ -16,9 +16,15 @@ use tracing::Instrument;
 
 use super::State;
 use crate::{
-    auth::{AuthError, Identity, Scope},
+    auth::{
+        AuthError, Identity, Scope,
+        pods::{PlacementError, RunPlacement},
+    },
     broker::{Broker, BrokerError},
-    wire::{self, ErrorBody, ErrorCode, MAX_BODY_BYTES, paths},
+    wire::{
+        self, ErrorBody, ErrorCode, MAX_BODY_BYTES, SubstituteAuthRequest, ValidateEgressRequest,
+        paths,
+    },
 };
 
 /// What a route does.
@@ -234,6 +240,14 @@ async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incomin
             format!("caller lacks scope {}", scope.as_str()),
         );
     }
+    // A node agent acts for the runs on its node through these two calls and nothing else,
+    // whatever scopes a configuration gave it.
+    if identity.is_node_agent() && !matches!(route.op, Op::ValidateEgress | Op::SubstituteAuth) {
+        return error_response(
+            ErrorCode::Forbidden,
+            "node agents may only call validate-egress and substitute-auth",
+        );
+    }
     if route.op == Op::Leases {
         return match leases_query(req.uri().query()) {
             Ok(run) => {
@@ -256,8 +270,12 @@ async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incomin
         Op::Issue => parse_and_call(state, identity, &body, Broker::issue).await,
         Op::Renew => parse_and_call(state, identity, &body, Broker::renew).await,
         Op::Revoke => parse_and_call(state, identity, &body, Broker::revoke).await,
-        Op::ValidateEgress => parse_and_call(state, identity, &body, Broker::validate_egress).await,
-        Op::SubstituteAuth => parse_and_call(state, identity, &body, Broker::substitute_auth).await,
+        Op::ValidateEgress => {
+            parse_and_call_for_run(state, identity, &body, Broker::validate_egress).await
+        }
+        Op::SubstituteAuth => {
+            parse_and_call_for_run(state, identity, &body, Broker::substitute_auth).await
+        }
         Op::Runs => parse_and_call(state, identity, &body, Broker::upsert_run).await,
         Op::Leases => error_response(ErrorCode::Internal, "internal error"),
     }
@@ -358,6 +376,75 @@ where
         Ok(request) => call(state, identity, request, op).await,
         Err(e) => error_response(ErrorCode::BadRequest, json_error_message(&e)),
     }
+}
+
+/// A request that names the run it acts for.
+trait NamesRun {
+    fn run(&self) -> &str;
+}
+
+impl NamesRun for ValidateEgressRequest {
+    fn run(&self) -> &str {
+        &self.run
+    }
+}
+
+impl NamesRun for SubstituteAuthRequest {
+    fn run(&self) -> &str {
+        &self.run
+    }
+}
+
+/// Like [`parse_and_call`], but a node agent's request first gets the API server's word on
+/// where the named run's pod runs, for the broker to compare with the caller's node.
+async fn parse_and_call_for_run<Req, Out>(
+    state: &Arc<State>,
+    mut identity: Identity,
+    body: &[u8],
+    op: fn(&Broker, &Identity, &Req) -> Result<Out, BrokerError>,
+) -> Resp
+where
+    Req: NamesRun + DeserializeOwned + Send + 'static,
+    Out: Serialize + Send + 'static,
+{
+    let request = match serde_json::from_slice::<Req>(body) {
+        Ok(request) => request,
+        Err(e) => return error_response(ErrorCode::BadRequest, json_error_message(&e)),
+    };
+    if identity.is_node_agent() {
+        identity.placement = place(state, request.run()).await.map(Arc::new);
+    }
+    call(state, identity, request, op).await
+}
+
+/// Where the API server says the pod of registered run `run_id` runs; `None` for a run the
+/// store does not know (the broker then refuses it like any unknown run).
+async fn place(state: &Arc<State>, run_id: &str) -> Option<RunPlacement> {
+    let broker = state.broker.clone();
+    let id = run_id.to_owned();
+    let run = match tokio::task::spawn_blocking(move || broker.store().run(&id)).await {
+        Ok(Ok(run)) => run?,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "loading a node agent's run failed");
+            return None;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "run lookup task failed");
+            return None;
+        }
+    };
+    let outcome = match state.broker.pod_locator() {
+        Some(locator) => locator.locate(&run.namespace, &run.run).await,
+        None => Err(PlacementError::NotConfigured),
+    };
+    if let Err(e) = &outcome {
+        tracing::info!(run = %run.run, error = %e, "node agent's run not placed on a node");
+    }
+    Some(RunPlacement {
+        run: run.run,
+        namespace: run.namespace,
+        outcome,
+    })
 }
 
 /// Runs a broker operation on the blocking pool (`SQLite` and fsync'd audit writes block).

@@ -3,6 +3,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod jwt;
+mod node_agent;
 mod routes;
 mod rsa_session;
 mod support;

@@ -17,6 +17,7 @@ use paddock_broker::auth::AuthError;
 pub struct Seen {
     pub method: String,
     pub path: String,
+    pub query: Option<String>,
     pub authorization: Option<String>,
     pub body: Bytes,
 }
@@ -72,6 +73,7 @@ impl TestServer {
                         async move {
                             let method = req.method().to_string();
                             let path = req.uri().path().to_owned();
+                            let query = req.uri().query().map(str::to_owned);
                             let authorization = req
                                 .headers()
                                 .get("authorization")
@@ -82,6 +84,7 @@ impl TestServer {
                             let seen = Seen {
                                 method,
                                 path,
+                                query,
                                 authorization,
                                 body,
                             };
