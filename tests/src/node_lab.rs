@@ -25,7 +25,7 @@ use crate::{
     echo_api::EchoApi,
     netns::ip,
     process::{Placement, place, run, target_bin},
-    proxied::{DnsResponder, make_upstream_certs, path_str, scratch},
+    proxied::{DnsResponder, Nginx, make_upstream_certs, path_str, scratch},
     pyserver::PyServer,
 };
 
@@ -113,7 +113,9 @@ pub struct NodeLab {
     /// The API server's recorded answers (the CNI flow's pod source).
     kube_api: Option<PyServer>,
     pub broker: BrokerProcess,
-    pub api: EchoApi,
+    /// The upstream host: the request-logging API (tests) or nginx (benchmarks).
+    pub api: Option<EchoApi>,
+    pub nginx: Option<Nginx>,
     _dns: DnsResponder,
     pub pods: Vec<Pod>,
     pub cni_pods: Vec<CniPod>,
@@ -184,7 +186,7 @@ impl NodeLab {
     /// step would, before any process runs in the pod).
     #[must_use]
     pub fn new(pods: u32) -> Self {
-        let mut lab = Self::base(pods);
+        let mut lab = Self::base(pods, false);
         for i in 0..pods {
             let pod = lab.make_pod(i);
             lab.pods.push(pod);
@@ -202,7 +204,7 @@ impl NodeLab {
         clippy::too_many_lines,
         reason = "one linear set-up of the node's parts; the order is the point"
     )]
-    fn base(pods: u32) -> Self {
+    fn base(pods: u32, nginx: bool) -> Self {
         let dir = scratch();
         let d = dir.path();
         let public = tempfile::Builder::new()
@@ -302,7 +304,26 @@ impl NodeLab {
                 (HOST_B.to_owned(), UPSTREAM_V4.into()),
             ],
         );
-        let api = EchoApi::start(&upstream, d, SocketAddr::from((UPSTREAM_V4, 443)));
+        let upstream_addr = SocketAddr::from((UPSTREAM_V4, 443));
+        let (api, nginx) = if nginx {
+            let location = format!(
+                r#"location = /api {{
+                if ($http_authorization !~ "^(|Bearer {SECRET_A})$") {{ return 401; }}
+                default_type text/plain;
+                return 200 "hello from the test host\n";
+            }}"#
+            );
+            let n = Nginx::start_with(
+                &upstream,
+                d,
+                SocketAddr::from(([127, 0, 0, 1], 9)),
+                upstream_addr,
+                &location,
+            );
+            (None, Some(n))
+        } else {
+            (Some(EchoApi::start(&upstream, d, upstream_addr)), None)
+        };
         let broker = BrokerProcess::start(&node, &d.join("broker.yaml"));
         let kubelet = CgroupGuard::new("node");
         let pins = PinDir::new();
@@ -311,6 +332,7 @@ impl NodeLab {
             kube_api: None,
             broker,
             api,
+            nginx,
             _dns: dns,
             pods: Vec::new(),
             cni_pods: Vec::new(),
@@ -645,6 +667,8 @@ drain_timeout_secs = 1
     #[must_use]
     pub fn upstream(&self, path: &str) -> Vec<serde_json::Value> {
         self.api
+            .as_ref()
+            .expect("the request-logging API")
             .requests()
             .into_iter()
             .filter(|r| r["path"] == path)
@@ -735,7 +759,7 @@ impl NodeLab {
             .filter_map(|(r, _)| *r)
             .max()
             .map_or(1, |m| m + 1);
-        let mut lab = Self::base(runs);
+        let mut lab = Self::base(runs, false);
         let d = lab.dir.path().to_path_buf();
         let mut listed = Vec::new();
         for (i, &(run, in_api)) in pods.iter().enumerate() {
@@ -964,6 +988,48 @@ impl NodeLab {
         assert_eq!(bridge, 0, "bridge DEL: {bout}");
         assert!(code == 0 || out.is_object(), "{out}");
         code
+    }
+}
+
+impl NodeLab {
+    /// A node for benchmarks: nginx upstream (`/api`), node agent running, no pods.
+    #[must_use]
+    pub fn bench(runs: u32) -> Self {
+        let mut lab = Self::base(runs, true);
+        lab.start_agent();
+        lab
+    }
+
+    /// Pods on the bridge with their runs registered (as [`NodeLab::new`] makes them), not
+    /// yet added to the node agent.
+    pub fn make_pods(&mut self, n: u32) {
+        for i in 0..n {
+            let pod = self.make_pod(i);
+            self.pods.push(pod);
+        }
+    }
+
+    /// A bare pod for counting what the node agent holds per pod: a network namespace
+    /// without links and a kubelet cgroup; added straight away as run `bench-<i>`.
+    pub fn bare_pod(&self, i: u32) -> Result<(Netns, CgroupGuard), String> {
+        let uid = PodUid::parse(&format!("8d3f2e4c-3333-4444-8555-{i:012x}")).expect("uid");
+        let rel = pod_cgroup_relpath(CgroupDriver::Cgroupfs, QosClass::Burstable, &uid);
+        let container = CgroupGuard::nested(&self.kubelet, &rel.join(format!("{i:064x}")));
+        let netns = Netns::new("b");
+        self.pods_cli(&[
+            "add",
+            "--uid",
+            uid.as_str(),
+            "--namespace",
+            NAMESPACE,
+            "--name",
+            &format!("bench-{i}"),
+            "--run",
+            &format!("bench-{i}"),
+            "--netns",
+            &netns.path().path().display().to_string(),
+        ])?;
+        Ok((netns, container))
     }
 }
 

@@ -186,6 +186,8 @@ async fn a_killed_node_agent_lets_nothing_out_and_serves_again_after_restart() {
         // Whatever reached upstream went through the proxy: substituted, never the placeholder.
         let inflight: Vec<_> = lab
             .api
+            .as_ref()
+            .expect("api")
             .requests()
             .into_iter()
             .filter(|r| {

@@ -19,6 +19,9 @@ pub enum Which {
     E2e,
     /// Response scrubbing cost per byte (identity, many secrets, gzip) vs pass-through.
     Scrub,
+    /// `paddock-proxy node`: pod set-up latency, memory and descriptors per pod, keep-alive
+    /// rate with 1 and 50 busy pods, each vs direct.
+    Node,
 }
 
 impl Which {
@@ -29,6 +32,7 @@ impl Which {
             Self::Broker => "broker",
             Self::E2e => "e2e",
             Self::Scrub => "scrub",
+            Self::Node => "node",
         }
     }
     fn binary(self) -> &'static str {
@@ -38,6 +42,7 @@ impl Which {
             Self::Broker => "pdk-bench-broker",
             Self::E2e => "pdk-bench-e2e",
             Self::Scrub => "pdk-bench-scrub",
+            Self::Node => "pdk-bench-node",
         }
     }
     /// `cargo build --release` arguments that produce the binary.
@@ -53,6 +58,16 @@ impl Which {
                 "bench",
                 "--bin",
                 "pdk-bench-broker",
+            ],
+            // The node lab runs the broker as its own process.
+            Self::Node => &[
+                "-p",
+                "paddock-tests",
+                "-p",
+                "paddock-app",
+                "-p",
+                "paddock-broker",
+                "--bins",
             ],
         }
     }
