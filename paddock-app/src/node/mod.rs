@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod config;
 pub mod control;
+pub mod install_cni;
 pub mod pod;
 pub mod state;
 
