@@ -38,7 +38,7 @@ enum Command {
     NodePods(NodePodsArgs),
     /// Install the `paddock-cni` plugin on this node: copy the binary into the CNI bin
     /// directory and append its entry as the last plugin of the CNI configuration the runtime
-    /// reads (idempotent; the node agent DaemonSet runs it from an init container).
+    /// reads (idempotent; the node agent `DaemonSet` runs it from an init container).
     InstallCni(InstallCniArgs),
     /// Internal: the sandbox launcher `run` starts (not for direct use).
     #[command(name = "__sandbox", hide = true)]
