@@ -741,7 +741,8 @@ fn token_review_is_wired_to_accounts_that_exist() {
     );
 
     // Every account given scopes exists in the manifests (a typo would leave a caller with
-    // no scope, silently).
+    // no scope, silently): the broker's own, or the node agents' of deploy/node.
+    let node_docs = documents(&repo_root().join("deploy/node"));
     for key in tr.scopes.keys() {
         let (sa_ns, sa_name) = key.split_once('/').expect("namespace/name");
         if sa_name == "*" {
@@ -749,8 +750,10 @@ fn token_review_is_wired_to_accounts_that_exist() {
         }
         assert!(
             d.all("ServiceAccount")
+                .chain(node_docs.iter().filter(|s| s.kind() == "ServiceAccount"))
                 .any(|s| s.name() == sa_name && s.namespace() == sa_ns),
-            "auth.tokenReview.scopes names {key}, which deploy/broker does not create"
+            "auth.tokenReview.scopes names {key}, which deploy/broker and deploy/node do not \
+             create"
         );
     }
 }

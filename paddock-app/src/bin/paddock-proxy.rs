@@ -36,6 +36,10 @@ enum Command {
     Node(NodeArgs),
     /// Talk to a running node agent's pod socket (add, delete, list pods).
     NodePods(NodePodsArgs),
+    /// Install the `paddock-cni` plugin on this node: copy the binary into the CNI bin
+    /// directory and append its entry as the last plugin of the CNI configuration the runtime
+    /// reads (idempotent; the node agent `DaemonSet` runs it from an init container).
+    InstallCni(InstallCniArgs),
     /// Internal: the sandbox launcher `run` starts (not for direct use).
     #[command(name = "__sandbox", hide = true)]
     Sandbox(SandboxArgs),
@@ -124,6 +128,36 @@ struct NodeArgs {
     /// Configuration file (TOML; see `paddock_app::node::config`).
     #[arg(long)]
     config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct InstallCniArgs {
+    /// The host's CNI bin directory, as mounted (e.g. /host/opt/cni/bin).
+    #[arg(long)]
+    bin_dir: PathBuf,
+    /// The host's CNI conf directory, as mounted (e.g. /host/etc/cni/net.d).
+    #[arg(long)]
+    conf_dir: PathBuf,
+    /// The node agent's pod socket as a path ON THE HOST (the plugin runs there).
+    #[arg(long, default_value = paddock_app::node::install_cni::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// `timeoutSeconds` of the entry: how long the plugin waits for the node agent.
+    #[arg(long, default_value_t = paddock_app::node::install_cni::DEFAULT_TIMEOUT_SECONDS)]
+    timeout_seconds: u64,
+    /// The plugin binary to copy (default: `paddock-cni` next to this executable).
+    #[arg(long)]
+    source_binary: Option<PathBuf>,
+    /// Refuse to install unless this directory is a bpffs mount (the node agent's pins must
+    /// live in the host's bpffs, or they die with its container).
+    #[arg(long, value_name = "DIR")]
+    require_bpffs: Option<PathBuf>,
+    /// Remove the entry (restoring a converted file) and the binary instead.
+    #[arg(long, conflicts_with_all = ["watch", "source_binary"])]
+    uninstall: bool,
+    /// Keep running and repeat the installation every SECONDS, putting the entry back when the
+    /// network plugin rewrites its configuration.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    watch: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -294,6 +328,7 @@ fn main() {
         Command::Serve(args) => (serve_command(args), 1),
         Command::Node(args) => (node_command(&args), 1),
         Command::NodePods(args) => (node_pods_command(args), 1),
+        Command::InstallCni(args) => (install_cni_command(args), 1),
         Command::Run(args) => match run_command(args) {
             Ok(code) => std::process::exit(code),
             Err(e) => (Err(e), RUN_FAILED),
@@ -377,6 +412,76 @@ fn node_command(args: &NodeArgs) -> Result<()> {
     runtime
         .block_on(paddock_app::node::node(config))
         .context("paddock-proxy node")
+}
+
+fn install_cni_command(args: InstallCniArgs) -> Result<()> {
+    use paddock_app::node::install_cni::{self, ConfChange, InstallOptions, Report};
+    fn say(report: &Report) {
+        let what = match &report.conf {
+            ConfChange::Unchanged(f) => format!("entry already in {}", f.display()),
+            ConfChange::Inserted(f) => format!("entry appended to {}", f.display()),
+            ConfChange::Converted { from, to } => {
+                format!(
+                    "{} converted to {} with the entry",
+                    from.display(),
+                    to.display()
+                )
+            }
+            ConfChange::Removed(files) if files.is_empty() => "no entry found".to_owned(),
+            ConfChange::Removed(files) => format!(
+                "entry removed from {}",
+                files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        tracing::info!(
+            binary_changed = report.binary_changed,
+            "paddock-cni: {what}"
+        );
+    }
+    if args.uninstall {
+        let report = install_cni::uninstall(&args.bin_dir, &args.conf_dir)
+            .context("removing paddock-cni")?;
+        say(&report);
+        return Ok(());
+    }
+    if let Some(dir) = &args.require_bpffs {
+        install_cni::check_bpffs(dir)?;
+    }
+    let source_binary = match args.source_binary {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("locating this executable")?
+            .with_file_name(install_cni::PLUGIN_TYPE),
+    };
+    let opts = InstallOptions {
+        bin_dir: args.bin_dir,
+        conf_dir: args.conf_dir,
+        source_binary,
+        socket: args.socket,
+        timeout_seconds: args.timeout_seconds,
+    };
+    let report = install_cni::install(&opts).context("installing paddock-cni")?;
+    say(&report);
+    let Some(interval) = args.watch else {
+        return Ok(());
+    };
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(interval));
+        match install_cni::install(&opts) {
+            Ok(report) if report.changed() => {
+                tracing::warn!("paddock-cni was missing or outdated on this node: put back");
+                say(&report);
+            }
+            Ok(_) => {}
+            // The network plugin may be rewriting its file: try again next round. Until the
+            // entry is back, new pods are not intercepted (logged every round).
+            Err(e) => tracing::error!(error = %e, "paddock-cni: cannot reinstall the entry"),
+        }
+    }
 }
 
 fn node_pods_command(args: NodePodsArgs) -> Result<()> {

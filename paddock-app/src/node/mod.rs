@@ -13,6 +13,7 @@ pub mod agent;
 pub mod cni;
 pub mod config;
 pub mod control;
+pub mod install_cni;
 pub mod pod;
 pub mod pods;
 pub mod state;
