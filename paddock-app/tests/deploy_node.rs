@@ -647,7 +647,7 @@ fn the_namespace_admits_the_daemonset_and_the_brokers_stays_restricted() {
 }
 
 #[test]
-fn the_node_agent_reaches_the_deployed_broker_as_a_known_account_without_rbac() {
+fn the_node_agent_reaches_the_deployed_broker_as_a_node_bound_account() {
     let node = Node::load();
     let cfg = node.config();
     let rest = cfg
@@ -692,7 +692,8 @@ fn the_node_agent_reaches_the_deployed_broker_as_a_known_account_without_rbac() 
         "the broker certificate does not name {checked}"
     );
 
-    // The account: this namespace's ServiceAccount, no API token, no RBAC binding anywhere.
+    // The account: this namespace's ServiceAccount, no automounted token; its one RBAC grant
+    // is get/list/watch on pods (the pod watch), bound once.
     let sa_name = text(&node.pod["serviceAccountName"], "serviceAccountName");
     let sa = of_kind(&node.docs, "ServiceAccount")
         .find(|s| {
@@ -704,25 +705,60 @@ fn the_node_agent_reaches_the_deployed_broker_as_a_known_account_without_rbac() 
     assert_eq!(
         node.pod["automountServiceAccountToken"].as_bool(),
         Some(false),
-        "the node agent does not call the API server: no token for it"
+        "the API token is the projected kube-api-token volume, in the node container only"
     );
     let everything: Vec<Value> = ["deploy/broker", "deploy/node"]
         .into_iter()
         .flat_map(manifests)
         .collect();
+    let mut granted = Vec::new();
     for kind in ["RoleBinding", "ClusterRoleBinding"] {
         for b in of_kind(&everything, kind) {
             let binds = b["subjects"].as_sequence().into_iter().flatten().any(|s| {
                 s["name"].as_str() == Some(sa_name)
                     && s["namespace"].as_str() == Some(node.namespace.as_str())
             });
-            assert!(
-                !binds,
-                "{kind} {} grants the node agent RBAC it does not use",
-                b["metadata"]["name"].as_str().unwrap_or_default()
-            );
+            if binds {
+                granted.push(text(&b["roleRef"]["name"], "roleRef").to_owned());
+            }
         }
     }
+    assert_eq!(
+        granted.len(),
+        1,
+        "one binding for the node agent: {granted:?}"
+    );
+    let role = of_kind(&everything, "ClusterRole")
+        .find(|r| r["metadata"]["name"].as_str() == Some(granted[0].as_str()))
+        .expect("the bound ClusterRole");
+    let rules = seq(&role["rules"], "rules");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(strings(&rules[0]["apiGroups"]), [""]);
+    assert_eq!(strings(&rules[0]["resources"]), ["pods"]);
+    assert_eq!(strings(&rules[0]["verbs"]), ["get", "list", "watch"]);
+    // The node container reads that token where the in-cluster client looks.
+    let agent = node.agent();
+    assert!(
+        mount_of(
+            agent,
+            Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        )
+        .is_some(),
+        "the node container has no API token for its pod watch"
+    );
+    assert!(
+        cfg.kubernetes
+            .as_ref()
+            .is_some_and(|k| k.kubeconfig.is_none()),
+        "node.toml must enable the in-cluster pod source"
+    );
 
     // The broker gives exactly this account what the node agent's calls need.
     let cm = of_kind(&broker, "ConfigMap")
@@ -738,7 +774,9 @@ fn the_node_agent_reaches_the_deployed_broker_as_a_known_account_without_rbac() 
         .get(&key)
         .unwrap_or_else(|| panic!("auth.tokenReview.scopes has no entry for {key}"));
     assert!(
-        scopes.contains(&Scope::ValidateEgress) && scopes.contains(&Scope::SubstituteAuth),
+        scopes.contains(&Scope::ValidateEgress)
+            && scopes.contains(&Scope::SubstituteAuth)
+            && scopes.contains(&Scope::NodeAgent),
         "{key}: {scopes:?}"
     );
     assert!(
