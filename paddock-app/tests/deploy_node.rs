@@ -692,9 +692,39 @@ fn the_node_agent_reaches_the_deployed_broker_as_a_node_bound_account() {
         "the broker certificate does not name {checked}"
     );
 
+    let sa_name = text(&node.pod["serviceAccountName"], "serviceAccountName");
+    // The broker gives exactly this account what the node agent's calls need.
+    let cm = of_kind(&broker, "ConfigMap")
+        .find(|c| !c["data"]["broker.yaml"].is_null())
+        .expect("broker.yaml ConfigMap");
+    let broker_cfg: paddock_broker::config::Config =
+        serde_yaml_ng::from_str(text(&cm["data"]["broker.yaml"], "broker.yaml"))
+            .expect("broker.yaml");
+    let tr = broker_cfg.auth.token_review.expect("tokenReview");
+    let key = format!("{}/{sa_name}", node.namespace);
+    let scopes = tr
+        .scopes
+        .get(&key)
+        .unwrap_or_else(|| panic!("auth.tokenReview.scopes has no entry for {key}"));
+    assert!(
+        scopes.contains(&Scope::ValidateEgress)
+            && scopes.contains(&Scope::SubstituteAuth)
+            && scopes.contains(&Scope::NodeAgent),
+        "{key}: {scopes:?}"
+    );
+    assert!(
+        !scopes.contains(&Scope::Controller),
+        "{key} must not act on runs of every namespace"
+    );
+}
+
+#[test]
+fn the_node_agents_one_rbac_grant_is_watching_pods() {
+    let node = Node::load();
+    let cfg = node.config();
+    let sa_name = text(&node.pod["serviceAccountName"], "serviceAccountName");
     // The account: this namespace's ServiceAccount, no automounted token; its one RBAC grant
     // is get/list/watch on pods (the pod watch), bound once.
-    let sa_name = text(&node.pod["serviceAccountName"], "serviceAccountName");
     let sa = of_kind(&node.docs, "ServiceAccount")
         .find(|s| {
             s["metadata"]["name"].as_str() == Some(sa_name)
@@ -758,30 +788,6 @@ fn the_node_agent_reaches_the_deployed_broker_as_a_node_bound_account() {
             .as_ref()
             .is_some_and(|k| k.kubeconfig.is_none()),
         "node.toml must enable the in-cluster pod source"
-    );
-
-    // The broker gives exactly this account what the node agent's calls need.
-    let cm = of_kind(&broker, "ConfigMap")
-        .find(|c| !c["data"]["broker.yaml"].is_null())
-        .expect("broker.yaml ConfigMap");
-    let broker_cfg: paddock_broker::config::Config =
-        serde_yaml_ng::from_str(text(&cm["data"]["broker.yaml"], "broker.yaml"))
-            .expect("broker.yaml");
-    let tr = broker_cfg.auth.token_review.expect("tokenReview");
-    let key = format!("{}/{sa_name}", node.namespace);
-    let scopes = tr
-        .scopes
-        .get(&key)
-        .unwrap_or_else(|| panic!("auth.tokenReview.scopes has no entry for {key}"));
-    assert!(
-        scopes.contains(&Scope::ValidateEgress)
-            && scopes.contains(&Scope::SubstituteAuth)
-            && scopes.contains(&Scope::NodeAgent),
-        "{key}: {scopes:?}"
-    );
-    assert!(
-        !scopes.contains(&Scope::Controller),
-        "{key} must not act on runs of every namespace"
     );
 }
 
