@@ -19,6 +19,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "git",         // git-over-HTTPS client in end-to-end tests
     "openssl",
     "ca-certificates",
+    "containernetworking-plugins", // bridge + host-local: the CNI chain paddock-cni joins in tests
 ];
 
 /// The dated nightly every nightly-only build uses (the eBPF object, clippy on it, fuzzing),
