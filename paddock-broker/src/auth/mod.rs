@@ -13,6 +13,7 @@ mod names;
 pub mod pods;
 pub mod rsa_session;
 pub mod static_keys;
+mod token_file;
 pub mod tokenreview;
 
 pub use chain::AuthChain;

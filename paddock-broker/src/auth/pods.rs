@@ -25,7 +25,7 @@ use url::Url;
 use super::{
     fetch::{FetchError, JsonClient},
     names,
-    tokenreview::TokenFile,
+    token_file::TokenFile,
 };
 
 /// The pod label that names a pod's run.

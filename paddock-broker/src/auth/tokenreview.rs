@@ -12,9 +12,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -29,11 +28,11 @@ use super::{
     fetch::{FetchError, JsonClient, parse_service_url},
     names,
     pods::PodLocator,
+    token_file::TokenFile,
 };
 
 const REVIEW_PATH: &str = "apis/authentication.k8s.io/v1/tokenreviews";
 const MAX_TOKEN_LEN: usize = 16 * 1024;
-const MAX_TOKEN_FILE: u64 = 64 * 1024;
 /// The `TokenReview` user extra that names the node of the pod a token is bound to.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 /// Why a node agent's token is refused when its review names no node.
@@ -164,64 +163,6 @@ pub enum TokenReviewConfigError {
     Client(String),
 }
 
-struct LoadedToken {
-    modified: Option<SystemTime>,
-    len: u64,
-    token: Arc<str>,
-}
-
-/// The broker's own token, re-read whenever the file's identity (mtime, size) changes, which
-/// covers kubelet's rotation by symlink swap.
-pub(crate) struct TokenFile {
-    path: PathBuf,
-    current: Mutex<Option<LoadedToken>>,
-}
-
-impl std::fmt::Debug for TokenFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenFile")
-            .field("path", &self.path)
-            .field("token", &"<redacted>")
-            .finish_non_exhaustive()
-    }
-}
-
-impl TokenFile {
-    pub(crate) fn read(&self) -> Result<Arc<str>, String> {
-        let path = &self.path;
-        let meta = fs::metadata(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
-        let stamp = (meta.modified().ok(), meta.len());
-        let mut current = self
-            .current
-            .lock()
-            .map_err(|_| "token file state poisoned".to_owned())?;
-        if let Some(loaded) = current.as_ref()
-            && (loaded.modified, loaded.len) == stamp
-        {
-            return Ok(Arc::clone(&loaded.token));
-        }
-        if meta.len() > MAX_TOKEN_FILE {
-            return Err(format!("token file {} is too large", path.display()));
-        }
-        let raw =
-            fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
-        let token = raw.trim();
-        if token.is_empty() || http::HeaderValue::from_str(token).is_err() {
-            return Err(format!(
-                "token file {} is empty or not a token",
-                path.display()
-            ));
-        }
-        let token: Arc<str> = Arc::from(token);
-        *current = Some(LoadedToken {
-            modified: stamp.0,
-            len: stamp.1,
-            token: Arc::clone(&token),
-        });
-        Ok(token)
-    }
-}
-
 #[derive(Clone)]
 struct Cached {
     outcome: Result<Identity, String>,
@@ -326,10 +267,7 @@ impl TokenReviewAuthenticator {
                 return Err(TokenReviewConfigError::NodeAgentScopes(key.clone()));
             }
         }
-        let token = Arc::new(TokenFile {
-            path: config.token_file.clone(),
-            current: Mutex::new(None),
-        });
+        let token = Arc::new(TokenFile::new(config.token_file.clone()));
         token.read().map_err(TokenReviewConfigError::TokenFile)?;
         let client = JsonClient::new(config.ca_file.as_deref(), config.http_timeout)
             .map_err(|e| TokenReviewConfigError::Client(e.to_string()))?;
@@ -541,6 +479,8 @@ fn token_expiry(token: &str) -> Option<SystemTime> {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]
@@ -626,20 +566,5 @@ mod tests {
             TokenReviewAuthenticator::new(cfg),
             Err(TokenReviewConfigError::TokenFile(_))
         ));
-    }
-
-    #[test]
-    fn token_file_rereads_on_change() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("token");
-        fs::write(&path, "first\n").expect("write");
-        let tf = TokenFile {
-            path: path.clone(),
-            current: Mutex::new(None),
-        };
-        assert_eq!(&*tf.read().expect("read"), "first");
-        fs::write(&path, "second-token\n").expect("write");
-        assert_eq!(&*tf.read().expect("read"), "second-token");
-        assert!(!format!("{tf:?}").contains("second"));
     }
 }
