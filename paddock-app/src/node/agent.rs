@@ -421,6 +421,37 @@ impl<I: Interception> NodeAgent<I> {
         Ok(report)
     }
 
+    /// Detaches the pinned pod programs (`pinned`: cgroup ids with links under the pin
+    /// directory) of cgroups this node agent does not serve: a pod removed while its record
+    /// was lost, or a record that could not be read. Call after [`NodeAgent::restore`].
+    pub async fn release_unserved(&self, pinned: &[u64]) -> Vec<u64> {
+        let served: std::collections::HashSet<u64> = self
+            .pods
+            .lock()
+            .await
+            .values()
+            .map(|s| s.cgroup.id())
+            .collect();
+        let mut released = Vec::new();
+        for &id in pinned.iter().filter(|id| !served.contains(id)) {
+            match self
+                .interception
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .detach_agent_id(id)
+            {
+                Ok(()) => {
+                    tracing::info!(cgroup_id = id, "stale pod programs detached (no record)");
+                    released.push(id);
+                }
+                Err(e) => {
+                    tracing::warn!(cgroup_id = id, error = %e, "cannot detach stale pod programs")
+                }
+            }
+        }
+        released
+    }
+
     /// Stops every pod's listeners and connections, keeping their programs and records: while
     /// no node agent runs, the pods' connections are refused, never let out (the upgrade and
     /// crash path), and the next node agent takes the pods back with [`NodeAgent::restore`].

@@ -182,6 +182,9 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
         Some(state),
     ));
     let report = agent.restore().await?;
+    let unserved = agent
+        .release_unserved(&paddock_proxy::ebpf::attached_agents(&cfg.ebpf.pin_dir))
+        .await;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
@@ -212,6 +215,7 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
     tracing::info!(
         restored = report.restored.len(),
         released = report.released.len(),
+        unrecorded = unserved.len(),
         "pods from the previous node agent"
     );
 
