@@ -186,7 +186,19 @@ async fn the_watch_keeps_the_directory_and_releases_deleted_pods() {
     ]));
     let late = late.await.expect("join");
     assert!(late.ok && late.intercepted == Some(true), "{late:?}");
-    // The deleted pod's interception is released by the watch alone.
+    // Deleted in the API while its cgroup is still there (a force delete; containers may
+    // still run): kept intercepted.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        agent.list().await.iter().any(|p| p.uid == agent_pod.uid),
+        "a deleted pod whose cgroup remains must stay intercepted"
+    );
+    // Once kubelet has removed its cgroup, the next deletion event releases it.
+    node.delete_pod_files(&agent_pod);
+    next(&mut handle, true).await.send_response(events(&[(
+        "DELETED",
+        pod_json(&agent_pod, Some("run-a"), "14"),
+    )]));
     until("deleted pod released", async || {
         agent.list().await.iter().all(|p| p.uid != agent_pod.uid)
     })
@@ -197,7 +209,9 @@ async fn the_watch_keeps_the_directory_and_releases_deleted_pods() {
     );
 
     // The watch ends; the next one is answered 410 Gone: the watcher relists. The relist no
-    // longer has the late pod (deleted while the watch was down): it is released too.
+    // longer has the late pod (deleted, cgroup and all, while the watch was down): it is
+    // released too.
+    node.delete_pod_files(&late_pod);
     next(&mut handle, true).await.send_response(gone());
     let relist = next(&mut handle, false).await;
     relist.send_response(list(&[pod_json(&plain_pod, None, "20")], "20"));
@@ -321,19 +335,25 @@ fn dns_follows_the_pods_policy() {
     let s = settings();
     let m = pod_meta(&spec(json!("ClusterFirst"), json!({})), &s).expect("meta");
     assert_eq!(m.nameservers, ips(&["10.96.0.10"]));
+    // A pod cannot name its own resolver: only the node's cluster DNS is ever allowed.
     let m = pod_meta(
-        &spec(
-            json!("None"),
-            json!({"nameservers": ["10.0.0.53", "fd00::53", "10.0.0.54"]}),
-        ),
+        &spec(json!("None"), json!({"nameservers": ["10.0.0.53", "fd00::53"]})),
         &s,
     )
     .expect("meta");
-    assert_eq!(
-        m.nameservers,
-        ips(&["10.0.0.53", "fd00::53"]),
-        "one per family"
-    );
+    assert!(m.nameservers.is_empty(), "{:?}", m.nameservers);
+    let m = pod_meta(
+        &spec(json!("None"), json!({"nameservers": ["10.0.0.53", "10.96.0.10"]})),
+        &s,
+    )
+    .expect("meta");
+    assert_eq!(m.nameservers, ips(&["10.96.0.10"]));
+    let m = pod_meta(
+        &spec(json!("ClusterFirst"), json!({"nameservers": ["fd00::53"]})),
+        &s,
+    )
+    .expect("meta");
+    assert_eq!(m.nameservers, ips(&["10.96.0.10"]), "no IPv6 resolver of the pod's choosing");
     let m = pod_meta(&spec(json!("Default"), json!({})), &s).expect("meta");
     assert!(
         m.nameservers.is_empty(),

@@ -42,7 +42,7 @@ use paddock_proxy::cgroup::{Cgroup, CgroupError};
 use paddock_proxy::ebpf::{AgentConfig, ConfigError, EbpfError, Interception};
 use paddock_proxy::http::{HttpLimits, Substituter};
 use paddock_proxy::metrics::ProxyMetrics;
-use paddock_proxy::net::Vetter;
+use paddock_proxy::net::{DialSettings, Vetter};
 use paddock_proxy::netns::{NetnsEntry, NetnsError, NetnsPath};
 use paddock_proxy::origdst::OriginalDst;
 use paddock_proxy::pod_cgroup::{CgroupDriver, PodCgroupError, PodUid, find_pod_cgroup};
@@ -79,8 +79,47 @@ impl PodListeners for InPodNamespace {
         netns: &Path,
         preferred: u16,
     ) -> Result<(u16, Vec<std::net::TcpListener>), NetnsError> {
+        check_pod_netns(netns)?;
         NetnsPath::new(netns).run_in(move || paddock_proxy::netns::bind_pod_listeners(preferred))?
     }
+}
+
+/// The path must name a network namespace (nsfs; opened without blocking, so a FIFO cannot
+/// hang the call) other than the node agent's own: a pod's listeners in the node's
+/// namespace would serve its run to every host-network process.
+fn check_pod_netns(path: &Path) -> Result<(), NetnsError> {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let refuse = |why: &str| NetnsError::Open {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_owned()),
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| NetnsError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| NetnsError::Open {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+        return Err(refuse("not a namespace file"));
+    }
+    let own = std::fs::metadata("/proc/self/ns/net").map_err(|source| NetnsError::Open {
+        path: "/proc/self/ns/net".into(),
+        source,
+    })?;
+    let pod = file.metadata().map_err(|source| NetnsError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if (pod.dev(), pod.ino()) == (own.dev(), own.ino()) {
+        return Err(refuse("the node agent's own network namespace, not a pod's"));
+    }
+    Ok(())
 }
 
 /// What every pod's pipeline shares (one CA, one leaf cache, one upstream TLS config, one
@@ -92,7 +131,9 @@ pub struct NodeParts {
     pub vetter: Vetter,
     pub mitm: Arc<MitmServer>,
     pub upstream_tls: Arc<UpstreamTls>,
-    pub connector: Arc<Connector>,
+    /// Each pod gets its own [`Connector`] with these settings, so its dialled connections
+    /// (the connector keeps some for the pool) never serve another pod's run.
+    pub dial: DialSettings,
     pub audit: Arc<dyn AuditSink>,
     pub metrics: Arc<ProxyMetrics>,
     pub origdst: Arc<dyn OriginalDst>,
@@ -289,7 +330,13 @@ impl<I: Interception> NodeAgent<I> {
                 vetter: p.vetter.clone(),
                 mitm: Arc::clone(&p.mitm),
                 upstream_tls: Arc::clone(&p.upstream_tls),
-                connector: Arc::clone(&p.connector),
+                connector: Arc::new(Connector::new(
+                    p.vetter.clone(),
+                    Arc::clone(&p.upstream_tls),
+                    p.dial.clone(),
+                    p.limits.idle_timeout,
+                    Arc::clone(&p.metrics),
+                )),
                 substituter: Arc::clone(&p.substituter),
                 audit: Arc::clone(&p.audit),
                 metrics: Arc::clone(&p.metrics),
@@ -393,37 +440,47 @@ impl<I: Interception> NodeAgent<I> {
         let mut report = RestoreReport::default();
         for record in state.load()? {
             let uid = record.spec.uid.clone();
-            let gone = !record.spec.netns.exists()
-                || find_pod_cgroup(&self.layout.root, &uid, self.layout.driver).is_err();
-            if !gone {
-                match self.add_with_port(record.spec.clone(), record.port).await {
-                    Ok(_) => {
-                        report.restored.push(uid);
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(pod = %uid, error = %e, "cannot serve a recorded pod again; releasing it");
-                    }
+            // The pod is gone only when its cgroup is: a pod whose namespace path is not
+            // visible (yet) or whose listeners cannot be bound is still running, and
+            // detaching it would open its egress. It stays attached (refused) instead.
+            let cgroup = find_pod_cgroup(&self.layout.root, &uid, self.layout.driver)
+                .ok()
+                .and_then(|(path, _)| Cgroup::open(path).ok());
+            let Some(cgroup) = cgroup.filter(|c| c.id() == record.cgroup_id) else {
+                if let Err(e) = self
+                    .interception
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .detach_agent_id(record.cgroup_id)
+                {
+                    tracing::warn!(pod = %uid, error = %e, "cannot detach a gone pod's programs");
+                }
+                state.remove(&uid)?;
+                tracing::info!(pod = %uid, "pod gone while no node agent ran; released");
+                report.released.push(uid);
+                continue;
+            };
+            drop(cgroup);
+            match self.add_with_port(record.spec.clone(), record.port).await {
+                Ok(_) => report.restored.push(uid),
+                Err(e) => {
+                    tracing::error!(
+                        pod = %uid, error = %e,
+                        "cannot serve a recorded pod again; it stays intercepted with its \
+                         connections refused"
+                    );
+                    report.failed.push(uid);
                 }
             }
-            if let Err(e) = self
-                .interception
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .detach_agent_id(record.cgroup_id)
-            {
-                tracing::warn!(pod = %uid, error = %e, "cannot detach a stale pod's programs");
-            }
-            state.remove(&uid)?;
-            tracing::info!(pod = %uid, "stale pod record released");
-            report.released.push(uid);
         }
         Ok(report)
     }
 
     /// Detaches the pinned pod programs (`pinned`: cgroup ids with links under the pin
-    /// directory) of cgroups this node agent does not serve: a pod removed while its record
-    /// was lost, or a record that could not be read. Call after [`NodeAgent::restore`].
+    /// directory) whose cgroup no longer exists under the cgroup root and that this node agent
+    /// does not serve: pods removed while their record was lost. Programs of a live cgroup
+    /// stay (its connections are refused): the cgroup may be a running pod's. Call after
+    /// [`NodeAgent::restore`].
     pub async fn release_unserved(&self, pinned: &[u64]) -> Vec<u64> {
         let served: std::collections::HashSet<u64> = self
             .pods
@@ -432,24 +489,52 @@ impl<I: Interception> NodeAgent<I> {
             .values()
             .map(|s| s.cgroup.id())
             .collect();
+        let live = live_cgroup_ids(&self.layout.root);
         let mut released = Vec::new();
-        for &id in pinned.iter().filter(|id| !served.contains(id)) {
-            match self
+        for &id in pinned {
+            if served.contains(&id) {
+                continue;
+            }
+            if live.contains(&id) {
+                tracing::warn!(
+                    cgroup_id = id,
+                    "programs pinned for a live cgroup without a pod record: kept (refusing)"
+                );
+                continue;
+            }
+            let detached = self
                 .interception
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .detach_agent_id(id)
-            {
+                .detach_agent_id(id);
+            match detached {
                 Ok(()) => {
-                    tracing::info!(cgroup_id = id, "stale pod programs detached (no record)");
+                    tracing::info!(cgroup_id = id, "programs of a gone cgroup detached");
                     released.push(id);
                 }
                 Err(e) => {
-                    tracing::warn!(cgroup_id = id, error = %e, "cannot detach stale pod programs")
+                    tracing::warn!(cgroup_id = id, error = %e, "cannot detach stale pod programs");
                 }
             }
         }
         released
+    }
+
+    /// Removes a pod the API server says is deleted, but only once its cgroup is gone: a
+    /// force-deleted pod's containers can still run, and a relist can lag behind a pod just
+    /// created. Otherwise the pod stays served until the runtime's CNI DEL. `Ok(false)`: kept.
+    pub async fn remove_if_gone(&self, uid: &PodUid) -> Result<bool, PodError> {
+        let alive = self
+            .pods
+            .lock()
+            .await
+            .get(uid)
+            .is_some_and(|s| s.cgroup.path().exists());
+        if alive {
+            tracing::info!(pod = %uid, "deleted in the API but its cgroup is still there; kept until CNI DEL");
+            return Ok(false);
+        }
+        self.remove(uid).await.map(|()| true)
     }
 
     /// Stops every pod's listeners and connections, keeping their programs and records: while
@@ -469,6 +554,32 @@ impl<I: Interception> NodeAgent<I> {
 pub struct RestoreReport {
     pub restored: Vec<PodUid>,
     pub released: Vec<PodUid>,
+    /// Still running but not served again (kept attached: refused).
+    pub failed: Vec<PodUid>,
+}
+
+/// Ids (inode numbers) of every cgroup directory below `root`, a few levels deep (kubelet's
+/// layout is at most four below its root).
+fn live_cgroup_ids(root: &Path) -> std::collections::HashSet<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut out = std::collections::HashSet::new();
+    let mut stack = vec![(root.to_path_buf(), 0u8)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                if let Ok(m) = e.metadata() {
+                    out.insert(m.ino());
+                }
+                if depth < 6 {
+                    stack.push((e.path(), depth + 1));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The pod cgroup's interception settings: TCP to `P` on the pod's own loopback (IPv6 only

@@ -36,7 +36,7 @@ use paddock_proxy::net::{
     CidrConfig, CidrPolicy, DialSettings, DnsResolver, ResolverSettings, Vetter,
 };
 use paddock_proxy::origdst::SockoptOriginalDst;
-use paddock_proxy::proxy::{Connector, PipelineLimits};
+use paddock_proxy::proxy::PipelineLimits;
 use paddock_proxy::tls::{LeafCache, LeafCacheConfig, MitmServer, RunCa, UpstreamTls};
 
 /// Validity of a node CA generated for local use.
@@ -131,20 +131,13 @@ pub fn node_parts(cfg: &NodeConfig, metrics: &Arc<ProxyMetrics>) -> Result<NodeP
         header_read_timeout: cfg.limits.handshake_timeout(),
         ..HttpLimits::default()
     };
-    let connector = Arc::new(Connector::new(
-        vetter.clone(),
-        Arc::clone(&upstream_tls),
-        dial,
-        limits.idle_timeout,
-        Arc::clone(metrics),
-    ));
     Ok(NodeParts {
         policy: Arc::new(BrokerPolicy::new(client.clone())),
         substituter: Arc::new(BrokerSubstituter::new(client).with_metrics(Arc::clone(metrics))),
         vetter,
         mitm,
         upstream_tls,
-        connector,
+        dial,
         audit,
         metrics: Arc::clone(metrics),
         origdst: Arc::new(SockoptOriginalDst),
@@ -156,7 +149,11 @@ pub fn node_parts(cfg: &NodeConfig, metrics: &Arc<ProxyMetrics>) -> Result<NodeP
     })
 }
 
-/// Runs the node agent until SIGTERM or SIGINT.
+/// Runs the node agent until SIGTERM or SIGINT (or the pod watch ends).
+#[expect(
+    clippy::too_many_lines,
+    reason = "one linear start-up sequence; its order (restore before the socket) is the point"
+)]
 pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
@@ -190,10 +187,11 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut tasks = tokio::task::JoinSet::new();
+    let mut watch = None;
     let directory = if let Some(k) = &cfg.kubernetes {
         let client = kube_client(k).await?;
         let dir = pods::PodDirectory::with_cni_wait(Duration::from_secs(k.cni_wait_secs));
-        tasks.spawn(pods::watch_pods(
+        watch = Some(tokio::spawn(pods::watch_pods(
             kube::Api::all(client),
             node_name.clone(),
             pods::PodSettings {
@@ -203,7 +201,7 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
             Arc::clone(&dir),
             Arc::clone(&agent),
             stopped(stop_rx.clone()),
-        ));
+        )));
         Some(dir)
     } else {
         tracing::warn!(
@@ -243,16 +241,34 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
     }
     ready.set_ready(true);
     tracing::info!(node = %node_name, socket = %socket_path.display(), "node agent ready");
+    // A pod watch that ends would leave the CNI step answering from a frozen view: stop, so
+    // the DaemonSet restarts the node agent (pods stay intercepted meanwhile).
+    let watch_ended = async {
+        match watch.as_mut() {
+            Some(w) => {
+                let _ = w.await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    let mut failed = None;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping; pods stay intercepted"),
         _ = int.recv() => tracing::info!("SIGINT: stopping; pods stay intercepted"),
+        () = watch_ended => {
+            tracing::error!("the pod watch ended; stopping (pods stay intercepted)");
+            failed = Some(NodeError::Kube("the pod watch ended".to_owned()));
+        }
     }
     ready.set_ready(false);
     let _ = stop_tx.send(true);
     agent.shutdown().await;
     tasks.abort_all();
+    if let Some(w) = watch {
+        w.abort();
+    }
     let _ = std::fs::remove_file(&socket_path);
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// The API client: the kubeconfig's, else the in-cluster service account's.

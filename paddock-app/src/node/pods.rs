@@ -190,20 +190,25 @@ pub fn pod_meta(pod: &Pod, settings: &PodSettings) -> Option<PodMeta> {
         .as_ref()
         .and_then(|l| l.get(&settings.run_label))
         .cloned();
+    // A pod's own dnsConfig cannot widen where its UDP may go: only the node's configured
+    // cluster DNS is ever allowed (a pod naming another resolver would get raw UDP/53 to it,
+    // a tunnel past the proxy). `None`/`Default` policies get the cluster DNS only when they
+    // name it themselves.
     let spec = pod.spec.as_ref();
     let policy = spec
         .and_then(|s| s.dns_policy.as_deref())
         .unwrap_or("ClusterFirst");
-    let extra: Vec<IpAddr> = spec
+    let named: Vec<IpAddr> = spec
         .and_then(|s| s.dns_config.as_ref())
         .and_then(|c| c.nameservers.as_ref())
         .map(|n| n.iter().filter_map(|a| a.parse().ok()).collect())
         .unwrap_or_default();
-    // `None`: only the pod's own dnsConfig; `Default`: the node's resolvers, which this node
-    // agent does not hand to pods (use dnsConfig); the cluster-first policies: cluster DNS.
     let candidates: Vec<IpAddr> = match policy {
-        "None" | "Default" => extra,
-        _ => settings.cluster_dns.iter().copied().chain(extra).collect(),
+        "None" | "Default" => named
+            .into_iter()
+            .filter(|a| settings.cluster_dns.contains(a))
+            .collect(),
+        _ => settings.cluster_dns.clone(),
     };
     let v4 = candidates.iter().find(|a| a.is_ipv4()).copied();
     let v6 = candidates.iter().find(|a| a.is_ipv6()).copied();
@@ -276,8 +281,8 @@ pub async fn watch_pods<I: Interception>(
 }
 
 async fn release<I: Interception>(agent: &NodeAgent<I>, uid: &PodUid) {
-    match agent.remove(uid).await {
-        Ok(()) | Err(PodError::NotFound(_)) => {}
+    match agent.remove_if_gone(uid).await {
+        Ok(_) | Err(PodError::NotFound(_)) => {}
         Err(e) => tracing::warn!(pod = %uid, error = %e, "cannot release a deleted pod"),
     }
 }

@@ -21,7 +21,7 @@ use paddock_proxy::netns::NetnsError;
 use paddock_proxy::origdst::StaticOriginalDst;
 use paddock_proxy::pod_cgroup::{CgroupDriver, PodUid, QosClass, pod_cgroup_relpath};
 use paddock_proxy::policy::StaticPolicy;
-use paddock_proxy::proxy::{Connector, PipelineLimits};
+use paddock_proxy::proxy::PipelineLimits;
 use paddock_proxy::tls::{LeafCache, LeafCacheConfig, MitmServer, RunCa, UpstreamTls};
 
 /// What the eBPF maps would hold: config by cgroup id, and links per cgroup id.
@@ -117,13 +117,7 @@ pub fn parts(dir: &Path, origdst: Arc<StaticOriginalDst>) -> NodeParts {
                 .expect("policy"),
         ),
         substituter: Arc::new(NoopSubstituter),
-        connector: Arc::new(Connector::new(
-            vetter.clone(),
-            Arc::clone(&upstream_tls),
-            DialSettings::default(),
-            limits.idle_timeout,
-            Arc::clone(&metrics),
-        )),
+        dial: DialSettings::default(),
         vetter,
         mitm: Arc::new(MitmServer::new(leaves).expect("mitm")),
         upstream_tls,
