@@ -337,13 +337,19 @@ fn dns_follows_the_pods_policy() {
     assert_eq!(m.nameservers, ips(&["10.96.0.10"]));
     // A pod cannot name its own resolver: only the node's cluster DNS is ever allowed.
     let m = pod_meta(
-        &spec(json!("None"), json!({"nameservers": ["10.0.0.53", "fd00::53"]})),
+        &spec(
+            json!("None"),
+            json!({"nameservers": ["10.0.0.53", "fd00::53"]}),
+        ),
         &s,
     )
     .expect("meta");
     assert!(m.nameservers.is_empty(), "{:?}", m.nameservers);
     let m = pod_meta(
-        &spec(json!("None"), json!({"nameservers": ["10.0.0.53", "10.96.0.10"]})),
+        &spec(
+            json!("None"),
+            json!({"nameservers": ["10.0.0.53", "10.96.0.10"]}),
+        ),
         &s,
     )
     .expect("meta");
@@ -353,7 +359,11 @@ fn dns_follows_the_pods_policy() {
         &s,
     )
     .expect("meta");
-    assert_eq!(m.nameservers, ips(&["10.96.0.10"]), "no IPv6 resolver of the pod's choosing");
+    assert_eq!(
+        m.nameservers,
+        ips(&["10.96.0.10"]),
+        "no IPv6 resolver of the pod's choosing"
+    );
     let m = pod_meta(&spec(json!("Default"), json!({})), &s).expect("meta");
     assert!(
         m.nameservers.is_empty(),

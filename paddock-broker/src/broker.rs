@@ -152,7 +152,11 @@ pub struct Broker {
 /// Whether node agent `caller` may act for `run`: only when the API server placed the run's
 /// pod on the node the caller's token is bound to. Err holds the caller's answer and the
 /// audited reason (which may name the other node; the answer does not).
-fn node_agent_may_act(caller: &Identity, run: &RunInfo) -> Result<(), (BrokerError, String)> {
+fn node_agent_may_act(
+    caller: &Identity,
+    run: &RunInfo,
+    from_pod: Option<&str>,
+) -> Result<(), (BrokerError, String)> {
     let forbidden = |reason: String| (BrokerError::Forbidden(reason.clone()), reason);
     let Some(node) = caller.node.as_deref() else {
         return Err(forbidden(format!("node agent: {NOT_NODE_BOUND}")));
@@ -168,7 +172,24 @@ fn node_agent_may_act(caller: &Identity, run: &RunInfo) -> Result<(), (BrokerErr
         )));
     };
     match &placement.outcome {
-        Ok(pod) if pod.node == node => Ok(()),
+        // The run's own pod, on this node: the call must come from that pod. A pod of another
+        // namespace carrying the run's label on the same node is not the run.
+        Ok(pod) if pod.node == node => match from_pod {
+            Some(uid) if uid == pod.uid => Ok(()),
+            Some(uid) => Err((
+                BrokerError::Forbidden(format!(
+                    "the calling pod is not the pod of run {}",
+                    run.run
+                )),
+                format!(
+                    "pod {uid} asked as run {}, whose pod is {} (uid {})",
+                    run.run, pod.pod, pod.uid
+                ),
+            )),
+            None => Err(forbidden(
+                "a node agent must name the pod of each call (field `pod`)".to_owned(),
+            )),
+        },
         Ok(pod) => Err((
             BrokerError::Forbidden(format!(
                 "the pod of run {} is not on this node agent's node {node}",
@@ -242,9 +263,19 @@ impl Broker {
     /// Loads a run the caller may act on. Callers without the controller scope get the same
     /// answer for an unknown run and a run in another namespace (no existence oracle).
     fn authorize_run(&self, caller: &Identity, run_id: &str) -> Result<RunInfo, BrokerError> {
+        self.authorize_run_from(caller, run_id, None)
+    }
+
+    /// [`Broker::authorize_run`] for a call that names the pod it comes from (node agents).
+    fn authorize_run_from(
+        &self,
+        caller: &Identity,
+        run_id: &str,
+        pod: Option<&str>,
+    ) -> Result<RunInfo, BrokerError> {
         check_id("run", run_id)?;
         if caller.is_node_agent() {
-            return self.authorize_node_agent(caller, run_id);
+            return self.authorize_node_agent(caller, run_id, pod);
         }
         if caller.run.as_deref().is_some_and(|r| r != run_id) {
             return Err(BrokerError::Forbidden(format!(
@@ -269,13 +300,14 @@ impl Broker {
         &self,
         caller: &Identity,
         run_id: &str,
+        pod: Option<&str>,
     ) -> Result<RunInfo, BrokerError> {
         let Some(run) = self.store.run(run_id)? else {
             return Err(BrokerError::Forbidden(format!(
                 "run {run_id} is not accessible to this caller"
             )));
         };
-        match node_agent_may_act(caller, &run) {
+        match node_agent_may_act(caller, &run, pod) {
             Ok(()) => Ok(run),
             Err((err, reason)) => {
                 let mut ev = AuditEvent::new(
@@ -628,7 +660,7 @@ impl Broker {
         req: &ValidateEgressRequest,
     ) -> Result<ValidateEgressResponse, BrokerError> {
         check_id("host", &req.host)?;
-        let run = self.authorize_run(caller, &req.run)?;
+        let run = self.authorize_run_from(caller, &req.run, req.pod.as_deref())?;
         self.limits.check(&run.namespace, &run.run, KIND_EGRESS)?;
         if !run.phase.is_active() {
             return Ok(ValidateEgressResponse {
@@ -698,7 +730,7 @@ impl Broker {
         req: &SubstituteAuthRequest,
     ) -> Result<SubstituteAuthResponse, BrokerError> {
         check_id("host", &req.host)?;
-        let run = self.authorize_run(caller, &req.run)?;
+        let run = self.authorize_run_from(caller, &req.run, req.pod.as_deref())?;
         self.limits
             .check(&run.namespace, &run.run, KIND_SUBSTITUTE)?;
         if let Err(e) = Self::require_active(&run) {

@@ -164,6 +164,7 @@ fn every_wire_type_and_field_is_documented() {
         "ValidateEgressRequest",
         &ValidateEgressRequest {
             run: s(),
+            pod: Some(s()),
             host: s(),
             port: Some(1),
         },
@@ -187,6 +188,7 @@ fn every_wire_type_and_field_is_documented() {
         "SubstituteAuthRequest",
         &SubstituteAuthRequest {
             run: s(),
+            pod: Some(s()),
             host: s(),
             port: 1,
             transport: paddock_broker::wire::Transport::Tls,

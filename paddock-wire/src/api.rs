@@ -194,6 +194,10 @@ pub struct RevokeResponse {
 #[serde(deny_unknown_fields)]
 pub struct ValidateEgressRequest {
     pub run: String,
+    /// The UID of the pod the connection came from, sent by a node agent (which serves many
+    /// runs): the broker lets it act for the run only from that pod, the run's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     pub host: String,
     /// The destination port; absent (or `null`) asks whether the run could reach `host` on
     /// any port, which is what the proxy's DNS server needs before it answers a name.
@@ -266,6 +270,9 @@ pub enum Transport {
 #[serde(deny_unknown_fields)]
 pub struct SubstituteAuthRequest {
     pub run: String,
+    /// As in [`ValidateEgressRequest::pod`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     pub host: String,
     pub port: u16,
     /// Whether the request reaches the upstream over TLS. Credentials are TLS-only unless

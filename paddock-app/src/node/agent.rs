@@ -117,7 +117,9 @@ fn check_pod_netns(path: &Path) -> Result<(), NetnsError> {
         source,
     })?;
     if (pod.dev(), pod.ino()) == (own.dev(), own.ino()) {
-        return Err(refuse("the node agent's own network namespace, not a pod's"));
+        return Err(refuse(
+            "the node agent's own network namespace, not a pod's",
+        ));
     }
     Ok(())
 }
@@ -128,6 +130,10 @@ fn check_pod_netns(path: &Path) -> Result<(), NetnsError> {
 pub struct NodeParts {
     pub policy: Arc<dyn EgressPolicy>,
     pub substituter: Arc<dyn Substituter>,
+    /// With a broker: each pod gets its own policy and substituter from this client, naming
+    /// the pod's UID in every call (the broker checks the run is that pod's), instead of
+    /// `policy` and `substituter`.
+    pub broker: Option<paddock_proxy::broker::BrokerClient>,
     pub vetter: Vetter,
     pub mitm: Arc<MitmServer>,
     pub upstream_tls: Arc<UpstreamTls>,
@@ -322,11 +328,25 @@ impl<I: Interception> NodeAgent<I> {
         bound: Vec<std::net::TcpListener>,
     ) -> Result<Served, PodError> {
         let p = &self.parts;
+        let (policy, substituter): (Arc<dyn EgressPolicy>, Arc<dyn Substituter>) = match &p.broker {
+            Some(client) => (
+                Arc::new(
+                    paddock_proxy::broker::BrokerPolicy::new(client.clone())
+                        .for_pod(spec.uid.as_str()),
+                ),
+                Arc::new(
+                    paddock_proxy::broker::BrokerSubstituter::new(client.clone())
+                        .with_metrics(Arc::clone(&p.metrics))
+                        .for_pod(spec.uid.as_str()),
+                ),
+            ),
+            None => (Arc::clone(&p.policy), Arc::clone(&p.substituter)),
+        };
         let (stop, stop_rx) = watch::channel(false);
         let pipeline = Arc::new(Pipeline::new(
             PipelineParts {
                 run: spec.run.clone(),
-                policy: Arc::clone(&p.policy),
+                policy,
                 vetter: p.vetter.clone(),
                 mitm: Arc::clone(&p.mitm),
                 upstream_tls: Arc::clone(&p.upstream_tls),
@@ -337,7 +357,7 @@ impl<I: Interception> NodeAgent<I> {
                     p.limits.idle_timeout,
                     Arc::clone(&p.metrics),
                 )),
-                substituter: Arc::clone(&p.substituter),
+                substituter,
                 audit: Arc::clone(&p.audit),
                 metrics: Arc::clone(&p.metrics),
                 origdst: Arc::clone(&p.origdst),

@@ -133,7 +133,10 @@ pub fn node_parts(cfg: &NodeConfig, metrics: &Arc<ProxyMetrics>) -> Result<NodeP
     };
     Ok(NodeParts {
         policy: Arc::new(BrokerPolicy::new(client.clone())),
-        substituter: Arc::new(BrokerSubstituter::new(client).with_metrics(Arc::clone(metrics))),
+        substituter: Arc::new(
+            BrokerSubstituter::new(client.clone()).with_metrics(Arc::clone(metrics)),
+        ),
+        broker: Some(client),
         vetter,
         mitm,
         upstream_tls,

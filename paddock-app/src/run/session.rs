@@ -682,6 +682,7 @@ spec:
 
         let request = paddock_broker::wire::SubstituteAuthRequest {
             run: "run-t".into(),
+            pod: None,
             host: "api.github.com".into(),
             port: 443,
             transport: paddock_broker::wire::Transport::Tls,

@@ -117,6 +117,7 @@ pub fn parts(dir: &Path, origdst: Arc<StaticOriginalDst>) -> NodeParts {
                 .expect("policy"),
         ),
         substituter: Arc::new(NoopSubstituter),
+        broker: None,
         dial: DialSettings::default(),
         vetter,
         mitm: Arc::new(MitmServer::new(leaves).expect("mitm")),

@@ -178,6 +178,7 @@ fn sub(
 ) -> SubstituteAuthRequest {
     SubstituteAuthRequest {
         run: run.into(),
+        pod: None,
         host: host.into(),
         port: 443,
         transport: Transport::Tls,
@@ -640,6 +641,7 @@ fn terminal_run_revokes_and_blocks() {
             &team_a(),
             &ValidateEgressRequest {
                 run: "r1".into(),
+                pod: None,
                 host: "pypi.org".into(),
                 port: Some(443),
             },
@@ -776,6 +778,7 @@ fn validate_egress_decisions() {
             &team_a(),
             &ValidateEgressRequest {
                 run: "r1".into(),
+                pod: None,
                 host: "api.github.com".into(),
                 port: Some(443),
             },
@@ -788,6 +791,7 @@ fn validate_egress_decisions() {
             &team_a(),
             &ValidateEgressRequest {
                 run: "r1".into(),
+                pod: None,
                 host: "evil.example".into(),
                 port: Some(443),
             },
@@ -811,6 +815,7 @@ fn validate_egress_without_a_port_asks_about_the_name() {
                 &team_a(),
                 &ValidateEgressRequest {
                     run: "r1".into(),
+                    pod: None,
                     host: host.into(),
                     port,
                 },
@@ -975,8 +980,17 @@ fn node_agent(
 fn egress(run: &str) -> ValidateEgressRequest {
     ValidateEgressRequest {
         run: run.into(),
+        pod: None,
         host: "api.github.com".into(),
         port: Some(443),
+    }
+}
+
+/// [`egress`] as a node agent sends it: naming the pod the connection came from.
+fn egress_from(run: &str, pod: &str) -> ValidateEgressRequest {
+    ValidateEgressRequest {
+        pod: Some(pod.into()),
+        ..egress(run)
     }
 }
 
@@ -996,7 +1010,7 @@ fn node_agent_acts_only_for_runs_on_its_node() {
     let on_a = node_agent(Some("node-a"), Some(("r1", "team-a", Ok("node-a"))));
     let d = f
         .broker
-        .validate_egress(&on_a, &egress("r1"))
+        .validate_egress(&on_a, &egress_from("r1", "uid-r1"))
         .expect("same node");
     assert!(d.allowed, "{d:?}");
     assert!(node_denials(&f).is_empty());
@@ -1005,7 +1019,7 @@ fn node_agent_acts_only_for_runs_on_its_node() {
     let elsewhere = node_agent(Some("node-a"), Some(("r1", "team-a", Ok("node-b"))));
     let err = f
         .broker
-        .validate_egress(&elsewhere, &egress("r1"))
+        .validate_egress(&elsewhere, &egress_from("r1", "uid-r1"))
         .expect_err("other node");
     assert_eq!(err.code(), ErrorCode::Forbidden);
     assert!(!err.public_message().contains("node-b"), "{err}");
@@ -1025,16 +1039,49 @@ fn node_agent_acts_only_for_runs_on_its_node() {
         .substitute_auth(&elsewhere, &sub("r1", "api.github.com", vec![], None))
         .expect_err("other node");
     assert_eq!(err.code(), ErrorCode::Forbidden);
+    let from_pod = |pod: Option<&str>| SubstituteAuthRequest {
+        pod: pod.map(str::to_owned),
+        ..sub("r1", "api.github.com", vec![], None)
+    };
     let ok = f
         .broker
-        .substitute_auth(&on_a, &sub("r1", "api.github.com", vec![], None))
+        .substitute_auth(&on_a, &from_pod(Some("uid-r1")))
         .expect("same node");
     assert!(!ok.matched);
+
+    // Right node, but another pod (one of another namespace labelled as the run, on the same
+    // node) or no pod named: refused and audited.
+    for pod in [Some("uid-impostor"), None] {
+        let err = f
+            .broker
+            .validate_egress(
+                &on_a,
+                &ValidateEgressRequest {
+                    pod: pod.map(str::to_owned),
+                    ..egress("r1")
+                },
+            )
+            .expect_err("another pod");
+        assert_eq!(err.code(), ErrorCode::Forbidden, "{pod:?}");
+        let err = f
+            .broker
+            .substitute_auth(&on_a, &from_pod(pod))
+            .expect_err("another pod");
+        assert_eq!(err.code(), ErrorCode::Forbidden, "{pod:?}");
+    }
+    let impostor = node_denials(&f);
+    assert!(
+        impostor.iter().any(|d| d
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("uid-impostor") && r.contains("uid-r1"))),
+        "{impostor:?}"
+    );
 
     // A placement looked up for another run does not carry over.
     let err = f
         .broker
-        .validate_egress(&on_a, &egress("r2"))
+        .validate_egress(&on_a, &egress_from("r2", "uid-r1"))
         .expect_err("placement of r1 used for r2");
     assert_eq!(err.code(), ErrorCode::Forbidden);
 }

@@ -97,6 +97,11 @@ fn pod(name: &str, run: &str, node: Option<&str>, phase: &str) -> Value {
     })
 }
 
+/// The UID [`pod`] gives the pod of `run` named `<run>-pod`.
+fn pod_uid(run: &str) -> String {
+    format!("{run}-pod-0000-4000-8000-000000000000")
+}
+
 fn pod_list(items: &[Value]) -> String {
     json!({
         "kind": "PodList",
@@ -483,11 +488,16 @@ impl Stack {
         .await
     }
 
+    /// A node agent's call for `run`, naming the run's pod (as the node agent does).
     async fn egress(&self, bearer: &str, run: &str) -> (u16, Value) {
+        self.egress_from(bearer, run, &pod_uid(run)).await
+    }
+
+    async fn egress_from(&self, bearer: &str, run: &str, pod: &str) -> (u16, Value) {
         self.post(
             "/v1/validate-egress",
             bearer,
-            &json!({"run": run, "host": "api.github.com", "port": 443}),
+            &json!({"run": run, "pod": pod, "host": "api.github.com", "port": 443}),
         )
         .await
     }
@@ -516,10 +526,28 @@ async fn node_agent_over_https_acts_only_for_pods_on_its_node() {
     assert_eq!(status, 200, "{v}");
     let (status, _) = stack.egress("agent-on-node-a", "run-b").await;
     assert_eq!(status, 403);
+    // The right node but not the run's pod (a pod of another namespace with the run's label),
+    // or no pod named: refused.
+    let (status, v) = stack
+        .egress_from(
+            "agent-on-node-a",
+            "run-a",
+            "0badc0de-0000-4000-8000-000000000000",
+        )
+        .await;
+    assert_eq!(status, 403, "{v}");
+    let (status, v) = stack
+        .post(
+            "/v1/validate-egress",
+            "agent-on-node-a",
+            &json!({"run": "run-a", "host": "api.github.com", "port": 443}),
+        )
+        .await;
+    assert_eq!(status, 403, "{v}");
 
     // The same rule on substitute-auth.
     let sub = |run: &str| {
-        json!({"run": run, "host": "api.github.com", "port": 443, "transport": "tls",
+        json!({"run": run, "pod": pod_uid(run), "host": "api.github.com", "port": 443, "transport": "tls",
                "method": "GET", "path": "/user", "headers": []})
     };
     let (status, v) = stack

@@ -570,6 +570,7 @@ mod tests {
     async fn any_connector_fails_closed_with_its_reason_or_the_deadline() {
         let egress = ValidateEgressRequest {
             run: "r".into(),
+            pod: None,
             host: "example.com".into(),
             port: Some(443),
         };

@@ -24,12 +24,22 @@ const UNNAMED_RULE: &str = "broker";
 #[derive(Debug, Clone)]
 pub struct BrokerPolicy {
     client: BrokerClient,
+    /// Sent with every call: the pod this policy decides for (node agent mode).
+    pod: Option<String>,
 }
 
 impl BrokerPolicy {
     #[must_use]
     pub fn new(client: BrokerClient) -> Self {
-        Self { client }
+        Self { client, pod: None }
+    }
+
+    /// Every call names `pod` (its UID), so the broker can check that a node agent asks for a
+    /// run from the run's own pod.
+    #[must_use]
+    pub fn for_pod(mut self, pod: impl Into<String>) -> Self {
+        self.pod = Some(pod.into());
+        self
     }
 }
 
@@ -40,6 +50,7 @@ impl EgressPolicy for BrokerPolicy {
                 .client
                 .validate_egress(&ValidateEgressRequest {
                     run: req.run.clone(),
+                    pod: self.pod.clone(),
                     host: req.host.clone(),
                     port: Some(req.port),
                 })
@@ -63,6 +74,7 @@ impl EgressPolicy for BrokerPolicy {
                 .client
                 .validate_egress(&ValidateEgressRequest {
                     run: run.to_owned(),
+                    pod: self.pod.clone(),
                     host: host.to_owned(),
                     port: None,
                 })

@@ -56,6 +56,8 @@ use crate::http::{
 pub struct BrokerSubstituter {
     client: BrokerClient,
     metrics: Option<std::sync::Arc<crate::metrics::ProxyMetrics>>,
+    /// Sent with every call (node agent mode); see [`crate::broker::BrokerPolicy::for_pod`].
+    pod: Option<String>,
 }
 
 impl BrokerSubstituter {
@@ -64,7 +66,15 @@ impl BrokerSubstituter {
         Self {
             client,
             metrics: None,
+            pod: None,
         }
+    }
+
+    /// Every call names `pod` (its UID); see [`crate::broker::BrokerPolicy::for_pod`].
+    #[must_use]
+    pub fn for_pod(mut self, pod: impl Into<String>) -> Self {
+        self.pod = Some(pod.into());
+        self
     }
 
     /// Count applied substitutions in the proxy's `substitutions` metric.
@@ -90,7 +100,10 @@ impl Substituter for BrokerSubstituter {
             let placeholder = first_bearer(head);
             let answer = self
                 .client
-                .substitute_auth(&wire_request(head, ctx))
+                .substitute_auth(&SubstituteAuthRequest {
+                    pod: self.pod.clone(),
+                    ..wire_request(head, ctx)
+                })
                 .await
                 .map_err(|e| call_error(&e))?;
             if answer.matched {
@@ -154,6 +167,7 @@ fn call_error(e: &BrokerCallError) -> SubstituteError {
 pub(crate) fn wire_request(head: &RequestHead<'_>, ctx: &RequestContext) -> SubstituteAuthRequest {
     SubstituteAuthRequest {
         run: ctx.run.clone(),
+        pod: None,
         host: ctx.host.clone(),
         port: ctx.port,
         transport: if ctx.upstream_tls() {

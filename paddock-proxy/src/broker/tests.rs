@@ -686,6 +686,7 @@ async fn a_silent_broker_times_out() {
         "timeout",
         client.substitute_auth(&SubstituteAuthRequest {
             run: RUN.into(),
+            pod: None,
             host: "api.github.com".into(),
             port: 443,
             transport: paddock_wire::api::Transport::Tls,
@@ -891,6 +892,7 @@ async fn bearer_file_rotation_is_picked_up() {
         "unknown key",
         client.validate_egress(&paddock_wire::api::ValidateEgressRequest {
             run: RUN.into(),
+            pod: None,
             host: "api.github.com".into(),
             port: Some(443),
         }),
@@ -1175,6 +1177,7 @@ async fn the_in_process_link_is_the_same_api_without_tcp_or_tls() {
         "stranger",
         stranger.validate_egress(&paddock_wire::api::ValidateEgressRequest {
             run: RUN.into(),
+            pod: None,
             host: "api.github.com".into(),
             port: Some(443),
         }),
@@ -1235,6 +1238,7 @@ async fn only_the_configured_ca_is_trusted() {
         "untrusted broker",
         client.validate_egress(&paddock_wire::api::ValidateEgressRequest {
             run: RUN.into(),
+            pod: None,
             host: "api.github.com".into(),
             port: Some(443),
         }),
@@ -1252,6 +1256,7 @@ async fn only_the_configured_ca_is_trusted() {
             "wrong name",
             client.validate_egress(&paddock_wire::api::ValidateEgressRequest {
                 run: RUN.into(),
+                pod: None,
                 host: "api.github.com".into(),
                 port: Some(443),
             })
@@ -1599,4 +1604,108 @@ fn check_request_records(
         metrics.audit_write_failures(crate::audit::AuditKind::Request),
         0
     );
+}
+
+/// A broker stand-in over an in-memory pipe that records each call's JSON body and answers
+/// with `answer` (for checking what the client sends, not what a broker decides).
+#[derive(Debug)]
+struct RecordingConnector {
+    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+    answer: &'static str,
+}
+
+impl crate::broker::BrokerConnector for RecordingConnector {
+    fn base(&self) -> Uri {
+        Uri::from_static("http://recording-broker.local")
+    }
+
+    fn connect(&self, _uri: Uri) -> crate::broker::ConnectFuture {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let bodies = Arc::clone(&self.bodies);
+        let answer = self.answer;
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let bodies = Arc::clone(&bodies);
+                async move {
+                    let body = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(http_body_util::Collected::to_bytes);
+                    if let Ok(b) = body
+                        && let Ok(v) = serde_json::from_slice(&b)
+                    {
+                        bodies.lock().expect("bodies").push(v);
+                    }
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from_static(answer.as_bytes())))
+                            .expect("response"),
+                    )
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(server), service)
+                .await;
+        });
+        Box::pin(std::future::ready(Ok(
+            Box::new(TokioIo::new(client)) as crate::broker::BrokerStream
+        )))
+    }
+}
+
+/// In node mode each pod's policy and substituter name the pod in every call, so the broker
+/// can check a node agent asks for a run from the run's own pod; without `for_pod` no pod is
+/// sent (the field is absent on the wire).
+#[tokio::test]
+async fn pod_bound_policy_and_substituter_name_their_pod() {
+    let client = |answer| {
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let c = BrokerClient::with_connector(
+            Arc::new(RecordingConnector {
+                bodies: Arc::clone(&bodies),
+                answer,
+            }),
+            crate::broker::BrokerBearer::Value("node-agent-token".into()),
+            Duration::from_secs(5),
+        )
+        .expect("client");
+        (c, bodies)
+    };
+    let egress =
+        r#"{"allowed":true,"substitute_auth":true,"discovery":false,"policy":null,"reason":"ok"}"#;
+    let (c, bodies) = client(egress);
+    let req = EgressRequest::new("run-a", "api.test", 443, Mode::Transparent).expect("req");
+    let pod = "6b1d0c2a-1111-4222-8333-000000000001";
+    BrokerPolicy::new(c.clone())
+        .for_pod(pod)
+        .check(&req)
+        .await
+        .expect("decision");
+    BrokerPolicy::new(c).check(&req).await.expect("decision");
+    let sent = bodies.lock().expect("bodies").clone();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent[0]["pod"], pod, "{}", sent[0]);
+    assert_eq!(sent[0]["run"], "run-a");
+    assert!(sent[1].get("pod").is_none(), "{}", sent[1]);
+
+    let (c, bodies) = client(r#"{"matched":false,"lease_id":null,"credential":null}"#);
+    let (mut parts, ()) = Request::get("https://api.test/x")
+        .header(
+            AUTHORIZATION,
+            "Bearer pdk-user-secret-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        )
+        .body(())
+        .expect("request")
+        .into_parts();
+    let sub = BrokerSubstituter::new(c).for_pod(pod);
+    let _ = substitute(&sub, &mut parts, "api.test").await;
+    let sent = bodies.lock().expect("bodies").clone();
+    assert_eq!(
+        sent.len(),
+        1,
+        "the placeholder-looking header reaches the broker: {sent:?}"
+    );
+    assert_eq!(sent[0]["pod"], pod, "{}", sent[0]);
 }
