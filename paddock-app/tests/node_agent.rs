@@ -114,7 +114,13 @@ async fn failures_leave_nothing_behind() {
     assert!(matches!(err, PodError::Ebpf(_)), "{err}");
     assert!(common::open_fds() <= fds, "listeners of a failed add leak");
     assert!(node.agent.list().await.is_empty());
-    assert!(node.maps.0.lock().expect("maps").config.is_empty());
+    {
+        let maps = node.maps.0.lock().expect("maps");
+        assert!(
+            maps.config.is_empty() && maps.links.is_empty(),
+            "a partial attach is undone"
+        );
+    }
     assert!(
         !node
             .dir

@@ -397,7 +397,14 @@ impl<I: Interception> NodeAgent<I> {
             .interception
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        ic.attach_agent(&served.cgroup, &cfg)?;
+        if let Err(e) = ic.attach_agent(&served.cgroup, &cfg) {
+            // Some programs may be attached already: take them and the config back out, so a
+            // pod that does not start leaves nothing pinned.
+            if let Err(d) = ic.detach_agent(&served.cgroup) {
+                tracing::error!(error = %d, "cannot detach a partly attached pod");
+            }
+            return Err(e.into());
+        }
         if let Some(state) = &self.state
             && let Err(e) = state.save(&PodRecord {
                 spec: served.spec.clone(),

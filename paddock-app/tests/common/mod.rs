@@ -41,6 +41,9 @@ impl Interception for FakeInterception {
     fn attach_agent(&mut self, cgroup: &Cgroup, cfg: &AgentConfig) -> Result<(), EbpfError> {
         let mut m = self.0.lock().expect("maps");
         if std::mem::take(&mut m.fail_next_attach) {
+            // As the real loader can: config written and some links pinned, then a failure.
+            m.config.insert(cgroup.id(), cfg.clone());
+            m.links.insert(cgroup.id(), 4);
             return Err(EbpfError::MissingProgram("paddock_connect4"));
         }
         m.config.insert(cgroup.id(), cfg.clone());
