@@ -750,7 +750,7 @@ drain_timeout_secs = 1
 
 impl NodeLab {
     /// A node whose agent learns pods from the API server (recorded answers, see
-    /// [`KUBE_API`]) through the CNI plugin. `pods`: for each, its run (`None`: not an agent
+    /// `KUBE_API`) through the CNI plugin. `pods`: for each, its run (`None`: not an agent
     /// pod) and whether the API server lists it. Nothing is added yet: [`NodeLab::cni_add`].
     #[must_use]
     pub fn cni(pods: &[(Option<u32>, bool)]) -> Self {
