@@ -106,13 +106,12 @@ async fn failures_leave_nothing_behind() {
     no_ns.netns = node.dir.path().join("netns-missing");
     let err = node.agent.add(no_ns).await.expect_err("no netns");
     assert!(matches!(err, PodError::Netns(_)), "{err}");
-    // The attach fails: the listeners bound for the pod are closed again, nothing recorded.
+    // The attach fails: nothing recorded, nothing left attached (the listeners it bound are
+    // counted in `node_cycles`, alone in its process).
     let a = node.pod(8, "run-a");
     node.maps.0.lock().expect("maps").fail_next_attach = true;
-    let fds = common::open_fds();
     let err = node.agent.add(a.clone()).await.expect_err("attach fails");
     assert!(matches!(err, PodError::Ebpf(_)), "{err}");
-    assert!(common::open_fds() <= fds, "listeners of a failed add leak");
     assert!(node.agent.list().await.is_empty());
     {
         let maps = node.maps.0.lock().expect("maps");

@@ -1,5 +1,5 @@
-//! 200 pod add/delete cycles leak nothing: descriptors, map entries, records, memory. Alone in
-//! its binary, so no other test opens descriptors meanwhile.
+//! 200 pod add/delete cycles (and 20 adds whose attach fails) leak nothing: descriptors, map
+//! entries, records, memory. Alone in its binary, so no other test opens descriptors meanwhile.
 
 mod common;
 
@@ -39,6 +39,16 @@ async fn two_hundred_add_delete_cycles_leak_nothing() {
         }
     }
     assert!(peak_fds > fds, "pods hold listeners while they are served");
+    // Failed adds (the attach fails after the listeners were bound) close what they opened.
+    for n in 0..20 {
+        let spec = node.pod(9000 + n, "run-fail");
+        node.maps.0.lock().expect("maps").fail_next_attach = true;
+        node.agent
+            .add(spec.clone())
+            .await
+            .expect_err("attach fails");
+        node.delete_pod_files(&spec);
+    }
     assert_eq!(
         common::open_fds(),
         fds,
