@@ -473,8 +473,10 @@ drain_timeout_secs = 1
             audit = path_str(d, "audit.jsonl"),
             kubernetes = if self.kube_api.is_some() {
                 format!(
+                    // Long enough for the first list on a loaded machine; the unknown-pod case
+                    // waits all of it.
                     "[kubernetes]\nkubeconfig = \"{}\"\ncluster_dns = [\"{BRIDGE_V4}\"]\n\
-                     cni_wait_secs = 2\n",
+                     cni_wait_secs = 8\n",
                     path_str(d, "kubeconfig")
                 )
             } else {
