@@ -209,31 +209,9 @@ impl NodeConfig {
         {
             return invalid("pods.control_socket must be an absolute path");
         }
-        if self.limits.max_connections == 0 {
-            return invalid("limits.max_connections must be at least 1");
-        }
-        if self.limits.handshake_timeout_secs == 0 || self.limits.idle_timeout_secs == 0 {
-            return invalid("limits: timeouts must be at least 1 second");
-        }
-        if self.tls.leaf_cache_capacity == 0 {
-            return invalid("tls.leaf_cache_capacity must be at least 1");
-        }
-        let b = &self.broker;
-        if b.client_cert.is_some() != b.client_key.is_some() {
-            return invalid("broker.client_cert and broker.client_key go together");
-        }
-        if b.bearer_file.is_none() && b.client_cert.is_none() {
-            return invalid(
-                "broker: set bearer_file or client_cert/client_key (the broker authenticates \
-                 every caller)",
-            );
-        }
-        if b.timeout_ms == 0 {
-            return invalid("broker.timeout_ms must be at least 1");
-        }
-        if b.egress_recheck_ms > 60_000 {
-            return invalid("broker.egress_recheck_ms must be at most 60000 (a minute)");
-        }
+        self.limits.validate()?;
+        self.tls.validate()?;
+        self.broker.validate()?;
         if self.network.bypass_mark.is_some() {
             return invalid(
                 "network.bypass_mark is not used by the node agent: its dials come from its own \

@@ -223,6 +223,18 @@ pub struct TlsConfig {
     pub upstream_ca_bundle: Option<PathBuf>,
 }
 
+impl TlsConfig {
+    /// The checks `serve` and `node` share.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.leaf_cache_capacity == 0 {
+            return Err(ConfigError::Invalid(
+                "tls.leaf_cache_capacity must be at least 1".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn default_leaf_capacity() -> usize {
     paddock_proxy::tls::DEFAULT_LEAF_CACHE_CAPACITY
 }
@@ -281,6 +293,29 @@ fn default_broker_timeout_ms() -> u64 {
 }
 
 impl BrokerConfig {
+    /// The checks `serve` and `node` share.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |s: &str| Err(ConfigError::Invalid(s.to_owned()));
+        if self.client_cert.is_some() != self.client_key.is_some() {
+            return invalid("broker.client_cert and broker.client_key go together");
+        }
+        if self.bearer_file.is_none() && self.client_cert.is_none() {
+            return invalid(
+                "broker: set bearer_file or client_cert/client_key (the broker authenticates \
+                 every caller)",
+            );
+        }
+        if self.timeout_ms == 0 {
+            return invalid("broker.timeout_ms must be at least 1");
+        }
+        // Longer would quietly stop policy changes and a dead broker from reaching open
+        // connections.
+        if self.egress_recheck_ms > 60_000 {
+            return invalid("broker.egress_recheck_ms must be at most 60000 (a minute)");
+        }
+        Ok(())
+    }
+
     /// The client configuration; validation of the URL and files happens when the client is
     /// built (at start, so a bad setting stops `serve` before it listens).
     #[must_use]
@@ -390,6 +425,44 @@ fn default_hello() -> usize {
 }
 
 impl LimitsConfig {
+    /// The checks `serve` and `node` share.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_connections must be at least 1".to_owned(),
+            ));
+        }
+        if self.handshake_timeout_secs == 0 || self.idle_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "limits: timeouts must be at least 1 second".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The pipeline's bounds (per proxy; per pod in `node`).
+    #[must_use]
+    pub fn pipeline_limits(&self) -> paddock_proxy::proxy::PipelineLimits {
+        paddock_proxy::proxy::PipelineLimits {
+            max_connections: self.max_connections,
+            handshake_timeout: self.handshake_timeout(),
+            idle_timeout: self.idle_timeout(),
+            max_client_hello_bytes: self.max_client_hello_bytes,
+            max_header_bytes: self.max_header_bytes,
+        }
+    }
+
+    /// The request loop's bounds.
+    #[must_use]
+    pub fn http_limits(&self) -> paddock_proxy::http::HttpLimits {
+        paddock_proxy::http::HttpLimits {
+            max_header_bytes: self.max_header_bytes,
+            max_headers: self.max_headers,
+            header_read_timeout: self.handshake_timeout(),
+            ..paddock_proxy::http::HttpLimits::default()
+        }
+    }
+
     #[must_use]
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs)
@@ -574,15 +647,8 @@ impl ServeConfig {
         {
             return invalid("listen.connect needs listen.connect_reason (why cooperative mode)");
         }
-        if self.limits.max_connections == 0 {
-            return invalid("limits.max_connections must be at least 1");
-        }
-        if self.limits.handshake_timeout_secs == 0 || self.limits.idle_timeout_secs == 0 {
-            return invalid("limits: timeouts must be at least 1 second");
-        }
-        if self.tls.leaf_cache_capacity == 0 {
-            return invalid("tls.leaf_cache_capacity must be at least 1");
-        }
+        self.limits.validate()?;
+        self.tls.validate()?;
         if let Some(ebpf) = &self.ebpf
             && !ebpf.agent_cgroups.is_empty()
             && self.listen.transparent.is_empty()
@@ -605,23 +671,7 @@ impl ServeConfig {
             _ => {}
         }
         if let Some(b) = &self.broker {
-            if b.client_cert.is_some() != b.client_key.is_some() {
-                return invalid("broker.client_cert and broker.client_key go together");
-            }
-            if b.bearer_file.is_none() && b.client_cert.is_none() {
-                return invalid(
-                    "broker: set bearer_file or client_cert/client_key (the broker authenticates \
-                     every caller)",
-                );
-            }
-            if b.timeout_ms == 0 {
-                return invalid("broker.timeout_ms must be at least 1");
-            }
-            // Longer would quietly stop policy changes and a dead broker from reaching open
-            // connections.
-            if b.egress_recheck_ms > 60_000 {
-                return invalid("broker.egress_recheck_ms must be at most 60000 (a minute)");
-            }
+            b.validate()?;
         }
         if let Some(dns) = &self.dns {
             self.validate_dns(dns)?;

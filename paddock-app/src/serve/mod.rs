@@ -19,16 +19,14 @@ use paddock_proxy::broker::{BrokerClient, BrokerPolicy, BrokerSubstituter};
 use paddock_proxy::cgroup::Cgroup;
 use paddock_proxy::dns::{DnsParts, DnsServer};
 use paddock_proxy::ebpf::{AgentConfig, Interception, Interceptor, LoadOptions};
-use paddock_proxy::http::{HttpLimits, NoopSubstituter, Substituter};
+use paddock_proxy::http::{NoopSubstituter, Substituter};
 use paddock_proxy::metrics::{AdminServer, ProxyMetrics, Readiness};
 use paddock_proxy::net::{
     CidrConfig, CidrPolicy, DialSettings, DnsResolver, ResolverSettings, Vetter,
 };
 use paddock_proxy::origdst::SockoptOriginalDst;
 use paddock_proxy::policy::{EgressPolicy, Mode, PolicyFile};
-use paddock_proxy::proxy::{
-    Connector, Drain, ListenerKind, Pipeline, PipelineLimits, PipelineParts, run_listener,
-};
+use paddock_proxy::proxy::{Connector, Drain, ListenerKind, Pipeline, PipelineParts, run_listener};
 use paddock_proxy::tls::{LeafCache, LeafCacheConfig, MitmServer, RunCa, UpstreamTls};
 
 /// Validity of a CA generated for local use.
@@ -235,19 +233,8 @@ pub async fn serve_until(
     if let Some(secs) = cfg.network.dial_attempt_timeout_secs {
         dial.attempt_timeout = Duration::from_secs(secs.max(1));
     }
-    let limits = PipelineLimits {
-        max_connections: cfg.limits.max_connections,
-        handshake_timeout: cfg.limits.handshake_timeout(),
-        idle_timeout: cfg.limits.idle_timeout(),
-        max_client_hello_bytes: cfg.limits.max_client_hello_bytes,
-        max_header_bytes: cfg.limits.max_header_bytes,
-    };
-    let http_limits = HttpLimits {
-        max_header_bytes: cfg.limits.max_header_bytes,
-        max_headers: cfg.limits.max_headers,
-        header_read_timeout: cfg.limits.handshake_timeout(),
-        ..HttpLimits::default()
-    };
+    let limits = cfg.limits.pipeline_limits();
+    let http_limits = cfg.limits.http_limits();
     let connector = Arc::new(Connector::new(
         vetter.clone(),
         Arc::clone(&upstream_tls),
