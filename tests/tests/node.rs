@@ -293,7 +293,14 @@ async fn two_hundred_pod_add_delete_cycles_leak_nothing() {
         let status = lab.intercepted();
         assert_eq!(status.len(), 1);
         assert!(status[0].config.is_some());
-        assert_eq!(lab.agent_fds(), fds, "descriptors leaked over 200 cycles");
+        // A leak would show as hundreds (two listeners per pod per cycle); the slack is for
+        // descriptors that come and go on their own (a pod-socket client still being closed, a
+        // pooled broker connection).
+        let now = lab.agent_fds();
+        assert!(
+            now <= fds + 2,
+            "descriptors leaked over 200 cycles: {fds} before, {now} after"
+        );
         let grown = lab.agent_rss_kib().saturating_sub(rss);
         assert!(
             grown < 2048,
