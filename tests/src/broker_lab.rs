@@ -7,7 +7,7 @@
 use std::{
     io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -55,6 +55,57 @@ spec:
 "#,
         secret = dir.join("secret.txt").display()
     )
+}
+
+/// `paddock-broker keys add` of a static key `id` for `namespace` with `scopes` into the key
+/// file `keys`: the new key.
+#[must_use]
+pub fn add_static_key(keys: &Path, namespace: &str, id: &str, scopes: &[&str]) -> String {
+    let mut cmd = Command::new(target_bin("paddock-broker"));
+    cmd.args(["keys", "add", "--file"])
+        .arg(keys)
+        .args(["--id", id, "--namespace", namespace]);
+    for s in scopes {
+        cmd.args(["--scope", s]);
+    }
+    let out = run(&mut cmd, &Placement::default());
+    assert!(out.status.success(), "keys add: {out:?}");
+    String::from_utf8(out.stdout)
+        .expect("key")
+        .trim()
+        .to_owned()
+}
+
+/// One broker call as the holder of `key`, from inside `ns` (where the lab's broker listens
+/// on loopback, at `url`, with the certificate of `broker_dir`). The key goes to `key_file`.
+pub fn broker_call<T, F, Fut>(
+    ns: &Netns,
+    url: String,
+    broker_dir: &Path,
+    key_file: PathBuf,
+    key: &str,
+    call: F,
+) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce(BrokerClient) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, paddock_proxy::broker::BrokerCallError>>,
+{
+    std::fs::write(&key_file, key).expect("key file");
+    let mut cfg = BrokerClientConfig::new(url, broker_dir.join("test-ca.crt"));
+    cfg.bearer_file = Some(key_file);
+    cfg.server_name = Some("broker.paddock.test".into());
+    ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let client = BrokerClient::new(&cfg).map_err(|e| e.to_string())?;
+            call(client).await.map_err(|e| e.to_string())
+        })
+    })
+    .map_err(|e| e.to_string())?
 }
 
 /// `paddock-broker serve` as a child process in the agent namespace; killed on drop.
@@ -249,24 +300,7 @@ impl BrokerLab {
         std::fs::write(d.join("policy.yaml"), make_policy(d)).expect("policy");
 
         let keys = d.join("keys");
-        let add_key = |id: &str, scopes: &[&str]| {
-            let mut cmd = Command::new(target_bin("paddock-broker"));
-            cmd.args(["keys", "add", "--file"]).arg(&keys).args([
-                "--id",
-                id,
-                "--namespace",
-                NAMESPACE,
-            ]);
-            for s in scopes {
-                cmd.args(["--scope", s]);
-            }
-            let out = run(&mut cmd, &Placement::default());
-            assert!(out.status.success(), "keys add: {out:?}");
-            String::from_utf8(out.stdout)
-                .expect("key")
-                .trim()
-                .to_owned()
-        };
+        let add_key = |id: &str, scopes: &[&str]| add_static_key(&keys, NAMESPACE, id, scopes);
         let controller_key = add_key(
             "controller",
             &["broker:controller", "broker:issue", "broker:revoke"],
@@ -396,27 +430,14 @@ drain_timeout_secs = 1
         Fut: Future<Output = Result<T, paddock_proxy::broker::BrokerCallError>>,
     {
         let d = self.dir.path();
-        let token = d.join("controller.token");
-        std::fs::write(&token, &self.controller_key).expect("controller token");
-        let mut cfg = BrokerClientConfig::new(
+        broker_call(
+            &self.topo.agent,
             format!("https://127.0.0.1:{BROKER_PORT}"),
-            d.join("broker/test-ca.crt"),
-        );
-        cfg.bearer_file = Some(token);
-        cfg.server_name = Some("broker.paddock.test".into());
-        self.topo
-            .agent
-            .run(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(async move {
-                    let client = BrokerClient::new(&cfg).map_err(|e| e.to_string())?;
-                    call(client).await.map_err(|e| e.to_string())
-                })
-            })
-            .map_err(|e| e.to_string())?
+            &d.join("broker"),
+            d.join("controller.token"),
+            &self.controller_key,
+            call,
+        )
     }
 
     /// Issue a placeholder for the API credential: (lease id, placeholder).

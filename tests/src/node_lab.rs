@@ -15,13 +15,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use paddock_proxy::broker::{BrokerClient, BrokerClientConfig};
+use paddock_proxy::broker::BrokerClient;
 use paddock_proxy::pod_cgroup::{CgroupDriver, PodUid, QosClass, pod_cgroup_relpath};
 use paddock_wire::api::{IssueRequest, RunPhase, RunUpsertRequest};
 
 use crate::{
     CgroupGuard, Netns, PinDir,
-    broker_lab::BrokerProcess,
+    broker_lab::{BrokerProcess, add_static_key, broker_call},
     echo_api::EchoApi,
     netns::ip,
     process::{Placement, place, run, target_bin},
@@ -221,24 +221,7 @@ impl NodeLab {
         std::fs::write(d.join("secret-b.txt"), SECRET_B).expect("secret");
         std::fs::write(d.join("policy.yaml"), policy(d, pods)).expect("policy");
         let keys = d.join("keys");
-        let add_key = |id: &str, scopes: &[&str]| {
-            let mut cmd = Command::new(target_bin("paddock-broker"));
-            cmd.args(["keys", "add", "--file"]).arg(&keys).args([
-                "--id",
-                id,
-                "--namespace",
-                NAMESPACE,
-            ]);
-            for s in scopes {
-                cmd.args(["--scope", s]);
-            }
-            let out = run(&mut cmd, &Placement::default());
-            assert!(out.status.success(), "keys add: {out:?}");
-            String::from_utf8(out.stdout)
-                .expect("key")
-                .trim()
-                .to_owned()
-        };
+        let add_key = |id: &str, scopes: &[&str]| add_static_key(&keys, NAMESPACE, id, scopes);
         let controller_key = add_key(
             "controller",
             &["broker:controller", "broker:issue", "broker:revoke"],
@@ -394,34 +377,7 @@ impl NodeLab {
         netns.ip(&["link", "set", &pod_end, "up"]);
         netns.ip(&["route", "add", "default", "via", &BRIDGE_V4.to_string()]);
         let run = format!("run-{i}");
-        let credential = if i.is_multiple_of(2) {
-            "api-a"
-        } else {
-            "api-b"
-        };
-        let run2 = run.clone();
-        self.controller(move |c| async move {
-            c.upsert_run(&RunUpsertRequest {
-                run: run2,
-                namespace: NAMESPACE.into(),
-                template: "t".into(),
-                phase: RunPhase::Running,
-            })
-            .await
-            .map(|_| ())
-        })
-        .expect("register the run");
-        let run2 = run.clone();
-        let placeholder = self
-            .controller(move |c| async move {
-                c.issue(&IssueRequest {
-                    run: run2,
-                    credential: credential.into(),
-                })
-                .await
-                .map(|r| r.value)
-            })
-            .expect("issue");
+        let placeholder = self.register(&run);
         Pod {
             index: i,
             uid,
@@ -718,24 +674,14 @@ drain_timeout_secs = 1
         Fut: Future<Output = Result<T, paddock_proxy::broker::BrokerCallError>>,
     {
         let d = self.dir.path();
-        let token = d.join("controller.token");
-        std::fs::write(&token, &self.controller_key).expect("controller token");
-        let mut cfg =
-            BrokerClientConfig::new(format!("https://{BROKER}"), d.join("broker/test-ca.crt"));
-        cfg.bearer_file = Some(token);
-        cfg.server_name = Some("broker.paddock.test".into());
-        self.node
-            .run(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(async move {
-                    let client = BrokerClient::new(&cfg).map_err(|e| e.to_string())?;
-                    call(client).await.map_err(|e| e.to_string())
-                })
-            })
-            .map_err(|e| e.to_string())?
+        broker_call(
+            &self.node,
+            format!("https://{BROKER}"),
+            &d.join("broker"),
+            d.join("controller.token"),
+            &self.controller_key,
+            call,
+        )
     }
 
     /// The pod's own address (for messages).

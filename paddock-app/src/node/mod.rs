@@ -35,10 +35,7 @@ use paddock_proxy::net::{
     CidrConfig, CidrPolicy, DialSettings, DnsResolver, ResolverSettings, Vetter,
 };
 use paddock_proxy::origdst::SockoptOriginalDst;
-use paddock_proxy::tls::{LeafCache, LeafCacheConfig, MitmServer, RunCa, UpstreamTls};
-
-/// Validity of a node CA generated for local use.
-const GENERATED_CA_VALIDITY: Duration = Duration::from_hours(30 * 24);
+use paddock_proxy::tls::{MitmServer, UpstreamTls};
 
 /// Why the node agent did not start (or stopped abnormally).
 #[derive(Debug, thiserror::Error)]
@@ -77,25 +74,10 @@ pub fn node_parts(cfg: &NodeConfig, metrics: &Arc<ProxyMetrics>) -> Result<NodeP
         })?
         .open()?;
     metrics.set_audit_disabled(audit.is_disabled());
-    let ca = if cfg.tls.generate_ca {
-        RunCa::load_or_generate(
-            &cfg.tls.ca_dir,
-            cfg.node_name.as_deref().unwrap_or("node"),
-            GENERATED_CA_VALIDITY,
-        )
-    } else {
-        RunCa::load_dir(&cfg.tls.ca_dir)
-    }
-    .map_err(ServeError::Ca)?;
     let leaves = Arc::new(
-        LeafCache::new(
-            ca,
-            LeafCacheConfig {
-                capacity: cfg.tls.leaf_cache_capacity,
-                ..LeafCacheConfig::default()
-            },
-        )
-        .map_err(ServeError::Ca)?,
+        cfg.tls
+            .leaf_cache(cfg.node_name.as_deref().unwrap_or("node"))
+            .map_err(ServeError::Ca)?,
     );
     let mitm = Arc::new(MitmServer::new(leaves).map_err(ServeError::Ca)?);
     let upstream_tls =

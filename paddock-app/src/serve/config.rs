@@ -223,7 +223,31 @@ pub struct TlsConfig {
     pub upstream_ca_bundle: Option<PathBuf>,
 }
 
+/// Validity of a CA generated for local use (`generate_ca`).
+const GENERATED_CA_VALIDITY: Duration = Duration::from_hours(30 * 24);
+
 impl TlsConfig {
+    /// The interception CA of `ca_dir` (generated there under `label` when `generate_ca` is
+    /// set and it holds none) behind a leaf cache of `leaf_cache_capacity`.
+    pub fn leaf_cache(
+        &self,
+        label: &str,
+    ) -> Result<paddock_proxy::tls::LeafCache, paddock_proxy::tls::TlsError> {
+        use paddock_proxy::tls::{LeafCache, LeafCacheConfig, RunCa};
+        let ca = if self.generate_ca {
+            RunCa::load_or_generate(&self.ca_dir, label, GENERATED_CA_VALIDITY)
+        } else {
+            RunCa::load_dir(&self.ca_dir)
+        }?;
+        LeafCache::new(
+            ca,
+            LeafCacheConfig {
+                capacity: self.leaf_cache_capacity,
+                ..LeafCacheConfig::default()
+            },
+        )
+    }
+
     /// The checks `serve` and `node` share.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.leaf_cache_capacity == 0 {

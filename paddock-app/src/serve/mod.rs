@@ -27,10 +27,7 @@ use paddock_proxy::net::{
 use paddock_proxy::origdst::SockoptOriginalDst;
 use paddock_proxy::policy::{EgressPolicy, Mode, PolicyFile};
 use paddock_proxy::proxy::{Connector, Drain, ListenerKind, Pipeline, PipelineParts, run_listener};
-use paddock_proxy::tls::{LeafCache, LeafCacheConfig, MitmServer, RunCa, UpstreamTls};
-
-/// Validity of a CA generated for local use.
-const GENERATED_CA_VALIDITY: Duration = Duration::from_hours(30 * 24);
+use paddock_proxy::tls::{LeafCache, MitmServer, UpstreamTls};
 
 /// What `serve` is started with.
 #[derive(Debug)]
@@ -176,22 +173,7 @@ pub async fn serve_until(
         tracing::warn!("running without an audit trail (--audit none)");
     }
 
-    let ca = if cfg.tls.generate_ca {
-        RunCa::load_or_generate(&cfg.tls.ca_dir, &cfg.run_id, GENERATED_CA_VALIDITY)
-    } else {
-        RunCa::load_dir(&cfg.tls.ca_dir)
-    }
-    .map_err(ServeError::Ca)?;
-    let leaves = Arc::new(
-        LeafCache::new(
-            ca,
-            LeafCacheConfig {
-                capacity: cfg.tls.leaf_cache_capacity,
-                ..LeafCacheConfig::default()
-            },
-        )
-        .map_err(ServeError::Ca)?,
-    );
+    let leaves = Arc::new(cfg.tls.leaf_cache(&cfg.run_id).map_err(ServeError::Ca)?);
     let mitm = Arc::new(MitmServer::new(Arc::clone(&leaves)).map_err(ServeError::Ca)?);
     let upstream_tls =
         Arc::new(UpstreamTls::new(cfg.tls.upstream_ca_bundle.as_deref()).map_err(ServeError::Ca)?);
