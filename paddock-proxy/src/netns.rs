@@ -198,6 +198,10 @@ fn tcp_listener(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
+    // A restarted node agent binds a pod's port again while the connections its predecessor
+    // accepted there sit in TIME_WAIT; without this the old port (which the pinned config
+    // names) is refused. A live listener on the port still makes the bind fail.
+    sock.set_reuse_address(true)?;
     sock.bind(&addr.into())?;
     sock.listen(1024)?;
     sock.set_nonblocking(true)?;
