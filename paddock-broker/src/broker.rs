@@ -23,15 +23,16 @@ use crate::{
         tokenreview::NOT_NODE_BOUND,
     },
     bearer,
-    policy::{EgressDecision, PolicyStore, hosts},
+    grants::{GrantError, GrantHub, Invalidated},
+    policy::{EgressDecision, PolicyError, PolicyStore, hosts},
     providers::{self, Placement, ProviderContext, ProviderError, decode_basic},
     ratelimit::{KIND_EGRESS, KIND_ISSUE, KIND_SUBSTITUTE, RateLimitError, RateLimits},
     store::{NewLease, PoolRequest, Store, StoreError},
     wire::{
-        DeliveryMode, ErrorCode, IssueRequest, IssueResponse, LeaseInfo, LeasesResponse,
-        RenewRequest, RenewResponse, RevokeRequest, RevokeResponse, RunInfo, RunUpsertRequest,
-        SubstituteAuthRequest, SubstituteAuthResponse, Transport, ValidateEgressRequest,
-        ValidateEgressResponse,
+        DeliveryMode, ErrorCode, GrantTerms, InvalidationScope, IssueRequest, IssueResponse,
+        LeaseInfo, LeasesResponse, RenewRequest, RenewResponse, RevokeRequest, RevokeResponse,
+        RunInfo, RunUpsertRequest, SubstituteAuthRequest, SubstituteAuthResponse, Transport,
+        ValidateEgressRequest, ValidateEgressResponse,
     },
 };
 
@@ -56,6 +57,8 @@ pub enum BrokerError {
     EgressDenied(String),
     #[error("TLS required: {0}")]
     TlsRequired(String),
+    #[error("{0}")]
+    SubscriptionGone(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -73,6 +76,7 @@ impl BrokerError {
             BrokerError::Unavailable(_) => ErrorCode::Unavailable,
             BrokerError::EgressDenied(_) => ErrorCode::EgressDenied,
             BrokerError::TlsRequired(_) => ErrorCode::TlsRequired,
+            BrokerError::SubscriptionGone(_) => ErrorCode::SubscriptionGone,
             BrokerError::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -92,7 +96,8 @@ impl BrokerError {
             | BrokerError::RateLimited(m)
             | BrokerError::PoolExhausted(m)
             | BrokerError::EgressDenied(m)
-            | BrokerError::TlsRequired(m) => m.clone(),
+            | BrokerError::TlsRequired(m)
+            | BrokerError::SubscriptionGone(m) => m.clone(),
         }
     }
 }
@@ -111,6 +116,16 @@ impl From<StoreError> for BrokerError {
 impl From<ProviderError> for BrokerError {
     fn from(e: ProviderError) -> Self {
         BrokerError::Unavailable(e.to_string())
+    }
+}
+
+impl From<GrantError> for BrokerError {
+    fn from(e: GrantError) -> Self {
+        match e {
+            GrantError::Gone => BrokerError::SubscriptionGone(e.to_string()),
+            GrantError::AheadOfBroker { .. } => BrokerError::BadRequest(e.to_string()),
+            GrantError::Full => BrokerError::Unavailable(e.to_string()),
+        }
     }
 }
 
@@ -147,6 +162,8 @@ pub struct Broker {
     providers: ProviderContext,
     /// Where node agents' runs are looked up (set with the `TokenReview` backend).
     pods: RwLock<Option<Arc<PodLocator>>>,
+    /// Reusable substitution answers and their invalidation stream.
+    grants: Arc<GrantHub>,
 }
 
 /// Whether node agent `caller` may act for `run`: only when the API server placed the run's
@@ -223,7 +240,52 @@ impl Broker {
             limits,
             providers: ProviderContext::default(),
             pods: RwLock::new(None),
+            grants: Arc::new(GrantHub::default()),
         }
+    }
+
+    /// Replaces the grant tuning (before the broker serves anything).
+    #[must_use]
+    pub fn with_grant_hub(mut self, grants: GrantHub) -> Self {
+        self.grants = Arc::new(grants);
+        self
+    }
+
+    /// Subscriptions, sequence numbers and acknowledgements of reusable substitutions.
+    #[must_use]
+    pub fn grants(&self) -> &Arc<GrantHub> {
+        &self.grants
+    }
+
+    /// Publishes an invalidation and waits for it (see [`GrantHub::invalidate`]).
+    fn invalidate(&self, scope: &InvalidationScope) -> Invalidated {
+        let out = self.grants.invalidate(scope);
+        tracing::info!(
+            seq = out.seq, acknowledged = out.acknowledged, cut_off = out.cut_off,
+            scope = ?scope, "grants invalidated"
+        );
+        out
+    }
+
+    /// Reloads the policy (only when its files changed, with `only_if_changed`) and, when a
+    /// new policy became active, takes back every grant made under the old one before
+    /// returning. Blocks.
+    pub fn reload_policy(&self, only_if_changed: bool) -> Result<bool, PolicyError> {
+        let changed = if only_if_changed {
+            self.policy.reload_if_changed()?
+        } else {
+            self.policy.reload()?
+        };
+        if changed {
+            self.invalidate(&InvalidationScope::All);
+        }
+        Ok(changed)
+    }
+
+    /// Replaces the policy and takes back every grant made under the old one. Blocks.
+    pub fn replace_policy(&self, policy: crate::policy::Policy) {
+        self.policy.replace(policy);
+        self.invalidate(&InvalidationScope::All);
     }
 
     /// Lets node agents act: their runs' pods are looked up with `locator`.
@@ -392,6 +454,9 @@ impl Broker {
                     tracing::error!(error = %err, "audit record of run-end revocation failed");
                 }
             }
+            self.invalidate(&InvalidationScope::Run {
+                run: info.run.clone(),
+            });
         }
         Ok(info)
     }
@@ -639,6 +704,12 @@ impl Broker {
         ev.credential = Some(lease.credential.clone());
         self.audit(&ev)?;
         let revoked = self.store.revoke(&lease.lease_id)?;
+        // Stored first, then published: an answer that read the lease before the revocation
+        // carries a lower sequence number than the invalidation (see crate::grants).
+        self.invalidate(&InvalidationScope::Lease {
+            lease_id: lease.lease_id.clone(),
+            run: lease.run.clone(),
+        });
         if let Some((_, grant)) = self
             .policy
             .current()
@@ -730,6 +801,7 @@ impl Broker {
         req: &SubstituteAuthRequest,
     ) -> Result<SubstituteAuthResponse, BrokerError> {
         check_id("host", &req.host)?;
+        let grant_seq = self.begin_grant(caller, req)?;
         let run = self.authorize_run_from(caller, &req.run, req.pod.as_deref())?;
         self.limits
             .check(&run.namespace, &run.run, KIND_SUBSTITUTE)?;
@@ -825,7 +897,57 @@ impl Broker {
         out.matched = true;
         out.lease_id = Some(lease.lease_id.clone());
         out.credential = Some(lease.credential.clone());
+        out.grant = grant_seq.map(|seq| self.grant_terms(&run, &lease, seq));
         Ok(out)
+    }
+
+    /// Before anything is read (see [`crate::grants`]): marks the run in the caller's
+    /// subscription and takes the sequence number its answer will carry.
+    fn begin_grant(
+        &self,
+        caller: &Identity,
+        req: &SubstituteAuthRequest,
+    ) -> Result<Option<u64>, BrokerError> {
+        let Some(id) = &req.subscription else {
+            return Ok(None);
+        };
+        check_id("subscription", id)?;
+        check_id("run", &req.run)?;
+        Ok(Some(self.grants.begin(&caller.subject, id, &req.run)?))
+    }
+
+    /// Terms of a reusable answer: a block of the run's substitution budget (the request at
+    /// hand's token is already taken), at most the configured lifetime and never past the
+    /// lease's expiry.
+    fn grant_terms(&self, run: &RunInfo, lease: &LeaseInfo, seq: u64) -> GrantTerms {
+        let config = self.grants.config();
+        let spec = self.limits.config().substitute;
+        // About a tenth of a second's worth per grant: at the full rate the proxy comes back
+        // ten times a second, and an idle grant wastes little of the budget.
+        let block = (spec.per_second / 10)
+            .clamp(1, spec.burst.max(1))
+            .min(config.max_uses.max(1));
+        let extra = if block > 1 {
+            self.limits
+                .take_up_to(&run.namespace, &run.run, KIND_SUBSTITUTE, block - 1)
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(u64::MAX, |d| {
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+            });
+        let lease_left_ms = lease.expires_at.saturating_mul(1000).saturating_sub(now_ms);
+        let ttl_ms = u64::try_from(config.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .min(lease_left_ms);
+        GrantTerms {
+            seq,
+            uses: 1 + extra,
+            ttl_ms,
+        }
     }
 
     pub fn leases(&self, caller: &Identity, run: &str) -> Result<LeasesResponse, BrokerError> {

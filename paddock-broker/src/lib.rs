@@ -17,6 +17,8 @@ pub mod bearer;
 #[cfg(feature = "server")]
 pub mod broker;
 #[cfg(feature = "server")]
+pub mod grants;
+#[cfg(feature = "server")]
 pub mod policy;
 #[cfg(feature = "server")]
 pub mod providers;

@@ -179,8 +179,12 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
                             Err(e) => tracing::error!(error = %e, "static keys reload rejected; previous keys stay active"),
                         }
                     }
-                    if let Err(e) = broker.policy().reload() {
-                        tracing::error!(error = %e, "policy reload rejected; previous policy stays active");
+                    // Blocks until proxies dropped grants made under the old policy.
+                    let b = broker.clone();
+                    match tokio::task::spawn_blocking(move || b.reload_policy(false)).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "policy reload rejected; previous policy stays active"),
+                        Err(e) => tracing::error!(error = %e, "policy reload task failed"),
                     }
                 }
                 _ = term.recv() => break,

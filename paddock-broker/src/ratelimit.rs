@@ -76,12 +76,14 @@ type Keyed = RateLimiter<Key, DefaultKeyedStateStore<Key>, DefaultClock>;
 
 pub struct RateLimits {
     kinds: BTreeMap<&'static str, Keyed>,
+    config: RateLimitConfig,
 }
 
 impl std::fmt::Debug for RateLimits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimits")
             .field("kinds", &self.kinds.keys().collect::<Vec<_>>())
+            .field("config", &self.config)
             .finish()
     }
 }
@@ -107,7 +109,16 @@ impl RateLimits {
             KIND_EGRESS,
             RateLimiter::keyed(quota(KIND_EGRESS, config.egress)?),
         );
-        Ok(Self { kinds })
+        Ok(Self {
+            kinds,
+            config: config.clone(),
+        })
+    }
+
+    /// The configuration the buckets were built from.
+    #[must_use]
+    pub fn config(&self) -> &RateLimitConfig {
+        &self.config
     }
 
     /// Takes one token from the (namespace, run) bucket of `kind`.
@@ -118,6 +129,36 @@ impl RateLimits {
         limiter
             .check_key(&(namespace.to_owned(), run.to_owned()))
             .map_err(|_| RateLimitError::Exceeded(name))
+    }
+
+    /// Takes up to `want` tokens at once from the (namespace, run) bucket of `kind`: `want`,
+    /// or fewer (halving down to one) when the bucket holds less. Returns how many were
+    /// taken; none available is [`RateLimitError::Exceeded`].
+    pub fn take_up_to(
+        &self,
+        namespace: &str,
+        run: &str,
+        kind: &str,
+        want: u32,
+    ) -> Result<u32, RateLimitError> {
+        let Some((name, limiter)) = self.kinds.get_key_value(kind) else {
+            return Err(RateLimitError::UnknownKind(kind.to_owned()));
+        };
+        let key = (namespace.to_owned(), run.to_owned());
+        let mut n = want.max(1);
+        loop {
+            let Some(cells) = NonZeroU32::new(n) else {
+                return Err(RateLimitError::Exceeded(name));
+            };
+            // InsufficientCapacity (more than the burst) and "not yet" both mean: try fewer.
+            if matches!(limiter.check_key_n(&key, cells), Ok(Ok(()))) {
+                return Ok(n);
+            }
+            if n == 1 {
+                return Err(RateLimitError::Exceeded(name));
+            }
+            n /= 2;
+        }
     }
 
     /// Drops buckets that are back to full (idle), bounding memory.
@@ -175,6 +216,30 @@ mod tests {
                 ..cfg
             })
             .is_err()
+        );
+    }
+
+    #[test]
+    fn blocks_are_taken_whole_then_smaller_and_never_beyond_the_bucket() {
+        let cfg = RateLimitConfig {
+            substitute: RateSpec {
+                per_second: 1,
+                burst: 10,
+            },
+            ..RateLimitConfig::default()
+        };
+        let rl = RateLimits::new(&cfg).expect("valid");
+        // More than the burst: the largest halving that fits.
+        assert_eq!(rl.take_up_to("ns", "r", KIND_SUBSTITUTE, 16), Ok(8));
+        assert_eq!(rl.take_up_to("ns", "r", KIND_SUBSTITUTE, 8), Ok(2));
+        assert_eq!(
+            rl.take_up_to("ns", "r", KIND_SUBSTITUTE, 8),
+            Err(RateLimitError::Exceeded("substitute"))
+        );
+        assert_eq!(
+            rl.check("ns", "r", KIND_SUBSTITUTE),
+            Err(RateLimitError::Exceeded("substitute")),
+            "blocks and single calls share one bucket"
         );
     }
 

@@ -196,6 +196,7 @@ fn every_wire_type_and_field_is_documented() {
             path: s(),
             query: None,
             headers: vec![header.clone()],
+            subscription: Some(s()),
         },
     );
     check_fields(
@@ -211,6 +212,47 @@ fn every_wire_type_and_field_is_documented() {
             remove_query: vec![],
             basic_auth: Some(basic),
             secrets: vec![s()],
+            grant: Some(GrantTerms {
+                seq: 1,
+                uses: 1,
+                ttl_ms: 1,
+            }),
+        },
+    );
+    check_fields(
+        &doc,
+        "GrantTerms",
+        &GrantTerms {
+            seq: 1,
+            uses: 1,
+            ttl_ms: 1,
+        },
+    );
+    check_fields(
+        &doc,
+        "GrantPollRequest",
+        &GrantPollRequest {
+            subscription: Some(s()),
+            acked: 1,
+        },
+    );
+    let event = GrantEvent {
+        seq: 1,
+        scope: InvalidationScope::Lease {
+            lease_id: s(),
+            run: s(),
+        },
+    };
+    check_fields(&doc, "GrantEvent", &event);
+    check_fields(&doc, "InvalidationScope", &event.scope);
+    check_fields(
+        &doc,
+        "GrantPollResponse",
+        &GrantPollResponse {
+            subscription: s(),
+            seq: 1,
+            events: vec![event.clone()],
+            lease_ms: 1,
         },
     );
     check_fields(&doc, "LeaseInfo", &lease);

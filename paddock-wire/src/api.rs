@@ -20,6 +20,8 @@ pub mod paths {
     pub const SUBSTITUTE_AUTH: &str = "/v1/substitute-auth";
     pub const LEASES: &str = "/v1/leases";
     pub const RUNS: &str = "/v1/runs";
+    /// Long poll of the invalidation stream; each poll also acknowledges and renews.
+    pub const GRANTS_POLL: &str = "/v1/grants/poll";
 }
 
 /// Stable error codes. The HTTP status is fixed per code.
@@ -39,11 +41,14 @@ pub enum ErrorCode {
     EgressDenied,
     /// The credential may only travel over TLS and the request is cleartext HTTP.
     TlsRequired,
+    /// The invalidation-stream subscription a call named is unknown (cut off or expired):
+    /// drop every cached grant and subscribe again.
+    SubscriptionGone,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
         ErrorCode::NotFound,
@@ -57,6 +62,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::EgressDenied,
         ErrorCode::TlsRequired,
+        ErrorCode::SubscriptionGone,
         ErrorCode::Internal,
     ];
 
@@ -70,6 +76,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::SubscriptionGone => 410,
             ErrorCode::RateLimited => 429,
             ErrorCode::PoolExhausted | ErrorCode::AuditUnavailable | ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
@@ -92,6 +99,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "Unavailable",
             ErrorCode::EgressDenied => "EgressDenied",
             ErrorCode::TlsRequired => "TlsRequired",
+            ErrorCode::SubscriptionGone => "SubscriptionGone",
             ErrorCode::Internal => "Internal",
         }
     }
@@ -286,6 +294,11 @@ pub struct SubstituteAuthRequest {
     pub query: Option<String>,
     #[serde(default)]
     pub headers: Vec<Header>,
+    /// The caller's invalidation-stream subscription ([`GrantPollResponse::subscription`]).
+    /// With one, a substitution comes back with [`GrantTerms`] the caller may reuse; a
+    /// subscription the broker no longer knows is answered [`ErrorCode::SubscriptionGone`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscription: Option<String>,
 }
 
 /// Basic-auth replacement: the proxy sets `Authorization: Basic base64(username:password)`.
@@ -332,6 +345,101 @@ pub struct SubstituteAuthResponse {
     /// The secret values put into the request (redacted in `Debug`).
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Present when the request named a live subscription: the caller may apply this same
+    /// answer to further requests of the same shape within these terms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<GrantTerms>,
+}
+
+/// How long and how often a substitution answer may be reused by the proxy that asked.
+///
+/// A proxy may apply the answer to `uses` requests in all (this one included) of the same
+/// run, pod, destination, transport, placeholder and request shape (header names, query
+/// parameter names, where the placeholder sits), within `ttl_ms` of sending its request, and
+/// only while its subscription is live. It must drop the answer when an invalidation with a
+/// sequence number above `seq` names its lease or run, or everything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantTerms {
+    /// The broker's invalidation sequence number read before it checked the request.
+    pub seq: u64,
+    /// Requests the answer covers, charged to the run's substitution rate limit up front.
+    pub uses: u32,
+    /// Lifetime from the moment the proxy sent its request, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// `POST /v1/grants/poll`: subscribe (no `subscription`), or acknowledge every event up to
+/// `acked` and wait for newer ones. Each poll renews the subscription's liveness.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantPollRequest {
+    #[serde(default)]
+    pub subscription: Option<String>,
+    /// Every event with a sequence number up to this one has been applied: its grants are
+    /// dropped and no request that used them is still being handed to an upstream.
+    #[serde(default)]
+    pub acked: u64,
+}
+
+/// The answer to a poll: events newer than `acked`, or none once the broker's hold time
+/// passed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantPollResponse {
+    pub subscription: String,
+    /// The newest sequence number (events included).
+    pub seq: u64,
+    #[serde(default)]
+    pub events: Vec<GrantEvent>,
+    /// How long after sending a poll the proxy may keep using grants without another
+    /// successful poll, in milliseconds.
+    pub lease_ms: u64,
+}
+
+/// One invalidation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantEvent {
+    pub seq: u64,
+    pub scope: InvalidationScope,
+}
+
+/// What an invalidation drops.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind", deny_unknown_fields)]
+pub enum InvalidationScope {
+    /// Grants under this lease (revoked).
+    Lease {
+        #[serde(rename = "leaseId")]
+        lease_id: String,
+        run: String,
+    },
+    /// Grants of this run (it ended).
+    Run { run: String },
+    /// Every grant (the policy changed).
+    All,
+}
+
+impl InvalidationScope {
+    /// Whether a grant of `run` under `lease_id` falls under this scope.
+    #[must_use]
+    pub fn covers(&self, run: &str, lease_id: &str) -> bool {
+        match self {
+            Self::Lease { lease_id: l, .. } => l == lease_id,
+            Self::Run { run: r } => r == run,
+            Self::All => true,
+        }
+    }
+
+    /// The run this scope is limited to, if any.
+    #[must_use]
+    pub fn run(&self) -> Option<&str> {
+        match self {
+            Self::Lease { run, .. } | Self::Run { run } => Some(run),
+            Self::All => None,
+        }
+    }
 }
 
 impl fmt::Debug for SubstituteAuthResponse {
@@ -349,6 +457,7 @@ impl fmt::Debug for SubstituteAuthResponse {
                 "secrets",
                 &format_args!("<{} redacted>", self.secrets.len()),
             )
+            .field("grant", &self.grant)
             .finish()
     }
 }

@@ -134,6 +134,8 @@ pub struct NodeParts {
     /// the pod's UID in every call (the broker checks the run is that pod's), instead of
     /// `policy` and `substituter`.
     pub broker: Option<paddock_proxy::broker::BrokerClient>,
+    /// Reused substitution answers of `broker`, shared by every pod (one subscription).
+    pub grants: Option<paddock_proxy::broker::GrantCache>,
     pub vetter: Vetter,
     pub mitm: Arc<MitmServer>,
     pub upstream_tls: Arc<UpstreamTls>,
@@ -334,11 +336,15 @@ impl<I: Interception> NodeAgent<I> {
                     paddock_proxy::broker::BrokerPolicy::new(client.clone())
                         .for_pod(spec.uid.as_str()),
                 ),
-                Arc::new(
-                    paddock_proxy::broker::BrokerSubstituter::new(client.clone())
+                Arc::new({
+                    let s = paddock_proxy::broker::BrokerSubstituter::new(client.clone())
                         .with_metrics(Arc::clone(&p.metrics))
-                        .for_pod(spec.uid.as_str()),
-                ),
+                        .for_pod(spec.uid.as_str());
+                    match &p.grants {
+                        Some(grants) => s.with_grants(grants.clone()),
+                        None => s,
+                    }
+                }),
             ),
             None => (Arc::clone(&p.policy), Arc::clone(&p.substituter)),
         };

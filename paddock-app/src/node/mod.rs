@@ -105,6 +105,11 @@ pub fn node_parts(cfg: &NodeConfig, metrics: &Arc<ProxyMetrics>) -> Result<NodeP
         substituter: Arc::new(
             BrokerSubstituter::new(client.clone()).with_metrics(Arc::clone(metrics)),
         ),
+        // One subscription for the node: every pod's substituter shares its grants.
+        grants: cfg
+            .broker
+            .reuse_grants
+            .then(|| paddock_proxy::broker::GrantCache::start(client.clone())),
         broker: Some(client),
         vetter,
         mitm,

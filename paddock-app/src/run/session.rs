@@ -478,7 +478,9 @@ impl Run<'_> {
         serve.policy = Some(Arc::new(BrokerPolicy::new(client.clone())));
         let metrics = Arc::new(paddock_proxy::metrics::ProxyMetrics::new());
         serve.substituter = Some(Arc::new(
-            BrokerSubstituter::new(client.clone()).with_metrics(Arc::clone(&metrics)),
+            BrokerSubstituter::new(client.clone())
+                .with_metrics(Arc::clone(&metrics))
+                .with_grants(paddock_proxy::broker::GrantCache::start(client.clone())),
         ));
         serve.metrics = Some(metrics);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -693,6 +695,7 @@ spec:
                 name: "Authorization".into(),
                 value: format!("Bearer {placeholder}"),
             }],
+            subscription: None,
         };
         let answer = client.substitute_auth(&request).await.expect("substituted");
         assert_eq!(answer.set_headers[0].value, "Bearer ghp_run_real");

@@ -30,6 +30,8 @@
 //! # server_name = "paddock-broker"             # when the URL host is not in the certificate
 //! # timeout_ms = 5000                          # per call; a late answer is a deny
 //! # egress_recheck_ms = 250                    # open connections re-check egress this often
+//! # reuse_grants = true                        # reuse granted substitutions (invalidation
+//! #                                            # stream); false: one call per request
 //!
 //! [network]
 //! deny_cidrs = []                  # added to the built-in denied set
@@ -306,6 +308,14 @@ pub struct BrokerConfig {
     /// older than this, milliseconds (0: every request), so policy changes reach them too.
     #[serde(default = "default_egress_recheck_ms")]
     pub egress_recheck_ms: u64,
+    /// Reuse substitution answers the broker grants for reuse, kept current by its
+    /// invalidation stream (`false`: one broker call per request that carries a placeholder).
+    #[serde(default = "default_reuse_grants")]
+    pub reuse_grants: bool,
+}
+
+fn default_reuse_grants() -> bool {
+    true
 }
 
 fn default_egress_recheck_ms() -> u64 {

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use self::config::{ConfigError, DnsConfig, ServeConfig};
 use paddock_proxy::audit::{AuditEvent, AuditKind, AuditOutcome, AuditSink, audit_decision};
-use paddock_proxy::broker::{BrokerClient, BrokerPolicy, BrokerSubstituter};
+use paddock_proxy::broker::{BrokerClient, BrokerPolicy, BrokerSubstituter, GrantCache};
 use paddock_proxy::cgroup::Cgroup;
 use paddock_proxy::dns::{DnsParts, DnsServer};
 use paddock_proxy::ebpf::{AgentConfig, Interception, Interceptor, LoadOptions};
@@ -428,7 +428,12 @@ fn egress_policy(
     let substituter: Arc<dyn Substituter> = match (substituter, broker) {
         (Some(s), _) => s,
         (None, Some((c, _))) => {
-            Arc::new(BrokerSubstituter::new(c).with_metrics(Arc::clone(metrics)))
+            let substituter = BrokerSubstituter::new(c.clone()).with_metrics(Arc::clone(metrics));
+            Arc::new(if cfg.broker.as_ref().is_some_and(|b| b.reuse_grants) {
+                substituter.with_grants(GrantCache::start(c))
+            } else {
+                substituter
+            })
         }
         (None, None) => Arc::new(NoopSubstituter),
     };

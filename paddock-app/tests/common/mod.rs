@@ -121,6 +121,7 @@ pub fn parts(dir: &Path, origdst: Arc<StaticOriginalDst>) -> NodeParts {
         ),
         substituter: Arc::new(NoopSubstituter),
         broker: None,
+        grants: None,
         dial: DialSettings::default(),
         vetter,
         mitm: Arc::new(MitmServer::new(leaves).expect("mitm")),

@@ -192,6 +192,7 @@ fn sub(
                 value: v,
             })
             .collect(),
+        subscription: None,
     }
 }
 

@@ -405,7 +405,7 @@ async fn maintenance(options: Maintenance, mut shutdown: watch::Receiver<bool>) 
             }
             _ = poll.tick(), if options.policy_poll.is_some() => {
                 let broker = options.broker.clone();
-                match tokio::task::spawn_blocking(move || broker.policy().reload_if_changed()).await {
+                match tokio::task::spawn_blocking(move || broker.reload_policy(true)).await {
                     Ok(Ok(true)) => tracing::info!("policy reloaded"),
                     Ok(Ok(false)) => {}
                     Ok(Err(e)) => {

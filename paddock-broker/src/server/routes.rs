@@ -21,9 +21,10 @@ use crate::{
         pods::{PlacementError, RunPlacement},
     },
     broker::{Broker, BrokerError},
+    grants::{GrantError, PollStep},
     wire::{
-        self, ErrorBody, ErrorCode, MAX_BODY_BYTES, SubstituteAuthRequest, ValidateEgressRequest,
-        paths,
+        self, ErrorBody, ErrorCode, GrantPollRequest, MAX_BODY_BYTES, SubstituteAuthRequest,
+        ValidateEgressRequest, paths,
     },
 };
 
@@ -37,6 +38,7 @@ pub enum Op {
     SubstituteAuth,
     Leases,
     Runs,
+    GrantsPoll,
 }
 
 /// One API route.
@@ -91,6 +93,13 @@ pub const ROUTES: &[Route] = &[
         path: paths::RUNS,
         scope: Some(Scope::Controller),
         op: Op::Runs,
+    },
+    // The invalidation stream is part of substituting: whoever may substitute may subscribe.
+    Route {
+        method: "POST",
+        path: paths::GRANTS_POLL,
+        scope: Some(Scope::SubstituteAuth),
+        op: Op::GrantsPoll,
     },
 ];
 
@@ -242,10 +251,15 @@ async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incomin
     }
     // A node agent acts for the runs on its node through these two calls and nothing else,
     // whatever scopes a configuration gave it.
-    if identity.is_node_agent() && !matches!(route.op, Op::ValidateEgress | Op::SubstituteAuth) {
+    if identity.is_node_agent()
+        && !matches!(
+            route.op,
+            Op::ValidateEgress | Op::SubstituteAuth | Op::GrantsPoll
+        )
+    {
         return error_response(
             ErrorCode::Forbidden,
-            "node agents may only call validate-egress and substitute-auth",
+            "node agents may only call validate-egress, substitute-auth and grants/poll",
         );
     }
     if route.op == Op::Leases {
@@ -277,8 +291,43 @@ async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incomin
             parse_and_call_for_run(state, identity, &body, Broker::substitute_auth).await
         }
         Op::Runs => parse_and_call(state, identity, &body, Broker::upsert_run).await,
+        Op::GrantsPoll => match serde_json::from_slice::<GrantPollRequest>(&body) {
+            Ok(request) => grants_poll(state, &identity, request).await,
+            Err(e) => error_response(ErrorCode::BadRequest, json_error_message(&e)),
+        },
         Op::Leases => error_response(ErrorCode::Internal, "internal error"),
     }
+}
+
+/// Subscribes, or acknowledges and waits (up to the hold time) for newer invalidations.
+/// Only the hub's short critical sections run here; nothing blocks the runtime.
+async fn grants_poll(state: &Arc<State>, identity: &Identity, request: GrantPollRequest) -> Resp {
+    let hub = state.broker.grants().clone();
+    let owner = identity.subject.as_str();
+    let Some(id) = request.subscription else {
+        return match hub.subscribe(owner) {
+            Ok(answer) => ok_json(&answer),
+            Err(e) => grant_error(&e),
+        };
+    };
+    // Taken before the check, so an event published in between still wakes this poll.
+    let mut changes = hub.changes();
+    match hub.poll(owner, &id, request.acked) {
+        Ok(PollStep::Ready(answer)) => ok_json(&answer),
+        Ok(PollStep::Wait) => {
+            let _ = tokio::time::timeout(hub.config().hold, changes.changed()).await;
+            match hub.collect(owner, &id) {
+                Ok(answer) => ok_json(&answer),
+                Err(e) => grant_error(&e),
+            }
+        }
+        Err(e) => grant_error(&e),
+    }
+}
+
+fn grant_error(e: &GrantError) -> Resp {
+    let e = BrokerError::from(e.clone());
+    error_response(e.code(), e.public_message())
 }
 
 fn leases_query(query: Option<&str>) -> Result<String, String> {

@@ -20,9 +20,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use paddock_wire::api::{
-    self as wire, ErrorBody, ErrorCode, IssueRequest, IssueResponse, RenewRequest, RenewResponse,
-    RevokeRequest, RevokeResponse, RunInfo, RunUpsertRequest, SubstituteAuthRequest,
-    SubstituteAuthResponse, ValidateEgressRequest, ValidateEgressResponse,
+    self as wire, ErrorBody, ErrorCode, GrantPollRequest, GrantPollResponse, IssueRequest,
+    IssueResponse, RenewRequest, RenewResponse, RevokeRequest, RevokeResponse, RunInfo,
+    RunUpsertRequest, SubstituteAuthRequest, SubstituteAuthResponse, ValidateEgressRequest,
+    ValidateEgressResponse,
 };
 use rustls::pki_types::ServerName;
 use serde::Serialize;
@@ -345,6 +346,15 @@ impl BrokerClient {
         req: &SubstituteAuthRequest,
     ) -> Result<SubstituteAuthResponse, BrokerCallError> {
         self.post(wire::paths::SUBSTITUTE_AUTH, req).await
+    }
+
+    /// `POST /v1/grants/poll`: subscribe, or acknowledge and wait for invalidations (the
+    /// broker holds the poll up to its hold time, well inside the call's deadline).
+    pub async fn poll_grants(
+        &self,
+        req: &GrantPollRequest,
+    ) -> Result<GrantPollResponse, BrokerCallError> {
+        self.post(wire::paths::GRANTS_POLL, req).await
     }
 
     /// `POST /v1/issue`.

@@ -9,17 +9,19 @@
 //!   `POST /v1/validate-egress`. The caller asks once per agent connection; the DNS server
 //!   asks it (without a port) per name.
 //! * [`BrokerSubstituter`]: the [`crate::http::Substituter`] answered by
-//!   `POST /v1/substitute-auth`, per request that carries a placeholder (the broker checks
-//!   egress on that call). Requests without one and open tunnels are re-checked by
+//!   `POST /v1/substitute-auth` for requests that carry a placeholder (the broker checks
+//!   egress on that call), or by a [`GrantCache`]: answers the broker granted for reuse,
+//!   taken back over its invalidation stream before a revoke, a run's end or a policy change
+//!   returns (see [`grants`]). Requests without one and open tunnels are re-checked by
 //!   [`crate::policy::EgressRecheck`] over the [`BrokerPolicy`] once the destination's last
 //!   answer is older than the interval.
 //!
 //! Everything fails closed: a broker error or timeout denies the connection (policy) or
-//! answers the request without forwarding it (substitution). Connection decisions and
-//! substitutions are never cached, so a revoked lease or a policy change applies to the next
-//! request that presents a placeholder and to the next connection; the re-check keeps each
-//! destination's answer for its interval (250 ms by default) and the DNS server each name's
-//! for its `policy_cache` (250 ms by default), so those lag a policy change by at most that.
+//! answers the request without forwarding it (substitution). Connection decisions are never
+//! cached, so a policy change applies to the next connection; reused substitutions are
+//! dropped before the change is reported done; the re-check keeps each destination's answer
+//! for its interval (250 ms by default) and the DNS server each name's for its
+//! `policy_cache` (250 ms by default), so those lag a policy change by at most that.
 //!
 //! Secrets (the proxy's bearer, substituted credentials) never appear in `Debug` output,
 //! errors or logs; substituted header values are marked sensitive.
@@ -27,6 +29,7 @@
 mod client;
 mod connector;
 mod credentials;
+pub mod grants;
 mod policy;
 pub(crate) mod substitute;
 
@@ -42,5 +45,6 @@ pub use client::{
 };
 pub use connector::{BrokerConnectError, BrokerConnector, BrokerIo, BrokerStream, ConnectFuture};
 pub use credentials::{BrokerBearer, ClientCertFiles, CredentialError};
+pub use grants::GrantCache;
 pub use policy::BrokerPolicy;
 pub use substitute::BrokerSubstituter;

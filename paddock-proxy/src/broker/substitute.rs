@@ -7,9 +7,14 @@ use paddock_wire::api::{
 };
 use paddock_wire::{codec, placeholder};
 
+use std::time::Instant;
+
+use paddock_wire::api::ErrorCode;
+
+use super::grants::{GrantCache, grant_key};
 use super::{BrokerCallError, BrokerClient};
 use crate::http::{
-    BoxFuture, RequestContext, RequestHead, SubstituteError, Substituted, Substituter,
+    BoxFuture, Hold, RequestContext, RequestHead, SubstituteError, Substituted, Substituter,
 };
 
 /// Swaps placeholders for real credentials by asking the broker, once per request.
@@ -46,9 +51,15 @@ use crate::http::{
 ///   [`SubstituteError::Invalid`], answered 502.
 ///
 /// On success it reports the broker's credential name and lease id ([`Substituted`]) for the
-/// request's audit record. In each error case the request is not forwarded. Every
-/// substitution is asked fresh (nothing is cached), so a revoked lease or a policy change
-/// denies the very next request that carries a placeholder.
+/// request's audit record. In each error case the request is not forwarded.
+///
+/// # Reuse
+///
+/// With [`BrokerSubstituter::with_grants`], an answer the broker granted for reuse is applied
+/// to later requests of the same shape ([`super::grants::grant_key`]) without a call, within
+/// its uses and lifetime; a revoke, a run's end or a policy change returns only after this
+/// proxy dropped the grant and the requests that used it were answered upstream (see
+/// [`super::grants`]). Without grants every substitution is asked fresh.
 ///
 /// Placeholders in the path or the body are not substituted (the broker does not look there)
 /// and are forwarded as they are.
@@ -58,6 +69,8 @@ pub struct BrokerSubstituter {
     metrics: Option<std::sync::Arc<crate::metrics::ProxyMetrics>>,
     /// Sent with every call (node agent mode); see [`crate::broker::BrokerPolicy::for_pod`].
     pod: Option<String>,
+    /// Answers the broker granted for reuse, shared by every substituter of the process.
+    grants: Option<GrantCache>,
 }
 
 impl BrokerSubstituter {
@@ -67,7 +80,16 @@ impl BrokerSubstituter {
             client,
             metrics: None,
             pod: None,
+            grants: None,
         }
+    }
+
+    /// Reuse answers the broker grants for reuse, kept in `grants` (one per broker client,
+    /// started with [`GrantCache::start`]) until they run out, expire or are invalidated.
+    #[must_use]
+    pub fn with_grants(mut self, grants: GrantCache) -> Self {
+        self.grants = Some(grants);
+        self
     }
 
     /// Every call names `pod` (its UID); see [`crate::broker::BrokerPolicy::for_pod`].
@@ -98,42 +120,114 @@ impl Substituter for BrokerSubstituter {
             // The placeholder as the agent wrote it, to put back where a response reflects
             // the secret (the broker accepts one distinct placeholder per request).
             let placeholder = first_bearer(head);
-            let answer = self
-                .client
-                .substitute_auth(&SubstituteAuthRequest {
-                    pod: self.pod.clone(),
-                    ..wire_request(head, ctx)
-                })
-                .await
-                .map_err(|e| call_error(&e))?;
-            if answer.matched {
-                apply(head, &answer)?;
-                if let Some(m) = &self.metrics {
-                    m.substituted();
+            let key = self
+                .grants
+                .as_ref()
+                .and_then(|_| grant_key(head, ctx, self.pod.as_deref()));
+            if let (Some(cache), Some(key)) = (&self.grants, &key)
+                && let Some(hit) = cache.lookup(key)
+            {
+                return self.finish(
+                    head,
+                    ctx,
+                    &hit.answer,
+                    placeholder.as_deref(),
+                    Hold::new(hit.flight),
+                );
+            }
+            // A stale grant or a lost subscription earns one more call (per request then).
+            for _ in 0..3 {
+                let subscription = self.grants.as_ref().and_then(GrantCache::subscription);
+                let sent = Instant::now();
+                let answer = self
+                    .client
+                    .substitute_auth(&SubstituteAuthRequest {
+                        pod: self.pod.clone(),
+                        subscription: subscription.as_deref().map(str::to_owned),
+                        ..wire_request(head, ctx)
+                    })
+                    .await;
+                let mut answer = match answer {
+                    Ok(answer) => answer,
+                    Err(e) if e.code() == Some(ErrorCode::SubscriptionGone) => {
+                        if let Some(cache) = &self.grants {
+                            cache.reset("the broker no longer knows the subscription");
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(call_error(&e)),
+                };
+                let terms = answer.grant.take();
+                let (Some(cache), Some(subscription), Some(terms), true) =
+                    (&self.grants, subscription, terms, answer.matched)
+                else {
+                    return self.finish(
+                        head,
+                        ctx,
+                        &answer,
+                        placeholder.as_deref(),
+                        Hold::default(),
+                    );
+                };
+                match cache.admit(key.clone(), &ctx.run, &subscription, sent, answer, terms) {
+                    Ok(used) => {
+                        return self.finish(
+                            head,
+                            ctx,
+                            &used.answer,
+                            placeholder.as_deref(),
+                            Hold::new(used.flight),
+                        );
+                    }
+                    Err(stale) => {
+                        tracing::debug!(run = %ctx.run, host = %ctx.host, %stale, "broker answer not used; asking again");
+                    }
                 }
             }
-            ensure_no_placeholder(head)?;
-            tracing::debug!(
-                run = %ctx.run, host = %ctx.host, matched = answer.matched,
-                lease = answer.lease_id.as_deref().unwrap_or(""),
-                credential = answer.credential.as_deref().unwrap_or(""),
-                "broker substitution applied"
-            );
-            // The broker's names for what it put in (never the value), for the audit record.
-            Ok(if answer.matched {
-                let secrets = secrets_put_in(&answer, placeholder.as_deref());
-                Substituted {
-                    credential: answer.credential,
-                    lease_id: answer.lease_id,
-                    secrets,
-                    egress_checked: true,
-                }
-            } else {
-                Substituted {
-                    egress_checked: true,
-                    ..Substituted::none()
-                }
+            Err(SubstituteError::Unavailable {
+                reason: "the broker's answers were invalidated before they could be used".into(),
             })
+        })
+    }
+}
+
+impl BrokerSubstituter {
+    /// Applies an answer (fresh or reused) and describes it for the audit record.
+    fn finish(
+        &self,
+        head: &mut RequestHead<'_>,
+        ctx: &RequestContext,
+        answer: &SubstituteAuthResponse,
+        placeholder: Option<&str>,
+        hold: Hold,
+    ) -> Result<Substituted, SubstituteError> {
+        if answer.matched {
+            apply(head, answer)?;
+            if let Some(m) = &self.metrics {
+                m.substituted();
+            }
+        }
+        ensure_no_placeholder(head)?;
+        tracing::debug!(
+            run = %ctx.run, host = %ctx.host, matched = answer.matched,
+            lease = answer.lease_id.as_deref().unwrap_or(""),
+            credential = answer.credential.as_deref().unwrap_or(""),
+            "broker substitution applied"
+        );
+        // The broker's names for what it put in (never the value), for the audit record.
+        Ok(if answer.matched {
+            Substituted {
+                credential: answer.credential.clone(),
+                lease_id: answer.lease_id.clone(),
+                secrets: secrets_put_in(answer, placeholder),
+                egress_checked: true,
+                hold,
+            }
+        } else {
+            Substituted {
+                egress_checked: true,
+                ..Substituted::none()
+            }
         })
     }
 }
@@ -168,6 +262,7 @@ pub(crate) fn wire_request(head: &RequestHead<'_>, ctx: &RequestContext) -> Subs
     SubstituteAuthRequest {
         run: ctx.run.clone(),
         pod: None,
+        subscription: None,
         host: ctx.host.clone(),
         port: ctx.port,
         transport: if ctx.upstream_tls() {

@@ -186,6 +186,7 @@ fn keys_text() -> String {
 struct Options {
     require_client_cert: bool,
     policy_poll: Option<Duration>,
+    limits: Option<RateLimitConfig>,
 }
 
 /// A broker served in-process on 127.0.0.1:0, a registered running run, and clients.
@@ -221,7 +222,7 @@ impl Fixture {
             Store::open(&dir.path().join("broker.db")).expect("store"),
             Arc::new(PolicyStore::load(&policy_path).expect("policy")),
             audit.clone(),
-            RateLimits::new(&RateLimitConfig::default()).expect("limits"),
+            RateLimits::new(&opts.limits.clone().unwrap_or_default()).expect("limits"),
         ));
         let keys = StaticKeys::from_text(&keys_text(), StaticKeyDefaults::default()).expect("keys");
         let auth: Arc<dyn Authenticator> = Arc::new(AuthChain::new(vec![Arc::new(keys)]));
@@ -433,6 +434,7 @@ async fn each_placeholder_position_gets_the_real_secret() {
                 placeholder: gh.clone(),
             }],
             egress_checked: true,
+            hold: crate::http::Hold::default(),
         },
         "the broker's names for what went in (for the audit record) and the secret with the \
          placeholder it replaced (for scrubbing)"
@@ -694,6 +696,7 @@ async fn a_silent_broker_times_out() {
             path: "/".into(),
             query: None,
             headers: Vec::new(),
+            subscription: None,
         }),
     )
     .await
@@ -1709,3 +1712,5 @@ async fn pod_bound_policy_and_substituter_name_their_pod() {
     );
     assert_eq!(sent[0]["pod"], pod, "{}", sent[0]);
 }
+
+mod grants;

@@ -43,7 +43,9 @@ pub use deny::{denial_response, serve_denial};
 pub use error::{ConnectError, DENIED_HEADER, HttpError};
 pub use forward::{serve_connection, serve_connection_until};
 pub use limits::HttpLimits;
-pub use substitute::{NoopSubstituter, RequestHead, SubstituteError, Substituted, Substituter};
+pub use substitute::{
+    Hold, NoopSubstituter, RequestHead, SubstituteError, Substituted, Substituter,
+};
 pub use upstream::{UpstreamConnector, UpstreamIo, UpstreamPool, UpstreamStream, UpstreamTarget};
 
 /// A boxed, sendable future; the async trait methods of this module return it so the traits

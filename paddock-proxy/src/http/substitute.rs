@@ -68,7 +68,41 @@ pub struct Substituted {
     /// request (the broker's `substitute-auth` does), so the request loop need not re-check
     /// it ([`crate::policy::EgressRecheck`]).
     pub egress_checked: bool,
+    /// Kept alive until the request has been answered by its upstream (or refused): a reused
+    /// grant counts its requests in flight so its invalidation can wait for them.
+    pub hold: Hold,
 }
+
+/// Something a substitution keeps alive while its request is on the way upstream (see
+/// [`Substituted::hold`]). Opaque; every two compare equal.
+#[derive(Clone, Default)]
+pub struct Hold(Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>);
+
+impl Hold {
+    /// Holds `value` until the last clone of this hold is dropped.
+    #[must_use]
+    pub fn new(value: impl std::any::Any + Send + Sync) -> Self {
+        Self(Some(std::sync::Arc::new(value)))
+    }
+}
+
+impl fmt::Debug for Hold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Hold(held)"
+        } else {
+            "Hold(none)"
+        })
+    }
+}
+
+impl PartialEq for Hold {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Hold {}
 
 impl Substituted {
     /// Nothing was substituted.
@@ -245,6 +279,7 @@ pub(crate) mod tests {
                             placeholder: PLACEHOLDER.into(),
                         }],
                         egress_checked: false,
+                        hold: Hold::default(),
                     }
                 } else {
                     Substituted::none()
