@@ -48,7 +48,7 @@ const SECRETS: [(&str, &str); 3] = [
     ("qry", "fuzz-real-query-secret"),
     ("bas", "fuzz-real-basic-secret"),
 ];
-const ROUTES: [(&str, &str); 7] = [
+const ROUTES: [(&str, &str); 8] = [
     ("POST", paths::ISSUE),
     ("POST", paths::RENEW),
     ("POST", paths::REVOKE),
@@ -56,6 +56,7 @@ const ROUTES: [(&str, &str); 7] = [
     ("POST", paths::SUBSTITUTE_AUTH),
     ("GET", paths::LEASES),
     ("POST", paths::RUNS),
+    ("POST", paths::GRANTS_POLL),
 ];
 
 fn policy_text(dir: &Path) -> String {

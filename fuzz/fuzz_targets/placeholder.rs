@@ -4,7 +4,8 @@
 //! proxy's cheap pre-scan must flag (else the broker is never asked and the placeholder
 //! leaves unsubstituted), and so must the proxy's last check before forwarding. Then the
 //! proxy's application of a broker answer and the Basic/query codecs are checked for what they
-//! promise.
+//! promise. A reused grant's key must exist exactly when the broker finds one placeholder, and
+//! name that one.
 //!
 //! Input: pieces separated by 0xFF. Piece 0 is the query string; each later piece is a header
 //! value whose first byte picks the header name.
@@ -18,7 +19,8 @@ use paddock_broker::bearer;
 use paddock_broker::fuzzing::find_placeholder;
 use paddock_wire::api::{BasicAuth, Header, QueryParam, SubstituteAuthResponse};
 use paddock_proxy::fuzzing::{
-    apply_answer, basic_credentials, carries_placeholder, still_holds_placeholder, wire_request,
+    apply_answer, basic_credentials, carries_placeholder, grant_key, still_holds_placeholder,
+    wire_request,
 };
 use paddock_proxy::http::RequestContext;
 use paddock_wire::codec;
@@ -58,8 +60,15 @@ fn scanners_agree(pieces: &[&[u8]]) -> Option<http::request::Parts> {
     let flagged = carries_placeholder(&mut parts);
     let last_check = still_holds_placeholder(&mut parts);
     let wire = wire_request(&mut parts, &ctx());
+    let key = grant_key(&mut parts, &ctx());
     match find_placeholder(&wire) {
         Ok((Some(token), places)) => {
+            // A reused grant is keyed by the one placeholder the broker would substitute.
+            let key = key.expect("the broker finds one placeholder, the grant key none");
+            assert!(
+                key.ends_with(token.as_bytes()),
+                "the grant key names another placeholder than the broker"
+            );
             assert!(bearer::is_bearer(&token));
             assert!(places > 0, "a placeholder found nowhere");
             assert!(
@@ -71,9 +80,15 @@ fn scanners_agree(pieces: &[&[u8]]) -> Option<http::request::Parts> {
                 "the proxy's last check misses a broker placeholder"
             );
         }
-        Ok((None, places)) => assert_eq!(places, 0),
+        Ok((None, places)) => {
+            assert_eq!(places, 0);
+            assert!(key.is_none(), "a grant key for a request without a placeholder");
+        }
         // Refused: more than one distinct placeholder, so there is at least one.
-        Err(_) => assert!(flagged && last_check, "two placeholders, proxy sees none"),
+        Err(_) => {
+            assert!(flagged && last_check, "two placeholders, proxy sees none");
+            assert!(key.is_none(), "a grant key for a request the broker refuses");
+        }
     }
     if last_check {
         assert!(

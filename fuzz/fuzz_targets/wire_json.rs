@@ -4,8 +4,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use paddock_wire::api::{
-    ErrorBody, IssueRequest, IssueResponse, LeasesQuery, LeasesResponse, RenewRequest,
-    RenewResponse, RevokeRequest, RevokeResponse, RunUpsertRequest, SubstituteAuthRequest,
+    ErrorBody, GrantEvent, GrantPollRequest, GrantPollResponse, GrantTerms, InvalidationScope,
+    IssueRequest, IssueResponse, LeasesQuery, LeasesResponse, RenewRequest, RenewResponse,
+    RevokeRequest, RevokeResponse, RunUpsertRequest, SubstituteAuthRequest,
     SubstituteAuthResponse, ValidateEgressRequest, ValidateEgressResponse,
 };
 use serde::Serialize;
@@ -38,4 +39,9 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<SubstituteAuthResponse>(data);
     round_trip::<LeasesResponse>(data);
     round_trip::<ErrorBody>(data);
+    round_trip::<GrantPollRequest>(data);
+    round_trip::<GrantPollResponse>(data);
+    round_trip::<GrantEvent>(data);
+    round_trip::<InvalidationScope>(data);
+    round_trip::<GrantTerms>(data);
 });

@@ -42,6 +42,11 @@ pub fn still_holds_placeholder(parts: &mut Parts) -> bool {
     crate::broker::substitute::ensure_no_placeholder(&RequestHead::new(parts)).is_err()
 }
 
+/// The key a reused grant would be filed under, if the request may reuse one.
+pub fn grant_key(parts: &mut Parts, ctx: &RequestContext) -> Option<Box<[u8]>> {
+    crate::broker::grants::grant_key(&RequestHead::new(parts), ctx, None)
+}
+
 /// The substitute-auth request the proxy would send the broker for this request.
 pub fn wire_request(parts: &mut Parts, ctx: &RequestContext) -> SubstituteAuthRequest {
     crate::broker::substitute::wire_request(&RequestHead::new(parts), ctx)
