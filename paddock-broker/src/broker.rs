@@ -738,6 +738,7 @@ impl Broker {
                 allowed: false,
                 substitute_auth: false,
                 discovery: false,
+                passthrough: false,
                 policy: None,
                 reason: format!("run {} is {}", run.run, run.phase.as_str()),
             });
@@ -765,6 +766,8 @@ impl Broker {
             allowed: d.allowed(),
             substitute_auth: d.substitute_auth(),
             discovery: d.discovery(),
+            // Only for a destination with a port: the DNS question has no connection to relay.
+            passthrough: d.passthrough() && req.port.is_some(),
             policy,
             reason,
         })

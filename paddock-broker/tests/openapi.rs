@@ -174,8 +174,9 @@ fn every_wire_type_and_field_is_documented() {
         "ValidateEgressResponse",
         &ValidateEgressResponse {
             allowed: true,
-            substitute_auth: true,
+            substitute_auth: false,
             discovery: false,
+            passthrough: true,
             policy: None,
             reason: s(),
         },

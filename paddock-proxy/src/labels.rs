@@ -91,6 +91,7 @@ label_enum!(
         Allow => "allow",
         Deny => "deny",
         Discovery => "discovery",
+        Passthrough => "passthrough",
     }
 );
 
@@ -126,6 +127,8 @@ pub enum AuditKind {
     Allow,
     Deny,
     Discovery,
+    /// An allowed connection relayed without terminating its TLS (a `passthrough` rule).
+    Passthrough,
     /// The reason a cooperative-mode client gave for its `CONNECT`, logged at tunnel start.
     ConnectReason,
     /// One HTTP request inside an allowed connection, recorded once its status is decided.
@@ -148,6 +151,7 @@ impl AuditKind {
         AuditKind::Allow,
         AuditKind::Deny,
         AuditKind::Discovery,
+        AuditKind::Passthrough,
         AuditKind::ConnectReason,
         AuditKind::Request,
         AuditKind::Scrubbed,
@@ -161,6 +165,7 @@ impl AuditKind {
             AuditKind::Allow => "allow",
             AuditKind::Deny => "deny",
             AuditKind::Discovery => "discovery",
+            AuditKind::Passthrough => "passthrough",
             AuditKind::ConnectReason => "connect_reason",
             AuditKind::Request => "request",
             AuditKind::Scrubbed => "scrubbed",

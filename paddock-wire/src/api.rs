@@ -213,6 +213,10 @@ pub struct ValidateEgressRequest {
     pub port: Option<u16>,
 }
 
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "the JSON wire format: flat fields, each read on its own; the proxy maps them to one decision enum"
+)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ValidateEgressResponse {
@@ -221,6 +225,10 @@ pub struct ValidateEgressResponse {
     pub substitute_auth: bool,
     /// True when the destination is allowed only by an active discovery window.
     pub discovery: bool,
+    /// True when the proxy should relay the connection's TLS without terminating it (every
+    /// grant listing the destination says `passthrough`; never with `substitute_auth`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub passthrough: bool,
     /// Name of the policy that decided, if any.
     pub policy: Option<String>,
     /// Human-readable reason, suitable for a deny message to the agent.

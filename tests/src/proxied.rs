@@ -549,12 +549,19 @@ pub const MARK: u32 = 0x70ad;
 pub const HOST_V4: &str = "10.77.0.1";
 
 /// Policy of the lab: `app.test`, `app6.test`, `rebind.test` and `cidr.test` allowed on 443 and 80;
-/// everything else (`denied.test`) denied.
+/// `pass.test` (the same test host) relayed without TLS termination on 443; everything else
+/// (`denied.test`) denied.
 pub const POLICY: &str = r#"
 [[rule]]
 name = "test-hosts"
 hosts = ["app.test", "app6.test", "rebind.test", "cidr.test"]
 ports = [443, 80]
+
+[[rule]]
+name = "pass-through"
+hosts = ["pass.test"]
+ports = [443]
+action = "passthrough"
 "#;
 
 /// An agent namespace + intercepted cgroup, a test host running nginx, a DNS responder and
@@ -584,7 +591,16 @@ impl Lab {
         };
         let dir = scratch();
         let d = dir.path();
-        make_upstream_certs(d, &["app.test", "app6.test", "rebind.test", "cidr.test"]);
+        make_upstream_certs(
+            d,
+            &[
+                "app.test",
+                "app6.test",
+                "rebind.test",
+                "cidr.test",
+                "pass.test",
+            ],
+        );
         std::fs::write(d.join("policy.toml"), POLICY).expect("policy");
         let topo = crate::Topology::new();
         let cgroup = crate::CgroupGuard::new("px");
@@ -606,6 +622,7 @@ impl Lab {
             DNS.parse().expect("addr"),
             vec![
                 ("app.test".into(), Ipv4Addr::new(10, 77, 0, 1).into()),
+                ("pass.test".into(), Ipv4Addr::new(10, 77, 0, 1).into()),
                 // Resolves elsewhere than where the agent connects: a rebinding mismatch.
                 ("rebind.test".into(), Ipv4Addr::new(10, 77, 0, 3).into()),
                 // Outside the test host range the config carves out of RFC 1918.
@@ -702,7 +719,7 @@ listen = "{ADMIN}"
     pub fn hosts_file(&self) -> PathBuf {
         let path = self.dir.path().join("hosts");
         let base = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
-        std::fs::write(&path, format!("{base}\n{HOST_V4} app.test\n")).expect("hosts");
+        std::fs::write(&path, format!("{base}\n{HOST_V4} app.test pass.test\n")).expect("hosts");
         path
     }
 }

@@ -540,3 +540,47 @@ async fn ipv6_destination_is_intercepted_and_vetted() {
         "{audit:?}"
     );
 }
+
+/// A `passthrough` rule through the real eBPF path: the agent's TLS reaches nginx untouched
+/// (it verifies against the upstream's own CA and not against the run CA), the bytes are
+/// spliced, and the connection is audited once as `passthrough`, without request records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_passthrough_host_keeps_its_own_tls() {
+    if !require_root("a_passthrough_host_keeps_its_own_tls") {
+        return;
+    }
+    let f = Fixture::new("");
+    let upstream_ca = f.dir.path().join("test-ca.crt");
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(&upstream_ca)
+        .args(["--resolve", "pass.test:443:10.77.0.1"])
+        .arg("https://pass.test/hello.txt");
+    let o = f.run_agent(&mut cmd);
+    assert_ok(&o, "curl trusting the upstream CA");
+    assert_eq!(stdout(&o), "hello from the test host\n");
+    let o = f.curl("pass.test", "10.77.0.1", &[], "/hello.txt");
+    assert!(
+        !o.status.success(),
+        "the run CA verifies nothing on a pass-through host: {o:?}"
+    );
+    let audit = f.audit_lines();
+    assert!(
+        audit.iter().any(|e| e["kind"] == "passthrough"
+            && e["sni"] == "pass.test"
+            && e["rule"] == "pass-through"),
+        "{audit:?}"
+    );
+    assert!(
+        !audit
+            .iter()
+            .any(|e| e["kind"] == "request" && e["sni"] == "pass.test"),
+        "no request records on a pass-through host: {audit:?}"
+    );
+    assert!(
+        metric(
+            &f.admin("/metrics"),
+            "paddock_proxy_connections_total{decision=\"passthrough\"}"
+        ) >= 2,
+    );
+}

@@ -488,6 +488,12 @@ fn check_egress(ctx: &Ctx<'_>, i: usize, e: &EgressGrant) -> Result<(), PolicyEr
     if e.ports.is_empty() || e.ports.contains(&0) {
         return Err(ctx.err(&at("ports"), "must list at least one non-zero port"));
     }
+    if e.passthrough && e.substitute_auth {
+        return Err(ctx.err(
+            &at("passthrough"),
+            "a passthrough grant cannot also substitute (its TLS is not terminated)",
+        ));
+    }
     Ok(())
 }
 

@@ -178,6 +178,11 @@ pub struct EgressGrant {
     pub ports: Vec<u16>,
     #[serde(default)]
     pub substitute_auth: bool,
+    /// Let TLS to these hosts through without terminating it (no substitution, no
+    /// per-request audit): for registries and other hosts that need no credential. Only when
+    /// every grant listing the destination says so; never with `substituteAuth`.
+    #[serde(default)]
+    pub passthrough: bool,
 }
 
 /// A time-boxed window during which unlisted egress is allowed and audited.

@@ -33,6 +33,8 @@ pub enum EgressDecision {
         policy: String,
         /// The grant lets the broker substitute credentials towards it (`substituteAuth`).
         substitute_auth: bool,
+        /// Every grant listing it says `passthrough`: relay its TLS untouched.
+        passthrough: bool,
     },
     /// No grant lists it, but the discovery window of `policy` is open: allowed and audited.
     Discovery { policy: String },
@@ -52,6 +54,18 @@ impl EgressDecision {
             self,
             Self::Granted {
                 substitute_auth: true,
+                ..
+            }
+        )
+    }
+
+    /// Allowed for relaying TLS without terminating it.
+    #[must_use]
+    pub fn passthrough(&self) -> bool {
+        matches!(
+            self,
+            Self::Granted {
+                passthrough: true,
                 ..
             }
         )
@@ -134,6 +148,9 @@ impl Policy {
             .filter(|d| d.doc().spec.applies_to.matches(run))
             .collect();
         let mut allowed_by: Option<&LoadedPolicy> = None;
+        // Interception (with its per-request audit) wins over pass-through when grants
+        // disagree: only a destination every matching grant passes through is relayed.
+        let mut intercepted = false;
         for d in &applicable {
             for grant in &d.doc().spec.egress {
                 if grant.matches(host, port) {
@@ -142,8 +159,10 @@ impl Policy {
                         return EgressDecision::Granted {
                             policy: d.name().to_owned(),
                             substitute_auth: true,
+                            passthrough: false,
                         };
                     }
+                    intercepted |= !grant.passthrough;
                     allowed_by.get_or_insert(d);
                 }
             }
@@ -152,6 +171,7 @@ impl Policy {
             return EgressDecision::Granted {
                 policy: d.name().to_owned(),
                 substitute_auth: false,
+                passthrough: !intercepted,
             };
         }
         if let Some(d) = applicable.iter().find(|d| d.discovery_active(now)) {

@@ -413,3 +413,44 @@ fn a_duplicate_key_is_refused_with_its_line() {
     assert_eq!(e.field, "metadata.name", "{e}");
     assert!(e.message.contains("duplicate"), "{e}");
 }
+
+#[test]
+fn passthrough_needs_every_grant_and_never_substitutes() {
+    let with = |extra: &str| {
+        GOOD.replace(
+            "    - hosts: [pypi.org]\n      ports: [443]\n",
+            &format!("    - hosts: [pypi.org, registry.example]\n      ports: [443]\n      passthrough: true\n{extra}"),
+        )
+    };
+    let docs = Policy::parse_text(Path::new("p.yaml"), &with(""), now()).expect("valid");
+    let policy = Policy::from_docs(docs).expect("valid set");
+    let r = run("team-a", "coder");
+    let d = policy.egress(&r, "pypi.org", 443, now());
+    assert!(d.allowed() && d.passthrough() && !d.substitute_auth());
+    assert!(
+        !policy
+            .egress(&r, "api.github.com", 443, now())
+            .passthrough()
+    );
+    // A second grant that intercepts the same host wins.
+    let docs = Policy::parse_text(
+        Path::new("p.yaml"),
+        &with("    - hosts: [pypi.org]\n      ports: [443]\n"),
+        now(),
+    )
+    .expect("valid");
+    let policy = Policy::from_docs(docs).expect("valid set");
+    let d = policy.egress(&r, "pypi.org", 443, now());
+    assert!(d.allowed() && !d.passthrough(), "interception wins");
+    assert!(
+        policy
+            .egress(&r, "registry.example", 443, now())
+            .passthrough()
+    );
+    // Never together with substitution.
+    let e = err_of(&GOOD.replace(
+        "      substituteAuth: true\n",
+        "      substituteAuth: true\n      passthrough: true\n",
+    ));
+    assert!(e.to_string().contains("passthrough"), "{e}");
+}

@@ -114,6 +114,8 @@ fn decision(answer: ValidateEgressResponse) -> Decision {
     let rule = answer.policy.unwrap_or_else(|| UNNAMED_RULE.to_owned());
     if answer.discovery {
         Decision::Discovery { rule }
+    } else if answer.passthrough && !answer.substitute_auth {
+        Decision::Passthrough { rule }
     } else {
         Decision::Allow {
             rule,
@@ -131,6 +133,7 @@ mod tests {
             allowed,
             substitute_auth,
             discovery,
+            passthrough: false,
             policy: Some("team-a".into()),
             reason: "because".into(),
         }
@@ -156,6 +159,24 @@ mod tests {
             Decision::Discovery {
                 rule: "team-a".into()
             }
+        );
+        let passthrough = ValidateEgressResponse {
+            passthrough: true,
+            ..answer(true, false, false)
+        };
+        assert_eq!(
+            decision(passthrough.clone()),
+            Decision::Passthrough {
+                rule: "team-a".into()
+            }
+        );
+        let substituting = ValidateEgressResponse {
+            substitute_auth: true,
+            ..passthrough
+        };
+        assert!(
+            matches!(decision(substituting), Decision::Allow { .. }),
+            "a substituting destination is always intercepted"
         );
         let mut unnamed = answer(true, false, false);
         unnamed.policy = None;

@@ -121,7 +121,7 @@ fn pki(dir: &Path) -> Pki {
 fn policy_yaml(dir: &Path, with_plain_host: bool) -> String {
     let s = |name: &str| dir.join(name).display().to_string();
     let plain = if with_plain_host {
-        "    - {hosts: [plain.example.com], ports: [443]}\n"
+        "    - {hosts: [plain.example.com], ports: [443]}\n    - {hosts: [registry.example.com], ports: [443], passthrough: true}\n"
     } else {
         ""
     };
@@ -991,6 +991,26 @@ async fn names_are_allowed_when_the_broker_grants_them_on_any_port() {
         }
     );
     assert!(name("api.github.com").await.expect("answer").is_allowed());
+    // A name is a name: pass-through is decided per connection, with its port.
+    assert!(matches!(
+        name("registry.example.com").await.expect("answer"),
+        Decision::Allow { .. }
+    ));
+    let connection = within(
+        "passthrough",
+        policy.check(
+            &EgressRequest::new(RUN, "registry.example.com", 443, Mode::Transparent).expect("req"),
+        ),
+    )
+    .await
+    .expect("answer");
+    assert_eq!(
+        connection,
+        Decision::Passthrough {
+            rule: "team-a".into()
+        },
+        "the broker's passthrough grant reaches the proxy's decision"
+    );
     let denied = name("c2f1.exfil.example").await.expect("answer");
     assert!(
         matches!(&denied, Decision::Deny { reason } if reason.contains("(any port)")),

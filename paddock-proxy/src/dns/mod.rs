@@ -352,7 +352,9 @@ impl DnsServer {
                 &format!("egress policy unavailable: {why}"),
                 ResponseCode::ServFail,
             ),
-            Ok(Decision::Allow { .. } | Decision::Discovery { .. }) => {
+            Ok(
+                Decision::Allow { .. } | Decision::Discovery { .. } | Decision::Passthrough { .. },
+            ) => {
                 let (code, records, outcome) = self.resolve(&name, qtype).await;
                 self.metrics.dns_query(outcome);
                 wire::encode(&request, code, &records)

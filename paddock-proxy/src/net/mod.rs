@@ -6,6 +6,7 @@ pub mod dial;
 
 pub use cidr::{CidrConfig, CidrConfigError, CidrPolicy, DeniedCidr, Embedding, RangeKind};
 pub mod resolve;
+pub mod splice;
 #[cfg(any(test, feature = "test-support"))]
 #[doc(hidden)]
 pub mod test_dns;

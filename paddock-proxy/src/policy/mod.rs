@@ -129,6 +129,10 @@ pub enum Decision {
     /// Allowed only so the traffic can be observed while an allow-list is being built; audited
     /// as `discovery`, never substituted.
     Discovery { rule: String },
+    /// Allowed without terminating TLS: after the SNI and destination checks the bytes are
+    /// relayed as they are (no substitution, no per-request audit). Audited as `passthrough`.
+    /// Plain HTTP, which has no TLS to pass through, is intercepted as under `Allow`.
+    Passthrough { rule: String },
 }
 
 impl Decision {
@@ -164,8 +168,9 @@ pub trait EgressPolicy: Send + Sync + fmt::Debug {
     /// Could `run` reach the name `host` at all: on any port, in a mode where the agent
     /// resolves names itself? The proxy's DNS server ([`crate::dns`]) asks this before it
     /// answers a query, and answers NXDOMAIN (without asking upstream) when the answer is a
-    /// deny. `host` is normalised as [`normalize_host`] does. [`Decision::Allow`] and
-    /// [`Decision::Discovery`] both mean "answer it"; `substitute_auth` means nothing here.
+    /// deny. `host` is normalised as [`normalize_host`] does. [`Decision::Allow`],
+    /// [`Decision::Discovery`] and [`Decision::Passthrough`] all mean "answer it";
+    /// `substitute_auth` means nothing here.
     ///
     /// The default denies every name: a policy that cannot answer the question must not
     /// open DNS (fail closed).

@@ -135,7 +135,9 @@ impl EgressRecheck {
         }
         let sent = Instant::now();
         let verdict = match self.policy.check(req).await {
-            Ok(Decision::Allow { .. } | Decision::Discovery { .. }) => Ok(()),
+            Ok(
+                Decision::Allow { .. } | Decision::Discovery { .. } | Decision::Passthrough { .. },
+            ) => Ok(()),
             Ok(Decision::Deny { reason }) => Err(RecheckError::Denied {
                 reason: format!(
                     "egress to {}:{} is no longer allowed: {reason}",

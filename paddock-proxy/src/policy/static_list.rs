@@ -20,8 +20,14 @@ use super::{CheckFuture, Decision, EgressPolicy, EgressRequest, Mode, PolicyErro
 /// ports = [443]                       # or ports = "any"
 /// modes = ["transparent", "connect"]  # optional; default: every mode
 /// substitute_auth = true              # optional; default false
-/// action = "allow"                    # or "discovery"; default "allow"
+/// action = "allow"                    # or "discovery" or "passthrough"; default "allow"
 /// ```
+///
+/// `action = "passthrough"` lets TLS connections to the rule's hosts through without
+/// terminating them: the SNI and the destination are checked as for any connection, then the
+/// bytes are spliced in the kernel (no substitution, no per-request audit, the agent sees the
+/// upstream's own certificate). For registries and other hosts that need no credential. A
+/// plain-HTTP connection matching such a rule is intercepted as under `allow`.
 ///
 /// Rules are tried in file order and the first match decides; no match is a deny. Unknown keys
 /// are errors (a misspelt key must not silently widen or narrow the policy), and every error
@@ -57,6 +63,7 @@ enum Action {
     #[default]
     Allow,
     Discovery,
+    Passthrough,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +137,8 @@ pub enum RuleProblem {
     NoModes,
     #[error("substitute_auth cannot be set on a discovery rule")]
     DiscoverySubstitutes,
+    #[error("substitute_auth cannot be set on a passthrough rule (its TLS is not terminated)")]
+    PassthroughSubstitutes,
 }
 
 impl StaticPolicy {
@@ -192,6 +201,9 @@ impl StaticPolicy {
         });
         Ok(match hit {
             Some(rule) if rule.action == Action::Discovery => Decision::Discovery {
+                rule: rule.name.clone(),
+            },
+            Some(rule) if rule.action == Action::Passthrough => Decision::Passthrough {
                 rule: rule.name.clone(),
             },
             Some(rule) => Decision::Allow {
@@ -272,6 +284,9 @@ fn build_rule(cfg: RuleConfig, name: String, allow_any: bool) -> Result<Rule, Ru
     }
     if cfg.action == Action::Discovery && cfg.substitute_auth {
         return Err(RuleProblem::DiscoverySubstitutes);
+    }
+    if cfg.action == Action::Passthrough && cfg.substitute_auth {
+        return Err(RuleProblem::PassthroughSubstitutes);
     }
     Ok(Rule {
         name,
@@ -599,6 +614,10 @@ mod tests {
             (
                 "hosts = [\"o.example\"]\nports = [1]\naction = \"discovery\"\nsubstitute_auth = true",
                 "rule[1] (\"rule-1\"): substitute_auth",
+            ),
+            (
+                "hosts = [\"o.example\"]\nports = [1]\naction = \"passthrough\"\nsubstitute_auth = true",
+                "rule[1] (\"rule-1\"): substitute_auth cannot be set on a passthrough rule",
             ),
             (
                 "name = \"rule-0\"\nhosts = [\"o.example\"]\nports = [1]",

@@ -34,6 +34,8 @@ pub(super) enum Admission {
         /// The vetted addresses to dial (for transparent modes the original destination
         /// first).
         addrs: Vec<IpAddr>,
+        /// Relay the connection's TLS as it is (a passthrough rule) instead of terminating it.
+        passthrough: bool,
     },
     /// Denied by the policy and audited; the connection is still open for the listener to
     /// answer (a 403 page or status line).
@@ -58,7 +60,10 @@ impl Pipeline {
     ) -> Admission {
         let (host, decision) = self.decide(name, info.port, info.mode).await;
         let host = match (host, &decision) {
-            (Some(host), Decision::Allow { .. } | Decision::Discovery { .. }) => host,
+            (
+                Some(host),
+                Decision::Allow { .. } | Decision::Discovery { .. } | Decision::Passthrough { .. },
+            ) => host,
             (_, d) => {
                 let reason = match d {
                     Decision::Deny { reason } => reason.clone(),
@@ -101,6 +106,7 @@ impl Pipeline {
         Admission::Admitted {
             host,
             addrs: vetted.addrs,
+            passthrough: matches!(decision, Decision::Passthrough { .. }),
         }
     }
 }

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::admission::{Admission, Vet};
 use super::head::{host_of, parse_head};
 use super::io::read_head;
-use super::{ConnInfo, Pipeline, reset, transparent};
+use super::{ConnInfo, Pipeline, passthrough, reset, transparent};
 use crate::audit::ConnId;
 use crate::labels::{Leg, Rejection};
 use crate::policy::Mode;
@@ -97,8 +97,12 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream, conn: ConnId)
     let admitted = p
         .admission(&stream, &info, &name, Vet::Name, true, deadline)
         .await;
-    let (host, addrs) = match admitted {
-        Admission::Admitted { host, addrs } => (host, addrs),
+    let (host, addrs, passthrough) = match admitted {
+        Admission::Admitted {
+            host,
+            addrs,
+            passthrough,
+        } => (host, addrs, passthrough),
         Admission::Denied { reason } => {
             answer(
                 &mut stream,
@@ -138,6 +142,11 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream, conn: ConnId)
             "SNI inside the tunnel differs from the CONNECT authority"
         );
         reset(&stream);
+        return;
+    }
+    if passthrough {
+        // The SNI is the authority (checked above) or absent for an IP literal authority.
+        passthrough::serve(&p, stream, &host, port, &addrs, deadline, &info).await;
         return;
     }
     transparent::intercept(&p, stream, &host, port, &hello, &addrs, deadline, &info).await;

@@ -40,6 +40,7 @@ mod connector;
 pub mod head;
 pub mod io;
 mod listener;
+mod passthrough;
 pub(crate) mod plain;
 mod transparent;
 
@@ -328,6 +329,9 @@ impl Pipeline {
         let (kind, label, rule) = match decision {
             Decision::Allow { rule, .. } => (AuditKind::Allow, DecisionLabel::Allow, rule),
             Decision::Discovery { rule } => (AuditKind::Discovery, DecisionLabel::Discovery, rule),
+            Decision::Passthrough { rule } => {
+                (AuditKind::Passthrough, DecisionLabel::Passthrough, rule)
+            }
             Decision::Deny { .. } => return,
         };
         self.metrics.connection_decided(label);

@@ -117,6 +117,8 @@ struct Rig {
     connect_proxy: SocketAddr,
     origdst: Arc<StaticOriginalDst>,
     run_root: rustls_pki_types::CertificateDer<'static>,
+    /// The CA of the test upstream's own certificates.
+    upstream_root: rustls_pki_types::CertificateDer<'static>,
     /// A CA the pipeline trusts for upstreams, besides the upstream's own: signs the leaves
     /// the fault tests get wrong on purpose.
     fault_ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
@@ -148,6 +150,7 @@ async fn rig_full(
     recheck: Option<Duration>,
 ) -> Rig {
     let upstream_ca = ca("upstream");
+    let upstream_root = upstream_ca.certificate().clone();
     let mut roots = RootCertStore::empty();
     roots.add(upstream_ca.certificate().clone()).expect("root");
     let fault_ca = rcgen_ca("fault test CA");
@@ -231,6 +234,7 @@ async fn rig_full(
         connect_proxy,
         origdst,
         run_root,
+        upstream_root,
         fault_ca,
         metrics,
         sink,
@@ -263,8 +267,20 @@ impl Rig {
 
     /// GET `/path` over TLS with SNI `name` on an open connection to the proxy.
     async fn get_over(&self, tcp: TcpStream, name: &str, path: &str) -> std::io::Result<String> {
+        get_trusting(tcp, name, path, &self.run_root).await
+    }
+}
+
+/// GET `/path` over TLS with SNI `name` on `tcp`, trusting only `root`.
+async fn get_trusting(
+    tcp: TcpStream,
+    name: &str,
+    path: &str,
+    root: &rustls_pki_types::CertificateDer<'static>,
+) -> std::io::Result<String> {
+    {
         let mut roots = RootCertStore::empty();
-        roots.add(self.run_root.clone()).expect("root");
+        roots.add(root.clone()).expect("root");
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -283,7 +299,9 @@ impl Rig {
         tls.read_to_string(&mut out).await?;
         Ok(out)
     }
+}
 
+impl Rig {
     /// `CONNECT name:port` on the cooperative listener: the connection and what the proxy
     /// answered before the tunnel (empty when it reset or closed without a word).
     async fn connect_via(&self, name: &str, port: u16) -> (TcpStream, String) {
@@ -1052,4 +1070,114 @@ async fn a_reloaded_policy_file_refuses_requests_on_open_connections() {
         .expect("the refusal is audited");
     assert_eq!(refused.outcome, Some(RequestOutcome::Denied));
     assert_eq!(refused.status, Some(403));
+}
+
+const PASSTHROUGH_POLICY: &str = r#"
+[[rule]]
+name = "registry"
+hosts = ["app.test", "rebind.test"]
+ports = "any"
+action = "passthrough"
+"#;
+
+/// A passthrough rule relays the agent's TLS untouched: the agent sees the upstream's own
+/// certificate (one trusting only the run CA fails), the connection is audited once as
+/// `passthrough` with no request records, and the SNI and destination checks still apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_relays_tls_untouched_after_the_same_checks() {
+    let policy = Arc::new(StaticPolicy::from_toml_str(PASSTHROUGH_POLICY).expect("policy"));
+    let rig = rig_full(false, None, policy, None).await;
+
+    let reply = get_trusting(
+        rig.connect(rig.upstream).await,
+        "app.test",
+        "/through",
+        &rig.upstream_root,
+    )
+    .await
+    .expect("the upstream's own TLS, end to end");
+    assert!(reply.ends_with("hello /through"), "{reply}");
+    let forged = get_trusting(
+        rig.connect(rig.upstream).await,
+        "app.test",
+        "/forged",
+        &rig.run_root,
+    )
+    .await;
+    assert!(
+        forged.is_err(),
+        "no leaf of the run CA is served: {forged:?}"
+    );
+
+    // Cooperative CONNECT: the same relay after the 200.
+    let (tcp, head) = rig.connect_via("app.test", rig.upstream.port()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let reply = get_trusting(tcp, "app.test", "/connect", &rig.upstream_root)
+        .await
+        .expect("CONNECT pass-through");
+    assert!(reply.ends_with("hello /connect"), "{reply}");
+
+    // The rebinding check holds: rebind.test resolves elsewhere than the destination.
+    let refused = get_trusting(
+        rig.connect(rig.upstream).await,
+        "rebind.test",
+        "/x",
+        &rig.upstream_root,
+    )
+    .await;
+    assert!(dropped(&refused), "{refused:?}");
+
+    let events = rig.sink.events.lock().expect("lock").clone();
+    let kinds: Vec<_> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            AuditKind::Passthrough,
+            AuditKind::Passthrough,
+            AuditKind::Passthrough,
+            AuditKind::Deny
+        ],
+        "one record per connection, none per request"
+    );
+    assert_eq!(rig.upstream_requests.load(Ordering::Relaxed), 2);
+    assert!(
+        rig.metrics.encode().contains("decision=\"passthrough\""),
+        "counted as passthrough"
+    );
+}
+
+/// A withdrawn destination closes an open pass-through connection at the next re-check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_destination_closes_an_open_passthrough() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, PASSTHROUGH_POLICY).expect("policy");
+    let file = Arc::new(crate::policy::PolicyFile::open(&path).expect("policy file"));
+    let rig = rig_full(false, None, file.clone(), Some(Duration::from_millis(50))).await;
+    let tcp = rig.connect(rig.upstream).await;
+    let mut roots = RootCertStore::empty();
+    roots.add(rig.upstream_root.clone()).expect("root");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("app.test").expect("name"), tcp)
+        .await
+        .expect("TLS through");
+    std::fs::write(
+        &path,
+        "[[rule]]\nhosts = [\"other.test\"]\nports = \"any\"\n",
+    )
+    .expect("withdraw");
+    file.reload().expect("reload");
+    let mut buf = [0_u8; 16];
+    let closed = bounded("the relay to end", tls.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "the connection was closed: {closed:?}"
+    );
 }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::admission::{Admission, Vet};
 use super::io::IdleIo;
-use super::{ConnInfo, Pipeline, original_dst, plain, reset};
+use super::{ConnInfo, Pipeline, original_dst, passthrough, plain, reset};
 use crate::audit::ConnId;
 use crate::http::{RequestContext, UpstreamStream, serve_denial};
 use crate::labels::{Direction, Leg, Rejection};
@@ -81,7 +81,15 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, conn: ConnId) {
         )
         .await;
     let (host, addrs) = match admitted {
-        Admission::Admitted { host, addrs } => (host, addrs),
+        Admission::Admitted {
+            host,
+            addrs,
+            passthrough: true,
+        } => {
+            passthrough::serve(&p, stream, &host, dst.port(), &addrs, deadline, &info).await;
+            return;
+        }
+        Admission::Admitted { host, addrs, .. } => (host, addrs),
         Admission::Denied { reason } => {
             deny_page(&p, stream, &sni, &hello, &reason).await;
             return;
