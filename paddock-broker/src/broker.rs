@@ -416,7 +416,8 @@ impl Broker {
         ] {
             check_id(what, v)?;
         }
-        if let Some(existing) = self.store.run(&req.run)?
+        let existing = self.store.run(&req.run)?;
+        if let Some(existing) = &existing
             && existing.namespace != req.namespace
         {
             return Err(BrokerError::BadRequest(format!(
@@ -424,6 +425,8 @@ impl Broker {
                 req.run
             )));
         }
+        // Another template can change which policies apply: proxies re-ask about the run.
+        let retemplated = existing.is_some_and(|e| e.template != req.template);
         let info = RunInfo {
             run: req.run.clone(),
             namespace: req.namespace.clone(),
@@ -454,6 +457,10 @@ impl Broker {
                     tracing::error!(error = %err, "audit record of run-end revocation failed");
                 }
             }
+            self.invalidate(&InvalidationScope::Run {
+                run: info.run.clone(),
+            });
+        } else if retemplated {
             self.invalidate(&InvalidationScope::Run {
                 run: info.run.clone(),
             });

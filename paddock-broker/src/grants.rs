@@ -101,10 +101,14 @@ impl Subscription {
         now.duration_since(self.last_seen) < lease
     }
 
-    fn holds(&self, scope: &InvalidationScope) -> bool {
-        match scope.run() {
-            Some(run) => self.runs.contains(run),
-            None => !self.runs.is_empty(),
+    /// Whether an invalidation of `scope` must wait for this subscription: a revoked lease
+    /// only for those holding grants of its run; a run's end or a policy change for every
+    /// one, because proxies also key their egress re-checks on those
+    /// (`EgressPolicy::generation`), grants or not.
+    fn must_ack(&self, scope: &InvalidationScope) -> bool {
+        match scope {
+            InvalidationScope::Lease { run, .. } => self.runs.contains(run),
+            InvalidationScope::Run { .. } | InvalidationScope::All => true,
         }
     }
 }
@@ -291,8 +295,9 @@ impl GrantHub {
     }
 
     /// Publishes an invalidation (after the change it stands for is stored) and waits until
-    /// every live subscription holding grants of its scope acknowledged it, or was cut off
-    /// and its liveness lease ran out. Blocks: call it off the async runtime.
+    /// every live subscription it concerns (a lease: those holding grants of its run; a run
+    /// or the policy: all) acknowledged it, or was cut off and its liveness lease ran out.
+    /// Blocks: call it off the async runtime.
     pub fn invalidate(&self, scope: &InvalidationScope) -> Invalidated {
         let (seq, waiting) = self.publish(scope);
         let deadline = Instant::now() + self.config.ack_timeout;
@@ -374,7 +379,7 @@ impl GrantHub {
         let waiting = state
             .subs
             .iter()
-            .filter(|(_, s)| s.holds(scope))
+            .filter(|(_, s)| s.must_ack(scope))
             .map(|(id, _)| id.clone())
             .collect();
         if let InvalidationScope::Run { run } = scope {
@@ -430,8 +435,11 @@ mod tests {
                     };
                     assert_eq!(r.events.len(), 1);
                     std::thread::sleep(Duration::from_millis(50));
+                    // Taken before acknowledging: the invalidation may return the moment
+                    // the poll records it, before this thread runs again.
+                    let acking = Instant::now();
                     hub.poll("proxy-a", &a, r.events[0].seq).expect("ack");
-                    return Instant::now();
+                    return acking;
                 }
             })
         };
@@ -492,10 +500,8 @@ mod tests {
         let hub = hub(10, 60_000);
         let a = hub.subscribe("p").expect("sub").subscription;
         assert!(matches!(hub.poll("p", &a, 0), Ok(PollStep::Wait)));
-        // Nobody holds run-x: published without waiting.
-        hub.invalidate(&InvalidationScope::Run {
-            run: "run-x".into(),
-        });
+        // Nobody holds run-x or run-y: published without waiting.
+        hub.invalidate(&lease_scope("l0", "run-x"));
         hub.invalidate(&lease_scope("l", "run-y"));
         let PollStep::Ready(r) = hub.poll("p", &a, 0).expect("poll") else {
             panic!("events pending")
@@ -510,11 +516,38 @@ mod tests {
         };
         assert_eq!(r.events.len(), 1);
         assert!(matches!(hub.poll("p", &a, 2), Ok(PollStep::Wait)));
-        hub.invalidate(&InvalidationScope::All);
+        hub.invalidate(&lease_scope("l2", "run-z"));
         assert_eq!(
             hub.lock().events.len(),
             1,
             "acknowledged events are trimmed"
         );
+    }
+
+    #[test]
+    fn a_policy_change_or_a_run_end_waits_for_every_subscription() {
+        let hub = hub(50, 300);
+        let a = hub.subscribe("proxy-a").expect("sub").subscription;
+        // a holds no grant, but keys its egress re-checks on these events.
+        let out = hub.invalidate(&InvalidationScope::All);
+        assert_eq!(out.cut_off, 1, "waited for a, which did not acknowledge");
+        let b = hub.subscribe("proxy-b").expect("sub").subscription;
+        let acker = {
+            let hub = hub.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    if let Ok(PollStep::Ready(r)) = hub.poll("proxy-b", &b, 1) {
+                        let seq = r.events.last().expect("event").seq;
+                        hub.poll("proxy-b", &b, seq).expect("ack");
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        };
+        let out = hub.invalidate(&InvalidationScope::Run { run: "r".into() });
+        acker.join().expect("acker");
+        assert_eq!((out.acknowledged, out.cut_off), (1, 0));
+        assert_eq!(hub.poll("proxy-a", &a, 0).err(), Some(GrantError::Gone));
     }
 }

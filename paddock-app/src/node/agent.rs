@@ -332,10 +332,14 @@ impl<I: Interception> NodeAgent<I> {
         let p = &self.parts;
         let (policy, substituter): (Arc<dyn EgressPolicy>, Arc<dyn Substituter>) = match &p.broker {
             Some(client) => (
-                Arc::new(
-                    paddock_proxy::broker::BrokerPolicy::new(client.clone())
-                        .for_pod(spec.uid.as_str()),
-                ),
+                Arc::new({
+                    let policy = paddock_proxy::broker::BrokerPolicy::new(client.clone())
+                        .for_pod(spec.uid.as_str());
+                    match &p.grants {
+                        Some(grants) => policy.with_generation(grants.clone()),
+                        None => policy,
+                    }
+                }),
                 Arc::new({
                     let s = paddock_proxy::broker::BrokerSubstituter::new(client.clone())
                         .with_metrics(Arc::clone(&p.metrics))

@@ -475,12 +475,16 @@ impl Run<'_> {
         let mut serve = ServeOptions::new(config, Some(audit.display().to_string()));
         serve.transparent_listeners = sockets.transparent;
         serve.dns_sockets = sockets.dns_sockets;
-        serve.policy = Some(Arc::new(BrokerPolicy::new(client.clone())));
+        // One invalidation stream for reused substitutions and pushed egress re-checks.
+        let grants = paddock_proxy::broker::GrantCache::start(client.clone());
+        serve.policy = Some(Arc::new(
+            BrokerPolicy::new(client.clone()).with_generation(grants.clone()),
+        ));
         let metrics = Arc::new(paddock_proxy::metrics::ProxyMetrics::new());
         serve.substituter = Some(Arc::new(
             BrokerSubstituter::new(client.clone())
                 .with_metrics(Arc::clone(&metrics))
-                .with_grants(paddock_proxy::broker::GrantCache::start(client.clone())),
+                .with_grants(grants),
         ));
         serve.metrics = Some(metrics);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

@@ -407,10 +407,18 @@ fn egress_policy(
         paddock_proxy::policy::DEFAULT_EGRESS_RECHECK,
         |(_, every)| *every,
     );
+    // One invalidation stream for reused substitutions and pushed egress re-checks.
+    let grants = broker
+        .as_ref()
+        .filter(|_| cfg.broker.as_ref().is_some_and(|b| b.reuse_grants))
+        .map(|(c, _)| GrantCache::start(c.clone()));
     let mut watched = None;
     let policy: Arc<dyn EgressPolicy> = match (policy, &broker, &cfg.policy.file) {
         (Some(p), _, _) => p,
-        (None, Some((c, _)), _) => Arc::new(BrokerPolicy::new(c.clone())),
+        (None, Some((c, _)), _) => Arc::new(match &grants {
+            Some(grants) => BrokerPolicy::new(c.clone()).with_generation(grants.clone()),
+            None => BrokerPolicy::new(c.clone()),
+        }),
         (None, None, Some(file)) => {
             let file = Arc::new(PolicyFile::open(file).map_err(|error| ServeError::Policy {
                 path: file.clone(),
@@ -428,11 +436,10 @@ fn egress_policy(
     let substituter: Arc<dyn Substituter> = match (substituter, broker) {
         (Some(s), _) => s,
         (None, Some((c, _))) => {
-            let substituter = BrokerSubstituter::new(c.clone()).with_metrics(Arc::clone(metrics));
-            Arc::new(if cfg.broker.as_ref().is_some_and(|b| b.reuse_grants) {
-                substituter.with_grants(GrantCache::start(c))
-            } else {
-                substituter
+            let substituter = BrokerSubstituter::new(c).with_metrics(Arc::clone(metrics));
+            Arc::new(match grants {
+                Some(grants) => substituter.with_grants(grants),
+                None => substituter,
             })
         }
         (None, None) => Arc::new(NoopSubstituter),

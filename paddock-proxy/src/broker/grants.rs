@@ -92,6 +92,10 @@ struct Shared {
     drained: Notify,
     /// Requests substituted from a kept grant, without a broker call.
     hits: std::sync::atomic::AtomicU64,
+    /// Bumped by every policy or run invalidation and every change of subscription: egress
+    /// answers taken under one number stay valid while it holds (see
+    /// [`GrantCache::generation`]).
+    generation: std::sync::atomic::AtomicU64,
     /// The stream task, stopped when the last handle goes.
     task: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -281,6 +285,32 @@ impl GrantCache {
         state.subscription = None;
         state.grants.clear();
         state.tombstones.clear();
+        drop(state);
+        self.bump_generation();
+    }
+
+    /// The number egress re-checks key their answers on ([`crate::policy::EgressPolicy::generation`]),
+    /// while the subscription is live: it changes with every policy change or run end the
+    /// broker publishes (applied before they are acknowledged, so before the broker reports
+    /// them done) and with every new or lost subscription. `None` without a live one.
+    #[must_use]
+    pub fn generation(&self) -> Option<u64> {
+        let state = self.shared.lock();
+        state
+            .subscription
+            .as_ref()
+            .filter(|s| Instant::now() < s.live_until)
+            .map(|_| {
+                self.shared
+                    .generation
+                    .load(std::sync::atomic::Ordering::SeqCst)
+            })
+    }
+
+    fn bump_generation(&self) {
+        self.shared
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Requests substituted from a kept grant so far.
@@ -311,6 +341,8 @@ impl GrantCache {
             live_until: sent + Duration::from_millis(answer.lease_ms),
             floor: answer.seq,
         });
+        drop(state);
+        self.bump_generation();
         tracing::info!("grant stream subscribed");
     }
 
@@ -326,6 +358,14 @@ impl GrantCache {
             .filter(|s| *s.id == *answer.subscription)?;
         sub.live_until = sent + Duration::from_millis(answer.lease_ms);
         let mut scopes = Vec::new();
+        if answer
+            .events
+            .iter()
+            .any(|e| !matches!(e.scope, InvalidationScope::Lease { .. }))
+        {
+            // A policy change or a run's end: egress answers under the old number are stale.
+            self.bump_generation();
+        }
         for event in &answer.events {
             state
                 .tombstones

@@ -26,12 +26,27 @@ pub struct BrokerPolicy {
     client: BrokerClient,
     /// Sent with every call: the pod this policy decides for (node agent mode).
     pod: Option<String>,
+    /// The invalidation stream's generation, for re-checks (see [`Self::with_generation`]).
+    grants: Option<super::GrantCache>,
 }
 
 impl BrokerPolicy {
     #[must_use]
     pub fn new(client: BrokerClient) -> Self {
-        Self { client, pod: None }
+        Self {
+            client,
+            pod: None,
+            grants: None,
+        }
+    }
+
+    /// Reports `grants`' generation ([`super::GrantCache::generation`]) as this policy's, so
+    /// re-checks keep an allow until the broker publishes a policy change or a run's end,
+    /// instead of asking again every interval.
+    #[must_use]
+    pub fn with_generation(mut self, grants: super::GrantCache) -> Self {
+        self.grants = Some(grants);
+        self
     }
 
     /// Every call names `pod` (its UID), so the broker can check that a node agent asks for a
@@ -44,6 +59,10 @@ impl BrokerPolicy {
 }
 
 impl EgressPolicy for BrokerPolicy {
+    fn generation(&self) -> Option<u64> {
+        self.grants.as_ref().and_then(super::GrantCache::generation)
+    }
+
     fn check<'a>(&'a self, req: &'a EgressRequest) -> CheckFuture<'a> {
         Box::pin(async move {
             let answer = self

@@ -19,6 +19,8 @@ type Stamp = Option<(SystemTime, u64)>;
 pub struct PolicyFile {
     path: PathBuf,
     current: RwLock<(Arc<StaticPolicy>, Stamp)>,
+    /// Bumped after every reload that put new rules in force ([`EgressPolicy::generation`]).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 fn stamp(path: &Path) -> Stamp {
@@ -34,6 +36,7 @@ impl PolicyFile {
         Ok(Self {
             path: path.to_owned(),
             current: RwLock::new((Arc::new(policy), stamp)),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -63,6 +66,10 @@ impl PolicyFile {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *guard = (Arc::new(policy), stamp);
+        drop(guard);
+        // After the swap: a check that read the old number may have seen either policy.
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -111,6 +118,10 @@ impl EgressPolicy for PolicyFile {
 
     fn name_allowed<'a>(&'a self, _run: &'a str, host: &'a str) -> CheckFuture<'a> {
         Box::pin(std::future::ready(self.current().decide_name(host)))
+    }
+
+    fn generation(&self) -> Option<u64> {
+        Some(self.generation.load(std::sync::atomic::Ordering::SeqCst))
     }
 }
 

@@ -174,6 +174,15 @@ pub trait EgressPolicy: Send + Sync + fmt::Debug {
     ///
     /// The default denies every name: a policy that cannot answer the question must not
     /// open DNS (fail closed).
+    /// A number that changes whenever an answer this policy gave may have changed (new rules
+    /// in force, a run that ended), or `None` when the policy cannot say. While it stays the
+    /// same, [`EgressRecheck`] keeps an allow past its interval instead of asking again, so a
+    /// change is pushed to open connections instead of polled. The default (`None`) keeps
+    /// answers for the interval only.
+    fn generation(&self) -> Option<u64> {
+        None
+    }
+
     fn name_allowed<'a>(&'a self, run: &'a str, host: &'a str) -> CheckFuture<'a> {
         let _ = run;
         Box::pin(std::future::ready(Ok(Decision::Deny {

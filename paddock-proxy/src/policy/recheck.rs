@@ -11,6 +11,12 @@
 //! ones, within half a second; a backend that stopped answering fails the next stale re-check
 //! (502).
 //!
+//! A policy that can say when its answers change ([`EgressPolicy::generation`]: a reloaded
+//! policy file, the broker through its invalidation stream) has an allow kept past the
+//! interval until that number changes (at most a minute): the change is pushed instead of
+//! polled, and an unchanged destination costs no call. Denials, failures and discovery
+//! windows are kept for the interval only.
+//!
 //! One check per destination at a time: concurrent requests for a stale destination wait for
 //! the one check in flight and share its answer. Every answer is kept for the interval,
 //! refusals and failures too, so a hostile agent cannot turn its requests into a flood of
@@ -69,10 +75,39 @@ impl RecheckError {
     }
 }
 
-/// The last answer for one destination: when its check started, and the verdict.
+/// The last answer for one destination.
 #[derive(Debug, Default)]
 struct Slot {
-    answer: Option<(Instant, Result<(), RecheckError>)>,
+    answer: Option<Answer>,
+}
+
+#[derive(Debug)]
+struct Answer {
+    /// When its check started.
+    sent: Instant,
+    verdict: Result<(), RecheckError>,
+    /// The policy's generation read before asking ([`EgressPolicy::generation`]).
+    generation: Option<u64>,
+    /// Allowed by a time-boxed discovery window: never kept past the interval.
+    discovery: bool,
+}
+
+/// Longest an allow is kept on an unchanged generation: a safety net, not the mechanism.
+const MAX_PUSHED_AGE: Duration = Duration::from_mins(1);
+
+impl Answer {
+    /// Whether this answer still covers requests.
+    fn fresh(&self, interval: Duration, generation: Option<u64>) -> bool {
+        let age = self.sent.elapsed();
+        if age < interval {
+            return true;
+        }
+        self.verdict.is_ok()
+            && !self.discovery
+            && generation.is_some()
+            && generation == self.generation
+            && age < MAX_PUSHED_AGE
+    }
 }
 
 /// The policy's last answer per (run, host, port, mode), shared by every connection.
@@ -128,13 +163,17 @@ impl EgressRecheck {
     pub async fn check(&self, req: &EgressRequest) -> Result<(), RecheckError> {
         let slot = self.slot(req);
         let mut slot = slot.lock().await;
-        if let Some((sent, verdict)) = &slot.answer
-            && sent.elapsed() < self.interval
+        // Read before asking: a change after this makes the answer stale, never the reverse.
+        let generation = self.policy.generation();
+        if let Some(answer) = &slot.answer
+            && answer.fresh(self.interval, generation)
         {
-            return verdict.clone();
+            return answer.verdict.clone();
         }
         let sent = Instant::now();
-        let verdict = match self.policy.check(req).await {
+        let decided = self.policy.check(req).await;
+        let discovery = matches!(decided, Ok(Decision::Discovery { .. }));
+        let verdict = match decided {
             Ok(
                 Decision::Allow { .. } | Decision::Discovery { .. } | Decision::Passthrough { .. },
             ) => Ok(()),
@@ -150,7 +189,12 @@ impl EgressRecheck {
             }),
             Err(PolicyError::Unavailable(reason)) => Err(RecheckError::Unavailable { reason }),
         };
-        slot.answer = Some((sent, verdict.clone()));
+        slot.answer = Some(Answer {
+            sent,
+            verdict: verdict.clone(),
+            generation,
+            discovery,
+        });
         verdict
     }
 }
@@ -193,9 +237,15 @@ mod tests {
         policy: Mutex<StaticPolicy>,
         calls: AtomicUsize,
         fail: std::sync::atomic::AtomicBool,
+        /// `None`: no generation; else the number reported.
+        generation: Mutex<Option<u64>>,
     }
 
     impl EgressPolicy for Counting {
+        fn generation(&self) -> Option<u64> {
+            *self.generation.lock().expect("generation")
+        }
+
         fn check<'a>(&'a self, req: &'a EgressRequest) -> CheckFuture<'a> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let answer = if self.fail.load(Ordering::SeqCst) {
@@ -214,6 +264,7 @@ mod tests {
             policy: Mutex::new(StaticPolicy::from_toml_str(text).expect("policy")),
             calls: AtomicUsize::new(0),
             fail: std::sync::atomic::AtomicBool::new(false),
+            generation: Mutex::new(None),
         })
     }
 
@@ -277,5 +328,53 @@ mod tests {
         let other =
             EgressRequest::new("run-1", "api.test", 8443, Mode::Transparent).expect("request");
         recheck.check(&other).await.expect_err("other port");
+    }
+
+    /// With a generation, an allow outlives the interval until the number changes; a
+    /// change is seen at once; denials, failures and discovery keep the interval.
+    #[tokio::test]
+    async fn a_generation_keeps_allows_until_it_changes() {
+        let policy = counting(ALLOW);
+        *policy.generation.lock().expect("gen") = Some(7);
+        let recheck = Arc::new(EgressRecheck::new(
+            policy.clone(),
+            Duration::from_millis(20),
+        ));
+        let conn = recheck.for_connection(req());
+        conn.check().await.expect("allowed");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        conn.check().await.expect("still allowed");
+        assert_eq!(policy.calls.load(Ordering::SeqCst), 1, "not asked again");
+
+        *policy.policy.lock().expect("policy") = StaticPolicy::from_toml_str("").expect("empty");
+        *policy.generation.lock().expect("gen") = Some(8);
+        conn.check().await.expect_err("the change is seen at once");
+        assert_eq!(policy.calls.load(Ordering::SeqCst), 2);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        conn.check()
+            .await
+            .expect_err("a denial is asked again after the interval");
+        assert_eq!(policy.calls.load(Ordering::SeqCst), 3);
+
+        // Without a generation (the stream is down): the interval again.
+        *policy.policy.lock().expect("policy") = StaticPolicy::from_toml_str(ALLOW).expect("allow");
+        *policy.generation.lock().expect("gen") = None;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        conn.check().await.expect("allowed again");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        conn.check().await.expect("allowed");
+        assert_eq!(policy.calls.load(Ordering::SeqCst), 5);
+
+        // A discovery window is time-boxed: never kept past the interval.
+        *policy.policy.lock().expect("policy") = StaticPolicy::from_toml_str(
+            "[[rule]]\nhosts = [\"api.test\"]\nports = [443]\naction = \"discovery\"\n",
+        )
+        .expect("discovery");
+        *policy.generation.lock().expect("gen") = Some(9);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        conn.check().await.expect("discovery");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        conn.check().await.expect("discovery");
+        assert_eq!(policy.calls.load(Ordering::SeqCst), 7);
     }
 }

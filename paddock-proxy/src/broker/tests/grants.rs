@@ -601,3 +601,53 @@ fn grant_keys_follow_the_request_shape_not_its_other_values() {
     let mut none = request("https://api.github.com/user?k=pdk-short", &[]);
     assert_eq!(key(&mut none, &gh_ctx, None), None);
 }
+
+/// Egress re-checks over the broker keep an allow while the invalidation stream's generation
+/// holds (no broker call per interval), and a policy reload is seen by the very next re-check
+/// after the reload returned, however long the interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_changes_are_pushed_to_egress_rechecks() {
+    let fx = Fixture::start(Options::default()).await;
+    let (_, cache) = cached(&fx).await;
+    let policy = Arc::new(BrokerPolicy::new(fx.proxy_client()).with_generation(cache.clone()));
+    let recheck = Arc::new(crate::policy::EgressRecheck::new(
+        policy,
+        Duration::from_millis(50),
+    ));
+    let conn = recheck.for_connection(
+        EgressRequest::new(RUN, "plain.example.com", 443, Mode::Transparent).expect("req"),
+    );
+    let egress_calls = || fx.audit.events().len();
+    within("recheck", conn.check()).await.expect("allowed");
+    let generation = cache.generation().expect("live");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    within("recheck", conn.check())
+        .await
+        .expect("still allowed");
+    assert_eq!(cache.generation(), Some(generation), "nothing changed");
+    let before = egress_calls();
+
+    std::fs::write(
+        fx.dir.path().join("policy.yaml"),
+        policy_yaml(fx.dir.path(), false),
+    )
+    .expect("policy without plain.example.com");
+    let broker = fx.broker.clone();
+    tokio::task::spawn_blocking(move || broker.reload_policy(false))
+        .await
+        .expect("join")
+        .expect("reload");
+    assert_ne!(
+        cache.generation(),
+        Some(generation),
+        "pushed before the reload returned"
+    );
+    let err = within("recheck", conn.check())
+        .await
+        .expect_err("withdrawn at once");
+    assert!(err.is_denial(), "{err}");
+    assert!(
+        egress_calls() > before,
+        "the broker was asked (and audited the denial)"
+    );
+}
