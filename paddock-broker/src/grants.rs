@@ -1,7 +1,7 @@
 //! Reusable substitution answers ("grants") and the invalidation stream that takes them back.
 //!
 //! A proxy subscribes with `POST /v1/grants/poll` and keeps one long poll open. A
-//! `substitute-auth` call naming its subscription comes back with [`GrantTerms`]: the proxy
+//! `substitute-auth` call naming its subscription comes back with [`GrantTerms`](crate::wire::GrantTerms): the proxy
 //! may apply the same answer to `uses` requests of the same shape within `ttl_ms`. Revoking a
 //! lease, ending a run or changing the policy publishes an invalidation, and the call that
 //! did so returns only once every proxy that holds grants of that run has acknowledged it (by
