@@ -22,6 +22,9 @@ pub enum Which {
     /// `paddock-proxy node`: pod set-up latency, memory and descriptors per pod, keep-alive
     /// rate with 1 and 50 busy pods, each vs direct.
     Node,
+    /// Over a million substituted requests through `paddock-proxy run`, its memory and
+    /// descriptors sampled every 10 s.
+    Soak,
 }
 
 impl Which {
@@ -33,6 +36,7 @@ impl Which {
             Self::E2e => "e2e",
             Self::Scrub => "scrub",
             Self::Node => "node",
+            Self::Soak => "soak",
         }
     }
     fn binary(self) -> &'static str {
@@ -40,15 +44,24 @@ impl Which {
             Self::Redirect => "pdk-bench-redirect",
             Self::Proxy => "pdk-bench-proxy",
             Self::Broker => "pdk-bench-broker",
-            Self::E2e => "pdk-bench-e2e",
+            // The soak is a mode of the end-to-end lab.
+            Self::E2e | Self::Soak => "pdk-bench-e2e",
             Self::Scrub => "pdk-bench-scrub",
             Self::Node => "pdk-bench-node",
         }
     }
+    /// Arguments of the benchmark binary.
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Self::Soak => &["--soak"],
+            _ => &[],
+        }
+    }
+
     /// `cargo build --release` arguments that produce the binary.
     fn build_args(self) -> &'static [&'static str] {
         match self {
-            Self::Redirect | Self::Proxy | Self::E2e | Self::Scrub => {
+            Self::Redirect | Self::Proxy | Self::E2e | Self::Scrub | Self::Soak => {
                 &["-p", "paddock-tests", "-p", "paddock-app", "--bins"]
             }
             Self::Broker => &[
@@ -86,6 +99,7 @@ pub fn run_bench(which: Which) -> Result<()> {
         .args(which.build_args()))?;
     let bin = release_dir().join(which.binary());
     let out = Command::new(&bin)
+        .args(which.args())
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
     eprint!("{}", String::from_utf8_lossy(&out.stderr));

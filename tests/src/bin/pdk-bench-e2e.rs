@@ -186,6 +186,24 @@ impl Lab {
         wrk::parse(&text)
     }
 
+    /// `paddock-proxy run` with the lab's policy, secrets and test host, running `agent`.
+    fn run_command(&self, run_id: &str, audit: &Path, agent: &str) -> Command {
+        let d = self.dir.path();
+        let s = |p: &Path| p.display().to_string();
+        let mut cmd = self.with_hosts(&target_bin("paddock-proxy"));
+        cmd.args(["run", "--policy", &s(&d.join("policy.yaml"))])
+            .args(["--secrets", &s(&d.join("secrets"))])
+            .args(["--allow-cidr", &format!("{}/24", self.link.host_ip)])
+            .args(["--nameserver", &format!("{}:53", self.link.host_ip)])
+            .args(["--upstream-ca", &s(&d.join("test-ca.crt"))])
+            .args(["--audit", &s(audit)])
+            .args(["--state-dir", &s(&d.join("state"))])
+            .args(["--run-id", run_id])
+            .args(["--substitute-rate", SUBSTITUTE_RATE])
+            .args(["--", "sh", "-c", agent]);
+        cmd
+    }
+
     /// One `paddock-proxy run` whose command warms the path up, then measures MITM only and
     /// MITM + substitution (in the order `subst_first` says, alternated across rounds).
     fn through(&self, round: usize, subst_first: bool) -> Result<(Sample, Sample)> {
@@ -203,18 +221,7 @@ impl Lab {
             agent_wrk(1, true)
         );
         let audit = d.join(format!("audit-{round}.jsonl"));
-        let s = |p: &Path| p.display().to_string();
-        let mut cmd = self.with_hosts(&target_bin("paddock-proxy"));
-        cmd.args(["run", "--policy", &s(&d.join("policy.yaml"))])
-            .args(["--secrets", &s(&d.join("secrets"))])
-            .args(["--allow-cidr", &format!("{}/24", self.link.host_ip)])
-            .args(["--nameserver", &format!("{}:53", self.link.host_ip)])
-            .args(["--upstream-ca", &s(&d.join("test-ca.crt"))])
-            .args(["--audit", &s(&audit)])
-            .args(["--state-dir", &s(&d.join("state"))])
-            .args(["--run-id", &format!("bench-e2e-{round}")])
-            .args(["--substitute-rate", SUBSTITUTE_RATE])
-            .args(["--", "sh", "-c", &agent]);
+        let mut cmd = self.run_command(&format!("bench-e2e-{round}"), &audit, &agent);
         let out = run(&mut cmd, &Placement::default());
         let text = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
@@ -252,10 +259,120 @@ impl Lab {
     }
 }
 
+/// How long the soak's `wrk` runs: at this machine's 6-12k requests/s through `run`, well
+/// past a million requests.
+const SOAK_SECONDS: u32 = 160;
+/// Sampling period of the soak.
+const SOAK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Resident memory (KiB) and open descriptors of process `pid`, or `None` once it is gone.
+fn footprint(pid: u32) -> Option<(u64, usize)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+    Some((rss, fds))
+}
+
+/// The total of wrk's "N requests in Xs" line.
+fn total_requests(text: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.contains(" requests in "))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `--soak`: one long run with a substitution on every request, the `paddock-proxy run`
+/// process's memory and descriptors sampled every 10 s.
+fn soak(lab: &Lab) -> Result<()> {
+    let d = lab.dir.path();
+    let audit = d.join("audit-soak.jsonl");
+    let agent = format!("set -e; {}", agent_wrk(SOAK_SECONDS, true));
+    let mut cmd = lab.run_command("bench-soak", &audit, &agent);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().context("spawning paddock-proxy run")?;
+    // `unshare` and `sh` exec into paddock-proxy: the child's pid is the proxy's.
+    let pid = child.id();
+    let started = std::time::Instant::now();
+    let mut samples = Vec::new();
+    let deadline = started + std::time::Duration::from_secs(u64::from(SOAK_SECONDS) + 60);
+    while child.try_wait()?.is_none() && std::time::Instant::now() < deadline {
+        if let Some(f) = footprint(pid) {
+            samples.push((started.elapsed().as_secs(), f));
+        }
+        std::thread::sleep(SOAK_EVERY);
+    }
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "soak run failed: {}\n{text}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let sample = wrk::parse(&text)?;
+    let total = total_requests(&text).context("no request count from wrk")?;
+    // The first sample is start-up; steady state from the second on.
+    let steady: Vec<&(u64, (u64, usize))> = samples.iter().skip(1).collect();
+    let (Some(first), Some(last)) = (steady.first(), steady.last()) else {
+        bail!("too few samples: {samples:?}");
+    };
+    let max_rss = steady.iter().map(|s| s.1.0).max().unwrap_or(0);
+    let max_fds = steady.iter().map(|s| s.1.1).max().unwrap_or(0);
+    println!("## Soak through `paddock-proxy run` (`cargo xtask bench soak`)\n");
+    println!(
+        "`wrk -t1 -c{CONNECTIONS} -d{SOAK_SECONDS}s` keep-alive HTTPS GETs with a placeholder \
+         substituted on every request (the lab of `bench e2e`: eBPF redirect, TLS interception, \
+         embedded broker, reused grants, a JSONL audit line per request), {total} requests at \
+         {:.0} requests/s (p50 {:.2} ms, p99 {:.2} ms); the `paddock-proxy run` process's \
+         resident memory (`VmRSS`) and open descriptors sampled every {} s; kernel {}, {} CPUs.\n",
+        sample.per_sec,
+        sample.p50_ms,
+        sample.p99_ms,
+        SOAK_EVERY.as_secs(),
+        kernel(),
+        cpus()
+    );
+    println!("| seconds | RSS (MiB) | descriptors |");
+    println!("|---:|---:|---:|");
+    for (t, (rss, fds)) in &samples {
+        #[expect(clippy::cast_precision_loss, reason = "KiB of one process")]
+        let mib = *rss as f64 / 1024.0;
+        println!("| {t} | {mib:.1} | {fds} |");
+    }
+    #[expect(clippy::cast_precision_loss, reason = "KiB of one process")]
+    let growth = (last.1.0 as f64 - first.1.0 as f64) / 1024.0;
+    println!(
+        "\nFrom the first steady sample ({} s) to the last ({} s): RSS {:+.1} MiB (peak {:.1} MiB), \
+         descriptors {} -> {} (peak {max_fds}).",
+        first.0,
+        last.0,
+        growth,
+        {
+            #[expect(clippy::cast_precision_loss, reason = "KiB of one process")]
+            let peak = max_rss as f64 / 1024.0;
+            peak
+        },
+        first.1.1,
+        last.1.1
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("bench e2e needs root (paddock-proxy run: eBPF, cgroups; namespaces)");
     }
+    let soak_only = std::env::args().any(|a| a == "--soak");
     // The DNS responder runs on this runtime.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -263,6 +380,9 @@ fn main() -> Result<()> {
         .build()?;
     let _guard = rt.enter();
     let lab = Lab::new()?;
+    if soak_only {
+        return soak(&lab);
+    }
 
     // Warm the direct path (nginx, page cache) too.
     lab.direct()?;
