@@ -145,6 +145,8 @@ pub struct GrantHub {
     state: Mutex<HubState>,
     acked: Condvar,
     changes: tokio::sync::watch::Sender<u64>,
+    /// Subscriptions cut off so far (for metrics).
+    cut_offs: std::sync::atomic::AtomicU64,
 }
 
 impl Default for GrantHub {
@@ -161,6 +163,7 @@ impl GrantHub {
             state: Mutex::new(HubState::default()),
             acked: Condvar::new(),
             changes: tokio::sync::watch::channel(0).0,
+            cut_offs: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -174,6 +177,12 @@ impl GrantHub {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Subscriptions cut off since start (for metrics).
+    #[must_use]
+    pub fn cut_offs(&self) -> u64 {
+        self.cut_offs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Subscriptions at the moment (for metrics and tests).
@@ -324,6 +333,8 @@ impl GrantHub {
                     .max();
                 drop(state);
                 let cut_off = pending.len();
+                self.cut_offs
+                    .fetch_add(cut_off as u64, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(
                     seq,
                     cut_off,
@@ -468,6 +479,7 @@ mod tests {
         hub.poll("proxy-a", &a, 0).expect("renew");
         let out = hub.invalidate(&InvalidationScope::All);
         assert_eq!(out.cut_off, 1);
+        assert_eq!(hub.cut_offs(), 1, "counted for the metrics");
         assert!(
             last_poll.elapsed() >= Duration::from_millis(400),
             "returned {:?} after the last poll, inside the lease",

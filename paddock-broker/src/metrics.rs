@@ -17,6 +17,8 @@ pub struct Metrics {
     auth_failures: Family<Labels, Counter>,
     policy_reload_failures: Counter,
     rate_limit_buckets: Gauge,
+    grant_subscriptions: Gauge,
+    grant_cutoffs: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -42,6 +44,18 @@ impl Metrics {
         let auth_failures = Family::<Labels, Counter>::default();
         let policy_reload_failures = Counter::default();
         let rate_limit_buckets = Gauge::default();
+        let grant_subscriptions = Gauge::default();
+        let grant_cutoffs = Counter::default();
+        registry.register(
+            "grant_subscriptions",
+            "Live invalidation-stream subscriptions (proxies reusing substitutions)",
+            grant_subscriptions.clone(),
+        );
+        registry.register(
+            "grant_cutoffs",
+            "Subscriptions cut off for not acknowledging an invalidation in time",
+            grant_cutoffs.clone(),
+        );
         registry.register(
             "requests",
             "API requests by route and status",
@@ -74,6 +88,18 @@ impl Metrics {
             auth_failures,
             policy_reload_failures,
             rate_limit_buckets,
+            grant_subscriptions,
+            grant_cutoffs,
+        }
+    }
+
+    /// Copies the grant hub's state: live subscriptions, and cut-offs up to `cutoffs` in all.
+    pub fn set_grant_state(&self, subscriptions: usize, cutoffs: u64) {
+        self.grant_subscriptions
+            .set(i64::try_from(subscriptions).unwrap_or(i64::MAX));
+        let seen = self.grant_cutoffs.get();
+        if cutoffs > seen {
+            self.grant_cutoffs.inc_by(cutoffs - seen);
         }
     }
 
@@ -112,5 +138,27 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grant_state_is_exposed_and_cutoffs_only_grow() {
+        let m = Metrics::new();
+        m.set_grant_state(3, 2);
+        m.set_grant_state(2, 2);
+        m.set_grant_state(2, 1);
+        let text = m.render();
+        assert!(
+            text.contains("paddock_broker_grant_subscriptions 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("paddock_broker_grant_cutoffs_total 2"),
+            "{text}"
+        );
     }
 }

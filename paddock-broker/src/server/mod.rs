@@ -402,6 +402,8 @@ async fn maintenance(options: Maintenance, mut shutdown: watch::Receiver<bool>) 
                     tracing::warn!(error = %e, "purging old leases failed");
                 }
                 options.metrics.set_rate_limit_buckets(options.broker.rate_limits().buckets());
+                let grants = options.broker.grants();
+                options.metrics.set_grant_state(grants.subscriptions(), grants.cut_offs());
             }
             _ = poll.tick(), if options.policy_poll.is_some() => {
                 let broker = options.broker.clone();

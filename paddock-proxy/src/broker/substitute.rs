@@ -127,6 +127,9 @@ impl Substituter for BrokerSubstituter {
             if let (Some(cache), Some(key)) = (&self.grants, &key)
                 && let Some(hit) = cache.lookup(key)
             {
+                if let Some(m) = &self.metrics {
+                    m.grant_reused();
+                }
                 return self.finish(
                     head,
                     ctx,

@@ -16,6 +16,7 @@
 //! | `paddock_proxy_leaf_forges_total` | counter | |
 //! | `paddock_proxy_upstream_latency_seconds` | histogram | |
 //! | `paddock_proxy_substitutions_total` | counter | |
+//! | `paddock_proxy_grant_reuses_total` | counter | substitutions served from a reused broker grant (no broker call) |
 //! | `paddock_proxy_scrubbed_total` | counter | `location`: see [`ScrubLocation`] |
 //! | `paddock_proxy_bytes_total` | counter | `direction`: agent_to_upstream, upstream_to_agent |
 //! | `paddock_proxy_audit_write_failures_total` | counter | `kind`: audit event kind |
@@ -92,6 +93,7 @@ pub struct ProxyMetrics {
     leaf_cache: LeafCacheMetrics,
     upstream_latency: Histogram,
     substitutions: Counter,
+    grant_reuses: Counter,
     scrubbed: Family<ScrubLabels, Counter>,
     bytes: Family<DirectionLabels, Counter>,
     audit_failures: Family<AuditLabels, Counter>,
@@ -123,6 +125,7 @@ impl ProxyMetrics {
             // 0.5 ms .. ~16 s
             upstream_latency: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             substitutions: Counter::default(),
+            grant_reuses: Counter::default(),
             scrubbed: Family::default(),
             bytes: Family::default(),
             audit_failures: Family::default(),
@@ -174,6 +177,11 @@ impl ProxyMetrics {
             "substitutions",
             "Requests whose credentials were substituted",
             m.substitutions.clone(),
+        );
+        registry.register(
+            "grant_reuses",
+            "Substitutions served from a reused broker grant, without a broker call",
+            m.grant_reuses.clone(),
         );
         registry.register(
             "scrubbed",
@@ -263,6 +271,10 @@ impl ProxyMetrics {
 
     pub fn substituted(&self) {
         self.substitutions.inc();
+    }
+
+    pub fn grant_reused(&self) {
+        self.grant_reuses.inc();
     }
 
     pub fn scrubbed(&self, location: ScrubLocation, n: u64) {

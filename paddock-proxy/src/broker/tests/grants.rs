@@ -308,7 +308,13 @@ async fn run_end_and_policy_changes_take_grants_back_before_returning() {
         ..Options::default()
     })
     .await;
-    let (sub, cache) = cached(&fx).await;
+    let (_, cache) = cached(&fx).await;
+    let metrics = Arc::new(crate::metrics::ProxyMetrics::new());
+    let sub = Arc::new(
+        BrokerSubstituter::new(fx.proxy_client())
+            .with_grants(cache.clone())
+            .with_metrics(Arc::clone(&metrics)),
+    );
     let (_, gh) = fx.issue("gh").await;
     for i in 0..3 {
         substitute(
@@ -321,6 +327,12 @@ async fn run_end_and_policy_changes_take_grants_back_before_returning() {
     }
     assert_eq!(cache.hits(), 2, "the second and third came from the grant");
     assert_eq!(cache.len(), 1);
+    let exposed = metrics.encode();
+    assert!(
+        exposed.contains("paddock_proxy_grant_reuses_total 2")
+            && exposed.contains("paddock_proxy_substitutions_total 3"),
+        "{exposed}"
+    );
 
     // The policy loses its substitution grant: reloaded, and the grant is gone on return.
     let policy_path = fx.dir.path().join("policy.yaml");
