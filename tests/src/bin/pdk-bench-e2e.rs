@@ -259,9 +259,11 @@ impl Lab {
     }
 }
 
-/// How long the soak's `wrk` runs: at this machine's 6-12k requests/s through `run`, well
-/// past a million requests.
-const SOAK_SECONDS: u32 = 160;
+/// The soak sends at least this many requests: `wrk` runs in segments of
+/// `SOAK_SEGMENT_SECONDS` until the total is reached (at most `SOAK_MAX_SEGMENTS`).
+const SOAK_REQUESTS: u64 = 1_000_000;
+const SOAK_SEGMENT_SECONDS: u32 = 10;
+const SOAK_MAX_SEGMENTS: u32 = 60;
 /// Sampling period of the soak.
 const SOAK_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -279,22 +281,26 @@ fn footprint(pid: u32) -> Option<(u64, usize)> {
     Some((rss, fds))
 }
 
-/// The total of wrk's "N requests in Xs" line.
-fn total_requests(text: &str) -> Option<u64> {
-    text.lines()
-        .find(|l| l.contains(" requests in "))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// `--soak`: one long run with a substitution on every request, the `paddock-proxy run`
 /// process's memory and descriptors sampled every 10 s.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one sequence: start, sample, check the count, print the section"
+)]
 fn soak(lab: &Lab) -> Result<()> {
     let d = lab.dir.path();
     let audit = d.join("audit-soak.jsonl");
-    let agent = format!("set -e; {}", agent_wrk(SOAK_SECONDS, true));
+    // The command counts: wrk segments until a million requests went through.
+    let agent = format!(
+        "total=0; n=0; \
+         while [ \"$total\" -lt {SOAK_REQUESTS} ] && [ \"$n\" -lt {SOAK_MAX_SEGMENTS} ]; do \
+           out=$({} 2>&1) || {{ echo \"$out\"; exit 1; }}; \
+           echo \"$out\"; \
+           got=$(printf '%s\\n' \"$out\" | awk '/ requests in /{{print $1}}'); \
+           total=$((total + got)); n=$((n + 1)); \
+         done; echo \"== total $total in $n\"",
+        agent_wrk(SOAK_SEGMENT_SECONDS, true)
+    );
     let mut cmd = lab.run_command("bench-soak", &audit, &agent);
     cmd.stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
@@ -303,12 +309,20 @@ fn soak(lab: &Lab) -> Result<()> {
     let pid = child.id();
     let started = std::time::Instant::now();
     let mut samples = Vec::new();
-    let deadline = started + std::time::Duration::from_secs(u64::from(SOAK_SECONDS) + 60);
-    while child.try_wait()?.is_none() && std::time::Instant::now() < deadline {
+    let deadline = started
+        + std::time::Duration::from_secs(u64::from(SOAK_SEGMENT_SECONDS * SOAK_MAX_SEGMENTS) + 120);
+    loop {
+        std::thread::sleep(SOAK_EVERY);
+        if child.try_wait()?.is_some() || std::time::Instant::now() >= deadline {
+            break;
+        }
         if let Some(f) = footprint(pid) {
             samples.push((started.elapsed().as_secs(), f));
         }
-        std::thread::sleep(SOAK_EVERY);
+    }
+    if child.try_wait()?.is_none() {
+        let _ = child.kill();
+        bail!("the soak did not finish within its bound");
     }
     let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -319,8 +333,24 @@ fn soak(lab: &Lab) -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let sample = wrk::parse(&text)?;
-    let total = total_requests(&text).context("no request count from wrk")?;
+    let (total, segments) = text
+        .lines()
+        .find_map(|l| l.strip_prefix("== total "))
+        .and_then(|rest| {
+            let (t, n) = rest.split_once(" in ")?;
+            Some((t.trim().parse::<u64>().ok()?, n.trim().parse::<u32>().ok()?))
+        })
+        .context("no total from the soak command")?;
+    if total < SOAK_REQUESTS {
+        bail!("only {total} requests in {segments} segments");
+    }
+    // Each segment's own figures; the table reports their medians.
+    let parts: Vec<Sample> = text
+        .split("Running ")
+        .skip(1)
+        .map(wrk::parse)
+        .collect::<Result<_>>()?;
+    let sample = wrk::median(parts);
     // The first sample is start-up; steady state from the second on.
     let steady: Vec<&(u64, (u64, usize))> = samples.iter().skip(1).collect();
     let (Some(first), Some(last)) = (steady.first(), steady.last()) else {
@@ -330,11 +360,13 @@ fn soak(lab: &Lab) -> Result<()> {
     let max_fds = steady.iter().map(|s| s.1.1).max().unwrap_or(0);
     println!("## Soak through `paddock-proxy run` (`cargo xtask bench soak`)\n");
     println!(
-        "`wrk -t1 -c{CONNECTIONS} -d{SOAK_SECONDS}s` keep-alive HTTPS GETs with a placeholder \
-         substituted on every request (the lab of `bench e2e`: eBPF redirect, TLS interception, \
-         embedded broker, reused grants, a JSONL audit line per request), {total} requests at \
-         {:.0} requests/s (p50 {:.2} ms, p99 {:.2} ms); the `paddock-proxy run` process's \
-         resident memory (`VmRSS`) and open descriptors sampled every {} s; kernel {}, {} CPUs.\n",
+        "`wrk -t1 -c{CONNECTIONS} -d{SOAK_SEGMENT_SECONDS}s` keep-alive HTTPS GETs with a \
+         placeholder substituted on every request, repeated by the command until {SOAK_REQUESTS} \
+         requests went through (the lab of `bench e2e`: eBPF redirect, TLS interception, \
+         embedded broker, reused grants, a JSONL audit line per request): {total} requests in \
+         {segments} segments, median segment {:.0} requests/s (p50 {:.2} ms, p99 {:.2} ms); the \
+         `paddock-proxy run` process's resident memory (`VmRSS`) and open descriptors sampled \
+         every {} s; kernel {}, {} CPUs.\n",
         sample.per_sec,
         sample.p50_ms,
         sample.p99_ms,
