@@ -249,6 +249,14 @@ http {{
     }
 }
 
+impl Nginx {
+    /// The master process (its workers are its children).
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM: the master stops its workers and exits. SIGKILL would orphan the workers.

@@ -19,6 +19,9 @@ pub enum Which {
     E2e,
     /// Response scrubbing cost per byte (identity, many secrets, gzip) vs pass-through.
     Scrub,
+    /// The same HTTPS workload direct, through squid's ssl-bump and through Paddock
+    /// (cooperative and transparent), interleaved, with CPU per request of each process.
+    Peers,
     /// `paddock-proxy node`: pod set-up latency, memory and descriptors per pod, keep-alive
     /// rate with 1 and 50 busy pods, each vs direct.
     Node,
@@ -37,6 +40,7 @@ impl Which {
             Self::Scrub => "scrub",
             Self::Node => "node",
             Self::Soak => "soak",
+            Self::Peers => "peers",
         }
     }
     fn binary(self) -> &'static str {
@@ -48,6 +52,7 @@ impl Which {
             Self::E2e | Self::Soak => "pdk-bench-e2e",
             Self::Scrub => "pdk-bench-scrub",
             Self::Node => "pdk-bench-node",
+            Self::Peers => "pdk-bench-peers",
         }
     }
     /// Arguments of the benchmark binary.
@@ -61,7 +66,7 @@ impl Which {
     /// `cargo build --release` arguments that produce the binary.
     fn build_args(self) -> &'static [&'static str] {
         match self {
-            Self::Redirect | Self::Proxy | Self::E2e | Self::Scrub | Self::Soak => {
+            Self::Redirect | Self::Proxy | Self::E2e | Self::Scrub | Self::Soak | Self::Peers => {
                 &["-p", "paddock-tests", "-p", "paddock-app", "--bins"]
             }
             Self::Broker => &[
