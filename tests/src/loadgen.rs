@@ -370,7 +370,13 @@ mod tests {
             first_error: Some("reset".into()),
             ..ok.clone()
         };
-        assert!(errors.check().unwrap_err().to_string().contains("reset"));
+        assert!(
+            errors
+                .check()
+                .expect_err("failures")
+                .to_string()
+                .contains("reset")
+        );
         assert!(LoadResult::default().check().is_err());
         assert!(LoadResult::default().per_sec().abs() < f64::EPSILON);
     }

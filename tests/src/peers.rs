@@ -36,12 +36,12 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
     // After the name: state(3) ppid(4) ... utime(14) stime(15).
     let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
     let field = |n: usize| rest.get(n - 3).copied();
-    let ppid = field(4)?.parse().ok()?;
+    let parent = field(4)?.parse().ok()?;
     let utime: u64 = field(14)?.parse().ok()?;
     let stime: u64 = field(15)?.parse().ok()?;
     Some(ProcStat {
         pid,
-        ppid,
+        ppid: parent,
         ticks: utime + stime,
     })
 }
@@ -189,29 +189,28 @@ pub fn ensure_squid() -> Result<()> {
         .output()
         .ok()
         .filter(|o| o.status.success());
-    let out = match installed {
-        Some(o) => o,
-        None => {
-            eprintln!("bench peers: squid is missing; apt-get install -y squid-openssl");
-            let apt = |args: &[&str]| {
-                Command::new("apt-get")
-                    .args(args)
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .stdout(Stdio::null())
-                    .status()
-                    .context("run apt-get")
-            };
-            let install = ["install", "-y", "squid-openssl"];
-            // A machine whose package lists were never fetched knows no squid-openssl yet.
-            if !apt(&install)?.success() {
-                apt(&["update"])?;
-                let status = apt(&install)?;
-                if !status.success() {
-                    bail!("apt-get install -y squid-openssl failed: {status}");
-                }
+    let out = if let Some(o) = installed {
+        o
+    } else {
+        eprintln!("bench peers: squid is missing; apt-get install -y squid-openssl");
+        let apt = |args: &[&str]| {
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null())
+                .status()
+                .context("run apt-get")
+        };
+        let install = ["install", "-y", "squid-openssl"];
+        // A machine whose package lists were never fetched knows no squid-openssl yet.
+        if !apt(&install)?.success() {
+            apt(&["update"])?;
+            let status = apt(&install)?;
+            if !status.success() {
+                bail!("apt-get install -y squid-openssl failed: {status}");
             }
-            Command::new("squid").arg("-v").output()?
         }
+        Command::new("squid").arg("-v").output()?
     };
     let text = String::from_utf8_lossy(&out.stdout);
     if !text.contains("--with-openssl") || !Path::new(CERTGEN).exists() {
@@ -268,6 +267,10 @@ impl Squid {
     /// `host_ip` through a hosts file) and trusting `upstream_ca` for the upstream leg. Its
     /// files live in `dir/squid` (`dir` must be traversable by Debian's `proxy` user: squid
     /// refuses to run as root and drops to it).
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one squid configuration and start-up sequence, read top to bottom"
+    )]
     pub fn start(
         ns: &Netns,
         dir: &Path,

@@ -410,6 +410,10 @@ fn main() -> Result<()> {
     print_section(&get)
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "the section's prose and table, printed in order"
+)]
 fn print_section(get: &dyn Fn(Mode, Workload) -> Result<Measurement>) -> Result<()> {
     let paddock = git_commit().map_or_else(
         || format!("Paddock {}", env!("CARGO_PKG_VERSION")),
