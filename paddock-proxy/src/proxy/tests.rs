@@ -271,6 +271,20 @@ impl Rig {
     }
 }
 
+/// A TLS client trusting only `root`.
+fn tls_client(root: &rustls_pki_types::CertificateDer<'static>) -> tokio_rustls::TlsConnector {
+    let mut roots = RootCertStore::empty();
+    roots.add(root.clone()).expect("root");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
 /// GET `/path` over TLS with SNI `name` on `tcp`, trusting only `root`.
 async fn get_trusting(
     tcp: TcpStream,
@@ -279,16 +293,7 @@ async fn get_trusting(
     root: &rustls_pki_types::CertificateDer<'static>,
 ) -> std::io::Result<String> {
     {
-        let mut roots = RootCertStore::empty();
-        roots.add(root.clone()).expect("root");
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let connector = tls_client(root);
         let server = ServerName::try_from(name.to_owned()).expect("name");
         let mut tls = connector.connect(server, tcp).await?;
         tls.write_all(
@@ -461,16 +466,8 @@ async fn drain_closes_idle_keep_alive_connections_and_stops_accepting() {
     let rig = rig(false).await;
     // A keep-alive connection with one completed request, then idle.
     let tcp = rig.connect(rig.upstream).await;
-    let mut roots = RootCertStore::empty();
-    roots.add(rig.run_root.clone()).expect("root");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let connector = tls_client(&rig.run_root);
+    let mut tls = connector
         .connect(ServerName::try_from("app.test").expect("name"), tcp)
         .await
         .expect("handshake");
@@ -1010,16 +1007,8 @@ async fn a_reloaded_policy_file_refuses_requests_on_open_connections() {
     let rig = rig_full(false, None, file.clone(), Some(Duration::ZERO)).await;
 
     let tcp = rig.connect(rig.upstream).await;
-    let mut roots = RootCertStore::empty();
-    roots.add(rig.run_root.clone()).expect("root");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let connector = tls_client(&rig.run_root);
+    let tls = connector
         .connect(ServerName::try_from("app.test").expect("name"), tcp)
         .await
         .expect("agent TLS");
@@ -1155,16 +1144,8 @@ async fn a_withdrawn_destination_closes_an_open_passthrough() {
     let file = Arc::new(crate::policy::PolicyFile::open(&path).expect("policy file"));
     let rig = rig_full(false, None, file.clone(), Some(Duration::from_millis(50))).await;
     let tcp = rig.connect(rig.upstream).await;
-    let mut roots = RootCertStore::empty();
-    roots.add(rig.upstream_root.clone()).expect("root");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let connector = tls_client(&rig.upstream_root);
+    let mut tls = connector
         .connect(ServerName::try_from("app.test").expect("name"), tcp)
         .await
         .expect("TLS through");
