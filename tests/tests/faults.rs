@@ -309,7 +309,9 @@ async fn a_broker_killed_with_a_substitution_in_flight_answers_502_and_sends_not
 
         tokens.hold.store(true, Ordering::SeqCst);
         let (status, after_kill) = std::thread::scope(|s| {
-            let agent = s.spawn(|| lab.curl("/during", &placeholder));
+            // Another query name is another request shape: no reused grant covers it, so
+            // the proxy asks the broker (which then waits on the held fetch).
+            let agent = s.spawn(|| lab.curl("/during?shape=fresh", &placeholder));
             // The broker is inside substitute-auth, waiting on its token fetch: kill it now.
             wait_for(Duration::from_secs(10), "the held token fetch", || {
                 tokens.waiting.load(Ordering::SeqCst) > 0
