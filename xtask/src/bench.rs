@@ -28,6 +28,8 @@ pub enum Which {
     /// Over a million substituted requests through `paddock-proxy run`, its memory and
     /// descriptors sampled every 10 s.
     Soak,
+    /// 10,000 idle intercepted connections: the proxy's memory and descriptors per connection.
+    Idle,
 }
 
 impl Which {
@@ -40,13 +42,15 @@ impl Which {
             Self::Scrub => "scrub",
             Self::Node => "node",
             Self::Soak => "soak",
+            Self::Idle => "idle",
             Self::Peers => "peers",
         }
     }
     fn binary(self) -> &'static str {
         match self {
             Self::Redirect => "pdk-bench-redirect",
-            Self::Proxy => "pdk-bench-proxy",
+            // Idle connections are a mode of the proxy lab.
+            Self::Proxy | Self::Idle => "pdk-bench-proxy",
             Self::Broker => "pdk-bench-broker",
             // The soak is a mode of the end-to-end lab.
             Self::E2e | Self::Soak => "pdk-bench-e2e",
@@ -59,6 +63,7 @@ impl Which {
     fn args(self) -> &'static [&'static str] {
         match self {
             Self::Soak => &["--soak"],
+            Self::Idle => &["--idle"],
             _ => &[],
         }
     }
@@ -66,9 +71,13 @@ impl Which {
     /// `cargo build --release` arguments that produce the binary.
     fn build_args(self) -> &'static [&'static str] {
         match self {
-            Self::Redirect | Self::Proxy | Self::E2e | Self::Scrub | Self::Soak | Self::Peers => {
-                &["-p", "paddock-tests", "-p", "paddock-app", "--bins"]
-            }
+            Self::Redirect
+            | Self::Proxy
+            | Self::E2e
+            | Self::Scrub
+            | Self::Soak
+            | Self::Peers
+            | Self::Idle => &["-p", "paddock-tests", "-p", "paddock-app", "--bins"],
             Self::Broker => &[
                 "-p",
                 "paddock-broker",

@@ -62,9 +62,123 @@ fn wrk_url(lab: &Lab, through: bool, new_connections: bool, url: &str) -> Result
     wrk::parse(&text)
 }
 
+/// Idle intercepted connections held open by `--idle`.
+const IDLE_CONNECTIONS: usize = 10_000;
+
+/// Resident memory of this process (the proxy runs in it), KiB.
+fn own_rss_kib() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/self/status"))
+}
+
+/// Open descriptors of this process.
+fn own_fds() -> Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/fd")?.count())
+}
+
+/// `--idle`: `IDLE_CONNECTIONS` TLS connections through the eBPF path, completed and left
+/// idle; the proxy's memory and descriptors before and while they are open.
+fn idle() -> Result<()> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    // Two descriptors per connection in the proxy (agent and upstream legs) and headroom.
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 65_536, 65_536)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let _guard = rt.enter();
+    let lab = Lab::new(
+        &format!(
+            "max_connections = {}\nidle_timeout_secs = 600",
+            IDLE_CONNECTIONS + 100
+        ),
+        Some("none"),
+    );
+    // Warm the path (leaf, DNS, ALPN) so the baseline holds the per-process state.
+    wrk(&lab, true, false)?;
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (rss0, fds0) = (own_rss_kib()?, own_fds()?);
+    // A Python client in the intercepted cgroup: opens the connections, completes TLS
+    // trusting the run CA, says how many, then waits for its stdin to close.
+    let script = format!(
+        r#"
+import socket, ssl, sys, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+ctx = ssl.create_default_context(cafile="{ca}")
+held = []
+for i in range({IDLE_CONNECTIONS}):
+    s = socket.create_connection(("10.77.0.1", 443), timeout=30)
+    held.append(ctx.wrap_socket(s, server_hostname="app.test"))
+print(len(held), flush=True)
+sys.stdin.read()
+"#,
+        ca = lab.ca()
+    );
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    paddock_tests::process::place(&mut cmd, &lab.agent());
+    let mut child = cmd.spawn()?;
+    let mut line = String::new();
+    BufReader::new(
+        child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
+    )
+    .read_line(&mut line)?;
+    let opened: usize = line.trim().parse().unwrap_or(0);
+    if opened != IDLE_CONNECTIONS {
+        let _ = child.kill();
+        bail!("the client opened {opened} of {IDLE_CONNECTIONS} connections");
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let (rss1, fds1) = (own_rss_kib()?, own_fds()?);
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(lab);
+    #[expect(clippy::cast_precision_loss, reason = "KiB of one process")]
+    let (mib0, mib1) = (rss0 as f64 / 1024.0, rss1 as f64 / 1024.0);
+    #[expect(clippy::cast_precision_loss, reason = "a few KiB per connection")]
+    let per_conn = (rss1.saturating_sub(rss0)) as f64 / IDLE_CONNECTIONS as f64;
+    #[expect(clippy::cast_precision_loss, reason = "tens of thousands at most")]
+    let fds_per_conn = fds1.saturating_sub(fds0) as f64 / IDLE_CONNECTIONS as f64;
+    println!("## Idle intercepted connections (`cargo xtask bench idle`)\n");
+    println!(
+        "{IDLE_CONNECTIONS} TLS connections from a Python client in the eBPF-intercepted cgroup, each \
+         redirected, checked, intercepted (forged leaf, upstream TLS to nginx) and then left idle; \
+         the proxy (in the benchmark's process, with its DNS responder) measured before and while \
+         they are open; `max_connections` raised to {}; kernel {}, {} CPUs.\n",
+        IDLE_CONNECTIONS + 100,
+        kernel(),
+        cpus()
+    );
+    println!("| | RSS (MiB) | descriptors |");
+    println!("|---|---:|---:|");
+    println!("| before | {mib0:.1} | {fds0} |");
+    println!("| {IDLE_CONNECTIONS} idle connections open | {mib1:.1} | {fds1} |");
+    println!(
+        "\n{per_conn:.1} KiB and {fds_per_conn:.2} descriptors per idle intercepted connection."
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("bench proxy needs root (namespaces, cgroups, eBPF)");
+    }
+    if std::env::args().any(|a| a == "--idle") {
+        return idle();
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
