@@ -85,8 +85,10 @@ fn own_fds() -> Result<usize> {
 /// idle; the proxy's memory and descriptors before and while they are open.
 fn idle() -> Result<()> {
     use std::io::{BufRead as _, BufReader, Write as _};
-    // Two descriptors per connection in the proxy (agent and upstream legs) and headroom.
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 65_536, 65_536)?;
+    // A descriptor per connection in the proxy (more once upstream legs exist): as many as
+    // the hard limit allows (raising it needs CAP_SYS_RESOURCE, which containers often lack).
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -108,7 +110,8 @@ fn idle() -> Result<()> {
     let script = format!(
         r#"
 import socket, ssl, sys, resource
-resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 ctx = ssl.create_default_context(cafile="{ca}")
 held = []
 for i in range({IDLE_CONNECTIONS}):
