@@ -159,9 +159,11 @@ sys.stdin.read()
     println!("## Idle intercepted connections (`cargo xtask bench idle`)\n");
     println!(
         "{IDLE_CONNECTIONS} TLS connections from a Python client in the eBPF-intercepted cgroup, each \
-         redirected, checked, intercepted (forged leaf, upstream TLS to nginx) and then left idle; \
-         the proxy (in the benchmark's process, with its DNS responder) measured before and while \
-         they are open; `max_connections` raised to {}; kernel {}, {} CPUs.\n",
+         redirected, checked and intercepted (agent TLS with the forged leaf; upstream's ALPN is \
+         already known, so the upstream leg waits for a first request that never comes) and \
+         then left idle; the proxy (in the benchmark's process, with its DNS responder) measured \
+         before and 3 s after the client opened the last one; `max_connections` raised to {}; \
+         kernel {}, {} CPUs.\n",
         IDLE_CONNECTIONS + 100,
         kernel(),
         cpus()
