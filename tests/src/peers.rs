@@ -116,19 +116,6 @@ pub fn micros_per_request(ticks: u64, per_second: u64, requests: u64) -> f64 {
     t * 1e6 / s / r
 }
 
-/// Runs `openssl` with `args` in `cwd`.
-fn openssl(args: &[&str], cwd: &Path) -> Result<()> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .context("run openssl")?;
-    if !out.status.success() {
-        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
-}
-
 /// Waits (at most `within`) until `probe` accepts in `ns`, failing early when `child` exits.
 fn wait_listening(
     child: &mut Child,
@@ -267,10 +254,6 @@ impl Squid {
     /// `host_ip` through a hosts file) and trusting `upstream_ca` for the upstream leg. Its
     /// files live in `dir/squid` (`dir` must be traversable by Debian's `proxy` user: squid
     /// refuses to run as root and drops to it).
-    #[expect(
-        clippy::too_many_lines,
-        reason = "one squid configuration and start-up sequence, read top to bottom"
-    )]
     pub fn start(
         ns: &Netns,
         dir: &Path,
@@ -281,30 +264,7 @@ impl Squid {
     ) -> Result<Self> {
         let d = dir.join("squid");
         std::fs::create_dir(&d)?;
-        openssl(
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=squid bench CA",
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ],
-            &d,
-        )?;
+        crate::proxied::make_ca(&d, "ca", "squid bench CA");
         let pem = std::fs::read_to_string(d.join("ca.crt"))?
             + &std::fs::read_to_string(d.join("ca.key"))?;
         std::fs::write(d.join("ca.pem"), pem)?;

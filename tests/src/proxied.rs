@@ -35,8 +35,13 @@ fn openssl(args: &[&str], cwd: &Path) {
     );
 }
 
-/// Writes `test-ca.crt` and `server.{crt,key}` (SANs = `names`) into `dir`.
-pub fn make_upstream_certs(dir: &Path, names: &[&str]) {
+/// Writes a two-day P-256 CA certificate and key as `<stem>.crt` and `<stem>.key` into `dir`.
+pub fn make_ca(dir: &Path, stem: &str, common_name: &str) {
+    let (key, crt, subject) = (
+        format!("{stem}.key"),
+        format!("{stem}.crt"),
+        format!("/CN={common_name}"),
+    );
     openssl(
         &[
             "req",
@@ -47,13 +52,13 @@ pub fn make_upstream_certs(dir: &Path, names: &[&str]) {
             "ec_paramgen_curve:P-256",
             "-nodes",
             "-keyout",
-            "test-ca.key",
+            &key,
             "-out",
-            "test-ca.crt",
+            &crt,
             "-days",
             "2",
             "-subj",
-            "/CN=paddock upstream test CA",
+            &subject,
             "-addext",
             "basicConstraints=critical,CA:TRUE",
             "-addext",
@@ -61,6 +66,11 @@ pub fn make_upstream_certs(dir: &Path, names: &[&str]) {
         ],
         dir,
     );
+}
+
+/// Writes `test-ca.crt` and `server.{crt,key}` (SANs = `names`) into `dir`.
+pub fn make_upstream_certs(dir: &Path, names: &[&str]) {
+    make_ca(dir, "test-ca", "paddock upstream test CA");
     openssl(
         &[
             "req",

@@ -19,6 +19,15 @@ fn limits(per_second: u32, burst: u32) -> RateLimitConfig {
     }
 }
 
+/// A broker whose substitution rate limit stays out of the way.
+async fn roomy() -> Fixture {
+    Fixture::start(Options {
+        limits: Some(limits(10_000, 10_000)),
+        ..Options::default()
+    })
+    .await
+}
+
 /// A substituter with a grant cache whose stream is subscribed.
 async fn cached(fx: &Fixture) -> (Arc<BrokerSubstituter>, GrantCache) {
     let client = fx.proxy_client();
@@ -258,11 +267,7 @@ async fn a_revoke_racing_a_thousand_requests_lets_none_through_after_it_returned
 /// returned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_waits_for_the_requests_in_flight_under_its_grant() {
-    let fx = Fixture::start(Options {
-        limits: Some(limits(10_000, 10_000)),
-        ..Options::default()
-    })
-    .await;
+    let fx = roomy().await;
     let (sub, cache) = cached(&fx).await;
     let (lease, gh) = fx.issue("gh").await;
     substitute(sub.as_ref(), &mut gh_request(&gh, "1"), "api.github.com")
@@ -303,11 +308,7 @@ async fn a_revoke_waits_for_the_requests_in_flight_under_its_grant() {
 /// A run's end and a policy change take grants back before they return.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_end_and_policy_changes_take_grants_back_before_returning() {
-    let fx = Fixture::start(Options {
-        limits: Some(limits(10_000, 10_000)),
-        ..Options::default()
-    })
-    .await;
+    let fx = roomy().await;
     let (_, cache) = cached(&fx).await;
     let metrics = Arc::new(crate::metrics::ProxyMetrics::new());
     let sub = Arc::new(
@@ -398,11 +399,7 @@ async fn run_end_and_policy_changes_take_grants_back_before_returning() {
 /// off and waits out its lease, and the proxy no longer uses that grant or subscription.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_that_cannot_acknowledge_is_cut_off_and_waited_out() {
-    let fx = Fixture::start(Options {
-        limits: Some(limits(10_000, 10_000)),
-        ..Options::default()
-    })
-    .await;
+    let fx = roomy().await;
     let (sub, cache) = cached(&fx).await;
     let (lease, gh) = fx.issue("gh").await;
     // Held like a request whose upstream never answers.
@@ -448,11 +445,7 @@ async fn a_proxy_that_cannot_acknowledge_is_cut_off_and_waited_out() {
 /// closed, whatever uses a grant had left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_stream_drops_every_grant() {
-    let mut fx = Fixture::start(Options {
-        limits: Some(limits(10_000, 10_000)),
-        ..Options::default()
-    })
-    .await;
+    let mut fx = roomy().await;
     let (sub, cache) = cached(&fx).await;
     let (_, gh) = fx.issue("gh").await;
     substitute(sub.as_ref(), &mut gh_request(&gh, "1"), "api.github.com")
