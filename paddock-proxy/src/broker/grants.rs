@@ -553,6 +553,13 @@ pub fn grant_key(
     Some(key.into_boxed_slice())
 }
 
+/// The placeholder a [`grant_key`] names (its last field; placeholders hold no NUL).
+#[must_use]
+pub fn key_placeholder(key: &[u8]) -> Option<String> {
+    let start = key.iter().rposition(|b| *b == 0)? + 1;
+    std::str::from_utf8(&key[start..]).ok().map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use paddock_wire::api::GrantEvent;

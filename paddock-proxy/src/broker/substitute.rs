@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use paddock_wire::api::ErrorCode;
 
-use super::grants::{GrantCache, grant_key};
+use super::grants::{GrantCache, grant_key, key_placeholder};
 use super::{BrokerCallError, BrokerClient};
 use crate::http::{
     BoxFuture, Hold, RequestContext, RequestHead, SubstituteError, Substituted, Substituter,
@@ -119,11 +119,15 @@ impl Substituter for BrokerSubstituter {
             }
             // The placeholder as the agent wrote it, to put back where a response reflects
             // the secret (the broker accepts one distinct placeholder per request).
-            let placeholder = first_bearer(head);
             let key = self
                 .grants
                 .as_ref()
                 .and_then(|_| grant_key(head, ctx, self.pod.as_deref()));
+            // A key already names the request's one placeholder: no second scan for it.
+            let placeholder = key
+                .as_deref()
+                .and_then(key_placeholder)
+                .or_else(|| first_bearer(head));
             if let (Some(cache), Some(key)) = (&self.grants, &key)
                 && let Some(hit) = cache.lookup(key)
             {

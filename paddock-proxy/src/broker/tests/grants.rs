@@ -524,6 +524,11 @@ fn grant_keys_follow_the_request_shape_not_its_other_values() {
     let gh_ctx = super::ctx("api.github.com");
     let base = key(&mut gh_request(gh, "a"), &gh_ctx, None).expect("key");
     assert_eq!(
+        crate::broker::grants::key_placeholder(&base).as_deref(),
+        Some(gh),
+        "the key names the placeholder"
+    );
+    assert_eq!(
         key(&mut gh_request(gh, "another id"), &gh_ctx, None),
         Some(base.clone()),
         "other header values do not matter"
