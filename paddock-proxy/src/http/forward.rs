@@ -21,6 +21,7 @@ use super::{
 };
 use crate::audit::{AuditOutcome, redact_placeholders, redacted_path};
 use crate::labels::ScrubLocation;
+use crate::net::prefixed::{PrefixedIo, first_bytes};
 use crate::policy::ConnectionRecheck;
 use crate::scrub;
 
@@ -80,7 +81,7 @@ where
     reason = "the connection's parts, each from a different owner; a struct would only be unpacked here"
 )]
 pub fn serve_connection_until<I, S>(
-    io: I,
+    mut io: I,
     agent_alpn: Option<&[u8]>,
     ctx: RequestContext,
     pool: UpstreamPool,
@@ -102,7 +103,30 @@ where
                 ctx_run: ctx.run,
             });
         }
-        let forwarder = Arc::new(Forwarder {
+        // The drain signal goes to hyper and, after an upgrade, to the tunnels.
+        let shutdown = shutdown.shared();
+        // Nothing of the HTTP server (hyper's read and write buffers, its dispatcher, the
+        // forwarder) exists until the agent sends its first bytes: an idle connection costs
+        // its TLS state only. The wait is bounded as hyper bounds it (the header read
+        // timeout starts with the connection) and ends at the drain.
+        let first = tokio::select! {
+            biased;
+            () = shutdown.clone() => return Ok(()),
+            first = tokio::time::timeout(limits.header_read_timeout, first_bytes(&mut io)) => first,
+        };
+        let io = match first {
+            Ok(Ok(Some(first))) => PrefixedIo::new(first, io),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "agent connection failed before its first request");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::debug!("no request within the header read timeout");
+                return Ok(());
+            }
+        };
+        let forwarder = Forwarder {
             ctx,
             pool,
             substituter,
@@ -110,53 +134,69 @@ where
             audit,
             via: limits.via.clone(),
             tunnels: upgrade::Tunnels::default(),
-        });
-        let tunnels = forwarder.tunnels.clone();
-        // The drain signal goes to hyper and, after an upgrade, to the tunnels.
-        let shutdown = shutdown.shared();
-        // An `Unrecorded` error makes hyper reset the HTTP/2 stream, or close the HTTP/1.1
-        // connection, without an answer.
-        // HTTP/2 streams run in tasks hyper spawns: they carry the connection's span (and so
-        // its `conn` id) only if given it.
-        let span = tracing::Span::current();
-        let service = service_fn(move |req: Request<Incoming>| {
-            let forwarder = Arc::clone(&forwarder);
-            async move { forwarder.handle(req).await }.instrument(span.clone())
-        });
-        let io = TokioIo::new(io);
-        let served = if h2 {
-            let conn = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_header_list_size(limits.h2_header_list_size())
-                .max_concurrent_streams(limits.h2_max_concurrent_streams)
-                .serve_connection(io, service);
-            drive(conn, shutdown.clone(), http2::Connection::graceful_shutdown).await
-        } else {
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .max_buf_size(limits.h1_buf_size())
-                .max_headers(limits.max_headers)
-                .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(io, service)
-                .with_upgrades();
-            drive(
-                conn,
-                shutdown.clone(),
-                http1::UpgradeableConnection::graceful_shutdown,
-            )
-            .await
         };
-        // After an upgrade hyper hands the socket to the tunnel and returns: the connection
-        // lasts as long as its tunnels (each bounded by the idle timeout of its sockets), or
-        // until the drain starts: a tunnel has no request boundary to finish at, so it is
-        // closed then (dropping the wait aborts them) rather than holding the drain to its
-        // timeout.
-        tokio::select! {
-            () = tunnels.wait() => {}
-            () = shutdown => tracing::debug!("drain: closing upgraded tunnels"),
-        }
-        served.map_err(HttpError::Agent)
+        // Boxed: while the connection waited, none of this was allocated.
+        Box::pin(serve_http(io, h2, forwarder, &limits, shutdown)).await
     }
+}
+
+/// The HTTP server of one connection, once its first bytes arrived.
+async fn serve_http<I, S>(
+    io: PrefixedIo<I>,
+    h2: bool,
+    forwarder: Forwarder,
+    limits: &HttpLimits,
+    shutdown: futures_util::future::Shared<S>,
+) -> Result<(), HttpError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Future<Output = ()> + Send + 'static,
+{
+    let forwarder = Arc::new(forwarder);
+    let tunnels = forwarder.tunnels.clone();
+    // An `Unrecorded` error makes hyper reset the HTTP/2 stream, or close the HTTP/1.1
+    // connection, without an answer.
+    // HTTP/2 streams run in tasks hyper spawns: they carry the connection's span (and so
+    // its `conn` id) only if given it.
+    let span = tracing::Span::current();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let forwarder = Arc::clone(&forwarder);
+        // Boxed: hyper keeps a slot the size of this future for the connection's life.
+        Box::pin(async move { forwarder.handle(req).await }.instrument(span.clone()))
+    });
+    let io = TokioIo::new(io);
+    let served = if h2 {
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.h2_header_list_size())
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .serve_connection(io, service);
+        drive(conn, shutdown.clone(), http2::Connection::graceful_shutdown).await
+    } else {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .max_buf_size(limits.h1_buf_size())
+            .max_headers(limits.max_headers)
+            .header_read_timeout(limits.header_read_timeout)
+            .serve_connection(io, service)
+            .with_upgrades();
+        drive(
+            conn,
+            shutdown.clone(),
+            http1::UpgradeableConnection::graceful_shutdown,
+        )
+        .await
+    };
+    // After an upgrade hyper hands the socket to the tunnel and returns: the connection
+    // lasts as long as its tunnels (each bounded by the idle timeout of its sockets), or
+    // until the drain starts: a tunnel has no request boundary to finish at, so it is
+    // closed then (dropping the wait aborts them) rather than holding the drain to its
+    // timeout.
+    tokio::select! {
+        () = tunnels.wait() => {}
+        () = shutdown => tracing::debug!("drain: closing upgraded tunnels"),
+    }
+    served.map_err(HttpError::Agent)
 }
 
 /// A request the proxy answered itself could not be audited, so it is not answered.

@@ -1823,3 +1823,82 @@ async fn the_drain_closes_open_tunnels() {
     })
     .await;
 }
+
+/// Nothing of the HTTP server is built before the agent's first bytes (what keeps an idle
+/// connection cheap), so the wait for them must end as hyper's own wait would: at the drain,
+/// at the header read timeout, and with a request served whole when it comes in pieces.
+#[tokio::test]
+async fn a_connection_waiting_for_its_first_request_ends_at_the_drain_or_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let upstream = Upstream::start(
+        false,
+        Arc::new(|_req| Box::pin(async { Response::new(full("ok")) })),
+    )
+    .await;
+    let serve = |limits: HttpLimits, shutdown: oneshot::Receiver<()>| {
+        let pool = UpstreamPool::new("run-1", upstream.connector(), &limits);
+        let (agent, proxy_side) = tokio::io::duplex(64 * 1024);
+        let served = tokio::spawn(super::serve_connection_until(
+            proxy_side,
+            None,
+            ctx(),
+            pool,
+            noop(),
+            unobserved_audit(),
+            limits,
+            None,
+            async move {
+                let _ = shutdown.await;
+            },
+        ));
+        (agent, served)
+    };
+
+    // The drain closes a connection that never sent a byte.
+    let (tx, rx) = oneshot::channel();
+    let (mut agent, served) = serve(HttpLimits::default(), rx);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!served.is_finished(), "ended before the drain");
+    tx.send(()).expect("drain");
+    within("drained", served)
+        .await
+        .expect("task")
+        .expect("clean end");
+    let mut buf = [0u8; 16];
+    assert_eq!(agent.read(&mut buf).await.expect("eof"), 0);
+
+    // So does the header read timeout.
+    let limits = HttpLimits {
+        header_read_timeout: Duration::from_millis(200),
+        ..HttpLimits::default()
+    };
+    let (_tx, rx) = oneshot::channel();
+    let (mut agent, served) = serve(limits.clone(), rx);
+    within("timed out", served)
+        .await
+        .expect("task")
+        .expect("clean end");
+    assert_eq!(agent.read(&mut buf).await.expect("eof"), 0);
+
+    // A request whose first byte comes alone is served whole.
+    let (_tx, rx) = oneshot::channel();
+    let (mut agent, served) = serve(limits, rx);
+    agent.write_all(b"G").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    agent
+        .write_all(b"ET /piece HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    within("answer", agent.read_to_end(&mut answer))
+        .await
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("ok"), "{answer}");
+    within("served", served)
+        .await
+        .expect("task")
+        .expect("clean end");
+    assert_eq!(upstream.seen()[0].uri.path(), "/piece");
+}

@@ -4,6 +4,8 @@
 pub mod cidr;
 pub mod dial;
 
+pub mod prefixed;
+
 pub use cidr::{CidrConfig, CidrConfigError, CidrPolicy, DeniedCidr, Embedding, RangeKind};
 pub mod resolve;
 pub mod splice;

@@ -94,9 +94,8 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream, conn: ConnId)
         sni: Some(&name),
         port,
     };
-    let admitted = p
-        .admission(&stream, &info, &name, Vet::Name, true, deadline)
-        .await;
+    // Boxed, as every state that does not last (see `transparent::serve`).
+    let admitted = Box::pin(p.admission(&stream, &info, &name, Vet::Name, true, deadline)).await;
     let (host, addrs, passthrough) = match admitted {
         Admission::Admitted {
             host,
@@ -146,10 +145,16 @@ pub(super) async fn serve(p: Arc<Pipeline>, mut stream: TcpStream, conn: ConnId)
     }
     if passthrough {
         // The SNI is the authority (checked above) or absent for an IP literal authority.
-        passthrough::serve(&p, stream, &host, port, &addrs, deadline, &info).await;
+        Box::pin(passthrough::serve(
+            &p, stream, &host, port, &addrs, deadline, &info,
+        ))
+        .await;
         return;
     }
-    transparent::intercept(&p, stream, &host, port, &hello, &addrs, deadline, &info).await;
+    Box::pin(transparent::intercept(
+        &p, stream, &host, port, &hello, &addrs, deadline, &info,
+    ))
+    .await;
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! Stream wrappers for both legs: an idle timeout that also counts bytes, and a stream that
-//! replays bytes already read from it.
+//! Stream wrappers for both legs: an idle timeout that also counts bytes, and reading an
+//! HTTP/1 request head.
 
 use std::io;
 use std::pin::Pin;
@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -128,59 +127,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     }
 }
 
-/// A stream whose first bytes were already read (a request head): they are replayed first.
-#[derive(Debug)]
-pub struct PrefixedIo<T> {
-    prefix: Bytes,
-    inner: T,
-}
-
-impl<T> PrefixedIo<T> {
-    pub fn new(prefix: Bytes, inner: T) -> Self {
-        Self { prefix, inner }
-    }
-
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for PrefixedIo<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.prefix.has_remaining() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix[..n]);
-            this.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
 /// Reads an HTTP/1 request head (through the blank line) from `io`, at most `max` bytes.
 ///
 /// Returns the head and whatever arrived after it in the same reads.
@@ -224,6 +170,9 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use bytes::Bytes;
+
+    use crate::net::prefixed::PrefixedIo;
 
     #[tokio::test]
     async fn head_is_split_from_the_body_and_replayed() {

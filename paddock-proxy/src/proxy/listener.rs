@@ -73,11 +73,11 @@ pub async fn run_listener(p: Arc<Pipeline>, listener: TcpListener, kind: Listene
             async move {
                 let _permit = permit;
                 let _active = p.metrics.track_connection();
-                let served = async move {
-                    match kind {
-                        ListenerKind::Transparent => transparent::serve(p, stream, conn).await,
-                        ListenerKind::Connect => connect::serve(p, stream, conn).await,
-                    }
+                // Boxed: a task is as large as the largest state of its future, and each
+                // mode's future is tens of KiB; the task then holds only what is live.
+                let served: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match kind {
+                    ListenerKind::Transparent => Box::pin(transparent::serve(p, stream, conn)),
+                    ListenerKind::Connect => Box::pin(connect::serve(p, stream, conn)),
                 };
                 // Dropping the connection's future closes its sockets (both legs).
                 tokio::select! {

@@ -11,11 +11,12 @@ use tokio::time::Instant;
 
 use super::admission::{Admission, Vet};
 use super::head::{ParsedHead, host_of, parse_head};
-use super::io::{IdleIo, PrefixedIo, read_head};
+use super::io::{IdleIo, read_head};
 use super::{ConnInfo, Pipeline};
 use crate::audit::ConnId;
 use crate::http::{RequestContext, serve_denial};
 use crate::labels::Direction;
+use crate::net::prefixed::PrefixedIo;
 use crate::policy::Mode;
 
 const BAD_REQUEST: &[u8] =

@@ -70,33 +70,45 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, conn: ConnId) {
         sni: Some(&sni),
         ..info
     };
-    let admitted = p
-        .admission(
-            &stream,
-            &info,
-            &sni,
-            Vet::OriginalDst(dst.ip()),
-            p.deny_page,
-            deadline,
-        )
-        .await;
+    // Boxed: the decision (policy, DNS, vetting) is a large future that does not outlive it,
+    // and this one lasts as long as the connection.
+    let admitted = Box::pin(p.admission(
+        &stream,
+        &info,
+        &sni,
+        Vet::OriginalDst(dst.ip()),
+        p.deny_page,
+        deadline,
+    ))
+    .await;
     let (host, addrs) = match admitted {
         Admission::Admitted {
             host,
             addrs,
             passthrough: true,
         } => {
-            passthrough::serve(&p, stream, &host, dst.port(), &addrs, deadline, &info).await;
+            Box::pin(passthrough::serve(
+                &p,
+                stream,
+                &host,
+                dst.port(),
+                &addrs,
+                deadline,
+                &info,
+            ))
+            .await;
             return;
         }
         Admission::Admitted { host, addrs, .. } => (host, addrs),
         Admission::Denied { reason } => {
-            deny_page(&p, stream, &sni, &hello, &reason).await;
+            Box::pin(deny_page(&p, stream, &sni, &hello, &reason)).await;
             return;
         }
         Admission::Refused => return,
     };
-    intercept(
+    // Each later state is boxed where it starts (see `intercept`), so this future stays small
+    // while the connection is served.
+    Box::pin(intercept(
         &p,
         stream,
         &host,
@@ -105,7 +117,7 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, conn: ConnId) {
         &addrs,
         deadline,
         &info,
-    )
+    ))
     .await;
 }
 
@@ -193,7 +205,8 @@ pub(super) async fn intercept(
     let upstream_alpn = if let Some(known) = p.alpn_cache.get(host, port, offer) {
         known.chosen
     } else {
-        let Some(upstream) = probe_upstream(p, host, port, offer, addrs, deadline).await else {
+        let Some(upstream) = Box::pin(probe_upstream(p, host, port, offer, addrs, deadline)).await
+        else {
             reset(&stream);
             return;
         };
@@ -222,9 +235,9 @@ pub(super) async fn intercept(
         port,
         sni: Some(host.to_owned()),
     };
-    let served = p
-        .serve_requests(agent, negotiated.as_deref(), ctx, info)
-        .await;
+    // Boxed: what serves requests is the one state that lasts, so the handshake's states
+    // must not be carried along in the same allocation.
+    let served = Box::pin(p.serve_requests(agent, negotiated.as_deref(), ctx, info)).await;
     if let Err(e) = served {
         tracing::debug!(error = %e, "agent connection ended with an error");
     }

@@ -82,7 +82,8 @@ fn own_fds() -> Result<usize> {
 }
 
 /// `--idle`: `IDLE_CONNECTIONS` TLS connections through the eBPF path, completed and left
-/// idle; the proxy's memory and descriptors before and while they are open.
+/// idle; the proxy's memory and descriptors before, while they wait for a first request, and
+/// after each has carried one request (the HTTP server's buffers then exist).
 fn idle() -> Result<()> {
     use std::io::{BufRead as _, BufReader, Write as _};
     // A descriptor per connection in the proxy (more once upstream legs exist): as many as
@@ -94,9 +95,11 @@ fn idle() -> Result<()> {
         .enable_all()
         .build()?;
     let _guard = rt.enter();
+    // The handshake timeout also bounds the wait for a connection's first request: raised so
+    // the first connections are still open when the last one is.
     let lab = Lab::new(
         &format!(
-            "max_connections = {}\nidle_timeout_secs = 600",
+            "max_connections = {}\nidle_timeout_secs = 600\nhandshake_timeout_secs = 600",
             IDLE_CONNECTIONS + 100
         ),
         Some("none"),
@@ -106,7 +109,8 @@ fn idle() -> Result<()> {
     std::thread::sleep(std::time::Duration::from_secs(2));
     let (rss0, fds0) = (own_rss_kib()?, own_fds()?);
     // A Python client in the intercepted cgroup: opens the connections, completes TLS
-    // trusting the run CA, says how many, then waits for its stdin to close.
+    // trusting the run CA, says how many; on a line from stdin sends one request on each and
+    // reads its answer, says so, then waits for its stdin to close.
     let script = format!(
         r#"
 import socket, ssl, sys, resource
@@ -118,6 +122,30 @@ for i in range({IDLE_CONNECTIONS}):
     s = socket.create_connection(("10.77.0.1", 443), timeout=30)
     held.append(ctx.wrap_socket(s, server_hostname="app.test"))
 print(len(held), flush=True)
+sys.stdin.readline()
+answered = 0
+for s in held:
+    s.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    if head.startswith(b"HTTP/1.1 200") and len(body) == length:
+        answered += 1
+print(answered, flush=True)
 sys.stdin.read()
 "#,
         ca = lab.ca()
@@ -129,51 +157,84 @@ sys.stdin.read()
         .stdout(std::process::Stdio::piped());
     paddock_tests::process::place(&mut cmd, &lab.agent());
     let mut child = cmd.spawn()?;
-    let mut line = String::new();
-    BufReader::new(
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdin"))?;
+    let mut out = BufReader::new(
         child
             .stdout
             .take()
             .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
-    )
-    .read_line(&mut line)?;
-    let opened: usize = line.trim().parse().unwrap_or(0);
-    if opened != IDLE_CONNECTIONS {
-        let _ = child.kill();
-        bail!("the client opened {opened} of {IDLE_CONNECTIONS} connections");
-    }
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    let (rss1, fds1) = (own_rss_kib()?, own_fds()?);
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(b"");
-    }
+    );
+    let mut read_count = || -> Result<usize> {
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        Ok(line.trim().parse().unwrap_or(0))
+    };
+    let measured = (|| -> Result<[(u64, usize); 2]> {
+        let opened = read_count()?;
+        if opened != IDLE_CONNECTIONS {
+            bail!("the client opened {opened} of {IDLE_CONNECTIONS} connections");
+        }
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        let waiting = (own_rss_kib()?, own_fds()?);
+        stdin.write_all(b"go\n")?;
+        stdin.flush()?;
+        let answered = read_count()?;
+        if answered != IDLE_CONNECTIONS {
+            bail!("{answered} of {IDLE_CONNECTIONS} requests were answered");
+        }
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        let used = (own_rss_kib()?, own_fds()?);
+        Ok([waiting, used])
+    })();
+    drop(stdin);
     let _ = child.kill();
     let _ = child.wait();
     drop(lab);
+    let [(rss1, fds1), (rss2, fds2)] = measured?;
+    // Every connection must still be open in the proxy when measured, or the figure is
+    // per fewer connections than it claims.
+    for (what, fds) in [("waiting", fds1), ("after a request", fds2)] {
+        if fds.saturating_sub(fds0) < IDLE_CONNECTIONS {
+            bail!(
+                "{what}: the proxy holds {} new descriptors for {IDLE_CONNECTIONS} connections",
+                fds.saturating_sub(fds0)
+            );
+        }
+    }
     #[expect(clippy::cast_precision_loss, reason = "KiB of one process")]
-    let (mib0, mib1) = (rss0 as f64 / 1024.0, rss1 as f64 / 1024.0);
+    let mib = |kib: u64| kib as f64 / 1024.0;
     #[expect(clippy::cast_precision_loss, reason = "a few KiB per connection")]
-    let per_conn = (rss1.saturating_sub(rss0)) as f64 / IDLE_CONNECTIONS as f64;
-    #[expect(clippy::cast_precision_loss, reason = "tens of thousands at most")]
-    let fds_per_conn = fds1.saturating_sub(fds0) as f64 / IDLE_CONNECTIONS as f64;
+    let per_conn = |kib: u64| kib.saturating_sub(rss0) as f64 / IDLE_CONNECTIONS as f64;
     println!("## Idle intercepted connections (`cargo xtask bench idle`)\n");
     println!(
         "{IDLE_CONNECTIONS} TLS connections from a Python client in the eBPF-intercepted cgroup, each \
          redirected, checked and intercepted (agent TLS with the forged leaf; upstream's ALPN is \
-         already known, so the upstream leg waits for a first request that never comes) and \
-         then left idle; the proxy (in the benchmark's process, with its DNS responder) measured \
-         before and 3 s after the client opened the last one; `max_connections` raised to {}; \
-         kernel {}, {} CPUs.\n",
+         already known, so no upstream leg is opened before a request) and then left idle; the \
+         proxy (in the benchmark's process, with its DNS responder) measured before, 3 s after \
+         the client opened the last one, and 3 s after the client sent one request on each \
+         (one after another, answers read whole: upstream legs are reused, the agent legs stay \
+         open and idle); `max_connections` raised to {}, the handshake timeout (which also \
+         bounds the wait for a first request) to 600 s; the run fails unless the proxy holds a \
+         descriptor for every connection at both points; kernel {}, {} CPUs.\n",
         IDLE_CONNECTIONS + 100,
         kernel(),
         cpus()
     );
-    println!("| | RSS (MiB) | descriptors |");
-    println!("|---|---:|---:|");
-    println!("| before | {mib0:.1} | {fds0} |");
-    println!("| {IDLE_CONNECTIONS} idle connections open | {mib1:.1} | {fds1} |");
+    println!("| | RSS (MiB) | descriptors | KiB per connection |");
+    println!("|---|---:|---:|---:|");
+    println!("| before | {:.1} | {fds0} | - |", mib(rss0));
     println!(
-        "\n{per_conn:.1} KiB and {fds_per_conn:.2} descriptors per idle intercepted connection."
+        "| {IDLE_CONNECTIONS} open, before their first request | {:.1} | {fds1} | {:.1} |",
+        mib(rss1),
+        per_conn(rss1)
+    );
+    println!(
+        "| {IDLE_CONNECTIONS} open, idle after one request each | {:.1} | {fds2} | {:.1} |",
+        mib(rss2),
+        per_conn(rss2)
     );
     Ok(())
 }
