@@ -81,37 +81,11 @@ fn own_fds() -> Result<usize> {
     Ok(std::fs::read_dir("/proc/self/fd")?.count())
 }
 
-/// `--idle`: `IDLE_CONNECTIONS` TLS connections through the eBPF path, completed and left
-/// idle; the proxy's memory and descriptors before, while they wait for a first request, and
-/// after each has carried one request (the HTTP server's buffers then exist).
-fn idle() -> Result<()> {
-    use std::io::{BufRead as _, BufReader, Write as _};
-    // A descriptor per connection in the proxy (more once upstream legs exist): as many as
-    // the hard limit allows (raising it needs CAP_SYS_RESOURCE, which containers often lack).
-    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let _guard = rt.enter();
-    // The handshake timeout also bounds the wait for a connection's first request: raised so
-    // the first connections are still open when the last one is.
-    let lab = Lab::new(
-        &format!(
-            "max_connections = {}\nidle_timeout_secs = 600\nhandshake_timeout_secs = 600",
-            IDLE_CONNECTIONS + 100
-        ),
-        Some("none"),
-    );
-    // Warm the path (leaf, DNS, ALPN) so the baseline holds the per-process state.
-    wrk(&lab, true, false)?;
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let (rss0, fds0) = (own_rss_kib()?, own_fds()?);
-    // A Python client in the intercepted cgroup: opens the connections, completes TLS
-    // trusting the run CA, says how many; on a line from stdin sends one request on each and
-    // reads its answer, says so, then waits for its stdin to close.
-    let script = format!(
+/// The Python client of `--idle`: opens the connections, completes TLS trusting the run CA,
+/// says how many; on a line from stdin sends one request on each and reads its answer, says
+/// how many were answered, then waits for its stdin to close.
+fn idle_client(ca: &str) -> String {
+    format!(
         r#"
 import socket, ssl, sys, resource
 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -147,9 +121,39 @@ for s in held:
         answered += 1
 print(answered, flush=True)
 sys.stdin.read()
-"#,
-        ca = lab.ca()
+"#
+    )
+}
+
+/// `--idle`: `IDLE_CONNECTIONS` TLS connections through the eBPF path, completed and left
+/// idle; the proxy's memory and descriptors before, while they wait for a first request, and
+/// after each has carried one request (the HTTP server's buffers then exist).
+fn idle() -> Result<()> {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    // A descriptor per connection in the proxy (more once upstream legs exist): as many as
+    // the hard limit allows (raising it needs CAP_SYS_RESOURCE, which containers often lack).
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let _guard = rt.enter();
+    // The handshake timeout also bounds the wait for a connection's first request: raised so
+    // the first connections are still open when the last one is.
+    let lab = Lab::new(
+        &format!(
+            "max_connections = {}\nidle_timeout_secs = 600\nhandshake_timeout_secs = 600",
+            IDLE_CONNECTIONS + 100
+        ),
+        Some("none"),
     );
+    // Warm the path (leaf, DNS, ALPN) so the baseline holds the per-process state.
+    wrk(&lab, true, false)?;
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (rss0, fds0) = (own_rss_kib()?, own_fds()?);
+    // The client runs in the intercepted cgroup.
+    let script = idle_client(&lab.ca());
     let mut cmd = Command::new("python3");
     cmd.arg("-c")
         .arg(script)
@@ -204,6 +208,12 @@ sys.stdin.read()
             );
         }
     }
+    print_idle(rss0, fds0, [(rss1, fds1), (rss2, fds2)]);
+    Ok(())
+}
+
+/// The `--idle` table.
+fn print_idle(rss0: u64, fds0: usize, [(rss1, fds1), (rss2, fds2)]: [(u64, usize); 2]) {
     #[expect(clippy::cast_precision_loss, reason = "KiB of one process")]
     let mib = |kib: u64| kib as f64 / 1024.0;
     #[expect(clippy::cast_precision_loss, reason = "a few KiB per connection")]
@@ -236,7 +246,6 @@ sys.stdin.read()
         mib(rss2),
         per_conn(rss2)
     );
-    Ok(())
 }
 
 fn main() -> Result<()> {
