@@ -167,7 +167,9 @@ worker_processes 1;
 daemon off;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
+# Room for the first-contact benchmark's thousand connections at once.
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
 http {{
     access_log off;
     client_body_temp_path {d}/tmp/body;
@@ -177,8 +179,8 @@ http {{
     scgi_temp_path {d}/tmp/scgi;
     keepalive_requests 1000000;
     server {{
-        listen 443 ssl http2;
-        listen [::]:443 ssl http2;
+        listen 443 ssl http2 backlog=4096;
+        listen [::]:443 ssl http2 backlog=4096;
         listen 80;
         ssl_certificate {d}/server.crt;
         ssl_certificate_key {d}/server.key;
@@ -565,10 +567,19 @@ pub const DNS: &str = "127.0.0.1:5353";
 pub const MARK: u32 = 0x70ad;
 /// The test host (nginx) address.
 pub const HOST_V4: &str = "10.77.0.1";
+/// How many `n<i>.many.test` names the lab's DNS answers (all the test host).
+pub const MANY_NAMES: usize = 1000;
+
+/// The `i`-th of the lab's many names.
+#[must_use]
+pub fn many_name(i: usize) -> String {
+    format!("n{i}.many.test")
+}
 
 /// Policy of the lab: `app.test`, `app6.test`, `rebind.test` and `cidr.test` allowed on 443 and 80;
 /// `pass.test` (the same test host) relayed without TLS termination on 443; everything else
-/// (`denied.test`) denied.
+/// (`denied.test`) denied; [`MANY_NAMES`] distinct names under `many.test` (the test host
+/// again, its certificate has `*.many.test`) allowed on 443, for first-contact benchmarks.
 pub const POLICY: &str = r#"
 [[rule]]
 name = "test-hosts"
@@ -580,6 +591,11 @@ name = "pass-through"
 hosts = ["pass.test"]
 ports = [443]
 action = "passthrough"
+
+[[rule]]
+name = "many-names"
+hosts = ["*.many.test"]
+ports = [443]
 "#;
 
 /// An agent namespace + intercepted cgroup, a test host running nginx, a DNS responder and
@@ -617,6 +633,7 @@ impl Lab {
                 "rebind.test",
                 "cidr.test",
                 "pass.test",
+                "*.many.test",
             ],
         );
         std::fs::write(d.join("policy.toml"), POLICY).expect("policy");
@@ -635,10 +652,11 @@ impl Lab {
         // The proxy runs in this process: answer SO_ORIGINAL_DST for its accepted sockets.
         ic.attach_proxy(&Cgroup::current().expect("own cgroup"))
             .unwrap_or_else(|e| panic!("attach proxy: {e}"));
+        let many = (0..MANY_NAMES).map(|i| (many_name(i), Ipv4Addr::new(10, 77, 0, 1).into()));
         let dns = DnsResponder::start(
             &topo.agent,
             DNS.parse().expect("addr"),
-            vec![
+            many.chain([
                 ("app.test".into(), Ipv4Addr::new(10, 77, 0, 1).into()),
                 ("pass.test".into(), Ipv4Addr::new(10, 77, 0, 1).into()),
                 // Resolves elsewhere than where the agent connects: a rebinding mismatch.
@@ -651,7 +669,8 @@ impl Lab {
                     "app6.test".into(),
                     Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1).into(),
                 ),
-            ],
+            ])
+            .collect(),
         );
         let ws_addr: SocketAddr = "127.0.0.1:8090".parse().expect("addr");
         let ws = ws_echo(&topo.upstream, ws_addr);

@@ -30,6 +30,9 @@ pub enum Which {
     Soak,
     /// 10,000 idle intercepted connections: the proxy's memory and descriptors per connection.
     Idle,
+    /// 1,000 concurrent first contacts to 1,000 distinct names (a leaf forged for each) vs
+    /// direct and vs the same names again.
+    FirstContacts,
 }
 
 impl Which {
@@ -43,6 +46,7 @@ impl Which {
             Self::Node => "node",
             Self::Soak => "soak",
             Self::Idle => "idle",
+            Self::FirstContacts => "first-contacts",
             Self::Peers => "peers",
         }
     }
@@ -50,7 +54,7 @@ impl Which {
         match self {
             Self::Redirect => "pdk-bench-redirect",
             // Idle connections are a mode of the proxy lab.
-            Self::Proxy | Self::Idle => "pdk-bench-proxy",
+            Self::Proxy | Self::Idle | Self::FirstContacts => "pdk-bench-proxy",
             Self::Broker => "pdk-bench-broker",
             // The soak is a mode of the end-to-end lab.
             Self::E2e | Self::Soak => "pdk-bench-e2e",
@@ -64,6 +68,7 @@ impl Which {
         match self {
             Self::Soak => &["--soak"],
             Self::Idle => &["--idle"],
+            Self::FirstContacts => &["--first-contacts"],
             _ => &[],
         }
     }
@@ -77,7 +82,8 @@ impl Which {
             | Self::Scrub
             | Self::Soak
             | Self::Peers
-            | Self::Idle => &["-p", "paddock-tests", "-p", "paddock-app", "--bins"],
+            | Self::Idle
+            | Self::FirstContacts => &["-p", "paddock-tests", "-p", "paddock-app", "--bins"],
             Self::Broker => &[
                 "-p",
                 "paddock-broker",

@@ -248,12 +248,190 @@ fn print_idle(rss0: u64, fds0: usize, [(rss1, fds1), (rss2, fds2)]: [(u64, usize
     );
 }
 
+/// The Python client of `--first-contacts`: opens one connection to each of `MANY_NAMES`
+/// names at once (asyncio), sends a GET on each and reads the whole answer; prints how many
+/// succeeded, the wall time, and each success's latency (connect to last byte), seconds.
+const FIRST_CONTACT_CLIENT: &str = r#"
+import asyncio, ssl, sys, time, resource
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+n, ca, addr = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+async def one(i):
+    name = f"n{i}.many.test"
+    t0 = time.monotonic()
+    r, w = await asyncio.wait_for(asyncio.open_connection(addr, 443, ssl=ctx, server_hostname=name), 60)
+    try:
+        w.write(f"GET /hello.txt HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 60)
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            k, _, v = line.partition(b":")
+            if k.strip().lower() == b"content-length":
+                length = int(v)
+        await asyncio.wait_for(r.readexactly(length), 60)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head[:40])
+        return time.monotonic() - t0
+    finally:
+        w.close()
+async def main():
+    t0 = time.monotonic()
+    res = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+    wall = time.monotonic() - t0
+    ok = sorted(x for x in res if isinstance(x, float))
+    errs = [repr(x) for x in res if not isinstance(x, float)]
+    if errs:
+        print(errs[0], file=sys.stderr)
+    print(len(ok), wall, " ".join(f"{x:.6f}" for x in ok))
+asyncio.run(main())
+"#;
+
+/// One `--first-contacts` pass: (succeeded, wall seconds, sorted latencies in seconds).
+fn contact_pass(lab: &Lab, through: bool) -> Result<(usize, f64, Vec<f64>)> {
+    use paddock_tests::proxied::{HOST_V4, MANY_NAMES};
+    let ca = if through {
+        lab.ca()
+    } else {
+        lab.dir.path().join("test-ca.crt").display().to_string()
+    };
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c")
+        .arg(FIRST_CONTACT_CLIENT)
+        .arg(MANY_NAMES.to_string())
+        .arg(ca)
+        .arg(HOST_V4);
+    paddock_tests::process::place(
+        &mut cmd,
+        &if through {
+            lab.agent()
+        } else {
+            lab.beside_agent()
+        },
+    );
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut fields = text.split_whitespace();
+    let ok: usize = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+    let wall: f64 = fields.next().and_then(|f| f.parse().ok()).unwrap_or(0.0);
+    let lat: Vec<f64> = fields.filter_map(|f| f.parse().ok()).collect();
+    if !out.status.success() || ok != MANY_NAMES {
+        bail!(
+            "{ok} of {MANY_NAMES} first contacts succeeded ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok((ok, wall, lat))
+}
+
+/// The proxy's `paddock_proxy_leaf_forges_total`, read from its admin listener.
+fn leaf_forges(lab: &Lab) -> Result<u64> {
+    use paddock_tests::proxied::ADMIN;
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c").arg(format!(
+        "import urllib.request; print(urllib.request.urlopen('http://{ADMIN}/metrics', timeout=10).read().decode())"
+    ));
+    paddock_tests::process::place(&mut cmd, &lab.beside_agent());
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("paddock_proxy_leaf_forges_total "))
+        // Counters are exposed as integers.
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| anyhow::anyhow!("no leaf_forges_total in the admin metrics"))
+}
+
+/// `--first-contacts`: `MANY_NAMES` concurrent first contacts to as many distinct names
+/// through the eBPF path (a leaf forged and an upstream probe for each), against the same
+/// contacts direct and the same names again (leaves cached), in one run.
+fn first_contacts() -> Result<()> {
+    use paddock_tests::proxied::MANY_NAMES;
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let _guard = rt.enter();
+    let lab = Lab::new(
+        &format!("max_connections = {}", MANY_NAMES * 3),
+        Some("none"),
+    );
+    let direct = contact_pass(&lab, false)?;
+    let forges0 = leaf_forges(&lab)?;
+    let first = contact_pass(&lab, true)?;
+    let forges1 = leaf_forges(&lab)?;
+    let again = contact_pass(&lab, true)?;
+    let forges2 = leaf_forges(&lab)?;
+    if forges1.saturating_sub(forges0) < MANY_NAMES as u64 {
+        bail!(
+            "{} leaves forged for {MANY_NAMES} new names",
+            forges1.saturating_sub(forges0)
+        );
+    }
+    drop(lab);
+    println!("## First contacts (`cargo xtask bench first-contacts`)\n");
+    println!(
+        "{MANY_NAMES} TLS connections opened at once (Python asyncio, one process) to {MANY_NAMES} \
+         distinct names (`n<i>.many.test`, all the nginx test host, whose certificate has \
+         `*.many.test`), each sending one GET and reading the whole answer; latency from the \
+         connect to the last byte. **direct**: to nginx from outside the intercepted cgroup. \
+         **Paddock, first contact**: through the eBPF path into the proxy (in the benchmark's \
+         process), so each connection costs a DNS check of its name, a leaf forged for it \
+         (one signing per name) and an upstream TLS probe; the proxy's leaf-forge counter \
+         rose by {} during the pass. **Paddock, same names again**: a second pass, leaves \
+         cached (forges during it: {}). Kernel {}, {} CPUs shared by the client, the proxy \
+         and nginx.\n",
+        forges1.saturating_sub(forges0),
+        forges2.saturating_sub(forges1),
+        kernel(),
+        cpus()
+    );
+    println!("| pass | contacts | wall (s) | contacts/s | p50 (ms) | p99 (ms) | max (ms) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (label, (ok, wall, lat)) in [
+        ("direct", &direct),
+        ("Paddock, first contact (a leaf forged per name)", &first),
+        ("Paddock, same names again (leaves cached)", &again),
+    ] {
+        let pick = |q: f64| {
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss,
+                reason = "an index into at most a thousand latencies"
+            )]
+            let i = ((lat.len() as f64 - 1.0) * q).round() as usize;
+            lat.get(i).copied().unwrap_or(0.0) * 1000.0
+        };
+        #[expect(clippy::cast_precision_loss, reason = "a thousand")]
+        let rate = *ok as f64 / wall;
+        println!(
+            "| {label} | {ok} | {wall:.2} | {rate:.0} | {:.1} | {:.1} | {:.1} |",
+            pick(0.5),
+            pick(0.99),
+            pick(1.0)
+        );
+    }
+    // The same number of contacts in every pass: the rate ratio is the wall-time ratio.
+    println!(
+        "\nFirst contacts through Paddock: {:.2}x direct's rate; cached leaves: {:.2}x.",
+        direct.1 / first.1,
+        direct.1 / again.1
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("bench proxy needs root (namespaces, cgroups, eBPF)");
     }
     if std::env::args().any(|a| a == "--idle") {
         return idle();
+    }
+    if std::env::args().any(|a| a == "--first-contacts") {
+        return first_contacts();
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
