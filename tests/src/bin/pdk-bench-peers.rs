@@ -357,6 +357,44 @@ fn git_commit() -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// `pdk-bench-peers profile OUT`: `perf record` of the `paddock-proxy serve` process (call
+/// graphs by DWARF unwinding) during 10 s of cooperative keep-alive load only, written to
+/// OUT, for `perf report`. Nothing is measured or printed as a result.
+fn profile(lab: &Lab, out: &str) -> Result<()> {
+    lab.measure(Mode::PaddockConnect, Workload::KeepAlive, WARM_MS)?;
+    let pid = lab
+        .proxy_pid(Mode::PaddockConnect)
+        .context("no paddock-proxy process")?;
+    let mut perf = Command::new("perf")
+        .args([
+            "record",
+            "-F",
+            "499",
+            "--call-graph",
+            "dwarf,16384",
+            "-o",
+            out,
+            "-p",
+        ])
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("perf record (Debian's linux-perf)")?;
+    let measured = lab.measure(Mode::PaddockConnect, Workload::KeepAlive, 10_000);
+    // perf writes its file on SIGINT.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(perf.id()).unwrap_or(0)),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = perf.wait();
+    let m = measured?;
+    eprintln!(
+        "bench peers profile: {:.0} keep-alive requests/s through Paddock (CONNECT); perf data in {out}",
+        m.result.per_sec()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("loadgen") {
@@ -367,6 +405,9 @@ fn main() -> Result<()> {
     }
     peers::ensure_squid()?;
     let lab = Lab::new()?;
+    if args.get(1).map(String::as_str) == Some("profile") {
+        return profile(&lab, args.get(2).map_or("perf.data", String::as_str));
+    }
 
     // Warm every path: leaves forged (both proxies), upstream connections, page cache.
     for mode in Mode::ALL {
