@@ -53,6 +53,10 @@ pub enum BrokerError {
     AuditUnavailable(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The broker's database cannot be reached (503; the caller retries, maybe on another
+    /// replica).
+    #[error("{0}")]
+    StoreUnavailable(String),
     #[error("egress denied: {0}")]
     EgressDenied(String),
     #[error("TLS required: {0}")]
@@ -73,7 +77,9 @@ impl BrokerError {
             BrokerError::RateLimited(_) => ErrorCode::RateLimited,
             BrokerError::PoolExhausted(_) => ErrorCode::PoolExhausted,
             BrokerError::AuditUnavailable(_) => ErrorCode::AuditUnavailable,
-            BrokerError::Unavailable(_) => ErrorCode::Unavailable,
+            BrokerError::Unavailable(_) | BrokerError::StoreUnavailable(_) => {
+                ErrorCode::Unavailable
+            }
             BrokerError::EgressDenied(_) => ErrorCode::EgressDenied,
             BrokerError::TlsRequired(_) => ErrorCode::TlsRequired,
             BrokerError::SubscriptionGone(_) => ErrorCode::SubscriptionGone,
@@ -90,6 +96,9 @@ impl BrokerError {
                 "audit log unavailable; request not performed".to_owned()
             }
             BrokerError::Unavailable(_) => "credential backend unavailable".to_owned(),
+            BrokerError::StoreUnavailable(_) => {
+                "broker database unavailable; request not performed".to_owned()
+            }
             BrokerError::NotFound(m)
             | BrokerError::Forbidden(m)
             | BrokerError::BadRequest(m)
@@ -108,6 +117,8 @@ impl From<StoreError> for BrokerError {
             StoreError::PoolExhausted(pool) => {
                 BrokerError::PoolExhausted(format!("credential pool {pool} is exhausted"))
             }
+            // Fail closed with 503: nothing is decided without the database.
+            e @ StoreError::Unavailable(_) => BrokerError::StoreUnavailable(e.to_string()),
             other => BrokerError::Internal(other.to_string()),
         }
     }
@@ -921,6 +932,12 @@ impl Broker {
         let Some(id) = &req.subscription else {
             return Ok(None);
         };
+        // On a shared store another replica may commit a revocation this process's grant hub
+        // never hears of, so no reusable grant is handed out: every request comes back here
+        // and reads the lease afresh (see ARCHITECTURE.md, "Broker replicas").
+        if self.store.is_shared() {
+            return Ok(None);
+        }
         check_id("subscription", id)?;
         check_id("run", &req.run)?;
         Ok(Some(self.grants.begin(&caller.subject, id, &req.run)?))

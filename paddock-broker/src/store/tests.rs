@@ -1,0 +1,286 @@
+//! One store test suite, instantiated for `SQLite` and for PostgreSQL (a real server started by
+//! `cargo xtask test`; see [`super::testing`]).
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use super::{testing::ScratchDb, *};
+use crate::wire::RunPhase;
+
+/// A store under test and what keeps its database alive.
+struct Fixture {
+    store: Store,
+    _db: Option<ScratchDb>,
+}
+
+fn sqlite(_test: &str) -> Option<Fixture> {
+    Some(Fixture {
+        store: Store::open_in_memory().expect("sqlite"),
+        _db: None,
+    })
+}
+
+fn postgres(test: &str) -> Option<Fixture> {
+    let db = testing::scratch_database(test)?;
+    let store = PostgresStore::connect_url(db.url(), None, 4, Duration::from_secs(5))
+        .expect("connect to the scratch database");
+    store.migrate().expect("migrate");
+    Some(Fixture {
+        store: Store::from_backend(store),
+        _db: Some(db),
+    })
+}
+
+fn lease(id: &str, run: &str, cred: &str, hash: u8, expires_at: u64) -> NewLease {
+    NewLease {
+        lease_id: id.into(),
+        run: run.into(),
+        namespace: "ns".into(),
+        credential: cred.into(),
+        provider: "pat-pool".into(),
+        delivery: DeliveryMode::ProxyInjected,
+        bearer_hash: Some([hash; 32]),
+        hosts: vec!["api.github.com".into()],
+        issued_at: 100,
+        expires_at,
+    }
+}
+
+fn pool_slots_are_never_shared(s: &Store) {
+    let pool = Some(PoolRequest {
+        pool: "pats",
+        size: 2,
+    });
+    assert_eq!(
+        s.insert_lease(&lease("l1", "r1", "pats", 1, 10_000), pool, 200)
+            .expect("l1"),
+        Some(0)
+    );
+    assert_eq!(
+        s.insert_lease(&lease("l2", "r2", "pats", 2, 10_000), pool, 200)
+            .expect("l2"),
+        Some(1)
+    );
+    assert!(matches!(
+        s.insert_lease(&lease("l3", "r3", "pats", 3, 10_000), pool, 200),
+        Err(StoreError::PoolExhausted(_))
+    ));
+    assert!(
+        s.lease("l3").expect("query").is_none(),
+        "failed insert leaves nothing behind"
+    );
+    assert!(s.revoke("l1").expect("revoke"));
+    assert!(!s.revoke("l1").expect("idempotent"));
+    assert!(!s.revoke("nope").expect("unknown lease"));
+    assert_eq!(
+        s.insert_lease(&lease("l3", "r3", "pats", 3, 10_000), pool, 200)
+            .expect("l3"),
+        Some(0)
+    );
+    let found = s
+        .lease_by_bearer_hash(&[2; 32])
+        .expect("query")
+        .expect("present");
+    assert_eq!((found.lease_id.as_str(), found.pool_slot), ("l2", Some(1)));
+    assert_eq!(
+        s.pool_reservations("pats").expect("list"),
+        vec![(0, "l3".to_owned()), (1, "l2".to_owned())]
+    );
+}
+
+fn purge_removes_only_dead_leases(s: &Store) {
+    let pool = Some(PoolRequest { pool: "p", size: 3 });
+    s.insert_lease(&lease("old", "r1", "p", 1, 150), pool, 100)
+        .expect("old");
+    s.insert_lease(&lease("live", "r2", "p", 2, 10_000), pool, 100)
+        .expect("live");
+    s.insert_lease(&lease("rev", "r3", "p", 3, 10_000), pool, 100)
+        .expect("rev");
+    s.revoke("rev").expect("revoke");
+    assert_eq!(s.purge_before(200).expect("purge"), 2);
+    assert!(s.lease("live").expect("q").is_some());
+    assert!(s.lease("old").expect("q").is_none() && s.lease("rev").expect("q").is_none());
+    assert_eq!(s.pool_reservations("p").expect("list").len(), 1);
+}
+
+fn expired_reservations_are_released_and_reissue_rotates(s: &Store) {
+    let pool = Some(PoolRequest { pool: "p", size: 1 });
+    s.insert_lease(&lease("a", "r1", "p", 1, 150), pool, 100)
+        .expect("a");
+    assert_eq!(
+        s.insert_lease(&lease("b", "r2", "p", 2, 900), pool, 200)
+            .expect("b"),
+        Some(0)
+    );
+    // Same run and credential again: the previous lease is revoked, its slot reused.
+    assert_eq!(
+        s.insert_lease(&lease("c", "r2", "p", 3, 900), pool, 200)
+            .expect("c"),
+        Some(0)
+    );
+    assert!(s.lease("b").expect("q").expect("b").revoked);
+    assert!(!s.lease("c").expect("q").expect("c").revoked);
+}
+
+fn runs_and_leases_round_trip(s: &Store) {
+    let run = RunInfo {
+        run: "r".into(),
+        namespace: "ns".into(),
+        template: "t".into(),
+        phase: RunPhase::Running,
+    };
+    s.upsert_run(&run, 1).expect("upsert");
+    assert_eq!(s.run("r").expect("q"), Some(run.clone()));
+    let finished = RunInfo {
+        phase: RunPhase::Succeeded,
+        ..run
+    };
+    s.upsert_run(&finished, 2).expect("upsert again");
+    assert_eq!(s.run("r").expect("q"), Some(finished));
+    assert_eq!(s.run("x").expect("q"), None);
+
+    let mut l = lease("l1", "r", "c1", 7, 500);
+    l.delivery = DeliveryMode::InContainer;
+    l.bearer_hash = None;
+    l.hosts = vec!["a.example".into(), "*.b.example".into()];
+    s.insert_lease(&l, None, 1).expect("l1");
+    s.insert_lease(&lease("l2", "r", "c2", 8, 600), None, 1)
+        .expect("l2");
+    s.insert_lease(&lease("l3", "other", "c1", 9, 600), None, 1)
+        .expect("l3");
+    let got = s.lease("l1").expect("q").expect("l1");
+    assert_eq!(
+        (
+            got.delivery,
+            got.hosts.clone(),
+            got.expires_at,
+            got.pool_slot,
+            got.revoked
+        ),
+        (DeliveryMode::InContainer, l.hosts.clone(), 500, None, false)
+    );
+    s.set_expiry("l1", 900).expect("renew");
+    assert_eq!(s.lease("l1").expect("q").expect("l1").expires_at, 900);
+    let ids = |v: Vec<LeaseInfo>| v.into_iter().map(|l| l.lease_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.leases_for_run("r").expect("run leases")),
+        ["l1", "l2"]
+    );
+    assert_eq!(ids(s.all_leases().expect("all")), ["l1", "l2", "l3"]);
+    let mut revoked = s.revoke_run("r").expect("revoke run");
+    revoked.sort();
+    assert_eq!(revoked, ["l1", "l2"]);
+    assert!(s.revoke_run("r").expect("again").is_empty());
+    assert!(!s.lease("l3").expect("q").expect("l3").revoked);
+    s.delete_lease("l3").expect("delete");
+    assert!(s.lease("l3").expect("q").is_none());
+    assert!(s.lease_by_bearer_hash(&[9; 32]).expect("q").is_none());
+    s.ping().expect("ping");
+    assert_eq!(s.schema_version().expect("version"), SCHEMA_VERSION);
+}
+
+/// Threads issue and revoke against a small pool as fast as they can; each records the slot
+/// it holds, so a slot handed to two leases at once is caught.
+fn concurrent_reservations_never_double_grant(s: &Store) {
+    const THREADS: usize = 6;
+    const ROUNDS: usize = 60;
+    const SIZE: u32 = 3;
+    let held = Arc::new(Mutex::new(vec![None::<String>; SIZE as usize]));
+    let granted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let (held, granted) = (held.clone(), granted.clone());
+            scope.spawn(move || {
+                for i in 0..ROUNDS {
+                    let id = format!("t{t}-{i}");
+                    let mut l = lease(&id, &format!("run{t}"), "pool", 0, 10_000);
+                    let hash = u8::try_from((t * ROUNDS + i) % 256).expect("byte");
+                    let mut h = [hash; 32];
+                    h[0] = u8::try_from(t).expect("byte");
+                    h[1] = u8::try_from(i % 256).expect("byte");
+                    l.bearer_hash = Some(h);
+                    let pool = Some(PoolRequest {
+                        pool: "shared",
+                        size: SIZE,
+                    });
+                    match s.insert_lease(&l, pool, 200) {
+                        Ok(Some(slot)) => {
+                            granted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            {
+                                let mut held = held.lock().expect("lock");
+                                let cell = &mut held[slot as usize];
+                                assert!(
+                                    cell.is_none(),
+                                    "slot {slot} granted to {id} while {cell:?} holds it"
+                                );
+                                *cell = Some(id.clone());
+                            }
+                            held.lock().expect("lock")[slot as usize] = None;
+                            assert!(s.revoke(&id).expect("revoke"));
+                        }
+                        Err(StoreError::PoolExhausted(_)) => {}
+                        other => panic!("issue {id}: {other:?}"),
+                    }
+                }
+            });
+        }
+    });
+    assert!(
+        granted.load(std::sync::atomic::Ordering::Relaxed) >= ROUNDS,
+        "the pool served"
+    );
+    assert!(s.pool_reservations("shared").expect("list").is_empty());
+}
+
+macro_rules! suite {
+    ($backend:ident) => {
+        mod $backend {
+            use super::*;
+
+            fn fixture(test: &str) -> Option<Fixture> {
+                super::$backend(&format!("{}_{test}", stringify!($backend)))
+            }
+
+            #[test]
+            fn pool_slots_are_never_shared() {
+                let Some(f) = fixture("pool_slots") else {
+                    return;
+                };
+                super::pool_slots_are_never_shared(&f.store);
+            }
+
+            #[test]
+            fn purge_removes_only_dead_leases() {
+                let Some(f) = fixture("purge") else { return };
+                super::purge_removes_only_dead_leases(&f.store);
+            }
+
+            #[test]
+            fn expired_reservations_are_released_and_reissue_rotates() {
+                let Some(f) = fixture("expired") else { return };
+                super::expired_reservations_are_released_and_reissue_rotates(&f.store);
+            }
+
+            #[test]
+            fn runs_and_leases_round_trip() {
+                let Some(f) = fixture("round_trip") else {
+                    return;
+                };
+                super::runs_and_leases_round_trip(&f.store);
+            }
+
+            #[test]
+            fn concurrent_reservations_never_double_grant() {
+                let Some(f) = fixture("concurrent") else {
+                    return;
+                };
+                super::concurrent_reservations_never_double_grant(&f.store);
+            }
+        }
+    };
+}
+
+suite!(sqlite);
+suite!(postgres);
