@@ -203,6 +203,25 @@ impl Store {
         }
     }
 
+    /// Opens the configured backend as it is, for `paddock-broker store check|migrate`:
+    /// nothing is migrated.
+    pub fn open_config_unmigrated(config: &StoreConfig) -> Result<Self, StoreError> {
+        match config {
+            StoreConfig::Sqlite(c) => {
+                Ok(Self::from_backend(SqliteStore::open_unmigrated(&c.path)?))
+            }
+            StoreConfig::Postgres(c) => Ok(Self::from_backend(PostgresStore::connect(c)?)),
+        }
+    }
+
+    /// Applies pending migrations (creating an absent `SQLite` file); returns the version.
+    pub fn migrate_config(config: &StoreConfig) -> Result<i64, StoreError> {
+        match config {
+            StoreConfig::Sqlite(c) => SqliteStore::open(&c.path)?.migrate(),
+            StoreConfig::Postgres(c) => PostgresStore::connect(c)?.migrate(),
+        }
+    }
+
     pub fn from_backend(backend: impl StoreBackend + 'static) -> Self {
         Self {
             backend: Arc::new(backend),

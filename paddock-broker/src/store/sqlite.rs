@@ -107,6 +107,29 @@ impl SqliteStore {
         Self::init(Connection::open_in_memory()?)
     }
 
+    /// Opens an existing database as it is, without migrating (`paddock-broker store check`).
+    pub fn open_unmigrated(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Config(format!(
+                "database {} does not exist",
+                path.display()
+            )));
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Applies pending migrations; returns the schema version.
+    pub fn migrate(&self) -> Result<i64, StoreError> {
+        self.with(|c| {
+            migrate(c)?;
+            current_version(c)
+        })
+    }
+
     fn init(mut conn: Connection) -> Result<Self, StoreError> {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL for concurrent readers; FULL sync so a reservation acknowledged to a caller
@@ -395,6 +418,14 @@ impl StoreBackend for SqliteStore {
 }
 
 fn current_version(c: &Connection) -> Result<i64, StoreError> {
+    let versioned: bool = c.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !versioned {
+        return Ok(0);
+    }
     Ok(c.query_row(
         "SELECT COALESCE(MAX(version), 0) FROM schema_version",
         [],

@@ -82,3 +82,111 @@ impl Drop for ScratchDb {
         }
     }
 }
+
+/// A loopback TCP relay to the test server's Unix socket that a test can cut and restore:
+/// a database outage (connections reset, new ones refused) without touching the server.
+#[derive(Debug)]
+pub struct Outage {
+    port: u16,
+    socket: std::path::PathBuf,
+    state: std::sync::Arc<std::sync::Mutex<RelayState>>,
+}
+
+#[derive(Debug, Default)]
+struct RelayState {
+    /// Bumped on every cut: an accept loop of an older generation stops.
+    generation: u64,
+    streams: Vec<std::net::TcpStream>,
+}
+
+impl Outage {
+    /// Starts relaying 127.0.0.1:<free port> to the socket of the server in `admin` (its
+    /// `host=` directory). `None` without a server (see [`admin_url`]).
+    #[must_use]
+    pub fn start(test: &str) -> Option<(Self, ScratchDb)> {
+        let db = scratch_database(test)?;
+        let dir = db
+            .admin
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("host="))
+            .expect("the test server's conninfo names a host= socket directory")
+            .to_owned();
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = probe.local_addr().expect("addr").port();
+        drop(probe);
+        let relay = Self {
+            port,
+            socket: std::path::Path::new(&dir).join(".s.PGSQL.5432"),
+            state: std::sync::Arc::default(),
+        };
+        relay.restore();
+        Some((relay, db))
+    }
+
+    /// The connection string of `db` through the relay.
+    #[must_use]
+    pub fn url(&self, db: &ScratchDb) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={} sslmode=disable",
+            self.port, db.name
+        )
+    }
+
+    /// Resets every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        let mut state = self.state.lock().expect("relay lock");
+        state.generation += 1;
+        for s in state.streams.drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        // Wake the accept loop so it sees the new generation and closes the listener.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+
+    /// Accepts and relays again (on the same port).
+    pub fn restore(&self) {
+        let generation = self.state.lock().expect("relay lock").generation;
+        let listener = {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match std::net::TcpListener::bind(("127.0.0.1", self.port)) {
+                    Ok(l) => break l,
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("rebinding the relay port: {e}"),
+                }
+            }
+        };
+        let (state, socket) = (self.state.clone(), self.socket.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let mut st = state.lock().expect("relay lock");
+                if st.generation != generation {
+                    return;
+                }
+                let Ok(upstream) = std::os::unix::net::UnixStream::connect(&socket) else {
+                    continue;
+                };
+                let (Ok(c2), Ok(u2)) = (conn.try_clone(), upstream.try_clone()) else {
+                    continue;
+                };
+                let Ok(c3) = conn.try_clone() else { continue };
+                st.streams.push(c3);
+                drop(st);
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (c2, u2);
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (upstream, conn);
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+    }
+}

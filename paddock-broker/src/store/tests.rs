@@ -284,3 +284,112 @@ macro_rules! suite {
 
 suite!(sqlite);
 suite!(postgres);
+
+/// A database outage answers `Unavailable` (503 upstream) quickly, and the same store works
+/// again once the database is back, without a restart.
+#[test]
+fn postgres_outage_is_unavailable_and_recovers() {
+    let Some((outage, db)) = testing::Outage::start("outage") else {
+        return;
+    };
+    let store = PostgresStore::connect_url(&outage.url(&db), None, 2, Duration::from_secs(2))
+        .expect("connect through the relay");
+    store.migrate().expect("migrate");
+    store.upsert_run(&run_info("r"), 1).expect("upsert");
+    outage.cut();
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        match store.run("r") {
+            Err(e) => assert!(e.is_unavailable(), "an outage is Unavailable, got {e:?}"),
+            Ok(r) => panic!("answered {r:?} with the database cut off"),
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "outage answers come within the timeout ({:?})",
+        started.elapsed()
+    );
+    outage.restore();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.run("r") {
+            Ok(found) => {
+                assert_eq!(found, Some(run_info("r")));
+                break;
+            }
+            Err(e) if e.is_unavailable() && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("not recovered: {e:?}"),
+        }
+    }
+}
+
+/// A database no broker can reach refuses at start-up with `Unavailable`.
+#[test]
+fn postgres_unreachable_at_start_is_unavailable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let url = format!("host=127.0.0.1 port={port} user=postgres sslmode=disable");
+    let err = PostgresStore::connect_url(&url, None, 1, Duration::from_secs(1))
+        .expect_err("nothing listens");
+    assert!(err.is_unavailable(), "{err:?}");
+}
+
+/// Migrating twice is a no-op; a schema newer than the binary is refused, not used.
+#[test]
+fn postgres_migrations_are_versioned() {
+    let Some(f) = postgres("migrations") else {
+        return;
+    };
+    let db = f._db.as_ref().expect("scratch db");
+    let again = PostgresStore::connect_url(db.url(), None, 1, Duration::from_secs(5))
+        .expect("second replica");
+    assert_eq!(again.migrate().expect("again"), SCHEMA_VERSION);
+    assert_eq!(f.store.schema_version().expect("version"), SCHEMA_VERSION);
+    let mut admin = ::postgres::Client::connect(db.url(), ::postgres::NoTls).expect("admin");
+    admin
+        .batch_execute("INSERT INTO schema_version (version) VALUES (99)")
+        .expect("future version");
+    assert!(matches!(
+        again.migrate(),
+        Err(StoreError::SchemaVersion {
+            found: 99,
+            expected: SCHEMA_VERSION
+        })
+    ));
+}
+
+/// A database written before versioning (the tables, no `schema_version`) migrates in place
+/// and keeps its rows.
+#[test]
+fn sqlite_unversioned_database_migrates_in_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("old.db");
+    {
+        let c = rusqlite::Connection::open(&path).expect("open");
+        c.execute_batch(
+            "CREATE TABLE runs (run TEXT PRIMARY KEY, namespace TEXT NOT NULL, template TEXT NOT NULL,
+             phase TEXT NOT NULL, updated_at INTEGER NOT NULL);
+             INSERT INTO runs VALUES ('r', 'ns', 't', 'Running', 1);",
+        )
+        .expect("old schema");
+    }
+    let s = Store::open(&path).expect("migrate");
+    assert_eq!(s.schema_version().expect("version"), SCHEMA_VERSION);
+    assert_eq!(s.run("r").expect("q"), Some(run_info("r")));
+    s.insert_lease(&lease("l", "r", "c", 1, 10), None, 1)
+        .expect("the new tables exist");
+}
+
+fn run_info(run: &str) -> RunInfo {
+    RunInfo {
+        run: run.into(),
+        namespace: "ns".into(),
+        template: "t".into(),
+        phase: RunPhase::Running,
+    }
+}
