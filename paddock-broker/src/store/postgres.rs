@@ -191,6 +191,18 @@ impl fmt::Debug for PostgresStore {
     }
 }
 
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // Closing a synchronous client blocks on its own runtime: off any async worker.
+        let idle = self
+            .state
+            .get_mut()
+            .map(|s| std::mem::take(&mut s.idle))
+            .unwrap_or_default();
+        off_the_runtime(move || drop(idle));
+    }
+}
+
 /// A checked-out connection; it goes back to the pool on drop unless it broke.
 struct Pooled<'a> {
     pool: &'a PostgresStore,
@@ -243,10 +255,9 @@ impl PostgresStore {
                 .filter(|d| !d.is_zero())
                 .ok_or_else(|| StoreError::Config("timeoutSeconds must be positive".into()))?,
         )?;
-        Ok(Self {
-            origin: config.url_file.display().to_string(),
-            ..store
-        })
+        let mut store = store;
+        store.origin = config.url_file.display().to_string();
+        Ok(store)
     }
 
     /// Connects to `url` (a libpq URL or key=value string).
@@ -295,7 +306,7 @@ impl PostgresStore {
             freed: Condvar::new(),
             origin: "the configured URL".to_owned(),
         };
-        store.get()?.run(|_| Ok(()))?;
+        store.with(|_| Ok(()))?;
         Ok(store)
     }
 
@@ -369,13 +380,16 @@ impl PostgresStore {
         self.freed.notify_one();
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        self.get()?.run(f)
+    fn with<T: Send>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        off_the_runtime(|| self.get()?.run(f))
     }
 
-    fn transaction<T>(
+    fn transaction<T: Send>(
         &self,
-        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, StoreError>,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
         self.with(|c| {
             let mut tx = c.client.transaction()?;
@@ -427,6 +441,24 @@ impl PostgresStore {
                 .map(lease_from_row)
                 .collect()
         })
+    }
+}
+
+/// Runs `f`, which blocks on the synchronous client, where blocking is allowed. The broker
+/// calls the store from tokio's blocking pool, where `f` runs as it is; a call from an async
+/// worker (an authenticator resolving a run) steps out of the runtime first, and on a
+/// current-thread runtime `f` gets a thread of its own (the client's `block_on` would panic
+/// inside a runtime).
+fn off_the_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Err(_) => f(),
+        Ok(RuntimeFlavor::CurrentThread) => std::thread::scope(|s| {
+            s.spawn(f)
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        }),
+        Ok(_) => tokio::task::block_in_place(f),
     }
 }
 

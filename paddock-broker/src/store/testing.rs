@@ -63,23 +63,32 @@ pub fn scratch_database(test: &str) -> Option<ScratchDb> {
             .collect::<String>()
             .to_ascii_lowercase()
     );
-    let mut client = postgres::Client::connect(&admin, postgres::NoTls)
-        .unwrap_or_else(|e| panic!("{test}: connecting to the test PostgreSQL server: {e}"));
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
+    admin_sql(&admin, &format!("CREATE DATABASE {name}"))
         .unwrap_or_else(|e| panic!("{test}: CREATE DATABASE {name}: {e}"));
     let url = format!("{admin} dbname={name}");
     Some(ScratchDb { admin, name, url })
 }
 
+/// Runs `sql` on its own connection, on a thread of its own (tests call this from async
+/// tests too, where the synchronous client must not block a runtime thread).
+pub fn admin_sql(conninfo: &str, sql: &str) -> Result<(), String> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut client =
+                postgres::Client::connect(conninfo, postgres::NoTls).map_err(|e| e.to_string())?;
+            client.batch_execute(sql).map_err(|e| e.to_string())
+        })
+        .join()
+        .map_err(|_| "the SQL thread panicked".to_owned())?
+    })
+}
+
 impl Drop for ScratchDb {
     fn drop(&mut self) {
-        if let Ok(mut client) = postgres::Client::connect(&self.admin, postgres::NoTls) {
-            let _ = client.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ));
-        }
+        let _ = admin_sql(
+            &self.admin,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
     }
 }
 

@@ -350,9 +350,7 @@ fn postgres_migrations_are_versioned() {
         .expect("second replica");
     assert_eq!(again.migrate().expect("again"), SCHEMA_VERSION);
     assert_eq!(f.store.schema_version().expect("version"), SCHEMA_VERSION);
-    let mut admin = ::postgres::Client::connect(db.url(), ::postgres::NoTls).expect("admin");
-    admin
-        .batch_execute("INSERT INTO schema_version (version) VALUES (99)")
+    testing::admin_sql(db.url(), "INSERT INTO schema_version (version) VALUES (99)")
         .expect("future version");
     assert!(matches!(
         again.migrate(),

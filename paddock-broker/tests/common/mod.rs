@@ -458,6 +458,7 @@ pub fn post_request(path: &str, key: &str, body: &str) -> String {
 }
 
 /// A `paddock-broker serve` process, killed (SIGKILL) on drop.
+#[derive(Debug)]
 pub struct Served {
     pub child: std::process::Child,
     pub addr: std::net::SocketAddr,
