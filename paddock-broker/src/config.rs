@@ -443,6 +443,15 @@ mod tests {
     #[test]
     fn readme_examples_parse() {
         let config: Config = crate::yaml::from_str(&readme_block(1)).expect("README config parses");
+        // The commented PostgreSQL alternative parses too.
+        let pg_line = readme_block(1)
+            .lines()
+            .find_map(|l| l.strip_prefix("# store: {postgres"))
+            .map(|rest| format!("store: {{postgres{rest}"))
+            .expect("the README shows a postgres store");
+        let pg: std::collections::BTreeMap<String, StoreConfig> =
+            crate::yaml::from_str(&pg_line).expect("README postgres store parses");
+        assert!(matches!(pg.get("store"), Some(StoreConfig::Postgres(p)) if p.pool_size == 8));
         assert_eq!(config.rate_limits, RateLimitConfig::default());
         assert!(config.tls.client_ca.is_some() && config.admin_listen.is_some());
         assert_eq!(

@@ -352,11 +352,8 @@ async fn a_replica_killed_under_load_loses_no_lease() {
                 // replica (bounded).
                 for attempt in 0..addrs.len() {
                     let addr = addrs[(c + i + attempt) % addrs.len()];
-                    let Ok(Some((status, _, body))) = tokio::time::timeout(
-                        Duration::from_secs(15),
-                        common_tls_raw(addr, cluster.ca.clone(), request.clone()),
-                    )
-                    .await
+                    let Ok((status, _, body)) =
+                        common::try_tls_raw(addr, &cluster.ca, &request).await
                     else {
                         retried.fetch_add(1, Ordering::Relaxed);
                         continue;
@@ -405,18 +402,6 @@ async fn a_replica_killed_under_load_loses_no_lease() {
         .map(|l| l.lease_id)
         .collect();
     assert_eq!(before, after, "every lease is still there and live");
-}
-
-/// One request over TLS; `None` when the connection failed (refused, reset, cut short).
-async fn common_tls_raw(
-    addr: std::net::SocketAddr,
-    ca: CertificateDer<'static>,
-    request: String,
-) -> Option<(u16, String, Vec<u8>)> {
-    // tls_raw panics on an I/O error; a killed replica is an expected failure here.
-    tokio::spawn(async move { common::tls_raw(addr, &ca, &request).await })
-        .await
-        .ok()
 }
 
 /// The database goes away under a served broker: calls answer 503 "Unavailable" with a log
