@@ -115,6 +115,61 @@ async fn register(served: &Served, ca: &CertificateDer<'static>, runs: &[String]
     }
 }
 
+/// A keep-alive HTTP/1.1 connection to one replica (the 10,000 attempts would otherwise be
+/// 10,000 TLS handshakes).
+struct KeepAlive(hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>);
+
+impl KeepAlive {
+    async fn connect(addr: std::net::SocketAddr, ca: &CertificateDer<'static>) -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone()).expect("root");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+                tcp,
+            )
+            .await
+            .expect("TLS");
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .expect("HTTP handshake");
+        tokio::spawn(conn);
+        Self(sender)
+    }
+
+    async fn post(&mut self, path: &str, key: &str, body: &Value) -> (u16, Value) {
+        use http_body_util::BodyExt as _;
+        self.0.ready().await.expect("connection reusable");
+        let req = hyper::Request::post(path)
+            .header("host", "localhost")
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(20), self.0.send_request(req))
+            .await
+            .expect("answered within 20 s")
+            .expect("response");
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+}
+
 fn substitute_body(run: &str, bearer: &str) -> Value {
     json!({"run": run, "host": "api.github.com", "port": 443, "transport": "tls",
            "method": "GET", "path": "/", "subscription": "sub-1",
@@ -152,19 +207,18 @@ async fn pool_reservations_from_three_replicas_never_double_grant() {
         );
         let my_runs = [runs[c * 2].clone(), runs[c * 2 + 1].clone()];
         tasks.push(tokio::spawn(async move {
-            let replica = replicas[c % replicas.len()];
+            let mut conn = KeepAlive::connect(replicas[c % replicas.len()], &cluster.ca).await;
             let mut i = 0;
             while attempts.fetch_add(1, Ordering::Relaxed) < ATTEMPTS {
                 let run = &my_runs[i % 2];
                 i += 1;
-                let (status, v) = call(
-                    replica,
-                    &cluster.ca,
-                    "/v1/issue",
-                    TEAM_A_KEY,
-                    &json!({"run": run, "credential": "pats"}),
-                )
-                .await;
+                let (status, v) = conn
+                    .post(
+                        "/v1/issue",
+                        TEAM_A_KEY,
+                        &json!({"run": run, "credential": "pats"}),
+                    )
+                    .await;
                 match (status, v["code"].as_str()) {
                     (200, _) => {}
                     (503, Some("PoolExhausted")) => continue,
@@ -190,14 +244,9 @@ async fn pool_reservations_from_three_replicas_never_double_grant() {
                 // Released before the revoke is sent: the slot cannot be granted again
                 // before the revoke commits.
                 held.lock().expect("lock")[slot] = None;
-                let (status, v) = call(
-                    replica,
-                    &cluster.ca,
-                    "/v1/revoke",
-                    TEAM_A_KEY,
-                    &json!({"lease_id": lease_id}),
-                )
-                .await;
+                let (status, v) = conn
+                    .post("/v1/revoke", TEAM_A_KEY, &json!({"lease_id": lease_id}))
+                    .await;
                 assert_eq!((status, v["revoked"].as_bool()), (200, Some(true)), "{v}");
             }
         }));

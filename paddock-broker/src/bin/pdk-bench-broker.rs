@@ -137,7 +137,14 @@ async fn bench(dir: &Path, cpus: usize) -> Result<String> {
     let single = scratch_database("bench_broker_pg");
     let triple = scratch_database("bench_broker_pg3");
     if let (Some(single), Some(triple)) = (&single, &triple) {
-        let one = start_broker(&dir.join("pg"), &pki, &issuer, true, Some(pg_store(single)?)).await?;
+        let one = start_broker(
+            &dir.join("pg"),
+            &pki,
+            &issuer,
+            true,
+            Some(pg_store(single)?),
+        )
+        .await?;
         targets.push(Target::prepare(vec![one.addr], &pki.ca).await?);
         brokers.push(one);
         let mut addrs = Vec::new();
