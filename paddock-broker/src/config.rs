@@ -617,7 +617,7 @@ mod tests {
         );
     }
 
-    /// `database` stays the SQLite shorthand; `store` names either backend; never both.
+    /// `database` stays the `SQLite` shorthand; `store` names either backend; never both.
     #[test]
     fn store_forms_parse_and_conflicts_are_refused() {
         let base = "listen: 127.0.0.1:1\ntls: {cert: c, key: k}\npolicy: p\naudit: {path: a}\n\

@@ -94,7 +94,7 @@ enum PolicyCommand {
 #[derive(Subcommand, Debug)]
 enum StoreCommand {
     /// Bring the schema up to date (`serve` does this too; run it first when several
-    /// replicas share a PostgreSQL database and you want the upgrade under your eyes).
+    /// replicas share a `PostgreSQL` database and you want the upgrade under your eyes).
     Migrate {
         #[arg(long)]
         config: PathBuf,

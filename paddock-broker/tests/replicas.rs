@@ -1,4 +1,4 @@
-//! Three `paddock-broker serve` processes on one PostgreSQL database (the server
+//! Three `paddock-broker serve` processes on one `PostgreSQL` database (the server
 //! `cargo xtask test` starts; each test has its own database): pool reservations from all
 //! three never double-grant, a revoke on one is refused on the very next substitution at the
 //! others, a replica killed with SIGKILL under load loses no lease, and a database outage is
@@ -422,7 +422,7 @@ async fn a_replica_killed_under_load_loses_no_lease() {
         }));
     }
     // Kill replica 1 once the load is well under way.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
     while done.load(Ordering::Relaxed) < CLIENTS * REQUESTS / 4 {
         assert!(std::time::Instant::now() < deadline, "load did not start");
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -1,9 +1,9 @@
-//! A private PostgreSQL server for the tests of the broker's PostgreSQL store.
+//! A private `PostgreSQL` server for the tests of the broker's `PostgreSQL` store.
 //!
 //! Debian's `postgresql` package provides the binaries (`setup` installs it); the server is a
 //! fresh cluster in a temporary directory, reachable only through a Unix socket in that
 //! directory (no TCP listener), trust authentication, `fsync` off. It runs as the `postgres`
-//! user when xtask runs as root (PostgreSQL refuses root) and is stopped and removed when the
+//! user when xtask runs as root (`PostgreSQL` refuses root) and is stopped and removed when the
 //! guard drops, on failure too. Tests find it through [`ENV`] and create one database each.
 
 use std::{

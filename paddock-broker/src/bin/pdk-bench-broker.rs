@@ -650,7 +650,7 @@ async fn start_broker(
     })
 }
 
-/// A migrated PostgreSQL store on `db` (a pool of 8, as `poolSize` defaults to).
+/// A migrated `PostgreSQL` store on `db` (a pool of 8, as `poolSize` defaults to).
 fn pg_store(db: &ScratchDb) -> Result<Store> {
     let store = PostgresStore::connect_url(db.url(), None, 8, Duration::from_secs(5))?;
     store.migrate()?;

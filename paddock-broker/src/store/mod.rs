@@ -4,11 +4,11 @@
 //!
 //! - [`sqlite`]: an embedded file (WAL), the default for `paddock-proxy run` and one-replica
 //!   installs;
-//! - [`postgres`]: a shared PostgreSQL database, so several broker replicas serve one cluster.
+//! - [`postgres`]: a shared `PostgreSQL` database, so several broker replicas serve one cluster.
 //!
 //! The trait is synchronous on purpose: the broker's domain service ([`crate::broker`]) runs
 //! every operation on tokio's blocking pool (audit writes fsync), so a store call may block.
-//! The PostgreSQL backend uses the synchronous `postgres` client for the same reason.
+//! The `PostgreSQL` backend uses the synchronous `postgres` client for the same reason.
 //!
 //! Invariants both backends keep (the shared suite in `tests.rs` checks them on both):
 //!

@@ -1,4 +1,4 @@
-//! The PostgreSQL backend: state shared by several broker replicas.
+//! The `PostgreSQL` backend: state shared by several broker replicas.
 //!
 //! - Connections come from a small pool of synchronous `postgres` clients (the broker calls
 //!   the store from tokio's blocking pool). A connection that broke is dropped, and the next
@@ -120,7 +120,7 @@ fn unavailable(e: &postgres::Error) -> bool {
             || *code == SqlState::READ_ONLY_SQL_TRANSACTION;
     }
     // No SQLSTATE: an I/O error or a timeout on the way to the server.
-    std::error::Error::source(e).is_some_and(|s| s.is::<io::Error>())
+    std::error::Error::source(e).is_some_and(<dyn std::error::Error>::is::<io::Error>)
         || e.to_string().contains("timeout")
 }
 

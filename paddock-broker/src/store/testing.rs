@@ -1,4 +1,4 @@
-//! Test support: a scratch database per test on the PostgreSQL server `cargo xtask test`
+//! Test support: a scratch database per test on the `PostgreSQL` server `cargo xtask test`
 //! starts (its admin connection string is in [`PG_ENV`]). Not part of the broker's API.
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -28,7 +28,7 @@ impl ScratchDb {
 }
 
 /// The test server's admin connection string. Without one: a failure under `CI=true`
-/// (CI must test PostgreSQL), otherwise a loud skip (`None`).
+/// (CI must test `PostgreSQL`), otherwise a loud skip (`None`).
 #[must_use]
 pub fn admin_url(test: &str) -> Option<String> {
     match std::env::var(PG_ENV) {

@@ -1,4 +1,4 @@
-//! One store test suite, instantiated for `SQLite` and for PostgreSQL (a real server started by
+//! One store test suite, instantiated for `SQLite` and for `PostgreSQL` (a real server started by
 //! `cargo xtask test`; see [`super::testing`]).
 
 use std::{
@@ -12,13 +12,17 @@ use crate::wire::RunPhase;
 /// A store under test and what keeps its database alive.
 struct Fixture {
     store: Store,
-    _db: Option<ScratchDb>,
+    db: Option<ScratchDb>,
 }
 
+#[expect(
+    clippy::unnecessary_wraps,
+    reason = "the suite macro calls both backends' fixtures alike"
+)]
 fn sqlite(_test: &str) -> Option<Fixture> {
     Some(Fixture {
         store: Store::open_in_memory().expect("sqlite"),
-        _db: None,
+        db: None,
     })
 }
 
@@ -29,7 +33,7 @@ fn postgres(test: &str) -> Option<Fixture> {
     store.migrate().expect("migrate");
     Some(Fixture {
         store: Store::from_backend(store),
-        _db: Some(db),
+        db: Some(db),
     })
 }
 
@@ -345,7 +349,7 @@ fn postgres_migrations_are_versioned() {
     let Some(f) = postgres("migrations") else {
         return;
     };
-    let db = f._db.as_ref().expect("scratch db");
+    let db = f.db.as_ref().expect("scratch db");
     let again = PostgresStore::connect_url(db.url(), None, 1, Duration::from_secs(5))
         .expect("second replica");
     assert_eq!(again.migrate().expect("again"), SCHEMA_VERSION);
