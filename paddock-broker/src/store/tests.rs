@@ -395,3 +395,29 @@ fn run_info(run: &str) -> RunInfo {
         phase: RunPhase::Running,
     }
 }
+
+/// The synchronous client blocks on a runtime of its own: called from an async worker (an
+/// authenticator resolving a run does that) it must step aside, not panic, on both runtime
+/// flavours.
+#[test]
+fn postgres_store_is_callable_from_async_workers() {
+    let Some(f) = postgres("async_workers") else {
+        return;
+    };
+    f.store.upsert_run(&run_info("a"), 1).expect("upsert");
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .expect("multi-thread runtime");
+    let current = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("current-thread runtime");
+    for rt in [&multi, &current] {
+        let store = f.store.clone();
+        let found = rt
+            .block_on(async move { tokio::spawn(async move { store.run("a") }).await })
+            .expect("task")
+            .expect("query");
+        assert_eq!(found, Some(run_info("a")));
+    }
+}
