@@ -154,7 +154,7 @@ pub trait StoreBackend: Send + Sync + fmt::Debug {
 }
 
 /// Which backend and where, as written under `store:` in `broker.yaml`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum StoreConfig {
     Sqlite(SqliteConfig),

@@ -65,8 +65,6 @@ pub struct PostgresConfig {
     pub timeout_seconds: f64,
 }
 
-impl Eq for PostgresConfig {}
-
 const MIGRATION_1: &str = "
 CREATE TABLE IF NOT EXISTS runs (
     run TEXT PRIMARY KEY,
