@@ -339,3 +339,66 @@ fn session_key_needs_the_rsa_backend_configured() {
     assert!(err.contains("auth.rsaSession is not configured"), "{err}");
     assert!(out.stdout.is_empty());
 }
+
+/// `store check` refuses a database that is missing or behind; `store migrate` brings it up
+/// to date, after which `check` passes. On SQLite, and on PostgreSQL when the test server is
+/// there.
+#[test]
+fn store_migrate_and_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let store = |args: &[&str], config: &Path| {
+        Command::new(BIN)
+            .arg("store")
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .output()
+            .expect("paddock-broker store")
+    };
+    let base = "listen: 127.0.0.1:0\ntls: {cert: c, key: k}\npolicy: p\naudit: {path: a}\n\
+                auth: {staticKeys: {file: keys}}\n";
+    let sqlite = d.join("sqlite.yaml");
+    std::fs::write(
+        &sqlite,
+        format!("{base}database: {}\n", d.join("b.db").display()),
+    )
+    .expect("config");
+    let mut configs = vec![sqlite];
+    let pg_db = paddock_broker::store::testing::scratch_database("cli_store");
+    if let Some(db) = &pg_db {
+        std::fs::write(d.join("url"), db.url()).expect("url");
+        let pg = d.join("pg.yaml");
+        std::fs::write(
+            &pg,
+            format!(
+                "{base}store: {{postgres: {{urlFile: {}}}}}\n",
+                d.join("url").display()
+            ),
+        )
+        .expect("config");
+        configs.push(pg);
+    }
+    for config in &configs {
+        let out = store(&["check"], config);
+        assert!(
+            !out.status.success(),
+            "{}: a missing or empty database fails the check",
+            config.display()
+        );
+        let out = store(&["migrate"], config);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 1"));
+        let out = store(&["check"], config);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("reachable, schema version 1"));
+    }
+}
