@@ -341,7 +341,7 @@ fn session_key_needs_the_rsa_backend_configured() {
 }
 
 /// `store check` refuses a database that is missing or behind; `store migrate` brings it up
-/// to date, after which `check` passes. On SQLite, and on PostgreSQL when the test server is
+/// to date, after which `check` passes. On `SQLite`, and on `PostgreSQL` when the test server is
 /// there.
 #[test]
 fn store_migrate_and_check() {
