@@ -816,6 +816,24 @@ impl Broker {
         }
     }
 
+    /// One token of the run's substitution budget: from the database's bucket on a shared
+    /// store (every replica draws from it, so the configured rate holds for the cluster),
+    /// else from the in-memory one. A store error refuses the request (503 when the database
+    /// is out of reach), never lets it through unlimited.
+    fn take_substitute_token(&self, run: &RunInfo) -> Result<(), BrokerError> {
+        let spec = self.limits.config().substitute;
+        match self
+            .store
+            .take_rate_token(&run.namespace, &run.run, KIND_SUBSTITUTE, spec)?
+        {
+            Some(true) => Ok(()),
+            Some(false) => Err(RateLimitError::Exceeded(KIND_SUBSTITUTE).into()),
+            None => Ok(self
+                .limits
+                .check(&run.namespace, &run.run, KIND_SUBSTITUTE)?),
+        }
+    }
+
     pub fn substitute_auth(
         &self,
         caller: &Identity,
@@ -824,8 +842,7 @@ impl Broker {
         check_id("host", &req.host)?;
         let grant_seq = self.begin_grant(caller, req)?;
         let run = self.authorize_run_from(caller, &req.run, req.pod.as_deref())?;
-        self.limits
-            .check(&run.namespace, &run.run, KIND_SUBSTITUTE)?;
+        self.take_substitute_token(&run)?;
         if let Err(e) = Self::require_active(&run) {
             return Err(self.deny_substitution(caller, &run, req, None, e));
         }

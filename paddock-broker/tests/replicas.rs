@@ -1,8 +1,9 @@
 //! Three `paddock-broker serve` processes on one `PostgreSQL` database (the server
 //! `cargo xtask test` starts; each test has its own database): pool reservations from all
 //! three never double-grant, a revoke on one is refused on the very next substitution at the
-//! others, a replica killed with SIGKILL under load loses no lease, and a database outage is
-//! a 503 that heals without a restart.
+//! others, one run's substitution rate limit holds for the three together, a replica killed
+//! with SIGKILL under load loses no lease, and a database outage is a 503 that heals without
+//! a restart.
 
 mod common;
 
@@ -55,6 +56,11 @@ impl Cluster {
 
     /// Replica `n`'s config: the shared database, its own audit log.
     fn config(&self, n: usize) -> std::path::PathBuf {
+        self.config_with(n, "{perSecond: 100000, burst: 100000}")
+    }
+
+    /// Replica `n`'s config with the given substitution rate limit.
+    fn config_with(&self, n: usize, substitute: &str) -> std::path::PathBuf {
         let d = self.dir.path();
         let path = d.join(format!("broker-{n}.yaml"));
         std::fs::write(
@@ -67,7 +73,7 @@ impl Cluster {
                  audit: {{path: {d}/audit-{n}.jsonl, fsync: false}}\n\
                  auth:\n  staticKeys: {{file: {d}/keys}}\n\
                  rateLimits:\n  issue: {{perSecond: 100000, burst: 100000}}\n  \
-                 substitute: {{perSecond: 100000, burst: 100000}}\n",
+                 substitute: {substitute}\n",
                 d = d.display()
             ),
         )
@@ -77,6 +83,12 @@ impl Cluster {
 
     fn replicas(&self, n: usize) -> Vec<Served> {
         (0..n).map(|i| serve(&self.config(i))).collect()
+    }
+
+    fn replicas_with(&self, n: usize, substitute: &str) -> Vec<Served> {
+        (0..n)
+            .map(|i| serve(&self.config_with(i, substitute)))
+            .collect()
     }
 }
 
@@ -342,6 +354,84 @@ async fn revoke_on_one_replica_is_refused_on_the_next_substitution_at_the_others
         .await;
         assert_eq!((status, v["revoked"].as_bool()), (200, Some(false)), "{v}");
     }
+}
+
+/// One run's substitutions hammered through all three replicas at once (two keep-alive
+/// clients each) for a bounded time: the replicas draw from one bucket in the database, so
+/// the run gets at most burst + rate x elapsed successes in total (plus one token for
+/// floating-point rounding), not three times that, and every other request is refused with
+/// 429 `RateLimited`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_substitution_rate_limit_holds_across_replicas() {
+    const BURST: u32 = 20;
+    const PER_SECOND: u32 = 10;
+    const HAMMER: Duration = Duration::from_secs(3);
+    const MAX_PER_CLIENT: usize = 3_000;
+    const CLIENTS_PER_REPLICA: usize = 2;
+    let Some(db) = scratch_database("replicas_rate") else {
+        return;
+    };
+    let cluster = Cluster::new(db);
+    let served = cluster.replicas_with(3, &format!("{{perSecond: {PER_SECOND}, burst: {BURST}}}"));
+    let ca = &cluster.ca;
+    register(&served[0], ca, &["rl".to_owned()]).await;
+    let (status, issued) = call(
+        &served[1],
+        ca,
+        "/v1/issue",
+        TEAM_A_KEY,
+        &json!({"run": "rl", "credential": "gh"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{issued}");
+    let body = substitute_body("rl", issued["value"].as_str().expect("bearer"));
+    let mut clients = Vec::new();
+    for r in &served {
+        for _ in 0..CLIENTS_PER_REPLICA {
+            clients.push(KeepAlive::connect(r.addr, ca).await);
+        }
+    }
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let (mut served, mut refused) = (0_u32, 0_u32);
+                for _ in 0..MAX_PER_CLIENT {
+                    if started.elapsed() >= HAMMER {
+                        break;
+                    }
+                    let (status, v) = client.post("/v1/substitute-auth", TEAM_A_KEY, &body).await;
+                    match status {
+                        200 => served += 1,
+                        429 => {
+                            assert_eq!(v["code"], "RateLimited", "{v}");
+                            refused += 1;
+                        }
+                        other => panic!("{other}: {v}"),
+                    }
+                }
+                (served, refused)
+            })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        let (s, r) = t.await.expect("client");
+        ok += s;
+        refused += r;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let allowed = f64::from(BURST) + f64::from(PER_SECOND) * elapsed + 1.0;
+    eprintln!("{ok} served, {refused} refused in {elapsed:.2} s (at most {allowed:.1})");
+    assert!(
+        f64::from(ok) <= allowed,
+        "{ok} substitutions served in {elapsed:.2} s by three replicas: more than burst {BURST} \
+         + {PER_SECOND}/s (at most {allowed:.1})"
+    );
+    assert!(ok >= BURST, "the burst is served ({ok} of {BURST})");
+    assert!(refused > 0, "the load exceeded the rate");
 }
 
 /// Substitutions spread over three replicas like a Service would; replica 1 is killed with

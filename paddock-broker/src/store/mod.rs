@@ -18,7 +18,9 @@
 //!   transaction;
 //! - nothing is cached: every read goes to the database, so a revocation committed by any
 //!   replica is seen by the next lookup on every replica;
-//! - each schema change is a numbered migration recorded in a `schema_version` table.
+//! - each schema change is a numbered migration recorded in a `schema_version` table;
+//! - on a shared store, rate-limit buckets live in the database
+//!   ([`StoreBackend::take_rate_token`]), so the configured rate holds across replicas.
 //!
 //! A database that cannot be reached is [`StoreError::Unavailable`]: the server answers 503
 //! and the next call tries again (a pooled connection that broke is dropped, not reused).
@@ -34,7 +36,10 @@ use std::{fmt, ops::Deref, path::Path, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{DeliveryMode, LeaseInfo, RunInfo};
+use crate::{
+    ratelimit::RateSpec,
+    wire::{DeliveryMode, LeaseInfo, RunInfo},
+};
 
 pub use self::{postgres::PostgresStore, sqlite::SqliteStore};
 
@@ -93,7 +98,7 @@ pub struct PoolRequest<'a> {
 }
 
 /// The schema version this binary writes and expects (the number of migrations).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// What the broker persists. Every method is one transaction.
 pub trait StoreBackend: Send + Sync + fmt::Debug {
@@ -145,6 +150,23 @@ pub trait StoreBackend: Send + Sync + fmt::Debug {
     /// Deletes leases that expired or were revoked before `cutoff` (and their reservations).
     /// Returns how many were removed. Live leases are never touched.
     fn purge_before(&self, cutoff: u64) -> Result<usize, StoreError>;
+
+    /// Takes one token from the shared `kind` bucket of (namespace, run), which refills at
+    /// `spec.per_second` up to `spec.burst`. A shared store keeps the bucket in the database
+    /// so every replica draws from it: `Ok(Some(true))` took a token, `Ok(Some(false))` found
+    /// the bucket empty. `Ok(None)`: this backend keeps no shared buckets (one process), and
+    /// the broker's in-memory limiter applies. An error is never "unlimited": the broker
+    /// refuses the request (503 when the database is out of reach).
+    fn take_rate_token(
+        &self,
+        namespace: &str,
+        run: &str,
+        kind: &str,
+        spec: RateSpec,
+    ) -> Result<Option<bool>, StoreError> {
+        let _ = (namespace, run, kind, spec);
+        Ok(None)
+    }
 
     /// Cheap liveness probe for readiness.
     fn ping(&self) -> Result<(), StoreError>;

@@ -35,7 +35,10 @@ use tokio_postgres::{
 use super::{
     NewLease, PoolRequest, SCHEMA_VERSION, StoreBackend, StoreError, sqlite::delivery_str,
 };
-use crate::wire::{DeliveryMode, LeaseInfo, RunInfo, RunPhase};
+use crate::{
+    ratelimit::RateSpec,
+    wire::{DeliveryMode, LeaseInfo, RunInfo, RunPhase},
+};
 
 fn default_pool_size() -> u32 {
     8
@@ -96,8 +99,40 @@ CREATE TABLE IF NOT EXISTS pool_slots (
 );
 ";
 
+/// Migration 2: rate-limit token buckets shared by the replicas (see `take_rate_token`).
+/// `updated_at` is the database's clock, so replicas' clocks never matter.
+const MIGRATION_2: &str = "
+CREATE TABLE IF NOT EXISTS rate_buckets (
+    namespace TEXT NOT NULL,
+    run TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    tokens DOUBLE PRECISION NOT NULL,
+    granted BOOLEAN NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (namespace, run, kind)
+);
+";
+
 /// Every migration, in order; the schema version is the number applied.
-const MIGRATIONS: &[&str] = &[MIGRATION_1];
+const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
+
+/// One token from a shared bucket, in one statement: the row lock `ON CONFLICT DO UPDATE`
+/// takes serialises replicas on the bucket, the refill is computed from the stored time and
+/// the database's `now()`, and a token is taken only when a whole one is there. A new bucket
+/// starts full (burst, less the token taken). `now()` is the transaction's start: a
+/// statement that waited for the row lock may see a `now()` older than the stored time; the
+/// refill is then zero and the stored time never moves back, so a race can only cost
+/// tokens, never add them. `$4` burst, `$5` tokens per second.
+const TAKE_RATE_TOKEN: &str = "
+INSERT INTO rate_buckets AS b (namespace, run, kind, tokens, granted, updated_at)
+VALUES ($1, $2, $3, $4::float8 - 1, TRUE, now())
+ON CONFLICT (namespace, run, kind) DO UPDATE SET
+    tokens = LEAST($4::float8, b.tokens + $5::float8 * GREATEST(0, EXTRACT(EPOCH FROM now() - b.updated_at)::float8))
+        - CASE WHEN LEAST($4::float8, b.tokens + $5::float8 * GREATEST(0, EXTRACT(EPOCH FROM now() - b.updated_at)::float8)) >= 1 THEN 1 ELSE 0 END,
+    granted = LEAST($4::float8, b.tokens + $5::float8 * GREATEST(0, EXTRACT(EPOCH FROM now() - b.updated_at)::float8)) >= 1,
+    updated_at = GREATEST(b.updated_at, now())
+RETURNING granted
+";
 
 /// The advisory lock migrations take, so replicas starting together migrate one at a time.
 const MIGRATION_LOCK: i64 = 0x7064_6b5f_6d69_6772; // "pdk_migr"
@@ -725,7 +760,31 @@ impl StoreBackend for PostgresStore {
                 "DELETE FROM leases WHERE expires_at < $1 OR (revoked AND issued_at < $1)",
                 &[&cutoff],
             )?;
+            // A bucket untouched since before the cut-off has refilled long ago: dropping it
+            // (a new one starts full) changes nothing but the table's size.
+            tx.execute(
+                "DELETE FROM rate_buckets WHERE updated_at < to_timestamp($1::bigint)",
+                &[&cutoff],
+            )?;
             Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn take_rate_token(
+        &self,
+        namespace: &str,
+        run: &str,
+        kind: &str,
+        spec: RateSpec,
+    ) -> Result<Option<bool>, StoreError> {
+        let burst = f64::from(spec.burst.max(1));
+        let per_second = f64::from(spec.per_second);
+        self.with(|c| {
+            let stmt = c.statement(TAKE_RATE_TOKEN)?;
+            let row = c
+                .client
+                .query_one(&stmt, &[&namespace, &run, &kind, &burst, &per_second])?;
+            Ok(Some(row.try_get::<_, bool>(0)?))
         })
     }
 

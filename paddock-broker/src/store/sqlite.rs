@@ -48,8 +48,24 @@ CREATE TABLE IF NOT EXISTS pool_slots (
 );
 ";
 
+/// Migration 2: the `PostgreSQL` backend's shared rate-limit buckets, created here too so both
+/// backends keep one schema and one version number. The `SQLite` broker is one process and
+/// keeps its buckets in memory (`take_rate_token` is the trait's "not shared"), so the table
+/// stays empty.
+const MIGRATION_2: &str = "
+CREATE TABLE IF NOT EXISTS rate_buckets (
+    namespace TEXT NOT NULL,
+    run TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    tokens REAL NOT NULL,
+    granted INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (namespace, run, kind)
+);
+";
+
 /// Every migration, in order; the schema version is the number applied.
-const MIGRATIONS: &[&str] = &[MIGRATION_1];
+const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
 
 pub(super) fn delivery_str(d: DeliveryMode) -> &'static str {
     match d {

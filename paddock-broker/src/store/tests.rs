@@ -307,6 +307,15 @@ fn postgres_outage_is_unavailable_and_recovers() {
             Err(e) => assert!(e.is_unavailable(), "an outage is Unavailable, got {e:?}"),
             Ok(r) => panic!("answered {r:?} with the database cut off"),
         }
+        // The shared rate limiter fails closed too: no token is "unlimited".
+        let spec = crate::ratelimit::RateSpec {
+            per_second: 1,
+            burst: 1,
+        };
+        match store.take_rate_token("ns", "r", "substitute", spec) {
+            Err(e) => assert!(e.is_unavailable(), "an outage is Unavailable, got {e:?}"),
+            Ok(t) => panic!("rate token {t:?} with the database cut off"),
+        }
     }
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -327,6 +336,77 @@ fn postgres_outage_is_unavailable_and_recovers() {
             Err(e) => panic!("not recovered: {e:?}"),
         }
     }
+}
+
+/// Two stores on one database (two replicas) draw from one bucket per (namespace, run,
+/// kind): the burst is shared, not doubled; other runs and kinds have their own buckets; the
+/// bucket refills at the configured rate. `SQLite` keeps no shared buckets (`None`: the
+/// broker's in-memory limiter applies).
+#[test]
+fn rate_buckets_are_shared_by_replicas_on_postgres() {
+    use crate::ratelimit::RateSpec;
+    let slow = RateSpec {
+        per_second: 1,
+        burst: 4,
+    };
+    let lite = Store::open_in_memory().expect("sqlite");
+    assert_eq!(
+        lite.take_rate_token("ns", "r", "substitute", slow)
+            .expect("sqlite"),
+        None
+    );
+    let Some(f) = postgres("rate_shared") else {
+        return;
+    };
+    let db = f.db.as_ref().expect("postgres fixture has a database");
+    let other = PostgresStore::connect_url(db.url(), None, 2, Duration::from_secs(5))
+        .expect("second replica's connection");
+    let replicas: [&dyn StoreBackend; 2] = [&*f.store, &other];
+    let taken = (0..8)
+        .filter(|i| {
+            replicas[i % 2]
+                .take_rate_token("ns", "r", "substitute", slow)
+                .expect("take")
+                == Some(true)
+        })
+        .count();
+    // Eight calls within well under a second: the burst of four, maybe one refilled token.
+    assert!(
+        (4..=5).contains(&taken),
+        "{taken} tokens from a shared burst of 4"
+    );
+    for r in replicas {
+        assert_eq!(
+            r.take_rate_token("ns", "r", "substitute", slow)
+                .expect("take"),
+            Some(false),
+            "empty for every replica"
+        );
+    }
+    assert_eq!(
+        other
+            .take_rate_token("ns", "r2", "substitute", slow)
+            .expect("other run"),
+        Some(true)
+    );
+    assert_eq!(
+        other
+            .take_rate_token("ns", "r", "egress", slow)
+            .expect("other kind"),
+        Some(true)
+    );
+    let fast = RateSpec {
+        per_second: 20,
+        burst: 4,
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        f.store
+            .take_rate_token("ns", "r", "substitute", fast)
+            .expect("refilled"),
+        Some(true),
+        "the bucket refills with time"
+    );
 }
 
 /// A database no broker can reach refuses at start-up with `Unavailable`.
