@@ -53,6 +53,10 @@ pub enum BrokerError {
     AuditUnavailable(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The broker's database cannot be reached (503; the caller retries, maybe on another
+    /// replica).
+    #[error("{0}")]
+    StoreUnavailable(String),
     #[error("egress denied: {0}")]
     EgressDenied(String),
     #[error("TLS required: {0}")]
@@ -73,7 +77,9 @@ impl BrokerError {
             BrokerError::RateLimited(_) => ErrorCode::RateLimited,
             BrokerError::PoolExhausted(_) => ErrorCode::PoolExhausted,
             BrokerError::AuditUnavailable(_) => ErrorCode::AuditUnavailable,
-            BrokerError::Unavailable(_) => ErrorCode::Unavailable,
+            BrokerError::Unavailable(_) | BrokerError::StoreUnavailable(_) => {
+                ErrorCode::Unavailable
+            }
             BrokerError::EgressDenied(_) => ErrorCode::EgressDenied,
             BrokerError::TlsRequired(_) => ErrorCode::TlsRequired,
             BrokerError::SubscriptionGone(_) => ErrorCode::SubscriptionGone,
@@ -90,6 +96,9 @@ impl BrokerError {
                 "audit log unavailable; request not performed".to_owned()
             }
             BrokerError::Unavailable(_) => "credential backend unavailable".to_owned(),
+            BrokerError::StoreUnavailable(_) => {
+                "broker database unavailable; request not performed".to_owned()
+            }
             BrokerError::NotFound(m)
             | BrokerError::Forbidden(m)
             | BrokerError::BadRequest(m)
@@ -108,6 +117,8 @@ impl From<StoreError> for BrokerError {
             StoreError::PoolExhausted(pool) => {
                 BrokerError::PoolExhausted(format!("credential pool {pool} is exhausted"))
             }
+            // Fail closed with 503: nothing is decided without the database.
+            e @ StoreError::Unavailable(_) => BrokerError::StoreUnavailable(e.to_string()),
             other => BrokerError::Internal(other.to_string()),
         }
     }
@@ -805,6 +816,24 @@ impl Broker {
         }
     }
 
+    /// One token of the run's substitution budget: from the database's bucket on a shared
+    /// store (every replica draws from it, so the configured rate holds for the cluster),
+    /// else from the in-memory one. A store error refuses the request (503 when the database
+    /// is out of reach), never lets it through unlimited.
+    fn take_substitute_token(&self, run: &RunInfo) -> Result<(), BrokerError> {
+        let spec = self.limits.config().substitute;
+        match self
+            .store
+            .take_rate_token(&run.namespace, &run.run, KIND_SUBSTITUTE, spec)?
+        {
+            Some(true) => Ok(()),
+            Some(false) => Err(RateLimitError::Exceeded(KIND_SUBSTITUTE).into()),
+            None => Ok(self
+                .limits
+                .check(&run.namespace, &run.run, KIND_SUBSTITUTE)?),
+        }
+    }
+
     pub fn substitute_auth(
         &self,
         caller: &Identity,
@@ -813,8 +842,7 @@ impl Broker {
         check_id("host", &req.host)?;
         let grant_seq = self.begin_grant(caller, req)?;
         let run = self.authorize_run_from(caller, &req.run, req.pod.as_deref())?;
-        self.limits
-            .check(&run.namespace, &run.run, KIND_SUBSTITUTE)?;
+        self.take_substitute_token(&run)?;
         if let Err(e) = Self::require_active(&run) {
             return Err(self.deny_substitution(caller, &run, req, None, e));
         }
@@ -921,6 +949,12 @@ impl Broker {
         let Some(id) = &req.subscription else {
             return Ok(None);
         };
+        // On a shared store another replica may commit a revocation this process's grant hub
+        // never hears of, so no reusable grant is handed out: every request comes back here
+        // and reads the lease afresh (see ARCHITECTURE.md, "Broker replicas").
+        if self.store.is_shared() {
+            return Ok(None);
+        }
         check_id("subscription", id)?;
         check_id("run", &req.run)?;
         Ok(Some(self.grants.begin(&caller.subject, id, &req.run)?))

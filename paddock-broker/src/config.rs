@@ -24,7 +24,7 @@ use crate::{
     policy::PolicyStore,
     ratelimit::{RateLimitConfig, RateLimits},
     server::{ServerOptions, tls},
-    store::Store,
+    store::{SqliteConfig, Store, StoreConfig},
 };
 
 #[derive(Clone, Debug, Deserialize)]
@@ -34,7 +34,13 @@ pub struct Config {
     #[serde(default)]
     pub admin_listen: Option<SocketAddr>,
     pub tls: TlsConfig,
-    pub database: PathBuf,
+    /// The `SQLite` database file: shorthand for `store: {sqlite: {path}}`.
+    #[serde(default)]
+    pub database: Option<PathBuf>,
+    /// Where the broker keeps its state (`sqlite` or `postgres`); exactly one of `store` and
+    /// `database` is given.
+    #[serde(default)]
+    pub store: Option<StoreConfig>,
     pub policy: PathBuf,
     /// Base directory of relative secret files in the policy (default: the working directory).
     #[serde(default)]
@@ -255,6 +261,22 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The store to open: `store`, or `database` as the `SQLite` shorthand.
+    pub fn store_config(&self) -> Result<StoreConfig, ConfigError> {
+        match (&self.store, &self.database) {
+            (Some(store), None) => Ok(store.clone()),
+            (None, Some(path)) => Ok(StoreConfig::Sqlite(SqliteConfig { path: path.clone() })),
+            (Some(_), Some(_)) => Err(ConfigError::Invalid(
+                "give either store or database (the SQLite shorthand), not both".into(),
+            )),
+            (None, None) => Err(ConfigError::Invalid(
+                "no store configured: give store: {sqlite: {path}} or store: {postgres: \
+                 {urlFile}} (or database: PATH)"
+                    .into(),
+            )),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_owned(), e))?;
@@ -287,7 +309,13 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
         &config.policy,
         config.secrets_dir.as_deref(),
     )?);
-    let store = Store::open(&config.database)?;
+    let store = Store::open_config(&config.store_config()?)?;
+    tracing::info!(
+        store = store.kind(),
+        schema = store.schema_version()?,
+        grants = !store.is_shared(),
+        "store open"
+    );
     let audit: Arc<dyn AuditSink> = Arc::new(JsonlSink::open(
         &config.audit.path,
         config.audit.max_bytes,
@@ -415,6 +443,15 @@ mod tests {
     #[test]
     fn readme_examples_parse() {
         let config: Config = crate::yaml::from_str(&readme_block(1)).expect("README config parses");
+        // The commented PostgreSQL alternative parses too.
+        let pg_line = readme_block(1)
+            .lines()
+            .find_map(|l| l.strip_prefix("# store: {postgres"))
+            .map(|rest| format!("store: {{postgres{rest}"))
+            .expect("the README shows a postgres store");
+        let pg: std::collections::BTreeMap<String, StoreConfig> =
+            crate::yaml::from_str(&pg_line).expect("README postgres store parses");
+        assert!(matches!(pg.get("store"), Some(StoreConfig::Postgres(p)) if p.pool_size == 8));
         assert_eq!(config.rate_limits, RateLimitConfig::default());
         assert!(config.tls.client_ca.is_some() && config.admin_listen.is_some());
         assert_eq!(
@@ -577,6 +614,63 @@ mod tests {
                 .expect("valid")
                 .is_some_and(|d| d < Duration::from_secs(1)),
             "the default poll must let a policy change apply within a second"
+        );
+    }
+
+    /// `database` stays the `SQLite` shorthand; `store` names either backend; never both.
+    #[test]
+    fn store_forms_parse_and_conflicts_are_refused() {
+        let base = "listen: 127.0.0.1:1\ntls: {cert: c, key: k}\npolicy: p\naudit: {path: a}\n\
+                    auth: {staticKeys: {file: f}}\n";
+        let parse = |extra: &str| {
+            Config::parse(Path::new("broker.yaml"), &format!("{base}{extra}"))
+                .expect("parses")
+                .store_config()
+        };
+        assert_eq!(
+            parse("database: /d/b.db\n").expect("shorthand"),
+            StoreConfig::Sqlite(SqliteConfig {
+                path: "/d/b.db".into()
+            })
+        );
+        assert_eq!(
+            parse("store: {sqlite: {path: /d/b.db}}\n").expect("sqlite"),
+            parse("database: /d/b.db\n").expect("shorthand")
+        );
+        let StoreConfig::Postgres(pg) = parse(
+            "store:\n  postgres:\n    urlFile: /s/url\n    caFile: /s/ca.crt\n    poolSize: 16\n",
+        )
+        .expect("postgres") else {
+            panic!("not postgres")
+        };
+        assert_eq!(
+            (
+                pg.url_file.to_str(),
+                pg.ca_file.as_deref().and_then(Path::to_str),
+                pg.pool_size
+            ),
+            (Some("/s/url"), Some("/s/ca.crt"), 16)
+        );
+        let StoreConfig::Postgres(snake) =
+            parse("store: {postgres: {url_file: /s/url, pool_size: 3}}\n").expect("snake_case")
+        else {
+            panic!("not postgres")
+        };
+        assert_eq!((snake.pool_size, snake.ca_file), (3, None));
+        for (extra, needle) in [
+            ("database: /d\nstore: {sqlite: {path: /d}}\n", "not both"),
+            ("", "no store configured"),
+        ] {
+            let e = parse(extra).expect_err(extra).to_string();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+        assert!(
+            Config::parse(
+                Path::new("broker.yaml"),
+                &format!("{base}store: {{mysql: {{url: x}}}}\n")
+            )
+            .is_err(),
+            "an unknown backend is refused"
         );
     }
 

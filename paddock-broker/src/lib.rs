@@ -3,7 +3,7 @@
 //!
 //! Layers: [`wire`] (API types, shared with the proxy), [`auth`] (caller authentication),
 //! [`policy`] (`BrokerPolicy` documents), [`providers`] (how secrets are injected), [`store`]
-//! (`SQLite` state), [`ratelimit`], [`audit`], [`broker`] (the domain service), [`server`] (HTTPS API and admin
+//! (`SQLite` or `PostgreSQL` state), [`ratelimit`], [`audit`], [`broker`] (the domain service), [`server`] (HTTPS API and admin
 //! listener) and [`embed`] (the broker built from a typed config and served in-process only).
 
 #[cfg(feature = "server")]

@@ -20,7 +20,7 @@ use paddock_broker::{
     config::{self, Config},
     policy::Policy,
     server,
-    store::Store,
+    store::{SCHEMA_VERSION, SqliteConfig, Store, StoreConfig},
 };
 
 #[derive(Parser, Debug)]
@@ -51,6 +51,11 @@ enum Command {
     Leases {
         #[command(subcommand)]
         command: LeasesCommand,
+    },
+    /// The broker's database (`store:` or `database:` in the config).
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
     },
     /// The RSA-OAEP session keypair (auth.rsaSession).
     SessionKey {
@@ -83,6 +88,22 @@ enum PolicyCommand {
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Bring the schema up to date (`serve` does this too; run it first when several
+    /// replicas share a `PostgreSQL` database and you want the upgrade under your eyes).
+    Migrate {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Reach the database and compare its schema version with this binary's; exits non-zero
+    /// when it is unreachable or not at the expected version. Changes nothing.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -140,6 +161,12 @@ fn main() -> ExitCode {
         Command::SessionKey {
             command: SessionKeyCommand::Public { config },
         } => session_key_public(&config),
+        Command::Store {
+            command: StoreCommand::Migrate { config },
+        } => store_migrate(&config),
+        Command::Store {
+            command: StoreCommand::Check { config },
+        } => store_check(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -282,20 +309,39 @@ fn session_key_public(config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn store_migrate(config: &Path) -> anyhow::Result<()> {
+    let store = Config::load(config)?.store_config()?;
+    let version = Store::migrate_config(&store)?;
+    println!("store migrated: schema version {version}");
+    Ok(())
+}
+
+fn store_check(config: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config)?.store_config()?;
+    let store = Store::open_config_unmigrated(&config)?;
+    store.ping()?;
+    let found = store.schema_version()?;
+    println!(
+        "store {}: reachable, schema version {found} (this broker: {SCHEMA_VERSION})",
+        store.kind()
+    );
+    if found != SCHEMA_VERSION {
+        bail!("schema version {found} is not {SCHEMA_VERSION}: run `paddock-broker store migrate`");
+    }
+    Ok(())
+}
+
 fn leases_list(
     database: Option<PathBuf>,
     config: Option<PathBuf>,
     run: Option<&str>,
 ) -> anyhow::Result<()> {
-    let db = match (database, config) {
-        (Some(db), _) => db,
-        (None, Some(cfg)) => Config::load(&cfg)?.database,
+    let store = match (database, config) {
+        (Some(db), _) => StoreConfig::Sqlite(SqliteConfig { path: db }),
+        (None, Some(cfg)) => Config::load(&cfg)?.store_config()?,
         (None, None) => bail!("give --database or --config"),
     };
-    if !db.exists() {
-        bail!("database {} does not exist", db.display());
-    }
-    let store = Store::open(&db)?;
+    let store = Store::open_config_unmigrated(&store)?;
     let leases = match run {
         Some(r) => store.leases_for_run(r)?,
         None => store.all_leases()?,

@@ -1,4 +1,8 @@
-//! Token buckets per (namespace, run, kind). Unknown kinds are denied (fail closed).
+//! Token buckets per (namespace, run, kind), in memory. Unknown kinds are denied (fail closed).
+//!
+//! On a shared store (`PostgreSQL`, several replicas) the `substitute` bucket lives in the
+//! database instead ([`crate::store::StoreBackend::take_rate_token`]), so the configured rate
+//! holds for the replicas together; the specs here still say what its rate and burst are.
 
 use std::{collections::BTreeMap, num::NonZeroU32};
 

@@ -4,20 +4,19 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::SocketAddr,
+    io::Write,
     os::unix::fs::PermissionsExt,
     path::Path,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::Duration,
+    process::{Command, Stdio},
 };
 
-use common::{CONTROLLER_KEY, TEAM_A_KEY, keys_text, pki, policy_yaml, post_request, tls_json};
+use common::{
+    CONTROLLER_KEY, TEAM_A_KEY, keys_text, policy_yaml, post_request, serve, tls_json,
+    write_broker_files,
+};
 use paddock_broker::auth::{
     Authenticator, StaticKeys, rsa_session::encrypt_run_token, static_keys::StaticKeyDefaults,
 };
-use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_paddock-broker");
@@ -135,87 +134,6 @@ fn policy_check_reports_file_line_and_field() {
     );
 }
 
-struct Served {
-    child: Child,
-    addr: SocketAddr,
-    logs: mpsc::Receiver<serde_json::Value>,
-}
-
-impl Served {
-    /// Waits (bounded) for a log line whose message contains `needle`.
-    fn wait_log(&self, needle: &str) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = self
-                .logs
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no log line containing {needle:?}"));
-            if line["fields"]["message"]
-                .as_str()
-                .is_some_and(|m| m.contains(needle))
-            {
-                return line;
-            }
-        }
-    }
-
-    fn hangup(&self) {
-        let status = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(config: &Path) -> Served {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn broker");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && tx.send(v).is_err()
-            {
-                return;
-            }
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let addr = loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let v = rx
-            .recv_timeout(left)
-            .expect("broker did not report its address");
-        if v["fields"]["message"] == "broker listening"
-            && let Some(addr) = v["fields"]["addr"]
-                .as_str()
-                .and_then(|a| a.parse::<SocketAddr>().ok())
-        {
-            break addr;
-        }
-    };
-    Served {
-        child,
-        addr,
-        logs: rx,
-    }
-}
-
 fn session_key_public(config: &Path) -> String {
     let out = Command::new(BIN)
         .args(["session-key", "public", "--config"])
@@ -238,39 +156,7 @@ fn session_key_public(config: &Path) -> String {
 async fn killed_and_restarted_process_keeps_pool_reservations() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    for (name, value) in [
-        ("hdr", "ghp_real"),
-        ("qry", "maps-real"),
-        ("bas", "git-real"),
-        ("p1", "pat-one"),
-        ("p2", "pat-two"),
-    ] {
-        std::fs::write(d.join(name), value).expect("secret");
-    }
-    std::fs::write(d.join("policy.yaml"), policy_yaml(d)).expect("policy");
-    std::fs::write(d.join("keys"), keys_text()).expect("keys");
-    let pki = pki();
-    let pem = |der: &[u8], label: &str| {
-        use base64::Engine as _;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-        let lines: Vec<&str> = b64
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).expect("ascii"))
-            .collect();
-        format!(
-            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-            lines.join("\n")
-        )
-    };
-    std::fs::write(d.join("cert.pem"), pem(&pki.server_chain[0], "CERTIFICATE")).expect("cert");
-    std::fs::write(
-        d.join("key.pem"),
-        pem(pki.server_key.secret_pkcs8_der(), "PRIVATE KEY"),
-    )
-    .expect("key");
-    let ca =
-        CertificateDer::from_pem_slice(pem(&pki.ca_der, "CERTIFICATE").as_bytes()).expect("ca");
+    let ca = write_broker_files(d);
     let config = d.join("broker.yaml");
     std::fs::write(
         &config,
@@ -452,4 +338,67 @@ fn session_key_needs_the_rsa_backend_configured() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("auth.rsaSession is not configured"), "{err}");
     assert!(out.stdout.is_empty());
+}
+
+/// `store check` refuses a database that is missing or behind; `store migrate` brings it up
+/// to date, after which `check` passes. On `SQLite`, and on `PostgreSQL` when the test server is
+/// there.
+#[test]
+fn store_migrate_and_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let store = |args: &[&str], config: &Path| {
+        Command::new(BIN)
+            .arg("store")
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .output()
+            .expect("paddock-broker store")
+    };
+    let base = "listen: 127.0.0.1:0\ntls: {cert: c, key: k}\npolicy: p\naudit: {path: a}\n\
+                auth: {staticKeys: {file: keys}}\n";
+    let sqlite = d.join("sqlite.yaml");
+    std::fs::write(
+        &sqlite,
+        format!("{base}database: {}\n", d.join("b.db").display()),
+    )
+    .expect("config");
+    let mut configs = vec![sqlite];
+    let pg_db = paddock_broker::store::testing::scratch_database("cli_store");
+    if let Some(db) = &pg_db {
+        std::fs::write(d.join("url"), db.url()).expect("url");
+        let pg = d.join("pg.yaml");
+        std::fs::write(
+            &pg,
+            format!(
+                "{base}store: {{postgres: {{urlFile: {}}}}}\n",
+                d.join("url").display()
+            ),
+        )
+        .expect("config");
+        configs.push(pg);
+    }
+    for config in &configs {
+        let out = store(&["check"], config);
+        assert!(
+            !out.status.success(),
+            "{}: a missing or empty database fails the check",
+            config.display()
+        );
+        let out = store(&["migrate"], config);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 2"));
+        let out = store(&["check"], config);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("reachable, schema version 2"));
+    }
 }

@@ -431,7 +431,8 @@ fn every_path_in_broker_yaml_is_mounted() {
     // What the broker writes: each file directly in the root of a writable claim (the
     // broker creates no directories, and the root file system is read-only).
     let mut claims = Vec::new();
-    for (what, file) in [("database", &c.database), ("audit.path", &c.audit.path)]
+    let db = c.database.as_ref().expect("database: (SQLite)");
+    for (what, file) in [("database", db), ("audit.path", &c.audit.path)]
         .into_iter()
         .chain(
             c.auth
@@ -946,7 +947,7 @@ async fn deployed_config_builds_a_broker_that_answers_the_probes() {
     c.tls.cert = under(root, &c.tls.cert);
     c.tls.key = under(root, &c.tls.key);
     c.tls.client_ca = c.tls.client_ca.as_deref().map(|p| under(root, p));
-    c.database = under(root, &c.database);
+    c.database = c.database.as_deref().map(|p| under(root, p));
     c.audit.path = under(root, &c.audit.path);
     c.policy = policy_dir;
     c.secrets_dir = c.secrets_dir.as_deref().map(|p| under(root, p));
@@ -968,8 +969,158 @@ async fn deployed_config_builds_a_broker_that_answers_the_probes() {
         assert_eq!(status, 200, "{probe} {path}: {body}");
     }
     assert!(
-        c.database.exists() && c.audit.path.exists(),
+        c.database.as_ref().is_some_and(|p| p.exists()) && c.audit.path.exists(),
         "the database and the audit log are created on their claims"
     );
     handle.shutdown().await;
+}
+
+/// `deploy/broker/postgres/`: the same broker with `store: postgres`, three replicas, a
+/// `PodDisruptionBudget`, rolling updates, a per-pod audit directory on a shared claim. Checked
+/// against the base manifests so the two cannot drift apart.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one walk over the variant's five files, each against its base"
+)]
+fn postgres_variant_is_the_base_with_a_shared_store() {
+    let root = repo_root().join("deploy/broker");
+    let load = |rel: &str| -> Vec<Value> {
+        let text = std::fs::read_to_string(root.join(rel)).expect(rel);
+        serde_yaml_ng::Deserializer::from_str(&text)
+            .map(|d| Value::deserialize(d).expect(rel))
+            .filter(|v| !v.is_null())
+            .collect()
+    };
+    let broker_yaml = |rel: &str| -> Config {
+        let docs = load(rel);
+        let text = docs[0]["data"]["broker.yaml"]
+            .as_str()
+            .expect("broker.yaml");
+        Config::parse(Path::new(rel), text).expect(rel)
+    };
+    let base = broker_yaml("20-config.yaml");
+    let mut pg = broker_yaml("postgres/config.yaml");
+    let Ok(paddock_broker::store::StoreConfig::Postgres(store)) = pg.store_config() else {
+        panic!("the postgres variant's broker.yaml has no postgres store");
+    };
+    assert!(base.database.is_some() && pg.database.is_none());
+    // Nothing but the store differs.
+    pg.store = None;
+    pg.database.clone_from(&base.database);
+    assert_eq!(
+        format!("{pg:?}"),
+        format!("{base:?}"),
+        "postgres/config.yaml must be 20-config.yaml with store: in place of database:"
+    );
+
+    let patch = &load("postgres/deployment.yaml")[0];
+    assert_eq!(patch["spec"]["replicas"].as_u64(), Some(3));
+    assert_eq!(
+        patch["spec"]["strategy"]["type"].as_str(),
+        Some("RollingUpdate")
+    );
+    let container = &seq(
+        &patch["spec"]["template"]["spec"]["containers"],
+        "containers",
+    )[0];
+    let base_deployment = &load("50-deployment.yaml")[0];
+    let base_container = &seq(
+        &base_deployment["spec"]["template"]["spec"]["containers"],
+        "containers",
+    )[0];
+    assert_eq!(
+        container["name"], base_container["name"],
+        "patches the broker"
+    );
+    let mounts = seq(&container["volumeMounts"], "volumeMounts");
+    let mount = |path: &str| {
+        mounts
+            .iter()
+            .find(|m| m["mountPath"].as_str() == Some(path))
+            .unwrap_or_else(|| panic!("no mount patch for {path}"))
+    };
+    let db = mount("/etc/paddock/db");
+    assert_eq!(db["readOnly"].as_bool(), Some(true));
+    for file in std::iter::once(&store.url_file).chain(store.ca_file.as_ref()) {
+        assert_eq!(
+            file.parent(),
+            Some(Path::new("/etc/paddock/db")),
+            "{} is on the db Secret",
+            file.display()
+        );
+    }
+    assert_eq!(mount("/var/lib/paddock")["$patch"].as_str(), Some("delete"));
+    let audit_dir = pg.audit.path.parent().expect("audit dir");
+    let audit = mount(audit_dir.to_str().expect("utf-8"));
+    assert_eq!(audit["subPathExpr"].as_str(), Some("$(POD_NAME)"));
+    let env = seq(&container["env"], "env");
+    assert!(
+        env.iter().any(|e| e["name"] == "POD_NAME"
+            && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"),
+        "POD_NAME from the downward API"
+    );
+    let volumes = seq(&patch["spec"]["template"]["spec"]["volumes"], "volumes");
+    let volume = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| v["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no volume patch {name}"))
+    };
+    assert_eq!(volume("data")["$patch"].as_str(), Some("delete"));
+    assert_eq!(
+        volume("db")["secret"]["secretName"].as_str(),
+        Some("paddock-broker-db")
+    );
+
+    let pdb = &load("postgres/pdb.yaml")[0];
+    assert_eq!(pdb["kind"].as_str(), Some("PodDisruptionBudget"));
+    assert!(
+        pdb["spec"]["minAvailable"]
+            .as_u64()
+            .is_some_and(|m| (1..3).contains(&m)),
+        "the budget lets one replica go and keeps one serving"
+    );
+    assert!(selects(
+        &pdb["spec"]["selector"]["matchLabels"],
+        &base_deployment["spec"]["template"]["metadata"]["labels"]
+    ));
+
+    let claims = load("postgres/storage.yaml");
+    let base_claims = load("40-storage.yaml");
+    assert_eq!(claims.len(), 1, "only the audit claim: no data claim");
+    assert!(
+        base_claims
+            .iter()
+            .any(|c| c["metadata"]["name"] == claims[0]["metadata"]["name"]),
+        "the claim the Deployment mounts as audit"
+    );
+    assert_eq!(
+        seq(&claims[0]["spec"]["accessModes"], "accessModes"),
+        [Value::from("ReadWriteMany")]
+    );
+
+    let k = &load("postgres/kustomization.yaml")[0];
+    let resources: BTreeSet<&str> = seq(&k["resources"], "resources")
+        .iter()
+        .map(|r| text(r, "resource"))
+        .collect();
+    let mut expected: BTreeSet<String> = std::fs::read_dir(&root)
+        .expect("deploy/broker")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| Path::new(n).extension().is_some_and(|e| e == "yaml") && n != "40-storage.yaml")
+        .map(|n| format!("../{n}"))
+        .collect();
+    expected.extend(["storage.yaml".to_owned(), "pdb.yaml".to_owned()]);
+    assert_eq!(
+        resources,
+        expected.iter().map(String::as_str).collect(),
+        "every base manifest but 40-storage.yaml, plus the variant's own"
+    );
+    let patches: BTreeSet<&str> = seq(&k["patches"], "patches")
+        .iter()
+        .map(|p| text(&p["path"], "path"))
+        .collect();
+    assert_eq!(patches, BTreeSet::from(["deployment.yaml", "config.yaml"]));
 }

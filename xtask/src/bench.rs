@@ -118,8 +118,14 @@ pub fn run_bench(which: Which) -> Result<()> {
         .args(["build", "--release"])
         .args(which.build_args()))?;
     let bin = release_dir().join(which.binary());
+    // The broker bench's PostgreSQL rows run against a private server (stopped on return).
+    let postgres = matches!(which, Which::Broker)
+        .then(crate::pg::start)
+        .transpose()
+        .context("starting the PostgreSQL server for the broker bench")?;
     let out = Command::new(&bin)
         .args(which.args())
+        .envs(postgres.iter().map(|p| (crate::pg::ENV, p.conninfo())))
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
     eprint!("{}", String::from_utf8_lossy(&out.stderr));

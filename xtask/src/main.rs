@@ -4,6 +4,7 @@ mod bench;
 mod deny;
 mod fuzz;
 mod modules;
+mod pg;
 mod setup;
 mod unprivileged;
 mod util;
@@ -93,7 +94,8 @@ fn main() -> Result<()> {
             if !is_root() {
                 bail!("test-unprivileged switches to uid 65534 and so must start as root");
             }
-            let (p, f) = unprivileged::run_as_nobody()?;
+            let server = pg::start().context("starting the PostgreSQL test server")?;
+            let (p, f) = unprivileged::run_as_nobody(&[(pg::ENV, server.conninfo())])?;
             println!("tests (uid 65534): {p} passed, {f} failed");
             Ok(())
         }
@@ -121,7 +123,13 @@ fn main() -> Result<()> {
 
 /// Crates the proxy library (the data plane) must never link: the broker and what only the
 /// broker needs (its database, JWT, RSA). Composition that needs them lives in `paddock-app`.
-const NOT_IN_THE_PROXY: &[&str] = &["paddock-broker", "rusqlite", "jsonwebtoken", "rsa"];
+const NOT_IN_THE_PROXY: &[&str] = &[
+    "paddock-broker",
+    "rusqlite",
+    "postgres",
+    "jsonwebtoken",
+    "rsa",
+];
 
 /// `cargo tree -p paddock-proxy -e normal` holds none of [`NOT_IN_THE_PROXY`].
 fn proxy_links_no_broker() -> Result<()> {
@@ -267,8 +275,11 @@ fn test(no_lint: bool, no_fuzz: bool, extra: &[String]) -> Result<()> {
             "xtask: not root: root-tier tests will print SKIPPED; run `sudo cargo xtask test`"
         );
     }
+    // Stopped and removed when `server` drops, whichever way this function returns.
+    let server = pg::start().context("starting the PostgreSQL test server")?;
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace"]);
+    cmd.args(["test", "--workspace"])
+        .env(pg::ENV, server.conninfo());
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
     }
@@ -276,7 +287,8 @@ fn test(no_lint: bool, no_fuzz: bool, extra: &[String]) -> Result<()> {
     // As root, the unprivileged tier once more as uid 65534 without capabilities: a test that
     // leans on root unnoticed fails here.
     if is_root() {
-        let (p, f) = unprivileged::run_as_nobody().context("the non-root test tier failed")?;
+        let (p, f) = unprivileged::run_as_nobody(&[(pg::ENV, server.conninfo())])
+            .context("the non-root test tier failed")?;
         eprintln!("xtask: non-root tier (uid 65534): {p} passed, {f} failed");
         passed += p;
         failed += f;

@@ -20,6 +20,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "openssl",
     "ca-certificates",
     "containernetworking-plugins", // bridge + host-local: the CNI chain paddock-cni joins in tests
+    "postgresql", // the broker's PostgreSQL store: a private server per `cargo xtask test`
 ];
 
 /// The dated nightly every nightly-only build uses (the eBPF object, clippy on it, fuzzing),

@@ -96,8 +96,9 @@ fn reachable_without_caps(path: &Path) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Run the unprivileged tier as uid 65534; `Ok((passed, failed))` counts test results.
-pub fn run_as_nobody() -> Result<(u64, u64)> {
+/// Run the unprivileged tier as uid 65534 with `env` set; `Ok((passed, failed))` counts test
+/// results.
+pub fn run_as_nobody(env: &[(&str, &str)]) -> Result<(u64, u64)> {
     let exes = test_executables()?;
     let probe = exes.first().map(|(exe, _)| exe.clone()).unwrap_or_default();
     let keep: &[&str] = if reachable_without_caps(&probe) {
@@ -120,7 +121,8 @@ pub fn run_as_nobody() -> Result<(u64, u64)> {
             .current_dir(dir)
             .env("HOME", &home)
             .env("TMPDIR", &home)
-            .env_remove("CARGO_TARGET_DIR");
+            .env_remove("CARGO_TARGET_DIR")
+            .envs(env.iter().copied());
         match crate::util::run_counting_tests(&mut cmd) {
             Ok((p, f)) => {
                 total.0 += p;

@@ -42,7 +42,10 @@ use paddock_broker::{
     policy::PolicyStore,
     ratelimit::{RateLimitConfig, RateLimits, RateSpec},
     server::{self, ServerOptions, tls},
-    store::Store,
+    store::{
+        PostgresStore, Store,
+        testing::{ScratchDb, scratch_database},
+    },
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use serde_json::{Value, json};
@@ -95,15 +98,16 @@ async fn bench(dir: &Path, cpus: usize) -> Result<String> {
     let issuer = serve_issuer(signing.jwks.clone()).await?;
     let pki = Pki::generate()?;
     // Two brokers, identical but for the JWT backend's verified-token cache.
-    let cached = start_broker(&dir.join("cached"), &pki, &issuer, true).await?;
-    let uncached = start_broker(&dir.join("uncached"), &pki, &issuer, false).await?;
-    let targets = [
-        Target::prepare(cached.addr, &pki.ca).await?,
-        Target::prepare(uncached.addr, &pki.ca).await?,
+    let cached = start_broker(&dir.join("cached"), &pki, &issuer, true, None).await?;
+    let uncached = start_broker(&dir.join("uncached"), &pki, &issuer, false, None).await?;
+    let mut brokers = vec![cached, uncached];
+    let mut targets = vec![
+        Target::prepare(vec![brokers[0].addr], &pki.ca).await?,
+        Target::prepare(vec![brokers[1].addr], &pki.ca).await?,
     ];
     let rs256 = signing.token(Algorithm::RS256, &issuer.url)?;
     let es256 = signing.token(Algorithm::ES256, &issuer.url)?;
-    let modes = [
+    let mut modes = [
         Mode {
             label: "static key",
             bearer: PROXY_KEY.to_owned(),
@@ -124,7 +128,50 @@ async fn bench(dir: &Path, cpus: usize) -> Result<String> {
             bearer: es256,
             target: 1,
         },
-    ];
+    ]
+    .into_iter()
+    .collect::<Vec<_>>();
+    // PostgreSQL (the server `cargo xtask bench broker` starts): one broker, then three
+    // replicas on one database with the connections spread over them. Each on its own
+    // database (one live lease per run and credential).
+    let single = scratch_database("bench_broker_pg");
+    let triple = scratch_database("bench_broker_pg3");
+    if let (Some(single), Some(triple)) = (&single, &triple) {
+        let one = start_broker(
+            &dir.join("pg"),
+            &pki,
+            &issuer,
+            true,
+            Some(pg_store(single)?),
+        )
+        .await?;
+        targets.push(Target::prepare(vec![one.addr], &pki.ca).await?);
+        brokers.push(one);
+        let mut addrs = Vec::new();
+        for i in 0..3 {
+            let b = start_broker(
+                &dir.join(format!("pg3-{i}")),
+                &pki,
+                &issuer,
+                true,
+                Some(pg_store(triple)?),
+            )
+            .await?;
+            addrs.push(b.addr);
+            brokers.push(b);
+        }
+        targets.push(Target::prepare(addrs, &pki.ca).await?);
+        modes.push(Mode {
+            label: "static key, PostgreSQL store",
+            bearer: PROXY_KEY.to_owned(),
+            target: 2,
+        });
+        modes.push(Mode {
+            label: "static key, PostgreSQL store, 3 replicas",
+            bearer: PROXY_KEY.to_owned(),
+            target: 3,
+        });
+    }
     // Every mode must answer what the proxy needs before anything is measured.
     for mode in &modes {
         let target = &targets[mode.target];
@@ -145,8 +192,9 @@ async fn bench(dir: &Path, cpus: usize) -> Result<String> {
             rounds[i].push(run_round(&target.client, &mode.bearer, &target.body).await?);
         }
     }
-    cached.handle.shutdown().await;
-    uncached.handle.shutdown().await;
+    for b in brokers {
+        b.handle.shutdown().await;
+    }
     issuer.task.abort();
     Ok(report(&modes, &mut rounds, cpus))
 }
@@ -158,8 +206,8 @@ struct Target {
 }
 
 impl Target {
-    async fn prepare(addr: SocketAddr, ca: &CertificateDer<'static>) -> Result<Self> {
-        let client = Client::new(addr, ca)?;
+    async fn prepare(addrs: Vec<SocketAddr>, ca: &CertificateDer<'static>) -> Result<Self> {
+        let client = Client::new(addrs, ca)?;
         let mut setup = client.connect().await?;
         let (status, v) = send(
             &mut setup,
@@ -196,8 +244,12 @@ fn report(modes: &[Mode], rounds: &mut [Vec<Round>], cpus: usize) -> String {
     let _ = write!(
         out,
         "`POST /v1/substitute-auth` (one header placeholder swapped for a file-backed secret) to an \
-         in-process broker (release build, SQLite store, auth chain `[staticKeys, jwt]`, rate \
-         limits raised out of the way) over loopback TLS 1.3; {CONNECTIONS} keep-alive \
+         in-process broker (release build, SQLite store unless the row says PostgreSQL, auth \
+         chain `[staticKeys, jwt]`, rate limits raised out of the way) over loopback TLS 1.3; \
+         the PostgreSQL rows use a private PostgreSQL server on a Unix socket on the same \
+         machine (`fsync` off), the 3-replica row three brokers in the one process on one \
+         database with the connections spread over them (same CPUs: it measures overhead, not \
+         scaling); {CONNECTIONS} keep-alive \
          connections from the same process, {REQUESTS} requests per mode per round, median of \
          {ROUNDS} interleaved rounds (latencies pooled); kernel {kernel}, {cpus} CPUs shared by \
          client and server.\n\n"
@@ -345,13 +397,15 @@ async fn send(
     ))
 }
 
+/// Connections to one broker, or round-robin over replicas (as a Service would spread them).
 struct Client {
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
+    next: std::sync::atomic::AtomicUsize,
     connector: tokio_rustls::TlsConnector,
 }
 
 impl Client {
-    fn new(addr: SocketAddr, ca: &CertificateDer<'static>) -> Result<Self> {
+    fn new(addrs: Vec<SocketAddr>, ca: &CertificateDer<'static>) -> Result<Self> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.clone()).context("trusting the bench CA")?;
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -362,13 +416,15 @@ impl Client {
         .with_root_certificates(roots)
         .with_no_client_auth();
         Ok(Self {
-            addr,
+            addrs,
+            next: std::sync::atomic::AtomicUsize::new(0),
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         })
     }
 
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>> {
-        let tcp = tokio::net::TcpStream::connect(self.addr)
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tcp = tokio::net::TcpStream::connect(self.addrs[n % self.addrs.len()])
             .await
             .context("connecting to the broker")?;
         tcp.set_nodelay(true)?;
@@ -515,6 +571,7 @@ async fn start_broker(
     pki: &Pki,
     issuer: &IssuerServer,
     jwt_cache: bool,
+    store: Option<Store>,
 ) -> Result<RunningBroker> {
     std::fs::create_dir_all(dir)?;
     let secret = dir.join("gh");
@@ -522,7 +579,10 @@ async fn start_broker(
     let policy_path = dir.join("policy.yaml");
     std::fs::write(&policy_path, policy(&secret))?;
     let policy = Arc::new(PolicyStore::load(&policy_path)?);
-    let store = Store::open(&dir.join("broker.db"))?;
+    let store = match store {
+        Some(store) => store,
+        None => Store::open(&dir.join("broker.db"))?,
+    };
     let audit = Arc::new(JsonlSink::open(
         &dir.join("audit.jsonl"),
         64 << 20,
@@ -588,6 +648,13 @@ async fn start_broker(
         addr: handle.addr,
         handle,
     })
+}
+
+/// A migrated `PostgreSQL` store on `db` (a pool of 8, as `poolSize` defaults to).
+fn pg_store(db: &ScratchDb) -> Result<Store> {
+    let store = PostgresStore::connect_url(db.url(), None, 8, Duration::from_secs(5))?;
+    store.migrate()?;
+    Ok(Store::from_backend(store))
 }
 
 fn policy(secret: &Path) -> String {

@@ -88,6 +88,10 @@ spec:
 }
 
 pub(crate) fn fixture_with(limits: &RateLimitConfig) -> Fixture {
+    fixture_on(Store::open_in_memory().expect("store"), limits)
+}
+
+fn fixture_on(store: Store, limits: &RateLimitConfig) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     for (name, value) in [
         ("hdr", "ghp_real"),
@@ -108,7 +112,7 @@ pub(crate) fn fixture_with(limits: &RateLimitConfig) -> Fixture {
     let policy = Arc::new(PolicyStore::fixed(Policy::from_docs(docs).expect("set")));
     let audit = Arc::new(MemorySink::default());
     let broker = Broker::new(
-        Store::open_in_memory().expect("store"),
+        store,
         policy,
         audit.clone(),
         RateLimits::new(limits).expect("limits"),
@@ -768,6 +772,137 @@ fn rate_limited_issue() {
         ErrorCode::RateLimited
     );
     issue(&f, "r2", "gh-header").expect("other run unaffected");
+}
+
+/// A store that keeps shared buckets (as `PostgreSQL` does) whose answer the test sets; every
+/// other call goes to an in-memory `SQLite` store.
+#[derive(Debug)]
+struct SharedBuckets {
+    inner: crate::store::SqliteStore,
+    /// 0: token granted, 1: bucket empty, 2: database out of reach.
+    answer: Arc<std::sync::atomic::AtomicU8>,
+}
+
+impl crate::store::StoreBackend for SharedBuckets {
+    fn kind(&self) -> &'static str {
+        "test"
+    }
+    fn is_shared(&self) -> bool {
+        true
+    }
+    fn upsert_run(&self, run: &RunInfo, now: u64) -> Result<(), StoreError> {
+        self.inner.upsert_run(run, now)
+    }
+    fn run(&self, run: &str) -> Result<Option<RunInfo>, StoreError> {
+        self.inner.run(run)
+    }
+    fn insert_lease(
+        &self,
+        lease: &NewLease,
+        pool: Option<PoolRequest<'_>>,
+        now: u64,
+    ) -> Result<Option<u32>, StoreError> {
+        self.inner.insert_lease(lease, pool, now)
+    }
+    fn delete_lease(&self, lease_id: &str) -> Result<(), StoreError> {
+        self.inner.delete_lease(lease_id)
+    }
+    fn lease(&self, lease_id: &str) -> Result<Option<LeaseInfo>, StoreError> {
+        self.inner.lease(lease_id)
+    }
+    fn lease_by_bearer_hash(&self, hash: &[u8; 32]) -> Result<Option<LeaseInfo>, StoreError> {
+        self.inner.lease_by_bearer_hash(hash)
+    }
+    fn leases_for_run(&self, run: &str) -> Result<Vec<LeaseInfo>, StoreError> {
+        self.inner.leases_for_run(run)
+    }
+    fn all_leases(&self) -> Result<Vec<LeaseInfo>, StoreError> {
+        self.inner.all_leases()
+    }
+    fn set_expiry(&self, lease_id: &str, expires_at: u64) -> Result<(), StoreError> {
+        self.inner.set_expiry(lease_id, expires_at)
+    }
+    fn revoke(&self, lease_id: &str) -> Result<bool, StoreError> {
+        self.inner.revoke(lease_id)
+    }
+    fn revoke_run(&self, run: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.revoke_run(run)
+    }
+    fn pool_reservations(&self, pool: &str) -> Result<Vec<(u32, String)>, StoreError> {
+        self.inner.pool_reservations(pool)
+    }
+    fn purge_before(&self, cutoff: u64) -> Result<usize, StoreError> {
+        self.inner.purge_before(cutoff)
+    }
+    fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping()
+    }
+    fn schema_version(&self) -> Result<i64, StoreError> {
+        self.inner.schema_version()
+    }
+    fn take_rate_token(
+        &self,
+        _namespace: &str,
+        _run: &str,
+        kind: &str,
+        _spec: crate::ratelimit::RateSpec,
+    ) -> Result<Option<bool>, StoreError> {
+        assert_eq!(kind, KIND_SUBSTITUTE);
+        match self.answer.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => Ok(Some(true)),
+            1 => Ok(Some(false)),
+            _ => Err(StoreError::Unavailable("test outage".into())),
+        }
+    }
+}
+
+/// On a shared store the substitution budget is the store's bucket, not the in-memory one
+/// (which here would allow everything), and a store error refuses with 503, never
+/// "unlimited".
+#[test]
+fn substitutions_on_a_shared_store_take_the_stores_token_and_fail_closed() {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    let answer = Arc::new(AtomicU8::new(0));
+    let store = Store::from_backend(SharedBuckets {
+        inner: crate::store::SqliteStore::open_in_memory().expect("sqlite"),
+        answer: answer.clone(),
+    });
+    let f = fixture_on(store, &RateLimitConfig::default());
+    let issued = issue(&f, "r1", "gh-header").expect("issue");
+    let req = sub(
+        "r1",
+        "api.github.com",
+        vec![("Authorization", format!("Bearer {}", issued.value))],
+        None,
+    );
+    assert!(
+        f.broker
+            .substitute_auth(&team_a(), &req)
+            .expect("token")
+            .matched
+    );
+    answer.store(1, Ordering::SeqCst);
+    assert_eq!(
+        f.broker
+            .substitute_auth(&team_a(), &req)
+            .expect_err("empty")
+            .code(),
+        ErrorCode::RateLimited
+    );
+    answer.store(2, Ordering::SeqCst);
+    let e = f
+        .broker
+        .substitute_auth(&team_a(), &req)
+        .expect_err("outage");
+    assert!(matches!(e, BrokerError::StoreUnavailable(_)), "{e:?}");
+    assert_eq!(e.code(), ErrorCode::Unavailable);
+    answer.store(0, Ordering::SeqCst);
+    assert!(
+        f.broker
+            .substitute_auth(&team_a(), &req)
+            .expect("healed")
+            .matched
+    );
 }
 
 #[test]

@@ -419,6 +419,16 @@ pub async fn tls_raw(
     ca: &CertificateDer<'static>,
     request: &str,
 ) -> (u16, String, Vec<u8>) {
+    try_tls_raw(addr, ca, request).await.expect("io")
+}
+
+/// [`tls_raw`] that reports a failed connection (refused, reset, cut short, 10 s timeout)
+/// instead of panicking.
+pub async fn try_tls_raw(
+    addr: std::net::SocketAddr,
+    ca: &CertificateDer<'static>,
+    request: &str,
+) -> std::io::Result<(u16, String, Vec<u8>)> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).expect("root");
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -444,9 +454,8 @@ pub async fn tls_raw(
     };
     let out = tokio::time::timeout(Duration::from_secs(10), io)
         .await
-        .expect("timeout")
-        .expect("io");
-    parse_response(&out).expect("response")
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "10 s"))??;
+    parse_response(&out)
 }
 
 /// A JSON POST request with `Connection: close`.
@@ -455,4 +464,124 @@ pub fn post_request(path: &str, key: &str, body: &str) -> String {
         "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
+}
+
+/// A `paddock-broker serve` process, killed (SIGKILL) on drop.
+#[derive(Debug)]
+pub struct Served {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    logs: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+impl Served {
+    /// Waits (bounded) for a log line whose message contains `needle`.
+    pub fn wait_log(&self, needle: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .logs
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line containing {needle:?}"));
+            if line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(needle))
+            {
+                return line;
+            }
+        }
+    }
+
+    pub fn hangup(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `paddock-broker serve --config CONFIG` and waits (bounded) for its address.
+pub fn serve(config: &Path) -> Served {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_paddock-broker"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn broker");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && tx.send(v).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let v = rx
+            .recv_timeout(left)
+            .expect("broker did not report its address");
+        if v["fields"]["message"] == "broker listening"
+            && let Some(addr) = v["fields"]["addr"]
+                .as_str()
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        {
+            break addr;
+        }
+    };
+    Served {
+        child,
+        addr,
+        logs: rx,
+    }
+}
+
+/// Writes what a served broker reads into `d`: the secrets, `policy.yaml`, `keys`, and a
+/// server certificate (`cert.pem`, `key.pem`). Returns the CA that signed it.
+pub fn write_broker_files(d: &Path) -> CertificateDer<'static> {
+    for (name, value) in [
+        ("hdr", "ghp_real"),
+        ("qry", "maps-real"),
+        ("bas", "git-real"),
+        ("p1", "pat-one"),
+        ("p2", "pat-two"),
+    ] {
+        std::fs::write(d.join(name), value).expect("secret");
+    }
+    std::fs::write(d.join("policy.yaml"), policy_yaml(d)).expect("policy");
+    std::fs::write(d.join("keys"), keys_text()).expect("keys");
+    let pki = pki();
+    let pem = |der: &[u8], label: &str| {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).expect("ascii"))
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    };
+    std::fs::write(d.join("cert.pem"), pem(&pki.server_chain[0], "CERTIFICATE")).expect("cert");
+    std::fs::write(
+        d.join("key.pem"),
+        pem(pki.server_key.secret_pkcs8_der(), "PRIVATE KEY"),
+    )
+    .expect("key");
+    pki.ca_der
 }

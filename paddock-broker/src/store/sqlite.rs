@@ -1,6 +1,5 @@
-//! Persistent state in `SQLite` (WAL): runs, leases and PAT pool slots.
+//! The `SQLite` backend (WAL): one file, one process.
 //!
-//! Bearers are stored only as SHA-256 hashes, so a copied database yields no usable bearer.
 //! Pool reservations live in their own table with a primary key on (pool, slot): a slot can
 //! never be held by two leases, across restarts included.
 
@@ -8,48 +7,17 @@ use std::{path::Path, sync::Mutex};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+use super::{NewLease, PoolRequest, SCHEMA_VERSION, StoreBackend, StoreError};
 use crate::wire::{DeliveryMode, LeaseInfo, RunInfo, RunPhase};
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("pool {0} has no free slot")]
-    PoolExhausted(String),
-    #[error("corrupt row: {0}")]
-    Corrupt(String),
-    #[error("database lock poisoned")]
-    Poisoned,
-}
-
-/// A lease to insert.
-#[derive(Debug, Clone)]
-pub struct NewLease {
-    pub lease_id: String,
-    pub run: String,
-    pub namespace: String,
-    pub credential: String,
-    pub provider: String,
-    pub delivery: DeliveryMode,
-    pub bearer_hash: Option<[u8; 32]>,
-    pub hosts: Vec<String>,
-    pub issued_at: u64,
-    pub expires_at: u64,
-}
-
-/// A pool to reserve a slot in.
-#[derive(Debug, Clone, Copy)]
-pub struct PoolRequest<'a> {
-    pub pool: &'a str,
-    pub size: u32,
-}
-
 #[derive(Debug)]
-pub struct Store {
+pub struct SqliteStore {
     conn: Mutex<Connection>,
 }
 
-const SCHEMA: &str = "
+/// Migration 1: the schema before versioning. `IF NOT EXISTS` throughout, so a database
+/// written before the `schema_version` table existed migrates in place.
+const MIGRATION_1: &str = "
 CREATE TABLE IF NOT EXISTS runs (
     run TEXT PRIMARY KEY,
     namespace TEXT NOT NULL,
@@ -80,7 +48,26 @@ CREATE TABLE IF NOT EXISTS pool_slots (
 );
 ";
 
-fn delivery_str(d: DeliveryMode) -> &'static str {
+/// Migration 2: the `PostgreSQL` backend's shared rate-limit buckets, created here too so both
+/// backends keep one schema and one version number. The `SQLite` broker is one process and
+/// keeps its buckets in memory (`take_rate_token` is the trait's "not shared"), so the table
+/// stays empty.
+const MIGRATION_2: &str = "
+CREATE TABLE IF NOT EXISTS rate_buckets (
+    namespace TEXT NOT NULL,
+    run TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    tokens REAL NOT NULL,
+    granted INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (namespace, run, kind)
+);
+";
+
+/// Every migration, in order; the schema version is the number applied.
+const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
+
+pub(super) fn delivery_str(d: DeliveryMode) -> &'static str {
     match d {
         DeliveryMode::ProxyInjected => "proxy-injected",
         DeliveryMode::InContainer => "in-container",
@@ -124,8 +111,8 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-impl Store {
-    /// Opens (creating if needed) the database at `path`, owner-only permissions.
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the database at `path`, owner-only permissions.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         restrict_permissions(path);
@@ -136,13 +123,36 @@ impl Store {
         Self::init(Connection::open_in_memory()?)
     }
 
-    fn init(conn: Connection) -> Result<Self, StoreError> {
+    /// Opens an existing database as it is, without migrating (`paddock-broker store check`).
+    pub fn open_unmigrated(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Config(format!(
+                "database {} does not exist",
+                path.display()
+            )));
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Applies pending migrations; returns the schema version.
+    pub fn migrate(&self) -> Result<i64, StoreError> {
+        self.with(|c| {
+            migrate(c)?;
+            current_version(c)
+        })
+    }
+
+    fn init(mut conn: Connection) -> Result<Self, StoreError> {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL for concurrent readers; FULL sync so a reservation acknowledged to a caller
         // survives a crash (a lost reservation could hand one PAT to two runs).
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -156,7 +166,35 @@ impl Store {
         f(&mut conn)
     }
 
-    pub fn upsert_run(&self, run: &RunInfo, now: u64) -> Result<(), StoreError> {
+    fn query_leases(
+        &self,
+        sql: &str,
+        p: impl rusqlite::Params,
+    ) -> Result<Vec<LeaseInfo>, StoreError> {
+        self.with(|c| {
+            // Cached: the lookups run on every substitution; parsing the SQL each time was
+            // the broker's largest single cost per request.
+            let mut stmt = c.prepare_cached(sql)?;
+            let rows = stmt.query_map(p, lease_from_row)?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row??);
+            }
+            Ok(out)
+        })
+    }
+}
+
+impl StoreBackend for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    fn upsert_run(&self, run: &RunInfo, now: u64) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "INSERT INTO runs (run, namespace, template, phase, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -168,7 +206,7 @@ impl Store {
         })
     }
 
-    pub fn run(&self, run: &str) -> Result<Option<RunInfo>, StoreError> {
+    fn run(&self, run: &str) -> Result<Option<RunInfo>, StoreError> {
         self.with(|c| {
             let row = c
                 .prepare_cached("SELECT run, namespace, template, phase FROM runs WHERE run = ?1")?
@@ -198,7 +236,7 @@ impl Store {
     /// Inserts a lease; first revokes the live leases the run already holds for the same
     /// credential (one live lease per run and credential), and reserves a pool slot when
     /// `pool` is given. All in one transaction. Returns the reserved slot.
-    pub fn insert_lease(
+    fn insert_lease(
         &self,
         lease: &NewLease,
         pool: Option<PoolRequest<'_>>,
@@ -262,7 +300,7 @@ impl Store {
     }
 
     /// Removes a lease entirely (used to undo an issue whose audit record failed).
-    pub fn delete_lease(&self, lease_id: &str) -> Result<(), StoreError> {
+    fn delete_lease(&self, lease_id: &str) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute("DELETE FROM pool_slots WHERE lease_id = ?1", [lease_id])?;
@@ -272,32 +310,14 @@ impl Store {
         })
     }
 
-    fn query_leases(
-        &self,
-        sql: &str,
-        p: impl rusqlite::Params,
-    ) -> Result<Vec<LeaseInfo>, StoreError> {
-        self.with(|c| {
-            // Cached: the lookups run on every substitution; parsing the SQL each time was
-            // the broker's largest single cost per request.
-            let mut stmt = c.prepare_cached(sql)?;
-            let rows = stmt.query_map(p, lease_from_row)?;
-            let mut out = Vec::new();
-            for row in rows {
-                out.push(row??);
-            }
-            Ok(out)
-        })
-    }
-
-    pub fn lease(&self, lease_id: &str) -> Result<Option<LeaseInfo>, StoreError> {
+    fn lease(&self, lease_id: &str) -> Result<Option<LeaseInfo>, StoreError> {
         Ok(self
             .query_leases("SELECT * FROM leases WHERE lease_id = ?1", [lease_id])?
             .into_iter()
             .next())
     }
 
-    pub fn lease_by_bearer_hash(&self, hash: &[u8; 32]) -> Result<Option<LeaseInfo>, StoreError> {
+    fn lease_by_bearer_hash(&self, hash: &[u8; 32]) -> Result<Option<LeaseInfo>, StoreError> {
         Ok(self
             .query_leases(
                 "SELECT * FROM leases WHERE bearer_hash = ?1",
@@ -307,18 +327,18 @@ impl Store {
             .next())
     }
 
-    pub fn leases_for_run(&self, run: &str) -> Result<Vec<LeaseInfo>, StoreError> {
+    fn leases_for_run(&self, run: &str) -> Result<Vec<LeaseInfo>, StoreError> {
         self.query_leases(
             "SELECT * FROM leases WHERE run = ?1 ORDER BY issued_at, lease_id",
             [run],
         )
     }
 
-    pub fn all_leases(&self) -> Result<Vec<LeaseInfo>, StoreError> {
+    fn all_leases(&self) -> Result<Vec<LeaseInfo>, StoreError> {
         self.query_leases("SELECT * FROM leases ORDER BY issued_at, lease_id", [])
     }
 
-    pub fn set_expiry(&self, lease_id: &str, expires_at: u64) -> Result<(), StoreError> {
+    fn set_expiry(&self, lease_id: &str, expires_at: u64) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "UPDATE leases SET expires_at = ?2 WHERE lease_id = ?1",
@@ -329,7 +349,7 @@ impl Store {
     }
 
     /// Revokes a lease and releases its pool slot. Returns false if it was already revoked.
-    pub fn revoke(&self, lease_id: &str) -> Result<bool, StoreError> {
+    fn revoke(&self, lease_id: &str) -> Result<bool, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             let n = tx.execute(
@@ -343,7 +363,7 @@ impl Store {
     }
 
     /// Revokes every live lease of a run; returns the revoked lease ids.
-    pub fn revoke_run(&self, run: &str) -> Result<Vec<String>, StoreError> {
+    fn revoke_run(&self, run: &str) -> Result<Vec<String>, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             let ids: Vec<String> = {
@@ -362,7 +382,7 @@ impl Store {
     }
 
     /// Current reservations of a pool: (slot, lease id).
-    pub fn pool_reservations(&self, pool: &str) -> Result<Vec<(u32, String)>, StoreError> {
+    fn pool_reservations(&self, pool: &str) -> Result<Vec<(u32, String)>, StoreError> {
         self.with(|c| {
             let mut stmt =
                 c.prepare("SELECT slot, lease_id FROM pool_slots WHERE pool = ?1 ORDER BY slot")?;
@@ -383,7 +403,7 @@ impl Store {
 
     /// Deletes leases that expired or were revoked before `cutoff` (and their reservations).
     /// Returns how many were removed. Live leases are never touched.
-    pub fn purge_before(&self, cutoff: u64) -> Result<usize, StoreError> {
+    fn purge_before(&self, cutoff: u64) -> Result<usize, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
@@ -401,12 +421,60 @@ impl Store {
     }
 
     /// Cheap liveness probe for readiness.
-    pub fn ping(&self) -> Result<(), StoreError> {
+    fn ping(&self) -> Result<(), StoreError> {
         self.with(|c| {
             c.query_row("SELECT 1", [], |_| Ok(()))?;
             Ok(())
         })
     }
+
+    fn schema_version(&self) -> Result<i64, StoreError> {
+        self.with(|c| current_version(c))
+    }
+}
+
+fn current_version(c: &Connection) -> Result<i64, StoreError> {
+    let versioned: bool = c.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !versioned {
+        return Ok(0);
+    }
+    Ok(c.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// Applies the migrations the database has not seen, each in its own transaction with its
+/// version row. A database newer than this binary is refused (no silent downgrade).
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let found = current_version(&tx)?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaVersion {
+            found,
+            expected: SCHEMA_VERSION,
+        });
+    }
+    for (n, sql) in (1_i64..)
+        .zip(MIGRATIONS.iter())
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?1, strftime('%s','now'))",
+            [n],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 fn restrict_permissions(path: &Path) {
@@ -436,7 +504,7 @@ mod tests {
     }
 
     #[test]
-    fn pool_slots_survive_reopen_and_are_never_shared() {
+    fn pool_slots_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
         let pool = Some(PoolRequest {
@@ -444,14 +512,14 @@ mod tests {
             size: 2,
         });
         {
-            let s = Store::open(&path).expect("open");
+            let s = SqliteStore::open(&path).expect("open");
             assert_eq!(
                 s.insert_lease(&lease("l1", "r1", "pats", 1, 10_000), pool, 200)
                     .expect("l1"),
                 Some(0)
             );
         }
-        let s = Store::open(&path).expect("reopen");
+        let s = SqliteStore::open(&path).expect("reopen");
         assert_eq!(
             s.insert_lease(&lease("l2", "r2", "pats", 2, 10_000), pool, 200)
                 .expect("l2"),
@@ -481,48 +549,10 @@ mod tests {
     }
 
     #[test]
-    fn purge_removes_only_dead_leases() {
-        let s = Store::open_in_memory().expect("open");
-        let pool = Some(PoolRequest { pool: "p", size: 3 });
-        s.insert_lease(&lease("old", "r1", "p", 1, 150), pool, 100)
-            .expect("old");
-        s.insert_lease(&lease("live", "r2", "p", 2, 10_000), pool, 100)
-            .expect("live");
-        s.insert_lease(&lease("rev", "r3", "p", 3, 10_000), pool, 100)
-            .expect("rev");
-        s.revoke("rev").expect("revoke");
-        assert_eq!(s.purge_before(200).expect("purge"), 2);
-        assert!(s.lease("live").expect("q").is_some());
-        assert!(s.lease("old").expect("q").is_none() && s.lease("rev").expect("q").is_none());
-        assert_eq!(s.pool_reservations("p").expect("list").len(), 1);
-    }
-
-    #[test]
-    fn expired_reservations_are_released_and_reissue_rotates() {
-        let s = Store::open_in_memory().expect("open");
-        let pool = Some(PoolRequest { pool: "p", size: 1 });
-        s.insert_lease(&lease("a", "r1", "p", 1, 150), pool, 100)
-            .expect("a");
-        assert_eq!(
-            s.insert_lease(&lease("b", "r2", "p", 2, 900), pool, 200)
-                .expect("b"),
-            Some(0)
-        );
-        // Same run and credential again: the previous lease is revoked, its slot reused.
-        assert_eq!(
-            s.insert_lease(&lease("c", "r2", "p", 3, 900), pool, 200)
-                .expect("c"),
-            Some(0)
-        );
-        assert!(s.lease("b").expect("q").expect("b").revoked);
-        assert!(!s.lease("c").expect("q").expect("c").revoked);
-    }
-
-    #[test]
     fn runs_round_trip_and_database_holds_no_bearer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("b.db");
-        let s = Store::open(&path).expect("open");
+        let s = SqliteStore::open(&path).expect("open");
         let run = RunInfo {
             run: "r".into(),
             namespace: "ns".into(),
