@@ -35,7 +35,13 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     pub tls: TlsConfig,
     pub database: PathBuf,
-    pub policy: PathBuf,
+    /// The policy file or directory (file mode). Exactly one of `policy` and
+    /// `policyKubernetes` is set.
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
+    /// Cluster mode: policies are `BrokerPolicy` objects read from the API server.
+    #[serde(default)]
+    pub policy_kubernetes: Option<PolicyKubernetesConfig>,
     /// Base directory of relative secret files in the policy (default: the working directory).
     #[serde(default)]
     pub secrets_dir: Option<PathBuf>,
@@ -47,6 +53,16 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub rate_limits: RateLimitConfig,
+}
+
+/// Where `BrokerPolicy` objects are trusted like policy files, and where their secrets live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyKubernetesConfig {
+    /// The namespace whose policies may apply to any namespace and read any secret source
+    /// (the broker's own). Policies elsewhere apply only to their own namespace and read
+    /// secrets only under `<secretsDir>/<namespace>/`.
+    pub admin_namespace: String,
 }
 
 /// A quarter second: with the proxy's 0.25 s egress re-check, a policy change applies to
@@ -283,10 +299,26 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
         &config.tls.key,
         config.tls.client_ca.as_deref(),
     )?;
-    let policy = Arc::new(PolicyStore::load_with(
-        &config.policy,
-        config.secrets_dir.as_deref(),
-    )?);
+    let policy = Arc::new(match (&config.policy, &config.policy_kubernetes) {
+        (Some(path), None) => PolicyStore::load_with(path, config.secrets_dir.as_deref())?,
+        // Nothing is granted until the first list of BrokerPolicy objects arrives.
+        (None, Some(_)) if config.secrets_dir.is_some() => {
+            PolicyStore::fixed(crate::policy::Policy::default())
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "policyKubernetes needs secretsDir (namespaced policies read secrets under \
+                 <secretsDir>/<namespace>/)"
+                    .into(),
+            ));
+        }
+        _ => {
+            return Err(ConfigError::Invalid(
+                "set exactly one of `policy` (files) and `policyKubernetes` (BrokerPolicy objects)"
+                    .into(),
+            ));
+        }
+    });
     let store = Store::open(&config.database)?;
     let audit: Arc<dyn AuditSink> = Arc::new(JsonlSink::open(
         &config.audit.path,
@@ -596,7 +628,10 @@ mod tests {
         })
         .to_string();
         let cfg = Config::parse(Path::new("broker.yaml"), &json).expect("JSON config parses");
-        assert_eq!(cfg.policy, Path::new("/etc/paddock/policy.yaml"));
+        assert_eq!(
+            cfg.policy.as_deref(),
+            Some(Path::new("/etc/paddock/policy.yaml"))
+        );
         assert_eq!(
             cfg.secrets_dir.as_deref(),
             Some(Path::new("/etc/paddock/secrets dir"))

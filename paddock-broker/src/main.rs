@@ -168,6 +168,11 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let broker = built.options.broker.clone();
         let handle = server::spawn(built.options).await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let reflector = match (&config.policy_kubernetes, &config.secrets_dir) {
+            (Some(k), Some(dir)) => Some(spawn_policy_reflector(k, dir, &broker, stop_rx).await?),
+            _ => None,
+        };
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
         loop {
@@ -192,9 +197,39 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
             }
         }
         tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        if let Some(r) = reflector {
+            let _ = r.await;
+        }
         handle.shutdown().await;
         Ok(())
     })
+}
+
+/// Cluster mode: policies come from `BrokerPolicy` objects in every namespace.
+async fn spawn_policy_reflector(
+    k: &config::PolicyKubernetesConfig,
+    secrets_dir: &Path,
+    broker: &Arc<paddock_broker::Broker>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use paddock_broker::cluster::reflector::{self, ClusterPolicyOptions, PolicyTarget};
+    let client = kube::Client::try_default()
+        .await
+        .context("Kubernetes client (in-cluster service account)")?;
+    let options = ClusterPolicyOptions {
+        admin_namespace: k.admin_namespace.clone(),
+        secrets_dir: secrets_dir.to_owned(),
+    };
+    let target: Arc<dyn PolicyTarget> = broker.clone();
+    Ok(tokio::spawn(reflector::run(
+        kube::Api::all(client),
+        options,
+        target,
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        },
+    )))
 }
 
 fn keys_add(file: &Path, id: &str, namespace: &str, scopes: &[String]) -> anyhow::Result<()> {
