@@ -233,9 +233,14 @@ spec:
       provider: {{kind: user-secret, inject: {{header: {{name: Authorization, prefix: 'Bearer '}}}}}}
       secret: {{file: {}}}
       hosts: [api.example]
+    - name: other-token
+      provider: {{kind: user-secret, inject: {{header: {{name: Authorization, prefix: 'Bearer '}}}}}}
+      secret: {{file: {}}}
+      hosts: [api.example]
   egress:
     - {{hosts: [api.example], ports: [443], substituteAuth: true}}
 ",
+        dir.join("token").display(),
         dir.join("token").display()
     );
     let docs = Policy::parse_text(Path::new("p.yaml"), &text, time::OffsetDateTime::now_utc())
@@ -480,7 +485,9 @@ async fn leases_a_stopped_controller_never_delivered_are_revoked() {
     api.put(RUN_PATH, harness_run(&[("api-token", "API_TOKEN")]));
     let ctx = context(&api, &broker);
     reconcile_once(&api, &ctx).await.expect("finalizer");
-    // A controller that issued and then stopped before writing the Secret.
+    // A controller that issued and then stopped before writing the Secret, and the run's
+    // credentials changed meanwhile (the broker itself replaces a run's earlier lease of the
+    // same credential; one the run no longer asks for only the controller can take back).
     ctx.broker
         .upsert_run(&paddock_broker::wire::RunUpsertRequest {
             run: UID.into(),
@@ -491,7 +498,7 @@ async fn leases_a_stopped_controller_never_delivered_are_revoked() {
         .expect("register");
     let lost = ctx
         .broker
-        .issue(&paddock_broker::wire::IssueRequest { run: UID.into(), credential: "api-token".into() })
+        .issue(&paddock_broker::wire::IssueRequest { run: UID.into(), credential: "other-token".into() })
         .expect("issue");
     reconcile_once(&api, &ctx).await.expect("reconcile");
     let leases = broker.store().leases_for_run(UID).expect("leases");
