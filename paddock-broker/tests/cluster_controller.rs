@@ -135,7 +135,10 @@ impl FakeApi {
                 None => status(404, "NotFound"),
             },
             "POST" => {
-                let name = body["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                let name = body["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
                 let key = format!("{path}/{name}");
                 if st.objects.contains_key(&key) {
                     return status(409, "AlreadyExists");
@@ -180,13 +183,23 @@ impl FakeApi {
                                 obj["metadata"]["finalizers"] = op["value"].clone();
                             }
                             Some("add") if p == "/metadata/finalizers/-" => {
-                                let mut f = obj["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
+                                let mut f = obj["metadata"]["finalizers"]
+                                    .as_array()
+                                    .cloned()
+                                    .unwrap_or_default();
                                 f.push(op["value"].clone());
                                 obj["metadata"]["finalizers"] = f.into();
                             }
                             Some("remove") => {
-                                let i: usize = p.rsplit('/').next().and_then(|i| i.parse().ok()).expect("index");
-                                let mut f = obj["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
+                                let i: usize = p
+                                    .rsplit('/')
+                                    .next()
+                                    .and_then(|i| i.parse().ok())
+                                    .expect("index");
+                                let mut f = obj["metadata"]["finalizers"]
+                                    .as_array()
+                                    .cloned()
+                                    .unwrap_or_default();
                                 f.remove(i);
                                 obj["metadata"]["finalizers"] = f.into();
                             }
@@ -290,8 +303,12 @@ fn harness_run(credentials: &[(&str, &str)]) -> Value {
     })
 }
 
-async fn reconcile_once(api: &FakeApi, ctx: &Arc<Context>) -> Result<kube::runtime::controller::Action, ReconcileError> {
-    let run: HarnessRun = serde_json::from_value(api.get(RUN_PATH).expect("run object")).expect("HarnessRun");
+async fn reconcile_once(
+    api: &FakeApi,
+    ctx: &Arc<Context>,
+) -> Result<kube::runtime::controller::Action, ReconcileError> {
+    let run: HarnessRun =
+        serde_json::from_value(api.get(RUN_PATH).expect("run object")).expect("HarnessRun");
     reconcile::reconcile(Arc::new(run), Arc::clone(ctx)).await
 }
 
@@ -330,14 +347,20 @@ async fn a_run_from_creation_to_deletion() {
 
     // First the finalizer, nothing else: cleanup must be guaranteed before anything exists.
     reconcile_once(&api, &ctx).await.expect("reconcile");
-    assert_eq!(api.get(RUN_PATH).expect("run")["metadata"]["finalizers"], json!([FINALIZER]));
+    assert_eq!(
+        api.get(RUN_PATH).expect("run")["metadata"]["finalizers"],
+        json!([FINALIZER])
+    );
     assert!(broker.store().run(UID).expect("store").is_none());
     assert!(api.get(SECRET_PATH).is_none());
 
     // Registered, issued into the Secret, pod created.
     reconcile_once(&api, &ctx).await.expect("reconcile");
     let info = broker.store().run(UID).expect("store").expect("registered");
-    assert_eq!((info.namespace.as_str(), info.template.as_str(), info.phase), (NS, "claude-code", RunPhase::Pending));
+    assert_eq!(
+        (info.namespace.as_str(), info.template.as_str(), info.phase),
+        (NS, "claude-code", RunPhase::Pending)
+    );
     assert_eq!(active_leases(&broker), 1);
     let secret = api.get(SECRET_PATH).expect("Secret");
     assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], UID);
@@ -345,23 +368,51 @@ async fn a_run_from_creation_to_deletion() {
     let placeholder = {
         use base64::Engine as _;
         let b64 = secret["data"]["API_TOKEN"].as_str().expect("API_TOKEN key");
-        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).expect("base64")).expect("utf8")
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .expect("base64"),
+        )
+        .expect("utf8")
     };
-    assert!(placeholder.starts_with("pdk-"), "a placeholder, never the secret");
+    assert!(
+        placeholder.starts_with("pdk-"),
+        "a placeholder, never the secret"
+    );
     assert!(!placeholder.contains("real-secret"));
     assert!(secret["data"]["ca.crt"].is_string());
     let pod = api.get(POD_PATH).expect("pod");
-    assert_eq!(pod["metadata"]["labels"]["paddock.dev/run"], UID, "the controller's run label wins");
+    assert_eq!(
+        pod["metadata"]["labels"]["paddock.dev/run"], UID,
+        "the controller's run label wins"
+    );
     assert_eq!(pod["metadata"]["labels"]["app"], "agent");
     assert_eq!(pod["metadata"]["ownerReferences"][0]["uid"], UID);
     assert_eq!(pod["spec"]["restartPolicy"], "Never");
     let env = pod["spec"]["containers"][0]["env"].as_array().expect("env");
     let token: Vec<&Value> = env.iter().filter(|e| e["name"] == "API_TOKEN").collect();
-    assert_eq!(token.len(), 1, "the template's own API_TOKEN is replaced: {env:?}");
-    assert_eq!(token[0]["valueFrom"]["secretKeyRef"], json!({"name": "fix-bug-paddock", "key": "API_TOKEN", "optional": false}));
-    assert!(env.iter().any(|e| e["name"] == "NODE_EXTRA_CA_CERTS" && e["value"] == "/etc/paddock/trust/ca.crt"));
-    assert_eq!(pod["spec"]["containers"][0]["volumeMounts"][0]["mountPath"], "/etc/paddock/trust");
-    assert_eq!(pod["spec"]["volumes"][0]["secret"]["secretName"], "fix-bug-paddock");
+    assert_eq!(
+        token.len(),
+        1,
+        "the template's own API_TOKEN is replaced: {env:?}"
+    );
+    assert_eq!(
+        token[0]["valueFrom"]["secretKeyRef"],
+        json!({"name": "fix-bug-paddock", "key": "API_TOKEN", "optional": false})
+    );
+    assert!(
+        env.iter().any(
+            |e| e["name"] == "NODE_EXTRA_CA_CERTS" && e["value"] == "/etc/paddock/trust/ca.crt"
+        )
+    );
+    assert_eq!(
+        pod["spec"]["containers"][0]["volumeMounts"][0]["mountPath"],
+        "/etc/paddock/trust"
+    );
+    assert_eq!(
+        pod["spec"]["volumes"][0]["secret"]["secretName"],
+        "fix-bug-paddock"
+    );
     let st = run_status(&api);
     assert_eq!(st["phase"], "Pending");
     assert_eq!(st["runId"], UID);
@@ -369,11 +420,22 @@ async fn a_run_from_creation_to_deletion() {
     assert_eq!(st["credentials"][0]["name"], "api-token");
     assert_eq!(st["credentials"][0]["env"], "API_TOKEN");
     assert_eq!(st["secret"], "fix-bug-paddock");
-    let conditions: Vec<(String, String)> = st["conditions"].as_array().expect("conditions").iter()
-        .map(|c| (c["type"].as_str().unwrap_or_default().to_owned(), c["status"].as_str().unwrap_or_default().to_owned()))
+    let conditions: Vec<(String, String)> = st["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .map(|c| {
+            (
+                c["type"].as_str().unwrap_or_default().to_owned(),
+                c["status"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
         .collect();
     for want in ["Registered", "CredentialsIssued", "PodCreated"] {
-        assert!(conditions.contains(&(want.to_owned(), "True".to_owned())), "{want}: {conditions:?}");
+        assert!(
+            conditions.contains(&(want.to_owned(), "True".to_owned())),
+            "{want}: {conditions:?}"
+        );
     }
     assert_eq!(api.events(), ["CredentialsIssued", "PodCreated"]);
 
@@ -381,9 +443,19 @@ async fn a_run_from_creation_to_deletion() {
     let before = api.requests("POST").len();
     reconcile_once(&api, &ctx).await.expect("reconcile");
     assert_eq!(active_leases(&broker), 1);
-    assert_eq!(broker.store().leases_for_run(UID).expect("leases").len(), 1, "nothing issued twice");
+    assert_eq!(
+        broker.store().leases_for_run(UID).expect("leases").len(),
+        1,
+        "nothing issued twice"
+    );
     assert_eq!(api.requests("POST").len(), before, "nothing created twice");
-    assert!(api.requests("PATCH").iter().filter(|r| r.ends_with("/status")).count() >= 1);
+    assert!(
+        api.requests("PATCH")
+            .iter()
+            .filter(|r| r.ends_with("/status"))
+            .count()
+            >= 1
+    );
 
     // A controller restart (new client, recorder and broker handle; the same cluster and
     // broker) picks up where the last one stopped, issuing nothing.
@@ -391,7 +463,10 @@ async fn a_run_from_creation_to_deletion() {
     set_pod_phase(&api, "Running");
     reconcile_once(&api, &ctx).await.expect("reconcile");
     assert_eq!(broker.store().leases_for_run(UID).expect("leases").len(), 1);
-    assert_eq!(broker.store().run(UID).expect("store").expect("run").phase, RunPhase::Running);
+    assert_eq!(
+        broker.store().run(UID).expect("store").expect("run").phase,
+        RunPhase::Running
+    );
     let st = run_status(&api);
     assert_eq!(st["phase"], "Running");
     assert_eq!(st["node"], "node-1");
@@ -401,7 +476,10 @@ async fn a_run_from_creation_to_deletion() {
     reconcile_once(&api, &ctx).await.expect("reconcile");
     assert_eq!(active_leases(&broker), 0);
     assert!(api.get(SECRET_PATH).is_none());
-    assert_eq!(broker.store().run(UID).expect("store").expect("run").phase, RunPhase::Succeeded);
+    assert_eq!(
+        broker.store().run(UID).expect("store").expect("run").phase,
+        RunPhase::Succeeded
+    );
     let st = run_status(&api);
     assert_eq!(st["phase"], "Succeeded");
     assert_eq!(st["leaseCount"], 0);
@@ -410,15 +488,24 @@ async fn a_run_from_creation_to_deletion() {
     api.state().objects.remove(POD_PATH);
     reconcile_once(&api, &ctx).await.expect("reconcile");
     assert_eq!(run_status(&api)["phase"], "Succeeded");
-    assert!(api.get(POD_PATH).is_none(), "no second pod for a finished run");
+    assert!(
+        api.get(POD_PATH).is_none(),
+        "no second pod for a finished run"
+    );
 
     // Deleted: the finalizer goes once cleanup is done.
     let mut obj = api.get(RUN_PATH).expect("run");
     obj["metadata"]["deletionTimestamp"] = "2026-12-06T12:00:00Z".into();
     api.put(RUN_PATH, obj);
     reconcile_once(&api, &ctx).await.expect("reconcile");
-    assert_eq!(api.get(RUN_PATH).expect("run")["metadata"]["finalizers"], json!([]));
-    assert_eq!(broker.store().run(UID).expect("store").expect("run").phase, RunPhase::Succeeded);
+    assert_eq!(
+        api.get(RUN_PATH).expect("run")["metadata"]["finalizers"],
+        json!([])
+    );
+    assert_eq!(
+        broker.store().run(UID).expect("store").expect("run").phase,
+        RunPhase::Succeeded
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,20 +528,35 @@ async fn deleting_a_running_run_revokes_its_leases_before_the_object_goes() {
     // released with live leases).
     let offline = Arc::new(Context {
         client: ctx.client.clone(),
-        recorder: Recorder::new(ctx.client.clone(), Reporter { controller: "c".into(), instance: None }),
+        recorder: Recorder::new(
+            ctx.client.clone(),
+            Reporter {
+                controller: "c".into(),
+                instance: None,
+            },
+        ),
         broker: Arc::new(Unreachable),
         settings: ctx.settings.clone(),
     });
     assert!(reconcile_once(&api, &offline).await.is_err());
-    assert_eq!(api.get(RUN_PATH).expect("run")["metadata"]["finalizers"], json!([FINALIZER]));
+    assert_eq!(
+        api.get(RUN_PATH).expect("run")["metadata"]["finalizers"],
+        json!([FINALIZER])
+    );
     assert_eq!(active_leases(&broker), 1);
 
     reconcile_once(&api, &ctx).await.expect("cleanup");
     assert_eq!(active_leases(&broker), 0);
-    assert_eq!(broker.store().run(UID).expect("store").expect("run").phase, RunPhase::Cancelled);
+    assert_eq!(
+        broker.store().run(UID).expect("store").expect("run").phase,
+        RunPhase::Cancelled
+    );
     assert!(api.get(SECRET_PATH).is_none());
     assert!(api.get(POD_PATH).is_none());
-    assert_eq!(api.get(RUN_PATH).expect("run")["metadata"]["finalizers"], json!([]));
+    assert_eq!(
+        api.get(RUN_PATH).expect("run")["metadata"]["finalizers"],
+        json!([])
+    );
     assert!(api.events().contains(&"LeasesRevoked".to_owned()));
 }
 
@@ -464,16 +566,32 @@ async fn a_refused_credential_gets_no_pod_and_says_why() {
     let broker = broker(dir.path());
     let api = FakeApi::default();
     // `api-token` is granted, `prod-db` is not.
-    api.put(RUN_PATH, harness_run(&[("api-token", "API_TOKEN"), ("prod-db", "DB_PASSWORD")]));
+    api.put(
+        RUN_PATH,
+        harness_run(&[("api-token", "API_TOKEN"), ("prod-db", "DB_PASSWORD")]),
+    );
     let ctx = context(&api, &broker);
     reconcile_once(&api, &ctx).await.expect("finalizer");
     let err = reconcile_once(&api, &ctx).await.expect_err("refused");
     assert!(matches!(err, ReconcileError::Broker(_)), "{err}");
     assert!(api.get(SECRET_PATH).is_none());
-    assert!(api.get(POD_PATH).is_none(), "no pod without every credential");
-    assert_eq!(active_leases(&broker), 0, "the lease of this attempt was taken back");
+    assert!(
+        api.get(POD_PATH).is_none(),
+        "no pod without every credential"
+    );
+    assert_eq!(
+        active_leases(&broker),
+        0,
+        "the lease of this attempt was taken back"
+    );
     let st = run_status(&api);
-    assert!(st["lastDenial"].as_str().expect("lastDenial").contains("prod-db"), "{st}");
+    assert!(
+        st["lastDenial"]
+            .as_str()
+            .expect("lastDenial")
+            .contains("prod-db"),
+        "{st}"
+    );
     assert!(api.events().contains(&"CredentialDenied".to_owned()));
 }
 
@@ -498,12 +616,20 @@ async fn leases_a_stopped_controller_never_delivered_are_revoked() {
         .expect("register");
     let lost = ctx
         .broker
-        .issue(&paddock_broker::wire::IssueRequest { run: UID.into(), credential: "other-token".into() })
+        .issue(&paddock_broker::wire::IssueRequest {
+            run: UID.into(),
+            credential: "other-token".into(),
+        })
         .expect("issue");
     reconcile_once(&api, &ctx).await.expect("reconcile");
     let leases = broker.store().leases_for_run(UID).expect("leases");
     assert_eq!(leases.len(), 2);
-    assert!(leases.iter().any(|l| l.lease_id == lost.lease_id && l.revoked), "the undelivered lease is revoked");
+    assert!(
+        leases
+            .iter()
+            .any(|l| l.lease_id == lost.lease_id && l.revoked),
+        "the undelivered lease is revoked"
+    );
     assert_eq!(active_leases(&broker), 1);
 }
 
@@ -512,24 +638,62 @@ async fn leases_a_stopped_controller_never_delivered_are_revoked() {
 struct Unreachable;
 
 impl RunBroker for Unreachable {
-    fn upsert_run(&self, _: &paddock_broker::wire::RunUpsertRequest) -> Result<paddock_broker::wire::RunInfo, paddock_broker::cluster::controller::broker_api::BrokerCallError> {
-        Err(paddock_broker::cluster::controller::broker_api::BrokerCallError::Unavailable("down".into()))
+    fn upsert_run(
+        &self,
+        _: &paddock_broker::wire::RunUpsertRequest,
+    ) -> Result<
+        paddock_broker::wire::RunInfo,
+        paddock_broker::cluster::controller::broker_api::BrokerCallError,
+    > {
+        Err(
+            paddock_broker::cluster::controller::broker_api::BrokerCallError::Unavailable(
+                "down".into(),
+            ),
+        )
     }
-    fn issue(&self, _: &paddock_broker::wire::IssueRequest) -> Result<paddock_broker::wire::IssueResponse, paddock_broker::cluster::controller::broker_api::BrokerCallError> {
-        Err(paddock_broker::cluster::controller::broker_api::BrokerCallError::Unavailable("down".into()))
+    fn issue(
+        &self,
+        _: &paddock_broker::wire::IssueRequest,
+    ) -> Result<
+        paddock_broker::wire::IssueResponse,
+        paddock_broker::cluster::controller::broker_api::BrokerCallError,
+    > {
+        Err(
+            paddock_broker::cluster::controller::broker_api::BrokerCallError::Unavailable(
+                "down".into(),
+            ),
+        )
     }
-    fn revoke(&self, _: &str) -> Result<(), paddock_broker::cluster::controller::broker_api::BrokerCallError> {
-        Err(paddock_broker::cluster::controller::broker_api::BrokerCallError::Unavailable("down".into()))
+    fn revoke(
+        &self,
+        _: &str,
+    ) -> Result<(), paddock_broker::cluster::controller::broker_api::BrokerCallError> {
+        Err(
+            paddock_broker::cluster::controller::broker_api::BrokerCallError::Unavailable(
+                "down".into(),
+            ),
+        )
     }
-    fn leases(&self, _: &str) -> Result<Vec<paddock_broker::wire::LeaseInfo>, paddock_broker::cluster::controller::broker_api::BrokerCallError> {
-        Err(paddock_broker::cluster::controller::broker_api::BrokerCallError::Unavailable("down".into()))
+    fn leases(
+        &self,
+        _: &str,
+    ) -> Result<
+        Vec<paddock_broker::wire::LeaseInfo>,
+        paddock_broker::cluster::controller::broker_api::BrokerCallError,
+    > {
+        Err(
+            paddock_broker::cluster::controller::broker_api::BrokerCallError::Unavailable(
+                "down".into(),
+            ),
+        )
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // Leader election.
 
-const LEASE_PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/paddock-system/leases/paddock-controller";
+const LEASE_PATH: &str =
+    "/apis/coordination.k8s.io/v1/namespaces/paddock-system/leases/paddock-controller";
 
 fn settings() -> LeaseSettings {
     LeaseSettings {
@@ -559,25 +723,44 @@ async fn one_replica_leads_and_another_takes_over_only_after_expiry() {
     let b = lock(&api, "b", settings());
     let t0 = Instant::now();
 
-    assert_eq!(a.try_acquire_or_renew(t0).await.expect("a"), Attempt::Leading);
+    assert_eq!(
+        a.try_acquire_or_renew(t0).await.expect("a"),
+        Attempt::Leading
+    );
     assert_eq!(holder(&api), "a");
     assert_eq!(
         b.try_acquire_or_renew(t0).await.expect("b"),
-        Attempt::Following { holder: Some("a".into()) }
+        Attempt::Following {
+            holder: Some("a".into())
+        }
     );
     // a renews; b, seeing the record change, keeps waiting even long after its first look.
-    assert_eq!(a.try_acquire_or_renew(t0 + Duration::from_secs(10)).await.expect("a"), Attempt::Leading);
+    assert_eq!(
+        a.try_acquire_or_renew(t0 + Duration::from_secs(10))
+            .await
+            .expect("a"),
+        Attempt::Leading
+    );
     assert!(matches!(
-        b.try_acquire_or_renew(t0 + Duration::from_secs(20)).await.expect("b"),
+        b.try_acquire_or_renew(t0 + Duration::from_secs(20))
+            .await
+            .expect("b"),
         Attempt::Following { .. }
     ));
     // a stops renewing: once b has seen no change for a whole lease duration, b takes over.
-    assert!(matches!(
-        b.try_acquire_or_renew(t0 + Duration::from_secs(30)).await.expect("b"),
-        Attempt::Following { .. }
-    ), "14 s without change is not yet expiry");
+    assert!(
+        matches!(
+            b.try_acquire_or_renew(t0 + Duration::from_secs(30))
+                .await
+                .expect("b"),
+            Attempt::Following { .. }
+        ),
+        "14 s without change is not yet expiry"
+    );
     assert_eq!(
-        b.try_acquire_or_renew(t0 + Duration::from_secs(36)).await.expect("b"),
+        b.try_acquire_or_renew(t0 + Duration::from_secs(36))
+            .await
+            .expect("b"),
         Attempt::Leading
     );
     let lease = api.get(LEASE_PATH).expect("lease");
@@ -585,8 +768,12 @@ async fn one_replica_leads_and_another_takes_over_only_after_expiry() {
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
     // a comes back: it has lost, and does not take the lease back.
     assert_eq!(
-        a.try_acquire_or_renew(t0 + Duration::from_secs(37)).await.expect("a"),
-        Attempt::Following { holder: Some("b".into()) }
+        a.try_acquire_or_renew(t0 + Duration::from_secs(37))
+            .await
+            .expect("a"),
+        Attempt::Following {
+            holder: Some("b".into())
+        }
     );
     assert_eq!(holder(&api), "b");
 }
@@ -597,7 +784,10 @@ async fn two_replicas_racing_for_an_expired_lease_never_both_lead() {
         let api = FakeApi::default();
         let old = lock(&api, "old", settings());
         let t0 = Instant::now();
-        assert_eq!(old.try_acquire_or_renew(t0).await.expect("old"), Attempt::Leading);
+        assert_eq!(
+            old.try_acquire_or_renew(t0).await.expect("old"),
+            Attempt::Leading
+        );
         let a = lock(&api, "a", settings());
         let b = lock(&api, "b", settings());
         // Both saw the record at t0 and nothing since.
@@ -614,6 +804,18 @@ async fn two_replicas_racing_for_an_expired_lease_never_both_lead() {
     }
 }
 
+/// Marks the work stopped (and when) as it is dropped.
+struct Guard(
+    Arc<std::sync::atomic::AtomicBool>,
+    Arc<Mutex<Option<Instant>>>,
+);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+        *self.1.lock().expect("lock") = Some(Instant::now());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_cannot_renew_stops_acting_before_the_lease_expires() {
     let api = FakeApi::default();
@@ -626,21 +828,22 @@ async fn a_leader_that_cannot_renew_stops_acting_before_the_lease_expires() {
     let running = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let starts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let stopped_at = Arc::new(Mutex::new(None::<Instant>));
-    struct Guard(Arc<std::sync::atomic::AtomicBool>, Arc<Mutex<Option<Instant>>>);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            self.0.store(false, std::sync::atomic::Ordering::SeqCst);
-            *self.1.lock().expect("lock") = Some(Instant::now());
-        }
-    }
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let task = {
-        let (running, starts, stopped_at) = (Arc::clone(&running), Arc::clone(&starts), Arc::clone(&stopped_at));
+        let (running, starts, stopped_at) = (
+            Arc::clone(&running),
+            Arc::clone(&starts),
+            Arc::clone(&stopped_at),
+        );
         tokio::spawn(async move {
             lease::lead(
                 &l,
                 || {
-                    let (running, starts, stopped_at) = (Arc::clone(&running), Arc::clone(&starts), Arc::clone(&stopped_at));
+                    let (running, starts, stopped_at) = (
+                        Arc::clone(&running),
+                        Arc::clone(&starts),
+                        Arc::clone(&stopped_at),
+                    );
                     async move {
                         starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         running.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -663,17 +866,28 @@ async fn a_leader_that_cannot_renew_stops_acting_before_the_lease_expires() {
     // Leading and renewing: still running after several renewals.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(running.load(std::sync::atomic::Ordering::SeqCst));
-    assert!(api.requests("PUT").len() >= 2, "renewals: {:?}", api.requests("PUT"));
+    assert!(
+        api.requests("PUT").len() >= 2,
+        "renewals: {:?}",
+        api.requests("PUT")
+    );
     // The API server becomes unreachable: the work stops within the renew deadline (plus one
     // retry), well before another replica could take the lease (1.5 s after the last renewal).
     let cut = Instant::now();
     api.state().leases_fail = true;
     while running.load(std::sync::atomic::Ordering::SeqCst) {
-        assert!(cut.elapsed() < Duration::from_secs(5), "still acting without a lease");
+        assert!(
+            cut.elapsed() < Duration::from_secs(5),
+            "still acting without a lease"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let stopped = stopped_at.lock().expect("lock").expect("stopped");
-    assert!(stopped.duration_since(cut) < s.duration, "stopped after {:?}", stopped.duration_since(cut));
+    assert!(
+        stopped.duration_since(cut) < s.duration,
+        "stopped after {:?}",
+        stopped.duration_since(cut)
+    );
     // While the API stays down it does not start again.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(starts.load(std::sync::atomic::Ordering::SeqCst), 1);

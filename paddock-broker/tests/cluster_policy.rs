@@ -121,6 +121,10 @@ fn run(namespace: &str) -> RunInfo {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scripted conversation with the API server; its steps depend on each other"
+)]
 async fn objects_become_the_policy_and_each_change_applies_within_a_second() {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");

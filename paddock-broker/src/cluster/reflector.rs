@@ -308,7 +308,7 @@ pub async fn run(
         for (k, e) in problems {
             let version = objects
                 .get(&k)
-                .and_then(|o| o.resource_version())
+                .and_then(kube::ResourceExt::resource_version)
                 .unwrap_or_default();
             if reported.get(&k) != Some(&version) {
                 tracing::error!(policy = %k, error = %e, "BrokerPolicy rejected; it grants nothing");

@@ -36,16 +36,8 @@ pub struct Metadata {
         namespaced,
         shortname = "bpol",
         doc = "Which credentials and which egress the runs it applies to get.",
-        printcolumn(
-            name = "Namespaces",
-            type_ = "string",
-            json_path = ".spec.appliesTo.namespaces"
-        ),
-        printcolumn(
-            name = "Age",
-            type_ = "date",
-            json_path = ".metadata.creationTimestamp"
-        )
+        printcolumn = r#"{"name": "Namespaces", "type": "string", "jsonPath": ".spec.appliesTo.namespaces"}"#,
+        printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
     )
 )]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -246,12 +246,12 @@ where
         }
         tracing::info!("leading: controller starts");
         let mut last_renewed = Instant::now();
-        let work = make_work();
-        tokio::pin!(work);
+        // Boxed, so stepping down drops it (and everything it holds) right away.
+        let mut work = Box::pin(make_work());
         let stepped_down = loop {
             tokio::select! {
                 () = &mut stop => break false,
-                () = &mut work => {
+                () = work.as_mut() => {
                     tracing::error!("controller ended while leading");
                     break true;
                 }
@@ -274,8 +274,8 @@ where
                 }
             }
         };
+        drop(work);
         if !stepped_down {
-            drop(work);
             if let Err(e) = lock.release().await {
                 tracing::warn!(error = %e, "lease release failed; it expires on its own");
             }

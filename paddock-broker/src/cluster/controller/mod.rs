@@ -6,6 +6,7 @@
 //! that keeps two replicas from acting at once.
 
 pub mod broker_api;
+pub mod config;
 pub mod lease;
 pub mod reconcile;
 

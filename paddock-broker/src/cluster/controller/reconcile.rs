@@ -311,10 +311,9 @@ fn pod_phase(pod: Option<&Pod>, had_pod: bool) -> RunPhase {
         Some("Running") => RunPhase::Running,
         Some("Succeeded") => RunPhase::Succeeded,
         Some("Failed") => RunPhase::Failed,
-        Some(_) => RunPhase::Pending,
         // The pod existed and is gone before it finished: the run failed.
         None if pod.is_none() && had_pod => RunPhase::Failed,
-        None => RunPhase::Pending,
+        Some(_) | None => RunPhase::Pending,
     }
 }
 

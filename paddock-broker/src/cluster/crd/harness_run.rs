@@ -21,14 +21,10 @@ use serde::{Deserialize, Serialize};
     status = "HarnessRunStatus",
     shortname = "hrun",
     doc = "One agent run: its pod, the credentials it gets and what became of them.",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Node", type_ = "string", json_path = ".status.node"),
-    printcolumn(name = "Leases", type_ = "integer", json_path = ".status.leaseCount"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Node", "type": "string", "jsonPath": ".status.node"}"#,
+    printcolumn = r#"{"name": "Leases", "type": "integer", "jsonPath": ".status.leaseCount"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HarnessRunSpec {
