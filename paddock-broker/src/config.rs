@@ -75,6 +75,24 @@ fn default_poll() -> f64 {
 const MAX_POLL_SECONDS: f64 = 3600.0;
 
 impl Config {
+    /// Exactly one policy source: files (`policy`) or `BrokerPolicy` objects
+    /// (`policyKubernetes`, which needs `secretsDir`).
+    pub fn check_policy_source(&self) -> Result<(), ConfigError> {
+        match (&self.policy, &self.policy_kubernetes) {
+            (Some(_), None) => Ok(()),
+            (None, Some(_)) if self.secrets_dir.is_some() => Ok(()),
+            (None, Some(_)) => Err(ConfigError::Invalid(
+                "policyKubernetes needs secretsDir (namespaced policies read secrets under \
+                 <secretsDir>/<namespace>/)"
+                    .into(),
+            )),
+            _ => Err(ConfigError::Invalid(
+                "set exactly one of `policy` (files) and `policyKubernetes` (BrokerPolicy objects)"
+                    .into(),
+            )),
+        }
+    }
+
     /// The policy poll interval, `None` when polling is off.
     pub fn policy_poll(&self) -> Result<Option<Duration>, ConfigError> {
         let s = self.policy_poll_seconds;
@@ -294,30 +312,17 @@ pub struct Built {
 
 /// Opens the store, loads policy and keys, and assembles server options.
 pub fn build(config: &Config) -> Result<Built, ConfigError> {
+    config.check_policy_source()?;
     let tls = tls::from_files(
         &config.tls.cert,
         &config.tls.key,
         config.tls.client_ca.as_deref(),
     )?;
-    let policy = Arc::new(match (&config.policy, &config.policy_kubernetes) {
-        (Some(path), None) => PolicyStore::load_with(path, config.secrets_dir.as_deref())?,
-        // Nothing is granted until the first list of BrokerPolicy objects arrives.
-        (None, Some(_)) if config.secrets_dir.is_some() => {
-            PolicyStore::fixed(crate::policy::Policy::default())
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::Invalid(
-                "policyKubernetes needs secretsDir (namespaced policies read secrets under \
-                 <secretsDir>/<namespace>/)"
-                    .into(),
-            ));
-        }
-        _ => {
-            return Err(ConfigError::Invalid(
-                "set exactly one of `policy` (files) and `policyKubernetes` (BrokerPolicy objects)"
-                    .into(),
-            ));
-        }
+    let policy = Arc::new(match &config.policy {
+        Some(path) => PolicyStore::load_with(path, config.secrets_dir.as_deref())?,
+        // Cluster mode: nothing is granted until the first list of BrokerPolicy objects
+        // arrives (the reflector, started by `serve`).
+        None => PolicyStore::fixed(crate::policy::Policy::default()),
     });
     let store = Store::open(&config.database)?;
     let audit: Arc<dyn AuditSink> = Arc::new(JsonlSink::open(
@@ -571,6 +576,48 @@ mod tests {
             e.contains("auth.staticKeys.defaultScopes: unknown scope"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn exactly_one_policy_source() {
+        let base: Config = crate::yaml::from_str(&readme_block(1)).expect("config");
+        base.check_policy_source().expect("files");
+        let build_err = |c: &Config| build(c).err().map(|e| e.to_string()).unwrap_or_default();
+        // `build` refuses these before it reads any file.
+        let mut both = base.clone();
+        both.policy_kubernetes = Some(PolicyKubernetesConfig {
+            admin_namespace: "paddock-system".into(),
+        });
+        assert!(
+            build_err(&both).contains("exactly one of `policy`"),
+            "{}",
+            build_err(&both)
+        );
+        let mut neither = base.clone();
+        neither.policy = None;
+        assert!(build_err(&neither).contains("exactly one of `policy`"));
+        let mut no_secrets = neither.clone();
+        no_secrets.policy_kubernetes = both.policy_kubernetes.clone();
+        no_secrets.secrets_dir = None;
+        assert!(
+            build_err(&no_secrets).contains("needs secretsDir"),
+            "{}",
+            build_err(&no_secrets)
+        );
+        let text = readme_block(1).replace(
+            "policy: /etc/paddock/policies",
+            "policyKubernetes: {adminNamespace: paddock-system}",
+        );
+        let cluster: Config = crate::yaml::from_str(&text).expect("cluster-mode config parses");
+        assert!(cluster.policy.is_none());
+        assert_eq!(
+            cluster
+                .policy_kubernetes
+                .as_ref()
+                .map(|k| k.admin_namespace.as_str()),
+            Some("paddock-system")
+        );
+        cluster.check_policy_source().expect("cluster mode");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::{
 };
 
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, ResourceExt as _,
     runtime::{Controller, controller::Action, watcher},
