@@ -75,12 +75,14 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
         ctx,
         backoff: Backoff::default(),
     });
+    // Pods are watched (their phase drives the run's); Secrets are not: the controller may
+    // not list Secrets (deploy/controller/10-rbac.yaml), and a deleted Secret is noticed at
+    // the next resync.
     Controller::new(
         Api::<HarnessRun>::all(client.clone()),
         watcher::Config::default(),
     )
-    .owns(Api::<Pod>::all(client.clone()), label.clone())
-    .owns(Api::<Secret>::all(client), label)
+    .owns(Api::<Pod>::all(client), label)
     .graceful_shutdown_on(stop)
     .run(
         |run, state: Arc<State>| async move {
