@@ -75,19 +75,38 @@ impl FakeApi {
         let me = self.clone();
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
-                let (parts, body) = req.into_parts();
-                let bytes = http_body_util::BodyExt::collect(body)
-                    .await
-                    .map(http_body_util::Collected::to_bytes)
-                    .unwrap_or_default();
-                let (code, value) = me.answer(parts.method.as_str(), &parts.uri, &bytes);
-                send.send_response(
-                    Response::builder()
-                        .status(code)
-                        .header("content-type", "application/json")
-                        .body(Body::from(serde_json::to_vec(&value).expect("json")))
-                        .expect("response"),
-                );
+                let me = me.clone();
+                // One task per request: a held watch must not stall the others.
+                tokio::spawn(async move {
+                    let (parts, body) = req.into_parts();
+                    let bytes = http_body_util::BodyExt::collect(body)
+                        .await
+                        .map(http_body_util::Collected::to_bytes)
+                        .unwrap_or_default();
+                    let query = parts.uri.query().unwrap_or_default().to_owned();
+                    if parts.method == "GET" && query.contains("watch=true") {
+                        // A short watch: after a moment, every object of the resource written
+                        // since the watch's resourceVersion, as MODIFIED; then it ends and the
+                        // watcher asks again.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let body = me.watch(parts.uri.path(), &query);
+                        send.send_response(
+                            Response::builder()
+                                .status(200)
+                                .body(Body::from(body))
+                                .expect("response"),
+                        );
+                        return;
+                    }
+                    let (code, value) = me.answer(parts.method.as_str(), &parts.uri, &bytes);
+                    send.send_response(
+                        Response::builder()
+                            .status(code)
+                            .header("content-type", "application/json")
+                            .body(Body::from(serde_json::to_vec(&value).expect("json")))
+                            .expect("response"),
+                    );
+                });
             }
         });
         kube::Client::new(service, "default")
@@ -119,6 +138,36 @@ impl FakeApi {
             .collect()
     }
 
+    fn watch(&self, path: &str, query: &str) -> Vec<u8> {
+        let since: u64 = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("resourceVersion="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let resource = path.rsplit('/').next().unwrap_or_default();
+        let mut st = self.state();
+        st.log.push(format!("WATCH {path}"));
+        let mut out = Vec::new();
+        for obj in st
+            .objects
+            .iter()
+            .filter(|(k, _)| k.split('/').rev().nth(1) == Some(resource))
+            .map(|(_, v)| v)
+        {
+            let rv: u64 = obj["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if rv > since {
+                out.extend(
+                    serde_json::to_vec(&json!({"type": "MODIFIED", "object": obj})).expect("json"),
+                );
+                out.push(b'\n');
+            }
+        }
+        out
+    }
+
     fn answer(&self, method: &str, uri: &http::Uri, body: &[u8]) -> (u16, Value) {
         let path = uri.path().to_owned();
         let mut st = self.state();
@@ -130,6 +179,21 @@ impl FakeApi {
             return status(500, "InternalError");
         }
         match method {
+            "GET" if !st.objects.contains_key(&path) && is_collection(&path) => {
+                // A list across namespaces: every object of that resource.
+                let resource = path.rsplit('/').next().unwrap_or_default();
+                let items: Vec<Value> = st
+                    .objects
+                    .iter()
+                    .filter(|(k, _)| k.split('/').rev().nth(1) == Some(resource))
+                    .map(|(_, v)| v.clone())
+                    .collect();
+                (
+                    200,
+                    json!({"kind": "List", "apiVersion": "v1",
+                             "metadata": {"resourceVersion": rv}, "items": items}),
+                )
+            }
             "GET" => match st.objects.get(&path) {
                 Some(v) => (200, v.clone()),
                 None => status(404, "NotFound"),
@@ -221,6 +285,12 @@ impl FakeApi {
             _ => status(405, "MethodNotAllowed"),
         }
     }
+}
+
+/// `/api/v1/pods`, `/apis/paddock.dev/v1/harnessruns`: a cluster-wide collection.
+fn is_collection(path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    matches!(parts.as_slice(), ["api", _, _] | ["apis", _, _, _])
 }
 
 // ---------------------------------------------------------------------------------------
@@ -631,6 +701,49 @@ async fn leases_a_stopped_controller_never_delivered_are_revoked() {
         "the undelivered lease is revoked"
     );
     assert_eq!(active_leases(&broker), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_finds_runs_through_its_watch_and_reconciles_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = broker(dir.path());
+    let api = FakeApi::default();
+    api.put(RUN_PATH, harness_run(&[("api-token", "API_TOKEN")]));
+    let ctx = context(&api, &broker);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(paddock_broker::cluster::controller::run(
+        Arc::clone(&ctx),
+        async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        },
+    ));
+    // The list brings the run; the watch brings the run again once the finalizer is on it,
+    // and that reconcile issues and creates the pod.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.get(POD_PATH).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no pod; requests: {:?}",
+            api.requests("")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(api.get(SECRET_PATH).is_some());
+    assert_eq!(active_leases(&broker), 1);
+    assert!(
+        !api.requests("GET /apis/paddock.dev/v1/harnessruns")
+            .is_empty(),
+        "listed runs cluster-wide"
+    );
+    assert!(
+        !api.requests("GET /api/v1/pods").is_empty(),
+        "listed pods cluster-wide"
+    );
+    let _ = stop_tx.send(true);
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("graceful shutdown")
+        .expect("task");
 }
 
 /// A broker that never answers.
