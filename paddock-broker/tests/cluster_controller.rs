@@ -750,6 +750,40 @@ async fn the_controller_finds_runs_through_its_watch_and_reconciles_them() {
         .expect("task");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_run_gets_nothing_and_can_still_be_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = broker(dir.path());
+    let api = FakeApi::default();
+    // SSL_CERT_FILE is the controller's (it points at the trust bundle).
+    api.put(RUN_PATH, harness_run(&[("api-token", "SSL_CERT_FILE")]));
+    let ctx = context(&api, &broker);
+    reconcile_once(&api, &ctx).await.expect("finalizer");
+    reconcile_once(&api, &ctx)
+        .await
+        .expect("reported, not retried");
+    let st = run_status(&api);
+    assert_eq!(st["phase"], "Failed");
+    assert!(st["conditions"].to_string().contains("InvalidSpec"), "{st}");
+    assert!(api.events().contains(&"InvalidSpec".to_owned()));
+    assert!(api.get(SECRET_PATH).is_none() && api.get(POD_PATH).is_none());
+    assert!(
+        broker
+            .store()
+            .leases_for_run(UID)
+            .expect("leases")
+            .is_empty()
+    );
+    let mut obj = api.get(RUN_PATH).expect("run");
+    obj["metadata"]["deletionTimestamp"] = "2026-12-06T12:00:00Z".into();
+    api.put(RUN_PATH, obj);
+    reconcile_once(&api, &ctx).await.expect("cleanup");
+    assert_eq!(
+        api.get(RUN_PATH).expect("run")["metadata"]["finalizers"],
+        json!([])
+    );
+}
+
 /// A broker that never answers.
 #[derive(Debug)]
 struct Unreachable;

@@ -403,3 +403,65 @@ fn a_claimed_credential_name_stays_with_the_older_policy() {
     assert_eq!(rejected.len(), 1);
     assert_eq!(rejected[0].0, "team-b/b");
 }
+
+/// With the broker as the target, a new policy takes back every grant made under the old one
+/// (the same invalidation a file reload publishes, which makes proxies re-ask on open
+/// connections); an event that changes nothing the policy holds publishes none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_policy_invalidates_grants_and_an_unchanged_one_does_not() {
+    let broker = Arc::new(paddock_broker::Broker::new(
+        paddock_broker::store::Store::open_in_memory().expect("store"),
+        Arc::new(PolicyStore::fixed(Policy::default())),
+        Arc::new(paddock_broker::audit::MemorySink::default()),
+        paddock_broker::ratelimit::RateLimits::new(
+            &paddock_broker::ratelimit::RateLimitConfig::default(),
+        )
+        .expect("limits"),
+    ));
+    let seq = || *broker.grants().changes().borrow();
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(reflector::run(
+        kube::Api::<BrokerPolicy>::all(client),
+        options(),
+        Arc::clone(&broker) as Arc<dyn PolicyTarget>,
+        async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        },
+    ));
+    let before = seq();
+    let a = policy("team-a", "a", &["team-a"], "a-token", "a.example", "1");
+    next(&mut handle, false)
+        .await
+        .send_response(list(std::slice::from_ref(&a), "1"));
+    let start = std::time::Instant::now();
+    while seq() == before {
+        assert!(start.elapsed() < Duration::from_secs(1), "no invalidation");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(broker.policy().current().documents().len(), 1);
+    let after_load = seq();
+    // A new resourceVersion with the same spec (a label added, say): nothing to take back.
+    let mut relabelled = a.clone();
+    relabelled["metadata"]["resourceVersion"] = "2".into();
+    relabelled["metadata"]["labels"] = json!({"team": "a"});
+    next(&mut handle, true)
+        .await
+        .send_response(event("MODIFIED", &relabelled));
+    // The next watch request shows the event was processed.
+    let again = next(&mut handle, true).await;
+    assert_eq!(seq(), after_load, "an unchanged policy invalidated grants");
+    // A real change does.
+    again.send_response(event(
+        "MODIFIED",
+        &policy("team-a", "a", &["team-a"], "a-token", "a3.example", "3"),
+    ));
+    let start = std::time::Instant::now();
+    while seq() == after_load {
+        assert!(start.elapsed() < Duration::from_secs(1), "no invalidation");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = stop_tx.send(true);
+    task.await.expect("reflector task");
+}

@@ -190,7 +190,15 @@ fn is_env_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// What the API server's schema cannot say. Checked before anything is created; deletion
+/// never depends on it (a run that fails it can still be deleted).
 fn check_spec(run: &HarnessRun) -> Result<(), ReconcileError> {
+    // Room for the suffixes within a 253-character object name.
+    if run.name_any().len() > 240 {
+        return Err(ReconcileError::Invalid(
+            "name longer than 240 characters (the pod and Secret names add a suffix)".into(),
+        ));
+    }
     let mut envs = std::collections::BTreeSet::new();
     for c in &run.spec.credentials {
         if !is_env_name(&c.env)
