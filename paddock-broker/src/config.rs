@@ -41,7 +41,13 @@ pub struct Config {
     /// `database` is given.
     #[serde(default)]
     pub store: Option<StoreConfig>,
-    pub policy: PathBuf,
+    /// The policy file or directory (file mode). Exactly one of `policy` and
+    /// `policyKubernetes` is set.
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
+    /// Cluster mode: policies are `BrokerPolicy` objects read from the API server.
+    #[serde(default)]
+    pub policy_kubernetes: Option<PolicyKubernetesConfig>,
     /// Base directory of relative secret files in the policy (default: the working directory).
     #[serde(default)]
     pub secrets_dir: Option<PathBuf>,
@@ -55,6 +61,16 @@ pub struct Config {
     pub rate_limits: RateLimitConfig,
 }
 
+/// Where `BrokerPolicy` objects are trusted like policy files, and where their secrets live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyKubernetesConfig {
+    /// The namespace whose policies may apply to any namespace and read any secret source
+    /// (the broker's own). Policies elsewhere apply only to their own namespace and read
+    /// secrets only under `<secretsDir>/<namespace>/`.
+    pub admin_namespace: String,
+}
+
 /// A quarter second: with the proxy's 0.25 s egress re-check, a policy change applies to
 /// every request within half a second of the write, for a few `stat` calls per second.
 fn default_poll() -> f64 {
@@ -65,6 +81,24 @@ fn default_poll() -> f64 {
 const MAX_POLL_SECONDS: f64 = 3600.0;
 
 impl Config {
+    /// Exactly one policy source: files (`policy`) or `BrokerPolicy` objects
+    /// (`policyKubernetes`, which needs `secretsDir`).
+    pub fn check_policy_source(&self) -> Result<(), ConfigError> {
+        match (&self.policy, &self.policy_kubernetes) {
+            (Some(_), None) => Ok(()),
+            (None, Some(_)) if self.secrets_dir.is_some() => Ok(()),
+            (None, Some(_)) => Err(ConfigError::Invalid(
+                "policyKubernetes needs secretsDir (namespaced policies read secrets under \
+                 <secretsDir>/<namespace>/)"
+                    .into(),
+            )),
+            _ => Err(ConfigError::Invalid(
+                "set exactly one of `policy` (files) and `policyKubernetes` (BrokerPolicy objects)"
+                    .into(),
+            )),
+        }
+    }
+
     /// The policy poll interval, `None` when polling is off.
     pub fn policy_poll(&self) -> Result<Option<Duration>, ConfigError> {
         let s = self.policy_poll_seconds;
@@ -300,15 +334,18 @@ pub struct Built {
 
 /// Opens the store, loads policy and keys, and assembles server options.
 pub fn build(config: &Config) -> Result<Built, ConfigError> {
+    config.check_policy_source()?;
     let tls = tls::from_files(
         &config.tls.cert,
         &config.tls.key,
         config.tls.client_ca.as_deref(),
     )?;
-    let policy = Arc::new(PolicyStore::load_with(
-        &config.policy,
-        config.secrets_dir.as_deref(),
-    )?);
+    let policy = Arc::new(match &config.policy {
+        Some(path) => PolicyStore::load_with(path, config.secrets_dir.as_deref())?,
+        // Cluster mode: nothing is granted until the first list of BrokerPolicy objects
+        // arrives (the reflector, started by `serve`).
+        None => PolicyStore::fixed(crate::policy::Policy::default()),
+    });
     let store = Store::open_config(&config.store_config()?)?;
     tracing::info!(
         store = store.kind(),
@@ -579,6 +616,48 @@ mod tests {
     }
 
     #[test]
+    fn exactly_one_policy_source() {
+        let base: Config = crate::yaml::from_str(&readme_block(1)).expect("config");
+        base.check_policy_source().expect("files");
+        let build_err = |c: &Config| build(c).err().map(|e| e.to_string()).unwrap_or_default();
+        // `build` refuses these before it reads any file.
+        let mut both = base.clone();
+        both.policy_kubernetes = Some(PolicyKubernetesConfig {
+            admin_namespace: "paddock-system".into(),
+        });
+        assert!(
+            build_err(&both).contains("exactly one of `policy`"),
+            "{}",
+            build_err(&both)
+        );
+        let mut neither = base.clone();
+        neither.policy = None;
+        assert!(build_err(&neither).contains("exactly one of `policy`"));
+        let mut no_secrets = neither.clone();
+        no_secrets.policy_kubernetes = both.policy_kubernetes.clone();
+        no_secrets.secrets_dir = None;
+        assert!(
+            build_err(&no_secrets).contains("needs secretsDir"),
+            "{}",
+            build_err(&no_secrets)
+        );
+        let text = readme_block(1).replace(
+            "policy: /etc/paddock/policies",
+            "policyKubernetes: {adminNamespace: paddock-system}",
+        );
+        let cluster: Config = crate::yaml::from_str(&text).expect("cluster-mode config parses");
+        assert!(cluster.policy.is_none());
+        assert_eq!(
+            cluster
+                .policy_kubernetes
+                .as_ref()
+                .map(|k| k.admin_namespace.as_str()),
+            Some("paddock-system")
+        );
+        cluster.check_policy_source().expect("cluster mode");
+    }
+
+    #[test]
     fn unknown_config_fields_are_rejected() {
         let text = readme_block(1).replace("policyPollSeconds", "policyPolSeconds");
         assert!(crate::yaml::from_str::<Config>(&text).is_err());
@@ -690,7 +769,10 @@ mod tests {
         })
         .to_string();
         let cfg = Config::parse(Path::new("broker.yaml"), &json).expect("JSON config parses");
-        assert_eq!(cfg.policy, Path::new("/etc/paddock/policy.yaml"));
+        assert_eq!(
+            cfg.policy.as_deref(),
+            Some(Path::new("/etc/paddock/policy.yaml"))
+        );
         assert_eq!(
             cfg.secrets_dir.as_deref(),
             Some(Path::new("/etc/paddock/secrets dir"))

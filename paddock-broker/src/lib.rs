@@ -16,6 +16,8 @@ pub mod base_url;
 pub mod bearer;
 #[cfg(feature = "server")]
 pub mod broker;
+#[cfg(feature = "kube")]
+pub mod cluster;
 #[cfg(feature = "server")]
 pub mod grants;
 #[cfg(feature = "server")]

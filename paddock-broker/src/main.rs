@@ -37,6 +37,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run the `HarnessRun` controller (in a cluster; leader-elected through a `Lease`).
+    Controller {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Manage static API keys.
     Keys {
         #[command(subcommand)]
@@ -135,6 +140,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
+        Command::Controller { config } => controller(&config),
         Command::Keys {
             command:
                 KeysCommand::Add {
@@ -195,6 +201,11 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let broker = built.options.broker.clone();
         let handle = server::spawn(built.options).await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let reflector = match (&config.policy_kubernetes, &config.secrets_dir) {
+            (Some(k), Some(dir)) => Some(spawn_policy_reflector(k, dir, &broker, stop_rx).await?),
+            _ => None,
+        };
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
         loop {
@@ -219,9 +230,131 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
             }
         }
         tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        if let Some(r) = reflector {
+            let _ = r.await;
+        }
         handle.shutdown().await;
         Ok(())
     })
+}
+
+/// This replica's name in the Lease: the pod name (downward API `POD_NAME`), else the host
+/// name (a pod's host name is its name).
+fn replica_identity() -> anyhow::Result<String> {
+    if let Ok(name) = std::env::var("POD_NAME")
+        && !name.trim().is_empty()
+    {
+        return Ok(name.trim().to_owned());
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").context("host name")?;
+    Ok(host.trim().to_owned())
+}
+
+fn controller(config_path: &Path) -> anyhow::Result<()> {
+    use paddock_broker::cluster::controller::{
+        self as ctl,
+        broker_api::HttpBroker,
+        config::ControllerConfig,
+        lease::{self, LeaseLock},
+    };
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("read {}", config_path.display()))?;
+    let config = ControllerConfig::parse(&text)?;
+    let lease_settings = config.lease_settings()?;
+    let read =
+        |p: &Path| std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()));
+    let trust_ca = read(&config.trust.ca_file)?;
+    let trust_bundle = config.trust.bundle_file.as_deref().map(read).transpose()?;
+    let broker = HttpBroker::new(
+        &config.broker.url,
+        &config.broker.token_file,
+        config.broker.ca_file.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let identity = replica_identity()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(async move {
+        let client = kube::Client::try_default()
+            .await
+            .context("Kubernetes client (in-cluster service account)")?;
+        let ctx = Arc::new(ctl::Context {
+            recorder: kube::runtime::events::Recorder::new(
+                client.clone(),
+                kube::runtime::events::Reporter {
+                    controller: "paddock-controller".into(),
+                    instance: Some(identity.clone()),
+                },
+            ),
+            client: client.clone(),
+            broker: Arc::new(broker),
+            settings: ctl::Settings {
+                run_label: config.run_label.clone(),
+                trust_ca,
+                trust_bundle,
+                resync: std::time::Duration::from_secs(config.resync_seconds),
+            },
+        });
+        let lock = LeaseLock::new(
+            kube::Api::namespaced(client, &config.leader_election.namespace),
+            &config.leader_election.name,
+            &identity,
+            lease_settings,
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("SIGTERM handler")?;
+        tracing::info!(identity = %identity, "controller replica started");
+        lease::lead(
+            &lock,
+            || ctl::run(Arc::clone(&ctx), std::future::pending()),
+            async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            },
+        )
+        .await;
+        tracing::info!("controller stopped");
+        Ok(())
+    })
+}
+
+/// Cluster mode: policies come from `BrokerPolicy` objects in every namespace.
+async fn spawn_policy_reflector(
+    k: &config::PolicyKubernetesConfig,
+    secrets_dir: &Path,
+    broker: &Arc<paddock_broker::Broker>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use paddock_broker::cluster::reflector::{self, ClusterPolicyOptions, PolicyTarget};
+    let client = kube::Client::try_default()
+        .await
+        .context("Kubernetes client (in-cluster service account)")?;
+    let options = ClusterPolicyOptions {
+        admin_namespace: k.admin_namespace.clone(),
+        secrets_dir: secrets_dir.to_owned(),
+    };
+    let target: Arc<dyn PolicyTarget> = broker.clone();
+    Ok(tokio::spawn(reflector::run(
+        kube::Api::all(client),
+        options,
+        target,
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+        },
+    )))
 }
 
 fn keys_add(file: &Path, id: &str, namespace: &str, scopes: &[String]) -> anyhow::Result<()> {

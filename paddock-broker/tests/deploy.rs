@@ -236,12 +236,17 @@ impl Deployment {
 
     /// The policy `ConfigMap`'s policy files, keyed by their path in the pod.
     fn policy_files(&self) -> Vec<(PathBuf, String)> {
-        let mount = self.mount_of(&self.config.policy, "policy");
+        let path = self
+            .config
+            .policy
+            .clone()
+            .expect("deploy/broker runs in file mode");
+        let mount = self.mount_of(&path, "policy");
         let Source::ConfigMap(name) = &mount.source else {
             panic!("policy is not on a ConfigMap volume: {:?}", mount.source);
         };
         assert_eq!(
-            mount.path, self.config.policy,
+            mount.path, path,
             "policy names the ConfigMap's mount point (a directory of *.yaml files)"
         );
         let cm = self
@@ -418,7 +423,7 @@ fn every_path_in_broker_yaml_is_mounted() {
         );
     }
 
-    let policy = d.mount_of(&c.policy, "policy");
+    let policy = d.mount_of(c.policy.as_ref().expect("file mode"), "policy");
     assert!(matches!(policy.source, Source::ConfigMap(_)) && policy.read_only);
 
     let secrets_dir = c.secrets_dir.as_ref().expect("secretsDir is set");
@@ -917,7 +922,7 @@ async fn deployed_config_builds_a_broker_that_answers_the_probes() {
         ],
     );
     // The policy ConfigMap, laid out as the kubelet does (..data symlinks).
-    let policy_dir = under(root, &c.policy);
+    let policy_dir = under(root, c.policy.as_ref().expect("file mode"));
     let files = d.policy_files();
     let files: Vec<(&str, &[u8])> = files
         .iter()
@@ -949,7 +954,7 @@ async fn deployed_config_builds_a_broker_that_answers_the_probes() {
     c.tls.client_ca = c.tls.client_ca.as_deref().map(|p| under(root, p));
     c.database = c.database.as_deref().map(|p| under(root, p));
     c.audit.path = under(root, &c.audit.path);
-    c.policy = policy_dir;
+    c.policy = Some(policy_dir);
     c.secrets_dir = c.secrets_dir.as_deref().map(|p| under(root, p));
     c.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     c.admin_listen = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));

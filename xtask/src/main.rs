@@ -54,6 +54,8 @@ enum Command {
     },
     /// Set up, build and show interception working end to end on this machine.
     Demo,
+    /// Regenerate deploy/crds/*.yaml from the CRD types (paddock-broker's `cluster::crd`).
+    Crds,
     /// Build the `cargo fuzz` targets (fuzz/) and run each with libFuzzer; fails on a finding.
     Fuzz {
         /// Seconds per target (0: no time limit; then give --runs).
@@ -100,6 +102,17 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Demo => demo(),
+        Command::Crds => run(cargo()
+            .args([
+                "test",
+                "-p",
+                "paddock-broker",
+                "--test",
+                "crds",
+                "--",
+                "committed_crds_match_the_types",
+            ])
+            .env("PADDOCK_WRITE_CRDS", "1")),
         Command::Fuzz {
             seconds,
             runs,

@@ -101,6 +101,21 @@ impl Policy {
             .collect()
     }
 
+    /// Checks one document that was not read from text (a Kubernetes object): its errors name
+    /// `source` and the field, without a line.
+    pub fn check_document(
+        source: &Path,
+        doc: PolicyDocument,
+        now: OffsetDateTime,
+    ) -> Result<LoadedPolicy, PolicyError> {
+        let ctx = Ctx {
+            file: source,
+            text: "",
+            line_offset: 0,
+        };
+        LoadedPolicy::check(&ctx, doc, now)
+    }
+
     /// Builds a policy from documents, checking names across documents.
     pub fn from_docs(docs: Vec<LoadedPolicy>) -> Result<Self, PolicyError> {
         let mut policy_names = BTreeSet::new();

@@ -24,6 +24,22 @@ pub struct Metadata {
     pub name: String,
 }
 
+// In cluster mode the spec of a `BrokerPolicy` object is this same type: one schema for files
+// and objects (the CRD's YAML is generated from it, see `crate::kube::crd`).
+#[cfg_attr(
+    feature = "kube",
+    derive(kube::CustomResource, schemars::JsonSchema),
+    kube(
+        group = "paddock.dev",
+        version = "v1",
+        kind = "BrokerPolicy",
+        namespaced,
+        shortname = "bpol",
+        doc = "Which credentials and which egress the runs it applies to get.",
+        printcolumn = r#"{"name": "Namespaces", "type": "string", "jsonPath": ".spec.appliesTo.namespaces"}"#,
+        printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+    )
+)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicySpec {
@@ -37,6 +53,7 @@ pub struct PolicySpec {
 }
 
 /// Which runs a policy applies to. `namespaces` is required; empty `templates`/`runs` mean any.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AppliesTo {
@@ -47,10 +64,12 @@ pub struct AppliesTo {
     pub runs: Vec<String>,
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CredentialGrant {
     pub name: String,
+    #[cfg_attr(feature = "kube", schemars(schema_with = "provider_schema"))]
     pub provider: ProviderSpec,
     #[serde(default)]
     pub secret: Option<SecretSource>,
@@ -77,9 +96,11 @@ impl CredentialGrant {
     }
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Delivery {
+    #[cfg_attr(feature = "kube", schemars(schema_with = "delivery_mode_schema"))]
     pub mode: DeliveryMode,
     #[serde(default)]
     pub accepted_reason: Option<String>,
@@ -95,6 +116,7 @@ impl Default for Delivery {
 }
 
 /// Provider kind and its configuration.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
     tag = "kind",
@@ -151,6 +173,7 @@ impl ProviderSpec {
 }
 
 /// Where a substituted secret goes on the upstream request.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
     rename_all = "camelCase",
@@ -171,6 +194,7 @@ pub enum Injection {
     },
 }
 
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EgressGrant {
@@ -186,9 +210,73 @@ pub struct EgressGrant {
 }
 
 /// A time-boxed window during which unlisted egress is allowed and audited.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Discovery {
     /// RFC 3339 end of the window; at most 7 days after the policy is loaded.
     pub until: String,
+}
+
+/// `DeliveryMode` lives in `paddock-wire`, which does not depend on schemars.
+#[cfg(feature = "kube")]
+fn delivery_mode_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "enum": ["proxy-injected", "in-container"],
+    })
+}
+
+/// `ProviderSpec` as one object: `kind` plus every variant's fields. The derived schema (one
+/// `oneOf` branch per kind, each with its own `kind` constant) is not structural, and kube's
+/// rewriter refuses to merge the differing `kind` constants. Generated from the enum's own
+/// schema, so a new variant or field shows up here without editing; the broker's checks (not
+/// the API server) then refuse fields that do not belong to the kind, as for files.
+#[cfg(feature = "kube")]
+fn provider_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut settings = schemars::generate::SchemaSettings::openapi3();
+    settings.inline_subschemas = true;
+    let root = settings
+        .into_generator()
+        .into_root_schema_for::<ProviderSpec>();
+    let mut properties = serde_json::Map::new();
+    let mut kinds = Vec::new();
+    let branches = root
+        .get("oneOf")
+        .and_then(serde_json::Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for branch in branches {
+        let Some(props) = branch
+            .get("properties")
+            .and_then(serde_json::Value::as_object)
+        else {
+            continue;
+        };
+        for (name, schema) in props {
+            if name == "kind" {
+                let values = schema
+                    .get("enum")
+                    .and_then(serde_json::Value::as_array)
+                    .cloned()
+                    .or_else(|| schema.get("const").map(|c| vec![c.clone()]))
+                    .unwrap_or_default();
+                kinds.extend(values);
+            } else {
+                properties
+                    .entry(name.clone())
+                    .or_insert_with(|| schema.clone());
+            }
+        }
+    }
+    properties.insert(
+        "kind".into(),
+        serde_json::json!({"type": "string", "enum": kinds}),
+    );
+    schemars::json_schema!({
+        "type": "object",
+        "description": "The provider: `kind` and that kind's fields.",
+        "properties": properties,
+        "required": ["kind"],
+    })
 }

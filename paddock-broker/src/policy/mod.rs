@@ -20,6 +20,8 @@ mod store;
 use std::{fmt, path::PathBuf};
 
 pub use check::{LoadedPolicy, Policy};
+#[cfg(feature = "kube")]
+pub use document::BrokerPolicy;
 pub use document::{
     AppliesTo, CredentialGrant, Delivery, Discovery, EgressGrant, Injection, Metadata,
     PolicyDocument, PolicySpec, ProviderSpec,
