@@ -519,6 +519,8 @@ mod tests {
                 Some(0)
             );
         }
+        // What the shared suite (`store::tests`) checks on one handle; here only that the
+        // reservation outlived the handle.
         let s = SqliteStore::open(&path).expect("reopen");
         assert_eq!(
             s.insert_lease(&lease("l2", "r2", "pats", 2, 10_000), pool, 200)
@@ -529,22 +531,6 @@ mod tests {
             s.insert_lease(&lease("l3", "r3", "pats", 3, 10_000), pool, 200),
             Err(StoreError::PoolExhausted(_))
         ));
-        assert!(
-            s.lease("l3").expect("query").is_none(),
-            "failed insert leaves nothing behind"
-        );
-        assert!(s.revoke("l1").expect("revoke"));
-        assert!(!s.revoke("l1").expect("idempotent"));
-        assert_eq!(
-            s.insert_lease(&lease("l3", "r3", "pats", 3, 10_000), pool, 200)
-                .expect("l3"),
-            Some(0)
-        );
-        let found = s
-            .lease_by_bearer_hash(&[2; 32])
-            .expect("query")
-            .expect("present");
-        assert_eq!((found.lease_id.as_str(), found.pool_slot), ("l2", Some(1)));
         assert_eq!(s.pool_reservations("pats").expect("list").len(), 2);
     }
 
