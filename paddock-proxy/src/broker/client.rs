@@ -377,8 +377,9 @@ impl BrokerClient {
         self.post(wire::paths::RUNS, req).await
     }
 
-    /// One JSON POST within the deadline. A request the broker never saw (its pooled
-    /// connection was closed under it) is tried once more, still within the same deadline.
+    /// One JSON POST within the deadline. A request whose connection closed before any answer
+    /// (a pooled connection closed under it, or a broker replica killed with it in flight) is
+    /// tried once more on a new connection, still within the same deadline.
     async fn post<Req, Resp>(&self, path: &'static str, body: &Req) -> Result<Resp, BrokerCallError>
     where
         Req: Serialize + Sync,
@@ -487,7 +488,7 @@ impl Attempt {
 }
 
 /// A transport error, described by its whole source chain (hyper-util's top level alone says
-/// little), and whether it is the "reused connection closed before an answer" case.
+/// little), and whether the connection closed before an answer (retried once).
 fn classify(e: &hyper_util::client::legacy::Error) -> Attempt {
     let mut text = e.to_string();
     let mut stale = false;
@@ -495,6 +496,17 @@ fn classify(e: &hyper_util::client::legacy::Error) -> Attempt {
     while let Some(s) = source {
         if let Some(h) = s.downcast_ref::<hyper::Error>() {
             stale |= h.is_incomplete_message() || h.is_canceled();
+        }
+        // The broker's end closed (FIN, or RST when it died with bytes unread) before any
+        // answer: a replica killed under the request. Asking again goes out on a new
+        // connection, through a Service to another replica; every broker call is safe to
+        // repeat (substitutions and egress checks read; issue, renew and revoke are
+        // idempotent).
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            stale |= matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            );
         }
         text.push_str(": ");
         text.push_str(&s.to_string());

@@ -881,6 +881,108 @@ async fn a_broker_failing_mid_request_gets_a_502_and_nothing_reaches_upstream() 
     up_task.abort();
 }
 
+/// A broker replica killed with a call's request read but not answered (its kernel closes the
+/// keep-alive connection) fails no call: the client asks again on a new connection, which a
+/// Service gives to another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_under_a_call_fails_no_call() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fx_pki = pki(dir.path());
+    std::fs::write(dir.path().join("token"), PROXY_KEY).expect("token");
+    let config = tls::server_config(
+        fx_pki.server_chain.clone(),
+        PrivateKeyDer::Pkcs8(fx_pki.server_key.clone_key()),
+        None,
+    )
+    .expect("tls");
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let connections = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let (conns, answers) = (connections.clone(), answered.clone());
+    // Every connection answers `revoke`; the first one dies with its second request read.
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let nth = conns.fetch_add(1, Ordering::SeqCst);
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let answers = answers.clone();
+            tokio::spawn(async move {
+                let mut served = 0usize;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match tls.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + length {
+                        match tls.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + 4 + length);
+                    if nth == 0 && served > 0 {
+                        // The replica's process dies with this request read: its kernel
+                        // closes the connection, nothing is answered.
+                        return;
+                    }
+                    served += 1;
+                    let body = serde_json::to_vec(&paddock_wire::api::RevokeResponse {
+                        lease_id: "l-1".into(),
+                        revoked: true,
+                    })
+                    .expect("json");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    if tls.write_all(answer.as_bytes()).await.is_err()
+                        || tls.write_all(&body).await.is_err()
+                        || tls.flush().await.is_err()
+                    {
+                        return;
+                    }
+                    answers.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let mut config = BrokerClientConfig::new(format!("https://{addr}"), &fx_pki.ca_file);
+    config.bearer_file = Some(dir.path().join("token"));
+    let client = BrokerClient::new(&config).expect("client");
+    let req = RevokeRequest {
+        lease_id: "l-1".into(),
+    };
+    for call in 0..3 {
+        let answer = within("revoke", client.revoke(&req))
+            .await
+            .unwrap_or_else(|e| panic!("call {call} failed: {e}"));
+        assert!(answer.revoked);
+        // Give the close time to reach the client before the next call, as between requests.
+        // (no pause)
+    }
+    assert_eq!(answered.load(Ordering::SeqCst), 3);
+    // The killed replica's connection, then at least one more (the pool may open another
+    // while the previous one is on its way back to it).
+    assert!(connections.load(Ordering::SeqCst) >= 2);
+    server.abort();
+}
+
 #[tokio::test]
 async fn bearer_file_rotation_is_picked_up() {
     let fx = Fixture::start(Options::default()).await;
