@@ -9,8 +9,9 @@
 //! - Nothing is cached: a lease revoked by one replica is refused by every replica's next
 //!   lookup.
 //! - TLS to the database with rustls (ring), trusting `caFile` (or the web PKI roots without
-//!   one). A TCP connection without an explicit `sslmode` in the URL requires TLS; a Unix
-//!   socket needs none.
+//!   one). A TCP connection requires TLS unless the URL says `sslmode=disable` (`prefer`, the
+//!   default, is taken as `require`: its plaintext fallback is a downgrade anyone on the path
+//!   can force); a Unix socket needs none.
 
 use std::{
     collections::HashMap,
@@ -303,29 +304,7 @@ impl PostgresStore {
         if pool_size == 0 {
             return Err(StoreError::Config("poolSize must be at least 1".into()));
         }
-        // Not echoed: a parse error could quote the URL, password included.
-        let mut pg: tokio_postgres::Config = url
-            .parse()
-            .map_err(|_| StoreError::Config("the database URL does not parse".into()))?;
-        let tcp = pg.get_hosts().iter().any(|h| matches!(h, Host::Tcp(_)));
-        if !tcp {
-            // Like libpq: no TLS over a Unix socket (local, and the server offers none).
-            pg.ssl_mode(SslMode::Disable);
-        } else if !url.contains("sslmode") {
-            pg.ssl_mode(SslMode::Require);
-        }
-        if tcp && pg.get_ssl_mode() == SslMode::Disable {
-            tracing::warn!(
-                "the PostgreSQL URL sets sslmode=disable: the connection is not encrypted"
-            );
-        }
-        pg.connect_timeout(timeout);
-        pg.tcp_user_timeout(timeout.saturating_mul(2));
-        pg.keepalives(true);
-        pg.keepalives_idle(Duration::from_secs(30));
-        if pg.get_application_name().is_none() {
-            pg.application_name("paddock-broker");
-        }
+        let pg = connection_config(url, timeout)?;
         let tls = RustlsConnect::new(ca_file)?;
         let store = Self {
             config: postgres::Config::from(pg),
@@ -897,6 +876,35 @@ impl TlsConnect<Socket> for RustlsConnectOne {
     }
 }
 
+/// The client configuration for `url`: TLS required over TCP unless the URL says
+/// `sslmode=disable` (warned about), none over a Unix socket, and the timeouts.
+fn connection_config(url: &str, timeout: Duration) -> Result<tokio_postgres::Config, StoreError> {
+    // Not echoed: a parse error could quote the URL, password included.
+    let mut pg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|_| StoreError::Config("the database URL does not parse".into()))?;
+    let tcp = pg.get_hosts().iter().any(|h| matches!(h, Host::Tcp(_)));
+    if !tcp {
+        // Like libpq: no TLS over a Unix socket (local, and the server offers none).
+        pg.ssl_mode(SslMode::Disable);
+    } else if pg.get_ssl_mode() == SslMode::Prefer {
+        // `prefer` (also the default when the URL names no `sslmode`) falls back to plaintext
+        // when the server offers no TLS, which anyone on the path can arrange: require it.
+        pg.ssl_mode(SslMode::Require);
+    }
+    if tcp && pg.get_ssl_mode() == SslMode::Disable {
+        tracing::warn!("the PostgreSQL URL sets sslmode=disable: the connection is not encrypted");
+    }
+    pg.connect_timeout(timeout);
+    pg.tcp_user_timeout(timeout.saturating_mul(2));
+    pg.keepalives(true);
+    pg.keepalives_idle(Duration::from_secs(30));
+    if pg.get_application_name().is_none() {
+        pg.application_name("paddock-broker");
+    }
+    Ok(pg)
+}
+
 /// A TLS connection to the database.
 struct RustlsStream(Box<tokio_rustls::client::TlsStream<Socket>>);
 
@@ -932,5 +940,43 @@ impl AsyncWrite for RustlsStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(url: &str) -> SslMode {
+        connection_config(url, Duration::from_secs(1))
+            .expect("parses")
+            .get_ssl_mode()
+    }
+
+    #[test]
+    fn tls_is_required_over_tcp_unless_disabled_by_name() {
+        assert_eq!(mode("postgresql://u:p@db.example:5432/x"), SslMode::Require);
+        // `prefer` can be downgraded by anyone on the path.
+        assert_eq!(
+            mode("postgresql://u:p@db.example/x?sslmode=prefer"),
+            SslMode::Require
+        );
+        // A password that happens to spell the option changes nothing.
+        assert_eq!(
+            mode("postgresql://u:sslmode@db.example/x"),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("host=db.example user=u password=sslmode"),
+            SslMode::Require
+        );
+        // Only an explicit `disable` (warned about) goes without.
+        assert_eq!(
+            mode("postgresql://u:p@db.example/x?sslmode=disable"),
+            SslMode::Disable
+        );
+        // A Unix socket has no TLS.
+        assert_eq!(mode("host=/run/postgresql user=u"), SslMode::Disable);
+        assert!(connection_config("postgresql://[", Duration::from_secs(1)).is_err());
     }
 }
