@@ -487,21 +487,8 @@ fn restrict_permissions(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lease(id: &str, run: &str, cred: &str, hash: u8, expires_at: u64) -> NewLease {
-        NewLease {
-            lease_id: id.into(),
-            run: run.into(),
-            namespace: "ns".into(),
-            credential: cred.into(),
-            provider: "pat-pool".into(),
-            delivery: DeliveryMode::ProxyInjected,
-            bearer_hash: Some([hash; 32]),
-            hosts: vec!["api.github.com".into()],
-            issued_at: 100,
-            expires_at,
-        }
-    }
+    // The shared suite's fixture.
+    use crate::store::tests::lease;
 
     #[test]
     fn pool_slots_survive_reopen() {

@@ -37,7 +37,7 @@ fn postgres(test: &str) -> Option<Fixture> {
     })
 }
 
-fn lease(id: &str, run: &str, cred: &str, hash: u8, expires_at: u64) -> NewLease {
+pub(super) fn lease(id: &str, run: &str, cred: &str, hash: u8, expires_at: u64) -> NewLease {
     NewLease {
         lease_id: id.into(),
         run: run.into(),
