@@ -344,7 +344,7 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
         Some(path) => PolicyStore::load_with(path, config.secrets_dir.as_deref())?,
         // Cluster mode: nothing is granted until the first list of BrokerPolicy objects
         // arrives (the reflector, started by `serve`).
-        None => PolicyStore::fixed(crate::policy::Policy::default()),
+        None => PolicyStore::awaiting_sync(),
     });
     let store = Store::open_config(&config.store_config()?)?;
     tracing::info!(

@@ -19,7 +19,11 @@ pub struct Metrics {
     rate_limit_buckets: Gauge,
     grant_subscriptions: Gauge,
     grant_cutoffs: Counter,
+    leases: Family<Labels, Gauge>,
 }
+
+/// The lease states `paddock_broker_leases` reports (every state is always present).
+const LEASE_STATES: [&str; 3] = ["active", "expired", "revoked"];
 
 fn latency_histogram() -> Histogram {
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -46,6 +50,27 @@ impl Metrics {
         let rate_limit_buckets = Gauge::default();
         let grant_subscriptions = Gauge::default();
         let grant_cutoffs = Counter::default();
+        let leases = Family::<Labels, Gauge>::default();
+        for state in LEASE_STATES {
+            drop(leases.get_or_create(&vec![("state".to_owned(), state.to_owned())]));
+        }
+        let build_info = Family::<Labels, Gauge>::default();
+        build_info
+            .get_or_create(&vec![
+                ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+                ("component".to_owned(), "broker".to_owned()),
+            ])
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; labels name the version and component of this binary",
+            build_info,
+        );
+        registry.register(
+            "leases",
+            "Leases kept in the store, by state (refreshed by the maintenance sweep)",
+            leases.clone(),
+        );
         registry.register(
             "grant_subscriptions",
             "Live invalidation-stream subscriptions (proxies reusing substitutions)",
@@ -90,6 +115,27 @@ impl Metrics {
             rate_limit_buckets,
             grant_subscriptions,
             grant_cutoffs,
+            leases,
+        }
+    }
+
+    /// Counts `leases` by state at `now` (unix seconds) into the `leases` gauge.
+    pub fn set_leases(&self, leases: &[paddock_wire::api::LeaseInfo], now: u64) {
+        let mut counts = [0_i64; LEASE_STATES.len()];
+        for lease in leases {
+            let state = if lease.revoked {
+                2
+            } else if lease.expires_at <= now {
+                1
+            } else {
+                0
+            };
+            counts[state] += 1;
+        }
+        for (state, n) in LEASE_STATES.iter().zip(counts) {
+            self.leases
+                .get_or_create(&vec![("state".to_owned(), (*state).to_owned())])
+                .set(n);
         }
     }
 
@@ -159,6 +205,68 @@ mod tests {
         assert!(
             text.contains("paddock_broker_grant_cutoffs_total 2"),
             "{text}"
+        );
+    }
+
+    fn lease(id: &str, expires_at: u64, revoked: bool) -> paddock_wire::api::LeaseInfo {
+        paddock_wire::api::LeaseInfo {
+            lease_id: id.to_owned(),
+            run: "r".to_owned(),
+            namespace: "ns".to_owned(),
+            credential: "c".to_owned(),
+            provider: "static".to_owned(),
+            delivery: paddock_wire::api::DeliveryMode::ProxyInjected,
+            hosts: vec![],
+            pool_slot: None,
+            issued_at: 1,
+            expires_at,
+            revoked,
+        }
+    }
+
+    #[test]
+    fn build_info_and_lease_states_are_exposed() {
+        let m = Metrics::new();
+        let text = m.render();
+        assert!(
+            text.contains(&format!(
+                "paddock_broker_build_info{{version=\"{}\",component=\"broker\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        // Every state is present before the first sweep.
+        assert!(
+            text.contains("paddock_broker_leases{state=\"revoked\"} 0"),
+            "{text}"
+        );
+        m.set_leases(
+            &[
+                lease("a", 100, false),
+                lease("b", 50, false),
+                lease("c", 100, true),
+                lease("d", 200, false),
+            ],
+            60,
+        );
+        let text = m.render();
+        assert!(
+            text.contains("paddock_broker_leases{state=\"active\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("paddock_broker_leases{state=\"expired\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("paddock_broker_leases{state=\"revoked\"} 1"),
+            "{text}"
+        );
+        // A later sweep replaces the counts rather than adding to them.
+        m.set_leases(&[], 60);
+        assert!(
+            m.render()
+                .contains("paddock_broker_leases{state=\"active\"} 0")
         );
     }
 }

@@ -128,7 +128,8 @@ fn run(namespace: &str) -> RunInfo {
 async fn objects_become_the_policy_and_each_change_applies_within_a_second() {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
-    let target = Arc::new(PolicyStore::fixed(Policy::default()));
+    let target = Arc::new(PolicyStore::awaiting_sync());
+    assert!(!target.is_synced(), "not ready before the first list");
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(reflector::run(
         kube::Api::<BrokerPolicy>::all(client),
@@ -146,6 +147,14 @@ async fn objects_become_the_policy_and_each_change_applies_within_a_second() {
         .await
         .send_response(list(&[a.clone(), sneaky], "2"));
     until_names(&target, &["team-a/a"]).await;
+    let start = std::time::Instant::now();
+    while !target.is_synced() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "never marked in sync"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let p = target.current();
     assert!(
         p.egress(

@@ -162,7 +162,27 @@ async fn every_route_with_static_keys() {
     );
     assert!(!metrics.contains(&gh.value));
     assert_eq!(env.admin_get("/healthz").await.0, 200);
-    assert_eq!(env.admin_get("/readyz").await.0, 200);
+    let (status, ready) = env.admin_get("/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    let ready: serde_json::Value = serde_json::from_str(&ready).expect("JSON");
+    assert_eq!(ready["ready"], true);
+    let names: Vec<&str> = ready["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .map(|c| c["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["store", "policy", "auth:static-keys"], "{ready}");
+    assert_eq!(ready["checks"][0]["detail"], "sqlite answering");
+
+    // The proxies' readiness call: authenticated, scoped, no audit record.
+    let (status, v) = env.get("/v1/ping", TEAM_A_KEY).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, json!({"store": "sqlite"}));
+    let (status, _) = env.get("/v1/ping", READ_ONLY_KEY).await;
+    assert_eq!(status, 403, "ping needs broker:validate-egress");
+    let (status, _) = env.get("/v1/ping", "not-a-key-0123456789").await;
+    assert_eq!(status, 401);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

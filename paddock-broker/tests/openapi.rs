@@ -284,4 +284,5 @@ fn every_wire_type_and_field_is_documented() {
             phase: RunPhase::Failed,
         },
     );
+    check_fields(&doc, "PingResponse", &PingResponse { store: s() });
 }

@@ -22,6 +22,8 @@ pub mod paths {
     pub const RUNS: &str = "/v1/runs";
     /// Long poll of the invalidation stream; each poll also acknowledges and renews.
     pub const GRANTS_POLL: &str = "/v1/grants/poll";
+    /// An authenticated "are you serving": the proxies' readiness check.
+    pub const PING: &str = "/v1/ping";
 }
 
 /// Stable error codes. The HTTP status is fixed per code.
@@ -562,6 +564,14 @@ pub struct RunInfo {
     pub phase: RunPhase,
 }
 
+/// The answer to `GET /v1/ping`: the broker authenticated the caller and its store answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PingResponse {
+    /// The store backend that answered ("sqlite", "postgres").
+    pub store: String,
+}
+
 /// Names of every schema the `OpenAPI` document must define (checked by a test).
 pub const SCHEMA_NAMES: &[&str] = &[
     "ErrorBody",
@@ -586,4 +596,5 @@ pub const SCHEMA_NAMES: &[&str] = &[
     "RunPhase",
     "RunUpsertRequest",
     "RunInfo",
+    "PingResponse",
 ];

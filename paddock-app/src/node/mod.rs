@@ -106,10 +106,12 @@ pub fn node_parts(cfg: &NodeConfig, metrics: &Arc<ProxyMetrics>) -> Result<NodeP
             BrokerSubstituter::new(client.clone()).with_metrics(Arc::clone(metrics)),
         ),
         // One subscription for the node: every pod's substituter shares its grants.
-        grants: cfg
-            .broker
-            .reuse_grants
-            .then(|| paddock_proxy::broker::GrantCache::start(client.clone())),
+        grants: cfg.broker.reuse_grants.then(|| {
+            paddock_proxy::broker::GrantCache::start_with_gauge(
+                client.clone(),
+                metrics.grants_held(),
+            )
+        }),
         broker: Some(client),
         vetter,
         mitm,
@@ -138,6 +140,11 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
     let node_name = cfg.node_name().map_err(ServeError::Config)?;
     let metrics = Arc::new(ProxyMetrics::new());
     let parts = node_parts(&cfg, &metrics)?;
+    let checked = Checked {
+        broker: parts.broker.clone(),
+        audit: Arc::clone(&parts.audit),
+        leaves: Arc::clone(parts.mitm.leaves()),
+    };
 
     let mut ic = Interceptor::load(&LoadOptions {
         pin_dir: cfg.ebpf.pin_dir.clone(),
@@ -207,6 +214,7 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
     ));
     let ready = Readiness::new();
     if let Some(admin) = &cfg.admin {
+        add_checks(&ready, &cfg, admin, &agent, &checked);
         let listener = tokio::net::TcpListener::bind(admin.listen)
             .await
             .map_err(|source| ServeError::Bind {
@@ -246,6 +254,42 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
     }
     let _ = std::fs::remove_file(&socket_path);
     failed.map_or(Ok(()), Err)
+}
+
+/// What the readiness checks watch, taken from the parts before the agent owns them.
+struct Checked {
+    broker: Option<paddock_proxy::broker::BrokerClient>,
+    audit: Arc<dyn paddock_proxy::audit::AuditSink>,
+    leaves: Arc<paddock_proxy::tls::LeafCache>,
+}
+
+/// The dependencies `/readyz` checks besides the listeners: the broker, every served pod's
+/// eBPF links (and the shared maps), the audit sink and the CA's validity.
+fn add_checks<I: Interception + Sync + 'static>(
+    ready: &Readiness,
+    cfg: &NodeConfig,
+    admin: &crate::serve::config::AdminConfig,
+    agent: &Arc<NodeAgent<I>>,
+    checked: &Checked,
+) {
+    use paddock_proxy::metrics::ready::{AuditCheck, BrokerCheck, CaCheck, EbpfCheck};
+    if let Some(client) = &checked.broker {
+        ready.add_check(Arc::new(BrokerCheck(client.clone())));
+    }
+    let agent = Arc::clone(agent);
+    ready.add_check(Arc::new(EbpfCheck {
+        pin_dir: cfg.ebpf.pin_dir.clone(),
+        expected: Arc::new(move || {
+            let agent = Arc::clone(&agent);
+            Box::pin(async move { agent.list().await.iter().map(|p| p.cgroup_id).collect() })
+        }),
+    }));
+    ready.add_check(Arc::new(AuditCheck(Arc::clone(&checked.audit))));
+    let leaves = Arc::clone(&checked.leaves);
+    ready.add_check(Arc::new(CaCheck {
+        not_after: Arc::new(move || leaves.ca_not_after()),
+        min_valid: admin.ca_min_valid(),
+    }));
 }
 
 /// The API client: the kubeconfig's, else the in-cluster service account's.

@@ -55,6 +55,7 @@
 //!
 //! [admin]
 //! listen = "127.0.0.1:9901"
+//! ca_min_valid_hours = 1            # /readyz fails when the CA has this little validity left
 //!
 //! # [ebpf]                          # optional: attach these agent cgroups at start
 //! # pin_dir = "/sys/fs/bpf/paddock/default"
@@ -516,6 +517,21 @@ impl LimitsConfig {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// `/readyz` fails once the forging CA has this many hours of validity left or fewer.
+    #[serde(default = "default_ca_min_valid_hours")]
+    pub ca_min_valid_hours: u64,
+}
+
+fn default_ca_min_valid_hours() -> u64 {
+    1
+}
+
+impl AdminConfig {
+    /// [`Self::ca_min_valid_hours`] as a duration (capped at a year, so it cannot overflow).
+    #[must_use]
+    pub fn ca_min_valid(&self) -> Duration {
+        Duration::from_hours(self.ca_min_valid_hours.min(24 * 366))
+    }
 }
 
 /// Optional eBPF attachment done by `serve` itself.

@@ -312,6 +312,7 @@ pub async fn serve_until(
     }
     let ready = Readiness::new();
     if let Some(admin) = &cfg.admin {
+        add_checks(&ready, cfg, admin, &audit, &leaves)?;
         let listener = bind(admin.listen).await?;
         tracing::info!(addr = %admin.listen, "admin listener");
         let server = AdminServer::new(Arc::clone(&metrics), ready.clone());
@@ -356,6 +357,44 @@ pub async fn serve_until(
         tracing::info!("drained");
     }
     tasks.abort_all();
+    Ok(())
+}
+
+/// The dependencies `/readyz` checks besides the listeners: the broker (when it decides),
+/// the eBPF pins (when `serve` attached agents itself), the audit sink and the CA's validity.
+fn add_checks(
+    ready: &Readiness,
+    cfg: &ServeConfig,
+    admin: &config::AdminConfig,
+    audit: &Arc<dyn AuditSink>,
+    leaves: &Arc<LeafCache>,
+) -> Result<(), ServeError> {
+    use paddock_proxy::metrics::ready::{AuditCheck, BrokerCheck, CaCheck, EbpfCheck};
+    if let Some(b) = &cfg.broker {
+        ready.add_check(Arc::new(BrokerCheck(BrokerClient::new(
+            &b.client_config(),
+        )?)));
+    }
+    if let Some(e) = &cfg.ebpf {
+        let ids = e
+            .agent_cgroups
+            .iter()
+            .map(|p| Cgroup::open(p.clone()).map(|c| c.id()))
+            .collect::<Result<Vec<_>, _>>()?;
+        ready.add_check(Arc::new(EbpfCheck {
+            pin_dir: e.pin_dir.clone(),
+            expected: Arc::new(move || {
+                let ids = ids.clone();
+                Box::pin(async move { ids })
+            }),
+        }));
+    }
+    ready.add_check(Arc::new(AuditCheck(Arc::clone(audit))));
+    let leaves = Arc::clone(leaves);
+    ready.add_check(Arc::new(CaCheck {
+        not_after: Arc::new(move || leaves.ca_not_after()),
+        min_valid: admin.ca_min_valid(),
+    }));
     Ok(())
 }
 
@@ -411,7 +450,7 @@ fn egress_policy(
     let grants = broker
         .as_ref()
         .filter(|_| cfg.broker.as_ref().is_some_and(|b| b.reuse_grants))
-        .map(|(c, _)| GrantCache::start(c.clone()));
+        .map(|(c, _)| GrantCache::start_with_gauge(c.clone(), metrics.grants_held()));
     let mut watched = None;
     let policy: Arc<dyn EgressPolicy> = match (policy, &broker, &cfg.policy.file) {
         (Some(p), _, _) => p,

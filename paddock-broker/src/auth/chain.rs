@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{AuthError, AuthFuture, Authenticator};
+use super::{AuthError, AuthFuture, Authenticator, ReadinessFuture};
 
 /// Tries each backend in order. The first success wins; `Forbidden` and `Unavailable` stop
 /// the chain (a backend that recognised the credential has decided, and an unavailable
@@ -46,6 +46,17 @@ impl Authenticator for AuthChain {
                 reasons.push("no authentication backend configured".to_owned());
             }
             Err(AuthError::Unauthenticated(reasons.join("; ")))
+        })
+    }
+
+    fn readiness(&self) -> ReadinessFuture<'_> {
+        Box::pin(async move {
+            // One after the other: chains are short, and the caller bounds the whole probe.
+            let mut all = Vec::new();
+            for backend in &self.backends {
+                all.extend(backend.readiness().await);
+            }
+            all
         })
     }
 }

@@ -743,6 +743,30 @@ impl Authenticator for JwtAuthenticator {
     fn authenticate<'a>(&'a self, bearer: &'a str) -> AuthFuture<'a> {
         Box::pin(self.verify(bearer))
     }
+
+    /// Ready with keys in hand; without any yet, one fetch is tried now (subject to the usual
+    /// spacing between fetches).
+    fn readiness(&self) -> super::ReadinessFuture<'_> {
+        Box::pin(async move {
+            let outcome = match self.current_keys() {
+                Ok(Some(keys)) => Ok(format!(
+                    "{} keys, fetched {} s ago",
+                    keys.by_kid.len() + keys.without_kid.len(),
+                    keys.fetched_at.elapsed().as_secs()
+                )),
+                Ok(None) => self
+                    .refresh_keys()
+                    .await
+                    .map(|()| "keys fetched".to_owned())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            vec![super::BackendReadiness {
+                name: self.name(),
+                outcome,
+            }]
+        })
+    }
 }
 
 fn unmapped(what: &str, claim_name: &str) -> AuthError {

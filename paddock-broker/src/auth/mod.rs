@@ -136,7 +136,27 @@ pub trait Authenticator: Send + Sync + std::fmt::Debug + 'static {
     fn name(&self) -> &'static str;
     /// `bearer` is the raw token from `Authorization: Bearer <token>`.
     fn authenticate<'a>(&'a self, bearer: &'a str) -> AuthFuture<'a>;
+    /// Whether the backend's remote dependencies answer (the broker's `/readyz`): one entry
+    /// per backend. Backends without one are ready as long as they exist.
+    fn readiness(&self) -> ReadinessFuture<'_> {
+        let name = self.name();
+        Box::pin(async move {
+            vec![BackendReadiness {
+                name,
+                outcome: Ok("no remote dependency".to_owned()),
+            }]
+        })
+    }
 }
+
+/// One authentication backend's readiness: `Ok` describes it, `Err` says why it is not ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendReadiness {
+    pub name: &'static str,
+    pub outcome: Result<String, String>,
+}
+
+pub type ReadinessFuture<'a> = Pin<Box<dyn Future<Output = Vec<BackendReadiness>> + Send + 'a>>;
 
 /// Lets the RSA backend map a decrypted run id to its namespace (None = unknown run -> Forbidden).
 pub trait RunDirectory: Send + Sync + std::fmt::Debug + 'static {

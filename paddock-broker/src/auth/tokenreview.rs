@@ -436,6 +436,30 @@ impl Authenticator for TokenReviewAuthenticator {
     fn authenticate<'a>(&'a self, bearer: &'a str) -> AuthFuture<'a> {
         Box::pin(self.verify(bearer))
     }
+
+    /// The API server answers `GET /version` with the broker's own token.
+    fn readiness(&self) -> super::ReadinessFuture<'_> {
+        Box::pin(async move {
+            let outcome = async {
+                let token = self.token.read().map_err(|e| format!("own token: {e}"))?;
+                let url = join(&self.base, "/version").map_err(|e| e.to_string())?;
+                let version: serde_json::Value = self
+                    .client
+                    .get_json_with_bearer(&url, &token)
+                    .await
+                    .map_err(|e| format!("API server: {e}"))?;
+                Ok(format!(
+                    "API server answering ({})",
+                    version["gitVersion"].as_str().unwrap_or("version unknown")
+                ))
+            }
+            .await;
+            vec![super::BackendReadiness {
+                name: self.name(),
+                outcome,
+            }]
+        })
+    }
 }
 
 fn reason(err: &AuthError) -> String {

@@ -62,6 +62,8 @@ pub trait PolicyTarget: Send + Sync + 'static {
     fn replace(&self, policy: Policy);
     /// The active policy.
     fn current(&self) -> Arc<Policy>;
+    /// The first complete list arrived (and its policy, if different, was made active).
+    fn synced(&self) {}
 }
 
 impl PolicyTarget for PolicyStore {
@@ -72,6 +74,10 @@ impl PolicyTarget for PolicyStore {
     fn current(&self) -> Arc<Policy> {
         PolicyStore::current(self)
     }
+
+    fn synced(&self) {
+        self.mark_synced();
+    }
 }
 
 impl PolicyTarget for crate::Broker {
@@ -81,6 +87,10 @@ impl PolicyTarget for crate::Broker {
 
     fn current(&self) -> Arc<Policy> {
         self.policy().current()
+    }
+
+    fn synced(&self) {
+        self.policy().mark_synced();
     }
 }
 
@@ -267,6 +277,7 @@ pub async fn run(
     let mut objects: BTreeMap<String, BrokerPolicy> = BTreeMap::new();
     let mut listing: BTreeMap<String, BrokerPolicy> = BTreeMap::new();
     let mut synced = false;
+    let mut announced = false;
     let mut reported: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let event = tokio::select! {
@@ -316,14 +327,23 @@ pub async fn run(
             still.insert(k, version);
         }
         reported = still;
-        if same(&policy, &target.current()) {
-            continue;
+        if !same(&policy, &target.current()) {
+            let docs = policy.documents().len();
+            let t = Arc::clone(&target);
+            match tokio::task::spawn_blocking(move || t.replace(policy)).await {
+                Ok(()) => {
+                    tracing::info!(policies = docs, "policy from BrokerPolicy objects active")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "policy replacement task failed");
+                    continue;
+                }
+            }
         }
-        let docs = policy.documents().len();
-        let t = Arc::clone(&target);
-        match tokio::task::spawn_blocking(move || t.replace(policy)).await {
-            Ok(()) => tracing::info!(policies = docs, "policy from BrokerPolicy objects active"),
-            Err(e) => tracing::error!(error = %e, "policy replacement task failed"),
+        // Only once the first list's policy is the active one: readiness waits for this.
+        if !announced {
+            target.synced();
+            announced = true;
         }
     }
 }

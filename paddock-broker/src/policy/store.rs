@@ -90,6 +90,9 @@ pub struct PolicyStore {
     current: ArcSwap<Policy>,
     last_signature: Mutex<Vec<(PathBuf, Option<SystemTime>, u64)>>,
     last_error: Mutex<Option<PolicyError>>,
+    /// False while the policy waits for its source's first answer (cluster mode before the
+    /// first list of `BrokerPolicy` objects): the broker is not ready then.
+    synced: std::sync::atomic::AtomicBool,
 }
 
 impl PolicyStore {
@@ -110,6 +113,7 @@ impl PolicyStore {
             current: ArcSwap::from_pointee(policy),
             last_signature: Mutex::new(sig),
             last_error: Mutex::new(None),
+            synced: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -122,7 +126,31 @@ impl PolicyStore {
             current: ArcSwap::from_pointee(policy),
             last_signature: Mutex::new(Vec::new()),
             last_error: Mutex::new(None),
+            synced: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    /// An empty policy that grants nothing until a source calls [`Self::mark_synced`]
+    /// (cluster mode: the `BrokerPolicy` reflector).
+    #[must_use]
+    pub fn awaiting_sync() -> Self {
+        let store = Self::fixed(Policy::default());
+        store
+            .synced
+            .store(false, std::sync::atomic::Ordering::Release);
+        store
+    }
+
+    /// The policy's source gave its first complete answer.
+    pub fn mark_synced(&self) {
+        self.synced
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the policy reflects its source (see [`Self::awaiting_sync`]).
+    #[must_use]
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::Acquire)
     }
 
     #[must_use]

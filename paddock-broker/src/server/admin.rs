@@ -1,11 +1,12 @@
 //! Admin listener (plain HTTP, bind it to a private address): `/healthz`, `/readyz`, `/metrics`.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use serde::Serialize;
 
 use super::State;
 
@@ -15,6 +16,91 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
+}
+
+/// How long the auth backends' checks may take in all (kubelet's default probe timeout is
+/// 1 s; the store is checked at the same time).
+const AUTH_CHECK_TIMEOUT: Duration = Duration::from_millis(900);
+
+/// The `/readyz` body: ready when every check passes.
+#[derive(Debug, Serialize)]
+pub(crate) struct Report {
+    pub ready: bool,
+    pub checks: Vec<Check>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl Check {
+    fn of(name: impl Into<String>, outcome: Result<String, String>) -> Self {
+        let (ok, detail) = match outcome {
+            Ok(d) => (true, d),
+            Err(d) => (false, d),
+        };
+        Self {
+            name: name.into(),
+            ok,
+            detail,
+        }
+    }
+}
+
+/// The store answers; the policy reflects its source (a broken newer policy file leaves the
+/// previous one active: still ready, and the detail says so); every auth backend's remote
+/// dependency answers.
+pub(crate) async fn readiness(state: &Arc<State>) -> Report {
+    let broker = state.broker.clone();
+    let kind = broker.store().kind();
+    let store = tokio::task::spawn_blocking(move || broker.store().ping());
+    let auth = tokio::time::timeout(AUTH_CHECK_TIMEOUT, state.auth.readiness());
+    let (store, auth) = tokio::join!(store, auth);
+    let mut checks = vec![Check::of(
+        "store",
+        match store {
+            Ok(Ok(())) => Ok(format!("{kind} answering")),
+            Ok(Err(e)) => Err(format!("{kind}: {e}")),
+            Err(e) => Err(format!("store check failed: {e}")),
+        },
+    )];
+    let policy = state.broker.policy();
+    checks.push(Check::of(
+        "policy",
+        if !policy.is_synced() {
+            Err("waiting for the first list of BrokerPolicy objects".to_owned())
+        } else if let Some(e) = policy.last_error() {
+            Ok(format!(
+                "policy reload failing; previous policy active: {e}"
+            ))
+        } else {
+            Ok(format!(
+                "{} document(s) active",
+                policy.current().documents().len()
+            ))
+        },
+    ));
+    match auth {
+        Ok(backends) => checks.extend(
+            backends
+                .into_iter()
+                .map(|b| Check::of(format!("auth:{}", b.name), b.outcome)),
+        ),
+        Err(_) => checks.push(Check::of(
+            "auth",
+            Err(format!(
+                "no answer within {} ms",
+                AUTH_CHECK_TIMEOUT.as_millis()
+            )),
+        )),
+    }
+    Report {
+        ready: checks.iter().all(|c| c.ok),
+        checks,
+    }
 }
 
 pub(crate) async fn handle(
@@ -31,25 +117,15 @@ pub(crate) async fn handle(
     let resp = match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => {
-            let broker = state.broker.clone();
-            let ready = tokio::task::spawn_blocking(move || broker.store().ping()).await;
-            match ready {
-                Ok(Ok(())) => {
-                    // A broken newer policy leaves the previous one active: still ready, but say so.
-                    let note = match state.broker.policy().last_error() {
-                        Some(e) => {
-                            format!("ready (policy reload failing, previous policy active: {e})\n")
-                        }
-                        None => "ready\n".to_owned(),
-                    };
-                    text(StatusCode::OK, "text/plain", note)
-                }
-                _ => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "store unavailable\n".into(),
-                ),
-            }
+            let report = readiness(&state).await;
+            let status = if report.ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let mut body = serde_json::to_string(&report).unwrap_or_default();
+            body.push('\n');
+            text(status, "application/json", body)
         }
         "/metrics" => {
             state

@@ -394,12 +394,19 @@ async fn maintenance(options: Maintenance, mut shutdown: watch::Receiver<bool>) 
                 options.broker.rate_limits().sweep();
                 // Dead leases are kept a week for `leases list` and investigations.
                 let broker = options.broker.clone();
-                let cutoff = std::time::SystemTime::now()
+                let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs())
-                    .saturating_sub(LEASE_RETENTION_SECS);
-                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || broker.store().purge_before(cutoff)).await {
-                    tracing::warn!(error = %e, "purging old leases failed");
+                    .map_or(0, |d| d.as_secs());
+                let cutoff = now.saturating_sub(LEASE_RETENTION_SECS);
+                match tokio::task::spawn_blocking(move || {
+                    broker.store().purge_before(cutoff)?;
+                    broker.store().all_leases()
+                })
+                .await
+                {
+                    Ok(Ok(leases)) => options.metrics.set_leases(&leases, now),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "purging or counting leases failed"),
+                    Err(e) => tracing::warn!(error = %e, "lease sweep task failed"),
                 }
                 options.metrics.set_rate_limit_buckets(options.broker.rate_limits().buckets());
                 let grants = options.broker.grants();

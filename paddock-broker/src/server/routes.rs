@@ -39,6 +39,7 @@ pub enum Op {
     Leases,
     Runs,
     GrantsPoll,
+    Ping,
 }
 
 /// One API route.
@@ -100,6 +101,14 @@ pub const ROUTES: &[Route] = &[
         path: paths::GRANTS_POLL,
         scope: Some(Scope::SubstituteAuth),
         op: Op::GrantsPoll,
+    },
+    // Every proxy and node agent validates egress, so that scope is the one a readiness check
+    // is sure to hold; the answer says nothing a validate-egress call would not.
+    Route {
+        method: "GET",
+        path: paths::PING,
+        scope: Some(Scope::ValidateEgress),
+        op: Op::Ping,
     },
 ];
 
@@ -254,13 +263,16 @@ async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incomin
     if identity.is_node_agent()
         && !matches!(
             route.op,
-            Op::ValidateEgress | Op::SubstituteAuth | Op::GrantsPoll
+            Op::ValidateEgress | Op::SubstituteAuth | Op::GrantsPoll | Op::Ping
         )
     {
         return error_response(
             ErrorCode::Forbidden,
-            "node agents may only call validate-egress, substitute-auth and grants/poll",
+            "node agents may only call validate-egress, substitute-auth, grants/poll and ping",
         );
+    }
+    if route.op == Op::Ping {
+        return ping(state).await;
     }
     if route.op == Op::Leases {
         return match leases_query(req.uri().query()) {
@@ -295,7 +307,23 @@ async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incomin
             Ok(request) => grants_poll(state, &identity, request).await,
             Err(e) => error_response(ErrorCode::BadRequest, json_error_message(&e)),
         },
-        Op::Leases => error_response(ErrorCode::Internal, "internal error"),
+        Op::Leases | Op::Ping => error_response(ErrorCode::Internal, "internal error"),
+    }
+}
+
+/// The store answers (off the runtime: the `PostgreSQL` client blocks).
+async fn ping(state: &Arc<State>) -> Resp {
+    let broker = state.broker.clone();
+    let kind = broker.store().kind();
+    match tokio::task::spawn_blocking(move || broker.store().ping()).await {
+        Ok(Ok(())) => ok_json(&wire::PingResponse {
+            store: kind.to_owned(),
+        }),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "ping: store unavailable");
+            error_response(ErrorCode::Unavailable, "store unavailable")
+        }
+        Err(_) => error_response(ErrorCode::Internal, "internal error"),
     }
 }
 

@@ -492,6 +492,9 @@ async fn unreachable_or_inconsistent_issuer_is_unavailable() {
     let token = sign(&key, Some("k1"), &claims);
     let err = rejected(&auth, &token).await;
     assert!(matches!(err, AuthError::Unavailable(_)), "{err:?}");
+    let ready = auth.readiness().await;
+    assert_eq!(ready[0].name, "jwt");
+    assert!(ready[0].outcome.is_err(), "no keys, issuer down: {ready:?}");
     // Retries inside the spacing window do not hammer the issuer; still fail closed.
     assert!(matches!(
         rejected(&auth, &token).await,
@@ -518,6 +521,9 @@ async fn unreachable_or_inconsistent_issuer_is_unavailable() {
     auth.authenticate(&sign(&key, Some("k1"), &claims))
         .await
         .expect("jwks_uri");
+    let ready = auth.readiness().await;
+    let detail = ready[0].outcome.clone().expect("keys in hand");
+    assert!(detail.starts_with("1 keys"), "{detail}");
     assert_eq!(issuer.server.hits("/.well-known/openid-configuration"), 1);
     assert!(!format!("{auth:?}").contains("BEGIN"));
 }

@@ -37,6 +37,12 @@ pub(crate) fn api_server(
         if seen.authorization.as_deref() != Some(expected.as_str()) {
             return (401, json!({"kind": "Status", "code": 401}).to_string());
         }
+        if seen.method == "GET" && seen.path == "/version" {
+            return (
+                200,
+                json!({"major": "1", "gitVersion": "v1.31.0"}).to_string(),
+            );
+        }
         if seen.method != "POST" || seen.path != REVIEWS {
             return (404, "{}".to_owned());
         }
@@ -363,4 +369,31 @@ async fn https_api_server_is_verified_against_the_configured_ca() {
         1,
         "no request reaches an unverified server"
     );
+}
+
+#[tokio::test]
+async fn readiness_asks_the_api_server_with_the_brokers_own_token() {
+    let fx = fixture("paddock-broker").await;
+    let auth = TokenReviewAuthenticator::new(fx.config()).expect("config");
+    let ready = auth.readiness().await;
+    assert_eq!(ready.len(), 1);
+    assert_eq!(ready[0].name, "tokenreview");
+    assert_eq!(
+        ready[0].outcome,
+        Ok("API server answering (v1.31.0)".to_owned())
+    );
+    assert_eq!(fx.server.hits("/version"), 1);
+
+    // The API server no longer accepts the broker's token: not ready, and no token in the
+    // reason.
+    *fx.broker_token.lock().expect("token") = "rotated-elsewhere".to_owned();
+    let ready = auth.readiness().await;
+    let err = ready[0].outcome.clone().expect_err("refused");
+    assert!(err.contains("401"), "{err}");
+    assert!(!err.contains("broker-token-1"), "{err}");
+
+    // Gone altogether.
+    drop(fx.server);
+    let ready = auth.readiness().await;
+    assert!(ready[0].outcome.is_err(), "{ready:?}");
 }

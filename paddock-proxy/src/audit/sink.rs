@@ -26,6 +26,12 @@ pub trait AuditSink: Send + Sync + fmt::Debug {
     fn reopen(&self) -> Result<(), AuditError> {
         Ok(())
     }
+
+    /// Whether the next record can be expected to land (the readiness check): `Err` says why
+    /// not. Cheap and non-blocking beyond a `stat`; it writes nothing.
+    fn health(&self) -> Result<String, String> {
+        Ok("writable".to_owned())
+    }
 }
 
 /// Appends JSON lines to a file opened `0600`, `O_APPEND`, never through a symlink.
@@ -38,6 +44,8 @@ pub trait AuditSink: Send + Sync + fmt::Debug {
 pub struct JsonlFileSink {
     path: PathBuf,
     file: Mutex<Appender<File>>,
+    /// The last write failed (cleared by the next one that succeeds): readiness reports it.
+    last_failed: std::sync::atomic::AtomicBool,
 }
 
 /// What [`Appender`] needs of its file: appending, and cutting bytes off its end again.
@@ -108,6 +116,7 @@ impl JsonlFileSink {
         Ok(Self {
             path: path.to_owned(),
             file: Mutex::new(Appender::new(Self::open_file(path)?)),
+            last_failed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -141,10 +150,54 @@ impl AuditSink for JsonlFileSink {
     fn record(&self, ev: &AuditEvent) -> Result<(), AuditError> {
         let line = ev.to_line()?;
         let mut file = self.file.lock().map_err(|_| AuditError::Poisoned)?;
-        file.append(&line).map_err(|source| AuditError::Write {
+        let written = file.append(&line);
+        self.last_failed
+            .store(written.is_err(), std::sync::atomic::Ordering::Relaxed);
+        written.map_err(|source| AuditError::Write {
             target: self.path.display().to_string(),
             source,
         })
+    }
+
+    /// Not ready when the last write failed, the open file was deleted or its file system has
+    /// no space left. A file renamed away (rotation without `SIGHUP`) still takes records, so
+    /// that is reported but ready.
+    fn health(&self) -> Result<String, String> {
+        use std::os::unix::fs::MetadataExt;
+        if self.last_failed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(format!("the last write to {} failed", self.path.display()));
+        }
+        let file = self
+            .file
+            .lock()
+            .map_err(|_| "audit sink lock poisoned".to_owned())?;
+        let open = file
+            .file
+            .metadata()
+            .map_err(|e| format!("stat of the open audit file: {e}"))?;
+        if open.nlink() == 0 {
+            return Err(format!(
+                "the open audit file {} was deleted",
+                self.path.display()
+            ));
+        }
+        let fs = nix::sys::statvfs::fstatvfs(&file.file)
+            .map_err(|e| format!("statvfs of the audit file system: {e}"))?;
+        if fs.blocks_available() == 0 {
+            return Err(format!(
+                "no space left on the file system of {}",
+                self.path.display()
+            ));
+        }
+        match std::fs::metadata(&self.path) {
+            Ok(named) if named.ino() == open.ino() && named.dev() == open.dev() => {
+                Ok(format!("appending to {}", self.path.display()))
+            }
+            _ => Ok(format!(
+                "appending to a file renamed away from {} (send SIGHUP to reopen)",
+                self.path.display()
+            )),
+        }
     }
 
     /// Opens the path anew and swaps it in; records keep going to the old file until the new

@@ -392,3 +392,37 @@ fn audit_target_parsing() {
     assert!(none.record(&event(AuditKind::Deny)).is_ok());
     assert!(!AuditTarget::Stdout.open().expect("stdout").is_disabled());
 }
+
+#[test]
+fn file_health_reports_a_deleted_file_a_failed_write_and_a_rotation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("audit.jsonl");
+    let sink = JsonlFileSink::open(&path).expect("open");
+    let ok = sink.health().expect("a fresh file is healthy");
+    assert!(ok.contains("appending to"), "{ok}");
+
+    std::fs::rename(&path, dir.path().join("audit.jsonl.1")).expect("rotate");
+    let rotated = sink.health().expect("a renamed file still takes records");
+    assert!(rotated.contains("SIGHUP"), "{rotated}");
+
+    sink.reopen().expect("reopen");
+    std::fs::remove_file(&path).expect("delete");
+    let deleted = sink.health().expect_err("records would be lost");
+    assert!(deleted.contains("deleted"), "{deleted}");
+    sink.reopen().expect("reopen creates it again");
+    sink.health().expect("healthy after the reopen");
+
+    // A device that is always full: the write fails, and readiness says so until one succeeds.
+    let full = JsonlFileSink::open(Path::new("/dev/full")).expect("open /dev/full");
+    full.health().expect("nothing failed yet");
+    full.record(&event(AuditKind::Allow))
+        .expect_err("/dev/full refuses writes");
+    let failed = full.health().expect_err("the last write failed");
+    assert!(failed.contains("last write"), "{failed}");
+}
+
+#[test]
+fn sinks_without_a_file_are_healthy() {
+    assert!(StdoutSink.health().is_ok());
+    assert!(NoAudit::explicitly_disabled().health().is_ok());
+}

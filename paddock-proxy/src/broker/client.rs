@@ -377,6 +377,13 @@ impl BrokerClient {
         self.post(wire::paths::RUNS, req).await
     }
 
+    /// `GET /v1/ping`: the broker accepts this client's bearer and its store answers (the
+    /// readiness check; no audit record, no run needed).
+    pub async fn ping(&self) -> Result<wire::PingResponse, BrokerCallError> {
+        self.call(Method::GET, wire::paths::PING, Bytes::new())
+            .await
+    }
+
     /// One JSON POST within the deadline. A request whose connection closed before any answer
     /// (a pooled connection closed under it, or a broker replica killed with it in flight) is
     /// tried once more on a new connection, still within the same deadline.
@@ -388,9 +395,22 @@ impl BrokerClient {
         let body = Bytes::from(
             serde_json::to_vec(body).map_err(|e| BrokerCallError::Decode(json_error(&e)))?,
         );
+        self.call(Method::POST, path, body).await
+    }
+
+    /// One call within the deadline (see [`Self::post`] for the retry).
+    async fn call<Resp>(
+        &self,
+        method: Method,
+        path: &'static str,
+        body: Bytes,
+    ) -> Result<Resp, BrokerCallError>
+    where
+        Resp: DeserializeOwned,
+    {
         let attempt = async {
-            match self.post_once(path, body.clone()).await {
-                Err(Attempt::Stale(_)) => self.post_once(path, body).await,
+            match self.post_once(&method, path, body.clone()).await {
+                Err(Attempt::Stale(_)) => self.post_once(&method, path, body).await,
                 other => other,
             }
         };
@@ -416,6 +436,7 @@ impl BrokerClient {
 
     async fn post_once(
         &self,
+        method: &Method,
         path: &'static str,
         body: Bytes,
     ) -> Result<(StatusCode, Bytes), Attempt> {
@@ -424,11 +445,13 @@ impl BrokerClient {
         let uri = Uri::from_parts(parts)
             .map_err(|e| Attempt::Failed(BrokerCallError::Transport(e.to_string())))?;
         let mut builder = Request::builder()
-            .method(Method::POST)
+            .method(method.clone())
             .uri(uri)
             .header(http::header::HOST, self.inner.host_header.clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(ACCEPT, HeaderValue::from_static("application/json"));
+        if method == Method::POST {
+            builder = builder.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
         if let Some(bearer) = &self.inner.bearer {
             let header = bearer.header().map_err(|e| Attempt::Failed(e.into()))?;
             builder = builder.header(AUTHORIZATION, header);

@@ -98,6 +98,9 @@ struct Shared {
     generation: std::sync::atomic::AtomicU64,
     /// The stream task, stopped when the last handle goes.
     task: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Set to the number of grants kept whenever the state lock is released (unregistered
+    /// unless the cache was started with a metrics gauge).
+    held: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Drop for Shared {
@@ -109,10 +112,42 @@ impl Drop for Shared {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> StateGuard<'_> {
+        StateGuard {
+            state: self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            held: &self.held,
+        }
+    }
+}
+
+/// The locked state; releasing it publishes the number of grants kept, so every change to
+/// them (use, insert, invalidation, reset) reaches the gauge without each site saying so.
+struct StateGuard<'a> {
+    state: MutexGuard<'a, State>,
+    held: &'a prometheus_client::metrics::gauge::Gauge,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        self.held
+            .set(i64::try_from(self.state.grants.len()).unwrap_or(i64::MAX));
     }
 }
 
@@ -167,13 +202,37 @@ impl GrantCache {
     /// `client`. The task ends when the last clone of the cache is dropped.
     #[must_use]
     pub fn start(client: BrokerClient) -> Self {
-        let cache = Self::default();
+        Self::start_with_gauge(client, prometheus_client::metrics::gauge::Gauge::default())
+    }
+
+    /// [`Self::start`], keeping `held` set to the number of grants kept
+    /// (`paddock_proxy_grants_held`, [`crate::metrics::ProxyMetrics::grants_held`]).
+    #[must_use]
+    pub fn start_with_gauge(
+        client: BrokerClient,
+        held: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
+        let cache = Self::with_gauge(held);
         let weak = Arc::downgrade(&cache.shared);
         let task = tokio::spawn(stream(weak, client));
         if let Ok(mut slot) = cache.shared.task.lock() {
             *slot = Some(task.abort_handle());
         }
         cache
+    }
+
+    /// A cache without a stream task whose grant count goes to `held`.
+    fn with_gauge(held: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::default(),
+                drained: Notify::new(),
+                hits: std::sync::atomic::AtomicU64::new(0),
+                generation: std::sync::atomic::AtomicU64::new(0),
+                task: Mutex::new(None),
+                held,
+            }),
+        }
     }
 
     /// The subscription to name in a `substitute-auth` call, while one is live.
@@ -682,7 +741,8 @@ mod tests {
 
     #[test]
     fn grants_are_used_up_expire_and_die_with_the_subscription() {
-        let cache = GrantCache::default();
+        let held = prometheus_client::metrics::gauge::Gauge::default();
+        let cache = GrantCache::with_gauge(held.clone());
         let sub = subscribed(&cache, 0);
         let now = Instant::now();
         let used = cache
@@ -696,9 +756,11 @@ mod tests {
             )
             .expect("admitted");
         drop(used);
+        assert_eq!(held.get(), 1, "the gauge follows the grants kept");
         assert!(cache.lookup(b"k").is_some());
         assert!(cache.lookup(b"k").is_some());
         assert!(cache.lookup(b"k").is_none(), "three uses in all");
+        assert_eq!(held.get(), 0, "a used-up grant leaves the gauge");
         let expired = GrantTerms {
             ttl_ms: 0,
             ..terms(0, 3)

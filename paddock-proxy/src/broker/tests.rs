@@ -1836,3 +1836,38 @@ async fn pod_bound_policy_and_substituter_name_their_pod() {
 }
 
 mod grants;
+
+#[tokio::test]
+async fn the_broker_readiness_check_follows_the_broker() {
+    use crate::metrics::ReadyCheck;
+    use crate::metrics::ready::BrokerCheck;
+    let mut fx = Fixture::start(Options::default()).await;
+    let check = BrokerCheck(fx.proxy_client());
+    let records = fx.audit.events().len();
+    let ok = within("ping", check.check()).await.expect("broker up");
+    assert_eq!(ok, "answering (store sqlite)");
+    assert_eq!(
+        fx.audit.events().len(),
+        records,
+        "a readiness probe writes no audit record"
+    );
+
+    // A bearer the broker does not accept is not ready either: every real call would fail.
+    std::fs::write(fx.dir.path().join("stale-token"), "pdk-not-a-key").expect("write");
+    let mut stale = fx.proxy_config();
+    stale.bearer_file = Some(fx.dir.path().join("stale-token"));
+    let err = within(
+        "ping",
+        BrokerCheck(BrokerClient::new(&stale).expect("client")).check(),
+    )
+    .await
+    .expect_err("bearer refused");
+    assert!(err.contains("401"), "{err}");
+    assert!(!err.contains("pdk-not-a-key"), "bearer echoed: {err}");
+
+    fx.stop().await;
+    let err = within("ping", check.check())
+        .await
+        .expect_err("broker gone");
+    assert!(!err.is_empty());
+}

@@ -334,6 +334,7 @@ impl DnsServer {
 
     /// The policy decision and, for allowed names, the resolution.
     pub(crate) async fn answer(&self, pending: Pending) -> Option<Vec<u8>> {
+        let _in_flight = self.metrics.track_dns_question();
         let Pending {
             request,
             name,

@@ -376,6 +376,44 @@ pub fn attached_agents(pin_dir: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// Maps pinned under `pin_dir` (every one the programs share).
+const PINNED_MAPS: [&str; 4] = [
+    MAP_CONFIG,
+    MAP_BYPASS,
+    MAP_ORIG_BY_COOKIE,
+    MAP_ORIG_BY_TUPLE,
+];
+
+/// Checks that interception is in place for `cgroup_ids`: every shared map and every agent
+/// program's link is still pinned (a removed link pin means a detached program, see
+/// [`agent_link_pin`]). `Ok` describes what was found; `Err` names the first thing missing.
+/// A file-system check only, so readiness probes cost no `bpf()` calls.
+pub fn check_pins(pin_dir: &Path, cgroup_ids: &[u64]) -> Result<String, String> {
+    for map in PINNED_MAPS {
+        let path = map_pin_path(pin_dir, map);
+        if !path.exists() {
+            return Err(format!("map {map} is not pinned at {}", path.display()));
+        }
+    }
+    for &id in cgroup_ids {
+        for program in AGENT_PROGRAMS {
+            let path = agent_link_pin(pin_dir, id, program);
+            if !path.exists() {
+                return Err(format!(
+                    "cgroup {id}: program {program} is detached (no link at {})",
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(format!(
+        "{} maps and {} links for {} agent cgroup(s) pinned",
+        PINNED_MAPS.len(),
+        AGENT_PROGRAMS.len() * cgroup_ids.len(),
+        cgroup_ids.len()
+    ))
+}
+
 /// An intercepted agent cgroup as the pinned maps describe it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentStatus {
@@ -444,5 +482,29 @@ mod tests {
             agent_link_pin(Path::new("/p"), 7, "paddock_ingress"),
             Path::new("/p/links/agent-7/paddock_ingress")
         );
+    }
+
+    #[test]
+    fn pin_check_names_the_first_missing_map_or_link() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pins = dir.path();
+        let err = check_pins(pins, &[]).expect_err("no maps");
+        assert!(err.contains("map CONFIG"), "{err}");
+        std::fs::create_dir_all(pins.join("maps")).expect("mkdir");
+        for map in PINNED_MAPS {
+            std::fs::write(map_pin_path(pins, map), b"").expect("pin");
+        }
+        assert!(check_pins(pins, &[]).is_ok());
+        std::fs::create_dir_all(agent_link_dir(pins, 9)).expect("mkdir");
+        for program in AGENT_PROGRAMS {
+            std::fs::write(agent_link_pin(pins, 9, program), b"").expect("pin");
+        }
+        let ok = check_pins(pins, &[9]).expect("all pinned");
+        assert!(ok.contains("1 agent cgroup"), "{ok}");
+        let err = check_pins(pins, &[9, 10]).expect_err("cgroup 10 has no links");
+        assert!(err.contains("cgroup 10"), "{err}");
+        std::fs::remove_file(agent_link_pin(pins, 9, "paddock_connect6")).expect("rm");
+        let err = check_pins(pins, &[9]).expect_err("one link gone");
+        assert!(err.contains("paddock_connect6 is detached"), "{err}");
     }
 }

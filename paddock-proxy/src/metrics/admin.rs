@@ -2,8 +2,9 @@
 //!
 //! * `GET /metrics`: [`ProxyMetrics::encode`] as `OpenMetrics` text.
 //! * `GET /healthz`: 200 while the process serves at all (liveness).
-//! * `GET /readyz`: 200 once [`Readiness::set_ready`] was called with `true` (listeners bound,
-//!   CA loaded), 503 before and after draining starts.
+//! * `GET /readyz`: 200 when the listeners serve ([`Readiness::set_ready`]) and every
+//!   dependency check added to the [`Readiness`] passes, else 503; either way a JSON body lists
+//!   each check (`{"ready":..,"checks":[{"name":..,"ok":..,"detail":..}]}`).
 //!
 //! Only `GET` and `HEAD` are answered. Connections are capped and header reads time out, so a
 //! misbehaving scraper cannot pile up sockets.
@@ -11,7 +12,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,30 +26,14 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::ProxyMetrics;
+use super::ready::Readiness;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const TEXT: &str = "text/plain; charset=utf-8";
-
-/// Shared readiness flag (clones share the flag).
-#[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
-
-impl Readiness {
-    /// Not ready.
-    #[must_use]
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn set_ready(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
-    }
-
-    #[must_use]
-    pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-}
+const JSON: &str = "application/json";
+/// How long one readiness check may take (kubelet's default probe timeout is 1 s; the checks
+/// run at once, so this bounds the whole probe).
+const CHECK_TIMEOUT: Duration = Duration::from_millis(900);
 
 /// The admin HTTP server.
 #[derive(Debug, Clone)]
@@ -107,7 +91,7 @@ impl AdminServer {
                 let svc_app = app.clone();
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let app = svc_app.clone();
-                    async move { Ok::<_, Infallible>(app.route(&req)) }
+                    async move { Ok::<_, Infallible>(app.route(&req).await) }
                 });
                 let mut builder = http1::Builder::new();
                 builder
@@ -121,7 +105,7 @@ impl AdminServer {
         }
     }
 
-    fn route<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+    async fn route<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             let mut resp = respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "method not allowed\n");
             resp.headers_mut()
@@ -131,8 +115,17 @@ impl AdminServer {
         match req.uri().path() {
             "/metrics" => respond(StatusCode::OK, OPENMETRICS, self.metrics.encode()),
             "/healthz" => respond(StatusCode::OK, TEXT, "ok\n"),
-            "/readyz" if self.ready.is_ready() => respond(StatusCode::OK, TEXT, "ready\n"),
-            "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n"),
+            "/readyz" => {
+                let report = self.ready.report(CHECK_TIMEOUT).await;
+                let status = if report.ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                let mut body = serde_json::to_vec(&report).unwrap_or_default();
+                body.push(b'\n');
+                respond(status, JSON, body)
+            }
             _ => respond(StatusCode::NOT_FOUND, TEXT, "not found\n"),
         }
     }
@@ -203,9 +196,27 @@ mod tests {
         assert!(body.contains("# TYPE paddock_proxy_active_connections gauge"));
 
         assert_eq!(get(addr, "GET", "/healthz").await.0, 200);
-        assert_eq!(get(addr, "GET", "/readyz").await.0, 503);
+        let (status, body) = get(addr, "GET", "/readyz").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("content-type: application/json"), "{body}");
+        assert!(body.contains(r#""name":"listeners","ok":false"#), "{body}");
         ready.set_ready(true);
+        let (status, body) = get(addr, "GET", "/readyz").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains(r#"{"ready":true,"#), "{body}");
+        // A dependency failing makes the probe fail, and the body says which.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let sink: Arc<dyn crate::audit::AuditSink> =
+            Arc::new(crate::audit::JsonlFileSink::open(&path).expect("open"));
+        ready.add_check(Arc::new(crate::metrics::ready::AuditCheck(sink)));
         assert_eq!(get(addr, "GET", "/readyz").await.0, 200);
+        std::fs::remove_file(&path).expect("rm");
+        let (status, body) = get(addr, "GET", "/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains(r#""name":"audit","ok":false"#), "{body}");
+        // Liveness does not depend on the checks.
+        assert_eq!(get(addr, "GET", "/healthz").await.0, 200);
         let (status, head) = get(addr, "HEAD", "/metrics").await;
         assert_eq!(status, 200);
         assert!(!head.contains("# EOF"), "HEAD carries no body: {head}");

@@ -22,10 +22,15 @@
 //! | `paddock_proxy_audit_write_failures_total` | counter | `kind`: audit event kind |
 //! | `paddock_proxy_audit_disabled` | gauge | 1 when running with `--audit none` |
 //! | `paddock_proxy_dns_queries_total` | counter | `outcome`: see [`DnsOutcome`] |
+//! | `paddock_proxy_dns_in_flight` | gauge | DNS questions waiting for the policy or the resolver |
+//! | `paddock_proxy_grants_held` | gauge | reusable broker grants kept |
+//! | `paddock_proxy_build_info` | gauge | always 1; `version`, `component` |
 
 mod admin;
+pub mod ready;
 
-pub use admin::{AdminServer, Readiness};
+pub use admin::AdminServer;
+pub use ready::{CheckOutcome, Readiness, ReadyCheck};
 
 use std::time::Duration;
 
@@ -74,6 +79,12 @@ struct DnsLabels {
     outcome: DnsOutcome,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    component: &'static str,
+}
+
 /// Counters the TLS layer's leaf cache bumps directly (clones share the same values).
 #[derive(Debug, Clone, Default)]
 pub struct LeafCacheMetrics {
@@ -99,6 +110,8 @@ pub struct ProxyMetrics {
     audit_failures: Family<AuditLabels, Counter>,
     audit_disabled: Gauge,
     dns_queries: Family<DnsLabels, Counter>,
+    dns_in_flight: Gauge,
+    grants_held: Gauge,
 }
 
 impl Default for ProxyMetrics {
@@ -131,8 +144,32 @@ impl ProxyMetrics {
             audit_failures: Family::default(),
             audit_disabled: Gauge::default(),
             dns_queries: Family::default(),
+            dns_in_flight: Gauge::default(),
+            grants_held: Gauge::default(),
             registry: Registry::default(),
         };
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                component: "proxy",
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; labels name the version and component of this binary",
+            build_info,
+        );
+        registry.register(
+            "dns_in_flight",
+            "DNS questions waiting for the policy's answer or the resolver",
+            m.dns_in_flight.clone(),
+        );
+        registry.register(
+            "grants_held",
+            "Reusable broker grants this process keeps",
+            m.grants_held.clone(),
+        );
         registry.register(
             "active_connections",
             "Agent connections currently open",
@@ -230,6 +267,27 @@ impl ProxyMetrics {
             drop(m.dns_queries.get_or_create(&DnsLabels { outcome: *o }));
         }
         Self { registry, ..m }
+    }
+
+    /// Counts a DNS question in flight until the guard drops.
+    #[must_use]
+    pub fn track_dns_question(&self) -> ConnectionGuard {
+        self.dns_in_flight.inc();
+        ConnectionGuard {
+            gauge: self.dns_in_flight.clone(),
+        }
+    }
+
+    /// Sets the number of reusable broker grants kept.
+    pub fn set_grants_held(&self, n: usize) {
+        self.grants_held.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The grants-held gauge, for the grant cache to keep current
+    /// ([`crate::broker::GrantCache::start_with_gauge`]).
+    #[must_use]
+    pub fn grants_held(&self) -> Gauge {
+        self.grants_held.clone()
     }
 
     /// Counts an open agent connection until the guard drops.
@@ -345,7 +403,7 @@ impl ProxyMetrics {
     }
 }
 
-/// Decrements the active-connections gauge when dropped.
+/// Decrements its gauge (active connections, DNS questions in flight) when dropped.
 #[derive(Debug)]
 pub struct ConnectionGuard {
     gauge: Gauge,
@@ -383,6 +441,9 @@ mod tests {
             "# TYPE paddock_proxy_audit_write_failures counter",
             "# TYPE paddock_proxy_audit_disabled gauge",
             "# TYPE paddock_proxy_dns_queries counter",
+            "# TYPE paddock_proxy_dns_in_flight gauge",
+            "# TYPE paddock_proxy_grants_held gauge",
+            "# TYPE paddock_proxy_build_info gauge",
         ] {
             assert!(has_line(&text, family), "missing {family:?} in\n{text}");
         }
@@ -448,6 +509,8 @@ mod tests {
         m.audit_write_failed(AuditKind::Allow);
         m.set_audit_disabled(true);
         m.dns_query(DnsOutcome::Denied);
+        let q = m.track_dns_question();
+        m.set_grants_held(4);
         let text = m.encode();
         for line in [
             "paddock_proxy_active_connections 1",
@@ -467,11 +530,20 @@ mod tests {
             "paddock_proxy_audit_disabled 1",
             "paddock_proxy_dns_queries_total{outcome=\"denied\"} 1",
             "paddock_proxy_dns_queries_total{outcome=\"answered\"} 0",
+            "paddock_proxy_dns_in_flight 1",
+            "paddock_proxy_grants_held 4",
+            &format!(
+                "paddock_proxy_build_info{{version=\"{}\",component=\"proxy\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
         ] {
             assert!(has_line(&text, line), "missing {line:?} in\n{text}");
         }
         assert_eq!(m.rejections(Rejection::DnsRebindingMismatch), 2);
         drop(g2);
-        assert!(has_line(&m.encode(), "paddock_proxy_active_connections 0"));
+        drop(q);
+        let text = m.encode();
+        assert!(has_line(&text, "paddock_proxy_active_connections 0"));
+        assert!(has_line(&text, "paddock_proxy_dns_in_flight 0"));
     }
 }

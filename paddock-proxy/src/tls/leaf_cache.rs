@@ -176,6 +176,12 @@ impl LeafCache {
         })
     }
 
+    /// The end of the signing CA's validity (the readiness check watches it).
+    #[must_use]
+    pub fn ca_not_after(&self) -> time::OffsetDateTime {
+        self.forger.ca().not_after()
+    }
+
     /// The leaf for `name`, forged at most once however many callers ask at the same time.
     pub fn get(&self, name: &LeafName) -> Result<Arc<CertifiedKey>, TlsError> {
         let now = self.forger.clock().now();
