@@ -338,6 +338,8 @@ async fn a_broker_killed_with_a_substitution_in_flight_answers_502_and_sends_not
 
 // ---- The proxy killed (SIGKILL) while an agent cgroup is intercepted ----
 
+/// The killed proxy's admin listener (in the agent namespace).
+const KILL_ADMIN: &str = "127.0.0.1:9911";
 const KILL_PROXY_PORT: u16 = 15001;
 const KILL_DNS: &str = "127.0.0.1:5353";
 const APP: &str = "app.test";
@@ -519,6 +521,8 @@ drain_timeout_secs = 1
 [ebpf]
 pin_dir = "{pins}"
 agent_cgroups = ["{agent}"]
+[admin]
+listen = "{KILL_ADMIN}"
 "#,
             ca = path_str(d, "ca"),
             bundle = path_str(d, "test-ca.crt"),
@@ -626,6 +630,54 @@ agent_cgroups = ["{agent}"]
             .map(|r| r["path"].as_str().unwrap_or_default().to_owned())
             .collect();
         assert_eq!(paths, ["/before", "/kept-before", "/after"]);
+
+        // Readiness follows the pins: a detached program (its link pin removed under the
+        // running proxy) makes `/readyz` fail and name it.
+        let readyz = || {
+            let mut cmd = Command::new("curl");
+            cmd.args(["-sS", "--max-time", "5", "-w", "\n%{http_code}"])
+                .arg(format!("http://{KILL_ADMIN}/readyz"));
+            let out = run(
+                &mut cmd,
+                &Placement {
+                    netns: Some(&topo.agent),
+                    cgroup: None,
+                    user: None,
+                },
+            );
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (body, status) = text.rsplit_once('\n').expect("status line");
+            let report: serde_json::Value = serde_json::from_str(body).expect("JSON report");
+            let ebpf = report["checks"]
+                .as_array()
+                .expect("checks")
+                .iter()
+                .find(|c| c["name"] == "ebpf")
+                .cloned()
+                .expect("an ebpf check");
+            (status.trim().parse::<u16>().unwrap_or(0), ebpf)
+        };
+        let (status, ebpf) = readyz();
+        assert_eq!(
+            (status, &ebpf["ok"]),
+            (200, &serde_json::json!(true)),
+            "{ebpf}"
+        );
+        std::fs::remove_file(paddock_proxy::ebpf::agent_link_pin(
+            pins.path(),
+            cgroup_id,
+            "paddock_connect4",
+        ))
+        .expect("remove a link pin");
+        let (status, ebpf) = readyz();
+        assert_eq!(status, 503, "{ebpf}");
+        assert_eq!(ebpf["ok"], false);
+        assert!(
+            ebpf["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("paddock_connect4 is detached")),
+            "{ebpf}"
+        );
     });
 }
 
@@ -757,6 +809,24 @@ async fn a_full_audit_disk_resets_refusals_and_lets_checked_traffic_through() {
                 &format!("paddock_proxy_audit_write_failures_total{{kind=\"{kind}\"}}"),
             )
         };
+        // `/readyz`: the status and the audit check's verdict.
+        let readiness = || {
+            let mut cmd = Command::new("curl");
+            cmd.args(["-sS", "--max-time", "5", "-w", "\n%{http_code}"])
+                .arg(format!("http://{ADMIN}/readyz"));
+            let out = run(&mut cmd, &lab.beside_agent());
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let (body, status) = text.rsplit_once('\n').expect("status line");
+            let report: serde_json::Value = serde_json::from_str(body).expect("JSON report");
+            let audit_ok = report["checks"]
+                .as_array()
+                .expect("checks")
+                .iter()
+                .find(|c| c["name"] == "audit")
+                .map(|c| c["ok"] == true)
+                .expect("an audit check");
+            (status.trim().parse::<u16>().unwrap_or(0), audit_ok)
+        };
         let denials = || {
             std::fs::read_to_string(&audit)
                 .unwrap_or_default()
@@ -768,6 +838,7 @@ async fn a_full_audit_disk_resets_refusals_and_lets_checked_traffic_through() {
         // Healthy: the denied host gets its 403 page, on record.
         assert_eq!(https("denied.test", "/", &[]).0, 403);
         assert_eq!(denials(), 1);
+        assert_eq!(readiness(), (200, true), "ready with a writable trail");
 
         // The disk fills up. The audit file's last page may still take a few lines: denials
         // are answered while their records fit, and the first one that does not is reset.
@@ -794,6 +865,11 @@ async fn a_full_audit_disk_resets_refusals_and_lets_checked_traffic_through() {
                 .collect::<Vec<_>>()
         );
         assert_eq!(failures("deny"), 1);
+        assert_eq!(
+            readiness(),
+            (503, false),
+            "a trail that cannot take records makes the proxy not ready"
+        );
 
         // Full: refusals get no clean answer.
         assert_eq!(
@@ -836,6 +912,7 @@ async fn a_full_audit_disk_resets_refusals_and_lets_checked_traffic_through() {
         std::fs::remove_file(disk.path().join("filler")).expect("free the disk");
         assert_eq!(https("denied.test", "/after", &[]).0, 403);
         assert_eq!(denials(), recorded + 1);
+        assert_eq!(readiness(), (200, true), "ready again once a record lands");
         let trail = std::fs::read_to_string(&audit).expect("audit");
         for line in trail.lines() {
             assert!(
