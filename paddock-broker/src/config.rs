@@ -379,6 +379,85 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
     })
 }
 
+/// Checks everything `serve` would read at start without starting anything: the TLS files,
+/// the policy, the store settings (the database is not opened), the audit directory, the rate
+/// limits and every auth backend (an RSA session key that does not exist yet is reported,
+/// not created). Returns one line per part checked.
+pub fn check(config: &Config) -> Result<Vec<String>, ConfigError> {
+    let mut report = Vec::new();
+    config.check_policy_source()?;
+    tls::from_files(
+        &config.tls.cert,
+        &config.tls.key,
+        config.tls.client_ca.as_deref(),
+    )?;
+    report.push(format!(
+        "tls: {} and its key load{}",
+        config.tls.cert.display(),
+        if config.tls.client_ca.is_some() {
+            ", client certificates required"
+        } else {
+            ""
+        }
+    ));
+    let policy = Arc::new(match &config.policy {
+        Some(path) => {
+            let store = PolicyStore::load_with(path, config.secrets_dir.as_deref())?;
+            report.push(format!(
+                "policy: {} valid ({} documents)",
+                path.display(),
+                store.current().documents().len()
+            ));
+            store
+        }
+        None => {
+            report.push("policy: from BrokerPolicy objects (policyKubernetes)".to_owned());
+            PolicyStore::awaiting_sync()
+        }
+    });
+    report.push(match config.store_config()? {
+        StoreConfig::Sqlite(s) => format!("store: SQLite at {} (not opened)", s.path.display()),
+        StoreConfig::Postgres(_) => "store: PostgreSQL (not contacted; `paddock-broker store \
+                                     check` reaches it)"
+            .to_owned(),
+    });
+    let audit_dir = config
+        .audit
+        .path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !audit_dir.is_dir() {
+        return Err(ConfigError::Invalid(format!(
+            "audit.path: directory {} does not exist",
+            audit_dir.display()
+        )));
+    }
+    report.push(format!("audit: {}", config.audit.path.display()));
+    let limits = RateLimits::new(&config.rate_limits)?;
+    config.policy_poll()?;
+    // The backends need a broker to resolve runs: one on an in-memory store, thrown away.
+    let scratch = Arc::new(Broker::new(
+        Store::open_in_memory()?,
+        policy,
+        Arc::new(crate::audit::MemorySink::default()),
+        limits,
+    ));
+    let mut auth = config.auth.clone();
+    if let Some(rsa) = &auth.rsa_session
+        && !rsa.key_file.exists()
+    {
+        report.push(format!(
+            "auth: rsaSession key {} does not exist yet (serve creates it)",
+            rsa.key_file.display()
+        ));
+        auth.rsa_session = None;
+    }
+    let built = build_auth(&auth, &scratch)?;
+    report.push(format!("auth: {}", built.chain.backend_names().join(", ")));
+    Ok(report)
+}
+
 /// The authentication chain built from `auth`, plus handles on the backends that need one.
 #[derive(Debug)]
 pub struct BuiltAuth {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use paddock_broker::{
     auth::{
         RunDirectory, Scope,
@@ -67,6 +67,30 @@ enum Command {
         #[command(subcommand)]
         command: SessionKeyCommand,
     },
+    /// Validate a broker config and everything it names (TLS files, policy, auth backends)
+    /// without starting; the database is not opened. Exits non-zero on the first problem.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print shell completions for this command.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (one per subcommand) into a directory.
+    Man {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// How listing and explaining commands print.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+enum Output {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -93,6 +117,39 @@ enum PolicyCommand {
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// What the policy would do with one request, and which grant decides; exits 1 when the
+    /// request would be denied.
+    Test {
+        /// A policy file or directory.
+        #[arg(long)]
+        policy: PathBuf,
+        /// The run, as NAMESPACE/RUN.
+        #[arg(long)]
+        run: String,
+        /// The run's template (policies may apply to some templates only).
+        #[arg(long)]
+        template: Option<String>,
+        /// The request: "[METHOD] URL", e.g. "GET https://api.github.com/user".
+        request: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Turn denied and discovery-mode audit records (the broker's or the proxy's JSONL) into
+    /// a BrokerPolicy snippet to review.
+    Suggest {
+        /// An audit trail (repeatable).
+        #[arg(long = "from", required = true)]
+        from: Vec<PathBuf>,
+        /// The namespace of records that name none (the proxy's).
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// The suggested policies' name prefix.
+        #[arg(long, default_value = "suggested")]
+        name: String,
+        /// Leave out hosts wanted fewer times than this.
+        #[arg(long, default_value_t = 1)]
+        min_count: usize,
     },
 }
 
@@ -133,11 +190,31 @@ enum LeasesCommand {
         config: Option<PathBuf>,
         #[arg(long)]
         run: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Policy {
+        command:
+            PolicyCommand::Test {
+                policy,
+                run,
+                template,
+                request,
+                output,
+            },
+    } = &cli.command
+    {
+        return policy_test(policy, run, template.as_deref(), request, *output).unwrap_or_else(
+            |e| {
+                eprintln!("paddock-broker: {e:#}");
+                ExitCode::from(2)
+            },
+        );
+    }
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Controller { config } => controller(&config),
@@ -156,14 +233,38 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Check { files },
         } => policy_check(&files),
+        Command::Policy {
+            command: PolicyCommand::Test { .. },
+        } => unreachable!("answered above"),
+        Command::Policy {
+            command:
+                PolicyCommand::Suggest {
+                    from,
+                    namespace,
+                    name,
+                    min_count,
+                },
+        } => policy_suggest(&from, &namespace, &name, min_count),
         Command::Leases {
             command:
                 LeasesCommand::List {
                     database,
                     config,
                     run,
+                    output,
                 },
-        } => leases_list(database, config, run.as_deref()),
+        } => leases_list(database, config, run.as_deref(), output),
+        Command::Check { config } => check(&config),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "paddock-broker",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { out } => man(&out),
         Command::SessionKey {
             command: SessionKeyCommand::Public { config },
         } => session_key_public(&config),
@@ -468,6 +569,7 @@ fn leases_list(
     database: Option<PathBuf>,
     config: Option<PathBuf>,
     run: Option<&str>,
+    output: Output,
 ) -> anyhow::Result<()> {
     let store = match (database, config) {
         (Some(db), _) => StoreConfig::Sqlite(SqliteConfig { path: db }),
@@ -479,6 +581,12 @@ fn leases_list(
         Some(r) => store.leases_for_run(r)?,
         None => store.all_leases()?,
     };
+    if output == Output::Json {
+        // One JSON document, the API's `LeasesResponse` shape (never bearers or secrets).
+        let body = paddock_broker::wire::LeasesResponse { leases };
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
     println!(
         "{:<28} {:<20} {:<16} {:<20} {:<18} {:>5} {:>11} REVOKED",
         "LEASE", "RUN", "NAMESPACE", "CREDENTIAL", "PROVIDER", "SLOT", "EXPIRES"
@@ -492,5 +600,62 @@ fn leases_list(
             l.lease_id, l.run, l.namespace, l.credential, l.provider, slot, l.expires_at, l.revoked
         );
     }
+    Ok(())
+}
+
+fn policy_test(
+    policy: &Path,
+    run: &str,
+    template: Option<&str>,
+    request: &str,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    use paddock_broker::policy::explain::{TestRequest, explain, run_info};
+    let now = time::OffsetDateTime::now_utc();
+    let loaded = Policy::load(policy, now)?;
+    let run = run_info(run, template)?;
+    let request = TestRequest::parse(request)?;
+    let answer = explain(&loaded, &run, &request, now);
+    match output {
+        Output::Text => print!("{}", answer.render(&request, &run)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+    }
+    Ok(if answer.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn policy_suggest(
+    from: &[PathBuf],
+    namespace: &str,
+    name: &str,
+    min_count: usize,
+) -> anyhow::Result<()> {
+    let mut suggestion = paddock_broker::policy::suggest::Suggestion::default();
+    for file in from {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        suggestion.add_jsonl(&text, namespace);
+    }
+    print!("{}", suggestion.render(name, min_count.max(1)));
+    Ok(())
+}
+
+fn check(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    for line in config::check(&config)? {
+        println!("{line}");
+    }
+    println!("{}: ok", config_path.display());
+    Ok(())
+}
+
+fn man(out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    clap_mangen::generate_to(Cli::command(), out)
+        .with_context(|| format!("writing man pages into {}", out.display()))?;
+    println!("man pages written to {}", out.display());
     Ok(())
 }

@@ -402,3 +402,241 @@ fn store_migrate_and_check() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("reachable, schema version 2"));
     }
 }
+
+fn bin(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("paddock-broker")
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `policy test` answers like the broker would, names the grant, and its exit status says
+/// allowed (0), denied (1) or could not answer (2).
+#[test]
+fn policy_test_explains_and_exits_by_the_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_broker_files(d);
+    let policy = d.join("policy.yaml").display().to_string();
+    let ask = |run: &str, req: &str, json: bool| {
+        let mut args = vec!["policy", "test", "--policy", &policy, "--run", run, req];
+        if json {
+            args.extend(["--output", "json"]);
+        }
+        bin(&args)
+    };
+    let out = ask("team-a/r1", "GET https://api.github.com/user", false);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("ALLOWED: allowed by policy team-a"), "{t}");
+    assert!(t.contains("credential gh (user-secret"), "{t}");
+    assert!(!t.contains("ghp_real"), "a secret in the answer: {t}");
+
+    let out = ask("team-a/r1", "POST https://evil.example/x", false);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("DENIED: egress to evil.example:443"));
+
+    let out = ask("team-a/r1", "GET http://api.github.com/", true);
+    assert_eq!(out.status.code(), Some(1), "port 80 is not granted");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["decision"], "denied");
+
+    let out = ask("team-a/r1", "https://github.com/org/repo.git", true);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["credentials"][0]["credential"], "git", "{v}");
+    assert_eq!(v["matched"][0]["substitute_auth"], true, "{v}");
+
+    let out = ask("team-b/r1", "GET https://api.github.com/", false);
+    assert_eq!(out.status.code(), Some(1), "another namespace");
+    let out = ask("team-a", "GET https://api.github.com/", false);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("NAMESPACE/RUN"), "{}", text(&out));
+}
+
+/// `policy suggest` turns the broker's own denial records into a policy that, once loaded,
+/// allows exactly what was denied.
+#[test]
+fn policy_suggest_turns_denials_into_a_policy_that_allows_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let audit = d.join("audit.jsonl");
+    std::fs::write(
+        &audit,
+        concat!(
+            r#"{"ts":"t","event":"egress-denied","caller":"p","namespace":"team-a","run":"r1","host":"pypi.org","port":443}"#,
+            "\n",
+            r#"{"ts":"t","event":"egress-denied","caller":"p","namespace":"team-a","run":"r2","host":"pypi.org","port":443}"#,
+            "\n",
+            r#"{"ts":"t","event":"egress-discovery","caller":"p","namespace":"team-a","run":"r1","host":"files.pythonhosted.org","port":443,"policy":"x"}"#,
+            "\n"
+        ),
+    )
+    .expect("audit");
+    let out = bin(&["policy", "suggest", "--from", &audit.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let snippet = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        snippet.contains("pypi.org   # 2 denied, 0 via discovery; runs: r1, r2"),
+        "{snippet}"
+    );
+    let file = d.join("suggested.yaml");
+    std::fs::write(&file, &snippet).expect("write");
+    let out = bin(&["policy", "check", &file.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "the suggestion is a valid policy: {}",
+        text(&out)
+    );
+    let out = bin(&[
+        "policy",
+        "test",
+        "--policy",
+        &file.display().to_string(),
+        "--run",
+        "team-a/r9",
+        "https://files.pythonhosted.org/packages/x",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    let out = bin(&["policy", "suggest", "--from", "/nonexistent/audit.jsonl"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("/nonexistent/audit.jsonl"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// `check --config` validates everything the config names without creating anything.
+#[test]
+fn check_validates_a_config_without_side_effects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    write_broker_files(d);
+    let config = d.join("broker.yaml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:0\ntls: {{cert: {d}/cert.pem, key: {d}/key.pem}}\ndatabase: {d}/broker.db\npolicy: {d}/policy.yaml\naudit: {{path: {d}/audit.jsonl}}\nauth:\n  staticKeys: {{file: {d}/keys}}\n{extra}",
+                d = d.display()
+            ),
+        )
+        .expect("config");
+    };
+    write(
+        "  rsaSession: {keyFile: SESSION, keyBits: 2048, scopes: [broker:validate-egress]}\n"
+            .replace("SESSION", &d.join("session.pem").display().to_string())
+            .as_str(),
+    );
+    let out = bin(&["check", "--config", &config.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("policy: ") && t.contains("valid (1 documents)"),
+        "{t}"
+    );
+    assert!(t.contains("does not exist yet (serve creates it)"), "{t}");
+    assert!(t.contains("auth: static-keys"), "{t}");
+    for created in ["broker.db", "audit.jsonl", "session.pem"] {
+        assert!(!d.join(created).exists(), "check created {created}");
+    }
+
+    // A broken policy, a missing certificate: non-zero, and the message names the file.
+    std::fs::write(
+        d.join("policy.yaml"),
+        "apiVersion: paddock.dev/v1\nkind: Nope\n",
+    )
+    .expect("w");
+    let out = bin(&["check", "--config", &config.display().to_string()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("policy.yaml"), "{}", text(&out));
+    write_broker_files(d);
+    std::fs::remove_file(d.join("cert.pem")).expect("rm");
+    let out = bin(&["check", "--config", &config.display().to_string()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("cert.pem"), "{}", text(&out));
+}
+
+/// Completions for bash and zsh and man pages come from the same clap definitions.
+#[test]
+fn completions_and_man_pages_are_generated() {
+    for shell in ["bash", "zsh"] {
+        let out = bin(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out));
+        let script = String::from_utf8_lossy(&out.stdout);
+        for word in ["paddock-broker", "suggest", "leases", "--output"] {
+            assert!(script.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bin(&["man", "--out", &dir.path().display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let page = std::fs::read_to_string(dir.path().join("paddock-broker.1")).expect("main page");
+    assert!(page.contains(".TH paddock-broker"), "{page}");
+    assert!(dir.path().join("paddock-broker-policy-test.1").exists());
+}
+
+/// `leases list --output json` prints the API's `LeasesResponse`.
+#[test]
+fn leases_list_prints_json() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("b.db");
+    {
+        let store = paddock_broker::store::Store::open(&db).expect("store");
+        store
+            .upsert_run(
+                &paddock_broker::wire::RunInfo {
+                    run: "r1".into(),
+                    namespace: "team-a".into(),
+                    template: "t".into(),
+                    phase: paddock_broker::wire::RunPhase::Running,
+                },
+                1,
+            )
+            .expect("run");
+        store
+            .insert_lease(
+                &paddock_broker::store::NewLease {
+                    lease_id: "lease-1".into(),
+                    run: "r1".into(),
+                    namespace: "team-a".into(),
+                    credential: "gh".into(),
+                    provider: "user-secret".into(),
+                    delivery: paddock_broker::wire::DeliveryMode::ProxyInjected,
+                    bearer_hash: Some([7; 32]),
+                    hosts: vec!["api.github.com".into()],
+                    issued_at: 10,
+                    expires_at: 4_000_000_000,
+                },
+                None,
+                10,
+            )
+            .expect("lease");
+    }
+    let out = bin(&[
+        "leases",
+        "list",
+        "--database",
+        &db.display().to_string(),
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["leases"][0]["lease_id"], "lease-1", "{v}");
+    assert_eq!(v["leases"][0]["credential"], "gh");
+    assert_eq!(v["leases"][0]["revoked"], false);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("0707"),
+        "no bearer hash"
+    );
+}

@@ -12,10 +12,12 @@
 mod check;
 mod document;
 mod eval;
+pub mod explain;
 pub mod hosts;
 mod locate;
 mod parse;
 mod store;
+pub mod suggest;
 
 use std::{fmt, path::PathBuf};
 
