@@ -12,6 +12,7 @@
 #![deny(unsafe_code)]
 
 pub mod broker_link;
+pub mod check;
 pub mod node;
 pub mod run;
 pub mod serve;

@@ -387,6 +387,18 @@ async fn pinned_interception_survives_the_loader_and_detach_removes_it() {
             .ends_with("map=10.77.0.1:443"),
         "{v}"
     );
+    // `ebpf status --output json` lists the cgroup with its links in place.
+    let out = run(
+        Command::new(&bin).args(["ebpf", "status", "--pin-dir", &pin_dir, "--output", "json"]),
+        &Placement::default(),
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let cgroup_id = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(cg.cgroup().path()).expect("cgroup"),
+    );
+    assert_eq!(status["agents"][0]["cgroup_id"], cgroup_id, "{status}");
+    assert_eq!(status["agents"][0]["configured"], true, "{status}");
+    assert_eq!(status["agents"][0]["links_pinned"], true, "{status}");
     // A restarted loader re-opens the same maps and keeps the existing links.
     attach("restarted loader");
     let v = tokio::task::block_in_place(|| client(&["tcp", "[fd00:77::1]:443"], &at));

@@ -146,6 +146,29 @@ async fn run_injects_real_credentials_the_agent_never_sees() {
     );
     check_agent_view(&stdout);
 
+    // The operator saw the denial as it happened, and a summary at the end.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("paddock: denied connection other.paddock.test:443")),
+        "{stderr}"
+    );
+    let summary = stderr
+        .lines()
+        .find(|l| l.contains(" requests; ") && l.contains("bytes in"))
+        .unwrap_or_else(|| panic!("no summary: {stderr}"));
+    assert!(
+        summary.contains("denied: other.paddock.test:443 x1"),
+        "{summary}"
+    );
+    for credential in ["bearer", "apikey", "qkey", "git"] {
+        assert!(summary.contains(&format!("{credential} x")), "{summary}");
+    }
+    assert!(
+        !summary.contains("real-"),
+        "a secret in the summary: {summary}"
+    );
+
     // The audit trail has the allowed and the denied connection.
     let trail = std::fs::read_to_string(&audit).expect("audit log");
     assert!(
@@ -304,7 +327,7 @@ async fn run_keeps_the_broker_in_memory_and_binds_no_host_listener() {
     let state = d.join("state");
     let path = |p: &Path| p.to_str().expect("utf-8").to_owned();
     let mut child = Command::new(target_bin("paddock-proxy"))
-        .args(["run", "--policy", &path(&d.join("policy.yaml"))])
+        .args(["run", "--quiet", "--policy", &path(&d.join("policy.yaml"))])
         .args(["--secrets", &path(&secrets), "--state-dir", &path(&state)])
         .args([
             "--run-id",
@@ -312,7 +335,8 @@ async fn run_keeps_the_broker_in_memory_and_binds_no_host_listener() {
             "--",
             "sh",
             "-c",
-            "echo ready; sleep 5",
+            // A denied connection, which --quiet keeps off the terminal.
+            "echo ready; curl -sS --max-time 5 https://denied.paddock.test/ 2>/dev/null; sleep 5",
         ])
         .env("RUST_LOG", "warn")
         .stdin(std::process::Stdio::null())
@@ -337,6 +361,15 @@ async fn run_keeps_the_broker_in_memory_and_binds_no_host_listener() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(up, "the command did not start: {first:?}\n{stderr}");
     assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        !stderr.contains("paddock: denied") && !stderr.contains(" requests; "),
+        "--quiet prints no denial and no summary: {stderr}"
+    );
+    let trail = std::fs::read_to_string(state.join("mem-run/proxy-audit.jsonl")).expect("audit");
+    assert!(
+        trail.contains("denied.paddock.test"),
+        "--quiet changes nothing in the audit trail: {trail}"
+    );
     assert_eq!(
         files,
         ["broker-audit.jsonl", "ca", "proxy-audit.jsonl"],

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use paddock_app::serve::{self, ServeOptions, config::ServeConfig};
 use paddock_proxy::{
@@ -40,9 +40,36 @@ enum Command {
     /// directory and append its entry as the last plugin of the CNI configuration the runtime
     /// reads (idempotent; the node agent `DaemonSet` runs it from an init container).
     InstallCni(InstallCniArgs),
+    /// Validate a `serve` (or, with --node, a `node`) configuration and what it names without
+    /// starting: policy file, CA, upstream bundle, broker client settings, audit target.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        /// The file is a node agent configuration.
+        #[arg(long)]
+        node: bool,
+    },
+    /// Print shell completions for this command.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (one per subcommand) into a directory.
+    Man {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Internal: the sandbox launcher `run` starts (not for direct use).
     #[command(name = "__sandbox", hide = true)]
     Sandbox(SandboxArgs),
+}
+
+/// How listing commands print.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+enum Output {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +134,9 @@ struct RunArgs {
     /// the broker's (50/s, burst 100); more than that is answered 403.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     substitute_rate: Option<u32>,
+    /// No line per denied connection on stderr and no summary at exit.
+    #[arg(long, short)]
+    quiet: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<std::ffi::OsString>,
@@ -213,6 +243,8 @@ enum EbpfCommand {
     Status {
         #[arg(long, default_value = ebpf::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
     },
     /// Remove every pinned program and map of an instance.
     Teardown {
@@ -329,6 +361,17 @@ fn main() {
         Command::Node(args) => (node_command(&args), 1),
         Command::NodePods(args) => (node_pods_command(args), 1),
         Command::InstallCni(args) => (install_cni_command(args), 1),
+        Command::Check { config, node } => (check_command(&config, node), 1),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "paddock-proxy",
+                &mut std::io::stdout(),
+            );
+            (Ok(()), 1)
+        }
+        Command::Man { out } => (man_command(&out), 1),
         Command::Run(args) => match run_command(args) {
             Ok(code) => std::process::exit(code),
             Err(e) => (Err(e), RUN_FAILED),
@@ -383,11 +426,38 @@ fn run_command(a: RunArgs) -> Result<i32> {
             // Exactly the running image, whatever happens to the path meanwhile.
             launcher: std::path::PathBuf::from("/proc/self/exe"),
             command: a.command,
+            quiet: a.quiet,
         };
         paddock_app::run::run(opts, interrupt)
             .await
             .context("paddock-proxy run")
     })
+}
+
+fn check_command(path: &std::path::Path, node: bool) -> Result<()> {
+    let lines = if node {
+        let config = paddock_app::node::config::NodeConfig::from_file(path)
+            .with_context(|| format!("loading {}", path.display()))?;
+        paddock_app::check::node(&config)
+    } else {
+        let config =
+            ServeConfig::from_file(path).with_context(|| format!("loading {}", path.display()))?;
+        paddock_app::check::serve(&config)
+    }
+    .with_context(|| format!("checking {}", path.display()))?;
+    for line in lines {
+        println!("{line}");
+    }
+    println!("{}: ok", path.display());
+    Ok(())
+}
+
+fn man_command(out: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    clap_mangen::generate_to(Cli::command(), out)
+        .with_context(|| format!("writing man pages into {}", out.display()))?;
+    println!("man pages written to {}", out.display());
+    Ok(())
 }
 
 fn serve_command(args: ServeArgs) -> Result<()> {
@@ -576,8 +646,29 @@ fn ebpf_command(cmd: EbpfCommand) -> Result<()> {
             println!("no longer intercepting {}", cgroup.path().display());
             Ok(())
         }
-        EbpfCommand::Status { pin_dir } => {
+        EbpfCommand::Status { pin_dir, output } => {
             let agents = ebpf::agent_status(&pin_dir)?;
+            if output == Output::Json {
+                let list: Vec<serde_json::Value> = agents
+                    .iter()
+                    .map(|a| {
+                        serde_json::json!({
+                            "cgroup_id": a.cgroup_id,
+                            "configured": a.config.is_some(),
+                            "inbound_ports": a.inbound_ports(),
+                            "links_pinned": ebpf::check_pins(&pin_dir, &[a.cgroup_id]).is_ok(),
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "pin_dir": pin_dir,
+                        "agents": list,
+                    }))?
+                );
+                return Ok(());
+            }
             if agents.is_empty() {
                 println!("no intercepted cgroups under {}", pin_dir.display());
             }

@@ -20,6 +20,7 @@ pub mod resolv;
 pub mod seccomp;
 pub mod session;
 pub mod spec;
+pub mod summary;
 pub mod user;
 
 pub use child::{ChildError, ExitOutcome, Launch, Sandboxed, spawn_sandboxed, supervise};

@@ -97,6 +97,8 @@ pub struct RunOptions {
     /// The `paddock-proxy` binary that launches the sandbox (`/proc/self/exe` from the CLI).
     pub launcher: PathBuf,
     pub command: Vec<OsString>,
+    /// No line per denial on stderr and no summary at exit (the audit trail is the same).
+    pub quiet: bool,
 }
 
 /// Why a run could not start or finish cleanly.
@@ -486,7 +488,10 @@ impl Run<'_> {
                 .with_metrics(Arc::clone(&metrics))
                 .with_grants(grants),
         ));
-        serve.metrics = Some(metrics);
+        serve.metrics = Some(Arc::clone(&metrics));
+        let tally = Arc::new(super::summary::RunTally::new(opts.quiet));
+        serve.audit_observer =
+            Some(Arc::clone(&tally) as Arc<dyn paddock_proxy::audit::AuditObserver>);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         serve.ready = Some(ready_tx);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -570,6 +575,9 @@ impl Run<'_> {
             .await;
         let _ = stop_tx.send(());
         let _ = proxy.await;
+        if outcome.is_ok() {
+            tally.print_summary(&metrics);
+        }
         Ok(outcome?.code)
     }
 

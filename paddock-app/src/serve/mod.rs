@@ -56,6 +56,8 @@ pub struct ServeOptions {
     /// binds them inside the command's network namespace
     /// ([`paddock_proxy::netns::OwnedNetns::bind_run_sockets`]); they must be non-blocking.
     pub transparent_listeners: Vec<std::net::TcpListener>,
+    /// Shown every audit record as it is written (`run`'s denial lines and summary).
+    pub audit_observer: Option<Arc<dyn paddock_proxy::audit::AuditObserver>>,
 }
 
 impl ServeOptions {
@@ -72,6 +74,7 @@ impl ServeOptions {
             audit_reopen: None,
             dns_sockets: Vec::new(),
             transparent_listeners: Vec::new(),
+            audit_observer: None,
         }
     }
 }
@@ -167,7 +170,10 @@ pub async fn serve_until(
         .unwrap_or_else(|| Arc::new(ProxyMetrics::new()));
 
     let audit_target = cfg.audit_target(opts.audit.as_deref())?;
-    let audit = audit_target.open()?;
+    let mut audit = audit_target.open()?;
+    if let Some(observer) = opts.audit_observer.take() {
+        audit = Arc::new(paddock_proxy::audit::ObservedSink::new(audit, observer));
+    }
     metrics.set_audit_disabled(audit.is_disabled());
     if audit.is_disabled() {
         tracing::warn!("running without an audit trail (--audit none)");

@@ -59,6 +59,7 @@
 
 mod error;
 mod event;
+mod observed;
 mod redact;
 mod rule;
 mod sink;
@@ -70,6 +71,7 @@ mod tests;
 pub use crate::labels::{AuditKind, RequestOutcome};
 pub use error::AuditError;
 pub use event::{AuditEvent, AuditMode, ConnId, protocol_label};
+pub use observed::{AuditObserver, ObservedSink};
 pub(crate) use redact::{redact_placeholders, redacted_path};
 pub use rule::{AuditOutcome, audit_decision};
 #[cfg(test)]

@@ -353,6 +353,14 @@ impl ProxyMetrics {
             .inc_by(n);
     }
 
+    /// Bytes relayed so far in `direction`.
+    #[must_use]
+    pub fn bytes(&self, direction: Direction) -> u64 {
+        self.bytes
+            .get_or_create(&DirectionLabels { direction })
+            .get()
+    }
+
     pub fn audit_write_failed(&self, kind: AuditKind) {
         self.audit_failures
             .get_or_create(&AuditLabels { kind })
