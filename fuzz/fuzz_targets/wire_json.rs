@@ -5,8 +5,8 @@
 use libfuzzer_sys::fuzz_target;
 use paddock_wire::api::{
     ErrorBody, GrantEvent, GrantPollRequest, GrantPollResponse, GrantTerms, InvalidationScope,
-    IssueRequest, IssueResponse, LeasesQuery, LeasesResponse, RenewRequest, RenewResponse,
-    RevokeRequest, RevokeResponse, RunUpsertRequest, SubstituteAuthRequest,
+    IssueRequest, IssueResponse, LeasesQuery, LeasesResponse, PingResponse, RenewRequest,
+    RenewResponse, RevokeRequest, RevokeResponse, RunUpsertRequest, SubstituteAuthRequest,
     SubstituteAuthResponse, ValidateEgressRequest, ValidateEgressResponse,
 };
 use serde::Serialize;
@@ -44,4 +44,5 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<GrantEvent>(data);
     round_trip::<InvalidationScope>(data);
     round_trip::<GrantTerms>(data);
+    round_trip::<PingResponse>(data);
 });
