@@ -27,7 +27,7 @@ fn series_names(exposition: &str) -> BTreeSet<String> {
     names
 }
 
-/// The `paddock_*` identifiers in a PromQL expression.
+/// The `paddock_*` identifiers in a `PromQL` expression.
 fn metric_names(expr: &str) -> Vec<String> {
     let mut out = Vec::new();
     let bytes = expr.as_bytes();

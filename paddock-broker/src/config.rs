@@ -400,20 +400,17 @@ pub fn check(config: &Config) -> Result<Vec<String>, ConfigError> {
             ""
         }
     ));
-    let policy = Arc::new(match &config.policy {
-        Some(path) => {
-            let store = PolicyStore::load_with(path, config.secrets_dir.as_deref())?;
-            report.push(format!(
-                "policy: {} valid ({} documents)",
-                path.display(),
-                store.current().documents().len()
-            ));
-            store
-        }
-        None => {
-            report.push("policy: from BrokerPolicy objects (policyKubernetes)".to_owned());
-            PolicyStore::awaiting_sync()
-        }
+    let policy = Arc::new(if let Some(path) = &config.policy {
+        let store = PolicyStore::load_with(path, config.secrets_dir.as_deref())?;
+        report.push(format!(
+            "policy: {} valid ({} documents)",
+            path.display(),
+            store.current().documents().len()
+        ));
+        store
+    } else {
+        report.push("policy: from BrokerPolicy objects (policyKubernetes)".to_owned());
+        PolicyStore::awaiting_sync()
     });
     report.push(match config.store_config()? {
         StoreConfig::Sqlite(s) => format!("store: SQLite at {} (not opened)", s.path.display()),

@@ -112,6 +112,10 @@ enum KeysCommand {
 }
 
 #[derive(Subcommand, Debug)]
+#[expect(
+    clippy::doc_markdown,
+    reason = "clap prints these doc comments as help text, where backticks would show"
+)]
 enum PolicyCommand {
     /// Validate policy files or directories; exits non-zero on the first invalid one.
     Check {

@@ -123,12 +123,11 @@ impl Metrics {
     pub fn set_leases(&self, leases: &[paddock_wire::api::LeaseInfo], now: u64) {
         let mut counts = [0_i64; LEASE_STATES.len()];
         for lease in leases {
+            // Indexes into LEASE_STATES: active, expired, revoked.
             let state = if lease.revoked {
                 2
-            } else if lease.expires_at <= now {
-                1
             } else {
-                0
+                usize::from(lease.expires_at <= now)
             };
             counts[state] += 1;
         }

@@ -146,7 +146,30 @@ async fn run_injects_real_credentials_the_agent_never_sees() {
     );
     check_agent_view(&stdout);
 
-    // The operator saw the denial as it happened, and a summary at the end.
+    check_terminal(&stderr);
+
+    // The audit trail has the allowed and the denied connection.
+    let trail = std::fs::read_to_string(&audit).expect("audit log");
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("\"allow\"") && l.contains("api.paddock.test")),
+        "{trail}"
+    );
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("\"deny\"") && l.contains("other.paddock.test")),
+        "{trail}"
+    );
+    check_request_audit(&trail);
+    // Secrets and keys are gone after the run; the audit logs stay.
+    assert!(!state.join("e2e-run/ca").exists() && !state.join("e2e-run/broker").exists());
+    assert!(state.join("e2e-run/broker-audit.jsonl").exists());
+}
+
+/// The operator saw the denial as it happened, and a summary at the end.
+fn check_terminal(stderr: &str) {
     assert!(
         stderr
             .lines()
@@ -168,25 +191,6 @@ async fn run_injects_real_credentials_the_agent_never_sees() {
         !summary.contains("real-"),
         "a secret in the summary: {summary}"
     );
-
-    // The audit trail has the allowed and the denied connection.
-    let trail = std::fs::read_to_string(&audit).expect("audit log");
-    assert!(
-        trail
-            .lines()
-            .any(|l| l.contains("\"allow\"") && l.contains("api.paddock.test")),
-        "{trail}"
-    );
-    assert!(
-        trail
-            .lines()
-            .any(|l| l.contains("\"deny\"") && l.contains("other.paddock.test")),
-        "{trail}"
-    );
-    check_request_audit(&trail);
-    // Secrets and keys are gone after the run; the audit logs stay.
-    assert!(!state.join("e2e-run/ca").exists() && !state.join("e2e-run/broker").exists());
-    assert!(state.join("e2e-run/broker-audit.jsonl").exists());
 }
 
 /// Upstream got the real secret in every position, and never a placeholder or the denied host.

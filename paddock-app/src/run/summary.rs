@@ -63,6 +63,7 @@ impl RunTally {
     /// The summary text (without printing it).
     #[must_use]
     pub fn summary(&self, metrics: &ProxyMetrics) -> String {
+        use std::fmt::Write as _;
         let counts = self
             .counts
             .lock()
@@ -85,9 +86,9 @@ impl RunTally {
                 .map(|(h, n)| format!("{h} x{n}"))
                 .collect();
             let more = by_host.len().saturating_sub(shown.len());
-            out.push_str(&format!("; {total} denied: {}", shown.join(", ")));
+            let _ = write!(out, "; {total} denied: {}", shown.join(", "));
             if more > 0 {
-                out.push_str(&format!(" and {more} more"));
+                let _ = write!(out, " and {more} more");
             }
         }
         if !counts.substituted.is_empty() {
@@ -96,13 +97,10 @@ impl RunTally {
                 .iter()
                 .map(|(c, n)| format!("{c} x{n}"))
                 .collect();
-            out.push_str(&format!("; substituted: {}", subs.join(", ")));
+            let _ = write!(out, "; substituted: {}", subs.join(", "));
         }
         if counts.scrubbed > 0 {
-            out.push_str(&format!(
-                "; {} responses had a secret scrubbed",
-                counts.scrubbed
-            ));
+            let _ = write!(out, "; {} responses had a secret scrubbed", counts.scrubbed);
         }
         out
     }

@@ -442,7 +442,7 @@ impl Authenticator for TokenReviewAuthenticator {
         Box::pin(async move {
             let outcome = async {
                 let token = self.token.read().map_err(|e| format!("own token: {e}"))?;
-                let url = join(&self.base, "/version").map_err(|e| e.to_string())?;
+                let url = join(&self.base, "/version")?;
                 let version: serde_json::Value = self
                     .client
                     .get_json_with_bearer(&url, &token)

@@ -332,7 +332,7 @@ pub async fn run(
             let t = Arc::clone(&target);
             match tokio::task::spawn_blocking(move || t.replace(policy)).await {
                 Ok(()) => {
-                    tracing::info!(policies = docs, "policy from BrokerPolicy objects active")
+                    tracing::info!(policies = docs, "policy from BrokerPolicy objects active");
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "policy replacement task failed");

@@ -311,7 +311,7 @@ mod tests {
         r.add_check(Arc::new(Fixed(
             "slow",
             Ok("late".into()),
-            Duration::from_secs(60),
+            Duration::from_mins(1),
         )));
         r.add_check(fixed("quick", Ok("fine".into())));
         let report = r.report(Duration::from_secs(2)).await;
