@@ -211,18 +211,55 @@ impl AuditSink for KubeAuditSink {
     }
 }
 
-/// `HarnessRun` names by (namespace, UID); `None`: no such run when last asked.
+/// (namespace, run UID).
+type OwnerKey = (String, String);
+
+/// What is known of a run's `HarnessRun`.
+#[derive(Clone, Debug)]
+enum Owner {
+    Named(String),
+    /// No such run when last asked, at that instant.
+    Absent(Instant),
+}
+
+/// `HarnessRun` names by (namespace, UID).
 #[derive(Debug, Default)]
-struct Owners(Mutex<HashMap<(String, String), (Option<String>, Instant)>>);
+struct Owners(Mutex<HashMap<OwnerKey, Owner>>);
 
 impl Owners {
-    fn cached(&self, key: &(String, String)) -> Option<Option<String>> {
+    /// `None`: not known (or no longer believed); ask the API server.
+    fn cached(&self, key: &OwnerKey) -> Option<Owner> {
         let map = self.0.lock().ok()?;
-        match map.get(key) {
-            Some((Some(name), _)) => Some(Some(name.clone())),
-            Some((None, at)) if at.elapsed() < NEGATIVE_TTL => Some(None),
-            _ => None,
+        match map.get(key)? {
+            Owner::Absent(at) if at.elapsed() >= NEGATIVE_TTL => None,
+            known => Some(known.clone()),
         }
+    }
+
+    /// Lists the namespace's runs (metadata only) and remembers them all.
+    async fn ask(&self, client: &kube::Client, key: &OwnerKey) -> Option<String> {
+        let api = Api::<HarnessRun>::namespaced(client.clone(), &key.0);
+        let list = match api.list_metadata(&ListParams::default()).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(error = %e, namespace = %key.0, "HarnessRun lookup for an audit record's owner failed");
+                return None;
+            }
+        };
+        let mut map = self.0.lock().ok()?;
+        if map.len() >= MAX_OWNERS {
+            map.clear();
+        }
+        for r in &list.items {
+            if let Some(uid) = r.uid() {
+                map.insert((key.0.clone(), uid), Owner::Named(r.name_any()));
+            }
+        }
+        if let Some(Owner::Named(name)) = map.get(key) {
+            return Some(name.clone());
+        }
+        map.insert(key.clone(), Owner::Absent(Instant::now()));
+        None
     }
 
     /// The owner reference of `run`'s `HarnessRun`, if there is one. A failed lookup writes
@@ -239,35 +276,11 @@ impl Owners {
         }
         let key = (namespace.to_owned(), run.to_owned());
         let name = match self.cached(&key) {
-            Some(name) => name,
-            None => {
-                let api = Api::<HarnessRun>::namespaced(client.clone(), namespace);
-                match api.list_metadata(&ListParams::default()).await {
-                    Ok(list) => {
-                        let now = Instant::now();
-                        let mut map = self.0.lock().ok()?;
-                        if map.len() >= MAX_OWNERS {
-                            map.clear();
-                        }
-                        for r in &list.items {
-                            if let Some(uid) = r.uid() {
-                                map.insert((namespace.to_owned(), uid), (Some(r.name_any()), now));
-                            }
-                        }
-                        let found = map.get(&key).and_then(|(n, _)| n.clone());
-                        if found.is_none() {
-                            map.insert(key, (None, now));
-                        }
-                        found
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, namespace, "HarnessRun lookup for an audit record's owner failed");
-                        None
-                    }
-                }
-            }
+            Some(Owner::Named(name)) => name,
+            Some(Owner::Absent(_)) => return None,
+            None => self.ask(client, &key).await?,
         };
-        name.map(|name| OwnerReference {
+        Some(OwnerReference {
             api_version: HarnessRun::api_version(&()).into_owned(),
             kind: HarnessRun::kind(&()).into_owned(),
             name,
