@@ -584,6 +584,34 @@ fn load_static_keys(sk: &StaticKeysConfig) -> Result<StaticKeys, ConfigError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn audit_kubernetes_defaults_and_ranges() {
+        let parse = |extra: &str| -> AuditKubernetesConfig {
+            crate::yaml::from_str(&format!("defaultNamespace: paddock-system\n{extra}"))
+                .expect("audit.kubernetes")
+        };
+        let k = parse("");
+        assert_eq!((k.queue, k.max_concurrent, k.owned_by_run), (1024, 8, true));
+        assert_eq!(k.checked_timeout().expect("valid"), Duration::from_secs(5));
+        for bad in [
+            "queue: 0",
+            "maxConcurrent: 0",
+            "maxConcurrent: 1000",
+            "timeoutSeconds: 0",
+            "timeoutSeconds: .nan",
+            "timeoutSeconds: 3600",
+        ] {
+            assert!(parse(bad).checked_timeout().is_err(), "{bad}");
+        }
+        let mut k = parse("");
+        k.default_namespace = "Not/A-Namespace".into();
+        assert!(k.checked_timeout().is_err());
+        assert!(
+            crate::yaml::from_str::<AuditKubernetesConfig>("defaultNamespace: x\nqueu: 3").is_err(),
+            "unknown keys are refused"
+        );
+    }
+
     fn readme_block(n: usize) -> String {
         let readme = include_str!("../README.md");
         readme
