@@ -817,11 +817,15 @@ fn kustomization_lists_every_manifest_under_deploy() {
     let mut present = BTreeSet::new();
     yaml_files(&root, &root, &mut present);
     present.remove("kustomization.yaml");
-    // Needs cert-manager's CRDs, or is the PostgreSQL variant of the broker: applied on its
-    // own, as the kustomization's comment says.
+    // Needs cert-manager's CRDs, is the PostgreSQL variant of the broker, or is the example
+    // run: applied on its own, as the kustomization's comment says.
     let optional: BTreeSet<String> = present
         .iter()
-        .filter(|p| p.starts_with("broker/cert-manager/") || p.starts_with("broker/postgres/"))
+        .filter(|p| {
+            p.starts_with("broker/cert-manager/")
+                || p.starts_with("broker/postgres/")
+                || p.starts_with("examples/")
+        })
         .cloned()
         .collect();
     assert!(

@@ -12,9 +12,10 @@ use std::{
     },
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum AuditKind {
     CredentialIssued,
@@ -28,6 +29,25 @@ pub enum AuditKind {
     RunUpdated,
     /// A node agent was refused a run (its pod is elsewhere, unknown, or not placeable).
     NodeAgentDenied,
+}
+
+impl AuditKind {
+    /// The kind's name as records spell it (`credential-issued`), for labels and metrics.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            AuditKind::CredentialIssued => "credential-issued",
+            AuditKind::CredentialDenied => "credential-denied",
+            AuditKind::CredentialRenewed => "credential-renewed",
+            AuditKind::CredentialRevoked => "credential-revoked",
+            AuditKind::RenewalFailed => "renewal-failed",
+            AuditKind::SubstitutionDenied => "substitution-denied",
+            AuditKind::EgressDenied => "egress-denied",
+            AuditKind::EgressDiscovery => "egress-discovery",
+            AuditKind::RunUpdated => "run-updated",
+            AuditKind::NodeAgentDenied => "node-agent-denied",
+        }
+    }
 }
 
 /// One audit record. Holds identifiers only: never a secret or a bearer.
@@ -178,6 +198,42 @@ impl AuditSink for JsonlSink {
     }
 }
 
+/// Two sinks, written in order: an event is recorded once both hold it. The first failing
+/// sink fails the event (and the caller's operation); the second is not tried then.
+///
+/// With the JSONL file first and the cluster sink second, every operation the broker performs
+/// is in both; an operation refused because the second sink failed is still in the first (the
+/// file may hold records of operations answered 503, never the other way round).
+#[derive(Debug)]
+pub struct TeeSink {
+    first: std::sync::Arc<dyn AuditSink>,
+    second: std::sync::Arc<dyn AuditSink>,
+}
+
+impl TeeSink {
+    #[must_use]
+    pub fn new(
+        first: std::sync::Arc<dyn AuditSink>,
+        second: std::sync::Arc<dyn AuditSink>,
+    ) -> Self {
+        Self { first, second }
+    }
+}
+
+impl AuditSink for TeeSink {
+    fn record(&self, event: &AuditEvent) -> Result<(), AuditError> {
+        self.first.record(event)?;
+        self.second.record(event).inspect_err(|e| {
+            tracing::error!(
+                error = %e,
+                event = event.event.name(),
+                run = %event.run,
+                "audit record written to the first sink only; the operation is refused"
+            );
+        })
+    }
+}
+
 /// In-memory sink for embedded use and tests; can be switched to failing.
 #[derive(Debug, Default)]
 pub struct MemorySink {
@@ -237,6 +293,45 @@ mod tests {
             std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    #[test]
+    fn kind_names_are_the_serialized_names() {
+        for kind in [
+            AuditKind::CredentialIssued,
+            AuditKind::CredentialDenied,
+            AuditKind::CredentialRenewed,
+            AuditKind::CredentialRevoked,
+            AuditKind::RenewalFailed,
+            AuditKind::SubstitutionDenied,
+            AuditKind::EgressDenied,
+            AuditKind::EgressDiscovery,
+            AuditKind::RunUpdated,
+            AuditKind::NodeAgentDenied,
+        ] {
+            assert_eq!(serde_json::to_value(kind).expect("json"), kind.name());
+        }
+    }
+
+    #[test]
+    fn tee_writes_both_and_fails_when_either_fails() {
+        let first = std::sync::Arc::new(MemorySink::default());
+        let second = std::sync::Arc::new(MemorySink::default());
+        let tee = TeeSink::new(first.clone(), second.clone());
+        let event = AuditEvent::new(AuditKind::RunUpdated, "c", "n", "r");
+        tee.record(&event).expect("both up");
+        assert_eq!(first.events().len(), 1);
+        assert_eq!(second.events().len(), 1);
+        // Second down: refused, but the first already holds it (file first, then cluster).
+        second.set_failing(true);
+        assert!(tee.record(&event).is_err());
+        assert_eq!(first.events().len(), 2);
+        assert_eq!(second.events().len(), 1);
+        // First down: refused, and the second is not written.
+        second.set_failing(false);
+        first.set_failing(true);
+        assert!(tee.record(&event).is_err());
+        assert_eq!(second.events().len(), 1);
     }
 
     #[test]

@@ -132,6 +132,77 @@ pub struct AuditConfig {
     pub keep: u32,
     #[serde(default = "default_true")]
     pub fsync: bool,
+    /// Cluster mode: also write every record as an `AuditEvent` object (after the file; an
+    /// operation whose record either sink cannot take is refused with 503).
+    #[serde(default)]
+    pub kubernetes: Option<AuditKubernetesConfig>,
+}
+
+/// `audit.kubernetes`: the cluster audit sink ([`crate::cluster::audit`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuditKubernetesConfig {
+    /// Where records go whose run namespace is not a valid namespace name (the broker's own).
+    pub default_namespace: String,
+    /// Records waiting for the writer; a record that finds the queue full is refused at once.
+    #[serde(default = "default_audit_queue")]
+    pub queue: usize,
+    /// `AuditEvent` creates in flight at once.
+    #[serde(default = "default_audit_concurrency")]
+    pub max_concurrent: usize,
+    /// How long an operation waits for its record (queue wait and create), seconds; also the
+    /// bound on one create call.
+    #[serde(default = "default_audit_timeout")]
+    pub timeout_seconds: f64,
+    /// Give each record an `ownerReference` to its `HarnessRun`, so records are deleted with
+    /// the run (the JSONL file keeps them). Off: records stay until deleted by label.
+    #[serde(default = "default_true")]
+    pub owned_by_run: bool,
+}
+
+impl Eq for AuditKubernetesConfig {}
+
+fn default_audit_queue() -> usize {
+    1024
+}
+
+fn default_audit_concurrency() -> usize {
+    8
+}
+
+fn default_audit_timeout() -> f64 {
+    5.0
+}
+
+impl AuditKubernetesConfig {
+    /// The caller's wait (and one create's bound), after checking every setting's range.
+    pub fn checked_timeout(&self) -> Result<Duration, ConfigError> {
+        if !(1..=65_536).contains(&self.queue) {
+            return Err(ConfigError::Invalid(format!(
+                "audit.kubernetes.queue must be 1-65536, got {}",
+                self.queue
+            )));
+        }
+        if !(1..=256).contains(&self.max_concurrent) {
+            return Err(ConfigError::Invalid(format!(
+                "audit.kubernetes.maxConcurrent must be 1-256, got {}",
+                self.max_concurrent
+            )));
+        }
+        let s = self.timeout_seconds;
+        if !s.is_finite() || !(0.01..=60.0).contains(&s) {
+            return Err(ConfigError::Invalid(format!(
+                "audit.kubernetes.timeoutSeconds must be between 0.01 and 60, got {s}"
+            )));
+        }
+        if !crate::auth::names::is_namespace(&self.default_namespace) {
+            return Err(ConfigError::Invalid(format!(
+                "audit.kubernetes.defaultNamespace {:?} is not a namespace name",
+                self.default_namespace
+            )));
+        }
+        Ok(Duration::from_secs_f64(s))
+    }
 }
 
 fn default_audit_bytes() -> u64 {
@@ -330,6 +401,9 @@ pub struct Built {
     pub options: ServerOptions,
     pub static_keys: Option<Arc<StaticKeys>>,
     pub rsa_session: Option<Arc<RsaSessionAuthenticator>>,
+    /// The cluster audit sink's writer (`audit.kubernetes`): spawn it on the server's runtime
+    /// before serving, or every audited operation is refused (503) after its timeout.
+    pub audit_writer: Option<AuditWriter>,
 }
 
 /// Opens the store, loads policy and keys, and assembles server options.
@@ -353,12 +427,15 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
         grants = !store.is_shared(),
         "store open"
     );
-    let audit: Arc<dyn AuditSink> = Arc::new(JsonlSink::open(
+    let metrics = Arc::new(Metrics::new());
+    let file: Arc<dyn AuditSink> = Arc::new(JsonlSink::open(
         &config.audit.path,
         config.audit.max_bytes,
         config.audit.keep,
         config.audit.fsync,
     )?);
+    let (audit, audit_writer) =
+        with_cluster_audit(file, config.audit.kubernetes.as_ref(), &metrics)?;
     let limits = RateLimits::new(&config.rate_limits)?;
     let broker = Arc::new(Broker::new(store, policy, audit, limits));
     let auth = build_auth(&config.auth, &broker)?;
@@ -368,7 +445,7 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
         tls,
         broker,
         auth: Arc::new(auth.chain),
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         policy_poll: config.policy_poll()?,
         rate_limit_sweep: Duration::from_mins(1),
     };
@@ -376,6 +453,7 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
         options,
         static_keys: auth.static_keys,
         rsa_session: auth.rsa_session,
+        audit_writer,
     })
 }
 
@@ -431,6 +509,13 @@ pub fn check(config: &Config) -> Result<Vec<String>, ConfigError> {
         )));
     }
     report.push(format!("audit: {}", config.audit.path.display()));
+    if let Some(k) = &config.audit.kubernetes {
+        k.checked_timeout()?;
+        report.push(format!(
+            "audit: also as AuditEvent objects (default namespace {})",
+            k.default_namespace
+        ));
+    }
     let limits = RateLimits::new(&config.rate_limits)?;
     config.policy_poll()?;
     // The backends need a broker to resolve runs: one on an in-memory store, thrown away.
@@ -453,6 +538,45 @@ pub fn check(config: &Config) -> Result<Vec<String>, ConfigError> {
     let built = build_auth(&auth, &scratch)?;
     report.push(format!("auth: {}", built.chain.backend_names().join(", ")));
     Ok(report)
+}
+
+/// The writer of the cluster audit sink, when `audit.kubernetes` is set.
+#[cfg(feature = "kube")]
+pub type AuditWriter = crate::cluster::audit::KubeAuditWriter;
+/// Without the `kube` feature there is no cluster audit sink (and `audit.kubernetes` is
+/// refused).
+#[cfg(not(feature = "kube"))]
+pub type AuditWriter = std::convert::Infallible;
+
+/// The file sink alone, or the file then the cluster sink (`audit.kubernetes`).
+fn with_cluster_audit(
+    file: Arc<dyn AuditSink>,
+    kubernetes: Option<&AuditKubernetesConfig>,
+    metrics: &Metrics,
+) -> Result<(Arc<dyn AuditSink>, Option<AuditWriter>), ConfigError> {
+    let Some(k) = kubernetes else {
+        return Ok((file, None));
+    };
+    #[cfg(feature = "kube")]
+    {
+        let settings = crate::cluster::audit::Settings {
+            timeout: k.checked_timeout()?,
+            default_namespace: k.default_namespace.clone(),
+            queue: k.queue,
+            max_concurrent: k.max_concurrent,
+            owned_by_run: k.owned_by_run,
+        };
+        let (sink, writer) = crate::cluster::audit::channel(settings, metrics.audit_kubernetes());
+        let tee: Arc<dyn AuditSink> = Arc::new(crate::audit::TeeSink::new(file, Arc::new(sink)));
+        Ok((tee, Some(writer)))
+    }
+    #[cfg(not(feature = "kube"))]
+    {
+        let _ = (k, metrics);
+        Err(ConfigError::Invalid(
+            "audit.kubernetes needs a broker built with the `kube` feature".into(),
+        ))
+    }
 }
 
 /// The authentication chain built from `auth`, plus handles on the backends that need one.
@@ -542,6 +666,34 @@ fn load_static_keys(sk: &StaticKeysConfig) -> Result<StaticKeys, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_kubernetes_defaults_and_ranges() {
+        let parse = |extra: &str| -> AuditKubernetesConfig {
+            crate::yaml::from_str(&format!("defaultNamespace: paddock-system\n{extra}"))
+                .expect("audit.kubernetes")
+        };
+        let k = parse("");
+        assert_eq!((k.queue, k.max_concurrent, k.owned_by_run), (1024, 8, true));
+        assert_eq!(k.checked_timeout().expect("valid"), Duration::from_secs(5));
+        for bad in [
+            "queue: 0",
+            "maxConcurrent: 0",
+            "maxConcurrent: 1000",
+            "timeoutSeconds: 0",
+            "timeoutSeconds: .nan",
+            "timeoutSeconds: 3600",
+        ] {
+            assert!(parse(bad).checked_timeout().is_err(), "{bad}");
+        }
+        let mut k = parse("");
+        k.default_namespace = "Not/A-Namespace".into();
+        assert!(k.checked_timeout().is_err());
+        assert!(
+            crate::yaml::from_str::<AuditKubernetesConfig>("defaultNamespace: x\nqueu: 3").is_err(),
+            "unknown keys are refused"
+        );
+    }
 
     fn readme_block(n: usize) -> String {
         let readme = include_str!("../README.md");

@@ -100,6 +100,7 @@ impl EmbedConfig {
                 max_bytes: 64 * 1024 * 1024,
                 keep: 5,
                 fsync: true,
+                kubernetes: None,
             },
             rate_limits: RateLimitConfig::default(),
             caller,
@@ -156,6 +157,15 @@ impl EmbeddedBroker {
             Some(path) => Store::open(path)?,
             None => Store::open_in_memory()?,
         };
+        if config.audit.kubernetes.is_some() {
+            // The embedded broker has no API server to write to (local mode and `run`).
+            return Err(EmbedError::Audit {
+                path: config.audit.path.clone(),
+                source: crate::audit::AuditError::Unavailable(
+                    "audit.kubernetes is for `paddock-broker serve` in a cluster".into(),
+                ),
+            });
+        }
         let audit: Arc<dyn AuditSink> = Arc::new(
             JsonlSink::open(
                 &config.audit.path,

@@ -298,13 +298,27 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = Config::load(config_path)?;
-    let built = config::build(&config)?;
+    let mut built = config::build(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
     runtime.block_on(async move {
         let broker = built.options.broker.clone();
+        // The cluster audit writer runs before anything is served: without it every audited
+        // operation would be refused.
+        let (audit_stop, audit_stopped) = tokio::sync::oneshot::channel::<()>();
+        let audit_writer = match built.audit_writer.take() {
+            Some(writer) => {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("Kubernetes client for audit.kubernetes (in-cluster service account)")?;
+                Some(tokio::spawn(writer.run(client, async move {
+                    let _ = audit_stopped.await;
+                })))
+            }
+            None => None,
+        };
         let handle = server::spawn(built.options).await?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let reflector = match (&config.policy_kubernetes, &config.secrets_dir) {
@@ -340,6 +354,11 @@ fn serve(config_path: &Path) -> anyhow::Result<()> {
             let _ = r.await;
         }
         handle.shutdown().await;
+        // Last: operations still answering during the shutdown need their records written.
+        let _ = audit_stop.send(());
+        if let Some(w) = audit_writer {
+            let _ = w.await;
+        }
         Ok(())
     })
 }

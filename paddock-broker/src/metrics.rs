@@ -9,6 +9,25 @@ use prometheus_client::{
 
 type Labels = Vec<(String, String)>;
 
+/// The cluster audit sink's counters (`paddock_broker_audit_kubernetes_*`): records accepted
+/// into its queue, written as `AuditEvent` objects, and failed by reason (`queue-full`,
+/// `api`, `timeout`, `stopped`); `pending` is queued plus in flight. Cheap to clone (shared).
+#[derive(Clone, Debug, Default)]
+pub struct AuditKubernetesMetrics {
+    pub queued: Counter,
+    pub written: Counter,
+    pub failed: Family<Labels, Counter>,
+    pub pending: Gauge,
+}
+
+impl AuditKubernetesMetrics {
+    pub fn fail(&self, reason: &'static str) {
+        self.failed
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -20,6 +39,7 @@ pub struct Metrics {
     grant_subscriptions: Gauge,
     grant_cutoffs: Counter,
     leases: Family<Labels, Gauge>,
+    audit_kubernetes: AuditKubernetesMetrics,
 }
 
 /// The lease states `paddock_broker_leases` reports (every state is always present).
@@ -71,6 +91,27 @@ impl Metrics {
             "Leases kept in the store, by state (refreshed by the maintenance sweep)",
             leases.clone(),
         );
+        let audit_kubernetes = AuditKubernetesMetrics::default();
+        registry.register(
+            "audit_kubernetes_queued",
+            "Audit records accepted into the cluster audit sink's queue",
+            audit_kubernetes.queued.clone(),
+        );
+        registry.register(
+            "audit_kubernetes_written",
+            "Audit records written as AuditEvent objects",
+            audit_kubernetes.written.clone(),
+        );
+        registry.register(
+            "audit_kubernetes_failed",
+            "Audit records the cluster sink failed, by reason (the operation was refused)",
+            audit_kubernetes.failed.clone(),
+        );
+        registry.register(
+            "audit_kubernetes_pending",
+            "Audit records queued or being written to the API server",
+            audit_kubernetes.pending.clone(),
+        );
         registry.register(
             "grant_subscriptions",
             "Live invalidation-stream subscriptions (proxies reusing substitutions)",
@@ -116,6 +157,7 @@ impl Metrics {
             grant_subscriptions,
             grant_cutoffs,
             leases,
+            audit_kubernetes,
         }
     }
 
@@ -136,6 +178,12 @@ impl Metrics {
                 .get_or_create(&vec![("state".to_owned(), (*state).to_owned())])
                 .set(n);
         }
+    }
+
+    /// The cluster audit sink's counters, registered in this registry.
+    #[must_use]
+    pub fn audit_kubernetes(&self) -> AuditKubernetesMetrics {
+        self.audit_kubernetes.clone()
     }
 
     /// Copies the grant hub's state: live subscriptions, and cut-offs up to `cutoffs` in all.

@@ -61,6 +61,8 @@ fn documents(dir: &Path) -> Vec<Doc> {
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.expect("directory entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        // How a directory is applied, not a Kubernetes object (deploy_kustomize.rs checks it).
+        .filter(|p| p.file_name().is_none_or(|n| n != "kustomization.yaml"))
         .collect();
     files.sort();
     assert!(!files.is_empty(), "no manifests in {}", dir.display());

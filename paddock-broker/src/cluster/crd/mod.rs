@@ -1,11 +1,13 @@
 //! Paddock's custom resources (group `paddock.dev`, version `v1`), one module per kind.
 
+pub mod audit_event;
 pub mod broker_policy;
 pub mod harness_run;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt as _;
 
+pub use audit_event::{AuditEvent, AuditEventSpec};
 pub use broker_policy::BrokerPolicy;
 pub use harness_run::{HarnessRun, HarnessRunSpec, HarnessRunStatus};
 
@@ -15,6 +17,7 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         ("brokerpolicy.yaml", BrokerPolicy::crd()),
         ("harnessrun.yaml", HarnessRun::crd()),
+        ("auditevent.yaml", AuditEvent::crd()),
     ]
 }
 
