@@ -33,7 +33,7 @@ use url::Url;
 /// Largest token written (the proxy refuses bearer files above 64 KiB).
 const MAX_TOKEN_BYTES: usize = 64 * 1024;
 /// Longest lifetime believed (a year): keeps `expires_in` arithmetic in range.
-const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+const MAX_LIFETIME: Duration = Duration::from_hours(365 * 24);
 /// Largest client secret file read.
 const MAX_SECRET_BYTES: u64 = 64 * 1024;
 
@@ -488,8 +488,8 @@ mod tests {
     #[test]
     fn refresh_and_retry_schedules() {
         let hour = Duration::from_hours(1);
-        assert_eq!(refresh_delay(hour, 0.0), Duration::from_secs(2520));
-        assert!(refresh_delay(hour, 0.999) < Duration::from_secs(2880));
+        assert_eq!(refresh_delay(hour, 0.0), Duration::from_mins(42));
+        assert!(refresh_delay(hour, 0.999) < Duration::from_mins(48));
         assert!(refresh_delay(hour, 0.999) > Duration::from_secs(2870));
         let (min, max) = (Duration::from_secs(1), Duration::from_mins(1));
         assert_eq!(retry_delay(min, max, 1, 0.999_999), Duration::from_secs(1));

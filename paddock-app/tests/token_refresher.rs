@@ -22,7 +22,7 @@ const SECRET: &str = "cc-secret&1";
 struct Endpoint {
     addr: std::net::SocketAddr,
     calls: Arc<AtomicUsize>,
-    /// Answer 503 instead (an IdP outage).
+    /// Answer 503 instead (an identity provider outage).
     down: Arc<AtomicBool>,
     /// `expires_in` of the tokens issued.
     expires_in: Arc<Mutex<u64>>,
@@ -254,7 +254,7 @@ async fn rotates_through_discovery_and_writes_0600() {
     assert!(endpoint.calls.load(Ordering::SeqCst) >= 3);
     let mode = std::fs::metadata(&out).expect("meta").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "a replaced file keeps 0600");
-    assert!(leftovers(&out.parent().expect("dir").to_path_buf()).is_empty());
+    assert!(leftovers(out.parent().expect("dir")).is_empty());
     let body = endpoint.bodies.lock().expect("bodies")[0].clone();
     let form: Vec<(String, String)> = url::form_urlencoded::parse(body.as_bytes())
         .into_owned()

@@ -144,7 +144,7 @@ struct TokenRefresherArgs {
     /// A scope to request (repeatable).
     #[arg(long)]
     scope: Vec<String>,
-    /// The `audience` parameter some IdPs need (Auth0, some Okta and Entra setups).
+    /// The `audience` parameter some identity providers need (Auth0, some Okta and Entra).
     #[arg(long)]
     audience: Option<String>,
     /// The token file to keep fresh: the proxy's `bearer_file`. Written atomically, mode 0600.

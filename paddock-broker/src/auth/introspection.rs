@@ -447,7 +447,7 @@ mod tests {
         for (edit, needle) in [
             (
                 Box::new(|c: &mut IntrospectionConfig| {
-                    c.endpoint = "http://idp.example.com/i".into()
+                    c.endpoint = "http://idp.example.com/i".into();
                 }) as Box<dyn FnOnce(&mut IntrospectionConfig)>,
                 "https",
             ),
@@ -475,7 +475,7 @@ mod tests {
             ),
             (
                 Box::new(|c: &mut IntrospectionConfig| {
-                    c.client_secret_file = "/nonexistent/secret".into()
+                    c.client_secret_file = "/nonexistent/secret".into();
                 }),
                 "client secret",
             ),

@@ -30,7 +30,7 @@ pub(crate) struct Idp {
     pub exp_in: Arc<Mutex<u64>>,
     /// The `exp` of the last active answer.
     pub last_exp: Arc<Mutex<Option<SystemTime>>>,
-    /// An HTTP status to answer instead (an IdP in trouble).
+    /// An HTTP status to answer instead (an identity provider in trouble).
     pub status: Arc<Mutex<u16>>,
 }
 
@@ -120,6 +120,20 @@ pub(crate) fn config(dir: &std::path::Path, url: &str, tls: &TestTls) -> Introsp
     cfg.scopes.insert(TEAM_SCOPE.into(), team_scopes());
     cfg.http_timeout = Duration::from_millis(500);
     cfg
+}
+
+/// `config` as the broker's YAML/JSON config spells it, with a 2 s timeout.
+pub(crate) fn config_json(intro: &IntrospectionConfig, team: &[&str]) -> serde_json::Value {
+    json!({
+        "endpoint": intro.endpoint,
+        "caFile": intro.ca_file,
+        "clientId": intro.client_id,
+        "clientSecretFile": intro.client_secret_file,
+        "scopes": {TEAM_SCOPE: team},
+        "allowedClientIds": intro.allowed_client_ids,
+        "namespaceClaim": intro.namespace_claim,
+        "httpTimeout": "2s",
+    })
 }
 
 struct Fixture {

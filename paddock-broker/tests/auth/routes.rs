@@ -126,16 +126,7 @@ impl Stack {
                     "decryptsPerSecond": rsa_limit.0,
                     "decryptBurst": rsa_limit.1,
                 },
-                "introspection": {
-                    "endpoint": intro.endpoint,
-                    "caFile": intro.ca_file,
-                    "clientId": intro.client_id,
-                    "clientSecretFile": intro.client_secret_file,
-                    "scopes": {introspection::TEAM_SCOPE: team},
-                    "allowedClientIds": intro.allowed_client_ids,
-                    "namespaceClaim": intro.namespace_claim,
-                    "httpTimeout": "2s",
-                },
+                "introspection": introspection::config_json(&intro, &team),
             },
         });
         // Through the YAML file, as `paddock-broker serve --config` reads it.
