@@ -17,5 +17,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(!poll.is_zero(), "a zero poll interval would spin");
     }
     let _ = config.auth.resolved_order();
+    if let Some(introspection) = &config.auth.introspection {
+        let _ = introspection.validate();
+    }
     let _ = RateLimits::new(&config.rate_limits);
 });

@@ -7,7 +7,8 @@
 //! with the broker embedded through [`paddock_broker::embed`] and called over
 //! [`broker_link`]), [`serve`] (a config file turned into the library's running
 //! components) and [`node`] (the node agent: every agent pod on a Kubernetes node, each its
-//! own run).
+//! own run). [`token_refresher`] is the client-credentials sidecar that keeps the proxy's
+//! `bearer_file` fresh.
 
 #![deny(unsafe_code)]
 
@@ -16,3 +17,4 @@ pub mod check;
 pub mod node;
 pub mod run;
 pub mod serve;
+pub mod token_refresher;

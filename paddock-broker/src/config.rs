@@ -14,6 +14,9 @@ use crate::{
     audit::{AuditSink, JsonlSink},
     auth::{
         AuthChain, Authenticator, RunDirectory, Scope, StaticKeys,
+        introspection::{
+            IntrospectionAuthenticator, IntrospectionConfig, IntrospectionConfigError,
+        },
         jwt::{JwtAuthenticator, JwtConfig, JwtConfigError},
         rsa_session::{RsaSessionAuthenticator, RsaSessionConfig, RsaSessionError},
         static_keys::StaticKeyDefaults,
@@ -218,8 +221,9 @@ fn default_true() -> bool {
 }
 
 /// Authentication backends. Each configured one is tried in `order` (default:
-/// `[staticKeys, jwt, tokenReview, rsaSession]`, skipping those not configured); the first
-/// that recognises the bearer decides.
+/// `[staticKeys, jwt, tokenReview, rsaSession, introspection]`, skipping those not configured);
+/// the first that recognises the bearer decides. Introspection comes last by default: it sends
+/// the bearer to a remote endpoint, so credentials of the local backends never leave the broker.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthConfig {
@@ -234,6 +238,9 @@ pub struct AuthConfig {
     pub token_review: Option<TokenReviewConfig>,
     #[serde(default)]
     pub rsa_session: Option<RsaSessionConfig>,
+    /// OAuth 2.0 token introspection (RFC 7662) of opaque bearers.
+    #[serde(default)]
+    pub introspection: Option<IntrospectionConfig>,
 }
 
 /// A kind of authentication backend, as named in `auth.order`.
@@ -244,14 +251,16 @@ pub enum AuthBackend {
     Jwt,
     TokenReview,
     RsaSession,
+    Introspection,
 }
 
 impl AuthBackend {
-    const DEFAULT_ORDER: [AuthBackend; 4] = [
+    const DEFAULT_ORDER: [AuthBackend; 5] = [
         AuthBackend::StaticKeys,
         AuthBackend::Jwt,
         AuthBackend::TokenReview,
         AuthBackend::RsaSession,
+        AuthBackend::Introspection,
     ];
 
     /// The config key of this backend.
@@ -262,6 +271,7 @@ impl AuthBackend {
             AuthBackend::Jwt => "jwt",
             AuthBackend::TokenReview => "tokenReview",
             AuthBackend::RsaSession => "rsaSession",
+            AuthBackend::Introspection => "introspection",
         }
     }
 }
@@ -273,6 +283,7 @@ impl AuthConfig {
             AuthBackend::Jwt => !self.jwt.is_empty(),
             AuthBackend::TokenReview => self.token_review.is_some(),
             AuthBackend::RsaSession => self.rsa_session.is_some(),
+            AuthBackend::Introspection => self.introspection.is_some(),
         }
     }
 
@@ -287,7 +298,7 @@ impl AuthConfig {
             if order.is_empty() {
                 return Err(ConfigError::Invalid(
                     "no authentication backend configured (auth needs at least one of \
-                     staticKeys, jwt, tokenReview, rsaSession)"
+                     staticKeys, jwt, tokenReview, rsaSession, introspection)"
                         .into(),
                 ));
             }
@@ -355,6 +366,8 @@ pub enum ConfigError {
     TokenReview(#[from] TokenReviewConfigError),
     #[error("auth.rsaSession: {0}")]
     RsaSession(#[from] RsaSessionError),
+    #[error("auth.introspection: {0}")]
+    Introspection(#[from] IntrospectionConfigError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("database: {0}")]
@@ -633,6 +646,13 @@ pub fn build_auth(auth: &AuthConfig, runs: &Arc<Broker>) -> Result<BuiltAuth, Co
                     rsa_session = Some(authenticator);
                 }
             }
+            AuthBackend::Introspection => {
+                if let Some(introspection) = &auth.introspection {
+                    backends.push(Arc::new(IntrospectionAuthenticator::new(
+                        introspection.clone(),
+                    )?));
+                }
+            }
         }
     }
     Ok(BuiltAuth {
@@ -733,6 +753,13 @@ mod tests {
         assert!(tr.scopes["paddock-system/proxy"].contains(&Scope::SubstituteAuth));
         assert!(tr.scopes["paddock-system/paddock-node"].contains(&Scope::NodeAgent));
         assert_eq!(tr.pod_cache_ttl, Duration::from_secs(30));
+        let introspection = config.auth.introspection.as_ref().expect("introspection");
+        assert_eq!(introspection.cache_ttl, Duration::from_mins(1));
+        assert_eq!(introspection.namespace_claim, "/ext/namespace");
+        assert!(introspection.scopes["paddock.proxy"].contains(&Scope::SubstituteAuth));
+        introspection
+            .validate()
+            .expect("README introspection config is valid");
         let rsa = config.auth.rsa_session.as_ref().expect("rsaSession");
         assert_eq!((rsa.decrypts_per_second, rsa.decrypt_burst), (20, 40));
         let docs = crate::policy::Policy::parse_text(

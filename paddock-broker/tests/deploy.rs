@@ -970,12 +970,18 @@ async fn deployed_config_builds_a_broker_that_answers_the_probes() {
     );
     let handle = server::spawn(built.options).await.expect("serve");
     let admin = handle.admin_addr.expect("admin listener");
-    let path = text(&d.container["livenessProbe"]["httpGet"]["path"], "livenessProbe");
+    let path = text(
+        &d.container["livenessProbe"]["httpGet"]["path"],
+        "livenessProbe",
+    );
     let (status, body) = http_get(admin, path).await;
     assert_eq!(status, 200, "livenessProbe {path}: {body}");
     // Readiness checks the deployed TokenReview backend's API server, which does not exist
     // here: everything else must pass, and that check must be the one that says why.
-    let path = text(&d.container["readinessProbe"]["httpGet"]["path"], "readinessProbe");
+    let path = text(
+        &d.container["readinessProbe"]["httpGet"]["path"],
+        "readinessProbe",
+    );
     let (status, body) = http_get(admin, path).await;
     assert_eq!(status, 503, "readinessProbe {path}: {body}");
     let json = &body[body.find('{').expect("a JSON body")..];

@@ -59,6 +59,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Keep a bearer file filled with a fresh access token from an OAuth 2 / OIDC token
+    /// endpoint (client-credentials grant): the sidecar that feeds the proxy's `bearer_file`.
+    TokenRefresher(TokenRefresherArgs),
     /// Internal: the sandbox launcher `run` starts (not for direct use).
     #[command(name = "__sandbox", hide = true)]
     Sandbox(SandboxArgs),
@@ -151,6 +154,44 @@ struct ServeArgs {
     /// trail (must be explicit). Overrides `audit.target` in the file.
     #[arg(long)]
     audit: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("endpoint").required(true).args(["token_url", "issuer"])))]
+struct TokenRefresherArgs {
+    /// The token endpoint (https; http only for loopback).
+    #[arg(long)]
+    token_url: Option<String>,
+    /// The OIDC issuer whose `/.well-known/openid-configuration` names the token endpoint.
+    #[arg(long)]
+    issuer: Option<String>,
+    /// This client's id at the token endpoint.
+    #[arg(long)]
+    client_id: String,
+    /// File holding the client secret (re-read for every request; sent with HTTP Basic).
+    #[arg(long)]
+    client_secret_file: PathBuf,
+    /// A scope to request (repeatable).
+    #[arg(long)]
+    scope: Vec<String>,
+    /// The `audience` parameter some identity providers need (Auth0, some Okta and Entra).
+    #[arg(long)]
+    audience: Option<String>,
+    /// The token file to keep fresh: the proxy's `bearer_file`. Written atomically, mode 0600.
+    #[arg(long)]
+    output: PathBuf,
+    /// CA bundle for the endpoint (default: the webpki roots).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// A token's lifetime in seconds when neither `expires_in` nor a JWT `exp` gives one.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    default_lifetime_secs: u64,
+    /// First wait after a failed refresh, in milliseconds (doubles up to --max-retry-ms).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    min_retry_ms: u64,
+    /// Longest wait between two attempts after failures, in milliseconds.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_retry_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -372,6 +413,7 @@ fn main() {
             (Ok(()), 1)
         }
         Command::Man { out } => (man_command(&out), 1),
+        Command::TokenRefresher(args) => (token_refresher_command(args), 1),
         Command::Run(args) => match run_command(args) {
             Ok(code) => std::process::exit(code),
             Err(e) => (Err(e), RUN_FAILED),
@@ -470,6 +512,50 @@ fn serve_command(args: ServeArgs) -> Result<()> {
     runtime
         .block_on(serve::serve(ServeOptions::new(config, args.audit)))
         .context("paddock-proxy serve")
+}
+
+fn token_refresher_command(a: TokenRefresherArgs) -> Result<()> {
+    use paddock_app::token_refresher::{Refresher, RefresherConfig, TokenEndpoint};
+    use std::time::Duration;
+    let parse = |raw: &str, what: &str| {
+        paddock_broker::base_url::validate_base_url(raw).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+    };
+    let endpoint = match (&a.token_url, &a.issuer) {
+        (Some(u), None) => TokenEndpoint::Url(parse(u, "--token-url")?),
+        (None, Some(i)) => TokenEndpoint::Discover(parse(i, "--issuer")?),
+        _ => anyhow::bail!("give exactly one of --token-url and --issuer"),
+    };
+    let refresher = Refresher::new(RefresherConfig {
+        endpoint,
+        client_id: a.client_id,
+        client_secret_file: a.client_secret_file,
+        scopes: a.scope,
+        audience: a.audience,
+        output: a.output,
+        ca_file: a.ca_file,
+        default_lifetime: Duration::from_secs(a.default_lifetime_secs),
+        min_retry: Duration::from_millis(a.min_retry_ms),
+        max_retry: Duration::from_millis(a.max_retry_ms),
+    })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        refresher
+            .run(shutdown)
+            .await
+            .context("paddock-proxy token-refresher")
+    })
 }
 
 fn node_command(args: &NodeArgs) -> Result<()> {

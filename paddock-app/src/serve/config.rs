@@ -24,7 +24,10 @@
 //! # [broker]                        # egress policy and substitution by paddock-broker
 //! # url = "https://paddock-broker.paddock-system.svc:8443"
 //! # ca_file = "/etc/paddock/broker/ca.crt"      # the only CA trusted for the broker
-//! # bearer_file = "/var/run/secrets/paddock/token"   # re-read when it changes
+//! # bearer_file = "/var/run/secrets/paddock/token"   # re-read when it changes; a transient
+//! #                                            # read error keeps the last token until its JWT
+//! #                                            # exp (opaque: 30 s); a deleted file fails at once
+//! #                                            # (`paddock-proxy token-refresher` can write it)
 //! # client_cert = "/etc/paddock/broker/tls.crt" # and client_key: mutual TLS instead/too
 //! # client_key = "/etc/paddock/broker/tls.key"
 //! # server_name = "paddock-broker"             # when the URL host is not in the certificate

@@ -790,7 +790,7 @@ fn describe(kind: &ErrorKind) -> &'static str {
     }
 }
 
-fn claim<'c>(claims: &'c Map<String, Value>, name: &str) -> Option<&'c Value> {
+pub(super) fn claim<'c>(claims: &'c Map<String, Value>, name: &str) -> Option<&'c Value> {
     if let Some(pointer) = name.strip_prefix('/') {
         // The first segment is looked up directly so claim names with dots or slashes
         // (`kubernetes.io`, `https://example.com/ns`) need no escaping beyond RFC 6901's.

@@ -1,13 +1,14 @@
 //! Authentication of broker callers: the shared surface every backend implements.
 //!
 //! Backends: `jwt` (OIDC discovery + JWKS), `tokenreview` (Kubernetes `TokenReview`),
-//! `rsa_session` (RSA-OAEP run tokens). Every backend fails closed: an error is a denial.
+//! `rsa_session` (RSA-OAEP run tokens), `introspection` (RFC 7662 opaque tokens). Every backend fails closed: an error is a denial.
 
 use std::{collections::BTreeSet, future::Future, pin::Pin, sync::Arc};
 
 pub mod chain;
 mod config_serde;
 mod fetch;
+pub mod introspection;
 pub mod jwt;
 pub(crate) mod names;
 pub mod pods;
@@ -81,7 +82,7 @@ pub struct Identity {
     pub namespace: String,
     pub service_account: Option<String>,
     pub scopes: BTreeSet<Scope>,
-    /// "static-keys", "jwt", "tokenreview", "rsa-session".
+    /// "static-keys", "jwt", "tokenreview", "rsa-session", "introspection".
     pub backend: &'static str,
     /// Set when the credential itself names one run (RSA session).
     pub run: Option<String>,

@@ -2,6 +2,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod introspection;
 mod jwt;
 mod node_agent;
 mod routes;

@@ -1,7 +1,8 @@
 //! Every API route with every authentication backend, over the real HTTPS server built from a
 //! config file by `config::build`: static keys, JWTs signed by keys served from a local
 //! discovery/JWKS endpoint, service-account tokens checked by a local `TokenReview` endpoint,
-//! and RSA-OAEP session tokens for registered runs.
+//! RSA-OAEP session tokens for registered runs, and opaque tokens introspected (RFC 7662) at a
+//! local HTTPS endpoint.
 
 use std::{
     sync::{Arc, Mutex},
@@ -28,6 +29,7 @@ use crate::{
     support::{TestServer, pem},
     tokenreview::{api_server, sa_token},
 };
+use crate::{introspection, support::test_tls};
 
 const BROKER_SA_TOKEN: &str = "broker-sa-token-1";
 
@@ -53,6 +55,8 @@ pub(crate) struct Stack {
     pub issuer: Issuer,
     pub jwt_key: TestKey,
     _api: TestServer,
+    pub idp: TestServer,
+    pub idp_state: introspection::Idp,
 }
 
 impl Stack {
@@ -88,6 +92,10 @@ impl Stack {
         ))
         .await;
         let team = scope_names(&team_scopes());
+        let idp_tls = test_tls();
+        let idp_state = introspection::Idp::new();
+        let idp = TestServer::start_tls(idp_state.handler(), &idp_tls).await;
+        let intro = introspection::config(dir.path(), &idp.https_url(), &idp_tls);
         let doc = json!({
             "listen": "127.0.0.1:0",
             "adminListen": "127.0.0.1:0",
@@ -97,7 +105,7 @@ impl Stack {
             "policyPollSeconds": 0,
             "audit": {"path": p("audit.jsonl"), "fsync": false},
             "auth": {
-                "order": ["staticKeys", "jwt", "tokenReview", "rsaSession"],
+                "order": ["staticKeys", "jwt", "tokenReview", "rsaSession", "introspection"],
                 "staticKeys": {"file": p("keys")},
                 "jwt": [{
                     "issuer": issuer.url(),
@@ -118,6 +126,7 @@ impl Stack {
                     "decryptsPerSecond": rsa_limit.0,
                     "decryptBurst": rsa_limit.1,
                 },
+                "introspection": introspection::config_json(&intro, &team),
             },
         });
         // Through the YAML file, as `paddock-broker serve --config` reads it.
@@ -149,6 +158,8 @@ impl Stack {
             issuer,
             jwt_key,
             _api: api,
+            idp,
+            idp_state,
         }
     }
 
@@ -316,7 +327,7 @@ fn issuer_of(stack: &Stack, run: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_with_every_backend() {
     let mut stack = Stack::start((20, 40)).await;
-    for run in ["run-static", "run-jwt", "run-tr", "run-rsa"] {
+    for run in ["run-static", "run-jwt", "run-tr", "run-rsa", "run-intro"] {
         stack.register(run, "team-a").await;
     }
     let jwt = stack.jwt("ci-bot", "team-a", &team_scopes());
@@ -326,6 +337,7 @@ async fn every_route_with_every_backend() {
     every_route(&stack, &jwt, "run-jwt").await;
     every_route(&stack, &sa, "run-tr").await;
     every_route(&stack, &rsa, "run-rsa").await;
+    every_route(&stack, "opaque-team-a", "run-intro").await;
 
     // Each request was authenticated by the backend its credential belongs to.
     assert_eq!(issuer_of(&stack, "run-static"), "team-a");
@@ -335,6 +347,21 @@ async fn every_route_with_every_backend() {
         "system:serviceaccount:team-a:builder"
     );
     assert_eq!(issuer_of(&stack, "run-rsa"), "run:run-rsa");
+    assert_eq!(issuer_of(&stack, "run-intro"), "ci-bot");
+
+    // An introspected token without a mapped scope authenticates but may do nothing.
+    let (status, v) = stack
+        .post(
+            "/v1/validate-egress",
+            "opaque-no-scope",
+            &json!({"run": "run-intro", "host": "api.github.com", "port": 443}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (403, Some("Forbidden")),
+        "{v}"
+    );
 
     // A JWT with the controller scope may register runs in any namespace.
     let ctrl = stack.jwt("controller", "paddock-system", &ALL_SCOPES);
@@ -424,6 +451,14 @@ async fn bad_credentials_get_byte_identical_401s_from_every_backend() {
         ("rsa ciphertext that does not decrypt", random_rsa),
         ("rsa token for another broker's key", other_key_rsa),
         ("garbage", "%%%".to_owned()),
+        (
+            "opaque token the IdP says is inactive",
+            "opaque-revoked".to_owned(),
+        ),
+        (
+            "opaque token of a client not allowed",
+            "opaque-other-client".to_owned(),
+        ),
     ];
     let mut first: Option<(String, Vec<u8>)> = None;
     for (what, bearer) in &bad {
@@ -466,6 +501,34 @@ async fn bad_credentials_get_byte_identical_401s_from_every_backend() {
         .await;
     // This stack gives RSA session tokens the team scopes, leases:read included.
     assert_eq!(status, 200, "{v}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspection_trouble_is_503_never_401_and_never_cached() {
+    let mut stack = Stack::start((20, 40)).await;
+    stack.register("run-a", "team-a").await;
+    let path = "/v1/leases?run=run-a";
+    *stack.idp_state.status.lock().expect("status") = 503;
+    let (status, v) = stack.get(path, "opaque-team-a").await;
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (503, Some("Unavailable")),
+        "{v}"
+    );
+    // Slow beyond httpTimeout (2 s) is the same.
+    *stack.idp_state.status.lock().expect("status") = 200;
+    stack.idp.set_delay(Duration::from_secs(4));
+    let started = Instant::now();
+    let (status, _) = stack.get(path, "opaque-team-a").await;
+    assert_eq!(status, 503);
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // Local backends do not depend on the IdP.
+    let (status, v) = stack.get(path, TEAM_A_KEY).await;
+    assert_eq!(status, 200, "{v}");
+    stack.idp.set_delay(Duration::ZERO);
+    let (status, v) = stack.get(path, "opaque-team-a").await;
+    assert_eq!(status, 200, "the failures were not cached: {v}");
     stack.stop().await;
 }
 

@@ -28,6 +28,8 @@ type Handler = dyn Fn(&Seen) -> (u16, String) + Send + Sync;
 pub struct TestServer {
     pub addr: SocketAddr,
     hits: Arc<Mutex<HashMap<String, usize>>>,
+    /// How long each answer is held back (a slow server).
+    delay: Arc<Mutex<std::time::Duration>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -56,21 +58,26 @@ impl TestServer {
             .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let delay: Arc<Mutex<std::time::Duration>> = Arc::default();
         let handler: Arc<Handler> = Arc::new(handler);
         let task_hits = Arc::clone(&hits);
+        let task_delay = Arc::clone(&delay);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let hits = Arc::clone(&task_hits);
+                let delay = Arc::clone(&task_delay);
                 let handler = Arc::clone(&handler);
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let hits = Arc::clone(&hits);
                         let handler = Arc::clone(&handler);
+                        let delay = *delay.lock().expect("delay");
                         async move {
+                            tokio::time::sleep(delay).await;
                             let method = req.method().to_string();
                             let path = req.uri().path().to_owned();
                             let query = req.uri().query().map(str::to_owned);
@@ -112,7 +119,17 @@ impl TestServer {
                 });
             }
         });
-        TestServer { addr, hits, task }
+        TestServer {
+            addr,
+            hits,
+            delay,
+            task,
+        }
+    }
+
+    /// Holds every later answer back by `delay`.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        *self.delay.lock().expect("delay") = delay;
     }
 
     pub fn url(&self) -> String {

@@ -64,7 +64,9 @@ pub struct BrokerClientConfig {
     /// Idle keep-alive connections kept to the broker.
     pub max_idle_connections: usize,
     /// A cached bearer is re-read from its file at least this often, even when the file's
-    /// metadata looks unchanged.
+    /// metadata looks unchanged. It is also how long an opaque (non-JWT) bearer keeps being
+    /// served after its last good read while the file is transiently unreadable; a JWT is
+    /// served until its `exp` instead. A deleted file fails at once.
     pub bearer_max_age: Duration,
 }
 

@@ -115,12 +115,31 @@ struct Fingerprint {
 struct Loaded {
     fingerprint: Fingerprint,
     read_at: Instant,
+    /// The token's own expiry when it is a JWT with a readable `exp`.
+    expires: Option<SystemTime>,
     /// `Bearer <token>`, marked sensitive.
     header: HeaderValue,
 }
 
+impl Loaded {
+    /// Whether this token may still be served when its file cannot be read: until its JWT
+    /// `exp`, or for an opaque token until `max_age` after it was last read successfully.
+    fn still_valid(&self, max_age: Duration) -> bool {
+        match self.expires {
+            Some(exp) => SystemTime::now() < exp,
+            None => self.read_at.elapsed() < max_age,
+        }
+    }
+}
+
 /// A bearer token file, re-read whenever its metadata changes and at least every `max_age`
 /// (which also covers an in-place rewrite that keeps size and timestamp).
+///
+/// A transient failure to read the file (an I/O error other than "not found", or an empty
+/// file, as a writer that truncates before writing briefly leaves) keeps the last good token
+/// in use while it is valid: until its `exp` when it is a JWT, otherwise for `max_age` after
+/// the last successful read. After that, and at once when the file is gone (deleting it is how
+/// a credential is withdrawn) or holds something that is not a token, calls fail closed.
 pub(crate) struct BearerFile {
     path: PathBuf,
     max_age: Duration,
@@ -136,6 +155,12 @@ impl fmt::Debug for BearerFile {
     }
 }
 
+/// A read failure, and whether it may pass (so the cached token may bridge it).
+struct ReadFailure {
+    error: CredentialError,
+    transient: bool,
+}
+
 impl BearerFile {
     pub(crate) fn new(path: PathBuf, max_age: Duration) -> Self {
         Self {
@@ -145,60 +170,101 @@ impl BearerFile {
         }
     }
 
-    /// The `Authorization` header value for the next call. A file that cannot be read is an
-    /// error even if an older token is cached: a deleted or broken credential must not keep
-    /// working (fail closed).
+    /// The `Authorization` header value for the next call.
     pub(crate) fn header(&self) -> Result<HeaderValue, CredentialError> {
-        let meta = std::fs::metadata(&self.path).map_err(|e| self.read_error(&e))?;
-        let fingerprint = Fingerprint {
-            modified: meta.modified().ok(),
-            len: meta.len(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-        };
         // A poisoned lock only means another caller panicked mid-update; the cache is
         // replaced wholesale below, so its content cannot be half-written.
         let mut loaded = self
             .loaded
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(l) = loaded.as_ref()
+        match self.load(loaded.as_ref()) {
+            Ok(Some(fresh)) => {
+                let header = fresh.header.clone();
+                *loaded = Some(fresh);
+                Ok(header)
+            }
+            Ok(None) => loaded
+                .as_ref()
+                .map(|l| l.header.clone())
+                .ok_or(CredentialError::BadValue),
+            Err(ReadFailure { error, transient }) => match loaded.as_ref() {
+                Some(l) if transient && l.still_valid(self.max_age) => {
+                    tracing::warn!(
+                        error = %error,
+                        "broker bearer file unreadable; using the last token read while it is valid"
+                    );
+                    Ok(l.header.clone())
+                }
+                _ => {
+                    // Nothing may bridge a later failure with this token again.
+                    *loaded = None;
+                    Err(error)
+                }
+            },
+        }
+    }
+
+    /// `Ok(None)`: the cached token is current; `Ok(Some)`: a newly read token.
+    fn load(&self, cached: Option<&Loaded>) -> Result<Option<Loaded>, ReadFailure> {
+        let meta = std::fs::metadata(&self.path).map_err(|e| self.io_failure(&e))?;
+        let fingerprint = Fingerprint {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        if let Some(l) = cached
             && l.fingerprint == fingerprint
             && l.read_at.elapsed() < self.max_age
         {
-            return Ok(l.header.clone());
+            return Ok(None);
         }
-        let header = self.read()?;
-        *loaded = Some(Loaded {
+        let (header, expires) = self.read()?;
+        Ok(Some(Loaded {
             fingerprint,
             read_at: Instant::now(),
-            header: header.clone(),
-        });
-        Ok(header)
+            expires,
+            header,
+        }))
     }
 
-    fn read(&self) -> Result<HeaderValue, CredentialError> {
+    fn io_failure(&self, e: &std::io::Error) -> ReadFailure {
+        ReadFailure {
+            error: self.read_error(e),
+            transient: e.kind() != std::io::ErrorKind::NotFound,
+        }
+    }
+
+    fn read(&self) -> Result<(HeaderValue, Option<SystemTime>), ReadFailure> {
         let path = || self.path.display().to_string();
+        let lasting = |error| ReadFailure {
+            error,
+            transient: false,
+        };
         let mut raw = Vec::new();
         File::open(&self.path)
             .and_then(|f| f.take(MAX_BEARER_FILE_BYTES + 1).read_to_end(&mut raw))
-            .map_err(|e| self.read_error(&e))?;
+            .map_err(|e| self.io_failure(&e))?;
         if raw.len() as u64 > MAX_BEARER_FILE_BYTES {
-            return Err(CredentialError::TooLarge { path: path() });
+            return Err(lasting(CredentialError::TooLarge { path: path() }));
         }
         let token = std::str::from_utf8(&raw)
-            .map_err(|_| CredentialError::NotAHeader { path: path() })?
+            .map_err(|_| lasting(CredentialError::NotAHeader { path: path() }))?
             .trim();
         if token.is_empty() {
-            return Err(CredentialError::Empty { path: path() });
+            return Err(ReadFailure {
+                error: CredentialError::Empty { path: path() },
+                transient: true,
+            });
         }
         if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(CredentialError::NotAHeader { path: path() });
+            return Err(lasting(CredentialError::NotAHeader { path: path() }));
         }
         let mut header = HeaderValue::try_from(format!("Bearer {token}"))
-            .map_err(|_| CredentialError::NotAHeader { path: path() })?;
+            .map_err(|_| lasting(CredentialError::NotAHeader { path: path() }))?;
         header.set_sensitive(true);
-        Ok(header)
+        Ok((header, jwt_expiry(token)))
     }
 
     fn read_error(&self, e: &std::io::Error) -> CredentialError {
@@ -207,6 +273,25 @@ impl BearerFile {
             reason: e.kind().to_string(),
         }
     }
+}
+
+/// The `exp` of a JWT-shaped token, read without verifying it: the proxy only needs to know
+/// how long its own token may bridge an unreadable file (the broker verifies the token).
+fn jwt_expiry(token: &str) -> Option<SystemTime> {
+    use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+    #[derive(serde::Deserialize)]
+    struct Exp {
+        exp: u64,
+    }
+    let mut parts = token.split('.');
+    let (Some(_), Some(payload), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let exp: Exp = serde_json::from_slice(&bytes).ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(exp.exp))
 }
 
 /// PEM files of the proxy's TLS client certificate (chain first, leaf at the top) and key.
@@ -308,6 +393,102 @@ mod tests {
             Err(CredentialError::TooLarge { .. })
         ));
         assert!(!format!("{file:?}").contains("good-token"));
+    }
+
+    /// A transient failure: the path is a directory, so `open` works and `read` fails
+    /// (EISDIR), even for root, who ignores permission bits.
+    fn break_transiently(path: &Path) {
+        std::fs::remove_file(path).expect("remove");
+        std::fs::create_dir(path).expect("dir in its place");
+    }
+
+    fn jwt_with_exp(exp: u64) -> String {
+        use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+        let payload = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"proxy","exp":{exp}}}"#));
+        format!("eyJhbGciOiJFUzI1NiJ9.{payload}.c2ln")
+    }
+
+    fn now_secs() -> u64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+    }
+
+    #[test]
+    fn opaque_token_bridges_a_transient_failure_for_max_age_then_fails_closed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "opaque-token").expect("write");
+        let file = BearerFile::new(path.clone(), Duration::from_millis(600));
+        assert_eq!(file.header().expect("read"), "Bearer opaque-token");
+        break_transiently(&path);
+        assert_eq!(
+            file.header().expect("bridged by the cached token"),
+            "Bearer opaque-token"
+        );
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(matches!(file.header(), Err(CredentialError::Read { .. })));
+        // And the token is gone for good: a later transient failure is not bridged by it.
+        std::fs::remove_dir(&path).expect("rmdir");
+        std::fs::write(&path, "").expect("empty file");
+        assert!(matches!(file.header(), Err(CredentialError::Empty { .. })));
+    }
+
+    #[test]
+    fn an_empty_file_mid_rewrite_is_bridged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "opaque-token").expect("write");
+        let file = BearerFile::new(path.clone(), Duration::from_hours(1));
+        file.header().expect("read");
+        std::fs::write(&path, "").expect("truncated by a non-atomic writer");
+        assert_eq!(file.header().expect("bridged"), "Bearer opaque-token");
+        std::fs::write(&path, "opaque-token-2").expect("written");
+        assert_eq!(file.header().expect("new"), "Bearer opaque-token-2");
+    }
+
+    #[test]
+    fn jwt_bridges_a_transient_failure_until_its_exp() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        let token = jwt_with_exp(now_secs() + 2);
+        std::fs::write(&path, &token).expect("write");
+        // max_age zero: an opaque token would not be bridged at all; the JWT's exp decides.
+        let file = BearerFile::new(path.clone(), Duration::ZERO);
+        file.header().expect("read");
+        break_transiently(&path);
+        assert_eq!(
+            file.header().expect("bridged until exp"),
+            format!("Bearer {token}").as_str()
+        );
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while file.header().is_ok() {
+            assert!(Instant::now() < deadline, "still served after its exp");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(SystemTime::now() >= jwt_expiry(&token).expect("exp"));
+
+        // An expired JWT bridges nothing, however recently it was read.
+        std::fs::remove_dir(&path).expect("rmdir");
+        std::fs::write(&path, jwt_with_exp(now_secs() - 10)).expect("write");
+        let file = BearerFile::new(path.clone(), Duration::from_hours(1));
+        file.header().expect("read");
+        break_transiently(&path);
+        assert!(file.header().is_err());
+    }
+
+    #[test]
+    fn a_deleted_file_is_never_bridged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, jwt_with_exp(now_secs() + 3600)).expect("write");
+        let file = BearerFile::new(path.clone(), Duration::from_hours(1));
+        file.header().expect("read");
+        std::fs::remove_file(&path).expect("withdrawn");
+        assert!(matches!(file.header(), Err(CredentialError::Read { .. })));
+        assert_eq!(jwt_expiry("opaque"), None);
+        assert_eq!(jwt_expiry("a.b.c.d"), None);
     }
 
     #[test]
