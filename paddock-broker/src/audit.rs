@@ -28,6 +28,42 @@ pub enum AuditKind {
     RunUpdated,
     /// A node agent was refused a run (its pod is elsewhere, unknown, or not placeable).
     NodeAgentDenied,
+    /// Interactive runs: a prompt, interrupt, end, attach or detach by a caller.
+    RunPrompted,
+    RunInterrupted,
+    RunEnded,
+    RunAttached,
+    RunDetached,
+    /// The idle watchdog ended a run nobody attached to or prompted for too long.
+    RunIdleEnded,
+    /// An interactive action was refused (missing scope, other namespace, inactive run).
+    InteractDenied,
+}
+
+impl AuditKind {
+    /// The wire name (as serialized).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditKind::CredentialIssued => "credential-issued",
+            AuditKind::CredentialDenied => "credential-denied",
+            AuditKind::CredentialRenewed => "credential-renewed",
+            AuditKind::CredentialRevoked => "credential-revoked",
+            AuditKind::RenewalFailed => "renewal-failed",
+            AuditKind::SubstitutionDenied => "substitution-denied",
+            AuditKind::EgressDenied => "egress-denied",
+            AuditKind::EgressDiscovery => "egress-discovery",
+            AuditKind::RunUpdated => "run-updated",
+            AuditKind::NodeAgentDenied => "node-agent-denied",
+            AuditKind::RunPrompted => "run-prompted",
+            AuditKind::RunInterrupted => "run-interrupted",
+            AuditKind::RunEnded => "run-ended",
+            AuditKind::RunAttached => "run-attached",
+            AuditKind::RunDetached => "run-detached",
+            AuditKind::RunIdleEnded => "run-idle-ended",
+            AuditKind::InteractDenied => "interact-denied",
+        }
+    }
 }
 
 /// One audit record. Holds identifiers only: never a secret or a bearer.
