@@ -16,7 +16,7 @@ use tokio_tungstenite::{
     tungstenite::{Message, client::IntoClientRequest},
 };
 
-/// The adapter, run as the intercepted command: `python3 adapter.py PORT`. It answers each
+/// The adapter, run as the intercepted command: `python3 -c ADAPTER_PY PORT`. It answers each
 /// prompt on its output stream (`answer SEQ from SUBMITTER: TEXT-IN-CAPITALS`), says
 /// `interrupted` on an interrupt, and on `/end` closes its output streams, stops listening,
 /// lingers `ADAPTER_LINGER` seconds (default 0) and exits 0.
@@ -109,7 +109,11 @@ pub struct InteractClient {
 pub fn wait_for_file(path: &Path, limit: Duration) {
     let deadline = Instant::now() + limit;
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} did not appear", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -66,12 +66,6 @@ async fn prompts_reach_the_adapter_in_the_run_and_answers_stream_to_every_client
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     std::fs::write(d.join("policy.yaml"), POLICY).expect("policy");
-    std::fs::write(d.join("adapter.py"), ADAPTER_PY).expect("adapter");
-    std::fs::set_permissions(
-        d,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
     let watcher: BTreeSet<Scope> = [Scope::Attach].into_iter().collect();
     std::fs::write(
         d.join("keys"),
@@ -82,9 +76,15 @@ async fn prompts_reach_the_adapter_in_the_run_and_answers_stream_to_every_client
     let path = |p: &std::path::Path| p.to_str().expect("utf-8").to_owned();
     let child = Command::new(target_bin("paddock-proxy"))
         .args(["run", "--policy", &path(&d.join("policy.yaml"))])
-        .args(["--adapter-port", PORT, "--interact-keys", &path(&d.join("keys"))])
+        .args([
+            "--adapter-port",
+            PORT,
+            "--interact-keys",
+            &path(&d.join("keys")),
+        ])
         .args(["--state-dir", &path(&state), "--run-id", RUN])
-        .args(["--", "python3", &path(&d.join("adapter.py")), PORT])
+        // Inline: the command's /tmp (where the test's files are) is private.
+        .args(["--", "python3", "-c", ADAPTER_PY, PORT])
         .env("ADAPTER_LINGER", "3")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -157,7 +157,9 @@ async fn prompts_reach_the_adapter_in_the_run_and_answers_stream_to_every_client
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     let (status, body) = loop {
-        let (status, body) = operator.post("prompts", Some(r#"{"text":"anyone?"}"#)).await;
+        let (status, body) = operator
+            .post("prompts", Some(r#"{"text":"anyone?"}"#))
+            .await;
         if status != 200 || Instant::now() > deadline {
             break (status, body);
         }
@@ -185,10 +187,15 @@ async fn prompts_reach_the_adapter_in_the_run_and_answers_stream_to_every_client
     let err = std::io::read_to_string(guard.0.stderr.take().expect("stderr")).unwrap_or_default();
     assert!(status.success(), "{status}\n{out}\n{err}");
     assert!(
-        out.contains(r#"adapter got {"seq": 1, "submitter": "run-operator", "text": "hello adapter"}"#),
+        out.contains(
+            r#"adapter got {"seq": 1, "submitter": "run-operator", "text": "hello adapter"}"#
+        ),
         "the adapter got the repacked prompt: {out}\n{err}"
     );
-    assert!(!out.contains("sneaky"), "a refused prompt reached the adapter: {out}");
+    assert!(
+        !out.contains("sneaky"),
+        "a refused prompt reached the adapter: {out}"
+    );
     assert!(!run_state.join("interact.sock").exists());
     assert!(!run_state.join("interact.key").exists());
 

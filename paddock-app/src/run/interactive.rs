@@ -105,7 +105,12 @@ pub fn write_keys(
     rand::fill(&mut raw[..]);
     let key = hex::encode(raw);
     write_private(&files.key, &format!("{key}\n"))?;
-    let mut table = format_line("run-operator", &hash_key(&key), namespace, &operator_scopes());
+    let mut table = format_line(
+        "run-operator",
+        &hash_key(&key),
+        namespace,
+        &operator_scopes(),
+    );
     table.push('\n');
     if let Some(extra) = extra {
         table.push_str(&std::fs::read_to_string(extra)?);

@@ -440,14 +440,13 @@ impl Run<'_> {
         let (Some(port), Some(files)) = (self.opts.adapter_port, self.interact) else {
             return Ok(None);
         };
-        self.broker
-            .broker()
-            .interactive()
-            .set_connector(Arc::new(super::interactive::NetnsAdapter {
+        self.broker.broker().interactive().set_connector(Arc::new(
+            super::interactive::NetnsAdapter {
                 netns: Arc::clone(netns),
                 run: self.id.to_owned(),
                 port,
-            }));
+            },
+        ));
         let listener =
             super::interactive::bind_socket(&files.socket).map_err(io_err(&files.socket))?;
         eprintln!(

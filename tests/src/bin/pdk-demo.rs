@@ -169,15 +169,26 @@ fn interactive(d: &Path) -> Result<()> {
         "   $ sudo paddock-proxy run --policy examples/demo-policy.yaml --adapter-port 8765 -- python3 adapter.py 8765"
     );
     let p = |x: &Path| x.to_string_lossy().into_owned();
-    let adapter = d.join("adapter.py");
-    std::fs::write(&adapter, ADAPTER_PY)?;
-    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-policy.yaml");
     let state = d.join("state");
     let mut child = Command::new(target_bin("paddock-proxy"))
-        .args(["run", "--policy", &p(&policy), "--secrets", &p(&d.join("secrets"))])
-        .args(["--adapter-port", "8765", "--state-dir", &p(&state), "--run-id", RUN])
-        .args(["--", "python3", &p(&adapter), "8765"])
+        .args([
+            "run",
+            "--policy",
+            &p(&policy),
+            "--secrets",
+            &p(&d.join("secrets")),
+        ])
+        .args([
+            "--adapter-port",
+            "8765",
+            "--state-dir",
+            &p(&state),
+            "--run-id",
+            RUN,
+        ])
+        // Inline: the command's /tmp (where the demo's files are) is private.
+        .args(["--", "python3", "-c", ADAPTER_PY, "8765"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -211,7 +222,10 @@ fn drive(run_state: &Path) -> Result<()> {
     // Attach (retrying while the adapter starts), then prompt and read the streamed answer.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut attach = loop {
-        let mut a = cli(&["attach"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+        let mut a = cli(&["attach"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
         std::thread::sleep(Duration::from_millis(300));
         match a.try_wait()? {
             None => break a,
@@ -219,7 +233,9 @@ fn drive(run_state: &Path) -> Result<()> {
             Some(status) => bail!("paddock-broker attach exited: {status}"),
         }
     };
-    println!("   $ sudo paddock-broker attach --socket <state>/interact.sock --token-file <state>/interact.key demo-interactive &");
+    println!(
+        "   $ sudo paddock-broker attach --socket <state>/interact.sock --token-file <state>/interact.key demo-interactive &"
+    );
     let prompt = "summarise the audit trail";
     println!("   $ sudo paddock-broker prompt ... demo-interactive --text '{prompt}'");
     let out = cli(&["prompt", "--text", prompt]).output()?;
