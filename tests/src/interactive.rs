@@ -198,10 +198,9 @@ pub async fn read_until(
             Some(Ok(Message::Binary(b))) => seen.push_str(&String::from_utf8_lossy(&b)),
             Some(Ok(Message::Text(t))) => seen.push_str(&t),
             Some(Ok(Message::Close(f))) => {
-                seen.push_str(&format!(
-                    "[closed: {}]",
-                    f.map(|f| f.reason.to_string()).unwrap_or_default()
-                ));
+                seen.push_str("[closed: ");
+                seen.push_str(&f.map(|f| f.reason.to_string()).unwrap_or_default());
+                seen.push(']');
                 break;
             }
             Some(Ok(_)) => {}

@@ -721,9 +721,15 @@ spec:
         std::fs::write(&policy_path, policy(&secret)).expect("policy");
         let state = tempfile::tempdir().expect("state");
 
-        let (broker, client) =
-            start_broker(state.path(), &policy_path, secrets.path(), "local", Some(1))
-                .expect("broker");
+        let (broker, client) = start_broker(
+            state.path(),
+            &policy_path,
+            secrets.path(),
+            "local",
+            Some(1),
+            None,
+        )
+        .expect("broker");
         let run_info = RunUpsertRequest {
             run: "run-t".into(),
             namespace: "local".into(),

@@ -61,7 +61,7 @@ async fn adapter_service(
                 .into_body()
                 .collect()
                 .await
-                .map(|c| c.to_bytes())
+                .map(http_body_util::Collected::to_bytes)
                 .unwrap_or_default();
             let p: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
             let line = format!(

@@ -184,10 +184,10 @@ fn idle_runs_need_a_timeout_no_client_and_quiet_time() {
     let r = InteractiveRouter::default();
     r.on_attach("ns", "watched");
     let _ = r.prompt_lock("ns", "quiet");
-    let later = Instant::now() + Duration::from_secs(3600);
+    let later = Instant::now() + Duration::from_hours(1);
     assert!(r.idle_runs(later).is_empty(), "no idle timeout configured");
     r.set_config(InteractiveConfig {
-        idle_timeout: Some(Duration::from_secs(60)),
+        idle_timeout: Some(Duration::from_mins(1)),
         ..InteractiveConfig::default()
     });
     assert!(r.idle_runs(Instant::now()).is_empty(), "just active");
@@ -261,7 +261,7 @@ fn walker_renews_due_leases_and_a_failure_keeps_the_lease() {
         ..FakeRenewer::default()
     };
     let w = RenewalWalker::new();
-    let out = w.walk(&renewer, &run("ns", "r"), Duration::from_secs(300));
+    let out = w.walk(&renewer, &run("ns", "r"), Duration::from_mins(5));
     assert_eq!(out.renewed, vec!["due".to_owned()]);
     assert_eq!(out.failed.len(), 1);
     assert_eq!(out.failed[0].0, "broken");
@@ -287,7 +287,7 @@ fn at_most_one_walk_per_run_at_a_time() {
             let (w, renewer, start) = (w.clone(), renewer.clone(), start.clone());
             std::thread::spawn(move || {
                 start.wait();
-                w.walk(&*renewer, &run("ns", "r"), Duration::from_secs(300))
+                w.walk(&*renewer, &run("ns", "r"), Duration::from_mins(5))
             })
         })
         .collect();
@@ -301,6 +301,6 @@ fn at_most_one_walk_per_run_at_a_time() {
     assert!(ran >= 1);
     assert_eq!(renewer.calls.load(Ordering::SeqCst), 1, "{outcomes:?}");
     // A finished walk releases the run.
-    let again = w.walk(&*renewer, &run("ns", "r"), Duration::from_secs(300));
+    let again = w.walk(&*renewer, &run("ns", "r"), Duration::from_mins(5));
     assert!(!again.skipped);
 }

@@ -37,7 +37,7 @@ use crate::{
 /// How long the adapter may take to accept a prompt, interrupt or end, or to open its output.
 const ADAPTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a prompt waits for the run's previous prompt before giving up (503).
-const PROMPT_QUEUE_TIMEOUT: Duration = Duration::from_secs(60);
+const PROMPT_QUEUE_TIMEOUT: Duration = Duration::from_mins(1);
 
 /// A prompt as a caller sends it.
 #[derive(Debug, Deserialize)]

@@ -354,11 +354,9 @@ async fn dispatch(
             "node agents may only call validate-egress, substitute-auth and grants/poll",
         );
     }
-    if route.op.is_interactive() {
-        let Some(run_path) = run_path else {
-            return error_response(ErrorCode::NotFound, "no such route");
-        };
-        return super::interact::handle(state, identity, route.op, run_path, req).await;
+    // Interactive patterns always carry their (namespace, run).
+    if let (true, Some(rp)) = (route.op.is_interactive(), run_path) {
+        return super::interact::handle(state, identity, route.op, rp, req).await;
     }
     if route.op == Op::Leases {
         return match leases_query(req.uri().query()) {
