@@ -167,10 +167,11 @@ async fn prompts_reach_the_adapter_in_the_run_and_answers_stream_to_every_client
     };
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["code"], "AdapterUnavailable", "{body}");
+    // Refused, or (racing the adapter's shutdown) accepted by its closing socket and dropped.
     assert!(
-        body["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("unreachable")),
+        body["message"].as_str().is_some_and(
+            |m| m.contains("adapter unreachable") || m.contains("adapter connection failed")
+        ),
         "{body}"
     );
 

@@ -166,7 +166,7 @@ fn interactive(d: &Path) -> Result<()> {
     const RUN: &str = "demo-interactive";
     println!("\n6. An interactive run: the command is an adapter on its own loopback (port 8765).");
     println!(
-        "   $ sudo paddock-proxy run --policy examples/demo-policy.yaml --adapter-port 8765 -- python3 adapter.py 8765"
+        "   $ sudo paddock-proxy run --policy examples/demo-policy.yaml --adapter-port 8765 -- python3 -c \"$ADAPTER\" 8765"
     );
     let p = |x: &Path| x.to_string_lossy().into_owned();
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-policy.yaml");
