@@ -29,12 +29,22 @@ pub enum AuditKind {
     RunUpdated,
     /// A node agent was refused a run (its pod is elsewhere, unknown, or not placeable).
     NodeAgentDenied,
+    /// Interactive runs: a prompt, interrupt, end, attach or detach by a caller.
+    RunPrompted,
+    RunInterrupted,
+    RunEnded,
+    RunAttached,
+    RunDetached,
+    /// The idle watchdog ended a run nobody attached to or prompted for too long.
+    RunIdleEnded,
+    /// An interactive action was refused (missing scope, other namespace, inactive run).
+    InteractDenied,
 }
 
 impl AuditKind {
-    /// The kind's name as records spell it (`credential-issued`), for labels and metrics.
+    /// The wire name (as serialized).
     #[must_use]
-    pub fn name(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             AuditKind::CredentialIssued => "credential-issued",
             AuditKind::CredentialDenied => "credential-denied",
@@ -46,7 +56,22 @@ impl AuditKind {
             AuditKind::EgressDiscovery => "egress-discovery",
             AuditKind::RunUpdated => "run-updated",
             AuditKind::NodeAgentDenied => "node-agent-denied",
+            AuditKind::RunPrompted => "run-prompted",
+            AuditKind::RunInterrupted => "run-interrupted",
+            AuditKind::RunEnded => "run-ended",
+            AuditKind::RunAttached => "run-attached",
+            AuditKind::RunDetached => "run-detached",
+            AuditKind::RunIdleEnded => "run-idle-ended",
+            AuditKind::InteractDenied => "interact-denied",
         }
+    }
+}
+
+impl AuditKind {
+    /// The kind's name as records spell it (`credential-issued`), for labels and metrics.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        self.as_str()
     }
 }
 
@@ -308,6 +333,13 @@ mod tests {
             AuditKind::EgressDiscovery,
             AuditKind::RunUpdated,
             AuditKind::NodeAgentDenied,
+            AuditKind::RunPrompted,
+            AuditKind::RunInterrupted,
+            AuditKind::RunEnded,
+            AuditKind::RunAttached,
+            AuditKind::RunDetached,
+            AuditKind::RunIdleEnded,
+            AuditKind::InteractDenied,
         ] {
             assert_eq!(serde_json::to_value(kind).expect("json"), kind.name());
         }

@@ -24,6 +24,7 @@ use crate::{
     },
     bearer,
     grants::{GrantError, GrantHub, Invalidated},
+    interactive::{InteractiveRouter, LeaseRenewer},
     policy::{EgressDecision, PolicyError, PolicyStore, hosts},
     providers::{self, Placement, ProviderContext, ProviderError, decode_basic},
     ratelimit::{KIND_EGRESS, KIND_ISSUE, KIND_SUBSTITUTE, RateLimitError, RateLimits},
@@ -175,7 +176,12 @@ pub struct Broker {
     pods: RwLock<Option<Arc<PodLocator>>>,
     /// Reusable substitution answers and their invalidation stream.
     grants: Arc<GrantHub>,
+    /// Interactive runs (prompts, attach streams), see [`crate::interactive`].
+    interactive: Arc<InteractiveRouter>,
 }
+
+/// The caller the renewal walker renews as (audit records name it).
+pub const RENEWAL_WALKER: &str = "broker:renewal-walker";
 
 /// Whether node agent `caller` may act for `run`: only when the API server placed the run's
 /// pod on the node the caller's token is bound to. Err holds the caller's answer and the
@@ -252,7 +258,14 @@ impl Broker {
             providers: ProviderContext::default(),
             pods: RwLock::new(None),
             grants: Arc::new(GrantHub::default()),
+            interactive: Arc::new(InteractiveRouter::default()),
         }
+    }
+
+    /// Interactive runs: attach counts, turn sequences, output fan-out and adapter access.
+    #[must_use]
+    pub fn interactive(&self) -> &Arc<InteractiveRouter> {
+        &self.interactive
     }
 
     /// Replaces the grant tuning (before the broker serves anything).
@@ -471,12 +484,84 @@ impl Broker {
             self.invalidate(&InvalidationScope::Run {
                 run: info.run.clone(),
             });
+            self.interactive.forget(&info.namespace, &info.run);
         } else if retemplated {
             self.invalidate(&InvalidationScope::Run {
                 run: info.run.clone(),
             });
         }
         Ok(info)
+    }
+
+    /// Records an interactive action or refusal (who, which run, why). Fails closed: an
+    /// action whose record cannot be written is not taken.
+    pub fn audit_interactive(
+        &self,
+        kind: AuditKind,
+        caller: &str,
+        namespace: &str,
+        run: &str,
+        reason: Option<String>,
+    ) -> Result<(), BrokerError> {
+        let mut ev = AuditEvent::new(kind, caller, namespace, run);
+        ev.reason = reason;
+        self.audit(&ev)
+    }
+
+    /// Authorizes an interactive action (`kind`: prompt, interrupt, end, attach) on run
+    /// `run_id` of `namespace`; the caller records the action before taking it. The run must be registered
+    /// in that namespace, the caller must act there, and the run must be active. A refusal is
+    /// recorded as `interact-denied`; an unknown run and one the caller may not see get the
+    /// same answer unless the caller is a controller.
+    pub fn authorize_interactive(
+        &self,
+        caller: &Identity,
+        namespace: &str,
+        run_id: &str,
+        kind: AuditKind,
+    ) -> Result<RunInfo, BrokerError> {
+        check_id("namespace", namespace)?;
+        check_id("run", run_id)?;
+        let deny = |err: BrokerError| -> Result<RunInfo, BrokerError> {
+            self.audit_interactive(
+                AuditKind::InteractDenied,
+                &caller.subject,
+                namespace,
+                run_id,
+                Some(format!("{}: {err}", kind.as_str())),
+            )?;
+            Err(err)
+        };
+        if caller.is_node_agent() {
+            return deny(BrokerError::Forbidden(
+                "node agents may not drive runs".into(),
+            ));
+        }
+        if caller.run.as_deref().is_some_and(|r| r != run_id) {
+            return deny(BrokerError::Forbidden(format!(
+                "this credential is bound to another run than {run_id}"
+            )));
+        }
+        let run = match self.store.run(run_id)? {
+            Some(run) if run.namespace == namespace && caller.may_act_in(namespace) => run,
+            None if caller.has(Scope::Controller) => {
+                return deny(BrokerError::NotFound(format!(
+                    "run {namespace}/{run_id} is not registered"
+                )));
+            }
+            _ => {
+                return deny(BrokerError::Forbidden(format!(
+                    "run {namespace}/{run_id} is not accessible to this caller"
+                )));
+            }
+        };
+        if !run.phase.is_active() {
+            return deny(BrokerError::Forbidden(format!(
+                "run {namespace}/{run_id} is {}",
+                run.phase.as_str()
+            )));
+        }
+        Ok(run)
     }
 
     fn deny_issue(
@@ -1005,6 +1090,48 @@ impl Broker {
 /// The placeholder of a request (at most one distinct bearer), where it sits, and the
 /// request's query parameter names.
 type Found = (Option<String>, Vec<Placement>, Vec<String>);
+
+/// The renewal walker renews through [`Broker::renew`] as its own caller, so a renewal gets
+/// the same checks and audit records (a failure keeps the lease and is recorded as
+/// `renewal-failed`) as one a client asked for.
+impl LeaseRenewer for Broker {
+    fn due_leases(
+        &self,
+        run: &RunInfo,
+        window: std::time::Duration,
+    ) -> Result<Vec<LeaseInfo>, String> {
+        let now = now_secs();
+        let horizon = now.saturating_add(window.as_secs());
+        Ok(self
+            .store
+            .leases_for_run(&run.run)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|l| !l.revoked && l.expires_at > now && l.expires_at <= horizon)
+            .collect())
+    }
+
+    fn renew_lease(&self, run: &RunInfo, lease: &LeaseInfo) -> Result<u64, String> {
+        let walker = Identity {
+            subject: RENEWAL_WALKER.to_owned(),
+            namespace: run.namespace.clone(),
+            service_account: None,
+            scopes: BTreeSet::from([Scope::Renew]),
+            backend: "internal",
+            run: Some(run.run.clone()),
+            node: None,
+            placement: None,
+        };
+        self.renew(
+            &walker,
+            &RenewRequest {
+                lease_id: lease.lease_id.clone(),
+            },
+        )
+        .map(|r| r.expires_at)
+        .map_err(|e| e.to_string())
+    }
+}
 
 pub(crate) fn find_placeholders(req: &SubstituteAuthRequest) -> Result<Found, BrokerError> {
     let mut tokens: BTreeSet<String> = BTreeSet::new();

@@ -86,6 +86,8 @@ pub struct EmbedConfig {
     pub caller: CallerConfig,
     /// The lease database; `None` keeps it in memory (it lives as long as the broker).
     pub database: Option<PathBuf>,
+    /// More callers (a static keys file), e.g. people driving an interactive run.
+    pub extra_keys: Option<PathBuf>,
 }
 
 impl EmbedConfig {
@@ -105,6 +107,7 @@ impl EmbedConfig {
             rate_limits: RateLimitConfig::default(),
             caller,
             database: None,
+            extra_keys: None,
         }
     }
 }
@@ -197,10 +200,17 @@ impl EmbeddedBroker {
             StaticKeyDefaults::default(),
         )
         .map_err(|e| EmbedError::Caller(e.to_string()))?;
+        let mut backends: Vec<Arc<dyn crate::auth::Authenticator>> = vec![Arc::new(keys)];
+        if let Some(path) = &config.extra_keys {
+            backends.push(Arc::new(
+                StaticKeys::load(path, StaticKeyDefaults::default())
+                    .map_err(|e| EmbedError::Caller(format!("{}: {e}", path.display())))?,
+            ));
+        }
         let metrics = Arc::new(Metrics::new());
         let server = server::spawn_local(LocalOptions {
             broker: broker.clone(),
-            auth: Arc::new(AuthChain::new(vec![Arc::new(keys)])),
+            auth: Arc::new(AuthChain::new(backends)),
             metrics: metrics.clone(),
             policy_poll: poll,
             rate_limit_sweep: SWEEP,
@@ -271,5 +281,7 @@ impl fmt::Debug for EmbeddedClient {
     }
 }
 
+#[cfg(test)]
+mod interactive_tests;
 #[cfg(test)]
 mod tests;

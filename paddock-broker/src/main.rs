@@ -9,6 +9,8 @@ use std::{
     sync::Arc,
 };
 
+mod interact_cli;
+
 use anyhow::{Context, bail};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use paddock_broker::{
@@ -66,6 +68,29 @@ enum Command {
     SessionKey {
         #[command(subcommand)]
         command: SessionKeyCommand,
+    },
+    /// Send a prompt to an interactive run (its answer streams to `attach`).
+    Prompt {
+        #[command(flatten)]
+        target: interact_cli::Target,
+        /// The prompt; `-` reads it from stdin.
+        #[arg(long, short = 't')]
+        text: String,
+    },
+    /// Interrupt an interactive run's current turn.
+    Interrupt {
+        #[command(flatten)]
+        target: interact_cli::Target,
+    },
+    /// Ask an interactive run's adapter to end the run.
+    End {
+        #[command(flatten)]
+        target: interact_cli::Target,
+    },
+    /// Stream an interactive run's output to stdout.
+    Attach {
+        #[command(flatten)]
+        target: interact_cli::Target,
     },
     /// Validate a broker config and everything it names (TLS files, policy, auth backends)
     /// without starting; the database is not opened. Exits non-zero on the first problem.
@@ -278,6 +303,25 @@ fn main() -> ExitCode {
         Command::Store {
             command: StoreCommand::Check { config },
         } => store_check(&config),
+        Command::Prompt { target, text } => interact(async move {
+            let text = if text == "-" {
+                let mut buf = String::new();
+                std::io::stdin().read_to_string(&mut buf)?;
+                buf
+            } else {
+                text
+            };
+            interact_cli::prompt(&target, &text).await
+        }),
+        Command::Interrupt { target } => interact(async move {
+            interact_cli::post(&target, "interrupt", None)
+                .await
+                .map(drop)
+        }),
+        Command::End { target } => {
+            interact(async move { interact_cli::post(&target, "end", None).await.map(drop) })
+        }
+        Command::Attach { target } => interact(async move { interact_cli::attach(&target).await }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -286,6 +330,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs one interactive client command on a small runtime.
+fn interact(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(f)
 }
 
 fn serve(config_path: &Path) -> anyhow::Result<()> {

@@ -392,14 +392,14 @@ fn store_migrate_and_check() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 2"));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 3"));
         let out = store(&["check"], config);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("reachable, schema version 2"));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("reachable, schema version 3"));
     }
 }
 

@@ -46,11 +46,13 @@ pub enum ErrorCode {
     /// The invalidation-stream subscription a call named is unknown (cut off or expired):
     /// drop every cached grant and subscribe again.
     SubscriptionGone,
+    /// An interactive run's adapter could not be reached or failed (502; the message says why).
+    AdapterUnavailable,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
         ErrorCode::NotFound,
@@ -65,6 +67,7 @@ impl ErrorCode {
         ErrorCode::EgressDenied,
         ErrorCode::TlsRequired,
         ErrorCode::SubscriptionGone,
+        ErrorCode::AdapterUnavailable,
         ErrorCode::Internal,
     ];
 
@@ -81,6 +84,7 @@ impl ErrorCode {
             ErrorCode::SubscriptionGone => 410,
             ErrorCode::RateLimited => 429,
             ErrorCode::PoolExhausted | ErrorCode::AuditUnavailable | ErrorCode::Unavailable => 503,
+            ErrorCode::AdapterUnavailable => 502,
             ErrorCode::Internal => 500,
         }
     }
@@ -102,6 +106,7 @@ impl ErrorCode {
             ErrorCode::EgressDenied => "EgressDenied",
             ErrorCode::TlsRequired => "TlsRequired",
             ErrorCode::SubscriptionGone => "SubscriptionGone",
+            ErrorCode::AdapterUnavailable => "AdapterUnavailable",
             ErrorCode::Internal => "Internal",
         }
     }

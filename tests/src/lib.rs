@@ -10,6 +10,7 @@ pub mod files;
 pub mod git_server;
 pub mod h2_api;
 pub mod inbound;
+pub mod interactive;
 pub mod loadgen;
 pub mod names;
 pub mod netns;

@@ -357,6 +357,9 @@ fn demo() -> Result<()> {
         "paddock-app",
         "-p",
         "paddock-tests",
+        // The interactive part drives the run with the `paddock-broker` CLI.
+        "-p",
+        "paddock-broker",
         "--bins",
     ]))?;
     if !is_root() {

@@ -104,6 +104,18 @@ struct RunArgs {
     /// `ADDR:HOSTPORT:PORT` (ADDR default 127.0.0.1; IPv6 in brackets). Repeatable; default none.
     #[arg(long, value_name = "[ADDR:]HOSTPORT:PORT")]
     publish: Vec<paddock_app::run::Publish>,
+    /// The command serves an interactive adapter (HTTP: POST /prompts, /interrupt, /end;
+    /// GET /output) on this port of its loopback: drive it with `paddock-broker
+    /// prompt|attach|interrupt|end --socket <state>/<run>/interact.sock`.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    adapter_port: Option<u16>,
+    /// More callers of the interactive routes: a static keys file (`paddock-broker keys add`)
+    /// whose keys act in the run's namespace (default: only the generated `interact.key`).
+    #[arg(long, requires = "adapter_port")]
+    interact_keys: Option<PathBuf>,
+    /// End an interactive run nobody attached to or prompted for this many seconds.
+    #[arg(long, requires = "adapter_port", value_name = "SECONDS")]
+    idle_timeout: Option<u64>,
     /// Run id (default: random).
     #[arg(long)]
     run_id: Option<String>,
@@ -465,6 +477,9 @@ fn run_command(a: RunArgs) -> Result<i32> {
             upstream_ca: a.upstream_ca,
             substitute_rate: a.substitute_rate,
             publish: a.publish,
+            adapter_port: a.adapter_port,
+            interact_keys: a.interact_keys,
+            idle_timeout: a.idle_timeout.map(std::time::Duration::from_secs),
             // Exactly the running image, whatever happens to the path meanwhile.
             launcher: std::path::PathBuf::from("/proc/self/exe"),
             command: a.command,

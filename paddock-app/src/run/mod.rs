@@ -14,6 +14,7 @@
 pub mod child;
 pub mod env;
 pub mod init;
+pub mod interactive;
 pub mod pty;
 pub mod publish;
 pub mod resolv;

@@ -167,7 +167,10 @@ async fn accept_loop(
 }
 
 /// A TCP socket created inside the command's namespace (so it connects to *its* loopback).
-fn socket_in(netns: &OwnedNetns, target: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+pub(super) fn socket_in(
+    netns: &OwnedNetns,
+    target: SocketAddr,
+) -> std::io::Result<tokio::net::TcpSocket> {
     let sock = netns
         .run_in(move || {
             let s = socket2::Socket::new(

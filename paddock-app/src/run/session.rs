@@ -94,6 +94,13 @@ pub struct RunOptions {
     pub substitute_rate: Option<u32>,
     /// Inbound ports forwarded into the command's network namespace.
     pub publish: Vec<Publish>,
+    /// The command serves an interactive adapter on this loopback port (see
+    /// [`super::interactive`]).
+    pub adapter_port: Option<u16>,
+    /// More callers of the interactive routes (a static keys file).
+    pub interact_keys: Option<PathBuf>,
+    /// End the run when nobody is attached and nothing was prompted for this long.
+    pub idle_timeout: Option<Duration>,
     /// The `paddock-proxy` binary that launches the sandbox (`/proc/self/exe` from the CLI).
     pub launcher: PathBuf,
     pub command: Vec<OsString>,
@@ -211,6 +218,7 @@ fn start_broker(
     secrets_dir: &Path,
     namespace: &str,
     substitute_rate: Option<u32>,
+    extra_keys: Option<&Path>,
 ) -> Result<(EmbeddedBroker, BrokerClient), RunError> {
     let mut config = EmbedConfig::new(
         PolicySource::Files {
@@ -221,6 +229,7 @@ fn start_broker(
         state.join("broker-audit.jsonl"),
         CallerConfig::run_controller("paddock-run", namespace),
     );
+    config.extra_keys = extra_keys.map(Path::to_path_buf);
     if let Some(rate) = substitute_rate {
         config.rate_limits = RateLimitConfig {
             substitute: RateSpec {
@@ -355,14 +364,29 @@ pub async fn run(
         _uid: uid_lock,
     };
 
-    // 1. The broker, in-process.
+    // 1. The broker, in-process (with the interactive callers' keys, for an adapter).
+    let interact = match opts.adapter_port {
+        Some(_) => Some(
+            super::interactive::write_keys(&state, &opts.namespace, opts.interact_keys.as_deref())
+                .map_err(io_err(&state))?,
+        ),
+        None => None,
+    };
     let (broker, client) = start_broker(
         &state,
         &policy_path,
         &secrets_dir,
         &opts.namespace,
         opts.substitute_rate,
+        interact.as_ref().map(|f| f.keys.as_path()),
     )?;
+    if let Some(idle) = opts.idle_timeout {
+        let router = broker.broker().interactive();
+        router.set_config(paddock_broker::interactive::InteractiveConfig {
+            idle_timeout: Some(idle),
+            ..router.config()
+        });
+    }
     let run = Run {
         opts: &opts,
         id: &run_id,
@@ -370,11 +394,17 @@ pub async fn run(
         policy_path: &policy_path,
         cwd: &cwd,
         user: &user,
+        broker: &broker,
+        interact: interact.as_ref(),
     };
     let result = run
         .serve_and_run(&client, &policy, &mut cleanup, interrupt)
         .await;
     broker.shutdown().await;
+    if let Some(files) = &interact {
+        let _ = std::fs::remove_file(&files.socket);
+        let _ = std::fs::remove_file(&files.key);
+    }
     drop(cleanup);
     if result.is_ok() {
         let audit = opts
@@ -398,9 +428,39 @@ struct Run<'a> {
     policy_path: &'a Path,
     cwd: &'a Path,
     user: &'a RunUser,
+    broker: &'a EmbeddedBroker,
+    interact: Option<&'a super::interactive::InteractFiles>,
 }
 
 impl Run<'_> {
+    /// With `--adapter-port`: lets the broker reach the command's adapter and serves the
+    /// interactive routes on the run's socket until the broker shuts down.
+    fn serve_interactive(
+        &self,
+        netns: &Arc<OwnedNetns>,
+    ) -> Result<Option<tokio::task::JoinHandle<()>>, RunError> {
+        let (Some(port), Some(files)) = (self.opts.adapter_port, self.interact) else {
+            return Ok(None);
+        };
+        self.broker.broker().interactive().set_connector(Arc::new(
+            super::interactive::NetnsAdapter {
+                netns: Arc::clone(netns),
+                run: self.id.to_owned(),
+                port,
+            },
+        ));
+        let listener =
+            super::interactive::bind_socket(&files.socket).map_err(io_err(&files.socket))?;
+        eprintln!(
+            "paddock: interactive run {}/{}: socket {}, key {} (paddock-broker prompt|attach --socket ...)",
+            self.opts.namespace,
+            self.id,
+            files.socket.display(),
+            files.key.display()
+        );
+        Ok(Some(self.broker.client().link().serve_unix(listener)))
+    }
+
     /// Steps 2-6 with the broker running; the caller stops it and cleans up afterwards.
     #[expect(
         clippy::too_many_lines,
@@ -515,6 +575,7 @@ impl Run<'_> {
         // 5. The command, in its sandbox.
         let outcome = async {
             let published = super::publish::publish(Arc::clone(&netns), &opts.publish).await?;
+            let _interact = self.serve_interactive(&netns)?;
             let spec = self.spec(&placeholders, &secret_envs, &host_resolv, ipv6)?;
             tracing::info!(
                 run = %self.id,
@@ -668,9 +729,15 @@ spec:
         std::fs::write(&policy_path, policy(&secret)).expect("policy");
         let state = tempfile::tempdir().expect("state");
 
-        let (broker, client) =
-            start_broker(state.path(), &policy_path, secrets.path(), "local", Some(1))
-                .expect("broker");
+        let (broker, client) = start_broker(
+            state.path(),
+            &policy_path,
+            secrets.path(),
+            "local",
+            Some(1),
+            None,
+        )
+        .expect("broker");
         let run_info = RunUpsertRequest {
             run: "run-t".into(),
             namespace: "local".into(),

@@ -23,7 +23,10 @@ pub use static_keys::StaticKeys;
 /// What a caller may do. Wire names: "broker:issue", "broker:renew", "broker:revoke",
 /// "broker:validate-egress", "broker:substitute-auth", "broker:leases:read",
 /// "broker:controller" (act on runs in any namespace), "broker:node-agent" (act only for runs
-/// whose pod runs on the node the caller's token is bound to, see [`pods`]).
+/// whose pod runs on the node the caller's token is bound to, see [`pods`]), and for
+/// interactive runs "broker:interact" (prompt and interrupt), "broker:attach" (watch a run's
+/// output stream), "broker:end" (end a run through its adapter) and "broker:shell" (reserved
+/// for the shell route, which is not served yet).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
@@ -36,11 +39,15 @@ pub enum Scope {
     LeasesRead,
     Controller,
     NodeAgent,
+    Interact,
+    Attach,
+    End,
+    Shell,
 }
 
 impl Scope {
     /// Every scope, in declaration order.
-    const ALL: [Scope; 8] = [
+    const ALL: [Scope; 12] = [
         Scope::Issue,
         Scope::Renew,
         Scope::Revoke,
@@ -49,6 +56,10 @@ impl Scope {
         Scope::LeasesRead,
         Scope::Controller,
         Scope::NodeAgent,
+        Scope::Interact,
+        Scope::Attach,
+        Scope::End,
+        Scope::Shell,
     ];
 
     /// The wire name of this scope.
@@ -63,6 +74,10 @@ impl Scope {
             Scope::LeasesRead => "broker:leases:read",
             Scope::Controller => "broker:controller",
             Scope::NodeAgent => "broker:node-agent",
+            Scope::Interact => "broker:interact",
+            Scope::Attach => "broker:attach",
+            Scope::End => "broker:end",
+            Scope::Shell => "broker:shell",
         }
     }
 

@@ -6,6 +6,7 @@
 //! in-process [`LocalLink`] (`paddock-proxy run`, through [`crate::embed`]).
 
 pub mod admin;
+mod interact;
 pub mod routes;
 pub mod tls;
 
@@ -292,7 +293,9 @@ async fn serve_api_connection<IO>(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_header_size(MAX_HEAD_BYTES)
         .max_buf_size(MAX_BUF_BYTES)
-        .serve_connection(TokioIo::new(io), service);
+        .serve_connection(TokioIo::new(io), service)
+        // The attach route upgrades to a WebSocket.
+        .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r { tracing::debug!(%peer, error = %e, "connection ended with error") },
@@ -342,6 +345,41 @@ impl LocalLink {
     }
 }
 
+impl LocalLink {
+    /// Serves the API on a Unix socket as well (plain HTTP/1.1: the socket's file mode is the
+    /// transport's protection, bearers still authenticate every call), until the server shuts
+    /// down. `paddock-proxy run` uses it for its interactive routes.
+    pub fn serve_unix(&self, listener: tokio::net::UnixListener) -> JoinHandle<()> {
+        let link = self.clone();
+        tokio::spawn(async move {
+            let mut shutdown = link.shutdown.clone();
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = shutdown.changed() => return,
+                };
+                let stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept on the unix socket failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = link.permits.clone().try_acquire_owned() else {
+                    tracing::warn!("connection limit reached; closing");
+                    continue;
+                };
+                let (state, shutdown) = (link.state.clone(), link.shutdown.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    serve_api_connection(stream, state, shutdown, "unix").await;
+                });
+            }
+        })
+    }
+}
+
 async fn admin_loop(listener: TcpListener, state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let accepted = tokio::select! {
@@ -387,9 +425,20 @@ impl Maintenance {
 async fn maintenance(options: Maintenance, mut shutdown: watch::Receiver<bool>) {
     let mut sweep = tokio::time::interval(options.rate_limit_sweep);
     let mut poll = tokio::time::interval(options.policy_poll.unwrap_or(Duration::from_hours(1)));
+    let mut interactive = tokio::time::interval(Duration::from_secs(1));
+    interactive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_walk = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
+            _ = interactive.tick() => {
+                // Read each time: `paddock-proxy run` sets it after the server started.
+                let walk = last_walk.elapsed() >= options.broker.interactive().config().walk_interval;
+                if walk {
+                    last_walk = tokio::time::Instant::now();
+                }
+                interact::tick(options.broker.clone(), walk).await;
+            }
             _ = sweep.tick() => {
                 options.broker.rate_limits().sweep();
                 // Dead leases are kept a week for `leases list` and investigations.

@@ -40,6 +40,26 @@ pub enum Op {
     Runs,
     GrantsPoll,
     Ping,
+    Prompt,
+    Interrupt,
+    End,
+    Attach,
+}
+
+impl Op {
+    /// The operations on one interactive run (`/v1/runs/{namespace}/{run}/...`).
+    #[must_use]
+    pub fn is_interactive(self) -> bool {
+        matches!(self, Op::Prompt | Op::Interrupt | Op::End | Op::Attach)
+    }
+}
+
+/// Paths of the interactive routes (`{namespace}` and `{run}` are path parameters).
+pub mod interactive_paths {
+    pub const PROMPTS: &str = "/v1/runs/{namespace}/{run}/prompts";
+    pub const INTERRUPT: &str = "/v1/runs/{namespace}/{run}/interrupt";
+    pub const END: &str = "/v1/runs/{namespace}/{run}/end";
+    pub const ATTACH: &str = "/v1/runs/{namespace}/{run}/attach";
 }
 
 /// One API route.
@@ -110,7 +130,72 @@ pub const ROUTES: &[Route] = &[
         scope: Some(Scope::ValidateEgress),
         op: Op::Ping,
     },
+    Route {
+        method: "POST",
+        path: interactive_paths::PROMPTS,
+        scope: Some(Scope::Interact),
+        op: Op::Prompt,
+    },
+    Route {
+        method: "POST",
+        path: interactive_paths::INTERRUPT,
+        scope: Some(Scope::Interact),
+        op: Op::Interrupt,
+    },
+    Route {
+        method: "POST",
+        path: interactive_paths::END,
+        scope: Some(Scope::End),
+        op: Op::End,
+    },
+    Route {
+        method: "GET",
+        path: interactive_paths::ATTACH,
+        scope: Some(Scope::Attach),
+        op: Op::Attach,
+    },
 ];
+
+/// The (namespace, run) of an interactive path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunPath {
+    pub namespace: String,
+    pub run: String,
+}
+
+/// Matches `path` against a route pattern whose `{...}` segments are parameters (one
+/// non-empty, percent-decoded segment each). Returns the parameters in order.
+fn match_pattern(pattern: &str, path: &str) -> Option<Vec<String>> {
+    let mut params = Vec::new();
+    let mut pat = pattern.split('/');
+    let mut got = path.split('/');
+    loop {
+        match (pat.next(), got.next()) {
+            (None, None) => return Some(params),
+            (Some(p), Some(g)) if p.starts_with('{') && p.ends_with('}') => {
+                let value = percent_decode_str(g).decode_utf8().ok()?;
+                if value.is_empty() || value.contains('/') {
+                    return None;
+                }
+                params.push(value.into_owned());
+            }
+            (Some(p), Some(g)) if p == g => {}
+            _ => return None,
+        }
+    }
+}
+
+/// The route serving `path` and its (namespace, run) when it has them.
+pub fn find_route(path: &str) -> Option<(Route, Option<RunPath>)> {
+    ROUTES.iter().find_map(|r| {
+        let mut params = match_pattern(r.path, path)?.into_iter();
+        let run_path = match (params.next(), params.next()) {
+            (Some(namespace), Some(run)) => Some(RunPath { namespace, run }),
+            _ => None,
+        };
+        Some((*r, run_path))
+    })
+}
 
 /// A slow client may not hold a connection and a blocking-pool slot open indefinitely.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -119,9 +204,9 @@ const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub const UNAUTHENTICATED_BODY: &str =
     r#"{"code":"Unauthenticated","message":"authentication required"}"#;
 
-type Resp = Response<Full<Bytes>>;
+pub(crate) type Resp = Response<Full<Bytes>>;
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Resp {
+pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Resp {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -158,7 +243,7 @@ fn unauthenticated() -> Resp {
     resp
 }
 
-fn ok_json<T: Serialize>(value: &T) -> Resp {
+pub(crate) fn ok_json<T: Serialize>(value: &T) -> Resp {
     match serde_json::to_vec(value) {
         Ok(body) => json_response(StatusCode::OK, body),
         Err(_) => error_response(ErrorCode::Internal, "internal error"),
@@ -174,7 +259,7 @@ fn bearer_of(req: &Request<Incoming>) -> Option<&str> {
 
 /// A JSON body error message that names fields but never echoes values (which could hold a
 /// bearer sent in the wrong place).
-fn json_error_message(e: &serde_json::Error) -> String {
+pub(crate) fn json_error_message(e: &serde_json::Error) -> String {
     let text = e.to_string();
     match e.classify() {
         serde_json::error::Category::Data
@@ -195,8 +280,8 @@ fn json_error_message(e: &serde_json::Error) -> String {
 
 pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
     let started = Instant::now();
-    let route = ROUTES.iter().find(|r| r.path == req.uri().path()).copied();
-    let route_name = route.map_or("unknown", |r| r.path);
+    let found = find_route(req.uri().path());
+    let route_name = found.as_ref().map_or("unknown", |(r, _)| r.path);
     let span = tracing::info_span!(
         "request",
         method = %req.method(),
@@ -204,7 +289,7 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<
         caller = tracing::field::Empty,
         status = tracing::field::Empty,
     );
-    let resp = dispatch(&state, route, req).instrument(span.clone()).await;
+    let resp = dispatch(&state, found, req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
     span.record("status", status);
     state
@@ -214,8 +299,12 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<
     Ok(resp)
 }
 
-async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incoming>) -> Resp {
-    let Some(route) = route else {
+async fn dispatch(
+    state: &Arc<State>,
+    found: Option<(Route, Option<RunPath>)>,
+    req: Request<Incoming>,
+) -> Resp {
+    let Some((route, run_path)) = found else {
         return error_response(ErrorCode::NotFound, "no such route");
     };
     if req.method().as_str() != route.method {
@@ -253,6 +342,9 @@ async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incomin
     };
     tracing::Span::current().record("caller", identity.subject.as_str());
     if !identity.has(scope) {
+        if let (true, Some(rp)) = (route.op.is_interactive(), &run_path) {
+            return super::interact::denied_scope(state, &identity, rp, scope).await;
+        }
         return error_response(
             ErrorCode::Forbidden,
             format!("caller lacks scope {}", scope.as_str()),
@@ -273,6 +365,10 @@ async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incomin
     }
     if route.op == Op::Ping {
         return ping(state).await;
+    }
+    // Interactive patterns always carry their (namespace, run).
+    if let (true, Some(rp)) = (route.op.is_interactive(), run_path) {
+        return super::interact::handle(state, identity, route.op, rp, req).await;
     }
     if route.op == Op::Leases {
         return match leases_query(req.uri().query()) {
@@ -307,7 +403,9 @@ async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incomin
             Ok(request) => grants_poll(state, &identity, request).await,
             Err(e) => error_response(ErrorCode::BadRequest, json_error_message(&e)),
         },
-        Op::Leases | Op::Ping => error_response(ErrorCode::Internal, "internal error"),
+        Op::Leases | Op::Ping | Op::Prompt | Op::Interrupt | Op::End | Op::Attach => {
+            error_response(ErrorCode::Internal, "internal error")
+        }
     }
 }
 
@@ -386,7 +484,7 @@ fn leases_query(query: Option<&str>) -> Result<String, String> {
         .ok_or_else(|| "query parameter run is required".to_owned())
 }
 
-async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, Resp> {
+pub(crate) async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, Resp> {
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -587,6 +685,43 @@ mod tests {
         let mut routes = ROUTES.to_vec();
         routes[0].scope = None;
         assert!(validate_routes(&routes).is_err());
+    }
+
+    #[test]
+    fn interactive_paths_match_with_their_run_and_scope() {
+        let (route, rp) = find_route("/v1/runs/team-a/run%2D1/prompts").expect("prompts");
+        assert_eq!(route.op, Op::Prompt);
+        assert_eq!(route.scope, Some(Scope::Interact));
+        assert_eq!(
+            rp,
+            Some(RunPath {
+                namespace: "team-a".into(),
+                run: "run-1".into()
+            })
+        );
+        let scopes: Vec<_> = [
+            ("/v1/runs/a/b/interrupt", Scope::Interact),
+            ("/v1/runs/a/b/end", Scope::End),
+            ("/v1/runs/a/b/attach", Scope::Attach),
+        ]
+        .into_iter()
+        .map(|(p, want)| (find_route(p).expect(p).0.scope, want))
+        .collect();
+        for (got, want) in scopes {
+            assert_eq!(got, Some(want));
+        }
+        // The plain runs route still matches exactly; anything else is unmapped.
+        assert_eq!(find_route("/v1/runs").expect("runs").0.op, Op::Runs);
+        for unmapped in [
+            "/v1/runs/a/b/shell",
+            "/v1/runs/a/b",
+            "/v1/runs//b/prompts",
+            "/v1/runs/a/b/prompts/x",
+            "/v1/runs/a%2Fx/b/prompts",
+            "/v1/runs/a/b/c/prompts",
+        ] {
+            assert!(find_route(unmapped).is_none(), "{unmapped}");
+        }
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub struct PoolRequest<'a> {
 }
 
 /// The schema version this binary writes and expects (the number of migrations).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// What the broker persists. Every method is one transaction.
 pub trait StoreBackend: Send + Sync + fmt::Debug {
@@ -165,6 +165,14 @@ pub trait StoreBackend: Send + Sync + fmt::Debug {
         spec: RateSpec,
     ) -> Result<Option<bool>, StoreError> {
         let _ = (namespace, run, kind, spec);
+        Ok(None)
+    }
+
+    /// Hands out the next turn number of an interactive run (1, 2, ...), persisted so it
+    /// keeps increasing across broker restarts and replicas. `Ok(None)`: this backend keeps
+    /// no sequence and the broker counts in memory.
+    fn next_turn_seq(&self, namespace: &str, run: &str) -> Result<Option<u64>, StoreError> {
+        let _ = (namespace, run);
         Ok(None)
     }
 

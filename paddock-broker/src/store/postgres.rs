@@ -114,8 +114,19 @@ CREATE TABLE IF NOT EXISTS rate_buckets (
 );
 ";
 
+/// Migration 3: the turn sequence of interactive runs (see `next_turn_seq`). Rows stay after
+/// a run ends so a number is never handed out twice.
+const MIGRATION_3: &str = "
+CREATE TABLE IF NOT EXISTS turn_seqs (
+    namespace TEXT NOT NULL,
+    run TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    PRIMARY KEY (namespace, run)
+);
+";
+
 /// Every migration, in order; the schema version is the number applied.
-const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
+const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3];
 
 /// One token from a shared bucket, in one statement: the row lock `ON CONFLICT DO UPDATE`
 /// takes serialises replicas on the bucket, the refill is computed from the stored time and
@@ -764,6 +775,21 @@ impl StoreBackend for PostgresStore {
                 .client
                 .query_one(&stmt, &[&namespace, &run, &kind, &burst, &per_second])?;
             Ok(Some(row.try_get::<_, bool>(0)?))
+        })
+    }
+
+    /// One statement: the row lock of `ON CONFLICT DO UPDATE` orders concurrent replicas.
+    fn next_turn_seq(&self, namespace: &str, run: &str) -> Result<Option<u64>, StoreError> {
+        self.with(|c| {
+            let row = c.client.query_one(
+                "INSERT INTO turn_seqs (namespace, run, seq) VALUES ($1, $2, 1) \
+                 ON CONFLICT (namespace, run) DO UPDATE SET seq = turn_seqs.seq + 1 RETURNING seq",
+                &[&namespace, &run],
+            )?;
+            let seq: i64 = row.try_get(0)?;
+            u64::try_from(seq)
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt(format!("negative turn sequence {seq}")))
         })
     }
 

@@ -64,8 +64,19 @@ CREATE TABLE IF NOT EXISTS rate_buckets (
 );
 ";
 
+/// Migration 3: the turn sequence of interactive runs (see `next_turn_seq`). Rows stay after
+/// a run ends so a number is never handed out twice.
+const MIGRATION_3: &str = "
+CREATE TABLE IF NOT EXISTS turn_seqs (
+    namespace TEXT NOT NULL,
+    run TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (namespace, run)
+);
+";
+
 /// Every migration, in order; the schema version is the number applied.
-const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
+const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3];
 
 pub(super) fn delivery_str(d: DeliveryMode) -> &'static str {
     match d {
@@ -417,6 +428,20 @@ impl StoreBackend for SqliteStore {
             )?;
             tx.commit()?;
             Ok(n)
+        })
+    }
+
+    fn next_turn_seq(&self, namespace: &str, run: &str) -> Result<Option<u64>, StoreError> {
+        self.with(|c| {
+            let seq: i64 = c.query_row(
+                "INSERT INTO turn_seqs (namespace, run, seq) VALUES (?1, ?2, 1) \
+                 ON CONFLICT (namespace, run) DO UPDATE SET seq = seq + 1 RETURNING seq",
+                params![namespace, run],
+                |row| row.get(0),
+            )?;
+            u64::try_from(seq)
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt(format!("negative turn sequence {seq}")))
         })
     }
 

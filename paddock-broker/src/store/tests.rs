@@ -238,6 +238,15 @@ fn concurrent_reservations_never_double_grant(s: &Store) {
     assert!(s.pool_reservations("shared").expect("list").is_empty());
 }
 
+/// Turn numbers start at 1, increase by one per call, and are kept per (namespace, run).
+fn turn_sequence_is_persisted_per_run(s: &Store) {
+    assert_eq!(s.next_turn_seq("ns", "r").expect("seq"), Some(1));
+    assert_eq!(s.next_turn_seq("ns", "r").expect("seq"), Some(2));
+    assert_eq!(s.next_turn_seq("other", "r").expect("seq"), Some(1));
+    assert_eq!(s.next_turn_seq("ns", "r2").expect("seq"), Some(1));
+    assert_eq!(s.next_turn_seq("ns", "r").expect("seq"), Some(3));
+}
+
 macro_rules! suite {
     ($backend:ident) => {
         mod $backend {
@@ -281,6 +290,12 @@ macro_rules! suite {
                     return;
                 };
                 super::concurrent_reservations_never_double_grant(&f.store);
+            }
+
+            #[test]
+            fn turn_sequence_is_persisted_per_run() {
+                let Some(f) = fixture("turn_seq") else { return };
+                super::turn_sequence_is_persisted_per_run(&f.store);
             }
         }
     };
@@ -465,6 +480,20 @@ fn sqlite_unversioned_database_migrates_in_place() {
     assert_eq!(s.run("r").expect("q"), Some(run_info("r")));
     s.insert_lease(&lease("l", "r", "c", 1, 10), None, 1)
         .expect("the new tables exist");
+}
+
+/// A restarted broker (the same `SQLite` file opened again) continues the turn sequence.
+#[test]
+fn sqlite_turn_sequence_survives_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("seq.db");
+    {
+        let s = Store::open(&path).expect("open");
+        assert_eq!(s.next_turn_seq("ns", "r").expect("seq"), Some(1));
+        assert_eq!(s.next_turn_seq("ns", "r").expect("seq"), Some(2));
+    }
+    let s = Store::open(&path).expect("reopen");
+    assert_eq!(s.next_turn_seq("ns", "r").expect("seq"), Some(3));
 }
 
 fn run_info(run: &str) -> RunInfo {

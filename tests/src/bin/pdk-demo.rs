@@ -4,14 +4,23 @@
 //! fingerprint of the credential it received. `paddock-proxy run` starts the broker, the proxy
 //! and eBPF interception around a script that only ever sees placeholders; the API receives
 //! the real key; a host the policy does not list gets a 403 with the reason; the audit trail
-//! records both.
+//! records both. Then an interactive run: a prompt sent with `paddock-broker prompt` reaches
+//! an adapter inside the intercepted command, and its answer streams back to `paddock-broker
+//! attach`.
 
-use std::{net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, process::Command};
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use paddock_tests::{
     HostLink,
     echo_api::EchoApi,
+    interactive::{ADAPTER_PY, wait_for_file},
     process::target_bin,
     proxied::{DnsResponder, make_upstream_certs},
 };
@@ -146,7 +155,107 @@ fn main() -> Result<()> {
     for line in std::fs::read_to_string(&audit).unwrap_or_default().lines() {
         println!("   {}", summarise(line));
     }
+    interactive(d)?;
     println!("\nDone: the namespace, the cgroup, the eBPF programs and the run's keys are gone.");
+    Ok(())
+}
+
+/// Step 6: an interactive run. The command is a small adapter; a person prompts it through
+/// the broker and watches its answer stream back, with the `paddock-broker` CLI.
+fn interactive(d: &Path) -> Result<()> {
+    const RUN: &str = "demo-interactive";
+    println!("\n6. An interactive run: the command is an adapter on its own loopback (port 8765).");
+    println!(
+        "   $ sudo paddock-proxy run --policy examples/demo-policy.yaml --adapter-port 8765 -- python3 -c \"$ADAPTER\" 8765"
+    );
+    let p = |x: &Path| x.to_string_lossy().into_owned();
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-policy.yaml");
+    let state = d.join("state");
+    let mut child = Command::new(target_bin("paddock-proxy"))
+        .args([
+            "run",
+            "--policy",
+            &p(&policy),
+            "--secrets",
+            &p(&d.join("secrets")),
+        ])
+        .args([
+            "--adapter-port",
+            "8765",
+            "--state-dir",
+            &p(&state),
+            "--run-id",
+            RUN,
+        ])
+        // Inline: the command's /tmp (where the demo's files are) is private.
+        .args(["--", "python3", "-c", ADAPTER_PY, "8765"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting paddock-proxy run")?;
+    let result = drive(&state.join(RUN));
+    // However the demo went, the run ends (`end` asked the adapter; this is the fallback).
+    if result.is_err() {
+        let _ = child.kill();
+    }
+    let status = child.wait()?;
+    result?;
+    println!("   The adapter ended and paddock-proxy run exited: {status}");
+    Ok(())
+}
+
+fn drive(run_state: &Path) -> Result<()> {
+    let socket = run_state.join("interact.sock");
+    wait_for_file(&socket, Duration::from_secs(30));
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(target_bin("paddock-broker"));
+        c.args(args).args([
+            "--socket",
+            &socket.to_string_lossy(),
+            "--token-file",
+            &run_state.join("interact.key").to_string_lossy(),
+            "demo-interactive",
+        ]);
+        c
+    };
+    // Attach (retrying while the adapter starts), then prompt and read the streamed answer.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut attach = loop {
+        let mut a = cli(&["attach"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(300));
+        match a.try_wait()? {
+            None => break a,
+            Some(_) if Instant::now() < deadline => {}
+            Some(status) => bail!("paddock-broker attach exited: {status}"),
+        }
+    };
+    println!(
+        "   $ sudo paddock-broker attach --socket <state>/interact.sock --token-file <state>/interact.key demo-interactive &"
+    );
+    let prompt = "summarise the audit trail";
+    println!("   $ sudo paddock-broker prompt ... demo-interactive --text '{prompt}'");
+    let out = cli(&["prompt", "--text", prompt]).output()?;
+    print!("   {}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        let _ = attach.kill();
+        bail!("prompt failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        attach.stdout.take().context("attach stdout")?,
+    ));
+    if let Some(line) = lines.next() {
+        println!("   [attached] {}", line?);
+    }
+    println!("   $ sudo paddock-broker end ... demo-interactive");
+    let out = cli(&["end"]).output()?;
+    if !out.status.success() {
+        bail!("end failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let _ = attach.wait();
     Ok(())
 }
 

@@ -1,0 +1,437 @@
+//! The interactive routes through a whole (embedded) broker, with an adapter on loopback TCP:
+//! prompts repacked and numbered, output fanned out to every attached client, the scope of
+//! each route enforced and audited, 502 when the adapter is gone, state forgotten at the end.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    convert::Infallible,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{Message, client::IntoClientRequest},
+};
+
+use super::*;
+use crate::{
+    auth::static_keys::{format_line, hash_key},
+    interactive::TcpAdapters,
+};
+
+/// What the test adapter received, and its output stream.
+#[derive(Clone)]
+struct Adapter {
+    prompts: Arc<Mutex<Vec<Value>>>,
+    output: broadcast::Sender<Bytes>,
+}
+
+type AdapterBody = BoxBody<Bytes, Infallible>;
+
+async fn adapter_service(
+    a: Adapter,
+    req: http::Request<Incoming>,
+) -> Result<http::Response<AdapterBody>, Infallible> {
+    let full = |s: &'static str| Full::new(Bytes::from_static(s.as_bytes())).boxed();
+    let path = req.uri().path().to_owned();
+    match (req.method().as_str(), path.as_str()) {
+        ("GET", "/output") => {
+            let rx = a.output.subscribe();
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                match rx.recv().await {
+                    Ok(b) => Some((Ok::<_, Infallible>(Frame::data(b)), rx)),
+                    Err(_) => None,
+                }
+            });
+            Ok(http::Response::new(http_body_util::BodyExt::boxed(
+                StreamBody::new(stream),
+            )))
+        }
+        ("POST", "/prompts") => {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(http_body_util::Collected::to_bytes)
+                .unwrap_or_default();
+            let p: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let line = format!(
+                "answer {} from {}: {}\n",
+                p["seq"],
+                p["submitter"].as_str().unwrap_or("?"),
+                p["text"].as_str().unwrap_or("").to_uppercase()
+            );
+            a.prompts.lock().expect("lock").push(p);
+            let _ = a.output.send(Bytes::from(line));
+            Ok(http::Response::new(full("{}")))
+        }
+        ("POST", "/interrupt" | "/end") => Ok(http::Response::new(full("{}"))),
+        _ => {
+            let mut r = http::Response::new(full(""));
+            *r.status_mut() = http::StatusCode::NOT_FOUND;
+            Ok(r)
+        }
+    }
+}
+
+/// Starts the adapter on loopback; abort the handle to take it down.
+async fn start_adapter() -> (Adapter, SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let adapter = Adapter {
+        prompts: Arc::default(),
+        output: broadcast::channel(64).0,
+    };
+    let a = adapter.clone();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let a = a.clone();
+            conns.spawn(async move {
+                let svc = hyper::service::service_fn(move |req| adapter_service(a.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (adapter, addr, task)
+}
+
+async fn call(link: &LocalLink, bearer: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let io = link.connect().expect("connect");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = http::Request::post(path)
+        .header(http::header::HOST, "broker")
+        .header(http::header::AUTHORIZATION, format!("Bearer {bearer}"));
+    if body.is_some() {
+        req = req.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    let req = req
+        .body(Full::new(Bytes::from(
+            body.map(Value::to_string).unwrap_or_default(),
+        )))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("answer");
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn attach(
+    link: &LocalLink,
+    bearer: &str,
+    run: &str,
+) -> Result<WebSocketStream<tokio::io::DuplexStream>, u16> {
+    let io = link.connect().expect("connect");
+    let mut req = format!("ws://broker/v1/runs/team-a/{run}/attach")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {bearer}").parse().expect("header"),
+    );
+    match tokio_tungstenite::client_async(req, io).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("attach: {e}"),
+    }
+}
+
+/// Next text from the stream; a close frame reads as `[closed: REASON]`.
+async fn next_text(ws: &mut WebSocketStream<tokio::io::DuplexStream>) -> String {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a message in time");
+        match msg {
+            Some(Ok(Message::Binary(b))) => return String::from_utf8_lossy(&b).into_owned(),
+            Some(Ok(Message::Close(f))) => {
+                return format!(
+                    "[closed: {}]",
+                    f.map(|f| f.reason.to_string()).unwrap_or_default()
+                );
+            }
+            Some(Ok(_)) => {}
+            other => return format!("[ended: {other:?}]"),
+        }
+    }
+}
+
+const POLICY: &str = "\
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: interactive}
+spec:
+  appliesTo: {namespaces: [team-a]}
+  egress: []
+";
+
+fn audit_events(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one run's interactive life, step by step"
+)]
+async fn prompts_fan_out_scopes_are_enforced_and_the_end_forgets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, POLICY).expect("policy");
+    let keys = dir.path().join("keys");
+    let scopes = |s: &[Scope]| s.iter().copied().collect::<BTreeSet<_>>();
+    std::fs::write(
+        &keys,
+        format!(
+            "{}\n{}\n{}\n",
+            format_line(
+                "operator",
+                &hash_key("operator-key"),
+                "team-a",
+                &scopes(&[Scope::Interact, Scope::Attach, Scope::End])
+            ),
+            format_line(
+                "watcher",
+                &hash_key("watcher-key"),
+                "team-a",
+                &scopes(&[Scope::Attach])
+            ),
+            format_line(
+                "outsider",
+                &hash_key("outsider-key"),
+                "team-b",
+                &scopes(&[Scope::Interact])
+            ),
+        ),
+    )
+    .expect("keys");
+    let audit = dir.path().join("audit.jsonl");
+    let mut config = EmbedConfig::new(
+        PolicySource::Files {
+            path: policy,
+            secrets_dir: None,
+            poll: None,
+        },
+        &audit,
+        CallerConfig::run_controller("controller", "team-a"),
+    );
+    config.extra_keys = Some(keys);
+    let broker = EmbeddedBroker::start(config).expect("start");
+    let client = broker.client();
+    let (link, controller) = (client.link(), client.bearer().expose());
+    for run in ["r1", "r2", "r3"] {
+        let (status, v) = call(
+            link,
+            controller,
+            "/v1/runs",
+            Some(&json!({"run": run, "namespace": "team-a", "template": "t", "phase": "Running"})),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+
+    // Before any connector: the adapter cannot be reached, and the caller is told why.
+    let (status, v) = call(
+        link,
+        "operator-key",
+        "/v1/runs/team-a/r1/prompts",
+        Some(&json!({"text": "x"})),
+    )
+    .await;
+    assert_eq!(status, 502, "{v}");
+    assert_eq!(v["code"], "AdapterUnavailable");
+
+    let (adapter, addr, adapter_task) = start_adapter().await;
+    let router = broker.broker().interactive().clone();
+    router.set_connector(Arc::new(TcpAdapters::new(HashMap::from([
+        ("r1".to_owned(), addr),
+        ("r2".to_owned(), addr),
+    ]))));
+
+    let mut one = attach(link, "operator-key", "r1")
+        .await
+        .expect("operator attaches");
+    let mut two = attach(link, "watcher-key", "r1")
+        .await
+        .expect("watcher attaches");
+    assert_eq!(router.attached_count("team-a", "r1"), 2);
+
+    let (status, v) = call(
+        link,
+        "operator-key",
+        "/v1/runs/team-a/r1/prompts",
+        Some(&json!({"text": "hello"})),
+    )
+    .await;
+    assert_eq!(
+        (status, v["seq"].as_u64()),
+        (200, Some(2)),
+        "the failed attempt used seq 1: {v}"
+    );
+    for ws in [&mut one, &mut two] {
+        assert_eq!(next_text(ws).await, "answer 2 from operator: HELLO\n");
+    }
+    assert_eq!(
+        adapter.prompts.lock().expect("lock").clone(),
+        vec![json!({"text": "hello", "seq": 2, "submitter": "operator"})],
+        "repacked as {{text, seq, submitter}}"
+    );
+
+    // Concurrent prompts of one run: each gets its own number, all strictly increasing.
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let link = link.clone();
+        tasks.push(tokio::spawn(async move {
+            call(
+                &link,
+                "operator-key",
+                "/v1/runs/team-a/r1/prompts",
+                Some(&json!({"text": format!("p{i}")})),
+            )
+            .await
+        }));
+    }
+    let mut seqs = Vec::new();
+    for t in tasks {
+        let (status, v) = t.await.expect("task");
+        assert_eq!(status, 200, "{v}");
+        seqs.push(v["seq"].as_u64().expect("seq"));
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, vec![3, 4, 5, 6, 7]);
+    let delivered: Vec<u64> = adapter
+        .prompts
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|p| p["seq"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(
+        delivered,
+        vec![2, 3, 4, 5, 6, 7],
+        "delivered one at a time, in order"
+    );
+    let mut streamed = String::new();
+    for _ in 0..5 {
+        streamed.push_str(&next_text(&mut one).await);
+    }
+    let order: Vec<&str> = streamed
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap_or("?"))
+        .collect();
+    assert_eq!(order, ["3", "4", "5", "6", "7"], "{streamed}");
+
+    // Scopes: the watcher may not prompt or end; another namespace's caller may not touch r1.
+    for (key, path, want) in [
+        ("watcher-key", "/v1/runs/team-a/r1/prompts", 403),
+        ("watcher-key", "/v1/runs/team-a/r1/end", 403),
+        ("operator-key", "/v1/runs/team-a/r1/shell", 404),
+        ("outsider-key", "/v1/runs/team-a/r1/interrupt", 403),
+        ("operator-key", "/v1/runs/team-a/nope/interrupt", 403),
+    ] {
+        let body = path.ends_with("prompts").then(|| json!({"text": "x"}));
+        let (status, v) = call(link, key, path, body.as_ref()).await;
+        assert_eq!(status, want, "{key} {path}: {v}");
+    }
+    assert_eq!(attach(link, "outsider-key", "r1").await.err(), Some(403));
+    let events = audit_events(&audit);
+    let denied: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "interact-denied")
+        .collect();
+    assert!(
+        denied.iter().any(|e| e["caller"] == "watcher"
+            && e["run"] == "r1"
+            && e["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("broker:interact"))),
+        "{denied:?}"
+    );
+    assert!(
+        denied.iter().any(|e| e["caller"] == "outsider"),
+        "{denied:?}"
+    );
+    assert!(events.iter().any(|e| e["event"] == "run-prompted"
+        && e["caller"] == "operator"
+        && e["reason"] == "seq 2"));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["event"] == "run-attached")
+            .count(),
+        2
+    );
+
+    // A client leaving is counted off (and recorded).
+    drop(two);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while router.attached_count("team-a", "r1") != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "detach not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The run ends: its state is forgotten and the attached client's stream closes.
+    let (status, _) = call(
+        link,
+        controller,
+        "/v1/runs",
+        Some(&json!({"run": "r1", "namespace": "team-a", "template": "t", "phase": "Succeeded"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(next_text(&mut one).await, "[closed: the run ended]");
+    assert!(
+        !router
+            .known_runs()
+            .contains(&("team-a".to_owned(), "r1".to_owned()))
+    );
+    let (status, _) = call(
+        link,
+        "operator-key",
+        "/v1/runs/team-a/r1/prompts",
+        Some(&json!({"text": "late"})),
+    )
+    .await;
+    assert_eq!(status, 403, "a finished run takes no prompts");
+
+    // The adapter going away: 502 with the reason, not a hang or a 500.
+    adapter_task.abort();
+    let _ = adapter_task.await;
+    let (status, v) = call(link, "operator-key", "/v1/runs/team-a/r2/interrupt", None).await;
+    assert_eq!(status, 502, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unreachable")),
+        "{v}"
+    );
+    // r3 has no adapter address at all.
+    assert_eq!(attach(link, "operator-key", "r3").await.err(), Some(502));
+    broker.shutdown().await;
+}
