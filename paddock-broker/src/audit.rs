@@ -28,6 +28,11 @@ pub enum AuditKind {
     RunUpdated,
     /// A node agent was refused a run (its pod is elsewhere, unknown, or not placeable).
     NodeAgentDenied,
+    /// A node agent was issued an intermediate CA for its node (`node`, `serial`,
+    /// `expires_at`; never a key).
+    NodeCaIssued,
+    /// A node agent's certificate signing request was refused (`reason`).
+    NodeCaDenied,
 }
 
 /// One audit record. Holds identifiers only: never a secret or a bearer.
@@ -54,6 +59,12 @@ pub struct AuditEvent {
     pub expires_at: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The node an intermediate CA was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The serial of an issued certificate (hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 impl AuditEvent {
@@ -76,6 +87,8 @@ impl AuditEvent {
             port: None,
             expires_at: None,
             reason: None,
+            node: None,
+            serial: None,
         }
     }
 }

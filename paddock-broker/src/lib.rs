@@ -21,6 +21,8 @@ pub mod cluster;
 #[cfg(feature = "server")]
 pub mod grants;
 #[cfg(feature = "server")]
+pub mod node_ca;
+#[cfg(feature = "server")]
 pub mod policy;
 #[cfg(feature = "server")]
 pub mod providers;

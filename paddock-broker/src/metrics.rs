@@ -19,6 +19,7 @@ pub struct Metrics {
     rate_limit_buckets: Gauge,
     grant_subscriptions: Gauge,
     grant_cutoffs: Counter,
+    node_ca: Family<Labels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -46,6 +47,12 @@ impl Metrics {
         let rate_limit_buckets = Gauge::default();
         let grant_subscriptions = Gauge::default();
         let grant_cutoffs = Counter::default();
+        let node_ca = Family::<Labels, Counter>::default();
+        registry.register(
+            "node_ca_requests",
+            "Node agents' intermediate CA requests by result (issued, refused, failed)",
+            node_ca.clone(),
+        );
         registry.register(
             "grant_subscriptions",
             "Live invalidation-stream subscriptions (proxies reusing substitutions)",
@@ -90,7 +97,20 @@ impl Metrics {
             rate_limit_buckets,
             grant_subscriptions,
             grant_cutoffs,
+            node_ca,
         }
+    }
+
+    /// Counts one `POST /v1/node-ca` by its answer's status.
+    pub fn node_ca_request(&self, status: u16) {
+        let result = match status {
+            200 => "issued",
+            400..=499 => "refused",
+            _ => "failed",
+        };
+        self.node_ca
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc();
     }
 
     /// Copies the grant hub's state: live subscriptions, and cut-offs up to `cutoffs` in all.
@@ -160,5 +180,21 @@ mod tests {
             text.contains("paddock_broker_grant_cutoffs_total 2"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn node_ca_requests_are_counted_by_result() {
+        let m = Metrics::new();
+        for status in [200, 200, 403, 400, 503] {
+            m.node_ca_request(status);
+        }
+        let text = m.render();
+        for line in [
+            r#"paddock_broker_node_ca_requests_total{result="issued"} 2"#,
+            r#"paddock_broker_node_ca_requests_total{result="refused"} 2"#,
+            r#"paddock_broker_node_ca_requests_total{result="failed"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
     }
 }

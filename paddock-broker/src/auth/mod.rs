@@ -9,7 +9,7 @@ pub mod chain;
 mod config_serde;
 mod fetch;
 pub mod jwt;
-mod names;
+pub(crate) mod names;
 pub mod pods;
 pub mod rsa_session;
 pub mod static_keys;

@@ -39,6 +39,7 @@ pub enum Op {
     Leases,
     Runs,
     GrantsPoll,
+    NodeCa,
 }
 
 /// One API route.
@@ -100,6 +101,14 @@ pub const ROUTES: &[Route] = &[
         path: paths::GRANTS_POLL,
         scope: Some(Scope::SubstituteAuth),
         op: Op::GrantsPoll,
+    },
+    // Only node agents, and each only for the node its token is bound to (checked by the
+    // broker against the token's node, never the caller's word).
+    Route {
+        method: "POST",
+        path: paths::NODE_CA,
+        scope: Some(Scope::NodeAgent),
+        op: Op::NodeCa,
     },
 ];
 
@@ -254,12 +263,12 @@ async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incomin
     if identity.is_node_agent()
         && !matches!(
             route.op,
-            Op::ValidateEgress | Op::SubstituteAuth | Op::GrantsPoll
+            Op::ValidateEgress | Op::SubstituteAuth | Op::GrantsPoll | Op::NodeCa
         )
     {
         return error_response(
             ErrorCode::Forbidden,
-            "node agents may only call validate-egress, substitute-auth and grants/poll",
+            "node agents may only call validate-egress, substitute-auth, grants/poll and node-ca",
         );
     }
     if route.op == Op::Leases {
@@ -295,6 +304,11 @@ async fn dispatch(state: &Arc<State>, route: Option<Route>, req: Request<Incomin
             Ok(request) => grants_poll(state, &identity, request).await,
             Err(e) => error_response(ErrorCode::BadRequest, json_error_message(&e)),
         },
+        Op::NodeCa => {
+            let resp = parse_and_call(state, identity, &body, Broker::issue_node_ca).await;
+            state.metrics.node_ca_request(resp.status().as_u16());
+            resp
+        }
         Op::Leases => error_response(ErrorCode::Internal, "internal error"),
     }
 }
