@@ -274,7 +274,7 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
     failed.map_or(Ok(()), Err)
 }
 
-/// Start attempts for the first node CA before the node agent gives up (the DaemonSet then
+/// Start attempts for the first node CA before the node agent gives up (the `DaemonSet` then
 /// restarts it; its pods stay intercepted and refused meanwhile).
 const NODE_CA_ATTEMPTS: u32 = 5;
 

@@ -127,7 +127,7 @@ impl Default for RenewalSettings {
             renew_at: 2.0 / 3.0,
             jitter: 0.05,
             retry_min: Duration::from_secs(1),
-            retry_max: Duration::from_secs(60),
+            retry_max: Duration::from_mins(1),
         }
     }
 }
