@@ -18,6 +18,7 @@ use std::{
 };
 
 use paddock_app::node::{config::NodeConfig, install_cni};
+use paddock_app::serve::config::TlsMode;
 use paddock_broker::auth::Scope;
 use paddock_proxy::{
     audit::AuditTarget,
@@ -245,8 +246,6 @@ fn every_path_in_node_toml_is_on_a_volume_of_the_container() {
             "pods.cgroup_root",
         ),
         (cfg.ebpf.pin_dir.clone(), true, true, "ebpf.pin_dir"),
-        (cfg.tls.ca_dir.join("tls.crt"), false, false, "tls.ca_dir"),
-        (cfg.tls.ca_dir.join("tls.key"), false, false, "tls.ca_dir"),
         (cfg.broker.ca_file.clone(), false, false, "broker.ca_file"),
     ];
     if let Some(bundle) = &cfg.tls.upstream_ca_bundle {
@@ -266,7 +265,9 @@ fn every_path_in_node_toml_is_on_a_volume_of_the_container() {
         Ok(AuditTarget::None) => panic!("the deployment keeps an audit trail"),
         Err(e) => panic!("audit.target: {e}"),
     }
-    assert!(!cfg.tls.generate_ca, "the node CA comes from a Secret");
+    // No CA key on any node: the node agent's intermediate comes from the broker, in memory.
+    assert_eq!(cfg.tls.mode, TlsMode::Broker, "tls.mode");
+    assert!(cfg.tls.ca_dir.as_os_str().is_empty() && !cfg.tls.generate_ca);
 
     for (path, writable, on_host, what) in &paths {
         let mount = mount_of(agent, path)
@@ -862,10 +863,8 @@ async fn node_toml_builds_the_node_agents_parts() {
     let mut cfg = Node::load().config();
     let root = tempfile::tempdir().expect("tempdir");
     let root = root.path();
-    cfg.tls.ca_dir = under(root, &cfg.tls.ca_dir);
-    std::fs::create_dir_all(&cfg.tls.ca_dir).expect("ca dir");
+    // The broker's answer stands in for the per-node intermediate (tls.mode = "broker").
     let ca = RunCa::generate("deploy-node-test", Duration::from_hours(1)).expect("CA");
-    ca.write_to_dir(&cfg.tls.ca_dir).expect("write CA");
     cfg.broker.ca_file = under(root, &cfg.broker.ca_file);
     std::fs::create_dir_all(cfg.broker.ca_file.parent().expect("dir")).expect("dir");
     std::fs::write(&cfg.broker.ca_file, ca.cert_pem()).expect("broker CA");
@@ -875,7 +874,10 @@ async fn node_toml_builds_the_node_agents_parts() {
         std::fs::write(&*bearer, "eyJhbGciOiJSUzI1NiJ9.e30.c2ln\n").expect("token");
     }
     let metrics = Arc::new(ProxyMetrics::new());
-    let parts = paddock_app::node::node_parts(&cfg, &metrics)
+    let intermediate =
+        RunCa::from_pem(ca.cert_pem().as_bytes(), ca.key_pem().as_bytes()).expect("CA");
+    let leaves = Arc::new(cfg.tls.leaf_cache_with(intermediate).expect("leaf cache"));
+    let parts = paddock_app::node::node_parts_with(&cfg, &metrics, leaves)
         .unwrap_or_else(|e| panic!("node parts from deploy/node's node.toml: {e}"));
     assert_eq!(parts.plain_http_ports, cfg.pods.plain_http_ports);
 }

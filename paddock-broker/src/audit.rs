@@ -39,6 +39,11 @@ pub enum AuditKind {
     RunIdleEnded,
     /// An interactive action was refused (missing scope, other namespace, inactive run).
     InteractDenied,
+    /// A node agent was issued an intermediate CA for its node (`node`, `serial`,
+    /// `expires_at`; never a key).
+    NodeCaIssued,
+    /// A node agent's certificate signing request was refused (`reason`).
+    NodeCaDenied,
 }
 
 impl AuditKind {
@@ -63,6 +68,8 @@ impl AuditKind {
             AuditKind::RunDetached => "run-detached",
             AuditKind::RunIdleEnded => "run-idle-ended",
             AuditKind::InteractDenied => "interact-denied",
+            AuditKind::NodeCaIssued => "node-ca-issued",
+            AuditKind::NodeCaDenied => "node-ca-denied",
         }
     }
 }
@@ -99,6 +106,12 @@ pub struct AuditEvent {
     pub expires_at: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The node an intermediate CA was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The serial of an issued certificate (hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 impl AuditEvent {
@@ -121,6 +134,8 @@ impl AuditEvent {
             port: None,
             expires_at: None,
             reason: None,
+            node: None,
+            serial: None,
         }
     }
 }

@@ -25,15 +25,16 @@ use crate::{
     bearer,
     grants::{GrantError, GrantHub, Invalidated},
     interactive::{InteractiveRouter, LeaseRenewer},
+    node_ca::{NodeCa, NodeCaError},
     policy::{EgressDecision, PolicyError, PolicyStore, hosts},
     providers::{self, Placement, ProviderContext, ProviderError, decode_basic},
     ratelimit::{KIND_EGRESS, KIND_ISSUE, KIND_SUBSTITUTE, RateLimitError, RateLimits},
     store::{NewLease, PoolRequest, Store, StoreError},
     wire::{
         DeliveryMode, ErrorCode, GrantTerms, InvalidationScope, IssueRequest, IssueResponse,
-        LeaseInfo, LeasesResponse, RenewRequest, RenewResponse, RevokeRequest, RevokeResponse,
-        RunInfo, RunUpsertRequest, SubstituteAuthRequest, SubstituteAuthResponse, Transport,
-        ValidateEgressRequest, ValidateEgressResponse,
+        LeaseInfo, LeasesResponse, NodeCaRequest, NodeCaResponse, RenewRequest, RenewResponse,
+        RevokeRequest, RevokeResponse, RunInfo, RunUpsertRequest, SubstituteAuthRequest,
+        SubstituteAuthResponse, Transport, ValidateEgressRequest, ValidateEgressResponse,
     },
 };
 
@@ -178,6 +179,8 @@ pub struct Broker {
     grants: Arc<GrantHub>,
     /// Interactive runs (prompts, attach streams), see [`crate::interactive`].
     interactive: Arc<InteractiveRouter>,
+    /// The cluster root that signs node agents' intermediates (`nodeCa`).
+    node_ca: RwLock<Option<Arc<NodeCa>>>,
 }
 
 /// The caller the renewal walker renews as (audit records name it).
@@ -259,6 +262,7 @@ impl Broker {
             pods: RwLock::new(None),
             grants: Arc::new(GrantHub::default()),
             interactive: Arc::new(InteractiveRouter::default()),
+            node_ca: RwLock::new(None),
         }
     }
 
@@ -316,6 +320,78 @@ impl Broker {
     pub fn set_pod_locator(&self, locator: Arc<PodLocator>) {
         if let Ok(mut pods) = self.pods.write() {
             *pods = Some(locator);
+        }
+    }
+
+    /// Lets node agents get per-node intermediate CAs signed by `ca`.
+    pub fn set_node_ca(&self, ca: Arc<NodeCa>) {
+        if let Ok(mut slot) = self.node_ca.write() {
+            *slot = Some(ca);
+        }
+    }
+
+    /// The node CA root, if configured.
+    #[must_use]
+    pub fn node_ca(&self) -> Option<Arc<NodeCa>> {
+        self.node_ca.read().ok().and_then(|c| c.clone())
+    }
+
+    /// `POST /v1/node-ca`: signs an intermediate CA for the node the caller's token is bound
+    /// to. Every issuance and refusal is audited; an unrecorded issuance is not returned.
+    pub fn issue_node_ca(
+        &self,
+        caller: &Identity,
+        request: &NodeCaRequest,
+    ) -> Result<NodeCaResponse, BrokerError> {
+        let Some(ca) = self.node_ca() else {
+            return Err(BrokerError::NotFound(
+                "this broker issues no node CAs (nodeCa is not configured)".to_owned(),
+            ));
+        };
+        let mut event = AuditEvent::new(
+            AuditKind::NodeCaDenied,
+            &caller.subject,
+            &caller.namespace,
+            "",
+        );
+        event.node = Some(request.node.chars().take(253).collect());
+        let outcome = match (caller.is_node_agent(), caller.node.as_deref()) {
+            (false, _) => Err(NodeCaError::Config(
+                "only node agents (broker:node-agent) get node CAs".to_owned(),
+            )),
+            (true, None) => Err(NodeCaError::Config(format!("node agent: {NOT_NODE_BOUND}"))),
+            (true, Some(node)) => ca.issue(
+                node,
+                &request.node,
+                &request.csr,
+                time::OffsetDateTime::now_utc(),
+            ),
+        };
+        match outcome {
+            Ok(issued) => {
+                event.event = AuditKind::NodeCaIssued;
+                event.serial = Some(issued.serial.clone());
+                event.expires_at = u64::try_from(issued.not_after.unix_timestamp()).ok();
+                self.audit(&event)?;
+                tracing::info!(node = %request.node, serial = %issued.serial, not_after = %issued.not_after, "node CA issued");
+                Ok(NodeCaResponse {
+                    certificate: issued.certificate_pem,
+                    root: ca.root_pem().to_owned(),
+                    not_before: u64::try_from(issued.not_before.unix_timestamp()).unwrap_or(0),
+                    not_after: u64::try_from(issued.not_after.unix_timestamp()).unwrap_or(0),
+                })
+            }
+            Err(e) => {
+                event.reason = Some(e.to_string());
+                self.audit(&event)?;
+                Err(match e {
+                    NodeCaError::BadCsr(_) => BrokerError::BadRequest(e.to_string()),
+                    NodeCaError::RootNotValid(_) | NodeCaError::Sign(_) => {
+                        BrokerError::Unavailable(e.to_string())
+                    }
+                    _ => BrokerError::Forbidden(e.to_string()),
+                })
+            }
         }
     }
 

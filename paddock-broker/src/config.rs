@@ -62,6 +62,10 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub rate_limits: RateLimitConfig,
+    /// The cluster root CA that signs node agents' short-lived intermediates
+    /// (`POST /v1/node-ca`); unset: the route answers 404.
+    #[serde(default)]
+    pub node_ca: Option<crate::node_ca::NodeCaConfig>,
 }
 
 /// Where `BrokerPolicy` objects are trusted like policy files, and where their secrets live.
@@ -376,6 +380,8 @@ pub enum ConfigError {
     Audit(#[from] crate::audit::AuditError),
     #[error("rate limits: {0}")]
     RateLimit(#[from] crate::ratelimit::RateLimitError),
+    #[error(transparent)]
+    NodeCa(#[from] crate::node_ca::NodeCaError),
 }
 
 impl Config {
@@ -451,6 +457,11 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
         with_cluster_audit(file, config.audit.kubernetes.as_ref(), &metrics)?;
     let limits = RateLimits::new(&config.rate_limits)?;
     let broker = Arc::new(Broker::new(store, policy, audit, limits));
+    if let Some(node_ca) = &config.node_ca {
+        let ca = crate::node_ca::NodeCa::load(node_ca)?;
+        tracing::info!(cert = %node_ca.cert_file.display(), lifetime_secs = node_ca.lifetime_secs, "node CA root loaded");
+        broker.set_node_ca(Arc::new(ca));
+    }
     let auth = build_auth(&config.auth, &broker)?;
     let options = ServerOptions {
         listen: config.listen,
@@ -752,6 +763,9 @@ mod tests {
         assert_eq!(tr.max_cache_ttl, Duration::from_mins(5));
         assert!(tr.scopes["paddock-system/proxy"].contains(&Scope::SubstituteAuth));
         assert!(tr.scopes["paddock-system/paddock-node"].contains(&Scope::NodeAgent));
+        let node_ca = config.node_ca.as_ref().expect("nodeCa");
+        assert_eq!(node_ca.lifetime_secs, 86_400);
+        assert_eq!(node_ca.name_constraints.excluded_dns, ["cluster.local"]);
         assert_eq!(tr.pod_cache_ttl, Duration::from_secs(30));
         let introspection = config.auth.introspection.as_ref().expect("introspection");
         assert_eq!(introspection.cache_ttl, Duration::from_mins(1));

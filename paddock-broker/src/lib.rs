@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod grants;
 #[cfg(feature = "server")]
 pub mod interactive;
+pub mod node_ca;
 #[cfg(feature = "server")]
 pub mod policy;
 #[cfg(feature = "server")]

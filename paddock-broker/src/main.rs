@@ -108,6 +108,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The cluster root CA that signs node agents' short-lived intermediates (`nodeCa`).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
 }
 
 /// How listing and explaining commands print.
@@ -116,6 +121,22 @@ enum Output {
     #[default]
     Text,
     Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Generate a root CA (ECDSA P-256) into DIR: `ca.crt` (0644, the agents' trust bundle)
+    /// and `ca.key` (0600, for the broker's `nodeCa.keyFile` only). Never overwrites.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity of the root, days.
+        #[arg(long, default_value_t = 3650)]
+        days: u64,
+        /// The root's common name.
+        #[arg(long, default_value = "Paddock cluster root CA")]
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -322,6 +343,9 @@ fn main() -> ExitCode {
             interact(async move { interact_cli::post(&target, "end", None).await.map(drop) })
         }
         Command::Attach { target } => interact(async move { interact_cli::attach(&target).await }),
+        Command::Ca {
+            command: CaCommand::Init { out, days, name },
+        } => ca_init(&out, days, &name),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -339,6 +363,23 @@ fn interact(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow:
         .build()
         .context("tokio runtime")?
         .block_on(f)
+}
+
+fn ca_init(out: &Path, days: u64, name: &str) -> anyhow::Result<()> {
+    if !(1..=36_500).contains(&days) {
+        bail!("--days must be 1 .. 36500");
+    }
+    let (cert, key) = paddock_broker::node_ca::generate_root(
+        name,
+        std::time::Duration::from_secs(days.saturating_mul(86_400)),
+    )?;
+    paddock_broker::node_ca::write_root(out, &cert, &key)?;
+    println!(
+        "wrote {} and {} (the key never leaves the broker; agents trust the certificate)",
+        out.join(paddock_broker::node_ca::ROOT_CERT_FILE).display(),
+        out.join(paddock_broker::node_ca::ROOT_KEY_FILE).display()
+    );
+    Ok(())
 }
 
 fn serve(config_path: &Path) -> anyhow::Result<()> {

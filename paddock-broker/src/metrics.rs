@@ -40,6 +40,7 @@ pub struct Metrics {
     grant_cutoffs: Counter,
     leases: Family<Labels, Gauge>,
     audit_kubernetes: AuditKubernetesMetrics,
+    node_ca: Family<Labels, Counter>,
 }
 
 /// The lease states `paddock_broker_leases` reports (every state is always present).
@@ -112,6 +113,12 @@ impl Metrics {
             "Audit records queued or being written to the API server",
             audit_kubernetes.pending.clone(),
         );
+        let node_ca = Family::<Labels, Counter>::default();
+        registry.register(
+            "node_ca_requests",
+            "Node agents' intermediate CA requests by result (issued, refused, failed)",
+            node_ca.clone(),
+        );
         registry.register(
             "grant_subscriptions",
             "Live invalidation-stream subscriptions (proxies reusing substitutions)",
@@ -158,6 +165,7 @@ impl Metrics {
             grant_cutoffs,
             leases,
             audit_kubernetes,
+            node_ca,
         }
     }
 
@@ -184,6 +192,18 @@ impl Metrics {
     #[must_use]
     pub fn audit_kubernetes(&self) -> AuditKubernetesMetrics {
         self.audit_kubernetes.clone()
+    }
+
+    /// Counts one `POST /v1/node-ca` by its answer's status.
+    pub fn node_ca_request(&self, status: u16) {
+        let result = match status {
+            200 => "issued",
+            400..=499 => "refused",
+            _ => "failed",
+        };
+        self.node_ca
+            .get_or_create(&vec![("result".to_owned(), result.to_owned())])
+            .inc();
     }
 
     /// Copies the grant hub's state: live subscriptions, and cut-offs up to `cutoffs` in all.
@@ -315,5 +335,21 @@ mod tests {
             m.render()
                 .contains("paddock_broker_leases{state=\"active\"} 0")
         );
+    }
+
+    #[test]
+    fn node_ca_requests_are_counted_by_result() {
+        let m = Metrics::new();
+        for status in [200, 200, 403, 400, 503] {
+            m.node_ca_request(status);
+        }
+        let text = m.render();
+        for line in [
+            r#"paddock_broker_node_ca_requests_total{result="issued"} 2"#,
+            r#"paddock_broker_node_ca_requests_total{result="refused"} 2"#,
+            r#"paddock_broker_node_ca_requests_total{result="failed"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line}: {text}");
+        }
     }
 }

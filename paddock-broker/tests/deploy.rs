@@ -402,6 +402,10 @@ fn broker_yaml_parses_and_validates() {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one walk over every path broker.yaml names, each against its mount"
+)]
 fn every_path_in_broker_yaml_is_mounted() {
     let d = Deployment::load();
     let c = &d.config;
@@ -427,6 +431,23 @@ fn every_path_in_broker_yaml_is_mounted() {
 
     let policy = d.mount_of(c.policy.as_ref().expect("file mode"), "policy");
     assert!(matches!(policy.source, Source::ConfigMap(_)) && policy.read_only);
+
+    // The cluster root that signs node agents' intermediates: a read-only Secret, mounted in
+    // the broker only.
+    let node_ca = c.node_ca.as_ref().expect("nodeCa is set");
+    for (what, file) in [
+        ("nodeCa.certFile", &node_ca.cert_file),
+        ("nodeCa.keyFile", &node_ca.key_file),
+    ] {
+        let m = d.mount_of(file, what);
+        assert!(
+            matches!(&m.source, Source::Secret(name) if name == "paddock-node-ca-root")
+                && m.read_only,
+            "{what}: {} must come from the read-only Secret paddock-node-ca-root, not {:?}",
+            file.display(),
+            m.source
+        );
+    }
 
     let secrets_dir = c.secrets_dir.as_ref().expect("secretsDir is set");
     let m = d.mount_of(secrets_dir, "secretsDir");
@@ -951,6 +972,27 @@ async fn deployed_config_builds_a_broker_that_answers_the_probes() {
         tr.ca_file = tr.ca_file.as_deref().map(|p| under(root, p));
     }
 
+    // The cluster root, as `paddock-broker ca init` writes it, in its Secret.
+    if let Some(node_ca) = c.node_ca.as_mut() {
+        let (root_cert, root_key) = paddock_broker::node_ca::generate_root(
+            "deploy test root",
+            std::time::Duration::from_hours(1),
+        )
+        .expect("root");
+        let dir = under(
+            root,
+            &d.mount_of(&node_ca.cert_file, "nodeCa.certFile").path,
+        );
+        write_projected(
+            &dir,
+            &[
+                ("ca.crt", root_cert.as_bytes()),
+                ("ca.key", root_key.as_bytes()),
+            ],
+        );
+        node_ca.cert_file = under(root, &node_ca.cert_file);
+        node_ca.key_file = under(root, &node_ca.key_file);
+    }
     c.tls.cert = under(root, &c.tls.cert);
     c.tls.key = under(root, &c.tls.key);
     c.tls.client_ca = c.tls.client_ca.as_deref().map(|p| under(root, p));
@@ -962,6 +1004,10 @@ async fn deployed_config_builds_a_broker_that_answers_the_probes() {
     c.admin_listen = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
 
     let built = config::build(&c).unwrap_or_else(|e| panic!("deployed broker.yaml: {e}"));
+    assert!(
+        built.options.broker.node_ca().is_some(),
+        "the deployed broker issues node CAs"
+    );
     let policy = built.options.broker.policy().current();
     assert_eq!(
         policy.documents().len(),

@@ -256,6 +256,24 @@ fn every_wire_type_and_field_is_documented() {
             lease_ms: 1,
         },
     );
+    check_fields(
+        &doc,
+        "NodeCaRequest",
+        &NodeCaRequest {
+            node: s(),
+            csr: s(),
+        },
+    );
+    check_fields(
+        &doc,
+        "NodeCaResponse",
+        &NodeCaResponse {
+            certificate: s(),
+            root: s(),
+            not_before: 1,
+            not_after: 2,
+        },
+    );
     check_fields(&doc, "LeaseInfo", &lease);
     check_fields(
         &doc,

@@ -24,6 +24,8 @@ pub mod paths {
     pub const GRANTS_POLL: &str = "/v1/grants/poll";
     /// An authenticated "are you serving": the proxies' readiness check.
     pub const PING: &str = "/v1/ping";
+    /// A node agent's certificate signing request for its short-lived intermediate CA.
+    pub const NODE_CA: &str = "/v1/node-ca";
 }
 
 /// Stable error codes. The HTTP status is fixed per code.
@@ -602,4 +604,32 @@ pub const SCHEMA_NAMES: &[&str] = &[
     "RunUpsertRequest",
     "RunInfo",
     "PingResponse",
+    "NodeCaRequest",
+    "NodeCaResponse",
 ];
+
+/// `POST /v1/node-ca`: a node agent asks for an intermediate CA for its own node. Only the
+/// certificate signing request travels; the private key never leaves the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeCaRequest {
+    /// The node the CA is for; must be the node the caller's token is bound to.
+    pub node: String,
+    /// PKCS#10 request (PEM `CERTIFICATE REQUEST`), subject `CN=<node>`. Only its public key
+    /// and subject are read: the broker decides every other field of the certificate.
+    pub csr: String,
+}
+
+/// The issued intermediate and the root it chains to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeCaResponse {
+    /// The intermediate CA certificate (PEM).
+    pub certificate: String,
+    /// The cluster root certificate (PEM): what agent pods trust.
+    pub root: String,
+    /// The intermediate's `notBefore`, seconds since the Unix epoch.
+    pub not_before: u64,
+    /// The intermediate's `notAfter`, seconds since the Unix epoch.
+    pub not_after: u64,
+}

@@ -60,6 +60,40 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer((addr, int(port)), H).serve_forever()
 "#;
 const KUBE_API_ADDR: &str = "127.0.0.1:16443";
+/// A stand-in for the API server's `TokenReview` endpoint (plain HTTP on loopback, which the
+/// broker allows for loopback only): `NODE_CA_TOKEN` is a pod-bound token of
+/// `paddock-node/paddock-node` on node `node-test`, `OTHER_NODE_TOKEN` the same account's
+/// token bound to `node-other`; anything else is not authenticated.
+const TOKEN_REVIEW: &str = r#"
+import http.server, json, sys
+addr, port = sys.argv[1], int(sys.argv[2])
+NODES = {"node-ca-token-test": "node-test", "node-ca-token-other": "node-other"}
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length", "0"))))
+        spec = body.get("spec", {})
+        node = NODES.get(spec.get("token"))
+        status = {"authenticated": False}
+        if self.path == "/apis/authentication.k8s.io/v1/tokenreviews" and node:
+            status = {"authenticated": True, "audiences": spec.get("audiences", []),
+                      "user": {"username": "system:serviceaccount:paddock-node:paddock-node",
+                               "extra": {"authentication.kubernetes.io/node-name": [node],
+                                         "authentication.kubernetes.io/pod-name": ["paddock-node-x"]}}}
+        out = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                          "status": status}).encode()
+        self.send_response(201)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers(); self.wfile.write(out)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer((addr, port), H).serve_forever()
+"#;
+const TOKEN_REVIEW_ADDR: &str = "127.0.0.1:16444";
+/// The node agent's token for `POST /v1/node-ca` (bound to `node-test`).
+pub const NODE_CA_TOKEN: &str = "node-ca-token-test";
+/// The same account's token, bound to another node.
+pub const OTHER_NODE_TOKEN: &str = "node-ca-token-other";
 /// The CNI network the pods get from Debian's bridge + host-local plugins.
 pub const CNI_SUBNET: &str = "10.89.0.0/24";
 
@@ -129,6 +163,9 @@ pub struct NodeLab {
     pub public: tempfile::TempDir,
     controller_key: String,
     bridge: String,
+    /// `tls.mode = "broker"`: the node agent forges with a per-node intermediate from the
+    /// broker (see [`NodeLab::with_node_ca`]); `None`: a CA generated into `ca_dir`.
+    node_ca: Option<PyServer>,
 }
 
 impl std::fmt::Debug for NodeLab {
@@ -198,13 +235,38 @@ impl NodeLab {
         lab
     }
 
+    /// Like [`NodeLab::new`], but no CA is on the node: the broker holds a cluster root
+    /// (made with `paddock-broker ca init`) and issues the node agent a short-lived
+    /// intermediate for `node-test` on a `POST /v1/node-ca` authenticated by a `TokenReview`
+    /// (a loopback stand-in for the API server answers it as Kubernetes >= 1.30 does for a
+    /// pod-bound token: with the `authentication.kubernetes.io/node-name` extra). The pods'
+    /// `ca.crt` is the root only.
+    #[must_use]
+    pub fn with_node_ca(pods: u32) -> Self {
+        let mut lab = Self::base_with(pods, false, true);
+        for i in 0..pods {
+            let pod = lab.make_pod(i);
+            lab.pods.push(pod);
+        }
+        lab.start_agent();
+        for i in 0..lab.pods.len() {
+            lab.add_pod(i).expect("add pod");
+        }
+        lab
+    }
+
     /// The node without pods or node agent; the policy knows runs `run-0..run-{runs}`.
+    #[must_use]
+    fn base(pods: u32, nginx: bool) -> Self {
+        Self::base_with(pods, nginx, false)
+    }
+
     #[must_use]
     #[expect(
         clippy::too_many_lines,
         reason = "one linear set-up of the node's parts; the order is the point"
     )]
-    fn base(pods: u32, nginx: bool) -> Self {
+    fn base_with(pods: u32, nginx: bool, node_ca: bool) -> Self {
         let dir = scratch();
         let d = dir.path();
         let public = tempfile::Builder::new()
@@ -231,7 +293,7 @@ impl NodeLab {
             &["broker:validate-egress", "broker:substitute-auth"],
         );
         std::fs::write(d.join("agent.token"), &agent_key).expect("agent token");
-        let broker_cfg = serde_json::json!({
+        let mut broker_cfg = serde_json::json!({
             "listen": BROKER,
             "tls": {"cert": broker_dir.join("server.crt"), "key": broker_dir.join("server.key")},
             "database": d.join("broker.db"),
@@ -239,6 +301,26 @@ impl NodeLab {
             "audit": {"path": d.join("broker-audit.jsonl")},
             "auth": {"staticKeys": {"file": keys}},
         });
+        if node_ca {
+            let out = Command::new(target_bin("paddock-broker"))
+                .args(["ca", "init", "--out"])
+                .arg(d.join("root"))
+                .output()
+                .expect("paddock-broker ca init");
+            assert!(out.status.success(), "ca init: {out:?}");
+            std::fs::write(d.join("broker-sa.token"), "broker-own-token").expect("token");
+            std::fs::write(d.join("node-ca.token"), NODE_CA_TOKEN).expect("token");
+            broker_cfg["nodeCa"] = serde_json::json!({
+                "certFile": d.join("root/ca.crt"),
+                "keyFile": d.join("root/ca.key"),
+                "lifetimeSecs": 600,
+            });
+            broker_cfg["auth"]["tokenReview"] = serde_json::json!({
+                "apiServer": format!("http://{TOKEN_REVIEW_ADDR}"),
+                "tokenFile": d.join("broker-sa.token"),
+                "scopes": {"paddock-node/paddock-node": ["broker:node-agent"]},
+            });
+        }
         std::fs::write(d.join("broker.yaml"), broker_cfg.to_string()).expect("broker.yaml");
 
         // The node, its uplink to the upstream host, and its pod bridge.
@@ -307,6 +389,16 @@ impl NodeLab {
         } else {
             (Some(EchoApi::start(&upstream, d, upstream_addr)), None)
         };
+        let review = node_ca.then(|| {
+            PyServer::start(
+                &node,
+                d,
+                "token_review.py",
+                TOKEN_REVIEW,
+                TOKEN_REVIEW_ADDR.parse().expect("addr"),
+                &[],
+            )
+        });
         let broker = BrokerProcess::start(&node, &d.join("broker.yaml"));
         let kubelet = CgroupGuard::new("node");
         let pins = PinDir::new();
@@ -327,6 +419,7 @@ impl NodeLab {
             public,
             controller_key,
             bridge,
+            node_ca: review,
         }
     }
 
@@ -401,8 +494,7 @@ cgroup_root = "{cgroup_root}"
 [ebpf]
 pin_dir = "{pins}"
 [tls]
-ca_dir = "{ca}"
-generate_ca = true
+{tls_source}
 upstream_ca_bundle = "{bundle}"
 [broker]
 url = "https://{BROKER}"
@@ -422,7 +514,14 @@ drain_timeout_secs = 1
             state = path_str(d, "state"),
             cgroup_root = self.kubelet.cgroup().path().display(),
             pins = self.pins.path().display(),
-            ca = path_str(d, "ca"),
+            tls_source = if self.node_ca.is_some() {
+                format!(
+                    "mode = \"broker\"\nnode_ca_bearer_file = \"{}\"",
+                    path_str(d, "node-ca.token")
+                )
+            } else {
+                format!("ca_dir = \"{}\"\ngenerate_ca = true", path_str(d, "ca"))
+            },
             bundle = path_str(d, "test-ca.crt"),
             broker_ca = path_str(d, "broker/test-ca.crt"),
             token = path_str(d, "agent.token"),
@@ -477,8 +576,13 @@ drain_timeout_secs = 1
             );
             std::thread::sleep(Duration::from_millis(25));
         }
-        // The node CA, for the pods' clients.
-        std::fs::copy(d.join("ca/tls.crt"), self.public.path().join("ca.crt")).expect("ca");
+        // The node CA (or, with per-node CAs, the cluster root only), for the pods' clients.
+        let trusted = if self.node_ca.is_some() {
+            d.join("root/ca.crt")
+        } else {
+            d.join("ca/tls.crt")
+        };
+        std::fs::copy(trusted, self.public.path().join("ca.crt")).expect("ca");
         std::fs::set_permissions(
             self.public.path().join("ca.crt"),
             std::fs::Permissions::from_mode(0o644),
@@ -682,6 +786,35 @@ drain_timeout_secs = 1
             &self.controller_key,
             call,
         )
+    }
+
+    /// `POST /v1/node-ca` with `token` for `node` (the CSR is not reached when the node is
+    /// refused): the broker's answer or its error.
+    pub fn request_node_ca(&self, token: &str, node: &str) -> Result<String, String> {
+        let d = self.dir.path();
+        let request = paddock_wire::api::NodeCaRequest {
+            node: node.to_owned(),
+            csr: "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                .to_owned(),
+        };
+        broker_call(
+            &self.node,
+            format!("https://{BROKER}"),
+            &d.join("broker"),
+            d.join("probe.token"),
+            token,
+            move |client| async move { client.node_ca(&request).await.map(|r| r.certificate) },
+        )
+    }
+
+    /// The broker's audit records.
+    #[must_use]
+    pub fn broker_audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("broker-audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// The pod's own address (for messages).

@@ -296,6 +296,46 @@ target = "stdout"
     }
 
     #[test]
+    fn tls_mode_broker_keeps_no_ca_on_disk() {
+        let broker = MINIMAL.replace("ca_dir = \"/ca\"", "mode = \"broker\"");
+        let c = NodeConfig::from_toml_str(&broker).expect("valid");
+        assert_eq!(c.tls.mode, crate::serve::config::TlsMode::Broker);
+        let with_bearer = MINIMAL.replace(
+            "ca_dir = \"/ca\"",
+            "mode = \"broker\"\nnode_ca_bearer_file = \"/node-ca.token\"",
+        );
+        NodeConfig::from_toml_str(&with_bearer).expect("valid");
+        for (text, needle) in [
+            (
+                MINIMAL.replace("ca_dir = \"/ca\"", "mode = \"broker\"\nca_dir = \"/ca\""),
+                "no CA on disk",
+            ),
+            (
+                MINIMAL.replace("ca_dir = \"/ca\"", "mode = \"broker\"\ngenerate_ca = true"),
+                "no CA on disk",
+            ),
+            (
+                MINIMAL.replace("ca_dir = \"/ca\"", ""),
+                "tls.ca_dir is required",
+            ),
+            (
+                MINIMAL.replace(
+                    "ca_dir = \"/ca\"",
+                    "ca_dir = \"/ca\"\nnode_ca_bearer_file = \"/t\"",
+                ),
+                "needs tls.mode",
+            ),
+            (
+                MINIMAL.replace("ca_dir = \"/ca\"", "mode = \"cluster\""),
+                "mode",
+            ),
+        ] {
+            let err = NodeConfig::from_toml_str(&text).expect_err(needle);
+            assert!(err.to_string().contains(needle), "{needle}: {err}");
+        }
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let cases = [
             (MINIMAL.replace("[audit]\ntarget = \"stdout\"", ""), "audit"),

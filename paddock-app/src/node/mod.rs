@@ -35,7 +35,10 @@ use paddock_proxy::net::{
     CidrConfig, CidrPolicy, DialSettings, DnsResolver, ResolverSettings, Vetter,
 };
 use paddock_proxy::origdst::SockoptOriginalDst;
-use paddock_proxy::tls::{MitmServer, UpstreamTls};
+use paddock_proxy::tls::node_ca::{self, NodeCaSource, RenewalSettings};
+use paddock_proxy::tls::{LeafCache, MitmServer, UpstreamTls};
+
+use crate::serve::config::TlsMode;
 
 /// Why the node agent did not start (or stopped abnormally).
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,8 @@ pub enum NodeError {
     State(#[from] state::StateError),
     #[error("Kubernetes client: {0}")]
     Kube(String),
+    #[error("node CA from the broker: {0}")]
+    NodeCa(String),
     #[error("pod socket {path}: {source}")]
     Socket {
         path: std::path::PathBuf,
@@ -59,8 +64,23 @@ impl From<paddock_proxy::ebpf::EbpfError> for NodeError {
     }
 }
 
-/// The shared data-plane parts of every pod, from the config.
+/// The shared data-plane parts of every pod, from the config, forging with the CA of
+/// `tls.ca_dir` (`tls.mode = "local"`).
 pub fn node_parts(cfg: &NodeConfig, metrics: &Arc<ProxyMetrics>) -> Result<NodeParts, ServeError> {
+    let leaves = Arc::new(
+        cfg.tls
+            .leaf_cache(cfg.node_name.as_deref().unwrap_or("node"))
+            .map_err(ServeError::Ca)?,
+    );
+    node_parts_with(cfg, metrics, leaves)
+}
+
+/// The shared data-plane parts of every pod, forging through `leaves`.
+pub fn node_parts_with(
+    cfg: &NodeConfig,
+    metrics: &Arc<ProxyMetrics>,
+    leaves: Arc<LeafCache>,
+) -> Result<NodeParts, ServeError> {
     let audit = cfg
         .audit
         .target
@@ -74,11 +94,6 @@ pub fn node_parts(cfg: &NodeConfig, metrics: &Arc<ProxyMetrics>) -> Result<NodeP
         })?
         .open()?;
     metrics.set_audit_disabled(audit.is_disabled());
-    let leaves = Arc::new(
-        cfg.tls
-            .leaf_cache(cfg.node_name.as_deref().unwrap_or("node"))
-            .map_err(ServeError::Ca)?,
-    );
     let mitm = Arc::new(MitmServer::new(leaves).map_err(ServeError::Ca)?);
     let upstream_tls =
         Arc::new(UpstreamTls::new(cfg.tls.upstream_ca_bundle.as_deref()).map_err(ServeError::Ca)?);
@@ -139,7 +154,15 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
     let mut int = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
     let node_name = cfg.node_name().map_err(ServeError::Config)?;
     let metrics = Arc::new(ProxyMetrics::new());
-    let parts = node_parts(&cfg, &metrics)?;
+    let mut renewal = None;
+    let parts = match cfg.tls.mode {
+        TlsMode::Local => node_parts(&cfg, &metrics)?,
+        TlsMode::Broker => {
+            let (leaves, task) = broker_ca(&cfg, &node_name).await?;
+            renewal = Some(task);
+            node_parts_with(&cfg, &metrics, leaves)?
+        }
+    };
     let checked = Checked {
         broker: parts.broker.clone(),
         audit: Arc::clone(&parts.audit),
@@ -252,6 +275,9 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
     if let Some(w) = watch {
         w.abort();
     }
+    if let Some(r) = renewal {
+        r.abort();
+    }
     let _ = std::fs::remove_file(&socket_path);
     failed.map_or(Ok(()), Err)
 }
@@ -290,6 +316,55 @@ fn add_checks<I: Interception + Sync + 'static>(
         not_after: Arc::new(move || leaves.ca_not_after()),
         min_valid: admin.ca_min_valid(),
     }));
+}
+
+/// Start attempts for the first node CA before the node agent gives up (the `DaemonSet` then
+/// restarts it; its pods stay intercepted and refused meanwhile).
+const NODE_CA_ATTEMPTS: u32 = 5;
+
+/// `tls.mode = "broker"`: this node's intermediate CA from the broker, and the task that
+/// renews it for as long as the node agent runs.
+async fn broker_ca(
+    cfg: &NodeConfig,
+    node_name: &str,
+) -> Result<(Arc<LeafCache>, tokio::task::JoinHandle<()>), NodeError> {
+    let mut client_cfg = cfg.broker.client_config();
+    if let Some(bearer) = &cfg.tls.node_ca_bearer_file {
+        client_cfg.bearer_file = Some(bearer.clone());
+    }
+    let source: Arc<dyn NodeCaSource> =
+        Arc::new(BrokerClient::new(&client_cfg).map_err(ServeError::from)?);
+    let mut delay = Duration::from_secs(1);
+    let mut attempt = 1;
+    let issued = loop {
+        match node_ca::obtain(source.as_ref(), node_name).await {
+            Ok(issued) => break issued,
+            Err(e) if attempt < NODE_CA_ATTEMPTS => {
+                tracing::warn!(error = %e, attempt, retry_in = ?delay, "no node CA yet");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            Err(e) => return Err(NodeError::NodeCa(e.to_string())),
+        }
+    };
+    tracing::info!(
+        node = node_name,
+        subject = issued.ca.subject(),
+        not_after = %issued.ca.not_after(),
+        "node CA issued by the broker; the key stays in memory"
+    );
+    let (received, not_after) = (issued.received, issued.not_after());
+    let leaves = Arc::new(cfg.tls.leaf_cache_with(issued.ca).map_err(ServeError::Ca)?);
+    let task = tokio::spawn(node_ca::keep_renewed(
+        Arc::clone(&leaves),
+        source,
+        node_name.to_owned(),
+        received,
+        not_after,
+        RenewalSettings::default(),
+    ));
+    Ok((leaves, task))
 }
 
 /// The API client: the kubeconfig's, else the in-cluster service account's.

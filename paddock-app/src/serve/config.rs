@@ -218,8 +218,17 @@ fn default_plain_ports() -> Vec<u16> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
-    /// Directory holding `tls.crt` and `tls.key` of the run CA.
+    /// Where the forging CA comes from: `local` (`ca_dir`) or, for the node agent only,
+    /// `broker` (a short-lived per-node intermediate from the broker, renewed in memory).
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// Directory holding `tls.crt` and `tls.key` of the run CA (`local` mode; required there,
+    /// refused in `broker` mode, where no CA key is ever on disk).
+    #[serde(default)]
     pub ca_dir: PathBuf,
+    /// `broker` mode: the token presented to `POST /v1/node-ca` when it differs from
+    /// `[broker] bearer_file` (which is the default).
+    pub node_ca_bearer_file: Option<PathBuf>,
     /// Generate a CA into `ca_dir` when it holds none (local use).
     #[serde(default)]
     pub generate_ca: bool,
@@ -227,6 +236,17 @@ pub struct TlsConfig {
     pub leaf_cache_capacity: usize,
     /// PEM bundle trusted for upstream servers in addition to the webpki roots.
     pub upstream_ca_bundle: Option<PathBuf>,
+}
+
+/// Where the interception CA comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// `ca_dir` (a mounted Secret, or generated with `generate_ca`).
+    #[default]
+    Local,
+    /// A per-node intermediate CA issued by the broker for this node (node agent only).
+    Broker,
 }
 
 /// Validity of a CA generated for local use (`generate_ca`).
@@ -256,12 +276,44 @@ impl TlsConfig {
 
     /// The checks `serve` and `node` share.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |s: &str| Err(ConfigError::Invalid(s.to_owned()));
         if self.leaf_cache_capacity == 0 {
-            return Err(ConfigError::Invalid(
-                "tls.leaf_cache_capacity must be at least 1".to_owned(),
-            ));
+            return invalid("tls.leaf_cache_capacity must be at least 1");
+        }
+        match self.mode {
+            TlsMode::Local => {
+                if self.ca_dir.as_os_str().is_empty() {
+                    return invalid("tls.ca_dir is required (unless tls.mode = \"broker\")");
+                }
+                if self.node_ca_bearer_file.is_some() {
+                    return invalid("tls.node_ca_bearer_file needs tls.mode = \"broker\"");
+                }
+            }
+            TlsMode::Broker => {
+                if !self.ca_dir.as_os_str().is_empty() || self.generate_ca {
+                    return invalid(
+                        "tls.mode = \"broker\" keeps no CA on disk: remove tls.ca_dir and \
+                         tls.generate_ca",
+                    );
+                }
+            }
         }
         Ok(())
+    }
+
+    /// A leaf cache around a CA obtained elsewhere (the broker's node intermediate).
+    pub fn leaf_cache_with(
+        &self,
+        ca: paddock_proxy::tls::RunCa,
+    ) -> Result<paddock_proxy::tls::LeafCache, paddock_proxy::tls::TlsError> {
+        use paddock_proxy::tls::{LeafCache, LeafCacheConfig};
+        LeafCache::new(
+            ca,
+            LeafCacheConfig {
+                capacity: self.leaf_cache_capacity,
+                ..LeafCacheConfig::default()
+            },
+        )
     }
 }
 
@@ -608,6 +660,8 @@ impl ServeConfig {
                 connect_reason: None,
             },
             tls: TlsConfig {
+                mode: TlsMode::Local,
+                node_ca_bearer_file: None,
                 ca_dir: ca_dir.to_path_buf(),
                 generate_ca: true,
                 leaf_cache_capacity: default_leaf_capacity(),
@@ -702,6 +756,13 @@ impl ServeConfig {
         }
         self.limits.validate()?;
         self.tls.validate()?;
+        if self.tls.mode == TlsMode::Broker {
+            return Err(ConfigError::Invalid(
+                "tls.mode = \"broker\" is for the node agent (`paddock-proxy node`); `serve` \
+                 forges with the CA in tls.ca_dir"
+                    .to_owned(),
+            ));
+        }
         if let Some(ebpf) = &self.ebpf
             && !ebpf.agent_cgroups.is_empty()
             && self.listen.transparent.is_empty()
@@ -854,6 +915,16 @@ file = "/tmp/policy.toml"
             AuditTarget::Stdout
         );
         assert!(cfg.audit_target(Some("relative/path")).is_err());
+    }
+
+    #[test]
+    fn serve_forges_only_with_a_local_ca() {
+        let broker_mode = MINIMAL.replace("ca_dir = \"/tmp/ca\"", "mode = \"broker\"");
+        let err = ServeConfig::from_toml_str(&broker_mode).expect_err("node agent only");
+        assert!(err.to_string().contains("node agent"), "{err}");
+        let no_dir = MINIMAL.replace("ca_dir = \"/tmp/ca\"", "");
+        let err = ServeConfig::from_toml_str(&no_dir).expect_err("ca_dir required");
+        assert!(err.to_string().contains("tls.ca_dir is required"), "{err}");
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub enum Op {
     Runs,
     GrantsPoll,
     Ping,
+    NodeCa,
     Prompt,
     Interrupt,
     End,
@@ -153,6 +154,14 @@ pub const ROUTES: &[Route] = &[
         path: interactive_paths::ATTACH,
         scope: Some(Scope::Attach),
         op: Op::Attach,
+    },
+    // Only node agents, and each only for the node its token is bound to (checked by the
+    // broker against the token's node, never the caller's word).
+    Route {
+        method: "POST",
+        path: paths::NODE_CA,
+        scope: Some(Scope::NodeAgent),
+        op: Op::NodeCa,
     },
 ];
 
@@ -355,12 +364,13 @@ async fn dispatch(
     if identity.is_node_agent()
         && !matches!(
             route.op,
-            Op::ValidateEgress | Op::SubstituteAuth | Op::GrantsPoll | Op::Ping
+            Op::ValidateEgress | Op::SubstituteAuth | Op::GrantsPoll | Op::Ping | Op::NodeCa
         )
     {
         return error_response(
             ErrorCode::Forbidden,
-            "node agents may only call validate-egress, substitute-auth, grants/poll and ping",
+            "node agents may only call validate-egress, substitute-auth, grants/poll, ping and \
+             node-ca",
         );
     }
     if route.op == Op::Ping {
@@ -403,6 +413,11 @@ async fn dispatch(
             Ok(request) => grants_poll(state, &identity, request).await,
             Err(e) => error_response(ErrorCode::BadRequest, json_error_message(&e)),
         },
+        Op::NodeCa => {
+            let resp = parse_and_call(state, identity, &body, Broker::issue_node_ca).await;
+            state.metrics.node_ca_request(resp.status().as_u16());
+            resp
+        }
         Op::Leases | Op::Ping | Op::Prompt | Op::Interrupt | Op::End | Op::Attach => {
             error_response(ErrorCode::Internal, "internal error")
         }

@@ -417,6 +417,12 @@ impl Stack {
         std::fs::write(p("policy.yaml"), common::policy_yaml(dir.path())).expect("policy");
         std::fs::write(p("keys"), common::keys_text()).expect("keys");
         let pki = common::pki();
+        let (root_cert, root_key) = paddock_broker::node_ca::generate_root(
+            "test cluster root",
+            std::time::Duration::from_hours(24),
+        )
+        .expect("root");
+        paddock_broker::node_ca::write_root(&p("root"), &root_cert, &root_key).expect("root");
         std::fs::write(p("tls.crt"), pem("CERTIFICATE", &pki.server_chain[0])).expect("cert");
         std::fs::write(
             p("tls.key"),
@@ -430,6 +436,11 @@ impl Stack {
             "policy": p("policy.yaml"),
             "policyPollSeconds": 0,
             "audit": {"path": p("audit.jsonl"), "fsync": false},
+            "nodeCa": {
+                "certFile": p("root/ca.crt"),
+                "keyFile": p("root/ca.key"),
+                "lifetimeSecs": 3600,
+            },
             "auth": {
                 "staticKeys": {"file": p("keys")},
                 "tokenReview": {
@@ -627,4 +638,130 @@ async fn node_agent_over_https_acts_only_for_pods_on_its_node() {
             .all(|e| e["caller"] == NODE_AGENT_SA && e["namespace"] == "team-a"),
         "{denials:?}"
     );
+}
+
+/// A CSR for `cn` and its key, as the node agent makes it.
+fn node_csr(cn: &str) -> (rcgen::KeyPair, String) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    let csr = params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    (key, csr)
+}
+
+#[tokio::test]
+async fn node_ca_is_issued_only_to_node_agents_for_their_own_node() {
+    let stack = Stack::start().await;
+    let root = std::fs::read_to_string(stack.dir.path().join("root/ca.crt")).expect("root");
+
+    let (key, csr) = node_csr("node-a");
+    let (status, v) = stack
+        .post(
+            "/v1/node-ca",
+            "agent-on-node-a",
+            &json!({"node": "node-a", "csr": csr}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["root"],
+        json!(root),
+        "the answer names the configured root"
+    );
+    let not_after = v["not_after"].as_u64().expect("not_after");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(
+        (now + 3590..=now + 3610).contains(&not_after),
+        "{not_after} vs {now}"
+    );
+    // The intermediate is for this key and node, and chains to the root.
+    let cert_pem = v["certificate"].as_str().expect("certificate");
+    let (_, pem_block) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).expect("pem");
+    let cert = pem_block.parse_x509().expect("x509");
+    assert_eq!(
+        cert.public_key().subject_public_key.data.as_ref(),
+        key.public_key_raw()
+    );
+    assert!(
+        cert.subject().to_string().contains("CN=node-a"),
+        "{}",
+        cert.subject()
+    );
+    let (_, root_block) = x509_parser::pem::parse_x509_pem(root.as_bytes()).expect("root pem");
+    let root_x509 = root_block.parse_x509().expect("root x509");
+    cert.verify_signature(Some(root_x509.public_key()))
+        .expect("signed by the root");
+
+    // Another node's name, in the request or only in the CSR: refused.
+    let (_, csr_b) = node_csr("node-b");
+    for body in [
+        json!({"node": "node-b", "csr": csr_b}),
+        json!({"node": "node-a", "csr": csr_b}),
+    ] {
+        let (status, v) = stack.post("/v1/node-ca", "agent-on-node-a", &body).await;
+        assert_eq!(status, 403, "{v}");
+        assert_eq!(v["code"], "Forbidden");
+    }
+    // Not node agents (no broker:node-agent scope), or a node agent without a bound node.
+    for bearer in [
+        TEAM_A_KEY,
+        CONTROLLER_KEY,
+        "builder-on-node-b",
+        "agent-unbound",
+    ] {
+        let (status, v) = stack
+            .post(
+                "/v1/node-ca",
+                bearer,
+                &json!({"node": "node-b", "csr": csr_b}),
+            )
+            .await;
+        assert_eq!(status, 403, "{bearer}: {v}");
+    }
+    let (status, v) = stack
+        .post(
+            "/v1/node-ca",
+            "agent-on-node-a",
+            &json!({"node": "node-a", "csr": "garbage"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+
+    // Every issuance and refusal of a node agent is audited; no certificate or key is.
+    let audit = stack.audit();
+    let issued: Vec<&Value> = audit
+        .iter()
+        .filter(|e| e["event"] == "node-ca-issued")
+        .collect();
+    assert_eq!(issued.len(), 1, "{audit:?}");
+    assert_eq!(issued[0]["node"], "node-a");
+    assert_eq!(issued[0]["caller"], NODE_AGENT_SA);
+    assert_eq!(issued[0]["expires_at"], json!(not_after));
+    assert_eq!(issued[0]["serial"].as_str().map(str::len), Some(32));
+    let denied: Vec<&Value> = audit
+        .iter()
+        .filter(|e| e["event"] == "node-ca-denied")
+        .collect();
+    assert_eq!(
+        denied.len(),
+        3,
+        "two wrong nodes and one bad CSR: {denied:?}"
+    );
+    assert!(
+        denied[0]["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("bound to \"node-a\"")
+    );
+    let text = std::fs::read_to_string(stack.dir.path().join("audit.jsonl")).expect("audit");
+    assert!(!text.contains("BEGIN"), "no PEM in the audit trail");
 }

@@ -21,9 +21,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use paddock_wire::api::{
     self as wire, ErrorBody, ErrorCode, GrantPollRequest, GrantPollResponse, IssueRequest,
-    IssueResponse, RenewRequest, RenewResponse, RevokeRequest, RevokeResponse, RunInfo,
-    RunUpsertRequest, SubstituteAuthRequest, SubstituteAuthResponse, ValidateEgressRequest,
-    ValidateEgressResponse,
+    IssueResponse, NodeCaRequest, NodeCaResponse, RenewRequest, RenewResponse, RevokeRequest,
+    RevokeResponse, RunInfo, RunUpsertRequest, SubstituteAuthRequest, SubstituteAuthResponse,
+    ValidateEgressRequest, ValidateEgressResponse,
 };
 use rustls::pki_types::ServerName;
 use serde::Serialize;
@@ -372,6 +372,12 @@ impl BrokerClient {
     /// `POST /v1/revoke`.
     pub async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeResponse, BrokerCallError> {
         self.post(wire::paths::REVOKE, req).await
+    }
+
+    /// `POST /v1/node-ca` (node agents): an intermediate CA for the node the bearer is bound
+    /// to, from a certificate signing request (the key stays here).
+    pub async fn node_ca(&self, req: &NodeCaRequest) -> Result<NodeCaResponse, BrokerCallError> {
+        self.post(wire::paths::NODE_CA, req).await
     }
 
     /// `POST /v1/runs` (controller scope).

@@ -7,8 +7,8 @@
 //! it is within the renewal margin of its `notAfter`: it is re-forged, also single-flight.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use quick_cache::sync::{Cache, EntryAction, EntryResult, PlaceholderGuard};
@@ -132,21 +132,34 @@ type LeafGuard<'a> = PlaceholderGuard<
     quick_cache::sync::DefaultLifecycle<LeafName, CachedLeaf>,
 >;
 
-/// Forged leaves by name; one per process, shared by every listener.
-pub struct LeafCache {
+/// One CA and the leaves it signed. Replacing the CA replaces the whole generation, so no
+/// leaf outlives (or is served after the replacement of) its issuer.
+struct Generation {
     forger: LeafForger,
     leaves: LeafMap,
+}
+
+/// Forged leaves by name; one per process, shared by every listener.
+///
+/// The CA can be replaced while serving ([`LeafCache::replace_ca`], a node agent renewing its
+/// short-lived intermediate): handshakes that already have their leaf finish with it, every
+/// later lookup forges under the new CA with a new leaf key.
+pub struct LeafCache {
+    current: RwLock<Arc<Generation>>,
     config: LeafCacheConfig,
+    clock: Arc<dyn Clock>,
     stats: LeafCacheStats,
+    replacements: AtomicU64,
     #[cfg(test)]
     forge_delay: Duration,
 }
 
 impl fmt::Debug for LeafCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let generation = self.generation();
         f.debug_struct("LeafCache")
-            .field("forger", &self.forger)
-            .field("len", &self.leaves.len())
+            .field("forger", &generation.forger)
+            .field("len", &generation.leaves.len())
             .field("config", &self.config)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
@@ -165,34 +178,85 @@ impl LeafCache {
         config: LeafCacheConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, TlsError> {
-        let forger = LeafForger::with_options(ca, config.validity, clock)?;
+        let generation = Self::new_generation(ca, &config, &clock)?;
         Ok(Self {
-            forger,
-            leaves: Cache::new(config.capacity.max(1)),
+            current: RwLock::new(Arc::new(generation)),
             config,
+            clock,
             stats: LeafCacheStats::default(),
+            replacements: AtomicU64::new(0),
             #[cfg(test)]
             forge_delay: Duration::ZERO,
         })
     }
 
+    fn new_generation(
+        ca: RunCa,
+        config: &LeafCacheConfig,
+        clock: &Arc<dyn Clock>,
+    ) -> Result<Generation, TlsError> {
+        Ok(Generation {
+            forger: LeafForger::with_options(ca, config.validity, Arc::clone(clock))?,
+            leaves: Cache::new(config.capacity.max(1)),
+        })
+    }
+
+    fn generation(&self) -> Arc<Generation> {
+        // A poisoned lock only means a panic elsewhere while swapping an Arc: the value is
+        // still one whole generation.
+        let guard = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(&guard)
+    }
+
+    /// Replaces the CA: every later lookup forges under `ca` (with a new leaf key) and no leaf
+    /// of the old CA is served again. Connections already established keep their session.
+    pub fn replace_ca(&self, ca: RunCa) -> Result<(), TlsError> {
+        let generation = Arc::new(Self::new_generation(ca, &self.config, &self.clock)?);
+        let mut guard = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard = generation;
+        drop(guard);
+        self.replacements.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How many times the CA was replaced.
+    #[must_use]
+    pub fn ca_replacements(&self) -> u64 {
+        self.replacements.load(Ordering::Relaxed)
+    }
+
+    /// The current CA's certificate (first of its chain) and validity end.
+    #[must_use]
+    pub fn ca_summary(&self) -> (rustls_pki_types::CertificateDer<'static>, SystemTime) {
+        let generation = self.generation();
+        let ca = generation.forger.ca();
+        (ca.certificate().clone(), SystemTime::from(ca.not_after()))
+    }
+
     /// The end of the signing CA's validity (the readiness check watches it).
     #[must_use]
     pub fn ca_not_after(&self) -> time::OffsetDateTime {
-        self.forger.ca().not_after()
+        self.generation().forger.ca().not_after()
     }
 
     /// The leaf for `name`, forged at most once however many callers ask at the same time.
     pub fn get(&self, name: &LeafName) -> Result<Arc<CertifiedKey>, TlsError> {
-        let now = self.forger.clock().now();
-        if let Some(leaf) = self.leaves.get(name)
+        let generation = self.generation();
+        let now = self.clock.now();
+        if let Some(leaf) = generation.leaves.get(name)
             && leaf.is_fresh(now)
         {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(leaf.certified);
         }
         loop {
-            let entry = self
+            let entry = generation
                 .leaves
                 .entry(name, Some(self.config.wait_timeout), |_, leaf| {
                     if leaf.is_fresh(now) {
@@ -208,8 +272,10 @@ impl LeafCache {
                     self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
                     Ok(certified)
                 }
-                EntryResult::Vacant(guard) => self.forge_into(name, guard, false),
-                EntryResult::Replaced(guard, _stale) => self.forge_into(name, guard, true),
+                EntryResult::Vacant(guard) => self.forge_into(&generation, name, guard, false),
+                EntryResult::Replaced(guard, _stale) => {
+                    self.forge_into(&generation, name, guard, true)
+                }
                 // The callback never asks for removal; look again if it ever happens.
                 EntryResult::Removed(..) => continue,
                 EntryResult::Timeout => Err(TlsError::ForgeWaitTimeout {
@@ -234,13 +300,13 @@ impl LeafCache {
     /// Number of cached leaves.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.leaves.len()
+        self.generation().leaves.len()
     }
 
     /// Whether no leaf is cached.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.leaves.is_empty()
+        self.generation().leaves.is_empty()
     }
 
     /// Maximum number of cached leaves.
@@ -249,14 +315,9 @@ impl LeafCache {
         self.config.capacity.max(1)
     }
 
-    /// The forger behind the cache.
-    #[must_use]
-    pub fn forger(&self) -> &LeafForger {
-        &self.forger
-    }
-
     fn forge_into(
         &self,
+        generation: &Generation,
         name: &LeafName,
         guard: LeafGuard<'_>,
         renewal: bool,
@@ -267,7 +328,7 @@ impl LeafCache {
             std::thread::sleep(self.forge_delay);
         }
         // On failure the guard drops unfilled and the next waiter tries its own forge.
-        let leaf = self.forger.forge(name).inspect_err(|e| {
+        let leaf = generation.forger.forge(name).inspect_err(|e| {
             self.stats.forge_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%name, error = %e, "forging leaf failed");
         })?;

@@ -19,6 +19,7 @@ mod ca;
 mod client_hello;
 mod forge;
 mod leaf_cache;
+pub mod node_ca;
 mod server;
 mod upstream;
 

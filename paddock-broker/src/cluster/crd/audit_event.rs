@@ -53,6 +53,12 @@ pub struct AuditEventSpec {
     pub expires_at: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The node an intermediate CA was issued to or refused for (`node-ca-*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The issued intermediate's serial number (hex; a certificate identifier, not a key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 impl From<&crate::audit::AuditEvent> for AuditEventSpec {
@@ -72,6 +78,8 @@ impl From<&crate::audit::AuditEvent> for AuditEventSpec {
             port,
             expires_at,
             reason,
+            node,
+            serial,
         } = e;
         Self {
             time: ts.clone(),
@@ -87,6 +95,8 @@ impl From<&crate::audit::AuditEvent> for AuditEventSpec {
             port: *port,
             expires_at: *expires_at,
             reason: reason.clone(),
+            node: node.clone(),
+            serial: serial.clone(),
         }
     }
 }
