@@ -14,6 +14,7 @@ pub mod dns;
 pub mod ebpf;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod health;
 pub mod http;
 pub mod labels;
 pub mod metrics;

@@ -298,7 +298,7 @@ fn add_checks<I: Interception + Sync + 'static>(
     agent: &Arc<NodeAgent<I>>,
     checked: &Checked,
 ) {
-    use paddock_proxy::metrics::ready::{AuditCheck, BrokerCheck, CaCheck, EbpfCheck};
+    use paddock_proxy::health::{AuditCheck, BrokerCheck, CaCheck, EbpfCheck};
     if let Some(client) = &checked.broker {
         ready.add_check(Arc::new(BrokerCheck(client.clone())));
     }

@@ -375,7 +375,7 @@ fn add_checks(
     audit: &Arc<dyn AuditSink>,
     leaves: &Arc<LeafCache>,
 ) -> Result<(), ServeError> {
-    use paddock_proxy::metrics::ready::{AuditCheck, BrokerCheck, CaCheck, EbpfCheck};
+    use paddock_proxy::health::{AuditCheck, BrokerCheck, CaCheck, EbpfCheck};
     if let Some(b) = &cfg.broker {
         ready.add_check(Arc::new(BrokerCheck(BrokerClient::new(
             &b.client_config(),

@@ -24,7 +24,8 @@ use tokio_tungstenite::{
 
 use super::{
     State,
-    routes::{Op, Resp, RunPath, error_response, json_error_message, ok_json, read_json_body},
+    op::{Op, RunPath},
+    respond::{Resp, error_response, json_error_message, ok_json, read_json_body},
 };
 use crate::{
     audit::AuditKind,

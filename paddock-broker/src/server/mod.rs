@@ -7,6 +7,8 @@
 
 pub mod admin;
 mod interact;
+mod op;
+mod respond;
 pub mod routes;
 pub mod tls;
 

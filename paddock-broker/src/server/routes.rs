@@ -6,15 +6,18 @@
 
 use std::{convert::Infallible, sync::Arc, time::Instant};
 
-use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{HeaderValue, Request, header};
 use hyper::body::Incoming;
 use percent_encoding::percent_decode_str;
 use serde::{Serialize, de::DeserializeOwned};
 use tracing::Instrument;
 
 use super::State;
+pub use super::op::{Op, RunPath};
+pub use super::respond::UNAUTHENTICATED_BODY;
+pub(crate) use super::respond::{
+    Resp, error_response, json_error_message, ok_json, read_json_body, unauthenticated,
+};
 use crate::{
     auth::{
         AuthError, Identity, Scope,
@@ -23,37 +26,9 @@ use crate::{
     broker::{Broker, BrokerError},
     grants::{GrantError, PollStep},
     wire::{
-        self, ErrorBody, ErrorCode, GrantPollRequest, MAX_BODY_BYTES, SubstituteAuthRequest,
-        ValidateEgressRequest, paths,
+        self, ErrorCode, GrantPollRequest, SubstituteAuthRequest, ValidateEgressRequest, paths,
     },
 };
-
-/// What a route does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    Issue,
-    Renew,
-    Revoke,
-    ValidateEgress,
-    SubstituteAuth,
-    Leases,
-    Runs,
-    GrantsPoll,
-    Ping,
-    NodeCa,
-    Prompt,
-    Interrupt,
-    End,
-    Attach,
-}
-
-impl Op {
-    /// The operations on one interactive run (`/v1/runs/{namespace}/{run}/...`).
-    #[must_use]
-    pub fn is_interactive(self) -> bool {
-        matches!(self, Op::Prompt | Op::Interrupt | Op::End | Op::Attach)
-    }
-}
 
 /// Paths of the interactive routes (`{namespace}` and `{run}` are path parameters).
 pub mod interactive_paths {
@@ -165,13 +140,6 @@ pub const ROUTES: &[Route] = &[
     },
 ];
 
-/// The (namespace, run) of an interactive path.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RunPath {
-    pub namespace: String,
-    pub run: String,
-}
-
 /// Matches `path` against a route pattern whose `{...}` segments are parameters (one
 /// non-empty, percent-decoded segment each). Returns the parameters in order.
 fn match_pattern(pattern: &str, path: &str) -> Option<Vec<String>> {
@@ -206,85 +174,11 @@ pub fn find_route(path: &str) -> Option<(Route, Option<RunPath>)> {
     })
 }
 
-/// A slow client may not hold a connection and a blocking-pool slot open indefinitely.
-const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// The body of every 401, byte for byte: no hint about why.
-pub const UNAUTHENTICATED_BODY: &str =
-    r#"{"code":"Unauthenticated","message":"authentication required"}"#;
-
-pub(crate) type Resp = Response<Full<Bytes>>;
-
-pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Resp {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
-}
-
-pub(crate) fn error_response(code: ErrorCode, message: impl Into<String>) -> Resp {
-    if code == ErrorCode::Unauthenticated {
-        return unauthenticated();
-    }
-    let body = serde_json::to_vec(&ErrorBody {
-        code,
-        message: message.into(),
-    })
-    .unwrap_or_else(|_| br#"{"code":"Internal","message":"internal error"}"#.to_vec());
-    json_response(
-        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-        body,
-    )
-}
-
-fn unauthenticated() -> Resp {
-    let mut resp = json_response(
-        StatusCode::UNAUTHORIZED,
-        UNAUTHENTICATED_BODY.as_bytes().to_vec(),
-    );
-    resp.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    resp
-}
-
-pub(crate) fn ok_json<T: Serialize>(value: &T) -> Resp {
-    match serde_json::to_vec(value) {
-        Ok(body) => json_response(StatusCode::OK, body),
-        Err(_) => error_response(ErrorCode::Internal, "internal error"),
-    }
-}
-
 fn bearer_of(req: &Request<Incoming>) -> Option<&str> {
     let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
-/// A JSON body error message that names fields but never echoes values (which could hold a
-/// bearer sent in the wrong place).
-pub(crate) fn json_error_message(e: &serde_json::Error) -> String {
-    let text = e.to_string();
-    match e.classify() {
-        serde_json::error::Category::Data
-            if text.starts_with("unknown field") || text.starts_with("missing field") =>
-        {
-            match text.find(", expected") {
-                Some(i) => format!("invalid request body: {}", &text[..i]),
-                None => format!("invalid request body: {text}"),
-            }
-        }
-        _ => format!(
-            "invalid request body: malformed or mistyped JSON at line {} column {}",
-            e.line(),
-            e.column()
-        ),
-    }
 }
 
 pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infallible> {
@@ -497,59 +391,6 @@ fn leases_query(query: Option<&str>) -> Result<String, String> {
     }
     run.filter(|r| !r.is_empty())
         .ok_or_else(|| "query parameter run is required".to_owned())
-}
-
-pub(crate) async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, Resp> {
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let mime = content_type.split(';').next().unwrap_or_default().trim();
-    if !mime.eq_ignore_ascii_case("application/json") {
-        return Err(error_response(
-            ErrorCode::UnsupportedMediaType,
-            "Content-Type must be application/json",
-        ));
-    }
-    let too_large = || {
-        error_response(
-            ErrorCode::PayloadTooLarge,
-            format!("request body exceeds {MAX_BODY_BYTES} bytes"),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return Err(too_large());
-    }
-    let collected = tokio::time::timeout(
-        BODY_TIMEOUT,
-        Limited::new(req.into_body(), MAX_BODY_BYTES).collect(),
-    )
-    .await;
-    let Ok(collected) = collected else {
-        return Err(error_response(
-            ErrorCode::BadRequest,
-            "request body not received in time",
-        ));
-    };
-    match collected {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
-        }
-        Err(_) => Err(error_response(
-            ErrorCode::BadRequest,
-            "request body could not be read",
-        )),
-    }
 }
 
 async fn parse_and_call<Req, Out>(

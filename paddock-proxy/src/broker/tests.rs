@@ -1839,8 +1839,8 @@ mod grants;
 
 #[tokio::test]
 async fn the_broker_readiness_check_follows_the_broker() {
+    use crate::health::BrokerCheck;
     use crate::metrics::ReadyCheck;
-    use crate::metrics::ready::BrokerCheck;
     let mut fx = Fixture::start(Options::default()).await;
     let check = BrokerCheck(fx.proxy_client());
     let records = fx.audit.events().len();

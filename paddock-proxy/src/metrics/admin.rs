@@ -209,7 +209,7 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let sink: Arc<dyn crate::audit::AuditSink> =
             Arc::new(crate::audit::JsonlFileSink::open(&path).expect("open"));
-        ready.add_check(Arc::new(crate::metrics::ready::AuditCheck(sink)));
+        ready.add_check(Arc::new(crate::health::AuditCheck(sink)));
         assert_eq!(get(addr, "GET", "/readyz").await.0, 200);
         std::fs::remove_file(&path).expect("rm");
         let (status, body) = get(addr, "GET", "/readyz").await;

@@ -1,0 +1,36 @@
+//! What each API route does, and the run an interactive path names: shared by the route
+//! table ([`super::routes`]) and the interactive routes ([`super::interact`]).
+
+/// What a route does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Issue,
+    Renew,
+    Revoke,
+    ValidateEgress,
+    SubstituteAuth,
+    Leases,
+    Runs,
+    GrantsPoll,
+    Ping,
+    NodeCa,
+    Prompt,
+    Interrupt,
+    End,
+    Attach,
+}
+
+impl Op {
+    /// The operations on one interactive run (`/v1/runs/{namespace}/{run}/...`).
+    #[must_use]
+    pub fn is_interactive(self) -> bool {
+        matches!(self, Op::Prompt | Op::Interrupt | Op::End | Op::Attach)
+    }
+}
+
+/// The (namespace, run) of an interactive path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunPath {
+    pub namespace: String,
+    pub run: String,
+}
