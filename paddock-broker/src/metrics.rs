@@ -60,6 +60,10 @@ impl Default for Metrics {
 
 impl Metrics {
     #[must_use]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one registration per family, each with its help text"
+    )]
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("paddock_broker");
         let requests = Family::<Labels, Counter>::default();

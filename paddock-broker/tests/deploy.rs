@@ -916,6 +916,36 @@ async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, text)
 }
 
+/// The Deployment's probes against the served broker: liveness answers 200; readiness checks
+/// the deployed `TokenReview` backend's API server, which does not exist here, so everything
+/// else must pass and that check must be the one that says why.
+async fn probes_answer(admin: SocketAddr, d: &Deployment) {
+    let path = text(
+        &d.container["livenessProbe"]["httpGet"]["path"],
+        "livenessProbe",
+    );
+    let (status, body) = http_get(admin, path).await;
+    assert_eq!(status, 200, "livenessProbe {path}: {body}");
+    let path = text(
+        &d.container["readinessProbe"]["httpGet"]["path"],
+        "readinessProbe",
+    );
+    let (status, body) = http_get(admin, path).await;
+    assert_eq!(status, 503, "readinessProbe {path}: {body}");
+    let json = &body[body.find('{').expect("a JSON body")..];
+    let report: serde_json::Value = serde_json::from_str(json).expect("JSON report");
+    for check in report["checks"].as_array().expect("checks") {
+        let failing_is_the_api_server = check["name"] == "auth:tokenreview"
+            && check["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("kubernetes.default.svc"));
+        assert!(
+            check["ok"] == true || failing_is_the_api_server,
+            "only the absent API server may fail readiness: {report}"
+        );
+    }
+}
+
 /// The configuration as deployed, with the pod's files recreated under a temporary root,
 /// builds a broker whose admin listener answers the Deployment's probes.
 #[tokio::test(flavor = "multi_thread")]
@@ -1016,32 +1046,7 @@ async fn deployed_config_builds_a_broker_that_answers_the_probes() {
     );
     let handle = server::spawn(built.options).await.expect("serve");
     let admin = handle.admin_addr.expect("admin listener");
-    let path = text(
-        &d.container["livenessProbe"]["httpGet"]["path"],
-        "livenessProbe",
-    );
-    let (status, body) = http_get(admin, path).await;
-    assert_eq!(status, 200, "livenessProbe {path}: {body}");
-    // Readiness checks the deployed TokenReview backend's API server, which does not exist
-    // here: everything else must pass, and that check must be the one that says why.
-    let path = text(
-        &d.container["readinessProbe"]["httpGet"]["path"],
-        "readinessProbe",
-    );
-    let (status, body) = http_get(admin, path).await;
-    assert_eq!(status, 503, "readinessProbe {path}: {body}");
-    let json = &body[body.find('{').expect("a JSON body")..];
-    let report: serde_json::Value = serde_json::from_str(json).expect("JSON report");
-    for check in report["checks"].as_array().expect("checks") {
-        let failing_is_the_api_server = check["name"] == "auth:tokenreview"
-            && check["detail"]
-                .as_str()
-                .is_some_and(|d| d.contains("kubernetes.default.svc"));
-        assert!(
-            check["ok"] == true || failing_is_the_api_server,
-            "only the absent API server may fail readiness: {report}"
-        );
-    }
+    probes_answer(admin, &d).await;
     assert!(
         c.database.as_ref().is_some_and(|p| p.exists()) && c.audit.path.exists(),
         "the database and the audit log are created on their claims"

@@ -202,6 +202,39 @@ pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<
     Ok(resp)
 }
 
+/// The caller behind the request's bearer, or the answer that refuses it (401 byte for byte
+/// the same whatever the reason; 403; 503 when a backend cannot decide).
+async fn authenticate(state: &Arc<State>, req: &Request<Incoming>) -> Result<Identity, Resp> {
+    let Some(token) = bearer_of(req) else {
+        state.metrics.auth_failure("missing");
+        return Err(unauthenticated());
+    };
+    match state.auth.authenticate(token).await {
+        Ok(identity) => Ok(identity),
+        Err(AuthError::Unauthenticated(reason)) => {
+            state.metrics.auth_failure("unauthenticated");
+            tracing::info!(%reason, "authentication failed");
+            Err(unauthenticated())
+        }
+        Err(AuthError::Forbidden(reason)) => {
+            state.metrics.auth_failure("forbidden");
+            tracing::info!(%reason, "authentication refused");
+            Err(error_response(
+                ErrorCode::Forbidden,
+                "caller is not allowed",
+            ))
+        }
+        Err(AuthError::Unavailable(reason)) => {
+            state.metrics.auth_failure("unavailable");
+            tracing::warn!(%reason, "authentication backend unavailable");
+            Err(error_response(
+                ErrorCode::Unavailable,
+                "authentication backend unavailable",
+            ))
+        }
+    }
+}
+
 async fn dispatch(
     state: &Arc<State>,
     found: Option<(Route, Option<RunPath>)>,
@@ -221,27 +254,9 @@ async fn dispatch(
         tracing::error!("route without a declared scope refused");
         return error_response(ErrorCode::Forbidden, "route is not available");
     };
-    let Some(token) = bearer_of(&req) else {
-        state.metrics.auth_failure("missing");
-        return unauthenticated();
-    };
-    let identity = match state.auth.authenticate(token).await {
+    let identity = match authenticate(state, &req).await {
         Ok(identity) => identity,
-        Err(AuthError::Unauthenticated(reason)) => {
-            state.metrics.auth_failure("unauthenticated");
-            tracing::info!(%reason, "authentication failed");
-            return unauthenticated();
-        }
-        Err(AuthError::Forbidden(reason)) => {
-            state.metrics.auth_failure("forbidden");
-            tracing::info!(%reason, "authentication refused");
-            return error_response(ErrorCode::Forbidden, "caller is not allowed");
-        }
-        Err(AuthError::Unavailable(reason)) => {
-            state.metrics.auth_failure("unavailable");
-            tracing::warn!(%reason, "authentication backend unavailable");
-            return error_response(ErrorCode::Unavailable, "authentication backend unavailable");
-        }
+        Err(resp) => return resp,
     };
     tracing::Span::current().record("caller", identity.subject.as_str());
     if !identity.has(scope) {
