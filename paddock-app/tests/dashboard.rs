@@ -83,6 +83,9 @@ fn every_metric_the_dashboard_names_is_exported() {
     broker.observe_request("/v1/issue", 200, 0.001);
     broker.auth_failure("unauthenticated");
     exported.extend(series_names(&broker.render()));
+    exported.extend(series_names(
+        &paddock_broker::cluster::controller::admin::ControllerMetrics::new().render(),
+    ));
     let mut used = BTreeSet::new();
     for expr in &exprs {
         let names = metric_names(expr);
@@ -107,6 +110,7 @@ fn every_metric_the_dashboard_names_is_exported() {
         "paddock_broker_leases",
         "paddock_proxy_build_info",
         "paddock_broker_build_info",
+        "paddock_controller_build_info",
     ] {
         assert!(used.contains(must), "no panel shows {must}");
     }

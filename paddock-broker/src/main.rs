@@ -536,10 +536,32 @@ fn controller(config_path: &Path) -> anyhow::Result<()> {
         );
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("SIGTERM handler")?;
+        let metrics = Arc::new(ctl::admin::ControllerMetrics::new());
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        if let Some(addr) = config.admin_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin listener {addr}"))?;
+            tracing::info!(%addr, "admin listener");
+            tokio::spawn(ctl::admin::serve(
+                listener,
+                Arc::clone(&metrics),
+                async move {
+                    let _ = admin_stopped.await;
+                },
+            ));
+        }
         tracing::info!(identity = %identity, "controller replica started");
         lease::lead(
             &lock,
-            || ctl::run(Arc::clone(&ctx), std::future::pending()),
+            || {
+                let leading = metrics.lead();
+                let work = ctl::run(Arc::clone(&ctx), std::future::pending());
+                async move {
+                    let _leading = leading;
+                    work.await;
+                }
+            },
             async move {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -548,6 +570,7 @@ fn controller(config_path: &Path) -> anyhow::Result<()> {
             },
         )
         .await;
+        let _ = admin_stop.send(());
         tracing::info!("controller stopped");
         Ok(())
     })

@@ -13,6 +13,7 @@
 //!   name: paddock-controller                     # the Lease
 //! runLabel: paddock.dev/run                      # the node agent's kubernetes.run_label
 //! resyncSeconds: 60
+//! adminListen: 0.0.0.0:9092                      # optional: /healthz, /readyz, /metrics
 //! ```
 
 use std::{path::PathBuf, time::Duration};
@@ -31,6 +32,9 @@ pub struct ControllerConfig {
     pub run_label: String,
     #[serde(default = "default_resync")]
     pub resync_seconds: u64,
+    /// Plain-HTTP admin listener for probes and metrics (see [`super::admin`]).
+    #[serde(default)]
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -5,6 +5,7 @@
 //! deletes the Secret. See [`reconcile`] for the steps and [`lease`] for the leader election
 //! that keeps two replicas from acting at once.
 
+pub mod admin;
 pub mod broker_api;
 pub mod config;
 pub mod lease;
