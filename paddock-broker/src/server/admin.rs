@@ -74,7 +74,7 @@ pub(crate) async fn readiness(state: &Arc<State>) -> Report {
             Err("waiting for the first list of BrokerPolicy objects".to_owned())
         } else if let Some(e) = policy.last_error() {
             Ok(format!(
-                "policy reload failing; previous policy active: {e}"
+                "policy reload failing, previous policy active: {e}"
             ))
         } else {
             Ok(format!(
