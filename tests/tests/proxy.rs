@@ -154,7 +154,14 @@ async fn get_over_http1_and_h2_through_the_ebpf_path() {
         "{metrics}"
     );
     assert_eq!(f.admin("/healthz"), "ok\n");
-    assert_eq!(f.admin("/readyz"), "ready\n");
+    let ready = f.admin("/readyz");
+    assert!(ready.starts_with(r#"{"ready":true,"#), "{ready}");
+    for check in ["listeners", "audit", "ca"] {
+        assert!(
+            ready.contains(&format!(r#"{{"name":"{check}","ok":true"#)),
+            "{check}: {ready}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
