@@ -89,17 +89,17 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(uri) = authority(&parts, &ctx) {
             // Whatever the agent wrote, the request goes to the connection's destination.
             let up = uri.authority().expect("upstream URI has an authority");
-            // One spelling for both sides: an enclosing pair of brackets (IPv6) and one
-            // trailing dot do not change the host. Only a pair: a `[` or `]` inside a
-            // (malformed) name is part of it, as the proxy treats it.
-            fn spelled(h: &str) -> &str {
-                let h = h
-                    .strip_prefix('[')
+            // The destination as the proxy spells a host it dials (an enclosing pair of
+            // brackets and one trailing dot dropped; a `[` or `]` inside a malformed name is
+            // part of it); the upstream URI holds that spelling, bracketed when IPv6.
+            fn unbracketed(h: &str) -> &str {
+                h.strip_prefix('[')
                     .and_then(|i| i.strip_suffix(']'))
-                    .unwrap_or(h);
-                h.strip_suffix('.').unwrap_or(h)
+                    .unwrap_or(h)
             }
-            let (want, got) = (spelled(&dest), spelled(up.host()));
+            let want = unbracketed(&dest);
+            let want = want.strip_suffix('.').unwrap_or(want);
+            let got = unbracketed(up.host());
             assert!(
                 got.eq_ignore_ascii_case(want),
                 "forwarded to {got:?}, not {want:?}"
