@@ -29,7 +29,7 @@ use crate::{
     policy::{EgressDecision, PolicyError, PolicyStore, hosts},
     providers::{self, Placement, ProviderContext, ProviderError, decode_basic},
     ratelimit::{KIND_EGRESS, KIND_ISSUE, KIND_SUBSTITUTE, RateLimitError, RateLimits},
-    store::{NewLease, PoolRequest, Store, StoreError},
+    store::{NewLease, NodeCaAdmission, NodeCaRecord, PoolRequest, Store, StoreError},
     wire::{
         DeliveryMode, ErrorCode, GrantTerms, InvalidationScope, IssueRequest, IssueResponse,
         LeaseInfo, LeasesResponse, NodeCaRequest, NodeCaResponse, RenewRequest, RenewResponse,
@@ -367,6 +367,32 @@ impl Broker {
                 time::OffsetDateTime::now_utc(),
             ),
         };
+        // Recorded before it leaves, so it can be revoked; a barred node gets nothing.
+        let outcome = match outcome {
+            Ok(issued) => {
+                let record = NodeCaRecord {
+                    serial: issued.serial.clone(),
+                    node: request.node.clone(),
+                    not_before: u64::try_from(issued.not_before.unix_timestamp()).unwrap_or(0),
+                    not_after: u64::try_from(issued.not_after.unix_timestamp()).unwrap_or(0),
+                    revoked_at: None,
+                    reason: None,
+                };
+                match self.store.record_node_ca(&record) {
+                    Ok(NodeCaAdmission::Recorded) => Ok(issued),
+                    Ok(NodeCaAdmission::Blocked(block)) => Err(NodeCaError::Blocked {
+                        node: block.node,
+                        reason: block.reason,
+                    }),
+                    Err(e) => {
+                        event.reason = Some(format!("recording the intermediate: {e}"));
+                        self.audit(&event)?;
+                        return Err(e.into());
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
         match outcome {
             Ok(issued) => {
                 event.event = AuditKind::NodeCaIssued;
@@ -393,6 +419,26 @@ impl Broker {
                 })
             }
         }
+    }
+
+    /// `GET /v1/node-ca/crl`: the root's current revocation list (DER), listing every
+    /// revoked intermediate that has not expired. Built from the store on each call, so a
+    /// revocation committed by any replica or by `paddock-broker ca revoke` is in the next one.
+    pub fn node_ca_crl(&self, caller: &Identity) -> Result<Vec<u8>, BrokerError> {
+        if !caller.is_node_agent() {
+            return Err(BrokerError::Forbidden(
+                "only node agents (broker:node-agent) read the node CA revocation list".to_owned(),
+            ));
+        }
+        let Some(ca) = self.node_ca() else {
+            return Err(BrokerError::NotFound(
+                "this broker issues no node CAs (nodeCa is not configured)".to_owned(),
+            ));
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let revoked = revoked_node_cas(&self.store, now)?;
+        ca.crl(&revoked, now)
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))
     }
 
     /// The pod locator, if node agents can be served.
@@ -1264,3 +1310,25 @@ impl RunDirectory for Broker {
 
 #[cfg(test)]
 mod tests;
+
+/// The revoked intermediates in `store` that have not expired at `now`, for a CRL.
+pub fn revoked_node_cas(
+    store: &Store,
+    now: time::OffsetDateTime,
+) -> Result<Vec<crate::node_ca::Revoked>, StoreError> {
+    let secs = u64::try_from(now.unix_timestamp()).unwrap_or(0);
+    Ok(store
+        .node_cas(secs)?
+        .into_iter()
+        .filter_map(|r| {
+            let at = r.revoked_at?;
+            Some(crate::node_ca::Revoked {
+                serial: r.serial,
+                revoked_at: time::OffsetDateTime::from_unix_timestamp(
+                    i64::try_from(at).unwrap_or(i64::MAX),
+                )
+                .unwrap_or(now),
+            })
+        })
+        .collect())
+}

@@ -137,6 +137,43 @@ enum CaCommand {
         #[arg(long, default_value = "Paddock cluster root CA")]
         name: String,
     },
+    /// List the node intermediates that have not expired and the barred nodes.
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Revoke one intermediate (`--serial`, e.g. its key was copied; the node may get a new
+    /// one), or every intermediate of a node and bar it from new ones (`--node`, e.g. the node
+    /// is compromised; lift with `ca unblock`). Node agents replace a revoked intermediate
+    /// within their CRL check interval; verifiers that load the CRL refuse it at once.
+    Revoke {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, conflicts_with = "node", required_unless_present = "node")]
+        serial: Option<String>,
+        #[arg(long)]
+        node: Option<String>,
+        /// Why (kept with the revocation).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Let a barred node get intermediates again.
+    Unblock {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        node: String,
+    },
+    /// Write the root's current revocation list (PEM) for verifiers that load CRLs.
+    Crl {
+        #[arg(long)]
+        config: PathBuf,
+        /// Output file (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -350,6 +387,24 @@ fn main() -> ExitCode {
         Command::Ca {
             command: CaCommand::Init { out, days, name },
         } => ca_init(&out, days, &name),
+        Command::Ca {
+            command: CaCommand::List { config, output },
+        } => ca_list(&config, output),
+        Command::Ca {
+            command:
+                CaCommand::Revoke {
+                    config,
+                    serial,
+                    node,
+                    reason,
+                },
+        } => ca_revoke(&config, serial.as_deref(), node.as_deref(), &reason),
+        Command::Ca {
+            command: CaCommand::Unblock { config, node },
+        } => ca_unblock(&config, &node),
+        Command::Ca {
+            command: CaCommand::Crl { config, out },
+        } => ca_crl(&config, out.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -383,6 +438,151 @@ fn ca_init(out: &Path, days: u64, name: &str) -> anyhow::Result<()> {
         out.join(paddock_broker::node_ca::ROOT_CERT_FILE).display(),
         out.join(paddock_broker::node_ca::ROOT_KEY_FILE).display()
     );
+    Ok(())
+}
+
+/// The configured store, refused unless its schema is this binary's (nothing is migrated
+/// behind the operator's back).
+fn current_store(config: &Path) -> anyhow::Result<Store> {
+    let store = Store::open_config_unmigrated(&Config::load(config)?.store_config()?)?;
+    let found = store.schema_version()?;
+    if found != SCHEMA_VERSION {
+        bail!(
+            "store schema version {found} is not {SCHEMA_VERSION}: run `paddock-broker store migrate --config {}`",
+            config.display()
+        );
+    }
+    Ok(store)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn ca_list(config: &Path, output: Output) -> anyhow::Result<()> {
+    let store = current_store(config)?;
+    let cas = store.node_cas(unix_now())?;
+    let blocks = store.node_blocks()?;
+    if output == Output::Json {
+        let cas: Vec<_> = cas
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "serial": r.serial, "node": r.node, "notBefore": r.not_before,
+                    "notAfter": r.not_after, "revokedAt": r.revoked_at, "reason": r.reason,
+                })
+            })
+            .collect();
+        let blocks: Vec<_> = blocks
+            .iter()
+            .map(|b| serde_json::json!({"node": b.node, "blockedAt": b.blocked_at, "reason": b.reason}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"intermediates": cas, "barredNodes": blocks})
+            )?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<34} {:<24} {:>11} {:>11} REVOKED",
+        "SERIAL", "NODE", "NOT_BEFORE", "NOT_AFTER"
+    );
+    for r in &cas {
+        let revoked = r.revoked_at.map_or_else(
+            || "-".to_owned(),
+            |at| format!("{at} ({})", r.reason.as_deref().unwrap_or_default()),
+        );
+        println!(
+            "{:<34} {:<24} {:>11} {:>11} {revoked}",
+            r.serial, r.node, r.not_before, r.not_after
+        );
+    }
+    for b in &blocks {
+        println!(
+            "barred node {} since {}: {}",
+            b.node, b.blocked_at, b.reason
+        );
+    }
+    Ok(())
+}
+
+fn ca_revoke(
+    config: &Path,
+    serial: Option<&str>,
+    node: Option<&str>,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let reason = reason.trim();
+    if reason.is_empty() || reason.len() > 200 {
+        bail!("--reason must be 1 .. 200 characters");
+    }
+    let store = current_store(config)?;
+    match (serial, node) {
+        (Some(serial), _) => {
+            let serial = serial.trim().to_ascii_lowercase().replace(':', "");
+            if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+                bail!("--serial must be the hex serial `ca list` shows");
+            }
+            if store.revoke_node_ca(&serial, unix_now(), reason)? {
+                println!("revoked intermediate {serial}");
+            } else if store.node_cas(0)?.iter().any(|r| r.serial == serial) {
+                println!("intermediate {serial} was already revoked");
+            } else {
+                bail!("no intermediate with serial {serial} (see `paddock-broker ca list`)");
+            }
+        }
+        (None, Some(node)) => {
+            if !paddock_broker::auth::names::is_node_name(node) {
+                bail!("--node {node:?} is not a node name");
+            }
+            let revoked = store.block_node(node, unix_now(), reason)?;
+            println!(
+                "node {node} is barred from new intermediates; revoked {} live one(s){}",
+                revoked.len(),
+                if revoked.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", revoked.join(", "))
+                }
+            );
+        }
+        (None, None) => bail!("give --serial or --node"),
+    }
+    Ok(())
+}
+
+fn ca_unblock(config: &Path, node: &str) -> anyhow::Result<()> {
+    let store = current_store(config)?;
+    if store.unblock_node(node)? {
+        println!("node {node} may get intermediates again");
+    } else {
+        println!("node {node} was not barred");
+    }
+    Ok(())
+}
+
+fn ca_crl(config: &Path, out: Option<&Path>) -> anyhow::Result<()> {
+    let loaded = Config::load(config)?;
+    let node_ca = loaded
+        .node_ca
+        .as_ref()
+        .context("the config has no nodeCa: there is no root to sign a CRL")?;
+    let ca = paddock_broker::node_ca::NodeCa::load(node_ca)?;
+    let store = current_store(config)?;
+    let now = time::OffsetDateTime::now_utc();
+    let revoked = paddock_broker::broker::revoked_node_cas(&store, now)?;
+    let pem = paddock_broker::node_ca::crl_to_pem(&ca.crl(&revoked, now)?);
+    match out {
+        Some(path) => {
+            std::fs::write(path, &pem).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {} ({} revoked)", path.display(), revoked.len());
+        }
+        None => print!("{pem}"),
+    }
     Ok(())
 }
 

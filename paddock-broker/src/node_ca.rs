@@ -26,9 +26,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CidrSubnet,
-    DistinguishedName, DnType, DnValue, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    NameConstraints, PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams,
+    CertificateSigningRequestParams, CidrSubnet, DistinguishedName, DnType, DnValue,
+    GeneralSubtree, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, NameConstraints,
+    PKCS_ECDSA_P256_SHA256, PKCS_ECDSA_P384_SHA384, RevocationReason, RevokedCertParams,
+    SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
@@ -51,6 +53,9 @@ pub const MAX_LIFETIME: Duration = Duration::from_hours(7 * 24);
 const BACKDATE: time::Duration = time::Duration::minutes(5);
 /// Largest CSR accepted (PEM characters); a P-384 request is under 1 KiB.
 const MAX_CSR_LEN: usize = 8 * 1024;
+/// A CRL's `nextUpdate`: how long a copy may be relied on before fetching a new one. Short,
+/// because intermediates live a day and a revocation should reach verifiers within the hour.
+pub const CRL_VALIDITY: Duration = Duration::from_hours(1);
 
 /// `nodeCa:` in the broker config.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -160,6 +165,21 @@ pub enum NodeCaError {
     WrongNode { requested: String, bound: String },
     #[error("signing the intermediate: {0}")]
     Sign(rcgen::Error),
+    /// The node is barred from intermediates (`paddock-broker ca revoke --node`).
+    #[error("node {node:?} is barred from node CAs: {reason}")]
+    Blocked { node: String, reason: String },
+    #[error("signing the revocation list: {0}")]
+    Crl(rcgen::Error),
+    #[error("serial {0:?} is not a hex certificate serial")]
+    BadSerial(String),
+}
+
+/// One revoked intermediate, as the CRL lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revoked {
+    /// Hex serial.
+    pub serial: String,
+    pub revoked_at: OffsetDateTime,
 }
 
 /// One issued intermediate.
@@ -182,6 +202,8 @@ pub struct NodeCa {
     root_not_after: OffsetDateTime,
     lifetime: Duration,
     constraints: Option<NameConstraints>,
+    /// The root's subject key identifier: the CRL's authority key identifier names it.
+    root_key_id: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for NodeCa {
@@ -255,6 +277,14 @@ impl NodeCa {
                 "the key does not belong to the root certificate".to_owned(),
             ));
         }
+        let root_key_id = x509
+            .iter_extensions()
+            .find_map(|ext| match ext.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
+                    Some(id.0.to_vec())
+                }
+                _ => None,
+            });
         let root_not_before = x509.validity().not_before.to_datetime();
         let root_not_after = x509.validity().not_after.to_datetime();
         let now = OffsetDateTime::now_utc();
@@ -271,7 +301,45 @@ impl NodeCa {
             root_not_after,
             lifetime,
             constraints,
+            root_key_id,
         })
+    }
+
+    /// A certificate revocation list signed by the root, listing `revoked`, valid from `now`
+    /// for [`CRL_VALIDITY`]. Its number is `now` in milliseconds, so a later list (from any
+    /// replica) has a larger one.
+    pub fn crl(&self, revoked: &[Revoked], now: OffsetDateTime) -> Result<Vec<u8>, NodeCaError> {
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        let revoked_certs = revoked
+            .iter()
+            .map(|r| {
+                let serial = hex::decode(&r.serial)
+                    .ok()
+                    .filter(|b| !b.is_empty() && b.len() <= 20)
+                    .ok_or_else(|| NodeCaError::BadSerial(r.serial.clone()))?;
+                Ok(RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&serial),
+                    revocation_time: r.revoked_at.replace_nanosecond(0).unwrap_or(r.revoked_at),
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, NodeCaError>>()?;
+        let number = u64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        let params = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now
+                + time::Duration::try_from(CRL_VALIDITY).unwrap_or(time::Duration::HOUR),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: self
+                .root_key_id
+                .clone()
+                .map_or(KeyIdMethod::Sha256, KeyIdMethod::PreSpecified),
+        };
+        let crl = params.signed_by(&self.issuer).map_err(NodeCaError::Crl)?;
+        Ok(crl.der().to_vec())
     }
 
     /// The root certificate, PEM: the trust bundle of agent pods.
@@ -436,6 +504,12 @@ fn random_serial() -> [u8; 16] {
 
 fn der_to_pem(der: &[u8]) -> String {
     to_pem("CERTIFICATE", der)
+}
+
+/// A CRL in PEM (`X509 CRL`), for files operators hand to verifiers.
+#[must_use]
+pub fn crl_to_pem(der: &[u8]) -> String {
+    to_pem("X509 CRL", der)
 }
 
 fn to_pem(label: &str, der: &[u8]) -> String {

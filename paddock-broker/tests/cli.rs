@@ -392,14 +392,15 @@ fn store_migrate_and_check() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 3"));
+        let version = format!("schema version {}", paddock_broker::store::SCHEMA_VERSION);
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&version));
         let out = store(&["check"], config);
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("reachable, schema version 3"));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("reachable, {version}")));
     }
 }
 
@@ -639,4 +640,155 @@ fn leases_list_prints_json() {
         !String::from_utf8_lossy(&out.stdout).contains("0707"),
         "no bearer hash"
     );
+}
+
+/// `ca list|revoke|unblock|crl` on the broker's database: what an operator runs when a node
+/// key leaks or a node is compromised.
+#[test]
+fn ca_revoke_lists_bars_and_writes_the_crl() {
+    use paddock_broker::store::{NodeCaRecord, Store};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let root = d.join("root");
+    let out = bin(&["ca", "init", "--out", &root.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let config = d.join("broker.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\ntls: {{cert: c, key: k}}\npolicy: p\naudit: {{path: a}}\n\
+             auth: {{staticKeys: {{file: keys}}}}\ndatabase: {}\n\
+             nodeCa: {{certFile: {}, keyFile: {}}}\n",
+            d.join("b.db").display(),
+            root.join("ca.crt").display(),
+            root.join("ca.key").display()
+        ),
+    )
+    .expect("config");
+    let cfg = config.display().to_string();
+    {
+        let store = Store::open(&d.join("b.db")).expect("store");
+        for (serial, node) in [("4a01", "node-a"), ("4a02", "node-a"), ("4b01", "node-b")] {
+            store
+                .record_node_ca(&NodeCaRecord {
+                    serial: serial.into(),
+                    node: node.into(),
+                    not_before: 1,
+                    not_after: 4_000_000_000,
+                    revoked_at: None,
+                    reason: None,
+                })
+                .expect("record");
+        }
+    }
+    let crl_serials = |path: &Path| -> Vec<String> {
+        let pem = std::fs::read(path).expect("crl file");
+        let (_, block) = x509_parser::pem::parse_x509_pem(&pem).expect("PEM");
+        assert_eq!(block.label, "X509 CRL");
+        let (_, crl) = x509_parser::parse_x509_crl(&block.contents).expect("CRL");
+        let mut serials: Vec<String> = crl
+            .iter_revoked_certificates()
+            .map(|r| hex::encode(r.raw_serial()))
+            .collect();
+        serials.sort();
+        serials
+    };
+    let crl = d.join("crl.pem");
+    let crl_arg = crl.display().to_string();
+    let out = bin(&["ca", "crl", "--config", &cfg, "--out", &crl_arg]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(crl_serials(&crl).is_empty());
+
+    let out = bin(&[
+        "ca",
+        "revoke",
+        "--config",
+        &cfg,
+        "--serial",
+        "4B:01",
+        "--reason",
+        "key copied",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("revoked intermediate 4b01"),
+        "{}",
+        text(&out)
+    );
+    let out = bin(&[
+        "ca", "revoke", "--config", &cfg, "--serial", "4b01", "--reason", "again",
+    ]);
+    assert!(
+        out.status.success() && text(&out).contains("already revoked"),
+        "{}",
+        text(&out)
+    );
+    let out = bin(&[
+        "ca", "revoke", "--config", &cfg, "--serial", "ffff", "--reason", "x",
+    ]);
+    assert!(!out.status.success(), "an unknown serial is an error");
+    assert!(
+        text(&out).contains("no intermediate with serial ffff"),
+        "{}",
+        text(&out)
+    );
+    for bad in [
+        vec!["ca", "revoke", "--config", &cfg, "--reason", "x"],
+        vec![
+            "ca", "revoke", "--config", &cfg, "--serial", "zz", "--reason", "x",
+        ],
+        vec![
+            "ca",
+            "revoke",
+            "--config",
+            &cfg,
+            "--node",
+            "Not_A_Node",
+            "--reason",
+            "x",
+        ],
+        vec![
+            "ca", "revoke", "--config", &cfg, "--node", "node-a", "--reason", " ",
+        ],
+    ] {
+        let out = bin(&bad);
+        assert!(!out.status.success(), "{bad:?} must fail: {}", text(&out));
+    }
+
+    let out = bin(&[
+        "ca",
+        "revoke",
+        "--config",
+        &cfg,
+        "--node",
+        "node-a",
+        "--reason",
+        "compromised",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("revoked 2 live one(s)"),
+        "{}",
+        text(&out)
+    );
+    let out = bin(&["ca", "crl", "--config", &cfg, "--out", &crl_arg]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(crl_serials(&crl), ["4a01", "4a02", "4b01"]);
+
+    let out = bin(&["ca", "list", "--config", &cfg, "--output", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["intermediates"].as_array().map(Vec::len), Some(3), "{v}");
+    assert_eq!(v["intermediates"][0]["reason"], "compromised", "{v}");
+    assert_eq!(v["barredNodes"][0]["node"], "node-a", "{v}");
+
+    let out = bin(&["ca", "unblock", "--config", &cfg, "--node", "node-a"]);
+    assert!(
+        out.status.success() && text(&out).contains("may get intermediates again"),
+        "{}",
+        text(&out)
+    );
+    let out = bin(&["ca", "list", "--config", &cfg, "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["barredNodes"], serde_json::json!([]), "{v}");
 }

@@ -26,6 +26,8 @@ pub mod paths {
     pub const PING: &str = "/v1/ping";
     /// A node agent's certificate signing request for its short-lived intermediate CA.
     pub const NODE_CA: &str = "/v1/node-ca";
+    /// The cluster root's revocation list of node intermediates (DER, `application/pkix-crl`).
+    pub const NODE_CA_CRL: &str = "/v1/node-ca/crl";
 }
 
 /// Stable error codes. The HTTP status is fixed per code.

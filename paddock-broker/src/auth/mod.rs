@@ -10,7 +10,7 @@ mod config_serde;
 mod fetch;
 pub mod introspection;
 pub mod jwt;
-pub(crate) mod names;
+pub mod names;
 pub mod pods;
 pub mod rsa_session;
 pub mod static_keys;

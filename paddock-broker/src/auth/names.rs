@@ -13,7 +13,7 @@ pub(crate) fn is_service_account(s: &str) -> bool {
 }
 
 /// A Kubernetes node name (RFC 1123 subdomain, like a service account name).
-pub(crate) fn is_node_name(s: &str) -> bool {
+pub fn is_node_name(s: &str) -> bool {
     is_service_account(s)
 }
 

@@ -834,6 +834,27 @@ impl crate::store::StoreBackend for SharedBuckets {
     fn purge_before(&self, cutoff: u64) -> Result<usize, StoreError> {
         self.inner.purge_before(cutoff)
     }
+    fn record_node_ca(
+        &self,
+        record: &crate::store::NodeCaRecord,
+    ) -> Result<crate::store::NodeCaAdmission, StoreError> {
+        self.inner.record_node_ca(record)
+    }
+    fn revoke_node_ca(&self, serial: &str, now: u64, reason: &str) -> Result<bool, StoreError> {
+        self.inner.revoke_node_ca(serial, now, reason)
+    }
+    fn block_node(&self, node: &str, now: u64, reason: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.block_node(node, now, reason)
+    }
+    fn unblock_node(&self, node: &str) -> Result<bool, StoreError> {
+        self.inner.unblock_node(node)
+    }
+    fn node_cas(&self, now: u64) -> Result<Vec<crate::store::NodeCaRecord>, StoreError> {
+        self.inner.node_cas(now)
+    }
+    fn node_blocks(&self) -> Result<Vec<crate::store::NodeBlock>, StoreError> {
+        self.inner.node_blocks()
+    }
     fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping()
     }

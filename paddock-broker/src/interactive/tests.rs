@@ -115,6 +115,27 @@ impl StoreBackend for NoSeq {
     fn purge_before(&self, cutoff: u64) -> Result<usize, StoreError> {
         self.0.purge_before(cutoff)
     }
+    fn record_node_ca(
+        &self,
+        record: &crate::store::NodeCaRecord,
+    ) -> Result<crate::store::NodeCaAdmission, StoreError> {
+        self.0.record_node_ca(record)
+    }
+    fn revoke_node_ca(&self, serial: &str, now: u64, reason: &str) -> Result<bool, StoreError> {
+        self.0.revoke_node_ca(serial, now, reason)
+    }
+    fn block_node(&self, node: &str, now: u64, reason: &str) -> Result<Vec<String>, StoreError> {
+        self.0.block_node(node, now, reason)
+    }
+    fn unblock_node(&self, node: &str) -> Result<bool, StoreError> {
+        self.0.unblock_node(node)
+    }
+    fn node_cas(&self, now: u64) -> Result<Vec<crate::store::NodeCaRecord>, StoreError> {
+        self.0.node_cas(now)
+    }
+    fn node_blocks(&self) -> Result<Vec<crate::store::NodeBlock>, StoreError> {
+        self.0.node_blocks()
+    }
     fn ping(&self) -> Result<(), StoreError> {
         self.0.ping()
     }

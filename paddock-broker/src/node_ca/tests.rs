@@ -81,6 +81,133 @@ fn verify(
         .map(|_| ())
 }
 
+/// [`verify`] with the root's CRLs loaded, as a verifier that checks revocation does: the
+/// intermediate's status must be known (the root's CRL covers it); the leaf's may be unknown
+/// (intermediates publish no CRL: leaves live hours).
+fn verify_with_crls(
+    root: &CertificateDer<'static>,
+    crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
+    leaf: &CertificateDer<'static>,
+    intermediates: &[CertificateDer<'static>],
+    host: &str,
+) -> Result<(), rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).expect("root");
+    let verifier = WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .with_crls(crls)
+    .allow_unknown_revocation_status()
+    .enforce_revocation_expiration()
+    .build()
+    .expect("verifier");
+    let name = ServerName::try_from(host.to_owned()).expect("name");
+    verifier
+        .verify_server_cert(leaf, intermediates, &name, &[], UnixTime::now())
+        .map(|_| ())
+}
+
+/// A revoked intermediate: the root's CRL lists it and webpki refuses every leaf it forged,
+/// while a sibling intermediate (the node's renewal) still verifies under the same CRL.
+#[test]
+fn a_revoked_intermediate_fails_verification_against_the_roots_crl() {
+    let ca = root(Duration::from_hours(24), &config(3600));
+    let now = OffsetDateTime::now_utc();
+    let (old_key, csr) = csr_for("node-a");
+    let old = ca.issue("node-a", "node-a", &csr, now).expect("issued");
+    let (new_key, csr) = csr_for("node-a");
+    let new = ca.issue("node-a", "node-a", &csr, now).expect("renewed");
+    let old_leaf = forge(&old.certificate_der, old_key, "api.example.com");
+    let new_leaf = forge(&new.certificate_der, new_key, "api.example.com");
+
+    let empty = ca.crl(&[], now).expect("empty crl");
+    for (leaf, chain) in [
+        (&old_leaf, &old.certificate_der),
+        (&new_leaf, &new.certificate_der),
+    ] {
+        verify_with_crls(
+            ca.root_der(),
+            vec![empty.clone().into()],
+            leaf,
+            std::slice::from_ref(chain),
+            "api.example.com",
+        )
+        .expect("nothing revoked yet");
+    }
+
+    let revoked = [Revoked {
+        serial: old.serial.clone(),
+        revoked_at: now,
+    }];
+    let crl = ca.crl(&revoked, now).expect("crl");
+    let (_, parsed) = x509_parser::parse_x509_crl(&crl).expect("a parseable CRL");
+    assert_eq!(parsed.iter_revoked_certificates().count(), 1);
+    assert_eq!(
+        hex::encode(
+            parsed
+                .iter_revoked_certificates()
+                .next()
+                .expect("one")
+                .raw_serial()
+        ),
+        old.serial
+    );
+    assert!(
+        parsed.next_update().is_some(),
+        "a CRL says when to fetch the next"
+    );
+    let err = verify_with_crls(
+        ca.root_der(),
+        vec![crl.clone().into()],
+        &old_leaf,
+        std::slice::from_ref(&old.certificate_der),
+        "api.example.com",
+    )
+    .expect_err("revoked");
+    assert!(
+        matches!(
+            err,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+        ),
+        "{err:?}"
+    );
+    verify_with_crls(
+        ca.root_der(),
+        vec![crl.into()],
+        &new_leaf,
+        std::slice::from_ref(&new.certificate_der),
+        "api.example.com",
+    )
+    .expect("the renewed intermediate is not revoked");
+
+    // A list with the root's name but another key's signature is refused as a list (the
+    // verification fails closed), never read as this root's revocations.
+    let other = root(Duration::from_hours(24), &config(3600));
+    let forged = other.crl(&[], now).expect("forged crl");
+    let err = verify_with_crls(
+        ca.root_der(),
+        vec![forged.into()],
+        &old_leaf,
+        std::slice::from_ref(&old.certificate_der),
+        "api.example.com",
+    )
+    .expect_err("a CRL signed by another key");
+    assert!(
+        matches!(
+            err,
+            rustls::Error::InvalidCertRevocationList(rustls::CertRevocationListError::BadSignature)
+        ),
+        "{err:?}"
+    );
+
+    let bad = [Revoked {
+        serial: "not hex".to_owned(),
+        revoked_at: now,
+    }];
+    assert!(matches!(ca.crl(&bad, now), Err(NodeCaError::BadSerial(_))));
+}
+
 #[test]
 fn intermediate_is_a_pathlen_0_signing_ca_for_its_node_and_its_leaves_verify_under_the_root() {
     let ca = root(Duration::from_hours(24 * 365), &config(3600));

@@ -14,6 +14,7 @@ pub enum Op {
     GrantsPoll,
     Ping,
     NodeCa,
+    NodeCaCrl,
     Prompt,
     Interrupt,
     End,
@@ -21,6 +22,20 @@ pub enum Op {
 }
 
 impl Op {
+    /// The only operations a node agent may call, whatever scopes a configuration gave it.
+    #[must_use]
+    pub fn is_for_node_agents(self) -> bool {
+        matches!(
+            self,
+            Op::ValidateEgress
+                | Op::SubstituteAuth
+                | Op::GrantsPoll
+                | Op::Ping
+                | Op::NodeCa
+                | Op::NodeCaCrl
+        )
+    }
+
     /// The operations on one interactive run (`/v1/runs/{namespace}/{run}/...`).
     #[must_use]
     pub fn is_interactive(self) -> bool {

@@ -138,6 +138,13 @@ pub const ROUTES: &[Route] = &[
         scope: Some(Scope::NodeAgent),
         op: Op::NodeCa,
     },
+    // Node agents watch it to replace a revoked intermediate at once.
+    Route {
+        method: "GET",
+        path: paths::NODE_CA_CRL,
+        scope: Some(Scope::NodeAgent),
+        op: Op::NodeCaCrl,
+    },
 ];
 
 /// Matches `path` against a route pattern whose `{...}` segments are parameters (one
@@ -270,12 +277,7 @@ async fn dispatch(
     }
     // A node agent acts for the runs on its node through these two calls and nothing else,
     // whatever scopes a configuration gave it.
-    if identity.is_node_agent()
-        && !matches!(
-            route.op,
-            Op::ValidateEgress | Op::SubstituteAuth | Op::GrantsPoll | Op::Ping | Op::NodeCa
-        )
-    {
+    if identity.is_node_agent() && !route.op.is_for_node_agents() {
         return error_response(
             ErrorCode::Forbidden,
             "node agents may only call validate-egress, substitute-auth, grants/poll, ping and \
@@ -284,6 +286,9 @@ async fn dispatch(
     }
     if route.op == Op::Ping {
         return ping(state).await;
+    }
+    if route.op == Op::NodeCaCrl {
+        return node_ca_crl(state, identity).await;
     }
     // Interactive patterns always carry their (namespace, run).
     if let (true, Some(rp)) = (route.op.is_interactive(), run_path) {
@@ -327,9 +332,38 @@ async fn dispatch(
             state.metrics.node_ca_request(resp.status().as_u16());
             resp
         }
-        Op::Leases | Op::Ping | Op::Prompt | Op::Interrupt | Op::End | Op::Attach => {
-            error_response(ErrorCode::Internal, "internal error")
+        Op::Leases
+        | Op::Ping
+        | Op::NodeCaCrl
+        | Op::Prompt
+        | Op::Interrupt
+        | Op::End
+        | Op::Attach => error_response(ErrorCode::Internal, "internal error"),
+    }
+}
+
+/// The node CA revocation list, DER (built off the runtime: it reads the store).
+async fn node_ca_crl(state: &Arc<State>, identity: Identity) -> Resp {
+    let broker = state.broker.clone();
+    let span = tracing::Span::current();
+    let result =
+        tokio::task::spawn_blocking(move || span.in_scope(|| broker.node_ca_crl(&identity))).await;
+    match result {
+        Ok(Ok(der)) => {
+            let mut resp = Resp::new(http_body_util::Full::new(bytes::Bytes::from(der)));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/pkix-crl"),
+            );
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp
         }
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "node CA revocation list refused");
+            error_response(e.code(), e.public_message())
+        }
+        Err(_) => error_response(ErrorCode::Internal, "internal error"),
     }
 }
 

@@ -97,8 +97,38 @@ pub struct PoolRequest<'a> {
     pub size: u32,
 }
 
+/// An intermediate CA the broker issued to a node (its certificate's facts, never a key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCaRecord {
+    /// Hex serial, as the audit trail and the CRL name it.
+    pub serial: String,
+    pub node: String,
+    pub not_before: u64,
+    pub not_after: u64,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<u64>,
+    pub reason: Option<String>,
+}
+
+/// A node barred from new intermediates (`paddock-broker ca revoke --node`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeBlock {
+    pub node: String,
+    pub blocked_at: u64,
+    pub reason: String,
+}
+
+/// What recording a new intermediate found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeCaAdmission {
+    /// Recorded: the intermediate may be handed out.
+    Recorded,
+    /// The node is barred: nothing was recorded and the intermediate must not leave.
+    Blocked(NodeBlock),
+}
+
 /// The schema version this binary writes and expects (the number of migrations).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// What the broker persists. Every method is one transaction.
 pub trait StoreBackend: Send + Sync + fmt::Debug {
@@ -175,6 +205,28 @@ pub trait StoreBackend: Send + Sync + fmt::Debug {
         let _ = (namespace, run);
         Ok(None)
     }
+
+    /// Records an intermediate about to be handed to its node, unless the node is barred;
+    /// the check and the insert are one transaction, serialised per node against
+    /// [`StoreBackend::block_node`], so a node barred while its request is signed never gets
+    /// an unrevoked intermediate.
+    fn record_node_ca(&self, record: &NodeCaRecord) -> Result<NodeCaAdmission, StoreError>;
+
+    /// Revokes one intermediate. `Ok(false)`: no such serial, or already revoked.
+    fn revoke_node_ca(&self, serial: &str, now: u64, reason: &str) -> Result<bool, StoreError>;
+
+    /// Bars `node` from new intermediates and revokes every one it holds that has not
+    /// expired; returns the revoked serials.
+    fn block_node(&self, node: &str, now: u64, reason: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Lifts a bar. `Ok(false)`: the node was not barred.
+    fn unblock_node(&self, node: &str) -> Result<bool, StoreError>;
+
+    /// Intermediates that have not expired at `now`, revoked or not, by node then `notAfter`.
+    fn node_cas(&self, now: u64) -> Result<Vec<NodeCaRecord>, StoreError>;
+
+    /// Every barred node.
+    fn node_blocks(&self) -> Result<Vec<NodeBlock>, StoreError>;
 
     /// Cheap liveness probe for readiness.
     fn ping(&self) -> Result<(), StoreError>;

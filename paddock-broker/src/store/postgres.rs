@@ -34,7 +34,8 @@ use tokio_postgres::{
 };
 
 use super::{
-    NewLease, PoolRequest, SCHEMA_VERSION, StoreBackend, StoreError, sqlite::delivery_str,
+    NewLease, NodeBlock, NodeCaAdmission, NodeCaRecord, PoolRequest, SCHEMA_VERSION, StoreBackend,
+    StoreError, sqlite::delivery_str,
 };
 use crate::{
     ratelimit::RateSpec,
@@ -125,8 +126,51 @@ CREATE TABLE IF NOT EXISTS turn_seqs (
 );
 ";
 
+/// Migration 4: the node intermediates issued (for revocation and the CRL) and the nodes
+/// barred from new ones.
+const MIGRATION_4: &str = "
+CREATE TABLE IF NOT EXISTS node_cas (
+    serial TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    not_before BIGINT NOT NULL,
+    not_after BIGINT NOT NULL,
+    revoked_at BIGINT,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS node_cas_by_node ON node_cas(node, not_after);
+CREATE TABLE IF NOT EXISTS node_blocks (
+    node TEXT PRIMARY KEY,
+    blocked_at BIGINT NOT NULL,
+    reason TEXT NOT NULL
+);
+";
+
 /// Every migration, in order; the schema version is the number applied.
-const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3];
+const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];
+
+/// Serialises issuing and barring per node across replicas (with the node's name hashed in).
+const NODE_CA_LOCK: i32 = 0x7064_6b6e; // "pdkn"
+
+fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative {what}")))
+}
+
+fn node_block_from_row(row: &postgres::Row) -> Result<NodeBlock, StoreError> {
+    Ok(NodeBlock {
+        node: row.try_get(0)?,
+        blocked_at: to_u64(row.try_get(1)?, "blocked_at")?,
+        reason: row.try_get(2)?,
+    })
+}
+
+/// Takes the per-node lock for the rest of `tx`.
+fn lock_node(tx: &mut Transaction<'_>, node: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&NODE_CA_LOCK, &node],
+    )?;
+    Ok(())
+}
 
 /// One token from a shared bucket, in one statement: the row lock `ON CONFLICT DO UPDATE`
 /// takes serialises replicas on the bucket, the refill is computed from the stored time and
@@ -750,6 +794,8 @@ impl StoreBackend for PostgresStore {
                 "DELETE FROM leases WHERE expires_at < $1 OR (revoked AND issued_at < $1)",
                 &[&cutoff],
             )?;
+            // An expired intermediate needs no revocation entry: chains through it fail anyway.
+            tx.execute("DELETE FROM node_cas WHERE not_after < $1", &[&cutoff])?;
             // A bucket untouched since before the cut-off has refilled long ago: dropping it
             // (a new one starts full) changes nothing but the table's size.
             tx.execute(
@@ -779,6 +825,106 @@ impl StoreBackend for PostgresStore {
     }
 
     /// One statement: the row lock of `ON CONFLICT DO UPDATE` orders concurrent replicas.
+    fn record_node_ca(&self, record: &NodeCaRecord) -> Result<NodeCaAdmission, StoreError> {
+        self.transaction(|tx| {
+            // The same lock `block_node` takes: a bar is either committed before this check
+            // or waits for this insert and then revokes it.
+            lock_node(tx, &record.node)?;
+            if let Some(row) = tx.query_opt(
+                "SELECT node, blocked_at, reason FROM node_blocks WHERE node = $1",
+                &[&record.node],
+            )? {
+                return Ok(NodeCaAdmission::Blocked(node_block_from_row(&row)?));
+            }
+            tx.execute(
+                "INSERT INTO node_cas (serial, node, not_before, not_after) VALUES ($1, $2, $3, $4)",
+                &[
+                    &record.serial,
+                    &record.node,
+                    &to_i64(record.not_before),
+                    &to_i64(record.not_after),
+                ],
+            )?;
+            Ok(NodeCaAdmission::Recorded)
+        })
+    }
+
+    fn revoke_node_ca(&self, serial: &str, now: u64, reason: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.client.execute(
+                "UPDATE node_cas SET revoked_at = $2, reason = $3 WHERE serial = $1 AND revoked_at IS NULL",
+                &[&serial, &to_i64(now), &reason],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    fn block_node(&self, node: &str, now: u64, reason: &str) -> Result<Vec<String>, StoreError> {
+        self.transaction(|tx| {
+            lock_node(tx, node)?;
+            tx.execute(
+                "INSERT INTO node_blocks (node, blocked_at, reason) VALUES ($1, $2, $3)
+                 ON CONFLICT (node) DO UPDATE SET blocked_at = excluded.blocked_at, reason = excluded.reason",
+                &[&node, &to_i64(now), &reason],
+            )?;
+            tx.query(
+                "UPDATE node_cas SET revoked_at = $2, reason = $3
+                 WHERE node = $1 AND revoked_at IS NULL AND not_after > $2 RETURNING serial",
+                &[&node, &to_i64(now), &reason],
+            )?
+            .iter()
+            .map(|r| r.try_get(0).map_err(StoreError::from))
+            .collect()
+        })
+    }
+
+    fn unblock_node(&self, node: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            Ok(c.client
+                .execute("DELETE FROM node_blocks WHERE node = $1", &[&node])?
+                > 0)
+        })
+    }
+
+    fn node_cas(&self, now: u64) -> Result<Vec<NodeCaRecord>, StoreError> {
+        self.with(|c| {
+            c.client
+                .query(
+                    "SELECT serial, node, not_before, not_after, revoked_at, reason FROM node_cas
+                     WHERE not_after > $1 ORDER BY node, not_after, serial",
+                    &[&to_i64(now)],
+                )?
+                .iter()
+                .map(|r| {
+                    Ok(NodeCaRecord {
+                        serial: r.try_get(0)?,
+                        node: r.try_get(1)?,
+                        not_before: to_u64(r.try_get(2)?, "not_before")?,
+                        not_after: to_u64(r.try_get(3)?, "not_after")?,
+                        revoked_at: r
+                            .try_get::<_, Option<i64>>(4)?
+                            .map(|v| to_u64(v, "revoked_at"))
+                            .transpose()?,
+                        reason: r.try_get(5)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn node_blocks(&self) -> Result<Vec<NodeBlock>, StoreError> {
+        self.with(|c| {
+            c.client
+                .query(
+                    "SELECT node, blocked_at, reason FROM node_blocks ORDER BY node",
+                    &[],
+                )?
+                .iter()
+                .map(node_block_from_row)
+                .collect()
+        })
+    }
+
     fn next_turn_seq(&self, namespace: &str, run: &str) -> Result<Option<u64>, StoreError> {
         self.with(|c| {
             let row = c.client.query_one(

@@ -7,7 +7,10 @@ use std::{path::Path, sync::Mutex};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{NewLease, PoolRequest, SCHEMA_VERSION, StoreBackend, StoreError};
+use super::{
+    NewLease, NodeBlock, NodeCaAdmission, NodeCaRecord, PoolRequest, SCHEMA_VERSION, StoreBackend,
+    StoreError,
+};
 use crate::wire::{DeliveryMode, LeaseInfo, RunInfo, RunPhase};
 
 #[derive(Debug)]
@@ -75,8 +78,27 @@ CREATE TABLE IF NOT EXISTS turn_seqs (
 );
 ";
 
+/// Migration 4: the node intermediates issued (for revocation and the CRL) and the nodes
+/// barred from new ones.
+const MIGRATION_4: &str = "
+CREATE TABLE IF NOT EXISTS node_cas (
+    serial TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    revoked_at INTEGER,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS node_cas_by_node ON node_cas(node, not_after);
+CREATE TABLE IF NOT EXISTS node_blocks (
+    node TEXT PRIMARY KEY,
+    blocked_at INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
+";
+
 /// Every migration, in order; the schema version is the number applied.
-const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3];
+const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3, MIGRATION_4];
 
 pub(super) fn delivery_str(d: DeliveryMode) -> &'static str {
     match d {
@@ -120,6 +142,29 @@ fn lease_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<LeaseInfo,
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative {what}")))
+}
+
+fn node_block_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, i64, String)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+}
+
+fn node_block(c: &Connection, node: &str) -> Result<Option<NodeBlock>, StoreError> {
+    let row = c
+        .prepare_cached("SELECT node, blocked_at, reason FROM node_blocks WHERE node = ?1")?
+        .query_row([node], node_block_from_row)
+        .optional()?;
+    row.map(|(node, at, reason)| {
+        Ok(NodeBlock {
+            node,
+            blocked_at: to_u64(at, "blocked_at")?,
+            reason,
+        })
+    })
+    .transpose()
 }
 
 impl SqliteStore {
@@ -426,8 +471,118 @@ impl StoreBackend for SqliteStore {
                 "DELETE FROM leases WHERE expires_at < ?1 OR (revoked = 1 AND issued_at < ?1)",
                 [to_i64(cutoff)],
             )?;
+            // An expired intermediate needs no revocation entry: chains through it fail anyway.
+            tx.execute("DELETE FROM node_cas WHERE not_after < ?1", [to_i64(cutoff)])?;
             tx.commit()?;
             Ok(n)
+        })
+    }
+
+    fn record_node_ca(&self, record: &NodeCaRecord) -> Result<NodeCaAdmission, StoreError> {
+        self.with(|c| {
+            // IMMEDIATE: the write lock is taken before the check, so a bar committed by
+            // another process cannot land between the check and the insert.
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Some(block) = node_block(&tx, &record.node)? {
+                return Ok(NodeCaAdmission::Blocked(block));
+            }
+            tx.execute(
+                "INSERT INTO node_cas (serial, node, not_before, not_after, revoked_at, reason)
+                 VALUES (?1, ?2, ?3, ?4, NULL, NULL)",
+                params![
+                    record.serial,
+                    record.node,
+                    to_i64(record.not_before),
+                    to_i64(record.not_after)
+                ],
+            )?;
+            tx.commit()?;
+            Ok(NodeCaAdmission::Recorded)
+        })
+    }
+
+    fn revoke_node_ca(&self, serial: &str, now: u64, reason: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE node_cas SET revoked_at = ?2, reason = ?3 WHERE serial = ?1 AND revoked_at IS NULL",
+                params![serial, to_i64(now), reason],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    fn block_node(&self, node: &str, now: u64, reason: &str) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO node_blocks (node, blocked_at, reason) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (node) DO UPDATE SET blocked_at = excluded.blocked_at, reason = excluded.reason",
+                params![node, to_i64(now), reason],
+            )?;
+            let serials = {
+                let mut stmt = tx.prepare(
+                    "UPDATE node_cas SET revoked_at = ?2, reason = ?3
+                     WHERE node = ?1 AND revoked_at IS NULL AND not_after > ?2 RETURNING serial",
+                )?;
+                let rows = stmt.query_map(params![node, to_i64(now), reason], |r| r.get(0))?;
+                rows.collect::<Result<Vec<String>, _>>()?
+            };
+            tx.commit()?;
+            Ok(serials)
+        })
+    }
+
+    fn unblock_node(&self, node: &str) -> Result<bool, StoreError> {
+        self.with(|c| Ok(c.execute("DELETE FROM node_blocks WHERE node = ?1", [node])? > 0))
+    }
+
+    fn node_cas(&self, now: u64) -> Result<Vec<NodeCaRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT serial, node, not_before, not_after, revoked_at, reason FROM node_cas
+                 WHERE not_after > ?1 ORDER BY node, not_after, serial",
+            )?;
+            let rows = stmt.query_map([to_i64(now)], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (serial, node, not_before, not_after, revoked_at, reason) = row?;
+                out.push(NodeCaRecord {
+                    serial,
+                    node,
+                    not_before: to_u64(not_before, "not_before")?,
+                    not_after: to_u64(not_after, "not_after")?,
+                    revoked_at: revoked_at.map(|v| to_u64(v, "revoked_at")).transpose()?,
+                    reason,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn node_blocks(&self) -> Result<Vec<NodeBlock>, StoreError> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT node, blocked_at, reason FROM node_blocks ORDER BY node")?;
+            let rows = stmt.query_map([], node_block_from_row)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (node, at, reason) = row?;
+                out.push(NodeBlock {
+                    node,
+                    blocked_at: to_u64(at, "blocked_at")?,
+                    reason,
+                });
+            }
+            Ok(out)
         })
     }
 

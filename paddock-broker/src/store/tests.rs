@@ -247,6 +247,163 @@ fn turn_sequence_is_persisted_per_run(s: &Store) {
     assert_eq!(s.next_turn_seq("ns", "r").expect("seq"), Some(3));
 }
 
+fn node_ca(serial: &str, node: &str, not_after: u64) -> NodeCaRecord {
+    NodeCaRecord {
+        serial: serial.to_owned(),
+        node: node.to_owned(),
+        not_before: 100,
+        not_after,
+        revoked_at: None,
+        reason: None,
+    }
+}
+
+/// Intermediates are recorded, revoked one by one or all of a node's at once; a barred node
+/// gets nothing recorded until the bar is lifted; expired ones are left out and purged.
+fn node_ca_records_revocations_and_bars(s: &Store) {
+    assert_eq!(
+        s.record_node_ca(&node_ca("aa", "node-a", 1_000))
+            .expect("record"),
+        NodeCaAdmission::Recorded
+    );
+    s.record_node_ca(&node_ca("ab", "node-a", 2_000))
+        .expect("record");
+    s.record_node_ca(&node_ca("ac", "node-a", 150))
+        .expect("record (expires early)");
+    s.record_node_ca(&node_ca("b1", "node-b", 1_000))
+        .expect("record");
+    let serials = |now| -> Vec<(String, Option<u64>)> {
+        s.node_cas(now)
+            .expect("list")
+            .into_iter()
+            .map(|r| (r.serial, r.revoked_at))
+            .collect()
+    };
+    assert_eq!(
+        serials(200),
+        [
+            ("aa".to_owned(), None),
+            ("ab".to_owned(), None),
+            ("b1".to_owned(), None)
+        ],
+        "ordered by node then notAfter; the expired one is left out"
+    );
+
+    assert!(s.revoke_node_ca("b1", 300, "key copied").expect("revoke"));
+    assert!(
+        !s.revoke_node_ca("b1", 301, "again")
+            .expect("twice is a no-op")
+    );
+    assert!(
+        !s.revoke_node_ca("zz", 301, "unknown")
+            .expect("unknown serial")
+    );
+    let b1 = s
+        .node_cas(300)
+        .expect("list")
+        .into_iter()
+        .find(|r| r.serial == "b1")
+        .expect("b1");
+    assert_eq!(
+        (b1.revoked_at, b1.reason.as_deref()),
+        (Some(300), Some("key copied"))
+    );
+    // Revoking one serial does not bar its node.
+    assert_eq!(
+        s.record_node_ca(&node_ca("b2", "node-b", 1_000))
+            .expect("record"),
+        NodeCaAdmission::Recorded
+    );
+
+    let mut revoked = s
+        .block_node("node-a", 400, "node compromised")
+        .expect("block");
+    revoked.sort();
+    assert_eq!(revoked, ["aa", "ab"], "every live intermediate of the node");
+    match s
+        .record_node_ca(&node_ca("ad", "node-a", 3_000))
+        .expect("record")
+    {
+        NodeCaAdmission::Blocked(b) => {
+            assert_eq!(
+                (b.node.as_str(), b.blocked_at, b.reason.as_str()),
+                ("node-a", 400, "node compromised")
+            );
+        }
+        NodeCaAdmission::Recorded => panic!("a barred node got an intermediate recorded"),
+    }
+    assert!(
+        !s.node_cas(400)
+            .expect("list")
+            .iter()
+            .any(|r| r.serial == "ad"),
+        "nothing recorded for a barred node"
+    );
+    assert_eq!(s.node_blocks().expect("blocks").len(), 1);
+    assert!(s.unblock_node("node-a").expect("unblock"));
+    assert!(!s.unblock_node("node-a").expect("unblock twice"));
+    assert!(s.node_blocks().expect("blocks").is_empty());
+    assert_eq!(
+        s.record_node_ca(&node_ca("ad", "node-a", 3_000))
+            .expect("record"),
+        NodeCaAdmission::Recorded
+    );
+
+    s.purge_before(1_500).expect("purge");
+    let left: Vec<String> = s
+        .node_cas(0)
+        .expect("list")
+        .into_iter()
+        .map(|r| r.serial)
+        .collect();
+    assert_eq!(
+        left,
+        ["ab", "ad"],
+        "only intermediates past notAfter are purged"
+    );
+}
+
+/// A bar racing issuances on other connections never leaves an unrevoked intermediate of
+/// the barred node: each record lands either before the bar (and is revoked by it) or is
+/// refused.
+fn node_bar_racing_issuance_leaves_nothing_unrevoked(s: &Store) {
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 40;
+    let blocked = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let blocked = &blocked;
+            scope.spawn(move || {
+                for i in 0..ROUNDS {
+                    let seen_block = blocked.load(std::sync::atomic::Ordering::SeqCst);
+                    let got = s
+                        .record_node_ca(&node_ca(&format!("s{t}-{i}"), "node-r", 10_000))
+                        .expect("record");
+                    if seen_block {
+                        assert!(
+                            matches!(got, NodeCaAdmission::Blocked(_)),
+                            "recorded after the bar had returned"
+                        );
+                    }
+                }
+            });
+        }
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_millis(5));
+            s.block_node("node-r", 500, "race").expect("block");
+            blocked.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+    });
+    let live: Vec<String> = s
+        .node_cas(500)
+        .expect("list")
+        .into_iter()
+        .filter(|r| r.node == "node-r" && r.revoked_at.is_none())
+        .map(|r| r.serial)
+        .collect();
+    assert!(live.is_empty(), "unrevoked after the bar: {live:?}");
+}
+
 macro_rules! suite {
     ($backend:ident) => {
         mod $backend {
@@ -290,6 +447,18 @@ macro_rules! suite {
                     return;
                 };
                 super::concurrent_reservations_never_double_grant(&f.store);
+            }
+
+            #[test]
+            fn node_ca_records_revocations_and_bars() {
+                let Some(f) = fixture("node_ca") else { return };
+                super::node_ca_records_revocations_and_bars(&f.store);
+            }
+
+            #[test]
+            fn node_bar_racing_issuance_leaves_nothing_unrevoked() {
+                let Some(f) = fixture("node_bar") else { return };
+                super::node_bar_racing_issuance_leaves_nothing_unrevoked(&f.store);
             }
 
             #[test]

@@ -765,3 +765,131 @@ async fn node_ca_is_issued_only_to_node_agents_for_their_own_node() {
     let text = std::fs::read_to_string(stack.dir.path().join("audit.jsonl")).expect("audit");
     assert!(!text.contains("BEGIN"), "no PEM in the audit trail");
 }
+
+impl Stack {
+    /// `GET /v1/node-ca/crl`: (status, content type, body).
+    async fn crl(&self, bearer: &str) -> (u16, String, Vec<u8>) {
+        let request = format!(
+            "GET /v1/node-ca/crl HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {bearer}\r\nConnection: close\r\n\r\n"
+        );
+        let (status, head, body) = common::tls_raw(self.handle.addr, &self.ca, &request).await;
+        let content_type = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-type:")
+                    .map(|v| v.trim().to_owned())
+            })
+            .unwrap_or_default();
+        (status, content_type, body)
+    }
+
+    /// The serials a CRL from this broker lists, after checking the root signed it.
+    fn crl_serials(&self, der: &[u8]) -> Vec<String> {
+        let root = std::fs::read_to_string(self.dir.path().join("root/ca.crt")).expect("root");
+        let (_, root_block) = x509_parser::pem::parse_x509_pem(root.as_bytes()).expect("pem");
+        let root = root_block.parse_x509().expect("root x509");
+        let (_, crl) = x509_parser::parse_x509_crl(der).expect("a DER CRL");
+        crl.verify_signature(root.public_key())
+            .expect("signed by the root");
+        assert_eq!(crl.issuer(), root.subject());
+        crl.iter_revoked_certificates()
+            .map(|r| hex::encode(r.raw_serial()))
+            .collect()
+    }
+
+    async fn issue_node_ca(&self, bearer: &str, node: &str) -> (u16, Value) {
+        let (_, csr) = node_csr(node);
+        self.post("/v1/node-ca", bearer, &json!({"node": node, "csr": csr}))
+            .await
+    }
+}
+
+fn serial_of(cert_pem: &str) -> String {
+    let (_, block) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).expect("pem");
+    hex::encode(block.parse_x509().expect("x509").raw_serial())
+}
+
+/// Revocation as an operator does it (`paddock-broker ca revoke`, on the broker's database):
+/// the CRL node agents read lists a revoked intermediate at once; a barred node gets no new
+/// one (403, audited) until the bar is lifted; only node agents read the list.
+#[tokio::test]
+async fn revoked_intermediates_are_listed_and_a_barred_node_gets_none() {
+    let stack = Stack::start().await;
+    let (status, first) = stack.issue_node_ca("agent-on-node-a", "node-a").await;
+    assert_eq!(status, 200, "{first}");
+    let first = serial_of(first["certificate"].as_str().expect("certificate"));
+    let (status, second) = stack.issue_node_ca("agent-on-node-a", "node-a").await;
+    assert_eq!(status, 200, "{second}");
+    let second = serial_of(second["certificate"].as_str().expect("certificate"));
+
+    let (status, content_type, body) = stack.crl("agent-on-node-a").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(content_type, "application/pkix-crl");
+    assert!(stack.crl_serials(&body).is_empty(), "nothing revoked yet");
+    for bearer in [TEAM_A_KEY, CONTROLLER_KEY] {
+        let (status, _, _) = stack.crl(bearer).await;
+        assert_eq!(status, 403, "{bearer} is no node agent");
+    }
+
+    // Another process (the CLI) writes the revocations into the same database.
+    let db = paddock_broker::store::Store::open(&stack.dir.path().join("broker.db")).expect("db");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    assert!(
+        db.revoke_node_ca(&first, now, "key copied")
+            .expect("revoke")
+    );
+    let (_, _, body) = stack.crl("agent-on-node-a").await;
+    assert_eq!(stack.crl_serials(&body), std::slice::from_ref(&first));
+    // One revoked serial does not bar the node: a renewal is still issued.
+    let (status, v) = stack.issue_node_ca("agent-on-node-a", "node-a").await;
+    assert_eq!(status, 200, "{v}");
+    let third = serial_of(v["certificate"].as_str().expect("certificate"));
+
+    let mut barred = db
+        .block_node("node-a", now, "node compromised")
+        .expect("bar");
+    barred.sort();
+    let mut want = vec![second.clone(), third.clone()];
+    want.sort();
+    assert_eq!(
+        barred, want,
+        "every live intermediate of the node is revoked"
+    );
+    let (status, v) = stack.issue_node_ca("agent-on-node-a", "node-a").await;
+    assert_eq!(status, 403, "{v}");
+    assert!(
+        v["message"].as_str().unwrap_or_default().contains("barred"),
+        "{v}"
+    );
+    let (_, _, body) = stack.crl("agent-on-node-a").await;
+    let mut listed = stack.crl_serials(&body);
+    listed.sort();
+    let mut all = vec![first, second, third];
+    all.sort();
+    assert_eq!(listed, all);
+    // Other nodes are untouched.
+    let (status, v) = stack.issue_node_ca("agent-on-node-b", "node-b").await;
+    assert_eq!(status, 200, "{v}");
+
+    let denied: Vec<Value> = stack
+        .audit()
+        .into_iter()
+        .filter(|e| e["event"] == "node-ca-denied")
+        .collect();
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert!(
+        denied[0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("node compromised"),
+        "{denied:?}"
+    );
+
+    assert!(db.unblock_node("node-a").expect("unblock"));
+    let (status, v) = stack.issue_node_ca("agent-on-node-a", "node-a").await;
+    assert_eq!(status, 200, "{v}");
+}
