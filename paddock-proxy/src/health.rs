@@ -115,7 +115,7 @@ impl ReadyCheck for CaCheck {
         Box::pin(async move {
             let span = |secs: u64| format!("{}h{:02}m", secs / 3600, secs % 3600 / 60);
             if left <= time::Duration::ZERO {
-                Err("the forging CA has expired".to_owned())
+                Err("the forging CA has expired or was revoked".to_owned())
             } else if left.unsigned_abs() <= min {
                 Err(format!(
                     "the forging CA expires in {}, within the {} required",

@@ -387,6 +387,12 @@ impl BrokerClient {
 
     /// `GET /v1/ping`: the broker accepts this client's bearer and its store answers (the
     /// readiness check; no audit record, no run needed).
+    /// `GET /v1/node-ca/crl`: the cluster root's revocation list (DER).
+    pub async fn node_ca_crl(&self) -> Result<Bytes, BrokerCallError> {
+        self.call_raw(Method::GET, wire::paths::NODE_CA_CRL, Bytes::new())
+            .await
+    }
+
     pub async fn ping(&self) -> Result<wire::PingResponse, BrokerCallError> {
         self.call(Method::GET, wire::paths::PING, Bytes::new())
             .await
@@ -406,7 +412,7 @@ impl BrokerClient {
         self.call(Method::POST, path, body).await
     }
 
-    /// One call within the deadline (see [`Self::post`] for the retry).
+    /// One call within the deadline (see [`Self::post`] for the retry), its JSON answer.
     async fn call<Resp>(
         &self,
         method: Method,
@@ -416,6 +422,17 @@ impl BrokerClient {
     where
         Resp: DeserializeOwned,
     {
+        let bytes = self.call_raw(method, path, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| BrokerCallError::Decode(json_error(&e)))
+    }
+
+    /// One call within the deadline; the body of a success as it came.
+    async fn call_raw(
+        &self,
+        method: Method,
+        path: &'static str,
+        body: Bytes,
+    ) -> Result<Bytes, BrokerCallError> {
         let attempt = async {
             match self.post_once(&method, path, body.clone()).await {
                 Err(Attempt::Stale(_)) => self.post_once(&method, path, body).await,
@@ -427,7 +444,7 @@ impl BrokerClient {
             .map_err(|_| BrokerCallError::Timeout(self.inner.timeout))?
             .map_err(Attempt::into_error)?;
         if status.is_success() {
-            serde_json::from_slice(&bytes).map_err(|e| BrokerCallError::Decode(json_error(&e)))
+            Ok(bytes)
         } else {
             Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(envelope) => BrokerCallError::Rejected {

@@ -7,7 +7,7 @@
 //! it is within the renewal margin of its `notAfter`: it is re-forged, also single-flight.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -150,6 +150,8 @@ pub struct LeafCache {
     clock: Arc<dyn Clock>,
     stats: LeafCacheStats,
     replacements: AtomicU64,
+    /// The CA was revoked and not replaced: nothing is forged or served from the cache.
+    withdrawn: AtomicBool,
     #[cfg(test)]
     forge_delay: Duration,
 }
@@ -185,6 +187,7 @@ impl LeafCache {
             clock,
             stats: LeafCacheStats::default(),
             replacements: AtomicU64::new(0),
+            withdrawn: AtomicBool::new(false),
             #[cfg(test)]
             forge_delay: Duration::ZERO,
         })
@@ -220,9 +223,23 @@ impl LeafCache {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *guard = generation;
+        self.withdrawn.store(false, Ordering::SeqCst);
         drop(guard);
         self.replacements.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Stops forging under the current CA (it was revoked and no replacement could be had):
+    /// every lookup fails, cached leaves included, until [`LeafCache::replace_ca`].
+    /// Connections already established keep their session.
+    pub fn withdraw_ca(&self) {
+        self.withdrawn.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the CA was withdrawn and not replaced since.
+    #[must_use]
+    pub fn ca_withdrawn(&self) -> bool {
+        self.withdrawn.load(Ordering::SeqCst)
     }
 
     /// How many times the CA was replaced.
@@ -239,14 +256,21 @@ impl LeafCache {
         (ca.certificate().clone(), SystemTime::from(ca.not_after()))
     }
 
-    /// The end of the signing CA's validity (the readiness check watches it).
+    /// The end of the signing CA's validity (the readiness check watches it); a withdrawn
+    /// CA has ended.
     #[must_use]
     pub fn ca_not_after(&self) -> time::OffsetDateTime {
+        if self.ca_withdrawn() {
+            return time::OffsetDateTime::UNIX_EPOCH;
+        }
         self.generation().forger.ca().not_after()
     }
 
     /// The leaf for `name`, forged at most once however many callers ask at the same time.
     pub fn get(&self, name: &LeafName) -> Result<Arc<CertifiedKey>, TlsError> {
+        if self.withdrawn.load(Ordering::Relaxed) {
+            return Err(TlsError::CaWithdrawn);
+        }
         let generation = self.generation();
         let now = self.clock.now();
         if let Some(leaf) = generation.leaves.get(name)

@@ -91,6 +91,9 @@ pub enum TlsError {
         not_before: time::OffsetDateTime,
         not_after: time::OffsetDateTime,
     },
+    /// The forging CA was revoked by its issuer and no replacement could be had yet.
+    #[error("the forging CA was revoked and not yet replaced")]
+    CaWithdrawn,
     /// The name cannot go into a certificate (not a DNS name or IP address).
     #[error("invalid name for a forged certificate: {0:?}")]
     InvalidLeafName(String),

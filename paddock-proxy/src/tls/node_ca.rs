@@ -10,6 +10,12 @@
 //! CA of the [`LeafCache`]: open connections keep their session, new handshakes get leaves of
 //! the new CA. If no renewal succeeds before the intermediate expires, forging fails and new
 //! interceptions are refused: there is no fallback to a CA made on the node.
+//!
+//! Revocation: between renewals the node agent reads the root's revocation list every
+//! [`RenewalSettings::revocation_check`]. When it lists the intermediate in use, the agent
+//! renews at once; if that fails too (the node is barred, or the broker is away), the CA is
+//! withdrawn: nothing is forged until a new intermediate arrives. A list that cannot be
+//! fetched changes nothing (the intermediate's short life is the hard bound).
 
 use std::fmt;
 use std::future::Future;
@@ -31,6 +37,10 @@ pub trait NodeCaSource: Send + Sync + fmt::Debug {
         &'a self,
         request: &'a NodeCaRequest,
     ) -> Pin<Box<dyn Future<Output = Result<NodeCaResponse, String>> + Send + 'a>>;
+
+    /// The root's current certificate revocation list (DER).
+    fn revocation_list(&self)
+    -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>>;
 }
 
 impl NodeCaSource for crate::broker::BrokerClient {
@@ -40,6 +50,37 @@ impl NodeCaSource for crate::broker::BrokerClient {
     ) -> Pin<Box<dyn Future<Output = Result<NodeCaResponse, String>> + Send + 'a>> {
         Box::pin(async move { self.node_ca(request).await.map_err(|e| e.to_string()) })
     }
+
+    fn revocation_list(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
+        Box::pin(async move {
+            self.node_ca_crl()
+                .await
+                .map(|b| b.to_vec())
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Whether the revocation list `crl` (DER) revokes the CA certificate `ca` (DER): same
+/// issuer, and its serial listed. A list that does not parse revokes nothing (and is logged
+/// by the caller).
+pub fn is_revoked(crl: &[u8], ca: &[u8]) -> Result<bool, String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(ca).map_err(|e| format!("the CA certificate: {e}"))?;
+    let (_, list) =
+        x509_parser::parse_x509_crl(crl).map_err(|e| format!("the revocation list: {e}"))?;
+    if list.issuer() != cert.issuer() {
+        return Err(format!(
+            "the revocation list is issued by {}, the CA by {}",
+            list.issuer(),
+            cert.issuer()
+        ));
+    }
+    Ok(list
+        .iter_revoked_certificates()
+        .any(|r| r.raw_serial() == cert.raw_serial()))
 }
 
 /// Why no intermediate was obtained.
@@ -109,6 +150,10 @@ pub async fn obtain(source: &dyn NodeCaSource, node: &str) -> Result<IssuedNodeC
     })
 }
 
+/// Default interval between reads of the revocation list: a revoked intermediate is
+/// replaced within a minute, at one small request per node per minute.
+pub const DEFAULT_REVOCATION_CHECK: Duration = Duration::from_mins(1);
+
 /// When and how to renew.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RenewalSettings {
@@ -119,6 +164,8 @@ pub struct RenewalSettings {
     /// First retry delay after a failed renewal; doubles up to `retry_max`.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// How often to read the root's revocation list between renewals (`None`: never).
+    pub revocation_check: Option<Duration>,
 }
 
 impl Default for RenewalSettings {
@@ -128,6 +175,7 @@ impl Default for RenewalSettings {
             jitter: 0.05,
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_mins(1),
+            revocation_check: Some(DEFAULT_REVOCATION_CHECK),
         }
     }
 }
@@ -147,7 +195,7 @@ pub fn renewal_delay(
 }
 
 /// Renews the CA of `cache` (received at `received`, expiring at `not_after`) until the
-/// future is dropped (or its task aborted).
+/// future is dropped (or its task aborted); renews early when the revocation list names it.
 pub async fn keep_renewed(
     cache: Arc<LeafCache>,
     source: Arc<dyn NodeCaSource>,
@@ -159,9 +207,9 @@ pub async fn keep_renewed(
     loop {
         let sample = rand::random::<f64>() * 2.0 - 1.0;
         let delay = renewal_delay(received, not_after, &settings, sample);
-        let due = received + delay;
-        if let Ok(wait) = due.duration_since(SystemTime::now()) {
-            tokio::time::sleep(wait).await;
+        let revoked = wait_for_renewal(&cache, source.as_ref(), received + delay, &settings).await;
+        if revoked {
+            tracing::warn!(node = %node, "the node CA was revoked: replacing it now");
         }
         let mut backoff = settings.retry_min;
         loop {
@@ -187,7 +235,14 @@ pub async fn keep_renewed(
                     }
                 }
                 Err(e) => {
-                    if SystemTime::now() >= not_after {
+                    if revoked && !cache.ca_withdrawn() {
+                        cache.withdraw_ca();
+                        tracing::error!(
+                            error = %e,
+                            "the revoked node CA could not be replaced: new TLS interceptions \
+                             are refused until it is"
+                        );
+                    } else if SystemTime::now() >= not_after {
                         tracing::error!(
                             error = %e,
                             "node CA expired and not renewed: new TLS interceptions are refused"
@@ -199,6 +254,37 @@ pub async fn keep_renewed(
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(settings.retry_max);
+        }
+    }
+}
+
+/// Waits until `due`, reading the revocation list every `settings.revocation_check` on the
+/// way. Returns whether the list revoked the CA in use (`false`: renewal is simply due).
+async fn wait_for_renewal(
+    cache: &LeafCache,
+    source: &dyn NodeCaSource,
+    due: SystemTime,
+    settings: &RenewalSettings,
+) -> bool {
+    loop {
+        let Ok(left) = due.duration_since(SystemTime::now()) else {
+            return false;
+        };
+        let Some(every) = settings.revocation_check.filter(|d| *d < left) else {
+            tokio::time::sleep(left).await;
+            return false;
+        };
+        tokio::time::sleep(every).await;
+        let ca = cache.ca_summary().0;
+        match source.revocation_list().await {
+            Ok(crl) => match is_revoked(&crl, &ca) {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "node CA revocation list unusable"),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "node CA revocation list unavailable; checking again later");
+            }
         }
     }
 }

@@ -24,13 +24,16 @@ struct FakeBroker {
     calls: AtomicUsize,
     failing: AtomicBool,
     seen_nodes: Mutex<Vec<String>>,
+    /// Serials the revocation list names.
+    revoked: Mutex<Vec<Vec<u8>>>,
+    crl_reads: AtomicUsize,
 }
 
 impl FakeBroker {
     fn new(lifetime: Duration) -> Arc<Self> {
         let mut params = CertificateParams::default();
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let mut dn = DistinguishedName::new();
         // Unique, so two roots are told apart by name (not by a failing signature).
         dn.push(
@@ -45,7 +48,46 @@ impl FakeBroker {
             calls: AtomicUsize::new(0),
             failing: AtomicBool::new(false),
             seen_nodes: Mutex::new(Vec::new()),
+            revoked: Mutex::new(Vec::new()),
+            crl_reads: AtomicUsize::new(0),
         })
+    }
+
+    /// Revokes the intermediate `ca` (DER) from now on.
+    fn revoke(&self, ca: &CertificateDer<'_>) {
+        let (_, cert) = x509_parser::parse_x509_certificate(ca).expect("x509");
+        self.revoked
+            .lock()
+            .expect("lock")
+            .push(cert.raw_serial().to_vec());
+    }
+
+    fn crl(&self) -> Vec<u8> {
+        let now = time::OffsetDateTime::now_utc();
+        let revoked_certs = self
+            .revoked
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|serial| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(serial),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect();
+        rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::HOUR,
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.root)
+        .expect("crl")
+        .der()
+        .to_vec()
     }
 
     fn root_der(&self) -> CertificateDer<'static> {
@@ -98,6 +140,18 @@ impl NodeCaSource for FakeBroker {
                 not_before: 0,
                 not_after: 0,
             })
+        })
+    }
+
+    fn revocation_list(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
+        Box::pin(async move {
+            self.crl_reads.fetch_add(1, Ordering::SeqCst);
+            if self.failing.load(Ordering::SeqCst) {
+                return Err("broker unreachable (test)".to_owned());
+            }
+            Ok(self.crl())
         })
     }
 }
@@ -195,6 +249,11 @@ async fn an_answer_for_another_key_or_not_a_ca_is_refused() {
                 self.0.request(&swapped).await
             })
         }
+        fn revocation_list(
+            &self,
+        ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
+            self.0.revocation_list()
+        }
     }
     let err = obtain(&Wrong(FakeBroker::new(Duration::from_hours(1))), "node-a")
         .await
@@ -224,6 +283,7 @@ async fn renewal_swaps_the_ca_while_open_connections_keep_working() {
         jitter: 0.0,
         retry_min: Duration::from_millis(100),
         retry_max: Duration::from_millis(400),
+        revocation_check: None,
     };
     let source: Arc<dyn NodeCaSource> = broker.clone();
     let renewer = tokio::spawn(keep_renewed(
@@ -277,6 +337,7 @@ async fn without_a_renewal_new_interceptions_fail_closed_at_expiry() {
         jitter: 0.0,
         retry_min: Duration::from_millis(100),
         retry_max: Duration::from_millis(200),
+        revocation_check: None,
     };
     let source: Arc<dyn NodeCaSource> = broker.clone();
     let renewer = tokio::spawn(keep_renewed(
@@ -321,6 +382,168 @@ async fn without_a_renewal_new_interceptions_fail_closed_at_expiry() {
         .expect("handshake after recovery");
     echo(&mut fresh, b"back").await;
     renewer.abort();
+}
+
+/// Waits up to 5 s for `done`.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn watching(every: Duration) -> RenewalSettings {
+    RenewalSettings {
+        renew_at: 0.9,
+        jitter: 0.0,
+        retry_min: Duration::from_millis(50),
+        retry_max: Duration::from_millis(200),
+        revocation_check: Some(every),
+    }
+}
+
+/// An hour-long intermediate revoked after a minute of use is replaced at the next read of
+/// the revocation list, not at its renewal time; open connections keep working.
+#[tokio::test]
+async fn a_revoked_intermediate_is_replaced_at_once() {
+    let broker = FakeBroker::new(Duration::from_hours(1));
+    let first = obtain(broker.as_ref(), "node-a").await.expect("obtain");
+    let first_der = first.ca.certificate().clone();
+    let (received, not_after) = (first.received, first.not_after());
+    let cache = Arc::new(LeafCache::new(first.ca, LeafCacheConfig::default()).expect("cache"));
+    let addr = serve(Arc::new(MitmServer::new(Arc::clone(&cache)).expect("mitm"))).await;
+    let mut open = connect(addr, broker.client()).await.expect("handshake");
+    let source: Arc<dyn NodeCaSource> = broker.clone();
+    let renewer = tokio::spawn(keep_renewed(
+        Arc::clone(&cache),
+        source,
+        "node-a".to_owned(),
+        received,
+        not_after,
+        watching(Duration::from_millis(100)),
+    ));
+    eventually("a few list reads", || {
+        broker.crl_reads.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    assert_eq!(
+        cache.ca_replacements(),
+        0,
+        "nothing revoked: nothing replaced"
+    );
+
+    broker.revoke(&first_der);
+    eventually("the revoked CA replaced", || cache.ca_replacements() == 1).await;
+    assert!(!cache.ca_withdrawn());
+    echo(&mut open, b"still open").await;
+    let fresh = connect(addr, broker.client()).await.expect("handshake");
+    assert_ne!(intermediate_of(&fresh), first_der);
+    // The replacement is not in the list: no further renewals.
+    let reads = broker.crl_reads.load(Ordering::SeqCst);
+    eventually("more list reads", || {
+        broker.crl_reads.load(Ordering::SeqCst) >= reads + 3
+    })
+    .await;
+    assert_eq!(cache.ca_replacements(), 1);
+    renewer.abort();
+}
+
+/// Signs only while its flag is clear; reads the revocation list always.
+#[derive(Debug)]
+struct Refusing(Arc<FakeBroker>, AtomicBool);
+impl NodeCaSource for Refusing {
+    fn request<'a>(
+        &'a self,
+        request: &'a NodeCaRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<NodeCaResponse, String>> + Send + 'a>> {
+        Box::pin(async move {
+            if self.1.load(Ordering::SeqCst) {
+                return Err("403 Forbidden: node \"node-a\" is barred (test)".to_owned());
+            }
+            self.0.request(request).await
+        })
+    }
+    fn revocation_list(
+        &self,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
+        self.0.revocation_list()
+    }
+}
+
+/// A revoked intermediate that cannot be replaced (the broker bars the node, or is away) is
+/// withdrawn: no leaf is forged or served from the cache until a new one arrives.
+#[tokio::test]
+async fn a_revoked_intermediate_that_cannot_be_replaced_is_withdrawn() {
+    let broker = FakeBroker::new(Duration::from_hours(1));
+    let first = obtain(broker.as_ref(), "node-a").await.expect("obtain");
+    let first_der = first.ca.certificate().clone();
+    let (received, not_after) = (first.received, first.not_after());
+    let cache = Arc::new(LeafCache::new(first.ca, LeafCacheConfig::default()).expect("cache"));
+    let addr = serve(Arc::new(MitmServer::new(Arc::clone(&cache)).expect("mitm"))).await;
+    // A leaf in the cache already: withdrawal must not serve it either.
+    let mut open = connect(addr, broker.client()).await.expect("handshake");
+    echo(&mut open, b"cached").await;
+
+    broker.revoke(&first_der);
+    // The list still answers, signing does not (as a barred node's renewals are refused).
+    let source = Arc::new(Refusing(broker.clone(), AtomicBool::new(true)));
+    let renewer = tokio::spawn(keep_renewed(
+        Arc::clone(&cache),
+        source.clone(),
+        "node-a".to_owned(),
+        received,
+        not_after,
+        watching(Duration::from_millis(100)),
+    ));
+    eventually("the revoked CA withdrawn", || cache.ca_withdrawn()).await;
+    assert!(matches!(
+        cache.get_for_host("api.example.com"),
+        Err(TlsError::CaWithdrawn)
+    ));
+    assert!(
+        connect(addr, broker.client()).await.is_err(),
+        "no handshake"
+    );
+    assert_eq!(
+        cache.ca_not_after(),
+        time::OffsetDateTime::UNIX_EPOCH,
+        "readiness fails"
+    );
+    echo(&mut open, b"the open connection keeps its session").await;
+
+    // The bar is lifted: the next retry installs a new intermediate.
+    source.1.store(false, Ordering::SeqCst);
+    eventually("a replacement", || cache.ca_replacements() == 1).await;
+    assert!(!cache.ca_withdrawn());
+    let mut fresh = connect(addr, broker.client()).await.expect("handshake");
+    assert_ne!(intermediate_of(&fresh), first_der);
+    echo(&mut fresh, b"back").await;
+    renewer.abort();
+}
+
+/// A list from another issuer, or one that does not parse, revokes nothing and says why.
+#[test]
+fn only_the_issuers_list_revokes() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("rt");
+    let broker = FakeBroker::new(Duration::from_hours(1));
+    let issued = rt
+        .block_on(obtain(broker.as_ref(), "node-a"))
+        .expect("obtain");
+    let ca = issued.ca.certificate().clone();
+    assert_eq!(is_revoked(&broker.crl(), &ca), Ok(false));
+    broker.revoke(&ca);
+    assert_eq!(is_revoked(&broker.crl(), &ca), Ok(true));
+    let other = FakeBroker::new(Duration::from_hours(1));
+    other.revoke(&ca);
+    let err = is_revoked(&other.crl(), &ca).expect_err("another issuer");
+    assert!(err.contains("issued by"), "{err}");
+    assert!(is_revoked(b"garbage", &ca).is_err());
 }
 
 #[test]
