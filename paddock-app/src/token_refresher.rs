@@ -22,11 +22,12 @@ use std::{
     io::Write as _,
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
-use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use base64::Engine as _;
 use paddock_broker::providers::http_client;
+use paddock_proxy::broker::jwt_expiry;
 use serde::Deserialize;
 use url::Url;
 
@@ -462,23 +463,6 @@ fn basic_credentials(id: &str, secret: &str) -> String {
         "Basic {}",
         STANDARD.encode(format!("{}:{}", encode(id), encode(secret)))
     )
-}
-
-/// The `exp` of a JWT-shaped token, unverified (only to schedule the refresh).
-fn jwt_expiry(token: &str) -> Option<SystemTime> {
-    #[derive(Deserialize)]
-    struct Exp {
-        exp: u64,
-    }
-    let mut parts = token.split('.');
-    let (Some(_), Some(payload), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return None;
-    };
-    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let exp: Exp = serde_json::from_slice(&bytes).ok()?;
-    UNIX_EPOCH.checked_add(Duration::from_secs(exp.exp))
 }
 
 #[cfg(test)]

@@ -276,8 +276,10 @@ impl BearerFile {
 }
 
 /// The `exp` of a JWT-shaped token, read without verifying it: the proxy only needs to know
-/// how long its own token may bridge an unreadable file (the broker verifies the token).
-fn jwt_expiry(token: &str) -> Option<SystemTime> {
+/// how long its own token may bridge an unreadable file, the token refresher when to refresh
+/// (the broker verifies the token).
+#[must_use]
+pub fn jwt_expiry(token: &str) -> Option<SystemTime> {
     use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
     #[derive(serde::Deserialize)]
     struct Exp {

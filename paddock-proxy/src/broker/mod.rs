@@ -44,7 +44,7 @@ pub use client::{
     DEFAULT_MAX_IDLE, DEFAULT_TIMEOUT,
 };
 pub use connector::{BrokerConnectError, BrokerConnector, BrokerIo, BrokerStream, ConnectFuture};
-pub use credentials::{BrokerBearer, ClientCertFiles, CredentialError};
+pub use credentials::{BrokerBearer, ClientCertFiles, CredentialError, jwt_expiry};
 pub use grants::GrantCache;
 pub use policy::BrokerPolicy;
 pub use substitute::BrokerSubstituter;
