@@ -151,7 +151,7 @@ impl LeafForger {
                 source,
             })?;
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
-        let signing_key = rustls::crypto::ring::sign::any_ecdsa_type(&der)?;
+        let signing_key = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&der)?;
         Ok(Self {
             ca,
             leaf_key,

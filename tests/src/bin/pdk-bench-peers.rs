@@ -360,8 +360,10 @@ fn git_commit() -> Option<String> {
 /// `pdk-bench-peers profile OUT`: `perf record` of the `paddock-proxy serve` process (call
 /// graphs by DWARF unwinding) during 10 s of cooperative keep-alive load only, written to
 /// OUT, for `perf report`. Nothing is measured or printed as a result.
-fn profile(lab: &Lab, out: &str) -> Result<()> {
-    lab.measure(Mode::PaddockConnect, Workload::KeepAlive, WARM_MS)?;
+/// `pdk-bench-peers profile [FILE] [new]`: perf record of the Paddock (CONNECT) process
+/// under the keep-alive workload, or a new connection per request with `new`.
+fn profile(lab: &Lab, out: &str, workload: Workload) -> Result<()> {
+    lab.measure(Mode::PaddockConnect, workload, WARM_MS)?;
     let pid = lab
         .proxy_pid(Mode::PaddockConnect)
         .context("no paddock-proxy process")?;
@@ -380,7 +382,7 @@ fn profile(lab: &Lab, out: &str) -> Result<()> {
         .stdout(Stdio::null())
         .spawn()
         .context("perf record (Debian's linux-perf)")?;
-    let measured = lab.measure(Mode::PaddockConnect, Workload::KeepAlive, 10_000);
+    let measured = lab.measure(Mode::PaddockConnect, workload, 10_000);
     // perf writes its file on SIGINT.
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(perf.id()).unwrap_or(0)),
@@ -389,8 +391,9 @@ fn profile(lab: &Lab, out: &str) -> Result<()> {
     let _ = perf.wait();
     let m = measured?;
     eprintln!(
-        "bench peers profile: {:.0} keep-alive requests/s through Paddock (CONNECT); perf data in {out}",
-        m.result.per_sec()
+        "bench peers profile: {:.0} {} requests/s through Paddock (CONNECT); perf data in {out}",
+        m.result.per_sec(),
+        workload.label()
     );
     Ok(())
 }
@@ -406,7 +409,16 @@ fn main() -> Result<()> {
     peers::ensure_squid()?;
     let lab = Lab::new()?;
     if args.get(1).map(String::as_str) == Some("profile") {
-        return profile(&lab, args.get(2).map_or("perf.data", String::as_str));
+        let workload = if args.get(3).map(String::as_str) == Some("new") {
+            Workload::NewConnection
+        } else {
+            Workload::KeepAlive
+        };
+        return profile(
+            &lab,
+            args.get(2).map_or("perf.data", String::as_str),
+            workload,
+        );
     }
 
     // Warm every path: leaves forged (both proxies), upstream connections, page cache.
