@@ -516,7 +516,7 @@ drain_timeout_secs = 1
             pins = self.pins.path().display(),
             tls_source = if self.node_ca.is_some() {
                 format!(
-                    "mode = \"broker\"\nnode_ca_bearer_file = \"{}\"",
+                    "mode = \"broker\"\nrevocation_check_secs = 1\nnode_ca_bearer_file = \"{}\"",
                     path_str(d, "node-ca.token")
                 )
             } else {

@@ -362,7 +362,11 @@ async fn broker_ca(
         node_name.to_owned(),
         received,
         not_after,
-        RenewalSettings::default(),
+        RenewalSettings {
+            revocation_check: (cfg.tls.revocation_check_secs > 0)
+                .then(|| Duration::from_secs(cfg.tls.revocation_check_secs)),
+            ..RenewalSettings::default()
+        },
     ));
     Ok((leaves, task))
 }

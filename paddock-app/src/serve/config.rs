@@ -236,6 +236,14 @@ pub struct TlsConfig {
     pub leaf_cache_capacity: usize,
     /// PEM bundle trusted for upstream servers in addition to the webpki roots.
     pub upstream_ca_bundle: Option<PathBuf>,
+    /// `broker` mode: seconds between reads of the root's revocation list (a revoked
+    /// intermediate is replaced, or withdrawn, within this); 0 turns the check off.
+    #[serde(default = "default_revocation_check_secs")]
+    pub revocation_check_secs: u64,
+}
+
+fn default_revocation_check_secs() -> u64 {
+    paddock_proxy::tls::node_ca::DEFAULT_REVOCATION_CHECK.as_secs()
 }
 
 /// Where the interception CA comes from.
@@ -279,6 +287,9 @@ impl TlsConfig {
         let invalid = |s: &str| Err(ConfigError::Invalid(s.to_owned()));
         if self.leaf_cache_capacity == 0 {
             return invalid("tls.leaf_cache_capacity must be at least 1");
+        }
+        if self.revocation_check_secs > 3600 {
+            return invalid("tls.revocation_check_secs must be 0 (off) .. 3600");
         }
         match self.mode {
             TlsMode::Local => {
@@ -666,6 +677,7 @@ impl ServeConfig {
                 generate_ca: true,
                 leaf_cache_capacity: default_leaf_capacity(),
                 upstream_ca_bundle: None,
+                revocation_check_secs: default_revocation_check_secs(),
             },
             policy: PolicyFileConfig {
                 file: Some(policy_file.to_path_buf()),
