@@ -45,7 +45,7 @@ fn stream(sc: &Arc<Scrubber>, chunks: &[&[u8]]) -> Vec<u8> {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(hay, needle).is_some()
 }
 
 /// The scrubber and the secrets' forms, built once: the secrets are fixed, and building the
