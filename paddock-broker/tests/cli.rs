@@ -645,6 +645,10 @@ fn leases_list_prints_json() {
 /// `ca list|revoke|unblock|crl` on the broker's database: what an operator runs when a node
 /// key leaks or a node is compromised.
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one operator session, step by step: revoke, bar, list, CRL, unblock"
+)]
 fn ca_revoke_lists_bars_and_writes_the_crl() {
     use paddock_broker::store::{NodeCaRecord, Store};
     let dir = tempfile::tempdir().expect("tempdir");
