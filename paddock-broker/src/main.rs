@@ -287,6 +287,11 @@ enum LeasesCommand {
     reason = "one match arm per subcommand; the work is in the functions they call"
 )]
 fn main() -> ExitCode {
+    // Both rustls providers are compiled in (aws-lc for the proxy's TLS legs, ring for the
+    // crates that name it), so rustls cannot pick a process default by itself: dependencies
+    // that build default configs (kube's client, for one) need this. An error means one was
+    // installed already.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     if let Command::Policy {
         command:

@@ -397,6 +397,11 @@ fn init_tracing(json: bool) {
 const RUN_FAILED: i32 = 125;
 
 fn main() {
+    // Both rustls providers are compiled in (aws-lc for the proxy's TLS legs, ring for the
+    // crates that name it), so rustls cannot pick a process default by itself: dependencies
+    // that build default configs (kube's client, for one) need this. An error means one was
+    // installed already.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     if let Command::Sandbox(a) = &cli.command {
         // Single-threaded and without logging: it forks and execs the command.
