@@ -39,6 +39,10 @@ pub enum AuditKind {
     RunIdleEnded,
     /// An interactive action was refused (missing scope, other namespace, inactive run).
     InteractDenied,
+    /// A shell was opened in a run's sandbox (who, when), and closed (`reason` gives how long
+    /// it lasted).
+    ShellOpened,
+    ShellClosed,
     /// A node agent was issued an intermediate CA for its node (`node`, `serial`,
     /// `expires_at`; never a key).
     NodeCaIssued,
@@ -68,6 +72,8 @@ impl AuditKind {
             AuditKind::RunDetached => "run-detached",
             AuditKind::RunIdleEnded => "run-idle-ended",
             AuditKind::InteractDenied => "interact-denied",
+            AuditKind::ShellOpened => "shell-opened",
+            AuditKind::ShellClosed => "shell-closed",
             AuditKind::NodeCaIssued => "node-ca-issued",
             AuditKind::NodeCaDenied => "node-ca-denied",
         }
@@ -355,6 +361,8 @@ mod tests {
             AuditKind::RunDetached,
             AuditKind::RunIdleEnded,
             AuditKind::InteractDenied,
+            AuditKind::ShellOpened,
+            AuditKind::ShellClosed,
         ] {
             assert_eq!(serde_json::to_value(kind).expect("json"), kind.name());
         }

@@ -1,4 +1,4 @@
-//! `paddock-broker prompt|interrupt|end|attach RUN`: drive an interactive run as a person.
+//! `paddock-broker prompt|interrupt|end|attach|shell RUN`: drive an interactive run as a person.
 //!
 //! Talks to a served broker (`--broker https://HOST:PORT`, `--ca` for its certificate) or to
 //! the Unix socket of a `paddock-proxy run --adapter-port` (`--socket`), with the bearer read
@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::Args;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -144,6 +144,9 @@ fn explain(status: StatusCode, body: &[u8], target: &Target) -> anyhow::Error {
         ErrorCode::AdapterUnavailable => {
             anyhow::anyhow!("the adapter of run {run} is gone: {}", err.message)
         }
+        ErrorCode::ShellUnavailable => {
+            anyhow::anyhow!("no shell in run {run}: {}", err.message)
+        }
         code => anyhow::anyhow!("{code}: {}", err.message),
     }
 }
@@ -233,5 +236,135 @@ pub async fn attach(target: &Target) -> anyhow::Result<()> {
         }
     }
     let _ = ws.close(None).await;
+    Ok(())
+}
+
+/// The operator's terminal in raw mode for as long as this lives (restored on drop).
+struct RawTerminal {
+    saved: rustix::termios::Termios,
+}
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        let stdin = std::io::stdin();
+        if !rustix::termios::isatty(&stdin) {
+            return None;
+        }
+        let saved = rustix::termios::tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Flush, &raw).ok()?;
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(
+            std::io::stdin(),
+            rustix::termios::OptionalActions::Flush,
+            &self.saved,
+        );
+    }
+}
+
+fn terminal_size() -> Option<(u16, u16)> {
+    let ws = rustix::termios::tcgetwinsize(std::io::stdout()).ok()?;
+    (ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+/// An interactive shell in the run's sandbox. Stdin goes to the shell (on a terminal in raw
+/// mode, resized with the window; from a pipe, followed by an end-of-file character when
+/// the pipe ends), the shell's terminal output to stdout, until the shell exits.
+pub async fn shell(target: &Target) -> anyhow::Result<()> {
+    let bearer = target.bearer()?;
+    let io = target.connect().await?;
+    let path = match terminal_size() {
+        Some((rows, cols)) => format!("{}?rows={rows}&cols={cols}", target.path("shell")),
+        None => target.path("shell"),
+    };
+    let mut req = format!("ws://broker{path}")
+        .into_client_request()
+        .context("request")?;
+    req.headers_mut().insert(
+        header::AUTHORIZATION,
+        format!("Bearer {bearer}").parse().context("bearer")?,
+    );
+    let (ws, _) = match tokio_tungstenite::client_async(req, io).await {
+        Ok(ok) => ok,
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp.body().clone().unwrap_or_default();
+            return Err(explain(resp.status(), &body, target));
+        }
+        Err(e) => return Err(e).context("opening the shell"),
+    };
+    let raw = RawTerminal::enter();
+    let interactive = raw.is_some();
+    let (mut sink, mut stream) = ws.split();
+    // Stdin is read on its own thread: a blocking read cannot be cancelled, and the process
+    // exits when the shell does, whatever that thread is doing.
+    let (tx, mut input) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(16);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut stdin, &mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.blocking_send(None);
+                    return;
+                }
+                Ok(n) => {
+                    if tx.blocking_send(Some(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+        .context("SIGWINCH")?;
+    let mut out = std::io::stdout();
+    let mut input_open = true;
+    let closed = loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(Message::Binary(data))) => {
+                    out.write_all(&data)?;
+                    out.flush()?;
+                }
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| f.reason.to_string()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    drop(raw);
+                    return Err(e).context("the shell's stream broke");
+                }
+                None => break None,
+            },
+            chunk = input.recv(), if input_open => {
+                if let Some(Some(data)) = chunk {
+                    if sink.send(Message::Binary(data.into())).await.is_err() {
+                        break None;
+                    }
+                } else {
+                    input_open = false;
+                    if !interactive {
+                        // End of the piped input: ^D, as a person would type it.
+                        let _ = sink.send(Message::Binary(Bytes::from_static(b"\x04"))).await;
+                    }
+                }
+            },
+            _ = winch.recv(), if interactive => {
+                if let Some((rows, cols)) = terminal_size() {
+                    let size = serde_json::json!({ "rows": rows, "cols": cols }).to_string();
+                    let _ = sink.send(Message::Text(size.into())).await;
+                }
+            }
+        }
+    };
+    drop(raw);
+    let _ = sink.close().await;
+    if let Some(reason) = closed.filter(|r| r != "the shell exited") {
+        eprintln!("paddock-broker: shell closed: {reason}");
+    }
     Ok(())
 }

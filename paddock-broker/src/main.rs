@@ -92,6 +92,12 @@ enum Command {
         #[command(flatten)]
         target: interact_cli::Target,
     },
+    /// Open an interactive shell in the run's sandbox (its namespaces, cgroup and user; its
+    /// traffic intercepted like the agent's). Needs the `broker:shell` scope.
+    Shell {
+        #[command(flatten)]
+        target: interact_cli::Target,
+    },
     /// Validate a broker config and everything it names (TLS files, policy, auth backends)
     /// without starting; the database is not opened. Exits non-zero on the first problem.
     Check {
@@ -389,6 +395,7 @@ fn main() -> ExitCode {
             interact(async move { interact_cli::post(&target, "end", None).await.map(drop) })
         }
         Command::Attach { target } => interact(async move { interact_cli::attach(&target).await }),
+        Command::Shell { target } => interact(async move { interact_cli::shell(&target).await }),
         Command::Ca {
             command: CaCommand::Init { out, days, name },
         } => ca_init(&out, days, &name),

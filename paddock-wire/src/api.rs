@@ -52,11 +52,13 @@ pub enum ErrorCode {
     SubscriptionGone,
     /// An interactive run's adapter could not be reached or failed (502; the message says why).
     AdapterUnavailable,
+    /// A shell could not be started in the run's sandbox (502; the message says why).
+    ShellUnavailable,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::Unauthenticated,
         ErrorCode::Forbidden,
         ErrorCode::NotFound,
@@ -72,6 +74,7 @@ impl ErrorCode {
         ErrorCode::TlsRequired,
         ErrorCode::SubscriptionGone,
         ErrorCode::AdapterUnavailable,
+        ErrorCode::ShellUnavailable,
         ErrorCode::Internal,
     ];
 
@@ -88,7 +91,7 @@ impl ErrorCode {
             ErrorCode::SubscriptionGone => 410,
             ErrorCode::RateLimited => 429,
             ErrorCode::PoolExhausted | ErrorCode::AuditUnavailable | ErrorCode::Unavailable => 503,
-            ErrorCode::AdapterUnavailable => 502,
+            ErrorCode::AdapterUnavailable | ErrorCode::ShellUnavailable => 502,
             ErrorCode::Internal => 500,
         }
     }
@@ -111,6 +114,7 @@ impl ErrorCode {
             ErrorCode::TlsRequired => "TlsRequired",
             ErrorCode::SubscriptionGone => "SubscriptionGone",
             ErrorCode::AdapterUnavailable => "AdapterUnavailable",
+            ErrorCode::ShellUnavailable => "ShellUnavailable",
             ErrorCode::Internal => "Internal",
         }
     }

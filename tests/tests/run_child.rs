@@ -30,6 +30,7 @@ fn start(cg: &CgroupGuard, script: &str, user: &RunUser) -> Started {
     let sandbox = spawn_sandboxed(
         &spec,
         &Launch {
+            join: false,
             launcher: &launcher,
             cgroup: cg.cgroup().path(),
             netns: netns.as_fd(),
@@ -194,6 +195,7 @@ async fn a_launcher_failure_is_reported_and_runs_nothing() {
     let mut failing = spawn_sandboxed(
         &spec,
         &Launch {
+            join: false,
             launcher: &launcher,
             cgroup: cg.cgroup().path(),
             netns: netns.as_fd(),

@@ -85,6 +85,9 @@ struct SandboxArgs {
     netns: i32,
     #[arg(long)]
     pty_socket: Option<i32>,
+    /// `--netns` is a pidfd of a running sandbox's PID 1: start the spec's program in it.
+    #[arg(long)]
+    join: bool,
 }
 
 #[derive(Debug, Args)]
@@ -111,8 +114,13 @@ struct RunArgs {
     adapter_port: Option<u16>,
     /// More callers of the interactive routes: a static keys file (`paddock-broker keys add`)
     /// whose keys act in the run's namespace (default: only the generated `interact.key`).
-    #[arg(long, requires = "adapter_port")]
+    #[arg(long)]
     interact_keys: Option<PathBuf>,
+    /// Let the run's operator open shells in the command's sandbox (its user, namespaces and
+    /// cgroup, intercepted like the command): `paddock-broker shell --socket
+    /// <state>/<run>/interact.sock`. The generated key gets the `broker:shell` scope.
+    #[arg(long)]
+    shell: bool,
     /// End an interactive run nobody attached to or prompted for this many seconds.
     #[arg(long, requires = "adapter_port", value_name = "SECONDS")]
     idle_timeout: Option<u64>,
@@ -410,6 +418,7 @@ fn main() {
             errors: a.errors,
             netns: a.netns,
             pty_socket: a.pty_socket,
+            join: a.join,
         });
     }
     init_tracing(cli.log_json);
@@ -484,6 +493,7 @@ fn run_command(a: RunArgs) -> Result<i32> {
             publish: a.publish,
             adapter_port: a.adapter_port,
             interact_keys: a.interact_keys,
+            shell: a.shell,
             idle_timeout: a.idle_timeout.map(std::time::Duration::from_secs),
             // Exactly the running image, whatever happens to the path meanwhile.
             launcher: std::path::PathBuf::from("/proc/self/exe"),

@@ -33,8 +33,11 @@ pub struct Launch<'a> {
     pub launcher: &'a Path,
     /// The agent cgroup directory; the launcher joins it before `exec`.
     pub cgroup: &'a Path,
-    /// The command's network namespace.
+    /// The command's network namespace; with `join`, a pidfd of the sandbox's PID 1.
     pub netns: BorrowedFd<'a>,
+    /// Start the spec's program inside the running sandbox of `netns` (a shell) rather than
+    /// a new sandbox.
+    pub join: bool,
     /// Capture the command's stdout (tests, the demo) instead of sharing Paddock's.
     pub piped_stdout: bool,
 }
@@ -142,6 +145,9 @@ pub fn spawn_sandboxed(spec: &SandboxSpec, launch: &Launch<'_>) -> Result<Sandbo
         .arg(err_w.as_raw_fd().to_string())
         .arg("--netns")
         .arg(launch.netns.as_raw_fd().to_string());
+    if launch.join {
+        cmd.arg("--join");
+    }
     if let Some(t) = &theirs {
         cmd.arg("--pty-socket").arg(t.as_raw_fd().to_string());
     }

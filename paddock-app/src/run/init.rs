@@ -90,10 +90,13 @@ pub struct LauncherFds {
     pub spec: RawFd,
     /// Write end of the error pipe.
     pub errors: RawFd,
-    /// The command's network namespace.
+    /// The command's network namespace; with `join`, a pidfd of the running sandbox's PID 1.
     pub netns: RawFd,
     /// A unix socket to send the pty master over (pty mode).
     pub pty_socket: Option<RawFd>,
+    /// Start a process in an existing sandbox (a shell next to the command) instead of a new
+    /// one: see [`join`].
+    pub join: bool,
 }
 
 /// Why a launcher stage failed (the text `run` prints).
@@ -252,6 +255,9 @@ fn launcher(fds: LauncherFds) -> Result<i32, SandboxError> {
     keep.extend(fds.pty_socket);
     keep_only(&keep)?;
     let spec = read_spec(adopt(fds.spec))?;
+    if fds.join {
+        return join(&spec, fds);
+    }
     let netns = adopt(fds.netns);
     nix::sched::setns(&netns, CloneFlags::CLONE_NEWNET)
         .ctx(|| "entering the command's network namespace".into())?;
@@ -291,6 +297,72 @@ fn launcher(fds: LauncherFds) -> Result<i32, SandboxError> {
             });
             drop(alive_w);
             code
+        }
+    }
+}
+
+/// E' of a shell: joins every namespace of the running sandbox's PID 1 (network, mount with
+/// its private `/proc`, `/tmp` and devpts, PID, IPC, UTS, cgroup) through its pidfd, then
+/// forks D', which does what D does for the command (new session on a pty from the sandbox's
+/// devpts, the run user, `no_new_privs`, the seccomp filter) and `execve`s the spec's program.
+/// E' stays outside the sandbox's PID namespace (it is the parent of a process inside it),
+/// forwards signals and exits with D''s status; D' dies with E' (parent-death signal) and
+/// with the sandbox (its PID 1 exiting kills the namespace).
+fn join(spec: &SandboxSpec, fds: LauncherFds) -> Result<i32, SandboxError> {
+    let target = adopt(fds.netns);
+    nix::sched::setns(
+        &target,
+        CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWCGROUP,
+    )
+    .ctx(|| "joining the run's namespaces".into())?;
+    drop(target);
+    let blocked = blocked_signals();
+    let original_mask = blocked
+        .thread_swap_mask(SigmaskHow::SIG_BLOCK)
+        .ctx(|| "blocking signals".into())?;
+    // SAFETY: single-threaded process (see `launcher`).
+    match unsafe { nix::unistd::fork() }.ctx(|| "fork".into())? {
+        ForkResult::Child => {
+            let e = (|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+                    .ctx(|| "arming the parent-death signal".into())?;
+                // E' is outside this PID namespace, so it shows as parent 0; E' exiting before
+                // the signal was armed would have made the sandbox's PID 1 the parent.
+                if nix::unistd::getppid() != Pid::from_raw(0) {
+                    return Err(SandboxError::Other("the launcher exited early".into()));
+                }
+                let pty = match (spec.pty, fds.pty_socket) {
+                    (Some(_), Some(sock)) => {
+                        let sock = adopt(sock);
+                        let (master, slave) = open_pty(spec)?;
+                        send_fd(&sock, &master)?;
+                        Some(slave)
+                    }
+                    _ => None,
+                };
+                let filters = seccomp::build()?;
+                Ok(command(spec, pty, &filters, &original_mask))
+            })();
+            let e = match e {
+                Ok(e) | Err(e) => e,
+            };
+            report(fds.errors, &e.to_string());
+            std::process::exit(FAILED)
+        }
+        ForkResult::Parent { child } => {
+            if let Some(fd) = fds.pty_socket {
+                drop(adopt(fd));
+            }
+            supervise(child, &blocked, false, |sig| {
+                if nix::sys::signal::kill(Pid::from_raw(-child.as_raw()), sig).is_err() {
+                    let _ = nix::sys::signal::kill(child, sig);
+                }
+            })
         }
     }
 }

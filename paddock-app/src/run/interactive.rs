@@ -71,11 +71,15 @@ pub struct InteractFiles {
     pub keys: PathBuf,
 }
 
-/// The scopes of the key written for the operator.
-pub fn operator_scopes() -> BTreeSet<Scope> {
-    [Scope::Interact, Scope::Attach, Scope::End]
+/// The scopes of the key written for the operator (with `shell`, `broker:shell` too).
+pub fn operator_scopes(shell: bool) -> BTreeSet<Scope> {
+    let mut scopes: BTreeSet<Scope> = [Scope::Interact, Scope::Attach, Scope::End]
         .into_iter()
-        .collect()
+        .collect();
+    if shell {
+        scopes.insert(Scope::Shell);
+    }
+    scopes
 }
 
 fn write_private(path: &Path, data: &str) -> std::io::Result<()> {
@@ -90,11 +94,12 @@ fn write_private(path: &Path, data: &str) -> std::io::Result<()> {
 }
 
 /// Writes the operator's key (0600) and the key table the broker loads: that key with the
-/// interactive scopes in `namespace`, then the lines of `extra` (a static keys file).
+/// interactive scopes in `namespace` (and `broker:shell` with `shell`), then the lines of `extra` (a static keys file).
 pub fn write_keys(
     state: &Path,
     namespace: &str,
     extra: Option<&Path>,
+    shell: bool,
 ) -> std::io::Result<InteractFiles> {
     let files = InteractFiles {
         socket: state.join("interact.sock"),
@@ -109,7 +114,7 @@ pub fn write_keys(
         "run-operator",
         &hash_key(&key),
         namespace,
-        &operator_scopes(),
+        &operator_scopes(shell),
     );
     table.push('\n');
     if let Some(extra) = extra {

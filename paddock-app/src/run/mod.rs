@@ -20,6 +20,7 @@ pub mod publish;
 pub mod resolv;
 pub mod seccomp;
 pub mod session;
+pub mod shell;
 pub mod spec;
 pub mod summary;
 pub mod user;

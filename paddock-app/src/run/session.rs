@@ -99,6 +99,8 @@ pub struct RunOptions {
     pub adapter_port: Option<u16>,
     /// More callers of the interactive routes (a static keys file).
     pub interact_keys: Option<PathBuf>,
+    /// Serve `/shell` on the run's socket (see [`super::shell`]).
+    pub shell: bool,
     /// End the run when nobody is attached and nothing was prompted for this long.
     pub idle_timeout: Option<Duration>,
     /// The `paddock-proxy` binary that launches the sandbox (`/proc/self/exe` from the CLI).
@@ -365,12 +367,18 @@ pub async fn run(
     };
 
     // 1. The broker, in-process (with the interactive callers' keys, for an adapter).
-    let interact = match opts.adapter_port {
-        Some(_) => Some(
-            super::interactive::write_keys(&state, &opts.namespace, opts.interact_keys.as_deref())
-                .map_err(io_err(&state))?,
-        ),
-        None => None,
+    let interact = if opts.adapter_port.is_some() || opts.shell {
+        Some(
+            super::interactive::write_keys(
+                &state,
+                &opts.namespace,
+                opts.interact_keys.as_deref(),
+                opts.shell,
+            )
+            .map_err(io_err(&state))?,
+        )
+    } else {
+        None
     };
     let (broker, client) = start_broker(
         &state,
@@ -439,20 +447,22 @@ impl Run<'_> {
         &self,
         netns: &Arc<OwnedNetns>,
     ) -> Result<Option<tokio::task::JoinHandle<()>>, RunError> {
-        let (Some(port), Some(files)) = (self.opts.adapter_port, self.interact) else {
+        let Some(files) = self.interact else {
             return Ok(None);
         };
-        self.broker.broker().interactive().set_connector(Arc::new(
-            super::interactive::NetnsAdapter {
-                netns: Arc::clone(netns),
-                run: self.id.to_owned(),
-                port,
-            },
-        ));
+        if let Some(port) = self.opts.adapter_port {
+            self.broker.broker().interactive().set_connector(Arc::new(
+                super::interactive::NetnsAdapter {
+                    netns: Arc::clone(netns),
+                    run: self.id.to_owned(),
+                    port,
+                },
+            ));
+        }
         let listener =
             super::interactive::bind_socket(&files.socket).map_err(io_err(&files.socket))?;
         eprintln!(
-            "paddock: interactive run {}/{}: socket {}, key {} (paddock-broker prompt|attach --socket ...)",
+            "paddock: interactive run {}/{}: socket {}, key {} (paddock-broker prompt|attach|shell --socket ...)",
             self.opts.namespace,
             self.id,
             files.socket.display(),
@@ -589,8 +599,23 @@ impl Run<'_> {
                 cgroup: &cgroup,
                 netns: std::os::fd::AsFd::as_fd(netns.as_ref()),
                 piped_stdout: false,
+                join: false,
             };
             let mut sandbox = spawn_sandboxed(&spec, &launch)?;
+            if opts.shell
+                && let Some(pid) = sandbox.child.id()
+            {
+                self.broker
+                    .broker()
+                    .interactive()
+                    .set_shell_opener(Arc::new(super::shell::RunShell {
+                        launcher: opts.launcher.clone(),
+                        cgroup: cgroup.clone(),
+                        run: self.id.to_owned(),
+                        spec: spec.clone(),
+                        launcher_pid: pid,
+                    }));
+            }
             let mut terminal = None;
             if spec.pty.is_some() {
                 let master = tokio::time::timeout(Duration::from_secs(30), sandbox.pty_master())

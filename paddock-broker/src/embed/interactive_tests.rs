@@ -435,3 +435,243 @@ async fn prompts_fan_out_scopes_are_enforced_and_the_end_forgets() {
     assert_eq!(attach(link, "operator-key", "r3").await.err(), Some(502));
     broker.shutdown().await;
 }
+
+/// A shell opener whose "shell" upper-cases what it reads and records resizes.
+#[derive(Debug, Default)]
+struct EchoShell {
+    sizes: Arc<Mutex<Vec<crate::interactive::TermSize>>>,
+    opened: Arc<Mutex<Vec<crate::interactive::TermSize>>>,
+}
+
+impl crate::interactive::ShellOpener for EchoShell {
+    fn open<'a>(
+        &'a self,
+        run: &'a crate::wire::RunInfo,
+        size: crate::interactive::TermSize,
+    ) -> crate::interactive::ShellFuture<'a> {
+        Box::pin(async move {
+            if run.run != "r1" {
+                return Err(crate::interactive::ShellError::Failed(
+                    "no sandbox for this run".into(),
+                ));
+            }
+            self.opened.lock().expect("lock").push(size);
+            let (ours, theirs) = tokio::io::duplex(1024);
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let (mut r, mut w) = tokio::io::split(theirs);
+                let mut buf = [0u8; 256];
+                loop {
+                    match r.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) if buf[..n].contains(&b'\x04') => return,
+                        Ok(n) => {
+                            let up = buf[..n].to_ascii_uppercase();
+                            if w.write_all(&up).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let sizes = self.sizes.clone();
+            tokio::spawn(async move {
+                while let Some(s) = rx.recv().await {
+                    sizes.lock().expect("lock").push(s);
+                }
+            });
+            Ok(crate::interactive::ShellSession {
+                io: Box::new(ours),
+                resize: Some(tx),
+                user: "agent (uid 4242)".into(),
+            })
+        })
+    }
+}
+
+async fn open_shell(
+    link: &LocalLink,
+    bearer: &str,
+    path: &str,
+) -> Result<WebSocketStream<tokio::io::DuplexStream>, (u16, Value)> {
+    let io = link.connect().expect("connect");
+    let mut req = format!("ws://broker{path}")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {bearer}").parse().expect("header"),
+    );
+    match tokio_tungstenite::client_async(req, io).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp.body().clone().unwrap_or_default();
+            Err((
+                resp.status().as_u16(),
+                serde_json::from_slice(&body).unwrap_or(Value::Null),
+            ))
+        }
+        Err(e) => panic!("shell: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shell_route_is_scoped_audited_and_relays_the_terminal() {
+    use futures_util::SinkExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, POLICY).expect("policy");
+    let keys = dir.path().join("keys");
+    let scopes = |s: &[Scope]| s.iter().copied().collect::<BTreeSet<_>>();
+    std::fs::write(
+        &keys,
+        format!(
+            "{}\n{}\n",
+            format_line(
+                "admin",
+                &hash_key("admin-key"),
+                "team-a",
+                &scopes(&[Scope::Shell])
+            ),
+            format_line(
+                "operator",
+                &hash_key("operator-key"),
+                "team-a",
+                &scopes(&[Scope::Interact, Scope::Attach, Scope::End])
+            ),
+        ),
+    )
+    .expect("keys");
+    let audit = dir.path().join("audit.jsonl");
+    let mut config = EmbedConfig::new(
+        PolicySource::Files {
+            path: policy,
+            secrets_dir: None,
+            poll: None,
+        },
+        &audit,
+        CallerConfig::run_controller("controller", "team-a"),
+    );
+    config.extra_keys = Some(keys);
+    let broker = EmbeddedBroker::start(config).expect("start");
+    let client = broker.client();
+    let (link, controller) = (client.link(), client.bearer().expose());
+    for run in ["r1", "r2"] {
+        let (status, v) = call(
+            link,
+            controller,
+            "/v1/runs",
+            Some(&json!({"run": run, "namespace": "team-a", "template": "t", "phase": "Running"})),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let path = "/v1/runs/team-a/r1/shell";
+
+    // No opener installed: 502 with the reason, never a terminal.
+    let (status, v) = open_shell(link, "admin-key", path)
+        .await
+        .expect_err("no opener");
+    assert_eq!(
+        (status, v["code"].as_str()),
+        (502, Some("ShellUnavailable")),
+        "{v}"
+    );
+
+    let shell = Arc::new(EchoShell::default());
+    broker
+        .broker()
+        .interactive()
+        .set_shell_opener(shell.clone());
+
+    // A caller without broker:shell: 403, audited.
+    let (status, v) = open_shell(link, "operator-key", path)
+        .await
+        .expect_err("no scope");
+    assert_eq!(status, 403, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("broker:shell")),
+        "{v}"
+    );
+    // A bad size: 400 before anything starts.
+    let (status, _) = open_shell(link, "admin-key", &format!("{path}?rows=0&cols=80"))
+        .await
+        .expect_err("bad size");
+    assert_eq!(status, 400);
+    // A run whose sandbox cannot start one: 502 with the opener's reason.
+    let (status, v) = open_shell(link, "admin-key", "/v1/runs/team-a/r2/shell")
+        .await
+        .expect_err("no sandbox");
+    assert_eq!(status, 502);
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no sandbox")),
+        "{v}"
+    );
+
+    // The terminal: the size from the query, bytes both ways, a resize, the end.
+    let mut ws = open_shell(link, "admin-key", &format!("{path}?rows=40&cols=120"))
+        .await
+        .expect("shell");
+    assert_eq!(
+        shell.opened.lock().expect("lock").as_slice(),
+        &[crate::interactive::TermSize {
+            rows: 40,
+            cols: 120
+        }]
+    );
+    ws.send(Message::Binary(Bytes::from_static(b"id\n")))
+        .await
+        .expect("send");
+    assert_eq!(next_text(&mut ws).await, "ID\n");
+    ws.send(Message::Text(r#"{"rows":50,"cols":132}"#.into()))
+        .await
+        .expect("resize");
+    ws.send(Message::Binary(Bytes::from_static(b"\x04")))
+        .await
+        .expect("eof");
+    assert_eq!(next_text(&mut ws).await, "[closed: the shell exited]");
+    assert_eq!(
+        shell.sizes.lock().expect("lock").as_slice(),
+        &[crate::interactive::TermSize {
+            rows: 50,
+            cols: 132
+        }]
+    );
+
+    let events = |kind: &str| -> Vec<Value> {
+        audit_events(&audit)
+            .into_iter()
+            .filter(|e| e["event"] == kind)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while events("shell-closed").is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let opened = events("shell-opened");
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    assert_eq!(opened[0]["caller"], "admin");
+    assert_eq!(opened[0]["reason"], "as agent (uid 4242)");
+    let closed = events("shell-closed");
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    assert!(
+        closed[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("after ") && r.contains("the shell exited")),
+        "{closed:?}"
+    );
+    assert!(
+        events("interact-denied")
+            .iter()
+            .any(|e| e["caller"] == "operator"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("broker:shell"))),
+        "the refused shell is audited"
+    );
+}

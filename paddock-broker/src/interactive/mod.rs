@@ -17,6 +17,7 @@
 //! fan-out; all of it is forgotten when the run reaches a terminal phase.
 
 mod adapter;
+mod shell;
 mod walker;
 
 #[cfg(test)]
@@ -37,6 +38,7 @@ pub use self::{
         AdapterConnector, AdapterError, AdapterFuture, AdapterIo, AdapterStream, TcpAdapters,
         adapter_post,
     },
+    shell::{ShellError, ShellFuture, ShellOpener, ShellSession, TermSize},
     walker::{LeaseRenewer, RenewalWalker, WalkOutcome},
 };
 use crate::{
@@ -134,6 +136,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct InteractiveRouter {
     runs: Mutex<HashMap<RunKey, Arc<RunState>>>,
     connector: RwLock<Option<Arc<dyn AdapterConnector>>>,
+    shell: RwLock<Option<Arc<dyn ShellOpener>>>,
     config: RwLock<InteractiveConfig>,
     walker: RenewalWalker,
 }
@@ -143,6 +146,7 @@ impl fmt::Debug for InteractiveRouter {
         f.debug_struct("InteractiveRouter")
             .field("runs", &lock(&self.runs).len())
             .field("connector", &self.connector().is_some())
+            .field("shell", &self.shell_opener().is_some())
             .finish_non_exhaustive()
     }
 }
@@ -159,6 +163,7 @@ impl InteractiveRouter {
         Self {
             runs: Mutex::new(HashMap::new()),
             connector: RwLock::new(None),
+            shell: RwLock::new(None),
             config: RwLock::new(config),
             walker: RenewalWalker::new(),
         }
@@ -175,6 +180,23 @@ impl InteractiveRouter {
     #[must_use]
     pub fn connector(&self) -> Option<Arc<dyn AdapterConnector>> {
         self.connector
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Installs how shells are opened in runs' sandboxes (run mode: next to the command;
+    /// node mode: through the pod's node agent).
+    pub fn set_shell_opener(&self, opener: Arc<dyn ShellOpener>) {
+        *self
+            .shell
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(opener);
+    }
+
+    #[must_use]
+    pub fn shell_opener(&self) -> Option<Arc<dyn ShellOpener>> {
+        self.shell
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()

@@ -71,11 +71,12 @@ fn kind_of(op: Op) -> AuditKind {
         Op::Prompt => AuditKind::RunPrompted,
         Op::Interrupt => AuditKind::RunInterrupted,
         Op::End => AuditKind::RunEnded,
+        Op::Shell => AuditKind::ShellOpened,
         _ => AuditKind::RunAttached,
     }
 }
 
-fn broker_error(e: &BrokerError) -> Resp {
+pub(super) fn broker_error(e: &BrokerError) -> Resp {
     match e.code() {
         ErrorCode::Internal | ErrorCode::AuditUnavailable | ErrorCode::Unavailable => {
             tracing::error!(error = %e, "interactive request failed");
@@ -97,7 +98,7 @@ fn adapter_error(e: &AdapterError) -> Resp {
 }
 
 /// Runs a blocking broker call on the blocking pool.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     state: &Arc<State>,
     f: impl FnOnce(&Broker) -> Result<T, BrokerError> + Send + 'static,
 ) -> Result<T, BrokerError> {
@@ -140,7 +141,7 @@ pub(super) async fn handle(
     req: Request<Incoming>,
 ) -> Resp {
     // The body is read only after the caller was authenticated (the server did that).
-    if op == Op::Attach
+    if matches!(op, Op::Attach | Op::Shell)
         && let Err(why) = websocket_key(&req)
     {
         return error_response(ErrorCode::BadRequest, why);
@@ -175,6 +176,10 @@ pub(super) async fn handle(
         (Op::Interrupt | Op::End, _) => simple(state, &identity, run, op).await,
         (Op::Attach, _) => match attach_req {
             Some(req) => attach(state, &identity, run, req).await,
+            None => error_response(ErrorCode::Internal, "internal error"),
+        },
+        (Op::Shell, _) => match attach_req {
+            Some(req) => super::shell::open(state, &identity, run, req).await,
             None => error_response(ErrorCode::Internal, "internal error"),
         },
         _ => error_response(ErrorCode::Internal, "internal error"),
@@ -260,7 +265,7 @@ async fn simple(state: &Arc<State>, identity: &Identity, run: RunInfo, op: Op) -
 }
 
 /// The client's `Sec-WebSocket-Key` when the request is a WebSocket upgrade (RFC 6455 4.2.1).
-fn websocket_key(req: &Request<Incoming>) -> Result<HeaderValue, &'static str> {
+pub(super) fn websocket_key(req: &Request<Incoming>) -> Result<HeaderValue, &'static str> {
     let has_token = |name: header::HeaderName, token: &str| {
         req.headers().get_all(name).iter().any(|v| {
             v.to_str()

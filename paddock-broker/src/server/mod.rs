@@ -10,6 +10,7 @@ mod interact;
 mod op;
 mod respond;
 pub mod routes;
+mod shell;
 pub mod tls;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};

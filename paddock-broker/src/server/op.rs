@@ -19,6 +19,7 @@ pub enum Op {
     Interrupt,
     End,
     Attach,
+    Shell,
 }
 
 impl Op {
@@ -39,7 +40,10 @@ impl Op {
     /// The operations on one interactive run (`/v1/runs/{namespace}/{run}/...`).
     #[must_use]
     pub fn is_interactive(self) -> bool {
-        matches!(self, Op::Prompt | Op::Interrupt | Op::End | Op::Attach)
+        matches!(
+            self,
+            Op::Prompt | Op::Interrupt | Op::End | Op::Attach | Op::Shell
+        )
     }
 }
 

@@ -36,6 +36,7 @@ pub mod interactive_paths {
     pub const INTERRUPT: &str = "/v1/runs/{namespace}/{run}/interrupt";
     pub const END: &str = "/v1/runs/{namespace}/{run}/end";
     pub const ATTACH: &str = "/v1/runs/{namespace}/{run}/attach";
+    pub const SHELL: &str = "/v1/runs/{namespace}/{run}/shell";
 }
 
 /// One API route.
@@ -129,6 +130,12 @@ pub const ROUTES: &[Route] = &[
         path: interactive_paths::ATTACH,
         scope: Some(Scope::Attach),
         op: Op::Attach,
+    },
+    Route {
+        method: "GET",
+        path: interactive_paths::SHELL,
+        scope: Some(Scope::Shell),
+        op: Op::Shell,
     },
     // Only node agents, and each only for the node its token is bound to (checked by the
     // broker against the token's node, never the caller's word).
@@ -338,7 +345,8 @@ async fn dispatch(
         | Op::Prompt
         | Op::Interrupt
         | Op::End
-        | Op::Attach => error_response(ErrorCode::Internal, "internal error"),
+        | Op::Attach
+        | Op::Shell => error_response(ErrorCode::Internal, "internal error"),
     }
 }
 
@@ -608,6 +616,7 @@ mod tests {
             ("/v1/runs/a/b/interrupt", Scope::Interact),
             ("/v1/runs/a/b/end", Scope::End),
             ("/v1/runs/a/b/attach", Scope::Attach),
+            ("/v1/runs/a/b/shell", Scope::Shell),
         ]
         .into_iter()
         .map(|(p, want)| (find_route(p).expect(p).0.scope, want))
@@ -618,7 +627,7 @@ mod tests {
         // The plain runs route still matches exactly; anything else is unmapped.
         assert_eq!(find_route("/v1/runs").expect("runs").0.op, Op::Runs);
         for unmapped in [
-            "/v1/runs/a/b/shell",
+            "/v1/runs/a/b/shells",
             "/v1/runs/a/b",
             "/v1/runs//b/prompts",
             "/v1/runs/a/b/prompts/x",

@@ -1,0 +1,234 @@
+//! `run --shell`: a shell in the running command's sandbox for the broker's `/shell` route.
+//!
+//! The shell is started by the sandbox launcher in join mode ([`super::init`]): it enters the
+//! agent cgroup, then every namespace of the sandbox's PID 1 through a pidfd, and confines
+//! itself exactly as the command did (run user, never root; `no_new_privs`; the seccomp
+//! filter; a pty from the sandbox's own devpts). Its traffic is intercepted like the
+//! command's. Dropping the session kills it.
+#![expect(
+    unsafe_code,
+    reason = "registering the pty master with tokio; the block has a SAFETY note"
+)]
+
+use std::{
+    io,
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use paddock_broker::{
+    interactive::{AdapterIo, ShellError, ShellFuture, ShellOpener, ShellSession, TermSize},
+    wire::RunInfo,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, unix::AsyncFd};
+
+use super::{
+    child::{Launch, spawn_sandboxed},
+    init::set_window_size,
+    spec::{PtySpec, SandboxSpec, WindowSize},
+};
+
+/// How long the launcher may take to hand over the shell's terminal.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens shells in one run's sandbox.
+#[derive(Debug)]
+pub struct RunShell {
+    pub launcher: PathBuf,
+    pub cgroup: PathBuf,
+    /// The one run served.
+    pub run: String,
+    /// The command's spec: the shell gets its user, environment and working directory.
+    pub spec: SandboxSpec,
+    /// The sandbox launcher of the command (E); the sandbox's PID 1 is its only child.
+    pub launcher_pid: u32,
+}
+
+/// The parent of `pid`, from `/proc/PID/status`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A pidfd of the sandbox's PID 1: the process of the run's cgroup whose parent is the
+/// launcher (checked again once the pidfd is held, so a recycled PID is never joined).
+pub fn sandbox_init(cgroup: &Path, launcher_pid: u32) -> io::Result<OwnedFd> {
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+        if parent_of(pid) != Some(launcher_pid) {
+            continue;
+        }
+        let Some(raw) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) else {
+            continue;
+        };
+        let Ok(fd) = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) else {
+            continue;
+        };
+        if parent_of(pid) == Some(launcher_pid) {
+            return Ok(fd);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        "the command's sandbox is not running",
+    ))
+}
+
+/// The shell's spec: the command's user, environment and directory, `/bin/sh` on a pty.
+#[must_use]
+pub fn shell_spec(command: &SandboxSpec, size: TermSize) -> SandboxSpec {
+    let mut spec = command.clone();
+    spec.program = b"/bin/sh".to_vec();
+    spec.args = Vec::new();
+    if !spec.env.iter().any(|(k, _)| k == b"TERM") {
+        spec.env
+            .push((b"TERM".to_vec(), b"xterm-256color".to_vec()));
+    }
+    spec.pty = Some(PtySpec {
+        size: WindowSize {
+            rows: size.rows,
+            cols: size.cols,
+        },
+        stdio: [true; 3],
+    });
+    // The sandbox's files are in place already; the launcher writes nothing in join mode.
+    spec.files = Vec::new();
+    spec.resolv_conf = None;
+    spec
+}
+
+impl ShellOpener for RunShell {
+    fn open<'a>(&'a self, run: &'a RunInfo, size: TermSize) -> ShellFuture<'a> {
+        Box::pin(async move {
+            if run.run != self.run {
+                return Err(ShellError::NotConfigured(run.run.clone()));
+            }
+            let init = sandbox_init(&self.cgroup, self.launcher_pid)
+                .map_err(|e| ShellError::Failed(format!("the run's sandbox: {e}")))?;
+            let spec = shell_spec(&self.spec, size);
+            let launch = Launch {
+                launcher: &self.launcher,
+                cgroup: &self.cgroup,
+                netns: init.as_fd(),
+                piped_stdout: false,
+                join: true,
+            };
+            let mut sandbox =
+                spawn_sandboxed(&spec, &launch).map_err(|e| ShellError::Failed(e.to_string()))?;
+            drop(init);
+            let master = match tokio::time::timeout(START_TIMEOUT, sandbox.pty_master()).await {
+                Ok(Ok(Some(m))) => m,
+                Ok(Ok(None)) => {
+                    let _ = tokio::time::timeout(START_TIMEOUT, sandbox.child.wait()).await;
+                    return Err(ShellError::Failed(
+                        sandbox
+                            .failure()
+                            .unwrap_or_else(|| "the launcher exited".into()),
+                    ));
+                }
+                Ok(Err(e)) => return Err(ShellError::Failed(e.to_string())),
+                Err(_) => return Err(ShellError::Failed("timed out".into())),
+            };
+            let user = format!("{} (uid {})", spec.user_name, spec.uid);
+            let stream = PtyStream::new(master, sandbox.child)
+                .map_err(|e| ShellError::Failed(format!("the shell's terminal: {e}")))?;
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TermSize>();
+            let fd = Arc::clone(&stream.fd);
+            tokio::spawn(async move {
+                while let Some(s) = rx.recv().await {
+                    let _ = set_window_size(fd.get_ref().as_fd(), s.rows, s.cols);
+                }
+            });
+            Ok(ShellSession {
+                io: Box::new(stream) as AdapterIo,
+                resize: Some(tx),
+                user,
+            })
+        })
+    }
+}
+
+/// The master side of the shell's pty as a byte stream. Holds the launcher: dropping the
+/// stream kills it, and the shell with it.
+struct PtyStream {
+    fd: Arc<AsyncFd<OwnedFd>>,
+    _launcher: tokio::process::Child,
+}
+
+impl PtyStream {
+    fn new(master: OwnedFd, launcher: tokio::process::Child) -> io::Result<Self> {
+        nix::fcntl::fcntl(
+            &master,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        // SAFETY: an OwnedFd keeps its descriptor open and unchanged until the AsyncFd drops it.
+        let fd = unsafe {
+            AsyncFd::register_with_interest(
+                master,
+                tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+            )
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(Self {
+            fd: Arc::new(fd),
+            _launcher: launcher,
+        })
+    }
+}
+
+impl AsyncRead for PtyStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard
+                .try_io(|fd| nix::unistd::read(fd.get_ref(), unfilled).map_err(io::Error::from))
+            {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                // EIO: every slave descriptor is closed, the shell is gone (end of stream).
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Poll::Ready(Ok(())),
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => {}
+            }
+        }
+    }
+}
+
+impl AsyncWrite for PtyStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
+            {
+                Ok(r) => return Poll::Ready(r),
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

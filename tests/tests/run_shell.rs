@@ -1,0 +1,263 @@
+//! Root tier: `paddock-proxy run --shell`. A shell opened through the run's interactive
+//! socket (`paddock-broker shell`) runs inside the command's sandbox: as the run user (never
+//! root), in its PID namespace, and its `curl` is intercepted like the command's (the upstream
+//! gets the real secret for the shell's placeholder, the proxy audits the connection). A key
+//! without `broker:shell` gets 403 and an audit record; the broker records the shell's
+//! opening and closing with its duration.
+
+use std::{
+    collections::BTreeSet,
+    io::Write,
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use paddock_broker::auth::{
+    Scope,
+    static_keys::{format_line, hash_key},
+};
+use paddock_tests::{
+    HostLink,
+    echo_api::EchoApi,
+    files::{audit_records, write_secrets},
+    interactive::wait_for_file,
+    process::target_bin,
+    proxied::{DnsResponder, make_upstream_certs},
+    require_root,
+};
+
+const POLICY: &str = r#"
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: shell}
+spec:
+  appliesTo: {namespaces: [local]}
+  credentials:
+    - name: bearer
+      provider: {kind: user-secret, inject: {header: {name: Authorization, prefix: "Bearer "}}}
+      secret: {file: bearer.txt}
+      hosts: [api.paddock.test]
+      env: API_BEARER
+  egress:
+    - {hosts: [api.paddock.test], ports: [443], substituteAuth: true}
+"#;
+
+const SECRET: &str = "real-shell-bearer-41c7e2";
+const RUN: &str = "shell-run";
+/// A caller that may attach but not open shells.
+const WATCHER_KEY: &str = "watcher-key-fedcba9876543210fedcba98";
+
+/// Kills and reaps a child if the test fails before it ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap_or(0)),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Runs `paddock-broker shell` with `input` on its stdin; (exit success, stdout, stderr).
+fn shell(socket: &Path, key: &Path, input: &str) -> (bool, String, String) {
+    let mut child = Command::new(target_bin("paddock-broker"))
+        .args(["shell", "--socket"])
+        .arg(socket)
+        .arg("--token-file")
+        .arg(key)
+        .args(["-n", "local", RUN])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("paddock-broker shell");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write the shell's input");
+    let mut guard = Reaped(child);
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while matches!(guard.0.try_wait(), Ok(None)) {
+        assert!(Instant::now() < deadline, "the shell did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let child = std::mem::replace(
+        &mut guard.0,
+        Command::new("true").spawn().expect("placeholder child"),
+    );
+    let out = child.wait_with_output().expect("shell output");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one run's life: a refused shell, a shell's commands, the audit trails"
+)]
+async fn a_shell_runs_in_the_sandbox_as_the_run_user_and_is_intercepted() {
+    if !require_root("a_shell_runs_in_the_sandbox_as_the_run_user_and_is_intercepted") {
+        return;
+    }
+    let link = HostLink::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    make_upstream_certs(d, &["api.paddock.test"]);
+    let zone = vec![("api.paddock.test".to_owned(), link.host_ip.into())];
+    let _dns = DnsResponder::start(&link.upstream, SocketAddr::from((link.host_ip, 53)), zone);
+    let api = EchoApi::start(&link.upstream, d, SocketAddr::from((link.host_ip, 443)));
+    let secrets = d.join("secrets");
+    write_secrets(&secrets, &[("bearer.txt", SECRET)]);
+    std::fs::write(d.join("policy.yaml"), POLICY).expect("policy");
+    let watcher: BTreeSet<Scope> = [Scope::Attach].into_iter().collect();
+    std::fs::write(
+        d.join("keys"),
+        format_line("watcher", &hash_key(WATCHER_KEY), "local", &watcher),
+    )
+    .expect("keys");
+    std::fs::write(d.join("watcher.key"), WATCHER_KEY).expect("watcher key");
+    let state = d.join("state");
+    let audit = d.join("proxy-audit.jsonl");
+    let path = |p: &Path| p.to_str().expect("utf-8").to_owned();
+    let child = Command::new(target_bin("paddock-proxy"))
+        .args(["run", "--shell", "--policy", &path(&d.join("policy.yaml"))])
+        .args(["--secrets", &path(&secrets)])
+        .args(["--interact-keys", &path(&d.join("keys"))])
+        .args(["--allow-cidr", &format!("{}/24", link.host_ip)])
+        .args(["--nameserver", &format!("{}:53", link.host_ip)])
+        .args(["--upstream-ca", &path(&d.join("test-ca.crt"))])
+        .args(["--audit", &path(&audit)])
+        .args(["--state-dir", &path(&state), "--run-id", RUN])
+        .args(["--", "sleep", "120"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start paddock-proxy run");
+    let mut run = Reaped(child);
+    let run_state = state.join(RUN);
+    let socket = run_state.join("interact.sock");
+    wait_for_file(&socket, Duration::from_secs(30));
+    let key = run_state.join("interact.key");
+
+    // Without broker:shell: refused, with the reason, and audited.
+    let (ok, _, err) = shell(&socket, &d.join("watcher.key"), "id\n");
+    assert!(!ok, "a caller without broker:shell got a shell");
+    assert!(
+        err.contains("not allowed") && err.contains("broker:shell"),
+        "{err}"
+    );
+
+    // The operator's shell: who it is, what it sees, and a request through the proxy. The
+    // sandbox starts right after the socket appears: retry while it is not running yet.
+    let script = format!(
+        "echo UID=$(id -u); echo PID1=$(tr '\\0' ' ' < /proc/1/cmdline); echo PROCS=$(ls /proc | grep -c '^[0-9]'); \
+         curl -sS --resolve api.paddock.test:443:{ip} https://api.paddock.test/from-shell \
+         -H \"Authorization: Bearer $API_BEARER\"; echo; echo BEARER=$API_BEARER; exit 7\n",
+        ip = link.host_ip
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (out, err) = loop {
+        let (ok, out, err) = shell(&socket, &key, &script);
+        if ok && out.contains("UID=") {
+            break (out, err);
+        }
+        assert!(Instant::now() < deadline, "no shell: {err}\n{out}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(name).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {name} in the shell's output: {out}\n{err}"))
+    };
+    let uid: u32 = field("UID=").trim().parse().expect("uid");
+    assert_ne!(uid, 0, "the shell must never run as root");
+    // PID 1 of its PID namespace is the sandbox's init, and only the sandbox's few processes
+    // are visible (init, the command, the shell and its children).
+    assert!(field("PID1=").contains("__sandbox"), "{out}");
+    let procs: usize = field("PROCS=").trim().parse().expect("process count");
+    assert!(procs < 10, "the shell sees {procs} processes: {out}");
+    let bearer = field("BEARER=");
+    assert!(
+        bearer.starts_with("pdk-"),
+        "the shell sees a placeholder: {out}"
+    );
+    assert!(
+        !out.contains(SECRET),
+        "a real secret reached the shell: {out}"
+    );
+
+    // The shell's request went through the proxy: the upstream got the real secret.
+    let reqs = api.requests();
+    let from_shell: Vec<_> = reqs.iter().filter(|r| r["path"] == "/from-shell").collect();
+    assert_eq!(from_shell.len(), 1, "{reqs:?}\n{out}\n{err}");
+    assert_eq!(from_shell[0]["authorization"], format!("Bearer {SECRET}"));
+    let trail = std::fs::read_to_string(&audit).expect("proxy audit");
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("api.paddock.test") && l.contains("from-shell")),
+        "the proxy did not record the shell's request: {trail}"
+    );
+
+    // The run's broker recorded the refusal, the shell's opening (as the run user) and its
+    // closing.
+    let broker_trail =
+        std::fs::read_to_string(run_state.join("broker-audit.jsonl")).expect("broker audit");
+    let records = audit_records(&broker_trail);
+    assert!(
+        records.iter().any(|r| r["event"] == "interact-denied"
+            && r["caller"] == "watcher"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("broker:shell"))),
+        "{broker_trail}"
+    );
+    let opened = records
+        .iter()
+        .find(|r| r["event"] == "shell-opened" && r["caller"] == "run-operator")
+        .unwrap_or_else(|| panic!("no shell-opened: {broker_trail}"));
+    assert!(
+        opened["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains(&format!("uid {uid}"))),
+        "{opened}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let trail =
+            std::fs::read_to_string(run_state.join("broker-audit.jsonl")).expect("broker audit");
+        if audit_records(&trail)
+            .iter()
+            .any(|r| r["event"] == "shell-closed" && r["caller"] == "run-operator")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no shell-closed: {trail}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The command was never disturbed: it is still running until the run is stopped.
+    assert!(matches!(run.0.try_wait(), Ok(None)), "the run ended early");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(run.0.id()).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    drop(run);
+}
