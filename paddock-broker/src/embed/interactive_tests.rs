@@ -517,6 +517,10 @@ async fn open_shell(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one shell's life: refusals, the terminal, the audit records"
+)]
 async fn the_shell_route_is_scoped_audited_and_relays_the_terminal() {
     use futures_util::SinkExt;
     let dir = tempfile::tempdir().expect("tempdir");
