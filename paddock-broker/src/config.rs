@@ -644,7 +644,16 @@ pub fn build_auth(auth: &AuthConfig, runs: &Arc<Broker>) -> Result<BuiltAuth, Co
                 if let Some(tr) = &auth.token_review {
                     let authenticator = TokenReviewAuthenticator::new(tr.clone())?;
                     // Node agents' runs are placed with the same API server and credentials.
-                    runs.set_pod_locator(Arc::new(authenticator.pod_locator()));
+                    let locator = Arc::new(authenticator.pod_locator());
+                    runs.set_pod_locator(locator.clone());
+                    // Interactive runs' adapters and shells are reached through the tunnel of
+                    // the node the API server places the run's pod on.
+                    let route = Arc::new(crate::interactive::TunnelRoute {
+                        locator,
+                        tunnels: runs.interactive().tunnels().clone(),
+                    });
+                    runs.interactive().set_connector(route.clone());
+                    runs.interactive().set_shell_opener(route);
                     backends.push(Arc::new(authenticator));
                 }
             }

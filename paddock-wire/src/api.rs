@@ -28,6 +28,36 @@ pub mod paths {
     pub const NODE_CA: &str = "/v1/node-ca";
     /// The cluster root's revocation list of node intermediates (DER, `application/pkix-crl`).
     pub const NODE_CA_CRL: &str = "/v1/node-ca/crl";
+    /// A node agent's outbound tunnel (HTTP/1.1 upgrade to [`super::tunnel::PROTOCOL`]).
+    pub const NODE_TUNNEL: &str = "/v1/node/tunnel";
+}
+
+/// The node tunnel: how the broker reaches a pod without dialing it.
+///
+/// A node agent opens `GET /v1/node/tunnel` with `Upgrade: paddock-tunnel/1`, authenticated
+/// as its node. After the 101 the roles turn: the broker is the HTTP/2 *client* on that
+/// connection and the node agent the server. Each stream is a `CONNECT` naming a run (and the
+/// pod the API server placed it in) and what to open there; the node agent answers 200 and
+/// the stream carries bytes (an adapter connection, or a shell's terminal), or answers an
+/// error status with the reason as plain text.
+pub mod tunnel {
+    /// The upgrade token.
+    pub const PROTOCOL: &str = "paddock-tunnel/1";
+    /// The run's namespace.
+    pub const NAMESPACE: &str = "paddock-namespace";
+    /// The run.
+    pub const RUN: &str = "paddock-run";
+    /// The UID of the pod the API server says holds the run.
+    pub const POD_UID: &str = "paddock-pod-uid";
+    /// What to open: [`OPEN_ADAPTER`] or [`OPEN_SHELL`].
+    pub const OPEN: &str = "paddock-open";
+    pub const OPEN_ADAPTER: &str = "adapter";
+    pub const OPEN_SHELL: &str = "shell";
+    /// A shell's terminal size.
+    pub const ROWS: &str = "paddock-rows";
+    pub const COLS: &str = "paddock-cols";
+    /// In a shell's 200 answer: the user the shell runs as.
+    pub const USER: &str = "paddock-user";
 }
 
 /// Stable error codes. The HTTP status is fixed per code.

@@ -65,11 +65,29 @@ const KUBE_API_ADDR: &str = "127.0.0.1:16443";
 /// `paddock-node/paddock-node` on node `node-test`, `OTHER_NODE_TOKEN` the same account's
 /// token bound to `node-other`; anything else is not authenticated.
 const TOKEN_REVIEW: &str = r#"
-import http.server, json, sys
-addr, port = sys.argv[1], int(sys.argv[2])
+import http.server, json, sys, urllib.parse
+addr, port, placements = sys.argv[1], int(sys.argv[2]), sys.argv[5]
 NODES = {"node-ca-token-test": "node-test", "node-ca-token-other": "node-other"}
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        u = urllib.parse.urlsplit(self.path)
+        sel = urllib.parse.parse_qs(u.query).get("labelSelector", [""])[0]
+        parts = u.path.strip("/").split("/")
+        if len(parts) != 5 or parts[:3] != ["api", "v1", "namespaces"] or parts[4] != "pods" \
+                or not sel.startswith("paddock.dev/run="):
+            self.send_response(404); self.send_header("content-length", "0"); self.end_headers(); return
+        run = sel.split("=", 1)[1]
+        with open(placements) as f: known = json.load(f)
+        items = [{"metadata": {"name": p["name"], "uid": p["uid"],
+                               "labels": {"paddock.dev/run": run}},
+                  "spec": {"nodeName": p["node"]}, "status": {"phase": "Running"}}
+                 for p in known.get(parts[3] + "/" + run, [])]
+        out = json.dumps({"apiVersion": "v1", "kind": "PodList", "items": items}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers(); self.wfile.write(out)
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("content-length", "0"))))
         spec = body.get("spec", {})
@@ -90,6 +108,8 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer((addr, port), H).serve_forever()
 "#;
 const TOKEN_REVIEW_ADDR: &str = "127.0.0.1:16444";
+/// The loopback port of every lab pod's interactive adapter (`node-pods add --adapter-port`).
+pub const ADAPTER_PORT: u16 = 8765;
 /// The node agent's token for `POST /v1/node-ca` (bound to `node-test`).
 pub const NODE_CA_TOKEN: &str = "node-ca-token-test";
 /// The same account's token, bound to another node.
@@ -162,6 +182,9 @@ pub struct NodeLab {
     /// World-readable: the node CA for the pods' non-root clients.
     pub public: tempfile::TempDir,
     controller_key: String,
+    /// A person driving the runs: `broker:interact`, `broker:attach`, `broker:end` and
+    /// `broker:shell` in the pods' namespace (its key is in `operator.key`).
+    pub operator_key: String,
     bridge: String,
     /// `tls.mode = "broker"`: the node agent forges with a per-node intermediate from the
     /// broker (see [`NodeLab::with_node_ca`]); `None`: a CA generated into `ca_dir`.
@@ -278,7 +301,7 @@ impl NodeLab {
         make_upstream_certs(d, &[HOST_A, HOST_B]);
         let broker_dir = d.join("broker");
         std::fs::create_dir(&broker_dir).expect("broker dir");
-        make_upstream_certs(&broker_dir, &["broker.paddock.test"]);
+        make_upstream_certs(&broker_dir, &["broker.paddock.test", "127.0.0.1"]);
         std::fs::write(d.join("secret-a.txt"), SECRET_A).expect("secret");
         std::fs::write(d.join("secret-b.txt"), SECRET_B).expect("secret");
         std::fs::write(d.join("policy.yaml"), policy(d, pods)).expect("policy");
@@ -293,6 +316,17 @@ impl NodeLab {
             &["broker:validate-egress", "broker:substitute-auth"],
         );
         std::fs::write(d.join("agent.token"), &agent_key).expect("agent token");
+        let operator_key = add_key(
+            "operator",
+            &[
+                "broker:interact",
+                "broker:attach",
+                "broker:end",
+                "broker:shell",
+            ],
+        );
+        std::fs::write(d.join("operator.key"), &operator_key).expect("operator key");
+        std::fs::write(d.join("placements.json"), "{}").expect("placements");
         let mut broker_cfg = serde_json::json!({
             "listen": BROKER,
             "tls": {"cert": broker_dir.join("server.crt"), "key": broker_dir.join("server.key")},
@@ -396,7 +430,7 @@ impl NodeLab {
                 "token_review.py",
                 TOKEN_REVIEW,
                 TOKEN_REVIEW_ADDR.parse().expect("addr"),
-                &[],
+                &[d.join("placements.json").as_os_str()],
             )
         });
         let broker = BrokerProcess::start(&node, &d.join("broker.yaml"));
@@ -418,6 +452,7 @@ impl NodeLab {
             dir,
             public,
             controller_key,
+            operator_key,
             bridge,
             node_ca: review,
         }
@@ -471,6 +506,15 @@ impl NodeLab {
         netns.ip(&["route", "add", "default", "via", &BRIDGE_V4.to_string()]);
         let run = format!("run-{i}");
         let placeholder = self.register(&run);
+        // Where the API server (its stand-in) places the run's pod: this node.
+        let placements = self.dir.path().join("placements.json");
+        let mut known: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&placements).expect("placements"))
+                .expect("placements json");
+        known[format!("{NAMESPACE}/{run}")] = serde_json::json!([
+            {"name": format!("agent-{i}"), "uid": uid.as_str(), "node": "node-test"}
+        ]);
+        std::fs::write(&placements, known.to_string()).expect("placements");
         Pod {
             index: i,
             uid,
@@ -657,6 +701,8 @@ drain_timeout_secs = 1
             &netns,
             "--nameserver",
             &BRIDGE_V4.to_string(),
+            "--adapter-port",
+            &ADAPTER_PORT.to_string(),
         ])?;
         serde_json::from_str(out.trim()).map_err(|e| format!("{e}: {out}"))
     }
@@ -664,6 +710,30 @@ drain_timeout_secs = 1
     pub fn delete_pod(&self, i: usize) -> Result<(), String> {
         self.pods_cli(&["delete", "--uid", self.pods[i].uid.as_str()])
             .map(|_| ())
+    }
+
+    /// `paddock-broker ACTION ...` as the operator against the lab's broker, from the node
+    /// namespace, for pod `i`'s run (not started).
+    #[must_use]
+    pub fn broker_cli(&self, action: &str, i: usize) -> Command {
+        let d = self.dir.path();
+        let mut cmd = Command::new(target_bin("paddock-broker"));
+        cmd.arg(action)
+            .args(["--broker", &format!("https://{BROKER}")])
+            .arg("--ca")
+            .arg(d.join("broker/test-ca.crt"))
+            .arg("--token-file")
+            .arg(d.join("operator.key"))
+            .args(["-n", NAMESPACE, &self.pods[i].run]);
+        place(
+            &mut cmd,
+            &Placement {
+                netns: Some(&self.node),
+                cgroup: None,
+                user: None,
+            },
+        );
+        cmd
     }
 
     /// The pods the node agent serves.

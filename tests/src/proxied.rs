@@ -90,7 +90,13 @@ pub fn make_upstream_certs(dir: &Path, names: &[&str]) {
     );
     let san = names
         .iter()
-        .map(|n| format!("DNS:{n}"))
+        .map(|n| {
+            if n.parse::<std::net::IpAddr>().is_ok() {
+                format!("IP:{n}")
+            } else {
+                format!("DNS:{n}")
+            }
+        })
         .collect::<Vec<_>>()
         .join(",");
     std::fs::write(

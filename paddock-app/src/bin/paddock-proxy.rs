@@ -279,6 +279,10 @@ enum NodePodsOp {
         /// A resolver the pod's DNS may go to (at most one per family).
         #[arg(long)]
         nameserver: Vec<std::net::IpAddr>,
+        /// The loopback port of the pod's interactive adapter (reached through the broker's
+        /// tunnel).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        adapter_port: Option<u16>,
     },
     /// Stop intercepting a pod and free what it held.
     Delete {
@@ -681,6 +685,7 @@ fn node_pods_command(args: NodePodsArgs) -> Result<()> {
             run,
             netns,
             nameserver,
+            adapter_port,
         } => control::Request::Add {
             pod: PodSpec {
                 uid: PodUid::parse(&uid)?,
@@ -689,6 +694,7 @@ fn node_pods_command(args: NodePodsArgs) -> Result<()> {
                 run,
                 netns,
                 nameservers: nameserver,
+                adapter_port,
             },
         },
         NodePodsOp::Delete { uid } => control::Request::Delete {

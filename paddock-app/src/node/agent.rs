@@ -281,6 +281,20 @@ impl<I: Interception> NodeAgent<I> {
         }
     }
 
+    /// The served pod `uid`, when it is `run`'s in `namespace`: its spec and cgroup.
+    pub async fn run_pod(
+        &self,
+        namespace: &str,
+        run: &str,
+        uid: &str,
+    ) -> Option<(PodSpec, std::path::PathBuf)> {
+        let uid = PodUid::parse(uid).ok()?;
+        let pods = self.pods.lock().await;
+        let served = pods.get(&uid)?;
+        (served.spec.namespace == namespace && served.spec.run == run)
+            .then(|| (served.spec.clone(), served.cgroup.path().to_path_buf()))
+    }
+
     /// Serves `spec`'s pod; idempotent for the same spec (a retried CNI ADD).
     pub async fn add(&self, spec: PodSpec) -> Result<PodStatus, PodError> {
         self.add_with_port(spec, 0).await

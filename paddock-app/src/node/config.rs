@@ -134,6 +134,10 @@ pub struct PodsConfig {
     pub control_socket: Option<PathBuf>,
     #[serde(default = "default_plain_ports")]
     pub plain_http_ports: Vec<u16>,
+    /// Keep an outbound tunnel to the broker through which interactive runs' adapters and
+    /// shells reach this node's pods (needs a token bound to this node). Default on.
+    #[serde(default = "default_true")]
+    pub tunnel: bool,
 }
 
 impl Default for PodsConfig {
@@ -143,8 +147,13 @@ impl Default for PodsConfig {
             cgroup_driver: DriverSetting::Auto,
             control_socket: None,
             plain_http_ports: default_plain_ports(),
+            tunnel: true,
         }
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_cgroup_root() -> PathBuf {

@@ -341,6 +341,7 @@ async fn cni_add<I: Interception>(
                 run: m.run.unwrap_or_default(),
                 netns,
                 nameservers: m.nameservers,
+                adapter_port: m.adapter_port,
             };
             match agent.add(spec).await {
                 Ok(status) => Response {

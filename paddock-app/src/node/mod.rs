@@ -17,6 +17,7 @@ pub mod install_cni;
 pub mod pod;
 pub mod pods;
 pub mod state;
+pub mod tunnel;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -235,6 +236,18 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
         directory,
         stopped(stop_rx.clone()),
     ));
+    if cfg.pods.tunnel && checked.broker.is_some() {
+        let service = Arc::new(tunnel::TunnelService {
+            agent: Arc::clone(&agent),
+            // The sandbox launcher of shells is this very binary.
+            launcher: std::path::PathBuf::from("/proc/self/exe"),
+        });
+        tasks.spawn(tunnel::maintain(
+            node_bound_client(&cfg)?,
+            service,
+            stop_rx.clone(),
+        ));
+    }
     let ready = Readiness::new();
     if let Some(admin) = &cfg.admin {
         add_checks(&ready, &cfg, admin, &agent, &checked);
@@ -318,6 +331,16 @@ fn add_checks<I: Interception + Sync + 'static>(
     }));
 }
 
+/// The broker client that presents this node's own token: `tls.node_ca_bearer_file` when
+/// set, else `[broker] bearer_file` (the node CA and the node tunnel are granted per node).
+fn node_bound_client(cfg: &NodeConfig) -> Result<BrokerClient, NodeError> {
+    let mut client_cfg = cfg.broker.client_config();
+    if let Some(bearer) = &cfg.tls.node_ca_bearer_file {
+        client_cfg.bearer_file = Some(bearer.clone());
+    }
+    Ok(BrokerClient::new(&client_cfg).map_err(ServeError::from)?)
+}
+
 /// Start attempts for the first node CA before the node agent gives up (the `DaemonSet` then
 /// restarts it; its pods stay intercepted and refused meanwhile).
 const NODE_CA_ATTEMPTS: u32 = 5;
@@ -328,12 +351,7 @@ async fn broker_ca(
     cfg: &NodeConfig,
     node_name: &str,
 ) -> Result<(Arc<LeafCache>, tokio::task::JoinHandle<()>), NodeError> {
-    let mut client_cfg = cfg.broker.client_config();
-    if let Some(bearer) = &cfg.tls.node_ca_bearer_file {
-        client_cfg.bearer_file = Some(bearer.clone());
-    }
-    let source: Arc<dyn NodeCaSource> =
-        Arc::new(BrokerClient::new(&client_cfg).map_err(ServeError::from)?);
+    let source: Arc<dyn NodeCaSource> = Arc::new(node_bound_client(cfg)?);
     let mut delay = Duration::from_secs(1);
     let mut attempt = 1;
     let issued = loop {

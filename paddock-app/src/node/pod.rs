@@ -28,6 +28,11 @@ pub struct PodSpec {
     /// per family. Empty: no DNS at all.
     #[serde(default)]
     pub nameservers: Vec<IpAddr>,
+    /// The port of the run's interactive adapter on the pod's loopback (the pod's
+    /// `paddock.dev/adapter-port` annotation, which the controller sets from the run's
+    /// `spec.interactive.adapterPort`); `None`: not an interactive run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_port: Option<u16>,
 }
 
 /// A pod the node agent cannot take.
@@ -88,6 +93,7 @@ mod tests {
             run: "run-a".into(),
             netns: "/var/run/netns/cni-1234".into(),
             nameservers: vec!["10.96.0.10".parse().expect("ip")],
+            adapter_port: Some(8765),
         }
     }
 

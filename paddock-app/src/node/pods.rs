@@ -26,6 +26,9 @@ use paddock_proxy::pod_cgroup::PodUid;
 
 /// The label naming a pod's run.
 pub const DEFAULT_RUN_LABEL: &str = "paddock.dev/run";
+/// The annotation naming the loopback port of an interactive run's adapter (set by the
+/// controller from the run; a pod cannot change its own annotations).
+pub const ADAPTER_PORT_ANNOTATION: &str = "paddock.dev/adapter-port";
 
 /// What the node agent knows about a pod on its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +40,8 @@ pub struct PodMeta {
     pub run: Option<String>,
     /// Where its DNS may go (at most one per family).
     pub nameservers: Vec<IpAddr>,
+    /// Its interactive adapter's loopback port ([`ADAPTER_PORT_ANNOTATION`]).
+    pub adapter_port: Option<u16>,
 }
 
 /// The answer about one pod.
@@ -212,12 +217,20 @@ pub fn pod_meta(pod: &Pod, settings: &PodSettings) -> Option<PodMeta> {
     };
     let v4 = candidates.iter().find(|a| a.is_ipv4()).copied();
     let v6 = candidates.iter().find(|a| a.is_ipv6()).copied();
+    let adapter_port = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ADAPTER_PORT_ANNOTATION))
+        .and_then(|p| p.parse::<u16>().ok())
+        .filter(|&p| p != 0);
     Some(PodMeta {
         uid,
         namespace,
         name,
         run,
         nameservers: v4.into_iter().chain(v6).collect(),
+        adapter_port,
     })
 }
 

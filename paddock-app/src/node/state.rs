@@ -135,6 +135,7 @@ mod tests {
                 run: "r".into(),
                 netns: "/run/netns/x".into(),
                 nameservers: Vec::new(),
+                adapter_port: None,
             },
             port,
             cgroup_id: 42,

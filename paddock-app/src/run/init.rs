@@ -325,15 +325,22 @@ fn join(spec: &SandboxSpec, fds: LauncherFds) -> Result<i32, SandboxError> {
     let original_mask = blocked
         .thread_swap_mask(SigmaskHow::SIG_BLOCK)
         .ctx(|| "blocking signals".into())?;
+    // D' watches this pipe to notice E' dying before D''s parent-death signal was armed.
+    let (alive_r, alive_w) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "creating a pipe".into())?;
     // SAFETY: single-threaded process (see `launcher`).
     match unsafe { nix::unistd::fork() }.ctx(|| "fork".into())? {
         ForkResult::Child => {
+            drop(alive_w);
             let e = (|| {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
                     .ctx(|| "arming the parent-death signal".into())?;
-                // E' is outside this PID namespace, so it shows as parent 0; E' exiting before
-                // the signal was armed would have made the sandbox's PID 1 the parent.
-                if nix::unistd::getppid() != Pid::from_raw(0) {
+                let mut poll = [nix::poll::PollFd::new(
+                    alive_r.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO).ctx(|| "poll".into())?;
+                if poll[0].any().unwrap_or(false) {
                     return Err(SandboxError::Other("the launcher exited early".into()));
                 }
                 let pty = match (spec.pty, fds.pty_socket) {
@@ -355,14 +362,17 @@ fn join(spec: &SandboxSpec, fds: LauncherFds) -> Result<i32, SandboxError> {
             std::process::exit(FAILED)
         }
         ForkResult::Parent { child } => {
+            drop(alive_r);
             if let Some(fd) = fds.pty_socket {
                 drop(adopt(fd));
             }
-            supervise(child, &blocked, false, |sig| {
+            let code = supervise(child, &blocked, false, |sig| {
                 if nix::sys::signal::kill(Pid::from_raw(-child.as_raw()), sig).is_err() {
                     let _ = nix::sys::signal::kill(child, sig);
                 }
-            })
+            });
+            drop(alive_w);
+            code
         }
     }
 }

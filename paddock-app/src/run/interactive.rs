@@ -48,7 +48,7 @@ impl AdapterConnector for NetnsAdapter {
                 return Err(AdapterError::NotConfigured(run.run.clone()));
             }
             let target = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-            let sock = socket_in(&self.netns, target)
+            let sock = socket_in(&*self.netns, target)
                 .map_err(|e| AdapterError::Unreachable(format!("socket in the run: {e}")))?;
             match tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(target)).await {
                 Ok(Ok(stream)) => Ok(Box::new(stream) as AdapterIo),

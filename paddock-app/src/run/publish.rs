@@ -166,9 +166,10 @@ async fn accept_loop(
     }
 }
 
-/// A TCP socket created inside the command's namespace (so it connects to *its* loopback).
-pub(super) fn socket_in(
-    netns: &OwnedNetns,
+/// A TCP socket created inside a network namespace (so it connects to *its* loopback): the
+/// command's, or a pod's.
+pub(crate) fn socket_in(
+    netns: &impl NetnsEntry,
     target: SocketAddr,
 ) -> std::io::Result<tokio::net::TcpSocket> {
     let sock = netns

@@ -113,51 +113,65 @@ impl ShellOpener for RunShell {
             let init = sandbox_init(&self.cgroup, self.launcher_pid)
                 .map_err(|e| ShellError::Failed(format!("the run's sandbox: {e}")))?;
             let spec = shell_spec(&self.spec, size);
-            let launch = Launch {
-                launcher: &self.launcher,
-                cgroup: &self.cgroup,
-                netns: init.as_fd(),
-                piped_stdout: false,
-                join: true,
-            };
-            let mut sandbox =
-                spawn_sandboxed(&spec, &launch).map_err(|e| ShellError::Failed(e.to_string()))?;
-            drop(init);
-            let master = match tokio::time::timeout(START_TIMEOUT, sandbox.pty_master()).await {
-                Ok(Ok(Some(m))) => m,
-                Ok(Ok(None)) => {
-                    let _ = tokio::time::timeout(START_TIMEOUT, sandbox.child.wait()).await;
-                    return Err(ShellError::Failed(
-                        sandbox
-                            .failure()
-                            .unwrap_or_else(|| "the launcher exited".into()),
-                    ));
-                }
-                Ok(Err(e)) => return Err(ShellError::Failed(e.to_string())),
-                Err(_) => return Err(ShellError::Failed("timed out".into())),
-            };
-            let user = format!("{} (uid {})", spec.user_name, spec.uid);
-            let stream = PtyStream::new(master, sandbox.child)
-                .map_err(|e| ShellError::Failed(format!("the shell's terminal: {e}")))?;
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TermSize>();
-            let fd = Arc::clone(&stream.fd);
-            tokio::spawn(async move {
-                while let Some(s) = rx.recv().await {
-                    let _ = set_window_size(fd.get_ref().as_fd(), s.rows, s.cols);
-                }
-            });
+            let (stream, resize) = open_joined(&self.launcher, &self.cgroup, init, &spec).await?;
             Ok(ShellSession {
                 io: Box::new(stream) as AdapterIo,
-                resize: Some(tx),
-                user,
+                resize: Some(resize),
+                user: format!("{} (uid {})", spec.user_name, spec.uid),
             })
         })
     }
 }
 
+/// Starts `spec` (a program on a pty) in the namespaces of the process `target` (a pidfd)
+/// and in `cgroup`, through the launcher's join mode; returns the terminal and its resize
+/// channel. Call it from a runtime worker thread: the launcher dies with the spawning thread
+/// (parent-death signal), and workers live as long as the runtime.
+pub async fn open_joined(
+    launcher: &Path,
+    cgroup: &Path,
+    target: OwnedFd,
+    spec: &SandboxSpec,
+) -> Result<(PtyStream, tokio::sync::mpsc::UnboundedSender<TermSize>), ShellError> {
+    let launch = Launch {
+        launcher,
+        cgroup,
+        netns: target.as_fd(),
+        piped_stdout: false,
+        join: true,
+    };
+    let mut sandbox =
+        spawn_sandboxed(spec, &launch).map_err(|e| ShellError::Failed(e.to_string()))?;
+    drop(target);
+    let master = match tokio::time::timeout(START_TIMEOUT, sandbox.pty_master()).await {
+        Ok(Ok(Some(m))) => m,
+        Ok(Ok(None)) => {
+            let _ = tokio::time::timeout(START_TIMEOUT, sandbox.child.wait()).await;
+            return Err(ShellError::Failed(
+                sandbox
+                    .failure()
+                    .unwrap_or_else(|| "the launcher exited".into()),
+            ));
+        }
+        Ok(Err(e)) => return Err(ShellError::Failed(e.to_string())),
+        Err(_) => return Err(ShellError::Failed("timed out".into())),
+    };
+    let stream = PtyStream::new(master, sandbox.child)
+        .map_err(|e| ShellError::Failed(format!("the shell's terminal: {e}")))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TermSize>();
+    let fd = Arc::clone(&stream.fd);
+    tokio::spawn(async move {
+        while let Some(s) = rx.recv().await {
+            let _ = set_window_size(fd.get_ref().as_fd(), s.rows, s.cols);
+        }
+    });
+    Ok((stream, tx))
+}
+
 /// The master side of the shell's pty as a byte stream. Holds the launcher: dropping the
 /// stream kills it, and the shell with it.
-struct PtyStream {
+#[derive(Debug)]
+pub struct PtyStream {
     fd: Arc<AsyncFd<OwnedFd>>,
     _launcher: tokio::process::Child,
 }

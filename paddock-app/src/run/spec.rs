@@ -109,6 +109,27 @@ impl SandboxSpec {
         }
     }
 
+    /// A spec for a process of an existing sandbox (a pod's shell): `/bin/sh` as `uid:gid`
+    /// in `/`, with an empty environment the caller fills in.
+    #[must_use]
+    pub fn raw(uid: u32, gid: u32, user_name: String) -> Self {
+        Self {
+            program: b"/bin/sh".to_vec(),
+            args: Vec::new(),
+            env: Vec::new(),
+            uid,
+            gid,
+            user_name,
+            home: b"/".to_vec(),
+            dynamic_user: false,
+            cwd: b"/".to_vec(),
+            pty: None,
+            tty_gid: None,
+            files: Vec::new(),
+            resolv_conf: None,
+        }
+    }
+
     pub fn encode(&self) -> Result<Vec<u8>, SpecError> {
         serde_json::to_vec(self).map_err(|e| SpecError::Invalid(e.to_string()))
     }

@@ -226,8 +226,8 @@ pub struct TlsConfig {
     /// refused in `broker` mode, where no CA key is ever on disk).
     #[serde(default)]
     pub ca_dir: PathBuf,
-    /// `broker` mode: the token presented to `POST /v1/node-ca` when it differs from
-    /// `[broker] bearer_file` (which is the default).
+    /// `broker` mode: the node-bound token presented to `POST /v1/node-ca` and to the node
+    /// tunnel when it differs from `[broker] bearer_file` (which is the default).
     pub node_ca_bearer_file: Option<PathBuf>,
     /// Generate a CA into `ca_dir` when it holds none (local use).
     #[serde(default)]

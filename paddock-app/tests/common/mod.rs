@@ -198,6 +198,7 @@ impl Node {
             run: run.into(),
             netns,
             nameservers: vec!["10.96.0.10".parse().expect("ip")],
+            adapter_port: None,
         }
     }
 

@@ -351,7 +351,7 @@ async fn prompts_fan_out_scopes_are_enforced_and_the_end_forgets() {
     for (key, path, want) in [
         ("watcher-key", "/v1/runs/team-a/r1/prompts", 403),
         ("watcher-key", "/v1/runs/team-a/r1/end", 403),
-        ("operator-key", "/v1/runs/team-a/r1/shell", 404),
+        ("operator-key", "/v1/runs/team-a/r1/shells", 404),
         ("outsider-key", "/v1/runs/team-a/r1/interrupt", 403),
         ("operator-key", "/v1/runs/team-a/nope/interrupt", 403),
     ] {

@@ -18,6 +18,7 @@
 
 mod adapter;
 mod shell;
+mod tunnel;
 mod walker;
 
 #[cfg(test)]
@@ -39,6 +40,7 @@ pub use self::{
         adapter_post,
     },
     shell::{ShellError, ShellFuture, ShellOpener, ShellSession, TermSize},
+    tunnel::{NodeTunnels, Open, TunnelError, TunnelRoute},
     walker::{LeaseRenewer, RenewalWalker, WalkOutcome},
 };
 use crate::{
@@ -137,6 +139,7 @@ pub struct InteractiveRouter {
     runs: Mutex<HashMap<RunKey, Arc<RunState>>>,
     connector: RwLock<Option<Arc<dyn AdapterConnector>>>,
     shell: RwLock<Option<Arc<dyn ShellOpener>>>,
+    tunnels: Arc<NodeTunnels>,
     config: RwLock<InteractiveConfig>,
     walker: RenewalWalker,
 }
@@ -164,6 +167,7 @@ impl InteractiveRouter {
             runs: Mutex::new(HashMap::new()),
             connector: RwLock::new(None),
             shell: RwLock::new(None),
+            tunnels: Arc::default(),
             config: RwLock::new(config),
             walker: RenewalWalker::new(),
         }
@@ -200,6 +204,12 @@ impl InteractiveRouter {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// The node agents' tunnels connected to this broker.
+    #[must_use]
+    pub fn tunnels(&self) -> &Arc<NodeTunnels> {
+        &self.tunnels
     }
 
     pub fn set_config(&self, config: InteractiveConfig) {

@@ -12,6 +12,7 @@ mod respond;
 pub mod routes;
 mod shell;
 pub mod tls;
+mod tunnel;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

@@ -20,6 +20,7 @@ pub enum Op {
     End,
     Attach,
     Shell,
+    NodeTunnel,
 }
 
 impl Op {
@@ -34,6 +35,7 @@ impl Op {
                 | Op::Ping
                 | Op::NodeCa
                 | Op::NodeCaCrl
+                | Op::NodeTunnel
         )
     }
 

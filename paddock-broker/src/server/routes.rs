@@ -140,6 +140,12 @@ pub const ROUTES: &[Route] = &[
     // Only node agents, and each only for the node its token is bound to (checked by the
     // broker against the token's node, never the caller's word).
     Route {
+        method: "GET",
+        path: paths::NODE_TUNNEL,
+        scope: Some(Scope::NodeAgent),
+        op: Op::NodeTunnel,
+    },
+    Route {
         method: "POST",
         path: paths::NODE_CA,
         scope: Some(Scope::NodeAgent),
@@ -287,8 +293,8 @@ async fn dispatch(
     if identity.is_node_agent() && !route.op.is_for_node_agents() {
         return error_response(
             ErrorCode::Forbidden,
-            "node agents may only call validate-egress, substitute-auth, grants/poll, ping and \
-             node-ca",
+            "node agents may only call validate-egress, substitute-auth, grants/poll, ping, \
+             node-ca and node/tunnel",
         );
     }
     if route.op == Op::Ping {
@@ -296,6 +302,9 @@ async fn dispatch(
     }
     if route.op == Op::NodeCaCrl {
         return node_ca_crl(state, identity).await;
+    }
+    if route.op == Op::NodeTunnel {
+        return super::tunnel::accept(state, &identity, req);
     }
     // Interactive patterns always carry their (namespace, run).
     if let (true, Some(rp)) = (route.op.is_interactive(), run_path) {
@@ -346,7 +355,8 @@ async fn dispatch(
         | Op::Interrupt
         | Op::End
         | Op::Attach
-        | Op::Shell => error_response(ErrorCode::Internal, "internal error"),
+        | Op::Shell
+        | Op::NodeTunnel => error_response(ErrorCode::Internal, "internal error"),
     }
 }
 

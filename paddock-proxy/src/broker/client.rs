@@ -398,6 +398,70 @@ impl BrokerClient {
             .await
     }
 
+    /// Opens `GET path` with `Upgrade: protocol` on a new connection and returns the upgraded
+    /// connection once the broker answers 101 (within the deadline). Any other answer is an
+    /// error like a call's.
+    pub async fn open_upgrade(
+        &self,
+        path: &'static str,
+        protocol: &'static str,
+    ) -> Result<hyper::upgrade::Upgraded, BrokerCallError> {
+        let attempt = async {
+            let mut parts = self.inner.base.clone().into_parts();
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static(path));
+            let uri =
+                Uri::from_parts(parts).map_err(|e| BrokerCallError::Transport(e.to_string()))?;
+            let io = self
+                .inner
+                .connector
+                .connect(uri.clone())
+                .await
+                .map_err(|e| BrokerCallError::Transport(e.to_string()))?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| BrokerCallError::Transport(e.to_string()))?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upgraded broker connection ended");
+                }
+            });
+            let mut builder = Request::builder()
+                .method(Method::GET)
+                .uri(uri.path())
+                .header(http::header::HOST, self.inner.host_header.clone())
+                .header(http::header::UPGRADE, HeaderValue::from_static(protocol))
+                .header(
+                    http::header::CONNECTION,
+                    HeaderValue::from_static("upgrade"),
+                );
+            if let Some(bearer) = &self.inner.bearer {
+                builder = builder.header(AUTHORIZATION, bearer.header()?);
+            }
+            let request = builder
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| BrokerCallError::Transport(e.to_string()))?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| BrokerCallError::Transport(e.to_string()))?;
+            let status = response.status();
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return hyper::upgrade::on(response)
+                    .await
+                    .map_err(|e| BrokerCallError::Transport(format!("upgrade: {e}")));
+            }
+            let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map(http_body_util::Collected::to_bytes)
+                .unwrap_or_default();
+            Err(rejection(status, &bytes))
+        };
+        tokio::time::timeout(self.inner.timeout, attempt)
+            .await
+            .map_err(|_| BrokerCallError::Timeout(self.inner.timeout))?
+    }
+
     /// One JSON POST within the deadline. A request whose connection closed before any answer
     /// (a pooled connection closed under it, or a broker replica killed with it in flight) is
     /// tried once more on a new connection, still within the same deadline.
@@ -446,16 +510,7 @@ impl BrokerClient {
         if status.is_success() {
             Ok(bytes)
         } else {
-            Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(envelope) => BrokerCallError::Rejected {
-                    status: status.as_u16(),
-                    code: envelope.code,
-                    message: envelope.message,
-                },
-                Err(_) => BrokerCallError::BadStatus {
-                    status: status.as_u16(),
-                },
-            })
+            Err(rejection(status, &bytes))
         }
     }
 
@@ -501,6 +556,20 @@ impl BrokerClient {
             })?
             .to_bytes();
         Ok((status, bytes))
+    }
+}
+
+/// The error of a non-2xx answer: its envelope, or the bare status.
+fn rejection(status: StatusCode, bytes: &[u8]) -> BrokerCallError {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(envelope) => BrokerCallError::Rejected {
+            status: status.as_u16(),
+            code: envelope.code,
+            message: envelope.message,
+        },
+        Err(_) => BrokerCallError::BadStatus {
+            status: status.as_u16(),
+        },
     }
 }
 

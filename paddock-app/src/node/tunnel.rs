@@ -1,0 +1,356 @@
+//! The node agent's side of the broker's node tunnel ([`paddock_wire::api::tunnel`]).
+//!
+//! The node agent keeps one outbound connection to the broker, upgraded to HTTP/2 with the
+//! broker as the client: nothing listens on the node or the pods for it. Each stream the
+//! broker opens names a run, the pod the API server placed it in, and what to open:
+//!
+//! - `adapter`: a TCP connection to `127.0.0.1:<port>` created inside the pod's network
+//!   namespace, where the port is the pod's own (`paddock.dev/adapter-port`), never the
+//!   broker's word;
+//! - `shell`: `/bin/sh` on a pty in the namespaces, cgroup and user of the pod's container
+//!   process (never root; `no_new_privs` and the sandbox's seccomp filter), so its traffic is
+//!   intercepted like the agent's.
+//!
+//! A run whose pod this node agent does not serve, under that UID, is refused (404): a broker
+//! cannot make the node agent reach anything but the pods it intercepts. The connection is
+//! re-opened with backoff whenever it ends; while the broker refuses it (a token not bound to
+//! this node) the node agent says so in its log and retries slowly.
+
+use std::{
+    convert::Infallible,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::watch;
+
+use super::agent::NodeAgent;
+use crate::run::{
+    SandboxSpec,
+    shell::{open_joined, shell_spec},
+};
+use paddock_broker::interactive::TermSize;
+use paddock_proxy::broker::{BrokerCallError, BrokerClient};
+use paddock_proxy::ebpf::Interception;
+use paddock_proxy::netns::NetnsPath;
+use paddock_wire::api::{ErrorCode, paths, tunnel};
+
+const PING_INTERVAL: Duration = Duration::from_secs(20);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+/// Retry interval while the broker refuses the tunnel (a configuration problem).
+const REFUSED_RETRY: Duration = Duration::from_mins(5);
+
+/// What the tunnel's streams need.
+pub struct TunnelService<I: Interception> {
+    pub agent: Arc<NodeAgent<I>>,
+    /// The `paddock-proxy` binary (the sandbox launcher of shells).
+    pub launcher: PathBuf,
+}
+
+impl<I: Interception> std::fmt::Debug for TunnelService<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelService")
+            .field("launcher", &self.launcher)
+            .finish_non_exhaustive()
+    }
+}
+
+fn answer(status: StatusCode, reason: impl Into<String>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(reason.into())));
+    *r.status_mut() = status;
+    r
+}
+
+fn header<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+impl<I: Interception + 'static> TunnelService<I> {
+    async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        if req.method() != Method::CONNECT {
+            return Ok(answer(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "streams are CONNECTs",
+            ));
+        }
+        let (Some(ns), Some(run), Some(uid), Some(open)) = (
+            header(&req, tunnel::NAMESPACE),
+            header(&req, tunnel::RUN),
+            header(&req, tunnel::POD_UID),
+            header(&req, tunnel::OPEN),
+        ) else {
+            return Ok(answer(
+                StatusCode::BAD_REQUEST,
+                "missing run, pod or what to open",
+            ));
+        };
+        let span = tracing::info_span!("tunnel stream", %ns, %run, %open);
+        let _entered = span.enter();
+        let Some((spec, cgroup)) = self.agent.run_pod(ns, run, uid).await else {
+            tracing::info!("refused: no such pod served here");
+            return Ok(answer(
+                StatusCode::NOT_FOUND,
+                format!("run {ns}/{run} has no pod {uid} served on this node"),
+            ));
+        };
+        match open {
+            tunnel::OPEN_ADAPTER => {
+                let Some(port) = spec.adapter_port else {
+                    return Ok(answer(
+                        StatusCode::NOT_FOUND,
+                        format!(
+                            "pod {} declares no adapter port (annotation {})",
+                            spec.name,
+                            super::pods::ADAPTER_PORT_ANNOTATION
+                        ),
+                    ));
+                };
+                match connect_in_pod(&spec.netns, port).await {
+                    Ok(tcp) => {
+                        tracing::info!(port, "adapter stream opened");
+                        splice(&mut req, tcp);
+                        Ok(answer(StatusCode::OK, ""))
+                    }
+                    Err(e) => Ok(answer(
+                        StatusCode::BAD_GATEWAY,
+                        format!("adapter at 127.0.0.1:{port} in pod {}: {e}", spec.name),
+                    )),
+                }
+            }
+            tunnel::OPEN_SHELL => {
+                let size = TermSize::checked(
+                    header(&req, tunnel::ROWS)
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(24),
+                    header(&req, tunnel::COLS)
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(80),
+                )
+                .unwrap_or_default();
+                match self.open_shell(&cgroup, size).await {
+                    Ok((stream, user)) => {
+                        tracing::info!(%user, "shell opened in the pod");
+                        splice(&mut req, stream);
+                        let mut r = answer(StatusCode::OK, "");
+                        if let Ok(v) = HeaderValue::from_str(&user) {
+                            r.headers_mut().insert(tunnel::USER, v);
+                        }
+                        Ok(r)
+                    }
+                    Err(e) => Ok(answer(StatusCode::BAD_GATEWAY, e)),
+                }
+            }
+            other => Ok(answer(
+                StatusCode::BAD_REQUEST,
+                format!("cannot open {other:?}"),
+            )),
+        }
+    }
+
+    async fn open_shell(
+        &self,
+        pod_cgroup: &Path,
+        size: TermSize,
+    ) -> Result<(crate::run::shell::PtyStream, String), String> {
+        let target = pod_process(pod_cgroup)?;
+        let spec = shell_spec(&target.spec, size);
+        let user = format!("uid {} of pod process {}", target.spec.uid, target.pid);
+        let (stream, _resize) = open_joined(&self.launcher, &target.cgroup, target.pidfd, &spec)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((stream, user))
+    }
+}
+
+/// Answers the CONNECT, then copies between the stream and `io` until either ends.
+fn splice<T>(req: &mut Request<Incoming>, mut io: T)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(up) => {
+                let mut up = TokioIo::new(up);
+                let _ = tokio::io::copy_bidirectional(&mut up, &mut io).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "tunnel stream not upgraded"),
+        }
+    });
+}
+
+/// A TCP connection to `127.0.0.1:port` made from inside the pod's network namespace.
+async fn connect_in_pod(netns: &Path, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let target = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+    let sock = crate::run::publish::socket_in(&NetnsPath::new(netns), target)?;
+    tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(target))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// The process a shell joins: one of the pod's container processes.
+struct PodProcess {
+    pid: u32,
+    pidfd: OwnedFd,
+    /// Its cgroup (the container's, below the pod's), where the shell goes too.
+    cgroup: PathBuf,
+    /// Its user, environment and root directory as the shell's.
+    spec: SandboxSpec,
+}
+
+fn status_field(status: &str, name: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Finds a process of the pod's containers (not the sandbox's `pause`), by walking the pod's
+/// cgroup. Its uid must not be 0: the shell takes the container's user and is never root.
+fn pod_process(pod_cgroup: &Path) -> Result<PodProcess, String> {
+    let mut dirs = vec![pod_cgroup.to_path_buf()];
+    let mut refused = None;
+    while let Some(dir) = dirs.pop() {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(e.path());
+                }
+            }
+        }
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "pause" {
+                continue;
+            }
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                continue;
+            };
+            let (Some(uid), Some(gid)) =
+                (status_field(&status, "Uid:"), status_field(&status, "Gid:"))
+            else {
+                continue;
+            };
+            if uid == 0 || gid == 0 {
+                refused = Some(pid);
+                continue;
+            }
+            let Some(raw) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) else {
+                continue;
+            };
+            let Ok(pidfd) = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+            else {
+                continue;
+            };
+            // Read after the pidfd is held: a recycled PID would fail the cgroup check below.
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let in_dir = std::fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.trim() == pid.to_string());
+            if !in_dir {
+                continue;
+            }
+            let env: Vec<(Vec<u8>, Vec<u8>)> = environ
+                .split(|&b| b == 0)
+                .filter_map(|kv| {
+                    let i = kv.iter().position(|&b| b == b'=')?;
+                    (i > 0).then(|| (kv[..i].to_vec(), kv[i + 1..].to_vec()))
+                })
+                .collect();
+            let mut spec = SandboxSpec::raw(uid, gid, format!("uid-{uid}"));
+            spec.env = env;
+            if !spec.env.iter().any(|(k, _)| k == b"PATH") {
+                spec.env.push((
+                    b"PATH".to_vec(),
+                    b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_vec(),
+                ));
+            }
+            return Ok(PodProcess {
+                pid,
+                pidfd,
+                cgroup: dir,
+                spec,
+            });
+        }
+    }
+    Err(match refused {
+        Some(pid) => format!(
+            "the pod's container process {pid} runs as root: no shell (shells never run as root)"
+        ),
+        None => "no running container process in the pod".into(),
+    })
+}
+
+/// Keeps the tunnel to the broker open until `stop` turns true.
+pub async fn maintain<I: Interception + 'static>(
+    client: BrokerClient,
+    service: Arc<TunnelService<I>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut retry = FIRST_RETRY;
+    loop {
+        let opened = tokio::select! {
+            r = client.open_upgrade(paths::NODE_TUNNEL, tunnel::PROTOCOL) => r,
+            _ = stop.changed() => return,
+        };
+        match opened {
+            Ok(upgraded) => {
+                retry = FIRST_RETRY;
+                tracing::info!("tunnel to the broker open");
+                let svc = Arc::clone(&service);
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(PING_INTERVAL)
+                    .keep_alive_timeout(PING_INTERVAL)
+                    .serve_connection(
+                        upgraded,
+                        hyper::service::service_fn(move |req| Arc::clone(&svc).handle(req)),
+                    );
+                tokio::select! {
+                    r = conn => match r {
+                        Ok(()) => tracing::info!("tunnel to the broker closed"),
+                        Err(e) => tracing::warn!(error = %e, "tunnel to the broker broke"),
+                    },
+                    _ = stop.changed() => return,
+                }
+            }
+            Err(
+                e @ BrokerCallError::Rejected {
+                    code: ErrorCode::Forbidden | ErrorCode::Unauthenticated | ErrorCode::NotFound,
+                    ..
+                },
+            ) => {
+                tracing::warn!(
+                    error = %e,
+                    retry_secs = REFUSED_RETRY.as_secs(),
+                    "the broker refused the node tunnel (interactive runs and shells cannot \
+                     reach this node's pods; the token must be bound to this node)"
+                );
+                retry = REFUSED_RETRY;
+            }
+            Err(e) => tracing::warn!(error = %e, "opening the tunnel to the broker failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(retry) => {}
+            _ = stop.changed() => return,
+        }
+        if retry < REFUSED_RETRY {
+            retry = (retry * 2).min(MAX_RETRY);
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Node mode: reaching a pod's adapter (or a shell in it) through its node agent's tunnel.
+//!
+//! Each node agent keeps one outbound connection to the broker, upgraded to an HTTP/2
+//! connection on which the broker is the client ([`crate::wire::tunnel`]). The broker never
+//! dials a pod: to reach a run it asks the API server which node the run's pod is on (the
+//! same [`PodLocator`] that places node agents' substitutions, never the node agent's word),
+//! and opens a `CONNECT` stream on that node's tunnel. The node agent checks the pod is one
+//! it serves and takes the adapter port from the pod (never from this request), so a caller
+//! chooses nothing but the run.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::TokioIo;
+
+use super::{
+    AdapterConnector, AdapterError, AdapterFuture, AdapterIo, ShellError, ShellFuture, ShellOpener,
+    ShellSession, TermSize, lock,
+};
+use crate::{
+    auth::pods::PodLocator,
+    wire::{RunInfo, tunnel},
+};
+
+/// How long opening a stream through a tunnel may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest reason read from a node agent's refusal.
+const MAX_REASON_BYTES: usize = 4096;
+
+type Sender = SendRequest<Empty<Bytes>>;
+
+/// The connected node agents' tunnels, by node name.
+#[derive(Default)]
+pub struct NodeTunnels {
+    by_node: Mutex<HashMap<String, (u64, Sender)>>,
+    next: AtomicU64,
+}
+
+impl fmt::Debug for NodeTunnels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeTunnels")
+            .field("nodes", &self.nodes())
+            .finish()
+    }
+}
+
+/// What a stream through a tunnel opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Open {
+    Adapter,
+    Shell(TermSize),
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("the node agent of {0} is not connected to this broker")]
+    NotConnected(String),
+    #[error("the node agent of {node} refused: {reason}")]
+    Refused { node: String, reason: String },
+    #[error("the tunnel to {node} failed: {reason}")]
+    Broken { node: String, reason: String },
+    #[error("the tunnel to {0} did not answer in time")]
+    Timeout(String),
+}
+
+impl NodeTunnels {
+    /// Records `node`'s tunnel (replacing an older one of the same node, whose streams keep
+    /// running until they end). Returns the id [`Self::remove`] takes.
+    pub fn register(&self, node: &str, sender: Sender) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.by_node).insert(node.to_owned(), (id, sender));
+        id
+    }
+
+    /// Forgets `node`'s tunnel if it is still the one registered as `id`.
+    pub fn remove(&self, node: &str, id: u64) {
+        let mut map = lock(&self.by_node);
+        if map.get(node).is_some_and(|(current, _)| *current == id) {
+            map.remove(node);
+        }
+    }
+
+    /// Nodes with a tunnel, sorted.
+    #[must_use]
+    pub fn nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = lock(&self.by_node).keys().cloned().collect();
+        nodes.sort();
+        nodes
+    }
+
+    /// Opens a stream to `what` in the pod `pod_uid` of `run` on `node`; the stream's bytes,
+    /// and the answer's [`tunnel::USER`] header for a shell.
+    pub async fn open(
+        &self,
+        node: &str,
+        pod_uid: &str,
+        run: &RunInfo,
+        what: Open,
+    ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, Option<String>), TunnelError> {
+        let sender = lock(&self.by_node)
+            .get(node)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| TunnelError::NotConnected(node.to_owned()))?;
+        tokio::time::timeout(
+            OPEN_TIMEOUT,
+            Self::open_on(sender, node, pod_uid, run, what),
+        )
+        .await
+        .map_err(|_| TunnelError::Timeout(node.to_owned()))?
+    }
+
+    async fn open_on(
+        mut sender: Sender,
+        node: &str,
+        pod_uid: &str,
+        run: &RunInfo,
+        what: Open,
+    ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, Option<String>), TunnelError> {
+        let broken = |reason: String| TunnelError::Broken {
+            node: node.to_owned(),
+            reason,
+        };
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("paddock-node-agent:443")
+            .header(tunnel::NAMESPACE, &run.namespace)
+            .header(tunnel::RUN, &run.run)
+            .header(tunnel::POD_UID, pod_uid);
+        req = match what {
+            Open::Adapter => req.header(tunnel::OPEN, tunnel::OPEN_ADAPTER),
+            Open::Shell(size) => req
+                .header(tunnel::OPEN, tunnel::OPEN_SHELL)
+                .header(tunnel::ROWS, size.rows)
+                .header(tunnel::COLS, size.cols),
+        };
+        let req = req.body(Empty::new()).map_err(|e| broken(e.to_string()))?;
+        sender.ready().await.map_err(|e| broken(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| broken(e.to_string()))?;
+        if resp.status() != StatusCode::OK {
+            let status = resp.status();
+            let reason = Limited::new(resp.into_body(), MAX_REASON_BYTES)
+                .collect()
+                .await
+                .map(|c| String::from_utf8_lossy(&c.to_bytes()).trim().to_owned())
+                .unwrap_or_default();
+            return Err(TunnelError::Refused {
+                node: node.to_owned(),
+                reason: if reason.is_empty() {
+                    format!("HTTP {status}")
+                } else {
+                    reason
+                },
+            });
+        }
+        let user = resp
+            .headers()
+            .get(tunnel::USER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| broken(e.to_string()))?;
+        Ok((TokioIo::new(upgraded), user))
+    }
+}
+
+/// The connector and shell opener of a broker serving node mode: the run's pod from the API
+/// server, then a stream on its node's tunnel.
+#[derive(Debug)]
+pub struct TunnelRoute {
+    pub locator: Arc<PodLocator>,
+    pub tunnels: Arc<NodeTunnels>,
+}
+
+impl TunnelRoute {
+    async fn open(
+        &self,
+        run: &RunInfo,
+        what: Open,
+    ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, Option<String>), String> {
+        let pod = self
+            .locator
+            .locate(&run.namespace, &run.run)
+            .await
+            .map_err(|e| format!("where is the run's pod: {e}"))?;
+        self.tunnels
+            .open(&pod.node, &pod.uid, run, what)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl AdapterConnector for TunnelRoute {
+    fn connect<'a>(&'a self, run: &'a RunInfo) -> AdapterFuture<'a> {
+        Box::pin(async move {
+            let (io, _) = self
+                .open(run, Open::Adapter)
+                .await
+                .map_err(AdapterError::Unreachable)?;
+            Ok(Box::new(io) as AdapterIo)
+        })
+    }
+}
+
+impl ShellOpener for TunnelRoute {
+    fn open<'a>(&'a self, run: &'a RunInfo, size: TermSize) -> ShellFuture<'a> {
+        Box::pin(async move {
+            let (io, user) = TunnelRoute::open(self, run, Open::Shell(size))
+                .await
+                .map_err(ShellError::Failed)?;
+            Ok(ShellSession {
+                io: Box::new(io) as AdapterIo,
+                // The terminal keeps the size it was opened with (no control channel yet).
+                resize: None,
+                user: user.unwrap_or_else(|| "the pod's user".into()),
+            })
+        })
+    }
+}
