@@ -639,6 +639,11 @@ async fn the_shell_route_is_scoped_audited_and_relays_the_terminal() {
         .await
         .expect("eof");
     assert_eq!(next_text(&mut ws).await, "[closed: the shell exited]");
+    // The resize reaches the opener's task on its own schedule.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while shell.sizes.lock().expect("lock").is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(
         shell.sizes.lock().expect("lock").as_slice(),
         &[crate::interactive::TermSize {
