@@ -375,3 +375,29 @@ fn dns_follows_the_pods_policy() {
     bad.metadata.uid = Some("../x".into());
     assert!(pod_meta(&bad, &s).is_none());
 }
+
+#[test]
+fn the_adapter_port_comes_from_the_pods_annotation() {
+    let pod = |annotations: Value| -> k8s_openapi::api::core::v1::Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "n", "uid": "6b1d0c2a-1111-4222-8333-000000000001",
+                         "annotations": annotations},
+            "spec": {"containers": []},
+        }))
+        .expect("pod")
+    };
+    let s = settings();
+    let port = |a: Value| pod_meta(&pod(a), &s).expect("meta").adapter_port;
+    assert_eq!(
+        port(json!({"paddock.dev/adapter-port": "8765"})),
+        Some(8765)
+    );
+    assert_eq!(port(json!({})), None);
+    for bad in ["0", "70000", "http", "-1", " 80"] {
+        assert_eq!(
+            port(json!({"paddock.dev/adapter-port": bad})),
+            None,
+            "{bad}"
+        );
+    }
+}

@@ -369,10 +369,12 @@ fn harness_run(credentials: &[(&str, &str)]) -> Value {
             "template": "claude-code",
             "credentials": credentials.iter().map(|(n, e)| json!({"name": n, "env": e})).collect::<Vec<_>>(),
             "podTemplate": {
-                "metadata": {"labels": {"app": "agent", "paddock.dev/run": "someone-else"}},
+                "metadata": {"labels": {"app": "agent", "paddock.dev/run": "someone-else"},
+                             "annotations": {"paddock.dev/adapter-port": "22", "note": "kept"}},
                 "spec": {"containers": [{"name": "agent", "image": "agent:1",
                                          "env": [{"name": "API_TOKEN", "value": "spoofed"}]}]},
             },
+            "interactive": {"adapterPort": 8765},
         },
     })
 }
@@ -461,6 +463,11 @@ async fn a_run_from_creation_to_deletion() {
         "the controller's run label wins"
     );
     assert_eq!(pod["metadata"]["labels"]["app"], "agent");
+    assert_eq!(
+        pod["metadata"]["annotations"]["paddock.dev/adapter-port"], "8765",
+        "the adapter port comes from the run, never the template"
+    );
+    assert_eq!(pod["metadata"]["annotations"]["note"], "kept");
     assert_eq!(pod["metadata"]["ownerReferences"][0]["uid"], UID);
     assert_eq!(pod["spec"]["restartPolicy"], "Never");
     let env = pod["spec"]["containers"][0]["env"].as_array().expect("env");

@@ -296,6 +296,23 @@ fn pod_process(pod_cgroup: &Path) -> Result<PodProcess, String> {
     })
 }
 
+/// Serves the broker's streams on an open tunnel connection until it ends.
+pub async fn serve<I, T>(io: T, service: Arc<TunnelService<I>>) -> Result<(), hyper::Error>
+where
+    I: Interception + 'static,
+    T: hyper::rt::Read + hyper::rt::Write + Send + Unpin + 'static,
+{
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(PING_INTERVAL)
+        .keep_alive_timeout(PING_INTERVAL)
+        .serve_connection(
+            io,
+            hyper::service::service_fn(move |req| Arc::clone(&service).handle(req)),
+        )
+        .await
+}
+
 /// Keeps the tunnel to the broker open until `stop` turns true.
 pub async fn maintain<I: Interception + 'static>(
     client: BrokerClient,
@@ -312,15 +329,7 @@ pub async fn maintain<I: Interception + 'static>(
             Ok(upgraded) => {
                 retry = FIRST_RETRY;
                 tracing::info!("tunnel to the broker open");
-                let svc = Arc::clone(&service);
-                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(PING_INTERVAL)
-                    .keep_alive_timeout(PING_INTERVAL)
-                    .serve_connection(
-                        upgraded,
-                        hyper::service::service_fn(move |req| Arc::clone(&svc).handle(req)),
-                    );
+                let conn = serve(upgraded, Arc::clone(&service));
                 tokio::select! {
                     r = conn => match r {
                         Ok(()) => tracing::info!("tunnel to the broker closed"),

@@ -90,7 +90,7 @@ pub struct Node {
     pub maps: FakeInterception,
     /// Original destinations of the pods' connections, by the client's address.
     pub origdst: Arc<StaticOriginalDst>,
-    pub agent: NodeAgent<FakeInterception>,
+    pub agent: Arc<NodeAgent<FakeInterception>>,
 }
 
 pub fn parts(dir: &Path, origdst: Arc<StaticOriginalDst>) -> NodeParts {
@@ -146,7 +146,7 @@ impl Node {
         let dir = tempfile::tempdir().expect("dir");
         let maps = FakeInterception::default();
         let origdst = Arc::new(StaticOriginalDst::default());
-        let agent = Self::agent_in(dir.path(), &maps, &origdst);
+        let agent = Arc::new(Self::agent_in(dir.path(), &maps, &origdst));
         Self {
             dir,
             maps,

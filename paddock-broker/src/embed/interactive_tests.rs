@@ -684,3 +684,68 @@ async fn the_shell_route_is_scoped_audited_and_relays_the_terminal() {
         "the refused shell is audited"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_tunnel_is_for_node_bound_node_agents_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, POLICY).expect("policy");
+    let keys = dir.path().join("keys");
+    let scopes = |s: &[Scope]| s.iter().copied().collect::<BTreeSet<_>>();
+    std::fs::write(
+        &keys,
+        format!(
+            "{}\n{}\n",
+            // A node agent's scope, but a static key names no node.
+            format_line(
+                "agent",
+                &hash_key("agent-key"),
+                "team-a",
+                &scopes(&[Scope::NodeAgent])
+            ),
+            format_line(
+                "operator",
+                &hash_key("operator-key"),
+                "team-a",
+                &scopes(&[Scope::Interact, Scope::Attach, Scope::Shell])
+            ),
+        ),
+    )
+    .expect("keys");
+    let mut config = EmbedConfig::new(
+        PolicySource::Files {
+            path: policy,
+            secrets_dir: None,
+            poll: None,
+        },
+        dir.path().join("audit.jsonl"),
+        CallerConfig::run_controller("controller", "team-a"),
+    );
+    config.extra_keys = Some(keys);
+    let broker = EmbeddedBroker::start(config).expect("start");
+    let link = broker.client().link().clone();
+    for (key, want, says) in [
+        ("operator-key", 403, "broker:node-agent"),
+        ("agent-key", 403, "bound to a node"),
+    ] {
+        let io = link.connect().expect("connect");
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = http::Request::get(crate::wire::paths::NODE_TUNNEL)
+            .header(http::header::HOST, "broker")
+            .header(http::header::AUTHORIZATION, format!("Bearer {key}"))
+            .header(http::header::UPGRADE, crate::wire::tunnel::PROTOCOL)
+            .header(http::header::CONNECTION, "upgrade")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = send.send_request(req).await.expect("answer");
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, want, "{key}: {text}");
+        assert!(text.contains(says), "{key}: {text}");
+    }
+    assert!(broker.broker().interactive().tunnels().nodes().is_empty());
+}

@@ -325,3 +325,112 @@ fn at_most_one_walk_per_run_at_a_time() {
     let again = w.walk(&*renewer, &run("ns", "r"), Duration::from_mins(5));
     assert!(!again.skipped);
 }
+
+/// A node agent's side of a tunnel, in memory: it serves run `r1` (echoing the stream's
+/// bytes, naming a user for shells) and refuses anything else with a reason.
+async fn fake_node_agent()
+-> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let svc =
+        hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
+            let header = |n: &str| {
+                req.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let (run, open) = (
+                header(crate::wire::tunnel::RUN),
+                header(crate::wire::tunnel::OPEN),
+            );
+            let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+            if run != "r1" || header(crate::wire::tunnel::POD_UID) != "pod-1" {
+                *resp.body_mut() = http_body_util::Full::new(bytes::Bytes::from("no pod here"));
+                *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                return Ok::<_, std::convert::Infallible>(resp);
+            }
+            if open == "shell" {
+                let size = format!(
+                    "{}x{}",
+                    header(crate::wire::tunnel::ROWS),
+                    header(crate::wire::tunnel::COLS)
+                );
+                resp.headers_mut().insert(
+                    crate::wire::tunnel::USER,
+                    http::HeaderValue::from_str(&format!("uid 1000 {size}")).expect("header"),
+                );
+            }
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(up) = on.await {
+                    let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+            Ok(resp)
+        });
+    tokio::spawn(
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(theirs), svc),
+    );
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(ours))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_streams_reach_their_node_and_refusals_carry_the_reason() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tunnels = NodeTunnels::default();
+    let r1 = run("ns", "r1");
+    match tunnels.open("node-a", "pod-1", &r1, Open::Adapter).await {
+        Err(TunnelError::NotConnected(node)) => assert_eq!(node, "node-a"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+
+    let old = tunnels.register("node-a", fake_node_agent().await);
+    let new = tunnels.register("node-a", fake_node_agent().await);
+    assert_eq!(tunnels.nodes(), ["node-a"]);
+    // The older tunnel's end does not take the newer one with it.
+    tunnels.remove("node-a", old);
+    assert_eq!(tunnels.nodes(), ["node-a"]);
+
+    let (mut io, user) = tunnels
+        .open("node-a", "pod-1", &r1, Open::Adapter)
+        .await
+        .expect("adapter stream");
+    assert_eq!(user, None);
+    io.write_all(b"POST /prompts").await.expect("write");
+    let mut buf = [0u8; 13];
+    io.read_exact(&mut buf).await.expect("read");
+    assert_eq!(&buf, b"POST /prompts");
+
+    let (_, user) = tunnels
+        .open(
+            "node-a",
+            "pod-1",
+            &r1,
+            Open::Shell(TermSize {
+                rows: 30,
+                cols: 100,
+            }),
+        )
+        .await
+        .expect("shell stream");
+    assert_eq!(user.as_deref(), Some("uid 1000 30x100"));
+
+    // The node agent's refusal reaches the caller with its reason.
+    match tunnels.open("node-a", "pod-2", &r1, Open::Adapter).await {
+        Err(TunnelError::Refused { node, reason }) => {
+            assert_eq!((node.as_str(), reason.as_str()), ("node-a", "no pod here"));
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    tunnels.remove("node-a", new);
+    assert!(tunnels.nodes().is_empty());
+}

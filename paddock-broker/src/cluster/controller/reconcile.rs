@@ -42,6 +42,8 @@ pub const FINALIZER: &str = "paddock.dev/revoke-leases";
 /// The label the node agent selects agent pods by (`paddock-proxy node`'s
 /// `kubernetes.run_label`); its value is the run id.
 pub const DEFAULT_RUN_LABEL: &str = "paddock.dev/run";
+/// The pod annotation carrying an interactive run's adapter port (read by the node agent).
+pub const ADAPTER_PORT_ANNOTATION: &str = "paddock.dev/adapter-port";
 /// Where the trust bundle is mounted in every container of the agent pod.
 pub const TRUST_DIR: &str = "/etc/paddock/trust";
 const TRUST_VOLUME: &str = "paddock-trust";
@@ -680,6 +682,16 @@ fn agent_pod(run: &HarnessRun, n: &Names, settings: &Settings) -> Result<Pod, Re
     meta.labels
         .get_or_insert_with(BTreeMap::new)
         .insert(settings.run_label.clone(), n.run_id.clone());
+    // Likewise the adapter port: only the run's own field sets it (a template's annotation
+    // would point the broker at another port of the pod).
+    let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
+    annotations.remove(ADAPTER_PORT_ANNOTATION);
+    if let Some(interactive) = &run.spec.interactive {
+        annotations.insert(
+            ADAPTER_PORT_ANNOTATION.into(),
+            interactive.adapter_port.to_string(),
+        );
+    }
     meta.owner_references = Some(vec![owner(run)?]);
     // A run ends once; a restarted container would reuse revoked placeholders.
     spec.restart_policy = Some("Never".into());

@@ -39,6 +39,20 @@ pub struct HarnessRunSpec {
     /// and the trust bundle; `restartPolicy` is forced to `Never` (a run ends once).
     #[schemars(schema_with = "super::preserve_unknown_object")]
     pub pod_template: PodTemplateSpec,
+    /// An interactive run: people drive it through the broker (prompts, attach, shell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interactive: Option<InteractiveSpec>,
+}
+
+/// How the broker reaches an interactive run's adapter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InteractiveSpec {
+    /// The port of the adapter on the agent pod's loopback (`127.0.0.1`). The controller
+    /// writes it into the pod's `paddock.dev/adapter-port` annotation, where the node agent
+    /// reads it; nothing listens on the pod network for it.
+    #[schemars(range(min = 1, max = 65535))]
+    pub adapter_port: u16,
 }
 
 /// One credential the run asks for.
