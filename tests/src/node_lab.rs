@@ -127,7 +127,10 @@ pub const UPSTREAM_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const NODE_UPLINK_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 /// The node's bridge address: the pods' gateway and resolver.
 pub const BRIDGE_V4: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
-const BROKER: &str = "127.0.0.1:18443";
+/// The lab's broker (in the node namespace).
+pub const BROKER: &str = "127.0.0.1:18443";
+/// The second broker replica of node-CA labs (same database).
+pub const BROKER_REPLICA: &str = "127.0.0.2:18443";
 /// The node agent's resolver (in the node namespace).
 const NODE_DNS: &str = "127.0.0.1:5353";
 const NOBODY: u32 = 65534;
@@ -167,6 +170,8 @@ pub struct NodeLab {
     /// The API server's recorded answers (the CNI flow's pod source).
     kube_api: Option<PyServer>,
     pub broker: BrokerProcess,
+    /// The second broker replica (node-CA labs only), at [`BROKER_REPLICA`].
+    pub replica: Option<BrokerProcess>,
     /// The upstream host: the request-logging API (tests) or nginx (benchmarks).
     pub api: Option<EchoApi>,
     pub nginx: Option<Nginx>,
@@ -301,7 +306,10 @@ impl NodeLab {
         make_upstream_certs(d, &[HOST_A, HOST_B]);
         let broker_dir = d.join("broker");
         std::fs::create_dir(&broker_dir).expect("broker dir");
-        make_upstream_certs(&broker_dir, &["broker.paddock.test", "127.0.0.1"]);
+        make_upstream_certs(
+            &broker_dir,
+            &["broker.paddock.test", "127.0.0.1", "127.0.0.2"],
+        );
         std::fs::write(d.join("secret-a.txt"), SECRET_A).expect("secret");
         std::fs::write(d.join("secret-b.txt"), SECRET_B).expect("secret");
         std::fs::write(d.join("policy.yaml"), policy(d, pods)).expect("policy");
@@ -356,6 +364,11 @@ impl NodeLab {
             });
         }
         std::fs::write(d.join("broker.yaml"), broker_cfg.to_string()).expect("broker.yaml");
+        // A second replica on the same database (node-CA labs): node agents keep a tunnel to
+        // each, and a person may reach either.
+        broker_cfg["listen"] = BROKER_REPLICA.into();
+        std::fs::write(d.join("broker-replica.yaml"), broker_cfg.to_string())
+            .expect("broker-replica.yaml");
 
         // The node, its uplink to the upstream host, and its pod bridge.
         let node = Netns::new("n");
@@ -434,12 +447,14 @@ impl NodeLab {
             )
         });
         let broker = BrokerProcess::start(&node, &d.join("broker.yaml"));
+        let replica = node_ca.then(|| BrokerProcess::start(&node, &d.join("broker-replica.yaml")));
         let kubelet = CgroupGuard::new("node");
         let pins = PinDir::new();
         Self {
             agent: None,
             kube_api: None,
             broker,
+            replica,
             api,
             nginx,
             _dns: dns,
@@ -535,6 +550,7 @@ node_name = "node-test"
 state_dir = "{state}"
 [pods]
 cgroup_root = "{cgroup_root}"
+{tunnels}
 [ebpf]
 pin_dir = "{pins}"
 [tls]
@@ -557,6 +573,11 @@ drain_timeout_secs = 1
 "#,
             state = path_str(d, "state"),
             cgroup_root = self.kubelet.cgroup().path().display(),
+            tunnels = if self.replica.is_some() {
+                format!("tunnel_brokers = [\"{BROKER}\", \"{BROKER_REPLICA}\"]")
+            } else {
+                String::new()
+            },
             pins = self.pins.path().display(),
             tls_source = if self.node_ca.is_some() {
                 format!(
@@ -716,10 +737,16 @@ drain_timeout_secs = 1
     /// namespace, for pod `i`'s run (not started).
     #[must_use]
     pub fn broker_cli(&self, action: &str, i: usize) -> Command {
+        self.broker_cli_at(BROKER, action, i)
+    }
+
+    /// [`Self::broker_cli`] against the broker at `addr` (a replica).
+    #[must_use]
+    pub fn broker_cli_at(&self, addr: &str, action: &str, i: usize) -> Command {
         let d = self.dir.path();
         let mut cmd = Command::new(target_bin("paddock-broker"));
         cmd.arg(action)
-            .args(["--broker", &format!("https://{BROKER}")])
+            .args(["--broker", &format!("https://{addr}")])
             .arg("--ca")
             .arg(d.join("broker/test-ca.crt"))
             .arg("--token-file")

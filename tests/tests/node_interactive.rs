@@ -5,8 +5,9 @@
 //! namespace* through that tunnel: a prompt travels broker -> node agent -> adapter and the
 //! answer streams back to two attached clients (`paddock-broker attach` over HTTPS). A shell
 //! in the pod runs as the pod's user and its `curl` is intercepted (the upstream gets the
-//! real secret for the pod's placeholder). Once the adapter is gone a prompt gets 502 with
-//! the reason.
+//! real secret for the pod's placeholder). The node agent keeps a tunnel to each of two
+//! broker replicas, so a prompt sent to either arrives. Once the adapter is gone a prompt gets
+//! 502 with the reason.
 
 use std::{
     io::{Read, Write},
@@ -17,7 +18,7 @@ use std::{
 
 use paddock_tests::{
     interactive::ADAPTER_PY,
-    node_lab::{ADAPTER_PORT, HOST_A, NodeLab, SECRET_A, UPSTREAM_V4},
+    node_lab::{ADAPTER_PORT, BROKER, BROKER_REPLICA, HOST_A, NodeLab, SECRET_A, UPSTREAM_V4},
     process::place,
     require_root,
 };
@@ -67,7 +68,18 @@ fn attach(lab: &NodeLab) -> Attached {
 
 /// `paddock-broker ARGS` to completion: (success, stdout + stderr).
 fn cli(lab: &NodeLab, action: &str, extra: &[&str], input: Option<&str>) -> (bool, String) {
-    let mut cmd = lab.broker_cli(action, 0);
+    cli_at(lab, BROKER, action, extra, input)
+}
+
+/// [`cli`] against the broker at `addr`.
+fn cli_at(
+    lab: &NodeLab,
+    addr: &str,
+    action: &str,
+    extra: &[&str],
+    input: Option<&str>,
+) -> (bool, String) {
+    let mut cmd = lab.broker_cli_at(addr, action, 0);
     cmd.args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -154,6 +166,18 @@ async fn prompts_and_shells_reach_the_pod_through_the_node_agents_tunnel() {
                 first.out.lock().expect("lock").contains(want)
                     && second.out.lock().expect("lock").contains(want)
             },
+        );
+
+        // The other broker replica holds this node's tunnel too: a prompt sent there reaches
+        // the same adapter, numbered after the first (the sequence is in the shared store).
+        let (ok, text) = cli_at(&lab, BROKER_REPLICA, "prompt", &["-t", "via replica"], None);
+        assert!(ok && text.contains("prompt 2 delivered"), "{text}");
+        let want = "answer 2 from operator: VIA REPLICA";
+        wait_for(
+            "the replica's answer",
+            &lab,
+            Duration::from_secs(10),
+            || first.out.lock().expect("lock").contains(want),
         );
 
         // A shell in the pod: the pod's user, the pod's network, intercepted.

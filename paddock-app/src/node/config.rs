@@ -138,6 +138,12 @@ pub struct PodsConfig {
     /// shells reach this node's pods (needs a token bound to this node). Default on.
     #[serde(default = "default_true")]
     pub tunnel: bool,
+    /// With broker replicas: `HOST:PORT` names resolving to *every* replica (a headless
+    /// Service, `paddock-broker-headless.paddock-system.svc:8443`); the node agent keeps a
+    /// tunnel to each address, re-resolved every 30 s, so whichever replica a person reaches
+    /// holds this node's tunnel. Empty: one tunnel through `[broker] url`.
+    #[serde(default)]
+    pub tunnel_brokers: Vec<String>,
 }
 
 impl Default for PodsConfig {
@@ -148,6 +154,7 @@ impl Default for PodsConfig {
             control_socket: None,
             plain_http_ports: default_plain_ports(),
             tunnel: true,
+            tunnel_brokers: Vec::new(),
         }
     }
 }

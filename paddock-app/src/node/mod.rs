@@ -242,11 +242,20 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
             // The sandbox launcher of shells is this very binary.
             launcher: std::path::PathBuf::from("/proc/self/exe"),
         });
-        tasks.spawn(tunnel::maintain(
-            node_bound_client(&cfg)?,
-            service,
-            stop_rx.clone(),
-        ));
+        if cfg.pods.tunnel_brokers.is_empty() {
+            tasks.spawn(tunnel::maintain(
+                node_bound_client(&cfg)?,
+                service,
+                stop_rx.clone(),
+            ));
+        } else {
+            tasks.spawn(tunnel::maintain_each(
+                node_bound_config(&cfg),
+                cfg.pods.tunnel_brokers.clone(),
+                service,
+                stop_rx.clone(),
+            ));
+        }
     }
     let ready = Readiness::new();
     if let Some(admin) = &cfg.admin {
@@ -334,11 +343,15 @@ fn add_checks<I: Interception + Sync + 'static>(
 /// The broker client that presents this node's own token: `tls.node_ca_bearer_file` when
 /// set, else `[broker] bearer_file` (the node CA and the node tunnel are granted per node).
 fn node_bound_client(cfg: &NodeConfig) -> Result<BrokerClient, NodeError> {
+    Ok(BrokerClient::new(&node_bound_config(cfg)).map_err(ServeError::from)?)
+}
+
+fn node_bound_config(cfg: &NodeConfig) -> paddock_proxy::broker::BrokerClientConfig {
     let mut client_cfg = cfg.broker.client_config();
     if let Some(bearer) = &cfg.tls.node_ca_bearer_file {
         client_cfg.bearer_file = Some(bearer.clone());
     }
-    Ok(BrokerClient::new(&client_cfg).map_err(ServeError::from)?)
+    client_cfg
 }
 
 /// Start attempts for the first node CA before the node agent gives up (the `DaemonSet` then

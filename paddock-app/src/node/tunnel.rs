@@ -17,7 +17,9 @@
 //! this node) the node agent says so in its log and retries slowly.
 
 use std::{
+    collections::{BTreeSet, HashMap},
     convert::Infallible,
+    net::SocketAddr,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::Arc,
@@ -37,7 +39,7 @@ use crate::run::{
     shell::{open_joined, shell_spec},
 };
 use paddock_broker::interactive::TermSize;
-use paddock_proxy::broker::{BrokerCallError, BrokerClient};
+use paddock_proxy::broker::{BrokerCallError, BrokerClient, BrokerClientConfig};
 use paddock_proxy::ebpf::Interception;
 use paddock_proxy::netns::NetnsPath;
 use paddock_wire::api::{ErrorCode, paths, tunnel};
@@ -313,6 +315,85 @@ where
         .await
 }
 
+/// How often the replicas' names are resolved again.
+const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+
+/// The client of one replica at `addr`: the configured client with that address, still
+/// verifying the broker's certificate against the configured name (or the URL's host).
+fn replica_config(base: &BrokerClientConfig, addr: SocketAddr) -> BrokerClientConfig {
+    let mut cfg = base.clone();
+    if cfg.server_name.is_none() {
+        cfg.server_name = url::Url::parse(&base.url)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_owned()));
+    }
+    cfg.url = format!("https://{addr}");
+    cfg
+}
+
+/// Every address the names resolve to now (names that do not resolve are logged and skipped:
+/// the tunnels already open to their last addresses stay until the next successful answer).
+async fn resolve_all(names: &[String]) -> Option<BTreeSet<SocketAddr>> {
+    let mut all = BTreeSet::new();
+    let mut any = false;
+    for name in names {
+        match tokio::net::lookup_host(name.as_str()).await {
+            Ok(addrs) => {
+                any = true;
+                all.extend(addrs);
+            }
+            Err(e) => tracing::warn!(%name, error = %e, "resolving a broker replica name failed"),
+        }
+    }
+    any.then_some(all)
+}
+
+/// Keeps a tunnel to every address `names` resolve to (broker replicas), following changes,
+/// until `stop` turns true.
+pub async fn maintain_each<I: Interception + 'static>(
+    base: BrokerClientConfig,
+    names: Vec<String>,
+    service: Arc<TunnelService<I>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut running: HashMap<SocketAddr, (watch::Sender<bool>, tokio::task::JoinHandle<()>)> =
+        HashMap::new();
+    loop {
+        if let Some(now) = resolve_all(&names).await {
+            running.retain(|addr, (tx, _)| {
+                let keep = now.contains(addr);
+                if !keep {
+                    tracing::info!(%addr, "broker replica gone: closing its tunnel");
+                    let _ = tx.send(true);
+                }
+                keep
+            });
+            for addr in now {
+                if running.contains_key(&addr) {
+                    continue;
+                }
+                match BrokerClient::new(&replica_config(&base, addr)) {
+                    Ok(client) => {
+                        tracing::info!(%addr, "keeping a tunnel to a broker replica");
+                        let (tx, rx) = watch::channel(false);
+                        let task = tokio::spawn(maintain(client, Arc::clone(&service), rx));
+                        running.insert(addr, (tx, task));
+                    }
+                    Err(e) => tracing::warn!(%addr, error = %e, "no client for a broker replica"),
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(RESOLVE_EVERY) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    for (_, (tx, task)) in running {
+        let _ = tx.send(true);
+        let _ = task.await;
+    }
+}
+
 /// Keeps the tunnel to the broker open until `stop` turns true.
 pub async fn maintain<I: Interception + 'static>(
     client: BrokerClient,
@@ -361,5 +442,45 @@ pub async fn maintain<I: Interception + 'static>(
         if retry < REFUSED_RETRY {
             retry = (retry * 2).min(MAX_RETRY);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_is_dialled_by_address_and_verified_by_the_brokers_name() {
+        let mut base =
+            BrokerClientConfig::new("https://paddock-broker.paddock-system.svc:8443", "/ca.crt");
+        let v4 = replica_config(&base, "10.0.0.7:8443".parse().expect("addr"));
+        assert_eq!(v4.url, "https://10.0.0.7:8443");
+        assert_eq!(
+            v4.server_name.as_deref(),
+            Some("paddock-broker.paddock-system.svc")
+        );
+        let v6 = replica_config(&base, "[fd00::7]:8443".parse().expect("addr"));
+        assert_eq!(v6.url, "https://[fd00::7]:8443");
+        // A configured name wins over the URL's host.
+        base.server_name = Some("broker.example".into());
+        let named = replica_config(&base, "10.0.0.8:8443".parse().expect("addr"));
+        assert_eq!(named.server_name.as_deref(), Some("broker.example"));
+        assert!(
+            BrokerClient::new(&named).is_err(),
+            "no bearer: refused like any client"
+        );
+    }
+
+    #[tokio::test]
+    async fn replica_names_resolve_to_every_address_and_failures_are_skipped() {
+        let all = resolve_all(&["127.0.0.1:8443".into(), "[::1]:8443".into()])
+            .await
+            .expect("resolved");
+        assert_eq!(all.len(), 2);
+        let some = resolve_all(&["127.0.0.1:8443".into(), "not a name".into()])
+            .await
+            .expect("one resolved");
+        assert_eq!(some.len(), 1);
+        assert!(resolve_all(&["not a name".into()]).await.is_none());
     }
 }
