@@ -161,12 +161,13 @@ fn main() -> Result<()> {
 }
 
 /// Step 6: an interactive run. The command is a small adapter; a person prompts it through
-/// the broker and watches its answer stream back, with the `paddock-broker` CLI.
+/// the broker and watches its answer stream back, then opens a shell in the run's sandbox,
+/// with the `paddock-broker` CLI.
 fn interactive(d: &Path) -> Result<()> {
     const RUN: &str = "demo-interactive";
     println!("\n6. An interactive run: the command is an adapter on its own loopback (port 8765).");
     println!(
-        "   $ sudo paddock-proxy run --policy examples/demo-policy.yaml --adapter-port 8765 -- python3 -c \"$ADAPTER\" 8765"
+        "   $ sudo paddock-proxy run --policy examples/demo-policy.yaml --adapter-port 8765 --shell -- python3 -c \"$ADAPTER\" 8765"
     );
     let p = |x: &Path| x.to_string_lossy().into_owned();
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo-policy.yaml");
@@ -182,6 +183,7 @@ fn interactive(d: &Path) -> Result<()> {
         .args([
             "--adapter-port",
             "8765",
+            "--shell",
             "--state-dir",
             &p(&state),
             "--run-id",
@@ -249,6 +251,30 @@ fn drive(run_state: &Path) -> Result<()> {
     ));
     if let Some(line) = lines.next() {
         println!("   [attached] {}", line?);
+    }
+    // A shell in the run's sandbox: the run's user, its namespaces, its interception.
+    println!(
+        "   $ echo 'echo \"uid $(id -u), pid $$\"; exit' | sudo paddock-broker shell ... demo-interactive"
+    );
+    let mut shell = cli(&["shell"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut shell.stdin.take().context("shell stdin")?,
+        b"echo \"uid $(id -u), pid $$\"; exit\n",
+    )?;
+    let out = shell.wait_with_output()?;
+    if !out.status.success() {
+        let _ = attach.kill();
+        bail!("shell failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("uid "))
+    {
+        println!("   [shell] {line}");
     }
     println!("   $ sudo paddock-broker end ... demo-interactive");
     let out = cli(&["end"]).output()?;
