@@ -14,11 +14,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use paddock_app::node::tunnel::{TunnelService, serve};
 use paddock_wire::api::tunnel;
 
-async fn connect(node: &Node) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
+async fn connect(
+    node: &Node,
+    shells: bool,
+) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
     let service = Arc::new(TunnelService {
         agent: Arc::clone(&node.agent),
         launcher: "/nonexistent/paddock-proxy".into(),
+        shells,
     });
     tokio::spawn(serve(TokioIo::new(theirs), service));
     let (sender, conn) =
@@ -61,7 +65,7 @@ async fn only_served_pods_of_the_named_run_are_opened() {
     let without = node.pod(41, "run-u");
     node.agent.add(with_port.clone()).await.expect("add");
     node.agent.add(without.clone()).await.expect("add");
-    let mut tunnel = connect(&node).await;
+    let mut tunnel = connect(&node, true).await;
     let uid = with_port.uid.as_str().to_owned();
     let ask = |ns: &'static str, run: &'static str, uid: String, what: &'static str| {
         vec![
@@ -133,6 +137,12 @@ async fn only_served_pods_of_the_named_run_are_opened() {
     assert!(reason.contains("no running container process"), "{reason}");
 
     // Anything else is not opened.
-    let (status, _) = call(&mut tunnel, ask("team", "run-t", uid, "socket")).await;
+    let (status, _) = call(&mut tunnel, ask("team", "run-t", uid.clone(), "socket")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // With shells turned off (the default), a shell is refused and says how to turn it on.
+    let mut off = connect(&node, false).await;
+    let (status, reason) = call(&mut off, ask("team", "run-t", uid, tunnel::OPEN_SHELL)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(reason.contains("[pods] shells"), "{reason}");
 }

@@ -574,7 +574,7 @@ drain_timeout_secs = 1
             state = path_str(d, "state"),
             cgroup_root = self.kubelet.cgroup().path().display(),
             tunnels = if self.replica.is_some() {
-                format!("tunnel_brokers = [\"{BROKER}\", \"{BROKER_REPLICA}\"]")
+                format!("tunnel_brokers = [\"{BROKER}\", \"{BROKER_REPLICA}\"]\nshells = true")
             } else {
                 String::new()
             },

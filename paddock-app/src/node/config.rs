@@ -144,6 +144,10 @@ pub struct PodsConfig {
     /// holds this node's tunnel. Empty: one tunnel through `[broker] url`.
     #[serde(default)]
     pub tunnel_brokers: Vec<String>,
+    /// Open shells in pods for the broker's `/shell` route (off by default: a shell needs
+    /// capabilities the node agent otherwise does without; see deploy/README.md).
+    #[serde(default)]
+    pub shells: bool,
 }
 
 impl Default for PodsConfig {
@@ -155,6 +159,7 @@ impl Default for PodsConfig {
             plain_http_ports: default_plain_ports(),
             tunnel: true,
             tunnel_brokers: Vec::new(),
+            shells: false,
         }
     }
 }

@@ -241,6 +241,7 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
             agent: Arc::clone(&agent),
             // The sandbox launcher of shells is this very binary.
             launcher: std::path::PathBuf::from("/proc/self/exe"),
+            shells: cfg.pods.shells,
         });
         if cfg.pods.tunnel_brokers.is_empty() {
             tasks.spawn(tunnel::maintain(

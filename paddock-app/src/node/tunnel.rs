@@ -56,6 +56,8 @@ pub struct TunnelService<I: Interception> {
     pub agent: Arc<NodeAgent<I>>,
     /// The `paddock-proxy` binary (the sandbox launcher of shells).
     pub launcher: PathBuf,
+    /// Whether shells may be opened (`[pods] shells`).
+    pub shells: bool,
 }
 
 impl<I: Interception> std::fmt::Debug for TunnelService<I> {
@@ -131,6 +133,10 @@ impl<I: Interception + 'static> TunnelService<I> {
                     )),
                 }
             }
+            tunnel::OPEN_SHELL if !self.shells => Ok(answer(
+                StatusCode::FORBIDDEN,
+                "shells are turned off on this node ([pods] shells = false)",
+            )),
             tunnel::OPEN_SHELL => {
                 let size = TermSize::checked(
                     header(&req, tunnel::ROWS)

@@ -654,12 +654,15 @@ fn add_dynamic_user(spec: &SandboxSpec, dir: &Path) -> Result<(), SandboxError> 
 /// A pseudo-terminal from the sandbox's own devpts instance: (master, slave), the slave owned
 /// by the run user and sized like `run`'s terminal.
 fn open_pty(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd), SandboxError> {
-    let master = nix::fcntl::open(
-        "/dev/pts/ptmx",
-        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .ctx(|| "opening /dev/pts/ptmx".into())?;
+    let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    // A devpts mounted with ptmxmode=000 (the host's, when joining a process that shares it)
+    // refuses its own ptmx without CAP_DAC_OVERRIDE; /dev/ptmx (0666) opens the devpts at
+    // /dev/pts all the same.
+    let master = match nix::fcntl::open("/dev/pts/ptmx", flags, Mode::empty()) {
+        Err(Errno::EACCES) => nix::fcntl::open("/dev/ptmx", flags, Mode::empty())
+            .ctx(|| "opening /dev/ptmx".into())?,
+        other => other.ctx(|| "opening /dev/pts/ptmx".into())?,
+    };
     let unlock: libc::c_int = 0;
     // SAFETY: TIOCSPTLCK reads one int through the pointer, which outlives the call.
     let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &raw const unlock) };
@@ -675,11 +678,12 @@ fn open_pty(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd), SandboxError> {
     let slave = Errno::result(rc).ctx(|| "opening the pty slave".into())?;
     // SAFETY: the ioctl just returned this new descriptor, owned by nobody else.
     let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    // The mode first, while root still owns the slave (no CAP_FOWNER needed), then the owner.
+    nix::sys::stat::fchmod(&slave, Mode::from_bits_truncate(0o620))
+        .ctx(|| "chmod of the pty slave".into())?;
     let group = Gid::from_raw(spec.tty_gid.unwrap_or(spec.gid));
     nix::unistd::fchown(&slave, Some(Uid::from_raw(spec.uid)), Some(group))
         .ctx(|| "chown of the pty slave".into())?;
-    nix::sys::stat::fchmod(&slave, Mode::from_bits_truncate(0o620))
-        .ctx(|| "chmod of the pty slave".into())?;
     if let Some(pty) = spec.pty {
         set_window_size(master.as_fd(), pty.size.rows, pty.size.cols)
             .ctx(|| "setting the pty size".into())?;
