@@ -156,7 +156,7 @@ pub async fn open_joined(
         Ok(Err(e)) => return Err(ShellError::Failed(e.to_string())),
         Err(_) => return Err(ShellError::Failed("timed out".into())),
     };
-    let stream = PtyStream::new(master, sandbox.child)
+    let stream = PtyStream::new(master, sandbox)
         .map_err(|e| ShellError::Failed(format!("the shell's terminal: {e}")))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TermSize>();
     let fd = Arc::clone(&stream.fd);
@@ -169,15 +169,19 @@ pub async fn open_joined(
 }
 
 /// The master side of the shell's pty as a byte stream. Holds the launcher: dropping the
-/// stream kills it, and the shell with it.
+/// stream kills it, and the shell with it. When the shell could not start after its terminal
+/// was handed over (the user could not be taken, the program is missing), the launcher's
+/// reason is the last line the stream carries.
 #[derive(Debug)]
 pub struct PtyStream {
     fd: Arc<AsyncFd<OwnedFd>>,
-    _launcher: tokio::process::Child,
+    launcher: super::child::Sandboxed,
+    /// Whether the launcher's failure was looked for at the end.
+    told: bool,
 }
 
 impl PtyStream {
-    fn new(master: OwnedFd, launcher: tokio::process::Child) -> io::Result<Self> {
+    fn new(master: OwnedFd, launcher: super::child::Sandboxed) -> io::Result<Self> {
         nix::fcntl::fcntl(
             &master,
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
@@ -192,7 +196,8 @@ impl PtyStream {
         .map_err(|e| e.into_parts().1)?;
         Ok(Self {
             fd: Arc::new(fd),
-            _launcher: launcher,
+            launcher,
+            told: false,
         })
     }
 }
@@ -203,21 +208,40 @@ impl AsyncRead for PtyStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
         loop {
-            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let mut guard = ready!(this.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
             match guard
                 .try_io(|fd| nix::unistd::read(fd.get_ref(), unfilled).map_err(io::Error::from))
             {
-                Ok(Ok(n)) => {
+                Ok(Ok(n)) if n > 0 => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                // EIO: every slave descriptor is closed, the shell is gone (end of stream).
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Poll::Ready(Ok(())),
+                // 0 or EIO: every slave descriptor is closed, the shell is gone. Before the
+                // end of the stream, the launcher's reason if it failed.
+                Ok(Ok(_)) => return Poll::Ready(Ok(this.last_words(buf))),
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => {
+                    return Poll::Ready(Ok(this.last_words(buf)));
+                }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 Err(_would_block) => {}
             }
+        }
+    }
+}
+
+impl PtyStream {
+    /// Puts the launcher's failure, if it reported one, into `buf` (once).
+    fn last_words(&mut self, buf: &mut ReadBuf<'_>) {
+        if std::mem::replace(&mut self.told, true) {
+            return;
+        }
+        if let Some(why) = self.launcher.failure() {
+            let line = format!("\r\npaddock: {why}\r\n");
+            let n = line.len().min(buf.remaining());
+            buf.put_slice(&line.as_bytes()[..n]);
         }
     }
 }
