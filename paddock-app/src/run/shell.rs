@@ -221,9 +221,13 @@ impl AsyncRead for PtyStream {
                 }
                 // 0 or EIO: every slave descriptor is closed, the shell is gone. Before the
                 // end of the stream, the launcher's reason if it failed.
-                Ok(Ok(_)) => return Poll::Ready(Ok(this.last_words(buf))),
+                Ok(Ok(_)) => {
+                    this.last_words(buf);
+                    return Poll::Ready(Ok(()));
+                }
                 Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => {
-                    return Poll::Ready(Ok(this.last_words(buf)));
+                    this.last_words(buf);
+                    return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 Err(_would_block) => {}
