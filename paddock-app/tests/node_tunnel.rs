@@ -19,11 +19,11 @@ async fn connect(
     shells: bool,
 ) -> hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
-    let service = Arc::new(TunnelService {
-        agent: Arc::clone(&node.agent),
-        launcher: "/nonexistent/paddock-proxy".into(),
+    let service = Arc::new(TunnelService::new(
+        Arc::clone(&node.agent),
+        "/nonexistent/paddock-proxy".into(),
         shells,
-    });
+    ));
     tokio::spawn(serve(TokioIo::new(theirs), service));
     let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(ours))
@@ -139,6 +139,32 @@ async fn only_served_pods_of_the_named_run_are_opened() {
     // Anything else is not opened.
     let (status, _) = call(&mut tunnel, ask("team", "run-t", uid.clone(), "socket")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // A resize names a shell this node agent opened; anything else is not found, and a size
+    // no terminal has is refused.
+    let resize = |id: &'static str, rows: &'static str| {
+        vec![
+            (tunnel::SHELL_ID, id),
+            (tunnel::ROWS, rows),
+            (tunnel::COLS, "80"),
+        ]
+    };
+    let mut post = async |h: Vec<(&'static str, &'static str)>| {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("https://paddock-node-agent{}", tunnel::RESIZE_PATH));
+        for (k, v) in h {
+            req = req.header(k, v);
+        }
+        tunnel.ready().await.expect("ready");
+        tunnel
+            .send_request(req.body(Empty::new()).expect("request"))
+            .await
+            .expect("answer")
+            .status()
+    };
+    assert_eq!(post(resize("0123", "24")).await, StatusCode::NOT_FOUND);
+    assert_eq!(post(resize("0123", "0")).await, StatusCode::BAD_REQUEST);
 
     // With shells turned off (the default), a shell is refused and says how to turn it on.
     let mut off = connect(&node, false).await;

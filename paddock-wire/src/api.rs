@@ -58,6 +58,11 @@ pub mod tunnel {
     pub const COLS: &str = "paddock-cols";
     /// In a shell's 200 answer: the user the shell runs as.
     pub const USER: &str = "paddock-user";
+    /// In a shell's 200 answer: the session's id, which a resize names.
+    pub const SHELL_ID: &str = "paddock-shell-id";
+    /// A resize of an open shell's terminal: `POST` of this path with [`SHELL_ID`],
+    /// [`ROWS`] and [`COLS`] (204; 404 when the shell is gone).
+    pub const RESIZE_PATH: &str = "/resize";
 }
 
 /// Stable error codes. The HTTP status is fixed per code.

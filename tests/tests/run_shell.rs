@@ -106,6 +106,58 @@ fn shell(socket: &Path, key: &Path, input: &str) -> (bool, String, String) {
     )
 }
 
+/// Opens a shell over the socket's WebSocket at 30x100, resizes it to 50x132, and returns
+/// what `stty size` printed before and after.
+async fn terminal_sizes(socket: &Path, key: &Path) -> Vec<String> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    let bearer = std::fs::read_to_string(key).expect("key");
+    let io = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect");
+    let mut req = format!("ws://broker/v1/runs/local/{RUN}/shell?rows=30&cols=100")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", bearer.trim()).parse().expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(req, io)
+        .await
+        .expect("shell");
+    let mut seen = String::new();
+    let mut read_until = async |ws: &mut tokio_tungstenite::WebSocketStream<_>, n: usize| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let sizes: Vec<String> = seen
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with("SIZE "))
+                .map(|l| l.trim_start_matches("SIZE ").to_owned())
+                .collect();
+            if sizes.len() >= n {
+                return sizes;
+            }
+            match tokio::time::timeout_at(deadline, ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("no size ({other:?}): {seen}"),
+            }
+        }
+    };
+    // `printf` keeps the echoed command line from matching.
+    let ask = Message::Binary("printf 'SIZE %s\\n' \"$(stty size)\"\n".into());
+    ws.send(ask.clone()).await.expect("send");
+    read_until(&mut ws, 1).await;
+    ws.send(Message::Text(r#"{"rows":50,"cols":132}"#.into()))
+        .await
+        .expect("resize");
+    ws.send(ask).await.expect("send");
+    let sizes = read_until(&mut ws, 2).await;
+    let _ = ws.send(Message::Binary("exit\n".into())).await;
+    sizes
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[expect(
     clippy::too_many_lines,
@@ -252,6 +304,10 @@ async fn a_shell_runs_in_the_sandbox_as_the_run_user_and_is_intercepted() {
         assert!(Instant::now() < deadline, "no shell-closed: {trail}");
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // The terminal's size: the one asked for at open, then a resize message.
+    let sizes = terminal_sizes(&socket, &key).await;
+    assert_eq!(sizes, ["30 100", "50 132"], "stty size in the shell");
 
     // The command was never disturbed: it is still running until the run is stopped.
     assert!(matches!(run.0.try_wait(), Ok(None)), "the run ended early");

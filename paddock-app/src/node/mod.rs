@@ -237,12 +237,12 @@ pub async fn node(cfg: NodeConfig) -> Result<(), NodeError> {
         stopped(stop_rx.clone()),
     ));
     if cfg.pods.tunnel && checked.broker.is_some() {
-        let service = Arc::new(tunnel::TunnelService {
-            agent: Arc::clone(&agent),
-            // The sandbox launcher of shells is this very binary.
-            launcher: std::path::PathBuf::from("/proc/self/exe"),
-            shells: cfg.pods.shells,
-        });
+        // The sandbox launcher of shells is this very binary.
+        let service = Arc::new(tunnel::TunnelService::new(
+            Arc::clone(&agent),
+            std::path::PathBuf::from("/proc/self/exe"),
+            cfg.pods.shells,
+        ));
         if cfg.pods.tunnel_brokers.is_empty() {
             tasks.spawn(tunnel::maintain(
                 node_bound_client(&cfg)?,

@@ -58,6 +58,27 @@ pub struct TunnelService<I: Interception> {
     pub launcher: PathBuf,
     /// Whether shells may be opened (`[pods] shells`).
     pub shells: bool,
+    /// Open shells' resize channels, by session id (removed when the shell ends).
+    open_shells: std::sync::Mutex<HashMap<String, ResizeSender>>,
+}
+
+impl<I: Interception> TunnelService<I> {
+    /// The service of a node agent's tunnel.
+    #[must_use]
+    pub fn new(agent: Arc<NodeAgent<I>>, launcher: PathBuf, shells: bool) -> Self {
+        Self {
+            agent,
+            launcher,
+            shells,
+            open_shells: std::sync::Mutex::default(),
+        }
+    }
+
+    fn shells(&self) -> std::sync::MutexGuard<'_, HashMap<String, ResizeSender>> {
+        self.open_shells
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl<I: Interception> std::fmt::Debug for TunnelService<I> {
@@ -83,6 +104,9 @@ impl<I: Interception + 'static> TunnelService<I> {
         self: Arc<Self>,
         mut req: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
+        if req.method() == Method::POST && req.uri().path() == tunnel::RESIZE_PATH {
+            return Ok(self.resize(&req));
+        }
         if req.method() != Method::CONNECT {
             return Ok(answer(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -148,12 +172,22 @@ impl<I: Interception + 'static> TunnelService<I> {
                 )
                 .unwrap_or_default();
                 match self.open_shell(&cgroup, size).await {
-                    Ok((stream, user)) => {
+                    Ok((stream, user, resize)) => {
+                        let mut raw = [0u8; 16];
+                        rand::fill(&mut raw[..]);
+                        let id = hex::encode(raw);
                         tracing::info!(%user, "shell opened in the pod");
-                        splice(&mut req, stream);
+                        self.shells().insert(id.clone(), resize);
+                        let service = Arc::clone(&self);
+                        let gone = id.clone();
+                        splice_then(&mut req, stream, move || {
+                            service.shells().remove(&gone);
+                        });
                         let mut r = answer(StatusCode::OK, "");
-                        if let Ok(v) = HeaderValue::from_str(&user) {
-                            r.headers_mut().insert(tunnel::USER, v);
+                        for (name, value) in [(tunnel::USER, user), (tunnel::SHELL_ID, id)] {
+                            if let Ok(v) = HeaderValue::from_str(&value) {
+                                r.headers_mut().insert(name, v);
+                            }
                         }
                         Ok(r)
                     }
@@ -171,19 +205,42 @@ impl<I: Interception + 'static> TunnelService<I> {
         &self,
         pod_cgroup: &Path,
         size: TermSize,
-    ) -> Result<(crate::run::shell::PtyStream, String), String> {
+    ) -> Result<(crate::run::shell::PtyStream, String, ResizeSender), String> {
         let target = pod_process(pod_cgroup)?;
         let spec = shell_spec(&target.spec, size);
         let user = format!("uid {} of pod process {}", target.spec.uid, target.pid);
-        let (stream, _resize) = open_joined(&self.launcher, &target.cgroup, target.pidfd, &spec)
+        let (stream, resize) = open_joined(&self.launcher, &target.cgroup, target.pidfd, &spec)
             .await
             .map_err(|e| e.to_string())?;
-        Ok((stream, user))
+        Ok((stream, user, resize))
+    }
+
+    /// A resize of an open shell's terminal.
+    fn resize(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let number = |name: &str| header(req, name).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let Some(size) = TermSize::checked(number(tunnel::ROWS), number(tunnel::COLS)) else {
+            return answer(StatusCode::BAD_REQUEST, "rows and cols must be 1 to 1000");
+        };
+        let id = header(req, tunnel::SHELL_ID).unwrap_or_default();
+        match self.shells().get(id).map(|tx| tx.send(size)) {
+            Some(Ok(())) => answer(StatusCode::NO_CONTENT, ""),
+            _ => answer(StatusCode::NOT_FOUND, "no such shell"),
+        }
     }
 }
 
+type ResizeSender = tokio::sync::mpsc::UnboundedSender<TermSize>;
+
 /// Answers the CONNECT, then copies between the stream and `io` until either ends.
-fn splice<T>(req: &mut Request<Incoming>, mut io: T)
+fn splice<T>(req: &mut Request<Incoming>, io: T)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    splice_then(req, io, || {});
+}
+
+/// [`splice`], then `done`.
+fn splice_then<T>(req: &mut Request<Incoming>, mut io: T, done: impl FnOnce() + Send + 'static)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
@@ -196,6 +253,7 @@ where
             }
             Err(e) => tracing::debug!(error = %e, "tunnel stream not upgraded"),
         }
+        done();
     });
 }
 

@@ -40,7 +40,7 @@ pub use self::{
         adapter_post,
     },
     shell::{ShellError, ShellFuture, ShellOpener, ShellSession, TermSize},
-    tunnel::{NodeTunnels, Open, TunnelError, TunnelRoute},
+    tunnel::{NodeTunnels, Open, Opened, TunnelError, TunnelRoute},
     walker::{LeaseRenewer, RenewalWalker, WalkOutcome},
 };
 use crate::{

@@ -327,13 +327,17 @@ fn at_most_one_walk_per_run_at_a_time() {
 }
 
 /// A node agent's side of a tunnel, in memory: it serves run `r1` (echoing the stream's
-/// bytes, naming a user for shells) and refuses anything else with a reason.
-async fn fake_node_agent()
--> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+/// bytes, naming a user and session for shells, recording resizes) and refuses anything else
+/// with a reason.
+async fn fake_node_agent(
+    resizes: Arc<std::sync::Mutex<Vec<String>>>,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    use crate::wire::tunnel;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
-    let svc =
-        hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
+    let svc = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+        let resizes = Arc::clone(&resizes);
+        async move {
             let header = |n: &str| {
                 req.headers()
                     .get(n)
@@ -341,26 +345,30 @@ async fn fake_node_agent()
                     .unwrap_or("")
                     .to_owned()
             };
-            let (run, open) = (
-                header(crate::wire::tunnel::RUN),
-                header(crate::wire::tunnel::OPEN),
-            );
             let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
-            if run != "r1" || header(crate::wire::tunnel::POD_UID) != "pod-1" {
-                *resp.body_mut() = http_body_util::Full::new(bytes::Bytes::from("no pod here"));
-                *resp.status_mut() = http::StatusCode::NOT_FOUND;
+            if req.uri().path() == tunnel::RESIZE_PATH {
+                resizes.lock().expect("lock").push(format!(
+                    "{} {}x{}",
+                    header(tunnel::SHELL_ID),
+                    header(tunnel::ROWS),
+                    header(tunnel::COLS)
+                ));
+                *resp.status_mut() = http::StatusCode::NO_CONTENT;
                 return Ok::<_, std::convert::Infallible>(resp);
             }
-            if open == "shell" {
-                let size = format!(
-                    "{}x{}",
-                    header(crate::wire::tunnel::ROWS),
-                    header(crate::wire::tunnel::COLS)
+            if header(tunnel::RUN) != "r1" || header(tunnel::POD_UID) != "pod-1" {
+                *resp.body_mut() = http_body_util::Full::new(bytes::Bytes::from("no pod here"));
+                *resp.status_mut() = http::StatusCode::NOT_FOUND;
+                return Ok(resp);
+            }
+            if header(tunnel::OPEN) == "shell" {
+                let user = format!("uid 1000 {}x{}", header(tunnel::ROWS), header(tunnel::COLS));
+                let h = resp.headers_mut();
+                h.insert(
+                    tunnel::USER,
+                    http::HeaderValue::from_str(&user).expect("header"),
                 );
-                resp.headers_mut().insert(
-                    crate::wire::tunnel::USER,
-                    http::HeaderValue::from_str(&format!("uid 1000 {size}")).expect("header"),
-                );
+                h.insert(tunnel::SHELL_ID, http::HeaderValue::from_static("s-1"));
             }
             let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
@@ -370,7 +378,8 @@ async fn fake_node_agent()
                 }
             });
             Ok(resp)
-        });
+        }
+    });
     tokio::spawn(
         hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .serve_connection(TokioIo::new(theirs), svc),
@@ -390,27 +399,32 @@ async fn tunnel_streams_reach_their_node_and_refusals_carry_the_reason() {
     let r1 = run("ns", "r1");
     match tunnels.open("node-a", "pod-1", &r1, Open::Adapter).await {
         Err(TunnelError::NotConnected(node)) => assert_eq!(node, "node-a"),
-        other => panic!("{:?}", other.map(|_| ())),
+        other => panic!("{other:?}"),
     }
 
-    let old = tunnels.register("node-a", fake_node_agent().await);
-    let new = tunnels.register("node-a", fake_node_agent().await);
+    let resizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let old = tunnels.register("node-a", fake_node_agent(Arc::clone(&resizes)).await);
+    let new = tunnels.register("node-a", fake_node_agent(Arc::clone(&resizes)).await);
     assert_eq!(tunnels.nodes(), ["node-a"]);
     // The older tunnel's end does not take the newer one with it.
     tunnels.remove("node-a", old);
     assert_eq!(tunnels.nodes(), ["node-a"]);
 
-    let (mut io, user) = tunnels
+    let opened = tunnels
         .open("node-a", "pod-1", &r1, Open::Adapter)
         .await
         .expect("adapter stream");
-    assert_eq!(user, None);
+    assert_eq!(
+        (opened.user.as_deref(), opened.shell_id.as_deref()),
+        (None, None)
+    );
+    let mut io = opened.io;
     io.write_all(b"POST /prompts").await.expect("write");
     let mut buf = [0u8; 13];
     io.read_exact(&mut buf).await.expect("read");
     assert_eq!(&buf, b"POST /prompts");
 
-    let (_, user) = tunnels
+    let shell = tunnels
         .open(
             "node-a",
             "pod-1",
@@ -422,14 +436,27 @@ async fn tunnel_streams_reach_their_node_and_refusals_carry_the_reason() {
         )
         .await
         .expect("shell stream");
-    assert_eq!(user.as_deref(), Some("uid 1000 30x100"));
+    assert_eq!(shell.user.as_deref(), Some("uid 1000 30x100"));
+    assert_eq!(shell.shell_id.as_deref(), Some("s-1"));
+    tunnels
+        .resize(
+            "node-a",
+            "s-1",
+            TermSize {
+                rows: 50,
+                cols: 132,
+            },
+        )
+        .await
+        .expect("resize");
+    assert_eq!(resizes.lock().expect("lock").as_slice(), ["s-1 50x132"]);
 
     // The node agent's refusal reaches the caller with its reason.
     match tunnels.open("node-a", "pod-2", &r1, Open::Adapter).await {
         Err(TunnelError::Refused { node, reason }) => {
             assert_eq!((node.as_str(), reason.as_str()), ("node-a", "no pod here"));
         }
-        other => panic!("{:?}", other.map(|_| ())),
+        other => panic!("{other:?}"),
     }
     tunnels.remove("node-a", new);
     assert!(tunnels.nodes().is_empty());

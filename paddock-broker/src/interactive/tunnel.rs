@@ -62,6 +62,22 @@ pub enum Open {
     Shell(TermSize),
 }
 
+/// An open stream: its bytes, and for a shell who it runs as and its session id.
+pub struct Opened {
+    pub io: TokioIo<hyper::upgrade::Upgraded>,
+    pub user: Option<String>,
+    pub shell_id: Option<String>,
+}
+
+impl fmt::Debug for Opened {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Opened")
+            .field("user", &self.user)
+            .field("shell_id", &self.shell_id)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Why a stream could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -108,7 +124,7 @@ impl NodeTunnels {
         pod_uid: &str,
         run: &RunInfo,
         what: Open,
-    ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, Option<String>), TunnelError> {
+    ) -> Result<Opened, TunnelError> {
         let sender = lock(&self.by_node)
             .get(node)
             .map(|(_, s)| s.clone())
@@ -127,7 +143,7 @@ impl NodeTunnels {
         pod_uid: &str,
         run: &RunInfo,
         what: Open,
-    ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, Option<String>), TunnelError> {
+    ) -> Result<Opened, TunnelError> {
         let broken = |reason: String| TunnelError::Broken {
             node: node.to_owned(),
             reason,
@@ -167,15 +183,61 @@ impl NodeTunnels {
                 },
             });
         }
-        let user = resp
-            .headers()
-            .get(tunnel::USER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (user, shell_id) = (header(tunnel::USER), header(tunnel::SHELL_ID));
         let upgraded = hyper::upgrade::on(resp)
             .await
             .map_err(|e| broken(e.to_string()))?;
-        Ok((TokioIo::new(upgraded), user))
+        Ok(Opened {
+            io: TokioIo::new(upgraded),
+            user,
+            shell_id,
+        })
+    }
+
+    /// Resizes the terminal of the shell `shell_id` opened on `node`'s tunnel.
+    pub async fn resize(
+        &self,
+        node: &str,
+        shell_id: &str,
+        size: TermSize,
+    ) -> Result<(), TunnelError> {
+        let mut sender = lock(&self.by_node)
+            .get(node)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| TunnelError::NotConnected(node.to_owned()))?;
+        let broken = |reason: String| TunnelError::Broken {
+            node: node.to_owned(),
+            reason,
+        };
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("https://paddock-node-agent{}", tunnel::RESIZE_PATH))
+            .header(tunnel::SHELL_ID, shell_id)
+            .header(tunnel::ROWS, size.rows)
+            .header(tunnel::COLS, size.cols)
+            .body(Empty::new())
+            .map_err(|e| broken(e.to_string()))?;
+        let answer = tokio::time::timeout(OPEN_TIMEOUT, async {
+            sender.ready().await?;
+            sender.send_request(req).await
+        })
+        .await
+        .map_err(|_| TunnelError::Timeout(node.to_owned()))?
+        .map_err(|e| broken(e.to_string()))?;
+        if answer.status().is_success() {
+            Ok(())
+        } else {
+            Err(TunnelError::Refused {
+                node: node.to_owned(),
+                reason: format!("resize: HTTP {}", answer.status()),
+            })
+        }
     }
 }
 
@@ -188,31 +250,29 @@ pub struct TunnelRoute {
 }
 
 impl TunnelRoute {
-    async fn open(
-        &self,
-        run: &RunInfo,
-        what: Open,
-    ) -> Result<(TokioIo<hyper::upgrade::Upgraded>, Option<String>), String> {
+    async fn open(&self, run: &RunInfo, what: Open) -> Result<(Opened, String), String> {
         let pod = self
             .locator
             .locate(&run.namespace, &run.run)
             .await
             .map_err(|e| format!("where is the run's pod: {e}"))?;
-        self.tunnels
+        let opened = self
+            .tunnels
             .open(&pod.node, &pod.uid, run, what)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        Ok((opened, pod.node))
     }
 }
 
 impl AdapterConnector for TunnelRoute {
     fn connect<'a>(&'a self, run: &'a RunInfo) -> AdapterFuture<'a> {
         Box::pin(async move {
-            let (io, _) = self
+            let (opened, _) = self
                 .open(run, Open::Adapter)
                 .await
                 .map_err(AdapterError::Unreachable)?;
-            Ok(Box::new(io) as AdapterIo)
+            Ok(Box::new(opened.io) as AdapterIo)
         })
     }
 }
@@ -220,14 +280,26 @@ impl AdapterConnector for TunnelRoute {
 impl ShellOpener for TunnelRoute {
     fn open<'a>(&'a self, run: &'a RunInfo, size: TermSize) -> ShellFuture<'a> {
         Box::pin(async move {
-            let (io, user) = TunnelRoute::open(self, run, Open::Shell(size))
+            let (opened, node) = TunnelRoute::open(self, run, Open::Shell(size))
                 .await
                 .map_err(ShellError::Failed)?;
+            // Resizes go to the node agent as their own requests on the tunnel, in order.
+            let resize = opened.shell_id.map(|id| {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TermSize>();
+                let tunnels = Arc::clone(&self.tunnels);
+                tokio::spawn(async move {
+                    while let Some(size) = rx.recv().await {
+                        if let Err(e) = tunnels.resize(&node, &id, size).await {
+                            tracing::debug!(error = %e, "shell resize not delivered");
+                        }
+                    }
+                });
+                tx
+            });
             Ok(ShellSession {
-                io: Box::new(io) as AdapterIo,
-                // The terminal keeps the size it was opened with (no control channel yet).
-                resize: None,
-                user: user.unwrap_or_else(|| "the pod's user".into()),
+                io: Box::new(opened.io) as AdapterIo,
+                resize,
+                user: opened.user.unwrap_or_else(|| "the pod's user".into()),
             })
         })
     }
