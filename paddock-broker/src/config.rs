@@ -66,6 +66,39 @@ pub struct Config {
     /// (`POST /v1/node-ca`); unset: the route answers 404.
     #[serde(default)]
     pub node_ca: Option<crate::node_ca::NodeCaConfig>,
+    /// Interactive runs: lease renewal and the idle watchdog.
+    #[serde(default)]
+    pub interactive: InteractiveSettings,
+}
+
+/// `interactive:` in the broker's configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InteractiveSettings {
+    /// End runs nobody attached to or prompted for this long, unless a policy applying to the
+    /// run sets its own (`spec.interactive.idleTimeoutSecs`). Unset: only policies end runs.
+    #[serde(default)]
+    pub idle_timeout_secs: Option<std::num::NonZeroU64>,
+    /// Leases expiring within this window are renewed on each prompt and walk (default 300).
+    #[serde(default)]
+    pub renew_window_secs: Option<std::num::NonZeroU64>,
+    /// How often the leases of interactive runs are walked (default 60).
+    #[serde(default)]
+    pub walk_interval_secs: Option<std::num::NonZeroU64>,
+}
+
+impl InteractiveSettings {
+    /// The router's configuration these settings make.
+    #[must_use]
+    pub fn router_config(&self) -> crate::interactive::InteractiveConfig {
+        let defaults = crate::interactive::InteractiveConfig::default();
+        let secs = |s: std::num::NonZeroU64| Duration::from_secs(s.get());
+        crate::interactive::InteractiveConfig {
+            renew_window: self.renew_window_secs.map_or(defaults.renew_window, secs),
+            walk_interval: self.walk_interval_secs.map_or(defaults.walk_interval, secs),
+            idle_timeout: self.idle_timeout_secs.map(secs),
+        }
+    }
 }
 
 /// Where `BrokerPolicy` objects are trusted like policy files, and where their secrets live.
@@ -457,6 +490,9 @@ pub fn build(config: &Config) -> Result<Built, ConfigError> {
         with_cluster_audit(file, config.audit.kubernetes.as_ref(), &metrics)?;
     let limits = RateLimits::new(&config.rate_limits)?;
     let broker = Arc::new(Broker::new(store, policy, audit, limits));
+    broker
+        .interactive()
+        .set_config(config.interactive.router_config());
     if let Some(node_ca) = &config.node_ca {
         let ca = crate::node_ca::NodeCa::load(node_ca)?;
         tracing::info!(cert = %node_ca.cert_file.display(), lifetime_secs = node_ca.lifetime_secs, "node CA root loaded");

@@ -749,3 +749,85 @@ async fn the_node_tunnel_is_for_node_bound_node_agents_only() {
     }
     assert!(broker.broker().interactive().tunnels().nodes().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policys_idle_timeout_ends_only_the_runs_it_applies_to() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: quick}
+spec:
+  appliesTo: {namespaces: [team-a], runs: [r1]}
+  interactive: {idleTimeoutSecs: 1}
+---
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: everyone}
+spec:
+  appliesTo: {namespaces: [team-a]}
+  egress: []
+",
+    )
+    .expect("policy");
+    let keys = dir.path().join("keys");
+    let scopes: BTreeSet<Scope> = [Scope::Interact].into_iter().collect();
+    std::fs::write(
+        &keys,
+        format_line("operator", &hash_key("operator-key"), "team-a", &scopes),
+    )
+    .expect("keys");
+    let audit = dir.path().join("audit.jsonl");
+    let mut config = EmbedConfig::new(
+        PolicySource::Files {
+            path: policy,
+            secrets_dir: None,
+            poll: None,
+        },
+        &audit,
+        CallerConfig::run_controller("controller", "team-a"),
+    );
+    config.extra_keys = Some(keys);
+    let broker = EmbeddedBroker::start(config).expect("start");
+    let client = broker.client();
+    let (link, controller) = (client.link(), client.bearer().expose());
+    let (_adapter, addr, _task) = start_adapter().await;
+    broker
+        .broker()
+        .interactive()
+        .set_connector(Arc::new(TcpAdapters::new(HashMap::from([
+            ("r1".to_owned(), addr),
+            ("r2".to_owned(), addr),
+        ]))));
+    for run in ["r1", "r2"] {
+        let (status, v) = call(
+            link,
+            controller,
+            "/v1/runs",
+            Some(&json!({"run": run, "namespace": "team-a", "template": "t", "phase": "Running"})),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        let path = format!("/v1/runs/team-a/{run}/prompts");
+        let (status, v) = call(link, "operator-key", &path, Some(&json!({"text": "hi"}))).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let ended = |run: &str| {
+        audit_events(&audit)
+            .iter()
+            .any(|e| e["event"] == "run-idle-ended" && e["run"] == run)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ended("r1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "r1 was not ended within 10 s of its 1 s idle timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // r2 was exactly as quiet, but no policy applying to it sets a timeout (nor the broker).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!ended("r2"), "r2 must be left alone");
+}

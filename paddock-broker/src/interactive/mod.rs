@@ -345,6 +345,22 @@ impl InteractiveRouter {
         Ok(receiver)
     }
 
+    /// Runs with no attached client, and for how long nothing happened in each (the idle
+    /// watchdog compares it with the run's timeout).
+    #[must_use]
+    pub fn quiet_runs(&self, now: Instant) -> Vec<(RunKey, Duration)> {
+        lock(&self.runs)
+            .iter()
+            .filter(|(_, s)| *lock(&s.attached) == 0)
+            .map(|(k, s)| {
+                (
+                    k.clone(),
+                    now.saturating_duration_since(*lock(&s.last_activity)),
+                )
+            })
+            .collect()
+    }
+
     /// Runs idle for longer than the configured timeout: no attached client and no prompt.
     #[must_use]
     pub fn idle_runs(&self, now: Instant) -> Vec<RunKey> {

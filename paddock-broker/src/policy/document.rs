@@ -50,6 +50,21 @@ pub struct PolicySpec {
     pub egress: Vec<EgressGrant>,
     #[serde(default)]
     pub discovery: Option<Discovery>,
+    /// Interactive runs this policy applies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interactive: Option<InteractivePolicy>,
+}
+
+/// What a policy says about the interactive runs it applies to.
+#[cfg_attr(feature = "kube", derive(schemars::JsonSchema))]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InteractivePolicy {
+    /// End a run (through its adapter's `/end`) once nobody has been attached and nothing was
+    /// prompted for this many seconds. With several policies the shortest wins; without any,
+    /// the broker's own setting (`interactive.idleTimeoutSecs`) applies.
+    #[serde(default)]
+    pub idle_timeout_secs: Option<std::num::NonZeroU64>,
 }
 
 /// Which runs a policy applies to. `namespaces` is required; empty `templates`/`runs` mean any.

@@ -100,6 +100,29 @@ impl EgressDecision {
 }
 
 impl Policy {
+    /// The idle timeout the policies applying to `run` set: the shortest, if any does.
+    #[must_use]
+    pub fn idle_timeout(&self, run: &RunInfo) -> Option<std::time::Duration> {
+        self.documents()
+            .iter()
+            .filter(|d| d.doc().spec.applies_to.matches(run))
+            .filter_map(|d| d.doc().spec.interactive.as_ref()?.idle_timeout_secs)
+            .min()
+            .map(|s| std::time::Duration::from_secs(s.get()))
+    }
+
+    /// Whether any policy sets an idle timeout (the watchdog looks up runs only then).
+    #[must_use]
+    pub fn has_idle_timeouts(&self) -> bool {
+        self.documents().iter().any(|d| {
+            d.doc()
+                .spec
+                .interactive
+                .as_ref()
+                .is_some_and(|i| i.idle_timeout_secs.is_some())
+        })
+    }
+
     /// Every credential grant, with its policy.
     pub fn credentials(&self) -> impl Iterator<Item = (&LoadedPolicy, &CredentialGrant)> {
         self.documents()

@@ -454,3 +454,45 @@ fn passthrough_needs_every_grant_and_never_substitutes() {
     ));
     assert!(e.to_string().contains("passthrough"), "{e}");
 }
+
+#[test]
+fn the_shortest_idle_timeout_of_the_applying_policies_wins() {
+    let text = "\
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: a}
+spec:
+  appliesTo: {namespaces: [team]}
+  interactive: {idleTimeoutSecs: 600}
+---
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: b}
+spec:
+  appliesTo: {namespaces: [team], runs: [r1]}
+  interactive: {idleTimeoutSecs: 60}
+---
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: c}
+spec:
+  appliesTo: {namespaces: [other]}
+  interactive: {idleTimeoutSecs: 5}
+";
+    let docs = Policy::parse_text(Path::new("p.yaml"), text, now()).expect("valid");
+    let policy = Policy::from_docs(docs).expect("valid set");
+    assert!(policy.has_idle_timeouts());
+    let run = |ns: &str, id: &str| RunInfo {
+        run: id.into(),
+        namespace: ns.into(),
+        template: "t".into(),
+        phase: crate::wire::RunPhase::Running,
+    };
+    let secs = std::time::Duration::from_secs;
+    assert_eq!(policy.idle_timeout(&run("team", "r1")), Some(secs(60)));
+    assert_eq!(policy.idle_timeout(&run("team", "r2")), Some(secs(600)));
+    assert_eq!(policy.idle_timeout(&run("elsewhere", "r1")), None);
+    // Zero would end a run at once: refused when the policy is read.
+    let zero = text.replace("idleTimeoutSecs: 600", "idleTimeoutSecs: 0");
+    assert!(Policy::parse_text(Path::new("p.yaml"), &zero, now()).is_err());
+}

@@ -418,43 +418,57 @@ async fn attach(
 
 /// The timer's share, every second: every `walk_interval` (when `walk` is set) walk the
 /// leases of every interactive run; and end the runs the idle watchdog finds idle (no
-/// attached client, no prompt for the configured time).
+/// attached client and no prompt for the run's timeout: the shortest of the policies that
+/// apply to it, else the broker's `interactive.idleTimeoutSecs`).
 pub(super) async fn tick(broker: Arc<Broker>, walk: bool) {
     let router = broker.interactive().clone();
-    let idle = router.idle_runs(std::time::Instant::now());
-    if !walk && idle.is_empty() {
+    let global = router.config().idle_timeout;
+    let watching = global.is_some() || broker.policy().current().has_idle_timeouts();
+    let quiet: std::collections::HashMap<_, _> = if watching {
+        router
+            .quiet_runs(std::time::Instant::now())
+            .into_iter()
+            .collect()
+    } else {
+        std::collections::HashMap::new()
+    };
+    if !walk && quiet.is_empty() {
         return;
     }
     let known = if walk {
         router.known_runs()
     } else {
-        idle.clone()
+        quiet.keys().cloned().collect()
     };
     let b = broker.clone();
     let runs = tokio::task::spawn_blocking(move || {
         let window = b.interactive().config().renew_window;
-        let mut runs = Vec::new();
+        let policy = b.policy().current();
+        let mut idle = Vec::new();
         for (ns, run_id) in known {
             match b.store().run(&run_id) {
                 Ok(Some(run)) if run.namespace == ns && run.phase.is_active() => {
                     if walk {
                         b.interactive().walker().walk(&*b, &run, window);
                     }
-                    runs.push(run);
+                    let limit = policy.idle_timeout(&run).or(global);
+                    let key = (run.namespace.clone(), run.run.clone());
+                    if let (Some(limit), Some(q)) = (limit, quiet.get(&key))
+                        && *q >= limit
+                    {
+                        idle.push(run);
+                    }
                 }
                 // Gone or finished while we were not looking: nothing to keep.
                 Ok(_) => b.interactive().forget(&ns, &run_id),
                 Err(e) => tracing::warn!(error = %e, "loading an interactive run failed"),
             }
         }
-        runs
+        idle
     })
     .await
     .unwrap_or_default();
     for run in runs {
-        if !idle.contains(&(run.namespace.clone(), run.run.clone())) {
-            continue;
-        }
         let b = broker.clone();
         let r = run.clone();
         let recorded = tokio::task::spawn_blocking(move || {
