@@ -95,7 +95,7 @@ pub struct LauncherFds {
     /// A unix socket to send the pty master over (pty mode).
     pub pty_socket: Option<RawFd>,
     /// Start a process in an existing sandbox (a shell next to the command) instead of a new
-    /// one: see [`join`].
+    /// one (the launcher's join mode, `__sandbox --join`).
     pub join: bool,
 }
 

@@ -8,8 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -17,20 +16,21 @@ use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
         Message,
-        handshake::derive_accept_key,
         protocol::{CloseFrame, Role, frame::coding::CloseCode},
     },
 };
 
 use super::{
     State,
+    calls::{blocking, broker_error},
     op::{Op, RunPath},
     respond::{Resp, error_response, json_error_message, ok_json, read_json_body},
+    websocket::{self, websocket_key},
 };
 use crate::{
     audit::AuditKind,
     auth::{Identity, Scope},
-    broker::{Broker, BrokerError},
+    broker::Broker,
     interactive::{AdapterError, Output, adapter_post},
     wire::{ErrorCode, RunInfo},
 };
@@ -76,16 +76,6 @@ fn kind_of(op: Op) -> AuditKind {
     }
 }
 
-pub(super) fn broker_error(e: &BrokerError) -> Resp {
-    match e.code() {
-        ErrorCode::Internal | ErrorCode::AuditUnavailable | ErrorCode::Unavailable => {
-            tracing::error!(error = %e, "interactive request failed");
-        }
-        _ => tracing::info!(error = %e, "interactive request refused"),
-    }
-    error_response(e.code(), e.public_message())
-}
-
 fn adapter_error(e: &AdapterError) -> Resp {
     tracing::info!(error = %e, "adapter unavailable");
     match e {
@@ -95,18 +85,6 @@ fn adapter_error(e: &AdapterError) -> Resp {
         ),
         _ => error_response(ErrorCode::AdapterUnavailable, e.to_string()),
     }
-}
-
-/// Runs a blocking broker call on the blocking pool.
-pub(super) async fn blocking<T: Send + 'static>(
-    state: &Arc<State>,
-    f: impl FnOnce(&Broker) -> Result<T, BrokerError> + Send + 'static,
-) -> Result<T, BrokerError> {
-    let broker = state.broker.clone();
-    let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(|| f(&broker)))
-        .await
-        .map_err(|e| BrokerError::Internal(format!("broker task failed: {e}")))?
 }
 
 /// A caller without the route's scope: 403, and the refusal is audited.
@@ -264,30 +242,6 @@ async fn simple(state: &Arc<State>, identity: &Identity, run: RunInfo, op: Op) -
     }
 }
 
-/// The client's `Sec-WebSocket-Key` when the request is a WebSocket upgrade (RFC 6455 4.2.1).
-pub(super) fn websocket_key(req: &Request<Incoming>) -> Result<HeaderValue, &'static str> {
-    let has_token = |name: header::HeaderName, token: &str| {
-        req.headers().get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
-    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
-        return Err("attach is a WebSocket: send Upgrade: websocket");
-    }
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_none_or(|v| v.as_bytes() != b"13")
-    {
-        return Err("Sec-WebSocket-Version must be 13");
-    }
-    req.headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .cloned()
-        .ok_or("Sec-WebSocket-Key is missing")
-}
-
 /// Counts an attached client until dropped, then counts it off (and records the detach).
 struct Attached {
     state: Arc<State>,
@@ -405,15 +359,7 @@ async fn attach(
             .await;
         let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
     });
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    }
-    resp
+    websocket::accepted(&key)
 }
 
 /// The timer's share, every second: every `walk_interval` (when `walk` is set) walk the

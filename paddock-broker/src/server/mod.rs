@@ -6,6 +6,7 @@
 //! in-process [`LocalLink`] (`paddock-proxy run`, through [`crate::embed`]).
 
 pub mod admin;
+mod calls;
 mod interact;
 mod op;
 mod respond;
@@ -13,6 +14,7 @@ pub mod routes;
 mod shell;
 pub mod tls;
 mod tunnel;
+mod websocket;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

@@ -17,8 +17,7 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,15 +25,15 @@ use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
         Message,
-        handshake::derive_accept_key,
         protocol::{CloseFrame, Role, frame::coding::CloseCode},
     },
 };
 
 use super::{
     State,
-    interact::{blocking, broker_error, websocket_key},
+    calls::{blocking, broker_error},
     respond::{Resp, error_response},
+    websocket::{self, websocket_key},
 };
 use crate::{
     audit::AuditKind,
@@ -152,15 +151,7 @@ pub(super) async fn open(
             tracing::error!(error = %e, "audit record of a closed shell failed");
         }
     });
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    }
-    resp
+    websocket::accepted(&key)
 }
 
 /// Copies terminal bytes both ways until either side ends; returns how it ended.

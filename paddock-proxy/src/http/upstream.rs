@@ -264,15 +264,23 @@ impl UpstreamPool {
         &self,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, HttpError> {
-        let (host, port) = host_port(req.uri());
+        // The URI's parts are shared buffers: keeping it costs no copy of the host, which is
+        // only needed to describe a failure.
+        let uri = req.uri().clone();
         match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(map_client_error(e, host, port)),
-            Err(_) => Err(HttpError::UpstreamTimeout {
-                host,
-                port,
-                stage: "response head",
-            }),
+            Ok(Err(e)) => {
+                let (host, port) = host_port(&uri);
+                Err(map_client_error(e, host, port))
+            }
+            Err(_) => {
+                let (host, port) = host_port(&uri);
+                Err(HttpError::UpstreamTimeout {
+                    host,
+                    port,
+                    stage: "response head",
+                })
+            }
         }
     }
 

@@ -353,6 +353,14 @@ impl ProxyMetrics {
             .inc_by(n);
     }
 
+    /// The counter of bytes relayed in `direction`, for a hot path to keep (one lookup).
+    #[must_use]
+    pub fn byte_counter(&self, direction: Direction) -> Counter {
+        self.bytes
+            .get_or_create(&DirectionLabels { direction })
+            .clone()
+    }
+
     /// Bytes relayed so far in `direction`.
     #[must_use]
     pub fn bytes(&self, direction: Direction) -> u64 {

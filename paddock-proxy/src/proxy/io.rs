@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -18,11 +19,16 @@ use crate::metrics::ProxyMetrics;
 /// Both directions share one deadline: a long upload with a silent response is not idle. The
 /// request loop above sees the error and closes the connection, which is what the idle timeout
 /// is for. Bytes are counted into the metrics as they move.
+///
+/// Activity only records the time: the timer is moved when it fires early (at most once per
+/// `timeout`), not on every read and write, which would touch the runtime's timer wheel (a
+/// lock) twice per request. The byte counters are looked up once, not per operation.
 pub struct IdleIo<T> {
     inner: T,
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
-    counter: Option<(Arc<ProxyMetrics>, Direction, Direction)>,
+    last_activity: Instant,
+    counter: Option<(Counter, Counter)>,
 }
 
 impl<T> std::fmt::Debug for IdleIo<T> {
@@ -45,7 +51,8 @@ impl<T> IdleIo<T> {
             inner,
             timeout,
             deadline: Box::pin(tokio::time::sleep(timeout)),
-            counter,
+            last_activity: Instant::now(),
+            counter: counter.map(|(m, r, w)| (m.byte_counter(r), m.byte_counter(w))),
         }
     }
 
@@ -55,22 +62,32 @@ impl<T> IdleIo<T> {
     }
 
     fn touch(&mut self) {
-        self.deadline.as_mut().reset(Instant::now() + self.timeout);
+        self.last_activity = Instant::now();
     }
 
     fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("idle for {:?}", self.timeout),
-            )),
-            Poll::Pending => Poll::Pending,
+        loop {
+            match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let due = self.last_activity + self.timeout;
+                    if due > Instant::now() {
+                        // Something moved since the timer was set: wait for the rest.
+                        self.deadline.as_mut().reset(due);
+                        continue;
+                    }
+                    return Poll::Ready(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("idle for {:?}", self.timeout),
+                    ));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 
     fn count(&self, read: bool, n: usize) {
-        if let Some((metrics, r, w)) = &self.counter {
-            metrics.add_bytes(if read { *r } else { *w }, n as u64);
+        if let Some((r, w)) = &self.counter {
+            if read { r } else { w }.inc_by(n as u64);
         }
     }
 }
