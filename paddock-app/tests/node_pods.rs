@@ -400,4 +400,10 @@ fn the_adapter_port_comes_from_the_pods_annotation() {
             "{bad}"
         );
     }
+    let shell = |a: Value| pod_meta(&pod(a), &s).expect("meta").shell;
+    assert!(shell(json!({"paddock.dev/shell": "true"})));
+    for no in ["false", "yes", "True", ""] {
+        assert!(!shell(json!({"paddock.dev/shell": no})), "{no}");
+    }
+    assert!(!shell(json!({})));
 }

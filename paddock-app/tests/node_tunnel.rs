@@ -58,10 +58,15 @@ async fn open(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[expect(
+    clippy::too_many_lines,
+    reason = "every refusal of one tunnel, in turn, against the same two pods"
+)]
 async fn only_served_pods_of_the_named_run_are_opened() {
     let node = Node::new();
     let mut with_port = node.pod(40, "run-t");
     with_port.adapter_port = Some(8765);
+    with_port.shell = true;
     let without = node.pod(41, "run-u");
     node.agent.add(with_port.clone()).await.expect("add");
     node.agent.add(without.clone()).await.expect("add");
@@ -135,6 +140,20 @@ async fn only_served_pods_of_the_named_run_are_opened() {
     .await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{reason}");
     assert!(reason.contains("no running container process"), "{reason}");
+
+    // A run that does not allow shells gets none, whatever the node allows.
+    let (status, reason) = call(
+        &mut tunnel,
+        ask(
+            "team",
+            "run-u",
+            without.uid.as_str().to_owned(),
+            tunnel::OPEN_SHELL,
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(reason.contains("paddock.dev/shell"), "{reason}");
 
     // Anything else is not opened.
     let (status, _) = call(&mut tunnel, ask("team", "run-t", uid.clone(), "socket")).await;

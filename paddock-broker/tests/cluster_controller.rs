@@ -370,7 +370,8 @@ fn harness_run(credentials: &[(&str, &str)]) -> Value {
             "credentials": credentials.iter().map(|(n, e)| json!({"name": n, "env": e})).collect::<Vec<_>>(),
             "podTemplate": {
                 "metadata": {"labels": {"app": "agent", "paddock.dev/run": "someone-else"},
-                             "annotations": {"paddock.dev/adapter-port": "22", "note": "kept"}},
+                             "annotations": {"paddock.dev/adapter-port": "22", "note": "kept",
+                                             "paddock.dev/shell": "true"}},
                 "spec": {"containers": [{"name": "agent", "image": "agent:1",
                                          "env": [{"name": "API_TOKEN", "value": "spoofed"}]}]},
             },
@@ -468,6 +469,10 @@ async fn a_run_from_creation_to_deletion() {
         "the adapter port comes from the run, never the template"
     );
     assert_eq!(pod["metadata"]["annotations"]["note"], "kept");
+    assert!(
+        pod["metadata"]["annotations"]["paddock.dev/shell"].is_null(),
+        "shells only when the run asks for them, never the template"
+    );
     assert_eq!(pod["metadata"]["ownerReferences"][0]["uid"], UID);
     assert_eq!(pod["spec"]["restartPolicy"], "Never");
     let env = pod["spec"]["containers"][0]["env"].as_array().expect("env");

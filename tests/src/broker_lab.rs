@@ -31,6 +31,8 @@ pub const BROKER_PORT: u16 = 18443;
 pub const DNS: &str = "127.0.0.1:5353";
 /// The broker's admin endpoint (plain HTTP: `/readyz`, `/metrics`), in the agent namespace.
 pub const BROKER_ADMIN: &str = "127.0.0.1:18444";
+/// The proxy's admin endpoint (plain HTTP `/metrics`), in the agent namespace.
+pub const PROXY_ADMIN: &str = "127.0.0.1:18445";
 pub const API: &str = "api.paddock.test";
 pub const HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 
@@ -395,6 +397,8 @@ bypass_mark = {mark}
 target = "{audit}"
 [limits]
 drain_timeout_secs = 1
+[admin]
+listen = "{PROXY_ADMIN}"
 "#,
             ca = path_str(d, "ca"),
             bundle = path_str(d, "test-ca.crt"),
@@ -499,9 +503,21 @@ drain_timeout_secs = 1
     /// agent namespace outside the intercepted cgroup.
     #[must_use]
     pub fn broker_admin(&self, path: &str) -> String {
+        self.admin(BROKER_ADMIN, path)
+    }
+
+    /// The value of the proxy's metric `name` (a sample without labels), if it reports one.
+    #[must_use]
+    pub fn proxy_metric(&self, name: &str) -> Option<f64> {
+        self.admin(PROXY_ADMIN, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    fn admin(&self, addr: &str, path: &str) -> String {
         let mut cmd = Command::new("curl");
         cmd.args(["-sS", "--max-time", "5"])
-            .arg(format!("http://{BROKER_ADMIN}{path}"));
+            .arg(format!("http://{addr}{path}"));
         let out = run(
             &mut cmd,
             &Placement {

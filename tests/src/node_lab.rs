@@ -724,6 +724,7 @@ drain_timeout_secs = 1
             &BRIDGE_V4.to_string(),
             "--adapter-port",
             &ADAPTER_PORT.to_string(),
+            "--shell",
         ])?;
         serde_json::from_str(out.trim()).map_err(|e| format!("{e}: {out}"))
     }

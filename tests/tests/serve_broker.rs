@@ -164,7 +164,23 @@ async fn broker_killed_mid_run_lets_nothing_more_upstream() {
         assert_eq!(lab.curl("/before-new", &placeholder), 200);
         let before = lab.api.requests().len();
 
+        assert!(
+            lab.proxy_metric("paddock_proxy_grants_held")
+                .is_some_and(|held| held >= 1.0),
+            "the first substitution left a reusable grant"
+        );
         lab.broker.kill();
+        // The proxy notices the broken grant stream within moments and drops every grant it
+        // held (a grant is a decision the broker already made; until the stream is seen to
+        // break it may still be used, as ARCHITECTURE.md's fault table says).
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while lab.proxy_metric("paddock_proxy_grants_held") != Some(0.0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the proxy kept its grants after the broker died"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // Kept-alive connection: the substitution cannot be made, so the request is answered
         // 502 (a dependency of the gateway failed), never sent on as is.
         let (status, again) = agent.get("/after", &placeholder);

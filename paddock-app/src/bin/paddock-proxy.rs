@@ -283,6 +283,9 @@ enum NodePodsOp {
         /// tunnel).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         adapter_port: Option<u16>,
+        /// Shells may be opened in the pod (the `paddock.dev/shell` annotation).
+        #[arg(long)]
+        shell: bool,
     },
     /// Stop intercepting a pod and free what it held.
     Delete {
@@ -686,6 +689,7 @@ fn node_pods_command(args: NodePodsArgs) -> Result<()> {
             netns,
             nameserver,
             adapter_port,
+            shell,
         } => control::Request::Add {
             pod: PodSpec {
                 uid: PodUid::parse(&uid)?,
@@ -695,6 +699,7 @@ fn node_pods_command(args: NodePodsArgs) -> Result<()> {
                 netns,
                 nameservers: nameserver,
                 adapter_port,
+                shell,
             },
         },
         NodePodsOp::Delete { uid } => control::Request::Delete {

@@ -342,6 +342,7 @@ async fn cni_add<I: Interception>(
                 netns,
                 nameservers: m.nameservers,
                 adapter_port: m.adapter_port,
+                shell: m.shell,
             };
             match agent.add(spec).await {
                 Ok(status) => Response {

@@ -33,6 +33,10 @@ pub struct PodSpec {
     /// `spec.interactive.adapterPort`); `None`: not an interactive run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_port: Option<u16>,
+    /// Shells may be opened in the pod (its `paddock.dev/shell: "true"` annotation, from the
+    /// run's `spec.interactive.shell`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shell: bool,
 }
 
 /// A pod the node agent cannot take.
@@ -94,6 +98,7 @@ mod tests {
             netns: "/var/run/netns/cni-1234".into(),
             nameservers: vec!["10.96.0.10".parse().expect("ip")],
             adapter_port: Some(8765),
+            shell: false,
         }
     }
 

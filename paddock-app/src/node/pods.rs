@@ -29,6 +29,8 @@ pub const DEFAULT_RUN_LABEL: &str = "paddock.dev/run";
 /// The annotation naming the loopback port of an interactive run's adapter (set by the
 /// controller from the run; a pod cannot change its own annotations).
 pub const ADAPTER_PORT_ANNOTATION: &str = "paddock.dev/adapter-port";
+/// The annotation allowing shells in the pod (set by the controller from the run).
+pub const SHELL_ANNOTATION: &str = "paddock.dev/shell";
 
 /// What the node agent knows about a pod on its node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +44,8 @@ pub struct PodMeta {
     pub nameservers: Vec<IpAddr>,
     /// Its interactive adapter's loopback port ([`ADAPTER_PORT_ANNOTATION`]).
     pub adapter_port: Option<u16>,
+    /// Shells allowed ([`SHELL_ANNOTATION`] is `"true"`).
+    pub shell: bool,
 }
 
 /// The answer about one pod.
@@ -217,13 +221,11 @@ pub fn pod_meta(pod: &Pod, settings: &PodSettings) -> Option<PodMeta> {
     };
     let v4 = candidates.iter().find(|a| a.is_ipv4()).copied();
     let v6 = candidates.iter().find(|a| a.is_ipv6()).copied();
-    let adapter_port = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ADAPTER_PORT_ANNOTATION))
+    let annotation = |name: &str| pod.metadata.annotations.as_ref()?.get(name);
+    let adapter_port = annotation(ADAPTER_PORT_ANNOTATION)
         .and_then(|p| p.parse::<u16>().ok())
         .filter(|&p| p != 0);
+    let shell = annotation(SHELL_ANNOTATION).is_some_and(|v| v == "true");
     Some(PodMeta {
         uid,
         namespace,
@@ -231,6 +233,7 @@ pub fn pod_meta(pod: &Pod, settings: &PodSettings) -> Option<PodMeta> {
         run,
         nameservers: v4.into_iter().chain(v6).collect(),
         adapter_port,
+        shell,
     })
 }
 

@@ -136,6 +136,7 @@ mod tests {
                 netns: "/run/netns/x".into(),
                 nameservers: Vec::new(),
                 adapter_port: None,
+                shell: false,
             },
             port,
             cgroup_id: 42,

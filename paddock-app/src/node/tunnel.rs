@@ -34,6 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::watch;
 
 use super::agent::NodeAgent;
+use super::pod::PodSpec;
 use crate::run::{
     SandboxSpec,
     shell::{open_joined, shell_spec},
@@ -43,6 +44,7 @@ use paddock_proxy::broker::{BrokerCallError, BrokerClient, BrokerClientConfig};
 use paddock_proxy::ebpf::Interception;
 use paddock_proxy::netns::NetnsPath;
 use paddock_wire::api::{ErrorCode, paths, tunnel};
+use tracing::Instrument as _;
 
 const PING_INTERVAL: Duration = Duration::from_secs(20);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -125,79 +127,86 @@ impl<I: Interception + 'static> TunnelService<I> {
             ));
         };
         let span = tracing::info_span!("tunnel stream", %ns, %run, %open);
-        let _entered = span.enter();
+        let (ns, run, uid, open) = (
+            ns.to_owned(),
+            run.to_owned(),
+            uid.to_owned(),
+            open.to_owned(),
+        );
+        Ok(self
+            .stream(&mut req, &ns, &run, &uid, &open)
+            .instrument(span)
+            .await)
+    }
+
+    /// One CONNECT: what it opens, in which served pod.
+    async fn stream(
+        self: Arc<Self>,
+        req: &mut Request<Incoming>,
+        ns: &str,
+        run: &str,
+        uid: &str,
+        open: &str,
+    ) -> Response<Full<Bytes>> {
         let Some((spec, cgroup)) = self.agent.run_pod(ns, run, uid).await else {
             tracing::info!("refused: no such pod served here");
-            return Ok(answer(
+            return answer(
                 StatusCode::NOT_FOUND,
                 format!("run {ns}/{run} has no pod {uid} served on this node"),
-            ));
+            );
         };
         match open {
-            tunnel::OPEN_ADAPTER => {
-                let Some(port) = spec.adapter_port else {
-                    return Ok(answer(
-                        StatusCode::NOT_FOUND,
-                        format!(
-                            "pod {} declares no adapter port (annotation {})",
-                            spec.name,
-                            super::pods::ADAPTER_PORT_ANNOTATION
-                        ),
-                    ));
-                };
-                match connect_in_pod(&spec.netns, port).await {
-                    Ok(tcp) => {
-                        tracing::info!(port, "adapter stream opened");
-                        splice(&mut req, tcp);
-                        Ok(answer(StatusCode::OK, ""))
-                    }
-                    Err(e) => Ok(answer(
-                        StatusCode::BAD_GATEWAY,
-                        format!("adapter at 127.0.0.1:{port} in pod {}: {e}", spec.name),
-                    )),
-                }
-            }
-            tunnel::OPEN_SHELL if !self.shells => Ok(answer(
+            tunnel::OPEN_ADAPTER => adapter_stream(req, &spec).await,
+            tunnel::OPEN_SHELL if !self.shells => answer(
                 StatusCode::FORBIDDEN,
                 "shells are turned off on this node ([pods] shells = false)",
-            )),
-            tunnel::OPEN_SHELL => {
-                let size = TermSize::checked(
-                    header(&req, tunnel::ROWS)
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(24),
-                    header(&req, tunnel::COLS)
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(80),
-                )
-                .unwrap_or_default();
-                match self.open_shell(&cgroup, size).await {
-                    Ok((stream, user, resize)) => {
-                        let mut raw = [0u8; 16];
-                        rand::fill(&mut raw[..]);
-                        let id = hex::encode(raw);
-                        tracing::info!(%user, "shell opened in the pod");
-                        self.shells().insert(id.clone(), resize);
-                        let service = Arc::clone(&self);
-                        let gone = id.clone();
-                        splice_then(&mut req, stream, move || {
-                            service.shells().remove(&gone);
-                        });
-                        let mut r = answer(StatusCode::OK, "");
-                        for (name, value) in [(tunnel::USER, user), (tunnel::SHELL_ID, id)] {
-                            if let Ok(v) = HeaderValue::from_str(&value) {
-                                r.headers_mut().insert(name, v);
-                            }
-                        }
-                        Ok(r)
+            ),
+            tunnel::OPEN_SHELL if !spec.shell => answer(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the run does not allow shells (its pod has no {}: \"true\"; set the \
+                     run's spec.interactive.shell)",
+                    super::pods::SHELL_ANNOTATION
+                ),
+            ),
+            tunnel::OPEN_SHELL => self.shell_stream(req, &cgroup).await,
+            other => answer(StatusCode::BAD_REQUEST, format!("cannot open {other:?}")),
+        }
+    }
+
+    async fn shell_stream(
+        self: &Arc<Self>,
+        req: &mut Request<Incoming>,
+        cgroup: &Path,
+    ) -> Response<Full<Bytes>> {
+        let number = |name: &str, default: u16| {
+            header(req, name)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let size = TermSize::checked(number(tunnel::ROWS, 24), number(tunnel::COLS, 80))
+            .unwrap_or_default();
+        match self.open_shell(cgroup, size).await {
+            Ok((stream, user, resize)) => {
+                let mut raw = [0u8; 16];
+                rand::fill(&mut raw[..]);
+                let id = hex::encode(raw);
+                tracing::info!(%user, "shell opened in the pod");
+                self.shells().insert(id.clone(), resize);
+                let service = Arc::clone(self);
+                let gone = id.clone();
+                splice_then(req, stream, move || {
+                    service.shells().remove(&gone);
+                });
+                let mut r = answer(StatusCode::OK, "");
+                for (name, value) in [(tunnel::USER, user), (tunnel::SHELL_ID, id)] {
+                    if let Ok(v) = HeaderValue::from_str(&value) {
+                        r.headers_mut().insert(name, v);
                     }
-                    Err(e) => Ok(answer(StatusCode::BAD_GATEWAY, e)),
                 }
+                r
             }
-            other => Ok(answer(
-                StatusCode::BAD_REQUEST,
-                format!("cannot open {other:?}"),
-            )),
+            Err(e) => answer(StatusCode::BAD_GATEWAY, e),
         }
     }
 
@@ -209,7 +218,8 @@ impl<I: Interception + 'static> TunnelService<I> {
         let target = pod_process(pod_cgroup)?;
         let spec = shell_spec(&target.spec, size);
         let user = format!("uid {} of pod process {}", target.spec.uid, target.pid);
-        let (stream, resize) = open_joined(&self.launcher, &target.cgroup, target.pidfd, &spec)
+        // The session's own cgroup goes below the pod's (the pod's interception and limits).
+        let (stream, resize) = open_joined(&self.launcher, pod_cgroup, target.pidfd, &spec)
             .await
             .map_err(|e| e.to_string())?;
         Ok((stream, user, resize))
@@ -229,7 +239,32 @@ impl<I: Interception + 'static> TunnelService<I> {
     }
 }
 
-type ResizeSender = tokio::sync::mpsc::UnboundedSender<TermSize>;
+type ResizeSender = tokio::sync::watch::Sender<TermSize>;
+
+/// The pod's adapter: a connection from inside its network namespace to its own port.
+async fn adapter_stream(req: &mut Request<Incoming>, spec: &PodSpec) -> Response<Full<Bytes>> {
+    let Some(port) = spec.adapter_port else {
+        return answer(
+            StatusCode::NOT_FOUND,
+            format!(
+                "pod {} declares no adapter port (annotation {})",
+                spec.name,
+                super::pods::ADAPTER_PORT_ANNOTATION
+            ),
+        );
+    };
+    match connect_in_pod(&spec.netns, port).await {
+        Ok(tcp) => {
+            tracing::info!(port, "adapter stream opened");
+            splice(req, tcp);
+            answer(StatusCode::OK, "")
+        }
+        Err(e) => answer(
+            StatusCode::BAD_GATEWAY,
+            format!("adapter at 127.0.0.1:{port} in pod {}: {e}", spec.name),
+        ),
+    }
+}
 
 /// Answers the CONNECT, then copies between the stream and `io` until either ends.
 fn splice<T>(req: &mut Request<Incoming>, io: T)
@@ -266,13 +301,11 @@ async fn connect_in_pod(netns: &Path, port: u16) -> std::io::Result<tokio::net::
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
-/// The process a shell joins: one of the pod's container processes.
+/// The process a shell joins: the pod's container process.
 struct PodProcess {
     pid: u32,
     pidfd: OwnedFd,
-    /// Its cgroup (the container's, below the pod's), where the shell goes too.
-    cgroup: PathBuf,
-    /// Its user, environment and root directory as the shell's.
+    /// Its user and environment as the shell's.
     spec: SandboxSpec,
 }
 
@@ -284,82 +317,107 @@ fn status_field(status: &str, name: &str) -> Option<u32> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Finds a process of the pod's containers (not the sandbox's `pause`), by walking the pod's
-/// cgroup. Its uid must not be 0: the shell takes the container's user and is never root.
-fn pod_process(pod_cgroup: &Path) -> Result<PodProcess, String> {
+/// The first live process of each cgroup below the pod's that holds one (not the sandbox's
+/// `pause`, not a shell session's own cgroup).
+fn container_processes(pod_cgroup: &Path) -> Vec<u32> {
+    let mut found = Vec::new();
     let mut dirs = vec![pod_cgroup.to_path_buf()];
-    let mut refused = None;
     while let Some(dir) = dirs.pop() {
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                let shell = e
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("paddock-shell-");
+                if !shell && e.file_type().is_ok_and(|t| t.is_dir()) {
                     dirs.push(e.path());
                 }
             }
         }
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "pause" {
-                continue;
-            }
-            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-                continue;
-            };
-            let (Some(uid), Some(gid)) =
-                (status_field(&status, "Uid:"), status_field(&status, "Gid:"))
-            else {
-                continue;
-            };
-            if uid == 0 || gid == 0 {
-                refused = Some(pid);
-                continue;
-            }
-            let Some(raw) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) else {
-                continue;
-            };
-            let Ok(pidfd) = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
-            else {
-                continue;
-            };
-            // Read after the pidfd is held: a recycled PID would fail the cgroup check below.
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            let in_dir = std::fs::read_to_string(dir.join("cgroup.procs"))
-                .unwrap_or_default()
-                .lines()
-                .any(|l| l.trim() == pid.to_string());
-            if !in_dir {
-                continue;
-            }
-            let env: Vec<(Vec<u8>, Vec<u8>)> = environ
-                .split(|&b| b == 0)
-                .filter_map(|kv| {
-                    let i = kv.iter().position(|&b| b == b'=')?;
-                    (i > 0).then(|| (kv[..i].to_vec(), kv[i + 1..].to_vec()))
-                })
-                .collect();
-            let mut spec = SandboxSpec::raw(uid, gid, format!("uid-{uid}"));
-            spec.env = env;
-            if !spec.env.iter().any(|(k, _)| k == b"PATH") {
-                spec.env.push((
-                    b"PATH".to_vec(),
-                    b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_vec(),
-                ));
-            }
-            return Ok(PodProcess {
-                pid,
-                pidfd,
-                cgroup: dir,
-                spec,
+        let first = procs
+            .lines()
+            .filter_map(|l| l.trim().parse::<u32>().ok())
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() != "pause")
             });
-        }
+        found.extend(first);
     }
-    Err(match refused {
-        Some(pid) => format!(
+    found
+}
+
+fn same_user_namespace(pid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    ino(&format!("/proc/{pid}/ns/user")).is_some_and(|t| Some(t) == ino("/proc/self/ns/user"))
+}
+
+/// The pod's container process a shell joins. A pod whose processes are in more than one
+/// container cgroup is refused (the node agent cannot tell which is the agent's without the
+/// runtime), as is a process running as root, or in a user namespace of its own.
+fn pod_process(pod_cgroup: &Path) -> Result<PodProcess, String> {
+    let pid = match container_processes(pod_cgroup).as_slice() {
+        [] => return Err("no running container process in the pod".into()),
+        [pid] => *pid,
+        many => {
+            return Err(format!(
+                "the pod has processes in {} containers; a shell needs exactly one",
+                many.len()
+            ));
+        }
+    };
+    let raw =
+        rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)).ok_or("no such process")?;
+    // The pidfd first: while the process it names has not exited, /proc/PID is that process.
+    let pidfd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty())
+        .map_err(|e| format!("the pod's process {pid}: {e}"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("the pod's process {pid}: {e}"))?;
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    let userns_ok = same_user_namespace(pid);
+    let mut poll = [rustix::event::PollFd::new(
+        &pidfd,
+        rustix::event::PollFlags::IN,
+    )];
+    let now = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let exited = rustix::event::poll(&mut poll, Some(&now)).is_ok_and(|n| n > 0);
+    if exited {
+        return Err(format!("the pod's process {pid} exited"));
+    }
+    let (Some(uid), Some(gid)) = (status_field(&status, "Uid:"), status_field(&status, "Gid:"))
+    else {
+        return Err(format!("the pod's process {pid} has no readable user"));
+    };
+    if uid == 0 || gid == 0 {
+        return Err(format!(
             "the pod's container process {pid} runs as root: no shell (shells never run as root)"
-        ),
-        None => "no running container process in the pod".into(),
-    })
+        ));
+    }
+    if !userns_ok {
+        return Err(
+            "the pod runs in a user namespace of its own (hostUsers: false): not supported".into(),
+        );
+    }
+    let env: Vec<(Vec<u8>, Vec<u8>)> = environ
+        .split(|&b| b == 0)
+        .filter_map(|kv| {
+            let i = kv.iter().position(|&b| b == b'=')?;
+            (i > 0).then(|| (kv[..i].to_vec(), kv[i + 1..].to_vec()))
+        })
+        .collect();
+    let mut spec = SandboxSpec::raw(uid, gid, format!("uid-{uid}"));
+    spec.env = env;
+    if !spec.env.iter().any(|(k, _)| k == b"PATH") {
+        spec.env.push((
+            b"PATH".to_vec(),
+            b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_vec(),
+        ));
+    }
+    Ok(PodProcess { pid, pidfd, spec })
 }
 
 /// Serves the broker's streams on an open tunnel connection until it ends.
@@ -497,7 +555,13 @@ pub async fn maintain<I: Interception + 'static>(
                 );
                 retry = REFUSED_RETRY;
             }
-            Err(e) => tracing::warn!(error = %e, "opening the tunnel to the broker failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "opening the tunnel to the broker failed");
+                // A refusal's long wait is not kept for an unrelated failure.
+                if retry == REFUSED_RETRY {
+                    retry = FIRST_RETRY;
+                }
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(retry) => {}

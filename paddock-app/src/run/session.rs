@@ -200,8 +200,17 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = paddock_proxy::ebpf::teardown(&self.pin_dir);
         if let Some(cg) = &self.cgroup {
+            // cgroup.kill takes the shells' cgroups below it too.
             super::child::kill_cgroup(cg);
             for _ in 0..50 {
+                // A shell's cgroup still open (its session not yet dropped) is removed first.
+                if let Ok(children) = std::fs::read_dir(cg) {
+                    for child in children.flatten() {
+                        if child.file_type().is_ok_and(|t| t.is_dir()) {
+                            let _ = std::fs::remove_dir(child.path());
+                        }
+                    }
+                }
                 if std::fs::remove_dir(cg).is_ok() || !cg.exists() {
                     break;
                 }

@@ -132,10 +132,16 @@ pub async fn open_joined(
     cgroup: &Path,
     target: OwnedFd,
     spec: &SandboxSpec,
-) -> Result<(PtyStream, tokio::sync::mpsc::UnboundedSender<TermSize>), ShellError> {
+) -> Result<(PtyStream, tokio::sync::watch::Sender<TermSize>), ShellError> {
+    // Every process of the session goes into a cgroup of its own below `cgroup` (so the
+    // run's interception and limits still apply), and the whole cgroup is killed when the
+    // session ends: the parent-death signal does not survive the shell's change of user, and
+    // a `nohup` or `setsid` job must not outlive its audited session.
+    let own = ShellCgroup::create(cgroup)
+        .map_err(|e| ShellError::Failed(format!("the shell's cgroup: {e}")))?;
     let launch = Launch {
         launcher,
-        cgroup,
+        cgroup: own.path(),
         netns: target.as_fd(),
         piped_stdout: false,
         join: true,
@@ -156,12 +162,17 @@ pub async fn open_joined(
         Ok(Err(e)) => return Err(ShellError::Failed(e.to_string())),
         Err(_) => return Err(ShellError::Failed("timed out".into())),
     };
-    let stream = PtyStream::new(master, sandbox)
+    let stream = PtyStream::new(master, sandbox, own)
         .map_err(|e| ShellError::Failed(format!("the shell's terminal: {e}")))?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TermSize>();
+    let size = spec.pty.map_or_else(TermSize::default, |p| TermSize {
+        rows: p.size.rows,
+        cols: p.size.cols,
+    });
+    let (tx, mut rx) = tokio::sync::watch::channel(size);
     let fd = Arc::clone(&stream.fd);
     tokio::spawn(async move {
-        while let Some(s) = rx.recv().await {
+        while rx.changed().await.is_ok() {
+            let s = *rx.borrow_and_update();
             let _ = set_window_size(fd.get_ref().as_fd(), s.rows, s.cols);
         }
     });
@@ -178,10 +189,55 @@ pub struct PtyStream {
     launcher: super::child::Sandboxed,
     /// Whether the launcher's failure was looked for at the end.
     told: bool,
+    /// Dropped after the launcher: kills what the session left behind.
+    _cgroup: ShellCgroup,
+}
+
+/// A shell session's own cgroup: killed and removed when dropped.
+#[derive(Debug)]
+pub struct ShellCgroup {
+    path: PathBuf,
+}
+
+impl ShellCgroup {
+    /// `parent/paddock-shell-<random>`.
+    pub fn create(parent: &Path) -> io::Result<Self> {
+        let mut raw = [0u8; 8];
+        rand::fill(&mut raw[..]);
+        let path = parent.join(format!("paddock-shell-{}", hex::encode(raw)));
+        std::fs::create_dir(&path)?;
+        Ok(Self { path })
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ShellCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path.join("cgroup.kill"), "1");
+        // The killed processes leave within moments; the directory goes once they have.
+        let path = std::mem::take(&mut self.path);
+        std::thread::spawn(move || {
+            for _ in 0..100 {
+                if std::fs::remove_dir(&path).is_ok() || !path.exists() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            tracing::warn!(cgroup = %path.display(), "a shell's cgroup could not be removed");
+        });
+    }
 }
 
 impl PtyStream {
-    fn new(master: OwnedFd, launcher: super::child::Sandboxed) -> io::Result<Self> {
+    fn new(
+        master: OwnedFd,
+        launcher: super::child::Sandboxed,
+        cgroup: ShellCgroup,
+    ) -> io::Result<Self> {
         nix::fcntl::fcntl(
             &master,
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
@@ -198,6 +254,7 @@ impl PtyStream {
             fd: Arc::new(fd),
             launcher,
             told: false,
+            _cgroup: cgroup,
         })
     }
 }

@@ -199,6 +199,7 @@ impl Node {
             netns,
             nameservers: vec!["10.96.0.10".parse().expect("ip")],
             adapter_port: None,
+            shell: false,
         }
     }
 

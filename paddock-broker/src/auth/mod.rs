@@ -25,8 +25,8 @@ pub use static_keys::StaticKeys;
 /// "broker:controller" (act on runs in any namespace), "broker:node-agent" (act only for runs
 /// whose pod runs on the node the caller's token is bound to, see [`pods`]), and for
 /// interactive runs "broker:interact" (prompt and interrupt), "broker:attach" (watch a run's
-/// output stream), "broker:end" (end a run through its adapter) and "broker:shell" (reserved
-/// for the shell route, which is not served yet).
+/// output stream), "broker:end" (end a run through its adapter) and "broker:shell" (a terminal
+/// in the run's sandbox through `GET .../shell`).
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]

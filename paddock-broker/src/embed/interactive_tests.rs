@@ -474,10 +474,11 @@ impl crate::interactive::ShellOpener for EchoShell {
                     }
                 }
             });
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let (tx, mut rx) = tokio::sync::watch::channel(size);
             let sizes = self.sizes.clone();
             tokio::spawn(async move {
-                while let Some(s) = rx.recv().await {
+                while rx.changed().await.is_ok() {
+                    let s = *rx.borrow_and_update();
                     sizes.lock().expect("lock").push(s);
                 }
             });

@@ -102,6 +102,26 @@ struct RunState {
     pump_start: tokio::sync::Mutex<()>,
     pump: Mutex<Option<tokio::task::JoinHandle<()>>>,
     last_activity: Mutex<Instant>,
+    /// Shells open in the run (each one counts as activity while it lasts).
+    shells: Mutex<u32>,
+}
+
+/// Shells open at once in one run, at most.
+pub const MAX_SHELLS_PER_RUN: u32 = 8;
+
+/// One open shell of a run: counted until dropped.
+#[derive(Debug)]
+pub struct ShellSlot {
+    state: Arc<RunState>,
+}
+
+impl Drop for ShellSlot {
+    fn drop(&mut self) {
+        let mut n = lock(&self.state.shells);
+        *n = n.saturating_sub(1);
+        drop(n);
+        self.state.touch();
+    }
 }
 
 impl RunState {
@@ -114,6 +134,7 @@ impl RunState {
             pump_start: tokio::sync::Mutex::new(()),
             pump: Mutex::new(None),
             last_activity: Mutex::new(Instant::now()),
+            shells: Mutex::new(0),
         }
     }
 
@@ -345,13 +366,27 @@ impl InteractiveRouter {
         Ok(receiver)
     }
 
-    /// Runs with no attached client, and for how long nothing happened in each (the idle
-    /// watchdog compares it with the run's timeout).
+    /// A place for one more shell in the run; `None` when [`MAX_SHELLS_PER_RUN`] are open.
+    #[must_use]
+    pub fn shell_slot(&self, namespace: &str, run: &str) -> Option<ShellSlot> {
+        let state = self.state(namespace, run);
+        state.touch();
+        let mut n = lock(&state.shells);
+        if *n >= MAX_SHELLS_PER_RUN {
+            return None;
+        }
+        *n += 1;
+        drop(n);
+        Some(ShellSlot { state })
+    }
+
+    /// Runs with no attached client and no open shell, and for how long nothing happened in
+    /// each (the idle watchdog compares it with the run's timeout).
     #[must_use]
     pub fn quiet_runs(&self, now: Instant) -> Vec<(RunKey, Duration)> {
         lock(&self.runs)
             .iter()
-            .filter(|(_, s)| *lock(&s.attached) == 0)
+            .filter(|(_, s)| *lock(&s.attached) == 0 && *lock(&s.shells) == 0)
             .map(|(k, s)| {
                 (
                     k.clone(),

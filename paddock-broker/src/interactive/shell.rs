@@ -4,7 +4,7 @@
 
 use std::{fmt, future::Future, pin::Pin};
 
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 
 use super::AdapterIo;
 use crate::wire::RunInfo;
@@ -35,7 +35,9 @@ impl TermSize {
 /// started in the session) and, where the opener supports it, a way to resize the terminal.
 pub struct ShellSession {
     pub io: AdapterIo,
-    pub resize: Option<mpsc::UnboundedSender<TermSize>>,
+    /// The latest size wins: a client sending sizes faster than they are applied queues
+    /// nothing.
+    pub resize: Option<watch::Sender<TermSize>>,
     /// The user the shell runs as (for the audit record), such as `uid 61234`.
     pub user: String,
 }

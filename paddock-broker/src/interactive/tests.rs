@@ -438,9 +438,12 @@ async fn tunnel_streams_reach_their_node_and_refusals_carry_the_reason() {
         .expect("shell stream");
     assert_eq!(shell.user.as_deref(), Some("uid 1000 30x100"));
     assert_eq!(shell.shell_id.as_deref(), Some("s-1"));
+    // The newest tunnel of the node carried it; the resize goes to that same tunnel.
+    assert_eq!(shell.tunnel, new);
     tunnels
         .resize(
             "node-a",
+            shell.tunnel,
             "s-1",
             TermSize {
                 rows: 50,
@@ -460,4 +463,28 @@ async fn tunnel_streams_reach_their_node_and_refusals_carry_the_reason() {
     }
     tunnels.remove("node-a", new);
     assert!(tunnels.nodes().is_empty());
+}
+
+#[test]
+fn open_shells_are_capped_per_run_and_keep_it_from_looking_idle() {
+    let r = InteractiveRouter::default();
+    let slots: Vec<_> = (0..MAX_SHELLS_PER_RUN)
+        .map(|_| r.shell_slot("ns", "r").expect("a slot"))
+        .collect();
+    assert!(r.shell_slot("ns", "r").is_none(), "one shell too many");
+    assert!(
+        r.shell_slot("ns", "other").is_some(),
+        "another run has its own"
+    );
+    let later = Instant::now() + Duration::from_hours(1);
+    assert!(
+        !r.quiet_runs(later).iter().any(|(k, _)| k.1 == "r"),
+        "a run with an open shell is not quiet"
+    );
+    drop(slots);
+    assert!(
+        r.shell_slot("ns", "r").is_some(),
+        "closed shells free their slots"
+    );
+    assert!(r.quiet_runs(later).iter().any(|(k, _)| k.1 == "r"));
 }

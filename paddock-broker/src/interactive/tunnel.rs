@@ -35,6 +35,8 @@ use crate::{
 
 /// How long opening a stream through a tunnel may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Tunnels kept per node.
+const MAX_TUNNELS_PER_NODE: usize = 8;
 /// Longest reason read from a node agent's refusal.
 const MAX_REASON_BYTES: usize = 4096;
 
@@ -43,7 +45,7 @@ type Sender = SendRequest<Empty<Bytes>>;
 /// The connected node agents' tunnels, by node name.
 #[derive(Default)]
 pub struct NodeTunnels {
-    by_node: Mutex<HashMap<String, (u64, Sender)>>,
+    by_node: Mutex<HashMap<String, Vec<(u64, Sender)>>>,
     next: AtomicU64,
 }
 
@@ -65,6 +67,8 @@ pub enum Open {
 /// An open stream: its bytes, and for a shell who it runs as and its session id.
 pub struct Opened {
     pub io: TokioIo<hyper::upgrade::Upgraded>,
+    /// The tunnel it was opened on.
+    pub tunnel: u64,
     pub user: Option<String>,
     pub shell_id: Option<String>,
 }
@@ -92,20 +96,45 @@ pub enum TunnelError {
 }
 
 impl NodeTunnels {
-    /// Records `node`'s tunnel (replacing an older one of the same node, whose streams keep
-    /// running until they end). Returns the id [`Self::remove`] takes.
+    /// Records one of `node`'s tunnels. A node may hold several (one per address of this
+    /// replica, or a node agent being replaced): new streams use the newest that is open, and
+    /// none pushes another out, so two never take turns replacing each other. Beyond
+    /// [`MAX_TUNNELS_PER_NODE`] the oldest is let go. Returns the id [`Self::remove`] takes.
     pub fn register(&self, node: &str, sender: Sender) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        lock(&self.by_node).insert(node.to_owned(), (id, sender));
+        let mut map = lock(&self.by_node);
+        let tunnels = map.entry(node.to_owned()).or_default();
+        tunnels.retain(|(_, s)| !s.is_closed());
+        tunnels.push((id, sender));
+        if tunnels.len() > MAX_TUNNELS_PER_NODE {
+            tunnels.remove(0);
+        }
         id
     }
 
-    /// Forgets `node`'s tunnel if it is still the one registered as `id`.
+    /// Forgets the tunnel `id` of `node` (its connection ended).
     pub fn remove(&self, node: &str, id: u64) {
         let mut map = lock(&self.by_node);
-        if map.get(node).is_some_and(|(current, _)| *current == id) {
-            map.remove(node);
+        if let Some(tunnels) = map.get_mut(node) {
+            tunnels.retain(|(t, _)| *t != id);
+            if tunnels.is_empty() {
+                map.remove(node);
+            }
         }
+    }
+
+    /// The newest open tunnel of `node`, or the one `id` names.
+    fn sender(&self, node: &str, id: Option<u64>) -> Result<(u64, Sender), TunnelError> {
+        lock(&self.by_node)
+            .get(node)
+            .and_then(|tunnels| {
+                tunnels
+                    .iter()
+                    .rev()
+                    .find(|(t, s)| id.map_or(!s.is_closed(), |id| *t == id))
+                    .cloned()
+            })
+            .ok_or_else(|| TunnelError::NotConnected(node.to_owned()))
     }
 
     /// Nodes with a tunnel, sorted.
@@ -125,13 +154,10 @@ impl NodeTunnels {
         run: &RunInfo,
         what: Open,
     ) -> Result<Opened, TunnelError> {
-        let sender = lock(&self.by_node)
-            .get(node)
-            .map(|(_, s)| s.clone())
-            .ok_or_else(|| TunnelError::NotConnected(node.to_owned()))?;
+        let (id, sender) = self.sender(node, None)?;
         tokio::time::timeout(
             OPEN_TIMEOUT,
-            Self::open_on(sender, node, pod_uid, run, what),
+            Self::open_on(sender, id, node, pod_uid, run, what),
         )
         .await
         .map_err(|_| TunnelError::Timeout(node.to_owned()))?
@@ -139,6 +165,7 @@ impl NodeTunnels {
 
     async fn open_on(
         mut sender: Sender,
+        tunnel: u64,
         node: &str,
         pod_uid: &str,
         run: &RunInfo,
@@ -195,22 +222,22 @@ impl NodeTunnels {
             .map_err(|e| broken(e.to_string()))?;
         Ok(Opened {
             io: TokioIo::new(upgraded),
+            tunnel,
             user,
             shell_id,
         })
     }
 
-    /// Resizes the terminal of the shell `shell_id` opened on `node`'s tunnel.
+    /// Resizes the terminal of the shell `shell_id` opened on `node`'s tunnel `tunnel_id`
+    /// (the node agent that holds the shell).
     pub async fn resize(
         &self,
         node: &str,
+        tunnel_id: u64,
         shell_id: &str,
         size: TermSize,
     ) -> Result<(), TunnelError> {
-        let mut sender = lock(&self.by_node)
-            .get(node)
-            .map(|(_, s)| s.clone())
-            .ok_or_else(|| TunnelError::NotConnected(node.to_owned()))?;
+        let (_, mut sender) = self.sender(node, Some(tunnel_id))?;
         let broken = |reason: String| TunnelError::Broken {
             node: node.to_owned(),
             reason,
@@ -284,12 +311,14 @@ impl ShellOpener for TunnelRoute {
                 .await
                 .map_err(ShellError::Failed)?;
             // Resizes go to the node agent as their own requests on the tunnel, in order.
+            let tunnel = opened.tunnel;
             let resize = opened.shell_id.map(|id| {
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TermSize>();
+                let (tx, mut rx) = tokio::sync::watch::channel(size);
                 let tunnels = Arc::clone(&self.tunnels);
                 tokio::spawn(async move {
-                    while let Some(size) = rx.recv().await {
-                        if let Err(e) = tunnels.resize(&node, &id, size).await {
+                    while rx.changed().await.is_ok() {
+                        let size = *rx.borrow_and_update();
+                        if let Err(e) = tunnels.resize(&node, tunnel, &id, size).await {
                             tracing::debug!(error = %e, "shell resize not delivered");
                         }
                     }

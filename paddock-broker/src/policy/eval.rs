@@ -111,16 +111,15 @@ impl Policy {
             .map(|s| std::time::Duration::from_secs(s.get()))
     }
 
-    /// Whether any policy sets an idle timeout (the watchdog looks up runs only then).
+    /// The shortest idle timeout any policy sets (the watchdog looks up only runs quiet for
+    /// at least this long, or the broker's own timeout).
     #[must_use]
-    pub fn has_idle_timeouts(&self) -> bool {
-        self.documents().iter().any(|d| {
-            d.doc()
-                .spec
-                .interactive
-                .as_ref()
-                .is_some_and(|i| i.idle_timeout_secs.is_some())
-        })
+    pub fn shortest_idle_timeout(&self) -> Option<std::time::Duration> {
+        self.documents()
+            .iter()
+            .filter_map(|d| d.doc().spec.interactive.as_ref()?.idle_timeout_secs)
+            .min()
+            .map(|s| std::time::Duration::from_secs(s.get()))
     }
 
     /// Every credential grant, with its policy.

@@ -481,7 +481,10 @@ spec:
 ";
     let docs = Policy::parse_text(Path::new("p.yaml"), text, now()).expect("valid");
     let policy = Policy::from_docs(docs).expect("valid set");
-    assert!(policy.has_idle_timeouts());
+    assert_eq!(
+        policy.shortest_idle_timeout(),
+        Some(std::time::Duration::from_secs(5))
+    );
     let run = |ns: &str, id: &str| RunInfo {
         run: id.into(),
         namespace: ns.into(),

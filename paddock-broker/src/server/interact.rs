@@ -369,14 +369,19 @@ async fn attach(
 pub(super) async fn tick(broker: Arc<Broker>, walk: bool) {
     let router = broker.interactive().clone();
     let global = router.config().idle_timeout;
-    let watching = global.is_some() || broker.policy().current().has_idle_timeouts();
-    let quiet: std::collections::HashMap<_, _> = if watching {
-        router
+    // Only runs quiet for at least the shortest timeout anywhere can be idle: the others are
+    // not loaded from the store.
+    let shortest = match (global, broker.policy().current().shortest_idle_timeout()) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let quiet: std::collections::HashMap<_, _> = match shortest {
+        Some(shortest) => router
             .quiet_runs(std::time::Instant::now())
             .into_iter()
-            .collect()
-    } else {
-        std::collections::HashMap::new()
+            .filter(|(_, q)| *q >= shortest)
+            .collect(),
+        None => std::collections::HashMap::new(),
     };
     if !walk && quiet.is_empty() {
         return;

@@ -94,6 +94,19 @@ pub(super) async fn open(
     let Some(opener) = state.broker.interactive().shell_opener() else {
         return shell_error(&ShellError::NotConfigured(run.run.clone()));
     };
+    let Some(slot) = state
+        .broker
+        .interactive()
+        .shell_slot(&run.namespace, &run.run)
+    else {
+        return error_response(
+            ErrorCode::Unavailable,
+            format!(
+                "{} shells are open in this run already",
+                crate::interactive::MAX_SHELLS_PER_RUN
+            ),
+        );
+    };
     let session = match tokio::time::timeout(OPEN_TIMEOUT, opener.open(&run, size)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return shell_error(&e),
@@ -124,6 +137,7 @@ pub(super) async fn open(
     let state = state.clone();
     let subject = identity.subject.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         let started = Instant::now();
         let how = match upgrade.await {
             Ok(upgraded) => {
@@ -154,55 +168,84 @@ pub(super) async fn open(
     websocket::accepted(&key)
 }
 
-/// Copies terminal bytes both ways until either side ends; returns how it ended.
-async fn relay<S>(mut ws: WebSocketStream<S>, session: ShellSession) -> String
+/// How often the server pings the client (a dead client then shows as a failed send).
+const PING_EVERY: Duration = Duration::from_secs(30);
+
+/// Copies terminal bytes both ways until either side ends; returns how it ended. The two
+/// directions are independent: a shell blocked writing output never stops input from being
+/// read, and the reverse.
+async fn relay<S>(ws: WebSocketStream<S>, session: ShellSession) -> String
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let ShellSession { io, resize, .. } = session;
     let (mut from_shell, mut to_shell) = tokio::io::split(io);
-    let mut buf = vec![0u8; 16 * 1024];
-    let (code, how) = loop {
-        tokio::select! {
-            n = from_shell.read(&mut buf) => match n {
-                Ok(0) | Err(_) => break (CloseCode::Normal, "the shell exited".to_owned()),
-                Ok(n) => {
-                    if ws.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
-                        return "the client went away".to_owned();
-                    }
-                }
-            },
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Binary(data))) => {
-                    if to_shell.write_all(&data).await.is_err() {
-                        break (CloseCode::Normal, "the shell exited".to_owned());
-                    }
-                }
-                Some(Ok(Message::Text(text))) => {
-                    match serde_json::from_str::<TermSize>(&text) {
-                        Ok(s) if TermSize::checked(s.rows, s.cols).is_some() => {
-                            if let Some(tx) = &resize {
-                                let _ = tx.send(s);
-                            }
+    let (mut sink, mut stream) = ws.split();
+    let to_client = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                n = from_shell.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => return Some((CloseCode::Normal, "the shell exited")),
+                    Ok(n) => {
+                        let chunk = Bytes::copy_from_slice(&buf[..n]);
+                        if sink.send(Message::Binary(chunk)).await.is_err() {
+                            return None;
                         }
-                        _ => break (CloseCode::Invalid, "a text message must be {\"rows\":R,\"cols\":C}".to_owned()),
+                    }
+                },
+                _ = ping.tick() => {
+                    if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                        return None;
                     }
                 }
-                Some(Ok(Message::Close(_)) | Err(_)) | None => {
-                    return "the client closed the terminal".to_owned();
-                }
-                Some(Ok(_)) => {}
-            },
+            }
         }
     };
-    let _ = ws
+    let from_client = async {
+        while let Some(msg) = stream.next().await {
+            match msg {
+                Ok(Message::Binary(data)) => {
+                    if to_shell.write_all(&data).await.is_err() {
+                        return Some((CloseCode::Normal, "the shell exited"));
+                    }
+                }
+                Ok(Message::Text(text)) => match serde_json::from_str::<TermSize>(&text) {
+                    Ok(s) if TermSize::checked(s.rows, s.cols).is_some() => {
+                        if let Some(tx) = &resize {
+                            let _ = tx.send(s);
+                        }
+                    }
+                    _ => {
+                        return Some((
+                            CloseCode::Invalid,
+                            "a text message must be {\"rows\":R,\"cols\":C}",
+                        ));
+                    }
+                },
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+        None
+    };
+    let ended = tokio::select! {
+        e = to_client => e,
+        e = from_client => e,
+    };
+    let Some((code, how)) = ended else {
+        return "the client closed the terminal".to_owned();
+    };
+    let _ = sink
         .send(Message::Close(Some(CloseFrame {
             code,
-            reason: how.clone().into(),
+            reason: how.into(),
         })))
         .await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
-    how
+    let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+    how.to_owned()
 }
 
 #[cfg(test)]

@@ -44,6 +44,8 @@ pub const FINALIZER: &str = "paddock.dev/revoke-leases";
 pub const DEFAULT_RUN_LABEL: &str = "paddock.dev/run";
 /// The pod annotation carrying an interactive run's adapter port (read by the node agent).
 pub const ADAPTER_PORT_ANNOTATION: &str = "paddock.dev/adapter-port";
+/// The pod annotation allowing shells in an interactive run's pod.
+pub const SHELL_ANNOTATION: &str = "paddock.dev/shell";
 /// Where the trust bundle is mounted in every container of the agent pod.
 pub const TRUST_DIR: &str = "/etc/paddock/trust";
 const TRUST_VOLUME: &str = "paddock-trust";
@@ -686,11 +688,15 @@ fn agent_pod(run: &HarnessRun, n: &Names, settings: &Settings) -> Result<Pod, Re
     // would point the broker at another port of the pod).
     let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
     annotations.remove(ADAPTER_PORT_ANNOTATION);
+    annotations.remove(SHELL_ANNOTATION);
     if let Some(interactive) = &run.spec.interactive {
         annotations.insert(
             ADAPTER_PORT_ANNOTATION.into(),
             interactive.adapter_port.to_string(),
         );
+        if interactive.shell {
+            annotations.insert(SHELL_ANNOTATION.into(), "true".into());
+        }
     }
     meta.owner_references = Some(vec![owner(run)?]);
     // A run ends once; a restarted container would reuse revoked placeholders.

@@ -53,6 +53,10 @@ pub struct InteractiveSpec {
     /// reads it; nothing listens on the pod network for it.
     #[schemars(range(min = 1, max = 65535))]
     pub adapter_port: u16,
+    /// Allow shells in the run's pod (`paddock-broker shell`, scope `broker:shell`), on nodes
+    /// whose node agent allows them (`[pods] shells`). Written as `paddock.dev/shell: "true"`.
+    #[serde(default)]
+    pub shell: bool,
 }
 
 /// One credential the run asks for.
