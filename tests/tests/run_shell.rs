@@ -221,7 +221,8 @@ async fn a_shell_runs_in_the_sandbox_as_the_run_user_and_is_intercepted() {
     let script = format!(
         "echo UID=$(id -u); echo PID1=$(tr '\\0' ' ' < /proc/1/cmdline); echo PROCS=$(ls /proc | grep -c '^[0-9]'); \
          curl -sS --resolve api.paddock.test:443:{ip} https://api.paddock.test/from-shell \
-         -H \"Authorization: Bearer $API_BEARER\"; echo; echo BEARER=$API_BEARER; exit 7\n",
+         -H \"Authorization: Bearer $API_BEARER\"; echo; echo BEARER=$API_BEARER; \
+         setsid nohup sleep 4242 </dev/null >/dev/null 2>&1 & exit 7\n",
         ip = link.host_ip
     );
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -302,6 +303,22 @@ async fn a_shell_runs_in_the_sandbox_as_the_run_user_and_is_intercepted() {
             break;
         }
         assert!(Instant::now() < deadline, "no shell-closed: {trail}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // What the shell left running (a `setsid nohup` job) ended with its session.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Command::new("pgrep")
+        .args(["-f", "^sleep 4242$"])
+        .output()
+        .expect("pgrep")
+        .status
+        .success()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a job started in the shell outlived its session"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
