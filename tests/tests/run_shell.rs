@@ -129,11 +129,16 @@ async fn terminal_sizes(socket: &Path, key: &Path) -> Vec<String> {
     let mut read_until = async |ws: &mut tokio_tungstenite::WebSocketStream<_>, n: usize| {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
+            // `SIZE R C` lines, wherever the shell's prompt put them (the echoed command line
+            // has `SIZE %s`, which is not two numbers).
             let sizes: Vec<String> = seen
                 .lines()
-                .map(str::trim)
-                .filter(|l| l.starts_with("SIZE "))
-                .map(|l| l.trim_start_matches("SIZE ").to_owned())
+                .filter_map(|l| l.split_once("SIZE ").map(|(_, v)| v.trim()))
+                .filter(|v| {
+                    let parts: Vec<&str> = v.split(' ').collect();
+                    parts.len() == 2 && parts.iter().all(|p| p.parse::<u16>().is_ok())
+                })
+                .map(str::to_owned)
                 .collect();
             if sizes.len() >= n {
                 return sizes;
@@ -148,14 +153,21 @@ async fn terminal_sizes(socket: &Path, key: &Path) -> Vec<String> {
     // `printf` keeps the echoed command line from matching.
     let ask = Message::Binary("printf 'SIZE %s\\n' \"$(stty size)\"\n".into());
     ws.send(ask.clone()).await.expect("send");
-    read_until(&mut ws, 1).await;
+    let mut sizes = read_until(&mut ws, 1).await;
     ws.send(Message::Text(r#"{"rows":50,"cols":132}"#.into()))
         .await
         .expect("resize");
-    ws.send(ask).await.expect("send");
-    let sizes = read_until(&mut ws, 2).await;
+    // The resize is applied beside the byte stream, not in it: ask until it shows (bounded).
+    for n in 2..=20 {
+        ws.send(ask.clone()).await.expect("send");
+        sizes = read_until(&mut ws, n).await;
+        if sizes.last().is_some_and(|s| s == "50 132") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let _ = ws.send(Message::Binary("exit\n".into())).await;
-    sizes
+    vec![sizes[0].clone(), sizes[sizes.len() - 1].clone()]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,9 +246,12 @@ async fn a_shell_runs_in_the_sandbox_as_the_run_user_and_is_intercepted() {
         assert!(Instant::now() < deadline, "no shell: {err}\n{out}");
         std::thread::sleep(Duration::from_millis(200));
     };
+    // The last occurrence: the echoed command line holds each name too, and an output line
+    // may follow the shell's prompt.
     let field = |name: &str| {
         out.lines()
-            .find_map(|l| l.trim().strip_prefix(name).map(str::to_owned))
+            .filter_map(|l| l.split_once(name).map(|(_, v)| v.trim().to_owned()))
+            .last()
             .unwrap_or_else(|| panic!("no {name} in the shell's output: {out}\n{err}"))
     };
     let uid: u32 = field("UID=").trim().parse().expect("uid");

@@ -663,6 +663,17 @@ fn open_pty(spec: &SandboxSpec) -> Result<(OwnedFd, OwnedFd), SandboxError> {
             .ctx(|| "opening /dev/ptmx".into())?,
         other => other.ctx(|| "opening /dev/pts/ptmx".into())?,
     };
+    // In a pod's mount namespace these paths are the pod's: take nothing but the pty
+    // multiplexer (character device 5:2).
+    let st = nix::sys::stat::fstat(&master).ctx(|| "fstat of the pty master".into())?;
+    let is_ptmx = (st.st_mode & libc::S_IFMT) == libc::S_IFCHR
+        && nix::sys::stat::major(st.st_rdev) == 5
+        && nix::sys::stat::minor(st.st_rdev) == 2;
+    if !is_ptmx {
+        return Err(SandboxError::Other(
+            "the pty multiplexer is not the kernel's (not character device 5:2)".into(),
+        ));
+    }
     let unlock: libc::c_int = 0;
     // SAFETY: TIOCSPTLCK reads one int through the pointer, which outlives the call.
     let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &raw const unlock) };
