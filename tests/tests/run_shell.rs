@@ -250,8 +250,8 @@ async fn a_shell_runs_in_the_sandbox_as_the_run_user_and_is_intercepted() {
     // may follow the shell's prompt.
     let field = |name: &str| {
         out.lines()
-            .filter_map(|l| l.split_once(name).map(|(_, v)| v.trim().to_owned()))
-            .last()
+            .rev()
+            .find_map(|l| l.split_once(name).map(|(_, v)| v.trim().to_owned()))
             .unwrap_or_else(|| panic!("no {name} in the shell's output: {out}\n{err}"))
     };
     let uid: u32 = field("UID=").trim().parse().expect("uid");

@@ -99,7 +99,7 @@ impl NodeTunnels {
     /// Records one of `node`'s tunnels. A node may hold several (one per address of this
     /// replica, or a node agent being replaced): new streams use the newest that is open, and
     /// none pushes another out, so two never take turns replacing each other. Beyond
-    /// [`MAX_TUNNELS_PER_NODE`] the oldest is let go. Returns the id [`Self::remove`] takes.
+    /// `MAX_TUNNELS_PER_NODE` (8) the oldest is let go. Returns the id [`Self::remove`] takes.
     pub fn register(&self, node: &str, sender: Sender) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut map = lock(&self.by_node);
