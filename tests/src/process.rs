@@ -143,3 +143,27 @@ pub fn write_file(path: &std::path::Path, data: &str) {
     f.write_all(data.as_bytes())
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
+
+/// A child process that is stopped when dropped (a test that fails midway leaves nothing
+/// running): SIGTERM, up to 10 s to exit, then SIGKILL, and reaped.
+#[derive(Debug)]
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            if let Ok(pid) = i32::try_from(self.0.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while matches!(self.0.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

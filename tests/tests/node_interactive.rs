@@ -11,7 +11,7 @@
 
 use std::{
     io::{Read, Write},
-    process::{Child, Stdio},
+    process::Stdio,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -19,19 +19,9 @@ use std::{
 use paddock_tests::{
     interactive::ADAPTER_PY,
     node_lab::{ADAPTER_PORT, BROKER, BROKER_REPLICA, HOST_A, NodeLab, SECRET_A, UPSTREAM_V4},
-    process::place,
+    process::{Reaped, place},
     require_root,
 };
-
-/// Kills and reaps a child when dropped.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `paddock-broker attach` for pod 0's run, its stdout collected on a thread.
 struct Attached {

@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeSet,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -16,7 +16,7 @@ use paddock_broker::auth::{
 };
 use paddock_tests::{
     interactive::{ADAPTER_PY, InteractClient, read_until, wait_for_file},
-    process::target_bin,
+    process::{Reaped, target_bin},
     require_root,
 };
 
@@ -33,26 +33,6 @@ const PORT: &str = "8765";
 const RUN: &str = "ia-run";
 /// A caller that may watch but not prompt.
 const WATCHER_KEY: &str = "watcher-key-0123456789abcdef0123456789";
-
-/// Kills and reaps the run if the test fails before it ends.
-struct RunGuard(Child);
-
-impl Drop for RunGuard {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap_or(0)),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[expect(
@@ -91,7 +71,7 @@ async fn prompts_reach_the_adapter_in_the_run_and_answers_stream_to_every_client
         .stderr(Stdio::piped())
         .spawn()
         .expect("start paddock-proxy run");
-    let mut guard = RunGuard(child);
+    let mut guard = Reaped(child);
 
     let run_state = state.join(RUN);
     wait_for_file(&run_state.join("interact.sock"), Duration::from_secs(30));

@@ -10,7 +10,7 @@ use std::{
     io::Write,
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -23,7 +23,7 @@ use paddock_tests::{
     echo_api::EchoApi,
     files::{audit_records, write_secrets},
     interactive::wait_for_file,
-    process::target_bin,
+    process::{Reaped, target_bin},
     proxied::{DnsResponder, make_upstream_certs},
     require_root,
 };
@@ -48,26 +48,6 @@ const SECRET: &str = "real-shell-bearer-41c7e2";
 const RUN: &str = "shell-run";
 /// A caller that may attach but not open shells.
 const WATCHER_KEY: &str = "watcher-key-fedcba9876543210fedcba98";
-
-/// Kills and reaps a child if the test fails before it ends.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap_or(0)),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 /// Runs `paddock-broker shell` with `input` on its stdin; (exit success, stdout, stderr).
 fn shell(socket: &Path, key: &Path, input: &str) -> (bool, String, String) {
