@@ -178,6 +178,22 @@ async fn next_text(ws: &mut WebSocketStream<tokio::io::DuplexStream>) -> String 
     }
 }
 
+/// Two documents: run `r1` ends after 1 s without activity; every run of `team-a` applies.
+const IDLE_POLICY: &str = "apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: quick}
+spec:
+  appliesTo: {namespaces: [team-a], runs: [r1]}
+  interactive: {idleTimeoutSecs: 1}
+---
+apiVersion: paddock.dev/v1
+kind: BrokerPolicy
+metadata: {name: everyone}
+spec:
+  appliesTo: {namespaces: [team-a]}
+  egress: []
+";
+
 const POLICY: &str = "\
 apiVersion: paddock.dev/v1
 kind: BrokerPolicy
@@ -186,6 +202,37 @@ spec:
   appliesTo: {namespaces: [team-a]}
   egress: []
 ";
+
+/// A static key of the tests' broker: (id, key, namespace, scopes).
+type Key<'a> = (&'a str, &'a str, &'a str, &'a [Scope]);
+
+/// An embedded broker with `policy` and the static `keys` (its own caller is the controller
+/// of `team-a`); its audit file.
+fn start_broker(dir: &Path, policy: &str, keys: &[Key<'_>]) -> (EmbeddedBroker, PathBuf) {
+    let policy_path = dir.join("policy.yaml");
+    std::fs::write(&policy_path, policy).expect("policy");
+    let keys_path = dir.join("keys");
+    let lines: String = keys
+        .iter()
+        .map(|(id, key, ns, scopes)| {
+            let scopes: BTreeSet<Scope> = scopes.iter().copied().collect();
+            format_line(id, &hash_key(key), ns, &scopes) + "\n"
+        })
+        .collect();
+    std::fs::write(&keys_path, lines).expect("keys");
+    let audit = dir.join("audit.jsonl");
+    let mut config = EmbedConfig::new(
+        PolicySource::Files {
+            path: policy_path,
+            secrets_dir: None,
+            poll: None,
+        },
+        &audit,
+        CallerConfig::run_controller("controller", "team-a"),
+    );
+    config.extra_keys = Some(keys_path);
+    (EmbeddedBroker::start(config).expect("start"), audit)
+}
 
 fn audit_events(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -202,47 +249,20 @@ fn audit_events(path: &Path) -> Vec<Value> {
 )]
 async fn prompts_fan_out_scopes_are_enforced_and_the_end_forgets() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, POLICY).expect("policy");
-    let keys = dir.path().join("keys");
-    let scopes = |s: &[Scope]| s.iter().copied().collect::<BTreeSet<_>>();
-    std::fs::write(
-        &keys,
-        format!(
-            "{}\n{}\n{}\n",
-            format_line(
+    let (broker, audit) = start_broker(
+        dir.path(),
+        POLICY,
+        &[
+            (
                 "operator",
-                &hash_key("operator-key"),
+                "operator-key",
                 "team-a",
-                &scopes(&[Scope::Interact, Scope::Attach, Scope::End])
+                &[Scope::Interact, Scope::Attach, Scope::End],
             ),
-            format_line(
-                "watcher",
-                &hash_key("watcher-key"),
-                "team-a",
-                &scopes(&[Scope::Attach])
-            ),
-            format_line(
-                "outsider",
-                &hash_key("outsider-key"),
-                "team-b",
-                &scopes(&[Scope::Interact])
-            ),
-        ),
-    )
-    .expect("keys");
-    let audit = dir.path().join("audit.jsonl");
-    let mut config = EmbedConfig::new(
-        PolicySource::Files {
-            path: policy,
-            secrets_dir: None,
-            poll: None,
-        },
-        &audit,
-        CallerConfig::run_controller("controller", "team-a"),
+            ("watcher", "watcher-key", "team-a", &[Scope::Attach]),
+            ("outsider", "outsider-key", "team-b", &[Scope::Interact]),
+        ],
     );
-    config.extra_keys = Some(keys);
-    let broker = EmbeddedBroker::start(config).expect("start");
     let client = broker.client();
     let (link, controller) = (client.link(), client.bearer().expose());
     for run in ["r1", "r2", "r3"] {
@@ -525,41 +545,19 @@ async fn open_shell(
 async fn the_shell_route_is_scoped_audited_and_relays_the_terminal() {
     use futures_util::SinkExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, POLICY).expect("policy");
-    let keys = dir.path().join("keys");
-    let scopes = |s: &[Scope]| s.iter().copied().collect::<BTreeSet<_>>();
-    std::fs::write(
-        &keys,
-        format!(
-            "{}\n{}\n",
-            format_line(
-                "admin",
-                &hash_key("admin-key"),
-                "team-a",
-                &scopes(&[Scope::Shell])
-            ),
-            format_line(
+    let (broker, audit) = start_broker(
+        dir.path(),
+        POLICY,
+        &[
+            ("admin", "admin-key", "team-a", &[Scope::Shell]),
+            (
                 "operator",
-                &hash_key("operator-key"),
+                "operator-key",
                 "team-a",
-                &scopes(&[Scope::Interact, Scope::Attach, Scope::End])
+                &[Scope::Interact, Scope::Attach, Scope::End],
             ),
-        ),
-    )
-    .expect("keys");
-    let audit = dir.path().join("audit.jsonl");
-    let mut config = EmbedConfig::new(
-        PolicySource::Files {
-            path: policy,
-            secrets_dir: None,
-            poll: None,
-        },
-        &audit,
-        CallerConfig::run_controller("controller", "team-a"),
+        ],
     );
-    config.extra_keys = Some(keys);
-    let broker = EmbeddedBroker::start(config).expect("start");
     let client = broker.client();
     let (link, controller) = (client.link(), client.bearer().expose());
     for run in ["r1", "r2"] {
@@ -689,41 +687,20 @@ async fn the_shell_route_is_scoped_audited_and_relays_the_terminal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_tunnel_is_for_node_bound_node_agents_only() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(&policy, POLICY).expect("policy");
-    let keys = dir.path().join("keys");
-    let scopes = |s: &[Scope]| s.iter().copied().collect::<BTreeSet<_>>();
-    std::fs::write(
-        &keys,
-        format!(
-            "{}\n{}\n",
-            // A node agent's scope, but a static key names no node.
-            format_line(
-                "agent",
-                &hash_key("agent-key"),
-                "team-a",
-                &scopes(&[Scope::NodeAgent])
-            ),
-            format_line(
+    // A node agent's scope, but a static key names no node.
+    let (broker, _audit) = start_broker(
+        dir.path(),
+        POLICY,
+        &[
+            ("agent", "agent-key", "team-a", &[Scope::NodeAgent]),
+            (
                 "operator",
-                &hash_key("operator-key"),
+                "operator-key",
                 "team-a",
-                &scopes(&[Scope::Interact, Scope::Attach, Scope::Shell])
+                &[Scope::Interact, Scope::Attach, Scope::Shell],
             ),
-        ),
-    )
-    .expect("keys");
-    let mut config = EmbedConfig::new(
-        PolicySource::Files {
-            path: policy,
-            secrets_dir: None,
-            poll: None,
-        },
-        dir.path().join("audit.jsonl"),
-        CallerConfig::run_controller("controller", "team-a"),
+        ],
     );
-    config.extra_keys = Some(keys);
-    let broker = EmbeddedBroker::start(config).expect("start");
     let link = broker.client().link().clone();
     for (key, want, says) in [
         ("operator-key", 403, "broker:node-agent"),
@@ -754,44 +731,11 @@ async fn the_node_tunnel_is_for_node_bound_node_agents_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policys_idle_timeout_ends_only_the_runs_it_applies_to() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        "apiVersion: paddock.dev/v1
-kind: BrokerPolicy
-metadata: {name: quick}
-spec:
-  appliesTo: {namespaces: [team-a], runs: [r1]}
-  interactive: {idleTimeoutSecs: 1}
----
-apiVersion: paddock.dev/v1
-kind: BrokerPolicy
-metadata: {name: everyone}
-spec:
-  appliesTo: {namespaces: [team-a]}
-  egress: []
-",
-    )
-    .expect("policy");
-    let keys = dir.path().join("keys");
-    let scopes: BTreeSet<Scope> = [Scope::Interact].into_iter().collect();
-    std::fs::write(
-        &keys,
-        format_line("operator", &hash_key("operator-key"), "team-a", &scopes),
-    )
-    .expect("keys");
-    let audit = dir.path().join("audit.jsonl");
-    let mut config = EmbedConfig::new(
-        PolicySource::Files {
-            path: policy,
-            secrets_dir: None,
-            poll: None,
-        },
-        &audit,
-        CallerConfig::run_controller("controller", "team-a"),
+    let (broker, audit) = start_broker(
+        dir.path(),
+        IDLE_POLICY,
+        &[("operator", "operator-key", "team-a", &[Scope::Interact])],
     );
-    config.extra_keys = Some(keys);
-    let broker = EmbeddedBroker::start(config).expect("start");
     let client = broker.client();
     let (link, controller) = (client.link(), client.bearer().expose());
     let (_adapter, addr, _task) = start_adapter().await;
