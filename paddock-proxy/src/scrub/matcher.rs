@@ -49,6 +49,9 @@ pub struct Scrubber {
     forms: Vec<Form>,
     /// `first[b]`: some pattern starts with byte `b`.
     first: [bool; 256],
+    /// Indices into `forms`, ordered by pattern bytes: the patterns a tail begins are a
+    /// contiguous run, found by binary search instead of comparing every pattern.
+    sorted: Vec<usize>,
     longest: usize,
 }
 
@@ -84,10 +87,13 @@ impl Scrubber {
             first[usize::from(f.pattern[0])] = true;
         }
         let longest = all.iter().map(|f| f.pattern.len()).max().unwrap_or(0);
+        let mut sorted: Vec<usize> = (0..all.len()).collect();
+        sorted.sort_unstable_by(|&a, &b| all[a].pattern.cmp(&all[b].pattern));
         Ok(Some(Self {
             ac,
             forms: all,
             first,
+            sorted,
             longest,
         }))
     }
@@ -114,16 +120,24 @@ impl Scrubber {
             if !self.first[usize::from(buf[s])] {
                 continue;
             }
-            let tail = &buf[s..];
-            if self
-                .forms
-                .iter()
-                .any(|f| f.pattern.len() > tail.len() && f.pattern.starts_with(tail))
-            {
+            if self.begins_pattern(&buf[s..]) {
                 return s;
             }
         }
         buf.len()
+    }
+
+    /// Whether `tail` is a proper prefix of some pattern. The patterns starting with `tail`
+    /// are the sorted run from the first pattern not below it; patterns are distinct, so the
+    /// first or (when the first is `tail` itself) the second of that run decides.
+    fn begins_pattern(&self, tail: &[u8]) -> bool {
+        let at = self
+            .sorted
+            .partition_point(|&k| self.forms[k].pattern.as_slice() < tail);
+        self.sorted[at..].iter().take(2).any(|&k| {
+            let p = &self.forms[k].pattern;
+            p.len() > tail.len() && p.starts_with(tail)
+        })
     }
 
     /// The replacement for a cut-off tail: that of the first pattern it begins.
@@ -238,6 +252,56 @@ mod tests {
             .expect("builds")
             .expect("patterns"),
         )
+    }
+
+    /// The binary search over sorted patterns answers exactly what comparing the tail with
+    /// every pattern answers, also when one secret's form is a prefix of another's.
+    #[test]
+    fn begins_pattern_matches_comparing_every_pattern() {
+        let sc = Scrubber::new(&[
+            SecretPair {
+                secret: b"abcdefgh12".to_vec(),
+                placeholder: "pdk-a".into(),
+            },
+            SecretPair {
+                secret: b"abcdefgh1234".to_vec(),
+                placeholder: "pdk-b".into(),
+            },
+            SecretPair {
+                secret: SECRET.as_bytes().to_vec(),
+                placeholder: PH.into(),
+            },
+        ])
+        .expect("builds")
+        .expect("patterns");
+        let brute = |tail: &[u8]| {
+            sc.forms
+                .iter()
+                .any(|f| f.pattern.len() > tail.len() && f.pattern.starts_with(tail))
+        };
+        let mut tails: Vec<Vec<u8>> = Vec::new();
+        for f in &sc.forms {
+            for n in 1..=f.pattern.len() {
+                tails.push(f.pattern[..n].to_vec());
+                let mut off = f.pattern[..n].to_vec();
+                off.push(b'~');
+                tails.push(off);
+                let mut changed = f.pattern[..n].to_vec();
+                changed[n - 1] ^= 1;
+                tails.push(changed);
+            }
+        }
+        let mut proper = 0;
+        for t in &tails {
+            assert_eq!(sc.begins_pattern(t), brute(t), "tail {t:?}");
+            proper += usize::from(brute(t));
+        }
+        // The whole patterns of the shorter secret are proper prefixes of the longer one's.
+        assert!(
+            brute(b"abcdefgh12"),
+            "the fixture exercises a pattern inside another"
+        );
+        assert!(proper > 100, "the fixture has proper prefixes to find");
     }
 
     /// Feeds `text` in chunks of every size from 1 to 40 and checks the output is the same.
