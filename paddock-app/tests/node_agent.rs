@@ -53,8 +53,12 @@ async fn pods_of_both_drivers_are_intercepted_each_as_its_run() {
             ["10.96.0.10:53".parse::<SocketAddr>().expect("addr")]
         );
         assert!(cfg.block_udp);
+        // The pod's DNS goes to its own DNS server on the same port, never to 10.96.0.10.
+        assert_eq!(cfg.dns_redirect_port, Some(sa.port));
         assert_eq!(maps.config[&sb.cgroup_id].proxy_port, sb.port);
     }
+    // That server answers by run-a's policy (app.test only): a name carrying data is NXDOMAIN.
+    assert_eq!(dns_rcode(sa.port, "6b6579.exfil.example").await, 3);
     // `connections` moves with the probes above (the proxy resets them on its own time).
     let listed: Vec<_> = node
         .agent
@@ -214,4 +218,34 @@ async fn a_restarted_agent_takes_back_its_pods_and_releases_stale_ones() {
         !maps.config.contains_key(&sb.cgroup_id),
         "stale pod detached"
     );
+}
+
+/// The response code of an A query for `name` to UDP `127.0.0.1:port`.
+async fn dns_rcode(port: u16, name: &str) -> u8 {
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        query.push(u8::try_from(label.len()).expect("label"));
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    socket
+        .send_to(&query, ("127.0.0.1", port))
+        .await
+        .expect("send");
+    let mut buf = [0u8; 512];
+    let (n, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        socket.recv_from(&mut buf),
+    )
+    .await
+    .expect("an answer within 5 s")
+    .expect("recv");
+    assert!(
+        n >= 12 && buf[..2] == [0x12, 0x34],
+        "not an answer to the query"
+    );
+    buf[3] & 0x0f
 }

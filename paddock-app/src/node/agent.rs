@@ -39,11 +39,12 @@ use super::pod::{PodSpec, PodSpecError};
 use super::state::{PodRecord, StateDir, StateError};
 use paddock_proxy::audit::AuditSink;
 use paddock_proxy::cgroup::{Cgroup, CgroupError};
+use paddock_proxy::dns::{DnsParts, DnsServer, DnsSettings, DnsSettingsError};
 use paddock_proxy::ebpf::{AgentConfig, ConfigError, EbpfError, Interception};
 use paddock_proxy::http::{HttpLimits, Substituter};
 use paddock_proxy::metrics::ProxyMetrics;
 use paddock_proxy::net::{DialSettings, Vetter};
-use paddock_proxy::netns::{NetnsEntry, NetnsError, NetnsPath};
+use paddock_proxy::netns::{NetnsEntry, NetnsError, NetnsPath, PodSockets};
 use paddock_proxy::origdst::OriginalDst;
 use paddock_proxy::pod_cgroup::{CgroupDriver, PodCgroupError, PodUid, find_pod_cgroup};
 use paddock_proxy::policy::EgressPolicy;
@@ -60,13 +61,9 @@ const POD_DRAIN: Duration = Duration::from_millis(0);
 /// Binds a pod's listeners inside its network namespace: the one kernel boundary of adding a
 /// pod besides the cgroup and eBPF ones, so the table is tested without privileges.
 pub trait PodListeners: Send + Sync + std::fmt::Debug + 'static {
-    /// `127.0.0.1:P` and (with IPv6) `[::1]:P` in the namespace at `netns`, non-blocking;
-    /// `preferred` is tried first.
-    fn bind(
-        &self,
-        netns: &Path,
-        preferred: u16,
-    ) -> Result<(u16, Vec<std::net::TcpListener>), NetnsError>;
+    /// TCP and UDP on `127.0.0.1:P` and (with IPv6) `[::1]:P` in the namespace at `netns`,
+    /// non-blocking; `preferred` is tried first.
+    fn bind(&self, netns: &Path, preferred: u16) -> Result<PodSockets, NetnsError>;
 }
 
 /// The real thing: enter the namespace on a short-lived thread and bind there.
@@ -74,11 +71,7 @@ pub trait PodListeners: Send + Sync + std::fmt::Debug + 'static {
 pub struct InPodNamespace;
 
 impl PodListeners for InPodNamespace {
-    fn bind(
-        &self,
-        netns: &Path,
-        preferred: u16,
-    ) -> Result<(u16, Vec<std::net::TcpListener>), NetnsError> {
+    fn bind(&self, netns: &Path, preferred: u16) -> Result<PodSockets, NetnsError> {
         check_pod_netns(netns)?;
         NetnsPath::new(netns).run_in(move || paddock_proxy::netns::bind_pod_listeners(preferred))?
     }
@@ -151,6 +144,8 @@ pub struct NodeParts {
     pub plain_http_ports: Vec<u16>,
     pub deny_page: bool,
     pub egress_recheck: Option<Duration>,
+    /// Each pod's DNS server (per pod: its rate limit is the pod's run's).
+    pub dns: DnsSettings,
 }
 
 /// Where pods' cgroups are.
@@ -174,6 +169,8 @@ pub enum PodError {
     Netns(#[from] NetnsError),
     #[error("pod listeners: {0}")]
     Listen(std::io::Error),
+    #[error("pod DNS server: {0}")]
+    Dns(#[from] DnsSettingsError),
     #[error("eBPF: {0}")]
     Ebpf(#[from] EbpfError),
     #[error("eBPF config: {0}")]
@@ -212,6 +209,8 @@ struct Served {
     cgroup: Cgroup,
     driver: CgroupDriver,
     port: u16,
+    /// The `[::1]` listener exists.
+    v6: bool,
     pipeline: Arc<Pipeline>,
     stop: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<()>,
@@ -316,10 +315,11 @@ impl<I: Interception> NodeAgent<I> {
         let cgroup = Cgroup::open(path)?;
         let listeners = Arc::clone(&self.listeners);
         let netns = spec.netns.clone();
-        let (port, bound) = tokio::task::spawn_blocking(move || listeners.bind(&netns, preferred))
+        let sockets = tokio::task::spawn_blocking(move || listeners.bind(&netns, preferred))
             .await
             .map_err(|_| PodError::Netns(NetnsError::Panicked))??;
-        let served = self.start(spec, cgroup, driver, port, bound)?;
+        let port = sockets.port;
+        let served = self.start(spec, cgroup, driver, sockets)?;
         let status = served.status();
         let uid = served.spec.uid.clone();
         if let Err(e) = self.intercept(&served) {
@@ -334,14 +334,13 @@ impl<I: Interception> NodeAgent<I> {
         Ok(status)
     }
 
-    /// The pod's pipeline and accept loops on its listeners.
+    /// The pod's pipeline and accept loops on its listeners, and its DNS server.
     fn start(
         &self,
         spec: PodSpec,
         cgroup: Cgroup,
         driver: CgroupDriver,
-        port: u16,
-        bound: Vec<std::net::TcpListener>,
+        sockets: PodSockets,
     ) -> Result<Served, PodError> {
         let p = &self.parts;
         let (policy, substituter): (Arc<dyn EgressPolicy>, Arc<dyn Substituter>) = match &p.broker {
@@ -367,6 +366,20 @@ impl<I: Interception> NodeAgent<I> {
             None => (Arc::clone(&p.policy), Arc::clone(&p.substituter)),
         };
         let (stop, stop_rx) = watch::channel(false);
+        // The pod's DNS answers only names its run's policy could reach: without it, its
+        // nameservers (the cluster DNS) would carry any name onwards, a DNS tunnel.
+        let dns = Arc::new(
+            DnsServer::new(DnsParts {
+                run: spec.run.clone(),
+                settings: p.dns.clone(),
+                policy: Arc::clone(&policy),
+                resolver: Arc::clone(p.vetter.resolver()),
+                cidr: Arc::clone(p.vetter.cidr()),
+                audit: Arc::clone(&p.audit),
+                metrics: Arc::clone(&p.metrics),
+            })
+            .map_err(PodError::Dns)?,
+        );
         let pipeline = Arc::new(Pipeline::new(
             PipelineParts {
                 run: spec.run.clone(),
@@ -391,10 +404,11 @@ impl<I: Interception> NodeAgent<I> {
                 deny_page: p.deny_page,
                 egress_recheck: p.egress_recheck,
             },
-            stop_rx,
+            stop_rx.clone(),
         ));
         let mut tasks = tokio::task::JoinSet::new();
-        for l in bound {
+        let v6 = sockets.listeners.len() > 1;
+        for l in sockets.listeners {
             let l = TcpListener::from_std(l).map_err(PodError::Listen)?;
             tasks.spawn(run_listener(
                 Arc::clone(&pipeline),
@@ -402,11 +416,21 @@ impl<I: Interception> NodeAgent<I> {
                 ListenerKind::Transparent,
             ));
         }
+        for socket in sockets.dns {
+            let (dns, stop) = (Arc::clone(&dns), stop_rx.clone());
+            let run = spec.run.clone();
+            tasks.spawn(async move {
+                if let Err(e) = dns.serve_udp(socket, stop).await {
+                    tracing::error!(run = %run, error = %e, "pod DNS server failed");
+                }
+            });
+        }
         Ok(Served {
             spec,
             cgroup,
             driver,
-            port,
+            port: sockets.port,
+            v6,
             pipeline,
             stop,
             tasks,
@@ -416,7 +440,7 @@ impl<I: Interception> NodeAgent<I> {
     /// Attaches and configures the pod cgroup's programs, then records the pod; undoes the
     /// attachment when the record cannot be written.
     fn intercept(&self, served: &Served) -> Result<(), PodError> {
-        let cfg = pod_agent_config(served.port, served.tasks.len() > 1, &served.spec)?;
+        let cfg = pod_agent_config(served.port, served.v6, &served.spec)?;
         let mut ic = self
             .interception
             .lock()
@@ -634,7 +658,8 @@ fn live_cgroup_ids(root: &Path) -> std::collections::HashSet<u64> {
 }
 
 /// The pod cgroup's interception settings: TCP to `P` on the pod's own loopback (IPv6 only
-/// when the `[::1]` listener exists), UDP only to its nameservers on port 53.
+/// when the `[::1]` listener exists), UDP only to its nameservers on port 53, and that DNS
+/// redirected to the pod's DNS server on UDP `P` of the same loopback.
 pub fn pod_agent_config(port: u16, v6: bool, spec: &PodSpec) -> Result<AgentConfig, ConfigError> {
     let mut cfg = AgentConfig::loopback(port);
     cfg.proxy_v4 = Ipv4Addr::LOCALHOST;
@@ -644,6 +669,8 @@ pub fn pod_agent_config(port: u16, v6: bool, spec: &PodSpec) -> Result<AgentConf
         .iter()
         .map(|ip: &IpAddr| SocketAddr::new(*ip, DNS_PORT))
         .collect();
+    // No nameserver: no UDP at all, so nothing to redirect.
+    cfg.dns_redirect_port = (!cfg.dns.is_empty()).then_some(port);
     cfg.validate()?;
     Ok(cfg)
 }

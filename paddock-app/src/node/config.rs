@@ -23,6 +23,9 @@
 //! bearer_file = "/var/run/secrets/paddock/token"
 //!
 //! [network]                           # as `serve` (upstream dials, resolver, denied CIDRs)
+//! [dns]                               # each pod's DNS server (its nameserver traffic is
+//! rate_per_second = 50                # redirected there): as `serve`'s `[dns]`, per pod,
+//! max_name_len = 253                  # without `listen` and `redirect_agents`
 //! [audit]                             # as `serve`: one trail, each record names its run
 //! target = "/var/log/paddock/audit.jsonl"
 //! [limits]                            # per pod (each pod is its own pipeline)
@@ -44,7 +47,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::serve::config::{
-    AdminConfig, AuditConfig, BrokerConfig, ConfigError, LimitsConfig, NetworkConfig, TlsConfig,
+    AdminConfig, AuditConfig, BrokerConfig, ConfigError, DnsConfig, LimitsConfig, NetworkConfig,
+    TlsConfig,
 };
 use paddock_proxy::pod_cgroup::CgroupDriver;
 
@@ -65,11 +69,82 @@ pub struct NodeConfig {
     #[serde(default)]
     pub network: NetworkConfig,
     #[serde(default)]
+    pub dns: NodeDnsConfig,
+    #[serde(default)]
     pub audit: AuditConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
     pub admin: Option<AdminConfig>,
     pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// `[dns]`: the settings of each pod's DNS server. A pod's DNS to its nameservers is always
+/// redirected to it (there is no `redirect_agents` to turn off: a nameserver reached directly
+/// carries any name onwards), and it listens on the pod's own port (no `listen`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeDnsConfig {
+    /// As `serve`'s `[dns]`: longest name answered, characters (1-253).
+    #[serde(default = "dns_default::max_name_len")]
+    pub max_name_len: usize,
+    /// Queries per second each pod's run may send; more are answered REFUSED.
+    #[serde(default = "dns_default::rate_per_second")]
+    pub rate_per_second: u32,
+    #[serde(default = "dns_default::rate_burst")]
+    pub rate_burst: u32,
+    #[serde(default = "dns_default::max_ttl_secs")]
+    pub max_ttl_secs: u64,
+    #[serde(default = "dns_default::policy_cache_ms")]
+    pub policy_cache_ms: u64,
+}
+
+impl Default for NodeDnsConfig {
+    fn default() -> Self {
+        let d = DnsConfig::default();
+        Self {
+            max_name_len: d.max_name_len,
+            rate_per_second: d.rate_per_second,
+            rate_burst: d.rate_burst,
+            max_ttl_secs: d.max_ttl_secs,
+            policy_cache_ms: d.policy_cache_ms,
+        }
+    }
+}
+
+/// The defaults are `serve`'s.
+mod dns_default {
+    use super::DnsConfig;
+    pub fn max_name_len() -> usize {
+        DnsConfig::default().max_name_len
+    }
+    pub fn rate_per_second() -> u32 {
+        DnsConfig::default().rate_per_second
+    }
+    pub fn rate_burst() -> u32 {
+        DnsConfig::default().rate_burst
+    }
+    pub fn max_ttl_secs() -> u64 {
+        DnsConfig::default().max_ttl_secs
+    }
+    pub fn policy_cache_ms() -> u64 {
+        DnsConfig::default().policy_cache_ms
+    }
+}
+
+impl NodeDnsConfig {
+    /// The server settings these values make (as `serve` makes them).
+    #[must_use]
+    pub fn settings(&self) -> paddock_proxy::dns::DnsSettings {
+        DnsConfig {
+            max_name_len: self.max_name_len,
+            rate_per_second: self.rate_per_second,
+            rate_burst: self.rate_burst,
+            max_ttl_secs: self.max_ttl_secs,
+            policy_cache_ms: self.policy_cache_ms,
+            ..DnsConfig::default()
+        }
+        .settings()
+    }
 }
 
 /// The API server the pod directory watches.
@@ -231,6 +306,10 @@ impl NodeConfig {
             return invalid("pods.control_socket must be an absolute path");
         }
         self.limits.validate()?;
+        self.dns
+            .settings()
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("dns: {e}")))?;
         self.tls.validate()?;
         self.broker.validate()?;
         if self.network.bypass_mark.is_some() {
@@ -314,6 +393,32 @@ target = "stdout"
         assert_eq!(c.ebpf.pin_dir, Path::new("/sys/fs/bpf/paddock/node"));
         assert_eq!(c.pods.plain_http_ports, [80]);
         assert_eq!(c.node_name().expect("name"), "n1");
+    }
+
+    #[test]
+    fn pod_dns_settings_follow_the_dns_section() {
+        let c = NodeConfig::from_toml_str(MINIMAL).expect("valid");
+        assert_eq!(
+            c.dns.settings(),
+            paddock_proxy::dns::DnsSettings::default(),
+            "serve's defaults"
+        );
+        let c = NodeConfig::from_toml_str(&format!(
+            "{MINIMAL}[dns]\nrate_per_second = 5\nmax_name_len = 100\n"
+        ))
+        .expect("valid");
+        let s = c.dns.settings();
+        assert_eq!((s.rate_per_second, s.max_name_len), (5, 100));
+        for (extra, needle) in [
+            ("[dns]\nrate_per_second = 0\n", "dns:"),
+            ("[dns]\nmax_name_len = 300\n", "dns:"),
+            // Always redirected, always on the pod's port: these are serve's only.
+            ("[dns]\nredirect_agents = false\n", "redirect_agents"),
+            ("[dns]\nlisten = [\"127.0.0.1:53\"]\n", "listen"),
+        ] {
+            let err = NodeConfig::from_toml_str(&format!("{MINIMAL}{extra}")).expect_err(extra);
+            assert!(err.to_string().contains(needle), "{extra}: {err}");
+        }
     }
 
     #[test]

@@ -138,6 +138,7 @@ pub fn node_parts_with(
         origdst: Arc::new(SockoptOriginalDst),
         http_limits,
         limits,
+        dns: cfg.dns.settings(),
         plain_http_ports: cfg.pods.plain_http_ports.clone(),
         deny_page: true,
         egress_recheck: Some(Duration::from_millis(cfg.broker.egress_recheck_ms)),

@@ -73,7 +73,7 @@ impl PodListeners for HereListeners {
         &self,
         netns: &Path,
         preferred: u16,
-    ) -> Result<(u16, Vec<std::net::TcpListener>), NetnsError> {
+    ) -> Result<paddock_proxy::netns::PodSockets, NetnsError> {
         if !netns.exists() {
             return Err(NetnsError::Open {
                 path: netns.to_path_buf(),
@@ -138,6 +138,7 @@ pub fn parts(dir: &Path, origdst: Arc<StaticOriginalDst>) -> NodeParts {
         plain_http_ports: vec![80],
         deny_page: true,
         egress_recheck: None,
+        dns: paddock_proxy::dns::DnsSettings::default(),
     }
 }
 

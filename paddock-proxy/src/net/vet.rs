@@ -73,6 +73,18 @@ impl Vetter {
         Self { resolver, cidr }
     }
 
+    /// The resolver (shared with a DNS server, so both see the same answers).
+    #[must_use]
+    pub fn resolver(&self) -> &Arc<DnsResolver> {
+        &self.resolver
+    }
+
+    /// The denied-CIDR set.
+    #[must_use]
+    pub fn cidr(&self) -> &Arc<CidrPolicy> {
+        &self.cidr
+    }
+
     /// Transparent mode: `host` is the normalised SNI (or `Host`), `original` the address the
     /// agent dialled.
     pub async fn vet_transparent(&self, host: &str, original: IpAddr) -> Result<Vetted, VetError> {
