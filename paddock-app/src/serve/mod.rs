@@ -547,6 +547,17 @@ pub fn agent_config(
     let Some(first) = v4.or(v6) else {
         return Ok(None);
     };
+    // A bypass around a resolver lets agents reach it over TCP unredirected: DNS over TCP
+    // past the policy (a tunnel). The proxy's own DNS sockets (`run`'s, on loopback, which
+    // `run` bypasses) are no resolver of that kind.
+    for resolver in e.dns.iter().filter(|r| !dns_served.contains(r)) {
+        if let Some(net) = e.bypass.iter().find(|n| n.contains(&resolver.ip())) {
+            return Err(ServeError::Config(ConfigError::Invalid(format!(
+                "[ebpf] bypass {net} covers the DNS resolver {resolver}: agents would reach it \
+                 over TCP unredirected (DNS past the policy); narrow the bypass"
+            ))));
+        }
+    }
     let redirect = cfg.dns.as_ref().is_some_and(|d| d.redirect_agents);
     let dns_redirect_port = if redirect {
         let port = config::redirect_port(&cfg.listen.transparent, &e.dns, dns_served)?;
@@ -560,6 +571,15 @@ pub fn agent_config(
         // Resolvers that are this proxy's own DNS server (`run`: the sockets in the command's
         // namespace) need no redirect; any other one carries whatever it is asked onwards.
         if e.dns.iter().any(|r| !dns_served.contains(r)) {
+            if !e.dns_unfiltered {
+                return Err(ServeError::Config(ConfigError::Invalid(format!(
+                    "[ebpf] dns {:?}: agents would send DNS straight to these resolvers, which \
+                     carry any name onwards (a DNS tunnel past the policy); add [dns] (with \
+                     redirect_agents, the default) to answer only names the policy allows, or \
+                     set [ebpf] dns_unfiltered = true to accept that",
+                    e.dns
+                ))));
+            }
             tracing::warn!(
                 resolvers = ?e.dns,
                 "agents send DNS straight to these resolvers, which carry any name onwards \
@@ -808,17 +828,51 @@ drain_timeout_secs = 1
             agent_config(&cfg, &e, &[]).is_err(),
             "redirect without a server"
         );
-        // Not redirected: today's behaviour, DNS straight to the resolver.
+        // Not redirected: DNS straight to the resolver, a tunnel past the policy; refused
+        // unless said explicitly.
         cfg.dns = Some(super::config::DnsConfig {
             redirect_agents: false,
             ..Default::default()
         });
-        let agent = agent_config(&cfg, &e, &served)
+        let err = agent_config(&cfg, &e, &served).expect_err("fails closed");
+        assert!(err.to_string().contains("dns_unfiltered"), "{err}");
+        let mut unfiltered = e.clone();
+        unfiltered.dns_unfiltered = true;
+        let agent = agent_config(&cfg, &unfiltered, &served)
             .expect("valid")
             .expect("agent");
         assert_eq!(agent.dns_redirect_port, None);
         cfg.dns = None;
-        let agent = agent_config(&cfg, &e, &[]).expect("valid").expect("agent");
+        assert!(agent_config(&cfg, &e, &[]).is_err(), "no [dns]: refused");
+        let agent = agent_config(&cfg, &unfiltered, &[])
+            .expect("valid")
+            .expect("agent");
         assert_eq!(agent.dns_redirect_port, None);
+    }
+
+    #[test]
+    fn a_bypass_around_the_resolver_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ns: SocketAddr = "127.0.0.1:53".parse().expect("addr");
+        let ebpf = "[ebpf]\nagent_cgroups = [\"/sys/fs/cgroup/a\"]\ndns = [\"10.96.0.10:53\"]\n";
+        let served: Vec<SocketAddr> = vec!["127.0.0.1:15053".parse().expect("addr")];
+        let mut cfg = config(
+            dir.path(),
+            ns,
+            &format!("{ebpf}bypass = [\"10.96.0.0/12\"]\n[dns]\nlisten = [\"127.0.0.1:15053\"]\n"),
+        );
+        cfg.listen.transparent = vec!["127.0.0.1:15001".parse().expect("addr")];
+        let e = cfg.ebpf.clone().expect("ebpf");
+        let err = agent_config(&cfg, &e, &served).expect_err("refused");
+        assert!(err.to_string().contains("covers the DNS resolver"), "{err}");
+        // A narrower bypass beside the resolver is fine, and the proxy's own DNS sockets
+        // (`run`: loopback, which `run` bypasses) are not a resolver of that kind.
+        let mut narrow = e.clone();
+        narrow.bypass = vec!["10.96.1.0/24".parse().expect("net")];
+        agent_config(&cfg, &narrow, &served).expect("valid");
+        let mut own = e;
+        own.dns = vec!["127.0.0.1:15053".parse().expect("addr")];
+        own.bypass = vec!["127.0.0.0/8".parse().expect("net")];
+        agent_config(&cfg, &own, &served).expect("valid");
     }
 }
