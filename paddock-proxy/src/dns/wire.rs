@@ -77,7 +77,11 @@ pub(crate) fn encode(request: &Message, code: ResponseCode, answers: &[Answer]) 
         None => CLASSIC_UDP,
     };
     if let Some(query) = request.queries.first() {
-        for a in answers {
+        // An A record takes at least 16 bytes (compressed name, fixed fields, address): more
+        // than `limit / 16` can never fit. Without this cap an upstream answer of thousands
+        // of records (a TCP answer under an allowed name) would be re-encoded once per
+        // record dropped below: quadratic work for one query.
+        for a in answers.iter().take(limit / 16) {
             let rdata = match a.addr {
                 IpAddr::V4(v4) => RData::A(A(v4)),
                 IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
@@ -93,5 +97,44 @@ pub(crate) fn encode(request: &Message, code: ResponseCode, answers: &[Answer]) 
         if bytes.len() <= limit || resp.answers.pop().is_none() {
             return Some(bytes);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::{Name, RecordType};
+
+    /// Thousands of upstream records (a TCP answer) give the same answer as the first
+    /// hundred: only what fits the client's size is encoded, and the cap drops nothing that
+    /// would fit.
+    #[test]
+    fn a_huge_answer_is_cut_to_what_fits() {
+        let mut request = Message::query();
+        request.metadata.id = 7;
+        request.add_query(Query::query(
+            Name::from_ascii("many.test.").expect("name"),
+            RecordType::A,
+        ));
+        let mut edns = Edns::new();
+        edns.set_max_payload(4096);
+        request.edns = Some(edns);
+        let answers: Vec<Answer> = (0..4000u32)
+            .map(|i| Answer {
+                addr: IpAddr::from(std::net::Ipv4Addr::from(0xC000_0200 + i)),
+                ttl: 30,
+            })
+            .collect();
+        let huge = encode(&request, ResponseCode::NoError, &answers).expect("encodes");
+        let first = encode(&request, ResponseCode::NoError, &answers[..100]).expect("encodes");
+        assert_eq!(huge, first);
+        assert!(huge.len() <= usize::from(MAX_UDP), "{}", huge.len());
+        let m = Message::from_vec(&huge).expect("parses");
+        assert!(
+            m.answers.len() > 60 && m.answers.len() < 100,
+            "{}",
+            m.answers.len()
+        );
     }
 }
