@@ -475,6 +475,11 @@ async fn a_run_from_creation_to_deletion() {
     );
     assert_eq!(pod["metadata"]["ownerReferences"][0]["uid"], UID);
     assert_eq!(pod["spec"]["restartPolicy"], "Never");
+    assert_eq!(
+        pod["spec"]["dnsConfig"]["options"],
+        json!([{"name": "ndots", "value": "1"}]),
+        "external names are asked as written first"
+    );
     let env = pod["spec"]["containers"][0]["env"].as_array().expect("env");
     let token: Vec<&Value> = env.iter().filter(|e| e["name"] == "API_TOKEN").collect();
     assert_eq!(

@@ -14,8 +14,8 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use k8s_openapi::{
     ByteString,
     api::core::v1::{
-        EnvVar, EnvVarSource, KeyToPath, Pod, PodTemplateSpec, Secret, SecretKeySelector,
-        SecretVolumeSource, Volume, VolumeMount,
+        EnvVar, EnvVarSource, KeyToPath, Pod, PodDNSConfig, PodDNSConfigOption, PodTemplateSpec,
+        Secret, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
@@ -672,6 +672,21 @@ async fn cleanup(run: &HarnessRun, ctx: &Context) -> Result<Action, ReconcileErr
 
 /// The agent pod: the run's template, labelled for the node agent, with the placeholders as
 /// environment variables and the trust bundle mounted in every container.
+/// An agent's names are external ones. With the cluster's default `ndots: 5` every lookup of
+/// `api.example.com` first tries each search domain: NXDOMAIN answers the pod's DNS server
+/// audits as refusals (`dns_deny`), counted against the run's DNS rate. `ndots: 1` asks the
+/// name as written first; a template that sets `ndots` keeps its own.
+fn external_names_first(spec: &mut k8s_openapi::api::core::v1::PodSpec) {
+    let dns = spec.dns_config.get_or_insert_with(PodDNSConfig::default);
+    let options = dns.options.get_or_insert_with(Vec::new);
+    if !options.iter().any(|o| o.name.as_deref() == Some("ndots")) {
+        options.push(PodDNSConfigOption {
+            name: Some("ndots".into()),
+            value: Some("1".into()),
+        });
+    }
+}
+
 fn agent_pod(run: &HarnessRun, n: &Names, settings: &Settings) -> Result<Pod, ReconcileError> {
     let PodTemplateSpec { metadata, spec } = run.spec.pod_template.clone();
     let mut meta = metadata.unwrap_or_default();
@@ -701,6 +716,7 @@ fn agent_pod(run: &HarnessRun, n: &Names, settings: &Settings) -> Result<Pod, Re
     meta.owner_references = Some(vec![owner(run)?]);
     // A run ends once; a restarted container would reuse revoked placeholders.
     spec.restart_policy = Some("Never".into());
+    external_names_first(&mut spec);
     let mut items = vec![KeyToPath {
         key: CA_KEY.into(),
         path: CA_KEY.into(),
