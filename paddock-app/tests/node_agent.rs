@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::Node;
-use paddock_app::node::agent::PodError;
+use paddock_app::node::agent::{PodError, pod_agent_config};
 use paddock_proxy::pod_cgroup::CgroupDriver;
 
 fn listening(port: u16) -> bool {
@@ -218,6 +218,59 @@ async fn a_restarted_agent_takes_back_its_pods_and_releases_stale_ones() {
         !maps.config.contains_key(&sb.cgroup_id),
         "stale pod detached"
     );
+}
+
+/// A recorded pod that cannot be served again after an upgrade keeps its programs (refused),
+/// and a config an older agent pinned without the DNS redirect is rewritten to send its DNS
+/// to the pod's closed port: DNS fails closed like its connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unserved_pods_dns_is_pointed_at_its_closed_port() {
+    let node = Node::new();
+    let a = node.pod(16, "run-a");
+    let sa = node.agent.add(a.clone()).await.expect("add a");
+    node.agent.shutdown().await;
+    {
+        // What an agent from before the pods' DNS servers pinned: nameservers, no redirect.
+        let mut maps = node.maps.0.lock().expect("maps");
+        let cfg = maps.config.get_mut(&sa.cgroup_id).expect("config");
+        cfg.dns_redirect_port = None;
+    }
+    // Its namespace is not visible to the new agent: it cannot be served again.
+    std::fs::remove_file(&a.netns).expect("rm netns");
+    let restarted = Node::agent_in(node.dir.path(), &node.maps, &node.origdst);
+    let report = restarted.restore().await.expect("restore");
+    assert_eq!(report.failed, std::slice::from_ref(&a.uid));
+    let maps = node.maps.0.lock().expect("maps");
+    let cfg = maps
+        .config
+        .get(&sa.cgroup_id)
+        .expect("still attached, never detached");
+    assert_eq!(cfg.dns_redirect_port, Some(sa.port));
+    assert_eq!(cfg.proxy_port, sa.port);
+    assert!(cfg.block_udp);
+}
+
+/// An IPv6 nameserver is only allowed (and redirected) when the pod has the `[::1]` DNS
+/// socket; without it, UDP to it is refused instead of sent to a port nothing serves.
+#[test]
+fn an_ipv6_nameserver_needs_the_ipv6_dns_socket() {
+    let node = Node::new();
+    let mut spec = node.pod(18, "run-a");
+    spec.nameservers = vec![
+        "10.96.0.10".parse().expect("ip"),
+        "fd00::10".parse().expect("ip"),
+    ];
+    let both = pod_agent_config(4000, true, &spec).expect("valid");
+    assert_eq!(both.dns.len(), 2);
+    assert_eq!(both.dns_redirect_port, Some(4000));
+    let v4 = pod_agent_config(4000, false, &spec).expect("valid");
+    assert_eq!(
+        v4.dns,
+        ["10.96.0.10:53".parse::<SocketAddr>().expect("addr")]
+    );
+    spec.nameservers = vec!["fd00::10".parse().expect("ip")];
+    let v6_only = pod_agent_config(4000, false, &spec).expect("valid");
+    assert!(v6_only.dns.is_empty() && v6_only.dns_redirect_port.is_none());
 }
 
 /// The response code of an A query for `name` to UDP `127.0.0.1:port`.

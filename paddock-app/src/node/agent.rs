@@ -544,11 +544,41 @@ impl<I: Interception> NodeAgent<I> {
                         "cannot serve a recorded pod again; it stays intercepted with its \
                          connections refused"
                     );
+                    self.refuse_dns(&record);
                     report.failed.push(uid);
                 }
             }
         }
         Ok(report)
+    }
+
+    /// A recorded pod that could not be served again keeps the config an older node agent
+    /// pinned, which may let its DNS reach its nameservers directly (agents before the pods'
+    /// own DNS servers): point that DNS at the pod's closed port, so it fails closed like its
+    /// connections. Never detaches: a failure here leaves the old config and says so.
+    fn refuse_dns(&self, record: &PodRecord) {
+        let cgroup = find_pod_cgroup(&self.layout.root, &record.spec.uid, self.layout.driver)
+            .ok()
+            .and_then(|(path, _)| Cgroup::open(path).ok())
+            .filter(|c| c.id() == record.cgroup_id);
+        let rewritten = cgroup
+            .ok_or_else(|| "its cgroup is not found".to_owned())
+            .and_then(|cgroup| {
+                let cfg = pod_agent_config(record.port, false, &record.spec)
+                    .map_err(|e| e.to_string())?;
+                self.interception
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .attach_agent(&cgroup, &cfg)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = rewritten {
+            tracing::error!(
+                pod = %record.spec.uid, error = %e,
+                "cannot point an unserved pod's DNS at its closed port: an older node agent's \
+                 config may still let it reach its nameservers"
+            );
+        }
     }
 
     /// Detaches the pinned pod programs (`pinned`: cgroup ids with links under the pin
@@ -664,9 +694,12 @@ pub fn pod_agent_config(port: u16, v6: bool, spec: &PodSpec) -> Result<AgentConf
     let mut cfg = AgentConfig::loopback(port);
     cfg.proxy_v4 = Ipv4Addr::LOCALHOST;
     cfg.proxy_v6 = v6.then_some(Ipv6Addr::LOCALHOST);
+    // An IPv6 nameserver needs the `[::1]` DNS socket to be redirected to; without it, UDP
+    // to that nameserver is refused (EPERM) rather than sent to a port nothing serves.
     cfg.dns = spec
         .nameservers
         .iter()
+        .filter(|ip| v6 || ip.is_ipv4())
         .map(|ip: &IpAddr| SocketAddr::new(*ip, DNS_PORT))
         .collect();
     // No nameserver: no UDP at all, so nothing to redirect.
