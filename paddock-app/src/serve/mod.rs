@@ -551,7 +551,16 @@ pub fn agent_config(
     // past the policy (a tunnel). The proxy's own DNS sockets (`run`'s, on loopback, which
     // `run` bypasses) are no resolver of that kind.
     for resolver in e.dns.iter().filter(|r| !dns_served.contains(r)) {
-        if let Some(net) = e.bypass.iter().find(|n| n.contains(&resolver.ip())) {
+        // The programs key IPv4 addresses as IPv4-mapped IPv6, so an IPv6 range can cover one.
+        let mapped = match resolver.ip() {
+            std::net::IpAddr::V4(v4) => std::net::IpAddr::V6(v4.to_ipv6_mapped()),
+            v6 @ std::net::IpAddr::V6(_) => v6,
+        };
+        if let Some(net) = e
+            .bypass
+            .iter()
+            .find(|n| n.contains(&resolver.ip()) || n.contains(&mapped))
+        {
             return Err(ServeError::Config(ConfigError::Invalid(format!(
                 "[ebpf] bypass {net} covers the DNS resolver {resolver}: agents would reach it \
                  over TCP unredirected (DNS past the policy); narrow the bypass"
@@ -865,6 +874,16 @@ drain_timeout_secs = 1
         let e = cfg.ebpf.clone().expect("ebpf");
         let err = agent_config(&cfg, &e, &served).expect_err("refused");
         assert!(err.to_string().contains("covers the DNS resolver"), "{err}");
+        // Also through the IPv4-mapped IPv6 space the programs key IPv4 addresses in.
+        for net in ["::ffff:0:0/96", "::/0"] {
+            let mut v6 = e.clone();
+            v6.bypass = vec![net.parse().expect("net")];
+            let err = agent_config(&cfg, &v6, &served).expect_err(net);
+            assert!(
+                err.to_string().contains("covers the DNS resolver"),
+                "{net}: {err}"
+            );
+        }
         // A narrower bypass beside the resolver is fine, and the proxy's own DNS sockets
         // (`run`: loopback, which `run` bypasses) are not a resolver of that kind.
         let mut narrow = e.clone();
