@@ -670,8 +670,6 @@ async fn cleanup(run: &HarnessRun, ctx: &Context) -> Result<Action, ReconcileErr
     Ok(Action::await_change())
 }
 
-/// The agent pod: the run's template, labelled for the node agent, with the placeholders as
-/// environment variables and the trust bundle mounted in every container.
 /// An agent's names are external ones. With the cluster's default `ndots: 5` every lookup of
 /// `api.example.com` first tries each search domain: NXDOMAIN answers the pod's DNS server
 /// audits as refusals (`dns_deny`), counted against the run's DNS rate. `ndots: 1` asks the
@@ -687,6 +685,8 @@ fn external_names_first(spec: &mut k8s_openapi::api::core::v1::PodSpec) {
     }
 }
 
+/// The agent pod: the run's template, labelled for the node agent, with the placeholders as
+/// environment variables and the trust bundle mounted in every container.
 fn agent_pod(run: &HarnessRun, n: &Names, settings: &Settings) -> Result<Pod, ReconcileError> {
     let PodTemplateSpec { metadata, spec } = run.spec.pod_template.clone();
     let mut meta = metadata.unwrap_or_default();
