@@ -250,6 +250,27 @@ async fn an_unserved_pods_dns_is_pointed_at_its_closed_port() {
     assert!(cfg.block_udp);
 }
 
+/// A recorded (running) pod whose programs cannot be attached again after a restart keeps
+/// the ones it has: taking them off would open its egress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reattach_never_detaches_a_running_pod() {
+    let node = Node::new();
+    let a = node.pod(20, "run-a");
+    let sa = node.agent.add(a.clone()).await.expect("add a");
+    node.agent.shutdown().await;
+    node.maps.0.lock().expect("maps").refuse_attaches = true;
+    let restarted = Node::agent_in(node.dir.path(), &node.maps, &node.origdst);
+    let report = restarted.restore().await.expect("restore");
+    assert_eq!(report.failed, std::slice::from_ref(&a.uid));
+    let maps = node.maps.0.lock().expect("maps");
+    assert_eq!(maps.links.get(&sa.cgroup_id), Some(&13), "programs kept");
+    assert_eq!(
+        maps.config.get(&sa.cgroup_id).map(|c| c.proxy_port),
+        Some(sa.port),
+        "config kept"
+    );
+}
+
 /// An IPv6 nameserver is only allowed (and redirected) when the pod has the `[::1]` DNS
 /// socket; without it, UDP to it is refused instead of sent to a port nothing serves.
 #[test]

@@ -322,7 +322,9 @@ impl<I: Interception> NodeAgent<I> {
         let served = self.start(spec, cgroup, driver, sockets)?;
         let status = served.status();
         let uid = served.spec.uid.clone();
-        if let Err(e) = self.intercept(&served) {
+        // `preferred` is a recorded pod's port: that pod is running, and taking its programs
+        // off on a failure would open its egress (a new pod does not start on a failed ADD).
+        if let Err(e) = self.intercept(&served, preferred != 0) {
             served.stop().await;
             return Err(e);
         }
@@ -439,7 +441,7 @@ impl<I: Interception> NodeAgent<I> {
 
     /// Attaches and configures the pod cgroup's programs, then records the pod; undoes the
     /// attachment when the record cannot be written.
-    fn intercept(&self, served: &Served) -> Result<(), PodError> {
+    fn intercept(&self, served: &Served, running: bool) -> Result<(), PodError> {
         let cfg = pod_agent_config(served.port, served.v6, &served.spec)?;
         let mut ic = self
             .interception
@@ -447,8 +449,8 @@ impl<I: Interception> NodeAgent<I> {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Err(e) = ic.attach_agent(&served.cgroup, &cfg) {
             // Some programs may be attached already: take them and the config back out, so a
-            // pod that does not start leaves nothing pinned.
-            if let Err(d) = ic.detach_agent(&served.cgroup) {
+            // pod that does not start leaves nothing pinned; a running pod keeps them.
+            if !running && let Err(d) = ic.detach_agent(&served.cgroup) {
                 tracing::error!(error = %d, "cannot detach a partly attached pod");
             }
             return Err(e.into());
@@ -460,7 +462,7 @@ impl<I: Interception> NodeAgent<I> {
                 cgroup_id: served.cgroup.id(),
             })
         {
-            if let Err(d) = ic.detach_agent(&served.cgroup) {
+            if !running && let Err(d) = ic.detach_agent(&served.cgroup) {
                 tracing::error!(error = %d, "cannot detach a pod that could not be recorded");
             }
             return Err(e.into());

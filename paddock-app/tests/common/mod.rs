@@ -32,6 +32,8 @@ pub struct Maps {
     pub proxy_attached: bool,
     /// Fail the next attach (to see the agent undo what it did).
     pub fail_next_attach: bool,
+    /// Fail every attach before changing anything (a kernel that refuses them all).
+    pub refuse_attaches: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -40,6 +42,9 @@ pub struct FakeInterception(pub Arc<Mutex<Maps>>);
 impl Interception for FakeInterception {
     fn attach_agent(&mut self, cgroup: &Cgroup, cfg: &AgentConfig) -> Result<(), EbpfError> {
         let mut m = self.0.lock().expect("maps");
+        if m.refuse_attaches {
+            return Err(EbpfError::MissingProgram("paddock_connect4"));
+        }
         if std::mem::take(&mut m.fail_next_attach) {
             // As the real loader can: config written and some links pinned, then a failure.
             m.config.insert(cgroup.id(), cfg.clone());
