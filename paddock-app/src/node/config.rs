@@ -68,83 +68,18 @@ pub struct NodeConfig {
     pub broker: BrokerConfig,
     #[serde(default)]
     pub network: NetworkConfig,
+    /// Each pod's DNS server: `serve`'s `[dns]` limits, per pod. A pod's DNS to its
+    /// nameservers is always redirected to it (`redirect_agents` cannot be turned off: a
+    /// nameserver reached directly carries any name onwards) and it listens on the pod's own
+    /// port (no `listen`).
     #[serde(default)]
-    pub dns: NodeDnsConfig,
+    pub dns: DnsConfig,
     #[serde(default)]
     pub audit: AuditConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
     pub admin: Option<AdminConfig>,
     pub kubernetes: Option<KubernetesConfig>,
-}
-
-/// `[dns]`: the settings of each pod's DNS server. A pod's DNS to its nameservers is always
-/// redirected to it (there is no `redirect_agents` to turn off: a nameserver reached directly
-/// carries any name onwards), and it listens on the pod's own port (no `listen`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeDnsConfig {
-    /// As `serve`'s `[dns]`: longest name answered, characters (1-253).
-    #[serde(default = "dns_default::max_name_len")]
-    pub max_name_len: usize,
-    /// Queries per second each pod's run may send; more are answered REFUSED.
-    #[serde(default = "dns_default::rate_per_second")]
-    pub rate_per_second: u32,
-    #[serde(default = "dns_default::rate_burst")]
-    pub rate_burst: u32,
-    #[serde(default = "dns_default::max_ttl_secs")]
-    pub max_ttl_secs: u64,
-    #[serde(default = "dns_default::policy_cache_ms")]
-    pub policy_cache_ms: u64,
-}
-
-impl Default for NodeDnsConfig {
-    fn default() -> Self {
-        let d = DnsConfig::default();
-        Self {
-            max_name_len: d.max_name_len,
-            rate_per_second: d.rate_per_second,
-            rate_burst: d.rate_burst,
-            max_ttl_secs: d.max_ttl_secs,
-            policy_cache_ms: d.policy_cache_ms,
-        }
-    }
-}
-
-/// The defaults are `serve`'s.
-mod dns_default {
-    use super::DnsConfig;
-    pub fn max_name_len() -> usize {
-        DnsConfig::default().max_name_len
-    }
-    pub fn rate_per_second() -> u32 {
-        DnsConfig::default().rate_per_second
-    }
-    pub fn rate_burst() -> u32 {
-        DnsConfig::default().rate_burst
-    }
-    pub fn max_ttl_secs() -> u64 {
-        DnsConfig::default().max_ttl_secs
-    }
-    pub fn policy_cache_ms() -> u64 {
-        DnsConfig::default().policy_cache_ms
-    }
-}
-
-impl NodeDnsConfig {
-    /// The server settings these values make (as `serve` makes them).
-    #[must_use]
-    pub fn settings(&self) -> paddock_proxy::dns::DnsSettings {
-        DnsConfig {
-            max_name_len: self.max_name_len,
-            rate_per_second: self.rate_per_second,
-            rate_burst: self.rate_burst,
-            max_ttl_secs: self.max_ttl_secs,
-            policy_cache_ms: self.policy_cache_ms,
-            ..DnsConfig::default()
-        }
-        .settings()
-    }
 }
 
 /// The API server the pod directory watches.
@@ -306,6 +241,16 @@ impl NodeConfig {
             return invalid("pods.control_socket must be an absolute path");
         }
         self.limits.validate()?;
+        if !self.dns.listen.is_empty() {
+            return invalid(
+                "dns.listen is not used by the node agent: each pod's DNS server listens on the pod's own port",
+            );
+        }
+        if !self.dns.redirect_agents {
+            return invalid(
+                "dns.redirect_agents cannot be turned off in node mode: a pod's nameservers would carry any name onwards",
+            );
+        }
         self.dns
             .settings()
             .validate()
