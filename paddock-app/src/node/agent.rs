@@ -520,10 +520,7 @@ impl<I: Interception> NodeAgent<I> {
             // The pod is gone only when its cgroup is: a pod whose namespace path is not
             // visible (yet) or whose listeners cannot be bound is still running, and
             // detaching it would open its egress. It stays attached (refused) instead.
-            let cgroup = find_pod_cgroup(&self.layout.root, &uid, self.layout.driver)
-                .ok()
-                .and_then(|(path, _)| Cgroup::open(path).ok());
-            let Some(cgroup) = cgroup.filter(|c| c.id() == record.cgroup_id) else {
+            let Some(cgroup) = self.recorded_cgroup(&record) else {
                 if let Err(e) = self
                     .interception
                     .lock()
@@ -554,16 +551,21 @@ impl<I: Interception> NodeAgent<I> {
         Ok(report)
     }
 
+    /// The recorded pod's cgroup, if it still exists (the same directory, not a new one).
+    fn recorded_cgroup(&self, record: &PodRecord) -> Option<Cgroup> {
+        find_pod_cgroup(&self.layout.root, &record.spec.uid, self.layout.driver)
+            .ok()
+            .and_then(|(path, _)| Cgroup::open(path).ok())
+            .filter(|c| c.id() == record.cgroup_id)
+    }
+
     /// A recorded pod that could not be served again keeps the config an older node agent
     /// pinned, which may let its DNS reach its nameservers directly (agents before the pods'
     /// own DNS servers): point that DNS at the pod's closed port, so it fails closed like its
     /// connections. Never detaches: a failure here leaves the old config and says so.
     fn refuse_dns(&self, record: &PodRecord) {
-        let cgroup = find_pod_cgroup(&self.layout.root, &record.spec.uid, self.layout.driver)
-            .ok()
-            .and_then(|(path, _)| Cgroup::open(path).ok())
-            .filter(|c| c.id() == record.cgroup_id);
-        let rewritten = cgroup
+        let rewritten = self
+            .recorded_cgroup(record)
             .ok_or_else(|| "its cgroup is not found".to_owned())
             .and_then(|cgroup| {
                 let cfg = pod_agent_config(record.port, false, &record.spec)
