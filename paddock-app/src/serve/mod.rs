@@ -809,19 +809,32 @@ drain_timeout_secs = 1
         assert!(dns_server(&empty, Vec::new(), parts(&empty)).is_err());
     }
 
-    #[test]
-    fn agent_cgroups_dns_is_redirected_to_the_dns_server_when_configured() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    /// A config with an agent cgroup whose DNS goes to `resolver` (plus `ebpf_extra` in
+    /// `[ebpf]`), a DNS server on `127.0.0.1:15053` and a transparent listener; the served
+    /// DNS sockets.
+    fn with_resolver(
+        dir: &std::path::Path,
+        resolver: &str,
+        ebpf_extra: &str,
+    ) -> (ServeConfig, config::EbpfConfig, Vec<SocketAddr>) {
         let ns: SocketAddr = "127.0.0.1:53".parse().expect("addr");
-        let ebpf = "[ebpf]\nagent_cgroups = [\"/sys/fs/cgroup/a\"]\ndns = [\"10.0.0.53:53\"]\n";
-        let served: Vec<SocketAddr> = vec!["127.0.0.1:15053".parse().expect("addr")];
         let mut cfg = config(
-            dir.path(),
+            dir,
             ns,
-            &format!("{ebpf}[dns]\nlisten = [\"127.0.0.1:15053\"]\n"),
+            &format!(
+                "[ebpf]\nagent_cgroups = [\"/sys/fs/cgroup/a\"]\ndns = [\"{resolver}\"]\n{ebpf_extra}\
+                 [dns]\nlisten = [\"127.0.0.1:15053\"]\n"
+            ),
         );
         cfg.listen.transparent = vec!["127.0.0.1:15001".parse().expect("addr")];
         let e = cfg.ebpf.clone().expect("ebpf");
+        (cfg, e, vec!["127.0.0.1:15053".parse().expect("addr")])
+    }
+
+    #[test]
+    fn agent_cgroups_dns_is_redirected_to_the_dns_server_when_configured() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut cfg, e, served) = with_resolver(dir.path(), "10.0.0.53:53", "");
         let agent = agent_config(&cfg, &e, &served)
             .expect("valid")
             .expect("agent");
@@ -862,16 +875,8 @@ drain_timeout_secs = 1
     #[test]
     fn a_bypass_around_the_resolver_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ns: SocketAddr = "127.0.0.1:53".parse().expect("addr");
-        let ebpf = "[ebpf]\nagent_cgroups = [\"/sys/fs/cgroup/a\"]\ndns = [\"10.96.0.10:53\"]\n";
-        let served: Vec<SocketAddr> = vec!["127.0.0.1:15053".parse().expect("addr")];
-        let mut cfg = config(
-            dir.path(),
-            ns,
-            &format!("{ebpf}bypass = [\"10.96.0.0/12\"]\n[dns]\nlisten = [\"127.0.0.1:15053\"]\n"),
-        );
-        cfg.listen.transparent = vec!["127.0.0.1:15001".parse().expect("addr")];
-        let e = cfg.ebpf.clone().expect("ebpf");
+        let (cfg, e, served) =
+            with_resolver(dir.path(), "10.96.0.10:53", "bypass = [\"10.96.0.0/12\"]\n");
         let err = agent_config(&cfg, &e, &served).expect_err("refused");
         assert!(err.to_string().contains("covers the DNS resolver"), "{err}");
         // Also through the IPv4-mapped IPv6 space the programs key IPv4 addresses in.
