@@ -33,7 +33,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSkbAttachType, Program, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSkbAttachType, Program, ProgramError, links::FdLink},
 };
 use paddock_common::{BypassKeyData, CgroupConfig};
 
@@ -166,11 +166,11 @@ impl Interceptor {
                 .program_mut(name)
                 .ok_or(EbpfError::MissingProgram(name))?;
             let res = match prog {
-                Program::CgroupSockAddr(p) => p.load(),
-                Program::CgroupSock(p) => p.load(),
-                Program::CgroupSockopt(p) => p.load(),
-                Program::SockOps(p) => p.load(),
-                Program::CgroupSkb(p) => p.load(),
+                Program::CgroupSockAddr(p) => load_retrying(|| p.load()),
+                Program::CgroupSock(p) => load_retrying(|| p.load()),
+                Program::CgroupSockopt(p) => load_retrying(|| p.load()),
+                Program::SockOps(p) => load_retrying(|| p.load()),
+                Program::CgroupSkb(p) => load_retrying(|| p.load()),
                 _ => return Err(EbpfError::MissingProgram(name)),
             };
             res.map_err(|e| EbpfError::program(name, &e))?;
@@ -377,6 +377,42 @@ pub fn attached_agents(pin_dir: &Path) -> Vec<u64> {
 }
 
 /// Maps pinned under `pin_dir` (every one the programs share).
+/// How many times one program load is tried while the verifier answers `EAGAIN`.
+const LOAD_ATTEMPTS: usize = 5;
+
+/// Load one program, again when the verifier gave up with `EAGAIN`.
+///
+/// The verifier stops with `EAGAIN` whenever a signal is pending for the loading thread
+/// (`signal_pending()` in `do_check`), which is not a verdict on the program: a SIGCHLD
+/// for a child, a SIGWINCH or a tokio signal handler are enough. libbpf retries such loads
+/// in the same way; aya only retries once, to fetch the verifier log. A failed load leaves
+/// aya's program state untouched, so calling `load` again is safe.
+fn load_retrying(load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    retry_interrupted(load, |e| {
+        matches!(e, ProgramError::LoadError { io_error, .. }
+            if io_error.raw_os_error() == Some(libc::EAGAIN))
+    })
+}
+
+fn retry_interrupted<E>(
+    mut load: impl FnMut() -> Result<(), E>,
+    interrupted: impl Fn(&E) -> bool,
+) -> Result<(), E> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(e) if attempt < LOAD_ATTEMPTS && interrupted(&e) => {
+                tracing::debug!(
+                    attempt,
+                    "the verifier was interrupted by a signal: loading again"
+                );
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 const PINNED_MAPS: [&str; 4] = [
     MAP_CONFIG,
     MAP_BYPASS,
@@ -472,6 +508,48 @@ pub fn agent_status(pin_dir: &Path) -> Result<Vec<AgentStatus>, EbpfError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interrupted_load_is_tried_again_and_a_verdict_is_not() {
+        let eagain = |e: &std::io::Error| e.raw_os_error() == Some(libc::EAGAIN);
+        let error = std::io::Error::from_raw_os_error;
+        let mut calls = 0;
+        let res = retry_interrupted(
+            || {
+                calls += 1;
+                if calls < 3 {
+                    Err(error(libc::EAGAIN))
+                } else {
+                    Ok(())
+                }
+            },
+            eagain,
+        );
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(calls, 3);
+
+        let mut calls = 0;
+        let res = retry_interrupted(
+            || {
+                calls += 1;
+                Err(error(libc::EAGAIN))
+            },
+            eagain,
+        );
+        assert_eq!(res.map_err(|e| e.raw_os_error()), Err(Some(libc::EAGAIN)));
+        assert_eq!(calls, LOAD_ATTEMPTS, "bounded");
+
+        let mut calls = 0;
+        let res = retry_interrupted(
+            || {
+                calls += 1;
+                Err(error(libc::EACCES))
+            },
+            eagain,
+        );
+        assert!(res.is_err());
+        assert_eq!(calls, 1, "a rejected program is not loaded again");
+    }
 
     #[test]
     fn inbound_programs_are_attached_to_every_agent() {
