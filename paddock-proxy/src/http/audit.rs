@@ -42,6 +42,11 @@ impl RequestAudit {
         }
     }
 
+    /// Where the connection's counters go.
+    pub(crate) fn metrics(&self) -> &Arc<ProxyMetrics> {
+        &self.metrics
+    }
+
     /// The connection the requests arrive on: its id goes into every record.
     #[must_use]
     pub fn with_conn(mut self, conn: ConnId) -> Self {

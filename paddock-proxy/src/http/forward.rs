@@ -14,6 +14,7 @@ use tracing::Instrument as _;
 use super::audit::{Answer, RequestLine};
 use super::body::{self, ProxyBody};
 use super::graceful::drive;
+use super::park::{self, Tracked, UpstreamBody};
 use super::substitute::RequestHead;
 use super::{
     ALPN_H2, HttpError, HttpLimits, RequestAudit, RequestContext, Substituted, Substituter,
@@ -134,6 +135,8 @@ where
             audit,
             via: limits.via.clone(),
             tunnels: upgrade::Tunnels::default(),
+            // Only HTTP/1.1 connections park.
+            activity: (!h2 && limits.park_after.is_some()).then(park::Activity::new),
         };
         // Boxed: while the connection waited, none of this was allocated.
         Box::pin(serve_http(io, h2, forwarder, &limits, shutdown)).await
@@ -159,13 +162,37 @@ where
     // HTTP/2 streams run in tasks hyper spawns: they carry the connection's span (and so
     // its `conn` id) only if given it.
     let span = tracing::Span::current();
+    let activity = forwarder.activity.clone();
+    let metrics = Arc::clone(forwarder.audit.metrics());
     let service = service_fn(move |req: Request<Incoming>| {
         let forwarder = Arc::clone(&forwarder);
+        // Taken at the call, so the park timer (same task) sees it before the future runs.
+        let in_flight = forwarder.activity.as_ref().map(park::InFlight::new);
         // Boxed: hyper keeps a slot the size of this future for the connection's life.
-        Box::pin(async move { forwarder.handle(req).await }.instrument(span.clone()))
+        Box::pin(async move { forwarder.handle(req, in_flight).await }.instrument(span.clone()))
     });
-    let io = TokioIo::new(io);
-    let served = if h2 {
+    let served = if let (Some(activity), Some(after)) = (activity, limits.park_after) {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .max_buf_size(limits.h1_buf_size())
+            .max_headers(limits.max_headers)
+            .header_read_timeout(limits.header_read_timeout);
+        park::serve(
+            io,
+            &builder,
+            service,
+            activity,
+            park::Timing {
+                after,
+                idle_for: limits.header_read_timeout,
+            },
+            metrics,
+            shutdown.clone(),
+        )
+        .await
+    } else if h2 {
+        let io = TokioIo::new(io);
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(limits.h2_header_list_size())
@@ -173,6 +200,7 @@ where
             .serve_connection(io, service);
         drive(conn, shutdown.clone(), http2::Connection::graceful_shutdown).await
     } else {
+        let io = TokioIo::new(io);
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .max_buf_size(limits.h1_buf_size())
@@ -216,6 +244,8 @@ struct Forwarder {
     /// them, so a tunnel keeps its connection slot, span and drain accounting: an agent
     /// cannot get past the connection cap by upgrading.
     tunnels: upgrade::Tunnels,
+    /// What decides when an idle HTTP/1.1 connection parks (`None` on HTTP/2).
+    activity: Option<Arc<park::Activity>>,
 }
 
 /// A request whose answer is not decided yet.
@@ -247,7 +277,16 @@ impl Drop for Pending<'_> {
 }
 
 impl Forwarder {
-    async fn handle(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Unrecorded> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        in_flight: Option<park::InFlight>,
+    ) -> Result<Response<Tracked>, Unrecorded> {
+        if let Some(activity) = &self.activity
+            && !keeps_alive(&req)
+        {
+            activity.request_closes();
+        }
         let line = RequestLine {
             method: req.method().clone(),
             // Kept whole for the audit record, which takes only its path.
@@ -299,7 +338,7 @@ impl Forwarder {
             }
         };
         match audited {
-            AuditOutcome::Proceed => Ok(response),
+            AuditOutcome::Proceed => Ok(response.map(|body| Tracked::new(body, in_flight))),
             AuditOutcome::DropConnection => Err(Unrecorded),
         }
     }
@@ -358,7 +397,7 @@ impl Forwarder {
         if let Some(via) = &self.via {
             hop::append_via(&mut parts.headers, via);
         }
-        let req = Request::from_parts(parts, body);
+        let req = Request::from_parts(parts, UpstreamBody::new(body, self.activity.as_ref()));
         let report = scrubber.as_ref().map(|_| Report {
             audit: self.audit.clone(),
             ctx: self.ctx.clone(),
@@ -458,6 +497,16 @@ impl Forwarder {
         );
         Ok(http_body_util::BodyExt::boxed_unsync(wrapped))
     }
+}
+
+/// Whether an HTTP/1 request lets its connection live on after the answer: HTTP/1.1
+/// without `Connection: close`. (HTTP/1.0 keep-alive is left to hyper, never parked.)
+fn keeps_alive(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && !req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")))
+        })
 }
 
 /// Whether every protocol an `Upgrade` offers is WebSocket (the only tunnel the proxy can

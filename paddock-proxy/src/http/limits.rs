@@ -20,6 +20,10 @@ pub struct HttpLimits {
     pub max_headers: usize,
     /// Time the agent has to send a complete HTTP/1 request head.
     pub header_read_timeout: Duration,
+    /// An HTTP/1.1 agent connection quiet for this long between requests is parked: its HTTP
+    /// server (about 20 KiB of buffers) is dropped until its next bytes arrive. `None`
+    /// keeps every server for the connection's life.
+    pub park_after: Option<Duration>,
     /// Dial plus handshake of a new upstream connection; exceeded -> 504.
     pub upstream_connect_timeout: Duration,
     /// From sending a request upstream to receiving its response head; exceeded -> 504.
@@ -42,6 +46,7 @@ impl Default for HttpLimits {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             header_read_timeout: Duration::from_secs(30),
+            park_after: Some(Duration::from_secs(1)),
             upstream_connect_timeout: Duration::from_secs(30),
             upstream_response_timeout: Duration::from_mins(10),
             pool_idle_timeout: Duration::from_secs(90),

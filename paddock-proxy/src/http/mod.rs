@@ -23,10 +23,13 @@ mod forward;
 mod graceful;
 pub mod hop;
 mod limits;
+mod park;
 mod substitute;
 mod upgrade;
 mod upstream;
 
+#[cfg(test)]
+mod park_tests;
 #[cfg(test)]
 mod scrub_tests;
 #[cfg(test)]
@@ -43,6 +46,7 @@ pub use deny::{denial_response, serve_denial};
 pub use error::{ConnectError, DENIED_HEADER, HttpError};
 pub use forward::{serve_connection, serve_connection_until};
 pub use limits::HttpLimits;
+pub use park::{Tracked, UpstreamBody};
 pub use substitute::{
     Hold, NoopSubstituter, RequestHead, SubstituteError, Substituted, Substituter,
 };

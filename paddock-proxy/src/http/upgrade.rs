@@ -10,6 +10,7 @@ use hyper_util::rt::TokioIo;
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
+use super::park::UpstreamBody;
 use super::upstream::{UpstreamPool, host_port};
 use super::{HttpError, hop};
 
@@ -47,7 +48,7 @@ impl Tunnels {
 /// stripping. Any other answer is forwarded as an ordinary response.
 pub(crate) async fn forward(
     pool: &UpstreamPool,
-    mut req: Request<Incoming>,
+    mut req: Request<UpstreamBody>,
     agent: OnUpgrade,
     tunnels: &Tunnels,
     watch: TunnelWatch,

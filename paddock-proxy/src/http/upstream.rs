@@ -25,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::error::ConnectError;
+use super::park::UpstreamBody;
 use super::{ALPN_H2, BoxFuture, HttpError, HttpLimits};
 
 /// A byte stream to an upstream, already through TLS when the target asked for it.
@@ -202,7 +203,7 @@ pub struct UpstreamPool {
     /// The secrets this run has sent to each host, scrubbed from later responses. Here
     /// because it is, like the connections, what one run sent upstream: never shared.
     scrub: Arc<crate::scrub::ScrubRegistry>,
-    client: Client<PoolConnector, Incoming>,
+    client: Client<PoolConnector, UpstreamBody>,
     connector: Arc<dyn UpstreamConnector>,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -262,7 +263,7 @@ impl UpstreamPool {
     /// returns the response head with its body still streaming.
     pub(crate) async fn send(
         &self,
-        req: Request<Incoming>,
+        req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, HttpError> {
         // The URI's parts are shared buffers: keeping it costs no copy of the host, which is
         // only needed to describe a failure.
@@ -289,7 +290,7 @@ impl UpstreamPool {
     pub(crate) async fn connect_for_upgrade(
         &self,
         uri: &Uri,
-    ) -> Result<http1::SendRequest<Incoming>, HttpError> {
+    ) -> Result<http1::SendRequest<UpstreamBody>, HttpError> {
         let (host, port) = host_port(uri);
         let target = target_of(uri, false).ok_or(HttpError::BadRequest("no upstream host"))?;
         let stream = dial(self.connector.as_ref(), &target, self.connect_timeout)

@@ -9,6 +9,7 @@
 //! | family | type | labels |
 //! | --- | --- | --- |
 //! | `paddock_proxy_active_connections` | gauge | |
+//! | `paddock_proxy_parked_connections` | gauge | idle HTTP/1.1 agent connections holding no HTTP server |
 //! | `paddock_proxy_connections_total` | counter | `decision`: allow, deny, discovery |
 //! | `paddock_proxy_rejections_total` | counter | `reason`: see [`Rejection`] |
 //! | `paddock_proxy_handshake_failures_total` | counter | `leg`: agent, upstream |
@@ -98,6 +99,7 @@ pub struct LeafCacheMetrics {
 pub struct ProxyMetrics {
     registry: Registry,
     active: Gauge,
+    parked: Gauge,
     connections: Family<DecisionLabels, Counter>,
     rejections: Family<ReasonLabels, Counter>,
     handshake_failures: Family<LegLabels, Counter>,
@@ -131,6 +133,7 @@ impl ProxyMetrics {
         let mut registry = Registry::with_prefix("paddock_proxy");
         let m = Self {
             active: Gauge::default(),
+            parked: Gauge::default(),
             connections: Family::default(),
             rejections: Family::default(),
             handshake_failures: Family::default(),
@@ -174,6 +177,11 @@ impl ProxyMetrics {
             "active_connections",
             "Agent connections currently open",
             m.active.clone(),
+        );
+        registry.register(
+            "parked_connections",
+            "Idle HTTP/1.1 agent connections parked without an HTTP server (their TLS state only)",
+            m.parked.clone(),
         );
         registry.register(
             "connections",
@@ -288,6 +296,21 @@ impl ProxyMetrics {
     #[must_use]
     pub fn grants_held(&self) -> Gauge {
         self.grants_held.clone()
+    }
+
+    /// Counts a parked agent connection until the guard drops.
+    #[must_use]
+    pub fn track_parked(&self) -> ConnectionGuard {
+        self.parked.inc();
+        ConnectionGuard {
+            gauge: self.parked.clone(),
+        }
+    }
+
+    /// Agent connections parked now.
+    #[must_use]
+    pub fn parked(&self) -> i64 {
+        self.parked.get()
     }
 
     /// Counts an open agent connection until the guard drops.

@@ -24,6 +24,11 @@ impl<T> PrefixedIo<T> {
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    /// The bytes not replayed yet and the wrapped stream.
+    pub fn into_parts(self) -> (Bytes, T) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for PrefixedIo<T> {
