@@ -55,6 +55,7 @@
 //! max_headers = 100
 //! drain_timeout_secs = 30
 //! max_client_hello_bytes = 16384
+//! park_after_ms = 250              # an idle HTTP/1.1 connection drops its HTTP server; 0: never
 //!
 //! [admin]
 //! listen = "127.0.0.1:9901"
@@ -488,6 +489,10 @@ pub struct LimitsConfig {
     /// Largest `ClientHello` accepted, bytes.
     #[serde(default = "default_hello")]
     pub max_client_hello_bytes: usize,
+    /// An HTTP/1.1 agent connection quiet this long between requests drops its HTTP server
+    /// (about 20 KiB) until its next request; 0 keeps it.
+    #[serde(default = "default_park_after")]
+    pub park_after_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -500,6 +505,7 @@ impl Default for LimitsConfig {
             max_headers: default_headers(),
             drain_timeout_secs: default_drain(),
             max_client_hello_bytes: default_hello(),
+            park_after_ms: default_park_after(),
         }
     }
 }
@@ -524,6 +530,9 @@ fn default_drain() -> u64 {
 }
 fn default_hello() -> usize {
     16 * 1024
+}
+fn default_park_after() -> u64 {
+    250
 }
 
 impl LimitsConfig {
@@ -561,6 +570,7 @@ impl LimitsConfig {
             max_header_bytes: self.max_header_bytes,
             max_headers: self.max_headers,
             header_read_timeout: self.handshake_timeout(),
+            park_after: (self.park_after_ms > 0).then(|| Duration::from_millis(self.park_after_ms)),
             ..paddock_proxy::http::HttpLimits::default()
         }
     }
@@ -919,6 +929,15 @@ file = "/tmp/policy.toml"
         assert_eq!(cfg.listen.plain_http_ports, vec![80]);
         assert_eq!(cfg.tls.leaf_cache_capacity, 1024);
         assert!(cfg.policy.deny_page);
+        assert_eq!(
+            cfg.limits.http_limits().park_after,
+            Some(Duration::from_millis(250))
+        );
+        let never = ServeConfig::from_toml_str(
+            &MINIMAL.replace("[policy]", "[limits]\npark_after_ms = 0\n[policy]"),
+        )
+        .expect("parse");
+        assert_eq!(never.limits.http_limits().park_after, None);
     }
 
     #[test]

@@ -127,7 +127,7 @@ where
                 return Ok(());
             }
         };
-        let forwarder = Forwarder {
+        let forwarder = Arc::new(Forwarder {
             ctx,
             pool,
             substituter,
@@ -137,7 +137,7 @@ where
             tunnels: upgrade::Tunnels::default(),
             // Only HTTP/1.1 connections park.
             activity: (!h2 && limits.park_after.is_some()).then(park::Activity::new),
-        };
+        });
         // Boxed: while the connection waited, none of this was allocated.
         Box::pin(serve_http(io, h2, forwarder, &limits, shutdown)).await
     }
@@ -147,7 +147,7 @@ where
 async fn serve_http<I, S>(
     io: PrefixedIo<I>,
     h2: bool,
-    forwarder: Forwarder,
+    forwarder: Arc<Forwarder>,
     limits: &HttpLimits,
     shutdown: futures_util::future::Shared<S>,
 ) -> Result<(), HttpError>
@@ -155,7 +155,6 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: Future<Output = ()> + Send + 'static,
 {
-    let forwarder = Arc::new(forwarder);
     let tunnels = forwarder.tunnels.clone();
     // An `Unrecorded` error makes hyper reset the HTTP/2 stream, or close the HTTP/1.1
     // connection, without an answer.
@@ -192,27 +191,32 @@ where
         )
         .await
     } else if h2 {
-        let io = TokioIo::new(io);
+        // Boxed, as the server below: this future lasts as long as the connection, and a
+        // future is as large as its largest state.
         let conn = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(limits.h2_header_list_size())
             .max_concurrent_streams(limits.h2_max_concurrent_streams)
-            .serve_connection(io, service);
-        drive(conn, shutdown.clone(), http2::Connection::graceful_shutdown).await
+            .serve_connection(TokioIo::new(io), service);
+        Box::pin(drive(
+            conn,
+            shutdown.clone(),
+            http2::Connection::graceful_shutdown,
+        ))
+        .await
     } else {
-        let io = TokioIo::new(io);
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .max_buf_size(limits.h1_buf_size())
             .max_headers(limits.max_headers)
             .header_read_timeout(limits.header_read_timeout)
-            .serve_connection(io, service)
+            .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
-        drive(
+        Box::pin(drive(
             conn,
             shutdown.clone(),
             http1::UpgradeableConnection::graceful_shutdown,
-        )
+        ))
         .await
     };
     // After an upgrade hyper hands the socket to the tunnel and returns: the connection

@@ -46,7 +46,7 @@ impl Default for HttpLimits {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             header_read_timeout: Duration::from_secs(30),
-            park_after: Some(Duration::from_secs(1)),
+            park_after: Some(Duration::from_millis(250)),
             upstream_connect_timeout: Duration::from_secs(30),
             upstream_response_timeout: Duration::from_mins(10),
             pool_idle_timeout: Duration::from_secs(90),

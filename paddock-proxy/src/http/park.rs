@@ -341,13 +341,17 @@ where
     S: Future<Output = ()> + Clone + Unpin,
 {
     loop {
-        let conn = builder
-            .serve_connection(
-                TokioIo::new(ParkableIo::new(io, Arc::clone(&activity))),
-                service.clone(),
-            )
-            .with_upgrades();
-        let Some(parts) = run(conn, &activity, timing.after, shutdown.clone()).await? else {
+        // Boxed: the server lives only until the next park, and the parked connection's own
+        // future must not keep room for it.
+        let served = Box::pin(run(
+            io,
+            builder,
+            service.clone(),
+            &activity,
+            timing.after,
+            shutdown.clone(),
+        ));
+        let Some(parts) = served.await? else {
             return Ok(());
         };
         let (prefix, mut inner) = parts.io.into_inner().inner.into_parts();
@@ -359,6 +363,8 @@ where
             io = PrefixedIo::new(unparsed, inner);
             continue;
         }
+        // Even empty, it holds hyper's whole read buffer.
+        drop(unparsed);
         let _parked = metrics.track_parked();
         let deadline = activity.last_done() + timing.idle_for;
         let first = tokio::select! {
@@ -397,10 +403,13 @@ fn join(read_buf: Bytes, rest: Bytes) -> Bytes {
     }
 }
 
-/// Runs one server until it ends (`None`: closed, drained or upgraded) or parks (its parts).
+/// Runs one server on `io` until it ends (`None`: closed, drained or upgraded) or parks
+/// (its parts).
 async fn run<I, Svc, S>(
-    mut conn: Conn<I, Svc>,
-    activity: &Activity,
+    io: PrefixedIo<I>,
+    builder: &http1::Builder,
+    service: Svc,
+    activity: &Arc<Activity>,
     after: Duration,
     mut shutdown: S,
 ) -> hyper::Result<Option<http1::Parts<TokioIo<ParkableIo<PrefixedIo<I>>>, Svc>>>
@@ -411,6 +420,13 @@ where
     Svc::Future: Unpin,
     S: Future<Output = ()> + Unpin,
 {
+    // Polled by reference throughout, so the server is held once in this future.
+    let mut conn: Conn<I, Svc> = builder
+        .serve_connection(
+            TokioIo::new(ParkableIo::new(io, Arc::clone(activity))),
+            service,
+        )
+        .with_upgrades();
     let timer = tokio::time::sleep(after);
     tokio::pin!(timer);
     let mut rechecking = true;
@@ -422,7 +438,7 @@ where
             }
             () = &mut shutdown => {
                 Pin::new(&mut conn).graceful_shutdown();
-                conn.await?;
+                (&mut conn).await?;
                 return Ok(None);
             }
             () = &mut timer, if rechecking => match activity.check(Instant::now(), after) {
@@ -436,7 +452,7 @@ where
                         // Busy after all: keep-alive is off now, so the connection ends
                         // after its message, with a real shutdown.
                         activity.parking.store(false, Ordering::Release);
-                        conn.await?;
+                        (&mut conn).await?;
                         return Ok(None);
                     };
                     let parts = conn.into_parts();

@@ -42,6 +42,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for PrefixedIo<T> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if this.prefix.is_empty() {
+                // An emptied slice still holds its whole buffer (hyper's 8 KiB read buffer,
+                // after a park) for as long as the stream lives.
+                this.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)

@@ -75,20 +75,20 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr, 
     let mut replay = head;
     replay.extend_from_slice(&rest);
     let agent = PrefixedIo::new(Bytes::from(replay), io);
-    let admitted = p
-        .admission(
-            agent.get_ref().get_ref(),
-            &info,
-            &host,
-            Vet::OriginalDst(dst.ip()),
-            p.deny_page,
-            deadline,
-        )
-        .await;
+    // Each later state boxed where it starts: this future lasts as long as the connection.
+    let admitted = Box::pin(p.admission(
+        agent.get_ref().get_ref(),
+        &info,
+        &host,
+        Vet::OriginalDst(dst.ip()),
+        p.deny_page,
+        deadline,
+    ))
+    .await;
     let normalized = match admitted {
         Admission::Admitted { host, .. } => host,
         Admission::Denied { reason } => {
-            if let Err(e) = serve_denial(agent, None, &host, &reason).await {
+            if let Err(e) = Box::pin(serve_denial(agent, None, &host, &reason)).await {
                 tracing::debug!(error = %e, "denial page connection ended with an error");
             }
             return;
@@ -101,7 +101,7 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, dst: SocketAddr, 
         port: dst.port(),
         sni: None,
     };
-    let served = p.serve_requests(agent, None, ctx, &info).await;
+    let served = Box::pin(p.serve_requests(agent, None, ctx, &info)).await;
     if let Err(e) = served {
         tracing::debug!(error = %e, "plain HTTP connection ended with an error");
     }

@@ -27,7 +27,8 @@ pub(super) async fn serve(p: Arc<Pipeline>, stream: TcpStream, conn: ConnId) {
     };
     tracing::Span::current().record("dst", tracing::field::display(dst));
     if p.plain_http_ports.contains(&dst.port()) {
-        plain::serve(p, stream, dst, conn).await;
+        // Boxed: a plain-HTTP connection's states must not size every TLS connection's task.
+        Box::pin(plain::serve(p, stream, dst, conn)).await;
         return;
     }
     let deadline = Instant::now() + p.limits.handshake_timeout;
@@ -224,10 +225,23 @@ pub(super) async fn intercept(
         alpn
     };
     let agent_alpn = agent_alpn_for(upstream_alpn.as_deref(), hello.alpn());
-    let Some(agent) = accept_agent(p, stream, host, &agent_alpn, hello, deadline, mode).await
+    // Boxed, and the stream boxed once accepted: a future keeps room for every value it
+    // ever held (moved-from arguments included), so a TLS stream (about 1.3 KB) held by value
+    // would be paid for at each layer below, for the connection's whole life.
+    let Some(agent) = Box::pin(accept_agent(
+        p,
+        stream,
+        host,
+        &agent_alpn,
+        hello,
+        deadline,
+        mode,
+    ))
+    .await
     else {
         return;
     };
+    let agent = Box::new(agent);
     let negotiated = agent.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let ctx = RequestContext {
         run: p.run.clone(),

@@ -176,6 +176,7 @@ fn idle() -> Result<()> {
         out.read_line(&mut line)?;
         Ok(line.trim().parse().unwrap_or(0))
     };
+    let mut parked = 0;
     let measured = (|| -> Result<[(u64, usize); 2]> {
         let opened = read_count()?;
         if opened != IDLE_CONNECTIONS {
@@ -191,6 +192,7 @@ fn idle() -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_secs(3));
         let used = (own_rss_kib()?, own_fds()?);
+        parked = admin_metric(&lab, "paddock_proxy_parked_connections")?;
         Ok([waiting, used])
     })();
     drop(stdin);
@@ -208,12 +210,17 @@ fn idle() -> Result<()> {
             );
         }
     }
-    print_idle(rss0, fds0, [(rss1, fds1), (rss2, fds2)]);
+    print_idle(rss0, fds0, [(rss1, fds1), (rss2, fds2)], parked);
     Ok(())
 }
 
 /// The `--idle` table.
-fn print_idle(rss0: u64, fds0: usize, [(rss1, fds1), (rss2, fds2)]: [(u64, usize); 2]) {
+fn print_idle(
+    rss0: u64,
+    fds0: usize,
+    [(rss1, fds1), (rss2, fds2)]: [(u64, usize); 2],
+    parked: u64,
+) {
     #[expect(clippy::cast_precision_loss, reason = "KiB of one process")]
     let mib = |kib: u64| kib as f64 / 1024.0;
     #[expect(clippy::cast_precision_loss, reason = "a few KiB per connection")]
@@ -245,6 +252,10 @@ fn print_idle(rss0: u64, fds0: usize, [(rss1, fds1), (rss2, fds2)]: [(u64, usize
         "| {IDLE_CONNECTIONS} open, idle after one request each | {:.1} | {fds2} | {:.1} |",
         mib(rss2),
         per_conn(rss2)
+    );
+    println!(
+        "\nConnections parked (their HTTP server dropped, `paddock_proxy_parked_connections`) \
+         at the last measurement: {parked} of {IDLE_CONNECTIONS}."
     );
 }
 
@@ -327,6 +338,11 @@ fn contact_pass(lab: &Lab, through: bool) -> Result<(usize, f64, Vec<f64>)> {
 
 /// The proxy's `paddock_proxy_leaf_forges_total`, read from its admin listener.
 fn leaf_forges(lab: &Lab) -> Result<u64> {
+    admin_metric(lab, "paddock_proxy_leaf_forges_total")
+}
+
+/// One unlabelled series of the proxy's admin metrics (counters and gauges are integers).
+fn admin_metric(lab: &Lab, name: &str) -> Result<u64> {
     use paddock_tests::proxied::ADMIN;
     let mut cmd = Command::new("python3");
     cmd.arg("-c").arg(format!(
@@ -336,10 +352,9 @@ fn leaf_forges(lab: &Lab) -> Result<u64> {
     let out = cmd.output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
-        .find_map(|l| l.strip_prefix("paddock_proxy_leaf_forges_total "))
-        // Counters are exposed as integers.
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .ok_or_else(|| anyhow::anyhow!("no leaf_forges_total in the admin metrics"))
+        .ok_or_else(|| anyhow::anyhow!("no {name} in the admin metrics"))
 }
 
 /// `--first-contacts`: `MANY_NAMES` concurrent first contacts to as many distinct names
