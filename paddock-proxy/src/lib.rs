@@ -15,6 +15,7 @@ pub mod ebpf;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod health;
+mod heap;
 pub mod http;
 pub mod labels;
 pub mod metrics;

@@ -1,8 +1,8 @@
 //! The few socket options and interface ioctls no safe wrapper covers.
 #![expect(
     unsafe_code,
-    reason = "raw getsockopt for SO_NETNS_COOKIE and the SIOCGIFFLAGS/SIOCSIFFLAGS ioctls, which \
-              nix does not wrap"
+    reason = "raw getsockopt for SO_NETNS_COOKIE, the SIOCGIFFLAGS/SIOCSIFFLAGS ioctls and \
+              glibc's malloc_trim, which nix does not wrap"
 )]
 
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -55,4 +55,20 @@ pub fn loopback_up() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Hands the free pages inside the C heap back to the system (glibc's `malloc_trim(0)`, which
+/// also releases whole free pages between live allocations, not only the top of the heap).
+/// Returns whether anything was released; other C libraries have nothing to call, so `false`.
+pub fn release_free_heap() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim takes the allocator's own locks and touches only free memory;
+        // it is documented as safe to call from any thread at any time.
+        unsafe { libc::malloc_trim(0) != 0 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
 }

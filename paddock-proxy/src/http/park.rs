@@ -309,6 +309,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ParkableIo<T> {
     }
 }
 
+/// About what a parked connection's HTTP server held: hyper's read and write buffers, its
+/// connection state and the server's future.
+const SERVER_BYTES: u64 = 20 * 1024;
+
 type Conn<I, Svc> = http1::UpgradeableConnection<TokioIo<ParkableIo<PrefixedIo<I>>>, Svc>;
 
 /// When a connection parks and how long a parked one waits.
@@ -366,6 +370,7 @@ where
         // Even empty, it holds hyper's whole read buffer.
         drop(unparsed);
         let _parked = metrics.track_parked();
+        crate::heap::freed(SERVER_BYTES);
         let deadline = activity.last_done() + timing.idle_for;
         let first = tokio::select! {
             biased;
