@@ -173,9 +173,10 @@ worker_processes 1;
 daemon off;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-# Room for the first-contact benchmark's thousand connections at once.
-worker_rlimit_nofile 16384;
-events {{ worker_connections 8192; }}
+# Room for the first-contact benchmark's thousand connections at once, and for the idle
+# benchmark's ten thousand requests sent at once (an upstream connection each).
+worker_rlimit_nofile 32768;
+events {{ worker_connections 16384; }}
 http {{
     access_log off;
     client_body_temp_path {d}/tmp/body;

@@ -96,10 +96,8 @@ for i in range({IDLE_CONNECTIONS}):
     s = socket.create_connection(("10.77.0.1", 443), timeout=30)
     held.append(ctx.wrap_socket(s, server_hostname="app.test"))
 print(len(held), flush=True)
-sys.stdin.readline()
-answered = 0
-for s in held:
-    s.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: app.test\r\n\r\n")
+REQUEST = b"GET /hello.txt HTTP/1.1\r\nHost: app.test\r\n\r\n"
+def answer(s):
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = s.recv(4096)
@@ -117,9 +115,17 @@ for s in held:
         if not chunk:
             break
         body += chunk
-    if head.startswith(b"HTTP/1.1 200") and len(body) == length:
-        answered += 1
+    return head.startswith(b"HTTP/1.1 200") and len(body) == length
+sys.stdin.readline()
+answered = 0
+for s in held:
+    s.sendall(REQUEST)
+    answered += answer(s)
 print(answered, flush=True)
+sys.stdin.readline()
+for s in held:
+    s.sendall(REQUEST)
+print(sum(answer(s) for s in held), flush=True)
 sys.stdin.read()
 "#
     )
@@ -177,7 +183,7 @@ fn idle() -> Result<()> {
         Ok(line.trim().parse().unwrap_or(0))
     };
     let mut parked = 0;
-    let measured = (|| -> Result<[(u64, usize); 2]> {
+    let measured = (|| -> Result<[(u64, usize); 3]> {
         let opened = read_count()?;
         if opened != IDLE_CONNECTIONS {
             bail!("the client opened {opened} of {IDLE_CONNECTIONS} connections");
@@ -192,17 +198,31 @@ fn idle() -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_secs(3));
         let used = (own_rss_kib()?, own_fds()?);
+        // A second request on each, all sent before any answer is read: every connection
+        // has its HTTP server at once, the heap's worst case once they park again.
+        stdin.write_all(b"go\n")?;
+        stdin.flush()?;
+        let answered = read_count()?;
+        if answered != IDLE_CONNECTIONS {
+            bail!("{answered} of {IDLE_CONNECTIONS} requests sent at once were answered");
+        }
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        let burst = (own_rss_kib()?, own_fds()?);
         parked = admin_metric(&lab, "paddock_proxy_parked_connections")?;
-        Ok([waiting, used])
+        Ok([waiting, used, burst])
     })();
     drop(stdin);
     let _ = child.kill();
     let _ = child.wait();
     drop(lab);
-    let [(rss1, fds1), (rss2, fds2)] = measured?;
+    let [(rss1, fds1), (rss2, fds2), (rss3, fds3)] = measured?;
     // Every connection must still be open in the proxy when measured, or the figure is
     // per fewer connections than it claims.
-    for (what, fds) in [("waiting", fds1), ("after a request", fds2)] {
+    for (what, fds) in [
+        ("waiting", fds1),
+        ("after a request", fds2),
+        ("after a burst", fds3),
+    ] {
         if fds.saturating_sub(fds0) < IDLE_CONNECTIONS {
             bail!(
                 "{what}: the proxy holds {} new descriptors for {IDLE_CONNECTIONS} connections",
@@ -210,7 +230,12 @@ fn idle() -> Result<()> {
             );
         }
     }
-    print_idle(rss0, fds0, [(rss1, fds1), (rss2, fds2)], parked);
+    print_idle(
+        rss0,
+        fds0,
+        [(rss1, fds1), (rss2, fds2), (rss3, fds3)],
+        parked,
+    );
     Ok(())
 }
 
@@ -218,7 +243,7 @@ fn idle() -> Result<()> {
 fn print_idle(
     rss0: u64,
     fds0: usize,
-    [(rss1, fds1), (rss2, fds2)]: [(u64, usize); 2],
+    [(rss1, fds1), (rss2, fds2), (rss3, fds3)]: [(u64, usize); 3],
     parked: u64,
 ) {
     #[expect(clippy::cast_precision_loss, reason = "KiB of one process")]
@@ -231,11 +256,12 @@ fn print_idle(
          redirected, checked and intercepted (agent TLS with the forged leaf; upstream's ALPN is \
          already known, so no upstream leg is opened before a request) and then left idle; the \
          proxy (in the benchmark's process, with its DNS responder) measured before, 3 s after \
-         the client opened the last one, and 3 s after the client sent one request on each \
+         the client opened the last one, 3 s after the client sent one request on each \
          (one after another, answers read whole: upstream legs are reused, the agent legs stay \
-         open and idle); `max_connections` raised to {}, the handshake timeout (which also \
+         open and idle), and 3 s after a second request on each, all sent before any answer \
+         was read (every connection has its HTTP server at once); `max_connections` raised to {}, the handshake timeout (which also \
          bounds the wait for a first request) to 600 s; the run fails unless the proxy holds a \
-         descriptor for every connection at both points; kernel {}, {} CPUs.\n",
+         descriptor for every connection at each point; kernel {}, {} CPUs.\n",
         IDLE_CONNECTIONS + 100,
         kernel(),
         cpus()
@@ -252,6 +278,11 @@ fn print_idle(
         "| {IDLE_CONNECTIONS} open, idle after one request each | {:.1} | {fds2} | {:.1} |",
         mib(rss2),
         per_conn(rss2)
+    );
+    println!(
+        "| {IDLE_CONNECTIONS} open, idle after a second request on each, all at once | {:.1} | {fds3} | {:.1} |",
+        mib(rss3),
+        per_conn(rss3)
     );
     println!(
         "\nConnections parked (their HTTP server dropped, `paddock_proxy_parked_connections`) \
