@@ -139,9 +139,15 @@ where
             activity: (!h2 && limits.park_after.is_some()).then(park::Activity::new),
         });
         // Boxed: while the connection waited, none of this was allocated.
-        Box::pin(serve_http(io, h2, forwarder, &limits, shutdown)).await
+        let served = Box::pin(serve_http(io, h2, forwarder, &limits, shutdown)).await;
+        // Most of what a served connection held is freed as its task ends.
+        crate::heap::freed(CLOSED_CONNECTION_BYTES);
+        served
     }
 }
+
+/// About what a served agent connection holds (TLS state, HTTP server, futures).
+const CLOSED_CONNECTION_BYTES: u64 = 32 * 1024;
 
 /// The HTTP server of one connection, once its first bytes arrived.
 async fn serve_http<I, S>(

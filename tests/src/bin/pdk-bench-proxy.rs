@@ -136,10 +136,14 @@ sys.stdin.read()
 /// after each has carried one request (the HTTP server's buffers then exist).
 fn idle() -> Result<()> {
     use std::io::{BufRead as _, BufReader, Write as _};
-    // A descriptor per connection in the proxy (more once upstream legs exist): as many as
-    // the hard limit allows (raising it needs CAP_SYS_RESOURCE, which containers often lack).
-    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
+    // A descriptor per connection in the proxy, and one per upstream leg while the burst's
+    // requests are in flight: 65536 where the hard limit may be raised (CAP_SYS_RESOURCE,
+    // which containers often lack), else as many as the hard limit allows.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if setrlimit(Resource::RLIMIT_NOFILE, 65_536, 65_536).is_err() {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
