@@ -138,7 +138,7 @@ impl Drop for InFlight {
 }
 
 /// The agent-facing response body: the proxy's body plus, on HTTP/1.1, the request's
-/// [`InFlight`] mark, dropped with it.
+/// in-flight mark, dropped with it.
 pub struct Tracked {
     body: ProxyBody,
     in_flight: Option<InFlight>,
@@ -178,7 +178,7 @@ impl Body for Tracked {
     }
 }
 
-/// The agent's request body on its way upstream; on HTTP/1.1 it tells [`Activity`] once it
+/// The agent's request body on its way upstream; on HTTP/1.1 it tells the park decision once it
 /// has been read to its end. One dropped before that keeps its connection from parking
 /// (hyper closes such a connection anyway).
 #[derive(Debug)]
