@@ -489,6 +489,47 @@ async fn drain_closes_idle_keep_alive_connections_and_stops_accepting() {
     assert!(TcpStream::connect(rig.proxy).await.is_err());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_tls_connection_sends_nothing_and_answers_its_next_request() {
+    let rig = rig(false).await;
+    let tcp = rig.connect(rig.upstream).await;
+    let connector = tls_client(&rig.run_root);
+    let mut tls = connector
+        .connect(ServerName::try_from("app.test").expect("name"), tcp)
+        .await
+        .expect("handshake");
+    let mut buf = vec![0u8; 4096];
+    for path in ["/a", "/b"] {
+        tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let n = tls.read(&mut buf).await.expect("response");
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).ends_with(&format!("hello {path}")),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        // Quiet past the park delay (250 ms by default): the HTTP server is dropped.
+        bounded("park", async {
+            while rig.metrics.parked() != 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        // Parking wrote nothing: no close_notify, no FIN, no stray bytes.
+        let quiet = tokio::time::timeout(Duration::from_millis(300), tls.read(&mut buf)).await;
+        assert!(quiet.is_err(), "{quiet:?}");
+    }
+    assert_eq!(rig.upstream_requests.load(Ordering::Relaxed), 2);
+    drop(tls);
+    bounded("closed", async {
+        while rig.metrics.parked() != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
 // ---- Faults (RELIABILITY.md, fault matrix) ----
 
 /// Bound on each fault case, so a proxy that hangs fails the test instead.
