@@ -22,7 +22,7 @@ use super::{
 };
 use crate::audit::{AuditOutcome, redact_placeholders, redacted_path};
 use crate::labels::ScrubLocation;
-use crate::net::prefixed::{PrefixedIo, first_bytes};
+use crate::net::prefixed::{PrefixedIo, next_bytes};
 use crate::policy::ConnectionRecheck;
 use crate::scrub;
 
@@ -110,23 +110,12 @@ where
         // forwarder) exists until the agent sends its first bytes: an idle connection costs
         // its TLS state only. The wait is bounded as hyper bounds it (the header read
         // timeout starts with the connection) and ends at the drain.
-        let first = tokio::select! {
-            biased;
-            () = shutdown.clone() => return Ok(()),
-            first = tokio::time::timeout(limits.header_read_timeout, first_bytes(&mut io)) => first,
+        let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+        let Some(first) = next_bytes(&mut io, deadline, shutdown.clone(), "a first request").await
+        else {
+            return Ok(());
         };
-        let io = match first {
-            Ok(Ok(Some(first))) => PrefixedIo::new(first, io),
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "agent connection failed before its first request");
-                return Ok(());
-            }
-            Err(_) => {
-                tracing::debug!("no request within the header read timeout");
-                return Ok(());
-            }
-        };
+        let io = PrefixedIo::new(first, io);
         let forwarder = Arc::new(Forwarder {
             ctx,
             pool,

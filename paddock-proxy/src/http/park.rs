@@ -38,7 +38,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::body::ProxyBody;
-use crate::net::prefixed::{PrefixedIo, first_bytes};
+use crate::net::prefixed::{PrefixedIo, next_bytes};
 
 /// What the parking decision knows about one HTTP/1.1 connection.
 ///
@@ -372,26 +372,17 @@ where
         let _parked = metrics.track_parked();
         crate::heap::freed(SERVER_BYTES);
         let deadline = activity.last_done() + timing.idle_for;
-        let first = tokio::select! {
-            biased;
-            () = shutdown.clone() => return Ok(()),
-            first = tokio::time::timeout_at(deadline, first_bytes(&mut inner)) => first,
+        let next = next_bytes(
+            &mut inner,
+            deadline,
+            shutdown.clone(),
+            "a request after a park",
+        );
+        let Some(first) = next.await else {
+            return Ok(());
         };
-        match first {
-            Ok(Ok(Some(first))) => {
-                activity.read_since_done.store(true, Ordering::Release);
-                io = PrefixedIo::new(first, inner);
-            }
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "parked agent connection failed");
-                return Ok(());
-            }
-            Err(_) => {
-                tracing::debug!("no request within the header read timeout after the last answer");
-                return Ok(());
-            }
-        }
+        activity.read_since_done.store(true, Ordering::Release);
+        io = PrefixedIo::new(first, inner);
     }
 }
 

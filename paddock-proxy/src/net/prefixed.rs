@@ -91,6 +91,35 @@ pub async fn first_bytes<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Option<
     .await
 }
 
+/// Waits for a quiet connection's next bytes until `deadline`, unless `stop` completes
+/// first. `None` when the peer closed, the read failed, the deadline passed or `stop` came
+/// first (each logged at debug with `waiting`, which says what the connection waited for):
+/// in every case the connection is over.
+pub async fn next_bytes<T: AsyncRead + Unpin>(
+    io: &mut T,
+    deadline: tokio::time::Instant,
+    stop: impl Future<Output = ()>,
+    waiting: &'static str,
+) -> Option<Bytes> {
+    let next = tokio::select! {
+        biased;
+        () = stop => return None,
+        next = tokio::time::timeout_at(deadline, first_bytes(io)) => next,
+    };
+    match next {
+        Ok(Ok(Some(bytes))) => Some(bytes),
+        Ok(Ok(None)) => None,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, waiting, "agent connection failed while quiet");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(waiting, "no request within the header read timeout");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
