@@ -138,6 +138,17 @@ where
 /// About what a served agent connection holds (TLS state, HTTP server, futures).
 const CLOSED_CONNECTION_BYTES: u64 = 32 * 1024;
 
+/// The agent-facing HTTP/1.1 server's settings, parked or not.
+fn h1_builder(limits: &HttpLimits) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .max_buf_size(limits.h1_buf_size())
+        .max_headers(limits.max_headers)
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+}
+
 /// The HTTP server of one connection, once its first bytes arrived.
 async fn serve_http<I, S>(
     io: PrefixedIo<I>,
@@ -166,15 +177,9 @@ where
         Box::pin(async move { forwarder.handle(req, in_flight).await }.instrument(span.clone()))
     });
     let served = if let (Some(activity), Some(after)) = (activity, limits.park_after) {
-        let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .max_buf_size(limits.h1_buf_size())
-            .max_headers(limits.max_headers)
-            .header_read_timeout(limits.header_read_timeout);
         park::serve(
             io,
-            &builder,
+            &h1_builder(limits),
             service,
             activity,
             park::Timing {
@@ -200,11 +205,7 @@ where
         ))
         .await
     } else {
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .max_buf_size(limits.h1_buf_size())
-            .max_headers(limits.max_headers)
-            .header_read_timeout(limits.header_read_timeout)
+        let conn = h1_builder(limits)
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         Box::pin(drive(

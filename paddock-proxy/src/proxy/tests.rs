@@ -259,6 +259,16 @@ impl Rig {
         socket.connect(self.proxy).await.expect("connect proxy")
     }
 
+    /// A TLS session with SNI `name` to the proxy "originally" going to `dst`, trusting the
+    /// run CA, kept open for several requests.
+    async fn tls(&self, dst: SocketAddr, name: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = self.connect(dst).await;
+        tls_client(&self.run_root)
+            .connect(ServerName::try_from(name.to_owned()).expect("name"), tcp)
+            .await
+            .expect("handshake")
+    }
+
     /// GET `/path` over TLS with SNI `name`, trusting the run CA; the whole response text.
     async fn get(&self, dst: SocketAddr, name: &str, path: &str) -> std::io::Result<String> {
         let tcp = self.connect(dst).await;
@@ -465,12 +475,7 @@ async fn rebinding_mismatch_and_missing_sni_are_reset() {
 async fn drain_closes_idle_keep_alive_connections_and_stops_accepting() {
     let rig = rig(false).await;
     // A keep-alive connection with one completed request, then idle.
-    let tcp = rig.connect(rig.upstream).await;
-    let connector = tls_client(&rig.run_root);
-    let mut tls = connector
-        .connect(ServerName::try_from("app.test").expect("name"), tcp)
-        .await
-        .expect("handshake");
+    let mut tls = rig.tls(rig.upstream, "app.test").await;
     tls.write_all(b"GET /a HTTP/1.1\r\nHost: app.test\r\n\r\n")
         .await
         .expect("write");
@@ -492,12 +497,7 @@ async fn drain_closes_idle_keep_alive_connections_and_stops_accepting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_tls_connection_sends_nothing_and_answers_its_next_request() {
     let rig = rig(false).await;
-    let tcp = rig.connect(rig.upstream).await;
-    let connector = tls_client(&rig.run_root);
-    let mut tls = connector
-        .connect(ServerName::try_from("app.test").expect("name"), tcp)
-        .await
-        .expect("handshake");
+    let mut tls = rig.tls(rig.upstream, "app.test").await;
     let mut buf = vec![0u8; 4096];
     for path in ["/a", "/b"] {
         tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n").as_bytes())
