@@ -16,5 +16,6 @@ pub mod broker_link;
 pub mod check;
 pub mod node;
 pub mod run;
+pub mod runtime;
 pub mod serve;
 pub mod token_refresher;

@@ -149,3 +149,81 @@ fn sighup_reopens_a_rotated_audit_file_and_sigterm_exits_cleanly() {
     };
     assert!(status.success(), "serve exited with {status}");
 }
+
+/// The runtime's worker threads (tokio names them), read from `/proc`.
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task list")
+        .filter_map(Result::ok)
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "tokio-rt-worker")
+        })
+        .count()
+}
+
+#[test]
+fn serve_starts_the_worker_threads_it_is_given_and_refuses_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nname = \"api\"\nhosts = [\"api.paddock.test\"]\nports = [443]\n",
+    )
+    .expect("policy");
+    let connect = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "run_id = \"threads\"\n\
+             [listen]\nconnect = \"{connect}\"\nconnect_reason = \"worker threads test\"\n\
+             [tls]\nca_dir = \"{ca}\"\ngenerate_ca = true\n\
+             [policy]\nfile = \"{policy}\"\n\
+             [audit]\ntarget = \"stdout\"\n",
+            ca = dir.path().join("ca").display(),
+            policy = policy.display(),
+        ),
+    )
+    .expect("config");
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_paddock-proxy"))
+        .args(["--worker-threads", "0", "serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run paddock-proxy");
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--worker-threads"),
+        "{refused:?}"
+    );
+    assert!(
+        TcpStream::connect(connect).is_err(),
+        "a refused start listens"
+    );
+
+    for (how, expect) in [("flag", 3), ("env", 2)] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_paddock-proxy"));
+        if how == "flag" {
+            // The flag wins over the environment.
+            cmd.args(["--worker-threads", "3"])
+                .env("PADDOCK_WORKER_THREADS", "5");
+        } else {
+            cmd.env("PADDOCK_WORKER_THREADS", "2");
+        }
+        let proxy = Proxy(
+            cmd.args(["serve", "--config"])
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start paddock-proxy serve"),
+        );
+        wait_for(Duration::from_secs(20), "the CONNECT listener", || {
+            TcpStream::connect(connect).is_ok()
+        });
+        assert_eq!(worker_threads(proxy.0.id()), expect, "{how}");
+        drop(proxy);
+    }
+}

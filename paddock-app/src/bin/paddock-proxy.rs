@@ -17,6 +17,10 @@ struct Cli {
     /// Log as JSON lines.
     #[arg(long, global = true)]
     log_json: bool,
+    /// Async worker threads of `run`, `serve` and `node` [default: half the CPUs this
+    /// process may use, at least 1].
+    #[arg(long, global = true, env = paddock_app::runtime::WORKER_THREADS_ENV, value_name = "N")]
+    worker_threads: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -429,10 +433,11 @@ fn main() {
         });
     }
     init_tracing(cli.log_json);
+    let threads = paddock_app::runtime::worker_threads(cli.worker_threads);
     let (result, failed) = match cli.command {
         Command::Ebpf(cmd) => (ebpf_command(cmd), 1),
-        Command::Serve(args) => (serve_command(args), 1),
-        Command::Node(args) => (node_command(&args), 1),
+        Command::Serve(args) => (serve_command(args, threads), 1),
+        Command::Node(args) => (node_command(&args, threads), 1),
         Command::NodePods(args) => (node_pods_command(args), 1),
         Command::InstallCni(args) => (install_cni_command(args), 1),
         Command::Check { config, node } => (check_command(&config, node), 1),
@@ -447,7 +452,7 @@ fn main() {
         }
         Command::Man { out } => (man_command(&out), 1),
         Command::TokenRefresher(args) => (token_refresher_command(args), 1),
-        Command::Run(args) => match run_command(args) {
+        Command::Run(args) => match run_command(args, threads) {
             Ok(code) => std::process::exit(code),
             Err(e) => (Err(e), RUN_FAILED),
         },
@@ -460,15 +465,12 @@ fn main() {
     }
 }
 
-fn run_command(a: RunArgs) -> Result<i32> {
+fn run_command(a: RunArgs, threads: std::num::NonZeroUsize) -> Result<i32> {
     use tokio::signal::unix::{SignalKind, signal};
     // Whatever the caller left open (a socket, a file) must not reach the launcher or the
     // command: mark it close-on-exec before anything is spawned.
     paddock_app::run::init::cloexec_inherited();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = paddock_app::runtime::build(threads).context("starting the async runtime")?;
     runtime.block_on(async move {
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -539,13 +541,11 @@ fn man_command(out: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn serve_command(args: ServeArgs) -> Result<()> {
+fn serve_command(args: ServeArgs, threads: std::num::NonZeroUsize) -> Result<()> {
     let config = ServeConfig::from_file(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = paddock_app::runtime::build(threads).context("starting the async runtime")?;
+    tracing::info!(worker_threads = threads, "async runtime started");
     runtime
         .block_on(serve::serve(ServeOptions::new(config, args.audit)))
         .context("paddock-proxy serve")
@@ -595,13 +595,11 @@ fn token_refresher_command(a: TokenRefresherArgs) -> Result<()> {
     })
 }
 
-fn node_command(args: &NodeArgs) -> Result<()> {
+fn node_command(args: &NodeArgs, threads: std::num::NonZeroUsize) -> Result<()> {
     let config = paddock_app::node::config::NodeConfig::from_file(&args.config)
         .with_context(|| format!("loading {}", args.config.display()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = paddock_app::runtime::build(threads).context("starting the async runtime")?;
+    tracing::info!(worker_threads = threads, "async runtime started");
     runtime
         .block_on(paddock_app::node::node(config))
         .context("paddock-proxy node")

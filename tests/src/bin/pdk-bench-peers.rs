@@ -490,7 +490,8 @@ fn print_section(get: &dyn Fn(Mode, Workload) -> Result<Measurement>) -> Result<
          new-connection rate, so it runs its faster set-up), upstream trusting the test \
          CA, `cache deny all`, no access log, one process (`-N`), names from a hosts file, \
          started as root and running as `proxy`); **Paddock cooperative** (`paddock-proxy \
-         serve`, {paddock}, release build: the same `CONNECT` to its `listen.connect` \
+         serve`, {paddock}, release build, its default {workers} async worker thread(s) for \
+         {cpus} CPUs: the same `CONNECT` to its `listen.connect` \
          listener; static allow-list policy, `--audit none`, names from a hosts file); \
          **Paddock transparent** (the same process: the load generator runs in an agent \
          cgroup whose connects the eBPF programs redirect to its transparent listener, and \
@@ -507,6 +508,7 @@ fn print_section(get: &dyn Fn(Mode, Workload) -> Result<Measurement>) -> Result<
         squid = peers::squid_version(),
         kernel = kernel(),
         cpus = cpus(),
+        workers = paddock_workers(),
     );
     println!(
         "| workload | mode | requests/s | p50 (ms) | p99 (ms) | rate vs direct | proxy CPU \
@@ -575,13 +577,24 @@ fn print_section(get: &dyn Fn(Mode, Workload) -> Result<Measurement>) -> Result<
     );
     println!(
         "\nsquid runs one process (its design: one event loop; SMP workers are separate \
-         processes with their own caches) and so uses at most one CPU, while Paddock's runtime \
-         has a worker thread per CPU; with {} CPUs shared by the client, the proxy and nginx, \
-         the rates measure CPU per request more than latency. Compare ratios within one run, \
-         not absolute rates across runs.",
+         processes with their own caches) and so uses at most one CPU; Paddock ran {} async \
+         worker thread(s) (its default: half the CPUs, see `paddock_app::runtime`). With {} \
+         CPUs shared by the client, the proxy and nginx, the rates measure CPU per request \
+         more than latency. Compare ratios within one run, not absolute rates across runs.",
+        paddock_workers(),
         cpus()
     );
     Ok(())
+}
+
+/// The worker threads the `paddock-proxy serve` under test starts (it inherits this
+/// process's environment).
+fn paddock_workers() -> std::num::NonZeroUsize {
+    paddock_app::runtime::worker_threads(
+        std::env::var(paddock_app::runtime::WORKER_THREADS_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok()),
+    )
 }
 
 fn met(yes: bool) -> &'static str {

@@ -1,0 +1,75 @@
+//! The async runtime of the long-running commands (`run`, `serve`, `node`) and how many
+//! worker threads it gets.
+//!
+//! Default: half the CPUs this process may use (`available_parallelism`, which honours
+//! affinity masks and cgroup CPU quotas), at least one. The proxy shares its machine with
+//! the agents it serves (and, in `run` and in the labs, with their upstreams), and every
+//! request it forwards wakes one of them twice; measured in `cargo xtask bench peers`
+//! (BENCHMARKS.md), a second worker on a 2-CPU machine costs about 12 % more CPU per
+//! keep-alive request (idle workers parking and waking each other) and serves no more.
+//! ztunnel (2 workers) and linkerd2-proxy (1, or its CPU limit) size their node and sidecar
+//! proxies the same way, below the machine. `--worker-threads` or `PADDOCK_WORKER_THREADS`
+//! sets it.
+
+use std::num::NonZeroUsize;
+
+/// The environment variable that sets the worker threads (the `--worker-threads` flag wins).
+pub const WORKER_THREADS_ENV: &str = "PADDOCK_WORKER_THREADS";
+
+/// Worker threads for a process that may use `cpus` CPUs.
+#[must_use]
+pub fn default_worker_threads(cpus: NonZeroUsize) -> NonZeroUsize {
+    NonZeroUsize::new(cpus.get() / 2).unwrap_or(NonZeroUsize::MIN)
+}
+
+/// The worker threads to start: `configured`, else the default for this process's CPUs.
+#[must_use]
+pub fn worker_threads(configured: Option<NonZeroUsize>) -> NonZeroUsize {
+    configured.unwrap_or_else(|| {
+        default_worker_threads(std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN))
+    })
+}
+
+/// A multi-threaded runtime (I/O and timers on) with `threads` workers; blocking work
+/// still goes to tokio's blocking pool.
+///
+/// # Errors
+/// The runtime could not start (no threads, no epoll instance).
+pub fn build(threads: NonZeroUsize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.get())
+        .enable_all()
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(v: usize) -> NonZeroUsize {
+        NonZeroUsize::new(v).expect("non-zero")
+    }
+
+    #[test]
+    fn the_default_is_half_the_cpus_and_never_zero() {
+        assert_eq!(default_worker_threads(n(1)), n(1));
+        assert_eq!(default_worker_threads(n(2)), n(1));
+        assert_eq!(default_worker_threads(n(3)), n(1));
+        assert_eq!(default_worker_threads(n(8)), n(4));
+        assert_eq!(default_worker_threads(n(64)), n(32));
+    }
+
+    #[test]
+    fn a_configured_count_wins_over_the_default() {
+        assert_eq!(worker_threads(Some(n(7))), n(7));
+        let cpus = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+        assert_eq!(worker_threads(None), default_worker_threads(cpus));
+    }
+
+    #[test]
+    fn the_runtime_runs_the_workers_it_was_given() {
+        let rt = build(n(3)).expect("runtime");
+        assert_eq!(rt.metrics().num_workers(), 3);
+        assert_eq!(rt.block_on(async { 40 + 2 }), 42);
+    }
+}
