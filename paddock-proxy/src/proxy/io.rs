@@ -135,6 +135,31 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         }
     }
 
+    /// Passed through: rustls hands its queued records to one `writev`; the default
+    /// would write only the first record per system call.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.touch();
+                    this.count(false, n);
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.check_idle(cx).map(Err),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
@@ -234,5 +259,69 @@ mod tests {
         let err = idle.read(&mut buf).await.expect_err("idle");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(start.elapsed(), Duration::from_secs(10));
+    }
+
+    /// A stream that takes whole `writev`s and records how many buffers each carried.
+    #[derive(Default)]
+    struct Vectored {
+        calls: Vec<usize>,
+        written: Vec<u8>,
+    }
+
+    impl AsyncWrite for Vectored {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            this.calls.push(bufs.len());
+            let before = this.written.len();
+            for b in bufs {
+                this.written.extend_from_slice(b);
+            }
+            Poll::Ready(Ok(this.written.len() - before))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_records_leave_in_one_vectored_write_and_are_counted() {
+        let metrics = Arc::new(ProxyMetrics::new());
+        let mut io = IdleIo::new(
+            PrefixedIo::new(Bytes::new(), Vectored::default()),
+            Duration::from_secs(10),
+            Some((
+                Arc::clone(&metrics),
+                Direction::AgentToUpstream,
+                Direction::UpstreamToAgent,
+            )),
+        );
+        assert!(io.is_write_vectored());
+        let bufs = [
+            io::IoSlice::new(b"first record"),
+            io::IoSlice::new(b", second"),
+        ];
+        let n = io.write_vectored(&bufs).await.expect("write");
+        assert_eq!(n, 20);
+        let inner = io.get_ref().get_ref();
+        assert_eq!(inner.calls, [2], "one system call for both records");
+        assert_eq!(inner.written, b"first record, second");
+        assert_eq!(metrics.byte_counter(Direction::UpstreamToAgent).get(), 20);
     }
 }
