@@ -407,7 +407,8 @@ pub const PADDOCK_TRANSPARENT: &str = "127.0.0.1:15001";
 impl PaddockServe {
     /// Starts `binary serve` in `ns`, allowing `host` on 443 (at `host_ip`, inside
     /// `allow_cidr`), trusting `upstream_ca` upstream, with its `CONNECT` listener on
-    /// `connect`, audit off. Files in `dir/paddock`.
+    /// `connect`, audit off, with `worker_threads` (else its default). Files in
+    /// `dir/paddock`.
     #[expect(
         clippy::too_many_arguments,
         reason = "each is a distinct piece of the lab the proxy is wired into"
@@ -422,6 +423,7 @@ impl PaddockServe {
         host_ip: std::net::IpAddr,
         allow_cidr: &str,
         upstream_ca: &Path,
+        worker_threads: Option<usize>,
     ) -> Result<Self> {
         let d = dir.join("paddock");
         std::fs::create_dir(&d)?;
@@ -469,6 +471,11 @@ agent_cgroups = ["{agents}"]
             .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
             .arg(d.join("hosts"))
             .arg(binary)
+            .args(
+                worker_threads
+                    .map(|n| vec!["--worker-threads".to_owned(), n.to_string()])
+                    .unwrap_or_default(),
+            )
             .args(["serve", "--audit", "none", "--config"])
             .arg(d.join("serve.toml"))
             .env("RUST_LOG", "warn,paddock_app::serve=info")

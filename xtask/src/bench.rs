@@ -33,6 +33,8 @@ pub enum Which {
     /// 1,000 concurrent first contacts to 1,000 distinct names (a leaf forged for each) vs
     /// direct and vs the same names again.
     FirstContacts,
+    /// The peers lab's Paddock with one and with two runtime worker threads, interleaved.
+    Workers,
 }
 
 impl Which {
@@ -48,6 +50,7 @@ impl Which {
             Self::Idle => "idle",
             Self::FirstContacts => "first-contacts",
             Self::Peers => "peers",
+            Self::Workers => "workers",
         }
     }
     fn binary(self) -> &'static str {
@@ -60,7 +63,8 @@ impl Which {
             Self::E2e | Self::Soak => "pdk-bench-e2e",
             Self::Scrub => "pdk-bench-scrub",
             Self::Node => "pdk-bench-node",
-            Self::Peers => "pdk-bench-peers",
+            // A mode of the peers lab.
+            Self::Peers | Self::Workers => "pdk-bench-peers",
         }
     }
     /// Arguments of the benchmark binary.
@@ -69,6 +73,7 @@ impl Which {
             Self::Soak => &["--soak"],
             Self::Idle => &["--idle"],
             Self::FirstContacts => &["--first-contacts"],
+            Self::Workers => &["workers"],
             _ => &[],
         }
     }
@@ -82,6 +87,7 @@ impl Which {
             | Self::Scrub
             | Self::Soak
             | Self::Peers
+            | Self::Workers
             | Self::Idle
             | Self::FirstContacts => &["-p", "paddock-tests", "-p", "paddock-app", "--bins"],
             Self::Broker => &[

@@ -108,7 +108,8 @@ struct Lab {
 }
 
 impl Lab {
-    fn new() -> Result<Self> {
+    /// A lab whose Paddock runs `workers` runtime worker threads (else its default).
+    fn new(workers: Option<usize>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("pdk-bench-peers-")
             .tempdir()?;
@@ -146,6 +147,7 @@ impl Lab {
             host_ip,
             "10.77.0.0/24",
             &upstream_ca,
+            workers,
         )?;
         Ok(Self {
             paddock,
@@ -341,6 +343,92 @@ fn loadgen_main(spec: &str) -> Result<()> {
     Ok(())
 }
 
+/// `pdk-bench-peers workers` (`cargo xtask bench workers`): Paddock with one and with two
+/// runtime worker threads, each in a fresh lab (a new proxy process), {ROUNDS} rounds with
+/// the order alternating; direct and both Paddock modes, both workloads. Prints a markdown
+/// section for BENCHMARKS.md.
+fn workers_main() -> Result<()> {
+    const COUNTS: [usize; 2] = [1, 2];
+    const MODES: [Mode; 3] = [Mode::Direct, Mode::PaddockConnect, Mode::PaddockTransparent];
+    let mut runs: Vec<((usize, Mode, Workload), Vec<Measurement>)> = Vec::new();
+    for round in 0..ROUNDS {
+        for i in 0..COUNTS.len() {
+            let n = COUNTS[(i + round) % COUNTS.len()];
+            let lab = Lab::new(Some(n))?;
+            for mode in MODES {
+                for w in Workload::ALL {
+                    lab.measure(mode, w, WARM_MS)?;
+                }
+            }
+            for mode in MODES {
+                for w in Workload::ALL {
+                    let m = lab.measure(mode, w, SECONDS * 1000)?;
+                    eprintln!(
+                        "bench workers: round {}/{ROUNDS}: {n} worker(s): {} {}: {:.0}/s",
+                        round + 1,
+                        mode.label(),
+                        w.label(),
+                        m.result.per_sec()
+                    );
+                    let key = (n, mode, w);
+                    match runs.iter_mut().find(|(k, _)| *k == key) {
+                        Some((_, v)) => v.push(m),
+                        None => runs.push((key, vec![m])),
+                    }
+                }
+            }
+        }
+    }
+    let results: Vec<((usize, Mode, Workload), Measurement)> =
+        runs.into_iter().map(|(k, v)| (k, median(v))).collect();
+    let get = |key: (usize, Mode, Workload)| {
+        results
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, m)| m.clone())
+            .context("missing measurement")
+    };
+    println!("## Runtime workers: Paddock with 1 and 2 (`cargo xtask bench workers`)\n");
+    println!(
+        "The lab of `cargo xtask bench peers` (same load generator, nginx, {CONNECTIONS} \
+         connections, {SECONDS} s per measurement, CPU from `/proc`), with `paddock-proxy \
+         serve --worker-threads N` for N = 1 and 2. Each N gets a fresh lab (a new proxy \
+         process) per round, {ROUNDS} rounds, the order of N alternating; the table shows \
+         the round with the median rate. Rates against direct are within the same lab. \
+         {paddock}, kernel {kernel}, {cpus} CPUs shared by the client, the proxy and nginx.\n",
+        paddock = git_commit().map_or_else(
+            || format!("Paddock {}", env!("CARGO_PKG_VERSION")),
+            |c| format!("Paddock {} at {c}", env!("CARGO_PKG_VERSION")),
+        ),
+        kernel = kernel(),
+        cpus = cpus(),
+    );
+    println!(
+        "| workload | mode | workers | requests/s | rate vs direct | proxy CPU (us/req) | nginx \
+         CPU (us/req) | proxy / nginx CPU |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for w in Workload::ALL {
+        for mode in [Mode::PaddockConnect, Mode::PaddockTransparent] {
+            for n in COUNTS {
+                let m = get((n, mode, w))?;
+                let direct = get((n, Mode::Direct, w))?;
+                let proxy = m.per_request(m.proxy_ticks.unwrap_or(0));
+                let nginx = m.per_request(m.nginx_ticks);
+                println!(
+                    "| {} | {} | {n} | {:.0} | {:.2} | {proxy:.1} | {nginx:.1} | {:.2} |",
+                    w.label(),
+                    mode.label(),
+                    m.result.per_sec(),
+                    m.result.per_sec() / direct.result.per_sec(),
+                    proxy / nginx,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The round with the median rate.
 fn median(mut xs: Vec<Measurement>) -> Measurement {
     xs.sort_by(|a, b| a.result.per_sec().total_cmp(&b.result.per_sec()));
@@ -407,7 +495,10 @@ fn main() -> Result<()> {
         bail!("bench peers needs root (namespaces, cgroups, eBPF, squid)");
     }
     peers::ensure_squid()?;
-    let lab = Lab::new()?;
+    if args.get(1).map(String::as_str) == Some("workers") {
+        return workers_main();
+    }
+    let lab = Lab::new(None)?;
     if args.get(1).map(String::as_str) == Some("profile") {
         let workload = if args.get(3).map(String::as_str) == Some("new") {
             Workload::NewConnection
