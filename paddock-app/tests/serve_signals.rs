@@ -66,35 +66,46 @@ fn connect_denied(addr: SocketAddr, host: &str) -> String {
     status
 }
 
-#[test]
-fn sighup_reopens_a_rotated_audit_file_and_sigterm_exits_cleanly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let policy = dir.path().join("policy.toml");
+/// Writes a policy allowing one host and a `serve` config with `listen` (the `[listen]`
+/// table's lines) and `audit` as the audit target; returns the config's path.
+fn serve_config(dir: &Path, listen: &str, audit: &str) -> std::path::PathBuf {
+    let policy = dir.join("policy.toml");
     std::fs::write(
         &policy,
         "[[rule]]\nname = \"api\"\nhosts = [\"api.paddock.test\"]\nports = [443]\n",
     )
     .expect("policy");
+    let config = dir.join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "run_id = \"serve-test\"\n[listen]\n{listen}\n\
+             [tls]\nca_dir = \"{ca}\"\ngenerate_ca = true\n\
+             [policy]\nfile = \"{policy}\"\n\
+             [audit]\ntarget = \"{audit}\"\n",
+            ca = dir.join("ca").display(),
+            policy = policy.display(),
+        ),
+    )
+    .expect("config");
+    config
+}
+
+#[test]
+fn sighup_reopens_a_rotated_audit_file_and_sigterm_exits_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
     let audit = dir.path().join("audit.jsonl");
     let rotated = dir.path().join("audit.jsonl.1");
     let connect = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let transparent = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "run_id = \"signals\"\n\
-             [listen]\ntransparent = [\"{transparent}\"]\nconnect = \"{connect}\"\n\
-             connect_reason = \"serve_signals test\"\n\
-             [tls]\nca_dir = \"{ca}\"\ngenerate_ca = true\n\
-             [policy]\nfile = \"{policy}\"\n\
-             [audit]\ntarget = \"{audit}\"\n",
-            ca = dir.path().join("ca").display(),
-            policy = policy.display(),
-            audit = audit.display(),
+    let config = serve_config(
+        dir.path(),
+        &format!(
+            "transparent = [\"{transparent}\"]\nconnect = \"{connect}\"\n\
+             connect_reason = \"serve_signals test\""
         ),
-    )
-    .expect("config");
+        &audit.display().to_string(),
+    );
 
     let proxy = Proxy(
         Command::new(env!("CARGO_BIN_EXE_paddock-proxy"))
@@ -165,27 +176,12 @@ fn worker_threads(pid: u32) -> usize {
 #[test]
 fn serve_starts_the_worker_threads_it_is_given_and_refuses_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        "[[rule]]\nname = \"api\"\nhosts = [\"api.paddock.test\"]\nports = [443]\n",
-    )
-    .expect("policy");
     let connect = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "run_id = \"threads\"\n\
-             [listen]\nconnect = \"{connect}\"\nconnect_reason = \"worker threads test\"\n\
-             [tls]\nca_dir = \"{ca}\"\ngenerate_ca = true\n\
-             [policy]\nfile = \"{policy}\"\n\
-             [audit]\ntarget = \"stdout\"\n",
-            ca = dir.path().join("ca").display(),
-            policy = policy.display(),
-        ),
-    )
-    .expect("config");
+    let config = serve_config(
+        dir.path(),
+        &format!("connect = \"{connect}\"\nconnect_reason = \"worker threads test\""),
+        "stdout",
+    );
 
     let refused = Command::new(env!("CARGO_BIN_EXE_paddock-proxy"))
         .args(["--worker-threads", "0", "serve", "--config"])
