@@ -165,8 +165,13 @@ where
     // An `Unrecorded` error makes hyper reset the HTTP/2 stream, or close the HTTP/1.1
     // connection, without an answer.
     // HTTP/2 streams run in tasks hyper spawns: they carry the connection's span (and so
-    // its `conn` id) only if given it.
-    let span = tracing::Span::current();
+    // its `conn` id) only if given it. HTTP/1.1 requests are polled in the connection's own
+    // task, inside its span already; entering it again on every poll would only cost.
+    let span = if h2 {
+        tracing::Span::current()
+    } else {
+        tracing::Span::none()
+    };
     let activity = forwarder.activity.clone();
     let metrics = Arc::clone(forwarder.audit.metrics());
     let service = service_fn(move |req: Request<Incoming>| {
