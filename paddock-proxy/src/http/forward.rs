@@ -144,8 +144,10 @@ fn h1_builder(limits: &HttpLimits) -> http1::Builder {
     builder
         .timer(TokioTimer::new())
         .max_buf_size(limits.h1_buf_size())
-        .max_headers(limits.max_headers)
         .header_read_timeout(limits.header_read_timeout);
+    if let Some(max) = limits.h1_max_headers() {
+        builder.max_headers(max);
+    }
     builder
 }
 

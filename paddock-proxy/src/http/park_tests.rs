@@ -100,7 +100,7 @@ async fn read_response(io: &mut DuplexStream) -> Option<(u16, String)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut headers = vec![httparse::EMPTY_HEADER; 128];
         let mut parsed = httparse::Response::new(&mut headers);
         if let httparse::Status::Complete(head) = parsed.parse(&buf).expect("response head") {
             let status = parsed.code.expect("status");
@@ -291,4 +291,64 @@ async fn without_park_after_the_server_stays() {
     assert_eq!(lab.metrics.parked(), 0);
     lab.send(GET).await;
     assert_eq!(lab.response().await, Some((200, "ok".into())));
+}
+
+/// A request head with `Host` and `extra` more header lines.
+fn head_with_headers(extra: usize) -> Vec<u8> {
+    let mut head = b"GET /h HTTP/1.1\r\nHost: api.test\r\n".to_vec();
+    for i in 0..extra {
+        head.extend_from_slice(format!("x-h-{i}: v\r\n").as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// An upstream whose answers carry `extra` header lines besides `content-length` and `date`.
+async fn upstream_with_headers(extra: usize) -> Upstream {
+    Upstream::start(
+        false,
+        Arc::new(move |_req| {
+            Box::pin(async move {
+                let mut response = Response::new(full("ok"));
+                for i in 0..extra {
+                    response.headers_mut().insert(
+                        http::HeaderName::try_from(format!("x-r-{i}")).expect("name"),
+                        http::HeaderValue::from_static("v"),
+                    );
+                }
+                response
+            })
+        }),
+    )
+    .await
+}
+
+/// The header count limit is left to hyper's own fixed-size parse at its default (100) and
+/// handed to hyper when set: either way it holds on both legs. (The raw agent here can send
+/// the heads a client library would not.)
+#[tokio::test]
+async fn the_header_count_limit_holds_on_both_legs_at_its_default_and_when_set() {
+    for max in [HttpLimits::default().max_headers, 10] {
+        let limits = HttpLimits {
+            max_headers: max,
+            ..HttpLimits::default()
+        };
+        // Agent leg: `max` headers in all are served, one more is refused.
+        let mut lab = Lab::start(Upstream::ok(false).await, limits.clone());
+        lab.send(&head_with_headers(max - 1)).await;
+        assert_eq!(lab.response().await, Some((200, "ok".into())), "{max}");
+        let mut lab = Lab::start(Upstream::ok(false).await, limits.clone());
+        lab.send(&head_with_headers(max)).await;
+        let (status, _) = lab.response().await.expect("an answer");
+        assert_eq!(status, 431, "{max} + 1 request headers");
+        assert!(lab.paths_seen().is_empty(), "nothing forwarded");
+        // Upstream leg: an answer with `max` headers passes, one with more is a 502.
+        let mut lab = Lab::start(upstream_with_headers(max - 2).await, limits.clone());
+        lab.send(GET).await;
+        assert_eq!(lab.response().await, Some((200, "ok".into())), "{max}");
+        let mut lab = Lab::start(upstream_with_headers(max - 1).await, limits);
+        lab.send(GET).await;
+        let (status, _) = lab.response().await.expect("an answer");
+        assert_eq!(status, 502, "{max} + 1 response headers");
+    }
 }

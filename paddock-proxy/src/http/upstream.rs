@@ -224,18 +224,21 @@ impl UpstreamPool {
     /// agent connections; connections are never shared between runs.
     #[must_use]
     pub fn new(run: &str, connector: Arc<dyn UpstreamConnector>, limits: &HttpLimits) -> Self {
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(limits.pool_idle_timeout)
             .pool_max_idle_per_host(limits.pool_max_idle_per_host)
             .http1_max_buf_size(limits.h1_buf_size())
-            .http1_max_headers(limits.max_headers)
-            .http2_max_header_list_size(limits.h2_header_list_size())
-            .build(PoolConnector {
-                inner: Arc::clone(&connector),
-                timeout: limits.upstream_connect_timeout,
-            });
+            .http2_max_header_list_size(limits.h2_header_list_size());
+        if let Some(max) = limits.h1_max_headers() {
+            builder.http1_max_headers(max);
+        }
+        let client = builder.build(PoolConnector {
+            inner: Arc::clone(&connector),
+            timeout: limits.upstream_connect_timeout,
+        });
         Self {
             run: run.into(),
             scrub: Arc::default(),
