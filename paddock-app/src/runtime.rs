@@ -16,6 +16,36 @@ use std::num::NonZeroUsize;
 /// The environment variable that sets the worker threads (the `--worker-threads` flag wins).
 pub const WORKER_THREADS_ENV: &str = "PADDOCK_WORKER_THREADS";
 
+/// tokio's own variable, which earlier releases left to the runtime and documented for
+/// operators; still honoured when neither the flag nor [`WORKER_THREADS_ENV`] is set.
+pub const TOKIO_WORKER_THREADS_ENV: &str = "TOKIO_WORKER_THREADS";
+
+/// The worker threads to start: `configured` (the flag or [`WORKER_THREADS_ENV`]), else
+/// `tokio_env` (the value of [`TOKIO_WORKER_THREADS_ENV`]), else the default.
+///
+/// # Errors
+/// `tokio_env` is set but is not a positive whole number.
+pub fn resolve(
+    configured: Option<NonZeroUsize>,
+    tokio_env: Option<&std::ffi::OsStr>,
+) -> Result<NonZeroUsize, String> {
+    if let Some(n) = configured {
+        return Ok(n);
+    }
+    match tokio_env {
+        None => Ok(worker_threads(None)),
+        Some(raw) => raw
+            .to_str()
+            .and_then(|v| v.trim().parse::<NonZeroUsize>().ok())
+            .ok_or_else(|| {
+                format!(
+                    "{TOKIO_WORKER_THREADS_ENV}={} is not a positive number of worker threads",
+                    raw.to_string_lossy()
+                )
+            }),
+    }
+}
+
 /// Worker threads for a process that may use `cpus` CPUs.
 #[must_use]
 pub fn default_worker_threads(cpus: NonZeroUsize) -> NonZeroUsize {
@@ -64,6 +94,18 @@ mod tests {
         assert_eq!(worker_threads(Some(n(7))), n(7));
         let cpus = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
         assert_eq!(worker_threads(None), default_worker_threads(cpus));
+    }
+
+    #[test]
+    fn tokios_own_variable_is_honoured_below_ours_and_checked() {
+        use std::ffi::OsStr;
+        assert_eq!(resolve(Some(n(3)), Some(OsStr::new("5"))), Ok(n(3)));
+        assert_eq!(resolve(None, Some(OsStr::new("5"))), Ok(n(5)));
+        assert_eq!(resolve(None, None), Ok(worker_threads(None)));
+        for bad in ["0", "two", "-1", ""] {
+            let err = resolve(None, Some(OsStr::new(bad))).expect_err(bad);
+            assert!(err.contains("TOKIO_WORKER_THREADS"), "{err}");
+        }
     }
 
     #[test]

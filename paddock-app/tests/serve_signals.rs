@@ -198,15 +198,31 @@ fn serve_starts_the_worker_threads_it_is_given_and_refuses_zero() {
         "a refused start listens"
     );
 
-    for (how, expect) in [("flag", 3), ("env", 2)] {
+    let refused = Command::new(env!("CARGO_BIN_EXE_paddock-proxy"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("TOKIO_WORKER_THREADS", "many")
+        .output()
+        .expect("run paddock-proxy");
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("TOKIO_WORKER_THREADS=many"),
+        "{refused:?}"
+    );
+
+    for (how, expect) in [("flag", 3), ("env", 2), ("tokio env", 4)] {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_paddock-proxy"));
-        if how == "flag" {
-            // The flag wins over the environment.
-            cmd.args(["--worker-threads", "3"])
-                .env("PADDOCK_WORKER_THREADS", "5");
-        } else {
-            cmd.env("PADDOCK_WORKER_THREADS", "2");
-        }
+        match how {
+            // The flag wins over both variables, ours over tokio's.
+            "flag" => cmd
+                .args(["--worker-threads", "3"])
+                .env("PADDOCK_WORKER_THREADS", "5")
+                .env("TOKIO_WORKER_THREADS", "6"),
+            "env" => cmd
+                .env("PADDOCK_WORKER_THREADS", "2")
+                .env("TOKIO_WORKER_THREADS", "6"),
+            _ => cmd.env("TOKIO_WORKER_THREADS", "4"),
+        };
         let proxy = Proxy(
             cmd.args(["serve", "--config"])
                 .arg(&config)

@@ -433,7 +433,16 @@ fn main() {
         });
     }
     init_tracing(cli.log_json);
-    let threads = paddock_app::runtime::worker_threads(cli.worker_threads);
+    let threads = match paddock_app::runtime::resolve(
+        cli.worker_threads,
+        std::env::var_os(paddock_app::runtime::TOKIO_WORKER_THREADS_ENV).as_deref(),
+    ) {
+        Ok(threads) => threads,
+        Err(e) => {
+            eprintln!("paddock-proxy: {e}");
+            std::process::exit(2);
+        }
+    };
     let (result, failed) = match cli.command {
         Command::Ebpf(cmd) => (ebpf_command(cmd), 1),
         Command::Serve(args) => (serve_command(args, threads), 1),

@@ -681,11 +681,12 @@ fn print_section(get: &dyn Fn(Mode, Workload) -> Result<Measurement>) -> Result<
 /// The worker threads the `paddock-proxy serve` under test starts (it inherits this
 /// process's environment).
 fn paddock_workers() -> std::num::NonZeroUsize {
-    paddock_app::runtime::worker_threads(
-        std::env::var(paddock_app::runtime::WORKER_THREADS_ENV)
-            .ok()
-            .and_then(|v| v.parse().ok()),
-    )
+    use paddock_app::runtime::{TOKIO_WORKER_THREADS_ENV, WORKER_THREADS_ENV, resolve};
+    let ours = std::env::var(WORKER_THREADS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok());
+    resolve(ours, std::env::var_os(TOKIO_WORKER_THREADS_ENV).as_deref())
+        .unwrap_or_else(|_| paddock_app::runtime::worker_threads(None))
 }
 
 fn met(yes: bool) -> &'static str {
