@@ -4,8 +4,8 @@
 //! Default: half the CPUs this process may use (`available_parallelism`, which honours
 //! affinity masks and cgroup CPU quotas), at least one. The proxy shares its machine with
 //! the agents it serves (and, in `run` and in the labs, with their upstreams), and every
-//! request it forwards wakes one of them twice; measured in `cargo xtask bench peers`
-//! (BENCHMARKS.md), a second worker on a 2-CPU machine costs about 12 % more CPU per
+//! request it forwards wakes one of them twice. Measured with `cargo xtask bench workers`
+//! (BENCHMARKS.md), a second worker on a 2-CPU machine costs 15 to 25 % more CPU per
 //! keep-alive request (idle workers parking and waking each other) and serves no more.
 //! ztunnel (2 workers) and linkerd2-proxy (1, or its CPU limit) size their node and sidecar
 //! proxies the same way, below the machine. `--worker-threads` or `PADDOCK_WORKER_THREADS`
@@ -33,7 +33,7 @@ pub fn resolve(
         return Ok(n);
     }
     match tokio_env {
-        None => Ok(worker_threads(None)),
+        None => Ok(default_here()),
         Some(raw) => raw
             .to_str()
             .and_then(|v| v.trim().parse::<NonZeroUsize>().ok())
@@ -52,12 +52,10 @@ pub fn default_worker_threads(cpus: NonZeroUsize) -> NonZeroUsize {
     NonZeroUsize::new(cpus.get() / 2).unwrap_or(NonZeroUsize::MIN)
 }
 
-/// The worker threads to start: `configured`, else the default for this process's CPUs.
+/// The default for this process: [`default_worker_threads`] of the CPUs it may use.
 #[must_use]
-pub fn worker_threads(configured: Option<NonZeroUsize>) -> NonZeroUsize {
-    configured.unwrap_or_else(|| {
-        default_worker_threads(std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN))
-    })
+pub fn default_here() -> NonZeroUsize {
+    default_worker_threads(std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN))
 }
 
 /// A multi-threaded runtime (I/O and timers on) with `threads` workers; blocking work
@@ -91,9 +89,9 @@ mod tests {
 
     #[test]
     fn a_configured_count_wins_over_the_default() {
-        assert_eq!(worker_threads(Some(n(7))), n(7));
+        assert_eq!(resolve(Some(n(7)), None), Ok(n(7)));
         let cpus = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
-        assert_eq!(worker_threads(None), default_worker_threads(cpus));
+        assert_eq!(resolve(None, None), Ok(default_worker_threads(cpus)));
     }
 
     #[test]
@@ -101,7 +99,7 @@ mod tests {
         use std::ffi::OsStr;
         assert_eq!(resolve(Some(n(3)), Some(OsStr::new("5"))), Ok(n(3)));
         assert_eq!(resolve(None, Some(OsStr::new("5"))), Ok(n(5)));
-        assert_eq!(resolve(None, None), Ok(worker_threads(None)));
+        assert_eq!(resolve(None, None), Ok(default_here()));
         for bad in ["0", "two", "-1", ""] {
             let err = resolve(None, Some(OsStr::new(bad))).expect_err(bad);
             assert!(err.contains("TOKIO_WORKER_THREADS"), "{err}");

@@ -91,6 +91,24 @@ fn serve_config(dir: &Path, listen: &str, audit: &str) -> std::path::PathBuf {
     config
 }
 
+/// Runs `cmd serve --config CONFIG` (global flags and environment already on `cmd`) until
+/// its `CONNECT` listener at `connect` answers.
+fn start_serve(mut cmd: Command, config: &Path, connect: SocketAddr) -> Proxy {
+    let proxy = Proxy(
+        cmd.args(["serve", "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start paddock-proxy serve"),
+    );
+    wait_for(Duration::from_secs(20), "the CONNECT listener", || {
+        TcpStream::connect(connect).is_ok()
+    });
+    proxy
+}
+
 #[test]
 fn sighup_reopens_a_rotated_audit_file_and_sigterm_exits_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -107,21 +125,9 @@ fn sighup_reopens_a_rotated_audit_file_and_sigterm_exits_cleanly() {
         &audit.display().to_string(),
     );
 
-    let proxy = Proxy(
-        Command::new(env!("CARGO_BIN_EXE_paddock-proxy"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start paddock-proxy serve"),
-    );
-    wait_for(Duration::from_secs(20), "the CONNECT listener", || {
-        TcpStream::connect(connect).is_ok()
-    });
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_paddock-proxy"));
+    cmd.env("RUST_LOG", "info");
+    let proxy = start_serve(cmd, &config, connect);
     // The CONNECT listener's reason is on record before it accepts anything.
     let first = lines(&audit);
     assert_eq!(first.len(), 1, "{first:?}");
@@ -223,18 +229,7 @@ fn serve_starts_the_worker_threads_it_is_given_and_refuses_zero() {
                 .env("TOKIO_WORKER_THREADS", "6"),
             _ => cmd.env("TOKIO_WORKER_THREADS", "4"),
         };
-        let proxy = Proxy(
-            cmd.args(["serve", "--config"])
-                .arg(&config)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start paddock-proxy serve"),
-        );
-        wait_for(Duration::from_secs(20), "the CONNECT listener", || {
-            TcpStream::connect(connect).is_ok()
-        });
+        let proxy = start_serve(cmd, &config, connect);
         assert_eq!(worker_threads(proxy.0.id()), expect, "{how}");
         drop(proxy);
     }

@@ -379,15 +379,8 @@ fn workers_main() -> Result<()> {
             }
         }
     }
-    let results: Vec<((usize, Mode, Workload), Measurement)> =
-        runs.into_iter().map(|(k, v)| (k, median(v))).collect();
-    let get = |key: (usize, Mode, Workload)| {
-        results
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, m)| m.clone())
-            .context("missing measurement")
-    };
+    let results = medians(runs);
+    let get = |key| pick(&results, key);
     println!("## Runtime workers: Paddock with 1 and 2 (`cargo xtask bench workers`)\n");
     println!(
         "The lab of `cargo xtask bench peers` (same load generator, nginx, {CONNECTIONS} \
@@ -396,10 +389,7 @@ fn workers_main() -> Result<()> {
          process) per round, {ROUNDS} rounds, the order of N alternating; the table shows \
          the round with the median rate. Rates against direct are within the same lab. \
          {paddock}, kernel {kernel}, {cpus} CPUs shared by the client, the proxy and nginx.\n",
-        paddock = git_commit().map_or_else(
-            || format!("Paddock {}", env!("CARGO_PKG_VERSION")),
-            |c| format!("Paddock {} at {c}", env!("CARGO_PKG_VERSION")),
-        ),
+        paddock = paddock_version(),
         kernel = kernel(),
         cpus = cpus(),
     );
@@ -427,6 +417,28 @@ fn workers_main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Each key's round with the median rate.
+fn medians<K>(runs: Vec<(K, Vec<Measurement>)>) -> Vec<(K, Measurement)> {
+    runs.into_iter().map(|(k, v)| (k, median(v))).collect()
+}
+
+/// The measurement of `key`.
+fn pick<K: PartialEq + Copy>(results: &[(K, Measurement)], key: K) -> Result<Measurement> {
+    results
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, m)| m.clone())
+        .context("missing measurement")
+}
+
+/// "Paddock VERSION at COMMIT", for the sections' prose.
+fn paddock_version() -> String {
+    git_commit().map_or_else(
+        || format!("Paddock {}", env!("CARGO_PKG_VERSION")),
+        |c| format!("Paddock {} at {c}", env!("CARGO_PKG_VERSION")),
+    )
 }
 
 /// The round with the median rate.
@@ -542,16 +554,8 @@ fn main() -> Result<()> {
         }
     }
     drop(lab);
-    let results: Vec<((Mode, Workload), Measurement)> =
-        runs.into_iter().map(|(k, v)| (k, median(v))).collect();
-    let get = |mode, w| {
-        results
-            .iter()
-            .find(|(k, _)| *k == (mode, w))
-            .map(|(_, m)| m.clone())
-            .context("missing measurement")
-    };
-    print_section(&get)
+    let results = medians(runs);
+    print_section(&|mode, w| pick(&results, (mode, w)))
 }
 
 #[expect(
@@ -559,10 +563,7 @@ fn main() -> Result<()> {
     reason = "the section's prose and table, printed in order"
 )]
 fn print_section(get: &dyn Fn(Mode, Workload) -> Result<Measurement>) -> Result<()> {
-    let paddock = git_commit().map_or_else(
-        || format!("Paddock {}", env!("CARGO_PKG_VERSION")),
-        |c| format!("Paddock {} at {c}", env!("CARGO_PKG_VERSION")),
-    );
+    let paddock = paddock_version();
     println!("## Peers: squid ssl-bump vs Paddock (`cargo xtask bench peers`)\n");
     println!(
         "One run, one lab: nginx (`{nginx}`, one worker) serves a 25-byte static file over TLS \
@@ -686,7 +687,7 @@ fn paddock_workers() -> std::num::NonZeroUsize {
         .ok()
         .and_then(|v| v.parse().ok());
     resolve(ours, std::env::var_os(TOKIO_WORKER_THREADS_ENV).as_deref())
-        .unwrap_or_else(|_| paddock_app::runtime::worker_threads(None))
+        .unwrap_or_else(|_| paddock_app::runtime::default_here())
 }
 
 fn met(yes: bool) -> &'static str {
