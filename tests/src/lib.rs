@@ -22,6 +22,7 @@ pub mod process;
 pub mod proxied;
 pub mod pyserver;
 pub mod reflect_api;
+pub mod relay;
 pub mod servers;
 pub mod topology;
 pub mod tty;

@@ -38,7 +38,7 @@ pub use forge::{
     Clock, ForgeBench, ForgedLeaf, LeafForger, LeafName, LeafValidity, SystemClock, bench_forge,
 };
 pub use leaf_cache::{DEFAULT_LEAF_CACHE_CAPACITY, LeafCache, LeafCacheConfig, LeafCacheStats};
-pub use server::{ALPN_H2, ALPN_HTTP11, MitmServer, agent_alpn_for};
+pub use server::{ALPN_H2, ALPN_HTTP11, MitmServer, agent_alpn_for, agent_facing_provider};
 pub use upstream::{UpstreamAlpn, UpstreamConnection, UpstreamTls, connect_upstream};
 
 /// Which side of the proxy a TLS handshake failed on (for metrics and audit).

@@ -189,7 +189,8 @@ impl MitmServer {
 /// hashing is then SHA-256, which has hardware help where SHA-384 had none in ring (SHA-512
 /// blocks were 6 % of the proxy's CPU per new connection). AES-128-GCM is what most TLS 1.3
 /// connections on the web use.
-fn agent_facing_provider() -> CryptoProvider {
+#[must_use]
+pub fn agent_facing_provider() -> CryptoProvider {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider
         .cipher_suites

@@ -26,6 +26,7 @@ use paddock_tests::{
     peers::{self, PaddockServe, Squid},
     process::{Placement, place, target_bin},
     proxied::{Nginx, make_upstream_certs},
+    relay::{Relay, RelaySpec},
     topology::UPSTREAM_V4,
     wrk::{cpus, kernel},
 };
@@ -39,6 +40,7 @@ const WARM_MS: u64 = 1000;
 const ROUNDS: usize = 3;
 const SQUID: &str = "127.0.0.1:3129";
 const PADDOCK_CONNECT: &str = "127.0.0.1:3128";
+const RELAY: &str = "127.0.0.1:3130";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -46,14 +48,17 @@ enum Mode {
     Squid,
     PaddockConnect,
     PaddockTransparent,
+    /// The floor: TLS on both legs and nothing else (`paddock_tests::relay`).
+    Relay,
 }
 
 impl Mode {
-    const ALL: [Self; 4] = [
+    const ALL: [Self; 5] = [
         Self::Direct,
         Self::Squid,
         Self::PaddockConnect,
         Self::PaddockTransparent,
+        Self::Relay,
     ];
     fn label(self) -> &'static str {
         match self {
@@ -61,7 +66,14 @@ impl Mode {
             Self::Squid => "squid ssl-bump (CONNECT)",
             Self::PaddockConnect => "Paddock cooperative (CONNECT)",
             Self::PaddockTransparent => "Paddock transparent (eBPF)",
+            Self::Relay => "TLS relay floor (CONNECT, no HTTP)",
         }
+    }
+
+    /// The relay opens one upstream connection per client connection, so a new connection
+    /// per request would measure upstream handshakes Paddock's pool spares: keep-alive only.
+    fn runs(self, w: Workload) -> bool {
+        self != Self::Relay || w == Workload::KeepAlive
     }
 }
 
@@ -99,6 +111,7 @@ impl Measurement {
 /// Everything the modes share; removed on drop in field order (proxies first, namespaces and
 /// files last).
 struct Lab {
+    relay: RelayProcess,
     paddock: PaddockServe,
     squid: Squid,
     nginx: Nginx,
@@ -149,7 +162,20 @@ impl Lab {
             &upstream_ca,
             workers,
         )?;
+        let relay = RelayProcess::start(
+            &topo.agent,
+            &RelaySpec {
+                listen: RELAY.parse()?,
+                upstream: SocketAddr::from((UPSTREAM_V4, 443)),
+                server_name: HOST.to_owned(),
+                cert: d.join("server.crt"),
+                key: d.join("server.key"),
+                upstream_ca: upstream_ca.clone(),
+            },
+            workers,
+        )?;
         Ok(Self {
+            relay,
             paddock,
             squid,
             nginx,
@@ -175,6 +201,12 @@ impl Lab {
                 self.paddock.ca.clone(),
             ),
             Mode::PaddockTransparent => (host, None, self.paddock.ca.clone()),
+            // It presents nginx's own certificate.
+            Mode::Relay => (
+                RELAY.parse().expect("address"),
+                tunnel,
+                self.dir.path().join("test-ca.crt"),
+            ),
         };
         LoadSpec {
             target,
@@ -193,6 +225,7 @@ impl Lab {
             Mode::Direct => None,
             Mode::Squid => Some(self.squid.pid()),
             Mode::PaddockConnect | Mode::PaddockTransparent => Some(self.paddock.pid()),
+            Mode::Relay => Some(self.relay.pid()),
         }
     }
 
@@ -343,6 +376,74 @@ fn loadgen_main(spec: &str) -> Result<()> {
     Ok(())
 }
 
+/// The relay process: `relay SPEC-JSON [WORKERS]`; prints `ready` once listening, then
+/// serves until killed.
+fn relay_main(spec: &str, workers: Option<&String>) -> Result<()> {
+    let spec: RelaySpec = serde_json::from_str(spec).context("relay spec")?;
+    let relay = Relay::new(&spec)?;
+    let workers = match workers {
+        Some(n) => n.parse().context("relay worker count")?,
+        None => paddock_workers().get(),
+    };
+    // The same runtime flavour and size as the Paddock under test.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(spec.listen).await?;
+        println!("ready");
+        relay.serve(listener).await;
+        Ok(())
+    })
+}
+
+/// The relay as its own process in the agent namespace, killed on drop.
+struct RelayProcess {
+    child: Child,
+}
+
+impl RelayProcess {
+    fn start(ns: &paddock_tests::Netns, spec: &RelaySpec, workers: Option<usize>) -> Result<Self> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("relay")
+            .arg(serde_json::to_string(spec)?)
+            .args(workers.map(|n| n.to_string()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        place(
+            &mut cmd,
+            &Placement {
+                netns: Some(ns),
+                cgroup: None,
+                user: None,
+            },
+        );
+        let mut child = cmd.spawn().context("spawn the relay")?;
+        let stdout = child.stdout.take().context("relay stdout")?;
+        let me = Self { child };
+        // Bounded: the relay prints `ready` or exits (closing its stdout) on any error.
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim_end() != "ready" {
+            bail!("the relay did not start: {line:?}");
+        }
+        Ok(me)
+    }
+
+    fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).unwrap_or(-1)
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `pdk-bench-peers workers` (`cargo xtask bench workers`): Paddock with one and with two
 /// runtime worker threads, each in a fresh lab (a new proxy process), {ROUNDS} rounds with
 /// the order alternating; direct and both Paddock modes, both workloads. Prints a markdown
@@ -457,18 +558,20 @@ fn git_commit() -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// `pdk-bench-peers profile OUT`: `perf record` of the `paddock-proxy serve` process (call
-/// graphs by DWARF unwinding) during 10 s of cooperative keep-alive load only, written to
-/// OUT, for `perf report`. Nothing is measured or printed as a result.
-/// `pdk-bench-peers profile [FILE] [new]`: perf record of the Paddock (CONNECT) process
-/// under the keep-alive workload, or a new connection per request with `new`.
-fn profile(lab: &Lab, out: &str, workload: Workload) -> Result<()> {
-    lab.measure(Mode::PaddockConnect, workload, WARM_MS)?;
-    let pid = lab
-        .proxy_pid(Mode::PaddockConnect)
-        .context("no paddock-proxy process")?;
-    let mut perf = Command::new("perf")
-        .args([
+/// `pdk-bench-peers profile [FILE] [new|relay]`: `perf record` (call graphs by DWARF
+/// unwinding) of the Paddock process in `CONNECT` mode during 10 s of keep-alive load, or of
+/// a new connection per request with `new`, or of the TLS relay floor's process under
+/// keep-alive with `relay`; written to FILE for `perf report`. With `PDK_PERF_EVENTS=LIST`
+/// it runs `perf stat -e LIST` instead (system calls, context switches per request: divide
+/// by the request count it prints). Nothing is recorded in BENCHMARKS.md.
+fn profile(lab: &Lab, out: &str, mode: Mode, workload: Workload) -> Result<()> {
+    lab.measure(mode, workload, WARM_MS)?;
+    let pid = lab.proxy_pid(mode).context("no proxy process")?;
+    let events = std::env::var("PDK_PERF_EVENTS").ok();
+    let mut perf = Command::new("perf");
+    match &events {
+        Some(e) => perf.args(["stat", "-e", e, "-o", out, "-p"]),
+        None => perf.args([
             "record",
             "-F",
             "499",
@@ -477,12 +580,14 @@ fn profile(lab: &Lab, out: &str, workload: Workload) -> Result<()> {
             "-o",
             out,
             "-p",
-        ])
+        ]),
+    };
+    let mut perf = perf
         .arg(pid.to_string())
         .stdout(Stdio::null())
         .spawn()
         .context("perf record (Debian's linux-perf)")?;
-    let measured = lab.measure(Mode::PaddockConnect, workload, 10_000);
+    let measured = lab.measure(mode, workload, 10_000);
     // perf writes its file on SIGINT.
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(perf.id()).unwrap_or(0)),
@@ -491,9 +596,11 @@ fn profile(lab: &Lab, out: &str, workload: Workload) -> Result<()> {
     let _ = perf.wait();
     let m = measured?;
     eprintln!(
-        "bench peers profile: {:.0} {} requests/s through Paddock (CONNECT); perf data in {out}",
+        "bench peers profile: {:.0} {} requests/s ({} requests) through {}; perf data in {out}",
         m.result.per_sec(),
-        workload.label()
+        workload.label(),
+        m.result.requests,
+        mode.label()
     );
     Ok(())
 }
@@ -502,6 +609,9 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("loadgen") {
         return loadgen_main(args.get(2).map_or("", String::as_str));
+    }
+    if args.get(1).map(String::as_str) == Some("relay") {
+        return relay_main(args.get(2).map_or("", String::as_str), args.get(3));
     }
     if !nix::unistd::geteuid().is_root() {
         bail!("bench peers needs root (namespaces, cgroups, eBPF, squid)");
@@ -512,33 +622,39 @@ fn main() -> Result<()> {
     }
     let lab = Lab::new(None)?;
     if args.get(1).map(String::as_str) == Some("profile") {
-        let workload = if args.get(3).map(String::as_str) == Some("new") {
-            Workload::NewConnection
-        } else {
-            Workload::KeepAlive
+        let (mode, workload) = match args.get(3).map(String::as_str) {
+            Some("new") => (Mode::PaddockConnect, Workload::NewConnection),
+            Some("relay") => (Mode::Relay, Workload::KeepAlive),
+            _ => (Mode::PaddockConnect, Workload::KeepAlive),
         };
         return profile(
             &lab,
             args.get(2).map_or("perf.data", String::as_str),
+            mode,
             workload,
         );
     }
 
     // Warm every path: leaves forged (both proxies), upstream connections, page cache.
     for mode in Mode::ALL {
-        for w in Workload::ALL {
+        for w in Workload::ALL.into_iter().filter(|w| mode.runs(*w)) {
             lab.measure(mode, w, WARM_MS)?;
         }
     }
     let mut runs: Vec<((Mode, Workload), Vec<Measurement>)> = Mode::ALL
         .iter()
-        .flat_map(|m| Workload::ALL.iter().map(move |w| ((*m, *w), Vec::new())))
+        .flat_map(|m| {
+            Workload::ALL
+                .iter()
+                .filter(|w| m.runs(**w))
+                .map(move |w| ((*m, *w), Vec::new()))
+        })
         .collect();
     for round in 0..ROUNDS {
         // Rotate the order, so no mode always follows the same one.
         for i in 0..Mode::ALL.len() {
             let mode = Mode::ALL[(i + round) % Mode::ALL.len()];
-            for w in Workload::ALL {
+            for w in Workload::ALL.into_iter().filter(|w| mode.runs(*w)) {
                 let m = lab.measure(mode, w, SECONDS * 1000)?;
                 eprintln!(
                     "bench peers: round {}/{ROUNDS}: {} {}: {:.0}/s",
@@ -609,7 +725,7 @@ fn print_section(get: &dyn Fn(Mode, Workload) -> Result<Measurement>) -> Result<
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for w in Workload::ALL {
         let direct = get(Mode::Direct, w)?;
-        for mode in Mode::ALL {
+        for mode in Mode::ALL.into_iter().filter(|m| m.runs(w)) {
             let m = get(mode, w)?;
             let r = &m.result;
             let proxy = m
@@ -656,6 +772,24 @@ fn print_section(get: &dyn Fn(Mode, Workload) -> Result<Measurement>) -> Result<
          CPU per keep-alive request ({}).",
         met(ka_c.min(ka_t) >= 3.0),
         met(cpu_c.max(cpu_t) <= 1.5),
+    );
+    let floor = get(Mode::Relay, Workload::KeepAlive)?;
+    let floor_us = floor.per_request(floor.proxy_ticks.unwrap_or(0));
+    let proxy_ka =
+        |mode| get(mode, Workload::KeepAlive).map(|m| m.per_request(m.proxy_ticks.unwrap_or(0)));
+    println!(
+        "\nThe TLS relay floor (`paddock_tests::relay`: the same runtime and worker count, \
+         rustls with Paddock's own providers and suite order, the `CONNECT` answered, both \
+         handshakes, then decrypted bytes copied both ways; no HTTP parsed, nothing checked, \
+         rewritten or audited, one upstream connection per client connection) spends {floor_us:.1} \
+         us per keep-alive request, {:.2}x nginx's own: two TLS legs and four socket calls per \
+         request cost no more than nginx serving the request. Paddock spends {:.1} us \
+         (cooperative) and {:.1} us (transparent) more than the floor per request, its HTTP \
+         work: both legs' parsing and encoding, policy, header rewriting, the upstream pool \
+         and dispatch.",
+        floor_us / floor.per_request(floor.nginx_ticks),
+        proxy_ka(Mode::PaddockConnect)? - floor_us,
+        proxy_ka(Mode::PaddockTransparent)? - floor_us,
     );
     let nginx_nc = |mode| get(mode, Workload::NewConnection).map(|m| m.per_request(m.nginx_ticks));
     println!(
