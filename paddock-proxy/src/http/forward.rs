@@ -448,15 +448,14 @@ impl Forwarder {
         &self,
         substituted: &Substituted,
     ) -> Result<Option<Arc<scrub::Scrubber>>, HttpError> {
-        let registry = self.pool.scrub_registry();
-        registry
-            .add(&self.ctx.host, &substituted.secrets)
+        self.pool
+            .scrub_registry()
+            .add_and_get(&self.ctx.host, &substituted.secrets)
             .map_err(|e| HttpError::Unscrubbable {
                 host: self.ctx.host.clone(),
                 port: self.ctx.port,
                 reason: e.to_string(),
-            })?;
-        Ok(registry.for_host(&self.ctx.host))
+            })
     }
 
     /// Scrubs the head now and wraps the body; refuses an answer it could not read.

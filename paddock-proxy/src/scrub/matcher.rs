@@ -107,6 +107,20 @@ impl Scrubber {
     /// Scrubs a complete value (a header, a control frame). `None` when nothing matched.
     #[must_use]
     pub fn scrub_all(self: &Arc<Self>, input: &[u8]) -> Option<Vec<u8>> {
+        // What a stream fed `input` and finished would do when nothing matches whole: only a
+        // tail of at least MIN_PARTIAL bytes that begins a pattern is replaced at the end.
+        // Shorter suffixes cannot be, so only the starts leaving that much are searched
+        // (the stream would look at every start, for the next chunk's sake).
+        if self.ac.find(input).is_none() {
+            let from = input.len().saturating_sub(self.longest.saturating_sub(1));
+            let last = input.len().checked_sub(MIN_PARTIAL)?;
+            let start = (from..=last)
+                .find(|&s| self.first[usize::from(input[s])] && self.begins_pattern(&input[s..]))?;
+            let r = self.partial_replacement(&input[start..])?;
+            let mut out = input[..start].to_vec();
+            out.extend_from_slice(r);
+            return Some(out);
+        }
         let mut s = ScrubStream::new(Arc::clone(self));
         let mut out = s.feed(Bytes::copy_from_slice(input)).to_vec();
         out.extend_from_slice(&s.finish());
@@ -405,6 +419,37 @@ mod tests {
             sc.scrub_all(format!("Bearer {SECRET}").as_bytes()),
             Some(format!("Bearer {PH}").into_bytes())
         );
+    }
+
+    /// `scrub_all`'s shortcut for values with no whole match answers exactly what feeding
+    /// the value to a stream and finishing it does: every cut of every pattern, after text
+    /// and on its own, long and short tails.
+    #[test]
+    fn scrub_all_answers_as_a_finished_stream_does() {
+        let sc = scrubber();
+        let streamed = |input: &[u8]| {
+            let mut s = ScrubStream::new(Arc::clone(&sc));
+            let mut out = s.feed(Bytes::copy_from_slice(input)).to_vec();
+            out.extend_from_slice(&s.finish());
+            (s.replaced() > 0).then_some(out)
+        };
+        let mut checked = 0;
+        for form in &sc.forms {
+            for cut in 0..=form.pattern.len() {
+                for before in [&b""[..], b"x", b"key=", b"a long value before the cut: "] {
+                    let mut input = before.to_vec();
+                    input.extend_from_slice(&form.pattern[..cut]);
+                    assert_eq!(sc.scrub_all(&input), streamed(&input), "{input:?}");
+                    input.extend_from_slice(b" after");
+                    assert_eq!(sc.scrub_all(&input), streamed(&input), "{input:?}");
+                    checked += 2;
+                }
+            }
+        }
+        assert!(checked > 100, "{checked}");
+        let cut = &SECRET.as_bytes()[..MIN_PARTIAL];
+        assert_eq!(sc.scrub_all(cut), Some(PH.as_bytes().to_vec()));
+        assert_eq!(sc.scrub_all(&cut[..MIN_PARTIAL - 1]), None);
     }
 
     #[test]

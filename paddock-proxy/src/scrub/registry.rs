@@ -5,6 +5,7 @@
 //! quoting a stored key). So once a secret has gone to a host, every later response from that
 //! host to the same run is scrubbed of it, on every connection of the run.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -44,12 +45,32 @@ impl ScrubRegistry {
     /// secret is new. On error nothing changes, and the caller must not forward the request:
     /// its responses could not be scrubbed.
     pub fn add(&self, host: &str, pairs: &[SecretPair]) -> Result<(), BuildError> {
-        if pairs.is_empty() {
-            return Ok(());
-        }
-        let key = host.to_ascii_lowercase();
+        self.add_and_get(host, pairs).map(drop)
+    }
+
+    /// [`Self::add`], then [`Self::for_host`], under one lock.
+    ///
+    /// # Errors
+    /// As [`Self::add`]: nothing changes, and the request must not be forwarded.
+    pub fn add_and_get(
+        &self,
+        host: &str,
+        pairs: &[SecretPair],
+    ) -> Result<Option<Arc<Scrubber>>, BuildError> {
+        let key = lowercase(host);
         let mut hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
-        let entry = hosts.entry(key).or_default();
+        if pairs.is_empty() {
+            return Ok(hosts.get(key.as_ref()).and_then(|h| h.scrubber.clone()));
+        }
+        // The same secrets as last time (a reused credential, every request of a run):
+        // already the newest, in this order, so nothing would move or be rebuilt.
+        if let Some(entry) = hosts.get(key.as_ref())
+            && entry.scrubber.is_some()
+            && entry.pairs.ends_with(pairs)
+        {
+            return Ok(entry.scrubber.clone());
+        }
+        let entry = hosts.entry(key.into_owned()).or_default();
         let mut merged = entry.pairs.clone();
         let mut changed = false;
         for p in pairs {
@@ -70,7 +91,7 @@ impl ScrubRegistry {
             entry.scrubber = Scrubber::new(&merged)?.map(Arc::new);
         }
         entry.pairs = merged;
-        Ok(())
+        Ok(entry.scrubber.clone())
     }
 
     /// The matcher for everything `host` was sent, if anything.
@@ -78,8 +99,17 @@ impl ScrubRegistry {
     pub fn for_host(&self, host: &str) -> Option<Arc<Scrubber>> {
         let hosts = self.hosts.lock().unwrap_or_else(PoisonError::into_inner);
         hosts
-            .get(&host.to_ascii_lowercase())
+            .get(lowercase(host).as_ref())
             .and_then(|h| h.scrubber.clone())
+    }
+}
+
+/// `host` in lower case, copied only when it is not already (names from the proxy are).
+fn lowercase(host: &str) -> Cow<'_, str> {
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
     }
 }
 
@@ -115,6 +145,33 @@ mod tests {
             &sc,
             &r.for_host("api.example.com").expect("scrubber")
         ));
+    }
+
+    /// Sending an older secret again makes it the newest, so the bound drops the other one;
+    /// the same secret twice in a row changes nothing and rebuilds nothing.
+    #[test]
+    fn a_secret_sent_again_is_the_newest() {
+        let r = ScrubRegistry::new();
+        let a = [pair("secret-a-aaaaaaaa", "PA")];
+        let b = [pair("secret-b-bbbbbbbb", "PB")];
+        r.add_and_get("h", &a).expect("add");
+        r.add_and_get("h", &b).expect("add");
+        let first = r.add_and_get("H", &a).expect("add").expect("scrubber");
+        let again = r.add_and_get("h", &a).expect("add").expect("scrubber");
+        assert!(Arc::ptr_eq(&first, &again));
+        for i in 0..MAX_SECRETS_PER_HOST - 1 {
+            r.add("h", &[pair(&format!("rotating-token-{i:04}"), "P")])
+                .expect("add");
+        }
+        let sc = r.for_host("h").expect("scrubber");
+        assert_eq!(sc.scrub_all(b"secret-a-aaaaaaaa"), Some(b"PA".to_vec()));
+        assert_eq!(sc.scrub_all(b"secret-b-bbbbbbbb"), None);
+        // A new placeholder for a known secret rebuilds the matcher.
+        let moved = r
+            .add_and_get("h", &[pair("secret-a-aaaaaaaa", "PA2")])
+            .expect("add")
+            .expect("scrubber");
+        assert_eq!(moved.scrub_all(b"secret-a-aaaaaaaa"), Some(b"PA2".to_vec()));
     }
 
     #[test]
