@@ -1,11 +1,18 @@
-//! The floor under any TLS-terminating proxy built as Paddock's is, for `cargo xtask bench
+//! The floors under any TLS-terminating proxy built as Paddock's is, for `cargo xtask bench
 //! peers`: a relay on the same runtime (tokio, one worker by default) and the same TLS stack
 //! (rustls with Paddock's own crypto providers and suite order) that answers a `CONNECT`,
 //! terminates the client's TLS with a fixed certificate, opens one TLS connection upstream
-//! per client connection, and then copies decrypted bytes between the two legs. It parses no
-//! HTTP, checks no policy, writes no audit line and rewrites nothing, so what it spends per
-//! keep-alive request is the cost of two TLS legs and four socket calls on this kernel, which
-//! no HTTP processing can take away. Never a product path: a bench reference only.
+//! per client connection, and then either
+//! - copies decrypted bytes between the two legs ([`Floor::Bytes`]): no HTTP parsed, no
+//!   policy, no audit, nothing rewritten, so what it spends per keep-alive request is the
+//!   cost of two TLS legs and four socket calls on this kernel, which no HTTP processing
+//!   can take away; or
+//! - forwards each HTTP/1.1 request with hyper ([`Floor::Hyper`]): hyper's server on the
+//!   client leg, hyper's client connection upstream (its own task, as hyper-util's pool runs
+//!   it), the request and response passed on untouched. What it spends above the byte relay
+//!   is the HTTP machinery Paddock is built on; what Paddock spends above it is Paddock's own.
+//!
+//! Never a product path: bench references only.
 
 use std::{io, net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -24,9 +31,19 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 const MAX_HEAD: usize = 8 * 1024;
 const TUNNEL_OK: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
 
+/// What a relay does between its two TLS legs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Floor {
+    /// Copies bytes.
+    Bytes,
+    /// Forwards HTTP/1.1 requests with hyper, untouched.
+    Hyper,
+}
+
 /// What the relay serves.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RelaySpec {
+    pub floor: Floor,
     /// Where it accepts `CONNECT`s.
     pub listen: SocketAddr,
     /// The one upstream every tunnel goes to, whatever the `CONNECT` names.
@@ -43,6 +60,7 @@ pub struct RelaySpec {
 /// The relay's two TLS configurations, built from Paddock's own pieces.
 #[derive(Clone)]
 pub struct Relay {
+    floor: Floor,
     acceptor: TlsAcceptor,
     connector: TlsConnector,
     upstream: SocketAddr,
@@ -81,6 +99,7 @@ impl Relay {
         }
         let client = UpstreamTls::with_roots(roots)?.client_config(UpstreamAlpn::Http11);
         Ok(Self {
+            floor: spec.floor,
             acceptor: TlsAcceptor::from(Arc::new(server)),
             connector: TlsConnector::from(client),
             upstream: spec.upstream,
@@ -121,6 +140,9 @@ impl Relay {
             .connect(self.server_name.clone(), up)
             .await
             .context("upstream TLS")?;
+        if self.floor == Floor::Hyper {
+            return forward_http(agent, up).await;
+        }
         match tokio::io::copy_bidirectional(&mut agent, &mut up).await {
             Ok(_) => Ok(()),
             // A client that closes without close_notify ends its tunnel, nothing more.
@@ -128,6 +150,38 @@ impl Relay {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// [`Floor::Hyper`]: hyper's HTTP/1.1 server on `agent`, each request sent as it came over
+/// hyper's client connection on `up`, whose answer goes back as it came.
+async fn forward_http<A, U>(agent: A, up: U) -> Result<()>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper::{Request, body::Incoming, service::service_fn};
+    use hyper_util::rt::TokioIo;
+
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(up)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            eprintln!("relay upstream: {e}");
+        }
+    });
+    // HTTP/1.1 answers one request at a time: the lock is never contended.
+    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let service = service_fn(move |req: Request<Incoming>| {
+        let sender = Arc::clone(&sender);
+        async move {
+            let mut sender = sender.lock().await;
+            sender.ready().await?;
+            sender.send_request(req).await
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(agent), service)
+        .await?;
+    Ok(())
 }
 
 /// Reads up to the blank line ending a `CONNECT` head; a client sends nothing after it until

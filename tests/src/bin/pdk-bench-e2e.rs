@@ -400,11 +400,50 @@ fn soak(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// `--profile PREFIX`: `perf record` (DWARF call graphs) of one `paddock-proxy run` per
+/// phase, MITM only to `PREFIX-mitm.data` and MITM + substitution to `PREFIX-subst.data`,
+/// each running its phase's `wrk` for 10 s after a 1 s warm-up; perf follows the run's
+/// children too (report with `--comm paddock-proxy`). Prints each phase's rate, so samples
+/// per request compare the phases' CPU. Nothing is recorded in BENCHMARKS.md.
+fn profile(lab: &Lab, prefix: &str) -> Result<()> {
+    for (name, placeholder) in [("mitm", false), ("subst", true)] {
+        let d = lab.dir.path();
+        let agent = format!(
+            "set -e; {} >/dev/null; echo '== {name}'; {}",
+            agent_wrk(1, placeholder),
+            agent_wrk(10, placeholder)
+        );
+        let audit = d.join(format!("audit-profile-{name}.jsonl"));
+        let proxy = lab.run_command(&format!("bench-e2e-profile-{name}"), &audit, &agent);
+        let out_file = format!("{prefix}-{name}.data");
+        let mut cmd = Command::new("perf");
+        cmd.args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
+            .arg(&out_file)
+            .arg("--")
+            .arg(proxy.get_program())
+            .args(proxy.get_args())
+            .envs(proxy.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))))
+            .current_dir("/");
+        let out = run(&mut cmd, &Placement::default());
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("profile {name}: {}\n{text}", out.status);
+        }
+        let sample = wrk::parse(text.split(&format!("== {name}")).nth(1).unwrap_or(&text))?;
+        eprintln!(
+            "bench e2e profile: {name}: {:.0} requests/s for 10 s; perf data in {out_file}",
+            sample.per_sec
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("bench e2e needs root (paddock-proxy run: eBPF, cgroups; namespaces)");
     }
     let soak_only = std::env::args().any(|a| a == "--soak");
+    let profile_to = std::env::args().skip_while(|a| a != "--profile").nth(1);
     // The DNS responder runs on this runtime.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -414,6 +453,9 @@ fn main() -> Result<()> {
     let lab = Lab::new()?;
     if soak_only {
         return soak(&lab);
+    }
+    if let Some(prefix) = profile_to {
+        return profile(&lab, &prefix);
     }
 
     // Warm the direct path (nginx, page cache) too.

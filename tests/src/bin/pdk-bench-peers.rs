@@ -26,7 +26,7 @@ use paddock_tests::{
     peers::{self, PaddockServe, Squid},
     process::{Placement, place, target_bin},
     proxied::{Nginx, make_upstream_certs},
-    relay::{Relay, RelaySpec},
+    relay::{Floor, Relay, RelaySpec},
     topology::UPSTREAM_V4,
     wrk::{cpus, kernel},
 };
@@ -41,6 +41,7 @@ const ROUNDS: usize = 3;
 const SQUID: &str = "127.0.0.1:3129";
 const PADDOCK_CONNECT: &str = "127.0.0.1:3128";
 const RELAY: &str = "127.0.0.1:3130";
+const HYPER_RELAY: &str = "127.0.0.1:3131";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -50,15 +51,18 @@ enum Mode {
     PaddockTransparent,
     /// The floor: TLS on both legs and nothing else (`paddock_tests::relay`).
     Relay,
+    /// The next floor: TLS on both legs and hyper forwarding each request untouched.
+    HyperRelay,
 }
 
 impl Mode {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Direct,
         Self::Squid,
         Self::PaddockConnect,
         Self::PaddockTransparent,
         Self::Relay,
+        Self::HyperRelay,
     ];
     fn label(self) -> &'static str {
         match self {
@@ -66,14 +70,15 @@ impl Mode {
             Self::Squid => "squid ssl-bump (CONNECT)",
             Self::PaddockConnect => "Paddock cooperative (CONNECT)",
             Self::PaddockTransparent => "Paddock transparent (eBPF)",
-            Self::Relay => "TLS relay floor (CONNECT, no HTTP)",
+            Self::Relay => "floor: TLS relay, bytes (CONNECT)",
+            Self::HyperRelay => "floor: TLS relay, hyper HTTP/1.1 (CONNECT)",
         }
     }
 
-    /// The relay opens one upstream connection per client connection, so a new connection
+    /// The relays open one upstream connection per client connection, so a new connection
     /// per request would measure upstream handshakes Paddock's pool spares: keep-alive only.
     fn runs(self, w: Workload) -> bool {
-        self != Self::Relay || w == Workload::KeepAlive
+        !matches!(self, Self::Relay | Self::HyperRelay) || w == Workload::KeepAlive
     }
 }
 
@@ -112,6 +117,7 @@ impl Measurement {
 /// files last).
 struct Lab {
     relay: RelayProcess,
+    hyper_relay: RelayProcess,
     paddock: PaddockServe,
     squid: Squid,
     nginx: Nginx,
@@ -162,20 +168,26 @@ impl Lab {
             &upstream_ca,
             workers,
         )?;
-        let relay = RelayProcess::start(
-            &topo.agent,
-            &RelaySpec {
-                listen: RELAY.parse()?,
+        let relay_spec = |floor, listen: &str| -> Result<RelaySpec> {
+            Ok(RelaySpec {
+                floor,
+                listen: listen.parse()?,
                 upstream: SocketAddr::from((UPSTREAM_V4, 443)),
                 server_name: HOST.to_owned(),
                 cert: d.join("server.crt"),
                 key: d.join("server.key"),
                 upstream_ca: upstream_ca.clone(),
-            },
+            })
+        };
+        let relay = RelayProcess::start(&topo.agent, &relay_spec(Floor::Bytes, RELAY)?, workers)?;
+        let hyper_relay = RelayProcess::start(
+            &topo.agent,
+            &relay_spec(Floor::Hyper, HYPER_RELAY)?,
             workers,
         )?;
         Ok(Self {
             relay,
+            hyper_relay,
             paddock,
             squid,
             nginx,
@@ -201,9 +213,15 @@ impl Lab {
                 self.paddock.ca.clone(),
             ),
             Mode::PaddockTransparent => (host, None, self.paddock.ca.clone()),
-            // It presents nginx's own certificate.
-            Mode::Relay => (
-                RELAY.parse().expect("address"),
+            // They present nginx's own certificate.
+            Mode::Relay | Mode::HyperRelay => (
+                if mode == Mode::Relay {
+                    RELAY
+                } else {
+                    HYPER_RELAY
+                }
+                .parse()
+                .expect("address"),
                 tunnel,
                 self.dir.path().join("test-ca.crt"),
             ),
@@ -226,6 +244,7 @@ impl Lab {
             Mode::Squid => Some(self.squid.pid()),
             Mode::PaddockConnect | Mode::PaddockTransparent => Some(self.paddock.pid()),
             Mode::Relay => Some(self.relay.pid()),
+            Mode::HyperRelay => Some(self.hyper_relay.pid()),
         }
     }
 
@@ -558,10 +577,10 @@ fn git_commit() -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// `pdk-bench-peers profile [FILE] [new|relay]`: `perf record` (call graphs by DWARF
+/// `pdk-bench-peers profile [FILE] [new|relay|hyper-relay]`: `perf record` (call graphs by DWARF
 /// unwinding) of the Paddock process in `CONNECT` mode during 10 s of keep-alive load, or of
-/// a new connection per request with `new`, or of the TLS relay floor's process under
-/// keep-alive with `relay`; written to FILE for `perf report`. With `PDK_PERF_EVENTS=LIST`
+/// a new connection per request with `new`, or of a relay floor's process under keep-alive
+/// with `relay` or `hyper-relay`; written to FILE for `perf report`. With `PDK_PERF_EVENTS=LIST`
 /// it runs `perf stat -e LIST` instead (system calls, context switches per request: divide
 /// by the request count it prints). Nothing is recorded in BENCHMARKS.md.
 fn profile(lab: &Lab, out: &str, mode: Mode, workload: Workload) -> Result<()> {
@@ -625,6 +644,7 @@ fn main() -> Result<()> {
         let (mode, workload) = match args.get(3).map(String::as_str) {
             Some("new") => (Mode::PaddockConnect, Workload::NewConnection),
             Some("relay") => (Mode::Relay, Workload::KeepAlive),
+            Some("hyper-relay") => (Mode::HyperRelay, Workload::KeepAlive),
             _ => (Mode::PaddockConnect, Workload::KeepAlive),
         };
         return profile(
@@ -773,23 +793,32 @@ fn print_section(get: &dyn Fn(Mode, Workload) -> Result<Measurement>) -> Result<
         met(ka_c.min(ka_t) >= 3.0),
         met(cpu_c.max(cpu_t) <= 1.5),
     );
-    let floor = get(Mode::Relay, Workload::KeepAlive)?;
-    let floor_us = floor.per_request(floor.proxy_ticks.unwrap_or(0));
-    let proxy_ka =
-        |mode| get(mode, Workload::KeepAlive).map(|m| m.per_request(m.proxy_ticks.unwrap_or(0)));
+    let proxy_ka = |mode| {
+        get(mode, Workload::KeepAlive).map(|m| {
+            let proxy = m.per_request(m.proxy_ticks.unwrap_or(0));
+            (proxy, proxy / m.per_request(m.nginx_ticks))
+        })
+    };
+    let (bytes, bytes_x) = proxy_ka(Mode::Relay)?;
+    let (hyper, hyper_x) = proxy_ka(Mode::HyperRelay)?;
+    let (coop, _) = proxy_ka(Mode::PaddockConnect)?;
+    let (transparent, _) = proxy_ka(Mode::PaddockTransparent)?;
     println!(
-        "\nThe TLS relay floor (`paddock_tests::relay`: the same runtime and worker count, \
-         rustls with Paddock's own providers and suite order, the `CONNECT` answered, both \
-         handshakes, then decrypted bytes copied both ways; no HTTP parsed, nothing checked, \
-         rewritten or audited, one upstream connection per client connection) spends {floor_us:.1} \
-         us per keep-alive request, {:.2}x nginx's own: two TLS legs and four socket calls per \
-         request cost no more than nginx serving the request. Paddock spends {:.1} us \
-         (cooperative) and {:.1} us (transparent) more than the floor per request, its HTTP \
-         work: both legs' parsing and encoding, policy, header rewriting, the upstream pool \
-         and dispatch.",
-        floor_us / floor.per_request(floor.nginx_ticks),
-        proxy_ka(Mode::PaddockConnect)? - floor_us,
-        proxy_ka(Mode::PaddockTransparent)? - floor_us,
+        "\nThe two floors (`paddock_tests::relay`, keep-alive only: each opens one upstream \
+         connection per client connection) run on the same runtime with the same worker \
+         count and rustls with Paddock's own providers and suite order; each answers the \
+         `CONNECT`, presents nginx's certificate and completes both handshakes. The byte \
+         relay then copies decrypted bytes both ways (no HTTP parsed, nothing checked, \
+         rewritten or audited): {bytes:.1} us per keep-alive request, {bytes_x:.2}x nginx's \
+         own, the cost of two TLS legs and four socket calls. The hyper relay forwards each \
+         request untouched with hyper's HTTP/1.1 server and client connection (its own task, \
+         as hyper-util's pool runs it): {hyper:.1} us, {hyper_x:.2}x nginx's. Per request, \
+         hyper's HTTP/1.1 machinery costs {:.1} us over the byte relay and Paddock's own work \
+         (policy, rewriting, pool, wrappers) {:.1} us (cooperative) and {:.1} us \
+         (transparent) over the hyper relay.",
+        hyper - bytes,
+        coop - hyper,
+        transparent - hyper,
     );
     let nginx_nc = |mode| get(mode, Workload::NewConnection).map(|m| m.per_request(m.nginx_ticks));
     println!(
