@@ -815,10 +815,15 @@ fn print_section(get: &dyn Fn(Mode, Workload) -> Result<Measurement>) -> Result<
          as hyper-util's pool runs it): {hyper:.1} us, {hyper_x:.2}x nginx's. Per request, \
          hyper's HTTP/1.1 machinery costs {:.1} us over the byte relay and Paddock's own work \
          (policy, rewriting, pool, wrappers) {:.1} us (cooperative) and {:.1} us \
-         (transparent) over the hyper relay.",
+         (transparent) over the hyper relay. Keep-alive rate against squid's: the byte relay \
+         {:.2}x, the hyper relay {:.2}x; the load generator and nginx share the same {} CPUs, \
+         so a proxy that did nothing at all would serve little more.",
         hyper - bytes,
         coop - hyper,
         transparent - hyper,
+        vs_squid(Mode::Relay, Workload::KeepAlive)?,
+        vs_squid(Mode::HyperRelay, Workload::KeepAlive)?,
+        cpus(),
     );
     let nginx_nc = |mode| get(mode, Workload::NewConnection).map(|m| m.per_request(m.nginx_ticks));
     println!(
