@@ -37,7 +37,9 @@ const PATH: &str = "/hello.txt";
 const CONNECTIONS: usize = 8;
 const SECONDS: u64 = 5;
 const WARM_MS: u64 = 1000;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
+/// `workers` starts a lab per worker count and round: fewer rounds keep it near ten minutes.
+const WORKER_ROUNDS: usize = 3;
 const SQUID: &str = "127.0.0.1:3129";
 const PADDOCK_CONNECT: &str = "127.0.0.1:3128";
 const RELAY: &str = "127.0.0.1:3130";
@@ -464,14 +466,14 @@ impl Drop for RelayProcess {
 }
 
 /// `pdk-bench-peers workers` (`cargo xtask bench workers`): Paddock with one and with two
-/// runtime worker threads, each in a fresh lab (a new proxy process), {ROUNDS} rounds with
+/// runtime worker threads, each in a fresh lab (a new proxy process), three rounds with
 /// the order alternating; direct and both Paddock modes, both workloads. Prints a markdown
 /// section for BENCHMARKS.md.
 fn workers_main() -> Result<()> {
     const COUNTS: [usize; 2] = [1, 2];
     const MODES: [Mode; 3] = [Mode::Direct, Mode::PaddockConnect, Mode::PaddockTransparent];
     let mut runs: Vec<((usize, Mode, Workload), Vec<Measurement>)> = Vec::new();
-    for round in 0..ROUNDS {
+    for round in 0..WORKER_ROUNDS {
         for i in 0..COUNTS.len() {
             let n = COUNTS[(i + round) % COUNTS.len()];
             let lab = Lab::new(Some(n))?;
@@ -484,7 +486,7 @@ fn workers_main() -> Result<()> {
                 for w in Workload::ALL {
                     let m = lab.measure(mode, w, SECONDS * 1000)?;
                     eprintln!(
-                        "bench workers: round {}/{ROUNDS}: {n} worker(s): {} {}: {:.0}/s",
+                        "bench workers: round {}/{WORKER_ROUNDS}: {n} worker(s): {} {}: {:.0}/s",
                         round + 1,
                         mode.label(),
                         w.label(),
@@ -506,7 +508,7 @@ fn workers_main() -> Result<()> {
         "The lab of `cargo xtask bench peers` (same load generator, nginx, {CONNECTIONS} \
          connections, {SECONDS} s per measurement, CPU from `/proc`), with `paddock-proxy \
          serve --worker-threads N` for N = 1 and 2. Each N gets a fresh lab (a new proxy \
-         process) per round, {ROUNDS} rounds, the order of N alternating; the table shows \
+         process) per round, {WORKER_ROUNDS} rounds, the order of N alternating; the table shows \
          the round with the median rate. Rates against direct are within the same lab. \
          {paddock}, kernel {kernel}, {cpus} CPUs shared by the client, the proxy and nginx.\n",
         paddock = paddock_version(),
@@ -690,8 +692,64 @@ fn main() -> Result<()> {
         }
     }
     drop(lab);
+    let rounds = by_round(&runs)?;
     let results = medians(runs);
-    print_section(&|mode, w| pick(&results, (mode, w)))
+    print_section(&|mode, w| pick(&results, (mode, w)))?;
+    println!("\n{rounds}");
+    Ok(())
+}
+
+/// The targets' figures round by round (each pair measured minutes apart in the same lab),
+/// so the spread behind each median is on record.
+fn by_round(runs: &[((Mode, Workload), Vec<Measurement>)]) -> Result<String> {
+    let of = |mode, w| {
+        runs.iter()
+            .find(|(k, _)| *k == (mode, w))
+            .map(|(_, v)| v.as_slice())
+            .context("missing measurements")
+    };
+    let list = |xs: Vec<f64>| {
+        xs.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let cpu = |mode| -> Result<String> {
+        Ok(list(
+            of(mode, Workload::KeepAlive)?
+                .iter()
+                .map(|m| m.per_request(m.proxy_ticks.unwrap_or(0)) / m.per_request(m.nginx_ticks))
+                .collect(),
+        ))
+    };
+    let rate = |mode, w| -> Result<String> {
+        let base = of(
+            if w == Workload::KeepAlive {
+                Mode::Squid
+            } else {
+                Mode::Direct
+            },
+            w,
+        )?;
+        Ok(list(
+            of(mode, w)?
+                .iter()
+                .zip(base)
+                .map(|(m, b)| m.result.per_sec() / b.result.per_sec())
+                .collect(),
+        ))
+    };
+    Ok(format!(
+        "Round by round (cooperative; transparent): proxy CPU per keep-alive request against \
+         nginx's {}; {}. Keep-alive rate against squid's in the same round {}; {}. New \
+         connection per request, rate against direct in the same round {}; {}.",
+        cpu(Mode::PaddockConnect)?,
+        cpu(Mode::PaddockTransparent)?,
+        rate(Mode::PaddockConnect, Workload::KeepAlive)?,
+        rate(Mode::PaddockTransparent, Workload::KeepAlive)?,
+        rate(Mode::PaddockConnect, Workload::NewConnection)?,
+        rate(Mode::PaddockTransparent, Workload::NewConnection)?,
+    ))
 }
 
 #[expect(
