@@ -111,8 +111,14 @@ impl Relay {
     /// ends only that connection.
     pub async fn serve(self, listener: TcpListener) {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of descriptors, say: wait instead of spinning on the error.
+                    eprintln!("relay accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             let relay = self.clone();
             tokio::spawn(async move {
