@@ -753,14 +753,7 @@ drain_timeout_secs = 1
             .arg("--token-file")
             .arg(d.join("operator.key"))
             .args(["-n", NAMESPACE, &self.pods[i].run]);
-        place(
-            &mut cmd,
-            &Placement {
-                netns: Some(&self.node),
-                cgroup: None,
-                user: None,
-            },
-        );
+        place(&mut cmd, &Placement::netns(&self.node));
         cmd
     }
 

@@ -23,6 +23,17 @@ pub struct Placement<'a> {
     pub user: Option<u32>,
 }
 
+impl<'a> Placement<'a> {
+    /// In `ns`, in this process's cgroup, as this user.
+    #[must_use]
+    pub fn netns(ns: &'a Netns) -> Self {
+        Self {
+            netns: Some(ns),
+            ..Self::default()
+        }
+    }
+}
+
 /// Prepare `cmd` to start in the given namespace and cgroup. The files are opened here, in the
 /// parent; the child only calls `setns(2)` and `write(2)`, which are async-signal-safe.
 pub fn place(cmd: &mut Command, at: &Placement<'_>) {

@@ -229,14 +229,7 @@ http {{
             .arg(&conf_path)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        place(
-            &mut cmd,
-            &Placement {
-                netns: Some(ns),
-                cgroup: None,
-                user: None,
-            },
-        );
+        place(&mut cmd, &Placement::netns(ns));
         let child = cmd
             .spawn()
             .expect("spawn nginx (apt-get install nginx-light)");

@@ -42,14 +42,7 @@ impl PyServer {
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        place(
-            &mut cmd,
-            &Placement {
-                netns: Some(ns),
-                cgroup: None,
-                user: None,
-            },
-        );
+        place(&mut cmd, &Placement::netns(ns));
         // Owned by the guard at once, so every path below kills and reaps it.
         let server = Self {
             child: cmd.spawn().expect("start python3"),

@@ -433,14 +433,7 @@ impl RelayProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        place(
-            &mut cmd,
-            &Placement {
-                netns: Some(ns),
-                cgroup: None,
-                user: None,
-            },
-        );
+        place(&mut cmd, &Placement::netns(ns));
         let mut child = cmd.spawn().context("spawn the relay")?;
         let stdout = child.stdout.take().context("relay stdout")?;
         let me = Self { child };
