@@ -17,12 +17,15 @@
 use std::{io, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result, bail};
-use paddock_proxy::tls::{UpstreamAlpn, UpstreamTls, agent_facing_provider};
+use paddock_proxy::{
+    proxy::io::read_head,
+    tls::{UpstreamAlpn, UpstreamTls, agent_facing_provider},
+};
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
 };
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -136,7 +139,11 @@ impl Relay {
     /// Any I/O or TLS failure on either leg, or a `CONNECT` head over 8 KiB.
     pub async fn tunnel(&self, mut tcp: TcpStream) -> Result<()> {
         tcp.set_nodelay(true)?;
-        read_connect_head(&mut tcp).await?;
+        // A client sends nothing after the head until it has the answer.
+        let (head, _) = read_head(&mut tcp, MAX_HEAD).await?;
+        if !head.starts_with(b"CONNECT ") {
+            bail!("not a CONNECT");
+        }
         tcp.write_all(TUNNEL_OK).await?;
         let mut agent = self.acceptor.accept(tcp).await.context("client TLS")?;
         let up = TcpStream::connect(self.upstream).await?;
@@ -188,27 +195,4 @@ where
         .serve_connection(TokioIo::new(agent), service)
         .await?;
     Ok(())
-}
-
-/// Reads up to the blank line ending a `CONNECT` head; a client sends nothing after it until
-/// it has the answer, so nothing is read past it.
-async fn read_connect_head(tcp: &mut TcpStream) -> Result<()> {
-    let mut head = Vec::with_capacity(256);
-    let mut buf = [0u8; 512];
-    loop {
-        let n = tcp.read(&mut buf).await?;
-        if n == 0 {
-            bail!("the client closed before ending its CONNECT head");
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.ends_with(b"\r\n\r\n") {
-            if !head.starts_with(b"CONNECT ") {
-                bail!("not a CONNECT");
-            }
-            return Ok(());
-        }
-        if head.len() > MAX_HEAD {
-            bail!("CONNECT head over {MAX_HEAD} bytes");
-        }
-    }
 }

@@ -112,10 +112,7 @@ impl Scrubber {
         // Shorter suffixes cannot be, so only the starts leaving that much are searched
         // (the stream would look at every start, for the next chunk's sake).
         if self.ac.find(input).is_none() {
-            let from = input.len().saturating_sub(self.longest.saturating_sub(1));
-            let last = input.len().checked_sub(MIN_PARTIAL)?;
-            let start = (from..=last)
-                .find(|&s| self.first[usize::from(input[s])] && self.begins_pattern(&input[s..]))?;
+            let start = self.tail_start(input, 0, MIN_PARTIAL)?;
             let r = self.partial_replacement(&input[start..])?;
             let mut out = input[..start].to_vec();
             out.extend_from_slice(r);
@@ -129,16 +126,15 @@ impl Scrubber {
 
     /// Start of the longest suffix of `buf[from..]` that is a proper prefix of a pattern.
     fn held_tail(&self, buf: &[u8], from: usize) -> usize {
+        self.tail_start(buf, from, 1).unwrap_or(buf.len())
+    }
+
+    /// Start of the longest suffix of `buf[from..]`, at least `min` bytes long, that is a
+    /// proper prefix of a pattern.
+    fn tail_start(&self, buf: &[u8], from: usize, min: usize) -> Option<usize> {
         let start = from.max(buf.len().saturating_sub(self.longest.saturating_sub(1)));
-        for s in start..buf.len() {
-            if !self.first[usize::from(buf[s])] {
-                continue;
-            }
-            if self.begins_pattern(&buf[s..]) {
-                return s;
-            }
-        }
-        buf.len()
+        let last = buf.len().checked_sub(min)?;
+        (start..=last).find(|&s| self.first[usize::from(buf[s])] && self.begins_pattern(&buf[s..]))
     }
 
     /// Whether `tail` is a proper prefix of some pattern. The patterns starting with `tail`

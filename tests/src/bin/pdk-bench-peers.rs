@@ -80,7 +80,16 @@ impl Mode {
     /// The relays open one upstream connection per client connection, so a new connection
     /// per request would measure upstream handshakes Paddock's pool spares: keep-alive only.
     fn runs(self, w: Workload) -> bool {
-        !matches!(self, Self::Relay | Self::HyperRelay) || w == Workload::KeepAlive
+        self.relay_addr().is_none() || w == Workload::KeepAlive
+    }
+
+    /// Where a floor's relay listens.
+    fn relay_addr(self) -> Option<&'static str> {
+        match self {
+            Self::Relay => Some(RELAY),
+            Self::HyperRelay => Some(HYPER_RELAY),
+            _ => None,
+        }
     }
 }
 
@@ -217,13 +226,7 @@ impl Lab {
             Mode::PaddockTransparent => (host, None, self.paddock.ca.clone()),
             // They present nginx's own certificate.
             Mode::Relay | Mode::HyperRelay => (
-                if mode == Mode::Relay {
-                    RELAY
-                } else {
-                    HYPER_RELAY
-                }
-                .parse()
-                .expect("address"),
+                mode.relay_addr().unwrap_or(RELAY).parse().expect("address"),
                 tunnel,
                 self.dir.path().join("test-ca.crt"),
             ),
