@@ -410,10 +410,9 @@ fn relay_main(spec: &str, workers: Option<&String>) -> Result<()> {
         None => paddock_workers().get(),
     };
     // The same runtime flavour and size as the Paddock under test.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()?;
+    let rt = paddock_app::runtime::build(
+        std::num::NonZeroUsize::new(workers).context("relay worker count is zero")?,
+    )?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(spec.listen).await?;
         println!("ready");
