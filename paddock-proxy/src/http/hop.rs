@@ -84,37 +84,43 @@ fn is_hop_name(name: &HeaderName) -> bool {
 
 fn strip_present(headers: &mut HeaderMap) {
     // Collect first: the listed names are removed too, and a listed name may be an
-    // end-to-end header the agent wants gone from this hop only.
-    let listed: Vec<HeaderName> = connection_tokens(headers)
+    // end-to-end header the agent wants gone from this hop only. Only names the head
+    // carries are removed: a removal is a hashed lookup, and most heads that get here carry
+    // one or two hop-by-hop names (an upstream's `Connection: keep-alive`), not all eight.
+    let mut doomed: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    for name in listed {
-        headers.remove(name);
+    let mut has_te = false;
+    for name in headers.keys() {
+        if *name == header::TE {
+            has_te = true;
+        } else if is_hop_name(name) {
+            doomed.push(name.clone());
+        }
     }
     // A message that arrived chunked must not carry Content-Length on (RFC 9112 6.3):
     // the forwarded framing is hyper's to decide.
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        headers.remove(header::CONTENT_LENGTH);
+    if doomed.contains(&header::TRANSFER_ENCODING) {
+        doomed.push(header::CONTENT_LENGTH);
     }
-    for name in &ALWAYS_HOP {
+    for name in doomed {
         headers.remove(name);
     }
-    for name in ALWAYS_HOP_NAMES {
-        headers.remove(name);
-    }
-    let keeps_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            t.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    headers.remove(header::TE);
-    if keeps_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if has_te {
+        let keeps_trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+        headers.remove(header::TE);
+        if keeps_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
 }
 
@@ -208,6 +214,29 @@ mod tests {
                 input: &[("transfer-encoding", "chunked"), ("content-length", "10")],
                 keep_upgrade: false,
                 expected: &[],
+            },
+            Case {
+                // Framing is judged on the message as received: listing Transfer-Encoding
+                // in Connection must not leave a stale Content-Length on.
+                name: "chunked framing drops content-length even when Connection lists it",
+                input: &[
+                    ("connection", "transfer-encoding"),
+                    ("transfer-encoding", "chunked"),
+                    ("content-length", "10"),
+                ],
+                keep_upgrade: false,
+                expected: &[],
+            },
+            Case {
+                name: "only the listed and hop-by-hop names go",
+                input: &[
+                    ("connection", "keep-alive"),
+                    ("server", "nginx"),
+                    ("content-length", "25"),
+                    ("etag", "\"x\""),
+                ],
+                keep_upgrade: false,
+                expected: &["content-length=25", "etag=\"x\"", "server=nginx"],
             },
             Case {
                 name: "te keeps only trailers",
