@@ -139,9 +139,13 @@ impl EgressRecheck {
     /// The re-check of one connection, to `req`'s destination.
     #[must_use]
     pub fn for_connection(self: &Arc<Self>, req: EgressRequest) -> ConnectionRecheck {
+        // Looked up once: the connection's requests then share the destination's answer
+        // without hashing the destination each time.
+        let slot = self.slot(&req);
         ConnectionRecheck {
             recheck: Arc::clone(self),
             req,
+            slot,
         }
     }
 
@@ -161,7 +165,16 @@ impl EgressRecheck {
     /// policy (one check per destination at a time): a refusal is [`RecheckError::Denied`],
     /// a failed check [`RecheckError::Unavailable`].
     pub async fn check(&self, req: &EgressRequest) -> Result<(), RecheckError> {
-        let slot = self.slot(req);
+        self.check_in(&self.slot(req), req).await
+    }
+
+    /// [`Self::check`] with `req`'s slot already found. A slot dropped from the map (full)
+    /// stays valid for whoever holds it: it only stops being shared with newcomers.
+    async fn check_in(
+        &self,
+        slot: &tokio::sync::Mutex<Slot>,
+        req: &EgressRequest,
+    ) -> Result<(), RecheckError> {
         let mut slot = slot.lock().await;
         // Read before asking: a change after this makes the answer stale, never the reverse.
         let generation = self.policy.generation();
@@ -204,12 +217,14 @@ impl EgressRecheck {
 pub struct ConnectionRecheck {
     recheck: Arc<EgressRecheck>,
     req: EgressRequest,
+    /// `req`'s slot in `recheck`, shared with every connection to the same destination.
+    slot: Arc<tokio::sync::Mutex<Slot>>,
 }
 
 impl ConnectionRecheck {
     /// Whether the connection's destination is still allowed (see [`EgressRecheck::check`]).
     pub async fn check(&self) -> Result<(), RecheckError> {
-        self.recheck.check(&self.req).await
+        self.recheck.check_in(&self.slot, &self.req).await
     }
 
     /// How often an open tunnel of this connection is re-checked.
@@ -314,6 +329,43 @@ mod tests {
             assert_eq!(err.reason(), "egress_unavailable");
         }
         assert_eq!(policy.calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// A connection keeps the slot it was given when the map is emptied for being full:
+    /// its answer still covers it, and a policy change still reaches it.
+    #[tokio::test]
+    async fn a_connection_keeps_its_answer_when_the_map_is_emptied() {
+        let policy = counting(ALLOW);
+        *policy.generation.lock().expect("gen") = Some(1);
+        let recheck = Arc::new(EgressRecheck::new(
+            policy.clone(),
+            Duration::from_millis(20),
+        ));
+        let conn = recheck.for_connection(req());
+        conn.check().await.expect("allowed");
+        let fill = u16::try_from(MAX_ENTRIES).expect("fits") + 1;
+        for port in 1..=fill {
+            let other = EgressRequest::new("run-1", "other.test", port, Mode::Transparent)
+                .expect("request");
+            drop(recheck.for_connection(other));
+        }
+        assert!(
+            !lock_slots(&recheck).contains_key(&req()),
+            "the map was emptied"
+        );
+        // Past the interval, on an unchanged generation: kept, not asked again.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        conn.check().await.expect("still covered");
+        assert_eq!(policy.calls.load(Ordering::SeqCst), 1);
+        *policy.policy.lock().expect("policy") = StaticPolicy::from_toml_str("").expect("empty");
+        *policy.generation.lock().expect("gen") = Some(2);
+        conn.check().await.expect_err("the change reaches it");
+    }
+
+    fn lock_slots(
+        recheck: &EgressRecheck,
+    ) -> std::sync::MutexGuard<'_, HashMap<EgressRequest, Arc<tokio::sync::Mutex<Slot>>>> {
+        recheck.slots.lock().expect("slots")
     }
 
     #[tokio::test]
