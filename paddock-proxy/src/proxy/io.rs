@@ -4,7 +4,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -28,6 +28,11 @@ pub struct IdleIo<T> {
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
     last_activity: Instant,
+    /// The waker `deadline` was last polled with. Polling a timer registers the waker again
+    /// (atomics and the coop budget), once per pending read or write: several times per
+    /// request. While that waker is still the one asking and the timer has not fired, the
+    /// registration stands.
+    registered: Option<Waker>,
     counter: Option<(Counter, Counter)>,
 }
 
@@ -52,6 +57,7 @@ impl<T> IdleIo<T> {
             timeout,
             deadline: Box::pin(tokio::time::sleep(timeout)),
             last_activity: Instant::now(),
+            registered: None,
             counter: counter.map(|(m, r, w)| (m.byte_counter(r), m.byte_counter(w))),
         }
     }
@@ -66,6 +72,14 @@ impl<T> IdleIo<T> {
     }
 
     fn check_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        if !self.deadline.is_elapsed()
+            && self
+                .registered
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
         loop {
             match self.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => {
@@ -80,7 +94,10 @@ impl<T> IdleIo<T> {
                         format!("idle for {:?}", self.timeout),
                     ));
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.registered = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
             }
         }
     }
@@ -258,6 +275,34 @@ mod tests {
         // Activity at t=6 moves the deadline to t=16.
         let start = Instant::now();
         let err = idle.read(&mut buf).await.expect_err("idle");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+    }
+
+    /// The timer's registration is kept while the same task asks; a read polled by another
+    /// waker must register that one, or the idle timeout would never wake it.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timer_wakes_whoever_polled_last() {
+        let (_a, b) = tokio::io::duplex(64);
+        let mut idle = IdleIo::new(b, Duration::from_secs(10), None);
+        let mut buf = [0u8; 8];
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut read = ReadBuf::new(&mut buf);
+        assert!(
+            Pin::new(&mut idle)
+                .poll_read(&mut cx, &mut read)
+                .is_pending()
+        );
+        assert!(
+            Pin::new(&mut idle)
+                .poll_read(&mut cx, &mut read)
+                .is_pending()
+        );
+        let start = Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(20), idle.read(&mut buf))
+            .await
+            .expect("woken by the idle timer")
+            .expect_err("idle");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(start.elapsed(), Duration::from_secs(10));
     }
