@@ -68,7 +68,7 @@ pub fn default_here() -> NonZeroUsize {
 /// (BENCHMARKS.md, "What moved the peers numbers"), the current-thread runtime spent about
 /// 8 % less CPU per keep-alive request and served about 10 % more. Nothing on the proxy's
 /// async path may block for that to be safe; the one synchronous client that must
-/// (PostgreSQL) steps out to a thread of its own on this flavour.
+/// (the broker's `postgres` store) steps out to a thread of its own on this flavour.
 ///
 /// # Errors
 /// The runtime could not start (no threads, no epoll instance).
