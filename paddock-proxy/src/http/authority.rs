@@ -49,36 +49,55 @@ pub(crate) fn check(authority: &Authority, ctx: &RequestContext) -> Result<(), H
 /// The absolute URI the request is forwarded to: the connection's destination, never what
 /// the agent wrote, plus the agent's path and query.
 pub(crate) fn upstream_uri(ctx: &RequestContext, parts: &Parts) -> Result<Uri, HttpError> {
-    let scheme = if ctx.upstream_tls() {
-        Scheme::HTTPS
-    } else {
-        Scheme::HTTP
-    };
-    let default_port = if ctx.upstream_tls() { 443 } else { 80 };
-    let host = normalize(&ctx.host);
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_owned()
-    };
-    let authority = if ctx.port == default_port {
-        host
-    } else {
-        format!("{host}:{}", ctx.port)
-    };
-    let authority = Authority::try_from(authority)
-        .map_err(|_| HttpError::BadRequest("destination is not a valid authority"))?;
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::builder()
-        .scheme(scheme)
-        .authority(authority)
-        .path_and_query(path)
-        .build()
-        .map_err(|_| HttpError::BadRequest("cannot build upstream URI"))
+    UpstreamBase::of(ctx)?.uri(parts)
+}
+
+/// The scheme and authority of a connection's upstream URIs: the same for every request of
+/// the connection, so worked out once (formatting and parsing the authority allocates).
+#[derive(Clone, Debug)]
+pub(crate) struct UpstreamBase {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl UpstreamBase {
+    pub(crate) fn of(ctx: &RequestContext) -> Result<Self, HttpError> {
+        let scheme = if ctx.upstream_tls() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        let default_port = if ctx.upstream_tls() { 443 } else { 80 };
+        let host = normalize(&ctx.host);
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        let authority = if ctx.port == default_port {
+            host
+        } else {
+            format!("{host}:{}", ctx.port)
+        };
+        let authority = Authority::try_from(authority)
+            .map_err(|_| HttpError::BadRequest("destination is not a valid authority"))?;
+        Ok(Self { scheme, authority })
+    }
+
+    /// This destination plus the agent's path and query.
+    pub(crate) fn uri(&self, parts: &Parts) -> Result<Uri, HttpError> {
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|_| HttpError::BadRequest("cannot build upstream URI"))
+    }
 }
 
 fn normalize(host: &str) -> &str {

@@ -2,6 +2,8 @@
 
 use std::pin::Pin;
 
+use super::quiet::Quiet;
+
 /// Runs `conn` to completion, switching it to graceful shutdown if `shutdown` fires first.
 pub(crate) async fn drive<C, S>(
     conn: C,
@@ -14,7 +16,10 @@ where
 {
     tokio::pin!(conn);
     tokio::pin!(shutdown);
+    // Polled on every wake-up of the task, and ready about never (see `quiet`).
+    let mut shutdown = Quiet::new(shutdown);
     tokio::select! {
+        biased;
         out = conn.as_mut() => return out,
         () = &mut shutdown => graceful(conn.as_mut()),
     }

@@ -14,6 +14,7 @@
 //! forwarded when a step before forwarding failed. Every request that reaches the loop is
 //! audited once its status is decided ([`RequestAudit`]).
 
+mod affinity;
 mod audit;
 pub(crate) mod authority;
 mod body;
@@ -24,10 +25,13 @@ mod graceful;
 pub mod hop;
 mod limits;
 mod park;
+mod quiet;
 mod substitute;
 mod upgrade;
 mod upstream;
 
+#[cfg(test)]
+mod affinity_tests;
 #[cfg(test)]
 mod park_tests;
 #[cfg(test)]

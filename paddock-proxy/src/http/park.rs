@@ -38,6 +38,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::body::ProxyBody;
+use super::quiet::Quiet;
 use crate::net::prefixed::{PrefixedIo, next_bytes};
 
 /// What the parking decision knows about one HTTP/1.1 connection.
@@ -325,6 +326,15 @@ pub(crate) struct Timing {
     pub idle_for: Duration,
 }
 
+/// What a park does besides giving hyper's server back.
+pub(crate) struct OnPark<'a> {
+    /// Counts the parked connections.
+    pub metrics: Arc<crate::metrics::ProxyMetrics>,
+    /// Gives back what else the connection holds only while it serves: its upstream
+    /// connection.
+    pub release: &'a (dyn Fn() + Sync),
+}
+
 /// Serves HTTP/1.1 on `io` (whose first bytes have arrived) until the agent closes, the
 /// connection upgrades or `shutdown` drains it (parked or not), parking it whenever it is
 /// quiet for [`Timing::after`].
@@ -334,7 +344,7 @@ pub(crate) async fn serve<I, Svc, S>(
     service: Svc,
     activity: Arc<Activity>,
     timing: Timing,
-    metrics: Arc<crate::metrics::ProxyMetrics>,
+    on_park: &OnPark<'_>,
     shutdown: S,
 ) -> hyper::Result<()>
 where
@@ -369,7 +379,8 @@ where
         }
         // Even empty, it holds hyper's whole read buffer.
         drop(unparsed);
-        let _parked = metrics.track_parked();
+        (on_park.release)();
+        let _parked = on_park.metrics.track_parked();
         crate::heap::freed(SERVER_BYTES);
         let deadline = activity.last_done() + timing.idle_for;
         let next = next_bytes(
@@ -423,11 +434,15 @@ where
             service,
         )
         .with_upgrades();
-    let timer = tokio::time::sleep(after);
-    tokio::pin!(timer);
+    // Both polled on every wake-up of the task, and ready about never (see `quiet`).
+    let mut timer = Quiet::new(Box::pin(tokio::time::sleep(after)));
+    let mut shutdown = Quiet::new(&mut shutdown);
     let mut rechecking = true;
     loop {
         tokio::select! {
+            // In order: no random draw per wake-up, and the server, the one that is ever
+            // ready, first.
+            biased;
             out = &mut conn => {
                 out?;
                 return Ok(None);
@@ -439,7 +454,7 @@ where
             }
             () = &mut timer, if rechecking => match activity.check(Instant::now(), after) {
                 Check::Never => rechecking = false,
-                Check::RecheckAt(at) => timer.as_mut().reset(at),
+                Check::RecheckAt(at) => timer.inner_mut().as_mut().reset(at),
                 Check::Park => {
                     activity.parking.store(true, Ordering::Release);
                     Pin::new(&mut conn).graceful_shutdown();

@@ -24,6 +24,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::affinity::IdleH1;
 use super::error::ConnectError;
 use super::park::UpstreamBody;
 use super::{ALPN_H2, BoxFuture, HttpError, HttpLimits};
@@ -33,7 +34,7 @@ pub trait UpstreamIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> UpstreamIo for T {}
 
 /// Where to connect.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct UpstreamTarget {
     /// Destination name (lower case, no brackets for IPv6 literals).
     pub host: String,
@@ -110,7 +111,7 @@ impl tower_service::Service<Uri> for PoolConnector {
     }
 }
 
-fn target_of(uri: &Uri, allow_h2: bool) -> Option<UpstreamTarget> {
+pub(crate) fn target_of(uri: &Uri, allow_h2: bool) -> Option<UpstreamTarget> {
     let host = uri.host()?;
     let host = host
         .strip_prefix('[')
@@ -208,6 +209,16 @@ pub struct UpstreamPool {
     connect_timeout: Duration,
     response_timeout: Duration,
     h1_buf_size: usize,
+    h1_max_headers: Option<usize>,
+    /// HTTP/1.1 connections between two agent connections ([`super::affinity`]).
+    idle_h1: Arc<IdleH1>,
+}
+
+/// A freshly dialled destination, for an HTTP/1.1 agent connection.
+pub(crate) enum Dialed {
+    H1(http1::SendRequest<UpstreamBody>),
+    /// The destination chose h2; the stream was closed.
+    H2,
 }
 
 impl fmt::Debug for UpstreamPool {
@@ -247,6 +258,8 @@ impl UpstreamPool {
             connect_timeout: limits.upstream_connect_timeout,
             response_timeout: limits.upstream_response_timeout,
             h1_buf_size: limits.h1_buf_size(),
+            h1_max_headers: limits.h1_max_headers(),
+            idle_h1: IdleH1::new(limits.pool_max_idle_per_host, limits.pool_idle_timeout),
         }
     }
 
@@ -294,29 +307,60 @@ impl UpstreamPool {
         &self,
         uri: &Uri,
     ) -> Result<http1::SendRequest<UpstreamBody>, HttpError> {
-        let (host, port) = host_port(uri);
         let target = target_of(uri, false).ok_or(HttpError::BadRequest("no upstream host"))?;
-        let stream = dial(self.connector.as_ref(), &target, self.connect_timeout)
-            .await
-            .map_err(|f| connect_failure(&f, host.clone(), port))?;
-        if stream.alpn.as_deref() == Some(ALPN_H2) {
-            return Err(HttpError::UpgradeNotHttp1 { host, port });
+        match self.dial_h1(uri, &target).await? {
+            Dialed::H1(sender) => Ok(sender),
+            Dialed::H2 => {
+                let (host, port) = host_port(uri);
+                Err(HttpError::UpgradeNotHttp1 { host, port })
+            }
         }
-        let (sender, conn) = http1::Builder::new()
-            .max_buf_size(self.h1_buf_size)
+    }
+
+    /// Dials `target` (named by `uri` in errors) and starts an HTTP/1.1 client connection on
+    /// it, in a task of its own (with upgrades, for the tunnels), unless the destination
+    /// chose h2.
+    pub(crate) async fn dial_h1(
+        &self,
+        uri: &Uri,
+        target: &UpstreamTarget,
+    ) -> Result<Dialed, HttpError> {
+        let stream = dial(self.connector.as_ref(), target, self.connect_timeout)
+            .await
+            .map_err(|f| {
+                let (host, port) = host_port(uri);
+                connect_failure(&f, host, port)
+            })?;
+        if stream.alpn.as_deref() == Some(ALPN_H2) {
+            return Ok(Dialed::H2);
+        }
+        let mut builder = http1::Builder::new();
+        builder.max_buf_size(self.h1_buf_size);
+        if let Some(max) = self.h1_max_headers {
+            builder.max_headers(max);
+        }
+        let (sender, conn) = builder
             .handshake(TokioIo::new(stream.io))
             .await
-            .map_err(|e| HttpError::UpstreamRequest {
-                host: host.clone(),
-                port,
-                source: Box::new(e),
+            .map_err(|e| {
+                let (host, port) = host_port(uri);
+                HttpError::UpstreamRequest {
+                    host,
+                    port,
+                    source: Box::new(e),
+                }
             })?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
+                tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok(Dialed::H1(sender))
+    }
+
+    /// The run's idle HTTP/1.1 connections.
+    pub(crate) fn idle_h1(&self) -> &Arc<IdleH1> {
+        &self.idle_h1
     }
 
     pub(crate) fn response_timeout(&self) -> Duration {

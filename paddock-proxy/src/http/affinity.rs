@@ -1,0 +1,348 @@
+//! An HTTP/1.1 agent connection's own upstream connection.
+//!
+//! An HTTP/1.1 agent connection sends one request at a time, all to the one destination it
+//! was allowed for. So it keeps the hyper client handle of the upstream connection its last
+//! request used ([`Affinity`]) and sends the next request straight on it. Going through
+//! hyper-util's shared pool instead cost, per request, a checkout keyed by scheme and
+//! authority (hashed byte by byte), a clone of the whole client, two rewrites of the URI and
+//! several boxed futures: about 4 % of the proxy's CPU per keep-alive request in the peers
+//! lab (BENCHMARKS.md). The upstream connection still runs in a task of its own, as it did in
+//! the pool.
+//!
+//! What the pool did and this keeps:
+//! - **Reuse across agent connections.** When the agent connection parks or ends, its
+//!   upstream connection goes to the run's [`IdleH1`] store (at most `pool_max_idle_per_host`
+//!   per destination, closed after `pool_idle_timeout`), where the next agent connection to
+//!   that destination finds it: no dial, no TLS handshake.
+//! - **Retry of a request never written.** A reused connection that the upstream closed
+//!   while it was idle hands the request back unsent; it goes out once more on a new
+//!   connection. A request that was written is never sent twice.
+//! - **HTTP/2 upstreams.** A destination that chose h2 in ALPN is remembered for the run and
+//!   served by the shared pool, which multiplexes it; the one connection that found out is
+//!   closed.
+//! - **The response timeout**, from the request's hand-over to the response head.
+//!
+//! The key is the vetted destination ([`UpstreamTarget`]) inside one run's pool, as the
+//! pool's was: a connection is never shared between runs or destinations.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderValue, Request, Response, Uri, header};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+
+use super::park::UpstreamBody;
+use super::upstream::{Dialed, UpstreamTarget, host_port, target_of};
+use super::{HttpError, UpstreamPool};
+
+type Sender = SendRequest<UpstreamBody>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its value whole; a panic elsewhere must not stop traffic.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An upstream connection between two agent connections.
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+/// The idle HTTP/1.1 upstream connections of one run, by destination, and the destinations
+/// that answered with h2 (those go to the shared pool).
+pub(crate) struct IdleH1 {
+    by_target: Mutex<HashMap<UpstreamTarget, Vec<Idle>>>,
+    h2: Mutex<HashSet<UpstreamTarget>>,
+    max_per_target: usize,
+    idle_timeout: Duration,
+    sweeping: AtomicBool,
+}
+
+impl std::fmt::Debug for IdleH1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdleH1")
+            .field("targets", &lock(&self.by_target).len())
+            .field("max_per_target", &self.max_per_target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdleH1 {
+    pub(crate) fn new(max_per_target: usize, idle_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            by_target: Mutex::default(),
+            h2: Mutex::default(),
+            max_per_target,
+            idle_timeout,
+            sweeping: AtomicBool::new(false),
+        })
+    }
+
+    fn is_h2(&self, target: &UpstreamTarget) -> bool {
+        lock(&self.h2).contains(target)
+    }
+
+    fn mark_h2(&self, target: &UpstreamTarget) {
+        lock(&self.h2).insert(target.clone());
+    }
+
+    fn live(&self, idle: &Idle, now: Instant) -> bool {
+        now.duration_since(idle.since) < self.idle_timeout && !idle.sender.is_closed()
+    }
+
+    /// The most recently idled live connection to `target`, if any.
+    fn take(&self, target: &UpstreamTarget) -> Option<Sender> {
+        let now = Instant::now();
+        let mut map = lock(&self.by_target);
+        let idle = map.get_mut(target)?;
+        while let Some(conn) = idle.pop() {
+            if self.live(&conn, now) {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection that is ready for its next request; anything else is closed
+    /// (dropping the last handle ends the connection's task).
+    fn put(self: &Arc<Self>, target: UpstreamTarget, sender: Sender) {
+        if self.max_per_target == 0 || !sender.is_ready() {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut map = lock(&self.by_target);
+            let idle = map.entry(target).or_default();
+            idle.retain(|c| self.live(c, now));
+            if idle.len() >= self.max_per_target {
+                idle.remove(0);
+            }
+            idle.push(Idle { sender, since: now });
+        }
+        self.sweep_later();
+    }
+
+    /// Closes connections idle for longer than the timeout, also those to destinations no
+    /// agent connection comes back to. One task per run's store, ending with the store.
+    fn sweep_later(self: &Arc<Self>) {
+        if self.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.sweeping.store(false, Ordering::Release);
+            return;
+        };
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let every = self.idle_timeout.max(Duration::from_secs(1));
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(this) = weak.upgrade() else { return };
+                let now = Instant::now();
+                lock(&this.by_target).retain(|_, idle| {
+                    idle.retain(|c| this.live(c, now));
+                    !idle.is_empty()
+                });
+            }
+        });
+    }
+
+    #[cfg(test)]
+    pub(crate) fn idle_count(&self) -> usize {
+        lock(&self.by_target).values().map(Vec::len).sum()
+    }
+}
+
+/// Where this agent connection's requests go, worked out on its first request.
+struct Destination {
+    target: UpstreamTarget,
+    /// The absolute URI's authority, which every request of the connection carries.
+    authority: Authority,
+    host: HeaderValue,
+}
+
+#[derive(Default)]
+struct Slot {
+    destination: Option<Arc<Destination>>,
+    /// Out of the slot while a request is on its way.
+    sender: Option<Sender>,
+}
+
+/// The upstream connection of one HTTP/1.1 agent connection.
+pub(crate) struct Affinity {
+    idle: Arc<IdleH1>,
+    slot: Mutex<Slot>,
+}
+
+impl std::fmt::Debug for Affinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let slot = lock(&self.slot);
+        f.debug_struct("Affinity")
+            .field("target", &slot.destination.as_ref().map(|d| &d.target))
+            .field("connected", &slot.sender.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Affinity {
+    pub(crate) fn new(pool: &UpstreamPool) -> Self {
+        Self {
+            idle: Arc::clone(pool.idle_h1()),
+            slot: Mutex::default(),
+        }
+    }
+
+    /// Hands the upstream connection to the run's store (the agent connection parks or ends).
+    pub(crate) fn release(&self) {
+        let mut slot = lock(&self.slot);
+        let sender = slot.sender.take();
+        if let (Some(destination), Some(sender)) = (&slot.destination, sender) {
+            let target = destination.target.clone();
+            drop(slot);
+            self.idle.put(target, sender);
+        }
+    }
+
+    fn destination(&self, uri: &Uri) -> Result<Arc<Destination>, HttpError> {
+        let mut slot = lock(&self.slot);
+        if let Some(d) = &slot.destination
+            && uri.authority() == Some(&d.authority)
+        {
+            return Ok(Arc::clone(d));
+        }
+        let target = target_of(uri, true).ok_or(HttpError::BadRequest("no upstream host"))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or(HttpError::BadRequest("no upstream host"))?;
+        // hyper-util's pool wrote Host the same way: the URI's authority, which names the
+        // port only when it is not the scheme's default.
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| HttpError::BadRequest("upstream host is not a valid Host header"))?;
+        let d = Arc::new(Destination {
+            target,
+            authority,
+            host,
+        });
+        // Another destination (never seen: a connection's requests all name its own) would
+        // make the slot's connection the wrong one.
+        if slot.destination.is_some() {
+            slot.sender = None;
+        }
+        slot.destination = Some(Arc::clone(&d));
+        Ok(d)
+    }
+
+    /// This connection's sender, else an idle one to the same destination.
+    fn take(&self, d: &Destination) -> Option<Sender> {
+        let own = lock(&self.slot).sender.take();
+        match own {
+            Some(s) if !s.is_closed() => Some(s),
+            _ => self.idle.take(&d.target),
+        }
+    }
+
+    fn keep(&self, d: &Arc<Destination>, sender: Sender) {
+        let mut slot = lock(&self.slot);
+        if slot
+            .destination
+            .as_ref()
+            .is_some_and(|cur| Arc::ptr_eq(cur, d))
+        {
+            slot.sender = Some(sender);
+        }
+    }
+
+    /// Sends `req` (absolute URI naming the connection's destination) on this connection's
+    /// upstream connection, else an idle one, else a new one; an h2 destination goes to the
+    /// shared pool.
+    pub(crate) async fn send(
+        &self,
+        pool: &UpstreamPool,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, HttpError> {
+        let d = self.destination(req.uri())?;
+        if self.idle.is_h2(&d.target) {
+            return Box::pin(pool.send(req)).await;
+        }
+        let absolute = req.uri().clone();
+        // HTTP/1.1 carries origin form and a Host header.
+        *req.uri_mut() = Uri::from(
+            absolute
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        req.headers_mut().insert(header::HOST, d.host.clone());
+        let request_failed = |e: hyper::Error| {
+            let (host, port) = host_port(&absolute);
+            HttpError::UpstreamRequest {
+                host,
+                port,
+                source: Box::new(e),
+            }
+        };
+        // Built in the call, not bound first: a bound future keeps its own slot in this
+        // one's state beside the timeout's copy of it.
+        let answer = tokio::time::timeout(pool.response_timeout(), async {
+            let mut fresh_only = false;
+            loop {
+                let reused = if fresh_only { None } else { self.take(&d) };
+                let was_reused = reused.is_some();
+                let mut sender = match reused {
+                    Some(sender) => sender,
+                    None => match Box::pin(pool.dial_h1(&absolute, &d.target)).await? {
+                        Dialed::H1(sender) => sender,
+                        Dialed::H2 => {
+                            // This destination speaks h2: the shared pool multiplexes it.
+                            self.idle.mark_h2(&d.target);
+                            *req.uri_mut() = absolute.clone();
+                            req.headers_mut().remove(header::HOST);
+                            return Box::pin(pool.send(req)).await;
+                        }
+                    },
+                };
+                if let Err(e) = std::future::poll_fn(|cx| sender.poll_ready(cx)).await {
+                    if was_reused {
+                        fresh_only = true;
+                        continue;
+                    }
+                    return Err(request_failed(e));
+                }
+                match sender.try_send_request(req).await {
+                    Ok(response) => {
+                        self.keep(&d, sender);
+                        return Ok(response);
+                    }
+                    Err(mut e) => match e.take_message() {
+                        // Never written: safe to send on a new connection.
+                        Some(unsent) if was_reused => {
+                            req = unsent;
+                            fresh_only = true;
+                        }
+                        _ => return Err(request_failed(e.into_error())),
+                    },
+                }
+            }
+        })
+        .await;
+        answer.unwrap_or_else(|_| {
+            let (host, port) = host_port(&absolute);
+            Err(HttpError::UpstreamTimeout {
+                host,
+                port,
+                stage: "response head",
+            })
+        })
+    }
+}
+
+impl Drop for Affinity {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
