@@ -1,12 +1,16 @@
 //! Upstream connections: the connector seam and the per-run connection pool.
 //!
-//! The pool is hyper-util's legacy `Client` with a connector that wraps
-//! [`UpstreamConnector`]. It already does what a hand-rolled pool of `SendRequest` handles
-//! would have to redo: keep-alive reuse for HTTP/1, one multiplexed connection when the
-//! connector negotiated h2 (including the race where several requests dial at once),
-//! idle eviction, and retrying a request that a reused connection closed before it was
-//! sent. Its key is scheme plus authority, and the authority is always the connection's
-//! vetted destination; one pool per run makes the key (run, host, port).
+//! Two paths share the run's connections, both keyed by the vetted destination (one pool per
+//! run makes the key (run, host, port)):
+//! - HTTP/1.1 agent connections keep their own upstream connection ([`super::affinity`]),
+//!   dialled here ([`UpstreamPool::dial_h1`]) and kept between agent connections in the
+//!   run's [`IdleH1`] store.
+//! - HTTP/2 agent connections, and destinations that chose h2, go through hyper-util's legacy
+//!   `Client` with a connector that wraps [`UpstreamConnector`]: one multiplexed connection
+//!   per destination (including the race where several requests dial at once), idle
+//!   eviction, and retrying a request that a reused connection closed before it was sent.
+//!   Its key is scheme plus authority, and the authority is always the connection's vetted
+//!   destination.
 
 use std::fmt;
 use std::io;
