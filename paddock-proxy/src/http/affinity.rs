@@ -25,10 +25,7 @@
 //! The key is the vetted destination ([`UpstreamTarget`]) inside one run's pool, as the
 //! pool's was: a connection is never shared between runs or destinations.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Request, Response, Uri, header};
@@ -36,7 +33,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
 use super::park::UpstreamBody;
-use super::upstream::{Dialed, UpstreamTarget, host_port, target_of};
+use super::upstream::{Dialed, IdleH1, UpstreamTarget, host_port, target_of};
 use super::{HttpError, UpstreamPool};
 
 type Sender = SendRequest<UpstreamBody>;
@@ -44,117 +41,6 @@ type Sender = SendRequest<UpstreamBody>;
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves its value whole; a panic elsewhere must not stop traffic.
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// An upstream connection between two agent connections.
-struct Idle {
-    sender: Sender,
-    since: Instant,
-}
-
-/// The idle HTTP/1.1 upstream connections of one run, by destination, and the destinations
-/// that answered with h2 (those go to the shared pool).
-pub(crate) struct IdleH1 {
-    by_target: Mutex<HashMap<UpstreamTarget, Vec<Idle>>>,
-    h2: Mutex<HashSet<UpstreamTarget>>,
-    max_per_target: usize,
-    idle_timeout: Duration,
-    sweeping: AtomicBool,
-}
-
-impl std::fmt::Debug for IdleH1 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IdleH1")
-            .field("targets", &lock(&self.by_target).len())
-            .field("max_per_target", &self.max_per_target)
-            .finish_non_exhaustive()
-    }
-}
-
-impl IdleH1 {
-    pub(crate) fn new(max_per_target: usize, idle_timeout: Duration) -> Arc<Self> {
-        Arc::new(Self {
-            by_target: Mutex::default(),
-            h2: Mutex::default(),
-            max_per_target,
-            idle_timeout,
-            sweeping: AtomicBool::new(false),
-        })
-    }
-
-    fn is_h2(&self, target: &UpstreamTarget) -> bool {
-        lock(&self.h2).contains(target)
-    }
-
-    fn mark_h2(&self, target: &UpstreamTarget) {
-        lock(&self.h2).insert(target.clone());
-    }
-
-    fn live(&self, idle: &Idle, now: Instant) -> bool {
-        now.duration_since(idle.since) < self.idle_timeout && !idle.sender.is_closed()
-    }
-
-    /// The most recently idled live connection to `target`, if any.
-    fn take(&self, target: &UpstreamTarget) -> Option<Sender> {
-        let now = Instant::now();
-        let mut map = lock(&self.by_target);
-        let idle = map.get_mut(target)?;
-        while let Some(conn) = idle.pop() {
-            if self.live(&conn, now) {
-                return Some(conn.sender);
-            }
-        }
-        None
-    }
-
-    /// Keeps a connection that is ready for its next request; anything else is closed
-    /// (dropping the last handle ends the connection's task).
-    fn put(self: &Arc<Self>, target: UpstreamTarget, sender: Sender) {
-        if self.max_per_target == 0 || !sender.is_ready() {
-            return;
-        }
-        let now = Instant::now();
-        {
-            let mut map = lock(&self.by_target);
-            let idle = map.entry(target).or_default();
-            idle.retain(|c| self.live(c, now));
-            if idle.len() >= self.max_per_target {
-                idle.remove(0);
-            }
-            idle.push(Idle { sender, since: now });
-        }
-        self.sweep_later();
-    }
-
-    /// Closes connections idle for longer than the timeout, also those to destinations no
-    /// agent connection comes back to. One task per run's store, ending with the store.
-    fn sweep_later(self: &Arc<Self>) {
-        if self.sweeping.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.sweeping.store(false, Ordering::Release);
-            return;
-        };
-        let weak: Weak<Self> = Arc::downgrade(self);
-        let every = self.idle_timeout.max(Duration::from_secs(1));
-        runtime.spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Some(this) = weak.upgrade() else { return };
-                let now = Instant::now();
-                lock(&this.by_target).retain(|_, idle| {
-                    idle.retain(|c| this.live(c, now));
-                    !idle.is_empty()
-                });
-            }
-        });
-    }
-
-    #[cfg(test)]
-    pub(crate) fn idle_count(&self) -> usize {
-        lock(&self.by_target).values().map(Vec::len).sum()
-    }
 }
 
 /// Where this agent connection's requests go, worked out on its first request.

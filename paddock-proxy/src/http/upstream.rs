@@ -12,12 +12,16 @@
 //!   Its key is scheme plus authority, and the authority is always the connection's vetted
 //!   destination.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use std::time::Instant;
 
 use http::uri::Scheme;
 use http::{Request, Response, Uri};
@@ -28,7 +32,6 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::affinity::IdleH1;
 use super::error::ConnectError;
 use super::park::UpstreamBody;
 use super::{ALPN_H2, BoxFuture, HttpError, HttpLimits};
@@ -408,5 +411,125 @@ fn map_client_error(e: hyper_util::client::legacy::Error, host: String, port: u1
         host,
         port,
         source: Box::new(e),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its value whole; a panic elsewhere must not stop traffic.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An upstream connection between two agent connections.
+struct Idle {
+    sender: http1::SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+/// The idle HTTP/1.1 upstream connections of one run, by destination, and the destinations
+/// that answered with h2 (those go to the shared pool).
+pub(crate) struct IdleH1 {
+    by_target: Mutex<HashMap<UpstreamTarget, Vec<Idle>>>,
+    h2: Mutex<HashSet<UpstreamTarget>>,
+    max_per_target: usize,
+    idle_timeout: Duration,
+    sweeping: AtomicBool,
+}
+
+impl std::fmt::Debug for IdleH1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdleH1")
+            .field("targets", &lock(&self.by_target).len())
+            .field("max_per_target", &self.max_per_target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdleH1 {
+    pub(crate) fn new(max_per_target: usize, idle_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            by_target: Mutex::default(),
+            h2: Mutex::default(),
+            max_per_target,
+            idle_timeout,
+            sweeping: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn is_h2(&self, target: &UpstreamTarget) -> bool {
+        lock(&self.h2).contains(target)
+    }
+
+    pub(crate) fn mark_h2(&self, target: &UpstreamTarget) {
+        lock(&self.h2).insert(target.clone());
+    }
+
+    fn live(&self, idle: &Idle, now: Instant) -> bool {
+        now.duration_since(idle.since) < self.idle_timeout && !idle.sender.is_closed()
+    }
+
+    /// The most recently idled live connection to `target`, if any.
+    pub(crate) fn take(&self, target: &UpstreamTarget) -> Option<http1::SendRequest<UpstreamBody>> {
+        let now = Instant::now();
+        let mut map = lock(&self.by_target);
+        let idle = map.get_mut(target)?;
+        while let Some(conn) = idle.pop() {
+            if self.live(&conn, now) {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection that is ready for its next request; anything else is closed
+    /// (dropping the last handle ends the connection's task).
+    pub(crate) fn put(
+        self: &Arc<Self>,
+        target: UpstreamTarget,
+        sender: http1::SendRequest<UpstreamBody>,
+    ) {
+        if self.max_per_target == 0 || !sender.is_ready() {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut map = lock(&self.by_target);
+            let idle = map.entry(target).or_default();
+            idle.retain(|c| self.live(c, now));
+            if idle.len() >= self.max_per_target {
+                idle.remove(0);
+            }
+            idle.push(Idle { sender, since: now });
+        }
+        self.sweep_later();
+    }
+
+    /// Closes connections idle for longer than the timeout, also those to destinations no
+    /// agent connection comes back to. One task per run's store, ending with the store.
+    fn sweep_later(self: &Arc<Self>) {
+        if self.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.sweeping.store(false, Ordering::Release);
+            return;
+        };
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let every = self.idle_timeout.max(Duration::from_secs(1));
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(this) = weak.upgrade() else { return };
+                let now = Instant::now();
+                lock(&this.by_target).retain(|_, idle| {
+                    idle.retain(|c| this.live(c, now));
+                    !idle.is_empty()
+                });
+            }
+        });
+    }
+
+    #[cfg(test)]
+    pub(crate) fn idle_count(&self) -> usize {
+        lock(&self.by_target).values().map(Vec::len).sum()
     }
 }
