@@ -27,13 +27,15 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use http::uri::{Authority, PathAndQuery};
+use http::uri::Authority;
 use http::{HeaderValue, Request, Response, Uri, header};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
 use super::park::UpstreamBody;
-use super::upstream::{Dialed, IdleH1, UpstreamTarget, host_port, target_of};
+use super::upstream::{
+    Dialed, IdleH1, UpstreamTarget, host_header, host_port, origin_form, target_of,
+};
 use super::{HttpError, UpstreamPool};
 
 type Sender = SendRequest<UpstreamBody>;
@@ -101,14 +103,11 @@ impl Affinity {
             return Ok(Arc::clone(d));
         }
         let target = target_of(uri, true).ok_or(HttpError::BadRequest("no upstream host"))?;
+        let host = host_header(uri)?;
         let authority = uri
             .authority()
             .cloned()
-            .ok_or(HttpError::BadRequest("no upstream host"))?;
-        // hyper-util's pool wrote Host the same way: the URI's authority, which names the
-        // port only when it is not the scheme's default.
-        let host = HeaderValue::from_str(authority.as_str())
-            .map_err(|_| HttpError::BadRequest("upstream host is not a valid Host header"))?;
+            .ok_or(HttpError::BadRequest("no upstream authority"))?;
         let d = Arc::new(Destination {
             target,
             authority,
@@ -157,12 +156,7 @@ impl Affinity {
         }
         let absolute = req.uri().clone();
         // HTTP/1.1 carries origin form and a Host header.
-        *req.uri_mut() = Uri::from(
-            absolute
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
+        *req.uri_mut() = origin_form(&absolute);
         req.headers_mut().insert(header::HOST, d.host.clone());
         let request_failed = |e: hyper::Error| {
             let (host, port) = host_port(&absolute);

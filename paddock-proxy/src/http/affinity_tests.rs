@@ -3,14 +3,14 @@
 //! destinations, and parking.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::{Request, StatusCode, Version};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::task::JoinHandle;
 
 use super::test_support::{
-    Agent, TestBody, TestConnector, Upstream, body_string, ctx, empty, proxy_with_pool,
+    Agent, End, TestBody, Upstream, body_string, ctx, empty, proxy_with_pool, raw_upstream,
     unobserved_audit, within,
 };
 use super::{HttpLimits, NoopSubstituter, UpstreamPool};
@@ -21,9 +21,16 @@ fn get(path: &str) -> Request<TestBody> {
         .expect("request")
 }
 
-/// One agent connection on `pool` sending `n` requests one after the other, then closing;
-/// returns once the proxy's side of it has ended.
-async fn agent_connection(pool: &UpstreamPool, limits: &HttpLimits, n: usize) {
+/// An HTTP/1.1 agent connection served on `pool`: the agent's client, its connection's task,
+/// and the proxy's task serving it.
+async fn open_agent(
+    pool: &UpstreamPool,
+    limits: &HttpLimits,
+) -> (
+    Agent,
+    JoinHandle<()>,
+    JoinHandle<Result<(), super::HttpError>>,
+) {
     let (io, task) = proxy_with_pool(
         false,
         ctx(),
@@ -32,7 +39,14 @@ async fn agent_connection(pool: &UpstreamPool, limits: &HttpLimits, n: usize) {
         unobserved_audit(),
         limits.clone(),
     );
-    let (mut agent, conn) = Agent::connect(io, false).await;
+    let (agent, conn) = Agent::connect(io, false).await;
+    (agent, conn, task)
+}
+
+/// One agent connection on `pool` sending `n` requests one after the other, then closing;
+/// returns once the proxy's side of it has ended.
+async fn agent_connection(pool: &UpstreamPool, limits: &HttpLimits, n: usize) {
+    let (mut agent, conn, task) = open_agent(pool, limits).await;
     for i in 0..n {
         let response = within("response", agent.send(get(&format!("/{i}"))))
             .await
@@ -88,64 +102,18 @@ async fn no_idle_connections_are_kept_when_the_pool_keeps_none() {
     );
 }
 
-/// An HTTP/1.1 upstream on loopback that answers one request per connection, then closes
-/// it without saying so (no `Connection: close`), as servers do when their keep-alive
-/// timeout runs out. Counts the request heads it read.
-async fn closing_upstream() -> (
-    Arc<TestConnector>,
-    Arc<AtomicUsize>,
-    tokio::task::JoinHandle<()>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let heads = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&heads);
-    let task = tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let counted = Arc::clone(&counted);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                counted.fetch_add(1, Ordering::SeqCst);
-                let _ = tcp
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                let _ = tcp.shutdown().await;
-            });
-        }
-    });
-    let connector = Arc::new(TestConnector {
-        addr,
-        h2: false,
-        fail: None,
-        dials: AtomicUsize::new(0),
-        targets: std::sync::Mutex::new(Vec::new()),
-    });
-    (connector, heads, task)
-}
-
 #[tokio::test]
 async fn a_connection_the_upstream_closed_while_idle_is_replaced() {
-    let (connector, heads, task) = closing_upstream().await;
+    // One request per connection, then an unannounced close, as servers do when their
+    // keep-alive timeout runs out.
+    let (connector, heads, task) = raw_upstream(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        End::Close,
+    )
+    .await;
     let limits = HttpLimits::default();
     let pool = UpstreamPool::new(&ctx().run, connector.clone(), &limits);
-    let (io, _proxy) = proxy_with_pool(
-        false,
-        ctx(),
-        pool.clone(),
-        Arc::new(NoopSubstituter),
-        unobserved_audit(),
-        limits.clone(),
-    );
-    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let (mut agent, _conn, _proxy) = open_agent(&pool, &limits).await;
     for i in 1..=3 {
         let response = within("response", agent.send(get("/")))
             .await
@@ -191,15 +159,7 @@ async fn a_parked_connection_gives_its_upstream_connection_back() {
         ..HttpLimits::default()
     };
     let pool = UpstreamPool::new(&ctx().run, connector.clone(), &limits);
-    let (io, _proxy) = proxy_with_pool(
-        false,
-        ctx(),
-        pool.clone(),
-        Arc::new(NoopSubstituter),
-        unobserved_audit(),
-        limits.clone(),
-    );
-    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let (mut agent, _conn, _proxy) = open_agent(&pool, &limits).await;
     let response = within("response", agent.send(get("/")))
         .await
         .expect("response");

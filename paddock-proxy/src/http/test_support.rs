@@ -218,6 +218,65 @@ impl UpstreamConnector for TestConnector {
     }
 }
 
+/// How [`raw_upstream`] ends each connection after its reply.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum End {
+    /// A reset (linger 0): the reply may be cut short.
+    Reset,
+    /// A plain close, unannounced: what a server does when its keep-alive timeout runs out.
+    Close,
+}
+
+/// A raw HTTP/1.1 upstream on loopback: for each connection it reads one request head, writes
+/// `reply` (maybe nothing, maybe half an answer) and ends the connection as `end` says.
+/// Returns its connector, the number of request heads it read, and its task.
+pub(crate) async fn raw_upstream(
+    reply: &'static [u8],
+    end: End,
+) -> (Arc<TestConnector>, Arc<AtomicUsize>, JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let heads = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&heads);
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let _ = tcp.write_all(reply).await;
+                let _ = tcp.flush().await;
+                match end {
+                    // Linger 0, then close: a reset, not a FIN.
+                    End::Reset => {
+                        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                    }
+                    End::Close => {
+                        let _ = tcp.shutdown().await;
+                    }
+                }
+                drop(tcp);
+            });
+        }
+    });
+    let connector = Arc::new(TestConnector {
+        addr,
+        h2: false,
+        fail: None,
+        dials: AtomicUsize::new(0),
+        targets: Mutex::new(Vec::new()),
+    });
+    (connector, heads, task)
+}
+
 pub(crate) fn ctx() -> RequestContext {
     RequestContext {
         run: "run-1".into(),

@@ -14,9 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::substitute::tests::{CREDENTIAL, LEASE, PLACEHOLDER, PlaceholderSubstituter, SECRET};
 use super::test_support::{
-    Agent, DST, Fail, TestBody, TestConnector, TestError, Upstream, audit_into, body_string, ctx,
-    empty, full, proxy, proxy_audited, proxy_with_pool, proxy_with_recheck, unobserved_audit,
-    within,
+    Agent, DST, End, Fail, TestBody, TestConnector, TestError, Upstream, audit_into, body_string,
+    ctx, empty, full, proxy, proxy_audited, proxy_with_pool, proxy_with_recheck, raw_upstream,
+    unobserved_audit, within,
 };
 use super::{
     BoxFuture, DENIED_HEADER, HttpLimits, NoopSubstituter, RequestAudit, RequestContext,
@@ -414,60 +414,11 @@ async fn upstream_failures_map_to_gateway_errors() {
     assert_eq!(connector.dials(), 1);
 }
 
-/// A raw HTTP/1.1 upstream on loopback: for each connection it reads one request head, writes
-/// `reply` (maybe nothing, maybe half an answer) and resets the connection. Counts the
-/// connections and the request heads it read.
-async fn resetting_upstream(
-    reply: &'static [u8],
-) -> (
-    Arc<TestConnector>,
-    Arc<std::sync::atomic::AtomicUsize>,
-    tokio::task::JoinHandle<()>,
-) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let heads = Arc::new(AtomicUsize::new(0));
-    let counted = Arc::clone(&heads);
-    let task = tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            let counted = Arc::clone(&counted);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                counted.fetch_add(1, Ordering::SeqCst);
-                let _ = tcp.write_all(reply).await;
-                let _ = tcp.flush().await;
-                // A reset, not a FIN: linger 0, then close.
-                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-                drop(tcp);
-            });
-        }
-    });
-    let connector = Arc::new(TestConnector {
-        addr,
-        h2: false,
-        fail: None,
-        dials: AtomicUsize::new(0),
-        targets: std::sync::Mutex::new(Vec::new()),
-    });
-    (connector, heads, task)
-}
-
 #[tokio::test]
 async fn an_upstream_reset_before_the_answer_is_a_502_and_is_not_retried() {
     use std::sync::atomic::Ordering;
     for agent_h2 in [false, true] {
-        let (connector, heads, task) = resetting_upstream(b"").await;
+        let (connector, heads, task) = raw_upstream(b"", End::Reset).await;
         let (sink, _metrics, audit) = capture(MemorySink::default());
         let (io, _proxy) = proxy_audited(
             agent_h2,
@@ -502,8 +453,9 @@ async fn an_upstream_reset_before_the_answer_is_a_502_and_is_not_retried() {
 async fn an_upstream_reset_mid_response_never_looks_complete() {
     use std::sync::atomic::Ordering;
     for agent_h2 in [false, true] {
-        let (connector, heads, task) = resetting_upstream(
+        let (connector, heads, task) = raw_upstream(
             b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\ncontent-type: text/plain\r\n\r\npartial answer",
+            End::Reset,
         )
         .await;
         let (io, _proxy) = proxy(agent_h2, connector.clone(), noop(), HttpLimits::default());

@@ -2,7 +2,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -11,7 +10,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 use super::park::UpstreamBody;
-use super::upstream::{UpstreamPool, host_port};
+use super::upstream::{UpstreamPool, host_header, host_port, origin_form};
 use super::{HttpError, hop};
 
 /// The upgraded tunnels of one agent connection.
@@ -61,20 +60,9 @@ pub(crate) async fn forward(
         .ok_or(HttpError::BadRequest("upgrade request without Upgrade"))?;
     let mut sender = pool.connect_for_upgrade(req.uri()).await?;
 
-    // A raw HTTP/1 connection writes the URI as given and adds no Host.
-    let authority = req
-        .uri()
-        .authority()
-        .ok_or(HttpError::BadRequest("no upstream authority"))?;
-    let host_header = HeaderValue::try_from(authority.as_str())
-        .map_err(|_| HttpError::BadRequest("upstream authority is not a valid Host"))?;
+    let host_header = host_header(req.uri())?;
     req.headers_mut().insert(header::HOST, host_header);
-    let origin = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = origin.into();
+    *req.uri_mut() = origin_form(req.uri());
 
     let mut response =
         match tokio::time::timeout(pool.response_timeout(), sender.send_request(req)).await {

@@ -23,8 +23,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use std::time::Instant;
 
-use http::uri::Scheme;
-use http::{Request, Response, Uri};
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
@@ -373,6 +373,25 @@ impl UpstreamPool {
     pub(crate) fn response_timeout(&self) -> Duration {
         self.response_timeout
     }
+}
+
+/// The `Host` header for a request to `uri`'s destination over a connection of its own:
+/// hyper's client connection writes the URI as given and adds no `Host` (hyper-util's pool
+/// wrote the same: the authority, which names the port only when it is not the default).
+pub(crate) fn host_header(uri: &Uri) -> Result<HeaderValue, HttpError> {
+    let authority = uri
+        .authority()
+        .ok_or(HttpError::BadRequest("no upstream authority"))?;
+    HeaderValue::try_from(authority.as_str())
+        .map_err(|_| HttpError::BadRequest("upstream authority is not a valid Host"))
+}
+
+/// `uri` in origin form (path and query), as HTTP/1.1 sends it to an origin server.
+pub(crate) fn origin_form(uri: &Uri) -> Uri {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
+        .into()
 }
 
 pub(crate) fn host_port(uri: &Uri) -> (String, u16) {
