@@ -25,7 +25,7 @@
 //! The key is the vetted destination ([`UpstreamTarget`]) inside one run's pool, as the
 //! pool's was: a connection is never shared between runs or destinations.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response, Uri, header};
@@ -34,16 +34,11 @@ use hyper::client::conn::http1::SendRequest;
 
 use super::park::UpstreamBody;
 use super::upstream::{
-    Dialed, IdleH1, UpstreamTarget, host_header, host_port, origin_form, target_of,
+    Dialed, IdleH1, UpstreamTarget, host_header, host_port, lock, origin_form, target_of,
 };
 use super::{HttpError, UpstreamPool};
 
 type Sender = SendRequest<UpstreamBody>;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section leaves its value whole; a panic elsewhere must not stop traffic.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Where this agent connection's requests go, worked out on its first request.
 struct Destination {

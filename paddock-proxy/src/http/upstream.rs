@@ -433,7 +433,7 @@ fn map_client_error(e: hyper_util::client::legacy::Error, host: String, port: u1
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves its value whole; a panic elsewhere must not stop traffic.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
