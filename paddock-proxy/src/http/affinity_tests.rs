@@ -10,8 +10,8 @@ use http::{Request, StatusCode, Version};
 use tokio::task::JoinHandle;
 
 use super::test_support::{
-    Agent, End, TestBody, Upstream, body_string, ctx, empty, proxy_with_pool, raw_upstream,
-    unobserved_audit, within,
+    Agent, End, TestBody, TestConnector, Upstream, body_string, ctx, empty, proxy_with_pool,
+    raw_upstream, unobserved_audit, within,
 };
 use super::{HttpLimits, NoopSubstituter, UpstreamPool};
 
@@ -19,6 +19,13 @@ fn get(path: &str) -> Request<TestBody> {
     Request::get(format!("https://api.test{path}"))
         .body(empty())
         .expect("request")
+}
+
+/// A pool for the test run whose connections go to `upstream`, and its connector.
+fn pool_on(upstream: &Upstream, limits: &HttpLimits) -> (Arc<TestConnector>, UpstreamPool) {
+    let connector = upstream.connector();
+    let pool = UpstreamPool::new(&ctx().run, connector.clone(), limits);
+    (connector, pool)
 }
 
 /// An HTTP/1.1 agent connection served on `pool`: the agent's client, its connection's task,
@@ -65,9 +72,8 @@ async fn agent_connection(pool: &UpstreamPool, limits: &HttpLimits, n: usize) {
 #[tokio::test]
 async fn an_agent_connections_upstream_connection_serves_the_next_one() {
     let upstream = Upstream::ok(false).await;
-    let connector = upstream.connector();
     let limits = HttpLimits::default();
-    let pool = UpstreamPool::new(&ctx().run, connector.clone(), &limits);
+    let (connector, pool) = pool_on(&upstream, &limits);
     for round in 0..3 {
         agent_connection(&pool, &limits, 2).await;
         assert_eq!(pool.idle_h1().idle_count(), 1, "round {round}: given back");
@@ -86,12 +92,11 @@ async fn an_agent_connections_upstream_connection_serves_the_next_one() {
 #[tokio::test]
 async fn no_idle_connections_are_kept_when_the_pool_keeps_none() {
     let upstream = Upstream::ok(false).await;
-    let connector = upstream.connector();
     let limits = HttpLimits {
         pool_max_idle_per_host: 0,
         ..HttpLimits::default()
     };
-    let pool = UpstreamPool::new(&ctx().run, connector.clone(), &limits);
+    let (connector, pool) = pool_on(&upstream, &limits);
     agent_connection(&pool, &limits, 2).await;
     agent_connection(&pool, &limits, 1).await;
     assert_eq!(pool.idle_h1().idle_count(), 0);
@@ -136,9 +141,8 @@ async fn a_connection_the_upstream_closed_while_idle_is_replaced() {
 #[tokio::test]
 async fn an_h2_destination_found_by_an_http1_agent_goes_to_the_shared_pool() {
     let upstream = Upstream::ok(true).await;
-    let connector = upstream.connector();
     let limits = HttpLimits::default();
-    let pool = UpstreamPool::new(&ctx().run, connector.clone(), &limits);
+    let (connector, pool) = pool_on(&upstream, &limits);
     for _ in 0..3 {
         agent_connection(&pool, &limits, 2).await;
     }
@@ -153,12 +157,11 @@ async fn an_h2_destination_found_by_an_http1_agent_goes_to_the_shared_pool() {
 #[tokio::test]
 async fn a_parked_connection_gives_its_upstream_connection_back() {
     let upstream = Upstream::ok(false).await;
-    let connector = upstream.connector();
     let limits = HttpLimits {
         park_after: Some(Duration::from_millis(20)),
         ..HttpLimits::default()
     };
-    let pool = UpstreamPool::new(&ctx().run, connector.clone(), &limits);
+    let (connector, pool) = pool_on(&upstream, &limits);
     let (mut agent, _conn, _proxy) = open_agent(&pool, &limits).await;
     let response = within("response", agent.send(get("/")))
         .await

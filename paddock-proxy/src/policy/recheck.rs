@@ -287,14 +287,20 @@ mod tests {
         EgressRequest::new("run-1", "api.test", 443, Mode::Transparent).expect("request")
     }
 
+    /// A recheck over `policy` answering for `interval`, and a connection to [`req`] on it.
+    fn rechecked(
+        policy: &Arc<Counting>,
+        interval: Duration,
+    ) -> (Arc<EgressRecheck>, ConnectionRecheck) {
+        let recheck = Arc::new(EgressRecheck::new(policy.clone(), interval));
+        let conn = recheck.for_connection(req());
+        (recheck, conn)
+    }
+
     #[tokio::test]
     async fn answers_cover_their_interval_then_see_changes() {
         let policy = counting(ALLOW);
-        let recheck = Arc::new(EgressRecheck::new(
-            policy.clone(),
-            Duration::from_millis(200),
-        ));
-        let conn = recheck.for_connection(req());
+        let (_, conn) = rechecked(&policy, Duration::from_millis(200));
         conn.check().await.expect("allowed");
         conn.check().await.expect("still covered");
         assert_eq!(policy.calls.load(Ordering::SeqCst), 1);
@@ -337,11 +343,7 @@ mod tests {
     async fn a_connection_keeps_its_answer_when_the_map_is_emptied() {
         let policy = counting(ALLOW);
         *policy.generation.lock().expect("gen") = Some(1);
-        let recheck = Arc::new(EgressRecheck::new(
-            policy.clone(),
-            Duration::from_millis(20),
-        ));
-        let conn = recheck.for_connection(req());
+        let (recheck, conn) = rechecked(&policy, Duration::from_millis(20));
         conn.check().await.expect("allowed");
         let fill = u16::try_from(MAX_ENTRIES).expect("fits") + 1;
         for port in 1..=fill {
@@ -388,11 +390,7 @@ mod tests {
     async fn a_generation_keeps_allows_until_it_changes() {
         let policy = counting(ALLOW);
         *policy.generation.lock().expect("gen") = Some(7);
-        let recheck = Arc::new(EgressRecheck::new(
-            policy.clone(),
-            Duration::from_millis(20),
-        ));
-        let conn = recheck.for_connection(req());
+        let (_, conn) = rechecked(&policy, Duration::from_millis(20));
         conn.check().await.expect("allowed");
         tokio::time::sleep(Duration::from_millis(40)).await;
         conn.check().await.expect("still allowed");
