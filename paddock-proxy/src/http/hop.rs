@@ -17,8 +17,11 @@ const ALWAYS_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
-/// Legacy hop-by-hop headers without a constant in `http`.
-const ALWAYS_HOP_NAMES: [&str; 2] = ["keep-alive", "proxy-connection"];
+/// Legacy hop-by-hop headers without a constant in `http`. As `HeaderName`s, a comparison
+/// with a standard name is an enum compare; as strings, every name of every head would be
+/// turned back into text to compare it.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Whether a head asks to upgrade the connection (HTTP/1.1 `Connection: upgrade` plus an
 /// `Upgrade` header); returns the protocol list when it does.
@@ -79,7 +82,10 @@ pub fn strip(headers: &mut HeaderMap, keep_upgrade: Option<&HeaderValue>) {
 /// always-hop names, and `TE` (kept only as `TE: trailers`). Names that `Connection`
 /// lists need `Connection` itself, which is one of them.
 fn is_hop_name(name: &HeaderName) -> bool {
-    ALWAYS_HOP.contains(name) || *name == header::TE || ALWAYS_HOP_NAMES.contains(&name.as_str())
+    ALWAYS_HOP.contains(name)
+        || *name == header::TE
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
 }
 
 fn strip_present(headers: &mut HeaderMap) {
@@ -87,7 +93,10 @@ fn strip_present(headers: &mut HeaderMap) {
     // end-to-end header the agent wants gone from this hop only. Only names the head
     // carries are removed: a removal is a hashed lookup, and most heads that get here carry
     // one or two hop-by-hop names (an upstream's `Connection: keep-alive`), not all eight.
+    // A listed token is looked up as text first: most name no header of the head
+    // (`keep-alive`, `close`), and making a `HeaderName` of one allocates.
     let mut doomed: Vec<HeaderName> = connection_tokens(headers)
+        .filter(|t| headers.contains_key(*t))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     let mut has_te = false;
@@ -227,6 +236,16 @@ mod tests {
                 expected: &["x-baz=3"],
             },
             Case {
+                name: "listed standard names go; listed tokens that name nothing change nothing",
+                input: &[
+                    ("connection", "Content-Type, not a name, keep-alive, close"),
+                    ("content-type", "text/plain"),
+                    ("accept", "*/*"),
+                ],
+                keep_upgrade: false,
+                expected: &["accept=*/*"],
+            },
+            Case {
                 name: "te keeps only trailers",
                 input: &[("te", "gzip, trailers;q=1")],
                 keep_upgrade: false,
@@ -298,11 +317,11 @@ mod tests {
     #[test]
     fn each_hop_by_hop_name_alone_is_removed() {
         let names_of = names;
-        let names = ALWAYS_HOP
-            .iter()
-            .map(HeaderName::as_str)
-            .chain(ALWAYS_HOP_NAMES)
-            .chain(["te"]);
+        let names = ALWAYS_HOP.iter().map(HeaderName::as_str).chain([
+            "keep-alive",
+            "proxy-connection",
+            "te",
+        ]);
         for name in names {
             let mut h = map(&[(name, "x"), ("accept", "*/*")]);
             strip(&mut h, None);
