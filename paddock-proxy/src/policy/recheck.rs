@@ -175,6 +175,14 @@ impl EgressRecheck {
         slot: &tokio::sync::Mutex<Slot>,
         req: &EgressRequest,
     ) -> Result<(), RecheckError> {
+        // The common case, a fresh answer and no check in flight, takes the lock without
+        // the waiting machinery of an async lock.
+        if let Ok(slot) = slot.try_lock()
+            && let Some(answer) = &slot.answer
+            && answer.fresh(self.interval, self.policy.generation())
+        {
+            return answer.verdict.clone();
+        }
         let mut slot = slot.lock().await;
         // Read before asking: a change after this makes the answer stale, never the reverse.
         let generation = self.policy.generation();
