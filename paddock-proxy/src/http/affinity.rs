@@ -20,17 +20,21 @@
 //! - **HTTP/2 upstreams.** A destination that chose h2 in ALPN is remembered for the run and
 //!   served by the shared pool, which multiplexes it; the one connection that found out is
 //!   closed.
-//! - **The response timeout**, from the request's hand-over to the response head.
+//! - **The response timeout**, from the request's hand-over to the response head. Its
+//!   timer is the connection's, moved to each request's deadline.
 //!
 //! The key is the vetted destination ([`UpstreamTarget`]) inside one run's pool, as the
 //! pool's was: a connection is never shared between runs or destinations.
 
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response, Uri, header};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
+use tokio::time::{Instant, Sleep};
 
 use super::park::UpstreamBody;
 use super::upstream::{
@@ -53,6 +57,10 @@ struct Slot {
     destination: Option<Arc<Destination>>,
     /// Out of the slot while a request is on its way.
     sender: Option<Sender>,
+    /// The response timeout's timer, kept between requests: moved to each request's
+    /// deadline it stays in the runtime's timer wheel (a later deadline only updates it),
+    /// where a timer per request was inserted and removed again, a lock each time.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// The upstream connection of one HTTP/1.1 agent connection.
@@ -83,6 +91,8 @@ impl Affinity {
     pub(crate) fn release(&self) {
         let mut slot = lock(&self.slot);
         let sender = slot.sender.take();
+        // A parked connection holds no timer either.
+        slot.timer = None;
         if let (Some(destination), Some(sender)) = (&slot.destination, sender) {
             let target = destination.target.clone();
             drop(slot);
@@ -117,13 +127,15 @@ impl Affinity {
         Ok(d)
     }
 
-    /// This connection's sender, else an idle one to the same destination.
-    fn take(&self, d: &Destination) -> Option<Sender> {
-        let own = lock(&self.slot).sender.take();
-        match own {
-            Some(s) if !s.is_closed() => Some(s),
-            _ => self.idle.take(&d.target),
-        }
+    /// This connection's sender if it is still open, and the response timer.
+    fn take_own(&self) -> (Option<Sender>, Option<Pin<Box<Sleep>>>) {
+        let mut slot = lock(&self.slot);
+        let own = slot.sender.take().filter(|s| !s.is_closed());
+        (own, slot.timer.take())
+    }
+
+    fn keep_timer(&self, timer: Pin<Box<Sleep>>) {
+        lock(&self.slot).timer = Some(timer);
     }
 
     fn keep(&self, d: &Arc<Destination>, sender: Sender) {
@@ -146,7 +158,10 @@ impl Affinity {
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, HttpError> {
         let d = self.destination(req.uri())?;
-        if self.idle.is_h2(&d.target) {
+        let (mut own, timer) = self.take_own();
+        // A connection in hand speaks HTTP/1.1; only one about to be dialled asks whether
+        // the destination turned out to be h2.
+        if own.is_none() && self.idle.is_h2(&d.target) {
             return Box::pin(pool.send(req)).await;
         }
         let absolute = req.uri().clone();
@@ -161,12 +176,22 @@ impl Affinity {
                 source: Box::new(e),
             }
         };
-        // Built in the call, not bound first: a bound future keeps its own slot in this
-        // one's state beside the timeout's copy of it.
-        let answer = tokio::time::timeout(pool.response_timeout(), async {
+        let deadline = Instant::now() + pool.response_timeout();
+        let mut timer = match timer {
+            Some(mut timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let mut exchange = pin!(async {
             let mut fresh_only = false;
             loop {
-                let reused = if fresh_only { None } else { self.take(&d) };
+                let reused = match own.take() {
+                    Some(sender) => Some(sender),
+                    None if fresh_only => None,
+                    None => self.idle.take(&d.target),
+                };
                 let was_reused = reused.is_some();
                 let mut sender = match reused {
                     Some(sender) => sender,
@@ -203,9 +228,14 @@ impl Affinity {
                     },
                 }
             }
+        });
+        let answer = std::future::poll_fn(|cx| match exchange.as_mut().poll(cx) {
+            Poll::Ready(answer) => Poll::Ready(Some(answer)),
+            Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
         })
         .await;
-        answer.unwrap_or_else(|_| {
+        self.keep_timer(timer);
+        answer.unwrap_or_else(|| {
             let (host, port) = host_port(&absolute);
             Err(HttpError::UpstreamTimeout {
                 host,
