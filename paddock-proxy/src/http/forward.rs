@@ -1,6 +1,6 @@
 //! Serving one agent connection: each request is checked, substituted and forwarded.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt as _;
 use futures_util::future::Either;
@@ -18,6 +18,8 @@ use super::body::{self, ProxyBody};
 use super::graceful::drive;
 use super::park::{self, Tracked, UpstreamBody};
 use super::substitute::RequestHead;
+use super::timer::ConnectionTimer;
+use super::upstream::lock;
 use super::{
     ALPN_H2, HttpError, HttpLimits, RequestAudit, RequestContext, Substituted, Substituter,
     UpstreamPool, authority, hop, upgrade,
@@ -130,6 +132,7 @@ where
             activity: (!h2 && limits.park_after.is_some()).then(park::Activity::new),
             affinity: (!h2).then(|| Affinity::new(&pool)),
             pool,
+            vetted_host: Mutex::default(),
         });
         // Boxed: while the connection waited, none of this was allocated.
         let served = Box::pin(serve_http(io, h2, forwarder, &limits, shutdown)).await;
@@ -142,11 +145,11 @@ where
 /// About what a served agent connection holds (TLS state, HTTP server, futures).
 const CLOSED_CONNECTION_BYTES: u64 = 32 * 1024;
 
-/// The agent-facing HTTP/1.1 server's settings, parked or not.
-fn h1_builder(limits: &HttpLimits) -> http1::Builder {
+/// The agent-facing HTTP/1.1 server's settings, parked or not, with the connection's timer.
+fn h1_builder(limits: &HttpLimits, timer: &ConnectionTimer) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
+        .timer(timer.clone())
         .max_buf_size(limits.h1_buf_size())
         .header_read_timeout(limits.header_read_timeout);
     if let Some(max) = limits.h1_max_headers() {
@@ -177,6 +180,7 @@ where
     let activity = forwarder.activity.clone();
     let parking = Arc::clone(&forwarder);
     let metrics = Arc::clone(forwarder.audit.metrics());
+    let timer = ConnectionTimer::default();
     let service = service_fn(move |req: Request<Incoming>| {
         let forwarder = Arc::clone(&forwarder);
         // Taken at the call, so the park timer (same task) sees it before the future runs.
@@ -195,7 +199,7 @@ where
     let served = if let (Some(activity), Some(after)) = (activity, limits.park_after) {
         park::serve(
             io,
-            &h1_builder(limits),
+            &h1_builder(limits, &timer),
             service,
             activity,
             park::Timing {
@@ -204,11 +208,12 @@ where
             },
             &park::OnPark {
                 metrics,
-                // A parked connection holds no upstream connection.
+                // A parked connection holds no upstream connection, and no timer.
                 release: &|| {
                     if let Some(affinity) = &parking.affinity {
                         affinity.release();
                     }
+                    timer.clear();
                 },
             },
             shutdown.clone(),
@@ -229,7 +234,7 @@ where
         ))
         .await
     } else {
-        let conn = h1_builder(limits)
+        let conn = h1_builder(limits, &timer)
             .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         Box::pin(drive(
@@ -275,6 +280,9 @@ struct Forwarder {
     /// An HTTP/1.1 connection's own upstream connection (`None` on HTTP/2, whose streams
     /// share the run's pool).
     affinity: Option<Affinity>,
+    /// The last `Host` value that named this connection's destination (see
+    /// [`Forwarder::check_authority`]).
+    vetted_host: Mutex<Option<HeaderValue>>,
 }
 
 /// A request whose answer is not decided yet.
@@ -391,8 +399,7 @@ impl Forwarder {
         let agent_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
         let (mut parts, body) = req.into_parts();
-        let requested = authority::request_authority(&parts)?;
-        authority::check(&requested, &self.ctx)?;
+        self.check_authority(&parts)?;
         hop::strip(&mut parts.headers, upgrade.as_ref());
         // The upstream authority comes from the URI; the pool writes Host for HTTP/1 and
         // HTTP/2 carries :authority, so a stale Host must not ride along.
@@ -476,6 +483,29 @@ impl Forwarder {
             }
         };
         Ok(Response::from_parts(parts, body))
+    }
+
+    /// Refuses a request whose authority is not the connection's destination.
+    ///
+    /// An agent names the same `Host` on each request of a connection, and the check
+    /// depends on that value alone (with no authority in the URI, which then wins): the last
+    /// value that passed is remembered, and the same bytes pass again without being parsed.
+    fn check_authority(&self, parts: &http::request::Parts) -> Result<(), HttpError> {
+        let host = match parts.uri.authority() {
+            None => parts.headers.get(header::HOST),
+            Some(_) => None,
+        };
+        if let Some(host) = host
+            && lock(&self.vetted_host).as_ref() == Some(host)
+        {
+            return Ok(());
+        }
+        let requested = authority::request_authority(parts)?;
+        authority::check(&requested, &self.ctx)?;
+        if let Some(host) = host {
+            *lock(&self.vetted_host) = Some(host.clone());
+        }
+        Ok(())
     }
 
     /// Remembers the secrets this request was given and returns the matcher for everything

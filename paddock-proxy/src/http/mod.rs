@@ -27,6 +27,7 @@ mod limits;
 mod park;
 mod quiet;
 mod substitute;
+mod timer;
 mod upgrade;
 mod upstream;
 

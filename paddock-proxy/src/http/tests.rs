@@ -364,6 +364,50 @@ async fn requests_for_other_authorities_are_refused() {
     assert_eq!(connector.dials(), 0);
 }
 
+/// The connection remembers the last `Host` that passed: a different one later on the same
+/// connection is still checked, and so is an absolute URI beside a remembered `Host`.
+#[tokio::test]
+async fn a_remembered_host_lets_only_the_same_bytes_through() {
+    let upstream = Upstream::ok(false).await;
+    let (io, _proxy) = proxy(false, upstream.connector(), noop(), HttpLimits::default());
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    let cases = [
+        ("/", "api.test", StatusCode::OK),
+        ("/", "evil.test", StatusCode::MISDIRECTED_REQUEST),
+        ("/", "api.test", StatusCode::OK),
+        ("/", "api.test:444", StatusCode::MISDIRECTED_REQUEST),
+        ("/", "API.test:443", StatusCode::OK),
+        ("/", "api.test", StatusCode::OK),
+        (
+            "https://evil.test/",
+            "api.test",
+            StatusCode::MISDIRECTED_REQUEST,
+        ),
+        ("/", "api.test@evil.test", StatusCode::BAD_REQUEST),
+        ("/", "api.test", StatusCode::OK),
+    ];
+    for (uri, host, status) in cases {
+        let req = Request::get(uri)
+            .header(HOST, host)
+            .body(empty())
+            .expect("request");
+        // The helper turns URIs into origin form; an absolute one goes out as it is.
+        let sent = match &mut agent {
+            Agent::H1(sender) if uri.starts_with("https:") => {
+                futures_util::future::Either::Left(sender.send_request(req))
+            }
+            agent => futures_util::future::Either::Right(agent.send(req)),
+        };
+        let response = within("response", sent).await.expect("response");
+        assert_eq!(response.status(), status, "{uri} with Host {host}");
+    }
+    assert_eq!(
+        upstream.seen().len(),
+        5,
+        "only the allowed requests went upstream"
+    );
+}
+
 #[tokio::test]
 async fn upstream_failures_map_to_gateway_errors() {
     let limits = HttpLimits {
@@ -412,6 +456,50 @@ async fn upstream_failures_map_to_gateway_errors() {
     // Sent once: the slow upstream is not asked again, nor is another connection opened.
     assert_eq!(upstream.seen().len(), 1);
     assert_eq!(connector.dials(), 1);
+}
+
+/// The response timer is the agent connection's, moved to each request's deadline: a timer
+/// that fired for one request does not fire early for the next, and a request after a
+/// quick one still gets its whole timeout and no more.
+#[tokio::test]
+async fn each_request_on_a_connection_gets_its_own_response_deadline() {
+    let upstream = Upstream::start(
+        false,
+        Arc::new(|req| {
+            let slow = req.uri().path() == "/slow";
+            Box::pin(async move {
+                if slow {
+                    std::future::pending::<()>().await;
+                }
+                Response::new(full("ok"))
+            })
+        }),
+    )
+    .await;
+    let timeout = Duration::from_millis(300);
+    let limits = HttpLimits {
+        upstream_response_timeout: timeout,
+        ..HttpLimits::default()
+    };
+    let (io, _proxy) = proxy(false, upstream.connector(), noop(), limits);
+    let (mut agent, _conn) = Agent::connect(io, false).await;
+    for path in ["/fast", "/slow", "/fast", "/fast", "/slow", "/fast"] {
+        let started = tokio::time::Instant::now();
+        let response = within(
+            "response",
+            agent.send(get(&format!("https://api.test{path}"))),
+        )
+        .await
+        .expect("response");
+        let took = started.elapsed();
+        if path == "/slow" {
+            assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+            assert!(took >= timeout, "{path}: timed out after {took:?}");
+            assert!(took < timeout * 5, "{path}: timed out only after {took:?}");
+        } else {
+            assert_eq!(response.status(), StatusCode::OK, "{path} after {took:?}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -1776,6 +1864,93 @@ async fn the_drain_closes_open_tunnels() {
     .await;
 }
 
+/// A plaintext HTTP/1.1 agent connection served until `shutdown`: the agent's end of it as
+/// raw bytes, and the proxy's task.
+fn serve_raw(
+    upstream: &Upstream,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (
+    tokio::io::DuplexStream,
+    tokio::task::JoinHandle<Result<(), super::HttpError>>,
+) {
+    let pool = UpstreamPool::new("run-1", upstream.connector(), &limits);
+    let (agent, proxy_side) = tokio::io::duplex(64 * 1024);
+    let served = tokio::spawn(super::serve_connection_until(
+        proxy_side,
+        None,
+        ctx(),
+        pool,
+        noop(),
+        unobserved_audit(),
+        limits,
+        None,
+        shutdown,
+    ));
+    (agent, served)
+}
+
+/// hyper's header read timer is the connection's one runtime timer, moved to each head's
+/// deadline (`timer.rs`): every head gets the whole timeout from when its wait starts,
+/// whatever the heads before it did, served with parking and without.
+#[tokio::test]
+async fn each_request_head_gets_the_whole_header_read_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let upstream = Upstream::start(
+        false,
+        Arc::new(|_req| Box::pin(async { Response::new(full("ok")) })),
+    )
+    .await;
+    let timeout = Duration::from_millis(400);
+    for park_after in [None, Some(Duration::from_secs(10))] {
+        let limits = HttpLimits {
+            header_read_timeout: timeout,
+            park_after,
+            ..HttpLimits::default()
+        };
+        let (mut agent, served) = serve_raw(&upstream, limits, std::future::pending());
+        // The third request comes 500 ms after the first answer: past a deadline that stayed
+        // where the first wait put it.
+        for gap in [0, 250, 250] {
+            tokio::time::sleep(Duration::from_millis(gap)).await;
+            agent
+                .write_all(b"GET /k HTTP/1.1\r\nHost: api.test\r\n\r\n")
+                .await
+                .expect("write");
+            let mut answer = Vec::new();
+            while !answer.ends_with(b"ok") {
+                let mut buf = [0u8; 1024];
+                let n = within("answer", agent.read(&mut buf)).await.expect("read");
+                assert!(n > 0, "{park_after:?}: closed after {gap} ms");
+                answer.extend_from_slice(&buf[..n]);
+            }
+            assert!(answer.starts_with(b"HTTP/1.1 200"), "{park_after:?}");
+        }
+        // A head that trickles in is cut off at the timeout, counted from its wait's start.
+        let started = tokio::time::Instant::now();
+        agent
+            .write_all(b"GET /slow HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        while started.elapsed() < timeout * 5 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if agent.write_all(b"x-more: 1\r\n").await.is_err() {
+                break;
+            }
+        }
+        let mut rest = Vec::new();
+        within("closed", agent.read_to_end(&mut rest))
+            .await
+            .expect("read");
+        let took = started.elapsed();
+        assert!(
+            took >= timeout && took < timeout * 4,
+            "{park_after:?}: a trickled head ended after {took:?}"
+        );
+        let _ = within("served", served).await.expect("task");
+    }
+}
+
 /// Nothing of the HTTP server is built before the agent's first bytes (what keeps an idle
 /// connection cheap), so the wait for them must end as hyper's own wait would: at the drain,
 /// at the header read timeout, and with a request served whole when it comes in pieces.
@@ -1788,22 +1963,9 @@ async fn a_connection_waiting_for_its_first_request_ends_at_the_drain_or_timeout
     )
     .await;
     let serve = |limits: HttpLimits, shutdown: oneshot::Receiver<()>| {
-        let pool = UpstreamPool::new("run-1", upstream.connector(), &limits);
-        let (agent, proxy_side) = tokio::io::duplex(64 * 1024);
-        let served = tokio::spawn(super::serve_connection_until(
-            proxy_side,
-            None,
-            ctx(),
-            pool,
-            noop(),
-            unobserved_audit(),
-            limits,
-            None,
-            async move {
-                let _ = shutdown.await;
-            },
-        ));
-        (agent, served)
+        serve_raw(&upstream, limits, async move {
+            let _ = shutdown.await;
+        })
     };
 
     // The drain closes a connection that never sent a byte.
