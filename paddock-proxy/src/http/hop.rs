@@ -7,21 +7,23 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Headers that are hop-by-hop whether or not `Connection` lists them.
-const ALWAYS_HOP: [HeaderName; 6] = [
+/// Headers that are hop-by-hop whether or not `Connection` lists them, the last two legacy
+/// names without a constant in `http`. As `HeaderName`s, a comparison with a standard name
+/// is an enum compare; as strings, every name of every head would be turned back into text
+/// to compare it.
+const ALWAYS_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
 ];
 
-/// Legacy hop-by-hop headers without a constant in `http`. As `HeaderName`s, a comparison
-/// with a standard name is an enum compare; as strings, every name of every head would be
-/// turned back into text to compare it.
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// `ALWAYS_HOP`'s index of `Transfer-Encoding`.
+const TRANSFER_ENCODING_AT: usize = 4;
 
 /// Whether a head asks to upgrade the connection (HTTP/1.1 `Connection: upgrade` plus an
 /// `Upgrade` header); returns the protocol list when it does.
@@ -82,10 +84,7 @@ pub fn strip(headers: &mut HeaderMap, keep_upgrade: Option<&HeaderValue>) {
 /// always-hop names, and `TE` (kept only as `TE: trailers`). Names that `Connection`
 /// lists need `Connection` itself, which is one of them.
 fn is_hop_name(name: &HeaderName) -> bool {
-    ALWAYS_HOP.contains(name)
-        || *name == header::TE
-        || *name == KEEP_ALIVE
-        || *name == PROXY_CONNECTION
+    ALWAYS_HOP.contains(name) || *name == header::TE
 }
 
 fn strip_present(headers: &mut HeaderMap) {
@@ -95,25 +94,44 @@ fn strip_present(headers: &mut HeaderMap) {
     // one or two hop-by-hop names (an upstream's `Connection: keep-alive`), not all eight.
     // A listed token is looked up as text first: most name no header of the head
     // (`keep-alive`, `close`), and making a `HeaderName` of one allocates.
-    let mut doomed: Vec<HeaderName> = connection_tokens(headers)
-        .filter(|t| headers.contains_key(*t))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
+    // `Connection: keep-alive`, what nearly every HTTP/1.1 server sends, lists only a name
+    // that goes anyway: its tokens are not read at all.
+    let lists_more = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"keep-alive"));
+    let listed: Vec<HeaderName> = if lists_more {
+        connection_tokens(headers)
+            .filter(|t| headers.contains_key(*t))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // The always-hop names present, as bits of their `ALWAYS_HOP` index: no list to build.
+    let mut present = 0u16;
     let mut has_te = false;
     for name in headers.keys() {
         if *name == header::TE {
             has_te = true;
-        } else if is_hop_name(name) {
-            doomed.push(name.clone());
+        } else if let Some(i) = ALWAYS_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
         }
     }
     // A message that arrived chunked must not carry Content-Length on (RFC 9112 6.3):
     // the forwarded framing is hyper's to decide.
-    if doomed.contains(&header::TRANSFER_ENCODING) {
-        doomed.push(header::CONTENT_LENGTH);
+    let chunked =
+        present & (1 << TRANSFER_ENCODING_AT) != 0 || listed.contains(&header::TRANSFER_ENCODING);
+    for (i, name) in ALWAYS_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    for name in doomed {
+    for name in listed {
         headers.remove(name);
+    }
+    if chunked {
+        headers.remove(header::CONTENT_LENGTH);
     }
     if has_te {
         let keeps_trailers = headers
@@ -317,11 +335,17 @@ mod tests {
     #[test]
     fn each_hop_by_hop_name_alone_is_removed() {
         let names_of = names;
-        let names = ALWAYS_HOP.iter().map(HeaderName::as_str).chain([
+        let names = [
+            "connection",
+            "proxy-authorization",
+            "proxy-authenticate",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
             "keep-alive",
             "proxy-connection",
             "te",
-        ]);
+        ];
         for name in names {
             let mut h = map(&[(name, "x"), ("accept", "*/*")]);
             strip(&mut h, None);

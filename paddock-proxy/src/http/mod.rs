@@ -25,7 +25,7 @@ mod graceful;
 pub mod hop;
 mod limits;
 mod park;
-mod quiet;
+pub(crate) mod quiet;
 mod substitute;
 mod timer;
 mod upgrade;

@@ -9,6 +9,7 @@ use tracing::Instrument;
 
 use super::{Pipeline, connect, reset, transparent};
 use crate::audit::ConnId;
+use crate::http::quiet::Quiet;
 use crate::labels::Rejection;
 
 /// Which pipeline entry a listener feeds.
@@ -79,11 +80,15 @@ pub async fn run_listener(p: Arc<Pipeline>, listener: TcpListener, kind: Listene
                     ListenerKind::Transparent => Box::pin(transparent::serve(p, stream, conn)),
                     ListenerKind::Connect => Box::pin(connect::serve(p, stream, conn)),
                 };
-                // Dropping the connection's future closes its sockets (both legs).
+                // Dropping the connection's future closes its sockets (both legs). The
+                // abort signal is polled only when it fired (`Quiet`), not on each of the
+                // task's several wake-ups per request.
+                let mut aborted = std::pin::pin!(aborted);
+                let aborted = Quiet::new(aborted.as_mut());
                 tokio::select! {
                     biased;
-                    () = aborted => tracing::debug!("connection aborted"),
                     () = served => {}
+                    () = aborted => tracing::debug!("connection aborted"),
                 }
             }
             .instrument(span),
