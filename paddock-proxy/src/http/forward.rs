@@ -503,7 +503,9 @@ impl Forwarder {
         let requested = authority::request_authority(parts)?;
         authority::check(&requested, &self.ctx)?;
         if let Some(host) = host {
-            *lock(&self.vetted_host) = Some(host.clone());
+            // A copy: the parsed value shares hyper's read buffer, which a parked connection
+            // would otherwise keep alive (a few KiB per idle connection).
+            *lock(&self.vetted_host) = HeaderValue::from_bytes(host.as_bytes()).ok();
         }
         Ok(())
     }
