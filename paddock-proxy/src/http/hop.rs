@@ -22,9 +22,6 @@ const ALWAYS_HOP: [HeaderName; 8] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
-/// `ALWAYS_HOP`'s index of `Transfer-Encoding`.
-const TRANSFER_ENCODING_AT: usize = 4;
-
 /// Whether a head asks to upgrade the connection (HTTP/1.1 `Connection: upgrade` plus an
 /// `Upgrade` header); returns the protocol list when it does.
 ///
@@ -111,17 +108,17 @@ fn strip_present(headers: &mut HeaderMap) {
     // The always-hop names present, as bits of their `ALWAYS_HOP` index: no list to build.
     let mut present = 0u16;
     let mut has_te = false;
+    // A message that arrived chunked must not carry Content-Length on (RFC 9112 6.3):
+    // the forwarded framing is hyper's to decide.
+    let mut chunked = listed.contains(&header::TRANSFER_ENCODING);
     for name in headers.keys() {
         if *name == header::TE {
             has_te = true;
         } else if let Some(i) = ALWAYS_HOP.iter().position(|hop| hop == name) {
             present |= 1 << i;
+            chunked |= *name == header::TRANSFER_ENCODING;
         }
     }
-    // A message that arrived chunked must not carry Content-Length on (RFC 9112 6.3):
-    // the forwarded framing is hyper's to decide.
-    let chunked =
-        present & (1 << TRANSFER_ENCODING_AT) != 0 || listed.contains(&header::TRANSFER_ENCODING);
     for (i, name) in ALWAYS_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
             headers.remove(name);

@@ -1896,11 +1896,7 @@ fn serve_raw(
 #[tokio::test]
 async fn each_request_head_gets_the_whole_header_read_timeout() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let upstream = Upstream::start(
-        false,
-        Arc::new(|_req| Box::pin(async { Response::new(full("ok")) })),
-    )
-    .await;
+    let upstream = Upstream::ok(false).await;
     let timeout = Duration::from_millis(400);
     for park_after in [None, Some(Duration::from_secs(10))] {
         let limits = HttpLimits {
@@ -1957,11 +1953,7 @@ async fn each_request_head_gets_the_whole_header_read_timeout() {
 #[tokio::test]
 async fn a_connection_waiting_for_its_first_request_ends_at_the_drain_or_timeout() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let upstream = Upstream::start(
-        false,
-        Arc::new(|_req| Box::pin(async { Response::new(full("ok")) })),
-    )
-    .await;
+    let upstream = Upstream::ok(false).await;
     let serve = |limits: HttpLimits, shutdown: oneshot::Receiver<()>| {
         serve_raw(&upstream, limits, async move {
             let _ = shutdown.await;
