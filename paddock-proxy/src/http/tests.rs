@@ -1061,24 +1061,10 @@ async fn drain_finishes_in_flight_requests_then_closes() {
             }),
         )
         .await;
-        let limits = HttpLimits::default();
-        let pool = UpstreamPool::new("run-1", upstream.connector(), &limits);
-        let (io, proxy_side) = tokio::io::duplex(64 * 1024);
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-        let alpn: Option<&[u8]> = if h2 { Some(b"h2") } else { None };
-        let served = tokio::spawn(super::serve_connection_until(
-            proxy_side,
-            alpn,
-            ctx(),
-            pool,
-            noop(),
-            unobserved_audit(),
-            limits,
-            None,
-            async move {
-                let _ = shutdown_rx.await;
-            },
-        ));
+        let (io, served) = serve_raw(&upstream, h2, HttpLimits::default(), async move {
+            let _ = shutdown_rx.await;
+        });
         let (mut agent, _conn) = Agent::connect(io, h2).await;
         let in_flight = tokio::spawn(async move {
             let response = agent.send(get("https://api.test/slow")).await;
@@ -1864,10 +1850,11 @@ async fn the_drain_closes_open_tunnels() {
     .await;
 }
 
-/// A plaintext HTTP/1.1 agent connection served until `shutdown`: the agent's end of it as
-/// raw bytes, and the proxy's task.
+/// An agent connection (HTTP/2 when `h2`, as if ALPN chose it) served until `shutdown`: the
+/// agent's end of it as raw bytes, and the proxy's task.
 fn serve_raw(
     upstream: &Upstream,
+    h2: bool,
     limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> (
@@ -1876,9 +1863,10 @@ fn serve_raw(
 ) {
     let pool = UpstreamPool::new("run-1", upstream.connector(), &limits);
     let (agent, proxy_side) = tokio::io::duplex(64 * 1024);
+    let alpn: Option<&[u8]> = if h2 { Some(b"h2") } else { None };
     let served = tokio::spawn(super::serve_connection_until(
         proxy_side,
-        None,
+        alpn,
         ctx(),
         pool,
         noop(),
@@ -1904,7 +1892,7 @@ async fn each_request_head_gets_the_whole_header_read_timeout() {
             park_after,
             ..HttpLimits::default()
         };
-        let (mut agent, served) = serve_raw(&upstream, limits, std::future::pending());
+        let (mut agent, served) = serve_raw(&upstream, false, limits, std::future::pending());
         // The third request comes 500 ms after the first answer: past a deadline that stayed
         // where the first wait put it.
         for gap in [0, 250, 250] {
@@ -1955,7 +1943,7 @@ async fn a_connection_waiting_for_its_first_request_ends_at_the_drain_or_timeout
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let upstream = Upstream::ok(false).await;
     let serve = |limits: HttpLimits, shutdown: oneshot::Receiver<()>| {
-        serve_raw(&upstream, limits, async move {
+        serve_raw(&upstream, false, limits, async move {
             let _ = shutdown.await;
         })
     };
